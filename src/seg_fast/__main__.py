@@ -1,0 +1,3 @@
+from seg_fast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""Shared test set-up: hypothesis profiles and the fixtures directory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+
+# SEG_FAST_HYPOTHESIS=long runs the property tests with many more examples.
+settings.register_profile("default", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=20_000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("SEG_FAST_HYPOTHESIS", "default"))
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _find_fixtures() -> Path:
+    # A copy of ../shared/fixtures/real-server ships with the tests.
+    for cand in (REPO / "tests" / "data" / "real-server",
+                 REPO.parent / "shared" / "fixtures" / "real-server"):
+        if cand.is_dir():
+            return cand
+    raise RuntimeError("real-server fixtures not found (expected ../shared/fixtures/real-server)")
+
+
+REAL_SERVER = _find_fixtures()
