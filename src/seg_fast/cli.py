@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "attachment": ("seg_fast.content.cli", "attachment_cli", "decrypt --device ID --user U FILE"),
     "keys": ("seg_fast.content.cli", "keys_cli", "rotate --device ID: new attachment key"),
     "sim": ("seg_fast.sim.cli", "cli", "run the mailbox simulator alone"),
-    "bench": ("seg_fast.sim.cli", "bench_cli", "sizing [...]: the sizing benchmark"),
+    "bench": ("seg_fast.sim.sizing", "cli", "sizing [...]: the sizing benchmark"),
 }
 
 
