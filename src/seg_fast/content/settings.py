@@ -1,9 +1,22 @@
-"""The [security] section of the gateway config (placeholder; the content work owns it)."""
+"""The [security] section of the gateway config: content pipeline and attachment keys."""
 from __future__ import annotations
 
 import msgspec
+
+from seg_fast.content.model import DEFAULT_BLOCK_MESSAGE
 
 
 class ContentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     # Largest answer the pipeline buffers to transform; past it the device gets an error.
     max_transform_bytes: int = 64 * 1024 * 1024
+    # 32 random bytes (raw, or 64 hex characters); kept outside the policy store.
+    # Created with mode 0600 on first use when missing.
+    master_key_file: str = "seg-fast-master.key"
+    # Per-device key generations written by `seg-fast keys rotate` (JSON).
+    key_state_file: str = "seg-fast-keys.json"
+    # Guide "Block Attachments": with no policy (source unreachable, empty snapshot).
+    block_attachments_without_policy: bool = True
+    # Guide "Default Message for Blocked Attachments".
+    default_block_message: str = DEFAULT_BLOCK_MESSAGE
+    # FileReference -> (name, content type) entries remembered per worker.
+    file_reference_cache: int = 20_000
