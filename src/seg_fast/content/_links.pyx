@@ -1,0 +1,318 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Hyperlink scanner and rewriter over bytes (HTML or plain text, any ASCII-compatible
+charset).
+
+Only the scheme of a link changes (``http://`` -> ``awb://``), so entities, character
+references, quoting and every byte outside the scheme stay as they were. Links are
+found from their ``://`` (memchr on ':' is far rarer than letters), the scheme is read
+backwards, the link's end forwards (matching quote, or the first space or markup
+character for bare links) so a link nested in another's query is not rewritten twice.
+"""
+from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memchr, memcpy
+
+cdef enum:
+    MAX_SCHEMES = 8
+    MAX_SCHEME_LEN = 32
+    MODE_ALL = 0
+    MODE_INCLUDE = 1
+    MODE_EXCLUDE = 2
+
+# Byte classes: 1 = scheme character, 2 = ends a bare link, 4 = ends the authority,
+# 8 = letter (a scheme starts with one).
+cdef unsigned char CLS[256]
+
+
+cdef void _init_classes():
+    cdef int c
+    for c in range(256):
+        CLS[c] = 0
+        if (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c in (43, 45, 46):
+            CLS[c] |= 1
+        if c <= 32 or c == 127 or c in (34, 39, 60, 62, 96):  # " ' < > `
+            CLS[c] |= 2 | 4
+        if c in (47, 63, 35, 92):  # / ? # backslash
+            CLS[c] |= 4
+        if (65 <= c <= 90) or (97 <= c <= 122):
+            CLS[c] |= 8
+
+
+_init_classes()
+
+
+cdef inline unsigned char _lower(unsigned char c) nogil:
+    if 65 <= c <= 90:
+        return c + 32
+    return c
+
+
+cdef inline uint64_t _hash_lower(const unsigned char* p, Py_ssize_t n) nogil:
+    cdef uint64_t h = 1469598103934665603ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h ^= _lower(p[i])
+        h *= 1099511628211ULL
+    return h
+
+
+cdef struct Rep:
+    Py_ssize_t start    # offset of the scheme
+    Py_ssize_t length   # bytes of the scheme replaced
+    int target          # index into the scheme table
+
+
+cdef class LinkRewriter:
+    """Rewrites link schemes per the scheme map, subject to the domain mode.
+
+    ``LinkRewriter({"http": "awb", "https": "awbs"}, "include", ["example.com"])``
+    """
+
+    cdef int mode
+    cdef int nschemes
+    cdef list _keep        # the bytes objects src/dst point into
+    cdef list _dst
+    cdef const unsigned char* src[MAX_SCHEMES]
+    cdef Py_ssize_t srclen[MAX_SCHEMES]
+    cdef const unsigned char* dst[MAX_SCHEMES]
+    cdef Py_ssize_t dstlen[MAX_SCHEMES]
+    # Open-addressed set of lower-cased domains (offsets into _blob).
+    cdef bytes _blob
+    cdef const unsigned char* blob
+    cdef uint64_t* dhash
+    cdef Py_ssize_t* doff
+    cdef Py_ssize_t* dlen
+    cdef Py_ssize_t dmask
+    cdef readonly int ndomains
+
+    def __cinit__(self):
+        self.dhash = NULL
+        self.doff = NULL
+        self.dlen = NULL
+
+    def __dealloc__(self):
+        free(self.dhash)
+        free(self.doff)
+        free(self.dlen)
+
+    def __init__(self, scheme_map, str mode="all", domains=()):
+        cdef int i = 0
+        self._keep = []
+        self._dst = []
+        if len(scheme_map) > MAX_SCHEMES:
+            raise ValueError("at most 8 schemes")
+        for k, v in scheme_map.items():
+            kb = k.lower().encode("ascii")
+            vb = v.encode("ascii")
+            if not (0 < len(kb) <= MAX_SCHEME_LEN) or not vb:
+                raise ValueError(f"bad scheme {k!r} -> {v!r}")
+            self._keep += [kb, vb]
+            self._dst.append(vb)
+            self.src[i] = <const unsigned char*>PyBytes_AS_STRING(kb)
+            self.srclen[i] = len(kb)
+            self.dst[i] = <const unsigned char*>PyBytes_AS_STRING(vb)
+            self.dstlen[i] = len(vb)
+            i += 1
+        self.nschemes = i
+        if mode == "all":
+            self.mode = MODE_ALL
+        elif mode == "include":
+            self.mode = MODE_INCLUDE
+        elif mode == "exclude":
+            self.mode = MODE_EXCLUDE
+        else:
+            raise ValueError(f"bad mode {mode!r}")
+        self._set_domains(domains)
+
+    cdef _set_domains(self, domains):
+        cdef list uniq = sorted({d.strip().lower().strip(".").encode("idna") for d in domains if d.strip(". ")})
+        cdef Py_ssize_t size = 8, i, off = 0, slot
+        cdef uint64_t h
+        while size < 2 * len(uniq) + 2:
+            size *= 2
+        self._blob = b"".join(uniq)
+        self.dhash = <uint64_t*>malloc(size * sizeof(uint64_t))
+        self.doff = <Py_ssize_t*>malloc(size * sizeof(Py_ssize_t))
+        self.dlen = <Py_ssize_t*>malloc(size * sizeof(Py_ssize_t))
+        if self.dhash == NULL or self.doff == NULL or self.dlen == NULL:
+            raise MemoryError()
+        for i in range(size):
+            self.dlen[i] = -1
+        self.dmask = size - 1
+        self.blob = <const unsigned char*>PyBytes_AS_STRING(self._blob)
+        for d in uniq:
+            h = _hash_lower(self.blob + off, len(d))
+            slot = <Py_ssize_t>(h & <uint64_t>self.dmask)
+            while self.dlen[slot] >= 0:
+                slot = (slot + 1) & self.dmask
+            self.dhash[slot] = h
+            self.doff[slot] = off
+            self.dlen[slot] = len(d)
+            off += len(d)
+        self.ndomains = len(uniq)
+
+    cdef bint _has_domain(self, const unsigned char* p, Py_ssize_t n) nogil:
+        cdef uint64_t h = _hash_lower(p, n)
+        cdef Py_ssize_t slot = <Py_ssize_t>(h & <uint64_t>self.dmask), k
+        cdef const unsigned char* d
+        while self.dlen[slot] >= 0:
+            if self.dhash[slot] == h and self.dlen[slot] == n:
+                d = self.blob + self.doff[slot]
+                for k in range(n):
+                    if _lower(p[k]) != d[k]:
+                        break
+                else:
+                    return True
+            slot = (slot + 1) & self.dmask
+        return False
+
+    cdef bint _host_listed(self, const unsigned char* host, Py_ssize_t n) nogil:
+        # The host or any parent domain: "a.b.example.com" matches "example.com".
+        cdef Py_ssize_t i
+        while n > 0 and host[n - 1] == 46:  # trailing dot
+            n -= 1
+        if n == 0:
+            return False
+        if self._has_domain(host, n):
+            return True
+        for i in range(n):
+            if host[i] == 46 and i + 1 < n and self._has_domain(host + i + 1, n - i - 1):
+                return True
+        return False
+
+    cdef bint _wanted(self, const unsigned char* buf, Py_ssize_t a, Py_ssize_t e) nogil:
+        # a: first byte after "://", e: end of the link.
+        cdef Py_ssize_t j = a, hs, he
+        if self.mode == MODE_ALL:
+            return True
+        while j < e and not (CLS[buf[j]] & 4):
+            j += 1
+        # userinfo: the host follows the last '@' of the authority.
+        hs = a
+        for he in range(a, j):
+            if buf[he] == 64:
+                hs = he + 1
+        he = hs
+        if he < j and buf[he] == 91:  # [IPv6]
+            while he < j and buf[he] != 93:
+                he += 1
+            he = he + 1 if he < j else he
+        else:
+            while he < j and buf[he] != 58:  # port
+                he += 1
+        if self._host_listed(buf + hs, he - hs):
+            return self.mode == MODE_INCLUDE
+        return self.mode == MODE_EXCLUDE
+
+    cdef int _scheme_at(self, const unsigned char* buf, Py_ssize_t colon, Py_ssize_t* start) nogil:
+        """Index of the mapped scheme ending at ``colon``; -2 another scheme, -1 none."""
+        cdef Py_ssize_t j = colon, k
+        cdef int s
+        while j > 0 and colon - j <= MAX_SCHEME_LEN and (CLS[buf[j - 1]] & 1):
+            j -= 1
+        if colon - j > MAX_SCHEME_LEN or j == colon or not (CLS[buf[j]] & 8):
+            return -1
+        start[0] = j
+        for s in range(self.nschemes):
+            if self.srclen[s] != colon - j:
+                continue
+            for k in range(colon - j):
+                if _lower(buf[j + k]) != self.src[s][k]:
+                    break
+            else:
+                return s
+        return -2
+
+    cdef Py_ssize_t _scan(self, const unsigned char* buf, Py_ssize_t n, bint truncated,
+                          Rep** reps, Py_ssize_t* cap) except -1:
+        cdef Py_ssize_t count = 0, i = 0, start = 0, e
+        cdef const unsigned char* c
+        cdef unsigned char quote
+        cdef int s
+        cdef Rep* grown
+        while i < n:
+            c = <const unsigned char*>memchr(buf + i, 58, n - i)
+            if c == NULL:
+                break
+            i = c - buf
+            if i + 2 >= n or buf[i + 1] != 47 or buf[i + 2] != 47:
+                i += 1
+                continue
+            s = self._scheme_at(buf, i, &start)
+            if s == -1:
+                i += 3
+                continue
+            # Other schemes' links are skipped whole too, so a link nested in a
+            # rewritten link's query stays as it is on a second pass (idempotence).
+            # The link's end: its opening quote, else the first space or markup byte.
+            quote = buf[start - 1] if start > 0 else 0
+            if quote == 34 or quote == 39:
+                # Quoted (an attribute): spaces may be inside; a stray quote in
+                # plain text must not swallow the rest, so a line or tag ends it too.
+                e = i + 3
+                while e < n and buf[e] != quote and buf[e] != 10 and buf[e] != 13 \
+                        and buf[e] != 60 and buf[e] != 62:
+                    e += 1
+            else:
+                e = i + 3
+                while e < n and not (CLS[buf[e]] & 2):
+                    e += 1
+            # A link running into the end of a truncated body may be cut: leave it.
+            if s >= 0 and not (truncated and e == n) and e > i + 3 and self._wanted(buf, i + 3, e):
+                if count == cap[0]:
+                    cap[0] = cap[0] * 2 if cap[0] else 64
+                    grown = <Rep*>realloc(reps[0], cap[0] * sizeof(Rep))
+                    if grown == NULL:
+                        raise MemoryError()
+                    reps[0] = grown
+                reps[0][count].start = start
+                reps[0][count].length = i - start
+                reps[0][count].target = s
+                count += 1
+            i = e if e > i + 3 else i + 3
+        return count
+
+    def rewrite(self, data, bint truncated=False):
+        """(new bytes, number of links rewritten); the input object itself when none."""
+        cdef Py_buffer view
+        cdef Rep* reps = NULL
+        cdef Py_ssize_t cap = 0, count, k, size, pos, w
+        cdef char* out
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            count = self._scan(<const unsigned char*>view.buf, view.len, truncated, &reps, &cap)
+            if count == 0:
+                return (data if isinstance(data, bytes) else bytes(data)), 0
+            size = view.len
+            for k in range(count):
+                size += self.dstlen[reps[k].target] - reps[k].length
+            result = PyBytes_FromStringAndSize(NULL, size)
+            out = PyBytes_AS_STRING(result)
+            pos = 0
+            w = 0
+            for k in range(count):
+                memcpy(out + w, <const char*>view.buf + pos, reps[k].start - pos)
+                w += reps[k].start - pos
+                memcpy(out + w, self.dst[reps[k].target], self.dstlen[reps[k].target])
+                w += self.dstlen[reps[k].target]
+                pos = reps[k].start + reps[k].length
+            memcpy(out + w, <const char*>view.buf + pos, view.len - pos)
+            return result, count
+        finally:
+            free(reps)
+            PyBuffer_Release(&view)
+
+    def find(self, data, bint truncated=False):
+        """[(offset, scheme length, replacement bytes)] of the links ``rewrite`` changes."""
+        cdef Py_buffer view
+        cdef Rep* reps = NULL
+        cdef Py_ssize_t cap = 0, count, k
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            count = self._scan(<const unsigned char*>view.buf, view.len, truncated, &reps, &cap)
+            return [(reps[k].start, reps[k].length, self._dst[reps[k].target]) for k in range(count)]
+        finally:
+            free(reps)
+            PyBuffer_Release(&view)

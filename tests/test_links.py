@@ -1,0 +1,180 @@
+"""Hyperlink rewriting: examples from the issue, and properties checked with hypothesis
+against an oracle built from the generated pieces (never from the rewriter)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, strategies as st
+
+from seg_fast.content._links import LinkRewriter
+from seg_fast.content.model import domains_from_csv
+
+SCHEMES = {"http": "awb", "https": "awbs"}
+
+
+def rw(data: bytes, mode="all", domains=(), truncated=False) -> bytes:
+    return LinkRewriter(SCHEMES, mode, list(domains)).rewrite(data, truncated)[0]
+
+
+def test_html_quoting_entities_and_untouched_schemes():
+    html = (b'<a href="https://phish.example.net/login?u=1&amp;x=2">in</a> '
+            b"<a href='http://docs.example.com/a b?c=d'>docs</a> <a href=http://u.example.org/x>u</a>"
+            b'<a href="mailto:a@b.org">m</a><img src="cid:img1"><a href="tel:+123">t</a>'
+            b'<a href="/relative/path">r</a> bare https://bare.example.com/p.')
+    out = rw(html)
+    assert out == (b'<a href="awbs://phish.example.net/login?u=1&amp;x=2">in</a> '
+                   b"<a href='awb://docs.example.com/a b?c=d'>docs</a> <a href=awb://u.example.org/x>u</a>"
+                   b'<a href="mailto:a@b.org">m</a><img src="cid:img1"><a href="tel:+123">t</a>'
+                   b'<a href="/relative/path">r</a> bare awbs://bare.example.com/p.')
+
+
+def test_case_insensitive_scheme_and_scheme_boundary():
+    assert rw(b"HTTP://A.COM/ Https://b.com xhttp://c.com") == b"awb://A.COM/ awbs://b.com xhttp://c.com"
+
+
+def test_include_matches_domain_and_subdomains_only():
+    data = (b"http://example.com/ http://a.b.EXAMPLE.com/x https://u:p@m.example.com.:8443/ "
+            b"http://badexample.com/ http://example.com.evil.org/ http://other.org/")
+    assert rw(data, "include", ["example.com"]) == (
+        b"awb://example.com/ awb://a.b.EXAMPLE.com/x awbs://u:p@m.example.com.:8443/ "
+        b"http://badexample.com/ http://example.com.evil.org/ http://other.org/")
+    assert rw(data, "exclude", ["example.com"]) == (
+        b"http://example.com/ http://a.b.EXAMPLE.com/x https://u:p@m.example.com.:8443/ "
+        b"awb://badexample.com/ awb://example.com.evil.org/ awb://other.org/")
+
+
+def test_ipv6_and_port_hosts():
+    data = b"http://[::1]:8080/a http://host.example.com:80/"
+    assert rw(data, "include", ["host.example.com"]) == b"http://[::1]:8080/a awb://host.example.com:80/"
+
+
+def test_truncated_body_leaves_the_cut_link():
+    # "Truncated" = 1: the last link may be cut mid-host; it must stay as it is.
+    data = b"first http://a.example.com/ then http://exa"
+    assert rw(data, truncated=True) == b"first awb://a.example.com/ then http://exa"
+    assert rw(data) == b"first awb://a.example.com/ then awb://exa"
+    assert rw(b"ends in the scheme http:/", truncated=True) == b"ends in the scheme http:/"
+
+
+def test_nested_link_in_query_is_part_of_the_outer_link():
+    data = b"https://r.example.com/?u=http://b.example.org/x next"
+    out = rw(data)
+    assert out == b"awbs://r.example.com/?u=http://b.example.org/x next"
+    assert rw(out) == out
+
+
+def test_no_change_returns_the_same_object_and_count():
+    data = b"nothing to see: mailto:x@y.org and a:b://c"
+    r = LinkRewriter(SCHEMES)
+    out, n = r.rewrite(data)
+    assert out is data and n == 0
+    out, n = r.rewrite(bytearray(b"x http://a.org y http://b.org"))
+    assert out == b"x awb://a.org y awb://b.org" and n == 2
+
+
+def test_custom_scheme_map():
+    r = LinkRewriter({"http": "sb-http", "https": "sb-https", "ftp": "sb-ftp"})
+    assert r.rewrite(b"ftp://f.org http://h.org")[0] == b"sb-ftp://f.org sb-http://h.org"
+
+
+def test_domains_from_csv():
+    assert domains_from_csv("domain\nExample.com\n\n*.corp.example.org,comment\n") == [
+        "example.com", "corp.example.org"]
+
+
+# --- properties ------------------------------------------------------------------
+
+DOMAINS = ["example.com", "mail.example.com", "example.org", "news.site.net", "a.io"]
+INCLUDE = ["example.com", "a.io"]
+
+
+def _listed(host: str) -> bool:
+    h = host.lower().rstrip(".")
+    return any(h == d or h.endswith("." + d) for d in INCLUDE)
+
+
+url = st.builds(
+    lambda scheme, case, host, path: (scheme, case(scheme), host, path),
+    st.sampled_from(["http", "https"]),
+    st.sampled_from([str.lower, str.upper, str.title]),
+    st.sampled_from(DOMAINS + ["sub.a.io", "xexample.com", "example.com.evil.org"]),
+    st.text(alphabet="abc/?=&;.-_%#", max_size=20),
+)
+# Fillers never contain "://" nor a byte that could end up glued to a link.
+filler = st.sampled_from([
+    "hello", "&amp;", "&#x2F;", "&lt;p&gt;", "mailto:a@b.org", "cid:part1", "tel:+44",
+    "/rel/path", "a:b", "colon: here", "<p>", "</a>", "\u00e9t\u00e9", "\u2603", "\"", "'",
+    "ftp:/x", "http:", "https:/", ":", "//",
+])
+piece = st.one_of(
+    st.tuples(st.just("url"), url, st.sampled_from(["bare", "dq", "sq"])),
+    st.tuples(st.just("text"), filler, st.just("")),
+)
+
+
+def _render(pieces, mode):
+    """(input, expected output) from the pieces, independently of the rewriter."""
+    src, want = [], []
+    for kind, value, quoting in pieces:
+        if kind == "text":
+            src.append(value)
+            want.append(value)
+            continue
+        scheme, shown, host, path = value
+        link = f"{shown}://{host}/{path}"
+        rewrite = mode == "all" or (mode == "include") == _listed(host)
+        new = f"{SCHEMES[scheme]}://{host}/{path}" if rewrite else link
+        if quoting == "dq":
+            src.append(f'<a href="{link}">x</a>')
+            want.append(f'<a href="{new}">x</a>')
+        elif quoting == "sq":
+            src.append(f"<a href='{link}'>x</a>")
+            want.append(f"<a href='{new}'>x</a>")
+        else:
+            src.append(link)
+            want.append(new)
+    return " ".join(src).encode(), " ".join(want).encode()
+
+
+@given(st.lists(piece, max_size=30), st.sampled_from(["all", "include", "exclude"]))
+def test_rewrites_exactly_the_links_in_scope(pieces, mode):
+    src, want = _render(pieces, mode)
+    assert rw(src, mode, INCLUDE) == want
+
+
+@given(st.binary(max_size=400) | st.text(max_size=200).map(str.encode),
+       st.sampled_from(["all", "include", "exclude"]), st.booleans())
+def test_only_schemes_change_and_rewriting_is_idempotent(data, mode, truncated):
+    r = LinkRewriter(SCHEMES, mode, INCLUDE)
+    out, n = r.rewrite(data, truncated)
+    found = r.find(data, truncated)
+    assert len(found) == n
+    # Undo each reported replacement: the input comes back byte for byte.
+    rebuilt, pos, w = bytearray(), 0, 0
+    for off, length, new in found:
+        assert data[off:off + length].lower() in (b"http", b"https")
+        assert data[off + length:off + length + 3] == b"://"
+        assert off == 0 or not re.match(rb"[A-Za-z0-9+.\-]", data[off - 1:off])
+        rebuilt += data[pos:off] + new
+        pos = off + length
+    rebuilt += data[pos:]
+    assert bytes(rebuilt) == out
+    assert r.rewrite(out, truncated)[0] == out
+
+
+@given(st.text(max_size=100).map(str.encode))
+def test_rewrite_of_a_prefix_never_touches_a_cut_link(data):
+    link = b"http://example.com/path?q=1"
+    full = data + b" " + link + b" tail"
+    link_end = len(data) + 1 + len(link)
+    for cut in range(len(data) + 1, link_end + 1):
+        # The link runs into the end of the truncated body: it stays as it is.
+        assert rw(full[:cut], truncated=True).endswith(full[len(data):cut])
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError):
+        LinkRewriter(SCHEMES, "sometimes")
+    with pytest.raises(ValueError):
+        LinkRewriter({f"s{i}": f"t{i}" for i in range(9)})
