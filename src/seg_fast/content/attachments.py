@@ -1,0 +1,130 @@
+"""Attachments: file type by extension and magic bytes, the encryption envelope,
+and the note that replaces a blocked attachment.
+
+The envelope format is documented in docs/envelope.md.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from seg_fast.content.keys import Keyring
+from seg_fast.errors import EnvelopeError
+
+ENVELOPE_MAGIC = b"SGFE"
+ENVELOPE_VERSION = 1
+ENVELOPE_SUFFIX = ".segenc"
+ENVELOPE_CONTENT_TYPE = "application/vnd.seg-fast.envelope"
+_FIXED = struct.Struct(">4sBB8s12s")  # magic, version, flags, key id, nonce
+TAG_BYTES = 16
+# Bytes an envelope adds besides the name and content type.
+ENVELOPE_OVERHEAD = _FIXED.size + 4 + TAG_BYTES
+
+# Magic bytes -> file type; ZIP and OLE2 are containers refined by extension.
+_MAGIC: list[tuple[bytes, str]] = [
+    (b"%PDF-", "pdf"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"PK\x03\x04", "zip"),
+    (b"PK\x05\x06", "zip"),
+    (b"PK\x07\x08", "zip"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "ole"),
+    (b"{\\rtf", "rtf"),
+    (b"\x1f\x8b", "gz"),
+    (b"7z\xbc\xaf\x27\x1c", "7z"),
+    (b"Rar!\x1a\x07", "rar"),
+    (b"MZ", "exe"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+    (ENVELOPE_MAGIC, "segenc"),
+]
+_ZIP_BASED = {"docx", "xlsx", "pptx", "docm", "xlsm", "pptm", "odt", "ods", "odp", "jar", "apk", "epub"}
+_OLE_BASED = {"doc", "xls", "ppt", "msg", "vsd"}
+_ALIASES = {"jpeg": "jpg", "tiff": "tif", "htm": "html"}
+
+
+def extension(name: str) -> str:
+    base = name.rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
+    if "." not in base:
+        return ""
+    ext = base.rsplit(".", 1)[1].strip().lower()
+    return _ALIASES.get(ext, ext)
+
+
+def file_type(name: str, head: bytes) -> str:
+    """The file's type: the magic bytes when they are known (a ``.pdf`` that is a ZIP
+    is a ZIP; a ``.docx`` ZIP is a docx), else the extension."""
+    ext = extension(name)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            if kind == "zip" and ext in _ZIP_BASED:
+                return ext
+            if kind == "ole":
+                return ext if ext in _OLE_BASED else "doc"
+            return kind
+    return ext
+
+
+def envelope_name(name: str) -> str:
+    """The name the secure viewer claims."""
+    return (name or "attachment") + ENVELOPE_SUFFIX
+
+
+def seal(keys: Keyring, device_id: str, user: str, name: str, content_type: str, data) -> bytes:
+    """The envelope holding ``data`` for this device and user."""
+    key_id, key = keys.current(device_id, user)
+    nb = name.encode("utf-8")[:0xFFFF]
+    ct = content_type.encode("utf-8")[:0xFFFF]
+    head = (_FIXED.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, 0, key_id, os.urandom(12))
+            + struct.pack(">H", len(nb)) + nb + struct.pack(">H", len(ct)) + ct)
+    # The header is authenticated too: a renamed envelope does not open.
+    return head + AESGCM(key).encrypt(head[14:26], bytes(data), head)
+
+
+def parse_header(blob: bytes) -> tuple[int, bytes, bytes, str, str, int]:
+    """(version, key id, nonce, name, content type, offset of the ciphertext)."""
+    if len(blob) < _FIXED.size + 4 + TAG_BYTES:
+        raise EnvelopeError("not an attachment envelope (too short)")
+    magic, version, _flags, key_id, nonce = _FIXED.unpack_from(blob)
+    if magic != ENVELOPE_MAGIC:
+        raise EnvelopeError("not an attachment envelope (bad magic)")
+    if version != ENVELOPE_VERSION:
+        raise EnvelopeError(f"unsupported envelope version {version}")
+    pos = _FIXED.size
+    fields = []
+    for _ in range(2):
+        if pos + 2 > len(blob):
+            raise EnvelopeError("damaged envelope header")
+        (n,) = struct.unpack_from(">H", blob, pos)
+        if pos + 2 + n > len(blob) - TAG_BYTES:
+            raise EnvelopeError("damaged envelope header")
+        try:
+            fields.append(blob[pos + 2:pos + 2 + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise EnvelopeError("damaged envelope header") from None
+        pos += 2 + n
+    return version, key_id, nonce, fields[0], fields[1], pos
+
+
+def open_envelope(keys: Keyring, device_id: str, user: str, blob: bytes) -> tuple[str, str, bytes]:
+    """(original name, content type, data); EnvelopeError when it is not this
+    device and user's, or damaged."""
+    _v, key_id, nonce, name, ctype, pos = parse_header(blob)
+    key = keys.key_for_id(key_id, device_id, user)
+    if key is None:
+        raise EnvelopeError("envelope was sealed with another master key")
+    try:
+        data = AESGCM(key).decrypt(nonce, blob[pos:], blob[:pos])
+    except InvalidTag:
+        raise EnvelopeError("envelope does not open: wrong device or user, or damaged") from None
+    return name, ctype, data
+
+
+def block_note(name: str, message: str) -> str:
+    """The text that takes a blocked attachment's place."""
+    return f"Attachment removed: {name or 'attachment'}\r\n{message}\r\n"
