@@ -25,6 +25,7 @@ class ListenerSettings(_Section):
     # PEM files; both empty means plain HTTP (behind a TLS-terminating load balancer).
     tls_cert: str = ""
     tls_key: str = ""
+    backlog: int = 4096
 
 
 class UpstreamSettings(_Section):
@@ -33,9 +34,12 @@ class UpstreamSettings(_Section):
     ca_file: str = ""
     proxy_url: str = ""              # outbound HTTP proxy (CONNECT), e.g. http://user:pw@proxy:3128
     pool_size: int = 100_000
+    idle_pool_size: int = 256        # idle keep-alive connections kept per mail server
+    retry_after: int = 30            # seconds, in the 503 answer when the mail server is unreachable
 
 
 class EasSettings(_Section):
+    # Case-insensitive; add "/servlet/traveler" (IBM Traveler) or "/EAS" (GroupWise) as needed.
     paths: list[str] = msgspec.field(default_factory=lambda: ["/Microsoft-Server-ActiveSync"])
 
 
@@ -46,12 +50,14 @@ class TimeoutSettings(_Section):
     upstream_connect: float = 5.0
     upstream_read: float = 60.0
     ping_margin: float = 60.0        # added to a Ping's heartbeat for the upstream read deadline
+    ping_default_heartbeat: float = 540.0   # a Ping with no heartbeat, cached or sent
     shutdown_grace: float = 30.0
 
 
 class LimitSettings(_Section):
     max_header_bytes: int = 64 * 1024
     max_connections: int = 100_000
+    max_ping_body: int = 64 * 1024   # a Ping body is read whole to find its HeartbeatInterval
 
 
 class AdminSettings(_Section):
@@ -62,7 +68,7 @@ class AdminSettings(_Section):
 
 
 class LogSettings(_Section):
-    transactions: str = "-"          # file path for transaction summaries; "-" is stdout
+    transactions: str = "-"          # file path for transaction summaries; "-" is stdout, "" off
     level: str = "info"
 
 
@@ -88,18 +94,111 @@ def _key_of(message: str) -> str:
     return where or "(top level)"
 
 
-def load_config(path: str | os.PathLike | None) -> Config:
-    """Load and validate a TOML config file (None: the embedded defaults)."""
-    if path is None:
-        return Config()
-    path = Path(path)
+ENV_PREFIX = "SEG_FAST_"
+
+
+def _env_overrides(env) -> dict[str, tuple[str, str, str]]:
+    """SEG_FAST_<SECTION>_<KEY>=value (or SEG_FAST_<KEY> for top-level keys).
+
+    Returns {dotted key: (section, key, env var name)} for every variable that names a setting.
+    """
+    found: dict[str, tuple[str, str, str]] = {}
+    info = msgspec.inspect.type_info(Config)
+    sections = {f.name: f.type for f in info.fields}
+    for var in env:
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        if rest in sections and not isinstance(sections[rest], msgspec.inspect.StructType):
+            found[rest] = ("", rest, var)
+            continue
+        for name, typ in sections.items():
+            if isinstance(typ, msgspec.inspect.StructType) and rest.startswith(name + "_"):
+                key = rest[len(name) + 1:]
+                if any(f.name == key for f in typ.fields):
+                    found[f"{name}.{key}"] = (name, key, var)
+    return found
+
+
+def _env_value(text: str, typ) -> object:
+    # Strings are taken as they are; numbers, booleans and lists are read as JSON.
+    if isinstance(typ, msgspec.inspect.StrType):
+        return text
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        return msgspec.json.decode(text.encode())
+    except msgspec.DecodeError:
+        return text                  # let validation name the key and the expected type
+
+
+def load_config(path: str | os.PathLike | None, env=None) -> Config:
+    """Load and validate a TOML config file (None: the embedded defaults).
+
+    SEG_FAST_* environment variables (``env``, default os.environ) override the file.
+    """
+    env = os.environ if env is None else env
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        try:
+            raw = msgspec.toml.decode(data)
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    overrides = _env_overrides(env)
+    if overrides:
+        info = {f.name: f.type for f in msgspec.inspect.type_info(Config).fields}
+        for dotted, (section, key, var) in overrides.items():
+            if section:
+                typ = next(f.type for f in info[section].fields if f.name == key)
+                target = raw.setdefault(section, {})
+                if not isinstance(target, dict):
+                    raise ConfigError(f"{path}: key {section}: expected a table")
+                target[key] = _env_value(env[var], typ)
+            else:
+                raw[key] = _env_value(env[var], info[key])
     try:
-        return msgspec.toml.decode(raw, type=Config)
+        config = msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: key {_key_of(str(exc))}: {str(exc).split(' - at ')[0]}") from None
-    except msgspec.DecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        key = _key_of(str(exc))
+        where = f"environment {overrides[key][2]}" if key in overrides else str(path or "(defaults)")
+        raise ConfigError(f"{where}: key {key}: {str(exc).split(' - at ')[0]}") from None
+    _check(config, str(path or "(defaults)"), overrides)
+    return config
+
+
+def _check(config: Config, where: str, overrides) -> None:
+    """Value checks msgspec's types cannot express; each names its key."""
+    problems: list[tuple[str, str]] = []
+    if config.workers < 0:
+        problems.append(("workers", "must be 0 (one per core) or more"))
+    for key, port in (("listener.port", config.listener.port), ("admin.port", config.admin.port)):
+        if not 0 <= port <= 65535:
+            problems.append((key, f"port {port} is out of range"))
+    if bool(config.listener.tls_cert) != bool(config.listener.tls_key):
+        problems.append(("listener.tls_key" if config.listener.tls_cert else "listener.tls_cert",
+                         "TLS needs both tls_cert and tls_key (or neither, for plain HTTP)"))
+    from urllib.parse import urlsplit
+
+    up = urlsplit(config.upstream.url)
+    if up.scheme not in ("http", "https") or not up.hostname:
+        problems.append(("upstream.url", "must be an http:// or https:// URL with a host"))
+    if config.upstream.proxy_url:
+        px = urlsplit(config.upstream.proxy_url)
+        if px.scheme != "http" or not px.hostname:
+            problems.append(("upstream.proxy_url", "must be an http://[user:password@]host:port URL"))
+    for path in config.eas.paths:
+        if not path.startswith("/") or "?" in path:
+            problems.append(("eas.paths", f"{path!r} must be an absolute path without a query"))
+    if not config.eas.paths:
+        problems.append(("eas.paths", "needs at least one path"))
+    for name in msgspec.structs.fields(TimeoutSettings):
+        if getattr(config.timeouts, name.name) <= 0:
+            problems.append((f"timeouts.{name.name}", "must be positive"))
+    if problems:
+        key, text = problems[0]
+        if key in overrides:
+            where = f"environment {overrides[key][2]}"
+        raise ConfigError(f"{where}: key {key}: {text}")

@@ -1,0 +1,128 @@
+"""One device connection: h11 server side, keep-alive loop, per-phase timeouts."""
+from __future__ import annotations
+
+import h11
+import trio
+
+from seg_fast.proxy import exchange
+from seg_fast.proxy.exchange import DeviceGone
+
+RECEIVE_SIZE = 64 * 1024
+
+
+class Device:
+    """The device side of one connection: its stream, h11 state and who it is."""
+
+    __slots__ = ("stream", "conn", "client_ip", "proto", "closing")
+
+    def __init__(self, stream, client_ip: str, proto: bytes, max_head: int):
+        self.stream = stream
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self.client_ip = client_ip
+        self.proto = proto
+        self.closing = False          # set when draining: answer, then close
+
+    async def receive(self, timeout: float) -> None:
+        """Feed h11 one read from the device (b"" on EOF)."""
+        try:
+            with trio.fail_after(timeout):
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise DeviceGone(type(exc).__name__) from None
+        self.conn.receive_data(data)
+
+    async def send_bytes(self, data) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise DeviceGone(type(exc).__name__) from None
+
+    async def answer(self, status: int, headers, body: bytes = b"") -> None:
+        """A whole answer the gateway makes itself (errors, blocked devices)."""
+        conn = self.conn
+        if conn.our_state is not h11.SEND_RESPONSE:
+            raise DeviceGone("answer already started")
+        headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")]
+        headers.append((b"Content-Length", str(len(body)).encode()))
+        if self.closing or conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
+            # An unread request body would be taken for the next request: close after this answer.
+            headers.append((b"Connection", b"close"))
+        out = conn.send(h11.Response(status_code=status, headers=headers))
+        if body:
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
+        await self.send_bytes(out)
+
+
+async def serve_device(gw, stream, client_ip: str, proto: bytes) -> None:
+    """Serve requests on one device connection until it closes, idles out or the worker drains."""
+    limits = gw.config.limits
+    dev = Device(stream, client_ip, proto, limits.max_header_bytes)
+    try:
+        await _loop(gw, dev)
+    except DeviceGone:
+        pass
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.aclose_forcefully(stream)
+            except Exception:
+                pass
+
+
+async def _loop(gw, dev: Device) -> None:
+    conn = dev.conn
+    while True:
+        timeouts = gw.config.timeouts
+        # Waiting for the next request is the idle keep-alive phase; the drain cancels it.
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            if gw.draining:
+                return
+            scope = trio.CancelScope(deadline=trio.current_time() + timeouts.idle_keepalive)
+            gw.idle_scopes.add(scope)
+            try:
+                with scope:
+                    data = await dev.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            finally:
+                gw.idle_scopes.discard(scope)
+            if scope.cancelled_caught:
+                return
+            try:
+                conn.receive_data(data)
+                event = conn.next_event()
+                while event is h11.NEED_DATA:
+                    await dev.receive(timeouts.request_head)
+                    event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await _bad_request(dev, exc)
+                return
+        elif isinstance(event, h11.ConnectionClosed):
+            return
+        if isinstance(event, h11.ConnectionClosed):
+            return
+        if not isinstance(event, h11.Request):
+            return
+        if gw.draining:
+            dev.closing = True
+        try:
+            await exchange.handle(gw, dev, event)
+        except h11.RemoteProtocolError as exc:
+            await _bad_request(dev, exc)
+            return
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE or dev.closing:
+            return
+        if conn.our_state is not h11.DONE:
+            return
+        conn.start_next_cycle()
+
+
+async def _bad_request(dev: Device, exc: h11.RemoteProtocolError) -> None:
+    if dev.conn.our_state is h11.SEND_RESPONSE:
+        try:
+            await dev.answer(exc.error_status_hint, [(b"Content-Type", b"text/plain")],
+                             b"malformed HTTP request\n")
+        except (DeviceGone, h11.LocalProtocolError):
+            pass

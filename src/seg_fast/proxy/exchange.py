@@ -1,0 +1,374 @@
+"""One EAS transaction: identify, decide, forward, answer, record.
+
+Bodies stream through untouched unless a Decision holds transforms for the
+command; then they are buffered (bounded) and rewritten. Small request bodies are
+read whole first, so the request leaves in one write and can be resent once if a
+kept-alive mail-server connection turns out to be dead.
+"""
+from __future__ import annotations
+
+import time
+
+import h11
+import trio
+
+from seg_fast.eas.request import EasRequest, parse_request
+from seg_fast.errors import ContentError, EASRequestError
+from seg_fast.hooks import Decision
+from seg_fast.observe import Transaction
+from seg_fast.proxy import headers as hdrs
+from seg_fast.proxy import ping
+from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamConn, UpstreamError
+
+# Request bodies up to this size are read whole before going upstream.
+SMALL_BODY = 64 * 1024
+OPTIONS_DECISION = Decision(allowed=True, reason="allowed.options")
+
+
+class DeviceGone(Exception):
+    """The device closed or stalled its connection; nothing more can be sent to it."""
+
+
+async def handle(gw, dev, request: h11.Request) -> None:
+    t0 = time.perf_counter()
+    rec = Transaction(ts=0.0, method=request.method.decode("ascii", "replace"), client_ip=dev.client_ip)
+    try:
+        await _handle(gw, dev, request, rec)
+    finally:
+        rec.ts = time.time()
+        rec.total_ms = round((time.perf_counter() - t0) * 1000, 3)
+        gw.log.write(rec)
+
+
+async def _handle(gw, dev, request: h11.Request, rec: Transaction) -> None:
+    target = request.target
+    if target.split(b"?", 1)[0].lower() not in gw.eas_paths:
+        rec.error = "not an EAS path"
+        return await _answer(dev, rec, 404, [(b"Content-Type", b"text/plain")], b"not found\n")
+    raw = request.headers.raw_items() if hasattr(request.headers, "raw_items") else list(request.headers)
+    try:
+        req = parse_request(rec.method, target, raw, dev.client_ip)
+    except EASRequestError as exc:
+        rec.error = str(exc)[:200]
+        return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")], b"malformed ActiveSync request\n")
+    rec.command, rec.user, rec.device_id, rec.device_type = req.command, req.user, req.device_id, req.device_type
+
+    gatekeeper = gw.gatekeeper
+    decision = OPTIONS_DECISION if req.method == "OPTIONS" else gatekeeper.decide(req)
+    rec.decision = decision.reason
+    if not decision.allowed and not decision.test_mode:
+        status, headers, body = gatekeeper.blocked_answer(req, decision)
+        await _answer(dev, rec, status, headers, body)
+        gatekeeper.record(req, decision, status)
+        return
+
+    answer_tx, request_tx = _transforms_for(decision, req.command)
+    try:
+        status = await _forward(gw, dev, request, raw, req, decision, answer_tx, request_tx, rec)
+    finally:
+        if rec.status:
+            gatekeeper.record(req, decision, rec.status)
+    return status
+
+
+def _transforms_for(decision: Decision, command: str | None) -> tuple[list, list]:
+    if not decision.transforms or command is None:
+        return [], []
+    answer_tx, request_tx = [], []
+    for t in decision.transforms:
+        if command in t.commands:
+            if hasattr(t, "transform_answer"):
+                answer_tx.append(t)
+            if hasattr(t, "transform_request"):
+                request_tx.append(t)
+    return answer_tx, request_tx
+
+
+async def _answer(dev, rec: Transaction, status: int, headers, body: bytes = b"") -> None:
+    rec.status = status
+    rec.bytes_out = len(body)
+    await dev.answer(status, headers, body)
+
+
+async def _unavailable(gw, dev, rec: Transaction, why: str) -> int:
+    rec.error = why[:200]
+    retry = str(gw.config.upstream.retry_after).encode()
+    await _answer(dev, rec, 503, [(b"Retry-After", retry)])
+    return 503
+
+
+async def _read_request_body(gw, dev, limit: int) -> bytes | None:
+    """The whole request body, or None if it is larger than ``limit``."""
+    conn = dev.conn
+    timeout = gw.config.timeouts.request_head
+    parts = []
+    size = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            await _dev_receive(dev, timeout)
+            continue
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > limit:
+                return None
+            parts.append(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            return b"".join(parts)
+        else:
+            raise DeviceGone("device closed during the request body")
+
+
+async def _dev_receive(dev, timeout: float) -> None:
+    await dev.receive(timeout)
+
+
+def _declared_length(raw) -> int | None:
+    value = hdrs.get(raw, b"content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, request_tx,
+                   rec: Transaction) -> int:
+    config = gw.config
+    conn = dev.conn
+    if conn.they_are_waiting_for_100_continue:
+        await _send_dev(dev, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+
+    is_ping = req.command == "Ping"
+    length = _declared_length(raw)
+    body: bytes | None = None
+    if request_tx or is_ping or (length is not None and length <= SMALL_BODY):
+        limit = config.security.max_transform_bytes if request_tx else (
+            config.limits.max_ping_body if is_ping else SMALL_BODY)
+        body = await _read_request_body(gw, dev, limit)
+        if body is None:
+            rec.error = "request body too large"
+            await _answer(dev, rec, 413, [(b"Content-Type", b"text/plain")],
+                          b"request body too large for this gateway\n")
+            return 413
+        rec.bytes_in = len(body)
+        for t in request_tx:
+            new = t.transform_request(req, body)
+            if new is None:
+                status, headers, answer_body = gw.gatekeeper.blocked_answer(req, decision)
+                rec.decision = decision.reason + ".request_refused"
+                await _answer(dev, rec, status, headers, answer_body)
+                return status
+            body = new
+
+    read_timeout = config.timeouts.upstream_read
+    if is_ping:
+        read_timeout = ping.upstream_deadline(gw, req, body)
+
+    origin = gw.redirects.origin_for(req.user)
+    rec.upstream = f"{origin.host}:{origin.port}"
+    head = hdrs.upstream_request_headers(raw, host=origin.host_header, client_ip=dev.client_ip,
+                                         proto=dev.proto, behind_proxy=gw.behind_proxy)
+    if body is not None:
+        head = [(k, v) for k, v in head if k.lower() not in (b"content-length", b"transfer-encoding")]
+        if body or request.method not in (b"GET", b"OPTIONS", b"HEAD"):
+            head.append((b"Content-Length", str(len(body)).encode()))
+    up_request = h11.Request(method=request.method, target=request.target, headers=head)
+
+    t_up = time.perf_counter()
+    up = None
+    for attempt in (0, 1):
+        try:
+            up = await gw.pool.acquire(origin)
+        except UpstreamError as exc:
+            return await _unavailable(gw, dev, rec, str(exc))
+        try:
+            out = up.h11.send(up_request)
+            if body is not None:
+                if body:
+                    out += up.h11.send(h11.Data(data=body))
+                out += up.h11.send(h11.EndOfMessage())
+                await _send_up(up, out)
+            else:
+                await _pump_request(gw, dev, up, out, rec)
+            if is_ping:
+                answer = await ping.wait_answer(gw, up, read_timeout)
+                if answer is None:            # the worker drains: the device pings again elsewhere
+                    gw.pool.discard(up)
+                    dev.closing = True
+                    await _answer(dev, rec, 200, ping.HEARTBEAT_EXPIRED_HEADERS, ping.HEARTBEAT_EXPIRED)
+                    rec.decision += ".drained"
+                    return 200
+            else:
+                answer = await _answer_head(up, read_timeout)
+            break
+        except UpstreamError as exc:
+            gw.pool.discard(up)
+            # A kept-alive connection may have been closed by the server just now: resend once.
+            if attempt == 0 and up.reused and body is not None and not isinstance(exc, _Timeout):
+                continue
+            return await _unavailable(gw, dev, rec, str(exc))
+        except BaseException:
+            gw.pool.discard(up)
+            raise
+    rec.upstream_ms = round((time.perf_counter() - t_up) * 1000, 3)
+
+    try:
+        status = answer.status_code
+        headers = hdrs.answer_headers(answer.headers.raw_items())
+        if status in (451, 302):
+            headers = gw.redirects.rewrite(req, status, headers, request, dev.proto)
+        if dev.closing:
+            headers.append((b"Connection", b"close"))
+        rec.status = status
+        if answer_tx and status == 200:
+            await _transformed_answer(gw, dev, up, req, status, headers, answer_tx, rec)
+        else:
+            await _stream_answer(gw, dev, up, status, headers, rec)
+    except BaseException:
+        gw.pool.discard(up)
+        raise
+    gw.pool.release(up)
+    return status
+
+
+class _Timeout(UpstreamError):
+    pass
+
+
+async def _send_up(up: UpstreamConn, data) -> None:
+    try:
+        await up.stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise UpstreamError(f"mail server connection broke while sending: {type(exc).__name__}") from None
+
+
+async def _send_dev(dev, data) -> None:
+    await dev.send_bytes(data)
+
+
+async def _up_receive(up: UpstreamConn, timeout: float) -> None:
+    try:
+        with trio.fail_after(timeout):
+            data = await up.stream.receive_some(RECEIVE_SIZE)
+    except trio.TooSlowError:
+        raise _Timeout(f"mail server did not answer within {timeout:g} s") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise UpstreamError(f"mail server connection broke: {type(exc).__name__}") from None
+    up.h11.receive_data(data)
+
+
+async def _answer_head(up: UpstreamConn, timeout: float) -> h11.Response:
+    h = up.h11
+    while True:
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamError(f"mail server sent a malformed answer: {exc}") from None
+        if event is h11.NEED_DATA:
+            await _up_receive(up, timeout)
+        elif isinstance(event, h11.Response):
+            return event
+        elif isinstance(event, h11.InformationalResponse):
+            continue
+        else:
+            raise UpstreamError("mail server closed the connection before answering")
+
+
+async def _pump_request(gw, dev, up: UpstreamConn, out: bytes, rec: Transaction) -> None:
+    """Stream the device's request body upstream, one read at a time (backpressure)."""
+    conn = dev.conn
+    timeout = gw.config.timeouts.request_head
+    pending = bytearray(out)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            if pending:
+                await _send_up(up, pending)
+                pending = bytearray()
+            await _dev_receive(dev, timeout)
+        elif isinstance(event, h11.Data):
+            rec.bytes_in += len(event.data)
+            pending += up.h11.send(event)
+        elif isinstance(event, h11.EndOfMessage):
+            pending += up.h11.send(h11.EndOfMessage())
+            await _send_up(up, pending)
+            return
+        else:
+            raise DeviceGone("device closed during the request body")
+
+
+async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers, rec: Transaction) -> None:
+    """Stream the mail server's answer to the device, one read at a time (backpressure)."""
+    conn = dev.conn
+    h = up.h11
+    timeout = gw.config.timeouts.upstream_read
+    pending = conn.send(h11.Response(status_code=status, headers=headers))
+    while True:
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise DeviceGone(f"mail server answer broke off: {exc}") from None
+        if event is h11.NEED_DATA:
+            if pending:
+                await _send_dev(dev, pending)
+                pending = b""
+            try:
+                await _up_receive(up, timeout)
+            except UpstreamError as exc:
+                raise DeviceGone(str(exc)) from None
+        elif isinstance(event, h11.Data):
+            rec.bytes_out += len(event.data)
+            pending += conn.send(event)
+        elif isinstance(event, h11.EndOfMessage):
+            pending += conn.send(h11.EndOfMessage())
+            await _send_dev(dev, pending)
+            return
+        else:
+            raise DeviceGone("mail server closed the connection mid-answer")
+
+
+async def _transformed_answer(gw, dev, up: UpstreamConn, req, status, headers, answer_tx, rec) -> None:
+    """Buffer the answer (bounded), run the transforms, send it with a fixed Content-Length."""
+    limit = gw.config.security.max_transform_bytes
+    timeout = gw.config.timeouts.upstream_read
+    h = up.h11
+    parts = []
+    size = 0
+    while True:
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError:
+            return await _unavailable(gw, dev, rec, "mail server answer broke off")
+        if event is h11.NEED_DATA:
+            try:
+                await _up_receive(up, timeout)
+            except UpstreamError as exc:
+                return await _unavailable(gw, dev, rec, str(exc))
+        elif isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > limit:
+                # Never pass untransformed content: tell the device; the half-read
+                # mail-server connection is closed by the pool on release.
+                rec.error = f"answer larger than security.max_transform_bytes ({limit})"
+                await _answer(dev, rec, 500, [(b"Content-Type", b"text/plain")],
+                              b"answer too large for the email security policy\n")
+                return
+            parts.append(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            break
+        else:
+            return await _unavailable(gw, dev, rec, "mail server closed the connection mid-answer")
+    body = b"".join(parts)
+    try:
+        for t in answer_tx:
+            body = t.transform_answer(req, status, headers, body)
+    except ContentError as exc:
+        rec.error = str(exc)[:200]
+        await _answer(dev, rec, 500, [(b"Content-Type", b"text/plain")],
+                      b"answer could not be checked by the email security policy\n")
+        return
+    headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+    rec.status = status
+    await _answer(dev, rec, status, headers, body)

@@ -1,0 +1,171 @@
+"""One gateway worker: listener, device connections, shared state, drain and reload."""
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+
+import trio
+
+from seg_fast.observe import TransactionLog
+from seg_fast.policy import gate
+from seg_fast.proxy.downstream import serve_device
+from seg_fast.proxy.redirects import RedirectMap
+from seg_fast.proxy.upstream import UpstreamPool, origin_of
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """TLS for the device leg: TLS 1.2 and later only."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def listening_socket(host: str, port: int, backlog: int) -> trio.socket.SocketType:
+    """A listening socket other workers can share (SO_REUSEPORT: the kernel spreads connections)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+class Gateway:
+    """The state one worker shares between its device connections."""
+
+    def __init__(self, config, *, config_path=None, tls_context: ssl.SSLContext | None = None,
+                 gatekeeper_factory=None):
+        self.config_path = config_path
+        # The policy engine's gatekeeper by default; tests and benchmarks may pass another.
+        self.gatekeeper_for = gatekeeper_factory or gate.build
+        self.log = TransactionLog(config.log.transactions)
+        self.heartbeats: dict = {}
+        self.draining = False
+        self.idle_scopes: set[trio.CancelScope] = set()
+        self.parked_scopes: set[trio.CancelScope] = set()
+        self.active = 0
+        self.port: int | None = None
+        self._tls_override = tls_context
+        self._nursery = None
+        self._accept_scope = trio.CancelScope()
+        self._conns_scope = trio.CancelScope()
+        self._gatekeeper_scope = None
+        self.pool = None
+        self._apply(config)
+
+    def _apply(self, config) -> None:
+        old_pool = self.pool
+        self.config = config
+        self.eas_paths = frozenset(p.lower().encode() for p in config.eas.paths)
+        self.behind_proxy = not config.listener.tls_cert and self._tls_override is None
+        if old_pool is None or old_pool.settings != config.upstream or \
+                old_pool.connect_timeout != config.timeouts.upstream_connect:
+            self.pool = UpstreamPool(config.upstream, config.timeouts)
+            if old_pool is not None:
+                old_pool.close()      # in-flight connections finish, then close on release
+        default = origin_of(config.upstream.url)
+        if getattr(self, "redirects", None) is None or self.redirects.default != default:
+            self.redirects = RedirectMap(default)
+        if self._tls_override is not None:
+            self.tls_context = self._tls_override
+        elif config.listener.tls_cert:
+            self.tls_context = server_tls_context(config.listener.tls_cert, config.listener.tls_key)
+        else:
+            self.tls_context = None
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, accept and serve until drained (then finish in-flight work and return)."""
+        cfg = self.config.listener
+        sock = listening_socket(cfg.host, cfg.port, cfg.backlog)
+        await sock.bind((cfg.host, cfg.port))
+        sock.listen(cfg.backlog)
+        self.port = sock.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._start_gatekeeper(self.gatekeeper_for(self.config))
+                nursery.start_soon(self._flush_log)
+                task_status.started(self.port)
+                with self._conns_scope:
+                    async with trio.open_nursery() as conns:
+                        with self._accept_scope:
+                            await self._accept(sock, conns)
+                        sock.close()
+                nursery.cancel_scope.cancel()
+        finally:
+            sock.close()
+            self.pool.close()
+            self.log.close()
+
+    async def _start_gatekeeper(self, gatekeeper) -> None:
+        old = self._gatekeeper_scope
+        scope = trio.CancelScope()
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with scope:
+                await gatekeeper.run(task_status=task_status)
+
+        await self._nursery.start(run)
+        self.gatekeeper = gatekeeper
+        self._gatekeeper_scope = scope
+        if old is not None:
+            old.cancel()
+
+    async def _accept(self, sock, conns) -> None:
+        limit = self.config.limits.max_connections
+        while True:
+            try:
+                client, addr = await sock.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    await trio.sleep(0.1)         # out of descriptors: let connections finish
+                    continue
+                raise
+            if self.active >= limit:
+                client.close()
+                continue
+            conns.start_soon(self._connection, client, addr[0])
+
+    async def _connection(self, client, ip: str) -> None:
+        self.active += 1
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stream = trio.SocketStream(client)
+            if self.tls_context is not None:
+                stream = trio.SSLStream(stream, self.tls_context, server_side=True, https_compatible=True)
+                try:
+                    with trio.fail_after(self.config.timeouts.tls_handshake):
+                        await stream.do_handshake()
+                except (trio.TooSlowError, trio.BrokenResourceError, OSError):
+                    await trio.aclose_forcefully(stream)
+                    return
+                await serve_device(self, stream, ip, b"https")
+            else:
+                await serve_device(self, stream, ip, b"http")
+        finally:
+            self.active -= 1
+
+    async def _flush_log(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self.log.flush()
+
+    def drain(self) -> None:
+        """Stop accepting, close idle connections, answer parked Pings, finish the rest."""
+        if self.draining:
+            return
+        self.draining = True
+        self._accept_scope.cancel()
+        for scope in list(self.idle_scopes):
+            scope.cancel()
+        for scope in list(self.parked_scopes):
+            scope.cancel()
+        self._conns_scope.deadline = trio.current_time() + self.config.timeouts.shutdown_grace
+
+    async def reload(self, config) -> None:
+        """New settings for new requests; open connections carry on."""
+        self._apply(config)
+        if self._nursery is not None:
+            await self._start_gatekeeper(self.gatekeeper_for(config))

@@ -1,0 +1,209 @@
+"""Connections to the mail server: a keep-alive pool, the outbound CONNECT proxy, TLS trust.
+
+A connection goes back to the pool only when both h11 sides finished their
+message (DONE/DONE), the way httpcore decides reuse; anything else is closed.
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import select
+import ssl
+from typing import NamedTuple
+from urllib.parse import unquote, urlsplit
+
+import h11
+import trio
+
+from seg_fast.errors import SegFastError
+
+RECEIVE_SIZE = 64 * 1024
+
+
+class UpstreamError(SegFastError):
+    """The mail server (or the outbound proxy) cannot be reached or failed mid-answer."""
+
+
+class Origin(NamedTuple):
+    scheme: str     # "http" | "https"
+    host: str
+    port: int
+
+    @property
+    def host_header(self) -> bytes:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return (host if self.port == default else f"{host}:{self.port}").encode()
+
+
+def origin_of(url: str) -> Origin:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UpstreamError(f"not an http(s) URL: {url[:200]!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise UpstreamError(f"bad port in URL: {url[:200]!r}") from None
+    return Origin(parts.scheme, parts.hostname, port)
+
+
+def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
+    """TLS for the mail-server leg; verify=False is the guide's "ignore SSL errors"."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class UpstreamConn:
+    """One connection to a mail server and its h11 client state."""
+
+    __slots__ = ("origin", "stream", "h11", "sock", "reused")
+
+    def __init__(self, origin: Origin, stream, sock):
+        self.origin = origin
+        self.stream = stream
+        self.sock = sock              # the trio socket under any TLS, for liveness checks
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.reused = False
+
+    def looks_alive(self) -> bool:
+        # An idle keep-alive connection the server closed reads EOF (or junk) at once.
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.aclose_forcefully(self.stream)
+            except Exception:
+                pass
+
+
+class UpstreamPool:
+    """Keep-alive connections per origin, opened through the outbound proxy when configured."""
+
+    def __init__(self, settings, timeouts):
+        self.settings = settings
+        self.connect_timeout = timeouts.upstream_connect
+        self.tls = None
+        self.idle: dict[Origin, list[UpstreamConn]] = {}
+        self.max_idle = settings.idle_pool_size
+        self.closed = False
+        self.proxy = None
+        self.proxy_auth = None
+        if settings.proxy_url:
+            px = urlsplit(settings.proxy_url)
+            self.proxy = (px.hostname, px.port or 3128)
+            if px.username is not None:
+                creds = f"{unquote(px.username)}:{unquote(px.password or '')}".encode()
+                self.proxy_auth = b"Basic " + base64.b64encode(creds)
+
+    def _tls(self) -> ssl.SSLContext:
+        if self.tls is None:
+            self.tls = client_tls_context(self.settings.verify_tls, self.settings.ca_file)
+        return self.tls
+
+    async def acquire(self, origin: Origin) -> UpstreamConn:
+        idle = self.idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if conn.looks_alive():
+                conn.reused = True
+                return conn
+            await conn.aclose()
+        return await self.connect(origin)
+
+    def release(self, conn: UpstreamConn) -> bool:
+        """Keep the connection for reuse if both sides are DONE; otherwise close it."""
+        h = conn.h11
+        if (not self.closed and h.our_state is h11.DONE and h.their_state is h11.DONE):
+            idle = self.idle.setdefault(conn.origin, [])
+            if len(idle) < self.max_idle:
+                h.start_next_cycle()
+                idle.append(conn)
+                return True
+        _close_now(conn)
+        return False
+
+    def discard(self, conn: UpstreamConn) -> None:
+        _close_now(conn)
+
+    def close(self) -> None:
+        self.closed = True
+        for conns in self.idle.values():
+            for conn in conns:
+                _close_now(conn)
+        self.idle.clear()
+
+    async def connect(self, origin: Origin) -> UpstreamConn:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                if self.proxy is None:
+                    stream = await trio.open_tcp_stream(origin.host, origin.port)
+                else:
+                    stream = await trio.open_tcp_stream(*self.proxy)
+                    try:
+                        await self._tunnel(stream, origin)
+                    except BaseException:
+                        await trio.aclose_forcefully(stream)
+                        raise
+                sock = stream.socket
+                if origin.scheme == "https":
+                    stream = trio.SSLStream(stream, self._tls(), server_hostname=origin.host,
+                                            https_compatible=True)
+                    try:
+                        await stream.do_handshake()
+                    except BaseException:
+                        await trio.aclose_forcefully(stream)
+                        raise
+        except trio.TooSlowError:
+            raise UpstreamError(f"connecting to {origin.host}:{origin.port} timed out") from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: {_reason(exc)}") from None
+        return UpstreamConn(origin, stream, sock)
+
+    async def _tunnel(self, stream: trio.SocketStream, origin: Origin) -> None:
+        """HTTP CONNECT through the outbound proxy (RFC 9110 9.3.6)."""
+        target = f"{origin.host}:{origin.port}".encode()
+        conn = h11.Connection(h11.CLIENT)
+        headers = [(b"Host", target)]
+        if self.proxy_auth:
+            headers.append((b"Proxy-Authorization", self.proxy_auth))
+        await stream.send_all(conn.send(h11.Request(method=b"CONNECT", target=target, headers=headers)))
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise UpstreamError("outbound proxy closed the connection during CONNECT")
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Response):
+                if event.status_code // 100 != 2:
+                    raise UpstreamError(f"outbound proxy refused CONNECT with HTTP {event.status_code}")
+                # h11 switches protocol after a 2xx to CONNECT; bytes it already read belong to the tunnel.
+                if conn.trailing_data[0]:
+                    raise UpstreamError("outbound proxy sent data before the tunnel was used")
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                raise UpstreamError("outbound proxy closed the connection during CONNECT")
+
+
+def _close_now(conn: UpstreamConn) -> None:
+    # Closing the socket is enough on both legs; no TLS close_notify needed for a discarded connection.
+    try:
+        conn.sock.close()
+    except OSError:
+        pass
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    if isinstance(exc, OSError) and exc.__cause__ is not None:
+        return _reason(exc.__cause__)
+    return type(exc).__name__ + (f": {exc}" if str(exc) else "")

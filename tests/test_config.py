@@ -1,0 +1,81 @@
+"""Gateway config: TOML + SEG_FAST_* overrides, errors that name the file and the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seg_fast.config import Config, load_config
+from seg_fast.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_suit_the_demo():
+    cfg = load_config(None, env={})
+    assert cfg.listener.port == 8443 and cfg.admin.host == "127.0.0.1" and cfg.admin.port == 44444
+    assert cfg.eas.paths == ["/Microsoft-Server-ActiveSync"] and cfg.workers == 0
+
+
+def test_example_file_loads_and_holds_every_setting():
+    example = REPO / "examples" / "gateway.toml"
+    cfg = load_config(example, env={})
+    assert isinstance(cfg, Config)
+    text = example.read_text()
+    import msgspec
+    for section in ("listener", "upstream", "eas", "timeouts", "limits", "admin", "log"):
+        assert f"[{section}]" in text
+        for field in msgspec.structs.fields(getattr(cfg, section)):
+            assert f"{field.name} =" in text, f"{section}.{field.name} missing from the example"
+
+
+def test_file_values(tmp_path):
+    f = tmp_path / "g.toml"
+    f.write_text('workers = 3\n[upstream]\nurl = "https://mail.example.com"\nverify_tls = false\n'
+                 '[eas]\npaths = ["/Microsoft-Server-ActiveSync", "/servlet/traveler"]\n')
+    cfg = load_config(f, env={})
+    assert cfg.workers == 3 and cfg.upstream.url == "https://mail.example.com" and not cfg.upstream.verify_tls
+    assert cfg.eas.paths[1] == "/servlet/traveler"
+
+
+def test_env_overrides_file(tmp_path):
+    f = tmp_path / "g.toml"
+    f.write_text('[listener]\nport = 9000\n')
+    cfg = load_config(f, env={"SEG_FAST_LISTENER_PORT": "9443", "SEG_FAST_WORKERS": "2",
+                              "SEG_FAST_UPSTREAM_VERIFY_TLS": "false", "SEG_FAST_LISTENER_TLS_CERT": "c.pem",
+                              "SEG_FAST_LISTENER_TLS_KEY": "k.pem",
+                              "SEG_FAST_EAS_PATHS": '["/EAS"]', "SEG_FAST_UNRELATED": "x"})
+    assert cfg.listener.port == 9443 and cfg.workers == 2 and cfg.upstream.verify_tls is False
+    assert cfg.listener.tls_cert == "c.pem" and cfg.eas.paths == ["/EAS"]
+
+
+@pytest.mark.parametrize("text,key", [
+    ("[listener]\nport = \"x\"\n", "listener.port"),
+    ("[listener]\nprot = 1\n", "listener.prot"),
+    ("[upstream]\nurl = \"ftp://x\"\n", "upstream.url"),
+    ("[upstream]\nproxy_url = \"socks5://p\"\n", "upstream.proxy_url"),
+    ("[listener]\ntls_cert = \"a.pem\"\n", "listener.tls_key"),
+    ("[timeouts]\nidle_keepalive = 0\n", "timeouts.idle_keepalive"),
+    ("[eas]\npaths = [\"nope\"]\n", "eas.paths"),
+    ("workers = -1\n", "workers"),
+])
+def test_errors_name_file_and_key(tmp_path, text, key):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f, env={})
+    assert str(f) in str(err.value) and f"key {key}" in str(err.value)
+
+
+def test_env_errors_name_the_variable():
+    with pytest.raises(ConfigError, match="SEG_FAST_LISTENER_PORT.*listener.port"):
+        load_config(None, env={"SEG_FAST_LISTENER_PORT": "eighty"})
+
+
+def test_unreadable_and_invalid_toml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml", env={})
+    f = tmp_path / "x.toml"
+    f.write_text("[listener\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(f, env={})
