@@ -1,9 +1,216 @@
-"""Builds the Gatekeeper one gateway worker uses (placeholder until the policy engine lands)."""
+"""The Gatekeeper one gateway worker uses: the engine, its store and its upkeep.
+
+``decide`` is the engine's (a dict lookup on the request path). ``run`` loads the
+snapshot from the store, then follows the store's changes (every worker sees a
+change within a second) and flushes what the worker observed (device sightings,
+learned folder classes) once a second, so ``record`` never waits for I/O.
+"""
 from __future__ import annotations
 
-from seg_fast.hooks import AllowAll, Gatekeeper
+import logging
+import os
+import socket
+import time
+
+import msgspec
+import trio
+
+from seg_fast.errors import PolicyError
+from seg_fast.hooks import Decision, Gatekeeper, Headers
+from seg_fast.policy.engine import Engine
+from seg_fast.policy.model import DeviceSighting, device_key
+from seg_fast.policy.settings import PolicySettings
+from seg_fast.policy.store import Change, Store, StoreError, decode_document_bytes, open_store
+
+log = logging.getLogger("seg_fast.policy.cache")
+
+# Logging areas of the guide's admin page -> the logger each one sets.
+LOG_AREAS: dict[str, str] = {
+    "transaction_summary": "seg_fast.tx.summary",
+    "device_transactions_all": "seg_fast.tx.all",
+    "device_transactions_blocked": "seg_fast.tx.blocked",
+    "policy_cache": "seg_fast.policy.cache",
+    "policy_updates": "seg_fast.policy.updates",
+    "content_helpers": "seg_fast.content",
+    "reporting": "seg_fast.reporting",
+}
+LOG_LEVELS = {"all": 1, "trace": 5, "debug": logging.DEBUG, "info": logging.INFO,
+              "warn": logging.WARNING, "error": logging.ERROR, "off": logging.CRITICAL + 10}
+
+# Meta keys in the store that every worker follows.
+META_TEST_MODE = "test_mode"
+META_LOG_LEVELS = "log_levels"
+META_COMPLIANCE_RUN = "compliance_run"
+
+FLUSH_INTERVAL = 1.0
+MAX_PENDING_SIGHTINGS = 200_000
+
+
+def apply_log_levels(raw: str | None) -> None:
+    if not raw:
+        return
+    try:
+        levels = msgspec.json.decode(raw, type=dict[str, str])
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return
+    for area, level in levels.items():
+        if area in LOG_AREAS and level in LOG_LEVELS:
+            logging.getLogger(LOG_AREAS[area]).setLevel(LOG_LEVELS[level])
+
+
+def node_name(settings: PolicySettings) -> str:
+    return settings.node_name or f"{socket.gethostname()}"
+
+
+class PolicyGatekeeper:
+    def __init__(self, settings: PolicySettings, *, store: Store | None = None, node: str | None = None,
+                 transforms_for=None, clock=time.time):
+        from seg_fast.policy.syncsettings import FolderRegistry, sync_settings_transforms
+
+        self.settings = settings
+        self.store = store if store is not None else open_store(settings)
+        self.node = node or f"{node_name(settings)}/{os.getpid()}"
+        self.folders = FolderRegistry()
+        self.engine = Engine(allow_if_no_policies=settings.allow_if_no_policies, test_mode=settings.test_mode,
+                             transforms_for=transforms_for,
+                             sync_transforms=lambda types: sync_settings_transforms(types, self.folders),
+                             clock=clock)
+        self.decide = self.engine.decide
+        self._clock = clock
+        self._sightings: dict[str, DeviceSighting] = {}
+        self._dirty: set[str] = set()
+        self.loaded = trio.Event()
+        self.store_ok = False
+
+    # -- Gatekeeper ---------------------------------------------------------------
+    def blocked_answer(self, req, decision: Decision) -> tuple[int, Headers, bytes]:
+        from seg_fast.eas.answers import blocked_answer
+        return blocked_answer(req.command, req.protocol_version)
+
+    def record(self, req, decision: Decision, status: int) -> None:
+        raw = req.device_id
+        if not raw:
+            return
+        key = device_key(raw)
+        now = self._clock()
+        s = self._sightings.get(key)
+        if s is None:
+            if len(self._sightings) >= MAX_PENDING_SIGHTINGS:
+                return   # the flush is behind: drop rather than grow without bound
+            s = self._sightings[key] = DeviceSighting(device_id=raw, first_seen=now)
+        s.user = req.user or ""
+        s.device_type = req.device_type or ""
+        s.mail_client = req.user_agent or ""
+        s.ip = req.client_ip
+        s.node = self.node
+        s.last_seen = now
+        s.last_command = req.command or ""
+        s.status = "test_mode" if decision.test_mode else ("allowed" if decision.allowed else "blocked")
+        s.reason = decision.reason
+        s.http_status = status
+        self._dirty.add(key)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await self._open_and_load()
+            task_status.started()
+            if not self.store_ok:
+                nursery.start_soon(self._retry_open)
+            else:
+                nursery.start_soon(self._follow)
+            nursery.start_soon(self._flush_loop)
+
+    # -- upkeep -----------------------------------------------------------------
+    async def _open_and_load(self) -> None:
+        try:
+            await self.store.open()
+            await self.reload()
+            self.store_ok = True
+        except (StoreError, PolicyError) as exc:
+            log.error("policy store unavailable: %s", exc)
+
+    async def _retry_open(self) -> None:
+        delay = 0.5
+        while not self.store_ok:
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            await self._open_and_load()
+        await self._follow()
+
+    async def reload(self) -> None:
+        snap = await self.store.snapshot()
+        self.engine.load(snap.document, snap.devices, snap.version)
+        self.folders.load(await self.store.get_entries("folders"))
+        await self._apply_meta()
+        self.loaded.set()
+        log.info("policy snapshot %d loaded: %d devices", snap.version, len(snap.devices))
+
+    async def _apply_meta(self) -> None:
+        tm = await self.store.get_meta(META_TEST_MODE)
+        self.engine.set_test_mode(self.settings.test_mode if tm is None else tm == "1")
+        apply_log_levels(await self.store.get_meta(META_LOG_LEVELS))
+
+    async def apply(self, ch: Change) -> None:
+        """Bring the engine up to date with one change from the store."""
+        if ch.kind == "device":
+            rec = await self.store.get_device(ch.key)
+            if rec is None:
+                self.engine.remove_device(ch.key, ch.version)
+            else:
+                self.engine.put_device(rec, ch.version)
+        elif ch.kind == "device_removed":
+            self.engine.remove_device(ch.key, ch.version)
+        elif ch.kind == "document":
+            self.engine.set_document(await self.store.get_document(), ch.version)
+        elif ch.kind == "folders":
+            self.folders.load(await self.store.get_entries("folders", [ch.key]))
+        elif ch.kind == "meta":
+            if ch.key == META_COMPLIANCE_RUN:
+                self.engine.set_document(self.engine.policies.doc if self.engine.policies else None,
+                                         ch.version)
+            await self._apply_meta()
+        else:
+            await self.reload()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async for ch in self.store.subscribe():
+                    try:
+                        await self.apply(ch)
+                    except PolicyError as exc:
+                        # A damaged record: keep the previous snapshot and say why.
+                        log.error("policy change %d (%s %s) rejected: %s", ch.version, ch.kind, ch.key, exc)
+            except StoreError as exc:
+                log.error("policy store: %s; retrying", exc)
+                await trio.sleep(1.0)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await trio.sleep(FLUSH_INTERVAL)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.store_ok:
+            return
+        if self._dirty:
+            batch = [self._sightings[k] for k in self._dirty]
+            self._dirty = set()
+            try:
+                await self.store.put_sightings(batch)
+            except StoreError as exc:
+                log.warning("device sightings not saved: %s", exc)
+            # Keep memory bounded: the store has them now.
+            if len(self._sightings) > MAX_PENDING_SIGHTINGS // 2:
+                self._sightings = {k: v for k, v in self._sightings.items() if k in self._dirty}
+        learned = self.folders.take_learned()
+        if learned:
+            try:
+                await self.store.put_entries("folders", learned, notify=True)
+            except StoreError as exc:
+                log.warning("folder classes not saved: %s", exc)
 
 
 def build(config) -> Gatekeeper:
     """The gatekeeper for one worker process, from the gateway config."""
-    return AllowAll()
+    return PolicyGatekeeper(config.policy)

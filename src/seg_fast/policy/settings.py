@@ -1,5 +1,7 @@
-"""The [policy] section of the gateway config (placeholder; the policy work owns it)."""
+"""The [policy] section of the gateway config: the store, the policy source, the switches."""
 from __future__ import annotations
+
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -7,3 +9,31 @@ import msgspec
 class PolicySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     # Fail closed: with no policy snapshot, devices are blocked unless this is on.
     allow_if_no_policies: bool = False
+    # Decide and record, never block (also switchable at run time from the admin API).
+    test_mode: bool = False
+
+    # Where the snapshot and device records live.
+    store: Literal["sqlite", "redis"] = "sqlite"
+    sqlite_path: str = "seg-fast-policy.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "segfast:"
+
+    # Pull source: an HTTP(S) JSON policy API. Empty url: no pulling (file/push only).
+    api_url: str = ""
+    api_token: str = ""                # sent as "Authorization: Bearer <token>"
+    delta_interval: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    api_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    api_proxy_url: str = ""            # outbound HTTP proxy (CONNECT) for the policy API
+    api_verify_tls: bool = True        # off = "ignore SSL errors between SEG and the API"
+    api_ca_file: str = ""              # extra trust for the API's certificate
+
+    # Real-time push: the MDM posts single-device changes to the admin listener's
+    # /seg/push endpoint with "Authorization: Bearer <push_token>"; empty: push is off.
+    push_token: str = ""
+    # Also serve /seg/push alone on this port of push_host (0: only on the admin listener),
+    # for an MDM that cannot reach 127.0.0.1.
+    push_host: str = "0.0.0.0"
+    push_port: int = 0
+
+    # Where this gateway node reports itself (device sightings, diagnostics).
+    node_name: str = ""

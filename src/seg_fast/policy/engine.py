@@ -1,0 +1,319 @@
+"""The decision: may this request reach the mail server? Pure and sans-IO.
+
+``evaluate(req, device, policies, now)`` is the whole rule book: a pure function
+of the request, the device's MDM record and the compiled policies. ``Engine``
+puts a per-device cache in front of it so that the request path costs a dict
+lookup and three string compares; the cache is dropped whole when the policy
+document changes and per device when one device record changes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from typing import Callable, Iterable
+
+from seg_fast.hooks import Decision
+from seg_fast.policy.model import (
+    FOLDER_CLASSES, DeviceRecord, ListPolicy, PlatformSets, PolicyDocument, device_key,
+)
+
+# Stable reason codes (a dashboard shows them; the OpenAPI document lists them).
+NO_POLICIES_BLOCKED = "blocked.no_policies"
+NO_POLICIES_ALLOWED = "allowed.no_policies"
+COMMAND_DISABLED = "blocked.command_disabled"
+BLACKLISTED = "blocked.blacklisted"
+WHITELISTED = "allowed.whitelisted"
+USER = "blocked.user"
+DEVICE_TYPE = "blocked.device_type"
+MAIL_CLIENT = "blocked.mail_client"
+UNMANAGED = "blocked.unmanaged"
+INACTIVE = "blocked.mdm_inactive"
+COMPROMISED = "blocked.device_compromised"
+NOT_ENCRYPTED = "blocked.device_not_encrypted"
+NONCOMPLIANT = "blocked.mdm_noncompliant"
+MODEL = "blocked.device_model"
+OS = "blocked.device_os"
+NO_EAS_PROFILE = "blocked.no_eas_profile"
+COMPLIANT = "allowed.compliant"
+
+REASONS = (NO_POLICIES_BLOCKED, NO_POLICIES_ALLOWED, COMMAND_DISABLED, BLACKLISTED, WHITELISTED,
+           USER, DEVICE_TYPE, MAIL_CLIENT, UNMANAGED, INACTIVE, COMPROMISED, NOT_ENCRYPTED,
+           NONCOMPLIANT, MODEL, OS, NO_EAS_PROFILE, COMPLIANT)
+
+FOREVER = float("inf")
+DAY = 86400.0
+
+
+def user_forms(user: str | None) -> tuple[str, ...]:
+    """The names a user list entry may match: full, without DOMAIN\\, without @domain."""
+    u = (user or "").lower()
+    forms = [u]
+    if "\\" in u:
+        u = u.rsplit("\\", 1)[1]
+        forms.append(u)
+    if "@" in u:
+        forms.append(u.split("@", 1)[0])
+    return tuple(forms)
+
+
+def same_user(enrolled: str, user: str | None) -> bool:
+    """Whether the request's user is the one the device is enrolled to ("" = anyone)."""
+    return not enrolled or user_forms(enrolled)[-1] == user_forms(user)[-1]
+
+
+class NameMatcher:
+    """Case-insensitive exact names plus optional ``*``/``?`` patterns."""
+
+    __slots__ = ("exact", "pattern")
+
+    def __init__(self, values: Iterable[str], *, patterns: bool):
+        exact, pats = set(), []
+        for v in values:
+            v = v.strip().lower()
+            if patterns and ("*" in v or "?" in v):
+                pats.append(fnmatch.translate(v))
+            else:
+                exact.add(v)
+        self.exact = frozenset(exact)
+        self.pattern = re.compile("|".join(pats), re.S) if pats else None
+
+    def match(self, name: str) -> bool:
+        name = name.lower()
+        if name in self.exact:
+            return True
+        return self.pattern is not None and self.pattern.match(name) is not None
+
+
+class _List:
+    """A compiled ListPolicy: ``passes(names)`` is the whole policy."""
+
+    __slots__ = ("allow", "matcher")
+
+    def __init__(self, lp: ListPolicy, *, patterns: bool = False):
+        self.allow = lp.mode == "allow"
+        self.matcher = NameMatcher(lp.values, patterns=patterns)
+
+    def passes(self, *names: str) -> bool:
+        hit = any(self.matcher.match(n) for n in names)
+        return hit if self.allow else not hit
+
+
+class _PerPlatform:
+    __slots__ = ("by_platform",)
+
+    def __init__(self, ps: PlatformSets):
+        self.by_platform = {p.lower(): NameMatcher(v, patterns=True) for p, v in ps.allowed.items()}
+
+    def passes(self, platform: str, value: str) -> bool:
+        m = self.by_platform.get(platform.lower())
+        return m is None or m.match(value)
+
+
+class CompiledPolicies:
+    """A PolicyDocument turned into matchers; ``None`` fields are policies that are off."""
+
+    def __init__(self, doc: PolicyDocument):
+        g, m = doc.general, doc.managed
+        self.doc = doc
+        self.managed_only = g.managed_device_only
+        self.user = _List(g.user) if g.user.enabled else None
+        self.device_type = _List(g.device_type) if g.device_type.enabled else None
+        self.mail_client = _List(g.mail_client, patterns=True) if g.mail_client.enabled else None
+        self.hidden_types = frozenset().union(
+            *(FOLDER_CLASSES[c] for c in g.sync_settings.blocked_classes)) if g.sync_settings.enabled else frozenset()
+        self.inactive_after = m.inactivity.days * DAY if m.inactivity.enabled else None
+        self.compromised = m.compromised
+        self.encryption = m.encryption
+        self.mdm_compliant = m.mdm_compliant
+        self.model = _PerPlatform(m.model) if m.model.enabled else None
+        self.os = _PerPlatform(m.os) if m.os.enabled else None
+        self.require_eas_profile = m.require_eas_profile
+        self.disabled_commands = frozenset(doc.gateway.disabled_commands)
+        self.test_mode = doc.gateway.test_mode
+
+
+def evaluate(req, device: DeviceRecord | None, pol: CompiledPolicies, now: float) -> tuple[str, float]:
+    """The rule book. Returns (reason code, time until which the answer holds).
+
+    ``device`` is the MDM record for the request's DeviceId, or None for a device
+    the MDM does not know (or knows enrolled to another user): it is unmanaged.
+    The command switches are checked by the caller (they do not depend on the device).
+    """
+    if device is not None:
+        if device.override == "blacklist":
+            return BLACKLISTED, FOREVER
+        if device.override == "whitelist":
+            return WHITELISTED, FOREVER
+    if pol.user is not None and not pol.user.passes(*user_forms(req.user)):
+        return USER, FOREVER
+    if pol.device_type is not None and not pol.device_type.passes(req.device_type or ""):
+        return DEVICE_TYPE, FOREVER
+    if pol.mail_client is not None and not pol.mail_client.passes(req.user_agent or ""):
+        return MAIL_CLIENT, FOREVER
+    managed = device is not None and device.managed
+    if not managed:
+        return (UNMANAGED, FOREVER) if pol.managed_only else (COMPLIANT, FOREVER)
+    until = FOREVER
+    if pol.inactive_after is not None:
+        until = device.last_checkin + pol.inactive_after
+        if device.last_checkin <= 0 or now >= until:
+            return INACTIVE, FOREVER
+    if pol.compromised and device.compromised:
+        return COMPROMISED, FOREVER
+    if pol.encryption and device.encrypted is False:
+        return NOT_ENCRYPTED, FOREVER
+    if pol.mdm_compliant and device.compliant is False:
+        return NONCOMPLIANT, FOREVER
+    if pol.model is not None and not pol.model.passes(device.platform, device.model):
+        return MODEL, FOREVER
+    if pol.os is not None and not pol.os.passes(device.platform, device.os):
+        return OS, FOREVER
+    if pol.require_eas_profile and not device.eas_profile:
+        return NO_EAS_PROFILE, FOREVER
+    return COMPLIANT, until
+
+
+TransformsFor = Callable[..., tuple]
+
+
+def _default_transforms_for():
+    from seg_fast.content.pipeline import transforms_for
+    return transforms_for
+
+
+class Engine:
+    """Decisions for one worker: the compiled snapshot plus the per-device cache."""
+
+    # Past this many cached devices the cache starts over (random DeviceIds must
+    # not grow memory without bound).
+    MAX_CACHED = 1_000_000
+
+    def __init__(self, *, allow_if_no_policies: bool = False, test_mode: bool = False,
+                 transforms_for: TransformsFor | None = None, sync_transforms: Callable | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.allow_if_no_policies = allow_if_no_policies
+        self.config_test_mode = test_mode
+        self._transforms_for = transforms_for or _default_transforms_for()
+        # sync_transforms(hidden_types) -> tuple of Transform/RequestTransform (Sync Settings).
+        self._sync_transforms = sync_transforms
+        self._clock = clock
+        self.version = 0
+        self.policies: CompiledPolicies | None = None
+        self.devices: dict[str, DeviceRecord] = {}
+        self._cache: dict[str, tuple] = {}
+        self._aliases: dict[str, set[str]] = {}
+        self._rebuild()
+
+    # -- snapshot updates -------------------------------------------------------
+    def load(self, doc: PolicyDocument | None, devices: Iterable[DeviceRecord], version: int) -> None:
+        self.devices = {device_key(d.device_id): d for d in devices}
+        self.set_document(doc, version)
+
+    def set_document(self, doc: PolicyDocument | None, version: int) -> None:
+        self.policies = CompiledPolicies(doc) if doc is not None else None
+        self.version = version
+        self._rebuild()
+
+    def put_device(self, rec: DeviceRecord, version: int | None = None) -> None:
+        key = device_key(rec.device_id)
+        self.devices[key] = rec
+        self._forget(key)
+        if version is not None:
+            self.version = version
+
+    def remove_device(self, device_id: str, version: int | None = None) -> None:
+        key = device_key(device_id)
+        self.devices.pop(key, None)
+        self._forget(key)
+        if version is not None:
+            self.version = version
+
+    def set_test_mode(self, on: bool) -> None:
+        self.config_test_mode = on
+        self._rebuild()
+
+    @property
+    def test_mode(self) -> bool:
+        return self.config_test_mode or (self.policies is not None and self.policies.test_mode)
+
+    def _forget(self, key: str) -> None:
+        for raw in self._aliases.pop(key, ()):
+            self._cache.pop(raw, None)
+
+    def _rebuild(self) -> None:
+        self._cache = {}
+        self._aliases = {}
+        pol = self.policies
+        tm = self.test_mode
+        self._blocked = {r: self._make(False, r, (), tm) for r in REASONS if r.startswith("blocked.")}
+        self._disabled = pol.disabled_commands if pol is not None else frozenset()
+        self._cmd_decision = self._blocked[COMMAND_DISABLED]
+        if pol is None:
+            self._fixed = (self._make(True, NO_POLICIES_ALLOWED, (), False) if self.allow_if_no_policies
+                           else self._blocked[NO_POLICIES_BLOCKED])
+        else:
+            self._fixed = None
+        self._sync = (self._sync_transforms(pol.hidden_types)
+                      if pol is not None and pol.hidden_types and self._sync_transforms else ())
+
+    @staticmethod
+    def _make(allowed: bool, reason: str, transforms: tuple, test_mode: bool) -> Decision:
+        if not allowed and test_mode:
+            # Test mode: decide and record, never block.
+            return Decision(allowed=True, reason=reason, transforms=transforms, test_mode=True)
+        return Decision(allowed=allowed, reason=reason, transforms=transforms)
+
+    # -- the request path -------------------------------------------------------
+    def decide(self, req) -> Decision:
+        fixed = self._fixed
+        if fixed is not None:
+            return fixed
+        if req.command in self._disabled:
+            return self._cmd_decision
+        raw = req.device_id
+        e = self._cache.get(raw)
+        if (e is not None and e[0] == req.user and e[1] == req.device_type and e[2] == req.user_agent
+                and (e[4] == FOREVER or self._clock() < e[4])):
+            return e[3]
+        return self._miss(req, raw)
+
+    def _miss(self, req, raw) -> Decision:
+        pol = self.policies
+        key = device_key(raw or "")
+        device = self.devices.get(key)
+        if device is not None and not same_user(device.user, req.user):
+            device = None   # enrolled to someone else: this user's device is unknown
+        now = self._clock()
+        reason, until = evaluate(req, device, pol, now)
+        if reason.startswith("allowed."):
+            managed = device is not None and device.managed
+            content = self._transforms_for(pol.doc.security, managed=managed,
+                                           device_id=raw or "", user=req.user or "")
+            decision = Decision(allowed=True, reason=reason, transforms=self._sync + tuple(content))
+        else:
+            decision = self._blocked[reason]
+            if decision.test_mode:
+                managed = device is not None and device.managed
+                content = self._transforms_for(pol.doc.security, managed=managed,
+                                               device_id=raw or "", user=req.user or "")
+                decision = Decision(allowed=True, reason=reason, transforms=self._sync + tuple(content),
+                                    test_mode=True)
+        if raw is not None:
+            if len(self._cache) >= self.MAX_CACHED:
+                self._cache.clear()
+                self._aliases.clear()
+            self._cache[raw] = (req.user, req.device_type, req.user_agent, decision, until)
+            self._aliases.setdefault(key, set()).add(raw)
+        return decision
+
+    def explain(self, req) -> tuple[str, DeviceRecord | None]:
+        """The uncached reason for a request (admin lookups, run compliance)."""
+        if self.policies is None:
+            return (NO_POLICIES_ALLOWED if self.allow_if_no_policies else NO_POLICIES_BLOCKED), None
+        if req.command in self._disabled:
+            return COMMAND_DISABLED, None
+        device = self.devices.get(device_key(req.device_id or ""))
+        if device is not None and not same_user(device.user, req.user):
+            device = None
+        return evaluate(req, device, self.policies, self._clock())[0], device

@@ -1,0 +1,462 @@
+"""Where policies and device records live, and how every worker learns of a change.
+
+One interface, two engines:
+- ``SqliteStore``: an embedded file (WAL). The default: survives a restart, so the
+  last known policies serve while the policy source is down. Workers on one machine
+  see changes by polling the ``changes`` table (an indexed read every 0.2 s).
+- ``RedisStore``: a cluster of gateways on one Redis: hashes for the snapshot,
+  pub/sub for single changes (the way SEG V2 shares its policy cache).
+
+The store holds bytes it validated on the way in; on the way out the document is
+validated again, so a damaged store can never become a half-read snapshot.
+
+Namespaces of per-key records: ``devices`` (MDM records), ``sightings`` (what the
+gateway observed), ``folders`` (FolderSync ServerId -> Type per device, for the Sync
+Settings policy). ``meta`` holds small settings (delta token, log levels, test mode).
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import AsyncIterator
+
+import msgspec
+import trio
+
+from seg_fast.errors import PolicyError, SegFastError
+from seg_fast.policy.model import DeviceRecord, DeviceSighting, PolicyDocument, device_key
+from seg_fast.policy.resp import RedisConnection, RedisError
+
+NAMESPACES = ("devices", "sightings", "first_seen", "folders")
+
+_enc = msgspec.json.Encoder()
+_dec_doc = msgspec.json.Decoder(PolicyDocument)
+_dec_dev = msgspec.json.Decoder(DeviceRecord)
+_dec_sight = msgspec.json.Decoder(DeviceSighting)
+
+
+class StoreError(SegFastError):
+    """The policy store cannot be read or written."""
+
+
+class Change(msgspec.Struct, frozen=True, array_like=True):
+    """One change every worker must apply: kind is "document", "device", "device_removed",
+    "folders", "meta" or "reload" (everything replaced)."""
+    version: int
+    kind: str
+    key: str = ""
+
+
+class Snapshot(msgspec.Struct, kw_only=True):
+    version: int
+    document: PolicyDocument | None
+    devices: list[DeviceRecord]
+
+
+def decode_document_bytes(raw: bytes) -> PolicyDocument:
+    try:
+        return _dec_doc.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise PolicyError(f"stored policy document is damaged: {exc}") from None
+
+
+def decode_device_bytes(raw: bytes) -> DeviceRecord:
+    try:
+        return _dec_dev.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise PolicyError(f"stored device record is damaged: {exc}") from None
+
+
+class Store:
+    """The interface both engines implement (async: the I/O shell calls it)."""
+
+    poll_interval = 0.2
+
+    async def open(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+    async def snapshot(self) -> Snapshot: ...
+    async def version(self) -> int: ...
+    async def replace_all(self, document: PolicyDocument | None, devices: list[DeviceRecord]) -> int:
+        """Full snapshot: the document and exactly these device records."""
+    async def put_document(self, document: PolicyDocument) -> int: ...
+    async def put_devices(self, devices: list[DeviceRecord]) -> int: ...
+    async def remove_devices(self, device_ids: list[str]) -> int: ...
+    async def get_device(self, device_id: str) -> DeviceRecord | None: ...
+    async def get_document(self) -> PolicyDocument | None: ...
+    async def add_new_entries(self, ns: str, entries: dict[str, bytes]) -> None:
+        """Write only the keys not there yet (first sightings)."""
+    async def put_entries(self, ns: str, entries: dict[str, bytes], *, notify: bool = False) -> int: ...
+    async def get_entries(self, ns: str, keys: list[str] | None = None) -> dict[str, bytes]: ...
+    async def get_meta(self, key: str) -> str | None: ...
+    async def set_meta(self, key: str, value: str, *, notify: bool = True) -> int: ...
+    async def changes_since(self, version: int) -> list[Change]: ...
+    def subscribe(self) -> AsyncIterator[Change]: ...
+
+    # -- conveniences on top of the namespaces ----------------------------------
+    async def put_sightings(self, sightings: list[DeviceSighting]) -> None:
+        if sightings:
+            await self.put_entries("sightings", {device_key(s.device_id): _enc.encode(s) for s in sightings})
+            await self.add_new_entries("first_seen", {device_key(s.device_id): repr(s.first_seen).encode()
+                                                      for s in sightings})
+
+    async def sightings(self, keys: list[str] | None = None) -> list[DeviceSighting]:
+        """What the gateway saw, first_seen being the earliest any worker saw."""
+        raw = await self.get_entries("sightings", keys)
+        first = await self.get_entries("first_seen", None if keys is None else list(raw))
+        out = []
+        for k, v in raw.items():
+            s = _dec_sight.decode(v)
+            if k in first:
+                s.first_seen = float(first[k])
+            out.append(s)
+        return out
+
+
+# --------------------------------------------------------------------------- SQLite
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS document(id INTEGER PRIMARY KEY CHECK (id = 1), body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS entries(ns TEXT NOT NULL, key TEXT NOT NULL, body BLOB NOT NULL,
+                                   PRIMARY KEY (ns, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes(id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
+                                   key TEXT NOT NULL DEFAULT '');
+"""
+# Keep the change log short: a worker further behind than this reloads everything.
+_KEEP_CHANGES = 50_000
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._db: sqlite3.Connection | None = None
+        self._lock = trio.Lock()
+
+    async def open(self) -> None:
+        def _open():
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            return db
+        try:
+            self._db = await trio.to_thread.run_sync(_open)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open policy store: {exc}") from None
+
+    async def aclose(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await trio.to_thread.run_sync(db.close)
+
+    async def _run(self, fn):
+        if self._db is None:
+            raise StoreError("policy store is not open")
+        async with self._lock:
+            try:
+                return await trio.to_thread.run_sync(fn, self._db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from None
+
+    @staticmethod
+    def _tx(db: sqlite3.Connection, body) -> int:
+        """Run ``body(db) -> [(kind, key)...]`` in one write transaction; log its changes."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            changes = body(db)
+            db.executemany("INSERT INTO changes(kind, key) VALUES (?, ?)", changes)
+            version = db.execute("SELECT COALESCE(MAX(id), 0) FROM changes").fetchone()[0]
+            db.execute("DELETE FROM changes WHERE id <= ?", (version - _KEEP_CHANGES,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return version
+
+    async def version(self) -> int:
+        return await self._run(lambda db: db.execute("SELECT COALESCE(MAX(id), 0) FROM changes").fetchone()[0])
+
+    async def snapshot(self) -> Snapshot:
+        def read(db):
+            db.execute("BEGIN")
+            try:
+                version = db.execute("SELECT COALESCE(MAX(id), 0) FROM changes").fetchone()[0]
+                row = db.execute("SELECT body FROM document WHERE id = 1").fetchone()
+                devs = db.execute("SELECT body FROM entries WHERE ns = 'devices'").fetchall()
+            finally:
+                db.execute("COMMIT")
+            return version, row, devs
+        version, row, devs = await self._run(read)
+        doc = decode_document_bytes(row[0]) if row else None
+        return Snapshot(version=version, document=doc, devices=[decode_device_bytes(r[0]) for r in devs])
+
+    async def replace_all(self, document, devices) -> int:
+        def body(db):
+            if document is None:
+                db.execute("DELETE FROM document")
+            else:
+                db.execute("INSERT OR REPLACE INTO document(id, body) VALUES (1, ?)", (_enc.encode(document),))
+            db.execute("DELETE FROM entries WHERE ns = 'devices'")
+            db.executemany("INSERT OR REPLACE INTO entries(ns, key, body) VALUES ('devices', ?, ?)",
+                           [(device_key(d.device_id), _enc.encode(d)) for d in devices])
+            return [("reload", "")]
+        return await self._run(lambda db: self._tx(db, body))
+
+    async def put_document(self, document) -> int:
+        def body(db):
+            db.execute("INSERT OR REPLACE INTO document(id, body) VALUES (1, ?)", (_enc.encode(document),))
+            return [("document", "")]
+        return await self._run(lambda db: self._tx(db, body))
+
+    async def put_devices(self, devices) -> int:
+        def body(db):
+            rows = [(device_key(d.device_id), _enc.encode(d)) for d in devices]
+            db.executemany("INSERT OR REPLACE INTO entries(ns, key, body) VALUES ('devices', ?, ?)", rows)
+            return [("device", k) for k, _ in rows]
+        return await self._run(lambda db: self._tx(db, body))
+
+    async def remove_devices(self, device_ids) -> int:
+        def body(db):
+            keys = [device_key(d) for d in device_ids]
+            db.executemany("DELETE FROM entries WHERE ns = 'devices' AND key = ?", [(k,) for k in keys])
+            return [("device_removed", k) for k in keys]
+        return await self._run(lambda db: self._tx(db, body))
+
+    async def get_device(self, device_id):
+        row = await self._run(lambda db: db.execute(
+            "SELECT body FROM entries WHERE ns = 'devices' AND key = ?", (device_key(device_id),)).fetchone())
+        return decode_device_bytes(row[0]) if row else None
+
+    async def get_document(self):
+        row = await self._run(lambda db: db.execute("SELECT body FROM document WHERE id = 1").fetchone())
+        return decode_document_bytes(row[0]) if row else None
+
+    async def add_new_entries(self, ns, entries):
+        await self._run(lambda db: db.executemany(
+            "INSERT OR IGNORE INTO entries(ns, key, body) VALUES (?, ?, ?)", [(ns, k, v) for k, v in entries.items()]))
+
+    async def put_entries(self, ns, entries, *, notify=False) -> int:
+        if ns not in NAMESPACES:
+            raise StoreError(f"unknown store namespace {ns!r}")
+
+        def body(db):
+            db.executemany("INSERT OR REPLACE INTO entries(ns, key, body) VALUES (?, ?, ?)",
+                           [(ns, k, v) for k, v in entries.items()])
+            return [(ns, k) for k in entries] if notify else []
+        return await self._run(lambda db: self._tx(db, body))
+
+    async def get_entries(self, ns, keys=None):
+        def read(db):
+            if keys is None:
+                return dict(db.execute("SELECT key, body FROM entries WHERE ns = ?", (ns,)).fetchall())
+            out = {}
+            for k in keys:
+                row = db.execute("SELECT body FROM entries WHERE ns = ? AND key = ?", (ns, k)).fetchone()
+                if row:
+                    out[k] = row[0]
+            return out
+        return await self._run(read)
+
+    async def get_meta(self, key):
+        row = await self._run(lambda db: db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone())
+        return row[0] if row else None
+
+    async def set_meta(self, key, value, *, notify=True) -> int:
+        def body(db):
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            return [("meta", key)] if notify else []
+        return await self._run(lambda db: self._tx(db, body))
+
+    async def changes_since(self, version):
+        def read(db):
+            first = db.execute("SELECT MIN(id) FROM changes").fetchone()[0]
+            rows = db.execute("SELECT id, kind, key FROM changes WHERE id > ? ORDER BY id", (version,)).fetchall()
+            # Fell behind the trimmed log: the only safe change is "reload everything".
+            if first is not None and first > version + 1 and version > 0:
+                return [Change(rows[-1][0] if rows else first, "reload")]
+            return [Change(*r) for r in rows]
+        return await self._run(read)
+
+    async def subscribe(self):
+        """Changes after the current version, each within ``poll_interval`` seconds."""
+        version = await self.version()
+        while True:
+            await trio.sleep(self.poll_interval)
+            for ch in await self.changes_since(version):
+                version = ch.version
+                yield ch
+
+
+# --------------------------------------------------------------------------- Redis
+class RedisStore(Store):
+    """Keys under ``prefix``: doc (string), version (counter), devices/sightings/folders
+    (hashes), meta (hash); changes are published on ``<prefix>changes``."""
+
+    def __init__(self, url: str, *, prefix: str = "segfast:"):
+        self.url = url
+        self.prefix = prefix
+        self._conn: RedisConnection | None = None
+
+    def k(self, name: str) -> str:
+        return self.prefix + name
+
+    async def open(self) -> None:
+        try:
+            self._conn = await RedisConnection.connect(self.url)
+        except (RedisError, trio.TooSlowError) as exc:
+            raise StoreError(f"policy store: {exc or 'Redis connect timed out'}") from None
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.aclose()
+
+    async def _pipe(self, commands):
+        if self._conn is None:
+            raise StoreError("policy store is not open")
+        try:
+            return await self._conn.pipeline(commands)
+        except RedisError as exc:
+            raise StoreError(f"policy store (Redis): {exc}") from None
+
+    async def _publish(self, changes: list[tuple[str, str]], commands: list[tuple]) -> int:
+        """Apply ``commands`` and bump the version atomically; then publish each change."""
+        replies = await self._pipe([("MULTI",), *commands, ("INCRBY", self.k("version"), max(1, len(changes))),
+                                    ("EXEC",)])
+        version = replies[-1][-1]
+        first = version - max(1, len(changes)) + 1
+        pubs = [("PUBLISH", self.k("changes"), _enc.encode(Change(first + i, kind, key)))
+                for i, (kind, key) in enumerate(changes)]
+        if pubs:
+            await self._pipe(pubs)
+        return version
+
+    async def version(self) -> int:
+        v = await self._pipe([("GET", self.k("version"))])
+        return int(v[0] or 0)
+
+    async def snapshot(self) -> Snapshot:
+        replies = await self._pipe([
+            ("MULTI",), ("GET", self.k("version")), ("GET", self.k("doc")), ("HVALS", self.k("devices")), ("EXEC",)])
+        version, doc, devs = replies[-1]
+        return Snapshot(version=int(version or 0),
+                        document=decode_document_bytes(doc) if doc else None,
+                        devices=[decode_device_bytes(v) for v in devs])
+
+    async def replace_all(self, document, devices) -> int:
+        cmds = [("DEL", self.k("devices"))]
+        cmds.append(("DEL", self.k("doc")) if document is None else ("SET", self.k("doc"), _enc.encode(document)))
+        for i in range(0, len(devices), 1000):
+            chunk = devices[i:i + 1000]
+            args = [a for d in chunk for a in (device_key(d.device_id), _enc.encode(d))]
+            cmds.append(("HSET", self.k("devices"), *args))
+        return await self._publish([("reload", "")], cmds)
+
+    async def put_document(self, document) -> int:
+        return await self._publish([("document", "")], [("SET", self.k("doc"), _enc.encode(document))])
+
+    async def put_devices(self, devices) -> int:
+        if not devices:
+            return await self.version()
+        args = [a for d in devices for a in (device_key(d.device_id), _enc.encode(d))]
+        return await self._publish([("device", device_key(d.device_id)) for d in devices],
+                                   [("HSET", self.k("devices"), *args)])
+
+    async def remove_devices(self, device_ids) -> int:
+        if not device_ids:
+            return await self.version()
+        keys = [device_key(d) for d in device_ids]
+        return await self._publish([("device_removed", k) for k in keys], [("HDEL", self.k("devices"), *keys)])
+
+    async def get_device(self, device_id):
+        raw = (await self._pipe([("HGET", self.k("devices"), device_key(device_id))]))[0]
+        return decode_device_bytes(raw) if raw else None
+
+    async def get_document(self):
+        raw = (await self._pipe([("GET", self.k("doc"))]))[0]
+        return decode_document_bytes(raw) if raw else None
+
+    async def add_new_entries(self, ns, entries):
+        if entries:
+            await self._pipe([("HSETNX", self.k(ns), k, v) for k, v in entries.items()])
+
+    async def put_entries(self, ns, entries, *, notify=False) -> int:
+        if ns not in NAMESPACES:
+            raise StoreError(f"unknown store namespace {ns!r}")
+        if not entries:
+            return 0
+        args = [a for kv in entries.items() for a in kv]
+        if notify:
+            return await self._publish([(ns, k) for k in entries], [("HSET", self.k(ns), *args)])
+        await self._pipe([("HSET", self.k(ns), *args)])
+        return 0
+
+    async def get_entries(self, ns, keys=None):
+        if keys is None:
+            flat = (await self._pipe([("HGETALL", self.k(ns))]))[0]
+            return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+        if not keys:
+            return {}
+        vals = (await self._pipe([("HMGET", self.k(ns), *keys)]))[0]
+        return {k: v for k, v in zip(keys, vals) if v is not None}
+
+    async def get_meta(self, key):
+        v = (await self._pipe([("HGET", self.k("meta"), key)]))[0]
+        return v.decode() if v is not None else None
+
+    async def set_meta(self, key, value, *, notify=True) -> int:
+        if notify:
+            return await self._publish([("meta", key)], [("HSET", self.k("meta"), key, value)])
+        await self._pipe([("HSET", self.k("meta"), key, value)])
+        return 0
+
+    async def changes_since(self, version):
+        # Redis keeps no change log: a subscriber that missed messages reloads.
+        current = await self.version()
+        return [Change(current, "reload")] if current > version else []
+
+    async def subscribe(self):
+        """Changes as Redis publishes them; after a lost connection, one "reload"."""
+        version = await self.version()
+        backoff = 0.1
+        while True:
+            try:
+                sub = await RedisConnection.connect(self.url)
+            except (RedisError, trio.TooSlowError):
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            try:
+                await sub.send("SUBSCRIBE", self.k("changes"))
+                await sub.read()  # the subscribe confirmation
+                # Anything published between the version read and SUBSCRIBE is caught here.
+                for ch in await self.changes_since(version):
+                    version = ch.version
+                    yield ch
+                backoff = 0.1
+                while True:
+                    msg = await sub.read()
+                    if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message":
+                        try:
+                            ch = msgspec.json.decode(msg[2], type=Change)
+                        except (msgspec.ValidationError, msgspec.DecodeError):
+                            continue
+                        if ch.version > version + 1 and version:
+                            ch = Change(ch.version, "reload")   # a gap: missed messages
+                        version = max(version, ch.version)
+                        yield ch
+            except (RedisError, StoreError):
+                await trio.sleep(backoff)
+                for ch in [Change(version, "reload")]:
+                    yield ch
+            finally:
+                with trio.CancelScope(shield=True):
+                    await sub.aclose()
+
+
+def open_store(settings) -> Store:
+    """The store the [policy] settings name (not yet opened)."""
+    if settings.store == "redis":
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+    return SqliteStore(settings.sqlite_path)

@@ -1,0 +1,166 @@
+"""Both policy stores against the same contract: SQLite (a real file, WAL) and Redis
+(a real redis-server on a free port). Changes reach a second reader within a second."""
+from __future__ import annotations
+
+import pytest
+import trio
+
+from redis_server import running_redis
+from seg_fast.errors import PolicyError
+from seg_fast.policy.model import DeviceRecord, DeviceSighting, ManagedDevicePolicies, PolicyDocument
+from seg_fast.policy.resp import RespParser, RedisError, encode_command, _Incomplete
+from seg_fast.policy.store import RedisStore, SqliteStore, StoreError
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+_n = [0]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request, tmp_path):
+    """A factory: every call opens another handle on the same store (another worker)."""
+    _n[0] += 1
+    if request.param == "sqlite":
+        path = tmp_path / "policy.db"
+
+        def make():
+            return SqliteStore(path)
+    else:
+        url = request.getfixturevalue("redis_url")
+        prefix = f"t{_n[0]}:"
+
+        def make():
+            return RedisStore(url, prefix=prefix)
+    return make
+
+
+DOC = PolicyDocument(managed=ManagedDevicePolicies(compromised=True))
+
+
+async def opened(make):
+    s = make()
+    await s.open()
+    return s
+
+
+async def test_round_trip(make_store):
+    s = await opened(make_store)
+    snap = await s.snapshot()
+    assert snap.document is None and snap.devices == []
+    v1 = await s.replace_all(DOC, [DeviceRecord(device_id="A", managed=True), DeviceRecord(device_id="B")])
+    snap = await s.snapshot()
+    assert snap.version == v1 > 0
+    assert snap.document == DOC
+    assert sorted(d.device_id for d in snap.devices) == ["A", "B"]
+    v2 = await s.put_devices([DeviceRecord(device_id="a", compromised=True)])
+    assert v2 > v1
+    assert (await s.get_device("A")).compromised is True
+    v3 = await s.remove_devices(["B"])
+    assert v3 > v2 and await s.get_device("b") is None
+    assert await s.get_document() == DOC
+    await s.put_document(PolicyDocument())
+    assert await s.get_document() == PolicyDocument()
+    await s.set_meta("test_mode", "1")
+    assert await s.get_meta("test_mode") == "1" and await s.get_meta("nope") is None
+    await s.put_sightings([DeviceSighting(device_id="A", first_seen=10.0, last_seen=10.0)])
+    await s.put_sightings([DeviceSighting(device_id="A", first_seen=20.0, last_seen=20.0, reason="x")])
+    (seen,) = await s.sightings()
+    assert seen.first_seen == 10.0 and seen.last_seen == 20.0 and seen.reason == "x"
+    # replace_all drops devices that are not in the new set
+    await s.replace_all(None, [DeviceRecord(device_id="C")])
+    snap = await s.snapshot()
+    assert snap.document is None and [d.device_id for d in snap.devices] == ["C"]
+    with pytest.raises(StoreError):
+        await s.put_entries("nonsense", {"a": b"b"})
+    await s.aclose()
+
+
+async def test_survives_reopen(make_store):
+    s = await opened(make_store)
+    await s.replace_all(DOC, [DeviceRecord(device_id="A", managed=True)])
+    await s.aclose()
+    s2 = await opened(make_store)
+    snap = await s2.snapshot()
+    assert snap.document == DOC and snap.devices[0].managed
+    await s2.aclose()
+
+
+async def test_second_reader_sees_change_within_a_second(make_store):
+    writer, reader = await opened(make_store), await opened(make_store)
+    await writer.replace_all(DOC, [])
+    got = []
+
+    async def follow(task_status=trio.TASK_STATUS_IGNORED):
+        agen = reader.subscribe()
+        task_status.started()
+        async for ch in agen:
+            got.append(ch)
+            if ch.kind == "device":
+                return
+
+    async with trio.open_nursery() as n:
+        await n.start(follow)
+        await trio.sleep(0.3)     # the subscription is in place
+        t0 = trio.current_time()
+        await writer.put_devices([DeviceRecord(device_id="Z", managed=True)])
+        with trio.fail_after(1.0):
+            while not got or got[-1].kind != "device":
+                await trio.sleep(0.01)
+        assert trio.current_time() - t0 < 1.0
+    assert got[-1].key == "z"
+    await writer.aclose()
+    await reader.aclose()
+
+
+async def test_damaged_document_is_a_policy_error(tmp_path):
+    s = SqliteStore(tmp_path / "p.db")
+    await s.open()
+    await s._run(lambda db: db.execute("INSERT INTO document(id, body) VALUES (1, ?)", (b'{"general": 5}',)))
+    with pytest.raises(PolicyError, match="damaged"):
+        await s.snapshot()
+    await s.aclose()
+
+
+async def test_unreachable_redis_is_a_store_error():
+    from redis_server import free_port
+    s = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(StoreError, match="cannot connect"):
+        await s.open()
+
+
+async def test_sqlite_change_log_trim_means_reload(tmp_path, monkeypatch):
+    import seg_fast.policy.store as st
+    monkeypatch.setattr(st, "_KEEP_CHANGES", 3)
+    s = SqliteStore(tmp_path / "p.db")
+    await s.open()
+    v = await s.put_devices([DeviceRecord(device_id="A")])
+    for i in range(6):
+        await s.put_devices([DeviceRecord(device_id=f"D{i}")])
+    changes = await s.changes_since(v)
+    assert [c.kind for c in changes] == ["reload"]
+    await s.aclose()
+
+
+def test_resp_parser():
+    p = RespParser()
+    p.feed(b"+OK\r\n:42\r\n$3\r\nabc\r\n$-1\r\n*2\r\n$1\r\na\r\n:1\r\n-ERR bad\r\n$5\r\nab")
+    assert p.next() == "OK"
+    assert p.next() == 42
+    assert p.next() == b"abc"
+    assert p.next() is None
+    assert p.next() == [b"a", 1]
+    err = p.next()
+    assert isinstance(err, RedisError) and "bad" in str(err)
+    with pytest.raises(_Incomplete):
+        p.next()
+    p.feed(b"cde\r\n")
+    assert p.next() == b"abcde"
+    assert encode_command("SET", "k", 5) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n5\r\n"
+    p.feed(b"?what\r\n")
+    with pytest.raises(RedisError):
+        p.next()
