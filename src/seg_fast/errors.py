@@ -17,6 +17,14 @@ class WBXMLError(SegFastError):
         super().__init__(f"{message} at byte {offset}" if offset >= 0 else message)
 
 
+class MultipartError(SegFastError):
+    """A malformed application/vnd.ms-sync.multipart body. ``offset`` as in WBXMLError."""
+
+    def __init__(self, message: str, offset: int = -1):
+        self.offset = offset
+        super().__init__(f"{message} at byte {offset}" if offset >= 0 else message)
+
+
 class ConfigError(SegFastError):
     """A configuration file that cannot be used; the message names file and key."""
 

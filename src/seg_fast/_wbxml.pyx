@@ -1,0 +1,808 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The compiled WBXML codec: decoder, encoder, span scanner and splice writer.
+
+One pass over one acquired buffer with raw pointers; tag names come from a
+precomputed table indexed by (page << 6 | token); output goes through a growable
+writer. Every malformed input raises ``WBXMLError`` with the byte offset.
+The public face (and the documentation of the formats) is ``seg_fast.eas.wbxml``.
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.ref cimport Py_INCREF, PyObject
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport uint8_t, uint32_t
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memchr, memcpy
+
+import sys
+
+from seg_fast.errors import WBXMLError
+from seg_fast.eas import codepages
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+
+DEFAULT_MAX_SIZE = 64 * 1024 * 1024   # bytes; a gateway bounds what it buffers
+DEFAULT_MAX_DEPTH = 64
+
+cdef enum:
+    SWITCH_PAGE = 0x00
+    END = 0x01
+    ENTITY = 0x02
+    STR_I = 0x03
+    LITERAL = 0x04
+    OPAQUE = 0xC3
+    HAS_CONTENT = 0x40
+    HAS_ATTRS = 0x80
+
+cdef bytes CANONICAL_HEADER = b"\x03\x01\x6a\x00"   # WBXML 1.3, unknown public id, UTF-8, no string table
+
+# Global tokens a tag position may hold, by name, for error messages.
+cdef dict _GLOBAL_NAMES = {
+    0x02: "ENTITY", 0x04: "LITERAL", 0x40: "EXT_I_0", 0x41: "EXT_I_1", 0x42: "EXT_I_2",
+    0x43: "PI", 0x44: "LITERAL_C", 0x80: "EXT_T_0", 0x81: "EXT_T_1", 0x82: "EXT_T_2",
+    0x83: "STR_T (string table reference)", 0x84: "LITERAL_A", 0xC0: "EXT_0",
+    0xC1: "EXT_1", 0xC2: "EXT_2", 0xC4: "LITERAL_AC",
+}
+
+# (page << 6 | token) -> interned "Namespace:Name"; filled for the known pages,
+# lazily for the rest (unknown tokens carry an Unknown0xTT name, see codepages).
+cdef list _NAMES = [None] * (256 * 64)
+# "Namespace:Name" -> page << 8 | token
+cdef dict _TOKENS = {}
+
+
+cdef _init_tables():
+    cdef int page, tok
+    for tag, (page, tok) in codepages.TOKENS.items():
+        _TOKENS[sys.intern(tag)] = (page << 8) | tok
+    for page in codepages.PAGES:
+        for tok in range(5, 64):
+            _NAMES[(page << 6) | tok] = sys.intern(codepages.tag_name(page, tok))
+
+_init_tables()
+
+
+cdef inline object _name(int page, int tok):
+    cdef object name = <object>PyList_GET_ITEM(_NAMES, (page << 6) | tok)
+    if name is None:
+        name = sys.intern(codepages.tag_name(page, tok))
+        _NAMES[(page << 6) | tok] = name
+    return name
+
+
+cdef int _token_of(str tag) except -1:
+    cdef object found = _TOKENS.get(tag)
+    if found is not None:
+        return <int>found
+    pair = codepages.lookup(tag)
+    if pair is None:
+        raise WBXMLError(f"unknown tag {tag!r} (not in the MS-ASWBXML tables)")
+    _TOKENS[tag] = (pair[0] << 8) | pair[1]
+    return (pair[0] << 8) | pair[1]
+
+
+def token_of(tag):
+    """(page, token) of a qualified tag; WBXMLError if the tables lack it."""
+    cdef int packed = _token_of(tag)
+    return packed >> 8, packed & 0xFF
+
+
+# ---------------------------------------------------------------- the tree
+
+cdef class Element:
+    """One WBXML element: qualified tag, children, inline text or opaque bytes.
+
+    ``_fmt`` records, for decoded documents only, how the bytes deviated from the
+    canonical encoding (redundant SWITCH_PAGE, split strings, a content flag with
+    no content, a non-default header) so that encode(decode(x)) == x. It is
+    ignored as soon as it no longer matches the element's content.
+    """
+    cdef public str tag
+    cdef public list children
+    cdef public object text
+    cdef public object opaque
+    cdef public object _fmt
+
+    def __init__(self, str tag, children=None, text=None, opaque=None):
+        self.tag = tag
+        self.children = [] if children is None else list(children)
+        self.text = text
+        self.opaque = opaque
+        self._fmt = None
+
+    def find(self, str tag):
+        """The first direct child with this tag, or None."""
+        for child in self.children:
+            if (<Element>child).tag == tag:
+                return child
+        return None
+
+    def findall(self, str tag):
+        """Every direct child with this tag, in order."""
+        return [child for child in self.children if (<Element>child).tag == tag]
+
+    def findtext(self, str tag, default=None):
+        """The text of the first direct child with this tag (its opaque bytes
+        decoded as UTF-8 if it has no text); ``default`` if there is none."""
+        cdef Element child = self.find(tag)
+        if child is None:
+            return default
+        if child.text is not None:
+            return child.text
+        if child.opaque is not None:
+            return bytes(child.opaque).decode("utf-8", "replace")
+        return default
+
+    def iter(self, tag=None):
+        """Depth-first, document order, self included; only ``tag`` if given."""
+        cdef list out = []
+        cdef list stack = [self]
+        cdef Element el
+        while stack:
+            el = stack.pop()
+            if tag is None or el.tag == tag:
+                out.append(el)
+            if el.children:
+                stack.extend(reversed(el.children))
+        return iter(out)
+
+    def __eq__(self, other):
+        if not isinstance(other, Element):
+            return NotImplemented
+        cdef Element o = <Element>other
+        return (self.tag == o.tag and self.text == o.text and self.opaque == o.opaque
+                and self.children == o.children)
+
+    def __repr__(self):
+        parts = [repr(self.tag)]
+        if self.children:
+            parts.append(f"[{len(self.children)} children]")
+        if self.text is not None:
+            t = self.text if len(self.text) <= 40 else self.text[:37] + "..."
+            parts.append(f"text={t!r}")
+        if self.opaque is not None:
+            parts.append(f"opaque=<{len(self.opaque)} bytes>")
+        return f"Element({', '.join(parts)})"
+
+    __hash__ = None
+
+
+# ---------------------------------------------------------------- reading
+
+cdef inline int _mb(const uint8_t* buf, Py_ssize_t end, Py_ssize_t* pos,
+                    uint32_t* out) except -1:
+    """mb_u_int32 at pos: at most 5 bytes, value < 2**32."""
+    cdef Py_ssize_t start = pos[0], p = pos[0]
+    cdef unsigned long long v = 0
+    cdef uint8_t b
+    while True:
+        if p >= end:
+            raise WBXMLError("truncated mb_u_int32", start)
+        b = buf[p]
+        p += 1
+        v = (v << 7) | (b & 0x7F)
+        if not (b & 0x80):
+            break
+        if p - start >= 5:
+            raise WBXMLError("mb_u_int32 longer than 5 bytes", start)
+    if v > 0xFFFFFFFF:
+        raise WBXMLError("mb_u_int32 overflows 32 bits", start)
+    pos[0] = p
+    out[0] = <uint32_t>v
+    return 0
+
+
+cdef Py_ssize_t _header(const uint8_t* buf, Py_ssize_t n) except -1:
+    """Checks the WBXML header; returns the offset of the body."""
+    cdef Py_ssize_t pos = 1
+    cdef uint32_t publicid, charset, strtbl
+    if n < 1:
+        raise WBXMLError("empty document: expected the WBXML header", 0)
+    if buf[0] > 0x03:
+        raise WBXMLError(f"unsupported WBXML version 0x{buf[0]:02X} (expected 0x03)", 0)
+    _mb(buf, n, &pos, &publicid)
+    if publicid == 0:
+        raise WBXMLError("public identifier given as a string-table reference", pos - 1)
+    _mb(buf, n, &pos, &charset)
+    if charset != 106:
+        raise WBXMLError(f"unsupported charset MIBenum {charset} (expected 106, UTF-8)",
+                         pos - 1)
+    _mb(buf, n, &pos, &strtbl)
+    if strtbl > <uint32_t>(n - pos):
+        raise WBXMLError(f"string table of {strtbl} bytes runs past the end", pos)
+    return pos + strtbl
+
+
+cdef inline int _not_a_tag(uint8_t b, Py_ssize_t pos) except -1:
+    if b & HAS_ATTRS and (b & 0x3F) >= 5:
+        raise WBXMLError(f"attributes on tag 0x{b:02X} (EAS uses none)", pos)
+    name = _GLOBAL_NAMES.get(b)
+    if name is None:
+        raise WBXMLError(f"unexpected token 0x{b:02X}", pos)
+    raise WBXMLError(f"unsupported global token {name}", pos)
+
+
+cdef inline object _utf8(const uint8_t* buf, Py_ssize_t start, Py_ssize_t length):
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>buf + start, length, NULL)
+    except UnicodeDecodeError as exc:
+        raise WBXMLError("inline string is not valid UTF-8", start + exc.start) from None
+
+
+cdef class _Buffer:
+    """Holds one acquired read-only buffer for the length of a call."""
+    cdef Py_buffer view
+    cdef bint held
+
+    def __cinit__(self, data):
+        PyObject_GetBuffer(data, &self.view, PyBUF_SIMPLE)
+        self.held = True
+
+    def __dealloc__(self):
+        if self.held:
+            PyBuffer_Release(&self.view)
+
+
+cdef _check_limits(Py_ssize_t n, Py_ssize_t max_size, int max_depth):
+    if n > max_size:
+        raise WBXMLError(f"document of {n} bytes exceeds the limit of {max_size}", max_size)
+    if max_depth < 1 or max_depth > 100000:
+        raise ValueError("max_depth must be between 1 and 100000")
+
+
+def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT_MAX_SIZE):
+    """WBXML bytes -> Element tree. See seg_fast.eas.wbxml."""
+    cdef _Buffer hold = _Buffer(data)
+    cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
+    cdef Py_ssize_t n = hold.view.len
+    _check_limits(n, max_size, max_depth)
+    cdef Py_ssize_t pos = _header(buf, n)
+    cdef Py_ssize_t start
+    cdef object header = None
+    if pos != 4 or buf[0] != 3 or buf[1] != 1 or buf[2] != 0x6A or buf[3] != 0:
+        header = PyBytes_FromStringAndSize(<const char*>buf, pos)
+
+    cdef int page = 0, depth = 0, tok, st, nsw = 0, prev_page = 0, first_sw = 0
+    cdef uint8_t b
+    cdef uint32_t length
+    cdef const uint8_t* nul
+    cdef Element root = None, el, parent
+    cdef list swlist = None
+    cdef object pre, s, items
+    # per open element: the element, its content state (1 str, 2 opaque, 4 child)
+    # and, once its content is irregular, the exact item sequence
+    cdef list stack = [None] * (max_depth + 1)
+    cdef int* state = <int*>malloc((max_depth + 1) * sizeof(int))
+    cdef list irregular = [None] * (max_depth + 1)
+    if state == NULL:
+        raise MemoryError()
+    try:
+        while pos < n:
+            start = pos
+            b = buf[pos]
+            pos += 1
+            if b == SWITCH_PAGE:
+                if pos >= n:
+                    raise WBXMLError("truncated SWITCH_PAGE", start)
+                if nsw == 0:
+                    prev_page = page
+                    first_sw = buf[pos]
+                elif swlist is None:
+                    swlist = [first_sw, buf[pos]]
+                else:
+                    swlist.append(buf[pos])
+                page = buf[pos]
+                pos += 1
+                nsw += 1
+                continue
+            if nsw and (b & 0x3F) < 5:
+                raise WBXMLError("SWITCH_PAGE not followed by a tag", start)
+            if b == END:
+                if depth == 0:
+                    raise WBXMLError("END outside any element", start)
+                depth -= 1
+                el = <Element>stack[depth]
+                st = state[depth]
+                items = irregular[depth]
+                if items is not None:
+                    _finish_irregular(el, <list>items)
+                    irregular[depth] = None
+                elif st == 0:   # content flag with no content
+                    el._fmt = (None if el._fmt is None else el._fmt[0], (), None)
+                stack[depth] = None
+                if depth == 0:
+                    if pos != n:
+                        raise WBXMLError("data after the end of the root element", pos)
+                    break
+                continue
+            if b == STR_I or b == OPAQUE:
+                if depth == 0:
+                    raise WBXMLError("content outside the root element", start)
+                if b == STR_I:
+                    nul = <const uint8_t*>memchr(buf + pos, 0, n - pos)
+                    if nul == NULL:
+                        raise WBXMLError("inline string without its NUL terminator", start)
+                    s = _utf8(buf, pos, nul - (buf + pos))
+                    pos = (nul - buf) + 1
+                    tok = 1
+                else:
+                    _mb(buf, n, &pos, &length)
+                    if length > <uint32_t>(n - pos):
+                        raise WBXMLError(f"opaque of {length} bytes runs past the end", start)
+                    s = PyBytes_FromStringAndSize(<const char*>buf + pos, length)
+                    pos += length
+                    tok = 2
+                el = <Element>stack[depth - 1]
+                st = state[depth - 1]
+                items = irregular[depth - 1]
+                if items is not None:
+                    (<list>items).append(s)
+                elif (tok == 1 and st == 0) or (tok == 2 and (st & 6) == 0):
+                    if tok == 1:
+                        el.text = s
+                    else:
+                        el.opaque = s
+                    state[depth - 1] = st | tok
+                else:
+                    items = _canonical_items(el)
+                    items.append(s)
+                    irregular[depth - 1] = items
+                continue
+            tok = b & 0x3F
+            if tok < 5 or b & HAS_ATTRS:
+                _not_a_tag(b, start)
+            # a tag
+            el = Element.__new__(Element)
+            el.tag = _name(page, tok)
+            el.children = []
+            if nsw:
+                if swlist is not None or first_sw == prev_page:
+                    pre = tuple(swlist) if swlist is not None else (first_sw,)
+                    el._fmt = (pre, None, None)
+                nsw = 0
+                swlist = None
+            if depth == 0:
+                if root is not None:
+                    raise WBXMLError("a second root element", start)
+                root = el
+            else:
+                parent = <Element>stack[depth - 1]
+                items = irregular[depth - 1]
+                if items is not None:
+                    (<list>items).append(len(parent.children))
+                state[depth - 1] |= 4
+                parent.children.append(el)
+            if b & HAS_CONTENT:
+                if depth >= max_depth:
+                    raise WBXMLError(f"elements nested deeper than {max_depth}", start)
+                stack[depth] = el
+                state[depth] = 0
+                depth += 1
+            elif depth == 0:
+                if pos != n:
+                    raise WBXMLError("data after the end of the root element", pos)
+                break
+        else:
+            if root is None:
+                raise WBXMLError("no root element", pos)
+            if nsw:
+                raise WBXMLError("SWITCH_PAGE not followed by a tag", n)
+            raise WBXMLError(f"truncated: {depth} element(s) still open", n)
+    finally:
+        free(state)
+    if header is not None:
+        fmt = root._fmt
+        root._fmt = (None if fmt is None else fmt[0], None if fmt is None else fmt[1], header)
+    return root
+
+
+cdef list _canonical_items(Element el):
+    """The item sequence an element with regular content so far was read as."""
+    cdef list items = []
+    if el.text is not None:
+        items.append(el.text)
+    if el.opaque is not None:
+        items.append(el.opaque)
+    items.extend(range(len(el.children)))
+    return items
+
+
+cdef _finish_irregular(Element el, list items):
+    strs = [x for x in items if type(x) is str]
+    blobs = [x for x in items if type(x) is bytes]
+    el.text = "".join(strs) if strs else None
+    el.opaque = b"".join(blobs) if blobs else None
+    el._fmt = (None if el._fmt is None else el._fmt[0], tuple(items), None)
+
+
+# ---------------------------------------------------------------- writing
+
+cdef struct Writer:
+    char* buf
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+cdef int _reserve(Writer* w, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap
+    cdef char* nb
+    if w.len + extra <= w.cap:
+        return 0
+    cap = w.cap * 2 if w.cap else 256
+    while cap < w.len + extra:
+        cap *= 2
+    nb = <char*>realloc(w.buf, cap)
+    if nb == NULL:
+        raise MemoryError()
+    w.buf = nb
+    w.cap = cap
+    return 0
+
+
+cdef inline int _put(Writer* w, uint8_t b) except -1:
+    if w.len >= w.cap:
+        _reserve(w, 1)
+    w.buf[w.len] = <char>b
+    w.len += 1
+    return 0
+
+
+cdef inline int _write(Writer* w, const char* src, Py_ssize_t n) except -1:
+    _reserve(w, n)
+    memcpy(w.buf + w.len, src, n)
+    w.len += n
+    return 0
+
+
+cdef int _put_mb(Writer* w, uint32_t v) except -1:
+    cdef uint8_t tmp[5]
+    cdef int i = 4
+    tmp[4] = v & 0x7F
+    v >>= 7
+    while v:
+        i -= 1
+        tmp[i] = (v & 0x7F) | 0x80
+        v >>= 7
+    return _write(w, <const char*>&tmp[i], 5 - i)
+
+
+cdef int _put_str(Writer* w, object text) except -1:
+    cdef Py_ssize_t size
+    cdef const char* u
+    if type(text) is not str:
+        if not isinstance(text, str):
+            raise WBXMLError(f"text must be str, not {type(text).__name__}")
+    try:
+        u = PyUnicode_AsUTF8AndSize(text, &size)
+    except UnicodeEncodeError:
+        raise WBXMLError("text is not encodable as UTF-8 (lone surrogate)") from None
+    if memchr(u, 0, size) != NULL:
+        raise WBXMLError("text contains NUL, which an inline string cannot carry")
+    _reserve(w, size + 2)
+    w.buf[w.len] = STR_I
+    memcpy(w.buf + w.len + 1, u, size)
+    w.buf[w.len + 1 + size] = 0
+    w.len += size + 2
+    return 0
+
+
+cdef int _put_opaque(Writer* w, object blob) except -1:
+    cdef Py_buffer view
+    try:
+        PyObject_GetBuffer(blob, &view, PyBUF_SIMPLE)
+    except TypeError:
+        raise WBXMLError(f"opaque must be bytes-like, not {type(blob).__name__}") from None
+    try:
+        if view.len > 0xFFFFFFFF:
+            raise WBXMLError("opaque larger than 4 GiB")
+        _put(w, OPAQUE)
+        _put_mb(w, <uint32_t>view.len)
+        _write(w, <const char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return 0
+
+
+cdef bint _items_match(Element el, tuple items):
+    """Whether a recorded item sequence still describes el's content."""
+    cdef list strs = [], blobs = []
+    cdef Py_ssize_t nxt = 0
+    for x in items:
+        if type(x) is str:
+            strs.append(x)
+        elif type(x) is bytes:
+            blobs.append(x)
+        else:
+            if x != nxt:
+                return False
+            nxt += 1
+    if nxt != len(el.children):
+        return False
+    if ("".join(strs) if strs else None) != el.text:
+        return False
+    if blobs:
+        return el.opaque is not None and b"".join(blobs) == bytes(el.opaque)
+    return el.opaque is None
+
+
+cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) except -1:
+    cdef int packed, tpage, tok
+    cdef object fmt = el._fmt, pre = None, items = None, x
+    cdef list children = el.children
+    cdef Py_ssize_t i, nchild
+    if depth > max_depth:
+        raise WBXMLError(f"elements nested deeper than {max_depth}")
+    if el.tag is None:
+        raise WBXMLError("element without a tag")
+    packed = _token_of(el.tag)
+    tpage = packed >> 8
+    tok = packed & 0x3F
+    if fmt is not None:
+        pre = fmt[0]
+        items = fmt[1]
+        if items is not None and not _items_match(el, <tuple>items):
+            items = None
+        if pre is not None and (not pre or pre[len(pre) - 1] != tpage):
+            pre = None
+    if pre is not None:
+        for x in pre:
+            _put(w, SWITCH_PAGE)
+            _put(w, <uint8_t>x)
+        page[0] = tpage
+    elif tpage != page[0]:
+        _put(w, SWITCH_PAGE)
+        _put(w, <uint8_t>tpage)
+        page[0] = tpage
+    nchild = PyList_GET_SIZE(children)
+    if items is not None:
+        _put(w, tok | HAS_CONTENT)
+        for x in <tuple>items:
+            if type(x) is str:
+                _put_str(w, x)
+            elif type(x) is bytes:
+                _put_opaque(w, x)
+            else:
+                _encode_child(w, children[<Py_ssize_t>x], page, depth, max_depth)
+        _put(w, END)
+        return 0
+    if el.text is None and el.opaque is None and nchild == 0:
+        _put(w, tok)
+        return 0
+    _put(w, tok | HAS_CONTENT)
+    if el.text is not None:
+        _put_str(w, el.text)
+    if el.opaque is not None:
+        _put_opaque(w, el.opaque)
+    for i in range(nchild):
+        _encode_child(w, <object>PyList_GET_ITEM(children, i), page, depth, max_depth)
+    _put(w, END)
+    return 0
+
+
+cdef inline int _encode_child(Writer* w, object child, int* page, int depth,
+                              int max_depth) except -1:
+    if type(child) is not Element and not isinstance(child, Element):
+        raise WBXMLError(f"child must be an Element, not {type(child).__name__}")
+    return _encode(w, <Element>child, page, depth + 1, max_depth)
+
+
+def encode(Element root, *, int max_depth=DEFAULT_MAX_DEPTH):
+    """Element tree -> WBXML bytes. See seg_fast.eas.wbxml."""
+    cdef Writer w
+    cdef int page = 0
+    cdef object header = CANONICAL_HEADER
+    if root._fmt is not None and root._fmt[2] is not None:
+        header = root._fmt[2]
+    w.buf = NULL
+    w.len = 0
+    w.cap = 0
+    try:
+        _write(&w, PyBytes_AS_STRING(header), len(header))
+        _encode(&w, root, &page, 1, max_depth)
+        return PyBytes_FromStringAndSize(w.buf, w.len)
+    finally:
+        free(w.buf)
+
+
+# ---------------------------------------------------------------- scanning
+
+cdef class Span:
+    """Where the content of one wanted element lies in a document.
+
+    ``offset``/``length``: the content bytes (the string without its NUL, or the
+    opaque payload). ``token_start``/``token_end``: the whole STR_I or OPAQUE token,
+    prefix and terminator included. ``kind``: "str" or "opaque". ``path``: the
+    tags of the enclosing elements, root first (the element itself excluded);
+    ``path_offsets``: the byte offset of each of those elements' tag token, so
+    spans with equal ``within("AirSync:Add")`` belong to the same Add item.
+    ``element_offset``: offset of the element's own tag token. ``index``: the
+    token's place among the element's string/opaque tokens (0 unless split).
+    ``doc_len``: length of the scanned document (splice checks it).
+    """
+    cdef readonly str tag
+    cdef readonly str kind
+    cdef readonly Py_ssize_t offset, length, token_start, token_end
+    cdef readonly Py_ssize_t element_offset, index, doc_len
+    cdef readonly tuple path, path_offsets
+
+    def within(self, str tag):
+        """Offset of the nearest enclosing element with this tag, or None."""
+        cdef Py_ssize_t i
+        for i in range(len(self.path) - 1, -1, -1):
+            if self.path[i] == tag:
+                return self.path_offsets[i]
+        return None
+
+    def __repr__(self):
+        return (f"Span({self.tag!r}, {self.kind}, offset={self.offset}, "
+                f"length={self.length}, path={'/'.join(self.path)})")
+
+
+def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
+         Py_ssize_t max_size=DEFAULT_MAX_SIZE):
+    """One pass, no tree: Spans of the string/opaque content of the wanted tags."""
+    cdef uint8_t wanted[256 * 64]
+    cdef int packed, i
+    for i in range(256 * 64):
+        wanted[i] = 0
+    for tag in tags:
+        packed = _token_of(tag)
+        wanted[((packed >> 8) << 6) | (packed & 0x3F)] = 1
+
+    cdef _Buffer hold = _Buffer(data)
+    cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
+    cdef Py_ssize_t n = hold.view.len
+    _check_limits(n, max_size, max_depth)
+    cdef Py_ssize_t pos = _header(buf, n)
+    cdef Py_ssize_t start, cstart, clen
+    cdef int page = 0, depth = 0, tok, nsw = 0, kid
+    cdef bint seen_root = False
+    cdef uint8_t b
+    cdef uint32_t length
+    cdef const uint8_t* nul
+    cdef list spans = []
+    cdef Span sp
+    cdef tuple path, offs
+    cdef object name, o
+    cdef int* ids = <int*>malloc((max_depth + 1) * sizeof(int))
+    cdef int* ntok = <int*>malloc((max_depth + 1) * sizeof(int))
+    cdef Py_ssize_t* at = <Py_ssize_t*>malloc((max_depth + 1) * sizeof(Py_ssize_t))
+    if ids == NULL or at == NULL or ntok == NULL:
+        free(ids); free(at); free(ntok)
+        raise MemoryError()
+    try:
+        while pos < n:
+            start = pos
+            b = buf[pos]
+            pos += 1
+            if b == SWITCH_PAGE:
+                if pos >= n:
+                    raise WBXMLError("truncated SWITCH_PAGE", start)
+                page = buf[pos]
+                pos += 1
+                nsw = 1
+                continue
+            if nsw and (b & 0x3F) < 5:
+                raise WBXMLError("SWITCH_PAGE not followed by a tag", start)
+            if b == END:
+                if depth == 0:
+                    raise WBXMLError("END outside any element", start)
+                depth -= 1
+                if depth == 0:
+                    if pos != n:
+                        raise WBXMLError("data after the end of the root element", pos)
+                    break
+                continue
+            if b == STR_I or b == OPAQUE:
+                if depth == 0:
+                    raise WBXMLError("content outside the root element", start)
+                if b == STR_I:
+                    nul = <const uint8_t*>memchr(buf + pos, 0, n - pos)
+                    if nul == NULL:
+                        raise WBXMLError("inline string without its NUL terminator", start)
+                    cstart = pos
+                    clen = nul - (buf + pos)
+                    pos = cstart + clen + 1
+                else:
+                    _mb(buf, n, &pos, &length)
+                    if length > <uint32_t>(n - pos):
+                        raise WBXMLError(f"opaque of {length} bytes runs past the end", start)
+                    cstart = pos
+                    clen = length
+                    pos += length
+                kid = ids[depth - 1]
+                if wanted[kid]:
+                    sp = Span.__new__(Span)
+                    sp.tag = _name(kid >> 6, kid & 0x3F)
+                    sp.kind = "str" if b == STR_I else "opaque"
+                    sp.offset = cstart
+                    sp.length = clen
+                    sp.token_start = start
+                    sp.token_end = pos
+                    sp.element_offset = at[depth - 1]
+                    sp.index = ntok[depth - 1]
+                    sp.doc_len = n
+                    path = PyTuple_New(depth - 1)
+                    offs = PyTuple_New(depth - 1)
+                    for i in range(depth - 1):
+                        name = _name(ids[i] >> 6, ids[i] & 0x3F)
+                        Py_INCREF(name)
+                        PyTuple_SET_ITEM(path, i, name)
+                        o = at[i]
+                        Py_INCREF(o)
+                        PyTuple_SET_ITEM(offs, i, o)
+                    sp.path = path
+                    sp.path_offsets = offs
+                    spans.append(sp)
+                ntok[depth - 1] += 1
+                continue
+            tok = b & 0x3F
+            if tok < 5 or b & HAS_ATTRS:
+                _not_a_tag(b, start)
+            nsw = 0
+            if depth == 0:
+                if seen_root:
+                    raise WBXMLError("a second root element", start)
+                seen_root = True
+            if b & HAS_CONTENT:
+                if depth >= max_depth:
+                    raise WBXMLError(f"elements nested deeper than {max_depth}", start)
+                ids[depth] = (page << 6) | tok
+                at[depth] = start
+                ntok[depth] = 0
+                depth += 1
+            elif depth == 0:
+                if pos != n:
+                    raise WBXMLError("data after the end of the root element", pos)
+                break
+        else:
+            if not seen_root:
+                raise WBXMLError("no root element", pos)
+            if nsw:
+                raise WBXMLError("SWITCH_PAGE not followed by a tag", n)
+            raise WBXMLError(f"truncated: {depth} element(s) still open", n)
+    finally:
+        free(ids)
+        free(at)
+        free(ntok)
+    return spans
+
+
+def splice(data, replacements):
+    """A new document with the content of the given spans replaced.
+
+    Each replacement is (span, value): a ``str`` is written as an inline string
+    (STR_I), a bytes-like value as OPAQUE; so the kind follows the value's type
+    (pass ``str`` for a "str" span to keep its kind). Spans must come from
+    ``scan`` of this very document and must not overlap.
+    """
+    cdef _Buffer hold = _Buffer(data)
+    cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
+    cdef Py_ssize_t n = hold.view.len, cur = 0
+    cdef Span sp
+    cdef Writer w
+    ordered = sorted(replacements, key=lambda r: (<Span?>r[0]).token_start)
+    w.buf = NULL
+    w.len = 0
+    w.cap = 0
+    try:
+        _reserve(&w, n + 64)
+        for span, value in ordered:
+            sp = <Span?>span
+            if sp.doc_len != n or sp.token_end > n or sp.token_start < cur:
+                raise ValueError("span does not belong to this document or overlaps another")
+            if buf[sp.token_start] != (STR_I if sp.kind == "str" else OPAQUE):
+                raise ValueError("span does not belong to this document")
+            _write(&w, <const char*>buf + cur, sp.token_start - cur)
+            if isinstance(value, str):
+                _put_str(&w, value)
+            else:
+                _put_opaque(&w, value)
+            cur = sp.token_end
+        _write(&w, <const char*>buf + cur, n - cur)
+        return PyBytes_FromStringAndSize(w.buf, w.len)
+    finally:
+        free(w.buf)
