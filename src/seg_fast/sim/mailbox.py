@@ -1,0 +1,296 @@
+"""MailboxSimulator: a small real ActiveSync server over trio + h11.
+
+One task per connection, one request at a time on it (keep-alive). The command
+handlers are sans-IO (commands.py); the only waiting here is Ping: a parked Ping
+is its connection task put to sleep with ``wait_task_rescheduled`` under a cancel
+scope deadline (trio keeps deadlines in one heap, so no per-Ping timer objects),
+woken by ``deliver()`` or by the heartbeat.
+
+    sim = MailboxSimulator(password="secret", seed=1)
+    port = await nursery.start(sim.serve, "127.0.0.1", 0)
+    sim.deliver("jdoe", count=1)        # from a task in the same trio run
+
+Any user name authenticates with the password (Basic). ``deliver`` must be called
+from the trio thread that runs ``serve``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import resource
+import sys
+from typing import NamedTuple
+
+import h11
+import trio
+
+from seg_fast.errors import EASRequestError, WBXMLError
+from seg_fast.sim import commands as C
+from seg_fast.sim.commands import Answer, Ctx
+from seg_fast.sim.corpus import Corpus
+from seg_fast.sim.query import parse_target
+from seg_fast.sim.state import INBOX, Device, Item, Mailbox, normalize_user
+from seg_fast.sim.tree import decode
+
+VERSIONS = ("2.5", "12.0", "12.1", "14.0", "14.1", "16.0", "16.1")
+SUPPORTED = ("Sync", "SendMail", "SmartForward", "SmartReply", "GetAttachment", "FolderSync",
+             "MoveItems", "GetItemEstimate", "Settings", "Ping", "ItemOperations", "Provision")
+PATHS = ("/microsoft-server-activesync", "/servlet/traveler", "/eas")
+SERVER_HEADER = (b"ms-server-activesync", b"16.1")
+REASONS = {449: b"Retry after sending a PROVISION command"}
+MAX_HEAD = 16 * 1024
+RECV = 65536
+
+
+class SentMail(NamedTuple):
+    user: str
+    command: str
+    mime: bytes
+
+
+class _Park:
+    """A parked Ping: the sleeping task and the folders it watches."""
+    __slots__ = ("task", "folders", "changed")
+
+    def __init__(self, task, folders: tuple[str, ...]):
+        self.task = task
+        self.folders = folders
+        self.changed: tuple[str, ...] = ()
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class MailboxSimulator:
+    def __init__(self, password: str = "secret", seed: int = 1, *, corpus: Corpus | None = None,
+                 initial_messages: int = 0, require_provisioning: bool = True,
+                 max_body: int = 64 * 1024 * 1024, sent_log: int = 1000):
+        self.password = password
+        self.seed = seed
+        self.corpus = corpus if corpus is not None else Corpus(seed)
+        self.initial_messages = initial_messages
+        self.require_provisioning = require_provisioning
+        self.max_body = max_body
+        self.mailboxes: dict[str, Mailbox] = {}
+        self.port: int | None = None
+        self.counts: collections.Counter[str] = collections.Counter()   # answers per command
+        self.sent: collections.deque[SentMail] = collections.deque(maxlen=sent_log)
+        self.sent_count = 0
+        self.parked = 0              # Pings parked right now
+        self.connections = 0         # open connections right now
+        self._next_msg = 0
+        self._serial = 0
+
+    # -- the mailbox side ---------------------------------------------------------------
+    def mailbox(self, user: str) -> Mailbox:
+        key = normalize_user(user)
+        mbox = self.mailboxes.get(key)
+        if mbox is None:
+            mbox = self.mailboxes[key] = Mailbox(key)
+            for _ in range(self.initial_messages):
+                mbox.add(INBOX, Item(self._take_msg()))
+        return mbox
+
+    def deliver(self, user: str, count: int = 1) -> list[str]:
+        """New mail into ``user``'s Inbox; wake the user's Pings watching it.
+        Returns the new items' ServerIds."""
+        mbox = self.mailbox(user)
+        ids = [mbox.add(INBOX, Item(self._take_msg())) for _ in range(count)]
+        for dev in mbox.devices.values():
+            park = dev.parked
+            if park is not None and INBOX in park.folders:
+                self._wake(dev, (INBOX,))
+        return ids
+
+    def record_sent(self, user: str, command: str, mime: bytes) -> None:
+        self.sent_count += 1
+        self.sent.append(SentMail(user, command, mime))
+
+    def next_serial(self) -> int:
+        self._serial += 1
+        return self._serial
+
+    def _take_msg(self) -> int:
+        self._next_msg += 1
+        return self._next_msg - 1
+
+    # -- the server ----------------------------------------------------------------------
+    async def serve(self, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        raise_nofile_limit()
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.port = listeners[0].socket.getsockname()[1]
+        if ssl_context is not None:
+            listeners = [trio.SSLListener(ln, ssl_context, https_compatible=True) for ln in listeners]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            task_status.started(self.port)
+
+    async def _connection(self, stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.connections += 1
+        try:
+            while True:
+                req = await _next_event(conn, stream)
+                if not isinstance(req, h11.Request):
+                    return
+                body = bytearray()
+                while True:
+                    ev = await _next_event(conn, stream)
+                    if isinstance(ev, h11.Data):
+                        body += ev.data
+                        if len(body) > self.max_body:
+                            await _send(conn, stream, Answer(413, [], b""))
+                            return
+                    elif isinstance(ev, h11.EndOfMessage):
+                        break
+                    else:
+                        return
+                answer = await self._handle(req, bytes(body))
+                await _send(conn, stream, answer)
+                if conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                try:
+                    await _send(conn, stream, Answer(400, [], b""))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, req: h11.Request, body: bytes) -> Answer:
+        try:
+            return await self._dispatch(req, body)
+        except (EASRequestError, WBXMLError, UnicodeDecodeError, ValueError):
+            return Answer(400, [], b"")
+        except Exception as exc:       # a simulator bug: answer 500, keep serving
+            print(f"seg-fast sim: internal error {type(exc).__name__}: {exc}", file=sys.stderr)
+            return Answer(500, [], b"")
+
+    async def _dispatch(self, req: h11.Request, body: bytes) -> Answer:
+        method = req.method.decode("ascii")
+        path, q = parse_target(req.target.decode("latin-1"))
+        if path.rstrip("/").lower() not in PATHS:
+            return Answer(404, [], b"")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
+        user = self._authenticate(headers.get("authorization"))
+        if user is None:
+            return Answer(401, [(b"www-authenticate", b'Basic realm="seg-fast sim"')], b"")
+        if method == "OPTIONS":
+            return Answer(200, [(b"ms-asprotocolversions", ",".join(VERSIONS).encode()),
+                                (b"ms-asprotocolcommands", ",".join(SUPPORTED).encode()),
+                                (b"allow", b"OPTIONS,POST"), (b"public", b"OPTIONS,POST")], b"")
+        if method != "POST" or not q.command or not q.device_id:
+            return Answer(400, [], b"")
+        command = q.command
+        if command not in SUPPORTED:
+            return Answer(501, [], b"")
+        version = headers.get("ms-asprotocolversion") or q.version or "14.1"
+        if version not in VERSIONS:
+            return Answer(400, [], b"")
+        vnum = C.version_number(version)
+        mbox = self.mailbox(user)
+        dev = mbox.device(q.device_id)
+        self.counts[command] += 1
+        if self.require_provisioning and command != "Provision":
+            sent_key = headers.get("x-ms-policykey") or q.policy_key
+            if dev.policy_key is None or sent_key != dev.policy_key:
+                return C.provisioning_required(command, vnum, sent_key)
+        doc = decode(body) if body[:2] == b"\x03\x01" else None
+        if body and doc is None and command not in ("SendMail", "SmartReply", "SmartForward"):
+            return Answer(400, [], b"")
+        multipart = (headers.get("ms-asacceptmultipart", "").upper() == "T"
+                     or (q.base64 and q.flag("AcceptMultiPart")))
+        ctx = Ctx(self, mbox, dev, vnum, q, doc, body, multipart)
+        if command == "Ping":
+            return await self._ping(ctx)
+        if command in ("SendMail", "SmartReply", "SmartForward"):
+            return C.send_mail(ctx, command)
+        return HANDLERS[command](ctx)
+
+    def _authenticate(self, value: str | None) -> str | None:
+        if not value or not value[:6].lower() == "basic ":
+            return None
+        try:
+            raw = base64.b64decode(value[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return None
+        user, sep, password = raw.partition(":")
+        if not sep or not user or password != self.password:
+            return None
+        return user
+
+    # -- Ping ------------------------------------------------------------------------------
+    async def _ping(self, ctx: Ctx) -> Answer:
+        req = C.ping_request(ctx)
+        if isinstance(req, Answer):
+            return req
+        heartbeat, folders = req
+        dev, mbox = ctx.dev, ctx.mbox
+        changed = tuple(f for f in folders if mbox.pending(dev, f))
+        if changed:
+            return C.ping_answer(changed)
+        if dev.parked is not None:        # a newer Ping from the same device replaces it
+            self._wake(dev, ())
+        park = dev.parked = _Park(trio.lowlevel.current_task(), folders)
+        self.parked += 1
+
+        def abort(_raise_cancel):
+            if dev.parked is park:
+                dev.parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        try:
+            with trio.move_on_after(heartbeat):
+                await trio.lowlevel.wait_task_rescheduled(abort)
+        finally:
+            self.parked -= 1
+        return C.ping_answer(park.changed)
+
+    def _wake(self, dev: Device, changed: tuple[str, ...]) -> None:
+        park = dev.parked
+        dev.parked = None
+        park.changed = changed
+        trio.lowlevel.reschedule(park.task)
+
+
+HANDLERS = {
+    "Provision": C.provision, "FolderSync": C.folder_sync, "Sync": C.sync,
+    "GetItemEstimate": C.get_item_estimate, "MoveItems": C.move_items, "Settings": C.settings,
+    "ItemOperations": C.item_operations, "GetAttachment": C.get_attachment,
+}
+
+
+async def _next_event(conn: h11.Connection, stream):
+    while True:
+        ev = conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        conn.receive_data(await stream.receive_some(RECV))
+
+
+async def _send(conn: h11.Connection, stream, answer: Answer) -> None:
+    headers = [SERVER_HEADER, *answer.headers, (b"content-length", str(len(answer.body)).encode())]
+    head = conn.send(h11.Response(status_code=answer.status, headers=headers,
+                                  reason=REASONS.get(answer.status, b"")))
+    if len(answer.body) < 65536:
+        await stream.send_all(head + conn.send(h11.Data(data=answer.body)) + conn.send(h11.EndOfMessage()))
+    else:
+        await stream.send_all(head)
+        await stream.send_all(conn.send(h11.Data(data=answer.body)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
