@@ -1,0 +1,361 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""MIME structure walker over one buffer (compiled).
+
+``walk(data)`` returns the message's parts in document order as ``Part`` objects
+holding offsets into ``data`` (headers, body, end) and the few header values the
+content pipeline needs; bodies are never copied. Boundaries are found with memmem
+at line starts, so a 10 MB base64 attachment costs one pass of a fast search.
+Lenient like mail clients (a missing close delimiter ends the part at its parent's
+end), bounded (depth, part count), and precise when it gives up (MIMEError).
+"""
+from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.string cimport memcpy
+
+from seg_fast.errors import MIMEError
+
+cdef extern from "string.h" nogil:
+    void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
+
+MAX_DEPTH = 32
+MAX_PARTS = 2000
+
+# Header names the walker always reads (lower case).
+_CONTENT_HEADERS = (b"content-type", b"content-transfer-encoding", b"content-disposition",
+                    b"content-id")
+
+
+cdef class Part:
+    """One MIME entity: ``data[start:body_start]`` its headers (with the blank line),
+    ``data[body_start:end]`` its body (without the line break before the next delimiter)."""
+
+    cdef readonly Py_ssize_t start, header_end, body_start, end
+    cdef readonly int depth, parent, index
+    cdef readonly str content_type, cte, disposition
+    cdef readonly dict params, disposition_params, headers
+    cdef readonly bint multipart
+    cdef public list children
+
+    @property
+    def filename(self):
+        """The attachment's name (Content-Disposition filename, else Content-Type name)."""
+        return self.disposition_params.get("filename") or self.params.get("name") or ""
+
+    @property
+    def is_attachment(self):
+        if self.multipart or self.content_type == "message/rfc822":
+            return False
+        if self.disposition == "attachment":
+            return True
+        if self.content_type in ("text/plain", "text/html") and not self.filename:
+            return False
+        return True
+
+    def __repr__(self):
+        return (f"Part({self.index} {self.content_type} depth={self.depth} "
+                f"[{self.start}:{self.body_start}:{self.end}] cte={self.cte!r} name={self.filename!r})")
+
+
+cdef inline unsigned char _lower(unsigned char c) nogil:
+    return c + 32 if 65 <= c <= 90 else c
+
+
+cdef Py_ssize_t _line_end(const unsigned char* b, Py_ssize_t i, Py_ssize_t end) nogil:
+    """Offset just past the LF ending the line at i (or end)."""
+    while i < end and b[i] != 10:
+        i += 1
+    return i + 1 if i < end else end
+
+
+cdef class _Walker:
+    cdef const unsigned char* b
+    cdef Py_ssize_t n
+    cdef list parts
+    cdef tuple extra
+    cdef int max_parts, max_depth
+
+    cdef Py_ssize_t _headers(self, Py_ssize_t start, Py_ssize_t end, dict out) except -2:
+        """Read the header block at ``start``; returns where the body starts."""
+        cdef const unsigned char* b = self.b
+        cdef Py_ssize_t i = start, line_start, colon, nxt, vend, k
+        cdef bytes name
+        while i < end:
+            line_start = i
+            # The blank line ends the headers.
+            if b[i] == 10:
+                return i + 1
+            if b[i] == 13 and i + 1 < end and b[i + 1] == 10:
+                return i + 2
+            nxt = _line_end(b, i, end)
+            # Folded continuation lines belong to this header.
+            while nxt < end and (b[nxt] == 32 or b[nxt] == 9):
+                nxt = _line_end(b, nxt, end)
+            colon = line_start
+            while colon < nxt and b[colon] != 58 and b[colon] != 10:
+                colon += 1
+            if colon < nxt and b[colon] == 58 and colon > line_start:
+                name = PyBytes_FromStringAndSize(<const char*>b + line_start, colon - line_start)
+                name = name.strip().lower()
+                if name in _CONTENT_HEADERS or name in self.extra:
+                    vend = nxt
+                    if name not in out:
+                        out[name] = _unfold(b, colon + 1, vend)
+            else:
+                # Not a header line: the body starts here (lenient, like the email
+                # package, which notes a missing blank line and does the same).
+                return line_start
+            i = nxt
+        return end
+
+    cdef int walk(self, Py_ssize_t start, Py_ssize_t end, int depth, int parent,
+                  str default_type) except -1:
+        cdef dict raw = {}
+        cdef Part p
+        cdef Py_ssize_t body_start, body_end
+        if len(self.parts) >= self.max_parts:
+            raise MIMEError(f"more than {self.max_parts} MIME parts")
+        if depth > self.max_depth:
+            raise MIMEError(f"MIME nesting deeper than {self.max_depth}")
+        body_start = self._headers(start, end, raw)
+        p = Part.__new__(Part)
+        p.start = start
+        p.body_start = body_start
+        p.header_end = body_start
+        p.end = end
+        p.depth = depth
+        p.parent = parent
+        p.index = len(self.parts)
+        p.children = []
+        ctype, p.params = parse_header_value(raw.get(b"content-type", ""))
+        if not ctype or "/" not in ctype:
+            ctype = default_type
+        p.content_type = ctype
+        p.cte = raw.get(b"content-transfer-encoding", "").strip().lower() or "7bit"
+        p.disposition, p.disposition_params = parse_header_value(raw.get(b"content-disposition", ""))
+        p.headers = {k.decode("ascii", "replace"): v for k, v in raw.items()}
+        p.multipart = ctype.startswith("multipart/") and bool(p.params.get("boundary"))
+        self.parts.append(p)
+        if parent >= 0:
+            (<Part>self.parts[parent]).children.append(p.index)
+        if p.multipart:
+            self._multipart(p, depth)
+        elif ctype == "message/rfc822" and p.cte in ("7bit", "8bit", "binary") and body_start < end:
+            self.walk(body_start, end, depth + 1, p.index, "text/plain")
+        return 0
+
+    cdef int _multipart(self, Part p, int depth) except -1:
+        cdef bytes delim = b"--" + p.params["boundary"].encode("utf-8", "surrogateescape")
+        cdef const unsigned char* b = self.b
+        cdef const char* d = PyBytes_AS_STRING(delim)
+        cdef Py_ssize_t dl = len(delim), pos = p.body_start, end = p.end, hit, after, line_end
+        cdef Py_ssize_t part_start = -1, part_end
+        cdef bint closing
+        cdef const unsigned char* found
+        cdef str child_default = "message/rfc822" if p.content_type == "multipart/digest" else "text/plain"
+        while pos < end:
+            found = <const unsigned char*>memmem(b + pos, end - pos, d, dl)
+            if found == NULL:
+                break
+            hit = found - b
+            pos = hit + 1
+            if hit != p.body_start and b[hit - 1] != 10:
+                continue
+            after = hit + dl
+            closing = after + 1 < end and b[after] == 45 and b[after + 1] == 45
+            if closing:
+                after += 2
+            # Only spaces may follow a delimiter on its line.
+            line_end = after
+            while line_end < end and (b[line_end] == 32 or b[line_end] == 9):
+                line_end += 1
+            if line_end < end and b[line_end] != 13 and b[line_end] != 10:
+                continue
+            if line_end < end and b[line_end] == 13:
+                line_end += 1
+            if line_end < end and b[line_end] == 10:
+                line_end += 1
+            if part_start >= 0:
+                # The line break before the delimiter belongs to the delimiter.
+                part_end = hit
+                if part_end > part_start and b[part_end - 1] == 10:
+                    part_end -= 1
+                    if part_end > part_start and b[part_end - 1] == 13:
+                        part_end -= 1
+                self.walk(part_start, part_end, depth + 1, p.index, child_default)
+            if closing:
+                part_start = -1
+                break
+            part_start = line_end
+            pos = line_end
+        if part_start >= 0:
+            # No close delimiter: the last part runs to the parent's end.
+            self.walk(part_start, end, depth + 1, p.index, child_default)
+        return 0
+
+
+cdef str _unfold(const unsigned char* b, Py_ssize_t i, Py_ssize_t end):
+    # Header values are ASCII (RFC 2047/2231 encode the rest); latin-1 keeps any byte.
+    cdef bytes raw = PyBytes_FromStringAndSize(<const char*>b + i, end - i)
+    return raw.replace(b"\r\n", b"").replace(b"\n", b"").decode("latin-1").strip()
+
+
+def walk(data, extra_headers=(), int max_parts=MAX_PARTS, int max_depth=MAX_DEPTH):
+    """Parts of the message in ``data`` (bytes-like), in document order; part 0 is the
+    message. ``extra_headers``: more header names (any case) to read into ``Part.headers``."""
+    cdef Py_buffer view
+    cdef _Walker w = _Walker.__new__(_Walker)
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        w.b = <const unsigned char*>view.buf
+        w.n = view.len
+        w.parts = []
+        w.extra = tuple(h.lower().encode("ascii") if isinstance(h, str) else h.lower() for h in extra_headers)
+        w.max_parts = max_parts
+        w.max_depth = max_depth
+        w.walk(0, view.len, 0, -1, "text/plain")
+        return w.parts
+    finally:
+        PyBuffer_Release(&view)
+
+
+def parse_header_value(str value):
+    """("type/subtype" or "attachment", {param: value}) from a structured header value.
+
+    Quoted strings with escapes, RFC 2231 continuations and charsets
+    (``filename*0*=utf-8''%E2%82%AC``), RFC 2047 encoded words in names.
+    """
+    cdef Py_ssize_t i = 0, n = len(value), j
+    cdef dict params = {}
+    cdef dict pieces = {}
+    cdef str key, val
+    cdef list buf
+    j = value.find(";")
+    head = (value if j < 0 else value[:j]).strip().lower()
+    if j < 0:
+        return head, params
+    i = j + 1
+    while i < n:
+        while i < n and value[i] in " \t;":
+            i += 1
+        j = i
+        while j < n and value[j] not in "=;":
+            j += 1
+        key = value[i:j].strip().lower()
+        if j >= n or value[j] == ";":
+            i = j + 1
+            continue
+        i = j + 1
+        while i < n and value[i] in " \t":
+            i += 1
+        if i < n and value[i] == '"':
+            buf = []
+            i += 1
+            while i < n and value[i] != '"':
+                if value[i] == "\\" and i + 1 < n:
+                    i += 1
+                buf.append(value[i])
+                i += 1
+            i += 1
+            val = "".join(buf)
+        else:
+            j = i
+            while j < n and value[j] != ";":
+                j += 1
+            val = value[i:j].strip()
+            i = j
+        if not key:
+            continue
+        if "*" in key:
+            pieces[key] = val
+        elif key not in params:
+            params[key] = val
+    if pieces:
+        _rfc2231(pieces, params)
+    for key in ("name", "filename"):
+        if key in params and "=?" in params[key]:
+            params[key] = _rfc2047(params[key])
+    return head, params
+
+
+cdef _rfc2231(dict pieces, dict params):
+    from urllib.parse import unquote_to_bytes
+    cdef dict grouped = {}
+    for key, val in pieces.items():
+        base, _, rest = key.partition("*")
+        encoded = key.endswith("*")
+        num = rest.rstrip("*")
+        idx = int(num) if num.isdigit() else 0
+        grouped.setdefault(base, []).append((idx, encoded, val))
+    for base, items in grouped.items():
+        items.sort()
+        charset = "utf-8"
+        out = bytearray()
+        for k, (idx, encoded, val) in enumerate(items):
+            if encoded:
+                if k == 0 and val.count("'") >= 2:
+                    charset, _, val = val.split("'", 2)
+                    charset = charset or "utf-8"
+                out += unquote_to_bytes(val)
+            else:
+                out += val.encode("latin-1", "replace")
+        try:
+            params[base] = out.decode(charset, "replace")
+        except LookupError:
+            params[base] = out.decode("utf-8", "replace")
+
+
+cdef str _rfc2047(str text):
+    from email.header import decode_header, make_header
+    try:
+        return str(make_header(decode_header(text)))
+    except Exception:  # malformed encoded words: keep the text as it came
+        return text
+
+
+def wrap_lines(data, Py_ssize_t width=76, bytes eol=b"\r\n"):
+    """``data`` (base64 text, no line breaks) cut into lines of ``width`` joined by ``eol``."""
+    cdef Py_buffer view
+    cdef Py_ssize_t n, lines, size, i, w = 0, take
+    cdef char* out
+    cdef const char* src
+    cdef const char* e = PyBytes_AS_STRING(eol)
+    cdef Py_ssize_t el = len(eol)
+    if width <= 0:
+        raise ValueError("width must be positive")
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        n = view.len
+        src = <const char*>view.buf
+        lines = (n + width - 1) // width
+        size = n + (lines - 1) * el if lines > 0 else 0
+        result = PyBytes_FromStringAndSize(NULL, size)
+        out = PyBytes_AS_STRING(result)
+        i = 0
+        while i < n:
+            take = width if n - i > width else n - i
+            memcpy(out + w, src + i, take)
+            w += take
+            i += take
+            if i < n:
+                memcpy(out + w, e, el)
+                w += el
+        return result
+    finally:
+        PyBuffer_Release(&view)
+
+
+def line_ending(data, Py_ssize_t limit=4096):
+    """b"\\r\\n" when the first line break in ``data`` is CRLF (or none), else b"\\n"."""
+    cdef Py_buffer view
+    cdef const unsigned char* b
+    cdef Py_ssize_t i, n
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        b = <const unsigned char*>view.buf
+        n = view.len if view.len < limit else limit
+        for i in range(n):
+            if b[i] == 10:
+                return b"\r\n" if i > 0 and b[i - 1] == 13 else b"\n"
+        return b"\r\n"
+    finally:
+        PyBuffer_Release(&view)

@@ -1,0 +1,302 @@
+"""One message's email-security transform: links, attachments, classification and the
+S/MIME exemption, over a whole RFC 822 message or over a bare text/HTML body.
+
+``ContentPlan`` is a policy compiled for one device and user (pipeline.transforms_for
+builds it once per snapshot and device); ``transform_mime`` and ``transform_text``
+are pure functions of bytes and a plan. Only the parts that change are rebuilt; every
+other byte of the message is copied through as it came.
+"""
+from __future__ import annotations
+
+import binascii
+import fnmatch
+import re
+from urllib.parse import quote
+
+import pybase64
+
+from seg_fast.content._links import LinkRewriter
+from seg_fast.content._mime import Part, line_ending, walk, wrap_lines
+from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name,
+                                          file_type, seal)
+from seg_fast.content.keys import Keyring
+from seg_fast.content.model import ClassificationPolicy, EmailSecurityPolicy
+from seg_fast.errors import MIMEError
+
+SMIME_TYPES = frozenset({"multipart/signed", "application/pkcs7-mime", "application/x-pkcs7-mime"})
+# Charsets whose bytes are not ASCII-compatible: links cannot be found bytewise.
+_WIDE_CHARSETS = ("utf-16", "utf-32", "ucs-2", "ucs-4", "utf-7")
+_DROP_ON_REPLACE = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+# Bytes of a decoded attachment the file-type check looks at.
+_HEAD = 64
+
+
+class Outcome:
+    """What the transform did to one message (the Sync answer's attachment list
+    follows it)."""
+
+    __slots__ = ("links", "attachments", "smime_skipped", "classification_blocked")
+
+    def __init__(self):
+        self.links = 0
+        # (original name, action, new name or "") per attachment acted on.
+        self.attachments: list[tuple[str, str, str]] = []
+        self.smime_skipped = False
+        self.classification_blocked = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.links or self.attachments or self.classification_blocked)
+
+
+class ContentPlan:
+    """An EmailSecurityPolicy compiled for one device and user."""
+
+    def __init__(self, policy: EmailSecurityPolicy | None, *, managed: bool, device_id: str, user: str,
+                 keys: Keyring | None, no_policy_block: bool = True, default_message: str = ""):
+        self.device_id = device_id
+        self.user = user
+        self.keys = keys
+        self.default_message = default_message
+        if policy is None:
+            # No policy (source unreachable, empty snapshot): the guide's Block Attachments.
+            self.links = None
+            self.file_actions: dict[str, str] = {}
+            self.default_action = "block" if no_policy_block else "allow"
+            self.block_message = default_message
+            self.classification = None
+            self.skip_smime = True
+            return
+        hl = policy.hyperlinks
+        self.links = LinkRewriter(hl.scheme_map, hl.mode, hl.domains) if hl.enabled else None
+        att = policy.attachments_for(managed)
+        self.file_actions = {k.lower().lstrip("."): v for k, v in att.file_types.items()}
+        self.default_action = att.default
+        self.block_message = att.block_message or default_message
+        self.classification = _Classifier(policy.classification) if policy.classification.enabled else None
+        self.skip_smime = policy.skip_smime
+        if keys is None and "encrypt" in (self.default_action, *self.file_actions.values()):
+            raise ValueError("an encrypting policy needs a keyring")
+
+    @property
+    def touches_attachments(self) -> bool:
+        return self.default_action != "allow" or any(a != "allow" for a in self.file_actions.values())
+
+    @property
+    def active(self) -> bool:
+        return bool(self.links or self.touches_attachments or self.classification)
+
+    def action(self, name: str, head: bytes) -> tuple[str, str]:
+        """(file type, action) for an attachment."""
+        kind = file_type(name, head)
+        return kind, self.file_actions.get(kind, self.default_action)
+
+
+class _Classifier:
+    def __init__(self, pol: ClassificationPolicy):
+        self.header = pol.header.lower()
+        self.tags = {
+            t.tag.strip().lower(): (t.tag, [re.compile(fnmatch.translate(p), re.I) for p in t.allowed_clients],
+                                    t.others, t.template)
+            for t in pol.tags
+        }
+        self.untagged = pol.untagged
+        self.untagged_template = pol.untagged_template
+
+    def verdict(self, tag: str | None, client: str) -> str | None:
+        """The template body when this client may not read the message, else None."""
+        entry = self.tags.get(tag.strip().lower()) if tag else None
+        if entry is None:
+            return self.untagged_template if self.untagged == "block" else None
+        name, patterns, others, template = entry
+        if any(p.match(client or "") for p in patterns):
+            return None
+        return template.replace("{tag}", name) if others == "block" else None
+
+    def tag_from_message_class(self, message_class: str) -> str | None:
+        # "IPM.Note.Confidential": the tag as the last component of the class.
+        last = message_class.rsplit(".", 1)[-1].strip().lower()
+        return last if last in self.tags else None
+
+
+def is_smime_class(message_class: str) -> bool:
+    return message_class.lower().startswith("ipm.note.smime")
+
+
+# --- whole messages ------------------------------------------------------------------
+
+def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncated: bool = False
+                   ) -> tuple[bytes, Outcome]:
+    """The message with the plan applied, and what was done. ``truncated``: the
+    message was cut by the server (its last part may be incomplete)."""
+    out = Outcome()
+    if not plan.active or not data:
+        return data, out
+    extra = (plan.classification.header,) if plan.classification else ()
+    try:
+        parts = walk(data, extra)
+    except MIMEError:
+        if not plan.touches_attachments and not plan.classification:
+            return data, out
+        raise
+    top: Part = parts[0]
+    eol = line_ending(data)
+    if plan.skip_smime and top.content_type in SMIME_TYPES:
+        out.smime_skipped = True
+        return data, out
+    if plan.classification:
+        template = plan.classification.verdict(top.headers.get(plan.classification.header), client)
+        if template is not None:
+            out.classification_blocked = True
+            return _replace_part(data, top, _text_headers(eol), template.encode("utf-8") + eol, eol), out
+    edits: list[tuple[int, int, bytes]] = []
+    n = len(data)
+    for p in parts:
+        if p.multipart or p.children:
+            continue
+        cut = truncated and p.end >= n
+        if p.is_attachment:
+            if plan.touches_attachments:
+                edit = _attachment(data, p, plan, out, eol, cut)
+                if edit is not None:
+                    edits.append(edit)
+        elif plan.links is not None and p.content_type in ("text/plain", "text/html"):
+            edit = _text_part(data, p, plan.links, out, cut)
+            if edit is not None:
+                edits.append(edit)
+    return splice(data, edits), out
+
+
+def transform_text(data: bytes, plan: ContentPlan, *, truncated: bool = False) -> tuple[bytes, int]:
+    """A bare plain-text or HTML body (Sync Body Type 1/2): links only."""
+    if plan.links is None or not data:
+        return data, 0
+    return plan.links.rewrite(data, truncated)
+
+
+def splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """``data`` with each (start, end) range replaced; ranges sorted and disjoint."""
+    if not edits:
+        return data
+    view = memoryview(data)
+    chunks, pos = [], 0
+    for start, end, new in edits:
+        chunks.append(view[pos:start])
+        chunks.append(new)
+        pos = end
+    chunks.append(view[pos:])
+    return b"".join(chunks)
+
+
+def _charset_ok(p: Part) -> bool:
+    cs = p.params.get("charset", "").lower()
+    return not cs.startswith(_WIDE_CHARSETS)
+
+
+def _text_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: bool):
+    if not _charset_ok(p) or p.body_start >= p.end:
+        return None
+    body = memoryview(data)[p.body_start:p.end]
+    if p.cte == "base64":
+        if cut:
+            return None  # a cut base64 text part cannot be re-encoded faithfully
+        try:
+            text = pybase64.b64decode(body)
+        except (binascii.Error, ValueError):
+            return None
+        new, count = links.rewrite(text)
+        if not count:
+            return None
+        out.links += count
+        return p.body_start, p.end, wrap_lines(pybase64.b64encode(new), 76, line_ending(body))
+    # 7bit, 8bit, binary and quoted-printable: schemes are literal ASCII, rewrite in place.
+    new, count = links.rewrite(body, cut)
+    if not count:
+        return None
+    out.links += count
+    return p.body_start, p.end, new
+
+
+def _decode_body(body: memoryview, cte: str) -> bytes:
+    if cte == "base64":
+        return pybase64.b64decode(body)
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(bytes(body))
+    return bytes(body)
+
+
+def _attachment(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: bytes, cut: bool):
+    body = memoryview(data)[p.body_start:p.end]
+    name = p.filename
+    try:
+        head = _decode_body(body[:_HEAD * 2], p.cte)[:_HEAD] if p.cte == "base64" else \
+            _decode_body(body[:_HEAD * 4], p.cte)[:_HEAD]
+    except (binascii.Error, ValueError):
+        head = b""
+    kind, action = plan.action(name, head)
+    if action == "allow":
+        return None
+    shown = name or (f"attachment.{kind}" if kind else "attachment")
+    if action == "encrypt" and not cut:
+        try:
+            plain = _decode_body(body, p.cte)
+        except (binascii.Error, ValueError):
+            plain = None
+        if plain is not None:
+            sealed = seal(plan.keys, plan.device_id, plan.user, name, p.content_type, plain)
+            new_name = envelope_name(shown)
+            headers = [
+                b"Content-Type: " + ENVELOPE_CONTENT_TYPE.encode() + b"; " + _param("name", new_name),
+                b"Content-Transfer-Encoding: base64",
+                b"Content-Disposition: attachment; " + _param("filename", new_name),
+            ]
+            new_body = wrap_lines(pybase64.b64encode(sealed), 76, eol)
+            out.attachments.append((name, "encrypt", new_name))
+            return _part_edit(data, p, headers, new_body, eol)
+    # Block (or an encryption that cannot be done faithfully: fail closed).
+    note = block_note(shown, plan.block_message).replace("\r\n", eol.decode()).encode("utf-8")
+    out.attachments.append((name, "block", ""))
+    return _part_edit(data, p, _text_headers(eol), note, eol)
+
+
+def _text_headers(eol: bytes) -> list[bytes]:
+    return [b"Content-Type: text/plain; charset=utf-8", b"Content-Transfer-Encoding: 8bit",
+            b"Content-Disposition: inline"]
+
+
+def _param(key: str, value: str) -> bytes:
+    if value.isascii() and value.isprintable():
+        return f'{key}="' .encode() + value.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
+    return f"{key}*=utf-8''{quote(value, safe='')}".encode("ascii")
+
+
+def _kept_headers(data: bytes, p: Part) -> list[bytes]:
+    """The part's header lines (folded lines kept whole) but its Content-Type,
+    Content-Transfer-Encoding and Content-Disposition."""
+    block = data[p.start:p.body_start]
+    lines = block.splitlines(keepends=True)
+    kept: list[bytes] = []
+    drop = False
+    for line in lines:
+        if not line.strip():
+            break
+        if line[:1] in (b" ", b"\t"):
+            if not drop and kept:
+                kept[-1] += line
+            continue
+        name = line.split(b":", 1)[0].strip().lower().decode("latin-1")
+        drop = name in _DROP_ON_REPLACE
+        if not drop:
+            kept.append(line)
+    return kept
+
+
+def _part_edit(data: bytes, p: Part, headers: list[bytes], body: bytes, eol: bytes):
+    kept = _kept_headers(data, p)
+    block = b"".join(kept) + b"".join(h + eol for h in headers) + eol
+    return p.start, p.end, block + body
+
+
+def _replace_part(data: bytes, p: Part, headers: list[bytes], body: bytes, eol: bytes) -> bytes:
+    start, end, new = _part_edit(data, p, headers, body, eol)
+    return splice(data, [(start, end, new)])
