@@ -1,6 +1,8 @@
 """Test helpers for the proxy: a tiny h11 mail server and a raw HTTP/1.1 client."""
 from __future__ import annotations
 
+import hashlib
+
 import h11
 import trio
 
@@ -20,7 +22,7 @@ def fixture_answer(name: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
             if k.lower() in ("connection",):
                 continue
             headers.append((k.strip().encode(), v.strip().encode()))
-    for cand in (f"{name}.resp.wbxml", f"{name}.bin"):
+    for cand in (f"{name}.resp.wbxml", f"{name}.bin", f"attachment_{name}.bin"):
         if (REAL_SERVER / cand).exists():
             return status, headers, (REAL_SERVER / cand).read_bytes()
     return status, headers, b""
@@ -29,8 +31,9 @@ def fixture_answer(name: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
 class MiniUpstream:
     """An h11 mail server: answers with ``handler(request, body)`` and records what it got."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, keep_bodies: bool = True):
         self.handler = handler
+        self.keep_bodies = keep_bodies       # False: record (length, sha256) of big bodies instead
         self.requests: list[tuple[h11.Request, bytes]] = []
         self.connections = 0
         self.port = None
@@ -47,6 +50,7 @@ class MiniUpstream:
         try:
             while True:
                 req, body = None, bytearray()
+                digest, size = hashlib.sha256(), 0
                 while True:
                     ev = conn.next_event()
                     if ev is h11.NEED_DATA:
@@ -55,11 +59,16 @@ class MiniUpstream:
                     if isinstance(ev, h11.Request):
                         req = ev
                     elif isinstance(ev, h11.Data):
-                        body += ev.data
+                        if self.keep_bodies:
+                            body += ev.data
+                        digest.update(ev.data)
+                        size += len(ev.data)
                     elif isinstance(ev, h11.EndOfMessage):
                         break
                     else:
                         return
+                if not self.keep_bodies:
+                    body = f"{size}:{digest.hexdigest()}".encode()
                 self.requests.append((req, bytes(body)))
                 result = self.handler(req, bytes(body))
                 if hasattr(result, "__await__"):

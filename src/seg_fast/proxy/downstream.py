@@ -40,10 +40,18 @@ class Device:
     async def answer(self, status: int, headers, body: bytes = b"") -> None:
         """A whole answer the gateway makes itself (errors, blocked devices)."""
         conn = self.conn
-        if conn.our_state is not h11.SEND_RESPONSE:
+        if conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):      # IDLE: the head was malformed
             raise DeviceGone("answer already started")
         headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")]
         headers.append((b"Content-Length", str(len(body)).encode()))
+        # Skip a request body that has already arrived, so the connection can be kept.
+        while conn.their_state is h11.SEND_BODY:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                break
+            if event is h11.NEED_DATA or type(event) is not h11.Data:
+                break
         if self.closing or conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
             # An unread request body would be taken for the next request: close after this answer.
             headers.append((b"Connection", b"close"))
@@ -120,7 +128,7 @@ async def _loop(gw, dev: Device) -> None:
 
 
 async def _bad_request(dev: Device, exc: h11.RemoteProtocolError) -> None:
-    if dev.conn.our_state is h11.SEND_RESPONSE:
+    if dev.conn.our_state in (h11.SEND_RESPONSE, h11.IDLE):
         try:
             await dev.answer(exc.error_status_hint, [(b"Content-Type", b"text/plain")],
                              b"malformed HTTP request\n")
