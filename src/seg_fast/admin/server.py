@@ -1,9 +1,170 @@
-"""The admin API on 127.0.0.1:44444 (placeholder until the policy work lands)."""
+"""The admin API on 127.0.0.1:44444 (the control process): the trio + h11 shell.
+
+Every request needs ``Authorization: Bearer <token>``: ``[admin] token``, or one
+generated on first start and written (mode 0600) to the token file beside the
+policy store. ``/seg/push`` takes ``[policy] push_token`` instead (and is off when
+that is empty); ``/seg/openapi.json`` is open. The control process also runs the
+policy API pull (``[policy] api_url``) and, with ``[policy] push_port``, a second
+listener that serves ``/seg/push`` alone for an MDM that cannot reach localhost.
+"""
 from __future__ import annotations
 
+import hmac
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+import h11
+import msgspec
 import trio
+
+from seg_fast.admin.api import JSON, AdminApi, HttpError
+from seg_fast.errors import SegFastError
+from seg_fast.policy.gate import PolicyGatekeeper
+from seg_fast.policy.source import PolicySource
+
+log = logging.getLogger("seg_fast.admin")
+
+MAX_BODY = 16 * 1024 * 1024
+MAX_HEADERS = 64 * 1024
+IDLE_TIMEOUT = 30.0
+
+
+def token_path(config) -> Path:
+    if config.policy.store == "sqlite":
+        return Path(config.policy.sqlite_path).with_name(Path(config.policy.sqlite_path).name + ".admin-token")
+    return Path("seg-fast-admin.token")
+
+
+def admin_token(config) -> str:
+    """The configured token, or the generated one (created once, kept in the token file)."""
+    if config.admin.token:
+        return config.admin.token
+    path = token_path(config)
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def _bearer(headers) -> bytes:
+    for name, value in headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].strip()
+    return b""
+
+
+class AdminServer:
+    def __init__(self, config, *, gate: PolicyGatekeeper | None = None, push_only: bool = False):
+        self.config = config
+        self.gate = gate or PolicyGatekeeper(config.policy, node=f"admin/{os.getpid()}")
+        self.source = PolicySource(config.policy, self.gate.store) if config.policy.api_url else None
+        self.api = AdminApi(config, self.gate, source=self.source, started=time.time())
+        self.token = admin_token(config).encode()
+        self.push_token = config.policy.push_token.encode()
+        self.push_only = push_only
+
+    def _authorized(self, route, headers) -> bool:
+        if route.auth == "none":
+            return True
+        given = _bearer(headers)
+        want = self.push_token if route.auth == "push" else self.token
+        return bool(want) and hmac.compare_digest(given, want)
+
+    async def answer(self, method: str, target: bytes, headers, body: bytes) -> tuple[int, str, bytes]:
+        path = target.split(b"?", 1)[0].decode("ascii", "replace")
+        try:
+            m = self.api.match(method, path)
+            if m is None or (self.push_only and m[0].auth != "push"):
+                raise HttpError(404, f"no such endpoint: {path}")
+            route, params = m
+            if not self._authorized(route, headers):
+                raise HttpError(401, "missing or wrong bearer token")
+            return await self.api.call(route, params, body)
+        except HttpError as exc:
+            return exc.status, JSON, msgspec.json.encode({"error": str(exc)})
+        except SegFastError as exc:
+            log.error("admin %s %s: %s", method, path, exc)
+            return 503, JSON, msgspec.json.encode({"error": str(exc)})
+
+    async def serve_connection(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+        try:
+            while True:
+                with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                    req, body = await self._read_request(conn, stream)
+                if idle.cancelled_caught or req is None:
+                    return
+                if isinstance(req, int):        # an error status for a malformed request
+                    status, ctype, out = req, JSON, msgspec.json.encode({"error": body.decode()})
+                else:
+                    status, ctype, out = await self.answer(req.method.decode(), req.target, req.headers, body)
+                headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(out)).encode()),
+                           (b"cache-control", b"no-store")]
+                if status == 401:
+                    headers.append((b"www-authenticate", b'Bearer realm="seg"'))
+                await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+                await stream.send_all(conn.send(h11.Data(data=out)) + conn.send(h11.EndOfMessage()))
+                if conn.our_state is h11.MUST_CLOSE or isinstance(req, int):
+                    return
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def _read_request(self, conn, stream):
+        req, chunks, size = None, [], 0
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                return 400, str(exc).encode()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                conn.receive_data(data)
+                if not data and conn.their_state is not h11.DONE:
+                    if req is None:
+                        return None, b""
+            elif isinstance(event, h11.Request):
+                req = event
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY:
+                    return 413, b"request body too large"
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return req, b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None, b""
+
+    async def listen(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self.serve_connection, listeners)
 
 
 async def run(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the admin API until cancelled (runs in the control process)."""
-    task_status.started()
+    """Serve the admin API until cancelled (runs in the control process).
+
+    ``task_status.started(port)`` reports the admin port actually bound.
+    """
+    server = AdminServer(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.gate.run)
+        if server.source is not None:
+            await nursery.start(server.source.run)
+        port = await nursery.start(server.listen, config.admin.host, config.admin.port)
+        if config.policy.push_port and config.policy.push_token:
+            push = AdminServer(config, gate=server.gate, push_only=True)
+            await nursery.start(push.listen, config.policy.push_host, config.policy.push_port)
+        task_status.started(port)

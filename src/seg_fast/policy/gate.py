@@ -172,6 +172,11 @@ class PolicyGatekeeper:
         else:
             await self.reload()
 
+    async def catch_up(self) -> None:
+        """Apply every change the store has that this engine has not (after our own writes)."""
+        for ch in await self.store.changes_since(self.engine.version):
+            await self.apply(ch)
+
     async def _follow(self) -> None:
         while True:
             try:

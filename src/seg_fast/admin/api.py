@@ -1,0 +1,345 @@
+"""The admin API's routes, sans-IO: (method, path, body) -> (status, content type, body).
+
+Everything under ``/seg/`` as in the guide's diagnostics table, plus the actions of
+the email dashboard (overrides, test mode, run compliance), logging levels per
+area, the MDM's push endpoint and the OpenAPI document. ``AdminApi`` reads from a
+``PolicyGatekeeper`` (its engine follows the store like a worker's does) and
+writes through the store, so every worker sees an admin change within a second.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+from urllib.parse import unquote
+
+import msgspec
+
+from seg_fast.eas.request import EasRequest
+from seg_fast.errors import PolicyError, SegFastError
+from seg_fast.policy import engine as E
+from seg_fast.policy.gate import (
+    LOG_AREAS, LOG_LEVELS, META_COMPLIANCE_RUN, META_LOG_LEVELS, META_TEST_MODE, PolicyGatekeeper,
+)
+from seg_fast.policy.model import DeviceRecord, Override, device_key, decode_document
+from seg_fast.policy.source import apply_push
+
+log = logging.getLogger("seg_fast.policy.updates")
+
+JSON = "application/json"
+CSV = "text/csv; charset=utf-8"
+Answer = tuple[int, str, bytes]
+
+
+class HttpError(SegFastError):
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+class OverrideBody(msgspec.Struct, forbid_unknown_fields=True):
+    override: Override
+
+
+class TestModeBody(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool
+
+
+def _json(obj, status: int = 200) -> Answer:
+    return status, JSON, msgspec.json.encode(obj)
+
+
+def _body(raw: bytes, typ):
+    try:
+        return msgspec.json.decode(raw, type=typ)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise HttpError(400, f"request body: {exc}") from None
+
+
+def _csv(header: list[str], rows) -> Answer:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for row in rows:
+        # A cell starting with = + - @ would be a formula in a spreadsheet: quote it.
+        w.writerow(["'" + c if isinstance(c, str) and c[:1] in ("=", "+", "-", "@") else c for c in row])
+    return 200, CSV, buf.getvalue().encode()
+
+
+@dataclass
+class Route:
+    method: str
+    pattern: str            # "/seg/policy/device/{id}"
+    summary: str
+    handler: Callable[..., Awaitable[Answer]]
+    auth: str = "admin"     # "admin" | "push"
+    body: str = ""          # name of the request body schema in the OpenAPI document
+
+
+class AdminApi:
+    def __init__(self, config, gate: PolicyGatekeeper, *, source=None, started: float | None = None):
+        self.config = config
+        self.gate = gate
+        self.store = gate.store
+        self.source = source
+        self.started = started or time.time()
+        self.routes = [
+            Route("GET", "/seg/diagnostic/cluster", "Nodes, workers, snapshot version and counts", self.cluster),
+            Route("GET", "/seg/policy/segconfig", "The gateway's policy configuration (secrets left out)", self.segconfig),
+            Route("GET", "/seg/policy/generalaccess", "General access and managed device policies", self.generalaccess),
+            Route("GET", "/seg/policy/device/{id}", "One device: MDM record, what the gateway saw, the decision", self.device),
+            Route("GET", "/seg/policy/account/{user}", "One user's devices and the user policy's verdict", self.account),
+            Route("GET", "/seg/policy/easdevicetype/{type}", "The EAS device type policy's verdict for a type", self.devicetype),
+            Route("GET", "/seg/policy/mailclient/{client}", "The mail client policy's verdict (URL-encoded client)", self.mailclient),
+            Route("GET", "/seg/policy/hyperlink", "The hyperlink policy", self.hyperlink),
+            Route("GET", "/seg/download/{type}/", "CSV: device, account, managedattachment, unmanagedattachment, redirect", self.download),
+            Route("GET", "/seg/logging", "Logging level per area", self.get_logging),
+            Route("PUT", "/seg/logging", "Set logging levels ({area: level})", self.put_logging, body="LogLevels"),
+            Route("POST", "/seg/device/{id}/override", "Whitelist, blacklist or default one device", self.override, body="Override"),
+            Route("POST", "/seg/testmode", "Test mode on or off", self.testmode, body="TestMode"),
+            Route("POST", "/seg/compliance/run", "Re-evaluate every known device now", self.run_compliance),
+            Route("PUT", "/seg/policy/document", "Replace the policy document", self.put_document, body="PolicyDocument"),
+            Route("POST", "/seg/push", "MDM real-time push: device changes (bearer push token)", self.push, auth="push", body="Push"),
+            Route("GET", "/seg/openapi.json", "This API as an OpenAPI 3.1 document", self.openapi, auth="none"),
+        ]
+
+    # -- dispatch -----------------------------------------------------------------
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        seen_path = False
+        for r in self.routes:
+            params = _match(r.pattern, path)
+            if params is None:
+                continue
+            seen_path = True
+            if r.method == method:
+                return r, params
+        if seen_path:
+            raise HttpError(405, f"{method} not allowed on {path}")
+        return None
+
+    async def handle(self, method: str, path: str, body: bytes) -> Answer:
+        m = self.match(method, path)
+        if m is None:
+            raise HttpError(404, f"no such endpoint: {path}")
+        route, params = m
+        return await self.call(route, params, body)
+
+    async def call(self, route: Route, params: dict, body: bytes) -> Answer:
+        answer = await route.handler(body=body, **params)
+        if route.method != "GET":
+            # Our own view follows our writes at once (the workers within a second).
+            await self.gate.catch_up()
+        return answer
+
+    # -- diagnostics --------------------------------------------------------------
+    def _doc(self):
+        pol = self.gate.engine.policies
+        if pol is None:
+            raise HttpError(404, "no policy document loaded")
+        return pol.doc
+
+    async def cluster(self, body) -> Answer:
+        sightings = await self.store.sightings()
+        nodes: dict[str, dict] = {}
+        for s in sightings:
+            node = s.node.rsplit("/", 1)[0]
+            n = nodes.setdefault(node, {"node": node, "workers": set(), "devices": 0, "last_seen": 0.0})
+            n["workers"].add(s.node)
+            n["devices"] += 1
+            n["last_seen"] = max(n["last_seen"], s.last_seen)
+        by_status: dict[str, int] = {}
+        for s in sightings:
+            by_status[s.status] = by_status.get(s.status, 0) + 1
+        src = None
+        if self.source is not None:
+            src = {"url": self.config.policy.api_url, "last_error": self.source.last_error,
+                   "delta_token": await self.store.get_meta("delta_token")}
+        return _json({
+            "store": self.config.policy.store,
+            "snapshot_version": self.gate.engine.version,
+            "policies_loaded": self.gate.engine.policies is not None,
+            "test_mode": self.gate.engine.test_mode,
+            "device_records": len(self.gate.engine.devices),
+            "devices_seen": len(sightings),
+            "devices_by_status": by_status,
+            "nodes": [{**n, "workers": sorted(n["workers"])} for n in nodes.values()],
+            "policy_source": src,
+            "uptime_s": round(time.time() - self.started, 1),
+        })
+
+    async def segconfig(self, body) -> Answer:
+        settings = msgspec.to_builtins(self.config.policy)
+        for secret in ("api_token", "push_token"):
+            settings[secret] = "(set)" if settings.get(secret) else ""
+        gw = self.gate.engine.policies.doc.gateway if self.gate.engine.policies else None
+        return _json({"policy": settings, "gateway": gw, "test_mode": self.gate.engine.test_mode,
+                      "reasons": E.REASONS})
+
+    async def generalaccess(self, body) -> Answer:
+        doc = self._doc()
+        return _json({"general": doc.general, "managed": doc.managed})
+
+    def _probe(self, **kw) -> EasRequest:
+        return EasRequest(method="POST", path="/", command="Sync", **kw)
+
+    async def device(self, body, id: str) -> Answer:
+        rec = await self.store.get_device(id)
+        seen = await self.store.sightings([device_key(id)])
+        sighting = seen[0] if seen else None
+        if rec is None and sighting is None:
+            raise HttpError(404, f"device {id!r} is neither in the MDM records nor seen by the gateway")
+        probe = self._probe(device_id=id, user=(sighting.user if sighting else rec.user) or None,
+                            device_type=sighting.device_type if sighting else None,
+                            user_agent=sighting.mail_client if sighting else None)
+        reason, _ = self.gate.engine.explain(probe)
+        return _json({"record": rec, "seen": sighting, "decision": reason})
+
+    async def account(self, body, user: str) -> Answer:
+        forms = E.user_forms(user)
+        recs = [d for d in self.gate.engine.devices.values() if d.user and E.user_forms(d.user)[-1] == forms[-1]]
+        seen = [s for s in await self.store.sightings() if s.user and E.user_forms(s.user)[-1] == forms[-1]]
+        pol = self.gate.engine.policies
+        verdict = None
+        if pol is not None and pol.user is not None:
+            verdict = "allowed" if pol.user.passes(*forms) else "blocked"
+        return _json({"user": user, "user_policy": verdict, "records": recs, "seen": seen})
+
+    async def devicetype(self, body, type: str) -> Answer:
+        pol = self.gate.engine.policies
+        verdict = None
+        if pol is not None and pol.device_type is not None:
+            verdict = "allowed" if pol.device_type.passes(type) else "blocked"
+        return _json({"device_type": type, "verdict": verdict if verdict else "not restricted"})
+
+    async def mailclient(self, body, client: str) -> Answer:
+        pol = self.gate.engine.policies
+        verdict = None
+        if pol is not None and pol.mail_client is not None:
+            verdict = "allowed" if pol.mail_client.passes(client) else "blocked"
+        return _json({"mail_client": client, "verdict": verdict if verdict else "not restricted"})
+
+    async def hyperlink(self, body) -> Answer:
+        sec = self._doc().security
+        hl = msgspec.to_builtins(sec).get("hyperlinks") if sec is not None else None
+        return _json({"hyperlink": hl})
+
+    async def download(self, body, type: str) -> Answer:
+        type = type.lower()
+        if type == "device":
+            seen = {device_key(s.device_id): s for s in await self.store.sightings()}
+            keys = sorted(set(self.gate.engine.devices) | set(seen))
+            rows = []
+            for k in keys:
+                r, s = self.gate.engine.devices.get(k), seen.get(k)
+                rows.append([(r or s).device_id, (r.user if r else "") or (s.user if s else ""),
+                             r.managed if r else False, r.override if r else "default",
+                             s.status if s else "", s.reason if s else "", s.device_type if s else "",
+                             s.mail_client if s else "", s.last_seen if s else "", s.node if s else ""])
+            return _csv(["device_id", "user", "managed", "override", "status", "reason", "device_type",
+                         "mail_client", "last_seen", "node"], rows)
+        if type == "account":
+            users: dict[str, list] = {}
+            for s in await self.store.sightings():
+                u = users.setdefault(E.user_forms(s.user)[-1], [0, 0])
+                u[0] += 1
+                u[1] += s.status == "blocked"
+            return _csv(["user", "devices", "blocked"], [[u, n, b] for u, (n, b) in sorted(users.items())])
+        if type in ("managedattachment", "unmanagedattachment"):
+            doc = self._doc()
+            sec = msgspec.to_builtins(doc.security) if doc.security is not None else {}
+            att = sec.get("attachments_managed" if type == "managedattachment" else "attachments_unmanaged") or {}
+            rows = [[ft, action] for ft, action in sorted((att.get("file_types") or {}).items())]
+            rows.append(["(default)", att.get("default", "allow")])
+            return _csv(["file_type", "action"], rows)
+        if type == "redirect":
+            entries = await self.store.get_entries("redirects")
+            return _csv(["user", "location"], sorted((k, v.decode()) for k, v in entries.items()))
+        raise HttpError(404, f"unknown download type {type!r} (device, account, managedattachment, "
+                             "unmanagedattachment, redirect)")
+
+    # -- actions ------------------------------------------------------------------
+    async def get_logging(self, body) -> Answer:
+        names = {v: k for k, v in LOG_LEVELS.items()}
+        return _json({area: names.get(logging.getLogger(name).getEffectiveLevel(), "info")
+                      for area, name in LOG_AREAS.items()})
+
+    async def put_logging(self, body) -> Answer:
+        levels = _body(body, dict[str, str])
+        for area, level in levels.items():
+            if area not in LOG_AREAS:
+                raise HttpError(400, f"unknown logging area {area!r} (one of {', '.join(LOG_AREAS)})")
+            if level not in LOG_LEVELS:
+                raise HttpError(400, f"unknown level {level!r} (one of {', '.join(LOG_LEVELS)})")
+        current = await self.store.get_meta(META_LOG_LEVELS)
+        merged = {**(msgspec.json.decode(current) if current else {}), **levels}
+        await self.store.set_meta(META_LOG_LEVELS, msgspec.json.encode(merged).decode())
+        return _json(merged)
+
+    async def override(self, body, id: str) -> Answer:
+        ov = _body(body, OverrideBody).override
+        rec = await self.store.get_device(id) or DeviceRecord(device_id=id)
+        rec = msgspec.structs.replace(rec, override=ov)
+        version = await self.store.put_devices([rec])
+        log.info("admin: device override set to %s", ov)
+        return _json({"device_id": rec.device_id, "override": ov, "version": version})
+
+    async def testmode(self, body) -> Answer:
+        on = _body(body, TestModeBody).enabled
+        version = await self.store.set_meta(META_TEST_MODE, "1" if on else "0")
+        return _json({"test_mode": on, "version": version})
+
+    async def run_compliance(self, body) -> Answer:
+        """Re-evaluate every device the gateway has seen against the current snapshot."""
+        await self.gate.reload()
+        seen = await self.store.sightings()
+        changed, counts = [], {}
+        for s in seen:
+            probe = self._probe(device_id=s.device_id, user=s.user or None, device_type=s.device_type or None,
+                                user_agent=s.mail_client or None)
+            reason, _ = self.gate.engine.explain(probe)
+            status = "allowed" if reason.startswith("allowed.") else "blocked"
+            counts[reason] = counts.get(reason, 0) + 1
+            if (s.status, s.reason) != (status, reason):
+                s.status, s.reason = status, reason
+                changed.append(s)
+        await self.store.put_sightings(changed)
+        version = await self.store.set_meta(META_COMPLIANCE_RUN, repr(time.time()))
+        return _json({"devices": len(seen), "changed": len(changed), "reasons": counts, "version": version})
+
+    async def put_document(self, body) -> Answer:
+        try:
+            doc = decode_document(body, what="request body")
+        except PolicyError as exc:
+            raise HttpError(400, str(exc)) from None
+        version = await self.store.put_document(doc)
+        return _json({"version": version})
+
+    async def push(self, body) -> Answer:
+        try:
+            version = await apply_push(self.store, body)
+        except PolicyError as exc:
+            raise HttpError(400, str(exc)) from None
+        return _json({"version": version})
+
+    async def openapi(self, body) -> Answer:
+        from seg_fast.admin.openapi import document
+        return _json(document(self.routes))
+
+
+def _match(pattern: str, path: str) -> dict[str, str] | None:
+    pp, parts = pattern.strip("/").split("/"), path.strip("/").split("/")
+    # "/seg/download/{type}/" also answers without the trailing slash.
+    if len(pp) != len(parts):
+        return None
+    out = {}
+    for p, v in zip(pp, parts):
+        if p.startswith("{") and p.endswith("}"):
+            if not v:
+                return None
+            out[p[1:-1]] = unquote(v)
+        elif p != v:
+            return None
+    return out

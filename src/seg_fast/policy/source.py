@@ -1,0 +1,217 @@
+"""Where policies come from: the policy API (pull: full, then delta) and push.
+
+Pull, from ``[policy] api_url`` (runs once, in the control process):
+  GET  <api_url>/snapshot               -> {"token": T, "policies": {...}, "devices": [...]}
+  GET  <api_url>/changes?since=<T>      -> {"token": T2, "policies"?: {...},
+                                            "devices": [...changed], "removed": [ids]}
+  with ``Authorization: Bearer <api_token>``, through ``api_proxy_url`` if set, TLS
+  trust from ``api_verify_tls`` / ``api_ca_file``. The full snapshot is fetched
+  when there is no token yet (or the API answers 410 Gone to a delta); then a
+  delta every ``delta_interval`` seconds. An unreachable or failing API leaves the
+  store as it is (the last snapshot keeps serving); a malformed answer is rejected
+  whole with a precise error.
+
+Push (``apply_push``): the MDM posts one change (enrolment, compliance, override)
+to the admin listener's ``/seg/push``; it lands in the store at once and every
+worker applies it within a second.
+"""
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote, urlsplit
+
+import h11
+import msgspec
+import trio
+
+from seg_fast.errors import PolicyError, SegFastError
+from seg_fast.policy.model import (
+    DeviceRecord, PolicyDocument, check_document, decode_delta, decode_policy_file,
+)
+from seg_fast.policy.settings import PolicySettings
+from seg_fast.policy.store import Store
+
+log = logging.getLogger("seg_fast.policy.updates")
+
+META_TOKEN = "delta_token"
+META_LAST_PULL = "last_pull"
+MAX_ANSWER = 256 * 1024 * 1024
+RETRY_AFTER_ERROR = 30.0
+
+
+class SourceError(SegFastError):
+    """The policy API could not be reached or answered with an error."""
+
+
+class PushMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What the MDM pushes: changed device records, removed device ids, or a new document."""
+    devices: list[DeviceRecord] = []
+    removed: list[str] = []
+    policies: PolicyDocument | None = None
+
+
+def decode_push(raw: bytes) -> PushMessage:
+    try:
+        msg = msgspec.json.decode(raw, type=PushMessage)
+    except msgspec.ValidationError as exc:
+        raise PolicyError(f"push: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise PolicyError(f"push: not valid JSON: {exc}") from None
+    if msg.policies is not None:
+        check_document(msg.policies)
+    for i, rec in enumerate(msg.devices):
+        if not rec.device_id or len(rec.device_id) > 128:
+            raise PolicyError(f"push: devices[{i}].device_id must be 1-128 characters")
+    return msg
+
+
+async def apply_push(store: Store, raw: bytes) -> int:
+    """Validate one push and write it; returns the store version after it."""
+    msg = decode_push(raw)
+    version = 0
+    if msg.policies is not None:
+        version = await store.put_document(msg.policies)
+    if msg.devices:
+        version = await store.put_devices(msg.devices)
+    if msg.removed:
+        version = await store.remove_devices(msg.removed)
+    log.info("push: %d device(s) changed, %d removed%s", len(msg.devices), len(msg.removed),
+             ", new document" if msg.policies is not None else "")
+    return version
+
+
+class _ConnSettings(msgspec.Struct, frozen=True):
+    """The shape the proxy's connector expects (outbound proxy, TLS trust)."""
+    proxy_url: str
+    verify_tls: bool
+    ca_file: str
+    idle_pool_size: int = 0
+
+
+class _Timeouts(msgspec.Struct, frozen=True):
+    upstream_connect: float
+
+
+async def http_get(url: str, settings: PolicySettings) -> tuple[int, bytes]:
+    """One GET through the configured outbound proxy and TLS trust; (status, body)."""
+    from seg_fast.proxy.upstream import UpstreamError, UpstreamPool, origin_of
+
+    try:
+        origin = origin_of(url)
+    except UpstreamError as exc:
+        raise SourceError(f"policy API: {exc}") from None
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    pool = UpstreamPool(_ConnSettings(settings.api_proxy_url, settings.api_verify_tls, settings.api_ca_file),
+                        _Timeouts(settings.api_timeout))
+    try:
+        with trio.fail_after(settings.api_timeout):
+            conn = await pool.connect(origin)
+            try:
+                headers = [(b"host", origin.host_header), (b"accept", b"application/json"),
+                           (b"connection", b"close"), (b"user-agent", b"seg-fast-policy")]
+                if settings.api_token:
+                    headers.append((b"authorization", b"Bearer " + settings.api_token.encode()))
+                h = conn.h11
+                await conn.stream.send_all(h.send(h11.Request(method=b"GET", target=target.encode(),
+                                                              headers=headers)))
+                await conn.stream.send_all(h.send(h11.EndOfMessage()))
+                status, chunks, size = 0, [], 0
+                while True:
+                    event = h.next_event()
+                    if event is h11.NEED_DATA:
+                        h.receive_data(await conn.stream.receive_some(65536))
+                    elif isinstance(event, h11.Response):
+                        status = event.status_code
+                    elif isinstance(event, h11.Data):
+                        size += len(event.data)
+                        if size > MAX_ANSWER:
+                            raise SourceError(f"policy API answer larger than {MAX_ANSWER} bytes")
+                        chunks.append(event.data)
+                    elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                        return status, b"".join(chunks)
+            finally:
+                await conn.aclose()
+    except trio.TooSlowError:
+        raise SourceError(f"policy API {origin.host}:{origin.port}: no answer within {settings.api_timeout} s") from None
+    except UpstreamError as exc:
+        raise SourceError(f"policy API: {exc}") from None
+    except (h11.ProtocolError, trio.BrokenResourceError, OSError) as exc:
+        raise SourceError(f"policy API {origin.host}:{origin.port}: {exc}") from None
+
+
+class _Full(msgspec.Struct, kw_only=True):
+    token: str = ""
+
+
+class PolicySource:
+    """Pulls the policy API into the store: one full snapshot, then deltas."""
+
+    def __init__(self, settings: PolicySettings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.base = settings.api_url.rstrip("/")
+        self.last_error: str = ""
+        self.last_success: float = 0.0
+
+    async def pull_full(self) -> int:
+        status, body = await http_get(f"{self.base}/snapshot", self.settings)
+        if status != 200:
+            raise SourceError(f"policy API snapshot: HTTP {status}")
+        pf = decode_policy_file(_without_token(body), what="policy API snapshot")
+        token = msgspec.json.decode(body, type=_Full).token
+        version = await self.store.replace_all(pf.policies, pf.devices)
+        await self.store.set_meta(META_TOKEN, token, notify=False)
+        log.info("policy API: full snapshot, %d devices, version %d", len(pf.devices), version)
+        return version
+
+    async def pull_delta(self, token: str) -> int:
+        status, body = await http_get(f"{self.base}/changes?since={quote(token, safe='')}", self.settings)
+        if status == 410:   # the token expired: start over
+            return await self.pull_full()
+        if status != 200:
+            raise SourceError(f"policy API changes: HTTP {status}")
+        delta = decode_delta(body)
+        version = await self.store.version()
+        if delta.policies is not None:
+            version = await self.store.put_document(delta.policies)
+        if delta.devices:
+            version = await self.store.put_devices(delta.devices)
+        if delta.removed:
+            version = await self.store.remove_devices(delta.removed)
+        await self.store.set_meta(META_TOKEN, delta.token, notify=False)
+        log.info("policy API: delta, %d changed, %d removed", len(delta.devices), len(delta.removed))
+        return version
+
+    async def pull_once(self) -> int:
+        """One pull (full or delta); raises SourceError/PolicyError, store untouched then."""
+        token = await self.store.get_meta(META_TOKEN)
+        version = await (self.pull_delta(token) if token else self.pull_full())
+        self.last_success = trio.current_time()
+        self.last_error = ""
+        return version
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self.pull_once()
+                delay = self.settings.delta_interval
+            except (SourceError, PolicyError) as exc:
+                # Keep serving the last snapshot; say why, try again sooner.
+                self.last_error = str(exc)
+                log.error("policy pull failed (last snapshot keeps serving): %s", exc)
+                delay = min(self.settings.delta_interval, RETRY_AFTER_ERROR)
+            await trio.sleep(delay)
+
+
+def _without_token(body: bytes) -> bytes:
+    """The snapshot answer is a PolicyFile plus "token": drop the token for strict decoding."""
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise PolicyError(f"policy API snapshot: not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise PolicyError("policy API snapshot: expected a JSON object")
+    obj.pop("token", None)
+    return msgspec.json.encode(obj)
