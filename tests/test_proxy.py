@@ -472,3 +472,29 @@ def test_ping_deadline_uses_cached_heartbeat():
     assert ping.upstream_deadline(GW, R, b"") == 540 + 60
     GW.heartbeats[("u", "d")] = 900
     assert ping.upstream_deadline(GW, R, b"") == 960
+
+
+def test_heartbeat_read_from_a_ping_built_by_libwbxml(tmp_path):
+    import shutil
+    if not shutil.which("xml2wbxml"):
+        pytest.skip("libwbxml2-utils not installed")
+    xml = tmp_path / "ping.xml"
+    xml.write_text('<?xml version="1.0"?>\n<!DOCTYPE ActiveSync PUBLIC "-//MICROSOFT//DTD ActiveSync//EN" '
+                   '"http://www.microsoft.com/">\n<Ping xmlns="Ping:"><HeartbeatInterval>900</HeartbeatInterval>'
+                   '<Folders><Folder><Id>1</Id><Class>Email</Class></Folder></Folders></Ping>\n')
+    out = tmp_path / "ping.wbxml"
+    subprocess.run(["xml2wbxml", "-a", "-n", "-v", "1.3", "-o", str(out), str(xml)], check=True,
+                   capture_output=True)
+    body = out.read_bytes()
+    assert ping.heartbeat_of(body) == 900
+    assert ping.heartbeat_of(body[:-3]) is None            # truncated: no crash, no value
+
+    class GW:
+        heartbeats = {}
+        config = load_config(None, env={})
+
+    class R:
+        user, device_id = "u", "dev1"
+
+    assert ping.upstream_deadline(GW, R, body) == 960
+    assert ping.upstream_deadline(GW, R, b"") == 960          # an empty Ping reuses the cached beat

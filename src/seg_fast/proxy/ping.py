@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from seg_fast.errors import WBXMLError
 
-# MS-ASWBXML code page 13 (Ping): HeartbeatInterval.
-PING_PAGE = 13
-HEARTBEAT_TAG = "HeartbeatInterval"
+HEARTBEAT_TAGS = frozenset({"Ping:HeartbeatInterval"})
 MAX_CACHED = 500_000
 
 
@@ -17,35 +15,20 @@ def heartbeat_of(body: bytes) -> int | None:
     """The HeartbeatInterval (seconds) of a Ping request body, or None."""
     if not body:
         return None
-    try:
-        from seg_fast.eas.wbxml import decode
-    except ImportError:          # the codec is not built: fall back to the configured default
-        return None
-    try:
-        tree = decode(body)
-    except (WBXMLError, ValueError):
-        return None
-    text = _find_text(tree, HEARTBEAT_TAG)
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        return None
-    return value if 1 <= value <= 3540 else None
+    from seg_fast.eas.wbxml import scan
 
-
-def _find_text(node, name: str) -> str | None:
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        tag = getattr(item, "tag", None)
-        if tag is not None and (tag == name or str(tag).endswith(":" + name)):
-            text = getattr(item, "text", None)
-            if isinstance(text, bytes):
-                text = text.decode("ascii", "replace")
-            return text
-        stack.extend(getattr(item, "children", ()) or ())
+    try:
+        spans = scan(body, HEARTBEAT_TAGS)
+    except WBXMLError:
+        return None                    # the mail server judges a malformed Ping; we only time it
+    for span in spans:
+        if span.kind == "str" and span.path == ("Ping:Ping",):
+            try:
+                value = int(body[span.offset:span.offset + span.length])
+            except ValueError:
+                return None
+            # MS-ASCMD 2.2.3.79.1: servers accept 60..3540 s; outside it the server answers at once.
+            return value if 1 <= value <= 3540 else None
     return None
 
 

@@ -1,0 +1,141 @@
+"""`seg-fast demo`: the mailbox simulator and the gateway in front of it, on one machine.
+
+Prints the device URL, a test account and curl lines that work. The gateway's TLS
+certificate is self-signed, made at start-up (curl needs -k); state (policy store,
+keys, transaction log) goes into a temporary directory removed at exit.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import socket
+import sys
+import tempfile
+
+import trio
+
+DEMO_USER = "demo"
+DEMO_PASSWORD = "secret"
+# A FolderSync request (SyncKey 0) in WBXML, for the curl line.
+FOLDERSYNC = bytes.fromhex("03016a00000756520330000101")
+
+
+def _self_signed(directory: str) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "seg-fast demo")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path = os.path.join(directory, "demo-cert.pem")
+    key_path = os.path.join(directory, "demo-key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    return cert_path, key_path
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def cli(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="seg-fast demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, default=8443, help="gateway port (default 8443; 0 = any free port)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--no-tls", action="store_true", help="plain HTTP on the device leg")
+    ap.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (0 = run until Ctrl-C)")
+    ap.add_argument("--deliver-every", type=float, default=30.0,
+                    help="deliver a new message to the demo user every N seconds (0 = never)")
+    ap.add_argument("--require-provisioning", action="store_true",
+                    help="the simulator answers Status 142 until a device provisions")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="seg-fast-demo-") as state:
+        try:
+            trio.run(_main, args, state)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+async def _main(args, state: str) -> None:
+    from seg_fast.config import load_config
+    from seg_fast.proxy.gateway import Gateway
+    from seg_fast.sim.mailbox import MailboxSimulator
+
+    port = args.port
+    if port and not _port_free(args.host, port):
+        print(f"port {port} is busy; using a free one", file=sys.stderr)
+        port = 0
+    env = {
+        "SEG_FAST_LISTENER_HOST": args.host,
+        "SEG_FAST_LISTENER_PORT": str(port),
+        "SEG_FAST_LOG_TRANSACTIONS": os.path.join(state, "transactions.jsonl"),
+        "SEG_FAST_POLICY_ALLOW_IF_NO_POLICIES": "true",
+        "SEG_FAST_POLICY_SQLITE_PATH": os.path.join(state, "policy.db"),
+        "SEG_FAST_SECURITY_MASTER_KEY_FILE": os.path.join(state, "master.key"),
+        "SEG_FAST_SECURITY_KEY_STATE_FILE": os.path.join(state, "keys.json"),
+        "SEG_FAST_ADMIN_ENABLED": "false",
+    }
+    if not args.no_tls:
+        cert, key = _self_signed(state)
+        env["SEG_FAST_LISTENER_TLS_CERT"] = cert
+        env["SEG_FAST_LISTENER_TLS_KEY"] = key
+    # Provisioning stays optional so a bare curl can sync; phones provision anyway.
+    sim = MailboxSimulator(password=DEMO_PASSWORD, initial_messages=5,
+                           require_provisioning=args.require_provisioning)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve, "127.0.0.1", 0)
+        env["SEG_FAST_UPSTREAM_URL"] = f"http://127.0.0.1:{sim.port}"
+        config = load_config(None, env={**os.environ, **env})
+        gw = Gateway(config)
+        await nursery.start(gw.serve)
+        scheme = "http" if args.no_tls else "https"
+        k = "" if args.no_tls else "-k "
+        url = f"{scheme}://{args.host}:{gw.port}/Microsoft-Server-ActiveSync"
+        query = f"Cmd=FolderSync&User={DEMO_USER}&DeviceId=DEMO0001&DeviceType=curl"
+        print(f"""seg-fast demo is running (Ctrl-C stops it).
+
+  device URL    {url}
+  account       {DEMO_USER} / {DEMO_PASSWORD}   (any user name works with that password)
+  mail server   http://127.0.0.1:{sim.port}  (the mailbox simulator)
+  transactions  {env['SEG_FAST_LOG_TRANSACTIONS']}
+
+Try it:
+  curl {k}-i -X OPTIONS -u {DEMO_USER}:{DEMO_PASSWORD} '{url}'
+  printf '\\x03\\x01\\x6a\\x00\\x00\\x07\\x56\\x52\\x03\\x30\\x00\\x01\\x01' | curl {k}-s -u {DEMO_USER}:{DEMO_PASSWORD} \\
+      -H 'MS-ASProtocolVersion: 14.1' -H 'Content-Type: application/vnd.ms-sync.wbxml' \\
+      --data-binary @- '{url}?{query}' | python3 -m seg_fast wbxml decode /dev/stdin
+""", flush=True)
+        if args.deliver_every > 0:
+            nursery.start_soon(_deliver, sim, args.deliver_every)
+        if args.seconds:
+            await trio.sleep(args.seconds)
+            gw.drain()
+            nursery.cancel_scope.cancel()
+
+
+async def _deliver(sim, every: float) -> None:
+    while True:
+        await trio.sleep(every)
+        sim.deliver(DEMO_USER, count=1)
