@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import base64
 import random
-import struct
 from typing import TYPE_CHECKING, NamedTuple
 
+from seg_fast.eas.multipart import build_multipart
 from seg_fast.sim.corpus import Message
 from seg_fast.sim.state import DELETED, FOLDER_IDS, FOLDERS, SENT, Item, Mailbox, SyncState
 from seg_fast.sim.tree import E, Element, data, encode, find, kids, text
@@ -501,7 +501,7 @@ def item_operations(ctx: Ctx) -> Answer:
              E("ItemOperations:Response", *out) if out else None)
     if parts is None:
         return wbxml(tree)
-    return Answer(200, [(b"content-type", MULTIPART_TYPE)], multipart([encode(tree), *parts]))
+    return Answer(200, [(b"content-type", MULTIPART_TYPE)], build_multipart([encode(tree), *parts]))
 
 
 def _fetch(ctx: Ctx, op: Element, parts: list[bytes] | None) -> Element:
@@ -542,16 +542,6 @@ def _fetch(ctx: Ctx, op: Element, parts: list[bytes] | None) -> Element:
              E("Email:MessageClass", message_class(msg))]
     return E("ItemOperations:Fetch", E("ItemOperations:Status", 1), *head,
              E("AirSync:Class", "Email"), E("ItemOperations:Properties", *props))
-
-
-def multipart(parts: list[bytes]) -> bytes:
-    """application/vnd.ms-sync.multipart: count, (offset, length) pairs, the parts (int32 LE)."""
-    offset = 4 + 8 * len(parts)
-    table = [struct.pack("<i", len(parts))]
-    for p in parts:
-        table.append(struct.pack("<ii", offset, len(p)))
-        offset += len(p)
-    return b"".join(table) + b"".join(parts)
 
 
 def get_attachment(ctx: Ctx) -> Answer:

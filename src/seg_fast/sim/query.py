@@ -58,8 +58,10 @@ def parse_target(target: str) -> tuple[str, Query]:
     q = Query()
     if not raw:
         return unquote(path), q
-    if "=" in raw:
-        for key, value in parse_qsl(raw, keep_blank_values=True):
+    pairs = parse_qsl(raw, keep_blank_values=True)
+    # A base64 query can end in "=" padding, so the plain form is told by its Cmd key.
+    if any(key == "Cmd" for key, _ in pairs):
+        for key, value in pairs:
             if key == "Cmd":
                 q.command = value
             elif key == "User":
