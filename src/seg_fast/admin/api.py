@@ -250,7 +250,7 @@ class AdminApi:
         if type in ("managedattachment", "unmanagedattachment"):
             doc = self._doc()
             sec = msgspec.to_builtins(doc.security) if doc.security is not None else {}
-            att = sec.get("attachments_managed" if type == "managedattachment" else "attachments_unmanaged") or {}
+            att = sec.get("managed_attachments" if type == "managedattachment" else "unmanaged_attachments") or {}
             rows = [[ft, action] for ft, action in sorted((att.get("file_types") or {}).items())]
             rows.append(["(default)", att.get("default", "allow")])
             return _csv(["file_type", "action"], rows)

@@ -147,6 +147,8 @@ class _Full(msgspec.Struct, kw_only=True):
 class PolicySource:
     """Pulls the policy API into the store: one full snapshot, then deltas."""
 
+    retry_after_error = RETRY_AFTER_ERROR
+
     def __init__(self, settings: PolicySettings, store: Store):
         self.settings = settings
         self.store = store
@@ -201,7 +203,7 @@ class PolicySource:
                 # Keep serving the last snapshot; say why, try again sooner.
                 self.last_error = str(exc)
                 log.error("policy pull failed (last snapshot keeps serving): %s", exc)
-                delay = min(self.settings.delta_interval, RETRY_AFTER_ERROR)
+                delay = min(self.settings.delta_interval, self.retry_after_error)
             await trio.sleep(delay)
 
 
