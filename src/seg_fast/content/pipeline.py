@@ -1,9 +1,363 @@
-"""Applies a Decision's email-security transforms to answers (placeholder)."""
+"""Email security over EAS answers: the Transform a Decision carries.
+
+``transforms_for(policy, managed=, device_id=, user=)`` compiles a policy for one
+device (cheap; the policy engine caches the result per snapshot and device). The
+transform it returns rewrites, in place with the codec's span scanner and splice
+writer, only the strings that change:
+
+- Sync (Add/Change ``AirSyncBase:Body`` Type 1/2/4, 2.5's ``Email:Body`` and
+  ``Email:MIMEData``) and Search results: links, MIME attachments, classification,
+  the S/MIME exemption (``Email:MessageClass`` IPM.Note.SMIME* or the MIME type);
+  each attachment listed in ``AirSyncBase:Attachments`` is renamed as the device
+  will get it (``x.pdf.segenc`` encrypted, ``x.png (removed).txt`` blocked).
+- ItemOperations Fetch (inline ``Data`` or multipart parts) and GetAttachment: the
+  attachment bytes are encrypted or replaced by the block note. The file name comes
+  from the Sync answers this worker carried (a bounded cache keyed by user and
+  FileReference); the magic bytes decide the type either way.
+"""
 from __future__ import annotations
 
+import gzip
+import html
+import zlib
+from collections import OrderedDict
+
+import pybase64
+
+from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, ENVELOPE_OVERHEAD, block_note,
+                                          envelope_name, seal)
+from seg_fast.content.keys import Keyring
+from seg_fast.content.message import (ContentPlan, is_smime_class, transform_mime, transform_text)
 from seg_fast.content.model import EmailSecurityPolicy
+from seg_fast.content.settings import ContentSettings
+from seg_fast.errors import ContentError, SegFastError
+
+COMMANDS = frozenset({"Sync", "ItemOperations", "GetAttachment", "Search"})
+WBXML_TYPE = b"application/vnd.ms-sync.wbxml"
+MULTIPART_TYPE = b"application/vnd.ms-sync.multipart"
+BLOCKED_SUFFIX = " (removed).txt"
+
+# Elements whose strings the transform reads or rewrites.
+_TAGS = (
+    "AirSyncBase:Type", "AirSyncBase:Data", "AirSyncBase:Truncated",
+    "AirSyncBase:DisplayName", "AirSyncBase:FileReference", "AirSyncBase:EstimatedDataSize",
+    "AirSyncBase:ContentType", "Email:MessageClass",
+    "Email:Body", "Email:BodyTruncated", "Email:MIMEData", "Email:MIMETruncated",
+    "Email:DisplayName", "Email:AttName", "Email:AttSize",
+    "ItemOperations:Data", "ItemOperations:Part",
+)
+# What one message (or one fetched attachment) sits in.
+_ITEMS = ("AirSync:Add", "AirSync:Change", "Search:Result", "ItemOperations:Fetch")
+
+
+class _Runtime:
+    """Per worker: settings, the keyring (loaded on first need) and the FileReference cache."""
+
+    def __init__(self, settings: ContentSettings):
+        self.settings = settings
+        self._keys: Keyring | None = None
+        self.files: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    @property
+    def keys(self) -> Keyring:
+        if self._keys is None:
+            self._keys = Keyring.from_settings(self.settings)
+        return self._keys
+
+    def remember(self, user: str, ref: str, name: str) -> None:
+        key = (user.lower(), ref)
+        self.files[key] = name
+        self.files.move_to_end(key)
+        while len(self.files) > self.settings.file_reference_cache:
+            self.files.popitem(last=False)
+
+    def name_of(self, user: str, ref: str) -> str:
+        return self.files.get((user.lower(), ref), "")
+
+
+_runtime = _Runtime(ContentSettings())
+
+
+def configure(settings: ContentSettings, keys: Keyring | None = None) -> None:
+    """Set the worker's content settings (and keyring, for tests); call at start-up."""
+    global _runtime
+    _runtime = _Runtime(settings)
+    _runtime._keys = keys
 
 
 def transforms_for(policy: EmailSecurityPolicy | None, *, managed: bool, device_id: str, user: str) -> tuple:
-    """The transforms one device's requests get under ``policy``."""
-    return ()
+    """The transforms one device's requests get under ``policy`` (None: no email security)."""
+    if policy is None:
+        return ()
+    att = policy.attachments_for(managed)
+    encrypts = att.default == "encrypt" or "encrypt" in att.file_types.values()
+    plan = ContentPlan(policy, managed=managed, device_id=device_id, user=user,
+                       keys=_runtime.keys if encrypts else None,
+                       default_message=_runtime.settings.default_block_message)
+    return (EmailSecurityTransform(plan),) if plan.active else ()
+
+
+def no_policy_transforms(*, managed: bool, device_id: str, user: str) -> tuple:
+    """The guide's "Block Attachments": what devices get while the policy source is
+    unreachable or the snapshot is empty (ContentSettings.block_attachments_without_policy)."""
+    s = _runtime.settings
+    if not s.block_attachments_without_policy:
+        return ()
+    plan = ContentPlan(None, managed=managed, device_id=device_id, user=user, keys=None,
+                       no_policy_block=True, default_message=s.default_block_message)
+    return (EmailSecurityTransform(plan),)
+
+
+def _header(headers, name: bytes) -> bytes:
+    for k, v in headers:
+        if k.lower() == name:
+            return v.strip().lower()
+    return b""
+
+
+class EmailSecurityTransform:
+    """Transform (hooks.py) applying one device's compiled email security policy."""
+
+    commands = COMMANDS
+
+    def __init__(self, plan: ContentPlan):
+        self.plan = plan
+
+    def transform_answer(self, req, status: int, headers, body: bytes) -> bytes:
+        if status != 200 or not body:
+            return body
+        ctype = _header(headers, b"content-type")
+        encoding = _header(headers, b"content-encoding")
+        try:
+            raw = _gunzip(body, _runtime.settings.max_transform_bytes) if encoding == b"gzip" else body
+            if req.command == "GetAttachment":
+                new = self._attachment_bytes(req, req.params.get("AttachmentName", ""), raw)
+            elif ctype.startswith(MULTIPART_TYPE):
+                new = self._multipart(req, raw)
+            elif ctype.startswith(WBXML_TYPE) or (not ctype and raw[:1] == b"\x03"):
+                new = self._wbxml(req, raw, None)
+            else:
+                return body
+        except ContentError:
+            raise
+        except SegFastError as e:
+            raise ContentError(f"{req.command} answer: {e}") from None
+        if new is raw:
+            return body
+        return gzip.compress(new, 1) if encoding == b"gzip" else new
+
+    # -- answers ----------------------------------------------------------------------
+    def _multipart(self, req, raw: bytes) -> bytes:
+        from seg_fast.eas.multipart import build_multipart, parse_multipart
+
+        parts = [bytes(p) for p in parse_multipart(raw)]
+        new_parts = list(parts)
+        new_parts[0] = self._wbxml(req, parts[0], new_parts)
+        if all(a is b for a, b in zip(parts, new_parts)):
+            return raw
+        return build_multipart(new_parts)
+
+    def _wbxml(self, req, raw: bytes, parts: list | None) -> bytes:
+        from seg_fast.eas.wbxml import scan, splice
+
+        spans = scan(raw, _TAGS)
+        if not spans:
+            return raw
+        items: dict[int, list] = {}
+        for sp in spans:
+            item = _item_of(sp)
+            if item is not None:
+                items.setdefault(item, []).append(sp)
+        edits: list = []
+        for item_spans in items.values():
+            self._item(req, raw, item_spans, parts, edits)
+        return splice(raw, edits) if edits else raw
+
+    def _item(self, req, raw: bytes, spans: list, parts: list | None, edits: list) -> None:
+        plan = self.plan
+        user = req.user or plan.user
+        text = lambda sp: raw[sp.offset:sp.offset + sp.length].decode("utf-8", "replace")
+        mclass = next((text(s) for s in spans if s.tag == "Email:MessageClass"), "")
+        exempt = plan.skip_smime and is_smime_class(mclass)
+        verdict = None
+        if plan.classification and not exempt:
+            tag = plan.classification.tag_from_message_class(mclass)
+            verdict = plan.classification.verdict(tag, req.user_agent or "")
+        blocked_all = verdict is not None
+        # Bodies, grouped by their Body element (2.5 bodies by the item).
+        bodies: dict[object, dict[str, object]] = {}
+        for sp in spans:
+            if sp.tag.startswith("AirSyncBase:") and sp.within("AirSyncBase:Body") is not None \
+                    and sp.tag in ("AirSyncBase:Type", "AirSyncBase:Data", "AirSyncBase:Truncated"):
+                bodies.setdefault(sp.within("AirSyncBase:Body"), {})[sp.tag.split(":")[1]] = sp
+            elif sp.tag in ("Email:Body", "Email:BodyTruncated"):
+                bodies.setdefault("25text", {"Type": "1"})[
+                    "Data" if sp.tag == "Email:Body" else "Truncated"] = sp
+            elif sp.tag in ("Email:MIMEData", "Email:MIMETruncated"):
+                bodies.setdefault("25mime", {"Type": "4"})[
+                    "Data" if sp.tag == "Email:MIMEData" else "Truncated"] = sp
+        for body in bodies.values():
+            data_sp = body.get("Data")
+            if data_sp is None:
+                continue
+            t = body.get("Type")
+            btype = t if isinstance(t, str) else (text(t) if t is not None else "1")
+            tr = body.get("Truncated")
+            truncated = tr is not None and text(tr).strip() in ("1", "true")
+            data = raw[data_sp.offset:data_sp.offset + data_sp.length]
+            if verdict is not None:
+                new = _template_body(verdict, btype.strip())
+            elif btype.strip() == "4":
+                if exempt:
+                    continue
+                new, outcome = transform_mime(data, plan, client=req.user_agent or "", truncated=truncated)
+                blocked_all = blocked_all or outcome.classification_blocked
+                exempt = exempt or outcome.smime_skipped
+            elif exempt or btype.strip() not in ("1", "2"):
+                continue
+            else:
+                new, _ = transform_text(data, plan, truncated=truncated)
+            if new is not data and new != data:
+                edits.append((data_sp, _as_kind(data_sp, new)))
+        self._attachment_list(req, raw, spans, user, exempt, blocked_all, edits)
+        self._fetched(req, raw, spans, parts, user, edits)
+
+    def _attachment_list(self, req, raw, spans, user, exempt, blocked_all, edits) -> None:
+        """Attachments of a Sync/Search item: remember their names, rename as acted on."""
+        plan = self.plan
+        groups: dict[int, dict[str, object]] = {}
+        for sp in spans:
+            at = sp.within("AirSyncBase:Attachment")
+            if at is None:
+                at = sp.within("Email:Attachment")
+            if at is None or sp.tag not in ("AirSyncBase:DisplayName", "AirSyncBase:FileReference",
+                                            "AirSyncBase:EstimatedDataSize", "Email:DisplayName",
+                                            "Email:AttName", "Email:AttSize"):
+                continue
+            groups.setdefault(at, {})[sp.tag.split(":")[1]] = sp
+        for g in groups.values():
+            name_sp = g.get("DisplayName")
+            ref_sp = g.get("FileReference") or g.get("AttName")
+            size_sp = g.get("EstimatedDataSize") or g.get("AttSize")
+            name = _str(raw, name_sp) if name_sp is not None else ""
+            ref = _str(raw, ref_sp) if ref_sp is not None else ""
+            if ref:
+                _runtime.remember(user, ref, "\0exempt\0" + name if exempt else name)
+            if exempt:
+                continue
+            action = "block" if blocked_all else plan.action(name, b"")[1]
+            if action == "allow" or name_sp is None:
+                continue
+            if action == "encrypt":
+                new_name = envelope_name(name)
+                edits.append((name_sp, new_name))
+                if size_sp is not None:
+                    est = _int(raw, size_sp)
+                    if est is not None:
+                        extra = ENVELOPE_OVERHEAD + len(name.encode()) + 64
+                        edits.append((size_sp, _as_kind(size_sp, str(est + extra).encode())))
+            else:
+                edits.append((name_sp, name + BLOCKED_SUFFIX))
+                if size_sp is not None:
+                    note = block_note(name, plan.block_message).encode()
+                    edits.append((size_sp, _as_kind(size_sp, str(len(note)).encode())))
+
+    def _fetched(self, req, raw, spans, parts, user, edits) -> None:
+        """An ItemOperations Fetch of one attachment: inline Data or a multipart Part."""
+        ref_sp = next((s for s in spans if s.tag == "AirSyncBase:FileReference"
+                       and s.within("AirSyncBase:Attachment") is None), None)
+        data_sp = next((s for s in spans if s.tag == "ItemOperations:Data"), None)
+        part_sp = next((s for s in spans if s.tag == "ItemOperations:Part"), None)
+        if ref_sp is None or (data_sp is None and part_sp is None):
+            return
+        ref = _str(raw, ref_sp)
+        ctype_sp = next((s for s in spans if s.tag == "AirSyncBase:ContentType"), None)
+        ctype = _str(raw, ctype_sp) if ctype_sp is not None else "application/octet-stream"
+        if data_sp is not None:
+            blob = raw[data_sp.offset:data_sp.offset + data_sp.length]
+            if data_sp.kind == "str":
+                try:
+                    blob = pybase64.b64decode(blob)
+                except ValueError:
+                    raise ContentError("ItemOperations Data is not base64") from None
+        else:
+            idx = _int(raw, part_sp)
+            if parts is None or idx is None or not 0 < idx < len(parts):
+                raise ContentError("ItemOperations Part names no part of the answer")
+            blob = parts[idx]
+        result = self._transform_file(user, ref, ctype, blob)
+        if result is None:
+            return
+        new_blob, new_ctype = result
+        if data_sp is not None:
+            edits.append((data_sp, pybase64.b64encode(new_blob).decode("ascii")
+                          if data_sp.kind == "str" else new_blob))
+        else:
+            parts[idx] = new_blob
+        if ctype_sp is not None:
+            edits.append((ctype_sp, _as_kind(ctype_sp, new_ctype.encode())))
+
+    def _attachment_bytes(self, req, ref: str, raw: bytes) -> bytes:
+        """GetAttachment: the answer body is the attachment itself."""
+        result = self._transform_file(req.user or self.plan.user, ref, "application/octet-stream", raw)
+        return raw if result is None else result[0]
+
+    def _transform_file(self, user: str, ref: str, ctype: str, blob: bytes):
+        """(new bytes, new content type) or None to leave the attachment as it is."""
+        plan = self.plan
+        name = _runtime.name_of(user, ref)
+        if name.startswith("\0exempt\0"):
+            return None
+        kind, action = plan.action(name, bytes(blob[:64]))
+        if action == "allow":
+            return None
+        shown = name or (f"attachment.{kind}" if kind else "attachment")
+        if action == "encrypt":
+            return seal(plan.keys, plan.device_id, plan.user, shown, ctype, blob), ENVELOPE_CONTENT_TYPE
+        return block_note(shown, plan.block_message).encode("utf-8"), "text/plain"
+
+
+def _item_of(sp):
+    for tag, off in zip(reversed(sp.path), reversed(sp.path_offsets)):
+        if tag in _ITEMS:
+            return off
+    return None
+
+
+def _str(raw: bytes, sp) -> str:
+    return raw[sp.offset:sp.offset + sp.length].decode("utf-8", "replace").strip()
+
+
+def _int(raw: bytes, sp):
+    try:
+        return int(raw[sp.offset:sp.offset + sp.length])
+    except ValueError:
+        return None
+
+
+def _as_kind(sp, new: bytes):
+    """The value for splice: text stays an inline string when it is valid UTF-8."""
+    if sp.kind == "opaque":
+        return new
+    try:
+        value = new.decode("utf-8")
+    except UnicodeDecodeError:
+        return new  # written as OPAQUE, which EAS clients read for Data too
+    return new if "\0" in value else value
+
+
+def _template_body(template: str, btype: str) -> bytes:
+    if btype == "2":
+        return f"<html><body><p>{html.escape(template)}</p></body></html>".encode("utf-8")
+    if btype == "4":
+        return (b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                + template.encode("utf-8") + b"\r\n")
+    return template.encode("utf-8")
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits=31)
+    out = d.decompress(body, limit + 1)
+    if len(out) > limit or d.unconsumed_tail:
+        raise ContentError("gzip answer larger than security.max_transform_bytes")
+    return out
