@@ -21,8 +21,12 @@ import sys
 from seg_fast.errors import WBXMLError
 from seg_fast.eas import codepages
 
+cimport cython
+
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+    int PyGC_Disable()
+    int PyGC_Enable()
 
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024   # bytes; a gateway bounds what it buffers
 DEFAULT_MAX_DEPTH = 64
@@ -92,6 +96,7 @@ def token_of(tag):
 
 # ---------------------------------------------------------------- the tree
 
+@cython.no_gc
 cdef class Element:
     """One WBXML element: qualified tag, children, inline text or opaque bytes.
 
@@ -99,30 +104,47 @@ cdef class Element:
     canonical encoding (redundant SWITCH_PAGE, split strings, a content flag with
     no content, a non-default header) so that encode(decode(x)) == x. It is
     ignored as soon as it no longer matches the element's content.
+
+    Elements do not take part in cyclic garbage collection (decoding large
+    trees fast): an element must not contain itself.
     """
     cdef public str tag
-    cdef public list children
+    cdef list _children       # None until the first child: most elements are leaves
     cdef public object text
     cdef public object opaque
     cdef public object _fmt
 
     def __init__(self, str tag, children=None, text=None, opaque=None):
         self.tag = tag
-        self.children = [] if children is None else list(children)
+        self._children = None if children is None else list(children)
         self.text = text
         self.opaque = opaque
         self._fmt = None
 
+    @property
+    def children(self):
+        """The child elements (a list you may modify)."""
+        if self._children is None:
+            self._children = []
+        return self._children
+
+    @children.setter
+    def children(self, value):
+        self._children = value if type(value) is list else list(value)
+
     def find(self, str tag):
         """The first direct child with this tag, or None."""
-        for child in self.children:
-            if (<Element>child).tag == tag:
-                return child
+        if self._children is not None:
+            for child in self._children:
+                if (<Element>child).tag == tag:
+                    return child
         return None
 
     def findall(self, str tag):
         """Every direct child with this tag, in order."""
-        return [child for child in self.children if (<Element>child).tag == tag]
+        if self._children is None:
+            return []
+        return [child for child in self._children if (<Element>child).tag == tag]
 
     def findtext(self, str tag, default=None):
         """The text of the first direct child with this tag (its opaque bytes
@@ -145,8 +167,8 @@ cdef class Element:
             el = stack.pop()
             if tag is None or el.tag == tag:
                 out.append(el)
-            if el.children:
-                stack.extend(reversed(el.children))
+            if el._children:
+                stack.extend(reversed(el._children))
         return iter(out)
 
     def __eq__(self, other):
@@ -154,12 +176,12 @@ cdef class Element:
             return NotImplemented
         cdef Element o = <Element>other
         return (self.tag == o.tag and self.text == o.text and self.opaque == o.opaque
-                and self.children == o.children)
+                and (self._children or []) == (o._children or []))
 
     def __repr__(self):
         parts = [repr(self.tag)]
-        if self.children:
-            parts.append(f"[{len(self.children)} children]")
+        if self._children:
+            parts.append(f"[{len(self._children)} children]")
         if self.text is not None:
             t = self.text if len(self.text) <= 40 else self.text[:37] + "..."
             parts.append(f"text={t!r}")
@@ -272,13 +294,20 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
     cdef Element root = None, el, parent
     cdef list swlist = None
     cdef object pre, s, items
-    # per open element: the element, its content state (1 str, 2 opaque, 4 child)
-    # and, once its content is irregular, the exact item sequence
-    cdef list stack = [None] * (max_depth + 1)
+    # per open element: the element (borrowed: the tree holds it), its content
+    # state (1 str, 2 opaque, 4 child, 8 irregular) and, once irregular, the
+    # exact item sequence
+    cdef PyObject** stack = <PyObject**>malloc((max_depth + 1) * sizeof(PyObject*))
     cdef int* state = <int*>malloc((max_depth + 1) * sizeof(int))
     cdef list irregular = [None] * (max_depth + 1)
-    if state == NULL:
+    cdef int gc_was_on
+    if state == NULL or stack == NULL:
+        free(state)
+        free(stack)
         raise MemoryError()
+    # the new elements hold only fresh objects, no cycles: let no collection
+    # walk the growing tree again and again
+    gc_was_on = PyGC_Disable()
     try:
         while pos < n:
             start = pos
@@ -304,15 +333,13 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
                 if depth == 0:
                     raise WBXMLError("END outside any element", start)
                 depth -= 1
-                el = <Element>stack[depth]
                 st = state[depth]
-                items = irregular[depth]
-                if items is not None:
-                    _finish_irregular(el, <list>items)
+                if st & 8:
+                    _finish_irregular(<Element>stack[depth], <list>irregular[depth])
                     irregular[depth] = None
                 elif st == 0:   # content flag with no content
+                    el = <Element>stack[depth]
                     el._fmt = (None if el._fmt is None else el._fmt[0], (), None)
-                stack[depth] = None
                 if depth == 0:
                     if pos != n:
                         raise WBXMLError("data after the end of the root element", pos)
@@ -337,9 +364,8 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
                     tok = 2
                 el = <Element>stack[depth - 1]
                 st = state[depth - 1]
-                items = irregular[depth - 1]
-                if items is not None:
-                    (<list>items).append(s)
+                if st & 8:
+                    (<list>irregular[depth - 1]).append(s)
                 elif (tok == 1 and st == 0) or (tok == 2 and (st & 6) == 0):
                     if tok == 1:
                         el.text = s
@@ -350,6 +376,7 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
                     items = _canonical_items(el)
                     items.append(s)
                     irregular[depth - 1] = items
+                    state[depth - 1] = st | 8
                 continue
             tok = b & 0x3F
             if tok < 5 or b & HAS_ATTRS:
@@ -357,7 +384,6 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
             # a tag
             el = Element.__new__(Element)
             el.tag = _name(page, tok)
-            el.children = []
             if nsw:
                 if swlist is not None or first_sw == prev_page:
                     pre = tuple(swlist) if swlist is not None else (first_sw,)
@@ -370,15 +396,17 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
                 root = el
             else:
                 parent = <Element>stack[depth - 1]
-                items = irregular[depth - 1]
-                if items is not None:
-                    (<list>items).append(len(parent.children))
+                if parent._children is None:
+                    parent._children = [el]
+                else:
+                    parent._children.append(el)
+                if state[depth - 1] & 8:
+                    (<list>irregular[depth - 1]).append(len(parent._children) - 1)
                 state[depth - 1] |= 4
-                parent.children.append(el)
             if b & HAS_CONTENT:
                 if depth >= max_depth:
                     raise WBXMLError(f"elements nested deeper than {max_depth}", start)
-                stack[depth] = el
+                stack[depth] = <PyObject*>el
                 state[depth] = 0
                 depth += 1
             elif depth == 0:
@@ -393,6 +421,9 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
             raise WBXMLError(f"truncated: {depth} element(s) still open", n)
     finally:
         free(state)
+        free(stack)
+        if gc_was_on:
+            PyGC_Enable()
     if header is not None:
         fmt = root._fmt
         root._fmt = (None if fmt is None else fmt[0], None if fmt is None else fmt[1], header)
@@ -406,7 +437,8 @@ cdef list _canonical_items(Element el):
         items.append(el.text)
     if el.opaque is not None:
         items.append(el.opaque)
-    items.extend(range(len(el.children)))
+    if el._children is not None:
+        items.extend(range(len(el._children)))
     return items
 
 
@@ -519,7 +551,7 @@ cdef bint _items_match(Element el, tuple items):
             if x != nxt:
                 return False
             nxt += 1
-    if nxt != len(el.children):
+    if nxt != (0 if el._children is None else len(el._children)):
         return False
     if ("".join(strs) if strs else None) != el.text:
         return False
@@ -531,7 +563,7 @@ cdef bint _items_match(Element el, tuple items):
 cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) except -1:
     cdef int packed, tpage, tok
     cdef object fmt = el._fmt, pre = None, items = None, x
-    cdef list children = el.children
+    cdef list children = el._children
     cdef Py_ssize_t i, nchild
     if depth > max_depth:
         raise WBXMLError(f"elements nested deeper than {max_depth}")
@@ -556,7 +588,7 @@ cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) exc
         _put(w, SWITCH_PAGE)
         _put(w, <uint8_t>tpage)
         page[0] = tpage
-    nchild = PyList_GET_SIZE(children)
+    nchild = 0 if children is None else PyList_GET_SIZE(children)
     if items is not None:
         _put(w, tok | HAS_CONTENT)
         for x in <tuple>items:
