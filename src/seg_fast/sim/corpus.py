@@ -111,7 +111,7 @@ class Message:
             ext = rng.choice(tuple(ATTACHMENT_KINDS))
             size = rng.choices([s for s, _ in ATTACHMENT_SIZES], [w for _, w in ATTACHMENT_SIZES])[0]
             att = (f"{rng.choice(_WORDS)}-{index}.{ext}", ext, size)
-        self._plan = (rng.randint(HTML_MIN, HTML_MAX - 2048), rng.randint(LINKS_MIN, LINKS_MAX),
+        self._plan = (rng.randint(HTML_MIN + 1536, HTML_MAX - 2048), rng.randint(LINKS_MIN, LINKS_MAX),
                       att, rng.getrandbits(64))
 
     # -- bodies ----------------------------------------------------------------------
@@ -120,34 +120,32 @@ class Message:
         target, nlinks, _, sub = self._plan
         rng = random.Random(sub)
         links = [_url(rng) for _ in range(nlinks)]
-        # Each link goes to one of the paragraphs the target size needs (~520 bytes each).
-        nparas = max(1, target // 520)
-        where: dict[int, list[int]] = {}
-        for k in range(nlinks):
-            where.setdefault(rng.randrange(nparas), []).append(k)
-        html = [f'<html><head><meta charset="utf-8"><title>{self.subject}</title></head><body>\n']
-        text = []
-        size = len(html[0]) + 16
-        p = 0
-        while size < target or p < nparas:
+        head = f'<html><head><meta charset="utf-8"><title>{self.subject}</title></head><body>\n'
+        # Paragraphs until the target size (links counted in), then the links go
+        # into random places among them: the size stays within one paragraph of it.
+        size = len(head) + 16 + sum(len(u) + 30 for u in links)
+        paras: list[list[str]] = []
+        while size < target:
             words = rng.choices(_WORDS, k=rng.randint(40, 120))
-            hwords = list(words)
-            twords = list(words)
-            for k in where.get(p, ()):
-                pos = rng.randrange(len(words))
-                url = links[k]
-                if rng.random() < P_HREF:
-                    anchor = " ".join(rng.choices(_WORDS, k=rng.randint(1, 4)))
-                    hwords[pos] += f' <a href="{url.replace("&", "&amp;")}">{anchor}</a>'
-                    twords[pos] += f" {anchor} <{url}>"
-                else:
-                    hwords[pos] += " " + url.replace("&", "&amp;")
-                    twords[pos] += " " + url
-            para = " ".join(hwords)
+            paras.append(words)
+            size += sum(map(len, words)) + len(words) + 8
+        hparas = [list(w) for w in paras]
+        tparas = [list(w) for w in paras]
+        for url in links:
+            p = rng.randrange(len(paras))
+            pos = rng.randrange(len(paras[p]))
+            if rng.random() < P_HREF:
+                anchor = " ".join(rng.choices(_WORDS, k=rng.randint(1, 4)))
+                hparas[p][pos] += f' <a href="{url.replace("&", "&amp;")}">{anchor}</a>'
+                tparas[p][pos] += f" {anchor} <{url}>"
+            else:
+                hparas[p][pos] += " " + url.replace("&", "&amp;")
+                tparas[p][pos] += " " + url
+        html = [head]
+        for words in hparas:
+            para = " ".join(words)
             html.append(f"<p>{para[0].upper()}{para[1:]}.</p>\n")
-            text.append(_wrap(" ".join(twords)))
-            size += len(html[-1])
-            p += 1
+        text = [_wrap(" ".join(words)) for words in tparas]
         html.append("</body></html>\n")
         return "".join(html), "\n\n".join(text) + "\n", tuple(links)
 
