@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import http
 import resource
 import sys
 from typing import NamedTuple
@@ -38,7 +39,8 @@ SUPPORTED = ("Sync", "SendMail", "SmartForward", "SmartReply", "GetAttachment", 
              "MoveItems", "GetItemEstimate", "Settings", "Ping", "ItemOperations", "Provision")
 PATHS = ("/microsoft-server-activesync", "/servlet/traveler", "/eas")
 SERVER_HEADER = (b"ms-server-activesync", b"16.1")
-REASONS = {449: b"Retry after sending a PROVISION command"}
+REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+REASONS[449] = b"Retry after sending a PROVISION command"
 MAX_HEAD = 16 * 1024
 RECV = 65536
 
