@@ -194,6 +194,8 @@ def test_cache_respects_changed_identity_and_time():
     assert e.decide(req(user="mallory")).reason == "blocked.user"   # same device id, other user
     assert e.decide(req()).allowed
     clock[0] = NOW + DAY    # the check-in is now older than a day
+    assert e.decide(req()).allowed        # the engine's clock moves on tick() only
+    e.tick()
     assert e.decide(req()).reason == "blocked.mdm_inactive"
 
 
@@ -270,3 +272,12 @@ def test_sync_settings_hidden_types():
     e.load(doc, [], 1)
     assert got == [frozenset({8, 13, 9, 14})]
     assert e.decide(req()).transforms == ("S",)
+
+
+def test_no_policy_transforms_when_allowed_without_policies():
+    e = Engine(transforms_for=lambda *a, **k: ("T",), clock=lambda: NOW, allow_if_no_policies=True,
+               no_policy_transforms=lambda *, managed, device_id, user: (("NP", managed, device_id),))
+    e.load(None, [managed()], 1)
+    d = e.decide(req())
+    assert d.allowed and d.reason == "allowed.no_policies" and d.transforms == (("NP", True, "DEV1"),)
+    assert e.decide(req(device_id="X")).transforms == (("NP", False, "X"),)

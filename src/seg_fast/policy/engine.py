@@ -182,6 +182,11 @@ def _default_transforms_for():
     return transforms_for
 
 
+def _default_no_policy_transforms():
+    from seg_fast.content import pipeline
+    return getattr(pipeline, "no_policy_transforms", lambda **kw: ())
+
+
 class Engine:
     """Decisions for one worker: the compiled snapshot plus the per-device cache."""
 
@@ -191,13 +196,18 @@ class Engine:
 
     def __init__(self, *, allow_if_no_policies: bool = False, test_mode: bool = False,
                  transforms_for: TransformsFor | None = None, sync_transforms: Callable | None = None,
-                 clock: Callable[[], float] = time.time):
+                 no_policy_transforms: Callable | None = None, clock: Callable[[], float] = time.time):
         self.allow_if_no_policies = allow_if_no_policies
         self.config_test_mode = test_mode
         self._transforms_for = transforms_for or _default_transforms_for()
+        # What devices get while no policy document is loaded and allow_if_no_policies is on
+        # (the guide's "Block Attachments" when the local policy set is empty).
+        self._no_policy_transforms = no_policy_transforms or (
+            (lambda **kw: ()) if transforms_for is not None else _default_no_policy_transforms())
         # sync_transforms(hidden_types) -> tuple of Transform/RequestTransform (Sync Settings).
         self._sync_transforms = sync_transforms
         self._clock = clock
+        self.now = clock()
         self.version = 0
         self.policies: CompiledPolicies | None = None
         self.devices: dict[str, DeviceRecord] = {}
@@ -249,11 +259,9 @@ class Engine:
         self._blocked = {r: self._make(False, r, (), tm) for r in REASONS if r.startswith("blocked.")}
         self._disabled = pol.disabled_commands if pol is not None else frozenset()
         self._cmd_decision = self._blocked[COMMAND_DISABLED]
-        if pol is None:
-            self._fixed = (self._make(True, NO_POLICIES_ALLOWED, (), False) if self.allow_if_no_policies
-                           else self._blocked[NO_POLICIES_BLOCKED])
-        else:
-            self._fixed = None
+        # Without a document every device is blocked alike (one shared answer); when
+        # allowed, each device still gets its own no-policy transforms (cached below).
+        self._fixed = self._blocked[NO_POLICIES_BLOCKED] if pol is None and not self.allow_if_no_policies else None
         self._sync = (self._sync_transforms(pol.hidden_types)
                       if pol is not None and pol.hidden_types and self._sync_transforms else ())
 
@@ -265,28 +273,42 @@ class Engine:
         return Decision(allowed=allowed, reason=reason, transforms=transforms)
 
     # -- the request path -------------------------------------------------------
+    def tick(self) -> None:
+        """Advance the engine's clock (the worker calls it every TICK seconds): cached
+        decisions that expire (MDM inactivity) are compared against it, not a syscall."""
+        self.now = self._clock()
+
     def decide(self, req) -> Decision:
-        fixed = self._fixed
-        if fixed is not None:
-            return fixed
-        if req.command in self._disabled:
-            return self._cmd_decision
-        raw = req.device_id
-        e = self._cache.get(raw)
+        e = self._cache.get(req.device_id)
         if (e is not None and e[0] == req.user and e[1] == req.device_type and e[2] == req.user_agent
-                and (e[4] == FOREVER or self._clock() < e[4])):
+                and e[4] > self.now):
+            if req.command in self._disabled:
+                return self._cmd_decision
             return e[3]
-        return self._miss(req, raw)
+        return self._miss(req, req.device_id)
 
     def _miss(self, req, raw) -> Decision:
+        if self._fixed is not None:
+            return self._fixed
+        if req.command in self._disabled:
+            return self._cmd_decision
+        self.now = self._clock()
         pol = self.policies
         key = device_key(raw or "")
         device = self.devices.get(key)
         if device is not None and not same_user(device.user, req.user):
             device = None   # enrolled to someone else: this user's device is unknown
-        now = self._clock()
-        reason, until = evaluate(req, device, pol, now)
-        if reason.startswith("allowed."):
+        now = self.now
+        if pol is None:
+            managed = device is not None and device.managed
+            decision = Decision(allowed=True, reason=NO_POLICIES_ALLOWED, transforms=tuple(
+                self._no_policy_transforms(managed=managed, device_id=raw or "", user=req.user or "")))
+            reason, until = NO_POLICIES_ALLOWED, FOREVER
+        else:
+            reason, until = evaluate(req, device, pol, now)
+        if pol is None:
+            pass
+        elif reason.startswith("allowed."):
             managed = device is not None and device.managed
             content = self._transforms_for(pol.doc.security, managed=managed,
                                            device_id=raw or "", user=req.user or "")

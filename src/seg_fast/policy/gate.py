@@ -43,6 +43,7 @@ META_LOG_LEVELS = "log_levels"
 META_COMPLIANCE_RUN = "compliance_run"
 
 FLUSH_INTERVAL = 1.0
+TICK = 0.5          # resolution of time-dependent decisions (MDM inactivity)
 MAX_PENDING_SIGHTINGS = 200_000
 
 
@@ -119,6 +120,7 @@ class PolicyGatekeeper:
             else:
                 nursery.start_soon(self._follow)
             nursery.start_soon(self._flush_loop)
+            nursery.start_soon(self._tick_loop)
 
     # -- upkeep -----------------------------------------------------------------
     async def _open_and_load(self) -> None:
@@ -189,6 +191,11 @@ class PolicyGatekeeper:
             except StoreError as exc:
                 log.error("policy store: %s; retrying", exc)
                 await trio.sleep(1.0)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await trio.sleep(TICK)
+            self.engine.tick()
 
     async def _flush_loop(self) -> None:
         while True:
