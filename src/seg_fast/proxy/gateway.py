@@ -7,6 +7,7 @@ import ssl
 
 import trio
 
+from seg_fast.content import pipeline as content_pipeline
 from seg_fast.observe import TransactionLog
 from seg_fast.policy import gate
 from seg_fast.proxy.downstream import serve_device
@@ -58,6 +59,8 @@ class Gateway:
     def _apply(self, config) -> None:
         old_pool = self.pool
         self.config = config
+        # The content pipeline reads its [security] settings per process.
+        content_pipeline.configure(config.security)
         self.eas_paths = frozenset(p.lower().encode() for p in config.eas.paths)
         self.behind_proxy = not config.listener.tls_cert and self._tls_override is None
         if old_pool is None or old_pool.settings != config.upstream or \
