@@ -266,3 +266,14 @@ def test_random_bytes_never_crash(data):
         transform_mime(data, FUZZ_PLAN)
     except MIMEError:
         pass
+
+
+@given(st.binary(max_size=600), st.sampled_from([b"\r\n", b"\n"]))
+def test_qp_encode_roundtrips_with_the_stdlib(data, eol):
+    import binascii
+    from seg_fast.content._mime import qp_encode
+
+    enc = qp_encode(data, eol)
+    norm = data.replace(b"\r\n", b"\n").replace(b"\n", eol)
+    assert binascii.a2b_qp(enc) == norm
+    assert all(len(line) <= 76 for line in enc.split(eol))

@@ -359,3 +359,65 @@ def line_ending(data, Py_ssize_t limit=4096):
         return b"\r\n"
     finally:
         PyBuffer_Release(&view)
+
+
+cdef const char* _HEX = b"0123456789ABCDEF"
+
+
+def qp_encode(data, bytes eol=b"\r\n", Py_ssize_t width=76):
+    """Quoted-printable (RFC 2045) of text ``data``: its CRLF/LF line breaks become
+    ``eol``; lines are cut with soft breaks to at most ``width`` characters; spaces and
+    tabs before a line break, '=' and every byte outside 33..126 are =XX-encoded."""
+    cdef Py_buffer view
+    cdef const unsigned char* b
+    cdef Py_ssize_t n, i, w = 0, col = 0, cap, el = len(eol), need
+    cdef unsigned char c
+    cdef bint enc
+    cdef char* out
+    cdef bytearray buf
+    cdef const char* e = PyBytes_AS_STRING(eol)
+    if width < 8:
+        raise ValueError("width must be at least 8")
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        b = <const unsigned char*>view.buf
+        n = view.len
+        # Worst case: every byte =XX plus a soft break per (width-1)/3 encoded bytes.
+        cap = 3 * n + (3 * n // (width - 4) + 2) * (el + 1) + 16
+        buf = bytearray(cap)
+        out = buf
+        i = 0
+        while i < n:
+            c = b[i]
+            if c == 10 or (c == 13 and i + 1 < n and b[i + 1] == 10):
+                memcpy(out + w, e, el)
+                w += el
+                col = 0
+                i += 2 if c == 13 else 1
+                continue
+            if c == 32 or c == 9:
+                # Whitespace at the end of a line (or of the text) must be encoded.
+                enc = i + 1 >= n or b[i + 1] == 10 or (b[i + 1] == 13 and i + 2 < n and b[i + 2] == 10)
+            else:
+                enc = c < 33 or c > 126 or c == 61
+            need = 3 if enc else 1
+            # Room for this character and a possible soft break "=" on the line.
+            if col + need > width - 1:
+                out[w] = 61
+                w += 1
+                memcpy(out + w, e, el)
+                w += el
+                col = 0
+            if enc:
+                out[w] = 61
+                out[w + 1] = _HEX[c >> 4]
+                out[w + 2] = _HEX[c & 15]
+                w += 3
+            else:
+                out[w] = c
+                w += 1
+            col += need
+            i += 1
+        return bytes(buf[:w])
+    finally:
+        PyBuffer_Release(&view)

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pybase64
 
 from seg_fast.content._links import LinkRewriter
-from seg_fast.content._mime import Part, line_ending, walk, wrap_lines
+from seg_fast.content._mime import Part, line_ending, qp_encode, walk, wrap_lines
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name,
                                           file_type, seal)
 from seg_fast.content.keys import Keyring
@@ -197,9 +197,9 @@ def _text_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: boo
     if not _charset_ok(p) or p.body_start >= p.end:
         return None
     body = memoryview(data)[p.body_start:p.end]
+    if p.cte in ("base64", "quoted-printable") and cut:
+        return None  # a cut encoded text part cannot be re-encoded faithfully
     if p.cte == "base64":
-        if cut:
-            return None  # a cut base64 text part cannot be re-encoded faithfully
         try:
             text = pybase64.b64decode(body)
         except (binascii.Error, ValueError):
@@ -209,7 +209,15 @@ def _text_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: boo
             return None
         out.links += count
         return p.body_start, p.end, wrap_lines(pybase64.b64encode(new), 76, line_ending(body))
-    # 7bit, 8bit, binary and quoted-printable: schemes are literal ASCII, rewrite in place.
+    if p.cte == "quoted-printable":
+        # Soft line breaks may split a link: rewrite the decoded text, re-encode if changed.
+        text = binascii.a2b_qp(body)
+        new, count = links.rewrite(text, cut)
+        if not count:
+            return None
+        out.links += count
+        return p.body_start, p.end, qp_encode(new, line_ending(body))
+    # 7bit, 8bit and binary: rewrite in place.
     new, count = links.rewrite(body, cut)
     if not count:
         return None
