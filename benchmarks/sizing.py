@@ -1,0 +1,15 @@
+"""The sizing benchmark: devices per core at the BENCH-PROFILE service level.
+
+Same as `seg-fast bench sizing ...`; see benchmarks/README.md.
+    python benchmarks/sizing.py --devices 2000 --hold 120
+    python benchmarks/sizing.py --search --devices 2000
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from seg_fast.sim.sizing import cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(cli(["sizing", *sys.argv[1:]]))

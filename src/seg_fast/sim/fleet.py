@@ -1,0 +1,560 @@
+"""The device fleet: many simulated ActiveSync devices in one trio process.
+
+A *shard* is one process that hosts a mailbox simulator and a slice of the
+fleet (devices ``first .. first+devices``). The simulator lives in the same
+process so mail delivery is a plain call (``sim.deliver``) and every device knows
+exactly what it should be told: that is the oracle for "every request answered
+correctly". Devices reach the simulator either directly or through a proxy (the
+gateway or nginx) at the address the harness names; the same seed gives the same
+schedule of requests on every path, so paths can be compared request by request.
+
+One device, per BENCH-PROFILE.md's busy hour:
+- one Ping always parked on its own keep-alive connection; when it returns with
+  changes the device Syncs on that connection, then parks the next Ping;
+- SendMail, ItemOperations Fetch of an attachment and the occasional FolderSync /
+  GetItemEstimate / Settings on a second, short-lived connection (the way phones
+  open one for foreground work), at Poisson times drawn from the seed.
+
+Run by the harness (``seg_fast.sim.sizing``) as ``python -m seg_fast.sim.fleet``:
+the spec comes as JSON in argv[1]; the shard prints ``{"ready": ..., "sim_port": P}``,
+waits for one JSON line on stdin with the target address and the common start time
+``t0``, prints progress lines and finally writes its result JSON to ``spec.out``.
+"""
+from __future__ import annotations
+
+import base64
+import heapq
+import math
+import os
+import random
+import resource
+import sys
+import time
+from collections import defaultdict
+
+import h11
+import msgspec
+import trio
+
+from seg_fast.sim import fleet_eas as eas
+
+# Events per device per busy hour (BENCH-PROFILE.md). Syncs follow deliveries.
+RATE_DELIVER = 12.0
+RATE_SEND = 3.0
+RATE_FETCH = 2.0
+RATE_MISC = 1.0
+# The Ping heartbeat that, with 12 deliveries an hour, gives ~2 idle returns an
+# hour: exp(-12*H/3600) / (1 - exp(-12*H/3600)) = 2/12  ->  H = 300*ln(7) s.
+HEARTBEAT = round(300 * math.log(7))
+MIN_HEARTBEAT = 60             # MS-ASCMD: the server accepts 60..3540
+REQUEST_TIMEOUT = 120.0        # a non-Ping request slower than this is a failure
+STATUS_EVERY = 2.0
+# Each mailbox starts with this many messages, synced (bodies truncated) at set-up,
+# so devices know attachments to fetch from the first minute.
+INITIAL_MESSAGES = 8
+# The simulator cycles this many corpus messages: building one costs ~5 ms, which
+# at fleet rates would spend the load core on making mail rather than serving it.
+CORPUS_POOL = 256
+
+
+class ShardSpec(msgspec.Struct, kw_only=True):
+    shard: int = 0
+    first_device: int = 0
+    devices: int = 100
+    seed: int = 1
+    ramp: float = 10.0           # devices start evenly over this many seconds
+    settle: float = 5.0          # after the ramp, before the measured window
+    hold: float = 20.0           # the measured window
+    drain: float = 30.0          # after it: in-flight requests may finish
+    rate_scale: float = 1.0      # != 1 compresses time: development only, never a claim
+    sim_host: str = "127.0.0.1"
+    sim_port: int = 0
+    source_hosts: list[str] = []  # local addresses device connections are bound to
+    password: str = "secret"
+    out: str = ""
+
+
+class Go(msgspec.Struct, kw_only=True):
+    host: str
+    port: int
+    t0: float                    # wall-clock (time.time()) start of the ramp
+    path: str = "direct"
+
+
+class Stats:
+    """What one shard saw: latencies per command in the window, failures, lag."""
+
+    def __init__(self) -> None:
+        self.lat: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        self.requests: dict[str, int] = defaultdict(int)
+        self.failures: dict[str, int] = defaultdict(int)
+        self.failure_samples: list[str] = []
+        self.lag: list[float] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.pings_idle = 0
+        self.pings_changes = 0
+        self.parked = 0
+        self.parked_min_in_window: int | None = None
+        self.started = 0
+        self.ready = 0
+        self.conn_errors = 0
+        self.fetch_skipped = 0
+
+    def fail(self, kind: str, detail: str) -> None:
+        self.failures[kind] += 1
+        if len(self.failure_samples) < 40:
+            self.failure_samples.append(f"{kind}: {detail}"[:300])
+
+
+class PooledCorpus:
+    """``Corpus(seed)`` restricted to its first ``pool`` messages, all kept built."""
+
+    def __init__(self, seed: int, pool: int = CORPUS_POOL) -> None:
+        from seg_fast.sim.corpus import Corpus
+
+        self.base = Corpus(seed, cache=pool)
+        self.pool = pool
+
+    def message(self, i: int):
+        return self.base.message(i % self.pool)
+
+    def warm(self) -> None:
+        for i in range(self.pool):
+            m = self.base.message(i)
+            m.html, m.mime, m.attachments  # noqa: B018  (build them now, not mid-run)
+
+
+class Clock:
+    """Shard time: seconds since t0 on trio's clock, compressed by rate_scale only
+    when asked (development)."""
+
+    def __init__(self, t0_wall: float) -> None:
+        self.base = trio.current_time() + (t0_wall - time.time())
+
+    def now(self) -> float:
+        return trio.current_time() - self.base
+
+    async def sleep_until(self, t: float) -> None:
+        await trio.sleep_until(self.base + t)
+
+
+class HttpConn:
+    """One h11 client connection. Keep-alive when both sides allow it."""
+
+    __slots__ = ("stream", "h")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+
+    @classmethod
+    async def open(cls, host: str, port: int, local: str | None) -> "HttpConn":
+        stream = await trio.open_tcp_stream(host, port, local_address=local)
+        return cls(stream)
+
+    @property
+    def reusable(self) -> bool:
+        return self.h.our_state is h11.DONE and self.h.their_state is h11.DONE
+
+    async def request(self, target: str, headers: list, body: bytes) -> tuple[int, list, bytes]:
+        h = self.h
+        if h.our_state is h11.DONE:
+            h.start_next_cycle()
+        data = h.send(h11.Request(method="POST", target=target,
+                                  headers=headers + [("Content-Length", str(len(body)))]))
+        data += h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
+        await self.stream.send_all(data)
+        status, rheaders, chunks = 0, [], []
+        while True:
+            ev = h.next_event()
+            if ev is h11.NEED_DATA:
+                data = await self.stream.receive_some(262144)
+                h.receive_data(data)   # b"" is EOF: h11 then reports the cut
+                continue
+            t = type(ev)
+            if t is h11.Response:
+                status, rheaders = ev.status_code, ev.headers
+            elif t is h11.Data:
+                chunks.append(ev.data)
+            elif t is h11.EndOfMessage:
+                break
+            elif t is h11.InformationalResponse:
+                continue
+            elif t is h11.ConnectionClosed:
+                raise h11.RemoteProtocolError("connection closed before the answer ended")
+            else:  # PAUSED cannot happen before EndOfMessage
+                raise h11.RemoteProtocolError(f"unexpected event {ev!r}")
+        return status, rheaders, b"".join(chunks)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await self.stream.aclose()
+
+
+class Device:
+    __slots__ = ("idx", "user", "device_id", "auth", "fleet", "local", "sync_key",
+                 "folder_key", "delivered", "received", "seen", "attachments", "fetched", "n_sync",
+                 "policy_key", "body_type", "parked_since", "delivered_at_park", "alive")
+
+    def __init__(self, idx: int, fleet: "Fleet") -> None:
+        self.idx = idx
+        self.fleet = fleet
+        self.user = f"user{idx}"
+        self.device_id = f"SEGFAST{idx:09d}"
+        self.auth = "Basic " + base64.b64encode(f"{self.user}:{fleet.spec.password}".encode()).decode()
+        hosts = fleet.spec.source_hosts
+        self.local = hosts[idx % len(hosts)] if hosts else None
+        self.sync_key = "0"
+        self.folder_key = "0"
+        self.delivered = INITIAL_MESSAGES   # messages in our Inbox (the simulator's word)
+        self.received = 0           # distinct new messages Sync has given us
+        self.seen: set[str] = set()
+        self.attachments: list[tuple[str, int]] = []   # (FileReference, size)
+        self.fetched = 0            # attachments[:fetched] were opened once
+        self.n_sync = 0
+        self.policy_key = "0"
+        self.body_type = 2 if idx % 2 == 0 else 4
+        self.parked_since = 0.0
+        self.delivered_at_park = 0
+        self.alive = True           # False once the device gave up after a failure
+
+    # -- one request ----------------------------------------------------------------
+    def target(self, cmd: str) -> str:
+        return (f"/Microsoft-Server-ActiveSync?Cmd={cmd}&User={self.user}"
+                f"&DeviceId={self.device_id}&DeviceType=iPhone")
+
+    def headers(self) -> list:
+        return [("Host", "mail.seg-fast.test"), ("Authorization", self.auth),
+                ("MS-ASProtocolVersion", "14.1"), ("X-MS-PolicyKey", self.policy_key),
+                ("User-Agent", "Apple-iPhone15C2/2101.55"),
+                ("Content-Type", "application/vnd.ms-sync.wbxml")]
+
+    async def call(self, conn: HttpConn, cmd: str, body: bytes, key: str | None,
+                   timeout: float = REQUEST_TIMEOUT) -> tuple[int, list, bytes] | None:
+        """One request; records latency under `key` (None: not measured). None on failure."""
+        f = self.fleet
+        st = f.stats
+        st.requests[cmd] += 1
+        t = trio.current_time()
+        try:
+            with trio.fail_after(timeout):
+                status, headers, answer = await conn.request(self.target(cmd), self.headers(), body)
+        except trio.TooSlowError:
+            st.fail(f"{cmd}.timeout", f"{self.device_id} no answer in {timeout:.0f}s")
+            return None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+            st.fail(f"{cmd}.connection", f"{self.device_id} {type(exc).__name__}: {exc}")
+            return None
+        elapsed = trio.current_time() - t
+        st.bytes_out += len(body)
+        st.bytes_in += len(answer)
+        if key is not None and f.in_window(t):
+            st.lat[cmd].append((key, round(elapsed * 1000, 3)))
+        return status, headers, answer
+
+    def check_http(self, cmd: str, res, expect_body: bool = True) -> bytes | None:
+        if res is None:
+            return None
+        status, headers, answer = res
+        if status != 200:
+            self.fleet.stats.fail(f"{cmd}.http{status}", f"{self.device_id} HTTP {status} {answer[:120]!r}")
+            return None
+        if expect_body and not answer:
+            self.fleet.stats.fail(f"{cmd}.empty", f"{self.device_id} empty answer")
+            return None
+        return answer
+
+    # -- the parked-Ping loop ---------------------------------------------------------
+    async def run(self, start: float) -> None:
+        try:
+            await self._run(start)
+        finally:
+            self.alive = False if not self.fleet.stopping else self.alive
+
+    async def _run(self, start: float) -> None:
+        f = self.fleet
+        await f.clock.sleep_until(start)
+        f.stats.started += 1
+        conn = await self._connect("setup")
+        if conn is None:
+            return
+        try:
+            if not await self.setup(conn):
+                return
+            f.stats.ready += 1
+            first = True
+            while not f.stopping:
+                if not conn.reusable:
+                    await conn.aclose()
+                    conn = await self._connect("Ping")
+                    if conn is None:
+                        return
+                heartbeat = HEARTBEAT
+                if first:  # spread the heartbeat expiries over time
+                    heartbeat = f.rng_for(self.idx, "hb").randint(MIN_HEARTBEAT, HEARTBEAT)
+                    first = False
+                if not await self.ping(conn, heartbeat):
+                    return
+                # the Ping answered: pick up the news, then park again
+                while self.received < self.delivered and not f.stopping:
+                    if not await self.sync(conn):
+                        return
+        finally:
+            await conn.aclose()
+
+    async def _connect(self, cmd: str) -> HttpConn | None:
+        f = self.fleet
+        try:
+            with trio.fail_after(30):
+                return await HttpConn.open(f.go.host, f.go.port, self.local)
+        except (OSError, trio.TooSlowError) as exc:
+            f.stats.conn_errors += 1
+            f.stats.fail(f"{cmd}.connect", f"{self.device_id} {type(exc).__name__}: {exc}")
+            return None
+
+    async def setup(self, conn: HttpConn) -> bool:
+        """Provision, FolderSync, the initial Sync: what a device does once."""
+        for step in (self.provision, self.folder_sync, self.sync, self.sync):
+            if not await step(conn):
+                return False
+        return True
+
+    async def provision(self, conn: HttpConn) -> bool:
+        ok, key = await eas.provision(self, conn)
+        if ok:
+            self.policy_key = key
+        return ok
+
+    async def folder_sync(self, conn: HttpConn, key: str | None = None) -> bool:
+        return await eas.folder_sync(self, conn, key)
+
+    async def sync(self, conn: HttpConn) -> bool:
+        self.n_sync += 1
+        return await eas.sync(self, conn, f"{self.idx}:s{self.n_sync}")
+
+    async def ping(self, conn: HttpConn, heartbeat: int) -> bool:
+        f = self.fleet
+        self.parked_since = trio.current_time()
+        self.delivered_at_park = self.delivered
+        f.stats.parked += 1
+        try:
+            res = await self.call(conn, "Ping", eas.ping_body(heartbeat), None,
+                                  timeout=heartbeat + 60)
+        finally:
+            f.stats.parked -= 1
+        if f.stopping and res is None:
+            return False
+        answer = self.check_http("Ping", res)
+        if answer is None:
+            return False
+        status = eas.ping_status(answer)
+        held = trio.current_time() - self.parked_since
+        if status == 2:
+            if self.delivered <= self.received:
+                f.stats.fail("Ping.phantom", f"{self.device_id} changes reported, none delivered")
+                return False
+            f.stats.pings_changes += 1
+        elif status == 1:
+            if held < heartbeat - 2 and not f.stopping:
+                f.stats.fail("Ping.early", f"{self.device_id} idle answer after {held:.1f}s of {heartbeat}s")
+                return False
+            f.stats.pings_idle += 1
+        else:
+            f.stats.fail("Ping.status", f"{self.device_id} Ping Status {status}")
+            return False
+        return True
+
+    # -- foreground work on a second connection ---------------------------------------
+    async def foreground(self, kind: str, key: str) -> None:
+        conn = await self._connect(kind)
+        if conn is None:
+            return
+        try:
+            if kind == "send":
+                await eas.send_mail(self, conn, key)
+            elif kind == "fetch":
+                await eas.fetch(self, conn, key)
+            else:
+                await eas.misc(self, conn, key)
+        finally:
+            await conn.aclose()
+
+
+class Fleet:
+    def __init__(self, spec: ShardSpec, sim) -> None:
+        self.spec = spec
+        self.sim = sim
+        self.stats = Stats()
+        self.stopping = False
+        self.go: Go | None = None
+        self.clock: Clock | None = None
+        self.devices = [Device(spec.first_device + i, self) for i in range(spec.devices)]
+        self.window = (spec.ramp + spec.settle, spec.ramp + spec.settle + spec.hold)
+
+    def rng_for(self, idx: int, what: str) -> random.Random:
+        return random.Random(f"{self.spec.seed}:{idx}:{what}")
+
+    def in_window(self, trio_t: float) -> bool:
+        t = trio_t - self.clock.base
+        return self.window[0] <= t < self.window[1]
+
+    def schedule(self) -> list[tuple[float, int, int, str]]:
+        """(time, device, n, kind) for every delivery and foreground request."""
+        s = self.spec
+        end = self.window[1]
+        events: list[tuple[float, int, int, str]] = []
+        n = len(self.devices)
+        for i, dev in enumerate(self.devices):
+            start = s.ramp * i / max(1, n)
+            rng = self.rng_for(dev.idx, "schedule")
+            for kind, rate in (("deliver", RATE_DELIVER), ("send", RATE_SEND),
+                               ("fetch", RATE_FETCH), ("misc", RATE_MISC)):
+                per_s = rate * s.rate_scale / 3600.0
+                # a stationary Poisson process, observed from the device's start
+                t = start + rng.expovariate(per_s)
+                k = 0
+                while t < end:
+                    events.append((t, dev.idx, k, kind))
+                    k += 1
+                    t += rng.expovariate(per_s)
+        events.sort()
+        return events
+
+    async def drive(self, nursery: trio.Nursery, events) -> None:
+        st = self.stats
+        base = self.spec.first_device
+        for t, idx, k, kind in events:
+            if self.clock.now() < t:
+                await self.clock.sleep_until(t)
+            lag = self.clock.now() - t
+            if self.window[0] <= t < self.window[1]:
+                st.lag.append(lag)
+            dev = self.devices[idx - base]
+            if kind == "deliver":
+                dev.delivered += 1
+                self.sim.deliver(dev.user)
+            else:
+                nursery.start_soon(dev.foreground, kind, f"{idx}:{kind[0]}{k}")
+
+    async def report(self) -> None:
+        st = self.stats
+        while True:
+            await trio.sleep(STATUS_EVERY)
+            now = self.clock.now()
+            if self.window[0] <= now < self.window[1]:
+                st.parked_min_in_window = (st.parked if st.parked_min_in_window is None
+                                           else min(st.parked_min_in_window, st.parked))
+            emit({"t": round(now, 1), "started": st.started, "ready": st.ready,
+                  "parked": st.parked, "requests": sum(st.requests.values()),
+                  "failures": sum(st.failures.values()),
+                  "lag_max": round(max(st.lag, default=0.0), 3)})
+
+    async def run(self, go: Go) -> dict:
+        self.go = go
+        self.clock = Clock(go.t0)
+        s = self.spec
+        events = self.schedule()
+        n = len(self.devices)
+        end = self.window[1]
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self.report)
+            async with trio.open_nursery() as fg:
+                async with trio.open_nursery() as pings:
+                    for i, dev in enumerate(self.devices):
+                        pings.start_soon(dev.run, s.ramp * i / max(1, n))
+                    await self.drive(fg, events)
+                    await self.clock.sleep_until(end)
+                    self.window_parked = self.stats.parked
+                    # let the foreground work finish and every device sync what it
+                    # was delivered, then stop the parked Pings
+                    with trio.move_on_after(s.drain):
+                        while fg.child_tasks or any(d.received < d.delivered for d in self.devices
+                                                    if d.alive):
+                            await trio.sleep(0.2)
+                    self.stopping = True
+                    pings.cancel_scope.cancel()
+                for task in fg.child_tasks:
+                    self.stats.fail("drain", "foreground request still running after the drain")
+                fg.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+        return self.result()
+
+    def result(self) -> dict:
+        st = self.stats
+        # Every delivered message must have been synced by the device, except those
+        # delivered too close to the end for the device to have fetched them.
+        lost = phantom = 0
+        for dev in self.devices:
+            if dev.received > dev.delivered:
+                phantom += 1
+            elif dev.received < dev.delivered and dev.alive:
+                lost += 1
+        if phantom:
+            st.fail("Sync.phantom", f"{phantom} devices got more messages than delivered")
+        if lost:
+            st.fail("Sync.lost", f"{lost} devices never got a message delivered to them")
+        lag = sorted(st.lag)
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "shard": self.spec.shard, "devices": len(self.devices), "path": self.go.path,
+            "started": st.started, "ready": st.ready,
+            "parked_at_window_end": getattr(self, "window_parked", 0),
+            "parked_min_in_window": st.parked_min_in_window,
+            "requests": dict(st.requests), "failures": dict(st.failures),
+            "failure_samples": st.failure_samples,
+            "latency_ms": {k: v for k, v in st.lat.items()},
+            "lag_p99": lag[int(0.99 * (len(lag) - 1))] if lag else 0.0,
+            "lag_max": lag[-1] if lag else 0.0,
+            "events_in_window": len(lag),
+            "pings_idle": st.pings_idle, "pings_changes": st.pings_changes,
+            "delivered": sum(d.delivered for d in self.devices),
+            "received": sum(d.received for d in self.devices),
+            "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
+            "conn_errors": st.conn_errors, "fetch_skipped": st.fetch_skipped,
+            "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
+        }
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
+    sys.stdout.flush()
+
+
+async def shard_main(spec: ShardSpec) -> dict:
+    from seg_fast.sim.mailbox import MailboxSimulator
+
+    corpus = PooledCorpus(spec.seed)
+    corpus.warm()
+    sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
+                           initial_messages=INITIAL_MESSAGES)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve, spec.sim_host, spec.sim_port)
+        emit({"ready": True, "sim_port": sim.port, "pid": os.getpid()})
+        line = await trio.to_thread.run_sync(sys.stdin.readline)
+        if not line:
+            raise SystemExit("fleet: no start line on stdin")
+        go = msgspec.json.decode(line.encode(), type=Go)
+        fleet = Fleet(spec, sim)
+        result = await fleet.run(go)
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = msgspec.json.decode(argv[0].encode(), type=ShardSpec)
+    result = trio.run(shard_main, spec)
+    data = msgspec.json.encode(result)
+    if spec.out:
+        tmp = spec.out + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, spec.out)
+    emit({"done": True})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

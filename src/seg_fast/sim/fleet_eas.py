@@ -1,0 +1,302 @@
+"""What a fleet device says in ActiveSync 14.1, and how it checks each answer.
+
+Request bodies are built with the codec (``seg_fast.sim.tree.E``); answers are
+decoded and checked against what the device knows to be true (the messages it was
+delivered, the attachment sizes it was told). Any mismatch is a recorded failure:
+this is the "every request answered correctly" of the sizing benchmark.
+"""
+from __future__ import annotations
+
+import base64
+import zlib
+from typing import TYPE_CHECKING
+
+from seg_fast.errors import SegFastError
+from seg_fast.sim.corpus import Corpus
+from seg_fast.sim.tree import E, decode, encode, find, kids, text
+
+if TYPE_CHECKING:
+    from seg_fast.sim.fleet import Device, HttpConn
+
+INBOX = "1"
+WINDOW = 25
+SETUP_TRUNCATION = 4096       # the first download: headers and the start of each body
+FOLDERS_EXPECTED = 9          # the simulator's hierarchy (Inbox .. Notes)
+SEND_BYTES = 20 * 1024        # BENCH-PROFILE: 20 KB MIME outbound
+_PING_CACHE: dict[int, bytes] = {}
+_CORPUS: dict[int, Corpus] = {}
+
+
+def _decode(dev: "Device", cmd: str, answer: bytes):
+    try:
+        return decode(answer)
+    except SegFastError as exc:
+        dev.fleet.stats.fail(f"{cmd}.wbxml", f"{dev.device_id} undecodable answer: {exc}")
+        return None
+
+
+def _status(dev: "Device", cmd: str, got: str | None, want: str = "1") -> bool:
+    if got != want:
+        dev.fleet.stats.fail(f"{cmd}.status", f"{dev.device_id} Status {got!r}, expected {want}")
+        return False
+    return True
+
+
+# -- Provision ------------------------------------------------------------------------
+
+async def provision(dev: "Device", conn: "HttpConn") -> tuple[bool, str]:
+    body = encode(E("Provision:Provision", E("Provision:Policies", E(
+        "Provision:Policy", E("Provision:PolicyType", "MS-EAS-Provisioning-WBXML")))))
+    root = await _call(dev, conn, "Provision", body, None)
+    if root is None or not _status(dev, "Provision", text(root, "Provision:Status")):
+        return False, ""
+    temp = text(root, "Provision:Policies", "Provision:Policy", "Provision:PolicyKey")
+    if not temp:
+        dev.fleet.stats.fail("Provision.key", f"{dev.device_id} no temporary PolicyKey")
+        return False, ""
+    dev.policy_key = temp
+    body = encode(E("Provision:Provision", E("Provision:Policies", E(
+        "Provision:Policy", E("Provision:PolicyType", "MS-EAS-Provisioning-WBXML"),
+        E("Provision:PolicyKey", temp), E("Provision:Status", 1)))))
+    root = await _call(dev, conn, "Provision", body, None)
+    if root is None or not _status(dev, "Provision", text(root, "Provision:Status")):
+        return False, ""
+    final = text(root, "Provision:Policies", "Provision:Policy", "Provision:PolicyKey")
+    if not final:
+        dev.fleet.stats.fail("Provision.key", f"{dev.device_id} no final PolicyKey")
+        return False, ""
+    return True, final
+
+
+async def _call(dev: "Device", conn: "HttpConn", cmd: str, body: bytes, key: str | None,
+                extra: list | None = None):
+    res = await dev.call(conn, cmd, body, key)
+    answer = dev.check_http(cmd, res)
+    if answer is None:
+        return None
+    return _decode(dev, cmd, answer)
+
+
+# -- FolderSync -----------------------------------------------------------------------
+
+async def folder_sync(dev: "Device", conn: "HttpConn", key: str | None) -> bool:
+    initial = dev.folder_key == "0"
+    body = encode(E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", dev.folder_key)))
+    root = await _call(dev, conn, "FolderSync", body, key)
+    if root is None or not _status(dev, "FolderSync", text(root, "FolderHierarchy:Status")):
+        return False
+    new_key = text(root, "FolderHierarchy:SyncKey")
+    changes = find(root, "FolderHierarchy:Changes")
+    adds = list(kids(changes, "FolderHierarchy:Add"))
+    if initial and len(adds) != FOLDERS_EXPECTED:
+        dev.fleet.stats.fail("FolderSync.folders", f"{dev.device_id} {len(adds)} folders, expected {FOLDERS_EXPECTED}")
+        return False
+    if not initial and adds:
+        dev.fleet.stats.fail("FolderSync.changes", f"{dev.device_id} folder changes out of nowhere")
+        return False
+    if not new_key:
+        dev.fleet.stats.fail("FolderSync.key", f"{dev.device_id} no SyncKey")
+        return False
+    dev.folder_key = new_key
+    return True
+
+
+# -- Sync -----------------------------------------------------------------------------
+
+def sync_body(dev: "Device", truncation: int | None = None) -> bytes:
+    if dev.sync_key == "0":
+        coll = E("AirSync:Collection", E("AirSync:SyncKey", "0"), E("AirSync:CollectionId", INBOX))
+    else:
+        options = [E("AirSync:FilterType", 0)]
+        if dev.body_type == 4:
+            options.append(E("AirSync:MIMESupport", 2))
+        options.append(E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", dev.body_type),
+                         E("AirSyncBase:TruncationSize", truncation)))
+        coll = E("AirSync:Collection", E("AirSync:SyncKey", dev.sync_key),
+                 E("AirSync:CollectionId", INBOX), E("AirSync:DeletesAsMoves", 1),
+                 E("AirSync:GetChanges"), E("AirSync:WindowSize", WINDOW),
+                 E("AirSync:Options", *options))
+    return encode(E("AirSync:Sync", E("AirSync:Collections", coll)))
+
+
+async def sync(dev: "Device", conn: "HttpConn", key: str) -> bool:
+    st = dev.fleet.stats
+    initial = dev.sync_key == "0"
+    before = dev.delivered
+    first_download = not initial and not dev.seen
+    body = sync_body(dev, SETUP_TRUNCATION if first_download else None)
+    root = await _call(dev, conn, "Sync", body, None if (initial or first_download) else key)
+    if root is None:
+        return False
+    top = text(root, "AirSync:Status")
+    if top is not None:
+        return _status(dev, "Sync", top)
+    coll = find(root, "AirSync:Collections", "AirSync:Collection")
+    if coll is None or not _status(dev, "Sync", text(coll, "AirSync:Status")):
+        if coll is None:
+            st.fail("Sync.shape", f"{dev.device_id} no Collection in the answer")
+        return False
+    new_key = text(coll, "AirSync:SyncKey")
+    if not new_key or new_key == dev.sync_key:
+        st.fail("Sync.key", f"{dev.device_id} SyncKey {new_key!r} after {dev.sync_key!r}")
+        return False
+    dev.sync_key = new_key
+    adds = list(kids(find(coll, "AirSync:Commands"), "AirSync:Add"))
+    if initial:
+        if adds:
+            st.fail("Sync.initial", f"{dev.device_id} items in the SyncKey 0 answer")
+            return False
+        return True
+    for add in adds:
+        sid = text(add, "AirSync:ServerId")
+        if not sid or sid in dev.seen:
+            st.fail("Sync.duplicate", f"{dev.device_id} ServerId {sid!r} again or missing")
+            return False
+        dev.seen.add(sid)
+        if not check_item(dev, add, first_download):
+            return False
+    dev.received += len(adds)
+    more = find(coll, "AirSync:MoreAvailable") is not None
+    # Never more than was delivered when the answer was built; at least one new item
+    # unless the Sync was a retry with nothing pending.
+    if dev.received > dev.delivered:
+        st.fail("Sync.phantom", f"{dev.device_id} {dev.received} messages, {dev.delivered} delivered")
+        return False
+    if not adds and dev.received < before and not more:
+        st.fail("Sync.missing", f"{dev.device_id} nothing new though {before - dev.received} pending")
+        return False
+    return True
+
+
+def check_item(dev: "Device", add, truncated_ok: bool) -> bool:
+    st = dev.fleet.stats
+    data = find(add, "AirSync:ApplicationData")
+    body = find(data, "AirSyncBase:Body")
+    btype = text(body, "AirSyncBase:Type")
+    content = find(body, "AirSyncBase:Data")
+    if body is None or btype != str(dev.body_type) or content is None:
+        st.fail("Sync.body", f"{dev.device_id} Body Type {btype!r}, asked {dev.body_type}")
+        return False
+    raw = content.opaque if content.opaque is not None else (content.text or "").encode()
+    size = text(body, "AirSyncBase:EstimatedDataSize")
+    truncated = text(body, "AirSyncBase:Truncated") == "1"
+    if truncated and not truncated_ok:
+        st.fail("Sync.truncated", f"{dev.device_id} body truncated though the whole was asked")
+        return False
+    want = min(int(size or -1), SETUP_TRUNCATION) if truncated else int(size or -1)
+    if len(raw) != want:
+        st.fail("Sync.size", f"{dev.device_id} body {len(raw)} bytes, EstimatedDataSize {size}")
+        return False
+    if dev.body_type == 4 and b"\r\n\r\n" not in raw[:SETUP_TRUNCATION]:
+        st.fail("Sync.mime", f"{dev.device_id} Type 4 body without a MIME header block")
+        return False
+    for att in kids(find(data, "AirSyncBase:Attachments"), "AirSyncBase:Attachment"):
+        ref = text(att, "AirSyncBase:FileReference")
+        size = text(att, "AirSyncBase:EstimatedDataSize")
+        if ref and size and size.isdigit():
+            dev.attachments.append((ref, int(size)))
+    return True
+
+
+# -- Ping -----------------------------------------------------------------------------
+
+def ping_body(heartbeat: int) -> bytes:
+    body = _PING_CACHE.get(heartbeat)
+    if body is None:
+        body = _PING_CACHE[heartbeat] = encode(E(
+            "Ping:Ping", E("Ping:HeartbeatInterval", heartbeat),
+            E("Ping:Folders", E("Ping:Folder", E("Ping:Id", INBOX), E("Ping:Class", "Email")))))
+    return body
+
+
+def ping_status(answer: bytes) -> int:
+    try:
+        return int(text(decode(answer), "Ping:Status") or -1)
+    except (SegFastError, ValueError):
+        return -1
+
+
+# -- foreground work --------------------------------------------------------------------
+
+def _send_mime(dev: "Device", n: str) -> bytes:
+    corpus = _CORPUS.get(dev.fleet.spec.seed)
+    if corpus is None:
+        corpus = _CORPUS[dev.fleet.spec.seed] = Corpus(dev.fleet.spec.seed)
+    msg = corpus.message(zlib.crc32(n.encode()) % 997)
+    head = (f"From: {dev.user}@seg-fast.test\r\nTo: {msg.sender}\r\n"
+            f"Subject: Re: {msg.subject}\r\nMessage-ID: <{n}.{dev.device_id}@fleet>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n").encode()
+    text_ = msg.text.replace("\n", "\r\n").encode()
+    while len(text_) < SEND_BYTES:
+        text_ += text_
+    return head + text_[:SEND_BYTES - len(head)]
+
+
+async def send_mail(dev: "Device", conn: "HttpConn", key: str) -> bool:
+    body = encode(E("ComposeMail:SendMail", E("ComposeMail:ClientId", key.replace(":", "-")),
+                    E("ComposeMail:SaveInSentItems"), E("ComposeMail:Mime", _send_mime(dev, key))))
+    res = await dev.call(conn, "SendMail", body, key)
+    if res is None:
+        return False
+    status, _, answer = res
+    if status != 200:
+        dev.fleet.stats.fail(f"SendMail.http{status}", f"{dev.device_id} HTTP {status}")
+        return False
+    if answer:  # success is an empty body; a body carries a failure Status
+        root = _decode(dev, "SendMail", answer)
+        return root is not None and _status(dev, "SendMail", text(root, "ComposeMail:Status"), "1")
+    return True
+
+
+async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
+    st = dev.fleet.stats
+    if not dev.attachments:
+        st.fetch_skipped += 1     # nothing to fetch yet: counted, not faked
+        return True
+    # the newest attachment not opened yet, else one opened before (users do)
+    if dev.fetched < len(dev.attachments):
+        ref, size = dev.attachments[dev.fetched]
+        dev.fetched += 1
+    else:
+        ref, size = dev.attachments[zlib.crc32(key.encode()) % len(dev.attachments)]
+    body = encode(E("ItemOperations:ItemOperations", E(
+        "ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"),
+        E("AirSyncBase:FileReference", ref))))
+    root = await _call(dev, conn, "ItemOperations", body, key)
+    if root is None or not _status(dev, "ItemOperations", text(root, "ItemOperations:Status")):
+        return False
+    f = find(root, "ItemOperations:Response", "ItemOperations:Fetch")
+    if f is None or not _status(dev, "ItemOperations", text(f, "ItemOperations:Status")):
+        return False
+    d = find(f, "ItemOperations:Properties", "ItemOperations:Data")
+    if d is None:
+        st.fail("ItemOperations.data", f"{dev.device_id} no Data for {ref}")
+        return False
+    raw = d.opaque if d.opaque is not None else base64.b64decode(d.text or "")
+    if len(raw) != size:
+        st.fail("ItemOperations.size", f"{dev.device_id} {len(raw)} bytes for {ref}, expected {size}")
+        return False
+    return True
+
+
+_MISC = ("FolderSync", "GetItemEstimate", "Settings")
+
+
+async def misc(dev: "Device", conn: "HttpConn", key: str) -> bool:
+    which = _MISC[(dev.idx + int(key.rsplit("m", 1)[1])) % len(_MISC)]
+    if which == "FolderSync":
+        return await folder_sync(dev, conn, key)
+    if which == "Settings":
+        body = encode(E("Settings:Settings", E("Settings:UserInformation", E("Settings:Get"))))
+        root = await _call(dev, conn, "Settings", body, key)
+        return root is not None and _status(dev, "Settings", text(root, "Settings:Status"))
+    if dev.sync_key == "0":
+        return True
+    body = encode(E("GetItemEstimate:GetItemEstimate", E("GetItemEstimate:Collections", E(
+        "GetItemEstimate:Collection", E("AirSync:SyncKey", dev.sync_key),
+        E("GetItemEstimate:CollectionId", INBOX)))))
+    root = await _call(dev, conn, "GetItemEstimate", body, key)
+    if root is None:
+        return False
+    r = find(root, "GetItemEstimate:Response")
+    return _status(dev, "GetItemEstimate", text(r, "GetItemEstimate:Status"))

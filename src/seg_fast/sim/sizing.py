@@ -1,0 +1,701 @@
+"""`seg-fast bench sizing`: how many devices one core of gateway holds at the service level.
+
+One *point* is N devices run over three paths, one after another, with the same
+seed (so the same requests at the same times):
+
+- ``direct``: the fleet talks to the mailbox simulator (the latency baseline);
+- ``gateway``: through ``seg-fast serve``, held to one core with taskset;
+- ``nginx``: through nginx as a pass-through reverse proxy on that same core (the
+  floor any proxy pays).
+
+The fleet and the simulators run as *shards* (``seg_fast.sim.fleet``), several
+processes pinned to the other core, each with at most ``--shard-size`` devices so
+no process nears its 20,000 descriptors; every shard has its own 127.x addresses so
+no address pair nears its ~28,000 ephemeral ports. Behind a proxy each shard gets
+its own gateway instance (workers on the gateway core) pointing at its simulator.
+
+The service level (BENCH-PROFILE.md) is checked over the hold window; a point that
+misses it says which limit broke first, and a point where the load side ran out of
+CPU, descriptors, ports or schedule claims nothing. ``--search`` finds the largest N
+that meets it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import trio
+
+from seg_fast.sim.fleet import Go, ShardSpec
+
+REPO = Path(__file__).resolve().parents[3]
+RESULTS = REPO / "benchmarks" / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+# Service level (BENCH-PROFILE.md)
+SLO_ADDED_P99_MS = 50.0
+SLO_CPU_SHARE = 0.80
+SLO_RSS_KIB = 2 * 1024 * 1024
+# When the load side stops measuring the gateway
+LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
+LAG_P99_LIMIT = 1.0            # seconds behind the schedule
+LAG_MAX_LIMIT = 5.0
+VENDOR = {"classic": {"off": 2000, "on": 250}, "v2": {"off": 4000, "on": 2000}}  # devices per core
+GOAL = {"off": 100_000, "on": 50_000}
+
+
+class Options(msgspec.Struct, kw_only=True):
+    devices: int = 1000
+    ramp: float = 0.0             # 0: derived from N
+    settle: float = 5.0
+    hold: float = 120.0
+    drain: float = 30.0
+    paths: list[str] = msgspec.field(default_factory=lambda: ["direct", "gateway", "nginx"])
+    security: str = "off"
+    seed: int = 1
+    shard_size: int = 5000
+    gateway_workers: int = 1      # per shard instance, all on the gateway core
+    gateway_cpu: int = 0
+    load_cpu: int = 1
+    rate_scale: float = 1.0
+    quiet: bool = False
+
+
+# -- /proc sampling -------------------------------------------------------------------
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        ppid = int(raw[raw.rindex(b")") + 2:].split()[1])
+        kids.setdefault(ppid, []).append(int(name))
+    return kids
+
+
+def tree(roots: list[int]) -> list[int]:
+    kids = _children_map()
+    out, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, ()))
+    return out
+
+
+def proc_usage(pids: list[int]) -> tuple[float, int]:
+    """(CPU seconds, resident KiB) summed over pids that still exist."""
+    cpu, rss = 0.0, 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                raw = fh.read()
+            with open(f"/proc/{pid}/statm", "rb") as fh:
+                statm = fh.read().split()
+        except OSError:
+            continue
+        f = raw[raw.rindex(b")") + 2:].split()
+        cpu += (int(f[11]) + int(f[12])) / CLK_TCK
+        rss += int(statm[1]) * PAGE_KIB
+    return cpu, rss
+
+
+def core_busy(cpu: int) -> float:
+    """Busy seconds of one core since boot."""
+    with open("/proc/stat") as fh:
+        for line in fh:
+            if line.startswith(f"cpu{cpu} "):
+                v = [int(x) for x in line.split()[1:]]
+                return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+    return 0.0
+
+
+def pinned(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() > 1 else []
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+async def wait_listening(host: str, port: int, timeout: float = 30.0) -> None:
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                s = await trio.open_tcp_stream(host, port)
+                await s.aclose()
+                return
+            except OSError:
+                await trio.sleep(0.1)
+
+
+def percentile(sorted_vals: list[float], q: float) -> float:
+    if not sorted_vals:
+        return 0.0
+    return sorted_vals[min(len(sorted_vals) - 1, int(math.ceil(q * len(sorted_vals))) - 1)]
+
+
+def lat_summary(vals: list[float]) -> dict:
+    v = sorted(vals)
+    return {"n": len(v), "p50": percentile(v, 0.50), "p90": percentile(v, 0.90),
+            "p99": percentile(v, 0.99), "max": v[-1] if v else 0.0}
+
+
+# -- the servers under test ----------------------------------------------------------
+
+class Proxy:
+    """Gateway instances or nginx, started pinned to the gateway core."""
+
+    def __init__(self, kind: str, opts: Options, workdir: Path, sims: list[tuple[str, int]]):
+        self.kind, self.opts, self.dir, self.sims = kind, opts, workdir, sims
+        self.procs: list[subprocess.Popen] = []
+        self.listen: list[tuple[str, int]] = []
+
+    async def start(self) -> None:
+        for k, _ in enumerate(self.sims):
+            host = f"127.12.{k // 250}.{k % 250 + 1}"
+            self.listen.append((host, free_port(host)))
+        if self.kind == "gateway":
+            self._start_gateways()
+        else:
+            self._start_nginx()
+        for host, port in self.listen:
+            await wait_listening(host, port)
+
+    def _start_gateways(self) -> None:
+        for k, ((sh, sp), (lh, lp)) in enumerate(zip(self.sims, self.listen)):
+            cfg = self.dir / f"gateway{k}.toml"
+            cfg.write_text(
+                f"workers = {self.opts.gateway_workers}\n"
+                f'[listener]\nhost = "{lh}"\nport = {lp}\n'
+                f'[upstream]\nurl = "http://{sh}:{sp}"\n'
+                "[admin]\nenabled = false\n"
+                f'[log]\ntransactions = "{self.dir}/gateway{k}.log"\nlevel = "warning"\n'
+                f"[policy]\nallow_if_no_policies = {'true' if self.opts.security == 'off' else 'false'}\n")
+            cmd = pinned(self.opts.gateway_cpu) + [sys.executable, "-m", "seg_fast", "serve",
+                                                   "--config", str(cfg)]
+            self.procs.append(subprocess.Popen(cmd, cwd=self.dir, stdout=subprocess.DEVNULL,
+                                               stderr=open(self.dir / f"gateway{k}.err", "wb")))
+
+    def _start_nginx(self) -> None:
+        per_worker = 4000     # devices: 2 descriptors each, under 20,000 per process
+        n = self.opts.devices
+        workers = max(1, math.ceil(n / per_worker))
+        ups, servers = [], []
+        for k, ((sh, sp), (lh, lp)) in enumerate(zip(self.sims, self.listen)):
+            ups.append(f"  upstream sim{k} {{ server {sh}:{sp}; keepalive 256; }}\n")
+            servers.append(
+                f"  server {{ listen {lh}:{lp}; location / {{ proxy_pass http://sim{k}; }} }}\n")
+        conf = self.dir / "nginx.conf"
+        conf.write_text(
+            f"worker_processes {workers};\nworker_rlimit_nofile 19500;\ndaemon off;\n"
+            f"pid {self.dir}/nginx.pid;\nerror_log {self.dir}/nginx.err warn;\n"
+            "events { worker_connections 19000; use epoll; }\n"
+            "http {\n"
+            f"  access_log {self.dir}/nginx-access.log;\n"
+            f"  client_body_temp_path {self.dir}/nb; proxy_temp_path {self.dir}/np;\n"
+            "  client_max_body_size 0; keepalive_timeout 3600s; keepalive_requests 100000;\n"
+            "  proxy_http_version 1.1; proxy_set_header Connection \"\";\n"
+            "  proxy_read_timeout 3600s; proxy_send_timeout 3600s;\n"
+            "  proxy_buffering off; proxy_request_buffering off;\n"
+            + "".join(ups) + "".join(servers) + "}\n")
+        cmd = pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
+        self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                           stderr=open(self.dir / "nginx.stderr", "wb")))
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM if self.kind == "gateway" else signal.SIGQUIT)
+        for p in self.procs:
+            try:
+                p.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+# -- one path at one N --------------------------------------------------------------
+
+class Shard:
+    def __init__(self, spec: ShardSpec, proc: trio.Process):
+        self.spec, self.proc = spec, proc
+        self.buf = b""
+        self.last: dict = {}
+        self.sim: tuple[str, int] | None = None
+        self.done = False
+
+    async def line(self) -> dict | None:
+        while b"\n" not in self.buf:
+            data = await self.proc.stdout.receive_some(65536)
+            if not data:
+                return None
+            self.buf += data
+        raw, self.buf = self.buf.split(b"\n", 1)
+        return msgspec.json.decode(raw)
+
+
+def plan_shards(opts: Options, workdir: Path, tag: str) -> list[ShardSpec]:
+    n, size = opts.devices, opts.shard_size
+    count = max(1, math.ceil(n / size))
+    ramp = opts.ramp or max(10.0, n / 250.0)   # ~250 devices set up per second
+    specs = []
+    for k in range(count):
+        first = k * n // count
+        last = (k + 1) * n // count
+        specs.append(ShardSpec(
+            shard=k, first_device=first, devices=last - first, seed=opts.seed,
+            ramp=ramp, settle=opts.settle, hold=opts.hold, drain=opts.drain,
+            rate_scale=opts.rate_scale,
+            sim_host=f"127.11.{k // 250}.{k % 250 + 1}",
+            source_hosts=[f"127.14.{k // 250}.{k % 250 + 1}"],
+            out=str(workdir / f"{tag}-shard{k}.json")))
+    return specs
+
+
+async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
+    specs = plan_shards(opts, workdir, path)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    shards: list[Shard] = []
+    proxy = None
+    samples: list[tuple[float, float, int, float, float, float]] = []
+    try:
+        for spec in specs:
+            cmd = pinned(opts.load_cpu) + [sys.executable, "-m", "seg_fast.sim.fleet",
+                                           msgspec.json.encode(spec).decode()]
+            proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
+                                                    stdout=subprocess.PIPE, env=env)
+            shards.append(Shard(spec, proc))
+        for sh in shards:
+            with trio.fail_after(60):
+                first = await sh.line()
+            if not first or not first.get("ready"):
+                raise RuntimeError(f"shard {sh.spec.shard} did not start")
+            sh.sim = (sh.spec.sim_host, first["sim_port"])
+        targets = [sh.sim for sh in shards]
+        if path in ("gateway", "nginx"):
+            proxy = Proxy(path, opts, workdir, targets)
+            await proxy.start()
+            targets = proxy.listen
+        t0 = time.time() + 1.0
+        for sh, (host, port) in zip(shards, targets):
+            go = Go(host=host, port=port, t0=t0, path=path)
+            await sh.proc.stdin.send_all(msgspec.json.encode(go) + b"\n")
+        spec0 = specs[0]
+        w0 = t0 + spec0.ramp + spec0.settle
+        w1 = w0 + spec0.hold
+        server_roots = [p.pid for p in proxy.procs] if proxy else []
+        load_roots = [sh.proc.pid for sh in shards]
+
+        async def read_progress(sh: Shard) -> None:
+            while True:
+                msg = await sh.line()
+                if msg is None or msg.get("done"):
+                    sh.done = True
+                    return
+                sh.last = msg
+
+        async def sample() -> None:
+            last_say = 0.0
+            while True:
+                spids, lpids = tree(server_roots), tree(load_roots)
+                scpu, srss = proc_usage(spids)
+                lcpu, lrss = proc_usage(lpids)
+                samples.append((time.time(), scpu, srss, lcpu,
+                                core_busy(opts.gateway_cpu), core_busy(opts.load_cpu)))
+                now = time.time()
+                if now - last_say >= 5 and len(samples) > 1:
+                    last_say = now
+                    a, b = samples[-2], samples[-1]
+                    dt = max(1e-6, b[0] - a[0])
+                    tot = lambda k: sum(s.last.get(k, 0) for s in shards)
+                    phase = ("ramp" if now < t0 + spec0.ramp else
+                             "settle" if now < w0 else "hold" if now < w1 else "drain")
+                    say(f"  {path:8} {phase:6} t={now - t0:6.0f}s ready={tot('ready')}/{opts.devices}"
+                        f" parked={tot('parked')} req={tot('requests')} fail={tot('failures')}"
+                        f" lag={max((s.last.get('lag_max', 0) for s in shards), default=0):.2f}s"
+                        f" | server cpu {100 * (b[1] - a[1]) / dt:5.1f}% rss {b[2] / 1024:7.1f} MiB"
+                        f" | load cpu {100 * (b[3] - a[3]) / dt:5.1f}%")
+                await trio.sleep(1.0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample)
+            async with trio.open_nursery() as readers:
+                for sh in shards:
+                    readers.start_soon(read_progress, sh)
+            for sh in shards:
+                await sh.proc.wait()
+            nursery.cancel_scope.cancel()
+        server_died = proxy is not None and not proxy.alive()
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        for sh in shards:
+            if sh.proc.returncode is None:
+                sh.proc.kill()
+                await sh.proc.wait()
+    results = []
+    for spec in specs:
+        try:
+            results.append(msgspec.json.decode(Path(spec.out).read_bytes()))
+        except OSError:
+            raise RuntimeError(f"shard {spec.shard} wrote no result; see its output") from None
+    return summarize_path(path, opts, results, samples, w0, w1, server_died)
+
+
+def _at(samples, t: float):
+    """The sample nearest to wall time t."""
+    return min(samples, key=lambda s: abs(s[0] - t))
+
+
+def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
+    a, b = _at(samples, w0), _at(samples, w1)
+    dt = max(1e-6, b[0] - a[0])
+    in_window = [s for s in samples if w0 <= s[0] <= w1] or [b]
+    lat: dict[str, list] = {}
+    for r in results:
+        for cmd, pairs in r["latency_ms"].items():
+            lat.setdefault(cmd, []).extend(pairs)
+    failures: dict[str, int] = {}
+    for r in results:
+        for k, v in r["failures"].items():
+            failures[k] = failures.get(k, 0) + v
+    requests: dict[str, int] = {}
+    for r in results:
+        for k, v in r["requests"].items():
+            requests[k] = requests.get(k, 0) + v
+    load_cpu_s = sum(r["cpu_s"] for r in results)
+    return {
+        "path": path,
+        "devices": opts.devices,
+        "window_s": round(dt, 1),
+        "ready": sum(r["ready"] for r in results),
+        "parked_min_in_window": sum((r["parked_min_in_window"] or 0) for r in results),
+        "parked_at_window_end": sum(r["parked_at_window_end"] for r in results),
+        "requests": requests,
+        "requests_total": sum(requests.values()),
+        "requests_in_window": sum(len(v) for v in lat.values()),
+        "failures": failures,
+        "failure_samples": [s for r in results for s in r["failure_samples"]][:20],
+        "pings": {"idle": sum(r["pings_idle"] for r in results),
+                  "changes": sum(r["pings_changes"] for r in results)},
+        "delivered": sum(r["delivered"] for r in results),
+        "received": sum(r["received"] for r in results),
+        "bytes_in": sum(r["bytes_in"] for r in results),
+        "latency_ms": {cmd: lat_summary([ms for _, ms in pairs]) for cmd, pairs in lat.items()},
+        "latency_raw": {cmd: dict(pairs) for cmd, pairs in lat.items()},
+        "server": {
+            "cpu_s": round(b[1] - a[1], 3),
+            "cpu_share": round((b[1] - a[1]) / dt, 4),
+            "rss_kib_max": max(s[2] for s in in_window),
+            "died": server_died,
+        },
+        "load": {
+            "cpu_share": round((b[3] - a[3]) / dt, 4),
+            "cpu_s_total": round(load_cpu_s, 2),
+            "core_busy": round((b[5] - a[5]) / dt, 4),
+            "gateway_core_busy": round((b[4] - a[4]) / dt, 4),
+            "lag_p99": max((r["lag_p99"] for r in results), default=0.0),
+            "lag_max": max((r["lag_max"] for r in results), default=0.0),
+            "conn_errors": sum(r["conn_errors"] for r in results),
+            "shard_maxrss_kib": max(r["maxrss_kib"] for r in results),
+        },
+        "timeline": [(round(s[0] - w0, 1), s[1], s[2], s[3]) for s in samples],
+    }
+
+
+# -- one point: all paths at N, judged -----------------------------------------------
+
+def load_problems(p: dict, opts: Options) -> list[str]:
+    """Why this path's numbers measure the load generator rather than the server."""
+    out = []
+    ld = p["load"]
+    if ld["cpu_share"] > LOAD_CPU_LIMIT:
+        out.append(f"load side used {100 * ld['cpu_share']:.0f}% of its core")
+    if ld["lag_p99"] > LAG_P99_LIMIT or ld["lag_max"] > LAG_MAX_LIMIT:
+        out.append(f"load side fell behind schedule (p99 {ld['lag_p99']:.2f}s, max {ld['lag_max']:.2f}s)")
+    fd_port = [k for k in p["failures"] if k.endswith(".connect")]
+    samples = " ".join(p["failure_samples"])
+    if fd_port and ("Too many open files" in samples or "EMFILE" in samples):
+        out.append("load side ran out of file descriptors")
+    if fd_port and ("Cannot assign requested address" in samples or "EADDRNOTAVAIL" in samples):
+        out.append("load side ran out of ephemeral ports")
+    if p["ready"] < p["devices"] and not p["failures"]:
+        out.append(f"only {p['ready']} of {p['devices']} devices finished set-up before the end")
+    if opts.rate_scale != 1.0:
+        out.append(f"time compressed (rate scale {opts.rate_scale}): development run")
+    if opts.hold < 120:
+        out.append(f"hold {opts.hold:.0f}s is shorter than the 120s a claim needs")
+    return out
+
+
+def judge(point: dict, opts: Options) -> dict:
+    paths = point["paths"]
+    direct, gw = paths.get("direct"), paths.get("gateway")
+    broke: list[str] = []          # the service level itself
+    invalid: list[str] = []        # the measurement
+    for name, p in paths.items():
+        invalid += [f"{name}: {x}" for x in load_problems(p, opts)]
+    added = {}
+    if direct and gw:
+        for name in [n for n in ("gateway", "nginx") if n in paths]:
+            p = paths[name]
+            added[name] = {}
+            for cmd, s in p["latency_ms"].items():
+                if cmd == "Ping" or cmd not in direct["latency_ms"]:
+                    continue
+                d = direct["latency_ms"][cmd]
+                a, b = p["latency_raw"][cmd], direct["latency_raw"][cmd]
+                diffs = sorted(a[k] - b[k] for k in a.keys() & b.keys())
+                added[name][cmd] = {"p50": round(s["p50"] - d["p50"], 3),
+                                    "p99": round(s["p99"] - d["p99"], 3),
+                                    "paired_p99": round(percentile(diffs, 0.99), 3),
+                                    "n": s["n"]}
+    if gw:
+        fails = sum(gw["failures"].values())
+        if fails:
+            broke.append(f"{fails} failed or wrong answers ({', '.join(sorted(gw['failures']))})")
+        if gw["ready"] < gw["devices"]:
+            broke.append(f"only {gw['ready']} of {gw['devices']} devices got a Ping parked")
+        if gw["server"]["died"]:
+            broke.append("the gateway exited during the run")
+        worst = max(((v["p99"], c) for c, v in added.get("gateway", {}).items()), default=(0, ""))
+        if worst[0] > SLO_ADDED_P99_MS:
+            broke.append(f"added p99 latency {worst[0]:.1f} ms on {worst[1]} > {SLO_ADDED_P99_MS:.0f} ms")
+        if gw["server"]["cpu_share"] > SLO_CPU_SHARE:
+            broke.append(f"gateway CPU {100 * gw['server']['cpu_share']:.0f}% of its core > 80%")
+        if gw["server"]["rss_kib_max"] > SLO_RSS_KIB:
+            broke.append(f"gateway RSS {gw['server']['rss_kib_max'] / 1024:.0f} MiB > 2 GiB")
+    if direct and sum(direct["failures"].values()):
+        invalid.append(f"direct: {sum(direct['failures'].values())} failures without any proxy "
+                       f"({', '.join(sorted(direct['failures']))}): the fleet or simulator is wrong")
+    n = opts.devices
+    hours = opts.hold / 3600.0
+    metrics = {}
+    for name in ("gateway", "nginx"):
+        if name in paths:
+            s = paths[name]["server"]
+            metrics[name] = {"cpu_s_per_device_hour": round(s["cpu_s"] / (n * hours), 6),
+                             "kib_per_device": round(s["rss_kib_max"] / n, 2),
+                             "cpu_share": s["cpu_share"], "rss_mib": round(s["rss_kib_max"] / 1024, 1)}
+    if "gateway" in metrics and "nginx" in metrics and metrics["nginx"]["cpu_s_per_device_hour"]:
+        metrics["gateway_cpu_vs_nginx"] = round(metrics["gateway"]["cpu_s_per_device_hour"]
+                                                / metrics["nginx"]["cpu_s_per_device_hour"], 2)
+    meets = bool(gw) and not broke and not invalid
+    return {"devices": n, "meets": meets, "broke": broke, "invalid": invalid,
+            "added_latency_ms": added, "metrics": metrics}
+
+
+async def run_point(opts: Options, say) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix=f"seg-sizing-{opts.devices}-"))
+    point = {"devices": opts.devices, "paths": {}}
+    try:
+        for path in opts.paths:
+            say(f"[N={opts.devices}] {path}: starting")
+            point["paths"][path] = await run_path(path, opts, workdir, say)
+            p = point["paths"][path]
+            say(f"[N={opts.devices}] {path}: {p['requests_total']} requests, "
+                f"{sum(p['failures'].values())} failures, server cpu "
+                f"{100 * p['server']['cpu_share']:.1f}%, rss {p['server']['rss_kib_max'] / 1024:.0f} MiB, "
+                f"load cpu {100 * p['load']['cpu_share']:.0f}%")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    point["verdict"] = judge(point, opts)
+    return point
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0],
+            "kernel": os.uname().release,
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def headline(points: list[dict], security: str) -> dict:
+    good = [p for p in points if p["verdict"]["meets"]]
+    best = max(good, key=lambda p: p["devices"], default=None)
+    out = {"security": security, "best_devices_per_core": best["devices"] if best else None,
+           "devices_per_2_cores": 2 * best["devices"] if best else None,
+           "vendor_v2_per_2_cores": 2 * VENDOR["v2"][security],
+           "vendor_classic_per_2_cores": 2 * VENDOR["classic"][security],
+           "goal_per_core": GOAL[security]}
+    if best:
+        out.update(best["verdict"]["metrics"].get("gateway", {}))
+    # what broke first: the smallest N that failed, and why
+    bad = sorted((p for p in points if not p["verdict"]["meets"]), key=lambda p: p["devices"])
+    if bad:
+        v = bad[0]["verdict"]
+        out["first_limit"] = {"devices": bad[0]["devices"], "broke": v["broke"], "invalid": v["invalid"]}
+    return out
+
+
+def plot(points: list[dict], png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(points, key=lambda p: p["devices"])
+    xs = [p["devices"] for p in pts]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name, style in (("gateway", "-o"), ("nginx", "--s")):
+        if not all(name in p["verdict"]["added_latency_ms"] for p in pts):
+            continue
+        for q, alpha in (("p50", 0.5), ("p99", 1.0)):
+            ys = [max((v[q] for v in p["verdict"]["added_latency_ms"][name].values()), default=0)
+                  for p in pts]
+            ax1.plot(xs, ys, style, alpha=alpha, label=f"{name} {q} (worst command)")
+    ax1.axhline(SLO_ADDED_P99_MS, color="red", lw=0.8, label="SLO p99 50 ms")
+    ax1.set(xlabel="devices", ylabel="added latency, ms", title="latency added over direct")
+    ax1.legend(fontsize=7)
+    for name, style in (("gateway", "-o"), ("nginx", "--s")):
+        ys = [100 * p["paths"][name]["server"]["cpu_share"] for p in pts if name in p["paths"]]
+        if len(ys) == len(xs):
+            ax2.plot(xs, ys, style, label=name)
+    ax2.axhline(100 * SLO_CPU_SHARE, color="red", lw=0.8, label="SLO 80%")
+    ax2.set(xlabel="devices", ylabel="% of one core", title="proxy CPU (held to one core)")
+    ax2.legend(fontsize=7)
+    for name, style in (("gateway", "-o"), ("nginx", "--s")):
+        ys = [p["paths"][name]["server"]["rss_kib_max"] / 1024 for p in pts if name in p["paths"]]
+        if len(ys) == len(xs):
+            ax3.plot(xs, ys, style, label=name)
+    ax3.set(xlabel="devices", ylabel="MiB resident", title="proxy memory")
+    ax3.legend(fontsize=7)
+    for p in pts:
+        if not p["verdict"]["meets"]:
+            for ax in (ax1, ax2, ax3):
+                ax.axvline(p["devices"], color="grey", lw=0.5, ls=":")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def strip_raw(point: dict) -> dict:
+    """The JSON keeps summaries, not every request's latency."""
+    out = dict(point)
+    out["paths"] = {k: {kk: vv for kk, vv in v.items() if kk != "latency_raw"}
+                    for k, v in point["paths"].items()}
+    return out
+
+
+async def bench(opts: Options, search: bool, max_devices: int, say) -> dict:
+    points: list[dict] = []
+
+    async def at(n: int) -> dict:
+        o = msgspec.structs.replace(opts, devices=n)
+        p = await run_point(o, say)
+        v = p["verdict"]
+        say(f"[N={n}] {'MEETS' if v['meets'] else 'misses'} the service level"
+            + "".join(f"\n    broke: {b}" for b in v["broke"])
+            + "".join(f"\n    not a measurement: {x}" for x in v["invalid"]))
+        points.append(p)
+        return p
+
+    if not search:
+        await at(opts.devices)
+    else:
+        lo, hi = 0, None
+        n = opts.devices
+        while hi is None and n <= max_devices:
+            if (await at(n))["verdict"]["meets"]:
+                lo, n = n, n * 2
+            else:
+                hi = n
+        hi = hi or max_devices
+        while lo and hi - lo > max(500, lo // 10):
+            mid = (lo + hi) // 2
+            if (await at(mid))["verdict"]["meets"]:
+                lo = mid
+            else:
+                hi = mid
+    return {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": headline(points, opts.security),
+        "points": [strip_raw(p) for p in points]}
+
+
+def security_available() -> bool:
+    try:
+        import importlib
+        importlib.import_module("seg_fast.policy.cli")
+        return True
+    except ImportError:
+        return False
+
+
+def cli(argv: list[str]) -> int:
+    if not argv or argv[0] != "sizing":
+        print("usage: seg-fast bench sizing [--devices N] [--search] [--hold S] ...", file=sys.stderr)
+        return 2
+    ap = argparse.ArgumentParser(prog="seg-fast bench sizing",
+                                 description="devices per core at the BENCH-PROFILE service level")
+    ap.add_argument("--devices", type=int, default=1000, help="N (or where --search starts)")
+    ap.add_argument("--search", action="store_true", help="find the largest N meeting the service level")
+    ap.add_argument("--max-devices", type=int, default=200_000)
+    ap.add_argument("--hold", type=float, default=120.0, help="measured steady state, s (>=120 for a claim)")
+    ap.add_argument("--ramp", type=float, default=0.0, help="ramp-up, s (0: N/250)")
+    ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--drain", type=float, default=30.0, help="after the hold: in-flight work may finish")
+    ap.add_argument("--paths", default="direct,gateway,nginx")
+    ap.add_argument("--security", choices=("off", "on"), default="off")
+    ap.add_argument("--shard-size", type=int, default=5000)
+    ap.add_argument("--gateway-workers", type=int, default=1, help="workers per gateway instance")
+    ap.add_argument("--rate-scale", type=float, default=1.0, help="development only: compress time")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv[1:])
+    if a.security == "on" and not security_available():
+        print("seg-fast bench sizing: --security on needs `seg-fast policy load`, "
+              "which is not in this tree yet", file=sys.stderr)
+        return 2
+    opts = Options(devices=a.devices, hold=a.hold, ramp=a.ramp, settle=a.settle, drain=a.drain,
+                   paths=[p for p in a.paths.split(",") if p], security=a.security,
+                   shard_size=a.shard_size, gateway_workers=a.gateway_workers,
+                   rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet,
+                   gateway_cpu=0, load_cpu=1 if (os.cpu_count() or 1) > 1 else 0)
+
+    def say(msg: str) -> None:
+        if not a.quiet:
+            print(msg, flush=True)
+
+    report = trio.run(bench, opts, a.search, a.max_devices, say)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"sizing-{opts.security}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem.with_suffix(".json").write_bytes(msgspec.json.format(msgspec.json.encode(report)))
+    try:
+        plot([p for p in report["points"]], stem.with_suffix(".png"))
+    except Exception as exc:  # the numbers matter more than the picture
+        say(f"(no plot: {exc})")
+    h = report["headline"]
+    print(msgspec.json.format(msgspec.json.encode(h)).decode())
+    print(f"wrote {stem}.json and .png")
+    return 0
