@@ -291,7 +291,7 @@ async def test_sync_client_delete_and_server_delete(sim):
     # the device deletes one (DeletesAsMoves: it goes to Deleted Items)
     r = await c.request("Sync", sync_req(key, "1", commands=[E("AirSync:Delete", E("AirSync:ServerId", ids[0]))]))
     assert text(collection(r), "AirSync:Status") == "1"
-    assert len(sim.mailbox("jdoe").folders["3"]) == 1
+    assert len(sim.mailbox("jdoe").folder("3")) == 1
     key = text(collection(r), "AirSync:SyncKey")
     # another device moves the other one: this device sees a Delete
     other = await ready(sim, device="OTHER")
@@ -429,7 +429,7 @@ async def test_send_mail_both_forms(sim):
                           headers={"content-type": "message/rfc822"})
     assert r.status == 200 and r.body == b""
     assert sim.sent[-1].mime == MIME and sim.sent[-1].command == "SendMail"
-    assert len(sim.mailbox("jdoe").folders["4"]) == 1
+    assert len(sim.mailbox("jdoe").folder("4")) == 1
     c14 = await ready(sim, device="D14", version="14.1")
     r = await c14.request("SendMail", E("ComposeMail:SendMail", E("ComposeMail:ClientId", "c1"),
                                         E("ComposeMail:SaveInSentItems"), E("ComposeMail:Mime", MIME)))

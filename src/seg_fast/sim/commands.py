@@ -328,7 +328,7 @@ def _sync_collection(ctx: Ctx, coll: Element) -> Element:
     if get_changes in (None, "", "1"):
         window = min(max(_int(text(coll, "AirSync:WindowSize"), 100), 1), MAX_WINDOW)
         options = find(coll, "AirSync:Options")
-        folder = ctx.mbox.folders[cid]
+        folder = ctx.mbox.folder(cid)
         gone = sorted(st.known - folder.keys(), key=_id_order)
         for sid in gone[:window]:
             commands.append(E("AirSync:Delete", E("AirSync:ServerId", sid)))
@@ -371,7 +371,7 @@ def _client_commands(ctx: Ctx, cid: str, st: SyncState, cmds: Element | None) ->
                 responses.append(E("AirSync:Delete", E("AirSync:ServerId", sid), E("AirSync:Status", 8)))
                 continue
             if cid == DELETED:
-                del mbox.folders[cid][sid]
+                del mbox.folder(cid)[sid]
             else:
                 mbox.move(sid, DELETED)
             st.known.discard(sid)
@@ -406,7 +406,7 @@ def get_item_estimate(ctx: Ctx) -> Answer:
             out.append(E("GetItemEstimate:Response", E("GetItemEstimate:Status", 4)))
             continue
         known = st.known if st is not None else set()
-        folder = ctx.mbox.folders[cid]
+        folder = ctx.mbox.folder(cid)
         estimate = sum(1 for sid in folder if sid not in known) + len(known - folder.keys())
         out.append(E("GetItemEstimate:Response", E("GetItemEstimate:Status", 1),
                      E("GetItemEstimate:Collection", E("GetItemEstimate:CollectionId", cid),
@@ -489,7 +489,7 @@ def item_operations(ctx: Ctx) -> Answer:
         elif op.tag == "ItemOperations:EmptyFolderContents":
             cid = text(op, "AirSync:CollectionId", default="")
             if cid in FOLDER_IDS:
-                ctx.mbox.folders[cid].clear()
+                ctx.mbox.folder(cid).clear()
             out.append(E("ItemOperations:EmptyFolderContents",
                          E("ItemOperations:Status", 1 if cid in FOLDER_IDS else 6),
                          E("AirSync:CollectionId", cid)))

@@ -18,7 +18,10 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import heapq
 import http
+import json
+import math
 import resource
 import sys
 from typing import NamedTuple
@@ -52,13 +55,22 @@ class SentMail(NamedTuple):
 
 
 class _Park:
-    """A parked Ping: the sleeping task and the folders it watches."""
-    __slots__ = ("task", "folders", "changed")
+    """A parked Ping: the sleeping connection task, its device and the folders it
+    watches. ``task`` is None once it has been woken or cancelled."""
+    __slots__ = ("task", "dev", "folders", "changed")
 
-    def __init__(self, task, folders: tuple[str, ...]):
-        self.task = task
+    def __init__(self, dev: Device, folders: tuple[str, ...]):
+        self.task = None
+        self.dev = dev
         self.folders = folders
         self.changed: tuple[str, ...] = ()
+
+    def abort(self, _raise_cancel) -> trio.lowlevel.Abort:
+        # cancelled (server shutting down): forget it so nobody reschedules it
+        if self.dev.parked is self:
+            self.dev.parked = None
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 def raise_nofile_limit() -> int:
@@ -92,6 +104,11 @@ class MailboxSimulator:
         self.connections = 0         # open connections right now
         self._next_msg = 0
         self._serial = 0
+        # Heartbeat deadlines of parked Pings: one heap and one sleeping task for
+        # all of them instead of a cancel scope per Ping. Entries of Pings woken
+        # early stay until their deadline passes (their task is None by then).
+        self._deadlines: list[tuple[float, int, _Park]] = []
+        self._timer: trio.CancelScope | None = None
 
     # -- the mailbox side ---------------------------------------------------------------
     def mailbox(self, user: str) -> Mailbox:
@@ -111,8 +128,13 @@ class MailboxSimulator:
         for dev in mbox.devices.values():
             park = dev.parked
             if park is not None and INBOX in park.folders:
-                self._wake(dev, (INBOX,))
+                self._wake(park, (INBOX,))
         return ids
+
+    def stats(self) -> dict:
+        """Counters for benchmarks (also served as JSON at GET /sim/stats)."""
+        return {"parked": self.parked, "connections": self.connections, "mailboxes": len(self.mailboxes),
+                "delivered": self._next_msg, "sent": self.sent_count, "answers": dict(self.counts)}
 
     def record_sent(self, user: str, command: str, mime: bytes) -> None:
         self.sent_count += 1
@@ -135,6 +157,7 @@ class MailboxSimulator:
         if ssl_context is not None:
             listeners = [trio.SSLListener(ln, ssl_context, https_compatible=True) for ln in listeners]
         async with trio.open_nursery() as nursery:
+            await nursery.start(self._heartbeats)
             await nursery.start(trio.serve_listeners, self._connection, listeners)
             task_status.started(self.port)
 
@@ -158,7 +181,10 @@ class MailboxSimulator:
                         break
                     else:
                         return
-                answer = await self._handle(req, bytes(body))
+                answer = self._handle(req, bytes(body))
+                req = body = None          # not kept alive while a Ping is parked
+                if type(answer) is _Park:
+                    answer = await self._park(answer)
                 await _send(conn, stream, answer)
                 if conn.our_state is h11.MUST_CLOSE:
                     return
@@ -175,18 +201,20 @@ class MailboxSimulator:
             self.connections -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, req: h11.Request, body: bytes) -> Answer:
+    def _handle(self, req: h11.Request, body: bytes) -> Answer | _Park:
         try:
-            return await self._dispatch(req, body)
+            return self._dispatch(req, body)
         except (EASRequestError, WBXMLError, UnicodeDecodeError, ValueError):
             return Answer(400, [], b"")
         except Exception as exc:       # a simulator bug: answer 500, keep serving
             print(f"seg-fast sim: internal error {type(exc).__name__}: {exc}", file=sys.stderr)
             return Answer(500, [], b"")
 
-    async def _dispatch(self, req: h11.Request, body: bytes) -> Answer:
+    def _dispatch(self, req: h11.Request, body: bytes) -> Answer | _Park:
         method = req.method.decode("ascii")
         path, q = parse_target(req.target.decode("latin-1"))
+        if path == "/sim/stats" and method == "GET":
+            return Answer(200, [(b"content-type", b"application/json")], json.dumps(self.stats()).encode())
         if path.rstrip("/").lower() not in PATHS:
             return Answer(404, [], b"")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
@@ -220,7 +248,7 @@ class MailboxSimulator:
                      or (q.base64 and q.flag("AcceptMultiPart")))
         ctx = Ctx(self, mbox, dev, vnum, q, doc, body, multipart)
         if command == "Ping":
-            return await self._ping(ctx)
+            return self._ping(ctx)
         if command in ("SendMail", "SmartReply", "SmartForward"):
             return C.send_mail(ctx, command)
         return HANDLERS[command](ctx)
@@ -238,7 +266,8 @@ class MailboxSimulator:
         return user
 
     # -- Ping ------------------------------------------------------------------------------
-    async def _ping(self, ctx: Ctx) -> Answer:
+    def _ping(self, ctx: Ctx) -> Answer | _Park:
+        """The answer now (bad request, changes pending) or a _Park to wait on."""
         req = C.ping_request(ctx)
         if isinstance(req, Answer):
             return req
@@ -248,27 +277,44 @@ class MailboxSimulator:
         if changed:
             return C.ping_answer(changed)
         if dev.parked is not None:        # a newer Ping from the same device replaces it
-            self._wake(dev, ())
-        park = dev.parked = _Park(trio.lowlevel.current_task(), folders)
+            self._wake(dev.parked, ())
+        park = dev.parked = _Park(dev, folders)
+        deadline = trio.current_time() + heartbeat
+        self._serial += 1
+        heapq.heappush(self._deadlines, (deadline, self._serial, park))
+        if self._timer is not None and deadline < self._timer.deadline:
+            self._timer.deadline = deadline
+        return park
+
+    async def _park(self, park: _Park) -> Answer:
+        park.task = trio.lowlevel.current_task()
         self.parked += 1
-
-        def abort(_raise_cancel):
-            if dev.parked is park:
-                dev.parked = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
         try:
-            with trio.move_on_after(heartbeat):
-                await trio.lowlevel.wait_task_rescheduled(abort)
+            await trio.lowlevel.wait_task_rescheduled(park.abort)
         finally:
             self.parked -= 1
         return C.ping_answer(park.changed)
 
-    def _wake(self, dev: Device, changed: tuple[str, ...]) -> None:
-        park = dev.parked
-        dev.parked = None
+    def _wake(self, park: _Park, changed: tuple[str, ...]) -> None:
+        if park.dev.parked is park:
+            park.dev.parked = None
+        task, park.task = park.task, None
         park.changed = changed
-        trio.lowlevel.reschedule(park.task)
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def _heartbeats(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Answer parked Pings whose heartbeat ran out (Status 1)."""
+        heap = self._deadlines
+        task_status.started()
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self._timer:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                park = heapq.heappop(heap)[2]
+                if park.task is not None:
+                    self._wake(park, ())
 
 
 HANDLERS = {

@@ -69,7 +69,8 @@ class Mailbox:
 
     def __init__(self, user: str):
         self.user = user
-        self.folders: dict[str, dict[str, Item]] = {fid: {} for fid in FOLDER_IDS}
+        # Folder id -> its items, created on first use (most folders stay empty).
+        self.folders: dict[str, dict[str, Item]] = {}
         self.next_id = 1
         self.devices: dict[str, Device] = {}
 
@@ -79,10 +80,16 @@ class Mailbox:
             dev = self.devices[device_id] = Device(device_id)
         return dev
 
+    def folder(self, fid: str) -> dict[str, Item]:
+        items = self.folders.get(fid)
+        if items is None:
+            items = self.folders[fid] = {}
+        return items
+
     def add(self, folder: str, item: Item) -> str:
         sid = f"{folder}:{self.next_id}"
         self.next_id += 1
-        self.folders[folder][sid] = item
+        self.folder(folder)[sid] = item
         return sid
 
     def find(self, server_id: str) -> tuple[str, Item] | None:
@@ -101,9 +108,7 @@ class Mailbox:
 
     def pending(self, dev: Device, folder: str) -> bool:
         """Does ``folder`` hold changes the device has not synchronised?"""
-        items = self.folders.get(folder)
-        if items is None:
-            return False
+        items = self.folders.get(folder, {})
         st = dev.sync.get(folder)
         if st is None:
             return bool(items)
