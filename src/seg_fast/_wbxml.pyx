@@ -196,10 +196,13 @@ cdef class Element:
 
 cdef inline int _mb(const uint8_t* buf, Py_ssize_t end, Py_ssize_t* pos,
                     uint32_t* out) except -1:
-    """mb_u_int32 at pos: at most 5 bytes, value < 2**32."""
+    """mb_u_int32 at pos: at most 5 bytes, value < 2**32, no leading zero groups
+    (which would not survive re-encoding)."""
     cdef Py_ssize_t start = pos[0], p = pos[0]
     cdef unsigned long long v = 0
     cdef uint8_t b
+    if p < end and buf[p] == 0x80:
+        raise WBXMLError("mb_u_int32 with a leading zero byte (non-minimal)", start)
     while True:
         if p >= end:
             raise WBXMLError("truncated mb_u_int32", start)

@@ -1,0 +1,123 @@
+"""Property tests for the WBXML codec (hypothesis).
+
+Run longer with SEG_FAST_HYPOTHESIS=long (see conftest.py).
+- random trees over the real tables round-trip exactly, and scan/splice agree
+  with the tree;
+- random and mutated bytes only ever raise WBXMLError, and whatever decode
+  accepts it encodes back to the very same bytes.
+"""
+from __future__ import annotations
+
+from conftest import REAL_SERVER
+from hypothesis import given, strategies as st
+
+from seg_fast.eas import codepages
+from seg_fast.eas.wbxml import Element, decode, encode, scan, splice
+from seg_fast.errors import WBXMLError
+
+TAGS = sorted(t for t in codepages.TOKENS if t not in codepages.ALIASES)
+UNKNOWN = ["AirSync:Unknown0x3F", "Find:Unknown0x0F", "Page99:Unknown0x10", "Page255:Unknown0x3F"]
+CAPTURES = [p.read_bytes() for p in sorted(REAL_SERVER.glob("*.wbxml"))]
+
+tag_st = st.one_of(st.sampled_from(TAGS), st.sampled_from(UNKNOWN))
+text_st = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                  max_size=40)
+leaf_st = st.builds(
+    lambda tag, text, opaque, which: Element(
+        tag, text=text if which in (1, 3) else None, opaque=opaque if which in (2, 3) else None),
+    tag_st, text_st, st.binary(max_size=40), st.integers(0, 3))
+tree_st = st.recursive(
+    leaf_st,
+    lambda kids: st.builds(lambda tag, children: Element(tag, children), tag_st,
+                           st.lists(kids, min_size=1, max_size=5)),
+    max_leaves=40)
+
+
+@given(tree_st)
+def test_random_trees_roundtrip(root):
+    data = encode(root)
+    again = decode(data)
+    assert again == root
+    assert encode(again) == data
+
+
+@given(tree_st)
+def test_scan_finds_every_content_token_of_the_tree(root):
+    data = encode(root)
+    spans = scan(data, TAGS + UNKNOWN)
+    expected = []
+    for el in root.iter():   # document order; text is written before opaque
+        if el.text is not None:
+            expected.append((el.tag, "str", el.text.encode()))
+        if el.opaque is not None:
+            expected.append((el.tag, "opaque", el.opaque))
+    got = [(s.tag, s.kind, data[s.offset:s.offset + s.length]) for s in spans]
+    assert got == expected
+    for s in spans:
+        assert s.token_start < s.offset <= s.offset + s.length < s.token_end <= len(data) \
+            or s.kind == "opaque" and s.offset + s.length == s.token_end
+
+
+@given(tree_st, st.data())
+def test_splice_equals_editing_the_tree(root, data_st):
+    data = encode(root)
+    owners = [el for el in root.iter() if (el.text is None) != (el.opaque is None)]
+    spans = scan(data, TAGS + UNKNOWN)
+    # spans and single-content elements line up in document order
+    singles = [s for s in spans
+               if sum(1 for t in spans if t.element_offset == s.element_offset) == 1]
+    by_offset = {s.element_offset: s for s in singles}
+    assert len(by_offset) == len(owners)
+    picks = data_st.draw(st.lists(st.integers(0, max(len(owners) - 1, 0)), unique=True,
+                                  max_size=len(owners)))
+    ordered = sorted(by_offset.values(), key=lambda s: s.token_start)
+    reps = []
+    for i in picks:
+        value = data_st.draw(st.one_of(text_st, st.binary(max_size=60)))
+        reps.append((ordered[i], value))
+        el = owners[i]
+        el.text, el.opaque = (value, None) if isinstance(value, str) else (None, value)
+    assert splice(data, reps) == encode(root)
+
+
+def _decode_or_error(data: bytes) -> None:
+    try:
+        root = decode(data)
+    except WBXMLError as exc:
+        assert 0 <= exc.offset <= len(data) or exc.offset == -1
+    else:
+        assert encode(root, max_depth=64) == data
+    try:
+        scan(data, ["AirSyncBase:Data", "AirSync:SyncKey", "Email:Subject"])
+    except WBXMLError:
+        pass
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes_only_raise_wbxmlerror(data):
+    _decode_or_error(data)
+
+
+@given(st.binary(max_size=120))
+def test_random_bodies_behind_a_valid_header(body):
+    _decode_or_error(b"\x03\x01\x6a\x00" + body)
+
+
+@given(st.sampled_from(CAPTURES), st.lists(
+    st.tuples(st.sampled_from(["flip", "insert", "delete", "truncate"]),
+              st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4))
+def test_mutated_captures_only_raise_wbxmlerror(doc, edits):
+    data = bytearray(doc)
+    for kind, where, byte in edits:
+        if not data:
+            break
+        i = where % len(data)
+        if kind == "flip":
+            data[i] = byte
+        elif kind == "insert":
+            data.insert(i, byte)
+        elif kind == "delete":
+            del data[i]
+        else:
+            del data[i:]
+    _decode_or_error(bytes(data))
