@@ -277,3 +277,12 @@ def test_qp_encode_roundtrips_with_the_stdlib(data, eol):
     norm = data.replace(b"\r\n", b"\n").replace(b"\n", eol)
     assert binascii.a2b_qp(enc) == norm
     assert all(len(line) <= 76 for line in enc.split(eol))
+
+
+def test_magic_bytes_decide_over_the_name_in_mime():
+    # A ".pdf" that is a ZIP is a ZIP: blocked by the zip rule, not encrypted as a pdf.
+    data = make_message(attachments=[("fake.pdf", ZIP, "application", "pdf"),
+                                     ("real.pdf", PDF, "application", "pdf")])
+    p = plan(links=False, managed=AttachmentPolicy(file_types={"pdf": "encrypt", "zip": "block"}))
+    _, res = transform_mime(data, p)
+    assert [(a, b) for a, b, _ in res.attachments] == [("fake.pdf", "block"), ("real.pdf", "encrypt")]

@@ -10,7 +10,7 @@ end), bounded (depth, part count), and precise when it gives up (MIMEError).
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 from seg_fast.errors import MIMEError
 
@@ -419,5 +419,39 @@ def qp_encode(data, bytes eol=b"\r\n", Py_ssize_t width=76):
             col += need
             i += 1
         return bytes(buf[:w])
+    finally:
+        PyBuffer_Release(&view)
+
+
+def strip_breaks(data):
+    """``data`` without its line breaks (base64 bodies, before a strict decode: any
+    other stray byte makes that decode fail, and the caller falls back)."""
+    cdef Py_buffer view
+    cdef const unsigned char* b
+    cdef const unsigned char* nl
+    cdef Py_ssize_t n, i = 0, w = 0, j, k, width = -1
+    cdef char* out
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        b = <const unsigned char*>view.buf
+        n = view.len
+        result = PyBytes_FromStringAndSize(NULL, n)
+        out = PyBytes_AS_STRING(result)
+        while i < n:
+            # Lines of one width ending in CRLF are the rule: check there first.
+            if width > 0 and i + width + 1 < n and b[i + width] == 13 and b[i + width + 1] == 10:
+                j = i + width + 1
+            else:
+                nl = <const unsigned char*>memchr(b + i, 10, n - i)
+                j = (nl - b) if nl != NULL else n
+            k = j
+            if k > i and b[k - 1] == 13:
+                k -= 1
+            if width < 0:
+                width = k - i
+            memcpy(out + w, b + i, k - i)
+            w += k - i
+            i = j + 1
+        return result[:w]
     finally:
         PyBuffer_Release(&view)

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pybase64
 
 from seg_fast.content._links import LinkRewriter
-from seg_fast.content._mime import Part, line_ending, qp_encode, walk, wrap_lines
+from seg_fast.content._mime import Part, line_ending, qp_encode, strip_breaks, walk, wrap_lines
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name,
                                           file_type, seal)
 from seg_fast.content.keys import Keyring
@@ -175,14 +175,18 @@ def transform_text(data: bytes, plan: ContentPlan, *, truncated: bool = False) -
 
 
 def splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
-    """``data`` with each (start, end) range replaced; ranges sorted and disjoint."""
+    """``data`` with each (start, end) range replaced by bytes (or a tuple of bytes
+    chunks); ranges sorted and disjoint."""
     if not edits:
         return data
     view = memoryview(data)
     chunks, pos = [], 0
     for start, end, new in edits:
         chunks.append(view[pos:start])
-        chunks.append(new)
+        if isinstance(new, tuple):
+            chunks.extend(new)
+        else:
+            chunks.append(new)
         pos = end
     chunks.append(view[pos:])
     return b"".join(chunks)
@@ -227,20 +231,30 @@ def _text_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: boo
 
 def _decode_body(body: memoryview, cte: str) -> bytes:
     if cte == "base64":
-        return pybase64.b64decode(body)
+        try:
+            return pybase64.b64decode(strip_breaks(body), validate=True)
+        except (binascii.Error, ValueError):
+            return pybase64.b64decode(body)  # stray bytes: the lenient decoder skips them
     if cte == "quoted-printable":
         return binascii.a2b_qp(bytes(body))
     return bytes(body)
 
 
+def _head(body: memoryview, cte: str) -> bytes:
+    """The first decoded bytes of an attachment (for its magic bytes)."""
+    try:
+        if cte == "base64":
+            text = strip_breaks(body[:_HEAD * 2])
+            return pybase64.b64decode(text[:len(text) // 4 * 4])[:_HEAD]
+        return _decode_body(body[:_HEAD * 4], cte)[:_HEAD]
+    except (binascii.Error, ValueError):
+        return b""
+
+
 def _attachment(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: bytes, cut: bool):
     body = memoryview(data)[p.body_start:p.end]
     name = p.filename
-    try:
-        head = _decode_body(body[:_HEAD * 2], p.cte)[:_HEAD] if p.cte == "base64" else \
-            _decode_body(body[:_HEAD * 4], p.cte)[:_HEAD]
-    except (binascii.Error, ValueError):
-        head = b""
+    head = _head(body, p.cte)
     kind, action = plan.action(name, head)
     if action == "allow":
         return None
@@ -302,7 +316,8 @@ def _kept_headers(data: bytes, p: Part) -> list[bytes]:
 def _part_edit(data: bytes, p: Part, headers: list[bytes], body: bytes, eol: bytes):
     kept = _kept_headers(data, p)
     block = b"".join(kept) + b"".join(h + eol for h in headers) + eol
-    return p.start, p.end, block + body
+    # Header and body stay separate chunks: splice joins everything in one copy.
+    return p.start, p.end, (block, body)
 
 
 def _replace_part(data: bytes, p: Part, headers: list[bytes], body: bytes, eol: bytes) -> bytes:
