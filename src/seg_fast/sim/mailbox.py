@@ -213,8 +213,8 @@ class MailboxSimulator:
     def _dispatch(self, req: h11.Request, body: bytes) -> Answer | _Park:
         method = req.method.decode("ascii")
         path, q = parse_target(req.target.decode("latin-1"))
-        if path == "/sim/stats" and method == "GET":
-            return Answer(200, [(b"content-type", b"application/json")], json.dumps(self.stats()).encode())
+        if path.startswith("/sim/"):
+            return self._side_door(method, path, q.params)
         if path.rstrip("/").lower() not in PATHS:
             return Answer(404, [], b"")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
@@ -252,6 +252,24 @@ class MailboxSimulator:
         if command in ("SendMail", "SmartReply", "SmartForward"):
             return C.send_mail(ctx, command)
         return HANDLERS[command](ctx)
+
+    def _side_door(self, method: str, path: str, params: dict[str, str]) -> Answer:
+        """Control for tools driving a simulator in another process (no auth: it
+        listens on loopback): GET /sim/stats; POST /sim/deliver?user=U[&count=N]
+        or ?prefix=P&users=N (users P0..P{N-1})."""
+        if path == "/sim/stats" and method == "GET":
+            return Answer(200, [(b"content-type", b"application/json")], json.dumps(self.stats()).encode())
+        if path == "/sim/deliver" and method == "POST":
+            count = int(params.get("count", "1"))
+            if "user" in params:
+                users = [params["user"]]
+            else:
+                users = [f"{params.get('prefix', 'u')}{k}" for k in range(int(params.get("users", "0")))]
+            for user in users:
+                self.deliver(user, count)
+            return Answer(200, [(b"content-type", b"application/json")],
+                          json.dumps({"delivered": count * len(users)}).encode())
+        return Answer(404, [], b"")
 
     def _authenticate(self, value: str | None) -> str | None:
         if not value or not value[:6].lower() == "basic ":

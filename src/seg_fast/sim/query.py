@@ -59,8 +59,9 @@ def parse_target(target: str) -> tuple[str, Query]:
     if not raw:
         return unquote(path), q
     pairs = parse_qsl(raw, keep_blank_values=True)
-    # A base64 query can end in "=" padding, so the plain form is told by its Cmd key.
-    if any(key == "Cmd" for key, _ in pairs):
+    # A base64 query can end in "=" padding, so the plain form is told by its Cmd
+    # key (the simulator's own /sim/ paths use plain queries without one).
+    if any(key == "Cmd" for key, _ in pairs) or path.startswith("/sim/"):
         for key, value in pairs:
             if key == "Cmd":
                 q.command = value
