@@ -1,0 +1,186 @@
+"""Email security end to end: devices talk to the running gateway (its real policy
+gatekeeper on SQLite) in front of the mailbox simulator, over loopback.
+
+- Include mode: only links to the listed domains open in the secure browser.
+- A managed device's PDF arrives encrypted and `seg-fast attachment decrypt` opens it.
+- An unmanaged device's PNG is blocked with the configured message.
+- An S/MIME signed message is left byte for byte as the server sent it.
+"""
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+
+import trio
+
+from conftest import REPO
+from seg_fast.config import load_config
+from seg_fast.content.attachments import ENVELOPE_CONTENT_TYPE, envelope_name
+from seg_fast.content.model import AttachmentPolicy, EmailSecurityPolicy, HyperlinkPolicy
+from seg_fast.policy.model import DeviceRecord, PolicyDocument
+from seg_fast.policy.store import SqliteStore
+from seg_fast.proxy.gateway import Gateway
+from seg_fast.sim.client import EasClient
+from seg_fast.sim.corpus import REWRITE_DOMAINS
+from seg_fast.sim.mailbox import MailboxSimulator
+from seg_fast.sim.state import INBOX, Item
+from seg_fast.sim.tree import E, find, kids, text
+
+PASSWORD = "secret"
+UA = "Apple-iPhone15C2/2104.100"
+BLOCK_MSG = "Images are blocked on this device."
+POLICY = EmailSecurityPolicy(
+    hyperlinks=HyperlinkPolicy(enabled=True, mode="include", domains=list(REWRITE_DOMAINS)),
+    managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt", "docx": "encrypt", "zip": "encrypt"}),
+    unmanaged_attachments=AttachmentPolicy(file_types={"png": "block"}, block_message=BLOCK_MSG),
+    skip_smime=True,
+)
+
+
+def env_for(sim_port: int, tmp_path) -> dict:
+    return {"SEG_FAST_LISTENER_HOST": "127.0.0.1", "SEG_FAST_LISTENER_PORT": "0",
+            "SEG_FAST_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}",
+            "SEG_FAST_LOG_TRANSACTIONS": str(tmp_path / "tx.jsonl"),
+            "SEG_FAST_POLICY_SQLITE_PATH": str(tmp_path / "policy.db"),
+            "SEG_FAST_SECURITY_MASTER_KEY_FILE": str(tmp_path / "master.key"),
+            "SEG_FAST_SECURITY_KEY_STATE_FILE": str(tmp_path / "keys.json")}
+
+
+@asynccontextmanager
+async def running(tmp_path):
+    store = SqliteStore(tmp_path / "policy.db")
+    await store.open()
+    managed = DeviceRecord(device_id="MANAGED1", user="jdoe", managed=True, compliant=True, compromised=False,
+                           encrypted=True, platform="Apple", model="iPhone 15", os="17.4",
+                           last_checkin=time.time() - 60, eas_profile=True)
+    await store.replace_all(PolicyDocument(security=POLICY), [managed])
+    await store.aclose()
+    sim = MailboxSimulator(password=PASSWORD, seed=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve, "127.0.0.1", 0)
+        gw = Gateway(load_config(None, env=env_for(sim.port, tmp_path)))
+        await nursery.start(gw.serve)
+        yield sim, gw
+        nursery.cancel_scope.cancel()
+
+
+def pick(sim, pred, limit=400) -> int:
+    return next(i for i in range(limit) if pred(sim.corpus.message(i)))
+
+
+def has(kind):
+    return lambda m: (not m.signed and m.attachments and m.attachments[0][0].endswith("." + kind)
+                      and len(m.attachments[0][2]) < 400_000)
+
+
+async def device(gw, device_id) -> EasClient:
+    c = EasClient("127.0.0.1", gw.port, "jdoe", PASSWORD, device_id, device_type="iPhone", version="14.1",
+                  user_agent=UA)
+    await c.provision()
+    return c
+
+
+def sync_req(key, body_type=None):
+    return E("AirSync:Sync", E("AirSync:Collections", E(
+        "AirSync:Collection", E("AirSync:SyncKey", key), E("AirSync:CollectionId", INBOX),
+        E("AirSync:GetChanges") if key != "0" else None,
+        E("AirSync:WindowSize", 100) if key != "0" else None,
+        E("AirSync:Options", E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", body_type)))
+        if body_type else None)))
+
+
+async def sync_items(c, body_type) -> dict[str, object]:
+    """ServerId -> ApplicationData of every Inbox item, bodies of ``body_type``."""
+    r = await c.request("Sync", sync_req("0"))
+    key = text(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:SyncKey")
+    r = await c.request("Sync", sync_req(key, body_type))
+    assert r.status == 200, r
+    cmds = find(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:Commands")
+    return {text(a, "AirSync:ServerId"): find(a, "AirSync:ApplicationData") for a in kids(cmds, "AirSync:Add")}
+
+
+def listed(url: str) -> bool:
+    host = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0].lower()
+    return any(host == d or host.endswith("." + d) for d in REWRITE_DOMAINS)
+
+
+async def test_email_security_through_the_gateway(tmp_path):
+    async with running(tmp_path) as (sim, gw):
+        with trio.fail_after(30):
+            mbox = sim.mailbox("jdoe")
+            links_i = pick(sim, lambda m: not m.signed and not m.attachments
+                           and any(listed(u) for u in m.links) and not all(listed(u) for u in m.links))
+            pdf_i, png_i = pick(sim, has("pdf")), pick(sim, has("png"))
+            signed_i = pick(sim, lambda m: m.signed, limit=2000)
+            sid = {name: mbox.add(INBOX, Item(i)) for name, i in
+                   (("links", links_i), ("pdf", pdf_i), ("png", png_i), ("signed", signed_i))}
+
+            # Include mode: links to listed domains rewritten, the others as they were.
+            managed = await device(gw, "MANAGED1")
+            items = await sync_items(managed, 2)
+            html = text(items[sid["links"]], "AirSyncBase:Body", "AirSyncBase:Data")
+            msg = sim.corpus.message(links_i)
+            for url in msg.links:
+                esc = url.replace("&", "&amp;")
+                tail = esc[esc.index("://"):]
+                if listed(url):
+                    assert ("awbs" if url.startswith("https") else "awb") + tail in html
+                else:
+                    assert esc in html
+            assert html.replace("awbs://", "https://").replace("awb://", "http://") == msg.html
+
+            # Managed device: the PDF is listed renamed, fetched encrypted, opened by the CLI.
+            pdf_name, pdf_type, pdf = sim.corpus.message(pdf_i).attachments[0]
+            att = find(items[sid["pdf"]], "AirSyncBase:Attachments", "AirSyncBase:Attachment")
+            assert text(att, "AirSyncBase:DisplayName") == envelope_name(pdf_name)
+            ref = text(att, "AirSyncBase:FileReference")
+            r = await managed.request("ItemOperations", E("ItemOperations:ItemOperations", E(
+                "ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"), E("AirSyncBase:FileReference", ref))))
+            props = find(r.doc, "ItemOperations:Response", "ItemOperations:Fetch", "ItemOperations:Properties")
+            assert text(props, "AirSyncBase:ContentType") == ENVELOPE_CONTENT_TYPE
+            blob = base64.b64decode(text(props, "ItemOperations:Data"))
+            assert pdf not in blob
+            (tmp_path / "out").mkdir()
+            (tmp_path / "att.segenc").write_bytes(blob)
+            env = dict(os.environ, PYTHONPATH=str(REPO / "src"), **{
+                k: v for k, v in env_for(sim.port, tmp_path).items() if k.startswith("SEG_FAST_SECURITY")})
+            done = await trio.to_thread.run_sync(lambda: subprocess.run(
+                [sys.executable, "-m", "seg_fast", "attachment", "decrypt", "--device", "MANAGED1",
+                 "--user", "jdoe", str(tmp_path / "att.segenc")], env=env, cwd=tmp_path / "out",
+                capture_output=True, text=True))
+            assert done.returncode == 0, done.stderr
+            opened = (tmp_path / "out" / pdf_name).read_bytes()
+            assert hashlib.sha256(opened).digest() == hashlib.sha256(pdf).digest()
+
+            # The signed message is exempt: its MIME arrives exactly as the server sent it.
+            mime_items = await sync_items(await device(gw, "MANAGED1B"), 4)
+            signed_mime = text(mime_items[sid["signed"]], "AirSyncBase:Body", "AirSyncBase:Data")
+            assert signed_mime.encode() == sim.corpus.message(signed_i).mime
+
+            # Unmanaged device: the PNG is removed from the MIME body, listed as removed,
+            # and fetching it gives the block message.
+            unmanaged = await device(gw, "UNMANAGED1")
+            items = await sync_items(unmanaged, 4)
+            png_name = sim.corpus.message(png_i).attachments[0][0]
+            mime = text(items[sid["png"]], "AirSyncBase:Body", "AirSyncBase:Data")
+            parsed = email.message_from_string(mime, policy=email.policy.default)
+            assert not any(p.get_content_type() == "image/png" for p in parsed.walk())
+            notes = [p.get_content() for p in parsed.walk() if p.get_content_type() == "text/plain"
+                     and png_name in p.get_content()]
+            assert len(notes) == 1 and BLOCK_MSG in notes[0]
+            att = find(items[sid["png"]], "AirSyncBase:Attachments", "AirSyncBase:Attachment")
+            assert text(att, "AirSyncBase:DisplayName") == png_name + " (removed).txt"
+            r = await unmanaged.request("GetAttachment", params={"AttachmentName": text(att, "AirSyncBase:FileReference")})
+            assert r.status == 200 and BLOCK_MSG.encode() in r.body and b"\x89PNG" not in r.body
+            # The unmanaged policy leaves PDFs alone.
+            att = find(items[sid["pdf"]], "AirSyncBase:Attachments", "AirSyncBase:Attachment")
+            assert text(att, "AirSyncBase:DisplayName") == pdf_name
+            for c in (managed, unmanaged):
+                await c.aclose()
