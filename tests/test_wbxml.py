@@ -172,6 +172,46 @@ def test_depth_and_size_limits():
         decode(HDR + b"\x45\x01", max_size=5)
 
 
+def test_element_and_span_budgets():
+    flat = HDR + b"\x45" + b"\x0b" * 100 + b"\x01"
+    assert len(decode(flat, max_elements=101).children) == 100
+    with pytest.raises(WBXMLError, match="more than 100 elements") as info:
+        decode(flat, max_elements=100)
+    assert info.value.offset == 104
+    strs = HDR + b"\x45" + b"\x4b\x03\x00\x01" * 10 + b"\x01"
+    assert len(scan(strs, ["AirSync:SyncKey"], max_spans=10)) == 10
+    with pytest.raises(WBXMLError, match="more than 9 spans"):
+        scan(strs, ["AirSync:SyncKey"], max_spans=9)
+    with pytest.raises(ValueError):
+        decode(flat, max_depth=100_000)
+    with pytest.raises(ValueError):
+        encode(Element("AirSync:Sync"), max_depth=0)
+
+
+def test_tree_api_is_safe_with_foreign_children():
+    el = Element("AirSync:Sync", ["text", 3, Element("AirSync:Status", text="1")])
+    assert el.find("AirSync:Status").text == "1"
+    assert el.findall("AirSync:Status") == [Element("AirSync:Status", text="1")]
+    assert el.findtext("AirSync:Status") == "1"
+    with pytest.raises(AttributeError):
+        el._fmt = ("garbage",)
+    el.children = (Element("AirSync:Add"),)
+    assert isinstance(el.children, list) and el.children[0].tag == "AirSync:Add"
+
+
+def test_from_xml_errors_and_depth():
+    with pytest.raises(WBXMLError, match="does not parse"):
+        from_xml("<Sync xmlns='AirSync:'>")
+    with pytest.raises(WBXMLError, match="no namespace"):
+        from_xml("<Sync/>")
+    with pytest.raises(WBXMLError, match="base64"):
+        from_xml("<Mime xmlns='ComposeMail:'>abc</Mime>")
+    deep = "<Add xmlns='AirSync:'>" * 3000 + "</Add>" * 3000
+    root = from_xml(deep)
+    assert sum(1 for _ in root.iter()) == 3000
+    assert decode(encode(root, max_depth=3000), max_depth=3000) == root
+
+
 def test_encode_rejects_bad_trees():
     with pytest.raises(WBXMLError, match="unknown tag"):
         encode(Element("AirSync:NoSuchTag"))

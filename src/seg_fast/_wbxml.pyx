@@ -30,6 +30,11 @@ cdef extern from "Python.h":
 
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024   # bytes; a gateway bounds what it buffers
 DEFAULT_MAX_DEPTH = 64
+DEFAULT_MAX_ELEMENTS = 2_000_000   # a tree costs ~100 bytes per element
+DEFAULT_MAX_SPANS = 1_000_000
+# the encoder recurses in C: keep the deepest allowed tree far from the stack's end
+cdef enum:
+    MAX_DEPTH_LIMIT = 4096
 
 cdef enum:
     SWITCH_PAGE = 0x00
@@ -112,7 +117,7 @@ cdef class Element:
     cdef list _children       # None until the first child: most elements are leaves
     cdef public object text
     cdef public object opaque
-    cdef public object _fmt
+    cdef readonly object _fmt
 
     def __init__(self, str tag, children=None, text=None, opaque=None):
         self.tag = tag
@@ -136,7 +141,7 @@ cdef class Element:
         """The first direct child with this tag, or None."""
         if self._children is not None:
             for child in self._children:
-                if (<Element>child).tag == tag:
+                if isinstance(child, Element) and (<Element>child).tag == tag:
                     return child
         return None
 
@@ -144,7 +149,8 @@ cdef class Element:
         """Every direct child with this tag, in order."""
         if self._children is None:
             return []
-        return [child for child in self._children if (<Element>child).tag == tag]
+        return [child for child in self._children
+                if isinstance(child, Element) and (<Element>child).tag == tag]
 
     def findtext(self, str tag, default=None):
         """The text of the first direct child with this tag (its opaque bytes
@@ -174,9 +180,27 @@ cdef class Element:
     def __eq__(self, other):
         if not isinstance(other, Element):
             return NotImplemented
-        cdef Element o = <Element>other
-        return (self.tag == o.tag and self.text == o.text and self.opaque == o.opaque
-                and (self._children or []) == (o._children or []))
+        # iterative: trees may be deeper than the Python recursion limit
+        cdef list todo = [(self, other)]
+        cdef Element a, b
+        cdef list ac, bc
+        while todo:
+            x, y = todo.pop()
+            if x is y:
+                continue
+            if not isinstance(x, Element) or not isinstance(y, Element):
+                if x != y:
+                    return False
+                continue
+            a, b = <Element>x, <Element>y
+            if a.tag != b.tag or a.text != b.text or a.opaque != b.opaque:
+                return False
+            ac = a._children or []
+            bc = b._children or []
+            if len(ac) != len(bc):
+                return False
+            todo.extend(zip(ac, bc))
+        return True
 
     def __repr__(self):
         parts = [repr(self.tag)]
@@ -274,12 +298,14 @@ cdef class _Buffer:
 cdef _check_limits(Py_ssize_t n, Py_ssize_t max_size, int max_depth):
     if n > max_size:
         raise WBXMLError(f"document of {n} bytes exceeds the limit of {max_size}", max_size)
-    if max_depth < 1 or max_depth > 100000:
-        raise ValueError("max_depth must be between 1 and 100000")
+    if max_depth < 1 or max_depth > MAX_DEPTH_LIMIT:
+        raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH_LIMIT}")
 
 
-def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT_MAX_SIZE):
+def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT_MAX_SIZE,
+           Py_ssize_t max_elements=DEFAULT_MAX_ELEMENTS):
     """WBXML bytes -> Element tree. See seg_fast.eas.wbxml."""
+    cdef Py_ssize_t budget = max_elements
     cdef _Buffer hold = _Buffer(data)
     cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
     cdef Py_ssize_t n = hold.view.len
@@ -385,6 +411,9 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
             if tok < 5 or b & HAS_ATTRS:
                 _not_a_tag(b, start)
             # a tag
+            budget -= 1
+            if budget < 0:
+                raise WBXMLError(f"more than {max_elements} elements", start)
             el = Element.__new__(Element)
             el.tag = _name(page, tok)
             if nsw:
@@ -631,6 +660,8 @@ def encode(Element root, *, int max_depth=DEFAULT_MAX_DEPTH):
     cdef object header = CANONICAL_HEADER
     if root._fmt is not None and root._fmt[2] is not None:
         header = root._fmt[2]
+    if max_depth < 1 or max_depth > MAX_DEPTH_LIMIT:
+        raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH_LIMIT}")
     w.buf = NULL
     w.len = 0
     w.cap = 0
@@ -677,7 +708,7 @@ cdef class Span:
 
 
 def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
-         Py_ssize_t max_size=DEFAULT_MAX_SIZE):
+         Py_ssize_t max_size=DEFAULT_MAX_SIZE, Py_ssize_t max_spans=DEFAULT_MAX_SPANS):
     """One pass, no tree: Spans of the string/opaque content of the wanted tags."""
     cdef uint8_t wanted[256 * 64]
     cdef int packed, i
@@ -750,6 +781,8 @@ def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
                     pos += length
                 kid = ids[depth - 1]
                 if wanted[kid]:
+                    if PyList_GET_SIZE(spans) >= max_spans:
+                        raise WBXMLError(f"more than {max_spans} spans", start)
                     sp = Span.__new__(Span)
                     sp.tag = _name(kid >> 6, kid & 0x3F)
                     sp.kind = "str" if b == STR_I else "opaque"

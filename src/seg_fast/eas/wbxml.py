@@ -9,7 +9,7 @@ Tree
     ``findall``, ``findtext``, ``iter`` as in ElementTree (``find`` looks at direct
     children only).
 
-decode(data, *, max_depth=64, max_size=64 MiB) -> Element
+decode(data, *, max_depth=64, max_size=64 MiB, max_elements=2_000_000) -> Element
     Lossless: ``encode(decode(x)) == x`` for every document decode accepts. What a
     document does beyond the canonical encoding (a redundant or repeated
     SWITCH_PAGE, a string split over several STR_I tokens, strings mixed with
@@ -21,8 +21,10 @@ decode(data, *, max_depth=64, max_size=64 MiB) -> Element
     the spec does not define) and encode back to the same token. Inline strings
     must be valid UTF-8. Everything else malformed raises ``WBXMLError`` with the
     byte offset: truncation, bad mb_u_int32, attributes, string-table references,
-    ENTITY/PI/EXT/LITERAL tokens, a charset other than UTF-8, nesting deeper than
-    ``max_depth``, documents larger than ``max_size``, data after the root.
+    ENTITY/PI/EXT/LITERAL tokens, a charset other than UTF-8, a non-minimal
+    mb_u_int32, nesting deeper than ``max_depth``, documents larger than
+    ``max_size`` or with more than ``max_elements`` elements (a tree costs about
+    100 bytes per element, so this bounds memory too), data after the root.
 
 encode(root, *, max_depth=64) -> bytes
     Canonical form: header ``03 01 6A 00``, SWITCH_PAGE only when the page
@@ -30,7 +32,7 @@ encode(root, *, max_depth=64) -> bytes
     content flag only when there is content. ``WBXMLError`` for an unknown tag
     name, text containing NUL, or non-bytes opaque.
 
-scan(data, tags, *, max_depth=64, max_size=64 MiB) -> list[Span]
+scan(data, tags, *, max_depth=64, max_size=64 MiB, max_spans=1_000_000) -> list[Span]
     One pass, no tree: for each STR_I/OPAQUE token directly inside an element
     whose tag is in ``tags``, a ``Span`` (see its docstring: content offset and
     length, whole token bounds, kind, enclosing path and their offsets, so
@@ -62,7 +64,9 @@ from xml.sax.saxutils import escape
 
 from seg_fast._wbxml import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ELEMENTS,
     DEFAULT_MAX_SIZE,
+    DEFAULT_MAX_SPANS,
     Element,
     Span,
     decode,
@@ -159,17 +163,28 @@ def from_xml(text: str | bytes, *, dialect: str = "spec") -> Element:
         tag = rename.get(tag, tag)
         el = Element(tag)
         if len(x):
-            el.children = [convert(c) for c in x]
             if x.text and x.text.strip():
                 el.text = x.text
         elif x.text is not None:
             if tag in codepages.BASE64_TAGS:
-                el.opaque = base64.b64decode(x.text)
+                try:
+                    el.opaque = base64.b64decode(x.text)
+                except ValueError:
+                    raise WBXMLError(f"<{name}> holds no valid base64") from None
             else:
                 el.text = x.text
         return el
 
-    return convert(xroot)
+    # iterative: a deep document must not exhaust the Python stack
+    root = convert(xroot)
+    todo = [(xroot, root)]
+    while todo:
+        x, el = todo.pop()
+        for child in x:
+            sub = convert(child)
+            el.children.append(sub)
+            todo.append((child, sub))
+    return root
 
 
 def cli(argv: list[str]) -> int:
