@@ -193,3 +193,16 @@ async def test_malformed_http_gets_400(admin):
     data = await stream.receive_some(1000)
     assert data.startswith(b"HTTP/1.1 400")
     await stream.aclose()
+
+
+async def test_push_only_listener(tmp_path, nursery):
+    cfg = config(tmp_path)
+    main = AdminServer(cfg)
+    await nursery.start(main.gate.run)
+    push = AdminServer(cfg, gate=main.gate, push_only=True)
+    port = await nursery.start(push.listen, "127.0.0.1", 0)
+    status, _, _ = await request(port, "GET", "/seg/diagnostic/cluster", token=TOKEN)
+    assert status == 404                     # only /seg/push is served there
+    status, _, body = await request(port, "POST", "/seg/push", b'{"devices": [{"device_id": "P1"}]}', token=PUSH)
+    assert status == 200
+    assert (await main.gate.store.get_device("P1")) is not None

@@ -73,3 +73,9 @@ def test_import_csv_errors(cfg, tmp_path, capsys):
     empty = tmp_path / "e.csv"
     empty.write_text("user\n\n")
     assert main(["policy", "--config", cfg, "import-csv", "users", str(empty)]) == 1
+
+
+def test_openapi_command(capsys):
+    assert main(["policy", "openapi"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["openapi"] == "3.1.0" and "/seg/policy/device/{id}" in doc["paths"]

@@ -164,3 +164,14 @@ def test_resp_parser():
     p.feed(b"?what\r\n")
     with pytest.raises(RedisError):
         p.next()
+
+
+async def test_redis_reconnects_after_a_lost_connection(redis_url):
+    s = RedisStore(redis_url, prefix="reconnect:")
+    await s.open()
+    await s.put_devices([DeviceRecord(device_id="A")])
+    await s._conn.stream.aclose()            # the connection breaks under the store
+    with pytest.raises(StoreError, match="connection"):
+        await s.get_device("A")
+    assert (await s.get_device("A")).device_id == "A"   # the next call reconnects
+    await s.aclose()

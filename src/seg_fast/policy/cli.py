@@ -2,6 +2,7 @@
 
     seg-fast policy load FILE.json [--config C]       replace the snapshot (document + devices)
     seg-fast policy dump [--config C]                 print the snapshot as JSON
+    seg-fast policy openapi                           print the admin API's OpenAPI document
     seg-fast policy import-csv KIND FILE.csv [--mode allow|block] [--config C]
         KIND: users | device-types | mail-clients   (first column; sets and enables the list)
               domains                                (hyperlink policy domains)
@@ -121,6 +122,7 @@ def cli(argv: list[str]) -> int:
     p = sub.add_parser("load", help="replace the snapshot with a JSON policy file")
     p.add_argument("file")
     sub.add_parser("dump", help="print the snapshot as JSON")
+    sub.add_parser("openapi", help="print the admin API's OpenAPI document")
     p = sub.add_parser("import-csv", help="load a long list from CSV")
     p.add_argument("kind", choices=[*LIST_KINDS, "domains", "devices"])
     p.add_argument("file")
@@ -142,6 +144,14 @@ def cli(argv: list[str]) -> int:
             print(f"loaded {args.file}: {len(pf.devices)} device record(s), store version {v}")
         elif args.cmd == "dump":
             sys.stdout.buffer.write(trio.run(_with_store, args.config, _dump) + b"\n")
+        elif args.cmd == "openapi":
+            from seg_fast.admin.api import AdminApi
+            from seg_fast.admin.openapi import document
+            from seg_fast.policy.gate import PolicyGatekeeper
+
+            cfg = load_config(args.config)
+            api = AdminApi(cfg, PolicyGatekeeper(cfg.policy))
+            sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(document(api.routes)), indent=2) + b"\n")
         else:
             with open(args.file, encoding="utf-8-sig") as f:
                 text = f.read()

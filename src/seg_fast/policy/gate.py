@@ -112,15 +112,21 @@ class PolicyGatekeeper:
         self._dirty.add(key)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            await self._open_and_load()
-            task_status.started()
-            if not self.store_ok:
-                nursery.start_soon(self._retry_open)
-            else:
-                nursery.start_soon(self._follow)
-            nursery.start_soon(self._flush_loop)
-            nursery.start_soon(self._tick_loop)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._open_and_load()
+                task_status.started()
+                if not self.store_ok:
+                    nursery.start_soon(self._retry_open)
+                else:
+                    nursery.start_soon(self._follow)
+                nursery.start_soon(self._flush_loop)
+                nursery.start_soon(self._tick_loop)
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(2):
+                    await self.flush()       # what this worker saw last is not lost
+                await self.store.aclose()
 
     # -- upkeep -----------------------------------------------------------------
     async def _open_and_load(self) -> None:

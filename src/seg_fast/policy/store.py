@@ -27,7 +27,8 @@ from seg_fast.errors import PolicyError, SegFastError
 from seg_fast.policy.model import DeviceRecord, DeviceSighting, PolicyDocument, device_key
 from seg_fast.policy.resp import RedisConnection, RedisError
 
-NAMESPACES = ("devices", "sightings", "first_seen", "folders")
+# "redirects": user -> 451/302 location, for the proxy to share (admin CSV download).
+NAMESPACES = ("devices", "sightings", "first_seen", "folders", "redirects")
 
 _enc = msgspec.json.Encoder()
 _dec_doc = msgspec.json.Decoder(PolicyDocument)
@@ -314,10 +315,15 @@ class RedisStore(Store):
 
     async def _pipe(self, commands):
         if self._conn is None:
-            raise StoreError("policy store is not open")
+            # Lost earlier (Redis restarted, network): one reconnect attempt per call.
+            await self.open()
         try:
             return await self._conn.pipeline(commands)
         except RedisError as exc:
+            if "connection" in str(exc).lower() or "closed" in str(exc).lower():
+                conn, self._conn = self._conn, None
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
             raise StoreError(f"policy store (Redis): {exc}") from None
 
     async def _publish(self, changes: list[tuple[str, str]], commands: list[tuple]) -> int:
