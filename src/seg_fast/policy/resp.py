@@ -22,6 +22,8 @@ class _Incomplete(Exception):
 
 # Replies larger than this are refused (a policy snapshot is far smaller).
 MAX_REPLY = 512 * 1024 * 1024
+MAX_ITEMS = 10_000_000
+MAX_DEPTH = 8       # our commands never nest deeper than EXEC -> HVALS
 
 
 def encode_command(*args: bytes | str | int | float) -> bytes:
@@ -66,19 +68,25 @@ class RespParser:
         self.pos = end + 2
         return line
 
-    def _parse(self):
+    def _parse(self, depth: int = 0):
+        if depth > MAX_DEPTH:
+            raise RedisError("Redis reply nested too deeply")
         line = self._line()
         if not line:
             raise RedisError("empty Redis reply line")
         kind, rest = line[:1], line[1:]
+        if kind in (b":", b"$", b"*"):
+            try:
+                n = int(rest)
+            except ValueError:
+                raise RedisError(f"bad Redis reply length/integer {rest[:20]!r}") from None
         if kind == b"+":
-            return rest.decode()
+            return rest.decode(errors="replace")
         if kind == b"-":
             return RedisError(rest.decode(errors="replace"))
         if kind == b":":
-            return int(rest)
+            return n
         if kind == b"$":
-            n = int(rest)
             if n < 0:
                 return None
             if n > MAX_REPLY:
@@ -89,10 +97,11 @@ class RespParser:
             self.pos += n + 2
             return data
         if kind == b"*":
-            n = int(rest)
             if n < 0:
                 return None
-            return [self._parse() for _ in range(n)]
+            if n > MAX_ITEMS:
+                raise RedisError("Redis reply array too long")
+            return [self._parse(depth + 1) for _ in range(n)]
         raise RedisError(f"unknown Redis reply type {kind!r}")
 
 
