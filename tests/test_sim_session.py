@@ -581,3 +581,88 @@ async def test_answers_readable_by_libwbxml(sim, tmp_path):
         assert out.read_text().count("<") > 3, name
     assert CORPUS.message(0).subject in (tmp_path / "sync2.xml").read_text()
     assert "<Type>9</Type>" in (tmp_path / "foldersync.xml").read_text()
+
+
+# -- TLS, a replaced Ping, the side door ---------------------------------------------------
+
+async def test_over_tls_with_trustme(nursery):
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    s = MailboxSimulator(password="secret", seed=SEED)
+    await nursery.start(lambda task_status: s.serve("127.0.0.1", 0, ssl_context=server_ctx,
+                                                    task_status=task_status))
+    c = EasClient("127.0.0.1", s.port, "jdoe", "secret", "TLS1", ssl_context=client_ctx)
+    await c.provision()
+    s.deliver("jdoe")
+    key = await initial_sync(c)
+    r = await c.request("Sync", sync_req(key, "1", body_pref(2)))
+    assert text(find(adds(r)[0], "AirSync:ApplicationData", "AirSyncBase:Body", "AirSyncBase:Data")) \
+        == CORPUS.message(0).html
+    # a plain-HTTP client gets nothing useful from the TLS port
+    plain = client(s)
+    with pytest.raises((ConnectionError, trio.BrokenResourceError, OSError)):
+        r = await plain.request("", method="OPTIONS")
+        if r.status >= 400:
+            raise ConnectionError(r.status)
+
+
+async def test_second_ping_from_same_device_replaces_the_first(sim, nursery):
+    c1 = await ready(sim)
+    await initial_sync(c1)
+    c2 = client(sim)                  # same user and device, another connection
+    c2.policy_key = c1.policy_key
+    got = []
+
+    async def ping(c, hb):
+        got.append(text((await c.request("Ping", ping_req(hb))).doc, "Ping:Status"))
+    nursery.start_soon(ping, c1, 900)
+    await wait_parked(sim, 1)
+    nursery.start_soon(ping, c2, 900)
+    with trio.fail_after(5):
+        while not got:
+            await trio.sleep(0.01)
+    assert got == ["1"] and sim.parked == 1
+    sim.deliver("jdoe")
+    with trio.fail_after(5):
+        while len(got) < 2:
+            await trio.sleep(0.01)
+    assert got == ["1", "2"] and sim.parked == 0
+
+
+async def test_side_door_deliver_and_stats(sim):
+    c = client(sim)
+    r = await c.send("POST", "/sim/deliver?user=alice&count=3", [("host", "x")], b"")
+    assert r.status == 200 and len(sim.mailbox("alice").folder("1")) == 3
+    r = await c.send("POST", "/sim/deliver?prefix=dev&users=4", [("host", "x")], b"")
+    assert r.status == 200 and all(len(sim.mailbox(f"dev{k}").folder("1")) == 1 for k in range(4))
+    r = await c.send("GET", "/sim/stats", [("host", "x")], b"")
+    import json
+    st = json.loads(r.body)
+    assert st["delivered"] == 7 and st["mailboxes"] == 5 and st["parked"] == 0
+    # the same mailbox whatever the spelling of the user
+    assert sim.mailbox("CORP\\Alice") is sim.mailbox("alice@seg-fast.test")
+
+
+async def test_sync_answer_has_the_shape_of_the_real_server(sim):
+    i = first_index(lambda m: m.attachments and len(m.attachments[0][2]) < 400_000)
+    sim.deliver("jdoe", count=i + 1)
+    c = await ready(sim)
+    key = await initial_sync(c)
+    # the real device's request, with our SyncKey and Inbox id
+    req = decode((REAL_SERVER / "sync1.req.wbxml").read_bytes())
+    coll = find(req, "AirSync:Collections", "AirSync:Collection")
+    find(coll, "AirSync:SyncKey").text = key
+    find(coll, "AirSync:CollectionId").text = "1"
+    r = await c.request("Sync", req)
+    real = decode((REAL_SERVER / "sync1.resp.wbxml").read_bytes())
+    # Z-Push writes the flag status and Email2:LastVerbExecuted; Exchange sends an empty Flag
+    optional = ("/Email:Flag/Email:FlagStatus", "/Email2:LastVerbExecuted")
+    missing = {p for p in tag_paths(real) - tag_paths(r.doc) if not p.endswith(optional)}
+    assert missing == set()
+    assert len(adds(r)) == i + 1

@@ -122,11 +122,14 @@ class EasClient:
 
     @staticmethod
     async def _next(conn: h11.Connection, stream):
-        while True:
-            ev = conn.next_event()
-            if ev is not h11.NEED_DATA:
-                return ev
-            conn.receive_data(await stream.receive_some(65536))
+        try:
+            while True:
+                ev = conn.next_event()
+                if ev is not h11.NEED_DATA:
+                    return ev
+                conn.receive_data(await stream.receive_some(65536))
+        except h11.RemoteProtocolError as exc:
+            raise ConnectionError(f"bad HTTP from the server: {exc}") from None
 
     # -- conveniences ---------------------------------------------------------------------
     async def provision(self) -> str:
