@@ -206,3 +206,51 @@ async def test_push_only_listener(tmp_path, nursery):
     status, _, body = await request(port, "POST", "/seg/push", b'{"devices": [{"device_id": "P1"}]}', token=PUSH)
     assert status == 200
     assert (await main.gate.store.get_device("P1")) is not None
+
+
+async def test_run_pulls_the_policy_api_and_serves_push_over_tls(tmp_path, nursery):
+    import ssl
+
+    import trustme
+
+    from http_client import JsonServer
+    from redis_server import free_port
+    from seg_fast.admin import server as admin_server
+    from seg_fast.config import ListenerSettings
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    api = JsonServer({"/snapshot": (200, json.dumps({"token": "t", "policies": {"managed": {"compromised": True}},
+                                                      "devices": [{"device_id": "API1"}]}).encode())})
+    api_port = await nursery.start(api.serve)
+    push_port = free_port()
+    cfg = Config(admin=AdminSettings(port=0, token=TOKEN),
+                 listener=ListenerSettings(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")),
+                 policy=PolicySettings(sqlite_path=str(tmp_path / "p.db"), push_token=PUSH, push_port=push_port,
+                                       push_host="127.0.0.1", api_url=f"http://127.0.0.1:{api_port}"))
+    port = await nursery.start(admin_server.run, cfg)
+
+    async def device_known():
+        status, _, body = await request(port, "GET", "/seg/policy/device/API1", token=TOKEN)
+        return status == 200
+    with trio.fail_after(5):
+        while not await device_known():
+            await trio.sleep(0.05)
+    # push over TLS, trusted through the test CA
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    raw = await trio.open_tcp_stream("127.0.0.1", push_port)
+    stream = trio.SSLStream(raw, ctx, server_hostname="127.0.0.1", https_compatible=True)
+    body = b'{"devices": [{"device_id": "PUSHED"}]}'
+    await stream.send_all(b"POST /seg/push HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: %d\r\n"
+                          b"authorization: Bearer %s\r\n\r\n%s" % (len(body), PUSH.encode(), body))
+    answer = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in answer:
+            answer += await stream.receive_some(4096)
+    assert answer.startswith(b"HTTP/1.1 200")
+    await trio.aclose_forcefully(stream)
+    status, _, body = await request(port, "GET", "/seg/policy/device/PUSHED", token=TOKEN)
+    assert status == 200

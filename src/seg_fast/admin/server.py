@@ -9,6 +9,7 @@ listener that serves ``/seg/push`` alone for an MDM that cannot reach localhost.
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -147,9 +148,13 @@ class AdminServer:
             elif isinstance(event, h11.ConnectionClosed):
                 return None, b""
 
-    async def listen(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def listen(self, host: str, port: int, *, ssl_context=None,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
-        task_status.started(listeners[0].socket.getsockname()[1])
+        bound = listeners[0].socket.getsockname()[1]
+        if ssl_context is not None:
+            listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in listeners]
+        task_status.started(bound)
         await trio.serve_listeners(self.serve_connection, listeners)
 
 
@@ -165,6 +170,12 @@ async def run(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
             await nursery.start(server.source.run)
         port = await nursery.start(server.listen, config.admin.host, config.admin.port)
         if config.policy.push_port and config.policy.push_token:
+            # Reachable from the MDM: TLS with the device listener's certificate when it has one.
+            tls = None
+            if config.listener.tls_cert:
+                from seg_fast.proxy.gateway import server_tls_context
+                tls = server_tls_context(config.listener.tls_cert, config.listener.tls_key)
             push = AdminServer(config, gate=server.gate, push_only=True)
-            await nursery.start(push.listen, config.policy.push_host, config.policy.push_port)
+            await nursery.start(functools.partial(push.listen, config.policy.push_host, config.policy.push_port,
+                                                  ssl_context=tls))
         task_status.started(port)
