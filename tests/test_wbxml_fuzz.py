@@ -121,3 +121,58 @@ def test_mutated_captures_only_raise_wbxmlerror(doc, edits):
         else:
             del data[i:]
     _decode_or_error(bytes(data))
+
+
+@st.composite
+def valid_irregular_documents(draw):
+    """Well-formed WBXML that strays from the canonical form in every way decode
+    must remember: redundant and repeated SWITCH_PAGE, split and mixed content,
+    content flags without content, unknown tokens and pages, other headers."""
+    out = bytearray(draw(st.sampled_from([
+        b"\x03\x01\x6a\x00", b"\x02\x01\x6a\x00", b"\x01\x04\x6a\x00",
+        b"\x03\x01\x6a\x03abc", b"\x03\x81\x01\x6a\x00"])))
+    page = 0
+
+    def tag(depth: int) -> None:
+        nonlocal page
+        for _ in range(draw(st.integers(0, 2))):
+            page = draw(st.sampled_from([page, 0, 17, 2, 25, 99]))
+            out.extend((0, page))
+        tok = draw(st.integers(5, 0x3F))
+        if depth >= 5 or draw(st.booleans()):   # no content
+            out.append(tok)
+            return
+        out.append(tok | 0x40)
+        for _ in range(draw(st.integers(0, 4))):   # zero items: a flag without content
+            what = draw(st.integers(0, 2))
+            if what == 0:
+                out.append(3)
+                out.extend(draw(text_st).encode())
+                out.append(0)
+            elif what == 1:
+                blob = draw(st.binary(max_size=200))
+                n, enc = len(blob) >> 7, [len(blob) & 0x7F]
+                while n:
+                    enc.append(0x80 | (n & 0x7F))
+                    n >>= 7
+                out.append(0xC3)
+                out.extend(reversed(enc))
+                out.extend(blob)
+            else:
+                tag(depth + 1)
+        out.append(1)
+
+    tag(0)
+    return bytes(out)
+
+
+@given(valid_irregular_documents())
+def test_valid_irregular_documents_roundtrip_exactly(data):
+    root = decode(data)
+    assert encode(root) == data
+    # and the canonical re-encoding of the same tree means the same tree
+    assert decode(encode(_plain_copy(root))) == root
+
+
+def _plain_copy(el: Element) -> Element:
+    return Element(el.tag, [_plain_copy(c) for c in el.children], el.text, el.opaque)
