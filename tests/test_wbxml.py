@@ -77,6 +77,27 @@ def test_every_table_token_roundtrips():
         assert decode(data).tag == tag
 
 
+@pytest.mark.parametrize("tag, page, token", [
+    # spot checks against MS-ASWBXML, chiefly what libwbxml cannot check (16.x)
+    ("Find:Find", 25, 0x05), ("Find:MailBoxSearchCriterion", 25, 0x08),
+    ("Find:Response", 25, 0x11), ("Find:GALSearchCriterion", 25, 0x19),
+    ("Find:MaxPictures", 25, 0x20), ("Find:Picture", 25, 0x22),
+    ("MeetingResponse:ProposedStartTime", 8, 0x10), ("MeetingResponse:SendResponse", 8, 0x12),
+    ("Provision:AccountOnlyRemoteWipe", 14, 0x3B), ("Calendar:ClientUid", 4, 0x3C),
+    ("AirSyncBase:InstanceId", 17, 0x2D), ("AirSyncBase:LocationUri", 17, 0x2C),
+    ("ComposeMail:Forwardee", 21, 0x16), ("ComposeMail:Email", 21, 0x18),
+    ("Email2:Send", 22, 0x17), ("Email2:IsDraft", 22, 0x15),
+    ("Email:Status", 2, 0x3B), ("Email:ReplyTo", 2, 0x19), ("Email:MIMEData", 2, 0x36),
+    ("ItemOperations:Part", 20, 0x11), ("AirSync:HeartbeatInterval", 0, 0x29),
+    ("Ping:HeartbeatInterval", 13, 0x08), ("Settings:RightsManagementInformation", 18, 0x2B),
+])
+def test_spec_tokens(tag, page, token):
+    from seg_fast.eas.wbxml import token_of
+
+    assert token_of(tag) == (page, token)
+    assert codepages.tag_name(page, token) == tag
+
+
 def test_alias_encodes_to_spec_token():
     assert encode(Element("Find:GalSearchCriterion")) == encode(Element("Find:GALSearchCriterion"))
 
@@ -323,3 +344,11 @@ def test_cli_decode_encode(tmp_path, capsys):
     assert cli(["decode", str(tmp_path / "bad.wbxml")]) == 1
     assert "still open" in capsys.readouterr().err
     assert cli(["frobnicate"]) == 2
+
+
+def test_seg_fast_command_dispatches_to_wbxml(capsys):
+    from seg_fast.cli import main
+
+    assert main(["wbxml", "scan", str(REAL_SERVER / "sync1.resp.wbxml"), "AirSyncBase:Type"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("AirSyncBase:Type\tstr") for line in lines)
