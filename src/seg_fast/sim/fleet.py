@@ -196,7 +196,7 @@ class HttpConn:
 class Device:
     __slots__ = ("idx", "user", "device_id", "auth", "fleet", "local", "sync_key",
                  "folder_key", "delivered", "received", "seen", "attachments", "fetched", "n_sync",
-                 "policy_key", "body_type", "parked_since", "delivered_at_park", "alive")
+                 "policy_key", "body_type", "parked_since", "delivered_at_park", "alive", "ready")
 
     def __init__(self, idx: int, fleet: "Fleet") -> None:
         self.idx = idx
@@ -219,6 +219,7 @@ class Device:
         self.parked_since = 0.0
         self.delivered_at_park = 0
         self.alive = True           # False once the device gave up after a failure
+        self.ready = trio.Event()   # set-up done: foreground work may start
 
     # -- one request ----------------------------------------------------------------
     def target(self, cmd: str) -> str:
@@ -272,6 +273,7 @@ class Device:
             await self._run(start)
         finally:
             self.alive = False if not self.fleet.stopping else self.alive
+            self.ready.set()          # wake foreground work waiting on a device that is gone
 
     async def _run(self, start: float) -> None:
         f = self.fleet
@@ -284,6 +286,7 @@ class Device:
             if not await self.setup(conn):
                 return
             f.stats.ready += 1
+            self.ready.set()
             first = True
             while not f.stopping:
                 if not conn.reusable:
@@ -368,6 +371,11 @@ class Device:
 
     # -- foreground work on a second connection ---------------------------------------
     async def foreground(self, kind: str, key: str) -> None:
+        # work scheduled before set-up finished waits for it (a phone that has no
+        # account yet sends no mail); a device that never gets there sends nothing
+        await self.ready.wait()
+        if not self.alive or self.fleet.stopping:
+            return
         conn = await self._connect(kind)
         if conn is None:
             return

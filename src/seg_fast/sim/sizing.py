@@ -51,6 +51,7 @@ SLO_RSS_KIB = 2 * 1024 * 1024
 LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
 LAG_P99_LIMIT = 1.0            # seconds behind the schedule
 LAG_MAX_LIMIT = 5.0
+OTHERS_LIMIT = 0.15            # of a core used by processes outside the run: a shared machine
 VENDOR = {"classic": {"off": 2000, "on": 250}, "v2": {"off": 4000, "on": 2000}}  # devices per core
 GOAL = {"off": 100_000, "on": 50_000}
 
@@ -130,6 +131,12 @@ def pinned(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() > 1 else []
 
 
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -177,8 +184,19 @@ class Proxy:
             self._start_gateways()
         else:
             self._start_nginx()
-        for host, port in self.listen:
-            await wait_listening(host, port)
+        try:
+            for host, port in self.listen:
+                await wait_listening(host, port)
+        except trio.TooSlowError:
+            raise RuntimeError(f"{self.kind} did not start listening:\n" + self.errors()) from None
+
+    def errors(self) -> str:
+        out = []
+        for f in sorted(self.dir.glob("*.err")) + sorted(self.dir.glob("*.stderr")):
+            tail = f.read_text(errors="replace").strip().splitlines()[-15:]
+            if tail:
+                out.append(f"--- {f.name}\n" + "\n".join(tail))
+        return "\n".join(out)
 
     def _start_gateways(self) -> None:
         for k, ((sh, sp), (lh, lp)) in enumerate(zip(self.sims, self.listen)):
@@ -189,10 +207,14 @@ class Proxy:
                 f'[upstream]\nurl = "http://{sh}:{sp}"\n'
                 "[admin]\nenabled = false\n"
                 f'[log]\ntransactions = "{self.dir}/gateway{k}.log"\nlevel = "warning"\n'
-                f"[policy]\nallow_if_no_policies = {'true' if self.opts.security == 'off' else 'false'}\n")
+                f"[policy]\nallow_if_no_policies = {'true' if self.opts.security == 'off' else 'false'}\n"
+                # "off": no email security policy, so bytes pass untouched (the
+                # guide's no-policy attachment block would otherwise strip them)
+                f"[security]\nblock_attachments_without_policy = {'false' if self.opts.security == 'off' else 'true'}\n"
+                f'master_key_file = "{self.dir}/master.key"\nkey_state_file = "{self.dir}/keys.json"\n')
             cmd = pinned(self.opts.gateway_cpu) + [sys.executable, "-m", "seg_fast", "serve",
                                                    "--config", str(cfg)]
-            self.procs.append(subprocess.Popen(cmd, cwd=self.dir, stdout=subprocess.DEVNULL,
+            self.procs.append(subprocess.Popen(cmd, cwd=self.dir, env=child_env(), stdout=subprocess.DEVNULL,
                                                stderr=open(self.dir / f"gateway{k}.err", "wb")))
 
     def _start_nginx(self) -> None:
@@ -276,8 +298,7 @@ def plan_shards(opts: Options, workdir: Path, tag: str) -> list[ShardSpec]:
 
 async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     specs = plan_shards(opts, workdir, path)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     shards: list[Shard] = []
     proxy = None
     samples: list[tuple[float, float, int, float, float, float]] = []
@@ -410,6 +431,7 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
             "cpu_s": round(b[1] - a[1], 3),
             "cpu_share": round((b[1] - a[1]) / dt, 4),
             "rss_kib_max": max(s[2] for s in in_window),
+            "rss_kib_idle": samples[0][2],      # before the first device connected
             "died": server_died,
         },
         "load": {
@@ -444,6 +466,13 @@ def load_problems(p: dict, opts: Options) -> list[str]:
         out.append("load side ran out of ephemeral ports")
     if p["ready"] < p["devices"] and not p["failures"]:
         out.append(f"only {p['ready']} of {p['devices']} devices finished set-up before the end")
+    others_load = ld["core_busy"] - ld["cpu_share"]
+    if others_load > OTHERS_LIMIT:
+        out.append(f"other processes used {100 * others_load:.0f}% of the load core")
+    if p["path"] != "direct":
+        others_gw = ld["gateway_core_busy"] - p["server"]["cpu_share"]
+        if others_gw > OTHERS_LIMIT:
+            out.append(f"other processes used {100 * others_gw:.0f}% of the {p['path']} core")
     if opts.rate_scale != 1.0:
         out.append(f"time compressed (rate scale {opts.rate_scale}): development run")
     if opts.hold < 120:
@@ -492,13 +521,14 @@ def judge(point: dict, opts: Options) -> dict:
         invalid.append(f"direct: {sum(direct['failures'].values())} failures without any proxy "
                        f"({', '.join(sorted(direct['failures']))}): the fleet or simulator is wrong")
     n = opts.devices
-    hours = opts.hold / 3600.0
+    hours = opts.hold * opts.rate_scale / 3600.0      # device time, not wall time
     metrics = {}
     for name in ("gateway", "nginx"):
         if name in paths:
             s = paths[name]["server"]
             metrics[name] = {"cpu_s_per_device_hour": round(s["cpu_s"] / (n * hours), 6),
                              "kib_per_device": round(s["rss_kib_max"] / n, 2),
+                             "kib_per_device_marginal": round((s["rss_kib_max"] - s["rss_kib_idle"]) / n, 2),
                              "cpu_share": s["cpu_share"], "rss_mib": round(s["rss_kib_max"] / 1024, 1)}
     if "gateway" in metrics and "nginx" in metrics and metrics["nginx"]["cpu_s_per_device_hour"]:
         metrics["gateway_cpu_vs_nginx"] = round(metrics["gateway"]["cpu_s_per_device_hour"]
