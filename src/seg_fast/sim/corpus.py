@@ -242,16 +242,17 @@ def _url(rng: random.Random) -> str:
 
 
 def _wrap(line: str, width: int = 76) -> str:
-    out, cur = [], 0
-    words = line.split(" ")
-    start = 0
-    for k, w in enumerate(words):
-        if cur and cur + 1 + len(w) > width:
-            out.append(" ".join(words[start:k]))
-            start, cur = k, len(w)
-        else:
-            cur += len(w) + (1 if cur else 0)
-    out.append(" ".join(words[start:]))
+    # Greedy wrap at spaces; a word longer than the width (a URL) gets its own line.
+    out = []
+    while len(line) > width:
+        cut = line.rfind(" ", 0, width + 1)
+        if cut <= 0:
+            cut = line.find(" ", width)
+            if cut < 0:
+                break
+        out.append(line[:cut])
+        line = line[cut + 1:]
+    out.append(line)
     return "\n".join(out)
 
 
