@@ -170,6 +170,8 @@ class MailboxSimulator:
                 if not isinstance(req, h11.Request):
                     return
                 body = bytearray()
+                if conn.they_are_waiting_for_100_continue:
+                    await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
                 while True:
                     ev = await _next_event(conn, stream)
                     if isinstance(ev, h11.Data):
