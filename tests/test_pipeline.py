@@ -271,3 +271,19 @@ def test_no_policy_blocks_attachments_per_settings():
     assert out.startswith(b"Attachment removed")
     pipeline.configure(ContentSettings(block_attachments_without_policy=False))
     assert pipeline.no_policy_transforms(managed=True, device_id="DEV1", user="test") == ()
+
+
+def test_ranged_fetch_of_an_encrypted_type_is_blocked_not_sealed():
+    import base64
+    body = encode(Element("ItemOperations:ItemOperations", [
+        Element("ItemOperations:Status", text="1"), Element("ItemOperations:Response", [
+            Element("ItemOperations:Fetch", [
+                Element("ItemOperations:Status", text="1"), Element("AirSyncBase:FileReference", text="r:1"),
+                Element("ItemOperations:Properties", [
+                    Element("AirSyncBase:ContentType", text="application/pdf"),
+                    Element("ItemOperations:Range", text="0-99"), Element("ItemOperations:Total", text="604"),
+                    Element("ItemOperations:Data", text=base64.b64encode(PDF[:100]).decode())])])])]))
+    out = decode(transform(EmailSecurityPolicy(managed_attachments=ENCRYPT_PDF), body, command="ItemOperations"))
+    props = next(out.iter("ItemOperations:Properties"))
+    assert props.findtext("AirSyncBase:ContentType") == "text/plain"
+    assert base64.b64decode(props.findtext("ItemOperations:Data")).startswith(b"Attachment removed")

@@ -362,6 +362,17 @@ def line_ending(data, Py_ssize_t limit=4096):
 
 
 cdef const char* _HEX = b"0123456789ABCDEF"
+# Bytes quoted-printable writes as they are (printable ASCII but '=').
+cdef unsigned char QP_SAFE[256]
+
+
+cdef void _init_qp():
+    cdef int c
+    for c in range(256):
+        QP_SAFE[c] = 1 if (33 <= c <= 126 and c != 61) else 0
+
+
+_init_qp()
 
 
 def qp_encode(data, bytes eol=b"\r\n", Py_ssize_t width=76):
@@ -370,11 +381,10 @@ def qp_encode(data, bytes eol=b"\r\n", Py_ssize_t width=76):
     tabs before a line break, '=' and every byte outside 33..126 are =XX-encoded."""
     cdef Py_buffer view
     cdef const unsigned char* b
-    cdef Py_ssize_t n, i, w = 0, col = 0, cap, el = len(eol), need
+    cdef Py_ssize_t n, i, w = 0, col = 0, cap, el = len(eol), need, limit = width - 1
     cdef unsigned char c
     cdef bint enc
     cdef char* out
-    cdef bytearray buf
     cdef const char* e = PyBytes_AS_STRING(eol)
     if width < 8:
         raise ValueError("width must be at least 8")
@@ -384,11 +394,18 @@ def qp_encode(data, bytes eol=b"\r\n", Py_ssize_t width=76):
         n = view.len
         # Worst case: every byte =XX plus a soft break per (width-1)/3 encoded bytes.
         cap = 3 * n + (3 * n // (width - 4) + 2) * (el + 1) + 16
-        buf = bytearray(cap)
-        out = buf
+        result = PyBytes_FromStringAndSize(NULL, cap)
+        out = PyBytes_AS_STRING(result)
         i = 0
         while i < n:
             c = b[i]
+            if QP_SAFE[c] and col < limit:
+                # The common case: a printable byte on a line with room.
+                out[w] = c
+                w += 1
+                col += 1
+                i += 1
+                continue
             if c == 10 or (c == 13 and i + 1 < n and b[i + 1] == 10):
                 memcpy(out + w, e, el)
                 w += el
@@ -399,10 +416,10 @@ def qp_encode(data, bytes eol=b"\r\n", Py_ssize_t width=76):
                 # Whitespace at the end of a line (or of the text) must be encoded.
                 enc = i + 1 >= n or b[i + 1] == 10 or (b[i + 1] == 13 and i + 2 < n and b[i + 2] == 10)
             else:
-                enc = c < 33 or c > 126 or c == 61
+                enc = not QP_SAFE[c]
             need = 3 if enc else 1
             # Room for this character and a possible soft break "=" on the line.
-            if col + need > width - 1:
+            if col + need > limit:
                 out[w] = 61
                 w += 1
                 memcpy(out + w, e, el)
@@ -418,7 +435,7 @@ def qp_encode(data, bytes eol=b"\r\n", Py_ssize_t width=76):
                 w += 1
             col += need
             i += 1
-        return bytes(buf[:w])
+        return result[:w]
     finally:
         PyBuffer_Release(&view)
 

@@ -44,7 +44,7 @@ _TAGS = (
     "AirSyncBase:ContentType", "Email:MessageClass",
     "Email:Body", "Email:BodyTruncated", "Email:MIMEData", "Email:MIMETruncated",
     "Email:DisplayName", "Email:AttName", "Email:AttSize",
-    "ItemOperations:Data", "ItemOperations:Part",
+    "ItemOperations:Data", "ItemOperations:Part", "ItemOperations:Total",
 )
 # What one message (or one fetched attachment) sits in.
 _ITEMS = ("AirSync:Add", "AirSync:Change", "Search:Result", "ItemOperations:Fetch")
@@ -285,7 +285,9 @@ class EmailSecurityTransform:
             if parts is None or idx is None or not 0 < idx < len(parts):
                 raise ContentError("ItemOperations Part names no part of the answer")
             blob = parts[idx]
-        result = self._transform_file(user, ref, ctype, blob)
+        # A byte range of an attachment cannot be sealed on its own: it is blocked.
+        ranged = any(s.tag == "ItemOperations:Total" for s in spans)
+        result = self._transform_file(user, ref, ctype, blob, ranged)
         if result is None:
             return
         new_blob, new_ctype = result
@@ -302,7 +304,7 @@ class EmailSecurityTransform:
         result = self._transform_file(req.user or self.plan.user, ref, "application/octet-stream", raw)
         return raw if result is None else result[0]
 
-    def _transform_file(self, user: str, ref: str, ctype: str, blob: bytes):
+    def _transform_file(self, user: str, ref: str, ctype: str, blob: bytes, ranged: bool = False):
         """(new bytes, new content type) or None to leave the attachment as it is."""
         plan = self.plan
         name = _runtime.name_of(user, ref)
@@ -312,7 +314,7 @@ class EmailSecurityTransform:
         if action == "allow":
             return None
         shown = name or (f"attachment.{kind}" if kind else "attachment")
-        if action == "encrypt":
+        if action == "encrypt" and not ranged:
             return seal(plan.keys, plan.device_id, plan.user, shown, ctype, blob), ENVELOPE_CONTENT_TYPE
         return block_note(shown, plan.block_message).encode("utf-8"), "text/plain"
 
