@@ -287,3 +287,17 @@ def test_ranged_fetch_of_an_encrypted_type_is_blocked_not_sealed():
     props = next(out.iter("ItemOperations:Properties"))
     assert props.findtext("AirSyncBase:ContentType") == "text/plain"
     assert base64.b64decode(props.findtext("ItemOperations:Data")).startswith(b"Attachment removed")
+
+
+def test_attachment_list_follows_what_the_mime_body_transform_did():
+    # "fake.pdf" is a ZIP: the MIME transform blocks it by its magic bytes, and the
+    # list says so even though the name alone would have said "encrypt".
+    zip_bytes = b"PK\x03\x04" + bytes(100)
+    mime = mime_message([("fake.pdf", zip_bytes, "application", "pdf")]).decode()
+    body = sync_answer(("IPM.Note", "4", mime, ["fake.pdf"]))
+    pol = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt", "zip": "block"}))
+    tree = decode(transform(pol, body))
+    assert next(tree.iter("AirSyncBase:DisplayName")).text == "fake.pdf (removed).txt"
+    pol2 = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt"}))
+    tree2 = decode(transform(pol2, body))
+    assert next(tree2.iter("AirSyncBase:DisplayName")).text == "fake.pdf"

@@ -184,6 +184,8 @@ class EmailSecurityTransform:
             tag = plan.classification.tag_from_message_class(mclass)
             verdict = plan.classification.verdict(tag, req.user_agent or "")
         blocked_all = verdict is not None
+        # What a MIME body's transform did, by attachment name (it saw the magic bytes).
+        acted: dict[str, str] = {}
         # Bodies, grouped by their Body element (2.5 bodies by the item).
         bodies: dict[object, dict[str, object]] = {}
         for sp in spans:
@@ -213,17 +215,21 @@ class EmailSecurityTransform:
                 new, outcome = transform_mime(data, plan, client=req.user_agent or "", truncated=truncated)
                 blocked_all = blocked_all or outcome.classification_blocked
                 exempt = exempt or outcome.smime_skipped
+                acted.update((name, action) for name, action, _ in outcome.attachments)
+                if not outcome.attachments and plan.touches_attachments and not truncated:
+                    acted["\0all"] = "allow"
             elif exempt or btype.strip() not in ("1", "2"):
                 continue
             else:
                 new, _ = transform_text(data, plan, truncated=truncated)
             if new is not data and new != data:
                 edits.append((data_sp, _as_kind(data_sp, new)))
-        self._attachment_list(req, raw, spans, user, exempt, blocked_all, edits)
+        self._attachment_list(req, raw, spans, user, exempt, blocked_all, acted, edits)
         self._fetched(req, raw, spans, parts, user, edits)
 
-    def _attachment_list(self, req, raw, spans, user, exempt, blocked_all, edits) -> None:
-        """Attachments of a Sync/Search item: remember their names, rename as acted on."""
+    def _attachment_list(self, req, raw, spans, user, exempt, blocked_all, acted, edits) -> None:
+        """Attachments of a Sync/Search item: remember their names, rename as acted on
+        (as the MIME body's transform did when there is one, else by the name)."""
         plan = self.plan
         groups: dict[int, dict[str, object]] = {}
         for sp in spans:
@@ -245,7 +251,14 @@ class EmailSecurityTransform:
                 _runtime.remember(user, ref, "\0exempt\0" + name if exempt else name)
             if exempt:
                 continue
-            action = "block" if blocked_all else plan.action(name, b"")[1]
+            if blocked_all:
+                action = "block"
+            elif name in acted:
+                action = acted[name]
+            elif "\0all" in acted:
+                action = "allow"  # the whole MIME body was seen and nothing was acted on
+            else:
+                action = plan.action(name, b"")[1]
             if action == "allow" or name_sp is None:
                 continue
             if action == "encrypt":
