@@ -1,0 +1,97 @@
+"""`seg-fast serve` as deployed: a control process (admin API) and two worker processes
+on one SQLite store. A push to the admin API reaches every worker within a second."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from http_client import request
+from redis_server import free_port
+from seg_fast.policy.model import DeviceRecord, ManagedDevicePolicies, PolicyDocument
+from seg_fast.policy.store import SqliteStore
+from seg_fast.sim.client import EasClient
+from seg_fast.sim.mailbox import MailboxSimulator
+from seg_fast.sim.tree import E, text
+
+REPO = Path(__file__).resolve().parent.parent
+FOLDERSYNC = E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0"))
+
+
+POLICY_KEY: list[str] = []
+
+
+async def fresh_connection_status(port: int) -> str:
+    """FolderSync Status over a new connection (so the kernel may pick either worker)."""
+    c = EasClient("127.0.0.1", port, "jdoe", "secret", "PHONE", version="14.1")
+    if not POLICY_KEY:
+        POLICY_KEY.append(await c.provision())
+    c.policy_key = POLICY_KEY[0]
+    try:
+        r = await c.request("FolderSync", FOLDERSYNC)
+        return text(r.doc, "FolderHierarchy:Status")
+    finally:
+        await c.aclose()
+
+
+async def test_push_reaches_every_worker_within_a_second(tmp_path):
+    store = SqliteStore(tmp_path / "policy.db")
+    await store.open()
+    await store.replace_all(PolicyDocument(managed=ManagedDevicePolicies(compromised=True)),
+                            [DeviceRecord(device_id="PHONE", managed=True)])
+    await store.aclose()
+    sim = MailboxSimulator(password="secret", seed=5, initial_messages=1)
+    gw_port, admin_port = free_port(), free_port()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve, "127.0.0.1", 0)
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(
+            f'workers = 2\n[listener]\nhost = "127.0.0.1"\nport = {gw_port}\n'
+            f'[upstream]\nurl = "http://127.0.0.1:{sim.port}"\n'
+            f'[admin]\nport = {admin_port}\ntoken = "adm"\n'
+            f'[log]\ntransactions = "{tmp_path / "tx.jsonl"}"\n'
+            f'[policy]\nsqlite_path = "{tmp_path / "policy.db"}"\npush_token = "push"\n'
+            f'[security]\nmaster_key_file = "{tmp_path / "mk"}"\nkey_state_file = "{tmp_path / "ks.json"}"\n')
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env,
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        if await fresh_connection_status(gw_port) == "1":
+                            break
+                    except OSError:
+                        pass
+                    await trio.sleep(0.1)
+            # both workers serve it (connections spread over them): allowed everywhere
+            assert [await fresh_connection_status(gw_port) for _ in range(8)] == ["1"] * 8
+            status, _, body = await request(admin_port, "POST", "/seg/push", token="push",
+                                            body=b'{"devices": [{"device_id": "PHONE", "managed": true, '
+                                                 b'"compromised": true}]}')
+            assert status == 200, body
+            await trio.sleep(1.0)
+            # one second later no worker lets the device through
+            assert [await fresh_connection_status(gw_port) for _ in range(12)] == ["129"] * 12
+            # and the admin API saw the workers' sightings (device discovery)
+            with trio.fail_after(5):
+                while True:
+                    status, _, body = await request(admin_port, "GET", "/seg/policy/device/PHONE", token="adm")
+                    seen = json.loads(body)["seen"]
+                    if seen and seen["reason"] == "blocked.device_compromised":
+                        break
+                    await trio.sleep(0.1)
+        finally:
+            if proc.poll() is not None:
+                print(proc.stderr.read().decode()[-3000:])
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            nursery.cancel_scope.cancel()
