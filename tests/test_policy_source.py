@@ -122,3 +122,56 @@ async def test_run_loop_retries_and_keeps_serving(store, nursery):
         while not srv.seen or not srv.seen[-1][0].startswith("/changes"):
             await trio.sleep(0.02)
     assert calls == ["/snapshot", "/snapshot"] and srv.seen[-1][0] == "/changes?since=t1"
+
+
+async def test_through_an_outbound_connect_proxy(store, nursery):
+    """The API is reached through an HTTP CONNECT proxy with Basic credentials."""
+    import base64
+
+    srv = api({"/snapshot": (200, SNAPSHOT)})
+    api_port = await nursery.start(srv.serve)
+    tunnels = []
+
+    async def proxy_conn(stream):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            head += data
+        lines = head.split(b"\r\n")
+        auth = [l for l in lines if l.lower().startswith(b"proxy-authorization:")]
+        want = b"Basic " + base64.b64encode(b"px:pw")
+        if not lines[0].startswith(b"CONNECT ") or not auth or auth[0].split(b":", 1)[1].strip() != want:
+            await stream.send_all(b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n")
+            await stream.aclose()
+            return
+        target = lines[0].split()[1].decode()
+        tunnels.append(target)
+        host, port = target.rsplit(":", 1)
+        up = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(a, b):
+            try:
+                while data := await a.receive_some(65536):
+                    await b.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await trio.aclose_forcefully(b)
+        async with trio.open_nursery() as n:
+            n.start_soon(pipe, stream, up)
+            n.start_soon(pipe, up, stream)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    proxy_port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, proxy_conn, listeners)
+    url = f"http://127.0.0.1:{api_port}"
+    bad = PolicySettings(api_url=url, api_proxy_url=f"http://px:wrong@127.0.0.1:{proxy_port}")
+    with pytest.raises(SourceError, match="407"):
+        await PolicySource(bad, store).pull_once()
+    good = PolicySettings(api_url=url, api_proxy_url=f"http://px:pw@127.0.0.1:{proxy_port}")
+    await PolicySource(good, store).pull_once()
+    assert tunnels == [f"127.0.0.1:{api_port}"]
+    assert len((await store.snapshot()).devices) == 2
