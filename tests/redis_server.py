@@ -17,11 +17,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_redis(tmp_path):
+def running_redis(tmp_path, port: int | None = None):
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server not installed (scripts/test.sh installs it)")
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(tmp_path), "--protected-mode", "yes"],

@@ -1,0 +1,60 @@
+"""The worker's gatekeeper: fail closed without a store, recover when it comes up,
+record what it sees without waiting for I/O."""
+from __future__ import annotations
+
+import trio
+
+from redis_server import free_port, running_redis
+from seg_fast.eas.request import EasRequest
+from seg_fast.hooks import Decision
+from seg_fast.policy.gate import PolicyGatekeeper
+from seg_fast.policy.model import DeviceRecord, PolicyDocument
+from seg_fast.policy.settings import PolicySettings
+from seg_fast.policy.store import RedisStore
+
+REQ = EasRequest(method="POST", path="/", command="Sync", user="jdoe", device_id="D1", device_type="iPhone",
+                 protocol_version="16.1", user_agent="UA", client_ip="192.0.2.7")
+
+
+async def test_redis_down_at_start_fails_closed_then_recovers(tmp_path, nursery):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    gate = PolicyGatekeeper(PolicySettings(store="redis", redis_url=url), node="n/1")
+    await nursery.start(gate.run)
+    assert not gate.store_ok
+    d = gate.decide(REQ)
+    assert not d.allowed and d.reason == "blocked.no_policies"
+    status, headers, body = gate.blocked_answer(REQ, d)
+    assert status == 200 and body.startswith(b"\x03\x01\x6a\x00")
+    with running_redis(tmp_path, port=port):
+        s = RedisStore(url)
+        await s.open()
+        await s.replace_all(PolicyDocument(), [DeviceRecord(device_id="D1", managed=True)])
+        await s.aclose()
+        with trio.fail_after(15):
+            while not gate.decide(REQ).allowed:
+                await trio.sleep(0.05)
+        assert gate.decide(REQ).reason == "allowed.compliant"
+        gate.record(REQ, gate.decide(REQ), 200)
+        await gate.flush()
+        s = RedisStore(url)
+        await s.open()
+        (seen,) = await s.sightings()
+        assert (seen.device_id, seen.ip, seen.node, seen.status, seen.http_status) == ("D1", "192.0.2.7", "n/1",
+                                                                                     "allowed", 200)
+        await s.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_record_is_bounded_and_test_mode_is_recorded(tmp_path, monkeypatch):
+    import seg_fast.policy.gate as g
+    monkeypatch.setattr(g, "MAX_PENDING_SIGHTINGS", 10)
+    gate = PolicyGatekeeper(PolicySettings(sqlite_path=str(tmp_path / "p.db")))
+    for i in range(50):
+        gate.record(EasRequest(method="POST", path="/", device_id=f"D{i}"), Decision(True, "allowed.x"), 200)
+    assert len(gate._sightings) == 10
+    gate.record(EasRequest(method="POST", path="/", device_id="D1"),
+                Decision(True, "blocked.user", test_mode=True), 200)
+    assert gate._sightings["d1"].status == "test_mode"
+    gate.record(EasRequest(method="POST", path="/"), Decision(True, "allowed.x"), 200)   # no DeviceId: ignored
+    assert len(gate._sightings) == 10
