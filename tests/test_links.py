@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, strategies as st
 
 from seg_fast.content._links import LinkRewriter
-from seg_fast.content.model import domains_from_csv
 
 SCHEMES = {"http": "awb", "https": "awbs"}
 
@@ -44,6 +43,11 @@ def test_include_matches_domain_and_subdomains_only():
         b"awb://badexample.com/ awb://example.com.evil.org/ awb://other.org/")
 
 
+def test_wildcard_domain_entries_mean_the_domain_and_subdomains():
+    assert rw(b"http://a.example.com/ http://example.com/ http://x.org/", "include", ["*.Example.com."]) == (
+        b"awb://a.example.com/ awb://example.com/ http://x.org/")
+
+
 def test_ipv6_and_port_hosts():
     data = b"http://[::1]:8080/a http://host.example.com:80/"
     assert rw(data, "include", ["host.example.com"]) == b"http://[::1]:8080/a awb://host.example.com:80/"
@@ -76,11 +80,6 @@ def test_no_change_returns_the_same_object_and_count():
 def test_custom_scheme_map():
     r = LinkRewriter({"http": "sb-http", "https": "sb-https", "ftp": "sb-ftp"})
     assert r.rewrite(b"ftp://f.org http://h.org")[0] == b"sb-ftp://f.org sb-http://h.org"
-
-
-def test_domains_from_csv():
-    assert domains_from_csv("domain\nExample.com\n\n*.corp.example.org,comment\n") == [
-        "example.com", "corp.example.org"]
 
 
 # --- properties ------------------------------------------------------------------

@@ -127,7 +127,9 @@ cdef class LinkRewriter:
         self._set_domains(domains)
 
     cdef _set_domains(self, domains):
-        cdef list uniq = sorted({d.strip().lower().strip(".").encode("idna") for d in domains if d.strip(". ")})
+        # "*.example.com" (as lists from CSV often say) means the domain and its subdomains.
+        cdef list uniq = sorted({d.strip().lower().lstrip("*").strip(".").encode("idna")
+                                 for d in domains if d.strip("*. ")})
         cdef Py_ssize_t size = 8, i, off = 0, slot
         cdef uint64_t h
         while size < 2 * len(uniq) + 2:

@@ -53,6 +53,10 @@ class HyperlinkPolicy(_Doc):
         for d in self.domains:
             if not d or any(c in d for c in " /:@\t\r\n"):
                 raise PolicyError(f"hyperlinks.domains: {d!r} is not a domain name")
+            try:
+                d.strip().lower().lstrip("*").strip(".").encode("idna")
+            except UnicodeError:
+                raise PolicyError(f"hyperlinks.domains: {d!r} is not a domain name") from None
 
 
 class AttachmentPolicy(_Doc):
@@ -104,24 +108,7 @@ class EmailSecurityPolicy(_Doc):
     # Guide: "Skip Attachment & Hyperlink transformations for S/MIME signed emails".
     skip_smime: bool = True
     # With no policy at all (source unreachable, empty snapshot) the gateway's
-    # ContentSettings.block_attachments_without_policy decides: transforms_for(None, ...).
+    # ContentSettings.block_attachments_without_policy decides (pipeline.no_policy_transforms).
 
     def attachments_for(self, managed: bool) -> AttachmentPolicy:
         return self.managed_attachments if managed else self.unmanaged_attachments
-
-
-def domains_from_csv(text: str) -> list[str]:
-    """Domain list from a CSV upload: first column, header row and blanks skipped."""
-    import csv
-    import io
-
-    out: list[str] = []
-    for row in csv.reader(io.StringIO(text)):
-        if not row:
-            continue
-        cell = row[0].strip().lower().lstrip("*.").rstrip(".")
-        if not cell or cell in ("domain", "domains", "hostname", "host"):
-            continue
-        out.append(cell)
-    return out
-
