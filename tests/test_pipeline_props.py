@@ -73,3 +73,35 @@ def test_only_body_data_schemes_change(items):
         return chunks + [doc[pos:]]
     assert outside(out) == outside(raw)
     assert t.transform_answer(REQ, 200, WB, out) == out  # idempotent
+
+
+def _real(name):
+    from conftest import REAL_SERVER
+    return (REAL_SERVER / name).read_bytes()
+
+
+FUZZ_BASES = [("Sync", WB, "sync1.resp.wbxml"), ("ItemOperations", WB, "iofetch.resp.wbxml"),
+              ("ItemOperations", [(b"Content-Type", b"application/vnd.ms-sync.multipart")], "mp.bin")]
+
+
+@given(st.sampled_from(FUZZ_BASES),
+       st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 8), st.binary(max_size=6)), max_size=6))
+def test_mutated_answers_raise_content_error_or_transform(base, edits):
+    from seg_fast.content.model import AttachmentPolicy
+    from seg_fast.errors import ContentError
+
+    command, headers, name = base
+    data = bytearray(_real(name))
+    for pos, dele, ins in edits:
+        pos %= len(data) + 1
+        data[pos:pos + dele] = ins
+    pipeline.configure(ContentSettings(), keys=Keyring(b"x" * 32))
+    pol = EmailSecurityPolicy(hyperlinks=HyperlinkPolicy(enabled=True),
+                              managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt"}))
+    (t,) = pipeline.transforms_for(pol, managed=True, device_id="d", user="u")
+    req = EasRequest(method="POST", path="/x", command=command, user="u", device_id="d")
+    try:
+        out = t.transform_answer(req, 200, headers, bytes(data))
+    except ContentError:
+        return
+    assert len(out) <= 4 * len(data) + 4096
