@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -39,14 +40,15 @@ def digest(seed: int, n: int) -> str:
 
 
 def test_same_seed_same_bytes_in_another_process():
-    here = digest(5, 40)
+    here = digest(5, 60)
+    assert any(Corpus(5).message(i).signed for i in range(60))     # signatures included
     code = ("import sys; sys.path.insert(0, 'src'); from tests.test_sim_corpus import digest; "
-            "print(digest(5, 40))")
+            "print(digest(5, 60))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"},
                            cwd=str(__import__("conftest").REPO)).stdout.strip()
     assert other == here
-    assert digest(6, 40) != here
+    assert digest(6, 60) != here
     # order of access does not matter
     a, b = Corpus(5), Corpus(5)
     b.message(30)
@@ -170,3 +172,23 @@ def test_attachment_file_formats(messages):
             w, h = struct.unpack(">II", chunks[0][1][:8])
             assert len(zlib.decompress(chunks[1][1])) == h * (w + 1)
     assert done == set(ATTACHMENT_KINDS)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_signed_messages_verify_and_tampering_is_caught(tmp_path):
+    c = Corpus(seed=1)
+    signed = [c.message(i) for i in range(200) if c.message(i).signed][:3]
+    assert signed
+    for m in signed:
+        good = tmp_path / f"good{m.index}.eml"
+        good.write_bytes(m.mime)
+        ok = subprocess.run(["openssl", "smime", "-verify", "-noverify", "-in", str(good), "-out", "/dev/null"],
+                            capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stderr
+        raw = bytearray(m.mime)
+        at = raw.find(b"<p>") + 5
+        raw[at] ^= 0x01                       # one changed letter in the HTML body
+        bad = tmp_path / f"bad{m.index}.eml"
+        bad.write_bytes(bytes(raw))
+        assert subprocess.run(["openssl", "smime", "-verify", "-noverify", "-in", str(bad), "-out", "/dev/null"],
+                              capture_output=True).returncode != 0

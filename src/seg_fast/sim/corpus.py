@@ -13,8 +13,8 @@ Profile (per message, independent draws):
   clients send it); 25% carry one attachment (multipart/mixed) with sizes 60%
   50 KB, 30% 300 KB, 9% 2 MB, 1% 10 MB and types PDF, DOCX, PNG, ZIP made with
   their real structure and magic bytes;
-- 5% are S/MIME signed (multipart/signed with an application/pkcs7-signature
-  part; the signature bytes are a deterministic stand-in, not verifiable);
+- 5% are S/MIME signed (multipart/signed, application/pkcs7-signature): real
+  signatures, deterministic, made with the fixed test key of smime.py;
 - 10% carry an ``X-Classification`` header.
 ``body_type`` (2 or 4, half each) is the profile's hint for which body a fleet
 device asks for.
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import binascii
 import functools
-import hashlib
 import io
 import random
 import struct
 import zipfile
 import zlib
 from datetime import datetime, timedelta, timezone
+
+from seg_fast.sim.smime import sign_detached
 
 # The 20 link domains; the profile's rewrite include-list is the first 10.
 DOMAINS: tuple[str, ...] = (
@@ -188,7 +189,7 @@ class Message:
                          f'Content-Disposition: attachment; filename="{name}"\r\n\r\n').encode()
                       + _b64_lines(data) + f"--{b}m--\r\n".encode())
         if self.signed:
-            sig = _fake_signature(entity)
+            sig = sign_detached(entity)
             entity = (f'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
                       f'micalg=sha-256; boundary="{b}s"\r\n\r\n'
                       "This is a cryptographically signed message in MIME format.\r\n\r\n"
@@ -263,12 +264,6 @@ def _qp(text: str) -> bytes:
 def _b64_lines(data: bytes) -> bytes:
     enc = binascii.b2a_base64(data, newline=False)
     return b"".join(enc[k:k + 76] + b"\r\n" for k in range(0, len(enc), 76))
-
-
-def _fake_signature(entity: bytes) -> bytes:
-    # A DER SEQUENCE header over deterministic bytes: looks like a p7s, verifies nothing.
-    body = hashlib.sha256(entity).digest() * 48
-    return b"\x30\x82" + struct.pack(">H", len(body)) + body
 
 
 def _filler(rng: random.Random, n: int) -> bytes:
