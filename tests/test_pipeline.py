@@ -301,3 +301,12 @@ def test_attachment_list_follows_what_the_mime_body_transform_did():
     pol2 = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt"}))
     tree2 = decode(transform(pol2, body))
     assert next(tree2.iter("AirSyncBase:DisplayName")).text == "fake.pdf"
+
+
+def test_unreadable_master_key_fails_closed(tmp_path):
+    (tmp_path / "bad.key").write_bytes(b"short")
+    pipeline.configure(ContentSettings(master_key_file=str(tmp_path / "bad.key")))
+    raw = (REAL_SERVER / "attachment_getatt.bin").read_bytes()
+    out = transform(EmailSecurityPolicy(managed_attachments=ENCRYPT_PDF), raw, command="GetAttachment",
+                    AttachmentName="x")
+    assert out.startswith(b"Attachment removed") and b"%PDF" not in out

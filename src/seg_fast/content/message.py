@@ -75,8 +75,11 @@ class ContentPlan:
         self.block_message = att.block_message or default_message
         self.classification = _Classifier(policy.classification) if policy.classification.enabled else None
         self.skip_smime = policy.skip_smime
-        if keys is None and "encrypt" in (self.default_action, *self.file_actions.values()):
-            raise ValueError("an encrypting policy needs a keyring")
+        if keys is None:
+            # No usable key: what should be encrypted is blocked instead (fail closed).
+            self.file_actions = {k: ("block" if v == "encrypt" else v) for k, v in self.file_actions.items()}
+            if self.default_action == "encrypt":
+                self.default_action = "block"
 
     @property
     def touches_attachments(self) -> bool:

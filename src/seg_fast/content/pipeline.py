@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import html
+import logging
 import zlib
 from collections import OrderedDict
 
@@ -30,7 +31,9 @@ from seg_fast.content.keys import Keyring
 from seg_fast.content.message import (ContentPlan, is_smime_class, transform_mime, transform_text)
 from seg_fast.content.model import EmailSecurityPolicy
 from seg_fast.content.settings import ContentSettings
-from seg_fast.errors import ContentError, SegFastError
+from seg_fast.errors import ConfigError, ContentError, SegFastError
+
+log = logging.getLogger(__name__)
 
 COMMANDS = frozenset({"Sync", "ItemOperations", "GetAttachment", "Search"})
 WBXML_TYPE = b"application/vnd.ms-sync.wbxml"
@@ -91,8 +94,14 @@ def transforms_for(policy: EmailSecurityPolicy | None, *, managed: bool, device_
         return ()
     att = policy.attachments_for(managed)
     encrypts = att.default == "encrypt" or "encrypt" in att.file_types.values()
-    plan = ContentPlan(policy, managed=managed, device_id=device_id, user=user,
-                       keys=_runtime.keys if encrypts else None,
+    keys = None
+    if encrypts:
+        try:
+            keys = _runtime.keys
+        except ConfigError as e:
+            # Without the master key nothing can be sealed: ContentPlan blocks instead.
+            log.error("attachment encryption unavailable, blocking instead: %s", e)
+    plan = ContentPlan(policy, managed=managed, device_id=device_id, user=user, keys=keys,
                        default_message=_runtime.settings.default_block_message)
     return (EmailSecurityTransform(plan),) if plan.active else ()
 
