@@ -199,6 +199,10 @@ def test_element_and_span_budgets():
     with pytest.raises(WBXMLError, match="more than 100 elements") as info:
         decode(flat, max_elements=100)
     assert info.value.offset == 104
+    mixed = HDR + b"\x45" + b"\x03\x00" * 100 + b"\x01"    # strings count too
+    assert decode(mixed, max_elements=101).text == ""
+    with pytest.raises(WBXMLError, match="elements and strings"):
+        decode(mixed, max_elements=100)
     strs = HDR + b"\x45" + b"\x4b\x03\x00\x01" * 10 + b"\x01"
     assert len(scan(strs, ["AirSync:SyncKey"], max_spans=10)) == 10
     with pytest.raises(WBXMLError, match="more than 9 spans"):

@@ -30,7 +30,7 @@ cdef extern from "Python.h":
 
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024   # bytes; a gateway bounds what it buffers
 DEFAULT_MAX_DEPTH = 64
-DEFAULT_MAX_ELEMENTS = 2_000_000   # a tree costs ~100 bytes per element
+DEFAULT_MAX_ELEMENTS = 4_000_000   # elements + strings; each costs ~100 bytes
 DEFAULT_MAX_SPANS = 1_000_000
 # the encoder recurses in C: keep the deepest allowed tree far from the stack's end
 cdef enum:
@@ -377,6 +377,9 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
             if b == STR_I or b == OPAQUE:
                 if depth == 0:
                     raise WBXMLError("content outside the root element", start)
+                budget -= 1
+                if budget < 0:
+                    raise WBXMLError(f"more than {max_elements} elements and strings", start)
                 if b == STR_I:
                     nul = <const uint8_t*>memchr(buf + pos, 0, n - pos)
                     if nul == NULL:
@@ -413,7 +416,7 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
             # a tag
             budget -= 1
             if budget < 0:
-                raise WBXMLError(f"more than {max_elements} elements", start)
+                raise WBXMLError(f"more than {max_elements} elements and strings", start)
             el = Element.__new__(Element)
             el.tag = _name(page, tok)
             if nsw:

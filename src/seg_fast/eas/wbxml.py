@@ -9,7 +9,7 @@ Tree
     ``findall``, ``findtext``, ``iter`` as in ElementTree (``find`` looks at direct
     children only).
 
-decode(data, *, max_depth=64, max_size=64 MiB, max_elements=2_000_000) -> Element
+decode(data, *, max_depth=64, max_size=64 MiB, max_elements=4_000_000) -> Element
     Lossless: ``encode(decode(x)) == x`` for every document decode accepts. What a
     document does beyond the canonical encoding (a redundant or repeated
     SWITCH_PAGE, a string split over several STR_I tokens, strings mixed with
@@ -23,8 +23,9 @@ decode(data, *, max_depth=64, max_size=64 MiB, max_elements=2_000_000) -> Elemen
     byte offset: truncation, bad mb_u_int32, attributes, string-table references,
     ENTITY/PI/EXT/LITERAL tokens, a charset other than UTF-8, a non-minimal
     mb_u_int32, nesting deeper than ``max_depth``, documents larger than
-    ``max_size`` or with more than ``max_elements`` elements (a tree costs about
-    100 bytes per element, so this bounds memory too), data after the root.
+    ``max_size`` or with more than ``max_elements`` elements and string/opaque
+    tokens together (each costs about 100 bytes in the tree, so this bounds
+    memory too), data after the root.
 
 encode(root, *, max_depth=64) -> bytes
     Canonical form: header ``03 01 6A 00``, SWITCH_PAGE only when the page
