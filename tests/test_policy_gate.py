@@ -52,9 +52,15 @@ async def test_record_is_bounded_and_test_mode_is_recorded(tmp_path, monkeypatch
     gate = PolicyGatekeeper(PolicySettings(sqlite_path=str(tmp_path / "p.db")))
     for i in range(50):
         gate.record(EasRequest(method="POST", path="/", device_id=f"D{i}"), Decision(True, "allowed.x"), 200)
-    assert len(gate._sightings) == 10
+    assert len(gate._pending) == 10
     gate.record(EasRequest(method="POST", path="/", device_id="D1"),
                 Decision(True, "blocked.user", test_mode=True), 200)
-    assert gate._sightings["d1"].status == "test_mode"
     gate.record(EasRequest(method="POST", path="/"), Decision(True, "allowed.x"), 200)   # no DeviceId: ignored
-    assert len(gate._sightings) == 10
+    assert len(gate._pending) == 10
+    await gate.store.open()
+    gate.store_ok = True
+    await gate.flush()
+    seen = {s.device_id: s for s in await gate.store.sightings()}
+    assert len(seen) == 10 and seen["D1"].status == "test_mode" and seen["D1"].reason == "blocked.user"
+    assert not gate._pending
+    await gate.store.aclose()

@@ -78,8 +78,9 @@ class PolicyGatekeeper:
                              clock=clock)
         self.decide = self.engine.decide
         self._clock = clock
-        self._sightings: dict[str, DeviceSighting] = {}
-        self._dirty: set[str] = set()
+        # DeviceId -> (request, decision, status, time) since the last flush.
+        self._pending: dict[str, tuple] = {}
+        self._first_seen: dict[str, float] = {}
         self.loaded = trio.Event()
         self.store_ok = False
 
@@ -89,27 +90,24 @@ class PolicyGatekeeper:
         return blocked_answer(req.command, req.protocol_version)
 
     def record(self, req, decision: Decision, status: int) -> None:
+        # The request path: keep the facts in one tuple per device (raw id as key,
+        # no normalising); the flush turns them into DeviceSightings.
         raw = req.device_id
         if not raw:
             return
+        pending = self._pending
+        if raw not in pending and len(pending) >= MAX_PENDING_SIGHTINGS:
+            return   # the flush is behind: drop rather than grow without bound
+        pending[raw] = (req, decision, status, self.engine.now)
+
+    def _sighting(self, raw: str, req, decision: Decision, status: int, when: float) -> DeviceSighting:
         key = device_key(raw)
-        now = self._clock()
-        s = self._sightings.get(key)
-        if s is None:
-            if len(self._sightings) >= MAX_PENDING_SIGHTINGS:
-                return   # the flush is behind: drop rather than grow without bound
-            s = self._sightings[key] = DeviceSighting(device_id=raw, first_seen=now)
-        s.user = req.user or ""
-        s.device_type = req.device_type or ""
-        s.mail_client = req.user_agent or ""
-        s.ip = req.client_ip
-        s.node = self.node
-        s.last_seen = now
-        s.last_command = req.command or ""
-        s.status = "test_mode" if decision.test_mode else ("allowed" if decision.allowed else "blocked")
-        s.reason = decision.reason
-        s.http_status = status
-        self._dirty.add(key)
+        first = self._first_seen.setdefault(key, when)
+        return DeviceSighting(
+            device_id=raw, user=req.user or "", device_type=req.device_type or "",
+            mail_client=req.user_agent or "", ip=req.client_ip, node=self.node, first_seen=first,
+            last_seen=when, last_command=req.command or "", reason=decision.reason, http_status=status,
+            status="test_mode" if decision.test_mode else ("allowed" if decision.allowed else "blocked"))
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -211,16 +209,18 @@ class PolicyGatekeeper:
     async def flush(self) -> None:
         if not self.store_ok:
             return
-        if self._dirty:
-            batch = [self._sightings[k] for k in self._dirty]
-            self._dirty = set()
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            batch = {}
+            for raw, (req, decision, status, when) in pending.items():
+                sighting = self._sighting(raw, req, decision, status, when)
+                batch[device_key(raw)] = sighting    # one row per device, whatever the id's case
+            if len(self._first_seen) > MAX_PENDING_SIGHTINGS:
+                self._first_seen = {}                # the store keeps the earliest anyway
             try:
-                await self.store.put_sightings(batch)
+                await self.store.put_sightings(list(batch.values()))
             except StoreError as exc:
                 log.warning("device sightings not saved: %s", exc)
-            # Keep memory bounded: the store has them now.
-            if len(self._sightings) > MAX_PENDING_SIGHTINGS // 2:
-                self._sightings = {k: v for k, v in self._sightings.items() if k in self._dirty}
         learned = self.folders.take_learned()
         if learned:
             try:
