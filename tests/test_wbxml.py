@@ -348,6 +348,13 @@ def test_cli_decode_encode(tmp_path, capsys):
     assert cli(["decode", str(tmp_path / "bad.wbxml")]) == 1
     assert "still open" in capsys.readouterr().err
     assert cli(["frobnicate"]) == 2
+    # libwbxml's own rendering of a capture encodes back to the capture's bytes
+    # (that one holds no CR and no whitespace around its texts)
+    lib_xml = REAL_SERVER / "fsync.resp.xml"
+    assert cli(["encode", "--libwbxml", str(lib_xml), "-o", str(out)]) == 0
+    assert out.read_bytes() == (REAL_SERVER / "fsync.resp.wbxml").read_bytes()
+    assert cli(["decode", "--libwbxml", str(REAL_SERVER / "fsync.resp.wbxml")]) == 0
+    assert capsys.readouterr().out == lib_xml.read_text()
 
 
 def test_seg_fast_command_dispatches_to_wbxml(capsys):

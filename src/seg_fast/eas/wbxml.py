@@ -190,17 +190,26 @@ def from_xml(text: str | bytes, *, dialect: str = "spec") -> Element:
 
 def cli(argv: list[str]) -> int:
     """seg-fast wbxml decode FILE | encode FILE.xml [-o OUT] | scan FILE TAG..."""
-    usage = ("usage: seg-fast wbxml decode FILE.wbxml\n"
-             "       seg-fast wbxml encode FILE.xml [-o OUT.wbxml]\n"
-             "       seg-fast wbxml scan FILE.wbxml TAG [TAG...]")
+    usage = ("usage: seg-fast wbxml decode [--libwbxml] FILE.wbxml\n"
+             "       seg-fast wbxml encode [--libwbxml] FILE.xml [-o OUT.wbxml]\n"
+             "       seg-fast wbxml scan FILE.wbxml TAG [TAG...]\n"
+             "--libwbxml: libwbxml's tag names in the XML (Attendee_Email, FlagStatus, ...)")
+    argv = list(argv)
+    dialect = "spec"
+    if "--libwbxml" in argv:
+        argv.remove("--libwbxml")
+        dialect = "libwbxml"
     if len(argv) < 2 or argv[0] not in ("decode", "encode", "scan"):
         print(usage, file=sys.stderr)
         return 2
     cmd, path, rest = argv[0], argv[1], argv[2:]
     try:
         if cmd == "decode":
+            if rest:
+                print(usage, file=sys.stderr)
+                return 2
             with open(path, "rb") as f:
-                sys.stdout.write(to_xml(decode(f.read())))
+                sys.stdout.write(to_xml(decode(f.read()), dialect=dialect))
         elif cmd == "encode":
             out_path = None
             if rest[:1] == ["-o"] and len(rest) == 2:
@@ -209,7 +218,7 @@ def cli(argv: list[str]) -> int:
                 print(usage, file=sys.stderr)
                 return 2
             with open(path, "rb") as f:
-                data = encode(from_xml(f.read()))
+                data = encode(from_xml(f.read(), dialect=dialect))
             if out_path:
                 with open(out_path, "wb") as f:
                     f.write(data)
