@@ -49,12 +49,12 @@ KEYS = Keyring(b"b" * 32)
 
 # ---------------------------------------------------------------- baselines
 
-_URL = re.compile(rb"(?<![A-Za-z0-9+.\-])(https?)://([^\s\"'<>`/?#]*)", re.I)
+_URL = re.compile(rb"(?<![A-Za-z0-9+.\-])(https?)://((?:[^\s\"'<>`/?#@]*@)?[A-Za-z0-9._\-]*)", re.I)
 _DOMAINS = {d.encode() for d in REWRITE_DOMAINS}
 
 
 def _listed(host: bytes) -> bool:
-    host = host.rsplit(b"@", 1)[-1].split(b":", 1)[0].lower().rstrip(b".")
+    host = host.rsplit(b"@", 1)[-1].lower().rstrip(b".")
     while host:
         if host in _DOMAINS:
             return True

@@ -48,6 +48,12 @@ def test_wildcard_domain_entries_mean_the_domain_and_subdomains():
         b"awb://a.example.com/ awb://example.com/ http://x.org/")
 
 
+def test_host_ends_at_the_first_byte_a_host_name_cannot_hold():
+    data = b"url(http://a.example.com) http://a.example.com&amp;x http://a.example.com, http://b.org)"
+    assert rw(data, "include", ["example.com"]) == (
+        b"url(awb://a.example.com) awb://a.example.com&amp;x awb://a.example.com, http://b.org)")
+
+
 def test_ipv6_and_port_hosts():
     data = b"http://[::1]:8080/a http://host.example.com:80/"
     assert rw(data, "include", ["host.example.com"]) == b"http://[::1]:8080/a awb://host.example.com:80/"

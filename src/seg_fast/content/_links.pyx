@@ -22,7 +22,7 @@ cdef enum:
     MODE_EXCLUDE = 2
 
 # Byte classes: 1 = scheme character, 2 = ends a bare link, 4 = ends the authority,
-# 8 = letter (a scheme starts with one).
+# 8 = letter (a scheme starts with one), 16 = host name character.
 cdef unsigned char CLS[256]
 
 
@@ -38,6 +38,8 @@ cdef void _init_classes():
             CLS[c] |= 4
         if (65 <= c <= 90) or (97 <= c <= 122):
             CLS[c] |= 8
+        if (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c in (45, 46, 95):
+            CLS[c] |= 16
 
 
 _init_classes()
@@ -202,7 +204,9 @@ cdef class LinkRewriter:
                 he += 1
             he = he + 1 if he < j else he
         else:
-            while he < j and buf[he] != 58:  # port
+            # A host name is letters, digits, '.', '-' and '_': anything else (a port,
+            # ")" of a CSS url(), "&" of an entity, ",") ends it.
+            while he < j and (CLS[buf[he]] & 16):
                 he += 1
         if self._host_listed(buf + hs, he - hs):
             return self.mode == MODE_INCLUDE
