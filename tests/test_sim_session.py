@@ -666,3 +666,30 @@ async def test_sync_answer_has_the_shape_of_the_real_server(sim):
     missing = {p for p in tag_paths(real) - tag_paths(r.doc) if not p.endswith(optional)}
     assert missing == set()
     assert len(adds(r)) == i + 1
+
+
+async def test_ping_released_by_another_devices_move(sim, nursery):
+    sim.deliver("jdoe", count=1)
+    phone = await ready(sim, device="PHONE")
+    tablet = await ready(sim, device="TABLET")
+    sids = {}
+    for c in (phone, tablet):
+        key = await initial_sync(c)
+        r = await c.request("Sync", sync_req(key, "1"))
+        sids[c.device_id] = text(adds(r)[0], "AirSync:ServerId")
+        await initial_sync(c, "3")          # Deleted Items
+    got = []
+
+    async def ping():
+        r = await tablet.request("Ping", ping_req(900, folders=("1", "3")))
+        got.append(r.doc)
+    nursery.start_soon(ping)
+    await wait_parked(sim, 1)
+    mv = await phone.request("MoveItems", E("Move:MoveItems", E("Move:Move", E("Move:SrcMsgId", sids["PHONE"]),
+                             E("Move:SrcFldId", "1"), E("Move:DstFldId", "3"))))
+    assert text(mv.doc, "Move:Response", "Move:Status") == "3"
+    with trio.fail_after(5):
+        while not got:
+            await trio.sleep(0.01)
+    assert text(got[0], "Ping:Status") == "2"
+    assert sorted(f.text for f in kids(find(got[0], "Ping:Folders"), "Ping:Folder")) == ["1", "3"]

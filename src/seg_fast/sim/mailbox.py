@@ -125,11 +125,17 @@ class MailboxSimulator:
         Returns the new items' ServerIds."""
         mbox = self.mailbox(user)
         ids = [mbox.add(INBOX, Item(self._take_msg())) for _ in range(count)]
+        self._notify(mbox)
+        return ids
+
+    def _notify(self, mbox: Mailbox) -> None:
+        """Wake the mailbox's parked Pings whose folders now hold changes."""
         for dev in mbox.devices.values():
             park = dev.parked
-            if park is not None and INBOX in park.folders:
-                self._wake(park, (INBOX,))
-        return ids
+            if park is not None:
+                changed = tuple(f for f in park.folders if mbox.pending(dev, f))
+                if changed:
+                    self._wake(park, changed)
 
     def stats(self) -> dict:
         """Counters for benchmarks (also served as JSON at GET /sim/stats)."""
@@ -252,8 +258,12 @@ class MailboxSimulator:
         if command == "Ping":
             return self._ping(ctx)
         if command in ("SendMail", "SmartReply", "SmartForward"):
-            return C.send_mail(ctx, command)
-        return HANDLERS[command](ctx)
+            answer = C.send_mail(ctx, command)
+        else:
+            answer = HANDLERS[command](ctx)
+        if command in CHANGES_FOLDERS:
+            self._notify(mbox)
+        return answer
 
     def _side_door(self, method: str, path: str, params: dict[str, str]) -> Answer:
         """Control for tools driving a simulator in another process (no auth: it
@@ -337,6 +347,9 @@ class MailboxSimulator:
                     self._wake(park, ())
 
 
+# Commands that can change folder contents (and so release other devices' Pings).
+CHANGES_FOLDERS = frozenset({"Sync", "MoveItems", "SendMail", "SmartReply", "SmartForward",
+                             "ItemOperations"})
 HANDLERS = {
     "Provision": C.provision, "FolderSync": C.folder_sync, "Sync": C.sync,
     "GetItemEstimate": C.get_item_estimate, "MoveItems": C.move_items, "Settings": C.settings,
