@@ -26,7 +26,8 @@ MAX_WINDOW = 512
 # tests use short ones.
 MIN_HEARTBEAT, MAX_HEARTBEAT = 1, 3540
 MAX_PING_FOLDERS = 300
-# 2.5 Truncation / MIMETruncation codes (MS-ASCMD) -> characters; None = whole body
+# 2.5 Truncation / MIMETruncation codes (MS-ASCMD) -> characters (bytes: the corpus is
+# ASCII); None = the whole body
 TRUNCATION_CODES = {0: 0, 1: 4096, 2: 5120, 3: 7168, 4: 10240, 5: 20480, 6: 51200,
                     7: 102400, 8: None}
 
