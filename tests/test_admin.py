@@ -254,3 +254,22 @@ async def test_run_pulls_the_policy_api_and_serves_push_over_tls(tmp_path, nurse
     await trio.aclose_forcefully(stream)
     status, _, body = await request(port, "GET", "/seg/policy/device/PUSHED", token=TOKEN)
     assert status == 200
+
+
+async def test_list_view_and_admin_page(admin):
+    await admin.gate.store.put_sightings([
+        DeviceSighting(device_id="A", status="blocked", last_seen=2.0),
+        DeviceSighting(device_id="B", status="allowed", last_seen=3.0)])
+    status, body = await call(admin, "GET", "/seg/devices/all")
+    assert [d["seen"]["device_id"] for d in body["devices"]] == ["B", "A"]
+    status, body = await call(admin, "GET", "/seg/devices/blocked")
+    assert body["count"] == 1 and body["devices"][0]["seen"]["device_id"] == "A"
+    assert (await call(admin, "GET", "/seg/devices/nonsense"))[0] == 404
+    status, headers, page = await request(admin.port, "GET", "/seg/admin")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    # every endpoint the page calls exists in the route table
+    import re
+    from seg_fast.admin.api import _match
+    for path in {p.decode() for p in re.findall(rb'"(/seg/[a-z/]+)', page)}:
+        assert any(_match(r.pattern, path) is not None or r.pattern.startswith(path)
+                   for r in admin.api.routes), path

@@ -96,6 +96,8 @@ class AdminApi:
             Route("GET", "/seg/policy/mailclient/{client}", "The mail client policy's verdict (URL-encoded client)", self.mailclient),
             Route("GET", "/seg/policy/hyperlink", "The hyperlink policy", self.hyperlink),
             Route("GET", "/seg/download/{type}/", "CSV: device, account, managedattachment, unmanagedattachment, redirect", self.download),
+            Route("GET", "/seg/devices/{status}", "List view: devices seen (all, allowed, blocked, test_mode)", self.devices),
+            Route("GET", "/seg/admin", "The admin page (token asked in the page)", self.page, auth="none"),
             Route("GET", "/seg/logging", "Logging level per area", self.get_logging),
             Route("PUT", "/seg/logging", "Set logging levels ({area: level})", self.put_logging, body="LogLevels"),
             Route("POST", "/seg/device/{id}/override", "Whitelist, blacklist or default one device", self.override, body="Override"),
@@ -259,6 +261,23 @@ class AdminApi:
             return _csv(["user", "location"], sorted((k, v.decode()) for k, v in entries.items()))
         raise HttpError(404, f"unknown download type {type!r} (device, account, managedattachment, "
                              "unmanagedattachment, redirect)")
+
+    async def devices(self, body, status: str) -> Answer:
+        if status not in ("all", "allowed", "blocked", "test_mode"):
+            raise HttpError(404, f"unknown status {status!r} (all, allowed, blocked, test_mode)")
+        seen = await self.store.sightings()
+        out = []
+        for s in sorted(seen, key=lambda s: -s.last_seen):
+            if status != "all" and s.status != status:
+                continue
+            rec = self.gate.engine.devices.get(device_key(s.device_id))
+            out.append({"seen": s, "managed": bool(rec and rec.managed),
+                        "override": rec.override if rec else "default"})
+        return _json({"count": len(out), "devices": out})
+
+    async def page(self, body) -> Answer:
+        from importlib.resources import files
+        return 200, "text/html; charset=utf-8", files("seg_fast.admin").joinpath("admin.html").read_bytes()
 
     # -- actions ------------------------------------------------------------------
     async def get_logging(self, body) -> Answer:

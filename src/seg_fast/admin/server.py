@@ -109,7 +109,9 @@ class AdminServer:
                 else:
                     status, ctype, out = await self.answer(req.method.decode(), req.target, req.headers, body)
                 headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(out)).encode()),
-                           (b"cache-control", b"no-store")]
+                           (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
+                           (b"content-security-policy", b"default-src 'self'; script-src 'unsafe-inline' 'self'; "
+                                                        b"style-src 'unsafe-inline'")]
                 if status == 401:
                     headers.append((b"www-authenticate", b'Bearer realm="seg"'))
                 await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
