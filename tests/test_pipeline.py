@@ -310,3 +310,27 @@ def test_unreadable_master_key_fails_closed(tmp_path):
     out = transform(EmailSecurityPolicy(managed_attachments=ENCRYPT_PDF), raw, command="GetAttachment",
                     AttachmentName="x")
     assert out.startswith(b"Attachment removed") and b"%PDF" not in out
+
+
+def test_multipart_item_fetch_body_part_is_transformed():
+    # ItemOperations Fetch of a whole message with MS-ASAcceptMultiPart: the body is part 1.
+    mime = mime_message([("report.pdf", PDF, "application", "pdf")])
+    part0 = encode(Element("ItemOperations:ItemOperations", [
+        Element("ItemOperations:Status", text="1"), Element("ItemOperations:Response", [
+            Element("ItemOperations:Fetch", [
+                Element("ItemOperations:Status", text="1"), Element("AirSync:ServerId", text="1:1"),
+                Element("ItemOperations:Properties", [
+                    Element("Email:MessageClass", text="IPM.Note"),
+                    Element("AirSyncBase:Body", [Element("AirSyncBase:Type", text="4"),
+                                                 Element("AirSyncBase:Truncated", text="0"),
+                                                 Element("ItemOperations:Part", text="1")])])])])]))
+    body = build_multipart([part0, mime])
+    pol = EmailSecurityPolicy(hyperlinks=HyperlinkPolicy(enabled=True), managed_attachments=ENCRYPT_PDF)
+    out = transform(pol, body, command="ItemOperations",
+                    headers=[(b"Content-Type", b"application/vnd.ms-sync.multipart")])
+    parts = parse_multipart(out)
+    assert bytes(parts[0]) == part0
+    msg = email.message_from_bytes(bytes(parts[1]), policy=email.policy.default)
+    assert "awb://docs.example.com/x" in [m for m in msg.walk() if m.get_content_type() == "text/plain"][0].get_content()
+    env = [m for m in msg.walk() if m.get_content_type() == ENVELOPE_CONTENT_TYPE][0]
+    assert open_envelope(KEYS, "DEV1", "test", env.get_payload(decode=True))[2] == PDF

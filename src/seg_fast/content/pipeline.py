@@ -198,8 +198,9 @@ class EmailSecurityTransform:
         # Bodies, grouped by their Body element (2.5 bodies by the item).
         bodies: dict[object, dict[str, object]] = {}
         for sp in spans:
-            if sp.tag.startswith("AirSyncBase:") and sp.within("AirSyncBase:Body") is not None \
-                    and sp.tag in ("AirSyncBase:Type", "AirSyncBase:Data", "AirSyncBase:Truncated"):
+            if sp.tag in ("AirSyncBase:Type", "AirSyncBase:Data", "AirSyncBase:Truncated",
+                          "ItemOperations:Part") and sp.within("AirSyncBase:Body") is not None:
+                # A multipart ItemOperations answer carries the body in a Part.
                 bodies.setdefault(sp.within("AirSyncBase:Body"), {})[sp.tag.split(":")[1]] = sp
             elif sp.tag in ("Email:Body", "Email:BodyTruncated"):
                 bodies.setdefault("25text", {"Type": "1"})[
@@ -209,13 +210,19 @@ class EmailSecurityTransform:
                     "Data" if sp.tag == "Email:MIMEData" else "Truncated"] = sp
         for body in bodies.values():
             data_sp = body.get("Data")
+            part_idx = None
             if data_sp is None:
-                continue
+                part_sp = body.get("Part")
+                part_idx = _int(raw, part_sp) if part_sp is not None else None
+                if part_idx is None:
+                    continue
+                if parts is None or not 0 < part_idx < len(parts):
+                    raise ContentError("ItemOperations Part names no part of the answer")
             t = body.get("Type")
             btype = t if isinstance(t, str) else (text(t) if t is not None else "1")
             tr = body.get("Truncated")
             truncated = tr is not None and text(tr).strip() in ("1", "true")
-            data = raw[data_sp.offset:data_sp.offset + data_sp.length]
+            data = raw[data_sp.offset:data_sp.offset + data_sp.length] if part_idx is None else parts[part_idx]
             if verdict is not None:
                 new = _template_body(verdict, btype.strip())
             elif btype.strip() == "4":
@@ -231,8 +238,12 @@ class EmailSecurityTransform:
                 continue
             else:
                 new, _ = transform_text(data, plan, truncated=truncated)
-            if new is not data and new != data:
+            if new is data or new == data:
+                continue
+            if part_idx is None:
                 edits.append((data_sp, _as_kind(data_sp, new)))
+            else:
+                parts[part_idx] = new
         self._attachment_list(req, raw, spans, user, exempt, blocked_all, acted, edits)
         self._fetched(req, raw, spans, parts, user, edits)
 
