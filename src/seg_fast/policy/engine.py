@@ -298,29 +298,20 @@ class Engine:
         device = self.devices.get(key)
         if device is not None and not same_user(device.user, req.user):
             device = None   # enrolled to someone else: this user's device is unknown
-        now = self.now
-        if pol is None:
-            managed = device is not None and device.managed
-            decision = Decision(allowed=True, reason=NO_POLICIES_ALLOWED, transforms=tuple(
-                self._no_policy_transforms(managed=managed, device_id=raw or "", user=req.user or "")))
+        managed = device is not None and device.managed
+        if pol is None:     # no document, allow_if_no_policies on
             reason, until = NO_POLICIES_ALLOWED, FOREVER
+            decision = Decision(allowed=True, reason=reason, transforms=tuple(self._no_policy_transforms(
+                managed=managed, device_id=raw or "", user=req.user or "")))
         else:
-            reason, until = evaluate(req, device, pol, now)
-        if pol is None:
-            pass
-        elif reason.startswith("allowed."):
-            managed = device is not None and device.managed
-            content = self._transforms_for(pol.doc.security, managed=managed,
-                                           device_id=raw or "", user=req.user or "")
-            decision = Decision(allowed=True, reason=reason, transforms=self._sync + tuple(content))
-        else:
-            decision = self._blocked[reason]
-            if decision.test_mode:
-                managed = device is not None and device.managed
+            reason, until = evaluate(req, device, pol, self.now)
+            decision = self._blocked.get(reason)
+            if decision is None or decision.test_mode:
+                # Allowed (or let through by test mode): this device's own transforms.
                 content = self._transforms_for(pol.doc.security, managed=managed,
                                                device_id=raw or "", user=req.user or "")
                 decision = Decision(allowed=True, reason=reason, transforms=self._sync + tuple(content),
-                                    test_mode=True)
+                                    test_mode=decision is not None)
         if raw is not None:
             if len(self._cache) >= self.MAX_CACHED:
                 self._cache.clear()
