@@ -334,3 +334,14 @@ def test_multipart_item_fetch_body_part_is_transformed():
     assert "awb://docs.example.com/x" in [m for m in msg.walk() if m.get_content_type() == "text/plain"][0].get_content()
     env = [m for m in msg.walk() if m.get_content_type() == ENVELOPE_CONTENT_TYPE][0]
     assert open_envelope(KEYS, "DEV1", "test", env.get_payload(decode=True))[2] == PDF
+
+
+def test_sync_responses_fetch_items():
+    # Sync's Responses/Fetch carries a whole item too.
+    body = encode(Element("AirSync:Sync", [Element("AirSync:Collections", [Element("AirSync:Collection", [
+        Element("AirSync:SyncKey", text="2"), Element("AirSync:Responses", [Element("AirSync:Fetch", [
+            Element("AirSync:ServerId", text="1"), Element("AirSync:Status", text="1"),
+            Element("AirSync:ApplicationData", [Element("AirSyncBase:Body", [
+                Element("AirSyncBase:Type", text="1"), Element("AirSyncBase:Data", text="go http://a.org")])])])])])])]))
+    out = decode(transform(EmailSecurityPolicy(hyperlinks=HyperlinkPolicy(enabled=True)), body))
+    assert next(out.iter("AirSyncBase:Data")).text == "go awb://a.org"

@@ -50,7 +50,7 @@ _TAGS = (
     "ItemOperations:Data", "ItemOperations:Part", "ItemOperations:Total",
 )
 # What one message (or one fetched attachment) sits in.
-_ITEMS = ("AirSync:Add", "AirSync:Change", "Search:Result", "ItemOperations:Fetch")
+_ITEMS = ("AirSync:Add", "AirSync:Change", "AirSync:Fetch", "Search:Result", "ItemOperations:Fetch")
 
 
 class _Runtime:
