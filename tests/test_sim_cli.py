@@ -1,0 +1,43 @@
+"""`seg-fast sim` as a child process: its ready line, HTTPS, and the side door."""
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+
+import trustme
+
+from conftest import REPO
+from seg_fast.sim.client import EasClient
+from seg_fast.sim.tree import E, text
+
+
+async def test_sim_command_runs_https_and_delivers(tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "sim", "--port", "0", "--initial", "2",
+                             "--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.pem")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["url"].startswith("https://127.0.0.1:")
+        c = EasClient("127.0.0.1", ready["sim_port"], "jdoe", "secret", "CLI1", ssl_context=client_ctx)
+        await c.provision()
+        r = await c.request("Sync", E("AirSync:Sync", E("AirSync:Collections", E(
+            "AirSync:Collection", E("AirSync:SyncKey", "0"), E("AirSync:CollectionId", "1")))))
+        assert text(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:Status") == "1"
+        r = await c.send("POST", "/sim/deliver?user=jdoe&count=2", [("host", "x")], b"")
+        assert r.status == 200
+        r = await c.send("GET", "/sim/stats", [("host", "x")], b"")
+        stats = json.loads(r.body)
+        assert stats["delivered"] == 4 and stats["answers"]["Provision"] == 2
+        await c.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
