@@ -134,6 +134,7 @@ class PolicyGatekeeper:
             self.store_ok = True
         except (StoreError, PolicyError) as exc:
             log.error("policy store unavailable: %s", exc)
+            await self.store.aclose()     # the retry opens it afresh
 
     async def _retry_open(self) -> None:
         delay = 0.5
