@@ -192,7 +192,7 @@ class Engine:
 
     # Past this many cached devices the cache starts over (random DeviceIds must
     # not grow memory without bound).
-    MAX_CACHED = 1_000_000
+    MAX_CACHED = 250_000
 
     def __init__(self, *, allow_if_no_policies: bool = False, test_mode: bool = False,
                  transforms_for: TransformsFor | None = None, sync_transforms: Callable | None = None,
