@@ -79,3 +79,11 @@ def test_openapi_command(capsys):
     assert main(["policy", "openapi"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["openapi"] == "3.1.0" and "/seg/policy/device/{id}" in doc["paths"]
+
+
+def test_published_openapi_document_is_current(capsys):
+    """docs/admin-openapi.json is what `seg-fast policy openapi` prints (regenerate it with
+    `python -m seg_fast policy openapi > docs/admin-openapi.json`)."""
+    main(["policy", "openapi"])
+    published = (EXAMPLES.parent.parent / "docs" / "admin-openapi.json").read_text()
+    assert json.loads(capsys.readouterr().out) == json.loads(published)
