@@ -95,8 +95,11 @@ class _List:
         self.matcher = NameMatcher(lp.values, patterns=patterns)
 
     def passes(self, *names: str) -> bool:
-        hit = any(self.matcher.match(n) for n in names)
-        return hit if self.allow else not hit
+        match = self.matcher.match
+        for n in names:
+            if match(n):
+                return self.allow
+        return not self.allow
 
 
 class _PerPlatform:
