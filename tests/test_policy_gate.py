@@ -64,3 +64,40 @@ async def test_record_is_bounded_and_test_mode_is_recorded(tmp_path, monkeypatch
     assert len(seen) == 10 and seen["D1"].status == "test_mode" and seen["D1"].reason == "blocked.user"
     assert not gate._pending
     await gate.store.aclose()
+
+
+async def test_folder_classes_learned_by_one_worker_reach_another(tmp_path, nursery):
+    """Sync Settings: worker A carries the FolderSync answer; worker B refuses Sync of the
+    hidden folder because the learned classes travel through the store."""
+    from seg_fast.eas.wbxml import Element, encode
+    from seg_fast.policy.model import GeneralAccess, SyncSettingsPolicy
+    from seg_fast.policy.store import SqliteStore
+
+    s = SqliteStore(tmp_path / "p.db")
+    await s.open()
+    await s.replace_all(PolicyDocument(general=GeneralAccess(sync_settings=SyncSettingsPolicy(
+        enabled=True, blocked_classes=["calendar"]))), [])
+    await s.aclose()
+    settings = PolicySettings(sqlite_path=str(tmp_path / "p.db"))
+    a, b = PolicyGatekeeper(settings, node="n/a"), PolicyGatekeeper(settings, node="n/b")
+    await nursery.start(a.run)
+    await nursery.start(b.run)
+    fh = "FolderHierarchy:"
+    answer = encode(Element(fh + "FolderSync", [
+        Element(fh + "Status", text="1"), Element(fh + "SyncKey", text="0"),
+        Element(fh + "Changes", [Element(fh + "Count", text="1"), Element(fh + "Add", [
+            Element(fh + "ServerId", text="cal"), Element(fh + "ParentId", text="0"),
+            Element(fh + "DisplayName", text="Calendar"), Element(fh + "Type", text="8")])])]))
+    fs_req = EasRequest(method="POST", path="/", command="FolderSync", user="jdoe", device_id="D1")
+    (filt,) = [t for t in a.decide(fs_req).transforms if "FolderSync" in t.commands]
+    filt.transform_answer(fs_req, 200, [], answer)
+    sync = encode(Element("AirSync:Sync", [Element("AirSync:Collections", [Element("AirSync:Collection", [
+        Element("AirSync:SyncKey", text="1"), Element("AirSync:CollectionId", text="cal")])])]))
+    sync_req = EasRequest(method="POST", path="/", command="Sync", user="jdoe", device_id="D1")
+    (guard,) = [t for t in b.decide(sync_req).transforms if hasattr(t, "transform_request")]
+    assert guard.transform_request(sync_req, sync) is sync     # B has not learned it yet
+    await a.flush()
+    with trio.fail_after(1.0):
+        while guard.transform_request(sync_req, sync) is not None:
+            await trio.sleep(0.02)
+    nursery.cancel_scope.cancel()
