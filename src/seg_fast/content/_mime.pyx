@@ -472,3 +472,114 @@ def strip_breaks(data):
         return result[:w]
     finally:
         PyBuffer_Release(&view)
+
+
+cdef inline int _hexval(unsigned char c) noexcept nogil:
+    if 48 <= c <= 57:
+        return c - 48
+    if 65 <= c <= 70:
+        return c - 55
+    if 97 <= c <= 102:
+        return c - 87
+    return -1
+
+
+cdef inline Py_ssize_t _soft_break(const unsigned char* b, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """Length of the soft line break ("=", optional spaces or tabs, CRLF or LF) at i, or 0."""
+    cdef Py_ssize_t j = i + 1
+    while j < n and (b[j] == 32 or b[j] == 9):
+        j += 1
+    if j < n and b[j] == 10:
+        return j + 1 - i
+    if j + 1 < n and b[j] == 13 and b[j + 1] == 10:
+        return j + 2 - i
+    if j == n:
+        return n - i  # "=" at the very end: a soft break with nothing after it
+    return 0
+
+
+def qp_decode(data):
+    """Quoted-printable text decoded (lenient: a stray "=" stays as it is)."""
+    cdef Py_buffer view
+    cdef const unsigned char* b
+    cdef const unsigned char* eq
+    cdef Py_ssize_t n, i = 0, w = 0, k
+    cdef int hi, lo
+    cdef char* out
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        b = <const unsigned char*>view.buf
+        n = view.len
+        result = PyBytes_FromStringAndSize(NULL, n)
+        out = PyBytes_AS_STRING(result)
+        while i < n:
+            if b[i] != 61:
+                # Copy the run up to the next "=" in one go.
+                eq = <const unsigned char*>memchr(b + i, 61, n - i)
+                k = (eq - b) if eq != NULL else n
+                memcpy(out + w, b + i, k - i)
+                w += k - i
+                i = k
+                continue
+            k = _soft_break(b, i, n)
+            if k:
+                i += k
+                continue
+            hi = _hexval(b[i + 1]) if i + 1 < n else -1
+            lo = _hexval(b[i + 2]) if i + 2 < n else -1
+            if hi >= 0 and lo >= 0:
+                out[w] = <char>(hi * 16 + lo)
+                w += 1
+                i += 3
+            else:
+                out[w] = 61
+                w += 1
+                i += 1
+        return result[:w]
+    finally:
+        PyBuffer_Release(&view)
+
+
+def qp_locate(data, list offsets):
+    """For each decoded offset (ascending), the (start, end) of its encoding in the
+    quoted-printable ``data`` (as ``qp_decode`` reads it); (-1, -1) past the end."""
+    cdef Py_buffer view
+    cdef const unsigned char* b
+    cdef const unsigned char* eq
+    cdef Py_ssize_t n, i = 0, d = 0, k, t = 0, nt = len(offsets), target, step, e, pos
+    cdef list out = []
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        b = <const unsigned char*>view.buf
+        n = view.len
+        target = offsets[0] if nt else -1
+        while i < n and t < nt:
+            # Up to the next "=" every byte stands for itself: jump there at once.
+            eq = <const unsigned char*>memchr(b + i, 61, n - i)
+            e = (eq - b) if eq != NULL else n
+            while t < nt and target < d + (e - i):
+                pos = i + (target - d)
+                out.append((pos, pos + 1))
+                t += 1
+                target = offsets[t] if t < nt else -1
+            d += e - i
+            i = e
+            if i >= n or t >= nt:
+                break
+            k = _soft_break(b, i, n)
+            if k:
+                i += k
+                continue
+            step = 3 if (i + 2 < n and _hexval(b[i + 1]) >= 0 and _hexval(b[i + 2]) >= 0) else 1
+            while t < nt and target == d:
+                out.append((i, i + step))
+                t += 1
+                target = offsets[t] if t < nt else -1
+            d += 1
+            i += step
+        while t < nt:
+            out.append((-1, -1))
+            t += 1
+        return out
+    finally:
+        PyBuffer_Release(&view)

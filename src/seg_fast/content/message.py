@@ -16,7 +16,8 @@ from urllib.parse import quote
 import pybase64
 
 from seg_fast.content._links import LinkRewriter
-from seg_fast.content._mime import Part, line_ending, qp_encode, strip_breaks, walk, wrap_lines
+from seg_fast.content._mime import (Part, line_ending, qp_decode, qp_encode, qp_locate, strip_breaks, walk,
+                                    wrap_lines)
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name,
                                           file_type, seal)
 from seg_fast.content.keys import Keyring
@@ -164,9 +165,7 @@ def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncate
                 if edit is not None:
                     edits.append(edit)
         elif plan.links is not None and p.content_type in ("text/plain", "text/html"):
-            edit = _text_part(data, p, plan.links, out, cut)
-            if edit is not None:
-                edits.append(edit)
+            edits += _text_part(data, p, plan.links, out, cut)
     return splice(data, edits), out
 
 
@@ -200,36 +199,75 @@ def _charset_ok(p: Part) -> bool:
     return not cs.startswith(_WIDE_CHARSETS)
 
 
-def _text_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: bool):
+def _text_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: bool) -> list:
+    """Edits rewriting the links of one text part."""
     if not _charset_ok(p) or p.body_start >= p.end:
-        return None
+        return []
     body = memoryview(data)[p.body_start:p.end]
-    if p.cte in ("base64", "quoted-printable") and cut:
-        return None  # a cut encoded text part cannot be re-encoded faithfully
     if p.cte == "base64":
+        if cut:
+            return []  # a cut base64 part cannot be re-encoded faithfully
         try:
             text = pybase64.b64decode(body)
         except (binascii.Error, ValueError):
-            return None
+            return []
         new, count = links.rewrite(text)
         if not count:
-            return None
+            return []
         out.links += count
-        return p.body_start, p.end, wrap_lines(pybase64.b64encode(new), 76, line_ending(body))
+        return [(p.body_start, p.end, wrap_lines(pybase64.b64encode(new), 76, line_ending(body)))]
     if p.cte == "quoted-printable":
-        # Soft line breaks may split a link: rewrite the decoded text, re-encode if changed.
-        text = binascii.a2b_qp(body)
-        new, count = links.rewrite(text, cut)
-        if not count:
-            return None
-        out.links += count
-        return p.body_start, p.end, qp_encode(new, line_ending(body))
+        return _qp_part(data, p, links, out, cut)
     # 7bit, 8bit and binary: rewrite in place.
     new, count = links.rewrite(body, cut)
     if not count:
-        return None
+        return []
     out.links += count
-    return p.body_start, p.end, new
+    return [(p.body_start, p.end, new)]
+
+
+def _qp_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: bool) -> list:
+    """Links in a quoted-printable part: found in the decoded text (soft line breaks
+    may split them), replaced in the encoded text where each scheme's bytes lie, so
+    the rest of the part stays byte for byte; re-encoded whole only when a line would
+    grow past 76 characters."""
+    body = memoryview(data)[p.body_start:p.end]
+    text = qp_decode(body)
+    found = links.find(text, cut)
+    if not found:
+        return []
+    marks = []
+    for off, length, _new in found:
+        marks += [off, off + length - 1]
+    locs = qp_locate(body, marks)
+    base = p.body_start
+    edits = []
+    for k, (_off, _length, new) in enumerate(found):
+        start, end = base + locs[2 * k][0], base + locs[2 * k + 1][1]
+        if locs[2 * k][0] < 0 or locs[2 * k + 1][1] < 0 or not _fits(data, p.body_start, p.end, start, end, len(new)):
+            edits = None
+            break
+        edits.append((start, end, new))
+    if edits is not None:
+        out.links += len(found)
+        return edits
+    if cut:
+        return []  # a cut part is never re-encoded
+    out.links += len(found)
+    return [(p.body_start, p.end, qp_encode(links.rewrite(text)[0], line_ending(body)))]
+
+
+def _fits(data: bytes, lo: int, hi: int, start: int, end: int, new_len: int) -> bool:
+    """The encoded line holding data[start:end] (within the body data[lo:hi]) stays
+    within 76 characters with new_len bytes in place of that range (soft breaks
+    inside the range disappear)."""
+    line_start = data.rfind(b"\n", lo, start) + 1 or lo
+    line_end = data.find(b"\n", end, hi)
+    if line_end < 0:
+        line_end = hi
+    if line_end > end and data[line_end - 1] == 13:
+        line_end -= 1
+    return (start - line_start) + new_len + (line_end - end) <= 76
 
 
 def _decode_body(body: memoryview, cte: str) -> bytes:
