@@ -100,6 +100,7 @@ class Stats:
         self.ready = 0
         self.conn_errors = 0
         self.fetch_skipped = 0
+        self.ready_by = 0.0          # shard time the last device finished set-up
 
     def fail(self, kind: str, detail: str) -> None:
         self.failures[kind] += 1
@@ -286,6 +287,7 @@ class Device:
             if not await self.setup(conn):
                 return
             f.stats.ready += 1
+            f.stats.ready_by = f.clock.now()
             self.ready.set()
             first = True
             while not f.stopping:
@@ -507,7 +509,8 @@ class Fleet:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "shard": self.spec.shard, "devices": len(self.devices), "path": self.go.path,
-            "started": st.started, "ready": st.ready,
+            "started": st.started, "ready": st.ready, "ready_by": round(st.ready_by, 2),
+            "window_start": self.window[0],
             "parked_at_window_end": getattr(self, "window_parked", 0),
             "parked_min_in_window": st.parked_min_in_window,
             "requests": dict(st.requests), "failures": dict(st.failures),
