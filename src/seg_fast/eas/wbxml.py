@@ -7,7 +7,9 @@ Tree
     ``"Namespace:Name"`` with the spec's names (``codepages.py``); ``text`` is the
     content of inline strings (STR_I), ``opaque`` of OPAQUE blocks. ``find``,
     ``findall``, ``findtext``, ``iter`` as in ElementTree (``find`` looks at direct
-    children only).
+    children only); ``==`` compares tag, text, opaque and children. Elements stay
+    out of the cyclic garbage collector (fast trees): never make one its own
+    descendant. ``token_of(tag)`` gives the (page, token) of a tag.
 
 decode(data, *, max_depth=64, max_size=64 MiB, max_elements=4_000_000) -> Element
     Lossless: ``encode(decode(x)) == x`` for every document decode accepts. What a
@@ -20,7 +22,8 @@ decode(data, *, max_depth=64, max_size=64 MiB, max_elements=4_000_000) -> Elemen
     they decode to ``Namespace:Unknown0xTT`` (``PageNN:Unknown0xTT`` for a page
     the spec does not define) and encode back to the same token. Inline strings
     must be valid UTF-8. Everything else malformed raises ``WBXMLError`` with the
-    byte offset: truncation, bad mb_u_int32, attributes, string-table references,
+    byte offset (``exc.offset``): truncation, bad mb_u_int32, attributes,
+    string-table references,
     ENTITY/PI/EXT/LITERAL tokens, a charset other than UTF-8, a non-minimal
     mb_u_int32, nesting deeper than ``max_depth``, documents larger than
     ``max_size`` or with more than ``max_elements`` elements and string/opaque
@@ -31,7 +34,8 @@ encode(root, *, max_depth=64) -> bytes
     Canonical form: header ``03 01 6A 00``, SWITCH_PAGE only when the page
     changes, text as one STR_I, then opaque as one OPAQUE, then the children; the
     content flag only when there is content. ``WBXMLError`` for an unknown tag
-    name, text containing NUL, or non-bytes opaque.
+    name, text containing NUL or lone surrogates, non-bytes opaque, a child that
+    is not an Element, nesting deeper than ``max_depth`` (at most 4096).
 
 scan(data, tags, *, max_depth=64, max_size=64 MiB, max_spans=1_000_000) -> list[Span]
     One pass, no tree: for each STR_I/OPAQUE token directly inside an element
