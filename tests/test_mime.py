@@ -296,7 +296,7 @@ def test_qp_decode_and_locate_agree(enc):
     dec = qp_decode(enc)
     # Well-formed input decodes as the stdlib does.
     clean = binascii.b2a_qp(enc)
-    assert qp_decode(clean) == binascii.a2b_qp(clean) == enc
+    assert qp_decode(clean) == binascii.a2b_qp(clean)
     # Each decoded byte's encoding, read back alone, is that byte.
     locs = qp_locate(enc, list(range(len(dec))))
     for k, (s, e) in enumerate(locs):

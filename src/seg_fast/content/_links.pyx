@@ -45,13 +45,13 @@ cdef void _init_classes():
 _init_classes()
 
 
-cdef inline unsigned char _lower(unsigned char c) nogil:
+cdef inline unsigned char _lower(unsigned char c) noexcept nogil:
     if 65 <= c <= 90:
         return c + 32
     return c
 
 
-cdef inline uint64_t _hash_lower(const unsigned char* p, Py_ssize_t n) nogil:
+cdef inline uint64_t _hash_lower(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     cdef uint64_t h = 1469598103934665603ULL
     cdef Py_ssize_t i
     for i in range(n):
@@ -157,7 +157,7 @@ cdef class LinkRewriter:
             off += len(d)
         self.ndomains = len(uniq)
 
-    cdef bint _has_domain(self, const unsigned char* p, Py_ssize_t n) nogil:
+    cdef bint _has_domain(self, const unsigned char* p, Py_ssize_t n) noexcept nogil:
         cdef uint64_t h = _hash_lower(p, n)
         cdef Py_ssize_t slot = <Py_ssize_t>(h & <uint64_t>self.dmask), k
         cdef const unsigned char* d
@@ -172,7 +172,7 @@ cdef class LinkRewriter:
             slot = (slot + 1) & self.dmask
         return False
 
-    cdef bint _host_listed(self, const unsigned char* host, Py_ssize_t n) nogil:
+    cdef bint _host_listed(self, const unsigned char* host, Py_ssize_t n) noexcept nogil:
         # The host or any parent domain: "a.b.example.com" matches "example.com".
         cdef Py_ssize_t i
         while n > 0 and host[n - 1] == 46:  # trailing dot
@@ -186,7 +186,7 @@ cdef class LinkRewriter:
                 return True
         return False
 
-    cdef bint _wanted(self, const unsigned char* buf, Py_ssize_t a, Py_ssize_t e) nogil:
+    cdef bint _wanted(self, const unsigned char* buf, Py_ssize_t a, Py_ssize_t e) noexcept nogil:
         # a: first byte after "://", e: end of the link.
         cdef Py_ssize_t j = a, hs, he
         if self.mode == MODE_ALL:
@@ -212,7 +212,7 @@ cdef class LinkRewriter:
             return self.mode == MODE_INCLUDE
         return self.mode == MODE_EXCLUDE
 
-    cdef int _scheme_at(self, const unsigned char* buf, Py_ssize_t colon, Py_ssize_t* start) nogil:
+    cdef int _scheme_at(self, const unsigned char* buf, Py_ssize_t colon, Py_ssize_t* start) noexcept nogil:
         """Index of the mapped scheme ending at ``colon``; -2 another scheme, -1 none."""
         cdef Py_ssize_t j = colon, k
         cdef int s

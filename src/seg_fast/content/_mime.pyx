@@ -56,11 +56,11 @@ cdef class Part:
                 f"[{self.start}:{self.body_start}:{self.end}] cte={self.cte!r} name={self.filename!r})")
 
 
-cdef inline unsigned char _lower(unsigned char c) nogil:
+cdef inline unsigned char _lower(unsigned char c) noexcept nogil:
     return c + 32 if 65 <= c <= 90 else c
 
 
-cdef Py_ssize_t _line_end(const unsigned char* b, Py_ssize_t i, Py_ssize_t end) nogil:
+cdef Py_ssize_t _line_end(const unsigned char* b, Py_ssize_t i, Py_ssize_t end) noexcept nogil:
     """Offset just past the LF ending the line at i (or end)."""
     while i < end and b[i] != 10:
         i += 1
