@@ -192,6 +192,8 @@ def test_unmanaged_png_blocked_in_mime_body_and_list():
     notes = [m.get_content() for m in msg.walk() if m.get_content_type() == "text/plain"]
     assert any("pic.png" in n and "Images are not allowed." in n for n in notes)
     assert next(tree.iter("AirSyncBase:DisplayName")).text == "pic.png (removed).txt"
+    body_el = next(tree.iter("AirSyncBase:Body"))
+    assert int(body_el.findtext("AirSyncBase:EstimatedDataSize")) == len(body_el.findtext("AirSyncBase:Data").encode())
     # The device then fetching it gets the note, not the image.
     got = transform(pol, PNG, command="GetAttachment", managed=False, AttachmentName="ref:0:0")
     assert b"pic.png" in got and b"Images are not allowed." in got and b"PNG" not in got

@@ -199,7 +199,8 @@ class EmailSecurityTransform:
         bodies: dict[object, dict[str, object]] = {}
         for sp in spans:
             if sp.tag in ("AirSyncBase:Type", "AirSyncBase:Data", "AirSyncBase:Truncated",
-                          "ItemOperations:Part") and sp.within("AirSyncBase:Body") is not None:
+                          "AirSyncBase:EstimatedDataSize", "ItemOperations:Part") \
+                    and sp.within("AirSyncBase:Body") is not None:
                 # A multipart ItemOperations answer carries the body in a Part.
                 bodies.setdefault(sp.within("AirSyncBase:Body"), {})[sp.tag.split(":")[1]] = sp
             elif sp.tag in ("Email:Body", "Email:BodyTruncated"):
@@ -244,6 +245,10 @@ class EmailSecurityTransform:
                 edits.append((data_sp, _as_kind(data_sp, new)))
             else:
                 parts[part_idx] = new
+            size_sp = body.get("EstimatedDataSize")
+            if size_sp is not None and not truncated:
+                # The whole body was sent: its size is now the new body's.
+                edits.append((size_sp, _as_kind(size_sp, str(len(new)).encode())))
         self._attachment_list(req, raw, spans, user, exempt, blocked_all, acted, edits)
         self._fetched(req, raw, spans, parts, user, edits)
 
