@@ -224,6 +224,7 @@ class EmailSecurityTransform:
             tr = body.get("Truncated")
             truncated = tr is not None and text(tr).strip() in ("1", "true")
             data = raw[data_sp.offset:data_sp.offset + data_sp.length] if part_idx is None else parts[part_idx]
+            resized = True
             if verdict is not None:
                 new = _template_body(verdict, btype.strip())
             elif btype.strip() == "4":
@@ -233,12 +234,14 @@ class EmailSecurityTransform:
                 blocked_all = blocked_all or outcome.classification_blocked
                 exempt = exempt or outcome.smime_skipped
                 acted.update((name, action) for name, action, _ in outcome.attachments)
+                resized = bool(outcome.attachments or outcome.classification_blocked)
                 if not outcome.attachments and plan.touches_attachments and not truncated:
                     acted["\0all"] = "allow"
             elif exempt or btype.strip() not in ("1", "2"):
                 continue
             else:
                 new, _ = transform_text(data, plan, truncated=truncated)
+                resized = False
             if new is data or new == data:
                 continue
             if part_idx is None:
@@ -246,8 +249,9 @@ class EmailSecurityTransform:
             else:
                 parts[part_idx] = new
             size_sp = body.get("EstimatedDataSize")
-            if size_sp is not None and not truncated:
-                # The whole body was sent: its size is now the new body's.
+            if size_sp is not None and not truncated and resized:
+                # Attachments sealed or removed, or a template in place of the message:
+                # the estimate follows (a few bytes per rewritten link do not matter).
                 edits.append((size_sp, _as_kind(size_sp, str(len(new)).encode())))
         self._attachment_list(req, raw, spans, user, exempt, blocked_all, acted, edits)
         self._fetched(req, raw, spans, parts, user, edits)
