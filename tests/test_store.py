@@ -175,3 +175,29 @@ async def test_redis_reconnects_after_a_lost_connection(redis_url):
         await s.get_device("A")
     assert (await s.get_device("A")).device_id == "A"   # the next call reconnects
     await s.aclose()
+
+
+async def test_bulk_update_is_one_reload(make_store):
+    writer, reader = await opened(make_store), await opened(make_store)
+    await writer.replace_all(DOC, [])
+    got = []
+
+    async def follow(task_status=trio.TASK_STATUS_IGNORED):
+        agen = reader.subscribe()
+        task_status.started()
+        async for ch in agen:
+            got.append(ch)
+
+    async with trio.open_nursery() as n:
+        await n.start(follow)
+        await trio.sleep(0.3)
+        await writer.put_devices([DeviceRecord(device_id=f"D{i}") for i in range(1500)])
+        with trio.fail_after(2.0):
+            while not got:
+                await trio.sleep(0.01)
+        await trio.sleep(0.3)
+        n.cancel_scope.cancel()
+    assert [c.kind for c in got] == ["reload"]
+    assert len((await reader.snapshot()).devices) == 1500
+    await writer.aclose()
+    await reader.aclose()

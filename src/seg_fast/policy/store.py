@@ -125,6 +125,8 @@ CREATE TABLE IF NOT EXISTS changes(id INTEGER PRIMARY KEY AUTOINCREMENT, kind TE
 """
 # Keep the change log short: a worker further behind than this reloads everything.
 _KEEP_CHANGES = 50_000
+# More changes than this at once: subscribers reload the snapshot instead.
+BULK_CHANGES = 1000
 
 
 class SqliteStore(Store):
@@ -273,8 +275,9 @@ class SqliteStore(Store):
         def read(db):
             first = db.execute("SELECT MIN(id) FROM changes").fetchone()[0]
             rows = db.execute("SELECT id, kind, key FROM changes WHERE id > ? ORDER BY id", (version,)).fetchall()
-            # Fell behind the trimmed log: the only safe change is "reload everything".
-            if first is not None and first > version + 1 and version > 0:
+            # Fell behind the trimmed log: the only safe change is "reload everything";
+            # so is a bulk update (cheaper than reading N records one by one).
+            if (first is not None and first > version + 1 and version > 0) or len(rows) > BULK_CHANGES:
                 return [Change(rows[-1][0] if rows else first, "reload")]
             return [Change(*r) for r in rows]
         return await self._run(read)
@@ -332,8 +335,12 @@ class RedisStore(Store):
                                     ("EXEC",)])
         version = replies[-1][-1]
         first = version - max(1, len(changes)) + 1
-        pubs = [("PUBLISH", self.k("changes"), _enc.encode(Change(first + i, kind, key)))
-                for i, (kind, key) in enumerate(changes)]
+        if len(changes) > BULK_CHANGES:
+            # A bulk update: one "reload" is cheaper for every subscriber than N messages.
+            pubs = [("PUBLISH", self.k("changes"), _enc.encode(Change(version, "reload")))]
+        else:
+            pubs = [("PUBLISH", self.k("changes"), _enc.encode(Change(first + i, kind, key)))
+                    for i, (kind, key) in enumerate(changes)]
         if pubs:
             await self._pipe(pubs)
         return version
