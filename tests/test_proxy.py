@@ -318,8 +318,9 @@ async def test_drain_answers_a_parked_ping_and_stops(tmp_path):
             await dev.stream.send_all(dev.conn.send(h11.Request(
                 method=b"POST", target=EAS + b"?Cmd=Ping&User=test&DeviceId=A&DeviceType=B",
                 headers=[(b"Host", b"gw"), AUTH, (b"Content-Length", b"0")])) + dev.conn.send(h11.EndOfMessage()))
-            while not gw.parked_scopes:
-                await trio.sleep(0.01)
+            with trio.fail_after(5):
+                while not gw.parking.count:       # the Ping's task ended; the parking lot holds it
+                    await trio.sleep(0.01)
             gw.drain()
             with trio.fail_after(5):
                 resp, body = await dev.read_answer()
@@ -498,3 +499,49 @@ def test_heartbeat_read_from_a_ping_built_by_libwbxml(tmp_path):
 
     assert ping.upstream_deadline(GW, R, body) == 960
     assert ping.upstream_deadline(GW, R, b"") == 960          # an empty Ping reuses the cached beat
+
+
+async def _send_ping(dev: Client, device="A"):
+    await dev.stream.send_all(dev.conn.send(h11.Request(
+        method=b"POST", target=EAS + b"?Cmd=Ping&User=test&DeviceId=" + device.encode() + b"&DeviceType=B",
+        headers=[(b"Host", b"gw"), AUTH, (b"Content-Length", b"0")])) + dev.conn.send(h11.EndOfMessage()))
+
+
+async def test_parked_ping_past_its_deadline_gets_503_and_the_connection_goes_on(tmp_path):
+    async def handler(req, body):
+        if b"Cmd=Ping" in req.target:
+            await trio.sleep_forever()
+        return fixture_answer("fsync")
+
+    async with upstream(handler) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path,
+                                                 timeouts_ping_margin="0.3",
+                                                 timeouts_ping_default_heartbeat="0.2") as gw:
+        dev = await Client.connect(gw.port)
+        await _send_ping(dev)
+        with trio.fail_after(5):
+            resp, _ = await dev.read_answer()
+        assert resp.status_code == 503 and gw.parking.count == 0
+        resp, body = await dev.request(b"POST", EAS + QUERY, [AUTH], b"x")      # same connection
+        assert resp.status_code == 200 and body == fixture_answer("fsync")[2]
+
+
+async def test_device_leaving_a_parked_ping_frees_both_connections(tmp_path):
+    async def park(req, body):
+        await trio.sleep_forever()
+
+    async with upstream(park) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path) as gw:
+        devs = [await Client.connect(gw.port) for _ in range(20)]
+        for i, d in enumerate(devs):
+            await _send_ping(d, f"D{i}")
+        with trio.fail_after(5):
+            while gw.parking.count < 20:
+                await trio.sleep(0.01)
+        assert gw.active == 20
+        for d in devs[:15]:
+            await d.aclose()
+        with trio.fail_after(5):
+            while gw.parking.count > 5 or gw.active > 5:
+                await trio.sleep(0.01)
+        gw.log.flush()
+    lines = [json.loads(x) for x in (tmp_path / "tx.jsonl").read_text().splitlines()]
+    assert sum(1 for x in lines if x["status"] == 499 and x["command"] == "Ping") == 15

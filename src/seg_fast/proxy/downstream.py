@@ -62,23 +62,56 @@ class Device:
         await self.send_bytes(out)
 
 
-async def serve_device(gw, stream, client_ip: str, proto: bytes) -> None:
-    """Serve requests on one device connection until it closes, idles out or the worker drains."""
-    limits = gw.config.limits
-    dev = Device(stream, client_ip, proto, limits.max_header_bytes)
+async def serve_device(gw, stream, client_ip: str, proto: bytes) -> bool:
+    """Serve requests on one device connection until it closes, idles out or the worker drains.
+
+    Returns True when the connection was handed to the parking lot (a parked Ping):
+    then it stays open and the lot's resume task owns it.
+    """
+    dev = Device(stream, client_ip, proto, gw.config.limits.max_header_bytes)
+    parked = False
     try:
-        await _loop(gw, dev)
+        parked = await _loop(gw, dev)
     except DeviceGone:
         pass
     finally:
-        with trio.CancelScope(shield=True):
-            try:
-                await trio.aclose_forcefully(stream)
-            except Exception:
-                pass
+        if not parked:
+            await _close(stream)
+    return parked
 
 
-async def _loop(gw, dev: Device) -> None:
+async def resume_parked(gw, p, why: str) -> None:
+    """The task a parked Ping gets back: answer it, then go on serving the connection."""
+    dev = Device(p.dev_stream, p.client_ip, p.proto, gw.config.limits.max_header_bytes)
+    parked = False
+    try:
+        if await exchange.resume(gw, p, why, dev) and _next_cycle(dev):
+            parked = await _loop(gw, dev)
+    except DeviceGone:
+        pass
+    finally:
+        if not parked:
+            await _close(p.dev_stream)
+            gw.active -= 1
+
+
+async def _close(stream) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await trio.aclose_forcefully(stream)
+        except Exception:
+            pass
+
+
+def _next_cycle(dev: Device) -> bool:
+    conn = dev.conn
+    if dev.closing or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        return False
+    conn.start_next_cycle()
+    return True
+
+
+async def _loop(gw, dev: Device) -> bool:
     conn = dev.conn
     while True:
         timeouts = gw.config.timeouts
@@ -86,18 +119,18 @@ async def _loop(gw, dev: Device) -> None:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             if gw.draining:
-                return
+                return False
             scope = trio.CancelScope(deadline=trio.current_time() + timeouts.idle_keepalive)
             gw.idle_scopes.add(scope)
             try:
                 with scope:
                     data = await dev.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return
+                return False
             finally:
                 gw.idle_scopes.discard(scope)
             if scope.cancelled_caught:
-                return
+                return False
             try:
                 conn.receive_data(data)
                 event = conn.next_event()
@@ -106,25 +139,19 @@ async def _loop(gw, dev: Device) -> None:
                     event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 await _bad_request(dev, exc)
-                return
-        elif isinstance(event, h11.ConnectionClosed):
-            return
-        if isinstance(event, h11.ConnectionClosed):
-            return
+                return False
         if not isinstance(event, h11.Request):
-            return
+            return False
         if gw.draining:
             dev.closing = True
         try:
-            await exchange.handle(gw, dev, event)
+            if await exchange.handle(gw, dev, event) is exchange.PARKED:
+                return True
         except h11.RemoteProtocolError as exc:
             await _bad_request(dev, exc)
-            return
-        if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE or dev.closing:
-            return
-        if conn.our_state is not h11.DONE:
-            return
-        conn.start_next_cycle()
+            return False
+        if not _next_cycle(dev):
+            return False
 
 
 async def _bad_request(dev: Device, exc: h11.RemoteProtocolError) -> None:

@@ -17,7 +17,8 @@ from seg_fast.errors import ContentError, EASRequestError
 from seg_fast.hooks import Decision
 from seg_fast.observe import Transaction
 from seg_fast.proxy import headers as hdrs
-from seg_fast.proxy import ping
+from seg_fast.proxy import parking, ping
+from seg_fast.proxy.parking import Parked
 from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamConn, UpstreamError
 
 # Request bodies up to this size are read whole before going upstream.
@@ -29,18 +30,28 @@ class DeviceGone(Exception):
     """The device closed or stalled its connection; nothing more can be sent to it."""
 
 
-async def handle(gw, dev, request: h11.Request) -> None:
+PARKED = "parked"      # handle() result: the Ping waits in the parking lot, its task may end
+
+
+async def handle(gw, dev, request: h11.Request):
     t0 = time.perf_counter()
     rec = Transaction(ts=0.0, method=request.method.decode("ascii", "replace"), client_ip=dev.client_ip)
+    result = None
     try:
-        await _handle(gw, dev, request, rec)
+        result = await _handle(gw, dev, request, rec, t0)
+        return result
     finally:
-        rec.ts = time.time()
-        rec.total_ms = round((time.perf_counter() - t0) * 1000, 3)
-        gw.log.write(rec)
+        if result is not PARKED:
+            _log(gw, rec, t0)
 
 
-async def _handle(gw, dev, request: h11.Request, rec: Transaction) -> None:
+def _log(gw, rec: Transaction, t0: float) -> None:
+    rec.ts = time.time()
+    rec.total_ms = round((time.perf_counter() - t0) * 1000, 3)
+    gw.log.write(rec)
+
+
+async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
     target = request.target
     if target.split(b"?", 1)[0].lower() not in gw.eas_paths:
         rec.error = "not an EAS path"
@@ -63,12 +74,13 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction) -> None:
         return
 
     answer_tx, request_tx = _transforms_for(decision, req.command)
+    result = None
     try:
-        status = await _forward(gw, dev, request, raw, req, decision, answer_tx, request_tx, rec)
+        result = await _forward(gw, dev, request, raw, req, decision, answer_tx, request_tx, rec, t0)
+        return result
     finally:
-        if rec.status:
+        if rec.status and result is not PARKED:
             gatekeeper.record(req, decision, rec.status)
-    return status
 
 
 def _transforms_for(decision: Decision, command: str | None) -> tuple[list, list]:
@@ -134,7 +146,7 @@ def _declared_length(raw) -> int | None:
 
 
 async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, request_tx,
-                   rec: Transaction) -> int:
+                   rec: Transaction, t0: float):
     config = gw.config
     conn = dev.conn
     if conn.they_are_waiting_for_100_continue:
@@ -192,6 +204,13 @@ async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, 
                 await _send_up(up, out)
             else:
                 await _pump_request(gw, dev, up, out, rec)
+            if is_ping and not answer_tx and _can_park(gw, dev):
+                # The task ends here; the parking lot finishes the transaction (resume()).
+                host = hdrs.get(raw, b"host") or b""
+                up.h11 = None
+                gw.parking.park(Parked(dev.stream, dev.client_ip, dev.proto, _wants_close(request, raw), up,
+                                       req, decision, rec, host, trio.current_time() + read_timeout, t_up, t0))
+                return PARKED
             if is_ping:
                 answer = await ping.wait_answer(gw, up, read_timeout)
                 if answer is None:            # the worker drains: the device pings again elsewhere
@@ -213,12 +232,17 @@ async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, 
             gw.pool.discard(up)
             raise
     rec.upstream_ms = round((time.perf_counter() - t_up) * 1000, 3)
+    return await _finish(gw, dev, up, req, answer, answer_tx, rec, hdrs.get(raw, b"host") or b"")
 
+
+async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_tx, rec: Transaction,
+                  host: bytes) -> int:
+    """Send the mail server's answer on to the device; the connection goes back to the pool."""
     try:
         status = answer.status_code
         headers = hdrs.answer_headers(answer.headers.raw_items())
         if status in (451, 302):
-            headers = gw.redirects.rewrite(req, status, headers, request, dev.proto)
+            headers = gw.redirects.rewrite(req, status, headers, host, dev.proto)
         if dev.closing:
             headers.append((b"Connection", b"close"))
         rec.status = status
@@ -231,6 +255,69 @@ async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, 
         raise
     gw.pool.release(up)
     return status
+
+
+def _can_park(gw, dev) -> bool:
+    # Bytes the device already sent beyond this request would be lost with its h11 state.
+    return gw.parking is not None and not gw.draining and not dev.conn.trailing_data[0]
+
+
+def _wants_close(request: h11.Request, raw) -> bool:
+    if request.http_version != b"1.1":
+        return True
+    value = hdrs.get(raw, b"connection")
+    return value is not None and b"close" in value.lower()
+
+
+# A request that puts a fresh h11 server connection where a parked one was (answer pending).
+_RESUME_KEEP = b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n\r\n"
+_RESUME_CLOSE = b"POST / HTTP/1.1\r\nHost: p\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+_RESUME_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"p"), (b"Content-Length", b"0")])
+
+
+async def resume(gw, p: Parked, why: str, dev) -> bool:
+    """Finish a parked Ping; True if the device connection can serve another request."""
+    conn = dev.conn
+    conn.receive_data(_RESUME_CLOSE if p.dev_close else _RESUME_KEEP)
+    conn.next_event()
+    conn.next_event()
+    up = p.up
+    up.h11 = h11.Connection(h11.CLIENT)
+    up.h11.send(_RESUME_REQUEST)
+    up.h11.send(h11.EndOfMessage())
+    rec = p.rec
+    ok = False
+    try:
+        if why == parking.DEVICE_GONE:
+            gw.pool.discard(up)
+            rec.status = 499
+            rec.error = "device closed the connection while its Ping was parked"
+            return False
+        if why == parking.DRAIN:
+            gw.pool.discard(up)
+            dev.closing = True
+            rec.decision += ".drained"
+            await _answer(dev, rec, 200, ping.HEARTBEAT_EXPIRED_HEADERS, ping.HEARTBEAT_EXPIRED)
+        elif why == parking.TIMEOUT:
+            gw.pool.discard(up)
+            await _unavailable(gw, dev, rec, "mail server did not answer the Ping within heartbeat + margin")
+        else:
+            try:
+                answer = await _answer_head(up, gw.config.timeouts.upstream_read)
+            except UpstreamError as exc:
+                gw.pool.discard(up)
+                await _unavailable(gw, dev, rec, str(exc))
+            else:
+                rec.upstream_ms = round((time.perf_counter() - p.t_up) * 1000, 3)
+                if gw.draining:
+                    dev.closing = True
+                await _finish(gw, dev, up, p.req, answer, (), rec, p.host)
+        ok = True
+    finally:
+        if rec.status:
+            gw.gatekeeper.record(p.req, p.decision, rec.status)
+        _log(gw, rec, p.t0)
+    return ok
 
 
 class _Timeout(UpstreamError):

@@ -10,7 +10,8 @@ import trio
 from seg_fast.content import pipeline as content_pipeline
 from seg_fast.observe import TransactionLog
 from seg_fast.policy import gate
-from seg_fast.proxy.downstream import serve_device
+from seg_fast.proxy.downstream import resume_parked, serve_device
+from seg_fast.proxy.parking import PingPark
 from seg_fast.proxy.redirects import RedirectMap
 from seg_fast.proxy.upstream import UpstreamPool, origin_of
 
@@ -53,6 +54,8 @@ class Gateway:
         self._accept_scope = trio.CancelScope()
         self._conns_scope = trio.CancelScope()
         self._gatekeeper_scope = None
+        self._conns = None
+        self.parking: PingPark | None = None
         self.pool = None
         self._apply(config)
 
@@ -90,9 +93,12 @@ class Gateway:
                 self._nursery = nursery
                 await self._start_gatekeeper(self.gatekeeper_for(self.config))
                 nursery.start_soon(self._flush_log)
-                task_status.started(self.port)
                 with self._conns_scope:
                     async with trio.open_nursery() as conns:
+                        self._conns = conns
+                        self.parking = PingPark(self._resume)
+                        await nursery.start(self.parking.run)
+                        task_status.started(self.port)
                         with self._accept_scope:
                             await self._accept(sock, conns)
                         sock.close()
@@ -131,8 +137,12 @@ class Gateway:
                 continue
             conns.start_soon(self._connection, client, addr[0])
 
+    def _resume(self, parked, why: str) -> None:
+        self._conns.start_soon(resume_parked, self, parked, why)
+
     async def _connection(self, client, ip: str) -> None:
         self.active += 1
+        parked = False
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             stream = trio.SocketStream(client)
@@ -144,11 +154,12 @@ class Gateway:
                 except (trio.TooSlowError, trio.BrokenResourceError, OSError):
                     await trio.aclose_forcefully(stream)
                     return
-                await serve_device(self, stream, ip, b"https")
+                parked = await serve_device(self, stream, ip, b"https")
             else:
-                await serve_device(self, stream, ip, b"http")
+                parked = await serve_device(self, stream, ip, b"http")
         finally:
-            self.active -= 1
+            if not parked:            # a parked Ping's connection stays counted until it closes
+                self.active -= 1
 
     async def _flush_log(self) -> None:
         while True:
@@ -165,6 +176,8 @@ class Gateway:
             scope.cancel()
         for scope in list(self.parked_scopes):
             scope.cancel()
+        if self.parking is not None:
+            self.parking.drain()
         self._conns_scope.deadline = trio.current_time() + self.config.timeouts.shutdown_grace
 
     async def reload(self, config) -> None:

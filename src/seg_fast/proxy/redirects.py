@@ -24,7 +24,7 @@ class RedirectMap:
             return self.by_user.get(user.lower(), self.default)
         return self.default
 
-    def rewrite(self, req, status: int, headers, request, proto: bytes) -> list:
+    def rewrite(self, req, status: int, headers, host: bytes, proto: bytes) -> list:
         name = b"x-ms-location" if status == 451 else b"location"
         location = hdrs.get(headers, name)
         if location is None:
@@ -43,7 +43,6 @@ class RedirectMap:
             else:
                 self.by_user[key] = target
         parts = urlsplit(text)
-        host = hdrs.get(request.headers.raw_items(), b"host") or b""
         own = proto + b"://" + host + (parts.path or "/").encode() + (
             b"?" + parts.query.encode() if parts.query else b"")
         return [(k, own if k.lower() == name else v) for k, v in headers]

@@ -1,0 +1,128 @@
+"""Parked Pings without a task each: one epoll set watches every parked long-poll.
+
+A forwarded Ping may wait up to its heartbeat (15 min in production) for the mail
+server. Keeping a task, its coroutine frames and two h11 connections alive for
+each would cost more memory per device than the device's two sockets. Instead the
+Ping's task ends once the request is upstream; what is kept is a ``Parked`` record
+(the two streams, the request's identity, the deadline). One task waits on an
+epoll descriptor holding every parked upstream socket (readable: the answer is
+coming) and device socket (EPOLLRDHUP: the device went away), plus the nearest
+deadline; whatever fires gets a fresh task that rebuilds the h11 state and
+finishes the transaction (``exchange.resume``).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import select
+
+import trio
+
+ANSWER, DEVICE_GONE, TIMEOUT, DRAIN = "answer", "device_gone", "timeout", "drain"
+
+
+class Parked:
+    __slots__ = ("dev_stream", "client_ip", "proto", "dev_close", "up", "req", "decision", "rec",
+                 "host", "deadline", "t_up", "t0", "fds", "done")
+
+    def __init__(self, dev_stream, client_ip, proto, dev_close, up, req, decision, rec, host, deadline,
+                 t_up, t0):
+        self.dev_stream = dev_stream
+        self.client_ip = client_ip
+        self.proto = proto
+        self.dev_close = dev_close    # the device asked to close after this answer (or is HTTP/1.0)
+        self.up = up                  # UpstreamConn with its h11 state dropped
+        self.req = req
+        self.decision = decision
+        self.rec = rec
+        self.host = host              # the device's Host header, for redirects
+        self.deadline = deadline      # trio clock
+        self.t_up = t_up
+        self.t0 = t0
+        self.fds = (-1, -1)
+        self.done = False
+
+
+def socket_of(stream):
+    """The trio socket under a SocketStream or an SSLStream over one."""
+    while not hasattr(stream, "socket"):
+        stream = stream.transport_stream
+    return stream.socket
+
+
+class PingPark:
+    def __init__(self, spawn):
+        self._spawn = spawn           # spawn(parked, why): start the task that finishes it
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, Parked] = {}
+        self._heap: list[tuple[float, int, Parked]] = []
+        self._seq = 0
+        self._dead = 0
+        self._scope: trio.CancelScope | None = None
+        self.count = 0
+
+    def park(self, p: Parked) -> None:
+        up_fd = p.up.sock.fileno()
+        dev_fd = socket_of(p.dev_stream).fileno()
+        p.fds = (up_fd, dev_fd)
+        self._epoll.register(up_fd, select.EPOLLIN)
+        try:
+            self._epoll.register(dev_fd, select.EPOLLRDHUP)
+        except OSError:
+            self._epoll.unregister(up_fd)
+            raise
+        self._by_fd[up_fd] = p
+        self._by_fd[dev_fd] = p
+        self._seq += 1
+        heapq.heappush(self._heap, (p.deadline, self._seq, p))
+        self.count += 1
+        if self._scope is not None and p.deadline < self._scope.deadline:
+            self._scope.deadline = p.deadline
+
+    def _release(self, p: Parked, why: str) -> None:
+        if p.done:
+            return
+        p.done = True
+        self.count -= 1
+        self._dead += 1
+        for fd in p.fds:
+            self._by_fd.pop(fd, None)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        self._spawn(p, why)
+
+    def drain(self) -> None:
+        """Hand every parked Ping back (the worker is stopping)."""
+        for p in list({id(p): p for p in self._by_fd.values()}.values()):
+            self._release(p, DRAIN)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                deadline = self._heap[0][0] if self._heap else math.inf
+                with trio.CancelScope(deadline=deadline) as self._scope:
+                    await trio.lowlevel.wait_readable(self._epoll)
+                self._scope = None
+                for fd, mask in self._epoll.poll(0, 4096):
+                    p = self._by_fd.get(fd)
+                    if p is not None:
+                        self._release(p, ANSWER if fd == p.fds[0] else DEVICE_GONE)
+                now = trio.current_time()
+                heap = self._heap
+                while heap and (heap[0][2].done or heap[0][0] <= now):
+                    _, _, p = heapq.heappop(heap)
+                    if p.done:
+                        self._dead -= 1
+                    else:
+                        self._release(p, TIMEOUT)
+                        self._dead -= 1
+                if self._dead > 1024 and self._dead > len(heap) // 2:
+                    # Pings answered early leave their heap entries behind: compact.
+                    self._heap = [e for e in heap if not e[2].done]
+                    heapq.heapify(self._heap)
+                    self._dead = 0
+        finally:
+            self._epoll.close()
