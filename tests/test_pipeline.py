@@ -347,3 +347,12 @@ def test_sync_responses_fetch_items():
                 Element("AirSyncBase:Type", text="1"), Element("AirSyncBase:Data", text="go http://a.org")])])])])])])]))
     out = decode(transform(EmailSecurityPolicy(hyperlinks=HyperlinkPolicy(enabled=True)), body))
     assert next(out.iter("AirSyncBase:Data")).text == "go awb://a.org"
+
+
+def test_classified_by_message_class_mime_body_keeps_its_headers():
+    cls = ClassificationPolicy(enabled=True, tags=[ClassificationTag(tag="Restricted", template="No {tag}.")])
+    body = sync_answer(("IPM.Note.Restricted", "4", mime_message([("r.pdf", PDF, "application", "pdf")]).decode(), []))
+    out = decode(transform(EmailSecurityPolicy(classification=cls), body))
+    m = email.message_from_string(next(out.iter("AirSyncBase:Data")).text, policy=email.policy.default)
+    assert m["Subject"] == "s" and m["From"] == "a@example.org"
+    assert m.get_content_type() == "text/plain" and m.get_content().strip() == "No Restricted."

@@ -152,7 +152,7 @@ def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncate
         template = plan.classification.verdict(top.headers.get(plan.classification.header), client)
         if template is not None:
             out.classification_blocked = True
-            return _replace_part(data, top, _text_headers(eol), template.encode("utf-8") + eol, eol), out
+            return template_message(data, template), out
     edits: list[tuple[int, int, bytes]] = []
     n = len(data)
     for p in parts:
@@ -167,6 +167,20 @@ def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncate
         elif plan.links is not None and p.content_type in ("text/plain", "text/html"):
             edits += _text_part(data, p, plan.links, out, cut)
     return splice(data, edits), out
+
+
+def template_message(data: bytes, template: str) -> bytes:
+    """The message with its body replaced by ``template`` (its headers kept but the
+    Content-* ones): what a client not allowed to read a classified message gets."""
+    eol = line_ending(data)
+    try:
+        top = walk(data)[0]
+    except MIMEError:
+        top = None
+    body = template.encode("utf-8") + eol
+    if top is None:
+        return b"".join(h + eol for h in _text_headers(eol)) + eol + body
+    return _replace_part(data, top, _text_headers(eol), body, eol)
 
 
 def transform_text(data: bytes, plan: ContentPlan, *, truncated: bool = False) -> tuple[bytes, int]:

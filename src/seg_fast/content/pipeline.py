@@ -28,7 +28,8 @@ import pybase64
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, ENVELOPE_OVERHEAD, block_note,
                                           envelope_name, seal)
 from seg_fast.content.keys import Keyring
-from seg_fast.content.message import (ContentPlan, is_smime_class, transform_mime, transform_text)
+from seg_fast.content.message import (ContentPlan, is_smime_class, template_message, transform_mime,
+                                      transform_text)
 from seg_fast.content.model import EmailSecurityPolicy
 from seg_fast.content.settings import ContentSettings
 from seg_fast.errors import ConfigError, ContentError, SegFastError
@@ -226,7 +227,7 @@ class EmailSecurityTransform:
             data = raw[data_sp.offset:data_sp.offset + data_sp.length] if part_idx is None else parts[part_idx]
             resized = True
             if verdict is not None:
-                new = _template_body(verdict, btype.strip())
+                new = _template_body(verdict, btype.strip(), data)
             elif btype.strip() == "4":
                 if exempt:
                     continue
@@ -390,12 +391,11 @@ def _as_kind(sp, new: bytes):
     return new if "\0" in value else value
 
 
-def _template_body(template: str, btype: str) -> bytes:
+def _template_body(template: str, btype: str, data: bytes) -> bytes:
     if btype == "2":
         return f"<html><body><p>{html.escape(template)}</p></body></html>".encode("utf-8")
     if btype == "4":
-        return (b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-                + template.encode("utf-8") + b"\r\n")
+        return template_message(data, template)
     return template.encode("utf-8")
 
 
