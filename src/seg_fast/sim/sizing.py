@@ -175,6 +175,46 @@ def lat_summary(vals: list[float]) -> dict:
 
 # -- the servers under test ----------------------------------------------------------
 
+def policy_file(security: str, devices: int) -> dict:
+    """BENCH-PROFILE's policies. "off": compliance decisions on every request (general
+    access lists, managed-device checks for the enrolled half of the fleet), no email
+    security document, so answers pass untouched. "on": the same plus hyperlink
+    rewriting for 10 of the 20 corpus domains, encryption of pdf/docx/zip for managed
+    devices, png blocked for unmanaged ones, classification."""
+    from seg_fast.sim.corpus import CLASSIFICATIONS, REWRITE_DOMAINS
+    from seg_fast.sim.fleet import device_identity
+
+    now = time.time()
+    policies: dict = {
+        "general": {
+            "device_type": {"enabled": True, "mode": "block", "values": ["WP8", "WindowsPhone"]},
+            "mail_client": {"enabled": True, "mode": "allow",
+                            "values": ["Apple-iPhone*", "Apple-iPad*", "Outlook-iOS*", "Boxer*"]},
+        },
+        "managed": {"inactivity": {"enabled": True, "days": 30}, "compromised": True,
+                    "encryption": True},
+    }
+    if security == "on":
+        policies["security"] = {
+            "hyperlinks": {"enabled": True, "mode": "include", "domains": list(REWRITE_DOMAINS)},
+            "managed_attachments": {"file_types": {"pdf": "encrypt", "docx": "encrypt", "zip": "encrypt"}},
+            "unmanaged_attachments": {"file_types": {"png": "block"}},
+            "classification": {"enabled": True, "header": "X-Classification", "untagged": "allow",
+                               "tags": [{"tag": t, "allowed_clients": ["Apple-iPhone*", "Boxer*"]}
+                                        for t in CLASSIFICATIONS]},
+            "skip_smime": True,
+        }
+    records = []
+    for i in range(devices):
+        user, device_id, managed = device_identity(i)
+        if managed:
+            records.append({"device_id": device_id, "user": user, "managed": True, "compliant": True,
+                            "compromised": False, "encrypted": True, "platform": "Apple",
+                            "model": "iPhone 15", "os": "17.4", "last_checkin": now,
+                            "eas_profile": True})
+    return {"policies": policies, "devices": records}
+
+
 class Proxy:
     """Gateway instances or nginx, started pinned to the gateway core."""
 
@@ -206,18 +246,27 @@ class Proxy:
         return "\n".join(out)
 
     def _start_gateways(self) -> None:
+        configs = []
         for k, ((sh, sp), (lh, lp)) in enumerate(zip(self.sims, self.listen)):
             cfg = self.dir / f"gateway{k}.toml"
+            configs.append(cfg)
             cfg.write_text(
                 f'[listener]\nhost = "{lh}"\nport = {lp}\n'
                 f'[upstream]\nurl = "http://{sh}:{sp}"\n'
                 "[admin]\nenabled = false\n"
                 f'[log]\ntransactions = "{self.dir}/gateway{k}.log"\nlevel = "warning"\n'
-                f"[policy]\nallow_if_no_policies = {'true' if self.opts.security == 'off' else 'false'}\n"
-                # "off": no email security policy, so bytes pass untouched (the
-                # guide's no-policy attachment block would otherwise strip them)
-                f"[security]\nblock_attachments_without_policy = {'false' if self.opts.security == 'off' else 'true'}\n"
-                f'master_key_file = "{self.dir}/master.key"\nkey_state_file = "{self.dir}/keys.json"\n')
+                # every worker shares one policy store, loaded below
+                f'[policy]\nsqlite_path = "{self.dir}/policy.db"\n'
+                f'[security]\nmaster_key_file = "{self.dir}/master.key"\n'
+                f'key_state_file = "{self.dir}/keys.json"\n')
+        pfile = self.dir / "policies.json"
+        pfile.write_bytes(msgspec.json.encode(policy_file(self.opts.security, self.opts.devices)))
+        load = subprocess.run([sys.executable, "-m", "seg_fast", "policy", "load", str(pfile),
+                               "--config", str(configs[0])], env=child_env(), cwd=self.dir,
+                              capture_output=True, text=True)
+        if load.returncode != 0:
+            raise RuntimeError(f"seg-fast policy load failed: {load.stderr.strip()[-500:]}")
+        for k, cfg in enumerate(configs):
             # Each instance is one gateway worker (`serve --worker`, what the control
             # process starts per core), so K shards do not also pay K control processes.
             cmd = prio(self.opts) + pinned(self.opts.gateway_cpu) + [
@@ -297,7 +346,7 @@ def plan_shards(opts: Options, workdir: Path, tag: str) -> list[ShardSpec]:
         specs.append(ShardSpec(
             shard=k, first_device=first, devices=last - first, seed=opts.seed,
             ramp=ramp, settle=opts.settle, hold=opts.hold, drain=opts.drain,
-            rate_scale=opts.rate_scale,
+            rate_scale=opts.rate_scale, strict=opts.security == "off",
             sim_host=f"127.11.{k // 250}.{k % 250 + 1}",
             source_hosts=[f"127.14.{k // 250}.{k % 250 + 1}"],
             out=str(workdir / f"{tag}-shard{k}.json")))
@@ -434,6 +483,8 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
         "delivered": sum(r["delivered"] for r in results),
         "received": sum(r["received"] for r in results),
         "bytes_in": sum(r["bytes_in"] for r in results),
+        "transformed": sum(r["transformed"] for r in results),
+        "fetch_skipped": sum(r["fetch_skipped"] for r in results),
         "latency_ms": {cmd: lat_summary([ms for _, ms in pairs]) for cmd, pairs in lat.items()},
         "latency_raw": {cmd: dict(pairs) for cmd, pairs in lat.items()},
         "server": {
