@@ -2,6 +2,7 @@
 against an oracle built from the generated pieces (never from the rewriter)."""
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -158,8 +159,9 @@ def test_only_schemes_change_and_rewriting_is_idempotent(data, mode, truncated):
     # Undo each reported replacement: the input comes back byte for byte.
     rebuilt, pos, w = bytearray(), 0, 0
     for off, length, new in found:
-        assert data[off:off + length].lower() in (b"http", b"https")
-        assert data[off + length:off + length + 3] == b"://"
+        # The scheme (possibly written with character references) and "://" after it.
+        assert html.unescape(data[off:off + length].decode("latin-1")).lower() in ("http", "https")
+        assert html.unescape(data[off + length:off + length + 40].decode("latin-1")).startswith("://")
         assert off == 0 or not re.match(rb"[A-Za-z0-9+.\-]", data[off - 1:off])
         rebuilt += data[pos:off] + new
         pos = off + length
@@ -176,6 +178,41 @@ def test_rewrite_of_a_prefix_never_touches_a_cut_link(data):
     for cut in range(len(data) + 1, link_end + 1):
         # The link runs into the end of the truncated body: it stays as it is.
         assert rw(full[:cut], truncated=True).endswith(full[len(data):cut])
+
+
+def test_schemes_written_with_character_references_are_rewritten():
+    # A browser opens these like plain links: they must not slip past the rewriter.
+    cases = [
+        (b'<a href="&#104;ttp://evil.com/x">', b'<a href="awb://evil.com/x">'),
+        (b'<a href="http&#58;//evil.com">', b'<a href="awb&#58;//evil.com">'),
+        (b"<a href='h&#x74;tps&colon;&sol;&sol;evil.com'>", b"<a href='awbs&colon;&sol;&sol;evil.com'>"),
+        (b"<a href=&#104;&#116;&#116;&#112;&#58;&#47;&#47;e.com>x</a>", b"<a href=awb&#58;&#47;&#47;e.com>x</a>"),
+        (b"a &amp; b &#169; c &#104;i", b"a &amp; b &#169; c &#104;i"),
+    ]
+    for src, want in cases:
+        assert rw(src) == want
+        assert rw(want) == want
+    data = b'<a href="&#104;ttp://www.good.com"> <a href="&#104;ttp://evil.com"> <a href="&#104;ttp://u@g&#111;od.com:8/">'
+    assert rw(data, "include", ["good.com"]) == (
+        b'<a href="awb://www.good.com"> <a href="&#104;ttp://evil.com"> <a href="awb://u@g&#111;od.com:8/">')
+    assert rw(b"x &#104;ttp://cut", truncated=True) == b"x &#104;ttp://cut"
+
+
+ref_piece = st.sampled_from(["&#104;ttp", "h&#x74;tp", "http", "HTTP", "&#x48;TTPS", "https"]).flatmap(
+    lambda scheme: st.sampled_from(["://", "&#58;//", "&colon;&sol;&sol;", ":&#47;/"]).map(lambda sep: scheme + sep))
+
+
+@given(st.lists(st.tuples(ref_piece, st.sampled_from(DOMAINS), st.sampled_from(['"', "'", " "])), max_size=8))
+def test_referenced_schemes_rewrite_like_plain_ones(links):
+    src = " ".join(f"<a href={q}{head}{host}/p{q}>x</a>" if q != " " else f"{head}{host}/p" for head, host, q in links)
+    out = rw(src.encode(), "include", INCLUDE).decode()
+    # Read as a browser would: every link to an included host has the secure scheme.
+    for head, host, q in links:
+        scheme = html.unescape(head).split(":")[0].lower()
+        target = {"http": "awb", "https": "awbs"}[scheme]
+        expected_scheme = target if _listed(host) else scheme
+        assert f"{expected_scheme}://{host}/p" in html.unescape(out).lower()
+    assert rw(out.encode(), "include", INCLUDE).decode() == out
 
 
 def test_bad_construction():

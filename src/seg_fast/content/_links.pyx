@@ -60,6 +60,91 @@ cdef inline uint64_t _hash_lower(const unsigned char* p, Py_ssize_t n) noexcept 
     return h
 
 
+cdef inline int _hexdigit(unsigned char c) noexcept nogil:
+    if 48 <= c <= 57:
+        return c - 48
+    if 65 <= c <= 70:
+        return c - 55
+    if 97 <= c <= 102:
+        return c - 87
+    return -1
+
+
+cdef inline bint _named(const unsigned char* b, Py_ssize_t i, Py_ssize_t n, const char* name,
+                        Py_ssize_t ln) noexcept nogil:
+    cdef Py_ssize_t k
+    if i + ln > n:
+        return False
+    for k in range(ln):
+        if b[i + k] != <unsigned char>name[k]:
+            return False
+    return True
+
+
+cdef int _ref_char(const unsigned char* b, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* nxt,
+                   bint* was_ref) noexcept nogil:
+    """The character at i, an HTML character reference read as the character it stands
+    for (numeric, ``&colon;``, ``&sol;``, ``&period;``); 256 for a non-ASCII one."""
+    cdef Py_ssize_t j
+    cdef long v = 0
+    cdef int digits = 0, h
+    was_ref[0] = False
+    nxt[0] = i + 1
+    if b[i] != 38 or i + 1 >= n:
+        return b[i]
+    if b[i + 1] == 35:
+        j = i + 2
+        if j < n and (b[j] == 120 or b[j] == 88):
+            j += 1
+            while j < n and digits < 8:
+                h = _hexdigit(b[j])
+                if h < 0:
+                    break
+                v = v * 16 + h
+                j += 1
+                digits += 1
+        else:
+            while j < n and digits < 8 and 48 <= b[j] <= 57:
+                v = v * 10 + (b[j] - 48)
+                j += 1
+                digits += 1
+        if digits == 0:
+            return 38
+        if j < n and b[j] == 59:
+            j += 1
+        nxt[0] = j
+        was_ref[0] = True
+        return <int>v if v < 128 else 256
+    if _named(b, i, n, b"&colon;", 7):
+        nxt[0] = i + 7
+        was_ref[0] = True
+        return 58
+    if _named(b, i, n, b"&sol;", 5):
+        nxt[0] = i + 5
+        was_ref[0] = True
+        return 47
+    if _named(b, i, n, b"&period;", 8):
+        nxt[0] = i + 8
+        was_ref[0] = True
+        return 46
+    return 38
+
+
+cdef bint _has_refs(const unsigned char* b, Py_ssize_t n) noexcept nogil:
+    """Whether the text holds a character reference a link could be written with."""
+    cdef const unsigned char* amp
+    cdef Py_ssize_t i = 0
+    while i < n:
+        amp = <const unsigned char*>memchr(b + i, 38, n - i)
+        if amp == NULL:
+            return False
+        i = amp - b
+        if (i + 1 < n and b[i + 1] == 35) or _named(b, i, n, b"&colon;", 7) or _named(b, i, n, b"&sol;", 5):
+            return True
+        i += 1
+    return False
+
+
 cdef struct Rep:
     Py_ssize_t start    # offset of the scheme
     Py_ssize_t length   # bytes of the scheme replaced
@@ -280,6 +365,131 @@ cdef class LinkRewriter:
             i = e if e > i + 3 else i + 3
         return count
 
+    cdef Py_ssize_t _scan_refs(self, const unsigned char* buf, Py_ssize_t n, bint truncated,
+                               Rep** reps, Py_ssize_t* cap, Py_ssize_t count) except -1:
+        """Links whose scheme or "://" is written with character references
+        (``&#104;ttp&#58;//``: a browser opens them like any other): their scheme bytes
+        are replaced too. Runs only when the body holds such references at all."""
+        cdef Py_ssize_t r = 0, s, j, nx, last = -1, k, hlen, h, scheme_end
+        cdef const unsigned char* amp
+        cdef int ch, idx, m
+        cdef bint wr, any_ref
+        cdef unsigned char scheme[40]
+        cdef unsigned char host[256]
+        cdef const char* sep = b"://"
+        cdef Rep* grown
+        while r < n:
+            amp = <const unsigned char*>memchr(buf + r, 38, n - r)
+            if amp == NULL:
+                break
+            r = amp - buf
+            ch = _ref_char(buf, r, n, &nx, &wr)
+            if not wr or ch >= 128 or not ((CLS[ch] & 1) or ch == 58 or ch == 47):
+                r += 1
+                continue
+            # The candidate link starts after the nearest delimiter before it.
+            s = r
+            while s > 0 and r - s < 96 and not (buf[s - 1] <= 32 or buf[s - 1] in b"\"'=<>()`"):
+                s -= 1
+            r += 1
+            if s == last or (s > 0 and r - s >= 96):
+                continue
+            last = s
+            j = s
+            k = 0
+            any_ref = False
+            while j < n and k < 33:
+                ch = _ref_char(buf, j, n, &nx, &wr)
+                if ch >= 128 or not (CLS[ch] & 1):
+                    break
+                scheme[k] = _lower(<unsigned char>ch)
+                k += 1
+                any_ref = any_ref or wr
+                j = nx
+            scheme_end = j
+            if k == 0 or k > 32 or not (CLS[scheme[0]] & 8):
+                continue
+            for m in range(3):
+                if j >= n:
+                    break
+                ch = _ref_char(buf, j, n, &nx, &wr)
+                if ch != sep[m]:
+                    break
+                any_ref = any_ref or wr
+                j = nx
+            else:
+                m = 3
+            if m != 3 or not any_ref:
+                continue  # not a link, or a plain one the main scan has seen
+            idx = -1
+            for m in range(self.nschemes):
+                if self.srclen[m] == k:
+                    for h in range(k):
+                        if scheme[h] != self.src[m][h]:
+                            break
+                    else:
+                        idx = m
+                        break
+            if idx < 0:
+                continue
+            # The authority, read through references too; the host follows its last '@'.
+            hlen = 0
+            while j < n and hlen < 255:
+                ch = _ref_char(buf, j, n, &nx, &wr)
+                if ch >= 128 or ch <= 32 or ch in b"/?#\\\"'<>`":
+                    break
+                if ch == 64:
+                    hlen = 0
+                else:
+                    host[hlen] = <unsigned char>ch
+                    hlen += 1
+                j = nx
+            if truncated and j >= n:
+                continue  # may be cut
+            h = 0
+            while h < hlen and (CLS[host[h]] & 16):
+                h += 1
+            if h == 0:
+                continue
+            if self.mode != MODE_ALL and self._host_listed(host, h) != (self.mode == MODE_INCLUDE):
+                continue
+            if count == cap[0]:
+                cap[0] = cap[0] * 2 if cap[0] else 64
+                grown = <Rep*>realloc(reps[0], cap[0] * sizeof(Rep))
+                if grown == NULL:
+                    raise MemoryError()
+                reps[0] = grown
+            reps[0][count].start = s
+            reps[0][count].length = scheme_end - s
+            reps[0][count].target = idx
+            count += 1
+        return count
+
+    cdef Py_ssize_t _scan_all(self, const unsigned char* buf, Py_ssize_t n, bint truncated,
+                              Rep** reps, Py_ssize_t* cap) except -1:
+        cdef Py_ssize_t count = self._scan(buf, n, truncated, reps, cap), plain = count, a, b, w
+        cdef Rep tmp
+        if not _has_refs(buf, n):
+            return count
+        count = self._scan_refs(buf, n, truncated, reps, cap, count)
+        if count == plain:
+            return count
+        # Both scans' replacements in order, none overlapping another.
+        for a in range(1, count):
+            tmp = reps[0][a]
+            b = a
+            while b > 0 and reps[0][b - 1].start > tmp.start:
+                reps[0][b] = reps[0][b - 1]
+                b -= 1
+            reps[0][b] = tmp
+        w = 0
+        for a in range(count):
+            if w and reps[0][a].start < reps[0][w - 1].start + reps[0][w - 1].length:
+                continue
+            reps[0][w] = reps[0][a]
+            w += 1
+        return w
+
     def rewrite(self, data, bint truncated=False):
         """(new bytes, number of links rewritten); the input object itself when none."""
         cdef Py_buffer view
@@ -288,7 +498,7 @@ cdef class LinkRewriter:
         cdef char* out
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            count = self._scan(<const unsigned char*>view.buf, view.len, truncated, &reps, &cap)
+            count = self._scan_all(<const unsigned char*>view.buf, view.len, truncated, &reps, &cap)
             if count == 0:
                 return (data if isinstance(data, bytes) else bytes(data)), 0
             size = view.len
@@ -317,7 +527,7 @@ cdef class LinkRewriter:
         cdef Py_ssize_t cap = 0, count, k
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            count = self._scan(<const unsigned char*>view.buf, view.len, truncated, &reps, &cap)
+            count = self._scan_all(<const unsigned char*>view.buf, view.len, truncated, &reps, &cap)
             return [(reps[k].start, reps[k].length, self._dst[reps[k].target]) for k in range(count)]
         finally:
             free(reps)
