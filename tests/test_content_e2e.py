@@ -184,3 +184,29 @@ async def test_email_security_through_the_gateway(tmp_path):
             assert text(att, "AirSyncBase:DisplayName") == pdf_name
             for c in (managed, unmanaged):
                 await c.aclose()
+
+
+async def test_no_policy_blocks_attachments_through_the_gateway(tmp_path):
+    # An empty store with allow_if_no_policies: devices pass, attachments do not
+    # (the guide's "Block Attachments" with its default message).
+    sim = MailboxSimulator(password=PASSWORD, seed=5)
+    env = dict(env_for(0, tmp_path), SEG_FAST_POLICY_ALLOW_IF_NO_POLICIES="true",
+               SEG_FAST_SECURITY_DEFAULT_BLOCK_MESSAGE="Attachments are off while policies load.")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve, "127.0.0.1", 0)
+        env["SEG_FAST_UPSTREAM_URL"] = f"http://127.0.0.1:{sim.port}"
+        gw = Gateway(load_config(None, env=env))
+        await nursery.start(gw.serve)
+        with trio.fail_after(20):
+            pdf_i = pick(sim, has("pdf"))
+            sid = sim.mailbox("jdoe").add(INBOX, Item(pdf_i))
+            c = await device(gw, "ANY1")
+            items = await sync_items(c, 2)
+            att = find(items[sid], "AirSyncBase:Attachments", "AirSyncBase:Attachment")
+            name = sim.corpus.message(pdf_i).attachments[0][0]
+            assert text(att, "AirSyncBase:DisplayName") == name + " (removed).txt"
+            r = await c.request("GetAttachment", params={"AttachmentName": text(att, "AirSyncBase:FileReference")})
+            assert r.status == 200 and b"Attachments are off while policies load." in r.body
+            assert not r.body.startswith(b"%PDF")
+            await c.aclose()
+        nursery.cancel_scope.cancel()
