@@ -49,6 +49,8 @@ MIX = [
 sys.path.insert(0, str(REPO / "src"))
 from seg_fast.eas.wbxml import Element, encode  # noqa: E402
 
+# Small requests only (a FolderSync-sized exchange): the per-request overhead alone.
+SMALL_MIX = [("FolderSync", 13, 228, 1)]
 # A Ping whose HeartbeatInterval is 900 s, as devices send it.
 PING_BODY = encode(Element("Ping:Ping", children=[
     Element("Ping:HeartbeatInterval", text="900"),
@@ -228,10 +230,11 @@ def _request_bytes(cmd: str, body_len: int, i: int) -> bytes:
     return head.encode() + body
 
 
-def run_load(port: int, conns: int, seconds: float, cpus: set[int]) -> dict:
+def run_load(port: int, conns: int, seconds: float, cpus: set[int], mix=None) -> dict:
     """Closed-loop keep-alive load in this process; returns counts per command."""
     os.sched_setaffinity(0, cpus)
-    weights = [w for *_, w in MIX]
+    mix = mix or MIX
+    weights = [w for *_, w in mix]
     rnd = random.Random(2)
     sel = selectors.DefaultSelector()
     state = {}
@@ -241,12 +244,12 @@ def run_load(port: int, conns: int, seconds: float, cpus: set[int]) -> dict:
         s.setblocking(False)
         state[s] = {"i": i, "buf": bytearray(), "need": None, "cmd": None}
         sel.register(s, selectors.EVENT_READ)
-    counts = {cmd: 0 for cmd, *_ in MIX}
+    counts = {cmd: 0 for cmd, *_ in mix}
     statuses: dict[int, int] = {}
 
     def send_next(s):
         st = state[s]
-        cmd, req_len, _, _ = rnd.choices(MIX, weights)[0]
+        cmd, req_len, _, _ = rnd.choices(mix, weights)[0]
         st["cmd"] = cmd
         s.setblocking(True)
         s.sendall(_request_bytes(cmd, req_len, st["i"]))
@@ -291,9 +294,10 @@ def run_load(port: int, conns: int, seconds: float, cpus: set[int]) -> dict:
 
 def measure_cpu(name: str, pids: list[int], port: int, args) -> dict:
     # Warm up (connections, pools, caches), then measure.
-    run_load(port, args.conns, 1.0, args.load_cpus)
+    mix = SMALL_MIX if args.mix == "small" else MIX
+    run_load(port, args.conns, 1.0, args.load_cpus, mix)
     before = sum(_cpu_seconds(p) for p in pids)
-    result = run_load(port, args.conns, args.seconds, args.load_cpus)
+    result = run_load(port, args.conns, args.seconds, args.load_cpus, mix)
     used = sum(_cpu_seconds(p) for p in pids) - before
     result.update(name=name, cpu_seconds=used,
                   cpu_us_per_request=used / max(result["requests"], 1) * 1e6,
@@ -363,10 +367,11 @@ def measure_parked(name: str, pid: int, port: int, hold_port: int, args) -> dict
         last = rss
     grown = _rss_kb(pid) - base
     alive = _count_established(port)
+    upstream_alive = _count_established(hold_port)
     for s in socks:
         s.close()
     return {"name": name, "parked": n, "rss_growth_kb": grown, "bytes_per_parked_ping": grown * 1024 / n,
-            "device_connections_established": alive}
+            "device_connections_established": alive, "upstream_connections_established": upstream_alive}
 
 
 def _count_established(port: int) -> int:
@@ -394,6 +399,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parked", type=int, default=9000)
     ap.add_argument("--gatekeeper", choices=["policy", "allow-all"], default="policy",
                     help="policy: the policy engine decides every request (allow when no policies)")
+    ap.add_argument("--mix", choices=["profile", "small"], default="profile",
+                    help="profile: BENCH-PROFILE.md's request mix; small: 228-byte answers only")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-parked", action="store_true")
     args = ap.parse_args(argv)
@@ -407,7 +414,7 @@ def main(argv=None) -> int:
     cpus = sorted(os.sched_getaffinity(0))
     proxy_cpu = {cpus[0]}
     args.load_cpus = set(cpus[1:]) or proxy_cpu
-    results: dict = {"machine_cpus": len(cpus), "gatekeeper": args.gatekeeper}
+    results: dict = {"machine_cpus": len(cpus), "gatekeeper": args.gatekeeper, "mix": args.mix}
     workdir = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
     os.chmod(workdir, 0o755)         # nginx workers run as an unprivileged user
     procs: list[subprocess.Popen] = []
@@ -467,7 +474,8 @@ def main(argv=None) -> int:
             for name in ("nginx", "seg-fast"):
                 r = parked[name]
                 print(f"{name:>9}: {r['bytes_per_parked_ping']:7.0f} bytes of RSS per parked Ping "
-                      f"({r['parked']} parked, {r['device_connections_established']} device connections open)")
+                      f"({r['parked']} parked; open connections: {r['device_connections_established']} device, "
+                      f"{r['upstream_connections_established']} upstream)")
             print(f"    ratio: seg-fast / nginx memory per parked Ping = {parked['ratio']:.2f}x")
     finally:
         for p in procs:

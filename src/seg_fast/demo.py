@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import tempfile
+from pathlib import Path
 
 import trio
 
@@ -47,6 +48,28 @@ def _self_signed(directory: str) -> tuple[str, str]:
                                   serialization.NoEncryption()))
     os.chmod(key_path, 0o600)
     return cert_path, key_path
+
+
+def _demo_policy_file() -> Path | None:
+    """examples/policies/baseline.json of the checkout the demo runs from, if there is one."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        cand = base / "examples" / "policies" / "baseline.json"
+        if cand.is_file():
+            return cand
+    return None
+
+
+async def _load_policies(config, path: Path) -> None:
+    from seg_fast.policy.model import decode_policy_file
+    from seg_fast.policy.store import open_store
+
+    pf = decode_policy_file(path.read_bytes(), what=str(path))
+    store = open_store(config.policy)
+    await store.open()
+    try:
+        await store.replace_all(pf.policies, pf.devices)
+    finally:
+        await store.aclose()
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -91,12 +114,14 @@ async def _main(args, state: str) -> None:
         "SEG_FAST_LISTENER_HOST": args.host,
         "SEG_FAST_LISTENER_PORT": str(port),
         "SEG_FAST_LOG_TRANSACTIONS": os.path.join(state, "transactions.jsonl"),
-        "SEG_FAST_POLICY_ALLOW_IF_NO_POLICIES": "true",
         "SEG_FAST_POLICY_SQLITE_PATH": os.path.join(state, "policy.db"),
         "SEG_FAST_SECURITY_MASTER_KEY_FILE": os.path.join(state, "master.key"),
         "SEG_FAST_SECURITY_KEY_STATE_FILE": os.path.join(state, "keys.json"),
-        "SEG_FAST_ADMIN_ENABLED": "false",
+        "SEG_FAST_ADMIN_PORT": "44444" if _port_free("127.0.0.1", 44444) else "0",
     }
+    policies = _demo_policy_file()
+    if policies is None:            # installed without the examples: let every device in
+        env["SEG_FAST_POLICY_ALLOW_IF_NO_POLICIES"] = "true"
     if not args.no_tls:
         cert, key = _self_signed(state)
         env["SEG_FAST_LISTENER_TLS_CERT"] = cert
@@ -108,23 +133,32 @@ async def _main(args, state: str) -> None:
         await nursery.start(sim.serve, "127.0.0.1", 0)
         env["SEG_FAST_UPSTREAM_URL"] = f"http://127.0.0.1:{sim.port}"
         config = load_config(None, env={**os.environ, **env})
+        if policies is not None:
+            await _load_policies(config, policies)
+        admin_port = await _start_admin(nursery, config)
         gw = Gateway(config)
         await nursery.start(gw.serve)
         scheme = "http" if args.no_tls else "https"
         k = "" if args.no_tls else "-k "
         url = f"{scheme}://{args.host}:{gw.port}/Microsoft-Server-ActiveSync"
-        query = f"Cmd=FolderSync&User={DEMO_USER}&DeviceId=DEMO0001&DeviceType=curl"
+        query = f"Cmd=FolderSync&User={DEMO_USER}&DeviceId=DEMO0001&DeviceType=iPhone"
+        policy_line = (f"{policies} (mail clients allow-listed: an iPhone passes, curl's own User-Agent gets Status 129, blocked)"
+                       if policies else "none loaded: every device is let in")
+        admin_line = (f"http://127.0.0.1:{admin_port}/seg/ (token in {config.policy.sqlite_path}.admin-token)"
+                      if admin_port else "not started")
         print(f"""seg-fast demo is running (Ctrl-C stops it).
 
   device URL    {url}
   account       {DEMO_USER} / {DEMO_PASSWORD}   (any user name works with that password)
   mail server   http://127.0.0.1:{sim.port}  (the mailbox simulator)
+  policies      {policy_line}
+  admin API     {admin_line}
   transactions  {env['SEG_FAST_LOG_TRANSACTIONS']}
 
 Try it:
   curl {k}-i -X OPTIONS -u {DEMO_USER}:{DEMO_PASSWORD} '{url}'
   printf '\\x03\\x01\\x6a\\x00\\x00\\x07\\x56\\x52\\x03\\x30\\x00\\x01\\x01' | curl {k}-s -u {DEMO_USER}:{DEMO_PASSWORD} \\
-      -H 'MS-ASProtocolVersion: 14.1' -H 'Content-Type: application/vnd.ms-sync.wbxml' \\
+      -A 'Apple-iPhone9C1/1602.92' -H 'MS-ASProtocolVersion: 14.1' -H 'Content-Type: application/vnd.ms-sync.wbxml' \\
       --data-binary @- '{url}?{query}' | python3 -m seg_fast wbxml decode /dev/stdin
 """, flush=True)
         if args.deliver_every > 0:
@@ -133,6 +167,16 @@ Try it:
             await trio.sleep(args.seconds)
             gw.drain()
             nursery.cancel_scope.cancel()
+
+
+async def _start_admin(nursery, config) -> int | None:
+    from seg_fast.admin import server as admin
+
+    try:
+        return await nursery.start(admin.run, config)
+    except Exception as exc:          # the demo runs without the admin API rather than not at all
+        print(f"admin API not started: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
 
 
 async def _deliver(sim, every: float) -> None:

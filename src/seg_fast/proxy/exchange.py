@@ -186,7 +186,10 @@ async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, 
         head = [(k, v) for k, v in head if k.lower() not in (b"content-length", b"transfer-encoding")]
         if body or request.method not in (b"GET", b"OPTIONS", b"HEAD"):
             head.append((b"Content-Length", str(len(body)).encode()))
-    up_request = h11.Request(method=request.method, target=request.target, headers=head)
+    # The device's headers were validated by h11 when parsed and ours are well-formed:
+    # _parsed skips re-validating every header (the largest per-request cost in h11).
+    up_request = h11.Request(method=request.method, target=request.target, headers=head,
+                             http_version=b"1.1", _parsed=True)
 
     t_up = time.perf_counter()
     up = None
@@ -249,7 +252,7 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
         if answer_tx and status == 200:
             await _transformed_answer(gw, dev, up, req, status, headers, answer_tx, rec)
         else:
-            await _stream_answer(gw, dev, up, status, headers, rec)
+            await _stream_answer(gw, dev, up, status, headers, rec, answer.reason)
     except BaseException:
         gw.pool.discard(up)
         raise
@@ -386,12 +389,14 @@ async def _pump_request(gw, dev, up: UpstreamConn, out: bytes, rec: Transaction)
             raise DeviceGone("device closed during the request body")
 
 
-async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers, rec: Transaction) -> None:
+async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers, rec: Transaction,
+                         reason: bytes = b"") -> None:
     """Stream the mail server's answer to the device, one read at a time (backpressure)."""
     conn = dev.conn
     h = up.h11
     timeout = gw.config.timeouts.upstream_read
-    pending = conn.send(h11.Response(status_code=status, headers=headers))
+    pending = conn.send(h11.Response(status_code=status, headers=headers, reason=reason,
+                                     http_version=b"1.1", _parsed=True))
     while True:
         try:
             event = h.next_event()

@@ -1,0 +1,51 @@
+"""`seg-fast demo` as a user runs it: the printed URL and account work, the policies apply."""
+from __future__ import annotations
+
+import os
+import re
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from seg_fast.sim.client import EasClient
+from seg_fast.sim.tree import E, text
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def test_demo_prints_a_working_device_url_and_applies_demo_policies():
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "demo", "--port", "0", "--seconds", "30"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        url = None
+        while url is None:
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            assert line, "demo exited early:\n" + "".join(lines) + proc.stderr.read()
+            lines.append(line)
+            m = re.search(r"device URL\s+(https://[\d.]+:(\d+)/\S+)", line)
+            if m:
+                url, port = m.group(1), int(m.group(2))
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE                 # the demo's certificate is self-signed
+        body = E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0"))
+        phone = EasClient("127.0.0.1", port, "demo", "secret", "DEMO1", ssl_context=ctx,
+                          user_agent="Apple-iPhone9C1/1602.92")
+        r = await phone.request("FolderSync", body)
+        assert r.status == 200 and text(r.doc, "FolderHierarchy:Status") == "1"
+        other = EasClient("127.0.0.1", port, "demo", "secret", "DEMO2", ssl_context=ctx, user_agent="curl/8.0")
+        r = await other.request("FolderSync", body)
+        assert r.status == 200 and text(r.doc, "FolderHierarchy:Status") == "129"   # blocked mail client
+        await phone.aclose()
+        await other.aclose()
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+        assert "demo / secret" in out and "curl -k" in out     # the account and the curl lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
