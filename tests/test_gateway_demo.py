@@ -44,7 +44,8 @@ async def test_demo_prints_a_working_device_url_and_applies_demo_policies():
         await phone.aclose()
         await other.aclose()
         proc.terminate()
-        out, _ = proc.communicate(timeout=10)
+        rest, _ = proc.communicate(timeout=10)
+        out = "".join(lines) + rest
         assert "demo / secret" in out and "curl -k" in out     # the account and the curl lines
     finally:
         if proc.poll() is None:
