@@ -54,6 +54,12 @@ CASES = [
      "allowed.compliant"),
     ("managed only: enrolled to another user", PolicyDocument(general=GA(managed_device_only=True)),
      managed(user="alice"), {}, "blocked.unmanaged"),
+    ("blacklist holds for another user", PolicyDocument(), managed(user="alice", override="blacklist"), {},
+     "blocked.blacklisted"),
+    ("whitelist is not inherited by another user", PolicyDocument(general=GA(managed_device_only=True)),
+     managed(user="alice", override="whitelist"), {}, "blocked.unmanaged"),
+    ("blacklist holds without a user", PolicyDocument(), managed(override="blacklist"), {"user": None},
+     "blocked.blacklisted"),
     ("managed only: DOMAIN\\user matches", PolicyDocument(general=GA(managed_device_only=True)),
      managed(user="jdoe"), {"user": "CORP\\JDoe"}, "allowed.compliant"),
     # EAS Device Type

@@ -294,3 +294,25 @@ async def test_two_gateways_on_one_redis(tmp_path):
                     nodes = {n["node"] for n in json.loads(body)["nodes"]}
                     assert {"node-a", "node-b"} & nodes
                 nursery.cancel_scope.cancel()
+
+
+async def test_base64_query_device_is_identified_and_blocked(tmp_path):
+    """A device using the base64 query form (user from Basic auth, version from the blob)."""
+    # The base64 form carries the DeviceId as bytes; the gateway names it by their hex.
+    await seed_sqlite(tmp_path, PolicyDocument(), [rec(device_id=b"B64DEV".hex().upper(), override="blacklist")])
+    async with simulator() as sim, gateway(env_for(sim.port, tmp_path)) as gw:
+        for version, blocked_status in (("14.1", 200), ("12.1", 403)):
+            c = client(gw.port, version, device_id="B64DEV")
+            r = await c.request("FolderSync", FOLDERSYNC, base64_query=True)
+            assert r.status == blocked_status
+            if version == "14.1":
+                assert text(r.doc, "FolderHierarchy:Status") == "129"
+            await c.aclose()
+        c = client(gw.port, "16.1", device_id="OTHER")
+        r = await c.request("FolderSync", FOLDERSYNC, base64_query=True)
+        assert r.status == 200 and text(r.doc, "FolderHierarchy:Status") in ("1", "142")
+        await c.aclose()
+        await gw.gatekeeper.flush()
+        seen = {s.device_id: s for s in await gw.gatekeeper.store.sightings()}
+        hexid = b"B64DEV".hex()
+        assert seen[hexid].user == "jdoe" and seen[hexid].reason == "blocked.blacklisted"

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 from seg_fast.eas.request import EasRequest
 from seg_fast.errors import PolicyError
-from seg_fast.policy.engine import Engine, evaluate, device_key, same_user
+from seg_fast.policy.engine import Engine, evaluate, device_for, device_key
 from seg_fast.policy.model import (
     DeviceRecord, GatewayPolicy, GeneralAccess, InactivityPolicy, ListPolicy, ManagedDevicePolicies,
     PlatformSets, PolicyDocument, decode_document, decode_policy_file,
@@ -70,9 +70,7 @@ def test_cached_decisions_equal_the_rule_book(doc, devs, reqs):
         if r.command in doc.gateway.disabled_commands:
             assert got.reason == "blocked.command_disabled"
             continue
-        dev = index.get(device_key(r.device_id))
-        if dev is not None and not same_user(dev.user, r.user):
-            dev = None
+        dev = device_for(index.get(device_key(r.device_id)), r.user)
         from seg_fast.policy.engine import CompiledPolicies
         want, _ = evaluate(r, dev, CompiledPolicies(doc), NOW)
         assert got.reason == want

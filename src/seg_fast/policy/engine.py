@@ -62,6 +62,20 @@ def same_user(enrolled: str, user: str | None) -> bool:
     return not enrolled or user_forms(enrolled)[-1] == user_forms(user)[-1]
 
 
+# Stands for "a device enrolled to another user that is blacklisted": it is
+# unmanaged for this user, and the blacklist still holds.
+_FOREIGN_BLACKLISTED = DeviceRecord(device_id="-", override="blacklist")
+
+
+def device_for(record: DeviceRecord | None, user: str | None) -> DeviceRecord | None:
+    """The record that applies to this user's request. A device enrolled to another
+    user is unknown (unmanaged) for this one: another user never inherits its managed
+    status or its whitelisting, but a blacklisted device stays blocked for everyone."""
+    if record is None or same_user(record.user, user):
+        return record
+    return _FOREIGN_BLACKLISTED if record.override == "blacklist" else None
+
+
 class NameMatcher:
     """Case-insensitive exact names plus optional ``*``/``?`` patterns."""
 
@@ -299,8 +313,7 @@ class Engine:
         pol = self.policies
         key = device_key(raw or "")
         device = self.devices.get(key)
-        if device is not None and not same_user(device.user, req.user):
-            device = None   # enrolled to someone else: this user's device is unknown
+        device = device_for(device, req.user)
         managed = device is not None and device.managed
         if pol is None:     # no document, allow_if_no_policies on
             reason, until = NO_POLICIES_ALLOWED, FOREVER
@@ -330,6 +343,5 @@ class Engine:
         if req.command in self._disabled:
             return COMMAND_DISABLED, None
         device = self.devices.get(device_key(req.device_id or ""))
-        if device is not None and not same_user(device.user, req.user):
-            device = None
+        device = device_for(device, req.user)
         return evaluate(req, device, self.policies, self._clock())[0], device
