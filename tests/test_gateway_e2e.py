@@ -377,3 +377,28 @@ async def test_sighup_reloads_without_dropping_the_connection(tmp_path):
         finally:
             assert gw.stop() == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_two_workers_share_the_port_and_stop_together(tmp_path):
+    up = MiniUpstream(lambda r, b: (200, [(b"Content-Length", b"2")], b"ok"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(up.serve)
+        cfg = tmp_path / "g.toml"
+        _write_config(cfg, f"http://127.0.0.1:{up.port}")
+        cfg.write_text(cfg.read_text().replace("workers = 1", "workers = 2"))
+        gw = await trio.to_thread.run_sync(ServeProcess, cfg)
+        try:
+            line = await trio.to_thread.run_sync(gw.proc.stderr.readline)
+            while "worker listening" not in line:
+                line = await trio.to_thread.run_sync(gw.proc.stderr.readline)
+            second = int(re.search(r"seg-fast\[(\d+)\]: worker listening on [^:]+:(\d+)", line).group(2))
+            assert second == gw.port                      # SO_REUSEPORT: both on one port
+            auth = (b"Authorization", b"Basic " + base64.b64encode(b"u:p"))
+            q = b"/Microsoft-Server-ActiveSync?Cmd=Sync&User=u&DeviceId=D&DeviceType=T"
+            for _ in range(20):
+                dev = await Client.connect(gw.port)
+                assert (await dev.request(b"POST", q, [auth], b"x"))[1] == b"ok"
+                await dev.aclose()
+        finally:
+            assert gw.stop() == 0
+        nursery.cancel_scope.cancel()

@@ -545,3 +545,29 @@ async def test_device_leaving_a_parked_ping_frees_both_connections(tmp_path):
         gw.log.flush()
     lines = [json.loads(x) for x in (tmp_path / "tx.jsonl").read_text().splitlines()]
     assert sum(1 for x in lines if x["status"] == 499 and x["command"] == "Ping") == 15
+
+
+async def test_pool_size_caps_mail_server_connections(tmp_path):
+    release = trio.Event()
+
+    async def slow(req, body):
+        await release.wait()
+        return 200, [(b"Content-Length", b"2")], b"ok"
+
+    async with upstream(slow) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path, upstream_pool_size="2") as gw:
+        results = []
+
+        async def one():
+            dev = await Client.connect(gw.port)
+            results.append((await dev.request(b"POST", EAS + QUERY, [AUTH], b"x"))[0].status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(one)
+            with trio.fail_after(5):
+                while gw.pool.open < 2:
+                    await trio.sleep(0.01)
+            await one()                                  # a third at once: no connection left
+            assert results == [503]
+            release.set()
+        assert sorted(results) == [200, 200, 503] and gw.pool.open == 2   # both kept alive for reuse

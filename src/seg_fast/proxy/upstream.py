@@ -60,7 +60,7 @@ def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
 class UpstreamConn:
     """One connection to a mail server and its h11 client state."""
 
-    __slots__ = ("origin", "stream", "h11", "sock", "reused")
+    __slots__ = ("origin", "stream", "h11", "sock", "reused", "pool")
 
     def __init__(self, origin: Origin, stream, sock):
         self.origin = origin
@@ -68,6 +68,7 @@ class UpstreamConn:
         self.sock = sock              # the trio socket under any TLS, for liveness checks
         self.h11 = h11.Connection(h11.CLIENT)
         self.reused = False
+        self.pool = None              # the pool it counts against (a reload may replace gw.pool)
 
     def looks_alive(self) -> bool:
         # An idle keep-alive connection the server closed reads EOF (or junk) at once.
@@ -92,6 +93,8 @@ class UpstreamPool:
         self.tls = None
         self.idle: dict[Origin, list[UpstreamConn]] = {}
         self.max_idle = settings.idle_pool_size
+        self.max_open = settings.pool_size
+        self.open = 0                 # connections to mail servers, idle or busy
         self.closed = False
         self.proxy = None
         self.proxy_auth = None
@@ -114,11 +117,18 @@ class UpstreamPool:
             if conn.looks_alive():
                 conn.reused = True
                 return conn
-            await conn.aclose()
-        return await self.connect(origin)
+            self._forget(conn)
+        if self.open >= self.max_open:
+            raise UpstreamError(f"upstream.pool_size ({self.max_open}) connections are in use")
+        conn = await self.connect(origin)
+        conn.pool = self
+        self.open += 1
+        return conn
 
     def release(self, conn: UpstreamConn) -> bool:
         """Keep the connection for reuse if both sides are DONE; otherwise close it."""
+        if conn.pool is not self and conn.pool is not None:
+            return conn.pool.release(conn)
         h = conn.h11
         if (not self.closed and h.our_state is h11.DONE and h.their_state is h11.DONE):
             idle = self.idle.setdefault(conn.origin, [])
@@ -126,17 +136,22 @@ class UpstreamPool:
                 h.start_next_cycle()
                 idle.append(conn)
                 return True
-        _close_now(conn)
+        self._forget(conn)
         return False
 
     def discard(self, conn: UpstreamConn) -> None:
+        (conn.pool or self)._forget(conn)
+
+    def _forget(self, conn: UpstreamConn) -> None:
+        if conn.sock.fileno() != -1:
+            self.open -= 1
         _close_now(conn)
 
     def close(self) -> None:
         self.closed = True
         for conns in self.idle.values():
             for conn in conns:
-                _close_now(conn)
+                self._forget(conn)
         self.idle.clear()
 
     async def connect(self, origin: Origin) -> UpstreamConn:
