@@ -95,6 +95,10 @@ class AdminServer:
         except SegFastError as exc:
             log.error("admin %s %s: %s", method, path, exc)
             return 503, JSON, msgspec.json.encode({"error": str(exc)})
+        except Exception:
+            # A bug in one handler must not take the admin API (or the control process) down.
+            log.exception("admin %s %s failed", method, path)
+            return 500, JSON, msgspec.json.encode({"error": "internal error (see the control process log)"})
 
     async def serve_connection(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
