@@ -80,20 +80,9 @@ async def apply_push(store: Store, raw: bytes) -> int:
     return version
 
 
-class _ConnSettings(msgspec.Struct, frozen=True):
-    """The shape the proxy's connector expects (outbound proxy, TLS trust)."""
-    proxy_url: str
-    verify_tls: bool
-    ca_file: str
-    idle_pool_size: int = 0
-
-
-class _Timeouts(msgspec.Struct, frozen=True):
-    upstream_connect: float
-
-
 async def http_get(url: str, settings: PolicySettings) -> tuple[int, bytes]:
     """One GET through the configured outbound proxy and TLS trust; (status, body)."""
+    from seg_fast.config import TimeoutSettings, UpstreamSettings
     from seg_fast.proxy.upstream import UpstreamError, UpstreamPool, origin_of
 
     try:
@@ -102,8 +91,10 @@ async def http_get(url: str, settings: PolicySettings) -> tuple[int, bytes]:
         raise SourceError(f"policy API: {exc}") from None
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    pool = UpstreamPool(_ConnSettings(settings.api_proxy_url, settings.api_verify_tls, settings.api_ca_file),
-                        _Timeouts(settings.api_timeout))
+    # The proxy's connector (outbound CONNECT proxy, TLS trust), configured for the API.
+    pool = UpstreamPool(UpstreamSettings(url=url, verify_tls=settings.api_verify_tls, ca_file=settings.api_ca_file,
+                                         proxy_url=settings.api_proxy_url, pool_size=1, idle_pool_size=0),
+                        TimeoutSettings(upstream_connect=settings.api_timeout))
     try:
         with trio.fail_after(settings.api_timeout):
             conn = await pool.connect(origin)
