@@ -104,6 +104,10 @@ async def test_push_override_and_device_lookup(admin):
     assert status == 400 and "managed" in body["error"]
     assert (await call(admin, "GET", "/seg/policy/device/DEV1"))[1]["record"]["managed"] is True
     assert (await call(admin, "GET", "/seg/policy/device/NOPE"))[0] == 404
+    await call(admin, "POST", "/seg/push", {"devices": [{"device_id": "K1", "user": "jdoe", "key_id": "k-42"}]},
+               token=PUSH)
+    assert (await call(admin, "GET", "/seg/policy/encryptionkeydatapayload/K1"))[1]["key_id"] == "k-42"
+    assert (await call(admin, "GET", "/seg/policy/encryptionkeydatapayload/NOPE"))[0] == 404
 
 
 async def test_test_mode_logging_and_compliance_run(admin):

@@ -95,6 +95,8 @@ class AdminApi:
             Route("GET", "/seg/policy/easdevicetype/{type}", "The EAS device type policy's verdict for a type", self.devicetype),
             Route("GET", "/seg/policy/mailclient/{client}", "The mail client policy's verdict (URL-encoded client)", self.mailclient),
             Route("GET", "/seg/policy/hyperlink", "The hyperlink policy", self.hyperlink),
+            Route("GET", "/seg/policy/encryptionkeydatapayload/{id}",
+                  "The device-user attachment key id the MDM reported for a device", self.keydata),
             Route("GET", "/seg/download/{type}/", "CSV: device, account, managedattachment, unmanagedattachment, redirect", self.download),
             Route("GET", "/seg/devices/{status}", "List view: devices seen (all, allowed, blocked, test_mode)", self.devices),
             Route("GET", "/seg/admin", "The admin page (token asked in the page)", self.page, auth="none"),
@@ -227,6 +229,12 @@ class AdminApi:
         sec = self._doc().security
         hl = msgspec.to_builtins(sec).get("hyperlinks") if sec is not None else None
         return _json({"hyperlink": hl})
+
+    async def keydata(self, body, id: str) -> Answer:
+        rec = await self.store.get_device(id)
+        if rec is None:
+            raise HttpError(404, f"device {id!r} has no MDM record")
+        return _json({"device_id": rec.device_id, "user": rec.user, "key_id": rec.key_id})
 
     async def download(self, body, type: str) -> Answer:
         type = type.lower()
