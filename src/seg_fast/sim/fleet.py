@@ -206,7 +206,7 @@ def device_identity(idx: int) -> tuple[str, str, bool]:
 class Device:
     __slots__ = ("idx", "user", "device_id", "auth", "fleet", "local", "sync_key",
                  "folder_key", "delivered", "received", "seen", "attachments", "fetched", "n_sync",
-                 "policy_key", "body_type", "parked_since", "delivered_at_park", "alive", "ready")
+                 "policy_key", "body_type", "parked_since", "delivered_at_park", "alive", "ready", "sync_lock")
 
     def __init__(self, idx: int, fleet: "Fleet") -> None:
         self.idx = idx
@@ -229,6 +229,8 @@ class Device:
         self.delivered_at_park = 0
         self.alive = True           # False once the device gave up after a failure
         self.ready = trio.Event()   # set-up done: foreground work may start
+        # Sync and GetItemEstimate name the SyncKey: one at a time, as a phone does
+        self.sync_lock = trio.Lock()
 
     # -- one request ----------------------------------------------------------------
     def target(self, cmd: str) -> str:
@@ -344,8 +346,9 @@ class Device:
         return await eas.folder_sync(self, conn, key)
 
     async def sync(self, conn: HttpConn) -> bool:
-        self.n_sync += 1
-        return await eas.sync(self, conn, f"{self.idx}:s{self.n_sync}")
+        async with self.sync_lock:
+            self.n_sync += 1
+            return await eas.sync(self, conn, f"{self.idx}:s{self.n_sync}")
 
     async def ping(self, conn: HttpConn, heartbeat: int) -> bool:
         f = self.fleet

@@ -295,12 +295,13 @@ async def misc(dev: "Device", conn: "HttpConn", key: str) -> bool:
         body = encode(E("Settings:Settings", E("Settings:UserInformation", E("Settings:Get"))))
         root = await _call(dev, conn, "Settings", body, key)
         return root is not None and _status(dev, "Settings", text(root, "Settings:Status"))
-    if dev.sync_key == "0":
-        return True
-    body = encode(E("GetItemEstimate:GetItemEstimate", E("GetItemEstimate:Collections", E(
-        "GetItemEstimate:Collection", E("AirSync:SyncKey", dev.sync_key),
-        E("GetItemEstimate:CollectionId", INBOX)))))
-    root = await _call(dev, conn, "GetItemEstimate", body, key)
+    async with dev.sync_lock:
+        if dev.sync_key == "0":
+            return True
+        body = encode(E("GetItemEstimate:GetItemEstimate", E("GetItemEstimate:Collections", E(
+            "GetItemEstimate:Collection", E("AirSync:SyncKey", dev.sync_key),
+            E("GetItemEstimate:CollectionId", INBOX)))))
+        root = await _call(dev, conn, "GetItemEstimate", body, key)
     if root is None:
         return False
     r = find(root, "GetItemEstimate:Response")
