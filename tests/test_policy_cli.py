@@ -92,3 +92,21 @@ def test_published_openapi_document_is_current(capsys):
         return {(path, method) for path, ops in doc["paths"].items() for method in ops}
     # The operations must match; schemas of other packages' documents may evolve on their own.
     assert operations(current) == operations(published)
+
+
+def test_import_domains_and_clients(cfg, tmp_path, capsys):
+    domains = tmp_path / "d.csv"
+    domains.write_text("domain\ncorp.example\nintra.example\n")
+    clients = tmp_path / "c.csv"
+    clients.write_text("Apple-iPhone*\nOutlook-iOS/2.0\n")
+    assert main(["policy", "--config", cfg, "import-csv", "domains", str(domains)]) == 0
+    assert main(["policy", "--config", cfg, "import-csv", "mail-clients", str(clients)]) == 0
+    capsys.readouterr()
+    main(["policy", "--config", cfg, "dump"])
+    snap = json.loads(capsys.readouterr().out)
+    assert snap["policies"]["security"]["hyperlinks"]["domains"] == ["corp.example", "intra.example"]
+    assert snap["policies"]["general"]["mail_client"]["values"] == ["Apple-iPhone*", "Outlook-iOS/2.0"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("not a domain/x\n")
+    assert main(["policy", "--config", cfg, "import-csv", "domains", str(bad)]) == 1
+    assert "domain" in capsys.readouterr().err
