@@ -320,3 +320,24 @@ def test_qp_part_changes_only_scheme_bytes():
         binascii.a2b_qp(out.split(b"\r\n\r\n", 1)[1]).replace(b"awbs", b"https") == \
         binascii.a2b_qp(data.split(b"\r\n\r\n", 1)[1])
     assert parse(out).get_content().replace("awbs://", "https://") == parse(data).get_content()
+
+
+def test_message_past_the_walker_limits_is_withheld_not_passed():
+    deep = (b"Subject: deep\r\n" + b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i) for i in range(40)))
+    out, res = transform_mime(deep, plan(managed=AttachmentPolicy(file_types={"pdf": "encrypt"})))
+    assert res.unreadable and b"could not be checked" in out
+    assert parse(out)["Subject"] == "deep"
+    # Links only: nothing to withhold, the message passes as it is.
+    assert transform_mime(deep, plan())[0] is deep
+
+
+def test_classification_applies_to_signed_mail_too():
+    inner = make_message()
+    signed = (b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; boundary="sig"\r\n'
+              b"X-Classification: Confidential\r\n\r\n--sig\r\n" + inner + b"\r\n--sig--\r\n")
+    cls = ClassificationPolicy(enabled=True, tags=[ClassificationTag(tag="Confidential", allowed_clients=["Boxer*"])])
+    out, res = transform_mime(signed, plan(classification=cls), client="Apple-iPhone")
+    assert res.classification_blocked and not res.smime_skipped
+    out2, res2 = transform_mime(signed, plan(classification=cls), client="Boxer/1")
+    assert out2 is signed and res2.smime_skipped

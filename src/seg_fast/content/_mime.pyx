@@ -73,6 +73,7 @@ cdef class _Walker:
     cdef list parts
     cdef tuple extra
     cdef int max_parts, max_depth
+    cdef bint headers_only
 
     cdef Py_ssize_t _headers(self, Py_ssize_t start, Py_ssize_t end, dict out) except -2:
         """Read the header block at ``start``; returns where the body starts."""
@@ -137,6 +138,8 @@ cdef class _Walker:
         self.parts.append(p)
         if parent >= 0:
             (<Part>self.parts[parent]).children.append(p.index)
+        if self.headers_only:
+            return 0
         if p.multipart:
             self._multipart(p, depth)
         elif ctype == "message/rfc822" and p.cte in ("7bit", "8bit", "binary") and body_start < end:
@@ -199,9 +202,10 @@ cdef str _unfold(const unsigned char* b, Py_ssize_t i, Py_ssize_t end):
     return raw.replace(b"\r\n", b"").replace(b"\n", b"").decode("latin-1").strip()
 
 
-def walk(data, extra_headers=(), int max_parts=MAX_PARTS, int max_depth=MAX_DEPTH):
+def walk(data, extra_headers=(), int max_parts=MAX_PARTS, int max_depth=MAX_DEPTH, bint headers_only=False):
     """Parts of the message in ``data`` (bytes-like), in document order; part 0 is the
-    message. ``extra_headers``: more header names (any case) to read into ``Part.headers``."""
+    message. ``extra_headers``: more header names (any case) to read into ``Part.headers``.
+    ``headers_only``: the message's own part only (its children are not walked)."""
     cdef Py_buffer view
     cdef _Walker w = _Walker.__new__(_Walker)
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -212,6 +216,7 @@ def walk(data, extra_headers=(), int max_parts=MAX_PARTS, int max_depth=MAX_DEPT
         w.extra = tuple(h.lower().encode("ascii") if isinstance(h, str) else h.lower() for h in extra_headers)
         w.max_parts = max_parts
         w.max_depth = max_depth
+        w.headers_only = headers_only
         w.walk(0, view.len, 0, -1, "text/plain")
         return w.parts
     finally:

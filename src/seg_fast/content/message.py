@@ -28,6 +28,7 @@ SMIME_TYPES = frozenset({"multipart/signed", "application/pkcs7-mime", "applicat
 # Charsets whose bytes are not ASCII-compatible: links cannot be found bytewise.
 _WIDE_CHARSETS = ("utf-16", "utf-32", "ucs-2", "ucs-4", "utf-7")
 _DROP_ON_REPLACE = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+UNREADABLE_TEMPLATE = "This message could not be checked by the email gateway and was withheld."
 # Bytes of a decoded attachment the file-type check looks at.
 _HEAD = 64
 
@@ -36,7 +37,7 @@ class Outcome:
     """What the transform did to one message (the Sync answer's attachment list
     follows it)."""
 
-    __slots__ = ("links", "attachments", "smime_skipped", "classification_blocked")
+    __slots__ = ("links", "attachments", "smime_skipped", "classification_blocked", "unreadable")
 
     def __init__(self):
         self.links = 0
@@ -44,10 +45,12 @@ class Outcome:
         self.attachments: list[tuple[str, str, str]] = []
         self.smime_skipped = False
         self.classification_blocked = False
+        # The message was past the walker's limits and replaced by a notice.
+        self.unreadable = False
 
     @property
     def changed(self) -> bool:
-        return bool(self.links or self.attachments or self.classification_blocked)
+        return bool(self.links or self.attachments or self.classification_blocked or self.unreadable)
 
 
 class ContentPlan:
@@ -142,17 +145,20 @@ def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncate
     except MIMEError:
         if not plan.touches_attachments and not plan.classification:
             return data, out
-        raise
+        # Past the walker's limits: what it holds cannot be checked, so it is not sent.
+        out.unreadable = True
+        return template_message(data, UNREADABLE_TEMPLATE), out
     top: Part = parts[0]
     eol = line_ending(data)
-    if plan.skip_smime and top.content_type in SMIME_TYPES:
-        out.smime_skipped = True
-        return data, out
     if plan.classification:
+        # Classification applies to signed mail too: the exemption is for rewrites.
         template = plan.classification.verdict(top.headers.get(plan.classification.header), client)
         if template is not None:
             out.classification_blocked = True
             return template_message(data, template), out
+    if plan.skip_smime and top.content_type in SMIME_TYPES:
+        out.smime_skipped = True
+        return data, out
     edits: list[tuple[int, int, bytes]] = []
     n = len(data)
     for p in parts:
@@ -174,7 +180,7 @@ def template_message(data: bytes, template: str) -> bytes:
     Content-* ones): what a client not allowed to read a classified message gets."""
     eol = line_ending(data)
     try:
-        top = walk(data)[0]
+        top = walk(data, max_parts=1, max_depth=0, headers_only=True)[0]
     except MIMEError:
         top = None
     body = template.encode("utf-8") + eol

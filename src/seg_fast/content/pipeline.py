@@ -190,7 +190,7 @@ class EmailSecurityTransform:
         mclass = next((text(s) for s in spans if s.tag == "Email:MessageClass"), "")
         exempt = plan.skip_smime and is_smime_class(mclass)
         verdict = None
-        if plan.classification and not exempt:
+        if plan.classification:
             tag = plan.classification.tag_from_message_class(mclass)
             verdict = plan.classification.verdict(tag, req.user_agent or "")
         blocked_all = verdict is not None
@@ -232,10 +232,10 @@ class EmailSecurityTransform:
                 if exempt:
                     continue
                 new, outcome = transform_mime(data, plan, client=req.user_agent or "", truncated=truncated)
-                blocked_all = blocked_all or outcome.classification_blocked
+                blocked_all = blocked_all or outcome.classification_blocked or outcome.unreadable
                 exempt = exempt or outcome.smime_skipped
                 acted.update((name, action) for name, action, _ in outcome.attachments)
-                resized = bool(outcome.attachments or outcome.classification_blocked)
+                resized = bool(outcome.attachments or outcome.classification_blocked or outcome.unreadable)
                 if not outcome.attachments and plan.touches_attachments and not truncated:
                     acted["\0all"] = "allow"
             elif exempt or btype.strip() not in ("1", "2"):
