@@ -110,3 +110,20 @@ def test_import_domains_and_clients(cfg, tmp_path, capsys):
     bad.write_text("not a domain/x\n")
     assert main(["policy", "--config", cfg, "import-csv", "domains", str(bad)]) == 1
     assert "domain" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body,word", [
+    ('api_url = "ftp://x"', "api_url"),
+    ('store = "memcached"', "store"),
+    ('store = "redis"\nredis_url = "http://x"', "redis_url"),
+    ("push_port = 70000", "push_port"),
+    ("delta_interval = 0", "delta_interval"),
+])
+def test_bad_policy_settings_name_the_key(tmp_path, body, word):
+    from seg_fast.config import load_config
+    from seg_fast.errors import ConfigError
+    path = tmp_path / "gw.toml"
+    path.write_text(f"[policy]\n{body}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(path)
+    assert word in str(ei.value) and "gw.toml" in str(ei.value)

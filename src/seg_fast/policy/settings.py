@@ -33,7 +33,16 @@ class PolicySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     # Also serve /seg/push alone on this port of push_host (0: only on the admin listener),
     # for an MDM that cannot reach 127.0.0.1.
     push_host: str = "0.0.0.0"
-    push_port: int = 0
+    push_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
     # Where this gateway node reports itself (device sightings, diagnostics).
     node_name: str = ""
+
+    def __post_init__(self) -> None:
+        # ValueError here becomes a config error naming the [policy] key.
+        if self.api_url and not self.api_url.startswith(("http://", "https://")):
+            raise ValueError("api_url must be an http:// or https:// URL")
+        if self.store == "sqlite" and not self.sqlite_path:
+            raise ValueError("sqlite_path must not be empty with store = \"sqlite\"")
+        if self.store == "redis" and not self.redis_url.startswith("redis://"):
+            raise ValueError("redis_url must be a redis:// URL")
