@@ -210,3 +210,38 @@ async def test_no_policy_blocks_attachments_through_the_gateway(tmp_path):
             assert not r.body.startswith(b"%PDF")
             await c.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_protocol_25_device_through_the_gateway(tmp_path):
+    # 2.5: Email:MIMEData bodies and Email:Attachments (AttName is the file reference).
+    async with running(tmp_path) as (sim, gw):
+        with trio.fail_after(20):
+            png_i = pick(sim, has("png"))
+            sid = sim.mailbox("jdoe").add(INBOX, Item(png_i))
+            c = EasClient("127.0.0.1", gw.port, "jdoe", PASSWORD, "OLD25", device_type="PocketPC",
+                          version="2.5", user_agent="OldClient/1.0")
+            await c.provision()
+            r = await c.request("Sync", E("AirSync:Sync", E("AirSync:Collections", E(
+                "AirSync:Collection", E("AirSync:Class", "Email"), E("AirSync:SyncKey", "0"),
+                E("AirSync:CollectionId", INBOX)))))
+            key = text(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:SyncKey")
+            r = await c.request("Sync", E("AirSync:Sync", E("AirSync:Collections", E(
+                "AirSync:Collection", E("AirSync:Class", "Email"), E("AirSync:SyncKey", key),
+                E("AirSync:CollectionId", INBOX), E("AirSync:GetChanges"),
+                E("AirSync:Options", E("AirSync:MIMESupport", 2))))))
+            assert r.status == 200, r
+            cmds = find(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:Commands")
+            app = {text(a, "AirSync:ServerId"): find(a, "AirSync:ApplicationData")
+                   for a in kids(cmds, "AirSync:Add")}[sid]
+            msg = sim.corpus.message(png_i)
+            mime = text(app, "Email:MIMEData")
+            parsed = email.message_from_string(mime, policy=email.policy.default)
+            # An unmanaged device: the PNG is gone, the listed links open in the secure browser.
+            assert not any(p.get_content_type() == "image/png" for p in parsed.walk())
+            html = [p for p in parsed.walk() if p.get_content_type() == "text/html"][0].get_content()
+            included = [u for u in msg.links if listed(u)]
+            assert included and all(("awbs" if u.startswith("https") else "awb") + u[u.index("://"):].replace(
+                "&", "&amp;") in html for u in included)
+            att = find(app, "Email:Attachments", "Email:Attachment")
+            assert text(att, "Email:DisplayName") == msg.attachments[0][0] + " (removed).txt"
+            await c.aclose()
