@@ -21,7 +21,7 @@ from seg_fast.content._mime import (Part, line_ending, qp_decode, qp_encode, qp_
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name,
                                           file_type, seal)
 from seg_fast.content.keys import Keyring
-from seg_fast.content.model import ClassificationPolicy, EmailSecurityPolicy
+from seg_fast.content.model import ClassificationPolicy, EmailSecurityPolicy, HyperlinkPolicy
 from seg_fast.errors import MIMEError
 
 SMIME_TYPES = frozenset({"multipart/signed", "application/pkcs7-mime", "application/x-pkcs7-mime"})
@@ -72,7 +72,7 @@ class ContentPlan:
             self.skip_smime = True
             return
         hl = policy.hyperlinks
-        self.links = LinkRewriter(hl.scheme_map, hl.mode, hl.domains) if hl.enabled else None
+        self.links = _rewriter(hl) if hl.enabled else None
         att = policy.attachments_for(managed)
         self.file_actions = {k.lower().lstrip("."): v for k, v in att.file_types.items()}
         self.default_action = att.default
@@ -97,6 +97,22 @@ class ContentPlan:
         """(file type, action) for an attachment."""
         kind = file_type(name, head)
         return kind, self.file_actions.get(kind, self.default_action)
+
+
+# Compiled rewriters of the last few hyperlink policies: every device of a snapshot
+# shares one (a domain list from CSV can be long). Keyed by identity, the policy kept.
+_REWRITERS: dict[int, tuple[HyperlinkPolicy, LinkRewriter]] = {}
+
+
+def _rewriter(hl: HyperlinkPolicy) -> LinkRewriter:
+    hit = _REWRITERS.get(id(hl))
+    if hit is not None and hit[0] is hl:
+        return hit[1]
+    if len(_REWRITERS) >= 8:
+        _REWRITERS.clear()
+    rw = LinkRewriter(hl.scheme_map, hl.mode, hl.domains)
+    _REWRITERS[id(hl)] = (hl, rw)
+    return rw
 
 
 class _Classifier:
