@@ -52,6 +52,7 @@ LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
 LAG_P99_LIMIT = 1.0            # seconds behind the schedule
 LAG_MAX_LIMIT = 5.0
 RAMP_RATE = 120.0              # devices set up per second (~6 requests each) by default
+WAIT_LIMIT = 0.05              # share of the window the load side sat runnable, unserved
 OTHERS_LIMIT = 0.15            # of a core used by processes outside the run: a shared machine
 VENDOR = {"classic": {"off": 2000, "on": 250}, "v2": {"off": 4000, "on": 2000}}  # devices per core
 GOAL = {"off": 100_000, "on": 50_000}
@@ -102,21 +103,26 @@ def tree(roots: list[int]) -> list[int]:
     return out
 
 
-def proc_usage(pids: list[int]) -> tuple[float, int]:
-    """(CPU seconds, resident KiB) summed over pids that still exist."""
-    cpu, rss = 0.0, 0
+def proc_usage(pids: list[int]) -> tuple[float, int, float]:
+    """(CPU seconds, resident KiB, seconds spent runnable but waiting for a CPU)
+    summed over the pids that still exist. The wait (schedstat) is what tells a
+    process starved by others from one that is merely busy."""
+    cpu, rss, wait = 0.0, 0, 0.0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat", "rb") as fh:
                 raw = fh.read()
             with open(f"/proc/{pid}/statm", "rb") as fh:
                 statm = fh.read().split()
+            with open(f"/proc/{pid}/schedstat", "rb") as fh:
+                sched = fh.read().split()
         except OSError:
             continue
         f = raw[raw.rindex(b")") + 2:].split()
         cpu += (int(f[11]) + int(f[12])) / CLK_TCK
         rss += int(statm[1]) * PAGE_KIB
-    return cpu, rss
+        wait += int(sched[1]) / 1e9
+    return cpu, rss, wait
 
 
 def core_busy(cpu: int) -> float:
@@ -399,10 +405,10 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             last_say = 0.0
             while True:
                 spids, lpids = tree(server_roots), tree(load_roots)
-                scpu, srss = proc_usage(spids)
-                lcpu, lrss = proc_usage(lpids)
+                scpu, srss, swait = proc_usage(spids)
+                lcpu, lrss, lwait = proc_usage(lpids)
                 samples.append((time.time(), scpu, srss, lcpu,
-                                core_busy(opts.gateway_cpu), core_busy(opts.load_cpu)))
+                                core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait))
                 now = time.time()
                 if now - last_say >= 5 and len(samples) > 1:
                     last_say = now
@@ -492,12 +498,14 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
             "cpu_share": round((b[1] - a[1]) / dt, 4),
             "rss_kib_max": max(s[2] for s in in_window),
             "rss_kib_idle": samples[0][2],      # before the first device connected
+            "runqueue_wait": round((b[6] - a[6]) / dt, 4),
             "died": server_died,
         },
         "load": {
             "cpu_share": round((b[3] - a[3]) / dt, 4),
             "cpu_s_total": round(load_cpu_s, 2),
             "core_busy": round((b[5] - a[5]) / dt, 4),
+            "runqueue_wait": round((b[7] - a[7]) / dt, 4),
             "gateway_core_busy": round((b[4] - a[4]) / dt, 4),
             "lag_p99": max((r["lag_p99"] for r in results), default=0.0),
             "lag_max": max((r["lag_max"] for r in results), default=0.0),
@@ -516,9 +524,9 @@ def load_problems(p: dict, opts: Options) -> list[str]:
     ld = p["load"]
     if ld["cpu_share"] > LOAD_CPU_LIMIT:
         out.append(f"load side used {100 * ld['cpu_share']:.0f}% of its core")
-    elif ld["core_busy"] > LOAD_CPU_LIMIT:
-        out.append(f"the load core was {100 * ld['core_busy']:.0f}% busy ({100 * ld['cpu_share']:.0f}% "
-                   "ours): the load side was starved of CPU")
+    if ld["runqueue_wait"] > WAIT_LIMIT:
+        out.append(f"the load side waited for its core {100 * ld['runqueue_wait']:.0f}% of the time "
+                   f"(the core was {100 * ld['core_busy']:.0f}% busy, {100 * ld['cpu_share']:.0f}% ours)")
     if ld["lag_p99"] > LAG_P99_LIMIT or ld["lag_max"] > LAG_MAX_LIMIT:
         out.append(f"load side fell behind schedule (p99 {ld['lag_p99']:.2f}s, max {ld['lag_max']:.2f}s)")
     fd_port = [k for k in p["failures"] if k.endswith(".connect")]
@@ -550,7 +558,8 @@ def contention(p: dict) -> list[str]:
     if p["path"] != "direct":
         others_gw = ld["gateway_core_busy"] - p["server"]["cpu_share"]
         if others_gw > OTHERS_LIMIT:
-            out.append(f"{p['path']}: other processes used {100 * others_gw:.0f}% of its core")
+            out.append(f"{p['path']}: other processes used {100 * others_gw:.0f}% of its core "
+                       f"(it waited for the core {100 * p['server']['runqueue_wait']:.1f}% of the time)")
     return out
 
 
