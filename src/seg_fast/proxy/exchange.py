@@ -340,12 +340,12 @@ async def _send_dev(dev, data) -> None:
 
 async def _up_receive(up: UpstreamConn, timeout: float) -> None:
     try:
-        with trio.fail_after(timeout):
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             data = await up.stream.receive_some(RECEIVE_SIZE)
-    except trio.TooSlowError:
-        raise _Timeout(f"mail server did not answer within {timeout:g} s") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise UpstreamError(f"mail server connection broke: {type(exc).__name__}") from None
+    if scope.cancelled_caught:
+        raise _Timeout(f"mail server did not answer within {timeout:g} s")
     up.h11.receive_data(data)
 
 
