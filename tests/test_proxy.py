@@ -571,3 +571,42 @@ async def test_pool_size_caps_mail_server_connections(tmp_path):
             assert results == [503]
             release.set()
         assert sorted(results) == [200, 200, 503] and gw.pool.open == 2   # both kept alive for reuse
+
+
+async def _closed_within(stream, seconds: float) -> bool:
+    with trio.move_on_after(seconds):
+        try:
+            while await stream.receive_some(1000):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+    return False
+
+
+async def test_request_head_and_idle_timeouts_close_stalled_devices(tmp_path):
+    async with upstream(_by_fixture) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path,
+                                                     timeouts_request_head="0.3",
+                                                     timeouts_idle_keepalive="0.5") as gw:
+        stalled = await trio.open_tcp_stream("127.0.0.1", gw.port)
+        await stalled.send_all(b"POST /Microsoft-Server-ActiveSync?Cmd=Sync HTTP/1.1\r\nHost: x\r\n")
+        idle = await trio.open_tcp_stream("127.0.0.1", gw.port)
+        t0 = trio.current_time()
+        assert await _closed_within(stalled, 3) and trio.current_time() - t0 < 1.5
+        assert await _closed_within(idle, 3)
+        with trio.fail_after(2):
+            while gw.active:
+                await trio.sleep(0.01)
+
+
+async def test_tls_handshake_timeout(tmp_path):
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(ctx)
+    async with upstream(_by_fixture) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path, tls=ctx,
+                                                     timeouts_tls_handshake="0.3") as gw:
+        silent = await trio.open_tcp_stream("127.0.0.1", gw.port)    # never says ClientHello
+        assert await _closed_within(silent, 3)
+        with trio.fail_after(2):
+            while gw.active:
+                await trio.sleep(0.01)
