@@ -189,6 +189,8 @@ sqlite_path = "{workdir}/policy-{port}.db"
 [security]
 block_attachments_without_policy = false
 max_transform_bytes = 67108864
+master_key_file = "{workdir}/master-{port}.key"
+key_state_file = "{workdir}/keys-{port}.json"
 """)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), SEG_FAST_BENCH_GATEKEEPER=gatekeeper)
     proc = subprocess.Popen([sys.executable, "-c", GATEWAY_MAIN, str(cfg)], env=env,

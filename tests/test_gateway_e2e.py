@@ -63,7 +63,9 @@ async def sim_and_gateway(tmp_path, server_tls=None, gatekeeper_factory=None, **
                "SEG_FAST_UPSTREAM_URL": f"http://127.0.0.1:{twin.port}",
                "SEG_FAST_LOG_TRANSACTIONS": str(tmp_path / "tx.jsonl"),
                "SEG_FAST_POLICY_ALLOW_IF_NO_POLICIES": "true",
-               "SEG_FAST_POLICY_SQLITE_PATH": str(tmp_path / "policy.db")}
+               "SEG_FAST_POLICY_SQLITE_PATH": str(tmp_path / "policy.db"),
+               "SEG_FAST_SECURITY_MASTER_KEY_FILE": str(tmp_path / "master.key"),
+               "SEG_FAST_SECURITY_KEY_STATE_FILE": str(tmp_path / "keys.json")}
         gw = Gateway(load_config(None, env=env), tls_context=server_tls,
                      gatekeeper_factory=gatekeeper_factory)
         await nursery.start(gw.serve)
@@ -214,6 +216,7 @@ def _write_config(path: Path, upstream_url: str, **extra) -> None:
              "[policy]", "allow_if_no_policies = true", f'sqlite_path = "{path.parent / "policy.db"}"',
              # No email-security policy: attachments pass untouched (and stream).
              "[security]", "block_attachments_without_policy = false",
+             f'master_key_file = "{path.parent / "master.key"}"', f'key_state_file = "{path.parent / "keys.json"}"',
              "[timeouts]", f"shutdown_grace = {extra.get('grace', 5.0)}"]
     path.write_text("\n".join(lines) + "\n")
 

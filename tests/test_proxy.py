@@ -28,7 +28,9 @@ FIXTURES = ["options", "prov1", "prov2", "fsync", "sync0", "sync1", "iofetch", "
 
 def _env(upstream_url: str, log_path, **extra) -> dict:
     env = {"SEG_FAST_LISTENER_HOST": "127.0.0.1", "SEG_FAST_LISTENER_PORT": "0",
-           "SEG_FAST_UPSTREAM_URL": upstream_url, "SEG_FAST_LOG_TRANSACTIONS": str(log_path)}
+           "SEG_FAST_UPSTREAM_URL": upstream_url, "SEG_FAST_LOG_TRANSACTIONS": str(log_path),
+           "SEG_FAST_SECURITY_MASTER_KEY_FILE": str(log_path.parent / "master.key"),
+           "SEG_FAST_SECURITY_KEY_STATE_FILE": str(log_path.parent / "keys.json")}
     env.update({f"SEG_FAST_{k.upper()}": v for k, v in extra.items()})
     return env
 
