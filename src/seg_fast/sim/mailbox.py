@@ -197,7 +197,16 @@ class MailboxSimulator:
                 answer = self._handle(req, bytes(body))
                 req = body = None          # not kept alive while a Ping is parked
                 if type(answer) is _Park:
-                    answer = await self._park(answer)
+                    # parked here rather than in a helper coroutine: one frame less per Ping
+                    park, answer = answer, None
+                    park.task = trio.lowlevel.current_task()
+                    self.parked += 1
+                    try:
+                        await trio.lowlevel.wait_task_rescheduled(park.abort)
+                    finally:
+                        self.parked -= 1
+                    answer = C.ping_answer(park.changed)
+                    park = None
                 await _send(conn, stream, answer)
                 if conn.our_state is h11.MUST_CLOSE:
                     return
@@ -320,15 +329,6 @@ class MailboxSimulator:
         if self._timer is not None and deadline < self._timer.deadline:
             self._timer.deadline = deadline
         return park
-
-    async def _park(self, park: _Park) -> Answer:
-        park.task = trio.lowlevel.current_task()
-        self.parked += 1
-        try:
-            await trio.lowlevel.wait_task_rescheduled(park.abort)
-        finally:
-            self.parked -= 1
-        return C.ping_answer(park.changed)
 
     def _wake(self, park: _Park, changed: tuple[str, ...]) -> None:
         if park.dev.parked is park:
