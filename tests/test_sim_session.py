@@ -693,3 +693,34 @@ async def test_ping_released_by_another_devices_move(sim, nursery):
             await trio.sleep(0.01)
     assert text(got[0], "Ping:Status") == "2"
     assert sorted(f.text for f in kids(find(got[0], "Ping:Folders"), "Ping:Folder")) == ["1", "3"]
+
+
+async def test_older_protocols_provision_and_settings(sim):
+    old = client(sim, device="WM25", version="2.5")
+    r = await old.request("FolderSync", E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0")))
+    assert r.status == 449
+    await old.provision()                    # MS-WAP-Provisioning-XML for 2.5
+    assert old.policy_key
+    r = await old.request("FolderSync", E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0")))
+    assert r.status == 200 and text(r.doc, "FolderHierarchy:Status") == "1"
+    c12 = await ready(sim, device="E2007", version="12.1")
+    r = await c12.request("Settings", E("Settings:Settings", E("Settings:UserInformation", E("Settings:Get"))))
+    assert text(r.doc, "Settings:UserInformation", "Settings:Get", "Settings:EmailAddresses",
+                "Settings:SmtpAddress") == "jdoe@seg-fast.test"
+    # 12.1 GetItemEstimate names the class and filter
+    sim.deliver("jdoe", count=2)
+    key = await initial_sync(c12)
+    r = await c12.request("GetItemEstimate", E("GetItemEstimate:GetItemEstimate", E(
+        "GetItemEstimate:Collections", E("GetItemEstimate:Collection", E("GetItemEstimate:Class", "Email"),
+                                         E("AirSync:SyncKey", key), E("GetItemEstimate:CollectionId", "1"),
+                                         E("AirSync:FilterType", 0)))))
+    assert text(r.doc, "GetItemEstimate:Response", "GetItemEstimate:Collection", "GetItemEstimate:Estimate") == "2"
+    # a stale key: Status 4
+    r = await c12.request("GetItemEstimate", E("GetItemEstimate:GetItemEstimate", E(
+        "GetItemEstimate:Collections", E("GetItemEstimate:Collection", E("AirSync:SyncKey", "77"),
+                                         E("GetItemEstimate:CollectionId", "1")))))
+    assert text(r.doc, "GetItemEstimate:Response", "GetItemEstimate:Status") == "4"
+    r = await c12.request("GetItemEstimate", E("GetItemEstimate:GetItemEstimate", E(
+        "GetItemEstimate:Collections", E("GetItemEstimate:Collection", E("AirSync:SyncKey", "1"),
+                                         E("GetItemEstimate:CollectionId", "4")))))
+    assert text(r.doc, "GetItemEstimate:Response", "GetItemEstimate:Status") == "3"

@@ -404,7 +404,8 @@ def get_item_estimate(ctx: Ctx) -> Answer:
             out.append(E("GetItemEstimate:Response", E("GetItemEstimate:Status", 2)))
             continue
         if key is not None and (st is None or key != str(st.key)):
-            out.append(E("GetItemEstimate:Response", E("GetItemEstimate:Status", 4)))
+            # 3: the collection was never synchronised (not primed); 4: a stale key
+            out.append(E("GetItemEstimate:Response", E("GetItemEstimate:Status", 3 if st is None else 4)))
             continue
         known = st.known if st is not None else set()
         folder = ctx.mbox.folder(cid)
