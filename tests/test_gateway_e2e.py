@@ -405,3 +405,15 @@ async def test_two_workers_share_the_port_and_stop_together(tmp_path):
         finally:
             assert gw.stop() == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_workers_stop_when_the_control_process_is_killed(tmp_path):
+    cfg = tmp_path / "g.toml"
+    _write_config(cfg, "http://127.0.0.1:9")
+    gw = await trio.to_thread.run_sync(ServeProcess, cfg)
+    worker = Path(f"/proc/{gw.worker_pid}")
+    gw.proc.kill()
+    gw.proc.wait(10)
+    with trio.fail_after(10):
+        while worker.exists() and "zombie" not in (worker / "status").read_text():
+            await trio.sleep(0.05)

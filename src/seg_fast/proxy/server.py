@@ -46,9 +46,20 @@ def cli(argv: list[str]) -> int:
 
 # -- worker -----------------------------------------------------------------
 
+def _die_with_parent() -> None:
+    # Linux: if the control process is killed outright, its workers get SIGTERM and drain.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_worker(config, config_path: str | None) -> int:
     from seg_fast.proxy.gateway import Gateway
 
+    _die_with_parent()
     gw = Gateway(config, config_path=config_path)
 
     async def main():
