@@ -612,3 +612,29 @@ async def test_tls_handshake_timeout(tmp_path):
         with trio.fail_after(2):
             while gw.active:
                 await trio.sleep(0.01)
+
+
+async def test_parked_ping_woken_early_waits_for_its_real_answer(tmp_path):
+    # The mail-server socket turns readable before the answer (here a 1xx; with TLS 1.3 a
+    # session ticket does the same): the Ping must still get its answer, not an upstream_read 503.
+    async def server(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 102 Processing\r\n\r\n")
+        await trio.sleep(1.0)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await trio.sleep(5)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, server, listeners)
+        async with gateway(f"http://127.0.0.1:{port}", tmp_path, timeouts_upstream_read="0.2",
+                           timeouts_ping_default_heartbeat="5") as gw:
+            dev = await Client.connect(gw.port)
+            await _send_ping(dev)
+            with trio.fail_after(5):
+                resp, body = await dev.read_answer()
+            assert resp.status_code == 200 and body == b"ok"
+        nursery.cancel_scope.cancel()

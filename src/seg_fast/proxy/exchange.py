@@ -305,12 +305,21 @@ async def resume(gw, p: Parked, why: str, dev) -> bool:
             gw.pool.discard(up)
             await _unavailable(gw, dev, rec, "mail server did not answer the Ping within heartbeat + margin")
         else:
+            # Readable is not always the answer (a TLS 1.3 session ticket, say): wait on in
+            # this task until the Ping's own deadline, still answerable by a drain.
+            remaining = max(p.deadline - trio.current_time(), 0.001)
             try:
-                answer = await _answer_head(up, gw.config.timeouts.upstream_read)
+                answer = await ping.wait_answer(gw, up, remaining)
             except UpstreamError as exc:
                 gw.pool.discard(up)
                 await _unavailable(gw, dev, rec, str(exc))
-            else:
+                answer = False
+            if answer is None:
+                gw.pool.discard(up)
+                dev.closing = True
+                rec.decision += ".drained"
+                await _answer(dev, rec, 200, ping.HEARTBEAT_EXPIRED_HEADERS, ping.HEARTBEAT_EXPIRED)
+            elif answer is not False:
                 rec.upstream_ms = round((time.perf_counter() - p.t_up) * 1000, 3)
                 if gw.draining:
                     dev.closing = True
