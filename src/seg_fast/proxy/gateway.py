@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import resource
 import socket
 import ssl
 
@@ -22,6 +23,18 @@ def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def raise_nofile_limit() -> int:
+    """Two descriptors per parked Ping: lift the soft RLIMIT_NOFILE to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def listening_socket(host: str, port: int, backlog: int) -> trio.socket.SocketType:
@@ -83,6 +96,7 @@ class Gateway:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind, accept and serve until drained (then finish in-flight work and return)."""
+        raise_nofile_limit()
         cfg = self.config.listener
         sock = listening_socket(cfg.host, cfg.port, cfg.backlog)
         await sock.bind((cfg.host, cfg.port))
