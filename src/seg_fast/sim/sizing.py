@@ -281,14 +281,14 @@ class Proxy:
                                                stderr=open(self.dir / f"gateway{k}.err", "wb")))
 
     def _start_nginx(self) -> None:
-        per_worker = 8000     # devices: 2 descriptors each, under 20,000 per process
+        per_worker = 6000     # devices: 2 descriptors each, well under 20,000 per process
         n = self.opts.devices
         workers = max(1, math.ceil(n / per_worker))
         ups, servers = [], []
         for k, ((sh, sp), (lh, lp)) in enumerate(zip(self.sims, self.listen)):
             ups.append(f"  upstream sim{k} {{ server {sh}:{sp}; keepalive 256; }}\n")
             servers.append(
-                f"  server {{ listen {lh}:{lp}; location / {{ proxy_pass http://sim{k}; }} }}\n")
+                f"  server {{ listen {lh}:{lp} reuseport; location / {{ proxy_pass http://sim{k}; }} }}\n")
         conf = self.dir / "nginx.conf"
         conf.write_text(
             f"worker_processes {workers};\nworker_rlimit_nofile 19500;\ndaemon off;\n"
@@ -434,12 +434,13 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             nursery.cancel_scope.cancel()
         server_died = proxy is not None and not proxy.alive()
     finally:
-        if proxy is not None:
-            proxy.stop()
-        for sh in shards:
-            if sh.proc.returncode is None:
-                sh.proc.kill()
-                await sh.proc.wait()
+        with trio.CancelScope(shield=True):     # interrupted or not: leave nothing running
+            if proxy is not None:
+                proxy.stop()
+            for sh in shards:
+                if sh.proc.returncode is None:
+                    sh.proc.kill()
+                    await sh.proc.wait()
     results = []
     for spec in specs:
         try:
@@ -808,7 +809,23 @@ def cli(argv: list[str]) -> int:
         if not a.quiet:
             print(msg, flush=True)
 
-    report = trio.run(bench, opts, a.search, a.max_devices, say)
+    async def interruptible():
+        # SIGINT/SIGTERM stop the run and still stop every process it started
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                async def watch():
+                    async for _ in signals:
+                        say("interrupted: stopping the run")
+                        nursery.cancel_scope.cancel()
+                        return
+                nursery.start_soon(watch)
+                out = await bench(opts, a.search, a.max_devices, say)
+                nursery.cancel_scope.cancel()
+                return out
+
+    report = trio.run(interruptible)
+    if report is None:
+        return 130
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"sizing-{opts.security}-{time.strftime('%Y%m%d-%H%M%S')}"
