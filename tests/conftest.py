@@ -1,7 +1,10 @@
 """Shared test set-up: hypothesis profiles and the fixtures directory."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
@@ -14,6 +17,12 @@ settings.register_profile("long", max_examples=20_000, deadline=None,
 settings.load_profile(os.environ.get("SEG_FAST_HYPOTHESIS", "default"))
 
 REPO = Path(__file__).resolve().parent.parent
+
+# State files a test leaves to the defaults (policy store, admin token, keys) go to a
+# temp dir of this session, never the repository or /var/lib/seg-fast; subprocesses
+# (seg-fast serve, the CLI) inherit it.
+os.environ["SEG_FAST_STATE_DIR"] = tempfile.mkdtemp(prefix="seg-fast-test-state-")
+atexit.register(shutil.rmtree, os.environ["SEG_FAST_STATE_DIR"], True)
 
 
 def _find_fixtures() -> Path:

@@ -13,6 +13,7 @@ import msgspec
 from seg_fast.content.settings import ContentSettings
 from seg_fast.errors import ConfigError
 from seg_fast.policy.settings import PolicySettings
+from seg_fast.statedir import DEFAULT_STATE_DIR, resolve
 
 
 class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -74,6 +75,9 @@ class LogSettings(_Section):
 
 class Config(_Section):
     workers: int = 0                 # 0: one per core
+    # Relative state paths (policy store, admin token, attachment keys) live here;
+    # created 0700 on first use.
+    state_dir: str = DEFAULT_STATE_DIR
     listener: ListenerSettings = ListenerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     eas: EasSettings = EasSettings()
@@ -166,7 +170,17 @@ def load_config(path: str | os.PathLike | None, env=None) -> Config:
         where = f"environment {overrides[key][2]}" if key in overrides else str(path or "(defaults)")
         raise ConfigError(f"{where}: key {key}: {str(exc).split(' - at ')[0]}") from None
     _check(config, str(path or "(defaults)"), overrides)
-    return config
+    return with_state_paths(config)
+
+
+def with_state_paths(config: Config) -> Config:
+    """The config with every relative state path made absolute inside ``state_dir``."""
+    d = config.state_dir
+    policy = msgspec.structs.replace(config.policy, sqlite_path=str(resolve(config.policy.sqlite_path, d)))
+    security = msgspec.structs.replace(
+        config.security, master_key_file=str(resolve(config.security.master_key_file, d)),
+        key_state_file=str(resolve(config.security.key_state_file, d)))
+    return msgspec.structs.replace(config, policy=policy, security=security)
 
 
 def _check(config: Config, where: str, overrides) -> None:
@@ -174,6 +188,8 @@ def _check(config: Config, where: str, overrides) -> None:
     problems: list[tuple[str, str]] = []
     if config.workers < 0:
         problems.append(("workers", "must be 0 (one per core) or more"))
+    if not config.state_dir:
+        problems.append(("state_dir", "must name a directory"))
     for key, port in (("listener.port", config.listener.port), ("admin.port", config.admin.port)):
         if not 0 <= port <= 65535:
             problems.append((key, f"port {port} is out of range"))

@@ -114,9 +114,8 @@ async def _main(args, state: str) -> None:
         "SEG_FAST_LISTENER_HOST": args.host,
         "SEG_FAST_LISTENER_PORT": str(port),
         "SEG_FAST_LOG_TRANSACTIONS": os.path.join(state, "transactions.jsonl"),
-        "SEG_FAST_POLICY_SQLITE_PATH": os.path.join(state, "policy.db"),
-        "SEG_FAST_SECURITY_MASTER_KEY_FILE": os.path.join(state, "master.key"),
-        "SEG_FAST_SECURITY_KEY_STATE_FILE": os.path.join(state, "keys.json"),
+        # Policy store, admin token and attachment keys go into the demo's temp dir.
+        "SEG_FAST_STATE_DIR": state,
         "SEG_FAST_ADMIN_PORT": "44444" if _port_free("127.0.0.1", 44444) else "0",
     }
     policies = _demo_policy_file()

@@ -25,6 +25,7 @@ from seg_fast.admin.api import JSON, AdminApi, HttpError
 from seg_fast.errors import SegFastError
 from seg_fast.policy.gate import PolicyGatekeeper
 from seg_fast.policy.source import PolicySource
+from seg_fast.statedir import ensure_parent, resolve
 
 log = logging.getLogger("seg_fast.admin")
 
@@ -34,9 +35,11 @@ IDLE_TIMEOUT = 30.0
 
 
 def token_path(config) -> Path:
+    """Beside the SQLite store, else in the state directory."""
     if config.policy.store == "sqlite":
-        return Path(config.policy.sqlite_path).with_name(Path(config.policy.sqlite_path).name + ".admin-token")
-    return Path("seg-fast-admin.token")
+        db = resolve(config.policy.sqlite_path, config.state_dir)
+        return db.with_name(db.name + ".admin-token")
+    return resolve("seg-fast-admin.token", config.state_dir)
 
 
 def admin_token(config) -> str:
@@ -49,7 +52,7 @@ def admin_token(config) -> str:
     except FileNotFoundError:
         pass
     token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_parent(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from seg_fast.errors import ConfigError
+from seg_fast.statedir import ensure_parent, resolve
 
 KEY_SALT = b"seg-fast attachment key v1"
 # How often a worker looks at the key state file for rotations.
@@ -30,9 +31,12 @@ def load_master_key(path: str | os.PathLike, *, create: bool = False) -> bytes:
     p = Path(path)
     if not p.exists() and create:
         try:
+            ensure_parent(p)
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             pass  # another worker made it first
+        except OSError:
+            pass  # cannot create it: the read below names the file and why
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(os.urandom(32).hex() + "\n")
@@ -72,8 +76,10 @@ class Keyring:
 
     @classmethod
     def from_settings(cls, settings) -> "Keyring":
-        master = load_master_key(settings.master_key_file, create=True)
-        return cls(master, settings.key_state_file)
+        # Relative names are inside the state directory (config.load_config makes them
+        # absolute; settings built in code fall back to SEG_FAST_STATE_DIR or the default).
+        master = load_master_key(resolve(settings.master_key_file), create=True)
+        return cls(master, resolve(settings.key_state_file) if settings.key_state_file else None)
 
     def _derive_uncached(self, device: bytes, user: bytes, generation: int) -> bytes:
         info = b"device\0" + device + b"\0user\0" + user + b"\0gen" + struct.pack(">I", generation)
@@ -111,6 +117,7 @@ class Keyring:
         if gen >= 2**32:
             raise ConfigError(f"device {device_id}: key generations exhausted")
         self._generations[dev] = gen
+        ensure_parent(self._state_file)
         tmp = self._state_file.with_name(self._state_file.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"generations": self._generations}, sort_keys=True))
         os.replace(tmp, self._state_file)

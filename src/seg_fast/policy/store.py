@@ -26,6 +26,7 @@ import trio
 from seg_fast.errors import PolicyError, SegFastError
 from seg_fast.policy.model import DeviceRecord, DeviceSighting, PolicyDocument, device_key
 from seg_fast.policy.resp import RedisConnection, RedisError
+from seg_fast.statedir import ensure_parent, resolve
 
 # "redirects": user -> 451/302 location, for the proxy to share (admin CSV download).
 NAMESPACES = ("devices", "sightings", "first_seen", "folders", "redirects")
@@ -131,13 +132,14 @@ BULK_CHANGES = 1000
 
 class SqliteStore(Store):
     def __init__(self, path: str | Path):
-        self.path = str(path)
+        # A relative path is inside the state directory, never the current one.
+        self.path = str(resolve(path))
         self._db: sqlite3.Connection | None = None
         self._lock = trio.Lock()
 
     async def open(self) -> None:
         def _open():
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            ensure_parent(self.path)
             db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
