@@ -616,6 +616,17 @@ def judge(point: dict, opts: Options) -> dict:
                              "kib_per_device": round(s["rss_kib_max"] / n, 2),
                              "kib_per_device_marginal": round((s["rss_kib_max"] - s["rss_kib_idle"]) / n, 2),
                              "cpu_share": s["cpu_share"], "rss_mib": round(s["rss_kib_max"] / 1024, 1)}
+    for name, p in paths.items():
+        ld = p["load"]
+        metrics.setdefault("load", {})[name] = {
+            "cpu_share": ld["cpu_share"],
+            # a straight-line projection, not a measurement: where the load core hits 80%
+            "projected_devices_at_80pct": int(n * 0.8 / ld["cpu_share"]) if ld["cpu_share"] else None}
+    if "gateway" in metrics and metrics["gateway"]["cpu_share"]:
+        metrics["gateway"]["projected_devices_at_80pct_cpu"] = int(n * SLO_CPU_SHARE / metrics["gateway"]["cpu_share"])
+        metrics["gateway"]["projected_devices_at_2GiB"] = (
+            int((SLO_RSS_KIB - paths["gateway"]["server"]["rss_kib_idle"]) / metrics["gateway"]["kib_per_device_marginal"])
+            if metrics["gateway"]["kib_per_device_marginal"] > 0 else None)
     if "gateway" in metrics and "nginx" in metrics and metrics["nginx"]["cpu_s_per_device_hour"]:
         metrics["gateway_cpu_vs_nginx"] = round(metrics["gateway"]["cpu_s_per_device_hour"]
                                                 / metrics["nginx"]["cpu_s_per_device_hour"], 2)
