@@ -208,3 +208,25 @@ def _without_token(body: bytes) -> bytes:
         raise PolicyError("policy API snapshot: expected a JSON object")
     obj.pop("token", None)
     return msgspec.json.encode(obj)
+
+
+async def run_pull(settings: PolicySettings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The policy API pull on its own store connection: for a control process whose
+    admin API is off (with it on, the admin server runs the pull beside the API)."""
+    from seg_fast.policy.store import StoreError, open_store
+
+    store = open_store(settings)
+    delay = 0.5
+    while True:
+        try:
+            await store.open()
+            break
+        except StoreError as exc:
+            log.error("policy pull waits for the store: %s", exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    try:
+        await PolicySource(settings, store).run(task_status=task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()

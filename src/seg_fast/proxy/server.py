@@ -126,7 +126,9 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                     procs.append(spawn())
                 _say(f"control process: {workers} worker(s)")
                 if config.admin.enabled:
-                    nursery.start_soon(_admin, admin, config)
+                    nursery.start_soon(_admin, admin, config)     # with the policy API pull
+                elif config.policy.api_url:
+                    nursery.start_soon(_pull, config)
                 nursery.start_soon(_control_signals, signals, procs, state, config_path)
                 while True:
                     await trio.sleep(0.5)
@@ -153,6 +155,15 @@ async def _admin(admin, config) -> None:
         await admin.run(config)
     except Exception as exc:          # the admin API failing must not take the gateway down
         _say(f"admin API stopped: {type(exc).__name__}: {exc}")
+
+
+async def _pull(config) -> None:
+    from seg_fast.policy.source import run_pull
+
+    try:
+        await run_pull(config.policy)
+    except Exception as exc:          # like the admin API: never takes the gateway down
+        _say(f"policy API pull stopped: {type(exc).__name__}: {exc}")
 
 
 async def _control_signals(signals, procs, state, config_path) -> None:
