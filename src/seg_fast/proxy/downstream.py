@@ -4,7 +4,7 @@ from __future__ import annotations
 import h11
 import trio
 
-from seg_fast.proxy import exchange
+from seg_fast.proxy import exchange, sockio
 from seg_fast.proxy.exchange import DeviceGone
 
 RECEIVE_SIZE = 64 * 1024
@@ -13,10 +13,11 @@ RECEIVE_SIZE = 64 * 1024
 class Device:
     """The device side of one connection: its stream, h11 state and who it is."""
 
-    __slots__ = ("stream", "conn", "client_ip", "proto", "closing")
+    __slots__ = ("stream", "sock", "conn", "client_ip", "proto", "closing")
 
     def __init__(self, stream, client_ip: str, proto: bytes, max_head: int):
         self.stream = stream
+        self.sock = sockio.plain_socket(stream)      # None under TLS
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self.client_ip = client_ip
         self.proto = proto
@@ -24,19 +25,17 @@ class Device:
 
     async def receive(self, timeout: float) -> None:
         """Feed h11 one read from the device (b"" on EOF)."""
-        # A bare CancelScope: trio.fail_after's context-manager wrapper costs more than the read.
         try:
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = await sockio.receive(self.stream, self.sock, RECEIVE_SIZE, trio.current_time() + timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise DeviceGone(type(exc).__name__) from None
-        if scope.cancelled_caught:
+        if data is None:
             raise DeviceGone("device stalled")
         self.conn.receive_data(data)
 
     async def send_bytes(self, data) -> None:
         try:
-            await self.stream.send_all(data)
+            await sockio.send_all(self.stream, self.sock, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise DeviceGone(type(exc).__name__) from None
 
@@ -123,16 +122,18 @@ async def _loop(gw, dev: Device) -> bool:
         if event is h11.NEED_DATA:
             if gw.draining:
                 return False
-            scope = trio.CancelScope(deadline=trio.current_time() + timeouts.idle_keepalive)
-            gw.idle_scopes.add(scope)
             try:
-                with scope:
-                    data = await dev.stream.receive_some(RECEIVE_SIZE)
+                data = sockio.read_now(dev.sock, RECEIVE_SIZE)
+                if data is None:
+                    scope = trio.CancelScope(deadline=trio.current_time() + timeouts.idle_keepalive)
+                    gw.idle_scopes.add(scope)
+                    try:
+                        data = await sockio.wait_receive(dev.stream, dev.sock, RECEIVE_SIZE, scope)
+                    finally:
+                        gw.idle_scopes.discard(scope)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return False
-            finally:
-                gw.idle_scopes.discard(scope)
-            if scope.cancelled_caught:
+            if data is None:
                 return False
             try:
                 conn.receive_data(data)

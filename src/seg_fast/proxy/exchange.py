@@ -17,7 +17,7 @@ from seg_fast.errors import ContentError, EASRequestError
 from seg_fast.hooks import Decision
 from seg_fast.observe import Transaction
 from seg_fast.proxy import headers as hdrs
-from seg_fast.proxy import parking, ping
+from seg_fast.proxy import parking, ping, sockio
 from seg_fast.proxy.parking import Parked
 from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamConn, UpstreamError
 
@@ -56,9 +56,9 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
     if target.split(b"?", 1)[0].lower() not in gw.eas_paths:
         rec.error = "not an EAS path"
         return await _answer(dev, rec, 404, [(b"Content-Type", b"text/plain")], b"not found\n")
-    raw = request.headers.raw_items() if hasattr(request.headers, "raw_items") else list(request.headers)
+    full = hdrs.items(request.headers)
     try:
-        req = parse_request(rec.method, target, raw, dev.client_ip)
+        req = parse_request(rec.method, target, [(low, value) for _, low, value in full], dev.client_ip)
     except EASRequestError as exc:
         rec.error = str(exc)[:200]
         return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")], b"malformed ActiveSync request\n")
@@ -76,7 +76,7 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
     answer_tx, request_tx = _transforms_for(decision, req.command)
     result = None
     try:
-        result = await _forward(gw, dev, request, raw, req, decision, answer_tx, request_tx, rec, t0)
+        result = await _forward(gw, dev, request, full, req, decision, answer_tx, request_tx, rec, t0)
         return result
     finally:
         if rec.status and result is not PARKED:
@@ -135,8 +135,7 @@ async def _dev_receive(dev, timeout: float) -> None:
     await dev.receive(timeout)
 
 
-def _declared_length(raw) -> int | None:
-    value = hdrs.get(raw, b"content-length")
+def _declared_length(value: bytes | None) -> int | None:
     if value is None:
         return None
     try:
@@ -145,7 +144,7 @@ def _declared_length(raw) -> int | None:
         return None
 
 
-async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, request_tx,
+async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx, request_tx,
                    rec: Transaction, t0: float):
     config = gw.config
     conn = dev.conn
@@ -153,7 +152,9 @@ async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, 
         await _send_dev(dev, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
 
     is_ping = req.command == "Ping"
-    length = _declared_length(raw)
+    declared, host, connection = hdrs.facts(full)
+    host = host or b""
+    length = _declared_length(declared)
     body: bytes | None = None
     if request_tx or is_ping or (length is not None and length <= SMALL_BODY):
         limit = config.security.max_transform_bytes if request_tx else (
@@ -180,16 +181,14 @@ async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, 
 
     origin = gw.redirects.origin_for(req.user)
     rec.upstream = f"{origin.host}:{origin.port}"
-    head = hdrs.upstream_request_headers(raw, host=origin.host_header, client_ip=dev.client_ip,
-                                         proto=dev.proto, behind_proxy=gw.behind_proxy)
+    framing = None
     if body is not None:
-        head = [(k, v) for k, v in head if k.lower() not in (b"content-length", b"transfer-encoding")]
-        if body or request.method not in (b"GET", b"OPTIONS", b"HEAD"):
-            head.append((b"Content-Length", str(len(body)).encode()))
-    # The device's headers were validated by h11 when parsed and ours are well-formed:
-    # _parsed skips re-validating every header (the largest per-request cost in h11).
-    up_request = h11.Request(method=request.method, target=request.target, headers=head,
-                             http_version=b"1.1", _parsed=True)
+        framing = hdrs.content_length(len(body)) if body or request.method not in (b"GET", b"OPTIONS", b"HEAD") \
+            else []
+    head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
+                                         proto=dev.proto, behind_proxy=gw.behind_proxy, framing=framing)
+    # The device's headers were validated by h11 when parsed and ours are well-formed.
+    up_request = hdrs.request_event(request.method, request.target, head)
 
     t_up = time.perf_counter()
     up = None
@@ -209,9 +208,8 @@ async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, 
                 await _pump_request(gw, dev, up, out, rec)
             if is_ping and not answer_tx and _can_park(gw, dev):
                 # The task ends here; the parking lot finishes the transaction (resume()).
-                host = hdrs.get(raw, b"host") or b""
                 up.h11 = None
-                gw.parking.park(Parked(dev.stream, dev.client_ip, dev.proto, _wants_close(request, raw), up,
+                gw.parking.park(Parked(dev.stream, dev.client_ip, dev.proto, _wants_close(request, connection), up,
                                        req, decision, rec, host, trio.current_time() + read_timeout, t_up, t0))
                 return PARKED
             if is_ping:
@@ -235,7 +233,7 @@ async def _forward(gw, dev, request, raw, req: EasRequest, decision, answer_tx, 
             gw.pool.discard(up)
             raise
     rec.upstream_ms = round((time.perf_counter() - t_up) * 1000, 3)
-    return await _finish(gw, dev, up, req, answer, answer_tx, rec, hdrs.get(raw, b"host") or b"")
+    return await _finish(gw, dev, up, req, answer, answer_tx, rec, host)
 
 
 async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_tx, rec: Transaction,
@@ -243,14 +241,14 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
     """Send the mail server's answer on to the device; the connection goes back to the pool."""
     try:
         status = answer.status_code
-        headers = hdrs.answer_headers(answer.headers.raw_items())
+        headers = hdrs.answer_headers(hdrs.items(answer.headers))
         if status in (451, 302):
-            headers = gw.redirects.rewrite(req, status, headers, host, dev.proto)
+            headers = hdrs.from_pairs(gw.redirects.rewrite(req, status, hdrs.pairs(headers), host, dev.proto))
         if dev.closing:
-            headers.append((b"Connection", b"close"))
+            headers.append((b"Connection", b"connection", b"close"))
         rec.status = status
         if answer_tx and status == 200:
-            await _transformed_answer(gw, dev, up, req, status, headers, answer_tx, rec)
+            await _transformed_answer(gw, dev, up, req, status, hdrs.pairs(headers), answer_tx, rec)
         else:
             await _stream_answer(gw, dev, up, status, headers, rec, answer.reason)
     except BaseException:
@@ -265,10 +263,9 @@ def _can_park(gw, dev) -> bool:
     return gw.parking is not None and not gw.draining and not dev.conn.trailing_data[0]
 
 
-def _wants_close(request: h11.Request, raw) -> bool:
+def _wants_close(request: h11.Request, value: bytes | None) -> bool:
     if request.http_version != b"1.1":
         return True
-    value = hdrs.get(raw, b"connection")
     return value is not None and b"close" in value.lower()
 
 
@@ -338,7 +335,7 @@ class _Timeout(UpstreamError):
 
 async def _send_up(up: UpstreamConn, data) -> None:
     try:
-        await up.stream.send_all(data)
+        await sockio.send_all(up.stream, up.plain, data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise UpstreamError(f"mail server connection broke while sending: {type(exc).__name__}") from None
 
@@ -349,11 +346,10 @@ async def _send_dev(dev, data) -> None:
 
 async def _up_receive(up: UpstreamConn, timeout: float) -> None:
     try:
-        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-            data = await up.stream.receive_some(RECEIVE_SIZE)
+        data = await sockio.receive(up.stream, up.plain, RECEIVE_SIZE, trio.current_time() + timeout)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise UpstreamError(f"mail server connection broke: {type(exc).__name__}") from None
-    if scope.cancelled_caught:
+    if data is None:
         raise _Timeout(f"mail server did not answer within {timeout:g} s")
     up.h11.receive_data(data)
 
@@ -398,14 +394,13 @@ async def _pump_request(gw, dev, up: UpstreamConn, out: bytes, rec: Transaction)
             raise DeviceGone("device closed during the request body")
 
 
-async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers, rec: Transaction,
+async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.Full, rec: Transaction,
                          reason: bytes = b"") -> None:
     """Stream the mail server's answer to the device, one read at a time (backpressure)."""
     conn = dev.conn
     h = up.h11
     timeout = gw.config.timeouts.upstream_read
-    pending = conn.send(h11.Response(status_code=status, headers=headers, reason=reason,
-                                     http_version=b"1.1", _parsed=True))
+    pending = conn.send(hdrs.response_event(status, headers, reason))
     while True:
         try:
             event = h.next_event()

@@ -1,71 +1,117 @@
-"""Header rewriting between the device leg and the mail-server leg (RFC 9110 7.6.1)."""
+"""Header rewriting between the device leg and the mail-server leg (RFC 9110 7.6.1).
+
+The hot path works on h11's own header triples (name as sent, lower-case name,
+value), so no name is lower-cased twice, and hands them back to h11 as a
+``Headers`` object, which h11 takes without normalising again. Every header in
+them was validated by h11's parser or is one of ours, built well-formed here.
+"""
 from __future__ import annotations
 
+import h11
+
 Headers = list[tuple[bytes, bytes]]
+Full = list[tuple[bytes, bytes, bytes]]          # (name as sent, lower-case name, value)
 
 # Connection-level headers that never cross a proxy.
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
+# Request headers the gateway sets itself (Host names the mail server; the gateway
+# answers 100-continue itself; the forwarding headers are rebuilt).
+_REQUEST_OWN = frozenset({b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto"})
+_REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+_H11Headers = type(h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"h")]).headers)
 
 
-def _connection_tokens(raw: Headers) -> frozenset[bytes]:
+def items(headers) -> Full:
+    """The triples of an h11 event's headers (h11's own list: do not modify it)."""
+    full = getattr(headers, "_full_items", None)
+    if full is None:                              # an h11 without the attribute
+        full = [(name, name.lower(), value) for name, value in headers.raw_items()]
+    return full
+
+
+def pairs(full: Full) -> Headers:
+    return [(raw, value) for raw, _, value in full]
+
+
+def from_pairs(raw: Headers) -> Full:
+    return [(name, name.lower(), value) for name, value in raw]
+
+
+def facts(full: Full) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """Content-Length, Host and Connection of a request (the first of each), in one pass."""
+    length = host = connection = None
+    for _, low, value in full:
+        if low == b"content-length":
+            if length is None:
+                length = value
+        elif low == b"host":
+            if host is None:
+                host = value
+        elif low == b"connection" and connection is None:
+            connection = value
+    return length, host, connection
+
+
+def _connection_tokens(full: Full) -> frozenset[bytes]:
     tokens = set()
-    for name, value in raw:
-        if name.lower() == b"connection":
+    for _, low, value in full:
+        if low == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     return frozenset(tokens)
 
 
-def end_to_end(raw: Headers) -> tuple[Headers, bool]:
-    """Drop hop-by-hop headers; also say whether the message was chunked."""
-    extra = _connection_tokens(raw)
-    out = []
+def upstream_request_headers(full: Full, *, host: bytes, client_ip: str, proto: bytes,
+                             behind_proxy: bool, framing: Full | None = None) -> Full:
+    """The device's request headers as the mail server gets them.
+
+    ``framing``: None keeps the device's body framing (the body streams through);
+    otherwise the device's Content-Length/Transfer-Encoding give way to these headers
+    (the body was read whole).
+    """
+    extra = _connection_tokens(full) if any(low == b"connection" for _, low, _ in full) else ()
+    fwd_for = fwd_proto = None
     chunked = False
-    for name, value in raw:
-        low = name.lower()
-        if low == b"transfer-encoding":
-            chunked = True
+    out: Full = [(b"Host", b"host", host)]
+    append = out.append
+    for item in full:
+        low = item[1]
+        if low in _REQUEST_DROP:
+            if low == b"transfer-encoding":
+                chunked = True
+            elif low == b"x-forwarded-for":
+                fwd_for = item[2]
+            elif low == b"x-forwarded-proto":
+                fwd_proto = item[2]
             continue
-        if low in HOP_BY_HOP or low in extra:
+        if extra and low in extra:
             continue
-        out.append((name, value))
-    return out, chunked
-
-
-def upstream_request_headers(raw: Headers, *, host: bytes, client_ip: str, proto: bytes,
-                             behind_proxy: bool) -> Headers:
-    """The device's request headers as the mail server gets them."""
-    out, chunked = end_to_end(raw)
-    fwd_for = None
-    fwd_proto = None
-    headers: Headers = []
-    for name, value in out:
-        low = name.lower()
-        if low == b"host" or low == b"expect":
-            continue                  # Host names the mail server; the gateway answers 100-continue itself
-        if low == b"x-forwarded-for":
-            fwd_for = value
+        if framing is not None and low == b"content-length":
             continue
-        if low == b"x-forwarded-proto":
-            fwd_proto = value
-            continue
-        headers.append((name, value))
+        append(item)
     ip = client_ip.encode()
-    headers.insert(0, (b"Host", host))
-    headers.append((b"X-Forwarded-For", fwd_for + b", " + ip if fwd_for and behind_proxy else ip))
+    append((b"X-Forwarded-For", b"x-forwarded-for", fwd_for + b", " + ip if fwd_for and behind_proxy else ip))
     # Behind a TLS-terminating load balancer the balancer knows the device's scheme.
-    headers.append((b"X-Forwarded-Proto", fwd_proto if fwd_proto and behind_proxy else proto))
-    if chunked:
-        headers.append((b"Transfer-Encoding", b"chunked"))
-    return headers
-
-
-def answer_headers(raw: Headers) -> Headers:
-    """The mail server's answer headers as the device gets them (h11 re-frames the body)."""
-    out, _ = end_to_end(raw)
+    append((b"X-Forwarded-Proto", b"x-forwarded-proto", fwd_proto if fwd_proto and behind_proxy else proto))
+    if framing is not None:
+        out += framing
+    elif chunked:
+        append((b"Transfer-Encoding", b"transfer-encoding", b"chunked"))
     return out
+
+
+def answer_headers(full: Full) -> Full:
+    """The mail server's answer headers as the device gets them (h11 re-frames the body)."""
+    extra = _connection_tokens(full) if any(low == b"connection" for _, low, _ in full) else ()
+    return [item for item in full if item[1] not in HOP_BY_HOP and not (extra and item[1] in extra)]
+
+
+def content_length(n: int) -> Full:
+    return [(b"Content-Length", b"content-length", str(n).encode())]
 
 
 def get(raw: Headers, name: bytes) -> bytes | None:
@@ -78,3 +124,53 @@ def get(raw: Headers, name: bytes) -> bytes | None:
 def replace(raw: Headers, name: bytes, value: bytes) -> Headers:
     """Every header but ``name``, then ``name: value``."""
     return [(k, v) for k, v in raw if k.lower() != name] + [(name, value)]
+
+
+# -- h11 events from triples ----------------------------------------------------------------
+# The public constructors re-normalise and re-validate every header (the largest
+# per-request cost in h11); these set the same fields h11's own parser sets.
+
+def _fast_request(method: bytes, target: bytes, full: Full) -> h11.Request:
+    event = object.__new__(h11.Request)
+    setattr_ = object.__setattr__
+    setattr_(event, "method", method)
+    setattr_(event, "target", target)
+    setattr_(event, "headers", _H11Headers(full))
+    setattr_(event, "http_version", b"1.1")
+    return event
+
+
+def _fast_response(status: int, full: Full, reason: bytes) -> h11.Response:
+    event = object.__new__(h11.Response)
+    setattr_ = object.__setattr__
+    setattr_(event, "status_code", status)
+    setattr_(event, "headers", _H11Headers(full))
+    setattr_(event, "http_version", b"1.1")
+    setattr_(event, "reason", reason)
+    return event
+
+
+def _slow_request(method: bytes, target: bytes, full: Full) -> h11.Request:
+    return h11.Request(method=method, target=target, headers=pairs(full), http_version=b"1.1")
+
+
+def _slow_response(status: int, full: Full, reason: bytes) -> h11.Response:
+    return h11.Response(status_code=status, headers=pairs(full), reason=reason, http_version=b"1.1")
+
+
+def _fast_path_agrees() -> bool:
+    # An h11 whose events differ from what these builders make gets its own constructors.
+    full = [(b"Host", b"host", b"h"), (b"Content-Length", b"content-length", b"3")]
+    try:
+        return (_fast_request(b"POST", b"/x", full) == _slow_request(b"POST", b"/x", full)
+                and _fast_response(200, full, b"OK") == _slow_response(200, full, b"OK")
+                and h11.Connection(h11.CLIENT).send(_fast_request(b"POST", b"/x", full))
+                == h11.Connection(h11.CLIENT).send(_slow_request(b"POST", b"/x", full)))
+    except Exception:
+        return False
+
+
+if _fast_path_agrees():
+    request_event, response_event = _fast_request, _fast_response
+else:                                             # pragma: no cover - depends on the h11 release
+    request_event, response_event = _slow_request, _slow_response

@@ -60,12 +60,13 @@ def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
 class UpstreamConn:
     """One connection to a mail server and its h11 client state."""
 
-    __slots__ = ("origin", "stream", "h11", "sock", "reused", "pool")
+    __slots__ = ("origin", "stream", "h11", "sock", "plain", "reused", "pool")
 
     def __init__(self, origin: Origin, stream, sock):
         self.origin = origin
         self.stream = stream
         self.sock = sock              # the trio socket under any TLS, for liveness checks
+        self.plain = sock if type(stream) is trio.SocketStream else None   # sockio's fast path
         self.h11 = h11.Connection(h11.CLIENT)
         self.reused = False
         self.pool = None              # the pool it counts against (a reload may replace gw.pool)
