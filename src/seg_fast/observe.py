@@ -5,10 +5,37 @@ and header values such as Authorization have no field to land in.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
 import msgspec
+
+# The admin API's logging areas for transactions (seg_fast.policy.gate.LOG_AREAS): the
+# records written follow these loggers' levels, enabled at INFO. By default every
+# transaction summary is written; "device transactions: blocked" alone writes the
+# blocked ones only.
+SUMMARY_LOGGER = "seg_fast.tx.summary"
+ALL_LOGGER = "seg_fast.tx.all"
+BLOCKED_LOGGER = "seg_fast.tx.blocked"
+if logging.getLogger(SUMMARY_LOGGER).level == logging.NOTSET:
+    logging.getLogger(SUMMARY_LOGGER).setLevel(logging.INFO)
+
+WRITE_ALL, WRITE_BLOCKED, WRITE_NONE = 0, 1, 2
+_write_mode = WRITE_ALL
+
+
+def refresh_levels() -> int:
+    """Re-read the transaction loggers' levels (call after changing them); the mode."""
+    global _write_mode
+    on = lambda name: logging.getLogger(name).isEnabledFor(logging.INFO)
+    if on(SUMMARY_LOGGER) or on(ALL_LOGGER):
+        _write_mode = WRITE_ALL
+    elif on(BLOCKED_LOGGER):
+        _write_mode = WRITE_BLOCKED
+    else:
+        _write_mode = WRITE_NONE
+    return _write_mode
 
 
 class Transaction(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -44,6 +71,8 @@ class TransactionLog:
 
     def write(self, record: Transaction) -> None:
         if self._file is None:
+            return
+        if _write_mode != WRITE_ALL and (_write_mode == WRITE_NONE or not record.decision.startswith("blocked")):
             return
         self._encoder.encode_into(record, self._buffer, -1)
         self._buffer += b"\n"

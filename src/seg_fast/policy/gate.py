@@ -57,6 +57,9 @@ def apply_log_levels(raw: str | None) -> None:
     for area, level in levels.items():
         if area in LOG_AREAS and level in LOG_LEVELS:
             logging.getLogger(LOG_AREAS[area]).setLevel(LOG_LEVELS[level])
+    # The transaction log (observe.py) writes by the transaction areas' levels.
+    from seg_fast.observe import refresh_levels
+    refresh_levels()
 
 
 def node_name(settings: PolicySettings) -> str:
