@@ -266,7 +266,7 @@ class AdminApi:
             return _csv(["file_type", "action"], rows)
         if type == "redirect":
             entries = await self.store.get_entries("redirects")
-            return _csv(["user", "location"], sorted((k, v.decode()) for k, v in entries.items()))
+            return _csv(["user", "location"], sorted((k, v.decode()) for k, v in entries.items() if v))
         raise HttpError(404, f"unknown download type {type!r} (device, account, managedattachment, "
                              "unmanagedattachment, redirect)")
 

@@ -86,6 +86,11 @@ class PolicyGatekeeper:
         self._first_seen: dict[str, float] = {}
         self.loaded = trio.Event()
         self.store_ok = False
+        # 451/302 mappings user -> mail server URL, shared by every worker and node through
+        # the store; the proxy reads this dict (RedirectMap.attach) and learns through
+        # note_redirect. Updated in place: the proxy keeps a reference.
+        self.redirects: dict[str, str] = {}
+        self._pending_redirects: dict[str, str] = {}
 
     # -- Gatekeeper ---------------------------------------------------------------
     def blocked_answer(self, req, decision: Decision) -> tuple[int, Headers, bytes]:
@@ -102,6 +107,16 @@ class PolicyGatekeeper:
         if raw not in pending and len(pending) >= MAX_PENDING_SIGHTINGS:
             return   # the flush is behind: drop rather than grow without bound
         pending[raw] = (req, decision, status, self.engine.now)
+
+    def note_redirect(self, user_key: str, location: str) -> None:
+        """The mail server sent this user elsewhere ("" : back to the default server);
+        in force in this worker now, in every other within a second (the flush)."""
+        if location:
+            self.redirects[user_key] = location
+        else:
+            self.redirects.pop(user_key, None)
+        if user_key in self._pending_redirects or len(self._pending_redirects) < MAX_PENDING_SIGHTINGS:
+            self._pending_redirects[user_key] = location
 
     def _sighting(self, raw: str, req, decision: Decision, status: int, when: float) -> DeviceSighting:
         key = device_key(raw)
@@ -151,6 +166,11 @@ class PolicyGatekeeper:
         snap = await self.store.snapshot()
         self.engine.load(snap.document, snap.devices, snap.version)
         self.folders.load(await self.store.get_entries("folders"))
+        redirects = {k: v.decode("utf-8", "replace") for k, v in (await self.store.get_entries("redirects")).items()
+                     if v}
+        redirects.update((k, v) for k, v in self._pending_redirects.items() if v)
+        self.redirects.clear()
+        self.redirects.update(redirects)
         await self._apply_meta()
         self.loaded.set()
         log.info("policy snapshot %d loaded: %d devices", snap.version, len(snap.devices))
@@ -174,6 +194,13 @@ class PolicyGatekeeper:
             self.engine.set_document(await self.store.get_document(), ch.version)
         elif ch.kind == "folders":
             self.folders.load(await self.store.get_entries("folders", [ch.key]))
+        elif ch.kind == "redirects":
+            value = (await self.store.get_entries("redirects", [ch.key])).get(ch.key)
+            if ch.key not in self._pending_redirects:     # our own newer mapping is on its way
+                if value:
+                    self.redirects[ch.key] = value.decode("utf-8", "replace")
+                else:
+                    self.redirects.pop(ch.key, None)
         elif ch.kind == "meta":
             if ch.key == META_COMPLIANCE_RUN:
                 self.engine.set_document(self.engine.policies.doc if self.engine.policies else None,
@@ -225,6 +252,12 @@ class PolicyGatekeeper:
                 await self.store.put_sightings(list(batch.values()))
             except StoreError as exc:
                 log.warning("device sightings not saved: %s", exc)
+        if self._pending_redirects:
+            pending, self._pending_redirects = self._pending_redirects, {}
+            try:
+                await self.store.put_entries("redirects", {k: v.encode() for k, v in pending.items()}, notify=True)
+            except StoreError as exc:
+                log.warning("redirect mappings not saved: %s", exc)
         learned = self.folders.take_learned()
         if learned:
             try:

@@ -28,7 +28,8 @@ from seg_fast.policy.model import DeviceRecord, DeviceSighting, PolicyDocument, 
 from seg_fast.policy.resp import RedisConnection, RedisError
 from seg_fast.statedir import ensure_parent, resolve
 
-# "redirects": user -> 451/302 location, for the proxy to share (admin CSV download).
+# "redirects": user -> 451/302 mail server URL ("" once sent back to the default), shared
+# by every worker and node (seg_fast.policy.gate) and listed by the admin CSV download.
 NAMESPACES = ("devices", "sightings", "first_seen", "folders", "redirects")
 
 _enc = msgspec.json.Encoder()
@@ -43,7 +44,7 @@ class StoreError(SegFastError):
 
 class Change(msgspec.Struct, frozen=True, array_like=True):
     """One change every worker must apply: kind is "document", "device", "device_removed",
-    "folders", "meta" or "reload" (everything replaced)."""
+    "folders", "redirects", "meta" or "reload" (everything replaced)."""
     version: int
     kind: str
     key: str = ""

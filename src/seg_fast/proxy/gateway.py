@@ -87,6 +87,8 @@ class Gateway:
         default = origin_of(config.upstream.url)
         if getattr(self, "redirects", None) is None or self.redirects.default != default:
             self.redirects = RedirectMap(default)
+            if getattr(self, "gatekeeper", None) is not None:
+                self.redirects.attach(self.gatekeeper)
         if self._tls_override is not None:
             self.tls_context = self._tls_override
         elif config.listener.tls_cert:
@@ -132,6 +134,7 @@ class Gateway:
 
         await self._nursery.start(run)
         self.gatekeeper = gatekeeper
+        self.redirects.attach(gatekeeper)      # 451/302 mappings shared through its store
         self._gatekeeper_scope = scope
         if old is not None:
             old.cancel()
