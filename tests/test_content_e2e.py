@@ -179,6 +179,7 @@ async def test_email_security_through_the_gateway(tmp_path):
             assert text(att, "AirSyncBase:DisplayName") == png_name + " (removed).txt"
             r = await unmanaged.request("GetAttachment", params={"AttachmentName": text(att, "AirSyncBase:FileReference")})
             assert r.status == 200 and BLOCK_MSG.encode() in r.body and b"\x89PNG" not in r.body
+            assert r.headers["content-type"] == "text/plain; charset=utf-8"     # not image/png
             # The unmanaged policy leaves PDFs alone.
             att = find(items[sid["pdf"]], "AirSyncBase:Attachments", "AirSyncBase:Attachment")
             assert text(att, "AirSyncBase:DisplayName") == pdf_name
@@ -208,6 +209,7 @@ async def test_no_policy_blocks_attachments_through_the_gateway(tmp_path):
             r = await c.request("GetAttachment", params={"AttachmentName": text(att, "AirSyncBase:FileReference")})
             assert r.status == 200 and b"Attachments are off while policies load." in r.body
             assert not r.body.startswith(b"%PDF")
+            assert r.headers["content-type"] == "text/plain; charset=utf-8"
             await c.aclose()
         nursery.cancel_scope.cancel()
 

@@ -27,6 +27,12 @@ class Transform(Protocol):
         """Return the new answer body (the proxy fixes Content-Length)."""
         ...
 
+    # Optional: a Transform that must also change the answer's headers (the Content-Type
+    # and Content-Disposition of an attachment it sealed or replaced) defines
+    #     transform_answer_and_headers(req, status, headers, body) -> (headers, body)
+    # and the proxy calls it instead of transform_answer. Headers are (name, value) byte
+    # pairs; Content-Length is the proxy's to fix either way.
+
 
 class RequestTransform(Protocol):
     """A transform that must see the device's request body before it goes upstream.

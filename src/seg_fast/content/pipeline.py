@@ -40,6 +40,7 @@ COMMANDS = frozenset({"Sync", "ItemOperations", "GetAttachment", "Search"})
 WBXML_TYPE = b"application/vnd.ms-sync.wbxml"
 MULTIPART_TYPE = b"application/vnd.ms-sync.multipart"
 BLOCKED_SUFFIX = " (removed).txt"
+BLOCK_NOTE_TYPE = "text/plain"
 
 # Elements whose strings the transform reads or rewrites.
 _TAGS = (
@@ -134,27 +135,32 @@ class EmailSecurityTransform:
         self.plan = plan
 
     def transform_answer(self, req, status: int, headers, body: bytes) -> bytes:
+        return self.transform_answer_and_headers(req, status, headers, body)[1]
+
+    def transform_answer_and_headers(self, req, status: int, headers, body: bytes):
+        """(headers, body): a GetAttachment answer whose attachment was sealed or blocked
+        gets the Content-Type (and Content-Disposition file name) of what it now holds."""
         if status != 200 or not body:
-            return body
+            return headers, body
         ctype = _header(headers, b"content-type")
         encoding = _header(headers, b"content-encoding")
         try:
             raw = _gunzip(body, _runtime.settings.max_transform_bytes) if encoding == b"gzip" else body
             if req.command == "GetAttachment":
-                new = self._attachment_bytes(req, req.params.get("AttachmentName", ""), raw)
+                new, headers = self._get_attachment(req, headers, raw)
             elif ctype.startswith(MULTIPART_TYPE):
                 new = self._multipart(req, raw)
             elif ctype.startswith(WBXML_TYPE) or (not ctype and raw[:1] == b"\x03"):
                 new = self._wbxml(req, raw, None)
             else:
-                return body
+                return headers, body
         except ContentError:
             raise
         except SegFastError as e:
             raise ContentError(f"{req.command} answer: {e}") from None
         if new is raw:
-            return body
-        return gzip.compress(new, 1) if encoding == b"gzip" else new
+            return headers, body
+        return headers, (gzip.compress(new, 1) if encoding == b"gzip" else new)
 
     # -- answers ----------------------------------------------------------------------
     def _multipart(self, req, raw: bytes) -> bytes:
@@ -333,7 +339,7 @@ class EmailSecurityTransform:
         result = self._transform_file(user, ref, ctype, blob, ranged)
         if result is None:
             return
-        new_blob, new_ctype = result
+        new_blob, new_ctype, _ = result
         if data_sp is not None:
             edits.append((data_sp, pybase64.b64encode(new_blob).decode("ascii")
                           if data_sp.kind == "str" else new_blob))
@@ -342,15 +348,35 @@ class EmailSecurityTransform:
         if ctype_sp is not None:
             edits.append((ctype_sp, _as_kind(ctype_sp, new_ctype.encode())))
 
-    def _attachment_bytes(self, req, ref: str, raw: bytes) -> bytes:
-        """GetAttachment: the answer body is the attachment itself."""
-        result = self._transform_file(req.user or self.plan.user, ref, "application/octet-stream", raw)
-        return raw if result is None else result[0]
+    def _get_attachment(self, req, headers, raw: bytes):
+        """GetAttachment: the answer body is the attachment itself; (body, headers)."""
+        ref = req.params.get("AttachmentName", "")
+        disposition = next((v for k, v in headers if k.lower() == b"content-disposition"), None)
+        given = _disposition_filename(disposition) if disposition is not None else ""
+        ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"application/octet-stream")
+        result = self._transform_file(req.user or self.plan.user, ref, ctype.decode("latin-1").strip(), raw,
+                                      name=given)
+        if result is None:
+            return raw, headers
+        new, new_ctype, new_name = result
+        out = []
+        for k, v in headers:
+            low = k.lower()
+            if low == b"content-type":
+                continue
+            if low == b"content-disposition":
+                v = _disposition_with(v, new_name)
+            out.append((k, v))
+        if new_ctype == BLOCK_NOTE_TYPE:
+            new_ctype += "; charset=utf-8"
+        out.append((b"Content-Type", new_ctype.encode("ascii")))
+        return new, out
 
-    def _transform_file(self, user: str, ref: str, ctype: str, blob: bytes, ranged: bool = False):
-        """(new bytes, new content type) or None to leave the attachment as it is."""
+    def _transform_file(self, user: str, ref: str, ctype: str, blob: bytes, ranged: bool = False,
+                        name: str = ""):
+        """(new bytes, new content type, new file name) or None to leave the attachment as it is."""
         plan = self.plan
-        name = _runtime.name_of(user, ref)
+        name = _runtime.name_of(user, ref) or name
         if name.startswith("\0exempt\0"):
             return None
         kind, action = plan.action(name, bytes(blob[:64]))
@@ -358,8 +384,37 @@ class EmailSecurityTransform:
             return None
         shown = name or (f"attachment.{kind}" if kind else "attachment")
         if action == "encrypt" and not ranged:
-            return seal(plan.keys, plan.device_id, plan.user, shown, ctype, blob), ENVELOPE_CONTENT_TYPE
-        return block_note(shown, plan.block_message).encode("utf-8"), "text/plain"
+            return (seal(plan.keys, plan.device_id, plan.user, shown, ctype, blob), ENVELOPE_CONTENT_TYPE,
+                    envelope_name(shown))
+        return block_note(shown, plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
+
+
+_UNSAFE_IN_QUOTED = bytes(c if 0x20 <= c < 0x7f and c not in b'"\\?' else 0x5f for c in range(256))
+
+
+def _disposition_filename(value: bytes) -> str:
+    """The file name a Content-Disposition header gives (filename*= or filename=), or ""."""
+    from email.message import Message
+
+    m = Message()
+    m["Content-Disposition"] = value.decode("latin-1")
+    name = m.get_filename("")
+    return name.replace("\r", "").replace("\n", "")
+
+
+def _disposition_with(value: bytes, name: str) -> bytes:
+    """The Content-Disposition header with its file name replaced (type and no other
+    parameter kept: the size or dates of the original no longer apply)."""
+    kind = value.split(b";", 1)[0].strip()
+    if not kind or b"=" in kind:
+        kind = b"attachment"
+    # The name comes from mail: no quote, backslash or control byte reaches the header.
+    ascii_name = name.encode("ascii", "replace").translate(_UNSAFE_IN_QUOTED)
+    out = kind + b'; filename="' + ascii_name + b'"'
+    if not name.isascii():
+        from urllib.parse import quote
+        out += b"; filename*=UTF-8''" + quote(name, safe="").encode("ascii")
+    return out
 
 
 def _item_of(sp):

@@ -459,7 +459,12 @@ async def _transformed_answer(gw, dev, up: UpstreamConn, req, status, headers, a
     body = b"".join(parts)
     try:
         for t in answer_tx:
-            body = t.transform_answer(req, status, headers, body)
+            # Optional (hooks.Transform): a transform that also sets the answer's headers.
+            with_headers = getattr(t, "transform_answer_and_headers", None)
+            if with_headers is not None:
+                headers, body = with_headers(req, status, headers, body)
+            else:
+                body = t.transform_answer(req, status, headers, body)
     except ContentError as exc:
         rec.error = str(exc)[:200]
         await _answer(dev, rec, 500, [(b"Content-Type", b"text/plain")],
