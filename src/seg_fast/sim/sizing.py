@@ -51,7 +51,7 @@ SLO_RSS_KIB = 2 * 1024 * 1024
 LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
 LAG_P99_LIMIT = 1.0            # seconds behind the schedule
 LAG_MAX_LIMIT = 5.0
-RAMP_RATE = 120.0              # devices set up per second (~6 requests each) by default
+RAMP_RATE = 80.0               # devices set up per second (~6 requests each) by default
 WAIT_LIMIT = 0.05              # share of the window the load side sat runnable, unserved
 OTHERS_LIMIT = 0.15            # of a core used by processes outside the run: a shared machine
 VENDOR = {"classic": {"off": 2000, "on": 250}, "v2": {"off": 4000, "on": 2000}}  # devices per core
@@ -61,7 +61,7 @@ GOAL = {"off": 100_000, "on": 50_000}
 class Options(msgspec.Struct, kw_only=True):
     devices: int = 1000
     ramp: float = 0.0             # 0: derived from N
-    settle: float = 5.0
+    settle: float = -1.0          # < 0: derived from the ramp
     hold: float = 120.0
     drain: float = 30.0
     paths: list[str] = msgspec.field(default_factory=lambda: ["direct", "gateway", "nginx"])
@@ -345,13 +345,15 @@ def plan_shards(opts: Options, workdir: Path, tag: str) -> list[ShardSpec]:
     n, size = opts.devices, opts.shard_size
     count = max(1, math.ceil(n / size))
     ramp = opts.ramp or max(10.0, n / RAMP_RATE)
+    # the ramp's tail (late set-ups, the first Syncs) must settle before measuring
+    settle = opts.settle if opts.settle >= 0 else max(5.0, min(60.0, ramp / 8))
     specs = []
     for k in range(count):
         first = k * n // count
         last = (k + 1) * n // count
         specs.append(ShardSpec(
             shard=k, first_device=first, devices=last - first, seed=opts.seed,
-            ramp=ramp, settle=opts.settle, hold=opts.hold, drain=opts.drain,
+            ramp=ramp, settle=settle, hold=opts.hold, drain=opts.drain,
             rate_scale=opts.rate_scale, strict=opts.security == "off",
             sim_host=f"127.11.{k // 250}.{k % 250 + 1}",
             source_hosts=[f"127.14.{k // 250}.{k % 250 + 1}"],
@@ -791,8 +793,8 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--search", action="store_true", help="find the largest N meeting the service level")
     ap.add_argument("--max-devices", type=int, default=200_000)
     ap.add_argument("--hold", type=float, default=120.0, help="measured steady state, s (>=120 for a claim)")
-    ap.add_argument("--ramp", type=float, default=0.0, help="ramp-up, s (0: N/250)")
-    ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--ramp", type=float, default=0.0, help=f"ramp-up, s (0: N/{RAMP_RATE:.0f})")
+    ap.add_argument("--settle", type=float, default=-1.0, help="s between ramp and hold (<0: ramp/8, 5..60)")
     ap.add_argument("--drain", type=float, default=30.0, help="after the hold: in-flight work may finish")
     ap.add_argument("--paths", default="direct,gateway,nginx")
     ap.add_argument("--security", choices=("off", "on"), default="off")
