@@ -755,20 +755,34 @@ async def bench(opts: Options, search: bool, max_devices: int, say) -> dict:
     if not search:
         await at(opts.devices)
     else:
+        # A point the load side could not drive says nothing about the gateway:
+        # the search stops there rather than bisecting below it.
+        def verdict(p: dict) -> str:
+            v = p["verdict"]
+            return "meets" if v["meets"] else "broke" if v["broke"] else "invalid"
+
         lo, hi = 0, None
         n = opts.devices
         while hi is None and n <= max_devices:
-            if (await at(n))["verdict"]["meets"]:
+            v = verdict(await at(n))
+            if v == "meets":
                 lo, n = n, n * 2
-            else:
+            elif v == "broke":
                 hi = n
+            else:
+                say(f"search stopped: the load side could not drive {n} devices")
+                hi = lo
         hi = hi or max_devices
         while lo and hi - lo > max(500, lo // 10):
             mid = (lo + hi) // 2
-            if (await at(mid))["verdict"]["meets"]:
+            v = verdict(await at(mid))
+            if v == "meets":
                 lo = mid
-            else:
+            elif v == "broke":
                 hi = mid
+            else:
+                say(f"search stopped: the load side could not drive {mid} devices")
+                break
     return {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": headline(points, opts.security),
         "points": [strip_raw(p) for p in points]}
