@@ -1,6 +1,9 @@
 """The WBXML codec on real captures and hand-built documents (no oracle needed)."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 from conftest import REAL_SERVER
 
@@ -363,3 +366,78 @@ def test_seg_fast_command_dispatches_to_wbxml(capsys):
     assert main(["wbxml", "scan", str(REAL_SERVER / "sync1.resp.wbxml"), "AirSyncBase:Type"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(line.startswith("AirSyncBase:Type\tstr") for line in lines)
+
+
+def _without(tree, tag, index=0):
+    """The tree with the index-th element of this tag removed (tree surgery, the oracle)."""
+    seen = 0
+    for parent in tree.iter():
+        for i, kid in enumerate(parent.children):
+            if kid.tag == tag:
+                if seen == index:
+                    del parent.children[i]
+                    return tree
+                seen += 1
+    raise AssertionError(f"no {tag} #{index}")
+
+
+def test_scan_elements_and_cut_an_attachment_out():
+    data = (REAL_SERVER / "sync1.resp.wbxml").read_bytes()
+    spans = scan(data, ["AirSyncBase:FileReference"], elements=["AirSyncBase:Attachment", "AirSyncBase:Attachments"])
+    att = next(s for s in spans if s.tag == "AirSyncBase:Attachment")
+    lst = next(s for s in spans if s.tag == "AirSyncBase:Attachments")
+    ref = next(s for s in spans if s.tag == "AirSyncBase:FileReference")
+    assert att.kind == "element" and ref.within("AirSyncBase:Attachment") == att.offset
+    assert att.path[-1] == "AirSyncBase:Attachments" and att.within("AirSyncBase:Attachments") == lst.offset
+    assert lst.offset < att.offset < att.offset + att.length < lst.offset + lst.length
+    assert data[att.token_end - 1] == 0x01 and att.removable(data)
+    out = splice(data, [(att, None)])
+    # Lossless: exactly the element's bytes are gone, everything else byte for byte.
+    assert out == data[:att.token_start] + data[att.token_end:]
+    assert decode(out) == _without(decode(data), "AirSyncBase:Attachment")
+    # With the whole list removed, and beside a rewritten string of another element.
+    body = scan(data, ["AirSyncBase:Data"])[0]
+    out2 = splice(data, [(lst, None), (body, "new body")])
+    want = _without(decode(data), "AirSyncBase:Attachments")
+    next(want.iter("AirSyncBase:Data")).text = "new body"
+    assert decode(out2) == want
+    # Content spans cannot be removed, elements cannot be rewritten, overlaps are refused.
+    with pytest.raises(ValueError):
+        splice(data, [(ref, None)])
+    with pytest.raises(ValueError):
+        splice(data, [(att, "x")])
+    with pytest.raises(ValueError):
+        splice(data, [(lst, None), (att, None)])
+
+
+@pytest.mark.skipif(shutil.which("wbxml2xml") is None, reason="libwbxml2-utils not installed")
+def test_cut_element_reads_the_same_in_libwbxml(tmp_path):
+    data = (REAL_SERVER / "sync1.resp.wbxml").read_bytes()
+    att = next(s for s in scan(data, [], elements=["AirSyncBase:Attachment"]))
+    out = splice(data, [(att, None)])
+
+    def lib(raw, name):
+        (tmp_path / name).write_bytes(raw)
+        subprocess.run(["wbxml2xml", "-l", "ACTIVESYNC", "-o", str(tmp_path / (name + ".xml")),
+                        str(tmp_path / name)], check=True, capture_output=True)
+        return (tmp_path / (name + ".xml")).read_text()
+
+    assert lib(out, "cut.wbxml") == lib(encode(_without(decode(data), "AirSyncBase:Attachment")), "tree.wbxml")
+
+
+def test_cut_refused_when_a_code_page_would_be_lost():
+    # Sync(AirSync) > [Body(AirSyncBase) > Type, Attachments(AirSyncBase)]: canonically Body's
+    # SWITCH_PAGE comes before it and Attachments relies on it: Body cannot be cut alone.
+    tree = Element("AirSync:Sync", [Element("AirSyncBase:Body", [Element("AirSyncBase:Type", text="1")]),
+                                    Element("AirSyncBase:Attachments", [Element("AirSyncBase:Attachment", [
+                                        Element("AirSyncBase:DisplayName", text="a.png")])])])
+    data = encode(tree)
+    body, atts = scan(data, [], elements=["AirSyncBase:Body", "AirSyncBase:Attachments"])
+    assert body.page_before == 0 and body.page_after == 17 and not body.removable(data)
+    with pytest.raises(ValueError, match="cannot be cut"):
+        splice(data, [(body, None)])
+    # The last one can go: nothing after it needs the page.
+    assert atts.removable(data)
+    assert decode(splice(data, [(atts, None)])) == Element("AirSync:Sync", [tree.children[0]])
+    root = scan(data, [], elements=["AirSync:Sync"])[0]
+    assert not root.removable(data)

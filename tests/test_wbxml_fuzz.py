@@ -176,3 +176,36 @@ def test_valid_irregular_documents_roundtrip_exactly(data):
 
 def _plain_copy(el: Element) -> Element:
     return Element(el.tag, [_plain_copy(c) for c in el.children], el.text, el.opaque)
+
+
+@given(tree_st, st.data())
+def test_cutting_elements_equals_removing_them_from_the_tree(root, data_st):
+    data = encode(root)
+    spans = sorted((s for s in scan(data, [], elements=TAGS + UNKNOWN)), key=lambda s: s.offset)
+    nodes = list(root.iter())                     # document order of the start tags
+    assert [s.tag for s in spans] == [el.tag for el in nodes]
+    parent = {id(k): el for el in nodes for k in el.children}
+    picks = sorted(set(data_st.draw(st.lists(st.integers(1, max(len(nodes) - 1, 1)), max_size=4))))
+    picks = [i for i in picks if i < len(nodes)]
+    chosen: list[int] = []
+    for i in picks:                               # no element inside another chosen one
+        s = spans[i]
+        if not any(spans[j].offset <= s.offset < spans[j].offset + spans[j].length for j in chosen):
+            chosen.append(i)
+    cuts = [(spans[i], None) for i in chosen]
+    if not all(spans[i].removable(data) for i in chosen):
+        try:
+            splice(data, cuts)
+        except ValueError:
+            return
+        raise AssertionError("splice cut an element it called not removable")
+    out = splice(data, cuts)
+    kept, cur = [], 0
+    for i in chosen:
+        kept.append(data[cur:spans[i].token_start])
+        cur = spans[i].token_end
+    assert out == b"".join(kept) + data[cur:]       # nothing else changed, byte for byte
+    for i in chosen:
+        siblings = parent[id(nodes[i])].children
+        del siblings[next(k for k, c in enumerate(siblings) if c is nodes[i])]
+    assert decode(out) == root

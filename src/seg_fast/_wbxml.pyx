@@ -690,12 +690,19 @@ cdef class Span:
     ``element_offset``: offset of the element's own tag token. ``index``: the
     token's place among the element's string/opaque tokens (0 unless split).
     ``doc_len``: length of the scanned document (splice checks it).
+
+    A whole element asked for with ``scan(..., elements=...)`` has kind "element":
+    ``offset``/``length`` cover its tag token to its END (the element itself),
+    ``token_start``/``token_end`` the bytes a removal cuts (a SWITCH_PAGE right
+    before the tag included); ``page_before`` is the code page in force before
+    those bytes and ``page_after`` the one in force after them.
     """
     cdef readonly str tag
     cdef readonly str kind
     cdef readonly Py_ssize_t offset, length, token_start, token_end
     cdef readonly Py_ssize_t element_offset, index, doc_len
     cdef readonly tuple path, path_offsets
+    cdef readonly int page_before, page_after
 
     def within(self, str tag):
         """Offset of the nearest enclosing element with this tag, or None."""
@@ -705,21 +712,82 @@ cdef class Span:
                 return self.path_offsets[i]
         return None
 
+    def removable(self, data):
+        """True if splice can cut this element out of ``data`` byte-exactly (every
+        other token keeps its bytes and its meaning)."""
+        cdef _Buffer hold = _Buffer(data)
+        return _removable(<const uint8_t*>hold.view.buf, hold.view.len, self)
+
     def __repr__(self):
         return (f"Span({self.tag!r}, {self.kind}, offset={self.offset}, "
                 f"length={self.length}, path={'/'.join(self.path)})")
 
 
-def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
+cdef bint _removable(const uint8_t* buf, Py_ssize_t n, Span sp):
+    # An element of this very document, not the root.
+    if sp.kind != "element" or sp.doc_len != n or sp.token_end > n or not sp.path:
+        return False
+    if (buf[sp.offset] & 0x3F) < 5 or (sp.token_start != sp.offset and buf[sp.token_start] != SWITCH_PAGE):
+        return False
+    if buf[sp.offset] & HAS_CONTENT and buf[sp.token_end - 1] != END:
+        return False
+    if sp.page_before == sp.page_after:
+        return True
+    # The page changed inside: fine only if no tag follows before the next SWITCH_PAGE
+    # (ENDs do not depend on the page); re-encoding pages is not splice's job.
+    cdef Py_ssize_t q = sp.token_end
+    while q < n and buf[q] == END:
+        q += 1
+    return q == n or buf[q] == SWITCH_PAGE
+
+
+cdef tuple _path_of(int* ids, Py_ssize_t* at, int count):
+    cdef tuple path = PyTuple_New(count)
+    cdef tuple offs = PyTuple_New(count)
+    cdef object name, o
+    cdef int i
+    for i in range(count):
+        name = _name(ids[i] >> 6, ids[i] & 0x3F)
+        Py_INCREF(name)
+        PyTuple_SET_ITEM(path, i, name)
+        o = at[i]
+        Py_INCREF(o)
+        PyTuple_SET_ITEM(offs, i, o)
+    return (path, offs)
+
+
+cdef Span _element_span(int kid, Py_ssize_t tag_at, Py_ssize_t cut_at, Py_ssize_t end, int page_before,
+                        int page_after, Py_ssize_t n, int* ids, Py_ssize_t* at, int depth):
+    cdef Span sp = Span.__new__(Span)
+    sp.tag = _name(kid >> 6, kid & 0x3F)
+    sp.kind = "element"
+    sp.offset = tag_at
+    sp.length = end - tag_at
+    sp.token_start = cut_at
+    sp.token_end = end
+    sp.element_offset = tag_at
+    sp.index = 0
+    sp.doc_len = n
+    sp.page_before = page_before
+    sp.page_after = page_after
+    sp.path, sp.path_offsets = _path_of(ids, at, depth)
+    return sp
+
+
+def scan(data, tags, *, elements=(), int max_depth=DEFAULT_MAX_DEPTH,
          Py_ssize_t max_size=DEFAULT_MAX_SIZE, Py_ssize_t max_spans=DEFAULT_MAX_SPANS):
-    """One pass, no tree: Spans of the string/opaque content of the wanted tags."""
+    """One pass, no tree: Spans of the string/opaque content of the wanted tags, and
+    (kind "element", reported at their end) of the whole ``elements`` wanted."""
     cdef uint8_t wanted[256 * 64]
     cdef int packed, i
     for i in range(256 * 64):
         wanted[i] = 0
     for tag in tags:
         packed = _token_of(tag)
-        wanted[((packed >> 8) << 6) | (packed & 0x3F)] = 1
+        wanted[((packed >> 8) << 6) | (packed & 0x3F)] |= 1
+    for tag in elements:
+        packed = _token_of(tag)
+        wanted[((packed >> 8) << 6) | (packed & 0x3F)] |= 2
 
     cdef _Buffer hold = _Buffer(data)
     cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
@@ -727,20 +795,22 @@ def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
     _check_limits(n, max_size, max_depth)
     cdef Py_ssize_t pos = _header(buf, n)
     cdef Py_ssize_t start, cstart, clen
-    cdef int page = 0, depth = 0, tok, nsw = 0, kid
+    cdef int page = 0, depth = 0, tok, nsw = 0, kid, sw_page = 0
+    cdef Py_ssize_t sw_at = 0
     cdef bint seen_root = False
     cdef uint8_t b
     cdef uint32_t length
     cdef const uint8_t* nul
     cdef list spans = []
     cdef Span sp
-    cdef tuple path, offs
-    cdef object name, o
     cdef int* ids = <int*>malloc((max_depth + 1) * sizeof(int))
     cdef int* ntok = <int*>malloc((max_depth + 1) * sizeof(int))
     cdef Py_ssize_t* at = <Py_ssize_t*>malloc((max_depth + 1) * sizeof(Py_ssize_t))
-    if ids == NULL or at == NULL or ntok == NULL:
-        free(ids); free(at); free(ntok)
+    # per open element: where a removal would cut (a SWITCH_PAGE before its tag) and the page before
+    cdef Py_ssize_t* cut = <Py_ssize_t*>malloc((max_depth + 1) * sizeof(Py_ssize_t))
+    cdef int* pbefore = <int*>malloc((max_depth + 1) * sizeof(int))
+    if ids == NULL or at == NULL or ntok == NULL or cut == NULL or pbefore == NULL:
+        free(ids); free(at); free(ntok); free(cut); free(pbefore)
         raise MemoryError()
     try:
         while pos < n:
@@ -750,6 +820,7 @@ def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
             if b == SWITCH_PAGE:
                 if pos >= n:
                     raise WBXMLError("truncated SWITCH_PAGE", start)
+                sw_at, sw_page = start, page
                 page = buf[pos]
                 pos += 1
                 nsw = 1
@@ -760,6 +831,11 @@ def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
                 if depth == 0:
                     raise WBXMLError("END outside any element", start)
                 depth -= 1
+                if wanted[ids[depth]] & 2:
+                    if PyList_GET_SIZE(spans) >= max_spans:
+                        raise WBXMLError(f"more than {max_spans} spans", start)
+                    spans.append(_element_span(ids[depth], at[depth], cut[depth], pos, pbefore[depth], page,
+                                               n, ids, at, depth))
                 if depth == 0:
                     if pos != n:
                         raise WBXMLError("data after the end of the root element", pos)
@@ -783,7 +859,7 @@ def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
                     clen = length
                     pos += length
                 kid = ids[depth - 1]
-                if wanted[kid]:
+                if wanted[kid] & 1:
                     if PyList_GET_SIZE(spans) >= max_spans:
                         raise WBXMLError(f"more than {max_spans} spans", start)
                     sp = Span.__new__(Span)
@@ -796,24 +872,13 @@ def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
                     sp.element_offset = at[depth - 1]
                     sp.index = ntok[depth - 1]
                     sp.doc_len = n
-                    path = PyTuple_New(depth - 1)
-                    offs = PyTuple_New(depth - 1)
-                    for i in range(depth - 1):
-                        name = _name(ids[i] >> 6, ids[i] & 0x3F)
-                        Py_INCREF(name)
-                        PyTuple_SET_ITEM(path, i, name)
-                        o = at[i]
-                        Py_INCREF(o)
-                        PyTuple_SET_ITEM(offs, i, o)
-                    sp.path = path
-                    sp.path_offsets = offs
+                    sp.path, sp.path_offsets = _path_of(ids, at, depth - 1)
                     spans.append(sp)
                 ntok[depth - 1] += 1
                 continue
             tok = b & 0x3F
             if tok < 5 or b & HAS_ATTRS:
                 _not_a_tag(b, start)
-            nsw = 0
             if depth == 0:
                 if seen_root:
                     raise WBXMLError("a second root element", start)
@@ -824,8 +889,16 @@ def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
                 ids[depth] = (page << 6) | tok
                 at[depth] = start
                 ntok[depth] = 0
+                cut[depth] = sw_at if nsw else start
+                pbefore[depth] = sw_page if nsw else page
                 depth += 1
-            elif depth == 0:
+            elif wanted[(page << 6) | tok] & 2:
+                if PyList_GET_SIZE(spans) >= max_spans:
+                    raise WBXMLError(f"more than {max_spans} spans", start)
+                spans.append(_element_span((page << 6) | tok, start, sw_at if nsw else start, pos,
+                                           sw_page if nsw else page, page, n, ids, at, depth))
+            nsw = 0
+            if not b & HAS_CONTENT and depth == 0:
                 if pos != n:
                     raise WBXMLError("data after the end of the root element", pos)
                 break
@@ -839,6 +912,8 @@ def scan(data, tags, *, int max_depth=DEFAULT_MAX_DEPTH,
         free(ids)
         free(at)
         free(ntok)
+        free(cut)
+        free(pbefore)
     return spans
 
 
@@ -847,8 +922,9 @@ def splice(data, replacements):
 
     Each replacement is (span, value): a ``str`` is written as an inline string
     (STR_I), a bytes-like value as OPAQUE; so the kind follows the value's type
-    (pass ``str`` for a "str" span to keep its kind). Spans must come from
-    ``scan`` of this very document and must not overlap.
+    (pass ``str`` for a "str" span to keep its kind). An "element" span with the
+    value None is cut out whole (ValueError unless ``span.removable(data)``).
+    Spans must come from ``scan`` of this very document and must not overlap.
     """
     cdef _Buffer hold = _Buffer(data)
     cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
@@ -865,6 +941,12 @@ def splice(data, replacements):
             sp = <Span?>span
             if sp.doc_len != n or sp.token_end > n or sp.token_start < cur:
                 raise ValueError("span does not belong to this document or overlaps another")
+            if sp.kind == "element" or value is None:
+                if value is not None or not _removable(buf, n, sp):
+                    raise ValueError(f"{sp.tag} cannot be cut out of this document as it is")
+                _write(&w, <const char*>buf + cur, sp.token_start - cur)
+                cur = sp.token_end
+                continue
             if buf[sp.token_start] != (STR_I if sp.kind == "str" else OPAQUE):
                 raise ValueError("span does not belong to this document")
             _write(&w, <const char*>buf + cur, sp.token_start - cur)

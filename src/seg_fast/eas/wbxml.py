@@ -37,19 +37,24 @@ encode(root, *, max_depth=64) -> bytes
     name, text containing NUL or lone surrogates, non-bytes opaque, a child that
     is not an Element, nesting deeper than ``max_depth`` (at most 4096).
 
-scan(data, tags, *, max_depth=64, max_size=64 MiB, max_spans=1_000_000) -> list[Span]
+scan(data, tags, *, elements=(), max_depth=64, max_size=64 MiB, max_spans=1_000_000) -> list[Span]
     One pass, no tree: for each STR_I/OPAQUE token directly inside an element
     whose tag is in ``tags``, a ``Span`` (see its docstring: content offset and
     length, whole token bounds, kind, enclosing path and their offsets, so
     ``span.within("AirSync:Add")`` tells which Add item and
     ``span.within("AirSyncBase:Body")`` which Body). Structural errors raise like
     decode; the scanner does not check UTF-8. Elements with no string content
-    (``<Data/>``) yield no span.
+    (``<Data/>``) yield no span. Each element whose tag is in ``elements`` yields a
+    span of kind "element" (reported at its END): the whole element, with the code
+    pages in force before and after it.
 
 splice(data, [(span, value), ...]) -> bytes
     Replaces the content tokens of the spans: a ``str`` value is written as
     STR_I, a bytes-like value as OPAQUE (with its new length prefix); to keep a
     span's kind pass the matching type. Bytes outside the spans are copied as is.
+    ``(element_span, None)`` cuts the element out (with a SWITCH_PAGE right before
+    it); ``span.removable(data)`` says whether that keeps every other token's
+    meaning (the code page its followers need is not lost), else ValueError.
 
 to_xml(root) -> str / from_xml(text) -> Element
     The XML shape libwbxml's ``wbxml2xml -l ACTIVESYNC`` writes (ActiveSync
