@@ -191,12 +191,38 @@ def test_unmanaged_png_blocked_in_mime_body_and_list():
     assert "image/png" not in types
     notes = [m.get_content() for m in msg.walk() if m.get_content_type() == "text/plain"]
     assert any("pic.png" in n and "Images are not allowed." in n for n in notes)
-    assert next(tree.iter("AirSyncBase:DisplayName")).text == "pic.png (removed).txt"
+    # Its only attachment blocked, the item's attachment list is gone (the note is in the body).
+    assert list(tree.iter("AirSyncBase:Attachments")) == []
     body_el = next(tree.iter("AirSyncBase:Body"))
     assert int(body_el.findtext("AirSyncBase:EstimatedDataSize")) == len(body_el.findtext("AirSyncBase:Data").encode())
     # The device then fetching it gets the note, not the image.
     got = transform(pol, PNG, command="GetAttachment", managed=False, AttachmentName="ref:0:0")
     assert b"pic.png" in got and b"Images are not allowed." in got and b"PNG" not in got
+
+
+def test_blocked_attachment_element_is_cut_from_the_list(tmp_path):
+    # Type 2 body (no MIME): the list says what the device can fetch. The blocked PNG's
+    # Attachment element is removed, the sealed PDF renamed, every other byte kept.
+    body = sync_answer(("IPM.Note", "2", "<p>hi</p>", ["a.pdf", "pic.png", "b.txt"]),
+                       ("IPM.Note", "2", "<p>two</p>", ["only.png"]))
+    pol = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(
+        file_types={"pdf": "encrypt", "png": "block"}))
+    out = transform(pol, body)
+    want = decode(body)
+    adds = list(want.iter("AirSync:Add"))
+    first = adds[0].find("AirSync:ApplicationData").find("AirSyncBase:Attachments")
+    del first.children[1]                                   # pic.png gone
+    first.children[0].find("AirSyncBase:DisplayName").text = "a.pdf.segenc"
+    size = first.children[0].find("AirSyncBase:EstimatedDataSize")
+    app2 = adds[1].find("AirSync:ApplicationData")
+    app2.children = [c for c in app2.children if c.tag != "AirSyncBase:Attachments"]   # all blocked
+    got = decode(out)
+    size.text = next(got.iter("AirSyncBase:Attachment")).findtext("AirSyncBase:EstimatedDataSize")
+    assert int(size.text) > 100
+    assert got == want
+    if WBXML2XML:
+        assert "pic.png" not in libwbxml(out, tmp_path) and "only.png" not in libwbxml(out, tmp_path)
+        assert libwbxml(out, tmp_path).count("<Attachment>") == 2
 
 
 def test_smime_signed_items_are_exempt():
@@ -299,7 +325,7 @@ def test_attachment_list_follows_what_the_mime_body_transform_did():
     body = sync_answer(("IPM.Note", "4", mime, ["fake.pdf"]))
     pol = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt", "zip": "block"}))
     tree = decode(transform(pol, body))
-    assert next(tree.iter("AirSyncBase:DisplayName")).text == "fake.pdf (removed).txt"
+    assert list(tree.iter("AirSyncBase:Attachment")) == []
     pol2 = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt"}))
     tree2 = decode(transform(pol2, body))
     assert next(tree2.iter("AirSyncBase:DisplayName")).text == "fake.pdf"

@@ -426,18 +426,34 @@ def test_cut_element_reads_the_same_in_libwbxml(tmp_path):
 
 
 def test_cut_refused_when_a_code_page_would_be_lost():
-    # Sync(AirSync) > [Body(AirSyncBase) > Type, Attachments(AirSyncBase)]: canonically Body's
-    # SWITCH_PAGE comes before it and Attachments relies on it: Body cannot be cut alone.
-    tree = Element("AirSync:Sync", [Element("AirSyncBase:Body", [Element("AirSyncBase:Type", text="1")]),
+    # Sync(AirSync) > [Body(AirSyncBase) > Email:Subject, Email:To, Attachments]: Body switches
+    # to AirSyncBase, then inside it to Email, and To relies on that: Body cannot be cut.
+    tree = Element("AirSync:Sync", [Element("AirSyncBase:Body", [Element("Email:Subject", text="s")]),
+                                    Element("Email:To", text="a@b"),
                                     Element("AirSyncBase:Attachments", [Element("AirSyncBase:Attachment", [
                                         Element("AirSyncBase:DisplayName", text="a.png")])])])
     data = encode(tree)
     body, atts = scan(data, [], elements=["AirSyncBase:Body", "AirSyncBase:Attachments"])
-    assert body.page_before == 0 and body.page_after == 17 and not body.removable(data)
+    assert body.page_before == 0 and body.page_after == 2 and not body.removable(data)
+    assert body.cut(data) is None
     with pytest.raises(ValueError, match="cannot be cut"):
         splice(data, [(body, None)])
     # The last one can go: nothing after it needs the page.
     assert atts.removable(data)
-    assert decode(splice(data, [(atts, None)])) == Element("AirSync:Sync", [tree.children[0]])
+    assert decode(splice(data, [(atts, None)])) == Element("AirSync:Sync", tree.children[:2])
+    # Body's SWITCH_PAGE can stay for the next tag when that needs its page.
+    tree2 = Element("AirSync:Sync", [Element("AirSyncBase:Attachments", [Element("AirSyncBase:Attachment", [
+        Element("AirSyncBase:DisplayName", text="a.png")])]), Element("AirSyncBase:NativeBodyType", text="2")])
+    data2 = encode(tree2)
+    (atts2,) = scan(data2, [], elements=["AirSyncBase:Attachments"])
+    assert atts2.token_start < atts2.offset and atts2.cut(data2) == (atts2.offset, atts2.token_end)
+    out2 = splice(data2, [(atts2, None)])
+    assert out2 == data2[:atts2.offset] + data2[atts2.token_end:]
+    assert decode(out2) == Element("AirSync:Sync", [tree2.children[1]])
+    # ...but not when that tag is cut too (the SWITCH_PAGE would be left before an END).
+    (native,) = scan(data2, [], elements=["AirSyncBase:NativeBodyType"])
+    assert native.removable(data2)
+    with pytest.raises(ValueError):
+        splice(data2, [(atts2, None), (native, None)])
     root = scan(data, [], elements=["AirSync:Sync"])[0]
     assert not root.removable(data)

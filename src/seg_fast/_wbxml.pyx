@@ -715,30 +715,51 @@ cdef class Span:
     def removable(self, data):
         """True if splice can cut this element out of ``data`` byte-exactly (every
         other token keeps its bytes and its meaning)."""
+        return self.cut(data) is not None
+
+    def cut(self, data):
+        """(start, end): the bytes splice removes for this element, or None if it cannot."""
         cdef _Buffer hold = _Buffer(data)
-        return _removable(<const uint8_t*>hold.view.buf, hold.view.len, self)
+        cdef Py_ssize_t guard
+        cdef Py_ssize_t start = _cut_start(<const uint8_t*>hold.view.buf, hold.view.len, self, &guard)
+        return None if start < 0 else (start, self.token_end)
 
     def __repr__(self):
         return (f"Span({self.tag!r}, {self.kind}, offset={self.offset}, "
                 f"length={self.length}, path={'/'.join(self.path)})")
 
 
-cdef bint _removable(const uint8_t* buf, Py_ssize_t n, Span sp):
+cdef Py_ssize_t _cut_start(const uint8_t* buf, Py_ssize_t n, Span sp, Py_ssize_t* guard):
+    """Where a byte-exact removal of the element starts, or -1 (re-encoding code pages
+    is not splice's job: the tokens after the cut must read as before). ``guard``: the
+    last byte whose token the decision relied on (another cut must start after it), or -1."""
+    guard[0] = -1
     # An element of this very document, not the root.
     if sp.kind != "element" or sp.doc_len != n or sp.token_end > n or not sp.path:
-        return False
-    if (buf[sp.offset] & 0x3F) < 5 or (sp.token_start != sp.offset and buf[sp.token_start] != SWITCH_PAGE):
-        return False
+        return -1
+    cdef bint switched = sp.token_start != sp.offset
+    if (buf[sp.offset] & 0x3F) < 5 or (switched and buf[sp.token_start] != SWITCH_PAGE):
+        return -1
     if buf[sp.offset] & HAS_CONTENT and buf[sp.token_end - 1] != END:
-        return False
+        return -1
+    # 1. Cut the SWITCH_PAGE before it too: the page in force after the cut is the one
+    #    before it; fine if that is the page the followers need, or if only ENDs come
+    #    before the next SWITCH_PAGE (ENDs do not depend on the page).
     if sp.page_before == sp.page_after:
-        return True
-    # The page changed inside: fine only if no tag follows before the next SWITCH_PAGE
-    # (ENDs do not depend on the page); re-encoding pages is not splice's job.
+        return sp.token_start
     cdef Py_ssize_t q = sp.token_end
     while q < n and buf[q] == END:
         q += 1
-    return q == n or buf[q] == SWITCH_PAGE
+    if q == n or buf[q] == SWITCH_PAGE:
+        guard[0] = q
+        return sp.token_start
+    # 2. Leave that SWITCH_PAGE to the next tag, when its page is the one the followers need.
+    q = sp.token_end
+    if switched and buf[sp.token_start + 1] == sp.page_after and q < n and (buf[q] & 0x3F) >= 5 \
+            and buf[q] != STR_I and buf[q] != OPAQUE and not buf[q] & HAS_ATTRS:
+        guard[0] = q
+        return sp.offset
+    return -1
 
 
 cdef tuple _path_of(int* ids, Py_ssize_t* at, int count):
@@ -928,7 +949,7 @@ def splice(data, replacements):
     """
     cdef _Buffer hold = _Buffer(data)
     cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
-    cdef Py_ssize_t n = hold.view.len, cur = 0
+    cdef Py_ssize_t n = hold.view.len, cur = 0, start, guard = -1
     cdef Span sp
     cdef Writer w
     ordered = sorted(replacements, key=lambda r: (<Span?>r[0]).token_start)
@@ -941,10 +962,13 @@ def splice(data, replacements):
             sp = <Span?>span
             if sp.doc_len != n or sp.token_end > n or sp.token_start < cur:
                 raise ValueError("span does not belong to this document or overlaps another")
+            if sp.token_start <= guard:
+                raise ValueError("a cut relied on the tokens another edit changes")
             if sp.kind == "element" or value is None:
-                if value is not None or not _removable(buf, n, sp):
+                start = _cut_start(buf, n, sp, &guard) if value is None else -1
+                if start < 0:
                     raise ValueError(f"{sp.tag} cannot be cut out of this document as it is")
-                _write(&w, <const char*>buf + cur, sp.token_start - cur)
+                _write(&w, <const char*>buf + cur, start - cur)
                 cur = sp.token_end
                 continue
             if buf[sp.token_start] != (STR_I if sp.kind == "str" else OPAQUE):

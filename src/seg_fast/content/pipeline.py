@@ -8,8 +8,10 @@ writer, only the strings that change:
 - Sync (Add/Change ``AirSyncBase:Body`` Type 1/2/4, 2.5's ``Email:Body`` and
   ``Email:MIMEData``) and Search results: links, MIME attachments, classification,
   the S/MIME exemption (``Email:MessageClass`` IPM.Note.SMIME* or the MIME type);
-  each attachment listed in ``AirSyncBase:Attachments`` is renamed as the device
-  will get it (``x.pdf.segenc`` encrypted, ``x.png (removed).txt`` blocked).
+  in ``AirSyncBase:Attachments`` an encrypted attachment is renamed as the device
+  will get it (``x.pdf.segenc``) and a blocked one's element is cut out (the whole
+  list when all are blocked; renamed ``x.png (removed).txt`` where the codec
+  cannot cut it byte-exactly).
 - ItemOperations Fetch (inline ``Data`` or multipart parts) and GetAttachment: the
   attachment bytes are encrypted or replaced by the block note. The file name comes
   from the Sync answers this worker carried (a bounded cache keyed by user and
@@ -51,6 +53,8 @@ _TAGS = (
     "Email:DisplayName", "Email:AttName", "Email:AttSize",
     "ItemOperations:Data", "ItemOperations:Part", "ItemOperations:Total",
 )
+# Whole elements the transform may cut out: a blocked attachment leaves the list.
+_ELEMENTS = ("AirSyncBase:Attachment", "AirSyncBase:Attachments", "Email:Attachment", "Email:Attachments")
 # What one message (or one fetched attachment) sits in.
 _ITEMS = ("AirSync:Add", "AirSync:Change", "AirSync:Fetch", "Search:Result", "ItemOperations:Fetch")
 
@@ -176,7 +180,7 @@ class EmailSecurityTransform:
     def _wbxml(self, req, raw: bytes, parts: list | None) -> bytes:
         from seg_fast.eas.wbxml import scan, splice
 
-        spans = scan(raw, _TAGS)
+        spans = scan(raw, _TAGS, elements=_ELEMENTS)
         if not spans:
             return raw
         items: dict[int, list] = {}
@@ -185,11 +189,20 @@ class EmailSecurityTransform:
             if item is not None:
                 items.setdefault(item, []).append(sp)
         edits: list = []
+        renames: list = []
         for item_spans in items.values():
-            self._item(req, raw, item_spans, parts, edits)
-        return splice(raw, edits) if edits else raw
+            self._item(req, raw, item_spans, parts, edits, renames)
+        if not edits:
+            return raw
+        try:
+            return splice(raw, edits)
+        except ValueError:
+            if not renames:
+                raise
+            # Cuts that are fine one by one but not together: rename those attachments instead.
+            return splice(raw, [e for e in edits if e[1] is not None] + renames)
 
-    def _item(self, req, raw: bytes, spans: list, parts: list | None, edits: list) -> None:
+    def _item(self, req, raw: bytes, spans: list, parts: list | None, edits: list, renames: list) -> None:
         plan = self.plan
         user = req.user or plan.user
         text = lambda sp: raw[sp.offset:sp.offset + sp.length].decode("utf-8", "replace")
@@ -260,13 +273,16 @@ class EmailSecurityTransform:
                 # Attachments sealed or removed, or a template in place of the message:
                 # the estimate follows (a few bytes per rewritten link do not matter).
                 edits.append((size_sp, _as_kind(size_sp, str(len(new)).encode())))
-        self._attachment_list(req, raw, spans, user, exempt, blocked_all, acted, edits)
+        self._attachment_list(req, raw, spans, user, exempt, blocked_all, acted, edits, renames)
         self._fetched(req, raw, spans, parts, user, edits)
 
-    def _attachment_list(self, req, raw, spans, user, exempt, blocked_all, acted, edits) -> None:
-        """Attachments of a Sync/Search item: remember their names, rename as acted on
-        (as the MIME body's transform did when there is one, else by the name)."""
+    def _attachment_list(self, req, raw, spans, user, exempt, blocked_all, acted, edits, renames) -> None:
+        """Attachments of a Sync/Search item: remember their names; act as the MIME body's
+        transform did when there is one, else by the name: an encrypted one is renamed,
+        a blocked one leaves the list (or is renamed where the codec cannot cut it)."""
         plan = self.plan
+        elements = {sp.offset: sp for sp in spans if sp.kind == "element"}
+        cut: dict[int, list] = {}       # Attachments offset -> its Attachment elements to cut
         groups: dict[int, dict[str, object]] = {}
         for sp in spans:
             at = sp.within("AirSyncBase:Attachment")
@@ -277,7 +293,7 @@ class EmailSecurityTransform:
                                             "Email:AttName", "Email:AttSize"):
                 continue
             groups.setdefault(at, {})[sp.tag.split(":")[1]] = sp
-        for g in groups.values():
+        for at, g in groups.items():
             name_sp = g.get("DisplayName")
             ref_sp = g.get("FileReference") or g.get("AttName")
             size_sp = g.get("EstimatedDataSize") or g.get("AttSize")
@@ -306,10 +322,24 @@ class EmailSecurityTransform:
                         extra = ENVELOPE_OVERHEAD + len(name.encode()) + 64
                         edits.append((size_sp, _as_kind(size_sp, str(est + extra).encode())))
             else:
-                edits.append((name_sp, name + BLOCKED_SUFFIX))
+                rename = [(name_sp, name + BLOCKED_SUFFIX)]
                 if size_sp is not None:
                     note = block_note(name, plan.block_message).encode()
-                    edits.append((size_sp, _as_kind(size_sp, str(len(note)).encode())))
+                    rename.append((size_sp, _as_kind(size_sp, str(len(note)).encode())))
+                el = elements.get(at)
+                parent = el.within(el.tag + "s") if el is not None else None
+                if parent is not None and el.removable(raw):
+                    cut.setdefault(parent, []).append(el)
+                    renames.extend(rename)        # if the cuts cannot all be made together
+                else:
+                    edits.extend(rename)
+        for parent, gone in cut.items():
+            listed = sum(1 for sp in elements.values() if sp.tag == gone[0].tag and sp.within(sp.tag + "s") == parent)
+            whole = elements.get(parent)
+            if listed == len(gone) and whole is not None and whole.removable(raw):
+                edits.append((whole, None))      # every attachment blocked: no empty list left
+            else:
+                edits.extend((el, None) for el in gone)
 
     def _fetched(self, req, raw, spans, parts, user, edits) -> None:
         """An ItemOperations Fetch of one attachment: inline Data or a multipart Part."""
