@@ -382,3 +382,29 @@ def test_classified_by_message_class_mime_body_keeps_its_headers():
     m = email.message_from_string(next(out.iter("AirSyncBase:Data")).text, policy=email.policy.default)
     assert m["Subject"] == "s" and m["From"] == "a@example.org"
     assert m.get_content_type() == "text/plain" and m.get_content().strip() == "No Restricted."
+
+
+def test_cuts_that_rely_on_each_other_fall_back_to_renaming():
+    # An Attachment ending on another code page: cutting it relies on the SWITCH_PAGE
+    # that starts the next one, so both cannot go; both are renamed instead.
+    def att(name, k, extra=()):
+        return Element("AirSyncBase:Attachment", [Element("AirSyncBase:DisplayName", text=name),
+                                                  Element("AirSyncBase:FileReference", text=f"ref:0:{k}"),
+                                                  Element("AirSyncBase:EstimatedDataSize", text="100"), *extra])
+    body = encode(Element("AirSync:Sync", [Element("AirSync:Collections", [Element("AirSync:Collection", [
+        Element("AirSync:Commands", [Element("AirSync:Add", [Element("AirSync:ServerId", text="0"),
+            Element("AirSync:ApplicationData", [
+                Element("AirSyncBase:Body", [Element("AirSyncBase:Type", text="1"),
+                                             Element("AirSyncBase:Data", text="hi")]),
+                Element("AirSyncBase:Attachments", [
+                    att("a.png", 0, [Element("Email:Subject", text="odd")]), att("b.png", 1),
+                    att("c.txt", 2)])])])])])])]))
+    pol = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(file_types={"png": "block"}))
+    tree = decode(transform(pol, body))
+    assert [a.findtext("AirSyncBase:DisplayName") for a in tree.iter("AirSyncBase:Attachment")] == \
+        ["a.png (removed).txt", "b.png (removed).txt", "c.txt"]
+    # Either one alone is cut.
+    one = encode(Element("AirSync:Sync", [Element("AirSync:Add", [Element("AirSync:ServerId", text="0"),
+        Element("AirSync:ApplicationData", [Element("AirSyncBase:Attachments", [att("b.png", 1), att("c.txt", 2)])])])]))
+    tree = decode(transform(pol, one))
+    assert [a.findtext("AirSyncBase:DisplayName") for a in tree.iter("AirSyncBase:Attachment")] == ["c.txt"]
