@@ -60,7 +60,7 @@ class Device:
         out = conn.send(h11.Response(status_code=status, headers=headers))
         if body:
             out += conn.send(h11.Data(data=body))
-        out += conn.send(h11.EndOfMessage())
+        out += conn.send(exchange.END)
         await self.send_bytes(out)
 
 

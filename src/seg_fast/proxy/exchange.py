@@ -31,6 +31,7 @@ class DeviceGone(Exception):
 
 
 PARKED = "parked"      # handle() result: the Ping waits in the parking lot, its task may end
+END = h11.EndOfMessage()   # events are immutable: one end-of-message serves every send
 
 
 async def handle(gw, dev, request: h11.Request):
@@ -46,6 +47,8 @@ async def handle(gw, dev, request: h11.Request):
 
 
 def _log(gw, rec: Transaction, t0: float) -> None:
+    if not gw.log.enabled:
+        return
     rec.ts = time.time()
     rec.total_ms = round((time.perf_counter() - t0) * 1000, 3)
     gw.log.write(rec)
@@ -202,7 +205,7 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
             if body is not None:
                 if body:
                     out += up.h11.send(h11.Data(data=body))
-                out += up.h11.send(h11.EndOfMessage())
+                out += up.h11.send(END)
                 await _send_up(up, out)
             else:
                 await _pump_request(gw, dev, up, out, rec)
@@ -270,9 +273,10 @@ def _wants_close(request: h11.Request, value: bytes | None) -> bool:
 
 
 # A request that puts a fresh h11 server connection where a parked one was (answer pending).
-_RESUME_KEEP = b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n\r\n"
-_RESUME_CLOSE = b"POST / HTTP/1.1\r\nHost: p\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-_RESUME_REQUEST = h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"p"), (b"Content-Length", b"0")])
+# (A bodiless GET: the shortest request h11 parses; the method only matters for HEAD.)
+_RESUME_KEEP = b"GET / HTTP/1.1\r\nHost: p\r\n\r\n"
+_RESUME_CLOSE = b"GET / HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+_RESUME_REQUEST = h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"p")])
 
 
 async def resume(gw, p: Parked, why: str, dev) -> bool:
@@ -284,7 +288,7 @@ async def resume(gw, p: Parked, why: str, dev) -> bool:
     up = p.up
     up.h11 = h11.Connection(h11.CLIENT)
     up.h11.send(_RESUME_REQUEST)
-    up.h11.send(h11.EndOfMessage())
+    up.h11.send(END)
     rec = p.rec
     ok = False
     try:
@@ -387,7 +391,7 @@ async def _pump_request(gw, dev, up: UpstreamConn, out: bytes, rec: Transaction)
             rec.bytes_in += len(event.data)
             pending += up.h11.send(event)
         elif isinstance(event, h11.EndOfMessage):
-            pending += up.h11.send(h11.EndOfMessage())
+            pending += up.h11.send(END)
             await _send_up(up, pending)
             return
         else:
@@ -418,7 +422,7 @@ async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.F
             rec.bytes_out += len(event.data)
             pending += conn.send(event)
         elif isinstance(event, h11.EndOfMessage):
-            pending += conn.send(h11.EndOfMessage())
+            pending += conn.send(END)
             await _send_dev(dev, pending)
             return
         else:
