@@ -310,7 +310,9 @@ async def resume(gw, p: Parked, why: str, dev) -> bool:
             # this task until the Ping's own deadline, still answerable by a drain.
             remaining = max(p.deadline - trio.current_time(), 0.001)
             try:
-                answer = await ping.wait_answer(gw, up, remaining)
+                answer = _answer_ready(up)
+                if answer is None:
+                    answer = await ping.wait_answer(gw, up, remaining)
             except UpstreamError as exc:
                 gw.pool.discard(up)
                 await _unavailable(gw, dev, rec, str(exc))
@@ -356,6 +358,26 @@ async def _up_receive(up: UpstreamConn, timeout: float) -> None:
     if data is None:
         raise _Timeout(f"mail server did not answer within {timeout:g} s")
     up.h11.receive_data(data)
+
+
+def _answer_ready(up: UpstreamConn) -> h11.Response | None:
+    """The answer head if what the socket holds right now completes it (plain sockets only)."""
+    data = sockio.read_now(up.plain, RECEIVE_SIZE)
+    if data is None:
+        return None
+    h = up.h11
+    h.receive_data(data)
+    while True:
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamError(f"mail server sent a malformed answer: {exc}") from None
+        if event is h11.NEED_DATA:
+            return None               # the rest of the head: _answer_head reads on
+        if isinstance(event, h11.Response):
+            return event
+        if not isinstance(event, h11.InformationalResponse):
+            raise UpstreamError("mail server closed the connection before answering")
 
 
 async def _answer_head(up: UpstreamConn, timeout: float) -> h11.Response:
