@@ -224,6 +224,15 @@ def file_reference(server_id: str, k: int) -> str:
     return f"{server_id}:{k}"
 
 
+def long_id(server_id: str) -> str:
+    """A Search result's LongId (opaque to devices; ItemOperations Fetch takes it back)."""
+    return "L" + server_id
+
+
+def server_id_of(long: str) -> str:
+    return long[1:] if long.startswith("L") else ""
+
+
 def attachments_element(msg: Message, server_id: str) -> Element | None:
     if not msg.attachments:
         return None
@@ -248,15 +257,19 @@ def message_class(msg: Message) -> str:
 
 def application_data(ctx: Ctx, sid: str, item: Item, options: Element | None) -> Element:
     msg = ctx.sim.corpus.message(item.msg)
-    fields = email_fields(msg, item)
     if ctx.version < 120:
-        return E("AirSync:ApplicationData", *fields, *_body_25(msg, sid, options),
+        return E("AirSync:ApplicationData", *email_fields(msg, item), *_body_25(msg, sid, options),
                  E("Email:MessageClass", message_class(msg)))
-    return E("AirSync:ApplicationData", *fields, attachments_element(msg, sid),
-             body_element(msg, body_preference(options)),
-             E("Email:MessageClass", message_class(msg)), E("Email:InternetCPID", 65001),
-             E("Email:Flag"), E("Email:ContentClass", "urn:content-classes:message"),
-             E("AirSyncBase:NativeBodyType", 2))
+    return E("AirSync:ApplicationData", *email_properties(msg, sid, item, options))
+
+
+def email_properties(msg: Message, sid: str, item: Item, options: Element | None) -> list[Element]:
+    """12.0+ Email properties of an item (Sync ApplicationData, Search Properties)."""
+    return [*email_fields(msg, item), attachments_element(msg, sid),
+            body_element(msg, body_preference(options)),
+            E("Email:MessageClass", message_class(msg)), E("Email:InternetCPID", 65001),
+            E("Email:Flag"), E("Email:ContentClass", "urn:content-classes:message"),
+            E("AirSyncBase:NativeBodyType", 2)]
 
 
 def _body_25(msg: Message, sid: str, options: Element | None) -> list[Element]:
@@ -532,10 +545,15 @@ def _fetch(ctx: Ctx, op: Element, parts: list[bytes] | None) -> Element:
             props.append(E("ItemOperations:Data", base64.b64encode(blob).decode()))
         return E("ItemOperations:Fetch", E("ItemOperations:Status", 1), head,
                  E("ItemOperations:Properties", *props))
-    sid = text(op, "AirSync:ServerId")
-    cid = text(op, "AirSync:CollectionId")
+    long = text(op, "Search:LongId")
+    if long is not None:          # a Search result, by its LongId
+        sid, cid = server_id_of(long), None
+        head = [E("Search:LongId", long)]
+    else:
+        sid = text(op, "AirSync:ServerId")
+        cid = text(op, "AirSync:CollectionId")
+        head = [E("AirSync:CollectionId", cid), E("AirSync:ServerId", sid)]
     found = ctx.mbox.find(sid) if sid else None
-    head = [E("AirSync:CollectionId", cid), E("AirSync:ServerId", sid)]
     if found is None or (cid is not None and found[0] != cid):
         return E("ItemOperations:Fetch", E("ItemOperations:Status", 6), *head)
     msg = ctx.sim.corpus.message(found[1].msg)

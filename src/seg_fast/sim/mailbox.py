@@ -39,12 +39,14 @@ from seg_fast.sim import commands as C
 from seg_fast.sim.commands import Answer, Ctx
 from seg_fast.sim.corpus import Corpus
 from seg_fast.sim.query import parse_target
+from seg_fast.sim.search import search
 from seg_fast.sim.state import INBOX, Device, Item, Mailbox, normalize_user
 from seg_fast.sim.tree import decode
 
 VERSIONS = ("2.5", "12.0", "12.1", "14.0", "14.1", "16.0", "16.1")
 SUPPORTED = ("Sync", "SendMail", "SmartForward", "SmartReply", "GetAttachment", "FolderSync",
-             "MoveItems", "GetItemEstimate", "Settings", "Ping", "ItemOperations", "Provision")
+             "MoveItems", "GetItemEstimate", "Settings", "Ping", "ItemOperations", "Provision",
+             "Search")
 PATHS = ("/microsoft-server-activesync", "/servlet/traveler", "/eas")
 SERVER_HEADER = (b"ms-server-activesync", b"16.1")
 REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -360,7 +362,7 @@ CHANGES_FOLDERS = frozenset({"Sync", "MoveItems", "SendMail", "SmartReply", "Sma
 HANDLERS = {
     "Provision": C.provision, "FolderSync": C.folder_sync, "Sync": C.sync,
     "GetItemEstimate": C.get_item_estimate, "MoveItems": C.move_items, "Settings": C.settings,
-    "ItemOperations": C.item_operations, "GetAttachment": C.get_attachment,
+    "ItemOperations": C.item_operations, "GetAttachment": C.get_attachment, "Search": search,
 }
 
 

@@ -50,7 +50,7 @@ class SyncState:
 
 class Device:
     __slots__ = ("id", "temp_key", "policy_key", "heartbeat", "ping_folders", "folder_key",
-                 "sync", "last_sync", "parked")
+                 "sync", "last_sync", "parked", "search")
 
     def __init__(self, device_id: str):
         self.id = device_id
@@ -62,6 +62,7 @@ class Device:
         self.sync: dict[str, SyncState] = {}
         self.last_sync = None          # the last non-empty Sync request (for empty Syncs)
         self.parked = None             # the Ping parked for this device, if any
+        self.search = None             # (criteria, ServerIds): the last mailbox Search's results
 
 
 class Mailbox:
