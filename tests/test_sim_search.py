@@ -6,6 +6,7 @@ wbxml2xml, which must read every answer into the tree our codec reads.
 """
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import subprocess
@@ -277,3 +278,26 @@ async def test_answers_readable_by_libwbxml(sim, tmp_path):
         assert from_xml(out.read_bytes(), dialect="libwbxml") == crlf_as_xml_reads_it(decode(r.body)), name
     assert "<Total>0</Total>" in (tmp_path / "none.xml").read_text()
     assert "alice.smith@seg-fast.test" in (tmp_path / "gal.xml").read_text()
+
+
+async def test_mangled_searches_never_fail_the_server(sim, capsys):
+    from test_sim_fuzz import mangle
+
+    sim.deliver("jdoe", count=3)
+    c = await ready(sim, device="FUZZ")
+    date = E("Search:GreaterThan", E("Email:DateReceived"), E("Search:Value", "2026-11-02T08:00:00.000Z"))
+    templates = [
+        mailbox_search("the report", cid=INBOX, rng="0-4", pref=body_pref(2, 100)),
+        mailbox_search(None, query=E("Search:And", E("Search:FreeText", "a"), date)),
+        E("Search:Search", E("Search:Store", E("Search:Name", "GAL"), E("Search:Query", "al"),
+                             E("Search:Options", E("Search:Range", "0-1")))),
+    ]
+    rng = random.Random(20261126)
+    statuses = set()
+    for k in range(300):
+        c.version = rng.choice(["2.5", "12.1", "14.1", "16.1"])
+        r = await c.request("Search", mangle(rng, rng.choice(templates)))
+        assert r.status != 500, k
+        statuses.add(r.status)
+    assert "internal error" not in capsys.readouterr().err
+    assert statuses <= {200, 400} and 200 in statuses
