@@ -77,11 +77,15 @@ def _range(options: Element | None) -> tuple[int, int]:
     if value is None:
         return 0, MAX_RESULTS - 1
     lo, sep, hi = value.strip().partition("-")
-    if not (sep and lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
+    if not (sep and _number(lo) and _number(hi)) or int(lo) > int(hi):
         raise _Invalid(INVALID)
     if int(hi) - int(lo) + 1 > MAX_RESULTS:
         raise _Invalid(RANGE_EXCEEDED)
     return int(lo), int(hi)
+
+
+def _number(s: str) -> bool:
+    return 0 < len(s) <= 9 and s.isascii() and s.isdigit()
 
 
 def _page(results: list[Element], total: int, lo: int) -> list[Element]:
