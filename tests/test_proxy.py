@@ -638,3 +638,105 @@ async def test_parked_ping_woken_early_waits_for_its_real_answer(tmp_path):
                 resp, body = await dev.read_answer()
             assert resp.status_code == 200 and body == b"ok"
         nursery.cancel_scope.cancel()
+
+
+# -- sockio: ready reads and writes skip the scheduler; deadlines without a scope each -----
+
+from seg_fast.proxy import sockio  # noqa: E402
+
+
+async def _socket_pair():
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def test_sockio_send_all_delivers_more_than_the_socket_buffer_holds():
+    left, right = await _socket_pair()
+    payload = bytes(range(256)) * 20_000                  # 5 MB: the kernel takes it in parts
+    got = bytearray()
+
+    async def reader():
+        while len(got) < len(payload):
+            data = await sockio.receive(right, sockio.plain_socket(right), 65536)
+            assert data
+            got.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await sockio.send_all(left, sockio.plain_socket(left), payload)
+    assert bytes(got) == payload
+    await left.aclose()
+    assert await sockio.receive(right, sockio.plain_socket(right), 10) == b""        # EOF
+
+
+async def test_sockio_deadline_is_never_early_and_ends_the_wait():
+    left, right = await _socket_pair()
+    sock = sockio.plain_socket(right)
+    t0 = trio.current_time()
+    assert await sockio.receive(right, sock, 100, t0 + 0.2) is None
+    waited = trio.current_time() - t0
+    assert 0.2 <= waited < 1.0
+    # A wait that gets its data before the deadline returns it and leaves nothing behind.
+    left2, right2 = await _socket_pair()
+    async with trio.open_nursery() as nursery:
+        async def later():
+            await trio.sleep(0.05)
+            await left2.send_all(b"hello")
+        nursery.start_soon(later)
+        assert await sockio.receive(right2, sockio.plain_socket(right2), 100,
+                                    trio.current_time() + 5) == b"hello"
+    wheel = sockio._the_wheel()
+    assert not wheel.expired and not any(wheel.slots.values())
+    for s in (left, right, left2, right2):
+        await s.aclose()
+
+
+async def test_sockio_many_deadlines_expire_in_order():
+    pairs = [await _socket_pair() for _ in range(6)]
+    ended = {}
+
+    async def wait(i, stream):
+        assert await sockio.receive(stream, sockio.plain_socket(stream), 10,
+                                    trio.current_time() + 0.1 * (i + 1)) is None
+        ended[i] = trio.current_time()
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i, (_, right) in enumerate(reversed(pairs)):
+            nursery.start_soon(wait, i, right)
+    assert sorted(ended, key=ended.get) == list(range(6))
+    assert all(ended[i] - t0 >= 0.1 * (i + 1) for i in ended)
+
+
+async def test_sockio_idle_wait_is_ended_by_cancel():
+    left, right = await _socket_pair()
+    sock = sockio.plain_socket(right)
+    wait = sockio.IdleWait(sock)
+    async with trio.open_nursery() as nursery:
+        async def drain():
+            await trio.sleep(0.05)
+            wait.cancel()
+        nursery.start_soon(drain)
+        with pytest.raises(trio.ClosedResourceError):
+            await sockio.wait_plain(sock, 10, trio.current_time() + 30)
+
+
+async def test_sockio_ready_operations_still_let_other_tasks_run():
+    left, right = await _socket_pair()
+    ticks = 0
+
+    async def other():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.sleep(0)
+        before = ticks
+        sock = sockio.plain_socket(left)
+        for _ in range(4 * sockio.FAIR_EVERY):          # every one of these is ready at once
+            await sockio.send_all(left, sock, b"x")
+        assert ticks - before >= 3
+        nursery.cancel_scope.cancel()

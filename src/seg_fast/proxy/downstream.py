@@ -125,12 +125,21 @@ async def _loop(gw, dev: Device) -> bool:
             try:
                 data = sockio.read_now(dev.sock, RECEIVE_SIZE)
                 if data is None:
-                    scope = trio.CancelScope(deadline=trio.current_time() + timeouts.idle_keepalive)
-                    gw.idle_scopes.add(scope)
-                    try:
-                        data = await sockio.wait_receive(dev.stream, dev.sock, RECEIVE_SIZE, scope)
-                    finally:
-                        gw.idle_scopes.discard(scope)
+                    deadline = trio.current_time() + timeouts.idle_keepalive
+                    if dev.sock is not None:
+                        wait = sockio.IdleWait(dev.sock)      # the drain ends it via cancel()
+                        gw.idle_scopes.add(wait)
+                        try:
+                            data = await sockio.wait_plain(dev.sock, RECEIVE_SIZE, deadline)
+                        finally:
+                            gw.idle_scopes.discard(wait)
+                    else:
+                        scope = trio.CancelScope(deadline=deadline)
+                        gw.idle_scopes.add(scope)
+                        try:
+                            data = await sockio.wait_receive(dev.stream, dev.sock, RECEIVE_SIZE, scope)
+                        finally:
+                            gw.idle_scopes.discard(scope)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return False
             if data is None:

@@ -58,7 +58,7 @@ class Gateway:
         self.log = TransactionLog(config.log.transactions)
         self.heartbeats: dict = {}
         self.draining = False
-        self.idle_scopes: set[trio.CancelScope] = set()
+        self.idle_scopes: set = set()         # idle waits: CancelScopes or sockio.IdleWait (cancel())
         self.parked_scopes: set[trio.CancelScope] = set()
         self.active = 0
         self.port: int | None = None

@@ -10,6 +10,7 @@ ready cannot starve the others. TLS streams (``sock`` None) take trio's own path
 """
 from __future__ import annotations
 
+import heapq
 import math
 import os
 
@@ -38,6 +39,126 @@ def read_now(sock, size: int) -> bytes | None:
         return None
 
 
+class _Wheel:
+    """Deadlines for socket waits without a CancelScope each (about 10 us apiece in trio).
+
+    A waiting socket is filed under its deadline rounded up to TICK; one system task
+    sleeps until the earliest slot and wakes the sockets still waiting there with
+    ``notify_closing`` (their wait raises ClosedResourceError, read as a timeout).
+    A timed-out socket is closed by its owner, as after a cancelled wait. Expiry is
+    never early and at most TICK late.
+    """
+
+    TICK = 0.05
+
+    def __init__(self):
+        self.slots: dict[int, dict[int, object]] = {}
+        self.heap: list[int] = []
+        self.expired: set[int] = set()
+        self.wake = trio.Event()
+        self.sleep: trio.CancelScope | None = None
+        self.next = math.inf
+        trio.lowlevel.spawn_system_task(self._run, name="seg_fast.sockio.wheel")
+
+    def add(self, sock, deadline: float) -> int:
+        slot = math.ceil(deadline / self.TICK)
+        waiting = self.slots.get(slot)
+        if waiting is None:
+            waiting = self.slots[slot] = {}
+            heapq.heappush(self.heap, slot)
+            if slot < self.next:
+                self.next = slot
+                if self.sleep is not None:
+                    self.sleep.deadline = slot * self.TICK
+                self.wake.set()
+        waiting[id(sock)] = sock
+        return slot
+
+    def remove(self, sock, slot: int) -> bool:
+        """Done waiting; True if the wait was ended by the deadline."""
+        waiting = self.slots.get(slot)
+        if waiting is not None:
+            waiting.pop(id(sock), None)
+        if self.expired and id(sock) in self.expired:
+            self.expired.discard(id(sock))
+            return True
+        return False
+
+    async def _run(self) -> None:
+        heap, slots = self.heap, self.slots
+        while True:
+            while heap and heap[0] not in slots:
+                heapq.heappop(heap)
+            if not heap:
+                self.next = math.inf
+                self.wake = trio.Event()
+                await self.wake.wait()
+                continue
+            self.next = heap[0]
+            with trio.CancelScope(deadline=self.next * self.TICK) as self.sleep:
+                await trio.sleep_forever()
+            self.sleep = None
+            now = trio.current_time()
+            while heap and heap[0] * self.TICK <= now:
+                for key, sock in slots.pop(heapq.heappop(heap), {}).items():
+                    self.expired.add(key)
+                    trio.lowlevel.notify_closing(sock)
+
+
+_wheel = trio.lowlevel.RunVar("seg_fast.sockio.wheel")
+
+
+def _the_wheel() -> _Wheel:
+    try:
+        return _wheel.get()
+    except LookupError:
+        wheel = _Wheel()
+        _wheel.set(wheel)
+        return wheel
+
+
+class IdleWait:
+    """Stands for a device connection's idle wait in the drain's set: cancel() ends it."""
+
+    __slots__ = ("sock", "scope")
+
+    def __init__(self, sock, scope=None):
+        self.sock = sock
+        self.scope = scope
+
+    def cancel(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+        else:
+            trio.lowlevel.notify_closing(self.sock)
+
+
+async def wait_plain(sock, size: int, deadline: float) -> bytes | None:
+    """Wait for one read on a plain socket until ``deadline``; None on timeout.
+
+    The socket must be closed after a timeout (its trio registration is gone).
+    """
+    wheel = _the_wheel() if deadline != math.inf else None
+    slot = wheel.add(sock, deadline) if wheel is not None else 0
+    try:
+        while True:
+            await wait_readable(sock)
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was closed")
+            try:
+                return os.read(fd, size)
+            except BlockingIOError:
+                continue
+    except trio.ClosedResourceError:
+        if wheel is not None and wheel.remove(sock, slot):
+            return None
+        raise
+    finally:
+        if wheel is not None:
+            wheel.remove(sock, slot)
+
+
 async def wait_receive(stream, sock, size: int, scope: trio.CancelScope) -> bytes | None:
     """Wait for one read under ``scope``; None if the scope was cancelled (deadline) first."""
     with scope:
@@ -60,6 +181,8 @@ async def receive(stream, sock, size: int, deadline: float = math.inf) -> bytes 
     global _ready
     data = read_now(sock, size)
     if data is None:
+        if sock is not None:
+            return await wait_plain(sock, size, deadline)
         return await wait_receive(stream, sock, size, trio.CancelScope(deadline=deadline))
     _ready += 1
     if _ready >= FAIR_EVERY:
