@@ -740,3 +740,19 @@ async def test_sockio_ready_operations_still_let_other_tasks_run():
             await sockio.send_all(left, sock, b"x")
         assert ticks - before >= 3
         nursery.cancel_scope.cancel()
+
+
+async def test_sockio_send_parts_keeps_order_past_a_partial_write():
+    left, right = await _socket_pair()
+    parts = [b"head\r\n", bytearray(b"a" * 3_000_000), b"", bytes(range(256)) * 4000, b"end"]
+    expected = b"".join(parts)
+    got = bytearray()
+
+    async def reader():
+        while len(got) < len(expected):
+            got.extend(await right.receive_some(65536))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await sockio.send_parts(left, sockio.plain_socket(left), parts)
+    assert bytes(got) == expected

@@ -203,10 +203,11 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
         try:
             out = up.h11.send(up_request)
             if body is not None:
+                parts = [out]
                 if body:
-                    out += up.h11.send(h11.Data(data=body))
-                out += up.h11.send(END)
-                await _send_up(up, out)
+                    parts += up.h11.send_with_data_passthrough(h11.Data(data=body))
+                parts.append(up.h11.send(END))
+                await _send_up_parts(up, parts)
             else:
                 await _pump_request(gw, dev, up, out, rec)
             if is_ping and not answer_tx and _can_park(gw, dev):
@@ -350,6 +351,20 @@ async def _send_dev(dev, data) -> None:
     await dev.send_bytes(data)
 
 
+async def _send_up_parts(up: UpstreamConn, parts: list) -> None:
+    try:
+        await sockio.send_parts(up.stream, up.plain, parts)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise UpstreamError(f"mail server connection broke while sending: {type(exc).__name__}") from None
+
+
+async def _send_dev_parts(dev, parts: list) -> None:
+    try:
+        await sockio.send_parts(dev.stream, dev.sock, parts)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise DeviceGone(type(exc).__name__) from None
+
+
 async def _up_receive(up: UpstreamConn, timeout: float) -> None:
     try:
         data = await sockio.receive(up.stream, up.plain, RECEIVE_SIZE, trio.current_time() + timeout)
@@ -426,7 +441,8 @@ async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.F
     conn = dev.conn
     h = up.h11
     timeout = gw.config.timeouts.upstream_read
-    pending = conn.send(hdrs.response_event(status, headers, reason))
+    # Head and body leave in as few writes as reads came in, the body never copied (writev).
+    pending = [conn.send(hdrs.response_event(status, headers, reason))]
     while True:
         try:
             event = h.next_event()
@@ -434,18 +450,18 @@ async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.F
             raise DeviceGone(f"mail server answer broke off: {exc}") from None
         if event is h11.NEED_DATA:
             if pending:
-                await _send_dev(dev, pending)
-                pending = b""
+                await _send_dev_parts(dev, pending)
+                pending = []
             try:
                 await _up_receive(up, timeout)
             except UpstreamError as exc:
                 raise DeviceGone(str(exc)) from None
         elif isinstance(event, h11.Data):
             rec.bytes_out += len(event.data)
-            pending += conn.send(event)
+            pending += conn.send_with_data_passthrough(event)
         elif isinstance(event, h11.EndOfMessage):
-            pending += conn.send(END)
-            await _send_dev(dev, pending)
+            pending.append(conn.send(END))
+            await _send_dev_parts(dev, pending)
             return
         else:
             raise DeviceGone("mail server closed the connection mid-answer")

@@ -209,3 +209,27 @@ async def send_all(stream, sock, data) -> None:
                 return
             data = memoryview(data)[sent:]
     await stream.send_all(data)
+
+
+async def send_parts(stream, sock, parts: list) -> None:
+    """Write the buffers in order: one writev on a plain socket, no joining copy."""
+    global _ready
+    if sock is not None and len(parts) <= 64:
+        fd = sock.fileno()
+        if fd >= 0:
+            try:
+                sent = os.writev(fd, parts)
+            except BlockingIOError:
+                sent = 0
+            total = 0
+            for part in parts:
+                total += len(part)
+            if sent == total:
+                _ready += 1
+                if _ready >= FAIR_EVERY:
+                    _ready = 0
+                    await checkpoint()
+                return
+            await stream.send_all(memoryview(b"".join(parts))[sent:])
+            return
+    await stream.send_all(b"".join(parts))
