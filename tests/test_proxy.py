@@ -756,3 +756,28 @@ async def test_sockio_send_parts_keeps_order_past_a_partial_write():
         nursery.start_soon(reader)
         await sockio.send_parts(left, sockio.plain_socket(left), parts)
     assert bytes(got) == expected
+
+
+def test_header_rewriting_on_h11_triples():
+    from seg_fast.proxy import headers as hdrs
+    device = h11.Connection(h11.SERVER)
+    device.receive_data(b"POST /x HTTP/1.1\r\nHost: gw\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\n"
+                        b"X-Forwarded-For: 10.0.0.9\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n"
+                        b"User-Agent: Apple-iPhone\r\n\r\n")
+    full = hdrs.items(device.next_event().headers)
+    streamed = hdrs.pairs(hdrs.upstream_request_headers(full, host=b"mail:8080", client_ip="10.0.0.1",
+                                                          proto=b"https", behind_proxy=True))
+    assert streamed == [(b"Host", b"mail:8080"), (b"User-Agent", b"Apple-iPhone"),
+                        (b"X-Forwarded-For", b"10.0.0.9, 10.0.0.1"), (b"X-Forwarded-Proto", b"https"),
+                        (b"Transfer-Encoding", b"chunked")]
+    whole = hdrs.upstream_request_headers(full, host=b"mail", client_ip="10.0.0.1", proto=b"http",
+                                          behind_proxy=False, framing=hdrs.content_length(12))
+    assert hdrs.pairs(whole)[-3:] == [(b"X-Forwarded-For", b"10.0.0.1"), (b"X-Forwarded-Proto", b"http"),
+                                      (b"Content-Length", b"12")]
+    # What h11 writes from the triples is what its own constructor would write.
+    event = hdrs.request_event(b"POST", b"/x", whole)
+    assert h11.Connection(h11.CLIENT).send(event) == h11.Connection(h11.CLIENT).send(
+        h11.Request(method=b"POST", target=b"/x", headers=hdrs.pairs(whole)))
+    answer = hdrs.from_pairs([(b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5"),
+                              (b"Content-Length", b"2"), (b"X-Ms-Thing", b"1")])
+    assert hdrs.pairs(hdrs.answer_headers(answer)) == [(b"Content-Length", b"2"), (b"X-Ms-Thing", b"1")]

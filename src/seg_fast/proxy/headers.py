@@ -57,10 +57,14 @@ def facts(full: Full) -> tuple[bytes | None, bytes | None, bytes | None]:
     return length, host, connection
 
 
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})     # hop-by-hop already
+
+
 def _connection_tokens(full: Full) -> frozenset[bytes]:
+    """Header names the Connection header marks hop-by-hop (RFC 9110 7.6.1)."""
     tokens = set()
     for _, low, value in full:
-        if low == b"connection":
+        if low == b"connection" and value.lower() not in _PLAIN_CONNECTION:
             tokens.update(t.strip().lower() for t in value.split(b","))
     return frozenset(tokens)
 
@@ -73,7 +77,7 @@ def upstream_request_headers(full: Full, *, host: bytes, client_ip: str, proto: 
     otherwise the device's Content-Length/Transfer-Encoding give way to these headers
     (the body was read whole).
     """
-    extra = _connection_tokens(full) if any(low == b"connection" for _, low, _ in full) else ()
+    extra = _connection_tokens(full)
     fwd_for = fwd_proto = None
     chunked = False
     out: Full = [(b"Host", b"host", host)]
@@ -106,7 +110,7 @@ def upstream_request_headers(full: Full, *, host: bytes, client_ip: str, proto: 
 
 def answer_headers(full: Full) -> Full:
     """The mail server's answer headers as the device gets them (h11 re-frames the body)."""
-    extra = _connection_tokens(full) if any(low == b"connection" for _, low, _ in full) else ()
+    extra = _connection_tokens(full)
     return [item for item in full if item[1] not in HOP_BY_HOP and not (extra and item[1] in extra)]
 
 
