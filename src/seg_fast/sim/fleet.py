@@ -105,6 +105,7 @@ class Stats:
         self.fetch_skipped = 0
         self.transformed = 0         # bodies/attachments whose size the gateway changed
         self.ready_by = 0.0          # shard time the last device finished set-up
+        self.fds_max = 0             # most descriptors this process held at once
 
     def fail(self, kind: str, detail: str) -> None:
         self.failures[kind] += 1
@@ -463,13 +464,14 @@ class Fleet:
         st = self.stats
         while True:
             await trio.sleep(STATUS_EVERY)
+            st.fds_max = max(st.fds_max, open_fds())
             now = self.clock.now()
             if self.window[0] <= now < self.window[1]:
                 st.parked_min_in_window = (st.parked if st.parked_min_in_window is None
                                            else min(st.parked_min_in_window, st.parked))
             emit({"t": round(now, 1), "started": st.started, "ready": st.ready,
                   "parked": st.parked, "requests": sum(st.requests.values()),
-                  "failures": sum(st.failures.values()),
+                  "failures": sum(st.failures.values()), "fds": st.fds_max,
                   "lag_max": round(max(st.lag, default=0.0), 3)})
 
     async def run(self, go: Go) -> dict:
@@ -534,10 +536,15 @@ class Fleet:
             "delivered": sum(d.delivered for d in self.devices),
             "received": sum(d.received for d in self.devices),
             "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
-            "conn_errors": st.conn_errors, "fetch_skipped": st.fetch_skipped,
+            "conn_errors": st.conn_errors, "fds_max": st.fds_max,
+            "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "fetch_skipped": st.fetch_skipped,
             "transformed": st.transformed,
             "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
         }
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def emit(obj: dict) -> None:

@@ -52,7 +52,6 @@ LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
 LAG_P99_LIMIT = 1.0            # seconds behind the schedule
 LAG_MAX_LIMIT = 5.0
 RAMP_RATE = 80.0               # devices set up per second (~6 requests each) by default
-WAIT_LIMIT = 0.05              # share of the window the load side sat runnable, unserved
 OTHERS_LIMIT = 0.15            # of a core used by processes outside the run: a shared machine
 VENDOR = {"classic": {"off": 2000, "on": 250}, "v2": {"off": 4000, "on": 2000}}  # devices per core
 GOAL = {"off": 100_000, "on": 50_000}
@@ -123,6 +122,17 @@ def proc_usage(pids: list[int]) -> tuple[float, int, float]:
         rss += int(statm[1]) * PAGE_KIB
         wait += int(sched[1]) / 1e9
     return cpu, rss, wait
+
+
+def max_fds(pids: list[int]) -> int:
+    """The most descriptors any one of pids holds."""
+    most = 0
+    for pid in pids:
+        try:
+            most = max(most, len(os.listdir(f"/proc/{pid}/fd")))
+        except OSError:
+            pass
+    return most
 
 
 def core_busy(cpu: int) -> float:
@@ -393,6 +403,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
         w0 = t0 + spec0.ramp + spec0.settle
         w1 = w0 + spec0.hold
         server_roots = [p.pid for p in proxy.procs] if proxy else []
+        server_fds = [0]
         load_roots = [sh.proc.pid for sh in shards]
 
         async def read_progress(sh: Shard) -> None:
@@ -407,6 +418,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             last_say = 0.0
             while True:
                 spids, lpids = tree(server_roots), tree(load_roots)
+                server_fds[0] = max(server_fds[0], max_fds(spids))
                 scpu, srss, swait = proc_usage(spids)
                 lcpu, lrss, lwait = proc_usage(lpids)
                 samples.append((time.time(), scpu, srss, lcpu,
@@ -422,7 +434,9 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
                     say(f"  {path:8} {phase:6} t={now - t0:6.0f}s ready={tot('ready')}/{opts.devices}"
                         f" parked={tot('parked')} req={tot('requests')} fail={tot('failures')}"
                         f" lag={max((s.last.get('lag_max', 0) for s in shards), default=0):.2f}s"
+                        f" fds={max((s.last.get('fds', 0) for s in shards), default=0)}"
                         f" | server cpu {100 * (b[1] - a[1]) / dt:5.1f}% rss {b[2] / 1024:7.1f} MiB"
+                        f" fds {server_fds[0]}"
                         f" | load cpu {100 * (b[3] - a[3]) / dt:5.1f}%")
                 await trio.sleep(1.0)
 
@@ -449,7 +463,9 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             results.append(msgspec.json.decode(Path(spec.out).read_bytes()))
         except OSError:
             raise RuntimeError(f"shard {spec.shard} wrote no result; see its output") from None
-    return summarize_path(path, opts, results, samples, w0, w1, server_died)
+    summary = summarize_path(path, opts, results, samples, w0, w1, server_died)
+    summary["server"]["fds_max"] = server_fds[0]
+    return summary
 
 
 def _at(samples, t: float):
@@ -514,6 +530,8 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
             "lag_max": max((r["lag_max"] for r in results), default=0.0),
             "conn_errors": sum(r["conn_errors"] for r in results),
             "shard_maxrss_kib": max(r["maxrss_kib"] for r in results),
+            "fds_max": max(r["fds_max"] for r in results),
+            "fd_limit": min(r["fd_limit"] for r in results),
         },
         "timeline": [(round(s[0] - w0, 1), s[1], s[2], s[3]) for s in samples],
     }
@@ -527,11 +545,10 @@ def load_problems(p: dict, opts: Options) -> list[str]:
     ld = p["load"]
     if ld["cpu_share"] > LOAD_CPU_LIMIT:
         out.append(f"load side used {100 * ld['cpu_share']:.0f}% of its core")
-    if ld["runqueue_wait"] > WAIT_LIMIT:
-        out.append(f"the load side waited for its core {100 * ld['runqueue_wait']:.0f}% of the time "
-                   f"(the core was {100 * ld['core_busy']:.0f}% busy, {100 * ld['cpu_share']:.0f}% ours)")
     if ld["lag_p99"] > LAG_P99_LIMIT or ld["lag_max"] > LAG_MAX_LIMIT:
         out.append(f"load side fell behind schedule (p99 {ld['lag_p99']:.2f}s, max {ld['lag_max']:.2f}s)")
+    if ld["fds_max"] >= 0.95 * ld["fd_limit"]:
+        out.append(f"a load-side process held {ld['fds_max']} of its {ld['fd_limit']} descriptors")
     fd_port = [k for k in p["failures"] if k.endswith(".connect")]
     samples = " ".join(p["failure_samples"])
     if fd_port and ("Too many open files" in samples or "EMFILE" in samples):
@@ -557,7 +574,8 @@ def contention(p: dict) -> list[str]:
     ld = p["load"]
     others_load = ld["core_busy"] - ld["cpu_share"]
     if others_load > OTHERS_LIMIT:
-        out.append(f"{p['path']}: other processes used {100 * others_load:.0f}% of the load core")
+        out.append(f"{p['path']}: other processes used {100 * others_load:.0f}% of the load core "
+                   f"(run-queue wait of the shards, summed: {100 * ld['runqueue_wait']:.0f}% of the window)")
     if p["path"] != "direct":
         others_gw = ld["gateway_core_busy"] - p["server"]["cpu_share"]
         if others_gw > OTHERS_LIMIT:
@@ -667,7 +685,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0],
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0], "commit": commit,
             "kernel": os.uname().release,
             "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
