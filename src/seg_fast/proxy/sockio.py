@@ -21,9 +21,20 @@ FAIR_EVERY = 32
 _ready = 0
 
 
-def plain_socket(stream):
-    """The trio socket under a plain SocketStream, or None (TLS and other streams)."""
-    return stream.socket if type(stream) is trio.SocketStream else None
+class Plain:
+    """A plain SocketStream's socket, with the stdlib socket's own fileno (trio forwards
+    attribute look-ups through __getattr__, a cost on every operation)."""
+
+    __slots__ = ("sock", "fileno")
+
+    def __init__(self, sock):
+        self.sock = sock              # the trio socket: what trio's waits and notify_closing take
+        self.fileno = sock.fileno     # -1 once closed
+
+
+def plain_socket(stream) -> Plain | None:
+    """The socket under a plain SocketStream, or None (TLS and other streams)."""
+    return Plain(stream.socket) if type(stream) is trio.SocketStream else None
 
 
 def read_now(sock, size: int) -> bytes | None:
@@ -102,7 +113,7 @@ class _Wheel:
             while heap and heap[0] * self.TICK <= now:
                 for key, sock in slots.pop(heapq.heappop(heap), {}).items():
                     self.expired.add(key)
-                    trio.lowlevel.notify_closing(sock)
+                    trio.lowlevel.notify_closing(sock.sock)
 
 
 _wheel = trio.lowlevel.RunVar("seg_fast.sockio.wheel")
@@ -130,7 +141,7 @@ class IdleWait:
         if self.scope is not None:
             self.scope.cancel()
         else:
-            trio.lowlevel.notify_closing(self.sock)
+            trio.lowlevel.notify_closing(self.sock.sock)
 
 
 async def wait_plain(sock, size: int, deadline: float) -> bytes | None:
@@ -142,10 +153,10 @@ async def wait_plain(sock, size: int, deadline: float) -> bytes | None:
     slot = wheel.add(sock, deadline) if wheel is not None else 0
     try:
         while True:
-            await wait_readable(sock)
             fd = sock.fileno()
             if fd < 0:
                 raise trio.ClosedResourceError("socket was closed")
+            await wait_readable(fd)
             try:
                 return os.read(fd, size)
             except BlockingIOError:
@@ -165,7 +176,7 @@ async def wait_receive(stream, sock, size: int, scope: trio.CancelScope) -> byte
         if sock is None:
             return await stream.receive_some(size)
         while True:
-            await wait_readable(sock)
+            await wait_readable(sock.sock)
             fd = sock.fileno()
             if fd < 0:
                 return await stream.receive_some(size)

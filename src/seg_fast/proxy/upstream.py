@@ -16,6 +16,7 @@ import h11
 import trio
 
 from seg_fast.errors import SegFastError
+from seg_fast.proxy import sockio
 
 RECEIVE_SIZE = 64 * 1024
 
@@ -66,7 +67,7 @@ class UpstreamConn:
         self.origin = origin
         self.stream = stream
         self.sock = sock              # the trio socket under any TLS, for liveness checks
-        self.plain = sock if type(stream) is trio.SocketStream else None   # sockio's fast path
+        self.plain = sockio.plain_socket(stream)    # sockio's fast path (None under TLS)
         self.h11 = h11.Connection(h11.CLIENT)
         self.reused = False
         self.pool = None              # the pool it counts against (a reload may replace gw.pool)
