@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 import h11
 import trio
 
-from seg_fast.sim.query import encode_base64_query
+from seg_fast.eas.request import PARAM_TAGS, encode_base64_query
 from seg_fast.sim.tree import E, Element, decode, encode, text
 
 WBXML_TYPE = b"application/vnd.ms-sync.wbxml"
@@ -60,8 +60,12 @@ class EasClient:
     def target(self, command: str, params: dict[str, str] | None = None, base64_query: bool = False) -> str:
         if base64_query:
             key = int(self.policy_key) if self.policy_key else None
-            return f"{self.path}?" + encode_base64_query(command, self.device_id, self.device_type,
-                                                         self.version, key, params=params)
+            tags = {name: tag for tag, name in PARAM_TAGS.items()}
+            encoded = [(tags[name], value if isinstance(value, bytes) else value.encode())
+                       for name, value in (params or {}).items()]
+            return f"{self.path}?" + encode_base64_query(
+                version=self.version, command=command, device_id=self.device_id.encode(),
+                device_type=self.device_type, policy_key=key, params=encoded)
         query = {"Cmd": command, "User": self.user, "DeviceId": self.device_id,
                  "DeviceType": self.device_type, **(params or {})}
         return f"{self.path}?{urlencode(query)}"

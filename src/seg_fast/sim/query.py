@@ -119,23 +119,3 @@ def _parse_base64(raw: str, q: Query) -> None:
     if q.command is None:
         raise EASRequestError(f"base64 query: unknown command code {code}")
     q.user = q.params.pop("User", None)
-
-
-def encode_base64_query(command: str, device_id: str, device_type: str, version: str = "14.1",
-                        policy_key: int | None = None, locale: int = 0x0409,
-                        params: dict[str, bytes | str] | None = None) -> str:
-    """Build a base64 query (the device side; for tests and the fleet)."""
-    codes = {v: k for k, v in COMMAND_CODES.items()}
-    tags = {v: k for k, v in PARAM_TAGS.items()}
-    major, minor = version.split(".")
-    out = bytearray([int(major) * 10 + int(minor), codes[command]])
-    out += struct.pack("<H", locale)
-    dev = device_id.encode()
-    out += bytes([len(dev)]) + dev
-    out += b"\x00" if policy_key is None else b"\x04" + struct.pack("<I", policy_key)
-    typ = device_type.encode()
-    out += bytes([len(typ)]) + typ
-    for name, value in (params or {}).items():
-        raw = value.encode() if isinstance(value, str) else value
-        out += bytes([tags[name], len(raw)]) + raw
-    return base64.b64encode(bytes(out)).decode()
