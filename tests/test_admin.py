@@ -40,7 +40,7 @@ async def call(server, method, path, body=None, token=TOKEN):
     return status, (json.loads(out) if headers.get("content-type") == "application/json" else out)
 
 
-async def eventually(check, timeout=1.0):
+async def eventually(check, timeout=10.0):
     with trio.fail_after(timeout):
         while not check():
             await trio.sleep(0.02)

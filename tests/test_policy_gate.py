@@ -97,7 +97,7 @@ async def test_folder_classes_learned_by_one_worker_reach_another(tmp_path, nurs
     (guard,) = [t for t in b.decide(sync_req).transforms if hasattr(t, "transform_request")]
     assert guard.transform_request(sync_req, sync) is sync     # B has not learned it yet
     await a.flush()
-    with trio.fail_after(1.0):
+    with trio.fail_after(10):    # generous: the mechanism, not the scheduler, is under test
         while guard.transform_request(sync_req, sync) is not None:
             await trio.sleep(0.02)
     nursery.cancel_scope.cancel()
