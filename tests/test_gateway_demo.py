@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 
 from seg_fast.sim.client import EasClient
-from seg_fast.sim.tree import E, text
+from seg_fast.sim.tree import E, find, kids, text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,14 @@ async def test_demo_prints_a_working_device_url_and_applies_demo_policies():
                           user_agent="Apple-iPhone9C1/1602.92")
         r = await phone.request("FolderSync", body)
         assert r.status == 200 and text(r.doc, "FolderHierarchy:Status") == "1"
+        # The embedded email security policy: links to its listed domains are rewritten
+        # to the secure browser's schemes in the HTML bodies the phone syncs.
+        bodies = await _inbox_html_bodies(phone)
+        assert bodies, "the demo mailbox has mail"
+        rewritten = [b for b in bodies if "awbs://" in b or "awb://" in b]
+        assert rewritten, "no link was rewritten"
+        for b in bodies:
+            assert not re.search(r"https?://([\w-]+\.)*contoso\.com", b)    # a listed domain
         other = EasClient("127.0.0.1", port, "demo", "secret", "DEMO2", ssl_context=ctx, user_agent="curl/8.0")
         r = await other.request("FolderSync", body)
         assert r.status == 200 and text(r.doc, "FolderHierarchy:Status") == "129"   # blocked mail client
@@ -51,3 +59,20 @@ async def test_demo_prints_a_working_device_url_and_applies_demo_policies():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def _inbox_html_bodies(c: EasClient) -> list[str]:
+    """HTML (Type 2) bodies of every Inbox message, as the phone receives them."""
+    def sync(key, more):
+        return E("AirSync:Sync", E("AirSync:Collections", E(
+            "AirSync:Collection", E("AirSync:SyncKey", key), E("AirSync:CollectionId", "1"),
+            *((E("AirSync:GetChanges"), E("AirSync:WindowSize", 100),
+               E("AirSync:Options", E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", 2))))
+              if more else ()))))
+    r = await c.request("Sync", sync("0", False))
+    key = text(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:SyncKey")
+    r = await c.request("Sync", sync(key, True))
+    assert r.status == 200
+    cmds = find(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:Commands")
+    return [text(a, "AirSync:ApplicationData", "AirSyncBase:Body", "AirSyncBase:Data")
+            for a in kids(cmds, "AirSync:Add")]

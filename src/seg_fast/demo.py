@@ -50,13 +50,11 @@ def _self_signed(directory: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
-def _demo_policy_file() -> Path | None:
-    """examples/policies/baseline.json of the checkout the demo runs from, if there is one."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        cand = base / "examples" / "policies" / "baseline.json"
-        if cand.is_file():
-            return cand
-    return None
+def _demo_policy_file() -> Path:
+    """The demo's embedded policies: the baseline compliance policies of
+    examples/policies/baseline.json plus an email security document (links to the
+    corpus's first ten domains rewritten, attachments encrypted or blocked)."""
+    return Path(__file__).with_name("demo_policies.json")
 
 
 async def _load_policies(config, path: Path) -> None:
@@ -119,8 +117,6 @@ async def _main(args, state: str) -> None:
         "SEG_FAST_ADMIN_PORT": "44444" if _port_free("127.0.0.1", 44444) else "0",
     }
     policies = _demo_policy_file()
-    if policies is None:            # installed without the examples: let every device in
-        env["SEG_FAST_POLICY_ALLOW_IF_NO_POLICIES"] = "true"
     if not args.no_tls:
         cert, key = _self_signed(state)
         env["SEG_FAST_LISTENER_TLS_CERT"] = cert
@@ -132,8 +128,7 @@ async def _main(args, state: str) -> None:
         await nursery.start(sim.serve, "127.0.0.1", 0)
         env["SEG_FAST_UPSTREAM_URL"] = f"http://127.0.0.1:{sim.port}"
         config = load_config(None, env={**os.environ, **env})
-        if policies is not None:
-            await _load_policies(config, policies)
+        await _load_policies(config, policies)
         admin_port = await _start_admin(nursery, config)
         gw = Gateway(config)
         await nursery.start(gw.serve)
@@ -141,8 +136,9 @@ async def _main(args, state: str) -> None:
         k = "" if args.no_tls else "-k "
         url = f"{scheme}://{args.host}:{gw.port}/Microsoft-Server-ActiveSync"
         query = f"Cmd=FolderSync&User={DEMO_USER}&DeviceId=DEMO0001&DeviceType=iPhone"
-        policy_line = (f"{policies} (mail clients allow-listed: an iPhone passes, curl's own User-Agent gets Status 129, blocked)"
-                       if policies else "none loaded: every device is let in")
+        policy_line = (f"{policies}\n                (mail clients allow-listed: an iPhone passes, curl's own User-Agent"
+                       " gets Status 129, blocked;\n                 links to contoso.com and nine more domains"
+                       " open in the secure browser; attachments encrypted or blocked)")
         admin_line = (f"http://127.0.0.1:{admin_port}/seg/ (token in {config.policy.sqlite_path}.admin-token)"
                       if admin_port else "not started")
         print(f"""seg-fast demo is running (Ctrl-C stops it).
