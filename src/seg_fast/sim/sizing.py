@@ -623,6 +623,8 @@ def judge(point: dict, opts: Options) -> dict:
             broke.append(f"gateway CPU {100 * gw['server']['cpu_share']:.0f}% of its core > 80%")
         if gw["server"]["rss_kib_max"] > SLO_RSS_KIB:
             broke.append(f"gateway RSS {gw['server']['rss_kib_max'] / 1024:.0f} MiB > 2 GiB")
+    if gw and not direct:
+        invalid.append("no direct path in this run: the added latency was not measured")
     if direct and sum(direct["failures"].values()):
         invalid.append(f"direct: {sum(direct['failures'].values())} failures without any proxy "
                        f"({', '.join(sorted(direct['failures']))}): the fleet or simulator is wrong")
