@@ -38,7 +38,8 @@ def test_every_request_answered_correctly(report):
     for name, p in point["paths"].items():
         assert p["failures"] == {}, (name, p["failure_samples"])
         assert p["ready"] == DEVICES, name                  # every device set up and parked
-        assert p["parked_at_window_end"] >= DEVICES - 5, name
+        # parked again after each return (a few may be mid-Sync at that instant)
+        assert p["parked_at_window_end"] >= 0.9 * DEVICES, name
         # every message the simulator delivered was synced by its device, once
         assert p["delivered"] > 50 and p["received"] == p["delivered"], name
         for cmd in ("Provision", "FolderSync", "Sync", "Ping", "SendMail", "ItemOperations"):
