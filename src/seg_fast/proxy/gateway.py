@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import resource
 import socket
 import ssl
 
@@ -10,6 +9,7 @@ import trio
 
 from seg_fast.content import pipeline as content_pipeline
 from seg_fast.observe import TransactionLog
+from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.policy import gate
 from seg_fast.proxy.downstream import resume_parked, serve_device
 from seg_fast.proxy.parking import PingPark
@@ -23,18 +23,6 @@ def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
     return ctx
-
-
-def raise_nofile_limit() -> int:
-    """Two descriptors per parked Ping: lift the soft RLIMIT_NOFILE to the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def listening_socket(host: str, port: int, backlog: int) -> trio.socket.SocketType:

@@ -27,7 +27,6 @@ import heapq
 import http
 import json
 import math
-import resource
 import sys
 from typing import NamedTuple
 
@@ -35,6 +34,7 @@ import h11
 import trio
 
 from seg_fast.errors import EASRequestError, WBXMLError
+from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.sim import commands as C
 from seg_fast.sim.commands import Answer, Ctx
 from seg_fast.sim.corpus import Corpus
@@ -78,18 +78,6 @@ class _Park:
             self.dev.parked = None
         self.task = None
         return trio.lowlevel.Abort.SUCCEEDED
-
-
-def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 class MailboxSimulator:
