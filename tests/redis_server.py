@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
+from processes import stop_process
 
 
 def free_port() -> int:
@@ -41,9 +42,4 @@ def running_redis(tmp_path, port: int | None = None):
             time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=5)

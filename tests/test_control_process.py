@@ -3,10 +3,6 @@ still runs (full snapshot into the store, which the workers follow)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import trio
 
@@ -16,6 +12,7 @@ from seg_fast.policy.store import SqliteStore
 from seg_fast.sim.mailbox import MailboxSimulator
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.tree import E, text
+from processes import start_serve, stop_process
 
 
 async def folder_sync_status(port: int) -> str:
@@ -26,7 +23,6 @@ async def folder_sync_status(port: int) -> str:
     finally:
         await c.aclose()
 
-REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = {"token": "t1", "policies": {"managed": {"compromised": True}},
             "devices": [{"device_id": "PHONE", "managed": True, "compromised": True}]}
 
@@ -47,9 +43,7 @@ async def test_policy_pull_runs_with_admin_api_off(tmp_path):
             f'[admin]\nenabled = false\n'
             f'[log]\ntransactions = ""\n'
             f'[policy]\nallow_if_no_policies = true\napi_url = "http://127.0.0.1:{api_port}/api"\n')
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), SEG_FAST_STATE_DIR=str(tmp_path / "state"))
-        proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env,
-                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = start_serve(cfg, tmp_path)
         try:
             with trio.fail_after(20):
                 while not any(p == "/api/snapshot" for p, _ in api.seen):
@@ -73,10 +67,5 @@ async def test_policy_pull_runs_with_admin_api_off(tmp_path):
                 await store.aclose()
             assert snap.document.managed.compromised and [d.device_id for d in snap.devices] == ["PHONE"]
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             nursery.cancel_scope.cancel()

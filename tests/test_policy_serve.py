@@ -3,10 +3,6 @@ on one SQLite store. A push to the admin API reaches every worker within a secon
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import trio
 
@@ -17,8 +13,8 @@ from seg_fast.policy.store import SqliteStore
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.mailbox import MailboxSimulator
 from seg_fast.sim.tree import E, text
+from processes import start_serve, stop_process
 
-REPO = Path(__file__).resolve().parent.parent
 FOLDERSYNC = E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0"))
 
 
@@ -56,9 +52,7 @@ async def test_push_reaches_every_worker_within_a_second(tmp_path):
             f'[log]\ntransactions = "{tmp_path / "tx.jsonl"}"\n'
             f'[policy]\nsqlite_path = "{tmp_path / "policy.db"}"\npush_token = "push"\n'
             f'[security]\nmaster_key_file = "{tmp_path / "mk"}"\nkey_state_file = "{tmp_path / "ks.json"}"\n')
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-        proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env,
-                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = start_serve(cfg, tmp_path)
         try:
             with trio.fail_after(20):
                 while True:
@@ -93,10 +87,5 @@ async def test_push_reaches_every_worker_within_a_second(tmp_path):
         finally:
             if proc.poll() is not None:
                 print(proc.stderr.read().decode()[-3000:])
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             nursery.cancel_scope.cancel()

@@ -3,9 +3,6 @@ of a running `seg-fast serve` (two workers, one SQLite store) within a second.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
@@ -15,8 +12,8 @@ from redis_server import free_port
 from seg_fast.policy.model import DeviceRecord, ManagedDevicePolicies, PolicyDocument
 from seg_fast.policy.store import SqliteStore
 from seg_fast.sim.mailbox import MailboxSimulator
+from processes import start_serve, stop_process
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 async def _statuses(port: int, device: str, n: int) -> list[str]:
@@ -58,9 +55,7 @@ async def test_transaction_areas_through_running_gateway(tmp_path):
             f'[admin]\nport = {admin_port}\ntoken = "adm"\n'
             f'[log]\ntransactions = "{tx}"\n'
             f'[policy]\nsqlite_path = "{tmp_path / "policy.db"}"\n')
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), SEG_FAST_STATE_DIR=str(tmp_path / "state"))
-        proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env,
-                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = start_serve(cfg, tmp_path)
 
         async def set_levels(levels: dict) -> None:
             status, _, body = await request(admin_port, "PUT", "/seg/logging", token="adm",
@@ -103,11 +98,6 @@ async def test_transaction_areas_through_running_gateway(tmp_path):
             status, _, body = await request(admin_port, "GET", "/seg/logging", token="adm")
             assert json.loads(body)["transaction_summary"] == "info"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             print(proc.stderr.read().decode()[-3000:])
             nursery.cancel_scope.cancel()
