@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import re
+from urllib.parse import unquote_to_bytes
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
-from seg_fast.eas.request import basic_auth_user, encode_base64_query, parse_request
+from seg_fast.eas.request import (COMMAND_CODES, OPTION_ACCEPT_MULTIPART, PARAM_TAGS, EasRequest,
+                                  basic_auth_user, encode_base64_query, parse_request)
 from seg_fast.errors import EASRequestError
 
 PATH = b"/Microsoft-Server-ActiveSync"
@@ -113,3 +117,322 @@ def test_base64_round_trip_of_device_ids(dev_id):
     q = encode_base64_query(version="14.0", command="Ping", device_id=dev_id, device_type="T")
     req = parse_request("POST", PATH + b"?" + q.encode(), [])
     assert req.device_id == dev_id.hex() and req.command == "Ping"
+
+
+# ---- The original (regex/urllib) parser, kept verbatim as the oracle of the faster one. ----
+
+_MAX_QUERY = 4096
+_MAX_VALUE = 1024
+_B64_QUERY = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
+_TOKEN = re.compile(r"[A-Za-z0-9_.\-:@\\]*")
+_VERSION = re.compile(r"\d{1,2}\.\d{1,2}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _reference_parse_request(method: str, target: bytes | str, headers, client_ip: str = "") -> EasRequest:
+    """Identify one request. ``headers`` is a list of (name, value) pairs (bytes or str)."""
+    if isinstance(target, str):
+        target = target.encode("latin-1")
+    path_b, _, query = target.partition(b"?")
+    try:
+        path = path_b.decode("ascii")
+    except UnicodeDecodeError:
+        raise EASRequestError("request path is not ASCII") from None
+    if len(query) > _MAX_QUERY:
+        raise EASRequestError(f"query longer than {_MAX_QUERY} bytes")
+
+    hdr: dict[str, str] = {}
+    for name, value in headers:
+        if isinstance(name, bytes):
+            name = name.decode("latin-1")
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        hdr.setdefault(name.lower(), value)
+
+    req = EasRequest(method=method, path=path, client_ip=client_ip)
+    req.user_agent = hdr.get("user-agent")
+    version = hdr.get("ms-asprotocolversion")
+    if version is not None:
+        version = version.strip()
+        if not _VERSION.fullmatch(version):
+            raise EASRequestError("MS-ASProtocolVersion header is not a version number")
+        req.protocol_version = version
+    req.policy_key = hdr.get("x-ms-policykey")
+    req.accept_multipart = hdr.get("ms-asacceptmultipart", "").strip().upper() == "T"
+
+    if query:
+        if _reference_looks_base64(query):
+            _reference_parse_base64_query(query, req)
+        else:
+            _reference_parse_plain_query(query, req)
+
+    auth_user = _reference_basic_auth_user(hdr.get("authorization"))
+    if auth_user is not None:
+        # The authenticated name is what the mail server checks; the query's User is a hint.
+        req.user = auth_user
+    return req
+
+
+def _reference_looks_base64(query: bytes) -> bool:
+    # The plain form always has name=value pairs; a base64 blob is one token with '=' only as padding.
+    unquoted = unquote_to_bytes(query)
+    return b"&" not in query and _B64_QUERY.fullmatch(unquoted) is not None and b"=" not in unquoted.rstrip(b"=")
+
+
+def _reference_parse_plain_query(query: bytes, req: EasRequest) -> None:
+    params: dict[str, str] = {}
+    for pair in query.split(b"&"):
+        if not pair:
+            continue
+        name_b, eq, value_b = pair.partition(b"=")
+        try:
+            name = unquote_to_bytes(name_b.replace(b"+", b" ")).decode("utf-8")
+            value = unquote_to_bytes(value_b.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise EASRequestError("query parameter is not UTF-8") from None
+        if not name or not eq:
+            raise EASRequestError("query parameter without a name or '='")
+        if len(value) > _MAX_VALUE or _CONTROL.search(name) or _CONTROL.search(value):
+            raise EASRequestError(f"query parameter {name[:40]!r} is too long or holds control characters")
+        if name in params:
+            raise EASRequestError(f"query parameter {name[:40]!r} given twice")
+        params[name] = value
+    cmd = params.pop("Cmd", None)
+    if cmd is not None:
+        if not cmd.isalnum():
+            raise EASRequestError("Cmd is not a command name")
+        req.command = cmd
+    req.user = params.pop("User", None)
+    req.device_id = params.pop("DeviceId", None)
+    req.device_type = params.pop("DeviceType", None)
+    for field in ("device_id", "device_type"):
+        value = getattr(req, field)
+        if value is not None and not _TOKEN.fullmatch(value):
+            raise EASRequestError(f"{field} holds characters a device identifier may not")
+    req.params = params
+
+
+def _reference_parse_base64_query(query: bytes, req: EasRequest) -> None:
+    try:
+        raw = base64.b64decode(unquote_to_bytes(query), validate=True)
+    except (binascii.Error, ValueError):
+        raise EASRequestError("base64 query is not valid base64") from None
+    req.base64_query = True
+    end = len(raw)
+    if end < 7:
+        raise EASRequestError("base64 query shorter than its fixed fields")
+    version = raw[0]
+    if not 20 <= version <= 199:
+        raise EASRequestError(f"base64 query protocol version byte {version} is not a version")
+    req.protocol_version = f"{version // 10}.{version % 10}"
+    code = raw[1]
+    command = COMMAND_CODES.get(code)
+    if command is None:
+        raise EASRequestError(f"base64 query command code {code} is unknown")
+    req.command = command
+    pos = 4                                           # skip the 2-byte locale
+    dev_len = raw[pos]
+    pos += 1
+    if pos + dev_len > end:
+        raise EASRequestError("base64 query DeviceId runs past the end")
+    # The DeviceId travels as raw bytes; hex keeps it a printable, stable identifier.
+    req.device_id = raw[pos:pos + dev_len].hex()
+    pos += dev_len
+    if pos >= end:
+        raise EASRequestError("base64 query ends before the policy key length")
+    key_len = raw[pos]
+    pos += 1
+    if key_len not in (0, 4) or pos + key_len > end:
+        raise EASRequestError("base64 query policy key must be 0 or 4 bytes")
+    if key_len == 4:
+        req.policy_key = str(int.from_bytes(raw[pos:pos + 4], "little"))
+    pos += key_len
+    if pos >= end:
+        raise EASRequestError("base64 query ends before the DeviceType length")
+    type_len = raw[pos]
+    pos += 1
+    if pos + type_len > end:
+        raise EASRequestError("base64 query DeviceType runs past the end")
+    try:
+        req.device_type = raw[pos:pos + type_len].decode("ascii")
+    except UnicodeDecodeError:
+        raise EASRequestError("base64 query DeviceType is not ASCII") from None
+    if not _TOKEN.fullmatch(req.device_type):
+        raise EASRequestError("base64 query DeviceType holds characters a device type may not")
+    pos += type_len
+    params: dict[str, str] = {}
+    while pos < end:
+        if pos + 2 > end:
+            raise EASRequestError("base64 query parameter header runs past the end")
+        tag, length = raw[pos], raw[pos + 1]
+        pos += 2
+        if pos + length > end:
+            raise EASRequestError("base64 query parameter value runs past the end")
+        value = raw[pos:pos + length]
+        pos += length
+        name = PARAM_TAGS.get(tag)
+        if name is None:
+            raise EASRequestError(f"base64 query parameter tag {tag} is unknown")
+        if name == "Options":
+            # A one-byte bitmask per the spec; other lengths are carried as hex, not trusted.
+            if length == 1:
+                req.accept_multipart = req.accept_multipart or bool(value[0] & OPTION_ACCEPT_MULTIPART)
+                params[name] = str(value[0])
+            else:
+                params[name] = value.hex()
+            continue
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EASRequestError(f"base64 query parameter {name} is not UTF-8") from None
+        if _CONTROL.search(text):
+            raise EASRequestError(f"base64 query parameter {name} holds control characters")
+        if name == "User":
+            req.user = text
+        else:
+            params[name] = text
+    req.params = params
+
+
+def _reference_basic_auth_user(value: str | None) -> str | None:
+    """The user name of a Basic Authorization header (never the password), or None."""
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise EASRequestError("Authorization header is not valid Basic credentials") from None
+    user, colon, _ = decoded.partition(":")
+    if not colon or _CONTROL.search(user):
+        raise EASRequestError("Authorization header is not valid Basic credentials")
+    return user
+
+
+def _outcome(parse, *args):
+    try:
+        return parse(*args)
+    except Exception as exc:      # the oracle's own errors (any type) must be matched too
+        return (type(exc), str(exc))
+
+
+_TEXT = st.sampled_from(["Sync", "jdoe", "CORP\\jdoe", "ABC123", "iPhone", "5:1:0", "", "a b", "a+b",
+                         "%3A", "%ff", "%", "%0", "%00", "a\x01", "\x7f", "é", "ü%20x", "=", "==", "a=b",
+                         "Sy nc", "a/b", "x" * 1025, "\u0661\u0664", "%E2%82%AC"]) | st.text(max_size=12)
+_NAMES = st.sampled_from(["Cmd", "User", "DeviceId", "DeviceType", "CollectionId", "AttachmentName",
+                          "ItemId", "SaveInSent", "", "a%00", "N+m", "%ff"]) | st.text(max_size=6)
+
+
+def _enc(text, raw_bytes):
+    return text.encode("latin-1") if raw_bytes else text.encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def _plain_queries(draw):
+    pairs = []
+    for name, value, eq, raw in draw(st.lists(st.tuples(_NAMES, _TEXT, st.booleans(),
+                                                        st.sampled_from([False] * 4 + [True])), max_size=7)):
+        try:
+            pairs.append(_enc(name, raw) + (b"=" if eq or draw(st.integers(0, 5)) else b"") + _enc(value, raw))
+        except UnicodeEncodeError:
+            pairs.append(_enc(name, False) + b"=" + _enc(value, False))
+    return b"&".join(pairs)
+
+
+@st.composite
+def _base64_queries(draw):
+    if draw(st.integers(0, 3)):              # mostly well-formed packed fields, some broken
+        raw = bytearray([draw(st.sampled_from([141, 140, 160, 161] * 3 + [3, 200, 19])),
+                         draw(st.sampled_from([0, 9, 18, 23] * 3 + [19, 24, 99])), 9, 4])
+        dev = draw(st.binary(max_size=20))
+        raw += bytes([len(dev) + draw(st.sampled_from([0] * 8 + [1, 200]))]) + dev
+        raw += draw(st.sampled_from([b"\x00", b"\x04\x01\x02\x03\x04"] * 3 + [b"\x03\x01\x02\x03", b""]))
+        dtype = draw(st.sampled_from([b"iPhone", b"SmartPhone", b"Android"] * 4 + [b"Smart Phone", b"\xff",
+                                                                                  b"a/b", b""]))
+        raw += bytes([len(dtype)]) + dtype
+        for tag, value in draw(st.lists(st.tuples(st.sampled_from([0, 1, 3, 4, 6, 7, 8] * 3 + [2, 9]),
+                                                  st.sampled_from([b"", b"\x02", b"\x01", b"test", b"5:12",
+                                                                   b"jdoe"] * 3 + [b"\xff", b"a\x00"])),
+                                        max_size=4)):
+            raw += bytes([tag, len(value)]) + value
+        raw += draw(st.sampled_from([b""] * 6 + [b"\x01", b"\x01\xff"]))
+        raw = bytes(raw)
+    else:
+        raw = draw(st.binary(max_size=40))
+    q = base64.b64encode(raw)
+    mangle = draw(st.sampled_from(["none"] * 6 + ["quote", "unpad", "extra", "cut", "quote-all"]))
+    if mangle == "quote":
+        q = q.replace(b"=", b"%3D").replace(b"+", b"%2B").replace(b"/", b"%2f")
+    elif mangle == "unpad":
+        q = q.rstrip(b"=")
+    elif mangle == "extra":
+        q += b"==="
+    elif mangle == "cut" and q:
+        q = q[:-1]
+    elif mangle == "quote-all":
+        q = b"".join(b"%%%02X" % c for c in q[:10]) + q[10:]
+    return q
+
+
+_QUERIES = _plain_queries() | _base64_queries() | st.binary(max_size=60) | \
+    st.sampled_from([b"", b"&", b"Cmd=Sync", b"AAAA", b"AAAA&", b"A=A", b"=" * 3, b"x" * 4097])
+
+
+def _basic(creds):
+    return "Basic " + base64.b64encode(creds).decode()
+
+
+_HEADER_VALUES = {
+    "Authorization": st.sampled_from([_basic(b"CORP\\jdoe:pa:ss"), _basic(b"jdoe:x")] * 4 + [ _basic(b"nocolon"),
+                                      _basic(b"\xff\xfe:x"), _basic(b"a\x01:x"), _basic(b":x"),
+                                      "Basic !!", "basic  " + base64.b64encode(b"u:p").decode() + " ",
+                                      "Bearer abc", "Basic", "", " ", "Basic é"]),
+    "MS-ASProtocolVersion": st.sampled_from(["14.1"] * 12 + [" 16.1 ", "141", "1.2.3", "\u0661\u0664.1", "\u00b2.1",
+                                             "14.", ".1", "100.1", "14.10", "14.1\n", "", "a.b", "1\u0660.1"]),
+    "X-MS-PolicyKey": st.sampled_from(["3942919513", "0", "", "é"]),
+    "User-Agent": st.sampled_from(["Apple-iPhone9C1/1602.92", "", "\xe9\xff"]),
+    "MS-ASAcceptMultiPart": st.sampled_from(["T", "t", " T ", "F", "", "TT"]),
+    "Content-Type": st.just("application/vnd.ms-sync.wbxml"),
+    "Host": st.just("mail.example.com"),
+}
+
+
+@st.composite
+def _headers(draw):
+    out = []
+    for name in draw(st.lists(st.sampled_from(sorted(_HEADER_VALUES)), max_size=8)):
+        value = draw(_HEADER_VALUES[name])
+        name = draw(st.sampled_from([name, name.lower(), name.upper()]))
+        if name == "X-MS-POLICYKEY" and draw(st.booleans()):
+            name = "X-MS-Policy\u212aey"       # KELVIN SIGN lowercases to 'k' in str.lower()
+        if draw(st.booleans()):
+            out.append((name.encode("latin-1", "replace"), value.encode("latin-1", "replace")))
+        else:
+            out.append((name, value))
+    return out
+
+
+@settings(max_examples=600, deadline=None)
+@example(method="POST", query=b"Cmd=Sync&AttachmentName=%00", headers=[], as_str=False, client_ip="", path=PATH)
+@example(method="POST", query=b"Cmd=Sync&DeviceType=a/b", headers=[], as_str=False, client_ip="", path=PATH)
+@example(method="POST", query=b"Cmd=Sync&User=a%0Ab&DeviceId=X", headers=[], as_str=False, client_ip="", path=PATH)
+@given(method=st.sampled_from(["POST", "OPTIONS"]), query=_QUERIES, headers=_headers(),
+       as_str=st.booleans(), client_ip=st.sampled_from(["", "10.0.0.9"]),
+       path=st.sampled_from([PATH, b"/Microsoft-Server-ActiveSync/", b"/\xe9"]))
+def test_parser_matches_the_original_implementation(method, query, headers, as_str, client_ip, path):
+    target = path + b"?" + query if query or as_str else path
+    if as_str:
+        target = target.decode("latin-1") + ("\u20ac" if query.endswith(b"!") else "")
+    for _ in range(2):                     # twice: the second answer comes from the Basic-auth cache
+        new = _outcome(parse_request, method, target, headers, client_ip)
+        assert new == _outcome(_reference_parse_request, method, target, headers, client_ip)
+
+
+def test_basic_auth_cache_stays_bounded_and_exact():
+    from seg_fast.eas import request
+    for i in range(request._AUTH_CACHE_SIZE + 50):
+        req = parse_request("POST", PATH, [(b"Authorization", _basic(b"user%d:pw" % i).encode())])
+        assert req.user == f"user{i}"
+    assert len(request._auth_cache) <= request._AUTH_CACHE_SIZE

@@ -54,10 +54,29 @@ OPTION_ACCEPT_MULTIPART = 0x02
 
 _MAX_QUERY = 4096
 _MAX_VALUE = 1024
-_B64_QUERY = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
+_AUTH_CACHE_SIZE = 1024
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _TOKEN = re.compile(r"[A-Za-z0-9_.\-:@\\]*")
-_VERSION = re.compile(r"\d{1,2}\.\d{1,2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+_B64_VERSIONS = {v: f"{v // 10}.{v % 10}" for v in range(20, 200)}   # base64-form version byte -> "14.1"
+
+# Lowercased header name (bytes and str keys, so either form is one lookup) -> the key it is
+# kept under, or "" for common headers not read: those skip the lower() call.
+_WANTED: dict[bytes | str, str] = {}
+for _name in ("user-agent", "ms-asprotocolversion", "x-ms-policykey", "ms-asacceptmultipart", "authorization",
+              "host", "content-type", "content-length", "accept", "accept-encoding", "accept-language",
+              "connection", "x-forwarded-for", "expect", "transfer-encoding"):
+    _key = _name if _name in ("user-agent", "ms-asprotocolversion", "x-ms-policykey",
+                              "ms-asacceptmultipart", "authorization") else ""
+    _WANTED[_name] = _WANTED[_name.encode("ascii")] = _key
+del _name, _key
+# Query bytes that need no unquoting, UTF-8 or control check, and are valid in a device token.
+_SIMPLE_QUERY_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-:@\\=&"
+
+# Basic-auth header value -> user name (or the error it raised). A device repeats the same
+# header on every request; the cache is cleared whole when full so memory stays bounded.
+_auth_cache: dict[str, str | None | EASRequestError] = {}
 
 
 def parse_request(method: str, target: bytes | str, headers, client_ip: str = "") -> EasRequest:
@@ -72,80 +91,166 @@ def parse_request(method: str, target: bytes | str, headers, client_ip: str = ""
     if len(query) > _MAX_QUERY:
         raise EASRequestError(f"query longer than {_MAX_QUERY} bytes")
 
-    hdr: dict[str, str] = {}
+    # One pass, keeping only the headers read (the first of each name); values decoded later.
+    hdr = {}
+    wanted = _WANTED
     for name, value in headers:
-        if isinstance(name, bytes):
-            name = name.decode("latin-1")
-        if isinstance(value, bytes):
-            value = value.decode("latin-1")
-        hdr.setdefault(name.lower(), value)
+        key = wanted.get(name)
+        if key is None:
+            key = wanted.get(name.lower())
+        if key and key not in hdr:
+            hdr[key] = value
 
     req = EasRequest(method=method, path=path, client_ip=client_ip)
-    req.user_agent = hdr.get("user-agent")
-    version = hdr.get("ms-asprotocolversion")
-    if version is not None:
-        version = version.strip()
-        if not _VERSION.fullmatch(version):
-            raise EASRequestError("MS-ASProtocolVersion header is not a version number")
-        req.protocol_version = version
-    req.policy_key = hdr.get("x-ms-policykey")
-    req.accept_multipart = hdr.get("ms-asacceptmultipart", "").strip().upper() == "T"
+    if hdr:
+        value = hdr.get("user-agent")
+        if value is not None:
+            req.user_agent = value.decode("latin-1") if isinstance(value, bytes) else value
+        version = hdr.get("ms-asprotocolversion")
+        if version is not None:
+            if isinstance(version, bytes):
+                version = version.decode("latin-1")
+            version = version.strip()
+            # Same as fullmatch(r"\d{1,2}\.\d{1,2}"): str \d is exactly isdecimal().
+            major, dot, minor = version.partition(".")
+            if not (dot and 0 < len(major) < 3 and 0 < len(minor) < 3
+                    and major.isdecimal() and minor.isdecimal()):
+                raise EASRequestError("MS-ASProtocolVersion header is not a version number")
+            req.protocol_version = version
+        value = hdr.get("x-ms-policykey")
+        if value is not None:
+            req.policy_key = value.decode("latin-1") if isinstance(value, bytes) else value
+        value = hdr.get("ms-asacceptmultipart")
+        if value is not None:
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            req.accept_multipart = value.strip().upper() == "T"
 
     if query:
-        if _looks_base64(query):
-            _parse_base64_query(query, req)
+        unquoted = None if b"&" in query else _unquoted_base64(query)
+        if unquoted is not None:
+            _parse_base64_query(unquoted, req)
         else:
             _parse_plain_query(query, req)
 
-    auth_user = basic_auth_user(hdr.get("authorization"))
-    if auth_user is not None:
-        # The authenticated name is what the mail server checks; the query's User is a hint.
-        req.user = auth_user
+    value = hdr.get("authorization")
+    if value:
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        auth_user = _cached_basic_auth_user(value)
+        if auth_user is not None:
+            # The authenticated name is what the mail server checks; the query's User is a hint.
+            req.user = auth_user
     return req
 
 
-def _looks_base64(query: bytes) -> bool:
+def _cached_basic_auth_user(value: str) -> str | None:
+    try:
+        user = _auth_cache[value]
+    except KeyError:
+        try:
+            user = basic_auth_user(value)
+        except EASRequestError as exc:
+            user = exc
+        if len(_auth_cache) >= _AUTH_CACHE_SIZE:
+            _auth_cache.clear()
+        _auth_cache[value] = user
+    if isinstance(user, EASRequestError):
+        raise EASRequestError(str(user))
+    return user
+
+
+def _unquoted_base64(query: bytes) -> bytes | None:
+    """The unquoted query if it is one base64 token ('=' only as up to 2 pads), else None."""
     # The plain form always has name=value pairs; a base64 blob is one token with '=' only as padding.
-    unquoted = unquote_to_bytes(query)
-    return b"&" not in query and _B64_QUERY.fullmatch(unquoted) is not None and b"=" not in unquoted.rstrip(b"=")
+    unquoted = unquote_to_bytes(query) if b"%" in query else query
+    body = unquoted.rstrip(b"=")
+    if not body or len(unquoted) - len(body) > 2 or body.translate(None, _B64_ALPHABET):
+        return None
+    return unquoted
 
 
 def _parse_plain_query(query: bytes, req: EasRequest) -> None:
+    # The usual query (token characters, '=' and '&' only) needs no decoding checks at all.
+    simple = not query.translate(None, _SIMPLE_QUERY_BYTES)
+    if simple:
+        text = query.decode("ascii")
+        control = False
+    else:
+        if b"%" in query:
+            return _parse_plain_query_quoted(query, req)
+        try:
+            # '+' and '=' and '&' are ASCII, so decoding the whole equals decoding each piece.
+            text = query.replace(b"+", b" ").decode("utf-8")
+        except UnicodeDecodeError:
+            return _parse_plain_query_quoted(query, req)   # reports the first bad pair in order
+        control = _CONTROL_BYTES.search(query) is not None
+    params: dict[str, str] = {}
+    for pair in text.split("&"):
+        if not pair:
+            continue
+        name, eq, value = pair.partition("=")
+        if not name or not eq:
+            raise EASRequestError("query parameter without a name or '='")
+        if len(value) > _MAX_VALUE or (control and (_CONTROL.search(name) or _CONTROL.search(value))):
+            raise EASRequestError(f"query parameter {name[:40]!r} is too long or holds control characters")
+        if name in params:
+            raise EASRequestError(f"query parameter {name[:40]!r} given twice")
+        params[name] = value
+    _take_plain_fields(params, req, simple)
+
+
+def _parse_plain_query_quoted(query: bytes, req: EasRequest) -> None:
+    # Control characters come from raw bytes or from %-escapes: search only where they can be.
+    raw_control = _CONTROL_BYTES.search(query) is not None
     params: dict[str, str] = {}
     for pair in query.split(b"&"):
         if not pair:
             continue
         name_b, eq, value_b = pair.partition(b"=")
+        name_b = name_b.replace(b"+", b" ")
+        value_b = value_b.replace(b"+", b" ")
+        name_q = b"%" in name_b
+        value_q = b"%" in value_b
         try:
-            name = unquote_to_bytes(name_b.replace(b"+", b" ")).decode("utf-8")
-            value = unquote_to_bytes(value_b.replace(b"+", b" ")).decode("utf-8")
+            name = (unquote_to_bytes(name_b) if name_q else name_b).decode("utf-8")
+            value = (unquote_to_bytes(value_b) if value_q else value_b).decode("utf-8")
         except UnicodeDecodeError:
             raise EASRequestError("query parameter is not UTF-8") from None
         if not name or not eq:
             raise EASRequestError("query parameter without a name or '='")
-        if len(value) > _MAX_VALUE or _CONTROL.search(name) or _CONTROL.search(value):
+        if len(value) > _MAX_VALUE or ((raw_control or name_q or value_q)
+                                       and (_CONTROL.search(name) or _CONTROL.search(value))):
             raise EASRequestError(f"query parameter {name[:40]!r} is too long or holds control characters")
         if name in params:
             raise EASRequestError(f"query parameter {name[:40]!r} given twice")
         params[name] = value
+    _take_plain_fields(params, req)
+
+
+def _take_plain_fields(params: dict[str, str], req: EasRequest, tokens_checked: bool = False) -> None:
     cmd = params.pop("Cmd", None)
     if cmd is not None:
         if not cmd.isalnum():
             raise EASRequestError("Cmd is not a command name")
         req.command = cmd
     req.user = params.pop("User", None)
-    req.device_id = params.pop("DeviceId", None)
-    req.device_type = params.pop("DeviceType", None)
-    for field in ("device_id", "device_type"):
-        value = getattr(req, field)
-        if value is not None and not _TOKEN.fullmatch(value):
-            raise EASRequestError(f"{field} holds characters a device identifier may not")
+    device_id = params.pop("DeviceId", None)
+    device_type = params.pop("DeviceType", None)
+    req.device_id = device_id
+    req.device_type = device_type
+    if not tokens_checked:
+        if device_id is not None and not _TOKEN.fullmatch(device_id):
+            raise EASRequestError("device_id holds characters a device identifier may not")
+        if device_type is not None and not _TOKEN.fullmatch(device_type):
+            raise EASRequestError("device_type holds characters a device identifier may not")
     req.params = params
 
 
-def _parse_base64_query(query: bytes, req: EasRequest) -> None:
+def _parse_base64_query(unquoted: bytes, req: EasRequest) -> None:
     try:
-        raw = base64.b64decode(unquote_to_bytes(query), validate=True)
+        # What b64decode(validate=True) runs; the token was checked against the alphabet already.
+        raw = binascii.a2b_base64(unquoted, strict_mode=True)
     except (binascii.Error, ValueError):
         raise EASRequestError("base64 query is not valid base64") from None
     req.base64_query = True
@@ -155,7 +260,7 @@ def _parse_base64_query(query: bytes, req: EasRequest) -> None:
     version = raw[0]
     if not 20 <= version <= 199:
         raise EASRequestError(f"base64 query protocol version byte {version} is not a version")
-    req.protocol_version = f"{version // 10}.{version % 10}"
+    req.protocol_version = _B64_VERSIONS[version]
     code = raw[1]
     command = COMMAND_CODES.get(code)
     if command is None:
