@@ -425,14 +425,5 @@ def test_parser_matches_the_original_implementation(method, query, headers, as_s
     target = path + b"?" + query if query or as_str else path
     if as_str:
         target = target.decode("latin-1") + ("\u20ac" if query.endswith(b"!") else "")
-    for _ in range(2):                     # twice: the second answer comes from the Basic-auth cache
-        new = _outcome(parse_request, method, target, headers, client_ip)
-        assert new == _outcome(_reference_parse_request, method, target, headers, client_ip)
-
-
-def test_basic_auth_cache_stays_bounded_and_exact():
-    from seg_fast.eas import request
-    for i in range(request._AUTH_CACHE_SIZE + 50):
-        req = parse_request("POST", PATH, [(b"Authorization", _basic(b"user%d:pw" % i).encode())])
-        assert req.user == f"user{i}"
-    assert len(request._auth_cache) <= request._AUTH_CACHE_SIZE
+    new = _outcome(parse_request, method, target, headers, client_ip)
+    assert new == _outcome(_reference_parse_request, method, target, headers, client_ip)

@@ -54,7 +54,6 @@ OPTION_ACCEPT_MULTIPART = 0x02
 
 _MAX_QUERY = 4096
 _MAX_VALUE = 1024
-_AUTH_CACHE_SIZE = 1024
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _TOKEN = re.compile(r"[A-Za-z0-9_.\-:@\\]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -74,9 +73,6 @@ del _name, _key
 # Query bytes that need no unquoting, UTF-8 or control check, and are valid in a device token.
 _SIMPLE_QUERY_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-:@\\=&"
 
-# Basic-auth header value -> user name (or the error it raised). A device repeats the same
-# header on every request; the cache is cleared whole when full so memory stays bounded.
-_auth_cache: dict[str, str | None | EASRequestError] = {}
 
 
 def parse_request(method: str, target: bytes | str, headers, client_ip: str = "") -> EasRequest:
@@ -137,27 +133,12 @@ def parse_request(method: str, target: bytes | str, headers, client_ip: str = ""
     if value:
         if isinstance(value, bytes):
             value = value.decode("latin-1")
-        auth_user = _cached_basic_auth_user(value)
+        # Not cached: a cache keyed by the header would keep passwords in memory.
+        auth_user = basic_auth_user(value)
         if auth_user is not None:
             # The authenticated name is what the mail server checks; the query's User is a hint.
             req.user = auth_user
     return req
-
-
-def _cached_basic_auth_user(value: str) -> str | None:
-    try:
-        user = _auth_cache[value]
-    except KeyError:
-        try:
-            user = basic_auth_user(value)
-        except EASRequestError as exc:
-            user = exc
-        if len(_auth_cache) >= _AUTH_CACHE_SIZE:
-            _auth_cache.clear()
-        _auth_cache[value] = user
-    if isinstance(user, EASRequestError):
-        raise EASRequestError(str(user))
-    return user
 
 
 def _unquoted_base64(query: bytes) -> bytes | None:
