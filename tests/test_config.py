@@ -58,6 +58,7 @@ def test_env_overrides_file(tmp_path):
     ("[timeouts]\nidle_keepalive = 0\n", "timeouts.idle_keepalive"),
     ("[eas]\npaths = [\"nope\"]\n", "eas.paths"),
     ("workers = -1\n", "workers"),
+    ("[admin]\nhost = \"0.0.0.0\"\n", "admin.host"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, key):
     f = tmp_path / "bad.toml"

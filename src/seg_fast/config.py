@@ -193,6 +193,10 @@ def _check(config: Config, where: str, overrides) -> None:
     for key, port in (("listener.port", config.listener.port), ("admin.port", config.admin.port)):
         if not 0 <= port <= 65535:
             problems.append((key, f"port {port} is out of range"))
+    # The admin API changes who may read mail: it listens on loopback only (the MDM's
+    # push has its own listener, policy.push_host/push_port).
+    if config.admin.host not in ("127.0.0.1", "::1", "localhost"):
+        problems.append(("admin.host", "the admin API listens on loopback only (127.0.0.1, ::1 or localhost)"))
     if bool(config.listener.tls_cert) != bool(config.listener.tls_key):
         problems.append(("listener.tls_key" if config.listener.tls_cert else "listener.tls_cert",
                          "TLS needs both tls_cert and tls_key (or neither, for plain HTTP)"))
