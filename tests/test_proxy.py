@@ -472,7 +472,7 @@ def test_ping_deadline_uses_cached_heartbeat():
         user, device_id = "u", "d"
 
     # No codec answer (empty body): the configured default, then a cached value wins.
-    assert ping.upstream_deadline(GW, R, b"") == 540 + 60
+    assert ping.upstream_deadline(GW, R, b"") == 3540 + 60
     GW.heartbeats[("u", "d")] = 900
     assert ping.upstream_deadline(GW, R, b"") == 960
 

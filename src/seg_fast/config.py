@@ -51,7 +51,9 @@ class TimeoutSettings(_Section):
     upstream_connect: float = 5.0
     upstream_read: float = 60.0
     ping_margin: float = 60.0        # added to a Ping's heartbeat for the upstream read deadline
-    ping_default_heartbeat: float = 540.0   # a Ping with no heartbeat, cached or sent
+    # A Ping with no heartbeat, sent or cached in this worker (its earlier Ping may have
+    # reached another worker): the protocol's maximum, so no parked Ping is ever cut short.
+    ping_default_heartbeat: float = 3540.0
     shutdown_grace: float = 30.0
 
 
