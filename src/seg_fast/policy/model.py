@@ -181,54 +181,43 @@ def check_document(doc: PolicyDocument) -> PolicyDocument:
     return doc
 
 
-def decode_policy_file(raw: bytes | str, *, what: str = "policy document") -> PolicyFile:
-    """Decode a JSON policy file (document + devices); reject it whole on any error."""
+def decode_json(raw: bytes | str, type, what: str):
+    """Decode one JSON document into ``type``; any error is a PolicyError naming ``what``."""
     try:
-        pf = msgspec.json.decode(raw, type=PolicyFile)
+        return msgspec.json.decode(raw, type=type)
     except msgspec.ValidationError as exc:
         raise PolicyError(f"{what}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise PolicyError(f"{what}: not valid JSON: {exc}") from None
+
+
+def decode_policy_file(raw: bytes | str, *, what: str = "policy document") -> PolicyFile:
+    """Decode a JSON policy file (document + devices); reject it whole on any error."""
+    pf = decode_json(raw, PolicyFile, what)
     check_document(pf.policies)
-    _check_devices(pf.devices, what)
+    check_devices(pf.devices, what)
     return pf
 
 
 def decode_document(raw: bytes | str, *, what: str = "policy document") -> PolicyDocument:
-    try:
-        doc = msgspec.json.decode(raw, type=PolicyDocument)
-    except msgspec.ValidationError as exc:
-        raise PolicyError(f"{what}: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise PolicyError(f"{what}: not valid JSON: {exc}") from None
-    return check_document(doc)
+    return check_document(decode_json(raw, PolicyDocument, what))
 
 
 def decode_device(raw: bytes | str, *, what: str = "device record") -> DeviceRecord:
-    try:
-        rec = msgspec.json.decode(raw, type=DeviceRecord)
-    except msgspec.ValidationError as exc:
-        raise PolicyError(f"{what}: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise PolicyError(f"{what}: not valid JSON: {exc}") from None
-    _check_devices([rec], what)
+    rec = decode_json(raw, DeviceRecord, what)
+    check_devices([rec], what)
     return rec
 
 
 def decode_delta(raw: bytes | str, *, what: str = "policy delta") -> DeviceDelta:
-    try:
-        delta = msgspec.json.decode(raw, type=DeviceDelta)
-    except msgspec.ValidationError as exc:
-        raise PolicyError(f"{what}: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise PolicyError(f"{what}: not valid JSON: {exc}") from None
+    delta = decode_json(raw, DeviceDelta, what)
     if delta.policies is not None:
         check_document(delta.policies)
-    _check_devices(delta.devices, what)
+    check_devices(delta.devices, what)
     return delta
 
 
-def _check_devices(devices: list[DeviceRecord], what: str) -> None:
+def check_devices(devices: list[DeviceRecord], what: str) -> None:
     for i, rec in enumerate(devices):
         if not rec.device_id or len(rec.device_id) > 128:
             raise PolicyError(f"{what}: devices[{i}].device_id must be 1-128 characters")

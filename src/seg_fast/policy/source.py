@@ -26,7 +26,8 @@ import trio
 
 from seg_fast.errors import PolicyError, SegFastError
 from seg_fast.policy.model import (
-    DeviceRecord, PolicyDocument, check_document, decode_delta, decode_policy_file,
+    DeviceRecord, PolicyDocument, check_devices, check_document, decode_delta, decode_json,
+    decode_policy_file,
 )
 from seg_fast.policy.settings import PolicySettings
 from seg_fast.policy.store import Store
@@ -51,17 +52,10 @@ class PushMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def decode_push(raw: bytes) -> PushMessage:
-    try:
-        msg = msgspec.json.decode(raw, type=PushMessage)
-    except msgspec.ValidationError as exc:
-        raise PolicyError(f"push: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise PolicyError(f"push: not valid JSON: {exc}") from None
+    msg = decode_json(raw, PushMessage, "push")
     if msg.policies is not None:
         check_document(msg.policies)
-    for i, rec in enumerate(msg.devices):
-        if not rec.device_id or len(rec.device_id) > 128:
-            raise PolicyError(f"push: devices[{i}].device_id must be 1-128 characters")
+    check_devices(msg.devices, "push")
     return msg
 
 
