@@ -7,6 +7,7 @@ import email.policy
 import hashlib
 
 import pytest
+from link_oracle import listed
 
 from seg_fast.content._links import LinkRewriter
 from seg_fast.content.attachments import ENVELOPE_CONTENT_TYPE, envelope_name, open_envelope
@@ -18,11 +19,6 @@ from seg_fast.sim.corpus import REWRITE_DOMAINS, Corpus
 CORPUS = Corpus(7)
 KEYS = Keyring(b"c" * 32)
 MAX_BYTES = 600_000  # keep the default suite quick: skip the rare 2 MB / 10 MB messages
-
-
-def listed(url: str) -> bool:
-    host = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0].lower()
-    return any(host == d or host.endswith("." + d) for d in REWRITE_DOMAINS)
 
 
 def expected_html(msg) -> str:
