@@ -151,6 +151,22 @@ cdef struct Rep:
     int target          # index into the scheme table
 
 
+cdef Py_ssize_t _push_rep(Rep** reps, Py_ssize_t* cap, Py_ssize_t count, Py_ssize_t start,
+                          Py_ssize_t length, Py_ssize_t target) except -1:
+    """Append one replacement to the growable array; return the new count."""
+    cdef Rep* grown
+    if count == cap[0]:
+        cap[0] = cap[0] * 2 if cap[0] else 64
+        grown = <Rep*>realloc(reps[0], cap[0] * sizeof(Rep))
+        if grown == NULL:
+            raise MemoryError()
+        reps[0] = grown
+    reps[0][count].start = start
+    reps[0][count].length = length
+    reps[0][count].target = target
+    return count + 1
+
+
 cdef class LinkRewriter:
     """Rewrites link schemes per the scheme map, subject to the domain mode.
 
@@ -322,7 +338,6 @@ cdef class LinkRewriter:
         cdef const unsigned char* c
         cdef unsigned char quote
         cdef int s
-        cdef Rep* grown
         while i < n:
             c = <const unsigned char*>memchr(buf + i, 58, n - i)
             if c == NULL:
@@ -352,16 +367,7 @@ cdef class LinkRewriter:
                     e += 1
             # A link running into the end of a truncated body may be cut: leave it.
             if s >= 0 and not (truncated and e == n) and e > i + 3 and self._wanted(buf, i + 3, e):
-                if count == cap[0]:
-                    cap[0] = cap[0] * 2 if cap[0] else 64
-                    grown = <Rep*>realloc(reps[0], cap[0] * sizeof(Rep))
-                    if grown == NULL:
-                        raise MemoryError()
-                    reps[0] = grown
-                reps[0][count].start = start
-                reps[0][count].length = i - start
-                reps[0][count].target = s
-                count += 1
+                count = _push_rep(reps, cap, count, start, i - start, s)
             i = e if e > i + 3 else i + 3
         return count
 
@@ -377,7 +383,6 @@ cdef class LinkRewriter:
         cdef unsigned char scheme[40]
         cdef unsigned char host[256]
         cdef const char* sep = b"://"
-        cdef Rep* grown
         while r < n:
             amp = <const unsigned char*>memchr(buf + r, 38, n - r)
             if amp == NULL:
@@ -453,16 +458,7 @@ cdef class LinkRewriter:
                 continue
             if self.mode != MODE_ALL and self._host_listed(host, h) != (self.mode == MODE_INCLUDE):
                 continue
-            if count == cap[0]:
-                cap[0] = cap[0] * 2 if cap[0] else 64
-                grown = <Rep*>realloc(reps[0], cap[0] * sizeof(Rep))
-                if grown == NULL:
-                    raise MemoryError()
-                reps[0] = grown
-            reps[0][count].start = s
-            reps[0][count].length = scheme_end - s
-            reps[0][count].target = idx
-            count += 1
+            count = _push_rep(reps, cap, count, s, scheme_end - s, idx)
         return count
 
     cdef Py_ssize_t _scan_all(self, const unsigned char* buf, Py_ssize_t n, bint truncated,
