@@ -66,7 +66,9 @@ def _connection_tokens(full: Full) -> frozenset[bytes]:
     for _, low, value in full:
         if low == b"connection" and value.lower() not in _PLAIN_CONNECTION:
             tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+    # Framing is the gateway's to decide (h11 parsed the body by it): a Connection
+    # listing Content-Length must not make the body and its declared length disagree.
+    return frozenset(tokens - _FRAMING)
 
 
 def upstream_request_headers(full: Full, *, host: bytes, client_ip: str, proto: bytes,
