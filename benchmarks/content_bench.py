@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 from seg_fast.content.model import AttachmentPolicy, EmailSecurityPolicy, HyperlinkPolicy  # noqa: E402
 from seg_fast.eas.request import EasRequest  # noqa: E402

@@ -46,7 +46,6 @@ MIX = [
     ("ItemOperations", 120, 50_000, 2),
     ("FolderSync", 13, 228, 1),
 ]
-sys.path.insert(0, str(REPO / "src"))
 from seg_fast.eas.wbxml import Element, encode  # noqa: E402
 
 # Small requests only (a FolderSync-sized exchange): the per-request overhead alone.

@@ -27,7 +27,6 @@ from pathlib import Path
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 from seg_fast.sim.client import EasClient  # noqa: E402
 from seg_fast.sim.tree import E, find, kids, text  # noqa: E402

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 
 from seg_fast.eas.wbxml import Element, decode, encode, scan  # noqa: E402
 

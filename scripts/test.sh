@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs on a fresh Debian machine, then runs it.
+# Installs everything the test suite needs on a fresh Debian machine (Debian packages for
+# the oracles and services, ./.venv with seg-fast and its test extras), then runs it.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k wbxml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
-$PY -m pip install -q --disable-pip-version-check -e '.[test,bench]'
-exec $PY -m pytest -q "$@"
+source scripts/venv.sh test,bench
+exec "$VPY" -m pytest -q "$@"

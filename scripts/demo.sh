@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs the demo (mailbox simulator + gateway with demo policies) on a fresh Debian machine:
+# creates ./.venv if missing, installs seg-fast into it, runs `seg-fast demo`.
+# Extra arguments go to `seg-fast demo` (see --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/venv.sh
+exec "$VENV/bin/seg-fast" demo "$@"
