@@ -219,3 +219,85 @@ def test_cutting_elements_equals_removing_them_from_the_tree(root, data_st):
         siblings = parent[id(nodes[i])].children
         del siblings[next(k for k, c in enumerate(siblings) if c is nodes[i])]
     assert decode(out) == root
+
+
+def _mb_u_int32(n: int) -> bytes:
+    out = [n & 0x7F]
+    n >>= 7
+    while n:
+        out.append(0x80 | (n & 0x7F))
+        n >>= 7
+    return bytes(reversed(out))
+
+
+def encode_with_switches(root: Element, switches) -> tuple[bytes, list[int]]:
+    """``root`` encoded with SWITCH_PAGE runs of ``switches(tag_page)`` pages before tags
+    (redundant, repeated, to pages no tag uses), the last switch of a run always to the
+    tag's page when the page changes; and the offset of each element's tag in
+    document order."""
+    from seg_fast.eas.wbxml import token_of
+
+    out = bytearray(b"\x03\x01\x6a\x00")
+    offsets: list[int] = []
+    page = 0
+    # (element, entering?) iteratively: depth is bounded by the strategy anyway
+    todo = [(root, True)]
+    while todo:
+        el, entering = todo.pop()
+        if not entering:
+            out.append(1)
+            continue
+        tag_page, tok = token_of(el.tag)
+        run = list(switches(tag_page))
+        if (run and run[-1] != tag_page) or (not run and tag_page != page):
+            run.append(tag_page)
+        for p in run:
+            out.extend((0, p))
+        page = run[-1] if run else page
+        offsets.append(len(out))
+        has = el.text is not None or el.opaque is not None or bool(el.children)
+        out.append(tok | (0x40 if has else 0))
+        if not has:
+            continue
+        if el.text is not None:
+            out.append(3)
+            out.extend(el.text.encode())
+            out.append(0)
+        if el.opaque is not None:
+            out.append(0xC3)
+            out.extend(_mb_u_int32(len(el.opaque)))
+            out.extend(el.opaque)
+        todo.append((el, False))
+        todo.extend((c, True) for c in reversed(el.children))
+    return bytes(out), offsets
+
+
+@given(tree_st, st.data())
+def test_every_removable_cut_of_a_switch_heavy_document_decodes(root, data_st):
+    # Issue 9: a cut must never leave a SWITCH_PAGE dangling, whatever runs of
+    # redundant switches the mail server wrote before the element.
+    data, offsets = encode_with_switches(
+        root, lambda _page: data_st.draw(st.lists(st.sampled_from([0, 1, 2, 17, 25, 99]), max_size=3)))
+    assert decode(data) == root
+    spans = {s.offset: s for s in scan(data, [], elements=TAGS + UNKNOWN)}
+    assert sorted(spans) == offsets[1:] or sorted(spans) == offsets   # the root is reported too
+    for k, off in enumerate(offsets[1:], 1):
+        s = spans[off]
+        if not s.removable(data):
+            continue
+        out = splice(data, [(s, None)])
+        expected = decode(data)
+        nodes = list(expected.iter())
+        gone = nodes[k]
+        holder = next(el for el in nodes if any(c is gone for c in el.children))
+        holder.children = [c for c in holder.children if c is not gone]
+        assert decode(out) == expected, (data.hex(), k)
+
+
+def test_the_issue_9_document_cuts_cleanly():
+    data = bytes.fromhex("03016a00" "45" "0000" "0000" "47" "4d033100" "01" "01" "01")
+    (add,) = scan(data, [], elements=["AirSync:Add"])
+    assert add.removable(data)
+    out = splice(data, [(add, None)])
+    assert out == bytes.fromhex("03016a00" "45" "01")     # both switches go with the Add
+    assert decode(out) == Element("AirSync:Sync")

@@ -165,3 +165,28 @@ def test_benchmark_documents_through_the_in_process_peer():
         # libwbxml's own compact XML, whitespace kept, comes back as the same
         # bytes but for CR, which it writes raw and so loses to XML parsing
         assert lw.xml2wbxml(lw.wbxml2xml(doc)) == encode(crlf_as_xml_reads_it(decode(doc))), name
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cuts_of_switch_heavy_documents_decode_in_libwbxml(seed, tmp_path):
+    """Issue 9: what splice leaves after cutting an element out of a document full of
+    redundant SWITCH_PAGE runs is a document libwbxml reads as the tree without it."""
+    from test_wbxml_fuzz import encode_with_switches
+
+    from seg_fast.eas.wbxml import scan, splice
+
+    rng = random.Random(7000 + seed)
+    root = Element("AirSync:Sync", [random_tree(rng) for _ in range(3)])
+    # libwbxml reads one SWITCH_PAGE before a tag, not a run: redundant ones only
+    data, offsets = encode_with_switches(root, lambda page: [page] if rng.random() < 0.5 else [])
+    spans = {s.offset: s for s in scan(data, [], elements=KNOWN)}
+    cuts = [k for k, off in enumerate(offsets[1:], 1) if spans[off].removable(data)]
+    assert cuts
+    for k in rng.sample(cuts, min(3, len(cuts))):
+        out = splice(data, [(spans[offsets[k]], None)])
+        expected = decode(data)
+        nodes = list(expected.iter())
+        holder = next(el for el in nodes if any(c is nodes[k] for c in el.children))
+        holder.children = [c for c in holder.children if c is not nodes[k]]
+        assert decode(out) == expected
+        assert lib_decode(out, tmp_path) == crlf_as_xml_reads_it(expected)

@@ -693,7 +693,7 @@ cdef class Span:
 
     A whole element asked for with ``scan(..., elements=...)`` has kind "element":
     ``offset``/``length`` cover its tag token to its END (the element itself),
-    ``token_start``/``token_end`` the bytes a removal cuts (a SWITCH_PAGE right
+    ``token_start``/``token_end`` the bytes a removal cuts (the SWITCH_PAGEs right
     before the tag included); ``page_before`` is the code page in force before
     those bytes and ``page_after`` the one in force after them.
     """
@@ -738,8 +738,18 @@ cdef Py_ssize_t _cut_start(const uint8_t* buf, Py_ssize_t n, Span sp, Py_ssize_t
     if sp.kind != "element" or sp.doc_len != n or sp.token_end > n or not sp.path:
         return -1
     cdef bint switched = sp.token_start != sp.offset
-    if (buf[sp.offset] & 0x3F) < 5 or (switched and buf[sp.token_start] != SWITCH_PAGE):
+    cdef Py_ssize_t k
+    if (buf[sp.offset] & 0x3F) < 5:
         return -1
+    if switched:
+        # token_start..offset must be nothing but SWITCH_PAGEs (the run before the tag).
+        if (sp.offset - sp.token_start) & 1:
+            return -1
+        k = sp.token_start
+        while k < sp.offset:
+            if buf[k] != SWITCH_PAGE:
+                return -1
+            k += 2
     if buf[sp.offset] & HAS_CONTENT and buf[sp.token_end - 1] != END:
         return -1
     # 1. Cut the SWITCH_PAGE before it too: the page in force after the cut is the one
@@ -753,9 +763,10 @@ cdef Py_ssize_t _cut_start(const uint8_t* buf, Py_ssize_t n, Span sp, Py_ssize_t
     if q == n or buf[q] == SWITCH_PAGE:
         guard[0] = q
         return sp.token_start
-    # 2. Leave that SWITCH_PAGE to the next tag, when its page is the one the followers need.
+    # 2. Leave those SWITCH_PAGEs to the next tag, when the page they end on (the last
+    #    one's, right before the tag) is the one the followers need.
     q = sp.token_end
-    if switched and buf[sp.token_start + 1] == sp.page_after and q < n and (buf[q] & 0x3F) >= 5 \
+    if switched and buf[sp.offset - 1] == sp.page_after and q < n and (buf[q] & 0x3F) >= 5 \
             and buf[q] != STR_I and buf[q] != OPAQUE and not buf[q] & HAS_ATTRS:
         guard[0] = q
         return sp.offset
@@ -841,7 +852,10 @@ def scan(data, tags, *, elements=(), int max_depth=DEFAULT_MAX_DEPTH,
             if b == SWITCH_PAGE:
                 if pos >= n:
                     raise WBXMLError("truncated SWITCH_PAGE", start)
-                sw_at, sw_page = start, page
+                if not nsw:
+                    # A run of SWITCH_PAGEs before a tag: a cut takes the whole run (a
+                    # switch left behind would dangle), the page before it is the run's.
+                    sw_at, sw_page = start, page
                 page = buf[pos]
                 pos += 1
                 nsw = 1

@@ -52,7 +52,7 @@ splice(data, [(span, value), ...]) -> bytes
     Replaces the content tokens of the spans: a ``str`` value is written as
     STR_I, a bytes-like value as OPAQUE (with its new length prefix); to keep a
     span's kind pass the matching type. Bytes outside the spans are copied as is.
-    ``(element_span, None)`` cuts the element out (with a SWITCH_PAGE right before
+    ``(element_span, None)`` cuts the element out (with the SWITCH_PAGEs right before
     it); ``span.removable(data)`` says whether that keeps every other token's
     meaning (the code page its followers need is not lost), else ValueError.
 
