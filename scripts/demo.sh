@@ -4,5 +4,5 @@
 # Extra arguments go to `seg-fast demo` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/venv.sh
+source scripts/venv.sh ""    # no extras (and not this script's arguments)
 exec "$VENV/bin/seg-fast" demo "$@"

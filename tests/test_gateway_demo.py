@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from seg_fast.sim.client import EasClient
@@ -76,3 +78,31 @@ async def _inbox_html_bodies(c: EasClient) -> list[str]:
     cmds = find(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:Commands")
     return [text(a, "AirSync:ApplicationData", "AirSyncBase:Body", "AirSyncBase:Data")
             for a in kids(cmds, "AirSync:Add")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_demo_stops_cleanly_on_a_signal(sig):
+    """Ctrl-C or SIGTERM: exit 0 with one line and no traceback; the temporary state
+    (demo key, policy DB, transaction log) is removed."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "demo", "--port", "0", "--no-tls"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        state = None
+        while state is None:
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            assert line, "demo exited early: " + proc.stderr.read()
+            m = re.search(r"transactions\s+(\S+)/transactions\.jsonl", line)
+            if m:
+                state = Path(m.group(1))
+        assert state.is_dir()
+        proc.send_signal(sig)
+        rc = await trio.to_thread.run_sync(proc.wait, 30)
+        err = proc.stderr.read()
+        assert rc == 0, err
+        assert "Traceback" not in err and "ExceptionGroup" not in err, err
+        assert err.strip().splitlines()[-1] == "seg-fast demo stopped"
+        assert not state.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -10,6 +10,8 @@ import argparse
 import datetime
 import ipaddress
 import os
+import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -96,6 +98,7 @@ def cli(argv: list[str]) -> int:
             trio.run(_main, args, state)
         except KeyboardInterrupt:
             pass
+    print("seg-fast demo stopped", file=sys.stderr)
     return 0
 
 
@@ -139,7 +142,7 @@ async def _main(args, state: str) -> None:
         policy_line = (f"{policies}\n                (mail clients allow-listed: an iPhone passes, curl's own User-Agent"
                        " gets Status 129, blocked;\n                 links to contoso.com and nine more domains"
                        " open in the secure browser; attachments encrypted or blocked)")
-        admin_line = (f"http://127.0.0.1:{admin_port}/seg/ (token in {config.policy.sqlite_path}.admin-token)"
+        admin_line = (f"http://127.0.0.1:{admin_port}/seg/admin (token in {config.policy.sqlite_path}.admin-token)"
                       if admin_port else "not started")
         print(f"""seg-fast demo is running (Ctrl-C stops it).
 
@@ -154,14 +157,17 @@ Try it:
   curl {k}-i -X OPTIONS -u {DEMO_USER}:{DEMO_PASSWORD} '{url}'
   printf '\\x03\\x01\\x6a\\x00\\x00\\x07\\x56\\x52\\x03\\x30\\x00\\x01\\x01' | curl {k}-s -u {DEMO_USER}:{DEMO_PASSWORD} \\
       -A 'Apple-iPhone9C1/1602.92' -H 'MS-ASProtocolVersion: 14.1' -H 'Content-Type: application/vnd.ms-sync.wbxml' \\
-      --data-binary @- '{url}?{query}' | python3 -m seg_fast wbxml decode /dev/stdin
+      --data-binary @- '{url}?{query}' | {shlex.quote(sys.executable)} -m seg_fast wbxml decode /dev/stdin
 """, flush=True)
         if args.deliver_every > 0:
             nursery.start_soon(_deliver, sim, args.deliver_every)
-        if args.seconds:
-            await trio.sleep(args.seconds)
-            gw.drain()
-            nursery.cancel_scope.cancel()
+        # SIGTERM (or --seconds) ends the demo as Ctrl-C does; the temporary state is then removed.
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            with trio.move_on_after(args.seconds or float("inf")):
+                async for _ in signals:
+                    break
+        gw.drain()
+        nursery.cancel_scope.cancel()
 
 
 async def _start_admin(nursery, config) -> int | None:
