@@ -18,7 +18,7 @@ from libc.string cimport memchr, memcpy
 
 import sys
 
-from seg_fast.errors import WBXMLError
+from seg_fast.errors import SpanLimitError, WBXMLError
 from seg_fast.eas import codepages
 
 cimport cython
@@ -789,7 +789,7 @@ cdef tuple _path_of(int* ids, Py_ssize_t* at, int count):
 
 
 cdef Span _element_span(int kid, Py_ssize_t tag_at, Py_ssize_t cut_at, Py_ssize_t end, int page_before,
-                        int page_after, Py_ssize_t n, int* ids, Py_ssize_t* at, int depth):
+                        int page_after, Py_ssize_t n, tuple path):
     cdef Span sp = Span.__new__(Span)
     sp.tag = _name(kid >> 6, kid & 0x3F)
     sp.kind = "element"
@@ -802,7 +802,7 @@ cdef Span _element_span(int kid, Py_ssize_t tag_at, Py_ssize_t cut_at, Py_ssize_
     sp.doc_len = n
     sp.page_before = page_before
     sp.page_after = page_after
-    sp.path, sp.path_offsets = _path_of(ids, at, depth)
+    sp.path, sp.path_offsets = path
     return sp
 
 
@@ -841,6 +841,11 @@ def scan(data, tags, *, elements=(), int max_depth=DEFAULT_MAX_DEPTH,
     # per open element: where a removal would cut (a SWITCH_PAGE before its tag) and the page before
     cdef Py_ssize_t* cut = <Py_ssize_t*>malloc((max_depth + 1) * sizeof(Py_ssize_t))
     cdef int* pbefore = <int*>malloc((max_depth + 1) * sizeof(int))
+    # The last path built, shared by every span until an element it names is replaced:
+    # a deep document's spans then cost one tuple pair, not one each (issue 9: 999k
+    # spans at depth 60 took 1.16 GB).
+    cdef tuple cpath = None
+    cdef int ccount = -1, clean = 0
     if ids == NULL or at == NULL or ntok == NULL or cut == NULL or pbefore == NULL:
         free(ids); free(at); free(ntok); free(cut); free(pbefore)
         raise MemoryError()
@@ -868,9 +873,11 @@ def scan(data, tags, *, elements=(), int max_depth=DEFAULT_MAX_DEPTH,
                 depth -= 1
                 if wanted[ids[depth]] & 2:
                     if PyList_GET_SIZE(spans) >= max_spans:
-                        raise WBXMLError(f"more than {max_spans} spans", start)
+                        raise SpanLimitError(f"more than {max_spans} spans", start)
+                    if ccount != depth or clean < depth:
+                        cpath, ccount, clean = _path_of(ids, at, depth), depth, depth
                     spans.append(_element_span(ids[depth], at[depth], cut[depth], pos, pbefore[depth], page,
-                                               n, ids, at, depth))
+                                               n, cpath))
                 if depth == 0:
                     if pos != n:
                         raise WBXMLError("data after the end of the root element", pos)
@@ -896,7 +903,7 @@ def scan(data, tags, *, elements=(), int max_depth=DEFAULT_MAX_DEPTH,
                 kid = ids[depth - 1]
                 if wanted[kid] & 1:
                     if PyList_GET_SIZE(spans) >= max_spans:
-                        raise WBXMLError(f"more than {max_spans} spans", start)
+                        raise SpanLimitError(f"more than {max_spans} spans", start)
                     sp = Span.__new__(Span)
                     sp.tag = _name(kid >> 6, kid & 0x3F)
                     sp.kind = "str" if b == STR_I else "opaque"
@@ -907,7 +914,9 @@ def scan(data, tags, *, elements=(), int max_depth=DEFAULT_MAX_DEPTH,
                     sp.element_offset = at[depth - 1]
                     sp.index = ntok[depth - 1]
                     sp.doc_len = n
-                    sp.path, sp.path_offsets = _path_of(ids, at, depth - 1)
+                    if ccount != depth - 1 or clean < depth - 1:
+                        cpath, ccount, clean = _path_of(ids, at, depth - 1), depth - 1, depth - 1
+                    sp.path, sp.path_offsets = cpath
                     spans.append(sp)
                 ntok[depth - 1] += 1
                 continue
@@ -923,15 +932,19 @@ def scan(data, tags, *, elements=(), int max_depth=DEFAULT_MAX_DEPTH,
                     raise WBXMLError(f"elements nested deeper than {max_depth}", start)
                 ids[depth] = (page << 6) | tok
                 at[depth] = start
+                if depth < clean:
+                    clean = depth
                 ntok[depth] = 0
                 cut[depth] = sw_at if nsw else start
                 pbefore[depth] = sw_page if nsw else page
                 depth += 1
             elif wanted[(page << 6) | tok] & 2:
                 if PyList_GET_SIZE(spans) >= max_spans:
-                    raise WBXMLError(f"more than {max_spans} spans", start)
+                    raise SpanLimitError(f"more than {max_spans} spans", start)
+                if ccount != depth or clean < depth:
+                    cpath, ccount, clean = _path_of(ids, at, depth), depth, depth
                 spans.append(_element_span((page << 6) | tok, start, sw_at if nsw else start, pos,
-                                           sw_page if nsw else page, page, n, ids, at, depth))
+                                           sw_page if nsw else page, page, n, cpath))
             nsw = 0
             if not b & HAS_CONTENT and depth == 0:
                 if pos != n:

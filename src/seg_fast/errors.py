@@ -17,6 +17,10 @@ class WBXMLError(SegFastError):
         super().__init__(f"{message} at byte {offset}" if offset >= 0 else message)
 
 
+class SpanLimitError(WBXMLError):
+    """``scan`` found more spans than its ``max_spans`` (a hostile answer)."""
+
+
 class MultipartError(SegFastError):
     """A malformed application/vnd.ms-sync.multipart body. ``offset`` as in WBXMLError."""
 

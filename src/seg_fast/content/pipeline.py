@@ -34,7 +34,7 @@ from seg_fast.content.message import (ContentPlan, is_smime_class, template_mess
                                       transform_text)
 from seg_fast.content.model import EmailSecurityPolicy
 from seg_fast.content.settings import ContentSettings
-from seg_fast.errors import ConfigError, ContentError, SegFastError
+from seg_fast.errors import ConfigError, ContentError, SegFastError, SpanLimitError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ WBXML_TYPE = b"application/vnd.ms-sync.wbxml"
 MULTIPART_TYPE = b"application/vnd.ms-sync.multipart"
 BLOCKED_SUFFIX = " (removed).txt"
 BLOCK_NOTE_TYPE = "text/plain"
+# MS-ASCMD "server error" status of each command whose answer the pipeline refuses.
+_SERVER_ERROR = {"Sync": 5, "ItemOperations": 3, "Search": 3}
 
 # Elements whose strings the transform reads or rewrites.
 _TAGS = (
@@ -130,6 +132,10 @@ def _header(headers, name: bytes) -> bytes:
     return b""
 
 
+class _Refused(Exception):
+    """An answer past the pipeline's limits that must not reach the device as it is."""
+
+
 class EmailSecurityTransform:
     """Transform (hooks.py) applying one device's compiled email security policy."""
 
@@ -158,13 +164,29 @@ class EmailSecurityTransform:
                 new = self._wbxml(req, raw, None)
             else:
                 return headers, body
+        except _Refused as e:
+            new, headers = self._refusal(req, headers, str(e))
         except ContentError:
             raise
-        except SegFastError as e:
+        except (SegFastError, ValueError) as e:
             raise ContentError(f"{req.command} answer: {e}") from None
         if new is raw:
             return headers, body
         return headers, (gzip.compress(new, 1) if encoding == b"gzip" else new)
+
+    def _refusal(self, req, headers, why: str):
+        """(body, headers): the command's own "server error" answer in place of one the
+        pipeline will not transform (the device retries later; nothing unchecked passes)."""
+        from seg_fast.eas.answers import status_body
+
+        code = _SERVER_ERROR.get(req.command)
+        body = status_body(req.command, code) if code is not None else None
+        if body is None:
+            raise ContentError(f"{req.command} answer: {why}")
+        log.warning("%s answer refused: %s; the device gets Status %d", req.command, why, code)
+        out = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+        out.append((b"Content-Type", WBXML_TYPE))
+        return body, out
 
     # -- answers ----------------------------------------------------------------------
     def _multipart(self, req, raw: bytes) -> bytes:
@@ -180,7 +202,16 @@ class EmailSecurityTransform:
     def _wbxml(self, req, raw: bytes, parts: list | None) -> bytes:
         from seg_fast.eas.wbxml import scan, splice
 
-        spans = scan(raw, _TAGS, elements=_ELEMENTS)
+        limit = _runtime.settings.max_spans
+        try:
+            spans = scan(raw, _TAGS, elements=_ELEMENTS, max_spans=limit)
+        except SpanLimitError:
+            why = f"more than security.max_spans ({limit}) strings and elements"
+            if self.plan.touches_attachments or self.plan.classification:
+                raise _Refused(why) from None
+            # Links alone: an unrewritten link opens in the ordinary browser; nothing leaks.
+            log.warning("%s answer passed untransformed: %s", req.command, why)
+            return raw
         if not spans:
             return raw
         items: dict[int, list] = {}

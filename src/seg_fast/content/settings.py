@@ -20,3 +20,8 @@ class ContentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, 
     default_block_message: str = DEFAULT_BLOCK_MESSAGE
     # FileReference -> (name, content type) entries remembered per worker.
     file_reference_cache: int = 20_000
+    # Most strings and elements the pipeline reads out of one WBXML answer (a Sync of
+    # 512 items needs some 10,000). Past it the answer is not transformed: with an
+    # attachment or classification policy the device gets the command's "server error"
+    # status (nothing passes unchecked); with links alone it passes as it came.
+    max_spans: int = 100_000
