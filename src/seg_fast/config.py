@@ -46,7 +46,12 @@ class EasSettings(_Section):
 
 class TimeoutSettings(_Section):
     tls_handshake: float = 10.0
-    request_head: float = 30.0
+    request_head: float = 30.0       # the whole head, from its first byte (not per read: slowloris)
+    # The whole request body: this, plus a second per limits.min_body_rate bytes received.
+    request_body: float = 60.0
+    # Each answer (or part of a streamed one) to a device: this, plus a second per
+    # limits.min_send_rate bytes the device takes (a device that reads nothing is cut here).
+    device_write: float = 60.0
     idle_keepalive: float = 120.0
     upstream_connect: float = 5.0
     upstream_read: float = 60.0
@@ -58,8 +63,13 @@ class TimeoutSettings(_Section):
 
 
 class LimitSettings(_Section):
-    max_header_bytes: int = 64 * 1024
-    max_connections: int = 100_000
+    max_header_bytes: int = 64 * 1024   # the whole request head, exactly (431 past it)
+    max_connections: int = 100_000      # per worker; also kept 256 under the descriptor limit
+    # Per client address and worker (0: off). Behind a load balancer every connection
+    # comes from its address: raise it or turn it off there.
+    max_connections_per_address: int = 2_000
+    min_body_rate: float = 500.0        # bytes/s a large request body must keep up (0: none)
+    min_send_rate: float = 1024.0       # bytes/s a device must read a large answer at (0: none)
     max_ping_body: int = 64 * 1024   # a Ping body is read whole to find its HeartbeatInterval
 
 
@@ -219,6 +229,12 @@ def _check(config: Config, where: str, overrides) -> None:
     for name in msgspec.structs.fields(TimeoutSettings):
         if getattr(config.timeouts, name.name) <= 0:
             problems.append((f"timeouts.{name.name}", "must be positive"))
+    for key in ("max_header_bytes", "max_connections"):
+        if getattr(config.limits, key) <= 0:
+            problems.append((f"limits.{key}", "must be positive"))
+    for key in ("max_connections_per_address", "min_body_rate", "min_send_rate"):
+        if getattr(config.limits, key) < 0:
+            problems.append((f"limits.{key}", "must be 0 (off) or more"))
     if problems:
         key, text = problems[0]
         if key in overrides:

@@ -1,46 +1,72 @@
-"""One device connection: h11 server side, keep-alive loop, per-phase timeouts."""
+"""One device connection: h11 server side, keep-alive loop, deadlines, containment.
+
+Deadlines (hypercorn style: absolute, per phase, never per read): the whole request
+head from its first byte (``timeouts.request_head``); the whole request body
+(exchange.py); every write to the device (``timeouts.device_write`` plus a minimum
+send rate, sockio.Pace). Whatever escapes one connection's handling is contained
+here: logged (incidents.py), answered when an answer can still start, and the
+connection closed. Input never ends a worker.
+"""
 from __future__ import annotations
 
 import h11
 import trio
 
 from seg_fast.proxy import exchange, sockio
-from seg_fast.proxy.exchange import DeviceGone
+from seg_fast.proxy import headers as hdrs
+from seg_fast.proxy.exchange import DeviceGone, DeviceTimeout
+from seg_fast.proxy.upstream import UpstreamError
 
 RECEIVE_SIZE = 64 * 1024
+
+
+class HeadTooLarge(h11.RemoteProtocolError):
+    """The request head passed limits.max_header_bytes (answered 431)."""
 
 
 class Device:
     """The device side of one connection: its stream, h11 state and who it is."""
 
-    __slots__ = ("stream", "sock", "conn", "client_ip", "proto", "closing")
+    __slots__ = ("gw", "stream", "sock", "conn", "client_ip", "proto", "closing", "max_head", "leftover")
 
-    def __init__(self, stream, client_ip: str, proto: bytes, max_head: int):
+    def __init__(self, gw, stream, client_ip: str, proto: bytes):
+        self.gw = gw
         self.stream = stream
         self.sock = sockio.plain_socket(stream)      # None under TLS
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self.max_head = gw.config.limits.max_header_bytes
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
         self.client_ip = client_ip
         self.proto = proto
-        self.closing = False          # set when draining: answer, then close
+        self.closing = False          # set when draining or the framing was repaired: answer, then close
+        self.leftover = 0             # bytes of the next request already in h11's buffer
 
-    async def receive(self, timeout: float) -> None:
-        """Feed h11 one read from the device (b"" on EOF)."""
+    async def receive(self, deadline: float, size: int = RECEIVE_SIZE) -> int:
+        """Feed h11 one read from the device by ``deadline``; the number of bytes read."""
         try:
-            data = await sockio.receive(self.stream, self.sock, RECEIVE_SIZE, trio.current_time() + timeout)
+            data = await sockio.receive(self.stream, self.sock, size, deadline)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise DeviceGone(type(exc).__name__) from None
         if data is None:
-            raise DeviceGone("device stalled")
+            raise DeviceTimeout("device too slow")
+        if not data:
+            raise DeviceGone("device closed the connection mid-request")
         self.conn.receive_data(data)
+        return len(data)
 
     async def send_bytes(self, data) -> None:
         try:
-            await sockio.send_all(self.stream, self.sock, data)
+            await sockio.send_all(self.stream, self.sock, data, self.gw.device_pace)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise DeviceGone(type(exc).__name__) from None
+
+    async def send_parts(self, parts: list) -> None:
+        try:
+            await sockio.send_parts(self.stream, self.sock, parts, self.gw.device_pace)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise DeviceGone(type(exc).__name__) from None
 
     async def answer(self, status: int, headers, body: bytes = b"") -> None:
-        """A whole answer the gateway makes itself (errors, blocked devices)."""
+        """A whole answer the gateway makes itself (errors, blocked devices, transformed answers)."""
         conn = self.conn
         if conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):      # IDLE: the head was malformed
             raise DeviceGone("answer already started")
@@ -57,11 +83,11 @@ class Device:
         if self.closing or conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
             # An unread request body would be taken for the next request: close after this answer.
             headers.append((b"Connection", b"close"))
-        out = conn.send(h11.Response(status_code=status, headers=headers))
+        parts = [conn.send(h11.Response(status_code=status, headers=headers))]
         if body:
-            out += conn.send(h11.Data(data=body))
-        out += conn.send(exchange.END)
-        await self.send_bytes(out)
+            parts += conn.send_with_data_passthrough(h11.Data(data=body))   # the body is not copied
+        parts.append(conn.send(exchange.END))
+        await self.send_parts(parts)
 
 
 async def serve_device(gw, stream, client_ip: str, proto: bytes) -> bool:
@@ -70,12 +96,12 @@ async def serve_device(gw, stream, client_ip: str, proto: bytes) -> bool:
     Returns True when the connection was handed to the parking lot (a parked Ping):
     then it stays open and the lot's resume task owns it.
     """
-    dev = Device(stream, client_ip, proto, gw.config.limits.max_header_bytes)
+    dev = Device(gw, stream, client_ip, proto)
     parked = False
     try:
         parked = await _loop(gw, dev)
-    except DeviceGone:
-        pass
+    except Exception as exc:          # noqa: BLE001 - the containment line: nothing from input ends the worker
+        await contain(gw, dev, exc)
     finally:
         if not parked:
             await _close(stream)
@@ -84,17 +110,44 @@ async def serve_device(gw, stream, client_ip: str, proto: bytes) -> bool:
 
 async def resume_parked(gw, p, why: str) -> None:
     """The task a parked Ping gets back: answer it, then go on serving the connection."""
-    dev = Device(p.dev_stream, p.client_ip, p.proto, gw.config.limits.max_header_bytes)
+    dev = Device(gw, p.dev_stream, p.client_ip, p.proto)
     parked = False
     try:
         if await exchange.resume(gw, p, why, dev) and _next_cycle(dev):
             parked = await _loop(gw, dev)
-    except DeviceGone:
-        pass
+    except Exception as exc:          # noqa: BLE001
+        await contain(gw, dev, exc)
     finally:
         if not parked:
             await _close(p.dev_stream)
-            gw.active -= 1
+            gw.connection_closed(p.client_ip)
+
+
+async def contain(gw, dev: Device, exc: Exception) -> None:
+    """Log what ended this connection; answer it if an answer can still start. Never raises."""
+    if isinstance(exc, DeviceTimeout):
+        kind, status = "device_timeout", 408
+    elif isinstance(exc, DeviceGone):
+        return                        # the device left: nothing to answer, nothing to report
+    elif isinstance(exc, HeadTooLarge):
+        kind, status = "head_too_large", 431
+    elif isinstance(exc, h11.RemoteProtocolError):
+        kind, status = "malformed_request", exc.error_status_hint
+    elif isinstance(exc, UpstreamError):
+        kind, status = "upstream_error", 502
+    else:
+        kind, status = "contained_exception", 500
+    try:
+        gw.incidents.exception(kind, exc, dev.client_ip)
+        if dev.conn.our_state in (h11.SEND_RESPONSE, h11.IDLE):
+            dev.closing = True
+            await dev.answer(status, [(b"Content-Type", b"text/plain")], _TEXT.get(status, b"error\n"))
+    except Exception:                 # noqa: BLE001 - the device may be gone or h11 in ERROR: just close
+        pass
+
+
+_TEXT = {400: b"malformed HTTP request\n", 408: b"request took too long\n", 431: b"request head too large\n",
+         500: b"internal error\n", 502: b"mail server answer unusable\n"}
 
 
 async def _close(stream) -> None:
@@ -110,67 +163,82 @@ def _next_cycle(dev: Device) -> bool:
     if dev.closing or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
         return False
     conn.start_next_cycle()
+    # A pipelining device's next head may be in h11's buffer already; it counts against the limit.
+    dev.leftover = len(conn.trailing_data[0])
     return True
+
+
+def _framing_repaired(request: h11.Request) -> bool:
+    """Content-Length beside Transfer-Encoding (h11 frames by the latter), or
+    Transfer-Encoding on HTTP/1.0: RFC 9112 6.1 wants the connection closed after the answer."""
+    te = cl = False
+    for _, low, _ in hdrs.items(request.headers):
+        if low == b"transfer-encoding":
+            te = True
+        elif low == b"content-length":
+            cl = True
+    return te and (cl or request.http_version != b"1.1")
 
 
 async def _loop(gw, dev: Device) -> bool:
     conn = dev.conn
     while True:
-        timeouts = gw.config.timeouts
-        # Waiting for the next request is the idle keep-alive phase; the drain cancels it.
         event = conn.next_event()
         if event is h11.NEED_DATA:
             if gw.draining:
                 return False
+            # Waiting for the next request is the idle keep-alive phase; the drain cancels it.
+            size = min(RECEIVE_SIZE, max(dev.max_head - dev.leftover, 1))
             try:
-                data = sockio.read_now(dev.sock, RECEIVE_SIZE)
+                data = sockio.read_now(dev.sock, size)
                 if data is None:
-                    deadline = trio.current_time() + timeouts.idle_keepalive
+                    deadline = trio.current_time() + gw.config.timeouts.idle_keepalive
                     if dev.sock is not None:
                         wait = sockio.IdleWait(dev.sock)      # the drain ends it via cancel()
                         gw.idle_scopes.add(wait)
                         try:
-                            data = await sockio.wait_plain(dev.sock, RECEIVE_SIZE, deadline)
+                            data = await sockio.wait_plain(dev.sock, size, deadline)
                         finally:
                             gw.idle_scopes.discard(wait)
                     else:
                         scope = trio.CancelScope(deadline=deadline)
                         gw.idle_scopes.add(scope)
                         try:
-                            data = await sockio.wait_receive(dev.stream, dev.sock, RECEIVE_SIZE, scope)
+                            data = await sockio.wait_receive(dev.stream, dev.sock, size, scope)
                         finally:
                             gw.idle_scopes.discard(scope)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return False
-            if data is None:
-                return False
-            try:
-                conn.receive_data(data)
-                event = conn.next_event()
-                while event is h11.NEED_DATA:
-                    await dev.receive(timeouts.request_head)
-                    event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                await _bad_request(dev, exc)
-                return False
+            if not data:
+                return False          # idle timeout, drain or EOF between requests: just close
+            event = await _read_head(gw, dev, data)
         if not isinstance(event, h11.Request):
             return False
-        if gw.draining:
+        if gw.draining or _framing_repaired(event):
             dev.closing = True
-        try:
-            if await exchange.handle(gw, dev, event) is exchange.PARKED:
-                return True
-        except h11.RemoteProtocolError as exc:
-            await _bad_request(dev, exc)
-            return False
+        if await exchange.handle(gw, dev, event) is exchange.PARKED:
+            return True
         if not _next_cycle(dev):
             return False
 
 
-async def _bad_request(dev: Device, exc: h11.RemoteProtocolError) -> None:
-    if dev.conn.our_state in (h11.SEND_RESPONSE, h11.IDLE):
-        try:
-            await dev.answer(exc.error_status_hint, [(b"Content-Type", b"text/plain")],
-                             b"malformed HTTP request\n")
-        except (DeviceGone, h11.LocalProtocolError):
-            pass
+async def _read_head(gw, dev: Device, first: bytes) -> h11.Request:
+    """The rest of a request head whose first bytes came in: one deadline for all of it
+    (from its first byte), and never more than limits.max_header_bytes of it read."""
+    conn = dev.conn
+    deadline = trio.current_time() + gw.config.timeouts.request_head
+    fed = dev.leftover + len(first)
+    conn.receive_data(first)
+    event = conn.next_event()
+    while event is h11.NEED_DATA:
+        room = dev.max_head - fed
+        if room <= 0:
+            raise HeadTooLarge("request head larger than limits.max_header_bytes", error_status_hint=431)
+        fed += await dev.receive(deadline, min(RECEIVE_SIZE, room))
+        event = conn.next_event()
+    if fed > dev.max_head and isinstance(event, h11.Request):
+        # Only with bytes left over from a pipelined request: measure the head exactly.
+        if fed - len(conn.trailing_data[0]) > dev.max_head:
+            raise HeadTooLarge("request head larger than limits.max_header_bytes", error_status_hint=431)
+    dev.leftover = 0
+    return event

@@ -24,10 +24,15 @@ from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamConn, UpstreamError
 # Request bodies up to this size are read whole before going upstream.
 SMALL_BODY = 64 * 1024
 OPTIONS_DECISION = Decision(allowed=True, reason="allowed.options")
+_CHUNKED = [(b"Transfer-Encoding", b"transfer-encoding", b"chunked")]
 
 
 class DeviceGone(Exception):
     """The device closed or stalled its connection; nothing more can be sent to it."""
+
+
+class DeviceTimeout(DeviceGone):
+    """The device missed a request deadline (head, body); answered 408 if it still can be."""
 
 
 PARKED = "parked"      # handle() result: the Ping waits in the parking lot, its task may end
@@ -112,16 +117,22 @@ async def _unavailable(gw, dev, rec: Transaction, why: str) -> int:
     return 503
 
 
+def _body_pace(gw) -> sockio.Pace:
+    """The whole request body's deadline: timeouts.request_body, plus a second per
+    limits.min_body_rate bytes received (a slow body also holds a mail-server connection)."""
+    return sockio.Pace(gw.config.timeouts.request_body, gw.config.limits.min_body_rate)
+
+
 async def _read_request_body(gw, dev, limit: int) -> bytes | None:
     """The whole request body, or None if it is larger than ``limit``."""
     conn = dev.conn
-    timeout = gw.config.timeouts.request_head
+    pace, start = _body_pace(gw), trio.current_time()
     parts = []
     size = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            await _dev_receive(dev, timeout)
+            await dev.receive(pace.deadline(start, size))
             continue
         if isinstance(event, h11.Data):
             size += len(event.data)
@@ -134,8 +145,11 @@ async def _read_request_body(gw, dev, limit: int) -> bytes | None:
             raise DeviceGone("device closed during the request body")
 
 
-async def _dev_receive(dev, timeout: float) -> None:
-    await dev.receive(timeout)
+def _chunked(full) -> bool:
+    for _, low, _ in full:
+        if low == b"transfer-encoding":
+            return True
+    return False
 
 
 def _declared_length(value: bytes | None) -> int | None:
@@ -158,6 +172,9 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
     declared, host, connection = hdrs.facts(full)
     host = host or b""
     length = _declared_length(declared)
+    chunked = _chunked(full)
+    if chunked:
+        length = None                 # h11 frames the body by Transfer-Encoding (RFC 9112 6.3)
     body: bytes | None = None
     if request_tx or is_ping or (length is not None and length <= SMALL_BODY):
         limit = config.security.max_transform_bytes if request_tx else (
@@ -184,10 +201,15 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
 
     origin = gw.redirects.origin_for(req.user)
     rec.upstream = f"{origin.host}:{origin.port}"
-    framing = None
+    # The gateway frames what it sends by what h11 parsed: a device's Content-Length
+    # beside Transfer-Encoding (a repaired framing) never reaches the mail server.
     if body is not None:
         framing = hdrs.content_length(len(body)) if body or request.method not in (b"GET", b"OPTIONS", b"HEAD") \
             else []
+    elif chunked:
+        framing = _CHUNKED
+    else:
+        framing = hdrs.content_length(length) if length is not None else []
     head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
                                          proto=dev.proto, behind_proxy=gw.behind_proxy, framing=framing)
     # The device's headers were validated by h11 when parsed and ours are well-formed.
@@ -207,13 +229,14 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
                 if body:
                     parts += up.h11.send_with_data_passthrough(h11.Data(data=body))
                 parts.append(up.h11.send(END))
-                await _send_up_parts(up, parts)
+                await _send_up_parts(gw, up, parts)
             else:
                 await _pump_request(gw, dev, up, out, rec)
             if is_ping and not answer_tx and _can_park(gw, dev):
                 # The task ends here; the parking lot finishes the transaction (resume()).
                 up.h11 = None
-                gw.parking.park(Parked(dev.stream, dev.client_ip, dev.proto, _wants_close(request, connection), up,
+                gw.parking.park(Parked(dev.stream, dev.client_ip, dev.proto,
+                                       dev.closing or _wants_close(request, connection), up,
                                        req, decision, rec, host, trio.current_time() + read_timeout, t_up, t0))
                 return PARKED
             if is_ping:
@@ -252,11 +275,18 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
             headers.append((b"Connection", b"connection", b"close"))
         rec.status = status
         if answer_tx and status == 200:
-            await _transformed_answer(gw, dev, up, req, status, hdrs.pairs(headers), answer_tx, rec)
-        else:
-            await _stream_answer(gw, dev, up, status, headers, rec, answer.reason)
+            body = await _whole_answer(gw, dev, up, rec)
+            # The mail-server connection goes back before the device write: a slow
+            # device must not hold it (a half-read one is closed by release()).
+            gw.pool.release(up)
+            up = None
+            if body is not None:
+                await _transformed_answer(gw, dev, req, status, hdrs.pairs(headers), answer_tx, rec, body)
+            return status
+        await _stream_answer(gw, dev, up, status, headers, rec, answer.reason)
     except BaseException:
-        gw.pool.discard(up)
+        if up is not None:
+            gw.pool.discard(up)
         raise
     gw.pool.release(up)
     return status
@@ -340,9 +370,9 @@ class _Timeout(UpstreamError):
     pass
 
 
-async def _send_up(up: UpstreamConn, data) -> None:
+async def _send_up(gw, up: UpstreamConn, data) -> None:
     try:
-        await sockio.send_all(up.stream, up.plain, data)
+        await sockio.send_all(up.stream, up.plain, data, gw.upstream_pace)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise UpstreamError(f"mail server connection broke while sending: {type(exc).__name__}") from None
 
@@ -351,18 +381,11 @@ async def _send_dev(dev, data) -> None:
     await dev.send_bytes(data)
 
 
-async def _send_up_parts(up: UpstreamConn, parts: list) -> None:
+async def _send_up_parts(gw, up: UpstreamConn, parts: list) -> None:
     try:
-        await sockio.send_parts(up.stream, up.plain, parts)
+        await sockio.send_parts(up.stream, up.plain, parts, gw.upstream_pace)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise UpstreamError(f"mail server connection broke while sending: {type(exc).__name__}") from None
-
-
-async def _send_dev_parts(dev, parts: list) -> None:
-    try:
-        await sockio.send_parts(dev.stream, dev.sock, parts)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise DeviceGone(type(exc).__name__) from None
 
 
 async def _up_receive(up: UpstreamConn, timeout: float) -> None:
@@ -415,21 +438,21 @@ async def _answer_head(up: UpstreamConn, timeout: float) -> h11.Response:
 async def _pump_request(gw, dev, up: UpstreamConn, out: bytes, rec: Transaction) -> None:
     """Stream the device's request body upstream, one read at a time (backpressure)."""
     conn = dev.conn
-    timeout = gw.config.timeouts.request_head
+    pace, start = _body_pace(gw), trio.current_time()
     pending = bytearray(out)
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             if pending:
-                await _send_up(up, pending)
+                await _send_up(gw, up, pending)
                 pending = bytearray()
-            await _dev_receive(dev, timeout)
+            await dev.receive(pace.deadline(start, rec.bytes_in))
         elif isinstance(event, h11.Data):
             rec.bytes_in += len(event.data)
             pending += up.h11.send(event)
         elif isinstance(event, h11.EndOfMessage):
             pending += up.h11.send(END)
-            await _send_up(up, pending)
+            await _send_up(gw, up, pending)
             return
         else:
             raise DeviceGone("device closed during the request body")
@@ -450,7 +473,7 @@ async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.F
             raise DeviceGone(f"mail server answer broke off: {exc}") from None
         if event is h11.NEED_DATA:
             if pending:
-                await _send_dev_parts(dev, pending)
+                await dev.send_parts(pending)
                 pending = []
             try:
                 await _up_receive(up, timeout)
@@ -461,14 +484,14 @@ async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.F
             pending += conn.send_with_data_passthrough(event)
         elif isinstance(event, h11.EndOfMessage):
             pending.append(conn.send(END))
-            await _send_dev_parts(dev, pending)
+            await dev.send_parts(pending)
             return
         else:
             raise DeviceGone("mail server closed the connection mid-answer")
 
 
-async def _transformed_answer(gw, dev, up: UpstreamConn, req, status, headers, answer_tx, rec) -> None:
-    """Buffer the answer (bounded), run the transforms, send it with a fixed Content-Length."""
+async def _whole_answer(gw, dev, up: UpstreamConn, rec) -> bytes | None:
+    """The answer body, buffered (bounded); None when the device was answered an error instead."""
     limit = gw.config.security.max_transform_bytes
     timeout = gw.config.timeouts.upstream_read
     h = up.h11
@@ -478,12 +501,14 @@ async def _transformed_answer(gw, dev, up: UpstreamConn, req, status, headers, a
         try:
             event = h.next_event()
         except h11.RemoteProtocolError:
-            return await _unavailable(gw, dev, rec, "mail server answer broke off")
+            await _unavailable(gw, dev, rec, "mail server answer broke off")
+            return None
         if event is h11.NEED_DATA:
             try:
                 await _up_receive(up, timeout)
             except UpstreamError as exc:
-                return await _unavailable(gw, dev, rec, str(exc))
+                await _unavailable(gw, dev, rec, str(exc))
+                return None
         elif isinstance(event, h11.Data):
             size += len(event.data)
             if size > limit:
@@ -492,13 +517,17 @@ async def _transformed_answer(gw, dev, up: UpstreamConn, req, status, headers, a
                 rec.error = f"answer larger than security.max_transform_bytes ({limit})"
                 await _answer(dev, rec, 500, [(b"Content-Type", b"text/plain")],
                               b"answer too large for the email security policy\n")
-                return
+                return None
             parts.append(event.data)
         elif isinstance(event, h11.EndOfMessage):
-            break
+            return b"".join(parts)
         else:
-            return await _unavailable(gw, dev, rec, "mail server closed the connection mid-answer")
-    body = b"".join(parts)
+            await _unavailable(gw, dev, rec, "mail server closed the connection mid-answer")
+            return None
+
+
+async def _transformed_answer(gw, dev, req, status, headers, answer_tx, rec, body: bytes) -> None:
+    """Run the transforms on the buffered answer, send it with a fixed Content-Length."""
     try:
         for t in answer_tx:
             # Optional (hooks.Transform): a transform that also sets the answer's headers.

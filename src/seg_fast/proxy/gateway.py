@@ -11,7 +11,9 @@ from seg_fast.content import pipeline as content_pipeline
 from seg_fast.observe import TransactionLog
 from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.policy import gate
+from seg_fast.proxy import sockio
 from seg_fast.proxy.downstream import resume_parked, serve_device
+from seg_fast.proxy.incidents import Incidents
 from seg_fast.proxy.parking import PingPark
 from seg_fast.proxy.redirects import RedirectMap
 from seg_fast.proxy.upstream import UpstreamPool, origin_of
@@ -48,7 +50,11 @@ class Gateway:
         self.draining = False
         self.idle_scopes: set = set()         # idle waits: CancelScopes or sockio.IdleWait (cancel())
         self.parked_scopes: set[trio.CancelScope] = set()
-        self.active = 0
+        self.active = 0                       # device connections, parked Pings included
+        self.per_address: dict[str, int] = {}   # the same, by client address
+        self.max_connections = 0              # limits.max_connections within the descriptor limit
+        # Contained exceptions, deadlines, refused connections: counts for metrics, a rate-limited log.
+        self.incidents = Incidents()
         self.port: int | None = None
         self._tls_override = tls_context
         self._nursery = None
@@ -63,6 +69,9 @@ class Gateway:
     def _apply(self, config) -> None:
         old_pool = self.pool
         self.config = config
+        t, lim = config.timeouts, config.limits
+        self.device_pace = sockio.Pace(t.device_write, lim.min_send_rate)
+        self.upstream_pace = sockio.Pace(t.upstream_read)
         # The content pipeline reads its [security] settings per process.
         content_pipeline.configure(config.security)
         self.eas_paths = frozenset(p.lower().encode() for p in config.eas.paths)
@@ -86,7 +95,7 @@ class Gateway:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind, accept and serve until drained (then finish in-flight work and return)."""
-        raise_nofile_limit()
+        self._nofile = raise_nofile_limit()
         cfg = self.config.listener
         sock = listening_socket(cfg.host, cfg.port, cfg.backlog)
         await sock.bind((cfg.host, cfg.port))
@@ -100,7 +109,7 @@ class Gateway:
                 with self._conns_scope:
                     async with trio.open_nursery() as conns:
                         self._conns = conns
-                        self.parking = PingPark(self._resume)
+                        self.parking = PingPark(self._resume, self.incidents)
                         await nursery.start(self.parking.run)
                         task_status.started(self.port)
                         with self._accept_scope:
@@ -127,26 +136,55 @@ class Gateway:
         if old is not None:
             old.cancel()
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """Refused connections, contained exceptions and deadlines, by kind (for metrics)."""
+        return self.incidents.counts
+
+    def _connection_cap(self) -> int:
+        # One descriptor per device connection, and some kept for mail-server
+        # connections, the store and logs, so accept() never takes the last one.
+        return max(1, min(self.config.limits.max_connections, getattr(self, "_nofile", 1 << 20) - 256))
+
     async def _accept(self, sock, conns) -> None:
-        limit = self.config.limits.max_connections
         while True:
             try:
                 client, addr = await sock.accept()
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.incidents.note("accept_out_of_descriptors", errno=errno.errorcode[exc.errno])
                     await trio.sleep(0.1)         # out of descriptors: let connections finish
                     continue
                 raise
-            if self.active >= limit:
+            ip = addr[0]
+            # Refused before any TLS or HTTP work: the close is the whole cost.
+            limits = self.config.limits
+            if self.active >= self._connection_cap():
                 client.close()
+                self.incidents.note("refused_max_connections", client_ip=ip, limit=self._connection_cap())
                 continue
-            conns.start_soon(self._connection, client, addr[0])
+            per_ip = self.per_address.get(ip, 0)
+            if limits.max_connections_per_address and per_ip >= limits.max_connections_per_address:
+                client.close()
+                self.incidents.note("refused_max_connections_per_address", client_ip=ip,
+                                    limit=limits.max_connections_per_address)
+                continue
+            self.active += 1
+            self.per_address[ip] = per_ip + 1
+            conns.start_soon(self._connection, client, ip)
+
+    def connection_closed(self, ip: str) -> None:
+        self.active -= 1
+        left = self.per_address.get(ip, 1) - 1
+        if left > 0:
+            self.per_address[ip] = left
+        else:
+            self.per_address.pop(ip, None)
 
     def _resume(self, parked, why: str) -> None:
         self._conns.start_soon(resume_parked, self, parked, why)
 
     async def _connection(self, client, ip: str) -> None:
-        self.active += 1
         parked = False
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -162,9 +200,12 @@ class Gateway:
                 parked = await serve_device(self, stream, ip, b"https")
             else:
                 parked = await serve_device(self, stream, ip, b"http")
+        except Exception as exc:      # noqa: BLE001 - serve_device contains its own; this is the last fence
+            self.incidents.exception("contained_exception", exc, ip)
+            client.close()
         finally:
             if not parked:            # a parked Ping's connection stays counted until it closes
-                self.active -= 1
+                self.connection_closed(ip)
 
     async def _flush_log(self) -> None:
         while True:

@@ -51,8 +51,9 @@ def socket_of(stream):
 
 
 class PingPark:
-    def __init__(self, spawn):
+    def __init__(self, spawn, incidents=None):
         self._spawn = spawn           # spawn(parked, why): start the task that finishes it
+        self._incidents = incidents   # where a failure to hand one back is reported
         self._epoll = select.epoll()
         self._by_fd: dict[int, Parked] = {}
         self._heap: list[tuple[float, int, Parked]] = []
@@ -91,7 +92,16 @@ class PingPark:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
                 pass
-        self._spawn(p, why)
+        try:
+            self._spawn(p, why)
+        except Exception as exc:      # noqa: BLE001 - one Ping must not stop the lot: drop its connections
+            if self._incidents is not None:
+                self._incidents.exception("contained_exception", exc, p.client_ip)
+            for sock in (p.up.sock, socket_of(p.dev_stream)):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
 
     def drain(self) -> None:
         """Hand every parked Ping back (the worker is stopping)."""

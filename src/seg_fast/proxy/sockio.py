@@ -13,9 +13,10 @@ from __future__ import annotations
 import heapq
 import math
 import os
+from typing import NamedTuple
 
 import trio
-from trio.lowlevel import checkpoint, wait_readable
+from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 FAIR_EVERY = 32
 _ready = 0
@@ -202,8 +203,21 @@ async def receive(stream, sock, size: int, deadline: float = math.inf) -> bytes 
     return data
 
 
-async def send_all(stream, sock, data) -> None:
-    """Write all of ``data``; what the kernel does not take at once goes through trio."""
+class Pace(NamedTuple):
+    """How long a write may take: ``grace`` seconds, plus one second per ``rate`` bytes the
+    peer has taken so far (Apache mod_reqtimeout's MinRate): a peer that takes nothing is
+    cut after ``grace``, one that keeps reading at ``rate`` or faster never is."""
+
+    grace: float
+    rate: float = 0.0                 # bytes/s; 0: no extension
+
+    def deadline(self, start: float, taken: int) -> float:
+        return start + self.grace + (taken / self.rate if self.rate > 0 else 0.0)
+
+
+async def send_all(stream, sock, data, pace: Pace | None = None) -> None:
+    """Write all of ``data``; what the kernel does not take at once waits, paced by ``pace``
+    (TimeoutError, an OSError, when the peer reads too slowly; the stream must then be closed)."""
     global _ready
     if sock is not None:
         fd = sock.fileno()
@@ -218,11 +232,12 @@ async def send_all(stream, sock, data) -> None:
                     _ready = 0
                     await checkpoint()
                 return
-            data = memoryview(data)[sent:]
-    await stream.send_all(data)
+            await _write_rest(sock, memoryview(data)[sent:], pace)
+            return
+    await _send_stream(stream, data, pace)
 
 
-async def send_parts(stream, sock, parts: list) -> None:
+async def send_parts(stream, sock, parts: list, pace: Pace | None = None) -> None:
     """Write the buffers in order: one writev on a plain socket, no joining copy."""
     global _ready
     if sock is not None and len(parts) <= 64:
@@ -241,6 +256,74 @@ async def send_parts(stream, sock, parts: list) -> None:
                     _ready = 0
                     await checkpoint()
                 return
-            await stream.send_all(memoryview(b"".join(parts))[sent:])
+            # The rest, part by part (a big part, say a transformed answer, is not copied).
+            for part in parts:
+                size = len(part)
+                if sent >= size:
+                    sent -= size
+                    continue
+                await _write_rest(sock, memoryview(part)[sent:], pace)
+                sent = 0
             return
-    await stream.send_all(b"".join(parts))
+    if sock is not None:
+        for part in parts:
+            await send_all(stream, sock, part, pace)
+        return
+    await _send_stream(stream, b"".join(parts), pace)
+
+
+async def _write_rest(sock, view: memoryview, pace: Pace | None) -> None:
+    """Wait until the kernel took all of ``view`` (plain socket), within ``pace``."""
+    if pace is None:
+        pace = _NO_PACE
+    wheel = _the_wheel() if pace.grace != math.inf else None
+    start = trio.current_time()
+    taken = 0
+    slot = wheel.add(sock, pace.deadline(start, 0)) if wheel is not None else 0
+    try:
+        while view:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was closed")
+            await wait_writable(fd)
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                continue
+            view = view[n:]
+            taken += n
+            if wheel is not None and pace.rate > 0:
+                # Progress moves the deadline (re-filed on the wheel: one dict move).
+                if wheel.remove(sock, slot):
+                    raise TimeoutError("peer did not read in time")
+                slot = wheel.add(sock, pace.deadline(start, taken))
+    except trio.ClosedResourceError:
+        if wheel is not None and wheel.remove(sock, slot):
+            raise TimeoutError("peer did not read in time") from None
+        raise
+    finally:
+        if wheel is not None:
+            wheel.remove(sock, slot)
+
+
+async def _send_stream(stream, data, pace: Pace | None) -> None:
+    """trio's send_all (TLS), a slice at a time so the pace's deadline follows progress."""
+    if pace is None or pace.grace == math.inf:
+        await stream.send_all(data)
+        return
+    view = memoryview(data)
+    start = trio.current_time()
+    taken = 0
+    while True:
+        piece = view[taken:taken + _PACE_SLICE]
+        with trio.CancelScope(deadline=pace.deadline(start, taken)) as scope:
+            await stream.send_all(piece)
+        if scope.cancelled_caught:
+            raise TimeoutError("peer did not read in time")
+        taken += len(piece)
+        if taken >= len(view):
+            return
+
+
+_PACE_SLICE = 64 * 1024
+_NO_PACE = Pace(math.inf)
