@@ -195,6 +195,10 @@ def with_state_paths(config: Config) -> Config:
     return msgspec.structs.replace(config, policy=policy, security=security)
 
 
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _check(config: Config, where: str, overrides) -> None:
     """Value checks msgspec's types cannot express; each names its key."""
     problems: list[tuple[str, str]] = []
@@ -209,6 +213,15 @@ def _check(config: Config, where: str, overrides) -> None:
     # push has its own listener, policy.push_host/push_port).
     if config.admin.host not in ("127.0.0.1", "::1", "localhost"):
         problems.append(("admin.host", "the admin API listens on loopback only (127.0.0.1, ::1 or localhost)"))
+    # The push token can replace the whole policy document: off loopback it travels
+    # only over TLS (the device listener's certificate) unless explicitly allowed.
+    pol = config.policy
+    if (pol.push_port and pol.push_token and not _loopback(pol.push_host) and not config.listener.tls_cert
+            and not pol.push_allow_plain):
+        problems.append(("policy.push_host",
+                         f"push listener on {pol.push_host} would take the push token over plain HTTP: give the "
+                         "device listener TLS (listener.tls_cert/tls_key), keep push_host on loopback, or set "
+                         "policy.push_allow_plain = true"))
     if bool(config.listener.tls_cert) != bool(config.listener.tls_key):
         problems.append(("listener.tls_key" if config.listener.tls_cert else "listener.tls_cert",
                          "TLS needs both tls_cert and tls_key (or neither, for plain HTTP)"))

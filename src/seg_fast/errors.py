@@ -51,3 +51,7 @@ class ContentError(SegFastError):
 
 class EnvelopeError(SegFastError):
     """An attachment envelope that cannot be opened (wrong key, damaged, not ours)."""
+
+
+class StartupError(SegFastError):
+    """`seg-fast serve` cannot start (a taken port, a locked listener); the message names the key."""

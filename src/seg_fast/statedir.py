@@ -10,6 +10,7 @@ overrides it) and is created with mode 0700 on first use.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 DEFAULT_STATE_DIR = "/var/lib/seg-fast"
@@ -34,3 +35,37 @@ def ensure_parent(path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return p
+
+
+def create_private(path: str | os.PathLike) -> None:
+    """Make ``path`` (if missing) mode 0600 before anything else opens it: SQLite then
+    makes the -wal and -shm files with the same mode, whatever the umask."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+
+
+def exposure_warnings(state_dir: str | os.PathLike) -> list[str]:
+    """What in the state directory others than its owner can read (keys, tokens, records)."""
+    d = Path(state_dir)
+    out = []
+    try:
+        mode = d.stat().st_mode
+    except OSError:
+        return out
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        out.append(f"state_dir {d} is mode {stat.S_IMODE(mode):04o}: other users can reach the keys and "
+                   f"policy records in it; make it 0700 (chmod 700 {d})")
+    try:
+        entries = list(d.iterdir())
+    except OSError:
+        return out
+    for p in sorted(entries):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            out.append(f"state file {p} is mode {stat.S_IMODE(st.st_mode):04o}; make it 0600")
+    return out

@@ -146,7 +146,11 @@ class AdminApi:
         return pol.doc
 
     async def cluster(self, body) -> Answer:
-        sightings = await self.store.sightings()
+        # The diagnostic answers even while the store is down (and says so in store_status).
+        try:
+            sightings = await self.store.sightings()
+        except SegFastError:
+            sightings = []
         nodes: dict[str, dict] = {}
         for s in sightings:
             node = s.node.rsplit("/", 1)[0]
@@ -159,10 +163,15 @@ class AdminApi:
             by_status[s.status] = by_status.get(s.status, 0) + 1
         src = None
         if self.source is not None:
-            src = {"url": self.config.policy.api_url, "last_error": self.source.last_error,
-                   "delta_token": await self.store.get_meta("delta_token")}
+            try:
+                token = await self.store.get_meta("delta_token")
+            except SegFastError:
+                token = None
+            src = {"url": self.config.policy.api_url, "last_error": self.source.last_error, "delta_token": token}
         return _json({
             "store": self.config.policy.store,
+            # Reachable? Read-only? Which snapshot serves when Redis is down, and how old.
+            "store_status": await self.store.status(),
             "snapshot_version": self.gate.engine.version,
             "policies_loaded": self.gate.engine.policies is not None,
             "test_mode": self.gate.engine.test_mode,

@@ -22,7 +22,7 @@ import msgspec
 import trio
 
 from seg_fast.admin.api import JSON, AdminApi, HttpError
-from seg_fast.errors import SegFastError
+from seg_fast.errors import SegFastError, StartupError
 from seg_fast.policy.gate import PolicyGatekeeper
 from seg_fast.policy.source import PolicySource
 from seg_fast.statedir import ensure_parent, resolve
@@ -52,11 +52,28 @@ def admin_token(config) -> str:
     except FileNotFoundError:
         pass
     token = secrets.token_urlsafe(32)
-    ensure_parent(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    try:
+        ensure_parent(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    except OSError as exc:
+        # A read-only or full state_dir: no token anyone could read, so no admin API.
+        raise StartupError(f"{path}: cannot create the admin token file ({exc.strerror}); "
+                           "set key admin.token or make state_dir writable") from None
     return token
+
+
+def _ephemeral_hint(port: int) -> str:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = map(int, f.read().split())
+    except (OSError, ValueError):
+        return ""
+    if lo <= port <= hi:
+        return (f"; {port} lies in the kernel's ephemeral port range ({lo}-{hi}), where outgoing connections "
+                "may take it: choose a port outside it or reserve it (net.ipv4.ip_local_reserved_ports)")
+    return ""
 
 
 def _bearer(headers) -> bytes:
@@ -157,9 +174,14 @@ class AdminServer:
             elif isinstance(event, h11.ConnectionClosed):
                 return None, b""
 
-    async def listen(self, host: str, port: int, *, ssl_context=None,
+    async def listen(self, host: str, port: int, *, key: str = "admin.port", ssl_context=None,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            # Never silently off: the start fails naming the key and the cause.
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise StartupError(f"key {key}: cannot listen on {host}:{port}: {why}{_ephemeral_hint(port)}") from None
         bound = listeners[0].socket.getsockname()[1]
         if ssl_context is not None:
             listeners = [trio.SSLListener(l, ssl_context, https_compatible=True) for l in listeners]
@@ -186,5 +208,5 @@ async def run(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 tls = server_tls_context(config.listener.tls_cert, config.listener.tls_key)
             push = AdminServer(config, gate=server.gate, push_only=True)
             await nursery.start(functools.partial(push.listen, config.policy.push_host, config.policy.push_port,
-                                                  ssl_context=tls))
+                                                  key="policy.push_port", ssl_context=tls))
         task_status.started(port)

@@ -119,7 +119,10 @@ class Keyring:
         self._generations[dev] = gen
         ensure_parent(self._state_file)
         tmp = self._state_file.with_name(self._state_file.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"generations": self._generations}, sort_keys=True))
+        # 0600 like every state file (write_text would make it 0644 under the usual umask).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"generations": self._generations}, sort_keys=True))
         os.replace(tmp, self._state_file)
         return gen
 

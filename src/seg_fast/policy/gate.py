@@ -240,6 +240,11 @@ class PolicyGatekeeper:
     async def flush(self) -> None:
         if not self.store_ok:
             return
+        if not self.store.writable:
+            # A read-only store, or Redis down and its local copy serving: sightings are
+            # observations (the next request makes them again); keep no backlog.
+            self._pending.clear()
+            return
         if self._pending:
             pending, self._pending = self._pending, {}
             batch = {}

@@ -31,9 +31,12 @@ class PolicySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     # /seg/push endpoint with "Authorization: Bearer <push_token>"; empty: push is off.
     push_token: str = ""
     # Also serve /seg/push alone on this port of push_host (0: only on the admin listener),
-    # for an MDM that cannot reach 127.0.0.1.
-    push_host: str = "0.0.0.0"
+    # for an MDM that cannot reach 127.0.0.1. Loopback by default: the push token can
+    # replace the whole policy document, so a non-loopback push_host needs TLS (the
+    # device listener's certificate) unless push_allow_plain says otherwise.
+    push_host: str = "127.0.0.1"
     push_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    push_allow_plain: bool = False
 
     # Where this gateway node reports itself (device sightings, diagnostics).
     node_name: str = ""

@@ -16,9 +16,14 @@ Settings policy). ``meta`` holds small settings (delta token, log levels, test m
 """
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import AsyncIterator
+from urllib.parse import quote, urlsplit
 
 import msgspec
 import trio
@@ -26,7 +31,9 @@ import trio
 from seg_fast.errors import PolicyError, SegFastError
 from seg_fast.policy.model import DeviceRecord, DeviceSighting, PolicyDocument, device_key
 from seg_fast.policy.resp import RedisConnection, RedisError
-from seg_fast.statedir import ensure_parent, resolve
+from seg_fast.statedir import create_private, ensure_parent, resolve
+
+log = logging.getLogger("seg_fast.policy.cache")
 
 # "redirects": user -> 451/302 mail server URL ("" once sent back to the default), shared
 # by every worker and node (seg_fast.policy.gate) and listed by the admin CSV download.
@@ -96,6 +103,16 @@ class Store:
     async def changes_since(self, version: int) -> list[Change]: ...
     def subscribe(self) -> AsyncIterator[Change]: ...
 
+    @property
+    def writable(self) -> bool:
+        """False while writes can only fail (a read-only store, Redis down and the local
+        copy serving): callers drop what they would have recorded."""
+        return True
+
+    async def status(self) -> dict:
+        """What the admin API's /seg/diagnostic/cluster says about the store."""
+        return {}
+
     # -- conveniences on top of the namespaces ----------------------------------
     async def put_sightings(self, sightings: list[DeviceSighting]) -> None:
         if sightings:
@@ -131,39 +148,123 @@ _KEEP_CHANGES = 50_000
 BULK_CHANGES = 1000
 
 
+def _why_unwritable(path: Path) -> str:
+    """Why ``path`` (a database that exists) cannot be written, or "" if it can."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    d = path.parent
+    try:
+        vfs = os.statvfs(d)
+    except OSError:
+        vfs = None
+    if vfs is not None and vfs.f_flag & os.ST_RDONLY:
+        return f"{d}: read-only file system"
+    if not os.access(d, os.W_OK):
+        return f"{d}: directory not writable"
+    if vfs is not None and vfs.f_bavail == 0:
+        return f"{d}: {os.strerror(errno.ENOSPC)}"
+    return ""
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """The database read-only: ``mode=ro`` reads a WAL left behind; ``immutable`` opens it
+    when SQLite cannot make the -shm file it needs for that (nothing can write it then)."""
+    last: Exception | None = None
+    for opts in ("mode=ro", "immutable=1"):
+        try:
+            db = sqlite3.connect(f"file:{quote(str(path))}?{opts}", uri=True, timeout=10.0, isolation_level=None,
+                                 check_same_thread=False)
+            try:
+                db.execute("SELECT COUNT(*) FROM document").fetchone()
+            except sqlite3.Error:
+                db.close()
+                raise
+            return db
+        except sqlite3.Error as exc:
+            last = exc
+    raise last
+
+
 class SqliteStore(Store):
     def __init__(self, path: str | Path):
         # A relative path is inside the state directory, never the current one.
         self.path = str(resolve(path))
         self._db: sqlite3.Connection | None = None
         self._lock = trio.Lock()
+        # Set when the file could only be opened read-only: why (served, never written).
+        self.read_only_reason = ""
+        self.last_write_error = ""
+
+    @property
+    def writable(self) -> bool:
+        return not self.read_only_reason
 
     async def open(self) -> None:
         def _open():
-            ensure_parent(self.path)
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            return db
+            p = Path(self.path)
+            try:
+                ensure_parent(p)
+                create_private(p)          # 0600, and so its -wal and -shm files
+                db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.executescript(_SCHEMA)
+                except BaseException:
+                    db.close()
+                    raise
+                return db, ""
+            except (sqlite3.Error, OSError) as exc:
+                # A read-only mount, an immutable file, a full disk: the snapshot in it still
+                # serves; only writes are refused, with this reason.
+                reason = p.is_file() and _why_unwritable(p)
+                if not reason:
+                    raise
+                try:
+                    return _open_read_only(p), reason
+                except sqlite3.Error:
+                    raise exc from None
         try:
-            self._db = await trio.to_thread.run_sync(_open)
-        except sqlite3.Error as exc:
+            self._db, self.read_only_reason = await trio.to_thread.run_sync(_open)
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{self.path}: cannot open policy store: {exc}") from None
+        if self.read_only_reason:
+            log.warning("policy store %s opened read-only (%s): serving it, refusing writes",
+                        self.path, self.read_only_reason)
 
     async def aclose(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
             await trio.to_thread.run_sync(db.close)
 
-    async def _run(self, fn):
+    async def _run(self, fn, *, write: bool = False):
         if self._db is None:
             raise StoreError("policy store is not open")
+        if write and self.read_only_reason:
+            raise StoreError(f"{self.path}: policy store is read-only ({self.read_only_reason}): not written")
         async with self._lock:
             try:
-                return await trio.to_thread.run_sync(fn, self._db)
+                result = await trio.to_thread.run_sync(fn, self._db)
             except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from None
+                cause = self._cause(exc)
+                if write:
+                    self.last_write_error = cause
+                raise StoreError(cause) from None
+        if write:
+            self.last_write_error = ""
+        return result
+
+    def _cause(self, exc: sqlite3.Error) -> str:
+        """The real reason, not SQLite's last word (a full disk reads "database or disk is full")."""
+        name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
+        p = Path(self.path)
+        if name.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")):
+            why = _why_unwritable(p) if p.exists() else ""
+            if why:
+                return f"{self.path}: not written: {why} ({name}: {exc})"
+        return f"{self.path}: {exc} ({name})"
 
     @staticmethod
     def _tx(db: sqlite3.Connection, body) -> int:
@@ -176,9 +277,19 @@ class SqliteStore(Store):
             db.execute("DELETE FROM changes WHERE id <= ?", (version - _KEEP_CHANGES,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk during COMMIT): a second
+            # ROLLBACK would replace the real error with "no transaction is active".
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
         return version
+
+    async def status(self) -> dict:
+        return {"engine": "sqlite", "path": self.path, "writable": self.writable,
+                "read_only_reason": self.read_only_reason, "last_write_error": self.last_write_error}
 
     async def version(self) -> int:
         return await self._run(lambda db: db.execute("SELECT COALESCE(MAX(id), 0) FROM changes").fetchone()[0])
@@ -207,27 +318,27 @@ class SqliteStore(Store):
             db.executemany("INSERT OR REPLACE INTO entries(ns, key, body) VALUES ('devices', ?, ?)",
                            [(device_key(d.device_id), _enc.encode(d)) for d in devices])
             return [("reload", "")]
-        return await self._run(lambda db: self._tx(db, body))
+        return await self._run(lambda db: self._tx(db, body), write=True)
 
     async def put_document(self, document) -> int:
         def body(db):
             db.execute("INSERT OR REPLACE INTO document(id, body) VALUES (1, ?)", (_enc.encode(document),))
             return [("document", "")]
-        return await self._run(lambda db: self._tx(db, body))
+        return await self._run(lambda db: self._tx(db, body), write=True)
 
     async def put_devices(self, devices) -> int:
         def body(db):
             rows = [(device_key(d.device_id), _enc.encode(d)) for d in devices]
             db.executemany("INSERT OR REPLACE INTO entries(ns, key, body) VALUES ('devices', ?, ?)", rows)
             return [("device", k) for k, _ in rows]
-        return await self._run(lambda db: self._tx(db, body))
+        return await self._run(lambda db: self._tx(db, body), write=True)
 
     async def remove_devices(self, device_ids) -> int:
         def body(db):
             keys = [device_key(d) for d in device_ids]
             db.executemany("DELETE FROM entries WHERE ns = 'devices' AND key = ?", [(k,) for k in keys])
             return [("device_removed", k) for k in keys]
-        return await self._run(lambda db: self._tx(db, body))
+        return await self._run(lambda db: self._tx(db, body), write=True)
 
     async def get_device(self, device_id):
         row = await self._run(lambda db: db.execute(
@@ -240,7 +351,8 @@ class SqliteStore(Store):
 
     async def add_new_entries(self, ns, entries):
         await self._run(lambda db: db.executemany(
-            "INSERT OR IGNORE INTO entries(ns, key, body) VALUES (?, ?, ?)", [(ns, k, v) for k, v in entries.items()]))
+            "INSERT OR IGNORE INTO entries(ns, key, body) VALUES (?, ?, ?)", [(ns, k, v) for k, v in entries.items()]),
+            write=True)
 
     async def put_entries(self, ns, entries, *, notify=False) -> int:
         if ns not in NAMESPACES:
@@ -250,7 +362,7 @@ class SqliteStore(Store):
             db.executemany("INSERT OR REPLACE INTO entries(ns, key, body) VALUES (?, ?, ?)",
                            [(ns, k, v) for k, v in entries.items()])
             return [(ns, k) for k in entries] if notify else []
-        return await self._run(lambda db: self._tx(db, body))
+        return await self._run(lambda db: self._tx(db, body), write=True)
 
     async def get_entries(self, ns, keys=None):
         def read(db):
@@ -272,7 +384,7 @@ class SqliteStore(Store):
         def body(db):
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
             return [("meta", key)] if notify else []
-        return await self._run(lambda db: self._tx(db, body))
+        return await self._run(lambda db: self._tx(db, body), write=True)
 
     async def changes_since(self, version):
         def read(db):
@@ -296,33 +408,95 @@ class SqliteStore(Store):
 
 
 # --------------------------------------------------------------------------- Redis
+META_LOCAL_COPY = "redis_copy"
+
+
 class RedisStore(Store):
     """Keys under ``prefix``: doc (string), version (counter), devices/sightings/folders
-    (hashes), meta (hash); changes are published on ``<prefix>changes``."""
+    (hashes), meta (hash); changes are published on ``<prefix>changes``.
 
-    def __init__(self, url: str, *, prefix: str = "segfast:"):
+    With ``local_copy`` (an SQLite file the control process keeps current, see
+    ``keep_local_copy``): when Redis cannot be reached at open, reads are served from
+    that copy of the last snapshot and writes are refused; ``subscribe`` reconnects
+    in the background and its first change back on Redis is a "reload".
+    """
+
+    def __init__(self, url: str, *, prefix: str = "segfast:", local_copy: str | Path | None = None):
         self.url = url
         self.prefix = prefix
         self._conn: RedisConnection | None = None
+        self.local_copy = str(resolve(local_copy)) if local_copy else ""
+        self._copy: SqliteStore | None = None     # open while it serves in Redis's place
+        self._copy_meta: dict = {}
+        self.last_error = ""
 
     def k(self, name: str) -> str:
         return self.prefix + name
+
+    def source(self) -> str:
+        """Which Redis data a local copy holds (no password)."""
+        u = urlsplit(self.url)
+        return f"{u.hostname}:{u.port or 6379}{u.path or '/0'} {self.prefix}"
 
     async def open(self) -> None:
         try:
             self._conn = await RedisConnection.connect(self.url)
         except (RedisError, trio.TooSlowError) as exc:
-            raise StoreError(f"policy store: {exc or 'Redis connect timed out'}") from None
+            self.last_error = str(exc) or "Redis connect timed out"
+            if self._copy is None and not await self._open_copy():
+                raise StoreError(f"policy store: {self.last_error}") from None
+            return
+        self.last_error = ""
+        if self._copy is not None:
+            copy, self._copy = self._copy, None
+            await copy.aclose()
+            log.warning("Redis reachable again: the local copy no longer serves")
+
+    async def _open_copy(self) -> bool:
+        if not self.local_copy or not Path(self.local_copy).is_file():
+            return False
+        copy = SqliteStore(self.local_copy)
+        try:
+            await copy.open()
+            raw = await copy.get_meta(META_LOCAL_COPY)
+            meta = msgspec.json.decode(raw) if raw else {}
+        except (StoreError, msgspec.DecodeError):
+            await copy.aclose()
+            return False
+        if not isinstance(meta, dict) or meta.get("source") != self.source():
+            await copy.aclose()     # not a copy of this Redis (an old sqlite store, say)
+            return False
+        self._copy, self._copy_meta = copy, meta
+        log.warning("Redis unreachable (%s): serving the local copy of snapshot %s saved %.0f s ago",
+                    self.last_error, meta.get("version"), time.time() - meta.get("saved_at", 0))
+        return True
+
+    @property
+    def serving_copy(self) -> SqliteStore | None:
+        return self._copy if self._conn is None else None
+
+    @property
+    def writable(self) -> bool:
+        return self.serving_copy is None
 
     async def aclose(self) -> None:
+        if self._copy is not None:
+            copy, self._copy = self._copy, None
+            await copy.aclose()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.aclose()
 
     async def _pipe(self, commands):
         if self._conn is None:
+            if self._copy is not None:
+                # Only writes get here: reads went to the copy.
+                raise StoreError(f"policy store: Redis unreachable ({self.last_error}); serving the local copy of "
+                                 f"snapshot {self._copy_meta.get('version')}: not written")
             # Lost earlier (Redis restarted, network): one reconnect attempt per call.
             await self.open()
+            if self._conn is None:
+                raise StoreError(f"policy store: Redis unreachable ({self.last_error})")
         try:
             return await self._conn.pipeline(commands)
         except RedisError as exc:
@@ -330,7 +504,19 @@ class RedisStore(Store):
                 conn, self._conn = self._conn, None
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
+            self.last_error = str(exc)
             raise StoreError(f"policy store (Redis): {exc}") from None
+
+    async def status(self) -> dict:
+        copy = self.serving_copy
+        info = {"engine": "redis", "redis": self.source(), "reachable": self._conn is not None,
+                "serving": "local copy" if copy is not None else "redis", "last_error": self.last_error}
+        meta = self._copy_meta if copy is not None else await _read_copy_meta(self.local_copy)
+        if meta:
+            info["local_copy"] = {"path": self.local_copy, "version": meta.get("version"),
+                                  "saved_at": meta.get("saved_at"),
+                                  "age_s": round(time.time() - meta.get("saved_at", 0), 1)}
+        return info
 
     async def _publish(self, changes: list[tuple[str, str]], commands: list[tuple]) -> int:
         """Apply ``commands`` and bump the version atomically; then publish each change."""
@@ -349,10 +535,16 @@ class RedisStore(Store):
         return version
 
     async def version(self) -> int:
+        if (copy := self.serving_copy) is not None:
+            return int(self._copy_meta.get("version", 0))
         v = await self._pipe([("GET", self.k("version"))])
         return int(v[0] or 0)
 
     async def snapshot(self) -> Snapshot:
+        if (copy := self.serving_copy) is not None:
+            snap = await copy.snapshot()
+            snap.version = int(self._copy_meta.get("version", 0))
+            return snap
         replies = await self._pipe([
             ("MULTI",), ("GET", self.k("version")), ("GET", self.k("doc")), ("HVALS", self.k("devices")), ("EXEC",)])
         version, doc, devs = replies[-1]
@@ -386,10 +578,14 @@ class RedisStore(Store):
         return await self._publish([("device_removed", k) for k in keys], [("HDEL", self.k("devices"), *keys)])
 
     async def get_device(self, device_id):
+        if (copy := self.serving_copy) is not None:
+            return await copy.get_device(device_id)
         raw = (await self._pipe([("HGET", self.k("devices"), device_key(device_id))]))[0]
         return decode_device_bytes(raw) if raw else None
 
     async def get_document(self):
+        if (copy := self.serving_copy) is not None:
+            return await copy.get_document()
         raw = (await self._pipe([("GET", self.k("doc"))]))[0]
         return decode_document_bytes(raw) if raw else None
 
@@ -409,6 +605,8 @@ class RedisStore(Store):
         return 0
 
     async def get_entries(self, ns, keys=None):
+        if (copy := self.serving_copy) is not None:
+            return await copy.get_entries(ns, keys)
         if keys is None:
             flat = (await self._pipe([("HGETALL", self.k(ns))]))[0]
             return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
@@ -418,6 +616,8 @@ class RedisStore(Store):
         return {k: v for k, v in zip(keys, vals) if v is not None}
 
     async def get_meta(self, key):
+        if (copy := self.serving_copy) is not None:
+            return None if key == META_LOCAL_COPY else await copy.get_meta(key)
         v = (await self._pipe([("HGET", self.k("meta"), key)]))[0]
         return v.decode() if v is not None else None
 
@@ -433,23 +633,32 @@ class RedisStore(Store):
         return [Change(current, "reload")] if current > version else []
 
     async def subscribe(self):
-        """Changes as Redis publishes them; after a lost connection, one "reload"."""
+        """Changes as Redis publishes them. After a lost connection, or while the local
+        copy serves, it reconnects with backoff; the first change back on Redis is a "reload"."""
         version = await self.version()
+        reload = self.serving_copy is not None
         backoff = 0.1
         while True:
             try:
                 sub = await RedisConnection.connect(self.url)
-            except (RedisError, trio.TooSlowError):
+            except (RedisError, trio.TooSlowError) as exc:
+                self.last_error = str(exc) or "Redis connect timed out"
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             try:
+                if self._conn is None:
+                    await self.open()          # the connection reads use (the copy closes)
+                    if self._conn is None:
+                        raise RedisError(self.last_error)
                 await sub.send("SUBSCRIBE", self.k("changes"))
                 await sub.read()  # the subscribe confirmation
-                # Anything published between the version read and SUBSCRIBE is caught here.
-                for ch in await self.changes_since(version):
-                    version = ch.version
-                    yield ch
+                # Anything published between the version read and SUBSCRIBE, or missed while
+                # away (Redis may even have restarted empty): one reload.
+                current = await self.version()
+                if reload or current > version:
+                    version, reload = current, False
+                    yield Change(current, "reload")
                 backoff = 0.1
                 while True:
                     msg = await sub.read()
@@ -462,17 +671,74 @@ class RedisStore(Store):
                             ch = Change(ch.version, "reload")   # a gap: missed messages
                         version = max(version, ch.version)
                         yield ch
-            except (RedisError, StoreError):
+            except (RedisError, StoreError) as exc:
+                self.last_error = str(exc)
+                reload = True
                 await trio.sleep(backoff)
-                for ch in [Change(version, "reload")]:
-                    yield ch
+                backoff = min(backoff * 2, 2.0)
             finally:
                 with trio.CancelScope(shield=True):
                     await sub.aclose()
 
 
+async def _read_copy_meta(path: str) -> dict:
+    if not path or not Path(path).is_file():
+        return {}
+    copy = SqliteStore(path)
+    try:
+        await copy.open()
+        raw = await copy.get_meta(META_LOCAL_COPY)
+        meta = msgspec.json.decode(raw) if raw else {}
+        return meta if isinstance(meta, dict) else {}
+    except (StoreError, msgspec.DecodeError):
+        return {}
+    finally:
+        await copy.aclose()
+
+
+async def keep_local_copy(settings, *, interval: float = 1.0, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Control process, Redis store: copy every new snapshot version (document, device
+    records, meta) into the local SQLite file, so a worker started while Redis is down
+    serves the last snapshot instead of blocking every device (RedisStore ``local_copy``)."""
+    redis = RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+    copy = SqliteStore(settings.sqlite_path)
+    task_status.started()
+    saved, failing, delay = None, "", interval
+    try:
+        while True:
+            try:
+                if copy._db is None:
+                    await copy.open()
+                    saved = (await _read_copy_meta(copy.path)).get("version")
+                version = await redis.version()
+                if version != saved:
+                    snap = await redis.snapshot()
+                    meta = await redis.get_entries("meta")
+                    await copy.replace_all(snap.document, snap.devices)
+                    for key, value in meta.items():
+                        await copy.set_meta(key, value.decode("utf-8", "replace"), notify=False)
+                    await copy.set_meta(META_LOCAL_COPY, _enc.encode(
+                        {"source": redis.source(), "version": snap.version, "saved_at": time.time()}).decode(),
+                        notify=False)
+                    saved = snap.version
+                    log.info("local copy of Redis snapshot %d saved in %s", saved, copy.path)
+                if failing:
+                    log.warning("local copy of the Redis snapshot is kept again")
+                failing, delay = "", interval
+            except StoreError as exc:
+                if str(exc) != failing:
+                    log.warning("local copy of the Redis snapshot not kept: %s", exc)
+                failing, delay = str(exc), min(delay * 2, 10.0)
+            await trio.sleep(delay)
+    finally:
+        with trio.CancelScope(shield=True):
+            await redis.aclose()
+            await copy.aclose()
+
+
 def open_store(settings) -> Store:
     """The store the [policy] settings name (not yet opened)."""
     if settings.store == "redis":
-        return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+        # The SQLite file holds the control process's copy of the last Redis snapshot.
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, local_copy=settings.sqlite_path)
     return SqliteStore(settings.sqlite_path)

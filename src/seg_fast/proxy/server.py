@@ -5,6 +5,11 @@ its own process with its own trio loop and its own SO_REUSEPORT listener on the
 same address (trio runs on one core, so one process per core). Signals:
 SIGTERM/SIGINT drain (stop accepting, answer parked Pings, finish in-flight
 requests, exit), SIGHUP reloads the config file without dropping connections.
+
+Start-up refuses, with one line naming the key and the cause, rather than run half
+a gateway: a listener address another serve (or its orphaned workers) holds, an
+admin or push port that cannot be bound. Workers start through
+``seg_fast.proxy.worker``, which ties them to the control process first thing.
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ import sys
 import trio
 
 from seg_fast.config import load_config
-from seg_fast.errors import ConfigError
+from seg_fast.errors import ConfigError, StartupError
+from seg_fast.proxy.worker import ENV_CONTROL_PID
 
 WORKER_FLAG = "--worker"
 
@@ -46,20 +52,14 @@ def cli(argv: list[str]) -> int:
 
 # -- worker -----------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    # Linux: if the control process is killed outright, its workers get SIGTERM and drain.
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def worker_cli(argv: list[str]) -> int:
+    """The worker's entry (seg_fast.proxy.worker has tied it to the control process)."""
+    return cli([*argv, WORKER_FLAG])
 
 
 def run_worker(config, config_path: str | None) -> int:
     from seg_fast.proxy.gateway import Gateway
 
-    _die_with_parent()
     gw = Gateway(config, config_path=config_path)
 
     async def main():
@@ -104,31 +104,58 @@ def _free_port(host: str) -> int:
 
 
 def run_control(config, config_path: str | None, workers: int) -> int:
+    from seg_fast.proxy.instance import lock_listener, probe_bind
+    from seg_fast.statedir import exposure_warnings
+
     env = dict(os.environ)
-    if config.listener.port == 0:
+    env[ENV_CONTROL_PID] = str(os.getpid())
+    host, port = config.listener.host, config.listener.port
+    if port == 0:
         # Every worker must bind the same port: pick it here.
-        env["SEG_FAST_LISTENER_PORT"] = str(_free_port(config.listener.host))
-    cmd = [sys.executable, "-m", "seg_fast", "serve", WORKER_FLAG]
+        port = _free_port(host)
+        env["SEG_FAST_LISTENER_PORT"] = str(port)
+    for warning in exposure_warnings(config.state_dir):
+        _say(f"warning: {warning}")
+    try:
+        # Held for the life of this serve, and of every worker (they inherit it).
+        lock_fd = lock_listener(config.state_dir, host, port)
+        probe_bind(host, port)
+    except StartupError as exc:
+        print(f"seg-fast: {config_path or '(defaults)'}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if lock_fd < 0:
+        _say(f"warning: state_dir {config.state_dir} is read-only: no listener lock for {host}:{port}")
+    cmd = [sys.executable, "-m", "seg_fast.proxy.worker"]
     if config_path:
         cmd += ["--config", str(config_path)]
     procs: list[subprocess.Popen] = []
-    state = {"stopping": False, "grace": config.timeouts.shutdown_grace}
+    state = {"stopping": False, "grace": config.timeouts.shutdown_grace, "failed": ""}
 
     def spawn() -> subprocess.Popen:
-        return subprocess.Popen(cmd, env=env)
+        # From the main thread only: PR_SET_PDEATHSIG fires when the *thread* that forked exits.
+        return subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,) if lock_fd >= 0 else ())
 
     async def main():
         from seg_fast.admin import server as admin
 
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
+                if config.admin.enabled:
+                    try:
+                        # Bound before any worker starts: a taken admin port fails the start.
+                        await nursery.start(_admin, admin, config)     # with the policy API pull
+                    except StartupError as exc:
+                        state["failed"] = str(exc)
+                        nursery.cancel_scope.cancel()
+                        return
+                elif config.policy.api_url:
+                    nursery.start_soon(_pull, config)
+                if config.policy.store == "redis":
+                    from seg_fast.policy.store import keep_local_copy
+                    nursery.start_soon(keep_local_copy, config.policy)
                 for _ in range(workers):
                     procs.append(spawn())
                 _say(f"control process: {workers} worker(s)")
-                if config.admin.enabled:
-                    nursery.start_soon(_admin, admin, config)     # with the policy API pull
-                elif config.policy.api_url:
-                    nursery.start_soon(_pull, config)
                 nursery.start_soon(_control_signals, signals, procs, state, config_path)
                 while True:
                     await trio.sleep(0.5)
@@ -146,14 +173,30 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+    if state["failed"]:
+        print(f"seg-fast: {config_path or '(defaults)'}: {state['failed']}", file=sys.stderr, flush=True)
+        return 1
     _say("stopped")
     return 0
 
 
-async def _admin(admin, config) -> None:
+async def _admin(admin, config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    started = False
+
+    class _Status:
+        def started(self, value=None):
+            nonlocal started
+            started = True
+            task_status.started(value)
+
     try:
-        await admin.run(config)
-    except Exception as exc:          # the admin API failing must not take the gateway down
+        await admin.run(config, task_status=_Status())
+    except Exception as exc:
+        if not started:
+            if isinstance(exc, StartupError):
+                raise
+            raise StartupError(f"admin API: {type(exc).__name__}: {exc}") from None
+        # Once up, the admin API failing must not take the gateway down.
         _say(f"admin API stopped: {type(exc).__name__}: {exc}")
 
 
