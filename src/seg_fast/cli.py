@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "policy": ("seg_fast.policy.cli", "cli", "load FILE | dump | import-csv: the policy store"),
     "attachment": ("seg_fast.content.cli", "attachment_cli", "decrypt --device ID --user U FILE"),
     "keys": ("seg_fast.content.cli", "keys_cli", "rotate --device ID: new attachment key"),
+    "check-config": ("seg_fast.checkconfig", "cli", "--config FILE [--connect]: validate a config (like nginx -t)"),
     "sim": ("seg_fast.sim.cli", "cli", "run the mailbox simulator alone"),
     "bench": ("seg_fast.sim.sizing", "cli", "sizing [...]: the sizing benchmark"),
 }

@@ -74,15 +74,17 @@ async def apply_push(store: Store, raw: bytes) -> int:
     return version
 
 
-async def http_get(url: str, settings: PolicySettings) -> tuple[int, bytes]:
-    """One GET through the configured outbound proxy and TLS trust; (status, body)."""
+async def http_get(url: str, settings: PolicySettings, label: str = "policy API") -> tuple[int, bytes]:
+    """One GET through the configured outbound proxy and TLS trust; (status, body).
+
+    ``label`` names the service in errors (check-config also reaches the mail server with it)."""
     from seg_fast.config import TimeoutSettings, UpstreamSettings
     from seg_fast.proxy.upstream import UpstreamError, UpstreamPool, origin_of
 
     try:
         origin = origin_of(url)
     except UpstreamError as exc:
-        raise SourceError(f"policy API: {exc}") from None
+        raise SourceError(f"{label}: {exc}") from None
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     # The proxy's connector (outbound CONNECT proxy, TLS trust), configured for the API.
@@ -111,18 +113,18 @@ async def http_get(url: str, settings: PolicySettings) -> tuple[int, bytes]:
                     elif isinstance(event, h11.Data):
                         size += len(event.data)
                         if size > MAX_ANSWER:
-                            raise SourceError(f"policy API answer larger than {MAX_ANSWER} bytes")
+                            raise SourceError(f"{label} answer larger than {MAX_ANSWER} bytes")
                         chunks.append(event.data)
                     elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                         return status, b"".join(chunks)
             finally:
                 await conn.aclose()
     except trio.TooSlowError:
-        raise SourceError(f"policy API {origin.host}:{origin.port}: no answer within {settings.api_timeout} s") from None
+        raise SourceError(f"{label} {origin.host}:{origin.port}: no answer within {settings.api_timeout} s") from None
     except UpstreamError as exc:
-        raise SourceError(f"policy API: {exc}") from None
+        raise SourceError(f"{label}: {exc}") from None
     except (h11.ProtocolError, trio.BrokenResourceError, OSError) as exc:
-        raise SourceError(f"policy API {origin.host}:{origin.port}: {exc}") from None
+        raise SourceError(f"{label} {origin.host}:{origin.port}: {exc}") from None
 
 
 class _Full(msgspec.Struct, kw_only=True):

@@ -219,6 +219,9 @@ def _close_now(conn: UpstreamConn) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    # trio's open_tcp_stream wraps one error per address tried in a group: name the first.
+    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        return _reason(exc.exceptions[0])
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, str(exc.errno))
     if isinstance(exc, OSError) and exc.__cause__ is not None:

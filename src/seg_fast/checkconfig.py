@@ -1,0 +1,239 @@
+"""`seg-fast check-config`: validate a gateway config the way `nginx -t` does.
+
+Parses the file (errors name the file and the key), then checks what the running
+gateway will need: certificates and keys load and match (expiry shown), the
+directories it writes are writable, its ports are free, the policy store opens.
+`--connect` is the guide's Test Connection: it reaches the mail server, the policy
+API and Redis as configured (TLS trust, outbound proxy) and prints each latency.
+Exit 0 when every check passes, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import msgspec
+
+
+class Finding(NamedTuple):
+    ok: bool
+    what: str          # the key or the thing checked
+    text: str
+
+
+def _cert_facts(pem: bytes) -> str:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pem)
+    until = cert.not_valid_after_utc
+    days = (until - datetime.datetime.now(datetime.timezone.utc)).days
+    return f"{cert.subject.rfc4514_string()}, valid until {until:%Y-%m-%d} ({days} days)", days
+
+
+def check_tls(config) -> list[Finding]:
+    out: list[Finding] = []
+    lst = config.listener
+    if not lst.tls_cert:
+        out.append(Finding(True, "listener.tls_cert", "plain HTTP on the device leg (TLS ends at a load balancer)"))
+    else:
+        try:
+            pem = Path(lst.tls_cert).read_bytes()
+            facts, days = _cert_facts(pem)
+        except OSError as exc:
+            return [Finding(False, "listener.tls_cert", f"{lst.tls_cert}: {exc.strerror}")]
+        except ValueError as exc:
+            return [Finding(False, "listener.tls_cert", f"{lst.tls_cert}: not a PEM certificate ({exc})")]
+        if days < 0:
+            out.append(Finding(False, "listener.tls_cert", f"expired: {facts}"))
+        else:
+            out.append(Finding(True, "listener.tls_cert", facts))
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(lst.tls_cert, lst.tls_key)
+            out.append(Finding(True, "listener.tls_key", "loads and matches the certificate"))
+        except (OSError, ssl.SSLError) as exc:
+            out.append(Finding(False, "listener.tls_key", f"{lst.tls_key}: does not load or does not match "
+                                                          f"listener.tls_cert ({exc})"))
+    for key, path in (("upstream.ca_file", config.upstream.ca_file), ("policy.api_ca_file", config.policy.api_ca_file)):
+        if path:
+            try:
+                ssl.create_default_context(cafile=path)
+                out.append(Finding(True, key, f"{path}: loads"))
+            except (OSError, ssl.SSLError) as exc:
+                out.append(Finding(False, key, f"{path}: cannot be used as CA file ({exc})"))
+    return out
+
+
+def _writable_dir(path: Path) -> str | None:
+    """None if files can be created in ``path`` (or in its nearest existing parent)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return "no existing parent directory"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
+def check_paths(config) -> list[Finding]:
+    out: list[Finding] = []
+    state = Path(config.state_dir)
+    problem = _writable_dir(state)
+    out.append(Finding(problem is None, "state_dir", problem or f"{state}: usable"))
+    if state.is_dir() and state.stat().st_mode & 0o077:
+        out.append(Finding(False, "state_dir", f"{state} is readable by group or others "
+                                               f"(mode {state.stat().st_mode & 0o777:o}); it holds keys: use 0700"))
+    tx = config.log.transactions
+    if tx not in ("", "-"):
+        problem = _writable_dir(Path(tx).parent)
+        out.append(Finding(problem is None, "log.transactions", problem or f"{tx}: writable"))
+    return out
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_ports(config) -> list[Finding]:
+    wanted = [("listener.port", config.listener.host, config.listener.port)]
+    if config.admin.enabled:
+        wanted.append(("admin.port", config.admin.host, config.admin.port))
+    if config.policy.push_port:
+        wanted.append(("policy.push_port", config.policy.push_host, config.policy.push_port))
+    out = []
+    for key, host, port in wanted:
+        if port == 0:
+            out.append(Finding(True, key, "0: any free port"))
+            continue
+        problem = _port_in_use(host, port)
+        out.append(Finding(problem is None, key, f"{host}:{port}: " + (f"cannot listen ({problem})"
+                                                                      if problem else "free")))
+    return out
+
+
+async def check_store(config) -> list[Finding]:
+    from seg_fast.policy.store import open_store
+
+    if config.policy.store == "sqlite" and not Path(config.policy.sqlite_path).exists():
+        text = (f"{config.policy.sqlite_path}: not created yet; no policies loaded, so every device is blocked "
+                "(policy.allow_if_no_policies is off)" if not config.policy.allow_if_no_policies
+                else f"{config.policy.sqlite_path}: not created yet")
+        return [Finding(config.policy.allow_if_no_policies, "policy.sqlite_path", text)]
+    if config.policy.store == "redis":
+        return []                    # reached by --connect
+    store = open_store(config.policy)
+    try:
+        await store.open()
+        snap = await store.snapshot()
+    except Exception as exc:         # any store failure is a finding, not a traceback
+        return [Finding(False, "policy.sqlite_path", f"{config.policy.sqlite_path}: {exc}")]
+    finally:
+        await store.aclose()
+    if snap.document is None and not config.policy.allow_if_no_policies:
+        return [Finding(False, "policy.sqlite_path", "no policies loaded: every device is blocked "
+                                                     "(`seg-fast policy load FILE` loads some)")]
+    return [Finding(True, "policy.sqlite_path", f"policy snapshot version {snap.version}, "
+                                                f"{len(snap.devices)} device records")]
+
+
+async def _timed(what: str, probe: Callable) -> Finding:
+    import trio
+
+    t0 = time.perf_counter()
+    try:
+        text = await probe()
+    except (trio.TooSlowError, OSError, Exception) as exc:     # a failed probe is reported, not raised
+        return Finding(False, what, f"{exc} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
+    return Finding(True, what, f"{text} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
+
+
+async def check_connect(config) -> list[Finding]:
+    """The guide's Test Connection: one request to each service the gateway talks to."""
+    from seg_fast.policy.source import http_get
+
+    out = []
+    up = config.upstream
+    # The policy source's one-GET client, set up with the mail server's trust and proxy.
+    up_settings = msgspec.structs.replace(config.policy, api_token="", api_verify_tls=up.verify_tls,
+                                          api_ca_file=up.ca_file, api_proxy_url=up.proxy_url,
+                                          api_timeout=config.timeouts.upstream_connect + config.timeouts.upstream_read)
+    url = up.url.rstrip("/") + config.eas.paths[0]
+
+    async def mail_server():
+        status, _ = await http_get(url, up_settings, label="mail server")
+        return f"{url}: HTTP {status}" + (" (asks for credentials, as expected)" if status == 401 else "")
+
+    out.append(await _timed("upstream.url", mail_server))
+    if config.policy.api_url:
+        api = config.policy.api_url.rstrip("/") + "/snapshot"
+
+        async def policy_api():
+            status, body = await http_get(api, config.policy)
+            if status != 200:
+                raise OSError(f"{api}: HTTP {status}")
+            return f"{api}: HTTP 200, {len(body)} bytes"
+
+        out.append(await _timed("policy.api_url", policy_api))
+    if config.policy.store == "redis":
+        from seg_fast.policy.resp import RedisConnection
+
+        async def redis():
+            conn = await RedisConnection.connect(config.policy.redis_url, timeout=config.timeouts.upstream_connect)
+            try:
+                return f"{config.policy.redis_url}: PING {await conn.execute('PING')!r}"
+            finally:
+                await conn.aclose()
+
+        out.append(await _timed("policy.redis_url", redis))
+    return out
+
+
+async def run_checks(config, connect: bool) -> list[Finding]:
+    findings = check_tls(config) + check_paths(config) + check_ports(config)
+    findings += await check_store(config)
+    if connect:
+        findings += await check_connect(config)
+    return findings
+
+
+def cli(argv: list[str]) -> int:
+    import trio
+
+    from seg_fast.config import load_config
+    from seg_fast.errors import ConfigError
+
+    ap = argparse.ArgumentParser(prog="seg-fast check-config",
+                                 description="validate a gateway config (like nginx -t); exit 0 when all is well")
+    ap.add_argument("--config", help="the TOML file (default: the embedded defaults)")
+    ap.add_argument("--connect", action="store_true",
+                    help="also reach the mail server, the policy API and Redis (Test Connection)")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"seg-fast check-config: {exc}", file=sys.stderr)
+        return 1
+    print(f"config: {args.config or '(embedded defaults)'}")
+    findings = trio.run(run_checks, config, args.connect)
+    for f in findings:
+        print(f"  {'ok  ' if f.ok else 'FAIL'}  {f.what}: {f.text}")
+    failed = sum(not f.ok for f in findings)
+    print(f"{len(findings) - failed} ok, {failed} failed")
+    return 1 if failed else 0
