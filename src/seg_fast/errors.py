@@ -55,3 +55,11 @@ class EnvelopeError(SegFastError):
 
 class StartupError(SegFastError):
     """`seg-fast serve` cannot start (a taken port, a locked listener); the message names the key."""
+
+
+class HTTPProtocolError(SegFastError):
+    """An HTTP/1.1 message the compiled parser rejects; ``status`` is the answer (400, 431, ...)."""
+
+    def __init__(self, message: str, status: int = 400):
+        self.status = status
+        super().__init__(message)
