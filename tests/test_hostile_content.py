@@ -6,10 +6,11 @@ serves the crafted answer, with independent oracles for what the device receives
 from __future__ import annotations
 
 import os
-import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import trio
+from conftest import REAL_SERVER
 
 from processes import start_serve, stop_process
 from proxy_helpers import MiniUpstream
@@ -90,6 +91,93 @@ async def wait_serving(port: int, proc, client: EasClient):
 def sync_request() -> object:
     return E("AirSync:Sync", E("AirSync:Collections", E(
         "AirSync:Collection", E("AirSync:SyncKey", "1"), E("AirSync:CollectionId", "1"))))
+
+
+class Gateway:
+    """A running `seg-fast serve` (one worker) in front of a MiniUpstream, policy preset."""
+
+    def __init__(self, tmp_path: Path, handler, document: PolicyDocument, devices=(), **security):
+        self.tmp_path, self.document, self.devices, self.security = tmp_path, document, devices, security
+        self.up = MiniUpstream(handler)
+
+    async def __aenter__(self):
+        await write_policy(self.tmp_path / "state", self.document, self.devices)
+        self._nursery_cm = trio.open_nursery()
+        self.nursery = await self._nursery_cm.__aenter__()
+        await self.nursery.start(self.up.serve)
+        cfg, self.port = serve_config(self.tmp_path, self.up.port, **self.security)
+        self.proc = start_serve(cfg, self.tmp_path)
+        return self
+
+    def client(self, device_id: str, **kw) -> EasClient:
+        return EasClient("127.0.0.1", self.port, "jdoe", "secret", device_id, **kw)
+
+    async def __aexit__(self, *exc):
+        stop_process(self.proc)
+        self.nursery.cancel_scope.cancel()
+        return await self._nursery_cm.__aexit__(*exc)
+
+
+def command_of(req) -> bytes:
+    query = req.target.split(b"?", 1)[1] if b"?" in req.target else b""
+    return dict(p.split(b"=", 1) for p in query.split(b"&") if b"=" in p).get(b"Cmd", b"")
+
+
+class _Attrs(HTMLParser):
+    """Every (tag, attribute, value) of an HTML text: the oracle for link rewriting."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.seen: list[tuple[str, str, str]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.seen += [(tag, k, v) for k, v in attrs]
+
+
+async def _real_server_links(tmp_path, **security) -> tuple[str, str]:
+    """(HTML body, plain body) of the real Z-Push Sync answer as a device gets them
+    through the gateway under an "all links" policy."""
+    answer = (REAL_SERVER / "sync1.resp.wbxml").read_bytes()
+    policy = EmailSecurityPolicy(hyperlinks=HyperlinkPolicy(enabled=True, mode="all"))
+    async with Gateway(tmp_path, lambda req, body: (200, WBXML, answer),
+                       PolicyDocument(security=policy), **security) as gw:
+        c = gw.client("LINKS1")
+        try:
+            await wait_serving(gw.port, gw.proc, c)
+            with trio.fail_after(20):
+                r = await c.request("Sync", sync_request())
+        finally:
+            await c.aclose()
+    assert r.status == 200
+    bodies = [a.findtext("AirSyncBase:Data") for a in r.doc.iter("AirSyncBase:Body")]
+    return next(b for b in bodies if "<html>" in b), next(b for b in bodies if "plain.example.com" in b)
+
+
+async def test_remote_images_keep_loading_and_hyperlinks_are_rewritten(tmp_path):
+    """Issue 9: Z-Push's HTML mail with a tracking image: the <img src> stays https
+    (it loads), href and bare text links open in the secure browser."""
+    original = decode((REAL_SERVER / "sync1.resp.wbxml").read_bytes())
+    html_in = next(b.findtext("AirSyncBase:Data") for b in original.iter("AirSyncBase:Body")
+                   if "<html>" in b.findtext("AirSyncBase:Data"))
+    before = _Attrs(html_in).seen
+    assert ("img", "src", "https://tracker.example.org/pixel.gif") in before
+    assert any(t == "a" and k == "href" and v.startswith("http") for t, k, v in before)
+
+    html, plain = await _real_server_links(tmp_path)
+    after = _Attrs(html).seen
+    assert len(after) == len(before)
+    for (tag, key, value), (_, _, new) in zip(before, after):
+        if key == "href" and value.startswith(("http://", "https://")):
+            assert new == value.replace("https://", "awbs://", 1).replace("http://", "awb://", 1)
+        else:
+            assert new == value, (tag, key)
+    assert "awb://plain.example.com/page" in plain
+
+
+async def test_image_links_rewritten_when_configured(tmp_path):
+    html, _ = await _real_server_links(tmp_path, link_attributes='["href", "src"]')
+    assert ("img", "src", "awbs://tracker.example.org/pixel.gif") in _Attrs(html).seen
 
 
 async def test_hostile_span_count_gets_a_status_and_the_worker_serves_on(tmp_path):

@@ -13,8 +13,8 @@ from seg_fast.content._links import LinkRewriter
 SCHEMES = {"http": "awb", "https": "awbs"}
 
 
-def rw(data: bytes, mode="all", domains=(), truncated=False) -> bytes:
-    return LinkRewriter(SCHEMES, mode, list(domains)).rewrite(data, truncated)[0]
+def rw(data: bytes, mode="all", domains=(), truncated=False, attributes=("href",)) -> bytes:
+    return LinkRewriter(SCHEMES, mode, list(domains), attributes).rewrite(data, truncated)[0]
 
 
 def test_html_quoting_entities_and_untouched_schemes():
@@ -51,7 +51,7 @@ def test_wildcard_domain_entries_mean_the_domain_and_subdomains():
 
 def test_host_ends_at_the_first_byte_a_host_name_cannot_hold():
     data = b"url(http://a.example.com) http://a.example.com&amp;x http://a.example.com, http://b.org)"
-    assert rw(data, "include", ["example.com"]) == (
+    assert rw(data, "include", ["example.com"], attributes=("href", "style")) == (
         b"url(awb://a.example.com) awb://a.example.com&amp;x awb://a.example.com, http://b.org)")
 
 
@@ -220,3 +220,31 @@ def test_bad_construction():
         LinkRewriter(SCHEMES, "sometimes")
     with pytest.raises(ValueError):
         LinkRewriter({f"s{i}": f"t{i}" for i in range(9)})
+
+
+def test_only_hyperlinks_by_default_other_attributes_when_configured():
+    # Issue 9: <img src> must keep loading; a link in the text or in href opens in
+    # the secure browser.
+    doc = (b'<a title="see > there" href = "https://a.example.com/x">a</a> text https://t.example.com/y '
+           b'<img alt=\'x\' src="https://img.example.com/i.png"><td background=http://b.example.com/b.gif>'
+           b'<p style="background:url( \'https://css.example.com/c.png\')">'
+           b'<style>p{background:url(https://css.example.com/d.png)}</style> plain <https://auto.example.com/z>')
+    assert rw(doc) == (
+        b'<a title="see > there" href = "awbs://a.example.com/x">a</a> text awbs://t.example.com/y '
+        b'<img alt=\'x\' src="https://img.example.com/i.png"><td background=http://b.example.com/b.gif>'
+        b'<p style="background:url( \'https://css.example.com/c.png\')">'
+        b'<style>p{background:url(https://css.example.com/d.png)}</style> plain <awbs://auto.example.com/z>')
+    every = rw(doc, attributes=("href", "SRC", "background", "style"))
+    assert every.count(b"awb") == 7 and b"http" not in every
+    # A scheme written with character references is judged by its attribute too.
+    assert rw(b'<img src="&#104;ttps://x.org/i.png">') == b'<img src="&#104;ttps://x.org/i.png">'
+    assert rw(b'<a href="&#104;ttps://x.org/">') == b'<a href="awbs://x.org/">'
+
+
+@given(st.sampled_from(["src", "background", "poster", "data-src"]), st.sampled_from(['"', "'", ""]),
+       st.text("ab =", max_size=6))
+def test_a_link_in_an_unlisted_attribute_is_left(attr, quote, junk):
+    doc = f'<img alt="{junk}" {attr}={quote}https://x.example.org/p.png{quote} title="t">'.encode()
+    assert rw(doc) == doc
+    out = rw(doc, attributes=("href", attr))
+    assert out == doc.replace(b"https://", b"awbs://")

@@ -7,6 +7,12 @@ references, quoting and every byte outside the scheme stay as they were. Links a
 found from their ``://`` (memchr on ':' is far rarer than letters), the scheme is read
 backwards, the link's end forwards (matching quote, or the first space or markup
 character for bare links) so a link nested in another's query is not rewritten twice.
+
+Only hyperlinks are rewritten by default: a link in the text, or the value of an
+attribute in ``attributes`` (``href``). A link in another attribute (``<img src>``,
+``background``, ``srcset``) or a CSS ``url(...)`` (counted as ``style``) loads
+something rather than opens it, and a scheme the page cannot load would break it:
+it is left unless its attribute is listed too.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -17,6 +23,10 @@ from libc.string cimport memchr, memcpy
 cdef enum:
     MAX_SCHEMES = 8
     MAX_SCHEME_LEN = 32
+    MAX_ATTRS = 16
+    MAX_ATTR_LEN = 32
+    # How far back a link's tag is looked for (a longer tag: the link counts as text).
+    TAG_LOOKBACK = 4096
     MODE_ALL = 0
     MODE_INCLUDE = 1
     MODE_EXCLUDE = 2
@@ -189,6 +199,11 @@ cdef class LinkRewriter:
     cdef Py_ssize_t* dlen
     cdef Py_ssize_t dmask
     cdef readonly int ndomains
+    # Attribute names (lower case) whose links are rewritten.
+    cdef int nattrs
+    cdef const unsigned char* attr[MAX_ATTRS]
+    cdef Py_ssize_t attrlen[MAX_ATTRS]
+    cdef readonly tuple attributes
 
     def __cinit__(self):
         self.dhash = NULL
@@ -200,10 +215,24 @@ cdef class LinkRewriter:
         free(self.doff)
         free(self.dlen)
 
-    def __init__(self, scheme_map, str mode="all", domains=()):
+    def __init__(self, scheme_map, str mode="all", domains=(), attributes=("href",)):
         cdef int i = 0
         self._keep = []
         self._dst = []
+        names = tuple(sorted({a.strip().lower() for a in attributes if a.strip()}))
+        if len(names) > MAX_ATTRS:
+            raise ValueError(f"at most {MAX_ATTRS} link attributes")
+        for a in names:
+            ab = a.encode("ascii")
+            if len(ab) > MAX_ATTR_LEN:
+                raise ValueError(f"bad attribute name {a!r}")
+            self._keep.append(ab)
+            self.attr[i] = <const unsigned char*>PyBytes_AS_STRING(ab)
+            self.attrlen[i] = len(ab)
+            i += 1
+        self.nattrs = i
+        self.attributes = names
+        i = 0
         if len(scheme_map) > MAX_SCHEMES:
             raise ValueError("at most 8 schemes")
         for k, v in scheme_map.items():
@@ -313,6 +342,73 @@ cdef class LinkRewriter:
             return self.mode == MODE_INCLUDE
         return self.mode == MODE_EXCLUDE
 
+    cdef bint _listed_attr(self, const unsigned char* p, Py_ssize_t n) noexcept nogil:
+        cdef int a
+        cdef Py_ssize_t k
+        for a in range(self.nattrs):
+            if self.attrlen[a] != n:
+                continue
+            for k in range(n):
+                if _lower(p[k]) != self.attr[a][k]:
+                    break
+            else:
+                return True
+        return False
+
+    cdef bint _hyperlink(self, const unsigned char* buf, Py_ssize_t start) noexcept nogil:
+        """Whether the link at ``start`` is one to rewrite: in the text, or in the value
+        of a listed attribute (a CSS ``url(`` counts as ``style``)."""
+        cdef Py_ssize_t j = start, lim = start - TAG_LOOKBACK if start > TAG_LOOKBACK else 0, p, ns, ne, e
+        cdef unsigned char q
+        # CSS url(...) (a style attribute or a <style> block): loads an image or a font.
+        p = start
+        if p > 0 and (buf[p - 1] == 34 or buf[p - 1] == 39):
+            p -= 1
+        while p > 0 and (buf[p - 1] == 32 or buf[p - 1] == 9):
+            p -= 1
+        if p >= 4 and buf[p - 1] == 40 and _lower(buf[p - 2]) == 108 and _lower(buf[p - 3]) == 114 \
+                and _lower(buf[p - 4]) == 117:
+            return self._listed_attr(<const unsigned char*>b"style", 5)
+        # The tag the link sits in, if any: the nearest '<' with no '>' after it.
+        while j > lim and buf[j - 1] != 60 and buf[j - 1] != 62:
+            j -= 1
+        if j == 0 or j <= lim or buf[j - 1] == 62:
+            return True                     # text
+        # Read the tag's attributes from its name to the link: whose value holds it?
+        p = j
+        while p < start and not (buf[p] <= 32 or buf[p] == 47 or buf[p] == 62):
+            p += 1
+        while p < start:
+            while p < start and (buf[p] <= 32 or buf[p] == 47):
+                p += 1
+            ns = p
+            while p < start and not (buf[p] <= 32 or buf[p] == 61 or buf[p] == 62 or buf[p] == 47):
+                p += 1
+            ne = p
+            while p < start and buf[p] <= 32:
+                p += 1
+            if p >= start or buf[p] != 61:
+                continue                    # a name without a value (or the link itself)
+            p += 1
+            while p < start and buf[p] <= 32:
+                p += 1
+            if p >= start:
+                return ne > ns and self._listed_attr(buf + ns, ne - ns)     # unquoted value
+            q = buf[p]
+            if q == 34 or q == 39:
+                e = p + 1
+                while e < start and buf[e] != q:
+                    e += 1
+                if e >= start:
+                    return ne > ns and self._listed_attr(buf + ns, ne - ns)
+                p = e + 1
+            else:
+                while p < start and not (buf[p] <= 32 or buf[p] == 62):
+                    p += 1
+                if p >= start:
+                    return ne > ns and self._listed_attr(buf + ns, ne - ns)
+        return True                         # not in an attribute value: "<https://...>" in text
+
     cdef int _scheme_at(self, const unsigned char* buf, Py_ssize_t colon, Py_ssize_t* start) noexcept nogil:
         """Index of the mapped scheme ending at ``colon``; -2 another scheme, -1 none."""
         cdef Py_ssize_t j = colon, k
@@ -366,7 +462,8 @@ cdef class LinkRewriter:
                 while e < n and not (CLS[buf[e]] & 2):
                     e += 1
             # A link running into the end of a truncated body may be cut: leave it.
-            if s >= 0 and not (truncated and e == n) and e > i + 3 and self._wanted(buf, i + 3, e):
+            if s >= 0 and not (truncated and e == n) and e > i + 3 and self._wanted(buf, i + 3, e) \
+                    and self._hyperlink(buf, start):
                 count = _push_rep(reps, cap, count, start, i - start, s)
             i = e if e > i + 3 else i + 3
         return count
@@ -457,6 +554,8 @@ cdef class LinkRewriter:
             if h == 0:
                 continue
             if self.mode != MODE_ALL and self._host_listed(host, h) != (self.mode == MODE_INCLUDE):
+                continue
+            if not self._hyperlink(buf, s):
                 continue
             count = _push_rep(reps, cap, count, s, scheme_end - s, idx)
         return count

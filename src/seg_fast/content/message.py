@@ -57,7 +57,8 @@ class ContentPlan:
     """An EmailSecurityPolicy compiled for one device and user."""
 
     def __init__(self, policy: EmailSecurityPolicy | None, *, managed: bool, device_id: str, user: str,
-                 keys: Keyring | None, no_policy_block: bool = True, default_message: str = ""):
+                 keys: Keyring | None, no_policy_block: bool = True, default_message: str = "",
+                 link_attributes: tuple[str, ...] = ("href",)):
         self.device_id = device_id
         self.user = user
         self.keys = keys
@@ -72,7 +73,7 @@ class ContentPlan:
             self.skip_smime = True
             return
         hl = policy.hyperlinks
-        self.links = _rewriter(hl) if hl.enabled else None
+        self.links = _rewriter(hl, tuple(link_attributes)) if hl.enabled else None
         att = policy.attachments_for(managed)
         self.file_actions = {k.lower().lstrip("."): v for k, v in att.file_types.items()}
         self.default_action = att.default
@@ -101,17 +102,18 @@ class ContentPlan:
 
 # Compiled rewriters of the last few hyperlink policies: every device of a snapshot
 # shares one (a domain list from CSV can be long). Keyed by identity, the policy kept.
-_REWRITERS: dict[int, tuple[HyperlinkPolicy, LinkRewriter]] = {}
+_REWRITERS: dict[tuple[int, tuple[str, ...]], tuple[HyperlinkPolicy, LinkRewriter]] = {}
 
 
-def _rewriter(hl: HyperlinkPolicy) -> LinkRewriter:
-    hit = _REWRITERS.get(id(hl))
+def _rewriter(hl: HyperlinkPolicy, attributes: tuple[str, ...]) -> LinkRewriter:
+    key = (id(hl), attributes)
+    hit = _REWRITERS.get(key)
     if hit is not None and hit[0] is hl:
         return hit[1]
     if len(_REWRITERS) >= 8:
         _REWRITERS.clear()
-    rw = LinkRewriter(hl.scheme_map, hl.mode, hl.domains)
-    _REWRITERS[id(hl)] = (hl, rw)
+    rw = LinkRewriter(hl.scheme_map, hl.mode, hl.domains, attributes)
+    _REWRITERS[key] = (hl, rw)
     return rw
 
 

@@ -110,7 +110,8 @@ def transforms_for(policy: EmailSecurityPolicy | None, *, managed: bool, device_
             # Without the master key nothing can be sealed: ContentPlan blocks instead.
             log.error("attachment encryption unavailable, blocking instead: %s", e)
     plan = ContentPlan(policy, managed=managed, device_id=device_id, user=user, keys=keys,
-                       default_message=_runtime.settings.default_block_message)
+                       default_message=_runtime.settings.default_block_message,
+                       link_attributes=_runtime.settings.link_attributes)
     return (EmailSecurityTransform(plan),) if plan.active else ()
 
 

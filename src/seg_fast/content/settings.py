@@ -25,3 +25,13 @@ class ContentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, 
     # attachment or classification policy the device gets the command's "server error"
     # status (nothing passes unchecked); with links alone it passes as it came.
     max_spans: int = 100_000
+    # HTML attributes whose links open in the secure browser; links in the text always
+    # do. "href" alone keeps <img src> and CSS url() images loading; add "src",
+    # "background", "style" (CSS url()) ... to send those through the secure browser too.
+    link_attributes: tuple[str, ...] = ("href",)
+
+    def __post_init__(self) -> None:
+        if len(self.link_attributes) > 16 or not all(
+                0 < len(a) <= 32 and a.isascii() and all(c.isalnum() or c in "-_:" for c in a)
+                for a in self.link_attributes):
+            raise ValueError("link_attributes: at most 16 HTML attribute names (letters, digits, - _ :)")
