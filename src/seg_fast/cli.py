@@ -12,8 +12,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("seg_fast.proxy.server", "cli", "run the gateway: seg-fast serve --config FILE.toml"),
     "demo": ("seg_fast.demo", "cli", "run the mailbox simulator and the gateway on demo defaults"),
-    "wbxml": ("seg_fast.eas.wbxml", "cli", "decode FILE | encode FILE.xml: WBXML <-> XML"),
-    "policy": ("seg_fast.policy.cli", "cli", "load FILE | dump | import-csv: the policy store"),
+    "wbxml": ("seg_fast.eas.wbxml", "cli", "decode FILE | encode FILE.xml | scan FILE TAG: WBXML <-> XML"),
+    "policy": ("seg_fast.policy.cli", "cli", "load FILE | dump | import-csv | openapi: the policy store"),
     "attachment": ("seg_fast.content.cli", "attachment_cli", "decrypt --device ID --user U FILE"),
     "keys": ("seg_fast.content.cli", "keys_cli", "rotate --device ID: new attachment key"),
     "check-config": ("seg_fast.checkconfig", "cli", "--config FILE [--connect]: validate a config (like nginx -t)"),
@@ -30,7 +30,10 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):

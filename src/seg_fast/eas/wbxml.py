@@ -199,44 +199,49 @@ def from_xml(text: str | bytes, *, dialect: str = "spec") -> Element:
 
 def cli(argv: list[str]) -> int:
     """seg-fast wbxml decode FILE | encode FILE.xml [-o OUT] | scan FILE TAG..."""
-    usage = ("usage: seg-fast wbxml decode [--libwbxml] FILE.wbxml\n"
-             "       seg-fast wbxml encode [--libwbxml] FILE.xml [-o OUT.wbxml]\n"
-             "       seg-fast wbxml scan FILE.wbxml TAG [TAG...]\n"
-             "--libwbxml: libwbxml's tag names in the XML (Attendee_Email, FlagStatus, ...)")
-    argv = list(argv)
-    dialect = "spec"
-    if "--libwbxml" in argv:
-        argv.remove("--libwbxml")
-        dialect = "libwbxml"
-    if len(argv) < 2 or argv[0] not in ("decode", "encode", "scan"):
-        print(usage, file=sys.stderr)
-        return 2
-    cmd, path, rest = argv[0], argv[1], argv[2:]
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="seg-fast wbxml", description="WBXML <-> XML, and the span scanner")
+    sub = ap.add_subparsers(dest="cmd", metavar="decode|encode|scan", required=True)
+    lib_help = "libwbxml's tag names in the XML (Attendee_Email, FlagStatus, ...)"
+    d = sub.add_parser("decode", help="WBXML file -> XML on stdout")
+    d.add_argument("file", metavar="FILE.wbxml")
+    d.add_argument("--libwbxml", action="store_true", help=lib_help)
+    e = sub.add_parser("encode", help="XML file -> WBXML")
+    e.add_argument("file", metavar="FILE.xml")
+    e.add_argument("-o", dest="out", metavar="OUT.wbxml", help="write here (default: stdout)")
+    e.add_argument("--libwbxml", action="store_true", help=lib_help)
+    sc = sub.add_parser("scan", help="list the spans of the named elements",
+                        description="Tags are named Namespace:Name, as in the XML (e.g. Email:Subject, "
+                                    "AirSyncBase:Data).")
+    sc.add_argument("file", metavar="FILE.wbxml")
+    sc.add_argument("tags", nargs="+", metavar="TAG", help="Namespace:Name, e.g. Email:Subject")
     try:
-        if cmd == "decode":
-            if rest:
-                print(usage, file=sys.stderr)
-                return 2
-            with open(path, "rb") as f:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:         # --help is 0, a usage error 2
+        return int(exc.code or 0)
+    dialect = "libwbxml" if getattr(args, "libwbxml", False) else "spec"
+    try:
+        if args.cmd == "decode":
+            with open(args.file, "rb") as f:
                 sys.stdout.write(to_xml(decode(f.read()), dialect=dialect))
-        elif cmd == "encode":
-            out_path = None
-            if rest[:1] == ["-o"] and len(rest) == 2:
-                out_path = rest[1]
-            elif rest:
-                print(usage, file=sys.stderr)
-                return 2
-            with open(path, "rb") as f:
+        elif args.cmd == "encode":
+            with open(args.file, "rb") as f:
                 data = encode(from_xml(f.read(), dialect=dialect))
-            if out_path:
-                with open(out_path, "wb") as f:
+            if args.out:
+                with open(args.out, "wb") as f:
                     f.write(data)
             else:
                 sys.stdout.buffer.write(data)
                 sys.stdout.flush()
         else:
-            with open(path, "rb") as f:
-                spans = scan(f.read(), rest)
+            bad = [t for t in args.tags if ":" not in t]
+            if bad:
+                print(f"seg-fast wbxml scan: {bad[0]!r}: name tags as Namespace:Name (e.g. Email:Subject)",
+                      file=sys.stderr)
+                return 2
+            with open(args.file, "rb") as f:
+                spans = scan(f.read(), args.tags)
             for s in spans:
                 print(f"{s.tag}\t{s.kind}\toffset={s.offset}\tlength={s.length}\t"
                       f"{'/'.join(s.path)}")
