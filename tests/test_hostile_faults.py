@@ -177,6 +177,42 @@ async def test_redis_down_at_start_serves_the_local_copy_then_follows_redis_agai
         nursery.cancel_scope.cancel()
 
 
+async def test_local_copy_serves_only_its_own_redis_and_refuses_writes(tmp_path):
+    from seg_fast.errors import SegFastError
+    from seg_fast.policy.settings import PolicySettings
+    from seg_fast.policy.store import StoreError, keep_local_copy
+
+    copy = tmp_path / "copy.db"
+    port = free_port()
+    with running_redis(tmp_path, port) as url:
+        store = RedisStore(url)
+        await store.open()
+        version = await store.replace_all(DOC, ALLOWED)
+        await store.set_meta("test_mode", "1")
+        version = await store.version()
+        await store.aclose()
+        settings = PolicySettings(store="redis", redis_url=url, sqlite_path=str(copy))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keep_local_copy, settings)
+            with trio.fail_after(20):
+                while not copy.exists() or (await RedisStore(url, local_copy=copy).status()).get(
+                        "local_copy", {}).get("version") != version:
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+    served = RedisStore(url, local_copy=copy)
+    await served.open()                               # Redis is down: the copy serves
+    snap = await served.snapshot()
+    assert snap.version == version and snap.document == DOC and snap.devices == ALLOWED
+    assert await served.get_meta("test_mode") == "1" and served.writable is False
+    with pytest.raises(StoreError, match="Redis unreachable.*not written"):
+        await served.put_devices(BLOCKED)
+    await served.aclose()
+    with pytest.raises(SegFastError, match="cannot connect"):
+        await RedisStore(url, prefix="other:", local_copy=copy).open()    # not a copy of that data
+    with pytest.raises(SegFastError, match="cannot connect"):
+        await RedisStore(url).open()                                       # no copy configured
+
+
 # -- 2, 3. Read-only and full state dirs: serve, refuse writes with the cause ---------
 
 def _mount(*args: str) -> None:

@@ -30,7 +30,7 @@ from seg_fast.policy.model import (
     decode_policy_file,
 )
 from seg_fast.policy.settings import PolicySettings
-from seg_fast.policy.store import Store
+from seg_fast.policy.store import Store, StoreError
 
 log = logging.getLogger("seg_fast.policy.updates")
 
@@ -186,8 +186,9 @@ class PolicySource:
             try:
                 await self.pull_once()
                 delay = self.settings.delta_interval
-            except (SourceError, PolicyError) as exc:
-                # Keep serving the last snapshot; say why, try again sooner.
+            except (SourceError, PolicyError, StoreError) as exc:
+                # Keep serving the last snapshot (a store that cannot be written, Redis down,
+                # fails the pull the same way); say why, try again sooner.
                 self.last_error = str(exc)
                 log.error("policy pull failed (last snapshot keeps serving): %s", exc)
                 delay = min(self.settings.delta_interval, self.retry_after_error)
@@ -209,7 +210,7 @@ def _without_token(body: bytes) -> bytes:
 async def run_pull(settings: PolicySettings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """The policy API pull on its own store connection: for a control process whose
     admin API is off (with it on, the admin server runs the pull beside the API)."""
-    from seg_fast.policy.store import StoreError, open_store
+    from seg_fast.policy.store import open_store
 
     store = open_store(settings)
     delay = 0.5

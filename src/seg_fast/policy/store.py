@@ -508,9 +508,15 @@ class RedisStore(Store):
             raise StoreError(f"policy store (Redis): {exc}") from None
 
     async def status(self) -> dict:
+        if self._conn is not None:
+            try:
+                await self._pipe([("PING",)])     # a connection Redis dropped is seen here
+            except StoreError:
+                pass
         copy = self.serving_copy
+        serving = "local copy" if copy is not None else ("redis" if self._conn is not None else "nothing")
         info = {"engine": "redis", "redis": self.source(), "reachable": self._conn is not None,
-                "serving": "local copy" if copy is not None else "redis", "last_error": self.last_error}
+                "serving": serving, "last_error": self.last_error}
         meta = self._copy_meta if copy is not None else await _read_copy_meta(self.local_copy)
         if meta:
             info["local_copy"] = {"path": self.local_copy, "version": meta.get("version"),
