@@ -127,3 +127,29 @@ def test_bad_policy_settings_name_the_key(tmp_path, body, word):
     with pytest.raises(ConfigError) as ei:
         load_config(path)
     assert word in str(ei.value) and "gw.toml" in str(ei.value)
+
+
+def test_import_csv_refuses_the_wrong_file_and_names_the_row(cfg, tmp_path, capsys):
+    # The devices CSV given as a domains list: its header and device IDs are not domains.
+    assert main(["policy", "--config", cfg, "import-csv", "domains", str(EXAMPLES / "devices.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "devices.csv line 1" in err and "import-csv devices" in err
+    # A users file given as domains: the header says what it is.
+    assert main(["policy", "--config", cfg, "import-csv", "domains", str(EXAMPLES / "users-blocklist.csv")]) == 1
+    assert "line 1: header 'user' is not a domains list" in capsys.readouterr().err
+    bad = tmp_path / "u.csv"
+    bad.write_text("user\nalice\nbob smith\ncarol\n")
+    assert main(["policy", "--config", cfg, "import-csv", "users", str(bad)]) == 1
+    assert "u.csv line 3: 'bob smith' contains white space" in capsys.readouterr().err
+    bad.write_text("domain\ncontoso.com\nhttps://fabrikam.com/x\n")
+    assert main(["policy", "--config", cfg, "import-csv", "domains", str(bad)]) == 1
+    assert "line 3" in capsys.readouterr().err
+    # Nothing was written by the refused imports.
+    capsys.readouterr()
+    main(["policy", "--config", cfg, "dump"])
+    assert json.loads(capsys.readouterr().out)["policies"]["security"] is None
+
+
+def test_policy_commands_say_which_store_they_wrote(cfg, tmp_path, capsys):
+    assert main(["policy", "--config", cfg, "load", str(EXAMPLES / "baseline.json")]) == 0
+    assert f"(SQLite {tmp_path / 'p.db'})" in capsys.readouterr().out

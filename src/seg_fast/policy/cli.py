@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import sys
 
 import msgspec
@@ -29,20 +30,64 @@ from seg_fast.policy.model import (
 from seg_fast.policy.store import open_store
 
 LIST_KINDS = {"users": "user", "device-types": "device_type", "mail-clients": "mail_client"}
-HEADER_WORDS = {"user", "users", "username", "device type", "device_type", "devicetype", "mail client",
-                "mail_client", "client", "user agent", "domain", "domains"}
+# Header cells a one-column list may start with, per kind.
+HEADER_WORDS = {
+    "users": {"user", "users", "username", "user name", "upn"},
+    "device-types": {"device type", "device_type", "devicetype", "device types"},
+    "mail-clients": {"mail client", "mail_client", "client", "user agent", "user-agent", "mail clients"},
+    "domains": {"domain", "domains"},
+}
+# Longest value of each kind (a User-Agent is the longest thing a list holds).
+MAX_VALUE = {"users": 256, "device-types": 128, "mail-clients": 512, "domains": 253}
+_DOMAIN_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 
 
-def first_column(text: str) -> list[str]:
+def _check_value(kind: str, cell: str) -> str | None:
+    """Why ``cell`` is not a valid value of this list kind, or None."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in cell):
+        return "contains a control character"
+    if len(cell) > MAX_VALUE[kind]:
+        return f"is longer than {MAX_VALUE[kind]} characters"
+    if kind == "domains":
+        name = cell.lower().removeprefix("*.").rstrip(".")
+        if "://" in cell or "/" in cell:
+            return "is a URL; give the domain alone (e.g. contoso.com)"
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "is not a domain name"
+        if "." not in name or not all(_DOMAIN_LABEL.match(label) for label in name.split(".")):
+            return "is not a domain name"
+    elif kind in ("users", "device-types") and any(c.isspace() for c in cell):
+        return "contains white space"
+    return None
+
+
+def list_from_csv(text: str, kind: str, what: str) -> list[str]:
+    """The values of a one-column list CSV (an optional header row first); every row is
+    checked and the first bad one is named by its line number."""
     out = []
-    for row in csv.reader(io.StringIO(text)):
-        if not row or not row[0].strip():
+    for line, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        cells = [c.strip() for c in row]
+        if not any(cells):
             continue
-        cell = row[0].strip()
-        if not out and cell.lower() in HEADER_WORDS:
+        if sum(1 for c in cells if c) > 1:
+            hint = " (a devices CSV? use `import-csv devices`)" if "device_id" in cells else ""
+            raise SegFastError(f"{what} line {line}: one value per row expected, found {len(cells)} columns{hint}")
+        cell = next(c for c in cells if c)
+        if not out and line == 1 and cell.lower() in HEADER_WORDS[kind]:
             continue
+        if not out and line == 1 and any(cell.lower() in words for words in HEADER_WORDS.values()):
+            raise SegFastError(f"{what} line 1: header {cell!r} is not a {kind} list")
+        problem = _check_value(kind, cell)
+        if problem:
+            raise SegFastError(f"{what} line {line}: {cell[:80]!r} {problem}")
         out.append(cell)
     return out
+
+
+def store_name(settings) -> str:
+    return f"Redis {settings.redis_url}" if settings.store == "redis" else f"SQLite {settings.sqlite_path}"
 
 
 def devices_from_csv(text: str) -> list[DeviceRecord]:
@@ -141,7 +186,8 @@ def cli(argv: list[str]) -> int:
             with open(args.file, "rb") as f:
                 pf = decode_policy_file(f.read(), what=args.file)
             v = trio.run(_with_store, args.config, lambda s: _load(s, pf))
-            print(f"loaded {args.file}: {len(pf.devices)} device record(s), store version {v}")
+            print(f"loaded {args.file}: {len(pf.devices)} device record(s), store version {v}"
+                  f" ({store_name(load_config(args.config).policy)})")
         elif args.cmd == "dump":
             sys.stdout.buffer.write(trio.run(_with_store, args.config, _dump) + b"\n")
         elif args.cmd == "openapi":
@@ -161,13 +207,15 @@ def cli(argv: list[str]) -> int:
                 async def put(s):
                     return await s.put_devices(devs)
                 v = trio.run(_with_store, args.config, put)
-                print(f"imported {len(devs)} device record(s), store version {v}")
+                print(f"imported {len(devs)} device record(s), store version {v}"
+                      f" ({store_name(load_config(args.config).policy)})")
             else:
-                values = first_column(text)
+                values = list_from_csv(text, args.kind, args.file)
                 if not values:
                     raise SegFastError(f"{args.file}: no values in the first column")
                 v = trio.run(_with_store, args.config, lambda s: _import_list(s, args.kind, values, args.mode))
-                print(f"imported {len(values)} {args.kind} ({args.mode} list), store version {v}")
+                print(f"imported {len(values)} {args.kind} ({args.mode} list), store version {v}"
+                      f" ({store_name(load_config(args.config).policy)})")
     except OSError as exc:
         print(f"seg-fast policy: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
