@@ -58,8 +58,11 @@ def worker_cli(argv: list[str]) -> int:
 
 
 def run_worker(config, config_path: str | None) -> int:
+    from seg_fast.proxy import gcpause
     from seg_fast.proxy.gateway import Gateway
+    from seg_fast.proxy.worker import die_with_parent
 
+    die_with_parent()     # again for `serve --worker` started by hand or a benchmark (idempotent)
     gw = Gateway(config, config_path=config_path)
 
     async def main():
@@ -72,6 +75,9 @@ def run_worker(config, config_path: str | None) -> int:
 
                 await nursery.start(serve_then_stop)
                 _say(f"worker listening on {config.listener.host}:{gw.port}")
+                # Start-up is done: no full GC pass over what it built, nor over long-lived connections.
+                gcpause.tune()
+                nursery.start_soon(gcpause.refreeze_on_ramp, gw)
                 nursery.start_soon(_worker_signals, gw, signals, config_path)
 
     trio.run(main)
@@ -150,6 +156,15 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                         return
                 elif config.policy.api_url:
                     nursery.start_soon(_pull, config)
+                if config.health.port:
+                    from seg_fast import health
+                    try:
+                        port = await nursery.start(health.run, config, lambda: sum(p.poll() is None for p in procs))
+                    except StartupError as exc:
+                        state["failed"] = str(exc)
+                        nursery.cancel_scope.cancel()
+                        return
+                    _say(f"health checks on http://{config.health.host}:{port}/healthz and /readyz")
                 if config.policy.store == "redis":
                     from seg_fast.policy.store import keep_local_copy
                     nursery.start_soon(keep_local_copy, config.policy)
