@@ -506,6 +506,36 @@ async def test_a_second_serve_on_the_same_address_is_refused(tmp_path):
         stop_process(again)
 
 
+@pytest.mark.slow
+async def test_orphaned_workers_keep_the_address_locked(tmp_path):
+    """Workers that outlive their control process (here: stopped, so the parent-death
+    SIGTERM waits) still hold the inherited lock: a new serve is refused, naming them."""
+    gw_port, admin_port = free_port(), free_port()
+    proc = start_serve(write_config(tmp_path, free_port(), gw_port, admin_port), tmp_path)
+    workers: set[int] = set()
+    try:
+        await wait_admin(admin_port, proc)
+        with trio.fail_after(20):
+            while not listening(gw_port):
+                await trio.sleep(0.1)
+        workers = children(proc.pid)
+        assert workers
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        second = start_serve(write_config(tmp_path, free_port(), gw_port, free_port(), name="b.toml"), tmp_path)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 1
+        assert f"workers left behind by seg-fast serve PID {proc.pid} (which is gone)" in err.decode()
+    finally:
+        for w in workers:
+            os.kill(w, signal.SIGCONT)        # the pending parent-death SIGTERM drains them
+    with trio.fail_after(30):
+        while any(alive(w) for w in workers):
+            await trio.sleep(0.1)
+
+
 def test_listener_lock_names_the_holder(tmp_path):
     from seg_fast.errors import StartupError
     from seg_fast.proxy.instance import lock_listener
