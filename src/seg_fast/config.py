@@ -80,6 +80,13 @@ class AdminSettings(_Section):
     token: str = ""                  # empty: a token is generated and written beside the store
 
 
+class HealthSettings(_Section):
+    # GET /healthz and /readyz for load balancers (unauthenticated, yes/no only); 0: off.
+    host: str = "0.0.0.0"
+    port: int = 0
+    check_interval: float = 10.0     # seconds between readiness checks (store, mail server)
+
+
 class LogSettings(_Section):
     transactions: str = "-"          # file path for transaction summaries; "-" is stdout, "" off
     level: str = "info"
@@ -96,6 +103,7 @@ class Config(_Section):
     timeouts: TimeoutSettings = TimeoutSettings()
     limits: LimitSettings = LimitSettings()
     admin: AdminSettings = AdminSettings()
+    health: HealthSettings = HealthSettings()
     log: LogSettings = LogSettings()
     policy: PolicySettings = PolicySettings()
     security: ContentSettings = ContentSettings()
@@ -206,7 +214,10 @@ def _check(config: Config, where: str, overrides) -> None:
         problems.append(("workers", "must be 0 (one per core) or more"))
     if not config.state_dir:
         problems.append(("state_dir", "must name a directory"))
-    for key, port in (("listener.port", config.listener.port), ("admin.port", config.admin.port)):
+    if config.health.check_interval <= 0:
+        problems.append(("health.check_interval", "must be positive"))
+    for key, port in (("listener.port", config.listener.port), ("admin.port", config.admin.port),
+                      ("health.port", config.health.port)):
         if not 0 <= port <= 65535:
             problems.append((key, f"port {port} is out of range"))
     # The admin API changes who may read mail: it listens on loopback only (the MDM's
