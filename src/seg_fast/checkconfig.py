@@ -90,14 +90,25 @@ def check_paths(config) -> list[Finding]:
     state = Path(config.state_dir)
     problem = _writable_dir(state)
     out.append(Finding(problem is None, "state_dir", problem or f"{state}: usable"))
-    if state.is_dir() and state.stat().st_mode & 0o077:
-        out.append(Finding(False, "state_dir", f"{state} is readable by group or others "
-                                               f"(mode {state.stat().st_mode & 0o777:o}); it holds keys: use 0700"))
     tx = config.log.transactions
     if tx not in ("", "-"):
         problem = _writable_dir(Path(tx).parent)
         out.append(Finding(problem is None, "log.transactions", problem or f"{tx}: writable"))
     return out
+
+
+def check_state_mode(config) -> list[Finding]:
+    # `serve` only warns about this (it can run); check-config makes the admin fix it.
+    state = Path(config.state_dir)
+    if state.is_dir() and state.stat().st_mode & 0o077:
+        return [Finding(False, "state_dir", f"{state} is readable by group or others "
+                                            f"(mode {state.stat().st_mode & 0o777:o}); it holds keys: use 0700")]
+    return []
+
+
+def startup_problem(config) -> Finding | None:
+    """The first thing that would make every worker fail at start, for `serve` to refuse early."""
+    return next((f for f in check_tls(config) + check_paths(config) if not f.ok), None)
 
 
 def _port_in_use(host: str, port: int) -> str | None:
@@ -206,7 +217,7 @@ async def check_connect(config) -> list[Finding]:
 
 
 async def run_checks(config, connect: bool) -> list[Finding]:
-    findings = check_tls(config) + check_paths(config) + check_ports(config)
+    findings = check_tls(config) + check_paths(config) + check_state_mode(config) + check_ports(config)
     findings += await check_store(config)
     if connect:
         findings += await check_connect(config)

@@ -102,6 +102,11 @@ async def _worker_signals(gw, signals, config_path) -> None:
 
 # -- control process --------------------------------------------------------
 
+# A worker that exits this many times within this many seconds stops the gateway.
+CRASH_LIMIT = 5
+CRASH_WINDOW = 60.0
+
+
 def _free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -122,6 +127,12 @@ def run_control(config, config_path: str | None, workers: int) -> int:
         env["SEG_FAST_LISTENER_PORT"] = str(port)
     for warning in exposure_warnings(config.state_dir):
         _say(f"warning: {warning}")
+    from seg_fast.checkconfig import startup_problem
+    problem = startup_problem(config)         # would crash every worker: refuse before any starts
+    if problem is not None:
+        print(f"seg-fast: {config_path or '(defaults)'}: key {problem.what}: {problem.text}", file=sys.stderr,
+              flush=True)
+        return 1
     try:
         # Held for the life of this serve, and of every worker (they inherit it).
         lock_fd = lock_listener(config.state_dir, host, port)
@@ -172,10 +183,23 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                     procs.append(spawn())
                 _say(f"control process: {workers} worker(s)")
                 nursery.start_soon(_control_signals, signals, procs, state, config_path)
+                crashes: list[float] = []
                 while True:
                     await trio.sleep(0.5)
                     for i, proc in enumerate(procs):
                         if proc.poll() is not None and not state["stopping"]:
+                            now = trio.current_time()
+                            crashes = [t for t in crashes if now - t < CRASH_WINDOW] + [now]
+                            if len(crashes) >= CRASH_LIMIT:
+                                # A worker that cannot stay up will not be fixed by restarting it.
+                                state["failed"] = (f"workers exited {len(crashes)} times within {CRASH_WINDOW:.0f} s "
+                                                   f"(last: exit code {proc.returncode}); stopping")
+                                state["stopping"] = True
+                                state["kill_at"] = now + state["grace"]
+                                for other in procs:
+                                    if other.poll() is None:
+                                        other.send_signal(signal.SIGTERM)
+                                break
                             _say(f"worker {proc.pid} exited with {proc.returncode}; starting another")
                             procs[i] = spawn()
                     if state["stopping"]:

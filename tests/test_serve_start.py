@@ -1,0 +1,71 @@
+"""`seg-fast serve` refuses a config its workers could not run with, and stops instead of
+restarting workers that keep dying (real processes, real signals)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from processes import start_serve, stop_process
+from redis_server import free_port
+
+
+def write(tmp_path, extra: str = "") -> object:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'workers = 1\n[listener]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+                   f'[admin]\nenabled = false\n{extra}')
+    return cfg
+
+
+def finish(proc, timeout: float = 60) -> str:
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    return proc.stderr.read().decode()
+
+
+def test_missing_certificate_refused_before_any_worker(tmp_path):
+    cfg = write(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[admin]", f'tls_cert = "{tmp_path}/nope.pem"\n'
+                                                      f'tls_key = "{tmp_path}/nope.key"\n[admin]'))
+    proc = start_serve(cfg, tmp_path)
+    err = finish(proc)
+    assert proc.returncode == 1
+    assert "gw.toml" in err and "key listener.tls_cert" in err and "nope.pem" in err
+    assert "Traceback" not in err and "worker" not in err
+
+
+def test_transaction_log_in_a_missing_directory_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    cfg = write(tmp_path, f'[log]\ntransactions = "{tmp_path}/file/tx.jsonl"\n')
+    proc = start_serve(cfg, tmp_path)
+    err = finish(proc)
+    assert proc.returncode == 1 and "key log.transactions" in err and "Traceback" not in err
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = open(f"/proc/{pid}/task/{pid}/children").read()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def test_workers_that_keep_dying_stop_the_gateway(tmp_path):
+    proc = start_serve(write(tmp_path), tmp_path)
+    killed: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            for child in _children(proc.pid):
+                if child not in killed:
+                    os.kill(child, signal.SIGKILL)
+                    killed.add(child)
+            time.sleep(0.05)
+    finally:
+        err = finish(proc)
+    assert proc.returncode == 1, err
+    assert len(killed) == 5
+    assert "workers exited 5 times within 60 s" in err and "stopping" in err
