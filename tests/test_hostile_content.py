@@ -5,9 +5,17 @@ serves the crafted answer, with independent oracles for what the device receives
 """
 from __future__ import annotations
 
+import base64
+import email
+import email.policy
+import hashlib
 import os
+import time
+from email import encoders
+from email.message import EmailMessage
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import trio
 from conftest import REAL_SERVER
@@ -15,6 +23,9 @@ from conftest import REAL_SERVER
 from processes import start_serve, stop_process
 from proxy_helpers import MiniUpstream
 from redis_server import free_port
+from seg_fast.content.attachments import ENVELOPE_CONTENT_TYPE, open_envelope
+from seg_fast.content.keys import Keyring, load_master_key
+from seg_fast.content.message import MAX_NESTED_MESSAGES
 from seg_fast.content.model import AttachmentPolicy, EmailSecurityPolicy, HyperlinkPolicy
 from seg_fast.eas.wbxml import decode, encode
 from seg_fast.policy.model import DeviceRecord, PolicyDocument
@@ -221,3 +232,213 @@ async def test_hostile_span_count_gets_a_status_and_the_worker_serves_on(tmp_pat
             await c.aclose()
             stop_process(proc)
             nursery.cancel_scope.cancel()
+
+
+# -- attachments at every depth of forwarded messages --------------------------------------
+
+PDF = (REAL_SERVER / "attachment_getatt.bin").read_bytes()        # Z-Push's 604-byte PDF
+NESTED_POLICY = EmailSecurityPolicy(
+    managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt"}),
+    unmanaged_attachments=AttachmentPolicy(file_types={"pdf": "block"}, block_message="PDFs stay on the server."))
+
+
+def forwarded(depth: int, encode_as: str | None = None) -> bytes:
+    """A message holding a message ... ``depth`` levels down to one with the PDF;
+    ``encode_as``: the transfer encoding of the outermost attached message."""
+    m = EmailMessage()
+    m["Subject"] = "inner"
+    m.set_content("The report is attached.")
+    m.add_attachment(PDF, maintype="application", subtype="pdf", filename="report.pdf")
+    for level in range(1, depth + 1):
+        outer = EmailMessage()
+        outer["Subject"] = f"Fwd {level}"
+        outer.set_content("Forwarded as an attachment.")
+        outer.add_attachment(m, filename=f"inline_{level}.eml")
+        m = outer
+    if encode_as:
+        encoded(m.get_payload()[1], encode_as)
+    return m.as_bytes(policy=email.policy.SMTP)
+
+
+def encoded(part, cte: str) -> None:
+    """The attached message ``part`` written base64 or quoted-printable (RFC 2046 asks
+    for 7bit; mail clients do it anyway)."""
+    raw = part.get_payload()[0].as_bytes()
+    del part["Content-Transfer-Encoding"]
+    part.set_payload(raw)
+    (encoders.encode_base64 if cte == "base64" else encoders.encode_quopri)(part)
+
+
+def leaves(raw: bytes) -> list[tuple[str, str | None, bytes]]:
+    """(content type, file name, decoded bytes) of every leaf at every depth, as Python's
+    email package reads them (an attached message encoded base64 is decoded and read too)."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    out = []
+    for part in msg.walk():
+        ctype = part.get_content_type()
+        if ctype == "message/rfc822":
+            out.append((ctype, part.get_filename(), b""))
+            if part.get("Content-Transfer-Encoding", "").lower() == "base64":
+                # the parser read the base64 text as a header-less message: its body is that text
+                out += leaves(base64.b64decode(part.get_payload(0).get_payload()))
+            continue
+        if not part.is_multipart():
+            out.append((ctype, part.get_filename(), part.get_payload(decode=True)))
+    return out
+
+
+def nested_upstream(messages: dict[str, bytes]):
+    """A mail server with one Inbox item whose Type 4 body forwards ``messages["outer"]``,
+    listing its attached messages; ItemOperations and GetAttachment fetch them."""
+    def handler(req, body):
+        cmd = command_of(req)
+        if cmd == b"Sync":
+            atts = [E("AirSyncBase:Attachment", E("AirSyncBase:DisplayName", f"inline_{k}.eml"),
+                      E("AirSyncBase:FileReference", f"att:{k}"), E("AirSyncBase:Method", "5"),
+                      E("AirSyncBase:EstimatedDataSize", str(len(messages[f"att:{k}"]))))
+                    for k in (1, 2)]
+            return 200, WBXML, encode(E("AirSync:Sync", E("AirSync:Collections", E(
+                "AirSync:Collection", E("AirSync:SyncKey", "2"), E("AirSync:CollectionId", "1"),
+                E("AirSync:Status", "1"), E("AirSync:Commands", E(
+                    "AirSync:Add", E("AirSync:ServerId", "1:1"), E(
+                        "AirSync:ApplicationData", E("Email:Subject", "Fwd"),
+                        E("AirSyncBase:Body", E("AirSyncBase:Type", "4"),
+                          E("AirSyncBase:EstimatedDataSize", str(len(messages["outer"]))),
+                          E("AirSyncBase:Data", messages["outer"].decode())),
+                        E("AirSyncBase:Attachments", *atts))))))))
+        if cmd == b"ItemOperations":
+            ref = decode(body).find("ItemOperations:Fetch").findtext("AirSyncBase:FileReference")
+            return 200, WBXML, encode(E("ItemOperations:ItemOperations", E("ItemOperations:Status", "1"), E(
+                "ItemOperations:Response", E(
+                    "ItemOperations:Fetch", E("ItemOperations:Status", "1"), E("AirSyncBase:FileReference", ref),
+                    E("ItemOperations:Properties", E("AirSyncBase:ContentType", "message/rfc822"),
+                      E("ItemOperations:Data", base64.b64encode(messages[ref]).decode()))))))
+        if cmd == b"GetAttachment":
+            ref = unquote(req.target.decode().split("AttachmentName=", 1)[1].split("&", 1)[0])
+            return 200, [(b"Content-Type", b"message/rfc822"),
+                         (b"Content-Disposition", b'attachment; filename="inline.eml"')], messages[ref]
+        return 200, WBXML, encode(E("FolderHierarchy:FolderSync", E("FolderHierarchy:Status", "1")))
+    return handler
+
+
+def opened(keys: Keyring, device: str, leaf: tuple) -> bytes:
+    name, ctype, data = open_envelope(keys, device, "jdoe", leaf[2])
+    assert name == "report.pdf" and ctype == "application/pdf"
+    return data
+
+
+async def test_attachments_of_forwarded_messages_follow_the_policy_at_every_depth(tmp_path):
+    messages = {"att:1": forwarded(1), "att:2": forwarded(2, "base64")}
+    outer = EmailMessage()
+    outer["Subject"] = "Fwd"
+    outer.set_content("Two forwards and one too deep to check.")
+    for name, raw in (("inline_1.eml", forwarded(1)), ("inline_2.eml", forwarded(2))):
+        outer.add_attachment(email.message_from_bytes(raw, policy=email.policy.default), filename=name)
+    outer.add_attachment(email.message_from_bytes(forwarded(MAX_NESTED_MESSAGES + 2), policy=email.policy.default),
+                         filename="deep.eml")
+    encoded(outer.get_payload()[2], "base64")
+    messages["outer"] = outer.as_bytes(policy=email.policy.SMTP)
+    assert b"Content-Transfer-Encoding: base64" in messages["outer"]
+    assert sum(1 for t, _, d in leaves(messages["outer"]) if d == PDF) == 3
+    for raw in messages.values():
+        assert PDF in b"".join(d for _, _, d in leaves(raw))
+
+    managed = DeviceRecord(device_id="MANAGED1", user="jdoe", managed=True, compliant=True, compromised=False,
+                           encrypted=True, platform="Apple", model="iPhone 15", os="17.4",
+                           last_checkin=time.time() - 60, eas_profile=True)
+    async with Gateway(tmp_path, nested_upstream(messages), PolicyDocument(security=NESTED_POLICY),
+                       [managed]) as gw:
+        keys = None
+        for device in ("MANAGED1", "UNMANAGED1"):
+            c = gw.client(device, version="14.1")
+            try:
+                await wait_serving(gw.port, gw.proc, c)
+                with trio.fail_after(20):
+                    r = await c.request("Sync", sync_request())
+                    mime = r.doc.find("AirSync:Collections").find("AirSync:Collection").find(
+                        "AirSync:Commands").find("AirSync:Add").find("AirSync:ApplicationData").find(
+                        "AirSyncBase:Body").findtext("AirSyncBase:Data").encode()
+                    fetched = await c.request("ItemOperations", E("ItemOperations:ItemOperations", E(
+                        "ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"),
+                        E("AirSyncBase:FileReference", "att:1"))))
+                    got = await c.request("GetAttachment", params={"AttachmentName": "att:2"})
+            finally:
+                await c.aclose()
+            props = fetched.doc.find("ItemOperations:Response").find("ItemOperations:Fetch").find(
+                "ItemOperations:Properties")
+            assert props.findtext("AirSyncBase:ContentType") == "message/rfc822"
+            eml1 = base64.b64decode(props.findtext("ItemOperations:Data"))
+            assert got.status == 200 and got.headers["content-type"] == "message/rfc822"
+            # the listed attached messages stay listed as messages
+            names = [a.findtext("AirSyncBase:DisplayName") for a in r.doc.iter("AirSyncBase:Attachment")]
+            assert names == ["inline_1.eml", "inline_2.eml"]
+            if keys is None:
+                keys = Keyring(load_master_key(tmp_path / "state" / "seg-fast-master.key"))
+            for what, raw, sealed in (("Sync", mime, 2), ("ItemOperations", eml1, 1), ("GetAttachment", got.body, 1)):
+                found = leaves(raw)
+                assert PDF not in raw and not any(d == PDF or t == "application/pdf" for t, _, d in found), what
+                envelopes = [leaf for leaf in found if leaf[0] == ENVELOPE_CONTENT_TYPE]
+                notes = [d for t, _, d in found if t == "text/plain" and b"Attachment removed" in d]
+                if device == "MANAGED1":
+                    assert [n for _, n, _ in envelopes] == ["report.pdf.segenc"] * sealed, what
+                    for leaf in envelopes:
+                        assert hashlib.sha256(opened(keys, device, leaf)).digest() == hashlib.sha256(PDF).digest()
+                else:
+                    assert not envelopes
+                    assert sum(b"report.pdf" in n and b"PDFs stay on the server." in n for n in notes) == sealed, what
+            # deep.eml is message 1, inline_10 message 2 ... inline_3 message MAX_NESTED_MESSAGES + 1:
+            # removed whole (the levels above it stay messages)
+            kept = [n for t, n, _ in leaves(mime) if t == "message/rfc822"]
+            assert "inline_4.eml" in kept and "inline_3.eml" not in kept
+            deep = [d for t, _, d in leaves(mime) if t == "text/plain" and b"Attachment removed: inline_3.eml" in d]
+            assert len(deep) == 1
+
+
+def _plan(managed: bool, file_types: dict, keys=None):
+    from seg_fast.content.message import ContentPlan
+
+    policy = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(file_types=file_types),
+                                 unmanaged_attachments=AttachmentPolicy(file_types=file_types))
+    return ContentPlan(policy, managed=managed, device_id="D1", user="jdoe",
+                       keys=keys or Keyring(b"\x07" * 32))
+
+
+def _qp_body(raw: bytes, name: str) -> bytes:
+    """The decoded body of the quoted-printable attached message ``name`` (found by
+    the outer boundary Python's email reads; the parser cannot read such a part itself)."""
+    import binascii
+
+    boundary = email.message_from_bytes(raw, policy=email.policy.default).get_boundary().encode()
+    for chunk in raw.split(b"--" + boundary):
+        if name.encode() in chunk.split(b"\r\n\r\n", 1)[0]:
+            return binascii.a2b_qp(chunk.split(b"\r\n\r\n", 1)[1])
+    raise AssertionError(f"{name} not found")
+
+
+def test_quoted_printable_attached_message_is_decoded_checked_and_encoded_again():
+    from seg_fast.content.message import transform_mime
+
+    raw = forwarded(2, "quoted-printable")
+    assert PDF in b"".join(d for _, _, d in leaves(email.message_from_bytes(
+        _qp_body(raw, "inline_2.eml")).as_bytes()))
+    new, out = transform_mime(raw, _plan(False, {"pdf": "block"}))
+    inner = _qp_body(new, "inline_2.eml")
+    found = leaves(inner)
+    assert not any(t == "application/pdf" for t, _, _ in found) and PDF not in inner
+    assert any(t == "text/plain" and b"Attachment removed: report.pdf" in d for t, _, d in found)
+    assert out.attachments == [("report.pdf", "block", "")]
+
+
+def test_an_eml_rule_takes_the_attached_message_whole_and_allow_never_skips_its_attachments():
+    from seg_fast.content.message import transform_mime
+
+    raw = forwarded(1)
+    keys = Keyring(b"\x07" * 32)
+    new, _ = transform_mime(raw, _plan(True, {"eml": "encrypt"}, keys))
+    (env,) = [leaf for leaf in leaves(new) if leaf[0] == ENVELOPE_CONTENT_TYPE]
+    assert env[1] == "inline_1.eml.segenc"
+    name, ctype, data = open_envelope(keys, "D1", "jdoe", env[2])
+    assert (name, ctype) == ("inline_1.eml", "message/rfc822")
+    assert PDF in [d for _, _, d in leaves(data)]
+    new, _ = transform_mime(raw, _plan(True, {"eml": "allow", "pdf": "block"}))
+    assert PDF not in new and any(t == "message/rfc822" for t, _, _ in leaves(new))

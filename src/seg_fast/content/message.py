@@ -25,6 +25,12 @@ from seg_fast.content.model import ClassificationPolicy, EmailSecurityPolicy, Hy
 from seg_fast.errors import MIMEError
 
 SMIME_TYPES = frozenset({"multipart/signed", "application/pkcs7-mime", "application/x-pkcs7-mime"})
+# A message attached to a message (a forward as attachment): its attachments are judged
+# one by one like the outer message's, unless the policy names the "eml" type itself.
+MESSAGE_TYPES = frozenset({"message/rfc822", "message/global"})
+# Messages inside messages deeper than this are blocked whole (each level costs a walk).
+MAX_NESTED_MESSAGES = 8
+NESTED_NAME = "attached message.eml"
 # Charsets whose bytes are not ASCII-compatible: links cannot be found bytewise.
 _WIDE_CHARSETS = ("utf-16", "utf-32", "ucs-2", "ucs-4", "utf-7")
 _DROP_ON_REPLACE = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
@@ -99,6 +105,13 @@ class ContentPlan:
         kind = file_type(name, head)
         return kind, self.file_actions.get(kind, self.default_action)
 
+    def message_action(self) -> str | None:
+        """What an attached message gets as a whole: the policy's own "eml" rule, else
+        None: it stays a message and its attachments are judged one by one (at every depth;
+        an "eml": "allow" rule means the same, never that its attachments go unchecked)."""
+        action = self.file_actions.get("eml")
+        return action if action in ("encrypt", "block") else None
+
 
 # Compiled rewriters of the last few hyperlink policies: every device of a snapshot
 # shares one (a domain list from CSV can be long). Keyed by identity, the policy kept.
@@ -150,10 +163,12 @@ def is_smime_class(message_class: str) -> bool:
 
 # --- whole messages ------------------------------------------------------------------
 
-def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncated: bool = False
-                   ) -> tuple[bytes, Outcome]:
+def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncated: bool = False,
+                   nested: int = 0) -> tuple[bytes, Outcome]:
     """The message with the plan applied, and what was done. ``truncated``: the
-    message was cut by the server (its last part may be incomplete)."""
+    message was cut by the server (its last part may be incomplete). ``nested``: how
+    many messages this one sits in (an attachment fetched alone is 1); classification
+    and the S/MIME exemption are the outer message's, so they apply at 0 only."""
     out = Outcome()
     if not plan.active or not data:
         return data, out
@@ -168,6 +183,8 @@ def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncate
         return template_message(data, UNREADABLE_TEMPLATE), out
     top: Part = parts[0]
     eol = line_ending(data)
+    if nested:
+        return _parts(data, parts, plan, out, eol, truncated, nested), out
     if plan.classification:
         # Classification applies to signed mail too: the exemption is for rewrites.
         template = plan.classification.verdict(top.headers.get(plan.classification.header), client)
@@ -177,12 +194,32 @@ def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncate
     if plan.skip_smime and top.content_type in SMIME_TYPES:
         out.smime_skipped = True
         return data, out
+    return _parts(data, parts, plan, out, eol, truncated, nested), out
+
+
+def _parts(data: bytes, parts: list, plan: ContentPlan, out: Outcome, eol: bytes, truncated: bool,
+           nested: int) -> bytes:
+    """The walked message with every leaf (and attached message) transformed."""
     edits: list[tuple[int, int, bytes]] = []
     n = len(data)
+    # Messages each part sits in, within this walk (7bit attached messages are walked).
+    inside = [0] * len(parts)
+    skip_to = -1
     for p in parts:
+        if p.parent >= 0:
+            inside[p.index] = inside[p.parent] + (parts[p.parent].content_type in MESSAGE_TYPES)
+        if p.start < skip_to:
+            continue                                   # within an attached message handled whole
+        cut = truncated and p.end >= n
+        if p.content_type in MESSAGE_TYPES and p.index > 0:
+            edit = _attached_message(data, p, plan, out, eol, cut, nested + inside[p.index] + 1)
+            if edit is not False:
+                if edit is not None:
+                    edits.append(edit)
+                skip_to = p.end
+                continue
         if p.multipart or p.children:
             continue
-        cut = truncated and p.end >= n
         if p.is_attachment:
             if plan.touches_attachments:
                 edit = _attachment(data, p, plan, out, eol, cut)
@@ -190,7 +227,40 @@ def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncate
                     edits.append(edit)
         elif plan.links is not None and p.content_type in ("text/plain", "text/html"):
             edits += _text_part(data, p, plan.links, out, cut)
-    return splice(data, edits), out
+    return splice(data, edits)
+
+
+def _attached_message(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: bytes, cut: bool,
+                      depth: int):
+    """The edit for an attached message ``depth`` messages deep, None for none, or False
+    when the walk already holds its parts (the caller then goes through them)."""
+    whole = plan.message_action()
+    if plan.touches_attachments and (whole is not None or depth > MAX_NESTED_MESSAGES):
+        # The policy's "eml" rule, or too deep to check: the message as one file.
+        return _attachment(data, p, plan, out, eol, cut,
+                           action=whole if depth <= MAX_NESTED_MESSAGES else "block", kind="eml")
+    if p.children or p.body_start >= p.end:
+        return False
+    if p.cte not in ("base64", "quoted-printable"):
+        return False                                   # not walked (past the walker): nothing inside
+    # Encoded (RFC 2046 wants 7bit, mail clients do it anyway): decode, transform, encode.
+    if cut:
+        return _block(data, p, plan, out, eol, p.filename or NESTED_NAME) if plan.touches_attachments else None
+    try:
+        inner = _decode_body(memoryview(data)[p.body_start:p.end], p.cte)
+    except (binascii.Error, ValueError):
+        inner = None
+    if inner is None:
+        return _block(data, p, plan, out, eol, p.filename or NESTED_NAME) if plan.touches_attachments else None
+    new, sub = transform_mime(inner, plan, nested=depth)
+    out.links += sub.links
+    out.attachments += sub.attachments
+    if sub.unreadable:
+        return _block(data, p, plan, out, eol, p.filename or NESTED_NAME)
+    if new is inner or new == inner:
+        return None
+    body = wrap_lines(pybase64.b64encode(new), 76, eol) if p.cte == "base64" else qp_encode(new, eol)
+    return p.body_start, p.end, body
 
 
 def template_message(data: bytes, template: str) -> bytes:
@@ -330,11 +400,12 @@ def _head(body: memoryview, cte: str) -> bytes:
         return b""
 
 
-def _attachment(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: bytes, cut: bool):
+def _attachment(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: bytes, cut: bool,
+                action: str | None = None, kind: str = ""):
     body = memoryview(data)[p.body_start:p.end]
     name = p.filename
-    head = _head(body, p.cte)
-    kind, action = plan.action(name, head)
+    if action is None:
+        kind, action = plan.action(name, _head(body, p.cte))
     if action == "allow":
         return None
     shown = name or (f"attachment.{kind}" if kind else "attachment")
@@ -355,8 +426,13 @@ def _attachment(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: byte
             out.attachments.append((name, "encrypt", new_name))
             return _part_edit(data, p, headers, new_body, eol)
     # Block (or an encryption that cannot be done faithfully: fail closed).
+    return _block(data, p, plan, out, eol, shown)
+
+
+def _block(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: bytes, shown: str):
+    """The edit putting the block note in the part's place."""
     note = block_note(shown, plan.block_message).replace("\r\n", eol.decode()).encode("utf-8")
-    out.attachments.append((name, "block", ""))
+    out.attachments.append((p.filename, "block", ""))
     return _part_edit(data, p, _text_headers(eol), note, eol)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import html
 import logging
+import re
 import zlib
 from collections import OrderedDict
 
@@ -30,8 +31,9 @@ import pybase64
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, ENVELOPE_OVERHEAD, block_note,
                                           envelope_name, seal)
 from seg_fast.content.keys import Keyring
-from seg_fast.content.message import (ContentPlan, is_smime_class, template_message, transform_mime,
-                                      transform_text)
+from seg_fast.content.attachments import extension, file_type
+from seg_fast.content.message import (MESSAGE_TYPES, NESTED_NAME, ContentPlan, is_smime_class, template_message,
+                                      transform_mime, transform_text)
 from seg_fast.content.model import EmailSecurityPolicy
 from seg_fast.content.settings import ContentSettings
 from seg_fast.errors import ConfigError, ContentError, SegFastError, SpanLimitError
@@ -341,6 +343,8 @@ class EmailSecurityTransform:
                 action = acted[name]
             elif "\0all" in acted:
                 action = "allow"  # the whole MIME body was seen and nothing was acted on
+            elif extension(name) == "eml":
+                action = plan.message_action() or "allow"   # fetched, its attachments are judged
             else:
                 action = plan.action(name, b"")[1]
             if action == "allow" or name_sp is None:
@@ -441,7 +445,12 @@ class EmailSecurityTransform:
         name = _runtime.name_of(user, ref) or name
         if name.startswith("\0exempt\0"):
             return None
-        kind, action = plan.action(name, bytes(blob[:64]))
+        if _is_message(name, ctype, blob):
+            kind, action = "eml", plan.message_action()
+            if action is None:
+                return self._attached_message(name, blob, ranged)
+        else:
+            kind, action = plan.action(name, bytes(blob[:64]))
         if action == "allow":
             return None
         shown = name or (f"attachment.{kind}" if kind else "attachment")
@@ -451,6 +460,42 @@ class EmailSecurityTransform:
         return block_note(shown, plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
 
 
+    def _attached_message(self, name: str, blob, ranged: bool):
+        """A fetched message (.eml): rebuilt with its attachments judged at every depth
+        (kept a message, so the device opens it as one), or blocked when it cannot be."""
+        plan = self.plan
+        shown = name or NESTED_NAME
+        if ranged:
+            # A byte range of a message cannot be checked.
+            if not plan.touches_attachments:
+                return None
+            return block_note(shown, plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
+        data = bytes(blob)
+        new, outcome = transform_mime(data, plan, nested=1)
+        if outcome.unreadable:
+            return block_note(shown, plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
+        if new is data or new == data:
+            return None
+        return new, "message/rfc822", shown
+
+
+def _is_message(name: str, ctype: str, blob) -> bool:
+    """Whether a fetched attachment is a message: named .eml, typed message/rfc822, or
+    (no magic bytes saying otherwise) starting with a MIME header block."""
+    if extension(name) == "eml" or ctype.split(";", 1)[0].strip().lower() in MESSAGE_TYPES:
+        return True
+    head = bytes(blob[:4096])
+    if file_type("", head):
+        return False
+    end = head.find(b"\n\n")
+    end2 = head.find(b"\r\n\r\n")
+    block = head[:min(e for e in (end, end2, len(head)) if e >= 0)].lower()
+    first = block.split(b"\n", 1)[0]
+    return (_HEADER_LINE.match(first) is not None
+            and (b"\nmime-version:" in b"\n" + block or b"\ncontent-type: multipart/" in b"\n" + block))
+
+
+_HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
 _UNSAFE_IN_QUOTED = bytes(c if 0x20 <= c < 0x7f and c not in b'"\\?' else 0x5f for c in range(256))
 
 
