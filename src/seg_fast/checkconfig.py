@@ -90,10 +90,10 @@ def check_paths(config) -> list[Finding]:
     state = Path(config.state_dir)
     problem = _writable_dir(state)
     out.append(Finding(problem is None, "state_dir", problem or f"{state}: usable"))
-    tx = config.log.transactions
-    if tx not in ("", "-"):
-        problem = _writable_dir(Path(tx).parent)
-        out.append(Finding(problem is None, "log.transactions", problem or f"{tx}: writable"))
+    for key, target in (("log.transactions", config.log.transactions), ("log.file", config.log.file)):
+        if target not in ("", "-"):
+            problem = _writable_dir(Path(target).parent)
+            out.append(Finding(problem is None, key, problem or f"{target}: writable"))
     return out
 
 

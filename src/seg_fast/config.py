@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -89,7 +90,9 @@ class HealthSettings(_Section):
 
 class LogSettings(_Section):
     transactions: str = "-"          # file path for transaction summaries; "-" is stdout, "" off
-    level: str = "info"
+    # The gateway's own log (JSON lines, every area): "-" is stderr. SIGUSR1 reopens both files.
+    file: str = "-"
+    level: Literal["all", "trace", "debug", "info", "warn", "error", "off"] = "info"
 
 
 class Config(_Section):

@@ -60,6 +60,7 @@ class TransactionLog:
     """Buffered JSON-lines writer; flushed by the worker every second and at exit."""
 
     def __init__(self, target: str):
+        self.target = target
         self._encoder = msgspec.json.Encoder()
         self._buffer = bytearray()
         self._file = None
@@ -88,6 +89,18 @@ class TransactionLog:
         except OSError:
             pass                   # a full disk must not stop the gateway
         self._buffer.clear()
+
+    def reopen(self) -> None:
+        """After logrotate moved the file: write on in a new one at the same path."""
+        if self._file is None or self._file is sys.stdout.buffer:
+            return
+        self.flush()
+        try:
+            new = open(self.target, "ab")
+        except OSError:
+            return                 # keep writing where we were rather than lose records
+        self._file.close()
+        self._file = new
 
     def close(self) -> None:
         self.flush()

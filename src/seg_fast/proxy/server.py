@@ -22,6 +22,7 @@ import sys
 
 import trio
 
+from seg_fast import logsetup
 from seg_fast.config import load_config
 from seg_fast.errors import ConfigError, StartupError
 from seg_fast.proxy.worker import ENV_CONTROL_PID
@@ -63,10 +64,11 @@ def run_worker(config, config_path: str | None) -> int:
     from seg_fast.proxy.worker import die_with_parent
 
     die_with_parent()     # again for `serve --worker` started by hand or a benchmark (idempotent)
+    logsetup.configure(config)
     gw = Gateway(config, config_path=config_path)
 
     async def main():
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
 
                 async def serve_then_stop(task_status=trio.TASK_STATUS_IGNORED):
@@ -87,7 +89,10 @@ def run_worker(config, config_path: str | None) -> int:
 
 async def _worker_signals(gw, signals, config_path) -> None:
     async for signum in signals:
-        if signum == signal.SIGHUP:
+        if signum == signal.SIGUSR1:
+            gw.log.reopen()
+            logsetup.reopen()
+        elif signum == signal.SIGHUP:
             try:
                 config = load_config(config_path)
             except ConfigError as exc:
@@ -134,6 +139,12 @@ def run_control(config, config_path: str | None, workers: int) -> int:
               flush=True)
         return 1
     try:
+        logsetup.configure(config)
+    except OSError as exc:
+        print(f"seg-fast: {config_path or '(defaults)'}: key log.file: {config.log.file}: {exc.strerror}",
+              file=sys.stderr, flush=True)
+        return 1
+    try:
         # Held for the life of this serve, and of every worker (they inherit it).
         lock_fd = lock_listener(config.state_dir, host, port)
         probe_bind(host, port)
@@ -155,7 +166,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
     async def main():
         from seg_fast.admin import server as admin
 
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
                 if config.admin.enabled:
                     try:
@@ -250,7 +261,12 @@ async def _pull(config) -> None:
 
 async def _control_signals(signals, procs, state, config_path) -> None:
     async for signum in signals:
-        if signum == signal.SIGHUP:
+        if signum == signal.SIGUSR1:          # logrotate: every process reopens its files
+            logsetup.reopen()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGUSR1)
+        elif signum == signal.SIGHUP:
             try:
                 load_config(config_path)
             except ConfigError as exc:
