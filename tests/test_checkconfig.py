@@ -16,9 +16,9 @@ from seg_fast.sim.mailbox import MailboxSimulator
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     # The config file's state_dir, not the suite's shared one, is what is checked.
-    env = {k: v for k, v in os.environ.items() if k != "SEG_FAST_STATE_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != "SEG_FAST_STATE_DIR"} | extra_env
     return subprocess.run([sys.executable, "-m", "seg_fast", *args], capture_output=True, text=True, timeout=120,
                           env=env)
 
@@ -107,3 +107,10 @@ async def test_connect_reaches_the_mail_server_and_reports_an_unreachable_one(tm
     assert r.returncode == 1
     line = next(x for x in r.stdout.splitlines() if "upstream.url" in x)
     assert "FAIL" in line and f"127.0.0.1:{dead}" in line
+
+
+def test_misspelt_environment_variable_fails_the_check(tmp_path):
+    cfg = write_config(tmp_path, policy={"allow_if_no_policies": True})
+    r = run("check-config", "--config", str(cfg), SEG_FAST_LISTNER_PORT="443")
+    assert r.returncode == 1
+    assert any("FAIL" in x and "SEG_FAST_LISTNER_PORT" in x for x in r.stdout.splitlines()), r.stdout

@@ -80,3 +80,11 @@ def test_unreadable_and_invalid_toml(tmp_path):
     f.write_text("[listener\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(f, env={})
+
+
+def test_misspelt_environment_variables_are_found():
+    from seg_fast.config import unknown_env_vars
+
+    env = {"SEG_FAST_LISTENER_PORT": "1", "SEG_FAST_LISTNER_PORT": "2", "SEG_FAST_HYPOTHESIS": "long",
+           "SEG_FAST_WORKERS": "2", "SEG_FAST_POLICY_STOER": "redis", "OTHER": "x"}
+    assert unknown_env_vars(env) == ["SEG_FAST_LISTNER_PORT", "SEG_FAST_POLICY_STOER"]

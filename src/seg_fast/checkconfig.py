@@ -227,7 +227,7 @@ async def run_checks(config, connect: bool) -> list[Finding]:
 def cli(argv: list[str]) -> int:
     import trio
 
-    from seg_fast.config import load_config
+    from seg_fast.config import load_config, unknown_env_vars
     from seg_fast.errors import ConfigError
 
     ap = argparse.ArgumentParser(prog="seg-fast check-config",
@@ -243,6 +243,8 @@ def cli(argv: list[str]) -> int:
         return 1
     print(f"config: {args.config or '(embedded defaults)'}")
     findings = trio.run(run_checks, config, args.connect)
+    findings += [Finding(False, var, "environment variable names no setting (misspelt?)")
+                 for var in unknown_env_vars()]
     for f in findings:
         print(f"  {'ok  ' if f.ok else 'FAIL'}  {f.what}: {f.text}")
     failed = sum(not f.ok for f in findings)

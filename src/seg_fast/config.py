@@ -147,6 +147,18 @@ def _env_overrides(env) -> dict[str, tuple[str, str, str]]:
     return found
 
 
+# SEG_FAST_* variables that are not settings (tests, benchmarks, scripts, the worker's start).
+OTHER_ENV_VARS = {"SEG_FAST_HYPOTHESIS", "SEG_FAST_SLOW", "SEG_FAST_VENV", "SEG_FAST_CONTROL_PID",
+                  "SEG_FAST_BENCH_GATEKEEPER"}
+
+
+def unknown_env_vars(env=None) -> list[str]:
+    """SEG_FAST_* variables that name no setting (a misspelt one would be ignored silently)."""
+    env = os.environ if env is None else env
+    known = {var for _, _, var in _env_overrides(env).values()} | OTHER_ENV_VARS
+    return sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in known)
+
+
 def _env_value(text: str, typ) -> object:
     # Strings are taken as they are; numbers, booleans and lists are read as JSON.
     if isinstance(typ, msgspec.inspect.StrType):

@@ -23,7 +23,7 @@ import sys
 import trio
 
 from seg_fast import logsetup
-from seg_fast.config import load_config
+from seg_fast.config import load_config, unknown_env_vars
 from seg_fast.errors import ConfigError, StartupError
 from seg_fast.proxy.worker import ENV_CONTROL_PID
 
@@ -47,6 +47,8 @@ def cli(argv: list[str]) -> int:
         return 2
     if args.worker:
         return run_worker(config, args.config)
+    for var in unknown_env_vars():
+        _say(f"warning: environment variable {var} names no setting; ignored")
     workers = args.workers if args.workers is not None else config.workers
     return run_control(config, args.config, workers or os.cpu_count() or 1)
 
