@@ -28,14 +28,15 @@ def report():
     # rate_scale 40: the busy hour's requests of 300 devices in ~90 s of device
     # time pass in ~12 s; the first Ping heartbeats stay real (>= 60 s).
     opts = sizing.Options(devices=DEVICES, ramp=3.0, settle=1.0, hold=8.0, drain=20.0,
-                          paths=_paths(), shard_size=200, rate_scale=40.0, seed=7)
+                          paths=_paths(), shard_size=200, rate_scale=40.0, seed=7, repeat=1)
     return trio.run(sizing.bench, opts, False, DEVICES, lambda _msg: None)
 
 
 def test_every_request_answered_correctly(report):
     (point,) = report["points"]
-    assert set(point["paths"]) == set(_paths())
-    for name, p in point["paths"].items():
+    (run,) = point["runs"]
+    assert set(run["paths"]) == set(_paths())
+    for name, p in run["paths"].items():
         assert p["failures"] == {}, (name, p["failure_samples"])
         assert p["ready"] == DEVICES, name                  # every device set up and parked
         # parked again after each return (a few may be mid-Sync at that instant)
@@ -50,7 +51,7 @@ def test_every_request_answered_correctly(report):
 
 def test_same_schedule_on_every_path(report):
     (point,) = report["points"]
-    paths = list(point["paths"].values())
+    paths = list(point["runs"][0]["paths"].values())
     # the seed fixes the schedule: every path is asked the same foreground requests
     for p in paths[1:]:
         assert p["requests"]["SendMail"] == paths[0]["requests"]["SendMail"]

@@ -163,6 +163,12 @@ class Message:
         """Every URL in the message, in generation order (the oracle for rewriters)."""
         return self._bodies[2]
 
+    @property
+    def attachment_size(self) -> int | None:
+        """The size of the message's attachment (None: it has none), known without building it."""
+        att = self._plan[2]
+        return att[2] if att is not None else None
+
     @functools.cached_property
     def attachments(self) -> list[tuple[str, str, bytes]]:
         att = self._plan[2]

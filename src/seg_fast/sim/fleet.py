@@ -37,6 +37,7 @@ import msgspec
 import trio
 
 from seg_fast.sim import fleet_eas as eas
+from seg_fast.sim.oracle import Opener
 
 # Events per device per busy hour (BENCH-PROFILE.md). Syncs follow deliveries.
 RATE_DELIVER = 12.0
@@ -52,9 +53,15 @@ STATUS_EVERY = 2.0
 # Each mailbox starts with this many messages, synced (bodies truncated) at set-up,
 # so devices know attachments to fetch from the first minute.
 INITIAL_MESSAGES = 8
-# The simulator cycles this many corpus messages: building one costs ~5 ms, which
+# The simulator cycles a pool of corpus messages: building one costs ~5 ms, which
 # at fleet rates would spend the load core on making mail rather than serving it.
-CORPUS_POOL = 256
+# The pool holds BENCH-PROFILE's attachment mix exactly: 25% of the messages carry
+# one, 60% of those 50 KB, 30% 300 KB, 9% 2 MB, 1% 10 MB (1 in 100 needs 400).
+CORPUS_POOL = 400
+
+
+# With email security on these answers are rewritten by design (the oracle checks them).
+TRANSFORMED = frozenset({"Sync", "ItemOperations"})
 
 
 class ShardSpec(msgspec.Struct, kw_only=True):
@@ -71,10 +78,8 @@ class ShardSpec(msgspec.Struct, kw_only=True):
     sim_port: int = 0
     source_hosts: list[str] = []  # local addresses device connections are bound to
     password: str = "secret"
-    # Byte-level checks (sizes, body types) hold only when the gateway passes answers
-    # untouched; with email security on, answers are rewritten by design.
-    strict: bool = True
     out: str = ""
+    fault: str = ""              # tests only: "corrupt" damages some Sync answers on the way
 
 
 class Go(msgspec.Struct, kw_only=True):
@@ -82,6 +87,11 @@ class Go(msgspec.Struct, kw_only=True):
     port: int
     t0: float                    # wall-clock (time.time()) start of the ramp
     path: str = "direct"
+    # How answers are checked: "strict" (passed untouched: sizes, body types, bytes)
+    # or "security" (BENCH-PROFILE's email security expected: seg_fast.sim.oracle).
+    checks: str = "strict"
+    key_file: str = ""           # the gateway's master key and key state (security on)
+    key_state_file: str = ""
 
 
 class Stats:
@@ -104,6 +114,9 @@ class Stats:
         self.conn_errors = 0
         self.fetch_skipped = 0
         self.transformed = 0         # bodies/attachments whose size the gateway changed
+        self.checked_bodies = 0      # security on: bodies compared under the link oracle
+        self.byte_checked = 0        # answers identical to what the simulator sent
+        self.envelopes_opened = 0    # security on: sealed attachments opened and compared
         self.ready_by = 0.0          # shard time the last device finished set-up
         self.fds_max = 0             # most descriptors this process held at once
 
@@ -114,21 +127,44 @@ class Stats:
 
 
 class PooledCorpus:
-    """``Corpus(seed)`` restricted to its first ``pool`` messages, all kept built."""
+    """A pool of ``Corpus(seed)`` messages, all kept built, chosen so that the pool's
+    attachments follow BENCH-PROFILE's size mix exactly (a first-``pool`` slice of
+    the corpus would follow it only by chance: 256 messages had no 10 MB one)."""
 
     def __init__(self, seed: int, pool: int = CORPUS_POOL) -> None:
-        from seg_fast.sim.corpus import Corpus
+        from seg_fast.sim.corpus import ATTACHMENT_SIZES, P_ATTACHMENT, Corpus
 
         self.base = Corpus(seed, cache=pool)
+        with_att = round(pool * P_ATTACHMENT)
+        total_w = sum(w for _, w in ATTACHMENT_SIZES)
+        quota = {size: with_att * w // total_w for size, w in ATTACHMENT_SIZES}
+        quota[ATTACHMENT_SIZES[0][0]] += with_att - sum(quota.values())
+        quota[None] = pool - with_att
+        chosen: list[int] = []
+        i = 0
+        while len(chosen) < pool:
+            size = _planned_size(seed, i)     # the plan only: nothing built yet
+            if quota.get(size, 0) > 0:
+                quota[size] -= 1
+                chosen.append(i)
+            i += 1
+        random.Random(f"pool:{seed}").shuffle(chosen)
+        self.indices = chosen
         self.pool = pool
 
     def message(self, i: int):
-        return self.base.message(i % self.pool)
+        return self.base.message(self.indices[i % self.pool])
 
     def warm(self) -> None:
         for i in range(self.pool):
-            m = self.base.message(i)
+            m = self.message(i)
             m.html, m.mime, m.attachments  # noqa: B018  (build them now, not mid-run)
+
+
+def _planned_size(seed: int, index: int) -> int | None:
+    from seg_fast.sim.corpus import Message
+
+    return Message(seed, index).attachment_size
 
 
 class Clock:
@@ -206,13 +242,14 @@ def device_identity(idx: int) -> tuple[str, str, bool]:
 
 class Device:
     __slots__ = ("idx", "user", "device_id", "auth", "fleet", "local", "sync_key",
-                 "folder_key", "delivered", "received", "seen", "attachments", "fetched", "n_sync",
-                 "policy_key", "body_type", "parked_since", "delivered_at_park", "alive", "ready", "sync_lock")
+                 "folder_key", "delivered", "received", "seen", "attachments", "fetched", "n_sync", "sync_at",
+                 "policy_key", "body_type", "parked_since", "delivered_at_park", "alive", "ready", "sync_lock",
+                 "managed")
 
     def __init__(self, idx: int, fleet: "Fleet") -> None:
         self.idx = idx
         self.fleet = fleet
-        self.user, self.device_id, _managed = device_identity(idx)
+        self.user, self.device_id, self.managed = device_identity(idx)
         self.auth = "Basic " + base64.b64encode(f"{self.user}:{fleet.spec.password}".encode()).decode()
         hosts = fleet.spec.source_hosts
         self.local = hosts[idx % len(hosts)] if hosts else None
@@ -224,6 +261,7 @@ class Device:
         self.attachments: list[tuple[str, int]] = []   # (FileReference, size)
         self.fetched = 0            # attachments[:fetched] were opened once
         self.n_sync = 0
+        self.sync_at = -1
         self.policy_key = "0"
         self.body_type = 2 if idx % 2 == 0 else 4
         self.parked_since = 0.0
@@ -232,6 +270,10 @@ class Device:
         self.ready = trio.Event()   # set-up done: foreground work may start
         # Sync and GetItemEstimate name the SyncKey: one at a time, as a phone does
         self.sync_lock = trio.Lock()
+
+    def opener(self, blob: bytes) -> bytes:
+        """This device's envelope opened with the gateway's keys (security on)."""
+        return self.fleet.opener(self.device_id, self.user, blob)
 
     # -- one request ----------------------------------------------------------------
     def target(self, cmd: str) -> str:
@@ -250,10 +292,19 @@ class Device:
         f = self.fleet
         st = f.stats
         st.requests[cmd] += 1
+        headers = self.headers()
+        seq = None
+        # Answers a proxy must pass untouched are compared with what the simulator
+        # sent (it records each answer under the request's X-Fleet-Seq); with email
+        # security on, Sync and ItemOperations are checked by the oracle instead.
+        if f.strict or cmd not in TRANSFORMED:
+            f.n_seq += 1
+            seq = f"{cmd}.{f.n_seq}".encode()
+            headers.append(("X-Fleet-Seq", seq))
         t = trio.current_time()
         try:
             with trio.fail_after(timeout):
-                status, headers, answer = await conn.request(self.target(cmd), self.headers(), body)
+                status, headers, answer = await conn.request(self.target(cmd), headers, body)
         except trio.TooSlowError:
             st.fail(f"{cmd}.timeout", f"{self.device_id} no answer in {timeout:.0f}s")
             return None
@@ -265,6 +316,17 @@ class Device:
         st.bytes_in += len(answer)
         if key is not None and f.in_window(t):
             st.lat[cmd].append((key, round(elapsed * 1000, 3)))
+        if seq is not None:
+            # byte for byte what the simulator sent for this very request
+            sent = f.sent.pop(seq, None)
+            if status == 200 and sent is None:
+                st.fail(f"{cmd}.unsent", f"{self.device_id} a 200 answer the mail server never sent")
+                return None
+            if sent is not None and sent != (status, answer):
+                st.fail(f"{cmd}.bytes", f"{self.device_id} HTTP {status}, {len(answer)} bytes: not the "
+                                        f"{sent[0]}, {len(sent[1])} bytes the mail server sent")
+                return None
+            st.byte_checked += 1
         return status, headers, answer
 
     def check_http(self, cmd: str, res, expect_body: bool = True) -> bytes | None:
@@ -348,8 +410,13 @@ class Device:
 
     async def sync(self, conn: HttpConn) -> bool:
         async with self.sync_lock:
-            self.n_sync += 1
-            return await eas.sync(self, conn, f"{self.idx}:s{self.n_sync}")
+            # Named by the deliveries it follows, so the Sync that picks up the same
+            # seeded delivery has the same key on every path (paired latency); a
+            # second Sync at the same count (MoreAvailable, a retry) gets a suffix.
+            self.n_sync = self.n_sync + 1 if self.sync_at == self.delivered else 0
+            self.sync_at = self.delivered
+            key = f"{self.idx}:d{self.delivered}" + (f".{self.n_sync}" if self.n_sync else "")
+            return await eas.sync(self, conn, key)
 
     async def ping(self, conn: HttpConn, heartbeat: int) -> bool:
         f = self.fleet
@@ -413,7 +480,24 @@ class Fleet:
         self.go: Go | None = None
         self.clock: Clock | None = None
         self.devices = [Device(spec.first_device + i, self) for i in range(spec.devices)]
+        self.sent: dict[bytes, tuple[int, bytes]] = {}     # X-Fleet-Seq -> the simulator's answer
+        self.n_seq = 0
+        self.n_corrupt = 0
+        sim.answer_tap = self.tap
         self.window = (spec.ramp + spec.settle, spec.ramp + spec.settle + spec.hold)
+
+    def tap(self, seq: bytes, answer):
+        """The simulator's answer to a fleet request, recorded before it is sent."""
+        self.sent[seq] = (answer.status, answer.body)
+        if self.spec.fault == "corrupt" and seq.startswith(b"Sync.") and len(answer.body) > 1000:
+            # test only: every 10th non-empty Sync answer gets one byte changed on
+            # the way, as a proxy that damaged it would (inside a body: it still decodes)
+            self.n_corrupt += 1
+            if self.n_corrupt % 10 == 0:
+                body = bytearray(answer.body)
+                body[len(body) // 2] ^= 0x01
+                return type(answer)(answer.status, answer.headers, bytes(body))
+        return answer
 
     def rng_for(self, idx: int, what: str) -> random.Random:
         return random.Random(f"{self.spec.seed}:{idx}:{what}")
@@ -476,6 +560,9 @@ class Fleet:
 
     async def run(self, go: Go) -> dict:
         self.go = go
+        self.opener = Opener(go.key_file, go.key_state_file)
+        self.strict = go.checks == "strict"
+        self.security = go.checks == "security"
         self.clock = Clock(go.t0)
         s = self.spec
         events = self.schedule()
@@ -539,6 +626,8 @@ class Fleet:
             "conn_errors": st.conn_errors, "fds_max": st.fds_max,
             "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "fetch_skipped": st.fetch_skipped,
             "transformed": st.transformed,
+            "checked_bodies": st.checked_bodies, "envelopes_opened": st.envelopes_opened,
+            "byte_checked": st.byte_checked,
             "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
         }
 

@@ -12,6 +12,8 @@ import zlib
 from typing import TYPE_CHECKING
 
 from seg_fast.errors import SegFastError
+from seg_fast.sim import oracle
+from seg_fast.sim.commands import find_attachment
 from seg_fast.sim.corpus import Corpus
 from seg_fast.sim.tree import E, decode, encode, find, kids, text
 
@@ -174,7 +176,7 @@ def check_item(dev: "Device", add, truncated_ok: bool) -> bool:
     body = find(data, "AirSyncBase:Body")
     btype = text(body, "AirSyncBase:Type")
     content = find(body, "AirSyncBase:Data")
-    strict = dev.fleet.spec.strict
+    strict = dev.fleet.strict
     if body is None or content is None or (strict and btype != str(dev.body_type)):
         st.fail("Sync.body", f"{dev.device_id} Body Type {btype!r}, asked {dev.body_type}")
         return False
@@ -193,12 +195,45 @@ def check_item(dev: "Device", add, truncated_ok: bool) -> bool:
     if strict and dev.body_type == 4 and b"\r\n\r\n" not in raw[:SETUP_TRUNCATION]:
         st.fail("Sync.mime", f"{dev.device_id} Type 4 body without a MIME header block")
         return False
-    for att in kids(find(data, "AirSyncBase:Attachments"), "AirSyncBase:Attachment"):
+    atts = list(kids(find(data, "AirSyncBase:Attachments"), "AirSyncBase:Attachment"))
+    for att in atts:
         ref = text(att, "AirSyncBase:FileReference")
         size = text(att, "AirSyncBase:EstimatedDataSize")
         if ref and size and size.isdigit():
             dev.attachments.append((ref, int(size)))
+    if dev.fleet.security and not truncated:
+        why = security_item(dev, text(add, "AirSync:ServerId"), raw,
+                            [text(a, "AirSyncBase:DisplayName") or "" for a in atts])
+        if why:
+            st.fail("Sync.security", f"{dev.device_id} {why}")
+            return False
     return True
+
+
+def security_item(dev: "Device", sid: str, raw: bytes, names: list[str]) -> str | None:
+    """Email security on: this Sync item against the message the simulator sent."""
+    found = dev.fleet.sim.mailbox(dev.user).find(sid)
+    if found is None:
+        return f"ServerId {sid} is not in the mailbox"
+    msg = dev.fleet.sim.corpus.message(found[1].msg)
+    managed = dev.managed
+    why = oracle.attachment_list_ok(names, msg, managed)
+    if why:
+        return why
+    st = dev.fleet.stats
+    if dev.body_type == 2:
+        st.checked_bodies += 1
+        if msg.signed:     # S/MIME is exempt: the body as the server sent it
+            return None if raw == msg.html.encode() else "S/MIME message's body changed (it is exempt)"
+        try:
+            return oracle.links_ok(raw.decode("utf-8"), msg.html)
+        except UnicodeDecodeError:
+            return "HTML body is not UTF-8"
+    why = oracle.mime_cheap_ok(raw, msg, managed)
+    if why or not oracle.sampled(dev.device_id, sid):
+        return why
+    st.checked_bodies += 1
+    return oracle.mime_full_ok(raw, msg, managed, dev.opener)
 
 
 # -- Ping -----------------------------------------------------------------------------
@@ -276,9 +311,23 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
         st.fail("ItemOperations.data", f"{dev.device_id} no Data for {ref}")
         return False
     raw = d.opaque if d.opaque is not None else base64.b64decode(d.text or "")
+    if dev.fleet.security:
+        found = find_attachment(dev.fleet.sim.mailbox(dev.user), dev.fleet.sim, ref)
+        if found is None:
+            st.fail("ItemOperations.ref", f"{dev.device_id} {ref} names no attachment")
+            return False
+        sid = ref.rpartition(":")[0]
+        item = dev.fleet.sim.mailbox(dev.user).find(sid)
+        exempt = item is not None and dev.fleet.sim.corpus.message(item[1].msg).signed
+        why = oracle.fetched_ok(raw, found[0], found[2], dev.managed, dev.opener, exempt)
+        if why:
+            st.fail("ItemOperations.security", f"{dev.device_id} {why}")
+            return False
+        if raw.startswith(oracle.ENVELOPE_MAGIC):
+            st.envelopes_opened += 1
     if len(raw) != size:
         st.transformed += 1
-    if len(raw) != size and (dev.fleet.spec.strict or not raw):
+    if len(raw) != size and (dev.fleet.strict or not raw):
         st.fail("ItemOperations.size", f"{dev.device_id} {len(raw)} bytes for {ref}, expected {size}")
         return False
     return True

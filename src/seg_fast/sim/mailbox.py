@@ -104,6 +104,10 @@ class MailboxSimulator:
         # early stay until their deadline passes (their task is None by then).
         self._deadlines: list[tuple[float, int, _Park]] = []
         self._timer: trio.CancelScope | None = None
+        # answer_tap(seq, answer) -> answer: sees every answer to a request carrying
+        # an X-Fleet-Seq header (the sizing fleet records what it sent, to compare
+        # with what its device got through a proxy).
+        self.answer_tap = None
 
     # -- the mailbox side ---------------------------------------------------------------
     def mailbox(self, user: str) -> Mailbox:
@@ -184,6 +188,7 @@ class MailboxSimulator:
                         break
                     else:
                         return
+                seq = _fleet_seq(req) if self.answer_tap is not None else None
                 answer = self._handle(req, bytes(body))
                 req = body = None          # not kept alive while a Ping is parked
                 if type(answer) is _Park:
@@ -197,6 +202,8 @@ class MailboxSimulator:
                         self.parked -= 1
                     answer = C.ping_answer(park.changed)
                     park = None
+                if seq is not None:
+                    answer = self.answer_tap(seq, answer)
                 await _send(conn, stream, answer)
                 if conn.our_state is h11.MUST_CLOSE:
                     return
@@ -352,6 +359,13 @@ HANDLERS = {
     "GetItemEstimate": C.get_item_estimate, "MoveItems": C.move_items, "Settings": C.settings,
     "ItemOperations": C.item_operations, "GetAttachment": C.get_attachment, "Search": search,
 }
+
+
+def _fleet_seq(req: h11.Request) -> bytes | None:
+    for name, value in req.headers:
+        if name == b"x-fleet-seq":
+            return value
+    return None
 
 
 async def _next_event(conn: h11.Connection, stream):

@@ -1,0 +1,74 @@
+"""Latency figures of the sizing benchmark, and the *paired* added latency.
+
+The latency a proxy adds is taken request by request: the same seeded request
+(same device, same schedule slot) timed on the direct path and through the proxy,
+the difference per request, then p99 and p99.9 of those differences. The
+difference of two runs' p99s would let a slow direct run flatter the proxy.
+
+Commands with fewer than ``POOL_MIN`` paired samples in the window are pooled into
+one ``other`` class for the verdict: a p99 over a hundred samples is its second
+worst value, not a percentile.
+"""
+from __future__ import annotations
+
+import math
+
+POOL_MIN = 1000
+OTHER = "other"
+NOT_JUDGED = ("Ping",)          # a parked Ping's duration is the heartbeat, not latency
+
+
+def percentile(sorted_vals: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (0.0 when empty)."""
+    if not sorted_vals:
+        return 0.0
+    return sorted_vals[min(len(sorted_vals) - 1, max(0, int(math.ceil(q * len(sorted_vals))) - 1))]
+
+
+def lat_summary(vals: list[float]) -> dict:
+    v = sorted(vals)
+    return {"n": len(v), "p50": percentile(v, 0.50), "p90": percentile(v, 0.90),
+            "p99": percentile(v, 0.99), "p999": percentile(v, 0.999), "max": v[-1] if v else 0.0}
+
+
+def paired_differences(path_raw: dict[str, dict[str, float]],
+                       direct_raw: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """Per command: path latency minus direct latency of every request measured on
+    both paths (same key), in ms. Requests measured on one path only are left out."""
+    out: dict[str, list[float]] = {}
+    for cmd, a in path_raw.items():
+        if cmd in NOT_JUDGED:
+            continue
+        b = direct_raw.get(cmd)
+        if not b:
+            continue
+        out[cmd] = [a[k] - b[k] for k in a.keys() & b.keys()]
+    return out
+
+
+def judged_classes(diffs: dict[str, list[float]], pool_min: int = POOL_MIN) -> dict[str, list[float]]:
+    """The classes the verdict looks at: each command with at least ``pool_min``
+    paired samples on its own, the rest pooled into ``other``."""
+    classes: dict[str, list[float]] = {}
+    pooled: list[float] = []
+    for cmd in sorted(diffs):
+        d = diffs[cmd]
+        if len(d) >= pool_min:
+            classes[cmd] = d
+        else:
+            pooled.extend(d)
+    if pooled:
+        classes[OTHER] = pooled
+    return classes
+
+
+def added_latency(path_raw: dict[str, dict[str, float]], direct_raw: dict[str, dict[str, float]],
+                  pool_min: int = POOL_MIN) -> dict:
+    """``{"commands": {cmd: stats}, "classes": {class: stats}, "pooled": [cmds]}``,
+    stats of the paired differences (n, p50, p99, p999, max, ms)."""
+    diffs = paired_differences(path_raw, direct_raw)
+    classes = judged_classes(diffs, pool_min)
+    r = lambda s: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
+    return {"commands": {c: r(lat_summary(d)) for c, d in sorted(diffs.items())},
+            "classes": {c: r(lat_summary(d)) for c, d in classes.items()},
+            "pooled": sorted(c for c in diffs if c not in classes and diffs[c])}

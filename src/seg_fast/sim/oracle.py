@@ -1,0 +1,207 @@
+"""What a fleet device expects of email security ("on"), checked answer by answer.
+
+The policy is BENCH-PROFILE's (``seg_fast.sim.sizing.policy_file`` loads the same
+constants): Include-mode hyperlink rewriting for ``REWRITE_DOMAINS``, pdf/docx/zip
+sealed for managed devices, png blocked for unmanaged ones, S/MIME exempt,
+classification allowing the fleet's client. Each function compares what the
+device got through the gateway with what the simulator sent (the *direct* answer:
+the same corpus message, in process) and returns why it is wrong, or None.
+
+- Bodies, under the link oracle: the answer with ``awbs://``/``awb://`` turned back
+  into ``https://``/``http://`` is the direct body, byte for byte; every rewritten
+  link names a listed domain and every link left alone an unlisted one.
+- Sealed attachments: an envelope (never the plain bytes), opened with the
+  device's key and compared with the original by SHA-256.
+- Blocked attachments: absent (from the attachment list, from the MIME body, their
+  bytes nowhere), the block note in their place.
+"""
+from __future__ import annotations
+
+import binascii
+import email
+import email.policy
+import hashlib
+import re
+import zlib
+
+from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, ENVELOPE_MAGIC, envelope_name, extension,
+                                          open_envelope)
+from seg_fast.errors import SegFastError
+from seg_fast.sim.corpus import REWRITE_DOMAINS
+
+ENCRYPT_MANAGED: tuple[str, ...] = ("pdf", "docx", "zip")
+BLOCK_UNMANAGED: tuple[str, ...] = ("png",)
+BLOCKED_SUFFIX = " (removed).txt"      # where the gateway cannot cut a blocked entry out
+# Whole-MIME comparisons (a parse of both messages) run on 1 in SAMPLE_EVERY items;
+# every fetched envelope is opened.
+SAMPLE_EVERY = 10
+
+_LINK = re.compile(r"\b(awbs|awb|https|http)://([A-Za-z0-9.-]+)")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def listed(url_or_host: str) -> bool:
+    """Is the URL's (or host's) domain on the include list?"""
+    host = url_or_host.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].lower()
+    return any(host == d or host.endswith("." + d) for d in REWRITE_DOMAINS)
+
+
+def unrewrite(s: str) -> str:
+    return s.replace("awbs://", "https://").replace("awb://", "http://")
+
+
+def links_ok(got: str, direct: str) -> str | None:
+    """Include mode over one body: only listed domains' schemes changed, nothing else."""
+    if unrewrite(got) != direct:
+        return "body differs from the direct body beyond link schemes"
+    for m in _LINK.finditer(got):
+        rewritten = m.group(1).startswith("awb")
+        if rewritten != listed(m.group(2)):
+            return (f"{m.group(1)}://{m.group(2)}: "
+                    + ("an unlisted domain rewritten" if rewritten else "a listed domain not rewritten"))
+    return None
+
+
+def action(ext: str, managed: bool) -> str:
+    if managed and ext in ENCRYPT_MANAGED:
+        return "encrypt"
+    if not managed and ext in BLOCK_UNMANAGED:
+        return "block"
+    return "keep"
+
+
+def sampled(device_id: str, server_id: str) -> bool:
+    return zlib.crc32(f"{device_id}/{server_id}".encode()) % SAMPLE_EVERY == 0
+
+
+def _b64_head(data: bytes) -> bytes:
+    """The first base64 line of ``data`` as the MIME body carries it."""
+    return binascii.b2a_base64(data[:57], newline=False)
+
+
+def attachment_list_ok(listed_names: list[str], msg, managed: bool) -> str | None:
+    """The Sync item's AirSyncBase:Attachments (display names) against the message's
+    attachments: kept ones by name, sealed ones as ``name.segenc``, blocked ones absent
+    (or renamed as removed where the gateway cannot cut the entry out)."""
+    names = list(listed_names)
+    for name, _ctype, _data in msg.attachments:
+        act = "keep" if msg.signed else action(extension(name), managed)     # S/MIME is exempt
+        if act == "block":
+            if name in names:
+                return f"blocked attachment {name} still listed"
+            if name + BLOCKED_SUFFIX in names:
+                names.remove(name + BLOCKED_SUFFIX)
+            continue
+        want = name if act == "keep" else envelope_name(name)
+        if want not in names:
+            return f"attachment list {listed_names!r}: {want!r} missing"
+        names.remove(want)
+    if names:
+        return f"attachment list {listed_names!r}: {names!r} should not be there"
+    return None
+
+
+def mime_cheap_ok(got: bytes, msg, managed: bool) -> str | None:
+    """Every item: S/MIME untouched, and no sealed or blocked attachment's bytes left."""
+    if msg.signed:
+        return None if got == msg.mime else "S/MIME message changed (it is exempt)"
+    for name, _ctype, data in msg.attachments:
+        act = action(extension(name), managed)
+        if act != "keep" and _b64_head(data) in got:
+            return f"attachment {name} ({act}) still in the MIME body in the clear"
+    return None
+
+
+def mime_full_ok(got: bytes, msg, managed: bool, opener) -> str | None:
+    """A sampled item: both messages parsed; bodies under the link oracle, each
+    attachment kept, sealed (opened, SHA-256 compared) or replaced by the note."""
+    if msg.signed:
+        return mime_cheap_ok(got, msg, managed)
+    try:
+        m = email.message_from_bytes(got, policy=email.policy.default)
+        leaves = [p for p in m.walk() if not p.is_multipart()]
+    except Exception as exc:       # the stdlib parser on a damaged message
+        return f"MIME does not parse: {type(exc).__name__}"
+    body = {}
+    rest = []
+    for p in leaves:
+        ct = p.get_content_type()
+        if ct in ("text/plain", "text/html") and ct not in body and not p.get_filename():
+            body[ct] = p
+        else:
+            rest.append(p)
+    for ct, direct in (("text/plain", msg.text), ("text/html", msg.html)):
+        if ct not in body:
+            return f"no {ct} body part"
+        text_ = body[ct].get_content().replace("\r\n", "\n")
+        why = links_ok(text_, direct.replace("\r\n", "\n"))
+        if why:
+            return f"{ct}: {why}"
+    for name, ctype, data in msg.attachments:
+        act = action(extension(name), managed)
+        if act == "keep":
+            if not any(p.get_payload(decode=True) == data for p in rest):
+                return f"attachment {name} (kept) missing or changed"
+        elif act == "encrypt":
+            env = [p for p in rest if p.get_content_type() == ENVELOPE_CONTENT_TYPE
+                   and p.get_filename() == envelope_name(name)]
+            if len(env) != 1:
+                return f"attachment {name}: no envelope {envelope_name(name)!r} in its place"
+            why = envelope_ok(env[0].get_payload(decode=True), data, opener)
+            if why:
+                return f"attachment {name}: {why}"
+        else:
+            if any(p.get_content_type() == ctype or (p.get_payload(decode=True) or b"").startswith(PNG_MAGIC)
+                   for p in rest):
+                return f"attachment {name} (blocked) still in the message"
+            if not any(p.get_content_type() == "text/plain" and name in p.get_content() for p in rest):
+                return f"attachment {name} (blocked): no block note in its place"
+    return None
+
+
+def envelope_ok(blob: bytes, original: bytes, opener) -> str | None:
+    """An envelope that opens (``opener(blob) -> bytes``) to the original's SHA-256."""
+    if not blob.startswith(ENVELOPE_MAGIC):
+        return "not sealed (no envelope)"
+    if original[:4096] in blob:
+        return "envelope carries the plain bytes"
+    try:
+        opened = opener(blob)
+    except SegFastError as exc:
+        return f"envelope does not open: {exc}"
+    if hashlib.sha256(opened).digest() != hashlib.sha256(original).digest():
+        return "envelope opens to other bytes (SHA-256 differs)"
+    return None
+
+
+def fetched_ok(got: bytes, name: str, original: bytes, managed: bool, opener, exempt: bool = False
+               ) -> str | None:
+    """An ItemOperations Fetch of an attachment through the gateway. An S/MIME
+    message's attachment (``exempt``) comes as it is, or (a worker that no longer
+    remembers which message it belongs to judges it by its bytes) as policy says."""
+    if exempt and got == original:
+        return None
+    act = action(extension(name), managed)
+    if act == "keep":
+        return None if got == original else f"{name}: {len(got)} bytes, not the original's {len(original)}"
+    if act == "encrypt":
+        return envelope_ok(got, original, opener)
+    if got.startswith(PNG_MAGIC) or original[:4096] in got:
+        return f"{name} (blocked) fetched in the clear"
+    return None
+
+
+class Opener:
+    """Opens envelopes with the keys the gateway seals with (its master key file and
+    key state), loaded on first use: the gateway makes the key when it starts."""
+
+    def __init__(self, key_file: str, state_file: str) -> None:
+        self.key_file, self.state_file = key_file, state_file
+        self._ring = None
+
+    def __call__(self, device_id: str, user: str, blob: bytes) -> bytes:
+        if self._ring is None:
+            from seg_fast.content.keys import Keyring, load_master_key
+
+            self._ring = Keyring(load_master_key(self.key_file), self.state_file or None)
+        return open_envelope(self._ring, device_id, user, blob)[2]

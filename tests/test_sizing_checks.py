@@ -1,0 +1,158 @@
+"""The sizing fleet's answer checks: faults injected, the verdict must refuse the run.
+
+- The email-security oracle (seg_fast.sim.oracle) accepts what the real content
+  transform makes of corpus messages and rejects the same messages left unsealed,
+  unrewritten or with a blocked attachment left in.
+- Run level (real shard processes, the mailbox simulator over real sockets): answers
+  damaged by one byte on the way, and attachments arriving unsealed where security
+  is on, each make the point fail with the failure named.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+from seg_fast.content.attachments import envelope_name, extension, open_envelope, seal
+from seg_fast.content.keys import Keyring
+from seg_fast.content.message import ContentPlan, transform_mime
+from seg_fast.content.model import EmailSecurityPolicy
+from seg_fast.sim import oracle, sizing
+from seg_fast.sim.fleet import PooledCorpus
+
+CLIENT = "Apple-iPhone15C2/2101.55"
+RING = Keyring(b"k" * 32)
+
+
+def _plan(managed: bool) -> ContentPlan:
+    policy = msgspec.convert(sizing.policy_file("on", 0)["policies"]["security"], EmailSecurityPolicy)
+    return ContentPlan(policy, managed=managed, device_id="DEV1", user="user1", keys=RING)
+
+
+def _opener(blob: bytes) -> bytes:
+    return open_envelope(RING, "DEV1", "user1", blob)[2]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return PooledCorpus(3, pool=400)
+
+
+def _pick(pool, pred):
+    for i in range(pool.pool):
+        m = pool.message(i)
+        if pred(m):
+            return m
+    raise AssertionError("no such message in the pool")
+
+
+def _att(ext):
+    return lambda m: (not m.signed and m.attachments and extension(m.attachments[0][0]) == ext
+                      and m.attachment_size <= 300 * 1024)
+
+
+def test_pool_holds_the_profile_attachment_mix(pool):
+    sizes = [pool.message(i).attachment_size for i in range(pool.pool)]
+    assert sizes.count(None) == 300
+    assert [sizes.count(s) for s in (50 * 1024, 300 * 1024, 2 * 1024**2, 10 * 1024**2)] == [60, 30, 9, 1]
+
+
+def test_links_oracle():
+    direct = '<a href="https://www.contoso.com/a?id=1">x</a> see http://cpandl.com/b and http://fabrikam.com/c'
+    good = direct.replace("https://www.contoso", "awbs://www.contoso").replace("http://fabrikam", "awb://fabrikam")
+    assert oracle.links_ok(good, direct) is None
+    assert "not rewritten" in oracle.links_ok(direct, direct)                  # listed left alone
+    over = good.replace("http://cpandl", "awb://cpandl")
+    assert "unlisted domain rewritten" in oracle.links_ok(over, direct)
+    assert "beyond link schemes" in oracle.links_ok(good.replace("x</a>", "y</a>"), direct)
+
+
+@pytest.mark.parametrize("managed,ext", [(True, "pdf"), (True, "zip"), (False, "png"), (False, "pdf")])
+def test_mime_oracle_accepts_the_gateway_transform_and_rejects_the_untouched(pool, managed, ext):
+    msg = _pick(pool, _att(ext))
+    got, _ = transform_mime(msg.mime, _plan(managed), client=CLIENT)
+    assert oracle.mime_cheap_ok(got, msg, managed) is None
+    assert oracle.mime_full_ok(got, msg, managed, _opener) is None
+    untouched = oracle.mime_full_ok(msg.mime, msg, managed, _opener)
+    assert untouched is not None            # links never left alone under Include mode
+    if oracle.action(ext, managed) != "keep":
+        # the attachment in the clear is caught even by the every-item cheap check
+        assert "in the clear" in oracle.mime_cheap_ok(msg.mime, msg, managed)
+
+
+def test_fetch_oracle_opens_envelopes_and_compares_sha256(pool):
+    name, ctype, data = _pick(pool, _att("pdf")).attachments[0]
+    blob = seal(RING, "DEV1", "user1", name, ctype, data)
+    assert oracle.fetched_ok(blob, name, data, True, _opener) is None
+    assert oracle.fetched_ok(data, name, data, True, _opener) == "not sealed (no envelope)"
+    other = seal(RING, "DEV1", "user1", name, ctype, data[:-1] + b"\0")
+    assert "SHA-256" in oracle.fetched_ok(other, name, data, True, _opener)
+    wrong_device = seal(RING, "DEV2", "user1", name, ctype, data)
+    assert "does not open" in oracle.fetched_ok(wrong_device, name, data, True, _opener)
+    assert hashlib.sha256(_opener(blob)).digest() == hashlib.sha256(data).digest()
+    # the attachment list: sealed ones renamed, blocked ones gone
+    msg = _pick(pool, _att("png"))
+    png = msg.attachments[0][0]
+    assert oracle.attachment_list_ok([], msg, managed=False) is None
+    assert "still listed" in oracle.attachment_list_ok([png], msg, managed=False)
+    msg = _pick(pool, _att("docx"))
+    docx = msg.attachments[0][0]
+    assert oracle.attachment_list_ok([envelope_name(docx)], msg, managed=True) is None
+    assert "missing" in oracle.attachment_list_ok([docx], msg, managed=True)
+
+
+# -- run level: real shards over real sockets -----------------------------------------------
+
+DEVICES = 40
+
+
+def _opts(**kw) -> sizing.Options:
+    return sizing.Options(devices=DEVICES, ramp=2.0, settle=1.0, hold=6.0, drain=20.0, shard_size=200,
+                          rate_scale=40.0, seed=5, repeat=1, **kw)
+
+
+def _path(opts: sizing.Options) -> dict:
+    async def go():
+        with tempfile.TemporaryDirectory(prefix="seg-sizing-test-") as d:
+            return await sizing.run_path("direct", opts, Path(d), lambda _m: None)
+    return trio.run(go)
+
+
+@pytest.fixture(scope="module")
+def clean():
+    p = _path(_opts())
+    assert p["failures"] == {}, p["failure_samples"]
+    assert p["byte_checked"] > 100              # answers compared byte for byte
+    return p
+
+
+def _verdict(clean: dict, faulty: dict, security: str = "off") -> dict:
+    """The faulty run judged as the proxy's run beside the clean direct one."""
+    faulty = dict(faulty, path="gateway", server={"cpu_s": 1.0, "cpu_share": 0.1, "rss_kib_max": 1000,
+                                                  "rss_kib_idle": 500, "runqueue_wait": 0.0, "died": False})
+    point = {"devices": DEVICES, "paths": {"direct": clean, "gateway": faulty}}
+    return sizing.judge(point, _opts(security=security))
+
+
+def test_a_corrupted_answer_fails_the_run(clean):
+    p = _path(_opts(fault="corrupt"))
+    assert p["failures"].get("Sync.bytes", 0) > 0, p["failures"]
+    v = _verdict(clean, p)
+    assert not v["meets"]
+    assert any("failed or wrong answers" in b and "Sync.bytes" in b for b in v["broke"]), v["broke"]
+
+
+def test_unsealed_attachments_with_security_on_fail_the_run(clean, monkeypatch):
+    # a "gateway" that passes everything untouched while the policy says seal,
+    # block and rewrite: the simulator's own answers checked as security-on answers
+    monkeypatch.setattr(sizing, "checks_for", lambda path, opts: "security")
+    p = _path(_opts(security="on"))
+    assert p["failures"].get("Sync.security", 0) > 0, p["failures"]
+    assert any("not rewritten" in s or "in the clear" in s or "missing" in s for s in p["failure_samples"])
+    v = _verdict(clean, p, "on")
+    assert not v["meets"]
+    assert any("Sync.security" in b for b in v["broke"]), v["broke"]

@@ -1,0 +1,69 @@
+"""The sizing verdict's arithmetic: paired added latency, pooling of thin commands,
+two runs per claim. Pure functions against hand-computed examples."""
+from __future__ import annotations
+
+from seg_fast.sim import sizing
+from seg_fast.sim.latency import OTHER, added_latency, judged_classes, paired_differences, percentile
+
+
+def test_percentile_is_nearest_rank():
+    v = list(range(1, 1001))                       # 1..1000
+    assert percentile(v, 0.99) == 990
+    assert percentile(v, 0.999) == 999
+    assert percentile(v, 0.5) == 500
+    assert percentile([7.0], 0.999) == 7.0
+    assert percentile([], 0.99) == 0.0
+
+
+def test_paired_differences_by_request_not_by_run():
+    # Three requests on both paths, one only on the gateway path (left out), one
+    # only on the direct path (left out). Direct had one slow request (d2): the
+    # per-request difference there is negative, and it cannot hide the gateway's
+    # slow request g3.
+    direct = {"Sync": {"a": 10.0, "b": 200.0, "c": 12.0, "x": 5.0}}
+    gateway = {"Sync": {"a": 11.0, "b": 201.0, "c": 95.0, "y": 1.0},
+               "Ping": {"a": 585000.0}}
+    diffs = paired_differences(gateway, direct)
+    assert sorted(diffs["Sync"]) == [1.0, 1.0, 83.0]
+    assert "Ping" not in diffs                       # parked Pings are not latency
+    out = added_latency(gateway, direct, pool_min=1)
+    assert out["classes"]["Sync"]["p99"] == 83.0     # the slow gateway request
+    assert out["classes"]["Sync"]["n"] == 3
+    # the difference of the two runs' p99s would be 201 - 200 = 1 ms: flattering
+    assert max(gateway["Sync"].values()) - max(direct["Sync"].values()) == 1.0
+
+
+def test_thin_commands_are_pooled_into_other():
+    diffs = {"Sync": [1.0] * 1200, "Settings": [60.0] * 10, "FolderSync": [2.0] * 990,
+             "SendMail": [3.0] * 1000}
+    classes = judged_classes(diffs)
+    assert set(classes) == {"Sync", "SendMail", OTHER}
+    assert len(classes[OTHER]) == 1000               # Settings + FolderSync
+    # Settings' 10 slow requests are 1% of the pool: p99 is the 990th value (2 ms),
+    # p99.9 the 999th (60 ms)
+    raw_d = {c: {str(i): 0.0 for i in range(len(v))} for c, v in diffs.items()}
+    raw_g = {c: {str(i): x for i, x in enumerate(v)} for c, v in diffs.items()}
+    out = added_latency(raw_g, raw_d)
+    assert out["pooled"] == ["FolderSync", "Settings"]
+    assert out["classes"][OTHER]["p99"] == 2.0
+    assert out["classes"][OTHER]["p999"] == 60.0
+    assert out["commands"]["Settings"]["p99"] == 60.0   # reported, not judged alone
+
+
+def _run(meets: bool, p99: float, cpu: float) -> dict:
+    return {"devices": 100, "verdict": {
+        "meets": meets, "broke": [] if meets else ["paired added p99 too high"], "invalid": [],
+        "caveats": [], "added_latency_ms": {"gateway": {"classes": {"Sync": {"p99": p99, "n": 5000}}}},
+        "metrics": {"gateway": {"cpu_share": cpu, "projected_devices_at_80pct_cpu": int(80 / cpu)}}}}
+
+
+def test_a_claim_needs_two_runs_and_quotes_the_worse():
+    one = sizing.combine([_run(True, 10.0, 0.2)], repeat=2)
+    assert not one["meets"] and any("two runs" in x for x in one["invalid"])
+    both = sizing.combine([_run(True, 10.0, 0.2), _run(True, 30.0, 0.1)], repeat=2)
+    assert both["meets"] and both["runs_meet"] == [True, True]
+    assert both["added_latency_ms"]["gateway"]["classes"]["Sync"]["p99"] == 30.0
+    assert both["metrics"]["gateway"]["cpu_share"] == 0.2
+    assert both["metrics"]["gateway"]["projected_devices_at_80pct_cpu"] == 400   # the lower
+    second_misses = sizing.combine([_run(True, 10.0, 0.2), _run(False, 90.0, 0.2)], repeat=2)
+    assert not second_misses["meets"] and second_misses["broke"] == ["run 2: paired added p99 too high"]
