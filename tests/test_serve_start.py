@@ -69,3 +69,21 @@ def test_workers_that_keep_dying_stop_the_gateway(tmp_path):
     assert proc.returncode == 1, err
     assert len(killed) == 5
     assert "workers exited 5 times within 60 s" in err and "stopping" in err
+
+
+def test_serve_says_which_config_and_warns_without_policies(tmp_path):
+    cfg = write(tmp_path)
+    proc = start_serve(cfg, tmp_path)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"every device is blocked" not in seen and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break                     # exited: the asserts below say what was missing
+            seen += line
+    finally:
+        stop_process(proc)
+    text = seen.decode()
+    assert f"config: {cfg}" in text
+    assert "WARNING: " in text and "no policies loaded, so every device is blocked" in text

@@ -49,8 +49,23 @@ def cli(argv: list[str]) -> int:
         return run_worker(config, args.config)
     for var in unknown_env_vars():
         _say(f"warning: environment variable {var} names no setting; ignored")
+    if args.config:
+        _say(f"config: {args.config}")
+    else:
+        _say(f"config: none given, the embedded defaults (listener {config.listener.host}:{config.listener.port} "
+             f"plain HTTP, mail server {config.upstream.url}, state in {config.state_dir}); "
+             "use --config FILE (examples/gateway.toml)")
+    _warn_without_policies(config)
     workers = args.workers if args.workers is not None else config.workers
     return run_control(config, args.config, workers or os.cpu_count() or 1)
+
+
+def _warn_without_policies(config) -> None:
+    from seg_fast.checkconfig import check_store
+
+    for finding in trio.run(check_store, config):
+        if not finding.ok:
+            _say(f"WARNING: {finding.text}")
 
 
 # -- worker -----------------------------------------------------------------
