@@ -56,14 +56,23 @@ class Device:
     async def send_bytes(self, data) -> None:
         try:
             await sockio.send_all(self.stream, self.sock, data, self.gw.device_pace)
+        except TimeoutError:
+            self._write_timeout()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise DeviceGone(type(exc).__name__) from None
 
     async def send_parts(self, parts: list) -> None:
         try:
             await sockio.send_parts(self.stream, self.sock, parts, self.gw.device_pace)
+        except TimeoutError:
+            self._write_timeout()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise DeviceGone(type(exc).__name__) from None
+
+    def _write_timeout(self):
+        # Nothing more can be said to a device that stopped reading: count it and close.
+        self.gw.incidents.note("device_write_timeout", client_ip=self.client_ip)
+        raise DeviceGone("device did not read its answer in time") from None
 
     async def answer(self, status: int, headers, body: bytes = b"") -> None:
         """A whole answer the gateway makes itself (errors, blocked devices, transformed answers)."""

@@ -61,7 +61,10 @@ class Incidents:
         if skipped:
             line["not_logged_since_last"] = skipped
         try:
-            print(json.dumps(line, separators=(",", ":")), file=self.stream or sys.stderr, flush=True)
+            # One write per line: workers share stderr, and a pipe keeps writes under 4 KB whole.
+            out = self.stream or sys.stderr
+            out.write(json.dumps(line, separators=(",", ":")) + "\n")
+            out.flush()
         except (OSError, ValueError):
             pass                      # a closed or full stderr must not end the worker
 
