@@ -108,7 +108,10 @@ def check_state_mode(config) -> list[Finding]:
 
 def startup_problem(config) -> Finding | None:
     """The first thing that would make every worker fail at start, for `serve` to refuse early."""
-    return next((f for f in check_tls(config) + check_paths(config) if not f.ok), None)
+    # A read-only state_dir that exists is not one: the store opens read-only and serves,
+    # refusing only writes (issue 9; `serve` warns, `check-config` still reports it).
+    return next((f for f in check_tls(config) + check_paths(config)
+                 if not f.ok and not (f.what == "state_dir" and Path(config.state_dir).is_dir())), None)
 
 
 def _port_in_use(host: str, port: int) -> str | None:

@@ -120,7 +120,8 @@ class Keyring:
         ensure_parent(self._state_file)
         tmp = self._state_file.with_name(self._state_file.name + f".{os.getpid()}.tmp")
         # 0600 like every state file (write_text would make it 0644 under the usual umask).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp.unlink(missing_ok=True)     # a leftover keeps its old mode through O_CREAT
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps({"generations": self._generations}, sort_keys=True))
         os.replace(tmp, self._state_file)

@@ -702,14 +702,17 @@ async def _read_copy_meta(path: str) -> dict:
         await copy.aclose()
 
 
-async def keep_local_copy(settings, *, interval: float = 1.0, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def keep_local_copy(settings, *, interval: float = 1.0, min_gap: float = 5.0,
+                          task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Control process, Redis store: copy every new snapshot version (document, device
     records, meta) into the local SQLite file, so a worker started while Redis is down
-    serves the last snapshot instead of blocking every device (RedisStore ``local_copy``)."""
+    serves the last snapshot instead of blocking every device (RedisStore ``local_copy``).
+    A whole copy at most every ``min_gap`` seconds: a stream of changes to a large
+    snapshot must not keep the control process busy copying."""
     redis = RedisStore(settings.redis_url, prefix=settings.redis_prefix)
     copy = SqliteStore(settings.sqlite_path)
     task_status.started()
-    saved, failing, delay = None, "", interval
+    saved, failing, delay, last = None, "", interval, -min_gap
     try:
         while True:
             try:
@@ -717,7 +720,8 @@ async def keep_local_copy(settings, *, interval: float = 1.0, task_status=trio.T
                     await copy.open()
                     saved = (await _read_copy_meta(copy.path)).get("version")
                 version = await redis.version()
-                if version != saved:
+                if version != saved and trio.current_time() - last >= min_gap:
+                    last = trio.current_time()
                     snap = await redis.snapshot()
                     meta = await redis.get_entries("meta")
                     await copy.replace_all(snap.document, snap.devices)

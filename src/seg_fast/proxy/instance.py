@@ -88,5 +88,6 @@ def probe_bind(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise StartupError(f"key listener.port: cannot listen on {host}:{port}: "
-                               f"{exc.strerror or exc} (another process holds it)") from None
+            held = " (another process holds it)" if exc.errno == errno.EADDRINUSE else ""
+            raise StartupError(f"key listener.port: cannot listen on {host}:{port}: {exc.strerror or exc}{held}") \
+                from None
