@@ -442,3 +442,111 @@ def test_an_eml_rule_takes_the_attached_message_whole_and_allow_never_skips_its_
     assert PDF in [d for _, _, d in leaves(data)]
     new, _ = transform_mime(raw, _plan(True, {"eml": "allow", "pdf": "block"}))
     assert PDF not in new and any(t == "message/rfc822" for t, _, _ in leaves(new))
+
+
+# -- misleading names: lists agree with what is fetched --------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 3
+ZIP = b"PK\x03\x04" + b"holiday photos, really a zip " * 40
+FILES = {"r:zip": ("holiday.png", ZIP), "r:pdf": ("report.pdf", PDF), "r:scan": ("scan", PNG),
+         "r:png": ("photo.png", PNG)}
+NAMES_POLICY = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(file_types={"zip": "encrypt", "pdf": "encrypt"}))
+
+
+def names_upstream(body_type: dict):
+    """Sync: one item listing FILES (a Type 2 body, or the MIME with them when the device
+    asks Type 4); ItemOperations and GetAttachment: each file's bytes."""
+    mime = EmailMessage()
+    mime["Subject"] = "Holiday"
+    mime.set_content("Photos attached.")
+    for ref, (name, data) in FILES.items():
+        mime.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
+    mime = mime.as_bytes(policy=email.policy.SMTP).decode()
+
+    def handler(req, body):
+        cmd = command_of(req)
+        if cmd == b"Sync":
+            four = body_type["type"] == "4"
+            atts = [E("AirSyncBase:Attachment", E("AirSyncBase:DisplayName", name),
+                      E("AirSyncBase:FileReference", ref), E("AirSyncBase:Method", "1"),
+                      E("AirSyncBase:EstimatedDataSize", str(len(data))))
+                    for ref, (name, data) in FILES.items()]
+            return 200, WBXML, encode(E("AirSync:Sync", E("AirSync:Collections", E(
+                "AirSync:Collection", E("AirSync:SyncKey", "2"), E("AirSync:CollectionId", "1"),
+                E("AirSync:Status", "1"), E("AirSync:Commands", E(
+                    "AirSync:Add", E("AirSync:ServerId", "1:1"), E(
+                        "AirSync:ApplicationData", E("Email:Subject", "Holiday"),
+                        E("AirSyncBase:Body", E("AirSyncBase:Type", "4" if four else "2"),
+                          E("AirSyncBase:EstimatedDataSize", str(len(mime) if four else 30)),
+                          E("AirSyncBase:Data", mime if four else "<p>Photos attached.</p>")),
+                        E("AirSyncBase:Attachments", *atts))))))))
+        if cmd == b"ItemOperations":
+            ref = decode(body).find("ItemOperations:Fetch").findtext("AirSyncBase:FileReference")
+            return 200, WBXML, encode(E("ItemOperations:ItemOperations", E("ItemOperations:Status", "1"), E(
+                "ItemOperations:Response", E(
+                    "ItemOperations:Fetch", E("ItemOperations:Status", "1"), E("AirSyncBase:FileReference", ref),
+                    E("ItemOperations:Properties", E("AirSyncBase:ContentType", "application/octet-stream"),
+                      E("ItemOperations:Data", base64.b64encode(FILES[ref][1]).decode()))))))
+        if cmd == b"GetAttachment":
+            ref = unquote(req.target.decode().split("AttachmentName=", 1)[1].split("&", 1)[0])
+            # a mail server's own idea of the type: must not change how the file is sealed
+            return 200, [(b"Content-Type", b"image/png")], FILES[ref][1]
+        return 200, WBXML, encode(E("FolderHierarchy:FolderSync", E("FolderHierarchy:Status", "1")))
+    return handler
+
+
+def listed(doc) -> dict[str, tuple[str, int]]:
+    return {a.findtext("AirSyncBase:FileReference"): (a.findtext("AirSyncBase:DisplayName"),
+                                                      int(a.findtext("AirSyncBase:EstimatedDataSize")))
+            for a in doc.iter("AirSyncBase:Attachment")}
+
+
+async def test_attachment_lists_name_and_size_files_as_they_are_fetched(tmp_path):
+    body_type = {"type": "2"}
+    managed = DeviceRecord(device_id="MANAGED2", user="jdoe", managed=True, compliant=True, compromised=False,
+                           encrypted=True, platform="Apple", model="iPhone 15", os="17.4",
+                           last_checkin=time.time() - 60, eas_profile=True)
+    async with Gateway(tmp_path, names_upstream(body_type), PolicyDocument(security=NAMES_POLICY),
+                       [managed]) as gw:
+        c = gw.client("MANAGED2")
+        try:
+            await wait_serving(gw.port, gw.proc, c)
+            with trio.fail_after(30):
+                first = listed((await c.request("Sync", sync_request())).doc)
+                fetched = {}
+                for ref in FILES:
+                    r = await c.request("ItemOperations", E("ItemOperations:ItemOperations", E(
+                        "ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"),
+                        E("AirSyncBase:FileReference", ref))))
+                    props = next(r.doc.iter("ItemOperations:Properties"))
+                    g = await c.request("GetAttachment", params={"AttachmentName": ref})
+                    fetched[ref] = (props.findtext("AirSyncBase:ContentType"),
+                                    base64.b64decode(props.findtext("ItemOperations:Data")), g)
+                again = listed((await c.request("Sync", sync_request())).doc)
+                body_type["type"] = "4"
+                mime_list = listed((await c.request("Sync", sync_request())).doc)
+        finally:
+            await c.aclose()
+    keys = Keyring(load_master_key(tmp_path / "state" / "seg-fast-master.key"))
+    for ref, (name, data) in FILES.items():
+        ctype, item_ops, get = fetched[ref]
+        sealed = ref in ("r:zip", "r:pdf", "r:scan")    # a ZIP whatever its name; a name that tells nothing
+        if not sealed:
+            assert item_ops == data and get.body == data and first[ref][0] == name
+            continue
+        # both ways of fetching give an envelope of the same file type and name
+        assert ctype == ENVELOPE_CONTENT_TYPE and get.headers["content-type"] == ENVELOPE_CONTENT_TYPE
+        opened_i = open_envelope(keys, "MANAGED2", "jdoe", item_ops)
+        opened_g = open_envelope(keys, "MANAGED2", "jdoe", get.body)
+        assert opened_i == opened_g and opened_i[0] == name and opened_i[2] == data
+        assert hashlib.sha256(opened_g[2]).digest() == hashlib.sha256(data).digest()
+        # the type of what decided: its bytes (a ZIP), its name (nothing said: sealed as
+        # bytes, so a list that has only the name knows the envelope's size)
+        assert opened_i[1] == {"r:zip": "application/zip", "r:pdf": "application/pdf",
+                               "r:scan": "application/octet-stream"}[ref]
+        # the lists name it as fetched, and its size is the envelope's, to the byte
+        for seen in (again, mime_list) + ((first,) if ref != "r:zip" else ()):
+            assert seen[ref] == (name + ".segenc", len(item_ops)), (ref, seen[ref])
+    # the first Type 2 list could only go by the name "holiday.png"; once the bytes were
+    # seen (the fetch, or a Type 4 body) every list says what the fetch gives
+    assert first["r:zip"] == ("holiday.png", len(ZIP))

@@ -5,6 +5,7 @@ The envelope format is documented in docs/envelope.md.
 """
 from __future__ import annotations
 
+import mimetypes
 import os
 import struct
 
@@ -68,6 +69,44 @@ def file_type(name: str, head: bytes) -> str:
                 return ext if ext in _OLE_BASED else "doc"
             return kind
     return ext
+
+
+# How strict an action is: a name never weakens what the bytes call for, nor the reverse.
+_STRICTNESS = {"allow": 0, "encrypt": 1, "block": 2}
+
+
+def stricter(a: str, b: str) -> str:
+    return a if _STRICTNESS[a] >= _STRICTNESS[b] else b
+
+
+def sealed_content_type(name: str, kind: str) -> str:
+    """The content type an envelope records: from the file type that decided (the bytes'
+    when known), else the name; the same for a file however it is fetched (Type 4 body,
+    ItemOperations, GetAttachment), so its envelope size can be told in advance."""
+    for candidate in (f"file.{kind}" if kind else "", name):
+        guess = mimetypes.guess_type(candidate, strict=False)[0] if candidate else None
+        if guess:
+            return guess
+    return "application/octet-stream"
+
+
+def envelope_size(name: str, content_type: str, size: int) -> int:
+    """Bytes of the envelope sealing ``size`` bytes under this name and content type."""
+    return (ENVELOPE_OVERHEAD + min(len(name.encode("utf-8")), 0xFFFF)
+            + min(len(content_type.encode("utf-8")), 0xFFFF) + size)
+
+
+def known_type(kind: str) -> bool:
+    """Whether a file type (an extension) names a kind of file: one with magic bytes, or
+    one the system's MIME table knows. An unknown one says nothing about the bytes."""
+    if not kind:
+        return False
+    if kind in _KNOWN or kind in _ZIP_BASED or kind in _OLE_BASED:
+        return True
+    return mimetypes.guess_type("file." + kind, strict=False)[0] is not None
+
+
+_KNOWN = {kind for _magic, kind in _MAGIC}
 
 
 def envelope_name(name: str) -> str:

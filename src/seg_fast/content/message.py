@@ -19,7 +19,7 @@ from seg_fast.content._links import LinkRewriter
 from seg_fast.content._mime import (Part, line_ending, qp_decode, qp_encode, qp_locate, strip_breaks, walk,
                                     wrap_lines)
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name,
-                                          file_type, seal)
+                                          file_type, known_type, seal, sealed_content_type, stricter)
 from seg_fast.content.keys import Keyring
 from seg_fast.content.model import ClassificationPolicy, EmailSecurityPolicy, HyperlinkPolicy
 from seg_fast.errors import MIMEError
@@ -43,12 +43,14 @@ class Outcome:
     """What the transform did to one message (the Sync answer's attachment list
     follows it)."""
 
-    __slots__ = ("links", "attachments", "smime_skipped", "classification_blocked", "unreadable")
+    __slots__ = ("links", "attachments", "kinds", "smime_skipped", "classification_blocked", "unreadable")
 
     def __init__(self):
         self.links = 0
         # (original name, action, new name or "") per attachment acted on.
         self.attachments: list[tuple[str, str, str]] = []
+        # Attachment name -> the file type that decided its action (its bytes' when known).
+        self.kinds: dict[str, str] = {}
         self.smime_skipped = False
         self.classification_blocked = False
         # The message was past the walker's limits and replaced by a notice.
@@ -100,10 +102,33 @@ class ContentPlan:
     def active(self) -> bool:
         return bool(self.links or self.touches_attachments or self.classification)
 
-    def action(self, name: str, head: bytes) -> tuple[str, str]:
-        """(file type, action) for an attachment."""
-        kind = file_type(name, head)
-        return kind, self.file_actions.get(kind, self.default_action)
+    @property
+    def strictest(self) -> str:
+        """The strictest action of the policy: what a name that tells nothing calls for."""
+        out = self.default_action
+        for a in self.file_actions.values():
+            out = stricter(a, out)
+        return out
+
+    def action(self, name: str, head: bytes, seen: str = "") -> tuple[str, str]:
+        """(file type, action) for an attachment: the stricter of what its name and its
+        bytes (``head``, or the type ``seen`` in its bytes earlier) call for, so a ZIP
+        named holiday.png is handled as a ZIP, and an .exe holding a PNG as an .exe.
+        A name without an extension, or with one that names no kind of file, could hide
+        anything: it calls for the policy's strictest action (a list, which has only the
+        names, then says what the fetch will do)."""
+        by_name = file_type(name, b"")
+        if name and by_name not in self.file_actions and not known_type(by_name):
+            named = self.strictest
+        else:
+            named = self.file_actions.get(by_name, self.default_action)
+        kind = file_type(name, head) if head else seen
+        if not kind:
+            return by_name, named
+        action = self.file_actions.get(kind, self.default_action)
+        if stricter(named, action) != action:
+            return by_name, named
+        return kind, action
 
     def message_action(self) -> str | None:
         """What an attached message gets as a whole: the policy's own "eml" rule, else
@@ -406,6 +431,7 @@ def _attachment(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: byte
     name = p.filename
     if action is None:
         kind, action = plan.action(name, _head(body, p.cte))
+    out.kinds[name] = kind
     if action == "allow":
         return None
     shown = name or (f"attachment.{kind}" if kind else "attachment")
@@ -415,7 +441,7 @@ def _attachment(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: byte
         except (binascii.Error, ValueError):
             plain = None
         if plain is not None:
-            sealed = seal(plan.keys, plan.device_id, plan.user, name, p.content_type, plain)
+            sealed = seal(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind), plain)
             new_name = envelope_name(shown)
             headers = [
                 b"Content-Type: " + ENVELOPE_CONTENT_TYPE.encode() + b"; " + _param("name", new_name),

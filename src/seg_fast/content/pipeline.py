@@ -28,10 +28,9 @@ from collections import OrderedDict
 
 import pybase64
 
-from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, ENVELOPE_OVERHEAD, block_note,
-                                          envelope_name, seal)
+from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name, envelope_size,
+                                          extension, file_type, seal, sealed_content_type)
 from seg_fast.content.keys import Keyring
-from seg_fast.content.attachments import extension, file_type
 from seg_fast.content.message import (MESSAGE_TYPES, NESTED_NAME, ContentPlan, is_smime_class, template_message,
                                       transform_mime, transform_text)
 from seg_fast.content.model import EmailSecurityPolicy
@@ -70,6 +69,9 @@ class _Runtime:
         self.settings = settings
         self._keys: Keyring | None = None
         self.files: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # (user, FileReference) -> the file type its bytes showed (a Type 4 body, a fetch):
+        # a later Type 1/2 list of the same attachment then names it as it will be fetched.
+        self.kinds: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     @property
     def keys(self) -> Keyring:
@@ -86,6 +88,16 @@ class _Runtime:
 
     def name_of(self, user: str, ref: str) -> str:
         return self.files.get((user.lower(), ref), "")
+
+    def remember_kind(self, user: str, ref: str, kind: str) -> None:
+        key = (user.lower(), ref)
+        self.kinds[key] = kind
+        self.kinds.move_to_end(key)
+        while len(self.kinds) > self.settings.file_reference_cache:
+            self.kinds.popitem(last=False)
+
+    def kind_of(self, user: str, ref: str) -> str:
+        return self.kinds.get((user.lower(), ref), "")
 
 
 _runtime = _Runtime(ContentSettings())
@@ -249,6 +261,7 @@ class EmailSecurityTransform:
         blocked_all = verdict is not None
         # What a MIME body's transform did, by attachment name (it saw the magic bytes).
         acted: dict[str, str] = {}
+        kinds: dict[str, str] = {}      # ... and the file type its bytes showed
         # Bodies, grouped by their Body element (2.5 bodies by the item).
         bodies: dict[object, dict[str, object]] = {}
         for sp in spans:
@@ -288,6 +301,7 @@ class EmailSecurityTransform:
                 blocked_all = blocked_all or outcome.classification_blocked or outcome.unreadable
                 exempt = exempt or outcome.smime_skipped
                 acted.update((name, action) for name, action, _ in outcome.attachments)
+                kinds.update(outcome.kinds)
                 resized = bool(outcome.attachments or outcome.classification_blocked or outcome.unreadable)
                 if not outcome.attachments and plan.touches_attachments and not truncated:
                     acted["\0all"] = "allow"
@@ -307,10 +321,10 @@ class EmailSecurityTransform:
                 # Attachments sealed or removed, or a template in place of the message:
                 # the estimate follows (a few bytes per rewritten link do not matter).
                 edits.append((size_sp, _as_kind(size_sp, str(len(new)).encode())))
-        self._attachment_list(req, raw, spans, user, exempt, blocked_all, acted, edits, renames)
+        self._attachment_list(req, raw, spans, user, exempt, blocked_all, acted, kinds, edits, renames)
         self._fetched(req, raw, spans, parts, user, edits)
 
-    def _attachment_list(self, req, raw, spans, user, exempt, blocked_all, acted, edits, renames) -> None:
+    def _attachment_list(self, req, raw, spans, user, exempt, blocked_all, acted, kinds, edits, renames) -> None:
         """Attachments of a Sync/Search item: remember their names; act as the MIME body's
         transform did when there is one, else by the name: an encrypted one is renamed,
         a blocked one leaves the list (or is renamed where the codec cannot cut it)."""
@@ -335,8 +349,11 @@ class EmailSecurityTransform:
             ref = _str(raw, ref_sp) if ref_sp is not None else ""
             if ref:
                 _runtime.remember(user, ref, "\0exempt\0" + name if exempt else name)
+                if name in kinds:
+                    _runtime.remember_kind(user, ref, kinds[name])
             if exempt:
                 continue
+            kind, named_action = plan.action(name, b"", _runtime.kind_of(user, ref) if ref else "")
             if blocked_all:
                 action = "block"
             elif name in acted:
@@ -346,7 +363,7 @@ class EmailSecurityTransform:
             elif extension(name) == "eml":
                 action = plan.message_action() or "allow"   # fetched, its attachments are judged
             else:
-                action = plan.action(name, b"")[1]
+                action = named_action  # no bytes here: the name (and what earlier bytes showed)
             if action == "allow" or name_sp is None:
                 continue
             if action == "encrypt":
@@ -355,8 +372,10 @@ class EmailSecurityTransform:
                 if size_sp is not None:
                     est = _int(raw, size_sp)
                     if est is not None:
-                        extra = ENVELOPE_OVERHEAD + len(name.encode()) + 64
-                        edits.append((size_sp, _as_kind(size_sp, str(est + extra).encode())))
+                        # What the device will fetch: the envelope of this many bytes.
+                        kind = kinds.get(name, kind)
+                        size = envelope_size(name or "attachment", sealed_content_type(name, kind), est)
+                        edits.append((size_sp, _as_kind(size_sp, str(size).encode())))
             else:
                 rename = [(name_sp, name + BLOCKED_SUFFIX)]
                 if size_sp is not None:
@@ -450,13 +469,18 @@ class EmailSecurityTransform:
             if action is None:
                 return self._attached_message(name, blob, ranged)
         else:
-            kind, action = plan.action(name, bytes(blob[:64]))
+            head = bytes(blob[:64])
+            if ref and not ranged:
+                _runtime.remember_kind(user, ref, file_type(name, head))
+            kind, action = plan.action(name, head)
         if action == "allow":
             return None
         shown = name or (f"attachment.{kind}" if kind else "attachment")
         if action == "encrypt" and not ranged:
-            return (seal(plan.keys, plan.device_id, plan.user, shown, ctype, blob), ENVELOPE_CONTENT_TYPE,
-                    envelope_name(shown))
+            # The content type is the file's (not the answer's): ItemOperations,
+            # GetAttachment and a Type 4 body seal one file the same way.
+            return (seal(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind), blob),
+                    ENVELOPE_CONTENT_TYPE, envelope_name(shown))
         return block_note(shown, plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
 
 
