@@ -71,6 +71,9 @@ class LimitSettings(_Section):
     max_connections_per_address: int = 2_000
     min_body_rate: float = 500.0        # bytes/s a large request body must keep up (0: none)
     min_send_rate: float = 1024.0       # bytes/s a device must read a large answer at (0: none)
+    # Answer bytes a worker holds for devices that have not taken them yet; past it the
+    # slowest readers are cut first (0: no limit).
+    max_unsent_bytes: int = 256 * 1024 * 1024
     max_ping_body: int = 64 * 1024   # a Ping body is read whole to find its HeartbeatInterval
 
 
@@ -271,7 +274,7 @@ def _check(config: Config, where: str, overrides) -> None:
     for key in ("max_header_bytes", "max_connections"):
         if getattr(config.limits, key) <= 0:
             problems.append((f"limits.{key}", "must be positive"))
-    for key in ("max_connections_per_address", "min_body_rate", "min_send_rate"):
+    for key in ("max_connections_per_address", "min_body_rate", "min_send_rate", "max_unsent_bytes"):
         if getattr(config.limits, key) < 0:
             problems.append((f"limits.{key}", "must be 0 (off) or more"))
     if problems:

@@ -9,15 +9,20 @@ connection closed. Input never ends a worker.
 """
 from __future__ import annotations
 
+import socket
+import struct
+
 import h11
 import trio
 
 from seg_fast.proxy import exchange, sockio
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy.exchange import DeviceGone, DeviceTimeout
+from seg_fast.proxy.parking import socket_of
 from seg_fast.proxy.upstream import UpstreamError
 
 RECEIVE_SIZE = 64 * 1024
+_RESET = struct.pack("ii", 1, 0)      # SO_LINGER on, 0 s: close() sends RST and drops unsent data
 
 
 class HeadTooLarge(h11.RemoteProtocolError):
@@ -56,22 +61,29 @@ class Device:
     async def send_bytes(self, data) -> None:
         try:
             await sockio.send_all(self.stream, self.sock, data, self.gw.device_pace)
-        except TimeoutError:
-            self._write_timeout()
+        except TimeoutError as exc:
+            self._write_timeout(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise DeviceGone(type(exc).__name__) from None
 
     async def send_parts(self, parts: list) -> None:
         try:
             await sockio.send_parts(self.stream, self.sock, parts, self.gw.device_pace)
-        except TimeoutError:
-            self._write_timeout()
+        except TimeoutError as exc:
+            self._write_timeout(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise DeviceGone(type(exc).__name__) from None
 
-    def _write_timeout(self):
-        # Nothing more can be said to a device that stopped reading: count it and close.
-        self.gw.incidents.note("device_write_timeout", client_ip=self.client_ip)
+    def _write_timeout(self, exc: TimeoutError):
+        # Nothing more can be said to a device that stopped reading: count it, and make the
+        # close a reset (nginx's reset_timedout_connection), so the kernel does not keep the
+        # unsent answer and retry it to a zero window for minutes.
+        kind = "device_write_evicted" if isinstance(exc, sockio.Evicted) else "device_write_timeout"
+        self.gw.incidents.note(kind, client_ip=self.client_ip)
+        try:
+            socket_of(self.stream).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        except OSError:
+            pass
         raise DeviceGone("device did not read its answer in time") from None
 
     async def answer(self, status: int, headers, body: bytes = b"") -> None:

@@ -203,13 +203,71 @@ async def receive(stream, sock, size: int, deadline: float = math.inf) -> bytes 
     return data
 
 
+class Evicted(TimeoutError):
+    """A write cut because the worker's unsent bytes passed their limit and this peer
+    was among the slowest readers."""
+
+
+class _Writer:
+    __slots__ = ("sock", "scope", "size", "start", "taken", "evicted")
+
+    def __init__(self, sock, scope, size: int, start: float):
+        self.sock, self.scope, self.size, self.start = sock, scope, size, start
+        self.taken = 0
+        self.evicted = False
+
+
+class Unsent:
+    """Bytes a worker holds for peers that do not take them yet, with a limit.
+
+    Every write the kernel did not take at once is filed here until it completes.
+    Past ``limit`` the slowest writers (fewest bytes taken per second) are cut until
+    the total is back under 90% of it: a reader that takes nothing cannot make a
+    worker hold its answer, while devices that read keep theirs. The waits are ended
+    the way the wheel ends them (``notify_closing``) or by cancelling their scope.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.total = 0
+        self.writers: dict[_Writer, None] = {}
+        self.evictions = 0
+
+    def add(self, w: _Writer) -> None:
+        self.writers[w] = None
+        self.total += w.size
+        if self.limit and self.total > self.limit:
+            self._evict()
+
+    def done(self, w: _Writer) -> None:
+        if self.writers.pop(w, 0) is None:
+            self.total -= w.size
+
+    def _evict(self) -> None:
+        now = trio.current_time()
+        # Slowest first; a write younger than a second has had no chance to show its pace.
+        slowest = sorted(self.writers, key=lambda w: (now - w.start < 1.0, w.taken / max(now - w.start, 0.001)))
+        for w in slowest:
+            if self.total <= self.limit * 0.9:
+                break
+            self.done(w)
+            w.evicted = True
+            self.evictions += 1
+            if w.scope is not None:
+                w.scope.cancel()
+            else:
+                trio.lowlevel.notify_closing(w.sock.sock)
+
+
 class Pace(NamedTuple):
     """How long a write may take: ``grace`` seconds, plus one second per ``rate`` bytes the
     peer has taken so far (Apache mod_reqtimeout's MinRate): a peer that takes nothing is
-    cut after ``grace``, one that keeps reading at ``rate`` or faster never is."""
+    cut after ``grace``, one that keeps reading at ``rate`` or faster never is. With
+    ``unsent``, a write that waits counts against the worker's limit of unsent bytes."""
 
     grace: float
     rate: float = 0.0                 # bytes/s; 0: no extension
+    unsent: Unsent | None = None
 
     def deadline(self, start: float, taken: int) -> float:
         return start + self.grace + (taken / self.rate if self.rate > 0 else 0.0)
@@ -280,10 +338,15 @@ async def _write_rest(sock, view: memoryview, pace: Pace | None) -> None:
     start = trio.current_time()
     taken = 0
     slot = wheel.add(sock, pace.deadline(start, 0)) if wheel is not None else 0
+    unsent = pace.unsent
+    writer = None
+    if unsent is not None:
+        writer = _Writer(sock, None, len(view), start)
+        unsent.add(writer)
     try:
         while view:
             fd = sock.fileno()
-            if fd < 0:
+            if fd < 0 or (writer is not None and writer.evicted):
                 raise trio.ClosedResourceError("socket was closed")
             await wait_writable(fd)
             try:
@@ -292,18 +355,24 @@ async def _write_rest(sock, view: memoryview, pace: Pace | None) -> None:
                 continue
             view = view[n:]
             taken += n
+            if writer is not None:
+                writer.taken = taken
             if wheel is not None and pace.rate > 0:
                 # Progress moves the deadline (re-filed on the wheel: one dict move).
                 if wheel.remove(sock, slot):
                     raise TimeoutError("peer did not read in time")
                 slot = wheel.add(sock, pace.deadline(start, taken))
     except trio.ClosedResourceError:
+        if writer is not None and writer.evicted:
+            raise Evicted("slowest reader while the worker's unsent bytes passed their limit") from None
         if wheel is not None and wheel.remove(sock, slot):
             raise TimeoutError("peer did not read in time") from None
         raise
     finally:
         if wheel is not None:
             wheel.remove(sock, slot)
+        if writer is not None:
+            unsent.done(writer)
 
 
 async def _send_stream(stream, data, pace: Pace | None) -> None:
@@ -314,15 +383,31 @@ async def _send_stream(stream, data, pace: Pace | None) -> None:
     view = memoryview(data)
     start = trio.current_time()
     taken = 0
-    while True:
-        piece = view[taken:taken + _PACE_SLICE]
-        with trio.CancelScope(deadline=pace.deadline(start, taken)) as scope:
-            await stream.send_all(piece)
-        if scope.cancelled_caught:
-            raise TimeoutError("peer did not read in time")
-        taken += len(piece)
-        if taken >= len(view):
-            return
+    unsent = pace.unsent
+    writer = None
+    try:
+        while True:
+            piece = view[taken:taken + _PACE_SLICE]
+            with trio.CancelScope(deadline=pace.deadline(start, taken)) as scope:
+                if writer is not None:
+                    writer.scope = scope
+                await stream.send_all(piece)
+            if writer is not None and writer.evicted:
+                raise Evicted("slowest reader while the worker's unsent bytes passed their limit")
+            if scope.cancelled_caught:
+                raise TimeoutError("peer did not read in time")
+            taken += len(piece)
+            if taken >= len(view):
+                return
+            if writer is None and unsent is not None:
+                # Slices that go at once cost nothing to track; from the second on, they wait.
+                writer = _Writer(None, scope, len(view), start)
+                unsent.add(writer)
+            if writer is not None:
+                writer.taken = taken
+    finally:
+        if writer is not None:
+            unsent.done(writer)
 
 
 _PACE_SLICE = 64 * 1024
