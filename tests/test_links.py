@@ -248,3 +248,16 @@ def test_a_link_in_an_unlisted_attribute_is_left(attr, quote, junk):
     assert rw(doc) == doc
     out = rw(doc, attributes=("href", attr))
     assert out == doc.replace(b"https://", b"awbs://")
+
+
+def test_hostile_bodies_keep_their_meaning():
+    # A body of a million links in one tag or in the text: every one is judged (the
+    # pass stays linear; benchmarks/content_bench.py measures the speed).
+    text = b"see http://a.example.org/x " * 20_000
+    assert rw(text) == text.replace(b"http://", b"awb://")
+    img = b"<p>" + b'<img alt="a" src="https://i.example.org/p.png">' * 20_000 + b"</p>"
+    assert rw(img) == img
+    # a tag too long to read back to its start (4 KB) counts as text: rewritten, never left
+    long_tag = b"<p " + b"a=http://a.example.org/ " * 1000 + b">"
+    out = rw(long_tag)
+    assert out.count(b"awb://") > 800 and out.replace(b"awb://", b"http://") == long_tag

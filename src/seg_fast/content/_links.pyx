@@ -20,6 +20,9 @@ from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy
 
+cdef extern from "string.h" nogil:
+    void* memrchr(const void* s, int c, size_t n)
+
 cdef enum:
     MAX_SCHEMES = 8
     MAX_SCHEME_LEN = 32
@@ -159,6 +162,19 @@ cdef struct Rep:
     Py_ssize_t start    # offset of the scheme
     Py_ssize_t length   # bytes of the scheme replaced
     int target          # index into the scheme table
+
+
+cdef struct Ctx:
+    Py_ssize_t upto     # bytes before this were searched for '<' and '>'
+    Py_ssize_t lt, gt   # the last '<' and '>' found there (-1: none)
+    Py_ssize_t tag      # the '<' whose attributes were read up to ``pos``
+    Py_ssize_t pos
+
+
+cdef inline void _ctx_init(Ctx* ctx) noexcept nogil:
+    ctx.upto = 0
+    ctx.lt = ctx.gt = ctx.tag = -1
+    ctx.pos = 0
 
 
 cdef Py_ssize_t _push_rep(Rep** reps, Py_ssize_t* cap, Py_ssize_t count, Py_ssize_t start,
@@ -355,32 +371,50 @@ cdef class LinkRewriter:
                 return True
         return False
 
-    cdef bint _hyperlink(self, const unsigned char* buf, Py_ssize_t start) noexcept nogil:
+    cdef bint _hyperlink(self, const unsigned char* buf, Py_ssize_t start, Ctx* ctx) noexcept nogil:
         """Whether the link at ``start`` is one to rewrite: in the text, or in the value
-        of a listed attribute (a CSS ``url(`` counts as ``style``)."""
-        cdef Py_ssize_t j = start, lim = start - TAG_LOOKBACK if start > TAG_LOOKBACK else 0, p, ns, ne, e
+        of a listed attribute (a CSS ``url(`` counts as ``style``). ``ctx`` carries what
+        the previous call of this pass learnt, so a pass costs O(text) however many links
+        a hostile body holds: each byte is searched for '<' and '>' once, and a tag's
+        attributes are read once up to the link (the last link's attribute on)."""
+        cdef Py_ssize_t lo, p, ns, ne
+        cdef const unsigned char* hit
         cdef unsigned char q
         # CSS url(...) (a style attribute or a <style> block): loads an image or a font.
         p = start
         if p > 0 and (buf[p - 1] == 34 or buf[p - 1] == 39):
             p -= 1
-        while p > 0 and (buf[p - 1] == 32 or buf[p - 1] == 9):
+        while p > 0 and start - p < 8 and (buf[p - 1] == 32 or buf[p - 1] == 9):
             p -= 1
         if p >= 4 and buf[p - 1] == 40 and _lower(buf[p - 2]) == 108 and _lower(buf[p - 3]) == 114 \
                 and _lower(buf[p - 4]) == 117:
             return self._listed_attr(<const unsigned char*>b"style", 5)
-        # The tag the link sits in, if any: the nearest '<' with no '>' after it.
-        while j > lim and buf[j - 1] != 60 and buf[j - 1] != 62:
-            j -= 1
-        if j == 0 or j <= lim or buf[j - 1] == 62:
-            return True                     # text
-        # Read the tag's attributes from its name to the link: whose value holds it?
-        p = j
-        while p < start and not (buf[p] <= 32 or buf[p] == 47 or buf[p] == 62):
-            p += 1
+        # The last '<' and '>' before the link (searched from where the last call stopped).
+        if start < ctx.upto:
+            _ctx_init(ctx)
+        lo = ctx.upto if start - ctx.upto <= TAG_LOOKBACK else start - TAG_LOOKBACK
+        if start > lo:
+            hit = <const unsigned char*>memrchr(buf + lo, 60, start - lo)
+            if hit != NULL:
+                ctx.lt = hit - buf
+            hit = <const unsigned char*>memrchr(buf + lo, 62, start - lo)
+            if hit != NULL:
+                ctx.gt = hit - buf
+        ctx.upto = start
+        if ctx.lt < 0 or ctx.gt > ctx.lt or start - ctx.lt > TAG_LOOKBACK:
+            return True                     # text (or a tag too long to read: rewrite)
+        # Read the tag's attributes up to the link: whose value holds it?
+        if ctx.tag == ctx.lt and ctx.pos <= start:
+            p = ctx.pos                     # the same tag as the last link: go on from there
+        else:
+            ctx.tag = ctx.lt
+            p = ctx.lt + 1
+            while p < start and not (buf[p] <= 32 or buf[p] == 47 or buf[p] == 62):
+                p += 1
         while p < start:
             while p < start and (buf[p] <= 32 or buf[p] == 47):
                 p += 1
+            ctx.pos = p
             ns = p
             while p < start and not (buf[p] <= 32 or buf[p] == 61 or buf[p] == 62 or buf[p] == 47):
                 p += 1
@@ -396,17 +430,16 @@ cdef class LinkRewriter:
                 return ne > ns and self._listed_attr(buf + ns, ne - ns)     # unquoted value
             q = buf[p]
             if q == 34 or q == 39:
-                e = p + 1
-                while e < start and buf[e] != q:
-                    e += 1
-                if e >= start:
+                hit = <const unsigned char*>memchr(buf + p + 1, q, start - p - 1)
+                if hit == NULL:
                     return ne > ns and self._listed_attr(buf + ns, ne - ns)
-                p = e + 1
+                p = (hit - buf) + 1
             else:
                 while p < start and not (buf[p] <= 32 or buf[p] == 62):
                     p += 1
                 if p >= start:
                     return ne > ns and self._listed_attr(buf + ns, ne - ns)
+        ctx.pos = p
         return True                         # not in an attribute value: "<https://...>" in text
 
     cdef int _scheme_at(self, const unsigned char* buf, Py_ssize_t colon, Py_ssize_t* start) noexcept nogil:
@@ -431,6 +464,8 @@ cdef class LinkRewriter:
     cdef Py_ssize_t _scan(self, const unsigned char* buf, Py_ssize_t n, bint truncated,
                           Rep** reps, Py_ssize_t* cap) except -1:
         cdef Py_ssize_t count = 0, i = 0, start = 0, e
+        cdef Ctx ctx
+        _ctx_init(&ctx)
         cdef const unsigned char* c
         cdef unsigned char quote
         cdef int s
@@ -463,7 +498,7 @@ cdef class LinkRewriter:
                     e += 1
             # A link running into the end of a truncated body may be cut: leave it.
             if s >= 0 and not (truncated and e == n) and e > i + 3 and self._wanted(buf, i + 3, e) \
-                    and self._hyperlink(buf, start):
+                    and self._hyperlink(buf, start, &ctx):
                 count = _push_rep(reps, cap, count, start, i - start, s)
             i = e if e > i + 3 else i + 3
         return count
@@ -474,6 +509,8 @@ cdef class LinkRewriter:
         (``&#104;ttp&#58;//``: a browser opens them like any other): their scheme bytes
         are replaced too. Runs only when the body holds such references at all."""
         cdef Py_ssize_t r = 0, s, j, nx, last = -1, k, hlen, h, scheme_end
+        cdef Ctx ctx
+        _ctx_init(&ctx)
         cdef const unsigned char* amp
         cdef int ch, idx, m
         cdef bint wr, any_ref
@@ -555,7 +592,7 @@ cdef class LinkRewriter:
                 continue
             if self.mode != MODE_ALL and self._host_listed(host, h) != (self.mode == MODE_INCLUDE):
                 continue
-            if not self._hyperlink(buf, s):
+            if not self._hyperlink(buf, s, &ctx):
                 continue
             count = _push_rep(reps, cap, count, s, scheme_end - s, idx)
         return count
