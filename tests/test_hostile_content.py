@@ -10,6 +10,8 @@ import email
 import email.policy
 import hashlib
 import os
+import shutil
+import subprocess
 import time
 from email import encoders
 from email.message import EmailMessage
@@ -27,7 +29,7 @@ from seg_fast.content.attachments import ENVELOPE_CONTENT_TYPE, open_envelope
 from seg_fast.content.keys import Keyring, load_master_key
 from seg_fast.content.message import MAX_NESTED_MESSAGES
 from seg_fast.content.model import AttachmentPolicy, EmailSecurityPolicy, HyperlinkPolicy
-from seg_fast.eas.wbxml import decode, encode
+from seg_fast.eas.wbxml import decode, encode, from_xml
 from seg_fast.policy.model import DeviceRecord, PolicyDocument
 from seg_fast.policy.store import SqliteStore
 from seg_fast.sim.client import EasClient
@@ -550,3 +552,54 @@ async def test_attachment_lists_name_and_size_files_as_they_are_fetched(tmp_path
     # the first Type 2 list could only go by the name "holiday.png"; once the bytes were
     # seen (the fetch, or a Type 4 body) every list says what the fetch gives
     assert first["r:zip"] == ("holiday.png", len(ZIP))
+
+
+# -- a cut never leaves a dangling SWITCH_PAGE ------------------------------------------------
+
+def switch_heavy_sync() -> bytes:
+    """A Sync answer whose last attachment (blocked for unmanaged devices) follows a run
+    of redundant SWITCH_PAGEs, as the issue's ``03016a00 45 0000 0000 47 ...``."""
+    from seg_fast.eas.wbxml import scan
+
+    doc = encode(E("AirSync:Sync", E("AirSync:Collections", E(
+        "AirSync:Collection", E("AirSync:SyncKey", "2"), E("AirSync:CollectionId", "1"), E("AirSync:Status", "1"),
+        E("AirSync:Commands", E("AirSync:Add", E("AirSync:ServerId", "1:1"), E(
+            "AirSync:ApplicationData", E("Email:Subject", "Pictures"),
+            E("AirSyncBase:Body", E("AirSyncBase:Type", "1"), E("AirSyncBase:Data", "Two files.")),
+            E("AirSyncBase:Attachments",
+              *(E("AirSyncBase:Attachment", E("AirSyncBase:DisplayName", name),
+                  E("AirSyncBase:FileReference", f"r:{name}"), E("AirSyncBase:Method", "1"),
+                  E("AirSyncBase:EstimatedDataSize", "100")) for name in ("notes.txt", "photo.png"))),
+            E("Email:Read", "0"))))))))
+    last = [s for s in scan(doc, [], elements=["AirSyncBase:Attachment"])][-1]
+    assert doc[last.offset - 2] != 0       # canonical: no switch before it yet
+    return doc[:last.offset] + b"\x00\x11\x00\x11" + doc[last.offset:]
+
+
+async def test_a_blocked_attachment_after_a_switch_page_run_leaves_a_decodable_answer(tmp_path):
+    answer = switch_heavy_sync()
+    tree = decode(answer)                  # a valid document, as the mail server sent it
+    policy = EmailSecurityPolicy(unmanaged_attachments=AttachmentPolicy(file_types={"png": "block"}))
+    async with Gateway(tmp_path, lambda req, body: (200, WBXML, answer) if command_of(req) == b"Sync"
+                       else (200, WBXML, ok_sync()), PolicyDocument(security=policy)) as gw:
+        c = gw.client("SWITCHES1")
+        try:
+            await wait_serving(gw.port, gw.proc, c)
+            with trio.fail_after(20):
+                r = await c.request("Sync", sync_request())
+        finally:
+            await c.aclose()
+    assert r.status == 200 and r.headers["content-type"] == "application/vnd.ms-sync.wbxml"
+    got = decode(r.body)
+    # the tree the mail server sent, less the blocked attachment, and nothing else
+    atts = next(tree.iter("AirSyncBase:Attachments"))
+    atts.children = [a for a in atts.children if a.findtext("AirSyncBase:DisplayName") != "photo.png"]
+    assert got == tree
+    assert b"\x00\x11\x00\x11" not in r.body and len(r.body) < len(answer)
+    if shutil.which("wbxml2xml"):
+        # libwbxml (the independent decoder) reads the device's answer as the same tree
+        (tmp_path / "got.wbxml").write_bytes(r.body)
+        run = subprocess.run(["wbxml2xml", "-l", "ACTIVESYNC", "-m", "0", "-k", "-o", str(tmp_path / "got.xml"),
+                              str(tmp_path / "got.wbxml")], capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert from_xml((tmp_path / "got.xml").read_bytes(), dialect="libwbxml") == tree
