@@ -603,3 +603,29 @@ async def test_a_blocked_attachment_after_a_switch_page_run_leaves_a_decodable_a
                               str(tmp_path / "got.wbxml")], capture_output=True, text=True, timeout=30)
         assert run.returncode == 0, run.stdout + run.stderr
         assert from_xml((tmp_path / "got.xml").read_bytes(), dialect="libwbxml") == tree
+
+
+def test_past_max_spans_links_alone_pass_and_attachment_policies_refuse():
+    from seg_fast.content import pipeline
+    from seg_fast.content.settings import ContentSettings
+    from seg_fast.eas.request import EasRequest
+
+    doc = hostile_sync(500, depth=10)
+    request = EasRequest(method="POST", path="/Microsoft-Server-ActiveSync", command="Sync", user="jdoe",
+                         device_id="D1", user_agent="x", params={})
+    links = EmailSecurityPolicy(hyperlinks=HyperlinkPolicy(enabled=True))
+    blocks = EmailSecurityPolicy(unmanaged_attachments=AttachmentPolicy(file_types={"pdf": "block"}))
+    try:
+        for limit, passes in ((1000, True), (499, False)):
+            pipeline.configure(ContentSettings(max_spans=limit), keys=Keyring(b"\x01" * 32))
+            (t,) = pipeline.transforms_for(links, managed=False, device_id="D1", user="jdoe")
+            assert t.transform_answer_and_headers(request, 200, WBXML, doc)[1] == doc
+            (t,) = pipeline.transforms_for(blocks, managed=False, device_id="D1", user="jdoe")
+            headers, body = t.transform_answer_and_headers(request, 200, WBXML, doc)
+            if passes:
+                assert body == doc
+            else:
+                assert text(decode(body), "AirSync:Status") == "5"
+                assert dict(headers)[b"Content-Type"] == b"application/vnd.ms-sync.wbxml"
+    finally:
+        pipeline.configure(ContentSettings())
