@@ -94,7 +94,7 @@ async def test_push_override_and_device_lookup(admin):
     status, body = await call(admin, "POST", "/seg/device/DEV1/override", {"override": "whitelist"})
     assert status == 200
     # The gate (like every worker) follows the store: within a second it allows the device.
-    req = EasRequest(method="POST", path="/", command="Sync", user="jdoe", device_id="DEV1")
+    req = EasRequest(method="POST", path="/", command="Sync", user="jdoe", device_id="DEV1", identity="credential")
     await eventually(lambda: admin.gate.decide(req).reason == "allowed.whitelisted")
     assert (await call(admin, "GET", "/seg/policy/device/DEV1"))[1]["decision"] == "allowed.whitelisted"
     assert (await call(admin, "POST", "/seg/device/DEV1/override", {"override": "maybe"}))[0] == 400

@@ -186,12 +186,14 @@ async def test_451_redirect_points_device_back_and_remembers_user(tmp_path):
         def first(req, body):
             return 451, [(b"X-MS-Location", other_url.encode()), (b"Content-Length", b"0")], b""
 
-        async with upstream(first) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path) as gw:
+        async with upstream(first) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path,
+                                                  listener_external_url="https://eas.example.org:8443") as gw:
             gw.redirects.by_user.clear()
             dev = await Client.connect(gw.port)
             resp, _ = await dev.request(b"POST", EAS + QUERY, [AUTH], b"x")
             assert resp.status_code == 451
-            assert dict(resp.headers)[b"x-ms-location"] == b"http://gw.example/Microsoft-Server-ActiveSync"
+            # The configured external name, never the device's own Host header (gw.example).
+            assert dict(resp.headers)[b"x-ms-location"] == b"https://eas.example.org:8443/Microsoft-Server-ActiveSync"
             origin = gw.redirects.origin_for("TEST")
             assert (origin.scheme, origin.port) == ("https", other.port)
             # Another user still goes to the first server.
@@ -207,8 +209,10 @@ async def test_302_redirect_then_forwarded_to_the_named_server(tmp_path):
         async with upstream(first) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path) as gw:
             dev = await Client.connect(gw.port)
             resp, _ = await dev.request(b"POST", EAS + QUERY, [AUTH], b"x")
-            assert resp.status_code == 302
-            assert dict(resp.headers)[b"location"].startswith(b"http://gw.example/")
+            # No listener.external_url: the device retries where it is (no Host header trusted)...
+            assert resp.status_code == 503 and dict(resp.headers)[b"retry-after"] == b"1"
+            assert b"location" not in dict(resp.headers)
+            # ...and the retry reaches the named server through the remembered mapping.
             resp, body = await dev.request(b"POST", EAS + QUERY, [AUTH], b"x")
             assert resp.status_code == 200 and len(other.requests) == 1 and len(up.requests) == 1
 
@@ -443,7 +447,8 @@ async def test_outbound_connect_proxy_with_basic_credentials(tmp_path):
 
 
 async def test_forwarded_headers_behind_a_load_balancer(tmp_path):
-    async with upstream(_by_fixture) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path) as gw:
+    async with upstream(_by_fixture) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path,
+                                                    listener_trusted_proxies='["127.0.0.1/32"]') as gw:
         dev = await Client.connect(gw.port)
         await dev.request(b"POST", EAS + QUERY, [AUTH, (b"X-Forwarded-For", b"203.0.113.7"),
                                                  (b"X-Forwarded-Proto", b"https"), (b"Connection", b"keep-alive, X-Drop"),

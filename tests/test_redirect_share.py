@@ -42,7 +42,8 @@ def policy(request, tmp_path):
 @asynccontextmanager
 async def gateway(nursery, upstream_url: str, tmp_path, policy: PolicySettings):
     config = load_config(None, env={"SEG_FAST_LISTENER_HOST": "127.0.0.1", "SEG_FAST_LISTENER_PORT": "0",
-                                    "SEG_FAST_UPSTREAM_URL": upstream_url, "SEG_FAST_LOG_TRANSACTIONS": ""})
+                                    "SEG_FAST_UPSTREAM_URL": upstream_url, "SEG_FAST_LOG_TRANSACTIONS": "",
+                                    "SEG_FAST_LISTENER_EXTERNAL_URL": "https://gw.example"})
     gw = Gateway(config, gatekeeper_factory=lambda c: PolicyGatekeeper(policy))
     async with trio.open_nursery() as n:
         await n.start(gw.serve)

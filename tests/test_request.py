@@ -1,4 +1,4 @@
-"""EasRequest identification: both query forms, Basic auth, malformed input."""
+"""EasRequest identification: both query forms, the credential's user, header refusals, malformed input."""
 from __future__ import annotations
 
 import base64
@@ -30,8 +30,45 @@ def test_plain_query_fields_and_headers():
 
 
 def test_basic_auth_user_wins_over_query_user_and_keeps_domain():
-    req = parse_request("POST", PATH + b"?Cmd=Ping&User=someoneelse&DeviceId=A&DeviceType=B", [AUTH])
-    assert req.user == "CORP\\jdoe"
+    req = parse_request("POST", PATH + b"?Cmd=Ping&User=JDoe@corp.example&DeviceId=A&DeviceType=B", [AUTH])
+    assert req.user == "CORP\\jdoe" and req.identity == "credential" and req.auth_scheme == "basic"
+
+
+@pytest.mark.parametrize("query_user", [b"someoneelse", b"CORP%5Cmallory", b"jdoe2", b"mallory@corp.example"])
+def test_query_user_that_disagrees_with_the_credential_is_refused(query_user):
+    with pytest.raises(EASRequestError, match="another user"):
+        parse_request("POST", PATH + b"?Cmd=Ping&User=" + query_user + b"&DeviceId=A&DeviceType=B", [AUTH])
+
+
+def test_two_authorization_headers_are_refused():
+    other = (b"authorization", b"Basic " + base64.b64encode(b"mallory:x"))
+    for headers in ([AUTH, other], [AUTH, AUTH], [(b"Authorization", b"Bearer abc"), other]):
+        with pytest.raises(EASRequestError, match="more than one Authorization"):
+            parse_request("POST", PATH + b"?Cmd=Sync&DeviceId=A&DeviceType=B", headers)
+
+
+@pytest.mark.parametrize("char", [0x01, 0x08, 0x0e, 0x1b, 0x1f, 0x7f])
+def test_control_characters_in_header_values_are_refused(char):
+    for value in (b"Apple" + bytes([char]) + b"x", ("Apple" + chr(char) + "x")):
+        with pytest.raises(EASRequestError, match="control character"):
+            parse_request("POST", PATH + b"?Cmd=Sync&DeviceId=A&DeviceType=B", [(b"X-Anything", value)])
+
+
+def test_tab_and_obs_text_in_header_values_pass():
+    req = parse_request("POST", PATH + b"?Cmd=Sync&DeviceId=A&DeviceType=B",
+                        [(b"user-agent", b"Apple\tiPhone \xc3\xa9")])
+    assert req.user_agent == "Apple\tiPhone \xc3\xa9"
+
+
+def test_client_address_from_trusted_proxies_only():
+    from seg_fast.proxy.headers import TrustedProxies
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    q = PATH + b"?Cmd=Sync&DeviceId=A&DeviceType=B"
+    xff = [(b"x-forwarded-for", b"198.51.100.1, 203.0.113.7, 10.0.0.3")]
+    assert parse_request("POST", q, xff, "10.0.0.1", proxies).client_ip == "203.0.113.7"
+    assert parse_request("POST", q, xff, "192.0.2.5", proxies).client_ip == "192.0.2.5"   # not a proxy
+    assert parse_request("POST", q, xff, "10.0.0.1").client_ip == "10.0.0.1"             # none configured
+    assert parse_request("POST", q, [], "10.0.0.1", proxies).client_ip == "10.0.0.1"
 
 
 def test_percent_encoded_values():
@@ -86,8 +123,11 @@ def test_bad_basic_credentials(value):
         parse_request("POST", PATH + b"?Cmd=Sync&DeviceId=A&DeviceType=B", [(b"Authorization", value)])
 
 
-def test_bearer_auth_is_not_a_user_and_no_password_leaks():
+def test_opaque_bearer_names_no_user_and_no_password_leaks():
     assert basic_auth_user("Bearer abc") is None
+    req = parse_request("POST", PATH + b"?Cmd=Sync&User=jdoe&DeviceId=A&DeviceType=B",
+                        [(b"Authorization", b"Bearer abc")])
+    assert (req.user, req.identity, req.auth_scheme) == ("jdoe", "none", "bearer")
     req = parse_request("POST", PATH + b"?Cmd=Sync&DeviceId=A&DeviceType=B", [AUTH])
     assert "pa:ss" not in repr(req)
 
@@ -414,6 +454,46 @@ def _headers(draw):
     return out
 
 
+def _bare(name: str) -> str:
+    # The documented agreement rule, written out again: no DOMAIN\\, no @domain, any case.
+    return re.sub(r"@.*", "", re.sub(r".*\\\\", "", name.lower(), flags=re.S), flags=re.S)
+
+
+def _expected(method, target, headers, client_ip):
+    """The reference parser's outcome plus what was added since: header refusals (two
+    Authorization headers, control characters), User= agreeing with the credential,
+    and the scheme and identity fields."""
+    ref = _outcome(_reference_parse_request, method, target, headers, client_ip)
+    if isinstance(ref, tuple) and ref[1].startswith(("request path", "query longer")):
+        return ref                   # read before any header
+    seen_auth = False
+    for name, value in headers:
+        low = name.lower()
+        if low in (b"authorization", "authorization"):
+            if seen_auth:
+                return (EASRequestError, "more than one Authorization header")
+            seen_auth = True
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        if any(ord(c) < 32 and c != "\t" or c == "\x7f" for c in text):
+            return (EASRequestError, "a header value holds a control character")
+    if not isinstance(ref, EasRequest):
+        return ref
+    auth = next((v for n, v in headers if n.lower() in (b"authorization", "authorization")), None)
+    if not auth:
+        return ref
+    auth = auth.decode("latin-1") if isinstance(auth, bytes) else auth
+    scheme = auth.strip().partition(" ")[0].lower()
+    if scheme != "basic":            # the oracle's headers hold Basic and opaque Bearer tokens only
+        ref.auth_scheme = scheme[:20]
+        return ref
+    without_auth = [h for h in headers if h[0].lower() not in (b"authorization", "authorization")]
+    claimed = _reference_parse_request(method, target, without_auth, client_ip).user
+    if claimed and _bare(claimed) != _bare(ref.user):
+        return (EASRequestError, "User= names another user than the credential")
+    ref.auth_scheme, ref.identity = "basic", "credential"
+    return ref
+
+
 @settings(max_examples=600, deadline=None)
 @example(method="POST", query=b"Cmd=Sync&AttachmentName=%00", headers=[], as_str=False, client_ip="", path=PATH)
 @example(method="POST", query=b"Cmd=Sync&DeviceType=a/b", headers=[], as_str=False, client_ip="", path=PATH)
@@ -426,4 +506,4 @@ def test_parser_matches_the_original_implementation(method, query, headers, as_s
     if as_str:
         target = target.decode("latin-1") + ("\u20ac" if query.endswith(b"!") else "")
     new = _outcome(parse_request, method, target, headers, client_ip)
-    assert new == _outcome(_reference_parse_request, method, target, headers, client_ip)
+    assert new == _expected(method, target, headers, client_ip)

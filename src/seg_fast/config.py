@@ -28,6 +28,12 @@ class ListenerSettings(_Section):
     tls_cert: str = ""
     tls_key: str = ""
     backlog: int = 4096
+    # Addresses (CIDR) of load balancers whose X-Forwarded-For/-Proto, Forwarded and
+    # X-Real-IP are believed; from anyone else they are dropped. Empty: nobody's.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    # The gateway's URL as devices reach it ("https://mail.example.com"): where a 451/302
+    # from the mail server sends the device. Empty: the device is told to retry (503).
+    external_url: str = ""
 
 
 class UpstreamSettings(_Section):
@@ -256,6 +262,17 @@ def _check(config: Config, where: str, overrides) -> None:
                          "TLS needs both tls_cert and tls_key (or neither, for plain HTTP)"))
     from urllib.parse import urlsplit
 
+    from seg_fast.proxy.headers import TrustedProxies
+
+    try:
+        TrustedProxies(config.listener.trusted_proxies)
+    except ValueError as exc:
+        problems.append(("listener.trusted_proxies", f"not an address or CIDR network: {exc}"))
+    if config.listener.external_url:
+        ext = urlsplit(config.listener.external_url)
+        if not config.listener.external_url.isascii() or ext.scheme not in ("http", "https") \
+                or not ext.hostname or ext.path.strip("/") or ext.query or ext.fragment:
+            problems.append(("listener.external_url", "must be an http:// or https:// URL with a host and no path"))
     up = urlsplit(config.upstream.url)
     if up.scheme not in ("http", "https") or not up.hostname:
         problems.append(("upstream.url", "must be an http:// or https:// URL with a host"))

@@ -4,6 +4,10 @@ Both query forms of MS-ASHTTP 2.2.1.1.1 are understood: the plain form
 (``Cmd=Sync&User=jdoe&DeviceId=ABC&DeviceType=iPhone``) and the base64 form
 (2.2.1.1.1.1, one base64 blob of packed fields). Anything malformed raises
 EASRequestError, which the proxy answers with HTTP 400.
+
+The user the policy decides on comes from the credential where it names one
+(credentials.py); the device's ``User=`` must then agree with it. Two
+Authorization headers, or a control character in any header value, are refused.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from urllib.parse import unquote_to_bytes
 
 import msgspec
 
+from seg_fast.eas import credentials
 from seg_fast.errors import EASRequestError
 
 
@@ -21,7 +26,7 @@ class EasRequest(msgspec.Struct, kw_only=True):
     method: str                       # "POST", "OPTIONS", ...
     path: str                         # the path without the query
     command: str | None = None        # "Sync", "Ping", ... (names as in MS-ASCMD)
-    user: str | None = None           # as the device gave it (query User= or Basic auth)
+    user: str | None = None           # the credential's user; else the query's User= (see identity)
     device_id: str | None = None
     device_type: str | None = None
     protocol_version: str | None = None   # "14.1"; from MS-ASProtocolVersion or the base64 form
@@ -30,7 +35,9 @@ class EasRequest(msgspec.Struct, kw_only=True):
     params: dict[str, str] = {}       # other query parameters (CollectionId, ItemId, AttachmentName...)
     base64_query: bool = False
     accept_multipart: bool = False
-    client_ip: str = ""
+    client_ip: str = ""               # the device's address (past trusted proxies)
+    auth_scheme: str = ""             # "basic", "bearer", "ntlm", "negotiate", ... ("" : none)
+    identity: str = credentials.NONE  # where ``user`` came from: credentials.CREDENTIAL / HANDSHAKE / NONE
 
 
 # MS-ASHTTP 2.2.1.1.1.1.2: command codes of the base64 form.
@@ -58,6 +65,9 @@ _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 _TOKEN = re.compile(r"[A-Za-z0-9_.\-:@\\]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+# Header values: anything but a control character, HTAB allowed (RFC 9110 5.5).
+_CLEAN_VALUE_BYTES = re.compile(rb"[\t\x20-\x7e\x80-\xff]*").fullmatch
+_CLEAN_VALUE_STR = re.compile("[\t\x20-\x7e\x80-\U0010ffff]*").fullmatch
 _B64_VERSIONS = {v: f"{v // 10}.{v % 10}" for v in range(20, 200)}   # base64-form version byte -> "14.1"
 
 # Lowercased header name (bytes and str keys, so either form is one lookup) -> the key it is
@@ -75,8 +85,13 @@ _SIMPLE_QUERY_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 
 
 
-def parse_request(method: str, target: bytes | str, headers, client_ip: str = "") -> EasRequest:
-    """Identify one request. ``headers`` is a list of (name, value) pairs (bytes or str)."""
+def parse_request(method: str, target: bytes | str, headers, client_ip: str = "",
+                  trusted_proxies=None) -> EasRequest:
+    """Identify one request. ``headers`` is a list of (name, value) pairs (bytes or str).
+
+    ``client_ip`` is the peer's address; when it is one of ``trusted_proxies``
+    (proxy.headers.TrustedProxies), the device's address is read from X-Forwarded-For.
+    """
     if isinstance(target, str):
         target = target.encode("latin-1")
     path_b, _, query = target.partition(b"?")
@@ -90,12 +105,20 @@ def parse_request(method: str, target: bytes | str, headers, client_ip: str = ""
     # One pass, keeping only the headers read (the first of each name); values decoded later.
     hdr = {}
     wanted = _WANTED
+    values = []
+    keep = values.append
     for name, value in headers:
         key = wanted.get(name)
         if key is None:
             key = wanted.get(name.lower())
-        if key and key not in hdr:
-            hdr[key] = value
+        if key:
+            if key not in hdr:
+                hdr[key] = value
+            elif key == "authorization":
+                # The policy would decide on one while the mail server may take the other.
+                raise EASRequestError("more than one Authorization header")
+        keep(value)
+    _check_values(values)
 
     req = EasRequest(method=method, path=path, client_ip=client_ip)
     if hdr:
@@ -134,11 +157,28 @@ def parse_request(method: str, target: bytes | str, headers, client_ip: str = ""
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         # Not cached: a cache keyed by the header would keep passwords in memory.
-        auth_user = basic_auth_user(value)
+        req.auth_scheme, auth_user, req.identity = credentials.read_authorization(value)
         if auth_user is not None:
-            # The authenticated name is what the mail server checks; the query's User is a hint.
+            # The credential's user is the one the mail server checks; the query's User is a
+            # claim that must agree with it (docs/policy.md, "Which user a request is decided on").
+            claimed = req.user
+            if claimed and not credentials.same_user(claimed, auth_user):
+                raise EASRequestError("User= names another user than the credential")
             req.user = auth_user
+    if trusted_proxies is not None and client_ip in trusted_proxies:
+        req.client_ip = trusted_proxies.client_of(client_ip, headers)
     return req
+
+
+def _check_values(values: list) -> None:
+    """Refuse control characters other than HTAB in header values (RFC 9110 5.5): h11
+    refuses NUL, CR, LF, VT and FF, not the others (0x01-0x08, 0x0e-0x1f, 0x7f)."""
+    try:
+        clean = _CLEAN_VALUE_BYTES(b"".join(values))     # one scan of the whole head's values
+    except TypeError:                                   # str values (callers other than the proxy)
+        clean = all(_CLEAN_VALUE_STR(v) if isinstance(v, str) else _CLEAN_VALUE_BYTES(v) for v in values)
+    if not clean:
+        raise EASRequestError("a header value holds a control character")
 
 
 def _unquoted_base64(query: bytes) -> bytes | None:
@@ -318,14 +358,7 @@ def basic_auth_user(value: str | None) -> str | None:
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "basic":
         return None
-    try:
-        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
-        raise EASRequestError("Authorization header is not valid Basic credentials") from None
-    user, colon, _ = decoded.partition(":")
-    if not colon or _CONTROL.search(user):
-        raise EASRequestError("Authorization header is not valid Basic credentials")
-    return user
+    return credentials.basic_user(token)
 
 
 def encode_base64_query(*, version: str, command: str, device_id: bytes, device_type: str,

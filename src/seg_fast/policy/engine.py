@@ -13,6 +13,7 @@ import re
 import time
 from typing import Callable, Iterable
 
+from seg_fast.eas.credentials import NONE as NO_CREDENTIAL_USER
 from seg_fast.hooks import Decision
 from seg_fast.policy.model import (
     FOLDER_CLASSES, DeviceRecord, ListPolicy, PlatformSets, PolicyDocument, device_key,
@@ -25,6 +26,7 @@ COMMAND_DISABLED = "blocked.command_disabled"
 BLACKLISTED = "blocked.blacklisted"
 WHITELISTED = "allowed.whitelisted"
 USER = "blocked.user"
+USER_UNVERIFIED = "blocked.user_unverified"   # the credential names no user; the decision needs one
 DEVICE_TYPE = "blocked.device_type"
 MAIL_CLIENT = "blocked.mail_client"
 UNMANAGED = "blocked.unmanaged"
@@ -38,7 +40,7 @@ NO_EAS_PROFILE = "blocked.no_eas_profile"
 COMPLIANT = "allowed.compliant"
 
 REASONS = (NO_POLICIES_BLOCKED, NO_POLICIES_ALLOWED, COMMAND_DISABLED, BLACKLISTED, WHITELISTED,
-           USER, DEVICE_TYPE, MAIL_CLIENT, UNMANAGED, INACTIVE, COMPROMISED, NOT_ENCRYPTED,
+           USER, USER_UNVERIFIED, DEVICE_TYPE, MAIL_CLIENT, UNMANAGED, INACTIVE, COMPROMISED, NOT_ENCRYPTED,
            NONCOMPLIANT, MODEL, OS, NO_EAS_PROFILE, COMPLIANT)
 
 FOREVER = float("inf")
@@ -213,8 +215,11 @@ class Engine:
 
     def __init__(self, *, allow_if_no_policies: bool = False, test_mode: bool = False,
                  transforms_for: TransformsFor | None = None, sync_transforms: Callable | None = None,
-                 no_policy_transforms: Callable | None = None, clock: Callable[[], float] = time.time):
+                 no_policy_transforms: Callable | None = None, clock: Callable[[], float] = time.time,
+                 user_without_credential: str = "trust_query"):
         self.allow_if_no_policies = allow_if_no_policies
+        # policy.user_without_credential (the gatekeeper passes the config's, "refuse" by default).
+        self.refuse_unverified = user_without_credential == "refuse"
         self.config_test_mode = test_mode
         self._transforms_for = transforms_for or _default_transforms_for()
         # What devices get while no policy document is loaded and allow_if_no_policies is on
@@ -298,7 +303,7 @@ class Engine:
     def decide(self, req) -> Decision:
         e = self._cache.get(req.device_id)
         if (e is not None and e[0] == req.user and e[1] == req.device_type and e[2] == req.user_agent
-                and e[4] > self.now):
+                and e[4] > self.now and e[5] == req.identity):
             if req.command in self._disabled:
                 return self._cmd_decision
             return e[3]
@@ -312,15 +317,18 @@ class Engine:
         self.now = self._clock()
         pol = self.policies
         key = device_key(raw or "")
-        device = self.devices.get(key)
-        device = device_for(device, req.user)
+        record = self.devices.get(key)
+        device = device_for(record, req.user)
         managed = device is not None and device.managed
         if pol is None:     # no document, allow_if_no_policies on
             reason, until = NO_POLICIES_ALLOWED, FOREVER
             decision = Decision(allowed=True, reason=reason, transforms=tuple(self._no_policy_transforms(
                 managed=managed, device_id=raw or "", user=req.user or "")))
         else:
-            reason, until = evaluate(req, device, pol, self.now)
+            if self._unverified(req, record, pol):
+                reason, until = USER_UNVERIFIED, FOREVER
+            else:
+                reason, until = evaluate(req, device, pol, self.now)
             decision = self._blocked.get(reason)
             if decision is None or decision.test_mode:
                 # Allowed (or let through by test mode): this device's own transforms.
@@ -332,9 +340,25 @@ class Engine:
             if len(self._cache) >= self.MAX_CACHED:
                 self._cache.clear()
                 self._aliases.clear()
-            self._cache[raw] = (req.user, req.device_type, req.user_agent, decision, until)
+            self._cache[raw] = (req.user, req.device_type, req.user_agent, decision, until, req.identity)
             self._aliases.setdefault(key, set()).add(raw)
         return decision
+
+    def _unverified(self, req, record: DeviceRecord | None, pol: CompiledPolicies) -> bool:
+        """Whether to refuse a request decided on an unverified User= (policy.user_without_credential):
+        the credential names no user, and the answer depends on who it is (the user policy,
+        or a device record enrolled to a user). An NTLM type-1 (identity "handshake") is
+        decided on User=: the mail server answers it with a challenge, never with mail."""
+        if not self.refuse_unverified or req.identity != NO_CREDENTIAL_USER:
+            return False
+        if record is not None:
+            if record.override == "blacklist":
+                return False               # blocked whoever it is
+            if record.user:
+                return True                # enrolled: only its user gets its managed status
+            if record.override == "whitelist":
+                return False               # allowed whoever it is
+        return pol.user is not None
 
     def explain(self, req) -> tuple[str, DeviceRecord | None]:
         """The uncached reason for a request (admin lookups, run compliance)."""

@@ -76,6 +76,7 @@ class PolicyGatekeeper:
         self.node = node or f"{node_name(settings)}/{os.getpid()}"
         self.folders = FolderRegistry()
         self.engine = Engine(allow_if_no_policies=settings.allow_if_no_policies, test_mode=settings.test_mode,
+                             user_without_credential=settings.user_without_credential,
                              transforms_for=transforms_for,
                              sync_transforms=lambda types: sync_settings_transforms(types, self.folders),
                              clock=clock)

@@ -9,6 +9,10 @@ import msgspec
 class PolicySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     # Fail closed: with no policy snapshot, devices are blocked unless this is on.
     allow_if_no_policies: bool = False
+    # A request whose credential names no user (Kerberos/SPNEGO Negotiate, an opaque bearer
+    # token, none at all) where the decision depends on the user (user policy on, or the
+    # device is enrolled to a user): "refuse" it, or "trust_query" the device's User=.
+    user_without_credential: Literal["refuse", "trust_query"] = "refuse"
     # Decide and record, never block (also switchable at run time from the admin API).
     test_mode: bool = False
 

@@ -66,11 +66,13 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
         return await _answer(dev, rec, 404, [(b"Content-Type", b"text/plain")], b"not found\n")
     full = hdrs.items(request.headers)
     try:
-        req = parse_request(rec.method, target, [(low, value) for _, low, value in full], dev.client_ip)
+        req = parse_request(rec.method, target, [(low, value) for _, low, value in full], dev.client_ip,
+                            gw.trusted_proxies)
     except EASRequestError as exc:
         rec.error = str(exc)[:200]
         return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")], b"malformed ActiveSync request\n")
     rec.command, rec.user, rec.device_id, rec.device_type = req.command, req.user, req.device_id, req.device_type
+    rec.client_ip = req.client_ip        # past trusted proxies (listener.trusted_proxies)
 
     gatekeeper = gw.gatekeeper
     decision = OPTIONS_DECISION if req.method == "OPTIONS" else gatekeeper.decide(req)
@@ -211,7 +213,8 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
     else:
         framing = hdrs.content_length(length) if length is not None else []
     head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
-                                         proto=dev.proto, behind_proxy=gw.behind_proxy, framing=framing)
+                                         proto=dev.proto, behind_proxy=dev.client_ip in gw.trusted_proxies,
+                                         framing=framing)
     # The device's headers were validated by h11 when parsed and ours are well-formed.
     up_request = hdrs.request_event(request.method, request.target, head)
 
@@ -269,21 +272,26 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
     try:
         status = answer.status_code
         headers = hdrs.answer_headers(hdrs.items(answer.headers))
+        reason = answer.reason
         if status in (451, 302):
-            headers = hdrs.from_pairs(gw.redirects.rewrite(req, status, hdrs.pairs(headers), host, dev.proto))
+            status, headers, reason = gw.redirects.rewrite(req, status, headers, reason)
         if dev.closing:
             headers.append((b"Connection", b"connection", b"close"))
         rec.status = status
         if answer_tx and status == 200:
-            body = await _whole_answer(gw, dev, up, rec)
-            # The mail-server connection goes back before the device write: a slow
-            # device must not hold it (a half-read one is closed by release()).
-            gw.pool.release(up)
-            up = None
-            if body is not None:
-                await _transformed_answer(gw, dev, req, status, hdrs.pairs(headers), answer_tx, rec, body)
+            hold = _Hold(gw.unsent)
+            try:
+                body = await _whole_answer(gw, dev, up, rec, hold)
+                # The mail-server connection goes back before the device write: a slow
+                # device must not hold it (a half-read one is closed by release()).
+                gw.pool.release(up)
+                up = None
+                if body is not None:
+                    await _transformed_answer(gw, dev, req, status, hdrs.pairs(headers), answer_tx, rec, body, hold)
+            finally:
+                hold.drop()
             return status
-        await _stream_answer(gw, dev, up, status, headers, rec, answer.reason)
+        await _stream_answer(gw, dev, up, status, headers, rec, reason)
     except BaseException:
         if up is not None:
             gw.pool.discard(up)
@@ -490,7 +498,26 @@ async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.F
             raise DeviceGone("mail server closed the connection mid-answer")
 
 
-async def _whole_answer(gw, dev, up: UpstreamConn, rec) -> bytes | None:
+class _Hold:
+    """Bytes of one buffered answer counted against the worker's limit (sockio.Unsent)."""
+
+    __slots__ = ("unsent", "n")
+
+    def __init__(self, unsent):
+        self.unsent, self.n = unsent, 0
+
+    def take(self, n: int) -> bool:
+        if not self.unsent.hold(n):
+            return False
+        self.n += n
+        return True
+
+    def drop(self) -> None:
+        self.unsent.release(self.n)
+        self.n = 0
+
+
+async def _whole_answer(gw, dev, up: UpstreamConn, rec, hold: _Hold) -> bytes | None:
     """The answer body, buffered (bounded); None when the device was answered an error instead."""
     limit = gw.config.security.max_transform_bytes
     timeout = gw.config.timeouts.upstream_read
@@ -518,6 +545,11 @@ async def _whole_answer(gw, dev, up: UpstreamConn, rec) -> bytes | None:
                 await _answer(dev, rec, 500, [(b"Content-Type", b"text/plain")],
                               b"answer too large for the email security policy\n")
                 return None
+            if not hold.take(len(event.data)):
+                # The worker holds limits.max_unsent_bytes for devices already: retry later.
+                gw.incidents.note("refused_max_unsent_bytes", client_ip=dev.client_ip)
+                await _unavailable(gw, dev, rec, "limits.max_unsent_bytes reached")
+                return None
             parts.append(event.data)
         elif isinstance(event, h11.EndOfMessage):
             return b"".join(parts)
@@ -526,7 +558,7 @@ async def _whole_answer(gw, dev, up: UpstreamConn, rec) -> bytes | None:
             return None
 
 
-async def _transformed_answer(gw, dev, req, status, headers, answer_tx, rec, body: bytes) -> None:
+async def _transformed_answer(gw, dev, req, status, headers, answer_tx, rec, body: bytes, hold: _Hold) -> None:
     """Run the transforms on the buffered answer, send it with a fixed Content-Length."""
     try:
         for t in answer_tx:
@@ -543,4 +575,5 @@ async def _transformed_answer(gw, dev, req, status, headers, answer_tx, rec, bod
         return
     headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
     rec.status = status
+    hold.drop()                       # from here the write counts what the device has not taken
     await _answer(dev, rec, status, headers, body)

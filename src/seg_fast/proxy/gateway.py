@@ -13,6 +13,7 @@ from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.policy import gate
 from seg_fast.proxy import sockio
 from seg_fast.proxy.downstream import resume_parked, serve_device
+from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.incidents import Incidents
 from seg_fast.proxy.parking import PingPark
 from seg_fast.proxy.redirects import RedirectMap
@@ -78,7 +79,8 @@ class Gateway:
         # The content pipeline reads its [security] settings per process.
         content_pipeline.configure(config.security)
         self.eas_paths = frozenset(p.lower().encode() for p in config.eas.paths)
-        self.behind_proxy = not config.listener.tls_cert and self._tls_override is None
+        # Forwarding headers are believed from these peers only (listener.trusted_proxies).
+        self.trusted_proxies = TrustedProxies(config.listener.trusted_proxies)
         if old_pool is None or old_pool.settings != config.upstream or \
                 old_pool.connect_timeout != config.timeouts.upstream_connect:
             self.pool = UpstreamPool(config.upstream, config.timeouts)
@@ -92,6 +94,7 @@ class Gateway:
         if self._tls_override is not None:
             self.tls_context = self._tls_override
         elif config.listener.tls_cert:
+        self.redirects.external = config.listener.external_url.rstrip("/").encode("ascii")
             self.tls_context = server_tls_context(config.listener.tls_cert, config.listener.tls_key)
         else:
             self.tls_context = None

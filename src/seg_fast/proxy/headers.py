@@ -7,6 +7,8 @@ them was validated by h11's parser or is one of ours, built well-formed here.
 """
 from __future__ import annotations
 
+import ipaddress
+
 import h11
 
 Headers = list[tuple[bytes, bytes]]
@@ -20,7 +22,10 @@ HOP_BY_HOP = frozenset({
 # Request headers the gateway sets itself (Host names the mail server; the gateway
 # answers 100-continue itself; the forwarding headers are rebuilt).
 _REQUEST_OWN = frozenset({b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto"})
-_REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN
+# What a proxy says about the device: passed on from a trusted proxy, dropped from anyone else
+# (a device must not choose the address or scheme the mail server believes).
+_FORWARDING = frozenset({b"forwarded", b"x-real-ip", b"x-forwarded-host", b"x-forwarded-port"})
+_REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN | _FORWARDING
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 _H11Headers = type(h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"h")]).headers)
@@ -75,6 +80,10 @@ def upstream_request_headers(full: Full, *, host: bytes, client_ip: str, proto: 
                              behind_proxy: bool, framing: Full | None = None) -> Full:
     """The device's request headers as the mail server gets them.
 
+    ``client_ip`` is the peer's address. ``behind_proxy``: the peer is a trusted proxy
+    (listener.trusted_proxies), so its X-Forwarded-For chain is extended, its
+    X-Forwarded-Proto kept and its Forwarded/X-Real-IP/X-Forwarded-Host/-Port passed
+    on; from anyone else those are dropped and rebuilt from the connection itself.
     ``framing``: None keeps the device's body framing (the body streams through);
     otherwise the device's Content-Length/Transfer-Encoding give way to these headers
     (the body was read whole).
@@ -90,9 +99,11 @@ def upstream_request_headers(full: Full, *, host: bytes, client_ip: str, proto: 
             if low == b"transfer-encoding":
                 chunked = True
             elif low == b"x-forwarded-for":
-                fwd_for = item[2]
+                fwd_for = item[2] if fwd_for is None else fwd_for + b", " + item[2]
             elif low == b"x-forwarded-proto":
                 fwd_proto = item[2]
+            elif behind_proxy and low in _FORWARDING:
+                append(item)
             continue
         if extra and low in extra:
             continue
@@ -108,6 +119,80 @@ def upstream_request_headers(full: Full, *, host: bytes, client_ip: str, proto: 
     elif chunked:
         append((b"Transfer-Encoding", b"transfer-encoding", b"chunked"))
     return out
+
+
+class TrustedProxies:
+    """listener.trusted_proxies: the addresses whose forwarding headers are believed.
+
+    ``ip in proxies`` answers for a peer (cached per address); ``client_of`` walks the
+    X-Forwarded-For chain from the right, past trusted proxies, to the first address
+    that is not one: the device (the rest of the chain was written by whoever sent it).
+    """
+
+    MAX_CACHED = 4096
+
+    def __init__(self, cidrs=()):
+        # ValueError names the bad entry (config.py turns it into a ConfigError for the key).
+        self.networks = tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs)
+        self._known: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, ip) -> bool:
+        if not self.networks:
+            return False
+        known = self._known.get(ip)
+        if known is None:
+            addr = _address(ip)
+            known = addr is not None and self._trusted(addr)
+            if len(self._known) >= self.MAX_CACHED:
+                self._known.clear()
+            self._known[ip] = known
+        return known
+
+    def _trusted(self, addr) -> bool:
+        return any(addr in net for net in self.networks if net.version == addr.version)
+
+    def client_of(self, peer: str, headers) -> str:
+        """The device's address behind the trusted proxy ``peer``."""
+        chain = []
+        real_ip = None
+        for name, value in headers:
+            low = name.lower()
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            if low == b"x-forwarded-for" or low == "x-forwarded-for":
+                chain += value.split(",")
+            elif (low == b"x-real-ip" or low == "x-real-ip") and real_ip is None:
+                real_ip = value
+        if not chain and real_ip is not None:
+            chain = [real_ip]
+        client = peer
+        for entry in reversed(chain):
+            addr = _address(entry)
+            if addr is None:
+                break                      # garbage: the last address a trusted hop vouched for
+            client = str(addr)
+            if not self._trusted(addr):
+                break
+        return client
+
+
+def _address(text: str):
+    """An IP address from a forwarding entry ("1.2.3.4", "1.2.3.4:5678", "[::1]:443"), or None."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 def answer_headers(full: Full) -> Full:

@@ -1,11 +1,16 @@
 """451 / 302 redirects from the mail server: the device is sent back to the gateway.
 
 The mail server names another server (X-MS-Location for 451, Location for 302);
-the device is told the gateway's own URL with the same path, and the gateway
-remembers, per user, to forward that user's requests to the named server. With a
-gatekeeper that shares them (``redirects`` dict and ``note_redirect``: the policy
-store), every worker and every node forwards the user there; otherwise the
-mapping is this worker's own.
+the device is told the gateway's own URL (listener.external_url) with the same
+path, and the gateway remembers, per user, to forward that user's requests to the
+named server. With a gatekeeper that shares them (``redirects`` dict and
+``note_redirect``: the policy store), every worker and every node forwards the user
+there; otherwise the mapping is this worker's own.
+
+The device's Host header is never used to build that URL: it is the device's to
+choose (or a load balancer's internal name). Without external_url the device gets
+503 with Retry-After instead, and its retry, to the URL it already uses, reaches
+the new server through the mapping.
 """
 from __future__ import annotations
 
@@ -17,9 +22,14 @@ from seg_fast.proxy.upstream import Origin, UpstreamError, origin_of
 MAX_USERS = 200_000
 
 
+RETRY_AFTER = b"1"       # seconds: the mapping is in force at once, the retry can follow
+
+
 class RedirectMap:
-    def __init__(self, default: Origin):
+    def __init__(self, default: Origin, external_url: str = ""):
         self.default = default
+        # scheme://host[:port] devices reach the gateway at (no trailing slash); b"": unknown.
+        self.external = external_url.rstrip("/").encode("ascii")
         self.by_user: dict[str, Origin] = {}
         self.shared: dict[str, str] | None = None     # user -> URL, kept current by the gatekeeper
         self._note = None
@@ -58,16 +68,21 @@ class RedirectMap:
             self._origins[url] = origin
         return origin
 
-    def rewrite(self, req, status: int, headers, host: bytes, proto: bytes) -> list:
+    def rewrite(self, req, status: int, headers: hdrs.Full, reason: bytes) -> tuple[int, hdrs.Full, bytes]:
+        """The (status, headers, reason) the device gets for the mail server's 451/302."""
         name = b"x-ms-location" if status == 451 else b"location"
-        location = hdrs.get(headers, name)
+        location = None
+        for _, low, value in headers:
+            if low == name:
+                location = value
+                break
         if location is None:
-            return headers
+            return status, headers, reason
         try:
             text = location.decode("ascii")
             target = origin_of(text)
         except (UnicodeDecodeError, UpstreamError):
-            return headers                  # not an absolute http(s) URL: pass it on as it is
+            return status, headers, reason  # not an absolute http(s) URL: pass it on as it is
         if req.user and self._note is not None:
             self._note(req.user.lower(), "" if target == self.default else text)
         elif req.user:
@@ -78,7 +93,10 @@ class RedirectMap:
                 self.by_user.pop(key, None)
             else:
                 self.by_user[key] = target
+        if not self.external:
+            kept = [item for item in headers if item[1] != name and item[1] != b"retry-after"]
+            kept.append((b"Retry-After", b"retry-after", RETRY_AFTER))
+            return 503, kept, b"Service Unavailable"
         parts = urlsplit(text)
-        own = proto + b"://" + host + (parts.path or "/").encode() + (
-            b"?" + parts.query.encode() if parts.query else b"")
-        return [(k, own if k.lower() == name else v) for k, v in headers]
+        own = self.external + (parts.path or "/").encode() + (b"?" + parts.query.encode() if parts.query else b"")
+        return status, [(raw, low, own) if low == name else (raw, low, value) for raw, low, value in headers], reason
