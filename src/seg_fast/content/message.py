@@ -264,6 +264,8 @@ def _attached_message(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol
         # The policy's "eml" rule, or too deep to check: the message as one file.
         return _attachment(data, p, plan, out, eol, cut,
                            action=whole if depth <= MAX_NESTED_MESSAGES else "block", kind="eml")
+    if depth > MAX_NESTED_MESSAGES:
+        return None                                    # links alone: too deep to bother, as it came
     if p.children or p.body_start >= p.end:
         return False
     if p.cte not in ("base64", "quoted-printable"):

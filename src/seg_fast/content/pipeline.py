@@ -13,9 +13,14 @@ writer, only the strings that change:
   list when all are blocked; renamed ``x.png (removed).txt`` where the codec
   cannot cut it byte-exactly).
 - ItemOperations Fetch (inline ``Data`` or multipart parts) and GetAttachment: the
-  attachment bytes are encrypted or replaced by the block note. The file name comes
-  from the Sync answers this worker carried (a bounded cache keyed by user and
-  FileReference); the magic bytes decide the type either way.
+  attachment bytes are encrypted or replaced by the block note; a fetched message
+  (.eml) is rebuilt with its own attachments judged. The file name comes from the
+  Sync answers this worker carried (a bounded cache keyed by user and FileReference,
+  which also keeps the type the bytes showed, so later lists name files as fetched);
+  the stricter of name and magic bytes decides.
+- An answer with more than ``security.max_spans`` strings and elements is not read:
+  under an attachment or classification policy the device gets the command's
+  "server error" Status instead (links alone: it passes as it came).
 """
 from __future__ import annotations
 
@@ -481,8 +486,10 @@ class EmailSecurityTransform:
             # GetAttachment and a Type 4 body seal one file the same way.
             return (seal(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind), blob),
                     ENVELOPE_CONTENT_TYPE, envelope_name(shown))
-        return block_note(shown, plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
+        return self._blocked(shown)
 
+    def _blocked(self, shown: str):
+        return block_note(shown, self.plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
 
     def _attached_message(self, name: str, blob, ranged: bool):
         """A fetched message (.eml): rebuilt with its attachments judged at every depth
@@ -491,13 +498,11 @@ class EmailSecurityTransform:
         shown = name or NESTED_NAME
         if ranged:
             # A byte range of a message cannot be checked.
-            if not plan.touches_attachments:
-                return None
-            return block_note(shown, plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
+            return self._blocked(shown) if plan.touches_attachments else None
         data = bytes(blob)
         new, outcome = transform_mime(data, plan, nested=1)
         if outcome.unreadable:
-            return block_note(shown, plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
+            return self._blocked(shown)
         if new is data or new == data:
             return None
         return new, "message/rfc822", shown
@@ -520,6 +525,7 @@ def _is_message(name: str, ctype: str, blob) -> bool:
 
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
+
 _UNSAFE_IN_QUOTED = bytes(c if 0x20 <= c < 0x7f and c not in b'"\\?' else 0x5f for c in range(256))
 
 
