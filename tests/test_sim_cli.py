@@ -41,3 +41,34 @@ async def test_sim_command_runs_https_and_delivers(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_sim_on_a_busy_port_says_so_in_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "seg_fast", "sim", "--port", str(port)],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"seg-fast sim: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_sim_stops_cleanly_on_sigterm_and_sigint():
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "sim", "--port", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+        try:
+            assert json.loads(proc.stdout.readline())["sim_port"] > 0
+            proc.send_signal(sig)
+            assert proc.wait(30) == 0
+            err = proc.stderr.read()
+            assert "Traceback" not in err and err.strip().splitlines()[-1] == "seg-fast sim: stopped", err
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -41,10 +41,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def cli(argv: list[str]) -> int:
     args = parse(argv)
     try:
-        trio.run(run, args)
+        trio.run(_until_signal, args)
     except KeyboardInterrupt:
         pass
+    except OSError as exc:                # one line naming the cause, no traceback
+        print(f"seg-fast sim: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print("seg-fast sim: stopped", file=sys.stderr)
     return 0
+
+
+async def _until_signal(args: argparse.Namespace) -> None:
+    """Run until SIGTERM (Ctrl-C arrives as KeyboardInterrupt); then stop cleanly."""
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run, args)
+            async for _ in signals:
+                break
+            nursery.cancel_scope.cancel()
 
 
 async def run(args: argparse.Namespace, task_status=trio.TASK_STATUS_IGNORED) -> None:
