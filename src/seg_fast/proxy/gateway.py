@@ -15,6 +15,7 @@ from seg_fast.proxy import sockio
 from seg_fast.proxy.downstream import resume_parked, serve_device
 from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.incidents import Incidents
+from seg_fast.proxy.looplag import LoopLag, in_slices
 from seg_fast.proxy.parking import PingPark
 from seg_fast.proxy.redirects import RedirectMap
 from seg_fast.proxy.upstream import UpstreamPool, origin_of
@@ -112,6 +113,8 @@ class Gateway:
                 self._nursery = nursery
                 await self._start_gatekeeper(self.gatekeeper_for(self.config))
                 nursery.start_soon(self._flush_log)
+                self.looplag = LoopLag(self.incidents)     # read by metrics and the sizing run
+                await nursery.start(self.looplag.run)
                 with self._conns_scope:
                     async with trio.open_nursery() as conns:
                         self._conns = conns
@@ -224,13 +227,20 @@ class Gateway:
             return
         self.draining = True
         self._accept_scope.cancel()
-        for scope in list(self.idle_scopes):
-            scope.cancel()
-        for scope in list(self.parked_scopes):
-            scope.cancel()
-        if self.parking is not None:
-            self.parking.drain()
         self._conns_scope.deadline = trio.current_time() + self.config.timeouts.shutdown_grace
+        if self._conns is not None:
+            try:
+                # Among the connections' tasks, so serve() waits until every parked Ping is handed back.
+                self._conns.start_soon(self._drain_in_slices)
+            except RuntimeError:      # serve() has already finished
+                pass
+
+    async def _drain_in_slices(self) -> None:
+        # A slice per loop step: with 100,000 connections one pass would stall the worker for seconds.
+        for scopes in (self.idle_scopes, self.parked_scopes):
+            await in_slices(list(scopes), lambda scope: scope.cancel())
+        if self.parking is not None:
+            await self.parking.drain()
 
     async def reload(self, config) -> None:
         """New settings for new requests; open connections carry on."""

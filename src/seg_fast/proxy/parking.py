@@ -103,10 +103,15 @@ class PingPark:
                 except OSError:
                     pass
 
-    def drain(self) -> None:
-        """Hand every parked Ping back (the worker is stopping)."""
-        for p in list({id(p): p for p in self._by_fd.values()}.values()):
-            self._release(p, DRAIN)
+    async def drain(self) -> None:
+        """Hand every parked Ping back (the worker is stopping), a slice per loop step: each
+        release starts a task that answers and closes, and 100,000 of them in one step would
+        stall the worker for seconds."""
+        from seg_fast.proxy.looplag import in_slices
+
+        while self._by_fd:
+            parked = list({id(p): p for p in self._by_fd.values()}.values())
+            await in_slices(parked, lambda p: self._release(p, DRAIN))     # a no-op for one answered meanwhile
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
