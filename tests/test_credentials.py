@@ -194,3 +194,25 @@ def test_any_credential_reads_or_raises_the_request_error(scheme, token):
     assert (user is not None) == (identity == C.CREDENTIAL)
     if user is not None:
         assert user == user.strip("\x00") and not any(ord(c) < 32 or c == "\x7f" for c in user)
+
+
+def test_any_blank_separates_scheme_and_token():
+    assert read_authorization("Basic\t" + base64.b64encode(b"mallory:x").decode()) == \
+        ("basic", "mallory", C.CREDENTIAL)
+    assert read_authorization("  bearer   " + jwt({"upn": "m@x"}) + " ")[1] == "m@x"
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.binary(max_size=120), query_user=st.sampled_from([b"", b"&User=alice", b"&User=mallory"]))
+def test_any_authorization_bytes_through_parse_request(value, query_user):
+    """Whatever the header holds, the request parser answers or raises EASRequestError."""
+    from seg_fast.eas.request import parse_request
+    for prefix in (b"", b"Basic ", b"Bearer ", b"NTLM ", b"Negotiate "):
+        try:
+            req = parse_request("POST", b"/Microsoft-Server-ActiveSync?Cmd=Sync&DeviceId=A&DeviceType=B" + query_user,
+                                [(b"authorization", prefix + value)])
+        except EASRequestError:
+            continue
+        assert req.identity in (C.CREDENTIAL, C.HANDSHAKE, C.NONE)
+        if req.identity == C.CREDENTIAL and query_user:
+            assert same_user(query_user.split(b"=")[1].decode(), req.user)

@@ -40,6 +40,17 @@ def test_query_user_that_disagrees_with_the_credential_is_refused(query_user):
         parse_request("POST", PATH + b"?Cmd=Ping&User=" + query_user + b"&DeviceId=A&DeviceType=B", [AUTH])
 
 
+def test_base64_form_user_must_agree_with_the_credential():
+    q = encode_base64_query(version="14.1", command="Sync", device_id=b"\x01", device_type="iPhone",
+                            params=[(8, b"alice")])
+    mallory = (b"Authorization", b"Basic " + base64.b64encode(b"CORP\\mallory:x"))
+    with pytest.raises(EASRequestError, match="another user"):
+        parse_request("POST", PATH + b"?" + q.encode(), [mallory])
+    q = encode_base64_query(version="14.1", command="Sync", device_id=b"\x01", device_type="iPhone",
+                            params=[(8, b"mallory@corp.example")])
+    assert parse_request("POST", PATH + b"?" + q.encode(), [mallory]).user == "CORP\\mallory"
+
+
 def test_two_authorization_headers_are_refused():
     other = (b"authorization", b"Basic " + base64.b64encode(b"mallory:x"))
     for headers in ([AUTH, other], [AUTH, AUTH], [(b"Authorization", b"Bearer abc"), other]):

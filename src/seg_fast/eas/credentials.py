@@ -45,8 +45,11 @@ _claims_decoder = msgspec.json.Decoder()
 
 def read_authorization(value: str) -> tuple[str, str | None, str]:
     """(scheme lower-cased, user or None, identity) of one Authorization header value."""
-    scheme, _, token = value.strip().partition(" ")
-    scheme = scheme.lower()
+    # Any run of blanks separates scheme and token: a server that reads "Basic<TAB>..." as
+    # Basic must not see a credential the gateway took for an unknown scheme.
+    parts = value.split(None, 1)
+    scheme = parts[0].lower() if parts else ""
+    token = parts[1] if len(parts) == 2 else ""
     if scheme == "basic":
         return scheme, basic_user(token), CREDENTIAL
     if scheme == "bearer":
