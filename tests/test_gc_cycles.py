@@ -293,3 +293,73 @@ async def test_loop_lag_sees_a_stalled_step():
     snap = lag.snapshot()
     assert snap["max_ms"] >= 60 and sum(snap["histogram_ms"].values()) == snap["samples"]
     assert max(m for _, m in snap["max_per_second"]) == snap["max_ms"]
+
+
+async def test_sigterm_to_a_running_serve_answers_every_parked_ping(tmp_path):
+    """End to end: `seg-fast serve` (the worker runs gcpause.tune) with parked Pings; SIGTERM
+    drains in slices and every device gets its Ping answered before the worker exits."""
+    import signal
+
+    from processes import start_serve
+    from redis_server import free_port
+
+    n = 300
+    held = []
+
+    async def silent(stream):              # a mail server that never answers: every Ping parks
+        held.append(stream)
+        try:
+            while await stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass
+
+    gw_port = free_port()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, silent, 0)
+        up_port = listeners[0].socket.getsockname()[1]
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(f'workers = 1\n[listener]\nhost = "127.0.0.1"\nport = {gw_port}\n'
+                       f'[upstream]\nurl = "http://127.0.0.1:{up_port}"\n[admin]\nenabled = false\n'
+                       f'[log]\ntransactions = ""\n[policy]\nallow_if_no_policies = true\n')
+        proc = start_serve(cfg, tmp_path)
+        try:
+            request = h11.Connection(h11.CLIENT).send(h11.Request(
+                method=b"POST", target=EAS + b"?Cmd=Ping&User=test&DeviceId=D&DeviceType=B",
+                headers=[(b"Host", b"gw"), AUTH, (b"Content-Length", b"0")]))
+            streams = []
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        streams.append(await trio.open_tcp_stream("127.0.0.1", gw_port))
+                        break
+                    except OSError:
+                        assert proc.poll() is None
+                        await trio.sleep(0.1)
+            while len(streams) < n:
+                streams.append(await trio.open_tcp_stream("127.0.0.1", gw_port))
+            for stream in streams:
+                await stream.send_all(request)
+            await _wait(lambda: len(held) >= n)          # every Ping is upstream (and parked)
+            proc.send_signal(signal.SIGTERM)
+            answers = []
+            with trio.fail_after(30):
+                for stream in streams:
+                    data = b""
+                    while chunk := await stream.receive_some(65536):
+                        data += chunk
+                    answers.append(data)
+                    await stream.aclose()
+            with trio.fail_after(20):
+                while proc.poll() is None:
+                    await trio.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            err = proc.communicate()[1].decode(errors="replace")
+            nursery.cancel_scope.cancel()
+    assert proc.returncode == 0, err
+    assert all(a.startswith(b"HTTP/1.1 200 ") and a.endswith(ping.HEARTBEAT_EXPIRED) for a in answers), answers[:2]
+    assert "Traceback" not in err, err
+    lags = [line for line in err.splitlines() if '"loop_lag"' in line]
+    print(f"\n{n} parked Pings answered on SIGTERM; loop-lag incidents logged (> 50 ms): {lags or 'none'}")
