@@ -15,7 +15,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -187,7 +186,7 @@ async def test_local_copy_serves_only_its_own_redis_and_refuses_writes(tmp_path)
     with running_redis(tmp_path, port) as url:
         store = RedisStore(url)
         await store.open()
-        version = await store.replace_all(DOC, ALLOWED)
+        await store.replace_all(DOC, ALLOWED)
         await store.set_meta("test_mode", "1")
         version = await store.version()
         await store.aclose()

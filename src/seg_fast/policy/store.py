@@ -541,7 +541,7 @@ class RedisStore(Store):
         return version
 
     async def version(self) -> int:
-        if (copy := self.serving_copy) is not None:
+        if self.serving_copy is not None:
             return int(self._copy_meta.get("version", 0))
         v = await self._pipe([("GET", self.k("version"))])
         return int(v[0] or 0)
