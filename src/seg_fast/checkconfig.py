@@ -98,12 +98,10 @@ def check_paths(config) -> list[Finding]:
 
 
 def check_state_mode(config) -> list[Finding]:
-    # `serve` only warns about this (it can run); check-config makes the admin fix it.
-    state = Path(config.state_dir)
-    if state.is_dir() and state.stat().st_mode & 0o077:
-        return [Finding(False, "state_dir", f"{state} is readable by group or others "
-                                            f"(mode {state.stat().st_mode & 0o777:o}); it holds keys: use 0700")]
-    return []
+    # `serve` only warns about these (it can run); check-config makes the admin fix them.
+    from seg_fast.statedir import exposure_warnings
+
+    return [Finding(False, "state_dir", text) for text in exposure_warnings(config.state_dir)]
 
 
 def startup_problem(config) -> Finding | None:

@@ -74,10 +74,17 @@ def configure(config) -> None:
     root.propagate = False
     level = LOG_LEVELS[config.log.level]
     root.setLevel(level)
-    # The transaction areas decide what the transaction log writes; they keep their own defaults.
+    # The transaction areas decide what the transaction log writes and keep their own
+    # defaults (summary on, "all" and "blocked" off), whatever log.level says.
+    from seg_fast.observe import refresh_levels
+
     for area, name in LOG_AREAS.items():
+        logger = logging.getLogger(name)
         if not area.startswith(("transaction", "device_transactions")):
-            logging.getLogger(name).setLevel(logging.NOTSET)     # follow the root level
+            logger.setLevel(logging.NOTSET)                      # follow log.level
+        elif logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)                     # off unless the admin turns it on
+    refresh_levels()
 
 
 def reopen() -> None:
