@@ -92,10 +92,10 @@ class Gateway:
             self.redirects = RedirectMap(default)
             if getattr(self, "gatekeeper", None) is not None:
                 self.redirects.attach(self.gatekeeper)
+        self.redirects.external = config.listener.external_url.rstrip("/").encode("ascii")
         if self._tls_override is not None:
             self.tls_context = self._tls_override
         elif config.listener.tls_cert:
-        self.redirects.external = config.listener.external_url.rstrip("/").encode("ascii")
             self.tls_context = server_tls_context(config.listener.tls_cert, config.listener.tls_key)
         else:
             self.tls_context = None
