@@ -124,7 +124,18 @@ async def run(n: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parked", type=int, default=3000)
+    ap.add_argument("--one-step", action="store_true",
+                    help="drain as before slicing (every parked Ping released in one loop step), to compare")
     args = ap.parse_args()
+    if args.one_step:
+        from seg_fast.proxy import gateway, looplag
+
+        async def all_at_once(items, action, **kw):
+            for item in items:
+                action(item)
+            await trio.sleep(0)
+
+        looplag.in_slices = gateway.in_slices = all_at_once
     r = trio.run(run, args.parked)
     print(f"parked Pings {r['parked']}, objects tracked {r['objects']}")
     print(f"full collection: {r['full_ms']:.1f} ms ({r['full_us_per_parked']:.1f} µs per parked Ping); "
@@ -136,7 +147,9 @@ def main() -> None:
     print("loop lag during the drain (samples per bucket):", r["drain_lag_histogram_ms"])
     out = ROOT / "benchmarks" / "results" / "gc_bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"python": sys.version.split()[0], **r}, indent=2))
+    if args.one_step:
+        out = out.with_name("gc_bench_one_step.json")
+    out.write_text(json.dumps({"python": sys.version.split()[0], "one_step_drain": args.one_step, **r}, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
 
 
