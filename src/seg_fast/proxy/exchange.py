@@ -84,6 +84,14 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
         return
 
     answer_tx, request_tx = _transforms_for(decision, req.command)
+    if answer_tx and gw.unsent.full():
+        # The answer would be buffered, and the worker already holds limits.max_unsent_bytes
+        # for devices with nothing slow to cut: refused before the mail server does any work.
+        gw.incidents.note("refused_max_unsent_bytes", client_ip=dev.client_ip)
+        dev.closing = True
+        status = await _unavailable(gw, dev, rec, "limits.max_unsent_bytes reached")
+        gatekeeper.record(req, decision, status)
+        return status
     result = None
     try:
         result = await _forward(gw, dev, request, full, req, decision, answer_tx, request_tx, rec, t0)
@@ -548,6 +556,7 @@ async def _whole_answer(gw, dev, up: UpstreamConn, rec, hold: _Hold) -> bytes | 
             if not hold.take(len(event.data)):
                 # The worker holds limits.max_unsent_bytes for devices already: retry later.
                 gw.incidents.note("refused_max_unsent_bytes", client_ip=dev.client_ip)
+                dev.closing = True    # and let the connection go: it may be one of the slow readers
                 await _unavailable(gw, dev, rec, "limits.max_unsent_bytes reached")
                 return None
             parts.append(event.data)

@@ -15,6 +15,7 @@ from seg_fast.proxy import sockio
 from seg_fast.proxy.downstream import resume_parked, serve_device
 from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.incidents import Incidents
+from seg_fast.proxy.malloc import return_big_buffers
 from seg_fast.proxy.looplag import LoopLag, in_slices
 from seg_fast.proxy.parking import PingPark
 from seg_fast.proxy.redirects import RedirectMap
@@ -73,8 +74,10 @@ class Gateway:
         self.config = config
         t, lim = config.timeouts, config.limits
         if getattr(self, "unsent", None) is None:
-            self.unsent = sockio.Unsent(lim.max_unsent_bytes)    # what slow devices make this worker hold
-        self.unsent.limit = lim.max_unsent_bytes
+            self.unsent = sockio.Unsent(0)    # answer bytes this worker holds for devices
+        # Under pressure a write is cut once it had a quarter of its deadline to show its pace.
+        self.unsent.limit, self.unsent.min_rate, self.unsent.min_age = \
+            lim.max_unsent_bytes, lim.min_send_rate, t.device_write / 4
         self.device_pace = sockio.Pace(t.device_write, lim.min_send_rate, self.unsent)
         self.upstream_pace = sockio.Pace(t.upstream_read)
         # The content pipeline reads its [security] settings per process.
@@ -103,6 +106,7 @@ class Gateway:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind, accept and serve until drained (then finish in-flight work and return)."""
         self._nofile = raise_nofile_limit()
+        return_big_buffers()
         cfg = self.config.listener
         sock = listening_socket(cfg.host, cfg.port, cfg.backlog)
         await sock.bind((cfg.host, cfg.port))

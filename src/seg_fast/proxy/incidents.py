@@ -50,12 +50,20 @@ class Incidents:
         self._unlogged: dict[str, int] = {}
 
     def note(self, kind: str, **fields) -> None:
+        if self._count(kind):
+            self._write(kind, fields)
+
+    def _count(self, kind: str) -> bool:
+        """Count one; True if a line is due for this kind."""
         self.counts[kind] = self.counts.get(kind, 0) + 1
         now = time.monotonic()
         if now - self._last.get(kind, -1e9) < self.interval:
             self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
-            return
+            return False
         self._last[kind] = now
+        return True
+
+    def _write(self, kind: str, fields: dict) -> None:
         line = {"ts": round(time.time(), 3), "incident": kind, **fields}
         skipped = self._unlogged.pop(kind, 0)
         if skipped:
@@ -69,5 +77,8 @@ class Incidents:
             pass                      # a closed or full stderr must not end the worker
 
     def exception(self, kind: str, exc: BaseException, client_ip: str) -> None:
-        self.note(kind, client_ip=client_ip, error=type(exc).__name__, message=redact(str(exc)),
-                  at=where(exc))
+        # A burst (thousands of slowloris cut in one tick) costs a count each; the
+        # message and the traceback walk only for the line that is written.
+        if self._count(kind):
+            self._write(kind, {"client_ip": client_ip, "error": type(exc).__name__,
+                               "message": redact(str(exc)), "at": where(exc)})

@@ -218,20 +218,49 @@ class _Writer:
 
 
 class Unsent:
-    """Bytes a worker holds for peers that do not take them yet, with a limit.
+    """Answer bytes a worker holds for devices, with a limit (limits.max_unsent_bytes).
 
-    Every write the kernel did not take at once is filed here until it completes.
-    Past ``limit`` the slowest writers (fewest bytes taken per second) are cut until
-    the total is back under 90% of it: a reader that takes nothing cannot make a
-    worker hold its answer, while devices that read keep theirs. The waits are ended
-    the way the wheel ends them (``notify_closing``) or by cancelling their scope.
+    Two kinds count: buffers filled for the content pipeline (``hold``/``release``),
+    and writes the kernel did not take at once, until they complete (``add``/``done``).
+    Past the limit, slow writers are cut, slowest first (fewest bytes taken per
+    second), until the total is back under 90% of it; a writer is slow when it has
+    waited ``min_age`` seconds and taken less than ``min_rate`` bytes/s, so a device
+    reading at limits.min_send_rate is never cut. A buffer that still does not fit
+    is refused (the caller answers 503): memory stays bounded either way. A cut
+    write's wait is ended the way the wheel ends one (``notify_closing``) or by
+    cancelling its scope.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, min_rate: float = 0.0, min_age: float = 1.0):
         self.limit = limit
+        self.min_rate = min_rate
+        self.min_age = min_age
         self.total = 0
         self.writers: dict[_Writer, None] = {}
         self.evictions = 0
+        self.refused = 0
+
+    def hold(self, n: int) -> bool:
+        """Count ``n`` more buffered bytes; False (nothing counted) if they cannot fit."""
+        self.total += n
+        if self.limit and self.total > self.limit:
+            self._evict()
+            if self.total > self.limit:
+                self.total -= n
+                self.refused += 1
+                return False
+        return True
+
+    def release(self, n: int) -> None:
+        self.total -= n
+
+    def full(self) -> bool:
+        """Past 90% of the limit with no slow writer to cut: a new buffer would be refused."""
+        if not self.limit or self.total < self.limit * 0.9:
+            return False
+        now = trio.current_time()
+        return not any(now - w.start >= self.min_age and w.taken < self.min_rate * (now - w.start)
+                       for w in self.writers)
 
     def add(self, w: _Writer) -> None:
         self.writers[w] = None
@@ -245,9 +274,10 @@ class Unsent:
 
     def _evict(self) -> None:
         now = trio.current_time()
-        # Slowest first; a write younger than a second has had no chance to show its pace.
-        slowest = sorted(self.writers, key=lambda w: (now - w.start < 1.0, w.taken / max(now - w.start, 0.001)))
-        for w in slowest:
+        slow = [(w.taken / (now - w.start), w) for w in self.writers
+                if now - w.start >= self.min_age and w.taken < self.min_rate * (now - w.start)]
+        slow.sort(key=lambda e: e[0])
+        for _, w in slow:
             if self.total <= self.limit * 0.9:
                 break
             self.done(w)

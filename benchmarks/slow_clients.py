@@ -1,0 +1,395 @@
+"""Slow and greedy clients against one gateway worker: do normal devices still get answers?
+
+    python benchmarks/slow_clients.py [--slowloris 10000] [--slow-readers 300] [--devices 20]
+                                      [--warmup 10] [--seconds 60]
+
+One `seg-fast serve` worker (the demo's policies loaded: email security on, so the
+2.8 MB ItemOperations answer takes the buffered, transformed path) in front of the
+mailbox simulator, with its default limits and timeouts. Against it, sustained
+for the whole measurement (a connection the gateway cuts is opened again):
+
+- slowloris: N connections, each a request head trickled one byte every
+  --trickle seconds (spread over 127.0.1.x source addresses, under
+  limits.max_connections_per_address);
+- slow readers: M connections, each asking for the 2 MB attachment (about 2.8 MB
+  of WBXML) and never reading a byte (SO_RCVBUF 4 KB); cut or refused, it asks
+  again a second later.
+
+Meanwhile --devices normal devices (127.0.0.1) send FolderSync requests, every
+fifth on a new connection. Printed and written to benchmarks/results/slow_clients.json:
+their p50/p99 latency and failures before (warm-up) and during the attack, the
+worker's RSS (before, peak VmHWM, end) and descriptors, the gateway's incident counts
+from its log, and every limit and timeout in force.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import trio
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from seg_fast.config import load_config  # noqa: E402
+from seg_fast.oslimits import raise_nofile_limit  # noqa: E402
+from seg_fast.sim.client import EasClient  # noqa: E402
+from seg_fast.sim.tree import E, encode, text  # noqa: E402
+
+EAS = "/Microsoft-Server-ActiveSync"
+PASSWORD = "secret"
+SEED, BIG_MESSAGE = 1, 11             # Corpus(1).message(11): a 2 MB docx (allowed for unmanaged devices)
+PER_SOURCE = 500                      # slowloris connections per source address
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fetch_request() -> bytes:
+    body = encode(E("ItemOperations:ItemOperations", E(
+        "ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"),
+        E("AirSyncBase:FileReference", f"1:{BIG_MESSAGE + 1}:0"))))
+    cred = base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
+    head = (f"POST {EAS}?Cmd=ItemOperations&User=reader&DeviceId=SLOWREAD&DeviceType=iPhone HTTP/1.1\r\n"
+            f"Host: gw\r\nAuthorization: Basic {cred}\r\nMS-ASProtocolVersion: 14.1\r\n"
+            f"User-Agent: Apple-iPhone/1.0\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+def _read_all(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(1 << 20):
+            out += chunk
+        return out
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        pass
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for f in Path(f"/proc/{pid}/task").glob("*/children"):
+        kids += [int(p) for p in f.read_text().split()]
+    return kids
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
+
+
+class Stats:
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.failures: dict[str, int] = {}
+        self.slowloris_open = 0
+        self.slowloris_cut = 0
+        self.readers_open = 0
+        self.readers_cut = 0
+
+    def fail(self, why: str) -> None:
+        self.failures[why] = self.failures.get(why, 0) + 1
+
+
+async def _device(port: int, i: int, stats_ref: list, stop: trio.Event) -> None:
+    """A normal device: FolderSync, every fifth request on a new connection."""
+    n = 0
+    c = None
+    while not stop.is_set():
+        if c is None or n % 5 == 0:
+            if c is not None:
+                await c.aclose()
+            c = EasClient("127.0.0.1", port, f"normal{i}", PASSWORD, f"NORMAL{i}", device_type="iPhone",
+                          user_agent="Apple-iPhone/1.0")
+        t0 = trio.current_time()
+        try:
+            with trio.fail_after(30):
+                r = await c.request("FolderSync", E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0")))
+            if r.status != 200 or text(r.doc, "FolderHierarchy:Status") != "1":
+                stats_ref[0].fail(f"status {r.status}")
+            else:
+                stats_ref[0].latencies.append(trio.current_time() - t0)
+        except trio.TooSlowError:
+            stats_ref[0].fail("no answer within 30 s")
+            await c.aclose()
+            c = None
+        except Exception as exc:      # noqa: BLE001 - counted; the device carries on
+            stats_ref[0].fail(type(exc).__name__)
+            await c.aclose()
+            c = None
+        n += 1
+        await trio.sleep(0.2)
+    if c is not None:
+        await c.aclose()
+
+
+async def _slowloris(port: int, source: str, trickle: float, stats: Stats, limit: trio.Semaphore) -> None:
+    head = b"GET " + EAS.encode() + b"?Cmd=Sync HTTP/1.1\r\nHost: gw\r\nX-Slow: "
+    while True:
+        sock = trio.socket.socket()
+        try:
+            await sock.bind((source, 0))
+            async with limit:
+                await sock.connect(("127.0.0.1", port))
+            await sock.send(head)
+            stats.slowloris_open += 1
+            try:
+                while True:
+                    # Wait the trickle interval, or until the gateway closes (then reconnect).
+                    with trio.move_on_after(trickle):
+                        if not await sock.recv(4096):
+                            break
+                        continue
+                    await sock.send(b"s")
+            finally:
+                stats.slowloris_open -= 1
+                stats.slowloris_cut += 1
+        except OSError:
+            await trio.sleep(1)
+        finally:
+            sock.close()
+
+
+async def _slow_reader(port: int, request: bytes, stats: Stats) -> None:
+    while True:
+        sock = trio.socket.socket()
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect(("127.0.0.1", port))
+            await sock.send(request)
+            stats.readers_open += 1
+            try:
+                # Never read; learn the gateway gave up from the socket's state (it resets).
+                while True:
+                    await trio.sleep(1)
+                    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+                    if info[0] != 1:          # tcpi_state: not ESTABLISHED any more
+                        break
+            finally:
+                stats.readers_open -= 1
+                stats.readers_cut += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        await trio.sleep(1)           # then ask again
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--slowloris", type=int, default=10_000)
+    ap.add_argument("--slow-readers", type=int, default=300)
+    ap.add_argument("--devices", type=int, default=20)
+    ap.add_argument("--warmup", type=float, default=10.0)
+    ap.add_argument("--seconds", type=float, default=60.0, help="measurement under attack")
+    ap.add_argument("--trickle", type=float, default=10.0, help="seconds between slowloris bytes")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="priority of the worker and the simulator (e.g. -10 on a shared machine; root)")
+    ap.add_argument("--out", default=str(HERE / "results" / "slow_clients.json"))
+    args = ap.parse_args()
+    nofile = raise_nofile_limit()
+    need = args.slowloris + args.slow_readers + args.devices * 2 + 200
+    if need > nofile:
+        sys.exit(f"need {need} descriptors for this load, RLIMIT_NOFILE is {nofile}")
+
+    tmp = Path(tempfile.mkdtemp(prefix="seg-slow-clients-"))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "SEG_FAST_STATE_DIR": str(tmp / "state")}
+    sim = subprocess.Popen([sys.executable, "-m", "seg_fast", "sim", "--port", "0", "--seed", str(SEED),
+                            "--initial", str(BIG_MESSAGE + 1), "--no-provisioning", "--password", PASSWORD],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    gw = None
+    try:
+        sim_port = json.loads(sim.stdout.readline())["sim_port"]
+        port = _free_port()
+        cfg = tmp / "gw.toml"
+        cfg.write_text(f'workers = 1\n[listener]\nhost = "127.0.0.1"\nport = {port}\n'
+                       f'[upstream]\nurl = "http://127.0.0.1:{sim_port}"\n'
+                       f'[admin]\nenabled = false\n[log]\ntransactions = ""\n')
+        subprocess.run([sys.executable, "-m", "seg_fast", "policy", "--config", str(cfg), "load",
+                        str(REPO / "src" / "seg_fast" / "demo_policies.json")], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        config = load_config(cfg, env={})
+        gw = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp)
+        log: list[str] = []
+        threading.Thread(target=lambda: log.extend(line.decode("utf-8", "replace") for line in gw.stderr),
+                         daemon=True).start()
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        # The reader's mailbox must be the simulator's first (its item i+1 is corpus message i).
+        answer = _read_all(port, _fetch_request())
+        if not answer.startswith(b"HTTP/1.1 200") or len(answer) < 2_700_000:
+            sys.exit(f"the fetch answer is not the 2.8 MB attachment: {answer[:200]!r} ({len(answer)} bytes)")
+        print(f"slow readers ask for a {len(answer):,}-byte answer", flush=True)
+        workers = _children(gw.pid)
+        assert len(workers) == 1, workers
+        worker = workers[0]
+        if args.nice:
+            for pid in (worker, sim.pid):
+                os.setpriority(os.PRIO_PROCESS, pid, args.nice)
+        result = trio.run(_run, args, port, worker)
+        result["worker_restarted"] = _children(gw.pid) != [worker]
+        counts: dict[str, int] = {}
+        lag_max = 0.0
+        for line in log:
+            if line.startswith("{") and '"incident"' in line:
+                rec = json.loads(line)
+                lag_max = max(lag_max, rec.get("lag_ms", 0.0))
+                # The log holds one line per kind per second; the count of lines not written rides along.
+                counts[rec["incident"]] = counts.get(rec["incident"], 0) + 1 + rec.get("not_logged_since_last", 0)
+        result["incidents_logged"] = counts
+        result["loop_lag_max_ms_logged"] = lag_max
+        result["machine"] = {"cpus": os.cpu_count(), "load_average_end": os.getloadavg(),
+                             "cpu_pressure_end": Path("/proc/pressure/cpu").read_text().split("\n")[0]
+                             if Path("/proc/pressure/cpu").exists() else None}
+        t, lim = config.timeouts, config.limits
+        result["settings"] = {
+            "timeouts": {k: getattr(t, k) for k in ("request_head", "request_body", "device_write",
+                                                    "idle_keepalive", "upstream_read")},
+            "limits": {k: getattr(lim, k) for k in ("max_header_bytes", "max_connections",
+                                                    "max_connections_per_address", "min_body_rate",
+                                                    "min_send_rate")},
+            "security.max_transform_bytes": config.security.max_transform_bytes,
+            "upstream.pool_size": config.upstream.pool_size,
+        }
+        result["args"] = vars(args)
+        result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                          capture_output=True, text=True).stdout.strip()
+        print(json.dumps(result, indent=2))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written to {out}")
+        return 1 if result["worker_restarted"] else 0
+    finally:
+        for proc in (gw, sim):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+async def _run(args, port: int, worker: int) -> dict:
+    stats_ref = [Stats()]
+    stop = trio.Event()
+    mem: list[dict] = []
+
+    async def sample():
+        while True:
+            mem.append({"t": round(trio.current_time() - t_start, 1), **_proc_status(worker),
+                        "slowloris_open": stats_ref[0].slowloris_open, "readers_open": stats_ref[0].readers_open})
+            await trio.sleep(1)
+
+    t_start = trio.current_time()
+    cpu_start = _cpu_seconds(worker)
+    load_start = _cpu_seconds(os.getpid())
+    result: dict = {}
+    async with trio.open_nursery() as devices:
+        devices.start_soon(sample)
+        for i in range(args.devices):
+            devices.start_soon(_device, port, i, stats_ref, stop)
+        await trio.sleep(args.warmup)
+        calm = stats_ref[0]
+        result["before"] = {"worker_cpu_pct": round(100 * (_cpu_seconds(worker) - cpu_start)
+                                                   / (trio.current_time() - t_start), 1),
+                            "requests": len(calm.latencies), "p50_ms": _pct(calm.latencies, 0.5),
+                            "p99_ms": _pct(calm.latencies, 0.99), "failures": calm.failures,
+                            **{k: v for k, v in _proc_status(worker).items() if k != "VmHWM"}}
+        print(f"warm-up: {result['before']}", flush=True)
+        attack = Stats()
+        async with trio.open_nursery() as attackers:
+            connecting = trio.Semaphore(200)
+            for i in range(args.slowloris):
+                source = f"127.0.1.{1 + i // PER_SOURCE}"
+                attackers.start_soon(_slowloris, port, source, args.trickle, attack, connecting)
+            request = _fetch_request()
+            for _ in range(args.slow_readers):
+                attackers.start_soon(_slow_reader, port, request, attack)
+            # Ramp: until the attack is in place (or 60 s), normal devices measured separately.
+            ramp_start = trio.current_time()
+            stats_ref[0] = Stats()
+            while (attack.slowloris_open < 0.95 * args.slowloris or attack.readers_open < 0.95 * args.slow_readers) \
+                    and trio.current_time() - ramp_start < 60:
+                await trio.sleep(0.5)
+            ramp = stats_ref[0]
+            result["ramp"] = {"seconds": round(trio.current_time() - ramp_start, 1), "requests": len(ramp.latencies),
+                              "p99_ms": _pct(ramp.latencies, 0.99), "failures": ramp.failures}
+            print(f"attack in place: {attack.slowloris_open} slowloris, {attack.readers_open} slow readers "
+                  f"({result['ramp']})", flush=True)
+            stats_ref[0] = Stats()
+            cut0 = (attack.slowloris_cut, attack.readers_cut)
+            t0 = trio.current_time()
+            cpu0, load0 = _cpu_seconds(worker), _cpu_seconds(os.getpid())
+            peak_open = [0, 0]
+            while trio.current_time() - t0 < args.seconds:
+                await trio.sleep(1)
+                peak_open = [max(peak_open[0], attack.slowloris_open), max(peak_open[1], attack.readers_open)]
+                print(f"  t={trio.current_time() - t0:5.0f}s slowloris open {attack.slowloris_open} "
+                      f"readers open {attack.readers_open} normal requests {len(stats_ref[0].latencies)} "
+                      f"failures {sum(stats_ref[0].failures.values())} worker {_proc_status(worker)}", flush=True)
+            during = stats_ref[0]
+            status = _proc_status(worker)
+            wall = trio.current_time() - t0
+            result["during"] = {
+                "seconds": args.seconds, "requests": len(during.latencies),
+                "worker_cpu_pct": round(100 * (_cpu_seconds(worker) - cpu0) / wall, 1),
+                "load_generator_cpu_pct": round(100 * (_cpu_seconds(os.getpid()) - load0) / wall, 1),
+                "p50_ms": _pct(during.latencies, 0.5), "p99_ms": _pct(during.latencies, 0.99),
+                "max_ms": _pct(during.latencies, 1.0), "failures": during.failures,
+                "slowloris_open_peak": peak_open[0], "slow_readers_open_peak": peak_open[1],
+                "slowloris_cut": attack.slowloris_cut - cut0[0], "slow_readers_cut": attack.readers_cut - cut0[1],
+                "worker_rss_end": status.get("VmRSS"), "worker_rss_peak": status.get("VmHWM"),
+                "worker_fds_end": status.get("fds")}
+            attackers.cancel_scope.cancel()
+        stop.set()
+        devices.cancel_scope.cancel()
+    result["memory_samples"] = mem
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
