@@ -108,6 +108,9 @@ class AdminApi:
             Route("PUT", "/seg/policy/document", "Replace the policy document", self.put_document, body="PolicyDocument"),
             Route("POST", "/seg/push", "MDM real-time push: device changes (bearer push token)", self.push, auth="push", body="Push"),
             Route("GET", "/seg/openapi.json", "This API as an OpenAPI 3.1 document", self.openapi, auth="none"),
+            Route("GET", "/metrics", "Prometheus text format: every worker's counters, and their sum "
+                  "(bearer token, or from loopback without one)", self.metrics, auth="metrics"),
+            Route("GET", "/seg/stats", "Every live worker's statistics and their sum (JSON)", self.worker_stats),
         ]
 
     # -- dispatch -----------------------------------------------------------------
@@ -184,12 +187,23 @@ class AdminApi:
         })
 
     async def segconfig(self, body) -> Answer:
-        settings = msgspec.to_builtins(self.config.policy)
-        for secret in ("api_token", "push_token"):
-            settings[secret] = "(set)" if settings.get(secret) else ""
+        """Every section of the running config; tokens and passwords in URLs masked."""
+        running = masked(msgspec.to_builtins(self.config))
         gw = self.gate.engine.policies.doc.gateway if self.gate.engine.policies else None
-        return _json({"policy": settings, "gateway": gw, "test_mode": self.gate.engine.test_mode,
-                      "reasons": E.REASONS})
+        return _json({**running, "gateway": gw, "test_mode": self.gate.engine.test_mode, "reasons": E.REASONS})
+
+    def _snapshots(self):
+        from seg_fast.stats import read_snapshots, stats_dir
+        return read_snapshots(stats_dir(self.config))
+
+    async def metrics(self, body) -> Answer:
+        from seg_fast.admin.metrics import CONTENT_TYPE, render
+        return 200, CONTENT_TYPE, render(self._snapshots()).encode()
+
+    async def worker_stats(self, body) -> Answer:
+        from seg_fast.stats import total
+        snaps = self._snapshots()
+        return _json({"workers": snaps, "total": total(snaps)})
 
     async def generalaccess(self, body) -> Answer:
         doc = self._doc()
@@ -363,6 +377,38 @@ class AdminApi:
     async def openapi(self, body) -> Answer:
         from seg_fast.admin.openapi import document
         return _json(document(self.routes))
+
+
+SECRET_WORDS = ("token", "password", "secret")
+
+
+def masked(obj):
+    """Settings as shown to an administrator: secrets as "(set)", URL passwords as ****."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(v, str) and any(w in k.lower() for w in SECRET_WORDS):
+                out[k] = "(set)" if v else ""
+            else:
+                out[k] = masked(v)
+        return out
+    if isinstance(obj, list):
+        return [masked(v) for v in obj]
+    if isinstance(obj, str) and "://" in obj and "@" in obj:
+        return _mask_url(obj)
+    return obj
+
+
+def _mask_url(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+    try:
+        u = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL, hidden)"
+    if u.password is None:
+        return url
+    host = u.netloc.rsplit("@", 1)[1]
+    return urlunsplit((u.scheme, f"{u.username}:****@{host}", u.path, u.query, u.fragment))
 
 
 def _match(pattern: str, path: str) -> dict[str, str] | None:

@@ -11,6 +11,16 @@ from seg_fast.policy.model import PolicyDocument
 _REF = "#/components/schemas/{name}"
 
 
+def _content_type(pattern: str) -> str:
+    if "/download/" in pattern:
+        return "text/csv"
+    if pattern == "/metrics":
+        return "text/plain"
+    if pattern in ("/seg/admin", "/seg/console"):
+        return "text/html"
+    return "application/json"
+
+
 def document(routes) -> dict:
     from seg_fast.admin.api import OverrideBody, TestModeBody
     from seg_fast.policy.source import PushMessage
@@ -33,7 +43,7 @@ def document(routes) -> dict:
             "operationId": r.handler.__name__,
             "responses": {
                 "200": {"description": "OK", "content": {
-                    ("text/csv" if "/download/" in r.pattern else "application/json"): {"schema": {}}}},
+                    _content_type(r.pattern): {"schema": {}}}},
                 "400": {"description": "Malformed request", "content": {"application/json": {
                     "schema": {"$ref": _REF.format(name="Error")}}}},
                 "401": {"description": "Missing or wrong token"},
@@ -50,6 +60,8 @@ def document(routes) -> dict:
             op["security"] = [{"pushToken": []}]
         elif r.auth == "none":
             op["security"] = []
+        elif r.auth == "metrics":
+            op["security"] = [{"adminToken": []}, {}]     # or from loopback without a token
         paths.setdefault(r.pattern, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",

@@ -83,6 +83,24 @@ def _bearer(headers) -> bytes:
     return b""
 
 
+def _peer(stream) -> str:
+    """The client's address ("" when the stream has no socket, e.g. in memory)."""
+    while hasattr(stream, "transport_stream"):
+        stream = stream.transport_stream
+    try:
+        return stream.socket.getpeername()[0]
+    except (AttributeError, OSError):
+        return ""
+
+
+def _loopback(addr: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(addr.removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        return False
+
+
 class AdminServer:
     def __init__(self, config, *, gate: PolicyGatekeeper | None = None, push_only: bool = False):
         self.config = config
@@ -93,21 +111,23 @@ class AdminServer:
         self.push_token = config.policy.push_token.encode()
         self.push_only = push_only
 
-    def _authorized(self, route, headers) -> bool:
+    def _authorized(self, route, headers, peer: str = "") -> bool:
         if route.auth == "none":
             return True
+        if route.auth == "metrics" and _loopback(peer):
+            return True           # a scraper on this host needs no token (issue 12)
         given = _bearer(headers)
         want = self.push_token if route.auth == "push" else self.token
         return bool(want) and hmac.compare_digest(given, want)
 
-    async def answer(self, method: str, target: bytes, headers, body: bytes) -> tuple[int, str, bytes]:
+    async def answer(self, method: str, target: bytes, headers, body: bytes, peer: str = "") -> tuple[int, str, bytes]:
         path = target.split(b"?", 1)[0].decode("ascii", "replace")
         try:
             m = self.api.match(method, path)
             if m is None or (self.push_only and m[0].auth != "push"):
                 raise HttpError(404, f"no such endpoint: {path}")
             route, params = m
-            if not self._authorized(route, headers):
+            if not self._authorized(route, headers, peer):
                 raise HttpError(401, "missing or wrong bearer token")
             return await self.api.call(route, params, body)
         except HttpError as exc:
@@ -131,7 +151,8 @@ class AdminServer:
                 if isinstance(req, int):        # an error status for a malformed request
                     status, ctype, out = req, JSON, msgspec.json.encode({"error": body.decode()})
                 else:
-                    status, ctype, out = await self.answer(req.method.decode(), req.target, req.headers, body)
+                    status, ctype, out = await self.answer(req.method.decode(), req.target, req.headers, body,
+                                                           _peer(stream))
                 headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(out)).encode()),
                            (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
                            (b"content-security-policy", b"default-src 'self'; script-src 'unsafe-inline' 'self'; "

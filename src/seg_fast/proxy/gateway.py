@@ -20,6 +20,7 @@ from seg_fast.proxy.looplag import LoopLag, in_slices
 from seg_fast.proxy.parking import PingPark
 from seg_fast.proxy.redirects import RedirectMap
 from seg_fast.proxy.upstream import UpstreamPool, origin_of
+from seg_fast.stats import Stats
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -58,6 +59,8 @@ class Gateway:
         self.max_connections = 0              # limits.max_connections within the descriptor limit
         # Contained exceptions, deadlines, refused connections: counts for metrics, a rate-limited log.
         self.incidents = Incidents()
+        # Requests, decisions, bytes: counted per transaction, written for the control process (stats.py).
+        self.stats = Stats()
         self.port: int | None = None
         self._tls_override = tls_context
         self._nursery = None

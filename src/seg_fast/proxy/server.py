@@ -22,7 +22,7 @@ import sys
 
 import trio
 
-from seg_fast import logsetup
+from seg_fast import logsetup, stats
 from seg_fast.config import load_config, unknown_env_vars
 from seg_fast.errors import ConfigError, StartupError
 from seg_fast.proxy.worker import ENV_CONTROL_PID
@@ -98,8 +98,11 @@ def run_worker(config, config_path: str | None) -> int:
                 gcpause.tune()
                 nursery.start_soon(gcpause.refreeze_on_ramp, gw)
                 nursery.start_soon(_worker_signals, gw, signals, config_path)
+                # Counters for the control process's /metrics and console, once a second.
+                nursery.start_soon(stats.write_loop, gw, stats.stats_dir(config))
 
     trio.run(main)
+    stats.remove_snapshot(stats.stats_dir(config), os.getpid())
     _say("worker stopped")
     return 0
 
@@ -170,6 +173,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
         return 1
     if lock_fd < 0:
         _say(f"warning: state_dir {config.state_dir} is read-only: no listener lock for {host}:{port}")
+    stats.clear(stats.stats_dir(config))          # an earlier run's workers' counters
     cmd = [sys.executable, "-m", "seg_fast.proxy.worker"]
     if config_path:
         cmd += ["--config", str(config_path)]
@@ -229,6 +233,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                                         other.send_signal(signal.SIGTERM)
                                 break
                             _say(f"worker {proc.pid} exited with {proc.returncode}; starting another")
+                            stats.remove_snapshot(stats.stats_dir(config), proc.pid)
                             procs[i] = spawn()
                     if state["stopping"]:
                         if all(p.poll() is not None for p in procs):
