@@ -7,6 +7,7 @@ Sync answer head of tests/data/real-server/sync1.resp.hdr. h11 gets a fresh
 Connection per message and its whole cycle, as the proxy pays it today:
 
 - request:  h11 receive_data + next_event           vs  parse_request
+- the same, with h11 then primed for the body and answer  vs  parse_request + prime_h11
 - response: h11 send(Request) + receive_data + next_event  vs  write_request + parse_response
 - server cycle: h11 receive_data + next_event + send(Response)  vs  parse_request + write_response
 
@@ -69,6 +70,11 @@ def fast_request():
     return http1.parse_request(SYNC_REQUEST)
 
 
+def fast_primed():
+    # The integration seam: the fast head, and h11 primed with a canned head of the same facts.
+    return http1.prime_h11(h11.Connection(h11.SERVER), http1.parse_request(SYNC_REQUEST))
+
+
 def h11_response():
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method=b"POST", target=b"/Microsoft-Server-ActiveSync?Cmd=Sync",
@@ -98,6 +104,7 @@ def fast_cycle():
 
 
 CASES = {"request head": (h11_request, fast_request),
+         "head + h11 primed": (h11_request, fast_primed),
          "response head": (h11_response, fast_response),
          "server cycle": (h11_cycle, fast_cycle)}
 

@@ -522,3 +522,43 @@ def test_events_built_from_fast_heads_equal_h11s():
     client.send(h11.EndOfMessage())
     client.receive_data(resp)
     assert http1.response_event(http1.parse_response(resp)) == client.next_event()
+
+
+# -- handing a fast-parsed head to h11 (the integration seam) --------------------------------
+
+def _drain_events(conn):
+    out = []
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            out.append(("error", exc.error_status_hint))
+            return out
+        out.append(event)
+        if event is h11.NEED_DATA or type(event) in (h11.EndOfMessage, h11.ConnectionClosed):
+            return out
+
+
+@settings(max_examples=100)
+@given(request_heads(common=True), st.binary(max_size=40), st.booleans())
+def test_primed_h11_goes_on_exactly_as_if_it_had_parsed_the_head(head, body, chunked_ok):
+    parsed = http1.parse_request(head)
+    assert isinstance(parsed, http1.RequestHead)
+    if parsed.framing == http1.FRAMING_CHUNKED and chunked_ok:
+        body = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n" if body else b"0\r\n\r\n"
+    ref = h11.Connection(h11.SERVER)
+    ref.receive_data(head + body)
+    ref_request = ref.next_event()
+    fast = h11.Connection(h11.SERVER)
+    assert http1.prime_h11(fast, parsed, body) == ref_request
+    for conn in (ref, fast):
+        conn.events = _drain_events(conn)
+    assert fast.events == ref.events
+    assert (fast.states, fast.their_http_version, fast._request_method, fast.trailing_data) == \
+           (ref.states, ref.their_http_version, ref._request_method, ref.trailing_data)
+    if ref.their_state is h11.DONE:
+        answer = h11.Response(status_code=200, headers=[(b"Content-Type", b"x")])
+        assert fast.send(answer) == ref.send(answer)
+        assert fast.send(h11.Data(data=b"abc")) == ref.send(h11.Data(data=b"abc"))
+        assert fast.send(h11.EndOfMessage()) == ref.send(h11.EndOfMessage())
+        assert fast.states == ref.states

@@ -33,3 +33,26 @@ def request_event(head: RequestHead):
 def response_event(head: ResponseHead):
     """The h11.Response for a final head (informational heads are 1xx: ask ``head.informational``)."""
     return _headers.response_event(head.status_code, head.headers, head.reason)
+
+
+def prime_h11(conn, head: RequestHead, rest: bytes = b""):
+    """Leave a server-side h11.Connection (IDLE) where parsing ``head`` itself would have left
+    it (request method, HTTP version, body framing, keep-alive; ``rest``, what followed the
+    head, buffered as the body) and return the h11.Request. The event goes through h11's own
+    state machine (``_process_event``, what ``next_event`` calls after its parser), so the
+    rest of the exchange runs through h11 unchanged; tests/test_http1.py checks that the
+    events, states and answer bytes that follow are h11's own."""
+    event = request_event(head)
+    process = getattr(conn, "_process_event", None)
+    if process is None:                           # pragma: no cover - an h11 without it: parse a canned head
+        conn.receive_data(write_request(head.method, b"/", _CANNED_HOST, head.framing, head.length,
+                                        head.keep_alive))
+        conn.next_event()
+    else:
+        process(conn.their_role, event)
+    if rest:
+        conn.receive_data(rest)
+    return event
+
+
+_CANNED_HOST = [(b"Host", b"host", b"x")]
