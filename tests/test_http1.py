@@ -242,13 +242,13 @@ def test_common_requests_are_taken_by_the_fast_path(head, rest):
     assert fast[5] == len(head)
 
 
-@settings(max_examples=150)
+@settings(max_examples=120)
 @given(request_heads())
 def test_unusual_requests_match_h11_or_defer(head):
     check_request(head)
 
 
-@settings(max_examples=150)
+@settings(max_examples=120)
 @given(mutated(request_heads()))
 def test_mutated_requests_match_h11_or_defer(data):
     check_request(data)
@@ -346,7 +346,7 @@ def test_responses_match_h11_or_defer(head, method):
     check_response(head, method)
 
 
-@settings(max_examples=150)
+@settings(max_examples=100)
 @given(st.binary(max_size=48))
 def test_garbage_responses_match_h11_or_defer(data):
     check_response(data, prefixes=False)
@@ -463,7 +463,7 @@ def test_overlong_chunk_size_line_is_refused():
 field_values_out = st.lists(field_chars, max_size=20).map(b"".join).map(lambda v: v.strip(b" \t"))
 
 
-@settings(max_examples=120)
+@settings(max_examples=100)
 @given(st.integers(200, 999), st.sampled_from([b"OK", b"", b"Not Found", b"a\tb \x80"]),
        st.lists(st.tuples(tokens, field_values_out), max_size=6),
        st.sampled_from([http1.FRAMING_LENGTH, http1.FRAMING_CHUNKED]), st.integers(0, 10**9), st.booleans())
@@ -485,7 +485,7 @@ def test_response_writer_parses_back_with_h11(status, reason, pairs, framing, le
     assert fast_response(out) == ref                  # and the fast parser reads it the same
 
 
-@settings(max_examples=150)
+@settings(max_examples=80)
 @given(st.sampled_from([b"POST", b"GET", b"OPTIONS"]), targets,
        st.lists(st.tuples(tokens, field_values_out), max_size=6), st.integers(0, 10**6))
 def test_request_writer_parses_back_with_h11(method, target, pairs, length):
@@ -539,7 +539,7 @@ def _drain_events(conn):
             return out
 
 
-@settings(max_examples=100)
+@settings(max_examples=60)
 @given(request_heads(common=True), st.binary(max_size=40), st.booleans())
 def test_primed_h11_goes_on_exactly_as_if_it_had_parsed_the_head(head, body, chunked_ok):
     parsed = http1.parse_request(head)
