@@ -258,25 +258,31 @@ def test_gen2_threshold_and_freeze(monkeypatch):
 
 async def test_refreeze_after_a_ramp_of_connections():
     class FakeGateway:
-        active = 0
+        reads = 0
+        count = 0
+
+        @property
+        def active(self):
+            self.reads += 1
+            return self.count
 
     gw = FakeGateway()
     frozen = []
     gc_freeze = gc.freeze
     try:
-        gc.freeze = lambda: frozen.append(gw.active)
+        gc.freeze = lambda: frozen.append(gw.count)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: gcpause.refreeze_on_ramp(gw, every=0.01, min_interval=0.0,
+            nursery.start_soon(lambda: gcpause.refreeze_on_ramp(gw, every=0.001, min_interval=0.0,
                                                                 min_connections=10))
-            for active in (5, 12, 20, 24, 30, 60):
-                gw.active = active
-                await _wait(lambda: True)
-                await trio.sleep(0.05)
+            for count in (5, 12, 20, 24, 30, 60, 20, 25, 40):
+                gw.count, seen = count, gw.reads
+                await _wait(lambda: gw.reads >= seen + 2)      # the watcher has looked at it
             nursery.cancel_scope.cancel()
     finally:
         gc.freeze = gc_freeze
         gc.unfreeze()
-    assert frozen == [12, 24, 60]          # each time the count doubled since the last freeze
+    # Each time the count doubled since the last freeze, or since its low point after one.
+    assert frozen == [12, 24, 60, 40]
 
 
 async def test_loop_lag_sees_a_stalled_step():

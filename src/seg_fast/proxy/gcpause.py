@@ -31,7 +31,8 @@ def tune() -> None:
 
 
 async def refreeze_on_ramp(gw, *, every: float = 1.0, min_interval: float = 5.0, min_connections: int = 256):
-    """Freeze again whenever the worker's connections have doubled since the last freeze."""
+    """Freeze again whenever the worker's connections have doubled since the last freeze
+    (or since the lowest count after it: a fleet that leaves and comes back is a new ramp)."""
     last_count, last_at = 0, time.monotonic()
     while True:
         await trio.sleep(every)
@@ -40,6 +41,8 @@ async def refreeze_on_ramp(gw, *, every: float = 1.0, min_interval: float = 5.0,
             gc.collect(1)             # young garbage goes now, not frozen with the rest
             gc.freeze()
             last_count, last_at = count, now
+        elif count < last_count // 2:
+            last_count = count
 
 
 class GCWatch:
