@@ -562,3 +562,31 @@ def test_primed_h11_goes_on_exactly_as_if_it_had_parsed_the_head(head, body, chu
         assert fast.send(h11.Data(data=b"abc")) == ref.send(h11.Data(data=b"abc"))
         assert fast.send(h11.EndOfMessage()) == ref.send(h11.EndOfMessage())
         assert fast.states == ref.states
+
+
+@settings(max_examples=60)
+@given(response_heads(common=True), st.sampled_from([b"GET", b"POST", b"HEAD"]), st.binary(max_size=40),
+       st.sampled_from([b"", b"HTTP/1.1 100 Continue\r\nX: y\r\n\r\n"]))
+def test_primed_h11_client_reads_the_answer_as_if_it_had_parsed_it(head, method, body, interim):
+    data = interim + head
+    parsed = http1.parse_response(data, method)
+    assert isinstance(parsed, http1.ResponseHead)
+    if parsed.framing == http1.FRAMING_CHUNKED:
+        body = (b"%x\r\n" % len(body) + body + b"\r\n" if body else b"") + b"0\r\n\r\n"
+    conns = []
+    for _ in range(2):
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method=method, target=b"/", headers=[(b"Host", b"h"), (b"Content-Length", b"0")]))
+        conn.send(h11.EndOfMessage())
+        conns.append(conn)
+    ref, fast = conns
+    ref.receive_data(data + body)
+    rest = data[parsed.head_len:] + body
+    while parsed.informational:                     # a 1xx first, then the answer itself
+        assert http1.prime_h11_response(fast, parsed) == ref.next_event()
+        parsed = http1.parse_response(rest, method)
+        rest = rest[parsed.head_len:]
+    assert http1.prime_h11_response(fast, parsed, rest) == ref.next_event()
+    assert _drain_events(fast) == _drain_events(ref)
+    assert (fast.states, fast.their_http_version, fast.trailing_data) == \
+           (ref.states, ref.their_http_version, ref.trailing_data)

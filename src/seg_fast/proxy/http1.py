@@ -56,3 +56,23 @@ def prime_h11(conn, head: RequestHead, rest: bytes = b""):
 
 
 _CANNED_HOST = [(b"Host", b"host", b"x")]
+
+
+def prime_h11_response(conn, head: ResponseHead, rest: bytes = b""):
+    """The client side of prime_h11: an h11.Connection that sent its request gets the
+    mail server's answer head without parsing it; returns the h11 Response (or
+    InformationalResponse for a 1xx). Body framing follows h11's rules for the request's
+    method (HEAD, 204, 304), as ``head.framing`` does."""
+    if head.informational:
+        import h11
+
+        event = object.__new__(h11.InformationalResponse)
+        for name, value in (("status_code", head.status_code), ("headers", _headers._H11Headers(head.headers)),
+                            ("http_version", b"1.1"), ("reason", head.reason)):
+            object.__setattr__(event, name, value)
+    else:
+        event = response_event(head)
+    conn._process_event(conn.their_role, event)
+    if rest:
+        conn.receive_data(rest)
+    return event
