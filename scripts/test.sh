@@ -17,5 +17,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-source scripts/venv.sh test,bench
+source scripts/venv.sh test,bench,fuzz
 exec "$VPY" -m pytest -q "$@"

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "check-config": ("seg_fast.checkconfig", "cli", "--config FILE [--connect]: validate a config (like nginx -t)"),
     "sim": ("seg_fast.sim.cli", "cli", "run the mailbox simulator alone"),
     "bench": ("seg_fast.sim.sizing", "cli", "sizing [...]: the sizing benchmark"),
+    "fuzz": ("seg_fast.fuzzcli", "cli", "--target URL | --replay FILE: fuzz an EAS endpoint (extra: fuzz)"),
 }
 
 
