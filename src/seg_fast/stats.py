@@ -24,6 +24,7 @@ from time import perf_counter
 import msgspec
 import trio
 
+from seg_fast.dx import DX_DIR, Dx
 from seg_fast.statedir import resolve
 
 STATS_DIR = "stats"
@@ -86,7 +87,7 @@ class Stats:
     """The counters of one worker (or of an in-process Gateway in tests)."""
 
     __slots__ = ("requests", "decisions", "gateway_answers", "bytes_in", "bytes_out", "upstream_ms_sum",
-                 "tx_buckets", "tx_ms_sum", "started", "_version", "_version_since")
+                 "tx_buckets", "tx_ms_sum", "started", "_version", "_version_since", "dx")
 
     def __init__(self):
         self.requests: dict[tuple, int] = {}
@@ -100,6 +101,7 @@ class Stats:
         self.started = time.time()
         self._version = -1
         self._version_since = self.started
+        self.dx = Dx()                 # targeted logging: its targets follow state_dir/dx (write_loop)
 
     def tx(self, rec, t0: float | None = None) -> None:
         """One completed transaction (observe.Transaction; ``t0`` its perf_counter start):
@@ -122,6 +124,10 @@ class Stats:
             ms = rec.total_ms if t0 is None else (perf_counter() - t0) * 1000.0
             self.tx_buckets[bisect.bisect_left(TX_BOUNDS_MS, ms)] += 1
             self.tx_ms_sum += ms
+        if self.dx.active:             # one attribute test unless some device or user is targeted
+            if t0 is not None and not rec.total_ms:
+                rec.total_ms = round((perf_counter() - t0) * 1000.0, 3)
+            self.dx.capture(rec)
 
     def snapshot(self, gw=None, *, now: float | None = None) -> WorkerSnapshot:
         now = time.time() if now is None else now
@@ -163,9 +169,7 @@ def _gauges(snap: WorkerSnapshot, gw, stats: Stats, now: float) -> None:
         snap.policy_version_age_s = round(now - stats._version_since, 3)
         snap.policies_loaded = engine.policies is not None
         snap.store_ok = bool(getattr(keeper, "store_ok", False))
-    dx = getattr(gw, "dx", None)
-    if dx is not None:
-        snap.dx_targets = len(dx.targets)
+    snap.dx_targets = len(stats.dx.devices) + len(stats.dx.users)
 
 
 # -- files ---------------------------------------------------------------------
@@ -240,9 +244,11 @@ async def write_loop(gw, directory: Path, *, interval: float = WRITE_INTERVAL,
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
         pass
+    gw.stats.dx.directory = directory.parent / DX_DIR
     task_status.started()
     try:
         while True:
+            gw.stats.dx.refresh()
             _write(gw, directory)
             await trio.sleep(interval)
     finally:

@@ -8,6 +8,7 @@ writes through the store, so every worker sees an admin change within a second.
 """
 from __future__ import annotations
 
+import contextvars
 import csv
 import io
 import logging
@@ -18,6 +19,9 @@ from urllib.parse import unquote
 
 import msgspec
 
+from seg_fast.admin.console import (
+    FILTERS, AuditLog, BulkBody, DeviceIndex, QueryError, audit_path,
+)
 from seg_fast.eas.request import EasRequest
 from seg_fast.errors import PolicyError, SegFastError
 from seg_fast.policy import engine as E
@@ -28,6 +32,10 @@ from seg_fast.policy.model import DeviceRecord, Override, device_key, decode_doc
 from seg_fast.policy.source import apply_push
 
 log = logging.getLogger("seg_fast.policy.updates")
+
+# Per request (one trio task each): who is calling (for the audit log) and the query string.
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="token")
+QUERY: contextvars.ContextVar[dict] = contextvars.ContextVar("query", default={})
 
 JSON = "application/json"
 CSV = "text/csv; charset=utf-8"
@@ -46,6 +54,12 @@ class OverrideBody(msgspec.Struct, forbid_unknown_fields=True):
 
 class TestModeBody(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool
+
+
+class DxStart(msgspec.Struct, forbid_unknown_fields=True):
+    kind: str                       # "device" | "user"
+    target: str
+    minutes: float = 60.0
 
 
 def _json(obj, status: int = 200) -> Answer:
@@ -86,6 +100,9 @@ class AdminApi:
         self.store = gate.store
         self.source = source
         self.started = started or time.time()
+        self.index = DeviceIndex()
+        self.index_dirty = True
+        self.audit = AuditLog(audit_path(config))
         self.routes = [
             Route("GET", "/seg/diagnostic/cluster", "Nodes, workers, snapshot version and counts", self.cluster),
             Route("GET", "/seg/policy/segconfig", "The gateway's policy configuration (secrets left out)", self.segconfig),
@@ -99,7 +116,8 @@ class AdminApi:
                   "The device-user attachment key id the MDM reported for a device", self.keydata),
             Route("GET", "/seg/download/{type}/", "CSV: device, account, managedattachment, unmanagedattachment, redirect", self.download),
             Route("GET", "/seg/devices/{status}", "List view: devices seen (all, allowed, blocked, test_mode)", self.devices),
-            Route("GET", "/seg/admin", "The admin page (token asked in the page)", self.page, auth="none"),
+            Route("GET", "/seg/admin", "The console (asks for the token once, then a session cookie)", self.page,
+                  auth="none"),
             Route("GET", "/seg/logging", "Logging level per area", self.get_logging),
             Route("PUT", "/seg/logging", "Set logging levels ({area: level})", self.put_logging, body="LogLevels"),
             Route("POST", "/seg/device/{id}/override", "Whitelist, blacklist or default one device", self.override, body="Override"),
@@ -111,6 +129,23 @@ class AdminApi:
             Route("GET", "/metrics", "Prometheus text format: every worker's counters, and their sum "
                   "(bearer token, or from loopback without one)", self.metrics, auth="metrics"),
             Route("GET", "/seg/stats", "Every live worker's statistics and their sum (JSON)", self.worker_stats),
+            Route("GET", "/seg/console/dashboard", "The dashboard's aggregates: devices by status and reason, "
+                  "requests, decisions, parked Pings, mail-server errors", self.dashboard),
+            Route("GET", "/seg/console/devices", "List view: every device seen; filters, q= search, sort, order, "
+                  "offset, limit as query parameters", self.list_devices),
+            Route("GET", "/seg/console/device/{id}", "Device detail: MDM record, what the gateway saw, the decision",
+                  self.device_detail),
+            Route("POST", "/seg/console/override/{override}", "Bulk whitelist / blacklist / default over a filter "
+                  "or ids (expected = the confirmed count)", self.bulk_override, body="Bulk"),
+            Route("POST", "/seg/console/delete-unmanaged/{days}", "Forget unmanaged devices not seen for N days "
+                  "(expected = the confirmed count)", self.delete_unmanaged, body="Bulk"),
+            Route("GET", "/seg/console/audit", "The audit log, newest first (who, what, when)", self.audit_log),
+            Route("GET", "/seg/admin/{asset}", "The console's script and style sheet", self.asset, auth="none"),
+            Route("GET", "/seg/dx", "Targets of targeted (Dx) logging and until when", self.dx_list),
+            Route("POST", "/seg/dx", "Start Dx logging for a device or user ({kind, target, minutes})", self.dx_start,
+                  body="DxStart"),
+            Route("DELETE", "/seg/dx/{kind}/{target}", "Stop Dx logging for a device or user", self.dx_stop),
+            Route("GET", "/seg/dx/{kind}/{target}/log", "Download a Dx target's log (JSON lines)", self.dx_log),
         ]
 
     # -- dispatch -----------------------------------------------------------------
@@ -334,11 +369,13 @@ class AdminApi:
         rec = msgspec.structs.replace(rec, override=ov)
         version = await self.store.put_devices([rec])
         log.info("admin: device override set to %s", ov)
+        self._audit("override", devices=[rec.device_id], override=ov)
         return _json({"device_id": rec.device_id, "override": ov, "version": version})
 
     async def testmode(self, body) -> Answer:
         on = _body(body, TestModeBody).enabled
         version = await self.store.set_meta(META_TEST_MODE, "1" if on else "0")
+        self._audit("test_mode", enabled=on)
         return _json({"test_mode": on, "version": version})
 
     async def run_compliance(self, body) -> Answer:
@@ -357,7 +394,143 @@ class AdminApi:
                 changed.append(s)
         await self.store.put_sightings(changed)
         version = await self.store.set_meta(META_COMPLIANCE_RUN, repr(time.time()))
+        self._audit("run_compliance", devices=len(seen), changed=len(changed))
         return _json({"devices": len(seen), "changed": len(changed), "reasons": counts, "version": version})
+
+    # -- console ------------------------------------------------------------------
+    def _audit(self, action: str, **what) -> None:
+        self.index_dirty = True
+        self.audit.write(CALLER.get(), action, **what)
+
+    async def _fresh_index(self) -> DeviceIndex:
+        if self.index_dirty or time.time() - self.index.built > REFRESH_INDEX:
+            self.index_dirty = False
+            self.index.build(await self.store.sightings(), self.gate.engine.devices)
+        return self.index
+
+    async def dashboard(self, body) -> Answer:
+        from seg_fast.stats import total
+        index = await self._fresh_index()
+        snaps = self._snapshots()
+        t = total(snaps)
+        return _json({
+            **index.aggregates(), "test_mode": self.gate.engine.test_mode,
+            "policies_loaded": self.gate.engine.policies is not None, "snapshot_version": self.gate.engine.version,
+            "workers": len(snaps), "requests": t.requests, "decisions": t.decisions,
+            "gateway_answers": t.gateway_answers, "parked_pings": t.parked_pings, "connections": t.connections,
+            "mail_server_errors": t.gateway_answers.get("upstream_unavailable", 0),
+            "dx_targets": t.dx_targets, "index_built": index.built})
+
+    async def list_devices(self, body) -> Answer:
+        index = await self._fresh_index()
+        try:
+            return _json(index.query(QUERY.get()))
+        except QueryError as exc:
+            raise HttpError(400, f"{exc} (filters: {', '.join(FILTERS)})") from None
+
+    async def device_detail(self, body, id: str) -> Answer:
+        status, ctype, out = await self.device(body, id)
+        detail = msgspec.json.decode(out)
+        rec = await self.store.get_device(id)
+        seen = detail.get("seen") or {}
+        detail["trace"] = self._trace(id, seen, rec)
+        detail["key_id"] = rec.key_id if rec else ""
+        return _json(detail)
+
+    def _trace(self, id: str, seen: dict, rec) -> list[dict]:
+        """Which policy said what: the decision with, and without, each thing an administrator controls."""
+        eng = self.gate.engine
+        probe = self._probe(device_id=id, user=seen.get("user") or (rec.user if rec else None) or None,
+                            device_type=seen.get("device_type") or None, user_agent=seen.get("mail_client") or None)
+        reason, used = eng.explain(probe)
+        steps = [{"step": "policies loaded", "result": eng.policies is not None},
+                 {"step": "test mode", "result": eng.test_mode},
+                 {"step": "MDM record", "result": "found" if rec else "none (unmanaged)"},
+                 {"step": "override", "result": rec.override if rec else "default"},
+                 {"step": "decision", "result": reason}]
+        if used is not None and used is not rec:
+            steps.insert(3, {"step": "record used", "result": "not for this user (enrolled to another)"})
+        return steps
+
+    def _bulk_ids(self, raw: bytes, index: DeviceIndex) -> list[str]:
+        bulk = _body(raw or b"{}", BulkBody)
+        try:
+            ids = list(bulk.ids) if bulk.ids else index.ids(bulk.filter)
+        except QueryError as exc:
+            raise HttpError(400, str(exc)) from None
+        if not bulk.ids and not bulk.filter:
+            raise HttpError(400, "a bulk action needs a filter or ids")
+        if bulk.expected != len(ids):
+            # The list changed since the administrator confirmed it: confirm again.
+            raise HttpError(409, f"the selection holds {len(ids)} devices, {bulk.expected} were confirmed")
+        return ids
+
+    async def bulk_override(self, body, override: str) -> Answer:
+        if override not in ("whitelist", "blacklist", "default"):
+            raise HttpError(404, f"unknown override {override!r} (whitelist, blacklist, default)")
+        index = await self._fresh_index()
+        ids = self._bulk_ids(body, index)
+        recs = []
+        for i in ids:
+            rec = self.gate.engine.devices.get(device_key(i)) or await self.store.get_device(i) or DeviceRecord(device_id=i)
+            recs.append(msgspec.structs.replace(rec, override=override))
+        version = await self.store.put_devices(recs) if recs else self.gate.engine.version
+        self._audit("bulk_override", override=override, count=len(ids), devices=ids[:100])
+        return _json({"override": override, "devices": len(ids), "version": version})
+
+    async def delete_unmanaged(self, body, days: str) -> Answer:
+        try:
+            n_days = float(days)
+        except ValueError:
+            raise HttpError(400, "days must be a number") from None
+        index = await self._fresh_index()
+        raw = msgspec.json.decode(body or b"{}")
+        raw["filter"] = {"managed": "false", "not_seen_days": str(n_days)}
+        ids = self._bulk_ids(msgspec.json.encode(raw), index)
+        await self.store.remove_entries("sightings", [device_key(i) for i in ids])
+        self._audit("delete_unmanaged", days=n_days, count=len(ids), devices=ids[:100])
+        return _json({"deleted": len(ids)})
+
+    async def asset(self, body, asset: str) -> Answer:
+        from importlib.resources import files
+        types = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
+        if asset not in types:
+            raise HttpError(404, f"no such asset: {asset}")
+        return 200, types[asset], files("seg_fast.admin").joinpath(asset).read_bytes()
+
+    async def dx_list(self, body) -> Answer:
+        from seg_fast import dx
+        return _json({"targets": dx.read_targets(dx.dx_dir(self.config))})
+
+    async def dx_start(self, body) -> Answer:
+        from seg_fast import dx
+        req = _body(body, DxStart)
+        try:
+            t = dx.start(dx.dx_dir(self.config), req.kind, req.target, req.minutes, who=CALLER.get())
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        self._audit("dx_start", kind=t.kind, target=t.target, until=t.until)
+        return _json(t)
+
+    async def dx_stop(self, body, kind: str, target: str) -> Answer:
+        from seg_fast import dx
+        if kind not in dx.KINDS:
+            raise HttpError(404, f"unknown Dx target kind {kind!r} (device, user)")
+        stopped = dx.stop(dx.dx_dir(self.config), kind, target)
+        self._audit("dx_stop", kind=kind, target=target)
+        return _json({"stopped": stopped})
+
+    async def dx_log(self, body, kind: str, target: str) -> Answer:
+        from seg_fast import dx
+        if kind not in dx.KINDS:
+            raise HttpError(404, f"unknown Dx target kind {kind!r} (device, user)")
+        data = dx.read_log(dx.dx_dir(self.config), kind, target)
+        self._audit("dx_download", kind=kind, target=target, bytes=len(data))
+        return 200, "application/x-ndjson", data, [
+            (b"content-disposition", f'attachment; filename="{dx.log_name(kind, target)}"'.encode())]
+
+    async def audit_log(self, body) -> Answer:
+        return _json({"entries": self.audit.tail()})
 
     async def put_document(self, body) -> Answer:
         try:
@@ -379,6 +552,7 @@ class AdminApi:
         return _json(document(self.routes))
 
 
+REFRESH_INDEX = 5.0
 SECRET_WORDS = ("token", "password", "secret")
 
 

@@ -16,17 +16,21 @@ def _content_type(pattern: str) -> str:
         return "text/csv"
     if pattern == "/metrics":
         return "text/plain"
-    if pattern in ("/seg/admin", "/seg/console"):
-        return "text/html"
+    if pattern.startswith("/seg/admin"):
+        return "text/html" if pattern == "/seg/admin" else "text/javascript"
+    if pattern.endswith("/log"):
+        return "application/x-ndjson"
     return "application/json"
 
 
 def document(routes) -> dict:
-    from seg_fast.admin.api import OverrideBody, TestModeBody
+    from seg_fast.admin.api import DxStart, OverrideBody, TestModeBody
+    from seg_fast.admin.console import BulkBody
     from seg_fast.policy.source import PushMessage
 
-    (doc_schema, push_schema, ov_schema, tm_schema), components = msgspec.json.schema_components(
-        [PolicyDocument, PushMessage, OverrideBody, TestModeBody], ref_template=_REF)
+    (doc_schema, push_schema, ov_schema, tm_schema, bulk_schema, dx_schema), components = \
+        msgspec.json.schema_components([PolicyDocument, PushMessage, OverrideBody, TestModeBody, BulkBody, DxStart],
+                                       ref_template=_REF)
     components["LogLevels"] = {
         "type": "object",
         "propertyNames": {"enum": list(LOG_AREAS)},
@@ -35,6 +39,7 @@ def document(routes) -> dict:
     components["Error"] = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
     components["Reason"] = {"enum": list(REASONS)}
     bodies = {"PolicyDocument": doc_schema, "Push": push_schema, "Override": ov_schema, "TestMode": tm_schema,
+              "Bulk": bulk_schema, "DxStart": dx_schema,
               "LogLevels": {"$ref": _REF.format(name="LogLevels")}}
     paths: dict[str, dict] = {}
     for r in routes:

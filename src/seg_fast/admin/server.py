@@ -21,7 +21,8 @@ import h11
 import msgspec
 import trio
 
-from seg_fast.admin.api import JSON, AdminApi, HttpError
+from seg_fast.admin.api import CALLER, JSON, QUERY, AdminApi, HttpError
+from seg_fast.admin.console import query_params
 from seg_fast.errors import SegFastError, StartupError
 from seg_fast.policy.gate import PolicyGatekeeper
 from seg_fast.policy.source import PolicySource
@@ -76,6 +77,73 @@ def _ephemeral_hint(port: int) -> str:
     return ""
 
 
+# The console: scripts and styles from this listener only, no inline code, never framed.
+CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       b"base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SESSION_COOKIE = "seg_session"
+SESSION_TTL = 8 * 3600.0
+MAX_SESSIONS = 1000
+
+
+class Login(msgspec.Struct, forbid_unknown_fields=True):
+    token: str
+    name: str = ""                 # who this is, for the audit log
+
+
+class Session(msgspec.Struct):
+    name: str
+    csrf: str
+    expires: float
+
+
+class Sessions:
+    """Console sessions of this control process (a restart logs everyone out)."""
+
+    def __init__(self, ttl: float = SESSION_TTL):
+        self.ttl = ttl
+        self.by_id: dict[str, Session] = {}
+
+    def create(self, name: str) -> tuple[str, Session]:
+        now = time.time()
+        self.by_id = {k: v for k, v in self.by_id.items() if v.expires > now}
+        while len(self.by_id) >= MAX_SESSIONS:
+            self.by_id.pop(next(iter(self.by_id)))
+        sid = secrets.token_urlsafe(32)
+        sess = Session(name=name, csrf=secrets.token_urlsafe(32), expires=now + self.ttl)
+        self.by_id[sid] = sess
+        return sid, sess
+
+    def get(self, sid: str) -> Session | None:
+        sess = self.by_id.get(sid) if sid else None
+        if sess is None:
+            return None
+        if sess.expires <= time.time():
+            self.by_id.pop(sid, None)
+            return None
+        return sess
+
+    def drop(self, sid: str) -> None:
+        self.by_id.pop(sid, None)
+
+
+def _header(headers, name: bytes) -> bytes:
+    for k, v in headers:
+        if k.lower() == name:
+            return v.strip()
+    return b""
+
+
+def _cookie(headers, name: str) -> str:
+    for k, v in headers:
+        if k.lower() != b"cookie":
+            continue
+        for part in v.decode("latin-1").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+    return ""
+
+
 def _bearer(headers) -> bytes:
     for name, value in headers:
         if name == b"authorization" and value[:7].lower() == b"bearer ":
@@ -110,25 +178,82 @@ class AdminServer:
         self.token = admin_token(config).encode()
         self.push_token = config.policy.push_token.encode()
         self.push_only = push_only
+        self.sessions = Sessions()
+        self.tls = False              # set when the listener speaks TLS (cookies get Secure)
 
-    def _authorized(self, route, headers, peer: str = "") -> bool:
+    def _caller(self, route, method: str, headers, peer: str = "") -> str | None:
+        """Who is calling (for the audit log), or None when not allowed.
+
+        A bearer token, or the console's session cookie; with the cookie, every
+        state-changing call must also carry the session's CSRF token (X-CSRF-Token).
+        """
         if route.auth == "none":
-            return True
+            return "anonymous"
         if route.auth == "metrics" and _loopback(peer):
-            return True           # a scraper on this host needs no token (issue 12)
+            return "loopback"     # a scraper on this host needs no token (issue 12)
         given = _bearer(headers)
-        want = self.push_token if route.auth == "push" else self.token
-        return bool(want) and hmac.compare_digest(given, want)
+        if given:
+            want = self.push_token if route.auth == "push" else self.token
+            ok = bool(want) and hmac.compare_digest(given, want)
+            return f"{'push' if route.auth == 'push' else 'token'}@{peer or '?'}" if ok else None
+        if route.auth == "push":
+            return None
+        session = self.sessions.get(_cookie(headers, SESSION_COOKIE))
+        if session is None:
+            return None
+        if method not in ("GET", "HEAD") and not hmac.compare_digest(_header(headers, b"x-csrf-token"),
+                                                                     session.csrf.encode()):
+            raise HttpError(403, "missing or wrong X-CSRF-Token for this session")
+        return f"{session.name}@{peer or '?'}"
 
-    async def answer(self, method: str, target: bytes, headers, body: bytes, peer: str = "") -> tuple[int, str, bytes]:
+    def _session_call(self, method: str, headers, body: bytes, peer: str):
+        """POST /seg/session {token, name}: the console's login; GET: the CSRF token; DELETE: log out."""
+        if method == "POST":
+            try:
+                login = msgspec.json.decode(body, type=Login)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise HttpError(400, f"request body: {exc}") from None
+            if not hmac.compare_digest(login.token.encode(), self.token):
+                log.warning("admin: console login refused from %s", peer or "?")
+                raise HttpError(401, "wrong admin token")
+            sid, sess = self.sessions.create(login.name.strip()[:64] or "admin")
+            self.api.audit.write(f"{sess.name}@{peer or '?'}", "login")
+            cookie = (f"{SESSION_COOKIE}={sid}; Path=/seg; Max-Age={int(SESSION_TTL)}; HttpOnly; "
+                      "SameSite=Strict").encode()
+            if self.tls:
+                cookie += b"; Secure"
+            return 200, JSON, msgspec.json.encode({"csrf": sess.csrf, "name": sess.name,
+                                                   "expires": sess.expires}), [(b"set-cookie", cookie)]
+        sid = _cookie(headers, SESSION_COOKIE)
+        sess = self.sessions.get(sid)
+        if sess is None:
+            raise HttpError(401, "no session")
+        if method == "GET":
+            return 200, JSON, msgspec.json.encode({"csrf": sess.csrf, "name": sess.name, "expires": sess.expires})
+        if method == "DELETE":
+            if not hmac.compare_digest(_header(headers, b"x-csrf-token"), sess.csrf.encode()):
+                raise HttpError(403, "missing or wrong X-CSRF-Token for this session")
+            self.sessions.drop(sid)
+            self.api.audit.write(f"{sess.name}@{peer or '?'}", "logout")
+            gone = f"{SESSION_COOKIE}=; Path=/seg; Max-Age=0; HttpOnly; SameSite=Strict".encode()
+            return 200, JSON, b'{"logged_out":true}', [(b"set-cookie", gone)]
+        raise HttpError(405, f"{method} not allowed on /seg/session")
+
+    async def answer(self, method: str, target: bytes, headers, body: bytes, peer: str = ""):
+        """(status, content type, body) or, with headers to add, (status, content type, body, headers)."""
         path = target.split(b"?", 1)[0].decode("ascii", "replace")
         try:
+            if path == "/seg/session" and not self.push_only:
+                return self._session_call(method, headers, body, peer)
             m = self.api.match(method, path)
             if m is None or (self.push_only and m[0].auth != "push"):
                 raise HttpError(404, f"no such endpoint: {path}")
             route, params = m
-            if not self._authorized(route, headers, peer):
-                raise HttpError(401, "missing or wrong bearer token")
+            who = self._caller(route, method, headers, peer)
+            if who is None:
+                raise HttpError(401, "missing or wrong bearer token (or console session)")
+            CALLER.set(who)
+            QUERY.set(query_params(target))
             return await self.api.call(route, params, body)
         except HttpError as exc:
             return exc.status, JSON, msgspec.json.encode({"error": str(exc)})
@@ -148,15 +273,17 @@ class AdminServer:
                     req, body = await self._read_request(conn, stream)
                 if idle.cancelled_caught or req is None:
                     return
+                extra = []
                 if isinstance(req, int):        # an error status for a malformed request
                     status, ctype, out = req, JSON, msgspec.json.encode({"error": body.decode()})
                 else:
-                    status, ctype, out = await self.answer(req.method.decode(), req.target, req.headers, body,
-                                                           _peer(stream))
+                    status, ctype, out, *more = await self.answer(req.method.decode(), req.target, req.headers,
+                                                                  body, _peer(stream))
+                    extra = more[0] if more else []
                 headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(out)).encode()),
                            (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
-                           (b"content-security-policy", b"default-src 'self'; script-src 'unsafe-inline' 'self'; "
-                                                        b"style-src 'unsafe-inline'")]
+                           (b"content-security-policy", CSP), (b"x-frame-options", b"DENY"),
+                           (b"referrer-policy", b"no-referrer"), *extra]
                 if status == 401:
                     headers.append((b"www-authenticate", b'Bearer realm="seg"'))
                 await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))

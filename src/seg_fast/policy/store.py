@@ -98,6 +98,8 @@ class Store:
         """Write only the keys not there yet (first sightings)."""
     async def put_entries(self, ns: str, entries: dict[str, bytes], *, notify: bool = False) -> int: ...
     async def get_entries(self, ns: str, keys: list[str] | None = None) -> dict[str, bytes]: ...
+    async def remove_entries(self, ns: str, keys: list[str]) -> None:
+        """Forget entries (the console's "delete unmanaged devices not seen for N days")."""
     async def get_meta(self, key: str) -> str | None: ...
     async def set_meta(self, key: str, value: str, *, notify: bool = True) -> int: ...
     async def changes_since(self, version: int) -> list[Change]: ...
@@ -364,6 +366,12 @@ class SqliteStore(Store):
             return [(ns, k) for k in entries] if notify else []
         return await self._run(lambda db: self._tx(db, body), write=True)
 
+    async def remove_entries(self, ns, keys):
+        if ns not in NAMESPACES:
+            raise StoreError(f"unknown store namespace {ns!r}")
+        await self._run(lambda db: db.executemany("DELETE FROM entries WHERE ns = ? AND key = ?",
+                                                  [(ns, k) for k in keys]), write=True)
+
     async def get_entries(self, ns, keys=None):
         def read(db):
             if keys is None:
@@ -609,6 +617,12 @@ class RedisStore(Store):
             return await self._publish([(ns, k) for k in entries], [("HSET", self.k(ns), *args)])
         await self._pipe([("HSET", self.k(ns), *args)])
         return 0
+
+    async def remove_entries(self, ns, keys):
+        if ns not in NAMESPACES:
+            raise StoreError(f"unknown store namespace {ns!r}")
+        for i in range(0, len(keys), 1000):
+            await self._pipe([("HDEL", self.k(ns), *keys[i:i + 1000])])
 
     async def get_entries(self, ns, keys=None):
         if (copy := self.serving_copy) is not None:
