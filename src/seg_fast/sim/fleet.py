@@ -23,21 +23,24 @@ waits for one JSON line on stdin with the target address and the common start ti
 from __future__ import annotations
 
 import base64
+import collections
+import functools
 import heapq
 import math
 import os
 import random
 import resource
+import ssl
 import sys
 import time
 from collections import defaultdict
 
-import h11
 import msgspec
 import trio
 
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim.oracle import Opener
+from seg_fast.sim.wire import HttpConn, WireError, request_head
 
 # Events per device per busy hour (BENCH-PROFILE.md). Syncs follow deliveries.
 RATE_DELIVER = 12.0
@@ -80,6 +83,8 @@ class ShardSpec(msgspec.Struct, kw_only=True):
     password: str = "secret"
     out: str = ""
     fault: str = ""              # tests only: "corrupt" damages some Sync answers on the way
+    tls_cert: str = ""           # the simulator also serves TLS (for the direct path)
+    tls_key: str = ""
 
 
 class Go(msgspec.Struct, kw_only=True):
@@ -90,6 +95,7 @@ class Go(msgspec.Struct, kw_only=True):
     # How answers are checked: "strict" (passed untouched: sizes, body types, bytes)
     # or "security" (BENCH-PROFILE's email security expected: seg_fast.sim.oracle).
     checks: str = "strict"
+    tls_ca: str = ""             # devices speak TLS 1.3 (trusting this CA) when set
     key_file: str = ""           # the gateway's master key and key state (security on)
     key_state_file: str = ""
 
@@ -108,6 +114,7 @@ class Stats:
         self.pings_idle = 0
         self.pings_changes = 0
         self.parked = 0
+        self.syncing = 0             # devices in a Sync right now
         self.parked_min_in_window: int | None = None
         self.started = 0
         self.ready = 0
@@ -115,6 +122,8 @@ class Stats:
         self.fetch_skipped = 0
         self.transformed = 0         # bodies/attachments whose size the gateway changed
         self.checked_bodies = 0      # security on: bodies compared under the link oracle
+        self.tls_handshakes = 0
+        self.tls_resumed = 0         # handshakes that resumed a session (as phones do)
         self.byte_checked = 0        # answers identical to what the simulator sent
         self.envelopes_opened = 0    # security on: sealed attachments opened and compared
         self.ready_by = 0.0          # shard time the last device finished set-up
@@ -181,60 +190,6 @@ class Clock:
         await trio.sleep_until(self.base + t)
 
 
-class HttpConn:
-    """One h11 client connection. Keep-alive when both sides allow it."""
-
-    __slots__ = ("stream", "h")
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.h = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
-
-    @classmethod
-    async def open(cls, host: str, port: int, local: str | None) -> "HttpConn":
-        stream = await trio.open_tcp_stream(host, port, local_address=local)
-        return cls(stream)
-
-    @property
-    def reusable(self) -> bool:
-        return self.h.our_state is h11.DONE and self.h.their_state is h11.DONE
-
-    async def request(self, target: str, headers: list, body: bytes) -> tuple[int, list, bytes]:
-        h = self.h
-        if h.our_state is h11.DONE:
-            h.start_next_cycle()
-        data = h.send(h11.Request(method="POST", target=target,
-                                  headers=headers + [("Content-Length", str(len(body)))]))
-        data += h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
-        await self.stream.send_all(data)
-        status, rheaders, chunks = 0, [], []
-        while True:
-            ev = h.next_event()
-            if ev is h11.NEED_DATA:
-                data = await self.stream.receive_some(262144)
-                h.receive_data(data)   # b"" is EOF: h11 then reports the cut
-                continue
-            t = type(ev)
-            if t is h11.Response:
-                status, rheaders = ev.status_code, ev.headers
-            elif t is h11.Data:
-                chunks.append(ev.data)
-            elif t is h11.EndOfMessage:
-                break
-            elif t is h11.InformationalResponse:
-                continue
-            elif t is h11.ConnectionClosed:
-                raise h11.RemoteProtocolError("connection closed before the answer ended")
-            else:  # PAUSED cannot happen before EndOfMessage
-                raise h11.RemoteProtocolError(f"unexpected event {ev!r}")
-        return status, rheaders, b"".join(chunks)
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await self.stream.aclose()
-
-
 def device_identity(idx: int) -> tuple[str, str, bool]:
     """(user, DeviceId, enrolled in MDM) of fleet device ``idx``: half are managed."""
     return f"user{idx}", f"SEGFAST{idx:09d}", idx % 2 == 0
@@ -244,13 +199,15 @@ class Device:
     __slots__ = ("idx", "user", "device_id", "auth", "fleet", "local", "sync_key",
                  "folder_key", "delivered", "received", "seen", "attachments", "fetched", "n_sync", "sync_at",
                  "policy_key", "body_type", "parked_since", "delivered_at_park", "alive", "ready", "sync_lock",
-                 "managed")
+                 "managed", "tls_session", "state")
 
     def __init__(self, idx: int, fleet: "Fleet") -> None:
         self.idx = idx
         self.fleet = fleet
         self.user, self.device_id, self.managed = device_identity(idx)
-        self.auth = "Basic " + base64.b64encode(f"{self.user}:{fleet.spec.password}".encode()).decode()
+        self.tls_session = None     # resumed on the next connection, as phones do
+        self.state = "setup"        # what the Ping loop is doing (a census at the window's end)
+        self.auth = b"Basic " + base64.b64encode(f"{self.user}:{fleet.spec.password}".encode())
         hosts = fleet.spec.source_hosts
         self.local = hosts[idx % len(hosts)] if hosts else None
         self.sync_key = "0"
@@ -276,15 +233,9 @@ class Device:
         return self.fleet.opener(self.device_id, self.user, blob)
 
     # -- one request ----------------------------------------------------------------
-    def target(self, cmd: str) -> str:
+    def target(self, cmd: str) -> bytes:
         return (f"/Microsoft-Server-ActiveSync?Cmd={cmd}&User={self.user}"
-                f"&DeviceId={self.device_id}&DeviceType=iPhone")
-
-    def headers(self) -> list:
-        return [("Host", "mail.seg-fast.test"), ("Authorization", self.auth),
-                ("MS-ASProtocolVersion", "14.1"), ("X-MS-PolicyKey", self.policy_key),
-                ("User-Agent", "Apple-iPhone15C2/2101.55"),
-                ("Content-Type", "application/vnd.ms-sync.wbxml")]
+                f"&DeviceId={self.device_id}&DeviceType=iPhone").encode()
 
     async def call(self, conn: HttpConn, cmd: str, body: bytes, key: str | None,
                    timeout: float = REQUEST_TIMEOUT) -> tuple[int, list, bytes] | None:
@@ -292,7 +243,6 @@ class Device:
         f = self.fleet
         st = f.stats
         st.requests[cmd] += 1
-        headers = self.headers()
         seq = None
         # Answers a proxy must pass untouched are compared with what the simulator
         # sent (it records each answer under the request's X-Fleet-Seq); with email
@@ -300,18 +250,22 @@ class Device:
         if f.strict or cmd not in TRANSFORMED:
             f.n_seq += 1
             seq = f"{cmd}.{f.n_seq}".encode()
-            headers.append(("X-Fleet-Seq", seq))
+        # the device's request: constant header lines joined with what changes
+        head = request_head(self.target(cmd), f.head_const + b"Authorization: " + self.auth + b"\r\n",
+                            self.policy_key.encode(), seq, len(body))
         t = trio.current_time()
         try:
             with trio.fail_after(timeout):
-                status, headers, answer = await conn.request(self.target(cmd), headers, body)
+                status, headers, answer = await conn.request(head, body)
         except trio.TooSlowError:
             st.fail(f"{cmd}.timeout", f"{self.device_id} no answer in {timeout:.0f}s")
             return None
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, WireError) as exc:
             st.fail(f"{cmd}.connection", f"{self.device_id} {type(exc).__name__}: {exc}")
             return None
         elapsed = trio.current_time() - t
+        if f.tls is not None and self.tls_session is None:
+            self.tls_session = conn.stream.session     # TLS 1.3: the ticket came with the answer
         st.bytes_out += len(body)
         st.bytes_in += len(answer)
         if key is not None and f.in_window(t):
@@ -365,6 +319,7 @@ class Device:
             first = True
             while not f.stopping:
                 if not conn.reusable:
+                    self.state = "reconnect"
                     await conn.aclose()
                     conn = await self._connect("Ping")
                     if conn is None:
@@ -386,8 +341,14 @@ class Device:
         f = self.fleet
         try:
             with trio.fail_after(30):
-                return await HttpConn.open(f.go.host, f.go.port, self.local)
-        except (OSError, trio.TooSlowError) as exc:
+                conn = await HttpConn.open(f.go.host, f.go.port, self.local, f.tls, self.tls_session)
+                if f.tls is not None:
+                    await conn.stream.do_handshake()
+                    f.stats.tls_handshakes += 1
+                    if conn.stream.session_reused:
+                        f.stats.tls_resumed += 1
+                return conn
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             f.stats.conn_errors += 1
             f.stats.fail(f"{cmd}.connect", f"{self.device_id} {type(exc).__name__}: {exc}")
             return None
@@ -416,18 +377,26 @@ class Device:
             self.n_sync = self.n_sync + 1 if self.sync_at == self.delivered else 0
             self.sync_at = self.delivered
             key = f"{self.idx}:d{self.delivered}" + (f".{self.n_sync}" if self.n_sync else "")
-            return await eas.sync(self, conn, key)
+            self.fleet.stats.syncing += 1
+            self.state = "sync"
+            try:
+                return await eas.sync(self, conn, key)
+            finally:
+                self.fleet.stats.syncing -= 1
+                self.state = "synced"
 
     async def ping(self, conn: HttpConn, heartbeat: int) -> bool:
         f = self.fleet
         self.parked_since = trio.current_time()
         self.delivered_at_park = self.delivered
         f.stats.parked += 1
+        self.state = "ping"
         try:
             res = await self.call(conn, "Ping", eas.ping_body(heartbeat), None,
                                   timeout=heartbeat + 60)
         finally:
             f.stats.parked -= 1
+            self.state = "ping-answered"
         if f.stopping and res is None:
             return False
         answer = self.check_http("Ping", res)
@@ -484,6 +453,10 @@ class Fleet:
         self.n_seq = 0
         self.n_corrupt = 0
         sim.answer_tap = self.tap
+        # the header lines every request of every device carries
+        self.head_const = (b"Host: mail.seg-fast.test\r\nMS-ASProtocolVersion: 14.1\r\n"
+                           b"User-Agent: Apple-iPhone15C2/2101.55\r\n"
+                           b"Content-Type: application/vnd.ms-sync.wbxml\r\n")
         self.window = (spec.ramp + spec.settle, spec.ramp + spec.settle + spec.hold)
 
     def tap(self, seq: bytes, answer):
@@ -562,6 +535,10 @@ class Fleet:
         self.go = go
         self.opener = Opener(go.key_file, go.key_state_file)
         self.strict = go.checks == "strict"
+        self.tls = None
+        if go.tls_ca:
+            self.tls = ssl.create_default_context(cafile=go.tls_ca)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_3
         self.security = go.checks == "security"
         self.clock = Clock(go.t0)
         s = self.spec
@@ -577,6 +554,9 @@ class Fleet:
                     await self.drive(fg, events)
                     await self.clock.sleep_until(end)
                     self.window_parked = self.stats.parked
+                    self.window_syncing = self.stats.syncing
+                    self.window_states = dict(collections.Counter(
+                        d.state if d.alive else "gone" for d in self.devices))
                     # let the foreground work finish and every device sync what it
                     # was delivered, then stop the parked Pings
                     with trio.move_on_after(s.drain):
@@ -612,6 +592,8 @@ class Fleet:
             "started": st.started, "ready": st.ready, "ready_by": round(st.ready_by, 2),
             "window_start": self.window[0],
             "parked_at_window_end": getattr(self, "window_parked", 0),
+            "syncing_at_window_end": getattr(self, "window_syncing", 0),
+            "states_at_window_end": getattr(self, "window_states", {}),
             "parked_min_in_window": st.parked_min_in_window,
             "requests": dict(st.requests), "failures": dict(st.failures),
             "failure_samples": st.failure_samples,
@@ -628,6 +610,7 @@ class Fleet:
             "transformed": st.transformed,
             "checked_bodies": st.checked_bodies, "envelopes_opened": st.envelopes_opened,
             "byte_checked": st.byte_checked,
+            "tls_handshakes": st.tls_handshakes, "tls_resumed": st.tls_resumed,
             "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
         }
 
@@ -649,8 +632,15 @@ async def shard_main(spec: ShardSpec) -> dict:
     sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
                            initial_messages=INITIAL_MESSAGES)
     async with trio.open_nursery() as nursery:
-        await nursery.start(sim.serve, spec.sim_host, spec.sim_port)
-        emit({"ready": True, "sim_port": sim.port, "pid": os.getpid()})
+        port = await nursery.start(sim.serve, spec.sim_host, spec.sim_port)
+        tls_port = None
+        if spec.tls_cert:
+            # devices reach the simulator directly over TLS; proxies use the plain port
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.load_cert_chain(spec.tls_cert, spec.tls_key)
+            tls_port = await nursery.start(functools.partial(sim.serve, spec.sim_host, 0, ssl_context=ctx))
+        emit({"ready": True, "sim_port": port, "sim_tls_port": tls_port, "pid": os.getpid()})
         line = await trio.to_thread.run_sync(sys.stdin.readline)
         if not line:
             raise SystemExit("fleet: no start line on stdin")
@@ -664,7 +654,15 @@ async def shard_main(spec: ShardSpec) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = msgspec.json.decode(argv[0].encode(), type=ShardSpec)
-    result = trio.run(shard_main, spec)
+    prof_dir = os.environ.get("SEG_FAST_FLEET_PROFILE")    # where the load side's CPU goes
+    if prof_dir:
+        import cProfile
+
+        prof = cProfile.Profile()
+        result = prof.runcall(trio.run, shard_main, spec)
+        prof.dump_stats(os.path.join(prof_dir, f"shard{spec.shard}.pstats"))
+    else:
+        result = trio.run(shard_main, spec)
     data = msgspec.json.encode(result)
     if spec.out:
         tmp = spec.out + ".tmp"

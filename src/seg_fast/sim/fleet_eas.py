@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from seg_fast.errors import SegFastError
 from seg_fast.sim import oracle
 from seg_fast.sim.commands import find_attachment
-from seg_fast.sim.corpus import Corpus
 from seg_fast.sim.tree import E, decode, encode, find, kids, text
 
 if TYPE_CHECKING:
@@ -26,7 +25,7 @@ SETUP_TRUNCATION = 4096       # the first download: headers and the start of eac
 FOLDERS_EXPECTED = 9          # the simulator's hierarchy (Inbox .. Notes)
 SEND_BYTES = 20 * 1024        # BENCH-PROFILE: 20 KB MIME outbound
 _PING_CACHE: dict[int, bytes] = {}
-_CORPUS: dict[int, Corpus] = {}
+_SEND_TEXT: dict[int, bytes] = {}
 
 
 def _decode(dev: "Device", cmd: str, answer: bytes):
@@ -105,20 +104,37 @@ async def folder_sync(dev: "Device", conn: "HttpConn", key: str | None) -> bool:
 
 # -- Sync -----------------------------------------------------------------------------
 
-def sync_body(dev: "Device", truncation: int | None = None) -> bytes:
-    if dev.sync_key == "0":
+def sync_tree(sync_key: str, body_type: int, truncation: int | None = None):
+    if sync_key == "0":
         coll = E("AirSync:Collection", E("AirSync:SyncKey", "0"), E("AirSync:CollectionId", INBOX))
     else:
         options = [E("AirSync:FilterType", 0)]
-        if dev.body_type == 4:
+        if body_type == 4:
             options.append(E("AirSync:MIMESupport", 2))
-        options.append(E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", dev.body_type),
+        options.append(E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", body_type),
                          E("AirSyncBase:TruncationSize", truncation)))
-        coll = E("AirSync:Collection", E("AirSync:SyncKey", dev.sync_key),
+        coll = E("AirSync:Collection", E("AirSync:SyncKey", sync_key),
                  E("AirSync:CollectionId", INBOX), E("AirSync:DeletesAsMoves", 1),
                  E("AirSync:GetChanges"), E("AirSync:WindowSize", WINDOW),
                  E("AirSync:Options", *options))
-    return encode(E("AirSync:Sync", E("AirSync:Collections", coll)))
+    return E("AirSync:Sync", E("AirSync:Collections", coll))
+
+
+_SYNC_KEY_MARK = "\u2603SYNCKEY\u2603"
+_SYNC_TEMPLATES: dict[tuple[int, int | None], tuple[bytes, bytes]] = {}
+
+
+def sync_body(dev: "Device", truncation: int | None = None) -> bytes:
+    """The Sync request, encoded once per (body type, truncation) with a marker for
+    the SyncKey (an inline string) and patched per request."""
+    if dev.sync_key == "0":
+        return encode(sync_tree("0", dev.body_type))
+    tmpl = _SYNC_TEMPLATES.get((dev.body_type, truncation))
+    if tmpl is None:
+        pre, _, post = encode(sync_tree(_SYNC_KEY_MARK, dev.body_type, truncation)).partition(
+            _SYNC_KEY_MARK.encode())
+        tmpl = _SYNC_TEMPLATES[(dev.body_type, truncation)] = (pre, post)
+    return tmpl[0] + dev.sync_key.encode() + tmpl[1]
 
 
 async def sync(dev: "Device", conn: "HttpConn", key: str) -> bool:
@@ -257,16 +273,20 @@ def ping_status(answer: bytes) -> int:
 # -- foreground work --------------------------------------------------------------------
 
 def _send_mime(dev: "Device", n: str) -> bytes:
-    corpus = _CORPUS.get(dev.fleet.spec.seed)
-    if corpus is None:
-        corpus = _CORPUS[dev.fleet.spec.seed] = Corpus(dev.fleet.spec.seed)
-    msg = corpus.message(zlib.crc32(n.encode()) % 997)
+    """A 20 KB reply: the head names this send, the text comes from a corpus message
+    of the shard's pool (built already; its 20 KB cut kept per pool slot)."""
+    corpus = dev.fleet.sim.corpus
+    slot = zlib.crc32(n.encode()) % corpus.pool
+    msg = corpus.message(slot)
     head = (f"From: {dev.user}@seg-fast.test\r\nTo: {msg.sender}\r\n"
             f"Subject: Re: {msg.subject}\r\nMessage-ID: <{n}.{dev.device_id}@fleet>\r\n"
             "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n").encode()
-    text_ = msg.text.replace("\n", "\r\n").encode()
-    while len(text_) < SEND_BYTES:
-        text_ += text_
+    text_ = _SEND_TEXT.get(slot)
+    if text_ is None:
+        text_ = msg.text.replace("\n", "\r\n").encode()
+        while len(text_) < SEND_BYTES:
+            text_ += text_
+        text_ = _SEND_TEXT[slot] = text_[:SEND_BYTES]
     return head + text_[:SEND_BYTES - len(head)]
 
 
@@ -310,6 +330,15 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
     if d is None:
         st.fail("ItemOperations.data", f"{dev.device_id} no Data for {ref}")
         return False
+    if dev.fleet.strict and d.opaque is None and d.text:
+        # the answer is byte for byte what the simulator sent (checked in call):
+        # only its size is in question, and base64 says it without decoding
+        t = d.text.rstrip()
+        got = len(t) // 4 * 3 - t.endswith("=") - t.endswith("==")
+        if got != size:
+            st.fail("ItemOperations.size", f"{dev.device_id} {got} bytes for {ref}, expected {size}")
+            return False
+        return True
     raw = d.opaque if d.opaque is not None else base64.b64decode(d.text or "")
     if dev.fleet.security:
         found = find_attachment(dev.fleet.sim.mailbox(dev.user), dev.fleet.sim, ref)

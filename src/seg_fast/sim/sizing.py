@@ -22,8 +22,10 @@ that meets it.
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -53,6 +55,7 @@ SLO_RSS_KIB = 2 * 1024 * 1024
 LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
 LAG_P99_LIMIT = 1.0            # seconds behind the schedule
 LAG_MAX_LIMIT = 5.0
+DEVICES_PER_SOURCE = 2000     # device connections per local address
 RAMP_RATE = 80.0               # devices set up per second (~6 requests each) by default
 OTHERS_LIMIT = 0.15            # of a core used by processes outside the run: a shared machine
 VENDOR = {"classic": {"off": 2000, "on": 250}, "v2": {"off": 4000, "on": 2000}}  # devices per core
@@ -76,6 +79,7 @@ class Options(msgspec.Struct, kw_only=True):
     keep: bool = False            # keep the work directory (configs, proxy logs)
     nice: int = 0                 # niceness of every process of the run
     fault: str = ""               # tests only: a fault the shards inject ("corrupt")
+    tls: bool = True              # devices speak TLS 1.3 to the gateway, nginx and (direct) the simulator
     repeat: int = 2               # runs per point; a claim needs two that both meet
 
 
@@ -262,6 +266,8 @@ class Proxy:
             configs.append(cfg)
             cfg.write_text(
                 f'[listener]\nhost = "{lh}"\nport = {lp}\n'
+                + (f'tls_cert = "{self.dir}/server.pem"\ntls_key = "{self.dir}/server.key"\n'
+                   if self.opts.tls else "") +
                 f'[upstream]\nurl = "http://{sh}:{sp}"\n'
                 "[admin]\nenabled = false\n"
                 f'[log]\ntransactions = "{self.dir}/gateway{k}.log"\nlevel = "warn"\n'
@@ -292,7 +298,8 @@ class Proxy:
         for k, ((sh, sp), (lh, lp)) in enumerate(zip(self.sims, self.listen)):
             ups.append(f"  upstream sim{k} {{ server {sh}:{sp}; keepalive 256; }}\n")
             servers.append(
-                f"  server {{ listen {lh}:{lp} reuseport; location / {{ proxy_pass http://sim{k}; }} }}\n")
+                f"  server {{ listen {lh}:{lp} reuseport{' ssl' if self.opts.tls else ''};"
+                f" location / {{ proxy_pass http://sim{k}; }} }}\n")
         conf = self.dir / "nginx.conf"
         conf.write_text(
             f"worker_processes {workers};\nworker_rlimit_nofile 19500;\ndaemon off;\n"
@@ -305,6 +312,9 @@ class Proxy:
             "  proxy_http_version 1.1; proxy_set_header Connection \"\";\n"
             "  proxy_read_timeout 3600s; proxy_send_timeout 3600s;\n"
             "  proxy_buffering off; proxy_request_buffering off;\n"
+            + (f"  ssl_certificate {self.dir}/server.pem; ssl_certificate_key {self.dir}/server.key;\n"
+               "  ssl_protocols TLSv1.3; ssl_session_cache shared:SSL:64m; ssl_session_tickets on;\n"
+               if self.opts.tls else "")
             + "".join(ups) + "".join(servers) + "}\n")
         cmd = prio(self.opts) + pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
         self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
@@ -333,6 +343,7 @@ class Shard:
         self.buf = b""
         self.last: dict = {}
         self.sim: tuple[str, int] | None = None
+        self.sim_tls: tuple[str, int | None] | None = None
         self.done = False
 
     async def line(self) -> dict | None:
@@ -345,8 +356,27 @@ class Shard:
         return msgspec.json.decode(raw)
 
 
+def shard_limit() -> int:
+    """Devices one shard (and one gateway worker) may hold under the per-process
+    descriptor limit: a device costs a socket on each side of the process (fleet and
+    simulator, or device leg and mail-server leg), its foreground connection now and
+    then, plus the process's own files."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    return max(100, int((hard - 1500) / 2.2))
+
+
+def source_hosts(k: int, devices: int) -> list[str]:
+    """Shard k's local addresses for device connections: one per DEVICES_PER_SOURCE
+    devices, spread over 127.14-127.29, so no (source, destination) pair needs more
+    than a few thousand of its ~28,000 ephemeral ports (TIME_WAIT included)."""
+    count = max(1, min(16, math.ceil(devices / DEVICES_PER_SOURCE)))
+    return [f"127.{14 + j}.{k // 250}.{k % 250 + 1}" for j in range(count)]
+
+
 def plan_shards(opts: Options, workdir: Path, tag: str) -> list[ShardSpec]:
-    n, size = opts.devices, opts.shard_size
+    n, size = opts.devices, min(opts.shard_size, shard_limit())
     count = max(1, math.ceil(n / size))
     ramp = opts.ramp or max(10.0, n / RAMP_RATE)
     # the ramp's tail (late set-ups, the first Syncs) must settle before measuring
@@ -359,10 +389,26 @@ def plan_shards(opts: Options, workdir: Path, tag: str) -> list[ShardSpec]:
             shard=k, first_device=first, devices=last - first, seed=opts.seed,
             ramp=ramp, settle=settle, hold=opts.hold, drain=opts.drain,
             rate_scale=opts.rate_scale, fault=opts.fault,
+            tls_cert=str(workdir / "server.pem") if opts.tls else "",
+            tls_key=str(workdir / "server.key") if opts.tls else "",
             sim_host=f"127.11.{k // 250}.{k % 250 + 1}",
-            source_hosts=[f"127.14.{k // 250}.{k % 250 + 1}"],
+            source_hosts=source_hosts(k, last - first),
             out=str(workdir / f"{tag}-shard{k}.json")))
     return specs
+
+
+def make_certificate(workdir: Path) -> None:
+    """ca.pem, and server.pem/server.key for the name devices ask for (the simulator,
+    the gateway and nginx all present it)."""
+    import trustme
+
+    from seg_fast.sim.wire import SERVER_NAME
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(SERVER_NAME)
+    ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(workdir / "server.key"))
+    (workdir / "server.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
 
 
 def checks_for(path: str, opts: Options) -> str:
@@ -372,6 +418,8 @@ def checks_for(path: str, opts: Options) -> str:
 
 
 async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
+    if opts.tls and not (workdir / "server.pem").exists():
+        make_certificate(workdir)
     specs = plan_shards(opts, workdir, path)
     env = child_env()
     shards: list[Shard] = []
@@ -390,15 +438,17 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             if not first or not first.get("ready"):
                 raise RuntimeError(f"shard {sh.spec.shard} did not start")
             sh.sim = (sh.spec.sim_host, first["sim_port"])
-        targets = [sh.sim for sh in shards]
+            sh.sim_tls = (sh.spec.sim_host, first.get("sim_tls_port"))
+        targets = [sh.sim_tls if opts.tls else sh.sim for sh in shards]
         if path in ("gateway", "nginx"):
-            proxy = Proxy(path, opts, workdir, targets)
+            proxy = Proxy(path, opts, workdir, [sh.sim for sh in shards])   # plain upstream
             await proxy.start()
             targets = proxy.listen
         t0 = time.time() + 1.0
         for sh, (host, port) in zip(shards, targets):
             security = checks_for(path, opts) == "security"
             go = Go(host=host, port=port, t0=t0, path=path, checks="security" if security else "strict",
+                    tls_ca=str(workdir / "ca.pem") if opts.tls else "",
                     key_file=str(workdir / "master.key") if security else "",
                     key_state_file=str(workdir / "keys.json") if security else "")
             await sh.proc.stdin.send_all(msgspec.json.encode(go) + b"\n")
@@ -501,6 +551,9 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
         "ready_late_s": round(max(r["ready_by"] - r["window_start"] for r in results), 2),
         "parked_min_in_window": sum((r["parked_min_in_window"] or 0) for r in results),
         "parked_at_window_end": sum(r["parked_at_window_end"] for r in results),
+        "syncing_at_window_end": sum(r.get("syncing_at_window_end", 0) for r in results),
+        "states_at_window_end": dict(sum((collections.Counter(r.get("states_at_window_end", {}))
+                                          for r in results), collections.Counter())),
         "requests": requests,
         "requests_total": sum(requests.values()),
         "requests_in_window": sum(len(v) for v in lat.values()),
@@ -512,6 +565,8 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
         "received": sum(r["received"] for r in results),
         "bytes_in": sum(r["bytes_in"] for r in results),
         "transformed": sum(r["transformed"] for r in results),
+        "tls": {"handshakes": sum(r.get("tls_handshakes", 0) for r in results),
+                "resumed": sum(r.get("tls_resumed", 0) for r in results)},
         "checked_bodies": sum(r.get("checked_bodies", 0) for r in results),
         "byte_checked": sum(r.get("byte_checked", 0) for r in results),
         "envelopes_opened": sum(r.get("envelopes_opened", 0) for r in results),
@@ -568,6 +623,8 @@ def load_problems(p: dict, opts: Options) -> list[str]:
                    f"{p['ready_late_s']:.0f}s into it): lengthen --ramp")
     if opts.rate_scale != 1.0:
         out.append(f"time compressed (rate scale {opts.rate_scale}): development run")
+    if not opts.tls:
+        out.append("plain HTTP on the device leg (--no-tls): the profile's devices speak TLS")
     if opts.hold < 120:
         out.append(f"hold {opts.hold:.0f}s is shorter than the 120s a claim needs")
     return out
@@ -907,6 +964,8 @@ def cli(argv: list[str]) -> int:
                     help="devices per fleet process and per gateway worker (2 fds each)")
     ap.add_argument("--nice", type=int, default=0,
                     help="niceness for all processes of the run (e.g. -5 on a shared machine)")
+    ap.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True,
+                    help="devices speak TLS 1.3 to the gateway, nginx and the direct simulator")
     ap.add_argument("--repeat", type=int, default=2,
                     help="runs per point; a claim needs two that both meet the service level")
     ap.add_argument("--rate-scale", type=float, default=1.0, help="development only: compress time")
@@ -921,7 +980,7 @@ def cli(argv: list[str]) -> int:
         return 2
     opts = Options(devices=a.devices, hold=a.hold, ramp=a.ramp, settle=a.settle, drain=a.drain,
                    paths=[p for p in a.paths.split(",") if p], security=a.security,
-                   shard_size=a.shard_size, repeat=a.repeat,
+                   shard_size=a.shard_size, repeat=a.repeat, tls=a.tls,
                    rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, nice=a.nice,
                    gateway_cpu=0, load_cpu=1 if (os.cpu_count() or 1) > 1 else 0)
 

@@ -1,0 +1,187 @@
+"""The fleet's HTTP/1.1 client: pre-encoded requests, a strict small response reader.
+
+A fleet device's request head is the same bytes every time but for the command,
+the PolicyKey, the X-Fleet-Seq and the length, so it is built by joining bytes
+(no header validation per request: ours are well-formed by construction). The
+answer is read with a parser that accepts only what RFC 9112 allows a server to
+send on this exchange (status line, ``name: value`` lines without folding, one
+Content-Length of digits or chunked coding, or a close-delimited body) and raises
+``WireError`` on anything else: the fleet checks the proxy under test, so the
+reader is strict where h11 is (tests/test_sizing_wire.py holds it to h11).
+"""
+from __future__ import annotations
+
+import re
+
+import trio
+
+MAX_HEAD = 64 * 1024
+SERVER_NAME = "mail.seg-fast.test"    # the name on the benchmark's certificate
+RECV = 262144
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\r\n]*)?")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CHUNK = re.compile(rb"([0-9A-Fa-f]+)(?:;[^\r\n]*)?")
+
+
+class WireError(Exception):
+    """The server's answer broke HTTP/1.1 framing (or the connection was cut)."""
+
+
+def request_head(target: bytes, const: bytes, policy_key: bytes, seq: bytes | None, length: int) -> bytes:
+    """``POST target`` with the device's constant header lines ``const`` (each ending
+    in CRLF), its PolicyKey, the request's X-Fleet-Seq and Content-Length."""
+    parts = [b"POST ", target, b" HTTP/1.1\r\n", const, b"X-MS-PolicyKey: ", policy_key, b"\r\n"]
+    if seq is not None:
+        parts += [b"X-Fleet-Seq: ", seq, b"\r\n"]
+    parts += [b"Content-Length: ", str(length).encode(), b"\r\n\r\n"]
+    return b"".join(parts)
+
+
+class HttpConn:
+    """One client connection to a server, one request at a time (keep-alive while
+    both sides allow it)."""
+
+    __slots__ = ("stream", "buf", "reusable")
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.buf = b""
+        self.reusable = True
+
+    @classmethod
+    async def open(cls, host: str, port: int, local: str | None, tls=None, session=None,
+                   server_name: str = SERVER_NAME) -> "HttpConn":
+        """A connection; over TLS when ``tls`` (an ssl.SSLContext) is given, resuming
+        ``session`` if one is (the handshake happens on first use)."""
+        stream = await trio.open_tcp_stream(host, port, local_address=local)
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_hostname=server_name, https_compatible=True)
+            if session is not None:
+                stream.session = session
+        return cls(stream)
+
+    async def _more(self) -> bytes:
+        data = await self.stream.receive_some(RECV)
+        if not data:
+            raise WireError("connection closed before the answer ended")
+        return data
+
+    async def request(self, head: bytes, body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        """(status, headers by lower-case name, body) of the answer to one request."""
+        if not self.reusable:
+            raise WireError("connection not reusable")
+        self.reusable = False
+        if len(body) < 65536:
+            await self.stream.send_all(head + body)
+        else:
+            await self.stream.send_all(head)
+            await self.stream.send_all(body)
+        while True:
+            status, version, headers = await self._head()
+            if status >= 200:
+                break
+            if status == 101:
+                raise WireError("unexpected 101 Switching Protocols")
+        answer, delimited = await self._body(status, headers)
+        conn = headers.get(b"connection", b"").lower()
+        keep = (b"keep-alive" in conn) if version == b"0" else (b"close" not in conn)
+        self.reusable = delimited and keep
+        return status, headers, answer
+
+    async def _head(self) -> tuple[int, bytes, dict[bytes, bytes]]:
+        buf = self.buf
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buf) > MAX_HEAD:
+                raise WireError("answer head too long")
+            buf += await self._more()
+        head, self.buf = buf[:end], buf[end + 4:]
+        lines = head.split(b"\r\n")
+        m = _STATUS.fullmatch(lines[0])
+        if m is None:
+            raise WireError(f"bad status line {lines[0][:80]!r}")
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.fullmatch(name) or b"\n" in value or b"\r" in value:
+                raise WireError(f"bad header line {line[:80]!r}")
+            name = name.lower()
+            value = value.strip(b" \t")
+            if name in headers:
+                if name in (b"content-length", b"transfer-encoding"):
+                    if name == b"content-length" and headers[name] == value:
+                        continue
+                    raise WireError(f"repeated {name.decode()}")
+                headers[name] += b", " + value
+            else:
+                headers[name] = value
+        return int(m.group(2)), m.group(1), headers
+
+    async def _body(self, status: int, headers: dict[bytes, bytes]) -> tuple[bytes, bool]:
+        """(body, framed): framed False when the body ran to the connection's end."""
+        te = headers.get(b"transfer-encoding")
+        cl = headers.get(b"content-length")
+        if status in (204, 304):
+            return b"", True
+        if te is not None:
+            if te.lower() != b"chunked" or cl is not None:
+                raise WireError(f"unsupported framing: Transfer-Encoding {te!r}")
+            return await self._chunked(), True
+        if cl is not None:
+            if not cl.isdigit():
+                raise WireError(f"bad Content-Length {cl[:40]!r}")
+            return await self._exactly(int(cl)), True
+        parts = [self.buf]
+        self.buf = b""
+        while True:
+            data = await self.stream.receive_some(RECV)
+            if not data:
+                return b"".join(parts), False
+            parts.append(data)
+
+    async def _line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line, self.buf = self.buf[:end], self.buf[end + 2:]
+                return line
+            if len(self.buf) > MAX_HEAD:
+                raise WireError("chunk line too long")
+            self.buf += await self._more()
+
+    async def _chunked(self) -> bytes:
+        out = []
+        while True:
+            m = _CHUNK.fullmatch(await self._line())
+            if m is None:
+                raise WireError("bad chunk size line")
+            n = int(m.group(1), 16)
+            if n == 0:
+                while await self._line():        # trailers, up to the empty line
+                    pass
+                return b"".join(out)
+            data = await self._exactly(n + 2)
+            if data[n:] != b"\r\n":
+                raise WireError("chunk not followed by CRLF")
+            out.append(data[:n])
+
+    async def _exactly(self, n: int) -> bytes:
+        buf = self.buf
+        if len(buf) >= n:
+            self.buf = buf[n:]
+            return buf[:n]
+        parts, have = [buf], len(buf)
+        while have < n:
+            data = await self._more()
+            parts.append(data)
+            have += len(data)
+        whole = b"".join(parts)
+        self.buf = whole[n:]
+        return whole[:n]
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await self.stream.aclose()

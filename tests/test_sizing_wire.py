@@ -1,0 +1,108 @@
+"""The fleet's HTTP/1.1 client (seg_fast.sim.wire) held to h11: answers h11 writes
+are read back exactly (Content-Length, chunked, close-delimited, keep-alive or not);
+framing h11 would refuse is refused; the request head it writes parses in h11 as
+the same request."""
+from __future__ import annotations
+
+import h11
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seg_fast.sim.wire import HttpConn, WireError, request_head
+
+CONST = b"Host: mail.seg-fast.test\r\nMS-ASProtocolVersion: 14.1\r\nAuthorization: Basic dTpw\r\n"
+
+
+def _answer(status: int, headers: list, body: bytes, chunks: list[bytes] | None = None) -> bytes:
+    srv = h11.Connection(h11.SERVER)
+    srv.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    srv.next_event(), srv.next_event()
+    out = srv.send(h11.Response(status_code=status, headers=headers))
+    for c in (chunks if chunks is not None else [body]):
+        if c:
+            out += srv.send(h11.Data(data=c))
+    return out + srv.send(h11.EndOfMessage())
+
+
+async def _read(wire: bytes, pieces: int = 7, close: bool = False):
+    """The client's reading of ``wire`` delivered in small pieces."""
+    a, b = trio.testing.memory_stream_pair()
+    conn = HttpConn(a)
+    error = []
+    async with trio.open_nursery() as n:
+        async def serve():
+            await b.receive_some(65536)
+            step = max(1, len(wire) // pieces)
+            for k in range(0, len(wire), step):
+                await b.send_all(wire[k:k + step])
+            if close:
+                await b.aclose()
+        n.start_soon(serve)
+        try:
+            out = await conn.request(request_head(b"/x", CONST, b"0", None, 0), b"")
+        except WireError as exc:       # raised outside the nursery, not in a group
+            error.append(exc)
+            n.cancel_scope.cancel()
+    if error:
+        raise error[0]
+    return out, conn.reusable
+
+
+@settings(max_examples=40, deadline=None)
+@given(body=st.binary(max_size=3000), chunked=st.booleans(), cuts=st.integers(1, 5), pieces=st.integers(1, 9))
+def test_reads_what_h11_writes(body, chunked, cuts, pieces):
+    if chunked:
+        step = max(1, len(body) // cuts)
+        chunks = [body[k:k + step] for k in range(0, len(body), step)]
+        wire = _answer(200, [("Transfer-Encoding", "chunked")], body, chunks)
+    else:
+        wire = _answer(200, [("Content-Length", str(len(body)))], body)
+    (status, headers, got), reusable = trio.run(_read, wire, pieces)
+    assert (status, got, reusable) == (200, body, True)
+
+
+def test_close_delimited_and_connection_close():
+    wire = b"HTTP/1.1 200 OK\r\nContent-Type: x\r\n\r\nall of it"
+    (status, headers, got), reusable = trio.run(_read, wire, 3, True)
+    assert (status, got, reusable) == (200, b"all of it", False)
+    wire = _answer(503, [("Content-Length", "2"), ("Connection", "close")], b"no")
+    (status, headers, got), reusable = trio.run(_read, wire)
+    assert (status, got, reusable, headers[b"connection"]) == (503, b"no", False, b"close")
+
+
+@pytest.mark.parametrize("wire", [
+    b"HTTP/1.1 200\r\nContent-Length: 1x\r\n\r\n",                       # not digits
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nab",
+    b"HTTP/1.1 200 OK\r\n Folded: x\r\nContent-Length: 0\r\n\r\n",       # obs-fold
+    b"HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcdeXX0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",              # cut before the end
+])
+def test_refuses_what_h11_refuses(wire):
+    cli = h11.Connection(h11.CLIENT)
+    cli.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
+    cli.send(h11.EndOfMessage())
+    cli.receive_data(wire)
+    cli.receive_data(b"")
+    with pytest.raises(h11.RemoteProtocolError):
+        while cli.next_event() is not h11.EndOfMessage:
+            pass
+    with pytest.raises(WireError):
+        trio.run(_read, wire, 3, True)
+
+
+def test_request_head_is_the_request_h11_reads():
+    head = request_head(b"/Microsoft-Server-ActiveSync?Cmd=Sync&User=u1", CONST, b"3141592653",
+                        b"Sync.17", 5)
+    srv = h11.Connection(h11.SERVER)
+    srv.receive_data(head + b"hello")
+    req = srv.next_event()
+    assert req.method == b"POST" and req.target == b"/Microsoft-Server-ActiveSync?Cmd=Sync&User=u1"
+    h = dict(req.headers)
+    assert h[b"x-ms-policykey"] == b"3141592653" and h[b"x-fleet-seq"] == b"Sync.17"
+    assert h[b"authorization"] == b"Basic dTpw" and h[b"content-length"] == b"5"
+    assert srv.next_event().data == b"hello"
