@@ -46,7 +46,9 @@ scan(data, tags, *, elements=(), max_depth=64, max_size=64 MiB, max_spans=1_000_
     decode; the scanner does not check UTF-8. Elements with no string content
     (``<Data/>``) yield no span. Each element whose tag is in ``elements`` yields a
     span of kind "element" (reported at its END): the whole element, with the code
-    pages in force before and after it.
+    pages in force before and after it. More than ``max_spans`` spans raise
+    ``SpanLimitError`` (a WBXMLError): a hostile document cannot make the list
+    unbounded; spans of one parent share their path tuples.
 
 splice(data, [(span, value), ...]) -> bytes
     Replaces the content tokens of the spans: a ``str`` value is written as
