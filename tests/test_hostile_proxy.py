@@ -94,7 +94,7 @@ class Gw:
         return out
 
 
-def _wait_listening(port: int, proc, bound: float = 30) -> None:
+def _wait_listening(port: int, proc, bound: float = 60) -> None:
     end = time.monotonic() + bound
     while time.monotonic() < end:
         assert proc.poll() is None, "seg-fast serve exited"
@@ -136,7 +136,7 @@ def gw(tmp_path_factory):
         g = Gw(proc, port, sim, sim_port)
         try:
             _wait_listening(port, proc)
-            end = time.monotonic() + 20
+            end = time.monotonic() + 60
             while len(g.workers()) < 2 and time.monotonic() < end:
                 time.sleep(0.1)
             g.pids = g.workers()
@@ -144,7 +144,7 @@ def gw(tmp_path_factory):
             # The reader's mailbox is the first the simulator makes (item i+1 = message i):
             # its fetch answers the 2 MB attachment (about 2.8 MB of base64 in WBXML).
             assert len(Corpus(SEED)[BIG_MESSAGE].attachments[0][2]) > 2_000_000
-            raw = _exchange(port, FETCH)
+            raw = _exchange(port, FETCH, bound=60)
             assert raw.startswith(b"HTTP/1.1 200") and len(raw) > 2_700_000
             yield g
         finally:
@@ -166,7 +166,7 @@ def _device_ok(port: int) -> None:
             await c.aclose()
 
     async def main():
-        with trio.fail_after(20):
+        with trio.fail_after(60):
             for i in range(6):        # new connections: the kernel spreads them over both workers
                 await one(i)
 
@@ -180,7 +180,7 @@ def _unharmed(gw: Gw) -> None:
     _device_ok(gw.port)
 
 
-def _exchange(port: int, data: bytes, bound: float = 15.0, source: str | None = None) -> bytes:
+def _exchange(port: int, data: bytes, bound: float = 30.0, source: str | None = None) -> bytes:
     """Send ``data``, close our side, read until the gateway closes (within ``bound``)."""
     s = socket.socket()
     if source:
@@ -536,3 +536,27 @@ async def test_worker_connection_cap_refuses_at_accept_and_counts(tmp_path):
                 await trio.sleep(0.01)
         assert not gw.per_address
         nursery.cancel_scope.cancel()
+
+
+async def test_a_trusted_load_balancer_is_not_capped_per_address(tmp_path):
+    from seg_fast.config import load_config
+    from seg_fast.hooks import AllowAll
+    from seg_fast.proxy.gateway import Gateway
+
+    env = {"SEG_FAST_LISTENER_HOST": "127.0.0.1", "SEG_FAST_LISTENER_PORT": "0", "SEG_FAST_LOG_TRANSACTIONS": "",
+           "SEG_FAST_UPSTREAM_URL": "http://127.0.0.1:9", "SEG_FAST_LIMITS_MAX_CONNECTIONS_PER_ADDRESS": "3",
+           "SEG_FAST_SECURITY_MASTER_KEY_FILE": str(tmp_path / "master.key"),
+           "SEG_FAST_SECURITY_KEY_STATE_FILE": str(tmp_path / "keys.json")}
+    for trusted, kept in (("[]", 3), ('["127.0.0.1"]', 8)):
+        gw = Gateway(load_config(None, env={**env, "SEG_FAST_LISTENER_TRUSTED_PROXIES": trusted}),
+                     gatekeeper_factory=lambda c: AllowAll())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gw.serve)
+            streams = [await trio.open_tcp_stream("127.0.0.1", gw.port) for _ in range(8)]
+            with trio.fail_after(20):
+                while gw.active + gw.counters.get("refused_max_connections_per_address", 0) < 8:
+                    await trio.sleep(0.01)
+            assert gw.active == kept
+            for s in streams:
+                await s.aclose()
+            nursery.cancel_scope.cancel()

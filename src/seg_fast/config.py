@@ -72,8 +72,8 @@ class TimeoutSettings(_Section):
 class LimitSettings(_Section):
     max_header_bytes: int = 64 * 1024   # the whole request head, exactly (431 past it)
     max_connections: int = 100_000      # per worker; also kept 256 under the descriptor limit
-    # Per client address and worker (0: off). Behind a load balancer every connection
-    # comes from its address: raise it or turn it off there.
+    # Per client address and worker (0: off); addresses in listener.trusted_proxies
+    # (load balancers, carrying many devices) are not capped.
     max_connections_per_address: int = 2_000
     min_body_rate: float = 500.0        # bytes/s a large request body must keep up (0: none)
     min_send_rate: float = 1024.0       # bytes/s a device must read a large answer at (0: none)

@@ -180,7 +180,9 @@ class Gateway:
                 self.incidents.note("refused_max_connections", client_ip=ip, limit=self._connection_cap())
                 continue
             per_ip = self.per_address.get(ip, 0)
-            if limits.max_connections_per_address and per_ip >= limits.max_connections_per_address:
+            # A trusted load balancer carries many devices on its one address: not capped per address.
+            if limits.max_connections_per_address and per_ip >= limits.max_connections_per_address \
+                    and ip not in self.trusted_proxies:
                 client.close()
                 self.incidents.note("refused_max_connections_per_address", client_ip=ip,
                                     limit=limits.max_connections_per_address)
