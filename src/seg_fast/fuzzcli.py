@@ -136,6 +136,8 @@ def cli(argv: list[str]) -> int:
     elapsed = time.monotonic() - t0
     rate = fz.executions / elapsed if elapsed else 0.0
     counts = ", ".join(f"{k} {n}" for k, n in sorted(fz.verdicts.items()))
+    if fz.http:
+        counts += "; HTTP " + ", ".join(f"{k}: {n}" for k, n in sorted(fz.http.items()))
     print(f"seg-fast fuzz: {fz.executions} requests to {target.url} in {elapsed:.1f} s "
           f"({rate:.0f}/s): {counts or 'nothing sent'}")
     for path in written:

@@ -128,6 +128,7 @@ class Fuzzer:
         self.known = Known(user=device.user)
         self.executions = 0
         self.verdicts: dict[str, int] = {}
+        self.http: dict[int, int] = {}          # answers per HTTP status (how much got past the parser)
         self.failures: dict[tuple[str, str], Failure] = {}   # (kind, command) -> the last (smallest) one
         self.written: list[Path] = []
         self._token: trio.lowlevel.TrioToken | None = None
@@ -166,6 +167,8 @@ class Fuzzer:
         answer, verdict, seconds = await self.exchange(req, may_park(case))
         self.executions += 1
         self.verdicts[verdict.kind] = self.verdicts.get(verdict.kind, 0) + 1
+        if answer is not None:
+            self.http[answer.status] = self.http.get(answer.status, 0) + 1
         if answer is not None and _needs_provisioning(answer):
             await self.provision()
         if not verdict.failed:
@@ -227,25 +230,22 @@ class Fuzzer:
     # -- the hypothesis driver -------------------------------------------------------------
     def cases(self) -> st.SearchStrategy[Case]:
         known = self.known
+        pairs = [(v, c) for v in self.versions for c in self.commands if c in commands_for(v)]
+        # Built once: hypothesis works out a strategy's properties per object.
+        valid = {(v, c): request(c, v, known) for v, c in pairs}
+        broken = {(v, c): mutated(valid[v, c], v) for v, c in pairs}
 
         @st.composite
         def case(draw) -> Case:
-            version = draw(st.sampled_from(self.versions))
-            names = [c for c in self.commands if c in commands_for(version)]
-            command = draw(st.sampled_from(names))
-            v = spec.vnum(version)
-            trees = request(command, version, known)
-            ops: list[str] = []
-            if draw(st.floats(0, 1)) < self.mutate:
-                doc, done = draw(mutated(trees, v))
-                ops = list(done)
-            else:
-                doc = draw(trees)
+            version, command = draw(st.sampled_from(pairs))
+            doc, ops = (draw(broken[version, command]) if draw(st.floats(0, 1)) < self.mutate
+                        else (draw(valid[version, command]), ()))
             body = doc if isinstance(doc, bytes) else _encode(doc)
             raw_mime = isinstance(doc, bytes) and doc[:2] != b"\x03\x01"
-            params = query_params(command, doc, v, known) if raw_mime else {}
+            params = query_params(command, doc, spec.vnum(version), known) if raw_mime else {}
             return Case(command=command, version=version, body=body, base64_query=draw(st.booleans()),
-                        multipart=command == "ItemOperations" and draw(st.booleans()), params=params, ops=ops)
+                        multipart=command == "ItemOperations" and draw(st.booleans()), params=params,
+                        ops=list(ops))
         return case()
 
     async def run(self, max_examples: int = 100, seed: int | None = None, derandomize: bool = False) -> list[Path]:
