@@ -590,3 +590,15 @@ def test_primed_h11_client_reads_the_answer_as_if_it_had_parsed_it(head, method,
     assert _drain_events(fast) == _drain_events(ref)
     assert (fast.states, fast.their_http_version, fast.trailing_data) == \
            (ref.states, ref.their_http_version, ref.trailing_data)
+
+
+def test_any_buffer_type_reads_the_same():
+    data = b"xxPOST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+    ref = fast_request(data[2:])
+    for buf in (bytearray(data[2:]), memoryview(data)[2:], memoryview(bytearray(data))[2:]):
+        head = http1.parse_request(buf)
+        assert (head.method, head.target, head.headers, head.head_len, head.length) == \
+               (ref[1], ref[2], ref[4], ref[5], 3)
+        assert all(type(x) is bytes for item in head.headers for x in item)
+    body = b"--3\r\nabc\r\n0\r\n\r\n"
+    assert http1.ChunkedDecoder().decode(memoryview(body)[2:]) == ([b"abc"], len(body) - 2)
