@@ -239,3 +239,27 @@ async def test_fuzzing_seg_fast_serve_in_front_of_the_simulator(nursery, tmp_pat
         assert r2.status == 200 and text(r2.doc, "FolderHierarchy:Status") == "1"
     finally:
         await trio.to_thread.run_sync(stop_process, proc)
+
+
+async def test_docs_property_every_sync_answer_advances_the_synckey(nursery):
+    """The property docs/fuzzing.md shows, run as written there (with fresh_mailbox)."""
+    sim = MailboxSimulator(password="secret", seed=7, initial_messages=6)
+    await nursery.start(sim.serve, "127.0.0.1", 0)
+    token = trio.lowlevel.current_trio_token()
+    c, known = await fresh_mailbox(sim, "prop", "16.1")
+    checked = []
+
+    @settings(max_examples=15, derandomize=True, database=None, deadline=None)
+    @given(request("Sync", "16.1", known))
+    def sync_key_advances(tree):
+        r = trio.from_thread.run(c.request, "Sync", tree, trio_token=token)
+        sent = {text(col, "AirSync:CollectionId"): text(col, "AirSync:SyncKey")
+                for col in kids(find(tree, "AirSync:Collections"), "AirSync:Collection")}
+        for col in kids(find(r.doc, "AirSync:Collections"), "AirSync:Collection"):
+            if text(col, "AirSync:Status") == "1":
+                assert text(col, "AirSync:SyncKey") != sent[text(col, "AirSync:CollectionId")]
+                checked.append(col)
+
+    await trio.to_thread.run_sync(sync_key_advances)
+    await c.aclose()
+    assert len(checked) >= 15

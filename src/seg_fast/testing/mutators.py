@@ -89,11 +89,13 @@ def tree_mutation(draw, root: Element, version: int = 161, op: str | None = None
         leaves = [e for _, e in pairs if not e.children and e.tag.partition(":")[2] in NUMERIC] or [el]
         target = draw(st.sampled_from(leaves))
         target.text, target.opaque = draw(st.sampled_from(OUT_OF_RANGE)), None
+        name = target.tag.partition(":")[2]
     elif op == "oversize":
         leaves = [e for _, e in pairs if not e.children] or [el]
         target = draw(st.sampled_from(leaves))
         size = draw(st.sampled_from([4096, 65536, 1 << 20]))
         target.text, target.opaque = draw(st.sampled_from("Ax9")) * size, None
+        name = target.tag.partition(":")[2]
     elif op == "unknown":
         if draw(st.booleans()):
             page = token_of(el.tag)[0]
@@ -123,6 +125,7 @@ def tree_mutation(draw, root: Element, version: int = 161, op: str | None = None
         leaves = [e for _, e in pairs if e.text is not None] or [el]
         target = draw(st.sampled_from(leaves))
         target.opaque, target.text = (target.text or "").encode(), None
+        name = target.tag.partition(":")[2]
     else:
         raise ValueError(f"unknown tree mutation {op!r} (have: {', '.join(TREE_OPS)})")
     return Mutation(root, (f"{op}:{name}",))
