@@ -695,24 +695,27 @@ async def test_sockio_deadline_is_never_early_and_ends_the_wait():
         await s.aclose()
 
 
-async def test_sockio_many_deadlines_expire_in_order():
+async def test_sockio_many_deadlines_expire_in_order(autojump_clock):
+    # trio's autojump clock: time moves only when every task waits, so a loaded
+    # machine cannot merge two deadlines into one late tick and the order is exact.
     pairs = [await _socket_pair() for _ in range(6)]
     ended = {}
+    order = []
 
     async def wait(i, stream):
         assert await sockio.receive(stream, sockio.plain_socket(stream), 10,
                                     trio.current_time() + 0.1 * (i + 1)) is None
         ended[i] = trio.current_time()
+        order.append(i)
 
     t0 = trio.current_time()
     async with trio.open_nursery() as nursery:
-        for i, (_, right) in enumerate(reversed(pairs)):
+        # started latest deadline first, so the order cannot come from start order
+        for i, (_, right) in reversed(list(enumerate(pairs))):
             nursery.start_soon(wait, i, right)
-    # Every wait ended, none before its own deadline. (Their order is not asserted:
-    # on a loaded machine one late tick expires several slots and trio may run the
-    # woken tasks in any order.)
-    assert sorted(ended) == list(range(6))
-    assert all(ended[i] - t0 >= 0.1 * (i + 1) for i in ended)
+    # Every wait ended, in deadline order, none early and none more than a tick late.
+    assert order == list(range(6))
+    assert all(0.1 * (i + 1) <= ended[i] - t0 <= 0.1 * (i + 1) + sockio._Wheel.TICK for i in ended)
 
 
 async def test_sockio_idle_wait_is_ended_by_cancel():
