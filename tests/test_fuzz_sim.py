@@ -270,3 +270,56 @@ async def test_docs_property_every_sync_answer_advances_the_synckey(nursery):
     await trio.to_thread.run_sync(sync_key_advances)
     await c.aclose()
     assert len(checked) >= 15
+
+
+async def test_each_failure_kind_is_classified_and_written(nursery, tmp_path):
+    """A server misbehaving on purpose, one way per command, and a parked Ping that is not a failure."""
+    from proxy_helpers import MiniUpstream
+    from seg_fast.eas.wbxml import encode
+    from seg_fast.testing.runner import Case
+
+    async def handler(req, body):
+        cmd = req.target.decode().split("Cmd=")[1].split("&")[0]
+        if cmd in ("Sync", "Ping"):
+            await trio.sleep_forever()                 # a hang; for Ping, a parked long poll
+        if cmd == "GetItemEstimate":
+            return 500, [], b""
+        wb = [("content-type", "application/vnd.ms-sync.wbxml")]
+        if cmd == "FolderSync":
+            return 200, wb, b"\x03\x01\x6a\x00\x45"    # cut short
+        if cmd == "Settings":
+            return 200, wb, encode(E("Settings:Settings", E("Settings:Status", 99)))
+        return 200, wb, encode(E("Ping:Ping", E("Ping:Status", 1)))     # MoveItems: another command's root
+
+    up = MiniUpstream(handler)
+    await nursery.start(up.serve)
+
+    async def closer(stream):              # reads the request, then drops the connection
+        await stream.receive_some(65536)
+        await stream.aclose()
+    listeners = await nursery.start(trio.serve_tcp, closer, 0)
+    closer_port = listeners[0].socket.getsockname()[1]
+
+    out = tmp_path / "failures"
+    fz = Fuzzer(Target.parse(f"http://127.0.0.1:{up.port}"), Device(), deadline=0.5, park_wait=0.3, out=out)
+    for command in ("Sync", "Ping", "GetItemEstimate", "FolderSync", "Settings", "MoveItems"):
+        doc = {"Sync": E("AirSync:Sync", E("AirSync:Collections")), "Ping": E("Ping:Ping"),
+               "GetItemEstimate": E("GetItemEstimate:GetItemEstimate"),
+               "FolderSync": E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0")),
+               "Settings": E("Settings:Settings"), "MoveItems": E("Move:MoveItems")}[command]
+        await fz.run_case(Case(command=command, version="14.1", body=encode(doc)))
+    fz2 = Fuzzer(Target.parse(f"http://127.0.0.1:{closer_port}"), Device(), deadline=5, out=out)
+    await fz2.run_case(Case(command="Search", version="14.1", body=encode(E("Search:Search"))))
+    await fz.client.aclose()
+    await fz2.client.aclose()
+    kinds = {cmd: f.kind for (_, cmd), f in (fz.failures | fz2.failures).items()}
+    assert kinds == {"Sync": "hang", "GetItemEstimate": "http-5xx", "FolderSync": "malformed-wbxml",
+                     "Settings": "status-out-of-range", "MoveItems": "wrong-root", "Search": "reset"}
+    assert fz.verdicts["parked"] == 1                  # the Ping
+    written = fz.write_failures() + fz2.write_failures()
+    assert sorted(p.name.rsplit("-", 1)[0] for p in written) == [
+        "hang-Sync", "http-5xx-GetItemEstimate", "malformed-wbxml-FolderSync", "reset-Search",
+        "status-out-of-range-Settings", "wrong-root-MoveItems"]
+    f = load_failure(out / next(p.name for p in written if p.name.startswith("status-out")))
+    assert "Settings:Status = '99'" in f.detail and "<Status>99</Status>" in f.answer_xml
+    assert f.request_xml.splitlines()[-1] == "<Settings xmlns=\"Settings:\"/>"
