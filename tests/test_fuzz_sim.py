@@ -323,3 +323,22 @@ async def test_each_failure_kind_is_classified_and_written(nursery, tmp_path):
     f = load_failure(out / next(p.name for p in written if p.name.startswith("status-out")))
     assert "Settings:Status = '99'" in f.detail and "<Status>99</Status>" in f.answer_xml
     assert f.request_xml.splitlines()[-1] == "<Settings xmlns=\"Settings:\"/>"
+
+
+async def test_fuzzing_over_tls(nursery):
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    sim = MailboxSimulator(password="secret", seed=3, initial_messages=3)
+    await nursery.start(lambda task_status: sim.serve("127.0.0.1", 0, ssl_context=server_ctx,
+                                                      task_status=task_status))
+    fz = Fuzzer(Target.parse(f"https://127.0.0.1:{sim.port}"), Device(), versions=("14.1",),
+                commands=("FolderSync", "Sync", "Settings"), ssl_context=client_ctx)
+    await fz.setup()
+    assert len(fz.known.server_ids) == 3
+    assert await fz.run(20, derandomize=True) == [] and fz.executions >= 20 and fz.http.get(200, 0) >= 10

@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
                     help="an answer later than this is a hang (default 10)")
     ap.add_argument("--park-wait", type=float, default=0.5, metavar="SEC",
                     help="how long to wait on a long poll (Ping, Sync with Wait) before moving on (default 0.5)")
+    ap.add_argument("--ca", metavar="FILE", help="PEM CA bundle to verify an https target with (default: the system's)")
     ap.add_argument("--i-own-this-server", action="store_true",
                     help="allow a target that is not on this machine (only servers you are allowed to attack)")
     ap.add_argument("--replay", type=Path, metavar="FILE", help="send a failure file's request again")
@@ -122,7 +123,8 @@ def cli(argv: list[str]) -> int:
         print("seg-fast fuzz: none of these commands exists in these versions", file=sys.stderr)
         return 2
     fz = runner.Fuzzer(target, device, versions=versions, commands=commands, deadline=args.deadline,
-                       park_wait=args.park_wait, out=args.out, mutate=max(0.0, min(1.0, args.mutate)))
+                       park_wait=args.park_wait, out=args.out, mutate=max(0.0, min(1.0, args.mutate)),
+                       ssl_context=_ssl_context(args))
 
     async def main() -> list[Path]:
         await fz.setup()
@@ -148,6 +150,13 @@ def cli(argv: list[str]) -> int:
     return 1 if written else 0
 
 
+def _ssl_context(args):
+    if not args.ca:
+        return None
+    import ssl
+    return ssl.create_default_context(cafile=args.ca)
+
+
 def _load(path: Path):
     from seg_fast.testing import runner
     return runner.load_failure(path)
@@ -155,7 +164,7 @@ def _load(path: Path):
 
 def _replay(trio, runner, failure, target, device, args) -> int:
     answer, verdict = trio.run(lambda: runner.replay(failure, target, device, verbatim=args.verbatim,
-                                                     deadline=args.deadline))
+                                                     deadline=args.deadline, ssl_context=_ssl_context(args)))
     print(f"recorded: {failure.kind} ({failure.detail}) on {failure.case.command} {failure.case.version}")
     print(failure.request_xml or f"request body: {len(failure.request.body)} bytes (not decodable WBXML)")
     status = f"HTTP {answer.status}" if answer is not None else "no answer"

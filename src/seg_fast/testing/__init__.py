@@ -24,13 +24,13 @@ from seg_fast.testing.answers import answer  # noqa: E402
 from seg_fast.testing.classify import Answer, Verdict, classify  # noqa: E402
 from seg_fast.testing.mime import attachments, corpus_messages, mime_messages  # noqa: E402
 from seg_fast.testing.mutators import Mutation, byte_mutation, mutated, mutated_bytes, tree_mutation  # noqa: E402
-from seg_fast.testing.requests import Known, commands_for, request, requests  # noqa: E402
+from seg_fast.testing.requests import Known, as_wbxml, commands_for, request, requests  # noqa: E402
 from seg_fast.testing.spec import COMMANDS, SINCE, STATUS, VERSIONS, first_version, status_ok  # noqa: E402
 from seg_fast.testing.wire import Device, HttpRequest, build, http_requests  # noqa: E402
 
 __all__ = [
     "Answer", "COMMANDS", "Device", "HttpRequest", "Known", "Mutation", "SINCE", "STATUS", "VERSIONS", "Verdict",
-    "answer", "attachments", "build", "byte_mutation", "classify", "commands_for", "corpus_messages",
+    "answer", "as_wbxml", "attachments", "build", "byte_mutation", "classify", "commands_for", "corpus_messages",
     "first_version", "http_requests", "mime_messages", "mutated", "mutated_bytes", "request", "requests",
     "status_ok", "tree_mutation",
 ]

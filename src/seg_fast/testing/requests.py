@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-from seg_fast.eas.wbxml import Element
+from seg_fast.eas.wbxml import Element, encode
 from seg_fast.sim.tree import E
 from seg_fast.testing import spec
 from seg_fast.testing.mime import mime_messages
@@ -412,6 +412,11 @@ def request(command: str, version: str = "16.1", known: Known = Known()) -> st.S
     if spec.FIRST_VERSION.get(command, 0) > v:
         raise ValueError(f"{command} does not exist in protocol {version}")
     return REQUESTS[command](v, known)
+
+
+def as_wbxml(strategy: st.SearchStrategy) -> st.SearchStrategy[bytes]:
+    """The same documents encoded as WBXML (raw MIME bodies and None pass through)."""
+    return strategy.map(lambda doc: encode(doc) if isinstance(doc, Element) else doc)
 
 
 def requests(version: str = "16.1", commands=None, known: Known = Known()) -> st.SearchStrategy:

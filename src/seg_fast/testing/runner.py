@@ -326,11 +326,12 @@ def load_failure(path: Path) -> Failure:
 
 
 async def replay(failure: Failure, target: Target | None = None, device: Device = Device(), *,
-                 verbatim: bool = False, deadline: float = 10.0) -> tuple[Answer | None, Verdict]:
+                 verbatim: bool = False, deadline: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None) -> tuple[Answer | None, Verdict]:
     """Send a failure's request again: rebuilt with a freshly provisioned policy key (default),
     or byte for byte as it was sent (``verbatim``)."""
     fz = Fuzzer(target or Target.parse(failure.target), device, versions=(failure.case.version,),
-                deadline=deadline, park_wait=deadline)
+                deadline=deadline, park_wait=deadline, ssl_context=ssl_context)
     try:
         if verbatim:
             req = failure.request
