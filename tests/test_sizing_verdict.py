@@ -67,3 +67,33 @@ def test_a_claim_needs_two_runs_and_quotes_the_worse():
     assert both["metrics"]["gateway"]["projected_devices_at_80pct_cpu"] == 400   # the lower
     second_misses = sizing.combine([_run(True, 10.0, 0.2), _run(False, 90.0, 0.2)], repeat=2)
     assert not second_misses["meets"] and second_misses["broke"] == ["run 2: paired added p99 too high"]
+
+
+def _path(name: str, raw: dict) -> dict:
+    return {"path": name, "devices": 100, "ready": 100, "ready_late_s": 0.0, "failures": {},
+            "failure_samples": [], "latency_raw": raw,
+            "latency_ms": {c: {"p50": 0.0, "p99": max(v.values())} for c, v in raw.items()},
+            "server": {"cpu_s": 10.0, "cpu_share": 0.1, "rss_kib_max": 1000, "rss_kib_idle": 500,
+                       "runqueue_wait": 0.0, "died": False},
+            "load": {"cpu_share": 0.2, "core_busy": 0.2, "runqueue_wait": 0.0, "gateway_core_busy": 0.3,
+                     "lag_p99": 0.0, "lag_max": 0.0, "fds_max": 10, "fd_limit": 20000, "conn_errors": 0}}
+
+
+def test_judge_uses_paired_classes_and_names_the_pooled_commands():
+    keys = [str(i) for i in range(2000)]
+    direct = {"Sync": {k: 10.0 for k in keys}, "Settings": {k: 10.0 for k in keys[:129]},
+              "GetItemEstimate": {k: 10.0 for k in keys[:900]}}
+    # Sync adds 1 ms everywhere; Settings (129 samples) adds 70 ms on 20 requests,
+    # which is 2% of the pooled "other" class (1,029): its p99 is then 70 ms
+    gateway = {"Sync": {k: 11.0 for k in keys},
+               "Settings": {k: (80.0 if i < 20 else 11.0) for i, k in enumerate(keys[:129])},
+               "GetItemEstimate": {k: 11.0 for k in keys[:900]}}
+    opts = sizing.Options(devices=100, hold=120.0, repeat=1)
+    v = sizing.judge({"devices": 100, "paths": {"direct": _path("direct", direct),
+                                                 "gateway": _path("gateway", gateway)}}, opts)
+    classes = v["added_latency_ms"]["gateway"]["classes"]
+    assert set(classes) == {"Sync", "other"} and classes["other"]["n"] == 1029
+    assert classes["Sync"]["p99"] == 1.0
+    # p99.9 (70 ms) is within its 100 ms: only the p99 breaks
+    assert v["broke"] == ["paired added p99 70.0 ms on other (GetItemEstimate, Settings, pooled), n=1029 > 50 ms"]
+    assert v["invalid"] == [] and not v["meets"]
