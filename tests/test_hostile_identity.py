@@ -4,7 +4,8 @@ The policy blocks the user mallory. Each attack tries to get mallory past it (or
 make the gateway believe something about the device it did not see): by a bearer
 token or an NTLM message with ``?User=alice``, Basic mallory with ``?User=alice``, a
 credential naming no user, two Authorization headers, control characters in header
-values, spoofed forwarding headers, and a Host header that a 451 would echo back.
+values, spoofed forwarding headers, a Host header that a 451 would echo back, and a
+mail-server connection authenticated by NTLM that another device could inherit.
 Between the gateway and the simulator sits a recorder that notes every request the
 gateway forwarded, so "refused" also means "never reached the mail server".
 """
@@ -47,12 +48,20 @@ class Recorder:
     def __init__(self):
         self.sim = MailboxSimulator(password="secret", seed=9, initial_messages=1)
         self.up = MiniUpstream(self.answer)
+        self.connection_of: dict = {}          # connection task -> its number (tasks kept alive here)
+        self.on_connection: list[tuple[bytes, int]] = []   # (target, connection number) per request
 
     def answer(self, req: h11.Request, body: bytes):
+        task = trio.lowlevel.current_task()     # MiniUpstream serves each connection in its own task
+        self.on_connection.append((req.target, self.connection_of.setdefault(task, len(self.connection_of))))
         if b"Roamer" in req.target:       # this user's mailbox moved: the server names another
             return 451, [(b"X-MS-Location", ROAMER_SERVER.encode()), (b"Content-Length", b"0")], b""
         got = self.sim._handle(req, body)
         return got.status, list(got.headers), got.body
+
+    def connection(self, marker: str) -> int:
+        (number,) = [n for t, n in self.on_connection if marker.encode() in t]
+        return number
 
     def seen(self, marker: str) -> list[dict[bytes, bytes]]:
         """Headers of forwarded requests whose target holds ``marker``."""
@@ -213,6 +222,16 @@ async def test_identity_and_framing_attacks_against_serve(tmp_path):
             status, headers, _ = await exchange(port, request(target("Roamer", "R451"), [
                 ("Authorization", basic("Roamer"))], host="evil.example"))
             assert status == 451 and headers[b"x-ms-location"] == f"{EXTERNAL}{EAS}".encode()
+
+            # 9. NTLM authenticates the mail-server connection: one that carried it is never
+            #    handed to another device (the server could serve that device as this user)...
+            for dev in ("PIN1", "PIN2", "SHARE1", "SHARE2"):
+                auth = type1 if dev.startswith("PIN") else basic("alice")
+                await exchange(port, request(target("alice", dev), [("Authorization", auth)]))
+            later = [rec.connection(d) for d in ("PIN2", "SHARE1", "SHARE2")]
+            assert rec.connection("PIN1") not in later and rec.connection("PIN2") not in later[1:]
+            # ...while Basic requests share kept-alive connections as before.
+            assert rec.connection("SHARE1") == rec.connection("SHARE2")
             assert proc.poll() is None
         finally:
             stop_process(proc)

@@ -29,6 +29,8 @@ CREDENTIAL = "credential"   # the credential names the user (the mail server ver
 HANDSHAKE = "handshake"     # NTLM type 1: no user yet; the mail server answers with a challenge
 NONE = "none"               # the credential names no user (or there is none): User= is a claim
 
+# Schemes that authenticate a connection rather than a request (MS-NLMP, RFC 4559).
+CONNECTION_SCHEMES = frozenset({"ntlm", "negotiate"})
 JWT_CLAIMS = ("upn", "unique_name", "preferred_username")
 MAX_USER = 512
 NTLM_SIGNATURE = b"NTLMSSP\x00"

@@ -12,6 +12,7 @@ import time
 import h11
 import trio
 
+from seg_fast.eas.credentials import CONNECTION_SCHEMES
 from seg_fast.eas.request import EasRequest, parse_request
 from seg_fast.errors import ContentError, EASRequestError
 from seg_fast.hooks import Decision
@@ -277,6 +278,9 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
 async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_tx, rec: Transaction,
                   host: bytes) -> int:
     """Send the mail server's answer on to the device; the connection goes back to the pool."""
+    # NTLM/Negotiate authenticate the connection, not the request: the mail server may serve
+    # a later request on it as this user, so it never goes back to be shared by other devices.
+    release = gw.pool.discard if req.auth_scheme in CONNECTION_SCHEMES else gw.pool.release
     try:
         status = answer.status_code
         headers = hdrs.answer_headers(hdrs.items(answer.headers))
@@ -292,7 +296,7 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
                 body = await _whole_answer(gw, dev, up, rec, hold)
                 # The mail-server connection goes back before the device write: a slow
                 # device must not hold it (a half-read one is closed by release()).
-                gw.pool.release(up)
+                release(up)
                 up = None
                 if body is not None:
                     await _transformed_answer(gw, dev, req, status, hdrs.pairs(headers), answer_tx, rec, body, hold)
@@ -304,7 +308,7 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
         if up is not None:
             gw.pool.discard(up)
         raise
-    gw.pool.release(up)
+    release(up)
     return status
 
 
