@@ -31,7 +31,7 @@ from seg_fast.testing import (
     mime_messages, mutated, request, status_ok,
 )
 from seg_fast.testing.mutators import TREE_OPS, tree_mutation
-from seg_fast.testing.spec import COMMANDS, ROOTS, STATUS, VERSIONS, vnum
+from seg_fast.testing.spec import COMMANDS, ROOTS, STATUS, UNTIL, VERSIONS, vnum
 
 FEW = settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 PAIRS = [(c, v) for v in VERSIONS for c in commands_for(v)]
@@ -40,6 +40,7 @@ PAIRS = [(c, v) for v in VERSIONS for c in commands_for(v)]
 def check_version(root: Element, version: str) -> None:
     for el in root.iter():
         assert first_version(el.tag) <= vnum(version), f"{el.tag} is not in {version}"
+        assert UNTIL.get(el.tag, 999) >= vnum(version), f"{el.tag} is gone in {version}"
 
 
 def test_every_command_has_strategies_for_every_version_it_exists_in():

@@ -287,7 +287,9 @@ def find_request(draw, v: int, known: Known = Known()) -> Element:
     else:
         criterion = E("Find:GALSearchCriterion", E("Find:Query", E("Find:FreeText", draw(ascii_words))))
     return E("Find:Find", E("Find:SearchId", draw(st.uuids()).hex.upper()),
-             E("Find:ExecuteSearch", criterion, E("Find:Options", E("Find:Range", draw(ranges(100))))))
+             E("Find:ExecuteSearch", criterion,
+               # a Find Range starts at 0 (else Status 4, StartWithRangeZero)
+               E("Find:Options", E("Find:Range", f"0-{draw(st.integers(0, 99))}"))))
 
 
 @st.composite

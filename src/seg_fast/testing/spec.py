@@ -79,6 +79,11 @@ SINCE: dict[str, int] = {
 NAMESPACE_SINCE: dict[str, int] = {"Find": 161}
 
 
+# Tags a later version dropped (tag -> last version that has them), as far as the kit
+# generates them: GetItemEstimate's Class child is 12.1's (14.0 moved it into Options).
+UNTIL: dict[str, int] = {"GetItemEstimate:Class": 121}
+
+
 def first_version(tag: str) -> int:
     return SINCE.get(tag) or NAMESPACE_SINCE.get(tag.partition(":")[0], 121)
 
@@ -99,7 +104,7 @@ STATUS: dict[str, frozenset[int]] = {
     "ResolveRecipients:Status": frozenset({*range(1, 9), 160, 161, 162, 163}),
     "MeetingResponse:Status": frozenset({1, 2, 3, 4}),
     "ComposeMail:Status": frozenset(),          # common codes only
-    "Find:Status": frozenset({1, 2, 3}),
+    "Find:Status": frozenset({1, 2, 3, 4}),
     "GAL:Status": frozenset({1}),
     "AirSyncBase:Status": frozenset({1}),
     "ValidateCert:Status": frozenset(range(1, 18)),
