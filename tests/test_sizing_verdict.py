@@ -97,3 +97,23 @@ def test_judge_uses_paired_classes_and_names_the_pooled_commands():
     # p99.9 (70 ms) is within its 100 ms: only the p99 breaks
     assert v["broke"] == ["paired added p99 70.0 ms on other (GetItemEstimate, Settings, pooled), n=1029 > 50 ms"]
     assert v["invalid"] == [] and not v["meets"]
+
+
+def test_results_keep_a_small_summary_per_claim_with_the_commit(tmp_path):
+    met = {"devices": 5000, "verdict": {"meets": True, "broke": [], "invalid": [], "runs_meet": [True, True]},
+           "runs": [{"paths": {"gateway": {"timeline": [[0, 1, 2, 3]] * 500}}}] * 2}
+    missed = {"devices": 10000, "verdict": {"meets": False, "broke": ["x"], "invalid": []}, "runs": []}
+    report = {"machine": sizing.machine(), "options": {"security": "off"}, "when": "now",
+              "headline": {"best_devices_per_core": 5000}, "points": [met, missed]}
+    written = sizing.write_results(report, tmp_path)
+    names = sorted(p.name for p in written)
+    assert len(names) == 3 and sum(n.endswith(".raw.json") for n in names) == 1
+    claim = [p for p in written if "-N5000-" in p.name]
+    assert len(claim) == 1 and not any("-N10000-" in n for n in names)
+    import json
+    c = json.loads(claim[0].read_text())
+    assert c["devices"] == 5000 and c["verdict"]["runs_meet"] == [True, True]
+    assert len(c["machine"]["commit_full"]) == 40          # the commit it measured
+    summary = json.loads(written[0].read_text())
+    assert "runs" not in summary["points"][0]               # no timelines in the kept summary
+    assert written[0].stat().st_size < claim[0].stat().st_size * 4
