@@ -7,6 +7,8 @@ exactly what it should be told: that is the oracle for "every request answered
 correctly". Devices reach the simulator either directly or through a proxy (the
 gateway or nginx) at the address the harness names; the same seed gives the same
 schedule of requests on every path, so paths can be compared request by request.
+The simulator records each answer under the request's ``X-Fleet-Seq`` header, and
+the device compares what it got with it byte for byte (``Device.call``).
 
 One device, per BENCH-PROFILE.md's busy hour:
 - one Ping always parked on its own keep-alive connection; when it returns with
@@ -16,9 +18,11 @@ One device, per BENCH-PROFILE.md's busy hour:
   open one for foreground work), at Poisson times drawn from the seed.
 
 Run by the harness (``seg_fast.sim.sizing``) as ``python -m seg_fast.sim.fleet``:
-the spec comes as JSON in argv[1]; the shard prints ``{"ready": ..., "sim_port": P}``,
-waits for one JSON line on stdin with the target address and the common start time
-``t0``, prints progress lines and finally writes its result JSON to ``spec.out``.
+the spec comes as JSON in argv[1]; the shard prints ``{"ready": ..., "sim_port": P,
+"sim_tls_port": T}``, waits for one JSON line on stdin (``Go``: the target address,
+TLS, how answers are checked and the common start time ``t0``), prints progress lines
+and finally writes its result JSON to ``spec.out``. ``SEG_FAST_FLEET_PROFILE=DIR``
+writes a cProfile of each shard there (where the load side's CPU goes).
 """
 from __future__ import annotations
 

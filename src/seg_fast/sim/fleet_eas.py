@@ -1,9 +1,12 @@
 """What a fleet device says in ActiveSync 14.1, and how it checks each answer.
 
-Request bodies are built with the codec (``seg_fast.sim.tree.E``); answers are
-decoded and checked against what the device knows to be true (the messages it was
-delivered, the attachment sizes it was told). Any mismatch is a recorded failure:
-this is the "every request answered correctly" of the sizing benchmark.
+Request bodies are built with the codec (``seg_fast.sim.tree.E``; Sync's from a
+template with the SyncKey patched in); answers arrive already compared byte for byte
+with what the simulator sent (``Device.call``), or, with email security on, are
+checked by ``seg_fast.sim.oracle``; then they are decoded and checked against what
+the device knows to be true (the messages it was delivered, the attachment sizes it
+was told). Any mismatch is a recorded failure: this is the "every request answered
+correctly" of the sizing benchmark.
 """
 from __future__ import annotations
 
