@@ -190,9 +190,24 @@ class AdminApi:
         except SegFastError:
             sightings = []
         nodes: dict[str, dict] = {}
+
+        def node_of(worker: str) -> dict:
+            node = worker.rsplit("/", 1)[0]
+            return nodes.setdefault(node, {"node": node, "workers": set(), "devices": 0, "last_seen": 0.0})
+        try:
+            beats = await self.store.get_entries("nodes")
+        except SegFastError:
+            beats = {}
+        for worker, raw in beats.items():      # every worker's heartbeat, even one no device reached last
+            try:
+                beat = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                continue
+            n = node_of(worker)
+            n["workers"].add(worker)
+            n["last_seen"] = max(n["last_seen"], float(beat.get("last_seen", 0.0)))
         for s in sightings:
-            node = s.node.rsplit("/", 1)[0]
-            n = nodes.setdefault(node, {"node": node, "workers": set(), "devices": 0, "last_seen": 0.0})
+            n = node_of(s.node)
             n["workers"].add(s.node)
             n["devices"] += 1
             n["last_seen"] = max(n["last_seen"], s.last_seen)

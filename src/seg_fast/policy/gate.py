@@ -43,6 +43,7 @@ META_LOG_LEVELS = "log_levels"
 META_COMPLIANCE_RUN = "compliance_run"
 
 FLUSH_INTERVAL = 1.0
+NODE_HEARTBEAT = 10.0      # seconds between a worker's cluster heartbeats
 TICK = 0.5          # resolution of time-dependent decisions (MDM inactivity)
 MAX_PENDING_SIGHTINGS = 200_000
 
@@ -74,6 +75,7 @@ class PolicyGatekeeper:
         self.settings = settings
         self.store = store if store is not None else open_store(settings)
         self.node = node or f"{node_name(settings)}/{os.getpid()}"
+        self._last_heartbeat = 0.0
         self.folders = FolderRegistry()
         self.engine = Engine(allow_if_no_policies=settings.allow_if_no_policies, test_mode=settings.test_mode,
                              user_without_credential=settings.user_without_credential,
@@ -246,6 +248,14 @@ class PolicyGatekeeper:
             # observations (the next request makes them again); keep no backlog.
             self._pending.clear()
             return
+        now = time.time()
+        if now - self._last_heartbeat >= NODE_HEARTBEAT:
+            self._last_heartbeat = now
+            beat = {"node": self.node, "last_seen": now, "version": self.engine.version}
+            try:
+                await self.store.put_entries("nodes", {self.node: msgspec.json.encode(beat)})
+            except StoreError as exc:
+                log.warning("node heartbeat not saved: %s", exc)
         if self._pending:
             pending, self._pending = self._pending, {}
             batch = {}

@@ -37,7 +37,9 @@ log = logging.getLogger("seg_fast.policy.cache")
 
 # "redirects": user -> 451/302 mail server URL ("" once sent back to the default), shared
 # by every worker and node (seg_fast.policy.gate) and listed by the admin CSV download.
-NAMESPACES = ("devices", "sightings", "first_seen", "folders", "redirects")
+# "nodes": one heartbeat per gateway worker, so the cluster view lists every node that
+# runs, not only the last one each device happened to reach.
+NAMESPACES = ("devices", "sightings", "first_seen", "folders", "redirects", "nodes")
 
 _enc = msgspec.json.Encoder()
 _dec_doc = msgspec.json.Decoder(PolicyDocument)
