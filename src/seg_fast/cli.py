@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "attachment": ("seg_fast.content.cli", "attachment_cli", "decrypt --device ID --user U FILE"),
     "keys": ("seg_fast.content.cli", "keys_cli", "rotate --device ID: new attachment key"),
     "check-config": ("seg_fast.checkconfig", "cli", "--config FILE [--connect]: validate a config (like nginx -t)"),
+    "dx": ("seg_fast.dx", "cli", "start|stop|list|log: targeted logging for a device or user"),
     "sim": ("seg_fast.sim.cli", "cli", "run the mailbox simulator alone"),
     "bench": ("seg_fast.sim.sizing", "cli", "sizing [...]: the sizing benchmark"),
     "fuzz": ("seg_fast.fuzzcli", "cli", "--target URL | --replay FILE: fuzz an EAS endpoint (extra: fuzz)"),

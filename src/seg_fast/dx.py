@@ -120,6 +120,75 @@ def read_log(directory: Path, kind: str, target: str) -> bytes:
     return out
 
 
+# -- what a line may hold ------------------------------------------------------------
+
+# Elements whose text is protocol state, kept as is; every other text or opaque
+# content (subjects, addresses, bodies, attachments, MIME, folder names, IMEI and
+# phone numbers) is replaced by its size.
+KEEP_TEXT = frozenset("""
+Status SyncKey CollectionId Class ServerId ParentId Type FilterType WindowSize MoreAvailable HeartbeatInterval
+Interval DeletesAsMoves GetChanges Conflict MIMESupport MIMETruncation Truncation TruncationSize
+EstimatedDataSize PolicyKey PolicyType Count Range Total NativeBodyType Method ContentType Version
+SaveInSentItems Wait MaxFolders MaxItems Supported Model OS OSLanguage UserAgent MobileOperator FriendlyName
+EnableOutboundSMS Read Flag Importance MessageClass InternetCPID ContentClass IsDraft Deleted Limit
+AllOrNone MaxSize DeleteSubFolders RemoteWipe AccountOnlyRemoteWipe
+""".split())
+MAX_DECODE = 4 * 1024 * 1024
+
+
+def safe_headers(headers) -> list[list[str]]:
+    """(name, value) pairs as a Dx line shows them: Authorization reduced to its scheme
+    and user, cookies and other credentials to their sizes."""
+    import base64
+    import binascii
+
+    out = []
+    for name, value in headers:
+        n = name.decode("latin-1") if isinstance(name, (bytes, bytearray)) else str(name)
+        v = value.decode("latin-1") if isinstance(value, (bytes, bytearray)) else str(value)
+        low = n.lower()
+        if low in ("authorization", "proxy-authorization"):
+            scheme, _, cred = v.strip().partition(" ")
+            shown = scheme
+            if scheme.lower() == "basic":
+                try:
+                    user = base64.b64decode(cred.strip(), validate=True).decode("utf-8", "replace").split(":", 1)[0]
+                    shown = f"Basic user={user}"
+                except (binascii.Error, ValueError):
+                    shown = "Basic (undecodable)"
+            v = f"{shown} ({len(cred.strip())} chars)"
+        elif low in ("cookie", "set-cookie", "x-ms-credential-service-url"):
+            v = f"({len(v)} bytes)"
+        out.append([n, v])
+    return out
+
+
+def wbxml_outline(body: bytes) -> str:
+    """The WBXML document as XML with every content text cut to its size."""
+    from seg_fast.eas.wbxml import Element, decode, to_xml
+
+    if not body:
+        return ""
+    if len(body) > MAX_DECODE:
+        return f"({len(body)} bytes, not decoded)"
+    try:
+        root = decode(body)
+    except Exception as exc:            # noqa: BLE001 - a line says why, the gateway carries on
+        return f"({len(body)} bytes, not WBXML: {type(exc).__name__})"
+
+    def cut(el):
+        local = el.tag.rsplit(":", 1)[-1]
+        text, opaque = el.text, el.opaque
+        if local not in KEEP_TEXT:
+            if text is not None:
+                text = f"({len(text.encode())} bytes)"
+            if opaque is not None:
+                text, opaque = f"({len(opaque)} bytes)", None
+        return Element(el.tag, children=[cut(c) for c in el.children], text=text, opaque=opaque)
+
+    return to_xml(cut(root))
+
+
 # -- the worker's side ---------------------------------------------------------------
 
 _encoder = msgspec.json.Encoder()
@@ -204,3 +273,60 @@ class Dx:
                 os.close(fd)
         except OSError:
             pass                    # a full disk must not stop the gateway
+
+
+# -- seg-fast dx ---------------------------------------------------------------------
+
+def cli(argv: list[str]) -> int:
+    import argparse
+    import getpass
+    import sys
+
+    from seg_fast.config import load_config
+    from seg_fast.errors import ConfigError
+
+    ap = argparse.ArgumentParser(prog="seg-fast dx", description="Targeted (Dx) logging for one device or user: "
+                                 "every transaction with headers, decoded WBXML (contents cut to sizes) and "
+                                 "the decision, in its own file under state_dir/dx.")
+    ap.add_argument("--config", help="the gateway's TOML config (for state_dir)")
+    sub = ap.add_subparsers(dest="action", required=True)
+    for name, text in (("start", "start logging a target"), ("stop", "stop logging a target"),
+                       ("log", "print a target's log (JSON lines)")):
+        p = sub.add_parser(name, help=text)
+        who = p.add_mutually_exclusive_group(required=True)
+        who.add_argument("--device", help="EAS DeviceId")
+        who.add_argument("--user", help="user name (DOMAIN\\user and user@domain match user)")
+        if name == "start":
+            p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="how long (default 60)")
+    sub.add_parser("list", help="targets and until when")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"seg-fast: {exc}", file=sys.stderr)
+        return 2
+    directory = dx_dir(config)
+    if args.action == "list":
+        for t in read_targets(directory):
+            print(f"{t.kind}\t{t.target}\tuntil {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t.until))}")
+        return 0
+    kind, target = ("device", args.device) if args.device else ("user", args.user)
+    if args.action == "log":
+        sys.stdout.buffer.write(read_log(directory, kind, target))
+        return 0
+    from seg_fast.admin.console import AuditLog, audit_path
+    who = f"cli:{getpass.getuser()}"
+    try:
+        if args.action == "start":
+            t = start(directory, kind, target, args.minutes, who=who)
+            AuditLog(audit_path(config)).write(who, "dx_start", kind=kind, target=t.target, until=t.until)
+            print(f"Dx logging for {kind} {t.target} until "
+                  f"{time.strftime('%H:%M:%S', time.localtime(t.until))}: {directory / log_name(kind, target)}")
+        else:
+            stopped = stop(directory, kind, target)
+            AuditLog(audit_path(config)).write(who, "dx_stop", kind=kind, target=target)
+            print(f"Dx logging for {kind} {target} {'stopped' if stopped else 'was not on'}")
+    except (ValueError, OSError) as exc:
+        print(f"seg-fast dx: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -418,9 +418,12 @@ class AdminApi:
         self.audit.write(CALLER.get(), action, **what)
 
     async def _fresh_index(self) -> DeviceIndex:
-        if self.index_dirty or time.time() - self.index.built > REFRESH_INDEX:
+        # Rebuilt on demand, at most every REFRESH_INDEX s (and never more than a tenth of
+        # the time: a slow store must not keep the control process busy rebuilding).
+        age = time.time() - self.index.built
+        if self.index_dirty or age > max(REFRESH_INDEX, 10 * self.index.build_s):
             self.index_dirty = False
-            self.index.build(await self.store.sightings(), self.gate.engine.devices)
+            self.index.build(await self.store.all_sightings(), self.gate.engine.devices)
         return self.index
 
     async def dashboard(self, body) -> Answer:

@@ -41,6 +41,8 @@ class DeviceIndex:
         self.rows: list[tuple] = []
         self.text: list[str] = []          # per row: the searchable fields, lower-cased, joined
         self.built = 0.0
+        self.build_s = 0.0                 # how long the last build took (paces the next one)
+        self._orders: dict[tuple[int, bool], list[int]] = {}
 
     def build(self, sightings, records: dict) -> None:
         rows, text, seen = [], [], set()
@@ -57,31 +59,44 @@ class DeviceIndex:
                 continue            # MDM records the gateway never saw: listed too, never seen
             rows.append((r.device_id, r.user, "", "", r.platform, r.model, r.os, r.managed, r.compliant, r.override,
                          0.0, "", "", 0.0, "", "", "", 0))
+        t0 = time.perf_counter()
+        cols = [C[c] for c in _SEARCH]
         for row in rows:
-            text.append("\x00".join(str(row[C[c]]).lower() for c in _SEARCH))
+            text.append("\x00".join([str(row[i]) for i in cols]).lower())
         self.rows, self.text, self.built = rows, text, time.time()
+        self._orders = {}
+        self.build_s = time.perf_counter() - t0
+
+    def _order(self, col: int, desc: bool) -> list[int]:
+        """Row numbers sorted by a column, computed once per build and direction."""
+        key = (col, desc)
+        order = self._orders.get(key)
+        if order is None:
+            rows = self.rows
+            order = sorted(range(len(rows)), key=lambda i: _sort_key(rows[i][col]), reverse=desc)
+            self._orders[key] = order
+        return order
 
     # -- queries ------------------------------------------------------------------
+    def _tests(self, params: dict[str, str], now: float | None = None) -> list:
+        """The filters in ``params`` as predicates over a row number."""
+        now = time.time() if now is None else now
+        rows, text = self.rows, self.text
+        tests = []
+        q = params.get("q", "").strip().lower()
+        if q:
+            tests.append(lambda i: q in text[i])
+        for name, value in params.items():
+            if value == "" or name in ("q", "sort", "order", "offset", "limit"):
+                continue
+            f = _filter(name, value, now)
+            tests.append(lambda i, f=f: f(rows[i]))
+        return tests
+
     def select(self, params: dict[str, str], now: float | None = None) -> list[int]:
         """Row numbers matching every filter in ``params``."""
-        now = time.time() if now is None else now
-        tests = []
-        for name, value in params.items():
-            if value == "" or name in ("sort", "order", "offset", "limit"):
-                continue
-            tests.append(_filter(name, value, now))
-        rows, text = self.rows, self.text
-        q = params.get("q", "").strip().lower()
-        out = []
-        for i, row in enumerate(rows):
-            if q and q not in text[i]:
-                continue
-            for t in tests:
-                if t is not None and not t(row):
-                    break
-            else:
-                out.append(i)
-        return out
+        tests = self._tests(params, now)
+        return [i for i in range(len(self.rows)) if all(t(i) for t in tests)]
 
     def query(self, params: dict[str, str], now: float | None = None) -> dict:
         sort = params.get("sort") or "last_seen"
@@ -93,12 +108,24 @@ class DeviceIndex:
             limit = min(MAX_PAGE, max(1, int(params.get("limit") or 50)))
         except ValueError:
             raise QueryError("offset and limit must be whole numbers") from None
-        picked = self.select(params, now)
-        col = C[sort]
+        order = self._order(C[sort], desc)
         rows = self.rows
-        picked.sort(key=lambda i: _sort_key(rows[i][col]), reverse=desc)
-        page = [dict(zip(COLUMNS, rows[i])) for i in picked[offset:offset + limit]]
-        return {"total": len(picked), "offset": offset, "limit": limit, "sort": sort,
+        tests = self._tests(params, now)
+        if not tests:
+            total, hits = len(order), order[offset:offset + limit]
+        else:
+            # One pass in sorted order: count every match, keep the page's.
+            total, hits, end = 0, [], offset + limit
+            for i in order:
+                for t in tests:
+                    if not t(i):
+                        break
+                else:
+                    if offset <= total < end:
+                        hits.append(i)
+                    total += 1
+        page = [dict(zip(COLUMNS, rows[i])) for i in hits]
+        return {"total": total, "offset": offset, "limit": limit, "sort": sort,
                 "order": "desc" if desc else "asc", "columns": COLUMNS, "devices": page}
 
     def ids(self, params: dict[str, str]) -> list[str]:

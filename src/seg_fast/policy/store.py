@@ -124,6 +124,10 @@ class Store:
             await self.add_new_entries("first_seen", {device_key(s.device_id): repr(s.first_seen).encode()
                                                       for s in sightings})
 
+    async def all_sightings(self) -> list[DeviceSighting]:
+        """Every sighting, for the console's list view (stores read them in bulk)."""
+        return await self.sightings()
+
     async def sightings(self, keys: list[str] | None = None) -> list[DeviceSighting]:
         """What the gateway saw, first_seen being the earliest any worker saw."""
         raw = await self.get_entries("sightings", keys)
@@ -367,6 +371,19 @@ class SqliteStore(Store):
                            [(ns, k, v) for k, v in entries.items()])
             return [(ns, k) for k in entries] if notify else []
         return await self._run(lambda db: self._tx(db, body), write=True)
+
+    async def all_sightings(self):
+        # One query (first_seen joined on the primary key), not one lookup per device.
+        rows = await self._run(lambda db: db.execute(
+            "SELECT s.body, f.body FROM entries s LEFT JOIN entries f ON f.ns = 'first_seen' AND f.key = s.key "
+            "WHERE s.ns = 'sightings'").fetchall())
+        out = []
+        for body, first in rows:
+            sight = _dec_sight.decode(body)
+            if first is not None:
+                sight.first_seen = float(first)
+            out.append(sight)
+        return out
 
     async def remove_entries(self, ns, keys):
         if ns not in NAMESPACES:
@@ -619,6 +636,30 @@ class RedisStore(Store):
             return await self._publish([(ns, k) for k in entries], [("HSET", self.k(ns), *args)])
         await self._pipe([("HSET", self.k(ns), *args)])
         return 0
+
+    async def all_sightings(self):
+        if (copy := self.serving_copy) is not None:
+            return await copy.all_sightings()
+        # HSCAN in slices: a reply per few thousand devices instead of one of 100,000
+        # (which the reply parser would re-read from its start at every network read).
+        first = await self._scan("first_seen")
+        out = []
+        for k, v in (await self._scan("sightings")).items():
+            sight = _dec_sight.decode(v)
+            if k in first:
+                sight.first_seen = float(first[k])
+            out.append(sight)
+        return out
+
+    async def _scan(self, ns: str, count: int = 2000) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        cursor = b"0"
+        while True:
+            cursor, flat = (await self._pipe([("HSCAN", self.k(ns), cursor, "COUNT", count)]))[0]
+            for i in range(0, len(flat), 2):
+                out[flat[i].decode()] = flat[i + 1]
+            if cursor in (b"0", 0, "0"):
+                return out
 
     async def remove_entries(self, ns, keys):
         if ns not in NAMESPACES:
