@@ -342,3 +342,20 @@ async def test_fuzzing_over_tls(nursery):
     await fz.setup()
     assert len(fz.known.server_ids) == 3
     assert await fz.run(20, derandomize=True) == [] and fz.executions >= 20 and fz.http.get(200, 0) >= 10
+
+
+async def test_a_keepalive_connection_closed_while_idle_is_not_a_reset(nursery):
+    from seg_fast.eas.wbxml import encode
+    from seg_fast.testing.runner import Case
+
+    async def one_answer_then_close(stream):    # keep-alive by HTTP, closed right after by the server
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+    listeners = await nursery.start(trio.serve_tcp, one_answer_then_close, 0)
+    port = listeners[0].socket.getsockname()[1]
+    fz = Fuzzer(Target.parse(f"http://127.0.0.1:{port}"), Device(), deadline=5)
+    for _ in range(3):
+        await fz.run_case(Case(command="Settings", version="14.1", body=encode(E("Settings:Settings"))))
+    await fz.client.aclose()
+    assert fz.verdicts == {"ok": 3} and not fz.failures

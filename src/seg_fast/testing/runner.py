@@ -150,12 +150,18 @@ class Fuzzer:
         t0 = time.monotonic()
         answer = None
         with trio.move_on_after(self.park_wait if parks else self.deadline) as scope:
-            try:
-                r = await self.client.send(req.method, req.target, list(req.headers), req.body)
-                answer = Answer(status=r.status, headers=list(r.headers.items()), body=r.body)
-            except (ConnectionError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await self.client.aclose()
-                return None, classify_error(exc), time.monotonic() - t0
+            for attempt in (1, 2):
+                reused = self.client._conn is not None
+                try:
+                    r = await self.client.send(req.method, req.target, list(req.headers), req.body)
+                    answer = Answer(status=r.status, headers=list(r.headers.items()), body=r.body)
+                    break
+                except (ConnectionError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    await self.client.aclose()
+                    # A kept-alive connection the server closed while idle is not this request's
+                    # fault: once more on a new connection before calling it a reset.
+                    if not reused or attempt == 2:
+                        return None, classify_error(exc), time.monotonic() - t0
         if scope.cancelled_caught:
             await self.client.aclose()           # the connection is mid-request: start a new one
             return None, Verdict("parked") if parks else Verdict("hang", f"no answer in {self.deadline} s"), \
