@@ -9,6 +9,7 @@ ships them to the browser (benchmarks/console_bench.py measures it).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -43,6 +44,10 @@ class DeviceIndex:
         self.built = 0.0
         self.build_s = 0.0                 # how long the last build took (paces the next one)
         self._orders: dict[tuple[int, bool], list[int]] = {}
+        self._ranks: dict[tuple[int, bool], list[int]] = {}
+        self._masks: dict[int, dict] = {}          # column -> value -> bitmask of rows (int)
+        self._blobs: dict[int, tuple[str, list[int]]] = {}
+        self._seen_sorted: tuple[list[float], list[int]] | None = None
 
     def build(self, sightings, records: dict) -> None:
         rows, text, seen = [], [], set()
@@ -64,8 +69,108 @@ class DeviceIndex:
         for row in rows:
             text.append("\x00".join([str(row[i]) for i in cols]).lower())
         self.rows, self.text, self.built = rows, text, time.time()
-        self._orders = {}
+        self._orders, self._ranks, self._masks, self._blobs, self._seen_sorted = {}, {}, {}, {}, None
+        # Bitmasks per value of the columns filtered by equality: a filter is an AND of ints.
+        for name in _EXACT:
+            self._mask_of(C[name])
         self.build_s = time.perf_counter() - t0
+
+    def _mask_of(self, col: int) -> dict:
+        masks = self._masks.get(col)
+        if masks is None:
+            where: dict = {}
+            for i, row in enumerate(self.rows):
+                v = row[col]
+                key = v.lower() if isinstance(v, str) else v
+                where.setdefault(key, []).append(i)
+            masks = {k: _bits(idx, len(self.rows)) for k, idx in where.items()}
+            self._masks[col] = masks
+        return masks
+
+    def _blob(self, col: int | None) -> tuple[str, list[int]]:
+        """A column's lower-cased text (or the search text) in one string, and where each row starts."""
+        got = self._blobs.get(col)
+        if got is None:
+            parts = self.text if col is None else [str(row[col]).lower() for row in self.rows]
+            starts, pos = [], 0
+            for p in parts:
+                starts.append(pos)
+                pos += len(p) + 1
+            got = ("\n".join(parts), starts)
+            self._blobs[col] = got
+        return got
+
+    def _contains(self, col: int | None, needle: str) -> int:
+        """Rows whose text holds ``needle``: str.find over one string, not a test per row."""
+        blob, starts = self._blob(col)
+        n = len(starts)
+        hits, pos = [], blob.find(needle)
+        while pos >= 0:
+            row = bisect.bisect_right(starts, pos) - 1
+            hits.append(row)
+            nxt = starts[row + 1] if row + 1 < n else len(blob)
+            pos = blob.find(needle, nxt)
+        return _bits(hits, n)
+
+    def _seen_mask(self, edge: float, after: bool) -> int:
+        if self._seen_sorted is None:
+            col = C["last_seen"]
+            order = sorted(range(len(self.rows)), key=lambda i: self.rows[i][col])
+            self._seen_sorted = ([self.rows[i][col] for i in order], order)
+        values, order = self._seen_sorted
+        cut = bisect.bisect_left(values, edge)
+        return _bits(order[cut:] if after else order[:cut], len(self.rows))
+
+    def _rank(self, col: int, desc: bool) -> list[int]:
+        key = (col, desc)
+        rank = self._ranks.get(key)
+        if rank is None:
+            rank = [0] * len(self.rows)
+            for pos, i in enumerate(self._order(col, desc)):
+                rank[i] = pos
+            self._ranks[key] = rank
+        return rank
+
+    def mask(self, params: dict[str, str], now: float | None = None) -> int | None:
+        """The rows every filter in ``params`` selects, as a bitmask (None: no filter)."""
+        now = time.time() if now is None else now
+        out = None
+        for name, value in params.items():
+            if value == "" or name in ("sort", "order", "offset", "limit"):
+                continue
+            m = self._filter_mask(name, value, now)
+            out = m if out is None else out & m
+        return out
+
+    def _filter_mask(self, name: str, value: str, now: float) -> int:
+        if name == "q":
+            q = value.strip().lower()
+            return self._contains(None, q) if q else (1 << len(self.rows)) - 1
+        if name in _EXACT and name not in ("managed", "compliant", "reason"):
+            return self._masks[C[name]].get(value.lower(), 0)
+        if name in ("managed", "compliant"):
+            return self._masks[C[name]].get(_bool(value), 0)
+        if name in ("user", "mail_client", "model", "os", "device_id"):
+            return self._contains(C[name], value.lower())
+        if name in ("reason", "violation"):
+            masks, want, m = self._masks[C["reason"]], None, 0
+            if name == "violation":
+                want = _bool(value)
+            for reason, bits in masks.items():
+                if name == "reason":
+                    hit = reason == value.lower() or reason.startswith(value.lower() + ".")
+                else:
+                    hit = (reason.startswith("blocked.") and reason != "blocked.blacklisted") is want
+                if hit:
+                    m |= bits
+            return m
+        if name in ("seen_within_days", "not_seen_days"):
+            try:
+                days = float(value)
+            except ValueError:
+                raise QueryError(f"{name} must be a number of days") from None
+            return self._seen_mask(now - days * DAY, after=name == "seen_within_days")
+        raise QueryError(f"unknown filter {name!r}")
 
     def _order(self, col: int, desc: bool) -> list[int]:
         """Row numbers sorted by a column, computed once per build and direction."""
@@ -78,26 +183,6 @@ class DeviceIndex:
         return order
 
     # -- queries ------------------------------------------------------------------
-    def _tests(self, params: dict[str, str], now: float | None = None) -> list:
-        """The filters in ``params`` as predicates over a row number."""
-        now = time.time() if now is None else now
-        rows, text = self.rows, self.text
-        tests = []
-        q = params.get("q", "").strip().lower()
-        if q:
-            tests.append(lambda i: q in text[i])
-        for name, value in params.items():
-            if value == "" or name in ("q", "sort", "order", "offset", "limit"):
-                continue
-            f = _filter(name, value, now)
-            tests.append(lambda i, f=f: f(rows[i]))
-        return tests
-
-    def select(self, params: dict[str, str], now: float | None = None) -> list[int]:
-        """Row numbers matching every filter in ``params``."""
-        tests = self._tests(params, now)
-        return [i for i in range(len(self.rows)) if all(t(i) for t in tests)]
-
     def query(self, params: dict[str, str], now: float | None = None) -> dict:
         sort = params.get("sort") or "last_seen"
         if sort not in SORTABLE:
@@ -110,26 +195,22 @@ class DeviceIndex:
             raise QueryError("offset and limit must be whole numbers") from None
         order = self._order(C[sort], desc)
         rows = self.rows
-        tests = self._tests(params, now)
-        if not tests:
+        m = self.mask(params, now)
+        if m is None:
             total, hits = len(order), order[offset:offset + limit]
         else:
-            # One pass in sorted order: count every match, keep the page's.
-            total, hits, end = 0, [], offset + limit
-            for i in order:
-                for t in tests:
-                    if not t(i):
-                        break
-                else:
-                    if offset <= total < end:
-                        hits.append(i)
-                    total += 1
+            picked = _rows_of(m)
+            total = len(picked)
+            rank = self._rank(C[sort], desc)
+            hits = sorted(picked, key=rank.__getitem__)[offset:offset + limit]
         page = [dict(zip(COLUMNS, rows[i])) for i in hits]
         return {"total": total, "offset": offset, "limit": limit, "sort": sort,
                 "order": "desc" if desc else "asc", "columns": COLUMNS, "devices": page}
 
     def ids(self, params: dict[str, str]) -> list[str]:
-        return [self.rows[i][0] for i in self.select(params)]
+        m = self.mask(params)
+        picked = range(len(self.rows)) if m is None else _rows_of(m)
+        return [self.rows[i][0] for i in picked]
 
     def aggregates(self, now: float | None = None) -> dict:
         now = time.time() if now is None else now
@@ -159,6 +240,29 @@ class DeviceIndex:
                 "overrides": overrides, "by_platform": platform}
 
 
+_EXACT = ("status", "override", "platform", "node", "device_type", "managed", "compliant", "reason")
+_BITS = [tuple(k for k in range(8) if b >> k & 1) for b in range(256)]
+
+
+def _bits(rows, n: int) -> int:
+    """Row numbers as a bitmask (bit i: row i)."""
+    ba = bytearray((n + 7) // 8)
+    for i in rows:
+        ba[i >> 3] |= 1 << (i & 7)
+    return int.from_bytes(ba, "little")
+
+
+def _rows_of(mask: int) -> list[int]:
+    """The row numbers a bitmask holds, in order."""
+    out = []
+    data = mask.to_bytes((mask.bit_length() + 7) // 8, "little")
+    for j, b in enumerate(data):
+        if b:
+            base = j << 3
+            out.extend([base + k for k in _BITS[b]])
+    return out
+
+
 def _sort_key(v):
     # None (not reported) sorts first; mixed types never meet in one column.
     if v is None:
@@ -175,41 +279,6 @@ def _bool(value: str) -> bool:
     if v in ("0", "false", "no"):
         return False
     raise QueryError(f"not a yes/no value: {value!r}")
-
-
-def _filter(name: str, value: str, now: float):
-    """One filter of the list view as a predicate over a row."""
-    if name == "q":
-        return None
-    if name in ("status", "override", "platform", "node", "device_type"):
-        i, want = C[name], value.lower()
-        return lambda row: (row[i] or "").lower() == want
-    if name in ("user", "mail_client", "model", "os", "device_id"):
-        i, want = C[name], value.lower()
-        return lambda row: want in (row[i] or "").lower()
-    if name == "reason":
-        i = C["reason"]
-        return lambda row: row[i] == value or row[i].startswith(value + ".")
-    if name == "managed":
-        i, want = C["managed"], _bool(value)
-        return lambda row: row[i] is want
-    if name == "compliant":
-        i, want = C["compliant"], _bool(value)
-        return lambda row: row[i] is want
-    if name == "violation":
-        # A policy violation: blocked by a policy other than an administrator's blacklist.
-        i, want = C["reason"], _bool(value)
-        return lambda row: (row[i].startswith("blocked.") and row[i] != "blocked.blacklisted") is want
-    if name in ("seen_within_days", "not_seen_days"):
-        try:
-            days = float(value)
-        except ValueError:
-            raise QueryError(f"{name} must be a number of days") from None
-        i, edge = C["last_seen"], now - days * DAY
-        if name == "seen_within_days":
-            return lambda row: row[i] >= edge
-        return lambda row: row[i] < edge
-    raise QueryError(f"unknown filter {name!r}")
 
 
 FILTERS = ("q", "status", "reason", "override", "platform", "node", "device_type", "user", "mail_client", "model",
