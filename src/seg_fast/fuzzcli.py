@@ -146,8 +146,21 @@ def cli(argv: list[str]) -> int:
         f = runner.load_failure(path)
         print(f"\nFAILURE {f.kind} ({f.detail}) on {f.case.command} {f.case.version}"
               f"{' mutated: ' + ', '.join(f.case.ops) if f.case.ops else ''}\n  written to {path}")
-        print(f.request_xml or f"  request body: {len(f.request.body)} bytes (not decodable WBXML)")
+        print(shorten(f.request_xml) if f.request_xml else
+              f"  request body: {len(f.request.body)} bytes (not decodable WBXML)")
     return 1 if written else 0
+
+
+def shorten(xml: str, width: int = 160) -> str:
+    """Long lines (an oversized string) cut for the terminal; the file keeps them whole."""
+    out = []
+    for line in xml.splitlines():
+        if len(line) > width:
+            head, _, rest = line.partition(">")
+            text, _, tail = rest.rpartition("<")
+            line = f"{head}>{text[:40]}…({len(text)} characters)<{tail}" if tail else line[:width] + "…"
+        out.append(line)
+    return "\n".join(out)
 
 
 def _ssl_context(args):
@@ -166,7 +179,8 @@ def _replay(trio, runner, failure, target, device, args) -> int:
     answer, verdict = trio.run(lambda: runner.replay(failure, target, device, verbatim=args.verbatim,
                                                      deadline=args.deadline, ssl_context=_ssl_context(args)))
     print(f"recorded: {failure.kind} ({failure.detail}) on {failure.case.command} {failure.case.version}")
-    print(failure.request_xml or f"request body: {len(failure.request.body)} bytes (not decodable WBXML)")
+    print(shorten(failure.request_xml) if failure.request_xml else
+          f"request body: {len(failure.request.body)} bytes (not decodable WBXML)")
     status = f"HTTP {answer.status}" if answer is not None else "no answer"
     print(f"replayed against {target.url}: {status}: {verdict.kind}{' (' + verdict.detail + ')' if verdict.detail else ''}")
     return 1 if verdict.failed else 0
