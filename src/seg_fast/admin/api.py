@@ -105,7 +105,7 @@ class AdminApi:
         self.audit = AuditLog(audit_path(config))
         self.routes = [
             Route("GET", "/seg/diagnostic/cluster", "Nodes, workers, snapshot version and counts", self.cluster),
-            Route("GET", "/seg/policy/segconfig", "The gateway's policy configuration (secrets left out)", self.segconfig),
+            Route("GET", "/seg/policy/segconfig", "Every section of the running config (tokens and URL passwords masked)", self.segconfig),
             Route("GET", "/seg/policy/generalaccess", "General access and managed device policies", self.generalaccess),
             Route("GET", "/seg/policy/device/{id}", "One device: MDM record, what the gateway saw, the decision", self.device),
             Route("GET", "/seg/policy/account/{user}", "One user's devices and the user policy's verdict", self.account),
