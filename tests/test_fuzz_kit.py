@@ -27,7 +27,7 @@ from seg_fast.eas import codepages
 from seg_fast.eas.request import parse_request
 from seg_fast.eas.wbxml import Element, decode, encode, token_of
 from seg_fast.testing import (
-    SINCE, Answer, Device, Known, answer, build, classify, commands_for, first_version, http_requests,
+    SINCE, Answer, Device, answer, build, classify, commands_for, first_version, http_requests,
     mime_messages, mutated, request, status_ok,
 )
 from seg_fast.testing.mutators import TREE_OPS, tree_mutation

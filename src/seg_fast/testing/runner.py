@@ -26,7 +26,7 @@ from seg_fast.errors import WBXMLError
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.tree import E, find, kids, text
 from seg_fast.testing import spec
-from seg_fast.testing.classify import OK, Answer, Verdict, answer_document, classify, classify_error
+from seg_fast.testing.classify import Answer, Verdict, answer_document, classify, classify_error
 from seg_fast.testing.mutators import mutated
 from seg_fast.testing.requests import Known, commands_for, request
 from seg_fast.testing.wire import Device, HttpRequest, build, query_params
