@@ -3,7 +3,7 @@ against a running `seg-fast serve` with real device sessions through it (the
 mailbox simulator behind). Log in with the token, see the dashboard count the
 devices, filter the list to blocked devices, blacklist a device from its detail
 page and see its next real request get Status 129, start Dx for it and download
-its log from the console (headers of the session, no password).
+its log from the console (no password), bulk-whitelist a filter.
 
 Skips, saying why, when chromium or chromedriver is not installed
 (scripts/test.sh installs both).
@@ -196,17 +196,33 @@ async def test_console_in_a_real_browser(tmp_path):
             assert any(e["action"] == "override" and e["override"] == "blacklist" and e["who"].startswith("selenium@")
                        for e in entries)
 
+            # Bulk-whitelist a filter (the compromised devices: BADPHONE alone), confirmed; it gets in.
+            await page.click("#d-close")
+            await page.run(lambda: driver.find_element("id", "f-reason").send_keys("blocked.device_compromised"))
+            await page.click("#apply")
+            await page.until(lambda: [tr.get_attribute("data-device") for tr in
+                                      driver.find_elements("css selector", "#device-rows tr")] == ["BADPHONE"])
+            await page.click("#bulk-whitelist")
+            await page.accept_confirm()
+            with trio.fail_after(15):
+                while await folder_sync(gw_port, "BADPHONE") != "1":
+                    await trio.sleep(0.2)
+            _, _, body = await request(admin_port, "GET", "/seg/console/audit", token=TOKEN)
+            bulk = [e for e in json.loads(body)["entries"] if e["action"] == "bulk_override"]
+            assert bulk and bulk[0]["devices"] == ["BADPHONE"] and bulk[0]["override"] == "whitelist"
+
             if not _hooked():
                 pytest.skip("the Dx part needs proxy/exchange.py to call gw.stats.tx (its owner is rewriting it)")
-            # Dx for BADPHONE from the console, a session, the log downloaded through the page.
-            await page.click("#d-close")
-            await page.click("#device-rows tr[data-device=BADPHONE]")
-            await page.until(lambda: driver.find_element("id", "d-id").text == "BADPHONE")
+            # Dx for GOODPHONE (blacklisted now) from the console, a session, the log downloaded through the page.
+            await page.click("#clear")
+            await page.until(lambda: len(driver.find_elements("css selector", "#device-rows tr")) == 2)
+            await page.click("#device-rows tr[data-device=GOODPHONE]")
+            await page.until(lambda: driver.find_element("id", "d-id").text == "GOODPHONE")
             await page.click("#d-dx-start")
             await page.until(lambda: driver.find_element("id", "d-dx-state").text.startswith("on until"))
             with trio.fail_after(15):
                 while True:
-                    assert await folder_sync(gw_port, "BADPHONE") == "129"
+                    assert await folder_sync(gw_port, "GOODPHONE") == "129"
                     log = await page.run(lambda: driver.execute_async_script(
                         "const done = arguments[0];"
                         "fetch(document.getElementById('d-dx-download').href, {credentials: 'same-origin'})"
@@ -215,7 +231,7 @@ async def test_console_in_a_real_browser(tmp_path):
                         break
                     await trio.sleep(0.3)
             lines = [json.loads(x) for x in log.splitlines()]
-            assert lines and {x["device_id"] for x in lines} == {"BADPHONE"}
+            assert lines and {x["device_id"] for x in lines} == {"GOODPHONE"}
             assert all(x["decision"].startswith("blocked") for x in lines)
             assert PASSWORD not in log
         finally:
