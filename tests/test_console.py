@@ -221,3 +221,27 @@ def test_dx_rotation(tmp_path):
     name = dx.log_name("device", "ROT")
     assert (tmp_path / (name + ".1")).exists() and os.path.getsize(tmp_path / name) <= 2000
     assert len(dx.read_log(tmp_path, "device", "ROT").splitlines()) <= 40
+
+
+async def test_login_attempts_are_limited(admin):
+    from seg_fast.admin.server import LOGIN_ATTEMPTS
+    for _ in range(LOGIN_ATTEMPTS):
+        assert (await call(admin, "POST", "/seg/session", {"token": "guess"}))[0] == 401
+    status, _, body = await call(admin, "POST", "/seg/session", {"token": "guess"})
+    assert status == 429
+    # Even the right token waits out the window from that address.
+    assert (await call(admin, "POST", "/seg/session", {"token": TOKEN}))[0] == 429
+
+
+async def test_rotate_attachment_key(admin, tmp_path):
+    from seg_fast.content.keys import Keyring
+    await seed(admin, 4)
+    cookie, csrf, _ = await login(admin)
+    _, _, d = await call(admin, "GET", "/seg/console/device/DEV001", cookie=cookie)
+    assert d["key_generation"] == 0
+    status, _, body = await call(admin, "POST", "/seg/console/device/DEV001/rotate-key", cookie=cookie, csrf=csrf)
+    assert status == 200 and body["key_generation"] == 1
+    # The key state file every worker reads says so too.
+    assert Keyring.from_settings(admin.config.security).generation("DEV001") == 1
+    _, _, d = await call(admin, "GET", "/seg/console/device/DEV001", cookie=cookie)
+    assert d["key_generation"] == 1

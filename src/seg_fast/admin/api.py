@@ -140,6 +140,8 @@ class AdminApi:
             Route("POST", "/seg/console/delete-unmanaged/{days}", "Forget unmanaged devices not seen for N days "
                   "(expected = the confirmed count)", self.delete_unmanaged, body="Bulk"),
             Route("GET", "/seg/console/audit", "The audit log, newest first (who, what, when)", self.audit_log),
+            Route("POST", "/seg/console/device/{id}/rotate-key", "A new attachment key generation for a device "
+                  "(attachments sealed from now on use it)", self.rotate_key),
             Route("GET", "/seg/admin/{asset}", "The console's script and style sheet", self.asset, auth="none"),
             Route("GET", "/seg/dx", "Targets of targeted (Dx) logging and until when", self.dx_list),
             Route("POST", "/seg/dx", "Start Dx logging for a device or user ({kind, target, minutes})", self.dx_start,
@@ -453,6 +455,7 @@ class AdminApi:
         seen = detail.get("seen") or {}
         detail["trace"] = self._trace(id, seen, rec)
         detail["key_id"] = rec.key_id if rec else ""
+        detail["key_generation"] = self._keyring().generation(id)
         return _json(detail)
 
     def _trace(self, id: str, seen: dict, rec) -> list[dict]:
@@ -546,6 +549,20 @@ class AdminApi:
         self._audit("dx_download", kind=kind, target=target, bytes=len(data))
         return 200, "application/x-ndjson", data, [
             (b"content-disposition", f'attachment; filename="{dx.log_name(kind, target)}"'.encode())]
+
+    def _keyring(self):
+        from seg_fast.content.keys import Keyring
+        if getattr(self, "_keys", None) is None:
+            self._keys = Keyring.from_settings(self.config.security)
+        return self._keys
+
+    async def rotate_key(self, body, id: str) -> Answer:
+        try:
+            gen = self._keyring().rotate(id)
+        except SegFastError as exc:
+            raise HttpError(409, str(exc)) from None
+        self._audit("rotate_key", devices=[id], generation=gen)
+        return _json({"device_id": id, "key_generation": gen})
 
     async def audit_log(self, body) -> Answer:
         return _json({"entries": self.audit.tail()})

@@ -200,6 +200,7 @@ async function detail(id) {
   }
   kv("d-seen", d.seen);
   kv("d-record", d.record ? { ...d.record, key_id: d.key_id } : null);
+  $("d-keygen").textContent = d.key_generation;
   const link = $("d-dx-download");
   link.href = "/seg/dx/device/" + encodeURIComponent(id) + "/log";
   await dxState();
@@ -301,6 +302,11 @@ function init() {
   $("d-dx-start").onclick = async () => { await dxStart("device", state.detail, 60); await dxState(); };
   $("d-dx-stop").onclick = async () => {
     await api("DELETE", "/seg/dx/device/" + encodeURIComponent(state.detail)); await dxState(); };
+  $("d-rotate").onclick = async () => {
+    if (!confirm(`New attachment key for ${state.detail}? Attachments sealed from now on use it.`)) return;
+    await api("POST", "/seg/console/device/" + encodeURIComponent(state.detail) + "/rotate-key");
+    await detail(state.detail);
+  };
   $("compliance").onclick = async () => { await api("POST", "/seg/compliance/run"); devices(); };
   $("delete-unmanaged").onclick = deleteUnmanaged;
   $("tm-on").onclick = () => confirm("Turn test mode on? Nothing is blocked while it is on.") &&

@@ -83,6 +83,9 @@ CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'
 SESSION_COOKIE = "seg_session"
 SESSION_TTL = 8 * 3600.0
 MAX_SESSIONS = 1000
+# Wrong tokens at the login form: this many per address within the window, then 429.
+LOGIN_ATTEMPTS = 10
+LOGIN_WINDOW = 60.0
 
 
 class Login(msgspec.Struct, forbid_unknown_fields=True):
@@ -179,6 +182,7 @@ class AdminServer:
         self.push_token = config.policy.push_token.encode()
         self.push_only = push_only
         self.sessions = Sessions()
+        self.login_failures: dict[str, list[float]] = {}    # peer -> recent wrong-token times
         self.tls = False              # set when the listener speaks TLS (cookies get Secure)
 
     def _caller(self, route, method: str, headers, peer: str = "") -> str | None:
@@ -213,9 +217,17 @@ class AdminServer:
                 login = msgspec.json.decode(body, type=Login)
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 raise HttpError(400, f"request body: {exc}") from None
+            now = time.monotonic()
+            recent = [t for t in self.login_failures.get(peer, []) if now - t < LOGIN_WINDOW]
+            if len(recent) >= LOGIN_ATTEMPTS:
+                raise HttpError(429, f"too many wrong tokens from this address; wait {LOGIN_WINDOW:.0f} s")
             if not hmac.compare_digest(login.token.encode(), self.token):
                 log.warning("admin: console login refused from %s", peer or "?")
+                if len(self.login_failures) > 10_000:
+                    self.login_failures.clear()
+                self.login_failures[peer] = recent + [now]
                 raise HttpError(401, "wrong admin token")
+            self.login_failures.pop(peer, None)
             sid, sess = self.sessions.create(login.name.strip()[:64] or "admin")
             self.api.audit.write(f"{sess.name}@{peer or '?'}", "login")
             cookie = (f"{SESSION_COOKIE}={sid}; Path=/seg; Max-Age={int(SESSION_TTL)}; HttpOnly; "

@@ -640,7 +640,7 @@ class RedisStore(Store):
     async def all_sightings(self):
         if (copy := self.serving_copy) is not None:
             return await copy.all_sightings()
-        # HSCAN in slices: a reply per few thousand devices instead of one of 100,000
+        # HSCAN in slices: a reply of a few hundred devices instead of one of 100,000
         # (which the reply parser would re-read from its start at every network read).
         first = await self._scan("first_seen")
         out = []
@@ -651,7 +651,7 @@ class RedisStore(Store):
             out.append(sight)
         return out
 
-    async def _scan(self, ns: str, count: int = 2000) -> dict[str, bytes]:
+    async def _scan(self, ns: str, count: int = 250) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         cursor = b"0"
         while True:
