@@ -460,3 +460,41 @@ def test_cut_refused_when_a_code_page_would_be_lost():
         splice(data2, [(atts2, None), (native, None)])
     root = scan(data, [], elements=["AirSync:Sync"])[0]
     assert not root.removable(data)
+
+
+def test_decoded_content_is_read_lazily_but_fixed_at_decode():
+    """Text and opaque of a decoded tree are spans of the document, built on first
+    read: they must not follow later changes to a mutable input, and assigning new
+    content must replace the span for both reading and encoding."""
+    doc = encode(Element("AirSync:Sync", [
+        Element("AirSync:SyncKey", text="k\u00e9y-1"),
+        Element("AirSyncBase:Data", opaque=b"\x00\x01\xff"),
+        Element("AirSync:Status", text="1")]))
+    buf = bytearray(doc)
+    root = decode(buf)
+    buf[:] = b"\x00" * len(buf)          # the caller reuses its buffer
+    assert root.findtext("AirSync:SyncKey") == "k\u00e9y-1"
+    assert root.find("AirSyncBase:Data").opaque == b"\x00\x01\xff"
+    assert encode(root) == doc
+    status = root.find("AirSync:Status")
+    status.text = "22"
+    root.find("AirSyncBase:Data").opaque = b"xyz"
+    out = decode(encode(root))
+    assert out.findtext("AirSync:Status") == "22"
+    assert out.find("AirSyncBase:Data").opaque == b"xyz"
+    status.text = None
+    assert decode(encode(root)).find("AirSync:Status").text is None
+    # a bare element (no __init__) has no content, not a span of nothing
+    bare = Element.__new__(Element)
+    assert bare.text is None and bare.opaque is None
+    # renaming a decoded element re-encodes it with the new tag's token
+    status.tag = "AirSync:SyncKey"
+    assert [e.tag for e in decode(encode(root)).children][-1] == "AirSync:SyncKey"
+
+
+def test_invalid_utf8_is_still_refused_at_decode_with_its_offset():
+    good = encode(Element("AirSync:Sync", [Element("AirSync:SyncKey", text="abc\u00e9")]))
+    bad = good.replace("\u00e9".encode(), b"\xc3\x28")
+    with pytest.raises(WBXMLError, match="UTF-8") as info:
+        decode(bad)
+    assert info.value.offset == bad.index(b"\xc3\x28")

@@ -8,11 +8,11 @@ The public face (and the documentation of the formats) is ``seg_fast.eas.wbxml``
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
-from cpython.ref cimport Py_INCREF, PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memchr, memcpy
 
@@ -112,19 +112,68 @@ cdef class Element:
 
     Elements do not take part in cyclic garbage collection (decoding large
     trees fast): an element must not contain itself.
+
+    A decoded element holds its text and opaque content as spans of the decoded
+    document (a ``bytes`` object it keeps alive): the ``str``/``bytes`` is built on
+    first read, and encode copies the span as it is while the content is unchanged.
+    Decode still checks every inline string is UTF-8.
     """
     cdef public str tag
     cdef list _children       # None until the first child: most elements are leaves
-    cdef public object text
-    cdef public object opaque
+    cdef object _text         # the text once built or assigned
+    cdef object _opaque
+    cdef object _src          # the document the spans point into, or None
+    cdef Py_ssize_t _toff, _tlen   # text span: _tlen is its length + 1, 0 if none (see _text)
+    cdef Py_ssize_t _ooff, _olen   # opaque span, the same way
+    cdef object _tok_tag      # the tag _tok was looked up for (identity)
+    cdef int _tok             # page << 8 | token of _tok_tag
     cdef readonly object _fmt
 
     def __init__(self, str tag, children=None, text=None, opaque=None):
         self.tag = tag
         self._children = None if children is None else list(children)
-        self.text = text
-        self.opaque = opaque
+        self._text = text
+        self._opaque = opaque
+        self._tlen = 0
+        self._olen = 0
         self._fmt = None
+
+    @property
+    def text(self):
+        """The inline string content (str), or None."""
+        return self._get_text()
+
+    @text.setter
+    def text(self, value):
+        self._text = value
+        self._tlen = 0
+
+    @property
+    def opaque(self):
+        """The OPAQUE content (bytes for decoded documents), or None."""
+        return self._get_opaque()
+
+    @opaque.setter
+    def opaque(self, value):
+        self._opaque = value
+        self._olen = 0
+
+    cdef inline object _get_text(self):
+        if self._tlen and self._text is None:
+            # checked UTF-8 at decode
+            self._text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(self._src) + self._toff, self._tlen - 1, NULL)
+        return self._text
+
+    cdef inline object _get_opaque(self):
+        if self._olen and self._opaque is None:
+            self._opaque = PyBytes_FromStringAndSize(PyBytes_AS_STRING(self._src) + self._ooff, self._olen - 1)
+        return self._opaque
+
+    cdef inline bint _has_text(self):
+        return self._tlen != 0 or self._text is not None
+
+    cdef inline bint _has_opaque(self):
+        return self._olen != 0 or self._opaque is not None
 
     @property
     def children(self):
@@ -158,10 +207,10 @@ cdef class Element:
         cdef Element child = self.find(tag)
         if child is None:
             return default
-        if child.text is not None:
-            return child.text
-        if child.opaque is not None:
-            return bytes(child.opaque).decode("utf-8", "replace")
+        if child._has_text():
+            return child._get_text()
+        if child._has_opaque():
+            return bytes(child._get_opaque()).decode("utf-8", "replace")
         return default
 
     def iter(self, tag=None):
@@ -193,7 +242,7 @@ cdef class Element:
                     return False
                 continue
             a, b = <Element>x, <Element>y
-            if a.tag != b.tag or a.text != b.text or a.opaque != b.opaque:
+            if a.tag != b.tag or a._get_text() != b._get_text() or a._get_opaque() != b._get_opaque():
                 return False
             ac = a._children or []
             bc = b._children or []
@@ -302,16 +351,48 @@ cdef _check_limits(Py_ssize_t n, Py_ssize_t max_size, int max_depth):
         raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH_LIMIT}")
 
 
+cdef inline bint _is_ascii(const uint8_t* p, Py_ssize_t n) nogil:
+    """Whether n bytes are all below 0x80 (8 bytes a step; the compiler vectorises it)."""
+    cdef uint64_t acc = 0, w
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        acc |= w
+        i += 8
+    while i < n:
+        acc |= p[i]
+        i += 1
+    return (acc & <uint64_t>0x8080808080808080) == 0
+
+
+cdef int _grow(PyObject*** kids, Py_ssize_t* cap) except -1:
+    cdef Py_ssize_t ncap = cap[0] * 2 if cap[0] else 64
+    cdef PyObject** nk = <PyObject**>realloc(kids[0], ncap * sizeof(PyObject*))
+    if nk == NULL:
+        raise MemoryError()
+    kids[0] = nk
+    cap[0] = ncap
+    return 0
+
+
 def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT_MAX_SIZE,
            Py_ssize_t max_elements=DEFAULT_MAX_ELEMENTS):
     """WBXML bytes -> Element tree. See seg_fast.eas.wbxml."""
     cdef Py_ssize_t budget = max_elements
-    cdef _Buffer hold = _Buffer(data)
-    cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
-    cdef Py_ssize_t n = hold.view.len
+    cdef object src
+    cdef _Buffer hold
+    # The elements keep spans of the document: of an immutable copy if it is not bytes.
+    if type(data) is bytes:
+        src = data
+    else:
+        hold = _Buffer(data)
+        src = PyBytes_FromStringAndSize(<const char*>hold.view.buf, hold.view.len)
+        hold = None
+    cdef const uint8_t* buf = <const uint8_t*>PyBytes_AS_STRING(src)
+    cdef Py_ssize_t n = len(<bytes>src)
     _check_limits(n, max_size, max_depth)
     cdef Py_ssize_t pos = _header(buf, n)
-    cdef Py_ssize_t start
+    cdef Py_ssize_t start, slen, i, cnt
     cdef object header = None
     if pos != 4 or buf[0] != 3 or buf[1] != 1 or buf[2] != 0x6A or buf[3] != 0:
         header = PyBytes_FromStringAndSize(<const char*>buf, pos)
@@ -321,18 +402,24 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
     cdef uint32_t length
     cdef const uint8_t* nul
     cdef Element root = None, el, parent
-    cdef list swlist = None
+    cdef list swlist = None, kidlist
     cdef object pre, s, items
-    # per open element: the element (borrowed: the tree holds it), its content
-    # state (1 str, 2 opaque, 4 child, 8 irregular) and, once irregular, the
-    # exact item sequence
+    # per open element: the element (borrowed: held by ``kids`` or ``root``), its
+    # content state (1 str, 2 opaque, 4 child, 8 irregular), where its children
+    # start in ``kids`` and, once irregular, the exact item sequence
     cdef PyObject** stack = <PyObject**>malloc((max_depth + 1) * sizeof(PyObject*))
     cdef int* state = <int*>malloc((max_depth + 1) * sizeof(int))
+    cdef Py_ssize_t* first = <Py_ssize_t*>malloc((max_depth + 1) * sizeof(Py_ssize_t))
+    # the children of the open elements, owned references, each list built once
+    # at its parent's END (no appends, no list growth)
+    cdef PyObject** kids = NULL
+    cdef Py_ssize_t nkids = 0, capkids = 0
     cdef list irregular = [None] * (max_depth + 1)
     cdef int gc_was_on
-    if state == NULL or stack == NULL:
+    if state == NULL or stack == NULL or first == NULL:
         free(state)
         free(stack)
+        free(first)
         raise MemoryError()
     # the new elements hold only fresh objects, no cycles: let no collection
     # walk the growing tree again and again
@@ -363,11 +450,18 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
                     raise WBXMLError("END outside any element", start)
                 depth -= 1
                 st = state[depth]
+                el = <Element>stack[depth]
+                cnt = nkids - first[depth]
+                if cnt:
+                    kidlist = PyList_New(cnt)
+                    for i in range(cnt):
+                        PyList_SET_ITEM(kidlist, i, <object>kids[first[depth] + i])   # steals
+                    nkids = first[depth]
+                    el._children = kidlist
                 if st & 8:
-                    _finish_irregular(<Element>stack[depth], <list>irregular[depth])
+                    _finish_irregular(el, <list>irregular[depth])
                     irregular[depth] = None
                 elif st == 0:   # content flag with no content
-                    el = <Element>stack[depth]
                     el._fmt = (None if el._fmt is None else el._fmt[0], (), None)
                 if depth == 0:
                     if pos != n:
@@ -380,35 +474,48 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
                 budget -= 1
                 if budget < 0:
                     raise WBXMLError(f"more than {max_elements} elements and strings", start)
+                s = None
                 if b == STR_I:
                     nul = <const uint8_t*>memchr(buf + pos, 0, n - pos)
                     if nul == NULL:
                         raise WBXMLError("inline string without its NUL terminator", start)
-                    s = _utf8(buf, pos, nul - (buf + pos))
-                    pos = (nul - buf) + 1
+                    slen = nul - (buf + pos)
+                    if not _is_ascii(buf + pos, slen):
+                        s = _utf8(buf, pos, slen)     # checks it (and keeps the str)
                     tok = 1
                 else:
                     _mb(buf, n, &pos, &length)
                     if length > <uint32_t>(n - pos):
                         raise WBXMLError(f"opaque of {length} bytes runs past the end", start)
-                    s = PyBytes_FromStringAndSize(<const char*>buf + pos, length)
-                    pos += length
+                    slen = length
                     tok = 2
                 el = <Element>stack[depth - 1]
                 st = state[depth - 1]
-                if st & 8:
-                    (<list>irregular[depth - 1]).append(s)
-                elif (tok == 1 and st == 0) or (tok == 2 and (st & 6) == 0):
+                if (st & 8) == 0 and ((tok == 1 and st == 0) or (tok == 2 and (st & 6) == 0)):
                     if tok == 1:
-                        el.text = s
+                        if s is not None:
+                            el._text = s
+                        else:
+                            el._src = src
+                            el._toff = pos
+                            el._tlen = slen + 1
                     else:
-                        el.opaque = s
+                        el._src = src
+                        el._ooff = pos
+                        el._olen = slen + 1
                     state[depth - 1] = st | tok
                 else:
-                    items = _canonical_items(el)
-                    items.append(s)
-                    irregular[depth - 1] = items
-                    state[depth - 1] = st | 8
+                    if s is None:
+                        s = (_utf8(buf, pos, slen) if tok == 1
+                             else PyBytes_FromStringAndSize(<const char*>buf + pos, slen))
+                    if st & 8:
+                        (<list>irregular[depth - 1]).append(s)
+                    else:
+                        items = _canonical_items(el, nkids - first[depth - 1])
+                        items.append(s)
+                        irregular[depth - 1] = items
+                        state[depth - 1] = st | 8
+                pos += slen + 1 if tok == 1 else slen
                 continue
             tok = b & 0x3F
             if tok < 5 or b & HAS_ATTRS:
@@ -419,6 +526,8 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
                 raise WBXMLError(f"more than {max_elements} elements and strings", start)
             el = Element.__new__(Element)
             el.tag = _name(page, tok)
+            el._tok_tag = el.tag
+            el._tok = (page << 8) | tok
             if nsw:
                 if swlist is not None or first_sw == prev_page:
                     pre = tuple(swlist) if swlist is not None else (first_sw,)
@@ -430,19 +539,20 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
                     raise WBXMLError("a second root element", start)
                 root = el
             else:
-                parent = <Element>stack[depth - 1]
-                if parent._children is None:
-                    parent._children = [el]
-                else:
-                    parent._children.append(el)
+                if nkids >= capkids:
+                    _grow(&kids, &capkids)
+                Py_INCREF(el)
+                kids[nkids] = <PyObject*>el
+                nkids += 1
                 if state[depth - 1] & 8:
-                    (<list>irregular[depth - 1]).append(len(parent._children) - 1)
+                    (<list>irregular[depth - 1]).append(nkids - first[depth - 1] - 1)
                 state[depth - 1] |= 4
             if b & HAS_CONTENT:
                 if depth >= max_depth:
                     raise WBXMLError(f"elements nested deeper than {max_depth}", start)
                 stack[depth] = <PyObject*>el
                 state[depth] = 0
+                first[depth] = nkids
                 depth += 1
             elif depth == 0:
                 if pos != n:
@@ -455,8 +565,12 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
                 raise WBXMLError("SWITCH_PAGE not followed by a tag", n)
             raise WBXMLError(f"truncated: {depth} element(s) still open", n)
     finally:
+        for i in range(nkids):         # an error left children unattached
+            Py_DECREF(<object>kids[i])
+        free(kids)
         free(state)
         free(stack)
+        free(first)
         if gc_was_on:
             PyGC_Enable()
     if header is not None:
@@ -465,23 +579,24 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
     return root
 
 
-cdef list _canonical_items(Element el):
+cdef list _canonical_items(Element el, Py_ssize_t nchildren):
     """The item sequence an element with regular content so far was read as."""
     cdef list items = []
-    if el.text is not None:
-        items.append(el.text)
-    if el.opaque is not None:
-        items.append(el.opaque)
-    if el._children is not None:
-        items.extend(range(len(el._children)))
+    if el._has_text():
+        items.append(el._get_text())
+    if el._has_opaque():
+        items.append(el._get_opaque())
+    items.extend(range(nchildren))
     return items
 
 
 cdef _finish_irregular(Element el, list items):
     strs = [x for x in items if type(x) is str]
     blobs = [x for x in items if type(x) is bytes]
-    el.text = "".join(strs) if strs else None
-    el.opaque = b"".join(blobs) if blobs else None
+    el._text = "".join(strs) if strs else None
+    el._opaque = b"".join(blobs) if blobs else None
+    el._tlen = 0
+    el._olen = 0
     el._fmt = (None if el._fmt is None else el._fmt[0], tuple(items), None)
 
 
@@ -588,11 +703,11 @@ cdef bint _items_match(Element el, tuple items):
             nxt += 1
     if nxt != (0 if el._children is None else len(el._children)):
         return False
-    if ("".join(strs) if strs else None) != el.text:
+    if ("".join(strs) if strs else None) != el._get_text():
         return False
     if blobs:
-        return el.opaque is not None and b"".join(blobs) == bytes(el.opaque)
-    return el.opaque is None
+        return el._has_opaque() and b"".join(blobs) == bytes(el._get_opaque())
+    return not el._has_opaque()
 
 
 cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) except -1:
@@ -604,7 +719,12 @@ cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) exc
         raise WBXMLError(f"elements nested deeper than {max_depth}")
     if el.tag is None:
         raise WBXMLError("element without a tag")
-    packed = _token_of(el.tag)
+    if el._tok_tag is el.tag:
+        packed = el._tok
+    else:
+        packed = _token_of(el.tag)
+        el._tok_tag = el.tag
+        el._tok = packed
     tpage = packed >> 8
     tok = packed & 0x3F
     if fmt is not None:
@@ -635,14 +755,24 @@ cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) exc
                 _encode_child(w, children[<Py_ssize_t>x], page, depth, max_depth)
         _put(w, END)
         return 0
-    if el.text is None and el.opaque is None and nchild == 0:
+    if not el._has_text() and not el._has_opaque() and nchild == 0:
         _put(w, tok)
         return 0
     _put(w, tok | HAS_CONTENT)
-    if el.text is not None:
-        _put_str(w, el.text)
-    if el.opaque is not None:
-        _put_opaque(w, el.opaque)
+    if el._tlen:         # a span of the decoded document: copied as it is
+        _reserve(w, el._tlen + 1)
+        w.buf[w.len] = STR_I
+        memcpy(w.buf + w.len + 1, PyBytes_AS_STRING(el._src) + el._toff, el._tlen - 1)
+        w.buf[w.len + el._tlen] = 0
+        w.len += el._tlen + 1
+    elif el._text is not None:
+        _put_str(w, el._text)
+    if el._olen:
+        _put(w, OPAQUE)
+        _put_mb(w, <uint32_t>(el._olen - 1))
+        _write(w, PyBytes_AS_STRING(el._src) + el._ooff, el._olen - 1)
+    elif el._opaque is not None:
+        _put_opaque(w, el._opaque)
     for i in range(nchild):
         _encode_child(w, <object>PyList_GET_ITEM(children, i), page, depth, max_depth)
     _put(w, END)

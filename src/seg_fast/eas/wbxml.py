@@ -9,7 +9,10 @@ Tree
     ``findall``, ``findtext``, ``iter`` as in ElementTree (``find`` looks at direct
     children only); ``==`` compares tag, text, opaque and children. Elements stay
     out of the cyclic garbage collector (fast trees): never make one its own
-    descendant. ``token_of(tag)`` gives the (page, token) of a tag.
+    descendant. ``token_of(tag)`` gives the (page, token) of a tag. A decoded
+    element's text and opaque are spans of the document (kept alive by the tree;
+    a copy of it when the input was not ``bytes``), built into ``str``/``bytes`` on
+    first read and copied as they are by encode until reassigned.
 
 decode(data, *, max_depth=64, max_size=64 MiB, max_elements=4_000_000) -> Element
     Lossless: ``encode(decode(x)) == x`` for every document decode accepts. What a
