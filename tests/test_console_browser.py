@@ -40,12 +40,17 @@ FOLDERSYNC = E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0"))
 
 
 async def folder_sync(port: int, device_id: str) -> str:
+    """The FolderSync Status (provisioning first when asked); "provision failed" while a
+    policy change is still reaching the worker between the Provision steps."""
     c = EasClient("127.0.0.1", port, "jdoe", PASSWORD, device_id, version="14.1")
     try:
         r = await c.request("FolderSync", FOLDERSYNC)
         status = text(r.doc, "FolderHierarchy:Status")
         if status == "142":
-            await c.provision()
+            try:
+                await c.provision()
+            except ConnectionError:
+                return "provision failed"
             r = await c.request("FolderSync", FOLDERSYNC)
             status = text(r.doc, "FolderHierarchy:Status")
         return status
