@@ -74,12 +74,17 @@ cdef _init_tables():
 _init_tables()
 
 
-cdef inline object _name(int page, int tok):
-    cdef object name = <object>PyList_GET_ITEM(_NAMES, (page << 6) | tok)
-    if name is None:
-        name = sys.intern(codepages.tag_name(page, tok))
-        _NAMES[(page << 6) | tok] = name
+cdef object _name_slow(int page, int tok):
+    name = sys.intern(codepages.tag_name(page, tok))
+    _NAMES[(page << 6) | tok] = name
     return name
+
+
+cdef inline object _name(int page, int tok):
+    cdef PyObject* name = PyList_GET_ITEM(_NAMES, (page << 6) | tok)
+    if name == <PyObject*>None:
+        return _name_slow(page, tok)
+    return <object>name
 
 
 cdef int _token_of(str tag) except -1:
@@ -102,6 +107,8 @@ def token_of(tag):
 # ---------------------------------------------------------------- the tree
 
 @cython.no_gc
+@cython.freelist(4096)    # decoding builds and drops many at once
+@cython.final
 cdef class Element:
     """One WBXML element: qualified tag, children, inline text or opaque bytes.
 
@@ -525,8 +532,9 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
             if budget < 0:
                 raise WBXMLError(f"more than {max_elements} elements and strings", start)
             el = Element.__new__(Element)
-            el.tag = _name(page, tok)
-            el._tok_tag = el.tag
+            s = _name(page, tok)
+            el.tag = s
+            el._tok_tag = s
             el._tok = (page << 8) | tok
             if nsw:
                 if swlist is not None or first_sw == prev_page:
