@@ -103,6 +103,13 @@ def cli(argv: list[str]) -> int:
 
 
 async def _main(args, state: str) -> None:
+    # Ctrl-C and SIGTERM are received as signals for the whole run, so no KeyboardInterrupt
+    # lands inside a task (a KeyboardInterrupt before this line is caught in cli()).
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await _run(args, state, signals)
+
+
+async def _run(args, state: str, signals) -> None:
     from seg_fast.config import load_config
     from seg_fast.proxy.gateway import Gateway
     from seg_fast.sim.mailbox import MailboxSimulator
@@ -161,11 +168,10 @@ Try it:
 """, flush=True)
         if args.deliver_every > 0:
             nursery.start_soon(_deliver, sim, args.deliver_every)
-        # SIGTERM (or --seconds) ends the demo as Ctrl-C does; the temporary state is then removed.
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            with trio.move_on_after(args.seconds or float("inf")):
-                async for _ in signals:
-                    break
+        # Ctrl-C, SIGTERM or --seconds end the demo; the temporary state is then removed.
+        with trio.move_on_after(args.seconds or float("inf")):
+            async for _ in signals:
+                break
         gw.drain()
         nursery.cancel_scope.cancel()
 

@@ -52,10 +52,10 @@ def cli(argv: list[str]) -> int:
 
 
 async def _until_signal(args: argparse.Namespace) -> None:
-    """Run until SIGTERM (Ctrl-C arrives as KeyboardInterrupt); then stop cleanly."""
+    """Run until Ctrl-C or SIGTERM, received as signals (no KeyboardInterrupt inside a task)."""
     import signal
 
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(run, args)
             async for _ in signals:
