@@ -87,3 +87,39 @@ def test_serve_says_which_config_and_warns_without_policies(tmp_path):
     text = seen.decode()
     assert f"config: {cfg}" in text
     assert "WARNING: " in text and "no policies loaded, so every device is blocked" in text
+
+
+def test_workers_per_core_follow_devices_and_the_descriptor_limit():
+    from seg_fast.oslimits import workers_for
+
+    assert workers_for(0, 2, 20_000) == 2                    # one per core
+    assert workers_for(9_872, 2, 20_000) == 2                # (20,000 - 256) / 2 fit in one
+    assert workers_for(9_873, 2, 20_000) == 4
+    assert workers_for(100_000, 2, 20_000) == 2 * 11         # 100,000 per core: 11 workers a core
+    assert workers_for(100_000, 1, 1_048_576) == 1
+
+
+def test_serve_starts_the_workers_devices_per_core_needs(tmp_path):
+    import resource
+
+    from seg_fast.oslimits import workers_for
+
+    cfg = write(tmp_path)
+    cfg.write_text(cfg.read_text().replace("workers = 1\n", "workers = 0\ndevices_per_core = 12000\n"))
+    expected = workers_for(12_000, os.cpu_count() or 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    proc = start_serve(cfg, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        seen = b""
+        while b"worker(s)" not in seen and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+        assert f"control process: {expected} worker(s)".encode() in seen, seen.decode()
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_children(proc.pid)) == expected
+    finally:
+        stop_process(proc)

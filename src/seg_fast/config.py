@@ -105,7 +105,10 @@ class LogSettings(_Section):
 
 
 class Config(_Section):
-    workers: int = 0                 # 0: one per core
+    workers: int = 0                 # 0: one per core (or more: devices_per_core)
+    # With workers = 0: devices each core should carry. A parked Ping holds two descriptors;
+    # when one process's limit cannot hold a core's share, more workers per core start.
+    devices_per_core: int = 0
     # Relative state paths (policy store, admin token, attachment keys) live here;
     # created 0700 on first use.
     state_dir: str = DEFAULT_STATE_DIR
@@ -236,6 +239,8 @@ def _check(config: Config, where: str, overrides) -> None:
     problems: list[tuple[str, str]] = []
     if config.workers < 0:
         problems.append(("workers", "must be 0 (one per core) or more"))
+    if config.devices_per_core < 0:
+        problems.append(("devices_per_core", "must be 0 (one worker per core) or more"))
     if not config.state_dir:
         problems.append(("state_dir", "must name a directory"))
     if config.health.check_interval <= 0:

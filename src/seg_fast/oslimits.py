@@ -15,3 +15,15 @@ def raise_nofile_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+# Descriptors a worker keeps for itself (listener, log files, store, pipes) beyond its devices'.
+RESERVED_FDS = 256
+
+
+def workers_for(devices_per_core: int, cores: int, nofile: int) -> int:
+    """Workers to start: one per core, or more where one process's descriptor limit cannot
+    hold a core's share of devices (a parked Ping holds a descriptor on each leg)."""
+    per_worker = max(1, (nofile - RESERVED_FDS) // 2)
+    per_core = max(1, -(-devices_per_core // per_worker)) if devices_per_core > 0 else 1
+    return cores * per_core

@@ -57,7 +57,11 @@ def cli(argv: list[str]) -> int:
              "use --config FILE (examples/gateway.toml)")
     _warn_without_policies(config)
     workers = args.workers if args.workers is not None else config.workers
-    return run_control(config, args.config, workers or os.cpu_count() or 1)
+    if not workers:
+        from seg_fast.oslimits import raise_nofile_limit, workers_for
+        # Workers inherit this process's (raised) descriptor limit.
+        workers = workers_for(config.devices_per_core, os.cpu_count() or 1, raise_nofile_limit())
+    return run_control(config, args.config, workers)
 
 
 def _warn_without_policies(config) -> None:
