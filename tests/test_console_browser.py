@@ -239,6 +239,29 @@ async def test_console_in_a_real_browser(tmp_path):
             assert lines and {x["device_id"] for x in lines} == {"GOODPHONE"}
             assert all(x["decision"].startswith("blocked") for x in lines)
             assert PASSWORD not in log
+            # Headers with Authorization cut to scheme and user; the WBXML both ways as XML.
+            x = lines[-1]
+            auth = [v for k, v in x["request_headers"] if k.lower() == "authorization"]
+            assert auth and auth[0].startswith("Basic user=jdoe (")
+            assert "<Status>129</Status>" in x["answer_xml"]     # a blocked request's body is never read
+            # An allowed device (BADPHONE, whitelisted above) through the admin API: the request's
+            # WBXML too, and the mail server's answer with folder names cut to their sizes.
+            status, _, _ = await request(admin_port, "POST", "/seg/dx",
+                                         json.dumps({"kind": "device", "target": "BADPHONE"}).encode(), token=TOKEN)
+            assert status == 200
+            with trio.fail_after(15):
+                while True:
+                    assert await folder_sync(gw_port, "BADPHONE") in ("1", "provision failed")
+                    _, _, raw = await request(admin_port, "GET", "/seg/dx/device/BADPHONE/log", token=TOKEN)
+                    got = [json.loads(y) for y in raw.splitlines()]
+                    fs = [y for y in got if y["command"] == "FolderSync" and "request_xml" in y]
+                    if fs:
+                        break
+                    await trio.sleep(0.3)
+            y = fs[-1]
+            assert "<SyncKey>0</SyncKey>" in y["request_xml"] and "<Status>1</Status>" in y["answer_xml"]
+            assert "<DisplayName>(" in y["answer_xml"] and "Inbox" not in y["answer_xml"]
+            assert PASSWORD.encode() not in raw
         finally:
             if driver is not None:
                 await trio.to_thread.run_sync(driver.quit)

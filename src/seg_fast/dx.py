@@ -189,9 +189,54 @@ def wbxml_outline(body: bytes) -> str:
     return to_xml(cut(root))
 
 
+def _render(handed: dict) -> dict:
+    """Headers as they are (already reduced), bodies as WBXML outlines, never the bytes."""
+    out = {}
+    for key in ("request_headers", "answer_headers"):
+        if key in handed:
+            out[key] = handed[key]
+    if "request_body" in handed:
+        out["request_xml"] = wbxml_outline(handed["request_body"])
+    body = handed.get("answer_body")
+    if body is None and "answer_parts" in handed:
+        body = b"".join(handed["answer_parts"])
+    if body:
+        out["answer_xml"] = wbxml_outline(body)
+    return out
+
+
 # -- the worker's side ---------------------------------------------------------------
 
 _encoder = msgspec.json.Encoder()
+# What the exchange handed over for targeted transactions still in flight, by id(record);
+# empty unless a targeted device or user is mid-transaction (the exchange tests it first).
+PENDING: dict[int, dict] = {}
+MAX_PENDING = 10_000
+
+
+def note(rec, key: str, value) -> None:
+    """The exchange hands over a request or answer body of a targeted transaction."""
+    p = PENDING.get(id(rec))
+    if p is not None:
+        p[key] = value
+
+
+def note_answer(rec, headers, body: bytes) -> None:
+    """An answer the gateway sent whole (its own, a blocked answer, a transformed one)."""
+    p = PENDING.get(id(rec))
+    if p is not None:
+        p["answer_headers"] = safe_headers([(h[0], h[-1]) for h in headers])
+        p["answer_body"] = body
+
+
+def tap(rec, headers) -> list | None:
+    """A streamed answer of a targeted transaction: its headers, and a list for its chunks."""
+    p = PENDING.get(id(rec))
+    if p is None:
+        return None
+    p["answer_headers"] = safe_headers([(n, v) for n, _, v in headers])
+    parts = p["answer_parts"] = []
+    return parts
 
 
 class Dx:
@@ -242,11 +287,23 @@ class Dx:
                 out.append(t)
         return out
 
+    def begin(self, rec, headers) -> None:
+        """A transaction's identity is known: keep its request headers if it is targeted
+        (``headers``: the exchange's (name, lower name, value) triples)."""
+        if not self.wants(rec.device_id, rec.user):
+            return
+        if len(PENDING) >= MAX_PENDING:
+            PENDING.clear()            # transactions that never finished: never grow without bound
+        PENDING[id(rec)] = {"request_headers": safe_headers([(n, v) for n, _, v in headers])}
+
     def capture(self, rec, extra: dict | None = None) -> None:
         """One transaction of a targeted device or user (rec: observe.Transaction)."""
+        handed = PENDING.pop(id(rec), None) if PENDING else None
         targets = self.wants(rec.device_id, rec.user)
         if not targets:
             return
+        if handed:
+            extra = {**(extra or {}), **_render(handed)}
         entry = {"ts": round(time.time(), 3), "method": rec.method, "command": rec.command, "user": rec.user,
                  "device_id": rec.device_id, "device_type": rec.device_type, "client_ip": rec.client_ip,
                  "status": rec.status, "decision": rec.decision, "bytes_in": rec.bytes_in,

@@ -16,6 +16,7 @@ from seg_fast.eas.credentials import CONNECTION_SCHEMES
 from seg_fast.eas.request import EasRequest, parse_request
 from seg_fast.errors import ContentError, EASRequestError
 from seg_fast.hooks import Decision
+from seg_fast import dx
 from seg_fast.observe import Transaction
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy import parking, ping, sockio
@@ -53,6 +54,7 @@ async def handle(gw, dev, request: h11.Request):
 
 
 def _log(gw, rec: Transaction, t0: float) -> None:
+    gw.stats.tx(rec, t0)          # counters for /metrics and the console; Dx lines when targeted
     if not gw.log.enabled:
         return
     rec.ts = time.time()
@@ -74,6 +76,8 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
         return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")], b"malformed ActiveSync request\n")
     rec.command, rec.user, rec.device_id, rec.device_type = req.command, req.user, req.device_id, req.device_type
     rec.client_ip = req.client_ip        # past trusted proxies (listener.trusted_proxies)
+    if gw.stats.dx.active:               # targeted (Dx) logging: keep this request's headers
+        gw.stats.dx.begin(rec, full)
 
     gatekeeper = gw.gatekeeper
     decision = OPTIONS_DECISION if req.method == "OPTIONS" else gatekeeper.decide(req)
@@ -118,6 +122,8 @@ def _transforms_for(decision: Decision, command: str | None) -> tuple[list, list
 async def _answer(dev, rec: Transaction, status: int, headers, body: bytes = b"") -> None:
     rec.status = status
     rec.bytes_out = len(body)
+    if dx.PENDING:
+        dx.note_answer(rec, headers, body)
     await dev.answer(status, headers, body)
 
 
@@ -197,6 +203,8 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
                           b"request body too large for this gateway\n")
             return 413
         rec.bytes_in = len(body)
+        if dx.PENDING:
+            dx.note(rec, "request_body", body)
         for t in request_tx:
             new = t.transform_request(req, body)
             if new is None:
@@ -486,6 +494,7 @@ async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.F
     timeout = gw.config.timeouts.upstream_read
     # Head and body leave in as few writes as reads came in, the body never copied (writev).
     pending = [conn.send(hdrs.response_event(status, headers, reason))]
+    dx_parts = dx.tap(rec, headers) if dx.PENDING else None
     while True:
         try:
             event = h.next_event()
@@ -502,6 +511,8 @@ async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.F
         elif isinstance(event, h11.Data):
             rec.bytes_out += len(event.data)
             pending += conn.send_with_data_passthrough(event)
+            if dx_parts is not None:
+                dx_parts.append(event.data)
         elif isinstance(event, h11.EndOfMessage):
             pending.append(conn.send(END))
             await dev.send_parts(pending)
