@@ -498,3 +498,28 @@ def test_invalid_utf8_is_still_refused_at_decode_with_its_offset():
     with pytest.raises(WBXMLError, match="UTF-8") as info:
         decode(bad)
     assert info.value.offset == bad.index(b"\xc3\x28")
+
+
+def test_encode_from_several_threads_at_once():
+    """encode keeps one writer buffer between calls; threads (which may switch while
+    encode looks an unseen tag up in Python) must never share it."""
+    import threading
+
+    trees = [Element("AirSync:Sync", [Element("AirSync:SyncKey", text=f"{k}-" + "x" * (k * 997))]
+                     + [Element(f"Page{40 + k}:Unknown0x{5 + j:02X}", text=str(j)) for j in range(50)])
+             for k in range(6)]
+    expected = [encode(t) for t in trees]
+    failures = []
+
+    def run(k):
+        for _ in range(200):
+            if encode(trees[k]) != expected[k]:
+                failures.append(k)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert [decode(e) for e in expected] == trees

@@ -794,10 +794,22 @@ cdef inline int _encode_child(Writer* w, object child, int* page, int depth,
     return _encode(w, <Element>child, page, depth + 1, max_depth)
 
 
+# One writer buffer kept between encodes (up to 4 MiB): no growth by doubling and no
+# fresh pages to fault in for each answer. ``_scratch_busy`` guards re-entry (another
+# thread may run while encode calls into Python for an unknown tag's lookup).
+cdef char* _scratch = NULL
+cdef Py_ssize_t _scratch_cap = 0
+cdef bint _scratch_busy = False
+cdef enum:
+    SCRATCH_KEEP = 4 << 20
+
+
 def encode(Element root, *, int max_depth=DEFAULT_MAX_DEPTH):
     """Element tree -> WBXML bytes. See seg_fast.eas.wbxml."""
+    global _scratch, _scratch_cap, _scratch_busy
     cdef Writer w
     cdef int page = 0
+    cdef bint own = False
     cdef object header = CANONICAL_HEADER
     if root._fmt is not None and root._fmt[2] is not None:
         header = root._fmt[2]
@@ -806,12 +818,25 @@ def encode(Element root, *, int max_depth=DEFAULT_MAX_DEPTH):
     w.buf = NULL
     w.len = 0
     w.cap = 0
+    if not _scratch_busy:
+        own = _scratch_busy = True
+        w.buf = _scratch
+        w.cap = _scratch_cap
     try:
         _write(&w, PyBytes_AS_STRING(header), len(header))
         _encode(&w, root, &page, 1, max_depth)
         return PyBytes_FromStringAndSize(w.buf, w.len)
     finally:
-        free(w.buf)
+        if own and w.cap <= SCRATCH_KEEP:
+            _scratch = w.buf
+            _scratch_cap = w.cap
+        else:
+            if own:
+                _scratch = NULL
+                _scratch_cap = 0
+            free(w.buf)
+        if own:
+            _scratch_busy = False
 
 
 # ---------------------------------------------------------------- scanning
