@@ -161,14 +161,6 @@ async def device_requests(port: int, device_id: str, n: int) -> list[str]:
     return out
 
 
-def _hooked() -> bool:
-    import inspect
-    from seg_fast.proxy import exchange
-    return "stats.tx(" in inspect.getsource(exchange)
-
-
-@pytest.mark.skipif(not _hooked(), reason="proxy/exchange.py does not call gw.stats.tx yet (its owner is "
-                                          "rewriting it; the one-line hook lands after)")
 async def test_metrics_after_real_traffic(tmp_path):
     """Two workers, real device sessions through seg-fast serve: /metrics sums what the
     transaction log recorded, per worker and in total, and parses with prometheus_client."""
