@@ -59,6 +59,8 @@ def test_snapshot_file_and_render_parse(tmp_path):
     stats = Stats()
     for r in RECORDS:
         stats.tx(r)
+    stats.transform("Sync", 1000, 1300)
+    stats.transform("ItemOperations", 500, 200)
     d = tmp_path / "stats"
     d.mkdir()
     path = write_snapshot(d, stats.snapshot())
@@ -88,6 +90,9 @@ def test_snapshot_file_and_render_parse(tmp_path):
     assert samples(fams, "seg_fast_transaction_seconds", "_bucket", le="0.01") == \
         2 * sum(1 for r in not_ping if r.total_ms <= 10)
     assert samples(fams, "seg_fast_workers") == 2
+    assert samples(fams, "seg_fast_transformed_answers", "_total", command="Sync") == 2
+    assert samples(fams, "seg_fast_transform_bytes_in", "_total") == 2 * 1500
+    assert samples(fams, "seg_fast_worker_transform_bytes_out", "_total", worker=str(os.getpid())) == 1500
 
 
 def test_stale_snapshot_is_ignored(tmp_path):

@@ -61,6 +61,9 @@ class WorkerSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     policies_loaded: bool = False
     store_ok: bool = False
     dx_targets: int = 0
+    transformed: dict[str, int] = {}                 # answers rewritten by content policies, by command
+    transform_bytes_in: int = 0                      # their size from the mail server
+    transform_bytes_out: int = 0                     # their size as sent to devices
 
 
 def _error_kind(rec) -> str:
@@ -87,7 +90,8 @@ class Stats:
     """The counters of one worker (or of an in-process Gateway in tests)."""
 
     __slots__ = ("requests", "decisions", "gateway_answers", "bytes_in", "bytes_out", "upstream_ms_sum",
-                 "tx_buckets", "tx_ms_sum", "started", "_version", "_version_since", "dx")
+                 "tx_buckets", "tx_ms_sum", "started", "_version", "_version_since", "dx",
+                 "transformed", "transform_bytes_in", "transform_bytes_out")
 
     def __init__(self):
         self.requests: dict[tuple, int] = {}
@@ -102,6 +106,9 @@ class Stats:
         self._version = -1
         self._version_since = self.started
         self.dx = Dx()                 # targeted logging: its targets follow state_dir/dx (write_loop)
+        self.transformed: dict[str, int] = {}
+        self.transform_bytes_in = 0
+        self.transform_bytes_out = 0
 
     def tx(self, rec, t0: float | None = None) -> None:
         """One completed transaction (observe.Transaction; ``t0`` its perf_counter start):
@@ -129,6 +136,13 @@ class Stats:
                 rec.total_ms = round((perf_counter() - t0) * 1000.0, 3)
             self.dx.capture(rec)
 
+    def transform(self, command: str | None, size_in: int, size_out: int) -> None:
+        """An answer a content policy rewrote (links, attachments): once per such answer."""
+        key = command or "?"
+        self.transformed[key] = self.transformed.get(key, 0) + 1
+        self.transform_bytes_in += size_in
+        self.transform_bytes_out += size_out
+
     def snapshot(self, gw=None, *, now: float | None = None) -> WorkerSnapshot:
         now = time.time() if now is None else now
         requests: dict[str, dict[str, int]] = {}
@@ -138,7 +152,9 @@ class Stats:
             pid=os.getpid(), ts=now, started=self.started, requests=requests, decisions=dict(self.decisions),
             gateway_answers=dict(self.gateway_answers), bytes_in=self.bytes_in, bytes_out=self.bytes_out,
             upstream_ms_sum=round(self.upstream_ms_sum, 3), tx_ms_bounds=list(TX_BOUNDS_MS),
-            tx_ms_buckets=list(self.tx_buckets), tx_ms_sum=round(self.tx_ms_sum, 3))
+            tx_ms_buckets=list(self.tx_buckets), tx_ms_sum=round(self.tx_ms_sum, 3),
+            transformed=dict(self.transformed), transform_bytes_in=self.transform_bytes_in,
+            transform_bytes_out=self.transform_bytes_out)
         if gw is not None:
             _gauges(snap, gw, self, now)
         return snap
@@ -268,18 +284,19 @@ def total(snaps: list[WorkerSnapshot]) -> WorkerSnapshot:
     """The gateway's sum over its workers (gauges summed; policy version the lowest)."""
     t = WorkerSnapshot(pid=0, ts=max((s.ts for s in snaps), default=time.time()), tx_ms_bounds=list(TX_BOUNDS_MS),
                        tx_ms_buckets=[0] * (len(TX_BOUNDS_MS) + 1))
-    t.requests, t.decisions, t.gateway_answers, t.incidents = {}, {}, {}, {}
+    t.requests, t.decisions, t.gateway_answers, t.incidents, t.transformed = {}, {}, {}, {}, {}
     for s in snaps:
         for cmd, by_status in s.requests.items():
             dst = t.requests.setdefault(cmd, {})
             for st, n in by_status.items():
                 dst[st] = dst.get(st, 0) + n
-        for attr in ("decisions", "gateway_answers", "incidents"):
+        for attr in ("decisions", "gateway_answers", "incidents", "transformed"):
             dst = getattr(t, attr)
             for k, n in getattr(s, attr).items():
                 dst[k] = dst.get(k, 0) + n
         for attr in ("bytes_in", "bytes_out", "upstream_ms_sum", "tx_ms_sum", "connections", "parked_pings",
-                     "upstream_open", "upstream_idle", "unsent_bytes", "dx_targets"):
+                     "upstream_open", "upstream_idle", "unsent_bytes", "dx_targets",
+                     "transform_bytes_in", "transform_bytes_out"):
             setattr(t, attr, getattr(t, attr) + getattr(s, attr))
         if list(s.tx_ms_bounds) == list(TX_BOUNDS_MS):
             t.tx_ms_buckets = [a + b for a, b in zip(t.tx_ms_buckets, s.tx_ms_buckets)]

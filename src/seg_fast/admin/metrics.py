@@ -94,6 +94,14 @@ def _emit(out: _Out, prefix: str, s: WorkerSnapshot, base: dict) -> None:
             ("dx_targets", s.dx_targets, "Devices and users under targeted (Dx) logging")):
         out.family(f"{p}_{name}", "gauge", help_)
         out.sample(f"{p}_{name}", base, value)
+    out.family(f"{p}_transformed_answers_total", "counter",
+               "Answers rewritten by content policies (links, attachments), by command")
+    for cmd, n in sorted(s.transformed.items()):
+        out.sample(f"{p}_transformed_answers_total", {**base, "command": cmd}, n)
+    out.family(f"{p}_transform_bytes_in_total", "counter", "Size of those answers as the mail server sent them")
+    out.sample(f"{p}_transform_bytes_in_total", base, s.transform_bytes_in)
+    out.family(f"{p}_transform_bytes_out_total", "counter", "Size of those answers as sent to devices")
+    out.sample(f"{p}_transform_bytes_out_total", base, s.transform_bytes_out)
     out.family(f"{p}_incidents_total", "counter",
                "Refused connections, deadlines and contained errors, by kind")
     for kind, n in sorted(s.incidents.items()):

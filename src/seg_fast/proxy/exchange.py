@@ -584,6 +584,7 @@ async def _whole_answer(gw, dev, up: UpstreamConn, rec, hold: _Hold) -> bytes | 
 
 async def _transformed_answer(gw, dev, req, status, headers, answer_tx, rec, body: bytes, hold: _Hold) -> None:
     """Run the transforms on the buffered answer, send it with a fixed Content-Length."""
+    size_in = len(body)
     try:
         for t in answer_tx:
             # Optional (hooks.Transform): a transform that also sets the answer's headers.
@@ -599,5 +600,6 @@ async def _transformed_answer(gw, dev, req, status, headers, answer_tx, rec, bod
         return
     headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
     rec.status = status
+    gw.stats.transform(req.command, size_in, len(body))
     hold.drop()                       # from here the write counts what the device has not taken
     await _answer(dev, rec, status, headers, body)
