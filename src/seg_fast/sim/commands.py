@@ -7,11 +7,13 @@ shell in mailbox.py; here are only its parsing and its answers.
 from __future__ import annotations
 
 import base64
+import functools
 import random
 from typing import TYPE_CHECKING, NamedTuple
 
 from seg_fast.eas.multipart import build_multipart
 from seg_fast.sim.corpus import Message
+from seg_fast.sim.splice import HOLE, Splices, Template
 from seg_fast.sim.state import DELETED, FOLDER_IDS, FOLDERS, SENT, Item, Mailbox, SyncState
 from seg_fast.sim.tree import E, Element, data, encode, find, kids, text
 
@@ -39,7 +41,7 @@ class Answer(NamedTuple):
 
 
 class Ctx:
-    __slots__ = ("sim", "mbox", "dev", "version", "query", "doc", "raw", "multipart")
+    __slots__ = ("sim", "mbox", "dev", "version", "query", "doc", "raw", "multipart", "splices")
 
     def __init__(self, sim: "MailboxSimulator", mbox: Mailbox, dev, version: int,
                  query: "Query", doc: Element | None, raw: bytes, multipart: bool):
@@ -51,9 +53,13 @@ class Ctx:
         self.doc = doc
         self.raw = raw
         self.multipart = multipart
+        # Cached subtrees this answer puts back (splice.py); None: build every tree
+        self.splices = Splices() if sim.splice_cache is not None else None
 
 
-def wbxml(el: Element) -> Answer:
+def wbxml(el: Element, ctx: Ctx | None = None) -> Answer:
+    if ctx is not None and ctx.splices is not None:
+        return Answer(200, [(b"content-type", WBXML_TYPE)], ctx.splices.encode(el))
     return Answer(200, [(b"content-type", WBXML_TYPE)], encode(el))
 
 
@@ -257,7 +263,26 @@ def message_class(msg: Message) -> str:
 
 def application_data(ctx: Ctx, sid: str, item: Item, options: Element | None) -> Element:
     msg = ctx.sim.corpus.message(item.msg)
+    if ctx.splices is None:
+        return _application_data(msg, sid, item, ctx.version, options)
+    # What shapes the subtree besides the message: the version class and the options
+    # the builders below read (the ServerId is a hole, filled per item).
     if ctx.version < 120:
+        key = (msg, item.read, 25, text(options, "AirSync:MIMESupport"),
+               text(options, "AirSync:MIMETruncation"), text(options, "AirSync:Truncation"))
+    else:
+        key = (msg, item.read, 120, body_preference(options))
+    version, read = ctx.version, item.read
+
+    def build() -> Template:
+        stand_in = Item(item.msg)
+        stand_in.read = read
+        return Template(_application_data(msg, HOLE, stand_in, version, options), len(msg.attachments))
+    return ctx.splices.placeholder(ctx.sim.splice_cache.get(key, build), sid)
+
+
+def _application_data(msg: Message, sid: str, item: Item, version: int, options: Element | None) -> Element:
+    if version < 120:
         return E("AirSync:ApplicationData", *email_fields(msg, item), *_body_25(msg, sid, options),
                  E("Email:MessageClass", message_class(msg)))
     return E("AirSync:ApplicationData", *email_properties(msg, sid, item, options))
@@ -311,7 +336,7 @@ def sync(ctx: Ctx) -> Answer:
     out = [_sync_collection(ctx, c) for c in kids(find(doc, "AirSync:Collections"), "AirSync:Collection")]
     if not out:
         return wbxml(E("AirSync:Sync", E("AirSync:Status", 4)))
-    return wbxml(E("AirSync:Sync", E("AirSync:Collections", *out)))
+    return wbxml(E("AirSync:Sync", E("AirSync:Collections", *out)), ctx)
 
 
 def _sync_collection(ctx: Ctx, coll: Element) -> Element:
@@ -515,7 +540,7 @@ def item_operations(ctx: Ctx) -> Answer:
     tree = E("ItemOperations:ItemOperations", E("ItemOperations:Status", 1),
              E("ItemOperations:Response", *out) if out else None)
     if parts is None:
-        return wbxml(tree)
+        return wbxml(tree, ctx)
     return Answer(200, [(b"content-type", MULTIPART_TYPE)], build_multipart([encode(tree), *parts]))
 
 
@@ -530,6 +555,13 @@ def _fetch(ctx: Ctx, op: Element, parts: list[bytes] | None) -> Element:
         _name, ctype, blob = att
         total = len(blob)
         rng = text(options, "ItemOperations:Range")
+        if not rng and parts is None and ctx.splices is not None:
+            # the whole attachment inline: its Properties (base64 of up to 10 MB) cached
+            def build() -> Template:
+                return Template(E("ItemOperations:Properties", E("AirSyncBase:ContentType", ctype),
+                                  E("ItemOperations:Data", base64.b64encode(blob).decode())))
+            return E("ItemOperations:Fetch", E("ItemOperations:Status", 1), head,
+                     ctx.splices.placeholder(ctx.sim.splice_cache.get(("att", att), build)))
         props = [E("AirSyncBase:ContentType", ctype)]
         if rng:
             lo, _, hi = rng.partition("-")
@@ -635,7 +667,9 @@ def ping_request(ctx: Ctx) -> Answer | tuple[int, tuple[str, ...]]:
     return dev.heartbeat, dev.ping_folders
 
 
+@functools.lru_cache(maxsize=64)
 def ping_answer(changed: tuple[str, ...] | None) -> Answer:
+    # cached: a handful of distinct answers, sent for every Ping (never mutated)
     if not changed:
         return wbxml(E("Ping:Ping", E("Ping:Status", 1)))
     return wbxml(E("Ping:Ping", E("Ping:Status", 2),

@@ -33,13 +33,15 @@ from typing import NamedTuple
 import h11
 import trio
 
-from seg_fast.errors import EASRequestError, WBXMLError
+from seg_fast.errors import EASRequestError, HTTPProtocolError, WBXMLError
 from seg_fast.oslimits import raise_nofile_limit
+from seg_fast.proxy import http1
 from seg_fast.sim import commands as C
 from seg_fast.sim.commands import Answer, Ctx
 from seg_fast.sim.corpus import Corpus
 from seg_fast.sim.query import parse_target
 from seg_fast.sim.search import search
+from seg_fast.sim.splice import Cache
 from seg_fast.sim.state import INBOX, Device, Item, Mailbox, normalize_user
 from seg_fast.sim.tree import decode
 
@@ -49,6 +51,8 @@ SUPPORTED = ("Sync", "SendMail", "SmartForward", "SmartReply", "GetAttachment", 
              "Search")
 PATHS = ("/microsoft-server-activesync", "/servlet/traveler", "/eas")
 SERVER_HEADER = (b"ms-server-activesync", b"16.1")
+SERVER_TRIPLE = (b"ms-server-activesync", *SERVER_HEADER)
+LEAN_METHODS = frozenset((b"GET", b"POST", b"OPTIONS"))
 REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 REASONS[449] = b"Retry after sending a PROVISION command"
 MAX_HEAD = 16 * 1024
@@ -83,8 +87,13 @@ class _Park:
 class MailboxSimulator:
     def __init__(self, password: str = "secret", seed: int = 1, *, corpus: Corpus | None = None,
                  initial_messages: int = 0, require_provisioning: bool = True,
-                 max_body: int = 64 * 1024 * 1024, sent_log: int = 1000):
+                 max_body: int = 64 * 1024 * 1024, sent_log: int = 1000, splice_answers: bool = True,
+                 lean_http: bool = True):
         self.password = password
+        # lean_http: well-formed requests read and answered without h11 (_lean);
+        # False sends every request through h11 (the reference)
+        self.lean_http = lean_http
+        self.lean_answers = 0        # answers the lean path wrote (the rest went through h11)
         self.seed = seed
         self.corpus = corpus if corpus is not None else Corpus(seed)
         self.initial_messages = initial_messages
@@ -108,6 +117,9 @@ class MailboxSimulator:
         # an X-Fleet-Seq header (the sizing fleet records what it sent, to compare
         # with what its device got through a proxy).
         self.answer_tap = None
+        # Encoded Sync items and fetched attachments reused across answers (splice.py);
+        # splice_answers=False builds every answer from its whole tree (the reference).
+        self.splice_cache = Cache() if splice_answers else None
 
     # -- the mailbox side ---------------------------------------------------------------
     def mailbox(self, user: str) -> Mailbox:
@@ -167,8 +179,92 @@ class MailboxSimulator:
             task_status.started(self.port)
 
     async def _connection(self, stream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.connections += 1
+        try:
+            rest = await self._lean(stream) if self.lean_http else b""
+            if rest is not None:
+                await self._h11_connection(stream, rest)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception as exc:       # a simulator bug: drop this connection, keep serving
+            print(f"seg-fast sim: connection error {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            self.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _lean(self, stream) -> bytes | None:
+        """Requests the compiled parser (proxy/http1.py) takes whole: a complete head
+        with a Content-Length (or no body) for GET/POST/OPTIONS, as the fleet sends.
+        Returns None when the connection is done, or the unread bytes (from the start
+        of a request) for h11 to carry on with anything else (chunked bodies, Expect,
+        HTTP/1.0, malformed heads, oversized bodies); the answers' bytes are the ones
+        h11 writes (tests/test_sim_http.py)."""
+        buf = bytearray()
+        while True:
+            try:
+                head = http1.parse_request(buf, MAX_HEAD) if buf else http1.NEED_MORE
+            except HTTPProtocolError:
+                return bytes(buf)
+            if head is http1.NEED_MORE:
+                data = await stream.receive_some(RECV)
+                if not data:
+                    return bytes(buf) if buf else None
+                buf += data
+                continue
+            if (type(head) is not http1.RequestHead or head.framing == http1.FRAMING_CHUNKED
+                    or head.method not in LEAN_METHODS or head.length > self.max_body):
+                return bytes(buf)
+            end = head.head_len + head.length
+            while len(buf) < end:
+                data = await stream.receive_some(max(RECV, end - len(buf)))
+                if not data:
+                    return bytes(buf)  # closed mid-body: h11 answers that (400)
+                buf += data
+            body = bytes(buf[head.head_len:end])
+            del buf[:end]
+            headers = [(h[1], h[2]) for h in head.headers]
+            seq = _seq_of(headers) if self.answer_tap is not None else None
+            keep_alive = head.keep_alive
+            answer = self._answer(head.method, head.target, headers, body)
+            head = headers = body = None          # not kept alive while a Ping is parked
+            if type(answer) is _Park:
+                # parked here rather than in a helper coroutine: one frame less per Ping
+                park, answer = answer, None
+                park.task = trio.lowlevel.current_task()
+                self.parked += 1
+                try:
+                    await trio.lowlevel.wait_task_rescheduled(park.abort)
+                finally:
+                    self.parked -= 1
+                answer = C.ping_answer(park.changed)
+                park = None
+            if seq is not None:
+                answer = self.answer_tap(seq, answer)
+            out = http1.write_response(answer.status, REASONS.get(answer.status, b""),
+                                       [SERVER_TRIPLE, *[(n, n, v) for n, v in answer.headers]],
+                                       http1.FRAMING_LENGTH, len(answer.body), keep_alive)
+            self.lean_answers += 1
+            if len(answer.body) < 65536:
+                await stream.send_all(out + answer.body)
+            else:
+                await stream.send_all(out)
+                await stream.send_all(answer.body)
+            if not keep_alive:
+                return None
+
+    async def _parked(self, park: _Park) -> Answer:
+        park.task = trio.lowlevel.current_task()
+        self.parked += 1
+        try:
+            await trio.lowlevel.wait_task_rescheduled(park.abort)
+        finally:
+            self.parked -= 1
+        return C.ping_answer(park.changed)
+
+    async def _h11_connection(self, stream, received: bytes) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if received:
+            conn.receive_data(received)
         try:
             while True:
                 req = await _next_event(conn, stream)
@@ -188,20 +284,11 @@ class MailboxSimulator:
                         break
                     else:
                         return
-                seq = _fleet_seq(req) if self.answer_tap is not None else None
+                seq = _seq_of(req.headers) if self.answer_tap is not None else None
                 answer = self._handle(req, bytes(body))
                 req = body = None          # not kept alive while a Ping is parked
                 if type(answer) is _Park:
-                    # parked here rather than in a helper coroutine: one frame less per Ping
-                    park, answer = answer, None
-                    park.task = trio.lowlevel.current_task()
-                    self.parked += 1
-                    try:
-                        await trio.lowlevel.wait_task_rescheduled(park.abort)
-                    finally:
-                        self.parked -= 1
-                    answer = C.ping_answer(park.changed)
-                    park = None
+                    answer = await self._parked(answer)
                 if seq is not None:
                     answer = self.answer_tap(seq, answer)
                 await _send(conn, stream, answer)
@@ -214,31 +301,30 @@ class MailboxSimulator:
                     await _send(conn, stream, Answer(400, [], b""))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
                     pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        except Exception as exc:       # a simulator bug: drop this connection, keep serving
-            print(f"seg-fast sim: connection error {type(exc).__name__}: {exc}", file=sys.stderr)
-        finally:
-            self.connections -= 1
-            await trio.aclose_forcefully(stream)
 
     def _handle(self, req: h11.Request, body: bytes) -> Answer | _Park:
+        return self._answer(req.method, req.target, list(req.headers), body)
+
+    def _answer(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                body: bytes) -> Answer | _Park:
+        """The answer to one request; ``headers`` are (lower-case name, value) pairs."""
         try:
-            return self._dispatch(req, body)
+            return self._dispatch(method, target, headers, body)
         except (EASRequestError, WBXMLError, UnicodeDecodeError, ValueError):
             return Answer(400, [], b"")
         except Exception as exc:       # a simulator bug: answer 500, keep serving
             print(f"seg-fast sim: internal error {type(exc).__name__}: {exc}", file=sys.stderr)
             return Answer(500, [], b"")
 
-    def _dispatch(self, req: h11.Request, body: bytes) -> Answer | _Park:
-        method = req.method.decode("ascii")
-        path, q = parse_target(req.target.decode("latin-1"))
+    def _dispatch(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
+                  body: bytes) -> Answer | _Park:
+        method = method.decode("ascii")
+        path, q = parse_target(target.decode("latin-1"))
         if path.startswith("/sim/"):
             return self._side_door(method, path, q.params)
         if path.rstrip("/").lower() not in PATHS:
             return Answer(404, [], b"")
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
         user = self._authenticate(headers.get("authorization"))
         if user is None:
             return Answer(401, [(b"www-authenticate", b'Basic realm="seg-fast sim"')], b"")
@@ -361,8 +447,8 @@ HANDLERS = {
 }
 
 
-def _fleet_seq(req: h11.Request) -> bytes | None:
-    for name, value in req.headers:
+def _seq_of(headers) -> bytes | None:
+    for name, value in headers:
         if name == b"x-fleet-seq":
             return value
     return None
@@ -377,7 +463,7 @@ async def _next_event(conn: h11.Connection, stream):
 
 
 async def _send(conn: h11.Connection, stream, answer: Answer) -> None:
-    headers = [SERVER_HEADER, *answer.headers, (b"content-length", str(len(answer.body)).encode())]
+    headers = [SERVER_HEADER, *answer.headers, (b"Content-Length", str(len(answer.body)).encode())]
     head = conn.send(h11.Response(status_code=answer.status, headers=headers,
                                   reason=REASONS.get(answer.status, b"")))
     if len(answer.body) < 65536:

@@ -1,0 +1,136 @@
+"""Encoded WBXML subtrees reused across the simulator's answers.
+
+Building a Sync item's ApplicationData (or a fetched attachment's Properties) as a
+tree and encoding it costs more than everything else in an answer: bodies of up to
+megabytes go through UTF-8 and base64 round trips every time. Here each such subtree
+is encoded once per (message, the options that shape it) and kept as bytes; an
+answer is encoded with a small placeholder element in its place, and the cached
+bytes are put back in, so the answer is byte for byte what encoding the whole tree
+gives (tests/test_sim_splice.py compares the two over the corpus).
+
+Why the placeholder needs a fix-up after it: the encoder writes a SWITCH_PAGE only
+when a tag's code page differs from the one in force. The placeholder leaves its own
+page in force; the real subtree leaves the page of its last tag. So the first tag
+after the placeholder (after any END tokens) gets its SWITCH_PAGE added or dropped
+to match what encoding the real subtree would have written.
+
+Per-item values inside a cached subtree (the ServerId in attachment FileReferences)
+are holes: the template is encoded with a marker string there and split on it.
+"""
+from __future__ import annotations
+
+from seg_fast.errors import WBXMLError
+from seg_fast.sim.tree import E, Element, encode
+from seg_fast.eas.wbxml import token_of
+
+HEADER = b"\x03\x01\x6a\x00"
+SWITCH_PAGE, END, OPAQUE = 0x00, 0x01, 0xC3
+# A hole for a per-item string (never in corpus text: control characters).
+HOLE = "\x01seg-hole\x01"
+_HOLE_BYTES = HOLE.encode()
+# Cached bytes per simulator, at most this many (then the cache starts over): the
+# full attachment pool base64-encoded is ~53 MB.
+BUDGET = 96 * 1024 * 1024
+
+
+class Template:
+    """A subtree's encoding without the header and without the SWITCH_PAGE before its
+    own tag, split at its holes; ``end_page`` is the code page its last tag leaves."""
+    __slots__ = ("parts", "end_page", "tag", "size")
+
+    def __init__(self, el: Element, holes: int = 0):
+        raw = encode(el)
+        if raw[:4] != HEADER:
+            raise WBXMLError("unexpected WBXML header from the encoder", 0)
+        raw = raw[4:]
+        page = token_of(el.tag)[0]
+        if page != 0:                  # the standalone document starts on page 0
+            raw = raw[2:]
+        self.parts = raw.split(_HOLE_BYTES)
+        if len(self.parts) != holes + 1:
+            raise WBXMLError(f"template of {el.tag}: {len(self.parts) - 1} holes, expected {holes}", 0)
+        last = el
+        while last.children:
+            last = last.children[-1]
+        self.end_page = token_of(last.tag)[0]
+        self.tag = el.tag
+        self.size = len(raw)
+
+    def fill(self, value: str = "") -> bytes:
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return value.encode().join(self.parts)
+
+
+class Cache:
+    """Templates by key, bounded in bytes (cleared when full: keys cycle over a pool)."""
+    __slots__ = ("templates", "size", "hits", "misses")
+
+    def __init__(self):
+        self.templates: dict = {}
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key, build) -> Template:
+        t = self.templates.get(key)
+        if t is not None:
+            self.hits += 1
+            return t
+        self.misses += 1
+        t = build()
+        if t.size <= BUDGET // 4:
+            if self.size + t.size > BUDGET:
+                self.templates.clear()
+                self.size = 0
+            self.templates[key] = t
+            self.size += t.size
+        return t
+
+
+class Splices:
+    """The subtrees one answer puts back: ``placeholder`` stands in for one in the
+    tree; ``encode`` encodes the tree and puts them all back."""
+    __slots__ = ("items",)
+
+    def __init__(self):
+        self.items: list[tuple[bytes, bytes, int, int]] = []
+
+    def placeholder(self, template: Template, value: str = "") -> Element:
+        mark = b"\x00seg-splice%04x\x00" % len(self.items)
+        packed = token_of(template.tag)
+        pattern = bytes((packed[1] | 0x40, OPAQUE, len(mark))) + mark + bytes((END,))
+        self.items.append((pattern, template.fill(value), template.end_page, packed[0]))
+        return E(template.tag, mark)
+
+    def encode(self, tree: Element) -> bytes:
+        data = encode(tree)
+        if not self.items:
+            return data
+        out = bytearray()
+        pos = 0
+        n = len(data)
+        # by position: handlers may make placeholders out of document order (a Sync's
+        # Responses are built before its Commands)
+        found = sorted((data.index(item[0]), item) for item in self.items)
+        for at, (pattern, content, end_page, own_page) in found:
+            if at < pos:
+                raise WBXMLError("overlapping splices", at)
+            out += data[pos:at]
+            out += content
+            q = at + len(pattern)
+            while q < n and data[q] == END:
+                q += 1
+            out += data[at + len(pattern):q]
+            if q < n:
+                if data[q] == SWITCH_PAGE:
+                    if data[q + 1] == end_page:        # the real subtree left that page in force
+                        q += 2
+                elif data[q] & 0x3F >= 5:               # a tag on the placeholder's page
+                    if end_page != own_page:
+                        out += bytes((SWITCH_PAGE, own_page))
+                else:                                   # mixed content: never in these answers
+                    raise WBXMLError("content after a spliced element", q)
+            pos = q
+        out += data[pos:]
+        return bytes(out)
