@@ -13,7 +13,6 @@ import collections
 import gc
 
 import h11
-import pytest
 import trio
 
 from proxy_helpers import Client, fixture_answer
@@ -148,9 +147,6 @@ async def test_failed_requests_leave_no_cycles(tmp_path):
     assert not found, found.most_common(20)
 
 
-@pytest.mark.xfail(reason="downstream.contain() keeps h11's exception with its traceback (frames -> the "
-                          "exception: h11's _reraise_as_remote_protocol_error); clearing exc.__traceback__ "
-                          "after containing it frees the connection (checked)", strict=False)
 async def test_malformed_requests_leave_no_cycles(tmp_path):
     async def send(gw, i):
         stream = await trio.open_tcp_stream("127.0.0.1", gw.port)

@@ -15,7 +15,8 @@ import struct
 import h11
 import trio
 
-from seg_fast.proxy import exchange, sockio
+from seg_fast.errors import HTTPProtocolError
+from seg_fast.proxy import exchange, http1, sockio
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy.exchange import DeviceGone, DeviceTimeout
 from seg_fast.proxy.parking import socket_of
@@ -251,6 +252,16 @@ async def _read_head(gw, dev: Device, first: bytes) -> h11.Request:
     """The rest of a request head whose first bytes came in: one deadline for all of it
     (from its first byte), and never more than limits.max_header_bytes of it read."""
     conn = dev.conn
+    if not dev.leftover:
+        # The common case in compiled code (proxy/_http1.pyx): a whole head in the first read,
+        # exactly the Request h11 would make (tests/test_http1.py), handed to h11's state
+        # machine for the body and the answer. Anything else is h11's, as before.
+        try:
+            head = http1.parse_request(first, dev.max_head)
+        except HTTPProtocolError:
+            head = None               # h11 rejects the same bytes below, with its own status
+        if type(head) is http1.RequestHead:
+            return http1.prime_h11(conn, head, first[head.head_len:])
     deadline = trio.current_time() + gw.config.timeouts.request_head
     fed = dev.leftover + len(first)
     conn.receive_data(first)
