@@ -277,7 +277,8 @@ def application_data(ctx: Ctx, sid: str, item: Item, options: Element | None) ->
     def build() -> Template:
         stand_in = Item(item.msg)
         stand_in.read = read
-        return Template(_application_data(msg, HOLE, stand_in, version, options), len(msg.attachments))
+        return Template(_application_data(msg, HOLE, stand_in, version, options), len(msg.attachments),
+                        msg.mime)
     return ctx.splices.placeholder(ctx.sim.splice_cache.get(key, build), sid)
 
 

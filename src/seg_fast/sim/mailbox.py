@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import functools
 import heapq
 import http
 import json
@@ -56,6 +57,7 @@ LEAN_METHODS = frozenset((b"GET", b"POST", b"OPTIONS"))
 REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 REASONS[449] = b"Retry after sending a PROVISION command"
 MAX_HEAD = 16 * 1024
+AUTH_CACHE = 1 << 20
 RECV = 65536
 
 
@@ -93,6 +95,7 @@ class MailboxSimulator:
         # lean_http: well-formed requests read and answered without h11 (_lean);
         # False sends every request through h11 (the reference)
         self.lean_http = lean_http
+        self._auth_ok: dict[str, tuple[str, str]] = {}   # Authorization -> (password, user) that passed
         self.lean_answers = 0        # answers the lean path wrote (the rest went through h11)
         self.seed = seed
         self.corpus = corpus if corpus is not None else Corpus(seed)
@@ -319,7 +322,7 @@ class MailboxSimulator:
     def _dispatch(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                   body: bytes) -> Answer | _Park:
         method = method.decode("ascii")
-        path, q = parse_target(target.decode("latin-1"))
+        path, q = _parse_target(target)
         if path.startswith("/sim/"):
             return self._side_door(method, path, q.params)
         if path.rstrip("/").lower() not in PATHS:
@@ -383,6 +386,16 @@ class MailboxSimulator:
         return Answer(404, [], b"")
 
     def _authenticate(self, value: str | None) -> str | None:
+        # a device sends the same header every time: remembered (bounded) once checked
+        hit = self._auth_ok.get(value)
+        if hit is not None and hit[0] == self.password:
+            return hit[1]
+        user = self._check_basic(value)
+        if user is not None and len(self._auth_ok) < AUTH_CACHE:
+            self._auth_ok[value] = (self.password, user)
+        return user
+
+    def _check_basic(self, value: str | None) -> str | None:
         if not value or not value[:6].lower() == "basic ":
             return None
         try:
@@ -445,6 +458,12 @@ HANDLERS = {
     "GetItemEstimate": C.get_item_estimate, "MoveItems": C.move_items, "Settings": C.settings,
     "ItemOperations": C.item_operations, "GetAttachment": C.get_attachment, "Search": search,
 }
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_target(target: bytes):
+    # targets repeat per device and command; the Query is only read by the handlers
+    return parse_target(target.decode("latin-1"))
 
 
 def _seq_of(headers) -> bytes | None:

@@ -28,17 +28,22 @@ SWITCH_PAGE, END, OPAQUE = 0x00, 0x01, 0xC3
 # A hole for a per-item string (never in corpus text: control characters).
 HOLE = "\x01seg-hole\x01"
 _HOLE_BYTES = HOLE.encode()
-# Cached bytes per simulator, at most this many (then the cache starts over): the
-# full attachment pool base64-encoded is ~53 MB.
-BUDGET = 96 * 1024 * 1024
+# Cached bytes per simulator, at most this many (the oldest templates go first): the
+# fleet's pool needs ~75 MB (attachments base64-encoded ~55 MB; whole MIME bodies
+# are not copied, see Template ``shared``).
+BUDGET = 160 * 1024 * 1024
+# A body at least this long is referenced, not copied, when found in a template.
+SHARE_MIN = 16384
 
 
 class Template:
     """A subtree's encoding without the header and without the SWITCH_PAGE before its
-    own tag, split at its holes; ``end_page`` is the code page its last tag leaves."""
-    __slots__ = ("parts", "end_page", "tag", "size")
+    own tag, as pieces with None at its holes; ``end_page`` is the code page its last
+    tag leaves. ``shared``: bytes that may appear whole in the encoding (a message's
+    MIME sent untruncated) are kept as a reference to that object, not a copy."""
+    __slots__ = ("pieces", "end_page", "tag", "size")
 
-    def __init__(self, el: Element, holes: int = 0):
+    def __init__(self, el: Element, holes: int = 0, shared: bytes | None = None):
         raw = encode(el)
         if raw[:4] != HEADER:
             raise WBXMLError("unexpected WBXML header from the encoder", 0)
@@ -46,24 +51,36 @@ class Template:
         page = token_of(el.tag)[0]
         if page != 0:                  # the standalone document starts on page 0
             raw = raw[2:]
-        self.parts = raw.split(_HOLE_BYTES)
-        if len(self.parts) != holes + 1:
-            raise WBXMLError(f"template of {el.tag}: {len(self.parts) - 1} holes, expected {holes}", 0)
+        parts = raw.split(_HOLE_BYTES)
+        if len(parts) != holes + 1:
+            raise WBXMLError(f"template of {el.tag}: {len(parts) - 1} holes, expected {holes}", 0)
+        self.pieces: list[bytes | None] = []
+        self.size = 0
+        for k, part in enumerate(parts):
+            if k:
+                self.pieces.append(None)
+            at = part.find(shared) if shared is not None and len(shared) >= SHARE_MIN else -1
+            if at >= 0:
+                self.pieces += [part[:at], shared, part[at + len(shared):]]
+                self.size += len(part) - len(shared)
+            else:
+                self.pieces.append(part)
+                self.size += len(part)
         last = el
         while last.children:
             last = last.children[-1]
         self.end_page = token_of(last.tag)[0]
         self.tag = el.tag
-        self.size = len(raw)
 
     def fill(self, value: str = "") -> bytes:
-        if len(self.parts) == 1:
-            return self.parts[0]
-        return value.encode().join(self.parts)
+        if len(self.pieces) == 1:
+            return self.pieces[0]
+        v = value.encode()
+        return b"".join([v if p is None else p for p in self.pieces])
 
 
 class Cache:
-    """Templates by key, bounded in bytes (cleared when full: keys cycle over a pool)."""
+    """Templates by key, bounded in bytes (the oldest dropped first)."""
     __slots__ = ("templates", "size", "hits", "misses")
 
     def __init__(self):
@@ -80,9 +97,9 @@ class Cache:
         self.misses += 1
         t = build()
         if t.size <= BUDGET // 4:
-            if self.size + t.size > BUDGET:
-                self.templates.clear()
-                self.size = 0
+            while self.size + t.size > BUDGET:
+                old = self.templates.pop(next(iter(self.templates)))
+                self.size -= old.size
             self.templates[key] = t
             self.size += t.size
         return t
