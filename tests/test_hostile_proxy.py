@@ -560,3 +560,10 @@ async def test_a_trusted_load_balancer_is_not_capped_per_address(tmp_path):
             for s in streams:
                 await s.aclose()
             nursery.cancel_scope.cancel()
+
+
+
+def test_answers_the_gateway_makes_carry_a_reason_phrase(gw):
+    """A 404 made by the gateway itself: a status line with its standard phrase."""
+    raw = _exchange(gw.port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", bound=20)
+    assert raw.startswith(b"HTTP/1.1 404 Not Found\r\n"), raw[:40]

@@ -22,6 +22,8 @@ import h11
 import msgspec
 import trio
 
+from seg_fast.proxy.headers import reason_phrase
+
 log = logging.getLogger("seg_fast.health")
 
 MAX_HEAD = 4096
@@ -142,7 +144,7 @@ async def _serve_one(stream, ready: Readiness, workers_alive: Callable[[], int])
                 return
             headers = [(b"Content-Type", b"application/json"), (b"Content-Length", str(len(body)).encode()),
                        (b"Cache-Control", b"no-store"), (b"Connection", b"close")]
-            out = conn.send(h11.Response(status_code=status, headers=headers))
+            out = conn.send(h11.Response(status_code=status, headers=headers, reason=reason_phrase(status)))
             if event.method != b"HEAD":
                 out += conn.send(h11.Data(data=body))
             out += conn.send(h11.EndOfMessage())

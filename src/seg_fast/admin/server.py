@@ -26,6 +26,7 @@ from seg_fast.admin.console import query_params
 from seg_fast.errors import SegFastError, StartupError
 from seg_fast.policy.gate import PolicyGatekeeper
 from seg_fast.policy.source import PolicySource
+from seg_fast.proxy.headers import reason_phrase
 from seg_fast.statedir import ensure_parent, resolve
 
 log = logging.getLogger("seg_fast.admin")
@@ -298,7 +299,7 @@ class AdminServer:
                            (b"referrer-policy", b"no-referrer"), *extra]
                 if status == 401:
                     headers.append((b"www-authenticate", b'Bearer realm="seg"'))
-                await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+                await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))))
                 await stream.send_all(conn.send(h11.Data(data=out)) + conn.send(h11.EndOfMessage()))
                 if conn.our_state is h11.MUST_CLOSE or isinstance(req, int):
                     return

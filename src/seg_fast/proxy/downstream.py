@@ -105,7 +105,7 @@ class Device:
         if self.closing or conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
             # An unread request body would be taken for the next request: close after this answer.
             headers.append((b"Connection", b"close"))
-        parts = [conn.send(h11.Response(status_code=status, headers=headers))]
+        parts = [conn.send(h11.Response(status_code=status, headers=headers, reason=hdrs.reason_phrase(status)))]
         if body:
             parts += conn.send_with_data_passthrough(h11.Data(data=body))   # the body is not copied
         parts.append(conn.send(exchange.END))

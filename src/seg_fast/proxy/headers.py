@@ -8,6 +8,7 @@ them was validated by h11's parser or is one of ours, built well-formed here.
 from __future__ import annotations
 
 import ipaddress
+from http import HTTPStatus
 
 import h11
 
@@ -215,6 +216,14 @@ def get(raw: Headers, name: bytes) -> bytes | None:
 def replace(raw: Headers, name: bytes, value: bytes) -> Headers:
     """Every header but ``name``, then ``name: value``."""
     return [(k, v) for k, v in raw if k.lower() != name] + [(name, value)]
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase for an answer the gateway makes itself (h11 writes none)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 # -- h11 events from triples ----------------------------------------------------------------
