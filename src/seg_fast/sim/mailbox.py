@@ -5,7 +5,12 @@ handlers are sans-IO (commands.py); the only waiting here is Ping. A parked Ping
 is its connection task put to sleep with ``wait_task_rescheduled`` after the
 request's objects were dropped, woken by ``deliver()`` (or any folder change) or
 by its heartbeat, which one task serves for all Pings from a heap of deadlines:
-about 4.7 KiB of memory per parked Ping (benchmarks/sim_ping_memory.py).
+about 5.3 KiB of memory per parked Ping with its mailbox and device
+(benchmarks/sim_ping_memory.py; 4.7 before the lean path's per-device caches).
+
+Well-formed requests are read by the lean path (``_lean``: the gateway's compiled
+head parser, no h11); anything else goes to h11 from its first byte. Sync items and
+fetched attachments are encoded once and spliced into answers (splice.py).
 
 Besides the EAS endpoint (``/Microsoft-Server-ActiveSync``, ``/servlet/traveler``,
 ``/EAS``) it answers ``GET /sim/stats`` and ``POST /sim/deliver?user=U&count=N``
