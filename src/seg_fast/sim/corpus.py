@@ -195,16 +195,7 @@ class Message:
                          f'Content-Disposition: attachment; filename="{name}"\r\n\r\n').encode()
                       + _b64_lines(data) + f"--{b}m--\r\n".encode())
         if self.signed:
-            sig = sign_detached(entity)
-            entity = (f'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
-                      f'micalg=sha-256; boundary="{b}s"\r\n\r\n'
-                      "This is a cryptographically signed message in MIME format.\r\n\r\n"
-                      f"--{b}s\r\n").encode() + entity + (
-                      f"\r\n--{b}s\r\n"
-                      'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
-                      "Content-Transfer-Encoding: base64\r\n"
-                      'Content-Disposition: attachment; filename="smime.p7s"\r\n\r\n').encode() + (
-                      _b64_lines(sig) + f"\r\n--{b}s--\r\n".encode())
+            entity = signed_entity(entity, f"{b}s")
         head = (f"From: {self.sender}\r\nTo: {self.to}\r\nSubject: {self.subject}\r\n"
                 f"Date: {self.date.strftime('%a, %d %b %Y %H:%M:%S +0000')}\r\n"
                 f"Message-ID: {self.message_id}\r\nMIME-Version: 1.0\r\n")
@@ -265,6 +256,20 @@ def _wrap(line: str, width: int = 76) -> str:
 
 def _qp(text: str) -> bytes:
     return binascii.b2a_qp(text.encode(), istext=True).replace(b"\n", b"\r\n")
+
+
+def signed_entity(entity: bytes, boundary: str) -> bytes:
+    """``entity`` wrapped in multipart/signed with a real detached S/MIME signature."""
+    sig = sign_detached(entity)
+    return (f'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
+            f'micalg=sha-256; boundary="{boundary}"\r\n\r\n'
+            "This is a cryptographically signed message in MIME format.\r\n\r\n"
+            f"--{boundary}\r\n").encode() + entity + (
+            f"\r\n--{boundary}\r\n"
+            'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
+            "Content-Transfer-Encoding: base64\r\n"
+            'Content-Disposition: attachment; filename="smime.p7s"\r\n\r\n').encode() + (
+            _b64_lines(sig) + f"\r\n--{boundary}--\r\n".encode())
 
 
 def _b64_lines(data: bytes) -> bytes:

@@ -15,8 +15,8 @@ import random
 
 from hypothesis import strategies as st
 
-from seg_fast.sim.corpus import _MAKERS, ATTACHMENT_KINDS, Corpus, _b64_lines, _qp
-from seg_fast.sim.smime import sign_detached, signer
+from seg_fast.sim.corpus import _MAKERS, ATTACHMENT_KINDS, Corpus, _b64_lines, _qp, signed_entity
+from seg_fast.sim.smime import signer
 
 _text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x17F, blacklist_categories=("Cs",)),
                 min_size=1, max_size=60)
@@ -76,16 +76,7 @@ def mime_messages(draw, sender: str = "fuzz@seg-fast.test", shapes=SHAPES, max_a
                       + b"".join(f"\r\n--{b}m\r\n".encode() + _attachment_part(*p) for p in parts)
                       + f"--{b}m--\r\n".encode())
         if shape == "signed":
-            sig = sign_detached(entity)
-            entity = (f'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
-                      f'micalg=sha-256; boundary="{b}s"\r\n\r\n'
-                      "This is a cryptographically signed message in MIME format.\r\n\r\n"
-                      f"--{b}s\r\n").encode() + entity + (
-                      f"\r\n--{b}s\r\n"
-                      'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
-                      "Content-Transfer-Encoding: base64\r\n"
-                      'Content-Disposition: attachment; filename="smime.p7s"\r\n\r\n').encode() + (
-                      _b64_lines(sig) + f"\r\n--{b}s--\r\n".encode())
+            entity = signed_entity(entity, f"{b}s")
         elif shape == "p7m":
             entity = ('Content-Type: application/pkcs7-mime; smime-type=signed-data; name="smime.p7m"\r\n'
                       "Content-Transfer-Encoding: base64\r\n"
