@@ -477,13 +477,10 @@ def _expected(method, target, headers, client_ip):
     ref = _outcome(_reference_parse_request, method, target, headers, client_ip)
     if isinstance(ref, tuple) and ref[1].startswith(("request path", "query longer")):
         return ref                   # read before any header
-    seen_auth = False
+    # Both are refusals; two Authorization headers are named first, wherever they stand.
+    if sum(1 for name, _ in headers if name.lower() in (b"authorization", "authorization")) > 1:
+        return (EASRequestError, "more than one Authorization header")
     for name, value in headers:
-        low = name.lower()
-        if low in (b"authorization", "authorization"):
-            if seen_auth:
-                return (EASRequestError, "more than one Authorization header")
-            seen_auth = True
         text = value.decode("latin-1") if isinstance(value, bytes) else value
         if any(ord(c) < 32 and c != "\t" or c == "\x7f" for c in text):
             return (EASRequestError, "a header value holds a control character")
