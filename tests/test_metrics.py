@@ -218,8 +218,9 @@ async def test_metrics_after_real_traffic(tmp_path):
                     _, _, body = await request(admin_port, "GET", "/metrics", token=TOKEN)
                     fams = families(body.decode())
                     total = samples(fams, "seg_fast_requests", "_total")
-                    if len(recs) >= 12 and total == len(recs):
-                        break
+                    started = fams.get("seg_fast_worker_start_time_seconds")
+                    if len(recs) >= 12 and total == len(recs) and started and len(started.samples) == 2:
+                        break                      # every request counted, both workers reporting
                     await trio.sleep(0.2)
             by_key: dict = {}
             for r in recs:
@@ -233,8 +234,11 @@ async def test_metrics_after_real_traffic(tmp_path):
             assert sum(s.value for s in fams["seg_fast_decisions"].samples
                        if s.labels["reason"].startswith("blocked")) == blocked
             # Per worker: both report, and their figures add up to the sum.
-            workers = {s.labels["worker"] for s in fams["seg_fast_worker_requests"].samples}
+            # (SO_REUSEPORT may hand every connection to one worker, so both report a start
+            # time, and whichever served requests counts them.)
+            workers = {s.labels["worker"] for s in fams["seg_fast_worker_start_time_seconds"].samples}
             assert len(workers) == 2
+            assert {s.labels["worker"] for s in fams["seg_fast_worker_requests"].samples} <= workers
             assert samples(fams, "seg_fast_worker_requests", "_total") == samples(fams, "seg_fast_requests", "_total")
             assert samples(fams, "seg_fast_worker_loop_lag_seconds", "_count") > 0
             assert samples(fams, "seg_fast_policy_snapshot_version") > 0
