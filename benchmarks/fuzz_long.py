@@ -23,7 +23,6 @@ from pathlib import Path
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
 
 from seg_fast.sim.mailbox import MailboxSimulator  # noqa: E402
 from seg_fast.testing.runner import Device, Fuzzer, Target  # noqa: E402

@@ -20,7 +20,7 @@ import time
 import timeit
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
 from request_bench import CASES  # noqa: E402
 from seg_fast.eas.request import parse_request  # noqa: E402

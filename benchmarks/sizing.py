@@ -5,11 +5,8 @@ Same as `seg-fast bench sizing ...`; see benchmarks/README.md.
     python benchmarks/sizing.py --search --devices 2000
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from seg_fast.sim.sizing import cli  # noqa: E402
+from seg_fast.sim.sizing import cli   # the installed package (scripts/test.sh or demo.sh make .venv)
 
 if __name__ == "__main__":
     sys.exit(cli(["sizing", *sys.argv[1:]]))

@@ -41,7 +41,6 @@ import trio
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "src"))
 
 from seg_fast.config import load_config  # noqa: E402
 from seg_fast.oslimits import raise_nofile_limit  # noqa: E402
