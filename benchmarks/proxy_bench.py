@@ -187,6 +187,9 @@ enabled = false
 transactions = ""
 [timeouts]
 idle_keepalive = 3600.0
+[limits]
+# Every parked Ping comes from 127.0.0.1 here: the per-address cap (a defence) is not measured.
+max_connections_per_address = 100000
 [policy]
 allow_if_no_policies = true
 sqlite_path = "{workdir}/policy-{port}.db"
