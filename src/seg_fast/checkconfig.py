@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import ssl
 import sys
 import time
@@ -112,18 +111,9 @@ def startup_problem(config) -> Finding | None:
                  if not f.ok and not (f.what == "state_dir" and Path(config.state_dir).is_dir())), None)
 
 
-def _port_in_use(host: str, port: int) -> str | None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            return exc.strerror or str(exc)
-    return None
-
-
 def check_ports(config) -> list[Finding]:
+    from seg_fast.proxy.instance import bind_error
+
     wanted = [("listener.port", config.listener.host, config.listener.port)]
     if config.admin.enabled:
         wanted.append(("admin.port", config.admin.host, config.admin.port))
@@ -134,9 +124,9 @@ def check_ports(config) -> list[Finding]:
         if port == 0:
             out.append(Finding(True, key, "0: any free port"))
             continue
-        problem = _port_in_use(host, port)
-        out.append(Finding(problem is None, key, f"{host}:{port}: " + (f"cannot listen ({problem})"
-                                                                      if problem else "free")))
+        exc = bind_error(host, port)
+        out.append(Finding(exc is None, key, f"{host}:{port}: " + (f"cannot listen ({exc.strerror or exc})"
+                                                                  if exc else "free")))
     return out
 
 

@@ -12,7 +12,6 @@ import ipaddress
 import os
 import shlex
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -73,13 +72,9 @@ async def _load_policies(config, path: Path) -> None:
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+    from seg_fast.proxy.instance import bind_error
+
+    return bind_error(host, port) is None
 
 
 def cli(argv: list[str]) -> int:

@@ -80,14 +80,22 @@ def lock_listener(state_dir: str, host: str, port: int) -> int:
     return fd
 
 
-def probe_bind(host: str, port: int) -> None:
-    """StartupError if anything listens on host:port (bound without SO_REUSEPORT)."""
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why nothing new can listen on host:port (None: it is free). Bound without
+    SO_REUSEPORT, so a listener sharing the port through it counts as taken; TIME_WAIT does not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # TIME_WAIT is not "taken"
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
-            held = " (another process holds it)" if exc.errno == errno.EADDRINUSE else ""
-            raise StartupError(f"key listener.port: cannot listen on {host}:{port}: {exc.strerror or exc}{held}") \
-                from None
+            return exc
+    return None
+
+
+def probe_bind(host: str, port: int) -> None:
+    """StartupError if anything listens on host:port."""
+    exc = bind_error(host, port)
+    if exc is not None:
+        held = " (another process holds it)" if exc.errno == errno.EADDRINUSE else ""
+        raise StartupError(f"key listener.port: cannot listen on {host}:{port}: {exc.strerror or exc}{held}")
