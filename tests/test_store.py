@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import trio
 
-from redis_server import running_redis
+from redis_server import free_port, running_redis
 from seg_fast.errors import PolicyError
 from seg_fast.policy.model import DeviceRecord, DeviceSighting, ManagedDevicePolicies, PolicyDocument
-from seg_fast.policy.resp import RespParser, RedisError, encode_command, _Incomplete
+from seg_fast.policy.resp import RedisConnection, RespParser, RedisError, encode_command, _Incomplete
 from seg_fast.policy.store import RedisStore, SqliteStore, StoreError
 
 
@@ -170,11 +170,44 @@ async def test_redis_reconnects_after_a_lost_connection(redis_url):
     s = RedisStore(redis_url, prefix="reconnect:")
     await s.open()
     await s.put_devices([DeviceRecord(device_id="A")])
-    await s._conn.stream.aclose()            # the connection breaks under the store
-    with pytest.raises(StoreError, match="connection"):
-        await s.get_device("A")
+    # The connection breaks in the middle of a call: killed by another client while it waits.
+    own_id = await s._conn.execute("CLIENT", "ID")
+    killer = await RedisConnection.connect(redis_url)
+    errors = []
+
+    async def blocked_call():
+        try:
+            await s._pipe([("BLPOP", "reconnect:nothing", "20")])
+        except StoreError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(blocked_call)
+        with trio.fail_after(10):
+            while b"cmd=blpop" not in await killer.execute("CLIENT", "LIST", "ID", own_id):
+                await trio.sleep(0.02)      # wait until the call is in Redis's hands
+        assert await killer.execute("CLIENT", "KILL", "ID", own_id) == 1
+    await killer.aclose()
+    assert len(errors) == 1 and "connection" in str(errors[0])
     assert (await s.get_device("A")).device_id == "A"   # the next call reconnects
+    # Closed while idle (seen before sending): the call itself reconnects and succeeds.
+    await s._conn.stream.aclose()
+    assert (await s.get_device("A")).device_id == "A"
     await s.aclose()
+
+
+async def test_first_write_after_a_redis_restart_lands(tmp_path):
+    port = free_port()
+    with running_redis(tmp_path, port=port) as url:
+        s = RedisStore(url, prefix="restart:")
+        await s.open()
+        await s.put_devices([DeviceRecord(device_id="A")])
+    with running_redis(tmp_path, port=port):     # a new Redis on the same address, empty
+        # The store's idle connection was closed by the old Redis: the write must not be lost.
+        await s.put_devices([DeviceRecord(device_id="B")])
+        assert (await s.get_device("B")).device_id == "B"
+        assert await s.get_device("A") is None
+        await s.aclose()
 
 
 async def test_bulk_update_is_one_reload(make_store):

@@ -5,6 +5,7 @@ bytes, yields replies); ``RedisConnection`` is the trio shell around it.
 """
 from __future__ import annotations
 
+import select
 from urllib.parse import unquote, urlsplit
 
 import trio
@@ -157,6 +158,30 @@ class RedisConnection:
 
     async def execute(self, *args):
         return (await self.pipeline([args]))[0]
+
+    def dropped(self) -> bool:
+        """True when Redis has closed this idle connection (a restart, an idle timeout).
+
+        Checked before a pipeline is sent: commands never sent cannot have run, so
+        reconnecting then is safe for every command, version bumps included. With no
+        request outstanding Redis sends nothing, so any readable byte (EOF included)
+        means the connection is no longer one we can use.
+        """
+        if self.lock.locked():
+            return False
+        stream = getattr(self.stream, "transport_stream", self.stream)
+        sock = getattr(stream, "socket", None)
+        if sock is None:
+            return False
+        try:
+            fd = sock.fileno()
+        except OSError:
+            return True
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLRDHUP)
+        return bool(poller.poll(0))
 
     async def send(self, *args) -> None:
         """Send without waiting for a reply (pub/sub mode)."""

@@ -524,6 +524,15 @@ class RedisStore(Store):
             await self.open()
             if self._conn is None:
                 raise StoreError(f"policy store: Redis unreachable ({self.last_error})")
+        elif self._conn.dropped():
+            # Closed by Redis while idle (a restart): reconnect before sending, so the
+            # first write after a restart lands instead of failing.
+            conn, self._conn = self._conn, None
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+            await self.open()
+            if self._conn is None:
+                raise StoreError(f"policy store: Redis unreachable ({self.last_error})")
         try:
             return await self._conn.pipeline(commands)
         except RedisError as exc:
