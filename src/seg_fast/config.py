@@ -51,6 +51,27 @@ class EasSettings(_Section):
     paths: list[str] = msgspec.field(default_factory=lambda: ["/Microsoft-Server-ActiveSync"])
 
 
+class EwsSettings(_Section):
+    # The guide's enable.boxer.ens.ews.proxy: the notification service (ENS) reaches the
+    # mail server's EWS through the gateway (proxy/passthrough.py). No EAS policy applies;
+    # a user the user policy blocks is refused (403).
+    enabled: bool = False
+    # Forwarded paths, matched whole and case-insensitively (a query may follow).
+    paths: list[str] = msgspec.field(default_factory=lambda: ["/EWS/Exchange.asmx"])
+    # Addresses (CIDR) EWS requests may come from (the ENS servers); needed when enabled.
+    allowed_sources: list[str] = msgspec.field(default_factory=list)
+    url: str = ""                    # the EWS server; empty: upstream.url (same TLS, proxy, pool)
+
+
+class WebmailSettings(_Section):
+    # The guide's "proxy web mail traffic through gateway": these path prefixes are
+    # forwarded untouched (streaming); Set-Cookie domains and Location redirects naming
+    # the mail server are rewritten to listener.external_url.
+    enabled: bool = False
+    prefixes: list[str] = msgspec.field(default_factory=lambda: ["/owa/", "/ecp/"])
+    url: str = ""                    # the webmail server; empty: upstream.url
+
+
 class TimeoutSettings(_Section):
     tls_handshake: float = 10.0
     request_head: float = 30.0       # the whole head, from its first byte (not per read: slowloris)
@@ -115,6 +136,8 @@ class Config(_Section):
     listener: ListenerSettings = ListenerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     eas: EasSettings = EasSettings()
+    ews: EwsSettings = EwsSettings()
+    webmail: WebmailSettings = WebmailSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     limits: LimitSettings = LimitSettings()
     admin: AdminSettings = AdminSettings()
@@ -290,6 +313,9 @@ def _check(config: Config, where: str, overrides) -> None:
             problems.append(("eas.paths", f"{path!r} must be an absolute path without a query"))
     if not config.eas.paths:
         problems.append(("eas.paths", "needs at least one path"))
+    from seg_fast.proxy.passthrough import config_problems
+
+    problems += config_problems(config)
     for name in msgspec.structs.fields(TimeoutSettings):
         if getattr(config.timeouts, name.name) <= 0:
             problems.append((f"timeouts.{name.name}", "must be positive"))

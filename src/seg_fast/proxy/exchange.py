@@ -42,6 +42,8 @@ END = h11.EndOfMessage()   # events are immutable: one end-of-message serves eve
 
 
 async def handle(gw, dev, request: h11.Request):
+    if gw.passthrough is not None and gw.passthrough.claims(request.target):
+        return await gw.passthrough.handle(gw, dev, request)     # EWS, webmail: proxy/passthrough.py
     t0 = time.perf_counter()
     rec = Transaction(ts=0.0, method=request.method.decode("ascii", "replace"), client_ip=dev.client_ip)
     result = None

@@ -18,6 +18,7 @@ from seg_fast.proxy.incidents import Incidents
 from seg_fast.proxy.malloc import return_big_buffers
 from seg_fast.proxy.looplag import LoopLag, in_slices
 from seg_fast.proxy.parking import PingPark
+from seg_fast.proxy.passthrough import Passthrough
 from seg_fast.proxy.redirects import RedirectMap
 from seg_fast.proxy.upstream import UpstreamPool, origin_of
 from seg_fast.stats import Stats
@@ -86,6 +87,8 @@ class Gateway:
         # The content pipeline reads its [security] settings per process.
         content_pipeline.configure(config.security)
         self.eas_paths = frozenset(p.lower().encode() for p in config.eas.paths)
+        # EWS and webmail beside ActiveSync (proxy/passthrough.py); None when both are off.
+        self.passthrough = Passthrough.build(config)
         # Forwarding headers are believed from these peers only (listener.trusted_proxies).
         self.trusted_proxies = TrustedProxies(config.listener.trusted_proxies)
         if old_pool is None or old_pool.settings != config.upstream or \

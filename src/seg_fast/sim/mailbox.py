@@ -43,6 +43,7 @@ from seg_fast.errors import EASRequestError, HTTPProtocolError, WBXMLError
 from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.proxy import http1
 from seg_fast.sim import commands as C
+from seg_fast.sim import webapps
 from seg_fast.sim.commands import Answer, Ctx
 from seg_fast.sim.corpus import Corpus
 from seg_fast.sim.query import parse_target
@@ -326,6 +327,8 @@ class MailboxSimulator:
 
     def _dispatch(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                   body: bytes) -> Answer | _Park:
+        if webapps.handles(target):          # EWS and OWA-like webmail (webapps.py)
+            return webapps.answer(self, method, target, headers, body)
         method = method.decode("ascii")
         path, q = _parse_target(target)
         if path.startswith("/sim/"):
