@@ -169,6 +169,24 @@ async def test_console_in_a_real_browser(tmp_path):
             await page.until(lambda: driver.find_element("id", "dash-devices").text == "2")
             assert await page.text("#dash-blocked") == "1" and await page.text("#dash-allowed") == "1"
             assert await page.run(lambda: driver.execute_script("return document.cookie")) == ""   # HttpOnly
+            # The last 24 hours drawn as SVG by the page's own script: a line per command, its
+            # legend's total the FolderSyncs the server counted; a line for allowed devices.
+            _, _, body = await request(admin_port, "GET", "/seg/console/series", token=TOKEN)
+            counted = sum(json.loads(body)["series"]["requests_by_command"]["FolderSync"])
+            assert counted >= 2
+
+            def legend(family):
+                return {s.get_attribute("data-key"): s.text for s in
+                        driver.find_elements("css selector", f"#series-{family} .legend [data-key]")}
+            await page.until(lambda: "FolderSync" in legend("requests_by_command"))
+            shown = int(legend("requests_by_command")["FolderSync"].split()[-1])
+            assert counted <= shown <= counted + 4        # (the page may have sampled a later FolderSync)
+            lines = await page.run(lambda: driver.find_elements(
+                "css selector", "#series-requests_by_command svg polyline[data-key=FolderSync]"))
+            assert lines and await page.run(lambda: len(lines[0].get_attribute("points").split())) == 288
+            await page.until(lambda: "allowed" in legend("devices_by_status"))
+            assert await page.run(lambda: driver.find_elements(
+                "css selector", "#series-devices_by_status svg [data-key=allowed]"))     # a line, or a dot
             await page.run(driver.save_screenshot, str(shots_dir(tmp_path) / "console-dashboard.png"))
 
             # Filter the list to blocked devices.

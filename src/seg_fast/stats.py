@@ -24,6 +24,7 @@ from time import perf_counter
 import msgspec
 import trio
 
+from seg_fast.content import pipeline as content_pipeline
 from seg_fast.dx import DX_DIR, Dx
 from seg_fast.statedir import resolve
 
@@ -64,6 +65,8 @@ class WorkerSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     transformed: dict[str, int] = {}                 # answers rewritten by content policies, by command
     transform_bytes_in: int = 0                      # their size from the mail server
     transform_bytes_out: int = 0                     # their size as sent to devices
+    attachments: dict[str, int] = {}                 # attachment action (encrypt, block, allow) -> count
+    links_rewritten: int = 0
 
 
 def _error_kind(rec) -> str:
@@ -91,9 +94,9 @@ class Stats:
 
     __slots__ = ("requests", "decisions", "gateway_answers", "bytes_in", "bytes_out", "upstream_ms_sum",
                  "tx_buckets", "tx_ms_sum", "started", "_version", "_version_since", "dx",
-                 "transformed", "transform_bytes_in", "transform_bytes_out")
+                 "transformed", "transform_bytes_in", "transform_bytes_out", "content")
 
-    def __init__(self):
+    def __init__(self, content=None):
         self.requests: dict[tuple, int] = {}
         self.decisions: dict[str, int] = {}
         self.gateway_answers: dict[str, int] = {}
@@ -109,6 +112,8 @@ class Stats:
         self.transformed: dict[str, int] = {}
         self.transform_bytes_in = 0
         self.transform_bytes_out = 0
+        # The content pipeline's counts (attachment actions, links): the worker's own, read at snapshot.
+        self.content = content_pipeline.counts if content is None else content
 
     def tx(self, rec, t0: float | None = None) -> None:
         """One completed transaction (observe.Transaction; ``t0`` its perf_counter start):
@@ -154,7 +159,9 @@ class Stats:
             upstream_ms_sum=round(self.upstream_ms_sum, 3), tx_ms_bounds=list(TX_BOUNDS_MS),
             tx_ms_buckets=list(self.tx_buckets), tx_ms_sum=round(self.tx_ms_sum, 3),
             transformed=dict(self.transformed), transform_bytes_in=self.transform_bytes_in,
-            transform_bytes_out=self.transform_bytes_out)
+            transform_bytes_out=self.transform_bytes_out,
+            attachments={k: n for k, n in self.content.attachments.items() if n},
+            links_rewritten=self.content.links)
         if gw is not None:
             _gauges(snap, gw, self, now)
         return snap
@@ -284,19 +291,19 @@ def total(snaps: list[WorkerSnapshot]) -> WorkerSnapshot:
     """The gateway's sum over its workers (gauges summed; policy version the lowest)."""
     t = WorkerSnapshot(pid=0, ts=max((s.ts for s in snaps), default=time.time()), tx_ms_bounds=list(TX_BOUNDS_MS),
                        tx_ms_buckets=[0] * (len(TX_BOUNDS_MS) + 1))
-    t.requests, t.decisions, t.gateway_answers, t.incidents, t.transformed = {}, {}, {}, {}, {}
+    t.requests, t.decisions, t.gateway_answers, t.incidents, t.transformed, t.attachments = {}, {}, {}, {}, {}, {}
     for s in snaps:
         for cmd, by_status in s.requests.items():
             dst = t.requests.setdefault(cmd, {})
             for st, n in by_status.items():
                 dst[st] = dst.get(st, 0) + n
-        for attr in ("decisions", "gateway_answers", "incidents", "transformed"):
+        for attr in ("decisions", "gateway_answers", "incidents", "transformed", "attachments"):
             dst = getattr(t, attr)
             for k, n in getattr(s, attr).items():
                 dst[k] = dst.get(k, 0) + n
         for attr in ("bytes_in", "bytes_out", "upstream_ms_sum", "tx_ms_sum", "connections", "parked_pings",
                      "upstream_open", "upstream_idle", "unsent_bytes", "dx_targets",
-                     "transform_bytes_in", "transform_bytes_out"):
+                     "transform_bytes_in", "transform_bytes_out", "links_rewritten"):
             setattr(t, attr, getattr(t, attr) + getattr(s, attr))
         if list(s.tx_ms_bounds) == list(TX_BOUNDS_MS):
             t.tx_ms_buckets = [a + b for a, b in zip(t.tx_ms_buckets, s.tx_ms_buckets)]

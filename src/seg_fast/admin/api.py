@@ -103,6 +103,10 @@ class AdminApi:
         self.index = DeviceIndex()
         self.index_dirty = True
         self.audit = AuditLog(audit_path(config))
+        from seg_fast.admin.series import Series, series_path
+        self.series = Series(series_path(config))
+        self.series.load()
+        self._devices_sampled = 0.0
         self.routes = [
             Route("GET", "/seg/diagnostic/cluster", "Nodes, workers, snapshot version and counts", self.cluster),
             Route("GET", "/seg/policy/segconfig", "Every section of the running config (tokens and URL passwords masked)", self.segconfig),
@@ -131,6 +135,10 @@ class AdminApi:
             Route("GET", "/seg/stats", "Every live worker's statistics and their sum (JSON)", self.worker_stats),
             Route("GET", "/seg/console/dashboard", "The dashboard's aggregates: devices by status and reason, "
                   "requests, decisions, parked Pings, mail-server errors", self.dashboard),
+            Route("GET", "/seg/console/series", "The dashboard's history: per 5-minute bucket over the last "
+                  "hours= (default 24) requests per command and status, decisions, attachment actions, links "
+                  "rewritten, mail-server errors, parked Pings, devices by status and blocking reason",
+                  self.series_view),
             Route("GET", "/seg/console/devices", "List view: every device seen; filters, q= search, sort, order, "
                   "offset, limit as query parameters", self.list_devices),
             Route("GET", "/seg/console/device/{id}", "Device detail: MDM record, what the gateway saw, the decision",
@@ -439,7 +447,34 @@ class AdminApi:
             "workers": len(snaps), "requests": t.requests, "decisions": t.decisions,
             "gateway_answers": t.gateway_answers, "parked_pings": t.parked_pings, "connections": t.connections,
             "mail_server_errors": t.gateway_answers.get("upstream_unavailable", 0),
-            "dx_targets": t.dx_targets, "index_built": index.built})
+            "dx_targets": t.dx_targets, "index_built": index.built,
+            "attachments": {a: t.attachments.get(a, 0) for a in ("encrypt", "block", "allow")},
+            "links_rewritten": t.links_rewritten})
+
+    async def sample_series(self, *, devices: bool = True) -> None:
+        """One sample of the workers' counters into the history; the device counts once per
+        bucket, or whenever the list view's index is fresh anyway (a rebuild over 100,000
+        devices takes seconds: not every 15 s)."""
+        now = time.time()
+        agg = None
+        fresh = not self.index_dirty and now - self.index.built <= REFRESH_INDEX
+        if devices and (fresh or now // self.series.step != self._devices_sampled // self.series.step):
+            try:
+                agg = (await self._fresh_index()).aggregates(now)
+                self._devices_sampled = now
+            except SegFastError as exc:
+                log.warning("dashboard history: device counts not sampled: %s", exc)
+        self.series.sample(self._snapshots(), devices=agg, now=now)
+
+    async def series_view(self, body) -> Answer:
+        try:
+            hours = float(QUERY.get().get("hours") or 24)
+        except ValueError:
+            raise HttpError(400, "hours must be a number") from None
+        if not 0 < hours <= 24:
+            raise HttpError(400, "hours must be more than 0 and at most 24")
+        await self.sample_series()
+        return _json(self.series.view(hours=hours))
 
     async def list_devices(self, body) -> Answer:
         index = await self._fresh_index()

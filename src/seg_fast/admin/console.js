@@ -110,6 +110,96 @@ async function dashboard() {
   bars("chart-decisions", d.decisions, isBlocked);
   bars("chart-gw", d.gateway_answers);
   bars("chart-platform", d.by_platform);
+  const att = d.attachments || {};
+  $("dash-att-encrypt").textContent = att.encrypt || 0;
+  $("dash-att-block").textContent = att.block || 0;
+  $("dash-att-allow").textContent = att.allow || 0;
+  $("dash-links").textContent = d.links_rewritten || 0;
+  await history();
+}
+
+// -- the last 24 h: line charts drawn as SVG (no library; colours from the style sheet) --------
+const SVG = "http://www.w3.org/2000/svg";
+const SHOWN = 7;      // lines per chart; the rest drawn summed as "(other)"
+
+function svg(tag, attrs) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
+  return el;
+}
+
+function total(values) { return values.reduce((a, v) => a + (v || 0), 0); }
+
+function lines(id, family, view) {
+  const el = $(id);
+  el.replaceChildren();
+  const all = Object.entries(family || {});
+  let entries = all.filter(([, vs]) => vs.some(v => v));
+  entries.sort((a, b) => total(b[1]) - total(a[1]));
+  if (entries.length > SHOWN) {
+    const rest = entries.slice(SHOWN - 1);
+    const other = rest[0][1].map((_, i) => {
+      const got = rest.map(([, vs]) => vs[i]).filter(v => v !== null && v !== undefined);
+      return got.length ? got.reduce((a, v) => a + v, 0) : null;
+    });
+    entries = entries.slice(0, SHOWN - 1).concat([["(other)", other]]);
+  }
+  if (!entries.length) { el.textContent = all.length ? "0 throughout" : "none yet"; return; }
+  const W = 300, H = 100, n = view.buckets;
+  const max = Math.max(1, ...entries.flatMap(([, vs]) => vs.map(v => v || 0)));
+  const chart = svg("svg", { viewBox: `0 0 ${W + 40} ${H + 16}`, preserveAspectRatio: "none", role: "img" });
+  chart.append(svg("path", { class: "axis", d: `M40 0 V${H} H${W + 40}` }));
+  const top = svg("text", { class: "tick", x: 0, y: 10 }); top.textContent = String(max);
+  const zero = svg("text", { class: "tick", x: 0, y: H }); zero.textContent = "0";
+  const hours = Math.round(n * view.step / 3600);
+  const left = svg("text", { class: "tick", x: 40, y: H + 13 }); left.textContent = `-${hours} h`;
+  const right = svg("text", { class: "tick", x: W + 40, y: H + 13, "text-anchor": "end" }); right.textContent = "now";
+  chart.append(top, zero, left, right);
+  const x = i => 40 + (n === 1 ? W : W * i / (n - 1));
+  const y = v => H - H * v / max;
+  entries.forEach(([key, vs], k) => {
+    // Gauges have no value where nothing was sampled: the line breaks there.
+    let run = [];
+    const flush = () => {
+      if (run.length === 1) {
+        // One sampled interval alone: a dot (a one-point line would not show).
+        const [cx, cy] = run[0].split(",");
+        const dot = svg("circle", { class: "k" + k + " dot", cx, cy, r: 2 });
+        dot.dataset.key = key;
+        chart.append(dot);
+      }
+      if (run.length > 1) {
+        const line = svg("polyline", { class: "k" + k, points: run.join(" ") });
+        line.dataset.key = key;
+        const t = svg("title"); t.textContent = key; line.append(t);
+        chart.append(line);
+      }
+      run = [];
+    };
+    vs.forEach((v, i) => {
+      if (v === null || v === undefined) { flush(); return; }
+      run.push(`${x(i).toFixed(1)},${y(v).toFixed(1)}`);
+    });
+    flush();
+  });
+  const legend = document.createElement("div"); legend.className = "legend";
+  entries.forEach(([key, vs], k) => {
+    const item = document.createElement("span");
+    const sw = document.createElement("span"); sw.className = "sw k" + k;
+    item.append(sw, document.createTextNode(`${key} ${total(vs)}`));
+    item.dataset.key = key;
+    legend.append(item);
+  });
+  el.append(chart, legend);
+}
+
+async function history() {
+  const view = await api("GET", "/seg/console/series?hours=" + encodeURIComponent($("series-hours").value));
+  $("series-step").textContent = `(per ${Math.round(view.step / 60)} minutes; counts are per interval, ` +
+    "devices and parked Pings the interval's highest)";
+  for (const [family, values] of Object.entries(view.series)) {
+    if ($("series-" + family)) lines("series-" + family, values, view);
+  }
 }
 
 // -- list view ---------------------------------------------------------------------
@@ -307,6 +397,7 @@ function init() {
     await api("POST", "/seg/console/device/" + encodeURIComponent(state.detail) + "/rotate-key");
     await detail(state.detail);
   };
+  $("series-hours").onchange = () => history().catch(() => {});
   $("compliance").onclick = async () => { await api("POST", "/seg/compliance/run"); devices(); };
   $("delete-unmanaged").onclick = deleteUnmanaged;
   $("tm-on").onclick = () => confirm("Turn test mode on? Nothing is blocked while it is on.") &&

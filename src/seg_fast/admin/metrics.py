@@ -102,6 +102,12 @@ def _emit(out: _Out, prefix: str, s: WorkerSnapshot, base: dict) -> None:
     out.sample(f"{p}_transform_bytes_in_total", base, s.transform_bytes_in)
     out.family(f"{p}_transform_bytes_out_total", "counter", "Size of those answers as sent to devices")
     out.sample(f"{p}_transform_bytes_out_total", base, s.transform_bytes_out)
+    out.family(f"{p}_attachments_total", "counter",
+               "Attachments by action (encrypt, block, allow), each time their content passed (body or fetch)")
+    for action in ("encrypt", "block", "allow"):
+        out.sample(f"{p}_attachments_total", {**base, "action": action}, s.attachments.get(action, 0))
+    out.family(f"{p}_links_rewritten_total", "counter", "Links rewritten to open in the secure browser")
+    out.sample(f"{p}_links_rewritten_total", base, s.links_rewritten)
     out.family(f"{p}_incidents_total", "counter",
                "Refused connections, deadlines and contained errors, by kind")
     for kind, n in sorted(s.incidents.items()):

@@ -361,12 +361,14 @@ async def run(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if server.source is not None:
             await nursery.start(server.source.run)
         port = await nursery.start(server.listen, config.admin.host, config.admin.port)
+        from seg_fast.admin import series
+        await nursery.start(series.run, server.api)          # the dashboard's last 24 h
         if config.policy.push_port and config.policy.push_token:
             # Reachable from the MDM: TLS with the device listener's certificate when it has one.
             tls = None
-            if config.listener.tls_cert:
-                from seg_fast.proxy.gateway import server_tls_context
-                tls = server_tls_context(config.listener.tls_cert, config.listener.tls_key)
+            if config.listener.tls_cert or config.listener.tls_pfx:
+                from seg_fast.proxy.gateway import listener_tls_context
+                tls = listener_tls_context(config.listener)
             push = AdminServer(config, gate=server.gate, push_only=True)
             await nursery.start(functools.partial(push.listen, config.policy.push_host, config.policy.push_port,
                                                   key="policy.push_port", ssl_context=tls))

@@ -108,6 +108,31 @@ class _Runtime:
 _runtime = _Runtime(ContentSettings())
 
 
+class ContentCounts:
+    """What the pipeline did in this worker, for its statistics (stats.py reads it when it
+    writes the snapshot): attachments by action each time their content passes (a MIME
+    body, a fetch), and links rewritten. Plain increments: one trio thread per worker."""
+
+    __slots__ = ("attachments", "links")
+
+    def __init__(self):
+        self.attachments = {"encrypt": 0, "block": 0, "allow": 0}
+        self.links = 0
+
+    def outcome(self, out) -> None:
+        """A MIME body's transform (message.Outcome): acted on, and judged but let through."""
+        self.links += out.links
+        acted = set()
+        for name, action, _ in out.attachments:
+            acted.add(name)
+            self.attachments[action] = self.attachments.get(action, 0) + 1
+        # Outcome.kinds names every top-level attachment judged, allowed or not.
+        self.attachments["allow"] += sum(1 for name in out.kinds if name not in acted)
+
+
+counts = ContentCounts()
+
+
 def configure(settings: ContentSettings, keys: Keyring | None = None) -> None:
     """Set the worker's content settings (and keyring, for tests); call at start-up."""
     global _runtime
@@ -303,6 +328,7 @@ class EmailSecurityTransform:
                 if exempt:
                     continue
                 new, outcome = transform_mime(data, plan, client=req.user_agent or "", truncated=truncated)
+                counts.outcome(outcome)
                 blocked_all = blocked_all or outcome.classification_blocked or outcome.unreadable
                 exempt = exempt or outcome.smime_skipped
                 acted.update((name, action) for name, action, _ in outcome.attachments)
@@ -313,7 +339,8 @@ class EmailSecurityTransform:
             elif exempt or btype.strip() not in ("1", "2"):
                 continue
             else:
-                new, _ = transform_text(data, plan, truncated=truncated)
+                new, n_links = transform_text(data, plan, truncated=truncated)
+                counts.links += n_links
                 resized = False
             if new is data or new == data:
                 continue
@@ -479,9 +506,11 @@ class EmailSecurityTransform:
                 _runtime.remember_kind(user, ref, file_type(name, head))
             kind, action = plan.action(name, head)
         if action == "allow":
+            counts.attachments["allow"] += 1
             return None
         shown = name or (f"attachment.{kind}" if kind else "attachment")
         if action == "encrypt" and not ranged:
+            counts.attachments["encrypt"] += 1
             # The content type is the file's (not the answer's): ItemOperations,
             # GetAttachment and a Type 4 body seal one file the same way.
             return (seal(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind), blob),
@@ -489,6 +518,7 @@ class EmailSecurityTransform:
         return self._blocked(shown)
 
     def _blocked(self, shown: str):
+        counts.attachments["block"] += 1
         return block_note(shown, self.plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
 
     def _attached_message(self, name: str, blob, ranged: bool):
@@ -501,6 +531,7 @@ class EmailSecurityTransform:
             return self._blocked(shown) if plan.touches_attachments else None
         data = bytes(blob)
         new, outcome = transform_mime(data, plan, nested=1)
+        counts.outcome(outcome)
         if outcome.unreadable:
             return self._blocked(shown)
         if new is data or new == data:
