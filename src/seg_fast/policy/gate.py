@@ -33,6 +33,9 @@ LOG_AREAS: dict[str, str] = {
     "policy_updates": "seg_fast.policy.updates",
     "content_helpers": "seg_fast.content",
     "reporting": "seg_fast.reporting",
+    # EWS and webmail passthrough records (proxy/passthrough.py; on at info by default).
+    "transactions_ews": "seg_fast.tx.ews",
+    "transactions_webmail": "seg_fast.tx.webmail",
 }
 LOG_LEVELS = {"all": 1, "trace": 5, "debug": logging.DEBUG, "info": logging.INFO,
               "warn": logging.WARNING, "error": logging.ERROR, "off": logging.CRITICAL + 10}

@@ -41,14 +41,15 @@ from seg_fast.eas import credentials
 from seg_fast.eas.request import parse_request
 from seg_fast.errors import EASRequestError
 from seg_fast.observe import Transaction
+from seg_fast.policy.gate import LOG_AREAS
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy import sockio
 from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.upstream import RECEIVE_SIZE, Origin, UpstreamConn, UpstreamError, origin_of
 
 EWS, WEBMAIL = "EWS", "webmail"
-# The logging areas (policy/gate.py LOG_AREAS) whose level decides if a route's records are written.
-AREA_LOGGERS = {EWS: "seg_fast.tx.ews", WEBMAIL: "seg_fast.tx.webmail"}
+# The logging areas (policy/gate.py) whose level decides if a route's records are written.
+AREA_LOGGERS = {EWS: LOG_AREAS["transactions_ews"], WEBMAIL: LOG_AREAS["transactions_webmail"]}
 for _name in AREA_LOGGERS.values():
     if logging.getLogger(_name).level == logging.NOTSET:
         logging.getLogger(_name).setLevel(logging.INFO)      # on unless the admin turns it off
