@@ -33,18 +33,61 @@ class HeadTooLarge(h11.RemoteProtocolError):
 class Device:
     """The device side of one connection: its stream, h11 state and who it is."""
 
-    __slots__ = ("gw", "stream", "sock", "conn", "client_ip", "proto", "closing", "max_head", "leftover")
+    __slots__ = ("gw", "stream", "sock", "_conn", "client_ip", "proto", "closing", "max_head", "leftover",
+                 "_head", "_event", "_rest")
 
     def __init__(self, gw, stream, client_ip: str, proto: bytes):
         self.gw = gw
         self.stream = stream
         self.sock = sockio.plain_socket(stream)      # None under TLS
         self.max_head = gw.config.limits.max_header_bytes
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
         self.client_ip = client_ip
         self.proto = proto
         self.closing = False          # set when draining or the framing was repaired: answer, then close
         self.leftover = 0             # bytes of the next request already in h11's buffer
+        self._head = None             # a head the compiled parser read, not yet shown to h11
+        self._event = None
+        self._rest = b""
+
+    @property
+    def conn(self) -> h11.Connection:
+        """The connection's h11 state, with the current request in it: a head the compiled
+        parser read is handed to h11 (with the bytes after it) on first use, unless
+        take_body() already did."""
+        if self._head is not None:
+            head, self._head = self._head, None
+            rest, self._rest = self._rest, b""
+            http1.prime_h11(self._conn, head, rest, self._event)
+        return self._conn
+
+    def take_body(self) -> bytes | None:
+        """The whole request body, if the compiled parser framed it (Content-Length, or no
+        body) and the head's read held all of it: then h11 never reads it (it only hears
+        that the body ended, http1.body_done); what followed it is buffered in h11 as the
+        next request. None otherwise (the body is h11's to read, as before)."""
+        head = self._head
+        if head is None:
+            return None
+        framing = head.framing
+        if framing == http1.FRAMING_LENGTH:
+            n = head.length
+        elif framing == http1.FRAMING_NONE:
+            n = 0
+        else:
+            return None
+        rest = self._rest
+        if len(rest) < n:
+            return None
+        self._head = None
+        self._rest = b""
+        conn = self._conn
+        http1.prime_h11(conn, head, b"", self._event)
+        http1.body_done(conn)
+        if len(rest) > n:
+            conn.receive_data(rest[n:])           # a pipelined next request
+            return rest[:n]
+        return rest
 
     async def receive(self, deadline: float, size: int = RECEIVE_SIZE) -> int:
         """Feed h11 one read from the device by ``deadline``; the number of bytes read."""
@@ -261,7 +304,12 @@ async def _read_head(gw, dev: Device, first: bytes) -> h11.Request:
         except HTTPProtocolError:
             head = None               # h11 rejects the same bytes below, with its own status
         if type(head) is http1.RequestHead:
-            return http1.prime_h11(conn, head, first[head.head_len:])
+            # h11 gets it when someone asks for dev.conn; the forwarding path may take the
+            # body first (take_body), so h11 never reads it.
+            dev._head = head
+            dev._rest = first[head.head_len:]
+            dev._event = event = http1.request_event(head)
+            return event
     deadline = trio.current_time() + gw.config.timeouts.request_head
     fed = dev.leftover + len(first)
     conn.receive_data(first)

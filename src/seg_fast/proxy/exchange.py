@@ -14,12 +14,12 @@ import trio
 
 from seg_fast.eas.credentials import CONNECTION_SCHEMES
 from seg_fast.eas.request import EasRequest, parse_request
-from seg_fast.errors import ContentError, EASRequestError
+from seg_fast.errors import ContentError, EASRequestError, HTTPProtocolError
 from seg_fast.hooks import Decision
 from seg_fast import dx
 from seg_fast.observe import Transaction
 from seg_fast.proxy import headers as hdrs
-from seg_fast.proxy import parking, ping, sockio
+from seg_fast.proxy import http1, parking, ping, sockio
 from seg_fast.proxy.parking import Parked
 from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamConn, UpstreamError
 
@@ -183,8 +183,9 @@ def _declared_length(value: bytes | None) -> int | None:
 async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx, request_tx,
                    rec: Transaction, t0: float):
     config = gw.config
+    fast_body = dev.take_body()       # the compiled parser's whole body: h11 never reads it
     conn = dev.conn
-    if conn.they_are_waiting_for_100_continue:
+    if fast_body is None and conn.they_are_waiting_for_100_continue:
         await _send_dev(dev, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
 
     is_ping = req.command == "Ping"
@@ -195,10 +196,13 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
     if chunked:
         length = None                 # h11 frames the body by Transfer-Encoding (RFC 9112 6.3)
     body: bytes | None = None
-    if request_tx or is_ping or (length is not None and length <= SMALL_BODY):
+    if fast_body is not None or request_tx or is_ping or (length is not None and length <= SMALL_BODY):
         limit = config.security.max_transform_bytes if request_tx else (
             config.limits.max_ping_body if is_ping else SMALL_BODY)
-        body = await _read_request_body(gw, dev, limit)
+        if fast_body is not None:
+            body = fast_body if len(fast_body) <= limit else None
+        else:
+            body = await _read_request_body(gw, dev, limit)
         if body is None:
             rec.error = "request body too large"
             await _answer(dev, rec, 413, [(b"Content-Type", b"text/plain")],
@@ -234,25 +238,33 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
     head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
                                          proto=dev.proto, behind_proxy=dev.client_ip in gw.trusted_proxies,
                                          framing=framing)
-    # The device's headers were validated by h11 when parsed and ours are well-formed.
-    up_request = hdrs.request_event(request.method, request.target, head)
-
+    # The device's headers were validated by h11 (or the compiled parser, its equal) when
+    # parsed and ours are well-formed.
     t_up = time.perf_counter()
     up = None
     for attempt in (0, 1):
         try:
-            up = await gw.pool.acquire(origin)
+            # A whole body (not a Ping's: it parks right after the write) can be resent.
+            up = await gw.pool.acquire(origin, body is not None and not is_ping)
         except UpstreamError as exc:
             return await _unavailable(gw, dev, rec, str(exc))
         try:
-            out = up.h11.send(up_request)
-            if body is not None:
+            if body is not None and up._h11 is None:
+                # The compiled path: the request written in one piece, h11 not involved;
+                # the answer head is read by _answer_head's fast path (up.sent).
+                out = http1.write_request(request.method, request.target, head,
+                                          http1.FRAMING_LENGTH if framing else http1.FRAMING_NONE, len(body))
+                up.sent = (request.method, request.target, head)
+                await _send_up_parts(gw, up, [out, body] if body else [out])
+            elif body is not None:
+                out = up.h11.send(hdrs.request_event(request.method, request.target, head))
                 parts = [out]
                 if body:
                     parts += up.h11.send_with_data_passthrough(h11.Data(data=body))
                 parts.append(up.h11.send(END))
                 await _send_up_parts(gw, up, parts)
             else:
+                out = up.h11.send(hdrs.request_event(request.method, request.target, head))
                 await _pump_request(gw, dev, up, out, rec)
             if is_ping and not answer_tx and _can_park(gw, dev):
                 # The task ends here; the parking lot finishes the transaction (resume()).
@@ -292,8 +304,11 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
     # a later request on it as this user, so it never goes back to be shared by other devices.
     release = gw.pool.discard if req.auth_scheme in CONNECTION_SCHEMES else gw.pool.release
     try:
+        fast = type(answer) is http1.ResponseHead
+        if fast and (answer_tx or not _fast_answer_fits(dev.conn, answer)):
+            answer, fast = _answer_to_h11(up, answer), False
         status = answer.status_code
-        headers = hdrs.answer_headers(hdrs.items(answer.headers))
+        headers = hdrs.answer_headers(answer.headers if fast else hdrs.items(answer.headers))
         reason = answer.reason
         if status in (451, 302):
             status, headers, reason = gw.redirects.rewrite(req, status, headers, reason)
@@ -313,7 +328,10 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
             finally:
                 hold.drop()
             return status
-        await _stream_answer(gw, dev, up, status, headers, rec, reason)
+        if fast:
+            await _stream_fast(gw, dev, up, answer, status, headers, rec, reason)
+        else:
+            await _stream_answer(gw, dev, up, status, headers, rec, reason)
     except BaseException:
         if up is not None:
             gw.pool.discard(up)
@@ -418,14 +436,19 @@ async def _send_up_parts(gw, up: UpstreamConn, parts: list) -> None:
         raise UpstreamError(f"mail server connection broke while sending: {type(exc).__name__}") from None
 
 
-async def _up_receive(up: UpstreamConn, timeout: float) -> None:
+async def _up_read(up: UpstreamConn, timeout: float, size: int = RECEIVE_SIZE) -> bytes:
+    """One read from the mail server (b"" on EOF) within ``timeout`` seconds."""
     try:
-        data = await sockio.receive(up.stream, up.plain, RECEIVE_SIZE, trio.current_time() + timeout)
+        data = await sockio.receive(up.stream, up.plain, size, trio.current_time() + timeout)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise UpstreamError(f"mail server connection broke: {type(exc).__name__}") from None
     if data is None:
         raise _Timeout(f"mail server did not answer within {timeout:g} s")
-    up.h11.receive_data(data)
+    return data
+
+
+async def _up_receive(up: UpstreamConn, timeout: float) -> None:
+    up.h11.receive_data(await _up_read(up, timeout))
 
 
 def _answer_ready(up: UpstreamConn) -> h11.Response | None:
@@ -448,7 +471,65 @@ def _answer_ready(up: UpstreamConn) -> h11.Response | None:
             raise UpstreamError("mail server closed the connection before answering")
 
 
+# h11's default limit for a client connection's incomplete event (the answer head).
+MAX_ANSWER_HEAD = 16 * 1024
+
+
+def _sent_to_h11(up: UpstreamConn) -> h11.Connection:
+    """Give the connection the h11 state of a client that sent ``up.sent`` (fast path) whole."""
+    h = up.h11
+    method, target, head = up.sent
+    up.sent = None
+    http1.sent(h, hdrs.request_event(method, target, head))
+    http1.sent(h, END)
+    return h
+
+
+def _answer_to_h11(up: UpstreamConn, head: http1.ResponseHead) -> h11.Response:
+    """Hand an answer the fast path read the head of to h11 (it reads the body from here)."""
+    h = _sent_to_h11(up)
+    rest, up.rest = up.rest, b""
+    return http1.prime_h11_response(h, head, rest)
+
+
+def _fast_answer_fits(conn: h11.Connection, head: http1.ResponseHead) -> bool:
+    """The answer's body can be passed on by _stream_fast: a Content-Length or chunked body
+    (HEAD, 204, 304 and close-delimited ones stay h11's), to an HTTP/1.1 device whose
+    request was read whole (h11 would re-frame otherwise)."""
+    return (head.framing == http1.FRAMING_LENGTH or head.framing == http1.FRAMING_CHUNKED) \
+        and conn.our_state is h11.SEND_RESPONSE and conn.their_http_version == b"1.1" \
+        and (conn.their_state is h11.DONE or conn.their_state is h11.MUST_CLOSE)
+
+
+async def _fast_answer_head(up: UpstreamConn, timeout: float):
+    """The answer head read by the compiled parser: a ResponseHead (what follows it in
+    ``up.rest``), or, for anything it defers, h11's Response from the same bytes."""
+    method = up.sent[0]
+    buf = b""
+    while True:
+        if buf:
+            try:
+                head = http1.parse_response(buf, method, MAX_ANSWER_HEAD)
+            except HTTPProtocolError as exc:
+                raise UpstreamError(f"mail server sent a malformed answer: {exc}") from None
+            if head is http1.DEFER:
+                _sent_to_h11(up).receive_data(buf)
+                return await _answer_head(up, timeout)
+            if head is not http1.NEED_MORE:
+                buf = buf[head.head_len:]
+                if head.informational:
+                    continue          # 1xx: the final head follows (h11 skips them the same way)
+                up.rest = buf
+                return head
+        data = await _up_read(up, timeout)
+        if not data:
+            raise UpstreamError("mail server closed the connection before answering")
+        buf = buf + data if buf else data
+
+
 async def _answer_head(up: UpstreamConn, timeout: float) -> h11.Response:
+    if up._h11 is None and up.sent is not None:
+        return await _fast_answer_head(up, timeout)
     h = up.h11
     while True:
         try:
@@ -521,6 +602,73 @@ async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.F
             return
         else:
             raise DeviceGone("mail server closed the connection mid-answer")
+
+
+async def _stream_fast(gw, dev, up: UpstreamConn, head: http1.ResponseHead, status: int, headers: hdrs.Full,
+                       rec: Transaction, reason: bytes) -> None:
+    """_stream_answer for an answer head the compiled parser read: the body passed on as it
+    comes (Content-Length) or re-chunked as h11 would (chunked), the device's head written by
+    write_response; h11 only hears that the answer went (its state decides keep-alive)."""
+    conn = dev.conn
+    keep = not dev.closing and conn.their_state is h11.DONE
+    out = [http1.write_response(status, reason, headers, head.framing, head.length, keep)]
+    http1.sent(conn, hdrs.response_event(status, headers, reason))
+    dx_parts = dx.tap(rec, headers) if dx.PENDING else None
+    timeout = gw.config.timeouts.upstream_read
+    buf, up.rest = up.rest, b""
+    if head.framing == http1.FRAMING_LENGTH:
+        left = head.length
+        while True:
+            if buf:
+                piece = buf if len(buf) <= left else buf[:left]
+                buf = buf[len(piece):]
+                left -= len(piece)
+                rec.bytes_out += len(piece)
+                out.append(piece)
+                if dx_parts is not None:
+                    dx_parts.append(piece)
+            if not left:
+                break
+            await dev.send_parts(out)
+            out = []
+            buf = await _up_body_read(up, timeout, min(left, RECEIVE_SIZE))
+    else:
+        decoder = http1.ChunkedDecoder()
+        while True:
+            if buf:
+                try:
+                    pieces, used = decoder.decode(buf)
+                except HTTPProtocolError as exc:
+                    raise DeviceGone(f"mail server answer broke off: {exc}") from None
+                buf = buf[used:]
+                for piece in pieces:
+                    if piece:         # h11's ChunkedWriter skips empty data the same way
+                        out += (b"%x\r\n" % len(piece), piece, b"\r\n")
+                        rec.bytes_out += len(piece)
+                        if dx_parts is not None:
+                            dx_parts.append(piece)
+                if decoder.done:
+                    break
+            if out:
+                await dev.send_parts(out)
+                out = []
+            more = await _up_body_read(up, timeout)
+            buf = buf + more if buf else more
+        out.append(b"0\r\n\r\n")   # trailers are not passed on (as on h11's path)
+    http1.sent(conn, END)
+    # Reusable: keep-alive, and nothing after the answer that would be read as the next one.
+    up.reusable = head.keep_alive and not buf
+    await dev.send_parts(out)
+
+
+async def _up_body_read(up: UpstreamConn, timeout: float, size: int = RECEIVE_SIZE) -> bytes:
+    try:
+        data = await _up_read(up, timeout, size)
+    except UpstreamError as exc:
+        raise DeviceGone(str(exc)) from None
+    if not data:
+        raise DeviceGone("mail server closed the connection mid-answer")
+    return data
 
 
 class _Hold:

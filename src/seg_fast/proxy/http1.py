@@ -7,6 +7,8 @@ tests/test_http1.py checks that against h11 itself.
 """
 from __future__ import annotations
 
+import h11
+
 from seg_fast.proxy import headers as _headers
 from seg_fast.proxy._http1 import (  # noqa: F401  (the module's public names)
     DEFER,
@@ -25,6 +27,9 @@ from seg_fast.proxy._http1 import (  # noqa: F401  (the module's public names)
 )
 
 
+_END = h11.EndOfMessage()
+
+
 def request_event(head: RequestHead):
     """The h11.Request h11's parser would have made from the same bytes."""
     return _headers.request_event(head.method, head.target, head.headers)
@@ -35,14 +40,16 @@ def response_event(head: ResponseHead):
     return _headers.response_event(head.status_code, head.headers, head.reason)
 
 
-def prime_h11(conn, head: RequestHead, rest: bytes = b""):
+def prime_h11(conn, head: RequestHead, rest: bytes = b"", event=None):
     """Leave a server-side h11.Connection (IDLE) where parsing ``head`` itself would have left
     it (request method, HTTP version, body framing, keep-alive; ``rest``, what followed the
-    head, buffered as the body) and return the h11.Request. The event goes through h11's own
-    state machine (``_process_event``, what ``next_event`` calls after its parser), so the
-    rest of the exchange runs through h11 unchanged; tests/test_http1.py checks that the
-    events, states and answer bytes that follow are h11's own."""
-    event = request_event(head)
+    head, buffered as the body) and return the h11.Request (``event``, if already made from
+    ``head``). The event goes through h11's own state machine (``_process_event``, what
+    ``next_event`` calls after its parser), so the rest of the exchange runs through h11
+    unchanged; tests/test_http1.py checks that the events, states and answer bytes that
+    follow are h11's own."""
+    if event is None:
+        event = request_event(head)
     process = getattr(conn, "_process_event", None)
     if process is None:                           # pragma: no cover - an h11 without it: parse a canned head
         conn.receive_data(write_request(head.method, b"/", _CANNED_HOST, head.framing, head.length,
@@ -56,6 +63,20 @@ def prime_h11(conn, head: RequestHead, rest: bytes = b""):
 
 
 _CANNED_HOST = [(b"Host", b"host", b"x")]
+
+
+def body_done(conn) -> None:
+    """Tell an h11.Connection that the peer's message body ended, without h11 reading it:
+    the fast path read it itself (a whole Content-Length body). What ``next_event`` does
+    when its reader returns EndOfMessage."""
+    conn._process_event(conn.their_role, _END)
+
+
+def sent(conn, event) -> None:
+    """Tell an h11.Connection that ``event`` (a Request, Response or EndOfMessage) went out
+    without h11 writing it: the fast path wrote it (write_request, write_response). What
+    ``send`` does besides serialising."""
+    conn._process_event(conn.our_role, event)
 
 
 def prime_h11_response(conn, head: ResponseHead, rest: bytes = b""):

@@ -19,6 +19,8 @@ from seg_fast.errors import SegFastError
 from seg_fast.proxy import sockio
 
 RECEIVE_SIZE = 64 * 1024
+# A pooled connection back this recently is reused unprobed when the request can be resent (acquire()).
+TRUST_IDLE = 1.0
 
 
 class UpstreamError(SegFastError):
@@ -59,18 +61,40 @@ def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
 
 
 class UpstreamConn:
-    """One connection to a mail server and its h11 client state."""
+    """One connection to a mail server and its h11 client state.
 
-    __slots__ = ("origin", "stream", "h11", "sock", "plain", "reused", "pool")
+    Between requests and on the compiled fast path (exchange.py) the connection has no
+    h11 state (``_h11`` None): ``sent`` holds what was written, ``reusable`` says the
+    answer was read to its end with keep-alive. ``h11`` makes a fresh client connection
+    on first use, for the exchanges h11 still carries (streamed or unusual ones).
+    """
+
+    __slots__ = ("origin", "stream", "_h11", "sock", "plain", "reused", "pool", "sent", "rest",
+                 "reusable", "idle_since")
 
     def __init__(self, origin: Origin, stream, sock):
         self.origin = origin
         self.stream = stream
         self.sock = sock              # the trio socket under any TLS, for liveness checks
         self.plain = sockio.plain_socket(stream)    # sockio's fast path (None under TLS)
-        self.h11 = h11.Connection(h11.CLIENT)
+        self._h11 = None
         self.reused = False
         self.pool = None              # the pool it counts against (a reload may replace gw.pool)
+        self.sent = None              # fast path: (method, target, headers) of the request written
+        self.rest = b""               # fast path: what came after the answer head in its read
+        self.reusable = False         # fast path: answer read to its end, keep-alive, nothing after it
+        self.idle_since = 0.0
+
+    @property
+    def h11(self) -> h11.Connection:
+        h = self._h11
+        if h is None:
+            h = self._h11 = h11.Connection(h11.CLIENT)
+        return h
+
+    @h11.setter
+    def h11(self, value) -> None:
+        self._h11 = value
 
     def looks_alive(self) -> bool:
         # An idle keep-alive connection the server closed reads EOF (or junk) at once.
@@ -112,14 +136,27 @@ class UpstreamPool:
             self.tls = client_tls_context(self.settings.verify_tls, self.settings.ca_file)
         return self.tls
 
-    async def acquire(self, origin: Origin) -> UpstreamConn:
+    async def acquire(self, origin: Origin, resendable: bool = False) -> UpstreamConn:
+        """A kept-alive connection (most recently used first), or a new one.
+
+        ``resendable``: the caller holds the whole request and sends it again once on a
+        fresh connection if this one fails before any answer byte (exchange.py). Then a
+        connection back in the pool less than TRUST_IDLE seconds is taken without the
+        liveness probe (a system call per request): servers close idle connections after
+        seconds (Apache 5 s, IIS 120 s, nginx 75 s) and say Connection: close when they
+        close after an answer, which is never pooled, so a close inside that window is a
+        crash or a restart, whose failure the resend covers as it covers the probe's own
+        race (the server closing between probe and write). Streamed bodies and Pings
+        (parked right after the write, where nothing resends) are always probed."""
         idle = self.idle.get(origin)
-        while idle:
-            conn = idle.pop()
-            if conn.looks_alive():
-                conn.reused = True
-                return conn
-            self._forget(conn)
+        if idle:
+            now = trio.current_time()
+            while idle:
+                conn = idle.pop()
+                if (resendable and now - conn.idle_since < TRUST_IDLE) or conn.looks_alive():
+                    conn.reused = True
+                    return conn
+                self._forget(conn)
         if self.open >= self.max_open:
             raise UpstreamError(f"upstream.pool_size ({self.max_open}) connections are in use")
         conn = await self.connect(origin)
@@ -131,11 +168,20 @@ class UpstreamPool:
         """Keep the connection for reuse if both sides are DONE; otherwise close it."""
         if conn.pool is not self and conn.pool is not None:
             return conn.pool.release(conn)
-        h = conn.h11
-        if (not self.closed and h.our_state is h11.DONE and h.their_state is h11.DONE):
+        h = conn._h11
+        if h is None:
+            done = conn.reusable      # the fast path read the answer to its end, keep-alive
+        else:
+            # Bytes after the answer (trailing_data) would be read as the next answer.
+            done = h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0]
+        conn.reusable = False
+        conn.sent = None
+        conn.rest = b""
+        if done and not self.closed:
             idle = self.idle.setdefault(conn.origin, [])
             if len(idle) < self.max_idle:
-                h.start_next_cycle()
+                conn._h11 = None      # the next request starts on the fast path
+                conn.idle_since = trio.current_time()
                 idle.append(conn)
                 return True
         self._forget(conn)
