@@ -30,6 +30,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--deliver-every", type=float, default=0.0,
                     help="deliver a message every N seconds to --deliver-to (0 = never)")
     ap.add_argument("--deliver-to", action="append", default=[], help="user for --deliver-every (repeatable)")
+    ap.add_argument("--path", action="append", default=[],
+                    help="EAS path to serve (repeatable), e.g. /servlet/traveler (IBM Traveler) or /EAS "
+                         "(GroupWise); default: /Microsoft-Server-ActiveSync, /servlet/traveler and /EAS")
     ap.add_argument("--no-provisioning", action="store_true",
                     help="do not require the Provision policy key")
     args = ap.parse_args(argv)
@@ -72,13 +75,15 @@ async def run(args: argparse.Namespace, task_status=trio.TASK_STATUS_IGNORED) ->
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(args.tls_cert, args.tls_key)
     sim = MailboxSimulator(password=args.password, seed=args.seed, initial_messages=args.initial,
-                           require_provisioning=not args.no_provisioning)
+                           require_provisioning=not args.no_provisioning,
+                           **({"paths": tuple(args.path)} if args.path else {}))
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: sim.serve(args.host, args.port, ssl_context=ctx,
                                                           task_status=task_status))
         scheme = "https" if ctx else "http"
         print(json.dumps({"sim_port": sim.port, "pid": os.getpid(),
-                          "url": f"{scheme}://{args.host}:{sim.port}/Microsoft-Server-ActiveSync"}),
+                          "url": f"{scheme}://{args.host}:{sim.port}"
+                                 f"{args.path[0] if args.path else '/Microsoft-Server-ActiveSync'}"}),
               flush=True)
         print(f"seg-fast sim: listening on {scheme}://{args.host}:{sim.port}", file=sys.stderr, flush=True)
         if args.deliver_every > 0 and args.deliver_to:

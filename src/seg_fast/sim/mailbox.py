@@ -96,8 +96,11 @@ class MailboxSimulator:
     def __init__(self, password: str = "secret", seed: int = 1, *, corpus: Corpus | None = None,
                  initial_messages: int = 0, require_provisioning: bool = True,
                  max_body: int = 64 * 1024 * 1024, sent_log: int = 1000, splice_answers: bool = True,
-                 lean_http: bool = True):
+                 lean_http: bool = True, paths: tuple[str, ...] = PATHS):
         self.password = password
+        # The EAS paths it serves (any case, a trailing slash allowed): one to play a server
+        # that has only its own, e.g. ("/servlet/traveler",) for IBM Traveler, ("/EAS",) for GroupWise.
+        self.paths = frozenset(p.rstrip("/").lower() for p in paths)
         # lean_http: well-formed requests read and answered without h11 (_lean);
         # False sends every request through h11 (the reference)
         self.lean_http = lean_http
@@ -333,7 +336,7 @@ class MailboxSimulator:
         path, q = _parse_target(target)
         if path.startswith("/sim/"):
             return self._side_door(method, path, q.params)
-        if path.rstrip("/").lower() not in PATHS:
+        if path.rstrip("/").lower() not in self.paths:
             return Answer(404, [], b"")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
         user = self._authenticate(headers.get("authorization"))
