@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use as independent oracles and real services.
-debs=(libwbxml2-utils libwbxml2-1 redis-server nginx-light openssl chromium chromium-driver)
+# slapd, ldap-utils: a real OpenLDAP for the S/MIME lookup tests (tests/slapd_server.py).
+debs=(libwbxml2-utils libwbxml2-1 redis-server nginx-light openssl chromium chromium-driver slapd ldap-utils)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

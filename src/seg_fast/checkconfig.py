@@ -25,21 +25,64 @@ class Finding(NamedTuple):
     ok: bool
     what: str          # the key or the thing checked
     text: str
+    warn: bool = False  # passes, but needs the admin soon (a certificate close to expiry)
 
 
-def _cert_facts(pem: bytes) -> str:
+EXPIRY_WARNING_DAYS = 30
+
+
+def _cert_facts(pem_or_cert) -> tuple[str, int]:
     from cryptography import x509
 
-    cert = x509.load_pem_x509_certificate(pem)
+    cert = x509.load_pem_x509_certificate(pem_or_cert) if isinstance(pem_or_cert, bytes) else pem_or_cert
     until = cert.not_valid_after_utc
     days = (until - datetime.datetime.now(datetime.timezone.utc)).days
-    return f"{cert.subject.rfc4514_string()}, valid until {until:%Y-%m-%d} ({days} days)", days
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(v) for v in san.get_values_for_type(x509.DNSName) + san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        names = []
+    sans = f", SANs {', '.join(names[:20])}" + (f" (+{len(names) - 20})" if len(names) > 20 else "") \
+        if names else ", no SANs (devices match the name against SANs: add one)"
+    return f"{cert.subject.rfc4514_string()}{sans}, valid until {until:%Y-%m-%d} ({days} days)", days
+
+
+def _expiry_finding(key: str, facts: str, days: int) -> Finding:
+    if days < 0:
+        return Finding(False, key, f"expired: {facts}")
+    if days < EXPIRY_WARNING_DAYS:
+        return Finding(True, key, f"expires in {days} days (under {EXPIRY_WARNING_DAYS}): renew it: {facts}",
+                       warn=True)
+    return Finding(True, key, facts)
+
+
+def check_pfx(lst) -> list[Finding]:
+    """listener.tls_pfx: opens with its password, ssl loads it (in memory), subject/SANs/expiry."""
+    from seg_fast.errors import ConfigError
+    from seg_fast.pfx import load_into, load_pfx, pem_of
+
+    try:
+        pfx = load_pfx(lst)
+    except ConfigError as exc:
+        key, _, text = str(exc).removeprefix("key ").partition(": ")
+        return [Finding(False, key, text)]
+    facts, days = _cert_facts(pfx.cert)
+    out = [_expiry_finding("listener.tls_pfx", facts, days)]
+    try:
+        how = load_into(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), pem_of(pfx))
+        out.append(Finding(True, "listener.tls_pfx", f"key and {1 + len(pfx.chain)} certificate(s) load "
+                                                     f"(converted in memory: {how})"))
+    except ssl.SSLError as exc:
+        out.append(Finding(False, "listener.tls_pfx", f"ssl cannot use its key and certificate ({exc})"))
+    return out
 
 
 def check_tls(config) -> list[Finding]:
     out: list[Finding] = []
     lst = config.listener
-    if not lst.tls_cert:
+    if lst.tls_pfx:
+        out += check_pfx(lst)
+    elif not lst.tls_cert:
         out.append(Finding(True, "listener.tls_cert", "plain HTTP on the device leg (TLS ends at a load balancer)"))
     else:
         try:
@@ -49,10 +92,7 @@ def check_tls(config) -> list[Finding]:
             return [Finding(False, "listener.tls_cert", f"{lst.tls_cert}: {exc.strerror}")]
         except ValueError as exc:
             return [Finding(False, "listener.tls_cert", f"{lst.tls_cert}: not a PEM certificate ({exc})")]
-        if days < 0:
-            out.append(Finding(False, "listener.tls_cert", f"expired: {facts}"))
-        else:
-            out.append(Finding(True, "listener.tls_cert", facts))
+        out.append(_expiry_finding("listener.tls_cert", facts, days))
         try:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(lst.tls_cert, lst.tls_key)
@@ -60,7 +100,9 @@ def check_tls(config) -> list[Finding]:
         except (OSError, ssl.SSLError) as exc:
             out.append(Finding(False, "listener.tls_key", f"{lst.tls_key}: does not load or does not match "
                                                           f"listener.tls_cert ({exc})"))
-    for key, path in (("upstream.ca_file", config.upstream.ca_file), ("policy.api_ca_file", config.policy.api_ca_file)):
+    for key, path in (("upstream.ca_file", config.upstream.ca_file), ("policy.api_ca_file", config.policy.api_ca_file),
+                      ("upstream.proxy_ca_file", config.upstream.proxy_ca_file),
+                      ("smime.ldap_ca_file", config.smime.ldap_ca_file)):
         if path:
             try:
                 ssl.create_default_context(cafile=path)
@@ -193,6 +235,19 @@ async def check_connect(config) -> list[Finding]:
             return f"{api}: HTTP 200, {len(body)} bytes"
 
         out.append(await _timed("policy.api_url", policy_api))
+    if config.smime.ldap_url:
+        from seg_fast.ldapcerts import directory_from, search_many
+
+        async def ldap():
+            import trio
+
+            d = directory_from(config.smime)
+            with trio.fail_after(config.smime.ldap_timeout):
+                await search_many(d, ["check-config@seg-fast.invalid"])
+            return (f"{d.host}:{d.port} ({d.tls}), bound as {d.bind_dn or 'anonymous'}, "
+                    f"searched {d.base_dn or '(root)'}")
+
+        out.append(await _timed("smime.ldap_url", ldap))
     if config.policy.store == "redis":
         from seg_fast.policy.resp import RedisConnection
 
@@ -237,7 +292,7 @@ def cli(argv: list[str]) -> int:
     findings += [Finding(False, var, "environment variable names no setting (misspelt?)")
                  for var in unknown_env_vars()]
     for f in findings:
-        print(f"  {'ok  ' if f.ok else 'FAIL'}  {f.what}: {f.text}")
+        print(f"  {('warn' if f.warn else 'ok  ') if f.ok else 'FAIL'}  {f.what}: {f.text}")
     failed = sum(not f.ok for f in findings)
     print(f"{len(findings) - failed} ok, {failed} failed")
     return 1 if failed else 0

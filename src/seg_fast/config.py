@@ -13,6 +13,7 @@ import msgspec
 
 from seg_fast.content.settings import ContentSettings
 from seg_fast.errors import ConfigError
+from seg_fast.ldapcerts import SmimeSettings
 from seg_fast.policy.settings import PolicySettings
 from seg_fast.statedir import DEFAULT_STATE_DIR, resolve
 
@@ -27,6 +28,11 @@ class ListenerSettings(_Section):
     # PEM files; both empty means plain HTTP (behind a TLS-terminating load balancer).
     tls_cert: str = ""
     tls_key: str = ""
+    # Or one PKCS#12 (.pfx/.p12) file holding key and chain (the guide's format). Its password:
+    # the first line of tls_pfx_password_file, or the environment variable tls_pfx_password_env names.
+    tls_pfx: str = ""
+    tls_pfx_password_file: str = ""
+    tls_pfx_password_env: str = ""
     backlog: int = 4096
     # Addresses (CIDR) of load balancers whose X-Forwarded-For/-Proto, Forwarded and
     # X-Real-IP are believed; from anyone else they are dropped. Empty: nobody's.
@@ -40,7 +46,9 @@ class UpstreamSettings(_Section):
     url: str = "http://127.0.0.1:8080"
     verify_tls: bool = True          # off = the guide's "ignore SSL errors"
     ca_file: str = ""
-    proxy_url: str = ""              # outbound HTTP proxy (CONNECT), e.g. http://user:pw@proxy:3128
+    # Outbound proxy (CONNECT), e.g. http://user:pw@proxy:3128; https:// speaks TLS to the proxy first.
+    proxy_url: str = ""
+    proxy_ca_file: str = ""          # extra trust for an https:// proxy's certificate
     pool_size: int = 100_000
     idle_pool_size: int = 256        # idle keep-alive connections kept per mail server
     retry_after: int = 30            # seconds, in the 503 answer when the mail server is unreachable
@@ -145,6 +153,7 @@ class Config(_Section):
     log: LogSettings = LogSettings()
     policy: PolicySettings = PolicySettings()
     security: ContentSettings = ContentSettings()
+    smime: SmimeSettings = SmimeSettings()
 
 
 def _key_of(message: str) -> str:
@@ -279,12 +288,18 @@ def _check(config: Config, where: str, overrides) -> None:
     # The push token can replace the whole policy document: off loopback it travels
     # only over TLS (the device listener's certificate) unless explicitly allowed.
     pol = config.policy
-    if (pol.push_port and pol.push_token and not _loopback(pol.push_host) and not config.listener.tls_cert
+    if (pol.push_port and pol.push_token and not _loopback(pol.push_host)
+            and not (config.listener.tls_cert or config.listener.tls_pfx)
             and not pol.push_allow_plain):
         problems.append(("policy.push_host",
                          f"push listener on {pol.push_host} would take the push token over plain HTTP: give the "
                          "device listener TLS (listener.tls_cert/tls_key), keep push_host on loopback, or set "
                          "policy.push_allow_plain = true"))
+    if config.listener.tls_pfx and (config.listener.tls_cert or config.listener.tls_key):
+        problems.append(("listener.tls_pfx", "give either tls_pfx or tls_cert/tls_key, not both"))
+    if config.listener.tls_pfx and not (config.listener.tls_pfx_password_file or config.listener.tls_pfx_password_env):
+        problems.append(("listener.tls_pfx_password_file", "a PFX file needs its password: a file "
+                                                           "(tls_pfx_password_file) or tls_pfx_password_env"))
     if bool(config.listener.tls_cert) != bool(config.listener.tls_key):
         problems.append(("listener.tls_key" if config.listener.tls_cert else "listener.tls_cert",
                          "TLS needs both tls_cert and tls_key (or neither, for plain HTTP)"))
@@ -306,8 +321,8 @@ def _check(config: Config, where: str, overrides) -> None:
         problems.append(("upstream.url", "must be an http:// or https:// URL with a host"))
     if config.upstream.proxy_url:
         px = urlsplit(config.upstream.proxy_url)
-        if px.scheme != "http" or not px.hostname:
-            problems.append(("upstream.proxy_url", "must be an http://[user:password@]host:port URL"))
+        if px.scheme not in ("http", "https") or not px.hostname:
+            problems.append(("upstream.proxy_url", "must be an http(s)://[user:password@]host:port URL"))
     for path in config.eas.paths:
         if not path.startswith("/") or "?" in path:
             problems.append(("eas.paths", f"{path!r} must be an absolute path without a query"))
@@ -316,6 +331,9 @@ def _check(config: Config, where: str, overrides) -> None:
     from seg_fast.proxy.passthrough import config_problems
 
     problems += config_problems(config)
+    from seg_fast.ldapcerts import config_problems as smime_problems
+
+    problems += smime_problems(config)
     for name in msgspec.structs.fields(TimeoutSettings):
         if getattr(config.timeouts, name.name) <= 0:
             problems.append((f"timeouts.{name.name}", "must be positive"))

@@ -89,7 +89,8 @@ async def http_get(url: str, settings: PolicySettings, label: str = "policy API"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     # The proxy's connector (outbound CONNECT proxy, TLS trust), configured for the API.
     pool = UpstreamPool(UpstreamSettings(url=url, verify_tls=settings.api_verify_tls, ca_file=settings.api_ca_file,
-                                         proxy_url=settings.api_proxy_url, pool_size=1, idle_pool_size=0),
+                                         proxy_url=settings.api_proxy_url, proxy_ca_file=settings.api_ca_file,
+                                         pool_size=1, idle_pool_size=0),
                         TimeoutSettings(upstream_connect=settings.api_timeout))
     try:
         with trio.fail_after(settings.api_timeout):

@@ -13,6 +13,7 @@ import h11
 import trio
 
 from seg_fast.eas.credentials import CONNECTION_SCHEMES
+from seg_fast.eas.resolverecipients import CertificateFill
 from seg_fast.eas.request import EasRequest, parse_request
 from seg_fast.errors import ContentError, EASRequestError, HTTPProtocolError
 from seg_fast.hooks import Decision
@@ -91,6 +92,10 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
         return
 
     answer_tx, request_tx = _transforms_for(decision, req.command)
+    if req.command == "ResolveRecipients" and getattr(gw, "certs", None) is not None:
+        # S/MIME certificates from LDAP where the mail server has none ([smime]): one per request.
+        fill = CertificateFill(gw.certs, gw.incidents)
+        answer_tx, request_tx = answer_tx + [fill], request_tx + [fill]
     if answer_tx and gw.unsent.full():
         # The answer would be buffered, and the worker already holds limits.max_unsent_bytes
         # for devices with nothing slow to cut: refused before the mail server does any work.
@@ -739,7 +744,10 @@ async def _transformed_answer(gw, dev, req, status, headers, answer_tx, rec, bod
         for t in answer_tx:
             # Optional (hooks.Transform): a transform that also sets the answer's headers.
             with_headers = getattr(t, "transform_answer_and_headers", None)
-            if with_headers is not None:
+            later = getattr(t, "transform_answer_async", None)     # one that waits on I/O (LDAP)
+            if later is not None:
+                body = await later(req, status, headers, body)
+            elif with_headers is not None:
                 headers, body = with_headers(req, status, headers, body)
             else:
                 body = t.transform_answer(req, status, headers, body)

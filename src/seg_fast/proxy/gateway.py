@@ -8,6 +8,7 @@ import ssl
 import trio
 
 from seg_fast.content import pipeline as content_pipeline
+from seg_fast.ldapcerts import CertLookup
 from seg_fast.observe import TransactionLog
 from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.policy import gate
@@ -24,12 +25,27 @@ from seg_fast.proxy.upstream import UpstreamPool, origin_of
 from seg_fast.stats import Stats
 
 
-def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """TLS for the device leg: TLS 1.2 and later only."""
+def server_tls_context(cert: str, key: str, pfx=None) -> ssl.SSLContext:
+    """TLS for the device leg: TLS 1.2 and later only. ``pfx``: listener settings whose
+    tls_pfx (PKCS#12) holds key and chain instead of the PEM files."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
+    if pfx is not None:
+        from seg_fast import pfx as pkcs12
+
+        pkcs12.load_into(ctx, pkcs12.pem_of(pkcs12.load_pfx(pfx)))
+    else:
+        ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def listener_tls_context(listener) -> ssl.SSLContext | None:
+    """The device listener's context from its settings (PEM or PFX); None for plain HTTP."""
+    if listener.tls_pfx:
+        return server_tls_context("", "", pfx=listener)
+    if listener.tls_cert:
+        return server_tls_context(listener.tls_cert, listener.tls_key)
+    return None
 
 
 def listening_socket(host: str, port: int, backlog: int) -> trio.socket.SocketType:
@@ -104,10 +120,15 @@ class Gateway:
         self.redirects.external = config.listener.external_url.rstrip("/").encode("ascii")
         if self._tls_override is not None:
             self.tls_context = self._tls_override
-        elif config.listener.tls_cert:
-            self.tls_context = server_tls_context(config.listener.tls_cert, config.listener.tls_key)
         else:
-            self.tls_context = None
+            self.tls_context = listener_tls_context(config.listener)
+        # S/MIME certificates from LDAP for ResolveRecipients ([smime]); the cache survives
+        # a reload that leaves the section as it was.
+        old_certs = getattr(self, "certs", None)
+        if not config.smime.ldap_url:
+            self.certs = None
+        elif old_certs is None or old_certs.settings != config.smime:
+            self.certs = CertLookup(config.smime, self.incidents)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind, accept and serve until drained (then finish in-flight work and return)."""

@@ -60,6 +60,16 @@ def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
     return ctx
 
 
+def proxy_tls_context(ca_file: str = "") -> ssl.SSLContext:
+    """TLS to an https:// outbound proxy: always verified (its name and chain), system trust plus ca_file.
+
+    The proxy sees the CONNECT target and, for http:// mail servers, the traffic: it is never
+    covered by upstream.verify_tls (the guide's "ignore SSL errors" is about the mail server)."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 class UpstreamConn:
     """One connection to a mail server and its h11 client state.
 
@@ -124,9 +134,12 @@ class UpstreamPool:
         self.closed = False
         self.proxy = None
         self.proxy_auth = None
+        self.proxy_tls = None         # an https:// proxy: TLS to the proxy, then CONNECT inside it
         if settings.proxy_url:
             px = urlsplit(settings.proxy_url)
-            self.proxy = (px.hostname, px.port or 3128)
+            self.proxy = (px.hostname, px.port or (443 if px.scheme == "https" else 3128))
+            if px.scheme == "https":
+                self.proxy_tls = proxy_tls_context(getattr(settings, "proxy_ca_file", ""))
             if px.username is not None:
                 creds = f"{unquote(px.username)}:{unquote(px.password or '')}".encode()
                 self.proxy_auth = b"Basic " + base64.b64encode(creds)
@@ -207,14 +220,19 @@ class UpstreamPool:
             with trio.fail_after(self.connect_timeout):
                 if self.proxy is None:
                     stream = await trio.open_tcp_stream(origin.host, origin.port)
+                    sock = stream.socket
                 else:
                     stream = await trio.open_tcp_stream(*self.proxy)
+                    sock = stream.socket
                     try:
+                        if self.proxy_tls is not None:
+                            stream = trio.SSLStream(stream, self.proxy_tls, server_hostname=self.proxy[0],
+                                                    https_compatible=True)
+                            await stream.do_handshake()
                         await self._tunnel(stream, origin)
                     except BaseException:
                         await trio.aclose_forcefully(stream)
                         raise
-                sock = stream.socket
                 if origin.scheme == "https":
                     stream = trio.SSLStream(stream, self._tls(), server_hostname=origin.host,
                                             https_compatible=True)
@@ -229,7 +247,7 @@ class UpstreamPool:
             raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: {_reason(exc)}") from None
         return UpstreamConn(origin, stream, sock)
 
-    async def _tunnel(self, stream: trio.SocketStream, origin: Origin) -> None:
+    async def _tunnel(self, stream, origin: Origin) -> None:
         """HTTP CONNECT through the outbound proxy (RFC 9110 9.3.6)."""
         target = f"{origin.host}:{origin.port}".encode()
         conn = h11.Connection(h11.CLIENT)

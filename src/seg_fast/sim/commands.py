@@ -507,6 +507,49 @@ def settings(ctx: Ctx) -> Answer:
     return wbxml(E("Settings:Settings", *out))
 
 
+# -- ResolveRecipients ------------------------------------------------------------------------
+
+def resolve_recipients(ctx: Ctx) -> Answer:
+    """The simulator's directory (MS-ASCMD 2.2.1.15): every address resolves as a GAL entry
+    except local parts starting "unknown" (Status 4); certificates only for the corpus
+    signer (sim/smime.py), so everyone else has none (Certificates Status 7) for a gateway
+    to fill in from LDAP."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from seg_fast.sim.smime import SIGNER_EMAIL, signer
+
+    root = ctx.doc
+    if root is None or root.tag != "ResolveRecipients:ResolveRecipients":
+        return wbxml(E("ResolveRecipients:ResolveRecipients", E("ResolveRecipients:Status", 5)))
+    retrieval = _int(text(root, "ResolveRecipients:Options", "ResolveRecipients:CertificateRetrieval"), 1)
+    out = [E("ResolveRecipients:Status", 1)]
+    for to in kids(root, "ResolveRecipients:To"):
+        name = (text(to) or "").strip()
+        local, at, domain = name.partition("@")
+        if not at or not local or not domain or local.lower().startswith("unknown"):
+            out.append(E("ResolveRecipients:Response", E("ResolveRecipients:To", name),
+                         E("ResolveRecipients:Status", 4), E("ResolveRecipients:RecipientCount", 0)))
+            continue
+        email = name.lower()
+        certs = None
+        if retrieval in (2, 3):
+            if email == SIGNER_EMAIL:
+                der = signer()[1].public_bytes(Encoding.DER)
+                blob = E("ResolveRecipients:Certificate" if retrieval == 2 else "ResolveRecipients:MiniCertificate",
+                         base64.b64encode(der).decode("ascii"))
+                certs = E("ResolveRecipients:Certificates", E("ResolveRecipients:Status", 1),
+                          E("ResolveRecipients:CertificateCount", 1), E("ResolveRecipients:RecipientCount", 1), blob)
+            else:
+                certs = E("ResolveRecipients:Certificates", E("ResolveRecipients:Status", 7),
+                          E("ResolveRecipients:CertificateCount", 0), E("ResolveRecipients:RecipientCount", 0))
+        out.append(E("ResolveRecipients:Response", E("ResolveRecipients:To", name),
+                     E("ResolveRecipients:Status", 1), E("ResolveRecipients:RecipientCount", 1),
+                     E("ResolveRecipients:Recipient", E("ResolveRecipients:Type", 1),
+                       E("ResolveRecipients:DisplayName", local.replace(".", " ").title()),
+                       E("ResolveRecipients:EmailAddress", email), certs)))
+    return wbxml(E("ResolveRecipients:ResolveRecipients", *out))
+
+
 # -- ItemOperations, GetAttachment -----------------------------------------------------------
 
 def find_attachment(mbox: Mailbox, sim, ref: str) -> tuple[str, str, bytes] | None:

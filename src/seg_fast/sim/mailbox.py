@@ -55,7 +55,7 @@ from seg_fast.sim.tree import decode
 VERSIONS = ("2.5", "12.0", "12.1", "14.0", "14.1", "16.0", "16.1")
 SUPPORTED = ("Sync", "SendMail", "SmartForward", "SmartReply", "GetAttachment", "FolderSync",
              "MoveItems", "GetItemEstimate", "Settings", "Ping", "ItemOperations", "Provision",
-             "Search")
+             "Search", "ResolveRecipients")
 PATHS = ("/microsoft-server-activesync", "/servlet/traveler", "/eas")
 SERVER_HEADER = (b"ms-server-activesync", b"16.1")
 SERVER_TRIPLE = (b"ms-server-activesync", *SERVER_HEADER)
@@ -468,6 +468,7 @@ HANDLERS = {
     "Provision": C.provision, "FolderSync": C.folder_sync, "Sync": C.sync,
     "GetItemEstimate": C.get_item_estimate, "MoveItems": C.move_items, "Settings": C.settings,
     "ItemOperations": C.item_operations, "GetAttachment": C.get_attachment, "Search": search,
+    "ResolveRecipients": C.resolve_recipients,
 }
 
 

@@ -1,0 +1,380 @@
+"""S/MIME certificate lookup in LDAP, end to end: device -> `seg-fast serve` -> simulator,
+with certificates from a real slapd (tests/slapd_server.py) over StartTLS and simple bind.
+
+The simulator's directory has a certificate only for the corpus signer; everyone else is
+answered Certificates/Status 7. The oracle for "what the gateway changed" is the
+simulator's own answer to the same request, asked directly: every Response must be the
+same except the Certificates the gateway filled from LDAP, whose bytes must be the
+directory's (as slapd holds them). Hostile directories (huge BER lengths, floods,
+silence) and hostile requests (10,000 recipients, filter injection) go through a
+second gateway against a fake LDAP server in this process.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import trio
+
+from http_client import request
+from processes import REPO, start_serve, stop_process
+from redis_server import free_port
+from seg_fast.eas.wbxml import decode
+from seg_fast.ldapcerts import SmimeSettings, compile_filter, directory_from, search_many
+from seg_fast.sim.client import EasClient
+from seg_fast.sim.smime import signer
+from seg_fast.sim.tree import E, encode
+from slapd_server import SERVICE_DN, SUFFIX, running_slapd
+
+PASSWORD = "secret"
+NS = "ResolveRecipients:"
+MAX_LOOKUPS = 50
+
+
+def rr_request(to: list[str], retrieval: int | None = 2, max_certs: int | None = None) -> bytes:
+    opts = []
+    if retrieval is not None:
+        opts.append(E(NS + "CertificateRetrieval", retrieval))
+    if max_certs is not None:
+        opts.append(E(NS + "MaxCertificates", max_certs))
+    return encode(E(NS + "ResolveRecipients", *[E(NS + "To", t) for t in to],
+                    E(NS + "Options", *opts) if opts else None))
+
+
+async def _ask(port: int, body: bytes, device: str = "RRDEV1"):
+    c = EasClient("127.0.0.1", port, "sender", PASSWORD, device, device_type="iPhone",
+                  user_agent="Apple-iPhone/1.0")
+    try:
+        with trio.fail_after(60):
+            return await c.request("ResolveRecipients", body,
+                                   headers={"content-type": "application/vnd.ms-sync.wbxml"})
+    finally:
+        await c.aclose()
+
+
+def ask(port: int, body: bytes, device: str = "RRDEV1"):
+    return trio.run(_ask, port, body, device)
+
+
+def responses(body: bytes) -> dict[str, object]:
+    root = decode(body)
+    out = {}
+    for resp in root.children:
+        if resp.tag == NS + "Response":
+            out[resp.find(NS + "To").text] = resp
+    return out
+
+
+def certs_of(resp) -> tuple[str | None, list[bytes], str | None]:
+    """(Certificates/Status, Certificate DERs, CertificateCount) of a Response's recipient."""
+    rcpt = resp.find(NS + "Recipient")
+    certs = rcpt.find(NS + "Certificates") if rcpt is not None else None
+    if certs is None:
+        return None, [], None
+    return (certs.findtext(NS + "Status"), [base64.b64decode(c.text) for c in certs.findall(NS + "Certificate")],
+            certs.findtext(NS + "CertificateCount"))
+
+
+def _wait_listening(port: int, proc, bound: float = 60) -> None:
+    end = time.monotonic() + bound
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("gateway did not start listening")
+
+
+class Serve:
+    def __init__(self, proc, port):
+        self.proc, self.port = proc, port
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.stderr.append(line.decode("utf-8", "replace"))
+
+    def incidents(self, kind: str) -> list[dict]:
+        return [json.loads(x) for x in list(self.stderr) if x.startswith("{") and f'"incident":"{kind}"' in x]
+
+    def wait_incident(self, kind: str, bound: float = 20) -> list[dict]:
+        end = time.monotonic() + bound
+        while time.monotonic() < end:
+            found = self.incidents(kind)
+            if found:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no {kind} incident; stderr: {''.join(self.stderr)[-2000:]}")
+
+
+def _serve(tmp, sim_port: int, smime: str, admin_port: int = 0) -> Serve:
+    port = free_port()
+    cfg = tmp / f"gw{port}.toml"
+    admin = f'port = {admin_port}' if admin_port else 'enabled = false'
+    cfg.write_text(
+        f'workers = 1\n[listener]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[upstream]\nurl = "http://127.0.0.1:{sim_port}"\n'
+        f'[admin]\n{admin}\n[log]\ntransactions = ""\n'
+        f'[policy]\nallow_if_no_policies = true\n'
+        f'[smime]\n{smime}')
+    proc = start_serve(cfg, tmp)
+    s = Serve(proc, port)
+    _wait_listening(port, proc)
+    return s
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rr-sim")
+    proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "sim", "--port", "0", "--no-provisioning",
+                             "--password", PASSWORD], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    try:
+        yield json.loads(proc.stdout.readline())["sim_port"]
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory):
+    with running_slapd(tmp_path_factory.mktemp("ldap")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, sim, slapd):
+    tmp = tmp_path_factory.mktemp("rr-gw")
+    # The password reaches the gateway through a file; it must appear in no log line.
+    s = _serve(tmp, sim, f'ldap_url = "{slapd.ldap_url}"\nldap_starttls = true\nldap_ca_file = "{slapd.ca_file}"\n'
+                         f'ldap_auth = "simple"\nldap_user = "{SERVICE_DN}"\n'
+                         f'ldap_password_file = "{slapd.password_file}"\nldap_base_dn = "ou=people,{SUFFIX}"\n'
+                         f'max_lookups_per_request = {MAX_LOOKUPS}\n')
+    try:
+        yield s
+    finally:
+        stop_process(s.proc)
+
+
+EVERYONE = ["alice@seg-fast.test", "bob@seg-fast.test", "carol@seg-fast.test", "dave@seg-fast.test",
+            "erin@seg-fast.test", "signer@seg-fast.test", "unknown1@seg-fast.test", "zed@seg-fast.test"]
+
+
+def test_certificates_from_ldap_fill_what_the_mail_server_lacks(gw, sim, slapd):
+    body = rr_request(EVERYONE)
+    direct = ask(sim, body)
+    through = ask(gw.port, body)
+    assert direct.status == through.status == 200
+    want, got = responses(direct.body), responses(through.body)
+    assert list(want) == list(got) == EVERYONE
+    people = slapd.people
+    # Filled from the directory, bytes as slapd holds them, counts per MS-ASCMD.
+    for mail in ("alice@seg-fast.test", "bob@seg-fast.test"):
+        assert certs_of(want[mail])[0] == "7"
+        status, ders, count = certs_of(got[mail])
+        assert status == "1" and ders == list(people[mail].certs) and count == str(len(ders))
+        assert got[mail].find(NS + "Recipient").find(NS + "Certificates").findtext(NS + "RecipientCount") == "1"
+    assert len(certs_of(got["bob@seg-fast.test"])[1]) == 2
+    # Expired, naming someone else, none in the directory, unknown to LDAP: as the mail server said.
+    for mail in ("carol@seg-fast.test", "dave@seg-fast.test", "erin@seg-fast.test", "zed@seg-fast.test",
+                 "unknown1@seg-fast.test"):
+        assert got[mail] == want[mail], mail
+    # The mail server had one for the signer: kept, the directory's not added.
+    signer_der = signer()[1].public_bytes(__import__("cryptography").hazmat.primitives.serialization.Encoding.DER)
+    assert certs_of(got["signer@seg-fast.test"])[1] == [signer_der]
+    assert certs_of(got["signer@seg-fast.test"])[1] != list(people["signer@seg-fast.test"].certs)
+    # Everything else in the answer is the mail server's.
+    assert decode(through.body).findtext(NS + "Status") == "1"
+    assert all(not line.count(open(slapd.password_file).read().strip()) for line in gw.stderr)
+
+
+def test_without_certificate_retrieval_the_answer_passes_byte_for_byte(gw, sim):
+    for retrieval in (None, 1, 3):
+        body = rr_request(EVERYONE[:3], retrieval=retrieval)
+        assert ask(gw.port, body).body == ask(sim, body).body
+
+
+def test_max_certificates_answers_status_8_with_the_count_not_returned(gw, slapd):
+    got = responses(ask(gw.port, rr_request(["alice@seg-fast.test", "bob@seg-fast.test"], max_certs=2)).body)
+    assert certs_of(got["alice@seg-fast.test"])[:2] == ("1", list(slapd.people["alice@seg-fast.test"].certs))
+    # bob's two would pass the limit of 2: none returned, Status 8, CertificateCount 2
+    assert certs_of(got["bob@seg-fast.test"]) == ("8", [], "2")
+
+
+def test_filter_injection_is_escaped(gw, sim, slapd):
+    # Unescaped, "*@seg-fast.test" is a substring filter matching everyone in the directory:
+    d = directory_from(SmimeSettings(ldap_url=slapd.ldap_url, ldap_ca_file=slapd.ca_file, ldap_auth="simple",
+                                     ldap_user=SERVICE_DN, ldap_password_file=slapd.password_file,
+                                     ldap_base_dn=SUFFIX))
+    raw = trio.run(search_many, d._replace(filter_template="(mail=*@seg-fast.test)"), ["x"])
+    assert len(raw["x"]) >= 5                  # the oracle: the injection would have worked
+    hostile = ["*@seg-fast.test", "alice@seg-fast.test)(mail=*", "*)(|(mail=*@seg-fast.test",
+               "\\2a@seg-fast.test"]
+    raw = trio.run(search_many, d, hostile)
+    assert all(v == [] for v in raw.values()), {k: len(v) for k, v in raw.items()}
+    body = rr_request(hostile)
+    assert ask(gw.port, body).body == ask(sim, body).body
+    assert compile_filter("(mail=a\\2a)") != compile_filter("(mail=a*)")
+
+
+def test_ten_thousand_recipients_are_capped_and_the_worker_lives(gw, slapd):
+    to = ["alice@seg-fast.test"] + [f"user{i}@seg-fast.test" for i in range(9_998)] + ["bob@seg-fast.test"]
+    r = ask(gw.port, rr_request(to))
+    assert r.status == 200
+    got = responses(r.body)
+    assert len(got) == 10_000
+    assert certs_of(got["alice@seg-fast.test"])[0] == "1"
+    assert certs_of(got["bob@seg-fast.test"])[0] == "7"       # past smime.max_lookups_per_request
+    capped = gw.wait_incident("smime_lookups_capped")
+    assert capped[0]["recipients"] == 10_000 - MAX_LOOKUPS
+    assert gw.proc.poll() is None
+    assert certs_of(responses(ask(gw.port, rr_request(["bob@seg-fast.test"]), "RRDEV2").body)
+                    ["bob@seg-fast.test"])[0] == "1"
+
+
+# -- a hostile directory ---------------------------------------------------------------------
+
+def _ber(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    head = bytes([n]) if n < 0x80 else bytes([0x84]) + n.to_bytes(4, "big")
+    return bytes([tag]) + head + value
+
+
+def _msg(mid: int, op: bytes) -> bytes:
+    return _ber(0x30, _ber(0x02, bytes([mid])) + op)
+
+
+class HostileLdap:
+    """Answers the bind, then searches as ``mode`` says; counts the searches it got."""
+
+    def __init__(self):
+        self.mode = "empty"
+        self.searches = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        ok = _ber(0x0A, b"\x00") + _ber(0x04, b"") + _ber(0x04, b"")
+        try:
+            conn.settimeout(30)
+            if self.mode == "down":
+                return
+            buf = b""
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while len(buf) >= 2 and len(buf) >= 2 + buf[1]:          # our client's messages are short
+                    msg, buf = buf[:2 + buf[1]], buf[2 + buf[1]:]
+                    mid, op = msg[4], msg[5]
+                    if op == 0x60:
+                        conn.sendall(_msg(mid, _ber(0x61, ok)))
+                    elif op == 0x63:
+                        self.searches += 1
+                        self._answer(conn, mid, ok)
+                    else:
+                        return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _answer(self, conn, mid, ok):
+        if self.mode == "empty":
+            conn.sendall(_msg(mid, _ber(0x65, ok)))
+        elif self.mode == "huge":
+            # A 2 GiB SearchResultEntry announced, a little sent: never buffered, never waited for.
+            conn.sendall(b"\x30\x84\x7f\xff\xff\xff\x02\x01" + bytes([mid]) + b"\x64\x84\x7f\xff\xff\xf0" + b"A" * 4096)
+        elif self.mode == "flood":
+            entry = _msg(mid, _ber(0x64, _ber(0x04, b"uid=x") + _ber(0x30, b"")))
+            for _ in range(100_000):
+                conn.sendall(entry * 100)
+        elif self.mode == "silent":
+            time.sleep(20)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, sim):
+    server = HostileLdap()
+    tmp = tmp_path_factory.mktemp("rr-hostile")
+    admin = free_port()
+    s = _serve(tmp, sim, f'ldap_url = "ldap://127.0.0.1:{server.port}"\nldap_starttls = false\n'
+                         f'ldap_timeout = 2.0\nldap_retry_after = 0.1\nnegative_cache_ttl = 300\n', admin)
+    s.admin_port = admin
+    try:
+        yield s, server
+    finally:
+        stop_process(s.proc)
+        server.sock.close()
+
+
+def unavailable_count(gw) -> int:
+    """smime_ldap_unavailable as /metrics counts it (the log is rate-limited; the counter is not)."""
+    async def get():
+        with trio.fail_after(20):
+            while True:
+                try:
+                    return await request(gw.admin_port, "GET", "/metrics")
+                except OSError:
+                    await trio.sleep(0.1)
+
+    status, _, raw = trio.run(get)
+    assert status == 200
+    for line in raw.decode().splitlines():
+        if line.startswith("seg_fast_incidents_total{") and 'kind="smime_ldap_unavailable"' in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+@pytest.mark.parametrize("mode", ["huge", "flood", "silent", "down"])
+def test_hostile_directory_leaves_the_answer_unchanged_and_is_counted(hostile, sim, mode):
+    gw, server = hostile
+    server.mode = mode
+    before = unavailable_count(gw)
+    to = [f"{mode}{i}@seg-fast.test" for i in range(3)]
+    body = rr_request(to)
+    assert ask(gw.port, body).body == ask(sim, body).body
+    end = time.monotonic() + 20
+    while unavailable_count(gw) <= before and time.monotonic() < end:
+        time.sleep(0.1)
+    assert unavailable_count(gw) > before
+    assert gw.proc.poll() is None
+    server.mode = "empty"
+
+
+def test_negative_answers_are_cached(hostile, sim):
+    gw, server = hostile
+    server.mode = "empty"
+    body = rr_request(["cached1@seg-fast.test", "cached2@seg-fast.test"])
+    end = time.monotonic() + 20
+    while True:                   # past any back-off left by the hostile modes
+        n = server.searches
+        ask(gw.port, body)
+        if server.searches == n + 2 or time.monotonic() > end:
+            break
+        time.sleep(0.2)
+    assert server.searches == n + 2
+    ask(gw.port, body)
+    ask(gw.port, body)
+    assert server.searches == n + 2            # answered from the cache
