@@ -267,6 +267,9 @@ async def run_checks(config, connect: bool) -> list[Finding]:
     findings += await check_store(config)
     if connect:
         findings += await check_connect(config)
+    from seg_fast.kcd.check import findings as kcd_findings    # client certificates and KCD
+
+    findings += [Finding(*f) for f in await kcd_findings(config, connect)]
     return findings
 
 

@@ -13,6 +13,7 @@ import msgspec
 
 from seg_fast.content.settings import ContentSettings
 from seg_fast.errors import ConfigError
+from seg_fast.kcd.settings import CertMapSettings, KcdSettings
 from seg_fast.ldapcerts import SmimeSettings
 from seg_fast.policy.settings import PolicySettings
 from seg_fast.statedir import DEFAULT_STATE_DIR, resolve
@@ -40,6 +41,12 @@ class ListenerSettings(_Section):
     # The gateway's URL as devices reach it ("https://mail.example.com"): where a 451/302
     # from the mail server sends the device. Empty: the device is told to retry (503).
     external_url: str = ""
+    # Device TLS client certificates (docs/kcd.md): "off", "optional" or "required". A
+    # certificate's mapped user ([cert_map]) is the user policies decide on; one that is
+    # expired, revoked or does not map gets 403 (the transaction log says why).
+    client_cert: str = "off"
+    client_ca: str = ""              # PEM CA certificate(s) device certificates must chain to
+    client_crl: str = ""             # CRL file(s) of that CA (PEM or DER), re-read when it changes
 
 
 class UpstreamSettings(_Section):
@@ -153,6 +160,8 @@ class Config(_Section):
     log: LogSettings = LogSettings()
     policy: PolicySettings = PolicySettings()
     security: ContentSettings = ContentSettings()
+    cert_map: CertMapSettings = CertMapSettings()
+    kcd: KcdSettings = KcdSettings()
     smime: SmimeSettings = SmimeSettings()
 
 
@@ -334,6 +343,9 @@ def _check(config: Config, where: str, overrides) -> None:
     from seg_fast.ldapcerts import config_problems as smime_problems
 
     problems += smime_problems(config)
+    from seg_fast.kcd.settings import problems as kcd_problems
+
+    problems += kcd_problems(config)
     for name in msgspec.structs.fields(TimeoutSettings):
         if getattr(config.timeouts, name.name) <= 0:
             problems.append((f"timeouts.{name.name}", "must be positive"))

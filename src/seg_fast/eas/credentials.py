@@ -13,6 +13,9 @@ user from the credential itself rather than from the device's ``User=`` hint:
   handshake and names no one (``handshake`` in the result).
 - Kerberos / SPNEGO ``Negotiate``, other schemes, no header: no user.
 
+With listener.client_cert on, a client certificate's mapped user takes precedence
+(kcd/clientcert.py, identity CERTIFICATE): User= and any credential must agree with it.
+
 Anything malformed in a scheme that is read raises EASRequestError (HTTP 400).
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from seg_fast.errors import EASRequestError
 CREDENTIAL = "credential"   # the credential names the user (the mail server verifies it)
 HANDSHAKE = "handshake"     # NTLM type 1: no user yet; the mail server answers with a challenge
 NONE = "none"               # the credential names no user (or there is none): User= is a claim
+CERTIFICATE = "certificate" # the device's TLS client certificate names the user (kcd/clientcert.py)
 
 # Schemes that authenticate a connection rather than a request (MS-NLMP, RFC 4559).
 CONNECTION_SCHEMES = frozenset({"ntlm", "negotiate"})

@@ -79,6 +79,11 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
         return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")], b"malformed ActiveSync request\n")
     rec.command, rec.user, rec.device_id, rec.device_type = req.command, req.user, req.device_id, req.device_type
     rec.client_ip = req.client_ip        # past trusted proxies (listener.trusted_proxies)
+    certauth = getattr(gw, "certauth", None)
+    if certauth is not None:             # the client certificate's user decides (kcd/clientcert.py)
+        refusal = certauth.admit(dev.stream, req, rec)
+        if refusal is not None:
+            return await _answer(dev, rec, *refusal)
     if gw.stats.dx.active:               # targeted (Dx) logging: keep this request's headers
         gw.stats.dx.begin(rec, full)
 
@@ -104,6 +109,12 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
         status = await _unavailable(gw, dev, rec, "limits.max_unsent_bytes reached")
         gatekeeper.record(req, decision, status)
         return status
+    if getattr(gw, "kcd", None) is not None:     # Negotiate as the certificate's user (kcd/delegation.py)
+        full, refusal = await gw.kcd.authorize(certauth.identity_of(dev.stream), req, full, rec)
+        if refusal is not None:
+            await _answer(dev, rec, *refusal)
+            gatekeeper.record(req, decision, rec.status)
+            return rec.status
     result = None
     try:
         result = await _forward(gw, dev, request, full, req, decision, answer_tx, request_tx, rec, t0)

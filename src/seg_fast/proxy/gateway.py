@@ -8,6 +8,7 @@ import ssl
 import trio
 
 from seg_fast.content import pipeline as content_pipeline
+from seg_fast.kcd import clientcert, delegation
 from seg_fast.ldapcerts import CertLookup
 from seg_fast.observe import TransactionLog
 from seg_fast.oslimits import raise_nofile_limit
@@ -122,6 +123,12 @@ class Gateway:
             self.tls_context = self._tls_override
         else:
             self.tls_context = listener_tls_context(config.listener)
+            if self.tls_context is not None:      # device certificates (kcd/clientcert.py)
+                clientcert.require_certificates(self.tls_context, config.listener)
+        # Device certificates' users and Kerberos constrained delegation (kcd/); kept across
+        # a reload that leaves their settings as they were (the ticket cache with them).
+        self.certauth = clientcert.CertAuth.build(config, getattr(self, "certauth", None))
+        self.kcd = delegation.Delegator.build(config, str(self.config_path or "(config)"), getattr(self, "kcd", None))
         # S/MIME certificates from LDAP for ResolveRecipients ([smime]); the cache survives
         # a reload that leaves the section as it was.
         old_certs = getattr(self, "certs", None)

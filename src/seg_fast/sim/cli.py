@@ -33,6 +33,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--path", action="append", default=[],
                     help="EAS path to serve (repeatable), e.g. /servlet/traveler (IBM Traveler) or /EAS "
                          "(GroupWise); default: /Microsoft-Server-ActiveSync, /servlet/traveler and /EAS")
+    ap.add_argument("--negotiate-keytab", help="accept only Kerberos (Negotiate) tokens for this keytab's "
+                                               "service (needs python-gssapi)")
     ap.add_argument("--no-provisioning", action="store_true",
                     help="do not require the Provision policy key")
     args = ap.parse_args(argv)
@@ -77,6 +79,10 @@ async def run(args: argparse.Namespace, task_status=trio.TASK_STATUS_IGNORED) ->
     sim = MailboxSimulator(password=args.password, seed=args.seed, initial_messages=args.initial,
                            require_provisioning=not args.no_provisioning,
                            **({"paths": tuple(args.path)} if args.path else {}))
+    if args.negotiate_keytab:
+        from seg_fast.sim.negotiate import NegotiateAcceptor
+
+        sim.negotiate = NegotiateAcceptor(args.negotiate_keytab)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: sim.serve(args.host, args.port, ssl_context=ctx,
                                                           task_status=task_status))

@@ -132,6 +132,8 @@ class MailboxSimulator:
         # Encoded Sync items and fetched attachments reused across answers (splice.py);
         # splice_answers=False builds every answer from its whole tree (the reference).
         self.splice_cache = Cache() if splice_answers else None
+        # A NegotiateAcceptor (negotiate.py): only Kerberos tokens for its keytab authenticate.
+        self.negotiate = None
 
     # -- the mailbox side ---------------------------------------------------------------
     def mailbox(self, user: str) -> Mailbox:
@@ -341,7 +343,8 @@ class MailboxSimulator:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
         user = self._authenticate(headers.get("authorization"))
         if user is None:
-            return Answer(401, [(b"www-authenticate", b'Basic realm="seg-fast sim"')], b"")
+            return Answer(401, [(b"www-authenticate", b"Negotiate" if self.negotiate is not None
+                                 else b'Basic realm="seg-fast sim"')], b"")
         if method == "OPTIONS":
             return Answer(200, [(b"ms-asprotocolversions", ",".join(VERSIONS).encode()),
                                 (b"ms-asprotocolcommands", ",".join(SUPPORTED).encode()),
@@ -397,6 +400,8 @@ class MailboxSimulator:
         return Answer(404, [], b"")
 
     def _authenticate(self, value: str | None) -> str | None:
+        if self.negotiate is not None:       # a fresh token per request: nothing remembered
+            return self.negotiate.user_of(value)
         # a device sends the same header every time: remembered (bounded) once checked
         hit = self._auth_ok.get(value)
         if hit is not None and hit[0] == self.password:
