@@ -35,3 +35,6 @@ def _find_fixtures() -> Path:
 
 
 REAL_SERVER = _find_fixtures()
+
+# One SOGo stack (tests/sogo_server.py) for every test_sogo_* module, started on first use.
+from sogo_server import sogo  # noqa: E402,F401
