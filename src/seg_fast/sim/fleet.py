@@ -258,15 +258,20 @@ class Device:
         head = request_head(self.target(cmd), f.head_const + b"Authorization: " + self.auth + b"\r\n",
                             self.policy_key.encode(), seq, len(body))
         t = trio.current_time()
+        res = None
         try:
-            with trio.fail_after(timeout):
-                status, headers, answer = await conn.request(head, body)
-        except trio.TooSlowError:
-            st.fail(f"{cmd}.timeout", f"{self.device_id} no answer in {timeout:.0f}s")
-            return None
+            # a bare CancelScope: fail_after's context-manager wrapper cost more than
+            # the rest of the request's bookkeeping
+            with trio.CancelScope(deadline=t + timeout):
+                res = await conn.request(head, body)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, WireError) as exc:
             st.fail(f"{cmd}.connection", f"{self.device_id} {type(exc).__name__}: {exc}")
             return None
+        if res is None:
+            conn.reusable = False
+            st.fail(f"{cmd}.timeout", f"{self.device_id} no answer in {timeout:.0f}s")
+            return None
+        status, headers, answer = res
         elapsed = trio.current_time() - t
         if f.tls is not None and self.tls_session is None:
             self.tls_session = conn.stream.session     # TLS 1.3: the ticket came with the answer
@@ -343,8 +348,9 @@ class Device:
 
     async def _connect(self, cmd: str) -> HttpConn | None:
         f = self.fleet
+        conn = None
         try:
-            with trio.fail_after(30):
+            with trio.CancelScope(deadline=trio.current_time() + 30):
                 conn = await HttpConn.open(f.go.host, f.go.port, self.local, f.tls, self.tls_session)
                 if f.tls is not None:
                     await conn.stream.do_handshake()
@@ -352,7 +358,10 @@ class Device:
                     if conn.stream.session_reused:
                         f.stats.tls_resumed += 1
                 return conn
+            raise trio.TooSlowError("no connection in 30s")
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            if conn is not None:
+                await conn.aclose()
             f.stats.conn_errors += 1
             f.stats.fail(f"{cmd}.connect", f"{self.device_id} {type(exc).__name__}: {exc}")
             return None

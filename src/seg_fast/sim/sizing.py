@@ -38,6 +38,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from seg_fast.sim.cgroup import CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import Go, ShardSpec
 from seg_fast.sim.latency import OTHER, added_latency, lat_summary
 
@@ -81,6 +82,9 @@ class Options(msgspec.Struct, kw_only=True):
     fault: str = ""               # tests only: a fault the shards inject ("corrupt")
     tls: bool = True              # devices speak TLS 1.3 to the gateway, nginx and (direct) the simulator
     repeat: int = 2               # runs per point; a claim needs two that both meet
+    # > 0: the proxy's processes are also held to this fraction of their core by a
+    # cgroup (seg_fast.sim.cgroup); N devices at f stand for N/f per core
+    cgroup_fraction: float = 0.0
 
 
 # -- /proc sampling -------------------------------------------------------------------
@@ -232,8 +236,10 @@ def policy_file(security: str, devices: int) -> dict:
 class Proxy:
     """Gateway instances or nginx, started pinned to the gateway core."""
 
-    def __init__(self, kind: str, opts: Options, workdir: Path, sims: list[tuple[str, int]]):
+    def __init__(self, kind: str, opts: Options, workdir: Path, sims: list[tuple[str, int]], cgroup=None):
         self.kind, self.opts, self.dir, self.sims = kind, opts, workdir, sims
+        # every process of the proxy starts inside the CPU-limited group, if any
+        self.wrap = cgroup.prefix() if cgroup is not None else []
         self.procs: list[subprocess.Popen] = []
         self.listen: list[tuple[str, int]] = []
 
@@ -285,7 +291,7 @@ class Proxy:
         for k, cfg in enumerate(configs):
             # Each instance is one gateway worker (`serve --worker`, what the control
             # process starts per core), so K shards do not also pay K control processes.
-            cmd = prio(self.opts) + pinned(self.opts.gateway_cpu) + [
+            cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + [
                 sys.executable, "-m", "seg_fast", "serve", "--worker", "--config", str(cfg)]
             self.procs.append(subprocess.Popen(cmd, cwd=self.dir, env=child_env(), stdout=subprocess.DEVNULL,
                                                stderr=open(self.dir / f"gateway{k}.err", "wb")))
@@ -316,7 +322,7 @@ class Proxy:
                "  ssl_protocols TLSv1.3; ssl_session_cache shared:SSL:64m; ssl_session_tickets on;\n"
                if self.opts.tls else "")
             + "".join(ups) + "".join(servers) + "}\n")
-        cmd = prio(self.opts) + pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
+        cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
         self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                            stderr=open(self.dir / "nginx.stderr", "wb")))
 
@@ -424,6 +430,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     env = child_env()
     shards: list[Shard] = []
     proxy = None
+    cgroup = cgroup_info = None
     samples: list[tuple[float, float, int, float, float, float]] = []
     try:
         for spec in specs:
@@ -441,7 +448,9 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             sh.sim_tls = (sh.spec.sim_host, first.get("sim_tls_port"))
         targets = [sh.sim_tls if opts.tls else sh.sim for sh in shards]
         if path in ("gateway", "nginx"):
-            proxy = Proxy(path, opts, workdir, [sh.sim for sh in shards])   # plain upstream
+            if opts.cgroup_fraction > 0:
+                cgroup = CpuLimit(opts.cgroup_fraction).__enter__()
+            proxy = Proxy(path, opts, workdir, [sh.sim for sh in shards], cgroup)   # plain upstream
             await proxy.start()
             targets = proxy.listen
         t0 = time.time() + 1.0
@@ -506,6 +515,9 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
         with trio.CancelScope(shield=True):     # interrupted or not: leave nothing running
             if proxy is not None:
                 proxy.stop()
+            if cgroup is not None:
+                cgroup_info = cgroup.throttling()      # the evidence the limit bit
+                cgroup.remove()
             for sh in shards:
                 if sh.proc.returncode is None:
                     sh.proc.kill()
@@ -518,6 +530,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             raise RuntimeError(f"shard {spec.shard} wrote no result; see its output") from None
     summary = summarize_path(path, opts, results, samples, w0, w1, server_died)
     summary["server"]["fds_max"] = server_fds[0]
+    summary["server"]["cgroup"] = cgroup_info
     return summary
 
 
@@ -653,6 +666,11 @@ def judge(point: dict, opts: Options) -> dict:
     broke: list[str] = []          # the service level itself
     invalid: list[str] = []        # the measurement
     caveats: list[str] = []
+    held = opts.cgroup_fraction or 1.0     # of core 0: the proxy's allowance
+    if opts.cgroup_fraction:
+        for name in ("gateway", "nginx"):
+            if name in paths and not paths[name]["server"].get("cgroup"):
+                invalid.append(f"{name}: the cgroup CPU limit was not applied")
     for name, p in paths.items():
         invalid += [f"{name}: {x}" for x in load_problems(p, opts)]
         caveats += contention(p)
@@ -685,8 +703,9 @@ def judge(point: dict, opts: Options) -> dict:
             if v["p999"] > SLO_ADDED_P999_MS:
                 broke.append(f"paired added p99.9 {v['p999']:.1f} ms on {label}, n={v['n']} "
                              f"> {SLO_ADDED_P999_MS:.0f} ms")
-        if gw["server"]["cpu_share"] > SLO_CPU_SHARE:
-            broke.append(f"gateway CPU {100 * gw['server']['cpu_share']:.0f}% of its core > 80%")
+        if gw["server"]["cpu_share"] > SLO_CPU_SHARE * held:
+            broke.append(f"gateway CPU {100 * gw['server']['cpu_share']:.0f}% of a core > 80% of the "
+                         f"{held:g} core it was held to")
         if gw["server"]["rss_kib_max"] > SLO_RSS_KIB:
             broke.append(f"gateway RSS {gw['server']['rss_kib_max'] / 1024:.0f} MiB > 2 GiB")
     if gw and not direct:
@@ -703,7 +722,9 @@ def judge(point: dict, opts: Options) -> dict:
             metrics[name] = {"cpu_s_per_device_hour": round(s["cpu_s"] / (n * hours), 6),
                              "kib_per_device": round(s["rss_kib_max"] / n, 2),
                              "kib_per_device_marginal": round((s["rss_kib_max"] - s["rss_kib_idle"]) / n, 2),
-                             "cpu_share": s["cpu_share"], "rss_mib": round(s["rss_kib_max"] / 1024, 1)}
+                             "cpu_share": s["cpu_share"], "rss_mib": round(s["rss_kib_max"] / 1024, 1),
+                             "held_to_cores": held, "devices_per_core": round(n / held),
+                             "cgroup": s.get("cgroup")}
     for name, p in paths.items():
         ld = p["load"]
         metrics.setdefault("load", {})[name] = {
@@ -719,7 +740,7 @@ def judge(point: dict, opts: Options) -> dict:
         metrics["gateway_cpu_vs_nginx"] = round(metrics["gateway"]["cpu_s_per_device_hour"]
                                                 / metrics["nginx"]["cpu_s_per_device_hour"], 2)
     meets = bool(gw) and not broke and not invalid
-    return {"devices": n, "meets": meets, "broke": broke, "invalid": invalid, "caveats": caveats,
+    return {"devices": n, "held_to_cores": held, "meets": meets, "broke": broke, "invalid": invalid, "caveats": caveats,
             "added_latency_ms": added, "metrics": metrics}
 
 
@@ -772,7 +793,8 @@ def combine(runs: list[dict], repeat: int) -> dict:
     added, metrics = verdicts[0]["added_latency_ms"], verdicts[0]["metrics"]
     for v in verdicts[1:]:
         added, metrics = _worse(added, v["added_latency_ms"]), _worse(metrics, v["metrics"])
-    return {"devices": runs[0]["devices"], "runs": len(runs),
+    return {"devices": runs[0]["devices"], "held_to_cores": verdicts[0].get("held_to_cores", 1.0),
+            "runs": len(runs),
             "meets": all(v["meets"] for v in verdicts) and not broke and not invalid,
             "broke": broke, "invalid": invalid, "caveats": caveats,
             "runs_meet": [v["meets"] for v in verdicts],
@@ -818,9 +840,11 @@ def machine() -> dict:
 
 def headline(points: list[dict], security: str) -> dict:
     good = [p for p in points if p["verdict"]["meets"]]
-    best = max(good, key=lambda p: p["devices"], default=None)
-    out = {"security": security, "best_devices_per_core": best["devices"] if best else None,
-           "devices_per_2_cores": 2 * best["devices"] if best else None,
+    per_core = lambda p: round(p["devices"] / p["verdict"].get("held_to_cores", 1.0))
+    best = max(good, key=per_core, default=None)
+    out = {"security": security, "best_devices_per_core": per_core(best) if best else None,
+           "devices_per_2_cores": 2 * per_core(best) if best else None,
+           "held_to_cores": best["verdict"].get("held_to_cores", 1.0) if best else None,
            "vendor_v2_per_2_cores": 2 * VENDOR["v2"][security],
            "vendor_classic_per_2_cores": 2 * VENDOR["classic"][security],
            "goal_per_core": GOAL[security]}
@@ -883,11 +907,53 @@ def strip_raw(point: dict) -> dict:
     return out
 
 
-async def bench(opts: Options, search: bool, max_devices: int, say) -> dict:
+# The cgroup cross-check: (fraction of core 0, multiple of N); per-core figures of
+# the two points must agree within CROSSCHECK_TOLERANCE.
+CROSSCHECK = ((0.5, 1), (1.0, 2))
+CROSSCHECK_TOLERANCE = 0.10
+
+
+def crosscheck(points: list[dict]) -> dict:
+    """Two points of the same gateway held to different fractions f of a core with
+    N proportional to f. Linear scaling and an honest limit give the same gateway
+    CPU per device-hour (the same projected devices per core) at both; the N/f
+    per-core claim stands only when both meet the service level and they agree."""
+    rows = []
+    for p in points:
+        v = p["verdict"]
+        g = v["metrics"].get("gateway", {})
+        held = v.get("held_to_cores", 1.0)
+        rows.append({"devices": p["devices"], "held_to_cores": held, "meets": v["meets"],
+                     "devices_per_core": round(p["devices"] / held),
+                     "cpu_s_per_device_hour": g.get("cpu_s_per_device_hour"),
+                     "cpu_share_of_allowance": round(g["cpu_share"] / held, 4) if g.get("cpu_share") else None,
+                     "projected_devices_per_core_at_80pct": g.get("projected_devices_at_80pct_cpu"),
+                     "cgroup": g.get("cgroup")})
+    costs = [r["cpu_s_per_device_hour"] for r in rows]
+    spread = (round(abs(costs[0] - costs[1]) / max(costs), 4)
+              if len(costs) == 2 and all(costs) else None)
+    agree = spread is not None and spread <= CROSSCHECK_TOLERANCE
+    why = []
+    if spread is None:
+        why.append("the gateway's CPU per device-hour was not measured at both fractions")
+    elif not agree:
+        why.append(f"gateway CPU per device-hour differs by {100 * spread:.1f}% between the fractions "
+                   f"(> {100 * CROSSCHECK_TOLERANCE:.0f}%)")
+    for r in rows:
+        if not r["meets"]:
+            why.append(f"{r['devices']} devices at {r['held_to_cores']:g} core missed the service level")
+    claim = min(r["devices_per_core"] for r in rows) if agree and not why else None
+    return {"points": rows, "cpu_spread": spread, "tolerance": CROSSCHECK_TOLERANCE, "agree": agree,
+            "devices_per_core": claim, "why_not": why}
+
+
+async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check: bool = False) -> dict:
     points: list[dict] = []
 
-    async def at(n: int) -> dict:
+    async def at(n: int, fraction: float | None = None) -> dict:
         o = msgspec.structs.replace(opts, devices=n)
+        if fraction is not None:
+            o = msgspec.structs.replace(o, cgroup_fraction=fraction)
         p = await measure(o, say)
         v = p["verdict"]
         say(f"[N={n}] {'MEETS' if v['meets'] else 'misses'} the service level"
@@ -897,7 +963,15 @@ async def bench(opts: Options, search: bool, max_devices: int, say) -> dict:
         points.append(p)
         return p
 
-    if not search:
+    cross = None
+    if cgroup_check:
+        pair = [await at(opts.devices * k, f) for f, k in CROSSCHECK]
+        cross = crosscheck(pair)
+        say(f"cgroup cross-check: {'AGREE' if cross['agree'] else 'do not agree'}"
+            + (f" (spread {100 * cross['cpu_spread']:.1f}%)" if cross["cpu_spread"] is not None else "")
+            + (f"; {cross['devices_per_core']} devices per core" if cross["devices_per_core"] else "")
+            + "".join(f"\n    {w}" for w in cross["why_not"]))
+    elif not search:
         await at(opts.devices)
     else:
         # A point the load side could not drive says nothing about the gateway:
@@ -928,9 +1002,16 @@ async def bench(opts: Options, search: bool, max_devices: int, say) -> dict:
             else:
                 say(f"search stopped: the load side could not drive {mid} devices")
                 break
-    return {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": headline(points, opts.security),
-        "points": points}
+    head = headline(points, opts.security)
+    report = {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": head, "points": points}
+    if cross is not None:
+        # the cross-check claims only what both fractions agree on
+        head["best_devices_per_core"] = cross["devices_per_core"]
+        head["devices_per_2_cores"] = 2 * cross["devices_per_core"] if cross["devices_per_core"] else None
+        head["cgroup_crosscheck"] = {k: cross[k] for k in ("agree", "cpu_spread", "why_not")}
+        report["crosscheck"] = cross
+    return report
 
 
 def security_available() -> bool:
@@ -968,6 +1049,12 @@ def cli(argv: list[str]) -> int:
                     help="devices speak TLS 1.3 to the gateway, nginx and the direct simulator")
     ap.add_argument("--repeat", type=int, default=2,
                     help="runs per point; a claim needs two that both meet the service level")
+    ap.add_argument("--cgroup-fraction", type=float, default=0.0,
+                    help="also hold the proxy to this fraction of its core with a cgroup CPU limit "
+                         "(N devices then stand for N/f per core)")
+    ap.add_argument("--cgroup-check", action="store_true",
+                    help="cross-check: N at 0.5 core and 2N at 1.0 core (cgroup); per-core figures "
+                         f"must agree within {100 * CROSSCHECK_TOLERANCE:.0f}%%")
     ap.add_argument("--rate-scale", type=float, default=1.0, help="development only: compress time")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -978,10 +1065,20 @@ def cli(argv: list[str]) -> int:
         print("seg-fast bench sizing: --security on needs `seg-fast policy load`, "
               "which is not in this tree yet", file=sys.stderr)
         return 2
+    if a.cgroup_fraction or a.cgroup_check:
+        found = find_cpu_controller()
+        if isinstance(found, str):
+            print(f"seg-fast bench sizing: no cgroup CPU control here: {found}", file=sys.stderr)
+            return 2
+        if a.cgroup_check and (a.cgroup_fraction or a.search):
+            print("seg-fast bench sizing: --cgroup-check picks its own fractions; it takes no "
+                  "--cgroup-fraction or --search", file=sys.stderr)
+            return 2
     opts = Options(devices=a.devices, hold=a.hold, ramp=a.ramp, settle=a.settle, drain=a.drain,
                    paths=[p for p in a.paths.split(",") if p], security=a.security,
                    shard_size=a.shard_size, repeat=a.repeat, tls=a.tls,
                    rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, nice=a.nice,
+                   cgroup_fraction=a.cgroup_fraction,
                    gateway_cpu=0, load_cpu=1 if (os.cpu_count() or 1) > 1 else 0)
 
     def say(msg: str) -> None:
@@ -998,7 +1095,7 @@ def cli(argv: list[str]) -> int:
                         nursery.cancel_scope.cancel()
                         return
                 nursery.start_soon(watch)
-                out = await bench(opts, a.search, a.max_devices, say)
+                out = await bench(opts, a.search, a.max_devices, say, cgroup_check=a.cgroup_check)
                 nursery.cancel_scope.cancel()
                 return out
 
@@ -1021,7 +1118,7 @@ def cli(argv: list[str]) -> int:
 def summary(report: dict) -> dict:
     """The small record kept in git: machine, commit, options, headline and every
     point's verdict (both runs' outcome, the worse run's figures); no timelines."""
-    return {k: report[k] for k in ("machine", "options", "when", "headline")} | {
+    return {k: report[k] for k in ("machine", "options", "when", "headline", "crosscheck") if k in report} | {
         "points": [{"devices": p["devices"], "verdict": p["verdict"]} for p in report["points"]]}
 
 
