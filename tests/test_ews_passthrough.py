@@ -28,6 +28,7 @@ from processes import REPO, start_serve, stop_process
 from redis_server import free_port
 
 PASSWORD = "pw-ews"
+ADMIN_TOKEN = "adm-ews"
 EXTERNAL = "https://mail.example.com"
 DEADLINE = 1.5                        # timeouts.request_head / request_body / device_write here
 EWS = "/EWS/Exchange.asmx"
@@ -106,14 +107,14 @@ def env(tmp_path_factory):
                            cwd=tmp, env=pyenv)
     try:
         sim_port = json.loads(sim.stdout.readline())["sim_port"]
-        port = free_port()
+        port, admin_port = free_port(), free_port()
         cfg = tmp / "gw.toml"
         tx_log = tmp / "tx.log"
         cfg.write_text(
             f'workers = 1\n'
             f'[listener]\nhost = "127.0.0.1"\nport = {port}\nexternal_url = "{EXTERNAL}"\n'
             f'[upstream]\nurl = "http://127.0.0.1:{sim_port}"\n'
-            f'[admin]\nenabled = false\n'
+            f'[admin]\nport = {admin_port}\ntoken = "{ADMIN_TOKEN}"\n'
             f'[log]\ntransactions = "{tx_log}"\n'
             f'[timeouts]\nrequest_head = {DEADLINE}\nrequest_body = {DEADLINE}\ndevice_write = {DEADLINE}\n'
             f'[ews]\nenabled = true\nallowed_sources = ["127.0.0.1/32"]\n'
@@ -125,7 +126,9 @@ def env(tmp_path_factory):
         proc = start_serve(cfg, tmp)
         try:
             _wait_listening(port, proc)
-            yield Env(proc, port, sim, sim_port, tx_log)
+            e = Env(proc, port, sim, sim_port, tx_log)
+            e.admin_port = admin_port
+            yield e
         finally:
             stop_process(proc)
     finally:
@@ -506,3 +509,44 @@ def test_connect_and_absolute_form_targets_are_not_forwarded(env):
     raw = exchange(env.port, b"GET http://127.0.0.1/owa/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert [r.status_code for r, _ in answers(raw, "GET")] == [404]
     assert len(env.web_log()) == before
+
+
+# -- the transaction log areas ---------------------------------------------------------------------
+
+def _set_levels(env, levels: dict) -> None:
+    req = urllib.request.Request(f"http://127.0.0.1:{env.admin_port}/seg/logging", method="PUT",
+                                 data=json.dumps(levels).encode(),
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=20) as r:
+        assert r.status == 200
+        assert json.loads(r.read())[next(iter(levels))] == next(iter(levels.values()))
+
+
+def test_ews_records_have_their_own_logging_area(env):
+    """transactions_ews off: no EWS records while webmail's are still written; on again: back."""
+    def probe(tag: str) -> bool:
+        """Whether an EWS request was written: one as user ews-<tag>, then a webmail request as
+        web-<tag>; once the webmail record is in the log (flushed), so is the EWS one if written."""
+        assert ews(env, f"ews-{tag}", subscribe_body())[0] == 200
+        assert request(env.port, "GET", "/owa/auth/logon.aspx", {"Authorization": _auth(f"web-{tag}")})[0] == 200
+
+        def users():
+            found = {r.get("user") for r in env.records()}
+            return found if f"web-{tag}" in found else None
+        return f"ews-{tag}" in _wait_for(users)
+
+    _set_levels(env, {"transactions_ews": "off"})
+    try:
+        # The worker follows the store within a second: probe until a probe goes unwritten.
+        end, i = time.monotonic() + 20, 0
+        while probe(f"a{i}"):
+            assert time.monotonic() < end, "transactions_ews off did not stop the EWS records"
+            i += 1
+        assert not probe("b0") and not probe("b1")
+    finally:
+        _set_levels(env, {"transactions_ews": "info"})
+    end, i = time.monotonic() + 20, 0
+    while not probe(f"c{i}"):
+        assert time.monotonic() < end, "transactions_ews back on did not bring the EWS records back"
+        i += 1
