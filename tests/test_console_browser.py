@@ -24,6 +24,7 @@ from seg_fast.policy.model import DeviceRecord, ManagedDevicePolicies, PolicyDoc
 from seg_fast.policy.store import SqliteStore
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.mailbox import MailboxSimulator
+from seg_fast.sim.state import INBOX
 from seg_fast.sim.tree import E, text
 from processes import start_serve, stop_process
 
@@ -37,6 +38,14 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
 TOKEN = "browser-admin-token-Q4"
 PASSWORD = "pw-Kx93-not-in-any-log"
 FOLDERSYNC = E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0"))
+
+
+def sync_req(key: str):
+    """Inbox Sync; after the first, changes with HTML bodies."""
+    return E("AirSync:Sync", E("AirSync:Collections", E(
+        "AirSync:Collection", E("AirSync:SyncKey", key), E("AirSync:CollectionId", INBOX),
+        E("AirSync:GetChanges") if key != "0" else None, E("AirSync:WindowSize", 50) if key != "0" else None,
+        E("AirSync:Options", E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", 2))) if key != "0" else None)))
 
 
 async def folder_sync(port: int, device_id: str) -> str:
@@ -274,6 +283,57 @@ async def test_console_in_a_real_browser(tmp_path):
             assert "<SyncKey>0</SyncKey>" in y["request_xml"] and "<Status>1</Status>" in y["answer_xml"]
             assert "<DisplayName>(" in y["answer_xml"] and "Inbox" not in y["answer_xml"]
             assert PASSWORD.encode() not in raw
+
+            # Dx for a user from the Settings tab; a session with mail; the user's log downloaded
+            # through the page holds the Sync both ways but neither the message nor the password.
+            await page.click("#tabs [data-tab=settings]")
+            await page.until(lambda: driver.find_element("id", "dx-target").is_displayed())
+            from selenium.webdriver.support.ui import Select
+            await page.run(lambda: Select(driver.find_element("id", "dx-kind")).select_by_visible_text("user"))
+            await page.run(lambda: driver.find_element("id", "dx-target").send_keys("jdoe"))
+            await page.click("#dx-start")
+            await page.until(lambda: any(r.text.startswith("user jdoe") for r in
+                                         driver.find_elements("css selector", "#dx-rows tr")))
+            with trio.fail_after(15):        # the worker reads the targets once a second
+                while True:
+                    _, _, body = await request(admin_port, "GET", "/seg/stats", token=TOKEN)
+                    if json.loads(body)["total"].get("dx_targets", 0) >= 3:     # two devices and jdoe
+                        break
+                    await trio.sleep(0.2)
+            msg = sim.corpus.message(0)                    # the Inbox's one message
+            c = EasClient("127.0.0.1", gw_port, "jdoe", PASSWORD, "BADPHONE", version="14.1")
+            try:
+                with trio.fail_after(20):
+                    while True:
+                        try:
+                            await c.provision()
+                            break
+                        except ConnectionError:
+                            await trio.sleep(0.2)
+                    r = await c.request("Sync", sync_req("0"))
+                    key = text(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:SyncKey")
+                    r = await c.request("Sync", sync_req(key))
+                    assert msg.subject.encode() in r.body        # the device got the message itself
+            finally:
+                await c.aclose()
+            with trio.fail_after(15):
+                while True:
+                    ulog = await page.run(lambda: driver.execute_async_script(
+                        "const done = arguments[0];"
+                        "const a = [...document.querySelectorAll('#dx-rows a')].find(a => a.href.includes('/user/'));"
+                        "fetch(a.href, {credentials: 'same-origin'}).then(r => r.text()).then(done, e => done('ERR ' + e));"))
+                    got = [json.loads(z) for z in ulog.splitlines()]
+                    syncs = [z for z in got if z["command"] == "Sync" and "<Commands>" in z.get("answer_xml", "")]
+                    if syncs:
+                        break
+                    await trio.sleep(0.3)
+            z = syncs[-1]
+            assert {g["user"] for g in got} == {"jdoe"}
+            assert any(k.lower() == "ms-asprotocolversion" for k, _ in z["request_headers"])
+            assert "<Collections>" in z["request_xml"] and "<ApplicationData>" in z["answer_xml"]
+            assert PASSWORD not in ulog and msg.subject not in ulog
+            words = [w for w in msg.text.split() if len(w) > 8]
+            assert words and not any(w in ulog for w in words[:20])
         finally:
             if driver is not None:
                 await trio.to_thread.run_sync(driver.quit)
