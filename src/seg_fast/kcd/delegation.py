@@ -26,6 +26,7 @@ import trio
 from seg_fast.errors import ConfigError
 
 MARGIN = 120.0                 # seconds before a ticket's end that it is renewed
+MAX_USERS = 100_000             # users whose credentials a worker keeps
 # MIT krb5 error codes (krb5_err.et) inside GSS minor codes: the KDC says no for this user.
 _KDC_BASE = 2529638912                          # KRB5KDC_ERR_NONE as unsigned 32 bits
 _USER_REFUSALS = {6: "unknown to the KDC", 12: "refused by KDC policy",
@@ -147,14 +148,17 @@ class Delegator:
             finally:
                 del self._fetching[principal]
                 done.set()
-            self._prune(now)
+            if len(self.cache) > MAX_USERS:
+                self._prune(now)
             token, entry.token = entry.token, b""     # made by _fetch; a token is used once
             return token
 
     def _prune(self, now: float) -> None:
-        if len(self.cache) > 4096 and len(self.cache) % 64 == 0:
-            for key in [k for k, e in self.cache.items() if e.expires <= now]:
-                del self.cache[key]
+        # Expired entries first; a cache still full of live ones starts over (bounded memory).
+        for key in [k for k, e in self.cache.items() if e.expires <= now]:
+            del self.cache[key]
+        if len(self.cache) > MAX_USERS:
+            self.cache.clear()
 
     # -- blocking (worker threads) ---------------------------------------------------------
     def _token(self, entry: _Entry) -> bytes:

@@ -1,0 +1,219 @@
+"""Client certificates and KCD without sockets: the mapping, the dates, the CRL, the answers
+CertAuth.admit gives, the SPNEGO wrapping (pyspnego as the oracle) and the config checks."""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from kcd_certs import UPN_OID, TestCA
+from seg_fast.config import load_config
+from seg_fast.eas import credentials
+from seg_fast.eas.request import EasRequest
+from seg_fast.errors import ConfigError
+from seg_fast.kcd import clientcert
+from seg_fast.kcd.clientcert import CertAuth
+from seg_fast.kcd.settings import CertMapSettings
+from seg_fast.observe import Transaction
+
+
+def der(path: Path) -> bytes:
+    return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(serialization.Encoding.DER)
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    return TestCA(tmp_path_factory.mktemp("ca"))
+
+
+def auth_for(ca: TestCA, tmp_path: Path, *, crl: Path | None = None, kcd: bool = False, **cert_map) -> CertAuth:
+    server = ca.server_cert("srv")
+    cfg = tmp_path / "gw.toml"
+    extra = "".join(f'{k} = "{v}"\n' for k, v in cert_map.items())
+    cfg.write_text(
+        f'[listener]\ntls_cert = "{server[0]}"\ntls_key = "{server[1]}"\nclient_cert = "optional"\n'
+        f'client_ca = "{ca.ca_file}"\n' + (f'client_crl = "{crl}"\n' if crl else "") +
+        f"[cert_map]\n{extra}")
+    config = load_config(cfg, env={})
+    if kcd:     # admit() only needs to know KCD is on
+        import msgspec
+        config = msgspec.structs.replace(config, kcd=msgspec.structs.replace(config.kcd, enabled=True))
+    return CertAuth(config)
+
+
+class Stream:
+    def __init__(self, der_bytes: bytes | None):
+        self.der = der_bytes
+
+    def getpeercert(self, binary_form=False):
+        return self.der
+
+
+@pytest.mark.parametrize("cert_map, kw, user, principal", [
+    ({}, {"upn": "alice@kcd.test"}, "alice@kcd.test", "alice@KCD.TEST"),
+    ({"realm": "CORP.EXAMPLE"}, {"upn": "alice@kcd.test"}, "alice@kcd.test", "alice@CORP.EXAMPLE"),
+    ({"source": "email"}, {"email": "a.smith@example.com", "upn": "other@x"}, "a.smith@example.com",
+     "a.smith@EXAMPLE.COM"),
+    ({"source": "subject"}, {"cn": "jdoe"}, "jdoe", "jdoe"),
+    ({"source": "subject", "realm": "EXAMPLE.COM"}, {"cn": "jdoe"}, "jdoe", "jdoe@EXAMPLE.COM"),
+])
+def test_mapping(ca, tmp_path, cert_map, kw, user, principal):
+    auth = auth_for(ca, tmp_path, **cert_map)
+    cert_path = ca.client_cert("c", **kw)[0]
+    ident = auth.check(der(cert_path))
+    assert (ident.user, ident.principal, ident.problem) == (user, principal, "")
+
+
+def test_unmappable_and_odd_names(ca, tmp_path):
+    auth = auth_for(ca, tmp_path)
+    assert auth.check(der(ca.client_cert("n", email="x@y")[0])).problem == "no user in it (cert_map.source = upn)"
+    # A UPN that is not a UTF8String, and one with a control character.
+    for value, problem in ((b"\x16\x05alice", "no user in it (cert_map.source = upn)"),
+                           (b"\x0c\x06ali\nce", "its user name is not one")):
+        cert = _with_other_name(ca, value)
+        assert auth.check(cert.public_bytes(serialization.Encoding.DER)).problem == problem
+    # A long UPN: DER long-form length.
+    long_upn = "a" * 150 + "@kcd.test"
+    cert = _with_other_name(ca, b"\x0c\x81" + bytes([len(long_upn)]) + long_upn.encode())
+    assert auth.check(cert.public_bytes(serialization.Encoding.DER)).user == long_upn
+    # Another otherName type is not a UPN.
+    cert = _with_other_name(ca, b"\x0c\x05alice", oid=x509.ObjectIdentifier("1.3.6.1.5.2.2"))
+    assert auth.check(cert.public_bytes(serialization.Encoding.DER)).user is None
+
+
+def _with_other_name(ca: TestCA, value: bytes, oid=UPN_OID) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.OtherName(oid, value)]), critical=False)
+            .sign(ca.key, hashes.SHA256()))
+
+
+def test_dates(ca, tmp_path):
+    auth = auth_for(ca, tmp_path)
+    raw = der(ca.client_cert("d", upn="alice@kcd.test", valid_days=(1, 30))[0])
+    assert auth.check(raw).problem == "not yet valid"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert auth.check(raw, now=now + datetime.timedelta(days=2)).problem == ""
+    assert auth.check(raw, now=now + datetime.timedelta(days=31)).problem == "expired"
+
+
+def test_crl_revokes_checks_its_signature_and_is_reread(ca, tmp_path):
+    one = ca.client_cert("one", upn="one@kcd.test")[2]
+    two = ca.client_cert("two", upn="two@kcd.test")[2]
+    crl = ca.crl([one], tmp_path / "ca.crl")
+    auth = auth_for(ca, tmp_path, crl=crl)
+    raw = {c: c.public_bytes(serialization.Encoding.DER) for c in (one, two)}
+    assert auth.check(raw[one]).problem == "revoked"
+    assert auth.check(raw[two]).problem == ""
+    # Two revoked now, written as DER; seen at the next look (CRL_RECHECK) at the file.
+    new = x509.load_pem_x509_crl(ca.crl([one, two], tmp_path / "new.crl").read_bytes())
+    crl.write_bytes(new.public_bytes(serialization.Encoding.DER))
+    os.utime(crl, ns=(1, 10**18))
+    assert auth.check(raw[two]).problem == ""                 # not looked at yet
+    auth.crls.checked = 0.0
+    assert auth.check(raw[two]).problem == "revoked"
+    # A CRL another CA signed is refused at start (it would let revoked certificates in).
+    other = TestCA(tmp_path)
+    with pytest.raises(ConfigError, match="listener.client_crl: .*not signed by a CA of listener.client_ca"):
+        auth_for(ca, tmp_path, crl=other.crl([two], tmp_path / "other.crl"))
+
+
+def test_admit(ca, tmp_path):
+    auth = auth_for(ca, tmp_path)
+    raw = der(ca.client_cert("a", upn="alice@kcd.test")[0])
+
+    def admit(auth, der_bytes, user=None):
+        req = EasRequest(method="POST", path="/Microsoft-Server-ActiveSync", user=user)
+        rec = Transaction(ts=0.0, method="POST", user=user)
+        return auth.admit(Stream(der_bytes), req, rec), req, rec
+
+    answer, req, rec = admit(auth, raw, user="alice")
+    assert answer is None and req.user == rec.user == "alice@kcd.test" and req.identity == credentials.CERTIFICATE
+    answer, req, rec = admit(auth, raw, user="mallory")
+    assert answer[0] == 403 and req.user == "mallory" and "another user" in rec.error
+    # "optional" without KCD: no certificate, other credentials decide.
+    answer, req, rec = admit(auth, None, user="bob")
+    assert answer is None and req.user == "bob" and req.identity == credentials.NONE
+    # With KCD every request needs one.
+    answer, req, rec = admit(auth_for(ca, tmp_path, kcd=True), None, user="bob")
+    assert answer[0] == 403 and rec.error == "no client certificate (kcd.enabled needs one)"
+
+
+def test_identity_is_checked_once_per_connection(ca, tmp_path):
+    auth = auth_for(ca, tmp_path)
+    stream = Stream(der(ca.client_cert("a", upn="alice@kcd.test")[0]))
+    first = auth.identity_of(stream)
+    stream.der = b"garbage that would not parse"
+    assert auth.identity_of(stream) is first
+
+
+def test_spnego_wrapping_matches_pyspnego():
+    from spnego._spnego import NegTokenInit, unpack_token
+
+    from seg_fast.kcd.delegation import spnego_init
+
+    for size in (10, 120, 300, 70000):
+        krb5_token = b"\x60" + bytes(range(256)) * (size // 256) + b"k" * (size % 256)
+        ours = spnego_init(krb5_token)
+        parsed = unpack_token(ours)
+        assert parsed.mech_types == ["1.2.840.113554.1.2.2"] and parsed.mech_token == krb5_token
+        assert ours == NegTokenInit(mech_types=["1.2.840.113554.1.2.2"], mech_token=krb5_token).pack()
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "gw.toml"
+    p.write_text(text)
+    return p
+
+
+def test_config_errors_name_key_and_file(tmp_path, monkeypatch):
+    cfg = write(tmp_path, '[kcd]\nenabled = true\n')
+    with pytest.raises(ConfigError, match=rf"{cfg}: key kcd.keytab: needed with kcd.enabled"):
+        load_config(cfg, env={})
+    cfg = write(tmp_path, '[listener]\nclient_cert = "sometimes"\n')
+    with pytest.raises(ConfigError, match=rf"{cfg}: key listener.client_cert: must be"):
+        load_config(cfg, env={})
+    cfg = write(tmp_path, '[listener]\nclient_cert = "required"\nclient_ca = "ca.pem"\n')
+    with pytest.raises(ConfigError, match=r"key listener.client_cert: client certificates need TLS"):
+        load_config(cfg, env={})
+    full = ('[listener]\ntls_cert = "c.pem"\ntls_key = "k.pem"\nclient_cert = "required"\nclient_ca = "ca.pem"\n'
+            '[kcd]\nenabled = true\nkeytab = "gw.keytab"\nservice_principal = "HTTP/gw"\ntarget_spn = "HTTP/mail"\n')
+    cfg = write(tmp_path, full)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gssapi" else real(name, *a))
+    with pytest.raises(ConfigError, match=rf"{cfg}: key kcd.enabled: needs python-gssapi, which is not installed"):
+        load_config(cfg, env={})
+
+
+def test_delegator_without_gssapi_is_a_config_error(monkeypatch, tmp_path):
+    import sys
+
+    from seg_fast.kcd.delegation import Delegator
+    from seg_fast.kcd.settings import KcdSettings
+
+    keytab = tmp_path / "gw.keytab"
+    keytab.write_bytes(b"\x05\x02")
+    monkeypatch.setitem(sys.modules, "gssapi", None)        # import gssapi -> ImportError
+    with pytest.raises(ConfigError, match="gw.toml: key kcd.enabled: needs python-gssapi"):
+        Delegator(KcdSettings(enabled=True, keytab=str(keytab), service_principal="HTTP/gw",
+                              target_spn="HTTP/mail"), "gw.toml")
+    with pytest.raises(ConfigError, match="gw.toml: key kcd.keytab: cannot read /nonexistent"):
+        Delegator(KcdSettings(enabled=True, keytab="/nonexistent", service_principal="HTTP/gw",
+                              target_spn="HTTP/mail"), "gw.toml")
+
+
+def test_cert_map_defaults():
+    assert CertMapSettings().source == "upn"
+    assert clientcert.CertAuth.principal_for("CORP\\jdoe", "") == "CORP\\jdoe"
+    assert clientcert.CertAuth.principal_for("jdoe@sub.example.com", "") == "jdoe@SUB.EXAMPLE.COM"
