@@ -67,6 +67,7 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 ALLOWED_EWS = "allowed.ews"
 ALLOWED_WEBMAIL = "allowed.webmail"
 BLOCKED_SOURCE = "blocked.source_address"
+BLOCKED_CERTIFICATE = "blocked.certificate"     # kcd/: no, a refused or an undelegable certificate
 
 
 def config_problems(config) -> list[tuple[str, str]]:
@@ -205,9 +206,21 @@ class Passthrough:
                 if req.client_ip not in self.sources:
                     rec.decision = BLOCKED_SOURCE
                     return await _refuse(dev, rec, 403, "source address not in ews.allowed_sources")
+                certauth = getattr(gw, "certauth", None)
+                if certauth is not None:     # a client certificate's user decides, as for ActiveSync
+                    refusal = certauth.admit(dev.stream, req, rec)
+                    if refusal is not None:
+                        rec.decision = BLOCKED_CERTIFICATE
+                        return await _refused_by(dev, rec, refusal)
                 rec.decision, allowed = user_decision(gw.gatekeeper, req)
                 if not allowed:
                     return await _refuse(dev, rec, 403, "refused by the user policy")
+                kcd = getattr(gw, "kcd", None)
+                if kcd is not None:          # to the mail server as the certificate's user (kcd/delegation.py)
+                    full, refusal = await kcd.authorize(certauth.identity_of(dev.stream), req, full, rec)
+                    if refusal is not None:
+                        rec.decision = BLOCKED_CERTIFICATE
+                        return await _refused_by(dev, rec, refusal)
             else:
                 rec.decision = ALLOWED_WEBMAIL
             rec.upstream = f"{origin.host}:{origin.port}"
@@ -378,6 +391,14 @@ async def _refuse(dev, rec: Transaction, status: int, why: str) -> int:
     body = hdrs.reason_phrase(status).lower() + b"\n"
     rec.bytes_out = len(body)
     await dev.answer(status, _TEXT, body)
+    return status
+
+
+async def _refused_by(dev, rec: Transaction, refusal: tuple) -> int:
+    """An answer kcd/ made (status, headers, body); its reason is in rec.error already."""
+    status, headers, body = refusal
+    rec.status, rec.bytes_out = status, len(body)
+    await dev.answer(status, headers, body)
     return status
 
 

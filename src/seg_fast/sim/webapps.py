@@ -88,7 +88,8 @@ def answer(sim, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
 def _ews(sim, web: WebState, method: bytes, hdr: dict, body: bytes) -> Answer:
     user = sim._authenticate(hdr.get("authorization"))
     if user is None:
-        return Answer(401, [(b"www-authenticate", b'Basic realm="seg-fast sim"')], b"")
+        return Answer(401, [(b"www-authenticate", b"Negotiate" if sim.negotiate is not None
+                             else b'Basic realm="seg-fast sim"')], b"")
     if method != b"POST":
         return Answer(405, [(b"allow", b"POST")], b"")
     try:
