@@ -245,10 +245,17 @@ async def test_refused_certificate_gets_403_without_upstream_request(kcd, name, 
     assert tx["status"] == 403
 
 
-async def test_certificate_from_another_ca_never_gets_past_tls(kcd):
+@pytest.mark.parametrize("name", ["foreign", None])
+async def test_foreign_or_missing_certificate_never_gets_past_tls(kcd, name):
+    """Another CA's certificate, or none with client_cert = "required": the handshake fails."""
     reached = kcd.sim.upstream_requests()
+    dev = kcd.device("alice", device_id="KCDNOCERT")
+    if name is None:
+        dev.ssl_context = ssl.create_default_context(cafile=str(kcd.ca.ca_file))
+    else:
+        dev.ssl_context = kcd.tls(name)
     with pytest.raises((ssl.SSLError, trio.BrokenResourceError, ConnectionError, OSError)):
-        async with kcd.device("foreign", device_id="KCDFOREIGN") as dev:
+        async with dev:
             await dev.request("FolderSync", folder_sync())
     assert kcd.sim.upstream_requests() == reached
 
