@@ -245,3 +245,73 @@ async def test_rotate_attachment_key(admin, tmp_path):
     assert Keyring.from_settings(admin.config.security).generation("DEV001") == 1
     _, _, d = await call(admin, "GET", "/seg/console/device/DEV001", cookie=cookie)
     assert d["key_generation"] == 1
+
+
+async def test_decision_trace_names_each_policy(admin):
+    from seg_fast.policy.model import ManagedDevicePolicies, PolicyDocument
+    await admin.gate.store.replace_all(
+        PolicyDocument(managed=ManagedDevicePolicies(compromised=True, encryption=True)),
+        [DeviceRecord(device_id="TR1", managed=True, compromised=True, encrypted=True)])
+    await admin.gate.store.put_sightings([sighting(1, device_id="TR1"), sighting(2, device_id="TR2")])
+    await admin.gate.catch_up()
+    _, _, d = await call(admin, "GET", "/seg/console/device/TR1", token=TOKEN)
+    steps = {s["step"]: s["result"] for s in d["trace"]}
+    assert steps["policy: compromised"] == "blocks (blocked.device_compromised)"
+    assert steps["policy: encryption"] == "passes"
+    assert steps["policy: user"] == "off" and steps["policy: MDM inactivity"] == "off"
+    assert steps["decision"] == "blocked.device_compromised" and d["trace"][-1]["step"] == "decision"
+    # Unmanaged (no record): the managed-device policies do not apply to it.
+    _, _, d = await call(admin, "GET", "/seg/console/device/TR2", token=TOKEN)
+    steps = {s["step"]: s["result"] for s in d["trace"]}
+    assert steps["policy: managed device policies"] == "not applied (unmanaged device)"
+    assert "policy: compromised" not in steps and steps["decision"] == "allowed.compliant"
+
+
+async def test_bulk_compliance_keys_and_dx_over_a_filter(admin, tmp_path):
+    from seg_fast import dx as dxmod
+    from seg_fast.content.keys import Keyring
+    from seg_fast.policy.model import ManagedDevicePolicies, PolicyDocument
+    await seed(admin, 12)
+    # The stored sightings say "allowed.compliant" for DEV001 but its record is now compromised.
+    await admin.gate.store.put_document(PolicyDocument(managed=ManagedDevicePolicies(compromised=True)))
+    await admin.gate.store.put_devices([DeviceRecord(device_id=f"DEV{i:03d}", managed=True, compromised=True)
+                                        for i in range(12)])
+    await admin.gate.catch_up()
+    admin.api.index_dirty = True
+    cookie, csrf, _ = await login(admin, "carol")
+    flt = {"device_type": "iphone"}                 # the odd ones: 6 devices
+    n = (await call(admin, "GET", "/seg/console/devices?device_type=iphone", cookie=cookie))[2]["total"]
+    assert n == 6
+    assert (await call(admin, "POST", "/seg/console/compliance", {"filter": flt, "expected": 5},
+                       cookie=cookie, csrf=csrf))[0] == 409
+    status, _, body = await call(admin, "POST", "/seg/console/compliance", {"filter": flt, "expected": n},
+                                 cookie=cookie, csrf=csrf)
+    assert status == 200 and body["devices"] == n and body["reasons"] == {"blocked.device_compromised": n}
+    by_id = {s.device_id: s for s in await admin.gate.store.sightings()}
+    assert {i for i, s in by_id.items() if s.reason == "blocked.device_compromised"} == \
+        {f"DEV{i:03d}" for i in range(12) if i % 2 or i % 3 == 0}     # the filter's, and those blocked before
+    # New attachment keys for the filter's devices only.
+    ring = Keyring.from_settings(admin.config.security)
+    before = [ring.generation(f"DEV{i:03d}") for i in range(4)]
+    status, _, body = await call(admin, "POST", "/seg/console/rotate-key", {"filter": flt, "expected": n},
+                                 cookie=cookie, csrf=csrf)
+    assert status == 200 and body["devices"] == n
+    ring = Keyring.from_settings(admin.config.security)
+    assert [ring.generation(f"DEV{i:03d}") for i in range(4)] == [g + i % 2 for i, g in enumerate(before)]
+    # Dx over the filter, then stopped; more than the cap is refused.
+    status, _, body = await call(admin, "POST", "/seg/console/dx/start", {"filter": flt, "expected": n, "minutes": 5},
+                                 cookie=cookie, csrf=csrf)
+    assert status == 200 and body["started"] == n
+    targets = dxmod.read_targets(dxmod.dx_dir(admin.config))
+    assert sorted(t.target for t in targets) == [f"DEV{i:03d}" for i in range(1, 12, 2)]
+    assert all(280 < t.until - time.time() <= 300 for t in targets)
+    status, _, body = await call(admin, "POST", "/seg/console/dx/stop", {"filter": flt, "expected": n},
+                                 cookie=cookie, csrf=csrf)
+    assert status == 200 and body["stopped"] == n and not dxmod.read_targets(dxmod.dx_dir(admin.config))
+    await seed(admin, 60)
+    many = (await call(admin, "GET", "/seg/console/devices?q=dev", cookie=cookie))[2]["total"]
+    assert (await call(admin, "POST", "/seg/console/dx/start", {"filter": {"q": "dev"}, "expected": many},
+                       cookie=cookie, csrf=csrf))[0] == 400
+    _, _, audit = await call(admin, "GET", "/seg/console/audit", token=TOKEN)
+    acts = [e["action"] for e in audit["entries"] if e["who"].startswith("carol@")]
+    assert {"run_compliance", "rotate_key", "dx_start", "dx_stop"} <= set(acts)

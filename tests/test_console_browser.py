@@ -236,6 +236,16 @@ async def test_console_in_a_real_browser(tmp_path):
             _, _, body = await request(admin_port, "GET", "/seg/console/audit", token=TOKEN)
             bulk = [e for e in json.loads(body)["entries"] if e["action"] == "bulk_override"]
             assert bulk and bulk[0]["devices"] == ["BADPHONE"] and bulk[0]["override"] == "whitelist"
+            # Dx over the same filter, confirmed: BADPHONE alone becomes a target.
+            await page.click("#bulk-dx-start")
+            await page.accept_confirm()
+            with trio.fail_after(15):
+                while True:
+                    _, _, body = await request(admin_port, "GET", "/seg/dx", token=TOKEN)
+                    if json.loads(body)["targets"]:
+                        break
+                    await trio.sleep(0.2)
+            assert [(t["kind"], t["target"]) for t in json.loads(body)["targets"]] == [("device", "BADPHONE")]
 
             # Dx for GOODPHONE (blacklisted now) from the console, a session, the log downloaded through the page.
             await page.click("#clear")

@@ -147,6 +147,14 @@ class AdminApi:
                   "or ids (expected = the confirmed count)", self.bulk_override, body="Bulk"),
             Route("POST", "/seg/console/delete-unmanaged/{days}", "Forget unmanaged devices not seen for N days "
                   "(expected = the confirmed count)", self.delete_unmanaged, body="Bulk"),
+            Route("POST", "/seg/console/compliance", "Run compliance for the devices a filter (or ids) selects "
+                  "(expected = the confirmed count)", self.bulk_compliance, body="Bulk"),
+            Route("POST", "/seg/console/rotate-key", "New attachment key generation for the devices a filter "
+                  f"selects (at most {MAX_BULK_KEYS}; expected = the confirmed count)", self.bulk_rotate_key,
+                  body="Bulk"),
+            Route("POST", "/seg/console/dx/{action}", "Start (minutes, default 60) or stop Dx logging for the "
+                  f"devices a filter selects (at most {MAX_BULK_DX}; expected = the confirmed count)",
+                  self.bulk_dx, body="Bulk"),
             Route("GET", "/seg/console/audit", "The audit log, newest first (who, what, when)", self.audit_log),
             Route("POST", "/seg/console/device/{id}/rotate-key", "A new attachment key generation for a device "
                   "(attachments sealed from now on use it)", self.rotate_key),
@@ -403,10 +411,10 @@ class AdminApi:
         self._audit("test_mode", enabled=on)
         return _json({"test_mode": on, "version": version})
 
-    async def run_compliance(self, body) -> Answer:
-        """Re-evaluate every device the gateway has seen against the current snapshot."""
+    async def run_compliance(self, body, ids: list[str] | None = None) -> Answer:
+        """Re-evaluate every device the gateway has seen (or those of ``ids``) against the current snapshot."""
         await self.gate.reload()
-        seen = await self.store.sightings()
+        seen = await self.store.sightings([device_key(i) for i in ids] if ids is not None else None)
         changed, counts = [], {}
         for s in seen:
             probe = self._probe(device_id=s.device_id, user=s.user or None, device_type=s.device_type or None,
@@ -419,7 +427,8 @@ class AdminApi:
                 changed.append(s)
         await self.store.put_sightings(changed)
         version = await self.store.set_meta(META_COMPLIANCE_RUN, repr(time.time()))
-        self._audit("run_compliance", devices=len(seen), changed=len(changed))
+        self._audit("run_compliance", devices=len(seen), changed=len(changed),
+                    **({"selected": ids[:100]} if ids is not None else {}))
         return _json({"devices": len(seen), "changed": len(changed), "reasons": counts, "version": version})
 
     # -- console ------------------------------------------------------------------
@@ -506,6 +515,8 @@ class AdminApi:
                  {"step": "decision", "result": reason}]
         if used is not None and used is not rec:
             steps.insert(3, {"step": "record used", "result": "not for this user (enrolled to another)"})
+        if eng.policies is not None:
+            steps[-1:-1] = _policy_checks(eng.policies, probe, used, eng._clock())
         return steps
 
     def _bulk_ids(self, raw: bytes, index: DeviceIndex) -> list[str]:
@@ -533,6 +544,47 @@ class AdminApi:
         version = await self.store.put_devices(recs) if recs else self.gate.engine.version
         self._audit("bulk_override", override=override, count=len(ids), devices=ids[:100])
         return _json({"override": override, "devices": len(ids), "version": version})
+
+    async def bulk_compliance(self, body) -> Answer:
+        ids = self._bulk_ids(body, await self._fresh_index())
+        return await self.run_compliance(b"", ids=ids)
+
+    async def bulk_rotate_key(self, body) -> Answer:
+        ids = self._bulk_ids(body, await self._fresh_index())
+        if len(ids) > MAX_BULK_KEYS:
+            raise HttpError(400, f"{len(ids)} devices selected; new keys for at most {MAX_BULK_KEYS} at once "
+                                 "(narrow the filter)")
+        keys, gens = self._keyring(), {}
+        try:
+            for i in ids:
+                gens[i] = keys.rotate(i)
+        except SegFastError as exc:
+            raise HttpError(409, str(exc)) from None
+        finally:
+            if gens:
+                self._audit("rotate_key", devices=list(gens)[:100], count=len(gens))
+        return _json({"devices": len(gens), "generations": gens})
+
+    async def bulk_dx(self, body, action: str) -> Answer:
+        from seg_fast import dx
+        if action not in ("start", "stop"):
+            raise HttpError(404, f"unknown Dx action {action!r} (start, stop)")
+        ids = self._bulk_ids(body, await self._fresh_index())
+        if action == "start" and len(ids) > MAX_BULK_DX:
+            raise HttpError(400, f"{len(ids)} devices selected; Dx for at most {MAX_BULK_DX} at once "
+                                 "(it logs every transaction of each: narrow the filter)")
+        directory = dx.dx_dir(self.config)
+        if action == "stop":
+            stopped = [i for i in ids if dx.stop(directory, "device", i)]
+            self._audit("dx_stop", kind="device", count=len(stopped), devices=stopped[:100])
+            return _json({"stopped": len(stopped)})
+        minutes = _body(body, BulkBody).minutes
+        try:
+            until = [dx.start(directory, "device", i, minutes, who=CALLER.get()).until for i in ids]
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        self._audit("dx_start", kind="device", count=len(ids), devices=ids[:100], minutes=minutes)
+        return _json({"started": len(ids), "until": max(until, default=0.0)})
 
     async def delete_unmanaged(self, body, days: str) -> Answer:
         try:
@@ -622,7 +674,38 @@ class AdminApi:
         return _json(document(self.routes))
 
 
+def _policy_checks(pol, probe, device, now: float) -> list[dict]:
+    """Each policy of the snapshot and what it says of this device, in the rule book's order
+    (engine.evaluate: the first "blocks" decides, an override before all); "off" when not set."""
+    out = []
+
+    def check(name: str, on: bool, passes, reason: str) -> None:
+        out.append({"step": f"policy: {name}", "result": "off" if not on else
+                    ("passes" if passes() else f"blocks ({reason})")})
+    managed = device is not None and device.managed
+    check("user", pol.user is not None, lambda: pol.user.passes(*E.user_forms(probe.user)), E.USER)
+    check("EAS device type", pol.device_type is not None,
+          lambda: pol.device_type.passes(probe.device_type or ""), E.DEVICE_TYPE)
+    check("mail client", pol.mail_client is not None,
+          lambda: pol.mail_client.passes(probe.user_agent or ""), E.MAIL_CLIENT)
+    check("managed devices only", pol.managed_only, lambda: managed, E.UNMANAGED)
+    if not managed:
+        out.append({"step": "policy: managed device policies", "result": "not applied (unmanaged device)"})
+        return out
+    check("MDM inactivity", pol.inactive_after is not None,
+          lambda: device.last_checkin > 0 and now < device.last_checkin + pol.inactive_after, E.INACTIVE)
+    check("compromised", pol.compromised, lambda: not device.compromised, E.COMPROMISED)
+    check("encryption", pol.encryption, lambda: device.encrypted is not False, E.NOT_ENCRYPTED)
+    check("MDM compliance", pol.mdm_compliant, lambda: device.compliant is not False, E.NONCOMPLIANT)
+    check("model", pol.model is not None, lambda: pol.model.passes(device.platform, device.model), E.MODEL)
+    check("OS version", pol.os is not None, lambda: pol.os.passes(device.platform, device.os), E.OS)
+    check("EAS profile", pol.require_eas_profile, lambda: device.eas_profile, E.NO_EAS_PROFILE)
+    return out
+
+
 REFRESH_INDEX = 5.0
+MAX_BULK_KEYS = 1000      # each rotation rewrites the key state file every worker reads
+MAX_BULK_DX = 50          # each target logs every transaction in full
 SECRET_WORDS = ("token", "password", "secret")
 
 

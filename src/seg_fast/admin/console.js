@@ -319,6 +319,25 @@ async function bulk(ov) {
   await devices();
 }
 
+// Bulk actions over the filter (never over every device by accident), confirmed by their count.
+async function bulkAction(path, question, extra) {
+  const filter = filterParams();
+  const n = state.total;
+  if (!Object.keys(filter).length) { $("error").textContent = "set a filter first: a bulk action never runs over every device by accident"; return; }
+  if (!confirm(question(n))) return;
+  await api("POST", path, { filter, expected: n, ...(extra || {}) });
+  await devices();
+}
+
+async function compliance() {
+  if (!Object.keys(filterParams()).length) {
+    if (!confirm("Run compliance for every device seen?")) return;
+    await api("POST", "/seg/compliance/run");
+    return devices();
+  }
+  await bulkAction("/seg/console/compliance", n => `Run compliance for the ${n} devices this filter selects?`);
+}
+
 async function deleteUnmanaged() {
   const days = $("del-days").value;
   const q = new URLSearchParams({ managed: "false", not_seen_days: days, limit: 1 });
@@ -398,7 +417,13 @@ function init() {
     await detail(state.detail);
   };
   $("series-hours").onchange = () => history().catch(() => {});
-  $("compliance").onclick = async () => { await api("POST", "/seg/compliance/run"); devices(); };
+  $("compliance").onclick = compliance;
+  $("bulk-rotate").onclick = () => bulkAction("/seg/console/rotate-key",
+    n => `New attachment keys for the ${n} devices this filter selects? Attachments sealed from now on use them.`);
+  $("bulk-dx-start").onclick = () => bulkAction("/seg/console/dx/start",
+    n => `Start Dx logging (60 min) for the ${n} devices this filter selects?`, { minutes: 60 });
+  $("bulk-dx-stop").onclick = () => bulkAction("/seg/console/dx/stop",
+    n => `Stop Dx logging for the ${n} devices this filter selects?`);
   $("delete-unmanaged").onclick = deleteUnmanaged;
   $("tm-on").onclick = () => confirm("Turn test mode on? Nothing is blocked while it is on.") &&
     api("POST", "/seg/testmode", { enabled: true });

@@ -327,3 +327,4 @@ class BulkBody(msgspec.Struct, forbid_unknown_fields=True):
     filter: dict[str, str] = {}
     ids: list[str] = []
     expected: int = -1                # the count the administrator confirmed; must match
+    minutes: float = 60.0             # Dx over a filter: for how long
