@@ -127,7 +127,7 @@ def env(tmp_path_factory):
         try:
             _wait_listening(port, proc)
             e = Env(proc, port, sim, sim_port, tx_log)
-            e.admin_port = admin_port
+            e.admin_port, e.cfg = admin_port, cfg
             yield e
         finally:
             stop_process(proc)
@@ -550,3 +550,56 @@ def test_ews_records_have_their_own_logging_area(env):
     while not probe(f"c{i}"):
         assert time.monotonic() < end, "transactions_ews back on did not bring the EWS records back"
         i += 1
+
+
+# -- HTTP details ---------------------------------------------------------------------------------
+
+def test_expect_100_continue_is_answered_then_the_body_forwarded(env):
+    body = subscribe_body()
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=20)
+    try:
+        s.sendall((f"POST {EWS} HTTP/1.1\r\nHost: x\r\nAuthorization: {_auth('jdoe')}\r\n"
+                   f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode())
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 100 ")        # before any body byte was sent
+        s.sendall(body)
+        raw = first
+        while chunk := s.recv(65536):
+            raw += chunk
+    finally:
+        s.close()
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Expect", "100-continue"),
+                                                              ("Content-Length", str(len(body)))]))
+    conn.receive_data(raw)
+    events = []
+    while (ev := conn.next_event()) is not h11.NEED_DATA and not isinstance(ev, h11.EndOfMessage):
+        events.append(ev)
+    assert [type(e) for e in events][:2] == [h11.InformationalResponse, h11.Response]
+    assert events[1].status_code == 200
+    entry = [e for e in env.web_log() if e["target"] == EWS][-1]
+    assert "expect" not in [k for k, _ in entry["headers"]]    # the gateway answered it itself
+
+
+def test_head_gets_the_mail_servers_head_and_no_body(env):
+    raw = exchange(env.port, b"HEAD /owa/auth/logon.aspx HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    (resp, body), = answers(raw, "HEAD")
+    assert resp.status_code == 200 and body == b""
+    assert env.web_log()[-1]["method"] == "HEAD"
+
+
+def test_reload_turns_a_route_off_and_on_without_a_restart(env):
+    """Runs last: SIGHUP with [ews] enabled = false, then back (the passthrough is rebuilt per config)."""
+    import signal
+
+    original = env.cfg.read_text()
+    pid = env.proc.pid
+    try:
+        env.cfg.write_text(original.replace("[ews]\nenabled = true", "[ews]\nenabled = false"))
+        os.kill(pid, signal.SIGHUP)
+        _wait_for(lambda: ews(env, "jdoe", subscribe_body())[0] == 404)
+        assert request(env.port, "GET", "/owa/")[0] == 302            # webmail's switch is its own
+    finally:
+        env.cfg.write_text(original)
+        os.kill(pid, signal.SIGHUP)
+    _wait_for(lambda: ews(env, "jdoe", subscribe_body())[0] == 200)

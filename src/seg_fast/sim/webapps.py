@@ -80,6 +80,9 @@ def answer(sim, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
                     "body_len": len(body), "body_sha256": hashlib.sha256(body).hexdigest()})
     if low == EWS_PATH:
         return _ews(sim, web, method, hdr, body)
+    if method == b"HEAD":                   # the GET's status and headers, no body
+        got = _webmail(sim, web, b"GET", low, query, hdr, body)
+        return Answer(got.status, got.headers, b"")
     return _webmail(sim, web, method, low, query, hdr, body)
 
 
