@@ -34,6 +34,7 @@ import math
 import os
 import random
 import resource
+import select
 import ssl
 import sys
 import time
@@ -56,6 +57,7 @@ RATE_MISC = 1.0
 HEARTBEAT = round(300 * math.log(7))
 MIN_HEARTBEAT = 60             # MS-ASCMD: the server accepts 60..3540
 REQUEST_TIMEOUT = 120.0        # a non-Ping request slower than this is a failure
+PING_GRACE = 60                # a parked Ping unanswered this long after its heartbeat: a failure
 STATUS_EVERY = 2.0
 # Each mailbox starts with this many messages, synced (bodies truncated) at set-up,
 # so devices know attachments to fetch from the first minute.
@@ -241,12 +243,10 @@ class Device:
         return (f"/Microsoft-Server-ActiveSync?Cmd={cmd}&User={self.user}"
                 f"&DeviceId={self.device_id}&DeviceType=iPhone").encode()
 
-    async def call(self, conn: HttpConn, cmd: str, body: bytes, key: str | None,
-                   timeout: float = REQUEST_TIMEOUT) -> tuple[int, list, bytes] | None:
-        """One request; records latency under `key` (None: not measured). None on failure."""
+    def request(self, cmd: str, body: bytes) -> tuple[bytes, bytes | None]:
+        """(head, X-Fleet-Seq) of one request; counted as made."""
         f = self.fleet
-        st = f.stats
-        st.requests[cmd] += 1
+        f.stats.requests[cmd] += 1
         seq = None
         # Answers a proxy must pass untouched are compared with what the simulator
         # sent (it records each answer under the request's X-Fleet-Seq); with email
@@ -257,6 +257,12 @@ class Device:
         # the device's request: constant header lines joined with what changes
         head = request_head(self.target(cmd), f.head_const + b"Authorization: " + self.auth + b"\r\n",
                             self.policy_key.encode(), seq, len(body))
+        return head, seq
+
+    async def call(self, conn: HttpConn, cmd: str, body: bytes, key: str | None,
+                   timeout: float = REQUEST_TIMEOUT) -> tuple[int, list, bytes] | None:
+        """One request; records latency under `key` (None: not measured). None on failure."""
+        head, seq = self.request(cmd, body)
         t = trio.current_time()
         res = None
         try:
@@ -265,17 +271,25 @@ class Device:
             with trio.CancelScope(deadline=t + timeout):
                 res = await conn.request(head, body)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, WireError) as exc:
-            st.fail(f"{cmd}.connection", f"{self.device_id} {type(exc).__name__}: {exc}")
+            self.fleet.stats.fail(f"{cmd}.connection", f"{self.device_id} {type(exc).__name__}: {exc}")
             return None
         if res is None:
             conn.reusable = False
-            st.fail(f"{cmd}.timeout", f"{self.device_id} no answer in {timeout:.0f}s")
+            self.fleet.stats.fail(f"{cmd}.timeout", f"{self.device_id} no answer in {timeout:.0f}s")
             return None
+        return self.checked(conn, cmd, key, seq, t, len(body), res)
+
+    def checked(self, conn: HttpConn, cmd: str, key: str | None, seq: bytes | None, t: float,
+                body_len: int, res) -> tuple[int, list, bytes] | None:
+        """The answer `res` to a request sent at t, timed and compared with what the
+        simulator sent for it; None (a recorded failure) when it differs."""
+        f = self.fleet
+        st = f.stats
         status, headers, answer = res
         elapsed = trio.current_time() - t
         if f.tls is not None and self.tls_session is None:
             self.tls_session = conn.stream.session     # TLS 1.3: the ticket came with the answer
-        st.bytes_out += len(body)
+        st.bytes_out += body_len
         st.bytes_in += len(answer)
         if key is not None and f.in_window(t):
             st.lat[cmd].append((key, round(elapsed * 1000, 3)))
@@ -305,46 +319,137 @@ class Device:
         return answer
 
     # -- the parked-Ping loop ---------------------------------------------------------
+    # A device's task runs set-up, sends its Ping and ends: the parked Ping is its
+    # socket in the shard's epoll set (Parker), no task or coroutine per device, as
+    # the gateway parks them. When the answer arrives a task reads it, Syncs what it
+    # announced, sends the next Ping and ends again.
     async def run(self, start: float) -> None:
+        ok = False
         try:
-            await self._run(start)
+            ok = await self._run(start)
         finally:
-            self.alive = False if not self.fleet.stopping else self.alive
+            if not ok and not self.fleet.stopping:
+                self.alive = False
             self.ready.set()          # wake foreground work waiting on a device that is gone
 
-    async def _run(self, start: float) -> None:
+    async def _run(self, start: float) -> bool:
         f = self.fleet
         await f.clock.sleep_until(start)
         f.stats.started += 1
         conn = await self._connect("setup")
         if conn is None:
-            return
+            return False
         try:
-            if not await self.setup(conn):
-                return
-            f.stats.ready += 1
-            f.stats.ready_by = f.clock.now()
-            self.ready.set()
-            first = True
-            while not f.stopping:
-                if not conn.reusable:
-                    self.state = "reconnect"
-                    await conn.aclose()
-                    conn = await self._connect("Ping")
-                    if conn is None:
-                        return
-                heartbeat = HEARTBEAT
-                if first:  # spread the heartbeat expiries over time
-                    heartbeat = f.rng_for(self.idx, "hb").randint(MIN_HEARTBEAT, HEARTBEAT)
-                    first = False
-                if not await self.ping(conn, heartbeat):
-                    return
-                # the Ping answered: pick up the news, then park again
-                while self.received < self.delivered and not f.stopping:
-                    if not await self.sync(conn):
-                        return
-        finally:
+            ok = await self.setup(conn)
+        except BaseException:
             await conn.aclose()
+            raise
+        if not ok:
+            await conn.aclose()
+            return False
+        f.stats.ready += 1
+        f.stats.ready_by = f.clock.now()
+        self.ready.set()
+        # the first heartbeat drawn from the seed spreads the expiries over time
+        return await self.park(conn, f.rng_for(self.idx, "hb").randint(MIN_HEARTBEAT, HEARTBEAT))
+
+    async def park(self, conn: HttpConn, heartbeat: int) -> bool:
+        """Send the Ping and hand the connection to the Parker (it owns ``conn``
+        from here: closed here on failure). False when the device gave up."""
+        f = self.fleet
+        try:
+            if not conn.reusable:
+                self.state = "reconnect"
+                await conn.aclose()
+                conn = await self._connect("Ping")
+                if conn is None:
+                    return False
+            body = eas.ping_body(heartbeat)
+            head, seq = self.request("Ping", body)
+            t = trio.current_time()
+            with trio.CancelScope(deadline=t + REQUEST_TIMEOUT) as scope:
+                await conn.send(head, body)
+            if scope.cancelled_caught:
+                f.stats.fail("Ping.timeout", f"{self.device_id} Ping not sent in {REQUEST_TIMEOUT:.0f}s")
+                await conn.aclose()
+                return False
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, WireError) as exc:
+            f.stats.fail("Ping.connection", f"{self.device_id} {type(exc).__name__}: {exc}")
+            await conn.aclose()
+            return False
+        except BaseException:
+            await conn.aclose()
+            raise
+        self.parked_since = t
+        self.delivered_at_park = self.delivered
+        f.stats.parked += 1
+        self.state = "ping"
+        f.parker.add(Parked(self, conn, heartbeat, seq, t, len(body)))
+        return True
+
+    async def resume(self, p: "Parked", expired: bool) -> None:
+        """The parked Ping's socket became readable (or its deadline passed)."""
+        f = self.fleet
+        f.stats.parked -= 1
+        self.state = "ping-answered"
+        conn, p.conn = p.conn, None
+        handed = ok = False
+        try:
+            if expired:
+                f.stats.fail("Ping.timeout", f"{self.device_id} no answer in {p.heartbeat + PING_GRACE}s")
+                return
+            if not await self.ping_answer(conn, p):
+                return
+            # the Ping answered: pick up the news, then park again
+            while self.received < self.delivered and not f.stopping:
+                if not await self.sync(conn):
+                    return
+            if f.stopping:
+                ok = True
+                return
+            handed = True
+            ok = await self.park(conn, HEARTBEAT)
+        finally:
+            if not handed:
+                await conn.aclose()
+            if not ok and not f.stopping:
+                self.alive = False
+
+    async def ping_answer(self, conn: HttpConn, p: "Parked") -> bool:
+        f = self.fleet
+        res = None
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + REQUEST_TIMEOUT):
+                res = await conn.answer()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, WireError) as exc:
+            if f.stopping:
+                return False
+            f.stats.fail("Ping.connection", f"{self.device_id} {type(exc).__name__}: {exc}")
+            return False
+        if res is None:
+            conn.reusable = False
+            f.stats.fail("Ping.timeout", f"{self.device_id} answer begun, not finished in {REQUEST_TIMEOUT:.0f}s")
+            return False
+        answer = self.check_http("Ping", self.checked(conn, "Ping", None, p.seq, p.t, p.body_len, res))
+        if answer is None:
+            return False
+        status = eas.ping_status(answer)
+        held = trio.current_time() - self.parked_since
+        heartbeat = p.heartbeat
+        if status == 2:
+            if self.delivered <= self.received:
+                f.stats.fail("Ping.phantom", f"{self.device_id} changes reported, none delivered")
+                return False
+            f.stats.pings_changes += 1
+        elif status == 1:
+            if held < heartbeat - 2 and not f.stopping:
+                f.stats.fail("Ping.early", f"{self.device_id} idle answer after {held:.1f}s of {heartbeat}s")
+                return False
+            f.stats.pings_idle += 1
+        else:
+            f.stats.fail("Ping.status", f"{self.device_id} Ping Status {status}")
+            return False
+        return True
 
     async def _connect(self, cmd: str) -> HttpConn | None:
         f = self.fleet
@@ -398,40 +503,6 @@ class Device:
                 self.fleet.stats.syncing -= 1
                 self.state = "synced"
 
-    async def ping(self, conn: HttpConn, heartbeat: int) -> bool:
-        f = self.fleet
-        self.parked_since = trio.current_time()
-        self.delivered_at_park = self.delivered
-        f.stats.parked += 1
-        self.state = "ping"
-        try:
-            res = await self.call(conn, "Ping", eas.ping_body(heartbeat), None,
-                                  timeout=heartbeat + 60)
-        finally:
-            f.stats.parked -= 1
-            self.state = "ping-answered"
-        if f.stopping and res is None:
-            return False
-        answer = self.check_http("Ping", res)
-        if answer is None:
-            return False
-        status = eas.ping_status(answer)
-        held = trio.current_time() - self.parked_since
-        if status == 2:
-            if self.delivered <= self.received:
-                f.stats.fail("Ping.phantom", f"{self.device_id} changes reported, none delivered")
-                return False
-            f.stats.pings_changes += 1
-        elif status == 1:
-            if held < heartbeat - 2 and not f.stopping:
-                f.stats.fail("Ping.early", f"{self.device_id} idle answer after {held:.1f}s of {heartbeat}s")
-                return False
-            f.stats.pings_idle += 1
-        else:
-            f.stats.fail("Ping.status", f"{self.device_id} Ping Status {status}")
-            return False
-        return True
-
     # -- foreground work on a second connection ---------------------------------------
     async def foreground(self, kind: str, key: str) -> None:
         # work scheduled before set-up finished waits for it (a phone that has no
@@ -453,6 +524,80 @@ class Device:
             await conn.aclose()
 
 
+class Parked:
+    """One parked Ping: the device, its connection, what the answer is checked by."""
+    __slots__ = ("dev", "conn", "heartbeat", "seq", "t", "body_len", "fd")
+
+    def __init__(self, dev: Device, conn: HttpConn, heartbeat: int, seq: bytes | None, t: float,
+                 body_len: int):
+        self.dev, self.conn, self.heartbeat, self.seq, self.t = dev, conn, heartbeat, seq, t
+        self.body_len = body_len
+        self.fd = -1
+
+
+class Parker:
+    """The shard's parked Pings: their sockets in one epoll set (level-triggered,
+    registered once per park) watched by one task, and their deadlines in one heap.
+    A readable socket (the answer, or the server closing) starts the device's
+    ``resume`` task; a deadline passed (heartbeat + PING_GRACE) starts it as a
+    failure. Deadlines of Pings answered in time stay in the heap until they pass."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.by_fd: dict[int, Parked] = {}
+        self.heap: list[tuple[float, int, Parked]] = []
+        self.serial = 0
+        self.nursery: trio.Nursery | None = None
+        self.scope: trio.CancelScope | None = None
+
+    def add(self, p: Parked) -> None:
+        if p.conn.buffered():         # the answer is here already: no wait
+            self.nursery.start_soon(p.dev.resume, p, False)
+            return
+        p.fd = p.conn.fileno()
+        self.by_fd[p.fd] = p
+        self.ep.register(p.fd, select.EPOLLIN | select.EPOLLRDHUP)
+        deadline = p.t + p.heartbeat + PING_GRACE
+        self.serial += 1
+        heapq.heappush(self.heap, (deadline, self.serial, p))
+        if self.scope is not None and deadline < self.scope.deadline:
+            self.scope.deadline = deadline
+
+    def _take(self, fd: int) -> Parked | None:
+        p = self.by_fd.pop(fd, None)
+        if p is not None:
+            self.ep.unregister(fd)
+        return p
+
+    async def run(self, nursery: trio.Nursery, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.nursery = nursery
+        ep, heap = self.ep, self.heap
+        task_status.started()
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self.scope:
+                await trio.lowlevel.wait_readable(ep.fileno())
+            self.scope = None
+            for fd, _events in ep.poll(0):
+                p = self._take(fd)
+                if p is not None:
+                    nursery.start_soon(p.dev.resume, p, False)
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                p = heapq.heappop(heap)[2]
+                if p.conn is not None and self.by_fd.get(p.fd) is p:
+                    self._take(p.fd)
+                    nursery.start_soon(p.dev.resume, p, True)
+
+    async def close(self) -> None:
+        """The run is over: the Pings still parked are closed (their devices stay up)."""
+        for fd in list(self.by_fd):
+            p = self._take(fd)
+            p.dev.fleet.stats.parked -= 1
+            conn, p.conn = p.conn, None
+            await conn.aclose()
+        self.ep.close()
+
+
 class Fleet:
     def __init__(self, spec: ShardSpec, sim) -> None:
         self.spec = spec
@@ -465,6 +610,7 @@ class Fleet:
         self.sent: dict[bytes, tuple[int, bytes]] = {}     # X-Fleet-Seq -> the simulator's answer
         self.n_seq = 0
         self.n_corrupt = 0
+        self.parker = Parker()
         sim.answer_tap = self.tap
         # the header lines every request of every device carries
         self.head_const = (b"Host: mail.seg-fast.test\r\nMS-ASProtocolVersion: 14.1\r\n"
@@ -562,6 +708,7 @@ class Fleet:
             outer.start_soon(self.report)
             async with trio.open_nursery() as fg:
                 async with trio.open_nursery() as pings:
+                    await pings.start(self.parker.run, pings)
                     for i, dev in enumerate(self.devices):
                         pings.start_soon(dev.run, s.ramp * i / max(1, n))
                     await self.drive(fg, events)
@@ -578,6 +725,7 @@ class Fleet:
                             await trio.sleep(0.2)
                     self.stopping = True
                     pings.cancel_scope.cancel()
+                await self.parker.close()
                 for task in fg.child_tasks:
                     self.stats.fail("drain", "foreground request still running after the drain")
                 fg.cancel_scope.cancel()

@@ -125,6 +125,12 @@ class HttpConn:
 
     async def request(self, head: bytes, body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
         """(status, headers by lower-case name, body) of the answer to one request."""
+        await self.send(head, body)
+        return await self.answer()
+
+    async def send(self, head: bytes, body: bytes) -> None:
+        """The request only; ``answer`` reads what comes back (a parked Ping waits
+        between the two without a task: fleet.Parker)."""
         if not self.reusable:
             raise WireError("connection not reusable")
         self.reusable = False
@@ -133,6 +139,26 @@ class HttpConn:
         else:
             await self.stream.send_all(head)
             await self.stream.send_all(body)
+
+    def fileno(self) -> int:
+        """The TCP socket under the stream (and under TLS)."""
+        stream = self.stream
+        return (stream if type(stream) is RawStream else stream.transport_stream).socket.fileno()
+
+    def buffered(self) -> bool:
+        """Bytes already read from the socket and not yet consumed (here or, under
+        TLS, in the SSL object's buffers): readiness of the socket would not say so."""
+        if self.buf:
+            return True
+        stream = self.stream
+        if type(stream) is RawStream:
+            return False
+        incoming = getattr(stream, "_incoming", None)          # trio.SSLStream's BIO
+        ssl_object = getattr(stream, "_ssl_object", None)
+        return bool((incoming is not None and incoming.pending)
+                    or (ssl_object is not None and ssl_object.pending()))
+
+    async def answer(self) -> tuple[int, dict[bytes, bytes], bytes]:
         while True:
             status, version, headers = await self._head()
             if status >= 200:
