@@ -327,3 +327,41 @@ def test_gateway_may_not_delegate_to_another_service(kcd):
                               kerberos_config=str(kcd.realm.krb5_conf)))
     with pytest.raises(KcdRefused, match="may not be delegated"):
         d.check(f"alice@{REALM}")
+
+
+def _delegator_for_kdc_at(kcd, tmp_path, port: int, timeout: float = 10.0):
+    from seg_fast.kcd.delegation import Delegator
+    from seg_fast.kcd.settings import KcdSettings
+
+    conf = tmp_path / "krb5.conf"
+    conf.write_text(f"[libdefaults]\n default_realm = {REALM}\n dns_lookup_kdc = false\n"
+                    f"[realms]\n {REALM} = {{\n  kdc = 127.0.0.1:{port}\n }}\n")
+    return Delegator(KcdSettings(enabled=True, keytab=str(kcd.realm.gateway_keytab),
+                                 service_principal=f"{GATEWAY}@{REALM}", target_spn=f"{MAIL}@{REALM}",
+                                 kerberos_config=str(conf), timeout=timeout))
+
+
+@pytest.fixture
+def restore_krb5_config():
+    saved = os.environ.get("KRB5_CONFIG")
+    yield
+    os.environ["KRB5_CONFIG"] = saved
+
+
+async def test_kdc_down_or_silent_is_unavailable_not_refused(kcd, tmp_path, restore_krb5_config):
+    """No KDC (closed port): 503 material, not remembered as a refusal; a KDC that never answers:
+    the request stops waiting after kcd.timeout."""
+    from seg_fast.kcd.delegation import KcdUnavailable
+
+    d = _delegator_for_kdc_at(kcd, tmp_path, free_port())
+    with pytest.raises(KcdUnavailable, match="the gateway's own ticket"):
+        await d.token_for(f"alice@{REALM}")
+    assert not d.cache                               # nothing remembered: the next request tries again
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        tcp.bind(("127.0.0.1", port))
+        tcp.listen(8)                                # accepts, never answers
+        d = _delegator_for_kdc_at(kcd, tmp_path, port, timeout=1.0)
+        with pytest.raises(KcdUnavailable, match=r"no answer from the KDC within kcd.timeout \(1 s\)"):
+            await d.token_for(f"alice@{REALM}")

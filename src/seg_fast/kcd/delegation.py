@@ -131,14 +131,14 @@ class Delegator:
             if entry is not None and now < entry.expires:
                 if entry.refused:
                     raise KcdRefused(entry.refused)
-                return await trio.to_thread.run_sync(self._token, entry, limiter=self.limiter)
+                return await self._in_thread(self._token, entry)
             pending = self._fetching.get(principal)
             if pending is not None:
                 await pending.wait()                  # one fetch per user at a time
                 continue
             done = self._fetching[principal] = trio.Event()
             try:
-                entry = await trio.to_thread.run_sync(self._fetch, principal, limiter=self.limiter)
+                entry = await self._in_thread(self._fetch, principal)
                 self.cache[principal] = entry
             except KcdRefused as exc:
                 if self.settings.refusal_cache > 0:
@@ -152,6 +152,14 @@ class Delegator:
                 self._prune(now)
             token, entry.token = entry.token, b""     # made by _fetch; a token is used once
             return token
+
+    async def _in_thread(self, fn, arg):
+        # A KDC that does not answer holds a thread until MIT gives up (tens of seconds): the
+        # request stops waiting after kcd.timeout (503); the thread finishes on its own and
+        # keeps its kcd.threads slot until then, so a dead KDC cannot pile threads up.
+        with trio.move_on_after(self.settings.timeout):
+            return await trio.to_thread.run_sync(fn, arg, limiter=self.limiter, cancellable=True)
+        raise KcdUnavailable(f"no answer from the KDC within kcd.timeout ({self.settings.timeout:g} s)")
 
     def _prune(self, now: float) -> None:
         # Expired entries first; a cache still full of live ones starts over (bounded memory).

@@ -30,6 +30,7 @@ class KcdSettings(_Section):
     kerberos_config: str = ""          # krb5.conf; empty: $KRB5_CONFIG or /etc/krb5.conf
     threads: int = 4                   # blocking Kerberos calls at once per worker (worker threads)
     refusal_cache: float = 60.0        # seconds a KDC refusal for a user is remembered
+    timeout: float = 10.0              # seconds a request waits for the KDC; past it 503
     test_user: str = ""                # `seg-fast check-config --connect` gets a ticket for this user
 
 
@@ -61,6 +62,8 @@ def problems(config) -> list[tuple[str, str]]:
                           'listener.client_cert = "required" (or "optional")'))
         if kcd.threads < 1:
             found.append(("kcd.threads", "must be 1 or more"))
+        if kcd.timeout <= 0:
+            found.append(("kcd.timeout", "must be positive"))
         if kcd.refusal_cache < 0:
             found.append(("kcd.refusal_cache", "must be 0 (off) or more"))
         if importlib.util.find_spec("gssapi") is None:
