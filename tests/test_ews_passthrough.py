@@ -552,6 +552,17 @@ def test_ews_records_have_their_own_logging_area(env):
         i += 1
 
 
+def test_check_config_connect_reaches_the_ews_and_webmail_urls(env):
+    out = subprocess.run([sys.executable, "-m", "seg_fast", "check-config", "--config", str(env.cfg), "--connect"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src"),
+                              "SEG_FAST_STATE_DIR": str(env.cfg.parent / "state")}).stdout
+    base = f"http://127.0.0.1:{env.sim_port}"
+    # The simulator's own answers: EWS asks for credentials, webmail redirects to its login page.
+    assert f"ok    ews.url: {base}/EWS/Exchange.asmx: HTTP 401" in out, out
+    assert f"ok    webmail.url: {base}/owa/: HTTP 302" in out, out
+
+
 # -- HTTP details ---------------------------------------------------------------------------------
 
 def test_expect_100_continue_is_answered_then_the_body_forwarded(env):

@@ -225,6 +225,15 @@ async def check_connect(config) -> list[Finding]:
         return f"{url}: HTTP {status}" + (" (asks for credentials, as expected)" if status == 401 else "")
 
     out.append(await _timed("upstream.url", mail_server))
+    # EWS and webmail (proxy/passthrough.py): the first path each forwards, same trust and proxy.
+    for key, on, base, paths in (("ews.url", config.ews.enabled, config.ews.url, config.ews.paths),
+                                 ("webmail.url", config.webmail.enabled, config.webmail.url, config.webmail.prefixes)):
+        if on and paths:
+            async def passthrough(target=(base or up.url).rstrip("/") + paths[0], key=key):
+                status, _ = await http_get(target, up_settings, label=key)
+                return f"{target}: HTTP {status}"
+
+            out.append(await _timed(key, passthrough))
     if config.policy.api_url:
         api = config.policy.api_url.rstrip("/") + "/snapshot"
 
