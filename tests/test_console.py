@@ -315,3 +315,30 @@ async def test_bulk_compliance_keys_and_dx_over_a_filter(admin, tmp_path):
     _, _, audit = await call(admin, "GET", "/seg/console/audit", token=TOKEN)
     acts = [e["action"] for e in audit["entries"] if e["who"].startswith("carol@")]
     assert {"run_compliance", "rotate_key", "dx_start", "dx_stop"} <= set(acts)
+
+
+def test_recent_transactions_and_identifying_headers(tmp_path):
+    from seg_fast.admin.console import identifying_headers, recent_transactions
+    log = tmp_path / "tx.jsonl"
+    lines = []
+    for i in range(300):
+        dev = ["PHONE1", "phone10", "OTHER"][i % 3]
+        lines.append(json.dumps({"ts": 1000.0 + i, "method": "POST", "command": ["Sync", "Ping"][i % 2],
+                                 "device_id": dev, "user": "phone1@corp.example", "status": 200,
+                                 "decision": "allowed.compliant"}))
+    log.write_text("\n".join(lines) + "\n{broken")
+    got = recent_transactions(str(log), "Phone1", n=5)
+    want = [json.loads(x) for x in lines if json.loads(x)["device_id"] == "PHONE1"][::-1][:5]
+    assert [g["ts"] for g in got] == [w["ts"] for w in want]           # newest first, this device only
+    assert [g["command"] for g in got] == [w["command"] for w in want]
+    assert recent_transactions("-", "PHONE1") == [] and recent_transactions("", "PHONE1") == []
+    assert recent_transactions(str(tmp_path / "missing"), "PHONE1") == []
+    dx_log = "\n".join(json.dumps(e) for e in [
+        {"ts": 1.0, "command": "Sync", "request_headers": [["User-Agent", "old"], ["MS-ASProtocolVersion", "12.1"]]},
+        {"ts": 2.0, "command": "Ping", "request_headers": [["User-Agent", "Apple-iPhone/2"], ["Cookie", "x=1"],
+                                                           ["MS-ASProtocolVersion", "16.1"]]},
+        {"ts": 3.0, "command": "Sync"}]).encode()
+    ident = identifying_headers(dx_log)
+    assert ident["protocol_version"] == "16.1" and ident["ts"] == 2.0
+    assert ident["headers"] == [["User-Agent", "Apple-iPhone/2"], ["MS-ASProtocolVersion", "16.1"]]   # no cookie
+    assert identifying_headers(b"") == {}

@@ -143,7 +143,7 @@ async def test_console_in_a_real_browser(tmp_path):
             f'workers = 1\n[listener]\nhost = "127.0.0.1"\nport = {gw_port}\n'
             f'[upstream]\nurl = "http://127.0.0.1:{sim.port}"\n'
             f'[admin]\nport = {admin_port}\ntoken = "{TOKEN}"\n'
-            f'[log]\ntransactions = ""\n'
+            f'[log]\ntransactions = "{tmp_path / "tx.jsonl"}"\n'
             f'[policy]\nsqlite_path = "{tmp_path / "policy.db"}"\n'
             f'[security]\nmaster_key_file = "{tmp_path / "mk"}"\nkey_state_file = "{tmp_path / "ks.json"}"\n')
         proc = start_serve(cfg, tmp_path)
@@ -273,6 +273,19 @@ async def test_console_in_a_real_browser(tmp_path):
             auth = [v for k, v in x["request_headers"] if k.lower() == "authorization"]
             assert auth and auth[0].startswith("Basic user=jdoe (")
             assert "<Status>129</Status>" in x["answer_xml"]     # a blocked request's body is never read
+            # The detail page now shows the headers that identify it (from its last Dx line) and
+            # its recent transactions (from the transaction log), as the log says.
+            await page.click("#device-rows tr[data-device=GOODPHONE]")
+            await page.until(lambda: "ms-asprotocolversion" in driver.find_element("id", "d-identity").text.lower())
+            ident = await page.text("#d-identity")
+            assert "14.1" in ident and "Basic user=jdoe" in ident and PASSWORD not in ident
+            logged = [json.loads(t) for t in (tmp_path / "tx.jsonl").read_text().splitlines()]
+            want = [t["command"] for t in logged if t.get("device_id") == "GOODPHONE"][::-1]
+            shown = await page.run(lambda: [tr.get_attribute("data-command") for tr in
+                                            driver.find_elements("css selector", "#d-recent-rows tr")])
+            # Newest first, this device's only (lines flushed since the page read it come before).
+            assert shown and "FolderSync" in shown and len(shown) <= 20
+            assert any(want[k:k + len(shown)] == shown for k in range(len(want)))
             # An allowed device (BADPHONE, whitelisted above) through the admin API: the request's
             # WBXML too, and the mail server's answer with folder names cut to their sizes.
             status, _, _ = await request(admin_port, "POST", "/seg/dx",

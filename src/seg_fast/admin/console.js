@@ -289,6 +289,23 @@ async function detail(id) {
     tr.insertCell().textContent = String(step.result);
   }
   kv("d-seen", d.seen);
+  const ident = $("d-identity"); ident.replaceChildren();
+  if (d.identity && d.identity.headers) {
+    const tr = ident.insertRow();
+    tr.insertCell().textContent = "protocol version";
+    tr.insertCell().textContent = d.identity.protocol_version || "(in the query)";
+    for (const [k, v] of d.identity.headers) {
+      const row = ident.insertRow();
+      row.insertCell().textContent = k; row.insertCell().textContent = v;
+    }
+  } else ident.textContent = "none: start Dx logging for this device to see them";
+  const recent = $("d-recent-rows"); recent.replaceChildren();
+  for (const r of d.recent || []) {
+    const tr = recent.insertRow();
+    for (const v of [when(r.ts), r.command || "", r.status, r.decision || "", r.total_ms ?? "", r.upstream || ""])
+      tr.insertCell().textContent = String(v);
+    tr.dataset.command = r.command || "";
+  }
   kv("d-record", d.record ? { ...d.record, key_id: d.key_id } : null);
   $("d-keygen").textContent = d.key_generation;
   const link = $("d-dx-download");

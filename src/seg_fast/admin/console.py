@@ -312,6 +312,68 @@ class AuditLog:
         return out[::-1]
 
 
+# -- what the gateway saw of one device, recently ---------------------------------------
+
+TAIL_BYTES = 4 * 1024 * 1024          # of the transaction log read for one device's detail
+RECENT = 20
+# Request headers that identify a device and its client (from a Dx line; Authorization is
+# already cut to scheme and user there).
+IDENTIFYING = ("user-agent", "ms-asprotocolversion", "x-ms-policykey", "authorization", "ms-asacceptmultipart",
+               "x-forwarded-for", "host")
+
+
+def _tail_lines(path: Path, limit: int) -> list[bytes]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.split(b"\n")
+    return lines[1:] if size > limit else lines     # the first may be cut
+
+
+def recent_transactions(path: str, device_id: str, n: int = RECENT) -> list[dict]:
+    """The device's last transactions in the transaction log (its last 4 MB), newest first;
+    [] when the log is off or on stdout."""
+    if not path or path == "-":
+        return []
+    needle = device_id.lower().encode()
+    out = []
+    for line in reversed(_tail_lines(Path(path), TAIL_BYTES)):
+        if needle not in line.lower():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if str(rec.get("device_id", "")).lower() == needle.decode():
+            out.append({k: rec.get(k) for k in ("ts", "command", "status", "decision", "total_ms", "upstream",
+                                                 "client_ip", "error") if rec.get(k) not in (None, "")})
+            if len(out) >= n:
+                break
+    return out
+
+
+def identifying_headers(dx_log: bytes) -> dict:
+    """From the device's last Dx line: the headers that identify it and its protocol version."""
+    for line in reversed(dx_log.splitlines()[-50:]):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        headers = entry.get("request_headers")
+        if not headers:
+            continue
+        shown = [[k, v] for k, v in headers if k.lower() in IDENTIFYING]
+        version = next((v for k, v in headers if k.lower() == "ms-asprotocolversion"), "")
+        return {"ts": entry.get("ts"), "command": entry.get("command"), "protocol_version": version,
+                "headers": shown}
+    return {}
+
+
 def audit_path(config) -> Path:
     return resolve("seg-fast-audit.jsonl", config.state_dir)
 
