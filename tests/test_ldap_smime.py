@@ -312,6 +312,14 @@ class HostileLdap:
                 conn.sendall(entry * 100)
         elif self.mode == "silent":
             time.sleep(20)
+        elif self.mode == "malformed":        # an entry with a name and no attribute list
+            conn.sendall(_msg(mid, _ber(0x64, _ber(0x04, b"uid=x"))))
+        elif self.mode == "referrals":        # referrals without end (never followed)
+            ref = _msg(mid, _ber(0x73, _ber(0x04, b"ldap://elsewhere.invalid/")))
+            for _ in range(100_000):
+                conn.sendall(ref * 100)
+        elif self.mode == "other-id":         # an answer to a question nobody asked
+            conn.sendall(_msg(mid + 1, _ber(0x65, ok)))
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +355,7 @@ def unavailable_count(gw) -> int:
     return 0
 
 
-@pytest.mark.parametrize("mode", ["huge", "flood", "silent", "down"])
+@pytest.mark.parametrize("mode", ["huge", "flood", "silent", "down", "malformed", "referrals", "other-id"])
 def test_hostile_directory_leaves_the_answer_unchanged_and_is_counted(hostile, sim, mode):
     gw, server = hostile
     server.mode = mode
@@ -378,3 +386,87 @@ def test_negative_answers_are_cached(hostile, sim):
     ask(gw.port, body)
     ask(gw.port, body)
     assert server.searches == n + 2            # answered from the cache
+
+
+# -- the client and its settings against the real slapd, in process ----------------------------
+
+def _settings(slapd, **kw) -> SmimeSettings:
+    base = dict(ldap_url=slapd.ldaps_url, ldap_ca_file=slapd.ca_file, ldap_auth="simple", ldap_user=SERVICE_DN,
+                ldap_password_file=slapd.password_file, ldap_base_dn=SUFFIX)
+    return SmimeSettings(**{**base, **kw})
+
+
+def test_ldaps_starttls_trust_and_bind_failures(slapd, tmp_path, monkeypatch):
+    from seg_fast.ldapcerts import CertLookup
+    from seg_fast.proxy.incidents import Incidents
+
+    alice = "alice@seg-fast.test"
+    want = slapd.people[alice].certs
+    assert trio.run(CertLookup(_settings(slapd)).lookup, [alice])[alice] == want             # ldaps://
+    monkeypatch.setenv("H7_LDAP_PW", open(slapd.password_file).read().strip())
+    env = _settings(slapd, ldap_url=slapd.ldap_url, ldap_password_file="", ldap_password_env="H7_LDAP_PW")
+    assert trio.run(CertLookup(env).lookup, [alice])[alice] == want                           # StartTLS, env
+    # Anonymous: slapd lets it find people but not read their certificates.
+    anon = _settings(slapd, ldap_auth="anonymous", ldap_user="", ldap_password_file="")
+    assert trio.run(CertLookup(anon).lookup, [alice])[alice] == ()
+    # Untrusted directory certificate, wrong password, StartTLS refused by a plain port: unavailable,
+    # counted, the password in no message.
+    (tmp_path / "bad.pw").write_text("wrong-password-xyz\n")
+    other_ca = tmp_path / "other.pem"
+    __import__("trustme").CA().cert_pem.write_to_path(str(other_ca))
+    for bad, why in ((_settings(slapd, ldap_ca_file=str(other_ca)), "certificate verify failed"),
+                     (_settings(slapd, ldap_password_file=str(tmp_path / "bad.pw")), "result 49"),
+                     (_settings(slapd, ldap_url=slapd.ldaps_url.replace("ldaps://", "ldap://")), "")):
+        out = __import__("io").StringIO()
+        lookup = CertLookup(bad, Incidents(stream=out))
+        assert trio.run(lookup.lookup, [alice]) is None
+        line = json.loads(out.getvalue().splitlines()[0])
+        assert line["incident"] == "smime_ldap_unavailable" and lookup.counts["unavailable"] == 1
+        assert why in line["reason"] and line["reason"], line
+        assert "wrong-password-xyz" not in out.getvalue()
+        # The back-off: the next lookup does not even try.
+        assert trio.run(lookup.lookup, [alice]) is None and lookup.counts["lookups"] == 1
+
+
+def test_smime_settings_are_checked_with_the_key_named(slapd, tmp_path):
+    from seg_fast.config import load_config
+    from seg_fast.errors import ConfigError
+
+    def load(smime: str):
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f"[smime]\n{smime}")
+        return load_config(cfg, env={})
+
+    cases = [('ldap_url = "http://dir"\n', "smime.ldap_url"),
+             ('ldap_url = "ldaps://dir"\nldap_auth = "simple"\nldap_password_file = "/nonexistent"\n'
+              'ldap_user = "cn=x"\n', "smime.ldap_password_file"),
+             ('ldap_url = "ldaps://dir"\nldap_auth = "simple"\nldap_password_env = "H7_NOT_SET_EVER"\n'
+              'ldap_user = "cn=x"\n', "smime.ldap_password_env"),
+             (f'ldap_url = "ldaps://dir"\nldap_auth = "simple"\nldap_password_file = "{slapd.password_file}"\n',
+              "smime.ldap_user"),
+             (f'ldap_url = "ldap://dir.example.com"\nldap_starttls = false\nldap_auth = "simple"\n'
+              f'ldap_user = "cn=x"\nldap_password_file = "{slapd.password_file}"\n', "smime.ldap_starttls"),
+             ('ldap_url = "ldaps://dir"\nldap_filter = "(mail=x)"\n', "smime.ldap_filter"),
+             ('ldap_url = "ldaps://dir"\nldap_filter = "(&(mail={email})"\n', "smime.ldap_filter"),
+             ('ldap_url = "ldaps://dir"\nmax_lookups_per_request = 0\n', "smime.max_lookups_per_request")]
+    for text, key in cases:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load(text)
+    assert load('ldap_url = "ldaps://dir/ou=people,dc=x"\n').smime.ldap_url
+    assert not load("").smime.ldap_url
+
+
+def test_check_config_connect_binds_and_searches(slapd, tmp_path):
+    from seg_fast.checkconfig import check_connect
+    from seg_fast.config import load_config
+
+    for pw, ok in ((slapd.password_file, True), (str(tmp_path / "bad.pw"), False)):
+        (tmp_path / "bad.pw").write_text("nope\n")
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[smime]\nldap_url = "{slapd.ldap_url}"\nldap_ca_file = "{slapd.ca_file}"\n'
+                       f'ldap_auth = "simple"\nldap_user = "{SERVICE_DN}"\nldap_password_file = "{pw}"\n'
+                       f'ldap_base_dn = "{SUFFIX}"\n[timeouts]\nupstream_connect = 0.5\n'
+                       f'[upstream]\nurl = "http://127.0.0.1:{free_port()}"\n')
+        found = [f for f in trio.run(check_connect, load_config(cfg, env={})) if f.what == "smime.ldap_url"]
+        assert len(found) == 1 and found[0].ok is ok, found
+        assert ("starttls" in found[0].text) if ok else ("result 49" in found[0].text)

@@ -138,6 +138,15 @@ def children(buf, start: int, end: int) -> Iterable[tuple[int, int, int]]:
         pos = e
 
 
+def _next(it) -> tuple[int, int, int]:
+    # A missing element is the directory's error, not a StopIteration (which a coroutine
+    # would turn into RuntimeError).
+    try:
+        return next(it)
+    except StopIteration:
+        raise LdapError("LDAP message lacks an element") from None
+
+
 def _int_of(buf, s: int, e: int) -> int:
     if e - s > 8:
         raise LdapError("integer too large")
@@ -339,10 +348,10 @@ class _Conn:
                 if tag != 0x30:
                     raise LdapError("LDAP message is not a SEQUENCE")
                 it = children(msg, s, e)
-                t, a, b = next(it)
+                t, a, b = _next(it)
                 if t != 0x02:
                     raise LdapError("LDAP message without an id")
-                op_tag, _, _ = next(it)
+                op_tag, _, _ = _next(it)
                 return _int_of(msg, a, b), op_tag, msg
             data = await self.stream.receive_some(65536)
             if not data:
@@ -369,10 +378,10 @@ class _Conn:
 def _result_code(msg: bytes, op_start: int) -> tuple[int, str]:
     tag, s, e = read_tlv(msg, op_start, len(msg))
     it = children(msg, s, e)
-    t, a, b = next(it)
+    t, a, b = _next(it)
     code = _int_of(msg, a, b)
-    next(it)
-    t, a, b = next(it)
+    _next(it)
+    t, a, b = _next(it)
     return code, bytes(msg[a:b]).decode("utf-8", "replace")[:200]
 
 
@@ -430,15 +439,15 @@ def _values(msg: bytes, d: Directory) -> list[bytes]:
     out = []
     tag, s, e = read_tlv(msg, _op_start(msg), len(msg))
     it = children(msg, s, e)
-    next(it)                                      # objectName
-    t, a, b = next(it)                            # attributes
+    _next(it)                                      # objectName
+    t, a, b = _next(it)                            # attributes
     for t2, a2, b2 in children(msg, a, b):
         parts = children(msg, a2, b2)
-        t3, a3, b3 = next(parts)
+        t3, a3, b3 = _next(parts)
         name = bytes(msg[a3:b3]).decode("utf-8", "replace").lower()
         if name.split(";", 1)[0] != base:
             continue
-        t4, a4, b4 = next(parts)
+        t4, a4, b4 = _next(parts)
         for _, a5, b5 in children(msg, a4, b4):
             out.append(bytes(msg[a5:b5]))
     return out
@@ -459,6 +468,7 @@ async def search_many(d: Directory, emails: list[str]) -> dict[str, list[bytes]]
                 found[email] = []
                 await conn.send(mid, _search_op(d, email))
             entries: dict[int, int] = {}
+            references = 0
             while pending:
                 mid, op, msg = await conn.receive()
                 if mid not in pending:
@@ -480,7 +490,9 @@ async def search_many(d: Directory, emails: list[str]) -> dict[str, list[bytes]]
                         raise LdapError(f"search failed (result {code})")
                     del pending[mid]
                 elif op == 0x73:                   # SearchResultReference: referrals are not followed
-                    continue
+                    references += 1
+                    if references > d.max_entries * PIPELINE:
+                        raise LdapError("directory sent too many referrals")
                 else:
                     raise LdapError(f"unexpected LDAP operation 0x{op:02x}")
         try:
@@ -583,10 +595,10 @@ class CertLookup:
             with trio.fail_after(self.settings.ldap_timeout):
                 async with self.limiter:
                     raw = await search_many(self.directory, missing)
-        except (trio.TooSlowError, OSError, trio.BrokenResourceError, ssl.SSLError, LdapError,
-                StopIteration) as exc:
+        except (trio.TooSlowError, OSError, trio.BrokenResourceError, ssl.SSLError, LdapError) as exc:
+            cause = exc.__cause__ or exc          # trio wraps the ssl error in BrokenResourceError
             reason = "timed out" if isinstance(exc, trio.TooSlowError) else \
-                (str(exc) if isinstance(exc, LdapError) else type(exc).__name__)
+                (str(exc) if isinstance(exc, LdapError) else f"{type(cause).__name__}: {cause}")
             self.down_until = time.monotonic() + self.settings.ldap_retry_after
             self._unavailable(reason, len(missing))
             return None

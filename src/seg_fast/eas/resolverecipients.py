@@ -118,7 +118,12 @@ class CertificateFill:
                                 limit="smime.max_lookups_per_request")
         if not wanted:
             return body
-        found = await self.lookup.lookup([email for _, email in wanted])
+        try:
+            found = await self.lookup.lookup([email for _, email in wanted])
+        except Exception as exc:      # noqa: BLE001 - a lookup bug must cost the fill, not the answer
+            if self.incidents is not None:
+                self.incidents.exception("smime_lookup_error", exc, "")
+            return body
         if found is None:
             return body               # directory unavailable: the mail server's answer as it was
         changed = False
