@@ -107,7 +107,7 @@ class Kcd:
 
 
 def gateway_config(path: Path, *, port: int, sim_port: int, realm: Realm, ca: TestCA, server: tuple,
-                   crl: Path, tx_log: Path, test_user: str = "") -> Path:
+                   crl: Path, tx_log: Path, test_user: str = "", keytab: Path | None = None) -> Path:
     path.write_text(
         "workers = 1\n"
         "[listener]\n"
@@ -120,7 +120,7 @@ def gateway_config(path: Path, *, port: int, sim_port: int, realm: Realm, ca: Te
         "[policy]\nallow_if_no_policies = true\n"
         f'[cert_map]\nsource = "upn"\nrealm = "{REALM}"\n'
         "[kcd]\nenabled = true\n"
-        f'keytab = "{realm.gateway_keytab}"\n'
+        f'keytab = "{keytab or realm.gateway_keytab}"\n'
         f'service_principal = "{GATEWAY}@{REALM}"\n'
         f'target_spn = "{MAIL}@{REALM}"\n'
         f'kerberos_config = "{realm.krb5_conf}"\n'
@@ -299,10 +299,11 @@ def _reason(why: str) -> str:
 
 
 def test_check_config_connect_gets_a_ticket_for_the_test_user(kcd, tmp_path):
-    def run(user: str) -> tuple[int, str]:
+    def run(user: str, keytab: Path | None = None) -> tuple[int, str]:
         cfg = gateway_config(tmp_path / f"check-{user}.toml", port=0, sim_port=kcd.sim.sim.port, realm=kcd.realm,
                              ca=kcd.ca, server=(kcd.dir / "gateway.pem", kcd.dir / "gateway.key"),
-                             crl=kcd.dir / "device-ca.crl", tx_log=tmp_path / "tx.log", test_user=user)
+                             crl=kcd.dir / "device-ca.crl", tx_log=tmp_path / "tx.log", test_user=user,
+                             keytab=keytab)
         env = dict(os.environ, PYTHONPATH=str(REPO / "src"), SEG_FAST_STATE_DIR=str(tmp_path / "state"))
         done = subprocess.run([sys.executable, "-m", "seg_fast", "check-config", "--connect", "--config", str(cfg)],
                               env=env, capture_output=True, text=True, timeout=60)
@@ -313,8 +314,12 @@ def test_check_config_connect_gets_a_ticket_for_the_test_user(kcd, tmp_path):
     assert f"kcd.test_user: alice@{REALM}: service ticket for {MAIL}@{REALM} (S4U2Self + S4U2Proxy)" in out, out
     assert "listener.client_crl" in out and "1 revoked serial(s)" in out
     assert code == 0, out
+    assert f"kcd.keytab: {kcd.realm.gateway_keytab}: holds keys for {GATEWAY}@{REALM}" in out
     code, out = run("bob@kcd.test")
     assert code == 1 and f"FAIL  kcd.test_user: bob@{REALM} to {MAIL}@{REALM}: may not be delegated" in out, out
+    # The mail server's keytab in the gateway's place: found without asking the KDC.
+    code, out = run("alice@kcd.test", keytab=kcd.realm.mail_keytab)
+    assert code == 1 and f"FAIL  kcd.keytab: {kcd.realm.mail_keytab}: no keys for {GATEWAY}@{REALM}" in out, out
 
 
 def test_gateway_may_not_delegate_to_another_service(kcd):

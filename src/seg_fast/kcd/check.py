@@ -34,7 +34,11 @@ async def findings(config, connect: bool) -> list[tuple[bool, str, str]]:
         text = str(exc).split(": key ", 1)[-1]
         key, _, text = text.partition(": ")
         return out + [(False, key, text)]
-    out.append((True, "kcd.keytab", f"{config.kcd.keytab}: readable"))
+    problem = await trio.to_thread.run_sync(delegator.keytab_problem)
+    if problem:
+        return out + [(False, "kcd.keytab", f"{config.kcd.keytab}: no keys for "
+                                            f"{config.kcd.service_principal}: {problem}")]
+    out.append((True, "kcd.keytab", f"{config.kcd.keytab}: holds keys for {config.kcd.service_principal}"))
     if not connect:
         return out
     kcd = config.kcd

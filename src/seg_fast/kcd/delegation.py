@@ -213,6 +213,15 @@ class Delegator:
         entry.token = self._token(entry)    # S4U2Proxy now, in this thread: later ones from the cache
         return entry
 
+    def keytab_problem(self) -> str:
+        """Why the keytab cannot act as kcd.service_principal ("" when it can); no KDC needed."""
+        g = self.gssapi
+        try:
+            g.Credentials(name=self.service, usage="accept", store={"keytab": self.settings.keytab})
+        except g.exceptions.GSSError as exc:
+            return _minor_text(exc)
+        return ""
+
     def check(self, principal: str) -> dict:
         """For check-config --connect: fetch for ``principal`` and describe the result (blocking)."""
         own = self.own_credentials()
