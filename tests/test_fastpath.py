@@ -425,3 +425,57 @@ async def _until(cond, timeout: float = 10.0):
     with trio.fail_after(timeout):
         while not cond():
             await trio.sleep(0.01)
+
+
+# -- whole connections through a gateway: pipelining, close, the gateway's own answers ----------
+
+async def test_pipelined_and_closing_requests_on_the_compiled_path(tmp_path):
+    """Three requests in one write (each whole in it: the compiled path takes each body and
+    hands the next head on without h11), a 404 the gateway makes between them, then a
+    request asking Connection: close: every answer right, in order, then the close."""
+    from test_proxy import AUTH, QUERY, gateway, upstream
+
+    def echo(req, body):
+        return 200, [(b"Content-Type", b"application/octet-stream")], b"got:" + body
+
+    def post(body: bytes, path=b"/Microsoft-Server-ActiveSync" + QUERY, extra=b""):
+        return (b"POST " + path + b" HTTP/1.1\r\nHost: gw\r\n" + AUTH[0] + b": " + AUTH[1] + b"\r\n" + extra
+                + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    async with upstream(echo) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path) as gw:
+        stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+        await stream.send_all(post(b"one") + post(b"x", path=b"/nowhere") + post(b"two") + post(b"three"))
+        client = h11.Connection(h11.CLIENT)
+        answers = []
+        for _ in range(4):
+            client.send(h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"x"), (b"Content-Length", b"0")]))
+            client.send(h11.EndOfMessage())
+            answer = []
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    with trio.fail_after(10):
+                        client.receive_data(await stream.receive_some(65536))
+                elif type(event) is h11.Response:
+                    answer = [event.status_code, b""]
+                elif type(event) is h11.Data:
+                    answer[1] += event.data
+                elif type(event) is h11.EndOfMessage:
+                    break
+            answers.append(answer)
+            client.start_next_cycle()
+        assert answers == [[200, b"got:one"], [404, b"not found\n"], [200, b"got:two"], [200, b"got:three"]]
+        await stream.send_all(post(b"last", extra=b"Connection: close\r\n"))
+        client.send(h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"x"), (b"Content-Length", b"0"),
+                                                                       (b"Connection", b"close")]))
+        client.send(h11.EndOfMessage())
+        data = bytearray()
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                data += chunk             # ends when the gateway closes
+        client.receive_data(bytes(data))
+        response = client.next_event()
+        assert response.status_code == 200 and (b"connection", b"close") in list(response.headers)
+        assert client.next_event().data == b"got:last"
+        await stream.aclose()
+    assert [body for _, body in up.requests] == [b"one", b"two", b"three", b"last"]

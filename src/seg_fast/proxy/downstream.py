@@ -34,7 +34,7 @@ class Device:
     """The device side of one connection: its stream, h11 state and who it is."""
 
     __slots__ = ("gw", "stream", "sock", "_conn", "client_ip", "proto", "closing", "max_head", "leftover",
-                 "_head", "_event", "_rest")
+                 "_head", "_event", "_rest", "_taken", "_answer", "_answered", "pending", "fresh")
 
     def __init__(self, gw, stream, client_ip: str, proto: bytes):
         self.gw = gw
@@ -46,28 +46,52 @@ class Device:
         self.proto = proto
         self.closing = False          # set when draining or the framing was repaired: answer, then close
         self.leftover = 0             # bytes of the next request already in h11's buffer
-        self._head = None             # a head the compiled parser read, not yet shown to h11
-        self._event = None
-        self._rest = b""
+        # The compiled path's exchange, not yet shown to h11 (see ``conn``):
+        self._head = None             # the request head the compiled parser read
+        self._event = None            # ... as an h11.Request
+        self._rest = b""              # what followed the head (after take_body: what followed the body)
+        self._taken = False           # take_body() took the whole body
+        self._answer = None           # (status, headers, reason) of the answer head written (_stream_fast)
+        self._answered = False        # ... and its body
+        self.pending = b""            # a pipelined next request's first bytes, read with this one
+        self.fresh = False            # h11 untouched since its last cycle: it holds no bytes
 
     @property
     def conn(self) -> h11.Connection:
-        """The connection's h11 state, with the current request in it: a head the compiled
-        parser read is handed to h11 (with the bytes after it) on first use, unless
-        take_body() already did."""
+        """The connection's h11 state. While the compiled path carries an exchange, h11 is
+        not told; whoever asks for it gets it told everything so far, in h11's own order
+        (the request head, with the bytes after it or, if the body was taken, the body's
+        end and what followed it; the answer head and end if written): the state h11 would
+        be in had it carried the exchange itself (tests/test_fastpath.py)."""
         if self._head is not None:
-            head, self._head = self._head, None
-            rest, self._rest = self._rest, b""
-            http1.prime_h11(self._conn, head, rest, self._event)
+            self._tell_h11()
         return self._conn
+
+    def _tell_h11(self) -> None:
+        conn, head, rest = self._conn, self._head, self._rest
+        self._head, self._rest = None, b""
+        self.fresh = False
+        if not self._taken:
+            http1.prime_h11(conn, head, rest, self._event)
+            return
+        self._taken = False
+        http1.prime_h11(conn, head, b"", self._event)
+        http1.body_done(conn)
+        if rest:
+            conn.receive_data(rest)           # a pipelined next request
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            http1.sent(conn, hdrs.response_event(*answer))
+            if self._answered:
+                self._answered = False
+                http1.sent(conn, exchange.END)
 
     def take_body(self) -> bytes | None:
         """The whole request body, if the compiled parser framed it (Content-Length, or no
-        body) and the head's read held all of it: then h11 never reads it (it only hears
-        that the body ended, http1.body_done); what followed it is buffered in h11 as the
-        next request. None otherwise (the body is h11's to read, as before)."""
+        body) and the head's read held all of it: then h11 never reads it. None otherwise
+        (the body is h11's to read, as before)."""
         head = self._head
-        if head is None:
+        if head is None or self._taken:
             return None
         framing = head.framing
         if framing == http1.FRAMING_LENGTH:
@@ -79,15 +103,49 @@ class Device:
         rest = self._rest
         if len(rest) < n:
             return None
-        self._head = None
-        self._rest = b""
-        conn = self._conn
-        http1.prime_h11(conn, head, b"", self._event)
-        http1.body_done(conn)
+        self._taken = True
         if len(rest) > n:
-            conn.receive_data(rest[n:])           # a pipelined next request
+            self._rest = rest[n:]
             return rest[:n]
+        self._rest = b""
         return rest
+
+    def compiled_answer(self) -> bool:
+        """The exchange is the compiled path's so far (head and whole body, no answer yet):
+        _stream_fast may write the answer without h11."""
+        return self._taken and self._answer is None and self._head is not None
+
+    def keeps_open(self) -> bool:
+        """The connection stays open after this answer (compiled path): h11's keep-alive rule."""
+        return not self.closing and self._head.keep_alive
+
+    def answer_written(self, status: int, headers, reason: bytes) -> None:
+        """The answer head went out (compiled path)."""
+        self._answer = (status, headers, reason)
+
+    def answer_done(self) -> None:
+        self._answered = True
+
+    def pipelined(self) -> bool:
+        """Bytes of a next request arrived with this one."""
+        if self._head is not None:
+            return bool(self._rest) if self._taken else True
+        return bool(self._conn.trailing_data[0])
+
+    def next_cycle(self) -> bool | None:
+        """After a whole compiled exchange: ready for the next request (True), or the
+        connection closes (False); None when h11 carried (part of) it (_next_cycle decides)."""
+        if self._head is None:
+            return None
+        if not (self._taken and self._answered):
+            self._tell_h11()
+            return None
+        keep = not self.closing and self._head.keep_alive
+        self.pending, self._rest = self._rest, b""
+        self._head = self._answer = self._event = None
+        self._taken = self._answered = False
+        self.fresh = True
+        return keep
 
     async def receive(self, deadline: float, size: int = RECEIVE_SIZE) -> int:
         """Feed h11 one read from the device by ``deadline``; the number of bytes read."""
@@ -228,6 +286,9 @@ async def _close(stream) -> None:
 
 
 def _next_cycle(dev: Device) -> bool:
+    done = dev.next_cycle()
+    if done is not None:
+        return done
     conn = dev.conn
     if dev.closing or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
         return False
@@ -252,7 +313,16 @@ def _framing_repaired(request: h11.Request) -> bool:
 async def _loop(gw, dev: Device) -> bool:
     conn = dev.conn
     while True:
-        event = conn.next_event()
+        if dev.pending:
+            # A pipelined request's first bytes came with the last one (compiled path).
+            first, dev.pending = dev.pending, b""
+            dev.fresh = False
+            event = await _read_head(gw, dev, first)
+        elif dev.fresh:
+            event = h11.NEED_DATA     # h11 holds nothing: what its next_event would say
+            dev.fresh = False
+        else:
+            event = conn.next_event()
         if event is h11.NEED_DATA:
             if gw.draining:
                 return False

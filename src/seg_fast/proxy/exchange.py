@@ -200,9 +200,10 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
                    rec: Transaction, t0: float):
     config = gw.config
     fast_body = dev.take_body()       # the compiled parser's whole body: h11 never reads it
-    conn = dev.conn
-    if fast_body is None and conn.they_are_waiting_for_100_continue:
-        await _send_dev(dev, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+    if fast_body is None:
+        conn = dev.conn
+        if conn.they_are_waiting_for_100_continue:
+            await _send_dev(dev, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
 
     is_ping = req.command == "Ping"
     declared, host, connection = hdrs.facts(full)
@@ -321,7 +322,7 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
     release = gw.pool.discard if req.auth_scheme in CONNECTION_SCHEMES else gw.pool.release
     try:
         fast = type(answer) is http1.ResponseHead
-        if fast and (answer_tx or not _fast_answer_fits(dev.conn, answer)):
+        if fast and (answer_tx or not _fast_answer_fits(dev, answer)):
             answer, fast = _answer_to_h11(up, answer), False
         status = answer.status_code
         headers = hdrs.answer_headers(answer.headers if fast else hdrs.items(answer.headers))
@@ -358,7 +359,7 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
 
 def _can_park(gw, dev) -> bool:
     # Bytes the device already sent beyond this request would be lost with its h11 state.
-    return gw.parking is not None and not gw.draining and not dev.conn.trailing_data[0]
+    return gw.parking is not None and not gw.draining and not dev.pipelined()
 
 
 def _wants_close(request: h11.Request, value: bytes | None) -> bool:
@@ -508,12 +509,16 @@ def _answer_to_h11(up: UpstreamConn, head: http1.ResponseHead) -> h11.Response:
     return http1.prime_h11_response(h, head, rest)
 
 
-def _fast_answer_fits(conn: h11.Connection, head: http1.ResponseHead) -> bool:
+def _fast_answer_fits(dev, head: http1.ResponseHead) -> bool:
     """The answer's body can be passed on by _stream_fast: a Content-Length or chunked body
     (HEAD, 204, 304 and close-delimited ones stay h11's), to an HTTP/1.1 device whose
     request was read whole (h11 would re-frame otherwise)."""
-    return (head.framing == http1.FRAMING_LENGTH or head.framing == http1.FRAMING_CHUNKED) \
-        and conn.our_state is h11.SEND_RESPONSE and conn.their_http_version == b"1.1" \
+    if head.framing != http1.FRAMING_LENGTH and head.framing != http1.FRAMING_CHUNKED:
+        return False
+    if dev.compiled_answer():
+        return True                   # the compiled parser's HTTP/1.1 request, its body taken
+    conn = dev.conn
+    return conn.our_state is h11.SEND_RESPONSE and conn.their_http_version == b"1.1" \
         and (conn.their_state is h11.DONE or conn.their_state is h11.MUST_CLOSE)
 
 
@@ -625,10 +630,14 @@ async def _stream_fast(gw, dev, up: UpstreamConn, head: http1.ResponseHead, stat
     """_stream_answer for an answer head the compiled parser read: the body passed on as it
     comes (Content-Length) or re-chunked as h11 would (chunked), the device's head written by
     write_response; h11 only hears that the answer went (its state decides keep-alive)."""
-    conn = dev.conn
-    keep = not dev.closing and conn.their_state is h11.DONE
-    out = [http1.write_response(status, reason, headers, head.framing, head.length, keep)]
-    http1.sent(conn, hdrs.response_event(status, headers, reason))
+    conn = None if dev.compiled_answer() else dev.conn
+    if conn is None:                  # h11 is not told (Device.conn tells it if asked)
+        out = [http1.write_response(status, reason, headers, head.framing, head.length, dev.keeps_open())]
+        dev.answer_written(status, headers, reason)
+    else:
+        keep = not dev.closing and conn.their_state is h11.DONE
+        out = [http1.write_response(status, reason, headers, head.framing, head.length, keep)]
+        http1.sent(conn, hdrs.response_event(status, headers, reason))
     dx_parts = dx.tap(rec, headers) if dx.PENDING else None
     timeout = gw.config.timeouts.upstream_read
     buf, up.rest = up.rest, b""
@@ -671,7 +680,10 @@ async def _stream_fast(gw, dev, up: UpstreamConn, head: http1.ResponseHead, stat
             more = await _up_body_read(up, timeout)
             buf = buf + more if buf else more
         out.append(b"0\r\n\r\n")   # trailers are not passed on (as on h11's path)
-    http1.sent(conn, END)
+    if conn is None:
+        dev.answer_done()
+    else:
+        http1.sent(conn, END)
     # Reusable: keep-alive, and nothing after the answer that would be read as the next one.
     up.reusable = head.keep_alive and not buf
     await dev.send_parts(out)
