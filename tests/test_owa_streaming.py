@@ -71,6 +71,11 @@ class GatedUpstream:
                     else:
                         return
                 self.requests.append((req, digest.hexdigest()))
+                if req.target.startswith(b"/owa/once"):
+                    # Answer as if keeping the connection, then close it (a restart, a crash).
+                    s.sendall(h.send(h11.Response(status_code=200, headers=[("Content-Length", "2")]))
+                              + h.send(h11.Data(data=b"ok")) + h.send(h11.EndOfMessage()))
+                    return
                 s.sendall(h.send(h11.Response(status_code=200, headers=[("Content-Type", "application/octet-stream"),
                                                                          ("Transfer-Encoding", "chunked")])))
                 s.sendall(h.send(h11.Data(data=self.answer[0])))
@@ -167,3 +172,20 @@ def test_bodies_stream_both_ways(gw, target, chunked):
     names = [k for k, _ in req.headers]
     assert (b"transfer-encoding" in names) != (b"content-length" in names)   # one framing, never both
     assert dict(req.headers)[b"host"] == f"127.0.0.1:{up.port}".encode()
+
+
+def test_a_kept_alive_connection_the_mail_server_closed_is_resent_on_a_fresh_one(gw):
+    port, up = gw
+    before = len(up.requests)
+    for i in range(6):               # each answer's connection is closed right after it
+        s = socket.create_connection(("127.0.0.1", port))
+        s.settimeout(BOUND)
+        try:
+            s.sendall(b"POST /owa/once HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        finally:
+            s.close()
+        assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"ok"), raw
+    assert len(up.requests) >= before + 6

@@ -257,7 +257,7 @@ class Passthrough:
         t_up = time.perf_counter()
         for attempt in (0, 1):
             try:
-                up = await gw.pool.acquire(origin)
+                up = await gw.pool.acquire(origin, resendable=body is not None)
             except UpstreamError as exc:
                 return await _unavailable(gw, dev, rec, str(exc))
             try:
