@@ -1,6 +1,12 @@
 """The console's list view with 100,000 devices: SQLite and a real Redis.
 
     python benchmarks/console_bench.py [--devices 100000] [--repeat 3]
+    python benchmarks/console_bench.py --history-only
+
+The dashboard's history (admin/series.py) is measured too, at its bounds: 8 workers with
+100 commands x 5 answer statuses and 30 decision reasons each, 288 full buckets; the
+cost of one sample, of the 24-hour view, and of saving and loading the file (written to
+benchmarks/results/console_history_bench.json; --history-only measures that alone).
 
 Loads N device sightings (and N/2 MDM records) into each store, then times what the
 control process does: reading every sighting from the store and building the
@@ -91,11 +97,64 @@ async def measure(store, sightings, records, repeat: int) -> dict:
     return out
 
 
+def history(repeat: int) -> dict:
+    from seg_fast.admin.series import Series
+    from seg_fast.stats import WorkerSnapshot
+    step = 300.0
+    t0 = 1_800_000_000.0
+
+    def snaps(k: int):
+        return [WorkerSnapshot(
+            pid=1000 + w, ts=t0, started=1.0,
+            requests={f"Cmd{c}": {st: k * (c + 1) for st in ("200", "401", "449", "500", "503")} for c in range(100)},
+            decisions={f"blocked.reason{r}": k * r for r in range(30)},
+            gateway_answers={"upstream_unavailable": k, "device_gone": k},
+            attachments={"encrypt": k, "block": k, "allow": k}, links_rewritten=5 * k, parked_pings=1000 + k)
+            for w in range(8)]
+    devices = {"by_status": {"allowed": 80_000, "blocked": 20_000},
+               "by_reason": {f"blocked.reason{r}": 600 + r for r in range(30)}}
+    with tempfile.TemporaryDirectory() as d:
+        s = Series(Path(d) / "series.json", step=step)
+        for b in range(288):                 # a full day, one sample per bucket
+            s.sample(snaps(b + 1), devices=devices, now=t0 + b * step)
+        k = [300]
+
+        def one():
+            k[0] += 1
+            s.sample(snaps(k[0]), devices=devices, now=t0 + 287 * step + 1)
+        sample_ms = timed(one, repeat)
+        view_ms = timed(lambda: s.view(now=t0 + 287 * step + 1), repeat)
+        view_bytes = len(json.dumps(s.view(now=t0 + 287 * step + 1)))
+        save_ms = timed(s.save, repeat)
+        size = (Path(d) / "series.json").stat().st_size
+        t = Series(Path(d) / "series.json", step=step)
+        load_ms = timed(t.load, repeat)
+    return {"workers": 8, "keys_per_bucket": sum(len(v) for v in s.buckets[max(s.buckets)].counters.values()),
+            "buckets": len(s.buckets), "sample_ms": round(sample_ms, 2), "view_24h_ms": round(view_ms, 2),
+            "view_24h_json_bytes": view_bytes, "save_ms": round(save_ms, 2), "file_bytes": size,
+            "load_ms": round(load_ms, 2)}
+
+
+def print_history(h: dict) -> None:
+    print(f"history at its bounds ({h['workers']} workers, {h['keys_per_bucket']} keys a bucket, {h['buckets']} "
+          f"buckets): sample {h['sample_ms']:.2f} ms, 24 h view {h['view_24h_ms']:.1f} ms "
+          f"({h['view_24h_json_bytes']:,} bytes of JSON), save {h['save_ms']:.1f} ms ({h['file_bytes']:,} bytes), "
+          f"load {h['load_ms']:.1f} ms")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--history-only", action="store_true", help="measure the dashboard's history alone")
     args = ap.parse_args()
+    hist = history(args.repeat)
+    print_history(hist)
+    hist_out = ROOT / "benchmarks" / "results" / "console_history_bench.json"
+    hist_out.write_text(json.dumps({"python": platform.python_version(), **hist}, indent=2) + "\n")
+    print(f"wrote {hist_out.relative_to(ROOT)}")
+    if args.history_only:
+        return 0
     sightings, records = fleet(args.devices)
     result = {"python": platform.python_version(), "devices": args.devices, "mdm_records": len(records), "stores": {}}
     with tempfile.TemporaryDirectory() as d:

@@ -8,7 +8,8 @@ start time) adds all it counted. Gauges (parked Pings, devices by status and by
 blocking reason) keep the bucket's highest and last value.
 
 Bounded: ``SPAN / STEP`` buckets (288 of 5 minutes), at most ``MAX_KEYS`` keys per
-family (beyond: "(other)"); about 300 KB of JSON at the worst. Written (0600, temp
+family (beyond: "(other)"); at those bounds the file is about 1.2 MB and a sample of 8
+workers takes 10 ms (benchmarks/console_bench.py --history-only). Written (0600, temp
 file + rename) to the state directory every ``PERSIST_EVERY`` seconds and when the
 control process stops, read back when it starts, so a restart keeps the day.
 """
