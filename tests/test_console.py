@@ -290,6 +290,9 @@ async def test_bulk_compliance_keys_and_dx_over_a_filter(admin, tmp_path):
     by_id = {s.device_id: s for s in await admin.gate.store.sightings()}
     assert {i for i, s in by_id.items() if s.reason == "blocked.device_compromised"} == \
         {f"DEV{i:03d}" for i in range(12) if i % 2 or i % 3 == 0}     # the filter's, and those blocked before
+    status, _, body = await call(admin, "POST", "/seg/console/compliance", {"ids": ["DEV000"], "expected": 1},
+                                 cookie=cookie, csrf=csrf)
+    assert status == 200 and body["devices"] == 1 and body["reasons"] == {"blocked.device_compromised": 1}
     # New attachment keys for the filter's devices only.
     ring = Keyring.from_settings(admin.config.security)
     before = [ring.generation(f"DEV{i:03d}") for i in range(4)]

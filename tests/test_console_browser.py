@@ -221,6 +221,16 @@ async def test_console_in_a_real_browser(tmp_path):
             entries = json.loads(body)["entries"]
             assert any(e["action"] == "override" and e["override"] == "blacklist" and e["who"].startswith("selenium@")
                        for e in entries)
+            # Run compliance for this one device from its detail page: audited with its id.
+            await page.click("#d-compliance")
+            with trio.fail_after(15):
+                while True:
+                    _, _, body = await request(admin_port, "GET", "/seg/console/audit", token=TOKEN)
+                    runs = [e for e in json.loads(body)["entries"] if e["action"] == "run_compliance"]
+                    if runs:
+                        break
+                    await trio.sleep(0.2)
+            assert runs[0]["selected"] == ["GOODPHONE"] and runs[0]["devices"] == 1
 
             # Bulk-whitelist a filter (the compromised devices: BADPHONE alone), confirmed; it gets in.
             await page.click("#d-close")

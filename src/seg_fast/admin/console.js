@@ -430,6 +430,10 @@ function init() {
   $("d-dx-start").onclick = async () => { await dxStart("device", state.detail, 60); await dxState(); };
   $("d-dx-stop").onclick = async () => {
     await api("DELETE", "/seg/dx/device/" + encodeURIComponent(state.detail)); await dxState(); };
+  $("d-compliance").onclick = async () => {
+    await api("POST", "/seg/console/compliance", { ids: [state.detail], expected: 1 });
+    await detail(state.detail); await devices();
+  };
   $("d-rotate").onclick = async () => {
     if (!confirm(`New attachment key for ${state.detail}? Attachments sealed from now on use it.`)) return;
     await api("POST", "/seg/console/device/" + encodeURIComponent(state.detail) + "/rotate-key");
