@@ -3,6 +3,9 @@ header rewriting, the EWS user decision and the [ews]/[webmail] config checks.""
 from __future__ import annotations
 
 import base64
+import functools
+import tempfile
+from pathlib import Path
 import posixpath
 from urllib.parse import unquote_to_bytes
 
@@ -195,3 +198,43 @@ def test_config_problems_name_the_key_and_the_file(tmp_path, extra, key):
 def test_environment_overrides_reach_the_sections():
     config = load_config(None, env={"SEG_FAST_EWS_ENABLED": "true", "SEG_FAST_EWS_ALLOWED_SOURCES": '["10.0.0.0/8"]'})
     assert config.ews.enabled and config.ews.allowed_sources == ["10.0.0.0/8"]
+
+
+# -- the route decision against every reader's idea of the path -----------------------------------
+
+_TOKENS = ["owa", "ecp", "ews", "Exchange.asmx", "Microsoft-Server-ActiveSync", "..", ".", "", "%2e", "%2f",
+           "%5c", "\\", ";", "%25", "%3b", "x", "%00", "%c0%ae", "%u002e", "//"]
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_passthrough() -> Passthrough:
+    return Passthrough(_config(Path(tempfile.mkdtemp(prefix="ews-units-")), ON))
+
+
+def _readings(path: bytes) -> set[str]:
+    """How servers might read a path: as sent, unescaped once or twice, \\ as /, ;params cut, normalised."""
+    out = set()
+    for decoded in (path, unquote_to_bytes(path), unquote_to_bytes(unquote_to_bytes(path))):
+        text = decoded.decode("latin-1").replace("\\", "/")
+        for variant in (text, "/".join(seg.split(";", 1)[0] for seg in text.split("/"))):
+            out.add(posixpath.normpath(variant).lower())
+    return out
+
+
+@given(st.sampled_from(["/owa/", "/ecp/", "/EWS/", "/ews/exchange.asmx", "/EWS/Exchange.asmx/"]),
+       st.lists(st.sampled_from(_TOKENS), max_size=5), st.sampled_from(["", "/", "?Cmd=Sync"]))
+def test_what_the_passthrough_forwards_no_reader_takes_for_activesync(start, parts, tail):
+    pt = _shared_passthrough()
+    target = (start + "/".join(parts) + tail).encode()
+    if not pt.claims(target):
+        return
+    kind, origin, status, _ = pt._route(b"POST", target.partition(b"?")[0])
+    if origin is None:
+        assert status in (400, 404)
+        return
+    for reading in _readings(target.partition(b"?")[0]):
+        assert "microsoft-server-activesync" not in reading or reading.startswith(("/owa/", "/ecp/")), target
+        if kind == EWS:
+            assert reading == "/ews/exchange.asmx", target
+        else:
+            assert reading.startswith(("/owa", "/ecp")), target
