@@ -768,3 +768,37 @@ def write_request(bytes method, bytes target, list headers, int framing=FRAMING_
         return PyBytes_FromStringAndSize(w.buf, w.pos)
     finally:
         _w_free(&w)
+
+
+# -- reads that do not raise on EAGAIN ---------------------------------------------------------
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t c_read "read"(int fd, void* buf, size_t count)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN          # EWOULDBLOCK is the same on Linux
+        EINTR
+
+DEF _READ_BUF = 65536
+cdef char _read_buf[_READ_BUF]
+
+
+def read_nb(int fd, Py_ssize_t size):
+    """One read(2) of up to ``size`` bytes (at most 64 KiB) from a non-blocking descriptor:
+    the bytes (b"" on EOF), or None if it would block. Unlike os.read, no exception is
+    made for EAGAIN (the common answer of an optimistic read) and no ``size``-byte
+    object is allocated and shrunk: the read goes to one reusable buffer and only what
+    arrived is copied out. Other errors raise OSError, as os.read does."""
+    cdef ssize_t n
+    if size > _READ_BUF:
+        size = _READ_BUF
+    while True:
+        n = c_read(fd, _read_buf, size)
+        if n >= 0:
+            return PyBytes_FromStringAndSize(_read_buf, n)
+        if errno == EAGAIN:
+            return None
+        if errno != EINTR:
+            raise OSError(errno, __import__("os").strerror(errno))

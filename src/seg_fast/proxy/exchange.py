@@ -453,10 +453,10 @@ async def _send_up_parts(gw, up: UpstreamConn, parts: list) -> None:
         raise UpstreamError(f"mail server connection broke while sending: {type(exc).__name__}") from None
 
 
-async def _up_read(up: UpstreamConn, timeout: float, size: int = RECEIVE_SIZE) -> bytes:
-    """One read from the mail server (b"" on EOF) within ``timeout`` seconds."""
+async def _up_read(up: UpstreamConn, timeout: float, size: int = RECEIVE_SIZE, ready: bool = True) -> bytes:
+    """One read from the mail server (b"" on EOF) within ``timeout`` seconds (``ready``: see sockio.receive)."""
     try:
-        data = await sockio.receive(up.stream, up.plain, size, trio.current_time() + timeout)
+        data = await sockio.receive(up.stream, up.plain, size, trio.current_time() + timeout, ready)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise UpstreamError(f"mail server connection broke: {type(exc).__name__}") from None
     if data is None:
@@ -542,7 +542,8 @@ async def _fast_answer_head(up: UpstreamConn, timeout: float):
                     continue          # 1xx: the final head follows (h11 skips them the same way)
                 up.rest = buf
                 return head
-        data = await _up_read(up, timeout)
+        # The first read follows the request's write at once: the answer is not there yet.
+        data = await _up_read(up, timeout, RECEIVE_SIZE, bool(buf))
         if not data:
             raise UpstreamError("mail server closed the connection before answering")
         buf = buf + data if buf else data

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
+from seg_fast.proxy._http1 import read_nb
+
 FAIR_EVERY = 32
 _ready = 0
 
@@ -39,16 +41,14 @@ def plain_socket(stream) -> Plain | None:
 
 
 def read_now(sock, size: int) -> bytes | None:
-    """One read if the data is already there (b"" on EOF); None if it would block."""
+    """One read if the data is already there (b"" on EOF); None if it would block
+    (read_nb: no exception for that, one reusable buffer)."""
     if sock is None:
         return None
     fd = sock.fileno()
     if fd < 0:
         return None                   # closed: let trio's path raise ClosedResourceError
-    try:
-        return os.read(fd, size)
-    except BlockingIOError:
-        return None
+    return read_nb(fd, size)
 
 
 class _Wheel:
@@ -158,10 +158,9 @@ async def wait_plain(sock, size: int, deadline: float) -> bytes | None:
             if fd < 0:
                 raise trio.ClosedResourceError("socket was closed")
             await wait_readable(fd)
-            try:
-                return os.read(fd, size)
-            except BlockingIOError:
-                continue
+            data = read_nb(fd, size)
+            if data is not None:
+                return data
     except trio.ClosedResourceError:
         if wheel is not None and wheel.remove(sock, slot):
             return None
@@ -181,17 +180,18 @@ async def wait_receive(stream, sock, size: int, scope: trio.CancelScope) -> byte
             fd = sock.fileno()
             if fd < 0:
                 return await stream.receive_some(size)
-            try:
-                return os.read(fd, size)
-            except BlockingIOError:
-                continue
+            data = read_nb(fd, size)
+            if data is not None:
+                return data
     return None
 
 
-async def receive(stream, sock, size: int, deadline: float = math.inf) -> bytes | None:
-    """One read (b"" on EOF); None if ``deadline`` (trio clock) passed before any data."""
+async def receive(stream, sock, size: int, deadline: float = math.inf, ready: bool = True) -> bytes | None:
+    """One read (b"" on EOF); None if ``deadline`` (trio clock) passed before any data.
+    ``ready=False``: the data is not expected yet (an answer just asked for), so the
+    read is not tried before waiting (a system call that would say EAGAIN)."""
     global _ready
-    data = read_now(sock, size)
+    data = read_now(sock, size) if ready else None
     if data is None:
         if sock is not None:
             return await wait_plain(sock, size, deadline)
