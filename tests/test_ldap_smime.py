@@ -14,20 +14,24 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from xml.etree import ElementTree
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from http_client import request
 from processes import REPO, start_serve, stop_process
 from redis_server import free_port
 from seg_fast.eas.wbxml import decode
-from seg_fast.ldapcerts import SmimeSettings, compile_filter, directory_from, search_many
+from seg_fast.ldapcerts import SmimeSettings, compile_filter, directory_from, escape_value, search_many
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.smime import signer
 from seg_fast.sim.tree import E, encode
@@ -169,7 +173,7 @@ EVERYONE = ["alice@seg-fast.test", "bob@seg-fast.test", "carol@seg-fast.test", "
             "erin@seg-fast.test", "signer@seg-fast.test", "unknown1@seg-fast.test", "zed@seg-fast.test"]
 
 
-def test_certificates_from_ldap_fill_what_the_mail_server_lacks(gw, sim, slapd):
+def test_certificates_from_ldap_fill_what_the_mail_server_lacks(gw, sim, slapd, tmp_path):
     body = rr_request(EVERYONE)
     direct = ask(sim, body)
     through = ask(gw.port, body)
@@ -194,6 +198,24 @@ def test_certificates_from_ldap_fill_what_the_mail_server_lacks(gw, sim, slapd):
     assert certs_of(got["signer@seg-fast.test"])[1] != list(people["signer@seg-fast.test"].certs)
     # Everything else in the answer is the mail server's.
     assert decode(through.body).findtext(NS + "Status") == "1"
+    # libwbxml reads the re-encoded answer the same way (an independent decoder).
+    exe = shutil.which("wbxml2xml")
+    if exe is None and os.environ.get("CI") == "true":
+        raise AssertionError("wbxml2xml missing (scripts/test.sh installs libwbxml2-utils)")
+    if exe is not None:
+        src, dst = tmp_path / "rr.wbxml", tmp_path / "rr.xml"
+        src.write_bytes(through.body)
+        subprocess.run([exe, "-l", "ACTIVESYNC", "-o", str(dst), str(src)], check=True, capture_output=True)
+        tree = ElementTree.fromstring(dst.read_bytes().split(b"?>", 1)[1].split(b">", 1)[1])
+        seen = {}
+        for resp in (e for e in tree.iter() if e.tag.rsplit("}", 1)[-1] == "Response"):
+            kids = {c.tag.rsplit("}", 1)[-1]: c for c in resp.iter()}
+            certs = [base64.b64decode("".join(c.text.split())) for c in resp.iter()
+                     if c.tag.rsplit("}", 1)[-1] == "Certificate"]
+            seen[kids["To"].text.strip()] = certs
+        assert seen["alice@seg-fast.test"] == list(people["alice@seg-fast.test"].certs)
+        assert seen["bob@seg-fast.test"] == list(people["bob@seg-fast.test"].certs)
+        assert seen["carol@seg-fast.test"] == []
     assert all(not line.count(open(slapd.password_file).read().strip()) for line in gw.stderr)
 
 
@@ -470,3 +492,21 @@ def test_check_config_connect_binds_and_searches(slapd, tmp_path):
         found = [f for f in trio.run(check_connect, load_config(cfg, env={})) if f.what == "smime.ldap_url"]
         assert len(found) == 1 and found[0].ok is ok, found
         assert ("starttls" in found[0].text) if ok else ("result 49" in found[0].text)
+
+
+@settings(max_examples=200)
+@given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_any_recipient_becomes_one_equality_assertion(value):
+    """Whatever the device puts in To, the filter holds it as one literal value (RFC 4515 escaping)."""
+    ber = compile_filter(f"(&(objectClass=person)(mail={escape_value(value)}))")
+    raw = value.encode("utf-8")
+
+    def tlv(tag, body):
+        n = len(body)
+        head = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+            (n.bit_length() + 7) // 8, "big")
+        return bytes([tag]) + head + body
+
+    want = tlv(0xA0, tlv(0xA3, tlv(0x04, b"objectClass") + tlv(0x04, b"person"))
+               + tlv(0xA3, tlv(0x04, b"mail") + tlv(0x04, raw)))
+    assert ber == want

@@ -32,7 +32,8 @@ PASSWORD = "secret"
 
 class TlsConnectProxy:
     """A TLS CONNECT proxy; ``mode``: "ok", "stall" (never answers CONNECT), "eager" (sends
-    data right after its 200, before the client spoke: a confused or hostile proxy)."""
+    data right after its 200, before the client spoke: a confused or hostile proxy), "bloat"
+    (an answer head without end), "garbage" (not HTTP)."""
 
     def __init__(self, ca: trustme.CA, credentials: bytes | None = None):
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -82,6 +83,14 @@ class TlsConnectProxy:
                 return
             if self.mode == "stall":
                 await trio.sleep_forever()
+            if self.mode == "bloat":              # an answer head that never ends
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+                for _ in range(2000):
+                    await stream.send_all(b"a" * 1024)
+                return
+            if self.mode == "garbage":
+                await stream.send_all(b"\x00\xffNOT HTTP\r\n\r\n")
+                return
             target = req.target.decode()
             self.targets.append(target)
             host, port = target.rsplit(":", 1)
@@ -161,7 +170,10 @@ def ca(tmp_path):
 
 @pytest.mark.parametrize("mail_tls", [False, True], ids=["http-mail-server", "https-mail-server"])
 async def test_mail_server_through_an_https_proxy(tmp_path, ca, mail_tls):
-    proxy = TlsConnectProxy(ca, credentials=b"px:p@ss w")
+    # The proxy's certificate from another CA than the mail server's: each trust is its own setting.
+    proxy_ca = trustme.CA()
+    proxy_ca.cert_pem.write_to_path(str(tmp_path / "proxy-ca.pem"))
+    proxy = TlsConnectProxy(proxy_ca, credentials=b"px:p@ss w")
     sim = MailboxSimulator(password=PASSWORD, initial_messages=1, require_provisioning=False)
     sim_ctx = None
     if mail_tls:
@@ -175,7 +187,7 @@ async def test_mail_server_through_an_https_proxy(tmp_path, ca, mail_tls):
         # Credentials with characters that must be percent-encoded in the URL.
         cfg = write_config(tmp_path, port, f'url = "{scheme}://{host}:{sim.port}"\nca_file = "{tmp_path}/ca.pem"\n'
                                            f'proxy_url = "https://px:p%40ss%20w@localhost:{proxy.port}"\n'
-                                           f'proxy_ca_file = "{tmp_path}/ca.pem"\n')
+                                           f'proxy_ca_file = "{tmp_path}/proxy-ca.pem"\n')
         proc = start_serve(cfg, tmp_path)
         try:
             await until_serving(proc, port)
@@ -184,6 +196,14 @@ async def test_mail_server_through_an_https_proxy(tmp_path, ca, mail_tls):
             assert proxy.handshakes >= 1 and proxy.refused == 0
             # What crossed the tunnel: a TLS record (ClientHello) inside TLS, or the plain request.
             assert proxy.first_bytes[0][:1] == (b"\x16" if mail_tls else b"P"), proxy.first_bytes
+            # check-config --connect takes the same way (the guide's Test Connection).
+            from seg_fast.checkconfig import check_connect
+            from seg_fast.config import load_config
+
+            tunnels = len(proxy.targets)
+            found = {f.what: f for f in await check_connect(load_config(cfg, env={}))}
+            assert found["upstream.url"].ok, found["upstream.url"]
+            assert len(proxy.targets) == tunnels + 1
         finally:
             stop_process(proc)
             nursery.cancel_scope.cancel()
@@ -205,7 +225,7 @@ async def test_proxy_refusals_reach_the_device_as_503(tmp_path, ca):
             await until_serving(proc, port)
             assert await folder_sync(port, "PXOK1") == (200, "1")     # the baseline works
             good_ctx = proxy.ctx
-            for i, case in enumerate(["wrong-password", "untrusted-proxy", "stall", "eager"]):
+            for i, case in enumerate(["wrong-password", "untrusted-proxy", "stall", "eager", "bloat", "garbage"]):
                 proxy.targets.clear()
                 handshakes, refused = proxy.handshakes, proxy.refused
                 proxy.mode, proxy.credentials, proxy.ctx = "ok", b"px:pw", good_ctx

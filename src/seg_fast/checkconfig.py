@@ -221,7 +221,7 @@ async def check_connect(config) -> list[Finding]:
     url = up.url.rstrip("/") + config.eas.paths[0]
 
     async def mail_server():
-        status, _ = await http_get(url, up_settings, label="mail server")
+        status, _ = await http_get(url, up_settings, label="mail server", proxy_ca_file=up.proxy_ca_file)
         return f"{url}: HTTP {status}" + (" (asks for credentials, as expected)" if status == 401 else "")
 
     out.append(await _timed("upstream.url", mail_server))

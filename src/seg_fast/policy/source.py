@@ -4,7 +4,8 @@ Pull, from ``[policy] api_url`` (runs once, in the control process):
   GET  <api_url>/snapshot               -> {"token": T, "policies": {...}, "devices": [...]}
   GET  <api_url>/changes?since=<T>      -> {"token": T2, "policies"?: {...},
                                             "devices": [...changed], "removed": [ids]}
-  with ``Authorization: Bearer <api_token>``, through ``api_proxy_url`` if set, TLS
+  with ``Authorization: Bearer <api_token>``, through ``api_proxy_url`` if set (http:// or
+  https://, TLS to the proxy trusted like the API), TLS
   trust from ``api_verify_tls`` / ``api_ca_file``. The full snapshot is fetched
   when there is no token yet (or the API answers 410 Gone to a delta); then a
   delta every ``delta_interval`` seconds. An unreachable or failing API leaves the
@@ -74,10 +75,12 @@ async def apply_push(store: Store, raw: bytes) -> int:
     return version
 
 
-async def http_get(url: str, settings: PolicySettings, label: str = "policy API") -> tuple[int, bytes]:
+async def http_get(url: str, settings: PolicySettings, label: str = "policy API",
+                   proxy_ca_file: str | None = None) -> tuple[int, bytes]:
     """One GET through the configured outbound proxy and TLS trust; (status, body).
 
-    ``label`` names the service in errors (check-config also reaches the mail server with it)."""
+    ``label`` names the service in errors (check-config also reaches the mail server with it);
+    an https:// proxy is trusted with ``proxy_ca_file`` (None: api_ca_file, as for the API)."""
     from seg_fast.config import TimeoutSettings, UpstreamSettings
     from seg_fast.proxy.upstream import UpstreamError, UpstreamPool, origin_of
 
@@ -89,7 +92,8 @@ async def http_get(url: str, settings: PolicySettings, label: str = "policy API"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     # The proxy's connector (outbound CONNECT proxy, TLS trust), configured for the API.
     pool = UpstreamPool(UpstreamSettings(url=url, verify_tls=settings.api_verify_tls, ca_file=settings.api_ca_file,
-                                         proxy_url=settings.api_proxy_url, proxy_ca_file=settings.api_ca_file,
+                                         proxy_url=settings.api_proxy_url,
+                                         proxy_ca_file=settings.api_ca_file if proxy_ca_file is None else proxy_ca_file,
                                          pool_size=1, idle_pool_size=0),
                         TimeoutSettings(upstream_connect=settings.api_timeout))
     try:

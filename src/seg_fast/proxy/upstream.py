@@ -256,7 +256,11 @@ class UpstreamPool:
             headers.append((b"Proxy-Authorization", self.proxy_auth))
         await stream.send_all(conn.send(h11.Request(method=b"CONNECT", target=target, headers=headers)))
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                # The proxy's fault, not the device's: a 503, never h11's hint (431/400) for the device.
+                raise UpstreamError(f"outbound proxy sent a malformed answer to CONNECT: {exc}") from None
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(RECEIVE_SIZE)
                 if not data:
