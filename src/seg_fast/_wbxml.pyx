@@ -6,13 +6,13 @@ precomputed table indexed by (page << 6 | token); output goes through a growable
 writer. Every malformed input raises ``WBXMLError`` with the byte offset.
 The public face (and the documentation of the formats) is ``seg_fast.eas.wbxml``.
 """
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memchr, memcpy
 
@@ -25,8 +25,65 @@ cimport cython
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+    int _PyBytes_Resize(PyObject** obj, Py_ssize_t size) except -1
+    # borrowed-pointer list access (no reference counting on the encoder's walk)
+    Py_ssize_t _list_size "PyList_GET_SIZE"(PyObject* op)
+    void* _type_of "Py_TYPE"(PyObject* op)
+    PyObject* _list_item "PyList_GET_ITEM"(PyObject* op, Py_ssize_t i)
     int PyGC_Disable()
     int PyGC_Enable()
+
+cdef extern from *:
+    """
+    /* One pass over an inline string: where its NUL is, and whether any byte before
+       it is >= 0x80 (then the string needs a full UTF-8 check). memchr and an ASCII
+       test read the bytes twice; body-heavy documents are all string bytes. */
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__x86_64__) && defined(__GNUC__)
+    #include <immintrin.h>
+    __attribute__((target("avx2")))
+    static const uint8_t* seg_nul_ascii_avx2(const uint8_t* p, const uint8_t* end, int* high) {
+        const __m256i zero = _mm256_setzero_si256();
+        __m256i acc = zero;
+        while (end - p >= 64) {
+            __m256i a = _mm256_loadu_si256((const __m256i*)p);
+            __m256i b = _mm256_loadu_si256((const __m256i*)(p + 32));
+            uint64_t z = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, zero))
+                       | ((uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(b, zero)) << 32);
+            if (z) {
+                int idx = __builtin_ctzll(z);
+                uint64_t hi = (uint32_t)_mm256_movemask_epi8(a)
+                            | ((uint64_t)(uint32_t)_mm256_movemask_epi8(b) << 32);
+                if (idx < 64 && (hi & ((1ULL << idx) - 1))) *high = 1;
+                if (_mm256_movemask_epi8(acc)) *high = 1;
+                return p + idx;
+            }
+            acc = _mm256_or_si256(acc, _mm256_or_si256(a, b));
+            p += 64;
+        }
+        if (_mm256_movemask_epi8(acc)) *high = 1;
+        for (; p < end; p++) {
+            if (*p == 0) return p;
+            if (*p & 0x80) *high = 1;
+        }
+        return NULL;
+    }
+    static int seg_have_avx2 = -1;
+    #endif
+    static const uint8_t* seg_nul_ascii(const uint8_t* p, const uint8_t* end, int* high) {
+    #if defined(__x86_64__) && defined(__GNUC__)
+        if (seg_have_avx2 < 0) seg_have_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+        if (seg_have_avx2) return seg_nul_ascii_avx2(p, end, high);
+    #endif
+        const uint8_t* nul = (const uint8_t*)memchr(p, 0, end - p);
+        const uint8_t* stop = nul ? nul : end;
+        for (; p < stop; p++) if (*p & 0x80) { *high = 1; break; }
+        return nul;
+    }
+    """
+    const uint8_t* seg_nul_ascii(const uint8_t* p, const uint8_t* end, int* high) nogil
+
 
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024   # bytes; a gateway bounds what it buffers
 DEFAULT_MAX_DEPTH = 64
@@ -106,6 +163,46 @@ def token_of(tag):
 
 # ---------------------------------------------------------------- the tree
 
+cdef struct Node:
+    # One element of a decoded canonical document, in document order (a flat array):
+    # the lazy tree builds an Element from it when its parent's children are first read.
+    uint32_t end         # index one past this element's subtree (its next sibling)
+    uint32_t nkids
+    uint32_t tag_at      # offset of its tag token
+    uint32_t end_at      # offset one past its END (past the tag when it has no content)
+    uint32_t toff, tlen1 # text span (length + 1; 0: none)
+    uint32_t ooff, olen1 # opaque span, the same way
+    uint16_t id          # page << 6 | token
+    uint8_t page_after   # the code page in force after its subtree
+
+
+@cython.no_gc
+@cython.final
+cdef class _Doc:
+    """The node array of one decoded document and the document itself (spans point into it)."""
+    cdef Node* nodes
+    cdef Py_ssize_t count
+    cdef object src
+
+    def __dealloc__(self):
+        free(self.nodes)
+
+    def __reduce__(self):       # copy/deepcopy/pickle of a lazy tree
+        return _doc_from, (PyBytes_FromStringAndSize(<const char*>self.nodes, self.count * sizeof(Node)),
+                           self.src)
+
+
+def _doc_from(bytes nodes, src):
+    cdef _Doc doc = _Doc.__new__(_Doc)
+    doc.nodes = <Node*>malloc(max(len(nodes), 1))
+    if doc.nodes == NULL:
+        raise MemoryError()
+    memcpy(doc.nodes, PyBytes_AS_STRING(nodes), len(nodes))
+    doc.count = len(nodes) // sizeof(Node)
+    doc.src = src
+    return doc
+
+
 @cython.no_gc
 @cython.freelist(4096)    # decoding builds and drops many at once
 @cython.final
@@ -135,6 +232,8 @@ cdef class Element:
     cdef object _tok_tag      # the tag _tok was looked up for (identity)
     cdef int _tok             # page << 8 | token of _tok_tag
     cdef readonly object _fmt
+    cdef _Doc _doc            # set while the children are not built yet (lazy): see _kids
+    cdef Py_ssize_t _node     # this element's index in _doc.nodes
 
     def __init__(self, str tag, children=None, text=None, opaque=None):
         self.tag = tag
@@ -186,16 +285,19 @@ cdef class Element:
     def children(self):
         """The child elements (a list you may modify)."""
         if self._children is None:
+            if self._doc is not None:
+                return _kids(self)
             self._children = []
         return self._children
 
     @children.setter
     def children(self, value):
         self._children = value if type(value) is list else list(value)
+        self._doc = None
 
     def find(self, str tag):
         """The first direct child with this tag, or None."""
-        if self._children is not None:
+        if _kids(self) is not None:
             for child in self._children:
                 if isinstance(child, Element) and (<Element>child).tag == tag:
                     return child
@@ -203,7 +305,7 @@ cdef class Element:
 
     def findall(self, str tag):
         """Every direct child with this tag, in order."""
-        if self._children is None:
+        if _kids(self) is None:
             return []
         return [child for child in self._children
                 if isinstance(child, Element) and (<Element>child).tag == tag]
@@ -229,7 +331,7 @@ cdef class Element:
             el = stack.pop()
             if tag is None or el.tag == tag:
                 out.append(el)
-            if el._children:
+            if _kids(el):
                 stack.extend(reversed(el._children))
         return iter(out)
 
@@ -251,8 +353,8 @@ cdef class Element:
             a, b = <Element>x, <Element>y
             if a.tag != b.tag or a._get_text() != b._get_text() or a._get_opaque() != b._get_opaque():
                 return False
-            ac = a._children or []
-            bc = b._children or []
+            ac = _kids(a) or []
+            bc = _kids(b) or []
             if len(ac) != len(bc):
                 return False
             todo.extend(zip(ac, bc))
@@ -260,7 +362,7 @@ cdef class Element:
 
     def __repr__(self):
         parts = [repr(self.tag)]
-        if self._children:
+        if _kids(self):
             parts.append(f"[{len(self._children)} children]")
         if self.text is not None:
             t = self.text if len(self.text) <= 40 else self.text[:37] + "..."
@@ -270,6 +372,48 @@ cdef class Element:
         return f"Element({', '.join(parts)})"
 
     __hash__ = None
+
+
+cdef inline list _kids(Element el):
+    """el's children list (None if it has none), built from the node array on first use."""
+    if el._children is None and el._doc is not None:
+        _build_kids(el)
+    return el._children
+
+
+cdef Element _make(_Doc doc, Py_ssize_t k):
+    cdef Node* nd = &doc.nodes[k]
+    cdef Element el = Element.__new__(Element)
+    cdef object name = _name(nd.id >> 6, nd.id & 0x3F)
+    el.tag = name
+    el._tok_tag = name
+    el._tok = ((nd.id >> 6) << 8) | (nd.id & 0x3F)
+    if nd.tlen1 or nd.olen1:
+        el._src = doc.src
+        el._toff = nd.toff
+        el._tlen = nd.tlen1
+        el._ooff = nd.ooff
+        el._olen = nd.olen1
+    if nd.nkids:
+        el._doc = doc
+        el._node = k
+    return el
+
+
+cdef int _build_kids(Element el) except -1:
+    cdef _Doc doc = el._doc
+    cdef Node* nd = &doc.nodes[el._node]
+    cdef Py_ssize_t i, j = el._node + 1, n = nd.nkids
+    cdef list kids = PyList_New(n)
+    cdef Element child
+    for i in range(n):
+        child = _make(doc, j)
+        Py_INCREF(child)
+        PyList_SET_ITEM(kids, i, child)
+        j = doc.nodes[j].end
+    el._children = kids
+    el._doc = None
+    return 0
 
 
 # ---------------------------------------------------------------- reading
@@ -382,6 +526,171 @@ cdef int _grow(PyObject*** kids, Py_ssize_t* cap) except -1:
     return 0
 
 
+cdef inline int _mb_quiet(const uint8_t* buf, Py_ssize_t end, Py_ssize_t* pos, uint32_t* out):
+    """mb_u_int32 as _mb reads it; -1 (no exception) where _mb would raise."""
+    cdef Py_ssize_t start = pos[0], p = pos[0]
+    cdef unsigned long long v = 0
+    cdef uint8_t b
+    if p < end and buf[p] == 0x80:
+        return -1
+    while True:
+        if p >= end:
+            return -1
+        b = buf[p]
+        p += 1
+        v = (v << 7) | (b & 0x7F)
+        if not (b & 0x80):
+            break
+        if p - start >= 5:
+            return -1
+    if v > 0xFFFFFFFF:
+        return -1
+    pos[0] = p
+    out[0] = <uint32_t>v
+    return 0
+
+
+cdef Element _decode_lazy(object src, const uint8_t* buf, Py_ssize_t n, int max_depth,
+                          Py_ssize_t max_elements):
+    """The common case, fast: a well-formed canonical document (header 03 01 6A 00,
+    SWITCH_PAGE only where the page changes, per element at most one string then at
+    most one opaque then the children, no empty content flag). One pass fills the node
+    array; only the root Element is built, the rest on first read. Returns None for
+    anything else (malformed or irregular), which the full decoder then handles."""
+    if n >= 0xFFFFFFF0 or n < 5 or buf[0] != 3 or buf[1] != 1 or buf[2] != 0x6A or buf[3] != 0:
+        return None
+    cdef Py_ssize_t pos = 4, count = 0, cap = 64 + n // 24, budget = max_elements, slen
+    cdef Node* nodes = <Node*>malloc(cap * sizeof(Node))
+    cdef Node* nd
+    cdef Node* grown
+    cdef uint32_t* opened = <uint32_t*>malloc((max_depth + 1) * sizeof(uint32_t))
+    cdef uint8_t* state = <uint8_t*>malloc(max_depth + 1)
+    cdef int page = 0, depth = 0, tok, high
+    cdef bint sw = False, done = False
+    cdef uint8_t b
+    cdef uint32_t length
+    cdef const uint8_t* nul
+    cdef _Doc doc
+    if nodes == NULL or opened == NULL or state == NULL:
+        free(nodes); free(opened); free(state)
+        raise MemoryError()
+    try:
+        while pos < n:
+            b = buf[pos]
+            if b == SWITCH_PAGE:
+                if sw or pos + 1 >= n or buf[pos + 1] == page:
+                    return None
+                page = buf[pos + 1]
+                pos += 2
+                sw = True
+                continue
+            if sw:
+                if (b & 0x3F) < 5:
+                    return None
+            elif b == END:
+                if depth == 0:
+                    return None
+                depth -= 1
+                if state[depth] == 0:        # content flag, no content
+                    return None
+                nd = &nodes[opened[depth]]
+                nd.end = <uint32_t>count
+                pos += 1
+                nd.end_at = <uint32_t>pos
+                nd.page_after = <uint8_t>page
+                if depth == 0:
+                    done = True
+                    break
+                continue
+            elif b == STR_I:
+                if depth == 0 or state[depth - 1] != 0:
+                    return None
+                high = 0
+                nul = seg_nul_ascii(buf + pos + 1, buf + n, &high)
+                if nul == NULL:
+                    return None
+                slen = nul - (buf + pos + 1)
+                if high:
+                    try:
+                        PyUnicode_DecodeUTF8(<const char*>buf + pos + 1, slen, NULL)
+                    except UnicodeDecodeError:
+                        return None
+                nd = &nodes[opened[depth - 1]]
+                nd.toff = <uint32_t>(pos + 1)
+                nd.tlen1 = <uint32_t>(slen + 1)
+                state[depth - 1] = 1
+                pos += slen + 2
+                budget -= 1
+                continue
+            elif b == OPAQUE:
+                if depth == 0 or state[depth - 1] & 6:
+                    return None
+                pos += 1
+                if _mb_quiet(buf, n, &pos, &length) < 0 or length > <uint32_t>(n - pos):
+                    return None
+                nd = &nodes[opened[depth - 1]]
+                nd.ooff = <uint32_t>pos
+                nd.olen1 = length + 1
+                state[depth - 1] |= 2
+                pos += length
+                budget -= 1
+                continue
+            tok = b & 0x3F
+            if tok < 5 or b & HAS_ATTRS or (depth == 0 and count):
+                return None
+            budget -= 1
+            if budget < 0:
+                return None
+            if count >= cap:
+                cap *= 2
+                grown = <Node*>realloc(nodes, cap * sizeof(Node))
+                if grown == NULL:
+                    raise MemoryError()
+                nodes = grown
+            nd = &nodes[count]
+            nd.id = <uint16_t>((page << 6) | tok)
+            nd.tag_at = <uint32_t>pos
+            nd.nkids = 0
+            nd.tlen1 = 0
+            nd.olen1 = 0
+            nd.toff = 0
+            nd.ooff = 0
+            if depth:
+                nodes[opened[depth - 1]].nkids += 1
+                state[depth - 1] |= 4
+            sw = False
+            pos += 1
+            if b & HAS_CONTENT:
+                if depth >= max_depth:
+                    return None
+                opened[depth] = <uint32_t>count
+                state[depth] = 0
+                depth += 1
+            else:
+                nd.end = <uint32_t>(count + 1)
+                nd.end_at = <uint32_t>pos
+                nd.page_after = <uint8_t>page
+                if depth == 0:
+                    count += 1
+                    done = True
+                    break
+            count += 1
+        if not done or pos != n or budget < 0:
+            return None
+        doc = _Doc.__new__(_Doc)
+        doc.nodes = nodes
+        doc.count = count
+        doc.src = src
+        nodes = NULL           # the document owns them now
+        root = _make(doc, 0)
+        root._src = src        # the encoder's size hint
+        return root
+    finally:
+        free(nodes)
+        free(opened)
+        free(state)
+
+
 def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT_MAX_SIZE,
            Py_ssize_t max_elements=DEFAULT_MAX_ELEMENTS):
     """WBXML bytes -> Element tree. See seg_fast.eas.wbxml."""
@@ -398,6 +707,9 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
     cdef const uint8_t* buf = <const uint8_t*>PyBytes_AS_STRING(src)
     cdef Py_ssize_t n = len(<bytes>src)
     _check_limits(n, max_size, max_depth)
+    cdef Element lazy = _decode_lazy(src, buf, n, max_depth, max_elements)
+    if lazy is not None:
+        return lazy
     cdef Py_ssize_t pos = _header(buf, n)
     cdef Py_ssize_t start, slen, i, cnt
     cdef object header = None
@@ -581,6 +893,8 @@ def decode(data, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t max_size=DEFAULT
         free(first)
         if gc_was_on:
             PyGC_Enable()
+    if root._src is None:
+        root._src = src      # the encoder's size hint
     if header is not None:
         fmt = root._fmt
         root._fmt = (None if fmt is None else fmt[0], None if fmt is None else fmt[1], header)
@@ -614,6 +928,7 @@ cdef struct Writer:
     char* buf
     Py_ssize_t len
     Py_ssize_t cap
+    PyObject* obj     # when set, buf is this bytes object's storage (one copy less)
 
 
 cdef int _reserve(Writer* w, Py_ssize_t extra) except -1:
@@ -624,6 +939,11 @@ cdef int _reserve(Writer* w, Py_ssize_t extra) except -1:
     cap = w.cap * 2 if w.cap else 256
     while cap < w.len + extra:
         cap *= 2
+    if w.obj != NULL:
+        _PyBytes_Resize(&w.obj, cap)     # frees it and sets NULL on failure
+        w.buf = PyBytes_AS_STRING(<object>w.obj)
+        w.cap = cap
+        return 0
     nb = <char*>realloc(w.buf, cap)
     if nb == NULL:
         raise MemoryError()
@@ -719,9 +1039,97 @@ cdef bint _items_match(Element el, tuple items):
 
 
 cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) except -1:
+    """Canonical elements (no recorded deviations): one reservation, no reference counting."""
+    cdef int packed, tpage, tok
+    cdef Py_ssize_t i, nchild, need
+    cdef PyObject* kids
+    cdef PyObject* child
+    cdef char* out
+    cdef Node* nd
+    if el._fmt is not None or el.tag is None or depth > max_depth or el._tok_tag is not el.tag:
+        return _encode_general(w, el, page, depth, max_depth)
+    if el._tlen == 0 and el._text is not None or el._olen == 0 and el._opaque is not None:
+        return _encode_general(w, el, page, depth, max_depth)
+    packed = el._tok
+    tpage = packed >> 8
+    tok = packed & 0x3F
+    if el._doc is not None:
+        # children never read: unless its own content changed, the element's bytes
+        # are the canonical encoding of its subtree (see _decode_lazy); copy them
+        nd = &el._doc.nodes[el._node]
+        if (nd.id == ((tpage << 6) | tok) and el._tlen == nd.tlen1 and el._olen == nd.olen1
+                and (el._tlen or el._text is None) and (el._olen or el._opaque is None)):
+            need = 2 + <Py_ssize_t>(nd.end_at - nd.tag_at)
+            if w.len + need > w.cap:
+                _reserve(w, need)
+            out = w.buf + w.len
+            if tpage != page[0]:
+                out[0] = SWITCH_PAGE
+                out[1] = <char>tpage
+                out += 2
+            memcpy(out, PyBytes_AS_STRING(el._doc.src) + nd.tag_at, nd.end_at - nd.tag_at)
+            w.len = out + (nd.end_at - nd.tag_at) - w.buf
+            page[0] = nd.page_after
+            return 0
+        _build_kids(el)
+    kids = <PyObject*>el._children
+    nchild = 0 if kids == <PyObject*>None else _list_size(kids)
+    # SWITCH_PAGE (2), tag (1), STR_I + NUL (2), OPAQUE + length (6), END (1)
+    need = 12 + (el._tlen + el._olen)
+    if w.len + need > w.cap:
+        _reserve(w, need)
+    out = w.buf + w.len
+    if tpage != page[0]:
+        out[0] = SWITCH_PAGE
+        out[1] = <char>tpage
+        out += 2
+        page[0] = tpage
+    if el._tlen == 0 and el._olen == 0 and nchild == 0:
+        out[0] = <char>tok
+        w.len = out + 1 - w.buf
+        return 0
+    out[0] = <char>(tok | HAS_CONTENT)
+    out += 1
+    if el._tlen:         # a span of the decoded document: copied as it is
+        out[0] = STR_I
+        memcpy(out + 1, PyBytes_AS_STRING(el._src) + el._toff, el._tlen - 1)
+        out[el._tlen] = 0
+        out += el._tlen + 1
+    if el._olen:
+        out[0] = <char>OPAQUE
+        out += 1 + _mb_into(out + 1, <uint32_t>(el._olen - 1))
+        memcpy(out, PyBytes_AS_STRING(el._src) + el._ooff, el._olen - 1)
+        out += el._olen - 1
+    w.len = out - w.buf
+    for i in range(nchild):
+        child = _list_item(kids, i)
+        if _type_of(child) != <void*>Element:
+            _encode_child(w, <object>child, page, depth, max_depth)
+        else:
+            _encode(w, <Element>child, page, depth + 1, max_depth)
+    _put(w, END)
+    return 0
+
+
+cdef inline int _mb_into(char* out, uint32_t v):
+    """Writes v as mb_u_int32 at out; returns the number of bytes."""
+    cdef uint8_t tmp[5]
+    cdef int i = 4, n
+    tmp[4] = v & 0x7F
+    v >>= 7
+    while v:
+        i -= 1
+        tmp[i] = (v & 0x7F) | 0x80
+        v >>= 7
+    n = 5 - i
+    memcpy(out, &tmp[i], n)
+    return n
+
+
+cdef int _encode_general(Writer* w, Element el, int* page, int depth, int max_depth) except -1:
     cdef int packed, tpage, tok
     cdef object fmt = el._fmt, pre = None, items = None, x
-    cdef list children = el._children
+    cdef list children = _kids(el)
     cdef Py_ssize_t i, nchild
     if depth > max_depth:
         raise WBXMLError(f"elements nested deeper than {max_depth}")
@@ -802,6 +1210,7 @@ cdef Py_ssize_t _scratch_cap = 0
 cdef bint _scratch_busy = False
 cdef enum:
     SCRATCH_KEEP = 4 << 20
+    DIRECT_OUTPUT = 64 << 10    # decoded documents from this size on are written in place
 
 
 def encode(Element root, *, int max_depth=DEFAULT_MAX_DEPTH):
@@ -810,7 +1219,8 @@ def encode(Element root, *, int max_depth=DEFAULT_MAX_DEPTH):
     cdef Writer w
     cdef int page = 0
     cdef bint own = False
-    cdef object header = CANONICAL_HEADER
+    cdef object header = CANONICAL_HEADER, result
+    cdef Py_ssize_t size_hint = 0
     if root._fmt is not None and root._fmt[2] is not None:
         header = root._fmt[2]
     if max_depth < 1 or max_depth > MAX_DEPTH_LIMIT:
@@ -818,6 +1228,27 @@ def encode(Element root, *, int max_depth=DEFAULT_MAX_DEPTH):
     w.buf = NULL
     w.len = 0
     w.cap = 0
+    w.obj = NULL
+    if root._src is not None:
+        size_hint = PyBytes_GET_SIZE(root._src)
+    if size_hint >= DIRECT_OUTPUT:
+        # A large decoded document: write straight into a bytes object of about its
+        # size (bodies are copied once, not into a scratch buffer and then again).
+        result = PyBytes_FromStringAndSize(NULL, size_hint + 64)
+        w.obj = <PyObject*>result
+        Py_INCREF(result)
+        result = None
+        w.buf = PyBytes_AS_STRING(<object>w.obj)
+        w.cap = size_hint + 64
+        try:
+            _write(&w, PyBytes_AS_STRING(header), len(header))
+            _encode(&w, root, &page, 1, max_depth)
+            _PyBytes_Resize(&w.obj, w.len)
+            result = <object>w.obj
+            return result
+        finally:
+            if w.obj != NULL:
+                Py_DECREF(<object>w.obj)
     if not _scratch_busy:
         own = _scratch_busy = True
         w.buf = _scratch
@@ -1146,6 +1577,7 @@ def splice(data, replacements):
     w.buf = NULL
     w.len = 0
     w.cap = 0
+    w.obj = NULL
     try:
         _reserve(&w, n + 64)
         for span, value in ordered:
