@@ -21,6 +21,7 @@ import imaplib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import socketserver
 import subprocess
@@ -528,21 +529,25 @@ http {{
                 self.seeded.add((user, mime))
 
     def stop(self) -> None:
-        for name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
+        # Each service runs in a session of its own (start_new_session): signal the whole
+        # group, so runuser's child and sogod's prefork workers get it too.
         for name, proc in reversed(self.procs):
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        # sogod's prefork children and dovecot's are in the same session: end stragglers.
-        for name, proc in self.procs:
-            try:
-                os.killpg(proc.pid, 9)
+                # postgres: SIGINT is its fast shutdown (SIGTERM waits for sogod's sessions)
+                os.killpg(proc.pid, signal.SIGINT if name == "postgres" else signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(1)                # nothing here keeps data worth a slow shutdown
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait()
         self.procs.clear()
         if self.smtp is not None:
             self.smtp.close()
@@ -714,6 +719,10 @@ class Tap:
 
 if __name__ == "__main__":
     import sys
+
+    def _stop(*_):
+        raise KeyboardInterrupt          # a background job ignores SIGINT: stop cleanly on SIGTERM too
+    signal.signal(signal.SIGTERM, _stop)
     with running_sogo() as s:
         print(f"SOGo ActiveSync at {s.url}/Microsoft-Server-ActiveSync (started in {s.startup_seconds:.1f} s); "
               f"IMAP 127.0.0.1:{s.imap_port}; users {USERS}; files in {s.base}", flush=True)

@@ -72,7 +72,7 @@ async def stack(sogo, tmp_path):
         gw_port = free_port()
         cfg = tmp_path / "gw.toml"
         cfg.write_text(
-            f'workers = 1\n[listener]\nhost = "127.0.0.1"\nport = {gw_port}\n'
+            f'workers = 1\n[admin]\nenabled = false\n[listener]\nhost = "127.0.0.1"\nport = {gw_port}\n'
             f'[upstream]\nurl = "http://127.0.0.1:{upstream.port}"\n'
             f'[log]\ntransactions = "{tmp_path / "tx.jsonl"}"\n'
             f'[policy]\nallow_if_no_policies = true\nsqlite_path = "{tmp_path / "policy.db"}"\n'
@@ -233,8 +233,9 @@ async def test_read_session_direct_and_through_the_gateway(sogo, tmp_path):
         with trio.fail_after(60):
             a = Recorder(device(direct_tap.port, "SOGODIRECT1"))
             b = Recorder(device(gw_port, "SOGOGATEWAY1"))
-            await read_session(a, "direct")
-            await read_session(b, "gateway")
+            async with trio.open_nursery() as nursery:      # read-only: both at once
+                nursery.start_soon(read_session, a, "direct")
+                nursery.start_soon(read_session, b, "gateway")
             await a.dev.aclose()
             await b.dev.aclose()
         same_answers(a.steps, b.steps)
