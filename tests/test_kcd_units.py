@@ -217,3 +217,58 @@ def test_cert_map_defaults():
     assert CertMapSettings().source == "upn"
     assert clientcert.CertAuth.principal_for("CORP\\jdoe", "") == "CORP\\jdoe"
     assert clientcert.CertAuth.principal_for("jdoe@sub.example.com", "") == "jdoe@SUB.EXAMPLE.COM"
+
+
+def _ocsp_response(ca: TestCA, cert, *, signer_key=None, signer_cert=None, serial_of=None, next_update_days=1,
+                   revoked=False, extra_certs=None):
+    from cryptography.x509 import ocsp
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = ocsp.OCSPResponseBuilder().add_response(
+        cert=serial_of or cert, issuer=ca.cert, algorithm=hashes.SHA1(),
+        cert_status=ocsp.OCSPCertStatus.REVOKED if revoked else ocsp.OCSPCertStatus.GOOD,
+        this_update=now - datetime.timedelta(hours=1), next_update=now + datetime.timedelta(days=next_update_days),
+        revocation_time=now - datetime.timedelta(hours=2) if revoked else None, revocation_reason=None)
+    builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, signer_cert or ca.cert)
+    if extra_certs:
+        builder = builder.certificates(extra_certs)
+    return builder.sign(signer_key or ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def _responder_cert(ca: TestCA, eku: bool):
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ocsp")]))
+         .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=9)))
+    if eku:
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+    return key, b.sign(ca.key, hashes.SHA256())
+
+
+def test_ocsp_response_checks(ca, tmp_path):
+    from seg_fast.kcd.ocsp import GOOD, MAX_CACHE, REVOKED, OcspError, _read
+
+    cert = ca.client_cert("o", upn="o@kcd.test")[2]
+    other = ca.client_cert("p", upn="p@kcd.test")[2]
+    status, valid_for = _read(_ocsp_response(ca, cert), cert, ca.cert)
+    assert status == GOOD and valid_for == MAX_CACHE                 # nextUpdate a day away: an hour
+    assert _read(_ocsp_response(ca, cert, revoked=True), cert, ca.cert)[0] == REVOKED
+    with pytest.raises(OcspError, match="another certificate"):
+        _read(_ocsp_response(ca, cert, serial_of=other), cert, ca.cert)
+    stranger = TestCA(tmp_path)
+    with pytest.raises(OcspError, match="signature does not verify"):
+        _read(_ocsp_response(ca, cert, signer_key=stranger.key, signer_cert=stranger.cert), cert, ca.cert)
+    with pytest.raises(OcspError, match="not current"):
+        _read(_ocsp_response(ca, cert, next_update_days=-1), cert, ca.cert)
+    # A responder the CA delegated to (id-kp-OCSPSigning) may sign; without the EKU it may not.
+    key, delegate = _responder_cert(ca, eku=True)
+    raw = _ocsp_response(ca, cert, signer_key=key, signer_cert=delegate, extra_certs=[delegate])
+    assert _read(raw, cert, ca.cert)[0] == GOOD
+    key, plain = _responder_cert(ca, eku=False)
+    with pytest.raises(OcspError, match="signature does not verify"):
+        _read(_ocsp_response(ca, cert, signer_key=key, signer_cert=plain, extra_certs=[plain]), cert, ca.cert)
+    with pytest.raises(OcspError, match="not an OCSP response"):
+        _read(b"<html>proxy error</html>", cert, ca.cert)

@@ -47,6 +47,9 @@ class ListenerSettings(_Section):
     client_cert: str = "off"
     client_ca: str = ""              # PEM CA certificate(s) device certificates must chain to
     client_crl: str = ""             # CRL file(s) of that CA (PEM or DER), re-read when it changes
+    # OCSP for device certificates: "" off, "aia" (the responder the certificate names) or the
+    # responder's http:// URL; answers kept until their nextUpdate; an unreachable one: soft fail.
+    client_ocsp: str = ""
 
 
 class UpstreamSettings(_Section):

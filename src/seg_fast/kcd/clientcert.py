@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from seg_fast.eas import credentials
 from seg_fast.errors import ConfigError
+from seg_fast.kcd.ocsp import GOOD, REVOKED, OcspChecker, OcspError
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the handshake checks the chain, not the dates
 # (checked below, so an expired certificate gets a 403 and a log line, not a TLS alert).
@@ -148,15 +149,22 @@ class CertAuth:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"listener.client_ca: cannot load {lst.client_ca}: {exc}") from None
         self.crls = _Crls(lst.client_crl, {ca.subject: ca for ca in cas}) if lst.client_crl else None
-        self.settings = (lst.client_cert, lst.client_ca, lst.client_crl, self.map, self.kcd)
+        self.ocsp = OcspChecker(lst.client_ocsp, {ca.subject: ca for ca in cas}, config.timeouts.upstream_connect) \
+            if lst.client_ocsp else None
+        self.settings = self.key_of(config)
+
+    @staticmethod
+    def key_of(config) -> tuple:
+        lst = config.listener
+        return (lst.client_cert, lst.client_ca, lst.client_crl, lst.client_ocsp, config.cert_map,
+                config.kcd.enabled, config.timeouts.upstream_connect)
 
     @classmethod
     def build(cls, config, old: CertAuth | None = None) -> CertAuth | None:
         lst = config.listener
         if lst.client_cert == "off":
             return None
-        if old is not None and old.settings == (lst.client_cert, lst.client_ca, lst.client_crl,
-                                                config.cert_map, config.kcd.enabled):
+        if old is not None and old.settings == cls.key_of(config):
             return old
         return cls(config)
 
@@ -175,6 +183,23 @@ class CertAuth:
         except AttributeError:
             pass
         return found
+
+    async def check_online(self, stream, incidents=None) -> None:
+        """OCSP (listener.client_ocsp) for the connection's certificate, once, right after the
+        handshake: a revoked or unknown one is refused like any other (admit answers 403)."""
+        ident = self.identity_of(stream)
+        if self.ocsp is None or ident is None or ident.problem:
+            return
+        cert = x509.load_der_x509_certificate(stream.getpeercert(binary_form=True))
+        try:
+            status = await self.ocsp.status(cert)
+        except (OcspError, ValueError, TypeError) as exc:      # no usable answer, whatever the cause
+            if incidents is not None:        # soft fail: the other checks decide (ocsp.py)
+                incidents.note("client_cert_ocsp_unavailable", serial=f"{ident.serial:x}", reason=str(exc)[:200])
+            return
+        if status != GOOD:
+            problem = "revoked (OCSP)" if status == REVOKED else "revocation status unknown (OCSP)"
+            setattr(stream, ATTR, ident._replace(user=None, principal=None, problem=problem))
 
     def check(self, der: bytes, now: datetime.datetime | None = None) -> CertIdentity:
         cert = x509.load_der_x509_certificate(der)

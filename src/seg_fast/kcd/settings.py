@@ -49,6 +49,9 @@ def problems(config) -> list[tuple[str, str]]:
                           "(listener.tls_cert and tls_key)"))
         if not lst.client_ca:
             found.append(("listener.client_ca", "client certificates need the CA file that issues them"))
+    if lst.client_ocsp and (lst.client_cert == "off" or not (lst.client_ocsp == "aia" or (
+            lst.client_ocsp.startswith("http://") and len(lst.client_ocsp) > 7))):
+        found.append(("listener.client_ocsp", '"aia" or an http:// responder URL, with listener.client_cert on'))
     if lst.client_crl and lst.client_cert == "off":
         found.append(("listener.client_crl", 'a CRL needs listener.client_cert = "optional" or "required"'))
     if cmap.source == "subject" and cmap.subject_attribute not in SUBJECT_ATTRIBUTES:

@@ -246,6 +246,8 @@ class Gateway:
                 except (trio.TooSlowError, trio.BrokenResourceError, OSError):
                     await trio.aclose_forcefully(stream)
                     return
+                if self.certauth is not None and self.certauth.ocsp is not None:    # kcd/ocsp.py
+                    await self.certauth.check_online(stream, self.incidents)
                 parked = await serve_device(self, stream, ip, b"https")
             else:
                 parked = await serve_device(self, stream, ip, b"http")
