@@ -281,6 +281,9 @@ class HostileLdap:
     def __init__(self):
         self.mode = "empty"
         self.searches = 0
+        self.open = 0                 # connections open right now, and the most at once
+        self.most = 0
+        self.lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -297,6 +300,9 @@ class HostileLdap:
 
     def _serve(self, conn):
         ok = _ber(0x0A, b"\x00") + _ber(0x04, b"") + _ber(0x04, b"")
+        with self.lock:
+            self.open += 1
+            self.most = max(self.most, self.open)
         try:
             conn.settimeout(30)
             if self.mode == "down":
@@ -320,6 +326,8 @@ class HostileLdap:
         except OSError:
             pass
         finally:
+            with self.lock:
+                self.open -= 1
             conn.close()
 
     def _answer(self, conn, mid, ok):
@@ -332,14 +340,19 @@ class HostileLdap:
             entry = _msg(mid, _ber(0x64, _ber(0x04, b"uid=x") + _ber(0x30, b"")))
             for _ in range(100_000):
                 conn.sendall(entry * 100)
-        elif self.mode == "silent":
-            time.sleep(20)
+        elif self.mode == "silent":           # says nothing until the gateway hangs up
+            conn.recv(1)
         elif self.mode == "malformed":        # an entry with a name and no attribute list
             conn.sendall(_msg(mid, _ber(0x64, _ber(0x04, b"uid=x"))))
         elif self.mode == "referrals":        # referrals without end (never followed)
             ref = _msg(mid, _ber(0x73, _ber(0x04, b"ldap://elsewhere.invalid/")))
             for _ in range(100_000):
                 conn.sendall(ref * 100)
+        elif self.mode == "hold":             # answer once a second connection is open (or 5 s passed)
+            end = time.monotonic() + 1.5
+            while self.most < 2 and time.monotonic() < end:
+                time.sleep(0.01)
+            conn.sendall(_msg(mid, _ber(0x65, ok)))
         elif self.mode == "other-id":         # an answer to a question nobody asked
             conn.sendall(_msg(mid + 1, _ber(0x65, ok)))
 
@@ -350,7 +363,8 @@ def hostile(tmp_path_factory, sim):
     tmp = tmp_path_factory.mktemp("rr-hostile")
     admin = free_port()
     s = _serve(tmp, sim, f'ldap_url = "ldap://127.0.0.1:{server.port}"\nldap_starttls = false\n'
-                         f'ldap_timeout = 2.0\nldap_retry_after = 0.1\nnegative_cache_ttl = 300\n', admin)
+                         f'ldap_timeout = 2.0\nldap_retry_after = 0.1\nnegative_cache_ttl = 300\n'
+                         f'ldap_max_connections = 2\n', admin)
     s.admin_port = admin
     try:
         yield s, server
@@ -510,3 +524,30 @@ def test_any_recipient_becomes_one_equality_assertion(value):
     want = tlv(0xA0, tlv(0xA3, tlv(0x04, b"objectClass") + tlv(0x04, b"person"))
                + tlv(0xA3, tlv(0x04, b"mail") + tlv(0x04, raw)))
     assert ber == want
+
+
+def test_directory_connections_are_bounded_per_worker(hostile, sim):
+    """Ten devices at once, each with recipients of its own: at most smime.ldap_max_connections (2)
+    connections reach the directory at a time, and every device gets its answer."""
+    gw, server = hostile
+    end = time.monotonic() + 20
+    while server.open and time.monotonic() < end:     # earlier tests' connections wound down
+        time.sleep(0.05)
+    assert server.open == 0
+    server.mode = "hold"
+    server.most = 0
+
+    results = []
+
+    async def one(i):
+        results.append(await _ask(gw.port, rr_request([f"hold{i}-{k}@seg-fast.test" for k in range(3)]), f"HOLD{i}"))
+
+    async def all_of_them():
+        async with trio.open_nursery() as n:
+            for i in range(10):
+                n.start_soon(one, i)
+
+    trio.run(all_of_them)
+    assert len(results) == 10 and all(r.status == 200 for r in results)
+    assert server.most == 2, server.most
+    server.mode = "empty"
