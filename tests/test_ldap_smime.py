@@ -551,3 +551,20 @@ def test_directory_connections_are_bounded_per_worker(hostile, sim):
     assert len(results) == 10 and all(r.status == 200 for r in results)
     assert server.most == 2, server.most
     server.mode = "empty"
+
+
+def test_cache_ttl_and_bound(slapd):
+    from seg_fast.ldapcerts import CertLookup
+
+    alice = "alice@seg-fast.test"
+    lookup = CertLookup(_settings(slapd, cache_ttl=0.3, cache_entries=3))
+    assert trio.run(lookup.lookup, [alice])[alice] == slapd.people[alice].certs
+    assert trio.run(lookup.lookup, [alice.upper()])[alice] == slapd.people[alice].certs     # same address
+    assert lookup.counts["lookups"] == 1 and lookup.counts["cache_hits"] == 1
+    end = time.monotonic() + 10
+    while lookup.counts["lookups"] == 1 and time.monotonic() < end:                    # past the TTL: asked again
+        trio.run(lookup.lookup, [alice])
+        time.sleep(0.05)
+    assert lookup.counts["lookups"] == 2
+    trio.run(lookup.lookup, [f"n{i}@seg-fast.test" for i in range(8)])
+    assert len(lookup.cache) <= 3
