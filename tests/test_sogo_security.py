@@ -337,6 +337,11 @@ async def test_managed_device_gets_encrypted_files_that_decrypt_to_the_originals
             blobs[kind] = blob
         _, png = await fetch(c, atts[png_name])
         assert png == FILES["png"][1]
+        # GetAttachment (the 12.x way to the same file) is sealed the same way.
+        r = await c.request("GetAttachment", params={"AttachmentName": atts[envelope_name(FILES["pdf"][0])]})
+        assert r.status == 200 and r.headers["content-type"] == ENVELOPE_CONTENT_TYPE
+        assert FILES["pdf"][1] not in r.body
+        blobs["pdf-getattachment"] = r.body
         # The PDF called photo.png is still a PDF: encrypted when fetched, by its magic bytes
         # (a Type 2 list shows names only, so it is listed by its name).
         mis = listed_attachments(items[SUBJECTS["misleading"]])
@@ -347,13 +352,35 @@ async def test_managed_device_gets_encrypted_files_that_decrypt_to_the_originals
     opened = await trio.to_thread.run_sync(decrypt, gateway, blobs, tmp_path)
     for kind in ("pdf", "docx", "zip"):
         assert sha(opened[kind]) == sha(FILES[kind][1])
+    assert sha(opened["pdf-getattachment"]) == sha(FILES["pdf"][1])
     assert sha(opened["photo"]) == sha(FILES["pdf"][1])
 
 
 async def test_unmanaged_device_never_gets_an_image(sogo, gateway):
     with trio.fail_after(60):
         c, items = await synced(gateway["port"], UNMANAGED, 4)
-        await c.aclose()
+        # Asked for by reference (a Type 2 device's list, multipart ItemOperations, GetAttachment):
+        # the block note, never the image.
+        t2, listed = await synced(gateway["port"], UNMANAGED + "2", 2)
+        types = listed_attachments(listed[SUBJECTS["types"]])
+        assert FILES["png"][0] not in types and FILES["pdf"][0] in types
+        _, direct = await synced(sogo.front_port, DIRECT + "U", 2)
+        png_ref = listed_attachments(direct[SUBJECTS["types"]])[FILES["png"][0]]
+        r = await t2.request("ItemOperations", E("ItemOperations:ItemOperations", E(
+            "ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"), E("AirSyncBase:FileReference", png_ref))),
+            headers={"MS-ASAcceptMultiPart": "T"})
+        assert r.status == 200 and FILES["png"][1] not in r.body and BLOCK_MSG.encode() in r.body
+        r = await t2.request("GetAttachment", params={"AttachmentName": png_ref})
+        assert r.status == 200 and BLOCK_MSG.encode() in r.body and b"\x89PNG" not in r.body
+        # Search results carry attachment lists too.
+        r = await t2.request("Search", E("Search:Search", E("Search:Store", E("Search:Name", "Mailbox"), E(
+            "Search:Query", E("Search:And", E("AirSync:Class", "Email"), E("Search:FreeText", "policy"))),
+            E("Search:Options", E("Search:Range", "0-9")))))
+        assert r.status == 200 and b"every policy type" in r.body
+        assert FILES["pdf"][0].encode() in r.body           # the list is there...
+        assert FILES["png"][0].encode() not in r.body or (FILES["png"][0] + " (removed).txt").encode() in r.body
+        for dev in (c, t2):
+            await dev.aclose()
     png = FILES["png"][1]
     for key in ("types", "misleading", "forwarded"):
         parts = leaves(body_data(items[SUBJECTS[key]]))
@@ -382,20 +409,26 @@ async def test_forwarded_message_files_are_judged_inside_it(sogo, gateway, tmp_p
         assert FILES["pdf"][1] not in [p.get_payload(decode=True) for p in parts]
         sealed = [p.get_payload(decode=True) for p in parts if p.get_content_type() == ENVELOPE_CONTENT_TYPE]
         assert len(sealed) == 1
+        # Fetched whole (ItemOperations on email_2.eml), the message's PDF is sealed as well.
+        _, direct_items = await synced(sogo.front_port, DIRECT + "F", 2)
+        ((eml_name, eml_ref),) = listed_attachments(direct_items[SUBJECTS["forwarded"]]).items()
+        _, managed_eml = await fetch(c, eml_ref)
+        inner_managed = leaves(managed_eml)
+        assert FILES["pdf"][1] not in [p.get_payload(decode=True) for p in inner_managed]
+        sealed += [p.get_payload(decode=True) for p in inner_managed if p.get_content_type() == ENVELOPE_CONTENT_TYPE]
+        assert len(sealed) == 2
         await c.aclose()
         # Type 2 + ItemOperations: SOGo lists the forwarded message as email_2.eml; fetched
         # through the gateway, the message comes back with its files judged.
         u, items = await synced(gateway["port"], UNMANAGED + "F", 2)
-        ((name, ref),) = listed_attachments(items[SUBJECTS["forwarded"]]).items()
-        ctype, eml = await fetch(u, ref)
+        assert listed_attachments(items[SUBJECTS["forwarded"]]) == {eml_name: eml_ref}
+        ctype, eml = await fetch(u, eml_ref)
         await u.aclose()
-        _, direct_items = await synced(sogo.front_port, DIRECT + "F", 2)
-        assert listed_attachments(direct_items[SUBJECTS["forwarded"]]) == {name: ref}
     inner = leaves(eml)
     assert FILES["png"][1] not in [p.get_payload(decode=True) for p in inner]
     assert FILES["pdf"][1] in [p.get_payload(decode=True) for p in inner]
-    opened = await trio.to_thread.run_sync(decrypt, gateway, {"inner": sealed[0]}, tmp_path)
-    assert sha(opened["inner"]) == sha(FILES["pdf"][1])
+    opened = await trio.to_thread.run_sync(decrypt, gateway, {"mime": sealed[0], "fetched": sealed[1]}, tmp_path)
+    assert sha(opened["mime"]) == sha(opened["fetched"]) == sha(FILES["pdf"][1])
 
 
 async def test_smime_signed_and_opaque_are_left_byte_for_byte(sogo, gateway, tmp_path):
