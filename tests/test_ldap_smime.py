@@ -484,7 +484,9 @@ def test_smime_settings_are_checked_with_the_key_named(slapd, tmp_path):
               f'ldap_user = "cn=x"\nldap_password_file = "{slapd.password_file}"\n', "smime.ldap_starttls"),
              ('ldap_url = "ldaps://dir"\nldap_filter = "(mail=x)"\n', "smime.ldap_filter"),
              ('ldap_url = "ldaps://dir"\nldap_filter = "(&(mail={email})"\n', "smime.ldap_filter"),
-             ('ldap_url = "ldaps://dir"\nmax_lookups_per_request = 0\n', "smime.max_lookups_per_request")]
+             ('ldap_url = "ldaps://dir"\nmax_lookups_per_request = 0\n', "smime.max_lookups_per_request"),
+             ('ldap_url = "ldaps://dir"\nldap_ca_file = "/nonexistent/ca.pem"\n', "smime.ldap_ca_file"),
+             (f'ldap_url = "ldaps://dir"\nldap_ca_file = "{slapd.password_file}"\n', "smime.ldap_ca_file")]
     for text, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load(text)

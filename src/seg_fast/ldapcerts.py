@@ -282,7 +282,11 @@ def directory_from(settings) -> Directory:
     tls = "ldaps" if parts.scheme == "ldaps" else ("starttls" if settings.ldap_starttls else "none")
     ctx = None
     if tls != "none":
-        ctx = ssl.create_default_context(cafile=settings.ldap_ca_file or None)
+        try:
+            ctx = ssl.create_default_context(cafile=settings.ldap_ca_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"key smime.ldap_ca_file: {settings.ldap_ca_file}: cannot be used as CA file "
+                              f"({getattr(exc, 'strerror', None) or exc})") from None
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if not settings.ldap_verify_tls:
             ctx.check_hostname = False
