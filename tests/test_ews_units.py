@@ -11,7 +11,7 @@ from urllib.parse import unquote_to_bytes
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seg_fast.config import load_config
@@ -36,6 +36,7 @@ ON = ('[listener]\nexternal_url = "https://mail.example.com"\n[upstream]\nurl = 
 
 # -- canonical paths ------------------------------------------------------------------------------
 
+@settings(max_examples=150)
 @given(st.lists(st.sampled_from(["owa", "..", ".", "", "a", "%2e", "%2E%2e", "%2f", "%5c", "\\", ";x",
                                  "%252e", "%41", "b%20c", "%c0%ae", "%u002e", "%", "%zz"]), min_size=1, max_size=6))
 def test_a_canonical_path_stays_under_its_prefix_however_it_is_decoded(parts):
@@ -221,6 +222,7 @@ def _readings(path: bytes) -> set[str]:
     return out
 
 
+@settings(max_examples=150)
 @given(st.sampled_from(["/owa/", "/ecp/", "/EWS/", "/ews/exchange.asmx", "/EWS/Exchange.asmx/"]),
        st.lists(st.sampled_from(_TOKENS), max_size=5), st.sampled_from(["", "/", "?Cmd=Sync"]))
 def test_what_the_passthrough_forwards_no_reader_takes_for_activesync(start, parts, tail):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from urllib.parse import urlsplit
 
 import h11
@@ -154,6 +155,9 @@ class Passthrough:
         self.external = config.listener.external_url.rstrip("/").encode("ascii") if ext else b""
         self.external_host = (ext.hostname or "").encode("ascii") if ext else b""
         self.loggers = {kind: logging.getLogger(name) for kind, name in AREA_LOGGERS.items()}
+        # Device connection (its stream) -> the mail-server connection NTLM/Negotiate
+        # authenticated for it: kept for that device connection alone (see _Pin).
+        self.pins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
     def build(cls, config) -> "Passthrough | None":
@@ -201,6 +205,12 @@ class Passthrough:
             except EASRequestError as exc:
                 rec.decision = "blocked.malformed"
                 return await _refuse(dev, rec, 400, str(exc))
+            pin = self.pins.get(dev.stream)
+            if pin is not None and pin.up is not None and not req.auth_scheme and pin.origin == origin:
+                # The mail server takes this request as the user the connection was authenticated
+                # for (NTLM/Negotiate): so does the decision.
+                req.auth_scheme, req.user = pin.scheme, pin.user
+                req.identity = credentials.CREDENTIAL if pin.user else credentials.NONE
             rec.client_ip, rec.user = req.client_ip, req.user
             if kind == EWS:
                 if req.client_ip not in self.sources:
@@ -224,15 +234,17 @@ class Passthrough:
             else:
                 rec.decision = ALLOWED_WEBMAIL
             rec.upstream = f"{origin.host}:{origin.port}"
-            return await self._forward(gw, dev, request, full, origin, req.auth_scheme, rec)
+            return await self._forward(gw, dev, request, full, origin, req, rec)
         finally:
             if self.loggers[kind].isEnabledFor(logging.INFO):
                 _log(gw, rec, t0)
             else:
                 gw.stats.tx(rec, t0)
 
-    async def _forward(self, gw, dev, request: h11.Request, full, origin: Origin, scheme: str,
+    async def _forward(self, gw, dev, request: h11.Request, full, origin: Origin, req,
                        rec: Transaction) -> int:
+        scheme = req.auth_scheme
+        pinned = self._unpin(gw, dev, origin, scheme)
         conn = dev.conn
         if conn.they_are_waiting_for_100_continue:
             await dev.send_bytes(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
@@ -256,10 +268,13 @@ class Passthrough:
         up_request = hdrs.request_event(request.method, request.target, head)
         t_up = time.perf_counter()
         for attempt in (0, 1):
-            try:
-                up = await gw.pool.acquire(origin, resendable=body is not None)
-            except UpstreamError as exc:
-                return await _unavailable(gw, dev, rec, str(exc))
+            if attempt == 0 and pinned is not None:
+                up = pinned                   # this device connection's own, authenticated
+            else:
+                try:
+                    up = await gw.pool.acquire(origin, resendable=body is not None)
+                except UpstreamError as exc:
+                    return await _unavailable(gw, dev, rec, str(exc))
             try:
                 out = up.h11.send(up_request)
                 if body is not None:
@@ -282,8 +297,6 @@ class Passthrough:
                 gw.pool.discard(up)
                 raise
         rec.upstream_ms = round((time.perf_counter() - t_up) * 1000, 3)
-        # NTLM/Negotiate authenticate the connection: never shared with another client.
-        release = gw.pool.discard if scheme in credentials.CONNECTION_SCHEMES else gw.pool.release
         try:
             headers = self.rewrite(hdrs.answer_headers(hdrs.items(answer.headers)), origin)
             if dev.closing:
@@ -293,8 +306,46 @@ class Passthrough:
         except BaseException:
             gw.pool.discard(up)
             raise
-        release(up)
+        if scheme in credentials.CONNECTION_SCHEMES:
+            # NTLM/Negotiate authenticate the connection: never shared with another client, but
+            # kept for this device connection, whose next request (the handshake's next leg, or
+            # one without credentials) the mail server takes as the same user.
+            self._pin(gw, dev, up, origin, req, rec.status)
+        else:
+            gw.pool.release(up)
         return rec.status
+
+    # -- connections NTLM/Negotiate authenticated for one device connection -------------------------
+    def _unpin(self, gw, dev, origin: Origin, scheme: str) -> UpstreamConn | None:
+        """The pinned connection this request may use (taken out of the pin), or None. A request
+        with another scheme's credentials (Basic, Bearer) or for another origin lets it go."""
+        pin = self.pins.get(dev.stream)
+        if pin is None or pin.up is None:
+            return None
+        up, pin.up = pin.up, None
+        if pin.origin != origin or (scheme and scheme not in credentials.CONNECTION_SCHEMES) \
+                or not up.looks_alive():
+            gw.pool.discard(up)
+            return None
+        up.reused = True
+        return up
+
+    def _pin(self, gw, dev, up: UpstreamConn, origin: Origin, req, status: int) -> None:
+        h = up.h11
+        if dev.closing or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            gw.pool.discard(up)
+            return
+        h.start_next_cycle()
+        pin = self.pins.get(dev.stream)
+        if pin is None:
+            pin = self.pins[dev.stream] = _Pin()
+            # The device connection gone (its stream freed), the pinned connection closes too.
+            weakref.finalize(dev.stream, pin.drop, gw.pool)
+        if req.identity == credentials.HANDSHAKE or status == 401:
+            pin.user = None                   # a handshake under way, or refused: nobody yet
+        elif req.identity == credentials.CREDENTIAL and req.user:
+            pin.user = req.user               # an NTLM type 3 the mail server accepted
+        pin.up, pin.origin, pin.scheme = up, origin, req.auth_scheme
 
     # -- answer header rewriting ------------------------------------------------------------
     def rewrite(self, headers: hdrs.Full, origin: Origin) -> hdrs.Full:
@@ -312,6 +363,24 @@ class Passthrough:
                 item = (item[0], low, rewrite_cookie_domain(item[2], host, self.external_host))
             out.append(item)
         return out
+
+
+class _Pin:
+    """A device connection's NTLM/Negotiate-authenticated mail-server connection (``up`` None
+    while a request holds it, or once let go) and the user it was authenticated for."""
+
+    __slots__ = ("up", "origin", "scheme", "user")
+
+    def __init__(self):
+        self.up: UpstreamConn | None = None
+        self.origin: Origin | None = None
+        self.scheme = ""
+        self.user: str | None = None
+
+    def drop(self, pool) -> None:
+        if self.up is not None:
+            pool.discard(self.up)
+            self.up = None
 
 
 def rewrite_location(value: bytes, host: bytes, external: bytes) -> bytes:
