@@ -19,7 +19,10 @@ can never name one resource here and another at the mail server
 (``/owa/../Microsoft-Server-ActiveSync`` would otherwise reach ActiveSync past its policy).
 
 Both routes use the ActiveSync upstream pool (upstream.py: the same TLS trust, outbound
-proxy and keep-alive connections) and stream both ways, one read at a time, under the
+proxy and keep-alive connections; client certificates and KCD for EWS, kcd/). A mail-server
+connection NTLM or Negotiate authenticated is kept for the one device connection that
+authenticated it (``_Pin``): NTLM's legs and later requests without credentials must reach
+the mail server on it. Bodies stream both ways, one read at a time, under the
 same deadlines: the whole head (downstream.py), the whole body (``timeouts.request_body``
 plus ``limits.min_body_rate``), every write to the device (``timeouts.device_write``),
 and ``timeouts.upstream_read`` for every read from the mail server.
