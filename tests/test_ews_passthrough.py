@@ -600,7 +600,7 @@ def test_head_gets_the_mail_servers_head_and_no_body(env):
 
 
 def test_reload_turns_a_route_off_and_on_without_a_restart(env):
-    """Runs last: SIGHUP with [ews] enabled = false, then back (the passthrough is rebuilt per config)."""
+    """SIGHUP with [ews] enabled = false, then back (the passthrough is rebuilt per config)."""
     import signal
 
     original = env.cfg.read_text()
@@ -614,3 +614,23 @@ def test_reload_turns_a_route_off_and_on_without_a_restart(env):
         env.cfg.write_text(original)
         os.kill(pid, signal.SIGHUP)
     _wait_for(lambda: ews(env, "jdoe", subscribe_body())[0] == 200)
+
+
+def test_pipelined_requests_across_routes_are_answered_in_order(env):
+    body = subscribe_body()
+    ews_req = (f"POST {EWS} HTTP/1.1\r\nHost: x\r\nAuthorization: {_auth('jdoe')}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    eas_req = (f"POST /Microsoft-Server-ActiveSync?Cmd=FolderSync&User=jdoe&DeviceId=PIPE1&DeviceType=iPhone "
+               f"HTTP/1.1\r\nHost: x\r\nAuthorization: {_auth('jdoe')}\r\nMS-ASProtocolVersion: 14.1\r\n"
+               f"Content-Length: 4\r\n\r\n").encode() + b"\x03\x01\x6a\x00"
+    web_req = b"GET /owa/auth/logon.aspx HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /owa/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    got = answers(exchange(env.port, ews_req + eas_req + web_req + ews_req + last))
+    statuses = [r.status_code for r, _ in got]
+    assert len(statuses) == 5 and statuses[0] == 200 and statuses[2:] == [200, 200, 302], statuses
+    assert b"SubscribeResponse" in got[0][1] and b"SubscribeResponse" in got[3][1] and b"<form" in got[2][1]
+
+
+def test_http_1_0_is_answered_and_closed(env):
+    raw = exchange(env.port, b"GET /owa/auth/logon.aspx HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"</form>")
