@@ -205,3 +205,53 @@ def test_check_config_shows_subject_sans_expiry_and_warns_30_days_ahead(tmp_path
         assert f"valid until {until:%Y-%m-%d}" in line and f"({days} days)" in line
         assert ("expires in 10 days" in line) == (days == 10)
         assert "converted in memory: memfd" in out
+
+
+async def test_sighup_rotates_the_pfx_and_keeps_the_running_one_when_the_new_does_not_open(tmp_path):
+    import signal
+
+    ca = trustme.CA()
+    first = make_pfx(tmp_path / "gw.pfx", PASSWORD, ca=ca)
+    (tmp_path / "pfx.pw").write_text(PASSWORD + "\n")
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def presented(port) -> bytes:
+        tls = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), client_ctx, server_hostname="localhost")
+        try:
+            await tls.do_handshake()
+            return tls.getpeercert(binary_form=True)
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    port = free_port()
+    cfg = write_config(tmp_path, port, 1, f'tls_pfx = "{tmp_path}/gw.pfx"\n'
+                                          f'tls_pfx_password_file = "{tmp_path}/pfx.pw"\n')
+    proc = start_serve(cfg, tmp_path)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(x.decode("utf-8", "replace") for x in proc.stderr),
+                     daemon=True).start()
+    try:
+        await until_serving(proc, port)
+        assert await presented(port) == first
+        pids = workers_of(proc.pid)
+        # The admin's renewal: a new PFX in place, then a reload.
+        second = make_pfx(tmp_path / "next.pfx", PASSWORD, ca=ca)
+        os.replace(tmp_path / "next.pfx", tmp_path / "gw.pfx")
+        proc.send_signal(signal.SIGHUP)
+        with trio.fail_after(20):
+            while await presented(port) != second:
+                await trio.sleep(0.1)
+        # A PFX with another password: refused, the running certificate and workers stay.
+        make_pfx(tmp_path / "other.pfx", "another password", ca=ca)
+        os.replace(tmp_path / "other.pfx", tmp_path / "gw.pfx")
+        proc.send_signal(signal.SIGHUP)
+        with trio.fail_after(20):
+            while not any("reload refused" in x for x in lines):
+                await trio.sleep(0.1)
+        assert any("listener.tls_pfx" in x for x in lines if "reload refused" in x)
+        assert await presented(port) == second
+        assert workers_of(proc.pid) == pids and proc.poll() is None
+        assert not any("Traceback" in x for x in lines), "".join(lines)[-3000:]
+    finally:
+        stop_process(proc)

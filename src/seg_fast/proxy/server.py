@@ -17,6 +17,7 @@ import argparse
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 
@@ -119,10 +120,12 @@ async def _worker_signals(gw, signals, config_path) -> None:
         elif signum == signal.SIGHUP:
             try:
                 config = load_config(config_path)
-            except ConfigError as exc:
+                await gw.reload(config)
+            except (ConfigError, OSError, ssl.SSLError) as exc:
+                # A certificate that does not load (a rotated PFX with another password, a PEM
+                # key that does not match) keeps the running one: the worker must not die of it.
                 _say(f"reload refused, keeping the running config: {exc}")
                 continue
-            await gw.reload(config)
             _say("config reloaded")
         else:
             _say("draining")
@@ -285,6 +288,14 @@ async def _pull(config) -> None:
         _say(f"policy API pull stopped: {type(exc).__name__}: {exc}")
 
 
+def _reload_problem(config) -> str | None:
+    """What would make the workers' reload fail (certificates, CA files), checked once here."""
+    from seg_fast.checkconfig import check_tls
+
+    bad = next((f for f in check_tls(config) if not f.ok), None)
+    return f"key {bad.what}: {bad.text}" if bad else None
+
+
 async def _control_signals(signals, procs, state, config_path) -> None:
     async for signum in signals:
         if signum == signal.SIGUSR1:          # logrotate: every process reopens its files
@@ -294,9 +305,11 @@ async def _control_signals(signals, procs, state, config_path) -> None:
                     proc.send_signal(signal.SIGUSR1)
         elif signum == signal.SIGHUP:
             try:
-                load_config(config_path)
+                problem = _reload_problem(load_config(config_path))
             except ConfigError as exc:
-                _say(f"reload refused: {exc}")
+                problem = str(exc)
+            if problem:
+                _say(f"reload refused: {problem}")
                 continue
             for proc in procs:
                 if proc.poll() is None:
