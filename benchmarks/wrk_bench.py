@@ -1,7 +1,7 @@
 """CPU per small request, seg-fast beside nginx, driven by wrk (issue 10's comparison).
 
     apt install wrk nginx            # Debian packages; not needed by the test suite
-    python benchmarks/wrk_bench.py [--seconds 8] [--conns 32] [--runs 1]
+    python benchmarks/wrk_bench.py [--seconds 5] [--conns 32] [--runs 3]
 
 One run, side by side: ``seg-fast serve --workers 1`` (baseline policy, transaction
 log off) and nginx (one worker, proxy_pass with upstream keepalive, access_log off),
@@ -209,9 +209,9 @@ def measure(name: str, root: int, port: int, script: Path, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--conns", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=1, help="repeat and keep each figure's median")
+    ap.add_argument("--runs", type=int, default=3, help="repeat, alternating the proxies; each figure is the median")
     ap.add_argument("--only", choices=["seg-fast", "nginx"], default=None)
     ap.add_argument("--out", default=str(HERE / "results" / "wrk_bench.json"))
     args = ap.parse_args(argv)
