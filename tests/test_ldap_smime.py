@@ -570,3 +570,30 @@ def test_cache_ttl_and_bound(slapd):
     assert lookup.counts["lookups"] == 2
     trio.run(lookup.lookup, [f"n{i}@seg-fast.test" for i in range(8)])
     assert len(lookup.cache) <= 3
+
+
+def test_an_answer_too_big_to_read_passes_untouched_and_nothing_is_looked_up():
+    from seg_fast.eas.resolverecipients import MAX_ANSWER_ELEMENTS, CertificateFill
+    from seg_fast.proxy.incidents import Incidents
+
+    class Lookup:
+        settings = SmimeSettings(ldap_url="ldaps://x", max_lookups_per_request=100)
+        calls = 0
+
+        async def lookup(self, emails):
+            Lookup.calls += 1
+            return {e: () for e in emails}
+
+    def answer(n: int) -> bytes:
+        resp = [E(NS + "Response", E(NS + "To", f"u{i}@x.test"), E(NS + "Status", 1),
+                  E(NS + "Recipient", E(NS + "Type", 1), E(NS + "EmailAddress", f"u{i}@x.test"))) for i in range(n)]
+        return encode(E(NS + "ResolveRecipients", E(NS + "Status", 1), *resp))
+
+    incidents = Incidents(stream=__import__("io").StringIO())
+    for n, calls in ((10, 1), (MAX_ANSWER_ELEMENTS // 7 + 1, 1)):   # 10 elements and strings per Response
+        fill = CertificateFill(Lookup(), incidents)
+        fill.transform_request(None, rr_request(["a@x.test"]))
+        body = answer(n)
+        assert trio.run(fill.transform_answer_async, None, 200, [], body) == body
+        assert Lookup.calls == calls
+    assert incidents.counts == {"smime_answer_not_read": 1}

@@ -24,6 +24,10 @@ COMMANDS = frozenset({"ResolveRecipients"})
 # A device's request holds its recipients (Exchange takes at most 100) and options:
 # far fewer elements than this; a larger one is forwarded untouched.
 MAX_REQUEST_ELEMENTS = 50_000
+# The mail server's answer is read whole to be rewritten: some 21 elements and strings per
+# recipient (10,000 recipients: 210,000). Past this it passes untouched (a tree costs about
+# 100 bytes an element: bounded memory and loop time per request).
+MAX_ANSWER_ELEMENTS = 400_000
 # Children of Recipient in schema order: Certificates goes after the first three and Availability.
 _BEFORE_CERTIFICATES = {NS + "Type", NS + "DisplayName", NS + "EmailAddress", NS + "Availability"}
 
@@ -89,8 +93,10 @@ class CertificateFill:
         if self.retrieval != 2 or not body.startswith(b"\x03\x01"):
             return body
         try:
-            root = decode(body)
-        except WBXMLError:
+            root = decode(body, max_elements=MAX_ANSWER_ELEMENTS)
+        except WBXMLError as exc:
+            if self.incidents is not None:
+                self.incidents.note("smime_answer_not_read", error=str(exc)[:200])
             return body
         if root.tag != NS + "ResolveRecipients" or _text(root, NS + "Status") != "1":
             return body
