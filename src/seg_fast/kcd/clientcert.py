@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from seg_fast.eas import credentials
-from seg_fast.errors import ConfigError
+from seg_fast.errors import ConfigError, EASRequestError
 from seg_fast.kcd.ocsp import GOOD, REVOKED, OcspChecker, OcspError
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the handshake checks the chain, not the dates
@@ -216,7 +216,7 @@ class CertAuth:
             return CertIdentity(None, None, f"no user in it (cert_map.source = {self.map.source})", subject, serial)
         try:
             name = credentials._checked_user(name, "certificate user")
-        except Exception:                     # noqa: BLE001 - a control character or an absurd length
+        except EASRequestError:               # a control character or an absurd length
             return CertIdentity(None, None, "its user name is not one", subject, serial)
         return CertIdentity(name, self.principal_of(name), "", subject, serial)
 

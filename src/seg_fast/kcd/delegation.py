@@ -71,13 +71,14 @@ class Delegator:
 
     def __init__(self, settings, where: str = "(config)"):
         self.settings = settings
-        if settings.kerberos_config:
-            # MIT reads it when its first context is made (before any call here).
-            os.environ["KRB5_CONFIG"] = settings.kerberos_config
         for key in ("keytab",) + (("kerberos_config",) if settings.kerberos_config else ()):
             path = getattr(settings, key)
             if not os.access(path, os.R_OK):
                 raise ConfigError(f"{where}: key kcd.{key}: cannot read {path}")
+        if settings.kerberos_config:
+            # MIT reads it whenever it makes a context (each call below), so the process's
+            # environment is the one place to say it; a worker serves one config.
+            os.environ["KRB5_CONFIG"] = settings.kerberos_config
         self.gssapi = load_gssapi(where)
         g = self.gssapi
         self.service = g.Name(settings.service_principal, g.NameType.kerberos_principal)
