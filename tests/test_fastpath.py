@@ -479,3 +479,38 @@ async def test_pipelined_and_closing_requests_on_the_compiled_path(tmp_path):
         assert client.next_event().data == b"got:last"
         await stream.aclose()
     assert [body for _, body in up.requests] == [b"one", b"two", b"three", b"last"]
+
+
+async def test_an_unanswered_request_on_a_kept_alive_connection_names_the_connection(tmp_path):
+    """The mail server answers once, then never again on the same connection: the 503's
+    record says which connection it was (kept-alive, the request's number on it, how long
+    it sat idle, its age), what a soak's log needs to tell a wedged pooled connection from
+    a server that answers nothing."""
+    import json
+
+    from test_proxy import AUTH, QUERY, gateway, upstream
+
+    served = []
+
+    async def once(req, body):
+        served.append(body)
+        if len(served) > 1:
+            await trio.sleep_forever()
+        return 200, [(b"Content-Type", b"text/plain")], b"ok"
+
+    async with upstream(once) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path,
+                                               timeouts_upstream_read="0.5") as gw:
+        from proxy_helpers import Client
+
+        client = await Client.connect(gw.port)
+        with trio.fail_after(10):
+            assert (await client.request(b"POST", b"/Microsoft-Server-ActiveSync" + QUERY, [AUTH], b"a"))[0] \
+                .status_code == 200
+            assert (await client.request(b"POST", b"/Microsoft-Server-ActiveSync" + QUERY, [AUTH], b"b"))[0] \
+                .status_code == 503
+        await client.aclose()
+    lines = [json.loads(x) for x in (tmp_path / "tx.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == [200, 503]
+    error = lines[1]["error"]
+    assert error.startswith("mail server did not answer within 0.5 s (kept-alive connection: request 2 on it, idle ")
+    assert up.connections == 1

@@ -306,7 +306,7 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
             # A kept-alive connection may have been closed by the server just now: resend once.
             if attempt == 0 and up.reused and body is not None and not isinstance(exc, _Timeout):
                 continue
-            return await _unavailable(gw, dev, rec, str(exc))
+            return await _unavailable(gw, dev, rec, f"{exc} ({up.facts()})")
         except BaseException:
             gw.pool.discard(up)
             raise

@@ -80,7 +80,7 @@ class UpstreamConn:
     """
 
     __slots__ = ("origin", "stream", "_h11", "sock", "plain", "reused", "pool", "sent", "rest",
-                 "reusable", "idle_since")
+                 "reusable", "idle_since", "idle", "opened", "uses")
 
     def __init__(self, origin: Origin, stream, sock):
         self.origin = origin
@@ -94,6 +94,9 @@ class UpstreamConn:
         self.rest = b""               # fast path: what came after the answer head in its read
         self.reusable = False         # fast path: answer read to its end, keep-alive, nothing after it
         self.idle_since = 0.0
+        self.idle = 0.0               # seconds it sat in the pool before this request
+        self.opened = trio.current_time()
+        self.uses = 0                 # requests sent on it (this one included)
 
     @property
     def h11(self) -> h11.Connection:
@@ -105,6 +108,15 @@ class UpstreamConn:
     @h11.setter
     def h11(self, value) -> None:
         self._h11 = value
+
+    def facts(self) -> str:
+        """Age and use of the connection, for the record of a request that failed on it
+        (a mail server that stops answering kept-alive connections shows here)."""
+        now = trio.current_time()
+        if not self.reused:
+            return f"new connection, {now - self.opened:.1f} s old"
+        return (f"kept-alive connection: request {self.uses} on it, idle {self.idle:.1f} s before it, "
+                f"{now - self.opened:.0f} s old")
 
     def looks_alive(self) -> bool:
         # An idle keep-alive connection the server closed reads EOF (or junk) at once.
@@ -168,12 +180,15 @@ class UpstreamPool:
                 conn = idle.pop()
                 if (resendable and now - conn.idle_since < TRUST_IDLE) or conn.looks_alive():
                     conn.reused = True
+                    conn.uses += 1
+                    conn.idle = now - conn.idle_since
                     return conn
                 self._forget(conn)
         if self.open >= self.max_open:
             raise UpstreamError(f"upstream.pool_size ({self.max_open}) connections are in use")
         conn = await self.connect(origin)
         conn.pool = self
+        conn.uses = 1
         self.open += 1
         return conn
 
