@@ -85,16 +85,11 @@ async def until_serving(proc, port: int) -> None:
                 await trio.sleep(0.1)
 
 
-@pytest.mark.parametrize("source", ["file", "env"])
-async def test_serve_speaks_tls_with_the_pfx_certificate(tmp_path, monkeypatch, source):
+async def test_serve_speaks_tls_with_the_pfx_certificate(tmp_path):
     ca = trustme.CA()
     leaf_der = make_pfx(tmp_path / "gw.pfx", PASSWORD, ca=ca)
-    if source == "file":
-        (tmp_path / "pfx.pw").write_text(PASSWORD + "\n")
-        secret = f'tls_pfx_password_file = "{tmp_path}/pfx.pw"\n'
-    else:
-        monkeypatch.setenv("H7_TEST_PFX_PASSWORD", PASSWORD)
-        secret = 'tls_pfx_password_env = "H7_TEST_PFX_PASSWORD"\n'
+    (tmp_path / "pfx.pw").write_text(PASSWORD + "\n")
+    secret = f'tls_pfx_password_file = "{tmp_path}/pfx.pw"\n'
     sim = MailboxSimulator(password="secret", initial_messages=1, require_provisioning=False)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
@@ -207,12 +202,13 @@ def test_check_config_shows_subject_sans_expiry_and_warns_30_days_ahead(tmp_path
         assert "converted in memory: memfd" in out
 
 
-async def test_sighup_rotates_the_pfx_and_keeps_the_running_one_when_the_new_does_not_open(tmp_path):
+async def test_sighup_rotates_the_pfx_and_keeps_the_running_one_when_the_new_does_not_open(tmp_path, monkeypatch):
+    """The password from the environment here (the other test reads it from a file)."""
     import signal
 
     ca = trustme.CA()
     first = make_pfx(tmp_path / "gw.pfx", PASSWORD, ca=ca)
-    (tmp_path / "pfx.pw").write_text(PASSWORD + "\n")
+    monkeypatch.setenv("H7_TEST_PFX_PASSWORD", PASSWORD)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
 
@@ -226,7 +222,7 @@ async def test_sighup_rotates_the_pfx_and_keeps_the_running_one_when_the_new_doe
 
     port = free_port()
     cfg = write_config(tmp_path, port, 1, f'tls_pfx = "{tmp_path}/gw.pfx"\n'
-                                          f'tls_pfx_password_file = "{tmp_path}/pfx.pw"\n')
+                                          'tls_pfx_password_env = "H7_TEST_PFX_PASSWORD"\n')
     proc = start_serve(cfg, tmp_path)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(x.decode("utf-8", "replace") for x in proc.stderr),
