@@ -327,6 +327,7 @@ cdef class Element:
         cdef list out = []
         cdef list stack = [self]
         cdef Element el
+        _build_subtree(self)      # everything is visited: build it all in document order
         while stack:
             el = stack.pop()
             if tag is None or el.tag == tag:
@@ -379,6 +380,69 @@ cdef inline list _kids(Element el):
     if el._children is None and el._doc is not None:
         _build_kids(el)
     return el._children
+
+
+cdef int _build_subtree(Element top) except -1:
+    """Builds every Element under an unbuilt element at once, in document order (the
+    order encode and iter visit them: neighbours in memory). Nothing below an unbuilt
+    element can have been built, so nothing the caller changed is replaced."""
+    if top._children is not None or top._doc is None:
+        return 0
+    cdef _Doc doc = top._doc
+    cdef Py_ssize_t k = top._node, j, end = doc.nodes[top._node].end, sp = 0, cap = 16
+    cdef PyObject** lists = <PyObject**>malloc(cap * sizeof(PyObject*))
+    cdef Py_ssize_t* fill = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* want = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
+    cdef void* grown
+    cdef Node* nd
+    cdef Element child
+    cdef list kids
+    if lists == NULL or fill == NULL or want == NULL:
+        free(lists); free(fill); free(want)
+        raise MemoryError()
+    try:
+        kids = PyList_New(doc.nodes[k].nkids)
+        top._children = kids
+        top._doc = None
+        lists[0] = <PyObject*>kids
+        fill[0] = 0
+        want[0] = doc.nodes[k].nkids
+        sp = 1
+        for j in range(k + 1, end):
+            nd = &doc.nodes[j]
+            child = _make(doc, j)
+            Py_INCREF(child)
+            PyList_SET_ITEM(<list>lists[sp - 1], fill[sp - 1], child)
+            fill[sp - 1] += 1
+            if nd.nkids:
+                kids = PyList_New(nd.nkids)
+                child._children = kids
+                child._doc = None
+                if sp == cap:
+                    cap *= 2
+                    grown = realloc(lists, cap * sizeof(PyObject*))
+                    if grown == NULL:
+                        raise MemoryError()
+                    lists = <PyObject**>grown
+                    grown = realloc(fill, cap * sizeof(Py_ssize_t))
+                    if grown == NULL:
+                        raise MemoryError()
+                    fill = <Py_ssize_t*>grown
+                    grown = realloc(want, cap * sizeof(Py_ssize_t))
+                    if grown == NULL:
+                        raise MemoryError()
+                    want = <Py_ssize_t*>grown
+                lists[sp] = <PyObject*>kids
+                fill[sp] = 0
+                want[sp] = nd.nkids
+                sp += 1
+            while sp and fill[sp - 1] == want[sp - 1]:
+                sp -= 1
+    finally:
+        free(lists)
+        free(fill)
+        free(want)
+    return 0
 
 
 cdef Element _make(_Doc doc, Py_ssize_t k):

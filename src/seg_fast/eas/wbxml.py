@@ -15,6 +15,12 @@ Tree
     first read and copied as they are by encode until reassigned.
 
 decode(data, *, max_depth=64, max_size=64 MiB, max_elements=4_000_000) -> Element
+    A canonical document (the usual case: see ``encode``) decodes to a lazy tree:
+    one pass checks every token (and every string's UTF-8) and fills a flat array
+    of nodes, and an element's children are built as Elements when first read
+    (``children``, ``find``, ``iter``, ``==``...). Encoding an element whose
+    children were never read, its own tag, text and opaque unchanged, copies its
+    bytes whole. Other documents are decoded into a full tree at once.
     Lossless: ``encode(decode(x)) == x`` for every document decode accepts. What a
     document does beyond the canonical encoding (a redundant or repeated
     SWITCH_PAGE, a string split over several STR_I tokens, strings mixed with
