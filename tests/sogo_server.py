@@ -537,17 +537,18 @@ http {{
                 os.killpg(proc.pid, signal.SIGINT if name == "postgres" else signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
+        deadline = time.monotonic() + 1.0       # nothing here keeps data worth a slow shutdown
         for name, proc in reversed(self.procs):
             try:
-                proc.wait(1)                # nothing here keeps data worth a slow shutdown
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        for name, proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            if proc.poll() is None:
-                proc.wait()
+            proc.wait()
         self.procs.clear()
         if self.smtp is not None:
             self.smtp.close()

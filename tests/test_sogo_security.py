@@ -188,7 +188,7 @@ def gateway(sogo, tmp_path_factory):
     port = free_port()
     cfg = d / "gw.toml"
     cfg.write_text(
-        f'workers = 1\n[admin]\nenabled = false\n[listener]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'workers = 1\n[admin]\nenabled = false\n[timeouts]\nshutdown_grace = 1\n[listener]\nhost = "127.0.0.1"\nport = {port}\n'
         f'[upstream]\nurl = "{sogo.url}"\n'
         f'[log]\ntransactions = "{d / "tx.jsonl"}"\n'
         f'[policy]\nsqlite_path = "{d / "policy.db"}"\n'
@@ -213,8 +213,20 @@ def client(port: int, device_id: str) -> EasClient:
                      user_agent="Apple-iPhone15C2/2104.100")
 
 
+_SYNCED: dict[tuple, dict] = {}
+
+
 async def synced(port: int, device_id: str, body_type: int) -> tuple[EasClient, dict]:
-    """A device that has synced the Inbox with ``body_type`` bodies: (client, subject -> Add)."""
+    """A device that has synced the Inbox with ``body_type`` bodies: (client, subject -> Add).
+    The mail does not change in this module, so each (device, body type) syncs once."""
+    key = (port, device_id, body_type)
+    if key not in _SYNCED:
+        c, _SYNCED[key] = await _sync(port, device_id, body_type)
+        await c.aclose()
+    return client(port, device_id), _SYNCED[key]
+
+
+async def _sync(port: int, device_id: str, body_type: int) -> tuple[EasClient, dict]:
     c = client(port, device_id)
     r = await c.request("FolderSync", E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0")))
     assert r.status == 200, r
@@ -305,7 +317,7 @@ def leaves(mime: str | bytes) -> list:
 
 async def test_links_rewritten_only_where_listed(sogo, gateway):
     with trio.fail_after(60):
-        (d, direct), (c, via) = await together((synced, sogo.front_port, DIRECT + "L", 2),
+        (d, direct), (c, via) = await together((synced, sogo.front_port, DIRECT, 2),
                                                (synced, gateway["port"], MANAGED, 2))
         await c.aclose()
         await d.aclose()
@@ -361,10 +373,10 @@ async def test_unmanaged_device_never_gets_an_image(sogo, gateway):
         c, items = await synced(gateway["port"], UNMANAGED, 4)
         # Asked for by reference (a Type 2 device's list, multipart ItemOperations, GetAttachment):
         # the block note, never the image.
-        t2, listed = await synced(gateway["port"], UNMANAGED + "2", 2)
+        t2, listed = await synced(gateway["port"], UNMANAGED, 2)
         types = listed_attachments(listed[SUBJECTS["types"]])
         assert FILES["png"][0] not in types and FILES["pdf"][0] in types
-        _, direct = await synced(sogo.front_port, DIRECT + "U", 2)
+        _, direct = await synced(sogo.front_port, DIRECT, 2)
         png_ref = listed_attachments(direct[SUBJECTS["types"]])[FILES["png"][0]]
         r = await t2.request("ItemOperations", E("ItemOperations:ItemOperations", E(
             "ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"), E("AirSyncBase:FileReference", png_ref))),
@@ -410,7 +422,7 @@ async def test_forwarded_message_files_are_judged_inside_it(sogo, gateway, tmp_p
         sealed = [p.get_payload(decode=True) for p in parts if p.get_content_type() == ENVELOPE_CONTENT_TYPE]
         assert len(sealed) == 1
         # Fetched whole (ItemOperations on email_2.eml), the message's PDF is sealed as well.
-        _, direct_items = await synced(sogo.front_port, DIRECT + "F", 2)
+        _, direct_items = await synced(sogo.front_port, DIRECT, 2)
         ((eml_name, eml_ref),) = listed_attachments(direct_items[SUBJECTS["forwarded"]]).items()
         _, managed_eml = await fetch(c, eml_ref)
         inner_managed = leaves(managed_eml)
@@ -420,7 +432,7 @@ async def test_forwarded_message_files_are_judged_inside_it(sogo, gateway, tmp_p
         await c.aclose()
         # Type 2 + ItemOperations: SOGo lists the forwarded message as email_2.eml; fetched
         # through the gateway, the message comes back with its files judged.
-        u, items = await synced(gateway["port"], UNMANAGED + "F", 2)
+        u, items = await synced(gateway["port"], UNMANAGED, 2)
         assert listed_attachments(items[SUBJECTS["forwarded"]]) == {eml_name: eml_ref}
         ctype, eml = await fetch(u, eml_ref)
         await u.aclose()
@@ -433,14 +445,14 @@ async def test_forwarded_message_files_are_judged_inside_it(sogo, gateway, tmp_p
 
 async def test_smime_signed_and_opaque_are_left_byte_for_byte(sogo, gateway, tmp_path):
     with trio.fail_after(60):
-        (d, direct), (c, via) = await together((synced, sogo.front_port, DIRECT + "S", 4),
+        (d, direct), (c, via) = await together((synced, sogo.front_port, DIRECT, 4),
                                                (synced, gateway["port"], MANAGED, 4))
         await d.aclose()
         # The opaque message's smime.p7m attachment, fetched, is SOGo's bytes too.
         ref = listed_attachments(via[SUBJECTS["opaque"]])["smime.p7m"]
         ctype, blob = await fetch(c, ref)
         await c.aclose()
-        d = client(sogo.front_port, DIRECT + "S")
+        d = client(sogo.front_port, DIRECT)
         dtype, dblob = await fetch(d, ref)
         await d.aclose()
     assert (ctype, blob) == (dtype, dblob)

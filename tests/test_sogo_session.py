@@ -72,7 +72,7 @@ async def stack(sogo, tmp_path):
         gw_port = free_port()
         cfg = tmp_path / "gw.toml"
         cfg.write_text(
-            f'workers = 1\n[admin]\nenabled = false\n[listener]\nhost = "127.0.0.1"\nport = {gw_port}\n'
+            f'workers = 1\n[admin]\nenabled = false\n[timeouts]\nshutdown_grace = 1\n[listener]\nhost = "127.0.0.1"\nport = {gw_port}\n'
             f'[upstream]\nurl = "http://127.0.0.1:{upstream.port}"\n'
             f'[log]\ntransactions = "{tmp_path / "tx.jsonl"}"\n'
             f'[policy]\nallow_if_no_policies = true\nsqlite_path = "{tmp_path / "policy.db"}"\n'
