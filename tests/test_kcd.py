@@ -67,7 +67,7 @@ class SimThread:
     def upstream_requests(self) -> int:
         """Requests the simulator authenticated or refused: anything that reached it."""
         neg = self.sim.negotiate
-        return sum(neg.clients.values()) + neg.refused
+        return sum(neg.clients.values()) + neg.refused + neg.mismatched
 
 
 @dataclass
@@ -199,7 +199,7 @@ async def test_device_session_reaches_the_mail_server_as_the_certificate_user(kc
     # Every request reached the simulator as alice's Kerberos principal, with a ticket its
     # keytab accepted; the device's own Basic header never got there.
     assert dict(neg.clients) == {f"alice@{REALM}": 4}
-    assert neg.refused == 0
+    assert neg.refused == 0 and neg.mismatched == 0
     assert "alice" in kcd.sim.sim.mailboxes
     kdc_after_first = kcd.realm.kdc_requests()
     # The gateway's own TGT, S4U2Self, S4U2Proxy (fewer if another test fetched them first).
@@ -370,3 +370,24 @@ async def test_kdc_down_or_silent_is_unavailable_not_refused(kcd, tmp_path, rest
         d = _delegator_for_kdc_at(kcd, tmp_path, port, timeout=1.0)
         with pytest.raises(KcdUnavailable, match=r"no answer from the KDC within kcd.timeout \(1 s\)"):
             await d.token_for(f"alice@{REALM}")
+
+
+async def test_simulator_refuses_a_ticket_for_another_user(kcd):
+    """The simulator's own check: the Kerberos client must be the request's User=."""
+    from seg_fast.kcd.delegation import Delegator
+    from seg_fast.kcd.settings import KcdSettings
+    from seg_fast.sim.negotiate import NegotiateAcceptor
+
+    d = Delegator(KcdSettings(enabled=True, keytab=str(kcd.realm.gateway_keytab),
+                              service_principal=f"{GATEWAY}@{REALM}", target_spn=f"{MAIL}@{REALM}",
+                              kerberos_config=str(kcd.realm.krb5_conf)))
+    sim = MailboxSimulator(require_provisioning=False)
+    sim.negotiate = NegotiateAcceptor(str(kcd.realm.mail_keytab))
+    target = b"/Microsoft-Server-ActiveSync?Cmd=FolderSync&User={}&DeviceId=SIMCHECK&DeviceType=Phone"
+    body = b""
+    for user, status in (("alice%40kcd.test", 200), ("bob", 403)):
+        token = await d.token_for(f"alice@{REALM}")
+        answer = sim._answer(b"POST", target.replace(b"{}", user.encode()),
+                             [(b"authorization", b"Negotiate " + token)], body)
+        assert answer.status == status
+    assert sim.negotiate.mismatched == 1 and dict(sim.negotiate.clients) == {f"alice@{REALM}": 2}

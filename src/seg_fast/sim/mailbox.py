@@ -342,6 +342,10 @@ class MailboxSimulator:
             return Answer(404, [], b"")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
         user = self._authenticate(headers.get("authorization"))
+        if user is not None and self.negotiate is not None and q.user and \
+                normalize_user(q.user) != normalize_user(user):
+            self.negotiate.mismatched += 1       # a ticket for someone other than the device's user
+            return Answer(403, [], b"")
         if user is None:
             return Answer(401, [(b"www-authenticate", b"Negotiate" if self.negotiate is not None
                                  else b'Basic realm="seg-fast sim"')], b"")

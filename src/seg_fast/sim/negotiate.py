@@ -2,8 +2,9 @@
 
 Each token is accepted with the mail server's keytab (gss_accept_sec_context, MIT krb5 via
 python-gssapi), so a ticket the KDC did not issue for this service, for this user, fails.
-The mailbox is the Kerberos client principal's; ``clients`` counts the principals accepted,
-so a test sees whose ticket the gateway presented. python-gssapi is needed only when used.
+The mailbox is the Kerberos client principal's, and a request whose User= names someone else
+is refused (403, ``mismatched``); ``clients`` counts the principals accepted, so a test sees
+whose ticket the gateway presented. python-gssapi is needed only when used.
 
     sim.negotiate = NegotiateAcceptor("/path/mail.keytab")
 """
@@ -22,6 +23,7 @@ class NegotiateAcceptor:
         self.creds = gssapi.Credentials(name=name, usage="accept", store={"keytab": keytab})
         self.clients: collections.Counter[str] = collections.Counter()   # principal -> tokens accepted
         self.refused = 0               # Authorization values that were not a valid token
+        self.mismatched = 0            # valid tokens whose client is not the request's User= (403)
 
     def user_of(self, value: str | None) -> str | None:
         """The client principal of a valid Negotiate token, else None (answered 401)."""
