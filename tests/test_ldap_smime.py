@@ -601,3 +601,60 @@ def test_an_answer_too_big_to_read_passes_untouched_and_nothing_is_looked_up():
         assert trio.run(fill.transform_answer_async, None, 200, [], body) == body
         assert Lookup.calls == calls
     assert incidents.counts == {"smime_answer_not_read": 1}
+
+
+class _Feed:
+    """A stream that hands out ``data`` in ``step``-sized reads, then EOF."""
+
+    def __init__(self, data: bytes, step: int):
+        self.data, self.step = data, max(1, step)
+
+    async def receive_some(self, n):
+        out, self.data = self.data[:self.step], self.data[self.step:]
+        return out
+
+
+def _read_all(data: bytes, step: int) -> None:
+    from seg_fast.ldapcerts import LdapError, _Conn, _op_start, _result_code, _values
+
+    d = directory_from(SmimeSettings(ldap_url="ldap://127.0.0.1", ldap_starttls=False))
+
+    async def main():
+        conn = _Conn(_Feed(data, step), 4096)
+        for _ in range(50):
+            mid, op, msg = await conn.receive()
+            if op == 0x64:
+                _values(msg, d)
+            else:
+                _result_code(msg, _op_start(msg))
+
+    coro = main()                     # nothing in it really waits: run it without an event loop
+    try:
+        coro.send(None)
+    except StopIteration:
+        pass
+    except LdapError:
+        pass                          # the only way a directory's bytes may fail a lookup
+    finally:
+        coro.close()
+
+
+ENTRY = _msg(2, _ber(0x64, _ber(0x04, b"uid=a") + _ber(0x30, _ber(0x30, _ber(0x04, b"userCertificate;binary")
+                                                                  + _ber(0x31, _ber(0x04, b"\x30\x03\x02\x01\x01"))))))
+DONE = _msg(2, _ber(0x65, _ber(0x0A, b"\x00") + _ber(0x04, b"") + _ber(0x04, b"")))
+
+
+@settings(max_examples=150)
+@given(st.binary(max_size=300), st.integers(1, 64))
+def test_any_directory_bytes_fail_only_as_ldap_errors(data, step):
+    _read_all(data, step)
+
+
+@settings(max_examples=150)
+@given(st.lists(st.tuples(st.integers(0, len(ENTRY + DONE) - 1), st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(1, 64))
+def test_mutated_directory_answers_fail_only_as_ldap_errors(flips, step):
+    data = bytearray(ENTRY + DONE)
+    for at, value in flips:
+        data[at] = value
+    _read_all(bytes(data), step)
