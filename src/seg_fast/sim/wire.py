@@ -11,6 +11,8 @@ reader is strict where h11 is (tests/test_sizing_wire.py holds it to h11).
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
 import socket
 
@@ -45,50 +47,72 @@ def request_head(target: bytes, const: bytes, policy_key: bytes, seq: bytes | No
 
 
 class RawStream(trio.abc.HalfCloseableStream):
-    """A trio stream over a connected trio socket with nothing else per call: no
-    conflict detector, no error-translating context manager, no extra checkpoint
-    (trio.SocketStream's, which cost the load side more per request than the
-    request's own bytes). Socket errors surface as OSError, which the fleet counts;
-    under TLS, SSLStream sits on top of it."""
+    """A trio stream over a connected non-blocking stdlib socket with nothing else per
+    call: the operation is tried first and trio is asked to wait only when the kernel
+    says it would block (trio.SocketStream adds a conflict detector, an
+    error-translating context manager and a checkpoint to every call, which cost the
+    load side more than the request's own bytes). Socket errors surface as OSError,
+    which the fleet counts; under TLS, SSLStream sits on top of it."""
     __slots__ = ("socket",)
 
-    def __init__(self, sock) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
 
     async def send_all(self, data) -> None:
         sock = self.socket
         n = len(data)
-        sent = await sock.send(data)
-        if sent < n:
-            with memoryview(data) as view:
-                while sent < n:
-                    sent += await sock.send(view[sent:])
+        sent = 0
+        with memoryview(data) as view:
+            while sent < n:
+                try:
+                    sent += sock.send(view[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
 
     async def receive_some(self, max_bytes=None) -> bytes:
-        return await self.socket.recv(max_bytes or RECV)
+        sock = self.socket
+        while True:
+            try:
+                return sock.recv(max_bytes or RECV)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.socket.wait_writable()
+        await trio.lowlevel.wait_writable(self.socket)
 
     async def send_eof(self) -> None:
         self.socket.shutdown(socket.SHUT_WR)
 
+    def close(self) -> None:
+        if self.socket.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+
     async def aclose(self) -> None:
-        self.socket.close()
+        self.close()
         await trio.lowlevel.checkpoint()
 
 
 async def connect(host: str, port: int, local: str | None) -> RawStream:
     """A TCP connection from ``local`` (any port) to (host, port): a socket, a bind
-    and a connect, without open_tcp_stream's resolver and happy-eyeballs nursery."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    and a non-blocking connect, without open_tcp_stream's resolver and
+    happy-eyeballs nursery."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if local is not None:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            await sock.bind((local, 0))
-        await sock.connect((host, port))
+            sock.bind((local, 0))
+        err = sock.connect_ex((host, port))
+        if err == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, f"connect to {host}:{port}: {os.strerror(err)}")
     except BaseException:
+        if sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(sock)
         sock.close()
         raise
     return RawStream(sock)
@@ -284,7 +308,7 @@ class HttpConn:
     async def aclose(self) -> None:
         stream = self.stream
         if type(stream) is RawStream:
-            stream.socket.close()           # plain: nothing to say before closing
+            stream.close()                  # plain: nothing to say before closing
             return
         with trio.CancelScope(deadline=trio.current_time() + 1, shield=True):
             await stream.aclose()           # TLS: close_notify, at most a second
