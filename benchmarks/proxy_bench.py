@@ -101,6 +101,15 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _workers(pid: int, timeout: float = 20.0) -> list[int]:
+    """An nginx master's workers, once it has forked them (its port answers before that:
+    the master holds the listening socket)."""
+    deadline = time.monotonic() + timeout
+    while not (kids := _children(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return kids
+
+
 # -- nginx ---------------------------------------------------------------------------------
 
 def _nginx_conf(workdir: Path, listen: int, body: str, nofile: int) -> Path:
@@ -475,11 +484,11 @@ def main(argv=None) -> int:
             up = start_upstream_nginx(workdir, up_port, 4096)
             args.upstream_port = up_port
             procs.append(up)
-            for w in _children(up.pid):
+            for w in _workers(up.pid):
                 os.sched_setaffinity(w, args.load_cpus)
             ng = start_proxy_nginx(workdir, ng_port, up_port, 4096)
             procs.append(ng)
-            ng_workers = _children(ng.pid)
+            ng_workers = _workers(ng.pid)
             for w in ng_workers:
                 os.sched_setaffinity(w, proxy_cpu)
             gw, gw_pid = start_gateway(workdir, gw_port, up_port, args.gatekeeper)
