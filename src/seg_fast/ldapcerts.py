@@ -225,14 +225,17 @@ def _filter(t: str, pos: int, depth: int) -> tuple[bytes, int]:
 
 
 def _item(item: str) -> bytes:
-    for sym, tag in ((">=", 0xA5), ("<=", 0xA6), ("~=", 0xA8)):
-        if sym in item:
-            attr, value = item.split(sym, 1)
-            return seq(ber_str(_attr(attr)), ber_str(_unescape(value)), tag=tag)
-    if "=" not in item:
-        raise ValueError(f"no '=' in filter item {item!r}")
-    attr, value = item.split("=", 1)
-    attr = _attr(attr)
+    # The first "=" ends the attribute description (which cannot hold "=", "<", ">" or "~");
+    # everything after it is the value, whatever it holds.
+    eq = item.find("=")
+    if eq <= 0:
+        raise ValueError(f"no attribute and '=' in filter item {item!r}")
+    op = item[eq - 1]
+    value = item[eq + 1:]
+    if op in "<>~":
+        attr = _attr(item[:eq - 1])
+        return seq(ber_str(attr), ber_str(_unescape(value)), tag={">": 0xA5, "<": 0xA6, "~": 0xA8}[op])
+    attr = _attr(item[:eq])
     if value == "*":
         return tlv(0x87, attr.encode())
     if "*" not in value:
