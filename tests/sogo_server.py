@@ -409,7 +409,8 @@ service auth {{
         }
         (home / "defaults" / "sogod.plist").write_text(_plist(defaults) + "\n")
         self._own(home / "defaults" / "sogod.plist")
-        system_conf = Path("/etc/GNUstep/GNUstep.conf").read_text() if Path("/etc/GNUstep/GNUstep.conf").exists() else ""
+        system = Path("/etc/GNUstep/GNUstep.conf")
+        system_conf = system.read_text() if system.exists() else ""
         lines = [ln for ln in system_conf.splitlines() if not ln.startswith(("GNUSTEP_USER_DEFAULTS_DIR",
                                                                              "GNUSTEP_USER_CONFIG_FILE"))]
         lines += [f"GNUSTEP_USER_DEFAULTS_DIR={home}/defaults", "GNUSTEP_USER_CONFIG_FILE="]

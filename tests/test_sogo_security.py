@@ -188,7 +188,8 @@ def gateway(sogo, tmp_path_factory):
     port = free_port()
     cfg = d / "gw.toml"
     cfg.write_text(
-        f'workers = 1\n[admin]\nenabled = false\n[timeouts]\nshutdown_grace = 1\n[listener]\nhost = "127.0.0.1"\nport = {port}\n'
+        'workers = 1\n[admin]\nenabled = false\n[timeouts]\nshutdown_grace = 1\n'
+        f'[listener]\nhost = "127.0.0.1"\nport = {port}\n'
         f'[upstream]\nurl = "{sogo.url}"\n'
         f'[log]\ntransactions = "{d / "tx.jsonl"}"\n'
         f'[policy]\nsqlite_path = "{d / "policy.db"}"\n'
@@ -399,7 +400,7 @@ async def test_unmanaged_device_never_gets_an_image(sogo, gateway):
         payloads = [p.get_payload(decode=True) or b"" for p in parts]
         assert png not in payloads, key
         assert not any(p.get_content_type() == "image/png" for p in parts), key
-        notes = [p.get_content() for p in parts if p.get_content_type() == "text/plain" and BLOCK_MSG in p.get_content()]
+        notes = [p for p in parts if p.get_content_type() == "text/plain" and BLOCK_MSG in p.get_content()]
         assert notes, key
     # Every other file arrives as SOGo has it (the unmanaged policy leaves them alone),
     # the forwarded message's PDF included.

@@ -72,11 +72,13 @@ async def stack(sogo, tmp_path):
         gw_port = free_port()
         cfg = tmp_path / "gw.toml"
         cfg.write_text(
-            f'workers = 1\n[admin]\nenabled = false\n[timeouts]\nshutdown_grace = 1\n[listener]\nhost = "127.0.0.1"\nport = {gw_port}\n'
+            'workers = 1\n[admin]\nenabled = false\n[timeouts]\nshutdown_grace = 1\n'
+            f'[listener]\nhost = "127.0.0.1"\nport = {gw_port}\n'
             f'[upstream]\nurl = "http://127.0.0.1:{upstream.port}"\n'
             f'[log]\ntransactions = "{tmp_path / "tx.jsonl"}"\n'
             f'[policy]\nallow_if_no_policies = true\nsqlite_path = "{tmp_path / "policy.db"}"\n'
-            f'[security]\nblock_attachments_without_policy = false\nmaster_key_file = "{tmp_path / "mk"}"\nkey_state_file = "{tmp_path / "ks.json"}"\n')
+            '[security]\nblock_attachments_without_policy = false\n'
+            f'master_key_file = "{tmp_path / "mk"}"\nkey_state_file = "{tmp_path / "ks.json"}"\n')
         proc = start_serve(cfg, tmp_path)
         try:
             with trio.fail_after(20):
