@@ -514,3 +514,47 @@ async def test_an_unanswered_request_on_a_kept_alive_connection_names_the_connec
     error = lines[1]["error"]
     assert error.startswith("mail server did not answer within 0.5 s (kept-alive connection: request 2 on it, idle ")
     assert up.connections == 1
+
+
+async def test_a_sync_long_poll_waits_as_long_as_it_asked(tmp_path):
+    """A Sync with Wait (minutes) or HeartbeatInterval (seconds) is held by the mail server
+    until something changes, like a Ping: timeouts.upstream_read alone would answer it
+    503 "mail server did not answer within 60 s". A plain Sync keeps upstream_read."""
+    from seg_fast.eas.wbxml import Element as E, encode
+    from proxy_helpers import Client
+    from test_proxy import AUTH, gateway, upstream
+
+    def sync(*extra):
+        return encode(E("AirSync:Sync", children=[E("AirSync:Collections", children=[
+            E("AirSync:Collection", children=[E("AirSync:SyncKey", text="1"),
+                                              E("AirSync:CollectionId", text="5")])]), *extra]))
+
+    async def slow(req, body):
+        await trio.sleep(1.0)         # longer than upstream_read below, far shorter than the Wait
+        return 200, [(b"Content-Type", b"application/vnd.ms-sync.wbxml")], b"changes"
+
+    target = b"/Microsoft-Server-ActiveSync?Cmd=Sync&User=test&DeviceId=ABC123&DeviceType=SmartPhone"
+    async with upstream(slow) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path,
+                                               timeouts_upstream_read="0.3") as gw:
+        for body, status in [(sync(E("AirSync:Wait", text="1")), 200),
+                             (sync(E("AirSync:HeartbeatInterval", text="300")), 200),
+                             (sync(), 503)]:
+            client = await Client.connect(gw.port)
+            with trio.fail_after(10):
+                resp, answer = await client.request(b"POST", target, [AUTH], body)
+            assert resp.status_code == status
+            if status == 200:
+                assert answer == b"changes"
+            await client.aclose()
+
+
+def test_sync_wait_reads_only_the_syncs_own_wait():
+    from seg_fast.eas.wbxml import Element as E, encode
+    from seg_fast.proxy.exchange import sync_wait
+
+    assert sync_wait(encode(E("AirSync:Sync", children=[E("AirSync:Wait", text="59")]))) == 59 * 60
+    assert sync_wait(encode(E("AirSync:Sync", children=[E("AirSync:Wait", text="60")]))) is None   # out of range
+    assert sync_wait(encode(E("AirSync:Sync", children=[E("AirSync:HeartbeatInterval", text="59")]))) is None
+    assert sync_wait(encode(E("AirSync:Sync", children=[E("AirSync:HeartbeatInterval", text="3540")]))) == 3540
+    assert sync_wait(b"\x03\x01j\x00\x45\x64") is None          # truncated WBXML
+    assert sync_wait(b"") is None

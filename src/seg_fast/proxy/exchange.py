@@ -15,7 +15,7 @@ import trio
 from seg_fast.eas.credentials import CONNECTION_SCHEMES
 from seg_fast.eas.resolverecipients import CertificateFill
 from seg_fast.eas.request import EasRequest, parse_request
-from seg_fast.errors import ContentError, EASRequestError, HTTPProtocolError
+from seg_fast.errors import ContentError, EASRequestError, HTTPProtocolError, WBXMLError
 from seg_fast.hooks import Decision
 from seg_fast import dx
 from seg_fast.observe import Transaction
@@ -122,6 +122,37 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
     finally:
         if rec.status and result is not PARKED:
             gatekeeper.record(req, decision, rec.status)
+
+
+_SYNC_WAIT_TAGS = frozenset({"AirSync:Wait", "AirSync:HeartbeatInterval"})
+
+
+def sync_wait(body: bytes) -> int | None:
+    """Seconds a Sync may wait on the mail server for changes (MS-ASCMD 2.2.3.194 Wait,
+    in minutes, 1-59; 2.2.3.79.2 HeartbeatInterval, in seconds, 60-3540), or None.
+    Like a Ping it is answered when something changes or the interval ends, so
+    timeouts.upstream_read alone would cut it with a 503."""
+    # WBXML tag bytes of Wait (0x24) and HeartbeatInterval (0x29) with content (0x40):
+    # a Sync holding neither byte is not scanned (most are not long-polls).
+    if b"\x64" not in body and b"\x69" not in body:
+        return None
+    from seg_fast.eas.wbxml import scan
+
+    try:
+        spans = scan(body, _SYNC_WAIT_TAGS)
+    except WBXMLError:
+        return None                   # the mail server judges a malformed Sync
+    for span in spans:
+        if span.kind == "str" and span.path == ("AirSync:Sync",):
+            try:
+                value = int(body[span.offset:span.offset + span.length])
+            except ValueError:
+                continue
+            if span.tag == "AirSync:Wait" and 1 <= value <= 59:
+                return value * 60
+            if span.tag == "AirSync:HeartbeatInterval" and 60 <= value <= 3540:
+                return value
+    return None
 
 
 def _transforms_for(decision: Decision, command: str | None) -> tuple[list, list]:
@@ -240,6 +271,10 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
     read_timeout = config.timeouts.upstream_read
     if is_ping:
         read_timeout = ping.upstream_deadline(gw, req, body)
+    elif req.command == "Sync" and body:
+        wait = sync_wait(body)
+        if wait is not None:          # a Sync long-poll: the mail server may hold it this long
+            read_timeout = max(read_timeout, wait + config.timeouts.ping_margin)
 
     origin = gw.redirects.origin_for(req.user)
     rec.upstream = f"{origin.host}:{origin.port}"
