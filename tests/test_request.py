@@ -506,6 +506,7 @@ def _expected(method, target, headers, client_ip):
 @example(method="POST", query=b"Cmd=Sync&AttachmentName=%00", headers=[], as_str=False, client_ip="", path=PATH)
 @example(method="POST", query=b"Cmd=Sync&DeviceType=a/b", headers=[], as_str=False, client_ip="", path=PATH)
 @example(method="POST", query=b"Cmd=Sync&User=a%0Ab&DeviceId=X", headers=[], as_str=False, client_ip="", path=PATH)
+@example(method="POST", query=b"Cmd=Sync&DeviceId==&DeviceType=a=b", headers=[], as_str=False, client_ip="", path=PATH)
 @given(method=st.sampled_from(["POST", "OPTIONS"]), query=_QUERIES, headers=_headers(),
        as_str=st.booleans(), client_ip=st.sampled_from(["", "10.0.0.9"]),
        path=st.sampled_from([PATH, b"/Microsoft-Server-ActiveSync/", b"/\xe9"]))

@@ -260,11 +260,11 @@ def _take_plain_fields(params: dict[str, str], req: EasRequest, tokens_checked: 
     device_type = params.pop("DeviceType", None)
     req.device_id = device_id
     req.device_type = device_type
-    if not tokens_checked:
-        if device_id is not None and not _TOKEN.fullmatch(device_id):
-            raise EASRequestError("device_id holds characters a device identifier may not")
-        if device_type is not None and not _TOKEN.fullmatch(device_type):
-            raise EASRequestError("device_type holds characters a device identifier may not")
+    # A query of token bytes may still carry '=' inside a value ("DeviceId==").
+    if device_id is not None and (not _TOKEN.fullmatch(device_id) if not tokens_checked else "=" in device_id):
+        raise EASRequestError("device_id holds characters a device identifier may not")
+    if device_type is not None and (not _TOKEN.fullmatch(device_type) if not tokens_checked else "=" in device_type):
+        raise EASRequestError("device_type holds characters a device identifier may not")
     req.params = params
 
 
