@@ -272,3 +272,31 @@ def test_ocsp_response_checks(ca, tmp_path):
         _read(_ocsp_response(ca, cert, signer_key=key, signer_cert=plain, extra_certs=[plain]), cert, ca.cert)
     with pytest.raises(OcspError, match="not an OCSP response"):
         _read(b"<html>proxy error</html>", cert, ca.cert)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=100)
+@given(st.text(max_size=400))
+def test_upn_der_reader_against_pyspnego_encoder(name):
+    """Any UTF8String pyspnego's DER encoder writes reads back; a truncated or padded one does not."""
+    from spnego._asn1 import TagClass, TypeTagNumber, pack_asn1
+
+    from seg_fast.kcd.clientcert import _der_utf8
+
+    der = pack_asn1(TagClass.universal, False, TypeTagNumber.utf8_string, name.encode("utf-8"))
+    assert _der_utf8(der) == name
+    if name:
+        assert _der_utf8(der[:-1]) is None
+    assert _der_utf8(der + b"\x00") is None
+
+
+@settings(max_examples=50)
+@given(st.binary(max_size=3000))          # long-form lengths up to 3 bytes: the sizes in the test above
+def test_spnego_wrapping_is_pyspnegos_for_any_token(token):
+    from spnego._spnego import NegTokenInit
+
+    from seg_fast.kcd.delegation import spnego_init
+
+    assert spnego_init(token) == NegTokenInit(mech_types=["1.2.840.113554.1.2.2"], mech_token=token).pack()
