@@ -112,3 +112,29 @@ async def test_certificate_user_is_the_verified_user_for_policies(tmp_path):
         finally:
             stop_process(proc)
             nursery.cancel_scope.cancel()
+
+
+def test_serve_refuses_to_start_with_a_crl_another_ca_signed(tmp_path):
+    """Every worker would fail on it: `serve` says so once, naming the key and the file, and exits."""
+    import subprocess
+
+    ca = TestCA(tmp_path)
+    (tmp_path / "other").mkdir()
+    other = TestCA(tmp_path / "other")
+    server = ca.server_cert("gateway")
+    crl = other.crl([ca.client_cert("x", upn="x@kcd.test")[2]], tmp_path / "other.crl")
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'workers = 1\n[listener]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        f'tls_cert = "{server[0]}"\ntls_key = "{server[1]}"\n'
+        f'client_cert = "required"\nclient_ca = "{ca.ca_file}"\nclient_crl = "{crl}"\n'
+        '[admin]\nenabled = false\n[policy]\nallow_if_no_policies = true\n')
+    proc = start_serve(cfg, tmp_path)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    assert proc.returncode == 1
+    assert f"{cfg}: key listener.client_crl: {crl}: a CRL not signed by a CA of listener.client_ca" in err.decode()
+    assert b"Traceback" not in err

@@ -391,3 +391,17 @@ async def test_simulator_refuses_a_ticket_for_another_user(kcd):
                              [(b"authorization", b"Negotiate " + token)], body)
         assert answer.status == status
     assert sim.negotiate.mismatched == 1 and dict(sim.negotiate.clients) == {f"alice@{REALM}": 2}
+
+
+def test_serve_refuses_to_start_with_a_keytab_without_the_gateways_keys(kcd, tmp_path):
+    cfg = gateway_config(tmp_path / "gw.toml", port=free_port(), sim_port=kcd.sim.sim.port, realm=kcd.realm,
+                         ca=kcd.ca, server=(kcd.dir / "gateway.pem", kcd.dir / "gateway.key"),
+                         crl=kcd.dir / "device-ca.crl", tx_log=tmp_path / "tx.log", keytab=kcd.realm.mail_keytab)
+    proc = start_serve(cfg, tmp_path)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    assert proc.returncode == 1
+    assert f"{cfg}: key kcd.keytab: {kcd.realm.mail_keytab}: no keys for {GATEWAY}@{REALM}" in err.decode()

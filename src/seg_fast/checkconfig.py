@@ -149,7 +149,10 @@ def startup_problem(config) -> Finding | None:
     """The first thing that would make every worker fail at start, for `serve` to refuse early."""
     # A read-only state_dir that exists is not one: the store opens read-only and serves,
     # refusing only writes (issue 9; `serve` warns, `check-config` still reports it).
-    return next((f for f in check_tls(config) + check_paths(config)
+    from seg_fast.kcd.check import startup_findings       # client certificates and KCD
+
+    kcd = [Finding(*f) for f in startup_findings(config)]
+    return next((f for f in check_tls(config) + check_paths(config) + kcd
                  if not f.ok and not (f.what == "state_dir" and Path(config.state_dir).is_dir())), None)
 
 

@@ -6,6 +6,32 @@ import trio
 from seg_fast.errors import ConfigError
 
 
+def startup_findings(config) -> list[tuple[bool, str, str]]:
+    """What would stop every worker at start (`serve` refuses before starting any): the CA,
+    CRL and keytab files, python-gssapi. No KDC is asked."""
+    out: list[tuple[bool, str, str]] = []
+    if config.listener.client_cert != "off":
+        from seg_fast.kcd.clientcert import CertAuth
+
+        try:
+            CertAuth(config)
+        except ConfigError as exc:
+            key, _, text = str(exc).partition(": ")
+            out.append((False, key, text))
+    if config.kcd.enabled:
+        from seg_fast.kcd.delegation import Delegator
+
+        try:
+            problem = Delegator(config.kcd).keytab_problem()
+        except ConfigError as exc:
+            key, _, text = str(exc).split(": key ", 1)[-1].partition(": ")
+            return out + [(False, key, text)]
+        if problem:
+            out.append((False, "kcd.keytab", f"{config.kcd.keytab}: no keys for {config.kcd.service_principal}: "
+                                              f"{problem}"))
+    return out
+
+
 async def findings(config, connect: bool) -> list[tuple[bool, str, str]]:
     """(ok, key, text) for [listener] client certificates, [cert_map] and [kcd]."""
     out: list[tuple[bool, str, str]] = []
