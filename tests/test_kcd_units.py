@@ -300,3 +300,20 @@ def test_spnego_wrapping_is_pyspnegos_for_any_token(token):
     from seg_fast.kcd.delegation import spnego_init
 
     assert spnego_init(token) == NegTokenInit(mech_types=["1.2.840.113554.1.2.2"], mech_token=token).pack()
+
+
+def test_a_reload_is_refused_on_what_would_stop_a_start(ca, tmp_path):
+    """SIGHUP's pre-check in the control process runs the start-up checks (a bad CRL here),
+    so the workers never half-apply a config they would refuse."""
+    from seg_fast.proxy.server import _reload_problem
+
+    server = ca.server_cert("srv")
+    other = TestCA(tmp_path)
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'[listener]\ntls_cert = "{server[0]}"\ntls_key = "{server[1]}"\nclient_cert = "optional"\n'
+        f'client_ca = "{ca.ca_file}"\nclient_crl = "{other.crl([], tmp_path / "other.crl")}"\n')
+    problem = _reload_problem(load_config(cfg, env={}))
+    assert problem is not None and problem.startswith("key listener.client_crl:")
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "other.crl"), str(ca.crl([], tmp_path / "ca.crl"))))
+    assert _reload_problem(load_config(cfg, env={})) is None

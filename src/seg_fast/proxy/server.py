@@ -289,10 +289,11 @@ async def _pull(config) -> None:
 
 
 def _reload_problem(config) -> str | None:
-    """What would make the workers' reload fail (certificates, CA files), checked once here."""
-    from seg_fast.checkconfig import check_tls
+    """What would make the workers' reload fail, checked once here: the same checks as at
+    start (certificates, CA files, client-certificate CRL, the KCD keytab)."""
+    from seg_fast.checkconfig import startup_problem
 
-    bad = next((f for f in check_tls(config) if not f.ok), None)
+    bad = startup_problem(config)
     return f"key {bad.what}: {bad.text}" if bad else None
 
 
