@@ -22,7 +22,9 @@ the spec comes as JSON in argv[1]; the shard prints ``{"ready": ..., "sim_port":
 "sim_tls_port": T}``, waits for one JSON line on stdin (``Go``: the target address,
 TLS, how answers are checked and the common start time ``t0``), prints progress lines
 and finally writes its result JSON to ``spec.out``. ``SEG_FAST_FLEET_PROFILE=DIR``
-writes a cProfile of each shard there (where the load side's CPU goes).
+writes a cProfile of each shard there (where the load side's CPU goes);
+``SEG_FAST_FLEET_PROFILE_WINDOW=1`` with it profiles the hold window only (the
+steady state, without corpus building and set-up).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import msgspec
 import trio
 
 from seg_fast.sim import fleet_eas as eas
+from seg_fast.sim import lean_serve
 from seg_fast.sim.oracle import Opener
 from seg_fast.sim.wire import HttpConn, WireError, request_head
 
@@ -71,6 +74,9 @@ CORPUS_POOL = 400
 
 # With email security on these answers are rewritten by design (the oracle checks them).
 TRANSFORMED = frozenset({"Sync", "ItemOperations"})
+
+
+PROFILE = None                 # a cProfile.Profile when SEG_FAST_FLEET_PROFILE is set
 
 
 class ShardSpec(msgspec.Struct, kw_only=True):
@@ -390,15 +396,19 @@ class Device:
     async def resume(self, p: "Parked", expired: bool) -> None:
         """The parked Ping's socket became readable (or its deadline passed)."""
         f = self.fleet
-        f.stats.parked -= 1
-        self.state = "ping-answered"
         conn, p.conn = p.conn, None
         handed = ok = False
         try:
-            if expired:
-                f.stats.fail("Ping.timeout", f"{self.device_id} no answer in {p.heartbeat + PING_GRACE}s")
-                return
-            if not await self.ping_answer(conn, p):
+            try:
+                if expired:
+                    f.stats.fail("Ping.timeout", f"{self.device_id} no answer in {p.heartbeat + PING_GRACE}s")
+                    return
+                answered = await self.ping_answer(conn, p)
+            finally:
+                # parked until its answer has been read, as when a task waited for it
+                f.stats.parked -= 1
+                self.state = "ping-answered"
+            if not answered:
                 return
             # the Ping answered: pick up the news, then park again
             while self.received < self.delivered and not f.stopping:
@@ -690,6 +700,14 @@ class Fleet:
                   "failures": sum(st.failures.values()), "fds": st.fds_max,
                   "lag_max": round(max(st.lag, default=0.0), 3)})
 
+    async def _profile_window(self) -> None:
+        await self.clock.sleep_until(self.window[0])
+        PROFILE.enable()
+        try:
+            await self.clock.sleep_until(self.window[1])
+        finally:
+            PROFILE.disable()
+
     async def run(self, go: Go) -> dict:
         self.go = go
         self.opener = Opener(go.key_file, go.key_state_file)
@@ -706,6 +724,8 @@ class Fleet:
         end = self.window[1]
         async with trio.open_nursery() as outer:
             outer.start_soon(self.report)
+            if PROFILE is not None and os.environ.get("SEG_FAST_FLEET_PROFILE_WINDOW"):
+                outer.start_soon(self._profile_window)
             async with trio.open_nursery() as fg:
                 async with trio.open_nursery() as pings:
                     await pings.start(self.parker.run, pings)
@@ -793,14 +813,16 @@ async def shard_main(spec: ShardSpec) -> dict:
     sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
                            initial_messages=INITIAL_MESSAGES)
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(sim.serve, spec.sim_host, spec.sim_port)
+        # the simulator over bare sockets (lean_serve): its answers are the same bytes
+        port = await nursery.start(lean_serve.serve, sim, spec.sim_host, spec.sim_port)
         tls_port = None
         if spec.tls_cert:
             # devices reach the simulator directly over TLS; proxies use the plain port
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
             ctx.load_cert_chain(spec.tls_cert, spec.tls_key)
-            tls_port = await nursery.start(functools.partial(sim.serve, spec.sim_host, 0, ssl_context=ctx))
+            tls_port = await nursery.start(functools.partial(lean_serve.serve, sim, spec.sim_host, 0,
+                                                             ssl_context=ctx))
         emit({"ready": True, "sim_port": port, "sim_tls_port": tls_port, "pid": os.getpid()})
         line = await trio.to_thread.run_sync(sys.stdin.readline)
         if not line:
@@ -819,9 +841,13 @@ def main(argv: list[str] | None = None) -> int:
     if prof_dir:
         import cProfile
 
-        prof = cProfile.Profile()
-        result = prof.runcall(trio.run, shard_main, spec)
-        prof.dump_stats(os.path.join(prof_dir, f"shard{spec.shard}.pstats"))
+        global PROFILE
+        PROFILE = cProfile.Profile()
+        if os.environ.get("SEG_FAST_FLEET_PROFILE_WINDOW"):
+            result = trio.run(shard_main, spec)             # Fleet.run turns it on and off
+        else:
+            result = PROFILE.runcall(trio.run, shard_main, spec)
+        PROFILE.dump_stats(os.path.join(prof_dir, f"shard{spec.shard}.pstats"))
     else:
         result = trio.run(shard_main, spec)
     data = msgspec.json.encode(result)

@@ -189,19 +189,37 @@ async def sync(dev: "Device", conn: "HttpConn", key: str) -> bool:
     return True
 
 
+def _index(el) -> dict:
+    """An element's children by tag (the first of each), for several look-ups at once:
+    one pass instead of a walk per look-up (an item has ~15 children)."""
+    if el is None:
+        return {}
+    return {c.tag: c for c in reversed(el.children)}
+
+
+def _text(el) -> str | None:
+    if el is None:
+        return None
+    if el.text is not None:
+        return el.text
+    return el.opaque.decode("utf-8", "replace") if el.opaque is not None else ""
+
+
 def check_item(dev: "Device", add, truncated_ok: bool) -> bool:
     st = dev.fleet.stats
     data = find(add, "AirSync:ApplicationData")
-    body = find(data, "AirSyncBase:Body")
-    btype = text(body, "AirSyncBase:Type")
-    content = find(body, "AirSyncBase:Data")
+    fields = _index(data)
+    body = fields.get("AirSyncBase:Body")
+    parts = _index(body)
+    btype = _text(parts.get("AirSyncBase:Type"))
+    content = parts.get("AirSyncBase:Data")
     strict = dev.fleet.strict
     if body is None or content is None or (strict and btype != str(dev.body_type)):
         st.fail("Sync.body", f"{dev.device_id} Body Type {btype!r}, asked {dev.body_type}")
         return False
     raw = content.opaque if content.opaque is not None else (content.text or "").encode()
-    size = text(body, "AirSyncBase:EstimatedDataSize")
-    truncated = text(body, "AirSyncBase:Truncated") == "1"
+    size = _text(parts.get("AirSyncBase:EstimatedDataSize"))
+    truncated = _text(parts.get("AirSyncBase:Truncated")) == "1"
     if truncated and not truncated_ok:
         st.fail("Sync.truncated", f"{dev.device_id} body truncated though the whole was asked")
         return False
@@ -214,10 +232,11 @@ def check_item(dev: "Device", add, truncated_ok: bool) -> bool:
     if strict and dev.body_type == 4 and b"\r\n\r\n" not in raw[:SETUP_TRUNCATION]:
         st.fail("Sync.mime", f"{dev.device_id} Type 4 body without a MIME header block")
         return False
-    atts = list(kids(find(data, "AirSyncBase:Attachments"), "AirSyncBase:Attachment"))
+    atts = list(kids(fields.get("AirSyncBase:Attachments"), "AirSyncBase:Attachment"))
     for att in atts:
-        ref = text(att, "AirSyncBase:FileReference")
-        size = text(att, "AirSyncBase:EstimatedDataSize")
+        a = _index(att)
+        ref = _text(a.get("AirSyncBase:FileReference"))
+        size = _text(a.get("AirSyncBase:EstimatedDataSize"))
         if ref and size and size.isdigit():
             dev.attachments.append((ref, int(size)))
     if dev.fleet.security and not truncated:

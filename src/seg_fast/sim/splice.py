@@ -73,10 +73,14 @@ class Template:
         self.tag = el.tag
 
     def fill(self, value: str = "") -> bytes:
+        return b"".join(self.filled(value))
+
+    def filled(self, value: str = "") -> list[bytes]:
+        """The pieces with ``value`` in the holes (joined by whoever copies them last)."""
         if len(self.pieces) == 1:
-            return self.pieces[0]
+            return self.pieces
         v = value.encode()
-        return b"".join([v if p is None else p for p in self.pieces])
+        return [v if p is None else p for p in self.pieces]
 
 
 class Cache:
@@ -117,14 +121,16 @@ class Splices:
         mark = b"\x00seg-splice%04x\x00" % len(self.items)
         packed = token_of(template.tag)
         pattern = bytes((packed[1] | 0x40, OPAQUE, len(mark))) + mark + bytes((END,))
-        self.items.append((pattern, template.fill(value), template.end_page, packed[0]))
+        self.items.append((pattern, template.filled(value), template.end_page, packed[0]))
         return E(template.tag, mark)
 
     def encode(self, tree: Element) -> bytes:
         data = encode(tree)
         if not self.items:
             return data
-        out = bytearray()
+        # pieces joined once at the end: a cached body of megabytes is copied once
+        # into the answer, not appended to a growing buffer and copied again
+        out: list[bytes] = []
         pos = 0
         n = len(data)
         # by position: handlers may make placeholders out of document order (a Sync's
@@ -133,21 +139,21 @@ class Splices:
         for at, (pattern, content, end_page, own_page) in found:
             if at < pos:
                 raise WBXMLError("overlapping splices", at)
-            out += data[pos:at]
+            out.append(data[pos:at])
             out += content
             q = at + len(pattern)
             while q < n and data[q] == END:
                 q += 1
-            out += data[at + len(pattern):q]
+            out.append(data[at + len(pattern):q])
             if q < n:
                 if data[q] == SWITCH_PAGE:
                     if data[q + 1] == end_page:        # the real subtree left that page in force
                         q += 2
                 elif data[q] & 0x3F >= 5:               # a tag on the placeholder's page
                     if end_page != own_page:
-                        out += bytes((SWITCH_PAGE, own_page))
+                        out.append(bytes((SWITCH_PAGE, own_page)))
                 else:                                   # mixed content: never in these answers
                     raise WBXMLError("content after a spliced element", q)
             pos = q
-        out += data[pos:]
-        return bytes(out)
+        out.append(data[pos:])
+        return b"".join(out)
