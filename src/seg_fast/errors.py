@@ -63,3 +63,7 @@ class HTTPProtocolError(SegFastError):
     def __init__(self, message: str, status: int = 400):
         self.status = status
         super().__init__(message)
+
+
+class SOAPError(SegFastError):
+    """An EWS SOAP request body the gateway will not forward (not XML, a DTD, a malformed impersonation)."""

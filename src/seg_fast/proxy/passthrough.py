@@ -6,7 +6,10 @@ Two routes, each off by default and each with its own switch:
   (``/EWS/Exchange.asmx``) go to the mail server's EWS for the notification service (ENS).
   Only from the addresses in ``ews.allowed_sources``; no EAS policy applies (there is no
   device), but a user the user policy blocks is refused 403, the user read from the
-  credential (eas/credentials.py) as for ActiveSync.
+  credential (eas/credentials.py) as for ActiveSync. A request acting for another mailbox
+  (an ``ExchangeImpersonation`` SOAP header, ews_impersonation.py) is refused 403 too when
+  the user policy blocks the impersonated user: EWS bodies are read whole for that, up to
+  1 MB (bigger ones 413, never forwarded; non-XML or DTD-carrying ones 400).
 - **Webmail** (``[webmail]``): requests under the path prefixes listed (``/owa/``,
   ``/ecp/``) are forwarded untouched; ``Set-Cookie`` domains and ``Location`` redirects that
   name the mail server are rewritten to ``listener.external_url``.
@@ -43,9 +46,10 @@ import trio
 
 from seg_fast.eas import credentials
 from seg_fast.eas.request import parse_request
-from seg_fast.errors import EASRequestError
+from seg_fast.errors import EASRequestError, SOAPError
 from seg_fast.observe import Transaction
 from seg_fast.policy.gate import LOG_AREAS
+from seg_fast.proxy import ews_impersonation
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy import sockio
 from seg_fast.proxy.headers import TrustedProxies
@@ -230,6 +234,23 @@ class Passthrough:
                 rec.decision, allowed = user_decision(gw.gatekeeper, req)
                 if not allowed:
                     return await _refuse(dev, rec, 403, "refused by the user policy")
+                # The body may act for another mailbox (ExchangeImpersonation): read it whole
+                # (bounded) and apply the user policy to each user it names too.
+                body, status, why = await _ews_body(gw, dev, full, rec)
+                if body is None:
+                    rec.decision = "blocked.body_too_large" if status == 413 else "blocked.malformed"
+                    return await _refuse(dev, rec, status, why)
+                try:
+                    acting = ews_impersonation.impersonated(body)
+                except SOAPError as exc:
+                    rec.decision = "blocked.malformed"
+                    return await _refuse(dev, rec, 400, str(exc))
+                for kind_of_name, name in acting:
+                    reason, allowed = impersonation_decision(gw.gatekeeper, req, kind_of_name, name)
+                    if reason != ALLOWED_EWS:
+                        rec.decision = reason
+                    if not allowed:
+                        return await _refuse(dev, rec, 403, "impersonated user refused by the user policy")
                 kcd = getattr(gw, "kcd", None)
                 if kcd is not None:          # to the mail server as the certificate's user (kcd/delegation.py)
                     full, refusal = await kcd.authorize(certauth.identity_of(dev.stream), req, full, rec)
@@ -239,7 +260,8 @@ class Passthrough:
             else:
                 rec.decision = ALLOWED_WEBMAIL
             rec.upstream = f"{origin.host}:{origin.port}"
-            return await self._forward(gw, dev, request, full, origin, req, rec)
+            return await self._forward(gw, dev, request, full, origin, req, rec,
+                                       body if kind == EWS else None)
         finally:
             if self.loggers[kind].isEnabledFor(logging.INFO):
                 _log(gw, rec, t0)
@@ -247,18 +269,17 @@ class Passthrough:
                 gw.stats.tx(rec, t0)
 
     async def _forward(self, gw, dev, request: h11.Request, full, origin: Origin, req,
-                       rec: Transaction) -> int:
+                       rec: Transaction, body: bytes | None = None) -> int:
+        """``body``: the request body when it was read already (EWS), else it is read here."""
         scheme = req.auth_scheme
         pinned = self._unpin(gw, dev, origin, scheme)
-        conn = dev.conn
-        if conn.they_are_waiting_for_100_continue:
-            await dev.send_bytes(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        await _continue(dev)
         declared = hdrs.facts(full)[0]
         chunked = any(low == b"transfer-encoding" for _, low, _ in full)
         length = None if chunked else (int(declared) if declared is not None else 0)
-        body = None
-        if length is not None and length <= SMALL_BODY:
+        if body is None and length is not None and length <= SMALL_BODY:
             body = await _read_body(gw, dev, rec)
+        if body is not None:
             framing = hdrs.content_length(len(body)) if body or request.method not in (b"GET", b"HEAD", b"OPTIONS") \
                 else []
         elif chunked:
@@ -446,6 +467,28 @@ def user_decision(gatekeeper, req) -> tuple[str, bool]:
     return reason, True
 
 
+IMPERSONATION_SID = "blocked.impersonation_sid"
+
+
+def impersonation_decision(gatekeeper, req, kind: str, name: str) -> tuple[str, bool]:
+    """(reason, forwarded) for a user an EWS request impersonates (ews_impersonation.py):
+    the user policy applied to that name as to a credential's user. A user named by SID
+    alone cannot be matched against the policy's names: refused while a user policy is on."""
+    from seg_fast.policy import engine as E
+
+    engine = getattr(gatekeeper, "engine", None)
+    pol = engine.policies if engine is not None else None
+    if pol is None or pol.user is None:
+        return ALLOWED_EWS, True            # no user policy: nothing to apply (user_decision saw the rest)
+    if kind == "sid":
+        reason = IMPERSONATION_SID
+    elif not pol.user.passes(*E.user_forms(name)):
+        reason = E.USER
+    else:
+        return ALLOWED_EWS, True
+    return reason, engine.test_mode
+
+
 # -- the wire ---------------------------------------------------------------------------------
 
 class _Timeout(UpstreamError):
@@ -487,8 +530,33 @@ def _body_pace(gw) -> sockio.Pace:
     return sockio.Pace(gw.config.timeouts.request_body, gw.config.limits.min_body_rate)
 
 
-async def _read_body(gw, dev, rec: Transaction) -> bytes:
-    """A small request body (Content-Length at most SMALL_BODY), whole, by its deadline."""
+async def _continue(dev) -> None:
+    """Answer an ``Expect: 100-continue`` (once) before the body is read."""
+    conn = dev.conn
+    if conn.they_are_waiting_for_100_continue:
+        await dev.send_bytes(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+
+
+async def _ews_body(gw, dev, full, rec: Transaction) -> tuple[bytes | None, int, str]:
+    """(body, 0, "") of an EWS request, read whole; (None, status, why) when it cannot be:
+    413 for one over ews_impersonation.BODY_LIMIT (declared or as it arrives, the rest left
+    unread and the connection closed), never streamed, since its impersonation header
+    could not be checked."""
+    limit = ews_impersonation.BODY_LIMIT
+    declared = hdrs.facts(full)[0]
+    chunked = any(low == b"transfer-encoding" for _, low, _ in full)
+    if not chunked and declared is not None and int(declared) > limit:
+        return None, 413, f"an EWS request body over {limit} bytes is not forwarded"
+    await _continue(dev)
+    body = await _read_body(gw, dev, rec, limit)
+    if body is None:
+        return None, 413, f"an EWS request body over {limit} bytes is not forwarded"
+    return body, 0, ""
+
+
+async def _read_body(gw, dev, rec: Transaction, limit: int | None = None) -> bytes | None:
+    """A small request body (Content-Length at most SMALL_BODY), whole, by its deadline;
+    None as soon as more than ``limit`` bytes came (the rest left unread)."""
     from seg_fast.proxy.exchange import DeviceGone
 
     conn = dev.conn
@@ -500,6 +568,8 @@ async def _read_body(gw, dev, rec: Transaction) -> bytes:
             await dev.receive(pace.deadline(start, rec.bytes_in))
         elif type(event) is h11.Data:
             rec.bytes_in += len(event.data)
+            if limit is not None and rec.bytes_in > limit:
+                return None
             parts.append(event.data)
         elif type(event) is h11.EndOfMessage:
             return b"".join(parts)
