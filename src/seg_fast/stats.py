@@ -67,6 +67,7 @@ class WorkerSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     transform_bytes_out: int = 0                     # their size as sent to devices
     attachments: dict[str, int] = {}                 # attachment action (encrypt, block, allow) -> count
     links_rewritten: int = 0
+    kcd: dict[str, int] = {}                         # kcd/delegation.py's KDC outcomes (empty: kcd off)
 
 
 def _error_kind(rec) -> str:
@@ -193,6 +194,9 @@ def _gauges(snap: WorkerSnapshot, gw, stats: Stats, now: float) -> None:
         snap.policies_loaded = engine.policies is not None
         snap.store_ok = bool(getattr(keeper, "store_ok", False))
     snap.dx_targets = len(stats.dx.devices) + len(stats.dx.users)
+    kcd = getattr(gw, "kcd", None)
+    if kcd is not None:
+        snap.kcd = dict(kcd.outcomes)
 
 
 # -- files ---------------------------------------------------------------------
@@ -292,12 +296,13 @@ def total(snaps: list[WorkerSnapshot]) -> WorkerSnapshot:
     t = WorkerSnapshot(pid=0, ts=max((s.ts for s in snaps), default=time.time()), tx_ms_bounds=list(TX_BOUNDS_MS),
                        tx_ms_buckets=[0] * (len(TX_BOUNDS_MS) + 1))
     t.requests, t.decisions, t.gateway_answers, t.incidents, t.transformed, t.attachments = {}, {}, {}, {}, {}, {}
+    t.kcd = {}
     for s in snaps:
         for cmd, by_status in s.requests.items():
             dst = t.requests.setdefault(cmd, {})
             for st, n in by_status.items():
                 dst[st] = dst.get(st, 0) + n
-        for attr in ("decisions", "gateway_answers", "incidents", "transformed", "attachments"):
+        for attr in ("decisions", "gateway_answers", "incidents", "transformed", "attachments", "kcd"):
             dst = getattr(t, attr)
             for k, n in getattr(s, attr).items():
                 dst[k] = dst.get(k, 0) + n

@@ -112,6 +112,18 @@ def _emit(out: _Out, prefix: str, s: WorkerSnapshot, base: dict) -> None:
                "Refused connections, deadlines and contained errors, by kind")
     for kind, n in sorted(s.incidents.items()):
         out.sample(f"{p}_incidents_total", {**base, "kind": kind}, n)
+    if s.kcd:                  # kcd on (kcd/delegation.py): its rounds with the KDC
+        out.family(f"{p}_kcd_kdc_requests_total", "counter",
+                   "Constrained-delegation rounds with the KDC (S4U2Self + S4U2Proxy) by result")
+        for result in ("fetched", "refused", "unavailable"):
+            out.sample(f"{p}_kcd_kdc_requests_total", {**base, "result": result}, s.kcd.get(result, 0))
+        for name, key, help_ in (
+                ("kcd_timeouts_total", "timeout", "Requests that stopped waiting for the KDC at kcd.timeout"),
+                ("kcd_cached_refusals_total", "refused_cached",
+                 "Users refused from the remembered KDC refusal, without asking the KDC"),
+                ("kcd_tokens_total", "tokens", "Negotiate tokens made for the mail server")):
+            out.family(f"{p}_{name}", "counter", help_)
+            out.sample(f"{p}_{name}", base, s.kcd.get(key, 0))
 
 
 def _loop_lag(out: _Out, s: WorkerSnapshot, base: dict) -> None:

@@ -39,6 +39,10 @@ _SPNEGO_OID_DER = bytes.fromhex("06062b0601050502")
 _KRB5_OID_DER = bytes.fromhex("06092a864886f712010202")
 
 
+# Delegator.outcomes' keys: rounds with the KDC by how they ended, then the rest.
+KDC_OUTCOMES = ("fetched", "refused", "unavailable", "timeout", "refused_cached", "tokens")
+
+
 class _Entry:
     __slots__ = ("creds", "expires", "refused", "token")
 
@@ -92,6 +96,11 @@ class Delegator:
         self._own_lock = threading.Lock()
         self.fetches = 0                   # S4U2Self + S4U2Proxy rounds (each reaches the KDC)
         self.tokens = 0
+        # For /metrics (stats.py): how each round with the KDC ended (fetched, refused,
+        # unavailable: counted in the thread), waits given up at kcd.timeout, refusals
+        # answered from the cache. Threads count too: under a lock.
+        self.outcomes = dict.fromkeys(KDC_OUTCOMES, 0)
+        self._count_lock = threading.Lock()
 
     @classmethod
     def build(cls, config, where: str, old: Delegator | None = None) -> Delegator | None:
@@ -131,6 +140,7 @@ class Delegator:
             now = time.monotonic()
             if entry is not None and now < entry.expires:
                 if entry.refused:
+                    self.count("refused_cached")
                     raise KcdRefused(entry.refused)
                 return await self._in_thread(self._token, entry)
             pending = self._fetching.get(principal)
@@ -160,6 +170,7 @@ class Delegator:
         # keeps its kcd.threads slot until then, so a dead KDC cannot pile threads up.
         with trio.move_on_after(self.settings.timeout):
             return await trio.to_thread.run_sync(fn, arg, limiter=self.limiter, cancellable=True)
+        self.count("timeout")
         raise KcdUnavailable(f"no answer from the KDC within kcd.timeout ({self.settings.timeout:g} s)")
 
     def _prune(self, now: float) -> None:
@@ -178,6 +189,7 @@ class Delegator:
             token = spnego_init(ctx.step())
         except g.exceptions.GSSError as exc:
             raise _classified(exc, "service ticket (S4U2Proxy)") from None
+        self.count("tokens")
         self.tokens += 1
         return base64.b64encode(token)
 
@@ -197,7 +209,23 @@ class Delegator:
                 self._own, self._own_expires = creds, time.monotonic() + max(lifetime - MARGIN, 30)
             return self._own
 
+    def count(self, outcome: str) -> None:
+        with self._count_lock:
+            self.outcomes[outcome] += 1
+
     def _fetch(self, principal: str) -> _Entry:
+        try:
+            entry = self._s4u(principal)
+        except KcdRefused:
+            self.count("refused")
+            raise
+        except KcdUnavailable:
+            self.count("unavailable")
+            raise
+        self.count("fetched")
+        return entry
+
+    def _s4u(self, principal: str) -> _Entry:
         g = self.gssapi
         own = self.own_credentials()
         self.fetches += 1
