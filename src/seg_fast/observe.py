@@ -45,6 +45,7 @@ class Transaction(msgspec.Struct, kw_only=True, omit_defaults=True):
     user: str | None = None
     device_id: str | None = None
     device_type: str | None = None
+    protocol_version: str | None = None   # EAS version the device spoke ("16.1": header or base64 query)
     client_ip: str = ""
     status: int = 0
     bytes_in: int = 0              # request body bytes from the device

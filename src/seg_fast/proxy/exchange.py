@@ -79,6 +79,7 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
         return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")], b"malformed ActiveSync request\n")
     rec.command, rec.user, rec.device_id, rec.device_type = req.command, req.user, req.device_id, req.device_type
     rec.client_ip = req.client_ip        # past trusted proxies (listener.trusted_proxies)
+    rec.protocol_version = req.protocol_version     # the console's device detail shows it (no Dx needed)
     certauth = getattr(gw, "certauth", None)
     if certauth is not None:             # the client certificate's user decides (kcd/clientcert.py)
         refusal = certauth.admit(dev.stream, req, rec)
