@@ -108,11 +108,14 @@ class Recorder:
         self.dev = dev
         self.steps: list[tuple[str, int, bytes]] = []
         self.sent: list[bytes] = []
+        self.targets: list[str] = []
 
     async def __call__(self, name: str, command: str, body=None, **kw):
         r = await self.dev.request(command, body, **kw)
         self.steps.append((name, r.status, r.body))
         self.sent.append(encode(body) if isinstance(body, Element) else (body or b""))
+        self.targets.append(self.dev.target(command, kw.get("params"), kw.get("base64_query", False))
+                            if command else self.dev.path)
         return r
 
 
@@ -224,7 +227,8 @@ def assert_carried_untouched(run: Recorder, tap: Tap):
     and every request body SOGo got is byte for byte the device's."""
     ex = [e for e in tap.exchanges() if e.target.lower().startswith(b"/microsoft-server-activesync")]
     assert len(ex) == len(run.steps), [e.target for e in ex]
-    for (name, status, body), sent, e in zip(run.steps, run.sent, ex):
+    for (name, status, body), sent, target, e in zip(run.steps, run.sent, run.targets, ex):
+        assert e.target.decode() == target, f"{name}: the gateway changed the request target"
         assert sent == e.request_body, f"{name}: the gateway changed the device's request body"
         assert (status, body) == (e.status, e.response_body), f"{name}: the gateway changed SOGo's answer"
 
