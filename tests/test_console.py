@@ -345,3 +345,13 @@ def test_recent_transactions_and_identifying_headers(tmp_path):
     assert ident["protocol_version"] == "16.1" and ident["ts"] == 2.0
     assert ident["headers"] == [["User-Agent", "Apple-iPhone/2"], ["MS-ASProtocolVersion", "16.1"]]   # no cookie
     assert identifying_headers(b"") == {}
+    # The protocol version: every transaction record carries it, the newest one's is shown;
+    # only a device with none in the log falls back to its last Dx line.
+    from seg_fast.admin.console import protocol_version
+    log.write_text("\n".join(json.dumps({"ts": float(i), "method": "POST", "command": "Sync", "device_id": "PHONE1",
+                                         "status": 200, **({"protocol_version": v} if v else {})})
+                             for i, v in enumerate(["12.1", "16.1", None])) + "\n")
+    got = recent_transactions(str(log), "PHONE1")
+    assert [g.get("protocol_version") for g in got] == [None, "16.1", "12.1"]
+    assert protocol_version(got, {}) == "16.1"
+    assert protocol_version([], ident) == "16.1" and protocol_version([], {}) == ""

@@ -207,11 +207,21 @@ async def test_console_in_a_real_browser(tmp_path):
                                       driver.find_elements("css selector", "#device-rows tr")] == ["BADPHONE"])
             await page.run(driver.save_screenshot, str(shots_dir(tmp_path) / "console-list.png"))
 
+            # The EAS version GOODPHONE spoke, from its transaction records alone (no Dx yet).
+            with trio.fail_after(15):
+                while True:
+                    _, _, body = await request(admin_port, "GET", "/seg/console/device/GOODPHONE", token=TOKEN)
+                    if json.loads(body).get("protocol_version"):
+                        break
+                    await trio.sleep(0.2)
+            assert json.loads(body)["protocol_version"] == "14.1" and not json.loads(body)["identity"]
             # Blacklist GOODPHONE from its detail page; its next real request gets 129.
             await page.click("#clear")
             await page.until(lambda: len(driver.find_elements("css selector", "#device-rows tr")) == 2)
             await page.click("#device-rows tr[data-device=GOODPHONE]")
             await page.until(lambda: driver.find_element("id", "d-id").text == "GOODPHONE")
+            await page.until(lambda: driver.find_elements("css selector", "#d-identity tr")[0].text
+                             == "protocol version 14.1")
             await page.click("#d-blacklist")
             await page.accept_confirm()
             with trio.fail_after(15):

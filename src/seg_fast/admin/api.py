@@ -501,12 +501,14 @@ class AdminApi:
         detail["trace"] = self._trace(id, seen, rec)
         detail["key_id"] = rec.key_id if rec else ""
         detail["key_generation"] = self._keyring().generation(id)
-        # What the gateway saw lately: the transaction log's lines for it, and (when it was under
-        # Dx) the headers that identify it and its protocol version, from its last Dx line.
+        # What the gateway saw lately: the transaction log's lines for it (with the protocol
+        # version it spoke), and (when it was under Dx) the headers that identify it, from its
+        # last Dx line.
         from seg_fast import dx
-        from seg_fast.admin.console import identifying_headers, recent_transactions
+        from seg_fast.admin.console import identifying_headers, protocol_version, recent_transactions
         detail["recent"] = await trio.to_thread.run_sync(recent_transactions, self.config.log.transactions, id)
         detail["identity"] = identifying_headers(dx.read_log(dx.dx_dir(self.config), "device", id))
+        detail["protocol_version"] = protocol_version(detail["recent"], detail["identity"])
         return _json(detail)
 
     def _trace(self, id: str, seen: dict, rec) -> list[dict]:

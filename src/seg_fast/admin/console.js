@@ -292,15 +292,20 @@ async function detail(id) {
   }
   kv("d-seen", d.seen);
   const ident = $("d-identity"); ident.replaceChildren();
+  // The protocol version comes with every transaction record; the headers only from Dx.
+  const version = ident.insertRow();
+  version.insertCell().textContent = "protocol version";
+  version.insertCell().textContent = d.protocol_version || "(not seen)";
   if (d.identity && d.identity.headers) {
-    const tr = ident.insertRow();
-    tr.insertCell().textContent = "protocol version";
-    tr.insertCell().textContent = d.identity.protocol_version || "(in the query)";
     for (const [k, v] of d.identity.headers) {
       const row = ident.insertRow();
       row.insertCell().textContent = k; row.insertCell().textContent = v;
     }
-  } else ident.textContent = "none: start Dx logging for this device to see them";
+  } else {
+    const row = ident.insertRow();
+    row.insertCell().textContent = "headers";
+    row.insertCell().textContent = "none: start Dx logging for this device to see them";
+  }
   const recent = $("d-recent-rows"); recent.replaceChildren();
   for (const r of d.recent || []) {
     const tr = recent.insertRow();

@@ -351,10 +351,18 @@ def recent_transactions(path: str, device_id: str, n: int = RECENT) -> list[dict
             continue
         if str(rec.get("device_id", "")).lower() == needle.decode():
             out.append({k: rec.get(k) for k in ("ts", "command", "status", "decision", "total_ms", "upstream",
-                                                 "client_ip", "error") if rec.get(k) not in (None, "")})
+                                                 "client_ip", "protocol_version", "error")
+                        if rec.get(k) not in (None, "")})
             if len(out) >= n:
                 break
     return out
+
+
+def protocol_version(recent: list[dict], identity: dict) -> str:
+    """The EAS version the device spoke last: its newest transaction record's (every record
+    carries it), else its last Dx line's; "" when neither says."""
+    return next((r["protocol_version"] for r in recent if r.get("protocol_version")), "") \
+        or identity.get("protocol_version", "")
 
 
 def identifying_headers(dx_log: bytes) -> dict:
