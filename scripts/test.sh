@@ -28,9 +28,10 @@ if [ ${#missing[@]} -gt 0 ]; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
         $SUDO chmod +x /usr/sbin/policy-rc.d
         own_policy=1
+        trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT     # also when the install fails
     fi
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    [ -z "$own_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+    [ -z "$own_policy" ] || { $SUDO rm -f /usr/sbin/policy-rc.d; trap - EXIT; }
 fi
 
 source scripts/venv.sh test,bench,fuzz
