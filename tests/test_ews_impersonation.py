@@ -87,3 +87,26 @@ def test_a_body_over_the_limit_is_refused_413_declared_or_chunked(env):
     assert status == 200                     # the simulator's SOAP answer: it was forwarded
     assert len(env.web_log()) == before + 1
     env.unharmed()
+
+
+# -- the reader alone -------------------------------------------------------------------------
+
+def test_the_reader_finds_every_impersonated_user_in_any_encoding_and_nothing_else():
+    from seg_fast.errors import SOAPError
+    from seg_fast.proxy.ews_impersonation import impersonated
+
+    one = impersonating("PrimarySmtpAddress", "mallory@example.com")
+    assert impersonated(one) == [("smtp", "mallory@example.com")]
+    utf16 = one.decode().replace('encoding="utf-8"', 'encoding="utf-16"').encode("utf-16")
+    assert impersonated(utf16) == [("smtp", "mallory@example.com")]
+    two = one.replace(b"</t:ConnectingSID>", b"</t:ConnectingSID><t:ConnectingSID><t:SID>S-1-5-21-9</t:SID>"
+                      b"</t:ConnectingSID>")
+    assert impersonated(two) == [("smtp", "mallory@example.com"), ("sid", "S-1-5-21-9")]
+    # Text that only looks like the header (a comment, CDATA, an attribute) names nobody.
+    fake = soap('<!-- <t:ExchangeImpersonation/> --><m:GetEvents Note="&lt;t:ExchangeImpersonation&gt;">'
+                '<![CDATA[<t:ExchangeImpersonation><t:ConnectingSID><t:SID>x</t:SID>]]></m:GetEvents>')
+    assert impersonated(fake) == [] and impersonated(b"") == []
+    for bad in (impersonating("PrimarySmtpAddress", " "), one.replace(b"PrimarySmtpAddress", b"Nickname"),
+                one[:-10], b'<?xml version="1.0" encoding="shift_jis"?><a>\x82\xa0</a>'):
+        with pytest.raises(SOAPError):
+            impersonated(bad)

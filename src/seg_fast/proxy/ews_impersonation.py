@@ -76,6 +76,8 @@ def impersonated(body: bytes) -> list[tuple[str, str]]:
         parser.Parse(body, True)
     except expat.ExpatError as exc:
         raise SOAPError(f"the EWS request is not well-formed XML: {expat.ErrorString(exc.code)}") from None
+    except (ValueError, LookupError) as exc:       # an encoding expat cannot read (Shift_JIS, unknown)
+        raise SOAPError(f"the EWS request's encoding cannot be read: {exc}") from None
     if impersonations[0] and not found:
         raise SOAPError("ExchangeImpersonation names no user")
     return found
