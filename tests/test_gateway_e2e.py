@@ -175,6 +175,10 @@ async def test_base64_query_form_session(tmp_path):
     req = seen[-1]
     assert req.base64_query and req.command == "FolderSync" and req.user == "jdoe"
     assert req.device_type == "SmartPhone" and req.protocol_version == "14.1"
+    # The transaction record carries the version from the base64 query too (the console shows it).
+    import json
+    lines = [json.loads(x) for x in (tmp_path / "tx.jsonl").read_text().splitlines()]
+    assert [x.get("protocol_version") for x in lines if x.get("command") == "FolderSync"] == ["14.1"]
 
 
 async def test_parked_ping_respects_heartbeat_not_idle_timeout(tmp_path):
