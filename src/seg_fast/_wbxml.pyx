@@ -243,6 +243,7 @@ cdef class Element:
         self._tlen = 0
         self._olen = 0
         self._fmt = None
+        self._doc = None
 
     @property
     def text(self):
