@@ -558,3 +558,37 @@ def test_sync_wait_reads_only_the_syncs_own_wait():
     assert sync_wait(encode(E("AirSync:Sync", children=[E("AirSync:HeartbeatInterval", text="3540")]))) == 3540
     assert sync_wait(b"\x03\x01j\x00\x45\x64") is None          # truncated WBXML
     assert sync_wait(b"") is None
+
+
+def test_read_nb_is_os_read_without_the_exception():
+    """sockio's optimistic reads: None where os.read raises BlockingIOError, bytes (at most
+    the size asked, at most 64 KiB) otherwise, b"" at EOF, OSError for anything else."""
+    import os
+    import socket
+
+    from seg_fast.proxy._http1 import read_nb
+
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            os.read(a.fileno(), 10)
+        assert read_nb(a.fileno(), 10) is None
+        b.sendall(b"x" * 70_000)
+        got = bytearray()
+        while len(got) < 70_000:
+            piece = read_nb(a.fileno(), 100_000)
+            if piece is None:
+                continue
+            assert 0 < len(piece) <= 65536
+            got += piece
+        assert got == b"x" * 70_000
+        b.sendall(b"abc")
+        assert read_nb(a.fileno(), 2) == b"ab"
+        b.close()
+        assert read_nb(a.fileno(), 10) == b"c"
+        assert read_nb(a.fileno(), 10) == b""
+    finally:
+        a.close()
+    with pytest.raises(OSError):
+        read_nb(a.fileno(), 10)           # closed: fileno() is -1, EBADF
