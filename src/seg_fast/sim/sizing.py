@@ -18,6 +18,12 @@ The service level (BENCH-PROFILE.md) is checked over the hold window; a point th
 misses it says which limit broke first, and a point where the load side ran out of
 CPU, descriptors, ports or schedule claims nothing. ``--search`` finds the largest N
 that meets it.
+
+A second method: ``--cgroup-fraction f`` also holds the proxy to a fraction f of its
+core with a cgroup CPU limit (seg_fast.sim.cgroup), so N devices stand for N/f per
+core; ``--cgroup-check`` runs N at 0.5 and 2N at 1.0 and claims N/0.5 per core only
+when both meet the service level and the gateway's CPU per device-hour agrees within
+10% (``crosscheck``).
 """
 from __future__ import annotations
 
