@@ -316,6 +316,8 @@ class HostileLdap:
                 buf += data
                 while len(buf) >= 2 and len(buf) >= 2 + buf[1]:          # our client's messages are short
                     msg, buf = buf[:2 + buf[1]], buf[2 + buf[1]:]
+                    if len(msg) < 6:        # out of step ("silent" took a byte): hang up
+                        return
                     mid, op = msg[4], msg[5]
                     if op == 0x60:
                         conn.sendall(_msg(mid, _ber(0x61, ok)))
