@@ -973,9 +973,11 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
     if cgroup_check:
         pair = [await at(opts.devices * k, f) for f, k in CROSSCHECK]
         cross = crosscheck(pair)
-        say(f"cgroup cross-check: {'AGREE' if cross['agree'] else 'do not agree'}"
+        say("cgroup cross-check: gateway CPU per device-hour "
+            + ("agrees" if cross["agree"] else "does not agree")
             + (f" (spread {100 * cross['cpu_spread']:.1f}%)" if cross["cpu_spread"] is not None else "")
-            + (f"; {cross['devices_per_core']} devices per core" if cross["devices_per_core"] else "")
+            + (f"; CLAIM {cross['devices_per_core']} devices per core" if cross["devices_per_core"]
+               else "; no claim")
             + "".join(f"\n    {w}" for w in cross["why_not"]))
     elif not search:
         await at(opts.devices)
