@@ -22,6 +22,7 @@ from seg_fast.observe import Transaction
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy import http1, parking, ping, sockio
 from seg_fast.proxy.parking import Parked
+from seg_fast.proxy.redirects import is_redirect
 from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamConn, UpstreamError
 
 # Request bodies up to this size are read whole before going upstream.
@@ -363,7 +364,7 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
         status = answer.status_code
         headers = hdrs.answer_headers(answer.headers if fast else hdrs.items(answer.headers))
         reason = answer.reason
-        if status in (451, 302):
+        if is_redirect(status):
             status, headers, reason = gw.redirects.rewrite(req, status, headers, reason)
         if dev.closing:
             headers.append((b"Connection", b"connection", b"close"))

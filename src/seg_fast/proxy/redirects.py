@@ -1,16 +1,25 @@
-"""451 / 302 redirects from the mail server: the device is sent back to the gateway.
+"""451 / 3xx redirects from the mail server: the device is sent back to the gateway.
 
-The mail server names another server (X-MS-Location for 451, Location for 302);
+The mail server names another server (X-MS-Location for 451, Location for any 3xx:
+Exchange's 302, Domino's 301 from /servlet/traveler to /traveler, a 307/308 to TLS);
 the device is told the gateway's own URL (listener.external_url) with the same
 path, and the gateway remembers, per user, to forward that user's requests to the
-named server. With a gatekeeper that shares them (``redirects`` dict and
+named server.
+
+One rule for every such redirect, whatever host it names: an ActiveSync device only
+speaks ActiveSync, so wherever the mail server sends it serves ActiveSync for that
+user. Passing another host's URL on would let the device leave the gateway (and its
+policy) and would tell it an internal name; so an absolute (or scheme-relative)
+http(s) Location always becomes the gateway's URL. A relative one ("/traveler") is
+passed as it is: the device resolves it against the gateway's URL already. With a gatekeeper that shares them (``redirects`` dict and
 ``note_redirect``: the policy store), every worker and every node forwards the user
 there; otherwise the mapping is this worker's own.
 
 The device's Host header is never used to build that URL: it is the device's to
 choose (or a load balancer's internal name). Without external_url the device gets
 503 with Retry-After instead, and its retry, to the URL it already uses, reaches
-the new server through the mapping.
+the new server through the mapping; a 3xx that changes the path gets a relative
+Location (the new path alone) instead, since a retry on the old path would loop.
 """
 from __future__ import annotations
 
@@ -23,6 +32,11 @@ MAX_USERS = 200_000
 
 
 RETRY_AFTER = b"1"       # seconds: the mapping is in force at once, the retry can follow
+
+
+def is_redirect(status: int) -> bool:
+    """A mail-server answer whose Location (X-MS-Location for 451) rewrite() handles."""
+    return status == 451 or 300 <= status < 400
 
 
 class RedirectMap:
@@ -69,7 +83,7 @@ class RedirectMap:
         return origin
 
     def rewrite(self, req, status: int, headers: hdrs.Full, reason: bytes) -> tuple[int, hdrs.Full, bytes]:
-        """The (status, headers, reason) the device gets for the mail server's 451/302."""
+        """The (status, headers, reason) the device gets for the mail server's 451/3xx."""
         name = b"x-ms-location" if status == 451 else b"location"
         location = None
         for _, low, value in headers:
@@ -79,7 +93,9 @@ class RedirectMap:
         if location is None:
             return status, headers, reason
         try:
-            text = location.decode("ascii")
+            text = location.decode("ascii").strip()
+            if text.startswith("//"):         # scheme-relative: the scheme of the server that said it
+                text = f"{self.origin_for(req.user).scheme}:{text}"
             target = origin_of(text)
         except (UnicodeDecodeError, UpstreamError):
             return status, headers, reason  # not an absolute http(s) URL: pass it on as it is
@@ -93,10 +109,17 @@ class RedirectMap:
                 self.by_user.pop(key, None)
             else:
                 self.by_user[key] = target
+        parts = urlsplit(text)
+        path = parts.path or "/"
         if not self.external:
+            if status != 451 and req.path and path != req.path:
+                # A path change (Domino's /servlet/traveler -> /traveler): a retry where the
+                # device is would loop; a relative Location names no host (RFC 9110 10.2.2).
+                own = (path + ("?" + parts.query if parts.query else "")).encode()
+                return status, [(raw, low, own) if low == name else (raw, low, value)
+                                for raw, low, value in headers], reason
             kept = [item for item in headers if item[1] != name and item[1] != b"retry-after"]
             kept.append((b"Retry-After", b"retry-after", RETRY_AFTER))
             return 503, kept, b"Service Unavailable"
-        parts = urlsplit(text)
-        own = self.external + (parts.path or "/").encode() + (b"?" + parts.query.encode() if parts.query else b"")
+        own = self.external + path.encode() + (b"?" + parts.query.encode() if parts.query else b"")
         return status, [(raw, low, own) if low == name else (raw, low, value) for raw, low, value in headers], reason
