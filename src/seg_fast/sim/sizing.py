@@ -1038,6 +1038,9 @@ def cli(argv: list[str]) -> int:
               "  sizing   devices per core at the BENCH-PROFILE service level (seg-fast bench sizing --help)",
               file=sys.stdout if help_asked else sys.stderr)
         return 0 if help_asked else 2
+    from seg_fast.sim import fleet_sogo
+    if fleet_sogo.wanted(argv[1:]):   # a small correctness run against a real SOGo (its own options)
+        return fleet_sogo.cli(argv[1:])
     ap = argparse.ArgumentParser(prog="seg-fast bench sizing",
                                  description="devices per core at the BENCH-PROFILE service level")
     ap.add_argument("--devices", type=int, default=1000, help="N (or where --search starts)")
@@ -1068,6 +1071,9 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep configs and proxy logs")
+    ap.add_argument("--upstream", choices=("sim", "sogo"), default="sim",
+                    help="sogo: a correctness run against a real SOGo, not a capacity figure "
+                         "(seg-fast bench sizing --upstream sogo --help)")
     a = ap.parse_args(argv[1:])
     if a.security == "on" and not security_available():
         print("seg-fast bench sizing: --security on needs `seg-fast policy load`, "
