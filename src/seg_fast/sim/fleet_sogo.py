@@ -323,6 +323,9 @@ class Run:
             p.keys = [sync_key(d, k0[0]), sync_key(g, k0[1])]
             if body_type == 2:
                 items = sync_adds(d)
+        # fetch this run's seeded message when it is there (its attachment is known), else the first
+        seeded = f"{SEARCH_WORD} check {self.tag}"
+        items.sort(key=lambda a: seeded not in (text(a, "AirSync:ApplicationData", "Email:Subject") or ""))
         if items:
             server_id = text(items[0], "AirSync:ServerId")
             await p.step("itemops-mime", "ItemOperations", E("ItemOperations:ItemOperations", E(
