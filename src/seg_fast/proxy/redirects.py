@@ -35,8 +35,9 @@ RETRY_AFTER = b"1"       # seconds: the mapping is in force at once, the retry c
 
 
 def is_redirect(status: int) -> bool:
-    """A mail-server answer whose Location (X-MS-Location for 451) rewrite() handles."""
-    return status == 451 or 300 <= status < 400
+    """A mail-server answer whose Location (X-MS-Location for 451) rewrite() handles
+    (304 Not Modified is a 3xx that sends nowhere)."""
+    return status == 451 or (300 <= status < 400 and status != 304)
 
 
 class RedirectMap:
