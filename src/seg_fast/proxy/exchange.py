@@ -12,7 +12,7 @@ import time
 import h11
 import trio
 
-from seg_fast.eas.credentials import CONNECTION_SCHEMES
+from seg_fast.eas.credentials import CERTIFICATE, CONNECTION_SCHEMES
 from seg_fast.eas.resolverecipients import CertificateFill
 from seg_fast.eas.request import EasRequest, parse_request
 from seg_fast.errors import ContentError, EASRequestError, HTTPProtocolError, WBXMLError
@@ -22,6 +22,7 @@ from seg_fast.observe import Transaction
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy import http1, parking, ping, sockio
 from seg_fast.proxy.parking import Parked
+from seg_fast.proxy.pinning import PINS
 from seg_fast.proxy.redirects import is_redirect
 from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamConn, UpstreamError
 
@@ -77,6 +78,11 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
                             gw.trusted_proxies)
     except EASRequestError as exc:
         rec.error = str(exc)[:200]
+        return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")], b"malformed ActiveSync request\n")
+    if PINS.by_stream and not PINS.inherit(dev.stream, req, gw.redirects.origin_for(req.user)):
+        # NTLM/Negotiate authenticated this device connection's mail-server connection for
+        # another user than User= names: the mail server would answer as that user.
+        rec.error = "User= names another user than the authenticated connection"
         return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")], b"malformed ActiveSync request\n")
     rec.command, rec.user, rec.device_id, rec.device_type = req.command, req.user, req.device_id, req.device_type
     rec.client_ip = req.client_ip        # past trusted proxies (listener.trusted_proxies)
@@ -296,12 +302,17 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
     # parsed and ours are well-formed.
     t_up = time.perf_counter()
     up = None
+    # This device connection's own NTLM/Negotiate-authenticated connection (pinning.py).
+    pinned = PINS.take(gw.pool, dev.stream, origin, req.auth_scheme) if PINS.by_stream else None
     for attempt in (0, 1):
-        try:
-            # A whole body (not a Ping's: it parks right after the write) can be resent.
-            up = await gw.pool.acquire(origin, body is not None and not is_ping)
-        except UpstreamError as exc:
-            return await _unavailable(gw, dev, rec, str(exc))
+        if attempt == 0 and pinned is not None:
+            up = pinned
+        else:
+            try:
+                # A whole body (not a Ping's: it parks right after the write) can be resent.
+                up = await gw.pool.acquire(origin, body is not None and not is_ping)
+            except UpstreamError as exc:
+                return await _unavailable(gw, dev, rec, str(exc))
         try:
             if body is not None and up._h11 is None:
                 # The compiled path: the request written in one piece, h11 not involved;
@@ -320,7 +331,7 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
             else:
                 out = up.h11.send(hdrs.request_event(request.method, request.target, head))
                 await _pump_request(gw, dev, up, out, rec)
-            if is_ping and not answer_tx and _can_park(gw, dev):
+            if is_ping and not answer_tx and _can_park(gw, dev) and req.auth_scheme not in CONNECTION_SCHEMES:
                 # The task ends here; the parking lot finishes the transaction (resume()).
                 up.h11 = None
                 gw.parking.park(Parked(dev.stream, dev.client_ip, dev.proto,
@@ -355,8 +366,15 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
                   host: bytes) -> int:
     """Send the mail server's answer on to the device; the connection goes back to the pool."""
     # NTLM/Negotiate authenticate the connection, not the request: the mail server may serve
-    # a later request on it as this user, so it never goes back to be shared by other devices.
-    release = gw.pool.discard if req.auth_scheme in CONNECTION_SCHEMES else gw.pool.release
+    # a later request on it as this user, so it never goes back to be shared by other devices;
+    # it is kept for this device connection alone (pinning.py).
+    if req.auth_scheme in CONNECTION_SCHEMES and req.identity == CERTIFICATE:
+        release = gw.pool.discard     # KCD's Negotiate (kcd/delegation.py) authenticates each request anew
+    elif req.auth_scheme in CONNECTION_SCHEMES:
+        def release(conn):
+            PINS.keep(gw.pool, dev.stream, conn, conn.origin, req, rec.status, dev.closing)
+    else:
+        release = gw.pool.release
     try:
         fast = type(answer) is http1.ResponseHead
         if fast and (answer_tx or not _fast_answer_fits(dev, answer)):

@@ -24,7 +24,7 @@ can never name one resource here and another at the mail server
 Both routes use the ActiveSync upstream pool (upstream.py: the same TLS trust, outbound
 proxy and keep-alive connections; client certificates and KCD for EWS, kcd/). A mail-server
 connection NTLM or Negotiate authenticated is kept for the one device connection that
-authenticated it (``_Pin``): NTLM's legs and later requests without credentials must reach
+authenticated it (pinning.py): NTLM's legs and later requests without credentials must reach
 the mail server on it. Bodies stream both ways, one read at a time, under the
 same deadlines: the whole head (downstream.py), the whole body (``timeouts.request_body``
 plus ``limits.min_body_rate``), every write to the device (``timeouts.device_write``),
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from urllib.parse import urlsplit
 
 import h11
@@ -51,7 +50,7 @@ from seg_fast.observe import Transaction
 from seg_fast.policy.gate import LOG_AREAS
 from seg_fast.proxy import ews_impersonation
 from seg_fast.proxy import headers as hdrs
-from seg_fast.proxy import sockio
+from seg_fast.proxy import pinning, sockio
 from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.upstream import RECEIVE_SIZE, Origin, UpstreamConn, UpstreamError, origin_of
 
@@ -163,9 +162,8 @@ class Passthrough:
         self.external = config.listener.external_url.rstrip("/").encode("ascii") if ext else b""
         self.external_host = (ext.hostname or "").encode("ascii") if ext else b""
         self.loggers = {kind: logging.getLogger(name) for kind, name in AREA_LOGGERS.items()}
-        # Device connection (its stream) -> the mail-server connection NTLM/Negotiate
-        # authenticated for it: kept for that device connection alone (see _Pin).
-        self.pins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Mail-server connections NTLM/Negotiate authenticated, one device connection's each.
+        self.pins = pinning.PINS
 
     @classmethod
     def build(cls, config) -> "Passthrough | None":
@@ -214,12 +212,11 @@ class Passthrough:
             except EASRequestError as exc:
                 rec.decision = "blocked.malformed"
                 return await _refuse(dev, rec, 400, str(exc))
-            pin = self.pins.get(dev.stream)
-            if pin is not None and pin.up is not None and not req.auth_scheme and pin.origin == origin:
+            if not self.pins.inherit(dev.stream, req, origin):
                 # The mail server takes this request as the user the connection was authenticated
-                # for (NTLM/Negotiate): so does the decision.
-                req.auth_scheme, req.user = pin.scheme, pin.user
-                req.identity = credentials.CREDENTIAL if pin.user else credentials.NONE
+                # for (NTLM/Negotiate): one naming another user is refused.
+                rec.decision = "blocked.malformed"
+                return await _refuse(dev, rec, 400, "User= names another user than the authenticated connection")
             rec.client_ip, rec.user = req.client_ip, req.user
             if kind == EWS:
                 if req.client_ip not in self.sources:
@@ -272,7 +269,7 @@ class Passthrough:
                        rec: Transaction, body: bytes | None = None) -> int:
         """``body``: the request body when it was read already (EWS), else it is read here."""
         scheme = req.auth_scheme
-        pinned = self._unpin(gw, dev, origin, scheme)
+        pinned = self.pins.take(gw.pool, dev.stream, origin, scheme)
         await _continue(dev)
         declared = hdrs.facts(full)[0]
         chunked = any(low == b"transfer-encoding" for _, low, _ in full)
@@ -336,42 +333,10 @@ class Passthrough:
             # NTLM/Negotiate authenticate the connection: never shared with another client, but
             # kept for this device connection, whose next request (the handshake's next leg, or
             # one without credentials) the mail server takes as the same user.
-            self._pin(gw, dev, up, origin, req, rec.status)
+            self.pins.keep(gw.pool, dev.stream, up, origin, req, rec.status, dev.closing)
         else:
             gw.pool.release(up)
         return rec.status
-
-    # -- connections NTLM/Negotiate authenticated for one device connection -------------------------
-    def _unpin(self, gw, dev, origin: Origin, scheme: str) -> UpstreamConn | None:
-        """The pinned connection this request may use (taken out of the pin), or None. A request
-        with another scheme's credentials (Basic, Bearer) or for another origin lets it go."""
-        pin = self.pins.get(dev.stream)
-        if pin is None or pin.up is None:
-            return None
-        up, pin.up = pin.up, None
-        if pin.origin != origin or (scheme and scheme not in credentials.CONNECTION_SCHEMES) \
-                or not up.looks_alive():
-            gw.pool.discard(up)
-            return None
-        up.reused = True
-        return up
-
-    def _pin(self, gw, dev, up: UpstreamConn, origin: Origin, req, status: int) -> None:
-        h = up.h11
-        if dev.closing or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
-            gw.pool.discard(up)
-            return
-        h.start_next_cycle()
-        pin = self.pins.get(dev.stream)
-        if pin is None:
-            pin = self.pins[dev.stream] = _Pin()
-            # The device connection gone (its stream freed), the pinned connection closes too.
-            weakref.finalize(dev.stream, pin.drop, gw.pool)
-        if req.identity == credentials.HANDSHAKE or status == 401:
-            pin.user = None                   # a handshake under way, or refused: nobody yet
-        elif req.identity == credentials.CREDENTIAL and req.user:
-            pin.user = req.user               # an NTLM type 3 the mail server accepted
-        pin.up, pin.origin, pin.scheme = up, origin, req.auth_scheme
 
     # -- answer header rewriting ------------------------------------------------------------
     def rewrite(self, headers: hdrs.Full, origin: Origin) -> hdrs.Full:
@@ -389,24 +354,6 @@ class Passthrough:
                 item = (item[0], low, rewrite_cookie_domain(item[2], host, self.external_host))
             out.append(item)
         return out
-
-
-class _Pin:
-    """A device connection's NTLM/Negotiate-authenticated mail-server connection (``up`` None
-    while a request holds it, or once let go) and the user it was authenticated for."""
-
-    __slots__ = ("up", "origin", "scheme", "user")
-
-    def __init__(self):
-        self.up: UpstreamConn | None = None
-        self.origin: Origin | None = None
-        self.scheme = ""
-        self.user: str | None = None
-
-    def drop(self, pool) -> None:
-        if self.up is not None:
-            pool.discard(self.up)
-            self.up = None
 
 
 def rewrite_location(value: bytes, host: bytes, external: bytes) -> bytes:
