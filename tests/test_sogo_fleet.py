@@ -178,3 +178,18 @@ async def test_fleet_fails_when_the_gateway_path_changes_an_answer(sogo, tmp_pat
         assert report["commands"][cmd]["mismatch"] == 0 and report["commands"][cmd]["equal"] == 2
     # no mail content in the report: digests and lengths only
     assert b"fleet c" not in json.dumps(report["mismatches"]).encode()
+
+
+async def test_fleet_fails_when_sogo_refuses_both_paths_alike(sogo, tmp_path):
+    # A wrong password: SOGo answers the direct and the gateway device the same (401),
+    # so nothing mismatches; the run still fails, on what a working server says.
+    with trio.fail_after(60):
+        rc, out, report = await run_fleet(
+            "--sogo-url", sogo.url, "--user", "jdoe:not-the-password", "--devices", "1",
+            "--out", str(tmp_path), "--quiet")
+    assert rc == 1, out
+    assert "sogo correctness: FAIL" in out and "no Pings (no --imap" in out
+    assert report["mismatches"] == [] and report["commands"]["OPTIONS"]["equal"] == 1
+    assert {e["step"] for e in report["errors"]} >= {"provision", "foldersync"}
+    assert all(e["path"] == "direct" for e in report["errors"])
+    assert "not-the-password" not in json.dumps(report)
