@@ -522,7 +522,7 @@ async def _wait_up(url, proc, workdir: Path, timeout: float = 30.0) -> None:
     with trio.fail_after(timeout):
         while True:
             try:
-                s = await trio.open_tcp_stream(url.hostname, url.port)
+                s = await trio.open_tcp_stream(url.hostname, url.port or (443 if url.scheme == "https" else 80))
                 await s.aclose()
                 return
             except OSError:
