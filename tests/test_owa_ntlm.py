@@ -3,7 +3,7 @@
 NTLM authenticates a connection, not a request (MS-NLMP): the type-1 and type-3 must
 reach the mail server on one connection, and later requests without credentials on it
 are that user's. The gateway keeps such a mail-server connection for the one device
-connection that authenticated it (proxy/passthrough.py, _Pin). The mail server here is
+connection that authenticated it (proxy/pinning.py). The mail server here is
 the test's own, keeping NTLM state per connection as IIS does: it answers a type-1 with
 a challenge, a type-3 after a challenge with the user it names (read by the gateway's
 own reader, an independent parse would add nothing), and a request without credentials

@@ -624,23 +624,24 @@ async def _answer_head(up: UpstreamConn, timeout: float) -> h11.Response:
 
 
 async def _pump_request(gw, dev, up: UpstreamConn, out: bytes, rec: Transaction) -> None:
-    """Stream the device's request body upstream, one read at a time (backpressure)."""
+    """Stream the device's request body upstream as it comes: at most one read held
+    (backpressure), the body's bytes never copied (writev)."""
     conn = dev.conn
     pace, start = _body_pace(gw), trio.current_time()
-    pending = bytearray(out)
+    pending = [out]
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             if pending:
-                await _send_up(gw, up, pending)
-                pending = bytearray()
+                await _send_up_parts(gw, up, pending)
+                pending = []
             await dev.receive(pace.deadline(start, rec.bytes_in))
-        elif isinstance(event, h11.Data):
+        elif type(event) is h11.Data:
             rec.bytes_in += len(event.data)
-            pending += up.h11.send(event)
-        elif isinstance(event, h11.EndOfMessage):
-            pending += up.h11.send(END)
-            await _send_up(gw, up, pending)
+            pending += up.h11.send_with_data_passthrough(event)
+        elif type(event) is h11.EndOfMessage:
+            pending.append(up.h11.send(END))
+            await _send_up_parts(gw, up, pending)
             return
         else:
             raise DeviceGone("device closed during the request body")

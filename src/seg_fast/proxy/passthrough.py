@@ -50,9 +50,9 @@ from seg_fast.observe import Transaction
 from seg_fast.policy.gate import LOG_AREAS
 from seg_fast.proxy import ews_impersonation
 from seg_fast.proxy import headers as hdrs
-from seg_fast.proxy import pinning, sockio
+from seg_fast.proxy import exchange, pinning     # exchange: the one relay (bodies, answers)
 from seg_fast.proxy.headers import TrustedProxies
-from seg_fast.proxy.upstream import RECEIVE_SIZE, Origin, UpstreamConn, UpstreamError, origin_of
+from seg_fast.proxy.upstream import Origin, UpstreamError, origin_of
 
 EWS, WEBMAIL = "EWS", "webmail"
 # The logging areas (policy/gate.py) whose level decides if a route's records are written.
@@ -305,10 +305,10 @@ class Passthrough:
                     if body:
                         parts += up.h11.send_with_data_passthrough(h11.Data(data=body))
                     parts.append(up.h11.send(_END))
-                    await _send_up(gw, up, parts)
+                    await exchange._send_up_parts(gw, up, parts)
                 else:
-                    await _pump_request(gw, dev, up, out, rec)
-                answer = await _answer_head(gw, up)
+                    await exchange._pump_request(gw, dev, up, out, rec)
+                answer = await exchange._answer_head(up, gw.config.timeouts.upstream_read)
                 break
             except UpstreamError as exc:
                 gw.pool.discard(up)
@@ -325,7 +325,7 @@ class Passthrough:
             if dev.closing:
                 headers.append((b"Connection", b"connection", b"close"))
             rec.status = answer.status_code
-            await _stream_answer(gw, dev, up, answer.status_code, headers, answer.reason, rec)
+            await exchange._stream_answer(gw, dev, up, answer.status_code, headers, rec, answer.reason)
         except BaseException:
             gw.pool.discard(up)
             raise
@@ -472,11 +472,6 @@ async def _unavailable(gw, dev, rec: Transaction, why: str) -> int:
     return 503
 
 
-def _body_pace(gw) -> sockio.Pace:
-    # The whole request body: timeouts.request_body plus a second per limits.min_body_rate bytes.
-    return sockio.Pace(gw.config.timeouts.request_body, gw.config.limits.min_body_rate)
-
-
 async def _continue(dev) -> None:
     """Answer an ``Expect: 100-continue`` (once) before the body is read."""
     conn = dev.conn
@@ -504,10 +499,8 @@ async def _ews_body(gw, dev, full, rec: Transaction) -> tuple[bytes | None, int,
 async def _read_body(gw, dev, rec: Transaction, limit: int | None = None) -> bytes | None:
     """A small request body (Content-Length at most SMALL_BODY), whole, by its deadline;
     None as soon as more than ``limit`` bytes came (the rest left unread)."""
-    from seg_fast.proxy.exchange import DeviceGone
-
     conn = dev.conn
-    pace, start = _body_pace(gw), trio.current_time()
+    pace, start = exchange._body_pace(gw), trio.current_time()
     parts = []
     while True:
         event = conn.next_event()
@@ -521,94 +514,6 @@ async def _read_body(gw, dev, rec: Transaction, limit: int | None = None) -> byt
         elif type(event) is h11.EndOfMessage:
             return b"".join(parts)
         else:
-            raise DeviceGone("device closed during the request body")
+            raise exchange.DeviceGone("device closed during the request body")
 
 
-async def _pump_request(gw, dev, up: UpstreamConn, out: bytes, rec: Transaction) -> None:
-    """Stream the request body upstream as it comes: at most one read held (backpressure)."""
-    from seg_fast.proxy.exchange import DeviceGone
-
-    conn = dev.conn
-    pace, start = _body_pace(gw), trio.current_time()
-    pending = [out]
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            if pending:
-                await _send_up(gw, up, pending)
-                pending = []
-            await dev.receive(pace.deadline(start, rec.bytes_in))
-        elif type(event) is h11.Data:
-            rec.bytes_in += len(event.data)
-            pending += up.h11.send_with_data_passthrough(event)
-        elif type(event) is h11.EndOfMessage:
-            pending.append(up.h11.send(_END))
-            await _send_up(gw, up, pending)
-            return
-        else:
-            raise DeviceGone("device closed during the request body")
-
-
-async def _send_up(gw, up: UpstreamConn, parts: list) -> None:
-    try:
-        await sockio.send_parts(up.stream, up.plain, parts, gw.upstream_pace)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise UpstreamError(f"mail server connection broke while sending: {type(exc).__name__}") from None
-
-
-async def _up_receive(gw, up: UpstreamConn) -> None:
-    timeout = gw.config.timeouts.upstream_read
-    try:
-        data = await sockio.receive(up.stream, up.plain, RECEIVE_SIZE, trio.current_time() + timeout)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise UpstreamError(f"mail server connection broke: {type(exc).__name__}") from None
-    if data is None:
-        raise _Timeout(f"mail server did not answer within {timeout:g} s")
-    up.h11.receive_data(data)
-
-
-async def _answer_head(gw, up: UpstreamConn) -> h11.Response:
-    h = up.h11
-    while True:
-        try:
-            event = h.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise UpstreamError(f"mail server sent a malformed answer: {exc}") from None
-        if event is h11.NEED_DATA:
-            await _up_receive(gw, up)
-        elif type(event) is h11.Response:
-            return event
-        elif type(event) is not h11.InformationalResponse:
-            raise UpstreamError("mail server closed the connection before answering")
-
-
-async def _stream_answer(gw, dev, up: UpstreamConn, status: int, headers: hdrs.Full, reason: bytes,
-                         rec: Transaction) -> None:
-    """The answer to the device as it comes from the mail server: at most one read held."""
-    from seg_fast.proxy.exchange import DeviceGone
-
-    conn = dev.conn
-    h = up.h11
-    pending = [conn.send(hdrs.response_event(status, headers, reason))]
-    while True:
-        try:
-            event = h.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise DeviceGone(f"mail server answer broke off: {exc}") from None
-        if event is h11.NEED_DATA:
-            if pending:
-                await dev.send_parts(pending)
-                pending = []
-            try:
-                await _up_receive(gw, up)
-            except UpstreamError as exc:
-                raise DeviceGone(str(exc)) from None
-        elif type(event) is h11.Data:
-            rec.bytes_out += len(event.data)
-            pending += conn.send_with_data_passthrough(event)
-        elif type(event) is h11.EndOfMessage:
-            pending.append(conn.send(_END))
-            await dev.send_parts(pending)
-            return
-        else:
-            raise DeviceGone("mail server closed the connection mid-answer")
