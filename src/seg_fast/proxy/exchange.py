@@ -333,7 +333,8 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
                 await _pump_request(gw, dev, up, out, rec)
             if is_ping and not answer_tx and _can_park(gw, dev) and req.auth_scheme not in CONNECTION_SCHEMES:
                 # The task ends here; the parking lot finishes the transaction (resume()).
-                up.h11 = None
+                # Nothing of the request is kept: resume() gives the connection fresh h11 state.
+                up.h11, up.sent = None, None
                 gw.parking.park(Parked(dev.stream, dev.client_ip, dev.proto,
                                        dev.closing or _wants_close(request, connection), up,
                                        req, decision, rec, host, trio.current_time() + read_timeout, t_up, t0))
