@@ -282,7 +282,12 @@ class HostileLdap:
     def __init__(self):
         self.mode = "empty"
         self.searches = 0
-        self.open = 0                 # connections open right now, and the most at once
+        self.open = 0                 # connections open right now
+        # Connections with a search not yet answered, and the most at once. A connection is
+        # in flight only between its search arriving and its answer leaving, both inside the
+        # gateway's hold on its connection slot, so this never exceeds the gateway's limit;
+        # counting open sockets would (a closed one is seen here later than the gateway's next).
+        self.inflight = 0
         self.most = 0
         self.lock = threading.Lock()
         self.sock = socket.socket()
@@ -303,7 +308,7 @@ class HostileLdap:
         ok = _ber(0x0A, b"\x00") + _ber(0x04, b"") + _ber(0x04, b"")
         with self.lock:
             self.open += 1
-            self.most = max(self.most, self.open)
+        waiting = 0                   # this connection's searches not answered yet
         try:
             conn.settimeout(30)
             if self.mode == "down":
@@ -322,8 +327,17 @@ class HostileLdap:
                     if op == 0x60:
                         conn.sendall(_msg(mid, _ber(0x61, ok)))
                     elif op == 0x63:
-                        self.searches += 1
+                        with self.lock:
+                            self.searches += 1
+                            if not waiting:
+                                self.inflight += 1
+                                self.most = max(self.most, self.inflight)
+                            waiting += 1
                         self._answer(conn, mid, ok)
+                        with self.lock:
+                            waiting -= 1
+                            if not waiting:
+                                self.inflight -= 1
                     else:
                         return
         except OSError:
@@ -331,6 +345,8 @@ class HostileLdap:
         finally:
             with self.lock:
                 self.open -= 1
+                if waiting:
+                    self.inflight -= 1
             conn.close()
 
     def _answer(self, conn, mid, ok):
