@@ -38,7 +38,7 @@ class ListenerSettings(_Section):
     # Addresses (CIDR) of load balancers whose X-Forwarded-For/-Proto, Forwarded and
     # X-Real-IP are believed; from anyone else they are dropped. Empty: nobody's.
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
-    # The gateway's URL as devices reach it ("https://mail.example.com"): where a 451/302
+    # The gateway's URL as devices reach it ("https://mail.example.com"): where a 451 or 3xx
     # from the mail server sends the device. Empty: the device is told to retry (503).
     external_url: str = ""
     # Device TLS client certificates (docs/kcd.md): "off", "optional" or "required". A

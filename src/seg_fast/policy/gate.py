@@ -92,7 +92,7 @@ class PolicyGatekeeper:
         self._first_seen: dict[str, float] = {}
         self.loaded = trio.Event()
         self.store_ok = False
-        # 451/302 mappings user -> mail server URL, shared by every worker and node through
+        # 451/3xx mappings user -> mail server URL, shared by every worker and node through
         # the store; the proxy reads this dict (RedirectMap.attach) and learns through
         # note_redirect. Updated in place: the proxy keeps a reference.
         self.redirects: dict[str, str] = {}

@@ -35,7 +35,7 @@ from seg_fast.statedir import create_private, ensure_parent, resolve
 
 log = logging.getLogger("seg_fast.policy.cache")
 
-# "redirects": user -> 451/302 mail server URL ("" once sent back to the default), shared
+# "redirects": user -> 451/3xx mail server URL ("" once sent back to the default), shared
 # by every worker and node (seg_fast.policy.gate) and listed by the admin CSV download.
 # "nodes": one heartbeat per gateway worker, so the cluster view lists every node that
 # runs, not only the last one each device happened to reach.

@@ -178,7 +178,7 @@ class Gateway:
 
         await self._nursery.start(run)
         self.gatekeeper = gatekeeper
-        self.redirects.attach(gatekeeper)      # 451/302 mappings shared through its store
+        self.redirects.attach(gatekeeper)      # 451/3xx mappings shared through its store
         self._gatekeeper_scope = scope
         if old is not None:
             old.cancel()
