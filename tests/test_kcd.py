@@ -346,6 +346,24 @@ def _delegator_for_kdc_at(kcd, tmp_path, port: int, timeout: float = 10.0):
                                  kerberos_config=str(conf), timeout=timeout))
 
 
+def _silent_kdc_sockets():
+    """A UDP socket and a listening TCP socket on one loopback port, neither ever answering.
+    The free UDP port may be taken for TCP: try others."""
+    for _ in range(100):
+        udp, tcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket()
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        try:
+            tcp.bind(("127.0.0.1", port))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        tcp.listen(8)                                # accepts, never answers
+        return udp, tcp, port
+    raise RuntimeError("no loopback port free for both UDP and TCP")
+
+
 @pytest.fixture
 def restore_krb5_config():
     saved = os.environ.get("KRB5_CONFIG")
@@ -362,11 +380,8 @@ async def test_kdc_down_or_silent_is_unavailable_not_refused(kcd, tmp_path, rest
     with pytest.raises(KcdUnavailable, match="the gateway's own ticket"):
         await d.token_for(f"alice@{REALM}")
     assert not d.cache                               # nothing remembered: the next request tries again
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
-        udp.bind(("127.0.0.1", 0))
-        port = udp.getsockname()[1]
-        tcp.bind(("127.0.0.1", port))
-        tcp.listen(8)                                # accepts, never answers
+    udp, tcp, port = _silent_kdc_sockets()
+    with udp, tcp:
         d = _delegator_for_kdc_at(kcd, tmp_path, port, timeout=1.0)
         with pytest.raises(KcdUnavailable, match=r"no answer from the KDC within kcd.timeout \(1 s\)"):
             await d.token_for(f"alice@{REALM}")
