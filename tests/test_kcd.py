@@ -10,6 +10,7 @@ foreign certificates, and users the KDC will not delegate for, without any upstr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -346,22 +347,21 @@ def _delegator_for_kdc_at(kcd, tmp_path, port: int, timeout: float = 10.0):
                                  kerberos_config=str(conf), timeout=timeout))
 
 
-def _silent_kdc_sockets():
-    """A UDP socket and a listening TCP socket on one loopback port, neither ever answering.
-    The free UDP port may be taken for TCP: try others."""
-    for _ in range(100):
-        udp, tcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket()
-        udp.bind(("127.0.0.1", 0))
-        port = udp.getsockname()[1]
-        try:
-            tcp.bind(("127.0.0.1", port))
-        except OSError:
-            udp.close()
-            tcp.close()
-            continue
-        tcp.listen(8)                                # accepts, never answers
-        return udp, tcp, port
-    raise RuntimeError("no loopback port free for both UDP and TCP")
+@contextlib.contextmanager
+def silent_kdc():
+    """A port where UDP and TCP are bound and nothing answers (the TCP side accepts)."""
+    for _ in range(20):               # another process may hold the TCP twin of a free UDP port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            tcp.listen(8)
+            yield port
+            return
+    raise AssertionError("no port free for both UDP and TCP")
 
 
 @pytest.fixture
@@ -380,8 +380,7 @@ async def test_kdc_down_or_silent_is_unavailable_not_refused(kcd, tmp_path, rest
     with pytest.raises(KcdUnavailable, match="the gateway's own ticket"):
         await d.token_for(f"alice@{REALM}")
     assert not d.cache                               # nothing remembered: the next request tries again
-    udp, tcp, port = _silent_kdc_sockets()
-    with udp, tcp:
+    with silent_kdc() as port:
         d = _delegator_for_kdc_at(kcd, tmp_path, port, timeout=1.0)
         with pytest.raises(KcdUnavailable, match=r"no answer from the KDC within kcd.timeout \(1 s\)"):
             await d.token_for(f"alice@{REALM}")

@@ -6,7 +6,6 @@ found"; the gateway's counters must say the same.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -19,7 +18,7 @@ from kcd_certs import TestCA
 from kdc_server import REALM, running_realm
 from redis_server import free_port
 from processes import start_serve, stop_process
-from test_kcd import Kcd, SimThread, _delegator_for_kdc_at, folder_sync, gateway_config
+from test_kcd import Kcd, SimThread, _delegator_for_kdc_at, folder_sync, gateway_config, silent_kdc
 from test_kcd import restore_krb5_config  # noqa: F401 (a fixture)
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -106,23 +105,6 @@ async def test_kdc_rounds_are_counted_in_metrics_as_the_kdc_logged_them(kcd_admi
     assert got["tokens"] == env.sim.sim.negotiate.clients[f"alice@{REALM}"] >= 2
 
 
-@contextlib.contextmanager
-def _silent_kdc():
-    """A port where UDP and TCP are bound and nothing answers (the TCP side accepts)."""
-    for _ in range(20):               # another process may hold the TCP twin of a free UDP port
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            try:
-                tcp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            tcp.listen(8)
-            yield port
-            return
-    raise AssertionError("no port free for both UDP and TCP")
-
-
 async def test_no_kdc_and_a_silent_kdc_are_counted_unavailable_and_timeout(kcd_admin, tmp_path,
                                                                           restore_krb5_config):  # noqa: F811
     from seg_fast.admin.metrics import render
@@ -133,7 +115,7 @@ async def test_no_kdc_and_a_silent_kdc_are_counted_unavailable_and_timeout(kcd_a
     for _ in range(2):
         with pytest.raises(KcdUnavailable):
             await down.token_for(f"alice@{REALM}")
-    with _silent_kdc() as port:
+    with silent_kdc() as port:
         silent = _delegator_for_kdc_at(kcd_admin, tmp_path, port, timeout=1.0)
         with pytest.raises(KcdUnavailable):
             await silent.token_for(f"alice@{REALM}")
