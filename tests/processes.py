@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,3 +26,16 @@ def stop_process(proc: subprocess.Popen, grace: float = 15) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def wait_listening(port: int, proc: subprocess.Popen, bound: float = 60) -> None:
+    """Until ``port`` accepts on 127.0.0.1 (a generous bound); a serve that exited fails with its stderr."""
+    end = time.monotonic() + bound
+    while time.monotonic() < end:
+        assert proc.poll() is None, "seg-fast serve exited: " + proc.stderr.read().decode()[-3000:]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("gateway did not start listening")

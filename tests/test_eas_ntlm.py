@@ -20,9 +20,8 @@ import time
 
 import pytest
 
-from processes import REPO, start_serve, stop_process
+from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
-from test_ews_passthrough import _wait_listening
 from test_owa_ntlm import TYPE1, Device, NtlmServer, type3
 
 
@@ -52,7 +51,7 @@ def gw(tmp_path_factory):
                    check=True, cwd=tmp, env=env, stdout=subprocess.DEVNULL)
     proc = start_serve(cfg, tmp)
     try:
-        _wait_listening(port, proc)
+        wait_listening(port, proc)
         yield port, up
     finally:
         stop_process(proc)

@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ET
 import h11
 import pytest
 
-from processes import REPO, start_serve, stop_process
+from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
 
 PASSWORD = "pw-ews"
@@ -86,18 +86,6 @@ class Env:
         assert status == 200 and b"NoError" in body
 
 
-def _wait_listening(port: int, proc, bound: float = 60) -> None:
-    end = time.monotonic() + bound
-    while time.monotonic() < end:
-        assert proc.poll() is None, "seg-fast serve exited: " + proc.stderr.read().decode()[-2000:]
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("gateway did not start listening")
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ews")
@@ -125,7 +113,7 @@ def env(tmp_path_factory):
                        check=True, cwd=tmp, env=pyenv, stdout=subprocess.DEVNULL)
         proc = start_serve(cfg, tmp)
         try:
-            _wait_listening(port, proc)
+            wait_listening(port, proc)
             e = Env(proc, port, sim, sim_port, tx_log)
             e.admin_port, e.cfg = admin_port, cfg
             yield e

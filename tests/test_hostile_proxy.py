@@ -25,7 +25,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processes import REPO, start_serve, stop_process
+from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.corpus import Corpus
@@ -94,18 +94,6 @@ class Gw:
         return out
 
 
-def _wait_listening(port: int, proc, bound: float = 60) -> None:
-    end = time.monotonic() + bound
-    while time.monotonic() < end:
-        assert proc.poll() is None, "seg-fast serve exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("gateway did not start listening")
-
-
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
@@ -135,7 +123,7 @@ def gw(tmp_path_factory):
         proc = start_serve(cfg, tmp)
         g = Gw(proc, port, sim, sim_port)
         try:
-            _wait_listening(port, proc)
+            wait_listening(port, proc)
             end = time.monotonic() + 60
             while len(g.workers()) < 2 and time.monotonic() < end:
                 time.sleep(0.1)

@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from http_client import request
-from processes import REPO, start_serve, stop_process
+from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
 from seg_fast.eas.wbxml import decode
 from seg_fast.ldapcerts import SmimeSettings, compile_filter, directory_from, escape_value, search_many
@@ -86,18 +86,6 @@ def certs_of(resp) -> tuple[str | None, list[bytes], str | None]:
             certs.findtext(NS + "CertificateCount"))
 
 
-def _wait_listening(port: int, proc, bound: float = 60) -> None:
-    end = time.monotonic() + bound
-    while time.monotonic() < end:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("gateway did not start listening")
-
-
 class Serve:
     def __init__(self, proc, port):
         self.proc, self.port = proc, port
@@ -133,7 +121,7 @@ def _serve(tmp, sim_port: int, smime: str, admin_port: int = 0) -> Serve:
         f'[smime]\n{smime}')
     proc = start_serve(cfg, tmp)
     s = Serve(proc, port)
-    _wait_listening(port, proc)
+    wait_listening(port, proc)
     return s
 
 

@@ -25,11 +25,10 @@ import time
 import h11
 import pytest
 
-from processes import REPO, start_serve, stop_process
+from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
 from seg_fast.eas.credentials import ntlm_user
 from test_credentials import ntlm_authenticate, ntlm_negotiate
-from test_ews_passthrough import _wait_listening
 
 TYPE1 = "NTLM " + base64.b64encode(ntlm_negotiate()).decode()
 CHALLENGE = "NTLM " + base64.b64encode(b"NTLMSSP\x00\x02\x00\x00\x00" + b"\x00" * 40).decode()
@@ -158,7 +157,7 @@ def gw(tmp_path_factory):
                    check=True, cwd=tmp, env=env, stdout=subprocess.DEVNULL)
     proc = start_serve(cfg, tmp)
     try:
-        _wait_listening(port, proc)
+        wait_listening(port, proc)
         yield port, up
     finally:
         stop_process(proc)
