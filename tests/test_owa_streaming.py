@@ -19,9 +19,9 @@ import time
 import h11
 import pytest
 
-from processes import start_serve, stop_process
+from processes import start_serve, stop_process, wait_listening
 from redis_server import free_port
-from test_ews_passthrough import _wait_listening
+
 
 HALF = 300_000                       # each half of the request body and of the answer (past 64 KB)
 BOUND = 20.0
@@ -109,7 +109,7 @@ def gw(tmp_path_factory):
         f'[webmail]\nenabled = true\n')
     proc = start_serve(cfg, tmp)
     try:
-        _wait_listening(port, proc)
+        wait_listening(port, proc)
         yield port, up
     finally:
         stop_process(proc)
