@@ -51,6 +51,13 @@ async def gateway(nursery, upstream_url: str, tmp_path, policy: PolicySettings):
         n.cancel_scope.cancel()
 
 
+async def until(check) -> None:
+    """Poll ``check`` (generously bounded): the mappings travel through the store."""
+    with trio.fail_after(20):
+        while not await check():
+            await trio.sleep(0.02)
+
+
 async def test_redirect_reaches_every_worker_and_the_admin_csv(policy, tmp_path):
     state = {"b_sends_back": False}
     async with trio.open_nursery() as nursery:
@@ -74,20 +81,26 @@ async def test_redirect_reaches_every_worker_and_the_admin_csv(policy, tmp_path)
             # The worker that saw it forwards the user at once.
             resp = await sync(dev1, "test")
             assert resp.status_code == 200 and len(b.requests) == 1
-            await trio.sleep(1.5)
+
+            async def gw2_knows():
+                return gw2.gatekeeper.redirects.get("test") == b_url
+            await until(gw2_knows)
             # The other worker (or node) forwards the user to the new server too...
             resp = await sync(dev2, "TEST")
             assert resp.status_code == 200 and len(b.requests) == 2 and len(a.requests) == 1
             # ...and another user still goes to the first server.
             resp = await sync(dev2, "someone")
             assert resp.status_code == 451 and len(a.requests) == 2
-            await trio.sleep(1.5)
 
-            # The admin CSV lists the mappings the workers wrote.
+            # The admin CSV lists the mappings the workers wrote (once gw2 has flushed its own).
             api = AdminApi(Config(policy=policy), gw2.gatekeeper)
-            status, ctype, csv = await api.handle("GET", "/seg/download/redirect/", b"")
-            assert status == 200 and ctype.startswith("text/csv")
-            assert csv.decode().splitlines() == ["user,location", f"someone,{b_url}", f"test,{b_url}"]
+            want = ["user,location", f"someone,{b_url}", f"test,{b_url}"]
+
+            async def csv_lists_both():
+                status, ctype, csv = await api.handle("GET", "/seg/download/redirect/", b"")
+                assert status == 200 and ctype.startswith("text/csv")
+                return csv.decode().splitlines() == want
+            await until(csv_lists_both)
 
             # A gateway started now (a restart) knows the mapping from the store.
             async with gateway(nursery, f"http://127.0.0.1:{a.port}", tmp_path, policy) as gw3:
@@ -99,7 +112,10 @@ async def test_redirect_reaches_every_worker_and_the_admin_csv(policy, tmp_path)
             state["b_sends_back"] = True
             resp = await sync(dev2, "test")
             assert resp.status_code == 451 and len(b.requests) == 4
-            await trio.sleep(1.5)
+
+            async def gw1_forgot():
+                return "test" not in gw1.gatekeeper.redirects
+            await until(gw1_forgot)
             before = len(a.requests)
             resp = await sync(dev1, "test")
             assert len(a.requests) == before + 1 and len(b.requests) == 4

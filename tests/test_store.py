@@ -95,8 +95,10 @@ async def test_second_reader_sees_change_within_a_second(make_store):
     await writer.replace_all(DOC, [])
     got = []
 
+    since = await reader.version()     # what the reader holds: every later write is seen
+
     async def follow(task_status=trio.TASK_STATUS_IGNORED):
-        agen = reader.subscribe()
+        agen = reader.subscribe(since=since)
         task_status.started()
         async for ch in agen:
             got.append(ch)
@@ -105,11 +107,16 @@ async def test_second_reader_sees_change_within_a_second(make_store):
 
     async with trio.open_nursery() as n:
         await n.start(follow)
-        await trio.sleep(0.3)     # the subscription is in place
-        t0 = trio.current_time()
-        await writer.put_devices([DeviceRecord(device_id="Z", managed=True)])
         with trio.fail_after(10):     # generous: the mechanism, not the scheduler, is under test
-            while not got or got[-1].kind != "device":
+            # A first change proves the subscription live (Redis reports one written before
+            # its SUBSCRIBE took hold as a "reload"); the device change is then delivered as such.
+            await writer.set_meta("marker", "1")
+            while not got:
+                await trio.sleep(0.01)
+            assert got[0].kind in ("meta", "reload")
+            t0 = trio.current_time()
+            await writer.put_devices([DeviceRecord(device_id="Z", managed=True)])
+            while got[-1].kind != "device":
                 await trio.sleep(0.01)
         print(f"change seen after {trio.current_time() - t0:.3f} s")
     assert got[-1].key == "z"
@@ -215,22 +222,27 @@ async def test_bulk_update_is_one_reload(make_store):
     await writer.replace_all(DOC, [])
     got = []
 
+    since = await reader.version()
+
     async def follow(task_status=trio.TASK_STATUS_IGNORED):
-        agen = reader.subscribe()
+        agen = reader.subscribe(since=since)
         task_status.started()
         async for ch in agen:
             got.append(ch)
 
     async with trio.open_nursery() as n:
         await n.start(follow)
-        await trio.sleep(0.3)
         await writer.put_devices([DeviceRecord(device_id=f"D{i}") for i in range(1500)])
-        with trio.fail_after(2.0):
+        with trio.fail_after(20):     # generous: the mechanism, not the scheduler, is under test
             while not got:
                 await trio.sleep(0.01)
-        await trio.sleep(0.3)
+            # A later, single change marks the end: changes arrive in order, so anything
+            # more the bulk write produced would come before it.
+            await writer.set_meta("marker", "1")
+            while got[-1].kind != "meta":
+                await trio.sleep(0.01)
         n.cancel_scope.cancel()
-    assert [c.kind for c in got] == ["reload"]
+    assert [c.kind for c in got] == ["reload", "meta"]
     assert len((await reader.snapshot()).devices) == 1500
     await writer.aclose()
     await reader.aclose()

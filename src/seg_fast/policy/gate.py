@@ -223,7 +223,8 @@ class PolicyGatekeeper:
     async def _follow(self) -> None:
         while True:
             try:
-                async for ch in self.store.subscribe():
+                # From the version applied: a change written since the snapshot was read is not lost.
+                async for ch in self.store.subscribe(since=self.engine.version):
                     try:
                         await self.apply(ch)
                     except PolicyError as exc:

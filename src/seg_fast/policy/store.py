@@ -105,7 +105,10 @@ class Store:
     async def get_meta(self, key: str) -> str | None: ...
     async def set_meta(self, key: str, value: str, *, notify: bool = True) -> int: ...
     async def changes_since(self, version: int) -> list[Change]: ...
-    def subscribe(self) -> AsyncIterator[Change]: ...
+    def subscribe(self, since: int | None = None) -> AsyncIterator[Change]:
+        """Changes after version ``since`` (default: the store's version when the iterator
+        starts). Pass the version of the snapshot you hold, so nothing written between
+        reading it and the subscription taking hold is missed."""
 
     @property
     def writable(self) -> bool:
@@ -424,9 +427,9 @@ class SqliteStore(Store):
             return [Change(*r) for r in rows]
         return await self._run(read)
 
-    async def subscribe(self):
-        """Changes after the current version, each within ``poll_interval`` seconds."""
-        version = await self.version()
+    async def subscribe(self, since: int | None = None):
+        """Changes after ``since`` (or the current version), each within ``poll_interval`` seconds."""
+        version = await self.version() if since is None else since
         while True:
             await trio.sleep(self.poll_interval)
             for ch in await self.changes_since(version):
@@ -704,10 +707,11 @@ class RedisStore(Store):
         current = await self.version()
         return [Change(current, "reload")] if current > version else []
 
-    async def subscribe(self):
-        """Changes as Redis publishes them. After a lost connection, or while the local
-        copy serves, it reconnects with backoff; the first change back on Redis is a "reload"."""
-        version = await self.version()
+    async def subscribe(self, since: int | None = None):
+        """Changes as Redis publishes them, after ``since`` (or the current version). After a
+        lost connection, or while the local copy serves, it reconnects with backoff; the first
+        change back on Redis (or any missed since ``since``) is a "reload"."""
+        version = await self.version() if since is None else since
         reload = self.serving_copy is not None
         backoff = 0.1
         while True:
@@ -728,7 +732,7 @@ class RedisStore(Store):
                 # Anything published between the version read and SUBSCRIBE, or missed while
                 # away (Redis may even have restarted empty): one reload.
                 current = await self.version()
-                if reload or current > version:
+                if reload or current != version:     # behind, or Redis restarted empty
                     version, reload = current, False
                     yield Change(current, "reload")
                 backoff = 0.1
@@ -739,6 +743,8 @@ class RedisStore(Store):
                             ch = msgspec.json.decode(msg[2], type=Change)
                         except (msgspec.ValidationError, msgspec.DecodeError):
                             continue
+                        if ch.version <= version:
+                            continue          # published before the reload above read `current`
                         if ch.version > version + 1 and version:
                             ch = Change(ch.version, "reload")   # a gap: missed messages
                         version = max(version, ch.version)
