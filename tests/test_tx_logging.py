@@ -13,6 +13,7 @@ from seg_fast.policy.model import DeviceRecord, ManagedDevicePolicies, PolicyDoc
 from seg_fast.policy.store import SqliteStore
 from seg_fast.sim.mailbox import MailboxSimulator
 from processes import start_serve, stop_process
+from seg_fast.stats import STATS_DIR, read_snapshots
 
 
 
@@ -29,6 +30,19 @@ async def _statuses(port: int, device: str, n: int) -> list[str]:
         finally:
             await c.aclose()
     return out
+
+
+def _counted(snaps) -> int:
+    return sum(n for s in snaps for by_status in s.requests.values() for n in by_status.values())
+
+
+async def _store_version(path: Path) -> int:
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        return await store.version()
+    finally:
+        await store.aclose()
 
 
 def _lines(path: Path) -> list[dict]:
@@ -56,28 +70,44 @@ async def test_transaction_areas_through_running_gateway(tmp_path):
             f'[log]\ntransactions = "{tx}"\n'
             f'[policy]\nsqlite_path = "{tmp_path / "policy.db"}"\n')
         proc = start_serve(cfg, tmp_path)
+        answered = 0          # requests the gateway has answered (every one is counted by a worker)
+
+        async def workers_reached(check) -> None:
+            # Each worker's stats snapshot (once a second) follows a flush of its transaction
+            # log, so a transaction a snapshot counts is in the file already.
+            with trio.fail_after(20):
+                while True:
+                    snaps = read_snapshots(tmp_path / "state" / STATS_DIR)
+                    if len(snaps) == 2 and check(snaps):
+                        return
+                    await trio.sleep(0.05)
 
         async def set_levels(levels: dict) -> None:
             status, _, body = await request(admin_port, "PUT", "/seg/logging", token="adm",
                                             body=json.dumps(levels).encode())
             assert status == 200, body
-            await trio.sleep(1.0)            # every worker follows the store within a second
+            version = await _store_version(tmp_path / "policy.db")
+            await workers_reached(lambda snaps: all(s.policy_store_version >= version for s in snaps))
 
         async def logged(device: str, n: int, want: str) -> list[dict]:
+            nonlocal answered
             before = len(_lines(tx))
             assert await _statuses(gw_port, device, n) == [want] * n
-            await trio.sleep(1.5)            # the workers flush their buffers every second
+            answered += n
+            await workers_reached(lambda snaps: _counted(snaps) >= answered)
             return [r for r in _lines(tx)[before:] if r.get("device_id") == device]
 
         try:
             with trio.fail_after(20):
                 while True:
                     try:
-                        if await _statuses(gw_port, "START", 1) == ["1"]:
-                            break
+                        got = await _statuses(gw_port, "START", 1)
                     except OSError:
-                        pass           # not listening yet
-                    await trio.sleep(0.1)
+                        await trio.sleep(0.1)      # not listening yet
+                        continue
+                    answered += 1
+                    if got == ["1"]:
+                        break
             # Default: a summary line for every transaction.
             assert len(await logged("GOOD", 4, "1")) == 4
             # Transaction summary off: no lines at all, allowed or blocked.

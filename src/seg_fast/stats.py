@@ -59,6 +59,7 @@ class WorkerSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     loop_lag: dict = {}                              # looplag.LoopLag.snapshot() without the series
     policy_version: int = 0
     policy_version_age_s: float = 0.0                # since this worker's snapshot last changed
+    policy_store_version: int = 0                    # the last store change taken in (logging levels too)
     policies_loaded: bool = False
     store_ok: bool = False
     dx_targets: int = 0
@@ -193,6 +194,7 @@ def _gauges(snap: WorkerSnapshot, gw, stats: Stats, now: float) -> None:
         snap.policy_version_age_s = round(now - stats._version_since, 3)
         snap.policies_loaded = engine.policies is not None
         snap.store_ok = bool(getattr(keeper, "store_ok", False))
+        snap.policy_store_version = getattr(keeper, "store_version", 0)
     snap.dx_targets = len(stats.dx.devices) + len(stats.dx.users)
     kcd = getattr(gw, "kcd", None)
     if kcd is not None:
@@ -283,6 +285,10 @@ async def write_loop(gw, directory: Path, *, interval: float = WRITE_INTERVAL,
 
 
 def _write(gw, directory: Path) -> None:
+    # The transaction log first: a transaction this snapshot counts is then in the log file.
+    log = getattr(gw, "log", None)
+    if log is not None:
+        log.flush()
     try:
         write_snapshot(directory, gw.stats.snapshot(gw))
     except OSError:

@@ -92,6 +92,7 @@ class PolicyGatekeeper:
         self._first_seen: dict[str, float] = {}
         self.loaded = trio.Event()
         self.store_ok = False
+        self.store_version = 0       # the last store change this worker has taken in (stats snapshot)
         # 451/3xx mappings user -> mail server URL, shared by every worker and node through
         # the store; the proxy reads this dict (RedirectMap.attach) and learns through
         # note_redirect. Updated in place: the proxy keeps a reference.
@@ -171,6 +172,7 @@ class PolicyGatekeeper:
     async def reload(self) -> None:
         snap = await self.store.snapshot()
         self.engine.load(snap.document, snap.devices, snap.version)
+        self.store_version = max(self.store_version, snap.version)
         self.folders.load(await self.store.get_entries("folders"))
         redirects = {k: v.decode("utf-8", "replace") for k, v in (await self.store.get_entries("redirects")).items()
                      if v}
@@ -230,6 +232,7 @@ class PolicyGatekeeper:
                     except PolicyError as exc:
                         # A damaged record: keep the previous snapshot and say why.
                         log.error("policy change %d (%s %s) rejected: %s", ch.version, ch.kind, ch.key, exc)
+                    self.store_version = max(self.store_version, ch.version)
             except StoreError as exc:
                 log.error("policy store: %s; retrying", exc)
                 await trio.sleep(1.0)
