@@ -1,0 +1,257 @@
+"""CPU per small request with TLS on the device leg, seg-fast beside nginx terminating
+the same TLS, driven by wrk over https (issue 10's comparison, issue 11's TLS leg).
+
+    apt install wrk nginx            # Debian packages; not needed by the test suite
+    python benchmarks/tls_bench.py [--seconds 5] [--conns 32] [--runs 3]
+
+wrk_bench.py's setup (it is imported: the same upstream, request, CPU accounting), with
+TLS on the device listener: ``seg-fast serve --workers 1`` with listener.tls_cert/tls_key
+and nginx (one worker, ``listen ... ssl``, session cache and tickets on) with the same
+certificate (trustme, ECDSA P-256), each pinned to CPU 0; the fixed-answer upstream and
+wrk on CPU 1. Variants: 32 keep-alive connections ("keepalive": the per-record cost), and
+``Connection: close`` ("close": a TLS handshake per request; wrk keeps its SSL object
+across reconnects with SSL_clear, so each new connection offers the last session's
+ticket: a resumed TLS 1.3 handshake, as real devices do). The resumed fraction is
+checked on nginx's side ($ssl_session_reused) and written with the figures.
+
+Prints µs CPU per request (user and system) for each and the ratio; writes
+benchmarks/results/tls_bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import wrk_bench  # noqa: E402 - the shared setup
+from wrk_bench import EAS, TICK  # noqa: E402
+
+
+def make_certificate(workdir: Path) -> tuple[Path, Path]:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", "gw.example")
+    cert_path, key_path = workdir / "cert.pem", workdir / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return cert_path, key_path
+
+
+def start_nginx_tls(workdir: Path, port: int, upstream: int, cert: Path, key: Path,
+                    check_port: int) -> subprocess.Popen:
+    tls = f"""ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_tickets on;"""
+    proc = wrk_bench._nginx(workdir, "proxy", 0, f"""
+    upstream mail {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
+    log_format reused "$ssl_protocol $ssl_session_reused";
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        {tls}
+        location {EAS} {{
+            proxy_pass http://mail;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_request_buffering off;
+            proxy_buffering off;
+        }}
+    }}
+    server {{
+        # Not measured: tells whether wrk's new connections resume their TLS session.
+        listen 127.0.0.1:{check_port} ssl;
+        {tls}
+        access_log {workdir}/reused.log reused;
+        location / {{ return 200 "ok"; }}
+    }}""")
+    wrk_bench._wait_port(port)
+    return proc
+
+
+def start_seg_fast_tls(workdir: Path, port: int, upstream: int, cert: Path, key: Path) -> subprocess.Popen:
+    cfg = workdir / "gateway.toml"
+    cfg.write_text(f"""workers = 1
+[listener]
+host = "127.0.0.1"
+port = {port}
+tls_cert = "{cert}"
+tls_key = "{key}"
+[upstream]
+url = "http://127.0.0.1:{upstream}"
+[admin]
+enabled = false
+[log]
+transactions = ""
+[timeouts]
+idle_keepalive = 3600.0
+[limits]
+max_connections_per_address = 100000
+[policy]
+allow_if_no_policies = true
+sqlite_path = "{workdir}/policy.db"
+[security]
+block_attachments_without_policy = false
+master_key_file = "{workdir}/master.key"
+key_state_file = "{workdir}/keys.json"
+""")
+    env = dict(os.environ, SEG_FAST_STATE_DIR=str(workdir / "state"))
+    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "seg_fast", "serve",
+                             "--workers", "1", "--config", str(cfg)],
+                            env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrk_bench._wait_port(port)
+    return proc
+
+
+def run_wrk(port: int, script: Path | None, conns: int, seconds: float, path: str = EAS) -> dict:
+    cmd = ["taskset", "-c", "1", "wrk", "-t", "1", "-c", str(conns), "-d", f"{seconds:g}s"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    out = subprocess.run(cmd + [f"https://127.0.0.1:{port}{path}"], capture_output=True, text=True,
+                         check=True).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if not m:
+        raise RuntimeError(f"wrk said:\n{out}")
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"requests": int(m.group(1)), "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": [int(x) for x in errors.groups()] if errors else [0, 0, 0, 0]}
+
+
+def _cpu_split(pids: list[int]) -> tuple[float, float]:
+    """utime, stime (seconds) of the processes."""
+    user = system = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) / TICK
+        system += int(fields[12]) / TICK
+    return user, system
+
+
+def measure(name: str, root: int, port: int, script: Path, args) -> dict:
+    run_wrk(port, script, args.conns, 1.0)          # warm up: connections, pools, session caches
+    pids = wrk_bench._tree(root)
+    (u0, s0), t0 = _cpu_split(pids), time.monotonic()
+    result = run_wrk(port, script, args.conns, args.seconds)
+    (u1, s1), wall = _cpu_split(pids), time.monotonic() - t0
+    n = result["requests"]
+    assert n > 0 and result["non_2xx"] == 0, f"{name}: {result}"
+    used = (u1 - u0) + (s1 - s0)
+    result.update(cpu_seconds=round(used, 3), requests_per_second=round(n / wall),
+                  cpu_us_per_request=round(used / n * 1e6, 1),
+                  user_us_per_request=round((u1 - u0) / n * 1e6, 1),
+                  sys_us_per_request=round((s1 - s0) / n * 1e6, 1))
+    return result
+
+
+def resumed_fraction(workdir: Path, check_port: int, close_script: Path) -> dict:
+    """wrk with Connection: close against nginx's check server: how many handshakes resumed."""
+    log = workdir / "reused.log"
+    run_wrk(check_port, close_script, 4, 1.0, "/")
+    time.sleep(0.2)                 # nginx writes its access log on each request; let it land
+    lines = log.read_text().split() if log.exists() else []
+    pairs = list(zip(lines[0::2], lines[1::2]))
+    reused = sum(1 for _, r in pairs if r == "r")
+    protocols = sorted({p for p, _ in pairs})
+    return {"requests": len(pairs), "resumed": reused,
+            "fraction": round(reused / len(pairs), 3) if pairs else 0.0, "protocols": protocols}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3, help="repeat, alternating the proxies; each figure is the median")
+    ap.add_argument("--only", choices=["seg-fast", "nginx"], default=None)
+    ap.add_argument("--variants", default="keepalive,close")
+    ap.add_argument("--label", default="", help="a note kept in the JSON (e.g. which TLS stream was measured)")
+    ap.add_argument("--out", default=str(HERE / "results" / "tls_bench.json"))
+    args = ap.parse_args(argv)
+    for tool in ("wrk", "nginx", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found (apt install wrk nginx util-linux)")
+    if os.cpu_count() < 2:
+        sys.exit("needs two CPUs (the proxy on CPU 0, upstream and wrk on CPU 1)")
+    workdir = Path(tempfile.mkdtemp(prefix="tls-bench-"))
+    up_port, ng_port, sf_port, check_port = (wrk_bench._free_port() for _ in range(4))
+    cert, key = make_certificate(workdir)
+    procs = []
+    figures: dict[str, dict[str, list]] = {}
+    resumption = None
+    try:
+        procs.append(wrk_bench.start_upstream(workdir, up_port))
+        proxies = []
+        if args.only != "nginx":
+            sf = start_seg_fast_tls(workdir, sf_port, up_port, cert, key)
+            procs.append(sf)
+            proxies.append(("seg-fast", sf.pid, sf_port))
+        ng = start_nginx_tls(workdir, ng_port, up_port, cert, key, check_port)
+        procs.append(ng)
+        if args.only != "seg-fast":
+            proxies.append(("nginx", ng.pid, ng_port))
+        resumption = resumed_fraction(workdir, check_port, wrk_bench._lua(workdir, True))
+        print(f"wrk's new connections resumed their TLS session: {resumption}", flush=True)
+        for variant in args.variants.split(","):
+            script = wrk_bench._lua(workdir, variant == "close")
+            for _ in range(args.runs):
+                for name, pid, port in proxies:
+                    r = measure(name, pid, port, script, args)
+                    figures.setdefault(variant, {}).setdefault(name, []).append(r)
+                    print(f"{variant:9s} {name:8s} {r['cpu_us_per_request']:8.1f} µs CPU/request "
+                          f"(user {r['user_us_per_request']:.1f}, sys {r['sys_us_per_request']:.1f}) "
+                          f"{r['requests_per_second']:7d} req/s", flush=True)
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = {"command": "python benchmarks/tls_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "label": args.label, "conns": args.conns, "seconds": args.seconds, "runs": args.runs,
+               "body_bytes": wrk_bench.BODY_LEN, "tls": "TLS 1.3 (trustme ECDSA certificate), session tickets",
+               "resumption_check_on_nginx": resumption,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": {}}
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    summary["commit"] = commit.stdout.strip()
+    print()
+    for variant, by_name in figures.items():
+        row = {}
+        for name, runs in by_name.items():
+            mid = sorted(runs, key=lambda r: r["cpu_us_per_request"])[len(runs) // 2]
+            row[name] = {"cpu_us_per_request": mid["cpu_us_per_request"],
+                         "user_us_per_request": mid["user_us_per_request"],
+                         "sys_us_per_request": mid["sys_us_per_request"], "runs": runs}
+        if "seg-fast" in row and "nginx" in row:
+            row["ratio"] = round(row["seg-fast"]["cpu_us_per_request"] / row["nginx"]["cpu_us_per_request"], 2)
+            print(f"{variant:9s} seg-fast {row['seg-fast']['cpu_us_per_request']:.1f} µs vs nginx "
+                  f"{row['nginx']['cpu_us_per_request']:.1f} µs per request: {row['ratio']}x")
+        summary["variants"][variant] = row
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
