@@ -89,6 +89,13 @@ DEFAULT_MAX_SIZE = 64 * 1024 * 1024   # bytes; a gateway bounds what it buffers
 DEFAULT_MAX_DEPTH = 64
 DEFAULT_MAX_ELEMENTS = 4_000_000   # elements + strings; each costs ~100 bytes
 DEFAULT_MAX_SPANS = 1_000_000
+# Gather output (encode_parts, splice_parts): a span this long or longer is passed as a
+# memoryview of the bytes holding it, not copied. Below ~32 KB a copy costs less than
+# one more part through the HTTP writer (h11 bookkeeping per part: a few microseconds).
+DEFAULT_MIN_REF = 32 * 1024
+# ... and at most this many such spans per document, so that the parts of an answer
+# (2 per span + 1, with the HTTP head) fit one writev (sockio.send_parts: 64 buffers).
+DEFAULT_MAX_REFS = 30
 # the encoder recurses in C: keep the deepest allowed tree far from the stack's end
 cdef enum:
     MAX_DEPTH_LIMIT = 4096
@@ -994,6 +1001,42 @@ cdef struct Writer:
     Py_ssize_t len
     Py_ssize_t cap
     PyObject* obj     # when set, buf is this bytes object's storage (one copy less)
+    # Gather output (encode_parts / splice_parts): when set, a list of parts; spans of
+    # at least min_ref bytes of an immutable bytes object are appended as memoryviews
+    # of it (not copied), at most refs_left of them; buf holds the bytes in between.
+    PyObject* parts
+    Py_ssize_t min_ref
+    Py_ssize_t refs_left
+
+
+cdef inline void _writer_init(Writer* w):
+    w.buf = NULL
+    w.len = 0
+    w.cap = 0
+    w.obj = NULL
+    w.parts = NULL
+    w.min_ref = 0
+    w.refs_left = 0
+
+
+cdef inline bint _may_ref(Writer* w, Py_ssize_t n):
+    return w.parts != NULL and n >= w.min_ref and w.refs_left > 0
+
+
+cdef int _flush(Writer* w) except -1:
+    """Gather output: the bytes written since the last part become a part."""
+    if w.len:
+        (<list>w.parts).append(PyBytes_FromStringAndSize(w.buf, w.len))
+        w.len = 0
+    return 0
+
+
+cdef int _ref(Writer* w, object src, Py_ssize_t off, Py_ssize_t n) except -1:
+    """Gather output: n bytes of the bytes object src at off, as a part that points into it."""
+    _flush(w)
+    (<list>w.parts).append(memoryview(src)[off:off + n])
+    w.refs_left -= 1
+    return 0
 
 
 cdef int _reserve(Writer* w, Py_ssize_t extra) except -1:
@@ -1075,7 +1118,10 @@ cdef int _put_opaque(Writer* w, object blob) except -1:
             raise WBXMLError("opaque larger than 4 GiB")
         _put(w, OPAQUE)
         _put_mb(w, <uint32_t>view.len)
-        _write(w, <const char*>view.buf, view.len)
+        if type(blob) is bytes and _may_ref(w, view.len):
+            _ref(w, blob, 0, view.len)
+        else:
+            _write(w, <const char*>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
     return 0
@@ -1125,6 +1171,13 @@ cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) exc
         if (nd.id == ((tpage << 6) | tok) and el._tlen == nd.tlen1 and el._olen == nd.olen1
                 and (el._tlen or el._text is None) and (el._olen or el._opaque is None)):
             need = 2 + <Py_ssize_t>(nd.end_at - nd.tag_at)
+            if w.parts != NULL and _may_ref(w, need - 2):
+                if tpage != page[0]:
+                    _put(w, SWITCH_PAGE)
+                    _put(w, <uint8_t>tpage)
+                _ref(w, el._doc.src, nd.tag_at, need - 2)
+                page[0] = nd.page_after
+                return 0
             if w.len + need > w.cap:
                 _reserve(w, need)
             out = w.buf + w.len
@@ -1137,6 +1190,8 @@ cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) exc
             page[0] = nd.page_after
             return 0
         _build_kids(el)
+    if w.parts != NULL and (_may_ref(w, el._tlen - 1) or _may_ref(w, el._olen - 1)):
+        return _encode_general(w, el, page, depth, max_depth)     # a span to point at, not copy
     kids = <PyObject*>el._children
     nchild = 0 if kids == <PyObject*>None else _list_size(kids)
     # SWITCH_PAGE (2), tag (1), STR_I + NUL (2), OPAQUE + length (6), END (1)
@@ -1240,7 +1295,11 @@ cdef int _encode_general(Writer* w, Element el, int* page, int depth, int max_de
         _put(w, tok)
         return 0
     _put(w, tok | HAS_CONTENT)
-    if el._tlen:         # a span of the decoded document: copied as it is
+    if el._tlen and _may_ref(w, el._tlen - 1):
+        _put(w, STR_I)
+        _ref(w, el._src, el._toff, el._tlen - 1)
+        _put(w, 0)
+    elif el._tlen:         # a span of the decoded document: copied as it is
         _reserve(w, el._tlen + 1)
         w.buf[w.len] = STR_I
         memcpy(w.buf + w.len + 1, PyBytes_AS_STRING(el._src) + el._toff, el._tlen - 1)
@@ -1251,7 +1310,10 @@ cdef int _encode_general(Writer* w, Element el, int* page, int depth, int max_de
     if el._olen:
         _put(w, OPAQUE)
         _put_mb(w, <uint32_t>(el._olen - 1))
-        _write(w, PyBytes_AS_STRING(el._src) + el._ooff, el._olen - 1)
+        if _may_ref(w, el._olen - 1):
+            _ref(w, el._src, el._ooff, el._olen - 1)
+        else:
+            _write(w, PyBytes_AS_STRING(el._src) + el._ooff, el._olen - 1)
     elif el._opaque is not None:
         _put_opaque(w, el._opaque)
     for i in range(nchild):
@@ -1290,10 +1352,7 @@ def encode(Element root, *, int max_depth=DEFAULT_MAX_DEPTH):
         header = root._fmt[2]
     if max_depth < 1 or max_depth > MAX_DEPTH_LIMIT:
         raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH_LIMIT}")
-    w.buf = NULL
-    w.len = 0
-    w.cap = 0
-    w.obj = NULL
+    _writer_init(&w)
     if root._src is not None:
         size_hint = PyBytes_GET_SIZE(root._src)
     if size_hint >= DIRECT_OUTPUT:
@@ -1322,6 +1381,48 @@ def encode(Element root, *, int max_depth=DEFAULT_MAX_DEPTH):
         _write(&w, PyBytes_AS_STRING(header), len(header))
         _encode(&w, root, &page, 1, max_depth)
         return PyBytes_FromStringAndSize(w.buf, w.len)
+    finally:
+        if own and w.cap <= SCRATCH_KEEP:
+            _scratch = w.buf
+            _scratch_cap = w.cap
+        else:
+            if own:
+                _scratch = NULL
+                _scratch_cap = 0
+            free(w.buf)
+        if own:
+            _scratch_busy = False
+
+
+def encode_parts(Element root, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t min_ref=DEFAULT_MIN_REF,
+                 Py_ssize_t max_refs=DEFAULT_MAX_REFS):
+    """``encode`` as a list of parts (gather output, for writev): ``b"".join(parts) ==
+    encode(root)``. A decoded string or opaque span, an unread subtree, or an assigned
+    ``bytes`` opaque of at least ``min_ref`` bytes is a memoryview of the bytes that hold
+    it (at most ``max_refs`` of them), not a copy; the rest is copied into bytes parts."""
+    global _scratch, _scratch_cap, _scratch_busy
+    cdef Writer w
+    cdef int page = 0
+    cdef bint own = False
+    cdef object header = CANONICAL_HEADER
+    cdef list parts = []
+    if root._fmt is not None and root._fmt[2] is not None:
+        header = root._fmt[2]
+    if max_depth < 1 or max_depth > MAX_DEPTH_LIMIT:
+        raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH_LIMIT}")
+    _writer_init(&w)
+    w.parts = <PyObject*>parts
+    w.min_ref = max(min_ref, 1)
+    w.refs_left = max_refs
+    if not _scratch_busy:
+        own = _scratch_busy = True
+        w.buf = _scratch
+        w.cap = _scratch_cap
+    try:
+        _write(&w, PyBytes_AS_STRING(header), len(header))
+        _encode(&w, root, &page, 1, max_depth)
+        _flush(&w)
+        return parts
     finally:
         if own and w.cap <= SCRATCH_KEEP:
             _scratch = w.buf
@@ -1624,6 +1725,49 @@ def scan(data, tags, *, elements=(), int max_depth=DEFAULT_MAX_DEPTH,
     return spans
 
 
+cdef inline int _run(Writer* w, object src, const uint8_t* buf, Py_ssize_t off, Py_ssize_t n) except -1:
+    """Bytes of the spliced document kept as they are: pointed at when long enough (gather
+    output of an immutable bytes document), else copied."""
+    if src is not None and _may_ref(w, n):
+        return _ref(w, src, off, n)
+    return _write(w, <const char*>buf + off, n)
+
+
+cdef int _splice(Writer* w, object data, object replacements) except -1:
+    cdef _Buffer hold = _Buffer(data)
+    cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
+    cdef Py_ssize_t n = hold.view.len, cur = 0, start, guard = -1
+    cdef Span sp
+    # parts may point into the document only if it cannot change under them
+    cdef object src = data if type(data) is bytes and w.parts != NULL else None
+    ordered = sorted(replacements, key=lambda r: (<Span?>r[0]).token_start)
+    if w.parts == NULL:
+        _reserve(w, n + 64)
+    for span, value in ordered:
+        sp = <Span?>span
+        if sp.doc_len != n or sp.token_end > n or sp.token_start < cur:
+            raise ValueError("span does not belong to this document or overlaps another")
+        if sp.token_start <= guard:
+            raise ValueError("a cut relied on the tokens another edit changes")
+        if sp.kind == "element" or value is None:
+            start = _cut_start(buf, n, sp, &guard) if value is None else -1
+            if start < 0:
+                raise ValueError(f"{sp.tag} cannot be cut out of this document as it is")
+            _run(w, src, buf, cur, start - cur)
+            cur = sp.token_end
+            continue
+        if buf[sp.token_start] != (STR_I if sp.kind == "str" else OPAQUE):
+            raise ValueError("span does not belong to this document")
+        _run(w, src, buf, cur, sp.token_start - cur)
+        if isinstance(value, str):
+            _put_str(w, value)
+        else:
+            _put_opaque(w, value)
+        cur = sp.token_end
+    _run(w, src, buf, cur, n - cur)
+    return 0
+
+
 def splice(data, replacements):
     """A new document with the content of the given spans replaced.
 
@@ -1633,40 +1777,30 @@ def splice(data, replacements):
     value None is cut out whole (ValueError unless ``span.removable(data)``).
     Spans must come from ``scan`` of this very document and must not overlap.
     """
-    cdef _Buffer hold = _Buffer(data)
-    cdef const uint8_t* buf = <const uint8_t*>hold.view.buf
-    cdef Py_ssize_t n = hold.view.len, cur = 0, start, guard = -1
-    cdef Span sp
     cdef Writer w
-    ordered = sorted(replacements, key=lambda r: (<Span?>r[0]).token_start)
-    w.buf = NULL
-    w.len = 0
-    w.cap = 0
-    w.obj = NULL
+    _writer_init(&w)
     try:
-        _reserve(&w, n + 64)
-        for span, value in ordered:
-            sp = <Span?>span
-            if sp.doc_len != n or sp.token_end > n or sp.token_start < cur:
-                raise ValueError("span does not belong to this document or overlaps another")
-            if sp.token_start <= guard:
-                raise ValueError("a cut relied on the tokens another edit changes")
-            if sp.kind == "element" or value is None:
-                start = _cut_start(buf, n, sp, &guard) if value is None else -1
-                if start < 0:
-                    raise ValueError(f"{sp.tag} cannot be cut out of this document as it is")
-                _write(&w, <const char*>buf + cur, start - cur)
-                cur = sp.token_end
-                continue
-            if buf[sp.token_start] != (STR_I if sp.kind == "str" else OPAQUE):
-                raise ValueError("span does not belong to this document")
-            _write(&w, <const char*>buf + cur, sp.token_start - cur)
-            if isinstance(value, str):
-                _put_str(&w, value)
-            else:
-                _put_opaque(&w, value)
-            cur = sp.token_end
-        _write(&w, <const char*>buf + cur, n - cur)
+        _splice(&w, data, replacements)
         return PyBytes_FromStringAndSize(w.buf, w.len)
+    finally:
+        free(w.buf)
+
+
+def splice_parts(data, replacements, *, Py_ssize_t min_ref=DEFAULT_MIN_REF,
+                 Py_ssize_t max_refs=DEFAULT_MAX_REFS):
+    """``splice`` as a list of parts (gather output, for writev): ``b"".join(parts) ==
+    splice(data, replacements)``. Unchanged runs of ``data`` (when it is ``bytes``) and
+    bytes replacement values of at least ``min_ref`` bytes are memoryviews of them, at
+    most ``max_refs`` of them; everything else is copied into bytes parts."""
+    cdef Writer w
+    cdef list parts = []
+    _writer_init(&w)
+    w.parts = <PyObject*>parts
+    w.min_ref = max(min_ref, 1)
+    w.refs_left = max_refs
+    try:
+        _splice(&w, data, replacements)
+        _flush(&w)
+        return parts
     finally:
         free(w.buf)

@@ -32,6 +32,9 @@ class Transform(Protocol):
     #     transform_answer_and_headers(req, status, headers, body) -> (headers, body)
     # and the proxy calls it instead of transform_answer. Headers are (name, value) byte
     # pairs; Content-Length is the proxy's to fix either way.
+    # Optional too: transform_answer_parts(req, status, headers, body) -> (headers, body),
+    # preferred over both, may return the body as a list of bytes-like parts (gather
+    # output pointing into the answer it was given); the proxy writes them with writev.
 
 
 class RequestTransform(Protocol):

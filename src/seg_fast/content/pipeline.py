@@ -195,6 +195,15 @@ class EmailSecurityTransform:
     def transform_answer_and_headers(self, req, status: int, headers, body: bytes):
         """(headers, body): a GetAttachment answer whose attachment was sealed or blocked
         gets the Content-Type (and Content-Disposition file name) of what it now holds."""
+        return self._transform(req, status, headers, body, False)
+
+    def transform_answer_parts(self, req, status: int, headers, body: bytes):
+        """(headers, body) as transform_answer_and_headers, except that a spliced WBXML
+        answer comes as a list of parts (splice_parts: its unchanged runs of 32 KB or more
+        point into ``body``), for the proxy to write with writev and never join."""
+        return self._transform(req, status, headers, body, True)
+
+    def _transform(self, req, status: int, headers, body: bytes, gather: bool):
         if status != 200 or not body:
             return headers, body
         ctype = _header(headers, b"content-type")
@@ -206,7 +215,8 @@ class EmailSecurityTransform:
             elif ctype.startswith(MULTIPART_TYPE):
                 new = self._multipart(req, raw)
             elif ctype.startswith(WBXML_TYPE) or (not ctype and raw[:1] == b"\x03"):
-                new = self._wbxml(req, raw, None)
+                # gzip needs the bytes whole: parts only for an answer sent as spliced
+                new = self._wbxml(req, raw, None, gather and encoding != b"gzip")
             else:
                 return headers, body
         except _Refused as e:
@@ -244,9 +254,11 @@ class EmailSecurityTransform:
             return raw
         return build_multipart(new_parts)
 
-    def _wbxml(self, req, raw: bytes, parts: list | None) -> bytes:
-        from seg_fast.eas.wbxml import scan, splice
+    def _wbxml(self, req, raw: bytes, parts: list | None, gather: bool = False) -> bytes | list:
+        from seg_fast.eas.wbxml import scan, splice, splice_parts
 
+        # the same bytes either way; as parts, the unchanged runs point into raw
+        write = splice_parts if gather else splice
         limit = _runtime.settings.max_spans
         try:
             spans = scan(raw, _TAGS, elements=_ELEMENTS, max_spans=limit)
@@ -271,12 +283,12 @@ class EmailSecurityTransform:
         if not edits:
             return raw
         try:
-            return splice(raw, edits)
+            return write(raw, edits)
         except ValueError:
             if not renames:
                 raise
             # Cuts that are fine one by one but not together: rename those attachments instead.
-            return splice(raw, [e for e in edits if e[1] is not None] + renames)
+            return write(raw, [e for e in edits if e[1] is not None] + renames)
 
     def _item(self, req, raw: bytes, spans: list, parts: list | None, edits: list, renames: list) -> None:
         plan = self.plan

@@ -1,6 +1,7 @@
 """The WBXML codec's public face (MS-ASWBXML, protocol 2.5 through 16.1).
 
     from seg_fast.eas.wbxml import Element, decode, encode, to_xml, from_xml, scan, splice, Span
+    from seg_fast.eas.wbxml import encode_parts, splice_parts     # gather output
 
 Tree
     ``Element(tag, children=None, text=None, opaque=None)``; ``tag`` is
@@ -46,6 +47,13 @@ encode(root, *, max_depth=64) -> bytes
     name, text containing NUL or lone surrogates, non-bytes opaque, a child that
     is not an Element, nesting deeper than ``max_depth`` (at most 4096).
 
+encode_parts(root, *, max_depth=64, min_ref=32 KiB, max_refs=30) -> list
+    ``encode`` as gather output for writev: ``b"".join(parts) == encode(root)``. A
+    decoded string or opaque span, an unread subtree, or an assigned ``bytes`` opaque
+    of at least ``min_ref`` bytes is a ``memoryview`` of the bytes holding it (the
+    document, or the value), not a copy; at most ``max_refs`` of them (an answer's
+    parts fit one writev); the bytes in between are copied into ``bytes`` parts.
+
 scan(data, tags, *, elements=(), max_depth=64, max_size=64 MiB, max_spans=1_000_000) -> list[Span]
     One pass, no tree: for each STR_I/OPAQUE token directly inside an element
     whose tag is in ``tags``, a ``Span`` (see its docstring: content offset and
@@ -67,6 +75,11 @@ splice(data, [(span, value), ...]) -> bytes
     it); ``span.removable(data)`` says whether that keeps every other token's
     meaning (the code page its followers need is not lost), else ValueError.
 
+splice_parts(data, [(span, value), ...], *, min_ref=32 KiB, max_refs=30) -> list
+    ``splice`` as gather output: ``b"".join(parts) == splice(data, ...)``; unchanged
+    runs of a ``bytes`` document and ``bytes`` values of at least ``min_ref`` bytes are
+    memoryviews of them (the proxy sends a transformed answer this way, with writev).
+
 to_xml(root) -> str / from_xml(text) -> Element
     The XML shape libwbxml's ``wbxml2xml -l ACTIVESYNC`` writes (ActiveSync
     DOCTYPE, one element per line, ``xmlns="Namespace:"`` where the namespace
@@ -87,20 +100,24 @@ from seg_fast._wbxml import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_ELEMENTS,
     DEFAULT_MAX_SIZE,
+    DEFAULT_MAX_REFS,
     DEFAULT_MAX_SPANS,
+    DEFAULT_MIN_REF,
     Element,
     Span,
     decode,
     encode,
+    encode_parts,
     scan,
     splice,
+    splice_parts,
     token_of,
 )
 from seg_fast.eas import codepages
 from seg_fast.errors import WBXMLError
 
-__all__ = ["Element", "Span", "decode", "encode", "scan", "splice", "to_xml", "from_xml",
-           "token_of", "WBXMLError", "cli"]
+__all__ = ["Element", "Span", "decode", "encode", "encode_parts", "scan", "splice", "splice_parts", "to_xml",
+           "from_xml", "token_of", "WBXMLError", "cli"]
 
 XML_PROLOGUE = ('<?xml version="1.0"?>\n<!DOCTYPE ActiveSync PUBLIC '
                 '"-//MICROSOFT//DTD ActiveSync//EN" "http://www.microsoft.com/">\n')

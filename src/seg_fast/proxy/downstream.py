@@ -188,13 +188,17 @@ class Device:
             pass
         raise DeviceGone("device did not read its answer in time") from None
 
-    async def answer(self, status: int, headers, body: bytes = b"") -> None:
-        """A whole answer the gateway makes itself (errors, blocked devices, transformed answers)."""
+    async def answer(self, status: int, headers, body: bytes | list = b"") -> None:
+        """A whole answer the gateway makes itself (errors, blocked devices, transformed answers).
+
+        ``body`` may be a list of parts (a transform's gather output: memoryviews into the
+        mail server's answer for what it left unchanged): they go out in one writev."""
         conn = self.conn
         if conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):      # IDLE: the head was malformed
             raise DeviceGone("answer already started")
         headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")]
-        headers.append((b"Content-Length", str(len(body)).encode()))
+        size = sum(map(len, body)) if type(body) is list else len(body)
+        headers.append((b"Content-Length", str(size).encode()))
         # Skip a request body that has already arrived, so the connection can be kept.
         while conn.their_state is h11.SEND_BODY:
             try:
@@ -207,7 +211,10 @@ class Device:
             # An unread request body would be taken for the next request: close after this answer.
             headers.append((b"Connection", b"close"))
         parts = [conn.send(h11.Response(status_code=status, headers=headers, reason=hdrs.reason_phrase(status)))]
-        if body:
+        if type(body) is list:
+            for part in body:             # each part as it is (h11 counts it against Content-Length)
+                parts += conn.send_with_data_passthrough(h11.Data(data=part))
+        elif body:
             parts += conn.send_with_data_passthrough(h11.Data(data=body))   # the body is not copied
         parts.append(conn.send(exchange.END))
         await self.send_parts(parts)

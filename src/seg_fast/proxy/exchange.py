@@ -176,11 +176,12 @@ def _transforms_for(decision: Decision, command: str | None) -> tuple[list, list
     return answer_tx, request_tx
 
 
-async def _answer(dev, rec: Transaction, status: int, headers, body: bytes = b"") -> None:
+async def _answer(dev, rec: Transaction, status: int, headers, body: bytes | list = b"") -> None:
+    """``body``: bytes, or a list of parts (a transform's gather output), sent uncopied."""
     rec.status = status
-    rec.bytes_out = len(body)
+    rec.bytes_out = sum(map(len, body)) if type(body) is list else len(body)
     if dx.PENDING:
-        dx.note_answer(rec, headers, body)
+        dx.note_answer(rec, headers, b"".join(body) if type(body) is list else body)
     await dev.answer(status, headers, body)
 
 
@@ -823,11 +824,17 @@ async def _transformed_answer(gw, dev, req, status, headers, answer_tx, rec, bod
     size_in = len(body)
     try:
         for t in answer_tx:
-            # Optional (hooks.Transform): a transform that also sets the answer's headers.
+            if type(body) is list:        # an earlier transform's parts: the next one reads bytes
+                body = b"".join(body)
+            # Optional (hooks.Transform): a transform that also sets the answer's headers,
+            # and one that may give the body as parts (written with writev, never joined).
+            gather = getattr(t, "transform_answer_parts", None)
             with_headers = getattr(t, "transform_answer_and_headers", None)
             later = getattr(t, "transform_answer_async", None)     # one that waits on I/O (LDAP)
             if later is not None:
                 body = await later(req, status, headers, body)
+            elif gather is not None:
+                headers, body = gather(req, status, headers, body)
             elif with_headers is not None:
                 headers, body = with_headers(req, status, headers, body)
             else:
@@ -839,6 +846,6 @@ async def _transformed_answer(gw, dev, req, status, headers, answer_tx, rec, bod
         return
     headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
     rec.status = status
-    gw.stats.transform(req.command, size_in, len(body))
+    gw.stats.transform(req.command, size_in, sum(map(len, body)) if type(body) is list else len(body))
     hold.drop()                       # from here the write counts what the device has not taken
     await _answer(dev, rec, status, headers, body)
