@@ -22,6 +22,7 @@ from seg_fast.config import load_config
 from seg_fast.observe import Transaction
 from seg_fast.proxy import downstream, exchange, http1
 from seg_fast.proxy import headers as hdrs
+from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.exchange import DeviceGone
 from seg_fast.proxy.upstream import Origin, UpstreamConn, UpstreamError, UpstreamPool
 
@@ -72,6 +73,7 @@ class FakeGateway:
         self.pool = UpstreamPool(self.config.upstream, self.config.timeouts)
         self.device_pace = None
         self.upstream_pace = None
+        self.trusted_proxies = TrustedProxies()
 
 
 class Req:

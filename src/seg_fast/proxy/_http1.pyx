@@ -18,7 +18,7 @@ Header triples are (name as sent, lower-case name, value), the shape
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 from seg_fast.errors import HTTPProtocolError
 
@@ -802,3 +802,386 @@ def read_nb(int fd, Py_ssize_t size):
             return None
         if errno != EINTR:
             raise OSError(errno, __import__("os").strerror(errno))
+
+
+# -- EAS identification (the common case) ------------------------------------------------------
+
+from binascii import a2b_base64 as _a2b_base64
+
+from seg_fast.eas.credentials import CREDENTIAL as _CREDENTIAL, NONE as _NO_IDENTITY, same_user as _same_user
+from seg_fast.eas.request import EasRequest as _EasRequest
+
+cdef unsigned char _QSIMPLE[256]     # eas/request.py's _SIMPLE_QUERY_BYTES: no unquoting or checks needed
+
+
+cdef void _init_query_table():
+    cdef int c
+    for c in range(256):
+        _QSIMPLE[c] = (c >= 0x30 and c <= 0x39) or (c >= 0x41 and c <= 0x5a) or (c >= 0x61 and c <= 0x7a)
+    for c in b"_.-:@\\=&":
+        _QSIMPLE[c] = 1
+
+
+_init_query_table()
+
+cdef enum:
+    _H_OTHER = 0
+    _H_AGENT = 1
+    _H_VERSION = 2
+    _H_POLICYKEY = 3
+    _H_MULTIPART = 4
+    _H_AUTH = 5
+
+
+cdef int _read_header(const unsigned char* p, Py_ssize_t n):
+    if n == 10 and _ieq(p, 10, "user-agent", 10):
+        return _H_AGENT
+    if n == 20 and _ieq(p, 20, "ms-asprotocolversion", 20):
+        return _H_VERSION
+    if n == 14 and _ieq(p, 14, "x-ms-policykey", 14):
+        return _H_POLICYKEY
+    if n == 20 and _ieq(p, 20, "ms-asacceptmultipart", 20):
+        return _H_MULTIPART
+    if n == 13 and _ieq(p, 13, "authorization", 13):
+        return _H_AUTH
+    return _H_OTHER
+
+
+cdef inline bint _ascii(const unsigned char* p, Py_ssize_t n):
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[i] >= 0x80:
+            return False
+    return True
+
+
+cdef inline str _latin1(bytes b):
+    return b.decode("latin-1")
+
+
+cdef inline str _ascii_str(const unsigned char* p, Py_ssize_t n):
+    return PyBytes_FromStringAndSize(<const char*>p, n).decode("ascii")
+
+
+def identify(str method, bytes target, list full, str client_ip):
+    """eas/request.py's ``parse_request`` for the common request, in one pass: a plain query
+    of token bytes (``&``-separated, nothing to unquote), no credential or Basic, header values
+    without control characters, the peer not a trusted proxy (the caller's to know). Returns
+    exactly the EasRequest ``parse_request(method, target, [(low, value) ...], client_ip)``
+    returns, or None for anything else, refusals included: the caller then asks
+    ``parse_request``, the reference, which decides (tests/test_request_compiled.py)."""
+    cdef const unsigned char* t = <const unsigned char*>PyBytes_AS_STRING(target)
+    cdef Py_ssize_t tn = len(target), qa, i, i2, a, b, eq, vlen
+    cdef Py_UCS4 ch
+    cdef const unsigned char* q
+    cdef const unsigned char* p
+    cdef Py_ssize_t n
+    cdef tuple item
+    cdef bytes value, low
+    cdef bytes agent = None, version = None, policykey = None, multipart = None, auth = None
+    cdef int kind
+    cdef str command = None, user = None, device_id = None, device_type = None, name, text
+    cdef str protocol_version = None, auth_scheme = "", identity = _NO_IDENTITY
+    cdef bint accept_multipart = False, seen_cmd = False, seen_user = False, seen_id = False, seen_type = False
+    cdef dict params = {}
+    # The path (ASCII) and the query: token bytes with at least one '&' (no '&': maybe the base64 form).
+    qa = tn
+    for i in range(tn):
+        if t[i] == 63:                 # '?'
+            qa = i
+            break
+        if t[i] >= 0x80:
+            return None
+    if tn - qa - 1 > 4096:
+        return None
+    # Headers: the five read (the first of each), every value free of control characters.
+    for item in full:
+        low = item[1]
+        value = item[2]
+        if type(low) is not bytes or type(value) is not bytes:
+            return None
+        p = <const unsigned char*>PyBytes_AS_STRING(value)
+        n = len(value)
+        for i in range(n):
+            if (p[i] < 0x20 and p[i] != 9) or p[i] == 0x7f:
+                return None
+        kind = _read_header(<const unsigned char*>PyBytes_AS_STRING(low), len(low))
+        if kind == _H_OTHER:
+            continue
+        if kind == _H_AGENT:
+            if agent is None:
+                agent = value
+        elif kind == _H_VERSION:
+            if version is None:
+                version = value
+        elif kind == _H_POLICYKEY:
+            if policykey is None:
+                policykey = value
+        elif kind == _H_MULTIPART:
+            if multipart is None:
+                multipart = value
+        else:
+            if auth is not None:
+                return None            # two Authorization headers: refused by the reference
+            auth = value
+    if version is not None:
+        # "\d{1,2}\.\d{1,2}" between blanks; anything else (non-ASCII blanks too) is the reference's.
+        p = <const unsigned char*>PyBytes_AS_STRING(version)
+        a, b = 0, len(version)
+        while a < b and (p[a] == 32 or p[a] == 9):
+            a += 1
+        while b > a and (p[b - 1] == 32 or p[b - 1] == 9):
+            b -= 1
+        i = a
+        while i < b and 48 <= p[i] <= 57:
+            i += 1
+        if i == a or i - a > 2 or i == b or p[i] != 46:
+            return None
+        eq = i + 1
+        i = eq
+        while i < b and 48 <= p[i] <= 57:
+            i += 1
+        if i != b or i == eq or i - eq > 2:
+            return None
+        protocol_version = _ascii_str(p + a, b - a)
+    if multipart is not None:
+        p = <const unsigned char*>PyBytes_AS_STRING(multipart)
+        n = len(multipart)
+        if not _ascii(p, n):
+            return None
+        a, b = 0, n
+        while a < b and (p[a] == 32 or p[a] == 9):
+            a += 1
+        while b > a and (p[b - 1] == 32 or p[b - 1] == 9):
+            b -= 1
+        accept_multipart = b - a == 1 and (p[a] == 84 or p[a] == 116)
+    if qa < tn - 1:
+        q = t + qa + 1
+        n = tn - qa - 1
+        if memchr(q, 38, n) == NULL:
+            return None
+        for i in range(n):
+            if not _QSIMPLE[q[i]]:
+                return None
+        i = 0
+        while i <= n:
+            a = i
+            while i < n and q[i] != 38:
+                i += 1
+            b = i
+            i += 1
+            if a == b:
+                continue
+            eq = a
+            while eq < b and q[eq] != 61:
+                eq += 1
+            if eq == a or eq == b:
+                return None            # no name or no '='
+            vlen = b - eq - 1
+            if vlen > 1024:
+                return None
+            if eq - a == 3 and q[a] == 67 and q[a + 1] == 109 and q[a + 2] == 100:          # Cmd
+                if seen_cmd or vlen == 0:
+                    return None
+                for i2 in range(eq + 1, b):
+                    if not (48 <= q[i2] <= 57 or 65 <= q[i2] <= 90 or 97 <= q[i2] <= 122):
+                        return None
+                seen_cmd = True
+                command = _ascii_str(q + eq + 1, vlen)
+            elif eq - a == 4 and memcmp(q + a, b"User", 4) == 0:
+                if seen_user:
+                    return None
+                seen_user = True
+                user = _ascii_str(q + eq + 1, vlen)
+            elif eq - a == 8 and memcmp(q + a, b"DeviceId", 8) == 0:
+                if seen_id or memchr(q + eq + 1, 61, vlen) != NULL:
+                    return None
+                seen_id = True
+                device_id = _ascii_str(q + eq + 1, vlen)
+            elif eq - a == 10 and memcmp(q + a, b"DeviceType", 10) == 0:
+                if seen_type or memchr(q + eq + 1, 61, vlen) != NULL:
+                    return None
+                seen_type = True
+                device_type = _ascii_str(q + eq + 1, vlen)
+            else:
+                name = _ascii_str(q + a, eq - a)
+                if name in params:
+                    return None
+                params[name] = _ascii_str(q + eq + 1, vlen)
+    if auth is not None and len(auth):
+        # Basic only ("Basic", blanks, the token): anything else is the reference's to read.
+        p = <const unsigned char*>PyBytes_AS_STRING(auth)
+        n = len(auth)
+        if n < 6 or not _ascii(p, n) or not _ieq(p, 5, "basic", 5) or (p[5] != 32 and p[5] != 9):
+            return None
+        a, b = 6, n
+        while a < b and (p[a] == 32 or p[a] == 9):
+            a += 1
+        while b > a and (p[b - 1] == 32 or p[b - 1] == 9):
+            b -= 1
+        try:
+            text = _a2b_base64(PyBytes_FromStringAndSize(<const char*>p + a, b - a), strict_mode=True).decode("utf-8")
+        except ValueError:             # binascii.Error and UnicodeDecodeError are ValueErrors
+            return None
+        i = text.find(":")
+        if i < 0:
+            return None
+        text = text[:i]                # the user name; the password goes no further
+        for ch in text:
+            if ch < 0x20 or ch == 0x7f:
+                return None
+        if user and user != text and not _same_user(user, text):
+            return None                # User= names someone else: refused by the reference
+        user = text
+        auth_scheme = "basic"
+        identity = _CREDENTIAL
+    return _EasRequest(method=method, path=_ascii_str(t, qa), command=command, user=user, device_id=device_id,
+                       device_type=device_type, protocol_version=protocol_version,
+                       policy_key=None if policykey is None else _latin1(policykey),
+                       user_agent=None if agent is None else _latin1(agent), params=params,
+                       accept_multipart=accept_multipart, client_ip=client_ip, auth_scheme=auth_scheme,
+                       identity=identity)
+
+
+# -- heads out, rewritten on the way (proxy/headers.py's rules, in the writer) -----------------
+
+cdef bint _hop_by_hop(const unsigned char* p, Py_ssize_t n):
+    """headers.HOP_BY_HOP (a lower-case name)."""
+    if n == 2:
+        return memcmp(p, b"te", 2) == 0
+    if n == 7:
+        return memcmp(p, b"trailer", 7) == 0 or memcmp(p, b"upgrade", 7) == 0
+    if n == 10:
+        return memcmp(p, b"connection", 10) == 0 or memcmp(p, b"keep-alive", 10) == 0
+    if n == 16:
+        return memcmp(p, b"proxy-connection", 16) == 0
+    if n == 17:
+        return memcmp(p, b"transfer-encoding", 17) == 0
+    if n == 18:
+        return memcmp(p, b"proxy-authenticate", 18) == 0
+    if n == 19:
+        return memcmp(p, b"proxy-authorization", 19) == 0
+    return False
+
+
+cdef bint _request_drop(const unsigned char* p, Py_ssize_t n):
+    """headers._REQUEST_DROP (hop-by-hop, the gateway's own, the forwarding ones) and the framing."""
+    if _hop_by_hop(p, n):
+        return True
+    if n == 4:
+        return memcmp(p, b"host", 4) == 0
+    if n == 6:
+        return memcmp(p, b"expect", 6) == 0
+    if n == 9:
+        return memcmp(p, b"forwarded", 9) == 0 or memcmp(p, b"x-real-ip", 9) == 0
+    if n == 14:
+        return memcmp(p, b"content-length", 14) == 0
+    if n == 15:
+        return memcmp(p, b"x-forwarded-for", 15) == 0
+    if n == 16:
+        return memcmp(p, b"x-forwarded-host", 16) == 0 or memcmp(p, b"x-forwarded-port", 16) == 0
+    if n == 17:
+        return memcmp(p, b"x-forwarded-proto", 17) == 0
+    return False
+
+
+cdef bint _names_headers(list full):
+    """A Connection header lists header names (headers._connection_tokens is not empty, or
+    might not be): the Python path, which drops them, writes that head."""
+    cdef tuple item
+    cdef bytes low, value
+    for item in full:
+        low = item[1]
+        if len(low) == 10 and memcmp(PyBytes_AS_STRING(low), b"connection", 10) == 0:
+            value = item[2].lower()
+            if value != b"keep-alive" and value != b"close":
+                return True
+    return False
+
+
+cdef int _w_field(_Writer* w, bytes name, bytes value) except -1:
+    _check_field(name, value)
+    _w_bytes(w, name)
+    _w_put(w, ": ", 2)
+    _w_bytes(w, value)
+    _w_put(w, "\r\n", 2)
+    return 0
+
+
+def write_upstream(bytes method, bytes target, list full, bytes host, bytes client_ip, bytes proto,
+                   long long length):
+    """The request head for the mail server, rewritten as proxy/headers.py's
+    ``upstream_request_headers`` does for a device that is not a trusted proxy and a body
+    read whole, written as ``write_request`` writes it: Host first, the device's headers but
+    hop-by-hop, forwarding and framing ones, X-Forwarded-For/-Proto, ``Content-Length:
+    length`` (none if ``length`` < 0). None when a Connection header names other headers
+    (the Python path drops those). tests/test_fastpath_writers.py checks it against both."""
+    cdef _Writer w
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(method)
+    cdef Py_ssize_t i
+    cdef tuple item
+    cdef bytes low
+    if _names_headers(full):
+        return None
+    if not method or not target:
+        raise HTTPProtocolError("empty method or target", 500)
+    for i in range(len(method)):
+        if not _TOKEN[s[i]]:
+            raise HTTPProtocolError("illegal method", 500)
+    s = <const unsigned char*>PyBytes_AS_STRING(target)
+    for i in range(len(target)):
+        if not _VCHAR[s[i]]:
+            raise HTTPProtocolError("illegal target", 500)
+    _w_init(&w)
+    try:
+        _w_bytes(&w, method)
+        _w_put(&w, " ", 1)
+        _w_bytes(&w, target)
+        _w_put(&w, " HTTP/1.1\r\n", 11)
+        _w_field(&w, b"Host", host)
+        for item in full:
+            low = item[1]
+            if _request_drop(<const unsigned char*>PyBytes_AS_STRING(low), len(low)):
+                continue
+            _w_field(&w, item[0], item[2])
+        _w_field(&w, b"X-Forwarded-For", client_ip)
+        _w_field(&w, b"X-Forwarded-Proto", proto)
+        _w_framing(&w, FRAMING_LENGTH if length >= 0 else FRAMING_NONE, length, True)
+        return PyBytes_FromStringAndSize(w.buf, w.pos)
+    finally:
+        _w_free(&w)
+
+
+def write_answer(int status, bytes reason, list full, int framing, long long length, bint keep_alive):
+    """``write_response(status, reason, answer_headers(full), ...)`` (proxy/headers.py) in one
+    pass: the mail server's headers but hop-by-hop ones, the framing and ``Connection`` the
+    writer's own. None when a Connection header names other headers (the Python path)."""
+    cdef _Writer w
+    cdef const unsigned char* r = <const unsigned char*>PyBytes_AS_STRING(reason)
+    cdef Py_ssize_t i
+    cdef tuple item
+    cdef bytes low
+    if _names_headers(full):
+        return None
+    if not 100 <= status <= 999:
+        raise HTTPProtocolError(f"illegal status {status}", 500)
+    for i in range(len(reason)):
+        if r[i] == 0 or r[i] == 10 or r[i] == 13 or r[i] == 11 or r[i] == 12:
+            raise HTTPProtocolError("illegal reason phrase", 500)
+    _w_init(&w)
+    try:
+        _w_put(&w, "HTTP/1.1 ", 9)
+        _w_int(&w, status)
+        _w_put(&w, " ", 1)
+        _w_bytes(&w, reason)
+        _w_put(&w, "\r\n", 2)
+        for item in full:
+            low = item[1]
+            if _hop_by_hop(<const unsigned char*>PyBytes_AS_STRING(low), len(low)) or \
+                    (len(low) == 14 and memcmp(PyBytes_AS_STRING(low), b"content-length", 14) == 0):
+                continue
+            _w_field(&w, item[0], item[2])
+        _w_framing(&w, framing, length, keep_alive)
+        return PyBytes_FromStringAndSize(w.buf, w.pos)
+    finally:
+        _w_free(&w)

@@ -34,7 +34,8 @@ class Device:
     """The device side of one connection: its stream, h11 state and who it is."""
 
     __slots__ = ("gw", "stream", "sock", "_conn", "client_ip", "proto", "closing", "max_head", "leftover",
-                 "_head", "_event", "_rest", "_taken", "_answer", "_answered", "pending", "fresh")
+                 "_head", "_event", "_rest", "_taken", "_answer", "_answered", "pending", "fresh",
+                 "behind_proxy")
 
     def __init__(self, gw, stream, client_ip: str, proto: bytes):
         self.gw = gw
@@ -44,6 +45,7 @@ class Device:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
         self.client_ip = client_ip
         self.proto = proto
+        self.behind_proxy = client_ip in gw.trusted_proxies     # its forwarding headers are believed
         self.closing = False          # set when draining or the framing was repaired: answer, then close
         self.leftover = 0             # bytes of the next request already in h11's buffer
         # The compiled path's exchange, not yet shown to h11 (see ``conn``):

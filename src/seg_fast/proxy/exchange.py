@@ -21,6 +21,7 @@ from seg_fast import dx
 from seg_fast.observe import Transaction
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy import http1, parking, ping, sockio
+from seg_fast.proxy._http1 import identify
 from seg_fast.proxy.parking import Parked
 from seg_fast.proxy.pinning import PINS
 from seg_fast.proxy.redirects import is_redirect
@@ -73,12 +74,17 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
         rec.error = "not an EAS path"
         return await _answer(dev, rec, 404, [(b"Content-Type", b"text/plain")], b"not found\n")
     full = hdrs.items(request.headers)
-    try:
-        req = parse_request(rec.method, target, [(low, value) for _, low, value in full], dev.client_ip,
-                            gw.trusted_proxies)
-    except EASRequestError as exc:
-        rec.error = str(exc)[:200]
-        return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")], b"malformed ActiveSync request\n")
+    # The common request is identified in compiled code; the reference (parse_request) takes
+    # everything else, refusals included, and so has the last word (tests/test_request_compiled.py).
+    req = identify(rec.method, target, full, dev.client_ip) if not dev.behind_proxy else None
+    if req is None:
+        try:
+            req = parse_request(rec.method, target, [(low, value) for _, low, value in full], dev.client_ip,
+                                gw.trusted_proxies)
+        except EASRequestError as exc:
+            rec.error = str(exc)[:200]
+            return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")],
+                                 b"malformed ActiveSync request\n")
     if PINS.by_stream and not PINS.inherit(dev.stream, req, gw.redirects.origin_for(req.user)):
         # NTLM/Negotiate authenticated this device connection's mail-server connection for
         # another user than User= names: the mail server would answer as that user.
@@ -297,7 +303,7 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
     else:
         framing = hdrs.content_length(length) if length is not None else []
     head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
-                                         proto=dev.proto, behind_proxy=dev.client_ip in gw.trusted_proxies,
+                                         proto=dev.proto, behind_proxy=dev.behind_proxy,
                                          framing=framing)
     # The device's headers were validated by h11 (or the compiled parser, its equal) when
     # parsed and ours are well-formed.

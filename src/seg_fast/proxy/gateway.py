@@ -247,7 +247,13 @@ class Gateway:
                 try:
                     with trio.fail_after(self.config.timeouts.tls_handshake):
                         await stream.do_handshake()
-                except (trio.TooSlowError, trio.BrokenResourceError, OSError):
+                except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                    # Counted (nginx logs these too); a connection that closes before its first
+                    # byte (a load balancer's TCP check) is not.
+                    if isinstance(exc, trio.TooSlowError):
+                        self.incidents.note("tls_handshake_timeout", client_ip=ip)
+                    elif stream.handshake_started:
+                        self.incidents.note("tls_handshake_failed", client_ip=ip, reason=str(exc)[:160])
                     await trio.aclose_forcefully(stream)
                     return
                 if self.certauth is not None and self.certauth.ocsp is not None:    # kcd/ocsp.py

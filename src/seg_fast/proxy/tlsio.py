@@ -52,7 +52,8 @@ class TLSStream:
     fast_tls = True               # sockio's mark: receive_by/read_now/send_parts are here
 
     __slots__ = ("transport_stream", "socket", "plain", "_obj", "_in", "_out", "_backlog", "_sending",
-                 "_handshook", "_closed", "_broken", "_eof", "seg_client_cert", "__weakref__")
+                 "_handshook", "_closed", "_broken", "_eof", "handshake_started", "seg_client_cert",
+                 "__weakref__")
 
     def __init__(self, transport_stream: trio.SocketStream, context: ssl.SSLContext):
         self.transport_stream = transport_stream
@@ -67,6 +68,7 @@ class TLSStream:
         self._closed = False
         self._broken = False
         self._eof = False             # the socket said EOF
+        self.handshake_started = False    # a byte of it came from the device
 
     # -- what trio.SSLStream offers ------------------------------------------------------
 
@@ -100,6 +102,8 @@ class TLSStream:
                 if self._eof:
                     raise trio.BrokenResourceError("device closed the connection during the TLS handshake")
                 await self._fill(math.inf)
+                if not self._eof:
+                    self.handshake_started = True
         except ssl.SSLError as exc:
             self._fail_quietly()
             raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from None
@@ -225,23 +229,27 @@ class TLSStream:
                 waited = await self._send_ciphertext(self._backlog + out.read(), pace)
                 self._backlog = b""
             else:
-                start = trio.current_time()
-                taken = 0
+                paced = pace is not None and pace.grace != math.inf
+                blocked_at = None     # as on a plain socket: the deadline runs from the first wait,
+                since = 0             # extended by what the device took after it
                 for part in parts:
                     view = memoryview(part)
                     for off in range(0, len(view), SLICE):
-                        piece = view[off:off + SLICE]
-                        obj.write(piece)
+                        obj.write(view[off:off + SLICE])
                         ciphertext = self._backlog + out.read()
                         self._backlog = b""
-                        if pace is not None and pace.grace != math.inf:
-                            # Later slices get what is left of the whole write's deadline.
-                            left = pace.deadline(start, taken) - trio.current_time()
-                            slice_pace = sockio.Pace(left, pace.rate, pace.unsent)
-                        else:
-                            slice_pace = pace
-                        waited |= await self._send_ciphertext(ciphertext, slice_pace)
-                        taken += len(piece)
+                        slice_pace = pace
+                        if paced:
+                            now = trio.current_time()
+                            if blocked_at is not None:
+                                slice_pace = sockio.Pace(pace.deadline(blocked_at, since) - now,
+                                                         pace.rate, pace.unsent)
+                        if await self._send_ciphertext(ciphertext, slice_pace):
+                            waited = True
+                            if paced and blocked_at is None:
+                                blocked_at = now
+                        if blocked_at is not None:
+                            since += len(ciphertext)
         except ssl.SSLError as exc:
             self._broken = True
             raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
@@ -282,6 +290,8 @@ class TLSStream:
         try:
             data = self._obj.read(size)
         except ssl.SSLWantReadError:
+            if self._out.pending:
+                self._queue_output()      # an answer to what was read (a no_renegotiation alert)
             if self._eof:
                 return b""
             return None
@@ -296,13 +306,15 @@ class TLSStream:
             self._fail_quietly()
             raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
         if self._out.pending:
-            # Reading made something to send (a KeyUpdate's answer): after any send under way.
-            self._backlog += self._out.read()
-            if not self._sending:
-                self._write_backlog_now()
+            self._queue_output()
         return data
 
-    def _write_backlog_now(self) -> None:
+    def _queue_output(self) -> None:
+        """Reading made something to send (a KeyUpdate's answer, an alert): sent now if the
+        socket takes it, after any send under way, else before the next wait for input."""
+        self._backlog += self._out.read()
+        if self._sending:
+            return
         backlog = self._backlog
         fd = self.plain.fileno()
         if fd < 0:

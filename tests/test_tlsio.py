@@ -1,0 +1,420 @@
+"""The device leg's TLS (proxy/tlsio.py) through a running `seg-fast serve`, trustme certificates.
+
+The friendly cases (a whole EAS session, session resumption, close_notify both ways) and
+the hostile ones (a handshake that stalls, garbage for a ClientHello, TLS 1.0/1.1, a
+renegotiation, a record over the limit, a device that never reads its answer, an EOF
+without close_notify): each must end that connection alone, and the worker keeps serving.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+import trustme
+
+from proxy_helpers import MiniUpstream
+from seg_fast.sim.client import EasClient
+from seg_fast.sim.mailbox import MailboxSimulator
+from seg_fast.sim.state import INBOX
+from seg_fast.sim.tree import E, find, text
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORD = "secret"
+BIG = 16 * 1024 * 1024                  # an answer no socket buffer holds
+EAS = b"/Microsoft-Server-ActiveSync"
+
+
+# -- set-up: certificates, mail servers on a background trio loop, seg-fast serve ------------
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    d = tmp_path_factory.mktemp("tlsio-certs")
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    return ca, d
+
+
+def client_context(ca, **kw) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    for k, v in kw.items():
+        setattr(ctx, k, v)
+    return ctx
+
+
+class Upstreams:
+    """The mailbox simulator and a mail server with a BIG answer, on their own trio loop."""
+
+    def __init__(self):
+        self.sim = MailboxSimulator(password=PASSWORD, seed=7, require_provisioning=False, initial_messages=20)
+        self.big = MiniUpstream(lambda req, body: (200, [(b"Content-Length", str(BIG).encode())], b"B" * BIG))
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(20), "the mail servers did not start"
+
+    async def _main(self):
+        async with trio.open_nursery() as nursery:
+            self._scope, self._token = nursery.cancel_scope, trio.lowlevel.current_trio_token()
+            await nursery.start(self.sim.serve, "127.0.0.1", 0)
+            await nursery.start(self.big.serve)
+            self._ready.set()
+
+    @property
+    def token(self):
+        return self._token
+
+    def close(self):
+        trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def upstreams():
+    u = Upstreams()
+    yield u
+    u.close()
+
+
+class Serve:
+    """`seg-fast serve` (one worker) with device-leg TLS; stderr (incidents) collected."""
+
+    def __init__(self, tmp: Path, upstream: str, cert_dir: Path, **timeouts):
+        tmp.mkdir(parents=True, exist_ok=True)
+        t = {"tls_handshake": 1.0, "shutdown_grace": 5.0, **timeouts}
+        lines = ["workers = 1", "[listener]", 'host = "127.0.0.1"', "port = 0",
+                 f'tls_cert = "{cert_dir / "cert.pem"}"', f'tls_key = "{cert_dir / "key.pem"}"',
+                 "[upstream]", f'url = "{upstream}"', "[admin]", "enabled = false", "[log]", 'transactions = ""',
+                 "[policy]", "allow_if_no_policies = true", f'sqlite_path = "{tmp / "policy.db"}"',
+                 "[security]", "block_attachments_without_policy = false",
+                 f'master_key_file = "{tmp / "master.key"}"', f'key_state_file = "{tmp / "keys.json"}"',
+                 "[timeouts]"] + [f"{k} = {v}" for k, v in t.items()]
+        cfg = tmp / "gateway.toml"
+        cfg.write_text("\n".join(lines) + "\n")
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), SEG_FAST_STATE_DIR=str(tmp / "state"))
+        self.proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)],
+                                     env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        self.lines: list[str] = []
+        self.port = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        end = time.monotonic() + 30
+        while self.port is None:
+            assert time.monotonic() < end and self.proc.poll() is None, "".join(self.lines)[-3000:]
+            time.sleep(0.05)
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if self.port is None and "worker listening on" in line:
+                self.port = int(line.rsplit(":", 1)[1].split()[0])
+
+    def incidents(self, kind: str) -> list[dict]:
+        found = []
+        for line in list(self.lines):
+            if f'"{kind}"' in line:
+                try:
+                    found.append(json.loads(line[line.index("{"):]))
+                except ValueError:
+                    found.append({"line": line})
+        return found
+
+    def wait_incident(self, kind: str, match: str = "", again=None, bound: float = 20) -> dict:
+        """The first logged incident of ``kind`` whose line holds ``match``. Lines are rate-limited
+        (one per kind per second), so ``again`` (if given) repeats the provocation meanwhile."""
+        end = time.monotonic() + bound
+        while time.monotonic() < end:
+            found = [i for i in self.incidents(kind) if match in json.dumps(i)]
+            if found:
+                return found[0]
+            if again is not None:
+                again()
+            time.sleep(0.1)
+        raise AssertionError(f"no {kind} incident logged; stderr:\n" + "".join(self.lines)[-3000:])
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, upstreams, certs):
+    gw = Serve(tmp_path_factory.mktemp("tlsio-gw"), f"http://127.0.0.1:{upstreams.sim.port}", certs[1])
+    yield gw
+    assert gw.stop() == 0
+    assert not gw.incidents("contained_exception"), "".join(gw.lines)
+
+
+# -- a blocking HTTPS client ---------------------------------------------------------------
+
+AUTH = b"Basic " + base64.b64encode(f"kim:{PASSWORD}".encode())
+
+
+def options_request(close: bool = False) -> bytes:
+    conn = h11.Connection(h11.CLIENT)
+    headers = [(b"Host", b"localhost"), (b"Authorization", AUTH)]
+    if close:
+        headers.append((b"Connection", b"close"))
+    return conn.send(h11.Request(method=b"OPTIONS", target=EAS, headers=headers)) + conn.send(h11.EndOfMessage())
+
+
+def read_answer(sock) -> tuple[int, list, bytes]:
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method=b"OPTIONS", target=EAS, headers=[(b"Host", b"x")]))
+    conn.send(h11.EndOfMessage())
+    status, headers, body = None, None, b""
+    while True:
+        ev = conn.next_event()
+        if ev is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(ev, h11.Response):
+            status, headers = ev.status_code, ev.headers
+        elif isinstance(ev, h11.Data):
+            body += ev.data
+        elif isinstance(ev, h11.EndOfMessage):
+            return status, headers, body
+
+
+def connect(port: int, ctx: ssl.SSLContext, **kw) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    return ctx.wrap_socket(raw, server_hostname="localhost", **kw)
+
+
+def served(gw: Serve, ca) -> bool:
+    """The worker answers a new TLS connection."""
+    with connect(gw.port, client_context(ca)) as s:
+        s.sendall(options_request())
+        return read_answer(s)[0] == 200
+
+
+def closed_by_peer(sock: socket.socket) -> bytes:
+    """Read until the gateway closes (EOF or reset; a generous bound): what came first."""
+    got = b""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return got
+            got += data
+    except (ConnectionResetError, ssl.SSLError):
+        return got
+
+
+# -- friendly ------------------------------------------------------------------------------
+
+async def test_eas_session_over_tls(gateway, upstreams, certs):
+    """FolderSync, Sync, an attachment three ways and a parked Ping, all through the TLS leg."""
+    ca, _ = certs
+    dev = EasClient("127.0.0.1", gateway.port, "kim", PASSWORD, "DEVTLS1", ssl_context=client_context(ca))
+    try:
+        r = await dev.request("FolderSync", E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0")))
+        assert r.status == 200 and text(r.doc, "FolderHierarchy:Status") == "1"
+        r = await dev.request("Sync", E("AirSync:Sync", E("AirSync:Collections", E("AirSync:Collection",
+                              E("AirSync:SyncKey", "0"), E("AirSync:CollectionId", INBOX)))))
+        key = text(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:SyncKey")
+        r = await dev.request("Sync", E("AirSync:Sync", E("AirSync:Collections", E("AirSync:Collection",
+                              E("AirSync:SyncKey", key), E("AirSync:CollectionId", INBOX),
+                              E("AirSync:GetChanges", "1"), E("AirSync:WindowSize", "50"),
+                              E("AirSync:Options", E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", "2")))))))
+        assert r.status == 200
+        refs = [el.text for el in r.doc.iter() if el.tag == "AirSyncBase:FileReference"]
+        assert refs, "the corpus lists attachments"
+        fetch = E("ItemOperations:ItemOperations", E("ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"),
+                  E("AirSyncBase:FileReference", refs[0])))
+        r = await dev.request("ItemOperations", fetch)
+        inline = base64.b64decode(text(r.doc, "ItemOperations:Response", "ItemOperations:Fetch",
+                                       "ItemOperations:Properties", "ItemOperations:Data"))
+        r = await dev.request("GetAttachment", params={"AttachmentName": refs[0]})
+        assert r.status == 200 and r.body == inline and len(inline) > 0
+        ping = E("Ping:Ping", E("Ping:HeartbeatInterval", "300"),
+                 E("Ping:Folders", E("Ping:Folder", E("Ping:Id", INBOX), E("Ping:Class", "Email"))))
+        result = []
+        async with trio.open_nursery() as nursery:
+            async def do_ping():
+                result.append(await dev.request("Ping", ping))
+
+            nursery.start_soon(do_ping)
+            # The Ping waits at the mail server (and in the gateway's parking lot, its TLS
+            # stream with it) until mail arrives.
+            with trio.fail_after(20):
+                while upstreams.sim.parked < 1:
+                    await trio.sleep(0.02)
+            assert not result
+            await trio.to_thread.run_sync(lambda: trio.from_thread.run_sync(
+                upstreams.sim.deliver, "kim", trio_token=upstreams.token))
+        assert result[0].status == 200 and text(result[0].doc, "Ping:Status") == "2"
+        r = await dev.request("FolderSync", E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0")))
+        assert r.status == 200                   # the connection carries on after the parked Ping
+    finally:
+        await dev.aclose()
+
+
+def test_tls13_session_resumption_and_close_notify(gateway, certs):
+    ca, _ = certs
+    ctx = client_context(ca)
+    with connect(gateway.port, ctx) as s:
+        assert s.version() == "TLSv1.3" and not s.session_reused
+        s.sendall(options_request())
+        assert read_answer(s)[0] == 200
+        session = s.session
+    # A new connection offers the ticket: resumed, as devices do.
+    with connect(gateway.port, ctx, session=session, suppress_ragged_eofs=False) as s:
+        assert s.session_reused
+        s.sendall(options_request(close=True))
+        assert read_answer(s)[0] == 200
+        # The gateway closes after a Connection: close answer with a close_notify: a clean
+        # EOF (a ragged one raises SSLEOFError here, suppress_ragged_eofs being off).
+        assert s.recv(100) == b""
+
+
+def test_eof_without_close_notify_is_an_ordinary_close(gateway, certs):
+    ca, _ = certs
+    s = connect(gateway.port, client_context(ca))
+    s.sendall(options_request())
+    assert read_answer(s)[0] == 200
+    s.sendall(options_request()[:20])            # half a request, then the TCP connection ends
+    raw = socket.socket(fileno=os.dup(s.fileno()))
+    raw.shutdown(socket.SHUT_RDWR)
+    raw.close()
+    s.close()
+    assert served(gateway, ca)
+    assert not gateway.incidents("contained_exception")
+
+
+# -- hostile -------------------------------------------------------------------------------
+
+def test_a_stalled_handshake_is_cut_while_others_are_served(gateway, certs):
+    ca, _ = certs
+    hello = bytearray()
+    # The first bytes of a real ClientHello, then nothing.
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = client_context(ca).wrap_bio(inc, out, server_hostname="localhost")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        hello += out.read()
+    stalled = [socket.create_connection(("127.0.0.1", gateway.port), timeout=20) for _ in range(3)]
+    stalled[0].sendall(bytes(hello[:40]))
+    stalled[1].sendall(bytes(hello))             # the whole hello, but never the client's Finished
+    try:
+        assert served(gateway, ca)               # the worker is not held up by them
+        for s in stalled:
+            got = closed_by_peer(s)              # timeouts.tls_handshake (1 s here) ends each
+            assert got[:1] in (b"", b"\x16")     # nothing, or the server's handshake flight
+        gateway.wait_incident("tls_handshake_timeout")
+    finally:
+        for s in stalled:
+            s.close()
+    assert served(gateway, ca)
+
+
+def test_garbage_for_a_client_hello_is_refused(gateway, certs):
+    ca, _ = certs
+
+    def garbage():
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=20) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert closed_by_peer(s) == b""      # OpenSSL sends no alert to plain HTTP: just closed
+
+    garbage()
+    # Refused by TLS as what it is, not left to the handshake deadline.
+    incident = gateway.wait_incident("tls_handshake_failed", "HTTP_REQUEST", again=garbage)
+    assert incident["client_ip"] == "127.0.0.1"
+    assert served(gateway, ca)
+
+
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+def test_tls_1_0_and_1_1_are_refused(gateway, certs, version):
+    ca, _ = certs
+    old = client_context(ca)
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    v = getattr(ssl.TLSVersion, version)
+    old.minimum_version = old.maximum_version = v
+    with pytest.raises(ssl.SSLError) as err:
+        connect(gateway.port, old).close()
+    # The server's refusal (a protocol_version alert), not our own side's.
+    assert "PROTOCOL_VERSION" in str(err.value).upper() or "UNSUPPORTED_PROTOCOL" in str(err.value).upper()
+    assert "ALERT" in str(err.value).upper(), str(err.value)
+    assert served(gateway, ca)
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command (scripts/test.sh installs it)")
+def test_client_renegotiation_is_refused(gateway, certs):
+    ca, d = certs
+    (d / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    # TLS 1.2 (TLS 1.3 has no renegotiation); "R" asks s_client to renegotiate.
+    out = subprocess.run(["openssl", "s_client", "-tls1_2", "-msg", "-connect", f"127.0.0.1:{gateway.port}",
+                          "-CAfile", str(d / "ca.pem"), "-servername", "localhost"],
+                         input=b"R\n", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    said = out.stdout.decode(errors="replace")
+    assert "RENEGOTIATING" in said, said[-2000:]
+    # The gateway answers the new ClientHello with a no_renegotiation alert (no second handshake).
+    tail = said[said.index("RENEGOTIATING"):]
+    assert "<<< TLS 1.2, Alert [length 0002], warning no_renegotiation" in tail, tail[-2000:]
+    assert "ServerHello" not in tail
+    assert served(gateway, ca)
+
+
+def test_a_record_over_the_limit_ends_the_connection(gateway, certs):
+    ca, _ = certs
+    s = connect(gateway.port, client_context(ca))
+    s.sendall(options_request())
+    assert read_answer(s)[0] == 200
+    raw = socket.socket(fileno=os.dup(s.fileno()))
+    raw.settimeout(20)
+    try:
+        # An application-data record claiming 65535 bytes (TLS allows 2^14 + 256).
+        raw.sendall(b"\x17\x03\x03\xff\xff" + os.urandom(65535))
+        closed_by_peer(raw)                      # the gateway ends it (record_overflow)
+    finally:
+        raw.close()
+        s.close()
+    assert served(gateway, ca)
+    assert not gateway.incidents("contained_exception")
+
+
+def test_a_device_that_never_reads_its_answer_is_cut(tmp_path, upstreams, certs):
+    ca, d = certs
+    gw = Serve(tmp_path / "gw", f"http://127.0.0.1:{upstreams.big.port}", d, device_write=1.0)
+    try:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(20)
+        raw.connect(("127.0.0.1", gw.port))
+        s = client_context(ca).wrap_socket(raw, server_hostname="localhost")
+        s.sendall(options_request())             # the answer: BIG bytes, never read
+        gw.wait_incident("device_write_timeout")
+        taken = 0
+        try:
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                taken += len(data)
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        assert taken < BIG                       # cut (reset), not delivered
+        s.close()
+        assert served(gw, ca)                    # the worker goes on
+        assert not gw.incidents("contained_exception")
+    finally:
+        assert gw.stop() == 0
