@@ -35,12 +35,13 @@ class Device:
 
     __slots__ = ("gw", "stream", "sock", "_conn", "client_ip", "proto", "closing", "max_head", "leftover",
                  "_head", "_event", "_rest", "_taken", "_answer", "_answered", "pending", "fresh",
-                 "behind_proxy")
+                 "behind_proxy", "tls")
 
     def __init__(self, gw, stream, client_ip: str, proto: bytes):
         self.gw = gw
         self.stream = stream
         self.sock = sockio.plain_socket(stream)      # None under TLS
+        self.tls = getattr(stream, "fast_tls", False)   # proxy/tlsio.TLSStream: sockio's calls, decrypted
         self.max_head = gw.config.limits.max_header_bytes
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
         self.client_ip = client_ip
@@ -347,14 +348,18 @@ async def _loop(gw, dev: Device) -> bool:
             # Waiting for the next request is the idle keep-alive phase; the drain cancels it.
             size = min(RECEIVE_SIZE, max(dev.max_head - dev.leftover, 1))
             try:
-                data = sockio.read_now(dev.sock, size)
+                sock = dev.sock
+                data = sockio.read_now(sock, size) if sock is not None else \
+                    (dev.stream.read_now(size) if dev.tls else None)
                 if data is None:
                     deadline = trio.current_time() + gw.config.timeouts.idle_keepalive
-                    if dev.sock is not None:
-                        wait = sockio.IdleWait(dev.sock)      # the drain ends it via cancel()
+                    if sock is not None or dev.tls:
+                        # The drain ends the wait via cancel() (notify_closing: ClosedResourceError).
+                        wait = sockio.IdleWait(sock if sock is not None else dev.stream.plain)
                         gw.idle_scopes.add(wait)
                         try:
-                            data = await sockio.wait_plain(dev.sock, size, deadline)
+                            data = await (sockio.wait_plain(sock, size, deadline) if sock is not None
+                                          else dev.stream.receive_by(size, deadline))
                         finally:
                             gw.idle_scopes.discard(wait)
                     else:

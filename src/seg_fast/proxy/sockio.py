@@ -191,10 +191,15 @@ async def receive(stream, sock, size: int, deadline: float = math.inf, ready: bo
     ``ready=False``: the data is not expected yet (an answer just asked for), so the
     read is not tried before waiting (a system call that would say EAGAIN)."""
     global _ready
-    data = read_now(sock, size) if ready else None
-    if data is None:
-        if sock is not None:
+    if sock is not None:
+        data = read_now(sock, size) if ready else None
+        if data is None:
             return await wait_plain(sock, size, deadline)
+    elif getattr(stream, "fast_tls", False):      # proxy/tlsio.TLSStream: the same calls, decrypted
+        data = stream.read_now(size) if ready else None
+        if data is None:
+            return await stream.receive_by(size, deadline)
+    else:
         return await wait_receive(stream, sock, size, trio.CancelScope(deadline=deadline))
     _ready += 1
     if _ready >= FAIR_EVERY:
@@ -322,6 +327,9 @@ async def send_all(stream, sock, data, pace: Pace | None = None) -> None:
                 return
             await _write_rest(sock, memoryview(data)[sent:], pace)
             return
+    if getattr(stream, "fast_tls", False):
+        await stream.send_parts([data], pace)
+        return
     await _send_stream(stream, data, pace)
 
 
@@ -356,6 +364,9 @@ async def send_parts(stream, sock, parts: list, pace: Pace | None = None) -> Non
     if sock is not None:
         for part in parts:
             await send_all(stream, sock, part, pace)
+        return
+    if getattr(stream, "fast_tls", False):         # tlsio.TLSStream: the parts uncopied
+        await stream.send_parts(parts, pace)
         return
     await _send_stream(stream, b"".join(parts), pace)
 
