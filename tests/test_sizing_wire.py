@@ -1,8 +1,13 @@
 """The fleet's HTTP/1.1 client (seg_fast.sim.wire) held to h11: answers h11 writes
 are read back exactly (Content-Length, chunked, close-delimited, keep-alive or not);
 framing h11 would refuse is refused; the request head it writes parses in h11 as
-the same request."""
+the same request. The poller's reader (``HttpConn.poll_answer``, no waiting: it is
+called each time the socket is readable) is held to the waiting reader on the same
+bytes in the same pieces: the same answer, or FALLBACK and then the waiting reader
+gives it from what was buffered, or the same refusal."""
 from __future__ import annotations
+
+import socket
 
 import h11
 import pytest
@@ -11,7 +16,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seg_fast.sim.wire import HttpConn, WireError, request_head
+from seg_fast.sim.wire import FALLBACK, HttpConn, RawStream, WireError, request_head
 
 CONST = b"Host: mail.seg-fast.test\r\nMS-ASProtocolVersion: 14.1\r\nAuthorization: Basic dTpw\r\n"
 
@@ -106,3 +111,86 @@ def test_request_head_is_the_request_h11_reads():
     assert h[b"x-ms-policykey"] == b"3141592653" and h[b"x-fleet-seq"] == b"Sync.17"
     assert h[b"authorization"] == b"Basic dTpw" and h[b"content-length"] == b"5"
     assert srv.next_event().data == b"hello"
+
+
+def _poll(wire: bytes, pieces: int = 7, close: bool = False):
+    """``wire`` read by poll_answer as it arrives in pieces over a real socket pair;
+    a FALLBACK is finished by the waiting reader (as the Parker's resume does)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    conn = HttpConn(RawStream(a))
+    conn.reusable = False                   # as after a request was sent
+    step = max(1, len(wire) // pieces)
+    chunks = [wire[k:k + step] for k in range(0, len(wire), step)]
+    try:
+        while chunks:
+            b.sendall(chunks.pop(0))
+            if not chunks and close:
+                b.shutdown(socket.SHUT_WR)
+            res = conn.poll_answer()
+            if res is FALLBACK:
+                for c in chunks:
+                    b.sendall(c)
+                if close:
+                    b.shutdown(socket.SHUT_WR)
+                return trio.run(conn.answer), conn.reusable, True
+            if res is not None:
+                return res, conn.reusable, False
+        if close:
+            res = conn.poll_answer()
+            if res is FALLBACK:
+                return trio.run(conn.answer), conn.reusable, True
+            if res is not None:
+                return res, conn.reusable, False
+        return None, conn.reusable, False   # still waiting for more
+    finally:
+        a.close()
+        b.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(body=st.binary(max_size=3000), chunked=st.booleans(), cuts=st.integers(1, 5), pieces=st.integers(1, 9))
+def test_poll_reads_what_the_waiting_reader_reads(body, chunked, cuts, pieces):
+    if chunked:
+        step = max(1, len(body) // cuts)
+        chunks = [body[k:k + step] for k in range(0, len(body), step)]
+        wire = _answer(200, [("Transfer-Encoding", "chunked")], body, chunks)
+    else:
+        wire = _answer(200, [("Content-Length", str(len(body))), ("X-A", "1"), ("x-a", "2")], body)
+    (status, headers, got), reusable, fell_back = _poll(wire, pieces)
+    assert (status, got, reusable) == (200, body, True)
+    assert fell_back == chunked             # Content-Length answers are the poller's own
+    assert ((status, headers, got), reusable) == trio.run(_read, wire, pieces)
+
+
+def test_poll_close_delimited_connection_close_and_what_follows():
+    wire = b"HTTP/1.1 200 OK\r\nContent-Type: x\r\n\r\nall of it"
+    assert _poll(wire, 3, True)[:2] == trio.run(_read, wire, 3, True)
+    wire = _answer(503, [("Content-Length", "2"), ("Connection", "close")], b"no")
+    (status, headers, got), reusable, fell_back = _poll(wire)
+    assert (status, got, reusable, fell_back) == (503, b"no", False, False)
+    # bytes after the answer stay buffered for the next one (buffered() says so)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    conn = HttpConn(RawStream(a))
+    b.sendall(_answer(200, [("Content-Length", "3")], b"one") + b"HTTP/1.1 200 OK\r\n")
+    assert conn.poll_answer()[2] == b"one" and conn.buffered()
+    b.sendall(b"Content-Length: 3\r\n\r\ntwo")
+    assert conn.poll_answer()[2] == b"two" and not conn.buffered()
+    assert conn.poll_answer() is None       # nothing more: still waiting
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("wire", [
+    b"HTTP/1.1 200\r\nContent-Length: 1x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nab",
+    b"HTTP/1.1 200 OK\r\n Folded: x\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcdeXX0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+])
+def test_poll_refuses_what_the_waiting_reader_refuses(wire):
+    with pytest.raises(WireError):
+        _poll(wire, 3, True)

@@ -141,12 +141,23 @@ def sync_body(dev: "Device", truncation: int | None = None) -> bytes:
 
 
 async def sync(dev: "Device", conn: "HttpConn", key: str) -> bool:
-    st = dev.fleet.stats
     initial = dev.sync_key == "0"
     before = dev.delivered
     first_download = not initial and not dev.seen
     body = sync_body(dev, SETUP_TRUNCATION if first_download else None)
-    root = await _call(dev, conn, "Sync", body, None if (initial or first_download) else key)
+    res = await dev.call(conn, "Sync", body, None if (initial or first_download) else key)
+    return sync_answer(dev, res, initial, first_download, before)
+
+
+def sync_answer(dev: "Device", res, initial: bool, first_download: bool, before: int) -> bool:
+    """A Sync answer (already byte-checked by ``Device.checked``; None: failed on the
+    way) against what the device knows: also called by the shard's poller, which sends
+    steady-state Syncs without a task (fleet.Parker)."""
+    st = dev.fleet.stats
+    answer = dev.check_http("Sync", res)
+    if answer is None:
+        return False
+    root = _decode(dev, "Sync", answer)
     if root is None:
         return False
     top = text(root, "AirSync:Status")

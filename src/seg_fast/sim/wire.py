@@ -32,6 +32,10 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CHUNK = re.compile(rb"([0-9A-Fa-f]+)(?:;[^\r\n]*)?")
 
 
+# poll_answer: this answer is for the waiting reader (``answer``)
+FALLBACK = object()
+
+
 class WireError(Exception):
     """The server's answer broke HTTP/1.1 framing (or the connection was cut)."""
 
@@ -122,12 +126,18 @@ class HttpConn:
     """One client connection to a server, one request at a time (keep-alive while
     both sides allow it)."""
 
-    __slots__ = ("stream", "buf", "reusable")
+    __slots__ = ("stream", "buf", "reusable", "want", "parts", "have", "facts")
 
     def __init__(self, stream) -> None:
         self.stream = stream
         self.buf = b""
         self.reusable = True
+        # poll_answer's state between calls: body bytes wanted (-1: head not read yet),
+        # the pieces received so far and their length, (status, headers, keep-alive)
+        self.want = -1
+        self.parts: list[bytes] = []
+        self.have = 0
+        self.facts = None
 
     @classmethod
     async def open(cls, host: str, port: int, local: str | None, tls=None, session=None,
@@ -181,6 +191,73 @@ class HttpConn:
         ssl_object = getattr(stream, "_ssl_object", None)
         return bool((incoming is not None and incoming.pending)
                     or (ssl_object is not None and ssl_object.pending()))
+
+    def poll_answer(self):
+        """Without waiting (a plain connection whose socket is readable): the answer
+        when what has arrived completes it, None when more must come, FALLBACK when
+        it is a form left to ``answer`` (anything but a final Content-Length answer:
+        chunked, read-to-close, 1xx, a head the compiled parser defers). What was
+        read stays buffered for ``answer`` to start from. Same bytes, same checks
+        as ``answer`` (tests/test_sizing_wire.py holds the two to each other)."""
+        sock = self.stream.socket
+        parts = self.parts
+        eof = False
+        while True:
+            try:
+                data = sock.recv(RECV)
+            except BlockingIOError:
+                break
+            if not data:
+                eof = True
+                break
+            parts.append(data)
+            self.have += len(data)
+            if len(data) < RECV:       # drained, most likely: epoll says when more comes
+                break
+        if self.want < 0:
+            if parts:
+                self.buf = self.buf + b"".join(parts) if self.buf else b"".join(parts)
+                parts.clear()
+                self.have = 0
+            try:
+                head = http1.parse_response(self.buf, b"POST", MAX_HEAD)
+            except HTTPProtocolError:
+                return FALLBACK
+            if head is http1.NEED_MORE:
+                if eof:
+                    raise WireError("connection closed before the answer ended")
+                return None
+            if (type(head) is not http1.ResponseHead or head.status_code < 200
+                    or head.status_code in (204, 304) or head.framing != http1.FRAMING_LENGTH):
+                return FALLBACK
+            headers: dict[bytes, bytes] = {}
+            for _name, name, value in head.headers:
+                headers[name] = headers[name] + b", " + value if name in headers else value
+            cl = headers.get(b"content-length")
+            if cl is None or b"transfer-encoding" in headers or not cl.isdigit():
+                return FALLBACK
+            keep = b"close" not in headers.get(b"connection", b"").lower()
+            self.facts = (head.status_code, headers, keep)
+            self.want = int(cl)
+            rest = self.buf[head.head_len:]
+            self.buf = b""
+            parts.append(rest)
+            self.have = len(rest)
+        if self.have < self.want:
+            if eof:
+                raise WireError("connection closed before the answer ended")
+            return None
+        whole = parts[0] if len(parts) == 1 else b"".join(parts)
+        want = self.want
+        body = whole[:want]
+        self.buf = whole[want:]
+        parts.clear()
+        self.have = 0
+        self.want = -1
+        status, headers, keep = self.facts
+        self.facts = None
+        self.reusable = keep
+        return status, headers, body
 
     async def answer(self) -> tuple[int, dict[bytes, bytes], bytes]:
         while True:
