@@ -82,7 +82,25 @@ def start_nginx_tls(workdir: Path, port: int, upstream: int, cert: Path, key: Pa
     return proc
 
 
-def start_seg_fast_tls(workdir: Path, port: int, upstream: int, cert: Path, key: Path) -> subprocess.Popen:
+# --with-trio-sslstream: a second seg-fast whose device leg is trio.SSLStream, as before
+# proxy/tlsio.py, patched in at start-up (sitecustomize), measured in the same run.
+_TRIO_SSLSTREAM = """
+import trio
+from seg_fast.proxy import gateway
+
+def _trio_sslstream(stream, context):
+    s = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+    s.handshake_started = True
+    return s
+
+gateway.TLSStream = _trio_sslstream
+"""
+
+
+def start_seg_fast_tls(workdir: Path, port: int, upstream: int, cert: Path, key: Path,
+                       name: str = "gateway", trio_sslstream: bool = False) -> subprocess.Popen:
+    workdir = workdir / name
+    workdir.mkdir()
     cfg = workdir / "gateway.toml"
     cfg.write_text(f"""workers = 1
 [listener]
@@ -109,6 +127,10 @@ master_key_file = "{workdir}/master.key"
 key_state_file = "{workdir}/keys.json"
 """)
     env = dict(os.environ, SEG_FAST_STATE_DIR=str(workdir / "state"))
+    if trio_sslstream:
+        (workdir / "patch").mkdir()
+        (workdir / "patch" / "sitecustomize.py").write_text(_TRIO_SSLSTREAM)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workdir / "patch"), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "seg_fast", "serve",
                              "--workers", "1", "--config", str(cfg)],
                             env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -180,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="repeat, alternating the proxies; each figure is the median")
     ap.add_argument("--only", choices=["seg-fast", "nginx"], default=None)
     ap.add_argument("--variants", default="keepalive,close")
+    ap.add_argument("--with-trio-sslstream", action="store_true",
+                    help="also measure seg-fast with trio.SSLStream on the device leg (the code before tlsio)")
     ap.add_argument("--label", default="", help="a note kept in the JSON (e.g. which TLS stream was measured)")
     ap.add_argument("--out", default=str(HERE / "results" / "tls_bench.json"))
     args = ap.parse_args(argv)
@@ -189,7 +213,7 @@ def main(argv=None) -> int:
     if os.cpu_count() < 2:
         sys.exit("needs two CPUs (the proxy on CPU 0, upstream and wrk on CPU 1)")
     workdir = Path(tempfile.mkdtemp(prefix="tls-bench-"))
-    up_port, ng_port, sf_port, check_port = (wrk_bench._free_port() for _ in range(4))
+    up_port, ng_port, sf_port, check_port, old_port = (wrk_bench._free_port() for _ in range(5))
     cert, key = make_certificate(workdir)
     procs = []
     figures: dict[str, dict[str, list]] = {}
@@ -201,6 +225,10 @@ def main(argv=None) -> int:
             sf = start_seg_fast_tls(workdir, sf_port, up_port, cert, key)
             procs.append(sf)
             proxies.append(("seg-fast", sf.pid, sf_port))
+            if args.with_trio_sslstream:
+                old = start_seg_fast_tls(workdir, old_port, up_port, cert, key, "trio-sslstream", True)
+                procs.append(old)
+                proxies.append(("seg-fast-trio-sslstream", old.pid, old_port))
         ng = start_nginx_tls(workdir, ng_port, up_port, cert, key, check_port)
         procs.append(ng)
         if args.only != "seg-fast":
@@ -213,7 +241,7 @@ def main(argv=None) -> int:
                 for name, pid, port in proxies:
                     r = measure(name, pid, port, script, args)
                     figures.setdefault(variant, {}).setdefault(name, []).append(r)
-                    print(f"{variant:9s} {name:8s} {r['cpu_us_per_request']:8.1f} µs CPU/request "
+                    print(f"{variant:9s} {name:23s} {r['cpu_us_per_request']:8.1f} µs CPU/request "
                           f"(user {r['user_us_per_request']:.1f}, sys {r['sys_us_per_request']:.1f}) "
                           f"{r['requests_per_second']:7d} req/s", flush=True)
     finally:
@@ -245,6 +273,11 @@ def main(argv=None) -> int:
             row["ratio"] = round(row["seg-fast"]["cpu_us_per_request"] / row["nginx"]["cpu_us_per_request"], 2)
             print(f"{variant:9s} seg-fast {row['seg-fast']['cpu_us_per_request']:.1f} µs vs nginx "
                   f"{row['nginx']['cpu_us_per_request']:.1f} µs per request: {row['ratio']}x")
+        old = row.get("seg-fast-trio-sslstream")
+        if old is not None and "nginx" in row:
+            row["ratio_trio_sslstream"] = round(old["cpu_us_per_request"] / row["nginx"]["cpu_us_per_request"], 2)
+            print(f"{variant:9s} with trio.SSLStream {old['cpu_us_per_request']:.1f} µs: "
+                  f"{row['ratio_trio_sslstream']}x nginx")
         summary["variants"][variant] = row
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

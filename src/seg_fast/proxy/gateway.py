@@ -11,7 +11,7 @@ from seg_fast.content import pipeline as content_pipeline
 from seg_fast.kcd import clientcert, delegation
 from seg_fast.ldapcerts import CertLookup
 from seg_fast.observe import TransactionLog
-from seg_fast.oslimits import raise_nofile_limit
+from seg_fast.oslimits import device_connections_within, raise_nofile_limit
 from seg_fast.policy import gate
 from seg_fast.proxy import sockio
 from seg_fast.proxy.downstream import resume_parked, serve_device
@@ -193,9 +193,13 @@ class Gateway:
         return self.incidents.counts
 
     def _connection_cap(self) -> int:
-        # One descriptor per device connection, and some kept for mail-server
-        # connections, the store and logs, so accept() never takes the last one.
-        return max(1, min(self.config.limits.max_connections, getattr(self, "_nofile", 1 << 20) - 256))
+        # Two descriptors per device connection (its mail-server connection: a parked Ping
+        # holds both) plus the idle pool and the worker's own: past this accept() refuses,
+        # rather than a Ping failing for want of a descriptor (EMFILE on the mail-server
+        # connect) or devices left unaccepted in the listen queue (EMFILE on accept).
+        nofile = getattr(self, "_nofile", 1 << 21)
+        return min(self.config.limits.max_connections,
+                   device_connections_within(nofile, self.config.upstream.idle_pool_size))
 
     async def _accept(self, sock, conns) -> None:
         while True:
@@ -254,7 +258,7 @@ class Gateway:
                         self.incidents.note("tls_handshake_timeout", client_ip=ip)
                     elif stream.handshake_started:
                         self.incidents.note("tls_handshake_failed", client_ip=ip, reason=str(exc)[:160])
-                    await trio.aclose_forcefully(stream)
+                    stream.close()
                     return
                 if self.certauth is not None and self.certauth.ocsp is not None:    # kcd/ocsp.py
                     await self.certauth.check_online(stream, self.incidents)

@@ -128,10 +128,15 @@ class TLSStream:
         await trio.lowlevel.wait_writable(self.socket)
 
     async def aclose(self) -> None:
+        """``close()``, then a checkpoint (trio's contract for aclose)."""
+        self.close()
+        await checkpoint()
+
+    def close(self) -> None:
         """Send close_notify if the connection is sound (never waiting for the device to take
-        it or to answer it), then close the socket."""
+        it or to answer it), then close the socket. Synchronous: nothing here waits, so the
+        connection's last step needs no cancel scope (aclose_forcefully's)."""
         if self._closed:
-            await checkpoint()
             return
         self._closed = True
         if self._handshook and not self._broken and not self._sending:
@@ -145,8 +150,10 @@ class TLSStream:
                     os.write(self.plain.fileno(), ciphertext)
                 except OSError:
                     pass              # would block, or the device left: a close is a close
-        self.socket.close()           # wakes any task waiting on it (notify_closing)
-        await checkpoint()
+        try:
+            self.socket.close()       # wakes any task waiting on it (notify_closing)
+        except OSError:
+            pass
 
     # -- the fast path (sockio's plain-socket calls, for TLS) ------------------------------
 
