@@ -34,6 +34,7 @@ from seg_fast.proxy import sockio
 from seg_fast.proxy._http1 import read_nb
 
 READ_SIZE = 64 * 1024         # one socket read (read_nb's buffer)
+RECORD = 16 * 1024            # the most plaintext one TLS record holds
 SLICE = 64 * 1024             # plaintext encrypted ahead of what the socket took
 FAIR_EVERY = 32               # ready operations between checkpoints (as sockio)
 _ready = 0
@@ -294,6 +295,10 @@ class TLSStream:
 
     def _decrypt(self, size: int) -> bytes | None:
         """Plaintext the SSLObject can give now (b"" at EOF); None if it needs more bytes."""
+        if not self._in.pending and not self._eof and not self._obj.pending():
+            return None               # nothing to decrypt: skip OpenSSL's WantRead exception
+        if size > RECORD:
+            size = RECORD             # one read gives at most a record: no 64 KiB bytes to shrink
         try:
             data = self._obj.read(size)
         except ssl.SSLWantReadError:
