@@ -33,7 +33,11 @@ its parts joined are the document, and decode back to the tree.
 Each round times every document with every function back to back (a noisy,
 shared machine slows all columns alike); a class's rate is its bytes over its
 summed time; figures are medians of the rounds, ratios are medians of per-round
-ratios. Calls from Python: libwbxml pays one ctypes call (about 1 us, measured and
+ratios. glibc's malloc is set (mallopt) to serve every size from the heap and keep
+freed memory: otherwise its dynamic mmap threshold lets the allocations of one column
+decide whether another column's megabyte buffers come from fresh mmap'ed pages (page
+faults on every call) or not, which moved libwbxml's body-heavy rates by 3-5x between
+runs. Calls from Python: libwbxml pays one ctypes call (about 1 us, measured and
 printed) per function call, as we pay one Python call. Writes
 benchmarks/results/wbxml_bench.json.
 """
@@ -406,17 +410,33 @@ def _walk(data: bytes) -> int:
     return len(list(decode(data).iter()))
 
 
+# CPU time of this process (not wall-clock): on the shared machine a run that waits for a
+# core is not counted as slow; both sides are measured the same way.
+_clock = time.process_time
+
+
 def _reps(fn, budget: float) -> int:
-    t0 = time.perf_counter()
+    t0 = _clock()
     fn()
-    return max(1, int(budget / max(time.perf_counter() - t0, 1e-7)))
+    return max(1, int(budget / max(_clock() - t0, 1e-7)))
 
 
 def _time(fn, reps: int) -> float:
-    t0 = time.perf_counter()
+    t0 = _clock()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - t0) / reps
+    return (_clock() - t0) / reps
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc malloc.h
+
+
+def steady_malloc() -> None:
+    """Every allocation from the heap, freed memory kept (see the module docstring)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    assert libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1     # glibc's largest allowed value
+    assert libc.mallopt(M_TRIM_THRESHOLD, 256 << 20) == 1
 
 
 def median(xs: list[float]) -> float:
@@ -430,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "wbxml_bench.json"))
     args = ap.parse_args(argv)
     budget = 0.004 if args.quick else 0.02     # seconds per document, function and round
+    steady_malloc()
     lw = LibWBXML()
     docs = classified_documents()
     fns: dict[str, dict[str, object]] = {}
@@ -533,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/wbxml_bench.py" + (" --quick" if args.quick else "")
                    + (f" --rounds {args.rounds}" if args.rounds != 5 else ""),
         "python": platform.python_version(), "machine": platform.machine(),
-        "note": "shared 2-core machine; medians of rounds, every column timed back to back",
+        "note": "shared 2-core machine; CPU time (process_time); medians of rounds, every column timed back to back; "
+                "glibc malloc: mmap threshold 32 MiB, trim threshold 256 MiB (both sides)",
         "load_average_1_5_15min_at_end": [round(x, 1) for x in __import__("os").getloadavg()],
         "rounds": args.rounds, "ctypes_call_us": round(ctypes_call_us, 2),
         "classes": classes, "summary": summary, "documents": docs_out}, indent=1) + "\n")

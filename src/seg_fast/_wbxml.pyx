@@ -1007,6 +1007,8 @@ cdef struct Writer:
     PyObject* parts
     Py_ssize_t min_ref
     Py_ssize_t refs_left
+    bint direct       # gather output written straight into bytes objects (obj), part by part
+    Py_ssize_t hint   # direct: the bytes still expected (the size of the next part's buffer)
 
 
 cdef inline void _writer_init(Writer* w):
@@ -1017,6 +1019,32 @@ cdef inline void _writer_init(Writer* w):
     w.parts = NULL
     w.min_ref = 0
     w.refs_left = 0
+    w.direct = False
+    w.hint = 0
+
+
+cdef int _direct(Writer* w, Py_ssize_t size) except -1:
+    """Write straight into a new bytes object of ``size`` (+ slack): no copy at the end."""
+    cdef object result = PyBytes_FromStringAndSize(NULL, size + 64)
+    Py_INCREF(result)
+    w.obj = <PyObject*>result
+    w.buf = PyBytes_AS_STRING(result)
+    w.cap = size + 64
+    w.len = 0
+    w.hint = size
+    w.direct = True
+    return 0
+
+
+cdef object _take(Writer* w):
+    """The direct output as a bytes object of its length (the writer lets go of it)."""
+    _PyBytes_Resize(&w.obj, w.len)     # frees it and sets NULL on failure
+    result = <object>w.obj
+    Py_DECREF(result)                  # the writer's reference (result holds its own)
+    w.obj = NULL
+    w.buf = NULL
+    w.cap = 0
+    return result
 
 
 cdef inline bint _may_ref(Writer* w, Py_ssize_t n):
@@ -1025,8 +1053,14 @@ cdef inline bint _may_ref(Writer* w, Py_ssize_t n):
 
 cdef int _flush(Writer* w) except -1:
     """Gather output: the bytes written since the last part become a part."""
-    if w.len:
-        (<list>w.parts).append(PyBytes_FromStringAndSize(w.buf, w.len))
+    cdef Py_ssize_t n = w.len
+    if not n:
+        return 0
+    if w.direct:
+        (<list>w.parts).append(_take(w))
+        w.hint -= n
+    else:
+        (<list>w.parts).append(PyBytes_FromStringAndSize(w.buf, n))
         w.len = 0
     return 0
 
@@ -1034,6 +1068,10 @@ cdef int _flush(Writer* w) except -1:
 cdef int _ref(Writer* w, object src, Py_ssize_t off, Py_ssize_t n) except -1:
     """Gather output: n bytes of the bytes object src at off, as a part that points into it."""
     _flush(w)
+    if w.direct:
+        w.hint -= n
+        if w.obj == NULL:
+            _direct(w, max(w.hint, 0))      # the rest goes straight into a new bytes object
     (<list>w.parts).append(memoryview(src)[off:off + n])
     w.refs_left -= 1
     return 0
@@ -1414,6 +1452,17 @@ def encode_parts(Element root, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t mi
     w.parts = <PyObject*>parts
     w.min_ref = max(min_ref, 1)
     w.refs_left = max_refs
+    if root._src is not None and PyBytes_GET_SIZE(root._src) >= DIRECT_OUTPUT:
+        # A large decoded document: its parts are written in place (see encode)
+        _direct(&w, PyBytes_GET_SIZE(root._src))
+        try:
+            _write(&w, PyBytes_AS_STRING(header), len(header))
+            _encode(&w, root, &page, 1, max_depth)
+            _flush(&w)
+            return parts
+        finally:
+            if w.obj != NULL:
+                Py_DECREF(<object>w.obj)
     if not _scratch_busy:
         own = _scratch_busy = True
         w.buf = _scratch
@@ -1741,8 +1790,7 @@ cdef int _splice(Writer* w, object data, object replacements) except -1:
     # parts may point into the document only if it cannot change under them
     cdef object src = data if type(data) is bytes and w.parts != NULL else None
     ordered = sorted(replacements, key=lambda r: (<Span?>r[0]).token_start)
-    if w.parts == NULL:
-        _reserve(w, n + 64)
+    _direct(w, n)          # about the document's size, written in place (no copy at the end)
     for span, value in ordered:
         sp = <Span?>span
         if sp.doc_len != n or sp.token_end > n or sp.token_start < cur:
@@ -1781,9 +1829,10 @@ def splice(data, replacements):
     _writer_init(&w)
     try:
         _splice(&w, data, replacements)
-        return PyBytes_FromStringAndSize(w.buf, w.len)
+        return _take(&w)
     finally:
-        free(w.buf)
+        if w.obj != NULL:
+            Py_DECREF(<object>w.obj)
 
 
 def splice_parts(data, replacements, *, Py_ssize_t min_ref=DEFAULT_MIN_REF,
@@ -1803,4 +1852,5 @@ def splice_parts(data, replacements, *, Py_ssize_t min_ref=DEFAULT_MIN_REF,
         _flush(&w)
         return parts
     finally:
-        free(w.buf)
+        if w.obj != NULL:
+            Py_DECREF(<object>w.obj)
