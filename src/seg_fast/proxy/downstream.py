@@ -84,7 +84,12 @@ class Device:
             conn.receive_data(rest)           # a pipelined next request
         answer, self._answer = self._answer, None
         if answer is not None:
-            http1.sent(conn, hdrs.response_event(*answer))
+            status, headers, reason, raw, closing = answer
+            if raw:                           # the mail server's headers, as the lane wrote them
+                headers = hdrs.answer_headers(headers)
+                if closing:
+                    headers.append((b"Connection", b"connection", b"close"))
+            http1.sent(conn, hdrs.response_event(status, headers, reason))
             if self._answered:
                 self._answered = False
                 http1.sent(conn, exchange.END)
@@ -122,9 +127,10 @@ class Device:
         """The connection stays open after this answer (compiled path): h11's keep-alive rule."""
         return not self.closing and self._head.keep_alive
 
-    def answer_written(self, status: int, headers, reason: bytes) -> None:
-        """The answer head went out (compiled path)."""
-        self._answer = (status, headers, reason)
+    def answer_written(self, status: int, headers, reason: bytes, raw: bool = False) -> None:
+        """The answer head went out (compiled path). ``raw``: ``headers`` are the mail server's,
+        rewritten by the writer (exchange.fast): h11 is told the rewritten ones if it asks."""
+        self._answer = (status, headers, reason, raw, self.closing)
 
     def answer_done(self) -> None:
         self._answered = True
@@ -374,7 +380,16 @@ async def _loop(gw, dev: Device) -> bool:
             if not data:
                 return False          # idle timeout, drain or EOF between requests: just close
             event = await _read_head(gw, dev, data)
-        if not isinstance(event, h11.Request):
+        if type(event) is http1.RequestHead:
+            # The compiled parser's head (never a repaired framing: it defers those to h11).
+            if gw.draining:
+                dev.closing = True
+            if await exchange.fast(gw, dev, event) is not exchange.NOT_FAST:
+                if not _next_cycle(dev):
+                    return False
+                continue
+            event = dev._event = http1.request_event(event)
+        elif not isinstance(event, h11.Request):
             return False
         if gw.draining or _framing_repaired(event):
             dev.closing = True
@@ -398,11 +413,11 @@ async def _read_head(gw, dev: Device, first: bytes) -> h11.Request:
             head = None               # h11 rejects the same bytes below, with its own status
         if type(head) is http1.RequestHead:
             # h11 gets it when someone asks for dev.conn; the forwarding path may take the
-            # body first (take_body), so h11 never reads it.
+            # body first (take_body), so h11 never reads it. Its h11.Request is made only if
+            # the fast lane (exchange.fast) does not carry the exchange (_loop).
             dev._head = head
             dev._rest = first[head.head_len:]
-            dev._event = event = http1.request_event(head)
-            return event
+            return head
     deadline = trio.current_time() + gw.config.timeouts.request_head
     fed = dev.leftover + len(first)
     conn.receive_data(first)

@@ -59,6 +59,123 @@ async def handle(gw, dev, request: h11.Request):
             _log(gw, rec, t0)
 
 
+NOT_FAST = "not fast"   # fast() result: the exchange is handle()'s (nothing was done yet)
+FAST_LANE = True        # tests turn it off to hold the lane to the general path (test_fastpath_lane.py)
+_POST = b"POST"
+
+
+async def fast(gw, dev, head: http1.RequestHead):
+    """The common exchange in one frame (handle() minus what it does not need): a POST to an
+    EAS path whose whole small body came with its head, identified by the compiled code, an
+    allowed decision without transforms, not a Ping, no passthrough, pinned connection, client
+    certificate, delegation or Dx. The request head goes up rewritten by the compiled writer,
+    the answer comes back through the compiled parser and, when its body is whole in the read
+    that brought its head (Content-Length, no redirect), goes to the device in one write;
+    anything else continues on the general path's own steps (_finish). Returns NOT_FAST,
+    having done nothing, for any other request: handle() then takes it whole."""
+    if not FAST_LANE or head.method != _POST or head.framing != http1.FRAMING_LENGTH or dev.behind_proxy \
+            or PINS.by_stream.data or gw.stats.dx.active or dx.PENDING \
+            or getattr(gw, "certauth", None) is not None or getattr(gw, "kcd", None) is not None:
+        return NOT_FAST
+    n = head.length
+    if n > SMALL_BODY or len(dev._rest) < n:
+        return NOT_FAST
+    t0 = time.perf_counter()
+    target = head.target
+    q = target.find(b"?")
+    if (target[:q] if q >= 0 else target).lower() not in gw.eas_paths:
+        return NOT_FAST
+    if gw.passthrough is not None and gw.passthrough.claims(target):
+        return NOT_FAST
+    full = head.headers
+    req = identify("POST", target, full, dev.client_ip)
+    if req is None:
+        return NOT_FAST
+    command = req.command
+    if command == "Ping" or (command == "ResolveRecipients" and getattr(gw, "certs", None) is not None):
+        return NOT_FAST
+    gatekeeper = gw.gatekeeper
+    decision = gatekeeper.decide(req)
+    if not decision.allowed or (decision.transforms and _transforms_for(decision, command) != ([], [])):
+        return NOT_FAST
+    # From here the exchange is this lane's.
+    body = dev.take_body()
+    rec = Transaction(ts=0.0, method="POST", client_ip=req.client_ip, command=command, user=req.user,
+                      device_id=req.device_id, device_type=req.device_type,
+                      protocol_version=req.protocol_version, decision=decision.reason, bytes_in=n)
+    try:
+        await _fast_forward(gw, dev, target, full, req, body, rec, t0)
+    finally:
+        if rec.status:
+            gatekeeper.record(req, decision, rec.status)
+        _log(gw, rec, t0)
+
+
+async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: bytes, rec: Transaction,
+                        t0: float) -> None:
+    config = gw.config
+    read_timeout = config.timeouts.upstream_read
+    if req.command == "Sync" and body:
+        wait = sync_wait(body)
+        if wait is not None:          # a Sync long-poll: the mail server may hold it this long
+            read_timeout = max(read_timeout, wait + config.timeouts.ping_margin)
+    origin = gw.redirects.origin_for(req.user)
+    rec.upstream = origin.name
+    n = len(body)
+    out = http1.write_upstream(_POST, target, full, origin.host_header, dev.client_ip.encode(), dev.proto, n)
+    if out is None:                   # a Connection header names headers to drop: headers.py's rules
+        head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
+                                             proto=dev.proto, behind_proxy=False, framing=hdrs.content_length(n))
+        out = http1.write_request(_POST, target, head, http1.FRAMING_LENGTH, n)
+    parts = [out, body] if body else [out]
+    t_up = time.perf_counter()
+    pool = gw.pool
+    for attempt in (0, 1):
+        try:
+            up = await pool.acquire(origin, True)
+        except UpstreamError as exc:
+            await _unavailable(gw, dev, rec, str(exc))
+            return
+        try:
+            up.sent = (_POST, target, n)
+            await _send_up_parts(gw, up, parts)
+            answer = await _fast_answer_head(up, read_timeout)
+            break
+        except UpstreamError as exc:
+            pool.discard(up)
+            # A kept-alive connection may have been closed by the server just now: resend once.
+            if attempt == 0 and up.reused and not isinstance(exc, _Timeout):
+                continue
+            await _unavailable(gw, dev, rec, f"{exc} ({up.facts()})")
+            return
+        except BaseException:
+            pool.discard(up)
+            raise
+    rec.upstream_ms = round((time.perf_counter() - t_up) * 1000, 3)
+    if type(answer) is http1.ResponseHead and answer.framing == http1.FRAMING_LENGTH \
+            and len(up.rest) >= answer.length and not is_redirect(answer.status_code):
+        status = answer.status_code
+        data = up.rest
+        length = answer.length
+        out = http1.write_answer(status, answer.reason, answer.headers, http1.FRAMING_LENGTH, length,
+                                 dev.keeps_open())
+        if out is not None:
+            # The whole answer is here: the mail-server connection goes back before the device
+            # write (a slow device must not hold it); bytes after the answer make it unusable.
+            up.reusable = answer.keep_alive and len(data) == length
+            up.rest = b""
+            pool.release(up)
+            if len(data) > length:
+                data = data[:length]
+            rec.status = status
+            rec.bytes_out = length
+            dev.answer_written(status, answer.headers, answer.reason, raw=True)
+            dev.answer_done()
+            await dev.send_parts([out, data] if length else [out])
+            return
+    await _finish(gw, dev, up, req, answer, (), rec, b"")
+
+
 def _log(gw, rec: Transaction, t0: float) -> None:
     gw.stats.tx(rec, t0)          # counters for /metrics and the console; Dx lines when targeted
     if not gw.log.enabled:
@@ -292,7 +409,7 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
             read_timeout = max(read_timeout, wait + config.timeouts.ping_margin)
 
     origin = gw.redirects.origin_for(req.user)
-    rec.upstream = f"{origin.host}:{origin.port}"
+    rec.upstream = origin.name
     # The gateway frames what it sends by what h11 parsed: a device's Content-Length
     # beside Transfer-Encoding (a repaired framing) never reaches the mail server.
     if body is not None:
@@ -560,6 +677,10 @@ def _sent_to_h11(up: UpstreamConn) -> h11.Connection:
     h = up.h11
     method, target, head = up.sent
     up.sent = None
+    if type(head) is int:
+        # The fast lane keeps only the Content-Length it wrote: h11's client state takes its
+        # framing (and keep-alive: the lane never writes Connection) from these alone.
+        head = [(b"Host", b"host", up.origin.host_header)] + hdrs.content_length(head)
     http1.sent(h, hdrs.request_event(method, target, head))
     http1.sent(h, END)
     return h

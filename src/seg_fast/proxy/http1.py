@@ -22,8 +22,10 @@ from seg_fast.proxy._http1 import (  # noqa: F401  (the module's public names)
     ResponseHead,
     parse_request,
     parse_response,
+    write_answer,
     write_request,
     write_response,
+    write_upstream,
 )
 
 

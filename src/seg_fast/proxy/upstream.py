@@ -34,9 +34,23 @@ class Origin(NamedTuple):
 
     @property
     def host_header(self) -> bytes:
-        default = 443 if self.scheme == "https" else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return (host if self.port == default else f"{host}:{self.port}").encode()
+        value = _HOST_HEADERS.get(self)
+        if value is None:
+            default = 443 if self.scheme == "https" else 80
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            value = (host if self.port == default else f"{host}:{self.port}").encode()
+            if len(_HOST_HEADERS) >= 1024:
+                _HOST_HEADERS.clear()
+            _HOST_HEADERS[self] = value
+        return value
+
+    @property
+    def name(self) -> str:
+        """"host:port", as the transaction record names the mail server."""
+        return f"{self.host}:{self.port}"
+
+
+_HOST_HEADERS: dict[Origin, bytes] = {}     # per request otherwise (a few origins: redirects add some)
 
 
 def origin_of(url: str) -> Origin:
