@@ -2,10 +2,16 @@
 against the simulator's own (trio listeners and SocketStreams): the same byte streams
 (test_sim_http's cases: the fleet's requests, pipelined, split, and everything the
 lean path hands to h11) sent over real sockets must get identical bytes back, plain
-and over TLS; and the parked-Ping heartbeat still answers a Ping on a lean port."""
+and over TLS; and the parked-Ping heartbeat still answers a Ping on a lean port.
+The plain port is one epoll set for all connections (lean_serve.Reactor): a Ping
+parked there holds no task; requests pipelined behind it wait for its answer and
+are answered in order after it, as on the simulator's own server; a connection
+closed while parked is forgotten once answered; an answer larger than the socket
+takes is written in pieces as the socket drains, byte for byte."""
 from __future__ import annotations
 
 import functools
+import socket
 import ssl
 
 import trio
@@ -94,3 +100,102 @@ async def test_parked_ping_released_by_mail(nursery):
     await conn.aclose()
     status, _, answer = got[0]
     assert status == 200 and text(decode(answer), "Ping:Status") == "2"
+
+
+PING = encode(E("Ping:Ping", E("Ping:HeartbeatInterval", 600),
+                E("Ping:Folders", E("Ping:Folder", E("Ping:Id", "1"), E("Ping:Class", "Email")))))
+
+
+def _task_names() -> list[str]:
+    todo, names = [trio.lowlevel.current_root_task()], []
+    while todo:
+        t = todo.pop()
+        names.append(t.name)
+        for n in t.child_nurseries:
+            todo.extend(n.child_tasks)
+    return names
+
+
+async def _until(cond) -> None:
+    with trio.fail_after(20):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+async def test_pipelined_behind_a_parked_ping_same_bytes(nursery):
+    # FolderSync, Sync 0, Ping (parks: nothing pending), then FolderSync pipelined
+    # behind it: no answer to the FolderSync until the mail releases the Ping, then
+    # both, in order -- the same bytes as the simulator's own server gives
+    got = []
+    for server in ("reactor", "own"):
+        sim = MailboxSimulator(password="secret", seed=5, initial_messages=0, require_provisioning=False)
+        if server == "reactor":
+            port = await nursery.start(lean_serve.serve, sim, "127.0.0.1", 0)
+        else:
+            port = await nursery.start(sim.serve, "127.0.0.1", 0)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post(b"FolderSync", FOLDERSYNC) + post(b"Sync", SYNC0))
+        await _until(lambda: sim.counts["Sync"] == 1)
+        await stream.send_all(post(b"Ping", PING) + post(b"FolderSync", FOLDERSYNC))
+        await _until(lambda: sim.parked == 1)
+        # the reactor holds the parked Ping without a task; the own server has its
+        # connection's task asleep
+        assert any("_run_handler" in n for n in _task_names()) == (server == "own"), _task_names()
+        before = bytearray()
+        with trio.move_on_after(0.3):
+            while True:
+                before += await stream.receive_some(65536)
+        assert before.count(b"HTTP/1.1 200") == 2         # FolderSync and Sync only
+        sim.deliver("jdoe")
+        await stream.send_eof()
+        rest = bytearray()
+        with trio.fail_after(20):
+            while data := await stream.receive_some(65536):
+                rest += data
+        await stream.aclose()
+        assert rest.count(b"HTTP/1.1 200") == 2 and sim.parked == 0
+        await _until(lambda: sim.connections == 0)
+        got.append(bytes(before + rest))
+    assert got[0] == got[1]
+
+
+async def test_parked_connection_closed_by_the_client(nursery):
+    sim = MailboxSimulator(password="secret", seed=5, initial_messages=0, require_provisioning=False)
+    port = await nursery.start(lean_serve.serve, sim, "127.0.0.1", 0)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(post(b"Sync", SYNC0) + post(b"Ping", PING))
+    await _until(lambda: sim.parked == 1)
+    await stream.aclose()
+    sim.deliver("jdoe")                # its answer goes nowhere; the connection is let go
+    await _until(lambda: sim.parked == 0 and sim.connections == 0)
+    # and the simulator serves on
+    conn = HttpConn(await connect("127.0.0.1", port, None))
+    head, _, body = post(b"FolderSync", FOLDERSYNC).partition(b"\r\n\r\n")
+    assert (await conn.request(head + b"\r\n\r\n", body))[0] == 200
+    await conn.aclose()
+
+
+def test_a_large_answer_is_written_as_the_socket_drains():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c = lean_serve._Conn(a, None)
+    head, body = b"HTTP/1.1 200 OK\r\nContent-Length: 3000000\r\n\r\n", bytes(range(256)) * 11719
+    c.out = [memoryview(head), memoryview(body[:3000000])]
+    assert lean_serve.Reactor._flush(None, c) is False     # the socket took only part of it
+    got = bytearray()
+    flushes = 1
+    while c.out:
+        got += b.recv(1 << 20)
+        lean_serve.Reactor._flush(None, c)
+        flushes += 1
+    b.setblocking(False)
+    while True:
+        try:
+            got += b.recv(1 << 20)
+        except BlockingIOError:
+            break
+    assert bytes(got) == head + body[:3000000] and flushes > 2
+    a.close()
+    b.close()

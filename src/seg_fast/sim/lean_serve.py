@@ -1,28 +1,42 @@
 """The mailbox simulator served over bare non-blocking sockets, for the fleet shards.
 
-``MailboxSimulator.serve`` accepts with trio's listeners and hands each connection
-a trio.SocketStream; in a sizing shard half the load core went to the simulator, and
-a third of that to those wrappers (a conflict detector, an error-translating context
-manager and a checkpoint per call, and serve_listeners' handler per connection).
-Here the shard accepts on a plain listening socket and hands the simulator's own
-per-connection handler (``_connection``: the same lean HTTP path, the same answers,
-byte for byte) a ``wire.RawStream`` — or an SSLStream over one for the direct path's
-TLS port. Nothing else about the simulator changes; tests/test_fleet_serve.py holds
-the two servers to identical answers.
+``MailboxSimulator.serve`` accepts with trio's listeners and gives each connection a
+task and a trio.SocketStream; in a sizing shard the simulator is half the load core.
+Here a plain port is served by one epoll set and one task for all its connections
+(``Reactor``): a readable socket's requests are read, parsed by the gateway's compiled
+parser and answered there and then, as the simulator's lean path does (``_lean``: the
+same checks, the same answers byte for byte); a parked Ping is its connection marked
+parked in that set — no task, no coroutine — and ``deliver()`` (or the heartbeat)
+hands it its answer. Whatever the lean path would leave to h11 (chunked bodies,
+Expect, HTTP/1.0, malformed or oversized heads, a connection closed mid-request) goes
+to a task running the simulator's h11 path on a ``wire.RawStream`` from the first
+unread byte, as ``_lean`` hands it over. A TLS port (the direct path's) keeps a task
+per connection over an SSLStream. tests/test_fleet_serve.py holds both to the
+simulator's own server, byte for byte.
 """
 from __future__ import annotations
 
 import errno
+import select
 import socket
+import sys
 
 import trio
 
+from seg_fast.errors import HTTPProtocolError
 from seg_fast.oslimits import raise_nofile_limit
+from seg_fast.proxy import http1
+from seg_fast.sim import commands as C
+from seg_fast.sim.mailbox import LEAN_METHODS, MAX_HEAD, REASONS, SERVER_TRIPLE, _Park, _seq_of
 from seg_fast.sim.wire import RawStream
 
 BACKLOG = 4096
+RECV = 65536
 # accept() failures that mean "out of a resource for now": wait, then go on
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT
+_GONE = select.EPOLLHUP | select.EPOLLERR
 
 
 async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None,
@@ -43,6 +57,9 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
                 sim.port = bound
                 await nursery.start(sim._heartbeats)
             task_status.started(bound)
+            if ssl_context is None:
+                await Reactor(sim, ls, nursery).run()
+                return
             while True:
                 try:
                     conn, _addr = ls.accept()
@@ -56,10 +73,253 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
                     continue
                 conn.setblocking(False)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                stream = RawStream(conn)
-                if ssl_context is not None:
-                    stream = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
+                stream = trio.SSLStream(RawStream(conn), ssl_context, server_side=True, https_compatible=True)
                 nursery.start_soon(sim._connection, stream)
     finally:
         trio.lowlevel.notify_closing(ls)
         ls.close()
+
+
+class _Conn:
+    """One plain connection in the Reactor: the bytes read and not yet answered, the
+    answer bytes not yet sent, and the parked Ping (``park``) or its answer due."""
+    __slots__ = ("sock", "fd", "buf", "out", "park", "due", "seq", "keep", "eof", "reactor")
+
+    def __init__(self, sock: socket.socket, reactor: "Reactor") -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buf = bytearray()
+        self.out: list[memoryview] = []
+        self.park: _Park | None = None
+        self.due: _Park | None = None       # woken, its answer not written yet
+        self.seq = None
+        self.keep = True
+        self.eof = False
+        self.reactor = reactor
+
+    def ping_woken(self, park: _Park) -> None:
+        """MailboxSimulator._wake: the Ping parked here is answered (from whichever
+        task delivered the mail): written by the reactor's task when it next runs,
+        which the writable socket makes at once."""
+        self.reactor.woken(self, park)
+
+
+class Reactor:
+    def __init__(self, sim, ls: socket.socket, nursery: trio.Nursery) -> None:
+        self.sim = sim
+        self.ls = ls
+        self.nursery = nursery
+        self.ep = select.epoll()
+        self.conns: dict[int, _Conn] = {}
+
+    async def run(self) -> None:
+        ep, conns = self.ep, self.conns
+        lfd = self.ls.fileno()
+        ep.register(lfd, select.EPOLLIN)
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(ep.fileno())
+                for fd, ev in ep.poll(0):
+                    if fd == lfd:
+                        self._accept()
+                        continue
+                    c = conns.get(fd)
+                    if c is None:
+                        continue
+                    try:
+                        self._event(c, ev)
+                    except OSError:
+                        self._close(c)
+                    except Exception as exc:     # a simulator bug: drop this connection, keep serving
+                        print(f"seg-fast sim: connection error {type(exc).__name__}: {exc}", file=sys.stderr)
+                        self._close(c)
+        finally:
+            for c in list(conns.values()):
+                self._close(c)
+            ep.close()
+
+    def _accept(self) -> None:
+        sim = self.sim
+        while True:
+            try:
+                sock, _addr = self.ls.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno not in _TRANSIENT:
+                    raise
+                # out of descriptors for now: stop listening a moment (level-triggered
+                # epoll would otherwise report the waiting connection at once, again)
+                self.ep.unregister(self.ls.fileno())
+                self.nursery.start_soon(self._listen_again)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sim.connections += 1
+            c = _Conn(sock, self)
+            if not sim.lean_http:
+                self._handoff(c, False)
+                continue
+            self.conns[c.fd] = c
+            self.ep.register(c.fd, _IN)
+
+    async def _listen_again(self) -> None:
+        await trio.sleep(0.1)
+        self.ep.register(self.ls.fileno(), select.EPOLLIN)
+
+    def _event(self, c: _Conn, ev: int) -> None:
+        if c.park is not None:
+            # parked: nothing is read until its answer (as the waiting task reads
+            # nothing); only a connection torn down both ways is noticed
+            if ev & _GONE:
+                self._close(c)
+            return
+        if c.due is not None or c.out:
+            if c.due is not None:
+                park, c.due = c.due, None
+                self._respond(c, C.ping_answer(park.changed))
+            else:
+                self._flush(c)
+            if c.out:                     # still more to write: EPOLLOUT says when
+                return
+            if not c.keep:
+                self._close(c)
+                return
+            self.ep.modify(c.fd, _IN)     # written: back to reading (pipelined requests first)
+        else:
+            self._read(c)
+        self._serve(c)
+
+    def _read(self, c: _Conn) -> None:
+        sock = c.sock
+        while True:
+            try:
+                data = sock.recv(RECV)
+            except BlockingIOError:
+                return
+            if not data:
+                c.eof = True
+                return
+            c.buf += data
+            if len(data) < RECV:
+                return
+
+    def _serve(self, c: _Conn) -> None:
+        """Answer the complete requests in ``c.buf`` (as MailboxSimulator._lean does),
+        until one parks, one's answer cannot all be written now, or more must come."""
+        sim = self.sim
+        buf = c.buf
+        while True:
+            if not buf:
+                if c.eof:
+                    self._close(c)
+                return
+            try:
+                head = http1.parse_request(buf, MAX_HEAD)
+            except HTTPProtocolError:
+                return self._handoff(c)
+            if head is http1.NEED_MORE:
+                if c.eof:
+                    self._handoff(c)
+                return
+            if (type(head) is not http1.RequestHead or head.framing == http1.FRAMING_CHUNKED
+                    or head.method not in LEAN_METHODS or head.length > sim.max_body):
+                return self._handoff(c)
+            end = head.head_len + head.length
+            if len(buf) < end:
+                if c.eof:
+                    self._handoff(c)        # closed mid-body: h11 answers that (400)
+                return
+            body = bytes(buf[head.head_len:end])
+            del buf[:end]
+            headers = [(h[1], h[2]) for h in head.headers]
+            c.seq = _seq_of(headers) if sim.answer_tap is not None else None
+            c.keep = head.keep_alive
+            answer = sim._answer(head.method, head.target, headers, body)
+            head = headers = body = None
+            if type(answer) is _Park:
+                answer.task = c           # MailboxSimulator._wake calls c.ping_woken
+                c.park = answer
+                sim.parked += 1
+                self.ep.modify(c.fd, 0)
+                return
+            self._respond(c, answer)
+            if c.out:
+                return
+            if not c.keep:
+                self._close(c)
+                return
+
+    def woken(self, c: _Conn, park: _Park) -> None:
+        self.sim.parked -= 1
+        if c.park is not park or c.fd not in self.conns:
+            return
+        c.park = None
+        c.due = park
+        self.ep.modify(c.fd, _OUT)        # writable at once: the reactor's task writes it
+
+    def _respond(self, c: _Conn, answer) -> None:
+        sim = self.sim
+        if c.seq is not None:
+            answer = sim.answer_tap(c.seq, answer)
+        body = answer.body
+        out = http1.write_response(answer.status, REASONS.get(answer.status, b""),
+                                   [SERVER_TRIPLE, *[(n, n, v) for n, v in answer.headers]],
+                                   http1.FRAMING_LENGTH, len(body), c.keep)
+        sim.lean_answers += 1
+        c.out = [memoryview(out), memoryview(body)] if body else [memoryview(out)]
+        if self._flush(c) is False:
+            self.ep.modify(c.fd, _OUT)
+
+    def _flush(self, c: _Conn) -> bool:
+        """Write what is pending without waiting (one writev); False: some is left."""
+        out = c.out
+        try:
+            sent = c.sock.sendmsg(out)
+        except BlockingIOError:
+            sent = 0
+        while out and sent >= len(out[0]):
+            sent -= len(out[0])
+            out.pop(0)
+        if out:
+            out[0] = out[0][sent:]
+            return False
+        return True
+
+    def _handoff(self, c: _Conn, registered: bool = True) -> None:
+        """The rest of this connection to the simulator's h11 path, from the first
+        unread byte (as ``_lean`` returns it)."""
+        if registered:
+            self.ep.unregister(c.fd)
+            del self.conns[c.fd]
+        self.nursery.start_soon(self._h11, c.sock, bytes(c.buf))
+
+    async def _h11(self, sock: socket.socket, rest: bytes) -> None:
+        sim = self.sim
+        stream = RawStream(sock)
+        try:
+            await sim._h11_connection(stream, rest)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception as exc:       # a simulator bug: drop this connection, keep serving
+            print(f"seg-fast sim: connection error {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            sim.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    def _close(self, c: _Conn) -> None:
+        if self.conns.pop(c.fd, None) is None:
+            return
+        try:
+            self.ep.unregister(c.fd)
+        except (OSError, ValueError):
+            pass
+        park, c.park = c.park, None
+        if park is not None:              # as a parked task cancelled: forgotten
+            self.sim.parked -= 1
+            park.task = None
+            if park.dev.parked is park:
+                park.dev.parked = None
+        c.out = []
+        c.sock.close()
+        self.sim.connections -= 1

@@ -454,7 +454,10 @@ class MailboxSimulator:
         task, park.task = park.task, None
         park.changed = changed
         if task is not None:
-            trio.lowlevel.reschedule(task)
+            if type(task) is trio.lowlevel.Task:
+                trio.lowlevel.reschedule(task)
+            else:                          # a connection of lean_serve's Reactor: no task
+                task.ping_woken(park)
 
     async def _heartbeats(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Answer parked Pings whose heartbeat ran out (Status 1)."""
