@@ -88,10 +88,19 @@ _TRIO_SSLSTREAM = """
 import trio
 from seg_fast.proxy import gateway
 
+
 def _trio_sslstream(stream, context):
+    # What gateway.py did before tlsio: SSLStream, the handshake under trio.fail_after.
     s = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
-    s.handshake_started = True
+    handshake = s.do_handshake
+
+    async def do_handshake(deadline=float("inf")):
+        with trio.fail_at(deadline):
+            await handshake()
+
+    s.do_handshake, s.handshake_started, s.close = do_handshake, True, stream.socket.close
     return s
+
 
 gateway.TLSStream = _trio_sslstream
 """

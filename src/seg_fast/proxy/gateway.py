@@ -249,8 +249,7 @@ class Gateway:
             if self.tls_context is not None:
                 stream = TLSStream(stream, self.tls_context)     # proxy/tlsio.py: lean, ragged EOF tolerated
                 try:
-                    with trio.fail_after(self.config.timeouts.tls_handshake):
-                        await stream.do_handshake()
+                    await stream.do_handshake(trio.current_time() + self.config.timeouts.tls_handshake)
                 except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                     # Counted (nginx logs these too); a connection that closes before its first
                     # byte (a load balancer's TCP check) is not.

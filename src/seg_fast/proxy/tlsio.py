@@ -82,8 +82,9 @@ class TLSStream:
             return getattr(self._obj, name)
         raise AttributeError(name)
 
-    async def do_handshake(self) -> None:
-        """The TLS handshake (once); the caller's cancel scope bounds it."""
+    async def do_handshake(self, deadline: float = math.inf) -> None:
+        """The TLS handshake (once), by ``deadline`` (trio clock: trio.TooSlowError past it,
+        timed by sockio's wheel rather than a cancel scope); the caller's scope bounds it too."""
         self._check()
         if self._handshook:
             await checkpoint()
@@ -97,22 +98,27 @@ class TLSStream:
                 except ssl.SSLWantReadError:
                     done = False
                 if self._out.pending:
-                    await self._send_ciphertext(self._out.read(), None)
+                    pace = None if deadline == math.inf else sockio.Pace(deadline - trio.current_time())
+                    await self._send_ciphertext(self._out.read(), pace)
                 if done:
                     break
                 if self._eof:
                     raise trio.BrokenResourceError("device closed the connection during the TLS handshake")
-                await self._fill(math.inf)
+                if not await self._fill(deadline):
+                    raise trio.TooSlowError("TLS handshake deadline")
                 if not self._eof:
                     self.handshake_started = True
         except ssl.SSLError as exc:
             self._fail_quietly()
             raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from None
+        except TimeoutError:
+            self._broken = True       # the device did not take the server's flight in time
+            raise trio.TooSlowError("TLS handshake deadline") from None
         except OSError as exc:
             self._broken = True
             raise trio.BrokenResourceError(f"socket failed during the TLS handshake: {exc}") from None
         except BaseException:
-            self._broken = True       # cancelled half-way (the handshake deadline)
+            self._broken = True       # cancelled or timed out half-way
             raise
         self._handshook = True
 
