@@ -61,7 +61,8 @@ def cli(argv: list[str]) -> int:
     if not workers:
         from seg_fast.oslimits import raise_nofile_limit, workers_for
         # Workers inherit this process's (raised) descriptor limit.
-        workers = workers_for(config.devices_per_core, os.cpu_count() or 1, raise_nofile_limit())
+        workers = workers_for(config.devices_per_core, os.cpu_count() or 1, raise_nofile_limit(),
+                              config.upstream.idle_pool_size)
     return run_control(config, args.config, workers)
 
 
