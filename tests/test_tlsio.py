@@ -181,7 +181,7 @@ def read_answer(sock) -> tuple[int, list, bytes]:
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method=b"OPTIONS", target=EAS, headers=[(b"Host", b"x")]))
     conn.send(h11.EndOfMessage())
-    status, headers, body = None, None, b""
+    status, headers, body = None, None, bytearray()
     while True:
         ev = conn.next_event()
         if ev is h11.NEED_DATA:
@@ -191,7 +191,7 @@ def read_answer(sock) -> tuple[int, list, bytes]:
         elif isinstance(ev, h11.Data):
             body += ev.data
         elif isinstance(ev, h11.EndOfMessage):
-            return status, headers, body
+            return status, headers, bytes(body)
 
 
 def connect(port: int, ctx: ssl.SSLContext, **kw) -> ssl.SSLSocket:
@@ -392,10 +392,15 @@ def test_a_record_over_the_limit_ends_the_connection(gateway, certs):
     assert not gateway.incidents("contained_exception")
 
 
-def test_a_device_that_never_reads_its_answer_is_cut(tmp_path, upstreams, certs):
+def test_a_big_answer_arrives_whole_and_a_device_that_never_reads_it_is_cut(tmp_path, upstreams, certs):
     ca, d = certs
     gw = Serve(tmp_path / "gw", f"http://127.0.0.1:{upstreams.big.port}", d, device_write=1.0)
     try:
+        # A device that reads gets all of it (encrypted a slice at a time, never all at once).
+        with connect(gw.port, client_context(ca)) as s:
+            s.sendall(options_request())
+            status, _, body = read_answer(s)
+            assert status == 200 and len(body) == BIG and body.count(b"B") == BIG
         raw = socket.socket()
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         raw.settimeout(20)
