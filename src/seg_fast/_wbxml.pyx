@@ -30,6 +30,7 @@ cdef extern from "Python.h":
     Py_ssize_t _list_size "PyList_GET_SIZE"(PyObject* op)
     void* _type_of "Py_TYPE"(PyObject* op)
     PyObject* _list_item "PyList_GET_ITEM"(PyObject* op, Py_ssize_t i)
+    char* _bytes_of "PyBytes_AS_STRING"(PyObject* op)     # borrowed: no reference counting
     int PyGC_Disable()
     int PyGC_Enable()
 
@@ -1250,13 +1251,13 @@ cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) exc
     out += 1
     if el._tlen:         # a span of the decoded document: copied as it is
         out[0] = STR_I
-        memcpy(out + 1, PyBytes_AS_STRING(el._src) + el._toff, el._tlen - 1)
+        memcpy(out + 1, _bytes_of(<PyObject*>el._src) + el._toff, el._tlen - 1)
         out[el._tlen] = 0
         out += el._tlen + 1
     if el._olen:
         out[0] = <char>OPAQUE
         out += 1 + _mb_into(out + 1, <uint32_t>(el._olen - 1))
-        memcpy(out, PyBytes_AS_STRING(el._src) + el._ooff, el._olen - 1)
+        memcpy(out, _bytes_of(<PyObject*>el._src) + el._ooff, el._olen - 1)
         out += el._olen - 1
     w.len = out - w.buf
     for i in range(nchild):
@@ -1265,7 +1266,10 @@ cdef int _encode(Writer* w, Element el, int* page, int depth, int max_depth) exc
             _encode_child(w, <object>child, page, depth, max_depth)
         else:
             _encode(w, <Element>child, page, depth + 1, max_depth)
-    _put(w, END)
+    if w.len >= w.cap:      # END, written here: _put is not inlined (an element in three has children)
+        _reserve(w, 1)
+    w.buf[w.len] = END
+    w.len += 1
     return 0
 
 
