@@ -2,7 +2,7 @@
 the same TLS, driven by wrk over https (issue 10's comparison, issue 11's TLS leg).
 
     apt install wrk nginx            # Debian packages; not needed by the test suite
-    python benchmarks/tls_bench.py [--seconds 5] [--conns 32] [--runs 3]
+    python benchmarks/tls_bench.py [--seconds 5] [--conns 32] [--runs 3] [--with-trio-sslstream]
 
 wrk_bench.py's setup (it is imported: the same upstream, request, CPU accounting), with
 TLS on the device listener: ``seg-fast serve --workers 1`` with listener.tls_cert/tls_key
@@ -13,6 +13,11 @@ wrk on CPU 1. Variants: 32 keep-alive connections ("keepalive": the per-record c
 across reconnects with SSL_clear, so each new connection offers the last session's
 ticket: a resumed TLS 1.3 handshake, as real devices do). The resumed fraction is
 checked on nginx's side ($ssl_session_reused) and written with the figures.
+
+``--with-trio-sslstream`` adds a third proxy, measured in the same run: seg-fast with
+its device leg on trio.SSLStream as before proxy/tlsio.py (patched in at start-up by a
+sitecustomize in its PYTHONPATH), so the stream's share is seen without the drift of
+a busy machine between two runs.
 
 Prints µs CPU per request (user and system) for each and the ratio; writes
 benchmarks/results/tls_bench.json.
@@ -204,6 +209,68 @@ def resumed_fraction(workdir: Path, check_port: int, close_script: Path) -> dict
             "fraction": round(reused / len(pairs), 3) if pairs else 0.0, "protocols": protocols}
 
 
+def stream_loop(exchanges: int, rounds: int) -> dict:
+    """Server-thread CPU per small exchange (400 bytes in, 244 out, the gateway's sockio calls
+    with a device-write pace) over a socketpair, a blocking TLS client in another thread:
+    trio.SSLStream beside tlsio.TLSStream, alternating; medians of ``rounds``."""
+    import socket
+    import ssl
+    import threading
+
+    import trio
+
+    from seg_fast.proxy import sockio
+    from seg_fast.proxy.gateway import server_tls_context
+    from seg_fast.proxy.tlsio import TLSStream
+
+    workdir = Path(tempfile.mkdtemp(prefix="tls-loop-"))
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(workdir / "c.pem"))
+    cert.private_key_pem.write_to_path(str(workdir / "k.pem"))
+    sctx = server_tls_context(str(workdir / "c.pem"), str(workdir / "k.pem"))
+    cctx = ssl.create_default_context()
+    ca.configure_trust(cctx)
+    request, answer = b"x" * 400, [b"h" * 180, b"S" * 64]
+
+    def client(sock):
+        with cctx.wrap_socket(sock, server_hostname="localhost") as s:
+            for _ in range(exchanges):
+                s.sendall(request)
+                got = 0
+                while got < 244:
+                    got += len(s.recv(65536))
+
+    async def serve(kind):
+        a, b = socket.socketpair()
+        thread = threading.Thread(target=client, args=(b,))
+        thread.start()
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+        stream = trio.SSLStream(transport, sctx, server_side=True, https_compatible=True) \
+            if kind == "trio.SSLStream" else TLSStream(transport, sctx)
+        await stream.do_handshake()
+        pace = sockio.Pace(60.0, 1024.0, sockio.Unsent(0))
+        t0 = time.thread_time()
+        for _ in range(exchanges):
+            got = 0
+            while got < len(request):
+                got += len(await sockio.receive(stream, None, 65536, trio.current_time() + 60))
+            await sockio.send_parts(stream, None, answer, pace)
+        used = time.thread_time() - t0
+        await trio.to_thread.run_sync(thread.join)
+        await stream.aclose()
+        return round(used / exchanges * 1e6, 1)
+
+    runs: dict[str, list] = {}
+    for _ in range(rounds):
+        for kind in ("trio.SSLStream", "tlsio.TLSStream"):
+            runs.setdefault(kind, []).append(trio.run(serve, kind))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return {kind: {"server_cpu_us_per_exchange": sorted(r)[len(r) // 2], "runs": r} for kind, r in runs.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -215,7 +282,21 @@ def main(argv=None) -> int:
                     help="also measure seg-fast with trio.SSLStream on the device leg (the code before tlsio)")
     ap.add_argument("--label", default="", help="a note kept in the JSON (e.g. which TLS stream was measured)")
     ap.add_argument("--out", default=str(HERE / "results" / "tls_bench.json"))
+    ap.add_argument("--stream-loop", type=int, default=0, metavar="N",
+                    help="instead: N small exchanges per stream over a socketpair, server-thread CPU "
+                         "(writes results/tls_stream_loop.json)")
     args = ap.parse_args(argv)
+    if args.stream_loop:
+        loop = stream_loop(args.stream_loop, args.runs)
+        for kind, r in loop.items():
+            print(f"{kind:16s} {r['server_cpu_us_per_exchange']:6.1f} µs server CPU per exchange {r['runs']}")
+        out = Path(args.out if args.out != str(HERE / "results" / "tls_bench.json")
+                   else HERE / "results" / "tls_stream_loop.json")
+        out.write_text(json.dumps({"command": "python benchmarks/tls_bench.py " + " ".join(
+            sys.argv[1:] if argv is None else argv), "exchanges": args.stream_loop,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "streams": loop}, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
     for tool in ("wrk", "nginx", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found (apt install wrk nginx util-linux)")
