@@ -31,7 +31,7 @@ transformed answers go out the same way, ``splice_parts`` + writev); checked fir
 its parts joined are the document, and decode back to the tree.
 
 Each round times every document with every function back to back (a noisy,
-shared machine slows all columns alike); a class's rate is its bytes over its
+shared machine slows all columns alike; the columns' order turns each round); a class's rate is its bytes over its
 summed time; figures are medians of the rounds, ratios are medians of per-round
 ratios. glibc's malloc is set (mallopt) to serve every size from the heap and keep
 freed memory: otherwise its dynamic mmap threshold lets the allocations of one column
@@ -485,8 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     ctypes_call_us = 1e6 * _time(lambda: lw.lib.wbxml_free(free), 20000)
     # per round: seconds per call of every document and column, back to back
     rounds = []
-    for _ in range(args.rounds):
-        rounds.append({name: {c: _time(f, reps[name][c]) for c, f in cols.items()}
+    # The columns' order turns by one each round: a column is not always the one that
+    # runs right after another column flushed the caches (or right after its own tree).
+    for i in range(args.rounds):
+        order = COLUMNS[i % len(COLUMNS):] + COLUMNS[:i % len(COLUMNS)]
+        rounds.append({name: {c: _time(cols[c], reps[name][c]) for c in order}
                        for name, cols in fns.items()})
     for ltree in trees:
         lw.tree_destroy(ltree)
