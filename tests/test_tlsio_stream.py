@@ -1,0 +1,141 @@
+"""tlsio.TLSStream's own contract, in process over socketpairs (a trio.SSLStream client):
+what trio.SSLStream promised the gateway (errors, EOFs, close, the certificate), plus its
+deadlines. The whole gateway over TLS is tests/test_tlsio.py."""
+from __future__ import annotations
+
+import socket
+import ssl
+import weakref
+
+import pytest
+import trio
+import trustme
+
+from seg_fast.proxy.gateway import server_tls_context
+from seg_fast.proxy.tlsio import TLSStream
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost")
+    device = ca.issue_cert("device@example.com")
+    d = tmp_path_factory.mktemp("tlsio-stream")
+    server.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    server.private_key_pem.write_to_path(str(d / "key.pem"))
+    return ca, device, d
+
+
+def pair(pki, *, client_cert: bool = False):
+    """(server TLSStream, client trio.SSLStream, the client's raw socket) over a socketpair."""
+    ca, device, d = pki
+    sctx = server_tls_context(str(d / "cert.pem"), str(d / "key.pem"))
+    cctx = ssl.create_default_context()
+    ca.configure_trust(cctx)
+    if client_cert:
+        sctx.verify_mode = ssl.CERT_OPTIONAL
+        ca.configure_trust(sctx)
+        device.configure_cert(cctx)
+    a, b = trio.socket.socketpair()
+    server = TLSStream(trio.SocketStream(a), sctx)
+    client = trio.SSLStream(trio.SocketStream(b), cctx, server_hostname="localhost")
+    return server, client, b
+
+
+async def handshake(server, client):
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+
+
+async def test_bytes_both_ways_and_the_ssl_queries(pki):
+    server, client, _ = pair(pki, client_cert=True)
+    await handshake(server, client)
+    assert server.version() == "TLSv1.3" and server.cipher()[1] == "TLSv1.3"
+    # The client certificate, as kcd/clientcert.py reads it.
+    der = server.getpeercert(binary_form=True)
+    assert der == ssl.PEM_cert_to_DER_cert(pki[1].cert_chain_pems[0].bytes().decode())
+    assert server.ssl_object.getpeercert(binary_form=True) == der
+    server.seg_client_cert = "kept"                 # clientcert.py keeps its result on the stream
+    assert server.seg_client_cert == "kept"
+    assert weakref.ref(server)() is server          # pinning.py keys a WeakKeyDictionary by it
+    assert server.socket is server.transport_stream.socket    # parking.socket_of finds it
+    big = bytes(range(256)) * 4096                  # 1 MiB: several slices, several records
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.send_parts, [b"head:", big, b":tail"])
+        got = bytearray()
+        while len(got) < len(big) + 10:
+            got += await client.receive_some(65536)
+    assert bytes(got) == b"head:" + big + b":tail"
+    await client.send_all(b"ping")
+    assert await server.receive_some(100) == b"ping"
+    await client.aclose()
+
+
+async def test_close_notify_and_a_ragged_eof_both_read_as_eof(pki):
+    server, client, _ = pair(pki)
+    await handshake(server, client)
+    await client.aclose()                           # trio's default: a close_notify, then close
+    assert await server.receive_some(100) == b""
+    server2, client2, raw = pair(pki)
+    await handshake(server2, client2)
+    raw.shutdown(socket.SHUT_RDWR)                  # the TCP connection ends with no close_notify
+    assert await server2.receive_some(100) == b""   # https_compatible: a plain EOF
+    server.close()
+    server2.close()
+
+
+async def test_after_close_closed_and_after_failure_broken(pki):
+    server, client, _ = pair(pki)
+    await handshake(server, client)
+    await server.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await server.receive_some(10)
+    with pytest.raises(trio.ClosedResourceError):
+        await server.send_all(b"x")
+    await server.aclose()                           # twice is fine
+    # The client saw a close_notify (the server's graceful close).
+    assert await client.receive_some(10) == b""
+
+
+async def test_garbage_breaks_the_handshake(pki):
+    server, _, raw = pair(pki)
+    await raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(trio.BrokenResourceError):
+        await server.do_handshake()
+    assert server.handshake_started
+    with pytest.raises(trio.BrokenResourceError):
+        await server.receive_some(10)
+    server.close()
+
+
+async def test_a_connection_closed_before_its_first_byte_is_not_a_started_handshake(pki):
+    server, _, raw = pair(pki)
+    raw.close()
+    with pytest.raises(trio.BrokenResourceError):
+        await server.do_handshake()
+    assert not server.handshake_started             # not counted as a failed handshake
+    server.close()
+
+
+async def test_deadlines_handshake_and_read(pki):
+    server, client, _ = pair(pki)
+    with pytest.raises(trio.TooSlowError):          # the device says nothing
+        await server.do_handshake(trio.current_time() + 0.2)
+    server.close()
+    server, client, _ = pair(pki)
+    await handshake(server, client)
+    assert await server.receive_by(100, trio.current_time() + 0.2) is None    # nothing came
+    server.close()
+
+
+async def test_read_now_never_waits(pki):
+    server, client, _ = pair(pki)
+    await handshake(server, client)
+    assert server.read_now(100) is None             # nothing there: None, at once
+    await client.send_all(b"request")
+    with trio.fail_after(10):
+        while (data := server.read_now(100)) is None:
+            await trio.sleep(0.01)
+    assert data == b"request"
+    server.close()
