@@ -202,8 +202,8 @@ class TLSStream:
                 return data
             while True:
                 if self._backlog and not self._sending:
-                    backlog, self._backlog = self._backlog, b""
-                    await self._send_ciphertext(backlog, None)
+                    if not await self._flush_backlog(deadline):
+                        return None
                 if not await self._fill(deadline):
                     return None
                 data = self._decrypt(size)
@@ -212,11 +212,25 @@ class TLSStream:
         except OSError as exc:
             self._broken = True
             raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise
+        # A cancel while waiting to read loses nothing (what came is in the BIO): not broken.
+
+    async def _flush_backlog(self, deadline: float) -> bool:
+        """Send what a read made (a KeyUpdate's answer) before waiting for more input, by
+        ``deadline``; False if it passed. Counts as a send: no other may interleave."""
+        backlog, self._backlog = self._backlog, b""
+        pace = None if deadline == math.inf else sockio.Pace(deadline - trio.current_time())
+        self._sending = True
+        try:
+            await self._send_ciphertext(backlog, pace)
+        except TimeoutError:
+            self._broken = True
+            return False
         except BaseException:
-            self._broken = True       # cancelled mid-read: what was taken is in the BIO, but be safe
+            self._broken = True       # part of a record may be out
             raise
+        finally:
+            self._sending = False
+        return True
 
     async def send_parts(self, parts: list, pace: sockio.Pace | None = None) -> None:
         """Encrypt and write the buffers in order, SLICE bytes at a time; what the socket does
