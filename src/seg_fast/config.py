@@ -110,7 +110,7 @@ class TimeoutSettings(_Section):
 
 class LimitSettings(_Section):
     max_header_bytes: int = 64 * 1024   # the whole request head, exactly (431 past it)
-    max_connections: int = 100_000      # per worker; also kept 256 under the descriptor limit
+    max_connections: int = 100_000      # per worker; also kept within the descriptor limit (oslimits)
     # Per client address and worker (0: off); addresses in listener.trusted_proxies
     # (load balancers, carrying many devices) are not capped.
     max_connections_per_address: int = 2_000
