@@ -1009,7 +1009,7 @@ cdef struct Writer:
     Py_ssize_t min_ref
     Py_ssize_t refs_left
     bint direct       # gather output written straight into bytes objects (obj), part by part
-    Py_ssize_t hint   # direct: the bytes still expected (the size of the next part's buffer)
+    Py_ssize_t hint   # direct: the bytes still expected (sizes the buffer after a view)
 
 
 cdef inline void _writer_init(Writer* w):
@@ -1032,7 +1032,6 @@ cdef int _direct(Writer* w, Py_ssize_t size) except -1:
     w.buf = PyBytes_AS_STRING(result)
     w.cap = size + 64
     w.len = 0
-    w.hint = size
     w.direct = True
     return 0
 
@@ -1072,7 +1071,9 @@ cdef int _ref(Writer* w, object src, Py_ssize_t off, Py_ssize_t n) except -1:
     if w.direct:
         w.hint -= n
         if w.obj == NULL:
-            _direct(w, max(w.hint, 0))      # the rest goes straight into a new bytes object
+            # The rest goes straight into a new bytes object; most of it may be pointed at
+            # too, so start small (a large malloc is an mmap) and let it grow if it must.
+            _direct(w, min(max(w.hint, 0), 64 << 10))
     (<list>w.parts).append(memoryview(src)[off:off + n])
     w.refs_left -= 1
     return 0
@@ -1459,6 +1460,7 @@ def encode_parts(Element root, *, int max_depth=DEFAULT_MAX_DEPTH, Py_ssize_t mi
     if root._src is not None and PyBytes_GET_SIZE(root._src) >= DIRECT_OUTPUT:
         # A large decoded document: its parts are written in place (see encode)
         _direct(&w, PyBytes_GET_SIZE(root._src))
+        w.hint = PyBytes_GET_SIZE(root._src)
         try:
             _write(&w, PyBytes_AS_STRING(header), len(header))
             _encode(&w, root, &page, 1, max_depth)
@@ -1795,6 +1797,7 @@ cdef int _splice(Writer* w, object data, object replacements) except -1:
     cdef object src = data if type(data) is bytes and w.parts != NULL else None
     ordered = sorted(replacements, key=lambda r: (<Span?>r[0]).token_start)
     _direct(w, n)          # about the document's size, written in place (no copy at the end)
+    w.hint = n
     for span, value in ordered:
         sp = <Span?>span
         if sp.doc_len != n or sp.token_end > n or sp.token_start < cur:
