@@ -73,3 +73,18 @@ def test_time_compressed_run_claims_nothing(report):
     assert not v["meets"]
     assert any("time compressed" in x for x in v["invalid"])
     assert report["headline"]["best_devices_per_core"] is None
+
+
+def test_load_side_cost_reported_beside_the_gateways(report):
+    (point,) = report["points"]
+    m = point["verdict"]["metrics"]
+    for name, p in point["runs"][0]["paths"].items():
+        load = m["load"][name]
+        # the shards' CPU in the window over the simulated device-hours, as the gateway's
+        hours = report["options"]["hold"] * report["options"]["rate_scale"] / 3600
+        want = p["load"]["cpu_share"] * p["window_s"] / (report["options"]["devices"] * hours)
+        assert load["cpu_s_per_device_hour"] == pytest.approx(want, rel=1e-3) and want > 0
+        assert load["us_per_request_whole_run"] == round(1e6 * p["load"]["cpu_s_total"] / p["requests_total"])
+    if "gateway" in m:
+        assert m["load_cpu_vs_gateway"] == pytest.approx(
+            m["load"]["gateway"]["cpu_s_per_device_hour"] / m["gateway"]["cpu_s_per_device_hour"], rel=1e-2)

@@ -735,6 +735,12 @@ def judge(point: dict, opts: Options) -> dict:
         ld = p["load"]
         metrics.setdefault("load", {})[name] = {
             "cpu_share": ld["cpu_share"],
+            # the fleet and simulator shards' own cost, counted as the gateway's is
+            # (window CPU over simulated device-hours); issue 11 wants it <= 1/3 of the gateway's
+            "cpu_s_per_device_hour": (round(ld["cpu_share"] * p["window_s"] / (n * hours), 6)
+                                      if hours and "window_s" in p else None),
+            "us_per_request_whole_run": (round(1e6 * ld["cpu_s_total"] / p["requests_total"])
+                                         if p.get("requests_total") and "cpu_s_total" in ld else None),
             # a straight-line projection, not a measurement: where the load core hits 80%
             "projected_devices_at_80pct": int(n * 0.8 / ld["cpu_share"]) if ld["cpu_share"] else None}
     if "gateway" in metrics and metrics["gateway"]["cpu_share"]:
@@ -742,6 +748,10 @@ def judge(point: dict, opts: Options) -> dict:
         metrics["gateway"]["projected_devices_at_2GiB"] = (
             int((SLO_RSS_KIB - paths["gateway"]["server"]["rss_kib_idle"]) / metrics["gateway"]["kib_per_device_marginal"])
             if metrics["gateway"]["kib_per_device_marginal"] > 0 else None)
+    if ("gateway" in metrics and metrics.get("load", {}).get("gateway", {}).get("cpu_s_per_device_hour")
+            and metrics["gateway"]["cpu_s_per_device_hour"]):
+        metrics["load_cpu_vs_gateway"] = round(metrics["load"]["gateway"]["cpu_s_per_device_hour"]
+                                               / metrics["gateway"]["cpu_s_per_device_hour"], 3)
     if "gateway" in metrics and "nginx" in metrics and metrics["nginx"]["cpu_s_per_device_hour"]:
         metrics["gateway_cpu_vs_nginx"] = round(metrics["gateway"]["cpu_s_per_device_hour"]
                                                 / metrics["nginx"]["cpu_s_per_device_hour"], 2)
