@@ -2,7 +2,8 @@
 
 trio's SSLStream pays, per record, a lock, two conflict detectors, a retry loop with
 several awaits and a checkpoint on every send and receive; on a keep-alive device
-connection that was a third of a worker's time. ``TLSStream`` does what sockio does
+connection that was a third of a worker's time (benchmarks/tls_bench.py: 313 vs 66 µs
+of server CPU per small exchange, --stream-loop). ``TLSStream`` does what sockio does
 for plain sockets: the system call first (``read_nb``, ``os.write``), trio's
 ``wait_readable``/``wait_writable`` only when the socket would block, and deadlines
 from sockio's timer wheel rather than a CancelScope per operation.
@@ -10,8 +11,11 @@ from sockio's timer wheel rather than a CancelScope per operation.
 It keeps the face of trio.SSLStream that the gateway uses (``do_handshake``,
 ``receive_some``, ``send_all``, ``aclose``, ``transport_stream``, ``getpeercert`` and
 the other SSLObject queries) and its error semantics: trio.BrokenResourceError when
-TLS or the socket fails (or an operation was cancelled half-way), ClosedResourceError
-after aclose. Like SSLStream(https_compatible=True) an EOF without close_notify is a
+TLS or the socket fails (or a send or the handshake was cancelled half-way),
+ClosedResourceError after aclose/close; ``do_handshake(deadline)`` raises
+trio.TooSlowError past its deadline. TLS 1.2 and later only, and no renegotiation
+(gateway.server_tls_context): OpenSSL answers a renegotiating ClientHello with a
+no_renegotiation alert, which goes out at once like anything else a read produces. Like SSLStream(https_compatible=True) an EOF without close_notify is a
 plain EOF (devices often skip it; HTTP frames its own messages), but unlike it a
 graceful close sends close_notify (without waiting for the reply), as nginx does.
 Buffers stay bounded: at most SLICE plaintext bytes are encrypted ahead of the socket,
