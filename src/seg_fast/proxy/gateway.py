@@ -33,7 +33,8 @@ def server_tls_context(cert: str, key: str, pfx=None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # A renegotiation the device starts costs a handshake each time and gains nothing (TLS 1.3
-    # has none); refused, as nginx does.
+    # has none): refused, as nginx does. OpenSSL 3 refuses client-initiated ones by default;
+    # this also holds where Python is linked against OpenSSL 1.1.1, which allowed them.
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     if pfx is not None:
         from seg_fast import pfx as pkcs12
