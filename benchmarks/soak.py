@@ -14,10 +14,12 @@ transaction of the gateway's logs by mechanism:
   upstream connection they failed on (new, or kept-alive and how idle).
 
     python benchmarks/soak.py --devices 25000 --hold 600 -- --no-tls --nice -5
-    python benchmarks/soak.py --summarise /tmp/seg-sizing-25000-xxxx --monitor mon.jsonl
+    python benchmarks/soak.py --summarise /tmp/seg-sizing-25000-xxxx --monitor mon.jsonl \
+        --sizing-raw results/soak-sizing/sizing-off-STAMP.raw.json
 
-Writes results/soak-N{devices}-STAMP.json (the summary; the sizing JSON stays where
-sizing writes it). Failures here are facts about the run; whether the run measured
+Writes results/soak-N{devices}-STAMP.json (the summary, with what the devices saw from
+sizing's raw JSON under `fleet`; sizing's own files go to results/soak-sizing/, gitignored
+raw JSON included). Failures here are facts about the run; whether the run measured
 the gateway at all is the sizing verdict's `invalid` list (load side behind, etc.).
 """
 from __future__ import annotations
@@ -224,11 +226,28 @@ def summarise_monitor(path: Path) -> dict:
             "cpu_share_of_a_core": share}
 
 
+def fleet_side(sizing_raw: Path) -> dict:
+    """What the devices saw (every answer checked by the fleet), from sizing's raw JSON."""
+    raw = json.loads(sizing_raw.read_text())
+    point = raw["points"][0]
+    out = {"verdict": {k: point["verdict"].get(k) for k in ("broke", "invalid")}, "paths": {}}
+    for name, p in point["runs"][0]["paths"].items():
+        out["paths"][name] = {
+            "requests": p["requests_total"], "failures": sum(p["failures"].values()),
+            "failures_by_kind": dict(sorted(p["failures"].items(), key=lambda kv: -kv[1])),
+            "devices_ready": p["ready"],
+            "load_side": {k: p["load"].get(k) for k in ("cpu_share", "runqueue_wait", "lag_p99", "lag_max",
+                                                        "fds_max", "fd_limit", "conn_errors")}}
+    return out
+
+
 def verdict(logs: dict, mon: dict) -> list[str]:
     """What the evidence says, in order of how directly it says it."""
     out = []
     fails = logs["failed_by_mechanism"]
-    if not fails:
+    if not logs["transactions"]:
+        out.append("no gateway transaction log (direct or nginx path): see fleet.paths for what the devices saw")
+    elif not fails:
         out.append("no failed transaction on the gateway path")
     if mon:
         if (mon.get("fds_max_share_of_limit") or 0) >= 0.95:
@@ -256,6 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", default="gateway")
     ap.add_argument("--summarise", metavar="WORKDIR", help="only summarise a kept sizing work directory")
     ap.add_argument("--monitor", metavar="JSONL", help="with --summarise: the samples taken during that run")
+    ap.add_argument("--sizing-raw", metavar="JSON", help="with --summarise: that run's sizing-*.raw.json")
     ap.add_argument("--note", default="", help="free text kept in the JSON (machine state, say)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("sizing_args", nargs="*", help="after --: more options for seg-fast bench sizing")
@@ -264,6 +284,7 @@ def main(argv=None) -> int:
     command = None
     if a.summarise:
         workdir, mon_path = Path(a.summarise), Path(a.monitor) if a.monitor else None
+        sizing_raw = Path(a.sizing_raw) if a.sizing_raw else None
     else:
         sizing_out = Path(a.out) / "soak-sizing"
         sizing_out.mkdir(parents=True, exist_ok=True)
@@ -276,15 +297,21 @@ def main(argv=None) -> int:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
             monitor(proc.pid, mon_path)
             proc.wait()
-        kept = re.findall(r"kept (\S+)", log_path.read_text())
+        text = log_path.read_text()
+        kept = re.findall(r"kept (\S+)", text)
         if not kept:
-            print(log_path.read_text()[-3000:])
+            print(text[-3000:])
             return 1
         workdir = Path(kept[-1])
+        raws = re.findall(r"wrote \S+, (\S+\.raw\.json)", text)
+        sizing_raw = Path(raws[-1]) if raws else None
     logs = summarise_logs(workdir)
     mon = summarise_monitor(mon_path) if mon_path and mon_path.exists() else {}
     summary = {"devices": a.devices, "hold_s": a.hold, "command": command, "workdir": str(workdir),
                "note": a.note, "stamp": stamp, "gateway_logs": logs, "monitor": mon, "reading": verdict(logs, mon)}
+    if sizing_raw is not None and sizing_raw.exists():
+        summary["fleet"] = fleet_side(sizing_raw)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     out = Path(a.out) / f"soak-N{a.devices}-{stamp}.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in ("reading",)}, indent=1))
