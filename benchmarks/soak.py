@@ -15,11 +15,11 @@ transaction of the gateway's logs by mechanism:
 
     python benchmarks/soak.py --devices 25000 --hold 600 -- --no-tls --nice -5
     python benchmarks/soak.py --summarise /tmp/seg-sizing-25000-xxxx --monitor mon.jsonl \
-        --sizing-raw results/soak-sizing/sizing-off-STAMP.raw.json
+        --sizing-raw results/raw/soak-sizing/sizing-off-STAMP.raw.json
 
 Writes results/soak-N{devices}-STAMP.json (the summary, with what the devices saw from
-sizing's raw JSON under `fleet`; sizing's own files go to results/soak-sizing/, gitignored
-raw JSON included). Failures here are facts about the run; whether the run measured
+sizing's raw JSON under `fleet`); the samples, sizing's own files and its output go to
+results/raw/ (gitignored). Failures here are facts about the run; whether the run measured
 the gateway at all is the sizing verdict's `invalid` list (load side behind, etc.).
 """
 from __future__ import annotations
@@ -286,13 +286,14 @@ def main(argv=None) -> int:
         workdir, mon_path = Path(a.summarise), Path(a.monitor) if a.monitor else None
         sizing_raw = Path(a.sizing_raw) if a.sizing_raw else None
     else:
-        sizing_out = Path(a.out) / "soak-sizing"
+        raw = Path(a.out) / "raw"            # gitignored: samples, sizing's files, its output
+        sizing_out = raw / "soak-sizing"
         sizing_out.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "seg_fast", "bench", "sizing", "--devices", str(a.devices),
                    "--paths", a.paths, "--hold", str(a.hold), "--repeat", "1", "--keep",
                    "--out", str(sizing_out), *a.sizing_args]
-        mon_path = Path(a.out) / f"soak-N{a.devices}-{stamp}.monitor.jsonl"
-        log_path = Path(a.out) / f"soak-N{a.devices}-{stamp}.out"
+        mon_path = raw / f"soak-N{a.devices}-{stamp}.monitor.jsonl"
+        log_path = raw / f"soak-N{a.devices}-{stamp}.out"
         with log_path.open("w") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
             monitor(proc.pid, mon_path)
