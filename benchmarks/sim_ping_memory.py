@@ -4,7 +4,11 @@ Starts `seg-fast sim` as a child process, parks N Pings on N connections from
 N different users/devices (each a mailbox, a device record and a sleeping
 connection task), and reads the child's resident memory before and after:
 
-    python benchmarks/sim_ping_memory.py [--pings 10000] [--warm 1000]
+    python benchmarks/sim_ping_memory.py [--pings 10000] [--warm 1000] [--reactor]
+
+``--reactor`` serves the simulator as the sizing shards do (`seg-fast sim --reactor`:
+one epoll set for all connections, a parked Ping is its connection marked parked,
+no task); it writes sim_ping_memory_reactor.json.
 
 Prints KiB per parked Ping and how fast new mail releases them all; writes
 benchmarks/results/sim_ping_memory.json.
@@ -72,6 +76,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pings", type=int, default=10000)
     ap.add_argument("--warm", type=int, default=1000)
+    ap.add_argument("--reactor", action="store_true", help="seg-fast sim --reactor (the shards' server)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -79,7 +84,8 @@ def main() -> int:
         print(f"need {args.pings + args.warm} descriptors per side; the hard limit is {hard}", file=sys.stderr)
         return 2
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    child = subprocess.Popen([sys.executable, "-m", "seg_fast", "sim", "--port", "0", "--no-provisioning"],
+    child = subprocess.Popen([sys.executable, "-m", "seg_fast", "sim", "--port", "0", "--no-provisioning",
+                              *(["--reactor"] if args.reactor else [])],
                              stdout=subprocess.PIPE, env=env, text=True)
     try:
         ready = json.loads(child.stdout.readline())
@@ -95,13 +101,14 @@ def main() -> int:
         took = time.monotonic() - t0
         rss_full = rss_kib(pid)
         per = (rss_full - rss_warm) / args.pings
-        result = {"pings": args.pings, "warm": args.warm, "rss_start_kib": rss_start,
+        result = {"server": "reactor" if args.reactor else "task per connection",
+                  "pings": args.pings, "warm": args.warm, "rss_start_kib": rss_start,
                   "rss_warm_kib": rss_warm, "rss_full_kib": rss_full,
                   "kib_per_parked_ping": round(per, 2), "seconds_to_park": round(took, 2),
                   "stats": stats(port)}
         print(f"simulator RSS: start {rss_start} KiB, {args.warm} parked {rss_warm} KiB, "
               f"{args.warm + args.pings} parked {rss_full} KiB")
-        print(f"memory per parked Ping (mailbox + device + connection + task): {per:.2f} KiB "
+        print(f"memory per parked Ping (mailbox + device + connection{'' if args.reactor else ' + task'}): {per:.2f} KiB "
               f"({args.pings} Pings parked in {took:.1f} s)")
         # Release them all: new mail for every user, then every device reads its answer.
         t0 = time.monotonic()
@@ -117,7 +124,8 @@ def main() -> int:
         print(f"released {released} of {len(socks)} parked Pings with new mail in {took:.1f} s")
         out = ROOT / "benchmarks" / "results"
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sim_ping_memory.json").write_text(json.dumps(result, indent=2))
+        (out / ("sim_ping_memory_reactor.json" if args.reactor else "sim_ping_memory.json")).write_text(
+            json.dumps(result, indent=2))
         for s in socks:
             s.close()
     finally:

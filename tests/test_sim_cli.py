@@ -72,3 +72,40 @@ def test_sim_stops_cleanly_on_sigterm_and_sigint():
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+async def test_sim_reactor_parks_and_releases_a_ping():
+    # `seg-fast sim --reactor`: the shards' server (one epoll set, no task per parked
+    # Ping) behind the same command line; a Ping parks there and the side door's
+    # delivery releases it with Status 2
+    import trio
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "sim", "--port", "0", "--reactor"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        port = ready["sim_port"]
+        c = EasClient("127.0.0.1", port, "jdoe", "secret", "CLI2")
+        await c.provision()
+        r = await c.request("Sync", E("AirSync:Sync", E("AirSync:Collections", E(
+            "AirSync:Collection", E("AirSync:SyncKey", "0"), E("AirSync:CollectionId", "1")))))
+        assert text(r.doc, "AirSync:Collections", "AirSync:Collection", "AirSync:Status") == "1"
+        side = EasClient("127.0.0.1", port, "jdoe", "secret", "CLI3")
+        got = []
+        async with trio.open_nursery() as nursery:
+            async def ping():
+                got.append(await c.request("Ping", E("Ping:Ping", E("Ping:HeartbeatInterval", 600), E(
+                    "Ping:Folders", E("Ping:Folder", E("Ping:Id", "1"), E("Ping:Class", "Email"))))))
+            nursery.start_soon(ping)
+            with trio.fail_after(20):
+                while json.loads((await side.send("GET", "/sim/stats", [("host", "x")], b"")).body)["parked"] < 1:
+                    await trio.sleep(0.05)
+            assert not got
+            assert (await side.send("POST", "/sim/deliver?user=jdoe", [("host", "x")], b"")).status == 200
+        assert text(got[0].doc, "Ping:Status") == "2"
+        await side.aclose()
+        await c.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -37,6 +37,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                                "service (needs python-gssapi)")
     ap.add_argument("--no-provisioning", action="store_true",
                     help="do not require the Provision policy key")
+    ap.add_argument("--reactor", action="store_true",
+                    help="plain HTTP served by one epoll set for all connections, no task per "
+                         "connection or parked Ping (sim/lean_serve.py, as the sizing shards serve it)")
     args = ap.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         ap.error("--tls-cert and --tls-key go together")
@@ -84,8 +87,13 @@ async def run(args: argparse.Namespace, task_status=trio.TASK_STATUS_IGNORED) ->
 
         sim.negotiate = NegotiateAcceptor(args.negotiate_keytab)
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: sim.serve(args.host, args.port, ssl_context=ctx,
-                                                          task_status=task_status))
+        if args.reactor and ctx is None:
+            from seg_fast.sim import lean_serve
+
+            await nursery.start(lean_serve.serve, sim, args.host, args.port)
+        else:
+            await nursery.start(lambda task_status: sim.serve(args.host, args.port, ssl_context=ctx,
+                                                              task_status=task_status))
         scheme = "https" if ctx else "http"
         print(json.dumps({"sim_port": sim.port, "pid": os.getpid(),
                           "url": f"{scheme}://{args.host}:{sim.port}"
