@@ -113,9 +113,11 @@ async def fast(gw, dev, head: http1.RequestHead):
 
 async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: bytes, rec: Transaction,
                         t0: float) -> None:
+    # The steps of _forward and _finish for this one case, inline: each await of a helper
+    # coroutine is a frame made and resumed through on every wakeup.
     config = gw.config
     read_timeout = config.timeouts.upstream_read
-    if req.command == "Sync" and body:
+    if req.command == "Sync" and (b"\x64" in body or b"\x69" in body):
         wait = sync_wait(body)
         if wait is not None:          # a Sync long-poll: the mail server may hold it this long
             read_timeout = max(read_timeout, wait + config.timeouts.ping_margin)
@@ -131,14 +133,19 @@ async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: byt
     t_up = time.perf_counter()
     pool = gw.pool
     for attempt in (0, 1):
-        try:
-            up = await pool.acquire(origin, True)
-        except UpstreamError as exc:
-            await _unavailable(gw, dev, rec, str(exc))
-            return
+        up = pool.take(origin)        # acquire()'s common case, without its coroutine
+        if up is None:
+            try:
+                up = await pool.acquire(origin, True)
+            except UpstreamError as exc:
+                await _unavailable(gw, dev, rec, str(exc))
+                return
         try:
             up.sent = (_POST, target, n)
-            await _send_up_parts(gw, up, parts)
+            try:
+                await sockio.send_parts(up.stream, up.plain, parts, gw.upstream_pace)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamError(f"mail server connection broke while sending: {type(exc).__name__}") from None
             first = b""
             if up.plain is not None:
                 # Let the other connections' ready work run first: under load the answer is
@@ -149,7 +156,18 @@ async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: byt
                     first = sockio.read_now(up.plain, RECEIVE_SIZE) or b""
                 except OSError as exc:
                     raise UpstreamError(f"mail server connection broke: {type(exc).__name__}") from None
-            answer = await _fast_answer_head(up, read_timeout, first)
+            answer = None
+            if first:
+                try:
+                    answer = http1.parse_response(first, _POST, MAX_ANSWER_HEAD)
+                except HTTPProtocolError as exc:
+                    raise UpstreamError(f"mail server sent a malformed answer: {exc}") from None
+                if type(answer) is http1.ResponseHead and not answer.informational:
+                    up.rest = first[answer.head_len:]
+                else:
+                    answer = None     # more to read, 1xx, or h11's: _fast_answer_head's loop
+            if answer is None:
+                answer = await _fast_answer_head(up, read_timeout, first)
             break
         except UpstreamError as exc:
             pool.discard(up)
@@ -181,7 +199,12 @@ async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: byt
             rec.bytes_out = length
             dev.answer_written(status, answer.headers, answer.reason, raw=True)
             dev.answer_done()
-            await dev.send_parts([out, data] if length else [out])
+            try:                      # Device.send_parts, inline
+                await sockio.send_parts(dev.stream, dev.sock, [out, data] if length else [out], gw.device_pace)
+            except TimeoutError as exc:
+                dev._write_timeout(exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise DeviceGone(type(exc).__name__) from None
             return
     await _finish(gw, dev, up, req, answer, (), rec, b"")
 

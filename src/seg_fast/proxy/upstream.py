@@ -206,6 +206,22 @@ class UpstreamPool:
         self.open += 1
         return conn
 
+    def take(self, origin: Origin) -> UpstreamConn | None:
+        """acquire(origin, resendable=True)'s common case without a coroutine: the most recently
+        used idle connection, if it came back less than TRUST_IDLE seconds ago; else None
+        (then acquire decides: the probe, an older one, a new one)."""
+        idle = self.idle.get(origin)
+        if idle:
+            conn = idle[-1]
+            now = trio.current_time()
+            if now - conn.idle_since < TRUST_IDLE:
+                idle.pop()
+                conn.reused = True
+                conn.uses += 1
+                conn.idle = now - conn.idle_since
+                return conn
+        return None
+
     def release(self, conn: UpstreamConn) -> bool:
         """Keep the connection for reuse if both sides are DONE; otherwise close it."""
         if conn.pool is not self and conn.pool is not None:
