@@ -411,8 +411,6 @@ async def test_device_connections_are_capped_so_every_parked_ping_has_its_descri
 
 # -- a connect the kernel made, timed out by the worker's own lag ----------------------------------
 
-@pytest.mark.xfail(strict=True, reason="UpstreamPool.connect decides by the clock (fail_after around "
-                                       "trio.open_tcp_stream); the fix is in /tmp/seg-coord/H4-notes-for-H1.md")
 async def test_a_connect_the_kernel_made_is_not_timed_out_by_the_workers_own_lag():
     """The soaks' commonest 503 ("connecting to ... timed out" with no listen overflow): the
     kernel completes the handshake at once, then the worker's loop stalls past
