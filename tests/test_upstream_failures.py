@@ -354,8 +354,6 @@ async def test_a_ping_the_server_drops_on_a_kept_alive_connection_is_answered_at
         assert (status, body) == (200, b"answer:Ping") and up.connections[1]["requests"] == ["Ping"]
 
 
-@pytest.mark.xfail(strict=True, reason="exchange._answer_ready hands the EOF to h11, which calls it a malformed "
-                                       "answer; the patch is in /tmp/seg-coord/H4-notes-for-H1.md (H1's file)")
 async def test_the_dropped_ping_s_record_names_the_close(tmp_path):
     """What the 503's record says for that Ping: the mail server closed (as the fast path says
     for the same EOF on any other request), not a malformed answer."""

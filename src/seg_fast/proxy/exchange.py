@@ -686,6 +686,8 @@ def _answer_ready(up: UpstreamConn) -> h11.Response | None:
     data = sockio.read_now(up.plain, RECEIVE_SIZE)
     if data is None:
         return None
+    if not data:                      # h11 would call the EOF a malformed answer
+        raise UpstreamError(f"mail server closed the connection before answering ({up.facts()})")
     h = up.h11
     h.receive_data(data)
     while True:
