@@ -62,7 +62,8 @@ SLO_RSS_KIB = 2 * 1024 * 1024
 LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
 LAG_P99_LIMIT = 1.0            # seconds behind the schedule
 LAG_MAX_LIMIT = 5.0
-DEVICES_PER_SOURCE = 2000     # device connections per local address
+DEVICES_PER_SOURCE = 1000     # per local address: half the gateway's default max_connections_per_address, so a
+                              # device's foreground connection beside its parked Ping is never refused
 RAMP_RATE = 80.0               # devices set up per second (~6 requests each) by default
 OTHERS_LIMIT = 0.15            # of a core used by processes outside the run: a shared machine
 VENDOR = {"classic": {"off": 2000, "on": 250}, "v2": {"off": 4000, "on": 2000}}  # devices per core
