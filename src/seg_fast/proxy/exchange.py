@@ -185,8 +185,12 @@ async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: byt
         status = answer.status_code
         data = up.rest
         length = answer.length
-        out = http1.write_answer(status, answer.reason, answer.headers, http1.FRAMING_LENGTH, length,
-                                 dev.keeps_open())
+        try:
+            out = http1.write_answer(status, answer.reason, answer.headers, http1.FRAMING_LENGTH, length,
+                                     dev.keeps_open())
+        except BaseException:
+            pool.discard(up)          # as _finish does: the connection is neither pooled nor leaked
+            raise
         if out is not None:
             # The whole answer is here: the mail-server connection goes back before the device
             # write (a slow device must not hold it); bytes after the answer make it unusable.
