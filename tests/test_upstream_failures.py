@@ -305,6 +305,47 @@ async def test_the_simulator_at_its_descriptor_limit(tmp_path):
         stop_process(sim, grace=10)
 
 
+async def test_the_lean_simulator_sheds_what_it_cannot_accept(tmp_path):
+    """The sizing shards' simulator (lean_serve, `seg-fast sim --reactor`) held to 40
+    descriptors: out of them, it spends its spare descriptor to accept the waiting
+    connection and close it, so the gateway answers a prompt 503 that names the close
+    instead of waiting out upstream_read on a connection nobody reads."""
+    limit = 40
+    sim = subprocess.Popen([*_nofile(limit), sys.executable, "-m", "seg_fast", "sim", "--port", "0", "--seed", "1",
+                            "--no-provisioning", "--password", PASSWORD, "--reactor"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    fillers: list[socket.socket] = []
+    try:
+        sim_port = json.loads(sim.stdout.readline())["sim_port"]
+        for _ in range(limit):
+            fillers.append(socket.create_connection(("127.0.0.1", sim_port)))
+        with trio.fail_after(BOUND):
+            while _fd_count(sim.pid) < limit - 1:    # its spare descriptor stays in reserve
+                await trio.sleep(0.05)
+        with Serve(tmp_path, sim_port) as gw:
+            dev = await Device.connect(gw.port)
+            status, _, _ = await dev.request("FolderSync", FOLDERSYNC)
+            assert status == 503
+            rec = (await gw.records(1))[0]
+            assert rec["error"].startswith("mail server closed the connection before answering"), rec
+            for s in fillers:
+                s.close()
+            fillers.clear()
+            with trio.fail_after(BOUND):         # the simulator sees the fillers go, then serves again
+                while True:
+                    status, _, body = await dev.request("FolderSync", FOLDERSYNC)
+                    if status == 200:
+                        break
+                    await trio.sleep(0.05)
+            assert body.startswith(b"\x03\x01j\x00")
+            await dev.aclose()
+    finally:
+        for s in fillers:
+            s.close()
+        stop_process(sim, grace=10)
+
+
 # -- a kept-alive connection the mail server closed, and a Ping ----------------------------------
 
 async def test_a_ping_never_goes_on_a_pooled_connection_the_server_closed_while_idle(tmp_path):

@@ -1029,6 +1029,7 @@ async def shard_main(spec: ShardSpec) -> dict:
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, 20, 20)
         result = await fleet.run(go)
+        result["sim_accept_shed"] = getattr(sim, "accept_shed", 0)     # lean_serve.Reserve
         nursery.cancel_scope.cancel()
     return result
 

@@ -17,6 +17,7 @@ simulator's own server, byte for byte.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import sys
@@ -34,7 +35,43 @@ BACKLOG = 4096
 RECV = 65536
 # accept() failures that mean "out of a resource for now": wait, then go on
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_OUT_OF_FDS = {errno.EMFILE, errno.ENFILE}
 _IN = select.EPOLLIN | select.EPOLLRDHUP
+
+
+class Reserve:
+    """One spare descriptor (nginx's and libuv's trick): out of descriptors, the simulator
+    spends it to accept the waiting connection and close it at once, so the proxy sees a
+    prompt close rather than a queued connection nobody reads (its request then waits
+    out upstream_read, a gateway 503 the load side caused). Counted in ``sim.accept_shed``:
+    the sizing verdict calls such a run the load side's, not the gateway's."""
+
+    def __init__(self) -> None:
+        self.fd = os.open(os.devnull, os.O_RDONLY)
+
+    def shed(self, sim, ls: socket.socket) -> bool:
+        if self.fd < 0:
+            return False
+        os.close(self.fd)
+        self.fd = -1
+        try:
+            conn, _addr = ls.accept()
+            conn.close()
+            sim.accept_shed = getattr(sim, "accept_shed", 0) + 1
+            return True
+        except OSError:
+            return False
+        finally:
+            try:
+                self.fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                self.fd = -1              # the next shed tries again
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
 _OUT = select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
 
@@ -45,6 +82,7 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
     cancelled. Parked-Ping heartbeats run once per simulator however many ports."""
     raise_nofile_limit()
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reserve = Reserve()
     try:
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind((host, port))
@@ -58,7 +96,7 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
                 await nursery.start(sim._heartbeats)
             task_status.started(bound)
             if ssl_context is None:
-                await Reactor(sim, ls, nursery).run()
+                await Reactor(sim, ls, nursery, reserve).run()
                 return
             while True:
                 try:
@@ -69,6 +107,8 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
                 except OSError as exc:
                     if exc.errno not in _TRANSIENT:
                         raise
+                    if exc.errno in _OUT_OF_FDS and reserve.shed(sim, ls):
+                        continue
                     await trio.sleep(0.1)
                     continue
                 conn.setblocking(False)
@@ -78,6 +118,7 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
     finally:
         trio.lowlevel.notify_closing(ls)
         ls.close()
+        reserve.close()
 
 
 class _Conn:
@@ -105,9 +146,10 @@ class _Conn:
 
 
 class Reactor:
-    def __init__(self, sim, ls: socket.socket, nursery: trio.Nursery) -> None:
+    def __init__(self, sim, ls: socket.socket, nursery: trio.Nursery, reserve: Reserve | None = None) -> None:
         self.sim = sim
         self.ls = ls
+        self.reserve = reserve
         self.nursery = nursery
         self.ep = select.epoll()
         self.conns: dict[int, _Conn] = {}
@@ -148,6 +190,8 @@ class Reactor:
             except OSError as exc:
                 if exc.errno not in _TRANSIENT:
                     raise
+                if exc.errno in _OUT_OF_FDS and self.reserve is not None and self.reserve.shed(sim, self.ls):
+                    continue
                 # out of descriptors for now: stop listening a moment (level-triggered
                 # epoll would otherwise report the waiting connection at once, again)
                 self.ep.unregister(self.ls.fileno())

@@ -613,6 +613,7 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
             "shard_maxrss_kib": max(r["maxrss_kib"] for r in results),
             "fds_max": max(r["fds_max"] for r in results),
             "fd_limit": min(r["fd_limit"] for r in results),
+            "sim_accept_shed": sum(r.get("sim_accept_shed", 0) for r in results),
         },
         "timeline": [(round(s[0] - w0, 1), s[1], s[2], s[3]) for s in samples],
     }
@@ -628,6 +629,8 @@ def load_problems(p: dict, opts: Options) -> list[str]:
         out.append(f"load side used {100 * ld['cpu_share']:.0f}% of its core")
     if ld["lag_p99"] > LAG_P99_LIMIT or ld["lag_max"] > LAG_MAX_LIMIT:
         out.append(f"load side fell behind schedule (p99 {ld['lag_p99']:.2f}s, max {ld['lag_max']:.2f}s)")
+    if ld.get("sim_accept_shed"):
+        out.append(f"the simulator ran out of descriptors and shed {ld['sim_accept_shed']} connections")
     if ld["fds_max"] >= 0.95 * ld["fd_limit"]:
         out.append(f"a load-side process held {ld['fds_max']} of its {ld['fd_limit']} descriptors")
     fd_port = [k for k in p["failures"] if k.endswith(".connect")]
