@@ -239,7 +239,7 @@ async def _handle(gw, dev, request: h11.Request, rec: Transaction, t0: float):
             rec.error = str(exc)[:200]
             return await _answer(dev, rec, 400, [(b"Content-Type", b"text/plain")],
                                  b"malformed ActiveSync request\n")
-    if PINS.by_stream and not PINS.inherit(dev.stream, req, gw.redirects.origin_for(req.user)):
+    if PINS.by_stream.data and not PINS.inherit(dev.stream, req, gw.redirects.origin_for(req.user)):
         # NTLM/Negotiate authenticated this device connection's mail-server connection for
         # another user than User= names: the mail server would answer as that user.
         rec.error = "User= names another user than the authenticated connection"
@@ -464,7 +464,7 @@ async def _forward(gw, dev, request, full, req: EasRequest, decision, answer_tx,
     t_up = time.perf_counter()
     up = None
     # This device connection's own NTLM/Negotiate-authenticated connection (pinning.py).
-    pinned = PINS.take(gw.pool, dev.stream, origin, req.auth_scheme) if PINS.by_stream else None
+    pinned = PINS.take(gw.pool, dev.stream, origin, req.auth_scheme) if PINS.by_stream.data else None
     for attempt in (0, 1):
         if attempt == 0 and pinned is not None:
             up = pinned
