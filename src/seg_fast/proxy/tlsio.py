@@ -2,7 +2,7 @@
 
 trio's SSLStream pays, per record, a lock, two conflict detectors, a retry loop with
 several awaits and a checkpoint on every send and receive; on a keep-alive device
-connection that was a third of a worker's time (benchmarks/tls_bench.py: 313 vs 66 µs
+connection that was a third of a worker's time (benchmarks/tls_bench.py: 336 vs 66 µs
 of server CPU per small exchange, --stream-loop). ``TLSStream`` does what sockio does
 for plain sockets: the system call first (``read_nb``, ``os.write``), trio's
 ``wait_readable``/``wait_writable`` only when the socket would block, and deadlines
