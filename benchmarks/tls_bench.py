@@ -115,41 +115,12 @@ def start_seg_fast_tls(workdir: Path, port: int, upstream: int, cert: Path, key:
                        name: str = "gateway", trio_sslstream: bool = False) -> subprocess.Popen:
     workdir = workdir / name
     workdir.mkdir()
-    cfg = workdir / "gateway.toml"
-    cfg.write_text(f"""workers = 1
-[listener]
-host = "127.0.0.1"
-port = {port}
-tls_cert = "{cert}"
-tls_key = "{key}"
-[upstream]
-url = "http://127.0.0.1:{upstream}"
-[admin]
-enabled = false
-[log]
-transactions = ""
-[timeouts]
-idle_keepalive = 3600.0
-[limits]
-max_connections_per_address = 100000
-[policy]
-allow_if_no_policies = true
-sqlite_path = "{workdir}/policy.db"
-[security]
-block_attachments_without_policy = false
-master_key_file = "{workdir}/master.key"
-key_state_file = "{workdir}/keys.json"
-""")
-    env = dict(os.environ, SEG_FAST_STATE_DIR=str(workdir / "state"))
+    env = {}
     if trio_sslstream:
         (workdir / "patch").mkdir()
         (workdir / "patch" / "sitecustomize.py").write_text(_TRIO_SSLSTREAM)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workdir / "patch"), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "seg_fast", "serve",
-                             "--workers", "1", "--config", str(cfg)],
-                            env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wrk_bench._wait_port(port)
-    return proc
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workdir / "patch"), os.environ.get("PYTHONPATH")]))
+    return wrk_bench.start_seg_fast(workdir, port, upstream, tls=(cert, key), env_extra=env)
 
 
 def run_wrk(port: int, script: Path | None, conns: int, seconds: float, path: str = EAS) -> dict:

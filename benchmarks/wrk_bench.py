@@ -132,13 +132,16 @@ def start_nginx_proxy(workdir: Path, port: int, upstream: int) -> subprocess.Pop
     return proc
 
 
-def start_seg_fast(workdir: Path, port: int, upstream: int) -> subprocess.Popen:
+def start_seg_fast(workdir: Path, port: int, upstream: int, *, tls: tuple[Path, Path] | None = None,
+                   env_extra: dict | None = None) -> subprocess.Popen:
+    """``seg-fast serve --workers 1`` pinned to CPU 0 (``tls``: the listener's certificate and key)."""
     cfg = workdir / "gateway.toml"
+    tls_lines = f'tls_cert = "{tls[0]}"\ntls_key = "{tls[1]}"\n' if tls else ""
     cfg.write_text(f"""workers = 1
 [listener]
 host = "127.0.0.1"
 port = {port}
-[upstream]
+{tls_lines}[upstream]
 url = "http://127.0.0.1:{upstream}"
 [admin]
 enabled = false
@@ -156,7 +159,7 @@ block_attachments_without_policy = false
 master_key_file = "{workdir}/master.key"
 key_state_file = "{workdir}/keys.json"
 """)
-    env = dict(os.environ, SEG_FAST_STATE_DIR=str(workdir / "state"))
+    env = dict(os.environ, SEG_FAST_STATE_DIR=str(workdir / "state"), **(env_extra or {}))
     proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "seg_fast", "serve",
                              "--workers", "1", "--config", str(cfg)],
                             env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
