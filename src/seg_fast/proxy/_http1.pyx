@@ -680,6 +680,29 @@ cdef int _check_field(bytes name, bytes value) except -1:
     return 0
 
 
+cdef int _check_request_line(bytes method, bytes target) except -1:
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(method)
+    cdef Py_ssize_t i
+    if not method or not target:
+        raise HTTPProtocolError("empty method or target", 500)
+    for i in range(len(method)):
+        if not _TOKEN[s[i]]:
+            raise HTTPProtocolError("illegal method", 500)
+    s = <const unsigned char*>PyBytes_AS_STRING(target)
+    for i in range(len(target)):
+        if not _VCHAR[s[i]]:
+            raise HTTPProtocolError("illegal target", 500)
+    return 0
+
+
+cdef inline int _w_request_line(_Writer* w, bytes method, bytes target) except -1:
+    _w_bytes(w, method)
+    _w_put(w, " ", 1)
+    _w_bytes(w, target)
+    _w_put(w, " HTTP/1.1\r\n", 11)
+    return 0
+
+
 cdef int _w_fields(_Writer* w, list headers, bint host_first) except -1:
     cdef tuple item
     cdef bytes name, low, value
@@ -746,23 +769,10 @@ def write_request(bytes method, bytes target, list headers, int framing=FRAMING_
                   long long length=0, bint keep_alive=True):
     """The request line and headers (Host first, as h11 writes them), framing as in write_response."""
     cdef _Writer w
-    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(method)
-    cdef Py_ssize_t i
-    if not method or not target:
-        raise HTTPProtocolError("empty method or target", 500)
-    for i in range(len(method)):
-        if not _TOKEN[s[i]]:
-            raise HTTPProtocolError("illegal method", 500)
-    s = <const unsigned char*>PyBytes_AS_STRING(target)
-    for i in range(len(target)):
-        if not _VCHAR[s[i]]:
-            raise HTTPProtocolError("illegal target", 500)
+    _check_request_line(method, target)
     _w_init(&w)
     try:
-        _w_bytes(&w, method)
-        _w_put(&w, " ", 1)
-        _w_bytes(&w, target)
-        _w_put(&w, " HTTP/1.1\r\n", 11)
+        _w_request_line(&w, method, target)
         _w_fields(&w, headers, True)
         _w_framing(&w, framing, length, keep_alive)
         return PyBytes_FromStringAndSize(w.buf, w.pos)
@@ -1117,27 +1127,14 @@ def write_upstream(bytes method, bytes target, list full, bytes host, bytes clie
     length`` (none if ``length`` < 0). None when a Connection header names other headers
     (the Python path drops those). tests/test_fastpath_writers.py checks it against both."""
     cdef _Writer w
-    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(method)
-    cdef Py_ssize_t i
     cdef tuple item
     cdef bytes low
     if _names_headers(full):
         return None
-    if not method or not target:
-        raise HTTPProtocolError("empty method or target", 500)
-    for i in range(len(method)):
-        if not _TOKEN[s[i]]:
-            raise HTTPProtocolError("illegal method", 500)
-    s = <const unsigned char*>PyBytes_AS_STRING(target)
-    for i in range(len(target)):
-        if not _VCHAR[s[i]]:
-            raise HTTPProtocolError("illegal target", 500)
+    _check_request_line(method, target)
     _w_init(&w)
     try:
-        _w_bytes(&w, method)
-        _w_put(&w, " ", 1)
-        _w_bytes(&w, target)
-        _w_put(&w, " HTTP/1.1\r\n", 11)
+        _w_request_line(&w, method, target)
         _w_field(&w, b"Host", host)
         for item in full:
             low = item[1]
