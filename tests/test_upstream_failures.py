@@ -328,7 +328,10 @@ async def test_the_lean_simulator_sheds_what_it_cannot_accept(tmp_path):
             status, _, _ = await dev.request("FolderSync", FOLDERSYNC)
             assert status == 503
             rec = (await gw.records(1))[0]
-            assert rec["error"].startswith("mail server closed the connection before answering"), rec
+            # Closed at once: an EOF, or a reset when the request had already arrived unread.
+            assert rec["error"].startswith(("mail server closed the connection before answering",
+                                            "mail server connection broke")), rec
+            assert "new connection" in rec["error"], rec
             for s in fillers:
                 s.close()
             fillers.clear()
