@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -306,13 +305,7 @@ def main(argv=None) -> int:
                           f"(user {r['user_us_per_request']:.1f}, sys {r['sys_us_per_request']:.1f}) "
                           f"{r['requests_per_second']:7d} req/s", flush=True)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        wrk_bench.stop_all(procs)
         shutil.rmtree(workdir, ignore_errors=True)
 
     summary = {"command": "python benchmarks/tls_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),

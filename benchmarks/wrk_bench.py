@@ -167,6 +167,17 @@ key_state_file = "{workdir}/keys.json"
     return proc
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM, newest first; SIGKILL what has not exited within 20 s."""
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def _lua(workdir: Path, close: bool) -> Path:
     auth = base64.b64encode(b"user1:secret").decode()
     headers = {
@@ -247,13 +258,7 @@ def main(argv=None) -> int:
                     print(f"{variant:9s} {name:8s} {r['cpu_us_per_request']:8.1f} µs CPU/request "
                           f"{r['requests_per_second']:7d} req/s", flush=True)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         shutil.rmtree(workdir, ignore_errors=True)
 
     summary = {"command": "python benchmarks/wrk_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -680,6 +680,26 @@ cdef int _check_field(bytes name, bytes value) except -1:
     return 0
 
 
+cdef int _check_status_line(int status, bytes reason) except -1:
+    cdef const unsigned char* r = <const unsigned char*>PyBytes_AS_STRING(reason)
+    cdef Py_ssize_t i
+    if not 100 <= status <= 999:
+        raise HTTPProtocolError(f"illegal status {status}", 500)
+    for i in range(len(reason)):
+        if r[i] == 0 or r[i] == 10 or r[i] == 13 or r[i] == 11 or r[i] == 12:
+            raise HTTPProtocolError("illegal reason phrase", 500)
+    return 0
+
+
+cdef inline int _w_status_line(_Writer* w, int status, bytes reason) except -1:
+    _w_put(w, "HTTP/1.1 ", 9)
+    _w_int(w, status)
+    _w_put(w, " ", 1)
+    _w_bytes(w, reason)
+    _w_put(w, "\r\n", 2)
+    return 0
+
+
 cdef int _check_request_line(bytes method, bytes target) except -1:
     cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(method)
     cdef Py_ssize_t i
@@ -744,20 +764,10 @@ def write_response(int status, bytes reason, list headers, int framing=FRAMING_L
     """``HTTP/1.1 status reason``, the headers (triples; their framing headers are replaced
     by ``framing``), ``Connection: close`` unless ``keep_alive``, the blank line: one bytes."""
     cdef _Writer w
-    cdef const unsigned char* r = <const unsigned char*>PyBytes_AS_STRING(reason)
-    cdef Py_ssize_t i
-    if not 100 <= status <= 999:
-        raise HTTPProtocolError(f"illegal status {status}", 500)
-    for i in range(len(reason)):
-        if r[i] == 0 or r[i] == 10 or r[i] == 13 or r[i] == 11 or r[i] == 12:
-            raise HTTPProtocolError("illegal reason phrase", 500)
+    _check_status_line(status, reason)
     _w_init(&w)
     try:
-        _w_put(&w, "HTTP/1.1 ", 9)
-        _w_int(&w, status)
-        _w_put(&w, " ", 1)
-        _w_bytes(&w, reason)
-        _w_put(&w, "\r\n", 2)
+        _w_status_line(&w, status, reason)
         _w_fields(&w, headers, False)
         _w_framing(&w, framing, length, keep_alive)
         return PyBytes_FromStringAndSize(w.buf, w.pos)
@@ -1154,24 +1164,14 @@ def write_answer(int status, bytes reason, list full, int framing, long long len
     pass: the mail server's headers but hop-by-hop ones, the framing and ``Connection`` the
     writer's own. None when a Connection header names other headers (the Python path)."""
     cdef _Writer w
-    cdef const unsigned char* r = <const unsigned char*>PyBytes_AS_STRING(reason)
-    cdef Py_ssize_t i
     cdef tuple item
     cdef bytes low
     if _names_headers(full):
         return None
-    if not 100 <= status <= 999:
-        raise HTTPProtocolError(f"illegal status {status}", 500)
-    for i in range(len(reason)):
-        if r[i] == 0 or r[i] == 10 or r[i] == 13 or r[i] == 11 or r[i] == 12:
-            raise HTTPProtocolError("illegal reason phrase", 500)
+    _check_status_line(status, reason)
     _w_init(&w)
     try:
-        _w_put(&w, "HTTP/1.1 ", 9)
-        _w_int(&w, status)
-        _w_put(&w, " ", 1)
-        _w_bytes(&w, reason)
-        _w_put(&w, "\r\n", 2)
+        _w_status_line(&w, status, reason)
         for item in full:
             low = item[1]
             if _hop_by_hop(<const unsigned char*>PyBytes_AS_STRING(low), len(low)) or \
