@@ -416,7 +416,11 @@ async def misc(dev: "Device", conn: "HttpConn", key: str) -> bool:
         root = await _call(dev, conn, "Settings", body, key)
         return root is not None and _status(dev, "Settings", text(root, "Settings:Status"))
     async with dev.sync_lock:
-        if dev.sync_key == "0":
+        # The lock may come from a Sync that was abandoned (the device gave up after a
+        # failure, or the run stopped and cancelled it) after the simulator answered
+        # it: the device's SyncKey is then one behind, and a GetItemEstimate naming it
+        # gets Status 4. A phone that is gone or switched off sends nothing more.
+        if dev.sync_key == "0" or not dev.alive or dev.fleet.stopping:
             return True
         body = encode(E("GetItemEstimate:GetItemEstimate", E("GetItemEstimate:Collections", E(
             "GetItemEstimate:Collection", E("AirSync:SyncKey", dev.sync_key),

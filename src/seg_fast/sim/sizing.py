@@ -574,6 +574,10 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
         "syncing_at_window_end": sum(r.get("syncing_at_window_end", 0) for r in results),
         "states_at_window_end": dict(sum((collections.Counter(r.get("states_at_window_end", {}))
                                           for r in results), collections.Counter())),
+        # devices still short of their mail when the drain ended, by where they stood
+        # (each within its own request deadlines: late, not answered wrongly)
+        "behind_at_stop": dict(sum((collections.Counter(r.get("behind_at_stop", {}))
+                                    for r in results), collections.Counter())),
         "requests": requests,
         "requests_total": sum(requests.values()),
         "requests_in_window": sum(len(v) for v in lat.values()),
@@ -589,6 +593,8 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
                 "resumed": sum(r.get("tls_resumed", 0) for r in results)},
         "checked_bodies": sum(r.get("checked_bodies", 0) for r in results),
         "byte_checked": sum(r.get("byte_checked", 0) for r in results),
+        "facts_checked": sum(r.get("facts_checked", 0) for r in results),
+        "facts_crosschecked": sum(r.get("facts_crosschecked", 0) for r in results),
         "envelopes_opened": sum(r.get("envelopes_opened", 0) for r in results),
         "fetch_skipped": sum(r["fetch_skipped"] for r in results),
         "latency_ms": {cmd: lat_summary([ms for _, ms in pairs]) for cmd, pairs in lat.items()},
@@ -651,6 +657,22 @@ def load_problems(p: dict, opts: Options) -> list[str]:
     if opts.hold < 120:
         out.append(f"hold {opts.hold:.0f}s is shorter than the 120s a claim needs")
     return out
+
+
+def behind_at_stop(p: dict) -> str:
+    """What was still in flight on path ``p`` when its drain ended ('' when nothing)."""
+    behind = p.get("behind_at_stop") or {}
+    n = sum(v for k, v in behind.items() if k != "foreground request")
+    fg = behind.get("foreground request", 0)
+    if not n and not fg:
+        return ""
+    parts = []
+    if n:
+        where = ", ".join(f"{v} {k}" for k, v in sorted(behind.items()) if k != "foreground request")
+        parts.append(f"{n} devices had not synced all their mail ({where})")
+    if fg:
+        parts.append(f"{fg} foreground requests were still running")
+    return " and ".join(parts) + " when the drain ended, each within its own deadline"
 
 
 def contention(p: dict) -> list[str]:
@@ -723,6 +745,19 @@ def judge(point: dict, opts: Options) -> dict:
     if direct and sum(direct["failures"].values()):
         invalid.append(f"direct: {sum(direct['failures'].values())} failures without any proxy "
                        f"({', '.join(sorted(direct['failures']))}): the fleet or simulator is wrong")
+    for name, p in paths.items():
+        late = behind_at_stop(p)
+        if not late:
+            continue
+        if name == "direct":
+            # no proxy in the way: the load side did not keep up with its own schedule
+            invalid.append(f"direct: {late}: the load side fell behind (not a wrong answer); "
+                           f"fewer devices, or a longer --drain")
+        elif name == "gateway":
+            # the gateway may be what held them: counted against it, as a failure is
+            broke.append(f"gateway: {late}")
+        else:
+            caveats.append(f"{name}: {late}")
     n = opts.devices
     hours = opts.hold * opts.rate_scale / 3600.0      # device time, not wall time
     metrics = {}
