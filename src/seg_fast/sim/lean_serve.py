@@ -29,7 +29,7 @@ from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.proxy import http1
 from seg_fast.sim import commands as C
 from seg_fast.sim.mailbox import LEAN_METHODS, MAX_HEAD, REASONS, SERVER_TRIPLE, _Park, _seq_of
-from seg_fast.sim.wire import RawStream
+from seg_fast.sim.wire import RawStream, TlsStream
 
 BACKLOG = 4096
 RECV = 65536
@@ -113,7 +113,11 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
                     continue
                 conn.setblocking(False)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                stream = trio.SSLStream(RawStream(conn), ssl_context, server_side=True, https_compatible=True)
+                try:
+                    stream = TlsStream(conn, ssl_context, server_side=True)
+                except (OSError, ValueError):
+                    conn.close()
+                    continue
                 nursery.start_soon(sim._connection, stream)
     finally:
         trio.lowlevel.notify_closing(ls)

@@ -8,6 +8,12 @@ send on this exchange (status line, ``name: value`` lines without folding, one
 Content-Length of digits or chunked coding, or a close-delimited body) and raises
 ``WireError`` on anything else: the fleet checks the proxy under test, so the
 reader is strict where h11 is (tests/test_sizing_wire.py holds it to h11).
+
+Both transports are bare non-blocking sockets tried before trio is asked to wait:
+``RawStream`` (plain) and ``TlsStream`` (TLS over OpenSSL's socket BIO: the C object
+ssl.SSLSocket uses inside, without trio.SSLStream's memory BIOs, lock, conflict
+detectors and retry loop per operation), so the fleet's poller can read either
+where the socket turns readable (``HttpConn.poll_answer``).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import errno
 import os
 import re
 import socket
+import ssl
 
 import trio
 
@@ -24,6 +31,9 @@ from seg_fast.proxy import http1
 MAX_HEAD = 64 * 1024
 SERVER_NAME = "mail.seg-fast.test"    # the name on the benchmark's certificate
 RECV = 262144
+# SSL_read gives one record's plaintext (at most 2**14 bytes) per call: a larger
+# buffer is only a larger allocation to shrink
+TLS_RECV = 16384
 # Linux: the source port is picked at connect() (knowing the destination), not at
 # bind(), so each (source, destination) pair has its own ~28,000 ports
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -97,6 +107,95 @@ class RawStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
+class TlsStream(trio.abc.Stream):
+    """TLS over a connected non-blocking socket with OpenSSL's socket BIO (the
+    ``_ssl._SSLSocket`` that ssl.SSLSocket wraps): each operation is tried first and
+    trio is asked to wait only when OpenSSL says it wants the socket. OpenSSL's rule
+    for a write that wanted the socket: it is retried with the same bytes (it keeps
+    what it already put into records), never with "the rest". Ragged EOFs read as
+    EOF (https_compatible, as trio.SSLStream was used): HTTP framing says whether
+    the answer was whole. SSL errors are OSErrors (ssl.SSLError), which the fleet
+    counts. ``session``/``session_reused``/``do_handshake`` as on trio.SSLStream;
+    the handshake also happens on first use."""
+    __slots__ = ("socket", "ssl")
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool = False,
+                 server_hostname: str | None = None, session=None) -> None:
+        self.socket = sock          # the SSL object holds only a weak reference to it
+        self.ssl = context._wrap_socket(sock, server_side, server_hostname, owner=None, session=session)
+
+    @property
+    def session(self):
+        return self.ssl.session
+
+    @property
+    def session_reused(self) -> bool:
+        return self.ssl.session_reused
+
+    async def do_handshake(self) -> None:
+        obj = self.ssl
+        while True:
+            try:
+                obj.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self.socket)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.socket)
+
+    def send_nowait(self, data) -> bool:
+        """Without waiting: True when all of ``data`` went out; False when the socket
+        is full and ``send_all(data)`` (the same bytes) must finish it."""
+        try:
+            self.ssl.write(data)
+            return True
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return False
+
+    async def send_all(self, data) -> None:
+        if not data:
+            return
+        obj = self.ssl
+        while True:
+            try:
+                obj.write(data)
+                return
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.socket)
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self.socket)
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        obj = self.ssl
+        n = TLS_RECV if max_bytes is None or max_bytes > TLS_RECV else max_bytes
+        while True:
+            try:
+                return obj.read(n)
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self.socket)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.socket)
+            except ssl.SSLEOFError:
+                return b""
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.socket)
+
+    def close(self) -> None:
+        sock = self.socket
+        if sock.fileno() >= 0:
+            try:
+                self.ssl.shutdown()         # our close_notify, not waiting for theirs
+            except (OSError, ValueError):
+                pass
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+
 async def connect(host: str, port: int, local: str | None) -> RawStream:
     """A TCP connection from ``local`` (any port) to (host, port): a socket, a bind
     and a non-blocking connect, without open_tcp_stream's resolver and
@@ -146,9 +245,11 @@ class HttpConn:
         ``session`` if one is (the handshake happens on first use)."""
         stream = await connect(host, port, local)
         if tls is not None:
-            stream = trio.SSLStream(stream, tls, server_hostname=server_name, https_compatible=True)
-            if session is not None:
-                stream.session = session
+            try:
+                stream = TlsStream(stream.socket, tls, server_hostname=server_name, session=session)
+            except BaseException:
+                stream.close()
+                raise
         return cls(stream)
 
     async def _more(self) -> bytes:
@@ -175,45 +276,63 @@ class HttpConn:
             await self.stream.send_all(body)
 
     def fileno(self) -> int:
-        """The TCP socket under the stream (and under TLS)."""
-        stream = self.stream
-        return (stream if type(stream) is RawStream else stream.transport_stream).socket.fileno()
+        """The TCP socket under the stream (plain or TLS)."""
+        return self.stream.socket.fileno()
 
     def buffered(self) -> bool:
         """Bytes already read from the socket and not yet consumed (here or, under
-        TLS, in the SSL object's buffers): readiness of the socket would not say so."""
+        TLS, decrypted in the SSL object): readiness of the socket would not say so."""
         if self.buf:
             return True
         stream = self.stream
-        if type(stream) is RawStream:
-            return False
-        incoming = getattr(stream, "_incoming", None)          # trio.SSLStream's BIO
-        ssl_object = getattr(stream, "_ssl_object", None)
-        return bool((incoming is not None and incoming.pending)
-                    or (ssl_object is not None and ssl_object.pending()))
+        return type(stream) is TlsStream and stream.ssl.pending() > 0
 
     def poll_answer(self):
-        """Without waiting (a plain connection whose socket is readable): the answer
-        when what has arrived completes it, None when more must come, FALLBACK when
-        it is a form left to ``answer`` (anything but a final Content-Length answer:
-        chunked, read-to-close, 1xx, a head the compiled parser defers). What was
-        read stays buffered for ``answer`` to start from. Same bytes, same checks
-        as ``answer`` (tests/test_sizing_wire.py holds the two to each other)."""
-        sock = self.stream.socket
+        """Without waiting (a connection whose socket is readable, plain or TLS): the
+        answer when what has arrived completes it, None when more must come, FALLBACK
+        when it is a form left to ``answer`` (anything but a final Content-Length
+        answer: chunked, read-to-close, 1xx, a head the compiled parser defers; or
+        TLS that wants to write before it reads on). What was read stays buffered for
+        ``answer`` to go on from. Same bytes, same checks as ``answer``
+        (tests/test_sizing_wire.py holds the two to each other)."""
+        stream = self.stream
         parts = self.parts
-        eof = False
-        while True:
-            try:
-                data = sock.recv(RECV)
-            except BlockingIOError:
-                break
-            if not data:
-                eof = True
-                break
-            parts.append(data)
-            self.have += len(data)
-            if len(data) < RECV:       # drained, most likely: epoll says when more comes
-                break
+        eof = stuck = False
+        if type(stream) is RawStream:
+            sock = stream.socket
+            while True:
+                try:
+                    data = sock.recv(RECV)
+                except BlockingIOError:
+                    break
+                if not data:
+                    eof = True
+                    break
+                parts.append(data)
+                self.have += len(data)
+                if len(data) < RECV:       # drained, most likely: epoll says when more comes
+                    break
+        else:
+            obj = stream.ssl
+            while True:
+                try:
+                    data = obj.read(TLS_RECV)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLWantWriteError:
+                    stuck = True           # the waiting reader waits for the socket to drain
+                    break
+                except ssl.SSLEOFError:
+                    data = b""
+                if not data:
+                    eof = True
+                    break
+                parts.append(data)
+                self.have += len(data)
+                # a short record most likely ends what was sent (a try past it would
+                # cost an SSLWantReadError); epoll says when more comes
+                if len(data) < TLS_RECV and not obj.pending():
+                    break
         if self.want < 0:
             if parts:
                 self.buf = self.buf + b"".join(parts) if self.buf else b"".join(parts)
@@ -226,7 +345,7 @@ class HttpConn:
             if head is http1.NEED_MORE:
                 if eof:
                     raise WireError("connection closed before the answer ended")
-                return None
+                return FALLBACK if stuck else None
             if (type(head) is not http1.ResponseHead or head.status_code < 200
                     or head.status_code in (204, 304) or head.framing != http1.FRAMING_LENGTH):
                 return FALLBACK
@@ -246,7 +365,12 @@ class HttpConn:
         if self.have < self.want:
             if eof:
                 raise WireError("connection closed before the answer ended")
-            return None
+            return FALLBACK if stuck else None
+        return self._polled()
+
+    def _polled(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        """The answer whose head poll_answer read, now that its body is all here."""
+        parts = self.parts
         whole = parts[0] if len(parts) == 1 else b"".join(parts)
         want = self.want
         body = whole[:want]
@@ -260,6 +384,12 @@ class HttpConn:
         return status, headers, body
 
     async def answer(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        if self.want >= 0:                # poll_answer read the head: the body's rest
+            while self.have < self.want:
+                data = await self._more()
+                self.parts.append(data)
+                self.have += len(data)
+            return self._polled()
         while True:
             status, version, headers = await self._head()
             if status >= 200:
@@ -384,8 +514,8 @@ class HttpConn:
 
     async def aclose(self) -> None:
         stream = self.stream
-        if type(stream) is RawStream:
-            stream.close()                  # plain: nothing to say before closing
+        if type(stream) is RawStream or type(stream) is TlsStream:
+            stream.close()                  # TLS: close_notify sent, no wait for theirs
             return
         with trio.CancelScope(deadline=trio.current_time() + 1, shield=True):
-            await stream.aclose()           # TLS: close_notify, at most a second
+            await stream.aclose()
