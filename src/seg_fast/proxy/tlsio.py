@@ -1,25 +1,43 @@
-"""The device leg's TLS: an ``ssl.SSLObject`` over two memory BIOs on the bare socket.
+"""The device leg's TLS: OpenSSL on the device's own non-blocking socket (its socket BIO).
 
 trio's SSLStream pays, per record, a lock, two conflict detectors, a retry loop with
 several awaits and a checkpoint on every send and receive; on a keep-alive device
 connection that was a third of a worker's time (benchmarks/tls_bench.py: 336 vs 66 µs
 of server CPU per small exchange, --stream-loop). ``TLSStream`` does what sockio does
-for plain sockets: the system call first (``read_nb``, ``os.write``), trio's
-``wait_readable``/``wait_writable`` only when the socket would block, and deadlines
+for plain sockets: the OpenSSL call first, trio's ``wait_readable``/``wait_writable``
+only when it says the socket would block (SSLWantRead/WantWriteError), and deadlines
 from sockio's timer wheel rather than a CancelScope per operation.
 
+Memory. The SSL object is the one ssl.SSLSocket uses (``SSLContext._wrap_socket``): it
+reads and writes the descriptor itself, and OpenSSL frees its record buffers between
+records (SSL_MODE_RELEASE_BUFFERS, CPython's default), so an idle connection costs about
+15 KiB whatever it carried. Over two ``ssl.MemoryBIO``s (this module's first design) it
+kept the largest burst it had carried, since memory BIOs never shrink: 17 KiB after a
+small exchange, 64+ KiB in each BIO after one big answer, for as long as the connection
+lived (a parked Ping lives for hours). No ciphertext passes through Python either.
+
+Reads take one record at a time: OpenSSL reads exactly a record's header, then its body
+(no read-ahead), so it never holds bytes the socket no longer shows as readable, except
+the plaintext a short read leaves (``pending()``), which the next read returns before any
+wait. Writes go one record's plaintext (16 KiB) at a time: while the socket is full,
+OpenSSL holds that one encrypted record, and the retried write passes the same bytes
+(OpenSSL's rule for non-blocking writes). Output a read makes (a KeyUpdate's answer,
+the no_renegotiation alert, a fatal alert) OpenSSL writes to the socket itself. A
+receive never runs while a send has a record half out (it waits for that send): a
+KeyUpdate's answer written then would break the connection (BAD_WRITE_RETRY).
+
 It keeps the face of trio.SSLStream that the gateway uses (``do_handshake``,
-``receive_some``, ``send_all``, ``aclose``, ``transport_stream``, ``getpeercert`` and
-the other SSLObject queries) and its error semantics: trio.BrokenResourceError when
-TLS or the socket fails (or a send or the handshake was cancelled half-way),
-ClosedResourceError after aclose/close; ``do_handshake(deadline)`` raises
-trio.TooSlowError past its deadline. TLS 1.2 and later only, and no renegotiation
-(gateway.server_tls_context): OpenSSL answers a renegotiating ClientHello with a
-no_renegotiation alert, which goes out at once like anything else a read produces. Like SSLStream(https_compatible=True) an EOF without close_notify is a
-plain EOF (devices often skip it; HTTP frames its own messages), but unlike it a
-graceful close sends close_notify (without waiting for the reply), as nginx does.
-Buffers stay bounded: at most SLICE plaintext bytes are encrypted ahead of the socket,
-and one socket read (64 KiB) is taken at a time.
+``receive_some``, ``send_all``, ``aclose``, ``transport_stream``, ``ssl_object``,
+``getpeercert`` and the other SSLObject queries) and its error semantics:
+trio.BrokenResourceError when TLS or the socket fails (or a send or the handshake was
+cancelled half-way), ClosedResourceError after aclose/close or once the socket was
+closed under it (parking.py closes a parked Ping's socket itself; OpenSSL keeps the
+descriptor's number, so nothing is read or written after that); ``do_handshake(deadline)``
+raises trio.TooSlowError past its deadline. TLS 1.2 and later only, and no renegotiation
+(gateway.server_tls_context). Like SSLStream(https_compatible=True) an EOF without
+close_notify is a plain EOF (devices often skip it; HTTP frames its own messages), but
+unlike it a graceful close sends close_notify (without waiting for the reply), as nginx
+does.
 
 ``receive_by``/``read_now``/``send_parts`` are the fast path sockio can call for a
 TLS device stream, mirroring what it does for plain sockets (deadlines and write
@@ -28,20 +46,23 @@ pacing as ``sockio.Pace`` defines them).
 from __future__ import annotations
 
 import math
-import os
+import socket
 import ssl
 
 import trio
-from trio.lowlevel import checkpoint
+from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from seg_fast.proxy import sockio
 from seg_fast.proxy._http1 import read_nb
 
-READ_SIZE = 64 * 1024         # one socket read (read_nb's buffer)
-RECORD = 16 * 1024            # the most plaintext one TLS record holds
-SLICE = 64 * 1024             # plaintext encrypted ahead of what the socket took
+RECORD = 16 * 1024            # the most plaintext one TLS record holds: one read, one write
+DISCARD = 64 * 1024           # unread bytes a close takes first (see close)
 FAIR_EVERY = 32               # ready operations between checkpoints (as sockio)
 _ready = 0
+
+_READ, _WRITE = 1, 2          # what the last OpenSSL read waits for
+_WantRead, _WantWrite = ssl.SSLWantReadError, ssl.SSLWantWriteError
+_EOFS = (ssl.SSLZeroReturnError, ssl.SSLEOFError)     # close_notify, or the TCP EOF without it
 
 # What trio.SSLStream forwards from its SSLObject (the same names).
 _FORWARDED = frozenset({
@@ -51,39 +72,71 @@ _FORWARDED = frozenset({
 })
 
 
+def wrap_socket(context: ssl.SSLContext, sock: socket.socket, server_side: bool,
+                server_hostname: str | None = None, session=None) -> ssl.SSLObject:
+    """An ``ssl.SSLObject`` (its whole query API) whose C object is ssl.SSLSocket's: OpenSSL
+    reads and writes ``sock`` (a non-blocking stdlib socket) itself, through its socket BIO.
+    Its read/write/do_handshake raise SSLWantRead/WantWriteError where the socket would block."""
+    face = ssl.SSLObject.__new__(ssl.SSLObject)
+    face._sslobj = context._wrap_socket(sock, server_side, server_hostname, owner=face, session=session)
+    return face
+
+
+def records(parts):
+    """The plaintext of ``parts`` in slices of at most RECORD bytes, one TLS record each: small
+    parts joined (a head and the start of a body in one record), a big part's slices uncopied."""
+    held: list = []
+    room = RECORD
+    for part in parts:
+        view = memoryview(part)
+        n = len(view)
+        off = 0
+        while off < n:
+            if not held and n - off >= RECORD:
+                yield view[off:off + RECORD]
+                off += RECORD
+                continue
+            take = min(room, n - off)
+            held.append(view[off:off + take])
+            room -= take
+            off += take
+            if not room:
+                yield b"".join(held)
+                held, room = [], RECORD
+    if held:
+        yield b"".join(held)
+
+
 class TLSStream:
     """One device connection's TLS, server side (see the module's docstring)."""
 
     fast_tls = True               # sockio's mark: receive_by/read_now/send_parts are here
 
-    __slots__ = ("transport_stream", "socket", "plain", "_obj", "_in", "_out", "_backlog", "_sending",
-                 "_handshook", "_closed", "_broken", "_eof", "handshake_started", "seg_client_cert",
-                 "__weakref__")
+    __slots__ = ("transport_stream", "socket", "plain", "ssl_object", "_obj", "_want", "_sending",
+                 "_wpending", "_wdone", "_handshook", "_closed", "_broken", "_eof", "handshake_started",
+                 "seg_client_cert", "__weakref__")
 
     def __init__(self, transport_stream: trio.SocketStream, context: ssl.SSLContext):
         self.transport_stream = transport_stream
         self.socket = transport_stream.socket     # parking.socket_of finds it here
         self.plain = sockio.Plain(self.socket)    # what sockio's waits and timer wheel take
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self._obj = context.wrap_bio(self._in, self._out, server_side=True)
-        self._backlog = b""           # ciphertext a read produced (a KeyUpdate's answer) not yet sent
-        self._sending = False         # a send is under way: its bytes go first
+        self.ssl_object = wrap_socket(context, self.socket._sock, True)
+        self._obj = self.ssl_object._sslobj       # the C object: the calls below skip SSLObject's layer
+        self._want = 0                # _READ: the last read found nothing (the next waits first)
+        self._sending = False         # a send is under way: no other may start
+        self._wpending = False        # ... and OpenSSL holds a record of it the socket did not take
+        self._wdone = None            # a receive waiting for that record (trio.Event), rarely made
         self._handshook = False
         self._closed = False
         self._broken = False
-        self._eof = False             # the socket said EOF
+        self._eof = False             # close_notify or the TCP EOF came
         self.handshake_started = False    # a byte of it came from the device
 
     # -- what trio.SSLStream offers ------------------------------------------------------
 
-    @property
-    def ssl_object(self) -> ssl.SSLObject:
-        return self._obj
-
     def __getattr__(self, name):
         if name in _FORWARDED:
-            return getattr(self._obj, name)
+            return getattr(self.ssl_object, name)
         raise AttributeError(name)
 
     async def do_handshake(self, deadline: float = math.inf) -> None:
@@ -95,40 +148,40 @@ class TLSStream:
             return
         obj = self._obj
         try:
+            if not self.handshake_started:
+                await self._first_byte(deadline)
             while True:
+                if self.plain.fileno() < 0:
+                    raise trio.ClosedResourceError("socket was closed")
                 try:
                     obj.do_handshake()
-                    done = True
-                except ssl.SSLWantReadError:
-                    done = False
-                if self._out.pending:
-                    pace = None if deadline == math.inf else sockio.Pace(deadline - trio.current_time())
-                    await self._send_ciphertext(self._out.read(), pace)
-                if done:
                     break
-                if self._eof:
-                    raise trio.BrokenResourceError("device closed the connection during the TLS handshake")
-                if not await self._fill(deadline):
-                    raise trio.TooSlowError("TLS handshake deadline")
-                if not self._eof:
-                    self.handshake_started = True
+                except _WantRead:
+                    writable = False
+                except _WantWrite:
+                    writable = True   # the device does not take the server's flight yet
+                if not await self._wait(deadline, writable):
+                    raise TimeoutError
+        except _EOFS:
+            self._broken = True
+            raise trio.BrokenResourceError("device closed the connection during the TLS handshake") from None
         except ssl.SSLError as exc:
-            self._fail_quietly()
+            self._broken = True       # OpenSSL wrote its alert, if any, to the socket itself
             raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from None
         except TimeoutError:
-            self._broken = True       # the device did not take the server's flight in time
+            self._broken = True
             raise trio.TooSlowError("TLS handshake deadline") from None
         except OSError as exc:
             self._broken = True
             raise trio.BrokenResourceError(f"socket failed during the TLS handshake: {exc}") from None
         except BaseException:
-            self._broken = True       # cancelled or timed out half-way
+            self._broken = True       # cancelled half-way, or the socket closed under it
             raise
         self._handshook = True
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Decrypted bytes (up to ``max_bytes``); b"" at EOF, with or without close_notify."""
-        data = await self.receive_by(max_bytes or READ_SIZE, math.inf)
+        data = await self.receive_by(max_bytes or RECORD, math.inf)
         return data
 
     async def send_all(self, data) -> None:
@@ -136,7 +189,7 @@ class TLSStream:
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check()
-        await trio.lowlevel.wait_writable(self.socket)
+        await wait_writable(self.socket)
 
     async def aclose(self) -> None:
         """``close()``, then a checkpoint (trio's contract for aclose)."""
@@ -150,17 +203,19 @@ class TLSStream:
         if self._closed:
             return
         self._closed = True
-        if self._handshook and not self._broken and not self._sending:
+        if self._handshook and not self._broken and not self._sending and self.plain.fileno() >= 0:
             try:
-                self._obj.unwrap()
-            except (ssl.SSLError, ValueError):
+                self._obj.shutdown()  # close_notify, if the socket takes it now
+            except (ssl.SSLError, OSError, ValueError):
                 pass                  # SSLWantReadError: the device's close_notify is not awaited
-            ciphertext = self._backlog + self._out.read()
-            if ciphertext:
-                try:
-                    os.write(self.plain.fileno(), ciphertext)
-                except OSError:
-                    pass              # would block, or the device left: a close is a close
+        fd = self.plain.fileno()
+        if fd >= 0:
+            # What already came and was not read (the rest of a refused record, say) is taken,
+            # so the close is a FIN, not the reset the kernel sends over unread bytes.
+            try:
+                read_nb(fd, DISCARD)
+            except OSError:
+                pass
         try:
             self.socket.close()       # wakes any task waiting on it (notify_closing)
         except OSError:
@@ -170,24 +225,12 @@ class TLSStream:
 
     def read_now(self, size: int) -> bytes | None:
         """Decrypted bytes if they can be had without waiting (b"" at EOF), else None."""
-        if self._closed or self._broken or not self._handshook:
-            return None               # the awaited path raises, or handshakes, as it should
-        data = self._decrypt(size)
-        if data is not None:
-            return data
-        if self._eof:
-            return None
-        fd = self.plain.fileno()
-        if fd < 0:
-            return None
+        if self._closed or self._broken or not self._handshook or self._wpending:
+            return None               # the awaited path raises, handshakes or waits, as it should
         try:
-            raw = read_nb(fd, READ_SIZE)
-        except OSError:
-            return None               # the awaited path meets the same error and says Broken
-        if raw is None:
-            return None
-        self._feed(raw)
-        return self._decrypt(size)
+            return self._read(size if size < RECORD else RECORD)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None               # the awaited path says so
 
     async def receive_by(self, size: int, deadline: float = math.inf) -> bytes | None:
         """Decrypted bytes (b"" at EOF); None if ``deadline`` (trio clock) passed first, after
@@ -196,48 +239,31 @@ class TLSStream:
         self._check()
         if not self._handshook:
             await self.do_handshake()
-        try:
-            data = self._decrypt(size)
+        if size > RECORD:
+            size = RECORD             # one read gives at most a record: no 64 KiB bytes to shrink
+        if self._want != _READ and not self._wpending:
+            data = self._read(size)   # (after a read that found nothing, straight to the wait)
             if data is not None:
                 _ready += 1
                 if _ready >= FAIR_EVERY:
                     _ready = 0
                     await checkpoint()
                 return data
-            while True:
-                if self._backlog and not self._sending:
-                    if not await self._flush_backlog(deadline):
-                        return None
-                if not await self._fill(deadline):
+        while True:
+            if self._wpending:
+                if not await self._after_send(deadline):
                     return None
-                data = self._decrypt(size)
-                if data is not None:
-                    return data
-        except OSError as exc:
-            self._broken = True
-            raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
-        # A cancel while waiting to read loses nothing (what came is in the BIO): not broken.
-
-    async def _flush_backlog(self, deadline: float) -> bool:
-        """Send what a read made (a KeyUpdate's answer) before waiting for more input, by
-        ``deadline``; False if it passed. Counts as a send: no other may interleave."""
-        backlog, self._backlog = self._backlog, b""
-        pace = None if deadline == math.inf else sockio.Pace(deadline - trio.current_time())
-        self._sending = True
-        try:
-            await self._send_ciphertext(backlog, pace)
-        except TimeoutError:
-            self._broken = True
-            return False
-        except BaseException:
-            self._broken = True       # part of a record may be out
-            raise
-        finally:
-            self._sending = False
-        return True
+            elif not await self._wait(deadline, self._want == _WRITE):
+                self._broken = True
+                return None
+            data = self._read(size)
+            if data is not None:
+                return data
+        # A cancel while waiting loses nothing (OpenSSL has read no part of a record it
+        # would drop): not broken.
 
     async def send_parts(self, parts: list, pace: sockio.Pace | None = None) -> None:
-        """Encrypt and write the buffers in order, SLICE bytes at a time; what the socket does
+        """Encrypt and write the buffers in order, one record at a time; what the socket does
         not take at once waits, paced by ``pace`` as sockio's writes are (TimeoutError past
         its deadline; the stream is then broken and must be closed)."""
         global _ready
@@ -246,42 +272,24 @@ class TLSStream:
             raise trio.BusyResourceError("another task is sending on this TLS stream")
         if not self._handshook:
             await self.do_handshake()
-        obj, out = self._obj, self._out
         self._sending = True
         waited = False
         try:
             total = 0
             for part in parts:
                 total += len(part)
-            if total <= SLICE:
-                if len(parts) == 1:
-                    obj.write(parts[0])
-                elif total:
-                    obj.write(b"".join(parts))
-                waited = await self._send_ciphertext(self._backlog + out.read(), pace)
-                self._backlog = b""
+            if total <= RECORD:
+                # The common answer: one record, one write, nothing to wait for.
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                if total:
+                    if self.plain.fileno() < 0:
+                        raise trio.ClosedResourceError("socket was closed")
+                    try:
+                        self._obj.write(data)
+                    except (_WantWrite, _WantRead):
+                        waited = await self._write_records((data,), total, pace)
             else:
-                paced = pace is not None and pace.grace != math.inf
-                blocked_at = None     # as on a plain socket: the deadline runs from the first wait,
-                since = 0             # extended by what the device took after it
-                for part in parts:
-                    view = memoryview(part)
-                    for off in range(0, len(view), SLICE):
-                        obj.write(view[off:off + SLICE])
-                        ciphertext = self._backlog + out.read()
-                        self._backlog = b""
-                        slice_pace = pace
-                        if paced:
-                            now = trio.current_time()
-                            if blocked_at is not None:
-                                slice_pace = sockio.Pace(pace.deadline(blocked_at, since) - now,
-                                                         pace.rate, pace.unsent)
-                        if await self._send_ciphertext(ciphertext, slice_pace):
-                            waited = True
-                            if paced and blocked_at is None:
-                                blocked_at = now
-                        if blocked_at is not None:
-                            since += len(ciphertext)
+                waited = await self._write_records(records(parts), total, pace)
         except ssl.SSLError as exc:
             self._broken = True
             raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
@@ -292,10 +300,12 @@ class TLSStream:
             self._broken = True
             raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
         except BaseException:
-            self._broken = True       # a timeout, an eviction or a cancel: part of a record may be out
+            self._broken = True       # a cancel, or the socket closed: part of a record may be out
             raise
         finally:
             self._sending = False
+            if self._wpending:
+                self._sent()
         if not waited:
             _ready += 1
             if _ready >= FAIR_EVERY:
@@ -310,98 +320,132 @@ class TLSStream:
         if self._broken:
             raise trio.BrokenResourceError("this TLS stream is broken")
 
-    def _feed(self, raw: bytes) -> None:
-        if raw:
-            self._in.write(raw)
-        else:
-            self._eof = True
-            self._in.write_eof()
-
-    def _decrypt(self, size: int) -> bytes | None:
-        """Plaintext the SSLObject can give now (b"" at EOF); None if it needs more bytes."""
-        if not self._in.pending and not self._eof and not self._obj.pending():
-            return None               # nothing to decrypt: skip OpenSSL's WantRead exception
-        if size > RECORD:
-            size = RECORD             # one read gives at most a record: no 64 KiB bytes to shrink
+    def _read(self, size: int) -> bytes | None:
+        """One OpenSSL read: plaintext, b"" at EOF, None if the socket must be waited for
+        (``_want`` says how)."""
+        if self._eof:
+            return b""
+        if self.plain.fileno() < 0:
+            raise trio.ClosedResourceError("socket was closed")   # never a reused descriptor
         try:
             data = self._obj.read(size)
-        except ssl.SSLWantReadError:
-            if self._out.pending:
-                self._queue_output()      # an answer to what was read (a no_renegotiation alert)
-            if self._eof:
-                return b""
+        except _WantRead:
+            self._want = _READ
             return None
-        except ssl.SSLZeroReturnError:
-            return b""                # close_notify: the device closed properly
-        except (ssl.SSLEOFError, ssl.SSLSyscallError):
-            if self._eof:
-                return b""            # EOF without close_notify: tolerated (https_compatible)
-            self._broken = True
-            raise trio.BrokenResourceError("TLS failed") from None
+        except _WantWrite:
+            self._want = _WRITE       # its output (a KeyUpdate's answer) waits for the socket
+            return None
+        except _EOFS:
+            self._eof = True          # with close_notify or without (https_compatible)
+            return b""
         except ssl.SSLError as exc:
-            self._fail_quietly()
+            self._broken = True       # OpenSSL wrote its alert, if any (record_overflow, ...)
             raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
-        if self._out.pending:
-            self._queue_output()
+        except OSError as exc:
+            self._broken = True
+            raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
+        self._want = 0
         return data
 
-    def _queue_output(self) -> None:
-        """Reading made something to send (a KeyUpdate's answer, an alert): sent now if the
-        socket takes it, after any send under way, else before the next wait for input."""
-        self._backlog += self._out.read()
-        if self._sending:
-            return
-        backlog = self._backlog
-        fd = self.plain.fileno()
-        if fd < 0:
-            return
+    async def _write_records(self, chunks, total: int, pace: sockio.Pace | None) -> bool:
+        """Write each chunk (at most a record) whole, waiting while the socket is full; True if
+        it waited. As on a plain socket, the pace's deadline runs from the first wait, extended
+        by what the device took after it, and a wait counts against the worker's unsent bytes."""
+        obj = self._obj
+        plain = self.plain
+        waited = False
+        blocked_at = 0.0
+        taken = done = 0
+        writer = None
         try:
-            n = os.write(fd, backlog)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._broken = True
-            return
-        self._backlog = backlog[n:]
+            for chunk in chunks:
+                while True:
+                    if plain.fileno() < 0:
+                        raise trio.ClosedResourceError("socket was closed")
+                    try:
+                        obj.write(chunk)      # a retry passes the same bytes (OpenSSL's rule)
+                        break
+                    except _WantWrite:
+                        writable = True
+                    except _WantRead:
+                        writable = False
+                    self._wpending = True
+                    if not waited:
+                        waited = True
+                        blocked_at = trio.current_time()
+                        if pace is not None and pace.unsent is not None:
+                            writer = sockio._Writer(plain, None, total - done, blocked_at)
+                            pace.unsent.add(writer)
+                    deadline = math.inf if pace is None else pace.deadline(blocked_at, taken)
+                    if not await self._wait(deadline, writable, writer):
+                        raise TimeoutError("peer did not read in time")
+                if self._wpending:
+                    self._sent()
+                done += len(chunk)
+                if waited:
+                    taken += len(chunk)
+                    if writer is not None:
+                        writer.taken = taken
+        finally:
+            if writer is not None:
+                pace.unsent.done(writer)
+        return waited
 
-    async def _fill(self, deadline: float) -> bool:
-        """One socket read into the incoming BIO, waiting for it if need be; False on timeout."""
-        if self._eof:
+    def _sent(self) -> None:
+        """The record OpenSSL held went out (or never will): a waiting receive may read."""
+        self._wpending = False
+        if self._wdone is not None:
+            self._wdone.set()
+            self._wdone = None
+
+    async def _after_send(self, deadline: float) -> bool:
+        """Wait until the send under way has its record out (a receive beside a send: rare,
+        hence a cancel scope); False if ``deadline`` passed first."""
+        if self._wdone is None:
+            self._wdone = trio.Event()
+        with trio.move_on_at(deadline):
+            await self._wdone.wait()
             return True
-        fd = self.plain.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("socket was closed")
-        raw = read_nb(fd, READ_SIZE)
-        if raw is None:
-            raw = await sockio.wait_plain(self.plain, READ_SIZE, deadline)
-            if raw is None:
-                self._broken = True
-                return False
-        self._feed(raw)
-        return True
-
-    async def _send_ciphertext(self, data: bytes, pace: sockio.Pace | None) -> bool:
-        """Write ``data`` to the socket; True if it had to wait for the device."""
-        if not data:
-            return False
-        fd = self.plain.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("socket was closed")
-        try:
-            sent = os.write(fd, data)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(data):
-            return False
-        await sockio._write_rest(self.plain, memoryview(data)[sent:], pace)
-        return True
-
-    def _fail_quietly(self) -> None:
-        """A TLS error: the alert OpenSSL wrote goes out if the socket takes it now."""
         self._broken = True
-        alert = self._out.read()
-        if alert:
+        return False
+
+    async def _wait(self, deadline: float, writable: bool = False, writer=None) -> bool:
+        """Wait until the socket is readable (writable) by ``deadline``; False if it passed
+        (sockio's wheel ends the wait). Evicted if the worker's unsent-bytes limit cut ``writer``."""
+        plain = self.plain
+        wheel = sockio._the_wheel() if deadline != math.inf else None
+        slot = wheel.add(plain, deadline) if wheel is not None else 0
+        try:
+            fd = plain.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was closed")
+            if writable:
+                await wait_writable(fd)
+            else:
+                await wait_readable(fd)
+            return True
+        except trio.ClosedResourceError:
+            if writer is not None and writer.evicted:
+                raise sockio.Evicted("slowest reader while the worker's unsent bytes passed their limit") from None
+            if wheel is not None and wheel.remove(plain, slot):
+                return False
+            raise
+        finally:
+            if wheel is not None:
+                wheel.remove(plain, slot)
+
+    async def _first_byte(self, deadline: float) -> None:
+        """Wait for the device's first byte (peeked, left for OpenSSL): a connection closed
+        before it (a load balancer's TCP check) is not a failed handshake."""
+        sock = self.socket._sock
+        while True:
             try:
-                os.write(self.plain.fileno(), alert)
-            except OSError:
-                pass
+                got = sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                if not await self._wait(deadline):
+                    raise TimeoutError from None
+                continue
+            if not got:
+                raise trio.BrokenResourceError("device closed the connection during the TLS handshake")
+            self.handshake_started = True
+            return
