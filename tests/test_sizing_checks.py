@@ -127,6 +127,8 @@ def clean():
     p = _path(_opts())
     assert p["failures"] == {}, p["failure_samples"]
     assert p["byte_checked"] > 100              # answers compared byte for byte
+    # Sync/Fetch answers checked by the simulator's record, a sample decoded as well
+    assert p["facts_checked"] > 50 and p["facts_crosschecked"] > 0
     return p
 
 
@@ -144,6 +146,14 @@ def test_a_corrupted_answer_fails_the_run(clean):
     v = _verdict(clean, p)
     assert not v["meets"]
     assert any("failed or wrong answers" in b and "Sync.bytes" in b for b in v["broke"]), v["broke"]
+
+
+def test_a_record_that_disagrees_with_the_answer_fails_the_run(clean):
+    # the simulator's record of some Sync answers damaged (fault "facts"): every
+    # answer checked by record is decoded as well, and the disagreement is a failure
+    p = _path(_opts(fault="facts"))
+    assert p["failures"].get("Sync.facts", 0) > 0, p["failures"]
+    assert not _verdict(clean, p)["meets"]
 
 
 def test_unsealed_attachments_with_security_on_fail_the_run(clean, monkeypatch):

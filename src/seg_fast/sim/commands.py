@@ -12,6 +12,7 @@ import random
 from typing import TYPE_CHECKING, NamedTuple
 
 from seg_fast.eas.multipart import build_multipart
+from seg_fast.sim import facts
 from seg_fast.sim.corpus import Message
 from seg_fast.sim.splice import HOLE, Splices, Template
 from seg_fast.sim.state import DELETED, FOLDER_IDS, FOLDERS, SENT, Item, Mailbox, SyncState
@@ -38,6 +39,9 @@ class Answer(NamedTuple):
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    # what a device's check reads from the body (facts.Sync / facts.Fetch), recorded
+    # as it was built; None where nobody recorded them
+    facts: object = None
 
 
 class Ctx:
@@ -57,10 +61,10 @@ class Ctx:
         self.splices = Splices() if sim.splice_cache is not None else None
 
 
-def wbxml(el: Element, ctx: Ctx | None = None) -> Answer:
+def wbxml(el: Element, ctx: Ctx | None = None, recorded=None) -> Answer:
     if ctx is not None and ctx.splices is not None:
-        return Answer(200, [(b"content-type", WBXML_TYPE)], ctx.splices.encode(el))
-    return Answer(200, [(b"content-type", WBXML_TYPE)], encode(el))
+        return Answer(200, [(b"content-type", WBXML_TYPE)], ctx.splices.encode(el), recorded)
+    return Answer(200, [(b"content-type", WBXML_TYPE)], encode(el), recorded)
 
 
 def empty() -> Answer:
@@ -261,7 +265,9 @@ def message_class(msg: Message) -> str:
     return "IPM.Note.SMIME.MultipartSigned" if msg.signed else "IPM.Note"
 
 
-def application_data(ctx: Ctx, sid: str, item: Item, options: Element | None) -> Element:
+def application_data(ctx: Ctx, sid: str, item: Item, options: Element | None,
+                     record: list | None = None) -> Element:
+    """``record``: (ServerId, facts.Item) appended (spliced answers only)."""
     msg = ctx.sim.corpus.message(item.msg)
     if ctx.splices is None:
         return _application_data(msg, sid, item, ctx.version, options)
@@ -277,9 +283,14 @@ def application_data(ctx: Ctx, sid: str, item: Item, options: Element | None) ->
     def build() -> Template:
         stand_in = Item(item.msg)
         stand_in.read = read
-        return Template(_application_data(msg, HOLE, stand_in, version, options), len(msg.attachments),
-                        msg.mime)
-    return ctx.splices.placeholder(ctx.sim.splice_cache.get(key, build), sid)
+        el = _application_data(msg, HOLE, stand_in, version, options)
+        t = Template(el, len(msg.attachments), msg.mime)
+        t.facts = facts.item_of(el)[0]
+        return t
+    t = ctx.sim.splice_cache.get(key, build)
+    if record is not None:
+        record.append((sid, facts.with_server_id(t.facts, HOLE, sid)))
+    return ctx.splices.placeholder(t, sid)
 
 
 def _application_data(msg: Message, sid: str, item: Item, version: int, options: Element | None) -> Element:
@@ -329,32 +340,46 @@ def sync(ctx: Ctx) -> Answer:
     if doc is None:                         # empty Sync: repeat the last one (12.1+)
         doc = ctx.dev.last_sync
         if doc is None:
-            return wbxml(E("AirSync:Sync", E("AirSync:Status", 13)))
+            return _sync_status(13)
     elif doc.tag != "AirSync:Sync":
-        return wbxml(E("AirSync:Sync", E("AirSync:Status", 4)))
+        return _sync_status(4)
     else:
         ctx.dev.last_sync = doc
-    out = [_sync_collection(ctx, c) for c in kids(find(doc, "AirSync:Collections"), "AirSync:Collection")]
+    # the first Collection's facts, as the device's check reads them (facts.py)
+    record: list | None = [] if ctx.splices is not None else None
+    out = [_sync_collection(ctx, c, record) for c in kids(find(doc, "AirSync:Collections"), "AirSync:Collection")]
     if not out:
-        return wbxml(E("AirSync:Sync", E("AirSync:Status", 4)))
-    return wbxml(E("AirSync:Sync", E("AirSync:Collections", *out)), ctx)
+        return _sync_status(4)
+    return wbxml(E("AirSync:Sync", E("AirSync:Collections", *out)), ctx, record[0] if record else None)
 
 
-def _sync_collection(ctx: Ctx, coll: Element) -> Element:
+def _sync_status(status: int) -> Answer:
+    return wbxml(E("AirSync:Sync", E("AirSync:Status", status)),
+                 recorded=facts.Sync(str(status), False, None, None, False, ()))
+
+
+def _sync_collection(ctx: Ctx, coll: Element, record: list | None = None) -> Element:
+    """One Collection of the answer; its facts appended to ``record`` (when not None)."""
     dev = ctx.dev
     key = text(coll, "AirSync:SyncKey", default="")
     cid = text(coll, "AirSync:CollectionId", default="")
     cls = text(coll, "AirSync:Class")
     head = E("AirSync:Class", cls) if cls else None
     if cid not in FOLDER_IDS:
+        if record is not None:
+            record.append(facts.Sync(None, True, "8", key, False, ()))
         return E("AirSync:Collection", head, E("AirSync:SyncKey", key),
                  E("AirSync:CollectionId", cid), E("AirSync:Status", 8))
     if key == "0":
         dev.sync[cid] = SyncState()
+        if record is not None:
+            record.append(facts.Sync(None, True, "1", "1", False, ()))
         return E("AirSync:Collection", head, E("AirSync:SyncKey", 1),
                  E("AirSync:CollectionId", cid), E("AirSync:Status", 1))
     st = dev.sync.get(cid)
     if st is None or key not in (str(st.key), str(st.prev_key)):
+        if record is not None:
+            record.append(facts.Sync(None, True, "3", key, False, ()))
         return E("AirSync:Collection", head, E("AirSync:SyncKey", key),
                  E("AirSync:CollectionId", cid), E("AirSync:Status", 3))
     if key == str(st.prev_key):
@@ -363,6 +388,7 @@ def _sync_collection(ctx: Ctx, coll: Element) -> Element:
     before = set(st.known)
     responses = _client_commands(ctx, cid, st, find(coll, "AirSync:Commands"))
     commands: list[Element] = []
+    adds: list | None = [] if record is not None else None
     more = False
     get_changes = text(coll, "AirSync:GetChanges")
     if get_changes in (None, "", "1"):
@@ -381,11 +407,13 @@ def _sync_collection(ctx: Ctx, coll: Element) -> Element:
                 more = True
                 break
             commands.append(E("AirSync:Add", E("AirSync:ServerId", sid),
-                              application_data(ctx, sid, item, options)))
+                              application_data(ctx, sid, item, options, adds)))
             st.known.add(sid)
     # A new key on every answer (as Exchange does), so a retry is always recognisable.
     st.prev_key, st.prev_known = st.key, before
     st.key += 1
+    if record is not None:
+        record.append(facts.Sync(None, True, "1", str(st.key), more, tuple(adds)))
     return E("AirSync:Collection", head, E("AirSync:SyncKey", st.key), E("AirSync:CollectionId", cid),
              E("AirSync:Status", 1), E("AirSync:MoreAvailable") if more else None,
              E("AirSync:Commands", *commands) if commands else None,
@@ -567,9 +595,10 @@ def item_operations(ctx: Ctx) -> Answer:
         return wbxml(E("ItemOperations:ItemOperations", E("ItemOperations:Status", 2)))
     parts: list[bytes] | None = [] if ctx.multipart else None
     out = []
+    fetched: list[tuple[str, int]] = []      # (Status, Data length) of each Fetch (facts.Fetch)
     for op in kids(doc):
         if op.tag == "ItemOperations:Fetch":
-            out.append(_fetch(ctx, op, parts))
+            out.append(_fetch(ctx, op, parts, fetched))
         elif op.tag == "ItemOperations:EmptyFolderContents":
             cid = text(op, "AirSync:CollectionId", default="")
             if cid in FOLDER_IDS:
@@ -584,22 +613,26 @@ def item_operations(ctx: Ctx) -> Answer:
     tree = E("ItemOperations:ItemOperations", E("ItemOperations:Status", 1),
              E("ItemOperations:Response", *out) if out else None)
     if parts is None:
-        return wbxml(tree, ctx)
+        first = fetched[0] if fetched else (None, -1)
+        return wbxml(tree, ctx, facts.Fetch("1", first[0], first[1]))
     return Answer(200, [(b"content-type", MULTIPART_TYPE)], build_multipart([encode(tree), *parts]))
 
 
-def _fetch(ctx: Ctx, op: Element, parts: list[bytes] | None) -> Element:
+def _fetch(ctx: Ctx, op: Element, parts: list[bytes] | None, fetched: list) -> Element:
+    """One Fetch of the answer; (its Status, its Data's length or -1) appended to ``fetched``."""
     options = find(op, "ItemOperations:Options")
     ref = text(op, "AirSyncBase:FileReference")
     if ref is not None:
         att = find_attachment(ctx.mbox, ctx.sim, ref)
         head = E("AirSyncBase:FileReference", ref)
         if att is None:
+            fetched.append(("15", -1))
             return E("ItemOperations:Fetch", E("ItemOperations:Status", 15), head)
         _name, ctype, blob = att
         total = len(blob)
         rng = text(options, "ItemOperations:Range")
         if not rng and parts is None and ctx.splices is not None:
+            fetched.append(("1", total))
             # the whole attachment inline: its Properties (base64 of up to 10 MB) cached
             def build() -> Template:
                 return Template(E("ItemOperations:Properties", E("AirSyncBase:ContentType", ctype),
@@ -610,6 +643,7 @@ def _fetch(ctx: Ctx, op: Element, parts: list[bytes] | None) -> Element:
         if rng:
             lo, _, hi = rng.partition("-")
             if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi) or int(lo) >= total:
+                fetched.append(("8", -1))
                 return E("ItemOperations:Fetch", E("ItemOperations:Status", 8), head)
             blob = blob[int(lo):int(hi) + 1]
             props += [E("ItemOperations:Range", f"{lo}-{int(lo) + len(blob) - 1}"),
@@ -617,8 +651,10 @@ def _fetch(ctx: Ctx, op: Element, parts: list[bytes] | None) -> Element:
         if parts is not None:
             parts.append(blob)
             props.append(E("ItemOperations:Part", len(parts)))
+            fetched.append(("1", -1))
         else:
             props.append(E("ItemOperations:Data", base64.b64encode(blob).decode()))
+            fetched.append(("1", len(blob)))
         return E("ItemOperations:Fetch", E("ItemOperations:Status", 1), head,
                  E("ItemOperations:Properties", *props))
     long = text(op, "Search:LongId")
@@ -631,7 +667,9 @@ def _fetch(ctx: Ctx, op: Element, parts: list[bytes] | None) -> Element:
         head = [E("AirSync:CollectionId", cid), E("AirSync:ServerId", sid)]
     found = ctx.mbox.find(sid) if sid else None
     if found is None or (cid is not None and found[0] != cid):
+        fetched.append(("6", -1))
         return E("ItemOperations:Fetch", E("ItemOperations:Status", 6), *head)
+    fetched.append(("1", -1))               # an item's Properties: no ItemOperations:Data
     msg = ctx.sim.corpus.message(found[1].msg)
     props = [*email_fields(msg, found[1]), attachments_element(msg, sid),
              body_element(msg, body_preference(options), parts),

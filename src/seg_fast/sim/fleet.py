@@ -97,7 +97,8 @@ class ShardSpec(msgspec.Struct, kw_only=True):
     source_hosts: list[str] = []  # local addresses device connections are bound to
     password: str = "secret"
     out: str = ""
-    fault: str = ""              # tests only: "corrupt" damages some Sync answers on the way
+    fault: str = ""              # tests only: "corrupt" damages some Sync answers on the way,
+    #                              "facts" the simulator's record of some (fleet_eas.CROSSCHECK_EVERY)
     tls_cert: str = ""           # the simulator also serves TLS (for the direct path)
     tls_key: str = ""
 
@@ -140,6 +141,8 @@ class Stats:
         self.tls_handshakes = 0
         self.tls_resumed = 0         # handshakes that resumed a session (as phones do)
         self.byte_checked = 0        # answers identical to what the simulator sent
+        self.facts_checked = 0       # of those, Sync/Fetch answers checked by the simulator's record (facts.py)
+        self.facts_crosschecked = 0  # of those, also decoded and required to give the record
         self.envelopes_opened = 0    # security on: sealed attachments opened and compared
         self.ready_by = 0.0          # shard time the last device finished set-up
         self.fds_max = 0             # most descriptors this process held at once
@@ -289,9 +292,12 @@ class Device:
         return self.checked(conn, cmd, key, seq, t, len(body), res)
 
     def checked(self, conn: HttpConn, cmd: str, key: str | None, seq: bytes | None, t: float,
-                body_len: int, res) -> tuple[int, list, bytes] | None:
+                body_len: int, res) -> tuple[int, list, bytes, object] | None:
         """The answer `res` to a request sent at t, timed and compared with what the
-        simulator sent for it; None (a recorded failure) when it differs."""
+        simulator sent for it; None (a recorded failure) when it differs. Returned as
+        (status, headers, body, facts): ``facts`` is what the simulator recorded of the
+        body as it built it (facts.py) when the body is byte for byte what it sent,
+        else None (not byte-checked, or nothing recorded)."""
         f = self.fleet
         st = f.stats
         status, headers, answer = res
@@ -302,23 +308,26 @@ class Device:
         st.bytes_in += len(answer)
         if key is not None and f.in_window(t):
             st.lat[cmd].append((key, round(elapsed * 1000, 3)))
+        recorded = None
         if seq is not None:
             # byte for byte what the simulator sent for this very request
             sent = f.sent.pop(seq, None)
             if status == 200 and sent is None:
                 st.fail(f"{cmd}.unsent", f"{self.device_id} a 200 answer the mail server never sent")
                 return None
-            if sent is not None and sent != (status, answer):
-                st.fail(f"{cmd}.bytes", f"{self.device_id} HTTP {status}, {len(answer)} bytes: not the "
-                                        f"{sent[0]}, {len(sent[1])} bytes the mail server sent")
-                return None
+            if sent is not None:
+                if sent[0] != status or sent[1] != answer:
+                    st.fail(f"{cmd}.bytes", f"{self.device_id} HTTP {status}, {len(answer)} bytes: not the "
+                                            f"{sent[0]}, {len(sent[1])} bytes the mail server sent")
+                    return None
+                recorded = sent[2]
             st.byte_checked += 1
-        return status, headers, answer
+        return status, headers, answer, recorded
 
     def check_http(self, cmd: str, res, expect_body: bool = True) -> bytes | None:
         if res is None:
             return None
-        status, headers, answer = res
+        status, answer = res[0], res[2]
         if status != 200:
             self.fleet.stats.fail(f"{cmd}.http{status}", f"{self.device_id} HTTP {status} {answer[:120]!r}")
             return None
@@ -812,9 +821,14 @@ class Fleet:
         self.go: Go | None = None
         self.clock: Clock | None = None
         self.devices = [Device(spec.first_device + i, self) for i in range(spec.devices)]
-        self.sent: dict[bytes, tuple[int, bytes]] = {}     # X-Fleet-Seq -> the simulator's answer
+        # X-Fleet-Seq -> the simulator's answer: (status, body, its facts or None)
+        self.sent: dict[bytes, tuple[int, bytes, object]] = {}
         self.n_seq = 0
         self.n_corrupt = 0
+        self.n_facts = 0
+        # every CROSSCHECK_EVERY-th answer checked by its record is decoded as well;
+        # the test-only fault "facts" (records damaged in tap) has every one decoded
+        self.crosscheck_every = 1 if spec.fault == "facts" else eas.CROSSCHECK_EVERY
         self.parker = Parker()
         sim.answer_tap = self.tap
         # the header lines every request of every device carries
@@ -825,7 +839,17 @@ class Fleet:
 
     def tap(self, seq: bytes, answer):
         """The simulator's answer to a fleet request, recorded before it is sent."""
-        self.sent[seq] = (answer.status, answer.body)
+        recorded = answer.facts
+        if self.spec.fault == "facts" and recorded is not None and getattr(recorded, "adds", None):
+            # test only: every 10th Sync answer with items recorded with one item's
+            # EstimatedDataSize off by one, as a simulator whose record and bytes
+            # disagreed would (the cross-check must say so)
+            self.n_corrupt += 1
+            if self.n_corrupt % 10 == 0:
+                (sid, item), *rest = recorded.adds
+                item = item._replace(estimated=str(int(item.estimated or 0) + 1))
+                recorded = recorded._replace(adds=((sid, item), *rest))
+        self.sent[seq] = (answer.status, answer.body, recorded)
         if self.spec.fault == "corrupt" and seq.startswith(b"Sync.") and len(answer.body) > 1000:
             # test only: every 10th non-empty Sync answer gets one byte changed on
             # the way, as a proxy that damaged it would (inside a body: it still decodes)
@@ -835,6 +859,11 @@ class Fleet:
                 body[len(body) // 2] ^= 0x01
                 return type(answer)(answer.status, answer.headers, bytes(body))
         return answer
+
+    def crosscheck(self) -> bool:
+        """Is this answer, checked by the simulator's record, to be decoded as well?"""
+        self.n_facts += 1
+        return self.n_facts % self.crosscheck_every == 0
 
     def rng_for(self, idx: int, what: str) -> random.Random:
         return random.Random(f"{self.spec.seed}:{idx}:{what}")
@@ -1019,6 +1048,7 @@ class Fleet:
             "transformed": st.transformed,
             "checked_bodies": st.checked_bodies, "envelopes_opened": st.envelopes_opened,
             "byte_checked": st.byte_checked, "polled": self.parker.polled,
+            "facts_checked": st.facts_checked, "facts_crosschecked": st.facts_crosschecked,
             "tls_handshakes": st.tls_handshakes, "tls_resumed": st.tls_resumed,
             "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
         }

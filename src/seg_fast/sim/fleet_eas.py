@@ -3,10 +3,13 @@
 Request bodies are built with the codec (``seg_fast.sim.tree.E``; Sync's from a
 template with the SyncKey patched in); answers arrive already compared byte for byte
 with what the simulator sent (``Device.call``), or, with email security on, are
-checked by ``seg_fast.sim.oracle``; then they are decoded and checked against what
-the device knows to be true (the messages it was delivered, the attachment sizes it
-was told). Any mismatch is a recorded failure: this is the "every request answered
-correctly" of the sizing benchmark.
+checked by ``seg_fast.sim.oracle``; then they are checked against what the device
+knows to be true (the messages it was delivered, the attachment sizes it was told).
+Sync and Fetch answers are checked through their facts (facts.py): the record the
+simulator made as it built a byte-checked answer (one in ``CROSSCHECK_EVERY`` also
+decoded, and required to give that record), else the same facts taken from the
+decoded answer. Any mismatch is a recorded failure: this is the "every request
+answered correctly" of the sizing benchmark.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 from seg_fast.errors import SegFastError
-from seg_fast.sim import oracle
+from seg_fast.sim import facts, oracle
 from seg_fast.sim.commands import find_attachment
 from seg_fast.sim.tree import E, decode, encode, find, kids, text
 
@@ -27,6 +30,9 @@ WINDOW = 25
 SETUP_TRUNCATION = 4096       # the first download: headers and the start of each body
 FOLDERS_EXPECTED = 9          # the simulator's hierarchy (Inbox .. Notes)
 SEND_BYTES = 20 * 1024        # BENCH-PROFILE: 20 KB MIME outbound
+# One in this many answers checked by the simulator's record is decoded as well and
+# must give the same facts (a simulator whose bytes and record disagree fails the run)
+CROSSCHECK_EVERY = 16
 _PING_CACHE: dict[int, bytes] = {}
 _SEND_TEXT: dict[int, bytes] = {}
 
@@ -157,102 +163,94 @@ def sync_answer(dev: "Device", res, initial: bool, first_download: bool, before:
     answer = dev.check_http("Sync", res)
     if answer is None:
         return False
-    root = _decode(dev, "Sync", answer)
-    if root is None:
+    got = res[3]
+    raws: list | None = None
+    if got is None or dev.fleet.crosscheck():
+        root = _decode(dev, "Sync", answer)
+        if root is None:
+            return False
+        decoded, raws = facts.sync_of(root)
+        if got is not None:
+            st.facts_crosschecked += 1
+            if decoded != got:
+                st.fail("Sync.facts", f"{dev.device_id} the answer decodes to other facts than the "
+                                      "simulator recorded")
+                return False
+        got = decoded
+    else:
+        st.facts_checked += 1
+    if got.top is not None:
+        return _status(dev, "Sync", got.top)
+    if not got.collection:
+        st.fail("Sync.shape", f"{dev.device_id} no Collection in the answer")
         return False
-    top = text(root, "AirSync:Status")
-    if top is not None:
-        return _status(dev, "Sync", top)
-    coll = find(root, "AirSync:Collections", "AirSync:Collection")
-    if coll is None or not _status(dev, "Sync", text(coll, "AirSync:Status")):
-        if coll is None:
-            st.fail("Sync.shape", f"{dev.device_id} no Collection in the answer")
+    if not _status(dev, "Sync", got.status):
         return False
-    new_key = text(coll, "AirSync:SyncKey")
+    new_key = got.sync_key
     if not new_key or new_key == dev.sync_key:
         st.fail("Sync.key", f"{dev.device_id} SyncKey {new_key!r} after {dev.sync_key!r}")
         return False
     dev.sync_key = new_key
-    adds = list(kids(find(coll, "AirSync:Commands"), "AirSync:Add"))
+    adds = got.adds
     if initial:
         if adds:
             st.fail("Sync.initial", f"{dev.device_id} items in the SyncKey 0 answer")
             return False
         return True
-    for add in adds:
-        sid = text(add, "AirSync:ServerId")
-        if not sid or sid in dev.seen:
+    seen = dev.seen
+    for k, (sid, item) in enumerate(adds):
+        if not sid or sid in seen:
             st.fail("Sync.duplicate", f"{dev.device_id} ServerId {sid!r} again or missing")
             return False
-        dev.seen.add(sid)
-        if not check_item(dev, add, first_download):
+        seen.add(sid)
+        if not check_item(dev, sid, item, raws[k] if raws is not None else None, first_download):
             return False
     dev.received += len(adds)
-    more = find(coll, "AirSync:MoreAvailable") is not None
     # Never more than was delivered when the answer was built; at least one new item
     # unless the Sync was a retry with nothing pending.
     if dev.received > dev.delivered:
         st.fail("Sync.phantom", f"{dev.device_id} {dev.received} messages, {dev.delivered} delivered")
         return False
-    if not adds and dev.received < before and not more:
+    if not adds and dev.received < before and not got.more:
         st.fail("Sync.missing", f"{dev.device_id} nothing new though {before - dev.received} pending")
         return False
     return True
 
 
-def _index(el) -> dict:
-    """An element's children by tag (the first of each), for several look-ups at once:
-    one pass instead of a walk per look-up (an item has ~15 children)."""
-    if el is None:
-        return {}
-    return {c.tag: c for c in reversed(el.children)}
+def _number(value: str | None) -> int:
+    return int(value) if value is not None and value.isdigit() else -1
 
 
-def _text(el) -> str | None:
-    if el is None:
-        return None
-    if el.text is not None:
-        return el.text
-    return el.opaque.decode("utf-8", "replace") if el.opaque is not None else ""
-
-
-def check_item(dev: "Device", add, truncated_ok: bool) -> bool:
+def check_item(dev: "Device", sid: str, item: facts.Item, raw: bytes | None, truncated_ok: bool) -> bool:
+    """One Sync item's facts against what the device asked; ``raw`` (its body, when the
+    answer was decoded) for the email-security oracle."""
     st = dev.fleet.stats
-    data = find(add, "AirSync:ApplicationData")
-    fields = _index(data)
-    body = fields.get("AirSyncBase:Body")
-    parts = _index(body)
-    btype = _text(parts.get("AirSyncBase:Type"))
-    content = parts.get("AirSyncBase:Data")
     strict = dev.fleet.strict
-    if body is None or content is None or (strict and btype != str(dev.body_type)):
-        st.fail("Sync.body", f"{dev.device_id} Body Type {btype!r}, asked {dev.body_type}")
+    if not item.body or item.data_len < 0 or (strict and item.body_type != str(dev.body_type)):
+        st.fail("Sync.body", f"{dev.device_id} Body Type {item.body_type!r}, asked {dev.body_type}")
         return False
-    raw = content.opaque if content.opaque is not None else (content.text or "").encode()
-    size = _text(parts.get("AirSyncBase:EstimatedDataSize"))
-    truncated = _text(parts.get("AirSyncBase:Truncated")) == "1"
+    size = item.estimated
+    truncated = item.truncated
     if truncated and not truncated_ok:
         st.fail("Sync.truncated", f"{dev.device_id} body truncated though the whole was asked")
         return False
-    want = min(int(size or -1), SETUP_TRUNCATION) if truncated else int(size or -1)
-    if len(raw) != want:
+    want = min(_number(size), SETUP_TRUNCATION) if truncated else _number(size)
+    if item.data_len != want:
         st.transformed += 1        # evidence that email security rewrote this body
-    if strict and len(raw) != want:
-        st.fail("Sync.size", f"{dev.device_id} body {len(raw)} bytes, EstimatedDataSize {size}")
-        return False
-    if strict and dev.body_type == 4 and b"\r\n\r\n" not in raw[:SETUP_TRUNCATION]:
+        if strict:
+            st.fail("Sync.size", f"{dev.device_id} body {item.data_len} bytes, EstimatedDataSize {size}")
+            return False
+    if strict and dev.body_type == 4 and not item.mime_head:
         st.fail("Sync.mime", f"{dev.device_id} Type 4 body without a MIME header block")
         return False
-    atts = list(kids(fields.get("AirSyncBase:Attachments"), "AirSyncBase:Attachment"))
-    for att in atts:
-        a = _index(att)
-        ref = _text(a.get("AirSyncBase:FileReference"))
-        size = _text(a.get("AirSyncBase:EstimatedDataSize"))
+    for ref, size, _name in item.attachments:
         if ref and size and size.isdigit():
             dev.attachments.append((ref, int(size)))
     if dev.fleet.security and not truncated:
-        why = security_item(dev, text(add, "AirSync:ServerId"), raw,
-                            [text(a, "AirSyncBase:DisplayName") or "" for a in atts])
+        if raw is None:
+            st.fail("Sync.security", f"{dev.device_id} item {sid} not decoded: the oracle cannot check it")
+            return False
+        why = security_item(dev, sid, raw, [name for _r, _s, name in item.attachments])
         if why:
             st.fail("Sync.security", f"{dev.device_id} {why}")
             return False
@@ -338,7 +336,7 @@ async def send_mail(dev: "Device", conn: "HttpConn", key: str) -> bool:
     res = await dev.call(conn, "SendMail", body, key)
     if res is None:
         return False
-    status, _, answer = res
+    status, answer = res[0], res[2]
     if status != 200:
         dev.fleet.stats.fail(f"SendMail.http{status}", f"{dev.device_id} HTTP {status}")
         return False
@@ -362,27 +360,38 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
     body = encode(E("ItemOperations:ItemOperations", E(
         "ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"),
         E("AirSyncBase:FileReference", ref))))
-    root = await _call(dev, conn, "ItemOperations", body, key)
-    if root is None or not _status(dev, "ItemOperations", text(root, "ItemOperations:Status")):
+    res = await dev.call(conn, "ItemOperations", body, key)
+    if dev.check_http("ItemOperations", res) is None:
         return False
-    f = find(root, "ItemOperations:Response", "ItemOperations:Fetch")
-    if f is None or not _status(dev, "ItemOperations", text(f, "ItemOperations:Status")):
+    got = res[3]
+    security = dev.fleet.security
+    root = None
+    if got is None or security or dev.fleet.crosscheck():
+        root = _decode(dev, "ItemOperations", res[2])
+        if root is None:
+            return False
+        decoded = facts.fetch_of(root)
+        if got is not None:
+            st.facts_crosschecked += 1
+            if decoded != got:
+                st.fail("ItemOperations.facts", f"{dev.device_id} the answer decodes to other facts "
+                                                "than the simulator recorded")
+                return False
+        got = decoded
+    else:
+        st.facts_checked += 1
+    if not _status(dev, "ItemOperations", got.status) or not _status(dev, "ItemOperations", got.fetch_status):
         return False
-    d = find(f, "ItemOperations:Properties", "ItemOperations:Data")
-    if d is None:
+    if got.data_len < 0:
         st.fail("ItemOperations.data", f"{dev.device_id} no Data for {ref}")
         return False
-    if dev.fleet.strict and d.opaque is None and d.text:
-        # the answer is byte for byte what the simulator sent (checked in call):
-        # only its size is in question, and base64 says it without decoding
-        t = d.text.rstrip()
-        got = len(t) // 4 * 3 - t.endswith("=") - t.endswith("==")
-        if got != size:
-            st.fail("ItemOperations.size", f"{dev.device_id} {got} bytes for {ref}, expected {size}")
-            return False
-        return True
-    raw = d.opaque if d.opaque is not None else base64.b64decode(d.text or "")
-    if dev.fleet.security:
+    n = got.data_len
+    if security:
+        # the attachment itself, for the oracle (sealed or passed, compared by SHA-256)
+        d = find(root, "ItemOperations:Response", "ItemOperations:Fetch", "ItemOperations:Properties",
+                 "ItemOperations:Data")
+        raw = d.opaque if d.opaque is not None else base64.b64decode(d.text or "")
+        n = len(raw)
         found = find_attachment(dev.fleet.sim.mailbox(dev.user), dev.fleet.sim, ref)
         if found is None:
             st.fail("ItemOperations.ref", f"{dev.device_id} {ref} names no attachment")
@@ -396,11 +405,11 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
             return False
         if raw.startswith(oracle.ENVELOPE_MAGIC):
             st.envelopes_opened += 1
-    if len(raw) != size:
+    if n != size:
         st.transformed += 1
-    if len(raw) != size and (dev.fleet.strict or not raw):
-        st.fail("ItemOperations.size", f"{dev.device_id} {len(raw)} bytes for {ref}, expected {size}")
-        return False
+        if dev.fleet.strict or not n:
+            st.fail("ItemOperations.size", f"{dev.device_id} {n} bytes for {ref}, expected {size}")
+            return False
     return True
 
 

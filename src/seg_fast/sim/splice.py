@@ -41,7 +41,7 @@ class Template:
     own tag, as pieces with None at its holes; ``end_page`` is the code page its last
     tag leaves. ``shared``: bytes that may appear whole in the encoding (a message's
     MIME sent untruncated) are kept as a reference to that object, not a copy."""
-    __slots__ = ("pieces", "end_page", "tag", "size")
+    __slots__ = ("pieces", "end_page", "tag", "size", "facts")
 
     def __init__(self, el: Element, holes: int = 0, shared: bytes | None = None):
         raw = encode(el)
@@ -71,6 +71,7 @@ class Template:
             last = last.children[-1]
         self.end_page = token_of(last.tag)[0]
         self.tag = el.tag
+        self.facts = None           # what a device's check reads from it (facts.py), set by its builder
 
     def fill(self, value: str = "") -> bytes:
         return b"".join(self.filled(value))
