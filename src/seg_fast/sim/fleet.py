@@ -49,7 +49,7 @@ import trio
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim import lean_serve
 from seg_fast.sim.oracle import Opener
-from seg_fast.sim.wire import FALLBACK, HttpConn, RawStream, WireError, request_head
+from seg_fast.sim.wire import FALLBACK, HttpConn, RawStream, TlsStream, WireError, request_head
 
 # Events per device per busy hour (BENCH-PROFILE.md). Syncs follow deliveries.
 RATE_DELIVER = 12.0
@@ -408,13 +408,13 @@ class Device:
         self.state = "ping"
         return Parked(self, conn, heartbeat, seq, t, body_len)
 
-    # The steady-state cycle (Ping answered -> Sync what it announced -> next Ping) on
-    # a plain connection runs in the Parker's task, without a task or coroutine per
-    # request: the Parker reads the answer when the socket is readable
+    # The steady-state cycle (Ping answered -> Sync what it announced -> next Ping), on
+    # a plain or a TLS connection, runs in the Parker's task without a task or
+    # coroutine per request: the Parker reads the answer when the socket is readable
     # (HttpConn.poll_answer), ``answered`` checks it exactly as the waiting path does
-    # and ``advance`` sends the next request and parks the socket again. TLS, a
-    # reconnect, a partial send, a SyncKey held by foreground work or an answer form
-    # the poller leaves alone go to the waiting path (``resume``, ``carry_on``).
+    # and ``advance`` sends the next request and parks the socket again. A reconnect,
+    # a partial send, a SyncKey held by foreground work or an answer form the poller
+    # leaves alone go to the waiting path (``resume``, ``carry_on``).
     async def resume(self, p: "Parked", expired: bool) -> None:
         """``p``'s answer read by waiting for it (or its deadline passed)."""
         f = self.fleet
@@ -482,7 +482,8 @@ class Device:
         if f.stopping:
             self.close_soon(conn)
             return True
-        if type(conn.stream) is not RawStream or not conn.reusable:
+        stream = conn.stream
+        if not conn.reusable or (type(stream) is not RawStream and type(stream) is not TlsStream):
             return False
         if self.received < self.delivered:
             if not self.sync_lock.try_acquire():
@@ -504,15 +505,20 @@ class Device:
         data = head + body
         conn.reusable = False
         try:
-            sent = conn.stream.socket.send(data)
-        except BlockingIOError:
-            sent = 0
+            if type(stream) is RawStream:
+                try:
+                    sent = stream.socket.send(data)
+                except BlockingIOError:
+                    sent = 0
+                rest = data[sent:] if sent < len(data) else None
+            else:                   # TLS: a write that wanted the socket is retried whole
+                rest = None if stream.send_nowait(data) else data
         except OSError as exc:
             p.conn = None
             self.answered(p, conn, None, exc)
             return True
-        if sent < len(data):
-            f.parker.nursery.start_soon(self._send_rest, p, data[sent:])
+        if rest is not None:
+            f.parker.nursery.start_soon(self._send_rest, p, rest)
         else:
             f.parker.add(p)
         return True
@@ -563,9 +569,10 @@ class Device:
         self.close_soon(conn)
 
     def close_soon(self, conn: HttpConn) -> None:
-        if type(conn.stream) is RawStream:
-            conn.stream.close()
-        else:                               # TLS: close_notify takes a wait
+        stream = conn.stream
+        if type(stream) is RawStream or type(stream) is TlsStream:
+            stream.close()                  # TLS: close_notify sent, none awaited
+        else:
             self.fleet.parker.nursery.start_soon(conn.aclose)
 
     def ping_checked(self, conn: HttpConn, p: "Parked", res) -> bool:
@@ -723,11 +730,11 @@ class SyncLock:
 class Parker:
     """The shard's waiting requests (parked Pings, and Syncs sent by the poller):
     their sockets in one epoll set (level-triggered, registered once per wait) watched
-    by one task, and their deadlines in one heap. A readable plain socket has its
-    answer read there and then (``HttpConn.poll_answer``) and handed to the device's
-    ``answered``, which sends the next request and parks it again; a TLS socket, or
-    an answer the poller leaves alone, starts the device's ``resume`` task; a deadline
-    passed starts it as a failure. Deadlines of answered requests stay in the heap
+    by one task, and their deadlines in one heap. A readable socket (plain or TLS) has
+    its answer read there and then (``HttpConn.poll_answer``) and handed to the
+    device's ``answered``, which sends the next request and parks it again; an answer
+    the poller leaves alone starts the device's ``resume`` task; a deadline passed
+    starts it as a failure. Deadlines of answered requests stay in the heap
     until they pass."""
 
     def __init__(self) -> None:
@@ -738,6 +745,7 @@ class Parker:
         self.nursery: trio.Nursery | None = None
         self.scope: trio.CancelScope | None = None
         self.polled = 0             # answers read by the poller (the rest: by a waiting task)
+        self.polled_pings = 0       # of which Pings' answers
 
     def add(self, p: Parked) -> None:
         if p.conn.buffered():         # the answer is here already: no wait
@@ -763,7 +771,8 @@ class Parker:
         if p is None:
             return
         conn = p.conn
-        if type(conn.stream) is not RawStream:
+        stream = conn.stream
+        if type(stream) is not RawStream and type(stream) is not TlsStream:
             self._take(fd)
             self.nursery.start_soon(p.dev.resume, p, False)
             return
@@ -781,6 +790,8 @@ class Parker:
             self.nursery.start_soon(p.dev.resume, p, False)
             return
         self.polled += 1
+        if p.kind == "Ping":
+            self.polled_pings += 1
         p.conn = None
         if p.dev.answered(p, conn, res):
             self.nursery.start_soon(p.dev.carry_on, conn)
