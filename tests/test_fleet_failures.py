@@ -22,6 +22,7 @@ not by sleeps.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 
 import pytest
@@ -254,3 +255,58 @@ def test_devices_left_waiting_through_the_gateway_break_the_service_level():
     assert v["broke"] == ["gateway: 4 devices had not synced all their mail (4 ping not yet answered) "
                           "when the drain ended, each within its own deadline"]
     assert not v["meets"]
+
+
+def _overloaded(p: dict) -> dict:
+    p["load"].update(lag_p99=3.8, lag_max=4.3)
+    return p
+
+
+def test_direct_timeouts_of_an_overloaded_load_side_are_its_limit_not_wrong_answers():
+    opts = sizing.Options(devices=100, hold=120.0, repeat=1)
+    gave_up = {"Sync.timeout": 3, "Provision.connect-timeout": 2}
+    v = sizing.judge({"devices": 100, "paths": {
+        "direct": _overloaded(_path("direct", {}, dict(gave_up))), "gateway": _path("gateway", {})}}, opts)
+    direct = [x for x in v["invalid"] if x.startswith("direct:")]
+    assert any("load side fell behind schedule" in x for x in direct)
+    assert any(x.startswith("direct: 5 requests gave up at their own deadline") and "load side's limit" in x
+               and "its schedule ran up to 4.3s late" in x for x in direct), direct
+    assert not any("the fleet or simulator is wrong" in x for x in direct)
+    # the same timeouts with the load side on schedule: nothing excuses them
+    v = sizing.judge({"devices": 100, "paths": {"direct": _path("direct", {}, dict(gave_up)),
+                                                 "gateway": _path("gateway", {})}}, opts)
+    assert [x for x in v["invalid"] if x.startswith("direct:")] == [
+        "direct: 5 failures without any proxy (Provision.connect-timeout, Sync.timeout): "
+        "the fleet or simulator is wrong"]
+    # a wrong answer is wrong however late the load side ran
+    v = sizing.judge({"devices": 100, "paths": {
+        "direct": _overloaded(_path("direct", {}, {"Sync.timeout": 1, "GetItemEstimate.status": 1})),
+        "gateway": _path("gateway", {})}}, opts)
+    direct = [x for x in v["invalid"] if x.startswith("direct:")]
+    assert "direct: 1 failures without any proxy (GetItemEstimate.status): the fleet or simulator is wrong" in direct
+    assert any(x.startswith("direct: 1 requests gave up") for x in direct)
+
+
+async def test_a_connection_not_made_in_time_is_told_from_one_refused(corpus, monkeypatch):
+    """A device whose TLS handshake the server never answers (the kernel queued the
+    connection, nobody served it: what a starved shard does to its own devices on the
+    direct path) records ``.connect-timeout``; a refused connection stays ``.connect``."""
+    monkeypatch.setattr(fleet_mod, "CONNECT_TIMEOUT", 0.3)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)                          # connections queue in the kernel, never accepted
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))            # bound, not listening: connections are refused
+    async with trio.open_nursery() as nursery:
+        fleet, _sim = await _shard(nursery, corpus)
+        dev = fleet.devices[0]
+        fleet.tls = ssl.create_default_context()
+        fleet.go = Go(host="127.0.0.1", port=silent.getsockname()[1], t0=fleet.go.t0)
+        assert await dev._connect("Provision") is None
+        fleet.go = Go(host="127.0.0.1", port=closed.getsockname()[1], t0=fleet.go.t0)
+        assert await dev._connect("Ping") is None
+        nursery.cancel_scope.cancel()
+    silent.close()
+    closed.close()
+    assert dict(fleet.stats.failures) == {"Provision.connect-timeout": 1, "Ping.connect": 1}
+    assert "ConnectionRefusedError" in fleet.stats.failure_samples[1]

@@ -61,6 +61,7 @@ RATE_MISC = 1.0
 HEARTBEAT = round(300 * math.log(7))
 MIN_HEARTBEAT = 60             # MS-ASCMD: the server accepts 60..3540
 REQUEST_TIMEOUT = 120.0        # a non-Ping request slower than this is a failure
+CONNECT_TIMEOUT = 30.0         # a connection (and TLS handshake) not made in this long: a failure
 PING_GRACE = 60                # a parked Ping unanswered this long after its heartbeat: a failure
 STATUS_EVERY = 2.0
 FDS_EVERY = 5                  # descriptors counted every 5th status line
@@ -602,7 +603,7 @@ class Device:
         f = self.fleet
         conn = None
         try:
-            with trio.CancelScope(deadline=trio.current_time() + 30):
+            with trio.CancelScope(deadline=trio.current_time() + CONNECT_TIMEOUT):
                 conn = await HttpConn.open(f.go.host, f.go.port, self.local, f.tls, self.tls_session)
                 if f.tls is not None:
                     await conn.stream.do_handshake()
@@ -610,12 +611,15 @@ class Device:
                     if conn.stream.session_reused:
                         f.stats.tls_resumed += 1
                 return conn
-            raise trio.TooSlowError("no connection in 30s")
+            raise trio.TooSlowError(f"no connection in {CONNECT_TIMEOUT:.0f}s")
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             if conn is not None:
                 await conn.aclose()
             f.stats.conn_errors += 1
-            f.stats.fail(f"{cmd}.connect", f"{self.device_id} {type(exc).__name__}: {exc}")
+            # a connection not made in time is told apart from one refused: the first
+            # is what a starved load side does on the direct path (sizing's verdict)
+            kind = "connect-timeout" if isinstance(exc, trio.TooSlowError) else "connect"
+            f.stats.fail(f"{cmd}.{kind}", f"{self.device_id} {type(exc).__name__}: {exc}")
             return None
 
     async def setup(self, conn: HttpConn) -> bool:

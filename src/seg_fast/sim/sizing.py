@@ -659,6 +659,46 @@ def load_problems(p: dict, opts: Options) -> list[str]:
     return out
 
 
+# Failures a device records when its own deadline passed: a request unanswered in
+# time, a connection not made in time, a parked Ping unanswered by heartbeat + grace
+TIMED_OUT = (".timeout", ".connect-timeout")
+
+
+def load_overloaded(p: dict) -> str:
+    """Why path ``p``'s load side could not keep its own deadlines ('' when it could)."""
+    ld = p["load"]
+    if ld["lag_p99"] > LAG_P99_LIMIT or ld["lag_max"] > LAG_MAX_LIMIT:
+        return f"its schedule ran up to {ld['lag_max']:.1f}s late"
+    if ld["cpu_share"] > LOAD_CPU_LIMIT:
+        return f"it used {100 * ld['cpu_share']:.0f}% of its core"
+    if ld.get("core_busy", 0.0) >= LOAD_CPU_LIMIT:
+        return f"its core was {100 * ld['core_busy']:.0f}% busy (other processes included)"
+    return ""
+
+
+def direct_failures(p: dict) -> list[str]:
+    """The direct path's failures: no proxy is in the way, so each is the fleet's or
+    the simulator's. A device that gave up after its own deadline while the load side
+    was overloaded (both ends of the direct path are the shard's) shows the load
+    side's limit, not a wrong answer; any other failure, or a timeout while the load
+    side kept its schedule, says the fleet or the simulator is wrong."""
+    out = []
+    fails = p["failures"]
+    timed_out = {k: v for k, v in fails.items() if k.endswith(TIMED_OUT)}
+    wrong = {k: v for k, v in fails.items() if k not in timed_out}
+    why = load_overloaded(p)
+    if timed_out and not why:
+        wrong.update(timed_out)
+    elif timed_out:
+        out.append(f"direct: {sum(timed_out.values())} requests gave up at their own deadline with no proxy in "
+                   f"the way ({', '.join(sorted(timed_out))}) while the load side was overloaded ({why}): "
+                   f"the load side's limit, not a wrong answer")
+    if wrong:
+        out.append(f"direct: {sum(wrong.values())} failures without any proxy "
+                   f"({', '.join(sorted(wrong))}): the fleet or simulator is wrong")
+    return out
+
+
 def behind_at_stop(p: dict) -> str:
     """What was still in flight on path ``p`` when its drain ended ('' when nothing)."""
     behind = p.get("behind_at_stop") or {}
@@ -742,9 +782,8 @@ def judge(point: dict, opts: Options) -> dict:
             broke.append(f"gateway RSS {gw['server']['rss_kib_max'] / 1024:.0f} MiB > 2 GiB")
     if gw and not direct:
         invalid.append("no direct path in this run: the added latency was not measured")
-    if direct and sum(direct["failures"].values()):
-        invalid.append(f"direct: {sum(direct['failures'].values())} failures without any proxy "
-                       f"({', '.join(sorted(direct['failures']))}): the fleet or simulator is wrong")
+    if direct:
+        invalid += direct_failures(direct)
     for name, p in paths.items():
         late = behind_at_stop(p)
         if not late:
