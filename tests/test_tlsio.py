@@ -8,6 +8,7 @@ without close_notify): each must end that connection alone, and the worker keeps
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import trio
 import trustme
 
 from proxy_helpers import MiniUpstream
+from seg_fast.eas.wbxml import Element, encode
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.mailbox import MailboxSimulator
 from seg_fast.sim.state import INBOX
@@ -33,6 +35,7 @@ from seg_fast.sim.tree import E, find, text
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "secret"
 BIG = 16 * 1024 * 1024                  # an answer no socket buffer holds
+LARGE = os.urandom(3 * 1024 * 1024 + 123)    # an attachment-sized answer, not a repeated byte
 EAS = b"/Microsoft-Server-ActiveSync"
 
 
@@ -57,11 +60,14 @@ def client_context(ca, **kw) -> ssl.SSLContext:
 
 
 class Upstreams:
-    """The mailbox simulator and a mail server with a BIG answer, on their own trio loop."""
+    """The mailbox simulator, a mail server with a BIG answer and one (``mixed``) that answers
+    LARGE to anything but a Ping, which it holds until ``release_pings``; on their own trio loop."""
 
     def __init__(self):
         self.sim = MailboxSimulator(password=PASSWORD, seed=7, require_provisioning=False, initial_messages=20)
         self.big = MiniUpstream(lambda req, body: (200, [(b"Content-Length", str(BIG).encode())], b"B" * BIG))
+        self.mixed = MiniUpstream(self._mixed)
+        self._release = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
         self._thread.start()
@@ -72,7 +78,22 @@ class Upstreams:
             self._scope, self._token = nursery.cancel_scope, trio.lowlevel.current_trio_token()
             await nursery.start(self.sim.serve, "127.0.0.1", 0)
             await nursery.start(self.big.serve)
+            await nursery.start(self.mixed.serve)
+            self._release = trio.Event()
             self._ready.set()
+
+    async def _mixed(self, req, body):
+        if b"Cmd=Ping" in req.target:
+            await self._release.wait()
+            return 200, [(b"Content-Type", b"application/vnd.ms-sync.wbxml")], PING_ANSWER
+        return 200, [(b"Content-Type", b"application/octet-stream")], LARGE
+
+    def release_pings(self):
+        def release():
+            self._release.set()
+            self._release = trio.Event()
+
+        trio.from_thread.run_sync(release, trio_token=self._token)
 
     @property
     def token(self):
@@ -175,6 +196,23 @@ def options_request(close: bool = False) -> bytes:
     if close:
         headers.append((b"Connection", b"close"))
     return conn.send(h11.Request(method=b"OPTIONS", target=EAS, headers=headers)) + conn.send(h11.EndOfMessage())
+
+
+PING_BODY = encode(Element("Ping:Ping", children=[
+    Element("Ping:HeartbeatInterval", text="900"),
+    Element("Ping:Folders", children=[Element("Ping:Folder", children=[
+        Element("Ping:Id", text="1"), Element("Ping:Class", text="Email")])])]))
+PING_ANSWER = encode(Element("Ping:Ping", children=[Element("Ping:Status", text="2")]))
+
+
+def eas_request(cmd: str, device: str, body: bytes = b"") -> bytes:
+    """A POST of an EAS command (kim's credentials), as a device sends it."""
+    conn = h11.Connection(h11.CLIENT)
+    target = EAS + f"?Cmd={cmd}&User=kim&DeviceId={device}&DeviceType=iPhone".encode()
+    headers = [(b"Host", b"localhost"), (b"Authorization", AUTH), (b"MS-ASProtocolVersion", b"14.1"),
+               (b"Content-Type", b"application/vnd.ms-sync.wbxml"), (b"Content-Length", str(len(body)).encode())]
+    return conn.send(h11.Request(method=b"POST", target=target, headers=headers)) + conn.send(h11.Data(data=body)) \
+        + conn.send(h11.EndOfMessage())
 
 
 def read_answer(sock) -> tuple[int, list, bytes]:
@@ -298,6 +336,78 @@ def test_eof_without_close_notify_is_an_ordinary_close(gateway, certs):
     s.close()
     assert served(gateway, ca)
     assert not gateway.incidents("contained_exception")
+
+
+@pytest.fixture(scope="module")
+def mixed_gateway(tmp_path_factory, upstreams, certs):
+    """A gateway in front of ``upstreams.mixed`` (LARGE answers, Pings held)."""
+    gw = Serve(tmp_path_factory.mktemp("tlsio-mixed"), f"http://127.0.0.1:{upstreams.mixed.port}", certs[1])
+    yield gw
+    assert gw.stop() == 0
+    assert not gw.incidents("contained_exception"), "".join(gw.lines)
+
+
+def test_a_connection_that_carried_a_large_answer_parks_a_ping_and_goes_on(mixed_gateway, upstreams, certs):
+    """A device fetches a 3 MB attachment, then its Ping parks on the same connection (the
+    connection idle, as parked Pings are for hours); when mail comes the answer reaches it,
+    and the connection serves the next large answer intact."""
+    ca, _ = certs
+    digest = hashlib.sha256(LARGE).hexdigest()
+    with connect(mixed_gateway.port, client_context(ca)) as s:
+        s.sendall(eas_request("ItemOperations", "PARK1"))
+        status, _, body = read_answer(s)
+        assert status == 200 and len(body) == len(LARGE) and hashlib.sha256(body).hexdigest() == digest
+        pings = sum(1 for req, _ in upstreams.mixed.requests if b"Cmd=Ping" in req.target)
+        s.sendall(eas_request("Ping", "PARK1", PING_BODY))
+        end = time.monotonic() + 20            # the Ping reached the mail server, which holds it
+        while sum(1 for req, _ in upstreams.mixed.requests if b"Cmd=Ping" in req.target) == pings:
+            assert time.monotonic() < end, "the Ping never reached the mail server"
+            time.sleep(0.02)
+        upstreams.release_pings()
+        status, _, body = read_answer(s)
+        assert status == 200 and body == PING_ANSWER
+        s.sendall(eas_request("ItemOperations", "PARK1"))
+        status, _, body = read_answer(s)
+        assert status == 200 and hashlib.sha256(body).hexdigest() == digest
+
+
+@pytest.mark.skipif(not shutil.which("openssl") and os.environ.get("CI") != "true",
+                    reason="needs the openssl command (scripts/test.sh installs it; under CI its absence fails)")
+def test_a_key_update_is_answered_and_the_connection_goes_on(gateway, certs):
+    """TLS 1.3 KeyUpdate (update_requested) from the device, read while the connection idles:
+    the gateway's own KeyUpdate goes out ahead of its next record (OpenSSL sends it with the
+    next write), and the answer to the next request comes under the new keys both ways."""
+    ca, d = certs
+    (d / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    proc = subprocess.Popen(["openssl", "s_client", "-msg", "-crlf", "-connect", f"127.0.0.1:{gateway.port}",
+                             "-CAfile", str(d / "ca.pem"), "-servername", "localhost"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out: list[str] = []
+    threading.Thread(target=lambda: out.extend(x.decode(errors="replace") for x in proc.stdout), daemon=True).start()
+
+    def wait_for(text: str, after: int = 0) -> int:
+        end = time.monotonic() + 20
+        while True:
+            said = "".join(out)
+            at = said.find(text, after)
+            if at >= 0:
+                return at
+            assert time.monotonic() < end and proc.poll() is None, f"no {text!r} from s_client:\n{said[-3000:]}"
+            time.sleep(0.05)
+
+    try:
+        wait_for("Verify return code: 0 (ok)")
+        proc.stdin.write(b"K\n")                # s_client: a KeyUpdate asking for the peer's
+        proc.stdin.flush()
+        sent = wait_for(">>> TLS 1.3, Handshake [length 0005], KeyUpdate")
+        proc.stdin.write(b"OPTIONS " + EAS + b" HTTP/1.1\nHost: localhost\nAuthorization: " + AUTH + b"\n\n")
+        proc.stdin.flush()
+        answered = wait_for("<<< TLS 1.3, Handshake [length 0005], KeyUpdate", sent)
+        wait_for("HTTP/1.1 200 OK", answered)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert served(gateway, ca)
 
 
 # -- hostile -------------------------------------------------------------------------------
@@ -424,3 +534,30 @@ def test_a_big_answer_arrives_whole_and_a_device_that_never_reads_it_is_cut(tmp_
         assert not gw.incidents("contained_exception")
     finally:
         assert gw.stop() == 0
+
+
+def test_a_request_in_one_byte_records_is_served(gateway, certs):
+    """Each byte of the request head its own TLS record (a record per send, Nagle off): read a
+    record at a time, reassembled, answered."""
+    ca, _ = certs
+    with connect(gateway.port, client_context(ca)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i, byte in enumerate(options_request()):
+            s.sendall(bytes([byte]))
+        assert read_answer(s)[0] == 200
+    assert served(gateway, ca)
+
+
+def test_unread_bytes_do_not_turn_the_close_into_a_reset(gateway, certs):
+    """A record the gateway refuses at its header (a 65535-byte handshake record), then 4,000
+    bytes it never reads: the connection still ends with a FIN (an EOF here), not the reset
+    the kernel sends when a socket is closed over unread bytes."""
+    ca, _ = certs
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=20) as s:
+        s.sendall(b"\x16\x03\x01\xff\xff" + b"\x00" * 4000)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while data := s.recv(65536):        # ConnectionResetError here is the failure
+            got += data
+        assert got[:1] in (b"", b"\x15")       # nothing, or OpenSSL's alert record
+    assert served(gateway, ca)

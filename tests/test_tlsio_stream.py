@@ -3,6 +3,8 @@ what trio.SSLStream promised the gateway (errors, EOFs, close, the certificate),
 deadlines. The whole gateway over TLS is tests/test_tlsio.py."""
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 import ssl
 import weakref
@@ -11,6 +13,7 @@ import pytest
 import trio
 import trustme
 
+from seg_fast.proxy import sockio, tlsio
 from seg_fast.proxy.gateway import server_tls_context
 from seg_fast.proxy.tlsio import TLSStream
 
@@ -138,4 +141,90 @@ async def test_read_now_never_waits(pki):
         while (data := server.read_now(100)) is None:
             await trio.sleep(0.01)
     assert data == b"request"
+    server.close()
+
+
+async def test_writes_retried_on_a_full_socket_arrive_intact(pki, monkeypatch):
+    """A device that takes its answer in small bites: the socket is full after almost every
+    record, OpenSSL holds the encrypted record and the write is retried with the same bytes
+    (its rule for non-blocking writes) until the device took it. 4 MiB of random bytes, a
+    head joined to the body's first record, arrive whole and in order."""
+    waits = []
+    real = tlsio.wait_writable
+
+    async def counted(fd):
+        waits.append(fd)
+        await real(fd)
+
+    monkeypatch.setattr(tlsio, "wait_writable", counted)
+    server, client, raw = pair(pki)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await handshake(server, client)
+    body = os.urandom(4 * 1024 * 1024 + 7)
+    pace = sockio.Pace(30.0, 1024.0, sockio.Unsent(64 * 1024 * 1024, 1024.0))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.send_parts, [b"HEAD", memoryview(body), b"TAIL"], pace)
+        got = bytearray()
+        while len(got) < len(body) + 8:
+            got += await client.receive_some(1000)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(b"HEAD" + body + b"TAIL").digest()
+    assert len(waits) > 50                          # it did wait on a full socket, many times
+    assert pace.unsent.total == 0                   # what waited was counted, then released
+    await client.send_all(b"after")                 # the stream is sound
+    assert await server.receive_some(100) == b"after"
+    server.close()
+
+
+async def test_a_paced_write_to_a_device_that_stops_reading_times_out(pki):
+    server, client, raw = pair(pki)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await handshake(server, client)
+    with pytest.raises(TimeoutError):
+        await server.send_parts([b"x" * (4 * 1024 * 1024)], sockio.Pace(0.3))
+    with pytest.raises(trio.BrokenResourceError):   # a record may be half out: broken
+        await server.send_all(b"more")
+    server.close()
+
+
+async def test_a_socket_closed_under_the_stream_is_never_used_again(pki):
+    """parking.py closes a parked Ping's socket itself. OpenSSL keeps the descriptor's number,
+    which the next socket reuses: the stream must not read or write it after that."""
+    server, client, _ = pair(pki)
+    await handshake(server, client)
+    fd = server.socket.fileno()
+    server.socket.close()
+    c, d = socket.socketpair()                      # the lowest free descriptors: fd among them
+    try:
+        other = c if c.fileno() == fd else d
+        assert other.fileno() == fd
+        peer = d if other is c else c
+        peer.sendall(b"not yours")
+        assert server.read_now(100) is None
+        with pytest.raises(trio.ClosedResourceError):
+            await server.receive_some(100)
+        with pytest.raises((trio.ClosedResourceError, trio.BrokenResourceError)):
+            await server.send_all(b"x" * 100)
+        server.close()
+        other.setblocking(False)
+        assert other.recv(100) == b"not yours"     # nothing taken from the new socket
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):        # nothing written to it either
+            peer.recv(100)
+    finally:
+        c.close()
+        d.close()
+
+
+async def test_a_short_read_leaves_the_rest_of_the_record_for_the_next(pki):
+    """OpenSSL holds what a small read left of a record (the socket shows nothing more): the
+    next read returns it without waiting."""
+    server, client, _ = pair(pki)
+    await handshake(server, client)
+    await client.send_all(b"0123456789")            # one record
+    with trio.fail_after(10):
+        assert await server.receive_some(4) == b"0123"
+        assert server.pending() == 6
+        assert server.read_now(100) == b"456789"
     server.close()

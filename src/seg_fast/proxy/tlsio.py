@@ -22,9 +22,8 @@ the plaintext a short read leaves (``pending()``), which the next read returns b
 wait. Writes go one record's plaintext (16 KiB) at a time: while the socket is full,
 OpenSSL holds that one encrypted record, and the retried write passes the same bytes
 (OpenSSL's rule for non-blocking writes). Output a read makes (a KeyUpdate's answer,
-the no_renegotiation alert, a fatal alert) OpenSSL writes to the socket itself. A
-receive never runs while a send has a record half out (it waits for that send): a
-KeyUpdate's answer written then would break the connection (BAD_WRITE_RETRY).
+the no_renegotiation alert, a fatal alert) OpenSSL writes to the socket itself,
+the KeyUpdate's with the next write (after any record still half out).
 
 It keeps the face of trio.SSLStream that the gateway uses (``do_handshake``,
 ``receive_some``, ``send_all``, ``aclose``, ``transport_stream``, ``ssl_object``,
@@ -113,8 +112,8 @@ class TLSStream:
     fast_tls = True               # sockio's mark: receive_by/read_now/send_parts are here
 
     __slots__ = ("transport_stream", "socket", "plain", "ssl_object", "_obj", "_want", "_sending",
-                 "_wpending", "_wdone", "_handshook", "_closed", "_broken", "_eof", "handshake_started",
-                 "seg_client_cert", "__weakref__")
+                 "_handshook", "_closed", "_broken", "_eof", "handshake_started", "seg_client_cert",
+                 "__weakref__")
 
     def __init__(self, transport_stream: trio.SocketStream, context: ssl.SSLContext):
         self.transport_stream = transport_stream
@@ -124,8 +123,6 @@ class TLSStream:
         self._obj = self.ssl_object._sslobj       # the C object: the calls below skip SSLObject's layer
         self._want = 0                # _READ: the last read found nothing (the next waits first)
         self._sending = False         # a send is under way: no other may start
-        self._wpending = False        # ... and OpenSSL holds a record of it the socket did not take
-        self._wdone = None            # a receive waiting for that record (trio.Event), rarely made
         self._handshook = False
         self._closed = False
         self._broken = False
@@ -225,8 +222,8 @@ class TLSStream:
 
     def read_now(self, size: int) -> bytes | None:
         """Decrypted bytes if they can be had without waiting (b"" at EOF), else None."""
-        if self._closed or self._broken or not self._handshook or self._wpending:
-            return None               # the awaited path raises, handshakes or waits, as it should
+        if self._closed or self._broken or not self._handshook:
+            return None               # the awaited path raises or handshakes, as it should
         try:
             return self._read(size if size < RECORD else RECORD)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -241,7 +238,7 @@ class TLSStream:
             await self.do_handshake()
         if size > RECORD:
             size = RECORD             # one read gives at most a record: no 64 KiB bytes to shrink
-        if self._want != _READ and not self._wpending:
+        if self._want != _READ:
             data = self._read(size)   # (after a read that found nothing, straight to the wait)
             if data is not None:
                 _ready += 1
@@ -250,10 +247,7 @@ class TLSStream:
                     await checkpoint()
                 return data
         while True:
-            if self._wpending:
-                if not await self._after_send(deadline):
-                    return None
-            elif not await self._wait(deadline, self._want == _WRITE):
+            if not await self._wait(deadline, self._want == _WRITE):
                 self._broken = True
                 return None
             data = self._read(size)
@@ -304,8 +298,6 @@ class TLSStream:
             raise
         finally:
             self._sending = False
-            if self._wpending:
-                self._sent()
         if not waited:
             _ready += 1
             if _ready >= FAIR_EVERY:
@@ -369,7 +361,6 @@ class TLSStream:
                         writable = True
                     except _WantRead:
                         writable = False
-                    self._wpending = True
                     if not waited:
                         waited = True
                         blocked_at = trio.current_time()
@@ -379,8 +370,6 @@ class TLSStream:
                     deadline = math.inf if pace is None else pace.deadline(blocked_at, taken)
                     if not await self._wait(deadline, writable, writer):
                         raise TimeoutError("peer did not read in time")
-                if self._wpending:
-                    self._sent()
                 done += len(chunk)
                 if waited:
                     taken += len(chunk)
@@ -390,24 +379,6 @@ class TLSStream:
             if writer is not None:
                 pace.unsent.done(writer)
         return waited
-
-    def _sent(self) -> None:
-        """The record OpenSSL held went out (or never will): a waiting receive may read."""
-        self._wpending = False
-        if self._wdone is not None:
-            self._wdone.set()
-            self._wdone = None
-
-    async def _after_send(self, deadline: float) -> bool:
-        """Wait until the send under way has its record out (a receive beside a send: rare,
-        hence a cancel scope); False if ``deadline`` passed first."""
-        if self._wdone is None:
-            self._wdone = trio.Event()
-        with trio.move_on_at(deadline):
-            await self._wdone.wait()
-            return True
-        self._broken = True
-        return False
 
     async def _wait(self, deadline: float, writable: bool = False, writer=None) -> bool:
         """Wait until the socket is readable (writable) by ``deadline``; False if it passed

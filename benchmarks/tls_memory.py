@@ -1,0 +1,291 @@
+"""Memory per idle TLS device connection through a running gateway: the device leg's TLS
+(proxy/tlsio.py) as it is beside the TLS stream of an earlier commit, side by side.
+
+    python benchmarks/tls_memory.py [--devices 3000] [--answers 300000,228] [--baseline 7a1fb0b]
+
+Each of N devices opens a TLS connection to one gateway worker, makes one request whose
+answer is ``--answers`` bytes (300 KB: the profile's attachment; 228: a FolderSync), reads
+it whole (length checked), then sends a Ping the mail server never answers: the Ping
+parks, and the connection stays open and idle, as a device's does for hours. Memory per
+device is the growth of the worker's RSS over N (after 50 warm-up devices), and beside it
+the kernel's memory for the worker's sockets (``ss -tmn`` skmem of the device and mail
+server sides) and /proc/net/sockstat's TCP page count. Every device connection and every
+upstream Ping connection must still be established when it is measured (asserted).
+
+The baseline is the same tree with gateway.TLSStream taken from ``git show
+<commit>:src/seg_fast/proxy/tlsio.py`` (before this change: an SSLObject over two memory
+BIOs); nothing else differs between the two gateways. The gateway (one worker in the
+foreground, TLS 1.3, a trustme ECDSA certificate) is pinned to CPU 0, the mail server and
+the devices to CPU 1.
+
+Prints KiB per device for each stream and answer size; writes
+benchmarks/results/tls_memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import proxy_bench  # noqa: E402 - its request bytes, RSS and socket-memory readings
+from proxy_bench import _count_established, _raise_nofile, _request_bytes, _rss_kb, _socket_memory  # noqa: E402
+
+WARM = 50
+
+# The mail server: a Ping is held (never answered), anything else gets ANSWER bytes.
+UPSTREAM_MAIN = r"""
+import os, random, re, selectors, socket, sys, resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+os.sched_setaffinity(0, {1})
+port, size = int(sys.argv[1]), int(sys.argv[2])
+body = random.Random(1).randbytes(size)
+head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+        f"Content-Length: {size}\r\n\r\n").encode()
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", port)); ls.listen(65535); ls.setblocking(False)
+sel = selectors.DefaultSelector(); sel.register(ls, selectors.EVENT_READ)
+bufs = {}
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is ls:
+            while True:
+                try:
+                    c, _ = ls.accept()
+                except BlockingIOError:
+                    break
+                c.setblocking(False); bufs[c] = bytearray(); sel.register(c, selectors.EVENT_READ)
+            continue
+        c = key.fileobj
+        try:
+            data = c.recv(65536)
+        except ConnectionError:
+            data = b""
+        if not data:
+            sel.unregister(c); c.close(); bufs.pop(c, None); continue
+        buf = bufs[c]; buf += data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", bytes(buf[:end]))
+            need = end + 4 + (int(m.group(1)) if m else 0)
+            if len(buf) < need:
+                break
+            ping = b"Cmd=Ping" in bytes(buf[:buf.find(b"\r\n")])
+            del buf[:need]
+            if not ping:
+                c.setblocking(True); c.sendall(head + body); c.setblocking(False)
+"""
+
+# One gateway worker in the foreground (the pid measured), device-leg TLS; SEG_FAST_BENCH_TLSIO
+# names a file whose TLSStream replaces gateway.TLSStream (the baseline).
+GATEWAY_MAIN = r"""
+import importlib.util, os, sys, trio
+from seg_fast.config import load_config
+from seg_fast.proxy import gateway
+other = os.environ.get("SEG_FAST_BENCH_TLSIO")
+if other:
+    spec = importlib.util.spec_from_file_location("seg_fast_bench_tlsio", other)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    gateway.TLSStream = mod.TLSStream
+cfg = load_config(sys.argv[1])
+gw = gateway.Gateway(cfg, tls_context=gateway.listener_tls_context(cfg.listener))
+async def main():
+    async with trio.open_nursery() as n:
+        await n.start(gw.serve)
+        print(f"worker {os.getpid()} ready", file=sys.stderr, flush=True)
+trio.run(main)
+"""
+
+
+def make_certificate(workdir: Path):
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", "gw.example")
+    cert.cert_chain_pems[0].write_to_path(str(workdir / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(workdir / "key.pem"))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return workdir / "cert.pem", workdir / "key.pem", client
+
+
+def start_gateway(workdir: Path, port: int, upstream: int, cert: Path, key: Path, tlsio: Path | None):
+    cfg = workdir / f"gateway-{port}.toml"
+    cfg.write_text(f"""workers = 1
+[listener]
+host = "127.0.0.1"
+port = {port}
+tls_cert = "{cert}"
+tls_key = "{key}"
+[upstream]
+url = "http://127.0.0.1:{upstream}"
+[admin]
+enabled = false
+[log]
+transactions = ""
+[timeouts]
+idle_keepalive = 3600.0
+[limits]
+max_connections_per_address = 100000
+[policy]
+allow_if_no_policies = true
+sqlite_path = "{workdir}/policy-{port}.db"
+[security]
+block_attachments_without_policy = false
+max_transform_bytes = 67108864
+master_key_file = "{workdir}/master-{port}.key"
+key_state_file = "{workdir}/keys-{port}.json"
+""")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    if tlsio is not None:
+        env["SEG_FAST_BENCH_TLSIO"] = str(tlsio)
+    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", GATEWAY_MAIN, str(cfg)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    m = re.search(r"worker (\d+) ready", line)
+    if not m:
+        raise RuntimeError(f"gateway did not start: {line}{proc.stderr.read()}")
+    proxy_bench._wait_port(port)
+    return proc, int(m.group(1))
+
+
+def start_upstream(port: int, size: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_MAIN, str(port), str(size)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def read_answer(s: ssl.SSLSocket) -> tuple[int, int]:
+    """(status, body length) of one answer."""
+    buf = bytearray()
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        data = s.recv(65536)
+        if not data:
+            raise RuntimeError("the gateway closed a connection")
+        buf += data
+    head = bytes(buf[:end]).lower()
+    m = re.search(rb"\r\ncontent-length:\s*(\d+)", head)
+    need = int(m.group(1)) if m else 0
+    got = len(buf) - end - 4
+    while got < need:
+        data = s.recv(262144)
+        if not data:
+            raise RuntimeError("the gateway closed a connection mid-answer")
+        got += len(data)
+    return int(head[9:12]), got
+
+
+def device(port: int, ctx: ssl.SSLContext, i: int, size: int) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    s.sendall(_request_bytes("ItemOperations", 120, i))
+    status, got = read_answer(s)
+    assert status == 200 and got == size, (status, got, size)
+    s.sendall(_request_bytes("Ping", 0, i))     # parks: the mail server holds it
+    return s
+
+
+def sockstat_tcp_pages() -> int:
+    m = re.search(r"TCP: .* mem (\d+)", Path("/proc/net/sockstat").read_text())
+    return int(m.group(1)) if m else 0
+
+
+def measure(name: str, workdir: Path, cert, key, ctx, tlsio: Path | None, size: int, n: int) -> dict:
+    up_port, gw_port = proxy_bench._free_port(), proxy_bench._free_port()
+    upstream = start_upstream(up_port, size)
+    gw, pid = start_gateway(workdir, gw_port, up_port, cert, key, tlsio)
+    socks = []
+    try:
+        for i in range(WARM):
+            socks.append(device(gw_port, ctx, 900_000 + i, size))
+        time.sleep(1.0)
+        base, sk_base, pages_base = _rss_kb(pid), _socket_memory(gw_port, up_port), sockstat_tcp_pages()
+        t0 = time.monotonic()
+        for i in range(n):
+            socks.append(device(gw_port, ctx, i, size))
+        ramp = time.monotonic() - t0
+        last, stable = -1, 0
+        while stable < 3 and time.monotonic() - t0 < 120:      # until every Ping has parked
+            time.sleep(0.5)
+            rss = _rss_kb(pid)
+            stable = stable + 1 if rss == last else 0
+            last = rss
+        grown = _rss_kb(pid) - base
+        sk_grown = _socket_memory(gw_port, up_port) - sk_base
+        pages = sockstat_tcp_pages() - pages_base
+        alive, upstream_alive = _count_established(gw_port), _count_established(up_port)
+        assert alive == n + WARM, f"{name}: {alive} device connections established, expected {n + WARM}"
+        assert upstream_alive == n + WARM, f"{name}: {upstream_alive} upstream connections, expected {n + WARM}"
+    finally:
+        for s in socks:
+            s.close()
+        gw.terminate()
+        upstream.terminate()
+        gw.wait(30)
+        upstream.wait(30)
+    r = {"name": name, "answer_bytes": size, "devices": n, "rss_growth_kb": grown,
+         "kib_per_device": round(grown / n, 2), "socket_memory_growth_bytes": sk_grown,
+         "socket_kib_per_device": round(sk_grown / n / 1024, 2),
+         "sockstat_tcp_pages_growth": pages,
+         "total_kib_per_device": round((grown * 1024 + sk_grown) / n / 1024, 2),
+         "ramp_seconds": round(ramp, 1), "device_connections_established": alive,
+         "upstream_connections_established": upstream_alive}
+    print(f"{name:9s} answer {size:7d} B: {r['kib_per_device']:6.2f} KiB RSS per device "
+          f"+ {r['socket_kib_per_device']:.2f} KiB kernel socket memory (ss skmem; sockstat TCP "
+          f"+{pages} pages) over {n} parked TLS devices", flush=True)
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=3000)
+    ap.add_argument("--answers", default="300000,228", help="answer sizes in bytes, comma-separated")
+    ap.add_argument("--baseline", default="7a1fb0b", help="the commit whose tlsio.TLSStream is the baseline "
+                                                            "('' for the current stream alone)")
+    ap.add_argument("--out", default=str(HERE / "results" / "tls_memory.json"))
+    args = ap.parse_args(argv)
+    nofile = _raise_nofile()
+    if 3 * (args.devices + WARM) + 64 > nofile:
+        sys.exit(f"RLIMIT_NOFILE hard limit {nofile} is too low for {args.devices} devices")
+    os.sched_setaffinity(0, {1})
+    workdir = Path(tempfile.mkdtemp(prefix="tls-memory-"))
+    cert, key, ctx = make_certificate(workdir)
+    streams: list[tuple[str, Path | None]] = [("tlsio", None)]
+    if args.baseline:
+        old = workdir / "tlsio_baseline.py"
+        old.write_text(subprocess.run(["git", "-C", str(REPO), "show", f"{args.baseline}:src/seg_fast/proxy/tlsio.py"],
+                                      capture_output=True, text=True, check=True).stdout)
+        streams.insert(0, ("baseline", old))
+    results = []
+    for size in (int(x) for x in args.answers.split(",")):
+        for name, tlsio in streams:
+            results.append(measure(name, workdir, cert, key, ctx, tlsio, size, args.devices))
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    summary = {"command": "python benchmarks/tls_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit.stdout.strip(),
+               "baseline_commit": args.baseline, "tls": "TLS 1.3 (trustme ECDSA certificate)",
+               "python": sys.version.split()[0], "openssl": ssl.OPENSSL_VERSION, "results": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
