@@ -7,20 +7,25 @@ The plain port is one epoll set for all connections (lean_serve.Reactor): a Ping
 parked there holds no task; requests pipelined behind it wait for its answer and
 are answered in order after it, as on the simulator's own server; a connection
 closed while parked is forgotten once answered; an answer larger than the socket
-takes is written in pieces as the socket drains, byte for byte."""
+takes is written in pieces as the socket drains, byte for byte. The TLS port is the
+same reactor with each connection's TLS over OpenSSL's socket BIO: every case above
+gives the own server's bytes over TLS too, a Ping parked there holds no task, a
+device's session resumes, and a peer sending garbage instead of TLS is dropped while
+the port serves on."""
 from __future__ import annotations
 
 import functools
 import socket
 import ssl
 
+import pytest
 import trio
 import trustme
 
 from seg_fast.sim import lean_serve
 from seg_fast.sim.mailbox import MailboxSimulator
 from seg_fast.sim.tree import E, decode, encode, text
-from seg_fast.sim.wire import HttpConn, RawStream, connect
+from seg_fast.sim.wire import SERVER_NAME, HttpConn, RawStream, TlsStream, connect
 from test_sim_http import CASES, FOLDERSYNC, SYNC0, _exchange, post
 
 
@@ -41,13 +46,110 @@ async def test_same_bytes_as_the_simulators_own_server(nursery):
     assert ours.lean_answers >= 10
 
 
+_CA = trustme.CA()
+_SERVER_CTX = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+_CA.issue_cert(SERVER_NAME).configure_cert(_SERVER_CTX)
+_CLIENT_CTX = ssl.create_default_context()
+_CA.configure_trust(_CLIENT_CTX)
+
+
+class _Tls:
+    """A test client's TLS connection (wire.TlsStream) with a TCP half-close: the
+    server reads a ragged EOF (as over plain TCP, the end of the requests) and the
+    client still reads every answer."""
+
+    def __init__(self, stream: TlsStream) -> None:
+        self.stream = stream
+
+    @classmethod
+    async def open(cls, port: int, session=None) -> "_Tls":
+        raw = await connect("127.0.0.1", port, None)
+        stream = TlsStream(raw.socket, _CLIENT_CTX, server_hostname=SERVER_NAME, session=session)
+        await stream.do_handshake()
+        return cls(stream)
+
+    async def send_all(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def send_eof(self) -> None:
+        self.stream.socket.shutdown(socket.SHUT_WR)
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        try:
+            return await self.stream.receive_some(max_bytes)
+        except ssl.SSLError:
+            # what a server's TLS says after a ragged EOF (an alert) ends the stream,
+            # from either server alike
+            return b""
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def _open(port: int, tls: bool):
+    return await _Tls.open(port) if tls else await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def _tls_exchange(port: int, pieces: list[bytes]) -> bytes:
+    stream = await _Tls.open(port)
+    got = bytearray()
+    for piece in pieces:
+        await stream.send_all(piece)
+        await trio.sleep(0)
+    await stream.send_eof()
+    with trio.fail_after(20):
+        while data := await stream.receive_some(65536):
+            got += data
+    await stream.aclose()
+    return bytes(got)
+
+
+async def test_tls_same_bytes_as_the_simulators_own_server(nursery):
+    ours, ref = _sim(), _sim()
+    port = await nursery.start(functools.partial(lean_serve.serve, ours, "127.0.0.1", 0,
+                                                 ssl_context=_SERVER_CTX))
+    ref_port = await nursery.start(functools.partial(ref.serve, "127.0.0.1", 0, ssl_context=_SERVER_CTX))
+    for name, pieces in CASES.items():
+        a = await _tls_exchange(port, pieces)
+        b = await _tls_exchange(ref_port, pieces)
+        assert a == b, name
+    assert ours.counts == ref.counts and ours.sent_count == ref.sent_count == 2
+    assert ours.lean_answers >= 10
+    await _until(lambda: ours.connections == 0)
+
+
+async def test_tls_session_resumed_and_garbage_dropped(nursery):
+    sim = _sim()
+    port = await nursery.start(functools.partial(lean_serve.serve, sim, "127.0.0.1", 0,
+                                                 ssl_context=_SERVER_CTX))
+    head, _, body = post(b"FolderSync", FOLDERSYNC).partition(b"\r\n\r\n")
+    conn = HttpConn(await connect("127.0.0.1", port, None))
+    conn.stream = TlsStream(conn.stream.socket, _CLIENT_CTX, server_hostname=SERVER_NAME)
+    assert (await conn.request(head + b"\r\n\r\n", body))[0] == 200
+    session = conn.stream.session                 # its ticket came with the answer
+    assert not conn.stream.session_reused
+    await conn.aclose()
+    # a peer that speaks no TLS: its connection dropped, the port serves on
+    bad = await connect("127.0.0.1", port, None)
+    await bad.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+    with trio.fail_after(20):                     # closed (an alert first, or a reset)
+        try:
+            while await bad.receive_some(65536):
+                pass
+        except ConnectionResetError:
+            pass
+    await bad.aclose()
+    again = await _Tls.open(port, session)
+    assert again.stream.session_reused            # resumed: no full handshake
+    conn = HttpConn(again.stream)
+    status, _h, answer = await conn.request(head + b"\r\n\r\n", body)
+    assert status == 200 and text(decode(answer), "FolderHierarchy:Status") == "1"
+    await conn.aclose()
+    await _until(lambda: sim.connections == 0)
+
+
 async def test_tls_same_answers(nursery):
-    ca = trustme.CA()
-    cert = ca.issue_cert("mail.seg-fast.test")
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
+    server, client = _SERVER_CTX, _CLIENT_CTX
     ours, ref = _sim(), _sim()
     port = await nursery.start(functools.partial(lean_serve.serve, ours, "127.0.0.1", 0, ssl_context=server))
     ref_port = await nursery.start(functools.partial(ref.serve, "127.0.0.1", 0, ssl_context=server))
@@ -122,18 +224,20 @@ async def _until(cond) -> None:
             await trio.sleep(0.01)
 
 
-async def test_pipelined_behind_a_parked_ping_same_bytes(nursery):
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_pipelined_behind_a_parked_ping_same_bytes(nursery, tls):
     # FolderSync, Sync 0, Ping (parks: nothing pending), then FolderSync pipelined
     # behind it: no answer to the FolderSync until the mail releases the Ping, then
     # both, in order -- the same bytes as the simulator's own server gives
     got = []
+    ctx = _SERVER_CTX if tls else None
     for server in ("reactor", "own"):
         sim = MailboxSimulator(password="secret", seed=5, initial_messages=0, require_provisioning=False)
         if server == "reactor":
-            port = await nursery.start(lean_serve.serve, sim, "127.0.0.1", 0)
+            port = await nursery.start(functools.partial(lean_serve.serve, sim, "127.0.0.1", 0, ssl_context=ctx))
         else:
-            port = await nursery.start(sim.serve, "127.0.0.1", 0)
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+            port = await nursery.start(functools.partial(sim.serve, "127.0.0.1", 0, ssl_context=ctx))
+        stream = await _open(port, tls)
         await stream.send_all(post(b"FolderSync", FOLDERSYNC) + post(b"Sync", SYNC0))
         await _until(lambda: sim.counts["Sync"] == 1)
         await stream.send_all(post(b"Ping", PING) + post(b"FolderSync", FOLDERSYNC))

@@ -10,8 +10,13 @@ parked in that set — no task, no coroutine — and ``deliver()`` (or the heart
 hands it its answer. Whatever the lean path would leave to h11 (chunked bodies,
 Expect, HTTP/1.0, malformed or oversized heads, a connection closed mid-request) goes
 to a task running the simulator's h11 path on a ``wire.RawStream`` from the first
-unread byte, as ``_lean`` hands it over. A TLS port (the direct path's) keeps a task
-per connection over an SSLStream. tests/test_fleet_serve.py holds both to the
+unread byte, as ``_lean`` hands it over. A TLS port (the direct path's: the shard
+terminates both ends of the devices' TLS) is served the same way, each connection's
+TLS over OpenSSL's socket BIO on its bare socket (the SSL object ssl.SSLSocket uses
+inside, as wire.TlsStream): requests decrypted where the socket is readable, answers
+written with one TLS write each (retried with the same bytes when the socket was
+full, OpenSSL's rule), the handshake done by the first read; what goes to h11 goes
+with its SSL object in a wire.TlsStream. tests/test_fleet_serve.py holds both to the
 simulator's own server, byte for byte.
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ import errno
 import os
 import select
 import socket
+import ssl
 import sys
 
 import trio
@@ -29,7 +35,7 @@ from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.proxy import http1
 from seg_fast.sim import commands as C
 from seg_fast.sim.mailbox import LEAN_METHODS, MAX_HEAD, REASONS, SERVER_TRIPLE, _Park, _seq_of
-from seg_fast.sim.wire import RawStream, TlsStream
+from seg_fast.sim.wire import TLS_RECV, RawStream, TlsStream
 
 BACKLOG = 4096
 RECV = 65536
@@ -95,30 +101,7 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
                 sim.port = bound
                 await nursery.start(sim._heartbeats)
             task_status.started(bound)
-            if ssl_context is None:
-                await Reactor(sim, ls, nursery, reserve).run()
-                return
-            while True:
-                try:
-                    conn, _addr = ls.accept()
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(ls)
-                    continue
-                except OSError as exc:
-                    if exc.errno not in _TRANSIENT:
-                        raise
-                    if exc.errno in _OUT_OF_FDS and reserve.shed(sim, ls):
-                        continue
-                    await trio.sleep(0.1)
-                    continue
-                conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                try:
-                    stream = TlsStream(conn, ssl_context, server_side=True)
-                except (OSError, ValueError):
-                    conn.close()
-                    continue
-                nursery.start_soon(sim._connection, stream)
+            await Reactor(sim, ls, nursery, reserve, ssl_context).run()
     finally:
         trio.lowlevel.notify_closing(ls)
         ls.close()
@@ -126,11 +109,14 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
 
 
 class _Conn:
-    """One plain connection in the Reactor: the bytes read and not yet answered, the
-    answer bytes not yet sent, and the parked Ping (``park``) or its answer due."""
-    __slots__ = ("sock", "fd", "buf", "out", "park", "due", "seq", "keep", "eof", "reactor")
+    """One connection in the Reactor: the bytes read (decrypted) and not yet answered,
+    the answer bytes not yet sent, and the parked Ping (``park``) or its answer due;
+    under TLS its SSL object (``tls``) and whether a read wanted the socket writable
+    (``blocked``)."""
+    __slots__ = ("sock", "fd", "buf", "out", "park", "due", "seq", "keep", "eof", "reactor", "tls",
+                 "blocked")
 
-    def __init__(self, sock: socket.socket, reactor: "Reactor") -> None:
+    def __init__(self, sock: socket.socket, reactor: "Reactor", tls=None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.buf = bytearray()
@@ -141,6 +127,8 @@ class _Conn:
         self.keep = True
         self.eof = False
         self.reactor = reactor
+        self.tls = tls
+        self.blocked = False
 
     def ping_woken(self, park: _Park) -> None:
         """MailboxSimulator._wake: the Ping parked here is answered (from whichever
@@ -150,8 +138,10 @@ class _Conn:
 
 
 class Reactor:
-    def __init__(self, sim, ls: socket.socket, nursery: trio.Nursery, reserve: Reserve | None = None) -> None:
+    def __init__(self, sim, ls: socket.socket, nursery: trio.Nursery, reserve: Reserve | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.sim = sim
+        self.ctx = ssl_context
         self.ls = ls
         self.reserve = reserve
         self.nursery = nursery
@@ -203,8 +193,15 @@ class Reactor:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = None
+            if self.ctx is not None:
+                try:
+                    tls = self.ctx._wrap_socket(sock, True, owner=None)   # handshake: first read
+                except (OSError, ValueError):
+                    sock.close()
+                    continue
             sim.connections += 1
-            c = _Conn(sock, self)
+            c = _Conn(sock, self, tls)
             if not sim.lean_http:
                 self._handoff(c, False)
                 continue
@@ -222,7 +219,11 @@ class Reactor:
             if ev & _GONE:
                 self._close(c)
             return
-        if c.due is not None or c.out:
+        if c.blocked:                     # a TLS read that wanted to write: go on reading
+            c.blocked = False
+            self.ep.modify(c.fd, _IN)
+            self._read(c)
+        elif c.due is not None or c.out:
             if c.due is not None:
                 park, c.due = c.due, None
                 self._respond(c, C.ping_answer(park.changed))
@@ -239,6 +240,8 @@ class Reactor:
         self._serve(c)
 
     def _read(self, c: _Conn) -> None:
+        if c.tls is not None:
+            return self._read_tls(c)
         sock = c.sock
         while True:
             try:
@@ -252,9 +255,32 @@ class Reactor:
             if len(data) < RECV:
                 return
 
+    def _read_tls(self, c: _Conn) -> None:
+        obj = c.tls
+        while True:
+            try:
+                data = obj.read(TLS_RECV)
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLWantWriteError:
+                c.blocked = True          # (handshake or ticket bytes the socket did not take)
+                self.ep.modify(c.fd, _OUT)
+                return
+            except ssl.SSLEOFError:
+                data = b""
+            if not data:
+                c.eof = True
+                return
+            c.buf += data
+            # a short record most likely ends what was sent; epoll says when more comes
+            if len(data) < TLS_RECV and not obj.pending():
+                return
+
     def _serve(self, c: _Conn) -> None:
         """Answer the complete requests in ``c.buf`` (as MailboxSimulator._lean does),
         until one parks, one's answer cannot all be written now, or more must come."""
+        if c.blocked:                     # a TLS read to finish first (when writable)
+            return
         sim = self.sim
         buf = c.buf
         while True:
@@ -315,13 +341,27 @@ class Reactor:
                                    [SERVER_TRIPLE, *[(n, n, v) for n, v in answer.headers]],
                                    http1.FRAMING_LENGTH, len(body), c.keep)
         sim.lean_answers += 1
-        c.out = [memoryview(out), memoryview(body)] if body else [memoryview(out)]
+        if c.tls is not None:             # one TLS write (one or a few records) per answer
+            c.out = [out + body] if len(body) < 65536 else [out, body]
+        else:
+            c.out = [memoryview(out), memoryview(body)] if body else [memoryview(out)]
         if self._flush(c) is False:
             self.ep.modify(c.fd, _OUT)
 
     def _flush(self, c: _Conn) -> bool:
-        """Write what is pending without waiting (one writev); False: some is left."""
+        """Write what is pending without waiting (one writev); False: some is left.
+        Under TLS a write the socket did not take is retried later with the same bytes
+        (OpenSSL keeps what it already put into records)."""
         out = c.out
+        if c.tls is not None:
+            obj = c.tls
+            while out:
+                try:
+                    obj.write(out[0])
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    return False
+                out.pop(0)
+            return True
         try:
             sent = c.sock.sendmsg(out)
         except BlockingIOError:
@@ -340,11 +380,11 @@ class Reactor:
         if registered:
             self.ep.unregister(c.fd)
             del self.conns[c.fd]
-        self.nursery.start_soon(self._h11, c.sock, bytes(c.buf))
+        self.nursery.start_soon(self._h11, c.sock, bytes(c.buf), c.tls)
 
-    async def _h11(self, sock: socket.socket, rest: bytes) -> None:
+    async def _h11(self, sock: socket.socket, rest: bytes, tls=None) -> None:
         sim = self.sim
-        stream = RawStream(sock)
+        stream = RawStream(sock) if tls is None else TlsStream.over(sock, tls)
         try:
             await sim._h11_connection(stream, rest)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -124,6 +124,14 @@ class TlsStream(trio.abc.Stream):
         self.socket = sock          # the SSL object holds only a weak reference to it
         self.ssl = context._wrap_socket(sock, server_side, server_hostname, owner=None, session=session)
 
+    @classmethod
+    def over(cls, sock: socket.socket, ssl_object) -> "TlsStream":
+        """A stream over an SSL object already made on ``sock`` (lean_serve's hand-off)."""
+        self = cls.__new__(cls)
+        self.socket = sock
+        self.ssl = ssl_object
+        return self
+
     @property
     def session(self):
         return self.ssl.session
