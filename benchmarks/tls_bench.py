@@ -179,10 +179,24 @@ def resumed_fraction(workdir: Path, check_port: int, close_script: Path) -> dict
             "fraction": round(reused / len(pairs), 3) if pairs else 0.0, "protocols": protocols}
 
 
-def stream_loop(exchanges: int, rounds: int) -> dict:
-    """Server-thread CPU per small exchange (400 bytes in, 244 out, the gateway's sockio calls
-    with a device-write pace) over a socketpair, a blocking TLS client in another thread:
-    trio.SSLStream beside tlsio.TLSStream, alternating; medians of ``rounds``."""
+def baseline_tlsio(commit: str, workdir: Path):
+    """tlsio.TLSStream as it was at ``commit`` (git show), loaded beside today's."""
+    import importlib.util
+
+    path = workdir / "tlsio_baseline.py"
+    path.write_text(subprocess.run(["git", "-C", str(HERE), "show", f"{commit}:src/seg_fast/proxy/tlsio.py"],
+                                   capture_output=True, text=True, check=True).stdout)
+    spec = importlib.util.spec_from_file_location("tlsio_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TLSStream
+
+
+def stream_loop(exchanges: int, rounds: int, baseline: str = "", answer_bytes: int = 64) -> dict:
+    """Server-thread CPU per small exchange (400 bytes in, 180 + ``answer_bytes`` out, the gateway's
+    sockio calls with a device-write pace) over a socketpair, a blocking TLS client in another
+    thread: trio.SSLStream beside tlsio.TLSStream (and ``baseline``'s, a commit), alternating;
+    medians of ``rounds``."""
     import socket
     import ssl
     import threading
@@ -203,14 +217,18 @@ def stream_loop(exchanges: int, rounds: int) -> dict:
     sctx = server_tls_context(str(workdir / "c.pem"), str(workdir / "k.pem"))
     cctx = ssl.create_default_context()
     ca.configure_trust(cctx)
-    request, answer = b"x" * 400, [b"h" * 180, b"S" * 64]
+    request, answer = b"x" * 400, [b"h" * 180, b"S" * answer_bytes]
+    size = 180 + answer_bytes
+    streams = {"trio.SSLStream": None, "tlsio.TLSStream": TLSStream}
+    if baseline:
+        streams[f"tlsio.TLSStream@{baseline}"] = baseline_tlsio(baseline, workdir)
 
     def client(sock):
         with cctx.wrap_socket(sock, server_hostname="localhost") as s:
             for _ in range(exchanges):
                 s.sendall(request)
                 got = 0
-                while got < 244:
+                while got < size:
                     got += len(s.recv(65536))
 
     async def serve(kind):
@@ -219,7 +237,7 @@ def stream_loop(exchanges: int, rounds: int) -> dict:
         thread.start()
         transport = trio.SocketStream(trio.socket.from_stdlib_socket(a))
         stream = trio.SSLStream(transport, sctx, server_side=True, https_compatible=True) \
-            if kind == "trio.SSLStream" else TLSStream(transport, sctx)
+            if streams[kind] is None else streams[kind](transport, sctx)
         await stream.do_handshake()
         pace = sockio.Pace(60.0, 1024.0, sockio.Unsent(0))
         t0 = time.thread_time()
@@ -235,7 +253,7 @@ def stream_loop(exchanges: int, rounds: int) -> dict:
 
     runs: dict[str, list] = {}
     for _ in range(rounds):
-        for kind in ("trio.SSLStream", "tlsio.TLSStream"):
+        for kind in streams:
             runs.setdefault(kind, []).append(trio.run(serve, kind))
     shutil.rmtree(workdir, ignore_errors=True)
     return {kind: {"server_cpu_us_per_exchange": sorted(r)[len(r) // 2], "runs": r} for kind, r in runs.items()}
@@ -255,9 +273,14 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-loop", type=int, default=0, metavar="N",
                     help="instead: N small exchanges per stream over a socketpair, server-thread CPU "
                          "(writes results/tls_stream_loop.json)")
+    ap.add_argument("--baseline", default="", metavar="COMMIT",
+                    help="also measure a seg-fast (or, with --stream-loop, a stream) whose device leg is "
+                         "tlsio.TLSStream as of COMMIT (e.g. the memory-BIO design, 7a1fb0b)")
+    ap.add_argument("--answer-bytes", type=int, default=64,
+                    help="--stream-loop: the answer body's size (the head is 180 bytes)")
     args = ap.parse_args(argv)
     if args.stream_loop:
-        loop = stream_loop(args.stream_loop, args.runs)
+        loop = stream_loop(args.stream_loop, args.runs, args.baseline, args.answer_bytes)
         for kind, r in loop.items():
             print(f"{kind:16s} {r['server_cpu_us_per_exchange']:6.1f} µs server CPU per exchange {r['runs']}")
         out = Path(args.out if args.out != str(HERE / "results" / "tls_bench.json")

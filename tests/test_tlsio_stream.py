@@ -228,3 +228,26 @@ async def test_a_short_read_leaves_the_rest_of_the_record_for_the_next(pki):
         assert server.pending() == 6
         assert server.read_now(100) == b"456789"
     server.close()
+
+
+async def test_what_the_device_sent_before_its_answer_was_out_is_read(pki):
+    """After a send the first read_now does not try (the device reads its answer first), but a
+    device that did say more (pipelining) is still read: at once by the awaited path, and by
+    read_now from its second call on."""
+    server, client, _ = pair(pki)
+    await handshake(server, client)
+    await client.send_all(b"first")
+    await client.send_all(b"second")
+    with trio.fail_after(10):
+        while server.read_now(5) is None:           # the first request, polled
+            await trio.sleep(0.01)
+        await server.send_all(b"answer")
+        await trio.lowlevel.wait_readable(server.socket)    # "second" is there already
+        assert await sockio.receive(server, None, 100, trio.current_time() + 10) == b"second"
+        assert await client.receive_some(100) == b"answer"
+        await server.send_all(b"answer2")
+        await client.send_all(b"third")
+        while (data := server.read_now(100)) is None:
+            await trio.sleep(0.01)
+        assert data == b"third"
+    server.close()

@@ -59,7 +59,12 @@ DISCARD = 64 * 1024           # unread bytes a close takes first (see close)
 FAIR_EVERY = 32               # ready operations between checkpoints (as sockio)
 _ready = 0
 
-_READ, _WRITE = 1, 2          # what the last OpenSSL read waits for
+# _want: how the next read starts. _TRY: with OpenSSL's read; _WRITE: OpenSSL's output waits
+# for the socket; _READ: the last read found nothing, so with the wait for the socket; _SENT:
+# a send just ended (the device's turn: it reads its answer before it says more), so read_now
+# says None once without trying (a futile OpenSSL read costs a system call and an
+# SSLWantReadError, ~4 µs) and receive_by waits first (the wait returns at once if it did).
+_TRY, _WRITE, _READ, _SENT = 0, 1, 2, 3
 _WantRead, _WantWrite = ssl.SSLWantReadError, ssl.SSLWantWriteError
 _EOFS = (ssl.SSLZeroReturnError, ssl.SSLEOFError)     # close_notify, or the TCP EOF without it
 
@@ -121,7 +126,7 @@ class TLSStream:
         self.plain = sockio.Plain(self.socket)    # what sockio's waits and timer wheel take
         self.ssl_object = wrap_socket(context, self.socket._sock, True)
         self._obj = self.ssl_object._sslobj       # the C object: the calls below skip SSLObject's layer
-        self._want = 0                # _READ: the last read found nothing (the next waits first)
+        self._want = _TRY             # how the next read starts (see _TRY)
         self._sending = False         # a send is under way: no other may start
         self._handshook = False
         self._closed = False
@@ -221,9 +226,13 @@ class TLSStream:
     # -- the fast path (sockio's plain-socket calls, for TLS) ------------------------------
 
     def read_now(self, size: int) -> bytes | None:
-        """Decrypted bytes if they can be had without waiting (b"" at EOF), else None."""
+        """Decrypted bytes if they can be had without waiting (b"" at EOF), else None; None
+        without trying on the first call after a send (see _SENT)."""
         if self._closed or self._broken or not self._handshook:
             return None               # the awaited path raises or handshakes, as it should
+        if self._want == _SENT:
+            self._want = _READ
+            return None
         try:
             return self._read(size if size < RECORD else RECORD)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -238,8 +247,8 @@ class TLSStream:
             await self.do_handshake()
         if size > RECORD:
             size = RECORD             # one read gives at most a record: no 64 KiB bytes to shrink
-        if self._want != _READ:
-            data = self._read(size)   # (after a read that found nothing, straight to the wait)
+        if self._want < _READ:
+            data = self._read(size)   # (else straight to the wait: see _TRY)
             if data is not None:
                 _ready += 1
                 if _ready >= FAIR_EVERY:
@@ -298,6 +307,8 @@ class TLSStream:
             raise
         finally:
             self._sending = False
+        if not self._obj.pending():
+            self._want = _SENT        # the device's turn (unless a short read left plaintext)
         if not waited:
             _ready += 1
             if _ready >= FAIR_EVERY:
@@ -336,7 +347,7 @@ class TLSStream:
         except OSError as exc:
             self._broken = True
             raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
-        self._want = 0
+        self._want = _TRY
         return data
 
     async def _write_records(self, chunks, total: int, pace: sockio.Pace | None) -> bool:
