@@ -3,6 +3,7 @@ what trio.SSLStream promised the gateway (errors, EOFs, close, the certificate),
 deadlines. The whole gateway over TLS is tests/test_tlsio.py."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import socket
@@ -251,3 +252,22 @@ async def test_what_the_device_sent_before_its_answer_was_out_is_read(pki):
             await trio.sleep(0.01)
         assert data == b"third"
     server.close()
+
+
+async def test_a_closed_stream_is_freed_by_reference_counting(pki):
+    """No reference cycle per connection (issue 10: no gen-2 collections for parked devices):
+    the stream, its SSLObject and OpenSSL's object go when the last reference does."""
+    server, client, _ = pair(pki)
+    await handshake(server, client)
+    await client.send_all(b"ping")
+    assert await server.receive_some(100) == b"ping"
+    await server.send_all(b"pong")
+    refs = [weakref.ref(server), weakref.ref(server.ssl_object)]
+    server.close()
+    gc.disable()
+    try:
+        del server
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+    await client.aclose()
