@@ -9,7 +9,8 @@ it whole (length checked), then sends a Ping the mail server never answers: the 
 parks, and the connection stays open and idle, as a device's does for hours. Memory per
 device is the growth of the worker's RSS over N (after 50 warm-up devices), and beside it
 the kernel's memory for the worker's sockets (``ss -tmn`` skmem of the device and mail
-server sides) and /proc/net/sockstat's TCP page count. Every device connection and every
+server sides) and /proc/net/sockstat's TCP page count (machine-wide: anything else running
+moves it). Every device connection and every
 upstream Ping connection must still be established when it is measured (asserted).
 
 The baseline is the same tree with gateway.TLSStream taken from ``git show
@@ -275,11 +276,24 @@ def main(argv=None) -> int:
     for size in (int(x) for x in args.answers.split(",")):
         for name, tlsio in streams:
             results.append(measure(name, workdir, cert, key, ctx, tlsio, size, args.devices))
+    by = {(r["name"], r["answer_bytes"]): r for r in results}
+    comparison = []
+    for size in sorted({r["answer_bytes"] for r in results}, reverse=True):
+        old, new = by.get(("baseline", size)), by[("tlsio", size)]
+        if old is not None:
+            row = {"answer_bytes": size, "baseline_kib_per_device": old["kib_per_device"],
+                   "tlsio_kib_per_device": new["kib_per_device"],
+                   "saved_kib_per_device": round(old["kib_per_device"] - new["kib_per_device"], 2),
+                   "ratio": round(old["kib_per_device"] / new["kib_per_device"], 2)}
+            comparison.append(row)
+            print(f"answer {size:7d} B: {row['baseline_kib_per_device']:.2f} -> {row['tlsio_kib_per_device']:.2f} "
+                  f"KiB RSS per parked TLS device ({row['ratio']}x less)")
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     summary = {"command": "python benchmarks/tls_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit.stdout.strip(),
                "baseline_commit": args.baseline, "tls": "TLS 1.3 (trustme ECDSA certificate)",
-               "python": sys.version.split()[0], "openssl": ssl.OPENSSL_VERSION, "results": results}
+               "python": sys.version.split()[0], "openssl": ssl.OPENSSL_VERSION, "comparison": comparison,
+               "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
