@@ -522,6 +522,33 @@ async def test_ping_heartbeat_expiry(sim, autojump_clock):
     assert text(r.doc, "Ping:Status") == "7"
 
 
+async def test_a_ping_body_sent_again_is_not_read_again_but_a_new_one_is(sim, autojump_clock):
+    # a phone sends the same Ping body every time: the simulator reads it once per
+    # device (state.Device.ping_body) and takes any other body whole, as before
+    c, d = await ready(sim), await ready(sim, user="other", device="DEV2")
+    await initial_sync(c)
+    await initial_sync(d)
+    for hb in (600, 600, 700, 600):
+        start = trio.current_time()
+        r = await c.request("Ping", ping_req(hb))
+        assert text(r.doc, "Ping:Status") == "1" and hb <= trio.current_time() - start < hb + 1
+    dev = sim.mailbox("jdoe").device("DEV1")
+    assert dev.heartbeat == 600 and dev.ping_body == encode(ping_req(600))
+    await d.request("Ping", ping_req(600))
+    assert sim.mailbox("other").device("DEV2").ping_body is dev.ping_body      # one object for all
+    # a body the simulator refuses leaves nothing to reuse; the next is read whole
+    r = await c.request("Ping", ping_req(99999))
+    assert text(r.doc, "Ping:Status") == "5" and dev.ping_body is None
+    r = await c.request("Ping", ping_req(600, folders=("42",)))
+    assert text(r.doc, "Ping:Status") == "7"
+    start = trio.current_time()
+    r = await c.request("Ping", ping_req(600))
+    assert text(r.doc, "Ping:Status") == "1" and trio.current_time() - start >= 600
+    sim.deliver("jdoe")
+    r = await c.request("Ping", ping_req(600))        # changes pending: answered at once
+    assert text(r.doc, "Ping:Status") == "2"
+
+
 async def test_many_parked_pings_released_per_user(sim, nursery):
     n = 60
     clients = []

@@ -32,12 +32,12 @@ def _sims():
     return sims
 
 
-def _call(sim, command, version, tree):
+def _call(sim, command, version, tree, device="d"):
     vnum = C.version_number(version)
-    q = parse_target(f"/Microsoft-Server-ActiveSync?Cmd={command}&User=u&DeviceId=d&DeviceType=t")[1]
+    q = parse_target(f"/Microsoft-Server-ActiveSync?Cmd={command}&User=u&DeviceId={device}&DeviceType=t")[1]
     mbox = sim.mailbox("u")
     body = encode(tree)
-    ctx = Ctx(sim, mbox, mbox.device("d"), vnum, q, decode(body), body, False)
+    ctx = Ctx(sim, mbox, mbox.device(device), vnum, q, decode(body), body, False)
     return getattr(C, {"Sync": "sync", "ItemOperations": "item_operations"}[command])(ctx)
 
 
@@ -87,6 +87,42 @@ def test_sync_answers_identical(version):
         mimes = {id(CORPUS.message(k).mime) for k in range(MESSAGES)}
         assert any(id(p) in mimes for t in cache.templates.values() for p in t.pieces)
     assert sims[1].splice_cache is None
+
+
+@pytest.mark.parametrize("version", ["2.5", "12.1", "14.1", "16.1"])
+def test_framed_sync_answers_identical(version):
+    # one Collection of new items only (a phone's steady state) is written by a frame
+    # (splice.SyncFrame) with no tree: still the bytes encoding the whole tree gives,
+    # one item or many (page switches between them), MoreAvailable or not
+    sims = _sims()
+    for n, options in enumerate(OPTIONS_25 if version == "2.5" else OPTIONS_12):
+        dev = f"f{n}"
+        answers = []
+        for sim in sims:
+            first = _call(sim, "Sync", version, E("AirSync:Sync", E("AirSync:Collections", _coll_plain("0", INBOX))),
+                          dev)
+            assert first.status == 200
+            mbox = sim.mailbox("u")
+            got = [_call(sim, "Sync", version, E("AirSync:Sync", E("AirSync:Collections",
+                                                                    _coll_plain(key, INBOX, options, window))), dev)
+                   for key, window in (("1", 1), ("2", 4), ("3", 512))]
+            sid = mbox.add(INBOX, Item(n))            # one new message, then nothing new
+            got += [_call(sim, "Sync", version, E("AirSync:Sync", E("AirSync:Collections",
+                                                                     _coll_plain(key, INBOX, options))), dev)
+                    for key in ("4", "5")]
+            assert sid in mbox.folder(INBOX)
+            answers.append(got)
+        framed, whole = answers
+        assert [a[:3] for a in framed] == [a[:3] for a in whole], (version, options)
+        assert all(encode(decode(a.body)) == a.body for a in framed)
+    assert sims[0].splice_cache.framed >= 4 * len(OPTIONS_12 if version != "2.5" else OPTIONS_25)
+
+
+def _coll_plain(key, cid, options=None, window=512):
+    """A Collection as a phone sends it: no Class, GetChanges, a window."""
+    return E("AirSync:Collection", E("AirSync:SyncKey", key), E("AirSync:CollectionId", cid),
+             E("AirSync:DeletesAsMoves", 1), E("AirSync:GetChanges"), E("AirSync:WindowSize", window),
+             E("AirSync:Options", *options) if options else None)
 
 
 def test_spliced_answers_reused_across_devices():

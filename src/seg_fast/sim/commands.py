@@ -268,16 +268,27 @@ def message_class(msg: Message) -> str:
 def application_data(ctx: Ctx, sid: str, item: Item, options: Element | None,
                      record: list | None = None) -> Element:
     """``record``: (ServerId, facts.Item) appended (spliced answers only)."""
-    msg = ctx.sim.corpus.message(item.msg)
     if ctx.splices is None:
-        return _application_data(msg, sid, item, ctx.version, options)
-    # What shapes the subtree besides the message: the version class and the options
-    # the builders below read (the ServerId is a hole, filled per item).
+        return _application_data(ctx.sim.corpus.message(item.msg), sid, item, ctx.version, options)
+    t = item_template(ctx, item, options, _shape(ctx, options))
+    if record is not None:
+        record.append((sid, facts.with_server_id(t.facts, HOLE, sid)))
+    return ctx.splices.placeholder(t, sid)
+
+
+def _shape(ctx: Ctx, options: Element | None) -> tuple:
+    """What shapes an item's ApplicationData besides the message: the version class
+    and the options the builders read (one look-up per collection, not per item)."""
     if ctx.version < 120:
-        key = (msg, item.read, 25, text(options, "AirSync:MIMESupport"),
-               text(options, "AirSync:MIMETruncation"), text(options, "AirSync:Truncation"))
-    else:
-        key = (msg, item.read, 120, body_preference(options))
+        return (25, text(options, "AirSync:MIMESupport"), text(options, "AirSync:MIMETruncation"),
+                text(options, "AirSync:Truncation"))
+    return (120, body_preference(options))
+
+
+def item_template(ctx: Ctx, item: Item, options: Element | None, shape: tuple) -> Template:
+    """The item's ApplicationData encoded once (the ServerId a hole, filled per item)."""
+    msg = ctx.sim.corpus.message(item.msg)
+    key = (msg, item.read, shape)
     version, read = ctx.version, item.read
 
     def build() -> Template:
@@ -287,10 +298,7 @@ def application_data(ctx: Ctx, sid: str, item: Item, options: Element | None,
         t = Template(el, len(msg.attachments), msg.mime)
         t.facts = facts.item_of(el)[0]
         return t
-    t = ctx.sim.splice_cache.get(key, build)
-    if record is not None:
-        record.append((sid, facts.with_server_id(t.facts, HOLE, sid)))
-    return ctx.splices.placeholder(t, sid)
+    return ctx.sim.splice_cache.get(key, build)
 
 
 def _application_data(msg: Message, sid: str, item: Item, version: int, options: Element | None) -> Element:
@@ -347,9 +355,16 @@ def sync(ctx: Ctx) -> Answer:
         ctx.dev.last_sync = doc
     # the first Collection's facts, as the device's check reads them (facts.py)
     record: list | None = [] if ctx.splices is not None else None
-    out = [_sync_collection(ctx, c, record) for c in kids(find(doc, "AirSync:Collections"), "AirSync:Collection")]
-    if not out:
+    colls = list(kids(find(doc, "AirSync:Collections"), "AirSync:Collection"))
+    if not colls:
         return _sync_status(4)
+    if len(colls) == 1 and record is not None:
+        # one Collection (a phone's steady state): new items only are written by a frame
+        out = _sync_collection(ctx, colls[0], record, framed=True)
+        if type(out) is bytes:
+            return Answer(200, [(b"content-type", WBXML_TYPE)], out, record[0])
+        return wbxml(E("AirSync:Sync", E("AirSync:Collections", out)), ctx, record[0])
+    out = [_sync_collection(ctx, c, record) for c in colls]
     return wbxml(E("AirSync:Sync", E("AirSync:Collections", *out)), ctx, record[0] if record else None)
 
 
@@ -358,8 +373,10 @@ def _sync_status(status: int) -> Answer:
                  recorded=facts.Sync(str(status), False, None, None, False, ()))
 
 
-def _sync_collection(ctx: Ctx, coll: Element, record: list | None = None) -> Element:
-    """One Collection of the answer; its facts appended to ``record`` (when not None)."""
+def _sync_collection(ctx: Ctx, coll: Element, record: list | None = None, framed: bool = False) -> Element | bytes:
+    """One Collection of the answer; its facts appended to ``record`` (when not None).
+    ``framed``: the whole answer's bytes instead, when it holds only new items and the
+    request no Class (splice.SyncFrame; spliced answers only)."""
     dev = ctx.dev
     key = text(coll, "AirSync:SyncKey", default="")
     cid = text(coll, "AirSync:CollectionId", default="")
@@ -388,9 +405,10 @@ def _sync_collection(ctx: Ctx, coll: Element, record: list | None = None) -> Ele
     before = set(st.known)
     responses = _client_commands(ctx, cid, st, find(coll, "AirSync:Commands"))
     commands: list[Element] = []
-    adds: list | None = [] if record is not None else None
+    new: list[tuple[str, Item]] = []
     more = False
     get_changes = text(coll, "AirSync:GetChanges")
+    options = None
     if get_changes in (None, "", "1"):
         window = min(max(_int(text(coll, "AirSync:WindowSize"), 100), 1), MAX_WINDOW)
         options = find(coll, "AirSync:Options")
@@ -400,20 +418,30 @@ def _sync_collection(ctx: Ctx, coll: Element, record: list | None = None) -> Ele
             commands.append(E("AirSync:Delete", E("AirSync:ServerId", sid)))
             st.known.discard(sid)
         more = len(gone) > window
+        room = window - len(commands)
         for sid, item in folder.items():
             if sid in st.known:
                 continue
-            if len(commands) >= window:
+            if len(new) >= room:
                 more = True
                 break
-            commands.append(E("AirSync:Add", E("AirSync:ServerId", sid),
-                              application_data(ctx, sid, item, options, adds)))
+            new.append((sid, item))
             st.known.add(sid)
     # A new key on every answer (as Exchange does), so a retry is always recognisable.
     st.prev_key, st.prev_known = st.key, before
     st.key += 1
-    if record is not None:
-        record.append(facts.Sync(None, True, "1", str(st.key), more, tuple(adds)))
+    if record is None:
+        commands += [E("AirSync:Add", E("AirSync:ServerId", sid), application_data(ctx, sid, item, options))
+                     for sid, item in new]
+    else:
+        shape = _shape(ctx, options) if new else None
+        items = [(sid, item_template(ctx, item, options, shape)) for sid, item in new]
+        record.append(facts.Sync(None, True, "1", str(st.key), more,
+                                 tuple((sid, facts.with_server_id(t.facts, HOLE, sid)) for sid, t in items)))
+        if framed and items and not commands and not responses and head is None:
+            return ctx.sim.splice_cache.frame(more).encode(str(st.key), cid, items)
+        commands += [E("AirSync:Add", E("AirSync:ServerId", sid), ctx.splices.placeholder(t, sid))
+                     for sid, t in items]
     return E("AirSync:Collection", head, E("AirSync:SyncKey", st.key), E("AirSync:CollectionId", cid),
              E("AirSync:Status", 1), E("AirSync:MoreAvailable") if more else None,
              E("AirSync:Commands", *commands) if commands else None,
@@ -727,6 +755,7 @@ def ping_request(ctx: Ctx) -> Answer | tuple[int, tuple[str, ...]]:
     dev = ctx.dev
     doc = ctx.doc
     if doc is not None:
+        dev.ping_body = None
         if doc.tag != "Ping:Ping":
             return wbxml(E("Ping:Ping", E("Ping:Status", 4)))
         hb = text(doc, "Ping:HeartbeatInterval")
@@ -746,7 +775,14 @@ def ping_request(ctx: Ctx) -> Answer | tuple[int, tuple[str, ...]]:
             dev.ping_folders = ids
     if dev.heartbeat is None or not dev.ping_folders:
         return wbxml(E("Ping:Ping", E("Ping:Status", 3)))
+    if doc is not None:
+        # the same body again (a phone's every Ping) is not read again: _dispatch skips it;
+        # one object per distinct body, however many devices send it
+        dev.ping_body = _PING_BODIES.setdefault(ctx.raw, ctx.raw) if len(_PING_BODIES) < 1024 else ctx.raw
     return dev.heartbeat, dev.ping_folders
+
+
+_PING_BODIES: dict[bytes, bytes] = {}
 
 
 @functools.lru_cache(maxsize=64)

@@ -332,7 +332,7 @@ class MailboxSimulator:
 
     def _dispatch(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                   body: bytes) -> Answer | _Park:
-        if webapps.handles(target):          # EWS and OWA-like webmail (webapps.py)
+        if _web(target):                     # EWS and OWA-like webmail (webapps.py)
             return webapps.answer(self, method, target, headers, body)
         method = method.decode("ascii")
         path, q = _parse_target(target)
@@ -340,8 +340,18 @@ class MailboxSimulator:
             return self._side_door(method, path, q.params)
         if path.rstrip("/").lower() not in self.paths:
             return Answer(404, [], b"")
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
-        user = self._authenticate(headers.get("authorization"))
+        auth = version = policy_key = multipart = None
+        for name, value in headers:              # the four the EAS path reads (the last one wins)
+            if name in _READ:
+                if name == b"authorization":
+                    auth = value
+                elif name == b"ms-asprotocolversion":
+                    version = value
+                elif name == b"x-ms-policykey":
+                    policy_key = value
+                else:
+                    multipart = value
+        user = self._authenticate(auth.decode("latin-1") if auth is not None else None)
         if user is not None and self.negotiate is not None and q.user and \
                 normalize_user(q.user) != normalize_user(user):
             self.negotiate.mismatched += 1       # a ticket for someone other than the device's user
@@ -358,7 +368,7 @@ class MailboxSimulator:
         command = q.command
         if command not in SUPPORTED:
             return Answer(501, [], b"")
-        version = headers.get("ms-asprotocolversion") or q.version or "14.1"
+        version = (version.decode("latin-1") if version else None) or q.version or "14.1"
         if version not in VERSIONS:
             return Answer(400, [], b"")
         vnum = C.version_number(version)
@@ -366,13 +376,16 @@ class MailboxSimulator:
         dev = mbox.device(q.device_id)
         self.counts[command] += 1
         if self.require_provisioning and command != "Provision":
-            sent_key = headers.get("x-ms-policykey") or q.policy_key
+            sent_key = (policy_key.decode("latin-1") if policy_key else None) or q.policy_key
             if dev.policy_key is None or sent_key != dev.policy_key:
                 return C.provisioning_required(command, vnum, sent_key)
-        doc = decode(body) if body[:2] == b"\x03\x01" else None
-        if body and doc is None and command not in ("SendMail", "SmartReply", "SmartForward"):
-            return Answer(400, [], b"")
-        multipart = (headers.get("ms-asacceptmultipart", "").upper() == "T"
+        if command == "Ping" and body and body == dev.ping_body:
+            doc = None          # the Ping this device sent last time: read then (C.ping_request)
+        else:
+            doc = decode(body) if body[:2] == b"\x03\x01" else None
+            if body and doc is None and command not in ("SendMail", "SmartReply", "SmartForward"):
+                return Answer(400, [], b"")
+        multipart = ((multipart is not None and multipart.decode("latin-1").upper() == "T")
                      or (q.base64 and q.flag("AcceptMultiPart")))
         ctx = Ctx(self, mbox, dev, vnum, q, doc, body, multipart)
         if command == "Ping":
@@ -482,6 +495,12 @@ HANDLERS = {
     "ItemOperations": C.item_operations, "GetAttachment": C.get_attachment, "Search": search,
     "ResolveRecipients": C.resolve_recipients,
 }
+
+
+# the request headers _dispatch reads
+_READ = frozenset((b"authorization", b"ms-asprotocolversion", b"x-ms-policykey", b"ms-asacceptmultipart"))
+# targets repeat per device and command
+_web = functools.lru_cache(maxsize=65536)(webapps.handles)
 
 
 @functools.lru_cache(maxsize=65536)

@@ -85,14 +85,23 @@ class Template:
 
 
 class Cache:
-    """Templates by key, bounded in bytes (the oldest dropped first)."""
-    __slots__ = ("templates", "size", "hits", "misses")
+    """Templates by key, bounded in bytes (the oldest dropped first); the Sync frames."""
+    __slots__ = ("templates", "size", "hits", "misses", "frames", "framed")
 
     def __init__(self):
         self.templates: dict = {}
         self.size = 0
         self.hits = 0
         self.misses = 0
+        self.frames: dict[bool, SyncFrame] = {}
+        self.framed = 0             # Sync answers written by a frame (no tree)
+
+    def frame(self, more: bool) -> "SyncFrame":
+        self.framed += 1
+        f = self.frames.get(more)
+        if f is None:
+            f = self.frames[more] = SyncFrame(more)
+        return f
 
     def get(self, key, build) -> Template:
         t = self.templates.get(key)
@@ -157,4 +166,63 @@ class Splices:
                     raise WBXMLError("content after a spliced element", q)
             pos = q
         out.append(data[pos:])
+        return b"".join(out)
+
+
+# Markers the frame's strings are encoded as (control characters: never a real value)
+_MARK = {k: f"\x02{k}\x02" for k in "kisa"}
+_SWITCH_TO_0 = bytes((SWITCH_PAGE, 0))
+
+
+class SyncFrame:
+    """A Sync answer of one Collection (no Class) holding only new items — the
+    steady state of every device — written as bytes around the items' templates,
+    with no tree: the encoder's own output for the same answer, cut where the
+    SyncKey, the CollectionId and each item go (tests/test_sim_splice.py compares
+    the two). Between two items the first's template may leave another code page in
+    force; the next Add then starts with a SWITCH_PAGE to page 0, as the encoder
+    writes it."""
+    __slots__ = ("head", "after_key", "to_first_add", "add_open", "sid_end", "tail")
+
+    def __init__(self, more: bool):
+        m = _MARK
+        raw = encode(E("AirSync:Sync", E("AirSync:Collections", E(
+            "AirSync:Collection", E("AirSync:SyncKey", m["k"]), E("AirSync:CollectionId", m["i"]),
+            E("AirSync:Status", 1), E("AirSync:MoreAvailable") if more else None,
+            E("AirSync:Commands", E("AirSync:Add", E("AirSync:ServerId", m["s"]),
+                                    E("AirSync:ApplicationData", m["a"])))))))
+        pieces = []
+        for k in "kisa":
+            before, mark, raw = raw.partition(m[k].encode())
+            if not mark:
+                raise WBXMLError(f"Sync frame: marker {k} not found", 0)
+            pieces.append(before)
+        pieces.append(raw)
+        head, after_key, after_cid, after_sid, after_app = pieces
+        add = bytes((token_of("AirSync:Add")[1] | 0x40, token_of("AirSync:ServerId")[1] | 0x40, 0x03))
+        app = bytes((token_of("AirSync:ApplicationData")[1] | 0x40, 0x03))
+        # what the cuts below assume of the encoder's output (all on page 0)
+        if not (after_cid.endswith(add) and after_sid == b"\x00" + bytes((END,)) + app
+                and after_app == b"\x00" + bytes((END,)) * 6):
+            raise WBXMLError("Sync frame: unexpected encoding", 0)
+        self.head = head                             # .. SyncKey's inline string opened
+        self.after_key = after_key                   # its end .. CollectionId's string opened
+        self.to_first_add = after_cid[:-3]           # its end .. Status, MoreAvailable, Commands
+        self.add_open = add                          # Add, ServerId, its string opened
+        self.sid_end = after_sid[:-2]                # the string's end, ServerId's END
+        self.tail = after_app[3:]                    # after the last Add: Commands .. Sync ended
+
+    def encode(self, key: str, cid: str, items: list) -> bytes:
+        """The answer: ``items`` are (ServerId, Template of its ApplicationData), at least one."""
+        out = [self.head, key.encode(), self.after_key, cid.encode(), self.to_first_add]
+        page = 0
+        add_open, sid_end, end = self.add_open, self.sid_end, bytes((END,))
+        for sid, t in items:
+            if page:
+                out.append(_SWITCH_TO_0)
+            out += (add_open, sid.encode(), sid_end)
+            out += t.filled(sid)
+            out.append(end)
+            page = t.end_page
+        out.append(self.tail)
         return b"".join(out)

@@ -49,7 +49,7 @@ class SyncState:
 
 
 class Device:
-    __slots__ = ("id", "temp_key", "policy_key", "heartbeat", "ping_folders", "folder_key",
+    __slots__ = ("id", "temp_key", "policy_key", "heartbeat", "ping_folders", "ping_body", "folder_key",
                  "sync", "last_sync", "parked", "search")
 
     def __init__(self, device_id: str):
@@ -58,6 +58,7 @@ class Device:
         self.policy_key: str | None = None
         self.heartbeat: int | None = None
         self.ping_folders: tuple[str, ...] = ()
+        self.ping_body: bytes | None = None  # the last Ping body read whole: heartbeat and folders from it
         self.folder_key = 0
         self.sync: dict[str, SyncState] = {}
         self.last_sync = None          # the last non-empty Sync request (for empty Syncs)
@@ -113,4 +114,4 @@ class Mailbox:
         st = dev.sync.get(folder)
         if st is None:
             return bool(items)
-        return len(items) != len(st.known) or any(sid not in st.known for sid in items)
+        return len(items) != len(st.known) or not items.keys() <= st.known
