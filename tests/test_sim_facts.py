@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import pytest
 
-from seg_fast.eas.wbxml import decode, encode
+from test_sim_splice import CORPUS, MESSAGES, OPTIONS_12, _call, _pref
+from test_sim_splice import _coll_plain as _coll
+from seg_fast.eas.wbxml import decode
 from seg_fast.sim import commands as C
 from seg_fast.sim import facts
 from seg_fast.sim import fleet_eas as eas
-from seg_fast.sim.commands import Ctx
-from seg_fast.sim.corpus import Corpus
 from seg_fast.sim.fleet import Fleet, ShardSpec
 from seg_fast.sim.mailbox import MailboxSimulator
-from seg_fast.sim.query import parse_target
 from seg_fast.sim.state import DELETED, INBOX, Item
 from seg_fast.sim.tree import E
-
-CORPUS = Corpus(3, cache=512)
-MESSAGES = 48
 
 
 def _sim():
@@ -36,29 +32,7 @@ def _sim():
     return sim
 
 
-def _call(sim, command, version, tree, device="d"):
-    q = parse_target(f"/Microsoft-Server-ActiveSync?Cmd={command}&User=u&DeviceId={device}&DeviceType=t")[1]
-    mbox = sim.mailbox("u")
-    body = encode(tree)
-    ctx = Ctx(sim, mbox, mbox.device(device), C.version_number(version), q, decode(body), body, False)
-    return getattr(C, {"Sync": "sync", "ItemOperations": "item_operations"}[command])(ctx)
-
-
-def _coll(key, cid, options=None, window=512):
-    return E("AirSync:Collection", E("AirSync:SyncKey", key), E("AirSync:CollectionId", cid),
-             E("AirSync:GetChanges"), E("AirSync:WindowSize", window),
-             E("AirSync:Options", *options) if options else None)
-
-
-def _pref(t, trunc=None, all_or_none=False):
-    return E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", t),
-             E("AirSyncBase:TruncationSize", trunc) if trunc is not None else None,
-             E("AirSyncBase:AllOrNone", 1) if all_or_none else None)
-
-
-OPTIONS = [[], [_pref(1)], [_pref(1, 4096)], [_pref(2)], [_pref(2, 512, True)], [_pref(2, 100000)],
-           [E("AirSync:MIMESupport", 2), _pref(4, 4096)], [E("AirSync:MIMESupport", 2), _pref(4)],
-           [_pref(3), _pref(2, 2048)]]
+OPTIONS = [*OPTIONS_12, [E("AirSync:MIMESupport", 2), _pref(4)]]
 
 
 def _sync(*colls):

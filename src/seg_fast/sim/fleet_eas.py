@@ -163,22 +163,9 @@ def sync_answer(dev: "Device", res, initial: bool, first_download: bool, before:
     answer = dev.check_http("Sync", res)
     if answer is None:
         return False
-    got = res[3]
-    raws: list | None = None
-    if got is None or dev.fleet.crosscheck():
-        root = _decode(dev, "Sync", answer)
-        if root is None:
-            return False
-        decoded, raws = facts.sync_of(root)
-        if got is not None:
-            st.facts_crosschecked += 1
-            if decoded != got:
-                st.fail("Sync.facts", f"{dev.device_id} the answer decodes to other facts than the "
-                                      "simulator recorded")
-                return False
-        got = decoded
-    else:
-        st.facts_checked += 1
+    got, raws, _root = _facts_of(dev, "Sync", res, facts.sync_of)
+    if got is None:
+        return False
     if got.top is not None:
         return _status(dev, "Sync", got.top)
     if not got.collection:
@@ -215,6 +202,29 @@ def sync_answer(dev: "Device", res, initial: bool, first_download: bool, before:
         st.fail("Sync.missing", f"{dev.device_id} nothing new though {before - dev.received} pending")
         return False
     return True
+
+
+def _facts_of(dev: "Device", cmd: str, res, read, decode: bool = False):
+    """(facts, what ``read`` gives beside them, the decoded answer or None) of a
+    checked answer ``res``: the simulator's record when it made one (``res[3]``: the
+    answer arrived byte for byte as it sent it), one in ``CROSSCHECK_EVERY`` decoded
+    as well and required to give the same facts; else (or ``decode``) read from the
+    decoded answer by ``read(root) -> (facts, extra)``. facts None: a recorded failure."""
+    st = dev.fleet.stats
+    got = res[3]
+    if got is not None and not decode and not dev.fleet.crosscheck():
+        st.facts_checked += 1
+        return got, None, None
+    root = _decode(dev, cmd, res[2])
+    if root is None:
+        return None, None, None
+    decoded, extra = read(root)
+    if got is not None:
+        st.facts_crosschecked += 1
+        if decoded != got:
+            st.fail(f"{cmd}.facts", f"{dev.device_id} the answer decodes to other facts than the simulator recorded")
+            return None, None, None
+    return decoded, extra, root
 
 
 def _number(value: str | None) -> int:
@@ -363,23 +373,11 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
     res = await dev.call(conn, "ItemOperations", body, key)
     if dev.check_http("ItemOperations", res) is None:
         return False
-    got = res[3]
     security = dev.fleet.security
-    root = None
-    if got is None or security or dev.fleet.crosscheck():
-        root = _decode(dev, "ItemOperations", res[2])
-        if root is None:
-            return False
-        decoded = facts.fetch_of(root)
-        if got is not None:
-            st.facts_crosschecked += 1
-            if decoded != got:
-                st.fail("ItemOperations.facts", f"{dev.device_id} the answer decodes to other facts "
-                                                "than the simulator recorded")
-                return False
-        got = decoded
-    else:
-        st.facts_checked += 1
+    # with email security on the oracle needs the attachment itself: always decoded
+    got, _, root = _facts_of(dev, "ItemOperations", res, lambda r: (facts.fetch_of(r), None), security)
+    if got is None:
+        return False
     if not _status(dev, "ItemOperations", got.status) or not _status(dev, "ItemOperations", got.fetch_status):
         return False
     if got.data_len < 0:
