@@ -88,3 +88,24 @@ def test_load_side_cost_reported_beside_the_gateways(report):
     if "gateway" in m:
         assert m["load_cpu_vs_gateway"] == pytest.approx(
             m["load"]["gateway"]["cpu_s_per_device_hour"] / m["gateway"]["cpu_s_per_device_hour"], rel=1e-2)
+
+
+def test_gateway_memory_with_its_sockets_and_loop_lag_reported(report):
+    # BENCH-PROFILE: KiB per device with the kernel's socket memory, and the event-loop
+    # lag maximum, measured on the running gateway (its stats files and its sockets)
+    (point,) = report["points"]
+    if "gateway" not in point["runs"][0]["paths"]:
+        pytest.skip("no gateway in this tree")
+    server = point["runs"][0]["paths"]["gateway"]["server"]
+    ks = server["kernel_sockets"]
+    # every device held its parked Ping's connection, and the gateway one upstream each
+    assert ks is not None and ks["tcp_sockets"] >= DEVICES, ks
+    lag = server["loop_lag"]
+    assert lag["workers"] >= 1 and lag["seconds_in_window"] > 0, lag
+    assert 0 <= lag["max_ms_window"] <= lag["max_ms_run"]
+    m = point["verdict"]["metrics"]["gateway"]
+    assert m["kib_per_device_with_kernel"] == pytest.approx(
+        (server["rss_kib_max"] + ks["kib"]) / DEVICES, abs=0.01)
+    assert m["kib_per_device_with_kernel"] > m["kib_per_device"]
+    assert m["loop_lag_max_ms"] == lag["max_ms_window"]
+    assert isinstance(m["gc_gen2_in_window"], int)

@@ -31,6 +31,7 @@ import argparse
 import collections
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -152,6 +153,133 @@ def max_fds(pids: list[int]) -> int:
         except OSError:
             pass
     return most
+
+
+# The proxy's sockets: devices reach it at 127.12.*, it reaches the simulators at
+# 127.11.* (Proxy.start, plan_shards); an ss filter, so 100,000 devices' other ends are
+# not listed too
+PROXY_SOCKETS = "( src 127.12.0.0/16 or dst 127.11.0.0/16 )"
+# Kernel objects behind one TCP socket a process holds (the socket, its inode, file and
+# dentry, its epoll entry): slab caches in /proc/slabinfo, sized on this kernel
+SOCKET_SLABS = ("TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi")
+
+
+def socket_inodes(pids: list[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        d = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for fd in names:
+            try:
+                link = os.readlink(f"{d}/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                out.add(int(link[8:-1]))
+    return out
+
+
+def slab_sizes() -> dict[str, int]:
+    """Object size in bytes of each slab cache (empty when /proc/slabinfo is unreadable)."""
+    try:
+        lines = Path("/proc/slabinfo").read_text().splitlines()[2:]
+    except OSError:
+        return {}
+    return {f[0]: int(f[3]) for f in (ln.split() for ln in lines) if len(f) > 3}
+
+
+def parse_skmem(text: str) -> dict[int, int]:
+    """``ss -tmne`` output -> socket inode: bytes of kernel buffer memory it holds (its
+    receive queue, write queue, forward allocation and option memory: the
+    r, w, f and o of skmem; rb and tb are limits, not memory)."""
+    out: dict[int, int] = {}
+    ino = None
+    for line in text.splitlines():
+        if line and not line[0].isspace():
+            m = _INO.search(line)
+            ino = int(m.group(1)) if m else None
+        m = _SKMEM.search(line)
+        if m and ino:
+            f = dict((k, int(v)) for k, v in _SKMEM_FIELD.findall(m.group(1)))
+            out[ino] = f.get("r", 0) + f.get("w", 0) + f.get("f", 0) + f.get("o", 0)
+            ino = None
+    return out
+
+
+_INO = re.compile(r"\bino:(\d+)")
+_SKMEM = re.compile(r"skmem:\(([^)]*)\)")
+_SKMEM_FIELD = re.compile(r"\b(r|w|f|o)(\d+)")
+
+
+def kernel_sockets(pids: list[int], where: str = "") -> dict | None:
+    """Kernel memory of the TCP sockets held by ``pids``: their buffers (``ss``) and
+    their kernel objects (SOCKET_SLABS, sized from /proc/slabinfo). ``where``: an ``ss``
+    filter that narrows the listing (the sockets are still told by inode). None
+    without ``ss``."""
+    inodes = socket_inodes(pids)
+    try:
+        ss = subprocess.run(["ss", "-tmneaH"] + ([where] if where else []), capture_output=True,
+                            text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if ss.returncode != 0:
+        return None
+    buffers = parse_skmem(ss.stdout)
+    held = [ino for ino in inodes if ino in buffers]
+    sizes = slab_sizes()
+    per_socket = sum(sizes.get(name, 0) for name in SOCKET_SLABS)
+    buf = sum(buffers[ino] for ino in held)
+    return {"tcp_sockets": len(held), "buffers_kib": round(buf / 1024, 1),
+            "objects_kib": round(len(held) * per_socket / 1024, 1),
+            "objects_bytes_per_socket": per_socket if sizes else None,
+            "kib": round((buf + len(held) * per_socket) / 1024, 1)}
+
+
+def read_loop_lag(directory: Path) -> dict[int, dict]:
+    """Each gateway worker's event-loop lag and GC figures (``loop_lag`` of its stats
+    file, seg_fast.stats) by pid."""
+    out = {}
+    for f in directory.glob("worker-*.json"):
+        try:
+            snap = msgspec.json.decode(f.read_bytes())
+        except (OSError, msgspec.DecodeError):
+            continue                      # gone, or being replaced: the next read has it
+        out[snap.get("pid", 0)] = snap.get("loop_lag") or {}
+    return out
+
+
+def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: float) -> dict | None:
+    """The gateway workers' event-loop lag and full collections, from their stats files
+    read once a second: the exact largest lag of any second in the window (each file
+    carries its last seconds' maxima), the largest since start, and how many gen-2
+    collections ran in the window."""
+    if not reads:
+        return None
+    per_second: dict[tuple[int, int], float] = {}
+    run_max = 0.0
+    for _t, snaps in reads:
+        for pid, lag in snaps.items():
+            run_max = max(run_max, lag.get("max_ms", 0.0))
+            for sec, ms in lag.get("max_per_second", []):
+                per_second[(pid, sec)] = max(ms, per_second.get((pid, sec), 0.0))
+    in_window = [ms for (_pid, sec), ms in per_second.items() if w0 <= sec < w1]
+
+    def gen2(t: float) -> dict[int, int]:
+        before = [snaps for rt, snaps in reads if rt <= t]
+        snaps = before[-1] if before else {}
+        return {pid: (lag.get("gc") or {}).get("collections", [0, 0, 0])[2] for pid, lag in snaps.items()}
+
+    g0, g1 = gen2(w0), gen2(w1)
+    gc_max = [(lag.get("gc") or {}).get("max_ms", [0, 0, 0])[2] for lag in reads[-1][1].values()]
+    return {"workers": len(reads[-1][1]),
+            "max_ms_window": max(in_window) if in_window else None,
+            "seconds_in_window": len({sec for (_pid, sec) in per_second if w0 <= sec < w1}),
+            "max_ms_run": round(run_max, 3),
+            "gc_gen2_in_window": sum(n - g0.get(pid, 0) for pid, n in g1.items()) if g1 else None,
+            "gc_gen2_max_ms_run": max(gc_max, default=None)}
 
 
 def core_busy(cpu: int) -> float:
@@ -278,6 +406,8 @@ class Proxy:
             cfg = self.dir / f"gateway{k}.toml"
             configs.append(cfg)
             cfg.write_text(
+                # the workers' stats (loop lag, GC) land in <workdir>/stats, read by the run
+                f'state_dir = "{self.dir}"\n'
                 f'[listener]\nhost = "{lh}"\nport = {lp}\n'
                 + (f'tls_cert = "{self.dir}/server.pem"\ntls_key = "{self.dir}/server.key"\n'
                    if self.opts.tls else "") +
@@ -290,8 +420,10 @@ class Proxy:
                 f'key_state_file = "{self.dir}/keys.json"\n')
         pfile = self.dir / "policies.json"
         pfile.write_bytes(msgspec.json.encode(policy_file(self.opts.security, self.opts.devices)))
+        # SEG_FAST_* variables override the config file: the run's state_dir in both
+        env = child_env() | {"SEG_FAST_STATE_DIR": str(self.dir)}
         load = subprocess.run([sys.executable, "-m", "seg_fast", "policy", "load", str(pfile),
-                               "--config", str(configs[0])], env=child_env(), cwd=self.dir,
+                               "--config", str(configs[0])], env=env, cwd=self.dir,
                               capture_output=True, text=True)
         if load.returncode != 0:
             raise RuntimeError(f"seg-fast policy load failed: {load.stderr.strip()[-500:]}")
@@ -300,7 +432,7 @@ class Proxy:
             # process starts per core), so K shards do not also pay K control processes.
             cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + [
                 sys.executable, "-m", "seg_fast", "serve", "--worker", "--config", str(cfg)]
-            self.procs.append(subprocess.Popen(cmd, cwd=self.dir, env=child_env(), stdout=subprocess.DEVNULL,
+            self.procs.append(subprocess.Popen(cmd, cwd=self.dir, env=env, stdout=subprocess.DEVNULL,
                                                stderr=open(self.dir / f"gateway{k}.err", "wb")))
 
     def _start_nginx(self) -> None:
@@ -473,6 +605,8 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
         w1 = w0 + spec0.hold
         server_roots = [p.pid for p in proxy.procs] if proxy else []
         server_fds = [0]
+        worker_reads: list[tuple[float, dict[int, dict]]] = []
+        kernel: dict = {}
         load_roots = [sh.proc.pid for sh in shards]
 
         async def read_progress(sh: Shard) -> None:
@@ -493,6 +627,13 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
                 samples.append((time.time(), scpu, srss, lcpu,
                                 core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait))
                 now = time.time()
+                if path == "gateway":
+                    worker_reads.append((now, read_loop_lag(workdir / "stats")))
+                if spids and now >= w1 - min(5.0, (w1 - w0) / 4) and "at" not in kernel:
+                    # the proxy's sockets near the window's end, every device still
+                    # connected (a drain with nothing left to do ends at once)
+                    kernel["at"] = now
+                    kernel["sockets"] = await trio.to_thread.run_sync(kernel_sockets, spids, PROXY_SOCKETS)
                 if now - last_say >= 5 and len(samples) > 1:
                     last_say = now
                     a, b = samples[-2], samples[-1]
@@ -537,6 +678,8 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             raise RuntimeError(f"shard {spec.shard} wrote no result; see its output") from None
     summary = summarize_path(path, opts, results, samples, w0, w1, server_died)
     summary["server"]["fds_max"] = server_fds[0]
+    summary["server"]["kernel_sockets"] = kernel.get("sockets")
+    summary["server"]["loop_lag"] = loop_lag_summary(worker_reads, w0, w1)
     summary["server"]["cgroup"] = cgroup_info
     return summary
 
@@ -803,9 +946,22 @@ def judge(point: dict, opts: Options) -> dict:
     for name in ("gateway", "nginx"):
         if name in paths:
             s = paths[name]["server"]
+            kernel = (s.get("kernel_sockets") or {}).get("kib")
+            lag = s.get("loop_lag") or {}
             metrics[name] = {"cpu_s_per_device_hour": round(s["cpu_s"] / (n * hours), 6),
                              "kib_per_device": round(s["rss_kib_max"] / n, 2),
                              "kib_per_device_marginal": round((s["rss_kib_max"] - s["rss_kib_idle"]) / n, 2),
+                             # resident memory and the kernel's for its sockets (BENCH-PROFILE)
+                             "kernel_socket_kib_per_device": round(kernel / n, 2) if kernel is not None else None,
+                             "kib_per_device_with_kernel": (round((s["rss_kib_max"] + kernel) / n, 2)
+                                                            if kernel is not None else None),
+                             "kib_per_device_marginal_with_kernel": (
+                                 round((s["rss_kib_max"] - s["rss_kib_idle"] + kernel) / n, 2)
+                                 if kernel is not None else None),
+                             # the gateway's event loop (nginx has none to read)
+                             "loop_lag_max_ms": lag.get("max_ms_window"),
+                             "loop_lag_max_ms_run": lag.get("max_ms_run"),
+                             "gc_gen2_in_window": lag.get("gc_gen2_in_window"),
                              "cpu_share": s["cpu_share"], "rss_mib": round(s["rss_kib_max"] / 1024, 1),
                              "held_to_cores": held, "devices_per_core": round(n / held),
                              "cgroup": s.get("cgroup")}
