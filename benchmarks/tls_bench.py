@@ -14,6 +14,9 @@ across reconnects with SSL_clear, so each new connection offers the last session
 ticket: a resumed TLS 1.3 handshake, as real devices do). The resumed fraction is
 checked on nginx's side ($ssl_session_reused) and written with the figures.
 
+``--baseline COMMIT`` adds a seg-fast whose device leg is tlsio.TLSStream as of COMMIT
+(e.g. 7a1fb0b, the memory-BIO design), patched in the same way, measured in the same run.
+
 ``--with-trio-sslstream`` adds a third proxy, measured in the same run: seg-fast with
 its device leg on trio.SSLStream as before proxy/tlsio.py (patched in at start-up by a
 sitecustomize in its PYTHONPATH), so the stream's share is seen without the drift of
@@ -110,14 +113,32 @@ gateway.TLSStream = _trio_sslstream
 """
 
 
+# --baseline COMMIT: a seg-fast whose device leg is tlsio.TLSStream as of COMMIT (its file beside).
+_BASELINE_TLSIO = """
+import importlib.util, os
+from seg_fast.proxy import gateway
+
+spec = importlib.util.spec_from_file_location("tlsio_baseline", os.path.join(os.path.dirname(__file__),
+                                                                             "tlsio_baseline.py"))
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+gateway.TLSStream = module.TLSStream
+"""
+
+
 def start_seg_fast_tls(workdir: Path, port: int, upstream: int, cert: Path, key: Path,
-                       name: str = "gateway", trio_sslstream: bool = False) -> subprocess.Popen:
+                       name: str = "gateway", trio_sslstream: bool = False,
+                       baseline: str = "") -> subprocess.Popen:
     workdir = workdir / name
     workdir.mkdir()
     env = {}
-    if trio_sslstream:
+    if trio_sslstream or baseline:
         (workdir / "patch").mkdir()
-        (workdir / "patch" / "sitecustomize.py").write_text(_TRIO_SSLSTREAM)
+        (workdir / "patch" / "sitecustomize.py").write_text(_TRIO_SSLSTREAM if trio_sslstream else _BASELINE_TLSIO)
+        if baseline:
+            (workdir / "patch" / "tlsio_baseline.py").write_text(subprocess.run(
+                ["git", "-C", str(HERE), "show", f"{baseline}:src/seg_fast/proxy/tlsio.py"],
+                capture_output=True, text=True, check=True).stdout)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workdir / "patch"), os.environ.get("PYTHONPATH")]))
     return wrk_bench.start_seg_fast(workdir, port, upstream, tls=(cert, key), env_extra=env)
 
@@ -194,12 +215,13 @@ def baseline_tlsio(commit: str, workdir: Path):
 
 def stream_loop(exchanges: int, rounds: int, baseline: str = "", answer_bytes: int = 64) -> dict:
     """Server-thread CPU per small exchange (400 bytes in, 180 + ``answer_bytes`` out, the gateway's
-    sockio calls with a device-write pace) over a socketpair, a blocking TLS client in another
-    thread: trio.SSLStream beside tlsio.TLSStream (and ``baseline``'s, a commit), alternating;
-    medians of ``rounds``."""
+    sockio calls with a device-write pace) over a socketpair, a blocking TLS client in a forked
+    process (in a thread it would take the GIL whenever OpenSSL's socket I/O lets it go, and the
+    hand-backs would be counted as the server's): trio.SSLStream beside tlsio.TLSStream (and
+    ``baseline``'s, a commit), alternating; medians of ``rounds``."""
     import socket
     import ssl
-    import threading
+    import multiprocessing
 
     import trio
 
@@ -233,8 +255,9 @@ def stream_loop(exchanges: int, rounds: int, baseline: str = "", answer_bytes: i
 
     async def serve(kind):
         a, b = socket.socketpair()
-        thread = threading.Thread(target=client, args=(b,))
-        thread.start()
+        peer = multiprocessing.get_context("fork").Process(target=client, args=(b,))
+        peer.start()
+        b.close()
         transport = trio.SocketStream(trio.socket.from_stdlib_socket(a))
         stream = trio.SSLStream(transport, sctx, server_side=True, https_compatible=True) \
             if streams[kind] is None else streams[kind](transport, sctx)
@@ -247,7 +270,7 @@ def stream_loop(exchanges: int, rounds: int, baseline: str = "", answer_bytes: i
                 got += len(await sockio.receive(stream, None, 65536, trio.current_time() + 60))
             await sockio.send_parts(stream, None, answer, pace)
         used = time.thread_time() - t0
-        await trio.to_thread.run_sync(thread.join)
+        await trio.to_thread.run_sync(peer.join)
         await stream.aclose()
         return round(used / exchanges * 1e6, 1)
 
@@ -296,7 +319,7 @@ def main(argv=None) -> int:
     if os.cpu_count() < 2:
         sys.exit("needs two CPUs (the proxy on CPU 0, upstream and wrk on CPU 1)")
     workdir = Path(tempfile.mkdtemp(prefix="tls-bench-"))
-    up_port, ng_port, sf_port, check_port, old_port = (wrk_bench._free_port() for _ in range(5))
+    up_port, ng_port, sf_port, check_port, old_port, base_port = (wrk_bench._free_port() for _ in range(6))
     cert, key = make_certificate(workdir)
     procs = []
     figures: dict[str, dict[str, list]] = {}
@@ -308,6 +331,10 @@ def main(argv=None) -> int:
             sf = start_seg_fast_tls(workdir, sf_port, up_port, cert, key)
             procs.append(sf)
             proxies.append(("seg-fast", sf.pid, sf_port))
+            if args.baseline:
+                base = start_seg_fast_tls(workdir, base_port, up_port, cert, key, "baseline", baseline=args.baseline)
+                procs.append(base)
+                proxies.append((f"seg-fast-tlsio@{args.baseline}", base.pid, base_port))
             if args.with_trio_sslstream:
                 old = start_seg_fast_tls(workdir, old_port, up_port, cert, key, "trio-sslstream", True)
                 procs.append(old)
@@ -350,6 +377,11 @@ def main(argv=None) -> int:
             row["ratio"] = round(row["seg-fast"]["cpu_us_per_request"] / row["nginx"]["cpu_us_per_request"], 2)
             print(f"{variant:9s} seg-fast {row['seg-fast']['cpu_us_per_request']:.1f} µs vs nginx "
                   f"{row['nginx']['cpu_us_per_request']:.1f} µs per request: {row['ratio']}x")
+        base = row.get(f"seg-fast-tlsio@{args.baseline}")
+        if base is not None and "seg-fast" in row:
+            row["ratio_to_baseline"] = round(row["seg-fast"]["cpu_us_per_request"] / base["cpu_us_per_request"], 3)
+            print(f"{variant:9s} tlsio@{args.baseline} {base['cpu_us_per_request']:.1f} µs: today's stream "
+                  f"{row['ratio_to_baseline']}x of it")
         old = row.get("seg-fast-trio-sslstream")
         if old is not None and "nginx" in row:
             row["ratio_trio_sslstream"] = round(old["cpu_us_per_request"] / row["nginx"]["cpu_us_per_request"], 2)

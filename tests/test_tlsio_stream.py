@@ -232,9 +232,8 @@ async def test_a_short_read_leaves_the_rest_of_the_record_for_the_next(pki):
 
 
 async def test_what_the_device_sent_before_its_answer_was_out_is_read(pki):
-    """After a send the first read_now does not try (the device reads its answer first), but a
-    device that did say more (pipelining) is still read: at once by the awaited path, and by
-    read_now from its second call on."""
+    """A device that said more before its answer was out (pipelining) is read at once after the
+    send, by the awaited path and by read_now."""
     server, client, _ = pair(pki)
     await handshake(server, client)
     await client.send_all(b"first")

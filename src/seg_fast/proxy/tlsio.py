@@ -59,12 +59,9 @@ DISCARD = 64 * 1024           # unread bytes a close takes first (see close)
 FAIR_EVERY = 32               # ready operations between checkpoints (as sockio)
 _ready = 0
 
-# _want: how the next read starts. _TRY: with OpenSSL's read; _WRITE: OpenSSL's output waits
-# for the socket; _READ: the last read found nothing, so with the wait for the socket; _SENT:
-# a send just ended (the device's turn: it reads its answer before it says more), so read_now
-# says None once without trying (a futile OpenSSL read costs a system call and an
-# SSLWantReadError, ~4 µs) and receive_by waits first (the wait returns at once if it did).
-_TRY, _WRITE, _READ, _SENT = 0, 1, 2, 3
+# _want: how receive_by's next read starts. _TRY: with OpenSSL's read; _WRITE: OpenSSL's output
+# waits for the socket; _READ: the last read found nothing, so with the wait for the socket.
+_TRY, _WRITE, _READ = 0, 1, 2
 _WantRead, _WantWrite = ssl.SSLWantReadError, ssl.SSLWantWriteError
 _EOFS = (ssl.SSLZeroReturnError, ssl.SSLEOFError)     # close_notify, or the TCP EOF without it
 
@@ -226,13 +223,9 @@ class TLSStream:
     # -- the fast path (sockio's plain-socket calls, for TLS) ------------------------------
 
     def read_now(self, size: int) -> bytes | None:
-        """Decrypted bytes if they can be had without waiting (b"" at EOF), else None; None
-        without trying on the first call after a send (see _SENT)."""
+        """Decrypted bytes if they can be had without waiting (b"" at EOF), else None."""
         if self._closed or self._broken or not self._handshook:
             return None               # the awaited path raises or handshakes, as it should
-        if self._want == _SENT:
-            self._want = _READ
-            return None
         try:
             return self._read(size if size < RECORD else RECORD)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -307,8 +300,6 @@ class TLSStream:
             raise
         finally:
             self._sending = False
-        if not self._obj.pending():
-            self._want = _SENT        # the device's turn (unless a short read left plaintext)
         if not waited:
             _ready += 1
             if _ready >= FAIR_EVERY:
