@@ -40,8 +40,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import wrk_bench  # noqa: E402 - the shared setup
-from wrk_bench import EAS, TICK  # noqa: E402
+import wrk_bench
+from wrk_bench import EAS, TICK
 
 
 def make_certificate(workdir: Path) -> tuple[Path, Path]:
@@ -136,9 +136,7 @@ def start_seg_fast_tls(workdir: Path, port: int, upstream: int, cert: Path, key:
         (workdir / "patch").mkdir()
         (workdir / "patch" / "sitecustomize.py").write_text(_TRIO_SSLSTREAM if trio_sslstream else _BASELINE_TLSIO)
         if baseline:
-            (workdir / "patch" / "tlsio_baseline.py").write_text(subprocess.run(
-                ["git", "-C", str(HERE), "show", f"{baseline}:src/seg_fast/proxy/tlsio.py"],
-                capture_output=True, text=True, check=True).stdout)
+            (workdir / "patch" / "tlsio_baseline.py").write_text(baseline_source(baseline))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workdir / "patch"), os.environ.get("PYTHONPATH")]))
     return wrk_bench.start_seg_fast(workdir, port, upstream, tls=(cert, key), env_extra=env)
 
@@ -200,13 +198,18 @@ def resumed_fraction(workdir: Path, check_port: int, close_script: Path) -> dict
             "fraction": round(reused / len(pairs), 3) if pairs else 0.0, "protocols": protocols}
 
 
+def baseline_source(commit: str) -> str:
+    """src/seg_fast/proxy/tlsio.py as of ``commit``."""
+    return subprocess.run(["git", "-C", str(HERE), "show", f"{commit}:src/seg_fast/proxy/tlsio.py"],
+                          capture_output=True, text=True, check=True).stdout
+
+
 def baseline_tlsio(commit: str, workdir: Path):
     """tlsio.TLSStream as it was at ``commit`` (git show), loaded beside today's."""
     import importlib.util
 
     path = workdir / "tlsio_baseline.py"
-    path.write_text(subprocess.run(["git", "-C", str(HERE), "show", f"{commit}:src/seg_fast/proxy/tlsio.py"],
-                                   capture_output=True, text=True, check=True).stdout)
+    path.write_text(baseline_source(commit))
     spec = importlib.util.spec_from_file_location("tlsio_baseline", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -219,9 +222,9 @@ def stream_loop(exchanges: int, rounds: int, baseline: str = "", answer_bytes: i
     process (in a thread it would take the GIL whenever OpenSSL's socket I/O lets it go, and the
     hand-backs would be counted as the server's): trio.SSLStream beside tlsio.TLSStream (and
     ``baseline``'s, a commit), alternating; medians of ``rounds``."""
+    import multiprocessing
     import socket
     import ssl
-    import multiprocessing
 
     import trio
 
@@ -308,10 +311,10 @@ def main(argv=None) -> int:
             print(f"{kind:16s} {r['server_cpu_us_per_exchange']:6.1f} µs server CPU per exchange {r['runs']}")
         out = Path(args.out if args.out != str(HERE / "results" / "tls_bench.json")
                    else HERE / "results" / "tls_stream_loop.json")
-        out.write_text(json.dumps({"command": "python benchmarks/tls_bench.py " + " ".join(
+        write_summary(out, {"command": "python benchmarks/tls_bench.py " + " ".join(
             sys.argv[1:] if argv is None else argv), "exchanges": args.stream_loop,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "streams": loop}, indent=2) + "\n")
-        print(f"wrote {out}")
+            "answer_bytes": 180 + args.answer_bytes, "baseline_commit": args.baseline,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "streams": loop})
         return 0
     for tool in ("wrk", "nginx", "taskset"):
         if not shutil.which(tool):
@@ -363,8 +366,6 @@ def main(argv=None) -> int:
                "body_bytes": wrk_bench.BODY_LEN, "tls": "TLS 1.3 (trustme ECDSA certificate), session tickets",
                "resumption_check_on_nginx": resumption,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": {}}
-    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    summary["commit"] = commit.stdout.strip()
     print()
     for variant, by_name in figures.items():
         row = {}
@@ -388,11 +389,18 @@ def main(argv=None) -> int:
             print(f"{variant:9s} with trio.SSLStream {old['cpu_us_per_request']:.1f} µs: "
                   f"{row['ratio_trio_sslstream']}x nginx")
         summary["variants"][variant] = row
-    out = Path(args.out)
+    write_summary(args.out, summary)
+    return 0
+
+
+def write_summary(out: str | Path, summary: dict) -> None:
+    """The run's JSON (with the commit measured) under benchmarks/results/ or ``out``."""
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    summary.setdefault("commit", commit.stdout.strip())
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ quiet, no answer, EOF or reset; as many connections established at the gateway a
 
 The baseline is the same tree with gateway.TLSStream taken from ``git show
 <commit>:src/seg_fast/proxy/tlsio.py`` (before this change: an SSLObject over two memory
-BIOs); nothing else differs between the two gateways. The gateway (one worker in the
-foreground, TLS 1.3, a trustme ECDSA certificate) is pinned to CPU 0, the mail server and
-the devices to CPU 1.
+BIOs), patched in at start-up as tls_bench.py --baseline does; nothing else differs between
+the two gateways. The gateway (``seg-fast serve --workers 1``, the worker's RSS measured; TLS
+1.3, a trustme ECDSA certificate) is pinned to CPU 0, the mail server and the devices to CPU 1.
 
 Prints KiB per device for each stream and answer size; writes
 benchmarks/results/tls_memory.json.
@@ -25,10 +25,10 @@ benchmarks/results/tls_memory.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import select
+import shutil
 import socket
 import ssl
 import subprocess
@@ -40,129 +40,65 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-import proxy_bench  # noqa: E402 - its request bytes, RSS and socket-memory readings
-from proxy_bench import _count_established, _raise_nofile, _request_bytes, _rss_kb, _socket_memory  # noqa: E402
+import proxy_bench
+import tls_bench
+import wrk_bench
+from proxy_bench import (
+    _count_established,
+    _raise_nofile,
+    _request_bytes,
+    _rss_kb,
+    _socket_memory,
+)
 
 WARM = 50
 
-# The mail server: a Ping is held (never answered), anything else gets ANSWER bytes.
+# The mail server: a Ping is held (never answered), anything else gets an answer of `size` bytes.
 UPSTREAM_MAIN = r"""
-import os, random, re, selectors, socket, sys, resource
+import os, random, re, sys, resource, trio
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 os.sched_setaffinity(0, {1})
 port, size = int(sys.argv[1]), int(sys.argv[2])
-body = random.Random(1).randbytes(size)
-head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
-        f"Content-Length: {size}\r\n\r\n").encode()
-ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", port)); ls.listen(65535); ls.setblocking(False)
-sel = selectors.DefaultSelector(); sel.register(ls, selectors.EVENT_READ)
-bufs = {}
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is ls:
-            while True:
-                try:
-                    c, _ = ls.accept()
-                except BlockingIOError:
-                    break
-                c.setblocking(False); bufs[c] = bytearray(); sel.register(c, selectors.EVENT_READ)
-            continue
-        c = key.fileobj
-        try:
-            data = c.recv(65536)
-        except ConnectionError:
-            data = b""
-        if not data:
-            sel.unregister(c); c.close(); bufs.pop(c, None); continue
-        buf = bufs[c]; buf += data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", bytes(buf[:end]))
-            need = end + 4 + (int(m.group(1)) if m else 0)
-            if len(buf) < need:
-                break
-            ping = b"Cmd=Ping" in bytes(buf[:buf.find(b"\r\n")])
-            del buf[:need]
-            if not ping:
-                c.setblocking(True); c.sendall(head + body); c.setblocking(False)
-"""
+answer = (f"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+          f"Content-Length: {size}\r\n\r\n").encode() + random.Random(1).randbytes(size)
 
-# One gateway worker in the foreground (the pid measured), device-leg TLS; SEG_FAST_BENCH_TLSIO
-# names a file whose TLSStream replaces gateway.TLSStream (the baseline).
-GATEWAY_MAIN = r"""
-import importlib.util, os, sys, trio
-from seg_fast.config import load_config
-from seg_fast.proxy import gateway
-other = os.environ.get("SEG_FAST_BENCH_TLSIO")
-if other:
-    spec = importlib.util.spec_from_file_location("seg_fast_bench_tlsio", other)
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    gateway.TLSStream = mod.TLSStream
-cfg = load_config(sys.argv[1])
-gw = gateway.Gateway(cfg, tls_context=gateway.listener_tls_context(cfg.listener))
+async def serve(stream):
+    buf = bytearray()
+    try:
+        async for data in stream:
+            buf += data
+            while (end := buf.find(b"\r\n\r\n")) >= 0:
+                length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", bytes(buf[:end]))
+                need = end + 4 + (int(length.group(1)) if length else 0)
+                if len(buf) < need:
+                    break
+                held = b"Cmd=Ping" in bytes(buf[:buf.find(b"\r\n")])
+                del buf[:need]
+                if not held:
+                    await stream.send_all(answer)
+    except trio.BrokenResourceError:
+        pass
+
 async def main():
-    async with trio.open_nursery() as n:
-        await n.start(gw.serve)
-        print(f"worker {os.getpid()} ready", file=sys.stderr, flush=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: trio.serve_tcp(serve, port, host="127.0.0.1", backlog=65535,
+                                                               task_status=task_status))
+        print("ready", flush=True)
+
 trio.run(main)
 """
 
-
-def make_certificate(workdir: Path):
-    import trustme
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1", "gw.example")
-    cert.cert_chain_pems[0].write_to_path(str(workdir / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(workdir / "key.pem"))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return workdir / "cert.pem", workdir / "key.pem", client
-
-
-def start_gateway(workdir: Path, port: int, upstream: int, cert: Path, key: Path, tlsio: Path | None):
-    cfg = workdir / f"gateway-{port}.toml"
-    cfg.write_text(f"""workers = 1
-[listener]
-host = "127.0.0.1"
-port = {port}
-tls_cert = "{cert}"
-tls_key = "{key}"
-[upstream]
-url = "http://127.0.0.1:{upstream}"
-[admin]
-enabled = false
-[log]
-transactions = ""
-[timeouts]
-idle_keepalive = 3600.0
-[limits]
-max_connections_per_address = 100000
-[policy]
-allow_if_no_policies = true
-sqlite_path = "{workdir}/policy-{port}.db"
-[security]
-block_attachments_without_policy = false
-max_transform_bytes = 67108864
-master_key_file = "{workdir}/master-{port}.key"
-key_state_file = "{workdir}/keys-{port}.json"
-""")
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    if tlsio is not None:
-        env["SEG_FAST_BENCH_TLSIO"] = str(tlsio)
-    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", GATEWAY_MAIN, str(cfg)], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    m = re.search(r"worker (\d+) ready", line)
-    if not m:
-        raise RuntimeError(f"gateway did not start: {line}{proc.stderr.read()}")
-    proxy_bench._wait_port(port)
-    return proc, int(m.group(1))
+def start_gateway(workdir: Path, name: str, upstream: int, cert: Path, key: Path, baseline: str):
+    """``seg-fast serve --workers 1`` with device-leg TLS (tls_bench's, pinned to CPU 0; ``baseline``:
+    its TLSStream from that commit); (process, port, the worker's pid)."""
+    port = proxy_bench._free_port()
+    proc = tls_bench.start_seg_fast_tls(workdir, port, upstream, cert, key, name, baseline=baseline)
+    end = time.monotonic() + 20
+    while not (workers := proxy_bench._children(proc.pid)):
+        assert time.monotonic() < end, "no worker process"
+        time.sleep(0.05)
+    return proc, port, workers[0]
 
 
 def start_upstream(port: int, size: int) -> subprocess.Popen:
@@ -207,10 +143,10 @@ def sockstat_tcp_pages() -> int:
     return int(m.group(1)) if m else 0
 
 
-def measure(name: str, workdir: Path, cert, key, ctx, tlsio: Path | None, size: int, n: int) -> dict:
-    up_port, gw_port = proxy_bench._free_port(), proxy_bench._free_port()
+def measure(name: str, workdir: Path, cert, key, ctx, baseline: str, size: int, n: int) -> dict:
+    up_port = proxy_bench._free_port()
     upstream = start_upstream(up_port, size)
-    gw, pid = start_gateway(workdir, gw_port, up_port, cert, key, tlsio)
+    gw, gw_port, pid = start_gateway(workdir, f"{name}-{size}", up_port, cert, key, baseline)
     socks = []
     try:
         for i in range(WARM):
@@ -221,12 +157,10 @@ def measure(name: str, workdir: Path, cert, key, ctx, tlsio: Path | None, size: 
         for i in range(n):
             socks.append(device(gw_port, ctx, i, size))
         ramp = time.monotonic() - t0
-        last, stable = -1, 0
-        while stable < 3 and time.monotonic() - t0 < 120:      # until every Ping has parked
-            time.sleep(0.5)
-            rss = _rss_kb(pid)
-            stable = stable + 1 if rss == last else 0
-            last = rss
+        # Every Ping has parked once the mail server holds a connection for each.
+        while _count_established(up_port) < n + WARM and time.monotonic() - t0 < 120:
+            time.sleep(0.2)
+        time.sleep(1.0)
         grown = _rss_kb(pid) - base
         sk_grown = _socket_memory(gw_port, up_port) - sk_base
         pages = sockstat_tcp_pages() - pages_base
@@ -244,9 +178,8 @@ def measure(name: str, workdir: Path, cert, key, ctx, tlsio: Path | None, size: 
     finally:
         for s in socks:
             s.close()
-        gw.terminate()
         upstream.terminate()
-        gw.wait(30)
+        wrk_bench.stop_all([gw])
         upstream.wait(30)
     r = {"name": name, "answer_bytes": size, "devices": n, "rss_growth_kb": grown,
          "kib_per_device": round(grown / n, 2), "socket_memory_growth_bytes": sk_grown,
@@ -274,17 +207,18 @@ def main(argv=None) -> int:
         sys.exit(f"RLIMIT_NOFILE hard limit {nofile} is too low for {args.devices} devices")
     os.sched_setaffinity(0, {1})
     workdir = Path(tempfile.mkdtemp(prefix="tls-memory-"))
-    cert, key, ctx = make_certificate(workdir)
-    streams: list[tuple[str, Path | None]] = [("tlsio", None)]
-    if args.baseline:
-        old = workdir / "tlsio_baseline.py"
-        old.write_text(subprocess.run(["git", "-C", str(REPO), "show", f"{args.baseline}:src/seg_fast/proxy/tlsio.py"],
-                                      capture_output=True, text=True, check=True).stdout)
-        streams.insert(0, ("baseline", old))
+    cert, key = tls_bench.make_certificate(workdir)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE     # the server is measured, not verified
+    streams = [("baseline", args.baseline)] if args.baseline else []
+    streams.append(("tlsio", ""))
     results = []
-    for size in (int(x) for x in args.answers.split(",")):
-        for name, tlsio in streams:
-            results.append(measure(name, workdir, cert, key, ctx, tlsio, size, args.devices))
+    try:
+        for size in (int(x) for x in args.answers.split(",")):
+            for name, baseline in streams:
+                results.append(measure(name, workdir, cert, key, ctx, baseline, size, args.devices))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     by = {(r["name"], r["answer_bytes"]): r for r in results}
     comparison = []
     for size in sorted({r["answer_bytes"] for r in results}, reverse=True):
@@ -297,16 +231,11 @@ def main(argv=None) -> int:
             comparison.append(row)
             print(f"answer {size:7d} B: {row['baseline_kib_per_device']:.2f} -> {row['tlsio_kib_per_device']:.2f} "
                   f"KiB RSS per parked TLS device ({row['ratio']}x less)")
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    summary = {"command": "python benchmarks/tls_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit.stdout.strip(),
-               "baseline_commit": args.baseline, "tls": "TLS 1.3 (trustme ECDSA certificate)",
-               "python": sys.version.split()[0], "openssl": ssl.OPENSSL_VERSION, "comparison": comparison,
-               "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out}")
+    tls_bench.write_summary(args.out, {
+        "command": "python benchmarks/tls_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "baseline_commit": args.baseline,
+        "tls": "TLS 1.3 (trustme ECDSA certificate)", "python": sys.version.split()[0],
+        "openssl": ssl.OPENSSL_VERSION, "comparison": comparison, "results": results})
     return 0
 
 

@@ -24,13 +24,13 @@ import h11
 import pytest
 import trio
 import trustme
-
 from proxy_helpers import MiniUpstream
+
 from seg_fast.eas.wbxml import Element, encode
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.mailbox import MailboxSimulator
 from seg_fast.sim.state import INBOX
-from seg_fast.sim.tree import E, find, text
+from seg_fast.sim.tree import E, text
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "secret"
@@ -158,15 +158,9 @@ class Serve:
     def wait_incident(self, kind: str, match: str = "", again=None, bound: float = 20) -> dict:
         """The first logged incident of ``kind`` whose line holds ``match``. Lines are rate-limited
         (one per kind per second), so ``again`` (if given) repeats the provocation meanwhile."""
-        end = time.monotonic() + bound
-        while time.monotonic() < end:
-            found = [i for i in self.incidents(kind) if match in json.dumps(i)]
-            if found:
-                return found[0]
-            if again is not None:
-                again()
-            time.sleep(0.1)
-        raise AssertionError(f"no {kind} incident logged; stderr:\n" + "".join(self.lines)[-3000:])
+        found = until(lambda: [i for i in self.incidents(kind) if match in json.dumps(i)], bound, again,
+                      lambda: f"no {kind} incident logged; stderr:\n" + "".join(self.lines)[-3000:])
+        return found[0]
 
     def stop(self) -> int:
         self.proc.terminate()
@@ -177,12 +171,29 @@ class Serve:
             return self.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory, upstreams, certs):
-    gw = Serve(tmp_path_factory.mktemp("tlsio-gw"), f"http://127.0.0.1:{upstreams.sim.port}", certs[1])
+def serving(tmp_path_factory, name: str, upstream_port: int, certs):
+    """A module's gateway in front of a mail server: it must stop cleanly, having contained nothing."""
+    gw = Serve(tmp_path_factory.mktemp(name), f"http://127.0.0.1:{upstream_port}", certs[1])
     yield gw
     assert gw.stop() == 0
     assert not gw.incidents("contained_exception"), "".join(gw.lines)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, upstreams, certs):
+    yield from serving(tmp_path_factory, "tlsio-gw", upstreams.sim.port, certs)
+
+
+def until(found, bound: float = 20, again=None, why=lambda: "gave up waiting"):
+    """Poll ``found()`` (calling ``again()`` meanwhile, if given) until it is truthy, for at most
+    ``bound`` seconds: its value, or AssertionError with ``why()``."""
+    end = time.monotonic() + bound
+    while not (value := found()):
+        assert time.monotonic() < end, why()
+        if again is not None:
+            again()
+        time.sleep(0.05)
+    return value
 
 
 # -- a blocking HTTPS client ---------------------------------------------------------------
@@ -341,10 +352,7 @@ def test_eof_without_close_notify_is_an_ordinary_close(gateway, certs):
 @pytest.fixture(scope="module")
 def mixed_gateway(tmp_path_factory, upstreams, certs):
     """A gateway in front of ``upstreams.mixed`` (LARGE answers, Pings held)."""
-    gw = Serve(tmp_path_factory.mktemp("tlsio-mixed"), f"http://127.0.0.1:{upstreams.mixed.port}", certs[1])
-    yield gw
-    assert gw.stop() == 0
-    assert not gw.incidents("contained_exception"), "".join(gw.lines)
+    yield from serving(tmp_path_factory, "tlsio-mixed", upstreams.mixed.port, certs)
 
 
 def test_a_connection_that_carried_a_large_answer_parks_a_ping_and_goes_on(mixed_gateway, upstreams, certs):
@@ -359,10 +367,9 @@ def test_a_connection_that_carried_a_large_answer_parks_a_ping_and_goes_on(mixed
         assert status == 200 and len(body) == len(LARGE) and hashlib.sha256(body).hexdigest() == digest
         pings = sum(1 for req, _ in upstreams.mixed.requests if b"Cmd=Ping" in req.target)
         s.sendall(eas_request("Ping", "PARK1", PING_BODY))
-        end = time.monotonic() + 20            # the Ping reached the mail server, which holds it
-        while sum(1 for req, _ in upstreams.mixed.requests if b"Cmd=Ping" in req.target) == pings:
-            assert time.monotonic() < end, "the Ping never reached the mail server"
-            time.sleep(0.02)
+        # The Ping reached the mail server, which holds it.
+        until(lambda: sum(1 for req, _ in upstreams.mixed.requests if b"Cmd=Ping" in req.target) > pings,
+              why=lambda: "the Ping never reached the mail server")
         upstreams.release_pings()
         status, _, body = read_answer(s)
         assert status == 200 and body == PING_ANSWER
@@ -386,14 +393,10 @@ def test_a_key_update_is_answered_and_the_connection_goes_on(gateway, certs):
     threading.Thread(target=lambda: out.extend(x.decode(errors="replace") for x in proc.stdout), daemon=True).start()
 
     def wait_for(text: str, after: int = 0) -> int:
-        end = time.monotonic() + 20
-        while True:
-            said = "".join(out)
-            at = said.find(text, after)
-            if at >= 0:
-                return at
-            assert time.monotonic() < end and proc.poll() is None, f"no {text!r} from s_client:\n{said[-3000:]}"
-            time.sleep(0.05)
+        at = until(lambda: "".join(out).find(text, after) + 1 or proc.poll() is not None,
+                   why=lambda: f"no {text!r} from s_client:\n{''.join(out)[-3000:]}")
+        assert at is not True, f"s_client ended before {text!r}:\n{''.join(out)[-3000:]}"
+        return at - 1
 
     try:
         wait_for("Verify return code: 0 (ok)")
