@@ -64,6 +64,16 @@ async def _set_up(dev):
     return conn
 
 
+async def _one_device_with_new_mail(nursery, corpus):
+    """A shard of one device, set up, with one message delivered and not synced yet."""
+    fleet, sim = await _shard(nursery, corpus)
+    dev = fleet.devices[0]
+    conn = await _set_up(dev)
+    dev.delivered += 1
+    sim.deliver(dev.user)
+    return fleet, sim, dev, conn
+
+
 def _estimate_key(dev) -> str:
     """A foreground ``misc`` key that makes this device send GetItemEstimate."""
     k = next(k for k in range(3) if fleet_mod.eas._MISC[(dev.idx + k) % 3] == "GetItemEstimate")
@@ -83,11 +93,7 @@ async def _estimate_behind_an_abandoned_sync(corpus, abandon: str) -> tuple[Flee
     cancelled), ``fail`` as a damaged answer fails it. Returns the fleet, the device
     and the simulator's record of the device's Inbox sync state."""
     async with trio.open_nursery() as nursery:
-        fleet, sim = await _shard(nursery, corpus)
-        dev = fleet.devices[0]
-        conn = await _set_up(dev)
-        dev.delivered += 1
-        sim.deliver(dev.user)
+        fleet, sim, dev, conn = await _one_device_with_new_mail(nursery, corpus)
         scope = trio.CancelScope()
         tap = sim.answer_tap
 
@@ -152,11 +158,7 @@ async def test_an_estimate_queued_behind_a_failed_sync_is_not_sent(corpus):
 async def test_an_estimate_after_a_good_sync_is_sent_and_answered(corpus):
     # the control: nothing abandoned, the estimate goes out with the current key
     async with trio.open_nursery() as nursery:
-        fleet, sim = await _shard(nursery, corpus)
-        dev = fleet.devices[0]
-        conn = await _set_up(dev)
-        dev.delivered += 1
-        sim.deliver(dev.user)
+        fleet, _sim, dev, conn = await _one_device_with_new_mail(nursery, corpus)
         assert await dev.sync(conn)
         await dev.foreground("misc", _estimate_key(dev))
         await conn.aclose()
