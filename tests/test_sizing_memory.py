@@ -85,6 +85,7 @@ def test_loop_lag_maximum_is_the_windows_not_the_runs():
     ]
     got = sizing.loop_lag_summary(reads, 100.0, 110.0)
     assert got["max_ms_window"] == 75.0             # not 900 (ramp) nor 300 (second 110: after)
+    assert got["notable_seconds"] == [[3, 75.0]]     # second 103: 3 s into the window, >= 50 ms
     assert got["max_ms_run"] == 900.0
     assert got["workers"] == 2
     # gen-2 collections between the last read before w0 (95.5) and the last before w1

@@ -251,6 +251,9 @@ def read_loop_lag(directory: Path) -> dict[int, dict]:
     return out
 
 
+LAG_NOTABLE_MS = 50.0
+
+
 def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: float) -> dict | None:
     """The gateway workers' event-loop lag and full collections, from their stats files
     read once a second: the exact largest lag of any second in the window (each file
@@ -266,6 +269,12 @@ def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: 
             for sec, ms in lag.get("max_per_second", []):
                 per_second[(pid, sec)] = max(ms, per_second.get((pid, sec), 0.0))
     in_window = [ms for (_pid, sec), ms in per_second.items() if w0 <= sec < w1]
+    # the window's seconds whose worst lag passed LAG_NOTABLE_MS (seconds into the window):
+    # when the stalls came, to set beside the timeline
+    notable: dict[int, float] = {}
+    for (_pid, sec), ms in per_second.items():
+        if w0 <= sec < w1 and ms >= LAG_NOTABLE_MS:
+            notable[sec] = max(ms, notable.get(sec, 0.0))
 
     def gen2(t: float) -> dict[int, int]:
         before = [snaps for rt, snaps in reads if rt <= t]
@@ -277,6 +286,7 @@ def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: 
     return {"workers": len(reads[-1][1]),
             "max_ms_window": max(in_window) if in_window else None,
             "seconds_in_window": len({sec for (_pid, sec) in per_second if w0 <= sec < w1}),
+            "notable_seconds": [[round(sec - w0), ms] for sec, ms in sorted(notable.items())],
             "max_ms_run": round(run_max, 3),
             "gc_gen2_in_window": sum(n - g0.get(pid, 0) for pid, n in g1.items()) if g1 else None,
             "gc_gen2_max_ms_run": max(gc_max, default=None)}
