@@ -28,6 +28,7 @@ from seg_fast.sim import fleet as fleet_mod
 from seg_fast.sim.fleet import Fleet, Go, Parked, Parker, PooledCorpus, ShardSpec
 from seg_fast.sim import lean_serve
 from seg_fast.sim.wire import SERVER_NAME, HttpConn, RawStream, TlsStream, WireError
+from test_sizing_wire import _tls_pair
 
 
 class _Dev:
@@ -163,26 +164,9 @@ def tls(tmp_path_factory):
     return server, client, str(ca_file)
 
 
-def _tls_socket_pair(tls):
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    client = TlsStream(a, tls[1], server_hostname=SERVER_NAME)
-    server = TlsStream(b, tls[0], server_side=True)
-    todo = [client.ssl, server.ssl]
-    while todo:
-        for o in list(todo):
-            try:
-                o.do_handshake()
-                todo.remove(o)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                pass
-    return client, server, a, b
-
-
-async def test_parker_reads_tls_answers_and_their_failures(tls):
+async def test_parker_reads_tls_answers_and_their_failures():
     parker = Parker()
-    pairs = [_tls_socket_pair(tls) for _ in range(3)]
+    pairs = [_tls_pair() for _ in range(3)]            # TLS 1.3 over socket pairs, handshaken
     devs = [_Dev() for _ in pairs]
     async with trio.open_nursery() as nursery:
         await nursery.start(parker.run, nursery)

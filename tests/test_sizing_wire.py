@@ -38,6 +38,16 @@ def _answer(status: int, headers: list, body: bytes, chunks: list[bytes] | None 
     return out + srv.send(h11.EndOfMessage())
 
 
+def _wire(body: bytes, chunked: bool, cuts: int, extra: list | None = None) -> bytes:
+    """A 200 answer carrying ``body``: chunked in ``cuts`` chunks, or with a
+    Content-Length (and the ``extra`` header lines)."""
+    if chunked:
+        step = max(1, len(body) // cuts)
+        chunks = [body[k:k + step] for k in range(0, len(body), step)]
+        return _answer(200, [("Transfer-Encoding", "chunked")], body, chunks)
+    return _answer(200, [("Content-Length", str(len(body))), *(extra or [])], body)
+
+
 async def _read(wire: bytes, pieces: int = 7, close: bool = False):
     """The client's reading of ``wire`` delivered in small pieces."""
     a, b = trio.testing.memory_stream_pair()
@@ -65,12 +75,7 @@ async def _read(wire: bytes, pieces: int = 7, close: bool = False):
 @settings(max_examples=40, deadline=None)
 @given(body=st.binary(max_size=3000), chunked=st.booleans(), cuts=st.integers(1, 5), pieces=st.integers(1, 9))
 def test_reads_what_h11_writes(body, chunked, cuts, pieces):
-    if chunked:
-        step = max(1, len(body) // cuts)
-        chunks = [body[k:k + step] for k in range(0, len(body), step)]
-        wire = _answer(200, [("Transfer-Encoding", "chunked")], body, chunks)
-    else:
-        wire = _answer(200, [("Content-Length", str(len(body)))], body)
+    wire = _wire(body, chunked, cuts)
     (status, headers, got), reusable = trio.run(_read, wire, pieces)
     assert (status, got, reusable) == (200, body, True)
 
@@ -154,16 +159,14 @@ def _poll(wire: bytes, pieces: int = 7, close: bool = False):
         b.close()
 
 
-@settings(max_examples=40, deadline=None)
-@given(body=st.binary(max_size=3000), chunked=st.booleans(), cuts=st.integers(1, 5), pieces=st.integers(1, 9))
-def test_poll_reads_what_the_waiting_reader_reads(body, chunked, cuts, pieces):
-    if chunked:
-        step = max(1, len(body) // cuts)
-        chunks = [body[k:k + step] for k in range(0, len(body), step)]
-        wire = _answer(200, [("Transfer-Encoding", "chunked")], body, chunks)
-    else:
-        wire = _answer(200, [("Content-Length", str(len(body))), ("X-A", "1"), ("x-a", "2")], body)
-    (status, headers, got), reusable, fell_back = _poll(wire, pieces)
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@settings(max_examples=30, deadline=None)
+@given(body=st.binary(max_size=40000), chunked=st.booleans(), cuts=st.integers(1, 5),
+       pieces=st.integers(1, 9))
+def test_poll_reads_what_the_waiting_reader_reads(tls, body, chunked, cuts, pieces):
+    # over TLS each piece is a record, or several past 16 KiB
+    wire = _wire(body, chunked, cuts, [("X-A", "1"), ("x-a", "2")])
+    (status, headers, got), reusable, fell_back = (_tls_poll if tls else _poll)(wire, pieces)
     assert (status, got, reusable) == (200, body, True)
     assert fell_back == chunked             # Content-Length answers are the poller's own
     assert ((status, headers, got), reusable) == trio.run(_read, wire, pieces)
@@ -291,23 +294,6 @@ def _tls_poll(wire: bytes, pieces: int = 7, close: str = ""):
     finally:
         a.close()
         b.close()
-
-
-@settings(max_examples=30, deadline=None)
-@given(body=st.binary(max_size=40000), chunked=st.booleans(), cuts=st.integers(1, 5),
-       pieces=st.integers(1, 9))
-def test_tls_poll_reads_what_the_waiting_reader_reads(body, chunked, cuts, pieces):
-    # bodies past one record (16 KiB) too: several records per piece
-    if chunked:
-        step = max(1, len(body) // cuts)
-        chunks = [body[k:k + step] for k in range(0, len(body), step)]
-        wire = _answer(200, [("Transfer-Encoding", "chunked")], body, chunks)
-    else:
-        wire = _answer(200, [("Content-Length", str(len(body)))], body)
-    (status, headers, got), reusable, fell_back = _tls_poll(wire, pieces)
-    assert (status, got, reusable) == (200, body, True)
-    assert fell_back == chunked             # Content-Length answers are the poller's own
-    assert ((status, headers, got), reusable) == trio.run(_read, wire, pieces)
 
 
 def test_tls_close_delimited_and_what_follows():

@@ -35,7 +35,7 @@ from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.proxy import http1
 from seg_fast.sim import commands as C
 from seg_fast.sim.mailbox import LEAN_METHODS, MAX_HEAD, REASONS, SERVER_TRIPLE, _Park, _seq_of
-from seg_fast.sim.wire import TLS_RECV, RawStream, TlsStream
+from seg_fast.sim.wire import TLS_EOF, TLS_STUCK, RawStream, TlsStream, read_tls
 
 BACKLOG = 4096
 RECV = 65536
@@ -256,25 +256,15 @@ class Reactor:
                 return
 
     def _read_tls(self, c: _Conn) -> None:
-        obj = c.tls
-        while True:
-            try:
-                data = obj.read(TLS_RECV)
-            except ssl.SSLWantReadError:
-                return
-            except ssl.SSLWantWriteError:
-                c.blocked = True          # (handshake or ticket bytes the socket did not take)
-                self.ep.modify(c.fd, _OUT)
-                return
-            except ssl.SSLEOFError:
-                data = b""
-            if not data:
-                c.eof = True
-                return
+        parts: list[bytes] = []
+        _n, state = read_tls(c.tls, parts)
+        for data in parts:
             c.buf += data
-            # a short record most likely ends what was sent; epoll says when more comes
-            if len(data) < TLS_RECV and not obj.pending():
-                return
+        if state == TLS_EOF:
+            c.eof = True
+        elif state == TLS_STUCK:
+            c.blocked = True              # (handshake or ticket bytes the socket did not take)
+            self.ep.modify(c.fd, _OUT)
 
     def _serve(self, c: _Conn) -> None:
         """Answer the complete requests in ``c.buf`` (as MailboxSimulator._lean does),

@@ -44,6 +44,8 @@ _CHUNK = re.compile(rb"([0-9A-Fa-f]+)(?:;[^\r\n]*)?")
 
 # poll_answer: this answer is for the waiting reader (``answer``)
 FALLBACK = object()
+# read_tls: how a drain without waiting ended
+TLS_DRAINED, TLS_EOF, TLS_STUCK = 0, 1, 2
 
 
 class WireError(Exception):
@@ -204,6 +206,30 @@ class TlsStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
 
 
+def read_tls(obj, parts: list) -> tuple[int, int]:
+    """Decrypted records read from the SSL object ``obj`` without waiting, appended to
+    ``parts``: (bytes read, TLS_DRAINED | TLS_EOF | TLS_STUCK). Drained: OpenSSL wants
+    more from the socket, or a short record most likely ended what was sent (a try past
+    it would cost an SSLWantReadError; epoll says when more comes). EOF: close_notify or
+    a ragged EOF. Stuck: OpenSSL wants to write before it reads on."""
+    n = 0
+    while True:
+        try:
+            data = obj.read(TLS_RECV)
+        except ssl.SSLWantReadError:
+            return n, TLS_DRAINED
+        except ssl.SSLWantWriteError:
+            return n, TLS_STUCK
+        except ssl.SSLEOFError:
+            return n, TLS_EOF
+        if not data:
+            return n, TLS_EOF
+        parts.append(data)
+        n += len(data)
+        if len(data) < TLS_RECV and not obj.pending():
+            return n, TLS_DRAINED
+
+
 async def connect(host: str, port: int, local: str | None) -> RawStream:
     """A TCP connection from ``local`` (any port) to (host, port): a socket, a bind
     and a non-blocking connect, without open_tcp_stream's resolver and
@@ -321,26 +347,10 @@ class HttpConn:
                 if len(data) < RECV:       # drained, most likely: epoll says when more comes
                     break
         else:
-            obj = stream.ssl
-            while True:
-                try:
-                    data = obj.read(TLS_RECV)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLWantWriteError:
-                    stuck = True           # the waiting reader waits for the socket to drain
-                    break
-                except ssl.SSLEOFError:
-                    data = b""
-                if not data:
-                    eof = True
-                    break
-                parts.append(data)
-                self.have += len(data)
-                # a short record most likely ends what was sent (a try past it would
-                # cost an SSLWantReadError); epoll says when more comes
-                if len(data) < TLS_RECV and not obj.pending():
-                    break
+            n, state = read_tls(stream.ssl, parts)
+            self.have += n
+            eof = state == TLS_EOF
+            stuck = state == TLS_STUCK     # the waiting reader waits for the socket to drain
         if self.want < 0:
             if parts:
                 self.buf = self.buf + b"".join(parts) if self.buf else b"".join(parts)
