@@ -19,7 +19,9 @@ BIOs), patched in at start-up as tls_bench.py --baseline does; nothing else diff
 the two gateways. The gateway (``seg-fast serve --workers 1``, the worker's RSS measured; TLS
 1.3, a trustme ECDSA certificate) is pinned to CPU 0, the mail server and the devices to CPU 1.
 
-Prints KiB per device for each stream and answer size; writes
+Beside it, the worker's CPU time (utime+stime) per device over the ramp: a full handshake,
+the answer, the Ping forwarded and parked. Prints KiB per device for each stream and answer
+size; writes
 benchmarks/results/tls_memory.json.
 """
 from __future__ import annotations
@@ -153,7 +155,7 @@ def measure(name: str, workdir: Path, cert, key, ctx, baseline: str, size: int, 
             socks.append(device(gw_port, ctx, 900_000 + i, size))
         time.sleep(1.0)
         base, sk_base, pages_base = _rss_kb(pid), _socket_memory(gw_port, up_port), sockstat_tcp_pages()
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), proxy_bench._cpu_seconds(pid)
         for i in range(n):
             socks.append(device(gw_port, ctx, i, size))
         ramp = time.monotonic() - t0
@@ -161,6 +163,7 @@ def measure(name: str, workdir: Path, cert, key, ctx, baseline: str, size: int, 
         while _count_established(up_port) < n + WARM and time.monotonic() - t0 < 120:
             time.sleep(0.2)
         time.sleep(1.0)
+        cpu = proxy_bench._cpu_seconds(pid) - cpu0      # the worker's: handshake, answer, Ping, each device
         grown = _rss_kb(pid) - base
         sk_grown = _socket_memory(gw_port, up_port) - sk_base
         pages = sockstat_tcp_pages() - pages_base
@@ -186,11 +189,12 @@ def measure(name: str, workdir: Path, cert, key, ctx, baseline: str, size: int, 
          "socket_kib_per_device": round(sk_grown / n / 1024, 2),
          "sockstat_tcp_pages_growth": pages,
          "total_kib_per_device": round((grown * 1024 + sk_grown) / n / 1024, 2),
-         "ramp_seconds": round(ramp, 1), "device_connections_established": alive,
+         "ramp_seconds": round(ramp, 1), "worker_cpu_ms_per_device": round(cpu / n * 1000, 3), "device_connections_established": alive,
          "upstream_connections_established": upstream_alive}
     print(f"{name:9s} answer {size:7d} B: {r['kib_per_device']:6.2f} KiB RSS per device "
           f"+ {r['socket_kib_per_device']:.2f} KiB kernel socket memory (ss skmem; sockstat TCP "
-          f"+{pages} pages) over {n} parked TLS devices", flush=True)
+          f"+{pages} pages) over {n} parked TLS devices; worker CPU {r['worker_cpu_ms_per_device']:.2f} ms "
+          f"per device (handshake, answer, Ping)", flush=True)
     return r
 
 
@@ -227,10 +231,13 @@ def main(argv=None) -> int:
             row = {"answer_bytes": size, "baseline_kib_per_device": old["kib_per_device"],
                    "tlsio_kib_per_device": new["kib_per_device"],
                    "saved_kib_per_device": round(old["kib_per_device"] - new["kib_per_device"], 2),
-                   "ratio": round(old["kib_per_device"] / new["kib_per_device"], 2)}
+                   "ratio": round(old["kib_per_device"] / new["kib_per_device"], 2),
+                   "baseline_cpu_ms_per_device": old["worker_cpu_ms_per_device"],
+                   "tlsio_cpu_ms_per_device": new["worker_cpu_ms_per_device"]}
             comparison.append(row)
             print(f"answer {size:7d} B: {row['baseline_kib_per_device']:.2f} -> {row['tlsio_kib_per_device']:.2f} "
-                  f"KiB RSS per parked TLS device ({row['ratio']}x less)")
+                  f"KiB RSS per parked TLS device ({row['ratio']}x less); worker CPU "
+                  f"{row['baseline_cpu_ms_per_device']:.2f} -> {row['tlsio_cpu_ms_per_device']:.2f} ms per device")
     tls_bench.write_summary(args.out, {
         "command": "python benchmarks/tls_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "baseline_commit": args.baseline,
