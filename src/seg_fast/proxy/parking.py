@@ -18,7 +18,11 @@ import select
 
 import trio
 
+from seg_fast.proxy.looplag import in_slices
+
 ANSWER, DEVICE_GONE, TIMEOUT, DRAIN = "answer", "device_gone", "timeout", "drain"
+# Released in the step that found them up to this many; more go a slice per loop step.
+RELEASE_AT_ONCE = 16
 
 
 class Parked:
@@ -103,12 +107,13 @@ class PingPark:
                 except OSError:
                     pass
 
+    def _release_due(self, item) -> None:
+        self._release(*item)
+
     async def drain(self) -> None:
         """Hand every parked Ping back (the worker is stopping), a slice per loop step: each
         release starts a task that answers and closes, and 100,000 of them in one step would
         stall the worker for seconds."""
-        from seg_fast.proxy.looplag import in_slices
-
         while self._by_fd:
             parked = list({id(p): p for p in self._by_fd.values()}.values())
             await in_slices(parked, lambda p: self._release(p, DRAIN))     # a no-op for one answered meanwhile
@@ -121,19 +126,27 @@ class PingPark:
                 with trio.CancelScope(deadline=deadline) as self._scope:
                     await trio.lowlevel.wait_readable(self._epoll)
                 self._scope = None
+                due = []
                 for fd, mask in self._epoll.poll(0, 4096):
                     p = self._by_fd.get(fd)
                     if p is not None:
-                        self._release(p, ANSWER if fd == p.fds[0] else DEVICE_GONE)
+                        due.append((p, ANSWER if fd == p.fds[0] else DEVICE_GONE))
                 now = trio.current_time()
                 heap = self._heap
                 while heap and (heap[0][2].done or heap[0][0] <= now):
                     _, _, p = heapq.heappop(heap)
-                    if p.done:
-                        self._dead -= 1
-                    else:
-                        self._release(p, TIMEOUT)
-                        self._dead -= 1
+                    if not p.done:
+                        due.append((p, TIMEOUT))
+                    self._dead -= 1           # its heap entry (_release counts it as dead again)
+                if len(due) <= RELEASE_AT_ONCE:
+                    for p, why in due:
+                        self._release(p, why)
+                else:
+                    # Pings answered together (a mail server's wave, heartbeats parked in a
+                    # ramp): each release spawns a task that answers its device (~0.5-1 ms with
+                    # TLS), and thousands in one step and one batch stalled the worker for
+                    # hundreds of ms. A slice per loop step, the slice sized by the step's length.
+                    await in_slices(due, self._release_due)       # a no-op for one done meanwhile
                 if self._dead > 1024 and self._dead > len(heap) // 2:
                     # Pings answered early leave their heap entries behind: compact.
                     self._heap = [e for e in heap if not e[2].done]

@@ -82,7 +82,7 @@ def worker_cli(argv: list[str]) -> int:
 
 
 def run_worker(config, config_path: str | None) -> int:
-    from seg_fast.proxy import gcpause
+    from seg_fast.proxy import gcpause, slowsteps
     from seg_fast.proxy.gateway import Gateway
     from seg_fast.proxy.worker import die_with_parent
 
@@ -91,6 +91,7 @@ def run_worker(config, config_path: str | None) -> int:
     gw = Gateway(config, config_path=config_path)
 
     async def main():
+        slowsteps.install_from_env()     # debug: log task steps over SEG_FAST_SLOW_STEP_MS
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
 

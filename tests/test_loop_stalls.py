@@ -1,0 +1,146 @@
+"""Event-loop stalls: work that used to happen for thousands of connections in one task step.
+
+A worker's loop lag is the length of a scheduler batch (every ready task runs once
+between two I/O waits). Parked Pings answered together (a mail server's wave, or
+heartbeats that expire together after a ramp of devices) were all handed back in one
+step of the parking task, and the tasks that answer them all ran in the next batch:
+hundreds of ms with TLS at a few thousand devices. These tests count, with a trio
+Instrument, how many Pings are handed back per batch (no timings are asserted).
+"""
+from __future__ import annotations
+
+import collections
+import socket
+import types
+
+import trio
+
+from seg_fast.proxy import parking
+from seg_fast.proxy.parking import ANSWER, TIMEOUT, Parked, PingPark
+from seg_fast.proxy.slowsteps import SlowSteps
+
+N = 300
+
+
+class Batches(trio.abc.Instrument):
+    """Numbers the scheduler's batches: one per I/O wait."""
+
+    def __init__(self):
+        self.n = 0
+
+    def after_io_wait(self, timeout) -> None:
+        self.n += 1
+
+
+def _parked(deadline: float):
+    up_local, up_peer = socket.socketpair()
+    dev_local, dev_peer = socket.socketpair()
+    p = Parked(types.SimpleNamespace(socket=dev_local), "127.0.0.1", b"http", False,
+               types.SimpleNamespace(sock=up_local), None, None, None, b"gw", deadline, 0.0, 0.0)
+    return p, (up_local, up_peer, dev_local, dev_peer)
+
+
+async def _release_together(why: str) -> tuple[collections.Counter, list]:
+    """Park N Pings, make all of them due at once, count the hand-backs per batch."""
+    batches = Batches()
+    trio.lowlevel.add_instrument(batches)
+    released: list = []
+    per_batch: collections.Counter = collections.Counter()
+
+    def spawn(p, reason):
+        released.append((p, reason))
+        per_batch[batches.n] += 1
+
+    park = PingPark(spawn)
+    socks = []
+    # One deadline for all: every heartbeat expires together (TIMEOUT), or never (ANSWER).
+    deadline = trio.current_time() + (3600 if why == ANSWER else 1.0)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(park.run)
+            for _ in range(N):
+                p, s = _parked(deadline)
+                socks.extend(s)
+                park.park(p)
+            if why == ANSWER:
+                for i in range(0, len(socks), 4):
+                    socks[i + 1].send(b"H")         # every mail server answers, in this one step
+            with trio.fail_after(30):
+                while len(released) < N:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(batches)
+        for s in socks:
+            s.close()
+    return per_batch, released
+
+
+async def test_answers_arriving_together_are_handed_back_in_slices():
+    per_batch, released = await _release_together(ANSWER)
+    assert sorted(id(p) for p, _ in released) == sorted({id(p) for p, _ in released})    # each once
+    assert {why for _, why in released} == {ANSWER}
+    # Before: all N in one step and one batch. Now a slice per batch, starting at 16 and at
+    # most doubling per slice: 16+32+64+128 < N, so no batch gets more than 128.
+    assert max(per_batch.values()) <= 128, per_batch
+    assert len(per_batch) >= 4
+
+
+async def test_heartbeats_expiring_together_are_handed_back_in_slices():
+    per_batch, released = await _release_together(TIMEOUT)
+    assert len({id(p) for p, _ in released}) == N
+    assert {why for _, why in released} == {TIMEOUT}
+    assert max(per_batch.values()) <= 128, per_batch
+
+
+async def test_a_few_due_are_handed_back_in_the_step_that_found_them():
+    """Under RELEASE_AT_ONCE nothing is deferred: the common case costs no extra step."""
+    released: list = []
+    batches = Batches()
+    trio.lowlevel.add_instrument(batches)
+    park = PingPark(lambda p, why: released.append(batches.n))
+    socks = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(park.run)
+            for _ in range(parking.RELEASE_AT_ONCE):
+                p, s = _parked(trio.current_time() + 3600)
+                socks.extend(s)
+                park.park(p)
+            for i in range(0, len(socks), 4):
+                socks[i + 1].send(b"H")
+            with trio.fail_after(30):
+                while len(released) < parking.RELEASE_AT_ONCE:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(batches)
+        for s in socks:
+            s.close()
+    assert len(set(released)) == 1
+    assert park.count == 0
+
+
+async def test_slow_step_instrument_names_the_task_and_its_line():
+    """The debug instrument (SEG_FAST_SLOW_STEP_MS) records a step over its bound with the
+    task's name and where it parked; a short step is not recorded."""
+    steps = SlowSteps(over_ms=5.0).install()
+    try:
+        async def hog():
+            await trio.sleep(0)
+            end = trio.current_time() + 0.02
+            while trio.current_time() < end:        # a step of >= 20 ms, by the clock
+                pass
+            await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hog)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+        import gc
+        gc.callbacks.remove(steps._gc)
+    names = [rec[2] for rec in steps.slow]
+    assert any(name.endswith("hog") for name in names), steps.slow
+    rec = next(r for r in steps.slow if r[2].endswith("hog"))
+    assert rec[0] >= 5.0 and "test_loop_stalls.py" in rec[3]
+    assert steps.longest >= rec[0] - 0.01          # rec is rounded
