@@ -14,6 +14,7 @@ import socket
 import types
 
 import trio
+import trio.lowlevel
 
 from seg_fast.proxy import parking
 from seg_fast.proxy.parking import ANSWER, TIMEOUT, Parked, PingPark
@@ -127,18 +128,16 @@ async def test_slow_step_instrument_names_the_task_and_its_line():
     steps = SlowSteps(over_ms=5.0).install()
     try:
         async def hog():
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             end = trio.current_time() + 0.02
             while trio.current_time() < end:        # a step of >= 20 ms, by the clock
                 pass
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hog)
     finally:
-        trio.lowlevel.remove_instrument(steps)
-        import gc
-        gc.callbacks.remove(steps._gc)
+        steps.uninstall()
     names = [rec[2] for rec in steps.slow]
     assert any(name.endswith("hog") for name in names), steps.slow
     rec = next(r for r in steps.slow if r[2].endswith("hog"))

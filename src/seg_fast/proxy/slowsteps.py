@@ -49,6 +49,10 @@ class SlowSteps(trio.abc.Instrument):
         self._c0 = time.thread_time()
         self._gc_ms = 0.0
         self._gc_t0 = 0.0
+        self._b0: float | None = None       # when the current batch began (None: outside one)
+        self._bc0 = 0.0
+        self._bsteps = 0
+        self._bgroups: dict[str, tuple[int, float]] = {}
 
     def _gc(self, phase, info) -> None:
         if phase == "start":
@@ -66,12 +70,11 @@ class SlowSteps(trio.abc.Instrument):
         self._bgroups = {}
 
     def before_io_wait(self, timeout) -> None:
-        b0 = getattr(self, "_b0", None)
+        b0 = self._b0
         if b0 is None:
             return
         ms = (time.perf_counter() - b0) * 1000.0
-        if ms > self.longest_batch:
-            self.longest_batch = ms
+        self.longest_batch = max(self.longest_batch, ms)
         if ms > self.over_ms and self.out is not None:
             cpu = (time.thread_time() - self._bc0) * 1000.0
             top = sorted(self._bgroups.items(), key=lambda kv: -kv[1][1])[:4]
@@ -87,10 +90,9 @@ class SlowSteps(trio.abc.Instrument):
 
     def after_task_step(self, task) -> None:
         ms = (time.perf_counter() - self._t0) * 1000.0
-        if ms > self.longest:
-            self.longest = ms
-        self._bsteps = getattr(self, "_bsteps", 0) + 1
-        if ms > 0.5 and self.out is not None and getattr(self, "_b0", None) is not None:
+        self.longest = max(self.longest, ms)
+        self._bsteps += 1
+        if ms > 0.5 and self.out is not None and self._b0 is not None:
             key = f"{task.name.rsplit('.', 1)[-1]} @ {_where(task)}"
             n, t = self._bgroups.get(key, (0, 0.0))
             self._bgroups[key] = (n + 1, t + ms)
@@ -103,10 +105,14 @@ class SlowSteps(trio.abc.Instrument):
                 print(f"{time.time():.3f} slow step {rec[0]} ms cpu {rec[1]} ms gc {rec[4]} ms task={rec[2]} at {rec[3]}",
                       file=self.out, flush=True)
 
-    def install(self) -> "SlowSteps":
+    def install(self) -> SlowSteps:
         gc.callbacks.append(self._gc)
         trio.lowlevel.add_instrument(self)
         return self
+
+    def uninstall(self) -> None:
+        trio.lowlevel.remove_instrument(self)
+        gc.callbacks.remove(self._gc)
 
 
 def install_from_env() -> SlowSteps | None:
