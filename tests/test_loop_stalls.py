@@ -143,3 +143,32 @@ async def test_slow_step_instrument_names_the_task_and_its_line():
     rec = next(r for r in steps.slow if r[2].endswith("hog"))
     assert rec[0] >= 5.0 and "test_loop_stalls.py" in rec[3]
     assert steps.longest >= rec[0] - 0.01          # rec is rounded
+
+
+async def test_refreeze_after_a_ramp_does_not_walk_the_frozen_objects(monkeypatch):
+    """gc.get_freeze_count() walks every frozen object (seconds in one step with 100,000
+    parked Pings frozen): a worker counts them once, at start-up, never after a ramp."""
+    import gc
+
+    from seg_fast.proxy import gcpause
+
+    walks = []
+    freezes = []
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: walks.append(1) or 0)
+    monkeypatch.setattr(gc, "freeze", lambda: freezes.append(1))
+    monkeypatch.setattr(gcpause, "frozen", gcpause.frozen)     # restored after the test
+    gw = types.SimpleNamespace(active=0)
+    before = gcpause.refreezes
+    with trio.move_on_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: gcpause.refreeze_on_ramp(gw, every=0.001, min_interval=0.0,
+                                                                min_connections=4))
+            for active in (8, 16, 32):                 # three ramps: connections double each time
+                gw.active = active
+                while len(freezes) < active.bit_length() - 3:
+                    await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    assert len(freezes) == 3 and gcpause.refreezes - before == 3
+    assert walks == []
+    gcpause.freeze(count=True)                         # start-up's freeze counts, once
+    assert walks == [1]

@@ -20,21 +20,24 @@ import trio
 
 # A full collection after 10**8 generation-1 passes: never, in practice.
 GEN2_THRESHOLD = 100_000_000
-# Objects in the permanent generation after our last freeze: counted then, not per snapshot
-# (gc.get_freeze_count() walks them all: ~10 ms a call with a worker's start-up heap).
+# Objects in the permanent generation after start-up's freeze: counted then, not per snapshot
+# nor per ramp (gc.get_freeze_count() walks them all: ~10 ms with a worker's start-up heap,
+# ~70 ms per million objects, so seconds in one step with 100,000 parked Pings frozen).
 frozen = 0
+refreezes = 0     # freezes after ramps of connections (gc.freeze itself is O(1): a list splice)
 
 
-def freeze() -> None:
+def freeze(count: bool = False) -> None:
     global frozen
     gc.freeze()
-    frozen = gc.get_freeze_count()
+    if count:
+        frozen = gc.get_freeze_count()
 
 
 def tune() -> None:
     """Once, after the worker has started (imports done, policies loaded)."""
     gc.collect()
-    freeze()
+    freeze(count=True)
     gen0, gen1, _ = gc.get_threshold()
     gc.set_threshold(gen0, gen1, GEN2_THRESHOLD)
 
@@ -42,13 +45,15 @@ def tune() -> None:
 async def refreeze_on_ramp(gw, *, every: float = 1.0, min_interval: float = 5.0, min_connections: int = 256):
     """Freeze again whenever the worker's connections have doubled since the last freeze
     (or since the lowest count after it: a fleet that leaves and comes back is a new ramp)."""
+    global refreezes
     last_count, last_at = 0, time.monotonic()
     while True:
         await trio.sleep(every)
         now, count = time.monotonic(), gw.active
         if count >= max(min_connections, 2 * last_count) and now - last_at >= min_interval:
             gc.collect(1)             # young garbage goes now, not frozen with the rest
-            freeze()
+            freeze()                  # not counted: see ``frozen``
+            refreezes += 1
             last_count, last_at = count, now
         elif count < last_count // 2:
             last_count = count
@@ -85,4 +90,5 @@ class GCWatch:
     def snapshot(self) -> dict:
         return {"collections": list(self.count), "total_ms": [round(x, 3) for x in self.total_ms],
                 "max_ms": [round(x, 3) for x in self.max_ms], "frozen": frozen,
+                "refreezes": refreezes,
                 "threshold": list(gc.get_threshold())}
