@@ -49,6 +49,7 @@ class SlowSteps(trio.abc.Instrument):
         self._c0 = time.thread_time()
         self._gc_ms = 0.0
         self._gc_t0 = 0.0
+        self._gc_worst = (0.0, -1, 0, 0)
         self._b0: float | None = None       # when the current batch began (None: outside one)
         self._bc0 = 0.0
         self._bsteps = 0
@@ -58,7 +59,10 @@ class SlowSteps(trio.abc.Instrument):
         if phase == "start":
             self._gc_t0 = time.perf_counter()
         else:
-            self._gc_ms += (time.perf_counter() - self._gc_t0) * 1000.0
+            ms = (time.perf_counter() - self._gc_t0) * 1000.0
+            self._gc_ms += ms
+            if ms > self._gc_worst[0]:        # which collection: generation, garbage found
+                self._gc_worst = (ms, info["generation"], info["collected"], info["uncollectable"])
 
     # A loop-lag spike is usually a batch (trio runs every ready task once between two
     # I/O waits), not one step: many ~1 ms steps ready at once. So batches are timed too,
@@ -85,6 +89,7 @@ class SlowSteps(trio.abc.Instrument):
 
     def before_task_step(self, task) -> None:
         self._gc_ms = 0.0
+        self._gc_worst = (0.0, -1, 0, 0)
         self._t0 = time.perf_counter()
         self._c0 = time.thread_time()
 
@@ -102,8 +107,10 @@ class SlowSteps(trio.abc.Instrument):
             if len(self.slow) < self.keep:
                 self.slow.append(rec)
             if self.out is not None:
-                print(f"{time.time():.3f} slow step {rec[0]} ms cpu {rec[1]} ms gc {rec[4]} ms task={rec[2]} at {rec[3]}",
-                      file=self.out, flush=True)
+                worst = self._gc_worst
+                gcs = f" (gen {worst[1]}: {worst[0]:.1f} ms, {worst[2]} collected)" if worst[1] >= 0 else ""
+                print(f"{time.time():.3f} slow step {rec[0]} ms cpu {rec[1]} ms gc {rec[4]} ms{gcs} "
+                      f"task={rec[2]} at {rec[3]}", file=self.out, flush=True)
 
     def install(self) -> SlowSteps:
         gc.callbacks.append(self._gc)
