@@ -172,3 +172,36 @@ async def test_refreeze_after_a_ramp_does_not_walk_the_frozen_objects(monkeypatc
     assert walks == []
     gcpause.freeze(count=True)                         # start-up's freeze counts, once
     assert walks == [1]
+
+
+async def test_in_slices_counts_the_slices_own_work(monkeypatch):
+    """in_slices sizes a slice by how long the step took, the slice's own actions included:
+    with each action costing 1 ms (a fake clock, no real timing) and a 5 ms step, no slice
+    grows past 2 x 5 actions. Before, only the wait across sleep(0) was timed: a slice's own
+    actions counted for nothing and the size doubled up to its cap (1,024)."""
+    from seg_fast.proxy import looplag
+
+    clock = [0.0]
+    monkeypatch.setattr(looplag.time, "perf_counter", lambda: clock[0])
+    slices: list[int] = []
+    current = [0]
+
+    class Steps(trio.abc.Instrument):
+        def after_io_wait(self, timeout):
+            if current[0]:
+                slices.append(current[0])
+            current[0] = 0
+
+    def action(item):
+        clock[0] += 0.001            # each action: 1 ms of the loop
+        current[0] += 1
+
+    steps = Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        await looplag.in_slices(list(range(2000)), action, step_ms=5.0)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    slices.append(current[0])
+    assert sum(slices) == 2000
+    assert max(slices) <= 16, slices           # the first slice (16), then at most 2 x 5
