@@ -41,8 +41,8 @@ def _parked(deadline: float):
     return p, (up_local, up_peer, dev_local, dev_peer)
 
 
-async def _release_together(why: str) -> tuple[collections.Counter, list]:
-    """Park N Pings, make all of them due at once, count the hand-backs per batch."""
+async def _release_together(why: str, n: int = N) -> tuple[collections.Counter, list]:
+    """Park n Pings, make all of them due at once, count the hand-backs per batch."""
     batches = Batches()
     trio.lowlevel.add_instrument(batches)
     released: list = []
@@ -59,7 +59,7 @@ async def _release_together(why: str) -> tuple[collections.Counter, list]:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(park.run)
-            for _ in range(N):
+            for _ in range(n):
                 p, s = _parked(deadline)
                 socks.extend(s)
                 park.park(p)
@@ -67,13 +67,14 @@ async def _release_together(why: str) -> tuple[collections.Counter, list]:
                 for i in range(0, len(socks), 4):
                     socks[i + 1].send(b"H")         # every mail server answers, in this one step
             with trio.fail_after(30):
-                while len(released) < N:
+                while len(released) < n:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     finally:
         trio.lowlevel.remove_instrument(batches)
         for s in socks:
             s.close()
+    assert park.count == 0 and not park._by_fd        # every Ping left the parking lot
     return per_batch, released
 
 
@@ -95,31 +96,10 @@ async def test_heartbeats_expiring_together_are_handed_back_in_slices():
 
 
 async def test_a_few_due_are_handed_back_in_the_step_that_found_them():
-    """Under RELEASE_AT_ONCE nothing is deferred: the common case costs no extra step."""
-    released: list = []
-    batches = Batches()
-    trio.lowlevel.add_instrument(batches)
-    park = PingPark(lambda p, why: released.append(batches.n))
-    socks = []
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(park.run)
-            for _ in range(parking.RELEASE_AT_ONCE):
-                p, s = _parked(trio.current_time() + 3600)
-                socks.extend(s)
-                park.park(p)
-            for i in range(0, len(socks), 4):
-                socks[i + 1].send(b"H")
-            with trio.fail_after(30):
-                while len(released) < parking.RELEASE_AT_ONCE:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-    finally:
-        trio.lowlevel.remove_instrument(batches)
-        for s in socks:
-            s.close()
-    assert len(set(released)) == 1
-    assert park.count == 0
+    """Up to RELEASE_AT_ONCE nothing is deferred: the common case costs no extra step."""
+    per_batch, released = await _release_together(ANSWER, parking.RELEASE_AT_ONCE)
+    assert len(released) == parking.RELEASE_AT_ONCE
+    assert len(per_batch) == 1, per_batch
 
 
 async def test_slow_step_instrument_names_the_task_and_its_line():
