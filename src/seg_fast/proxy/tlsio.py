@@ -73,13 +73,22 @@ _FORWARDED = frozenset({
 })
 
 
+def socket_bio(context: ssl.SSLContext, sock: socket.socket, server_side: bool,
+               server_hostname: str | None = None, session=None, owner=None):
+    """The C object ssl.SSLSocket uses (the one place that reaches for the private
+    ``SSLContext._wrap_socket``): OpenSSL on ``sock``'s own descriptor, through its socket
+    BIO, so an idle connection keeps no buffers (memory BIOs never shrink). The load side
+    (sim/wire.py, sim/lean_serve.py) uses it bare."""
+    return context._wrap_socket(sock, server_side, server_hostname, owner=owner, session=session)
+
+
 def wrap_socket(context: ssl.SSLContext, sock: socket.socket, server_side: bool,
                 server_hostname: str | None = None, session=None) -> ssl.SSLObject:
     """An ``ssl.SSLObject`` (its whole query API) whose C object is ssl.SSLSocket's: OpenSSL
     reads and writes ``sock`` (a non-blocking stdlib socket) itself, through its socket BIO.
     Its read/write/do_handshake raise SSLWantRead/WantWriteError where the socket would block."""
     face = ssl.SSLObject.__new__(ssl.SSLObject)
-    face._sslobj = context._wrap_socket(sock, server_side, server_hostname, owner=face, session=session)
+    face._sslobj = socket_bio(context, sock, server_side, server_hostname, session, owner=face)
     return face
 
 

@@ -33,6 +33,7 @@ import trio
 from seg_fast.errors import HTTPProtocolError
 from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.proxy import http1
+from seg_fast.proxy.tlsio import socket_bio
 from seg_fast.sim import commands as C
 from seg_fast.sim.mailbox import LEAN_METHODS, MAX_HEAD, REASONS, SERVER_TRIPLE, _Park, _seq_of
 from seg_fast.sim.wire import TLS_EOF, TLS_STUCK, RawStream, TlsStream, read_tls
@@ -196,7 +197,7 @@ class Reactor:
             tls = None
             if self.ctx is not None:
                 try:
-                    tls = self.ctx._wrap_socket(sock, True, owner=None)   # handshake: first read
+                    tls = socket_bio(self.ctx, sock, True)   # handshake: first read
                 except (OSError, ValueError):
                     sock.close()
                     continue

@@ -27,6 +27,7 @@ import trio
 
 from seg_fast.errors import HTTPProtocolError
 from seg_fast.proxy import http1
+from seg_fast.proxy.tlsio import socket_bio
 
 MAX_HEAD = 64 * 1024
 SERVER_NAME = "mail.seg-fast.test"    # the name on the benchmark's certificate
@@ -124,7 +125,7 @@ class TlsStream(trio.abc.Stream):
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool = False,
                  server_hostname: str | None = None, session=None) -> None:
         self.socket = sock          # the SSL object holds only a weak reference to it
-        self.ssl = context._wrap_socket(sock, server_side, server_hostname, owner=None, session=session)
+        self.ssl = socket_bio(context, sock, server_side, server_hostname, session)
 
     @classmethod
     def over(cls, sock: socket.socket, ssl_object) -> "TlsStream":
