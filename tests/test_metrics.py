@@ -219,7 +219,11 @@ async def test_metrics_after_real_traffic(tmp_path):
                     fams = families(body.decode())
                     total = samples(fams, "seg_fast_requests", "_total")
                     started = fams.get("seg_fast_worker_start_time_seconds")
-                    if len(recs) >= 12 and total == len(recs) and started and len(started.samples) == 2:
+                    folder_syncs = sum(1 for r in recs if r.get("command") == "FolderSync")
+                    # Each worker writes its log and its stats on its own schedule: wait for every
+                    # FolderSync the devices made, and for the metrics to agree with the log.
+                    if (folder_syncs >= len(good) + len(bad) and total == len(recs)
+                            and started and len(started.samples) == 2):
                         break                      # every request counted, both workers reporting
                     await trio.sleep(0.2)
             by_key: dict = {}
