@@ -44,9 +44,11 @@ pacing as ``sockio.Pace`` defines them).
 """
 from __future__ import annotations
 
+import collections
 import math
 import socket
 import ssl
+import time
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
@@ -64,6 +66,7 @@ _ready = 0
 _TRY, _WRITE, _READ = 0, 1, 2
 _WantRead, _WantWrite = ssl.SSLWantReadError, ssl.SSLWantWriteError
 _EOFS = (ssl.SSLZeroReturnError, ssl.SSLEOFError)     # close_notify, or the TCP EOF without it
+_TCP_CORK = getattr(socket, "TCP_CORK", None)           # Linux: hold partial segments until uncorked
 
 # What trio.SSLStream forwards from its SSLObject (the same names).
 _FORWARDED = frozenset({
@@ -117,6 +120,85 @@ def records(parts):
         yield b"".join(held)
 
 
+# -- handshakes admitted per scheduler batch -------------------------------------------------
+# A handshake's server flight (key exchange, signature) is ~1 ms of CPU in one task step. Devices
+# arriving together (a ramp, a fleet reconnecting after a restart) made batches of hundreds of
+# them back to back: hundreds of ms in which no connected device's request was served. So a
+# worker admits about HANDSHAKE_BUDGET_MS of handshakes per batch (from their measured cost);
+# the rest wait in arrival order and are let through a batch's worth at a time, with the
+# connected devices' requests in between.
+HANDSHAKE_BUDGET_MS = 2.0
+
+
+class HandshakeGate(trio.abc.Instrument):
+    """One per trio run (``_gate``). As an Instrument it only counts batches (``after_io_wait``:
+    one call per batch, not per step)."""
+
+    def __init__(self, budget_ms: float = HANDSHAKE_BUDGET_MS):
+        self.budget = budget_ms / 1000.0
+        self.cost = 0.001             # a handshake's CPU (s), moving average of measured ones
+        self.admitted = 0             # handshakes admitted in this batch
+        self.waiting: collections.deque = collections.deque()    # trio.Events, oldest first
+        self.deferred = 0             # handshakes that waited (for tests and the curious)
+        self._pump = False
+
+    def per_batch(self) -> int:
+        return max(1, int(self.budget / self.cost))
+
+    def after_io_wait(self, timeout) -> None:
+        self.admitted = 0
+
+    async def admit(self) -> None:
+        """Return when this handshake may run (at once unless the batch's share is used)."""
+        if not self.waiting and self.admitted < self.per_batch():
+            self.admitted += 1
+            return
+        event = trio.Event()
+        self.waiting.append(event)
+        self.deferred += 1
+        if not self._pump:
+            self._pump = True
+            trio.lowlevel.spawn_system_task(self._release)
+        try:
+            await event.wait()
+        except BaseException:
+            if not event.is_set():
+                try:
+                    self.waiting.remove(event)
+                except ValueError:
+                    pass
+            raise
+
+    async def _release(self) -> None:
+        """While handshakes wait: each batch, let the next batch's share through (they run
+        in the next batch, counted there). Runnable every batch, so the loop never sleeps
+        in its I/O wait while one waits."""
+        try:
+            while self.waiting:
+                for _ in range(self.per_batch()):
+                    if not self.waiting:
+                        break
+                    self.waiting.popleft().set()
+                await checkpoint()
+        finally:
+            self._pump = False
+
+    def spent(self, seconds: float) -> None:
+        self.cost += (seconds - self.cost) * 0.125
+
+
+_the_gate = trio.lowlevel.RunVar("seg_fast_handshake_gate", default=None)
+
+
+def _gate() -> HandshakeGate:
+    gate = _the_gate.get()
+    if gate is None:
+        gate = HandshakeGate()
+        trio.lowlevel.add_instrument(gate)
+        _the_gate.set(gate)
+    return gate
+
+
 class TLSStream:
     """One device connection's TLS, server side (see the module's docstring)."""
 
@@ -155,12 +237,16 @@ class TLSStream:
             await checkpoint()
             return
         obj = self._obj
+        gate = _gate()
+        cpu = 0.0
         try:
             if not self.handshake_started:
                 await self._first_byte(deadline)
+            await gate.admit()        # the ClientHello is here: its answer is the costly step
             while True:
                 if self.plain.fileno() < 0:
                     raise trio.ClosedResourceError("socket was closed")
+                t0 = time.perf_counter()
                 try:
                     obj.do_handshake()
                     break
@@ -168,6 +254,8 @@ class TLSStream:
                     writable = False
                 except _WantWrite:
                     writable = True   # the device does not take the server's flight yet
+                finally:
+                    cpu += time.perf_counter() - t0
                 if not await self._wait(deadline, writable):
                     raise TimeoutError
         except _EOFS:
@@ -185,6 +273,7 @@ class TLSStream:
         except BaseException:
             self._broken = True       # cancelled half-way, or the socket closed under it
             raise
+        gate.spent(cpu)
         self._handshook = True
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -294,7 +383,14 @@ class TLSStream:
                     except (_WantWrite, _WantRead):
                         waited = await self._write_records((data,), total, pace)
             else:
-                waited = await self._write_records(records(parts), total, pace)
+                # Corked, OpenSSL's one write per record leaves as full segments, not one each
+                # (on loopback a segment's whole receive path runs in the sender's write).
+                corked = self._cork(1)
+                try:
+                    waited = await self._write_records(records(parts), total, pace)
+                finally:
+                    if corked:
+                        self._cork(0)
         except ssl.SSLError as exc:
             self._broken = True
             raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
@@ -322,6 +418,15 @@ class TLSStream:
             raise trio.ClosedResourceError("this TLS stream was closed")
         if self._broken:
             raise trio.BrokenResourceError("this TLS stream is broken")
+
+    def _cork(self, on: int) -> bool:
+        """TCP_CORK on (1) or off (0, which sends what it held); False where there is none
+        (not TCP, or the socket is closed)."""
+        try:
+            self.socket._sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, on)
+            return True
+        except (OSError, TypeError):      # TypeError: no TCP_CORK on this system
+            return False
 
     def _read(self, size: int) -> bytes | None:
         """One OpenSSL read: plaintext, b"" at EOF, None if the socket must be waited for

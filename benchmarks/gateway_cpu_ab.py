@@ -1,0 +1,162 @@
+"""The gateway's CPU for TLS answers over TCP, this tree's tlsio beside a commit's (A/B).
+
+``--answers``: server-thread CPU per exchange (a 400-byte request in, a 180-byte head and a
+body of each ``--sizes`` out, through sockio.send_parts with the device-write pace, as the
+gateway writes an answer) over a loopback TCP connection to a blocking TLS client in a forked
+process, the stream alternating between tlsio.TLSStream as of ``--baseline`` (git show) and
+as it is here; medians of ``--rounds``. (tls_bench.py --stream-loop does this over a
+socketpair, where TCP segmentation, which this measures too, does not exist.)
+
+``--sizing``: benchmarks/sizing.py (a short development run, TLS, the gateway path only) with
+each tree's sources alternately (PYTHONPATH=<tree>/src), the gateway process's CPU-s per
+device-hour from each run's JSON; medians.
+
+Results go into a key (``--key``) of benchmarks/results/gateway_cpu_ab.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+OUT = HERE / "benchmarks" / "results" / "gateway_cpu_ab.json"
+SIZING = ["--devices", "3000", "--paths", "gateway", "--rate-scale", "10", "--ramp", "20",
+          "--settle", "10", "--hold", "60", "--drain", "15", "--repeat", "1", "--seed", "3", "--tls"]
+
+
+def answers(sizes: list[int], exchanges: int, rounds: int, baseline: str) -> dict:
+    import multiprocessing
+
+    import trio
+    import trustme
+
+    from seg_fast.proxy import sockio
+    from seg_fast.proxy.gateway import server_tls_context
+    from seg_fast.proxy.tlsio import TLSStream
+
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    from tls_bench import baseline_tlsio
+
+    workdir = Path(tempfile.mkdtemp(prefix="gw-cpu-ab-"))
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(workdir / "c.pem"))
+    cert.private_key_pem.write_to_path(str(workdir / "k.pem"))
+    sctx = server_tls_context(str(workdir / "c.pem"), str(workdir / "k.pem"))
+    cctx = ssl.create_default_context()
+    ca.configure_trust(cctx)
+    request = b"x" * 400
+    streams = {f"base@{baseline}": baseline_tlsio(baseline, workdir), "new": TLSStream}
+
+    def client(port, size):
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            with cctx.wrap_socket(raw, server_hostname="localhost") as s:
+                for _ in range(exchanges):
+                    s.sendall(request)
+                    got = 0
+                    while got < size:
+                        got += len(s.recv(262144))
+
+    async def serve(kind, body):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        peer = multiprocessing.get_context("fork").Process(target=client, args=(port, 180 + body))
+        peer.start()
+        sock, _ = await trio.to_thread.run_sync(listener.accept)
+        listener.close()
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # as the gateway's sockets
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        stream = streams[kind](transport, sctx)
+        await stream.do_handshake()
+        pace = sockio.Pace(60.0, 1024.0, sockio.Unsent(0))
+        answer = [b"h" * 180, b"S" * body]
+        t0 = time.thread_time()
+        for _ in range(exchanges):
+            got = 0
+            while got < len(request):
+                got += len(await sockio.receive(stream, None, 65536, trio.current_time() + 60))
+            await sockio.send_parts(stream, None, answer, pace)
+        used = time.thread_time() - t0
+        await trio.to_thread.run_sync(peer.join)
+        await stream.aclose()
+        return round(used / exchanges * 1e6, 1)
+
+    out = {}
+    for body in sizes:
+        runs: dict[str, list] = {}
+        for _ in range(rounds):
+            for kind in streams:
+                runs.setdefault(kind, []).append(trio.run(serve, kind, body))
+        out[str(body)] = {kind: {"server_cpu_us_per_exchange": statistics.median(r), "runs": r}
+                          for kind, r in runs.items()}
+        print(body, {k: v["server_cpu_us_per_exchange"] for k, v in out[str(body)].items()}, flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def sizing(trees: dict[str, str], rounds: int) -> dict:
+    runs: dict[str, list] = {}
+    for _ in range(rounds):
+        for name, tree in trees.items():
+            outdir = Path(tempfile.mkdtemp(prefix=f"gw-cpu-sizing-{name}-"))
+            env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"))
+            subprocess.run([sys.executable, str(Path(tree) / "benchmarks" / "sizing.py"), *SIZING,
+                            "--quiet", "--out", str(outdir)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            found = [p for p in outdir.glob("sizing-*.json") if not p.name.endswith(".raw.json")]
+            point = json.loads(found[0].read_text())["points"][0]
+            m = point["verdict"]["metrics"]["gateway"]
+            failures = point["verdict"]["metrics"].get("failures", None)
+            runs.setdefault(name, []).append({"cpu_s_per_device_hour": m["cpu_s_per_device_hour"],
+                                              "cpu_share": m["cpu_share"], "failures": failures})
+            print(name, runs[name][-1], flush=True)
+            shutil.rmtree(outdir, ignore_errors=True)
+    return {name: {"cpu_s_per_device_hour_median":
+                   statistics.median(r["cpu_s_per_device_hour"] for r in rs), "runs": rs}
+            for name, rs in runs.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--answers", action="store_true")
+    ap.add_argument("--sizes", default="180,30000,460000")
+    ap.add_argument("--exchanges", type=int, default=2000)
+    ap.add_argument("--baseline", default="HEAD", help="commit for --answers' base stream")
+    ap.add_argument("--sizing", action="store_true")
+    ap.add_argument("--base-tree", help="--sizing: the base worktree (git worktree add <dir> <commit>)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--key", required=True, help="the key of results/gateway_cpu_ab.json to write")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+              "load_average": os.getloadavg(), "note": args.note, "argv": sys.argv[1:]}
+    if args.answers:
+        result["answers"] = answers([int(s) for s in args.sizes.split(",")], args.exchanges,
+                                    args.rounds, args.baseline)
+    if args.sizing:
+        result["sizing"] = sizing({"base": args.base_tree, "new": str(HERE)}, args.rounds)
+        result["sizing_command"] = "python benchmarks/sizing.py " + " ".join(SIZING)
+    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data[args.key] = result
+    OUT.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {OUT} [{args.key}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
