@@ -161,6 +161,7 @@ class HandshakeGate(trio.abc.Instrument):
             trio.lowlevel.spawn_system_task(self._release)
         try:
             await event.wait()
+            self.admitted += 1
         except BaseException:
             if not event.is_set():
                 try:
@@ -193,7 +194,7 @@ _the_gate = trio.lowlevel.RunVar("seg_fast_handshake_gate", default=None)
 def _gate() -> HandshakeGate:
     gate = _the_gate.get()
     if gate is None:
-        gate = HandshakeGate()
+        gate = HandshakeGate(HANDSHAKE_BUDGET_MS)
         trio.lowlevel.add_instrument(gate)
         _the_gate.set(gate)
     return gate
