@@ -10,12 +10,17 @@ end), bounded (depth, part count), and precise when it gives up (MIMEError).
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.string cimport memchr, memcpy
 
 from seg_fast.errors import MIMEError
 
 cdef extern from "string.h" nogil:
     void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen)
+
+cdef extern from "Python.h":
+    int _PyBytes_Resize(PyObject** obj, Py_ssize_t size) except -1
 
 MAX_DEPTH = 32
 MAX_PARTS = 2000
@@ -336,14 +341,17 @@ def wrap_lines(data, Py_ssize_t width=76, bytes eol=b"\r\n"):
         result = PyBytes_FromStringAndSize(NULL, size)
         out = PyBytes_AS_STRING(result)
         i = 0
-        while i < n:
-            take = width if n - i > width else n - i
-            memcpy(out + w, src + i, take)
-            w += take
-            i += take
-            if i < n:
-                memcpy(out + w, e, el)
-                w += el
+        # Megabytes of a sealed attachment: without the GIL, so a transform in a worker
+        # thread (proxy/exchange.py) leaves the event loop free meanwhile.
+        with nogil:
+            while i < n:
+                take = width if n - i > width else n - i
+                memcpy(out + w, src + i, take)
+                w += take
+                i += take
+                if i < n:
+                    memcpy(out + w, e, el)
+                    w += el
         return result
     finally:
         PyBuffer_Release(&view)
@@ -453,28 +461,39 @@ def strip_breaks(data):
     cdef const unsigned char* nl
     cdef Py_ssize_t n, i = 0, w = 0, j, k, width = -1
     cdef char* out
+    cdef PyObject* obj
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
         b = <const unsigned char*>view.buf
         n = view.len
         result = PyBytes_FromStringAndSize(NULL, n)
         out = PyBytes_AS_STRING(result)
-        while i < n:
-            # Lines of one width ending in CRLF are the rule: check there first.
-            if width > 0 and i + width + 1 < n and b[i + width] == 13 and b[i + width + 1] == 10:
-                j = i + width + 1
-            else:
-                nl = <const unsigned char*>memchr(b + i, 10, n - i)
-                j = (nl - b) if nl != NULL else n
-            k = j
-            if k > i and b[k - 1] == 13:
-                k -= 1
-            if width < 0:
-                width = k - i
-            memcpy(out + w, b + i, k - i)
-            w += k - i
-            i = j + 1
-        return result[:w]
+        with nogil:                   # as wrap_lines: megabytes, the loop free meanwhile
+            while i < n:
+                # Lines of one width ending in CRLF are the rule: check there first.
+                if width > 0 and i + width + 1 < n and b[i + width] == 13 and b[i + width + 1] == 10:
+                    j = i + width + 1
+                else:
+                    nl = <const unsigned char*>memchr(b + i, 10, n - i)
+                    j = (nl - b) if nl != NULL else n
+                k = j
+                if k > i and b[k - 1] == 13:
+                    k -= 1
+                if width < 0:
+                    width = k - i
+                memcpy(out + w, b + i, k - i)
+                w += k - i
+                i = j + 1
+        if w == n:
+            return result
+        # Shrunk in place (the only reference is ours): no second copy of the body.
+        obj = <PyObject*>result
+        Py_INCREF(result)
+        result = None                 # the raw reference is now the only one
+        _PyBytes_Resize(&obj, w)      # frees it and sets NULL on failure (and raises)
+        result = <object>obj
+        Py_DECREF(result)             # the raw reference's, now result's
+        return result
     finally:
         PyBuffer_Release(&view)
 

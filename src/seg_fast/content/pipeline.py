@@ -28,6 +28,7 @@ import gzip
 import html
 import logging
 import re
+import threading
 import zlib
 from collections import OrderedDict
 
@@ -68,11 +69,14 @@ _ITEMS = ("AirSync:Add", "AirSync:Change", "AirSync:Fetch", "Search:Result", "It
 
 
 class _Runtime:
-    """Per worker: settings, the keyring (loaded on first need) and the FileReference cache."""
+    """Per worker: settings, the keyring (loaded on first need) and the FileReference cache.
+    Large answers are transformed in a worker thread (proxy/exchange.py), beside the loop's
+    own small ones: the caches change under a lock."""
 
     def __init__(self, settings: ContentSettings):
         self.settings = settings
         self._keys: Keyring | None = None
+        self._lock = threading.Lock()
         self.files: OrderedDict[tuple[str, str], str] = OrderedDict()
         # (user, FileReference) -> the file type its bytes showed (a Type 4 body, a fetch):
         # a later Type 1/2 list of the same attachment then names it as it will be fetched.
@@ -86,20 +90,22 @@ class _Runtime:
 
     def remember(self, user: str, ref: str, name: str) -> None:
         key = (user.lower(), ref)
-        self.files[key] = name
-        self.files.move_to_end(key)
-        while len(self.files) > self.settings.file_reference_cache:
-            self.files.popitem(last=False)
+        with self._lock:
+            self.files[key] = name
+            self.files.move_to_end(key)
+            while len(self.files) > self.settings.file_reference_cache:
+                self.files.popitem(last=False)
 
     def name_of(self, user: str, ref: str) -> str:
         return self.files.get((user.lower(), ref), "")
 
     def remember_kind(self, user: str, ref: str, kind: str) -> None:
         key = (user.lower(), ref)
-        self.kinds[key] = kind
-        self.kinds.move_to_end(key)
-        while len(self.kinds) > self.settings.file_reference_cache:
-            self.kinds.popitem(last=False)
+        with self._lock:
+            self.kinds[key] = kind
+            self.kinds.move_to_end(key)
+            while len(self.kinds) > self.settings.file_reference_cache:
+                self.kinds.popitem(last=False)
 
     def kind_of(self, user: str, ref: str) -> str:
         return self.kinds.get((user.lower(), ref), "")
@@ -111,23 +117,34 @@ _runtime = _Runtime(ContentSettings())
 class ContentCounts:
     """What the pipeline did in this worker, for its statistics (stats.py reads it when it
     writes the snapshot): attachments by action each time their content passes (a MIME
-    body, a fetch), and links rewritten. Plain increments: one trio thread per worker."""
+    body, a fetch), and links rewritten. Counted under a lock: a large answer's transform
+    runs in a worker thread beside the loop's."""
 
-    __slots__ = ("attachments", "links")
+    __slots__ = ("attachments", "links", "_lock")
 
     def __init__(self):
         self.attachments = {"encrypt": 0, "block": 0, "allow": 0}
         self.links = 0
+        self._lock = threading.Lock()
+
+    def add(self, action: str) -> None:
+        with self._lock:
+            self.attachments[action] = self.attachments.get(action, 0) + 1
+
+    def add_links(self, n: int) -> None:
+        with self._lock:
+            self.links += n
 
     def outcome(self, out) -> None:
         """A MIME body's transform (message.Outcome): acted on, and judged but let through."""
-        self.links += out.links
         acted = set()
-        for name, action, _ in out.attachments:
-            acted.add(name)
-            self.attachments[action] = self.attachments.get(action, 0) + 1
-        # Outcome.kinds names every top-level attachment judged, allowed or not.
-        self.attachments["allow"] += sum(1 for name in out.kinds if name not in acted)
+        with self._lock:
+            self.links += out.links
+            for name, action, _ in out.attachments:
+                acted.add(name)
+                self.attachments[action] = self.attachments.get(action, 0) + 1
+            # Outcome.kinds names every top-level attachment judged, allowed or not.
+            self.attachments["allow"] += sum(1 for name in out.kinds if name not in acted)
 
 
 counts = ContentCounts()
@@ -185,6 +202,9 @@ class EmailSecurityTransform:
     """Transform (hooks.py) applying one device's compiled email security policy."""
 
     commands = COMMANDS
+    # A pure function of the answer and the plan (shared state under locks): the proxy may
+    # run it in a worker thread (proxy/exchange.py, large answers).
+    in_thread = True
 
     def __init__(self, plan: ContentPlan):
         self.plan = plan
@@ -352,7 +372,7 @@ class EmailSecurityTransform:
                 continue
             else:
                 new, n_links = transform_text(data, plan, truncated=truncated)
-                counts.links += n_links
+                counts.add_links(n_links)
                 resized = False
             if new is data or new == data:
                 continue
@@ -518,11 +538,11 @@ class EmailSecurityTransform:
                 _runtime.remember_kind(user, ref, file_type(name, head))
             kind, action = plan.action(name, head)
         if action == "allow":
-            counts.attachments["allow"] += 1
+            counts.add("allow")
             return None
         shown = name or (f"attachment.{kind}" if kind else "attachment")
         if action == "encrypt" and not ranged:
-            counts.attachments["encrypt"] += 1
+            counts.add("encrypt")
             # The content type is the file's (not the answer's): ItemOperations,
             # GetAttachment and a Type 4 body seal one file the same way.
             return (seal(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind), blob),
@@ -530,7 +550,7 @@ class EmailSecurityTransform:
         return self._blocked(shown)
 
     def _blocked(self, shown: str):
-        counts.attachments["block"] += 1
+        counts.add("block")
         return block_note(shown, self.plan.block_message).encode("utf-8"), BLOCK_NOTE_TYPE, shown + BLOCKED_SUFFIX
 
     def _attached_message(self, name: str, blob, ranged: bool):
