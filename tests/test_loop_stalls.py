@@ -185,3 +185,100 @@ async def test_in_slices_counts_the_slices_own_work(monkeypatch):
     slices.append(current[0])
     assert sum(slices) == 2000
     assert max(slices) <= 16, slices           # the first slice (16), then at most 2 x 5
+
+
+class _Node:
+    pass
+
+
+async def test_young_collections_come_from_their_own_task_not_inside_other_steps():
+    """CPython starts a young collection inside whatever step allocates past its count (and
+    frees of old objects hold the count down while generation 0 fills: 10-48 ms passes in
+    connection steps). With gcpause.collect_young running, automatic collection is off and
+    the young generations are collected by that task alone; cyclic garbage is still freed.
+    Counted with gc.callbacks (which task each collection ran in), not timed."""
+    import functools
+    import gc
+    import weakref
+
+    from seg_fast.proxy import gcpause
+
+    starts: list[tuple[int, str]] = []
+
+    def callback(phase, info):
+        if phase == "start":
+            try:
+                name = trio.lowlevel.current_task().name
+            except RuntimeError:          # not in this run's thread
+                name = "?"
+            starts.append((info["generation"], name))
+
+    def allocating_step() -> tuple[list, weakref.ref]:
+        """One step making 50,000 reference cycles (garbage) and one more to watch."""
+        before = len(starts)
+        for _ in range(50_000):
+            node = _Node()
+            node.me = node
+        node = _Node()
+        node.me = node
+        return starts[before:], weakref.ref(node)
+
+    gc.callbacks.append(callback)
+    assert gc.isenabled()
+    try:
+        inside, _ = allocating_step()
+        assert inside, "the control: CPython collects inside an allocating step"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(gcpause.collect_young, every=(0.001, 0.001, 0.001)))
+            with trio.fail_after(20):
+                while gc.isenabled():                 # until collect_young has started
+                    await trio.sleep(0)
+            inside, ref = allocating_step()
+            assert inside == []                       # no collection inside this step
+            with trio.fail_after(20):
+                while ref() is not None:              # the cycle is freed, by the task's collection
+                    await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+        assert gc.isenabled()                         # as it was before the task
+    finally:
+        gc.callbacks.remove(callback)
+        gc.enable()
+    by_task = [(gen, name) for gen, name in starts if name.endswith("collect_young")]
+    assert by_task and {gen for gen, _ in by_task} == {1}
+
+
+async def test_young_collection_interval_adapts_to_their_length(monkeypatch):
+    """Halved after a collection over the target, doubled after one under a quarter of it,
+    within its bounds (a fake clock: each gc.collect 'takes' the next cost)."""
+    import gc
+
+    from seg_fast.proxy import gcpause
+
+    costs = [5.0, 5.0, 5.0, 5.0, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1]       # ms
+    clock = [0.0]
+    slept: list[float] = []
+    collected: list[int] = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+        if len(slept) > len(costs):
+            raise trio.Cancelled._create()
+        await trio.lowlevel.checkpoint()
+
+    def collect(generation):
+        collected.append(generation)
+        clock[0] += costs[len(collected) - 1] / 1000.0
+
+    monkeypatch.setattr(gcpause.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(gcpause.trio, "sleep", sleep)
+    monkeypatch.setattr(gcpause.gc, "collect", collect)
+    try:
+        with trio.CancelScope():
+            try:
+                await gcpause.collect_young(target_ms=1.0, every=(0.01, 0.04, 0.1))
+            except trio.Cancelled:
+                pass
+    finally:
+        gc.enable()
+    assert collected == [1] * len(costs)
+    assert slept == [0.04, 0.02, 0.01, 0.01, 0.01, 0.01, 0.02, 0.04, 0.08, 0.1, 0.1]

@@ -104,6 +104,7 @@ def run_worker(config, config_path: str | None) -> int:
                 # Start-up is done: no full GC pass over what it built, nor over long-lived connections.
                 gcpause.tune()
                 nursery.start_soon(gcpause.refreeze_on_ramp, gw)
+                nursery.start_soon(gcpause.collect_young)    # young collections on a timer, short ones
                 nursery.start_soon(_worker_signals, gw, signals, config_path)
                 # Counters for the control process's /metrics and console, once a second.
                 nursery.start_soon(stats.write_loop, gw, stats.stats_dir(config))

@@ -49,7 +49,9 @@ class SlowSteps(trio.abc.Instrument):
         self._c0 = time.thread_time()
         self._gc_ms = 0.0
         self._gc_t0 = 0.0
-        self._gc_worst = (0.0, -1, 0, 0)
+        self._gc_worst = (0.0, -1, 0, 0, 0.0, 0)
+        self._gc_c0 = 0.0
+        self._gc_young = 0
         self._b0: float | None = None       # when the current batch began (None: outside one)
         self._bc0 = 0.0
         self._bsteps = 0
@@ -57,12 +59,20 @@ class SlowSteps(trio.abc.Instrument):
 
     def _gc(self, phase, info) -> None:
         if phase == "start":
+            # The objects the collection will walk (its generation and the younger ones): a young
+            # collection is slow only if they are many. Counting them walks them once more:
+            # a debug cost, like the rest of this instrument.
+            gen = info["generation"]
+            self._gc_young = sum(len(gc.get_objects(g)) for g in range(gen + 1)) if gen < 2 else -1
+            self._gc_c0 = time.thread_time()
             self._gc_t0 = time.perf_counter()
         else:
             ms = (time.perf_counter() - self._gc_t0) * 1000.0
             self._gc_ms += ms
-            if ms > self._gc_worst[0]:        # which collection: generation, garbage found
-                self._gc_worst = (ms, info["generation"], info["collected"], info["uncollectable"])
+            if ms > self._gc_worst[0]:        # which collection: generation, garbage found, CPU, walked
+                cpu = (time.thread_time() - self._gc_c0) * 1000.0
+                self._gc_worst = (ms, info["generation"], info["collected"], info["uncollectable"], cpu,
+                                  self._gc_young)
 
     # A loop-lag spike is usually a batch (trio runs every ready task once between two
     # I/O waits), not one step: many ~1 ms steps ready at once. So batches are timed too,
@@ -89,7 +99,7 @@ class SlowSteps(trio.abc.Instrument):
 
     def before_task_step(self, task) -> None:
         self._gc_ms = 0.0
-        self._gc_worst = (0.0, -1, 0, 0)
+        self._gc_worst = (0.0, -1, 0, 0, 0.0, 0)
         self._t0 = time.perf_counter()
         self._c0 = time.thread_time()
 
@@ -108,7 +118,8 @@ class SlowSteps(trio.abc.Instrument):
                 self.slow.append(rec)
             if self.out is not None:
                 worst = self._gc_worst
-                gcs = f" (gen {worst[1]}: {worst[0]:.1f} ms, {worst[2]} collected)" if worst[1] >= 0 else ""
+                gcs = (f" (gen {worst[1]}: {worst[0]:.1f} ms, cpu {worst[4]:.1f} ms, {worst[5]} objects walked, "
+                       f"{worst[2]} collected)" if worst[1] >= 0 else "")
                 print(f"{time.time():.3f} slow step {rec[0]} ms cpu {rec[1]} ms gc {rec[4]} ms{gcs} "
                       f"task={rec[2]} at {rec[3]}", file=self.out, flush=True)
 
