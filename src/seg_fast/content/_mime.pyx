@@ -12,6 +12,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcpy
 
 from seg_fast.errors import MIMEError
@@ -605,5 +606,102 @@ def qp_locate(data, list offsets):
             out.append((-1, -1))
             t += 1
         return out
+    finally:
+        PyBuffer_Release(&view)
+
+
+# -- big copies without the GIL -------------------------------------------------------
+# A large answer is transformed in a worker thread (proxy/exchange.py); its copies of
+# megabytes (a sealed attachment's envelope, the rebuilt message) run without the GIL so
+# the event loop is not held behind them.
+
+def join(chunks):
+    """``b"".join(chunks)`` (bytes-like chunks), copied without the GIL."""
+    cdef list items = list(chunks)
+    cdef Py_ssize_t k, count = len(items), total = 0, w = 0
+    cdef Py_buffer* views = <Py_buffer*>malloc(sizeof(Py_buffer) * (count if count else 1))
+    cdef Py_ssize_t held = 0
+    cdef char* out
+    if views == NULL:
+        raise MemoryError()
+    try:
+        for k in range(count):
+            PyObject_GetBuffer(items[k], &views[k], PyBUF_SIMPLE)
+            held += 1
+            total += views[k].len
+        result = PyBytes_FromStringAndSize(NULL, total)
+        out = PyBytes_AS_STRING(result)
+        with nogil:
+            for k in range(count):
+                memcpy(out + w, views[k].buf, views[k].len)
+                w += views[k].len
+        return result
+    finally:
+        for k in range(held):
+            PyBuffer_Release(&views[k])
+        free(views)
+
+
+cdef bint _utf8_text(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i = 0
+    cdef unsigned char c, c1
+    while i < n:
+        c = p[i]
+        if c < 0x80:
+            if c == 0:
+                return False
+            i += 1
+            continue
+        if c < 0xC2 or c > 0xF4:
+            return False
+        if c < 0xE0:
+            if i + 1 >= n or (p[i + 1] & 0xC0) != 0x80:
+                return False
+            i += 2
+            continue
+        if c < 0xF0:
+            if i + 2 >= n:
+                return False
+            c1 = p[i + 1]
+            if c == 0xE0:
+                if c1 < 0xA0 or c1 > 0xBF:
+                    return False
+            elif c == 0xED:                # no surrogates
+                if c1 < 0x80 or c1 > 0x9F:
+                    return False
+            elif (c1 & 0xC0) != 0x80:
+                return False
+            if (p[i + 2] & 0xC0) != 0x80:
+                return False
+            i += 3
+            continue
+        if i + 3 >= n:
+            return False
+        c1 = p[i + 1]
+        if c == 0xF0:
+            if c1 < 0x90 or c1 > 0xBF:
+                return False
+        elif c == 0xF4:                    # not past U+10FFFF
+            if c1 < 0x80 or c1 > 0x8F:
+                return False
+        elif (c1 & 0xC0) != 0x80:
+            return False
+        if (p[i + 2] & 0xC0) != 0x80 or (p[i + 3] & 0xC0) != 0x80:
+            return False
+        i += 4
+    return True
+
+
+def utf8_text(data):
+    """Whether ``data`` decodes as UTF-8 (Python's strict decoder: no surrogates, nothing
+    past U+10FFFF, no overlong forms) and holds no NUL: what a WBXML inline string can
+    carry. Checked without the GIL."""
+    cdef Py_buffer view
+    cdef bint ok
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        with nogil:
+            ok = _utf8_text(<const unsigned char*>view.buf, view.len)
+        return ok
     finally:
         PyBuffer_Release(&view)

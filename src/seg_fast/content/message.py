@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pybase64
 
 from seg_fast.content._links import LinkRewriter
-from seg_fast.content._mime import (Part, line_ending, qp_decode, qp_encode, qp_locate, strip_breaks, walk,
+from seg_fast.content._mime import (Part, join, line_ending, qp_decode, qp_encode, qp_locate, strip_breaks, walk,
                                     wrap_lines)
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name,
                                           file_type, known_type, seal, sealed_content_type, stricter)
@@ -37,6 +37,8 @@ _DROP_ON_REPLACE = frozenset({"content-type", "content-transfer-encoding", "cont
 UNREADABLE_TEMPLATE = "This message could not be checked by the email gateway and was withheld."
 # Bytes of a decoded attachment the file-type check looks at.
 _HEAD = 64
+# Copies of a message this large or larger are made without the GIL (_mime.join).
+_BIG_COPY = 256 * 1024
 
 
 class Outcome:
@@ -326,7 +328,8 @@ def splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
             chunks.append(new)
         pos = end
     chunks.append(view[pos:])
-    return b"".join(chunks)
+    # join: the copy (megabytes with a sealed attachment) without the GIL
+    return join(chunks) if len(data) >= _BIG_COPY else b"".join(chunks)
 
 
 def _charset_ok(p: Part) -> bool:

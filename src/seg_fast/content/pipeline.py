@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import html
 import logging
+import os
 import re
 import threading
 import zlib
@@ -34,6 +35,7 @@ from collections import OrderedDict
 
 import pybase64
 
+from seg_fast.content._mime import utf8_text
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name, envelope_size,
                                           extension, file_type, seal, sealed_content_type)
 from seg_fast.content.keys import Keyring
@@ -303,12 +305,12 @@ class EmailSecurityTransform:
         if not edits:
             return raw
         try:
-            return write(raw, edits)
+            return _write(write, gather, raw, edits)
         except ValueError:
             if not renames:
                 raise
             # Cuts that are fine one by one but not together: rename those attachments instead.
-            return write(raw, [e for e in edits if e[1] is not None] + renames)
+            return _write(write, gather, raw, [e for e in edits if e[1] is not None] + renames)
 
     def _item(self, req, raw: bytes, spans: list, parts: list | None, edits: list, renames: list) -> None:
         plan = self.plan
@@ -472,12 +474,13 @@ class EmailSecurityTransform:
         ctype_sp = next((s for s in spans if s.tag == "AirSyncBase:ContentType"), None)
         ctype = _str(raw, ctype_sp) if ctype_sp is not None else "application/octet-stream"
         if data_sp is not None:
-            blob = raw[data_sp.offset:data_sp.offset + data_sp.length]
             if data_sp.kind == "str":
-                try:
-                    blob = pybase64.b64decode(blob)
+                try:              # read where it lies: megabytes, not copied first
+                    blob = pybase64.b64decode(memoryview(raw)[data_sp.offset:data_sp.offset + data_sp.length])
                 except ValueError:
                     raise ContentError("ItemOperations Data is not base64") from None
+            else:
+                blob = raw[data_sp.offset:data_sp.offset + data_sp.length]
         else:
             idx = _int(raw, part_sp)
             if parts is None or idx is None or not 0 < idx < len(parts):
@@ -490,7 +493,7 @@ class EmailSecurityTransform:
             return
         new_blob, new_ctype, _ = result
         if data_sp is not None:
-            edits.append((data_sp, pybase64.b64encode(new_blob).decode("ascii")
+            edits.append((data_sp, _as_kind(data_sp, pybase64.b64encode(new_blob))
                           if data_sp.kind == "str" else new_blob))
         else:
             parts[idx] = new_blob
@@ -635,15 +638,58 @@ def _int(raw: bytes, sp):
         return None
 
 
+class _Text(bytes):
+    """A large inline string's UTF-8 bytes (checked: valid, no NUL), to be written as
+    the ``str`` it decodes to would be, without decoding and re-encoding megabytes."""
+
+
+# Inline strings this large are _Text (a body with a sealed attachment, a fetched file).
+_BIG_TEXT = 64 * 1024
+
+
 def _as_kind(sp, new: bytes):
     """The value for splice: text stays an inline string when it is valid UTF-8."""
     if sp.kind == "opaque":
         return new
+    if len(new) >= _BIG_TEXT:
+        # written as OPAQUE when not text, which EAS clients read for Data too
+        return _Text(new) if utf8_text(new) else new
     try:
         value = new.decode("utf-8")
     except UnicodeDecodeError:
         return new  # written as OPAQUE, which EAS clients read for Data too
     return new if "\0" in value else value
+
+
+def _write(write, gather: bool, raw: bytes, edits: list):
+    """splice/splice_parts with the _Text values in: what writing each as its ``str``
+    writes (STR_I, its UTF-8 bytes, NUL). As parts, the splice writes a short marker in
+    its place and the marker is then cut out of its part around the bytes themselves: the
+    megabytes are neither decoded, nor encoded, nor copied (with the GIL held, which would
+    stall the event loop behind a transform in a worker thread)."""
+    if not any(type(v) is _Text for _, v in edits):
+        return write(raw, edits)
+    if not gather:
+        return write(raw, [(sp, v.decode("utf-8") if type(v) is _Text else v) for sp, v in edits])
+    marks = {}
+    out = []
+    for sp, v in edits:
+        if type(v) is _Text:
+            mark = "\x01seg-fast:" + os.urandom(12).hex() + "\x01"   # unguessable: not in any answer
+            marks[mark.encode("ascii")] = v
+            v = mark
+        out.append((sp, v))
+    parts = write(raw, out)
+    for mark, value in marks.items():
+        for k, part in enumerate(parts):
+            if type(part) is bytes:
+                at = part.find(mark)
+                if at >= 0:
+                    parts[k:k + 1] = [part[:at], memoryview(value), part[at + len(mark):]]
+                    break
+        else:
+            raise AssertionError("spliced marker not found")
+    return [p for p in parts if len(p)]
 
 
 def _template_body(template: str, btype: str, data: bytes) -> bytes:
