@@ -119,13 +119,21 @@ def sizing(trees: dict[str, str], rounds: int) -> dict:
             found = [p for p in outdir.glob("sizing-*.json") if not p.name.endswith(".raw.json")]
             point = json.loads(found[0].read_text())["points"][0]
             m = point["verdict"]["metrics"]["gateway"]
-            failures = point["verdict"]["metrics"].get("failures", None)
-            runs.setdefault(name, []).append({"cpu_s_per_device_hour": m["cpu_s_per_device_hour"],
-                                              "cpu_share": m["cpu_share"], "failures": failures})
+            raw = json.loads(found[0].with_name(found[0].stem + ".raw.json").read_text())
+            g = raw["points"][0]["runs"][0]["paths"]["gateway"]
+            cpu, n = g["server"]["cpu_s"], g["requests_in_window"]
+            # On a shared machine the load side may fall behind its schedule: fewer requests
+            # per device-hour, so less CPU per device-hour. CPU per request in the same
+            # window does not depend on that.
+            runs.setdefault(name, []).append({
+                "cpu_s_per_device_hour": m["cpu_s_per_device_hour"], "cpu_share": m["cpu_share"],
+                "hold_cpu_s": cpu, "hold_requests": n, "hold_cpu_us_per_request": round(cpu / n * 1e6, 1),
+                "failures": sum(g["failures"].values()), "invalid": point["verdict"]["invalid"]})
             print(name, runs[name][-1], flush=True)
             shutil.rmtree(outdir, ignore_errors=True)
-    return {name: {"cpu_s_per_device_hour_median":
-                   statistics.median(r["cpu_s_per_device_hour"] for r in rs), "runs": rs}
+    return {name: {"cpu_s_per_device_hour_median": statistics.median(r["cpu_s_per_device_hour"] for r in rs),
+                   "hold_cpu_us_per_request_median": statistics.median(r["hold_cpu_us_per_request"] for r in rs),
+                   "runs": rs}
             for name, rs in runs.items()}
 
 
@@ -137,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default="HEAD", help="commit for --answers' base stream")
     ap.add_argument("--sizing", action="store_true")
     ap.add_argument("--base-tree", help="--sizing: the base worktree (git worktree add <dir> <commit>)")
+    ap.add_argument("--new-tree", default=str(HERE), help="--sizing: the changed tree (default: this one)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--key", required=True, help="the key of results/gateway_cpu_ab.json to write")
     ap.add_argument("--note", default="")
@@ -149,7 +158,7 @@ def main(argv=None) -> int:
         result["answers"] = answers([int(s) for s in args.sizes.split(",")], args.exchanges,
                                     args.rounds, args.baseline)
     if args.sizing:
-        result["sizing"] = sizing({"base": args.base_tree, "new": str(HERE)}, args.rounds)
+        result["sizing"] = sizing({"base": args.base_tree, "new": args.new_tree}, args.rounds)
         result["sizing_command"] = "python benchmarks/sizing.py " + " ".join(SIZING)
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
     data[args.key] = result

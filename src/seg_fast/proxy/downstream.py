@@ -94,6 +94,11 @@ class Device:
                 self._answered = False
                 http1.sent(conn, exchange.END)
 
+    def resumed(self, head) -> None:
+        """A parked Ping's connection, back: its exchange stands as one the compiled path read
+        whole (``head``: a bodiless request with the Ping's keep-alive), answer pending."""
+        self._head, self._event, self._rest, self._taken = head, None, b"", True
+
     def take_body(self) -> bytes | None:
         """The whole request body, if the compiled parser framed it (Content-Length, or no
         body) and the head's read held all of it: then h11 never reads it. None otherwise

@@ -589,19 +589,18 @@ def _wants_close(request: h11.Request, value: bytes | None) -> bool:
 # (A bodiless GET: the shortest request h11 parses; the method only matters for HEAD.)
 _RESUME_KEEP = b"GET / HTTP/1.1\r\nHost: p\r\n\r\n"
 _RESUME_CLOSE = b"GET / HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
-_RESUME_REQUEST = h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"p")])
+# The compiled path's heads of the same requests: the device's exchange resumes as one the
+# compiled parser read whole (Device.resumed), h11 told only if something asks (Device.conn).
+_RESUME_HEADS = {False: http1.parse_request(_RESUME_KEEP), True: http1.parse_request(_RESUME_CLOSE)}
 
 
 async def resume(gw, p: Parked, why: str, dev) -> bool:
     """Finish a parked Ping; True if the device connection can serve another request."""
-    conn = dev.conn
-    conn.receive_data(_RESUME_CLOSE if p.dev_close else _RESUME_KEEP)
-    conn.next_event()
-    conn.next_event()
+    dev.resumed(_RESUME_HEADS[bool(p.dev_close)])
     up = p.up
-    up.h11 = h11.Connection(h11.CLIENT)
-    up.h11.send(_RESUME_REQUEST)
-    up.h11.send(END)
+    # As if the fast path had written the request (a bodiless POST): the answer head is read
+    # by the compiled parser, h11 built from this only for what it defers (_sent_to_h11).
+    up.h11, up.sent, up.rest = None, (_POST, b"/", 0), b""
     rec = p.rec
     ok = False
     try:
@@ -685,14 +684,25 @@ async def _up_receive(up: UpstreamConn, timeout: float) -> None:
     up.h11.receive_data(await _up_read(up, timeout))
 
 
-def _answer_ready(up: UpstreamConn) -> h11.Response | None:
-    """The answer head if what the socket holds right now completes it (plain sockets only)."""
+def _answer_ready(up: UpstreamConn) -> h11.Response | http1.ResponseHead | None:
+    """The answer head if what the socket holds right now completes it (plain sockets only):
+    the compiled parser's if the request went the fast way (``up.sent``), else h11's."""
     data = sockio.read_now(up.plain, RECEIVE_SIZE)
     if data is None:
         return None
     if not data:                      # h11 would call the EOF a malformed answer
         raise UpstreamError(f"mail server closed the connection before answering ({up.facts()})")
-    h = up.h11
+    if up._h11 is None and up.sent is not None:
+        try:
+            head = http1.parse_response(data, up.sent[0], MAX_ANSWER_HEAD)
+        except HTTPProtocolError as exc:
+            raise UpstreamError(f"mail server sent a malformed answer: {exc}") from None
+        if type(head) is http1.ResponseHead and not head.informational:
+            up.rest = data[head.head_len:]
+            return head
+        h = _sent_to_h11(up)          # part of a head, a 1xx, or what it defers: h11 reads it all
+    else:
+        h = up.h11
     h.receive_data(data)
     while True:
         try:
