@@ -13,6 +13,13 @@ and, with --out, written as JSON.
 
     python benchmarks/load_request_cost.py                 # this tree
     PYTHONPATH=<tree>/src python benchmarks/load_request_cost.py   # another tree (A/B)
+    python benchmarks/load_request_cost.py --tls-connect 400   # + a resumed TLS connection
+
+``--tls-connect N``: also the fleet side's CPU per resumed TLS 1.3 connection, what
+each foreground request (SendMail, Fetch, FolderSync...) opens: ``HttpConn.open``
+with the device's session, the handshake, a short answer read (the server's new
+tickets with it) and the close, N times against a TLS server in a child process
+(its CPU is not counted); every connection must resume.
 
 Works on trees before the simulator recorded facts (they decode the answer instead).
 """
@@ -20,8 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import ssl
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,14 +136,85 @@ async def measure(devices: int, repeat: int, seed: int) -> dict:
             "facts_checked": getattr(st, "facts_checked", None), "byte_checked": st.byte_checked}
 
 
+TLS_SERVER = r"""
+import socket, ssl, sys
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(64)
+print(ls.getsockname()[1], flush=True)
+while True:
+    c, _ = ls.accept()
+    try:
+        s = ctx.wrap_socket(c, server_side=True)
+        s.sendall(b"ok")
+        s.recv(1)               # the client's close_notify (or EOF)
+    except OSError:
+        pass
+    c.close()
+"""
+
+
+async def tls_connect(n: int) -> dict:
+    """Fleet-side CPU µs per resumed TLS connection (see the module's doc)."""
+    import trustme
+    from seg_fast.sim.wire import SERVER_NAME, HttpConn
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(SERVER_NAME)
+    with tempfile.TemporaryDirectory() as tmp:
+        pem, key, ca_pem = (os.path.join(tmp, f) for f in ("server.pem", "server.key", "ca.pem"))
+        with open(pem, "wb") as f:
+            f.write(b"".join(b.bytes() for b in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(key)
+        ca.cert_pem.write_to_path(ca_pem)
+        server = subprocess.Popen([sys.executable, "-c", TLS_SERVER, pem, key], stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(server.stdout.readline())
+            ctx = ssl.create_default_context(cafile=ca_pem)      # the fleet's context
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+
+            async def one(session):
+                conn = await HttpConn.open("127.0.0.1", port, None, ctx, session)
+                await conn.stream.do_handshake()
+                got = b""
+                while len(got) < 2:
+                    got += await conn.stream.receive_some(16)
+                reused, session = conn.stream.session_reused, (session or conn.stream.session)
+                await conn.aclose()
+                return session, reused
+
+            session, _ = await one(None)
+            for _ in range(20):
+                await one(session)
+            t = time.process_time()
+            reused = 0
+            for _ in range(n):
+                reused += (await one(session))[1]
+            us = (time.process_time() - t) / n * 1e6
+        finally:
+            server.kill()
+            server.wait()
+    if reused != n:
+        raise SystemExit(f"only {reused} of {n} TLS connections resumed")
+    return {"tls_connections": n, "us_per_resumed_tls_connection": round(us, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--tls-connect", type=int, default=0, metavar="N",
+                    help="also: fleet-side CPU per resumed TLS connection, N connections")
     ap.add_argument("--out", help="write the result as JSON here")
     a = ap.parse_args()
     result = trio.run(measure, a.devices, a.repeat, a.seed)
+    if a.tls_connect:
+        result.update(trio.run(tls_connect, a.tls_connect))
+        print(f"{result['us_per_resumed_tls_connection']} us per resumed TLS connection "
+              f"(fleet side, {a.tls_connect} connections)")
     tree = Path(seg_fast.__file__).resolve().parents[2]      # the tree measured (PYTHONPATH)
     result["commit"] = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"],
                                       capture_output=True, text=True).stdout.strip()
