@@ -1,0 +1,175 @@
+"""Gateway CPU per parked-Ping cycle, a base tree beside this one (A/B, alternating).
+
+`seg-fast serve --worker` (plain HTTP, parking on, transaction log on), a mail server that
+answers every request after --delay seconds, and --conns devices Pinging back to back for
+--seconds each: every Ping parks (parking.py) and is resumed (exchange.resume) when its
+answer comes. The figure is the serve process's CPU (utime+stime from /proc) per Ping
+answered; medians of --rounds. Writes a key of benchmarks/results/gateway_cpu_ab.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+OUT = HERE / "benchmarks" / "results" / "gateway_cpu_ab.json"
+TICK = os.sysconf("SC_CLK_TCK")
+
+MAIL = r'''
+import sys, trio
+DELAY = float(sys.argv[1])
+BODY = bytes.fromhex("03016a00000d45470331000101")
+ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: %d\r\n\r\n"
+          % len(BODY) + BODY)
+async def conn(stream):
+    try:
+        await answer(stream)
+    except trio.BrokenResourceError:
+        pass                          # a gateway that stopped: the next run's connects anew
+async def answer(stream):
+    buf = b""
+    while True:
+        while b"\r\n\r\n" not in buf:
+            d = await stream.receive_some(65536)
+            if not d:
+                return
+            buf += d
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        n = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                n = int(line.split(b":")[1])
+        while len(buf) < n:
+            buf += await stream.receive_some(65536)
+        buf = buf[n:]
+        await trio.sleep(DELAY)
+        await stream.send_all(ANSWER)
+async def main():
+    ls = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(ls[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(conn, ls)
+trio.run(main)
+'''
+
+DEVICES = r'''
+import base64, sys, trio
+port, conns, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+count = 0
+async def one(i):
+    global count
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    auth = b"Basic " + base64.b64encode(b"user%d:secret" % i)
+    req = (b"POST /Microsoft-Server-ActiveSync?Cmd=Ping&User=user%d&DeviceId=DEV%08d&DeviceType=iPhone HTTP/1.1\r\n"
+           b"Host: gw\r\nAuthorization: %s\r\nMS-ASProtocolVersion: 14.1\r\n"
+           b"Content-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: 0\r\n\r\n") % (i, i, auth)
+    buf = b""
+    while True:
+        await s.send_all(req)
+        while b"\r\n\r\n" not in buf:
+            buf += await s.receive_some(65536)
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0].split(b":")[1])
+        while len(buf) < n:
+            buf += await s.receive_some(65536)
+        buf = buf[n:]
+        count += 1
+async def main():
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as n:
+            for i in range(conns):
+                n.start_soon(one, i)
+    print(count)
+trio.run(main)
+'''
+
+
+def cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def one_run(tree: str, mail_port: int, args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="ping-bench-"))
+    (work / "state").mkdir()
+    cfg = work / "gw.toml"
+    cfg.write_text(f'state_dir = "{work}/state"\n[listener]\nhost = "127.0.0.1"\nport = 0\n'
+                   f'[upstream]\nurl = "http://127.0.0.1:{mail_port}"\n[admin]\nenabled = false\n'
+                   f'[log]\ntransactions = "{work}/tx.log"\nlevel = "warn"\n'
+                   f'[policy]\nsqlite_path = "{work}/state/policy.db"\n'
+                   f'[security]\nmaster_key_file = "{work}/state/master.key"\n'
+                   f'key_state_file = "{work}/state/keys.json"\n')
+    (work / "policies.json").write_text(json.dumps(
+        {"policies": {"general": {"mail_client": {"enabled": True, "mode": "allow", "values": ["*"]}}},
+         "devices": []}))
+    env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"), SEG_FAST_STATE_DIR=str(work / "state"))
+    subprocess.run([sys.executable, "-m", "seg_fast", "policy", "load", str(work / "policies.json"),
+                    "--config", str(cfg)], env=env, cwd=work, check=True, capture_output=True)
+    serve = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--worker", "--config", str(cfg)],
+                             env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        while port is None:
+            line = serve.stderr.readline()
+            if not line:
+                raise RuntimeError("serve exited")
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+        c0 = cpu_of(serve.pid)
+        done = subprocess.run([sys.executable, "-c", DEVICES, str(port), str(args.conns), str(args.seconds)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError("devices failed: " + done.stderr[-1500:])
+        out = done.stdout
+        used = cpu_of(serve.pid) - c0
+        n = int(out.strip().splitlines()[-1])
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    return {"pings": n, "cpu_s": round(used, 3), "cpu_us_per_ping": round(used / n * 1e6, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-tree", required=True)
+    ap.add_argument("--new-tree", default=str(HERE))
+    ap.add_argument("--conns", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=12.0)
+    ap.add_argument("--delay", type=float, default=0.005)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--key", default="ping_resume")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    mail = subprocess.Popen([sys.executable, "-c", MAIL, str(args.delay)], stdout=subprocess.PIPE, text=True)
+    try:
+        mail_port = int(mail.stdout.readline())
+        runs: dict[str, list] = {}
+        for _ in range(args.rounds):
+            for name, tree in (("base", args.base_tree), ("new", args.new_tree)):
+                runs.setdefault(name, []).append(one_run(tree, mail_port, args))
+                print(name, runs[name][-1], flush=True)
+    finally:
+        mail.terminate()
+        mail.wait(10)
+    result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg(),
+              "note": args.note, "argv": sys.argv[1:],
+              "trees": {"base": args.base_tree, "new": args.new_tree},
+              **{name: {"cpu_us_per_ping_median": statistics.median(r["cpu_us_per_ping"] for r in rs), "runs": rs}
+                 for name, rs in runs.items()}}
+    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data[args.key] = result
+    OUT.write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps({k: result[k]["cpu_us_per_ping_median"] for k in runs}), f"-> {OUT} [{args.key}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
