@@ -10,6 +10,7 @@ import os
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from seg_fast.content._mime import join
@@ -122,9 +123,25 @@ def seal(keys: Keyring, device_id: str, user: str, name: str, content_type: str,
     ct = content_type.encode("utf-8")[:0xFFFF]
     head = (_FIXED.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, 0, key_id, os.urandom(12))
             + struct.pack(">H", len(nb)) + nb + struct.pack(">H", len(ct)) + ct)
-    # The header is authenticated too: a renamed envelope does not open. (join: the
-    # copy of megabytes without the GIL, for a transform in a worker thread.)
-    return join((head, AESGCM(key).encrypt(head[14:26], bytes(data), head)))
+    # The header is authenticated too: a renamed envelope does not open.
+    if len(data) < _SEAL_CHUNK:
+        return head + AESGCM(key).encrypt(head[14:26], bytes(data), head)
+    # The same bytes as AESGCM's one call, a megabyte per call: a transform in a worker
+    # thread then never holds the GIL long (the loop waits for it), and join copies
+    # without it.
+    enc = Cipher(algorithms.AES(key), modes.GCM(head[14:26])).encryptor()
+    enc.authenticate_additional_data(head)
+    view = memoryview(data)
+    out = [head]
+    for at in range(0, len(view), _SEAL_CHUNK):
+        out.append(enc.update(view[at:at + _SEAL_CHUNK]))
+    out.append(enc.finalize())
+    out.append(enc.tag)
+    return join(out)
+
+
+# Attachments this large are sealed a piece at a time (seal).
+_SEAL_CHUNK = 1 << 20
 
 
 def parse_header(blob: bytes) -> tuple[int, bytes, bytes, str, str, int]:

@@ -638,9 +638,15 @@ def _int(raw: bytes, sp):
         return None
 
 
-class _Text(bytes):
+class _Text:
     """A large inline string's UTF-8 bytes (checked: valid, no NUL), to be written as
-    the ``str`` it decodes to would be, without decoding and re-encoding megabytes."""
+    the ``str`` it decodes to would be, without decoding and re-encoding megabytes (held,
+    not a bytes subclass: making one would copy them)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
 
 
 # Inline strings this large are _Text (a body with a sealed attachment, a fetched file).
@@ -670,13 +676,13 @@ def _write(write, gather: bool, raw: bytes, edits: list):
     if not any(type(v) is _Text for _, v in edits):
         return write(raw, edits)
     if not gather:
-        return write(raw, [(sp, v.decode("utf-8") if type(v) is _Text else v) for sp, v in edits])
+        return write(raw, [(sp, v.data.decode("utf-8") if type(v) is _Text else v) for sp, v in edits])
     marks = {}
     out = []
     for sp, v in edits:
         if type(v) is _Text:
             mark = "\x01seg-fast:" + os.urandom(12).hex() + "\x01"   # unguessable: not in any answer
-            marks[mark.encode("ascii")] = v
+            marks[mark.encode("ascii")] = v.data
             v = mark
         out.append((sp, v))
     parts = write(raw, out)
