@@ -150,3 +150,32 @@ async def test_an_overloaded_worker_admits_a_share_of_its_batch_length(monkeypat
     assert gate.per_batch() == 2
     gate.last = 0.2                   # a 200 ms batch: 100 ms of handshakes next
     assert gate.per_batch() == 100
+
+
+async def test_a_handshake_waits_at_most_max_wait(monkeypatch):
+    """However busy the worker, those that waited HANDSHAKE_MAX_WAIT go at the next batch,
+    all of them (a fake clock: the wait is counted, not timed); before that, one a batch."""
+    clock = [100.0]
+    monkeypatch.setattr(tlsio.time, "monotonic", lambda: clock[0])
+    gate = tlsio.HandshakeGate(budget_ms=0.0, share=0.0, max_wait=1.0)     # one per batch
+    batches = Batches()
+    trio.lowlevel.add_instrument(batches)
+    per_batch: collections.Counter = collections.Counter()
+    gate.admitted = 1
+
+    async def handshake():
+        await gate.admit()
+        per_batch[batches.n] += 1
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(handshake)
+            while sum(per_batch.values()) < 3:         # one a batch while none is overdue
+                await trio.lowlevel.checkpoint()
+            assert max(per_batch.values()) <= 2, per_batch
+            clock[0] += 1.0                             # every waiting one is now overdue
+    finally:
+        trio.lowlevel.remove_instrument(batches)
+    assert sum(per_batch.values()) == 20
+    assert max(per_batch.values()) >= 10, per_batch     # the overdue ones, together

@@ -129,22 +129,27 @@ def records(parts):
 # order and are let through a batch's worth at a time, with the connected devices' requests
 # in between. The share keeps handshakes going when batches are long anyway (an overloaded
 # worker): a fixed 2 ms per 500 ms batch let devices time out in the listen queue.
+# A handshake waits at most HANDSHAKE_MAX_WAIT (s) however busy the worker is: the device's
+# and the gateway's handshake deadlines are a few seconds.
 HANDSHAKE_BUDGET_MS = 2.0
 HANDSHAKE_SHARE = 0.5
+HANDSHAKE_MAX_WAIT = 1.0
 
 
 class HandshakeGate(trio.abc.Instrument):
     """One per trio run (``_gate``). As an Instrument it only marks batches (its two I/O-wait
     hooks: called once per batch, not per step)."""
 
-    def __init__(self, budget_ms: float = HANDSHAKE_BUDGET_MS, share: float = HANDSHAKE_SHARE):
+    def __init__(self, budget_ms: float = HANDSHAKE_BUDGET_MS, share: float = HANDSHAKE_SHARE,
+                 max_wait: float = HANDSHAKE_MAX_WAIT):
         self.budget = budget_ms / 1000.0
         self.share = share
+        self.max_wait = max_wait
         self.cost = 0.001             # a handshake's CPU (s), moving average of measured ones
         self.admitted = 0             # handshakes admitted in this batch
         self.last = 0.0               # the last batch's length (s)
         self._t0 = 0.0
-        self.waiting: collections.deque = collections.deque()    # trio.Events, oldest first
+        self.waiting: collections.deque = collections.deque()    # (since, trio.Event), oldest first
         self.deferred = 0             # handshakes that waited (for tests and the curious)
         self._pump = False
 
@@ -164,7 +169,8 @@ class HandshakeGate(trio.abc.Instrument):
             self.admitted += 1
             return
         event = trio.Event()
-        self.waiting.append(event)
+        entry = (time.monotonic(), event)
+        self.waiting.append(entry)
         self.deferred += 1
         if not self._pump:
             self._pump = True
@@ -175,21 +181,25 @@ class HandshakeGate(trio.abc.Instrument):
         except BaseException:
             if not event.is_set():
                 try:
-                    self.waiting.remove(event)
+                    self.waiting.remove(entry)
                 except ValueError:
                     pass
             raise
 
     async def _release(self) -> None:
         """While handshakes wait: each batch, let the next batch's share through (they run
-        in the next batch, counted there). Runnable every batch, so the loop never sleeps
-        in its I/O wait while one waits."""
+        in the next batch, counted there), and any that has waited HANDSHAKE_MAX_WAIT.
+        Runnable every batch, so the loop never sleeps in its I/O wait while one waits."""
+        waiting = self.waiting
         try:
-            while self.waiting:
+            while waiting:
                 for _ in range(self.per_batch()):
-                    if not self.waiting:
+                    if not waiting:
                         break
-                    self.waiting.popleft().set()
+                    waiting.popleft()[1].set()
+                overdue = time.monotonic() - self.max_wait
+                while waiting and waiting[0][0] <= overdue:
+                    waiting.popleft()[1].set()
                 await checkpoint()
         finally:
             self._pump = False
