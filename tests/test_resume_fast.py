@@ -150,3 +150,79 @@ async def test_a_malformed_answer_to_a_parked_ping_is_not_passed_on(tmp_path, ba
             assert resp.status_code in (502, 503)
             assert b"hello" not in got
         nursery.cancel_scope.cancel()
+
+
+def recording_mail_server(seen: list, parked: trio.Event):
+    """Records each request's raw bytes (head and Content-Length body); a Ping is answered
+    once the test says it is parked."""
+    async def serve(stream):
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            n = 0
+            for line in head.split(b"\r\n")[1:]:
+                if line.lower().startswith(b"content-length:"):
+                    n = int(line.split(b":", 1)[1])
+            while len(buf) < n:
+                buf += await stream.receive_some(65536)
+            seen.append(head + b"\r\n\r\n" + buf[:n])
+            buf = buf[n:]
+            if b"Cmd=Ping" in head:
+                await parked.wait()
+            await stream.send_all(b"HTTP/1.1 200 OK\r\n" + WB + b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY)
+    return serve
+
+
+PING_BODY = bytes.fromhex("03016a000d45480336300001")    # <Ping><HeartbeatInterval>60</...>
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "close"])
+async def test_a_ping_on_the_fast_lane_parks_and_matches_the_general_path(tmp_path, monkeypatch, close):
+    """The same Ping through the compiled lane and (FAST_LANE off) through h11's path: the mail
+    server gets the same bytes, the device the same answer, the log one record, and it parks."""
+    results = {}
+    forward = exchange._forward
+    for lane in (True, False):
+        monkeypatch.setattr(exchange, "FAST_LANE", lane)
+        general = []
+
+        async def counted(*args, **kw):
+            general.append(1)
+            return await forward(*args, **kw)
+
+        monkeypatch.setattr(exchange, "_forward", counted)
+        seen, parked = [], trio.Event()
+        log = tmp_path / f"lane-{lane}"
+        log.mkdir()
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, recording_mail_server(seen, parked), listeners)
+            async with gateway(f"http://127.0.0.1:{port}", log, timeouts_ping_default_heartbeat="20") as gw:
+                dev = await Client.connect(gw.port)
+                extra = [(b"Connection", b"close")] if close else []
+                await dev.stream.send_all(dev.conn.send(h11.Request(
+                    method=b"POST", target=EAS + b"?Cmd=Ping&User=test&DeviceId=R2&DeviceType=B",
+                    headers=[(b"Host", b"gw"), AUTH, (b"Content-Length", b"%d" % len(PING_BODY))] + extra))
+                    + dev.conn.send(h11.Data(data=PING_BODY)) + dev.conn.send(h11.EndOfMessage()))
+                with trio.fail_after(10):
+                    while gw.parking.count < 1:
+                        await trio.sleep(0.01)
+                parked.set()
+                with trio.fail_after(10):
+                    resp, got = await dev.read_answer()
+                gw.log.flush()
+            nursery.cancel_scope.cancel()
+        lines = [x for x in (log / "tx.jsonl").read_text().splitlines() if '"Ping"' in x]
+        assert len(lines) == 1 and '"status":200' in lines[0]
+        assert (general == []) == lane                # the lane carried it, or h11's path did
+        seen = [x.replace(b"127.0.0.1:%d" % port, b"MAIL") for x in seen]     # each run its own port
+        results[lane] = (seen, resp.status_code, _end_to_end(resp.headers.raw_items()), got,
+                         [(k.lower(), v) for k, v in resp.headers.raw_items() if k.lower() == b"connection"])
+    assert results[True] == results[False]
+    assert results[True][0][0].endswith(PING_BODY) and results[True][3] == BODY

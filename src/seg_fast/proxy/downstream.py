@@ -389,7 +389,10 @@ async def _loop(gw, dev: Device) -> bool:
             # The compiled parser's head (never a repaired framing: it defers those to h11).
             if gw.draining:
                 dev.closing = True
-            if await exchange.fast(gw, dev, event) is not exchange.NOT_FAST:
+            result = await exchange.fast(gw, dev, event)
+            if result is not exchange.NOT_FAST:
+                if result is exchange.PARKED:
+                    return True
                 if not _next_cycle(dev):
                     return False
                 continue

@@ -92,7 +92,12 @@ async def fast(gw, dev, head: http1.RequestHead):
     if req is None:
         return NOT_FAST
     command = req.command
-    if command == "Ping" or (command == "ResolveRecipients" and getattr(gw, "certs", None) is not None):
+    if command == "Ping":
+        # Parked as _forward parks it, or not on this lane: bytes after the body (a pipelined
+        # request) or an NTLM/Negotiate connection keep a Ping on the general path.
+        if gw.parking is None or gw.draining or len(dev._rest) != n or req.auth_scheme in CONNECTION_SCHEMES:
+            return NOT_FAST
+    elif command == "ResolveRecipients" and getattr(gw, "certs", None) is not None:
         return NOT_FAST
     gatekeeper = gw.gatekeeper
     decision = gatekeeper.decide(req)
@@ -103,12 +108,57 @@ async def fast(gw, dev, head: http1.RequestHead):
     rec = Transaction(ts=0.0, method="POST", client_ip=req.client_ip, command=command, user=req.user,
                       device_id=req.device_id, device_type=req.device_type,
                       protocol_version=req.protocol_version, decision=decision.reason, bytes_in=n)
+    result = None
     try:
+        if command == "Ping":
+            result = await _fast_park(gw, dev, head, full, req, decision, body, rec, t0)
+            return result
         await _fast_forward(gw, dev, target, full, req, body, rec, t0)
     finally:
-        if rec.status:
-            gatekeeper.record(req, decision, rec.status)
-        _log(gw, rec, t0)
+        if result is not PARKED:      # a parked Ping's transaction is resume()'s to finish
+            if rec.status:
+                gatekeeper.record(req, decision, rec.status)
+            _log(gw, rec, t0)
+
+
+async def _fast_park(gw, dev, head: http1.RequestHead, full, req: EasRequest, decision, body: bytes,
+                     rec: Transaction, t0: float):
+    """A Ping on the fast lane: written up in one piece (the compiled writer), then parked as
+    _forward parks one (PARKED); or answered 503 if the mail server cannot be reached."""
+    origin = gw.redirects.origin_for(req.user)
+    rec.upstream = origin.name
+    target = head.target
+    read_timeout = ping.upstream_deadline(gw, req, body)
+    n = len(body)
+    out = http1.write_upstream(_POST, target, full, origin.host_header, dev.client_ip.encode(), dev.proto, n)
+    if out is None:                   # a Connection header names headers to drop: headers.py's rules
+        up_head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
+                                                proto=dev.proto, behind_proxy=False, framing=hdrs.content_length(n))
+        out = http1.write_request(_POST, target, up_head, http1.FRAMING_LENGTH, n)
+    parts = [out, body] if body else [out]
+    t_up = time.perf_counter()
+    for attempt in (0, 1):
+        try:
+            up = await gw.pool.acquire(origin, False)   # as _forward: a Ping parks right after the write
+        except UpstreamError as exc:
+            return await _unavailable(gw, dev, rec, str(exc))
+        try:
+            await _send_up_parts(gw, up, parts)
+            break
+        except UpstreamError as exc:
+            gw.pool.discard(up)
+            # A kept-alive connection may have been closed by the server just now: resend once.
+            if attempt == 0 and up.reused:
+                continue
+            return await _unavailable(gw, dev, rec, f"{exc} ({up.facts()})")
+        except BaseException:
+            gw.pool.discard(up)
+            raise
+    _, host, _ = hdrs.facts(full)
+    up.h11, up.sent = None, None
+    gw.parking.park(Parked(dev.stream, dev.client_ip, dev.proto, dev.closing or not head.keep_alive, up,
+                           req, decision, rec, host or b"", trio.current_time() + read_timeout, t_up, t0))
+    return PARKED
 
 
 async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: bytes, rec: Transaction,
