@@ -114,7 +114,6 @@ async def _handshakes_together(tls, n: int = N) -> collections.Counter:
 
 async def test_handshakes_arriving_together_are_spread_over_batches(tls, monkeypatch):
     monkeypatch.setattr(tlsio, "HANDSHAKE_BUDGET_MS", 0.0)     # one handshake's share per batch
-    monkeypatch.setattr(tlsio, "HANDSHAKE_SHARE", 0.0)
     per_batch = await _handshakes_together(tls)
     # A batch's share (1) at once, then the waiting ones a share per batch; a batch can hold the
     # share let through for it and one newcomer's: never more than 2.
@@ -132,7 +131,6 @@ async def test_without_the_gate_they_would_share_one_batch(tls, monkeypatch):
 
 async def test_a_handshake_cancelled_while_waiting_leaves_the_queue(tls, monkeypatch):
     monkeypatch.setattr(tlsio, "HANDSHAKE_BUDGET_MS", 0.0)
-    monkeypatch.setattr(tlsio, "HANDSHAKE_SHARE", 0.0)
     gate = tlsio._gate()
     gate.admitted = gate.per_batch()           # this batch's share is used
     with trio.CancelScope() as scope:
@@ -141,23 +139,12 @@ async def test_a_handshake_cancelled_while_waiting_leaves_the_queue(tls, monkeyp
     assert not gate.waiting and gate.deferred == 1
 
 
-async def test_an_overloaded_worker_admits_a_share_of_its_batch_length(monkeypatch):
-    """When batches are long anyway, handshakes get HANDSHAKE_SHARE of the last batch's length,
-    not the fixed budget alone (2 ms per 500 ms batch starved a ramp: devices timed out)."""
-    gate = tlsio.HandshakeGate(budget_ms=2.0, share=0.5)
-    gate.cost = 0.001
-    gate.last = 0.0
-    assert gate.per_batch() == 2
-    gate.last = 0.2                   # a 200 ms batch: 100 ms of handshakes next
-    assert gate.per_batch() == 100
-
-
 async def test_a_handshake_waits_at_most_max_wait(monkeypatch):
     """However busy the worker, those that waited HANDSHAKE_MAX_WAIT go at the next batch,
     all of them (a fake clock: the wait is counted, not timed); before that, one a batch."""
     clock = [100.0]
     monkeypatch.setattr(tlsio.time, "monotonic", lambda: clock[0])
-    gate = tlsio.HandshakeGate(budget_ms=0.0, share=0.0, max_wait=1.0)     # one per batch
+    gate = tlsio.HandshakeGate(budget_ms=0.0, max_wait=1.0)     # one per batch
     batches = Batches()
     trio.lowlevel.add_instrument(batches)
     per_batch: collections.Counter = collections.Counter()

@@ -124,44 +124,35 @@ def records(parts):
 # A handshake's server flight (key exchange, signature) is ~1 ms of CPU in one task step. Devices
 # arriving together (a ramp, a fleet reconnecting after a restart) made batches of hundreds of
 # them back to back: hundreds of ms in which no connected device's request was served. So a
-# worker admits about HANDSHAKE_BUDGET_MS of handshakes per batch (from their measured cost),
-# or HANDSHAKE_SHARE of the last batch's length if that is more; the rest wait in arrival
-# order and are let through a batch's worth at a time, with the connected devices' requests
-# in between. The share keeps handshakes going when batches are long anyway (an overloaded
-# worker): a fixed 2 ms per 500 ms batch let devices time out in the listen queue.
-# A handshake waits at most HANDSHAKE_MAX_WAIT (s) however busy the worker is: the device's
-# and the gateway's handshake deadlines are a few seconds.
+# worker admits about HANDSHAKE_BUDGET_MS of handshakes per batch (from their measured cost);
+# the rest wait in arrival order and are let through a batch's worth at a time, with the
+# connected devices' requests in between. A handshake waits at most HANDSHAKE_MAX_WAIT (s)
+# however busy the worker is (the device's and the gateway's handshake deadlines are a few
+# seconds): an overloaded worker (batches of ~1 s) then takes the overdue ones together,
+# as it did before. (Admitting a share of the last batch's length instead let a worker on a
+# shared core, its batches long in wall time, admit 10-25 handshakes a batch.)
 HANDSHAKE_BUDGET_MS = 2.0
-HANDSHAKE_SHARE = 0.5
 HANDSHAKE_MAX_WAIT = 1.0
 
 
 class HandshakeGate(trio.abc.Instrument):
-    """One per trio run (``_gate``). As an Instrument it only marks batches (its two I/O-wait
-    hooks: called once per batch, not per step)."""
+    """One per trio run (``_gate``). As an Instrument it only marks batches (``after_io_wait``:
+    called once per batch, not per step)."""
 
-    def __init__(self, budget_ms: float = HANDSHAKE_BUDGET_MS, share: float = HANDSHAKE_SHARE,
-                 max_wait: float = HANDSHAKE_MAX_WAIT):
+    def __init__(self, budget_ms: float = HANDSHAKE_BUDGET_MS, max_wait: float = HANDSHAKE_MAX_WAIT):
         self.budget = budget_ms / 1000.0
-        self.share = share
         self.max_wait = max_wait
         self.cost = 0.001             # a handshake's CPU (s), moving average of measured ones
         self.admitted = 0             # handshakes admitted in this batch
-        self.last = 0.0               # the last batch's length (s)
-        self._t0 = 0.0
         self.waiting: collections.deque = collections.deque()    # (since, trio.Event), oldest first
         self.deferred = 0             # handshakes that waited (for tests and the curious)
         self._pump = False
 
     def per_batch(self) -> int:
-        return max(1, int(max(self.budget, self.share * self.last) / self.cost))
+        return max(1, int(self.budget / self.cost))
 
     def after_io_wait(self, timeout) -> None:
         self.admitted = 0
-        self._t0 = time.perf_counter()
-
-    def before_io_wait(self, timeout) -> None:
-        self.last = time.perf_counter() - self._t0
 
     async def admit(self) -> None:
         """Return when this handshake may run (at once unless the batch's share is used)."""
@@ -214,7 +205,7 @@ _the_gate = trio.lowlevel.RunVar("seg_fast_handshake_gate", default=None)
 def _gate() -> HandshakeGate:
     gate = _the_gate.get()
     if gate is None:
-        gate = HandshakeGate(HANDSHAKE_BUDGET_MS, HANDSHAKE_SHARE)
+        gate = HandshakeGate(HANDSHAKE_BUDGET_MS, HANDSHAKE_MAX_WAIT)
         trio.lowlevel.add_instrument(gate)
         _the_gate.set(gate)
     return gate
