@@ -64,7 +64,6 @@ REQUEST_TIMEOUT = 120.0        # a non-Ping request slower than this is a failur
 CONNECT_TIMEOUT = 30.0         # a connection (and TLS handshake) not made in this long: a failure
 PING_GRACE = 60                # a parked Ping unanswered this long after its heartbeat: a failure
 STATUS_EVERY = 2.0
-FDS_EVERY = 5                  # descriptors counted every 5th status line
 # Each mailbox starts with this many messages, synced (bodies truncated) at set-up,
 # so devices know attachments to fetch from the first minute.
 INITIAL_MESSAGES = 8
@@ -927,13 +926,10 @@ class Fleet:
 
     async def report(self) -> None:
         st = self.stats
-        ticks = 0
         while True:
             await trio.sleep(STATUS_EVERY)
-            # listing /proc/self/fd costs ~1 ms per 250 descriptors: every 5th report
-            if ticks % FDS_EVERY == 0:
-                st.fds_max = max(st.fds_max, open_fds())
-            ticks += 1
+            # a stat of /proc/self/fd (~6 us at 20,000 descriptors): every report
+            st.fds_max = max(st.fds_max, open_fds())
             now = self.clock.now()
             if self.window[0] <= now < self.window[1]:
                 st.parked_min_in_window = (st.parked if st.parked_min_in_window is None
@@ -1069,8 +1065,18 @@ class Fleet:
         }
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds(pid: int | str = "self") -> int:
+    """The descriptors ``pid`` holds. Linux 6.2 and later give the count as the size
+    of /proc/PID/fd (the open-files bitmap counted: ~6 us at 20,000 descriptors); a
+    listing costs ~1.15 us a descriptor (23 ms at 20,000, ~230 ms a second at the
+    gateway's 200,000 when sampled each second), so it is the fallback for an older
+    kernel only (size 0 there)."""
+    path = f"/proc/{pid}/fd"
+    n = os.stat(path).st_size
+    if n > 0:
+        return n
+    # a listing of our own descriptors sees the one it reads the directory with
+    return len(os.listdir(path)) - (pid == "self" or pid == os.getpid())
 
 
 def emit(obj: dict) -> None:

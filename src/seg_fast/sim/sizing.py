@@ -46,7 +46,7 @@ import msgspec
 import trio
 
 from seg_fast.sim.cgroup import CpuLimit, find_cpu_controller
-from seg_fast.sim.fleet import Go, ShardSpec
+from seg_fast.sim.fleet import Go, ShardSpec, open_fds
 from seg_fast.sim.latency import OTHER, added_latency, lat_summary
 
 REPO = Path(__file__).resolve().parents[3]
@@ -149,7 +149,7 @@ def max_fds(pids: list[int]) -> int:
     most = 0
     for pid in pids:
         try:
-            most = max(most, len(os.listdir(f"/proc/{pid}/fd")))
+            most = max(most, open_fds(pid))          # a stat, not a listing
         except OSError:
             pass
     return most
