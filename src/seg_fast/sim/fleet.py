@@ -737,8 +737,10 @@ class Parker:
     its answer read there and then (``HttpConn.poll_answer``) and handed to the
     device's ``answered``, which sends the next request and parks it again; an answer
     the poller leaves alone starts the device's ``resume`` task; a deadline passed
-    starts it as a failure. Deadlines of answered requests stay in the heap
-    until they pass."""
+    starts it as a failure. Deadlines of answered requests stay in the heap, but
+    one at its top is dropped before the poller sleeps: it wakes for a live
+    deadline, not once more per answered request (at real rates that wake-up
+    was a loop pass of its own, ~1 per request)."""
 
     def __init__(self) -> None:
         self.ep = select.epoll()
@@ -749,6 +751,7 @@ class Parker:
         self.scope: trio.CancelScope | None = None
         self.polled = 0             # answers read by the poller (the rest: by a waiting task)
         self.polled_pings = 0       # of which Pings' answers
+        self.wakeups = 0            # the poller's passes (readable sockets or a deadline)
 
     def add(self, p: Parked) -> None:
         if p.conn.buffered():         # the answer is here already: no wait
@@ -803,10 +806,15 @@ class Parker:
         self.nursery = nursery
         ep, heap = self.ep, self.heap
         task_status.started()
+        by_fd = self.by_fd
         while True:
+            # answered (or handed to a task) since: not a deadline to wake for
+            while heap and by_fd.get(heap[0][2].fd) is not heap[0][2]:
+                heapq.heappop(heap)
             with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self.scope:
                 await trio.lowlevel.wait_readable(ep.fileno())
             self.scope = None
+            self.wakeups += 1
             for fd, _events in ep.poll(0):
                 self._readable(fd)
             now = trio.current_time()

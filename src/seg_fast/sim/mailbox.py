@@ -122,9 +122,11 @@ class MailboxSimulator:
         self._serial = 0
         # Heartbeat deadlines of parked Pings: one heap and one sleeping task for
         # all of them instead of a cancel scope per Ping. Entries of Pings woken
-        # early stay until their deadline passes (their task is None by then).
+        # early stay in the heap, but one at its top is dropped before the task
+        # sleeps: it wakes for a Ping still parked, not once more per early answer.
         self._deadlines: list[tuple[float, int, _Park]] = []
         self._timer: trio.CancelScope | None = None
+        self.heartbeat_wakeups = 0   # the heartbeat task's passes
         # answer_tap(seq, answer) -> answer: sees every answer to a request carrying
         # an X-Fleet-Seq header (the sizing fleet records what it sent, to compare
         # with what its device got through a proxy).
@@ -454,16 +456,23 @@ class MailboxSimulator:
         if dev.parked is not None:        # a newer Ping from the same device replaces it
             self._wake(dev.parked, ())
         park = dev.parked = _Park(dev, folders)
-        deadline = trio.current_time() + heartbeat
+        self._expire_at(park, trio.current_time() + heartbeat)
+        return park
+
+    def _expire_at(self, park: _Park, deadline: float) -> None:
         self._serial += 1
         heapq.heappush(self._deadlines, (deadline, self._serial, park))
         if self._timer is not None and deadline < self._timer.deadline:
             self._timer.deadline = deadline
-        return park
 
     def _wake(self, park: _Park, changed: tuple[str, ...]) -> None:
         if park.dev.parked is park:
             park.dev.parked = None
+            heap = self._deadlines
+            if heap and heap[0][2] is park and self._timer is not None:
+                # the deadline the heartbeat task sleeps to is gone: sleep to the next live one
+                self._prune()
+                self._timer.deadline = heap[0][0] if heap else math.inf
         task, park.task = park.task, None
         park.changed = changed
         if task is not None:
@@ -472,13 +481,22 @@ class MailboxSimulator:
             else:                          # a connection of lean_serve's Reactor: no task
                 task.ping_woken(park)
 
+    def _prune(self) -> None:
+        """Drop the heap's top entries of Pings no longer parked (woken early, replaced
+        or cancelled: no longer their device's)."""
+        heap = self._deadlines
+        while heap and heap[0][2].dev.parked is not heap[0][2]:
+            heapq.heappop(heap)
+
     async def _heartbeats(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Answer parked Pings whose heartbeat ran out (Status 1)."""
         heap = self._deadlines
         task_status.started()
         while True:
+            self._prune()
             with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self._timer:
                 await trio.sleep_forever()
+            self.heartbeat_wakeups += 1
             now = trio.current_time()
             while heap and heap[0][0] <= now:
                 park = heapq.heappop(heap)[2]
