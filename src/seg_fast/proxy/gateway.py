@@ -26,6 +26,9 @@ from seg_fast.proxy.tlsio import TLSStream
 from seg_fast.proxy.upstream import UpstreamPool, origin_of
 from seg_fast.stats import Stats
 
+# Connections taken from the listen queue per scheduler batch beyond the awaited one.
+ACCEPT_BATCH = 32
+
 
 def server_tls_context(cert: str, key: str, pfx=None) -> ssl.SSLContext:
     """TLS for the device leg: TLS 1.2 and later only. ``pfx``: listener settings whose
@@ -203,6 +206,7 @@ class Gateway:
                    device_connections_within(nofile, self.config.upstream.idle_pool_size))
 
     async def _accept(self, sock, conns) -> None:
+        raw = sock._sock if hasattr(sock, "_sock") else None     # the stdlib socket under trio's
         while True:
             try:
                 client, addr = await sock.accept()
@@ -212,24 +216,38 @@ class Gateway:
                     await trio.sleep(0.1)         # out of descriptors: let connections finish
                     continue
                 raise
-            ip = addr[0]
-            # Refused before any TLS or HTTP work: the close is the whole cost.
-            limits = self.config.limits
-            if self.active >= self._connection_cap():
-                client.close()
-                self.incidents.note("refused_max_connections", client_ip=ip, limit=self._connection_cap())
-                continue
-            per_ip = self.per_address.get(ip, 0)
-            # A trusted load balancer carries many devices on its one address: not capped per address.
-            if limits.max_connections_per_address and per_ip >= limits.max_connections_per_address \
-                    and ip not in self.trusted_proxies:
-                client.close()
-                self.incidents.note("refused_max_connections_per_address", client_ip=ip,
-                                    limit=limits.max_connections_per_address)
-                continue
-            self.active += 1
-            self.per_address[ip] = per_ip + 1
-            conns.start_soon(self._connection, client, ip)
+            self._admit(client, addr[0], conns)
+            # trio's accept() ends with a checkpoint: one connection per scheduler batch, so
+            # when a busy worker's batches grow long, a ramp of devices waits in the listen
+            # queue. Take what else is queued now, a bounded number per batch.
+            for _ in range(ACCEPT_BATCH if raw is not None else 0):
+                try:
+                    more, addr = raw.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break                         # out of descriptors etc.: the awaited accept says so
+                more.setblocking(False)
+                self._admit(trio.socket.from_stdlib_socket(more), addr[0], conns)
+
+    def _admit(self, client, ip: str, conns) -> None:
+        # Refused before any TLS or HTTP work: the close is the whole cost.
+        limits = self.config.limits
+        if self.active >= self._connection_cap():
+            client.close()
+            self.incidents.note("refused_max_connections", client_ip=ip, limit=self._connection_cap())
+            return
+        per_ip = self.per_address.get(ip, 0)
+        # A trusted load balancer carries many devices on its one address: not capped per address.
+        if limits.max_connections_per_address and per_ip >= limits.max_connections_per_address \
+                and ip not in self.trusted_proxies:
+            client.close()
+            self.incidents.note("refused_max_connections_per_address", client_ip=ip,
+                                limit=limits.max_connections_per_address)
+            return
+        self.active += 1
+        self.per_address[ip] = per_ip + 1
+        conns.start_soon(self._connection, client, ip)
 
     def connection_closed(self, ip: str) -> None:
         self.active -= 1
