@@ -246,3 +246,43 @@ async def test_bulk_update_is_one_reload(make_store):
     assert len((await reader.snapshot()).devices) == 1500
     await writer.aclose()
     await reader.aclose()
+
+
+async def test_sqlite_subscribe_reads_the_table_only_when_the_file_changed(tmp_path):
+    """A worker's subscription reads the changes table (a thread hop each) only when the
+    file shows a write, and at least every recheck_every seconds: counted, not timed."""
+    path = tmp_path / "p.db"
+    writer, reader = SqliteStore(path), SqliteStore(path)
+    await writer.open()
+    await reader.open()
+    reader.poll_interval, reader.recheck_every = 0.01, 3600.0     # only a write makes a read
+    got = []
+
+    async def follow(task_status=trio.TASK_STATUS_IGNORED):
+        agen = reader.subscribe(since=await reader.version())
+        task_status.started()
+        async for ch in agen:
+            got.append(ch)
+
+    async with trio.open_nursery() as n:
+        await n.start(follow)
+        with trio.fail_after(20):
+            while reader.reads < 1:              # the first look reads: nothing seen yet
+                await trio.sleep(0.01)
+            idle_from = reader.reads
+            for _ in range(30):                  # 30 polls of an unchanged file
+                await trio.sleep(0.01)
+            assert reader.reads == idle_from
+            await writer.put_devices([DeviceRecord(device_id="Z", managed=True)])
+            while not got:
+                await trio.sleep(0.01)
+        assert reader.reads > idle_from and got[-1].kind == "device" and got[-1].key == "z"
+        # With the recheck due, an unchanged file is read again anyway.
+        reader.recheck_every = 0.0
+        seen = reader.reads
+        with trio.fail_after(20):
+            while reader.reads < seen + 3:
+                await trio.sleep(0.01)
+        n.cancel_scope.cancel()
+    await writer.aclose()
+    await reader.aclose()
