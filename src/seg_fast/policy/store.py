@@ -3,7 +3,8 @@
 One interface, two engines:
 - ``SqliteStore``: an embedded file (WAL). The default: survives a restart, so the
   last known policies serve while the policy source is down. Workers on one machine
-  see changes by polling the ``changes`` table (an indexed read every 0.2 s).
+  see changes by polling the ``changes`` table (an indexed read when the file shows a
+  write, looked for every 0.2 s; read every 2 s regardless).
 - ``RedisStore``: a cluster of gateways on one Redis: hashes for the snapshot,
   pub/sub for single changes (the way SEG V2 shares its policy cache).
 
