@@ -13,6 +13,7 @@ import socket
 
 import trio
 
+from batches import Batches
 from seg_fast.config import load_config
 from seg_fast.hooks import AllowAll
 from seg_fast.proxy import gateway as gateway_mod
@@ -20,14 +21,6 @@ from seg_fast.proxy.gateway import Gateway
 from test_proxy import _env
 
 N = 20
-
-
-class Batches(trio.abc.Instrument):
-    def __init__(self):
-        self.n = 0
-
-    def after_io_wait(self, timeout) -> None:
-        self.n += 1
 
 
 async def _queued_then_accepted(tmp_path, **limits) -> tuple[collections.Counter, Gateway]:

@@ -17,17 +17,10 @@ import trio
 import trio.lowlevel
 import trustme
 
+from batches import Batches
 from seg_fast.proxy import tlsio
 
 N = 24
-
-
-class Batches(trio.abc.Instrument):
-    def __init__(self):
-        self.n = 0
-
-    def after_io_wait(self, timeout) -> None:
-        self.n += 1
 
 
 class Counted:

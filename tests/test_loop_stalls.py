@@ -16,21 +16,12 @@ import types
 import trio
 import trio.lowlevel
 
+from batches import Batches
 from seg_fast.proxy import parking
 from seg_fast.proxy.parking import ANSWER, TIMEOUT, Parked, PingPark
 from seg_fast.proxy.slowsteps import SlowSteps
 
 N = 300
-
-
-class Batches(trio.abc.Instrument):
-    """Numbers the scheduler's batches: one per I/O wait."""
-
-    def __init__(self):
-        self.n = 0
-
-    def after_io_wait(self, timeout) -> None:
-        self.n += 1
 
 
 def _parked(deadline: float):
