@@ -40,12 +40,11 @@ def answers(sizes: list[int], exchanges: int, rounds: int, baseline: str) -> dic
     import trio
     import trustme
 
-    from seg_fast.proxy import sockio
     from seg_fast.proxy.gateway import server_tls_context
     from seg_fast.proxy.tlsio import TLSStream
 
     sys.path.insert(0, str(HERE / "benchmarks"))
-    from tls_bench import baseline_tlsio
+    from tls_bench import baseline_tlsio, serve_exchanges
 
     workdir = Path(tempfile.mkdtemp(prefix="gw-cpu-ab-"))
     ca = trustme.CA()
@@ -81,18 +80,7 @@ def answers(sizes: list[int], exchanges: int, rounds: int, baseline: str) -> dic
         transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         stream = streams[kind](transport, sctx)
         await stream.do_handshake()
-        pace = sockio.Pace(60.0, 1024.0, sockio.Unsent(0))
-        answer = [b"h" * 180, b"S" * body]
-        t0 = time.thread_time()
-        for _ in range(exchanges):
-            got = 0
-            while got < len(request):
-                got += len(await sockio.receive(stream, None, 65536, trio.current_time() + 60))
-            await sockio.send_parts(stream, None, answer, pace)
-        used = time.thread_time() - t0
-        await trio.to_thread.run_sync(peer.join)
-        await stream.aclose()
-        return round(used / exchanges * 1e6, 1)
+        return await serve_exchanges(stream, request, [b"h" * 180, b"S" * body], exchanges, peer)
 
     out = {}
     for body in sizes:

@@ -204,6 +204,27 @@ def baseline_source(commit: str) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
+async def serve_exchanges(stream, request: bytes, answer: list, exchanges: int, peer) -> float:
+    """The server's side of ``exchanges`` rounds (read the request, write the answer with
+    the gateway's own sockio), then wait for the peer process and close: CPU µs of this
+    thread per round."""
+    import trio
+
+    from seg_fast.proxy import sockio
+
+    pace = sockio.Pace(60.0, 1024.0, sockio.Unsent(0))
+    t0 = time.thread_time()
+    for _ in range(exchanges):
+        got = 0
+        while got < len(request):
+            got += len(await sockio.receive(stream, None, 65536, trio.current_time() + 60))
+        await sockio.send_parts(stream, None, answer, pace)
+    used = time.thread_time() - t0
+    await trio.to_thread.run_sync(peer.join)
+    await stream.aclose()
+    return round(used / exchanges * 1e6, 1)
+
+
 def baseline_tlsio(commit: str, workdir: Path):
     """tlsio.TLSStream as it was at ``commit`` (git show), loaded beside today's."""
     import importlib.util
@@ -228,7 +249,6 @@ def stream_loop(exchanges: int, rounds: int, baseline: str = "", answer_bytes: i
 
     import trio
 
-    from seg_fast.proxy import sockio
     from seg_fast.proxy.gateway import server_tls_context
     from seg_fast.proxy.tlsio import TLSStream
 
@@ -265,17 +285,7 @@ def stream_loop(exchanges: int, rounds: int, baseline: str = "", answer_bytes: i
         stream = trio.SSLStream(transport, sctx, server_side=True, https_compatible=True) \
             if streams[kind] is None else streams[kind](transport, sctx)
         await stream.do_handshake()
-        pace = sockio.Pace(60.0, 1024.0, sockio.Unsent(0))
-        t0 = time.thread_time()
-        for _ in range(exchanges):
-            got = 0
-            while got < len(request):
-                got += len(await sockio.receive(stream, None, 65536, trio.current_time() + 60))
-            await sockio.send_parts(stream, None, answer, pace)
-        used = time.thread_time() - t0
-        await trio.to_thread.run_sync(peer.join)
-        await stream.aclose()
-        return round(used / exchanges * 1e6, 1)
+        return await serve_exchanges(stream, request, answer, exchanges, peer)
 
     runs: dict[str, list] = {}
     for _ in range(rounds):
