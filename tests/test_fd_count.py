@@ -32,13 +32,15 @@ def test_own_count_follows_opened_descriptors_without_listing(monkeypatch):
                 if a == c:
                     return a, b
             return a, b
-        # the independent count: a listing, less the descriptor the listing itself holds open
-        before, want = both()
-        assert before == want
+        # The independent count: a listing, less the descriptor the listing itself holds open.
+        # Compared as changes: the stat also counts descriptors a thread has reserved and not
+        # yet installed (one blocked in accept() holds one), which a listing does not show.
+        before, listed_before = both()
+        assert before - listed_before in (0, 1, 2)
         fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(300)]
         try:
-            during, want = both()
-            assert during == want and during >= before + 300
+            during, listed_during = both()
+            assert during - before == listed_during - listed_before == 300
             calls = []
             real = os.listdir
             monkeypatch.setattr(os, "listdir", lambda p: calls.append(p) or real(p))
