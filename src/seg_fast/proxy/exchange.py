@@ -122,6 +122,18 @@ async def fast(gw, dev, head: http1.RequestHead):
             _log(gw, rec, t0)
 
 
+def _fast_upstream_parts(dev, target: bytes, full, origin, body: bytes) -> list:
+    """The fast lane's request to the mail server: the compiled writer's head (headers.py's
+    rules when a Connection header names headers to drop), then the body."""
+    n = len(body)
+    out = http1.write_upstream(_POST, target, full, origin.host_header, dev.client_ip.encode(), dev.proto, n)
+    if out is None:
+        head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
+                                             proto=dev.proto, behind_proxy=False, framing=hdrs.content_length(n))
+        out = http1.write_request(_POST, target, head, http1.FRAMING_LENGTH, n)
+    return [out, body] if body else [out]
+
+
 async def _fast_park(gw, dev, head: http1.RequestHead, full, req: EasRequest, decision, body: bytes,
                      rec: Transaction, t0: float):
     """A Ping on the fast lane: written up in one piece (the compiled writer), then parked as
@@ -130,13 +142,7 @@ async def _fast_park(gw, dev, head: http1.RequestHead, full, req: EasRequest, de
     rec.upstream = origin.name
     target = head.target
     read_timeout = ping.upstream_deadline(gw, req, body)
-    n = len(body)
-    out = http1.write_upstream(_POST, target, full, origin.host_header, dev.client_ip.encode(), dev.proto, n)
-    if out is None:                   # a Connection header names headers to drop: headers.py's rules
-        up_head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
-                                                proto=dev.proto, behind_proxy=False, framing=hdrs.content_length(n))
-        out = http1.write_request(_POST, target, up_head, http1.FRAMING_LENGTH, n)
-    parts = [out, body] if body else [out]
+    parts = _fast_upstream_parts(dev, target, full, origin, body)
     t_up = time.perf_counter()
     for attempt in (0, 1):
         try:
@@ -174,13 +180,7 @@ async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: byt
             read_timeout = max(read_timeout, wait + config.timeouts.ping_margin)
     origin = gw.redirects.origin_for(req.user)
     rec.upstream = origin.name
-    n = len(body)
-    out = http1.write_upstream(_POST, target, full, origin.host_header, dev.client_ip.encode(), dev.proto, n)
-    if out is None:                   # a Connection header names headers to drop: headers.py's rules
-        head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
-                                             proto=dev.proto, behind_proxy=False, framing=hdrs.content_length(n))
-        out = http1.write_request(_POST, target, head, http1.FRAMING_LENGTH, n)
-    parts = [out, body] if body else [out]
+    parts = _fast_upstream_parts(dev, target, full, origin, body)
     t_up = time.perf_counter()
     pool = gw.pool
     for attempt in (0, 1):
@@ -192,7 +192,7 @@ async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: byt
                 await _unavailable(gw, dev, rec, str(exc))
                 return
         try:
-            up.sent = (_POST, target, n)
+            up.sent = (_POST, target, len(body))
             try:
                 await sockio.send_parts(up.stream, up.plain, parts, gw.upstream_pace)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
