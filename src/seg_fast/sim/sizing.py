@@ -122,10 +122,21 @@ def tree(roots: list[int]) -> list[int]:
     return out
 
 
-def proc_usage(pids: list[int]) -> tuple[float, int, float]:
+def proc_usage(pids: list[int], seen: dict | None = None) -> tuple[float, int, float]:
     """(CPU seconds, resident KiB, seconds spent runnable but waiting for a CPU)
     summed over the pids that still exist. The wait (schedstat) is what tells a
-    process starved by others from one that is merely busy."""
+    process starved by others from one that is merely busy. With ``seen`` (pid ->
+    (cpu, wait), kept across calls) the CPU and wait of processes that have exited
+    since stay counted, so the sums never go back (a short-lived child's exit made a
+    window's load CPU negative)."""
+    if seen is not None:
+        rss = 0
+        for pid in pids:
+            c, r, w = proc_usage([pid])
+            if r:                  # read and alive: a gone (or zombie) one keeps its last figures
+                seen[pid] = (c, w)
+            rss += r
+        return sum(c for c, _ in seen.values()), rss, sum(w for _, w in seen.values())
     cpu, rss, wait = 0.0, 0, 0.0
     for pid in pids:
         try:
@@ -618,6 +629,8 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
         worker_reads: list[tuple[float, dict[int, dict]]] = []
         kernel: dict = {}
         load_roots = [sh.proc.pid for sh in shards]
+        server_seen: dict = {}
+        load_seen: dict = {}      # pid -> (cpu, wait): an exited process's share stays counted
 
         async def read_progress(sh: Shard) -> None:
             while True:
@@ -632,8 +645,8 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             while True:
                 spids, lpids = tree(server_roots), tree(load_roots)
                 server_fds[0] = max(server_fds[0], max_fds(spids))
-                scpu, srss, swait = proc_usage(spids)
-                lcpu, lrss, lwait = proc_usage(lpids)
+                scpu, srss, swait = proc_usage(spids, server_seen)
+                lcpu, lrss, lwait = proc_usage(lpids, load_seen)
                 samples.append((time.time(), scpu, srss, lcpu,
                                 core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait))
                 now = time.time()
