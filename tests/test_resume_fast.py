@@ -54,9 +54,10 @@ def oracle(parts: list[bytes]):
     return resp.status_code, headers, body
 
 
-def mail_server(answer: list[bytes], parked: trio.Event):
+def mail_server(answer: list[bytes], parked: trio.Event, seen: list | None = None, other: bytes = OK):
     """The Ping's answer (its parts written apart) once the test says the Ping is parked;
-    any other request gets OK."""
+    any other request gets ``other``. With ``seen``: each request's raw bytes (head and
+    Content-Length body) are recorded."""
     async def serve(stream):
         buf = b""
         while True:
@@ -66,13 +67,22 @@ def mail_server(answer: list[bytes], parked: trio.Event):
                     return
                 buf += data
             head, _, buf = buf.partition(b"\r\n\r\n")
+            n = 0
+            for line in head.split(b"\r\n")[1:]:
+                if line.lower().startswith(b"content-length:"):
+                    n = int(line.split(b":", 1)[1])
+            while len(buf) < n:
+                buf += await stream.receive_some(65536)
+            if seen is not None:
+                seen.append(head + b"\r\n\r\n" + buf[:n])
+            buf = buf[n:]
             if b"Cmd=Ping" in head:
                 await parked.wait()
                 for part in answer:
                     await stream.send_all(part)
                     await trio.sleep(0.02)        # apart: the gateway reads each on its own
             else:
-                await stream.send_all(OK)
+                await stream.send_all(other)
     return serve
 
 
@@ -153,29 +163,10 @@ async def test_a_malformed_answer_to_a_parked_ping_is_not_passed_on(tmp_path, ba
 
 
 def recording_mail_server(seen: list, parked: trio.Event):
-    """Records each request's raw bytes (head and Content-Length body); a Ping is answered
-    once the test says it is parked."""
-    async def serve(stream):
-        buf = b""
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            n = 0
-            for line in head.split(b"\r\n")[1:]:
-                if line.lower().startswith(b"content-length:"):
-                    n = int(line.split(b":", 1)[1])
-            while len(buf) < n:
-                buf += await stream.receive_some(65536)
-            seen.append(head + b"\r\n\r\n" + buf[:n])
-            buf = buf[n:]
-            if b"Cmd=Ping" in head:
-                await parked.wait()
-            await stream.send_all(b"HTTP/1.1 200 OK\r\n" + WB + b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY)
-    return serve
+    """Records each request's raw bytes; every request, a parked Ping once the test says
+    so, gets the same Sync answer."""
+    full = b"HTTP/1.1 200 OK\r\n" + WB + b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY
+    return mail_server([full], parked, seen, other=full)
 
 
 PING_BODY = bytes.fromhex("03016a000d45480336300001")    # <Ping><HeartbeatInterval>60</...>
