@@ -50,6 +50,10 @@ class ListenerSettings(_Section):
     # OCSP for device certificates: "" off, "aia" (the responder the certificate names) or the
     # responder's http:// URL; answers kept until their nextUpdate; an unreachable one: soft fail.
     client_ocsp: str = ""
+    # Seconds between new TLS session ticket keys. The control process makes them and every
+    # worker uses them (proxy/tickets.py), so a device resumes on whichever worker it reaches;
+    # a ticket stays good for one to two periods.
+    tls_ticket_key_rotation: float = 3600.0
 
 
 class UpstreamSettings(_Section):
@@ -205,7 +209,7 @@ def _env_overrides(env) -> dict[str, tuple[str, str, str]]:
 
 # SEG_FAST_* variables that are not settings (tests, benchmarks, scripts, the worker's start).
 OTHER_ENV_VARS = {"SEG_FAST_HYPOTHESIS", "SEG_FAST_SLOW", "SEG_FAST_VENV", "SEG_FAST_CONTROL_PID",
-                  "SEG_FAST_BENCH_GATEKEEPER"}
+                  "SEG_FAST_BENCH_GATEKEEPER", "SEG_FAST_TICKET_FD"}
 
 
 def unknown_env_vars(env=None) -> list[str]:
@@ -307,6 +311,8 @@ def _check(config: Config, where: str, overrides) -> None:
                          f"push listener on {pol.push_host} would take the push token over plain HTTP: give the "
                          "device listener TLS (listener.tls_cert/tls_key), keep push_host on loopback, or set "
                          "policy.push_allow_plain = true"))
+    if not config.listener.tls_ticket_key_rotation >= 60:
+        problems.append(("listener.tls_ticket_key_rotation", "must be at least 60 (seconds)"))
     if config.listener.tls_pfx and (config.listener.tls_cert or config.listener.tls_key):
         problems.append(("listener.tls_pfx", "give either tls_pfx or tls_cert/tls_key, not both"))
     if config.listener.tls_pfx and not (config.listener.tls_pfx_password_file or config.listener.tls_pfx_password_env):

@@ -82,12 +82,14 @@ def worker_cli(argv: list[str]) -> int:
 
 
 def run_worker(config, config_path: str | None) -> int:
-    from seg_fast.proxy import gcpause, slowsteps
+    from seg_fast.proxy import gcpause, slowsteps, tickets
     from seg_fast.proxy.gateway import Gateway
     from seg_fast.proxy.worker import die_with_parent
 
     die_with_parent()     # again for `serve --worker` started by hand or a benchmark (idempotent)
     logsetup.configure(config)
+    # The session ticket keys the control process made: the first ring is already waiting.
+    ticket_keys = tickets.channel()
     gw = Gateway(config, config_path=config_path)
 
     async def main():
@@ -106,6 +108,8 @@ def run_worker(config, config_path: str | None) -> int:
                 nursery.start_soon(gcpause.refreeze_on_ramp, gw)
                 nursery.start_soon(gcpause.collect_young)    # young collections on a timer, short ones
                 nursery.start_soon(_worker_signals, gw, signals, config_path)
+                if ticket_keys is not None:
+                    nursery.start_soon(tickets.follow, ticket_keys)      # each rotation's ring
                 # Counters for the control process's /metrics and console, once a second.
                 nursery.start_soon(stats.write_loop, gw, stats.stats_dir(config))
 
@@ -150,6 +154,7 @@ def _free_port(host: str) -> int:
 
 
 def run_control(config, config_path: str | None, workers: int) -> int:
+    from seg_fast.proxy import tickets
     from seg_fast.proxy.instance import lock_listener, probe_bind
     from seg_fast.statedir import exposure_warnings
 
@@ -188,11 +193,23 @@ def run_control(config, config_path: str | None, workers: int) -> int:
     if config_path:
         cmd += ["--config", str(config_path)]
     procs: list[subprocess.Popen] = []
-    state = {"stopping": False, "grace": config.timeouts.shutdown_grace, "failed": ""}
+    # Session ticket keys every worker shares (proxy/tickets.py), each worker's over its own socketpair.
+    keeper = tickets.Keeper(config.listener.tls_ticket_key_rotation)
+    state = {"stopping": False, "grace": config.timeouts.shutdown_grace, "failed": "", "tickets": keeper}
 
     def spawn() -> subprocess.Popen:
         # From the main thread only: PR_SET_PDEATHSIG fires when the *thread* that forked exits.
-        return subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,) if lock_fd >= 0 else ())
+        ours, theirs = keeper.pair()
+        try:
+            proc = subprocess.Popen(cmd, env={**env, tickets.ENV_FD: str(theirs.fileno())},
+                                    pass_fds=(theirs.fileno(), *((lock_fd,) if lock_fd >= 0 else ())))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        keeper.started(proc.pid, ours)
+        return proc
 
     async def main():
         from seg_fast.admin import server as admin
@@ -224,6 +241,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 for _ in range(workers):
                     procs.append(spawn())
                 _say(f"control process: {workers} worker(s)")
+                nursery.start_soon(keeper.run)
                 nursery.start_soon(_control_signals, signals, procs, state, config_path)
                 crashes: list[float] = []
                 while True:
@@ -244,6 +262,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                                 break
                             _say(f"worker {proc.pid} exited with {proc.returncode}; starting another")
                             stats.remove_snapshot(stats.stats_dir(config), proc.pid)
+                            keeper.gone(proc.pid)
                             procs[i] = spawn()
                     if state["stopping"]:
                         if all(p.poll() is not None for p in procs):
@@ -255,6 +274,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+    keeper.close()
     if state["failed"]:
         print(f"seg-fast: {config_path or '(defaults)'}: {state['failed']}", file=sys.stderr, flush=True)
         return 1
@@ -309,12 +329,14 @@ async def _control_signals(signals, procs, state, config_path) -> None:
                     proc.send_signal(signal.SIGUSR1)
         elif signum == signal.SIGHUP:
             try:
-                problem = _reload_problem(load_config(config_path))
+                new = load_config(config_path)
+                problem = _reload_problem(new)
             except ConfigError as exc:
                 problem = str(exc)
             if problem:
                 _say(f"reload refused: {problem}")
                 continue
+            state["tickets"].rotation = new.listener.tls_ticket_key_rotation     # from the next rotation
             for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGHUP)

@@ -53,7 +53,7 @@ import time
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
-from seg_fast.proxy import sockio
+from seg_fast.proxy import sockio, tickets
 from seg_fast.proxy._http1 import read_nb
 
 RECORD = 16 * 1024            # the most plaintext one TLS record holds: one read, one write
@@ -223,6 +223,8 @@ class TLSStream:
         self.transport_stream = transport_stream
         self.socket = transport_stream.socket     # parking.socket_of finds it here
         self.plain = sockio.Plain(self.socket)    # what sockio's waits and timer wheel take
+        if context is not tickets.keyed:
+            tickets.key(context)                  # the serve's shared ticket keys (a new or reloaded context)
         self.ssl_object = wrap_socket(context, self.socket._sock, True)
         self._obj = self.ssl_object._sslobj       # the C object: the calls below skip SSLObject's layer
         self._want = _TRY             # how the next read starts (see _TRY)

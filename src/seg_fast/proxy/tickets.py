@@ -1,0 +1,296 @@
+"""TLS session tickets any worker of a serve can open: keys made by the control process.
+
+A serve's workers share one listener (SO_REUSEPORT), so a device's next connection lands
+on any of them. OpenSSL makes each SSL_CTX its own random ticket keys, so a ticket one
+worker issued was opaque to the others: the device got a full handshake (key exchange
+and the certificate's signature, ~1 ms of worker CPU with an RSA key) instead of a
+resumed one whenever it reached another worker.
+
+Here the control process makes the keys (``os.urandom``, 80 bytes each: OpenSSL's
+16-byte name, 32-byte HMAC-SHA256 key, 32-byte AES-256-CBC key) and keeps a ring of
+three: *next*, *current*, *previous*. Every ``listener.tls_ticket_key_rotation`` seconds
+next becomes current, current becomes previous, and a new next is made. Workers encrypt
+under current and decrypt under all three (``_tickets.pyx``, OpenSSL's ticket key
+callback, as nginx does with several ``ssl_session_ticket_key`` files; a ticket under
+another key than current is answered "renew"): a ticket stays good for one to two
+periods, and since every worker knew a key as *next* one period before any encrypts
+with it, a worker that takes the new ring a moment later still opens the tickets of one
+that took it first. OpenSSL 3 uses the same keys for TLS 1.3 tickets (and 1.2's).
+
+The keys travel over a Unix socketpair per worker (SOCK_SEQPACKET, one message per ring),
+made by the control process before the worker starts: the first ring waits in it, so the
+worker has its keys before its first handshake; later rings come as they are made. They
+are never written to a file or a log, nor passed in the environment (only the socket's
+descriptor number is). Python's ssl has no call for ticket keys: the SSL_CTX pointer is
+read from the SSLContext object (the layout ``sim/tlssession.py`` reads, proven here
+against what the context itself reports before it is used) and the callback set with
+SSL_CTX_set_tlsext_ticket_key_evp_cb (OpenSSL 1.1: SSL_CTX_set_tlsext_ticket_key_cb).
+Where that cannot be done, the worker says so once and keeps OpenSSL's own keys.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import ssl
+import sys
+
+import trio
+
+from seg_fast.sim.tlssession import _CTX_AT, _word
+
+ENV_FD = "SEG_FAST_TICKET_FD"     # the worker's end of its socketpair (a descriptor number)
+KEY_BYTES = 80
+MAGIC = b"SFTK1"                  # a ring message: MAGIC, then current, next and previous (if any)
+MIN_ROTATION = 60.0
+
+_state: dict = {}
+keyed = None                      # the SSLContext the callback was last set on (tlsio checks it)
+
+
+# -- the ring (control process) --------------------------------------------------------------
+
+def new_key() -> bytes:
+    return os.urandom(KEY_BYTES)
+
+
+class Ring:
+    """The control process's keys: ``current`` encrypts; ``next`` and ``previous`` decrypt too."""
+
+    def __init__(self):
+        self.current, self.next, self.previous = new_key(), new_key(), None
+
+    def rotate(self) -> None:
+        self.previous, self.current, self.next = self.current, self.next, new_key()
+
+    def message(self) -> bytes:
+        return MAGIC + self.current + self.next + (self.previous or b"")
+
+
+def keys_of(message: bytes) -> bytes:
+    """The ring for ``_tickets.set_keys`` (the encrypting key first); ValueError if malformed."""
+    body = message[len(MAGIC):]
+    if not message.startswith(MAGIC) or len(body) not in (2 * KEY_BYTES, 3 * KEY_BYTES):
+        raise ValueError("not a ticket key ring")
+    return body
+
+
+class Keeper:
+    """The ring and one socketpair per worker (control process)."""
+
+    def __init__(self, rotation: float):
+        self.ring = Ring()
+        self.rotation = rotation
+        self.channels: dict[int, socket.socket] = {}     # worker pid -> control's end
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        """(control's end, worker's end) for a worker about to start, the current ring already
+        in it; the worker's end goes to the child (pass_fds, ENV_FD) and is then closed here."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        ours.send(self.ring.message())
+        return ours, theirs
+
+    def started(self, pid: int, ours: socket.socket) -> None:
+        self.channels[pid] = ours
+
+    def gone(self, pid: int) -> None:
+        sock = self.channels.pop(pid, None)
+        if sock is not None:
+            sock.close()
+
+    def rotate(self) -> None:
+        self.ring.rotate()
+        message = self.ring.message()
+        for pid, sock in list(self.channels.items()):
+            try:
+                sock.send(message)
+            except (BlockingIOError, OSError):
+                self.gone(pid)        # exited (its restart gets a new pair) or stuck: never blocks us
+
+    async def run(self) -> None:
+        """Rotate every ``rotation`` seconds (read each time: a reload may change it)."""
+        while True:
+            await trio.sleep(self.rotation)
+            self.rotate()
+
+    def close(self) -> None:
+        for pid in list(self.channels):
+            self.gone(pid)
+
+
+# -- the worker ----------------------------------------------------------------------------------
+
+def _loaded(name: str) -> str | None:
+    """The path of ``name`` (e.g. "/libssl.so") as loaded in this process."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if name in line:
+                    return line.split(None, 5)[5].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _bind():
+    """Resolve OpenSSL's functions and hand them to _tickets (once): the module, or a reason."""
+    if "lib" in _state:
+        return _state["lib"]
+    _state["lib"] = why = _bind_now()
+    return why
+
+
+def _bind_now():
+    if sys.implementation.name != "cpython" or hasattr(sys, "gettotalrefcount"):
+        return "not a release build of CPython"
+    try:
+        from seg_fast.proxy import _tickets
+    except ImportError:
+        return "the compiled module seg_fast.proxy._tickets is not built"
+    ssl_path, crypto_path = _loaded("/libssl.so"), _loaded("/libcrypto.so")
+    if ssl_path is None or crypto_path is None:
+        return "libssl/libcrypto not found in this process"
+    libssl, libcrypto = ctypes.CDLL(ssl_path), ctypes.CDLL(crypto_path)
+
+    def addr(lib, name):
+        try:
+            return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
+        except AttributeError:
+            return 0
+
+    for lib, name, res, args in ((libssl, "SSL_CTX_get_options", ctypes.c_uint64, [ctypes.c_void_p]),
+                                 (libssl, "SSL_CTX_ctrl", ctypes.c_long,
+                                  [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    legacy = not addr(libssl, "SSL_CTX_set_tlsext_ticket_key_evp_cb")
+    cipher = 0
+    if not legacy:
+        fetch = libcrypto.EVP_CIPHER_fetch
+        fetch.restype, fetch.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+        cipher = fetch(None, b"AES-256-CBC", None) or 0      # fetched once, not per ticket
+    if not cipher:
+        get = libcrypto.EVP_aes_256_cbc
+        get.restype, get.argtypes = ctypes.c_void_p, []
+        cipher = get() or 0
+    md = 0
+    if legacy:
+        get = libcrypto.EVP_sha256
+        get.restype, get.argtypes = ctypes.c_void_p, []
+        md = get() or 0
+    try:
+        _tickets.init(legacy, addr(libcrypto, "RAND_bytes"), addr(libcrypto, "EVP_EncryptInit_ex"),
+                      addr(libcrypto, "EVP_DecryptInit_ex"),
+                      addr(libcrypto, "HMAC_Init_ex" if legacy else "EVP_MAC_CTX_set_params"),
+                      addr(libssl, "SSL_CTX_callback_ctrl" if legacy else "SSL_CTX_set_tlsext_ticket_key_evp_cb"),
+                      cipher, md)
+    except ValueError as exc:
+        return f"OpenSSL: {exc}"
+    _state["libssl"] = libssl
+    return _tickets
+
+
+def ssl_ctx_of(context: ssl.SSLContext) -> int:
+    """The context's SSL_CTX address, proven against what the context reports (0: not proven)."""
+    lib = _bind()
+    if isinstance(lib, str):
+        return 0
+    libssl = _state["libssl"]
+    ptr = _word(context, _CTX_AT)
+    if not ptr:
+        return 0
+    minimum = libssl.SSL_CTX_ctrl(ptr, 130, 0, None)      # SSL_CTRL_GET_MIN_PROTO_VERSION
+    wanted = context.minimum_version.value
+    if libssl.SSL_CTX_get_options(ptr) != int(context.options) or minimum != (0 if wanted < 0 else wanted):
+        return 0
+    return ptr
+
+
+def use(message: bytes) -> None:
+    """Take a ring (a Keeper's message): every context keyed, before or after, uses it."""
+    lib = _bind()
+    if isinstance(lib, str):
+        _say_once(f"session tickets: keys from the control process not used ({lib}); "
+                  "each worker keeps OpenSSL's own, so a device resumes only on the worker that issued its ticket")
+        return
+    lib.set_keys(keys_of(message))    # the callback already set on a context reads the new ring
+
+
+def key(context: ssl.SSLContext) -> None:
+    """Set the shared keys' callback on ``context`` (once; tlsio calls it for each new context).
+    Without keys from a control process (tests, a worker started by hand) nothing changes."""
+    global keyed
+    lib = _bind()
+    if isinstance(lib, str) or not lib.key_count():
+        return
+    ptr = ssl_ctx_of(context)
+    if not ptr:
+        _say_once("session tickets: this Python's SSLContext layout is not the expected one; "
+                  "each worker keeps OpenSSL's own ticket keys")
+        keyed = context               # not again for this context
+        return
+    if not lib.install(ptr):
+        raise RuntimeError("OpenSSL refused the session ticket key callback")
+    keyed = context
+
+
+def counts() -> dict:
+    """Tickets made / opened / renewed / unknown in this process (zeros if not in use)."""
+    lib = _bind()
+    if isinstance(lib, str):
+        return {"made": 0, "opened": 0, "renewed": 0, "unknown": 0}
+    return lib.counts()
+
+
+def _say_once(text: str) -> None:
+    if text not in _state.setdefault("said", set()):
+        _state["said"].add(text)
+        print(f"seg-fast[{os.getpid()}]: {text}", file=sys.stderr, flush=True)
+
+
+def channel() -> socket.socket | None:
+    """The worker's end of its socketpair (ENV_FD), its first ring taken; None outside a serve."""
+    fd = os.environ.get(ENV_FD, "")
+    if not fd.isdigit():
+        return None
+    os.environ.pop(ENV_FD, None)      # not inherited by anything this worker starts
+    try:
+        sock = socket.socket(fileno=int(fd))
+    except OSError:
+        return None
+    sock.setblocking(False)
+    _take(sock)
+    return sock
+
+
+def _take(sock: socket.socket) -> bool:
+    """Every ring waiting in the socket, the last one used; False at EOF (the control process is gone)."""
+    last = None
+    while True:
+        try:
+            data = sock.recv(1024)
+        except BlockingIOError:
+            break
+        except OSError:
+            return False
+        if not data:
+            return False
+        last = data
+    if last is not None:
+        try:
+            use(last)
+        except ValueError as exc:
+            _say_once(f"session tickets: {exc} from the control process; ignored")
+    return True
+
+
+async def follow(sock: socket.socket) -> None:
+    """The worker's task: take each new ring as the control process sends it."""
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            if not _take(sock):
+                return
+    finally:
+        sock.close()

@@ -1,0 +1,165 @@
+"""Session tickets across the workers of a running `seg-fast serve --workers 2` (proxy/tickets.py).
+
+A device's connections land on either worker (SO_REUSEPORT). One session, got from one
+connection, is offered on many new ones: each must resume (the client's
+``session_reused``, real TLS with trustme certificates), and the connections must have
+landed on both workers. Which worker holds a connection is read from the kernel
+(/proc/net/tcp gives the accepted socket's inode for the client's port; /proc/<pid>/fd
+says which worker holds it), not from anything the gateway says. Before the control
+process made the keys, the connections on the worker that did not issue the ticket got
+full handshakes. The same holds after a worker is killed and restarted (it gets the ring
+the others use) and after a reload (a new SSLContext, keyed on its first connection).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+REPO = Path(__file__).resolve().parent.parent
+CONNECTIONS = 24            # both workers get some: all on one is a 2**-23 chance
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TwoWorkers:
+    def __init__(self, tmp: Path):
+        ca = trustme.CA()
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
+        self.client = ssl.create_default_context()
+        ca.configure_trust(self.client)
+        self.port = free_port()
+        cfg = tmp / "gateway.toml"
+        cfg.write_text("\n".join([
+            "workers = 2", "[listener]", 'host = "127.0.0.1"', f"port = {self.port}",
+            f'tls_cert = "{tmp / "cert.pem"}"', f'tls_key = "{tmp / "key.pem"}"',
+            "[upstream]", f'url = "http://127.0.0.1:{free_port()}"', "[admin]", "enabled = false",
+            "[log]", 'transactions = ""', f'file = "{tmp / "gateway.log"}"',
+            "[policy]", "allow_if_no_policies = true", f'sqlite_path = "{tmp / "policy.db"}"',
+            "[security]", f'master_key_file = "{tmp / "master.key"}"', f'key_state_file = "{tmp / "keys.json"}"',
+            "[timeouts]", "shutdown_grace = 5.0"]) + "\n")
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), SEG_FAST_STATE_DIR=str(tmp / "state"))
+        self.proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env,
+                                     cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.until(lambda: len(self.workers()) == 2 and self.said("worker listening on") >= 2, "two workers listening")
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def said(self, text: str) -> int:
+        return sum(text in line for line in list(self.lines))
+
+    def until(self, found, what: str, bound: float = 30):
+        end = time.monotonic() + bound
+        while not (value := found()):
+            assert self.proc.poll() is None, "serve exited: " + "".join(self.lines)[-3000:]
+            assert time.monotonic() < end, f"gave up waiting for {what}: " + "".join(self.lines)[-3000:]
+            time.sleep(0.05)
+        return value
+
+    def workers(self) -> list[int]:
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:
+            return []
+
+    def worker_of(self, sock: ssl.SSLSocket) -> int:
+        """The worker process holding the gateway's end of this connection (from the kernel)."""
+        client_port = sock.getsockname()[1]
+        want_local, want_remote = f"0100007F:{self.port:04X}", f"0100007F:{client_port:04X}"
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        inodes = {row[9] for row in rows if row[1] == want_local and row[2] == want_remote}
+        assert len(inodes) == 1, f"the gateway's socket for client port {client_port} not found once"
+        target = f"socket:[{inodes.pop()}]"
+        for pid in self.workers():
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+                except OSError:
+                    pass
+        raise AssertionError("no worker holds the connection")
+
+    def connect(self, session=None) -> tuple[ssl.SSLSocket, int]:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+        sock = self.client.wrap_socket(raw, server_hostname="localhost", session=session)
+        # One answer (the gateway's own 404 for a path it does not serve): the TLS 1.3 tickets come with it.
+        sock.sendall(b"GET /nothing-here HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(4096)
+            assert data, "the gateway closed without an answer"
+            head += data
+        assert head.startswith(b"HTTP/1.1 "), head[:100]
+        return sock, self.worker_of(sock)
+
+    def resumes(self, session) -> dict[int, list[bool]]:
+        """Per worker, whether each of CONNECTIONS new connections offering ``session`` resumed it."""
+        seen: dict[int, list[bool]] = {}
+        for _ in range(CONNECTIONS):
+            sock, pid = self.connect(session)
+            seen.setdefault(pid, []).append(sock.session_reused)
+            sock.close()
+        return seen
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    gw = TwoWorkers(tmp_path)
+    yield gw
+    assert gw.stop() == 0, "".join(gw.lines)[-3000:]
+
+
+def test_a_session_resumes_on_every_worker(serve):
+    first, issuer = serve.connect()
+    assert first.version() == "TLSv1.3" and not first.session_reused and first.session.has_ticket
+    session = first.session
+    first.close()
+    seen = serve.resumes(session)
+    assert set(seen) == set(serve.workers()), f"connections landed on {set(seen)} only"
+    assert all(all(r) for r in seen.values()), f"not resumed on some worker (issuer {issuer}): {seen}"
+
+    # A worker killed and started again takes the ring the others use: the old ticket still resumes.
+    victim = serve.workers()[0]
+    os.kill(victim, signal.SIGKILL)
+    serve.until(lambda: victim not in serve.workers() and len(serve.workers()) == 2
+                and serve.said("worker listening on") >= 3, "the worker's restart")
+    seen = serve.resumes(session)
+    assert set(seen) == set(serve.workers())
+    assert all(all(r) for r in seen.values()), seen
+
+    # A reload makes each worker a new SSLContext: keyed on its first connection, same ring.
+    serve.proc.send_signal(signal.SIGHUP)
+    serve.until(lambda: serve.said("config reloaded") >= 2, "both workers' reload")
+    seen = serve.resumes(session)
+    assert set(seen) == set(serve.workers())
+    assert all(all(r) for r in seen.values()), seen
+    assert "ticket" not in "".join(serve.lines).lower(), "".join(serve.lines)   # no warning, no key material
