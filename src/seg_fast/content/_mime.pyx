@@ -8,12 +8,13 @@ at line starts, so a 10 MB base64 attachment costs one pass of a fast search.
 Lenient like mail clients (a missing close delimiter ends the part at its parent's
 end), bounded (depth, part count), and precise when it gives up (MIMEError).
 """
-from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdlib cimport free, malloc
-from libc.string cimport memchr, memcpy
+from libc.stdint cimport uint64_t
+from libc.string cimport memchr, memcmp, memcpy
 
 from seg_fast.errors import MIMEError
 
@@ -162,7 +163,10 @@ cdef class _Walker:
         cdef const unsigned char* found
         cdef str child_default = "message/rfc822" if p.content_type == "multipart/digest" else "text/plain"
         while pos < end:
-            found = <const unsigned char*>memmem(b + pos, end - pos, d, dl)
+            # A base64 body is megabytes: searched without the GIL (the loop's, when the
+            # transform runs in a worker thread).
+            with nogil:
+                found = _find(b + pos, end - pos, d, dl)
             if found == NULL:
                 break
             hit = found - b
@@ -200,6 +204,27 @@ cdef class _Walker:
             # No close delimiter: the last part runs to the parent's end.
             self.walk(part_start, end, depth + 1, p.index, child_default)
         return 0
+
+
+cdef const unsigned char* _find(const unsigned char* h, Py_ssize_t n, const char* d,
+                                Py_ssize_t dl) noexcept nogil:
+    """memmem(h, n, d, dl), faster where d[0] is rare: a delimiter starts with "-", which
+    base64 text (most of a large message) never holds, so memchr's stride finds the next
+    candidate; after many false candidates (text full of dashes) memmem takes over."""
+    cdef const unsigned char* p = h
+    cdef const unsigned char* e = h + n
+    cdef int misses = 0
+    while e - p >= dl:
+        p = <const unsigned char*>memchr(p, d[0], (e - p) - dl + 1)
+        if p == NULL:
+            return NULL
+        if memcmp(p, d, dl) == 0:
+            return p
+        misses += 1
+        p += 1
+        if misses > 32:
+            return <const unsigned char*>memmem(p, e - p, d, dl)
+    return NULL
 
 
 cdef str _unfold(const unsigned char* b, Py_ssize_t i, Py_ssize_t end):
@@ -645,7 +670,16 @@ def join(chunks):
 cdef bint _utf8_text(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i = 0
     cdef unsigned char c, c1
+    cdef uint64_t v, hi = 0x8080808080808080ULL, ones = 0x0101010101010101ULL
     while i < n:
+        # ASCII without NUL (base64 text: all of a sealed attachment) 8 bytes at a time.
+        while i + 8 <= n:
+            memcpy(&v, p + i, 8)
+            if (v & hi) or ((v - ones) & ~v & hi):
+                break
+            i += 8
+        if i >= n:
+            break
         c = p[i]
         if c < 0x80:
             if c == 0:
@@ -705,3 +739,263 @@ def utf8_text(data):
         return ok
     finally:
         PyBuffer_Release(&view)
+
+
+# -- base64 bodies in one pass, without the GIL ----------------------------------------
+# A sealed attachment is base64-decoded from its MIME lines and its envelope base64-encoded
+# into lines again: megabytes each. libbase64 (the SIMD codec pybase64 is built on, whose
+# extension module exports it) does the arithmetic a cache-sized chunk at a time, the line
+# breaks are stripped or written around it in the same pass, and the result is written
+# once into the bytes returned: no intermediate copy of the body, and no GIL held
+# (a transform runs in a worker thread beside the event loop).
+
+ctypedef int (*_b64dec_t)(const char* src, size_t srclen, char* out, size_t* outlen, int flags) noexcept nogil
+ctypedef void (*_b64enc_t)(const char* src, size_t srclen, char* out, size_t* outlen, int flags) noexcept nogil
+
+cdef _b64dec_t _lib_decode = NULL
+cdef _b64enc_t _lib_encode = NULL
+# Characters of base64 text per libbase64 call: a multiple of 4 that stays in the L2 cache.
+cdef Py_ssize_t _B64_CHUNK = 1 << 16
+
+
+cdef void _load_libbase64():
+    global _lib_decode, _lib_encode
+    cdef size_t dec = 0, enc = 0
+    try:
+        import ctypes
+        import pybase64._pybase64 as ext
+        lib = ctypes.CDLL(ext.__file__)
+        dec = <size_t>ctypes.cast(lib.base64_decode, ctypes.c_void_p).value
+        enc = <size_t>ctypes.cast(lib.base64_encode, ctypes.c_void_p).value
+    except Exception:      # a pybase64 built without the symbols: the slower path below
+        return
+    if dec and enc:
+        _lib_decode = <_b64dec_t>dec
+        _lib_encode = <_b64enc_t>enc
+
+
+_load_libbase64()
+HAVE_LIBBASE64 = _lib_decode != NULL
+
+
+def _set_b64_chunk(Py_ssize_t chars):
+    """Tests: a small chunk so its edges fall everywhere (a multiple of 4)."""
+    global _B64_CHUNK
+    if chars <= 0 or chars % 4:
+        raise ValueError("chunk must be a positive multiple of 4")
+    _B64_CHUNK = chars
+
+
+cdef int _decode_lines(const unsigned char* b, Py_ssize_t n, char* out, Py_ssize_t* written,
+                       char* scratch, Py_ssize_t chunk) noexcept nogil:
+    """Strip the line breaks (LF, and a CR just before one) of base64 text ``b`` a chunk
+    at a time into ``scratch`` and decode each chunk into ``out``; 0 when the text is
+    not exactly what a strict decode of the stripped whole accepts."""
+    cdef Py_ssize_t i = 0, j, k, fill = 0, take, w = 0, width = -1, line
+    cdef const unsigned char* nl
+    cdef size_t got
+    cdef bint padded = False
+    while i < n:
+        # Lines of one width ending in CRLF are the rule: check there first.
+        if width > 0 and i + width + 1 < n and b[i + width] == 13 and b[i + width + 1] == 10:
+            j = i + width + 1
+        else:
+            nl = <const unsigned char*>memchr(b + i, 10, n - i)
+            j = (nl - b) if nl != NULL else n
+        k = j
+        if k > i and b[k - 1] == 13:
+            k -= 1
+        if width < 0:
+            width = k - i
+        line = k - i
+        if line and padded:
+            return 0                       # text after the padding
+        while line:
+            take = chunk - fill
+            if take > line:
+                take = line
+            memcpy(scratch + fill, b + i, take)
+            fill += take
+            i += take
+            line -= take
+            if fill == chunk:
+                got = 0
+                if not _lib_decode(scratch, fill, out + w, &got, 0):
+                    return 0
+                w += got
+                padded = scratch[fill - 1] == 61
+                fill = 0
+                if line and padded:
+                    return 0
+        i = j + 1
+    if fill:
+        if padded:
+            return 0
+        got = 0
+        if not _lib_decode(scratch, fill, out + w, &got, 0):
+            return 0
+        w += got
+    written[0] = w
+    return 1
+
+
+def b64decode_lines_into(data, out):
+    """b64decode_lines(data) written into the writable buffer ``out`` (at least
+    ``decoded_room(len(data))`` bytes); returns how many bytes it wrote."""
+    cdef Py_buffer view, dst
+    cdef Py_ssize_t w = 0, chunk = _B64_CHUNK
+    cdef char* scratch
+    cdef int ok
+    if _lib_decode == NULL:
+        plain = b64decode_lines(data)
+        memoryview(out)[:len(plain)] = plain
+        return len(plain)
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(out, &dst, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if dst.len < view.len // 4 * 3 + 3:
+                raise ValueError("output buffer too small")
+            scratch = <char*>malloc(chunk)
+            if scratch == NULL:
+                raise MemoryError()
+            with nogil:
+                ok = _decode_lines(<const unsigned char*>view.buf, view.len, <char*>dst.buf, &w, scratch, chunk)
+            free(scratch)
+            if not ok:
+                raise ValueError("not strict base64 text")
+            return w
+        finally:
+            PyBuffer_Release(&dst)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def decoded_room(Py_ssize_t n):
+    """Bytes b64decode_lines_into needs for ``n`` bytes of base64 text."""
+    return n // 4 * 3 + 3
+
+
+def b64decode_lines(data):
+    """The bytes base64 text with line breaks decodes to: exactly
+    ``pybase64.b64decode(strip_breaks(data), validate=True)`` (ValueError where that
+    raises binascii.Error), in one pass without the GIL."""
+    cdef Py_buffer view
+    cdef Py_ssize_t n, w = 0, chunk = _B64_CHUNK
+    cdef char* scratch
+    cdef char* out
+    cdef int ok
+    cdef PyObject* obj
+    if _lib_decode == NULL:
+        import binascii
+        import pybase64
+        try:
+            return pybase64.b64decode(strip_breaks(data), validate=True)
+        except binascii.Error as e:
+            raise ValueError(str(e)) from None
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        n = view.len
+        result = PyBytes_FromStringAndSize(NULL, n // 4 * 3 + 3)
+        out = PyBytes_AS_STRING(result)
+        scratch = <char*>malloc(chunk)
+        if scratch == NULL:
+            raise MemoryError()
+        with nogil:
+            ok = _decode_lines(<const unsigned char*>view.buf, n, out, &w, scratch, chunk)
+        free(scratch)
+        if not ok:
+            raise ValueError("not strict base64 text")
+        # Shrunk in place (the only reference is ours), as strip_breaks does.
+        obj = <PyObject*>result
+        Py_INCREF(result)
+        result = None
+        _PyBytes_Resize(&obj, w)
+        result = <object>obj
+        Py_DECREF(result)
+        return result
+    finally:
+        PyBuffer_Release(&view)
+
+
+def b64encode_lines(data, Py_ssize_t width=76, bytes eol=b"\r\n"):
+    """``wrap_lines(pybase64.b64encode(data), width, eol)`` in one pass without the GIL:
+    a chunk of whole lines encoded into a cache-sized scratch buffer, then its lines
+    copied to their place with the line breaks between them. ``width`` 0: one line,
+    ``pybase64.b64encode(data)`` (encoded where it ends up)."""
+    cdef Py_buffer view
+    cdef Py_ssize_t n, total, lines, size, lines_per, in_chunk, at = 0, w = 0, take, i
+    cdef size_t got
+    cdef char* scratch
+    cdef char* out
+    cdef const char* src
+    cdef const char* e = PyBytes_AS_STRING(eol)
+    cdef Py_ssize_t el = len(eol)
+    if width < 0:
+        raise ValueError("width must not be negative")
+    if _lib_encode == NULL:
+        import pybase64
+        return wrap_lines(pybase64.b64encode(data), width, eol) if width else pybase64.b64encode(data)
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        n = view.len
+        src = <const char*>view.buf
+        total = (n + 2) // 3 * 4
+        if width == 0:
+            result = PyBytes_FromStringAndSize(NULL, total)
+            out = PyBytes_AS_STRING(result)
+            got = 0
+            with nogil:
+                _lib_encode(src, n, out, &got, 0)
+            return result
+        lines = (total + width - 1) // width
+        size = total + (lines - 1) * el if lines > 0 else 0
+        result = PyBytes_FromStringAndSize(NULL, size)
+        out = PyBytes_AS_STRING(result)
+        # Whole lines per chunk, and whole 4-character groups: 3 input bytes each.
+        lines_per = _B64_CHUNK // (4 * width)
+        if lines_per < 1:
+            lines_per = 1
+        in_chunk = lines_per * width * 3
+        scratch = <char*>malloc(lines_per * width * 4)
+        if scratch == NULL:
+            raise MemoryError()
+        with nogil:
+            while at < n:
+                take = in_chunk if n - at > in_chunk else n - at
+                got = 0
+                _lib_encode(src + at, take, scratch, &got, 0)
+                at += take
+                i = 0
+                while i < <Py_ssize_t>got:
+                    if w:
+                        memcpy(out + w, e, el)
+                        w += el
+                    take = width if <Py_ssize_t>got - i > width else <Py_ssize_t>got - i
+                    memcpy(out + w, scratch + i, take)
+                    w += take
+                    i += take
+        free(scratch)
+        return result
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef class _Unwritten:
+    """A writable buffer over a bytes object not yet handed to anyone (writable_bytes)."""
+    cdef bytes data
+
+    def __getbuffer__(self, Py_buffer* buf, int flags):
+        PyBuffer_FillInfo(buf, self, PyBytes_AS_STRING(self.data), len(self.data), 0, flags)
+
+    def __releasebuffer__(self, Py_buffer* buf):
+        pass
+
+
+def writable_bytes(Py_ssize_t size):
+    """(bytes of ``size`` unset bytes, a writable memoryview of them): for a producer that
+    writes into a buffer (AES-GCM's update_into) to fill the bytes it returns, with no
+    copy after. Write them all, drop the view, and only then hand the bytes on."""
+    cdef _Unwritten holder = _Unwritten.__new__(_Unwritten)
+    holder.data = PyBytes_FromStringAndSize(NULL, size)
+    return holder.data, memoryview(holder)

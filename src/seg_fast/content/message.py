@@ -16,10 +16,10 @@ from urllib.parse import quote
 import pybase64
 
 from seg_fast.content._links import LinkRewriter
-from seg_fast.content._mime import (Part, join, line_ending, qp_decode, qp_encode, qp_locate, strip_breaks, walk,
-                                    wrap_lines)
-from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name,
-                                          file_type, known_type, seal, sealed_content_type, stricter)
+from seg_fast.content._mime import (Part, b64decode_lines, b64encode_lines, join, line_ending, qp_decode, qp_encode,
+                                    qp_locate, strip_breaks, walk)
+from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, decoded_scratch, envelope_name,
+                                          file_type, known_type, sealed_base64, sealed_content_type, stricter)
 from seg_fast.content.keys import Keyring
 from seg_fast.content.model import ClassificationPolicy, EmailSecurityPolicy, HyperlinkPolicy
 from seg_fast.errors import MIMEError
@@ -288,7 +288,7 @@ def _attached_message(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol
         return _block(data, p, plan, out, eol, p.filename or NESTED_NAME)
     if new is inner or new == inner:
         return None
-    body = wrap_lines(pybase64.b64encode(new), 76, eol) if p.cte == "base64" else qp_encode(new, eol)
+    body = b64encode_lines(new, 76, eol) if p.cte == "base64" else qp_encode(new, eol)
     return p.body_start, p.end, body
 
 
@@ -353,7 +353,7 @@ def _text_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: boo
         if not count:
             return []
         out.links += count
-        return [(p.body_start, p.end, wrap_lines(pybase64.b64encode(new), 76, line_ending(body)))]
+        return [(p.body_start, p.end, b64encode_lines(new, 76, line_ending(body)))]
     if p.cte == "quoted-printable":
         return _qp_part(data, p, links, out, cut)
     # 7bit, 8bit and binary: rewrite in place.
@@ -374,6 +374,7 @@ def _qp_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: bool)
     found = links.find(text, cut)
     if not found:
         return []
+    seg = bytes(body)
     marks = []
     for off, length, _new in found:
         marks += [off, off + length - 1]
@@ -382,7 +383,7 @@ def _qp_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: bool)
     edits = []
     for k, (_off, _length, new) in enumerate(found):
         start, end = base + locs[2 * k][0], base + locs[2 * k + 1][1]
-        if locs[2 * k][0] < 0 or locs[2 * k + 1][1] < 0 or not _fits(data, p.body_start, p.end, start, end, len(new)):
+        if locs[2 * k][0] < 0 or locs[2 * k + 1][1] < 0 or not _fits(seg, start - base, end - base, len(new)):
             edits = None
             break
         edits.append((start, end, new))
@@ -395,15 +396,15 @@ def _qp_part(data: bytes, p: Part, links: LinkRewriter, out: Outcome, cut: bool)
     return [(p.body_start, p.end, qp_encode(links.rewrite(text)[0], line_ending(body)))]
 
 
-def _fits(data: bytes, lo: int, hi: int, start: int, end: int, new_len: int) -> bool:
-    """The encoded line holding data[start:end] (within the body data[lo:hi]) stays
-    within 76 characters with new_len bytes in place of that range (soft breaks
-    inside the range disappear)."""
-    line_start = data.rfind(b"\n", lo, start) + 1 or lo
-    line_end = data.find(b"\n", end, hi)
+def _fits(body: bytes, start: int, end: int, new_len: int) -> bool:
+    """The encoded line holding body[start:end] (the part's body) stays within 76
+    characters with new_len bytes in place of that range (soft breaks inside the range
+    disappear)."""
+    line_start = body.rfind(b"\n", 0, start) + 1
+    line_end = body.find(b"\n", end)
     if line_end < 0:
-        line_end = hi
-    if line_end > end and data[line_end - 1] == 13:
+        line_end = len(body)
+    if line_end > end and body[line_end - 1] == 13:
         line_end -= 1
     return (start - line_start) + new_len + (line_end - end) <= 76
 
@@ -411,8 +412,8 @@ def _fits(data: bytes, lo: int, hi: int, start: int, end: int, new_len: int) -> 
 def _decode_body(body: memoryview, cte: str) -> bytes:
     if cte == "base64":
         try:
-            return pybase64.b64decode(strip_breaks(body), validate=True)
-        except (binascii.Error, ValueError):
+            return b64decode_lines(body)    # one pass, line breaks and all, without the GIL
+        except ValueError:
             return pybase64.b64decode(body)  # stray bytes: the lenient decoder skips them
     if cte == "quoted-printable":
         return binascii.a2b_qp(bytes(body))
@@ -441,23 +442,36 @@ def _attachment(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: byte
         return None
     shown = name or (f"attachment.{kind}" if kind else "attachment")
     if action == "encrypt" and not cut:
-        try:
-            plain = _decode_body(body, p.cte)
-        except (binascii.Error, ValueError):
-            plain = None
-        if plain is not None:
-            sealed = seal(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind), plain)
+        new_body = _sealed_body(plan, shown, kind, body, p.cte, eol)
+        if new_body is not None:
             new_name = envelope_name(shown)
             headers = [
                 b"Content-Type: " + ENVELOPE_CONTENT_TYPE.encode() + b"; " + _param("name", new_name),
                 b"Content-Transfer-Encoding: base64",
                 b"Content-Disposition: attachment; " + _param("filename", new_name),
             ]
-            new_body = wrap_lines(pybase64.b64encode(sealed), 76, eol)
             out.attachments.append((name, "encrypt", new_name))
             return _part_edit(data, p, headers, new_body, eol)
     # Block (or an encryption that cannot be done faithfully: fail closed).
     return _block(data, p, plan, out, eol, shown)
+
+
+def _sealed_body(plan: ContentPlan, shown: str, kind: str, body: memoryview, cte: str, eol: bytes):
+    """An attachment's body sealed, as the base64 lines of its new part; None when its
+    bytes cannot be read. Base64 (the rule) is decoded into this thread's scratch buffer
+    and sealed from there: of the megabytes, only the new text is fresh memory."""
+    args = (plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind))
+    if cte == "base64":
+        try:
+            with decoded_scratch(body) as plain:
+                return sealed_base64(*args, plain, 76, eol)
+        except ValueError:
+            pass                       # not strict base64: the lenient decode below
+    try:
+        plain = _decode_body(body, cte)
+    except (binascii.Error, ValueError):
+        return None
+    return sealed_base64(*args, plain, 76, eol)
 
 
 def _block(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: bytes, shown: str):
@@ -481,7 +495,7 @@ def _param(key: str, value: str) -> bytes:
 def _kept_headers(data: bytes, p: Part) -> list[bytes]:
     """The part's header lines (folded lines kept whole) but its Content-Type,
     Content-Transfer-Encoding and Content-Disposition."""
-    block = data[p.start:p.body_start]
+    block = bytes(data[p.start:p.body_start])
     lines = block.splitlines(keepends=True)
     kept: list[bytes] = []
     drop = False

@@ -32,12 +32,14 @@ import re
 import threading
 import zlib
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import pybase64
 
 from seg_fast.content._mime import utf8_text
-from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, envelope_name, envelope_size,
-                                          extension, file_type, seal, sealed_content_type)
+from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, decoded_scratch, envelope_name,
+                                          envelope_size, extension, file_type, seal, sealed_base64,
+                                          sealed_content_type)
 from seg_fast.content.keys import Keyring
 from seg_fast.content.message import (MESSAGE_TYPES, NESTED_NAME, ContentPlan, is_smime_class, template_message,
                                       transform_mime, transform_text)
@@ -354,7 +356,13 @@ class EmailSecurityTransform:
             btype = t if isinstance(t, str) else (text(t) if t is not None else "1")
             tr = body.get("Truncated")
             truncated = tr is not None and text(tr).strip() in ("1", "true")
-            data = raw[data_sp.offset:data_sp.offset + data_sp.length] if part_idx is None else parts[part_idx]
+            if part_idx is not None:
+                data = parts[part_idx]
+            elif verdict is None and btype.strip() == "4":
+                # A MIME body is read where it lies (megabytes with an attachment), not copied.
+                data = memoryview(raw)[data_sp.offset:data_sp.offset + data_sp.length]
+            else:
+                data = raw[data_sp.offset:data_sp.offset + data_sp.length]
             resized = True
             if verdict is not None:
                 new = _template_body(verdict, btype.strip(), data)
@@ -376,7 +384,7 @@ class EmailSecurityTransform:
                 new, n_links = transform_text(data, plan, truncated=truncated)
                 counts.add_links(n_links)
                 resized = False
-            if new is data or new == data:
+            if new is data or (len(new) == len(data) and new == bytes(data)):
                 continue
             if part_idx is None:
                 edits.append((data_sp, _as_kind(data_sp, new)))
@@ -473,28 +481,38 @@ class EmailSecurityTransform:
         ref = _str(raw, ref_sp)
         ctype_sp = next((s for s in spans if s.tag == "AirSyncBase:ContentType"), None)
         ctype = _str(raw, ctype_sp) if ctype_sp is not None else "application/octet-stream"
-        if data_sp is not None:
-            if data_sp.kind == "str":
-                try:              # read where it lies: megabytes, not copied first
-                    blob = pybase64.b64decode(memoryview(raw)[data_sp.offset:data_sp.offset + data_sp.length])
-                except ValueError:
-                    raise ContentError("ItemOperations Data is not base64") from None
-            else:
-                blob = raw[data_sp.offset:data_sp.offset + data_sp.length]
-        else:
-            idx = _int(raw, part_sp)
-            if parts is None or idx is None or not 0 < idx < len(parts):
-                raise ContentError("ItemOperations Part names no part of the answer")
-            blob = parts[idx]
         # A byte range of an attachment cannot be sealed on its own: it is blocked.
         ranged = any(s.tag == "ItemOperations:Total" for s in spans)
-        result = self._transform_file(user, ref, ctype, blob, ranged)
+        text = data_sp is not None and data_sp.kind == "str"
+        if text:
+            # Base64 read where it lies (megabytes, not copied first), decoded into this
+            # thread's scratch buffer and, sealed, encoded from there: base64 comes back.
+            src = memoryview(raw)[data_sp.offset:data_sp.offset + data_sp.length]
+            try:
+                held = decoded_scratch(src)
+            except ValueError:
+                try:      # not strict base64: the lenient decoder skips stray bytes
+                    held = nullcontext(pybase64.b64decode(src))
+                except ValueError:
+                    raise ContentError("ItemOperations Data is not base64") from None
+            with held as blob:
+                result = self._transform_file(user, ref, ctype, blob, ranged, as_base64=True)
+        else:
+            if data_sp is not None:
+                blob = raw[data_sp.offset:data_sp.offset + data_sp.length]
+            else:
+                idx = _int(raw, part_sp)
+                if parts is None or idx is None or not 0 < idx < len(parts):
+                    raise ContentError("ItemOperations Part names no part of the answer")
+                blob = parts[idx]
+            result = self._transform_file(user, ref, ctype, blob, ranged)
         if result is None:
             return
         new_blob, new_ctype, _ = result
-        if data_sp is not None:
-            edits.append((data_sp, _as_kind(data_sp, pybase64.b64encode(new_blob))
-                          if data_sp.kind == "str" else new_blob))
+        if text:
+            edits.append((data_sp, _as_kind(data_sp, new_blob, ascii=True)))
+        elif data_sp is not None:
+            edits.append((data_sp, new_blob))
         else:
             parts[idx] = new_blob
         if ctype_sp is not None:
@@ -525,8 +543,9 @@ class EmailSecurityTransform:
         return new, out
 
     def _transform_file(self, user: str, ref: str, ctype: str, blob: bytes, ranged: bool = False,
-                        name: str = ""):
-        """(new bytes, new content type, new file name) or None to leave the attachment as it is."""
+                        name: str = "", as_base64: bool = False):
+        """(new bytes, new content type, new file name) or None to leave the attachment as it is.
+        ``as_base64``: the new bytes as base64 text (an ItemOperations Data string)."""
         plan = self.plan
         name = _runtime.name_of(user, ref) or name
         if name.startswith("\0exempt\0"):
@@ -534,7 +553,7 @@ class EmailSecurityTransform:
         if _is_message(name, ctype, blob):
             kind, action = "eml", plan.message_action()
             if action is None:
-                return self._attached_message(name, blob, ranged)
+                return _encoded(self._attached_message(name, blob, ranged), as_base64)
         else:
             head = bytes(blob[:64])
             if ref and not ranged:
@@ -548,9 +567,10 @@ class EmailSecurityTransform:
             counts.add("encrypt")
             # The content type is the file's (not the answer's): ItemOperations,
             # GetAttachment and a Type 4 body seal one file the same way.
-            return (seal(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind), blob),
-                    ENVELOPE_CONTENT_TYPE, envelope_name(shown))
-        return self._blocked(shown)
+            args = (plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind), blob)
+            # as base64: encoded from the envelope where it is built (no copy of it kept)
+            return (sealed_base64(*args) if as_base64 else seal(*args)), ENVELOPE_CONTENT_TYPE, envelope_name(shown)
+        return _encoded(self._blocked(shown), as_base64)
 
     def _blocked(self, shown: str):
         counts.add("block")
@@ -572,6 +592,13 @@ class EmailSecurityTransform:
         if new is data or new == data:
             return None
         return new, "message/rfc822", shown
+
+
+def _encoded(result, as_base64: bool):
+    """A _transform_file result with its bytes as base64 text when asked."""
+    if result is None or not as_base64:
+        return result
+    return (pybase64.b64encode(result[0]),) + tuple(result[1:])
 
 
 def _is_message(name: str, ctype: str, blob) -> bool:
@@ -653,10 +680,13 @@ class _Text:
 _BIG_TEXT = 64 * 1024
 
 
-def _as_kind(sp, new: bytes):
-    """The value for splice: text stays an inline string when it is valid UTF-8."""
+def _as_kind(sp, new: bytes, ascii: bool = False):
+    """The value for splice: text stays an inline string when it is valid UTF-8.
+    ``ascii``: ``new`` is known to be ASCII without NUL (base64): not scanned again."""
     if sp.kind == "opaque":
         return new
+    if ascii and len(new) >= _BIG_TEXT:
+        return _Text(new)
     if len(new) >= _BIG_TEXT:
         # written as OPAQUE when not text, which EAS clients read for Data too
         return _Text(new) if utf8_text(new) else new

@@ -1,0 +1,229 @@
+"""The one-pass, GIL-free passes a sealed attachment goes through (content/_mime.pyx,
+content/attachments.py), each against an independent oracle: the standard library's
+base64/binascii, pybase64 as the code before them used it, AES-GCM decryption, Python's
+own UTF-8 decoder and its email package."""
+from __future__ import annotations
+
+import base64
+import binascii
+import email
+import hashlib
+import os
+import re
+import threading
+from email import policy as email_policy
+
+import pybase64
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, strategies as st
+
+from seg_fast.content import _mime, attachments
+from seg_fast.content._mime import (b64decode_lines, b64decode_lines_into, b64encode_lines, decoded_room,
+                                    strip_breaks, utf8_text, walk, writable_bytes)
+from seg_fast.content.attachments import (decoded_scratch, open_envelope, parse_header, seal,
+                                          sealed_base64)
+from seg_fast.content.keys import Keyring
+
+KEYS = Keyring(b"k" * 32)
+# Chunk sizes of the base64 passes: tiny ones put a chunk edge at every position.
+CHUNKS = (4, 8, 12, 76, 1 << 16)
+
+
+@pytest.fixture(autouse=True)
+def _default_chunk():
+    yield
+    _mime._set_b64_chunk(1 << 16)
+
+
+def test_libbase64_is_used():
+    # The fallback (no libbase64 symbols in pybase64) is correct but slow: this machine's
+    # pybase64 must give the fast one, or the figures in benchmarks/README.md mean nothing.
+    assert _mime.HAVE_LIBBASE64
+
+
+def wrapped(data: bytes, width: int, eol: bytes) -> bytes:
+    text = base64.b64encode(data)
+    if not width:
+        return text
+    return eol.join(text[i:i + width] for i in range(0, len(text), width))
+
+
+@given(st.binary(max_size=700), st.sampled_from([0, 4, 8, 64, 76, 3, 5, 77]),
+       st.sampled_from([b"\r\n", b"\n"]), st.sampled_from(CHUNKS))
+def test_encode_lines_is_base64_wrapped(data, width, eol, chunk):
+    _mime._set_b64_chunk(chunk)
+    assert b64encode_lines(data, width, eol) == wrapped(data, width, eol)
+
+
+def stripped(text: bytes) -> bytes:
+    """What strip_breaks removes, said independently: LF, the CR just before one, a CR ending the text."""
+    return re.sub(rb"\r?\n|\r\Z", b"", text)
+
+
+def old_decode(text: bytes):
+    """The code this replaces: strip_breaks, then pybase64's strict decode."""
+    try:
+        return pybase64.b64decode(strip_breaks(text), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def new_decode(text: bytes):
+    try:
+        return b64decode_lines(text)
+    except ValueError:
+        return None
+
+
+# Base64 text in lines, then damaged: padding, breaks and foreign bytes put anywhere.
+_noise = st.sampled_from([b"=", b"==", b"\r", b"\n", b"\r\n", b" ", b"-", b"A", b"\x00", b"\xff"])
+
+
+@st.composite
+def base64_lines(draw):
+    data = draw(st.binary(max_size=300))
+    text = bytearray(wrapped(data, draw(st.sampled_from([4, 8, 76, 5, 64])), draw(st.sampled_from([b"\r\n", b"\n"]))))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(text)))
+        text[at:at] = draw(_noise)
+    if draw(st.booleans()):
+        text += draw(st.sampled_from([b"\r\n", b"\n", b"\r", b""]))
+    return data, bytes(text)
+
+
+@given(base64_lines(), st.sampled_from(CHUNKS))
+def test_decode_lines_is_the_strict_decode_of_the_stripped_text(case, chunk):
+    data, text = case
+    _mime._set_b64_chunk(chunk)
+    got = new_decode(text)
+    assert got == old_decode(text)
+    # The standard library agrees on what both accept (it also takes some non-canonical
+    # padding bits pybase64 takes too, so the comparison runs one way).
+    if got is not None:
+        assert got == base64.b64decode(stripped(text), validate=True)
+    if text == wrapped(data, 76, b"\r\n"):
+        assert got == data
+    # into a buffer: the same bytes, nothing written past them
+    out = bytearray(b"\xaa" * (decoded_room(len(text)) + 4))
+    try:
+        n = b64decode_lines_into(text, out)
+    except ValueError:
+        assert got is None
+    else:
+        assert bytes(out[:n]) == got and out[-4:] == b"\xaa" * 4
+
+
+def test_decode_lines_edges():
+    for text, want in [(b"", b""), (b"\r\n", b""), (b"aGVsbG8=", b"hello"), (b"aGVs\r\nbG8=\r\n", b"hello"),
+                       (b"aGVsbG8", None), (b"aGVsbG8=aGVs", None), (b"aGVsbG8=\r\naGVs", None),
+                       (b"aGVs\rbG8=", None), (b"aGVsbA==\r\n\r\n", b"hell")]:
+        for chunk in CHUNKS:
+            _mime._set_b64_chunk(chunk)
+            assert new_decode(text) == want == old_decode(text), (text, chunk)
+    with pytest.raises(ValueError):
+        b64decode_lines_into(b"aGVsbG8=", bytearray(3))          # no room
+
+
+def test_megabytes_round_trip():
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    text = b64encode_lines(data)
+    assert text == wrapped(data, 76, b"\r\n")
+    assert b64decode_lines(text) == data
+    assert b64decode_lines(wrapped(data, 76, b"\n")) == data
+
+
+def test_utf8_text_long_runs_agree_with_pythons_decoder():
+    # The 8-bytes-at-a-time ASCII path: a non-ASCII byte or a NUL at every offset of a run.
+    def python(b: bytes) -> bool:
+        try:
+            return "\0" not in b.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+
+    base = b"QUJD" * 10
+    for piece in (b"\x00", b"\xc3\xa9", b"\xc3", b"\xe2\x82\xac", b"\xe2\x82", b"\xf0\x9f\x98\x80", b"\xed\xa0\x80",
+                  b"\x80", b"\xff"):
+        for at in range(len(base) + 1):
+            b = base[:at] + piece + base[at:]
+            assert utf8_text(b) == python(b), (piece, at)
+    assert utf8_text(wrapped(os.urandom(100000), 76, b"\r\n"))
+
+
+def test_writable_bytes():
+    data, view = writable_bytes(5)
+    view[:] = b"hello"
+    view.release()
+    assert type(data) is bytes and data == b"hello" and hash(data) == hash(b"hello")
+
+
+def fixed_nonce(monkeypatch):
+    monkeypatch.setattr(attachments.os, "urandom", lambda n: b"\x07" * n)
+
+
+@pytest.mark.parametrize("size", [0, 1, 57, 1000, (1 << 20) - 1, (1 << 20) + 5, 3 * (1 << 20) + 1])
+def test_sealed_base64_is_the_envelope_in_base64(size, monkeypatch):
+    fixed_nonce(monkeypatch)
+    data = os.urandom(size)
+    text = sealed_base64(KEYS, "DEV1", "u1", "a.pdf", "application/pdf", data, 76, b"\r\n")
+    envelope = seal(KEYS, "DEV1", "u1", "a.pdf", "application/pdf", data)
+    assert text == wrapped(envelope, 76, b"\r\n")
+    assert sealed_base64(KEYS, "DEV1", "u1", "a.pdf", "application/pdf", data) == base64.b64encode(envelope)
+    # ... and opens, by AES-GCM itself, to the data
+    blob = base64.b64decode(text.replace(b"\r\n", b""))
+    _v, _kid, nonce, _name, _ctype, pos = parse_header(blob)
+    key = KEYS.key_for_id(_kid, "DEV1", "u1")
+    assert AESGCM(key).decrypt(nonce, blob[pos:], blob[:pos]) == data
+    assert open_envelope(KEYS, "DEV1", "u1", blob) == ("a.pdf", "application/pdf", data)
+
+
+def test_scratch_buffers_are_reused_safely():
+    # big, small, big again, and decoded text sealed from the scratch it was decoded into
+    sizes = [2 << 20, 10, 5 << 20, 100, 1 << 20]
+    for size in sizes:
+        data = os.urandom(size)
+        with decoded_scratch(wrapped(data, 76, b"\r\n")) as plain:
+            assert hashlib.sha256(plain).digest() == hashlib.sha256(data).digest()
+            text = sealed_base64(KEYS, "D", "u", "x.bin", "application/octet-stream", plain, 76, b"\n")
+        assert open_envelope(KEYS, "D", "u", base64.b64decode(text.replace(b"\n", b"")))[2] == data
+    with pytest.raises(ValueError):
+        decoded_scratch(b"not base64!")
+
+
+def test_scratch_is_per_thread():
+    results = {}
+
+    def work(k):
+        data = bytes([k]) * (1 << 20) + os.urandom(k)
+        for _ in range(5):
+            with decoded_scratch(base64.b64encode(data)) as plain:
+                ok = bytes(plain) == data
+            text = sealed_base64(KEYS, "D", "u", "x", "application/octet-stream", data)
+            ok = ok and open_envelope(KEYS, "D", "u", base64.b64decode(text))[2] == data
+            results.setdefault(k, []).append(ok)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(1, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {k: [True] * 5 for k in range(1, 4)}
+
+
+def test_walk_finds_boundaries_among_dashes():
+    # The delimiter search skips to each "-": text full of dashes and near-miss delimiters
+    # (more than the 32 false candidates after which memmem takes over), parts as email reads them.
+    dashes = b"\r\n".join([b"-" * 70, b"--boun", b"--bound", b"x--boundary", b"- - -"] * 20)
+    att = wrapped(os.urandom(30000), 76, b"\r\n")
+    msg = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"boundary\"\r\n\r\n"
+           b"--boundary\r\nContent-Type: text/plain\r\n\r\n" + dashes + b"\r\n"
+           b"--boundary\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+           b"Content-Disposition: attachment; filename=\"a.pdf\"\r\n\r\n" + att + b"\r\n"
+           b"--boundary\r\nContent-Type: text/plain\r\n\r\n" + dashes + b"\r\n--boundary--\r\n")
+    parts = walk(msg)
+    leaves = [p for p in parts if not p.multipart]
+    oracle = [p for p in email.message_from_bytes(msg, policy=email_policy.compat32).walk()
+              if not p.is_multipart()]
+    assert len(leaves) == len(oracle) == 3
+    for p, o in zip(leaves, oracle):
+        assert msg[p.body_start:p.end] == o.get_payload(decode=False).encode("latin-1")
