@@ -20,7 +20,7 @@ from hypothesis import given, strategies as st
 
 from seg_fast.content import _mime, attachments
 from seg_fast.content._mime import (b64decode_lines, b64decode_lines_into, b64encode_lines, decoded_room,
-                                    strip_breaks, utf8_text, walk, writable_bytes)
+                                    strip_breaks, utf8_text, utf8_text_parts, walk, writable_bytes)
 from seg_fast.content.attachments import (decoded_scratch, open_envelope, parse_header, seal,
                                           sealed_base64)
 from seg_fast.content.keys import Keyring
@@ -227,3 +227,49 @@ def test_walk_finds_boundaries_among_dashes():
     assert len(leaves) == len(oracle) == 3
     for p, o in zip(leaves, oracle):
         assert msg[p.body_start:p.end] == o.get_payload(decode=False).encode("latin-1")
+
+
+@given(st.lists(st.sampled_from([b"a", b"\x00", b"\xc3\xa9", b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xed\xa0\x80",
+                                 b"\xe0\x80\xaf", b"\xf4\x90\x80\x80", b"\x80", b"\xc3", b"QUJDREVGR0g="]), max_size=12),
+       st.lists(st.integers(0, 60), max_size=4))
+def test_utf8_text_parts_is_utf8_text_of_the_join(pieces, cuts):
+    # split anywhere, inside characters too
+    whole = b"".join(pieces)
+    try:
+        want = "\0" not in whole.decode("utf-8")
+    except UnicodeDecodeError:
+        want = False
+    bounds = sorted({min(c, len(whole)) for c in cuts} | {0, len(whole)})
+    chunks = [whole[a:b] for a, b in zip(bounds, bounds[1:])]
+    assert utf8_text(whole) == want
+    assert utf8_text_parts(chunks) == want
+    assert utf8_text_parts([memoryview(c) for c in chunks] + [b""]) == want
+
+
+def test_gathered_message_is_the_joined_one(monkeypatch):
+    # transform_mime(gather=True): chunks (views of the message where unchanged) that join
+    # to exactly what the whole-bytes call returns; a sealed PDF and a rewritten link.
+    from seg_fast.content.message import ContentPlan, transform_mime
+    from seg_fast.content.model import AttachmentPolicy, EmailSecurityPolicy, HyperlinkPolicy
+
+    fixed_nonce(monkeypatch)
+    pdf = b"%PDF-1.4\n" + os.urandom(600000)
+    big = wrapped(os.urandom(400000), 76, b"\r\n")
+    msg = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+           b"--b1\r\nContent-Type: text/plain\r\n\r\nsee http://intranet.example.com/x\r\n"
+           b"--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+           b"Content-Disposition: attachment; filename=\"keep.bin\"\r\n\r\n" + big + b"\r\n"
+           b"--b1\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+           b"Content-Disposition: attachment; filename=\"a.pdf\"\r\n\r\n" + wrapped(pdf, 76, b"\r\n") + b"\r\n--b1--\r\n")
+    pol = EmailSecurityPolicy(
+        hyperlinks=HyperlinkPolicy(enabled=True, mode="include", domains=["intranet.example.com"]),
+        managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt"}))
+    plan = ContentPlan(pol, managed=True, device_id="D", user="u", keys=KEYS)
+    whole, out1 = transform_mime(msg, plan)
+    chunks, out2 = transform_mime(memoryview(msg), plan, gather=True)
+    assert type(chunks) is list and 1 < len(chunks) < 8
+    assert b"".join(chunks) == whole and out1.attachments == out2.attachments and out1.links == out2.links == 1
+    assert any(type(c) is memoryview and len(c) >= len(big) for c in chunks)   # the kept attachment: not copied
+    sealed = email.message_from_bytes(whole).get_payload()[2]
+    assert sealed.get_filename() == "a.pdf.segenc"
+    assert open_envelope(KEYS, "D", "u", sealed.get_payload(decode=True))[2] == pdf

@@ -667,62 +667,57 @@ def join(chunks):
         free(views)
 
 
-cdef bint _utf8_text(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+cdef bint _utf8_run(const unsigned char* p, Py_ssize_t n, int* need, unsigned char* lo,
+                    unsigned char* hi) noexcept nogil:
+    """Validate p[:n] as the continuation of a UTF-8 text whose last character still
+    needs ``need`` bytes (the first in lo..hi, the rest 0x80..0xBF); the state is left
+    for the next piece. Python's strict decoder's rules (no surrogates, nothing past
+    U+10FFFF, no overlong forms), and no NUL."""
     cdef Py_ssize_t i = 0
-    cdef unsigned char c, c1
-    cdef uint64_t v, hi = 0x8080808080808080ULL, ones = 0x0101010101010101ULL
+    cdef unsigned char c
+    cdef uint64_t v, high = 0x8080808080808080ULL, ones = 0x0101010101010101ULL
     while i < n:
+        if need[0]:
+            c = p[i]
+            if c < lo[0] or c > hi[0]:
+                return False
+            need[0] -= 1
+            lo[0] = 0x80
+            hi[0] = 0xBF
+            i += 1
+            continue
         # ASCII without NUL (base64 text: all of a sealed attachment) 8 bytes at a time.
         while i + 8 <= n:
             memcpy(&v, p + i, 8)
-            if (v & hi) or ((v - ones) & ~v & hi):
+            if (v & high) or ((v - ones) & ~v & high):
                 break
             i += 8
         if i >= n:
             break
         c = p[i]
+        i += 1
         if c < 0x80:
             if c == 0:
                 return False
-            i += 1
             continue
         if c < 0xC2 or c > 0xF4:
             return False
+        lo[0] = 0x80
+        hi[0] = 0xBF
         if c < 0xE0:
-            if i + 1 >= n or (p[i + 1] & 0xC0) != 0x80:
-                return False
-            i += 2
-            continue
-        if c < 0xF0:
-            if i + 2 >= n:
-                return False
-            c1 = p[i + 1]
+            need[0] = 1
+        elif c < 0xF0:
+            need[0] = 2
             if c == 0xE0:
-                if c1 < 0xA0 or c1 > 0xBF:
-                    return False
-            elif c == 0xED:                # no surrogates
-                if c1 < 0x80 or c1 > 0x9F:
-                    return False
-            elif (c1 & 0xC0) != 0x80:
-                return False
-            if (p[i + 2] & 0xC0) != 0x80:
-                return False
-            i += 3
-            continue
-        if i + 3 >= n:
-            return False
-        c1 = p[i + 1]
-        if c == 0xF0:
-            if c1 < 0x90 or c1 > 0xBF:
-                return False
-        elif c == 0xF4:                    # not past U+10FFFF
-            if c1 < 0x80 or c1 > 0x8F:
-                return False
-        elif (c1 & 0xC0) != 0x80:
-            return False
-        if (p[i + 2] & 0xC0) != 0x80 or (p[i + 3] & 0xC0) != 0x80:
-            return False
-        i += 4
+                lo[0] = 0xA0              # no overlong forms
+            elif c == 0xED:
+                hi[0] = 0x9F              # no surrogates
+        else:
+            need[0] = 3
+            if c == 0xF0:
+                lo[0] = 0x90
+            elif c == 0xF4:
+                hi[0] = 0x8F              # not past U+10FFFF
     return True
 
 
@@ -730,15 +725,25 @@ def utf8_text(data):
     """Whether ``data`` decodes as UTF-8 (Python's strict decoder: no surrogates, nothing
     past U+10FFFF, no overlong forms) and holds no NUL: what a WBXML inline string can
     carry. Checked without the GIL."""
+    return utf8_text_parts((data,))
+
+
+def utf8_text_parts(chunks):
+    """utf8_text of the chunks joined (a character may span two), without joining them."""
     cdef Py_buffer view
-    cdef bint ok
-    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-    try:
-        with nogil:
-            ok = _utf8_text(<const unsigned char*>view.buf, view.len)
-        return ok
-    finally:
-        PyBuffer_Release(&view)
+    cdef bint ok = True
+    cdef int need = 0
+    cdef unsigned char lo = 0x80, hi = 0xBF
+    for chunk in chunks:
+        PyObject_GetBuffer(chunk, &view, PyBUF_SIMPLE)
+        try:
+            with nogil:
+                ok = _utf8_run(<const unsigned char*>view.buf, view.len, &need, &lo, &hi)
+        finally:
+            PyBuffer_Release(&view)
+        if not ok:
+            return False
+    return need == 0
 
 
 # -- base64 bodies in one pass, without the GIL ----------------------------------------

@@ -14,6 +14,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from seg_fast.content._gcm import HAVE_LIBCRYPTO, gcm_seal_into
 from seg_fast.content._mime import b64decode_lines_into, b64encode_lines, decoded_room, writable_bytes
 from seg_fast.content.keys import Keyring
 from seg_fast.errors import EnvelopeError
@@ -127,13 +128,17 @@ def _head(keys: Keyring, device_id: str, user: str, name: str, content_type: str
 
 
 def _seal_into(head: bytes, key: bytes, view: memoryview, out: memoryview) -> None:
-    """The envelope of ``view`` written into ``out`` (exactly its size). The header is
-    authenticated too: a renamed envelope does not open. The same bytes as AESGCM's one
-    call, a megabyte per call: a transform in a worker thread then never holds the GIL
-    long (the loop waits for it); the ciphertext is written where it ends up."""
+    """The envelope of ``view`` written into ``out`` (exactly its size), the ciphertext
+    where it ends up. The header is authenticated too: a renamed envelope does not open.
+    AES-GCM by OpenSSL without the GIL (_gcm: a transform in a worker thread leaves the
+    event loop free meanwhile), else by cryptography a megabyte per call (it holds the
+    GIL while it runs)."""
+    out[:len(head)] = head
+    if HAVE_LIBCRYPTO:
+        gcm_seal_into(key, head[14:26], head, view, out[len(head):])
+        return
     enc = Cipher(algorithms.AES(key), modes.GCM(head[14:26])).encryptor()
     enc.authenticate_additional_data(head)
-    out[:len(head)] = head
     pos = len(head)
     for at in range(0, len(view), _SEAL_CHUNK):
         # GCM is a stream mode: each call writes as many bytes as it reads; the room

@@ -39,6 +39,8 @@ UNREADABLE_TEMPLATE = "This message could not be checked by the email gateway an
 _HEAD = 64
 # Copies of a message this large or larger are made without the GIL (_mime.join).
 _BIG_COPY = 256 * 1024
+# A piece of a gathered message this large stays a piece of its own (splice).
+_OWN_CHUNK = 32 * 1024
 
 
 class Outcome:
@@ -191,11 +193,13 @@ def is_smime_class(message_class: str) -> bool:
 # --- whole messages ------------------------------------------------------------------
 
 def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncated: bool = False,
-                   nested: int = 0) -> tuple[bytes, Outcome]:
+                   nested: int = 0, gather: bool = False) -> tuple[bytes, Outcome]:
     """The message with the plan applied, and what was done. ``truncated``: the
     message was cut by the server (its last part may be incomplete). ``nested``: how
     many messages this one sits in (an attachment fetched alone is 1); classification
-    and the S/MIME exemption are the outer message's, so they apply at 0 only."""
+    and the S/MIME exemption are the outer message's, so they apply at 0 only.
+    ``data`` may be a memoryview (read where it lies). ``gather``: a large rebuilt
+    message comes as a list of chunks (splice), not joined."""
     out = Outcome()
     if not plan.active or not data:
         return data, out
@@ -211,7 +215,7 @@ def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncate
     top: Part = parts[0]
     eol = line_ending(data)
     if nested:
-        return _parts(data, parts, plan, out, eol, truncated, nested), out
+        return _parts(data, parts, plan, out, eol, truncated, nested, gather), out
     if plan.classification:
         # Classification applies to signed mail too: the exemption is for rewrites.
         template = plan.classification.verdict(top.headers.get(plan.classification.header), client)
@@ -221,11 +225,11 @@ def transform_mime(data: bytes, plan: ContentPlan, *, client: str = "", truncate
     if plan.skip_smime and top.content_type in SMIME_TYPES:
         out.smime_skipped = True
         return data, out
-    return _parts(data, parts, plan, out, eol, truncated, nested), out
+    return _parts(data, parts, plan, out, eol, truncated, nested, gather), out
 
 
 def _parts(data: bytes, parts: list, plan: ContentPlan, out: Outcome, eol: bytes, truncated: bool,
-           nested: int) -> bytes:
+           nested: int, gather: bool = False) -> bytes:
     """The walked message with every leaf (and attached message) transformed."""
     edits: list[tuple[int, int, bytes]] = []
     n = len(data)
@@ -254,7 +258,7 @@ def _parts(data: bytes, parts: list, plan: ContentPlan, out: Outcome, eol: bytes
                     edits.append(edit)
         elif plan.links is not None and p.content_type in ("text/plain", "text/html"):
             edits += _text_part(data, p, plan.links, out, cut)
-    return splice(data, edits)
+    return splice(data, edits, gather)
 
 
 def _attached_message(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: bytes, cut: bool,
@@ -313,9 +317,12 @@ def transform_text(data: bytes, plan: ContentPlan, *, truncated: bool = False) -
     return plan.links.rewrite(data, truncated)
 
 
-def splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+def splice(data: bytes, edits: list[tuple[int, int, bytes]], gather: bool = False):
     """``data`` with each (start, end) range replaced by bytes (or a tuple of bytes
-    chunks); ranges sorted and disjoint."""
+    chunks); ranges sorted and disjoint. ``gather`` (a large message): the result as a
+    list of chunks, each of _OWN_CHUNK or more bytes as it is (a sealed attachment's new
+    text, an unchanged run of ``data`` as a view), the small ones between joined: for
+    the WBXML answer's own parts, never copied whole."""
     if not edits:
         return data
     view = memoryview(data)
@@ -328,6 +335,19 @@ def splice(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
             chunks.append(new)
         pos = end
     chunks.append(view[pos:])
+    if gather and len(data) >= _BIG_COPY:
+        out, small = [], []
+        for c in chunks:
+            if len(c) >= _OWN_CHUNK:
+                if small:
+                    out.append(b"".join(small))
+                    small = []
+                out.append(c)
+            elif len(c):
+                small.append(c)
+        if small:
+            out.append(b"".join(small))
+        return out
     # join: the copy (megabytes with a sealed attachment) without the GIL
     return join(chunks) if len(data) >= _BIG_COPY else b"".join(chunks)
 

@@ -36,7 +36,7 @@ from contextlib import nullcontext
 
 import pybase64
 
-from seg_fast.content._mime import utf8_text
+from seg_fast.content._mime import join, utf8_text, utf8_text_parts
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, decoded_scratch, envelope_name,
                                           envelope_size, extension, file_type, seal, sealed_base64,
                                           sealed_content_type)
@@ -369,7 +369,9 @@ class EmailSecurityTransform:
             elif btype.strip() == "4":
                 if exempt:
                     continue
-                new, outcome = transform_mime(data, plan, client=req.user_agent or "", truncated=truncated)
+                # a rebuilt message in the answer itself: as chunks, spliced in as parts
+                new, outcome = transform_mime(data, plan, client=req.user_agent or "", truncated=truncated,
+                                              gather=part_idx is None)
                 counts.outcome(outcome)
                 blocked_all = blocked_all or outcome.classification_blocked or outcome.unreadable
                 exempt = exempt or outcome.smime_skipped
@@ -384,7 +386,7 @@ class EmailSecurityTransform:
                 new, n_links = transform_text(data, plan, truncated=truncated)
                 counts.add_links(n_links)
                 resized = False
-            if new is data or (len(new) == len(data) and new == bytes(data)):
+            if new is data or (_size(new) == len(data) and _joined(new) == bytes(data)):
                 continue
             if part_idx is None:
                 edits.append((data_sp, _as_kind(data_sp, new)))
@@ -394,7 +396,7 @@ class EmailSecurityTransform:
             if size_sp is not None and not truncated and resized:
                 # Attachments sealed or removed, or a template in place of the message:
                 # the estimate follows (a few bytes per rewritten link do not matter).
-                edits.append((size_sp, _as_kind(size_sp, str(len(new)).encode())))
+                edits.append((size_sp, _as_kind(size_sp, str(_size(new)).encode())))
         self._attachment_list(req, raw, spans, user, exempt, blocked_all, acted, kinds, edits, renames)
         self._fetched(req, raw, spans, parts, user, edits)
 
@@ -668,7 +670,7 @@ def _int(raw: bytes, sp):
 class _Text:
     """A large inline string's UTF-8 bytes (checked: valid, no NUL), to be written as
     the ``str`` it decodes to would be, without decoding and re-encoding megabytes (held,
-    not a bytes subclass: making one would copy them)."""
+    not a bytes subclass: making one would copy them); bytes, or a list of chunks."""
 
     __slots__ = ("data",)
 
@@ -680,9 +682,22 @@ class _Text:
 _BIG_TEXT = 64 * 1024
 
 
-def _as_kind(sp, new: bytes, ascii: bool = False):
+def _size(new) -> int:
+    return sum(map(len, new)) if type(new) is list else len(new)
+
+
+def _joined(new) -> bytes:
+    return join(new) if type(new) is list else new
+
+
+def _as_kind(sp, new, ascii: bool = False):
     """The value for splice: text stays an inline string when it is valid UTF-8.
-    ``ascii``: ``new`` is known to be ASCII without NUL (base64): not scanned again."""
+    ``ascii``: ``new`` is known to be ASCII without NUL (base64): not scanned again.
+    ``new`` may be a list of chunks (a rebuilt message): kept so when it is large text."""
+    if type(new) is list:
+        if sp.kind != "opaque" and _size(new) >= _BIG_TEXT and utf8_text_parts(new):
+            return _Text(new)
+        new = join(new)
     if sp.kind == "opaque":
         return new
     if ascii and len(new) >= _BIG_TEXT:
@@ -706,7 +721,7 @@ def _write(write, gather: bool, raw: bytes, edits: list):
     if not any(type(v) is _Text for _, v in edits):
         return write(raw, edits)
     if not gather:
-        return write(raw, [(sp, v.data.decode("utf-8") if type(v) is _Text else v) for sp, v in edits])
+        return write(raw, [(sp, _joined(v.data).decode("utf-8") if type(v) is _Text else v) for sp, v in edits])
     marks = {}
     out = []
     for sp, v in edits:
@@ -721,7 +736,8 @@ def _write(write, gather: bool, raw: bytes, edits: list):
             if type(part) is bytes:
                 at = part.find(mark)
                 if at >= 0:
-                    parts[k:k + 1] = [part[:at], memoryview(value), part[at + len(mark):]]
+                    pieces = value if type(value) is list else [value]
+                    parts[k:k + 1] = [part[:at], *map(memoryview, pieces), part[at + len(mark):]]
                     break
         else:
             raise AssertionError("spliced marker not found")
