@@ -178,7 +178,7 @@ def sealed_base64(keys: Keyring, device_id: str, user: str, name: str, content_t
 _SEAL_CHUNK = 1 << 20
 # Per thread: buffers reused by every transform it runs (an attachment's plain bytes, its
 # envelope), up to this size; anything larger gets a buffer of its own.
-_KEEP_SCRATCH = 32 << 20
+_KEEP_SCRATCH = 16 << 20
 _PLAIN, _ENVELOPE = 0, 1
 _local = threading.local()
 
@@ -196,14 +196,16 @@ class _Scratch:
     def __enter__(self) -> memoryview:
         bufs = getattr(_local, "bufs", None)
         if bufs is None:
-            bufs = _local.bufs = [bytearray(), bytearray()]
+            bufs = _local.bufs = [memoryview(b""), memoryview(b"")]
         buf = bufs[self.which]
         if len(buf) < self.size:
-            # a new one, not resized: a view someone still holds stays valid
-            buf = bytearray(self.size)
+            # A new one, not resized (a view someone still holds stays valid), and not
+            # zeroed (a bytearray would be, with the GIL held: megabytes): every byte
+            # read from it is written first.
+            buf = writable_bytes(self.size)[1]
             if self.size <= _KEEP_SCRATCH:
                 bufs[self.which] = buf
-        self.view = memoryview(buf)[:self.size]
+        self.view = buf[:self.size]
         return self.view
 
     def __exit__(self, *exc) -> None:
