@@ -6,9 +6,14 @@ key ring (at most ``MAX_KEYS`` keys of 80 bytes: a 16-byte name, a 32-byte HMAC-
 key and a 32-byte AES-256-CBC key, OpenSSL's own ticket format and
 SSL_CTX_set_tlsext_ticket_keys' layout) and the callback OpenSSL calls during a
 handshake, with the GIL released by ``_ssl``: it never touches a Python object. The
-first key encrypts new tickets; every key in the ring decrypts, and a ticket under any
-key but the first is answered "renew" (2), so the device gets one under the current key
-(nginx's ssl_session_ticket_key does the same with its first and later files).
+first key encrypts new tickets; every key in the ring decrypts. Every ticket that opens is
+answered "renew" (2): the device gets a new ticket under the first key on each resumption.
+OpenSSL's own keys do that for TLS 1.3 (answering 1 made OpenSSL send none after a TLS 1.3
+resumption, so a device reused one ticket until it aged out, and a client that sends its
+request right after its Finished waited for the gateway's delayed ACK, ~40 ms, with Nagle);
+so a device that connects at least once a rotation period always holds a ticket the ring
+opens, and no ticket is used twice (RFC 8446, C.4). nginx answers renew for its later
+``ssl_session_ticket_key`` files only.
 
 Nothing is linked at build time (no OpenSSL headers or -lssl): ``tickets.py`` resolves
 the few libssl/libcrypto functions in the libraries ``_ssl`` already loaded (ctypes) and
@@ -79,8 +84,8 @@ cdef const void *_cipher = NULL       # AES-256-CBC
 cdef const void *_md = NULL           # SHA-256 (the OpenSSL 1.1 API only)
 cdef const char *_DIGEST = b"SHA256"
 # What the callback did, for tests and metrics: tickets made; tickets opened with the first
-# key; with another key of the ring (renewed); tickets under no key of the ring (full handshake).
-cdef unsigned long long _made = 0, _opened = 0, _renewed = 0, _unknown = 0
+# key; with another key of the ring; tickets under no key of the ring (full handshake).
+cdef unsigned long long _made = 0, _opened = 0, _older = 0, _unknown = 0
 
 
 cdef inline int _mac_key(void *hctx, Key *k) noexcept nogil:
@@ -91,7 +96,7 @@ cdef inline int _mac_key(void *hctx, Key *k) noexcept nogil:
 
 cdef int _ticket_cb(void *s, unsigned char *name, unsigned char *iv, void *cctx, void *hctx,
                     int enc) noexcept nogil:
-    global _made, _opened, _renewed, _unknown
+    global _made, _opened, _older, _unknown
     cdef Key *k
     cdef int i
     if enc == 1:
@@ -112,9 +117,9 @@ cdef int _ticket_cb(void *s, unsigned char *name, unsigned char *iv, void *cctx,
                 return -1
             if i == 0:
                 _opened += 1
-                return 1
-            _renewed += 1
-            return 2                  # good, and the device gets a ticket under the first key
+            else:
+                _older += 1
+            return 2                  # good, and renewed: a new ticket under the first key
     _unknown += 1
     return 0                          # a key this serve no longer has (or never had): full handshake
 
@@ -197,5 +202,5 @@ def install(uintptr_t ssl_ctx) -> bool:
 
 
 def counts() -> dict:
-    """Tickets made, opened (first key), renewed (another key of the ring), unknown (no key)."""
-    return {"made": _made, "opened": _opened, "renewed": _renewed, "unknown": _unknown}
+    """Tickets made, opened (first key), older (another key of the ring), unknown (no key)."""
+    return {"made": _made, "opened": _opened, "older": _older, "unknown": _unknown}

@@ -11,9 +11,9 @@ Here the control process makes the keys (``os.urandom``, 80 bytes each: OpenSSL'
 three: *next*, *current*, *previous*. Every ``listener.tls_ticket_key_rotation`` seconds
 next becomes current, current becomes previous, and a new next is made. Workers encrypt
 under current and decrypt under all three (``_tickets.pyx``, OpenSSL's ticket key
-callback, as nginx does with several ``ssl_session_ticket_key`` files; a ticket under
-another key than current is answered "renew"): a ticket stays good for one to two
-periods, and since every worker knew a key as *next* one period before any encrypts
+callback, as nginx does with several ``ssl_session_ticket_key`` files; every resumption
+gets a new ticket under current, as OpenSSL's own keys give for TLS 1.3): a ticket stays
+good for one to two periods, and since every worker knew a key as *next* one period before any encrypts
 with it, a worker that takes the new ring a moment later still opens the tickets of one
 that took it first. OpenSSL 3 uses the same keys for TLS 1.3 tickets (and 1.2's).
 
@@ -236,10 +236,10 @@ def key(context: ssl.SSLContext) -> None:
 
 
 def counts() -> dict:
-    """Tickets made / opened / renewed / unknown in this process (zeros if not in use)."""
+    """Tickets made / opened (current key) / older (another key) / unknown in this process."""
     lib = _bind()
     if isinstance(lib, str):
-        return {"made": 0, "opened": 0, "renewed": 0, "unknown": 0}
+        return {"made": 0, "opened": 0, "older": 0, "unknown": 0}
     return lib.counts()
 
 
