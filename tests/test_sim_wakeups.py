@@ -138,3 +138,43 @@ async def test_a_replaced_ping_still_expires_by_its_successor():
         assert trio.current_time() >= now + 0.4
         assert sim.heartbeat_wakeups == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_woken_ping_is_answered_by_the_delivery_itself():
+    """lean_serve's Reactor writes a woken Ping's answer in the delivery's own call (it
+    used to mark the socket writable and write it in the reactor's next pass: a loop
+    pass of its own per woken Ping at real rates); the connection then reads on."""
+    import base64
+
+    from seg_fast.sim import fleet_eas as eas
+    from seg_fast.sim import lean_serve
+
+    sim = MailboxSimulator(seed=3, require_provisioning=False)
+    auth = b"Basic " + base64.b64encode(b"user1:secret")
+    body = eas.ping_body(300)
+    request = (b"POST /Microsoft-Server-ActiveSync?Cmd=Ping&User=user1&DeviceId=D1&DeviceType=iPhone HTTP/1.1\r\n"
+               b"Host: x\r\nMS-ASProtocolVersion: 14.1\r\nAuthorization: " + auth +
+               b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lean_serve.serve, sim, "127.0.0.1", 0)
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", port))
+        for round_ in range(2):
+            await sock.send(request)
+            with trio.fail_after(20):
+                while sim.parked != 1:
+                    await trio.sleep(0.01)
+            written = sim.lean_answers
+            sim.deliver("user1")                  # no checkpoint between this and the next line
+            assert sim.lean_answers == written + 1 and sim.parked == 0
+            got = b""
+            with trio.fail_after(20):
+                while not got.endswith(eas.encode(eas.E("Ping:Ping", eas.E("Ping:Status", 2), eas.E(
+                        "Ping:Folders", eas.E("Ping:Folder", eas.INBOX))))):
+                    got += await sock.recv(65536)
+            assert got.startswith(b"HTTP/1.1 200 ")
+            # a Sync would take the new mail; a Ping now finds it pending and is answered
+            # at once, so take it away for the next round's Ping to park again
+            sim.mailbox("user1").folder(eas.INBOX).clear()
+        sock.close()
+        nursery.cancel_scope.cancel()

@@ -24,7 +24,9 @@ TLS, how answers are checked and the common start time ``t0``), prints progress 
 and finally writes its result JSON to ``spec.out``. ``SEG_FAST_FLEET_PROFILE=DIR``
 writes a cProfile of each shard there (where the load side's CPU goes);
 ``SEG_FAST_FLEET_PROFILE_WINDOW=1`` with it profiles the hold window only (the
-steady state, without corpus building and set-up).
+steady state, without corpus building and set-up). ``SEG_FAST_FLEET_COLD=1`` leaves
+the simulator's answer templates to be built as the run first needs them (warm.py;
+for A/B measurements only).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ import trio
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim import lean_serve
 from seg_fast.sim.oracle import Opener
+from seg_fast.sim.warm import warm as warm_templates
 from seg_fast.sim.wire import FALLBACK, HttpConn, RawStream, TlsStream, WireError, request_head
 
 # Events per device per busy hour (BENCH-PROFILE.md). Syncs follow deliveries.
@@ -1099,6 +1102,9 @@ async def shard_main(spec: ShardSpec) -> dict:
     corpus.warm()
     sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
                            initial_messages=INITIAL_MESSAGES)
+    if not os.environ.get("SEG_FAST_FLEET_COLD"):
+        # every answer template the run will use built now, not in the window (warm.py)
+        warm_templates(sim, corpus.pool, spec.password)
     async with trio.open_nursery() as nursery:
         # the simulator over bare sockets (lean_serve): its answers are the same bytes
         port = await nursery.start(lean_serve.serve, sim, spec.sim_host, spec.sim_port)

@@ -320,8 +320,25 @@ class Reactor:
         if c.park is not park or c.fd not in self.conns:
             return
         c.park = None
-        c.due = park
-        self.ep.modify(c.fd, _OUT)        # writable at once: the reactor's task writes it
+        if c.buf or c.blocked or c.eof:
+            # requests pipelined behind the Ping (served in the reactor's task, not
+            # from inside whichever request or delivery woke it), or a TLS read to finish
+            c.due = park
+            self.ep.modify(c.fd, _OUT)    # writable at once: the reactor's task writes it
+            return
+        # Written here and now (a delivery's or the heartbeat's pass): waiting for the
+        # reactor's task cost a loop pass of its own per woken Ping at real rates.
+        try:
+            self._respond(c, C.ping_answer(park.changed))
+        except OSError:
+            self._close(c)
+            return
+        if c.out:                         # the rest when writable (_respond registered it)
+            return
+        if not c.keep:
+            self._close(c)
+            return
+        self.ep.modify(c.fd, _IN)         # back to reading: the device's next request
 
     def _respond(self, c: _Conn, answer) -> None:
         sim = self.sim
