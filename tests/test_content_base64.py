@@ -273,3 +273,21 @@ def test_gathered_message_is_the_joined_one(monkeypatch):
     sealed = email.message_from_bytes(whole).get_payload()[2]
     assert sealed.get_filename() == "a.pdf.segenc"
     assert open_envelope(KEYS, "D", "u", sealed.get_payload(decode=True))[2] == pdf
+
+
+def test_known_text_chunks_are_not_read_but_still_separate_their_neighbours():
+    # pipeline._as_kind checks a rebuilt message's chunks as UTF-8 with each known base64
+    # chunk (Outcome.texts) standing as one ASCII byte: the verdict is the joined bytes'.
+    from types import SimpleNamespace
+
+    from seg_fast.content.pipeline import _as_kind, _Text
+
+    sp = SimpleNamespace(kind="str")
+    text = b"QUJD" * 20000
+    for before, after in [(b"x\xc3", b"\xa9y"), (b"x\xc3\xa9", b"y"), (b"x\x00", b"y"), (b"x", b"y")]:
+        chunks = [before, text, after]
+        want = utf8_text(b"".join(chunks))
+        got = _as_kind(sp, chunks, texts=[text])
+        assert (type(got) is _Text) == want, (before, after)
+        assert (type(_as_kind(sp, chunks)) is _Text) == want
+    assert type(_as_kind(sp, [b"x\xc3", text, b"\xa9y"], texts=[text])) is bytes   # written as OPAQUE

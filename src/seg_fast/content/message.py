@@ -47,7 +47,7 @@ class Outcome:
     """What the transform did to one message (the Sync answer's attachment list
     follows it)."""
 
-    __slots__ = ("links", "attachments", "kinds", "smime_skipped", "classification_blocked", "unreadable")
+    __slots__ = ("links", "attachments", "kinds", "smime_skipped", "classification_blocked", "unreadable", "texts")
 
     def __init__(self):
         self.links = 0
@@ -59,6 +59,9 @@ class Outcome:
         self.classification_blocked = False
         # The message was past the walker's limits and replaced by a notice.
         self.unreadable = False
+        # New bodies that are base64 text (ASCII, no NUL) by construction: a check of the
+        # rebuilt message as UTF-8 need not read their megabytes.
+        self.texts: list[bytes] = []
 
     @property
     def changed(self) -> bool:
@@ -471,6 +474,7 @@ def _attachment(data: bytes, p: Part, plan: ContentPlan, out: Outcome, eol: byte
                 b"Content-Disposition: attachment; " + _param("filename", new_name),
             ]
             out.attachments.append((name, "encrypt", new_name))
+            out.texts.append(new_body)
             return _part_edit(data, p, headers, new_body, eol)
     # Block (or an encryption that cannot be done faithfully: fail closed).
     return _block(data, p, plan, out, eol, shown)

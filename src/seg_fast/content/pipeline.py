@@ -364,6 +364,7 @@ class EmailSecurityTransform:
             else:
                 data = raw[data_sp.offset:data_sp.offset + data_sp.length]
             resized = True
+            texts = ()
             if verdict is not None:
                 new = _template_body(verdict, btype.strip(), data)
             elif btype.strip() == "4":
@@ -378,6 +379,7 @@ class EmailSecurityTransform:
                 acted.update((name, action) for name, action, _ in outcome.attachments)
                 kinds.update(outcome.kinds)
                 resized = bool(outcome.attachments or outcome.classification_blocked or outcome.unreadable)
+                texts = outcome.texts
                 if not outcome.attachments and plan.touches_attachments and not truncated:
                     acted["\0all"] = "allow"
             elif exempt or btype.strip() not in ("1", "2"):
@@ -389,7 +391,7 @@ class EmailSecurityTransform:
             if new is data or (_size(new) == len(data) and _joined(new) == bytes(data)):
                 continue
             if part_idx is None:
-                edits.append((data_sp, _as_kind(data_sp, new)))
+                edits.append((data_sp, _as_kind(data_sp, new, texts=texts)))
             else:
                 parts[part_idx] = new
             size_sp = body.get("EstimatedDataSize")
@@ -690,12 +692,15 @@ def _joined(new) -> bytes:
     return join(new) if type(new) is list else new
 
 
-def _as_kind(sp, new, ascii: bool = False):
+def _as_kind(sp, new, ascii: bool = False, texts=()):
     """The value for splice: text stays an inline string when it is valid UTF-8.
     ``ascii``: ``new`` is known to be ASCII without NUL (base64): not scanned again.
-    ``new`` may be a list of chunks (a rebuilt message): kept so when it is large text."""
+    ``new`` may be a list of chunks (a rebuilt message): kept so when it is large text;
+    the chunks in ``texts`` are such ASCII (Outcome.texts): each is checked as one "A"
+    (an ASCII byte ends a character the same way, however many there are)."""
     if type(new) is list:
-        if sp.kind != "opaque" and _size(new) >= _BIG_TEXT and utf8_text_parts(new):
+        if sp.kind != "opaque" and _size(new) >= _BIG_TEXT and utf8_text_parts(
+                [b"A" if any(c is t for t in texts) else c for c in new]):
             return _Text(new)
         new = join(new)
     if sp.kind == "opaque":
