@@ -15,7 +15,7 @@ import trio
 import trio.testing
 import trustme
 
-from seg_fast.proxy import tickets
+from seg_fast.proxy import channel, tickets
 
 _tickets = pytest.importorskip("seg_fast.proxy._tickets")
 
@@ -197,11 +197,12 @@ def test_ssl_ctx_of_is_proven_per_context(shared, cert):
 
 
 def test_keeper_sends_each_ring_to_every_worker(shared):
-    keeper = tickets.Keeper(rotation=3600)
-    ours1, theirs1 = keeper.pair()
-    ours2, theirs2 = keeper.pair()
-    keeper.started(1, ours1)
-    keeper.started(2, ours2)
+    hub = channel.Hub()
+    keeper = tickets.Keeper(3600, hub)
+    ours1, theirs1 = hub.pair(keeper.first())
+    ours2, theirs2 = hub.pair(keeper.first())
+    hub.started(1, ours1)
+    hub.started(2, ours2)
     assert tickets.keys_of(theirs1.recv(1024)) == tickets.keys_of(keeper.ring.message())
     theirs2.recv(1024)
     current = keeper.ring.current
@@ -211,15 +212,15 @@ def test_keeper_sends_each_ring_to_every_worker(shared):
         assert got[:80] == keeper.ring.current and got[160:] == current
     theirs2.close()                           # a worker gone: dropped on the next send
     keeper.rotate()
-    assert list(keeper.channels) == [1] and theirs1.recv(1024)
-    keeper.close()
+    assert list(hub.channels) == [1] and theirs1.recv(1024)
+    hub.close()
     assert theirs1.recv(1024) == b""          # the worker sees EOF
     theirs1.close()
 
 
 def test_keeper_rotates_on_its_schedule(shared):
     async def main():
-        keeper = tickets.Keeper(rotation=3600)
+        keeper = tickets.Keeper(3600, channel.Hub())
         first = keeper.ring.current
         async with trio.open_nursery() as nursery:
             nursery.start_soon(keeper.run)

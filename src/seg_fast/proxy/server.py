@@ -82,14 +82,17 @@ def worker_cli(argv: list[str]) -> int:
 
 
 def run_worker(config, config_path: str | None) -> int:
-    from seg_fast.proxy import gcpause, slowsteps, tickets
+    from seg_fast import refshare
+    from seg_fast.proxy import channel, gcpause, slowsteps, tickets
     from seg_fast.proxy.gateway import Gateway
     from seg_fast.proxy.worker import die_with_parent
 
     die_with_parent()     # again for `serve --worker` started by hand or a benchmark (idempotent)
     logsetup.configure(config)
-    # The session ticket keys the control process made: the first ring is already waiting.
-    ticket_keys = tickets.channel()
+    # The control process's line (proxy/channel.py): the session ticket keys (the first ring is
+    # already waiting in it), and attachment names other workers learnt (refshare.py).
+    channel.handlers.update({tickets.MAGIC: tickets.received, refshare.MAGIC: refshare.received})
+    control_line = channel.open_from_env()
     gw = Gateway(config, config_path=config_path)
 
     async def main():
@@ -108,8 +111,8 @@ def run_worker(config, config_path: str | None) -> int:
                 nursery.start_soon(gcpause.refreeze_on_ramp, gw)
                 nursery.start_soon(gcpause.collect_young)    # young collections on a timer, short ones
                 nursery.start_soon(_worker_signals, gw, signals, config_path)
-                if ticket_keys is not None:
-                    nursery.start_soon(tickets.follow, ticket_keys)      # each rotation's ring
+                if control_line is not None:
+                    nursery.start_soon(channel.follow, control_line)
                 # Counters for the control process's /metrics and console, once a second.
                 nursery.start_soon(stats.write_loop, gw, stats.stats_dir(config))
 
@@ -154,7 +157,8 @@ def _free_port(host: str) -> int:
 
 
 def run_control(config, config_path: str | None, workers: int) -> int:
-    from seg_fast.proxy import tickets
+    from seg_fast import refshare
+    from seg_fast.proxy import channel, tickets
     from seg_fast.proxy.instance import lock_listener, probe_bind
     from seg_fast.statedir import exposure_warnings
 
@@ -193,22 +197,24 @@ def run_control(config, config_path: str | None, workers: int) -> int:
     if config_path:
         cmd += ["--config", str(config_path)]
     procs: list[subprocess.Popen] = []
-    # Session ticket keys every worker shares (proxy/tickets.py), each worker's over its own socketpair.
-    keeper = tickets.Keeper(config.listener.tls_ticket_key_rotation)
+    # A socketpair per worker (proxy/channel.py): the session ticket keys every worker shares
+    # (proxy/tickets.py), and attachment names one worker learnt passed to the others (refshare.py).
+    hub = channel.Hub(relayed=frozenset({refshare.MAGIC}))
+    keeper = tickets.Keeper(config.listener.tls_ticket_key_rotation, hub)
     state = {"stopping": False, "grace": config.timeouts.shutdown_grace, "failed": "", "tickets": keeper}
 
     def spawn() -> subprocess.Popen:
         # From the main thread only: PR_SET_PDEATHSIG fires when the *thread* that forked exits.
-        ours, theirs = keeper.pair()
+        ours, theirs = hub.pair(keeper.first())
         try:
-            proc = subprocess.Popen(cmd, env={**env, tickets.ENV_FD: str(theirs.fileno())},
+            proc = subprocess.Popen(cmd, env={**env, channel.ENV_FD: str(theirs.fileno())},
                                     pass_fds=(theirs.fileno(), *((lock_fd,) if lock_fd >= 0 else ())))
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        keeper.started(proc.pid, ours)
+        hub.started(proc.pid, ours)
         return proc
 
     async def main():
@@ -241,6 +247,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 for _ in range(workers):
                     procs.append(spawn())
                 _say(f"control process: {workers} worker(s)")
+                nursery.start_soon(hub.run)
                 nursery.start_soon(keeper.run)
                 nursery.start_soon(_control_signals, signals, procs, state, config_path)
                 crashes: list[float] = []
@@ -262,7 +269,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                                 break
                             _say(f"worker {proc.pid} exited with {proc.returncode}; starting another")
                             stats.remove_snapshot(stats.stats_dir(config), proc.pid)
-                            keeper.gone(proc.pid)
+                            hub.gone(proc.pid)
                             procs[i] = spawn()
                     if state["stopping"]:
                         if all(p.poll() is not None for p in procs):
@@ -274,7 +281,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
-    keeper.close()
+    hub.close()
     if state["failed"]:
         print(f"seg-fast: {config_path or '(defaults)'}: {state['failed']}", file=sys.stderr, flush=True)
         return 1

@@ -17,11 +17,10 @@ good for one to two periods, and since every worker knew a key as *next* one per
 with it, a worker that takes the new ring a moment later still opens the tickets of one
 that took it first. OpenSSL 3 uses the same keys for TLS 1.3 tickets (and 1.2's).
 
-The keys travel over a Unix socketpair per worker (SOCK_SEQPACKET, one message per ring),
-made by the control process before the worker starts: the first ring waits in it, so the
-worker has its keys before its first handshake; later rings come as they are made. They
-are never written to a file or a log, nor passed in the environment (only the socket's
-descriptor number is). Python's ssl has no call for ticket keys: the SSL_CTX pointer is
+The keys travel over the worker's channel (proxy/channel.py: a Unix socketpair per worker,
+one message per ring), made by the control process before the worker starts: the first ring
+waits in it, so the worker has its keys before its first handshake; later rings come as they
+are made. They are never written to a file or a log, nor passed in the environment. Python's ssl has no call for ticket keys: the SSL_CTX pointer is
 read from the SSLContext object (the layout ``sim/tlssession.py`` reads, proven here
 against what the context itself reports before it is used) and the callback set with
 SSL_CTX_set_tlsext_ticket_key_evp_cb (OpenSSL 1.1: SSL_CTX_set_tlsext_ticket_key_cb).
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import ssl
 import sys
 
@@ -39,7 +37,6 @@ import trio
 
 from seg_fast.sim.tlssession import _CTX_AT, _word
 
-ENV_FD = "SEG_FAST_TICKET_FD"     # the worker's end of its socketpair (a descriptor number)
 KEY_BYTES = 80
 MAGIC = b"SFTK1"                  # a ring message: MAGIC, then current, next and previous (if any)
 MIN_ROTATION = 60.0
@@ -76,47 +73,26 @@ def keys_of(message: bytes) -> bytes:
 
 
 class Keeper:
-    """The ring and one socketpair per worker (control process)."""
+    """The ring (control process): its message goes into each new worker's channel first
+    (``first``), and every rotation's to every worker (channel.Hub)."""
 
-    def __init__(self, rotation: float):
+    def __init__(self, rotation: float, hub):
         self.ring = Ring()
         self.rotation = rotation
-        self.channels: dict[int, socket.socket] = {}     # worker pid -> control's end
+        self.hub = hub
 
-    def pair(self) -> tuple[socket.socket, socket.socket]:
-        """(control's end, worker's end) for a worker about to start, the current ring already
-        in it; the worker's end goes to the child (pass_fds, ENV_FD) and is then closed here."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        ours.send(self.ring.message())
-        return ours, theirs
-
-    def started(self, pid: int, ours: socket.socket) -> None:
-        self.channels[pid] = ours
-
-    def gone(self, pid: int) -> None:
-        sock = self.channels.pop(pid, None)
-        if sock is not None:
-            sock.close()
+    def first(self) -> bytes:
+        return self.ring.message()
 
     def rotate(self) -> None:
         self.ring.rotate()
-        message = self.ring.message()
-        for pid, sock in list(self.channels.items()):
-            try:
-                sock.send(message)
-            except (BlockingIOError, OSError):
-                self.gone(pid)        # exited (its restart gets a new pair) or stuck: never blocks us
+        self.hub.send_all(self.ring.message())
 
     async def run(self) -> None:
         """Rotate every ``rotation`` seconds (read each time: a reload may change it)."""
         while True:
             await trio.sleep(self.rotation)
             self.rotate()
-
-    def close(self) -> None:
-        for pid in list(self.channels):
-            self.gone(pid)
 
 
 # -- the worker ----------------------------------------------------------------------------------
@@ -249,48 +225,9 @@ def _say_once(text: str) -> None:
         print(f"seg-fast[{os.getpid()}]: {text}", file=sys.stderr, flush=True)
 
 
-def channel() -> socket.socket | None:
-    """The worker's end of its socketpair (ENV_FD), its first ring taken; None outside a serve."""
-    fd = os.environ.get(ENV_FD, "")
-    if not fd.isdigit():
-        return None
-    os.environ.pop(ENV_FD, None)      # not inherited by anything this worker starts
+def received(message: bytes) -> None:
+    """A ring from the control process (channel.handlers)."""
     try:
-        sock = socket.socket(fileno=int(fd))
-    except OSError:
-        return None
-    sock.setblocking(False)
-    _take(sock)
-    return sock
-
-
-def _take(sock: socket.socket) -> bool:
-    """Every ring waiting in the socket, the last one used; False at EOF (the control process is gone)."""
-    last = None
-    while True:
-        try:
-            data = sock.recv(1024)
-        except BlockingIOError:
-            break
-        except OSError:
-            return False
-        if not data:
-            return False
-        last = data
-    if last is not None:
-        try:
-            use(last)
-        except ValueError as exc:
-            _say_once(f"session tickets: {exc} from the control process; ignored")
-    return True
-
-
-async def follow(sock: socket.socket) -> None:
-    """The worker's task: take each new ring as the control process sends it."""
-    try:
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            if not _take(sock):
-                return
-    finally:
-        sock.close()
+        use(message)
+    except ValueError as exc:
+        _say_once(f"session tickets: {exc} from the control process; ignored")
