@@ -51,6 +51,7 @@ import trio
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim import lean_serve
 from seg_fast.sim.oracle import Opener
+from seg_fast.sim.timerfd import Timer
 from seg_fast.sim.warm import warm as warm_templates
 from seg_fast.sim.wire import FALLBACK, HttpConn, RawStream, TlsStream, WireError, request_head
 
@@ -743,7 +744,10 @@ class Parker:
     starts it as a failure. Deadlines of answered requests stay in the heap, but
     one at its top is dropped before the poller sleeps: it wakes for a live
     deadline, not once more per answered request (at real rates that wake-up
-    was a loop pass of its own, ~1 per request)."""
+    was a loop pass of its own, ~1 per request). The poller also runs the shard's
+    schedule (``schedule``: deliveries, foreground requests started); it wakes for
+    the next deadline or event through a timerfd in its epoll set (timerfd.py), not
+    a cancel scope per pass and a Cancelled per timer."""
 
     def __init__(self) -> None:
         self.ep = select.epoll()
@@ -751,7 +755,16 @@ class Parker:
         self.heap: list[tuple[float, int, Parked]] = []
         self.serial = 0
         self.nursery: trio.Nursery | None = None
-        self.scope: trio.CancelScope | None = None
+        # deadlines wake the poller through a timerfd in its own epoll set (timerfd.py)
+        self.timer = Timer()
+        self.ep.register(self.timer.fd, select.EPOLLIN)
+        # the shard's schedule (Fleet.drive): (shard time, ...) events run by this task
+        # when due, ``on_event(event)``, their times on trio's clock shifted by ``base``
+        self.events: list = []
+        self.next_event = 0
+        self.on_event = None
+        self.base = 0.0
+        self.events_done = trio.Event()
         self.polled = 0             # answers read by the poller (the rest: by a waiting task)
         self.polled_pings = 0       # of which Pings' answers
         self.wakeups = 0            # the poller's passes (readable sockets or a deadline)
@@ -766,8 +779,8 @@ class Parker:
         deadline = p.deadline
         self.serial += 1
         heapq.heappush(self.heap, (deadline, self.serial, p))
-        if self.scope is not None and deadline < self.scope.deadline:
-            self.scope.deadline = deadline
+        if deadline < self.timer.armed:
+            self.timer.arm(deadline)
 
     def _take(self, fd: int) -> Parked | None:
         p = self.by_fd.pop(fd, None)
@@ -805,27 +818,59 @@ class Parker:
         if p.dev.answered(p, conn, res):
             self.nursery.start_soon(p.dev.carry_on, conn)
 
+    def schedule(self, events: list, on_event, base: float) -> None:
+        """Run ``on_event(e)`` for each of ``events`` (sorted by their shard time
+        ``e[0]``; trio time ``base + e[0]``) when due, in this task: no task and no
+        timer of their own. ``events_done`` is set after the last one ran."""
+        self.events, self.next_event, self.on_event, self.base = events, 0, on_event, base
+        if not events:
+            self.events_done.set()
+        elif base + events[0][0] < self.timer.armed:
+            self.timer.arm(base + events[0][0])
+
+    def _run_due(self) -> None:
+        events, on_event = self.events, self.on_event
+        i, n = self.next_event, len(events)
+        due = trio.current_time() - self.base
+        while i < n and events[i][0] <= due:
+            on_event(events[i])
+            i += 1
+        self.next_event = i
+        if i == n and n:
+            self.events_done.set()
+
     async def run(self, nursery: trio.Nursery, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.nursery = nursery
-        ep, heap = self.ep, self.heap
+        ep, heap, timer = self.ep, self.heap, self.timer
+        tfd = timer.fd
         task_status.started()
         by_fd = self.by_fd
+        events = self.events
         while True:
             # answered (or handed to a task) since: not a deadline to wake for
             while heap and by_fd.get(heap[0][2].fd) is not heap[0][2]:
                 heapq.heappop(heap)
-            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self.scope:
-                await trio.lowlevel.wait_readable(ep.fileno())
-            self.scope = None
+            events = self.events
+            wake = heap[0][0] if heap else math.inf
+            if self.next_event < len(events):
+                wake = min(wake, self.base + events[self.next_event][0])
+            if wake != timer.armed:
+                timer.arm(wake)
+            await trio.lowlevel.wait_readable(ep.fileno())
             self.wakeups += 1
             for fd, _events in ep.poll(0):
-                self._readable(fd)
+                if fd == tfd:
+                    timer.clear()
+                else:
+                    self._readable(fd)
             now = trio.current_time()
             while heap and heap[0][0] <= now:
                 p = heapq.heappop(heap)[2]
                 if p.conn is not None and self.by_fd.get(p.fd) is p:
                     self._take(p.fd)
                     nursery.start_soon(p.dev.resume, p, True)
+            if self.next_event < len(self.events):
+                self._run_due()
 
     async def close(self) -> None:
         """The run is over: the Pings still parked are closed (their devices stay up)."""
@@ -835,6 +880,7 @@ class Parker:
             conn, p.conn = p.conn, None
             await conn.aclose()
         self.ep.close()
+        self.timer.close()
 
 
 class Fleet:
@@ -920,20 +966,29 @@ class Fleet:
         return events
 
     async def drive(self, nursery: trio.Nursery, events) -> None:
+        """The schedule's deliveries and foreground requests, each when due: run by the
+        Parker's task (``Parker.schedule``: its timer, no sleep or task per event; a
+        foreground request gets its task in ``nursery``). Returns after the last one."""
         st = self.stats
         base = self.spec.first_device
-        for t, idx, k, kind in events:
-            if self.clock.now() < t:
-                await self.clock.sleep_until(t)
-            lag = self.clock.now() - t
-            if self.window[0] <= t < self.window[1]:
+        devices = self.devices
+        window = self.window
+        now = self.clock.now
+        sim = self.sim
+
+        def on_event(event) -> None:
+            t, idx, k, kind = event
+            lag = now() - t
+            if window[0] <= t < window[1]:
                 st.lag.append(lag)
-            dev = self.devices[idx - base]
+            dev = devices[idx - base]
             if kind == "deliver":
                 dev.delivered += 1
-                self.sim.deliver(dev.user)
+                sim.deliver(dev.user)
             else:
                 nursery.start_soon(dev.foreground, kind, f"{idx}:{kind[0]}{k}")
+        self.parker.schedule(events, on_event, self.clock.base)
+        await self.parker.events_done.wait()
 
     async def report(self) -> None:
         st = self.stats
