@@ -24,15 +24,10 @@ from pathlib import Path
 
 import pytest
 import trustme
+from workers_of import free_port, worker_holding, workers_of
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTIONS = 24            # both workers get some: all on one is a 2**-23 chance
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TwoWorkers:
@@ -76,29 +71,10 @@ class TwoWorkers:
         return value
 
     def workers(self) -> list[int]:
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                return [int(p) for p in f.read().split()]
-        except OSError:
-            return []
+        return workers_of(self.proc.pid)
 
-    def worker_of(self, sock: ssl.SSLSocket) -> int:
-        """The worker process holding the gateway's end of this connection (from the kernel)."""
-        client_port = sock.getsockname()[1]
-        want_local, want_remote = f"0100007F:{self.port:04X}", f"0100007F:{client_port:04X}"
-        with open("/proc/net/tcp") as f:
-            rows = [line.split() for line in f.readlines()[1:]]
-        inodes = {row[9] for row in rows if row[1] == want_local and row[2] == want_remote}
-        assert len(inodes) == 1, f"the gateway's socket for client port {client_port} not found once"
-        target = f"socket:[{inodes.pop()}]"
-        for pid in self.workers():
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return pid
-                except OSError:
-                    pass
-        raise AssertionError("no worker holds the connection")
+    def worker_of(self, sock) -> int:
+        return worker_holding(self.port, sock.getsockname()[1], self.workers())
 
     def connect(self, session=None) -> tuple[ssl.SSLSocket, int]:
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=20)
@@ -111,7 +87,9 @@ class TwoWorkers:
             assert data, "the gateway closed without an answer"
             head += data
         assert head.startswith(b"HTTP/1.1 "), head[:100]
-        return sock, self.worker_of(sock)
+        pid = self.worker_of(sock)
+        assert pid is not None, "no worker holds a connection it answered"
+        return sock, pid
 
     def resumes(self, session) -> dict[int, list[bool]]:
         """Per worker, whether each of CONNECTIONS new connections offering ``session`` resumed it."""

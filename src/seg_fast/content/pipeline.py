@@ -36,6 +36,7 @@ from contextlib import nullcontext
 
 import pybase64
 
+from seg_fast import refshare
 from seg_fast.content._mime import join, utf8_text, utf8_text_parts
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, decoded_scratch, envelope_name,
                                           envelope_size, extension, file_type, seal, sealed_base64,
@@ -92,24 +93,28 @@ class _Runtime:
             self._keys = Keyring.from_settings(self.settings)
         return self._keys
 
-    def remember(self, user: str, ref: str, name: str) -> None:
+    def remember(self, user: str, ref: str, name: str, *, share: bool = True) -> None:
         key = (user.lower(), ref)
         with self._lock:
             self.files[key] = name
             self.files.move_to_end(key)
             while len(self.files) > self.settings.file_reference_cache:
                 self.files.popitem(last=False)
+        if share:   # to the serve's other workers (a fetch may land on any): refshare.py
+            refshare.publish(refshare.NAME, key, name)
 
     def name_of(self, user: str, ref: str) -> str:
         return self.files.get((user.lower(), ref), "")
 
-    def remember_kind(self, user: str, ref: str, kind: str) -> None:
+    def remember_kind(self, user: str, ref: str, kind: str, *, share: bool = True) -> None:
         key = (user.lower(), ref)
         with self._lock:
             self.kinds[key] = kind
             self.kinds.move_to_end(key)
             while len(self.kinds) > self.settings.file_reference_cache:
                 self.kinds.popitem(last=False)
+        if share:
+            refshare.publish(refshare.KIND, key, kind)
 
     def kind_of(self, user: str, ref: str) -> str:
         return self.kinds.get((user.lower(), ref), "")
