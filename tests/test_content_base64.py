@@ -291,3 +291,30 @@ def test_known_text_chunks_are_not_read_but_still_separate_their_neighbours():
         assert (type(got) is _Text) == want, (before, after)
         assert (type(_as_kind(sp, chunks)) is _Text) == want
     assert type(_as_kind(sp, [b"x\xc3", text, b"\xa9y"], texts=[text])) is bytes   # written as OPAQUE
+
+
+def test_fallbacks_give_the_same_bytes(monkeypatch):
+    # Without libbase64's symbols (pybase64 passes) and without libcrypto (cryptography):
+    # slower, the same bytes and the same refusals.
+    fixed_nonce(monkeypatch)
+    data = os.urandom((1 << 20) + 11)
+    text = wrapped(data, 76, b"\r\n")
+    fast = (b64encode_lines(data), b64encode_lines(data, 0), b64decode_lines(text),
+            sealed_base64(KEYS, "D", "u", "x.pdf", "application/pdf", data, 76, b"\n"),
+            seal(KEYS, "D", "u", "x.pdf", "application/pdf", data))
+    _mime._use_libbase64(False)
+    try:
+        out = bytearray(decoded_room(len(text)))
+        n = b64decode_lines_into(text, out)
+        assert bytes(out[:n]) == data
+        for bad in (b"aGVsbG8=aGVs", b"aGVs\rbG8="):
+            with pytest.raises(ValueError):
+                b64decode_lines(bad)
+        monkeypatch.setattr(attachments, "HAVE_LIBCRYPTO", False)
+        slow = (b64encode_lines(data), b64encode_lines(data, 0), b64decode_lines(text),
+                sealed_base64(KEYS, "D", "u", "x.pdf", "application/pdf", data, 76, b"\n"),
+                seal(KEYS, "D", "u", "x.pdf", "application/pdf", data))
+    finally:
+        _mime._use_libbase64(True)
+    assert slow == fast
+    assert fast[0] == text and fast[1] == base64.b64encode(data) and fast[2] == data

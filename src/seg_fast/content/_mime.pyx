@@ -783,6 +783,16 @@ _load_libbase64()
 HAVE_LIBBASE64 = _lib_decode != NULL
 
 
+def _use_libbase64(bint on):
+    """Tests: run the pybase64 fallbacks (as without libbase64's symbols), or not."""
+    global _lib_decode, _lib_encode
+    if on:
+        _load_libbase64()
+    else:
+        _lib_decode = NULL
+        _lib_encode = NULL
+
+
 def _set_b64_chunk(Py_ssize_t chars):
     """Tests: a small chunk so its edges fall everywhere (a multiple of 4)."""
     global _B64_CHUNK
@@ -996,6 +1006,15 @@ def b64encode_lines(data, Py_ssize_t width=76, bytes eol=b"\r\n"):
                 _lib_encode(src + at, take, scratch, &got, 0)
                 at += take
                 i = 0
+                if width == 76 and el == 2:
+                    # MIME's lines and CRLF: fixed-size copies the compiler inlines
+                    while <Py_ssize_t>got - i >= 76:
+                        if w:
+                            memcpy(out + w, e, 2)
+                            w += 2
+                        memcpy(out + w, scratch + i, 76)
+                        w += 76
+                        i += 76
                 while i < <Py_ssize_t>got:
                     if w:
                         memcpy(out + w, e, el)
