@@ -178,3 +178,40 @@ async def test_a_woken_ping_is_answered_by_the_delivery_itself():
             sim.mailbox("user1").folder(eas.INBOX).clear()
         sock.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_parker_runs_the_schedule_when_due():
+    """Fleet.drive's events run in the Parker's task, woken by its timerfd: in order, none
+    before its time, ``events_done`` after the last; a parked request's deadline between
+    them still fires."""
+    parker = Parker()
+    ran: list = []
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    dev = _Dev()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(parker.run, nursery)
+            base = trio.current_time()
+            events = [(0.05 + 0.01 * i, i, 0, "deliver") for i in range(K)]
+            p = Parked(dev, HttpConn(RawStream(a)), 0, None, base, 0)
+            p.deadline = base + 0.12                 # amid the events
+            parker.add(p)
+            parker.schedule(events, lambda e: ran.append((trio.current_time() - base, e)), base)
+            with trio.fail_after(20):
+                await parker.events_done.wait()
+            assert [e for _t, e in ran] == events
+            assert all(t >= e[0] for t, e in ran)
+            with trio.fail_after(20):
+                await dev.event.wait()
+            assert dev.expired == [p] and trio.current_time() >= p.deadline
+            # an empty schedule is done at once
+            other = Parker()
+            other.schedule([], None, base)
+            assert other.events_done.is_set()
+            other.ep.close()
+            other.timer.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        a.close()
+        b.close()
