@@ -133,3 +133,79 @@ def test_publish_sends_from_any_thread_and_nothing_outside_a_serve(monkeypatch):
         theirs.recv(1024)
     ours.close()
     theirs.close()
+
+
+def test_table_keeps_the_latest_within_its_bound_and_replays_in_batches(runtime):
+    table = refshare.Table(limit=300)
+    table.note(b"XXXXXnot an entry")
+    for i in range(400):
+        table.note(entry(refshare.NAME, "kim", f"ref{i}", f"old-{i}.pdf"))
+    table.note(entry(refshare.NAME, "kim", "ref399", "new-399.pdf"))
+    table.note(entry(refshare.KIND, "kim", "ref399", "pdf"))
+    assert len(table.entries) == 300                      # the oldest 101 names out
+    assert ("kim", "ref0") not in {(u, r) for _, u, r in table.entries}
+    big = "n" * 900
+    for i in range(100):
+        table.note(entry(refshare.NAME, "lee", f"big{i}", big))
+    batches = table.replay()
+    assert len(batches) > 1 and all(len(b) < refshare.BATCH_BYTES + 2048 for b in batches)
+    for b in batches:
+        refshare.received_batch(b)
+    assert runtime.name_of("kim", "ref399") == "new-399.pdf" and runtime.kind_of("kim", "ref399") == "pdf"
+    assert runtime.name_of("lee", "big99") == big
+    assert runtime.name_of("kim", "ref0") == ""
+    assert runtime.published == []
+
+
+def test_a_worker_started_later_gets_the_backlog():
+    async def main():
+        hub = channel.Hub(relayed=frozenset({refshare.MAGIC}), kept=refshare.Table(10_000))
+        ours, first = hub.pair()
+        first.setblocking(False)
+        hub.started(1, ours)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            await trio.lowlevel.checkpoint()
+            sent = [entry(refshare.NAME, "kim", f"r{i}", f"file {i} " + "x" * 200 + ".pdf") for i in range(3000)]
+            for message in sent:        # more than a socket buffer holds in one go
+                while True:
+                    try:
+                        first.send(message)
+                        break
+                    except BlockingIOError:
+                        await trio.sleep(0.001)
+            with trio.fail_after(10):
+                while len(hub.kept.entries) < 3000:
+                    await trio.sleep(0.01)
+            ours2, later = hub.pair()
+            later.setblocking(False)
+            hub.started(2, ours2)
+            got = []
+            with trio.fail_after(20):
+                while len(got) < 3000:
+                    await trio.lowlevel.wait_readable(later)
+                    message = later.recv(channel.MAX_MESSAGE)
+                    assert message.startswith(refshare.BATCH)
+                    got += refshare._decode_batch(message[len(refshare.BATCH):])
+            assert [tuple(e) for e in got] == [refshare._decode(m[5:]) for m in sent]
+            nursery.cancel_scope.cancel()
+        hub.close()
+
+    trio.run(main)
+
+
+def test_messages_before_their_handler_are_handled_when_it_is_set(monkeypatch):
+    monkeypatch.setattr(channel, "handlers", {})
+    monkeypatch.setattr(channel, "_pending", [])
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setblocking(False)
+    for m in (b"AAAAA1", b"BBBBB1", b"AAAAA2"):
+        ours.send(m)
+    seen = []
+    channel.handle(b"BBBBB", seen.append)
+    assert channel._take(theirs) and seen == [b"BBBBB1"]
+    channel.handle(b"AAAAA", seen.append)          # the early ones, in order
+    assert seen == [b"BBBBB1", b"AAAAA1", b"AAAAA2"] and channel._pending == []
+    ours.close()
+    assert not channel._take(theirs)               # EOF: the control process is gone
+    theirs.close()

@@ -8,7 +8,9 @@ worker (which worker holds a connection is read from /proc: tests/workers_of.py)
   writes that file), not the name the fetching worker would guess from the bytes
   ("attachment.pdf");
 - the PDF of an S/MIME signed message is exempt there too: it arrives as the mail server
-  sent it, not sealed.
+  sent it, not sealed;
+- the listing worker killed, the one started in its place knows the name too (the control
+  process's copy, replayed to it).
 
 Before refshare, the fetching worker had learnt neither (each worker's cache was its own).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -125,31 +128,46 @@ async def test_a_listing_on_one_worker_names_the_fetch_on_another(tmp_path):
                 assert fetcher != lister
                 # The listing reaches the other worker through the control process: poll, bounded.
                 pdf_name, _, pdf = sim.corpus.message(pdf_i).attachments[0]
-                deadline = trio.current_time() + 20
-                while True:
-                    ctype, blob = await fetch(c, refs["pdf"])
-                    assert ctype == ENVELOPE_CONTENT_TYPE and pdf not in blob
-                    out = tmp_path / f"out-{trio.current_time():.3f}"
-                    out.mkdir()
-                    (tmp_path / "att.segenc").write_bytes(blob)
-                    done = await trio.to_thread.run_sync(lambda out=out: subprocess.run(
-                        [sys.executable, "-m", "seg_fast", "attachment", "decrypt", "--device", "MANAGED1",
-                         "--user", "jdoe", str(tmp_path / "att.segenc")], env=dict(
-                            env, SEG_FAST_SECURITY_MASTER_KEY_FILE=str(tmp_path / "master.key"),
-                            SEG_FAST_SECURITY_KEY_STATE_FILE=str(tmp_path / "keys.json")),
-                        cwd=out, capture_output=True, text=True, check=False))
-                    assert done.returncode == 0, done.stderr
-                    names = os.listdir(out)
-                    if names == [pdf_name] or trio.current_time() > deadline:
-                        break
-                    await trio.sleep(0.2)
+
+                async def opened_as() -> list[str]:
+                    """Fetch the PDF (sealed), open it with the CLI: the file name it was sealed under."""
+                    deadline = trio.current_time() + 20
+                    while True:
+                        ctype, blob = await fetch(c, refs["pdf"])
+                        assert ctype == ENVELOPE_CONTENT_TYPE and pdf not in blob
+                        out = tmp_path / f"out-{trio.current_time():.3f}"
+                        out.mkdir()
+                        (tmp_path / "att.segenc").write_bytes(blob)
+                        done = await trio.to_thread.run_sync(lambda out=out: subprocess.run(
+                            [sys.executable, "-m", "seg_fast", "attachment", "decrypt", "--device", "MANAGED1",
+                             "--user", "jdoe", str(tmp_path / "att.segenc")], env=dict(
+                                env, SEG_FAST_SECURITY_MASTER_KEY_FILE=str(tmp_path / "master.key"),
+                                SEG_FAST_SECURITY_KEY_STATE_FILE=str(tmp_path / "keys.json")),
+                            cwd=out, capture_output=True, text=True, check=False))
+                        assert done.returncode == 0, done.stderr
+                        names = os.listdir(out)
+                        if names == [pdf_name] or trio.current_time() > deadline:
+                            assert hashlib.sha256((out / names[0]).read_bytes()).digest() == \
+                                hashlib.sha256(pdf).digest()
+                            return names
+                        await trio.sleep(0.2)
+
+                names = await opened_as()
                 assert names == [pdf_name], f"the other worker named it {names}, the listing {pdf_name!r}"
-                assert hashlib.sha256((out / pdf_name).read_bytes()).digest() == hashlib.sha256(pdf).digest()
                 # The signed message's PDF: exempt on the fetching worker too, the server's bytes as they were.
                 signed_pdf = sim.corpus.message(signed_i).attachments[0][2]
                 assert await on_worker(c, proc.pid, port, lambda pid: pid != lister) != lister
                 ctype, blob = await fetch(c, refs["signed"])
                 assert ctype != ENVELOPE_CONTENT_TYPE and blob == signed_pdf
+                # The lister killed: its restart gets the control process's copy and knows the name too.
+                os.kill(lister, signal.SIGKILL)
+                while lister in workers_of(proc.pid) or len(workers_of(proc.pid)) < 2 or \
+                        (tmp_path / "stderr.log").read_text().count("worker listening on") < 3:
+                    assert proc.poll() is None, (tmp_path / "stderr.log").read_text()
+                    await trio.sleep(0.05)
+                restarted = await on_worker(c, proc.pid, port, lambda pid: pid not in (lister, fetcher))
+                names = await opened_as()
+                assert names == [pdf_name], f"the restarted worker {restarted} named it {names}"
             await c.aclose()
         finally:
             proc.terminate()

@@ -23,7 +23,10 @@ ENV_FD = "SEG_FAST_TICKET_FD"
 KIND_BYTES = 5
 MAX_MESSAGE = 64 * 1024
 
+MAX_PENDING = 4096
+
 handlers: dict[bytes, object] = {}      # worker: message kind -> function(message)
+_pending: list[bytes] = []              # messages that came before their kind's handler
 _worker_sock: socket.socket | None = None
 
 
@@ -32,10 +35,13 @@ _worker_sock: socket.socket | None = None
 class Hub:
     """One socketpair per worker (control process): ``pair`` before a worker starts, ``started``
     with its pid, ``gone`` when it exits; ``send_all`` to every worker; messages of the kinds in
-    ``relayed`` that a worker sends are passed to every other worker (``run``)."""
+    ``relayed`` that a worker sends are passed to every other worker (``run``). ``kept`` (if
+    given) sees each relayed message (``note``) and gives what a worker started later should
+    be sent first (``replay()``: messages), so a restarted worker knows what the others do."""
 
-    def __init__(self, relayed: frozenset[bytes] = frozenset()):
+    def __init__(self, relayed: frozenset[bytes] = frozenset(), kept=None):
         self.relayed = relayed
+        self.kept = kept
         self.channels: dict[int, socket.socket] = {}     # worker pid -> control's end
         self._nursery = None
 
@@ -52,6 +58,9 @@ class Hub:
         self.channels[pid] = ours
         if self._nursery is not None and self.relayed:
             self._nursery.start_soon(self._relay, pid, ours)
+            backlog = self.kept.replay() if self.kept is not None else []
+            if backlog:
+                self._nursery.start_soon(self._replay, pid, ours, backlog)
 
     def gone(self, pid: int) -> None:
         sock = self.channels.pop(pid, None)
@@ -95,6 +104,25 @@ class Hub:
                     return        # the worker exited; gone() closes our end
                 if message[:KIND_BYTES] in self.relayed:
                     self.send_all(message, but=pid)
+                    if self.kept is not None:
+                        self.kept.note(message)
+
+    async def _replay(self, pid: int, sock: socket.socket, messages: list[bytes]) -> None:
+        """Send a new worker the backlog, waiting (a while) for room as it reads."""
+        for message in messages:
+            while self.channels.get(pid) is sock:
+                try:
+                    sock.send(message)
+                    break
+                except BlockingIOError:
+                    with trio.move_on_after(10) as waited:
+                        await trio.lowlevel.wait_writable(sock)
+                    if waited.cancelled_caught:
+                        return    # a worker that does not read: it learns from new listings
+                except OSError:
+                    return
+            else:
+                return
 
     def close(self) -> None:
         for pid in list(self.channels):
@@ -117,6 +145,16 @@ def open_from_env() -> socket.socket | None:
     _worker_sock = sock
     _take(sock)
     return sock
+
+
+def handle(kind: bytes, handler) -> None:
+    """Set the worker's handler for a kind of message; the ones that came before it (read with
+    the ticket keys, before the gateway was built) are handled now."""
+    handlers[kind] = handler
+    early = [m for m in _pending if m[:KIND_BYTES] == kind]
+    _pending[:] = [m for m in _pending if m[:KIND_BYTES] != kind]
+    for message in early:
+        handler(message)
 
 
 def send(message: bytes) -> bool:
@@ -146,6 +184,8 @@ def _take(sock: socket.socket) -> bool:
         handler = handlers.get(message[:KIND_BYTES])
         if handler is not None:
             handler(message)
+        elif len(_pending) < MAX_PENDING:
+            _pending.append(message)
 
 
 async def follow(sock: socket.socket) -> None:

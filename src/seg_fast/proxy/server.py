@@ -90,10 +90,13 @@ def run_worker(config, config_path: str | None) -> int:
     die_with_parent()     # again for `serve --worker` started by hand or a benchmark (idempotent)
     logsetup.configure(config)
     # The control process's line (proxy/channel.py): the session ticket keys (the first ring is
-    # already waiting in it), and attachment names other workers learnt (refshare.py).
-    channel.handlers.update({tickets.MAGIC: tickets.received, refshare.MAGIC: refshare.received})
+    # already waiting in it) before the gateway's TLS context exists; attachment names other
+    # workers learnt (refshare.py) once the gateway has set up the content pipeline's cache.
+    channel.handle(tickets.MAGIC, tickets.received)
     control_line = channel.open_from_env()
     gw = Gateway(config, config_path=config_path)
+    channel.handle(refshare.MAGIC, refshare.received)
+    channel.handle(refshare.BATCH, refshare.received_batch)
 
     async def main():
         slowsteps.install_from_env()     # debug: log task steps over SEG_FAST_SLOW_STEP_MS
@@ -199,7 +202,8 @@ def run_control(config, config_path: str | None, workers: int) -> int:
     procs: list[subprocess.Popen] = []
     # A socketpair per worker (proxy/channel.py): the session ticket keys every worker shares
     # (proxy/tickets.py), and attachment names one worker learnt passed to the others (refshare.py).
-    hub = channel.Hub(relayed=frozenset({refshare.MAGIC}))
+    hub = channel.Hub(relayed=frozenset({refshare.MAGIC}),
+                      kept=refshare.Table(2 * config.security.file_reference_cache))     # names and kinds
     keeper = tickets.Keeper(config.listener.tls_ticket_key_rotation, hub)
     state = {"stopping": False, "grace": config.timeouts.shutdown_grace, "failed": "", "tickets": keeper}
 
