@@ -670,8 +670,10 @@ class Device:
     # -- foreground work on a second connection ---------------------------------------
     async def foreground(self, kind: str, key: str) -> None:
         # work scheduled before set-up finished waits for it (a phone that has no
-        # account yet sends no mail); a device that never gets there sends nothing
-        await self.ready.wait()
+        # account yet sends no mail); a device that never gets there sends nothing.
+        # (Event.wait on a set event still yields: a loop pass per request for nothing.)
+        if not self.ready.is_set():
+            await self.ready.wait()
         if not self.alive or self.fleet.stopping:
             return
         conn = await self._connect(kind)
