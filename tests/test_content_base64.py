@@ -318,3 +318,18 @@ def test_fallbacks_give_the_same_bytes(monkeypatch):
         _mime._use_libbase64(True)
     assert slow == fast
     assert fast[0] == text and fast[1] == base64.b64encode(data) and fast[2] == data
+
+
+def test_nested_scratch_use_gets_its_own_buffer():
+    # a block inside another's (an attached message sealing its attachments while the
+    # fetched file's bytes are held) must not overwrite what the outer one still reads
+    outer = os.urandom(7000)
+    inner = os.urandom(5000)          # smaller: the kept buffer would fit it
+    with decoded_scratch(base64.b64encode(outer)) as a:
+        with decoded_scratch(base64.b64encode(inner)) as b:
+            assert bytes(b) == inner
+            text = sealed_base64(KEYS, "D", "u", "x", "application/octet-stream", b)
+        assert bytes(a) == outer
+    assert open_envelope(KEYS, "D", "u", base64.b64decode(text))[2] == inner
+    with decoded_scratch(base64.b64encode(inner)) as c:      # the kept buffer, free again
+        assert bytes(c) == inner

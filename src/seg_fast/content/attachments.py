@@ -185,9 +185,11 @@ _local = threading.local()
 
 class _Scratch:
     """``with _Scratch(which, size) as view``: a writable memoryview of ``size`` bytes of
-    this thread's buffer ``which`` (_PLAIN, _ENVELOPE), valid inside the block only."""
+    this thread's buffer ``which`` (_PLAIN, _ENVELOPE), valid inside the block only. While
+    one is in use (a message attached to a fetched message sealing its own attachments),
+    the inner block gets a buffer of its own: nothing overwrites what a caller still reads."""
 
-    __slots__ = ("which", "size", "view")
+    __slots__ = ("which", "size", "view", "kept")
 
     def __init__(self, which: int, size: int):
         self.which = which
@@ -197,19 +199,25 @@ class _Scratch:
         bufs = getattr(_local, "bufs", None)
         if bufs is None:
             bufs = _local.bufs = [memoryview(b""), memoryview(b"")]
-        buf = bufs[self.which]
-        if len(buf) < self.size:
+            _local.busy = [False, False]
+        self.kept = not _local.busy[self.which] and self.size <= _KEEP_SCRATCH
+        buf = bufs[self.which] if self.kept else None
+        if buf is None or len(buf) < self.size:
             # A new one, not resized (a view someone still holds stays valid), and not
             # zeroed (a bytearray would be, with the GIL held: megabytes): every byte
             # read from it is written first.
             buf = writable_bytes(self.size)[1]
-            if self.size <= _KEEP_SCRATCH:
+            if self.kept:
                 bufs[self.which] = buf
+        if self.kept:
+            _local.busy[self.which] = True
         self.view = buf[:self.size]
         return self.view
 
     def __exit__(self, *exc) -> None:
         self.view.release()
+        if self.kept:
+            _local.busy[self.which] = False
 
 
 def decoded_scratch(text) -> "_Decoded":
