@@ -31,7 +31,7 @@ CONNECTIONS = 24            # both workers get some: all on one is a 2**-23 chan
 
 
 class TwoWorkers:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, rotation: float = 3600):
         ca = trustme.CA()
         cert = ca.issue_cert("localhost", "127.0.0.1")
         cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
@@ -43,7 +43,7 @@ class TwoWorkers:
         cfg.write_text("\n".join([
             "workers = 2", "[listener]", 'host = "127.0.0.1"', f"port = {self.port}",
             f'tls_cert = "{tmp / "cert.pem"}"', f'tls_key = "{tmp / "key.pem"}"',
-            "[upstream]", f'url = "http://127.0.0.1:{free_port()}"', "[admin]", "enabled = false",
+            f"tls_ticket_key_rotation = {rotation}", "[upstream]", f'url = "http://127.0.0.1:{free_port()}"', "[admin]", "enabled = false",
             "[log]", 'transactions = ""', f'file = "{tmp / "gateway.log"}"',
             "[policy]", "allow_if_no_policies = true", f'sqlite_path = "{tmp / "policy.db"}"',
             "[security]", f'master_key_file = "{tmp / "master.key"}"', f'key_state_file = "{tmp / "keys.json"}"',
@@ -141,3 +141,32 @@ def test_a_session_resumes_on_every_worker(serve):
     assert set(seen) == set(serve.workers())
     assert all(all(r) for r in seen.values()), seen
     assert "ticket" not in "".join(serve.lines).lower(), "".join(serve.lines)   # no warning, no key material
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SEG_FAST_SLOW"), reason="slow: SEG_FAST_SLOW=1 runs it")
+def test_rotation_in_a_running_serve(tmp_path):
+    """listener.tls_ticket_key_rotation = 60 (the least): the first session's key leaves the ring
+    two rotations on; the ticket the last resumption before that brought (under the key that was
+    current then, previous now) still resumes, on both workers. ~2-3 minutes."""
+    serve = TwoWorkers(tmp_path, rotation=60)
+    try:
+        first, _ = serve.connect()
+        s0 = first.session
+        first.close()
+        latest = None
+        end = time.monotonic() + 240
+        while True:
+            assert time.monotonic() < end, "the first session still resumes after 4 minutes: no rotation"
+            sock, _ = serve.connect(s0)
+            if not sock.session_reused:
+                sock.close()
+                break
+            latest = sock.session            # renewed: a ticket under the key current now
+            sock.close()
+            time.sleep(2)
+        assert latest is not None, "the first session never resumed"
+        seen = serve.resumes(latest)
+        assert set(seen) == set(serve.workers()) and all(all(r) for r in seen.values()), seen
+    finally:
+        assert serve.stop() == 0, "".join(serve.lines)[-3000:]
