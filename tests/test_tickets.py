@@ -80,12 +80,15 @@ def key_named(byte: int) -> bytes:
 
 @pytest.fixture
 def shared():
-    """The callback bound (skip where this Python cannot), a fresh ring; the module's state after."""
+    """The callback bound (skip where this Python cannot). After the test, this process's keys are
+    set on no further context: TLS contexts of later tests in the same run keep OpenSSL's own."""
+    tickets._state.pop("lib", None)
     lib = tickets._bind()
     if isinstance(lib, str):
         pytest.skip(lib)
     yield lib
     tickets.keyed = None
+    tickets._state["lib"] = "switched off after a test"
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
