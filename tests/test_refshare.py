@@ -59,7 +59,7 @@ def test_hub_relays_to_every_other_worker():
             ends[pid] = theirs
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hub.run)
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             message = entry(refshare.NAME, "kim", "5%3a1%3a0", "Q3 report.pdf")
             ends[11].send(message)
             ends[11].send(b"XXXXXother kinds are not relayed")

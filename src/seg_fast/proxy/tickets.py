@@ -178,7 +178,7 @@ def ssl_ctx_of(context: ssl.SSLContext) -> int:
         return 0
     minimum = libssl.SSL_CTX_ctrl(ptr, 130, 0, None)      # SSL_CTRL_GET_MIN_PROTO_VERSION
     wanted = context.minimum_version.value
-    if libssl.SSL_CTX_get_options(ptr) != int(context.options) or minimum != (0 if wanted < 0 else wanted):
+    if libssl.SSL_CTX_get_options(ptr) != int(context.options) or minimum != max(wanted, 0):
         return 0
     return ptr
 
