@@ -599,8 +599,11 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
                                                     stdout=subprocess.PIPE, env=env)
             shards.append(Shard(spec, proc))
+        # every shard builds its corpus pool and its answer templates (~3.3 s of CPU
+        # each, fleet.shard_main) on the one load core at once: the wait grows with them
+        start_limit = 60 + 5 * len(shards)
         for sh in shards:
-            with trio.fail_after(60):
+            with trio.fail_after(start_limit):
                 first = await sh.line()
             if not first or not first.get("ready"):
                 raise RuntimeError(f"shard {sh.spec.shard} did not start")
