@@ -66,3 +66,6 @@ class Timer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __del__(self) -> None:        # a Parker dropped without close() (tests, load_request_cost)
+        self.close()
