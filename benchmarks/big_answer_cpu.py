@@ -35,6 +35,7 @@ from seg_fast.eas.wbxml import Element as E, encode  # noqa: E402
 from seg_fast.policy.model import DeviceRecord, PolicyDocument  # noqa: E402
 from seg_fast.policy.store import SqliteStore  # noqa: E402
 from seg_fast.sim.corpus import Corpus  # noqa: E402
+from seg_fast.testing.rawhttp import requests  # noqa: E402
 
 REQUEST = encode(E("AirSync:Sync", [E("AirSync:Collections", [E("AirSync:Collection", [
     E("AirSync:SyncKey", text="1"), E("AirSync:CollectionId", text="1")])])]))
@@ -52,20 +53,8 @@ def mail_server(answer: bytes) -> int:
             b"Content-Length: %d\r\n\r\n" % len(answer))
 
     def serve(conn):
-        buf = b""
         with conn:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    more = conn.recv(65536)
-                    if not more:
-                        return
-                    buf += more
-                head_in, buf = buf.split(b"\r\n\r\n", 1)
-                n = next(int(line.split(b":")[1]) for line in head_in.split(b"\r\n")
-                         if line.lower().startswith(b"content-length:"))
-                while len(buf) < n:
-                    buf += conn.recv(65536)
-                buf = buf[n:]
+            for _fields in requests(conn):
                 conn.sendall(head + answer)
 
     def accept():

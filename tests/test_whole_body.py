@@ -20,6 +20,7 @@ from processes import start_serve, stop_process, wait_listening
 from test_transform_offload import (ANSWERS, SYNC_REQUEST, _free_port, _headers, _path, _reference, _same,
                                     _store)
 from seg_fast.sim.oracle import Opener
+from seg_fast.testing.rawhttp import requests
 
 BIG = ANSWERS["links-big"][1]         # links rewritten: byte for byte comparable
 HALF = len(BIG) // 2
@@ -54,21 +55,9 @@ class _MailServer:
             pass                      # the gateway dropped a connection it will not reuse
 
     def _requests(self, conn):
-        buf = b""
         with conn:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    more = conn.recv(65536)
-                    if not more:
-                        return
-                    buf += more
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
-                length = int(fields.get(b"Content-Length", b"0"))
-                while len(buf) < length:
-                    buf += conn.recv(65536)
-                buf = buf[length:]
-                how = fields[b"X-Test-Answer"].decode()
+            for fields in requests(conn):
+                how = fields[b"x-test-answer"].decode()
                 self.served.append((conn.fileno(), how))
                 if not self._answer(conn, how):
                     return
