@@ -11,6 +11,13 @@ socketpair, where TCP segmentation, which this measures too, does not exist.)
 each tree's sources alternately (PYTHONPATH=<tree>/src), the gateway process's CPU-s per
 device-hour from each run's JSON; medians.
 
+``--connections N``: per-connection cost, each tree's ``seg-fast serve --workers 1`` (pinned to CPU
+0, device-leg TLS, a trustme ECDSA certificate) taking N sequential TLS 1.3 connections that each
+resume the same session, send one request the gateway answers itself (a 404) and close, from a
+Python client here: the worker's CPU (every thread's schedstat) per connection; trees alternate
+round by round, medians of ``--rounds``. A fleet device opens such a connection for each
+foreground command (about 6 per device-hour in BENCH-PROFILE).
+
 Results go into a key (``--key``) of benchmarks/results/gateway_cpu_ab.json.
 """
 from __future__ import annotations
@@ -125,6 +132,105 @@ def sizing(trees: dict[str, str], rounds: int) -> dict:
             for name, rs in runs.items()}
 
 
+def connections(trees: dict[str, str], n: int, rounds: int) -> dict:
+    import signal
+    import ssl
+
+    import trustme
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def one(port, ctx, session=None):
+        sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20),
+                               server_hostname="localhost", session=session)
+        sock.sendall(b"GET /nothing-here HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(4096)
+            if not data:
+                raise RuntimeError("the gateway closed without an answer")
+            head += data
+        return sock
+
+    def run(tree: str, tmp: Path, ctx) -> dict:
+        tmp.mkdir(parents=True)
+        port = free_port()
+        (tmp / "gw.toml").write_text("\n".join([
+            "workers = 1", "[listener]", 'host = "127.0.0.1"', f"port = {port}",
+            f'tls_cert = "{tmp.parent / "cert.pem"}"', f'tls_key = "{tmp.parent / "key.pem"}"',
+            "[upstream]", f'url = "http://127.0.0.1:{free_port()}"', "[admin]", "enabled = false",
+            "[log]", 'transactions = ""', f'file = "{tmp / "gateway.log"}"', "[policy]",
+            "allow_if_no_policies = true", f'sqlite_path = "{tmp / "policy.db"}"', "[security]",
+            f'master_key_file = "{tmp / "master.key"}"', f'key_state_file = "{tmp / "keys.json"}"']) + "\n")
+        env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"), SEG_FAST_STATE_DIR=str(tmp / "state"))
+        proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "seg_fast", "serve", "--config",
+                                 str(tmp / "gw.toml")], env=env, cwd=tmp, stdout=subprocess.DEVNULL,
+                                stderr=open(tmp / "stderr.log", "w"))  # noqa: SIM115 - the child holds it
+        try:
+            end = time.monotonic() + 60
+            while True:
+                try:
+                    one(port, ctx).close()
+                    break
+                except OSError:
+                    if time.monotonic() > end or proc.poll() is not None:
+                        raise RuntimeError((tmp / "stderr.log").read_text()) from None
+                    time.sleep(0.2)
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                worker = int(f.read().split()[0])
+            for _ in range(30):                   # warm-up
+                one(port, ctx).close()
+            sock = one(port, ctx)
+            session = sock.session
+            sock.close()
+
+            def cpu_ns() -> int:
+                total = 0
+                for tid in os.listdir(f"/proc/{worker}/task"):
+                    with open(f"/proc/{worker}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[0])
+                return total
+
+            c0, t0, resumed = cpu_ns(), time.monotonic(), 0
+            for _ in range(n):
+                sock = one(port, ctx, session)
+                resumed += sock.session_reused
+                sock.close()
+            time.sleep(0.2)                       # the worker finishes the last close
+            cpu, elapsed = cpu_ns() - c0, time.monotonic() - t0
+            return {"cpu_us_per_conn": round(cpu / n / 1000, 1), "resumed": resumed / n,
+                    "conn_per_s": round(n / elapsed, 1)}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    workdir = Path(tempfile.mkdtemp(prefix="gw-cpu-conn-"))
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(workdir / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(workdir / "cert.pem"))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    runs: dict[str, list] = {}
+    try:
+        for r in range(rounds):
+            for name, tree in trees.items():
+                got = run(tree, workdir / f"{name}-{r}", ctx)
+                runs.setdefault(name, []).append(got)
+                print(name, got, flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {name: {"cpu_us_per_conn_median": statistics.median(x["cpu_us_per_conn"] for x in rs), "runs": rs}
+            for name, rs in runs.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--answers", action="store_true")
@@ -132,6 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--exchanges", type=int, default=2000)
     ap.add_argument("--baseline", default="HEAD", help="commit for --answers' base stream")
     ap.add_argument("--sizing", action="store_true")
+    ap.add_argument("--connections", type=int, default=0, metavar="N",
+                    help="per-connection CPU: N sequential resumed TLS connections per run (see above)")
     ap.add_argument("--base-tree", help="--sizing: the base worktree (git worktree add <dir> <commit>)")
     ap.add_argument("--new-tree", default=str(HERE), help="--sizing: the changed tree (default: this one)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -148,6 +256,9 @@ def main(argv=None) -> int:
     if args.sizing:
         result["sizing"] = sizing({"base": args.base_tree, "new": args.new_tree}, args.rounds)
         result["sizing_command"] = "python benchmarks/sizing.py " + " ".join(SIZING)
+    if args.connections:
+        result["connections"] = connections({"base": args.base_tree, "new": args.new_tree}, args.connections,
+                                            args.rounds)
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
     data[args.key] = result
     OUT.write_text(json.dumps(data, indent=1) + "\n")

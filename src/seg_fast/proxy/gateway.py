@@ -26,7 +26,7 @@ from seg_fast.proxy.tlsio import TLSStream
 from seg_fast.proxy.upstream import UpstreamPool, origin_of
 from seg_fast.stats import Stats
 
-# Connections taken from the listen queue per scheduler batch beyond the awaited one.
+# Connections taken from the listen queue per scheduler batch (a checkpoint between batches).
 ACCEPT_BATCH = 32
 
 
@@ -206,29 +206,48 @@ class Gateway:
                    device_connections_within(nofile, self.config.upstream.idle_pool_size))
 
     async def _accept(self, sock, conns) -> None:
-        raw = sock._sock if hasattr(sock, "_sock") else None     # the stdlib socket under trio's
+        raw = getattr(sock, "_sock", None)      # the stdlib socket under trio's
+        if raw is None:
+            await self._accept_awaited(sock, conns)
+            return
+        # accept(2) first, the wait only when the queue is empty: trio's sock.accept() adds
+        # its own checkpoint and wrapper frames to every connection; and what is queued is
+        # taken together, a bounded number per scheduler batch (with the checkpoint between),
+        # so a ramp of devices does not wait in the listen queue while a busy worker's
+        # batches grow long.
+        taken = 0
+        while True:
+            try:
+                more, addr = raw.accept()
+            except (BlockingIOError, InterruptedError):
+                taken = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.incidents.note("accept_out_of_descriptors", errno=errno.errorcode[exc.errno])
+                    taken = 0
+                    await trio.sleep(0.1)         # out of descriptors: let connections finish
+                    continue
+                raise
+            self._admit(trio.socket.from_stdlib_socket(more), addr[0], conns)   # (non-blocking there)
+            taken += 1
+            if taken >= ACCEPT_BATCH:
+                taken = 0
+                await trio.lowlevel.checkpoint()
+
+    async def _accept_awaited(self, sock, conns) -> None:
+        """trio's accept, for a listener that is not a trio socket over a stdlib one."""
         while True:
             try:
                 client, addr = await sock.accept()
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.incidents.note("accept_out_of_descriptors", errno=errno.errorcode[exc.errno])
-                    await trio.sleep(0.1)         # out of descriptors: let connections finish
+                    await trio.sleep(0.1)
                     continue
                 raise
             self._admit(client, addr[0], conns)
-            # trio's accept() ends with a checkpoint: one connection per scheduler batch, so
-            # when a busy worker's batches grow long, a ramp of devices waits in the listen
-            # queue. Take what else is queued now, a bounded number per batch.
-            for _ in range(ACCEPT_BATCH if raw is not None else 0):
-                try:
-                    more, addr = raw.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break                         # out of descriptors etc.: the awaited accept says so
-                more.setblocking(False)
-                self._admit(trio.socket.from_stdlib_socket(more), addr[0], conns)
 
     def _admit(self, client, ip: str, conns) -> None:
         # Refused before any TLS or HTTP work: the close is the whole cost.
@@ -263,8 +282,7 @@ class Gateway:
     async def _connection(self, client, ip: str) -> None:
         parked = False
         try:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            stream = trio.SocketStream(client)
+            stream = trio.SocketStream(client)       # (it sets TCP_NODELAY)
             if self.tls_context is not None:
                 stream = TLSStream(stream, self.tls_context)     # proxy/tlsio.py: lean, ragged EOF tolerated
                 try:
