@@ -190,7 +190,9 @@ def use(message: bytes) -> None:
         _say_once(f"session tickets: keys from the control process not used ({lib}); "
                   "each worker keeps OpenSSL's own, so a device resumes only on the worker that issued its ticket")
         return
+    global keyed
     lib.set_keys(keys_of(message))    # the callback already set on a context reads the new ring
+    keyed = None                      # a context passed over before the first ring gets it at its next connection
 
 
 def key(context: ssl.SSLContext) -> None:
@@ -199,6 +201,7 @@ def key(context: ssl.SSLContext) -> None:
     global keyed
     lib = _bind()
     if isinstance(lib, str) or not lib.key_count():
+        keyed = context               # nothing to install: not asked again per connection (use() resets)
         return
     ptr = ssl_ctx_of(context)
     if not ptr:
