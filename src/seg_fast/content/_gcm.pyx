@@ -37,29 +37,17 @@ cdef int _GCM_GET_TAG = 0x10
 cdef Py_ssize_t _STEP = 1 << 30
 
 
-cdef size_t _address(lib, str name) except? 0:
-    import ctypes
-    return <size_t>ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-
-
 cdef void _load():
     global _ctx_new, _ctx_free, _aes_128_gcm, _aes_192_gcm, _aes_256_gcm
     global _encrypt_init, _ctrl, _encrypt_update, _encrypt_final
     try:
-        import ctypes
-        import _hashlib  # noqa: F401  (loads the libcrypto it is linked against)
-        path = None
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                if "/libcrypto.so" in line:
-                    path = line.split()[5]
-                    break
-        if path is None:
+        from seg_fast import openssl
+        lib = openssl.libcrypto()
+        if lib is None:
             return
-        lib = ctypes.CDLL(path)
-        funcs = [_address(lib, n) for n in (
+        funcs = openssl.addresses(lib, (
             "EVP_CIPHER_CTX_new", "EVP_CIPHER_CTX_free", "EVP_aes_128_gcm", "EVP_aes_192_gcm", "EVP_aes_256_gcm",
-            "EVP_EncryptInit_ex", "EVP_CIPHER_CTX_ctrl", "EVP_EncryptUpdate", "EVP_EncryptFinal_ex")]
+            "EVP_EncryptInit_ex", "EVP_CIPHER_CTX_ctrl", "EVP_EncryptUpdate", "EVP_EncryptFinal_ex"))
     except Exception:       # no libcrypto to be found: cryptography does the work (with the GIL)
         return
     if not all(funcs):
