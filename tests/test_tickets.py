@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import ssl
+import time
 
 import pytest
 import trio
 import trio.testing
 import trustme
 
+from seg_fast import openssl
 from seg_fast.proxy import channel, tickets
 
 _tickets = pytest.importorskip("seg_fast.proxy._tickets")
@@ -70,10 +72,6 @@ def handshake(server_ctx, client_ctx, session=None):
     return client
 
 
-def ring_of(*keys: bytes) -> bytes:
-    return tickets.MAGIC + b"".join(keys)
-
-
 def key_named(byte: int) -> bytes:
     return bytes([byte]) * 16 + tickets.new_key()[16:]
 
@@ -118,6 +116,42 @@ def test_ticket_of_one_worker_resumes_on_another(shared, ca, cert, version):
     assert after["made"] > before["made"] and after["opened"] >= before["opened"] + 2
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_counts_and_metrics(shared, ca, cert, version):
+    """What /metrics gets (tickets.metrics): a full handshake issues tickets and renews none; a
+    resumption is accepted and every ticket it brings counts as renewed; a ticket under no key
+    of the ring is refused; the key's age runs from when it became current."""
+    ctx, client = server_context(cert), client_context(ca, version)
+    ring = tickets.Ring()
+    tickets.use(ring.message())
+    tickets.key(ctx)
+    c0 = tickets.counts()
+    first = handshake(ctx, client)
+    c1 = tickets.counts()
+    assert not first.session_reused and c1["made"] > c0["made"]
+    assert c1["renewed"] == c0["renewed"] and c1["opened"] == c0["opened"]
+    again = handshake(ctx, client, first.session)
+    c2 = tickets.counts()
+    assert again.session_reused and c2["opened"] == c1["opened"] + 1
+    assert c2["renewed"] - c1["renewed"] == c2["made"] - c1["made"] >= 1
+    foreign = handshake(server_context(cert), client)          # OpenSSL's own keys: not ours
+    tickets.key(ctx)
+    assert not handshake(ctx, client, foreign.session).session_reused
+    c3 = tickets.counts()
+    assert c3["unknown"] == c2["unknown"] + 1
+    m = tickets.metrics(now=ring.since + 5)
+    assert m == {"issued": c3["made"], "renewed": c3["renewed"], "accepted_current": c3["opened"],
+                 "accepted_other": c3["older"], "refused": c3["unknown"], "key_age_s": 5.0}
+    ring.rotate()
+    tickets.use(ring.message())
+    assert tickets.metrics(now=ring.since + 1)["key_age_s"] == 1.0
+
+
+def test_no_metrics_without_the_control_process_keys(shared):
+    tickets._state.pop("since", None)
+    assert tickets.metrics() == {}
+
+
 def test_rotation_previous_still_opens_then_dropped(shared, ca, cert):
     ctx, client = server_context(cert), client_context(ca)
     ring = tickets.Ring()
@@ -154,11 +188,8 @@ def test_a_worker_still_on_the_old_ring_opens_tickets_of_the_new(shared, ca, cer
 
 def test_openssl_1_1_callback_api(shared, ca, cert):
     """The HMAC_CTX callback (OpenSSL 1.1's only one; still in OpenSSL 3) opens and makes tickets too."""
-    libssl, libcrypto = ctypes.CDLL(tickets._loaded("/libssl.so")), ctypes.CDLL(tickets._loaded("/libcrypto.so"))
-
-    def addr(lib, name):
-        return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-
+    libssl, libcrypto = openssl.libssl(), openssl.libcrypto()
+    addr = openssl.address
     for name in ("EVP_aes_256_cbc", "EVP_sha256"):
         getattr(libcrypto, name).restype = ctypes.c_void_p
     try:
@@ -182,7 +213,9 @@ def test_ring_framing_and_refusals(shared):
     assert keys[:80] == ring.current and keys[80:160] == ring.next and len(keys) == 160
     ring.rotate()
     assert tickets.keys_of(ring.message())[160:] == ring.previous
-    for bad in (b"", b"SFTK1" + b"x" * 80, b"XXXXX" + b"x" * 160, ring.message() + b"x"):
+    assert abs(tickets.since_of(ring.message()) - ring.since) < 1e-6 and ring.since <= time.time()
+    for bad in (b"", tickets.MAGIC + b"x" * (8 + 80), b"XXXXX" + b"x" * (8 + 160), ring.message() + b"x",
+                b"SFTK1" + ring.message()[5 + 8:]):
         with pytest.raises(ValueError):
             tickets.keys_of(bad)
     with pytest.raises(ValueError, match="same name"):
@@ -248,3 +281,33 @@ def test_rotation_setting_is_checked(tmp_path):
     cfg.write_text("[listener]\ntls_ticket_key_rotation = 86400\n")
     assert load_config(cfg, env={}).listener.tls_ticket_key_rotation == 86400
     assert load_config(None, env={}).listener.tls_ticket_key_rotation == 3600
+
+
+def test_metrics_families_sum_the_workers():
+    """stats.total + admin/metrics.render (read back by prometheus_client's parser): counters
+    summed over the workers, the key age the oldest worker's; no family without shared keys."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    from seg_fast.admin.metrics import render
+    from seg_fast.stats import WorkerSnapshot
+
+    def figures(issued, renewed, current, other, refused, age):
+        return {"issued": issued, "renewed": renewed, "accepted_current": current, "accepted_other": other,
+                "refused": refused, "key_age_s": age}
+
+    now = time.time()
+    snaps = [WorkerSnapshot(pid=11, ts=now, tls_tickets=figures(7, 3, 3, 1, 2, 10.5)),
+             WorkerSnapshot(pid=12, ts=now, tls_tickets=figures(5, 4, 2, 2, 0, 12.25))]
+    fams = {f.name: f for f in parser.text_string_to_metric_families(render(snaps))}
+
+    def one(family, **labels):
+        found = [s.value for s in fams[family].samples if s.labels == labels and not s.name.endswith("_created")]
+        assert len(found) == 1, (family, labels, found)
+        return found[0]
+
+    assert one("seg_fast_tls_tickets_issued") == 12 and one("seg_fast_tls_tickets_renewed") == 7
+    assert one("seg_fast_tls_tickets_accepted", key="current") == 5
+    assert one("seg_fast_tls_tickets_accepted", key="other") == 3
+    assert one("seg_fast_tls_tickets_refused") == 2 and one("seg_fast_tls_ticket_key_age_seconds") == 12.25
+    assert one("seg_fast_worker_tls_tickets_refused", worker="11") == 2
+    assert one("seg_fast_worker_tls_ticket_key_age_seconds", worker="11") == 10.5
+    assert "tls_ticket" not in render([WorkerSnapshot(pid=13, ts=now)])

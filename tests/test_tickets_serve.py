@@ -20,18 +20,21 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import trustme
+from prometheus_client import parser
 from workers_of import free_port, worker_holding, workers_of
 
 REPO = Path(__file__).resolve().parent.parent
+TOKEN = "tickets-admin-token"
 CONNECTIONS = 24            # both workers get some: all on one is a 2**-23 chance
 
 
 class TwoWorkers:
-    def __init__(self, tmp: Path, rotation: float = 3600):
+    def __init__(self, tmp: Path, rotation: float = 3600, admin_port: int = 0):
         ca = trustme.CA()
         cert = ca.issue_cert("localhost", "127.0.0.1")
         cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
@@ -43,12 +46,14 @@ class TwoWorkers:
         cfg.write_text("\n".join([
             "workers = 2", "[listener]", 'host = "127.0.0.1"', f"port = {self.port}",
             f'tls_cert = "{tmp / "cert.pem"}"', f'tls_key = "{tmp / "key.pem"}"',
-            f"tls_ticket_key_rotation = {rotation}", "[upstream]", f'url = "http://127.0.0.1:{free_port()}"', "[admin]", "enabled = false",
+            f"tls_ticket_key_rotation = {rotation}", "[upstream]", f'url = "http://127.0.0.1:{free_port()}"', "[admin]", *([f"port = {admin_port}", f'token = "{TOKEN}"'] if admin_port else ["enabled = false"]),
             "[log]", 'transactions = ""', f'file = "{tmp / "gateway.log"}"',
             "[policy]", "allow_if_no_policies = true", f'sqlite_path = "{tmp / "policy.db"}"',
             "[security]", f'master_key_file = "{tmp / "master.key"}"', f'key_state_file = "{tmp / "keys.json"}"',
             "[timeouts]", "shutdown_grace = 5.0"]) + "\n")
         env = dict(os.environ, PYTHONPATH=str(REPO / "src"), SEG_FAST_STATE_DIR=str(tmp / "state"))
+        self.admin_port = admin_port
+        self.started = time.time()
         self.proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env,
                                      cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -100,6 +105,13 @@ class TwoWorkers:
             sock.close()
         return seen
 
+    def metrics(self) -> dict:
+        """The admin endpoint's /metrics, parsed by prometheus_client (an independent parser)."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/metrics",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=10) as answer:
+            return {f.name: f for f in parser.text_string_to_metric_families(answer.read().decode())}
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -141,6 +153,56 @@ def test_a_session_resumes_on_every_worker(serve):
     assert set(seen) == set(serve.workers())
     assert all(all(r) for r in seen.values()), seen
     assert "ticket" not in "".join(serve.lines).lower(), "".join(serve.lines)   # no warning, no key material
+
+
+def value(fams: dict, family: str, sample: str, **labels) -> float | None:
+    """The one sample named ``sample`` of ``family`` with exactly these labels (None: absent)."""
+    fam = fams.get(family)
+    found = [s.value for s in (fam.samples if fam else []) if s.name == sample and s.labels == labels]
+    assert len(found) <= 1, (sample, labels, found)
+    return found[0] if found else None
+
+
+def test_resumptions_counted_on_the_admin_metrics(tmp_path):
+    """Real TLS resumptions through `seg-fast serve --workers 2`: each worker's
+    seg_fast_worker_tls_tickets_accepted_total is the number of resumed connections the kernel
+    says it held, the sum is theirs, every resumption renewed the ticket, none refused; the key
+    age runs from the serve's start."""
+    serve = TwoWorkers(tmp_path, admin_port=free_port())
+    try:
+        first, issuer = serve.connect()
+        assert not first.session_reused
+        session = first.session
+        first.close()
+        seen = serve.resumes(session)
+        assert all(all(r) for r in seen.values()), seen
+        landed = {pid: len(r) for pid, r in seen.items()}
+        pids = serve.workers()
+
+        def counted():
+            fams = serve.metrics()
+            per = {pid: value(fams, "seg_fast_worker_tls_tickets_accepted", "seg_fast_worker_tls_tickets_accepted_total",
+                              worker=str(pid), key="current") for pid in pids}
+            return (fams, per) if per == {pid: landed.get(pid, 0) for pid in pids} else None
+
+        fams, per = serve.until(counted, f"/metrics to count the resumptions per worker ({landed})")
+        total = value(fams, "seg_fast_tls_tickets_accepted", "seg_fast_tls_tickets_accepted_total", key="current")
+        assert total == CONNECTIONS == sum(per.values())
+        assert value(fams, "seg_fast_tls_tickets_accepted", "seg_fast_tls_tickets_accepted_total", key="other") == 0
+        assert value(fams, "seg_fast_tls_tickets_refused", "seg_fast_tls_tickets_refused_total") == 0
+        for pid in pids:
+            w = {"worker": str(pid)}
+            renewed = value(fams, "seg_fast_worker_tls_tickets_renewed", "seg_fast_worker_tls_tickets_renewed_total", **w)
+            issued = value(fams, "seg_fast_worker_tls_tickets_issued", "seg_fast_worker_tls_tickets_issued_total", **w)
+            assert renewed >= per[pid], (pid, renewed, per)
+            # the issuer also made the first session's tickets (a full handshake: not renewals)
+            assert issued >= renewed + (1 if pid == issuer else 0), (pid, issued, renewed)
+            age = value(fams, "seg_fast_worker_tls_ticket_key_age_seconds",
+                        "seg_fast_worker_tls_ticket_key_age_seconds", **w)
+            assert 0 <= age <= time.time() - serve.started + 1, age
+        assert "ticket" not in "".join(serve.lines).lower(), "".join(serve.lines)
+    finally:
+        assert serve.stop() == 0, "".join(serve.lines)[-3000:]
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import trio
 
 from seg_fast.content import pipeline as content_pipeline
 from seg_fast.dx import DX_DIR, Dx
+from seg_fast.proxy import tickets
 from seg_fast.statedir import resolve
 
 STATS_DIR = "stats"
@@ -69,6 +70,7 @@ class WorkerSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     attachments: dict[str, int] = {}                 # attachment action (encrypt, block, allow) -> count
     links_rewritten: int = 0
     kcd: dict[str, int] = {}                         # kcd/delegation.py's KDC outcomes (empty: kcd off)
+    tls_tickets: dict[str, float] = {}               # proxy/tickets.metrics() (empty: OpenSSL's own keys)
 
 
 def _error_kind(rec) -> str:
@@ -201,6 +203,7 @@ def _gauges(snap: WorkerSnapshot, gw, stats: Stats, now: float) -> None:
     kcd = getattr(gw, "kcd", None)
     if kcd is not None:
         snap.kcd = dict(kcd.outcomes)
+    snap.tls_tickets = tickets.metrics(now)
 
 
 # -- files ---------------------------------------------------------------------
@@ -305,6 +308,7 @@ def total(snaps: list[WorkerSnapshot]) -> WorkerSnapshot:
                        tx_ms_buckets=[0] * (len(TX_BOUNDS_MS) + 1))
     t.requests, t.decisions, t.gateway_answers, t.incidents, t.transformed, t.attachments = {}, {}, {}, {}, {}, {}
     t.kcd = {}
+    t.tls_tickets = {}
     for s in snaps:
         for cmd, by_status in s.requests.items():
             dst = t.requests.setdefault(cmd, {})
@@ -314,6 +318,8 @@ def total(snaps: list[WorkerSnapshot]) -> WorkerSnapshot:
             dst = getattr(t, attr)
             for k, n in getattr(s, attr).items():
                 dst[k] = dst.get(k, 0) + n
+        for k, n in s.tls_tickets.items():      # counters summed; the key's age: the oldest worker's
+            t.tls_tickets[k] = max(t.tls_tickets.get(k, 0), n) if k == "key_age_s" else t.tls_tickets.get(k, 0) + n
         for attr in ("bytes_in", "bytes_out", "upstream_ms_sum", "tx_ms_sum", "connections", "parked_pings",
                      "upstream_open", "upstream_idle", "unsent_bytes", "dx_targets",
                      "transform_bytes_in", "transform_bytes_out", "links_rewritten"):

@@ -112,6 +112,22 @@ def _emit(out: _Out, prefix: str, s: WorkerSnapshot, base: dict) -> None:
                "Refused connections, deadlines and contained errors, by kind")
     for kind, n in sorted(s.incidents.items()):
         out.sample(f"{p}_incidents_total", {**base, "kind": kind}, n)
+    if s.tls_tickets:          # the workers use the control process's ticket keys (proxy/tickets.py)
+        t = s.tls_tickets
+        for name, key, help_ in (
+                ("tls_tickets_issued_total", "issued", "TLS session tickets issued (renewals included)"),
+                ("tls_tickets_renewed_total", "renewed", "Tickets issued on a resumed connection (the renewal)"),
+                ("tls_tickets_refused_total", "refused",
+                 "Tickets under no key of the ring (rotated out or foreign): full handshake")):
+            out.family(f"{p}_{name}", "counter", help_)
+            out.sample(f"{p}_{name}", base, int(t.get(key, 0)))
+        out.family(f"{p}_tls_tickets_accepted_total", "counter",
+                   "Tickets accepted (resumptions), by key: current, or other (previous or next of the ring)")
+        for label, key in (("current", "accepted_current"), ("other", "accepted_other")):
+            out.sample(f"{p}_tls_tickets_accepted_total", {**base, "key": label}, int(t.get(key, 0)))
+        out.family(f"{p}_tls_ticket_key_age_seconds", "gauge",
+                   "Seconds since the encrypting ticket key became current (sum: the oldest worker's)")
+        out.sample(f"{p}_tls_ticket_key_age_seconds", base, float(t.get("key_age_s", 0.0)))
     if s.kcd:                  # kcd on (kcd/delegation.py): its rounds with the KDC
         out.family(f"{p}_kcd_kdc_requests_total", "counter",
                    "Constrained-delegation rounds with the KDC (S4U2Self + S4U2Proxy) by result")

@@ -60,6 +60,7 @@ ctypedef int (*ticket_cb_fn)(void *s, unsigned char *name, unsigned char *iv, vo
                              int enc) noexcept nogil
 ctypedef int (*set_evp_cb_fn)(void *ctx, ticket_cb_fn cb) noexcept nogil
 ctypedef long (*callback_ctrl_fn)(void *ctx, int cmd, void *fp) noexcept nogil
+ctypedef int (*session_reused_fn)(const void *s) noexcept nogil
 
 
 cdef struct Key:
@@ -80,12 +81,15 @@ cdef mac_params_fn _mac_params = NULL
 cdef hmac_init_fn _hmac_init = NULL
 cdef set_evp_cb_fn _set_evp_cb = NULL
 cdef callback_ctrl_fn _callback_ctrl = NULL
+cdef session_reused_fn _session_reused = NULL     # SSL_session_reused: a ticket made on a resumption
 cdef const void *_cipher = NULL       # AES-256-CBC
 cdef const void *_md = NULL           # SHA-256 (the OpenSSL 1.1 API only)
 cdef const char *_DIGEST = b"SHA256"
-# What the callback did, for tests and metrics: tickets made; tickets opened with the first
-# key; with another key of the ring; tickets under no key of the ring (full handshake).
-cdef unsigned long long _made = 0, _opened = 0, _older = 0, _unknown = 0
+# What the callback did, for tests and metrics (plain counters: one thread makes the handshakes,
+# read once a second by the worker's statistics): tickets made; of those, made on a resumed
+# connection (the renewal); tickets opened with the first key; with another key of the ring;
+# tickets under no key of the ring (full handshake).
+cdef unsigned long long _made = 0, _renewed = 0, _opened = 0, _older = 0, _unknown = 0
 
 
 cdef inline int _mac_key(void *hctx, Key *k) noexcept nogil:
@@ -96,7 +100,7 @@ cdef inline int _mac_key(void *hctx, Key *k) noexcept nogil:
 
 cdef int _ticket_cb(void *s, unsigned char *name, unsigned char *iv, void *cctx, void *hctx,
                     int enc) noexcept nogil:
-    global _made, _opened, _older, _unknown
+    global _made, _renewed, _opened, _older, _unknown
     cdef Key *k
     cdef int i
     if enc == 1:
@@ -109,6 +113,8 @@ cdef int _ticket_cb(void *s, unsigned char *name, unsigned char *iv, void *cctx,
             return -1
         memcpy(name, k.name, NAME_BYTES)
         _made += 1
+        if _session_reused != NULL and _session_reused(s) == 1:
+            _renewed += 1
         return 1
     for i in range(_count):
         k = &_keys[i]
@@ -125,12 +131,13 @@ cdef int _ticket_cb(void *s, unsigned char *name, unsigned char *iv, void *cctx,
 
 
 def init(bint legacy, uintptr_t rand_bytes, uintptr_t encrypt_init, uintptr_t decrypt_init,
-         uintptr_t mac_or_hmac, uintptr_t setter, uintptr_t cipher, uintptr_t md):
+         uintptr_t mac_or_hmac, uintptr_t setter, uintptr_t cipher, uintptr_t md, uintptr_t session_reused=0):
     """The OpenSSL functions (addresses): RAND_bytes, EVP_EncryptInit_ex, EVP_DecryptInit_ex,
     EVP_MAC_CTX_set_params (legacy: HMAC_Init_ex), SSL_CTX_set_tlsext_ticket_key_evp_cb
-    (legacy: SSL_CTX_callback_ctrl), the AES-256-CBC EVP_CIPHER and (legacy) EVP_sha256()."""
+    (legacy: SSL_CTX_callback_ctrl), the AES-256-CBC EVP_CIPHER, (legacy) EVP_sha256() and
+    SSL_session_reused (0: renewals not counted)."""
     global _legacy, _rand, _encrypt_init, _decrypt_init, _mac_params, _hmac_init, _set_evp_cb
-    global _callback_ctrl, _cipher, _md, _ready
+    global _callback_ctrl, _cipher, _md, _ready, _session_reused
     if not (rand_bytes and encrypt_init and decrypt_init and mac_or_hmac and setter and cipher):
         raise ValueError("an OpenSSL function is missing")
     if legacy and not md:
@@ -147,6 +154,7 @@ def init(bint legacy, uintptr_t rand_bytes, uintptr_t encrypt_init, uintptr_t de
         _set_evp_cb = <set_evp_cb_fn>setter
     _cipher = <const void *>cipher
     _md = <const void *>md
+    _session_reused = <session_reused_fn>session_reused
     _ready = True
 
 
@@ -202,5 +210,6 @@ def install(uintptr_t ssl_ctx) -> bool:
 
 
 def counts() -> dict:
-    """Tickets made, opened (first key), older (another key of the ring), unknown (no key)."""
-    return {"made": _made, "opened": _opened, "older": _older, "unknown": _unknown}
+    """Tickets made; renewed (made on a resumed connection); opened (first key), older (another
+    key of the ring), unknown (no key)."""
+    return {"made": _made, "renewed": _renewed, "opened": _opened, "older": _older, "unknown": _unknown}

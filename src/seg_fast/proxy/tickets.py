@@ -31,14 +31,20 @@ from __future__ import annotations
 import ctypes
 import os
 import ssl
+import struct
 import sys
+import time
 
 import trio
 
+from seg_fast import openssl
 from seg_fast.sim.tlssession import _CTX_AT, _word
 
 KEY_BYTES = 80
-MAGIC = b"SFTK1"                  # a ring message: MAGIC, then current, next and previous (if any)
+# A ring message: MAGIC, when current became current (a big-endian double, Unix time), then
+# current, next and previous (if any).
+MAGIC = b"SFTK2"
+_SINCE = struct.Struct("!d")
 MIN_ROTATION = 60.0
 
 _state: dict = {}
@@ -56,20 +62,27 @@ class Ring:
 
     def __init__(self):
         self.current, self.next, self.previous = new_key(), new_key(), None
+        self.since = time.time()      # when current became current (its age is a metric)
 
     def rotate(self) -> None:
         self.previous, self.current, self.next = self.current, self.next, new_key()
+        self.since = time.time()
 
     def message(self) -> bytes:
-        return MAGIC + self.current + self.next + (self.previous or b"")
+        return MAGIC + _SINCE.pack(self.since) + self.current + self.next + (self.previous or b"")
 
 
 def keys_of(message: bytes) -> bytes:
     """The ring for ``_tickets.set_keys`` (the encrypting key first); ValueError if malformed."""
-    body = message[len(MAGIC):]
+    body = message[len(MAGIC) + _SINCE.size:]
     if not message.startswith(MAGIC) or len(body) not in (2 * KEY_BYTES, 3 * KEY_BYTES):
         raise ValueError("not a ticket key ring")
     return body
+
+
+def since_of(message: bytes) -> float:
+    """When the ring's encrypting key became current (Unix time), from a well-formed message."""
+    return _SINCE.unpack_from(message, len(MAGIC))[0]
 
 
 class Keeper:
@@ -97,18 +110,6 @@ class Keeper:
 
 # -- the worker ----------------------------------------------------------------------------------
 
-def _loaded(name: str) -> str | None:
-    """The path of ``name`` (e.g. "/libssl.so") as loaded in this process."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                if name in line:
-                    return line.split(None, 5)[5].strip()
-    except OSError:
-        pass
-    return None
-
-
 def _bind():
     """Resolve OpenSSL's functions and hand them to _tickets (once): the module, or a reason."""
     if "lib" in _state:
@@ -124,17 +125,10 @@ def _bind_now():
         from seg_fast.proxy import _tickets
     except ImportError:
         return "the compiled module seg_fast.proxy._tickets is not built"
-    ssl_path, crypto_path = _loaded("/libssl.so"), _loaded("/libcrypto.so")
-    if ssl_path is None or crypto_path is None:
+    libssl, libcrypto = openssl.libssl(), openssl.libcrypto()
+    if libssl is None or libcrypto is None:
         return "libssl/libcrypto not found in this process"
-    libssl, libcrypto = ctypes.CDLL(ssl_path), ctypes.CDLL(crypto_path)
-
-    def addr(lib, name):
-        try:
-            return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
-        except AttributeError:
-            return 0
-
+    addr = openssl.address
     for lib, name, res, args in ((libssl, "SSL_CTX_get_options", ctypes.c_uint64, [ctypes.c_void_p]),
                                  (libssl, "SSL_CTX_ctrl", ctypes.c_long,
                                   [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p])):
@@ -160,7 +154,7 @@ def _bind_now():
                       addr(libcrypto, "EVP_DecryptInit_ex"),
                       addr(libcrypto, "HMAC_Init_ex" if legacy else "EVP_MAC_CTX_set_params"),
                       addr(libssl, "SSL_CTX_callback_ctrl" if legacy else "SSL_CTX_set_tlsext_ticket_key_evp_cb"),
-                      cipher, md)
+                      cipher, md, addr(libssl, "SSL_session_reused"))
     except ValueError as exc:
         return f"OpenSSL: {exc}"
     _state["libssl"] = libssl
@@ -192,6 +186,7 @@ def use(message: bytes) -> None:
         return
     global keyed
     lib.set_keys(keys_of(message))    # the callback already set on a context reads the new ring
+    _state["since"] = since_of(message)
     keyed = None                      # a context passed over before the first ring gets it at its next connection
 
 
@@ -215,11 +210,25 @@ def key(context: ssl.SSLContext) -> None:
 
 
 def counts() -> dict:
-    """Tickets made / opened (current key) / older (another key) / unknown in this process."""
+    """Tickets made / renewed (made on a resumption) / opened (current key) / older (another key) /
+    unknown in this process."""
     lib = _bind()
     if isinstance(lib, str):
-        return {"made": 0, "opened": 0, "older": 0, "unknown": 0}
+        return {"made": 0, "renewed": 0, "opened": 0, "older": 0, "unknown": 0}
     return lib.counts()
+
+
+def metrics(now: float | None = None) -> dict[str, float]:
+    """This worker's ticket figures for its statistics (stats.py, once a second): empty unless it
+    uses the control process's keys (OpenSSL's own keys are not counted)."""
+    lib = _bind()
+    if isinstance(lib, str) or "since" not in _state:
+        return {}
+    c = lib.counts()
+    now = time.time() if now is None else now
+    return {"issued": c["made"], "renewed": c["renewed"], "accepted_current": c["opened"],
+            "accepted_other": c["older"], "refused": c["unknown"],
+            "key_age_s": round(max(now - _state["since"], 0.0), 3)}
 
 
 def _say_once(text: str) -> None:
