@@ -10,6 +10,7 @@ where libcrypto cannot be found ``HAVE_LIBCRYPTO`` is False and the caller keeps
 cryptography.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
 ctypedef void* (*_new_t)() noexcept nogil
 ctypedef void (*_free_t)(void* ctx) noexcept nogil
@@ -140,3 +141,96 @@ def gcm_seal_into(key, nonce, aad, data, out):
             PyBuffer_Release(&iv)
     finally:
         PyBuffer_Release(&k)
+
+
+cdef class GcmStream:
+    """AES-GCM a piece at a time (an attachment sealed while its answer streams): the same
+    bytes as gcm_seal_into of the pieces joined. ``GcmStream(key, nonce, aad)``;
+    ``update(piece)`` -> its ciphertext (GCM writes as many bytes as it reads), without the
+    GIL; ``final()`` -> the 16-byte tag (the stream is done then)."""
+
+    cdef void* ctx
+    cdef bint done
+
+    def __cinit__(self, key, nonce, aad):
+        cdef Py_buffer k, iv, a
+        cdef const void* cipher
+        cdef int outl = 0, ok = 0
+        self.ctx = NULL
+        self.done = False
+        if _encrypt_update == NULL:
+            raise RuntimeError("libcrypto not available")
+        PyObject_GetBuffer(key, &k, PyBUF_SIMPLE)
+        try:
+            cipher = (_aes_128_gcm() if k.len == 16 else _aes_192_gcm() if k.len == 24
+                      else _aes_256_gcm() if k.len == 32 else NULL)
+            if cipher == NULL:
+                raise ValueError("AES key must be 16, 24 or 32 bytes")
+            PyObject_GetBuffer(nonce, &iv, PyBUF_SIMPLE)
+            try:
+                if iv.len < 1 or iv.len > 128:
+                    raise ValueError("bad GCM nonce length")
+                PyObject_GetBuffer(aad, &a, PyBUF_SIMPLE)
+                try:
+                    if a.len > 0x7FFFFFFF:
+                        raise ValueError("associated data too long")
+                    self.ctx = _ctx_new()
+                    if self.ctx == NULL:
+                        raise MemoryError()
+                    ok = (_encrypt_init(self.ctx, cipher, NULL, NULL, NULL) == 1
+                          and _ctrl(self.ctx, _GCM_SET_IVLEN, <int>iv.len, NULL) == 1
+                          and _encrypt_init(self.ctx, NULL, NULL, <const unsigned char*>k.buf,
+                                            <const unsigned char*>iv.buf) == 1
+                          and (a.len == 0 or _encrypt_update(self.ctx, NULL, &outl,
+                                                             <const unsigned char*>a.buf, <int>a.len) == 1))
+                    if not ok:
+                        raise RuntimeError("OpenSSL AES-GCM failed")
+                finally:
+                    PyBuffer_Release(&a)
+            finally:
+                PyBuffer_Release(&iv)
+        finally:
+            PyBuffer_Release(&k)
+
+    def __dealloc__(self):
+        if self.ctx != NULL:
+            _ctx_free(self.ctx)
+            self.ctx = NULL
+
+    def update(self, data):
+        """The ciphertext of ``data`` (any buffer), as new bytes."""
+        cdef Py_buffer d
+        cdef int outl = 0, ok = 1
+        cdef Py_ssize_t at = 0, take, w = 0
+        cdef unsigned char* o
+        if self.done or self.ctx == NULL:
+            raise ValueError("GcmStream already finalized")
+        PyObject_GetBuffer(data, &d, PyBUF_SIMPLE)
+        try:
+            out = PyBytes_FromStringAndSize(NULL, d.len)
+            o = <unsigned char*>PyBytes_AS_STRING(out)
+            with nogil:
+                while ok and at < d.len:
+                    take = d.len - at if d.len - at < _STEP else _STEP
+                    ok = _encrypt_update(self.ctx, o + w, &outl, <const unsigned char*>d.buf + at,
+                                         <int>take) == 1
+                    w += outl
+                    at += take
+            if not ok or w != d.len:
+                raise RuntimeError("OpenSSL AES-GCM failed")
+            return out
+        finally:
+            PyBuffer_Release(&d)
+
+    def final(self):
+        """The 16-byte tag."""
+        cdef unsigned char tag[16]
+        cdef unsigned char rest[32]
+        cdef int outl = 0
+        if self.done or self.ctx == NULL:
+            raise ValueError("GcmStream already finalized")
+        self.done = True
+        if _encrypt_final(self.ctx, rest, &outl) != 1 or outl != 0 \
+                or _ctrl(self.ctx, _GCM_GET_TAG, 16, tag) != 1:
+            raise RuntimeError("OpenSSL AES-GCM failed")
+        return PyBytes_FromStringAndSize(<char*>tag, 16)

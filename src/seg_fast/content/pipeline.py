@@ -41,6 +41,7 @@ from seg_fast.content._mime import join, utf8_text, utf8_text_parts
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, block_note, decoded_scratch, envelope_name,
                                           envelope_size, extension, file_type, seal, sealed_base64,
                                           sealed_content_type)
+from seg_fast.content.fetchstream import PASS
 from seg_fast.content.keys import Keyring
 from seg_fast.content.message import (MESSAGE_TYPES, NESTED_NAME, ContentPlan, is_smime_class, template_message,
                                       transform_mime, transform_text)
@@ -556,18 +557,11 @@ class EmailSecurityTransform:
         """(new bytes, new content type, new file name) or None to leave the attachment as it is.
         ``as_base64``: the new bytes as base64 text (an ItemOperations Data string)."""
         plan = self.plan
-        name = _runtime.name_of(user, ref) or name
-        if name.startswith("\0exempt\0"):
+        name, kind, action = self._verdict(user, ref, ctype, bytes(blob[:_VERDICT_BYTES]), ranged, name)
+        if action is None:
             return None
-        if _is_message(name, ctype, blob):
-            kind, action = "eml", plan.message_action()
-            if action is None:
-                return _encoded(self._attached_message(name, blob, ranged), as_base64)
-        else:
-            head = bytes(blob[:64])
-            if ref and not ranged:
-                _runtime.remember_kind(user, ref, file_type(name, head))
-            kind, action = plan.action(name, head)
+        if action == _WHOLE_MESSAGE:
+            return _encoded(self._attached_message(name, blob, ranged), as_base64)
         if action == "allow":
             counts.add("allow")
             return None
@@ -580,6 +574,78 @@ class EmailSecurityTransform:
             # as base64: encoded from the envelope where it is built (no copy of it kept)
             return (sealed_base64(*args) if as_base64 else seal(*args)), ENVELOPE_CONTENT_TYPE, envelope_name(shown)
         return _encoded(self._blocked(shown), as_base64)
+
+    def _verdict(self, user: str, ref: str, ctype: str, head: bytes, ranged: bool, name: str = ""):
+        """(name, file type, action) for a fetched file from its first _VERDICT_BYTES bytes
+        (``head``; all of them when it is shorter): action None when it is exempt (an S/MIME
+        item's), _WHOLE_MESSAGE when it is a message to rebuild (which needs it whole)."""
+        plan = self.plan
+        name = _runtime.name_of(user, ref) or name
+        if name.startswith("\0exempt\0"):
+            return name, "", None
+        if _is_message(name, ctype, head):
+            return name, "eml", plan.message_action() or _WHOLE_MESSAGE
+        head = head[:64]
+        if ref and not ranged:
+            _runtime.remember_kind(user, ref, file_type(name, head))
+        kind, action = plan.action(name, head)
+        return name, kind, action
+
+    def stream_fetch(self, req, status: int, headers, prefix: bytes, lay):
+        """For proxy/sealstream.py: what the whole path would do with an ItemOperations answer
+        of fetchstream.Layout ``lay`` whose first bytes are ``prefix`` (through the Data
+        string's first min(HEAD_CHARS, lay.data_len) characters): None (read it whole: the
+        whole path decides), PASS (it would leave the answer as it is) or a
+        fetchstream.FetchSeal making the sealed answer's bytes. ValueError: the Data string
+        does not start as strict base64 (the whole path's lenient decode may take it)."""
+        from seg_fast.content.attachments import _head
+        from seg_fast.content.fetchstream import HEAD_CHARS, FetchSeal, _Decoder
+        from seg_fast.eas.wbxml import scan, splice
+
+        if status != 200 or req.command != "ItemOperations" or _header(headers, b"content-encoding"):
+            return None
+        ctype_h = _header(headers, b"content-type")
+        if not (ctype_h.startswith(WBXML_TYPE) or not ctype_h):
+            return None
+        # The document as the whole path's scanner sees it, the Data string cut short.
+        depth = len(lay.tail) - 1
+        probe = prefix[:lay.start] + b"AAAA" + lay.tail
+        try:
+            spans = scan(probe, _TAGS, elements=_ELEMENTS, max_spans=_runtime.settings.max_spans)
+        except SegFastError:
+            return None
+        ref_sp = next((s for s in spans if s.tag == "AirSyncBase:FileReference"), None)
+        data_sp = next((s for s in spans if s.tag == "ItemOperations:Data"), None)
+        if ref_sp is None or data_sp is None or data_sp.kind != "str" or depth != len(data_sp.path) + 1:
+            return None
+        ctype_sp = next((s for s in spans if s.tag == "AirSyncBase:ContentType"), None)
+        ctype = _str(probe, ctype_sp) if ctype_sp is not None else "application/octet-stream"
+        decoder = _Decoder()
+        text = prefix[lay.start:lay.start + min(HEAD_CHARS, lay.data_len)]
+        plain = decoder.feed(text)
+        if len(plain) < _VERDICT_BYTES and len(text) < lay.data_len:
+            return None
+        user = req.user or self.plan.user
+        ref = _str(probe, ref_sp)
+        name, kind, action = self._verdict(user, ref, ctype, plain[:_VERDICT_BYTES], False)
+        if action is None:
+            return PASS
+        if action == "allow":
+            counts.add("allow")
+            return PASS
+        if action != "encrypt":
+            return None               # blocked, or a message to rebuild: the whole path
+        plan = self.plan
+        counts.add("encrypt")
+        shown = name or (f"attachment.{kind}" if kind else "attachment")
+        head, key = _head(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind))
+        mark = "\x01seg-fast:" + os.urandom(12).hex() + "\x01"
+        edits = [(data_sp, mark)]
+        if ctype_sp is not None:
+            edits.append((ctype_sp, _as_kind(ctype_sp, ENVELOPE_CONTENT_TYPE.encode())))
+        out = splice(probe, edits)
+        at = out.find(mark.encode("ascii"))
+        return FetchSeal(out[:at], out[at + len(mark):], lay.tail, head, key, decoder, plain, ref)
 
     def _blocked(self, shown: str):
         counts.add("block")
@@ -601,6 +667,11 @@ class EmailSecurityTransform:
         if new is data or new == data:
             return None
         return new, "message/rfc822", shown
+
+
+# What a fetched file's verdict reads of it (_is_message: a message's header block).
+_VERDICT_BYTES = 4096
+_WHOLE_MESSAGE = "message"    # _verdict: a message to rebuild with its attachments judged
 
 
 def _encoded(result, as_base64: bool):

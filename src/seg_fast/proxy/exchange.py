@@ -22,7 +22,7 @@ from seg_fast.hooks import Decision
 from seg_fast import dx
 from seg_fast.observe import Transaction
 from seg_fast.proxy import headers as hdrs
-from seg_fast.proxy import http1, parking, ping, sockio
+from seg_fast.proxy import http1, parking, ping, sealstream, sockio
 from seg_fast.proxy._http1 import identify
 from seg_fast.proxy.parking import Parked
 from seg_fast.proxy.pinning import PINS
@@ -604,6 +604,12 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
             headers.append((b"Connection", b"connection", b"close"))
         rec.status = status
         if answer_tx and status == 200:
+            if whole and sealstream.candidate(dev, answer, req, answer_tx, gw.config.security.max_transform_bytes):
+                # A fetched file sealed as its answer streams (or passed on, or back to the whole path).
+                carried = await sealstream.carry(gw, dev, up, answer, req, status, headers, reason, answer_tx, rec)
+                if carried is not None:
+                    release(up)
+                    return carried
             hold = _Hold(gw.unsent)
             try:
                 body = await (_whole_body(gw, dev, up, answer, rec, hold) if whole else

@@ -1,0 +1,201 @@
+"""An ItemOperations Fetch answer sealed while it streams, not read whole first.
+
+The whole path (exchange._whole_body, then the transform, then the write) makes the device
+wait for the read, the seal and the write one after the other: for a 10 MB fetch some
+150-300 ms more than the direct path's one overlapped transfer. Here the answer's first
+bytes are read (up to where its one inline Data string starts, and 4 KB of the file), the
+pipeline decides what the whole path would (content/fetchstream.py,
+EmailSecurityTransform.stream_fetch), and a sealed file then goes to the device as its
+base64 arrives: each read decoded, encrypted (AES-GCM) and encoded on the loop (well under
+a millisecond for the reads' 256 KB at most) and written, chunked (its length is not
+known in advance). The envelope is the whole path's byte for byte
+(tests/test_fetch_stream_seal.py). An answer the pipeline would leave as it is streams
+as it came (exchange._stream_fast); anything else (blocked, a message to rebuild, a
+ranged or multipart fetch, several Data, an unusual document) goes on to the whole path
+with what was read.
+
+Once the device's head went out, an error (Data not strict base64, the mail server closing
+or falling silent, an answer that does not end as its start said) closes the device's
+connection without the last chunk: the device sees an incomplete answer, never a complete
+wrong one; the reason goes to the transaction log and the incident log (never content).
+A file whose stream broke for a reason of its own (not strict base64, an unusual ending)
+is read whole the next time it is fetched (the whole path decodes leniently).
+
+``SEG_FAST_STREAM_SEAL=0`` in the environment turns this off (every such answer whole).
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import h11
+
+from seg_fast import dx
+from seg_fast.content import fetchstream
+from seg_fast.proxy import headers as hdrs
+from seg_fast.proxy import http1
+from seg_fast.proxy.upstream import UpstreamError
+
+ENV = "SEG_FAST_STREAM_SEAL"
+ENABLED = os.environ.get(ENV, "1") != "0"
+# Smaller answers are sealed whole on the loop in about a millisecond: nothing to gain.
+MIN_BYTES = 256 * 1024
+# One read's most while streaming (its seal is inline: ~0.3 ms for 256 KB here).
+READ_BYTES = 256 * 1024
+# (user, FileReference) whose stream broke on the file itself: fetched whole next time.
+_WHOLE_NEXT: OrderedDict = OrderedDict()
+_WHOLE_NEXT_MAX = 1024
+PASS = fetchstream.PASS
+
+
+class StreamBroken(Exception):
+    """The answer cannot be finished after its head went out: the device connection closes."""
+
+
+def candidate(dev, head, req, answer_tx, limit: int) -> bool:
+    """Whether this answer may be sealed as it streams (else the whole path as before)."""
+    if not ENABLED or req.command != "ItemOperations" or len(answer_tx) != 1 or dx.PENDING:
+        return False
+    if not hasattr(answer_tx[0], "stream_fetch"):
+        return False
+    if head.framing != http1.FRAMING_LENGTH or not MIN_BYTES <= head.length <= limit:
+        return False
+    if dev.compiled_answer():
+        return True
+    conn = dev.conn                   # the device must take a chunked answer (HTTP/1.1)
+    return conn.our_state is h11.SEND_RESPONSE and conn.their_http_version == b"1.1" \
+        and (conn.their_state is h11.DONE or conn.their_state is h11.MUST_CLOSE)
+
+
+async def carry(gw, dev, up, head, req, status: int, headers, reason: bytes, answer_tx, rec):
+    """Carry the answer: its status (the device answered, or its connection to be closed by
+    the DeviceGone raised), or None: the whole path goes on, what was read put back in
+    ``up.rest``."""
+    from seg_fast.proxy import exchange as ex
+
+    length = head.length
+    timeout = gw.config.timeouts.upstream_read
+    buf, up.rest = up.rest, b""
+    # -- the answer's first bytes: where its Data string starts, and 4 KB of the file --
+    try:
+        while True:
+            lay = fetchstream.layout(buf[:fetchstream.PREFIX_LIMIT], length)
+            if lay is not fetchstream.NEED_MORE:
+                break
+            buf += await _read(ex, up, timeout, min(length - len(buf), fetchstream.PREFIX_LIMIT))
+        if lay is None:
+            up.rest = buf
+            return None
+        need = lay.start + min(fetchstream.HEAD_CHARS, lay.data_len)
+        while len(buf) < need:
+            buf += await _read(ex, up, timeout, need - len(buf))
+    except UpstreamError as exc:
+        await ex._unavailable(gw, dev, rec, str(exc))
+        return rec.status
+    t = answer_tx[0]
+    user = req.user or ""
+    try:
+        plan = t.stream_fetch(req, status, hdrs.pairs(headers), buf[:need], lay)
+    except ValueError:
+        plan = None                   # not strict base64 from the start: the whole path decides
+    if plan is not None and plan != PASS and (user.lower(), plan.ref) in _WHOLE_NEXT:
+        plan = None
+    if plan is None:
+        up.rest = buf
+        return None
+    if plan == PASS:
+        up.rest = buf
+        gw.stats.transform(req.command, length, length)
+        await ex._stream_fast(gw, dev, up, head, status, headers, rec, reason)
+        return status
+    await _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan, lay, buf, need)
+    return status
+
+
+async def _read(ex, up, timeout: float, size: int) -> bytes:
+    data = await ex._up_read(up, timeout, max(1, min(size, READ_BYTES)))
+    if not data:
+        raise UpstreamError("mail server closed the connection mid-answer")
+    return data
+
+
+async def _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan, lay, buf: bytes,
+                  need: int) -> None:
+    length = head.length
+    text_end = lay.start + lay.data_len
+    conn = None if dev.compiled_answer() else dev.conn
+    if conn is None:
+        out = http1.write_response(status, reason, headers, http1.FRAMING_CHUNKED, 0, dev.keeps_open())
+        dev.answer_written(status, headers, reason)
+    else:
+        keep = not dev.closing and conn.their_state is h11.DONE
+        out = http1.write_response(status, reason, headers, http1.FRAMING_CHUNKED, 0, keep)
+        http1.sent(conn, hdrs.response_event(status, headers, reason))
+    rec.status = status
+    size_out = 0
+    tail = b""
+    pending = [out]
+
+    def put(data: bytes) -> None:
+        nonlocal size_out
+        if data:
+            pending.extend((b"%x\r\n" % len(data), data, b"\r\n"))
+            size_out += len(data)
+
+    def take(piece, at: int) -> None:
+        """Body bytes ``piece`` from offset ``at``: the Data string's to the seal, the rest kept."""
+        nonlocal tail
+        cut = max(0, min(len(piece), text_end - at))
+        if cut:
+            put(plan.step(piece[:cut]))
+        if cut < len(piece):
+            tail += piece[cut:]
+
+    timeout = gw.config.timeouts.upstream_read
+    why = None
+    try:
+        put(plan.first)
+        at = need
+        if len(buf) > need:
+            take(buf[need:], need)
+            at = len(buf)
+        del buf
+        while at < length:
+            await dev.send_parts(pending)
+            pending.clear()
+            try:
+                piece = await _read(ex, up, timeout, length - at)
+            except UpstreamError as exc:
+                why = str(exc)
+                raise StreamBroken(why) from None
+            take(piece, at)
+            at += len(piece)
+        put(plan.end(tail))
+    except ValueError as exc:
+        why = f"ItemOperations Data could not be sealed as it streamed: {exc}"
+        _whole_next(req, plan)
+    except StreamBroken:
+        pass
+    if why is not None:
+        rec.error = (why + "; the device's answer was cut off")[:200]
+        rec.bytes_out = size_out
+        gw.incidents.note("stream_seal_broken", client_ip=dev.client_ip, reason=why[:200])
+        raise ex.DeviceGone(why)
+    # Read to its Content-Length: bytes beyond it would be read as the next request's answer.
+    up.reusable = head.keep_alive and up.looks_alive()
+    pending.append(b"0\r\n\r\n")
+    if conn is None:
+        dev.answer_done()
+    else:
+        http1.sent(conn, ex.END)
+    rec.bytes_out = size_out
+    gw.stats.transform(req.command, length, size_out)
+    await dev.send_parts(pending)
+
+
+def _whole_next(req, plan) -> None:
+    key = ((req.user or "").lower(), plan.ref)
+    _WHOLE_NEXT[key] = True
+    _WHOLE_NEXT.move_to_end(key)
+    while len(_WHOLE_NEXT) > _WHOLE_NEXT_MAX:
+        _WHOLE_NEXT.popitem(last=False)

@@ -1,0 +1,225 @@
+"""ItemOperations fetches sealed while they stream (proxy/sealstream.py), through a running
+`seg-fast serve` and a stand-in mail server that misbehaves on request:
+
+- an answer in many pieces reaches the device chunked, as the whole path makes it (the
+  WBXML around the envelope byte for byte, the envelope opening with the gateway's keys
+  to the file), and the mail-server connection is kept and used again;
+- the mail server closing, falling silent or sending bytes that are not base64 after the
+  device's head went out: the device's connection closes without the last chunk (an
+  incomplete answer, never a complete wrong one), the gateway serves on; a file whose
+  base64 broke its stream is read whole the next time (the whole path decodes leniently);
+- closing before the Data string: 503, as the whole path;
+- a file the policy lets through streams as it came (Content-Length);
+- ``SEG_FAST_STREAM_SEAL=0``: every answer whole (Content-Length), the same bytes.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import random
+import socket
+import threading
+
+import pytest
+
+from processes import start_serve, stop_process, wait_listening
+from test_transform_offload import FETCH_REQUEST, WB, POLICY, UA, _free_port, _headers, _path, _store
+from seg_fast.content import pipeline
+from seg_fast.content.keys import Keyring, load_master_key
+from seg_fast.content.settings import ContentSettings
+from seg_fast.eas.request import EasRequest
+from seg_fast.eas.wbxml import Element as E, encode, scan
+from seg_fast.sim.corpus import _make_pdf
+from seg_fast.sim.oracle import Opener
+from seg_fast.testing.rawhttp import requests
+
+PDF = _make_pdf(random.Random(5), 1536 * 1024)
+PNG = b"\x89PNG\r\n\x1a\n" + random.Random(6).randbytes(400 * 1024)
+
+
+def _fetch(text: bytes, ref: str = "ref:1", ctype: str = "application/pdf") -> bytes:
+    marker = "\x01DATA\x01"
+    doc = encode(E("ItemOperations:ItemOperations", [
+        E("ItemOperations:Status", text="1"),
+        E("ItemOperations:Response", [E("ItemOperations:Fetch", [
+            E("ItemOperations:Status", text="1"), E("AirSyncBase:FileReference", text=ref),
+            E("ItemOperations:Properties", [E("AirSyncBase:ContentType", text=ctype),
+                                            E("ItemOperations:Data", text=marker)])])])]))
+    return doc.replace(marker.encode(), text)
+
+
+GOOD = _fetch(base64.b64encode(PDF))
+_b64 = base64.b64encode(PDF)
+# A stray byte mid-way: lenient decoders skip it, strict ones refuse.
+BAD = _fetch(_b64[:len(_b64) // 2] + b"!" + _b64[len(_b64) // 2:], ref="ref:bad")
+ALLOWED = _fetch(base64.b64encode(PNG), ref="ref:png", ctype="image/png")
+HALF = len(GOOD) // 2
+
+
+class _MailServer:
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.done = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            with conn:
+                for fields in requests(conn):
+                    if not self._answer(conn, fields[b"x-test-answer"].decode()):
+                        return
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+
+    def _answer(self, conn, how: str) -> bool:
+        body = {"bad": BAD, "png": ALLOWED}.get(how, GOOD)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        if how in ("pieces", "bad", "png"):
+            for at in range(0, len(body), 7001):
+                conn.sendall(body[at:at + 7001])
+            return True
+        if how == "early":
+            conn.sendall(body[:40])
+            return False
+        conn.sendall(body[:HALF])
+        if how == "stall":
+            self.done.wait(60)
+        return False                  # "close": mid-Data
+
+    def close(self):
+        self.done.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def mail_server():
+    server = _MailServer()
+    yield server
+    server.close()
+
+
+def _config(tmp_path, port: int, up_port: int):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(
+        'workers = 1\n'
+        f'[listener]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[upstream]\nurl = "http://127.0.0.1:{up_port}"\n'
+        "[timeouts]\nupstream_read = 2.0\n"
+        "[admin]\nenabled = false\n"
+        f'[policy]\nsqlite_path = "{tmp_path}/policy.db"\n'
+        f'[security]\nmaster_key_file = "{tmp_path}/master.key"\nkey_state_file = "{tmp_path}/keys.json"\n')
+    return cfg
+
+
+def _fetch_from(port: int, how: str):
+    """(status, headers, body) or (status, headers, IncompleteRead) for a cut-off answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", _path("ItemOperations", "DEV1"), FETCH_REQUEST, _headers(how))
+        r = conn.getresponse()
+        try:
+            body = r.read()
+        except http.client.IncompleteRead as exc:
+            body = exc
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, body
+    finally:
+        conn.close()
+
+
+def _whole_path(tmp_path, body: bytes) -> bytes:
+    pipeline.configure(ContentSettings(), keys=Keyring(load_master_key(str(tmp_path / "master.key"))))
+    try:
+        (t,) = pipeline.transforms_for(POLICY, managed=True, device_id="DEV1", user="jdoe")
+        req = EasRequest(method="POST", path="/Microsoft-Server-ActiveSync", command="ItemOperations",
+                         user="jdoe", device_id="DEV1", user_agent=UA, params={})
+        return t.transform_answer(req, 200, WB, body)
+    finally:
+        pipeline.configure(ContentSettings())
+
+
+def _data(answer: bytes) -> tuple[int, int]:
+    (sp,) = scan(answer, ["ItemOperations:Data"])
+    return sp.offset, sp.offset + sp.length
+
+
+def _same(got: bytes, want: bytes, opener, original: bytes) -> None:
+    """The whole path's bytes but for the envelope's nonce; both envelopes open to the file."""
+    (a, b), (c, d) = _data(got), _data(want)
+    assert (a, b) == (c, d)
+    assert got[:a] == want[:a] and got[b:] == want[b:]
+    for text in (got[a:b], want[a:b]):
+        assert opener("DEV1", "jdoe", base64.b64decode(text, validate=True)) == original
+
+
+def test_fetch_sealed_as_it_streams_through_serve(tmp_path, mail_server):
+    _store(tmp_path)
+    port = _free_port()
+    proc = start_serve(_config(tmp_path, port, mail_server.port), tmp_path)
+    try:
+        wait_listening(port, proc)
+        opener = Opener(str(tmp_path / "master.key"), str(tmp_path / "keys.json"))
+        for _ in range(2):            # twice, on one kept-alive mail-server connection
+            status, headers, got = _fetch_from(port, "pieces")
+            assert status == 200 and headers.get("transfer-encoding") == "chunked"
+            assert "content-length" not in headers
+            _same(got, _whole_path(tmp_path, GOOD), opener, PDF)
+        assert mail_server.connections == 1
+
+        # Broken after the head went out: an incomplete answer, never a complete one.
+        for how in ("close", "stall", "bad"):
+            status, headers, got = _fetch_from(port, how)
+            assert status == 200 and headers.get("transfer-encoding") == "chunked", how
+            assert isinstance(got, http.client.IncompleteRead), how
+        # The file whose base64 broke its stream: whole the next time, decoded leniently.
+        status, headers, got = _fetch_from(port, "bad")
+        assert status == 200 and int(headers["content-length"]) == len(got)
+        _same(got, _whole_path(tmp_path, BAD), opener, PDF)
+
+        # Closed before the Data string: 503, as the whole path answers.
+        status, _headers_, got = _fetch_from(port, "early")
+        assert status == 503
+
+        # A file the policy lets through (a PNG): as it came, with its Content-Length.
+        status, headers, got = _fetch_from(port, "png")
+        assert status == 200 and int(headers["content-length"]) == len(got)
+        assert got == _whole_path(tmp_path, ALLOWED) == ALLOWED
+
+        # Served on as before.
+        status, headers, got = _fetch_from(port, "pieces")
+        assert status == 200
+        _same(got, _whole_path(tmp_path, GOOD), opener, PDF)
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)
+
+
+def test_stream_seal_off_by_environment(tmp_path, mail_server, monkeypatch):
+    monkeypatch.setenv("SEG_FAST_STREAM_SEAL", "0")
+    _store(tmp_path)
+    port = _free_port()
+    proc = start_serve(_config(tmp_path, port, mail_server.port), tmp_path)
+    try:
+        wait_listening(port, proc)
+        opener = Opener(str(tmp_path / "master.key"), str(tmp_path / "keys.json"))
+        status, headers, got = _fetch_from(port, "pieces")
+        assert status == 200 and int(headers["content-length"]) == len(got)
+        _same(got, _whole_path(tmp_path, GOOD), opener, PDF)
+        status, headers, got = _fetch_from(port, "close")      # the whole path: 503, nothing passed
+        assert status == 503
+    finally:
+        stop_process(proc)
