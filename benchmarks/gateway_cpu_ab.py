@@ -138,22 +138,8 @@ def connections(trees: dict[str, str], n: int, rounds: int) -> dict:
 
     import trustme
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    def one(port, ctx, session=None):
-        sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20),
-                               server_hostname="localhost", session=session)
-        sock.sendall(b"GET /nothing-here HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = sock.recv(4096)
-            if not data:
-                raise RuntimeError("the gateway closed without an answer")
-            head += data
-        return sock
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    from tls_tickets_bench import free_port, one, threads_cpu_ns
 
     def run(tree: str, tmp: Path, ctx) -> dict:
         tmp.mkdir(parents=True)
@@ -187,20 +173,13 @@ def connections(trees: dict[str, str], n: int, rounds: int) -> dict:
             session = sock.session
             sock.close()
 
-            def cpu_ns() -> int:
-                total = 0
-                for tid in os.listdir(f"/proc/{worker}/task"):
-                    with open(f"/proc/{worker}/task/{tid}/schedstat") as f:
-                        total += int(f.read().split()[0])
-                return total
-
-            c0, t0, resumed = cpu_ns(), time.monotonic(), 0
+            c0, t0, resumed = threads_cpu_ns([worker]), time.monotonic(), 0
             for _ in range(n):
                 sock = one(port, ctx, session)
                 resumed += sock.session_reused
                 sock.close()
             time.sleep(0.2)                       # the worker finishes the last close
-            cpu, elapsed = cpu_ns() - c0, time.monotonic() - t0
+            cpu, elapsed = threads_cpu_ns([worker]) - c0, time.monotonic() - t0
             return {"cpu_us_per_conn": round(cpu / n / 1000, 1), "resumed": resumed / n,
                     "conn_per_s": round(n / elapsed, 1)}
         finally:

@@ -76,15 +76,7 @@ class Serve:
             return []
 
     def cpu_ns(self) -> int:
-        total = 0
-        for pid in self.workers():
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                try:
-                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                        total += int(f.read().split()[0])
-                except OSError:
-                    pass
-        return total
+        return threads_cpu_ns(self.workers())
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -95,7 +87,21 @@ class Serve:
             self.proc.wait()
 
 
+def threads_cpu_ns(pids) -> int:
+    """CPU time (ns) of every thread of these processes so far (/proc/<pid>/task/<tid>/schedstat)."""
+    total = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except OSError:
+                pass                # a thread that just ended
+    return total
+
+
 def one(port: int, ctx: ssl.SSLContext, session=None) -> ssl.SSLSocket:
+    """A TLS connection that sent one request and read the answer's head (the gateway's 404)."""
     sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20),
                            server_hostname="localhost", session=session)
     sock.sendall(REQUEST)

@@ -16,10 +16,10 @@ import trio
 
 from http_client import request
 from redis_server import free_port
+from eas_helpers import store_policies, sync_req
 from seg_fast.content.attachments import ENVELOPE_CONTENT_TYPE
 from seg_fast.content.model import AttachmentPolicy, EmailSecurityPolicy, HyperlinkPolicy
 from seg_fast.policy.model import DeviceRecord, PolicyDocument
-from seg_fast.policy.store import SqliteStore
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.commands import file_reference
 from seg_fast.sim.corpus import REWRITE_DOMAINS
@@ -45,15 +45,6 @@ def pick(sim, pred, limit=400) -> int:
 def has(kind):
     return lambda m: (not m.signed and m.attachments and len(m.attachments) == 1
                       and m.attachments[0][0].endswith("." + kind) and len(m.attachments[0][2]) < 400_000)
-
-
-def sync_req(key, body_type=None):
-    return E("AirSync:Sync", E("AirSync:Collections", E(
-        "AirSync:Collection", E("AirSync:SyncKey", key), E("AirSync:CollectionId", INBOX),
-        E("AirSync:GetChanges") if key != "0" else None,
-        E("AirSync:WindowSize", 100) if key != "0" else None,
-        E("AirSync:Options", E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", body_type)))
-        if body_type else None)))
 
 
 async def device(port, device_id) -> EasClient:
@@ -111,12 +102,9 @@ async def until_up(proc, port):
 
 
 async def test_counters_dashboard_and_history_through_serve(tmp_path):
-    store = SqliteStore(tmp_path / "policy.db")
-    await store.open()
-    await store.replace_all(PolicyDocument(security=POLICY),
-                            [DeviceRecord(device_id="MANAGED1", user="jdoe", managed=True, compliant=True,
-                                          compromised=False, platform="Apple")])
-    await store.aclose()
+    await store_policies(tmp_path / "policy.db", PolicyDocument(security=POLICY),
+                         [DeviceRecord(device_id="MANAGED1", user="jdoe", managed=True, compliant=True,
+                                       compromised=False, platform="Apple")])
     sim = MailboxSimulator(password=PASSWORD, seed=5)
     mbox = sim.mailbox("jdoe")
     pdf_i, png_i = pick(sim, has("pdf")), pick(sim, has("png"))

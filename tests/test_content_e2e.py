@@ -15,18 +15,17 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 from contextlib import asynccontextmanager
 
 import trio
 
 from conftest import REPO
 from link_oracle import assert_include_mode, listed
+from eas_helpers import managed_device, store_policies, sync_req
 from seg_fast.config import load_config
 from seg_fast.content.attachments import ENVELOPE_CONTENT_TYPE, envelope_name
 from seg_fast.content.model import AttachmentPolicy, EmailSecurityPolicy, HyperlinkPolicy
-from seg_fast.policy.model import DeviceRecord, PolicyDocument
-from seg_fast.policy.store import SqliteStore
+from seg_fast.policy.model import PolicyDocument
 from seg_fast.proxy.gateway import Gateway
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.commands import file_reference
@@ -57,13 +56,7 @@ def env_for(sim_port: int, tmp_path) -> dict:
 
 @asynccontextmanager
 async def running(tmp_path):
-    store = SqliteStore(tmp_path / "policy.db")
-    await store.open()
-    managed = DeviceRecord(device_id="MANAGED1", user="jdoe", managed=True, compliant=True, compromised=False,
-                           encrypted=True, platform="Apple", model="iPhone 15", os="17.4",
-                           last_checkin=time.time() - 60, eas_profile=True)
-    await store.replace_all(PolicyDocument(security=POLICY), [managed])
-    await store.aclose()
+    await store_policies(tmp_path / "policy.db", PolicyDocument(security=POLICY), [managed_device()])
     sim = MailboxSimulator(password=PASSWORD, seed=5)
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve, "127.0.0.1", 0)
@@ -87,15 +80,6 @@ async def device(gw, device_id) -> EasClient:
                   user_agent=UA)
     await c.provision()
     return c
-
-
-def sync_req(key, body_type=None):
-    return E("AirSync:Sync", E("AirSync:Collections", E(
-        "AirSync:Collection", E("AirSync:SyncKey", key), E("AirSync:CollectionId", INBOX),
-        E("AirSync:GetChanges") if key != "0" else None,
-        E("AirSync:WindowSize", 100) if key != "0" else None,
-        E("AirSync:Options", E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", body_type)))
-        if body_type else None)))
 
 
 async def sync_items(c, body_type) -> dict[str, object]:

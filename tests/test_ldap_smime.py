@@ -15,7 +15,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from http_client import request
+from thread_server import ThreadServer
 from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
 from seg_fast.eas.wbxml import decode
@@ -264,7 +264,7 @@ def _msg(mid: int, op: bytes) -> bytes:
     return _ber(0x30, _ber(0x02, bytes([mid])) + op)
 
 
-class HostileLdap:
+class HostileLdap(ThreadServer):
     """Answers the bind, then searches as ``mode`` says; counts the searches it got."""
 
     def __init__(self):
@@ -278,21 +278,9 @@ class HostileLdap:
         self.inflight = 0
         self.most = 0
         self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def _serve(self, conn, n):
         ok = _ber(0x0A, b"\x00") + _ber(0x04, b"") + _ber(0x04, b"")
         with self.lock:
             self.open += 1

@@ -19,12 +19,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import h11
 import pytest
 
+from thread_server import ThreadServer
 from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
 from seg_fast.eas.credentials import ntlm_user
@@ -38,27 +38,13 @@ def type3(user: str) -> str:
     return "NTLM " + base64.b64encode(ntlm_authenticate(user, "CORP")).decode()
 
 
-class NtlmServer:
+class NtlmServer(ThreadServer):
     """HTTP/1.1 with NTLM state per connection; ``log``: (connection number, target, what happened)."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.log: list[tuple[int, str, str]] = []
         self.closed: set[int] = set()        # connections the gateway closed
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
+        super().__init__()
 
     def _serve(self, s: socket.socket, n: int):
         h = h11.Connection(h11.SERVER)

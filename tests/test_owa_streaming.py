@@ -19,6 +19,7 @@ import time
 import h11
 import pytest
 
+from thread_server import ThreadServer
 from processes import start_serve, stop_process, wait_listening
 from redis_server import free_port
 
@@ -27,30 +28,18 @@ HALF = 300_000                       # each half of the request body and of the 
 BOUND = 20.0
 
 
-class GatedUpstream:
+class GatedUpstream(ThreadServer):
     """An HTTP/1.1 server: records each request's body progress; answers in two chunked halves,
     the second once ``go`` is set."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.received = 0                   # body bytes of the request in progress
         self.requests: list[tuple[h11.Request, str]] = []   # (head, body sha256)
         self.go = threading.Event()
         self.answer = (os.urandom(HALF), os.urandom(HALF))
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, s: socket.socket):
+    def _serve(self, s: socket.socket, n: int):
         h = h11.Connection(h11.SERVER)
         try:
             while True:

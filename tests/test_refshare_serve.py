@@ -22,15 +22,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import trio
 
 from conftest import REPO
+from eas_helpers import managed_device, store_policies, sync_req
 from seg_fast.content.attachments import ENVELOPE_CONTENT_TYPE
 from seg_fast.content.model import AttachmentPolicy, EmailSecurityPolicy
-from seg_fast.policy.model import DeviceRecord, PolicyDocument
-from seg_fast.policy.store import SqliteStore
+from seg_fast.policy.model import PolicyDocument
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.mailbox import MailboxSimulator
 from seg_fast.sim.state import INBOX, Item
@@ -39,15 +38,6 @@ from workers_of import free_port, worker_holding, workers_of
 
 PASSWORD = "secret"
 POLICY = EmailSecurityPolicy(managed_attachments=AttachmentPolicy(file_types={"pdf": "encrypt"}), skip_smime=True)
-
-
-def sync_req(key, body_type=None):
-    return E("AirSync:Sync", E("AirSync:Collections", E(
-        "AirSync:Collection", E("AirSync:SyncKey", key), E("AirSync:CollectionId", INBOX),
-        E("AirSync:GetChanges") if key != "0" else None,
-        E("AirSync:WindowSize", 100) if key != "0" else None,
-        E("AirSync:Options", E("AirSyncBase:BodyPreference", E("AirSyncBase:Type", body_type)))
-        if body_type else None)))
 
 
 async def on_worker(c: EasClient, control_pid: int, port: int, wanted) -> int:
@@ -75,13 +65,7 @@ async def fetch(c: EasClient, ref: str):
 
 
 async def test_a_listing_on_one_worker_names_the_fetch_on_another(tmp_path):
-    store = SqliteStore(tmp_path / "policy.db")
-    await store.open()
-    managed = DeviceRecord(device_id="MANAGED1", user="jdoe", managed=True, compliant=True, compromised=False,
-                           encrypted=True, platform="Apple", model="iPhone 15", os="17.4",
-                           last_checkin=time.time() - 60, eas_profile=True)
-    await store.replace_all(PolicyDocument(security=POLICY), [managed])
-    await store.aclose()
+    await store_policies(tmp_path / "policy.db", PolicyDocument(security=POLICY), [managed_device()])
     sim = MailboxSimulator(password=PASSWORD, seed=5)
     pdf_i = next(i for i in range(400) if (m := sim.corpus.message(i)).attachments and not m.signed
                  and m.attachments[0][0].endswith(".pdf") and len(m.attachments[0][2]) < 400_000)

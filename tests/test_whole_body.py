@@ -11,11 +11,11 @@ running `seg-fast serve` and a stand-in mail server that misbehaves on request:
 from __future__ import annotations
 
 import http.client
-import socket
 import threading
 
 import pytest
 
+from thread_server import ThreadServer
 from processes import start_serve, stop_process, wait_listening
 from test_transform_offload import (ANSWERS, SYNC_REQUEST, _free_port, _headers, _path, _reference, _same,
                                     _store)
@@ -26,29 +26,15 @@ BIG = ANSWERS["links-big"][1]         # links rewritten: byte for byte comparabl
 HALF = len(BIG) // 2
 
 
-class _MailServer:
+class _MailServer(ThreadServer):
     """A raw HTTP/1.1 server: each request's X-Test-Answer header picks what it does."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
         self.served: list = []            # (connection, what it answered), in order
         self.done = threading.Event()     # set at teardown: a stalled answer's hold ends
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def _serve(self, conn, n):
         try:
             self._requests(conn)
         except ConnectionResetError:
@@ -83,7 +69,7 @@ class _MailServer:
 
     def close(self):
         self.done.set()
-        self.sock.close()
+        super().close()
 
 
 @pytest.fixture
