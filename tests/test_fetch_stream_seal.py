@@ -209,3 +209,56 @@ def test_gcm_stream_is_aesgcm():
     g.final()
     with pytest.raises(ValueError):
         g.update(b"x")
+
+
+# -- GetAttachment: the body is the file ------------------------------------------------
+
+def _get_req(ref="att:1"):
+    return types.SimpleNamespace(command="GetAttachment", user="jdoe", user_agent="", params={"AttachmentName": ref})
+
+
+def get_streamed(t, headers, body: bytes, cuts):
+    """(headers, bytes) the streaming path makes, PASS, or None."""
+    plan = t.stream_attachment(_get_req(), 200, headers, body[:4096], len(body))
+    if plan is None or plan == pipeline.PASS:
+        return plan
+    new_headers, env_head, key = plan
+    gcm = GcmStream(key, env_head[14:26], env_head)
+    out, at = [env_head], 0
+    for cut in sorted(c for c in set(cuts) if 0 < c < len(body)) + [len(body)]:
+        out.append(gcm.update(body[at:cut]))
+        at = cut
+    out.append(gcm.final())
+    return new_headers, b"".join(out)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(size=st.integers(1, 12000), cuts=st.lists(st.integers(0, 12000), max_size=8),
+       named=st.booleans())
+def test_get_attachment_streamed_is_the_whole_paths(size, cuts, named):
+    saved = attachments.os.urandom
+    attachments.os.urandom = lambda n: b"\x06" * n
+    try:
+        t = transform()
+        headers = [(b"Content-Type", b"application/pdf")]
+        if named:
+            headers.append((b"Content-Disposition", b'attachment; filename="r\xc3\xa9port.pdf"'))
+        body = pdf(size)
+        want_headers, want = t.transform_answer_and_headers(_get_req(), 200, headers, body)
+        got_headers, got = get_streamed(t, headers, body, cuts)
+        assert got == want and got_headers == want_headers
+        _v, kid, nonce, _name, _ctype, pos = parse_header(got)
+        assert AESGCM(KEYS.key_for_id(kid, "DEV1", "jdoe")).decrypt(nonce, got[pos:], got[:pos]) == body
+    finally:
+        attachments.os.urandom = saved
+
+
+def test_get_attachment_passed_or_whole():
+    t = transform()
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(5000)
+    headers = [(b"Content-Type", b"image/png")]
+    assert get_streamed(t, headers, png, []) is None            # blocked: the whole path's
+    pipeline._runtime.remember("jdoe", "att:1", "notes.txt", share=False)
+    txt = b"plain words\r\n" * 500
+    assert get_streamed(t, [(b"Content-Type", b"text/plain")], txt, []) == pipeline.PASS
+    assert t.transform_answer_and_headers(_get_req(), 200, [(b"Content-Type", b"text/plain")], txt)[1] == txt

@@ -54,7 +54,6 @@ _b64 = base64.b64encode(PDF)
 # A stray byte mid-way: lenient decoders skip it, strict ones refuse.
 BAD = _fetch(_b64[:len(_b64) // 2] + b"!" + _b64[len(_b64) // 2:], ref="ref:bad")
 ALLOWED = _fetch(base64.b64encode(PNG), ref="ref:png", ctype="image/png")
-HALF = len(GOOD) // 2
 
 
 class _MailServer:
@@ -87,8 +86,11 @@ class _MailServer:
 
     def _answer(self, conn, how: str) -> bool:
         body = {"bad": BAD, "png": ALLOWED}.get(how, GOOD)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body))
+        ctype = b"application/vnd.ms-sync.wbxml"
+        if how.startswith("get-"):        # GetAttachment: the file itself
+            body, ctype, how = PDF, b"application/pdf", how[4:]
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Disposition: attachment; "
+                     b'filename="report.pdf"\r\nContent-Length: %d\r\n\r\n' % (ctype, len(body)))
         if how in ("pieces", "bad", "png"):
             for at in range(0, len(body), 7001):
                 conn.sendall(body[at:at + 7001])
@@ -96,7 +98,7 @@ class _MailServer:
         if how == "early":
             conn.sendall(body[:40])
             return False
-        conn.sendall(body[:HALF])
+        conn.sendall(body[:len(body) // 2])
         if how == "stall":
             self.done.wait(60)
         return False                  # "close": mid-Data
@@ -131,6 +133,21 @@ def _fetch_from(port: int, how: str):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.request("POST", _path("ItemOperations", "DEV1"), FETCH_REQUEST, _headers(how))
+        r = conn.getresponse()
+        try:
+            body = r.read()
+        except http.client.IncompleteRead as exc:
+            body = exc
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, body
+    finally:
+        conn.close()
+
+
+def _get_from(port: int, how: str):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        headers = dict(_headers(how), **{"MS-ASProtocolVersion": "12.1"})
+        conn.request("POST", _path("GetAttachment", "DEV1") + "&AttachmentName=ref%3A9", b"", headers)
         r = conn.getresponse()
         try:
             body = r.read()
@@ -221,5 +238,28 @@ def test_stream_seal_off_by_environment(tmp_path, mail_server, monkeypatch):
         _same(got, _whole_path(tmp_path, GOOD), opener, PDF)
         status, headers, got = _fetch_from(port, "close")      # the whole path: 503, nothing passed
         assert status == 503
+    finally:
+        stop_process(proc)
+
+
+def test_get_attachment_sealed_as_it_streams_through_serve(tmp_path, mail_server):
+    _store(tmp_path)
+    port = _free_port()
+    proc = start_serve(_config(tmp_path, port, mail_server.port), tmp_path)
+    try:
+        wait_listening(port, proc)
+        opener = Opener(str(tmp_path / "master.key"), str(tmp_path / "keys.json"))
+        status, headers, got = _get_from(port, "get-pieces")
+        assert status == 200 and int(headers["content-length"]) == len(got)
+        assert headers["content-type"] == "application/vnd.seg-fast.envelope"
+        assert headers["content-disposition"] == 'attachment; filename="report.pdf.segenc"'
+        assert opener("DEV1", "jdoe", got) == PDF
+        for how in ("get-close", "get-stall"):  # cut off: short of its Content-Length
+            status, headers, got = _get_from(port, how)
+            assert status == 200 and isinstance(got, http.client.IncompleteRead), how
+            assert len(got.partial) < int(headers["content-length"])
+        status, headers, got = _get_from(port, "get-pieces")
+        assert status == 200 and opener("DEV1", "jdoe", got) == PDF
+        assert proc.poll() is None
     finally:
         stop_process(proc)

@@ -539,18 +539,37 @@ class EmailSecurityTransform:
         if result is None:
             return raw, headers
         new, new_ctype, new_name = result
-        out = []
-        for k, v in headers:
-            low = k.lower()
-            if low == b"content-type":
-                continue
-            if low == b"content-disposition":
-                v = _disposition_with(v, new_name)
-            out.append((k, v))
-        if new_ctype == BLOCK_NOTE_TYPE:
-            new_ctype += "; charset=utf-8"
-        out.append((b"Content-Type", new_ctype.encode("ascii")))
-        return new, out
+        return new, _attachment_headers(headers, new_ctype, new_name)
+
+    def stream_attachment(self, req, status: int, headers, head: bytes, length: int):
+        """For proxy/sealstream.py: what the whole path would do with a GetAttachment answer
+        of ``length`` bytes whose first min(length, 4096) are ``head``: None (read it whole),
+        PASS (as it is) or (the answer's new headers, the envelope header, its key): the
+        envelope is that header, AES-GCM of the body under the key (nonce and AAD from the
+        header), its tag; ``length`` + len(header) + 16 bytes."""
+        from seg_fast.content.attachments import _head
+
+        if status != 200 or req.command != "GetAttachment" or _header(headers, b"content-encoding") \
+                or len(head) < min(length, _VERDICT_BYTES):
+            return None
+        ref = req.params.get("AttachmentName", "")
+        disposition = next((v for k, v in headers if k.lower() == b"content-disposition"), None)
+        given = _disposition_filename(disposition) if disposition is not None else ""
+        ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"application/octet-stream")
+        name, kind, action = self._verdict(req.user or self.plan.user, ref, ctype.decode("latin-1").strip(),
+                                           head[:_VERDICT_BYTES], False, given)
+        if action is None:
+            return PASS
+        if action == "allow":
+            counts.add("allow")
+            return PASS
+        if action != "encrypt":
+            return None               # blocked, or a message to rebuild: the whole path
+        plan = self.plan
+        counts.add("encrypt")
+        shown = name or (f"attachment.{kind}" if kind else "attachment")
+        env_head, key = _head(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind))
+        return _attachment_headers(headers, ENVELOPE_CONTENT_TYPE, envelope_name(shown)), env_head, key
 
     def _transform_file(self, user: str, ref: str, ctype: str, blob: bytes, ranged: bool = False,
                         name: str = "", as_base64: bool = False):
@@ -672,6 +691,23 @@ class EmailSecurityTransform:
 # What a fetched file's verdict reads of it (_is_message: a message's header block).
 _VERDICT_BYTES = 4096
 _WHOLE_MESSAGE = "message"    # _verdict: a message to rebuild with its attachments judged
+
+
+def _attachment_headers(headers, new_ctype: str, new_name: str) -> list:
+    """A GetAttachment answer's headers for what it now holds: its Content-Type, and the
+    Content-Disposition's file name."""
+    out = []
+    for k, v in headers:
+        low = k.lower()
+        if low == b"content-type":
+            continue
+        if low == b"content-disposition":
+            v = _disposition_with(v, new_name)
+        out.append((k, v))
+    if new_ctype == BLOCK_NOTE_TYPE:
+        new_ctype += "; charset=utf-8"
+    out.append((b"Content-Type", new_ctype.encode("ascii")))
+    return out
 
 
 def _encoded(result, as_base64: bool):

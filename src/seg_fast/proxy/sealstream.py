@@ -1,4 +1,4 @@
-"""An ItemOperations Fetch answer sealed while it streams, not read whole first.
+"""An ItemOperations Fetch (or GetAttachment) answer sealed while it streams, not read whole first.
 
 The whole path (exchange._whole_body, then the transform, then the write) makes the device
 wait for the read, the seal and the write one after the other: for a 10 MB fetch some
@@ -20,6 +20,10 @@ connection without the last chunk: the device sees an incomplete answer, never a
 wrong one; the reason goes to the transaction log and the incident log (never content).
 A file whose stream broke for a reason of its own (not strict base64, an unusual ending)
 is read whole the next time it is fetched (the whole path decodes leniently).
+
+A GetAttachment answer is the file itself: the envelope (header, AES-GCM of the body as it
+arrives, tag) goes out with the Content-Length it will have, the new Content-Type and file
+name as the whole path writes them.
 
 ``SEG_FAST_STREAM_SEAL=0`` in the environment turns this off (every such answer whole).
 """
@@ -46,6 +50,7 @@ READ_BYTES = 256 * 1024
 _WHOLE_NEXT: OrderedDict = OrderedDict()
 _WHOLE_NEXT_MAX = 1024
 PASS = fetchstream.PASS
+_COMMANDS = ("ItemOperations", "GetAttachment")
 
 
 class StreamBroken(Exception):
@@ -54,7 +59,7 @@ class StreamBroken(Exception):
 
 def candidate(dev, head, req, answer_tx, limit: int) -> bool:
     """Whether this answer may be sealed as it streams (else the whole path as before)."""
-    if not ENABLED or req.command != "ItemOperations" or len(answer_tx) != 1 or dx.PENDING:
+    if not ENABLED or req.command not in _COMMANDS or len(answer_tx) != 1 or dx.PENDING:
         return False
     if not hasattr(answer_tx[0], "stream_fetch"):
         return False
@@ -73,6 +78,8 @@ async def carry(gw, dev, up, head, req, status: int, headers, reason: bytes, ans
     ``up.rest``."""
     from seg_fast.proxy import exchange as ex
 
+    if req.command == "GetAttachment":
+        return await _attachment(ex, gw, dev, up, head, req, status, headers, reason, answer_tx[0], rec)
     length = head.length
     timeout = gw.config.timeouts.upstream_read
     buf, up.rest = up.rest, b""
@@ -199,3 +206,64 @@ def _whole_next(req, plan) -> None:
     _WHOLE_NEXT.move_to_end(key)
     while len(_WHOLE_NEXT) > _WHOLE_NEXT_MAX:
         _WHOLE_NEXT.popitem(last=False)
+
+
+async def _attachment(ex, gw, dev, up, head, req, status: int, headers, reason: bytes, t, rec):
+    """GetAttachment: the body is the file; its envelope's length is known from the
+    Content-Length, so the device's answer keeps one (an answer cut off is short of it)."""
+    length = head.length
+    timeout = gw.config.timeouts.upstream_read
+    buf, up.rest = up.rest, b""
+    want = min(length, 4096)
+    try:
+        while len(buf) < want:
+            buf += await _read(ex, up, timeout, want - len(buf))
+    except UpstreamError as exc:
+        await ex._unavailable(gw, dev, rec, str(exc))
+        return rec.status
+    plan = t.stream_attachment(req, status, hdrs.pairs(headers), buf[:want], length)
+    if plan is None:
+        up.rest = buf
+        return None
+    if plan == PASS:
+        up.rest = buf
+        gw.stats.transform(req.command, length, length)
+        await ex._stream_fast(gw, dev, up, head, status, headers, rec, reason)
+        return status
+    new_headers, env_head, key = plan
+    new_headers = [(k, k.lower(), v) for k, v in new_headers]     # Connection: close kept if there
+    size_out = len(env_head) + length + 16
+    conn = None if dev.compiled_answer() else dev.conn
+    if conn is None:
+        out = http1.write_response(status, reason, new_headers, http1.FRAMING_LENGTH, size_out, dev.keeps_open())
+        dev.answer_written(status, new_headers, reason)
+    else:
+        keep = not dev.closing and conn.their_state is h11.DONE
+        out = http1.write_response(status, reason, new_headers, http1.FRAMING_LENGTH, size_out, keep)
+        http1.sent(conn, hdrs.response_event(status, new_headers, reason))
+    rec.status = status
+    gcm = fetchstream.GcmStream(key, env_head[14:26], env_head)
+    pending = [out, env_head, gcm.update(buf)]
+    at = len(buf)
+    del buf
+    while at < length:
+        await dev.send_parts(pending)
+        try:
+            piece = await _read(ex, up, timeout, length - at)
+        except UpstreamError as exc:
+            why = str(exc)
+            rec.error = (why + "; the device's answer was cut off")[:200]
+            gw.incidents.note("stream_seal_broken", client_ip=dev.client_ip, reason=why[:200])
+            raise ex.DeviceGone(why) from None
+        pending = [gcm.update(piece)]
+        at += len(piece)
+    pending.append(gcm.final())
+    up.reusable = head.keep_alive and up.looks_alive()
+    if conn is None:
+        dev.answer_done()
+    else:
+        http1.sent(conn, ex.END)
+    rec.bytes_out = size_out
+    gw.stats.transform(req.command, length, size_out)
+    await dev.send_parts(pending)
+    return status
