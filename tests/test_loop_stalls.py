@@ -273,3 +273,38 @@ async def test_young_collection_interval_adapts_to_their_length(monkeypatch):
         gc.enable()
     assert collected == [1] * len(costs)
     assert slept == [0.04, 0.02, 0.01, 0.01, 0.01, 0.01, 0.02, 0.04, 0.08, 0.1, 0.1]
+
+
+async def test_in_slices_counts_the_work_of_the_tasks_it_started(monkeypatch):
+    """A slice's actions start tasks (a resumed Ping's answer) that run in the next batch,
+    before or after in_slices' own task (trio reverses a batch at random): when it runs first,
+    its next slice's time includes them. With each started task costing 1 ms in its first
+    step (a fake clock) and a 5 ms step, no batch runs more than 16 of them (the first slice,
+    then at most 2 x 5), however trio orders the batches."""
+    from seg_fast.proxy import looplag
+
+    clock = [0.0]
+    monkeypatch.setattr(looplag.time, "perf_counter", lambda: clock[0])
+    per_batch: list[int] = []
+    current = [0]
+
+    class Steps(trio.abc.Instrument):
+        def after_io_wait(self, timeout):
+            if current[0]:
+                per_batch.append(current[0])
+            current[0] = 0
+
+    async def answer():
+        clock[0] += 0.001            # its first step: 1 ms of the loop
+        current[0] += 1
+
+    steps = Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with trio.open_nursery() as nursery:
+            await looplag.in_slices(list(range(2000)), lambda item: nursery.start_soon(answer), step_ms=5.0)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    per_batch.append(current[0])
+    assert sum(per_batch) == 2000
+    assert max(per_batch) <= 16, per_batch
