@@ -19,7 +19,9 @@ and, with --out, written as JSON.
 each foreground request (SendMail, Fetch, FolderSync...) opens: ``HttpConn.open``
 with the device's session, the handshake, a short answer read (the server's new
 tickets with it) and the close, N times against a TLS server in a child process
-(its CPU is not counted); every connection must resume.
+(its CPU is not counted); every connection must resume. ``--tls-setup N``: the same
+for the connection a device sets up with (a full handshake, the answer read and the
+session kept to resume later ones, as ``Device.checked`` keeps it: the ramp's share).
 
 Works on trees before the simulator recorded facts (they decode the answer instead).
 """
@@ -156,8 +158,10 @@ while True:
 """
 
 
-async def tls_connect(n: int) -> dict:
-    """Fleet-side CPU µs per resumed TLS connection (see the module's doc)."""
+async def tls_connect(n: int, setup: int = 0) -> dict:
+    """Fleet-side CPU µs per resumed TLS connection (see the module's doc); with
+    ``setup``, also per set-up connection (a full handshake, the answer read and the
+    session kept to resume, as ``Device.checked`` keeps it), ``setup`` of them."""
     import trustme
     from seg_fast.sim.wire import SERVER_NAME, HttpConn
 
@@ -192,13 +196,24 @@ async def tls_connect(n: int) -> dict:
             reused = 0
             for _ in range(n):
                 reused += (await one(session))[1]
-            us = (time.process_time() - t) / n * 1e6
+            us = (time.process_time() - t) / max(1, n) * 1e6
+            t = time.process_time()
+            fresh = 0
+            for _ in range(setup):
+                kept, was = await one(None)
+                fresh += kept is not None and not was
+            us_setup = (time.process_time() - t) / max(1, setup) * 1e6
         finally:
             server.kill()
             server.wait()
     if reused != n:
         raise SystemExit(f"only {reused} of {n} TLS connections resumed")
-    return {"tls_connections": n, "us_per_resumed_tls_connection": round(us, 1)}
+    if fresh != setup:
+        raise SystemExit(f"only {fresh} of {setup} set-up connections made a full handshake and kept a session")
+    result = {"tls_connections": n, "us_per_resumed_tls_connection": round(us, 1)} if n else {}
+    if setup:
+        result.update(tls_setup_connections=setup, us_per_setup_tls_connection=round(us_setup, 1))
+    return result
 
 
 def main() -> None:
@@ -208,13 +223,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--tls-connect", type=int, default=0, metavar="N",
                     help="also: fleet-side CPU per resumed TLS connection, N connections")
+    ap.add_argument("--tls-setup", type=int, default=0, metavar="N",
+                    help="also: fleet-side CPU per set-up TLS connection (full handshake, session kept), N of them")
     ap.add_argument("--out", help="write the result as JSON here")
     a = ap.parse_args()
     result = trio.run(measure, a.devices, a.repeat, a.seed)
+    if a.tls_connect or a.tls_setup:
+        result.update(trio.run(tls_connect, a.tls_connect, a.tls_setup))
     if a.tls_connect:
-        result.update(trio.run(tls_connect, a.tls_connect))
         print(f"{result['us_per_resumed_tls_connection']} us per resumed TLS connection "
               f"(fleet side, {a.tls_connect} connections)")
+    if a.tls_setup:
+        print(f"{result['us_per_setup_tls_connection']} us per set-up TLS connection: full handshake, "
+              f"session kept (fleet side, {a.tls_setup} connections)")
     tree = Path(seg_fast.__file__).resolve().parents[2]      # the tree measured (PYTHONPATH)
     result["commit"] = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"],
                                       capture_output=True, text=True).stdout.strip()
