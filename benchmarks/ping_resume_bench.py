@@ -5,6 +5,11 @@ answers every request after --delay seconds, and --conns devices Pinging back to
 --seconds each: every Ping parks (parking.py) and is resumed (exchange.resume) when its
 answer comes. The figure is the serve process's CPU (utime+stime from /proc) per Ping
 answered; medians of --rounds. Writes a key of benchmarks/results/gateway_cpu_ab.json.
+
+``--park N``: the parking lot alone, each tree in a process of its own (alternating): N Pings
+over trio sockets (a plain SocketStream device, a trio socket upstream; socketpairs) parked
+and handed back (PingPark.park, then _release with a no-op spawn), its CPU per Ping
+(process time; best of 7 passes per run), medians of --rounds.
 """
 from __future__ import annotations
 
@@ -91,6 +96,47 @@ async def main():
 trio.run(main)
 '''
 
+PARK = r'''
+import socket, sys, time, trio
+from seg_fast.proxy.parking import ANSWER, Parked, PingPark
+N = int(sys.argv[1])
+class Up:
+    pass
+async def main():
+    park = PingPark(lambda p, why: None)
+    socks, parked = [], []
+    for _ in range(N):
+        u, u2 = socket.socketpair()
+        d, d2 = socket.socketpair()
+        socks += [u, u2, d, d2]
+        up = Up()
+        up.sock = trio.socket.from_stdlib_socket(u)
+        dev = trio.SocketStream(trio.socket.from_stdlib_socket(d))
+        parked.append(Parked(dev, "127.0.0.1", b"http", False, up, None, None, None, b"gw",
+                             trio.current_time() + 3600, 0.0, 0.0))
+    best = {"park": 1e9, "release": 1e9}
+    for _ in range(7):
+        park._heap = []
+        t0 = time.process_time()
+        for p in parked:
+            p.done = False
+            park.park(p)
+        t1 = time.process_time()
+        for p in parked:
+            park._release(p, ANSWER)
+        t2 = time.process_time()
+        best = {"park": min(best["park"], t1 - t0), "release": min(best["release"], t2 - t1)}
+    print(round(best["park"] / N * 1e6, 2), round(best["release"] / N * 1e6, 2))
+trio.run(main)
+'''
+
+
+def park_run(tree: str, n: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"))
+    out = subprocess.run([sys.executable, "-c", PARK, str(n)], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return {"park_us": float(out[0]), "release_us": float(out[1])}
+
 
 def cpu_of(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -147,7 +193,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--key", default="ping_resume")
     ap.add_argument("--note", default="")
+    ap.add_argument("--park", type=int, default=0, metavar="N", help="the parking lot alone, N Pings (see above)")
     args = ap.parse_args(argv)
+    if args.park:
+        return park_main(args)
     mail = subprocess.Popen([sys.executable, "-c", MAIL, str(args.delay)], stdout=subprocess.PIPE, text=True)
     try:
         mail_port = int(mail.stdout.readline())
@@ -168,6 +217,25 @@ def main(argv=None) -> int:
     data[args.key] = result
     OUT.write_text(json.dumps(data, indent=1) + "\n")
     print(json.dumps({k: result[k]["cpu_us_per_ping_median"] for k in runs}), f"-> {OUT} [{args.key}]")
+    return 0
+
+
+def park_main(args) -> int:
+    runs: dict[str, list] = {}
+    for _ in range(args.rounds):
+        for name, tree in (("base", args.base_tree), ("new", args.new_tree)):
+            runs.setdefault(name, []).append(park_run(tree, args.park))
+            print(name, runs[name][-1], flush=True)
+    result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg(),
+              "note": args.note, "argv": sys.argv[1:], "trees": {"base": args.base_tree, "new": args.new_tree},
+              **{name: {"park_us_median": statistics.median(r["park_us"] for r in rs),
+                        "release_us_median": statistics.median(r["release_us"] for r in rs), "runs": rs}
+                 for name, rs in runs.items()}}
+    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data[args.key] = result
+    OUT.write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps({k: [result[k]["park_us_median"], result[k]["release_us_median"]] for k in runs}),
+          f"-> {OUT} [{args.key}]")
     return 0
 
 
