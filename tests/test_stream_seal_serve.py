@@ -15,14 +15,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
-import os
+import json
 import random
-import socket
-import threading
+import time
 
 import pytest
 
+import test_whole_body
 from processes import start_serve, stop_process, wait_listening
 from test_transform_offload import FETCH_REQUEST, WB, POLICY, UA, _free_port, _headers, _path, _store
 from seg_fast.content import pipeline
@@ -32,7 +33,6 @@ from seg_fast.eas.request import EasRequest
 from seg_fast.eas.wbxml import Element as E, encode, scan
 from seg_fast.sim.corpus import _make_pdf
 from seg_fast.sim.oracle import Opener
-from seg_fast.testing.rawhttp import requests
 
 PDF = _make_pdf(random.Random(5), 1536 * 1024)
 PNG = b"\x89PNG\r\n\x1a\n" + random.Random(6).randbytes(400 * 1024)
@@ -56,38 +56,16 @@ BAD = _fetch(_b64[:len(_b64) // 2] + b"!" + _b64[len(_b64) // 2:], ref="ref:bad"
 ALLOWED = _fetch(base64.b64encode(PNG), ref="ref:png", ctype="image/png")
 
 
-class _MailServer:
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.done = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        try:
-            with conn:
-                for fields in requests(conn):
-                    if not self._answer(conn, fields[b"x-test-answer"].decode()):
-                        return
-        except (ConnectionResetError, BrokenPipeError):
-            pass
+class _FetchServer(test_whole_body._MailServer):
+    """test_whole_body's stand-in mail server, answering fetches: X-Test-Answer "pieces" (in
+    7 KB pieces), "close" and "stall" (half the answer, then closed or silent), "early" (40
+    bytes, closed), "bad" and "png" (another file, in pieces); "get-..." the same with the
+    PDF itself (a GetAttachment answer)."""
 
     def _answer(self, conn, how: str) -> bool:
         body = {"bad": BAD, "png": ALLOWED}.get(how, GOOD)
         ctype = b"application/vnd.ms-sync.wbxml"
-        if how.startswith("get-"):        # GetAttachment: the file itself
+        if how.startswith("get-"):
             body, ctype, how = PDF, b"application/pdf", how[4:]
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Disposition: attachment; "
                      b'filename="report.pdf"\r\nContent-Length: %d\r\n\r\n' % (ctype, len(body)))
@@ -103,59 +81,52 @@ class _MailServer:
             self.done.wait(60)
         return False                  # "close": mid-Data
 
-    def close(self):
-        self.done.set()
-        self.sock.close()
-
 
 @pytest.fixture
 def mail_server():
-    server = _MailServer()
+    server = _FetchServer()
     yield server
     server.close()
 
 
-def _config(tmp_path, port: int, up_port: int):
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(
-        'workers = 1\n'
-        f'[listener]\nhost = "127.0.0.1"\nport = {port}\n'
-        f'[upstream]\nurl = "http://127.0.0.1:{up_port}"\n'
-        "[timeouts]\nupstream_read = 2.0\n"
-        "[admin]\nenabled = false\n"
-        f'[policy]\nsqlite_path = "{tmp_path}/policy.db"\n'
-        f'[security]\nmaster_key_file = "{tmp_path}/master.key"\nkey_state_file = "{tmp_path}/keys.json"\n')
-    return cfg
+@contextlib.contextmanager
+def _gateway(tmp_path, mail_server):
+    """A running `seg-fast serve` in front of ``mail_server``: (its port, an Opener of its envelopes)."""
+    _store(tmp_path)
+    port = _free_port()
+    cfg = test_whole_body._config(tmp_path, port, mail_server.port, 64 << 20)
+    cfg.write_text(cfg.read_text() + f'[log]\ntransactions = "{tmp_path}/tx.log"\n')
+    proc = start_serve(cfg, tmp_path)
+    try:
+        wait_listening(port, proc)
+        yield port, Opener(str(tmp_path / "master.key"), str(tmp_path / "keys.json"))
+        assert proc.poll() is None    # served on, whatever it was sent
+    finally:
+        stop_process(proc)
 
 
-def _fetch_from(port: int, how: str):
+def _ask(port: int, command: str, how: str, query: str = "", body: bytes = FETCH_REQUEST, version="14.1"):
     """(status, headers, body) or (status, headers, IncompleteRead) for a cut-off answer."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        conn.request("POST", _path("ItemOperations", "DEV1"), FETCH_REQUEST, _headers(how))
+        conn.request("POST", _path(command, "DEV1") + query, body,
+                     dict(_headers(how), **{"MS-ASProtocolVersion": version}))
         r = conn.getresponse()
         try:
-            body = r.read()
+            got = r.read()
         except http.client.IncompleteRead as exc:
-            body = exc
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, body
+            got = exc
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, got
     finally:
         conn.close()
+
+
+def _fetch_from(port: int, how: str):
+    return _ask(port, "ItemOperations", how)
 
 
 def _get_from(port: int, how: str):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        headers = dict(_headers(how), **{"MS-ASProtocolVersion": "12.1"})
-        conn.request("POST", _path("GetAttachment", "DEV1") + "&AttachmentName=ref%3A9", b"", headers)
-        r = conn.getresponse()
-        try:
-            body = r.read()
-        except http.client.IncompleteRead as exc:
-            body = exc
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, body
-    finally:
-        conn.close()
+    return _ask(port, "GetAttachment", how, "&AttachmentName=ref%3A9", b"", "12.1")
 
 
 def _whole_path(tmp_path, body: bytes) -> bytes:
@@ -174,6 +145,18 @@ def _data(answer: bytes) -> tuple[int, int]:
     return sp.offset, sp.offset + sp.length
 
 
+def _errors(tmp_path, n: int) -> list[str]:
+    """The last ``n`` transaction records' errors, once the log holds them (a bound, not a timing)."""
+    end = time.monotonic() + 20
+    while True:
+        lines = [json.loads(x) for x in (tmp_path / "tx.log").read_text().splitlines() if x.strip()] \
+            if (tmp_path / "tx.log").exists() else []
+        errors = [x.get("error", "") for x in lines if x.get("command") == "ItemOperations"]
+        if len(errors) >= n and all(errors[-n:]) or time.monotonic() > end:
+            return errors[-n:]
+        time.sleep(0.1)
+
+
 def _same(got: bytes, want: bytes, opener, original: bytes) -> None:
     """The whole path's bytes but for the envelope's nonce; both envelopes open to the file."""
     (a, b), (c, d) = _data(got), _data(want)
@@ -184,12 +167,7 @@ def _same(got: bytes, want: bytes, opener, original: bytes) -> None:
 
 
 def test_fetch_sealed_as_it_streams_through_serve(tmp_path, mail_server):
-    _store(tmp_path)
-    port = _free_port()
-    proc = start_serve(_config(tmp_path, port, mail_server.port), tmp_path)
-    try:
-        wait_listening(port, proc)
-        opener = Opener(str(tmp_path / "master.key"), str(tmp_path / "keys.json"))
+    with _gateway(tmp_path, mail_server) as (port, opener):
         for _ in range(2):            # twice, on one kept-alive mail-server connection
             status, headers, got = _fetch_from(port, "pieces")
             assert status == 200 and headers.get("transfer-encoding") == "chunked"
@@ -202,13 +180,18 @@ def test_fetch_sealed_as_it_streams_through_serve(tmp_path, mail_server):
             status, headers, got = _fetch_from(port, how)
             assert status == 200 and headers.get("transfer-encoding") == "chunked", how
             assert isinstance(got, http.client.IncompleteRead), how
+        # Each one's reason in the transaction log (what broke, never content).
+        errors = _errors(tmp_path, 3)
+        assert "mail server closed the connection mid-answer; the device's answer was cut off" in errors[0]
+        assert "did not answer within 2 s; the device's answer was cut off" in errors[1]
+        assert "could not be sealed as it streamed: not strict base64 text" in errors[2]
         # The file whose base64 broke its stream: whole the next time, decoded leniently.
         status, headers, got = _fetch_from(port, "bad")
         assert status == 200 and int(headers["content-length"]) == len(got)
         _same(got, _whole_path(tmp_path, BAD), opener, PDF)
 
         # Closed before the Data string: 503, as the whole path answers.
-        status, _headers_, got = _fetch_from(port, "early")
+        status, _, _ = _fetch_from(port, "early")
         assert status == 503
 
         # A file the policy lets through (a PNG): as it came, with its Content-Length.
@@ -220,35 +203,20 @@ def test_fetch_sealed_as_it_streams_through_serve(tmp_path, mail_server):
         status, headers, got = _fetch_from(port, "pieces")
         assert status == 200
         _same(got, _whole_path(tmp_path, GOOD), opener, PDF)
-        assert proc.poll() is None
-    finally:
-        stop_process(proc)
 
 
 def test_stream_seal_off_by_environment(tmp_path, mail_server, monkeypatch):
     monkeypatch.setenv("SEG_FAST_STREAM_SEAL", "0")
-    _store(tmp_path)
-    port = _free_port()
-    proc = start_serve(_config(tmp_path, port, mail_server.port), tmp_path)
-    try:
-        wait_listening(port, proc)
-        opener = Opener(str(tmp_path / "master.key"), str(tmp_path / "keys.json"))
+    with _gateway(tmp_path, mail_server) as (port, opener):
         status, headers, got = _fetch_from(port, "pieces")
         assert status == 200 and int(headers["content-length"]) == len(got)
         _same(got, _whole_path(tmp_path, GOOD), opener, PDF)
         status, headers, got = _fetch_from(port, "close")      # the whole path: 503, nothing passed
         assert status == 503
-    finally:
-        stop_process(proc)
 
 
 def test_get_attachment_sealed_as_it_streams_through_serve(tmp_path, mail_server):
-    _store(tmp_path)
-    port = _free_port()
-    proc = start_serve(_config(tmp_path, port, mail_server.port), tmp_path)
-    try:
-        wait_listening(port, proc)
-        opener = Opener(str(tmp_path / "master.key"), str(tmp_path / "keys.json"))
+    with _gateway(tmp_path, mail_server) as (port, opener):
         status, headers, got = _get_from(port, "get-pieces")
         assert status == 200 and int(headers["content-length"]) == len(got)
         assert headers["content-type"] == "application/vnd.seg-fast.envelope"
@@ -260,6 +228,3 @@ def test_get_attachment_sealed_as_it_streams_through_serve(tmp_path, mail_server
             assert len(got.partial) < int(headers["content-length"])
         status, headers, got = _get_from(port, "get-pieces")
         assert status == 200 and opener("DEV1", "jdoe", got) == PDF
-        assert proc.poll() is None
-    finally:
-        stop_process(proc)

@@ -79,7 +79,7 @@ def mail_server():
     server.close()
 
 
-def _config(tmp_path, port: int, up_port: int):
+def _config(tmp_path, port: int, up_port: int, max_transform_bytes: int = len(BIG) + (1 << 20)):
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(
         'workers = 1\n'
@@ -89,7 +89,7 @@ def _config(tmp_path, port: int, up_port: int):
         "[admin]\nenabled = false\n"
         f'[policy]\nsqlite_path = "{tmp_path}/policy.db"\n'
         f'[security]\nmaster_key_file = "{tmp_path}/master.key"\nkey_state_file = "{tmp_path}/keys.json"\n'
-        f"max_transform_bytes = {len(BIG) + (1 << 20)}\n")
+        f"max_transform_bytes = {max_transform_bytes}\n")
     return cfg
 
 

@@ -68,86 +68,12 @@ _load()
 HAVE_LIBCRYPTO = _encrypt_update != NULL
 
 
-cdef int _seal(const void* cipher, const unsigned char* key, const unsigned char* nonce, int nonce_len,
-               const unsigned char* aad, Py_ssize_t aad_len, const unsigned char* data, Py_ssize_t n,
-               unsigned char* out) noexcept nogil:
-    """Ciphertext of data (n bytes) into out, then the 16-byte tag; 1 when OpenSSL says so."""
-    cdef void* ctx = _ctx_new()
-    cdef int outl = 0, ok = 0
-    cdef Py_ssize_t at = 0, take, w = 0
-    if ctx == NULL:
-        return 0
-    if (_encrypt_init(ctx, cipher, NULL, NULL, NULL) == 1
-            and _ctrl(ctx, _GCM_SET_IVLEN, nonce_len, NULL) == 1
-            and _encrypt_init(ctx, NULL, NULL, key, nonce) == 1
-            and (aad_len == 0 or _encrypt_update(ctx, NULL, &outl, aad, <int>aad_len) == 1)):
-        ok = 1
-        while ok and at < n:
-            take = n - at if n - at < _STEP else _STEP
-            ok = _encrypt_update(ctx, out + w, &outl, data + at, <int>take) == 1
-            w += outl
-            at += take
-        if ok:
-            ok = _encrypt_final(ctx, out + w, &outl) == 1
-            w += outl
-        if ok:
-            ok = w == n and _ctrl(ctx, _GCM_GET_TAG, 16, out + w) == 1
-    _ctx_free(ctx)
-    return ok
-
-
-def gcm_seal_into(key, nonce, aad, data, out):
-    """AES-GCM of ``data`` under ``key`` (16, 24 or 32 bytes) and ``nonce``, ``aad``
-    authenticated: the ciphertext then the 16-byte tag written into the writable buffer
-    ``out`` (exactly len(data) + 16 bytes), without the GIL."""
-    cdef Py_buffer k, iv, a, d, o
-    cdef const void* cipher
-    cdef int ok
-    if _encrypt_update == NULL:
-        raise RuntimeError("libcrypto not available")
-    PyObject_GetBuffer(key, &k, PyBUF_SIMPLE)
-    try:
-        cipher = (_aes_128_gcm() if k.len == 16 else _aes_192_gcm() if k.len == 24
-                  else _aes_256_gcm() if k.len == 32 else NULL)
-        if cipher == NULL:
-            raise ValueError("AES key must be 16, 24 or 32 bytes")
-        PyObject_GetBuffer(nonce, &iv, PyBUF_SIMPLE)
-        try:
-            if iv.len < 1 or iv.len > 128:
-                raise ValueError("bad GCM nonce length")
-            PyObject_GetBuffer(aad, &a, PyBUF_SIMPLE)
-            try:
-                PyObject_GetBuffer(data, &d, PyBUF_SIMPLE)
-                try:
-                    PyObject_GetBuffer(out, &o, PyBUF_SIMPLE | PyBUF_WRITABLE)
-                    try:
-                        if o.len != d.len + 16:
-                            raise ValueError("out must be len(data) + 16 bytes")
-                        if a.len > 0x7FFFFFFF:
-                            raise ValueError("associated data too long")
-                        with nogil:
-                            ok = _seal(cipher, <const unsigned char*>k.buf, <const unsigned char*>iv.buf,
-                                       <int>iv.len, <const unsigned char*>a.buf, a.len,
-                                       <const unsigned char*>d.buf, d.len, <unsigned char*>o.buf)
-                        if not ok:
-                            raise RuntimeError("OpenSSL AES-GCM failed")
-                    finally:
-                        PyBuffer_Release(&o)
-                finally:
-                    PyBuffer_Release(&d)
-            finally:
-                PyBuffer_Release(&a)
-        finally:
-            PyBuffer_Release(&iv)
-    finally:
-        PyBuffer_Release(&k)
-
-
 cdef class GcmStream:
     """AES-GCM a piece at a time (an attachment sealed while its answer streams): the same
-    bytes as gcm_seal_into of the pieces joined. ``GcmStream(key, nonce, aad)``;
-    ``update(piece)`` -> its ciphertext (GCM writes as many bytes as it reads), without the
-    GIL; ``final()`` -> the 16-byte tag (the stream is done then)."""
+    bytes as gcm_seal_into of the pieces joined. ``GcmStream(key, nonce, aad)`` (key 16, 24
+    or 32 bytes; ``aad`` authenticated); ``update(piece)`` -> its ciphertext (GCM writes as
+    many bytes as it reads), without the GIL; ``final()`` -> the 16-byte tag (the stream is
+    done then)."""
 
     cdef void* ctx
     cdef bint done
@@ -197,11 +123,29 @@ cdef class GcmStream:
             _ctx_free(self.ctx)
             self.ctx = NULL
 
+    cdef int _update(self, const unsigned char* data, Py_ssize_t n, unsigned char* out) noexcept nogil:
+        """Ciphertext of data (n bytes) into out (n bytes); 1 when OpenSSL says so."""
+        cdef int outl = 0, ok = 1
+        cdef Py_ssize_t at = 0, take, w = 0
+        while ok and at < n:
+            take = n - at if n - at < _STEP else _STEP
+            ok = _encrypt_update(self.ctx, out + w, &outl, data + at, <int>take) == 1
+            w += outl
+            at += take
+        return ok and w == n
+
+    cdef int _final(self, unsigned char* tag) noexcept nogil:
+        """The 16-byte tag into tag; 1 when OpenSSL says so."""
+        cdef unsigned char rest[32]
+        cdef int outl = 0
+        self.done = True
+        return _encrypt_final(self.ctx, rest, &outl) == 1 and outl == 0 \
+            and _ctrl(self.ctx, _GCM_GET_TAG, 16, tag) == 1
+
     def update(self, data):
         """The ciphertext of ``data`` (any buffer), as new bytes."""
         cdef Py_buffer d
-        cdef int outl = 0, ok = 1
-        cdef Py_ssize_t at = 0, take, w = 0
+        cdef int ok
         cdef unsigned char* o
         if self.done or self.ctx == NULL:
             raise ValueError("GcmStream already finalized")
@@ -210,13 +154,8 @@ cdef class GcmStream:
             out = PyBytes_FromStringAndSize(NULL, d.len)
             o = <unsigned char*>PyBytes_AS_STRING(out)
             with nogil:
-                while ok and at < d.len:
-                    take = d.len - at if d.len - at < _STEP else _STEP
-                    ok = _encrypt_update(self.ctx, o + w, &outl, <const unsigned char*>d.buf + at,
-                                         <int>take) == 1
-                    w += outl
-                    at += take
-            if not ok or w != d.len:
+                ok = self._update(<const unsigned char*>d.buf, d.len, o)
+            if not ok:
                 raise RuntimeError("OpenSSL AES-GCM failed")
             return out
         finally:
@@ -225,12 +164,32 @@ cdef class GcmStream:
     def final(self):
         """The 16-byte tag."""
         cdef unsigned char tag[16]
-        cdef unsigned char rest[32]
-        cdef int outl = 0
         if self.done or self.ctx == NULL:
             raise ValueError("GcmStream already finalized")
-        self.done = True
-        if _encrypt_final(self.ctx, rest, &outl) != 1 or outl != 0 \
-                or _ctrl(self.ctx, _GCM_GET_TAG, 16, tag) != 1:
+        if not self._final(tag):
             raise RuntimeError("OpenSSL AES-GCM failed")
         return PyBytes_FromStringAndSize(<char*>tag, 16)
+
+
+def gcm_seal_into(key, nonce, aad, data, out):
+    """AES-GCM of ``data`` under ``key`` (16, 24 or 32 bytes) and ``nonce``, ``aad``
+    authenticated: the ciphertext then the 16-byte tag written into the writable buffer
+    ``out`` (exactly len(data) + 16 bytes), without the GIL."""
+    cdef Py_buffer d, o
+    cdef GcmStream gcm = GcmStream(key, nonce, aad)
+    cdef int ok
+    PyObject_GetBuffer(data, &d, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(out, &o, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if o.len != d.len + 16:
+                raise ValueError("out must be len(data) + 16 bytes")
+            with nogil:
+                ok = (gcm._update(<const unsigned char*>d.buf, d.len, <unsigned char*>o.buf)
+                      and gcm._final(<unsigned char*>o.buf + d.len))
+            if not ok:
+                raise RuntimeError("OpenSSL AES-GCM failed")
+        finally:
+            PyBuffer_Release(&o)
+    finally:
+        PyBuffer_Release(&d)

@@ -479,12 +479,32 @@ def qp_encode(data, bytes eol=b"\r\n", Py_ssize_t width=76):
         PyBuffer_Release(&view)
 
 
+cdef inline Py_ssize_t _next_line(const unsigned char* b, Py_ssize_t i, Py_ssize_t n, Py_ssize_t* width,
+                                  Py_ssize_t* k) noexcept nogil:
+    """The line of base64 text starting at ``i``: returns where it ends (its LF, or ``n``),
+    sets ``k`` to the end of its text (a CR before the LF left out) and ``width`` (< 0:
+    not known yet) to the first line's length."""
+    cdef Py_ssize_t j
+    cdef const unsigned char* nl
+    # Lines of one width ending in CRLF are the rule: check there first.
+    if width[0] > 0 and i + width[0] + 1 < n and b[i + width[0]] == 13 and b[i + width[0] + 1] == 10:
+        j = i + width[0] + 1
+    else:
+        nl = <const unsigned char*>memchr(b + i, 10, n - i)
+        j = (nl - b) if nl != NULL else n
+    k[0] = j
+    if j > i and b[j - 1] == 13:
+        k[0] = j - 1
+    if width[0] < 0:
+        width[0] = k[0] - i
+    return j
+
+
 def strip_breaks(data):
     """``data`` without its line breaks (base64 bodies, before a strict decode: any
     other stray byte makes that decode fail, and the caller falls back)."""
     cdef Py_buffer view
     cdef const unsigned char* b
-    cdef const unsigned char* nl
     cdef Py_ssize_t n, i = 0, w = 0, j, k, width = -1
     cdef char* out
     cdef PyObject* obj
@@ -496,17 +516,7 @@ def strip_breaks(data):
         out = PyBytes_AS_STRING(result)
         with nogil:                   # as wrap_lines: megabytes, the loop free meanwhile
             while i < n:
-                # Lines of one width ending in CRLF are the rule: check there first.
-                if width > 0 and i + width + 1 < n and b[i + width] == 13 and b[i + width + 1] == 10:
-                    j = i + width + 1
-                else:
-                    nl = <const unsigned char*>memchr(b + i, 10, n - i)
-                    j = (nl - b) if nl != NULL else n
-                k = j
-                if k > i and b[k - 1] == 13:
-                    k -= 1
-                if width < 0:
-                    width = k - i
+                j = _next_line(b, i, n, &width, &k)
                 memcpy(out + w, b + i, k - i)
                 w += k - i
                 i = j + 1
@@ -807,21 +817,10 @@ cdef int _decode_lines(const unsigned char* b, Py_ssize_t n, char* out, Py_ssize
     at a time into ``scratch`` and decode each chunk into ``out``; 0 when the text is
     not exactly what a strict decode of the stripped whole accepts."""
     cdef Py_ssize_t i = 0, j, k, fill = 0, take, w = 0, width = -1, line
-    cdef const unsigned char* nl
     cdef size_t got
     cdef bint padded = False
     while i < n:
-        # Lines of one width ending in CRLF are the rule: check there first.
-        if width > 0 and i + width + 1 < n and b[i + width] == 13 and b[i + width + 1] == 10:
-            j = i + width + 1
-        else:
-            nl = <const unsigned char*>memchr(b + i, 10, n - i)
-            j = (nl - b) if nl != NULL else n
-        k = j
-        if k > i and b[k - 1] == 13:
-            k -= 1
-        if width < 0:
-            width = k - i
+        j = _next_line(b, i, n, &width, &k)
         line = k - i
         if line and padded:
             return 0                       # text after the padding

@@ -530,12 +530,8 @@ class EmailSecurityTransform:
 
     def _get_attachment(self, req, headers, raw: bytes):
         """GetAttachment: the answer body is the attachment itself; (body, headers)."""
-        ref = req.params.get("AttachmentName", "")
-        disposition = next((v for k, v in headers if k.lower() == b"content-disposition"), None)
-        given = _disposition_filename(disposition) if disposition is not None else ""
-        ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"application/octet-stream")
-        result = self._transform_file(req.user or self.plan.user, ref, ctype.decode("latin-1").strip(), raw,
-                                      name=given)
+        ref, ctype, given = _attachment_facts(req, headers)
+        result = self._transform_file(req.user or self.plan.user, ref, ctype, raw, name=given)
         if result is None:
             return raw, headers
         new, new_ctype, new_name = result
@@ -547,17 +543,22 @@ class EmailSecurityTransform:
         PASS (as it is) or (the answer's new headers, the envelope header, its key): the
         envelope is that header, AES-GCM of the body under the key (nonce and AAD from the
         header), its tag; ``length`` + len(header) + 16 bytes."""
-        from seg_fast.content.attachments import _head
-
         if status != 200 or req.command != "GetAttachment" or _header(headers, b"content-encoding") \
                 or len(head) < min(length, _VERDICT_BYTES):
             return None
-        ref = req.params.get("AttachmentName", "")
-        disposition = next((v for k, v in headers if k.lower() == b"content-disposition"), None)
-        given = _disposition_filename(disposition) if disposition is not None else ""
-        ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"application/octet-stream")
-        name, kind, action = self._verdict(req.user or self.plan.user, ref, ctype.decode("latin-1").strip(),
-                                           head[:_VERDICT_BYTES], False, given)
+        ref, ctype, given = _attachment_facts(req, headers)
+        got = self._sealing(req.user or self.plan.user, ref, ctype, head, given)
+        if got is None or got == PASS:
+            return got
+        shown, env_head, key = got
+        return _attachment_headers(headers, ENVELOPE_CONTENT_TYPE, envelope_name(shown)), env_head, key
+
+    def _sealing(self, user: str, ref: str, ctype: str, head: bytes, name: str = ""):
+        """A streamed file's verdict from its first bytes: PASS (as it is), None (not to
+        seal: the whole path), or (the name the envelope records, its header, its key)."""
+        from seg_fast.content.attachments import _head
+
+        name, kind, action = self._verdict(user, ref, ctype, head[:_VERDICT_BYTES], False, name)
         if action is None:
             return PASS
         if action == "allow":
@@ -568,8 +569,7 @@ class EmailSecurityTransform:
         plan = self.plan
         counts.add("encrypt")
         shown = name or (f"attachment.{kind}" if kind else "attachment")
-        env_head, key = _head(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind))
-        return _attachment_headers(headers, ENVELOPE_CONTENT_TYPE, envelope_name(shown)), env_head, key
+        return (shown, *_head(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind)))
 
     def _transform_file(self, user: str, ref: str, ctype: str, blob: bytes, ranged: bool = False,
                         name: str = "", as_base64: bool = False):
@@ -617,7 +617,6 @@ class EmailSecurityTransform:
         whole path decides), PASS (it would leave the answer as it is) or a
         fetchstream.FetchSeal making the sealed answer's bytes. ValueError: the Data string
         does not start as strict base64 (the whole path's lenient decode may take it)."""
-        from seg_fast.content.attachments import _head
         from seg_fast.content.fetchstream import HEAD_CHARS, FetchSeal, _Decoder
         from seg_fast.eas.wbxml import scan, splice
 
@@ -644,20 +643,11 @@ class EmailSecurityTransform:
         plain = decoder.feed(text)
         if len(plain) < _VERDICT_BYTES and len(text) < lay.data_len:
             return None
-        user = req.user or self.plan.user
         ref = _str(probe, ref_sp)
-        name, kind, action = self._verdict(user, ref, ctype, plain[:_VERDICT_BYTES], False)
-        if action is None:
-            return PASS
-        if action == "allow":
-            counts.add("allow")
-            return PASS
-        if action != "encrypt":
-            return None               # blocked, or a message to rebuild: the whole path
-        plan = self.plan
-        counts.add("encrypt")
-        shown = name or (f"attachment.{kind}" if kind else "attachment")
-        head, key = _head(plan.keys, plan.device_id, plan.user, shown, sealed_content_type(shown, kind))
+        got = self._sealing(req.user or self.plan.user, ref, ctype, plain)
+        if got is None or got == PASS:
+            return got
+        _shown, head, key = got
         mark = "\x01seg-fast:" + os.urandom(12).hex() + "\x01"
         edits = [(data_sp, mark)]
         if ctype_sp is not None:
@@ -691,6 +681,15 @@ class EmailSecurityTransform:
 # What a fetched file's verdict reads of it (_is_message: a message's header block).
 _VERDICT_BYTES = 4096
 _WHOLE_MESSAGE = "message"    # _verdict: a message to rebuild with its attachments judged
+
+
+def _attachment_facts(req, headers) -> tuple[str, str, str]:
+    """A GetAttachment answer's (FileReference, content type, the file name its
+    Content-Disposition gives or "")."""
+    disposition = next((v for k, v in headers if k.lower() == b"content-disposition"), None)
+    given = _disposition_filename(disposition) if disposition is not None else ""
+    ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"application/octet-stream")
+    return req.params.get("AttachmentName", ""), ctype.decode("latin-1").strip(), given
 
 
 def _attachment_headers(headers, new_ctype: str, new_name: str) -> list:

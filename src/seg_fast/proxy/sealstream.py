@@ -107,16 +107,49 @@ async def carry(gw, dev, up, head, req, status: int, headers, reason: bytes, ans
         plan = None                   # not strict base64 from the start: the whole path decides
     if plan is not None and plan != PASS and (user.lower(), plan.ref) in _WHOLE_NEXT:
         plan = None
-    if plan is None:
-        up.rest = buf
-        return None
-    if plan == PASS:
-        up.rest = buf
-        gw.stats.transform(req.command, length, length)
-        await ex._stream_fast(gw, dev, up, head, status, headers, rec, reason)
-        return status
+    if plan is None or plan == PASS:
+        return await _unsealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan, buf)
     await _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan, lay, buf, need)
     return status
+
+
+async def _unsealed(ex, gw, dev, up, head, req, status: int, headers, reason: bytes, rec, plan, buf: bytes):
+    """``plan`` None (the whole path goes on: None) or PASS (the answer goes on as it came:
+    its status); what was read goes back first either way."""
+    up.rest = buf
+    if plan is None:
+        return None
+    gw.stats.transform(req.command, head.length, head.length)
+    await ex._stream_fast(gw, dev, up, head, status, headers, rec, reason)
+    return status
+
+
+def _device_head(dev, status: int, reason: bytes, headers, framing: int, length: int):
+    """(the device's answer head, written as _stream_fast writes one; the h11 connection
+    told of it, or None when the compiled path carries the exchange)."""
+    conn = None if dev.compiled_answer() else dev.conn
+    if conn is None:
+        out = http1.write_response(status, reason, headers, framing, length, dev.keeps_open())
+        dev.answer_written(status, headers, reason)
+    else:
+        keep = not dev.closing and conn.their_state is h11.DONE
+        out = http1.write_response(status, reason, headers, framing, length, keep)
+        http1.sent(conn, hdrs.response_event(status, headers, reason))
+    return out, conn
+
+
+def _device_done(ex, dev, conn) -> None:
+    if conn is None:
+        dev.answer_done()
+    else:
+        http1.sent(conn, ex.END)
+
+
+def _broken(ex, gw, dev, rec, why: str):
+    """The DeviceGone that closes the device's connection, its answer cut off; logged."""
+    rec.error = (why + "; the device's answer was cut off")[:200]
+    gw.incidents.note("stream_seal_broken", client_ip=dev.client_ip, reason=why[:200])
+    return ex.DeviceGone(why)
 
 
 async def _read(ex, up, timeout: float, size: int) -> bytes:
@@ -130,14 +163,7 @@ async def _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan
                   need: int) -> None:
     length = head.length
     text_end = lay.start + lay.data_len
-    conn = None if dev.compiled_answer() else dev.conn
-    if conn is None:
-        out = http1.write_response(status, reason, headers, http1.FRAMING_CHUNKED, 0, dev.keeps_open())
-        dev.answer_written(status, headers, reason)
-    else:
-        keep = not dev.closing and conn.their_state is h11.DONE
-        out = http1.write_response(status, reason, headers, http1.FRAMING_CHUNKED, 0, keep)
-        http1.sent(conn, hdrs.response_event(status, headers, reason))
+    out, conn = _device_head(dev, status, reason, headers, http1.FRAMING_CHUNKED, 0)
     rec.status = status
     size_out = 0
     tail = b""
@@ -184,17 +210,12 @@ async def _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan
     except StreamBroken:
         pass
     if why is not None:
-        rec.error = (why + "; the device's answer was cut off")[:200]
         rec.bytes_out = size_out
-        gw.incidents.note("stream_seal_broken", client_ip=dev.client_ip, reason=why[:200])
-        raise ex.DeviceGone(why)
+        raise _broken(ex, gw, dev, rec, why)
     # Read to its Content-Length: bytes beyond it would be read as the next request's answer.
     up.reusable = head.keep_alive and up.looks_alive()
     pending.append(b"0\r\n\r\n")
-    if conn is None:
-        dev.answer_done()
-    else:
-        http1.sent(conn, ex.END)
+    _device_done(ex, dev, conn)
     rec.bytes_out = size_out
     gw.stats.transform(req.command, length, size_out)
     await dev.send_parts(pending)
@@ -222,25 +243,12 @@ async def _attachment(ex, gw, dev, up, head, req, status: int, headers, reason: 
         await ex._unavailable(gw, dev, rec, str(exc))
         return rec.status
     plan = t.stream_attachment(req, status, hdrs.pairs(headers), buf[:want], length)
-    if plan is None:
-        up.rest = buf
-        return None
-    if plan == PASS:
-        up.rest = buf
-        gw.stats.transform(req.command, length, length)
-        await ex._stream_fast(gw, dev, up, head, status, headers, rec, reason)
-        return status
+    if plan is None or plan == PASS:
+        return await _unsealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan, buf)
     new_headers, env_head, key = plan
     new_headers = [(k, k.lower(), v) for k, v in new_headers]     # Connection: close kept if there
     size_out = len(env_head) + length + 16
-    conn = None if dev.compiled_answer() else dev.conn
-    if conn is None:
-        out = http1.write_response(status, reason, new_headers, http1.FRAMING_LENGTH, size_out, dev.keeps_open())
-        dev.answer_written(status, new_headers, reason)
-    else:
-        keep = not dev.closing and conn.their_state is h11.DONE
-        out = http1.write_response(status, reason, new_headers, http1.FRAMING_LENGTH, size_out, keep)
-        http1.sent(conn, hdrs.response_event(status, new_headers, reason))
+    out, conn = _device_head(dev, status, reason, new_headers, http1.FRAMING_LENGTH, size_out)
     rec.status = status
     gcm = fetchstream.GcmStream(key, env_head[14:26], env_head)
     pending = [out, env_head, gcm.update(buf)]
@@ -251,18 +259,12 @@ async def _attachment(ex, gw, dev, up, head, req, status: int, headers, reason: 
         try:
             piece = await _read(ex, up, timeout, length - at)
         except UpstreamError as exc:
-            why = str(exc)
-            rec.error = (why + "; the device's answer was cut off")[:200]
-            gw.incidents.note("stream_seal_broken", client_ip=dev.client_ip, reason=why[:200])
-            raise ex.DeviceGone(why) from None
+            raise _broken(ex, gw, dev, rec, str(exc)) from None
         pending = [gcm.update(piece)]
         at += len(piece)
     pending.append(gcm.final())
     up.reusable = head.keep_alive and up.looks_alive()
-    if conn is None:
-        dev.answer_done()
-    else:
-        http1.sent(conn, ex.END)
+    _device_done(ex, dev, conn)
     rec.bytes_out = size_out
     gw.stats.transform(req.command, length, size_out)
     await dev.send_parts(pending)
