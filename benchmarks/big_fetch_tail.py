@@ -1,0 +1,353 @@
+"""A 10 MB pass-through fetch through `seg-fast serve --workers 1` beside N parked TLS Pings.
+
+    python benchmarks/big_fetch_tail.py [--parked 3000] [--fetches 12] [--size 10485760]
+        [--base TREE] [--rounds 3] [--json PATH] [--key KEY]
+
+A stand-in mail server (plain HTTP, pinned to CPU 1) holds every Ping unanswered, answers
+ItemOperations with ``--size`` bytes and anything else with a few bytes. The gateway
+(security off, TLS on the device leg, `serve` with one worker, pinned to CPU 0) carries:
+``--parked`` TLS devices whose Pings it parks; a probe device sending a small Sync every
+10 ms over one keep-alive TLS connection (its latency says how long others waited while a
+big answer went through); and ``--fetches`` big fetches one after the other, each on a
+new TLS connection, read to the last byte by a blocking ssl socket (CPU 1). Per run:
+time to last byte (median, max), the probe's p99 and max during the fetches, the
+worker's CPU per fetch, and from its slow-step log (SEG_FAST_SLOW_STEP_MS=5) the steps
+and batches over 5 ms of CPU. ``--base TREE``: another checkout (built) run alternately.
+Claims nothing about devices per core: it isolates what one big answer costs the loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import trustme
+
+HERE = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+PATH = "/Microsoft-Server-ActiveSync?Cmd={cmd}&User=u1&DeviceId=DEV{n}&DeviceType=iPhone"
+HEADERS = ("Authorization: Basic dTE6c2VjcmV0\r\nMS-ASProtocolVersion: 14.1\r\n"
+           "User-Agent: Apple-iPhone15C2/2104.100\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n")
+PING_BODY = bytes.fromhex("03016a00000d454803363030000101")   # Ping, HeartbeatInterval 600
+SYNC_BODY = bytes.fromhex("03016a00455c4f4b033100015203310001010101")
+FETCH_BODY = bytes.fromhex("03016a000014454647034d61696c626f780001001151036174743100010101")
+
+POLICY_GENERAL = {"mail_client": {"enabled": True, "mode": "allow", "values": ["Apple-iPhone*"]}}
+
+MAIL = r'''
+import sys, trio
+SIZE = int(sys.argv[1])
+BIG = b"x" * SIZE
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: %d\r\n\r\n"
+SMALL = HEAD % 13 + bytes.fromhex("03016a00000d45470331000101")
+async def conn(stream):
+    buf = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                d = await stream.receive_some(65536)
+                if not d:
+                    return
+                buf += d
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            n = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    n = int(line.split(b":")[1])
+            while len(buf) < n:
+                d = await stream.receive_some(65536)
+                if not d:
+                    return
+                buf += d
+            buf = buf[n:]
+            first = head.split(b"\r\n", 1)[0]
+            if b"Cmd=Ping" in first:
+                await trio.sleep_forever()
+            elif b"Cmd=ItemOperations" in first:
+                await stream.send_all(HEAD % SIZE)
+                await stream.send_all(BIG)
+            else:
+                await stream.send_all(SMALL)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+async def main():
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(conn, listeners)
+trio.run(main)
+'''
+
+
+def request(cmd: str, n: int, body: bytes = b"") -> bytes:
+    return (f"POST {PATH.format(cmd=cmd, n=n)} HTTP/1.1\r\nHost: gw\r\n{HEADERS}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def read_answer(s) -> int:
+    """Read one HTTP answer (Content-Length) from a blocking socket; its body length."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = s.recv(65536)
+        if not d:
+            raise ConnectionError("closed before the answer head")
+        buf += d
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    n = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            n = int(line.split(b":")[1])
+    got = len(rest)
+    scratch = bytearray(1 << 20)
+    while got < n:
+        k = s.recv_into(scratch)
+        if not k:
+            raise ConnectionError("closed mid-answer")
+        got += k
+    if status != 200:
+        raise ConnectionError(f"answer {status}: {rest[:200]!r}")
+    return n
+
+
+def worker_cpu(pid: int) -> float:
+    """CPU seconds of the serve's processes (``pid`` and its children)."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(name) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def slow_counts(log: Path, t0: float, t1: float, over_cpu: float = 5.0) -> dict:
+    """Steps and batches over ``over_cpu`` ms of CPU between t0 and t1 (epoch s)."""
+    step = re.compile(r"^(\S+) slow step \S+ ms cpu (\S+) ms .*task=(\S+) at (.*)$")
+    batch = re.compile(r"^(\S+) slow batch \S+ ms cpu (\S+) ms steps (\d+)")
+    steps: dict[str, list] = {}
+    batches = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = step.match(line)
+        if m and t0 <= float(m.group(1)) <= t1 and float(m.group(2)) >= over_cpu:
+            key = m.group(3).rsplit(".", 1)[-1] + " @ " + m.group(4).split(" (")[0]
+            steps.setdefault(key, []).append(float(m.group(2)))
+            continue
+        m = batch.match(line)
+        if m and t0 <= float(m.group(1)) <= t1 and float(m.group(2)) >= over_cpu:
+            batches.append(float(m.group(2)))
+    return {"steps_over": sum(len(v) for v in steps.values()),
+            "step_max_cpu_ms": max((max(v) for v in steps.values()), default=0.0),
+            "steps_by_place": {k: [len(v), round(max(v), 1)] for k, v in sorted(steps.items(), key=lambda kv: -len(kv[1]))[:6]},
+            "batches_over": len(batches), "batch_max_cpu_ms": max(batches, default=0.0)}
+
+
+def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="seg-bigfetch-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp / "gateway.toml"
+    cfg.write_text(f'workers = 1\nstate_dir = "{tmp}"\n[listener]\nhost = "127.0.0.1"\nport = {port}\n'
+                   f'tls_cert = "{cert_dir}/cert.pem"\ntls_key = "{cert_dir}/key.pem"\n'
+                   f'[upstream]\nurl = "http://127.0.0.1:{mail_port}"\n[admin]\nenabled = false\n'
+                   f'[log]\nlevel = "warn"\n[limits]\nmax_connections_per_address = 0\n'
+                   f'[policy]\nsqlite_path = "{tmp}/policy.db"\n'
+                   f'[security]\nmaster_key_file = "{tmp}/master.key"\nkey_state_file = "{tmp}/keys.json"\n')
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"), SEG_FAST_STATE_DIR=str(tmp / "state"))
+    if args.slow_steps:
+        env["SEG_FAST_SLOW_STEP_MS"] = "5"     # the instrument costs CPU per step: not in timed runs
+    # Security off: the sizing run's general policies without its managed-device ones.
+    (tmp / "policies.json").write_text(json.dumps({"policies": {"general": POLICY_GENERAL}, "devices": []}))
+    subprocess.run([sys.executable, "-m", "seg_fast", "policy", "load", str(tmp / "policies.json"), "--config",
+                    str(cfg)], env=env, cwd=tmp, check=True, capture_output=True)
+    err = tmp / "serve.err"
+    proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env, cwd=tmp,
+                            stdout=subprocess.DEVNULL, stderr=err.open("wb"),
+                            preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.check_hostname = False
+    held = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit(f"serve of {tree} did not start: {err.read_text()[-2000:]}")
+                time.sleep(0.1)
+
+        def tls():
+            raw = socket.create_connection(("127.0.0.1", port), 30)
+            return ctx.wrap_socket(raw, server_hostname="localhost")
+
+        for i in range(args.parked):            # parked Pings, left unread
+            s = tls()
+            s.sendall(request("Ping", i, PING_BODY))
+            held.append(s)
+        time.sleep(2.0)                         # they park; the ramp's refreeze and collections settle
+        probe_out = tmp / "probe.txt"
+        probe_out.write_text("")
+        probe = subprocess.Popen([sys.executable, __file__, "--probe-child", str(port), str(cert_dir / "ca.pem"),
+                                  str(probe_out)], preexec_fn=lambda: os.sched_setaffinity(0, {1})) \
+            if args.probe else None
+        time.sleep(1.0)
+        ttlb, direct = [], []
+        lag_seconds: dict[int, float] = {}
+
+        def lag_snapshot() -> dict:
+            for f in (tmp / "state" / "stats").glob("worker-*.json"):
+                lag = json.loads(f.read_text()).get("loop_lag") or {}
+                for sec, ms in lag.get("max_per_second", []):
+                    lag_seconds[sec] = max(ms, lag_seconds.get(sec, 0.0))
+                return lag
+            return {}
+
+        hist0 = lag_snapshot().get("histogram_ms", {})
+        t_wall0, c0 = time.time(), worker_cpu(proc.pid)
+        p0 = time.perf_counter()
+        for i in range(args.fetches):
+            t = time.perf_counter()
+            s = tls()
+            s.sendall(request("ItemOperations", 1000000 + i, FETCH_BODY))
+            got = read_answer(s)
+            if got != args.size:
+                raise SystemExit(f"the fetch answered {got} bytes, not {args.size}")
+            ttlb.append((time.perf_counter() - t) * 1000.0)
+            s.close()
+            t = time.perf_counter()
+            d = socket.create_connection(("127.0.0.1", mail_port), 30)
+            d.sendall(request("ItemOperations", 1000000 + i, FETCH_BODY))
+            read_answer(d)
+            direct.append((time.perf_counter() - t) * 1000.0)
+            d.close()
+            time.sleep(0.2)
+            lag_snapshot()
+        p1 = time.perf_counter()
+        cpu = worker_cpu(proc.pid) - c0
+        t_wall1 = time.time()
+        time.sleep(1.1)
+        hist1 = lag_snapshot().get("histogram_ms", {})
+        lag_in = [ms for sec, ms in lag_seconds.items() if t_wall0 <= sec <= t_wall1]
+        over = {k: hist1.get(k, 0) - hist0.get(k, 0) for k in hist1}
+        if probe is not None:
+            probe.terminate()
+            probe.wait(10)
+        probe_lat = [tuple(map(float, line.split())) for line in probe_out.read_text().splitlines() if line]
+        during = sorted(ms for t, ms in probe_lat if p0 <= t <= p1)
+        k = max(0, int(len(during) * 0.99) - 1)
+        time.sleep(0.5)
+        return {"ttlb_ms_median": round(statistics.median(ttlb), 1), "ttlb_ms_max": round(max(ttlb), 1),
+                "direct_plain_ms_median": round(statistics.median(direct), 1),
+                "probe_n": len(during), "probe_p99_ms": round(during[k], 2) if during else None,
+                "probe_max_ms": round(during[-1], 2) if during else None,
+                "loop_lag_max_ms": round(max(lag_in, default=0.0), 1),
+                "loop_lag_samples_over_20ms": sum(v for k, v in over.items() if k in ("le_50", "le_100", "le_200",
+                                                                                       "le_500", "le_1000", "inf")),
+                "serve_cpu_ms_per_fetch": round(cpu / args.fetches * 1000.0, 1),
+                **slow_counts(err, t_wall0, t_wall1)}
+    finally:
+        for s in held:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def probe_child(port: int, ca_path: str, out: str) -> None:
+    """A small Sync every 10 ms on one keep-alive TLS connection: (perf_counter at send, ms) lines."""
+    ctx = ssl.create_default_context(cafile=ca_path)
+    ctx.check_hostname = False
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), 30), server_hostname="localhost")
+    msg = request("Sync", 999999, SYNC_BODY)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    with open(out, "w", buffering=1) as f:
+        while True:
+            t = time.perf_counter()
+            s.sendall(msg)
+            read_answer(s)
+            f.write(f"{t:.6f} {(time.perf_counter() - t) * 1000.0:.3f}\n")
+            time.sleep(0.01)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--probe-child":
+        probe_child(int(argv[1]), argv[2], argv[3])
+        return 0
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parked", type=int, default=3000)
+    ap.add_argument("--fetches", type=int, default=12)
+    ap.add_argument("--size", type=int, default=10 * 1024 * 1024)
+    ap.add_argument("--base", type=Path)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--key", default="big_fetch")
+    ap.add_argument("--no-probe", dest="probe", action="store_false",
+                    help="no probe device (the worker's CPU is then the fetches' and the parked Pings' alone)")
+    ap.add_argument("--slow-steps", action="store_true", help="log the worker's steps over 5 ms (costs CPU)")
+    args = ap.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.sched_setaffinity(0, {1})
+    ca = trustme.CA()
+    cert_dir = Path(tempfile.mkdtemp(prefix="seg-bigfetch-certs-"))
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(cert_dir / "cert.pem"))
+    for pem in leaf.cert_chain_pems[1:]:
+        pem.write_to_path(str(cert_dir / "cert.pem"), append=True)
+    leaf.private_key_pem.write_to_path(str(cert_dir / "key.pem"))
+    ca.cert_pem.write_to_path(str(cert_dir / "ca.pem"))
+    mail = subprocess.Popen([sys.executable, "-c", MAIL, str(args.size)], stdout=subprocess.PIPE,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {1}))
+    mail_port = int(mail.stdout.readline())
+    trees = {"this": HERE}
+    if args.base:
+        trees = {"base": args.base.resolve(), **trees}
+    runs: dict[str, list] = {k: [] for k in trees}
+    try:
+        for _ in range(args.rounds):
+            for name, tree in trees.items():
+                r = one_run(tree, args, mail_port, ca, cert_dir)
+                runs[name].append(r)
+                print(name, json.dumps(r), flush=True)
+    finally:
+        mail.kill()
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = {f: round(statistics.median(r[f] for r in rs), 2)
+                         for f in ("loop_lag_max_ms", "loop_lag_samples_over_20ms", "ttlb_ms_median", "ttlb_ms_max", "direct_plain_ms_median", "probe_p99_ms",
+                                   "probe_max_ms", "serve_cpu_ms_per_fetch", "steps_over", "step_max_cpu_ms",
+                                   "batches_over", "batch_max_cpu_ms")}
+    out = {"parked": args.parked, "fetches": args.fetches, "size": args.size, "medians": summary, "runs": runs}
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        data = json.loads(args.json.read_text()) if args.json.exists() else {}
+        data[args.key] = out
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
