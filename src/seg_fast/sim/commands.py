@@ -143,6 +143,9 @@ def provision(ctx: Ctx) -> Answer:
             # Step 1: the policy document and a temporary key.
             dev.temp_key = _policy_key(ctx, "temp")
             dev.policy_key = None
+            if len(out) == 1 and ptype == "MS-EAS-Provisioning-WBXML":
+                # every device's set-up asks for it: encoded once, the key put in
+                return Answer(200, [(b"content-type", WBXML_TYPE)], _policy_answer(dev.temp_key))
             body = (E("Provision:EASProvisionDoc", *[E("Provision:" + k, v) for k, v in POLICY])
                     if ptype == "MS-EAS-Provisioning-WBXML" else WAP_POLICY)
             reply = [E("Provision:PolicyType", ptype), E("Provision:Status", 1),
@@ -159,6 +162,38 @@ def provision(ctx: Ctx) -> Answer:
     return wbxml(E("Provision:Provision", *out))
 
 
+def _policy_tree(key: str) -> Element:
+    """Provision step 1's answer to a device that sent nothing else (the fleet's)."""
+    doc = E("Provision:EASProvisionDoc", *[E("Provision:" + k, v) for k, v in POLICY])
+    return E("Provision:Provision", E("Provision:Status", 1), E("Provision:Policies", E(
+        "Provision:Policy", E("Provision:PolicyType", "MS-EAS-Provisioning-WBXML"),
+        E("Provision:Status", 1), E("Provision:PolicyKey", key), E("Provision:Data", doc))))
+
+
+@functools.lru_cache(maxsize=1)
+def _policy_parts() -> tuple[bytes, bytes] | None:
+    """The encoded step-1 answer around its PolicyKey's text (an inline string: no
+    length to patch), or None if the codec did not encode it so (every answer is then
+    encoded whole). Proved on keys of both lengths a key can have (9 and 10 digits)."""
+    mark = "\x01policykey\x01"
+    whole = encode(_policy_tree(mark))
+    at = whole.find(mark.encode())
+    if at < 0 or whole.count(mark.encode()) != 1:
+        return None
+    parts = (whole[:at], whole[at + len(mark):])
+    for probe in ("100000000", "2147483647"):
+        if parts[0] + probe.encode() + parts[1] != encode(_policy_tree(probe)):
+            return None
+    return parts
+
+
+def _policy_answer(key: str) -> bytes:
+    parts = _policy_parts()
+    if parts is None:
+        return encode(_policy_tree(key))
+    return parts[0] + key.encode() + parts[1]
+
+
 def _policy_key(ctx: Ctx, step: str) -> str:
     rng = random.Random(f"{ctx.sim.seed}/{ctx.mbox.user}/{ctx.dev.id}/{step}/{ctx.sim.next_serial()}")
     return str(rng.randrange(10**8, 2**31))
@@ -171,16 +206,23 @@ def folder_sync(ctx: Ctx) -> Answer:
     dev = ctx.dev
     if key == "0":
         dev.folder_key = 1
-        adds = [E("FolderHierarchy:Add", E("FolderHierarchy:ServerId", sid),
-                  E("FolderHierarchy:ParentId", "0"), E("FolderHierarchy:DisplayName", name),
-                  E("FolderHierarchy:Type", ftype)) for sid, name, ftype, _ in FOLDERS]
-    elif key is not None and dev.folder_key and key == str(dev.folder_key):
-        adds = []
-    else:
+        # the same for every device (SyncKey 1, the same folders): encoded once
+        return Answer(200, [(b"content-type", WBXML_TYPE)], _first_folder_sync())
+    if key is None or not dev.folder_key or key != str(dev.folder_key):
         return wbxml(E("FolderHierarchy:FolderSync", E("FolderHierarchy:Status", 9)))
     return wbxml(E("FolderHierarchy:FolderSync", E("FolderHierarchy:Status", 1),
                    E("FolderHierarchy:SyncKey", dev.folder_key),
-                   E("FolderHierarchy:Changes", E("FolderHierarchy:Count", len(adds)), *adds)))
+                   E("FolderHierarchy:Changes", E("FolderHierarchy:Count", 0))))
+
+
+@functools.lru_cache(maxsize=1)
+def _first_folder_sync() -> bytes:
+    adds = [E("FolderHierarchy:Add", E("FolderHierarchy:ServerId", sid),
+              E("FolderHierarchy:ParentId", "0"), E("FolderHierarchy:DisplayName", name),
+              E("FolderHierarchy:Type", ftype)) for sid, name, ftype, _ in FOLDERS]
+    return encode(E("FolderHierarchy:FolderSync", E("FolderHierarchy:Status", 1),
+                    E("FolderHierarchy:SyncKey", 1),
+                    E("FolderHierarchy:Changes", E("FolderHierarchy:Count", len(adds)), *adds)))
 
 
 # -- bodies ---------------------------------------------------------------------------
