@@ -6,8 +6,8 @@ A stand-in mail server (this process, CPU 1) answers ItemOperations with one inl
 string of a PDF of the asked size (BENCH-PROFILE's 2 MB and 10 MB fetches), Content-Length
 framed. Two `seg-fast serve --workers 1` of this tree, each pinned to CPU 0, security on
 (the profile's policies: a managed device's PDF is sealed): one as it is (the fetch sealed
-while it streams, proxy/sealstream.py), one with ``SEG_FAST_STREAM_SEAL=0`` (read whole,
-sealed in the transform thread, written whole). Each round fetches once directly from the
+while it streams, proxy/sealstream.py), one with ``security.stream_seal = false`` (read
+whole, sealed in the transform thread, written whole). Each round fetches once directly from the
 stand-in server and once through each gateway, in turn, each on a new plain connection,
 timed from the request's write to the answer's last byte (a blocking socket on CPU 1);
 every gateway answer is checked (status 200, the envelope opens with the gateway's keys to
@@ -124,15 +124,15 @@ def fetch(port: int, size: int) -> tuple[float, int, bytes]:
     return dt, status, body
 
 
-def start(tmp: Path, up: int, env_extra: dict) -> tuple[subprocess.Popen, int]:
+def start(tmp: Path, up: int, stream_seal: bool) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cfg = tmp / f"gateway-{port}.toml"
     cfg.write_text('workers = 1\n' f'[listener]\nhost = "127.0.0.1"\nport = {port}\n'
                    f'[upstream]\nurl = "http://127.0.0.1:{up}"\n' "[admin]\nenabled = false\n"
                    f'[policy]\nsqlite_path = "{tmp}/policy.db"\n'
-                   f'[security]\nmaster_key_file = "{tmp}/master.key"\nkey_state_file = "{tmp}/keys.json"\n')
-    env = dict(os.environ, PYTHONPATH=str(TREE / "src"), SEG_FAST_STATE_DIR=str(tmp / f"state-{port}"),
-               **env_extra)
+                   f'[security]\nmaster_key_file = "{tmp}/master.key"\nkey_state_file = "{tmp}/keys.json"\n'
+                   f"stream_seal = {'true' if stream_seal else 'false'}\n")
+    env = dict(os.environ, PYTHONPATH=str(TREE / "src"), SEG_FAST_STATE_DIR=str(tmp / f"state-{port}"))
     proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env, cwd=tmp,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
@@ -166,11 +166,11 @@ def main(argv=None) -> int:
     up = mail_server({n: fetch_answer(p) for n, p in pdfs.items()})
     tmp = Path(tempfile.mkdtemp(prefix="seg-stream-seal-"))
     store(tmp)
-    paths = {"whole": {"SEG_FAST_STREAM_SEAL": "0"}, "stream": {"SEG_FAST_STREAM_SEAL": "1"}}
+    paths = {"whole": False, "stream": True}
     gws = {}
     try:
-        for name, env in paths.items():
-            gws[name] = start(tmp, up, env)
+        for name, on in paths.items():
+            gws[name] = start(tmp, up, on)
         opener = Opener(str(tmp / "master.key"), str(tmp / "keys.json"))
         times = {n: {p: [] for p in ("direct", *paths)} for n in sizes}
         cpu = {n: {p: 0.0 for p in paths} for n in sizes}

@@ -10,7 +10,7 @@
   base64 broke its stream is read whole the next time (the whole path decodes leniently);
 - closing before the Data string: 503, as the whole path;
 - a file the policy lets through streams as it came (Content-Length);
-- ``SEG_FAST_STREAM_SEAL=0``: every answer whole (Content-Length), the same bytes.
+- ``security.stream_seal = false``: every answer whole (Content-Length), the same bytes.
 """
 from __future__ import annotations
 
@@ -90,12 +90,13 @@ def mail_server():
 
 
 @contextlib.contextmanager
-def _gateway(tmp_path, mail_server):
+def _gateway(tmp_path, mail_server, stream_seal: bool = True):
     """A running `seg-fast serve` in front of ``mail_server``: (its port, an Opener of its envelopes)."""
     _store(tmp_path)
     port = _free_port()
     cfg = test_whole_body._config(tmp_path, port, mail_server.port, 64 << 20)
-    cfg.write_text(cfg.read_text() + f'[log]\ntransactions = "{tmp_path}/tx.log"\n')
+    cfg.write_text(cfg.read_text() + f"stream_seal = {'true' if stream_seal else 'false'}\n"
+                   f'[log]\ntransactions = "{tmp_path}/tx.log"\n')
     proc = start_serve(cfg, tmp_path)
     try:
         wait_listening(port, proc)
@@ -205,9 +206,8 @@ def test_fetch_sealed_as_it_streams_through_serve(tmp_path, mail_server):
         _same(got, _whole_path(tmp_path, GOOD), opener, PDF)
 
 
-def test_stream_seal_off_by_environment(tmp_path, mail_server, monkeypatch):
-    monkeypatch.setenv("SEG_FAST_STREAM_SEAL", "0")
-    with _gateway(tmp_path, mail_server) as (port, opener):
+def test_stream_seal_off_in_the_config(tmp_path, mail_server):
+    with _gateway(tmp_path, mail_server, stream_seal=False) as (port, opener):
         status, headers, got = _fetch_from(port, "pieces")
         assert status == 200 and int(headers["content-length"]) == len(got)
         _same(got, _whole_path(tmp_path, GOOD), opener, PDF)

@@ -39,7 +39,7 @@ from seg_fast.eas.request import EasRequest
 from seg_fast.eas.wbxml import Element as E, encode, scan
 from seg_fast.policy.model import DeviceRecord, PolicyDocument
 from seg_fast.policy.store import SqliteStore
-from seg_fast.proxy import exchange, sealstream
+from seg_fast.proxy import exchange
 from seg_fast.proxy.gateway import Gateway
 from seg_fast.sim.corpus import REWRITE_DOMAINS, Corpus, _make_pdf
 from seg_fast.sim.oracle import Opener
@@ -349,14 +349,14 @@ def test_small_answer_served_while_a_large_one_is_transformed(tmp_path, upstream
     assert ran_on_loop == {"pdf-big": False, "links-small": True}
 
 
-def test_device_gone_mid_transform_leaves_nothing_held(tmp_path, upstream, held, monkeypatch):
+def test_device_gone_mid_transform_leaves_nothing_held(tmp_path, upstream, held):
     _store(tmp_path)
     # A fetch read whole (the streaming seal, proxy/sealstream.py, would not hold it: its own tests).
-    monkeypatch.setattr(sealstream, "ENABLED", False)
+    env = dict(_env(tmp_path, upstream), SEG_FAST_SECURITY_STREAM_SEAL="false")
 
     async def main():
         held.loop_thread = threading.get_ident()
-        gw = Gateway(load_config(None, env=_env(tmp_path, upstream)))
+        gw = Gateway(load_config(None, env=env))
         async with trio.open_nursery() as nursery:
             await nursery.start(gw.serve)
             command = "ItemOperations"

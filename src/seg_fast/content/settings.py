@@ -29,6 +29,10 @@ class ContentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, 
     # do. "href" alone keeps <img src> and CSS url() images loading; add "src",
     # "background", "style" (CSS url()) ... to send those through the secure browser too.
     link_attributes: tuple[str, ...] = ("href",)
+    # Seal a fetched attachment (ItemOperations inline Data, GetAttachment) of 256 KB or
+    # more while its answer streams to the device, not after reading it whole
+    # (proxy/sealstream.py): the same envelope, the device's wait no longer read + seal + write.
+    stream_seal: bool = True
 
     def __post_init__(self) -> None:
         if len(self.link_attributes) > 16 or not all(

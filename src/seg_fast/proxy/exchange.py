@@ -604,7 +604,7 @@ async def _finish(gw, dev, up: UpstreamConn, req, answer: h11.Response, answer_t
             headers.append((b"Connection", b"connection", b"close"))
         rec.status = status
         if answer_tx and status == 200:
-            if whole and sealstream.candidate(dev, answer, req, answer_tx, gw.config.security.max_transform_bytes):
+            if whole and sealstream.candidate(gw, dev, answer, req, answer_tx):
                 # A fetched file sealed as its answer streams (or passed on, or back to the whole path).
                 carried = await sealstream.carry(gw, dev, up, answer, req, status, headers, reason, answer_tx, rec)
                 if carried is not None:

@@ -25,11 +25,10 @@ A GetAttachment answer is the file itself: the envelope (header, AES-GCM of the 
 arrives, tag) goes out with the Content-Length it will have, the new Content-Type and file
 name as the whole path writes them.
 
-``SEG_FAST_STREAM_SEAL=0`` in the environment turns this off (every such answer whole).
+``security.stream_seal = false`` in the config turns this off (every such answer whole).
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
 import h11
@@ -40,8 +39,6 @@ from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy import http1
 from seg_fast.proxy.upstream import UpstreamError
 
-ENV = "SEG_FAST_STREAM_SEAL"
-ENABLED = os.environ.get(ENV, "1") != "0"
 # Smaller answers are sealed whole on the loop in about a millisecond: nothing to gain.
 MIN_BYTES = 256 * 1024
 # One read's most while streaming (its seal is inline: ~0.3 ms for 256 KB here).
@@ -57,9 +54,11 @@ class StreamBroken(Exception):
     """The answer cannot be finished after its head went out: the device connection closes."""
 
 
-def candidate(dev, head, req, answer_tx, limit: int) -> bool:
+def candidate(gw, dev, head, req, answer_tx) -> bool:
     """Whether this answer may be sealed as it streams (else the whole path as before)."""
-    if not ENABLED or req.command not in _COMMANDS or len(answer_tx) != 1 or dx.PENDING:
+    security = gw.config.security
+    limit = security.max_transform_bytes
+    if not security.stream_seal or req.command not in _COMMANDS or len(answer_tx) != 1 or dx.PENDING:
         return False
     if not hasattr(answer_tx[0], "stream_fetch"):
         return False
