@@ -22,6 +22,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import ssl
@@ -29,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -273,6 +273,8 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if not args.slow_steps:
+            shutil.rmtree(tmp, ignore_errors=True)    # (with --slow-steps the worker's log stays)
 
 
 def probe_child(port: int, ca_path: str, out: str) -> None:
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
                     help="no probe device (the worker's CPU is then the fetches' and the parked Pings' alone)")
     ap.add_argument("--slow-steps", action="store_true", help="log the worker's steps over 5 ms (costs CPU)")
     args = ap.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.sched_setaffinity(0, {1})
     ca = trustme.CA()
@@ -334,6 +336,7 @@ def main(argv=None) -> int:
                 print(name, json.dumps(r), flush=True)
     finally:
         mail.kill()
+        shutil.rmtree(cert_dir, ignore_errors=True)
     summary = {}
     for name, rs in runs.items():
         summary[name] = {f: round(statistics.median(r[f] for r in rs), 2)
