@@ -277,10 +277,11 @@ async def test_young_collection_interval_adapts_to_their_length(monkeypatch):
 
 async def test_in_slices_counts_the_work_of_the_tasks_it_started(monkeypatch):
     """A slice's actions start tasks (a resumed Ping's answer) that run in the next batch,
-    before or after in_slices' own task (trio reverses a batch at random): when it runs first,
-    its next slice's time includes them. With each started task costing 1 ms in its first
-    step (a fake clock) and a 5 ms step, no batch runs more than 16 of them (the first slice,
-    then at most 2 x 5), however trio orders the batches."""
+    before or after in_slices' own task (trio reverses a batch at random). With each started
+    task costing 1 ms in its first step (a fake clock) and a 5 ms step, no batch runs more than
+    16 of them (the first slice, then at most 2 x 5), however trio orders the batches. Timed
+    across one pass only, the first slice was timed without its tasks about half of the time
+    and doubled (32 in a batch)."""
     from seg_fast.proxy import looplag
 
     clock = [0.0]
@@ -308,3 +309,38 @@ async def test_in_slices_counts_the_work_of_the_tasks_it_started(monkeypatch):
     per_batch.append(current[0])
     assert sum(per_batch) == 2000
     assert max(per_batch) <= 16, per_batch
+
+
+async def test_in_slices_ends_a_slice_once_its_own_actions_used_the_step(monkeypatch):
+    """A slice sized by cheaper past actions ends early when its own actions pass the step's
+    share: with each action costing 1 ms (a fake clock), a 5 ms step and a first slice of
+    256, no step runs more than 6 of them. Before, the whole slice ran in one step (256 ms)."""
+    from seg_fast.proxy import looplag
+
+    clock = [0.0]
+    monkeypatch.setattr(looplag.time, "perf_counter", lambda: clock[0])
+    slices: list[int] = []
+    current = [0]
+
+    class Steps(trio.abc.Instrument):
+        def after_io_wait(self, timeout):
+            if current[0]:
+                slices.append(current[0])
+            current[0] = 0
+
+    done: list[int] = []
+
+    def action(item):
+        clock[0] += 0.001
+        current[0] += 1
+        done.append(item)
+
+    steps = Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        await looplag.in_slices(list(range(1000)), action, step_ms=5.0, first=256)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    slices.append(current[0])
+    assert done == list(range(1000))              # each item once, in order
+    assert max(slices) <= 6, slices

@@ -90,10 +90,24 @@ async def in_slices(items, action, *, step_ms: float = 5.0, first: int = 16, mos
         # Timed from before the slice's actions: starting 1,024 tasks is itself ~50 ms of one
         # step, and half of the time (trio reverses a batch at random) this task runs before
         # the tasks it started, so the wait across sleep(0) alone measured nothing.
+        # The slice also ends once its own actions have used the step's share: the size is
+        # learnt from past slices, and a slice of up to 256 whose actions cost more than those
+        # did (one worker's parking task: steps of 28-197 ms of CPU in in_slices while devices
+        # left together) held the loop for all of them in one step.
         t0 = time.perf_counter()
+        end = t0 + step_ms / 1000.0
+        done = 0
         for item in items[i:i + size]:
             action(item)
-        i += size
+            done += 1
+            if time.perf_counter() > end:
+                break
+        i += done
+        # The tasks the actions started run in the next batch, before or after this task
+        # (trio reverses a batch at random): timed across two passes, the slice's time
+        # includes them whatever the order (across one, half of the first slices were timed
+        # without them and doubled: 32 tasks in a batch where 16 were meant).
+        await trio.sleep(0)
         await trio.sleep(0)
         took = (time.perf_counter() - t0) * 1000.0
         if took > step_ms and size > 1:
