@@ -113,7 +113,9 @@ def gw(tmp_path_factory):
             f'[log]\ntransactions = ""\n'
             f'[policy]\nallow_if_no_policies = false\n'
             f'[timeouts]\nrequest_head = {DEADLINE}\nrequest_body = {DEADLINE}\ndevice_write = {DEADLINE}\n'
-            f'[limits]\nmax_connections_per_address = {PER_ADDRESS}\nmax_unsent_bytes = {UNSENT}\n')
+            f'[limits]\nmax_connections_per_address = {PER_ADDRESS}\nmax_unsent_bytes = {UNSENT}\n'
+            # the buffered path (a fetch streamed instead holds no whole answer: sealstream.py)
+            f'[security]\nstream_seal = false\n')
         # The demo's policies: email security on, so the ItemOperations answer takes the
         # buffered (transformed) path; its docx attachment is allowed for an unmanaged device.
         subprocess.run([sys.executable, "-m", "seg_fast", "policy", "--config", str(cfg), "load",
