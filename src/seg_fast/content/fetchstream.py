@@ -217,11 +217,11 @@ class FetchSeal:
     out first; ``step(text)`` per piece of the Data string's base64; ``end(tail)`` with the
     answer's last bytes (the Data string's NUL and the ENDs), which must be Layout.tail."""
 
-    __slots__ = ("first", "ref", "_dec", "_gcm", "_enc", "_tail_in", "_tail_out")
+    __slots__ = ("first", "user", "ref", "_dec", "_gcm", "_enc", "_tail_in", "_tail_out")
 
     def __init__(self, wbxml_head: bytes, wbxml_tail: bytes, tail_in: bytes, envelope_head: bytes, key: bytes,
-                 decoder: _Decoder, plain: bytes, ref: str = ""):
-        self.ref = ref                # the FileReference fetched
+                 decoder: _Decoder, plain: bytes, user: str = "", ref: str = ""):
+        self.user, self.ref = user, ref   # whose FileReference was fetched
         self._dec = decoder
         self._gcm = GcmStream(key, envelope_head[14:26], envelope_head)
         self._enc = _Encoder()

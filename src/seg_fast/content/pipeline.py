@@ -610,13 +610,14 @@ class EmailSecurityTransform:
         kind, action = plan.action(name, head)
         return name, kind, action
 
-    def stream_fetch(self, req, status: int, headers, prefix: bytes, lay):
+    def stream_fetch(self, req, status: int, headers, prefix: bytes, lay, whole=()):
         """For proxy/sealstream.py: what the whole path would do with an ItemOperations answer
         of fetchstream.Layout ``lay`` whose first bytes are ``prefix`` (through the Data
         string's first min(HEAD_CHARS, lay.data_len) characters): None (read it whole: the
         whole path decides), PASS (it would leave the answer as it is) or a
         fetchstream.FetchSeal making the sealed answer's bytes. ValueError: the Data string
-        does not start as strict base64 (the whole path's lenient decode may take it)."""
+        does not start as strict base64 (the whole path's lenient decode may take it).
+        ``whole``: (user lower-cased, FileReference) pairs to leave to the whole path."""
         from seg_fast.content.fetchstream import HEAD_CHARS, FetchSeal, _Decoder
         from seg_fast.eas.wbxml import scan, splice
 
@@ -644,7 +645,10 @@ class EmailSecurityTransform:
         if len(plain) < _VERDICT_BYTES and len(text) < lay.data_len:
             return None
         ref = _str(probe, ref_sp)
-        got = self._sealing(req.user or self.plan.user, ref, ctype, plain)
+        user = req.user or self.plan.user
+        if (user.lower(), ref) in whole:
+            return None
+        got = self._sealing(user, ref, ctype, plain)
         if got is None or got == PASS:
             return got
         _shown, head, key = got
@@ -654,7 +658,7 @@ class EmailSecurityTransform:
             edits.append((ctype_sp, _as_kind(ctype_sp, ENVELOPE_CONTENT_TYPE.encode())))
         out = splice(probe, edits)
         at = out.find(mark.encode("ascii"))
-        return FetchSeal(out[:at], out[at + len(mark):], lay.tail, head, key, decoder, plain, ref)
+        return FetchSeal(out[:at], out[at + len(mark):], lay.tail, head, key, decoder, plain, user, ref)
 
     def _blocked(self, shown: str):
         counts.add("block")

@@ -102,14 +102,10 @@ async def carry(gw, dev, up, head, req, status: int, headers, reason: bytes, ans
     except UpstreamError as exc:
         await ex._unavailable(gw, dev, rec, str(exc))
         return rec.status
-    t = answer_tx[0]
-    user = req.user or ""
     try:
-        plan = t.stream_fetch(req, status, hdrs.pairs(headers), buf[:need], lay)
+        plan = answer_tx[0].stream_fetch(req, status, hdrs.pairs(headers), buf[:need], lay, _WHOLE_NEXT)
     except ValueError:
         plan = None                   # not strict base64 from the start: the whole path decides
-    if plan is not None and plan != PASS and (user.lower(), plan.ref) in _WHOLE_NEXT:
-        plan = None
     if plan is None or plan == PASS:
         return await _unsealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan, buf)
     await _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan, lay, buf, need)
@@ -213,7 +209,7 @@ async def _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan
         put(plan.end(tail))
     except ValueError as exc:
         why = f"ItemOperations Data could not be sealed as it streamed: {exc}"
-        _whole_next(req, plan)
+        _whole_next(plan)
     except StreamBroken:
         pass
     if why is not None:
@@ -228,8 +224,8 @@ async def _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan
     await dev.send_parts(pending)
 
 
-def _whole_next(req, plan) -> None:
-    key = ((req.user or "").lower(), plan.ref)
+def _whole_next(plan) -> None:
+    key = (plan.user.lower(), plan.ref)
     _WHOLE_NEXT[key] = True
     _WHOLE_NEXT.move_to_end(key)
     while len(_WHOLE_NEXT) > _WHOLE_NEXT_MAX:
