@@ -166,3 +166,73 @@ def test_unsealed_attachments_with_security_on_fail_the_run(clean, monkeypatch):
     v = _verdict(clean, p, "on")
     assert not v["meets"]
     assert any("Sync.security" in b for b in v["broke"]), v["broke"]
+
+
+def test_large_answers_checked_in_the_oracles_thread_still_fail_the_run(clean, monkeypatch):
+    # every fetched attachment and sampled MIME message checked in the shard's oracle
+    # thread (sim/checks.py): what it finds wrong still fails the run
+    monkeypatch.setenv("SEG_FAST_ORACLE_THREAD_BYTES", "0")
+    monkeypatch.setattr(sizing, "checks_for", lambda path, opts: "security")
+    p = _path(_opts(security="on"))
+    assert p["checks_offloaded"] > 0
+    assert p["failures"].get("ItemOperations.security", 0) > 0, p["failures"]
+    assert any("ItemOperations.security" in s and ("not sealed" in s or "in the clear" in s)
+               for s in p["failure_samples"]), p["failure_samples"]
+
+
+def test_the_oracles_thread_counts_failures_and_is_waited_for():
+    from seg_fast.sim.checks import MAX_PENDING, Checks
+    from seg_fast.sim.fleet import Stats
+    import threading
+
+    st = Stats()
+    checks = Checks(st)
+    gate = threading.Event()
+    threads = set()
+
+    def check(i):
+        threads.add(threading.get_ident())
+        gate.wait(20)
+        if i == 3:
+            raise ValueError("broken oracle")
+        return "wrong" if i % 2 else None
+
+    for i in range(MAX_PENDING + 2):
+        if i == MAX_PENDING:
+            gate.set()
+            checks.wait()              # drains the thread so the next ones queue again
+        checks.run("ItemOperations.security", f"dev{i}", check, i)
+    checks.wait()
+    assert checks.offloaded == MAX_PENDING + 2
+    assert threading.get_ident() not in threads
+    # odd i fail, i == 3 raised: counted as a failure, never a pass
+    want = sum(1 for i in range(MAX_PENDING + 2) if i % 2)
+    assert st.failures["ItemOperations.security"] == want
+    assert any("broken oracle" in s for s in st.failure_samples)
+
+
+def test_the_oracles_thread_backlog_is_bounded():
+    from seg_fast.sim.checks import MAX_PENDING, Checks
+    from seg_fast.sim.fleet import Stats
+    import threading
+
+    st = Stats()
+    checks = Checks(st)
+    gate = threading.Event()
+    ran_in = []
+
+    def check(i):
+        ran_in.append((i, threading.get_ident()))
+        if i < MAX_PENDING:
+            gate.wait(20)
+        return None
+
+    for i in range(MAX_PENDING + 1):
+        checks.run("Sync.security", "dev", check, i)
+    # the one past the bound ran here, before returning, while the others wait
+    assert (MAX_PENDING, threading.get_ident()) in ran_in
+    gate.set()
+    checks.wait()
+    assert checks.offloaded == MAX_PENDING
+    assert sorted(i for i, _ in ran_in) == list(range(MAX_PENDING + 1))
+    assert st.failures == {}

@@ -42,6 +42,7 @@ import resource
 import select
 import ssl
 import sys
+import threading
 import time
 from collections import defaultdict
 
@@ -49,6 +50,7 @@ import msgspec
 import trio
 
 from seg_fast.sim import fleet_eas as eas
+from seg_fast.sim.checks import Checks
 from seg_fast.sim import lean_serve
 from seg_fast.sim.oracle import Opener
 from seg_fast.sim.timerfd import Timer
@@ -150,8 +152,14 @@ class Stats:
         self.envelopes_opened = 0    # security on: sealed attachments opened and compared
         self.ready_by = 0.0          # shard time the last device finished set-up
         self.fds_max = 0             # most descriptors this process held at once
+        self._fail_lock = threading.Lock()
 
     def fail(self, kind: str, detail: str) -> None:
+        # also called from the oracle's thread (sim/checks.py)
+        with self._fail_lock:
+            self._fail(kind, detail)
+
+    def _fail(self, kind: str, detail: str) -> None:
         self.failures[kind] += 1
         if len(self.failure_samples) < 40:
             self.failure_samples.append(f"{kind}: {detail}"[:300])
@@ -890,6 +898,7 @@ class Fleet:
         self.spec = spec
         self.sim = sim
         self.stats = Stats()
+        self.checks = Checks(self.stats)   # large answers' oracle work, off the loop
         self.stopping = False
         self.go: Go | None = None
         self.clock: Clock | None = None
@@ -1056,6 +1065,7 @@ class Fleet:
                 await self.parker.close()
                 fg.cancel_scope.cancel()
             outer.cancel_scope.cancel()
+        await trio.to_thread.run_sync(self.checks.wait)
         return self.result()
 
     def census_at_stop(self, foreground: int) -> None:
@@ -1126,6 +1136,7 @@ class Fleet:
             "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "fetch_skipped": st.fetch_skipped,
             "transformed": st.transformed,
             "checked_bodies": st.checked_bodies, "envelopes_opened": st.envelopes_opened,
+            "checks_offloaded": self.checks.offloaded,
             "byte_checked": st.byte_checked, "polled": self.parker.polled,
             "facts_checked": st.facts_checked, "facts_crosschecked": st.facts_crosschecked,
             "tls_handshakes": st.tls_handshakes, "tls_resumed": st.tls_resumed,
