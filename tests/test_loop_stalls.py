@@ -154,32 +154,45 @@ async def test_in_slices_counts_the_slices_own_work(monkeypatch):
 
     clock = [0.0]
     monkeypatch.setattr(looplag.time, "perf_counter", lambda: clock[0])
-    slices: list[int] = []
-    current = [0]
-
-    class Steps(trio.abc.Instrument):
-        def after_io_wait(self, timeout):
-            if current[0]:
-                slices.append(current[0])
-            current[0] = 0
+    steps = _PerBatch()
 
     def action(item):
         clock[0] += 0.001            # each action: 1 ms of the loop
-        current[0] += 1
+        steps.tick()
 
-    steps = Steps()
-    trio.lowlevel.add_instrument(steps)
-    try:
+    with steps:
         await looplag.in_slices(list(range(2000)), action, step_ms=5.0)
-    finally:
-        trio.lowlevel.remove_instrument(steps)
-    slices.append(current[0])
+    slices = steps.batches
     assert sum(slices) == 2000
     assert max(slices) <= 16, slices           # the first slice (16), then at most 2 x 5
 
 
 class _Node:
     pass
+
+
+class _PerBatch(trio.abc.Instrument):
+    """Counts ``tick()``s per scheduler batch (between two I/O waits) while entered."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.current = 0
+
+    def tick(self) -> None:
+        self.current += 1
+
+    def after_io_wait(self, timeout) -> None:
+        if self.current:
+            self.batches.append(self.current)
+        self.current = 0
+
+    def __enter__(self) -> "_PerBatch":
+        trio.lowlevel.add_instrument(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        trio.lowlevel.remove_instrument(self)
+        self.batches.append(self.current)
 
 
 async def test_young_collections_come_from_their_own_task_not_inside_other_steps():
@@ -286,27 +299,16 @@ async def test_in_slices_counts_the_work_of_the_tasks_it_started(monkeypatch):
 
     clock = [0.0]
     monkeypatch.setattr(looplag.time, "perf_counter", lambda: clock[0])
-    per_batch: list[int] = []
-    current = [0]
-
-    class Steps(trio.abc.Instrument):
-        def after_io_wait(self, timeout):
-            if current[0]:
-                per_batch.append(current[0])
-            current[0] = 0
+    steps = _PerBatch()
 
     async def answer():
         clock[0] += 0.001            # its first step: 1 ms of the loop
-        current[0] += 1
+        steps.tick()
 
-    steps = Steps()
-    trio.lowlevel.add_instrument(steps)
-    try:
+    with steps:
         async with trio.open_nursery() as nursery:
             await looplag.in_slices(list(range(2000)), lambda item: nursery.start_soon(answer), step_ms=5.0)
-    finally:
-        trio.lowlevel.remove_instrument(steps)
-    per_batch.append(current[0])
+    per_batch = steps.batches
     assert sum(per_batch) == 2000
     assert max(per_batch) <= 16, per_batch
 
@@ -319,28 +321,16 @@ async def test_in_slices_ends_a_slice_once_its_own_actions_used_the_step(monkeyp
 
     clock = [0.0]
     monkeypatch.setattr(looplag.time, "perf_counter", lambda: clock[0])
-    slices: list[int] = []
-    current = [0]
-
-    class Steps(trio.abc.Instrument):
-        def after_io_wait(self, timeout):
-            if current[0]:
-                slices.append(current[0])
-            current[0] = 0
-
+    steps = _PerBatch()
     done: list[int] = []
 
     def action(item):
         clock[0] += 0.001
-        current[0] += 1
+        steps.tick()
         done.append(item)
 
-    steps = Steps()
-    trio.lowlevel.add_instrument(steps)
-    try:
+    with steps:
         await looplag.in_slices(list(range(1000)), action, step_ms=5.0, first=256)
-    finally:
-        trio.lowlevel.remove_instrument(steps)
-    slices.append(current[0])
+    slices = steps.batches
     assert done == list(range(1000))              # each item once, in order
     assert max(slices) <= 6, slices

@@ -54,20 +54,22 @@ def tls():
     ls.close()
 
 
-def exchange(client, addr, session=None, polite=True, read=True):
+def exchange(client, addr, session=None, polite=True, read=True, by_reference=False):
     """One connection: (its session, whether it resumed ``session``). ``read`` False:
     closed right after the handshake, before the server's new tickets are read (the
-    connection still holds ``session`` itself)."""
+    connection still holds ``session`` itself). ``by_reference``: the session read as
+    ``TlsStream.session`` gives it (a tlssession.Session reference), not CPython's copy."""
     sock = socket.create_connection(addr, timeout=10)
     stream = TlsStream(sock, client, server_hostname=NAME, session=session)
     obj = stream.ssl
     obj.do_handshake()
-    got, reused = obj.session, obj.session_reused
+    reused = obj.session_reused
+    if read:
+        assert obj.read(5) == b"hello"
+    got = stream.session if by_reference else obj.session
     if not read:
         sock.close()
         return got, reused
-    assert obj.read(5) == b"hello"
-    got = obj.session
     obj.write(b"y")
     if polite:                      # TlsStream.close's way: our close_notify, no wait
         sock.setblocking(False)
@@ -142,41 +144,16 @@ def test_layout_check_refuses_foreign_objects(tls):
         sock.close()
 
 
-def raw_exchange(client, addr, session=None, polite=True, read=True):
-    """``exchange`` with the session read as ``TlsStream.session`` gives it (a
-    tlssession.Session reference, not CPython's copy): (session, resumed)."""
-    sock = socket.create_connection(addr, timeout=10)
-    stream = TlsStream(sock, client, server_hostname=NAME, session=session)
-    obj = stream.ssl
-    obj.do_handshake()
-    reused = obj.session_reused
-    if not read:
-        got = stream.session
-        sock.close()
-        return got, reused
-    assert obj.read(5) == b"hello"
-    got = stream.session
-    obj.write(b"y")
-    if polite:
-        sock.setblocking(False)
-        try:
-            obj.shutdown()
-        except (OSError, ValueError):
-            pass
-    sock.close()
-    return got, reused
-
-
 def test_session_read_by_reference_resumes(tls):
     client, addr = tls
     assert tlssession.getter() is not None, "this CPython/libssl should prove the layout"
-    session, reused = raw_exchange(client, addr)
+    session, reused = exchange(client, addr, by_reference=True)
     assert type(session) is tlssession.Session and not reused
     # the connection it came from is gone: the reference keeps the session alive
     import gc
     gc.collect()
     assert len(session.id) == 32
-    results = [raw_exchange(client, addr, session)[1] for _ in range(20)]
+    results = [exchange(client, addr, session, by_reference=True)[1] for _ in range(20)]
     assert all(results), f"{results.count(False)} of 20 did not resume"
     # the same session CPython's copy names
     sock = socket.create_connection(addr, timeout=10)
@@ -187,11 +164,11 @@ def test_session_read_by_reference_resumes(tls):
 
 def test_session_reference_marked_not_resumable_is_copied(tls):
     client, addr = tls
-    session, _ = raw_exchange(client, addr)
+    session, _ = exchange(client, addr, by_reference=True)
     # a connection ending without close_notify before it read a new ticket marks the
     # session it holds (this very object: no copy was made) not resumable
-    assert raw_exchange(client, addr, session, polite=False, read=False)[1]
+    assert exchange(client, addr, session, polite=False, read=False, by_reference=True)[1]
     lib = tlssession._state["lib"]
     assert not lib.SSL_SESSION_is_resumable(session.ptr)
     # resumed all the same, through the copy CPython made, as before
-    assert all(raw_exchange(client, addr, session)[1] for _ in range(5))
+    assert all(exchange(client, addr, session, by_reference=True)[1] for _ in range(5))
