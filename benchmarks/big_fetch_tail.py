@@ -36,7 +36,8 @@ from pathlib import Path
 import trustme
 
 HERE = Path(__file__).resolve().parent.parent
-TICK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(HERE / "benchmarks"))
+from big_answer_cpu import tree_cpu  # noqa: E402  (the serve and its worker's CPU)
 PATH = "/Microsoft-Server-ActiveSync?Cmd={cmd}&User=u1&DeviceId=DEV{n}&DeviceType=iPhone"
 HEADERS = ("Authorization: Basic dTE6c2VjcmV0\r\nMS-ASProtocolVersion: 14.1\r\n"
            "User-Agent: Apple-iPhone15C2/2104.100\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n")
@@ -119,21 +120,6 @@ def read_answer(s) -> int:
     if status != 200:
         raise ConnectionError(f"answer {status}: {rest[:200]!r}")
     return n
-
-
-def worker_cpu(pid: int) -> float:
-    """CPU seconds of the serve's processes (``pid`` and its children)."""
-    total = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(name) == pid or int(fields[1]) == pid:
-            total += int(fields[11]) + int(fields[12])
-    return total / TICK
 
 
 def slow_counts(log: Path, t0: float, t1: float, over_cpu: float = 5.0) -> dict:
@@ -222,7 +208,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
             return {}
 
         hist0 = lag_snapshot().get("histogram_ms", {})
-        t_wall0, c0 = time.time(), worker_cpu(proc.pid)
+        t_wall0, c0 = time.time(), tree_cpu(proc.pid)
         p0 = time.perf_counter()
         for i in range(args.fetches):
             t = time.perf_counter()
@@ -242,7 +228,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
             time.sleep(0.2)
             lag_snapshot()
         p1 = time.perf_counter()
-        cpu = worker_cpu(proc.pid) - c0
+        cpu = tree_cpu(proc.pid) - c0
         t_wall1 = time.time()
         time.sleep(1.1)
         hist1 = lag_snapshot().get("histogram_ms", {})
