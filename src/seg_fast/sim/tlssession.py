@@ -29,6 +29,8 @@ import ssl
 import struct
 import sys
 
+from seg_fast import openssl
+
 _HEAD = struct.calcsize("nP")          # PyObject_HEAD: refcount, type (a release build)
 _SSL_AT = _HEAD + struct.calcsize("P")  # PySSLSocket: head, Socket (weakref), ssl
 _SESSION_AT = _HEAD                     # PySSLSession: head, session
@@ -39,20 +41,14 @@ _state: dict = {}
 
 
 def _libssl():
-    """The libssl that ``_ssl`` is linked to (the one already in this process)."""
+    """The libssl that ``_ssl`` is linked to (the one already in this process), typed
+    for this module (``openssl.libssl()`` is a CDLL of its own per call)."""
     import _ssl
-    path = None
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                if "/libssl.so" in line:
-                    path = line.split(None, 5)[5].strip()
-                    break
-    except OSError:
+    if not hasattr(_ssl, "_SSLSocket"):
         return None
-    if path is None or not hasattr(_ssl, "_SSLSocket"):
+    lib = openssl.libssl()
+    if lib is None:
         return None
-    lib = ctypes.CDLL(path)
     lib.SSL_set_session.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.SSL_set_session.restype = ctypes.c_int
     lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
