@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import ssl
 import threading
 
 import pytest
 import trio
 import trio.lowlevel
-import trustme
 
 from seg_fast.proxy import tlsio
+from tls_contexts import server_and_client
 
 SIZE = 4 * 1024 * 1024 + 123          # not a whole number of records
 
@@ -59,12 +58,7 @@ class Steps(trio.abc.Instrument):
 
 @pytest.fixture(scope="module")
 def tls():
-    ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
+    return server_and_client()
 
 
 async def test_a_big_answer_is_written_a_slice_per_step(tls):

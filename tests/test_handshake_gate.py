@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import collections
 import socket
-import ssl
 
 import pytest
 import trio
 import trio.lowlevel
-import trustme
 
 from batches import Batches
 from seg_fast.proxy import tlsio
+from tls_contexts import server_and_client
 
 N = 24
 
@@ -41,12 +40,7 @@ class Counted:
 
 @pytest.fixture(scope="module")
 def tls():
-    ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
+    return server_and_client()
 
 
 async def _handshakes_together(tls, n: int = N) -> collections.Counter:

@@ -9,21 +9,17 @@ import ssl
 import threading
 
 import pytest
-import trustme
 
 from seg_fast.sim import tlssession
 from seg_fast.sim.wire import TlsStream
+from tls_contexts import server_and_client
 
 NAME = "mail.seg-fast.test"
 
 
 @pytest.fixture(scope="module")
 def tls():
-    ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(NAME).configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
+    server, client = server_and_client(NAME)
     client.minimum_version = ssl.TLSVersion.TLSv1_3
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
@@ -81,6 +77,19 @@ def exchange(client, addr, session=None, polite=True, read=True, by_reference=Fa
     return got, reused
 
 
+def unstarted(client, addr, session=None):
+    """A new connection's SSL object before its handshake (``session`` set on it), and its socket."""
+    sock = socket.create_connection(addr, timeout=10)
+    return TlsStream(sock, client, server_hostname=NAME, session=session).ssl, sock
+
+
+def assert_reads_back(client, addr, session) -> None:
+    """An SSL object ``session`` is set on names that very session."""
+    obj, sock = unstarted(client, addr, session)
+    assert obj.session.id == session.id
+    sock.close()
+
+
 def test_set_without_copy_resumes_many_connections(tls):
     client, addr = tls
     assert tlssession.setter() is not None, "this CPython/libssl should prove the layout"
@@ -101,11 +110,7 @@ def test_set_without_copy_resumes_many_connections(tls):
         tlssession._state["set"] = real
     assert all(results), f"{results.count(False)} of 30 did not resume"
     assert calls == [True] * 30           # every one set without the copy
-    # the SSL object reads the very session back
-    sock = socket.create_connection(addr, timeout=10)
-    obj = TlsStream(sock, client, server_hostname=NAME, session=session).ssl
-    assert obj.session.id == session.id
-    sock.close()
+    assert_reads_back(client, addr, session)
 
 
 def test_session_marked_not_resumable_goes_to_the_copy(tls):
@@ -115,8 +120,7 @@ def test_session_marked_not_resumable_goes_to_the_copy(tls):
     # a connection that ends without close_notify while it holds the shared session
     # (no new ticket read yet): OpenSSL marks that session not resumable
     assert exchange(client, addr, session, polite=False, read=False)[1]
-    sock = socket.create_connection(addr, timeout=10)
-    probe = TlsStream(sock, client, server_hostname=NAME).ssl
+    probe, sock = unstarted(client, addr)
     assert real(client, probe, session) is False      # refused: CPython's copy instead
     sock.close()
     # and the device still resumes, through the copy, as it did before this module
@@ -127,9 +131,8 @@ def test_layout_check_refuses_foreign_objects(tls):
     client, addr = tls
     session, _ = exchange(client, addr)
     other = ssl.create_default_context()
-    sock = socket.create_connection(addr, timeout=10)
+    probe, sock = unstarted(client, addr)
     try:
-        probe = TlsStream(sock, client, server_hostname=NAME).ssl
         # an SSL object of another context, a server-side one: not proven
         assert not tlssession._proved(tlssession._libssl(), other, probe, session)
         server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -155,11 +158,7 @@ def test_session_read_by_reference_resumes(tls):
     assert len(session.id) == 32
     results = [exchange(client, addr, session, by_reference=True)[1] for _ in range(20)]
     assert all(results), f"{results.count(False)} of 20 did not resume"
-    # the same session CPython's copy names
-    sock = socket.create_connection(addr, timeout=10)
-    obj = TlsStream(sock, client, server_hostname=NAME, session=session).ssl
-    assert obj.session.id == session.id
-    sock.close()
+    assert_reads_back(client, addr, session)         # the same session CPython's copy names
 
 
 def test_session_reference_marked_not_resumable_is_copied(tls):
