@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -44,18 +45,19 @@ HEADERS = {"Authorization": "Basic dTE6c2VjcmV0", "MS-ASProtocolVersion": "14.1"
 PATH = "/Microsoft-Server-ActiveSync?Cmd=Sync&User=u1&DeviceId=DEV1&DeviceType=iPhone"
 
 
-def mail_server(answer: bytes) -> int:
-    """A keep-alive HTTP/1.1 server giving ``answer`` to every request; its port."""
+def mail_server(answer_for: Callable[[dict[bytes, bytes]], bytes]) -> int:
+    """A keep-alive HTTP/1.1 stand-in mail server, a thread per connection: each request
+    answered 200 with ``answer_for(its header fields)`` as the WBXML body; its port."""
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
-    lsock.listen(8)
-    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(answer))
+    lsock.listen(16)
 
     def serve(conn):
         with conn:
-            for _fields in requests(conn):
-                conn.sendall(head + answer)
+            for fields in requests(conn):
+                body = answer_for(fields)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
     def accept():
         while True:
@@ -98,6 +100,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_accepting(port: int, proc: subprocess.Popen, what: str = "serve", log: Path | None = None) -> None:
+    """Until 127.0.0.1:``port`` accepts (30 s at most); SystemExit if ``proc`` exits first
+    or the time runs out (``log``: a file whose tail the message carries)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"{what} did not start" + (f": {log.read_text()[-2000:]}" if log else ""))
+            time.sleep(0.1)
+
+
 def one_tree(tree: Path, up: int, answers: int, min_size: int) -> float:
     """ms of gateway CPU per answer, one serve of ``tree``."""
     tmp = Path(tempfile.mkdtemp(prefix="seg-big-"))
@@ -113,15 +129,7 @@ def one_tree(tree: Path, up: int, answers: int, min_size: int) -> float:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"serve of {tree} did not start")
-                time.sleep(0.1)
+        wait_accepting(port, proc, f"serve of {tree}")
 
         def ask():
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -152,7 +160,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     m = find_message(Corpus(1), 10 * 1024 * 1024, "pdf")
     answer = sync_answer(m.mime.decode(), "4", m.attachments[0][0])
-    up = mail_server(answer)
+    up = mail_server(lambda _fields: answer)
     trees = {"this": Path(__file__).resolve().parent.parent}
     if args.base:
         trees = {"base": args.base.resolve(), **trees}

@@ -36,8 +36,9 @@ from pathlib import Path
 import trustme
 
 HERE = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(HERE / "benchmarks"))
-from big_answer_cpu import tree_cpu  # noqa: E402  (the serve and its worker's CPU)
+sys.path[:0] = [str(HERE / "benchmarks"), str(HERE / "tests")]
+from big_answer_cpu import tree_cpu, wait_accepting  # noqa: E402  (the serve and its worker's CPU)
+from processes import stop_process  # noqa: E402
 PATH = "/Microsoft-Server-ActiveSync?Cmd={cmd}&User=u1&DeviceId=DEV{n}&DeviceType=iPhone"
 HEADERS = ("Authorization: Basic dTE6c2VjcmV0\r\nMS-ASProtocolVersion: 14.1\r\n"
            "User-Agent: Apple-iPhone15C2/2104.100\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n")
@@ -171,15 +172,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
     ctx.check_hostname = False
     held = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"serve of {tree} did not start: {err.read_text()[-2000:]}")
-                time.sleep(0.1)
+        wait_accepting(port, proc, f"serve of {tree}", err)
 
         def tls():
             raw = socket.create_connection(("127.0.0.1", port), 30)
@@ -253,12 +246,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
     finally:
         for s in held:
             s.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
         if not args.slow_steps:
             shutil.rmtree(tmp, ignore_errors=True)    # (with --slow-steps the worker's log stays)
 

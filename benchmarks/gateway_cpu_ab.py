@@ -133,12 +133,12 @@ def sizing(trees: dict[str, str], rounds: int) -> dict:
 
 
 def connections(trees: dict[str, str], n: int, rounds: int) -> dict:
-    import signal
     import ssl
 
     import trustme
 
-    sys.path.insert(0, str(HERE / "benchmarks"))
+    sys.path[:0] = [str(HERE / "benchmarks"), str(HERE / "tests")]
+    from processes import stop_process
     from tls_tickets_bench import free_port, one, threads_cpu_ns
 
     def run(tree: str, tmp: Path, ctx) -> dict:
@@ -183,12 +183,7 @@ def connections(trees: dict[str, str], n: int, rounds: int) -> dict:
             return {"cpu_us_per_conn": round(cpu / n / 1000, 1), "resumed": resumed / n,
                     "conn_per_s": round(n / elapsed, 1)}
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 20)
 
     workdir = Path(tempfile.mkdtemp(prefix="gw-cpu-conn-"))
     ca = trustme.CA()

@@ -27,17 +27,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from big_answer_cpu import free_port, store, tree_cpu  # noqa: E402
+from big_answer_cpu import free_port, mail_server, store, tree_cpu, wait_accepting  # noqa: E402
 
 from seg_fast.eas.wbxml import Element as E, encode, scan  # noqa: E402
 from seg_fast.sim.corpus import _make_pdf  # noqa: E402
 from seg_fast.sim.oracle import Opener  # noqa: E402
-from seg_fast.testing.rawhttp import requests  # noqa: E402
 
 REQUEST = encode(E("ItemOperations:ItemOperations", [E("ItemOperations:Fetch", [
     E("ItemOperations:Store", text="Mailbox"), E("AirSyncBase:FileReference", text="ref:1")])]))
@@ -54,28 +52,6 @@ def fetch_answer(pdf: bytes) -> bytes:
             E("ItemOperations:Properties", [E("AirSyncBase:ContentType", text="application/pdf"),
                                             E("ItemOperations:Data", text=marker)])])])]))
     return doc.replace(marker.encode(), base64.b64encode(pdf))
-
-
-def mail_server(answers: dict[int, bytes]) -> int:
-    """Keep-alive HTTP/1.1: each request's X-Size header picks the answer; its port."""
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-
-    def serve(conn):
-        with conn:
-            for fields in requests(conn):
-                body = answers[int(fields[b"x-size"])]
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
-                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
-
-    def accept():
-        while True:
-            conn, _ = lsock.accept()
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return lsock.getsockname()[1]
 
 
 def fetch(port: int, size: int) -> tuple[float, int, bytes]:
@@ -136,15 +112,8 @@ def start(tmp: Path, up: int, stream_seal: bool) -> tuple[subprocess.Popen, int]
     proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env, cwd=tmp,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("serve did not start")
-            time.sleep(0.1)
+    wait_accepting(port, proc)
+    return proc, port
 
 
 def check(opener, body: bytes, pdf: bytes) -> None:
@@ -163,7 +132,8 @@ def main(argv=None) -> int:
     os.sched_setaffinity(0, {1})
     sizes = [int(s) for s in args.sizes.split(",")]
     pdfs = {n: _make_pdf(random.Random(n), n) for n in sizes}
-    up = mail_server({n: fetch_answer(p) for n, p in pdfs.items()})
+    answers = {n: fetch_answer(p) for n, p in pdfs.items()}
+    up = mail_server(lambda fields: answers[int(fields[b"x-size"])])    # the request's X-Size picks it
     tmp = Path(tempfile.mkdtemp(prefix="seg-stream-seal-"))
     store(tmp)
     paths = {"whole": False, "stream": True}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import ssl
 import statistics
@@ -38,6 +37,8 @@ import trustme
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REQUEST = b"GET /nothing-here HTTP/1.1\r\nHost: localhost\r\n\r\n"
+sys.path.insert(0, str(REPO / "tests"))
+from processes import stop_process  # noqa: E402  (SIGTERM, then SIGKILL after a grace)
 
 
 def free_port() -> int:
@@ -79,12 +80,7 @@ class Serve:
         return threads_cpu_ns(self.workers())
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 20)
 
 
 def threads_cpu_ns(pids) -> int:
