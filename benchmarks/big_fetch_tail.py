@@ -50,30 +50,14 @@ POLICY_GENERAL = {"mail_client": {"enabled": True, "mode": "allow", "values": ["
 
 MAIL = r'''
 import sys, trio
+from seg_fast.testing.rawhttp import stream_requests
 SIZE = int(sys.argv[1])
 BIG = b"x" * SIZE
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: %d\r\n\r\n"
 SMALL = HEAD % 13 + bytes.fromhex("03016a00000d45470331000101")
 async def conn(stream):
-    buf = b""
     try:
-        while True:
-            while b"\r\n\r\n" not in buf:
-                d = await stream.receive_some(65536)
-                if not d:
-                    return
-                buf += d
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            n = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    n = int(line.split(b":")[1])
-            while len(buf) < n:
-                d = await stream.receive_some(65536)
-                if not d:
-                    return
-                buf += d
-            buf = buf[n:]
+        async for head, _body in stream_requests(stream):
             first = head.split(b"\r\n", 1)[0]
             if b"Cmd=Ping" in first:
                 await trio.sleep_forever()

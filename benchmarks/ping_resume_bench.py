@@ -30,6 +30,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 MAIL = r'''
 import sys, trio
+from seg_fast.testing.rawhttp import stream_requests
 DELAY = float(sys.argv[1])
 BODY = bytes.fromhex("03016a00000d45470331000101")
 ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: %d\r\n\r\n"
@@ -40,21 +41,7 @@ async def conn(stream):
     except trio.BrokenResourceError:
         pass                          # a gateway that stopped: the next run's connects anew
 async def answer(stream):
-    buf = b""
-    while True:
-        while b"\r\n\r\n" not in buf:
-            d = await stream.receive_some(65536)
-            if not d:
-                return
-            buf += d
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        n = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                n = int(line.split(b":")[1])
-        while len(buf) < n:
-            buf += await stream.receive_some(65536)
-        buf = buf[n:]
+    async for _head, _body in stream_requests(stream):
         await trio.sleep(DELAY)
         await stream.send_all(ANSWER)
 async def main():

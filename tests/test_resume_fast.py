@@ -12,6 +12,7 @@ import trio
 
 from proxy_helpers import Client
 from seg_fast.proxy import exchange
+from seg_fast.testing.rawhttp import stream_requests
 from test_proxy import AUTH, EAS, _end_to_end, _send_ping, gateway
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -59,23 +60,9 @@ def mail_server(answer: list[bytes], parked: trio.Event, seen: list | None = Non
     any other request gets ``other``. With ``seen``: each request's raw bytes (head and
     Content-Length body) are recorded."""
     async def serve(stream):
-        buf = b""
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            n = 0
-            for line in head.split(b"\r\n")[1:]:
-                if line.lower().startswith(b"content-length:"):
-                    n = int(line.split(b":", 1)[1])
-            while len(buf) < n:
-                buf += await stream.receive_some(65536)
+        async for head, body in stream_requests(stream):
             if seen is not None:
-                seen.append(head + b"\r\n\r\n" + buf[:n])
-            buf = buf[n:]
+                seen.append(head + b"\r\n\r\n" + body)
             if b"Cmd=Ping" in head:
                 await parked.wait()
                 for part in answer:
