@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import tempfile
 from pathlib import Path
@@ -16,12 +18,14 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st_
 
 from seg_fast.content.attachments import envelope_name, extension, open_envelope, seal
 from seg_fast.content.keys import Keyring
 from seg_fast.content.message import ContentPlan, transform_mime
 from seg_fast.content.model import EmailSecurityPolicy
-from seg_fast.sim import oracle, sizing
+from seg_fast.sim import checks, oracle, sizing
 from seg_fast.sim.fleet import PooledCorpus
 
 CLIENT = "Apple-iPhone15C2/2101.55"
@@ -236,3 +240,53 @@ def test_the_oracles_thread_backlog_is_bounded():
     assert checks.offloaded == MAX_PENDING
     assert sorted(i for i, _ in ran_in) == list(range(MAX_PENDING + 1))
     assert st.failures == {}
+
+
+@given(data=st_.binary(max_size=3000), width=st_.sampled_from([0, 60, 64, 75, 76]),
+       crlf=st_.booleans(), as_text=st_.booleans())
+@settings(max_examples=150)
+def test_sliced_base64_decodes_as_one_call(data, width, crlf, as_text):
+    """checks.b64decode gives what one lenient binascii call gives, for unbroken base64
+    and for lines of any width (a width that is not whole quanta is decoded whole)."""
+    s = binascii.b2a_base64(data, newline=False)
+    if width:
+        nl = b"\r\n" if crlf else b"\n"
+        s = nl.join(s[i:i + width] for i in range(0, len(s), width)) + nl
+    s = s.decode() if as_text else s
+    assert checks.b64decode(s, 64) == binascii.a2b_base64(s) == data
+
+
+def test_sliced_base64_keeps_every_call_short(monkeypatch):
+    """The oracle's thread never hands binascii more than a slice (and a line) at once:
+    one call holds the GIL, and the shard's loop waits for it."""
+    calls = []
+    real = binascii.a2b_base64
+    monkeypatch.setattr(checks.binascii, "a2b_base64", lambda s: calls.append(len(s)) or real(s))
+    data = bytes(range(256)) * 8000                  # 2 MB
+    for s in (binascii.b2a_base64(data, newline=False).decode(), base64.encodebytes(data)):
+        calls.clear()
+        assert checks.b64decode(s) == data
+        assert len(calls) >= len(s) // checks.SLICE
+        assert max(calls) <= checks.SLICE + 80
+
+
+def test_mime_oracle_decodes_parts_in_slices(pool, monkeypatch):
+    """A sealed attachment's envelope decoded slice by slice still opens to the original,
+    and a damaged one is still refused."""
+    monkeypatch.setattr(checks, "SLICE", 4096)
+    calls = []
+    real = binascii.a2b_base64
+    monkeypatch.setattr(checks.binascii, "a2b_base64", lambda s: calls.append(len(s)) or real(s))
+    msg = _pick(pool, _att("pdf"))
+    got, _ = transform_mime(msg.mime, _plan(True), client=CLIENT)
+    assert oracle.mime_full_ok(got, msg, True, _opener) is None
+    assert len(calls) > len(msg.attachments[0][2]) // 4096 and max(calls) <= 4096 + 80
+    name = envelope_name(msg.attachments[0][0])
+    other = seal(RING, "DEV2", "user1", name, "application/pdf", msg.attachments[0][2])
+    # an envelope sealed for another device, put in the sealed one's place
+    head, sep, rest = got.partition(b'filename="' + name.encode() + b'"')
+    assert sep
+    body_at = rest.index(b"\r\n\r\n") + 4
+    end = rest.index(b"\r\n--", body_at)
+    swapped = head + sep + rest[:body_at] + base64.encodebytes(other).replace(b"\n", b"\r\n").rstrip() + rest[end:]
+    assert "does not open" in oracle.mime_full_ok(swapped, msg, True, _opener)

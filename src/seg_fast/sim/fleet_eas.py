@@ -13,7 +13,6 @@ answered correctly" of the sizing benchmark.
 """
 from __future__ import annotations
 
-import base64
 import zlib
 from typing import TYPE_CHECKING
 
@@ -290,11 +289,9 @@ def security_item(dev: "Device", sid: str, raw: bytes, names: list[str]) -> str 
     if why or not oracle.sampled(dev.device_id, sid):
         return why
     st.checked_bodies += 1
-    if len(raw) >= checks.BIG:
-        # parsed with the email package in the oracle's thread (sim/checks.py)
-        dev.fleet.checks.run("Sync.security", dev.device_id, oracle.mime_full_ok, raw, msg, managed, dev.opener)
-        return None
-    return oracle.mime_full_ok(raw, msg, managed, dev.opener)
+    # parsed with the email package in the oracle's thread (sim/checks.py)
+    dev.fleet.checks.run("Sync.security", dev.device_id, oracle.mime_full_ok, raw, msg, managed, dev.opener)
+    return None
 
 
 # -- Ping -----------------------------------------------------------------------------
@@ -422,7 +419,7 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
 
 
 def _data_of(d) -> bytes:
-    return d.opaque if d.opaque is not None else base64.b64decode(d.text or "")
+    return d.opaque if d.opaque is not None else checks.b64decode(d.text or "")
 
 
 def _data_len(d) -> int:

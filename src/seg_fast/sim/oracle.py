@@ -27,6 +27,7 @@ import zlib
 from seg_fast.content.attachments import (ENVELOPE_CONTENT_TYPE, ENVELOPE_MAGIC, envelope_name, extension,
                                           open_envelope)
 from seg_fast.errors import SegFastError
+from seg_fast.sim import checks
 from seg_fast.sim.corpus import REWRITE_DOMAINS
 
 ENCRYPT_MANAGED: tuple[str, ...] = ("pdf", "docx", "zip")
@@ -124,6 +125,7 @@ def mime_full_ok(got: bytes, msg, managed: bool, opener) -> str | None:
         return f"MIME does not parse: {type(exc).__name__}"
     body = {}
     rest = []
+    memo: dict[int, bytes] = {}
     for p in leaves:
         ct = p.get_content_type()
         if ct in ("text/plain", "text/html") and ct not in body and not p.get_filename():
@@ -140,23 +142,43 @@ def mime_full_ok(got: bytes, msg, managed: bool, opener) -> str | None:
     for name, ctype, data in msg.attachments:
         act = action(extension(name), managed)
         if act == "keep":
-            if not any(p.get_payload(decode=True) == data for p in rest):
+            if not any(_payload(p, memo) == data for p in rest):
                 return f"attachment {name} (kept) missing or changed"
         elif act == "encrypt":
             env = [p for p in rest if p.get_content_type() == ENVELOPE_CONTENT_TYPE
                    and p.get_filename() == envelope_name(name)]
             if len(env) != 1:
                 return f"attachment {name}: no envelope {envelope_name(name)!r} in its place"
-            why = envelope_ok(env[0].get_payload(decode=True), data, opener)
+            why = envelope_ok(_payload(env[0], memo), data, opener)
             if why:
                 return f"attachment {name}: {why}"
         else:
-            if any(p.get_content_type() == ctype or (p.get_payload(decode=True) or b"").startswith(PNG_MAGIC)
+            if any(p.get_content_type() == ctype or _payload(p, memo).startswith(PNG_MAGIC)
                    for p in rest):
                 return f"attachment {name} (blocked) still in the message"
             if not any(p.get_content_type() == "text/plain" and name in p.get_content() for p in rest):
                 return f"attachment {name} (blocked): no block note in its place"
     return None
+
+
+def _payload(part, memo: dict[int, bytes]) -> bytes:
+    """``part.get_payload(decode=True) or b""``, decoded once per part; base64 in
+    slices (``checks.b64decode``: this runs in the oracle's thread, and the email
+    package decodes a 13 MB part in one call that holds the GIL ~60-90 ms)."""
+    got = memo.get(id(part))
+    if got is None:
+        got = None
+        if part.get("content-transfer-encoding", "").strip().lower() == "base64":
+            raw = part.get_payload()
+            if isinstance(raw, str):
+                try:
+                    got = checks.b64decode(raw)
+                except (ValueError, binascii.Error):
+                    got = None      # not plain base64: the email package's lenient decode
+        if got is None:
+            got = part.get_payload(decode=True) or b""
+        memo[id(part)] = got
+    return got
 
 
 def envelope_ok(blob: bytes, original: bytes, opener) -> str | None:
