@@ -76,6 +76,20 @@ trio.run(main)
 '''
 
 
+def tls_files(prefix: str) -> tuple[trustme.CA, Path]:
+    """A trustme CA and a new directory holding what the listener and the devices need:
+    cert.pem (the chain for localhost and 127.0.0.1), key.pem, ca.pem."""
+    ca = trustme.CA()
+    cert_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(cert_dir / "cert.pem"))
+    for pem in leaf.cert_chain_pems[1:]:
+        pem.write_to_path(str(cert_dir / "cert.pem"), append=True)
+    leaf.private_key_pem.write_to_path(str(cert_dir / "key.pem"))
+    ca.cert_pem.write_to_path(str(cert_dir / "ca.pem"))
+    return ca, cert_dir
+
+
 def request(cmd: str, n: int, body: bytes = b"") -> bytes:
     return (f"POST {PATH.format(cmd=cmd, n=n)} HTTP/1.1\r\nHost: gw\r\n{HEADERS}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -271,14 +285,7 @@ def main(argv=None) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.sched_setaffinity(0, {1})
-    ca = trustme.CA()
-    cert_dir = Path(tempfile.mkdtemp(prefix="seg-bigfetch-certs-"))
-    leaf = ca.issue_cert("localhost", "127.0.0.1")
-    leaf.cert_chain_pems[0].write_to_path(str(cert_dir / "cert.pem"))
-    for pem in leaf.cert_chain_pems[1:]:
-        pem.write_to_path(str(cert_dir / "cert.pem"), append=True)
-    leaf.private_key_pem.write_to_path(str(cert_dir / "key.pem"))
-    ca.cert_pem.write_to_path(str(cert_dir / "ca.pem"))
+    ca, cert_dir = tls_files("seg-bigfetch-certs-")
     mail = subprocess.Popen([sys.executable, "-c", MAIL, str(args.size)], stdout=subprocess.PIPE,
                             preexec_fn=lambda: os.sched_setaffinity(0, {1}))
     mail_port = int(mail.stdout.readline())
