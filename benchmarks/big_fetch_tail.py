@@ -304,7 +304,8 @@ def main(argv=None) -> int:
         shutil.rmtree(cert_dir, ignore_errors=True)
     summary = {}
     for name, rs in runs.items():
-        summary[name] = {f: round(statistics.median(r[f] for r in rs), 2)
+        # (None: a figure no run had, the probe's with --no-probe)
+        summary[name] = {f: round(statistics.median(v), 2) if None not in (v := [r[f] for r in rs]) else None
                          for f in ("loop_lag_max_ms", "loop_lag_samples_over_20ms", "ttlb_ms_median", "ttlb_ms_max", "direct_plain_ms_median", "probe_p99_ms",
                                    "probe_max_ms", "serve_cpu_ms_per_fetch", "steps_over", "step_max_cpu_ms",
                                    "batches_over", "batch_max_cpu_ms")}
