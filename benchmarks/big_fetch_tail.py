@@ -186,6 +186,11 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
         probe = subprocess.Popen([sys.executable, __file__, "--probe-child", str(port), str(cert_dir / "ca.pem"),
                                   str(probe_out)], preexec_fn=lambda: os.sched_setaffinity(0, {1})) \
             if args.probe else None
+        deadline = time.monotonic() + 30
+        while probe is not None and not probe_out.read_text():   # its imports take ~1-2 s here
+            if time.monotonic() > deadline or probe.poll() is not None:
+                raise SystemExit("the probe device did not start")
+            time.sleep(0.05)
         time.sleep(1.0)
         ttlb, direct = [], []
         lag_seconds: dict[int, float] = {}
