@@ -51,7 +51,7 @@ import trio
 
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim.checks import Checks
-from seg_fast.sim import lean_serve
+from seg_fast.sim import lean_serve, tlssession
 from seg_fast.sim.oracle import Opener
 from seg_fast.sim.timerfd import Timer
 from seg_fast.sim.warm import warm as warm_templates
@@ -1032,6 +1032,7 @@ class Fleet:
         if go.tls_ca:
             self.tls = ssl.create_default_context(cafile=go.tls_ca)
             self.tls.minimum_version = ssl.TLSVersion.TLSv1_3
+            tlssession.read_ahead(self.tls)     # answers read a socketful at a time
         self.security = go.checks == "security"
         self.clock = Clock(go.t0)
         s = self.spec
@@ -1182,6 +1183,7 @@ async def shard_main(spec: ShardSpec) -> dict:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
             ctx.load_cert_chain(spec.tls_cert, spec.tls_key)
+            tlssession.read_ahead(ctx)          # requests read a socketful at a time
             tls_port = await nursery.start(functools.partial(lean_serve.serve, sim, spec.sim_host, 0,
                                                              ssl_context=ctx))
         emit({"ready": True, "sim_port": port, "sim_tls_port": tls_port, "pid": os.getpid()})

@@ -237,3 +237,73 @@ def getter():
 
     _state["get"] = get
     return get
+
+
+# -- read-ahead ----------------------------------------------------------------------
+# Without read-ahead OpenSSL's socket BIO reads each TLS record with two read()s (its
+# 5-byte header, then the rest): a 2 MB fetch answer is ~260 system calls on the
+# device's side and as many on the simulator's for a request body. With read-ahead it
+# reads what the socket holds, up to READ_AHEAD_BUFFER, and decrypts the records
+# from there. Nothing on the wire changes (the same records, sent as before); only how
+# this process reads them. CPython sets SSL_MODE_RELEASE_BUFFERS on its contexts, so
+# an idle connection (a parked Ping) still holds no read buffer.
+# The catch: records read ahead sit in the SSL object, where neither the socket's
+# readiness nor SSLObject.pending() (the current record's rest only) shows them;
+# ``has_pending`` (SSL_has_pending) does, and a reader that stops before OpenSSL says
+# "want read" asks it (wire.read_tls, HttpConn.buffered).
+READ_AHEAD_BUFFER = 65536
+_SSL_CTRL_GET_READ_AHEAD, _SSL_CTRL_SET_READ_AHEAD = 40, 41
+
+
+def _read_ahead_lib():
+    lib = _state.get("ra_lib")
+    if lib is None and "ra_lib" not in _state:
+        lib = None
+        if setter() is not None:
+            lib = _state["lib"]
+            try:
+                lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+                lib.SSL_CTX_ctrl.restype = ctypes.c_long
+                lib.SSL_CTX_set_default_read_buffer_len.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+                lib.SSL_CTX_set_default_read_buffer_len.restype = None
+                lib.SSL_has_pending.argtypes = [ctypes.c_void_p]
+                lib.SSL_has_pending.restype = ctypes.c_int
+            except AttributeError:
+                lib = None
+        _state["ra_lib"] = lib
+    return lib
+
+
+def read_ahead(context: ssl.SSLContext, buffer: int = READ_AHEAD_BUFFER) -> bool:
+    """Turn on read-ahead (and a read buffer of ``buffer`` bytes) for the SSL objects
+    ``context`` makes from now on; True when done. The context's pointer is proven
+    first (an SSL object of it must name it as its SSL_CTX) and read-ahead read back;
+    anything that does not hold leaves the context as it was (False)."""
+    lib = _read_ahead_lib()
+    if lib is None:
+        return False
+    ctx_ptr = _word(context, _CTX_AT)
+    server = context.protocol == ssl.PROTOCOL_TLS_SERVER
+    probe = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=server,
+                             server_hostname=None if server else "probe.invalid")
+    ssl_ptr = _word(probe._sslobj, _SSL_AT)
+    if not ctx_ptr or not ssl_ptr or lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
+        return False
+    lib.SSL_CTX_ctrl(ctx_ptr, _SSL_CTRL_SET_READ_AHEAD, 1, None)
+    if lib.SSL_CTX_ctrl(ctx_ptr, _SSL_CTRL_GET_READ_AHEAD, 0, None) != 1:
+        return False
+    lib.SSL_CTX_set_default_read_buffer_len(ctx_ptr, buffer)
+    if "has_pending" not in _state:
+        has = lib.SSL_has_pending
+        from_address = ctypes.c_void_p.from_address
+
+        def has_pending(obj) -> bool:
+            """Bytes read from the socket and not yet handed out (a record read ahead)."""
+            return has(from_address(id(obj) + _SSL_AT).value) == 1
+        _state["has_pending"] = has_pending
+    return True
+
+
+def has_pending():
+    """``has_pending(sslobj) -> bool`` once a context of this process reads ahead, else None."""
+    return _state.get("has_pending")
