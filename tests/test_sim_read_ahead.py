@@ -2,9 +2,11 @@
 what the socket holds in one go, and the records read ahead (in the SSL object, where
 neither the socket's readiness nor SSLObject.pending() shows them) are still found by
 the fleet's readers: wire.read_tls reads the whole answer, HttpConn.buffered says an
-answer is there, so the Parker does not wait on a socket that will not get readable."""
+answer is there, so the Parker does not wait on a socket that will not get readable.
+(The fleet turns it on only when asked: SEG_FAST_FLEET_READ_AHEAD=1, see fleet.READ_AHEAD.)"""
 from __future__ import annotations
 
+import os
 import select
 import socket
 import ssl
@@ -129,3 +131,19 @@ def test_buffered_sees_records_read_ahead(pair):
     assert conn.buffered()
     assert stream.ssl.read(16384) == b"b" * 100
     assert not conn.buffered()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SEG_FAST_SLOW"), reason="slow: SEG_FAST_SLOW=1 runs it")
+def test_fleet_over_tls_with_read_ahead(monkeypatch):
+    """The whole fleet with read-ahead on (SEG_FAST_FLEET_READ_AHEAD, inherited by the
+    shards): every answer checked, none lost or late (a record left read ahead would be
+    a Ping or Sync that never completes: a timeout failure)."""
+    import importlib.util
+    import test_sizing_tls
+
+    monkeypatch.setenv("SEG_FAST_FLEET_READ_AHEAD", "1")
+    paths = ["direct"]
+    if importlib.util.find_spec("seg_fast.proxy.server") is not None:
+        paths.append("gateway")
+    test_sizing_tls._check(paths)

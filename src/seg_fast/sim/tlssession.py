@@ -247,6 +247,11 @@ def getter():
 # from there. Nothing on the wire changes (the same records, sent as before); only how
 # this process reads them. CPython sets SSL_MODE_RELEASE_BUFFERS on its contexts, so
 # an idle connection (a parked Ping) still holds no read buffer.
+# Measured (benchmarks/tls_read_ahead.py, 2026-11-30): read()s per answer ~4x fewer,
+# CPU not lower -- each buffer read ahead is a malloc/free at the heap's top (a brk
+# pair per drained connection), which cost more than the reads saved (300 KB answers
+# 720 -> 1,060+ us); with glibc's trimming held off the two were even. So the fleet
+# uses it only when asked (fleet.READ_AHEAD, SEG_FAST_FLEET_READ_AHEAD=1).
 # The catch: records read ahead sit in the SSL object, where neither the socket's
 # readiness nor SSLObject.pending() (the current record's rest only) shows them;
 # ``has_pending`` (SSL_has_pending) does, and a reader that stops before OpenSSL says
