@@ -23,6 +23,10 @@ from seg_fast.proxy.looplag import in_slices
 ANSWER, DEVICE_GONE, TIMEOUT, DRAIN = "answer", "device_gone", "timeout", "drain"
 # Released in the step that found them up to this many; more go a slice per loop step.
 RELEASE_AT_ONCE = 16
+# Ready descriptors taken per wake-up. Taking one costs ~2.5 us of the step (epoll, the look-up,
+# the due entry): 4,096 devices leaving together were 10 ms before the first slice. The epoll
+# set is level-triggered: the rest are ready again at the next wake-up, a loop pass later.
+POLL_AT_ONCE = 1024
 
 
 class Parked:
@@ -146,7 +150,7 @@ class PingPark:
                     await trio.lowlevel.wait_readable(self._epoll)
                 self._scope = None
                 due = []
-                for fd, mask in self._epoll.poll(0, 4096):
+                for fd, mask in self._epoll.poll(0, POLL_AT_ONCE):
                     p = self._by_fd.get(fd)
                     if p is not None:
                         due.append((p, ANSWER if fd == p.fds[0] else DEVICE_GONE))
