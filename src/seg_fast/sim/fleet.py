@@ -51,7 +51,7 @@ import trio
 
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim.checks import Checks
-from seg_fast.sim import lean_serve, tlssession
+from seg_fast.sim import lean_serve
 from seg_fast.sim.oracle import Opener
 from seg_fast.sim.timerfd import Timer
 from seg_fast.sim.warm import warm as warm_templates
@@ -78,12 +78,6 @@ INITIAL_MESSAGES = 8
 # The pool holds BENCH-PROFILE's attachment mix exactly: 25% of the messages carry
 # one, 60% of those 50 KB, 30% 300 KB, 9% 2 MB, 1% 10 MB (1 in 100 needs 400).
 CORPUS_POOL = 400
-# TLS read-ahead on the shard's contexts (tlssession.read_ahead): off unless asked.
-# It cuts the read() calls per answer ~4x but did not make the shard cheaper: with
-# CPython's released buffers each read-ahead buffer is a malloc/free at the heap's top
-# (a brk pair), and answers of 300 KB-2 MB cost more CPU, not less
-# (benchmarks/tls_read_ahead.py; benchmarks/README.md, the load side's step 11).
-READ_AHEAD = bool(os.environ.get("SEG_FAST_FLEET_READ_AHEAD"))
 GC_THRESHOLD = 20000          # allocations between young collections (default 700)
 
 
@@ -1038,8 +1032,6 @@ class Fleet:
         if go.tls_ca:
             self.tls = ssl.create_default_context(cafile=go.tls_ca)
             self.tls.minimum_version = ssl.TLSVersion.TLSv1_3
-            if READ_AHEAD:
-                tlssession.read_ahead(self.tls)
         self.security = go.checks == "security"
         self.clock = Clock(go.t0)
         s = self.spec
@@ -1190,8 +1182,6 @@ async def shard_main(spec: ShardSpec) -> dict:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
             ctx.load_cert_chain(spec.tls_cert, spec.tls_key)
-            if READ_AHEAD:
-                tlssession.read_ahead(ctx)
             tls_port = await nursery.start(functools.partial(lean_serve.serve, sim, spec.sim_host, 0,
                                                              ssl_context=ctx))
         emit({"ready": True, "sim_port": port, "sim_tls_port": tls_port, "pid": os.getpid()})

@@ -224,12 +224,10 @@ class TlsStream(trio.abc.Stream):
 def read_tls(obj, parts: list) -> tuple[int, int]:
     """Decrypted records read from the SSL object ``obj`` without waiting, appended to
     ``parts``: (bytes read, TLS_DRAINED | TLS_EOF | TLS_STUCK). Drained: OpenSSL wants
-    more from the socket, or a short record most likely ended what was sent and no
-    record was read ahead (a try past it would cost an SSLWantReadError; epoll says
-    when more comes). EOF: close_notify or
+    more from the socket, or a short record most likely ended what was sent (a try past
+    it would cost an SSLWantReadError; epoll says when more comes). EOF: close_notify or
     a ragged EOF. Stuck: OpenSSL wants to write before it reads on."""
     n = 0
-    has_pending = tlssession.has_pending()     # records read ahead (tlssession.read_ahead)
     while True:
         try:
             data = obj.read(TLS_RECV)
@@ -243,7 +241,7 @@ def read_tls(obj, parts: list) -> tuple[int, int]:
             return n, TLS_EOF
         parts.append(data)
         n += len(data)
-        if len(data) < TLS_RECV and not obj.pending() and (has_pending is None or not has_pending(obj)):
+        if len(data) < TLS_RECV and not obj.pending():
             return n, TLS_DRAINED
 
 
@@ -345,12 +343,7 @@ class HttpConn:
         if self.buf:
             return True
         stream = self.stream
-        if type(stream) is not TlsStream:
-            return False
-        if stream.ssl.pending() > 0:
-            return True
-        has_pending = tlssession.has_pending()     # records read ahead (tlssession.read_ahead)
-        return has_pending is not None and has_pending(stream.ssl)
+        return type(stream) is TlsStream and stream.ssl.pending() > 0
 
     def poll_answer(self):
         """Without waiting (a connection whose socket is readable, plain or TLS): the
