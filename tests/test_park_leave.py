@@ -175,6 +175,33 @@ async def test_devices_leaving_together_are_taken_a_bounded_batch_per_wake(monke
     assert max(counting.taken) == 64 and sum(counting.taken) == 300, counting.taken
 
 
+async def test_heartbeats_expiring_together_are_taken_a_bounded_batch_per_wake(monkeypatch):
+    """Popping an expired entry off the deadline heap costs the step too: at most POLL_AT_ONCE
+    per wake-up, the rest at the next ones (their deadline is already past): every Ping
+    still handed back once, as TIMEOUT."""
+    monkeypatch.setattr(parking, "POLL_AT_ONCE", 64)
+    wake_of = []
+    socks = []
+    async with trio.open_nursery() as nursery:
+        park = PingPark(lambda p, reason: wake_of.append((id(p), reason, len(counting.taken))))
+        park._epoll = counting = _CountingEpoll(park._epoll)
+        await nursery.start(park.run)
+        deadline = trio.current_time() + 0.5
+        for _ in range(300):
+            p, s = _parked(deadline)
+            socks.extend(s)
+            park.park(p)
+        with trio.fail_after(BOUND):
+            while park.count:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    for s in socks:
+        s.close()
+    assert len({(i, r) for i, r, _ in wake_of}) == 300 and {r for _, r, _ in wake_of} == {parking.TIMEOUT}
+    per_wake = collections.Counter(w for _, _, w in wake_of)
+    assert max(per_wake.values()) == 64 and len(per_wake) >= 5, per_wake
+
+
 async def test_in_slices_lets_go_of_each_item_as_its_action_runs():
     """The list in_slices works through holds no item whose action has run: by the time an
     action runs, its entry and every earlier one are None (and the list is all None at the end)."""
