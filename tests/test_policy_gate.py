@@ -103,3 +103,44 @@ async def test_folder_classes_learned_by_one_worker_reach_another(tmp_path, nurs
         while guard.transform_request(sync_req, sync) is not None:
             await trio.sleep(0.02)
     nursery.cancel_scope.cancel()
+
+
+async def test_a_big_flush_builds_and_writes_its_sightings_a_chunk_per_step(tmp_path, monkeypatch):
+    """Thousands of devices leaving together leave a record each: the flush builds and
+    writes their sightings FLUSH_CHUNK at a time, each chunk in a task step of its own,
+    and every device's sighting is written (the store's write here never yields, so
+    only the flush's own checkpoint separates the chunks)."""
+    import seg_fast.policy.gate as g
+    monkeypatch.setattr(g, "FLUSH_CHUNK", 7)
+    gate = PolicyGatekeeper(PolicySettings(sqlite_path=str(tmp_path / "p.db")))
+    for i in range(30):
+        gate.record(EasRequest(method="POST", path="/", device_id=f"D{i}"), Decision(True, "allowed.x"), 200)
+    await gate.store.open()
+    gate.store_ok = True
+    written: list[list[str]] = []
+
+    async def put_sightings(sightings):
+        written.append([s.device_id for s in sightings])
+
+    monkeypatch.setattr(gate.store, "put_sightings", put_sightings)
+    built_in_step = [0]
+    most = [0]
+    real = gate._sighting
+
+    def sighting(*args):
+        built_in_step[0] += 1
+        most[0] = max(most[0], built_in_step[0])
+        return real(*args)
+
+    monkeypatch.setattr(gate, "_sighting", sighting)
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task):
+            built_in_step[0] = 0
+
+    trio.lowlevel.add_instrument(Steps())
+    await gate.flush()
+    assert [len(w) for w in written] == [7, 7, 7, 7, 2]
+    assert sorted(d for w in written for d in w) == sorted(f"D{i}" for i in range(30))
+    assert most[0] == 7
+    await gate.store.aclose()
