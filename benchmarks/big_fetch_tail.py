@@ -270,6 +270,36 @@ def probe_child(port: int, ca_path: str, out: str) -> None:
             time.sleep(0.01)
 
 
+def on_load_core() -> None:
+    """This process (and what it starts) on core 1, the gateway's worker alone on core 0,
+    with every descriptor the hard limit allows."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.sched_setaffinity(0, {1})
+
+
+def alternated(base: Path | None, rounds: int, one) -> dict[str, list]:
+    """``one(tree)`` for the base tree (if any) and this one, alternated round by round (an
+    A/B on one machine state); each run's figures printed as they come."""
+    trees = {"this": HERE}
+    if base:
+        trees = {"base": base.resolve(), **trees}
+    runs: dict[str, list] = {k: [] for k in trees}
+    for _ in range(rounds):
+        for name, tree in trees.items():
+            r = one(tree)
+            runs[name].append(r)
+            print(name, json.dumps(r), flush=True)
+    return runs
+
+
+def write_keyed(path: Path, key: str, out) -> None:
+    """``out`` under ``key`` in the JSON file ``path``, its other keys kept."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = out
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--probe-child":
@@ -287,23 +317,13 @@ def main(argv=None) -> int:
                     help="no probe device (the worker's CPU is then the fetches' and the parked Pings' alone)")
     ap.add_argument("--slow-steps", action="store_true", help="log the worker's steps over 5 ms (costs CPU)")
     args = ap.parse_args(argv)
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    os.sched_setaffinity(0, {1})
+    on_load_core()
     ca, cert_dir = tls_files("seg-bigfetch-certs-")
     mail = subprocess.Popen([sys.executable, "-c", MAIL, str(args.size)], stdout=subprocess.PIPE,
                             preexec_fn=lambda: os.sched_setaffinity(0, {1}))
     mail_port = int(mail.stdout.readline())
-    trees = {"this": HERE}
-    if args.base:
-        trees = {"base": args.base.resolve(), **trees}
-    runs: dict[str, list] = {k: [] for k in trees}
     try:
-        for _ in range(args.rounds):
-            for name, tree in trees.items():
-                r = one_run(tree, args, mail_port, ca, cert_dir)
-                runs[name].append(r)
-                print(name, json.dumps(r), flush=True)
+        runs = alternated(args.base, args.rounds, lambda tree: one_run(tree, args, mail_port, ca, cert_dir))
     finally:
         mail.kill()
         shutil.rmtree(cert_dir, ignore_errors=True)
@@ -317,9 +337,7 @@ def main(argv=None) -> int:
     out = {"parked": args.parked, "fetches": args.fetches, "size": args.size, "medians": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     if args.json:
-        data = json.loads(args.json.read_text()) if args.json.exists() else {}
-        data[args.key] = out
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
+        write_keyed(args.json, args.key, out)
     return 0
 
 

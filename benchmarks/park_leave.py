@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import socket
 import statistics
@@ -35,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(HERE / "benchmarks"), str(HERE / "tests")]
 from big_answer_cpu import wait_accepting  # noqa: E402
-from big_fetch_tail import MAIL, POLICY_GENERAL, tls_files  # noqa: E402
+from big_fetch_tail import MAIL, POLICY_GENERAL, alternated, on_load_core, tls_files, write_keyed  # noqa: E402
 from processes import stop_process  # noqa: E402
 
 # The stand-in mail server, counting the connections it holds open (an upstream the gateway
@@ -213,24 +212,14 @@ def main(argv=None) -> int:
     ap.add_argument("--key", default="park_leave")
     ap.add_argument("--keep", action="store_true", help="keep each run's directory (the worker's log)")
     args = ap.parse_args(argv)
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    os.sched_setaffinity(0, {1})
+    on_load_core()
     _ca, cert_dir = tls_files("seg-parkleave-certs-")
     mail_open = cert_dir / "mail-open"
     mail = subprocess.Popen([sys.executable, "-c", MAIL_COUNTING, "13", str(mail_open)], stdout=subprocess.PIPE,
                             preexec_fn=lambda: os.sched_setaffinity(0, {1}))
     mail_port = int(mail.stdout.readline())
-    trees = {"this": HERE}
-    if args.base:
-        trees = {"base": args.base.resolve(), **trees}
-    runs: dict[str, list] = {k: [] for k in trees}
     try:
-        for _ in range(args.rounds):
-            for name, tree in trees.items():
-                r = one_run(tree, args, mail_port, mail_open, cert_dir)
-                runs[name].append(r)
-                print(name, json.dumps(r), flush=True)
+        runs = alternated(args.base, args.rounds, lambda tree: one_run(tree, args, mail_port, mail_open, cert_dir))
     finally:
         mail.kill()
         mail.wait()
@@ -241,9 +230,7 @@ def main(argv=None) -> int:
     out = {"devices": args.devices, "then": args.then, "rounds": args.rounds, "medians": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     if args.json:
-        data = json.loads(args.json.read_text()) if args.json.exists() else {}
-        data[args.key] = out
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
+        write_keyed(args.json, args.key, out)
     return 0
 
 
