@@ -121,9 +121,13 @@ def read_answer(s) -> int:
     return n
 
 
+# A line of the worker's slow-step log (proxy/slowsteps.py): epoch, CPU ms, task, where.
+SLOW_STEP = re.compile(r"^(\S+) slow step \S+ ms cpu (\S+) ms .*task=(\S+) at (.*)$")
+
+
 def slow_counts(log: Path, t0: float, t1: float, over_cpu: float = 5.0) -> dict:
     """Steps and batches over ``over_cpu`` ms of CPU between t0 and t1 (epoch s)."""
-    step = re.compile(r"^(\S+) slow step \S+ ms cpu (\S+) ms .*task=(\S+) at (.*)$")
+    step = SLOW_STEP
     batch = re.compile(r"^(\S+) slow batch \S+ ms cpu (\S+) ms steps (\d+)")
     steps: dict[str, list] = {}
     batches = []
@@ -142,8 +146,9 @@ def slow_counts(log: Path, t0: float, t1: float, over_cpu: float = 5.0) -> dict:
             "batches_over": len(batches), "batch_max_cpu_ms": max(batches, default=0.0)}
 
 
-def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="seg-bigfetch-"))
+def start_serve(tree: Path, tmp: Path, mail_port: int, cert_dir: Path, slow_steps: bool):
+    """One TLS worker of ``tree`` pinned to core 0, its state in ``tmp``, the sizing run's general
+    policies loaded (security off): (port, process, its stderr file)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -155,7 +160,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
                    f'[policy]\nsqlite_path = "{tmp}/policy.db"\n'
                    f'[security]\nmaster_key_file = "{tmp}/master.key"\nkey_state_file = "{tmp}/keys.json"\n')
     env = dict(os.environ, PYTHONPATH=str(tree / "src"), SEG_FAST_STATE_DIR=str(tmp / "state"))
-    if args.slow_steps:
+    if slow_steps:
         env["SEG_FAST_SLOW_STEP_MS"] = "5"     # the instrument costs CPU per step: not in timed runs
     # Security off: the sizing run's general policies without its managed-device ones.
     (tmp / "policies.json").write_text(json.dumps({"policies": {"general": POLICY_GENERAL}, "devices": []}))
@@ -165,6 +170,12 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env, cwd=tmp,
                             stdout=subprocess.DEVNULL, stderr=err.open("wb"),
                             preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    return port, proc, err
+
+
+def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="seg-bigfetch-"))
+    port, proc, err = start_serve(tree, tmp, mail_port, cert_dir, args.slow_steps)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     ctx.check_hostname = False

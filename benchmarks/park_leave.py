@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(HERE / "benchmarks"), str(HERE / "tests")]
 from big_answer_cpu import wait_accepting  # noqa: E402
-from big_fetch_tail import MAIL, POLICY_GENERAL, alternated, on_load_core, tls_files, write_keyed  # noqa: E402
+from big_fetch_tail import MAIL, SLOW_STEP, alternated, on_load_core, start_serve, tls_files, write_keyed  # noqa: E402
 from processes import stop_process  # noqa: E402
 
 # The stand-in mail server, counting the connections it holds open (an upstream the gateway
@@ -84,14 +82,11 @@ import os
 os._exit(0)
 '''
 
-STEP = re.compile(r"^(\S+) slow step \S+ ms cpu (\S+) ms .*task=(\S+) at (.*)$")
-
-
 def steps_after(log: Path, t0: float) -> list[tuple[float, str, str]]:
     """(cpu ms, task, where) of the logged steps from epoch ``t0`` on."""
     out = []
     for line in log.read_text(errors="replace").splitlines():
-        m = STEP.match(line)
+        m = SLOW_STEP.match(line)
         if m and float(m.group(1)) >= t0:
             out.append((float(m.group(2)), m.group(3).rsplit(".", 1)[-1], m.group(4).split(" (")[0]))
     return out
@@ -142,25 +137,7 @@ def leave(child: subprocess.Popen) -> None:
 def one_run(tree: Path, args, mail_port: int, mail_open: Path, cert_dir: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="seg-parkleave-"))
     state = tmp / "state"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = tmp / "gateway.toml"
-    cfg.write_text(f'workers = 1\nstate_dir = "{tmp}"\n[listener]\nhost = "127.0.0.1"\nport = {port}\n'
-                   f'tls_cert = "{cert_dir}/cert.pem"\ntls_key = "{cert_dir}/key.pem"\n'
-                   f'[upstream]\nurl = "http://127.0.0.1:{mail_port}"\n[admin]\nenabled = false\n'
-                   f'[log]\nlevel = "warn"\n[limits]\nmax_connections_per_address = 0\n'
-                   f'[policy]\nsqlite_path = "{tmp}/policy.db"\n'
-                   f'[security]\nmaster_key_file = "{tmp}/master.key"\nkey_state_file = "{tmp}/keys.json"\n')
-    env = dict(os.environ, PYTHONPATH=str(tree / "src"), SEG_FAST_STATE_DIR=str(state),
-               SEG_FAST_SLOW_STEP_MS="5")
-    (tmp / "policies.json").write_text(json.dumps({"policies": {"general": POLICY_GENERAL}, "devices": []}))
-    subprocess.run([sys.executable, "-m", "seg_fast", "policy", "load", str(tmp / "policies.json"), "--config",
-                    str(cfg)], env=env, cwd=tmp, check=True, capture_output=True)
-    err = tmp / "serve.err"
-    proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env, cwd=tmp,
-                            stdout=subprocess.DEVNULL, stderr=err.open("wb"),
-                            preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    port, proc, err = start_serve(tree, tmp, mail_port, cert_dir, slow_steps=True)
     children = []
     try:
         wait_accepting(port, proc, f"serve of {tree}", err)
