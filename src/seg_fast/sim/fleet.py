@@ -159,6 +159,10 @@ class Stats:
         with self._fail_lock:
             self._fail(kind, detail)
 
+    def envelope_opened(self) -> None:
+        with self._fail_lock:        # the oracle's thread counts them too
+            self.envelopes_opened += 1
+
     def _fail(self, kind: str, detail: str) -> None:
         self.failures[kind] += 1
         if len(self.failure_samples) < 40:

@@ -398,7 +398,7 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
         exempt = item is not None and dev.fleet.sim.corpus.message(item[1].msg).signed
         if len(res[2]) >= checks.BIG:
             # decoded, opened and compared in the oracle's thread (sim/checks.py)
-            n = _data_len(d)
+            n = len(d.opaque) if d.opaque is not None else facts.base64_len(d.text or "")
             dev.fleet.checks.run("ItemOperations.security", dev.device_id, _fetched_why, st, d, found,
                                  dev.managed, dev.opener, exempt)
         else:
@@ -409,7 +409,7 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
                 st.fail("ItemOperations.security", f"{dev.device_id} {why}")
                 return False
             if raw.startswith(oracle.ENVELOPE_MAGIC):
-                st.envelopes_opened += 1
+                st.envelope_opened()
     if n != size:
         st.transformed += 1
         if dev.fleet.strict or not n:
@@ -422,19 +422,11 @@ def _data_of(d) -> bytes:
     return d.opaque if d.opaque is not None else checks.b64decode(d.text or "")
 
 
-def _data_len(d) -> int:
-    """The length ``_data_of`` will give, without decoding (unpadded, unbroken base64)."""
-    if d.opaque is not None:
-        return len(d.opaque)
-    t = d.text or ""
-    return len(t) // 4 * 3 - t.endswith("=") - t.endswith("==")
-
-
 def _fetched_why(st, d, found, managed: bool, opener, exempt: bool) -> str | None:
     raw = _data_of(d)
     why = oracle.fetched_ok(raw, found[0], found[2], managed, opener, exempt)
     if why is None and raw.startswith(oracle.ENVELOPE_MAGIC):
-        st.envelopes_opened += 1
+        st.envelope_opened()
     return why
 
 
