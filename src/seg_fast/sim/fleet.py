@@ -51,7 +51,7 @@ import trio
 
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim.checks import Checks
-from seg_fast.sim import lean_serve
+from seg_fast.sim import lean_serve, steps
 from seg_fast.sim.oracle import Opener
 from seg_fast.sim.timerfd import Timer
 from seg_fast.sim.warm import warm as warm_templates
@@ -748,6 +748,9 @@ class SyncLock:
         self.release()
 
 
+WAKE_NOTE = "{} readable {:.1f} ms cpu, {} expired, {} events {:.1f} ms cpu"
+
+
 class Parker:
     """The shard's waiting requests (parked Pings, and Syncs sent by the poller):
     their sockets in one epoll set (level-triggered, registered once per wait) watched
@@ -872,19 +875,28 @@ class Parker:
                 timer.arm(wake)
             await trio.lowlevel.wait_readable(ep.fileno())
             self.wakeups += 1
-            for fd, _events in ep.poll(0):
+            c0 = time.thread_time()
+            ready = ep.poll(0)
+            for fd, _events in ready:
                 if fd == tfd:
                     timer.clear()
                 else:
                     self._readable(fd)
+            c1 = time.thread_time()
             now = trio.current_time()
+            expired = 0
             while heap and heap[0][0] <= now:
                 p = heapq.heappop(heap)[2]
                 if p.conn is not None and self.by_fd.get(p.fd) is p:
                     self._take(p.fd)
                     nursery.start_soon(p.dev.resume, p, True)
-            if self.next_event < len(self.events):
+                    expired += 1
+            ran = self.next_event
+            if ran < len(self.events):
                 self._run_due()
+            # what this wake-up did, kept by steps.SlowSteps if the step was slow
+            steps.note((WAKE_NOTE, len(ready), 1000 * (c1 - c0), expired, self.next_event - ran,
+                        1000 * (time.thread_time() - c1)))
 
     async def close(self) -> None:
         """The run is over: the Pings still parked are closed (their devices stay up)."""
@@ -903,6 +915,7 @@ class Fleet:
         self.sim = sim
         self.stats = Stats()
         self.checks = Checks(self.stats)   # large answers' oracle work, off the loop
+        self.slow: steps.SlowSteps | None = None   # the loop's slow steps (while running)
         self.stopping = False
         self.go: Go | None = None
         self.clock: Clock | None = None
@@ -1042,6 +1055,22 @@ class Fleet:
         events = self.schedule()
         n = len(self.devices)
         end = self.window[1]
+        self.slow = steps.SlowSteps(self.phase).install()
+        try:
+            await self._run(events, n, end)
+        finally:
+            self.slow.uninstall()
+        await trio.to_thread.run_sync(self.checks.wait)
+        return self.result()
+
+    def phase(self) -> tuple[float, str]:
+        """(shard time, the run's phase then): for the slow-step record."""
+        t = self.clock.now()
+        w0, w1 = self.window
+        return t, ("ramp" if t < self.spec.ramp else "settle" if t < w0 else "hold" if t < w1 else "drain")
+
+    async def _run(self, events, n: int, end: float) -> None:
+        s = self.spec
         async with trio.open_nursery() as outer:
             outer.start_soon(self.report)
             if PROFILE is not None and os.environ.get("SEG_FAST_FLEET_PROFILE_WINDOW"):
@@ -1069,8 +1098,6 @@ class Fleet:
                 await self.parker.close()
                 fg.cancel_scope.cancel()
             outer.cancel_scope.cancel()
-        await trio.to_thread.run_sync(self.checks.wait)
-        return self.result()
 
     def census_at_stop(self, foreground: int) -> None:
         """The drain is over and the run stops: every device still short of the mail
@@ -1145,6 +1172,7 @@ class Fleet:
             "facts_checked": st.facts_checked, "facts_crosschecked": st.facts_crosschecked,
             "tls_handshakes": st.tls_handshakes, "tls_resumed": st.tls_resumed,
             "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
+            "slow_steps": self.slow.report() if self.slow is not None else None,
         }
 
 

@@ -34,7 +34,7 @@ from seg_fast.errors import HTTPProtocolError
 from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.proxy import http1
 from seg_fast.proxy.tlsio import socket_bio
-from seg_fast.sim import commands as C
+from seg_fast.sim import commands as C, steps
 from seg_fast.sim.mailbox import LEAN_METHODS, MAX_HEAD, REASONS, SERVER_TRIPLE, _Park, _seq_of
 from seg_fast.sim.wire import TLS_EOF, TLS_STUCK, RawStream, TlsStream, read_tls
 
@@ -156,7 +156,9 @@ class Reactor:
         try:
             while True:
                 await trio.lowlevel.wait_readable(ep.fileno())
-                for fd, ev in ep.poll(0):
+                ready = ep.poll(0)
+                steps.note(("{} ready", len(ready)))     # kept if this step is slow
+                for fd, ev in ready:
                     if fd == lfd:
                         self._accept()
                         continue
