@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from seg_fast.sim import sizing
-from seg_fast.sim.cgroup import CpuLimit, find_cpu_controller
+from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 
 _found = find_cpu_controller()
 needs_cgroup = pytest.mark.skipif(isinstance(_found, str),
@@ -75,6 +75,9 @@ def test_unlimited_busy_loop_is_not_throttled():
 def test_fraction_out_of_range_is_refused():
     with pytest.raises(ValueError):
         CpuLimit(0.0)
+    # a quota under the kernel's 1 ms would be clamped to another fraction than asked
+    with pytest.raises(ValueError, match="out of range"):
+        CpuLimit(0.5 * MIN_QUOTA_US / PERIOD_US)
 
 
 def _point(devices: int, held: float, cpu_s_per_device_hour: float, meets: bool = True) -> dict:
@@ -98,6 +101,171 @@ def test_crosscheck_claims_n_over_f_only_when_both_agree():
     miss = sizing.crosscheck([_point(10_000, 0.5, 0.0200), _point(20_000, 1.0, 0.0200, meets=False)])
     assert miss["agree"] and miss["devices_per_core"] is None
     assert "20000 devices at 1 core missed" in miss["why_not"][0]
+
+
+def test_crosscheck_at_a_quarter_claims_n_over_a_quarter():
+    assert sizing.crosscheck_plan(0.25) == [(0.25, 1), (0.5, 2)]
+    ok = sizing.crosscheck([_point(5_000, 0.25, 0.0200), _point(10_000, 0.5, 0.0190)])
+    assert ok["agree"] and ok["devices_per_core"] == 20_000
+    assert ok["fractions"] == [0.25, 0.5] and ok["devices_driven"] == [5_000, 10_000]
+    assert [r["devices_per_core"] for r in ok["points"]] == [20_000, 20_000]
+    off = sizing.crosscheck([_point(5_000, 0.25, 0.0200), _point(10_000, 0.5, 0.0240)])
+    assert not off["agree"] and off["devices_per_core"] is None and "16.7%" in off["why_not"][0]
+    miss = sizing.crosscheck([_point(5_000, 0.25, 0.0200, meets=False), _point(10_000, 0.5, 0.0200)])
+    assert miss["devices_per_core"] is None
+    assert miss["why_not"] == ["5000 devices at 0.25 core missed the service level"]
+
+
+def _verdict(devices: int, held: float, kind: str) -> dict:
+    """A combined verdict of one of search_step's kinds."""
+    v = {"devices": devices, "held_to_cores": held, "meets": kind == "meets", "broke": [], "undriven": [],
+         "unmeasured": [], "claimless": [], "caveats": [],
+         "metrics": {"gateway": {"cpu_s_per_device_hour": 0.06, "cpu_share": 0.3 * held}}}
+    if kind == "broke":
+        v["broke"] = ["paired added p99.9 120.0 ms on ItemOperations, n=1500 > 100 ms"]
+    elif kind == "undriven":
+        v["undriven"] = ["gateway: load side fell behind schedule (p99 1.40s, max 3.00s)"]
+    elif kind == "unmeasured":
+        v["unmeasured"] = ["gateway: the cgroup CPU limit was not applied"]
+    elif kind == "passes":
+        v["claimless"] = ["time compressed (rate scale 10.0): development run"]
+    v["invalid"] = v["undriven"] + v["unmeasured"] + v["claimless"]
+    return v
+
+
+def _fake_measure(monkeypatch, kind_at):
+    """sizing.measure replaced by ``kind_at(per_core, driven, fraction)`` -> kind; returns
+    the (driven, fraction) of every point measured, in order."""
+    asked = []
+
+    async def measure(o, say):
+        f = o.cgroup_fraction or 1.0
+        asked.append((o.devices, o.cgroup_fraction))
+        return {"devices": o.devices, "verdict": _verdict(o.devices, f, kind_at(round(o.devices / f), o.devices, f)),
+                "runs": []}
+    monkeypatch.setattr(sizing, "measure", measure)
+    return asked
+
+
+def _search(per_core_start: int, max_per_core: int, fraction: float, lines=None) -> dict:
+    opts = sizing.Options(devices=per_core_start, cgroup_fraction=fraction)
+    say = lines.append if lines is not None else (lambda _m: None)
+    return trio.run(sizing.bench, opts, True, max_per_core, say)
+
+
+def test_search_walks_per_core_and_drives_a_fraction_of_it(monkeypatch):
+    # the gateway meets up to 150,000 per core: at a quarter of a core the search
+    # reaches it driving at most 40,000 devices (the brief's command line)
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: "meets" if pc <= 150_000 else "broke")
+    lines: list[str] = []
+    report = _search(20_000, 160_000, 0.25, lines)
+    assert [n for n, _ in asked] == [5_000, 10_000, 20_000, 40_000, 30_000, 35_000, 37_500]
+    assert all(f == 0.25 for _, f in asked)
+    h = report["headline"]
+    assert h["best_devices_per_core"] == 150_000 and h["best_devices_driven"] == 37_500
+    assert h["held_to_cores"] == 0.25
+    stop = h["search_stop"]
+    assert stop["by"] == "gateway" and stop["devices_per_core"] == 160_000 and stop["devices_driven"] == 40_000
+    assert stop["why"] == ["paired added p99.9 120.0 ms on ItemOperations, n=1500 > 100 ms"]
+    assert stop["largest_met_per_core"] == 150_000
+    said = "\n".join(lines)
+    assert "[N=37500] (150000 per core at 0.25 core) MEETS" in said
+    assert "search stopped: the gateway missed the service level at 160000 devices per core (40000 driven" in said
+    assert "ItemOperations" in said
+
+
+def test_search_without_a_fraction_walks_driven_devices(monkeypatch):
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: "meets" if pc <= 12_000 else "broke")
+    report = _search(5_000, 200_000, 0.0)
+    # doubling, then bisection to a tenth of the largest met (500 at least)
+    assert [n for n, _ in asked] == [5_000, 10_000, 20_000, 15_000, 12_500, 11_250, 11_875]
+    assert report["headline"]["best_devices_per_core"] == 11_875
+    assert report["headline"]["search_stop"]["devices_per_core"] == 12_500
+
+
+def test_search_stops_where_the_load_side_cannot_drive_and_does_not_bisect_below(monkeypatch):
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: "meets" if n < 20_000 else "undriven")
+    report = _search(20_000, 200_000, 0.25)
+    assert [n for n, _ in asked] == [5_000, 10_000, 20_000]
+    stop = report["headline"]["search_stop"]
+    assert stop["by"] == "load side" and stop["devices_driven"] == 20_000
+    assert stop["said"].startswith("the load side could not drive 80000 devices per core")
+    assert "fell behind schedule" in stop["why"][0]
+    assert report["headline"]["best_devices_per_core"] == 40_000
+    # while bisecting too: the first undriven point ends it
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: ("meets" if pc <= 40_000 else
+                                                         "broke" if pc >= 80_000 else "undriven"))
+    report = _search(20_000, 200_000, 0.25)
+    assert [n for n, _ in asked] == [5_000, 10_000, 20_000, 15_000]
+    assert report["headline"]["search_stop"]["by"] == "load side"
+
+
+def test_search_stops_at_an_unmeasured_point_and_at_its_bound(monkeypatch):
+    _fake_measure(monkeypatch, lambda pc, n, f: "unmeasured" if pc > 20_000 else "meets")
+    stop = _search(20_000, 200_000, 0.5)["headline"]["search_stop"]
+    assert stop["by"] == "measurement" and stop["why"] == ["gateway: the cgroup CPU limit was not applied"]
+    # every point meets: the bound (per core) is where it ends, never driven past it
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: "meets")
+    report = _search(20_000, 100_000, 0.25)
+    assert max(n for n, _ in asked) <= 25_000
+    stop = report["headline"]["search_stop"]
+    assert stop["by"] == "bound" and stop["said"] == "the search's bound, --max-devices 100000 per core"
+    assert stop["largest_met_per_core"] >= 90_000
+
+
+def test_a_development_search_walks_on_but_claims_nothing(monkeypatch):
+    # time compressed points that met the service level: the walk goes on (the load
+    # side drove them), the headline claims nothing
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: "passes" if pc <= 1_000 else "broke")
+    report = _search(400, 10_000, 0.25)
+    assert [n for n, _ in asked] == [100, 200, 400, 300]
+    h = report["headline"]
+    assert h["best_devices_per_core"] is None and h["search_stop"]["by"] == "gateway"
+    assert h["search_stop"]["largest_met_per_core"] == 800 and h["search_stop"]["devices_per_core"] == 1_200
+
+
+def test_cgroup_check_at_a_fraction_runs_n_at_f_and_2n_at_2f(monkeypatch):
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: "meets")
+    lines: list[str] = []
+    opts = sizing.Options(devices=10_000)
+    report = trio.run(sizing.bench, opts, False, 0, lines.append, 0.25)
+    assert asked == [(10_000, 0.25), (20_000, 0.5)]
+    h = report["headline"]
+    assert h["best_devices_per_core"] == 40_000 and h["best_devices_driven"] == 10_000
+    assert h["cgroup_crosscheck"]["fractions"] == [0.25, 0.5] and h["cgroup_crosscheck"]["agree"]
+    assert report["crosscheck"]["devices_driven"] == [10_000, 20_000]
+    assert any(x.startswith("cgroup cross-check (10000 at 0.25 core and 20000 at 0.5 core)") for x in lines)
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--cgroup-fraction", "1.5"], "--cgroup-fraction 1.5 is out of range"),
+    (["--cgroup-fraction", "0.01"], "--cgroup-fraction 0.01 is out of range"),
+    (["--cgroup-check", "0.6"], "2F <= 1"),
+    (["--cgroup-check", "0.01"], "--cgroup-check 0.01 is below"),
+    (["--cgroup-check", "--search"], "--cgroup-check picks its own fractions"),
+    (["--cgroup-check", "0.25", "--cgroup-fraction", "0.25"], "--cgroup-check picks its own fractions"),
+    (["--search", "--devices", "20000", "--max-devices", "10000"], "--max-devices 10000 is below --devices 20000"),
+])
+def test_bad_fractions_and_bounds_are_refused_before_anything_runs(args, error, capsys, monkeypatch):
+    async def no_bench(*_a, **_k):
+        raise AssertionError("nothing may run")
+    monkeypatch.setattr(sizing, "bench", no_bench)
+    assert sizing.cli(["sizing", *args]) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_a_bare_cgroup_check_is_a_half(monkeypatch, tmp_path):
+    got = {}
+
+    async def bench(opts, search, max_devices, say, cgroup_check=0.0):
+        got["check"] = cgroup_check
+        return {"machine": {}, "options": {"security": "off"}, "when": "now", "headline": {}, "points": []}
+    monkeypatch.setattr(sizing, "bench", bench)
+    monkeypatch.setattr(sizing, "find_cpu_controller", lambda: ("v1", tmp_path))
+    assert sizing.cli(["sizing", "--cgroup-check", "--out", str(tmp_path), "--quiet"]) == 0
+    assert got["check"] == 0.5
+    assert sizing.cli(["sizing", "--cgroup-check", "0.25", "--out", str(tmp_path), "--quiet"]) == 0
+    assert got["check"] == 0.25
 
 
 def test_headline_divides_by_the_fraction():

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 PERIOD_US = 20_000
+MIN_QUOTA_US = 1_000        # the kernel refuses a smaller quota (cpu.max and cfs_quota_us alike)
 MOUNTS = "/proc/self/mounts"
 
 
@@ -86,15 +87,17 @@ class CpuLimit:
     manager (the group is removed on exit, its processes gone by then)."""
 
     def __init__(self, fraction: float, name: str | None = None, period_us: int = PERIOD_US):
-        if not 0.01 <= fraction <= 64:
-            raise ValueError(f"CPU fraction {fraction} out of range (0.01..64 cores)")
+        if not 0 < fraction <= 64 or fraction * period_us < MIN_QUOTA_US:
+            # below the kernel's 1 ms quota the limit would not be the fraction asked for
+            raise ValueError(f"CPU fraction {fraction} out of range ({MIN_QUOTA_US / period_us:g}..64 cores "
+                             f"with a {period_us / 1000:g} ms period)")
         found = find_cpu_controller()
         if isinstance(found, str):
             raise OSError(f"no cgroup CPU control here: {found}")
         self.version, root = found
         self.fraction = fraction
         self.period_us = period_us
-        self.quota_us = max(1000, round(fraction * period_us))
+        self.quota_us = round(fraction * period_us)
         self.path = root / (name or f"seg-fast-sizing-{os.getpid()}-{time.monotonic_ns()}")
 
     def __enter__(self) -> "CpuLimit":

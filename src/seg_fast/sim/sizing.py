@@ -21,9 +21,11 @@ that meets it.
 
 A second method: ``--cgroup-fraction f`` also holds the proxy to a fraction f of its
 core with a cgroup CPU limit (seg_fast.sim.cgroup), so N devices stand for N/f per
-core; ``--cgroup-check`` runs N at 0.5 and 2N at 1.0 and claims N/0.5 per core only
-when both meet the service level and the gateway's CPU per device-hour agrees within
-10% (``crosscheck``).
+core; ``--cgroup-check F`` runs N at F and 2N at 2F (F 0.5 when not given) and claims
+N/F per core only when both meet the service level and the gateway's CPU per
+device-hour agrees within 10% (``crosscheck``). ``--search`` walks devices per core:
+with ``--cgroup-fraction f`` each point drives per-core x f devices, so per-core
+figures beyond what the load core can drive are reachable (``search_walk``).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from seg_fast.sim.cgroup import CpuLimit, find_cpu_controller
+from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import Go, ShardSpec, open_fds
 from seg_fast.sim.latency import OTHER, added_latency, lat_summary
 
@@ -797,8 +799,9 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
 
 # -- one point: all paths at N, judged -----------------------------------------------
 
-def load_problems(p: dict, opts: Options) -> list[str]:
-    """Why this path's numbers measure the load generator rather than the server."""
+def load_problems(p: dict) -> list[str]:
+    """Why this path's numbers measure the load generator rather than the server: the
+    load side could not drive the point (its CPU, schedule, descriptors or ports)."""
     out = []
     ld = p["load"]
     if ld["cpu_share"] > LOAD_CPU_LIMIT:
@@ -820,6 +823,12 @@ def load_problems(p: dict, opts: Options) -> list[str]:
     if p["ready_late_s"] > 0:
         out.append(f"the ramp was not done when the hold began (last device ready "
                    f"{p['ready_late_s']:.0f}s into it): lengthen --ramp")
+    return out
+
+
+def claimless_options(opts: Options) -> list[str]:
+    """Why the run's options claim nothing whatever it measures (a development run)."""
+    out = []
     if opts.rate_scale != 1.0:
         out.append(f"time compressed (rate scale {opts.rate_scale}): development run")
     if not opts.tls:
@@ -846,13 +855,14 @@ def load_overloaded(p: dict) -> str:
     return ""
 
 
-def direct_failures(p: dict) -> list[str]:
-    """The direct path's failures: no proxy is in the way, so each is the fleet's or
-    the simulator's. A device that gave up after its own deadline while the load side
-    was overloaded (both ends of the direct path are the shard's) shows the load
-    side's limit, not a wrong answer; any other failure, or a timeout while the load
-    side kept its schedule, says the fleet or the simulator is wrong."""
-    out = []
+def direct_failures(p: dict) -> tuple[list[str], list[str]]:
+    """The direct path's failures, as (the load side's limit, wrong answers): no proxy
+    is in the way, so each is the fleet's or the simulator's. A device that gave up
+    after its own deadline while the load side was overloaded (both ends of the direct
+    path are the shard's) shows the load side's limit, not a wrong answer; any other
+    failure, or a timeout while the load side kept its schedule, says the fleet or
+    the simulator is wrong."""
+    limit, out = [], []
     fails = p["failures"]
     timed_out = {k: v for k, v in fails.items() if k.endswith(TIMED_OUT)}
     wrong = {k: v for k, v in fails.items() if k not in timed_out}
@@ -860,13 +870,13 @@ def direct_failures(p: dict) -> list[str]:
     if timed_out and not why:
         wrong.update(timed_out)
     elif timed_out:
-        out.append(f"direct: {sum(timed_out.values())} requests gave up at their own deadline with no proxy in "
+        limit.append(f"direct: {sum(timed_out.values())} requests gave up at their own deadline with no proxy in "
                    f"the way ({', '.join(sorted(timed_out))}) while the load side was overloaded ({why}): "
                    f"the load side's limit, not a wrong answer")
     if wrong:
         out.append(f"direct: {sum(wrong.values())} failures without any proxy "
                    f"({', '.join(sorted(wrong))}): the fleet or simulator is wrong")
-    return out
+    return limit, out
 
 
 def behind_at_stop(p: dict) -> str:
@@ -906,15 +916,19 @@ def judge(point: dict, opts: Options) -> dict:
     paths = point["paths"]
     direct, gw = paths.get("direct"), paths.get("gateway")
     broke: list[str] = []          # the service level itself
-    invalid: list[str] = []        # the measurement
+    # why the point is not a measurement, by kind (a search stops at the first two,
+    # and walks on past the third: a development run's points claim nothing anyway)
+    undriven: list[str] = []       # the load side could not drive it
+    unmeasured: list[str] = []     # the measurement is missing or wrong
+    claimless = claimless_options(opts)
     caveats: list[str] = []
     held = opts.cgroup_fraction or 1.0     # of core 0: the proxy's allowance
     if opts.cgroup_fraction:
         for name in ("gateway", "nginx"):
             if name in paths and not paths[name]["server"].get("cgroup"):
-                invalid.append(f"{name}: the cgroup CPU limit was not applied")
+                unmeasured.append(f"{name}: the cgroup CPU limit was not applied")
     for name, p in paths.items():
-        invalid += [f"{name}: {x}" for x in load_problems(p, opts)]
+        undriven += [f"{name}: {x}" for x in load_problems(p)]
         caveats += contention(p)
     added = {}
     if direct and gw:
@@ -951,16 +965,18 @@ def judge(point: dict, opts: Options) -> dict:
         if gw["server"]["rss_kib_max"] > SLO_RSS_KIB:
             broke.append(f"gateway RSS {gw['server']['rss_kib_max'] / 1024:.0f} MiB > 2 GiB")
     if gw and not direct:
-        invalid.append("no direct path in this run: the added latency was not measured")
+        unmeasured.append("no direct path in this run: the added latency was not measured")
     if direct:
-        invalid += direct_failures(direct)
+        limit, wrong = direct_failures(direct)
+        undriven += limit
+        unmeasured += wrong
     for name, p in paths.items():
         late = behind_at_stop(p)
         if not late:
             continue
         if name == "direct":
             # no proxy in the way: the load side did not keep up with its own schedule
-            invalid.append(f"direct: {late}: the load side fell behind (not a wrong answer); "
+            undriven.append(f"direct: {late}: the load side fell behind (not a wrong answer); "
                            f"fewer devices, or a longer --drain")
         elif name == "gateway":
             # the gateway may be what held them: counted against it, as a failure is
@@ -1016,8 +1032,10 @@ def judge(point: dict, opts: Options) -> dict:
     if "gateway" in metrics and "nginx" in metrics and metrics["nginx"]["cpu_s_per_device_hour"]:
         metrics["gateway_cpu_vs_nginx"] = round(metrics["gateway"]["cpu_s_per_device_hour"]
                                                 / metrics["nginx"]["cpu_s_per_device_hour"], 2)
+    invalid = undriven + unmeasured + claimless
     meets = bool(gw) and not broke and not invalid
-    return {"devices": n, "held_to_cores": held, "meets": meets, "broke": broke, "invalid": invalid, "caveats": caveats,
+    return {"devices": n, "held_to_cores": held, "meets": meets, "broke": broke, "invalid": invalid,
+            "undriven": undriven, "unmeasured": unmeasured, "claimless": claimless, "caveats": caveats,
             "added_latency_ms": added, "metrics": metrics}
 
 
@@ -1060,20 +1078,22 @@ def combine(runs: list[dict], repeat: int) -> dict:
     the runs (the README quotes the lower capacity)."""
     verdicts = [r["verdict"] for r in runs]
     tag = (lambda i: f"run {i + 1}: ") if len(runs) > 1 else (lambda i: "")
-    broke = [tag(i) + b for i, v in enumerate(verdicts) for b in v["broke"]]
-    invalid = [tag(i) + x for i, v in enumerate(verdicts) for x in v["invalid"]]
-    caveats = [tag(i) + x for i, v in enumerate(verdicts) for x in v["caveats"]]
-    if len(runs) < 2 and not broke and not invalid:
-        invalid.append("a single run: a claim needs two runs that both meet the service level (--repeat 2)")
-    if len(runs) < repeat and not broke and not invalid:
-        invalid.append(f"{len(runs)} of {repeat} runs made")
+    tagged = lambda key: [tag(i) + x for i, v in enumerate(verdicts) for x in v.get(key, [])]
+    broke, undriven, unmeasured, caveats = tagged("broke"), tagged("undriven"), tagged("unmeasured"), tagged("caveats")
+    claimless = list(verdicts[0].get("claimless", []))     # the options: the same in every run
+    if len(runs) < 2 and not broke and not undriven + unmeasured + claimless:
+        claimless.append("a single run: a claim needs two runs that both meet the service level (--repeat 2)")
+    if len(runs) < repeat and not broke and not undriven + unmeasured + claimless:
+        claimless.append(f"{len(runs)} of {repeat} runs made")
+    invalid = undriven + unmeasured + claimless
     added, metrics = verdicts[0]["added_latency_ms"], verdicts[0]["metrics"]
     for v in verdicts[1:]:
         added, metrics = _worse(added, v["added_latency_ms"]), _worse(metrics, v["metrics"])
     return {"devices": runs[0]["devices"], "held_to_cores": verdicts[0].get("held_to_cores", 1.0),
             "runs": len(runs),
             "meets": all(v["meets"] for v in verdicts) and not broke and not invalid,
-            "broke": broke, "invalid": invalid, "caveats": caveats,
+            "broke": broke, "invalid": invalid, "undriven": undriven, "unmeasured": unmeasured,
+            "claimless": claimless, "caveats": caveats,
             "runs_meet": [v["meets"] for v in verdicts],
             "added_latency_ms": added, "metrics": metrics}
 
@@ -1122,6 +1142,7 @@ def headline(points: list[dict], security: str) -> dict:
     out = {"security": security, "best_devices_per_core": per_core(best) if best else None,
            "devices_per_2_cores": 2 * per_core(best) if best else None,
            "held_to_cores": best["verdict"].get("held_to_cores", 1.0) if best else None,
+           "best_devices_driven": best["devices"] if best else None,
            "vendor_v2_per_2_cores": 2 * VENDOR["v2"][security],
            "vendor_classic_per_2_cores": 2 * VENDOR["classic"][security],
            "goal_per_core": GOAL[security]}
@@ -1184,10 +1205,15 @@ def strip_raw(point: dict) -> dict:
     return out
 
 
-# The cgroup cross-check: (fraction of core 0, multiple of N); per-core figures of
-# the two points must agree within CROSSCHECK_TOLERANCE.
-CROSSCHECK = ((0.5, 1), (1.0, 2))
+# The cgroup cross-check: N devices at a fraction F of core 0 and 2N at 2F; the
+# per-core figures of the two points must agree within CROSSCHECK_TOLERANCE.
+CROSSCHECK_FRACTION = 0.5          # a bare --cgroup-check
 CROSSCHECK_TOLERANCE = 0.10
+
+
+def crosscheck_plan(fraction: float) -> list[tuple[float, int]]:
+    """(fraction of core 0, multiple of N) of the cross-check's two points."""
+    return [(fraction, 1), (2 * fraction, 2)]
 
 
 def crosscheck(points: list[dict]) -> dict:
@@ -1220,11 +1246,89 @@ def crosscheck(points: list[dict]) -> dict:
         if not r["meets"]:
             why.append(f"{r['devices']} devices at {r['held_to_cores']:g} core missed the service level")
     claim = min(r["devices_per_core"] for r in rows) if agree and not why else None
-    return {"points": rows, "cpu_spread": spread, "tolerance": CROSSCHECK_TOLERANCE, "agree": agree,
+    return {"fractions": [r["held_to_cores"] for r in rows], "devices_driven": [r["devices"] for r in rows],
+            "points": rows, "cpu_spread": spread, "tolerance": CROSSCHECK_TOLERANCE, "agree": agree,
             "devices_per_core": claim, "why_not": why}
 
 
-async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check: bool = False) -> dict:
+# -- the search: devices per core, each point driving per_core * F --------------------
+
+def driven(per_core: int, fraction: float) -> int:
+    """Devices a point drives to stand for ``per_core`` on a proxy held to ``fraction``."""
+    return max(1, round(per_core * fraction))
+
+
+def search_step(v: dict) -> str:
+    """What a point's verdict means to the search: "meets"; "passes" (it met the
+    service level, but the run's options claim nothing: a development run walks on);
+    "broke" (the gateway missed it); "undriven" (the load side could not drive it) or
+    "unmeasured" (the measurement is missing or wrong): those two say nothing about
+    the gateway, so the search stops there rather than bisecting below."""
+    if v["meets"]:
+        return "meets"
+    if v.get("undriven"):
+        return "undriven"
+    if v.get("unmeasured"):
+        return "unmeasured"
+    return "broke" if v["broke"] else "passes"
+
+
+def stop_reason(step: str, per_core: int, n: int, fraction: float, v: dict) -> dict:
+    """Why the search went no higher than ``per_core`` (``n`` devices driven)."""
+    at = f"{per_core} devices per core ({n} driven at {fraction:g} core)"
+    why = {"broke": ("gateway", f"the gateway missed the service level at {at}", v.get("broke", [])),
+           "undriven": ("load side", f"the load side could not drive {at}", v.get("undriven", [])),
+           "unmeasured": ("measurement", f"{at} was not measured", v.get("unmeasured", []))}[step]
+    return {"by": why[0], "devices_per_core": per_core, "devices_driven": n, "held_to_cores": fraction,
+            "said": why[1], "why": why[2]}
+
+
+async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
+    """The largest devices per core meeting the service level: from ``opts.devices``
+    per core, doubling up to ``max_per_core``, then bisecting to a tenth; every point
+    drives per_core * F devices (F: ``opts.cgroup_fraction``, 1 without a limit).
+    ``at(n)`` measures n driven devices. Returns where and why it stopped."""
+    f = opts.cgroup_fraction or 1.0
+    lo, hi, stop = 0, None, None
+
+    async def step(per_core: int) -> tuple[str, int, dict | None]:
+        n = driven(per_core, f)
+        v = (await at(n))["verdict"]
+        kind = search_step(v)
+        return kind, round(n / f), (None if kind in ("meets", "passes") else stop_reason(kind, round(n / f), n, f, v))
+
+    pc = opts.devices
+    while hi is None and pc <= max_per_core:
+        kind, pc_done, why = await step(pc)
+        if why is None:
+            lo, pc = pc_done, pc * 2
+        else:
+            stop = why
+            hi = pc_done if kind == "broke" else lo     # not bisected below an undriven point
+    if hi is None:
+        hi = max_per_core
+        stop = {"by": "bound", "devices_per_core": max_per_core, "devices_driven": driven(max_per_core, f),
+                "held_to_cores": f, "said": f"the search's bound, --max-devices {max_per_core} per core",
+                "why": []}
+    while lo and hi - lo > max(500, lo // 10):
+        kind, pc_done, why = await step((lo + hi) // 2)
+        if why is None:
+            lo = pc_done
+        elif kind == "broke":
+            hi, stop = pc_done, why
+        else:
+            stop = why
+            break
+    stop["largest_met_per_core"] = lo or None
+    say(f"search stopped: {stop['said']}" + "".join(f"\n    {w}" for w in stop["why"])
+        + (f"\n    largest met: {lo} devices per core ({driven(lo, f)} driven)" if lo else
+           "\n    no point met the service level"))
+    return stop
+
+
+async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check: float = 0.0) -> dict:
+    """One point (N = opts.devices driven), a search (``max_devices`` and opts.devices
+    per core) or, with ``cgroup_check`` = F, the cross-check (N at F and 2N at 2F)."""
     points: list[dict] = []
 
     async def at(n: int, fraction: float | None = None) -> dict:
@@ -1233,18 +1337,22 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
             o = msgspec.structs.replace(o, cgroup_fraction=fraction)
         p = await measure(o, say)
         v = p["verdict"]
-        say(f"[N={n}] {'MEETS' if v['meets'] else 'misses'} the service level"
+        held = o.cgroup_fraction or 1.0
+        per_core = f" ({round(n / held)} per core at {held:g} core)" if held != 1.0 else ""
+        say(f"[N={n}]{per_core} {'MEETS' if v['meets'] else 'misses'} the service level"
             + "".join(f"\n    broke: {b}" for b in v["broke"])
             + "".join(f"\n    not a measurement: {x}" for x in v["invalid"])
             + "".join(f"\n    caveat: {x}" for x in v["caveats"]))
         points.append(p)
         return p
 
-    cross = None
+    cross = stop = None
     if cgroup_check:
-        pair = [await at(opts.devices * k, f) for f, k in CROSSCHECK]
+        plan = crosscheck_plan(cgroup_check)
+        pair = [await at(opts.devices * k, f) for f, k in plan]
         cross = crosscheck(pair)
-        say("cgroup cross-check: gateway CPU per device-hour "
+        say(f"cgroup cross-check ({' and '.join(f'{opts.devices * k} at {f:g} core' for f, k in plan)}): "
+            "gateway CPU per device-hour "
             + ("agrees" if cross["agree"] else "does not agree")
             + (f" (spread {100 * cross['cpu_spread']:.1f}%)" if cross["cpu_spread"] is not None else "")
             + (f"; CLAIM {cross['devices_per_core']} devices per core" if cross["devices_per_core"]
@@ -1253,34 +1361,7 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
     elif not search:
         await at(opts.devices)
     else:
-        # A point the load side could not drive says nothing about the gateway:
-        # the search stops there rather than bisecting below it.
-        def verdict(p: dict) -> str:
-            v = p["verdict"]
-            return "meets" if v["meets"] else "broke" if v["broke"] else "invalid"
-
-        lo, hi = 0, None
-        n = opts.devices
-        while hi is None and n <= max_devices:
-            v = verdict(await at(n))
-            if v == "meets":
-                lo, n = n, n * 2
-            elif v == "broke":
-                hi = n
-            else:
-                say(f"search stopped: the load side could not drive {n} devices")
-                hi = lo
-        hi = hi or max_devices
-        while lo and hi - lo > max(500, lo // 10):
-            mid = (lo + hi) // 2
-            v = verdict(await at(mid))
-            if v == "meets":
-                lo = mid
-            elif v == "broke":
-                hi = mid
-            else:
-                say(f"search stopped: the load side could not drive {mid} devices")
-                break
+        stop = await search_walk(opts, max_devices, at, say)
     head = headline(points, opts.security)
     report = {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": head, "points": points}
@@ -1288,8 +1369,12 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
         # the cross-check claims only what both fractions agree on
         head["best_devices_per_core"] = cross["devices_per_core"]
         head["devices_per_2_cores"] = 2 * cross["devices_per_core"] if cross["devices_per_core"] else None
-        head["cgroup_crosscheck"] = {k: cross[k] for k in ("agree", "cpu_spread", "why_not")}
+        head["best_devices_driven"] = cross["devices_driven"][0] if cross["devices_per_core"] else None
+        head["cgroup_crosscheck"] = {k: cross[k] for k in
+                                     ("fractions", "devices_driven", "agree", "cpu_spread", "why_not")}
         report["crosscheck"] = cross
+    if stop is not None:
+        head["search_stop"] = stop
     return report
 
 
@@ -1300,6 +1385,29 @@ def security_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+def arg_errors(a: argparse.Namespace) -> list[str]:
+    """What is wrong with the options' fractions and bounds (before anything runs)."""
+    out = []
+    lowest = MIN_QUOTA_US / PERIOD_US
+    if a.cgroup_fraction and not lowest <= a.cgroup_fraction <= 1.0:
+        out.append(f"--cgroup-fraction {a.cgroup_fraction:g} is out of range ({lowest:g}..1 of the "
+                   "gateway's one core)")
+    if a.cgroup_check:
+        if not lowest <= a.cgroup_check:
+            out.append(f"--cgroup-check {a.cgroup_check:g} is below {lowest:g} of a core")
+        if 2 * a.cgroup_check > 1.0:
+            out.append(f"--cgroup-check {a.cgroup_check:g}: its second point, 2N at {2 * a.cgroup_check:g} "
+                       "core, would need more than the gateway's one core (2F <= 1)")
+        if a.cgroup_fraction or a.search:
+            out.append("--cgroup-check picks its own fractions (N at F, 2N at 2F); it takes no "
+                       "--cgroup-fraction or --search")
+    if a.devices < 1:
+        out.append(f"--devices {a.devices}: at least 1")
+    if a.search and a.max_devices < a.devices:
+        out.append(f"--max-devices {a.max_devices} is below --devices {a.devices} (both per core with --search)")
+    return out
 
 
 def cli(argv: list[str]) -> int:
@@ -1314,9 +1422,12 @@ def cli(argv: list[str]) -> int:
         return fleet_sogo.cli(argv[1:])
     ap = argparse.ArgumentParser(prog="seg-fast bench sizing",
                                  description="devices per core at the BENCH-PROFILE service level")
-    ap.add_argument("--devices", type=int, default=1000, help="N (or where --search starts)")
-    ap.add_argument("--search", action="store_true", help="find the largest N meeting the service level")
-    ap.add_argument("--max-devices", type=int, default=200_000)
+    ap.add_argument("--devices", type=int, default=1000,
+                    help="N driven (with --search: devices per core where it starts)")
+    ap.add_argument("--search", action="store_true",
+                    help="find the largest devices per core meeting the service level (with "
+                         "--cgroup-fraction F each point drives per-core x F devices)")
+    ap.add_argument("--max-devices", type=int, default=200_000, help="--search's bound, devices per core")
     ap.add_argument("--hold", type=float, default=120.0, help="measured steady state, s (>=120 for a claim)")
     ap.add_argument("--ramp", type=float, default=0.0, help=f"ramp-up, s (0: N/{RAMP_RATE:.0f})")
     ap.add_argument("--settle", type=float, default=-1.0, help="s between ramp and hold (<0: ramp/8, 5..60)")
@@ -1334,9 +1445,11 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--cgroup-fraction", type=float, default=0.0,
                     help="also hold the proxy to this fraction of its core with a cgroup CPU limit "
                          "(N devices then stand for N/f per core)")
-    ap.add_argument("--cgroup-check", action="store_true",
-                    help="cross-check: N at 0.5 core and 2N at 1.0 core (cgroup); per-core figures "
-                         f"must agree within {100 * CROSSCHECK_TOLERANCE:.0f}%%")
+    ap.add_argument("--cgroup-check", type=float, nargs="?", const=CROSSCHECK_FRACTION, default=0.0,
+                    metavar="F",
+                    help=f"cross-check: N at F core and 2N at 2F core (cgroup; F {CROSSCHECK_FRACTION:g} "
+                         "when not given, 2F <= 1); the N/F per-core claim needs both to meet the service "
+                         f"level and their CPU per device-hour to agree within {100 * CROSSCHECK_TOLERANCE:.0f}%%")
     ap.add_argument("--rate-scale", type=float, default=1.0, help="development only: compress time")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -1346,6 +1459,9 @@ def cli(argv: list[str]) -> int:
                     help="sogo: a correctness run against a real SOGo, not a capacity figure "
                          "(seg-fast bench sizing --upstream sogo --help)")
     a = ap.parse_args(argv[1:])
+    for err in arg_errors(a):
+        print(f"seg-fast bench sizing: {err}", file=sys.stderr)
+        return 2
     if a.security == "on" and not security_available():
         print("seg-fast bench sizing: --security on needs `seg-fast policy load`, "
               "which is not in this tree yet", file=sys.stderr)
@@ -1354,10 +1470,6 @@ def cli(argv: list[str]) -> int:
         found = find_cpu_controller()
         if isinstance(found, str):
             print(f"seg-fast bench sizing: no cgroup CPU control here: {found}", file=sys.stderr)
-            return 2
-        if a.cgroup_check and (a.cgroup_fraction or a.search):
-            print("seg-fast bench sizing: --cgroup-check picks its own fractions; it takes no "
-                  "--cgroup-fraction or --search", file=sys.stderr)
             return 2
     opts = Options(devices=a.devices, hold=a.hold, ramp=a.ramp, settle=a.settle, drain=a.drain,
                    paths=[p for p in a.paths.split(",") if p], security=a.security,
