@@ -32,21 +32,19 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import h11
-import trio
 
 from seg_fast import dx
 from seg_fast.content import fetchstream
 from seg_fast.proxy import headers as hdrs
-from seg_fast.proxy import http1
+from seg_fast.proxy import http1, sockio
 from seg_fast.proxy.upstream import UpstreamError
 
 # Smaller answers are sealed whole on the loop in about a millisecond: nothing to gain.
 MIN_BYTES = 256 * 1024
-# One read's most while streaming (its seal is inline: ~0.3 ms for 256 KB here).
+# What is sealed and written at once while streaming: a read and what the socket already
+# holds after it, up to this (its seal is inline: ~0.1 ms for 256 KB here). The loop is let
+# go where the reads and the device's records are counted (sockio/tlsio.FAIR_EVERY).
 READ_BYTES = 256 * 1024
-# The loop is let go at least this often while an answer streams: a fast mail server and
-# device keep every read and write ready, and each read's seal is ~0.2 ms of CPU.
-YIELD_BYTES = 512 * 1024
 # (user, FileReference) whose stream broke on the file itself: fetched whole next time.
 _WHOLE_NEXT: OrderedDict = OrderedDict()
 _WHOLE_NEXT_MAX = 1024
@@ -168,20 +166,25 @@ async def _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan
     tail = b""
     pending = [out]
 
-    def put(data: bytes) -> None:
+    def put(*parts: bytes) -> None:
+        """One chunk of ``parts`` (uncopied)."""
         nonlocal size_out
-        if data:
-            pending.extend((b"%x\r\n" % len(data), data, b"\r\n"))
-            size_out += len(data)
+        n = 0
+        for part in parts:
+            n += len(part)
+        if n:
+            pending.append(b"%x\r\n" % n)
+            pending.extend(parts)
+            pending.append(b"\r\n")
+            size_out += n
 
-    def take(piece, at: int) -> None:
-        """Body bytes ``piece`` from offset ``at``: the Data string's to the seal, the rest kept."""
+    def take(piece, at: int) -> bytes:
+        """Body bytes ``piece`` from offset ``at``: the Data string's sealed (returned), the rest kept."""
         nonlocal tail
         cut = max(0, min(len(piece), text_end - at))
-        if cut:
-            put(plan.step(piece[:cut]))
         if cut < len(piece):
             tail += piece[cut:]
+        return plan.step(piece[:cut] if cut < len(piece) else piece) if cut else b""
 
     timeout = gw.config.timeouts.upstream_read
     why = None
@@ -189,10 +192,9 @@ async def _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan
         put(plan.first)
         at = need
         if len(buf) > need:
-            take(buf[need:], need)
+            put(take(buf[need:], need))
             at = len(buf)
         del buf
-        next_yield = at + YIELD_BYTES
         while at < length:
             await dev.send_parts(pending)
             pending.clear()
@@ -201,11 +203,11 @@ async def _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan
             except UpstreamError as exc:
                 why = str(exc)
                 raise StreamBroken(why) from None
-            take(piece, at)
-            at += len(piece)
-            if at >= next_yield:      # the worker's other devices in between (reads may all be ready)
-                next_yield = at + YIELD_BYTES
-                await trio.lowlevel.checkpoint()
+            outs = []
+            for piece in _ready_after(up, piece, length - at):
+                outs.append(take(piece, at))
+                at += len(piece)
+            put(*outs)
         put(plan.end(tail))
     except ValueError as exc:
         why = f"ItemOperations Data could not be sealed as it streamed: {exc}"
@@ -222,6 +224,24 @@ async def _sealed(ex, gw, dev, up, head, req, status, headers, reason, rec, plan
     rec.bytes_out = size_out
     gw.stats.transform(req.command, length, size_out)
     await dev.send_parts(pending)
+
+
+def _ready_after(up, piece: bytes, left: int) -> list:
+    """``piece`` and what the mail server's socket already holds after it, up to READ_BYTES
+    (and ``left``) in all: sealed and written as one chunk of full records, not one per
+    64 KiB read. Each pass of a streamed answer had cost a device write, a short last
+    record and a chunk of its own, and the loop was let go every 512 KB besides the reads'
+    and records' own checkpoints: beside other devices' requests a 10 MB fetch waited for
+    some 60 of their batches (benchmarks/big_fetch_tail.py --security on --load 3)."""
+    pieces = [piece]
+    room = min(left, READ_BYTES) - len(piece)
+    while room > 0:
+        more = sockio.read_now(up.plain, room)
+        if not more:
+            break                     # nothing yet (or the EOF, which the next read reports)
+        pieces.append(more)
+        room -= len(more)
+    return pieces
 
 
 def _whole_next(plan) -> None:
@@ -256,7 +276,6 @@ async def _attachment(ex, gw, dev, up, head, req, status: int, headers, reason: 
     gcm = fetchstream.GcmStream(key, env_head[14:26], env_head)
     pending = [out, env_head, gcm.update(buf)]
     at = len(buf)
-    next_yield = at + YIELD_BYTES
     del buf
     while at < length:
         await dev.send_parts(pending)
@@ -264,11 +283,10 @@ async def _attachment(ex, gw, dev, up, head, req, status: int, headers, reason: 
             piece = await _read(ex, up, timeout, length - at)
         except UpstreamError as exc:
             raise _broken(ex, gw, dev, rec, str(exc)) from None
-        pending = [gcm.update(piece)]
-        at += len(piece)
-        if at >= next_yield:
-            next_yield = at + YIELD_BYTES
-            await trio.lowlevel.checkpoint()
+        pending = []
+        for piece in _ready_after(up, piece, length - at):
+            pending.append(gcm.update(piece))
+            at += len(piece)
     pending.append(gcm.final())
     up.reusable = head.keep_alive and up.looks_alive()
     _device_done(ex, dev, conn)
