@@ -1,7 +1,7 @@
-"""A 10 MB pass-through fetch through `seg-fast serve --workers 1` beside N parked TLS Pings.
+"""A 10 MB fetch through `seg-fast serve --workers 1` beside N parked TLS Pings.
 
     python benchmarks/big_fetch_tail.py [--parked 3000] [--fetches 12] [--size 10485760]
-        [--base TREE] [--rounds 3] [--json PATH] [--key KEY]
+        [--body x|pdf] [--security off|on] [--base TREE] [--rounds 3] [--json PATH] [--key KEY]
 
 A stand-in mail server (plain HTTP, pinned to CPU 1) holds every Ping unanswered, answers
 ItemOperations with ``--size`` bytes and anything else with a few bytes. The gateway
@@ -14,10 +14,22 @@ time to last byte (median, max), the probe's p99 and max during the fetches, the
 worker's CPU per fetch, and from its slow-step log (SEG_FAST_SLOW_STEP_MS=5) the steps
 and batches over 5 ms of CPU. ``--base TREE``: another checkout (built) run alternately.
 Claims nothing about devices per core: it isolates what one big answer costs the loop.
+
+``--body pdf``: the answer is what a device's fetch of a PDF of ``--size`` bytes gets (one
+ItemOperations Data string of its base64, ~1.33 x the size), not ``--size`` bytes of "x".
+``--security on`` (implies pdf): the profile's email-security policies, the fetching device
+managed, so the gateway seals the file as it streams; every such answer is opened with the
+gateway's keys and compared with the PDF by SHA-256 (after its timing). Each fetch is also
+made straight from the stand-in's TLS listener (the same answer, Python's ssl in a thread of
+the stand-in, CPU 1: the sizing run's direct path), alternating which goes first; the
+figure the service level uses is the paired difference: ``added_ms`` (gateway minus direct
+TLS, per fetch; its median, p90 and max per run).
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import re
@@ -48,13 +60,34 @@ FETCH_BODY = bytes.fromhex("03016a000014454647034d61696c626f78000100115103617474
 
 POLICY_GENERAL = {"mail_client": {"enabled": True, "mode": "allow", "values": ["Apple-iPhone*"]}}
 
+# The stand-in mail server (plain HTTP; argv[1] the fetch answer's size). BIG_FETCH_BODY (env):
+# a file holding the answer instead of "x"s; BIG_FETCH_TLS (env): a directory with cert.pem and
+# key.pem, for a second, TLS listener answering the same (a thread, blocking ssl: the direct
+# path), its port printed on a second line.
 MAIL = r'''
-import sys, trio
-from seg_fast.testing.rawhttp import stream_requests
+import os, socket, ssl, sys, threading, trio
+from seg_fast.testing.rawhttp import requests, stream_requests
 SIZE = int(sys.argv[1])
-BIG = b"x" * SIZE
+BIG = open(os.environ["BIG_FETCH_BODY"], "rb").read() if os.environ.get("BIG_FETCH_BODY") else b"x" * SIZE
+SIZE = len(BIG)
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: %d\r\n\r\n"
 SMALL = HEAD % 13 + bytes.fromhex("03016a00000d45470331000101")
+def tls_direct(cert_dir):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_dir + "/cert.pem", cert_dir + "/key.pem")
+    lsock = socket.create_server(("127.0.0.1", 0))
+    def serve(conn):
+        with conn:
+            s = ctx.wrap_socket(conn, server_side=True)
+            for fields in requests(s):
+                s.sendall(HEAD % SIZE + BIG)
+    def accept():
+        while True:
+            conn, _ = lsock.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return lsock.getsockname()[1]
 async def conn(stream):
     try:
         async for head, _body in stream_requests(stream):
@@ -71,6 +104,8 @@ async def conn(stream):
 async def main():
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     print(listeners[0].socket.getsockname()[1], flush=True)
+    if os.environ.get("BIG_FETCH_TLS"):
+        print(tls_direct(os.environ["BIG_FETCH_TLS"]), flush=True)
     await trio.serve_listeners(conn, listeners)
 trio.run(main)
 '''
@@ -95,8 +130,10 @@ def request(cmd: str, n: int, body: bytes = b"") -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def read_answer(s) -> int:
-    """Read one HTTP answer (Content-Length) from a blocking socket; its body length."""
+def read_answer(s, keep: bytearray | None = None) -> int:
+    """Read one HTTP answer (Content-Length or chunked) from a blocking socket to its last
+    byte; its body length (a chunked one's on the wire). ``keep``: a bytearray the body is
+    appended to (de-chunked), else nothing of it is kept."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         d = s.recv(65536)
@@ -105,20 +142,40 @@ def read_answer(s) -> int:
         buf += d
     head, _, rest = buf.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
-    n = 0
+    n, chunked = 0, False
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             n = int(line.split(b":")[1])
+        elif line.lower() == b"transfer-encoding: chunked":
+            chunked = True
+    raw = bytearray(rest) if keep is not None else None
     got = len(rest)
-    scratch = bytearray(1 << 20)
-    while got < n:
+    last = bytes(rest[-7:])           # the end of a chunked answer: its last chunk, no trailers
+    scratch = memoryview(bytearray(1 << 20))
+    while (last != b"\r\n0\r\n\r\n") if chunked else got < n:
         k = s.recv_into(scratch)
         if not k:
             raise ConnectionError("closed mid-answer")
         got += k
+        last = (last + bytes(scratch[max(0, k - 7):k]))[-7:]
+        if raw is not None:
+            raw += scratch[:k]
     if status != 200:
         raise ConnectionError(f"answer {status}: {rest[:200]!r}")
-    return n
+    if raw is not None:
+        keep += dechunk(raw) if chunked else raw
+    return got
+
+
+def dechunk(raw) -> bytes:
+    out, at = [], 0
+    while True:
+        eol = raw.index(b"\r\n", at)
+        size = int(raw[at:eol], 16)
+        if not size:
+            return b"".join(out)
+        out.append(bytes(raw[eol + 2:eol + 2 + size]))
+        at = eol + 4 + size
 
 
 # A line of the worker's slow-step log (proxy/slowsteps.py): epoch, CPU ms, task, where.
@@ -146,9 +203,11 @@ def slow_counts(log: Path, t0: float, t1: float, over_cpu: float = 5.0) -> dict:
             "batches_over": len(batches), "batch_max_cpu_ms": max(batches, default=0.0)}
 
 
-def start_serve(tree: Path, tmp: Path, mail_port: int, cert_dir: Path, slow_steps: bool):
+def start_serve(tree: Path, tmp: Path, mail_port: int, cert_dir: Path, slow_steps: bool, security: str = "off",
+                managed: tuple[str, ...] = ()):
     """One TLS worker of ``tree`` pinned to core 0, its state in ``tmp``, the sizing run's general
-    policies loaded (security off): (port, process, its stderr file)."""
+    policies loaded (security off; ``security`` "on": the profile's policies, the devices
+    ``managed`` enrolled as user u1's managed devices): (port, process, its stderr file)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -162,8 +221,15 @@ def start_serve(tree: Path, tmp: Path, mail_port: int, cert_dir: Path, slow_step
     env = dict(os.environ, PYTHONPATH=str(tree / "src"), SEG_FAST_STATE_DIR=str(tmp / "state"))
     if slow_steps:
         env["SEG_FAST_SLOW_STEP_MS"] = "5"     # the instrument costs CPU per step: not in timed runs
-    # Security off: the sizing run's general policies without its managed-device ones.
-    (tmp / "policies.json").write_text(json.dumps({"policies": {"general": POLICY_GENERAL}, "devices": []}))
+    if security == "on":
+        from seg_fast.sim.sizing import policy_file
+        doc = policy_file("on", 0)
+        doc["devices"] = [{"device_id": d, "user": "u1", "managed": True, "compliant": True, "compromised": False,
+                           "encrypted": True, "platform": "Apple", "model": "iPhone 15", "os": "17.4",
+                           "last_checkin": time.time(), "eas_profile": True} for d in managed]
+    else:                             # the sizing run's general policies without its managed-device ones
+        doc = {"policies": {"general": POLICY_GENERAL}, "devices": []}
+    (tmp / "policies.json").write_text(json.dumps(doc))
     subprocess.run([sys.executable, "-m", "seg_fast", "policy", "load", str(tmp / "policies.json"), "--config",
                     str(cfg)], env=env, cwd=tmp, check=True, capture_output=True)
     err = tmp / "serve.err"
@@ -173,19 +239,68 @@ def start_serve(tree: Path, tmp: Path, mail_port: int, cert_dir: Path, slow_step
     return port, proc, err
 
 
-def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
+FETCH_DEV = 1000000                   # the fetching devices: DEV1000000, DEV1000001, ...
+
+
+def check_fetch(tls, args, tmp: Path, expect: dict) -> None:
+    """One fetch kept whole and checked: the answer as the mail server sent it (pass-through),
+    or (security on) its Data an envelope that opens with the gateway's keys to the PDF."""
+    body = bytearray()
+    s = tls()
+    s.sendall(request("ItemOperations", FETCH_DEV, FETCH_BODY))
+    read_answer(s, body)
+    s.close()
+    if args.security != "on":
+        if hashlib.sha256(body).digest() != expect["answer_sha256"]:
+            raise SystemExit("a pass-through answer was not the mail server's bytes")
+        return
+    from seg_fast.eas.wbxml import scan
+    from seg_fast.sim.oracle import Opener
+    (sp,) = scan(bytes(body), ["ItemOperations:Data"])
+    blob = base64.b64decode(bytes(body[sp.offset:sp.offset + sp.length]), validate=True)
+    plain = Opener(str(tmp / "master.key"), str(tmp / "keys.json"))(f"DEV{FETCH_DEV}", "u1", blob)
+    if hashlib.sha256(plain).digest() != expect["pdf_sha256"]:
+        raise SystemExit("a sealed answer did not open to the PDF")
+
+
+def tree_stat(pid: int) -> tuple[float, float, int]:
+    """(user s, system s, minor page faults) of ``pid`` and its children (the serve and its worker)."""
+    user = system = faults = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(name) == pid or int(fields[1]) == pid:
+            faults += int(fields[7])
+            user += int(fields[11])
+            system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick, faults
+
+
+def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int | None = None,
+            expect: dict | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="seg-bigfetch-"))
-    port, proc, err = start_serve(tree, tmp, mail_port, cert_dir, args.slow_steps)
+    port, proc, err = start_serve(tree, tmp, mail_port, cert_dir, args.slow_steps, args.security,
+                                  tuple(f"DEV{FETCH_DEV + i}" for i in range(args.fetches)))
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     ctx.check_hostname = False
     held = []
+    spawned: list[subprocess.Popen] = []          # the probe and load children, ended however the run ends
     try:
         wait_accepting(port, proc, f"serve of {tree}", err)
 
-        def tls():
-            raw = socket.create_connection(("127.0.0.1", port), 30)
+        def tls(to=port):
+            raw = socket.create_connection(("127.0.0.1", to), 30)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return ctx.wrap_socket(raw, server_hostname="localhost")
+
+        if expect is not None:
+            check_fetch(tls, args, tmp, expect)     # (and warm: the key, the first big buffers)
 
         for i in range(args.parked):            # parked Pings, left unread
             s = tls()
@@ -202,8 +317,13 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
             if time.monotonic() > deadline or probe.poll() is not None:
                 raise SystemExit("the probe device did not start")
             time.sleep(0.05)
-        time.sleep(1.0)
-        ttlb, direct = [], []
+        # --load: more devices like the probe (a small Sync every --load-gap-ms), unmeasured
+        loaders = [subprocess.Popen([sys.executable, __file__, "--probe-child", str(port), str(cert_dir / "ca.pem"),
+                                     os.devnull, str(args.load_gap_ms)], preexec_fn=lambda: os.sched_setaffinity(0, {1}))
+                   for _ in range(args.load)]
+        spawned += loaders + ([probe] if probe is not None else [])
+        time.sleep(1.0 + (2.0 if loaders else 0.0))     # (their imports take ~1-2 s)
+        ttlb, direct, direct_tls = [], [], []
         lag_seconds: dict[int, float] = {}
 
         def lag_snapshot() -> dict:
@@ -215,20 +335,17 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
             return {}
 
         hist0 = lag_snapshot().get("histogram_ms", {})
-        t_wall0, c0 = time.time(), tree_cpu(proc.pid)
+        t_wall0, c0, st0 = time.time(), tree_cpu(proc.pid), tree_stat(proc.pid)
         p0 = time.perf_counter()
         for i in range(args.fetches):
-            t = time.perf_counter()
-            s = tls()
-            s.sendall(request("ItemOperations", 1000000 + i, FETCH_BODY))
-            got = read_answer(s)
-            if got != args.size:
-                raise SystemExit(f"the fetch answered {got} bytes, not {args.size}")
-            ttlb.append((time.perf_counter() - t) * 1000.0)
-            s.close()
+            if tls_port is not None and i % 2:      # the direct TLS fetch first every other time
+                direct_tls.append(timed_fetch(lambda: tls(tls_port), FETCH_DEV + i))
+            ttlb.append(timed_fetch(tls, FETCH_DEV + i))
+            if tls_port is not None and not i % 2:
+                direct_tls.append(timed_fetch(lambda: tls(tls_port), FETCH_DEV + i))
             t = time.perf_counter()
             d = socket.create_connection(("127.0.0.1", mail_port), 30)
-            d.sendall(request("ItemOperations", 1000000 + i, FETCH_BODY))
+            d.sendall(request("ItemOperations", FETCH_DEV + i, FETCH_BODY))
             read_answer(d)
             direct.append((time.perf_counter() - t) * 1000.0)
             d.close()
@@ -236,28 +353,42 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
             lag_snapshot()
         p1 = time.perf_counter()
         cpu = tree_cpu(proc.pid) - c0
+        st = [b - a for a, b in zip(st0, tree_stat(proc.pid))]
         t_wall1 = time.time()
         time.sleep(1.1)
         hist1 = lag_snapshot().get("histogram_ms", {})
         lag_in = [ms for sec, ms in lag_seconds.items() if t_wall0 <= sec <= t_wall1]
         over = {k: hist1.get(k, 0) - hist0.get(k, 0) for k in hist1}
-        if probe is not None:
-            probe.terminate()
-            probe.wait(10)
+        for child in ([probe] if probe is not None else []) + loaders:
+            child.terminate()
+            child.wait(10)
         probe_lat = [tuple(map(float, line.split())) for line in probe_out.read_text().splitlines() if line]
         during = sorted(ms for t, ms in probe_lat if p0 <= t <= p1)
         k = max(0, int(len(during) * 0.99) - 1)
         time.sleep(0.5)
+        added = sorted(g - d for g, d in zip(ttlb, direct_tls))
+        paired = {"direct_tls_ms_median": round(statistics.median(direct_tls), 1),
+                  "added_ms_median": round(statistics.median(added), 1),
+                  "added_ms_p90": round(added[max(0, int(len(added) * 0.9 + 0.5) - 1)], 1),
+                  "added_ms_max": round(added[-1], 1),
+                  "ttlb_ms": [round(x, 1) for x in ttlb], "direct_tls_ms": [round(x, 1) for x in direct_tls]} \
+            if added else {}
         return {"ttlb_ms_median": round(statistics.median(ttlb), 1), "ttlb_ms_max": round(max(ttlb), 1),
-                "direct_plain_ms_median": round(statistics.median(direct), 1),
+                "direct_plain_ms_median": round(statistics.median(direct), 1), **paired,
                 "probe_n": len(during), "probe_p99_ms": round(during[k], 2) if during else None,
                 "probe_max_ms": round(during[-1], 2) if during else None,
                 "loop_lag_max_ms": round(max(lag_in, default=0.0), 1),
                 "loop_lag_samples_over_20ms": sum(v for k, v in over.items() if k in ("le_50", "le_100", "le_200",
                                                                                        "le_500", "le_1000", "inf")),
                 "serve_cpu_ms_per_fetch": round(cpu / args.fetches * 1000.0, 1),
+                "serve_sys_ms_per_fetch": round(st[1] / args.fetches * 1000.0, 1),
+                "serve_faults_per_fetch": round(st[2] / args.fetches),
                 **slow_counts(err, t_wall0, t_wall1)}
     finally:
+        for child in spawned:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
         for s in held:
             s.close()
         stop_process(proc, 30)
@@ -265,8 +396,20 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)    # (with --slow-steps the worker's log stays)
 
 
-def probe_child(port: int, ca_path: str, out: str) -> None:
-    """A small Sync every 10 ms on one keep-alive TLS connection: (perf_counter at send, ms) lines."""
+def timed_fetch(connect, device: int) -> float:
+    """ms from the request's write to the answer's last byte, on a new connection (TLS set up first)."""
+    s = connect()
+    try:
+        t = time.perf_counter()
+        s.sendall(request("ItemOperations", device, FETCH_BODY))
+        read_answer(s)
+        return (time.perf_counter() - t) * 1000.0
+    finally:
+        s.close()
+
+
+def probe_child(port: int, ca_path: str, out: str, gap_ms: float = 10.0) -> None:
+    """A small Sync every ``gap_ms`` on one keep-alive TLS connection: (perf_counter at send, ms) lines."""
     ctx = ssl.create_default_context(cafile=ca_path)
     ctx.check_hostname = False
     s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), 30), server_hostname="localhost")
@@ -278,7 +421,7 @@ def probe_child(port: int, ca_path: str, out: str) -> None:
             s.sendall(msg)
             read_answer(s)
             f.write(f"{t:.6f} {(time.perf_counter() - t) * 1000.0:.3f}\n")
-            time.sleep(0.01)
+            time.sleep(gap_ms / 1000.0)
 
 
 def on_load_core() -> None:
@@ -314,7 +457,7 @@ def write_keyed(path: Path, key: str, out) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--probe-child":
-        probe_child(int(argv[1]), argv[2], argv[3])
+        probe_child(int(argv[1]), argv[2], argv[3], *map(float, argv[4:5]))
         return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--parked", type=int, default=3000)
@@ -326,26 +469,53 @@ def main(argv=None) -> int:
     ap.add_argument("--key", default="big_fetch")
     ap.add_argument("--no-probe", dest="probe", action="store_false",
                     help="no probe device (the worker's CPU is then the fetches' and the parked Pings' alone)")
+    ap.add_argument("--load", type=int, default=0, help="devices sending small Syncs beside the fetches (unmeasured)")
+    ap.add_argument("--load-gap-ms", type=float, default=2.0, help="each --load device's pause between Syncs")
     ap.add_argument("--slow-steps", action="store_true", help="log the worker's steps over 5 ms (costs CPU)")
+    ap.add_argument("--body", choices=("x", "pdf"), default="x",
+                    help="the answer: --size bytes of x, or a device's fetch of a PDF of --size bytes")
+    ap.add_argument("--security", choices=("off", "on"), default="off",
+                    help="on: the profile's policies, the fetching devices managed: the PDF sealed (implies --body pdf)")
     args = ap.parse_args(argv)
+    if args.security == "on":
+        args.body = "pdf"
     on_load_core()
     ca, cert_dir = tls_files("seg-bigfetch-certs-")
-    mail = subprocess.Popen([sys.executable, "-c", MAIL, str(args.size)], stdout=subprocess.PIPE,
+    env = dict(os.environ, BIG_FETCH_TLS=str(cert_dir))
+    expect = {}
+    if args.body == "pdf":
+        from stream_seal_latency import fetch_answer
+        from seg_fast.sim.corpus import _make_pdf
+        import random
+        pdf = _make_pdf(random.Random(args.size), args.size)
+        answer = fetch_answer(pdf)
+        (cert_dir / "answer.bin").write_bytes(answer)
+        env["BIG_FETCH_BODY"] = str(cert_dir / "answer.bin")
+        expect = {"pdf_sha256": hashlib.sha256(pdf).digest(), "answer_sha256": hashlib.sha256(answer).digest()}
+    else:
+        expect = {"answer_sha256": hashlib.sha256(b"x" * args.size).digest()}
+    mail = subprocess.Popen([sys.executable, "-c", MAIL, str(args.size)], stdout=subprocess.PIPE, env=env,
                             preexec_fn=lambda: os.sched_setaffinity(0, {1}))
     mail_port = int(mail.stdout.readline())
+    tls_port = int(mail.stdout.readline())
     try:
-        runs = alternated(args.base, args.rounds, lambda tree: one_run(tree, args, mail_port, ca, cert_dir))
+        runs = alternated(args.base, args.rounds,
+                          lambda tree: one_run(tree, args, mail_port, ca, cert_dir, tls_port, expect))
     finally:
         mail.kill()
         shutil.rmtree(cert_dir, ignore_errors=True)
     summary = {}
     for name, rs in runs.items():
         # (None: a figure no run had, the probe's with --no-probe)
-        summary[name] = {f: round(statistics.median(v), 2) if None not in (v := [r[f] for r in rs]) else None
-                         for f in ("loop_lag_max_ms", "loop_lag_samples_over_20ms", "ttlb_ms_median", "ttlb_ms_max", "direct_plain_ms_median", "probe_p99_ms",
-                                   "probe_max_ms", "serve_cpu_ms_per_fetch", "steps_over", "step_max_cpu_ms",
+        summary[name] = {f: round(statistics.median(v), 2) if None not in (v := [r.get(f) for r in rs]) else None
+                         for f in ("loop_lag_max_ms", "loop_lag_samples_over_20ms", "ttlb_ms_median", "ttlb_ms_max",
+                                   "direct_plain_ms_median", "direct_tls_ms_median", "added_ms_median", "added_ms_p90",
+                                   "added_ms_max", "probe_p99_ms",
+                                   "probe_max_ms", "serve_cpu_ms_per_fetch", "serve_sys_ms_per_fetch",
+                                   "serve_faults_per_fetch", "steps_over", "step_max_cpu_ms",
                                    "batches_over", "batch_max_cpu_ms")}
-    out = {"parked": args.parked, "fetches": args.fetches, "size": args.size, "medians": summary, "runs": runs}
+    out = {"parked": args.parked, "fetches": args.fetches, "size": args.size, "body": args.body,
+           "security": args.security, "medians": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     if args.json:
         write_keyed(args.json, args.key, out)
