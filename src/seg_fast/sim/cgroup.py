@@ -2,14 +2,17 @@
 
 ``seg-fast bench sizing --cgroup-fraction f`` holds the gateway's processes to a
 fraction ``f`` of one core (on top of the taskset pin to core 0), so a point of N
-devices at ``f`` stands for N/f devices per core; ``--cgroup-check`` runs N at 0.5
-and 2N at 1.0 and says whether the two per-core figures agree (sizing.crosscheck).
+devices at ``f`` stands for N/f devices per core; ``--cgroup-check F`` runs N at F
+and 2N at 2F and says whether the two per-core figures agree (sizing.crosscheck).
 
 The limit is CFS bandwidth control: cgroup v2 ``cpu.max`` when the unified
 hierarchy has the cpu controller (delegated to us), else cgroup v1
-``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``. A short period (20 ms) keeps the
-throttling granular: with the default 100 ms a process over its quota can sit out
-up to 100·(1-f) ms, which would be the limit's latency, not the gateway's.
+``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``. The period is the kernel's default,
+100 ms: measured (benchmarks/cfs_period.py, results/cfs_period.json), shorter ones
+charge more latency to the process held, not less. A step of work longer than the
+quota (f x period) is stretched to ~1/f of its length, and that dominates the tail;
+the longer sit-out of a long period (up to 100·(1-f) ms) comes only when the quota
+runs out, which a process below its allowance on average seldom does.
 
 A process is put in the group by a ``sh -c 'echo $$ > cgroup.procs; exec ...'``
 prefix (``CpuLimit.prefix``), so it is inside before its first instruction and its
@@ -22,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-PERIOD_US = 20_000
+PERIOD_US = 100_000         # the kernel's default; see above and benchmarks/README.md
 MIN_QUOTA_US = 1_000        # the kernel refuses a smaller quota (cpu.max and cfs_quota_us alike)
 MOUNTS = "/proc/self/mounts"
 
