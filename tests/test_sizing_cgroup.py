@@ -185,8 +185,10 @@ def test_search_without_a_fraction_walks_driven_devices(monkeypatch):
 
 def test_search_stops_where_the_load_side_cannot_drive_and_does_not_bisect_below(monkeypatch):
     asked = _fake_measure(monkeypatch, lambda pc, n, f: "meets" if n < 20_000 else "undriven")
-    report = _search(20_000, 200_000, 0.25)
+    lines: list[str] = []
+    report = _search(20_000, 200_000, 0.25, lines)
     assert [n for n, _ in asked] == [5_000, 10_000, 20_000]
+    assert lines[2].startswith("[N=20000] (80000 per core at 0.25 core) was not driven: the load side's limit")
     stop = report["headline"]["search_stop"]
     assert stop["by"] == "load side" and stop["devices_driven"] == 20_000
     assert stop["said"].startswith("the load side could not drive 80000 devices per core")
@@ -217,8 +219,10 @@ def test_a_development_search_walks_on_but_claims_nothing(monkeypatch):
     # time compressed points that met the service level: the walk goes on (the load
     # side drove them), the headline claims nothing
     asked = _fake_measure(monkeypatch, lambda pc, n, f: "passes" if pc <= 1_000 else "broke")
-    report = _search(400, 10_000, 0.25)
+    lines: list[str] = []
+    report = _search(400, 10_000, 0.25, lines)
     assert [n for n, _ in asked] == [100, 200, 400, 300]
+    assert lines[0].startswith("[N=100] (400 per core at 0.25 core) meets the service level, claims nothing")
     h = report["headline"]
     assert h["best_devices_per_core"] is None and h["search_stop"]["by"] == "gateway"
     assert h["search_stop"]["largest_met_per_core"] == 800 and h["search_stop"]["devices_per_core"] == 1_200
@@ -239,9 +243,9 @@ def test_cgroup_check_at_a_fraction_runs_n_at_f_and_2n_at_2f(monkeypatch):
 
 @pytest.mark.parametrize("args, error", [
     (["--cgroup-fraction", "1.5"], "--cgroup-fraction 1.5 is out of range"),
-    (["--cgroup-fraction", "0.01"], "--cgroup-fraction 0.01 is out of range"),
+    (["--cgroup-fraction", "0.005"], "--cgroup-fraction 0.005 is out of range"),   # quota < 1 ms
     (["--cgroup-check", "0.6"], "2F <= 1"),
-    (["--cgroup-check", "0.01"], "--cgroup-check 0.01 is below"),
+    (["--cgroup-check", "0.005"], "--cgroup-check 0.005 is below"),
     (["--cgroup-check", "--search"], "--cgroup-check picks its own fractions"),
     (["--cgroup-check", "0.25", "--cgroup-fraction", "0.25"], "--cgroup-check picks its own fractions"),
     (["--search", "--devices", "20000", "--max-devices", "10000"], "--max-devices 10000 is below --devices 20000"),

@@ -1258,6 +1258,11 @@ def driven(per_core: int, fraction: float) -> int:
     return max(1, round(per_core * fraction))
 
 
+VERDICT_SAID = {"meets": "MEETS the service level", "passes": "meets the service level, claims nothing",
+               "broke": "misses the service level", "undriven": "was not driven: the load side's limit",
+               "unmeasured": "was not measured"}
+
+
 def search_step(v: dict) -> str:
     """What a point's verdict means to the search: "meets"; "passes" (it met the
     service level, but the run's options claim nothing: a development run walks on);
@@ -1339,7 +1344,7 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
         v = p["verdict"]
         held = o.cgroup_fraction or 1.0
         per_core = f" ({round(n / held)} per core at {held:g} core)" if held != 1.0 else ""
-        say(f"[N={n}]{per_core} {'MEETS' if v['meets'] else 'misses'} the service level"
+        say(f"[N={n}]{per_core} {VERDICT_SAID[search_step(v)]}"
             + "".join(f"\n    broke: {b}" for b in v["broke"])
             + "".join(f"\n    not a measurement: {x}" for x in v["invalid"])
             + "".join(f"\n    caveat: {x}" for x in v["caveats"]))
