@@ -2,6 +2,7 @@
 its task's name, its CPU time and the note it left; short steps are not."""
 from __future__ import annotations
 
+import gc
 import time
 
 import trio
@@ -62,3 +63,22 @@ def test_slow_step_named_with_cpu_and_note():
 def test_note_without_a_record_is_ignored():
     assert steps.current is None
     steps.note("nothing listens")
+
+
+def test_full_collections_counted_per_phase():
+    phase = ["settle"]
+
+    async def main():
+        rec = steps.SlowSteps(lambda: (1.0, phase[0])).install()
+        try:
+            await trio.lowlevel.checkpoint()
+            gc.collect()
+            phase[0] = "hold"
+            gc.collect(1)             # a young collection: not a full one
+        finally:
+            rec.uninstall()
+        return rec.report()
+
+    report = trio.run(main)
+    assert report["full_gc"]["settle"][0] == 1
+    assert "hold" not in report["full_gc"]

@@ -56,6 +56,7 @@ class SlowSteps(trio.abc.Instrument):
         self.records: dict[str, list] = {}
         self.groups: dict[tuple, list] = {}   # (phase, kind, task, where) -> [n, max wall, max cpu, sum cpu]
         self.steps = 0
+        self.full_gc: dict[str, list] = {}    # phase -> [full collections, longest ms]
         self._t0 = self._c0 = 0.0
         self._gc_ms = 0.0
         self._gc_t0 = 0.0
@@ -69,7 +70,12 @@ class SlowSteps(trio.abc.Instrument):
         if phase == "start":
             self._gc_t0 = time.perf_counter()
         else:
-            self._gc_ms += (time.perf_counter() - self._gc_t0) * 1000.0
+            ms = (time.perf_counter() - self._gc_t0) * 1000.0
+            self._gc_ms += ms
+            if info["generation"] == 2:   # full collections: how many and the longest, per phase
+                full = self.full_gc.setdefault(self.phase_of()[1], [0, 0.0])
+                full[0] += 1
+                full[1] = max(full[1], round(ms, 2))
 
     # -- steps ------------------------------------------------------------------------
     def before_task_step(self, task) -> None:
@@ -131,7 +137,8 @@ class SlowSteps(trio.abc.Instrument):
             groups.setdefault(phase, []).append(
                 {"kind": kind, "task": name, "at": where, "n": n, "wall_ms_max": round(wall, 2),
                  "cpu_ms_max": round(cpu, 2), "cpu_ms_sum": round(cpu_sum, 1)})
-        return {"over_ms": self.over_ms, "steps": self.steps, "groups": groups, "records": self.records}
+        return {"over_ms": self.over_ms, "steps": self.steps, "full_gc": self.full_gc, "groups": groups,
+                "records": self.records}
 
     def install(self) -> "SlowSteps":
         global current
