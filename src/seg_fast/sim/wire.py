@@ -37,6 +37,11 @@ RECV = 262144
 # SSL_read gives one record's plaintext (at most 2**14 bytes) per call: a larger
 # buffer is only a larger allocation to shrink
 TLS_RECV = 16384
+# An answer's bytes read in one loop step at most: a 10 MB answer already in the socket
+# was read (decrypted, joined) in one step, 20-40 ms of the shard's CPU during which
+# every other device's answer waited (sim/steps.py); past this the reader lets the loop
+# run (the waiting reader checkpoints, the poller leaves the rest to its next wake-up)
+READ_SLICE = 1 << 20
 # Linux: the source port is picked at connect() (knowing the destination), not at
 # bind(), so each (source, destination) pair has its own ~28,000 ports
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -221,14 +226,18 @@ class TlsStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
 
 
-def read_tls(obj, parts: list) -> tuple[int, int]:
+def read_tls(obj, parts: list, limit: int = 0) -> tuple[int, int]:
     """Decrypted records read from the SSL object ``obj`` without waiting, appended to
     ``parts``: (bytes read, TLS_DRAINED | TLS_EOF | TLS_STUCK). Drained: OpenSSL wants
     more from the socket, or a short record most likely ended what was sent (a try past
-    it would cost an SSLWantReadError; epoll says when more comes). EOF: close_notify or
-    a ragged EOF. Stuck: OpenSSL wants to write before it reads on."""
+    it would cost an SSLWantReadError; epoll says when more comes), or ``limit`` bytes
+    (0: none) were read and OpenSSL holds nothing more decrypted (the rest is still in
+    the socket: a level-triggered epoll reports it again). EOF: close_notify or a
+    ragged EOF. Stuck: OpenSSL wants to write before it reads on."""
     n = 0
     while True:
+        if limit and n >= limit and not obj.pending():
+            return n, TLS_DRAINED
         try:
             data = obj.read(TLS_RECV)
         except ssl.SSLWantReadError:
@@ -283,7 +292,7 @@ class HttpConn:
     """One client connection to a server, one request at a time (keep-alive while
     both sides allow it)."""
 
-    __slots__ = ("stream", "buf", "reusable", "want", "parts", "have", "facts")
+    __slots__ = ("stream", "buf", "reusable", "want", "parts", "have", "facts", "unyielded")
 
     def __init__(self, stream) -> None:
         self.stream = stream
@@ -295,6 +304,7 @@ class HttpConn:
         self.parts: list[bytes] = []
         self.have = 0
         self.facts = None
+        self.unyielded = 0          # bytes _more read since the loop last ran (READ_SLICE)
 
     @classmethod
     async def open(cls, host: str, port: int, local: str | None, tls=None, session=None,
@@ -314,6 +324,12 @@ class HttpConn:
         data = await self.stream.receive_some(RECV)
         if not data:
             raise WireError("connection closed before the answer ended")
+        # receive_some returns without a checkpoint while bytes are there: a large
+        # answer already received would be read whole in one step
+        self.unyielded += len(data)
+        if self.unyielded >= READ_SLICE:
+            self.unyielded = 0
+            await trio.lowlevel.checkpoint()
         return data
 
     async def request(self, head: bytes, body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
@@ -358,7 +374,8 @@ class HttpConn:
         eof = stuck = False
         if type(stream) is RawStream:
             sock = stream.socket
-            while True:
+            n = 0
+            while n < READ_SLICE:          # the rest at the next readable (level-triggered)
                 try:
                     data = sock.recv(RECV)
                 except BlockingIOError:
@@ -367,11 +384,12 @@ class HttpConn:
                     eof = True
                     break
                 parts.append(data)
-                self.have += len(data)
+                n += len(data)
                 if len(data) < RECV:       # drained, most likely: epoll says when more comes
                     break
+            self.have += n
         else:
-            n, state = read_tls(stream.ssl, parts)
+            n, state = read_tls(stream.ssl, parts, READ_SLICE)
             self.have += n
             eof = state == TLS_EOF
             stuck = state == TLS_STUCK     # the waiting reader waits for the socket to drain
