@@ -83,7 +83,7 @@ def test_fraction_out_of_range_is_refused():
 def _point(devices: int, held: float, cpu_s_per_device_hour: float, meets: bool = True) -> dict:
     share = cpu_s_per_device_hour * devices / 3600.0
     return {"devices": devices, "verdict": {
-        "meets": meets, "held_to_cores": held,
+        "meets": meets, "held_to_cores": held, "broke": [] if meets else ["paired added p99 60.0 ms on Sync"],
         "metrics": {"gateway": {"cpu_s_per_device_hour": cpu_s_per_device_hour, "cpu_share": share,
                                 "projected_devices_at_80pct_cpu": int(devices * 0.8 / share),
                                 "cgroup": {"fraction": held}}}}}
@@ -114,6 +114,12 @@ def test_crosscheck_at_a_quarter_claims_n_over_a_quarter():
     miss = sizing.crosscheck([_point(5_000, 0.25, 0.0200, meets=False), _point(10_000, 0.5, 0.0200)])
     assert miss["devices_per_core"] is None
     assert miss["why_not"] == ["5000 devices at 0.25 core missed the service level"]
+    # a development pair: both met the bounds, neither claims anything, and it says so
+    dev = [_point(5_000, 0.25, 0.0200), _point(10_000, 0.5, 0.0200)]
+    for p in dev:
+        p["verdict"].update(meets=False, claimless=["time compressed (rate scale 10.0): development run"])
+    assert sizing.crosscheck(dev)["why_not"][0] == ("5000 devices at 0.25 core met the service level but claims "
+                                                    "nothing (time compressed (rate scale 10.0): development run)")
 
 
 def _verdict(devices: int, held: float, kind: str) -> dict:

@@ -1226,7 +1226,8 @@ def crosscheck(points: list[dict]) -> dict:
         v = p["verdict"]
         g = v["metrics"].get("gateway", {})
         held = v.get("held_to_cores", 1.0)
-        rows.append({"devices": p["devices"], "held_to_cores": held, "meets": v["meets"],
+        rows.append({"devices": p["devices"], "held_to_cores": held, "meets": v["meets"], "kind": search_step(v),
+                     "reasons": v.get("claimless", []) + v.get("undriven", []) + v.get("unmeasured", []),
                      "devices_per_core": round(p["devices"] / held),
                      "cpu_s_per_device_hour": g.get("cpu_s_per_device_hour"),
                      "cpu_share_of_allowance": round(g["cpu_share"] / held, 4) if g.get("cpu_share") else None,
@@ -1244,7 +1245,10 @@ def crosscheck(points: list[dict]) -> dict:
                    f"(> {100 * CROSSCHECK_TOLERANCE:.0f}%)")
     for r in rows:
         if not r["meets"]:
-            why.append(f"{r['devices']} devices at {r['held_to_cores']:g} core missed the service level")
+            said = {"broke": "missed the service level", "passes": "met the service level but claims nothing",
+                    "undriven": "was not driven: the load side's limit", "unmeasured": "was not measured"}[r["kind"]]
+            why.append(f"{r['devices']} devices at {r['held_to_cores']:g} core {said}"
+                       + (f" ({'; '.join(r['reasons'])})" if r["kind"] != "broke" else ""))
     claim = min(r["devices_per_core"] for r in rows) if agree and not why else None
     return {"fractions": [r["held_to_cores"] for r in rows], "devices_driven": [r["devices"] for r in rows],
             "points": rows, "cpu_spread": spread, "tolerance": CROSSCHECK_TOLERANCE, "agree": agree,
