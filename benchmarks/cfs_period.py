@@ -13,6 +13,12 @@ should come close to), alternated round by round. Per
 configuration: the wait each request saw (reply time - send time - its own CPU cost),
 p50/p99/p99.9/max over every request of its rounds (and of the small ones alone), medians of the rounds' p99.9, and the
 group's throttled periods. Claims nothing about devices: it isolates the limit's latency.
+
+``--sizing-devices N`` does the same with the gateway itself: per round one direct run
+of the sizing fleet (N devices, time compressed 10x), then the gateway held to
+``--fraction`` with each period in turn; the paired added latency (gateway minus direct,
+the same requests) pooled over every command but Ping, and the gateway's CPU and
+throttling. A development run: it compares periods, it claims nothing.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+from big_fetch_tail import write_keyed  # noqa: E402  (benchmarks/: the keyed JSON write)
 from seg_fast.sim.cgroup import CpuLimit
 
 SMALL_US, BIG_US, BIG_SHARE = 300, 10_000, 0.01
@@ -126,6 +133,39 @@ def figures(ms: list[float]) -> dict:
             "max": round(max(ms), 3) if ms else None}
 
 
+def sizing_ab(devices: int, fraction: float, periods: list[float], rounds: int) -> dict:
+    """Paired added latency through the gateway held to ``fraction`` with each period,
+    against one direct run per round (seg_fast.sim.sizing's run_path, time compressed)."""
+    import tempfile
+
+    import msgspec
+    import trio
+
+    from seg_fast.sim import sizing
+    from seg_fast.sim.latency import paired_differences
+
+    base = sizing.Options(devices=devices, paths=["direct", "gateway"], rate_scale=10.0, ramp=20.0, settle=5.0,
+                          hold=40.0, drain=10.0, seed=3, nice=-5, repeat=1, load_cpu=1, gateway_cpu=0)
+    runs: dict[str, list[dict]] = {f"{p:g} ms": [] for p in periods}
+    for r in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="seg-cfs-period-") as wd:
+            direct = trio.run(sizing.run_path, "direct", base, Path(wd), lambda _m: None)
+            for p in periods:
+                o = msgspec.structs.replace(base, cgroup_fraction=fraction, cgroup_period_us=round(p * 1000))
+                gw = trio.run(sizing.run_path, "gateway", o, Path(wd), lambda _m: None)
+                diffs = [d for v in paired_differences(gw["latency_raw"], direct["latency_raw"]).values() for d in v]
+                row = {**figures(diffs), "failures": sum(gw["failures"].values()),
+                       "gateway_cpu_share_of_allowance": round(gw["server"]["cpu_share"] / fraction, 3),
+                       "cgroup": gw["server"]["cgroup"],
+                       "loop_lag_max_ms_window": (gw["server"]["loop_lag"] or {}).get("max_ms_window")}
+                runs[f"{p:g} ms"].append(row)
+                print(f"round {r + 1} {p:g} ms", json.dumps(row), flush=True)
+    return {"devices": devices, "rate_scale": 10.0, "fraction": fraction,
+            "configs": {name: {"median_of_rounds": {q: statistics.median(x[q] for x in rows)
+                                                    for q in ("p99", "p999", "max")}, "runs": rows}
+                        for name, rows in runs.items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fraction", type=float, default=0.25)
@@ -134,7 +174,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--use", type=float, default=0.6, help="mean CPU as a share of the allowance")
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "cfs_period.json")
+    ap.add_argument("--sizing-devices", type=int, default=0,
+                    help="the gateway under the sizing fleet (time compressed) instead of the spinning server")
     a = ap.parse_args(argv)
+    command = "python benchmarks/cfs_period.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.sizing_devices:
+        out = sizing_ab(a.sizing_devices, a.fraction, [float(p) for p in a.periods.split(",")], a.rounds)
+        for name, c in out["configs"].items():
+            print(f"{name:>7}: medians of rounds {c['median_of_rounds']}")
+        write_keyed(a.json, f"sizing_fraction_{a.fraction:g}_devices_{a.sizing_devices}", out | {
+            "command": command, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit()})
+        print(f"wrote {a.json}")
+        return 0
     os.sched_setaffinity(0, {1})                         # the client on the load core
     # (name, period ms or None, whole core): the same requests unlimited; the requests
     # 1/fraction times over on a whole core (what a point at the fraction stands for);
@@ -150,10 +201,7 @@ def main(argv=None) -> int:
                    "cgroup": res["cgroup"], "waits_ms": res["waits_ms"]}
             runs[name].append(row)
             print(name, json.dumps({k: v for k, v in row.items() if k != "waits_ms"}), flush=True)
-    out = {"command": "python benchmarks/cfs_period.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent).stdout.strip(),
+    out = {"command": command, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit(),
            "fraction": a.fraction, "use_of_allowance": a.use, "seconds": a.seconds,
            "work_us": {"small": SMALL_US, "big": BIG_US, "big_share": BIG_SHARE}, "configs": {}}
     for name, rows in runs.items():
@@ -166,14 +214,15 @@ def main(argv=None) -> int:
             "runs": [{k: v for k, v in r.items() if k != "waits_ms"} for r in rows]}
         c = out["configs"][name]
         print(f"{name:>7}: pooled {c['pooled']}  small {c['pooled_small']}  medians {c['median_of_rounds']}")
-    # one key per fraction and use, the file's other keys kept
-    key = f"fraction_{a.fraction:g}_use_{a.use:g}"
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(a.json.read_text()) if a.json.exists() else {}
-    data[key] = out
-    a.json.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {a.json} ({key})")
+    write_keyed(a.json, f"fraction_{a.fraction:g}_use_{a.use:g}", out)
+    print(f"wrote {a.json}")
     return 0
+
+
+def commit() -> str:
+    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ class Options(msgspec.Struct, kw_only=True):
     # > 0: the proxy's processes are also held to this fraction of their core by a
     # cgroup (seg_fast.sim.cgroup); N devices at f stand for N/f per core
     cgroup_fraction: float = 0.0
+    cgroup_period_us: int = PERIOD_US     # its CFS period (benchmarks/cfs_period.py measures others)
 
 
 # -- /proc sampling -------------------------------------------------------------------
@@ -614,7 +615,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
         targets = [sh.sim_tls if opts.tls else sh.sim for sh in shards]
         if path in ("gateway", "nginx"):
             if opts.cgroup_fraction > 0:
-                cgroup = CpuLimit(opts.cgroup_fraction).__enter__()
+                cgroup = CpuLimit(opts.cgroup_fraction, period_us=opts.cgroup_period_us).__enter__()
             proxy = Proxy(path, opts, workdir, [sh.sim for sh in shards], cgroup)   # plain upstream
             await proxy.start()
             targets = proxy.listen
@@ -941,6 +942,7 @@ def judge(point: dict, opts: Options) -> dict:
                 if cmd in p["latency_ms"] and cmd in direct["latency_ms"]:
                     c["unpaired_p99_diff"] = round(p["latency_ms"][cmd]["p99"]
                                                    - direct["latency_ms"][cmd]["p99"], 3)
+    n = opts.devices
     if gw:
         fails = sum(gw["failures"].values())
         if fails:
@@ -962,8 +964,17 @@ def judge(point: dict, opts: Options) -> dict:
         if gw["server"]["cpu_share"] > SLO_CPU_SHARE * held:
             broke.append(f"gateway CPU {100 * gw['server']['cpu_share']:.0f}% of a core > 80% of the "
                          f"{held:g} core it was held to")
-        if gw["server"]["rss_kib_max"] > SLO_RSS_KIB:
-            broke.append(f"gateway RSS {gw['server']['rss_kib_max'] / 1024:.0f} MiB > 2 GiB")
+        rss = gw["server"]["rss_kib_max"]
+        if held < 1.0:
+            # N devices at F stand for N/F on a whole core, and so must their memory:
+            # the idle worker plus each device's share, N/F times over
+            idle = gw["server"]["rss_kib_idle"]
+            at_per_core = idle + (rss - idle) / held
+            if at_per_core > SLO_RSS_KIB:
+                broke.append(f"gateway RSS {at_per_core / 1024:.0f} MiB projected to {round(n / held)} devices "
+                             f"({rss / 1024:.0f} MiB measured at {n}) > 2 GiB")
+        elif rss > SLO_RSS_KIB:
+            broke.append(f"gateway RSS {rss / 1024:.0f} MiB > 2 GiB")
     if gw and not direct:
         unmeasured.append("no direct path in this run: the added latency was not measured")
     if direct:
@@ -983,7 +994,6 @@ def judge(point: dict, opts: Options) -> dict:
             broke.append(f"gateway: {late}")
         else:
             caveats.append(f"{name}: {late}")
-    n = opts.devices
     hours = opts.hold * opts.rate_scale / 3600.0      # device time, not wall time
     metrics = {}
     for name in ("gateway", "nginx"):
