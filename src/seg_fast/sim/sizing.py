@@ -1171,8 +1171,10 @@ def plot(points: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted(points, key=lambda p: p["devices"])
-    xs = [p["devices"] for p in pts]
+    # x: devices per core (N/F for a point held to a fraction F; N on a whole core)
+    held = lambda p: p["verdict"].get("held_to_cores", 1.0)
+    pts = sorted(points, key=lambda p: p["devices"] / held(p))
+    xs = [round(p["devices"] / held(p)) for p in pts]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     for name, style in (("gateway", "-o"), ("nginx", "--s")):
         if not all(name in p["verdict"]["added_latency_ms"] for p in pts):
@@ -1183,25 +1185,26 @@ def plot(points: list[dict], png: Path) -> None:
             ax1.plot(xs, ys, style, alpha=alpha, label=f"{name} paired {q} (worst class)")
     ax1.axhline(SLO_ADDED_P99_MS, color="red", lw=0.8, label="SLO p99 50 ms")
     ax1.axhline(SLO_ADDED_P999_MS, color="darkred", lw=0.8, ls="--", label="SLO p99.9 100 ms")
-    ax1.set(xlabel="devices", ylabel="added latency, ms", title="latency added per request (worse run)")
+    ax1.set(xlabel="devices per core", ylabel="added latency, ms", title="latency added per request (worse run)")
     ax1.legend(fontsize=7)
     for name, style in (("gateway", "-o"), ("nginx", "--s")):
-        ys = [100 * p["verdict"]["metrics"][name]["cpu_share"] for p in pts if name in p["verdict"]["metrics"]]
+        ys = [100 * p["verdict"]["metrics"][name]["cpu_share"] / held(p) for p in pts
+              if name in p["verdict"]["metrics"]]
         if len(ys) == len(xs):
             ax2.plot(xs, ys, style, label=name)
     ax2.axhline(100 * SLO_CPU_SHARE, color="red", lw=0.8, label="SLO 80%")
-    ax2.set(xlabel="devices", ylabel="% of one core", title="proxy CPU (held to one core)")
+    ax2.set(xlabel="devices per core", ylabel="% of its allowance", title="proxy CPU (of the core or fraction held to)")
     ax2.legend(fontsize=7)
     for name, style in (("gateway", "-o"), ("nginx", "--s")):
         ys = [p["verdict"]["metrics"][name]["rss_mib"] for p in pts if name in p["verdict"]["metrics"]]
         if len(ys) == len(xs):
             ax3.plot(xs, ys, style, label=name)
-    ax3.set(xlabel="devices", ylabel="MiB resident", title="proxy memory")
+    ax3.set(xlabel="devices per core", ylabel="MiB resident", title="proxy memory (at the devices driven)")
     ax3.legend(fontsize=7)
     for p in pts:
         if not p["verdict"]["meets"]:
             for ax in (ax1, ax2, ax3):
-                ax.axvline(p["devices"], color="grey", lw=0.5, ls=":")
+                ax.axvline(round(p["devices"] / held(p)), color="grey", lw=0.5, ls=":")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
