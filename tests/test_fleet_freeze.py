@@ -1,12 +1,16 @@
 """A fleet shard freezes what its ramp built once every device is set up (before the
-measured window), so the collector's full passes in the hold walk only what the hold
-allocates (fleet.Fleet._freeze_after_ramp); its result carries the slow-step record."""
+measured window), so later collections never walk it (fleet.Fleet._freeze_after_ramp),
+and while it runs its young generations are collected by a task on a timer, automatic
+collection off (proxy/gcpause.collect_young); its result carries the slow-step record."""
 from __future__ import annotations
 
 import time
 
+import gc
+
 import trio
 
+from seg_fast.proxy import gcpause
 from seg_fast.sim import fleet as fleet_mod
 from seg_fast.sim.fleet import Fleet, Go, PooledCorpus, ShardSpec
 
@@ -36,13 +40,28 @@ async def test_heap_frozen_once_after_the_ramp(monkeypatch):
     fleet = Fleet(spec, sim)
     fake = _Gc([fleet])
     monkeypatch.setattr(fleet_mod, "gc", fake)
-    fleet.freeze_after_ramp = True
+    fleet.shard_gc = True
+    young = gcpause.young_collections
+    automatic: list[bool] = []
+
+    async def watch():
+        while True:
+            await trio.sleep(0.25)
+            if fleet.clock.now() > spec.ramp:
+                automatic.append(gc.isenabled())
+
+    assert gc.isenabled()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(sim.serve, "127.0.0.1", 0)
         t0 = time.time() + 0.2
         fleet.clock = fleet_mod.Clock(t0)
+        nursery.start_soon(watch)
         result = await fleet.run(Go(host="127.0.0.1", port=port, t0=t0))
         nursery.cancel_scope.cancel()
+    # automatic collection was off while the fleet ran, young ones made by the task
+    assert automatic and not any(automatic), automatic
+    assert gcpause.young_collections > young
+    assert gc.isenabled()
     assert result["failures"] == {}, result["failure_samples"]
     assert len(fake.freezes) == 1, fake.freezes
     at, ready = fake.freezes[0]

@@ -82,3 +82,23 @@ def test_full_collections_counted_per_phase():
     report = trio.run(main)
     assert report["full_gc"]["settle"][0] == 1
     assert "hold" not in report["full_gc"]
+
+
+def test_slow_step_names_its_longest_collection():
+    async def collecting():
+        await trio.lowlevel.checkpoint()
+        gc.collect(1)
+        _spin(0.015)
+        await trio.lowlevel.checkpoint()
+
+    async def main():
+        rec = steps.SlowSteps(lambda: (1.0, "hold")).install()
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(collecting)
+        finally:
+            rec.uninstall()
+        return rec.report()
+
+    kept = [r for r in trio.run(main)["records"]["hold"] if r["kind"] == "step" and "collecting" in r["task"]]
+    assert len(kept) == 1 and kept[0]["gc_longest"][0] == 1, kept

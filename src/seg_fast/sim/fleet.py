@@ -49,6 +49,7 @@ from collections import defaultdict
 import msgspec
 import trio
 
+from seg_fast.proxy import gcpause
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim.checks import Checks
 from seg_fast.sim import lean_serve, steps
@@ -917,7 +918,9 @@ class Fleet:
         self.stats = Stats()
         self.checks = Checks(self.stats)   # large answers' oracle work, off the loop
         self.slow: steps.SlowSteps | None = None   # the loop's slow steps (while running)
-        self.freeze_after_ramp = False     # a shard process: the ramp's heap frozen when it is built
+        # a shard process: the ramp's heap frozen when it is built, young collections
+        # on a timer, no full ones (gcpause); a fleet run in another process keeps its own
+        self.shard_gc = False
         self.frozen_at: float | None = None
         self.stopping = False
         self.go: Go | None = None
@@ -1039,11 +1042,14 @@ class Fleet:
     async def _freeze_after_ramp(self) -> None:
         """Every device set up (or the window about to open): what the ramp built (the
         devices' connections, TLS sessions, sets and lists; hundreds of thousands of
-        objects per shard) is moved out of the collector's full passes. Frozen only at
-        start-up, each full collection in the hold walked all of it: 40 ms of CPU per
-        shard at 7,500 devices, the shards' collections at the same moment (their
-        allocations are alike), 85-110 ms of wall time on the shared load core, the
-        largest loop lag of the window (sim/steps.py, 2026-11-30)."""
+        objects per shard) is frozen, out of every later collection's walk. CPython's
+        young-collection count is allocations minus frees, and frees of old objects
+        (the previous Ping cycle's) count against it, so long-lived young objects piled
+        up in generations 0/1 between collections: a collection in the hold took 35-40
+        ms of CPU per shard at 7,500 devices, both shards at once (their allocations are
+        alike), 85-110 ms of wall time on the shared load core, the window's largest
+        schedule lag (sim/steps.py, 2026-11-30). With this freeze and the young
+        generations collected on a timer (gcpause.collect_young) each walk is short."""
         await self.clock.sleep_until(self.spec.ramp)
         while (not all(d.ready.is_set() for d in self.devices)
                and self.clock.now() < self.window[0] - FREEZE_BEFORE_WINDOW):
@@ -1091,8 +1097,11 @@ class Fleet:
         s = self.spec
         async with trio.open_nursery() as outer:
             outer.start_soon(self.report)
-            if self.freeze_after_ramp:
+            if self.shard_gc:
                 outer.start_soon(self._freeze_after_ramp)
+                # young generations collected by a task on a timer, as the gateway's
+                # workers do (proxy/gcpause.py), not when CPython's count says so
+                outer.start_soon(gcpause.collect_young)
             if PROFILE is not None and os.environ.get("SEG_FAST_FLEET_PROFILE_WINDOW"):
                 outer.start_soon(self._profile_window)
             async with trio.open_nursery() as fg:
@@ -1245,12 +1254,13 @@ async def shard_main(spec: ShardSpec) -> dict:
         fleet = Fleet(spec, sim)
         # The corpus, the devices and the simulator's caches live for the whole run:
         # kept out of the collector's full passes (which walked them all, ~3% of the
-        # load core), and young collections made rarer. (Here, not in Fleet.run: a
+        # load core), no full pass by itself (as the gateway's workers: gcpause), and
+        # in the run young ones on a timer (Fleet.shard_gc). (Here, not in Fleet.run: a
         # test running a fleet in its own process keeps its collector as it was.)
         gc.collect()
         gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, 20, 20)
-        fleet.freeze_after_ramp = True
+        gc.set_threshold(GC_THRESHOLD, 20, gcpause.GEN2_THRESHOLD)
+        fleet.shard_gc = True
         result = await fleet.run(go)
         result["sim_accept_shed"] = getattr(sim, "accept_shed", 0)     # lean_serve.Reserve
         nursery.cancel_scope.cancel()

@@ -60,6 +60,7 @@ class SlowSteps(trio.abc.Instrument):
         self._t0 = self._c0 = 0.0
         self._gc_ms = 0.0
         self._gc_t0 = 0.0
+        self._gc_worst = (0.0, -1)
         self._b0: float | None = None
         self._bc0 = 0.0
         self._bsteps = 0
@@ -72,6 +73,8 @@ class SlowSteps(trio.abc.Instrument):
         else:
             ms = (time.perf_counter() - self._gc_t0) * 1000.0
             self._gc_ms += ms
+            if ms > self._gc_worst[0]:   # the step's longest collection: (ms, generation)
+                self._gc_worst = (ms, info["generation"])
             if info["generation"] == 2:   # full collections: how many and the longest, per phase
                 full = self.full_gc.setdefault(self.phase_of()[1], [0, 0.0])
                 full[0] += 1
@@ -81,6 +84,7 @@ class SlowSteps(trio.abc.Instrument):
     def before_task_step(self, task) -> None:
         self.note = None
         self._gc_ms = 0.0
+        self._gc_worst = (0.0, -1)
         self._c0 = time.thread_time()
         self._t0 = time.perf_counter()
 
@@ -126,6 +130,9 @@ class SlowSteps(trio.abc.Instrument):
         if len(kept) < self.keep:
             kept.append({"t": round(t, 3), "kind": kind, "wall_ms": round(ms, 2), "cpu_ms": round(cpu, 2),
                          "gc_ms": round(self._gc_ms, 2) if kind == "step" else None,
+                         # the step's longest collection: its generation and wall ms
+                         "gc_longest": ([self._gc_worst[1], round(self._gc_worst[0], 2)]
+                                        if kind == "step" and self._gc_worst[1] >= 0 else None),
                          "task": name, "at": where, "note": _text(what)})
 
     def report(self) -> dict:
