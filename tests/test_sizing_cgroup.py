@@ -278,21 +278,23 @@ def test_a_bare_cgroup_check_is_a_half(monkeypatch, tmp_path):
     assert got["check"] == 0.25
 
 
-def test_memory_at_a_fraction_is_judged_at_the_devices_it_stands_for():
-    # 20,000 devices at a quarter core use 700 MiB (100 idle): the 80,000 per core they
-    # stand for would use 2,500 MiB, over the 2 GiB bound; on a whole core 700 is fine
+def test_memory_at_a_fraction_is_judged_at_the_devices_it_stands_for(monkeypatch):
+    # 20,000 devices at a quarter core on 3 workers use 700 MiB (90 of it idle): the
+    # 80,000 per core they stand for would use 610 / 0.25 = 2,440 MiB for the devices and
+    # 10 idle workers (300 MiB), over the 2 GiB bound; on a whole core 700 is fine
     from tests.test_fleet_failures import _path
+    monkeypatch.setattr(sizing, "shard_limit", lambda: 100_000)     # 8,000 per worker here too
 
     def judged(fraction: float) -> dict:
         gw = _path("gateway", {})
-        gw["server"].update(rss_kib_max=700 * 1024, rss_kib_idle=100 * 1024, cgroup={"fraction": fraction})
-        opts = sizing.Options(devices=20_000, hold=120.0, repeat=1, cgroup_fraction=fraction)
+        gw["server"].update(rss_kib_max=700 * 1024, rss_kib_idle=90 * 1024, cgroup={"fraction": fraction})
+        opts = sizing.Options(devices=20_000, hold=120.0, repeat=1, cgroup_fraction=fraction, shard_size=8000)
         return sizing.judge({"devices": 20_000, "paths": {"direct": _path("direct", {}), "gateway": gw}}, opts)
 
-    assert judged(0.25)["broke"] == ["gateway RSS 2500 MiB projected to 80000 devices (700 MiB measured at 20000) "
+    assert judged(0.25)["broke"] == ["gateway RSS 2740 MiB projected to 80000 devices (700 MiB measured at 20000) "
                                      "> 2 GiB"]
     assert not any("RSS" in b for b in judged(1.0)["broke"])
-    assert not any("RSS" in b for b in judged(0.5)["broke"])        # 1,300 MiB at 40,000
+    assert not any("RSS" in b for b in judged(0.5)["broke"])        # 1,220 + 150 MiB at 40,000
 
 
 def test_headline_divides_by_the_fraction():

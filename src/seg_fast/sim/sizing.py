@@ -967,9 +967,12 @@ def judge(point: dict, opts: Options) -> dict:
         rss = gw["server"]["rss_kib_max"]
         if held < 1.0:
             # N devices at F stand for N/F on a whole core, and so must their memory:
-            # the idle worker plus each device's share, N/F times over
+            # each device's share N/F times over, and the idle workers N/F devices need
+            # (one per shard, as plan_shards cuts them)
             idle = gw["server"]["rss_kib_idle"]
-            at_per_core = idle + (rss - idle) / held
+            size = min(opts.shard_size, shard_limit())
+            workers_now, workers_then = math.ceil(n / size), math.ceil(n / held / size)
+            at_per_core = idle / workers_now * workers_then + (rss - idle) / held
             if at_per_core > SLO_RSS_KIB:
                 broke.append(f"gateway RSS {at_per_core / 1024:.0f} MiB projected to {round(n / held)} devices "
                              f"({rss / 1024:.0f} MiB measured at {n}) > 2 GiB")
