@@ -23,7 +23,8 @@ gateway's keys and compared with the PDF by SHA-256 (after its timing). Each fet
 made straight from the stand-in's TLS listener (the same answer, Python's ssl in a thread of
 the stand-in, CPU 1: the sizing run's direct path), alternating which goes first; the
 figure the service level uses is the paired difference: ``added_ms`` (gateway minus direct
-TLS, per fetch; its median, p90 and max per run).
+TLS, per fetch; its median, p90 and max per run). Every fetch is timed from its request's
+write to the answer's last byte, the connection's TLS handshake made before.
 """
 from __future__ import annotations
 
