@@ -169,6 +169,9 @@ def max_fds(pids: list[int]) -> int:
     return most
 
 
+# The proxy's kernel socket memory is sampled this long before the window, once every
+# device is set up (run_path.sample)
+KERNEL_SAMPLE_BEFORE = 3.0
 # The proxy's sockets: devices reach it at 127.12.*, it reaches the simulators at
 # 127.11.* (Proxy.start, plan_shards); an ss filter, so 100,000 devices' other ends are
 # not listed too
@@ -658,9 +661,13 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
                 now = time.time()
                 if path == "gateway":
                     worker_reads.append((now, read_loop_lag(workdir / "stats")))
-                if spids and now >= w1 - min(5.0, (w1 - w0) / 4) and "at" not in kernel:
-                    # the proxy's sockets near the window's end, every device still
-                    # connected (a drain with nothing left to do ends at once)
+                # The proxy's sockets late in the settle, every device set up: not in the
+                # window, where ss over every socket and a readlink of each of the proxy's
+                # descriptors held the load core up to ~280 ms (sim/steps.py). A ramp that
+                # ran late: near the window's end as before (a drain ends at once).
+                settled = (now >= w0 - min(KERNEL_SAMPLE_BEFORE, spec0.settle / 2)
+                           and sum(s.last.get("ready", 0) for s in shards) >= opts.devices)
+                if spids and "at" not in kernel and (settled or now >= w1 - min(5.0, (w1 - w0) / 4)):
                     kernel["at"] = now
                     kernel["sockets"] = await trio.to_thread.run_sync(kernel_sockets, spids, PROXY_SOCKETS)
                 if now - last_say >= 5 and len(samples) > 1:
