@@ -93,8 +93,10 @@ async def conn(stream):
     try:
         async for head, _body in stream_requests(stream):
             first = head.split(b"\r\n", 1)[0]
-            if b"Cmd=Ping" in first:
-                await trio.sleep_forever()
+            if b"Cmd=Ping" in first:       # held: read to the gateway's close, then let go
+                while await stream.receive_some(65536):
+                    pass
+                return
             elif b"Cmd=ItemOperations" in first:
                 await stream.send_all(HEAD % SIZE)
                 await stream.send_all(BIG)
