@@ -50,7 +50,7 @@ import trustme
 
 HERE = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(HERE / "benchmarks"), str(HERE / "tests")]
-from big_answer_cpu import tree_cpu, wait_accepting  # noqa: E402  (the serve and its worker's CPU)
+from big_answer_cpu import tree_cpu, tree_stat, wait_accepting  # noqa: E402  (the serve and its worker's CPU)
 from processes import stop_process  # noqa: E402
 PATH = "/Microsoft-Server-ActiveSync?Cmd={cmd}&User=u1&DeviceId=DEV{n}&DeviceType=iPhone"
 HEADERS = ("Authorization: Basic dTE6c2VjcmV0\r\nMS-ASProtocolVersion: 14.1\r\n"
@@ -264,24 +264,6 @@ def check_fetch(tls, args, tmp: Path, expect: dict) -> None:
     plain = Opener(str(tmp / "master.key"), str(tmp / "keys.json"))(f"DEV{FETCH_DEV}", "u1", blob)
     if hashlib.sha256(plain).digest() != expect["pdf_sha256"]:
         raise SystemExit("a sealed answer did not open to the PDF")
-
-
-def tree_stat(pid: int) -> tuple[float, float, int]:
-    """(user s, system s, minor page faults) of ``pid`` and its children (the serve and its worker)."""
-    user = system = faults = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(name) == pid or int(fields[1]) == pid:
-            faults += int(fields[7])
-            user += int(fields[11])
-            system += int(fields[12])
-    tick = os.sysconf("SC_CLK_TCK")
-    return user / tick, system / tick, faults
 
 
 def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int | None = None,
