@@ -29,17 +29,35 @@ class _Gc:
         self.freezes.append((fleet.clock.now(), sum(d.ready.is_set() for d in fleet.devices)))
 
 
-async def test_heap_frozen_once_after_the_ramp(monkeypatch):
+def _fleet(monkeypatch, devices: int, **times) -> tuple[Fleet, _Gc]:
+    """A small fleet with its simulator, the gc module in fleet.py replaced by a _Gc."""
     from seg_fast.sim.mailbox import MailboxSimulator
 
-    corpus = PooledCorpus(11, pool=40)
-    spec = ShardSpec(devices=DEVICES, seed=11, ramp=1.0, settle=4.0, hold=2.0, drain=10.0,
-                     rate_scale=30.0, source_hosts=["127.0.0.1"])
-    sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
+    spec = ShardSpec(devices=devices, seed=11, rate_scale=30.0, source_hosts=["127.0.0.1"], **times)
+    sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=PooledCorpus(11, pool=40),
                            initial_messages=fleet_mod.INITIAL_MESSAGES)
     fleet = Fleet(spec, sim)
     fake = _Gc([fleet])
     monkeypatch.setattr(fleet_mod, "gc", fake)
+    return fleet, fake
+
+
+async def _run(fleet: Fleet, *also) -> dict:
+    """The fleet run against its own simulator; ``also``: tasks run beside it."""
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(fleet.sim.serve, "127.0.0.1", 0)
+        t0 = time.time() + 0.2
+        fleet.clock = fleet_mod.Clock(t0)          # run() sets the same one
+        for task in also:
+            nursery.start_soon(task)
+        result = await fleet.run(Go(host="127.0.0.1", port=port, t0=t0))
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def test_heap_frozen_once_after_the_ramp(monkeypatch):
+    fleet, fake = _fleet(monkeypatch, DEVICES, ramp=1.0, settle=4.0, hold=2.0, drain=10.0)
+    spec = fleet.spec
     fleet.shard_gc = True
     young = gcpause.young_collections
     automatic: list[bool] = []
@@ -51,13 +69,7 @@ async def test_heap_frozen_once_after_the_ramp(monkeypatch):
                 automatic.append(gc.isenabled())
 
     assert gc.isenabled()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(sim.serve, "127.0.0.1", 0)
-        t0 = time.time() + 0.2
-        fleet.clock = fleet_mod.Clock(t0)
-        nursery.start_soon(watch)
-        result = await fleet.run(Go(host="127.0.0.1", port=port, t0=t0))
-        nursery.cancel_scope.cancel()
+    result = await _run(fleet, watch)
     # automatic collection was off while the fleet ran, young ones made by the task
     assert automatic and not any(automatic), automatic
     assert gcpause.young_collections > young
@@ -74,20 +86,6 @@ async def test_heap_frozen_once_after_the_ramp(monkeypatch):
 
 async def test_no_freeze_unless_a_shard(monkeypatch):
     """A fleet run inside another process (tests) leaves its collector alone."""
-    from seg_fast.sim.mailbox import MailboxSimulator
-
-    corpus = PooledCorpus(11, pool=40)
-    spec = ShardSpec(devices=5, seed=11, ramp=0.5, settle=0.5, hold=0.5, drain=5.0,
-                     rate_scale=30.0, source_hosts=["127.0.0.1"])
-    sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
-                           initial_messages=fleet_mod.INITIAL_MESSAGES)
-    fleet = Fleet(spec, sim)
-    fake = _Gc([fleet])
-    monkeypatch.setattr(fleet_mod, "gc", fake)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(sim.serve, "127.0.0.1", 0)
-        t0 = time.time() + 0.2
-        fleet.clock = fleet_mod.Clock(t0)
-        result = await fleet.run(Go(host="127.0.0.1", port=port, t0=t0))
-        nursery.cancel_scope.cancel()
+    fleet, fake = _fleet(monkeypatch, 5, ramp=0.5, settle=0.5, hold=0.5, drain=5.0)
+    result = await _run(fleet)
     assert fake.freezes == [] and result["frozen_at"] is None
