@@ -3,7 +3,7 @@ two runs per claim. Pure functions against hand-computed examples."""
 from __future__ import annotations
 
 from seg_fast.sim import sizing
-from seg_fast.sim.latency import OTHER, added_latency, judged_classes, paired_differences, percentile
+from seg_fast.sim.latency import OTHER, added_latency, diff_summary, judged_classes, paired_differences, percentile
 
 
 def test_percentile_is_nearest_rank():
@@ -117,3 +117,22 @@ def test_results_keep_a_small_summary_per_claim_with_the_commit(tmp_path):
     summary = json.loads(written[0].read_text())
     assert "runs" not in summary["points"][0]               # no timelines in the kept summary
     assert written[0].stat().st_size < claim[0].stat().st_size * 4
+
+
+def test_the_mirrored_tail_is_read_at_the_same_rank_from_the_other_end():
+    # 1,000 paired differences: 10 where the gateway was slower (+40 ms), 2 where
+    # the direct run was (-30 ms, the instrument's noise), the rest 0
+    diffs = [40.0] * 10 + [-30.0] * 2 + [0.0] * 988
+    s = diff_summary(diffs)
+    assert s["p99"] == 0.0 and s["p999"] == 40.0          # 10 of 1,000 is not above p99's rank
+    assert s["mirror_p99"] == 0.0 and s["mirror_p999"] == 30.0
+    # the same list turned around swaps the two ends exactly
+    t = diff_summary([-d for d in diffs])
+    assert (t["p99"], t["p999"]) == (s["mirror_p99"], s["mirror_p999"])
+    assert (t["mirror_p99"], t["mirror_p999"]) == (s["p99"], s["p999"])
+    # and it reaches the report of every class and command
+    raw_d = {"Sync": {str(i): 30.0 for i in range(1000)}}
+    raw_g = {"Sync": {str(i): 30.0 + d for i, d in enumerate(diffs)}}
+    out = added_latency(raw_g, raw_d, pool_min=1)
+    assert out["classes"]["Sync"]["mirror_p999"] == 30.0
+    assert out["commands"]["Sync"]["mirror_p999"] == 30.0

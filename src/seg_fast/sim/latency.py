@@ -31,6 +31,20 @@ def lat_summary(vals: list[float]) -> dict:
             "p99": percentile(v, 0.99), "p999": percentile(v, 0.999), "max": v[-1] if v else 0.0}
 
 
+def diff_summary(diffs: list[float]) -> dict:
+    """``lat_summary`` of paired differences, with the same ranks read from the other
+    end: ``mirror_p99`` and ``mirror_p999`` are how much *slower the direct run* was
+    for the same request, at the rarity of p99 and p99.9. A proxy cannot make a
+    request faster than no proxy, so that side is the instrument's own noise (both
+    paths share the load side's loop and core); where it comes near p99 or p99.9, the
+    added tail is mostly noise and a bound below it cannot be judged."""
+    s = lat_summary(diffs)
+    flipped = sorted(-d for d in diffs)
+    s["mirror_p99"] = percentile(flipped, 0.99)
+    s["mirror_p999"] = percentile(flipped, 0.999)
+    return s
+
+
 def paired_differences(path_raw: dict[str, dict[str, float]],
                        direct_raw: dict[str, dict[str, float]]) -> dict[str, list[float]]:
     """Per command: path latency minus direct latency of every request measured on
@@ -65,10 +79,10 @@ def judged_classes(diffs: dict[str, list[float]], pool_min: int = POOL_MIN) -> d
 def added_latency(path_raw: dict[str, dict[str, float]], direct_raw: dict[str, dict[str, float]],
                   pool_min: int = POOL_MIN) -> dict:
     """``{"commands": {cmd: stats}, "classes": {class: stats}, "pooled": [cmds]}``,
-    stats of the paired differences (n, p50, p99, p999, max, ms)."""
+    stats of the paired differences (n, p50, p99, p999, max and their mirrors, ms)."""
     diffs = paired_differences(path_raw, direct_raw)
     classes = judged_classes(diffs, pool_min)
     r = lambda s: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
-    return {"commands": {c: r(lat_summary(d)) for c, d in sorted(diffs.items())},
-            "classes": {c: r(lat_summary(d)) for c, d in classes.items()},
+    return {"commands": {c: r(diff_summary(d)) for c, d in sorted(diffs.items())},
+            "classes": {c: r(diff_summary(d)) for c, d in classes.items()},
             "pooled": sorted(c for c in diffs if c not in classes and diffs[c])}
