@@ -35,9 +35,10 @@ def diff_summary(diffs: list[float]) -> dict:
     """``lat_summary`` of paired differences, with the same ranks read from the other
     end: ``mirror_p99`` and ``mirror_p999`` are how much *slower the direct run* was
     for the same request, at the rarity of p99 and p99.9. A proxy cannot make a
-    request faster than no proxy, so that side is the instrument's own noise (both
-    paths share the load side's loop and core); where it comes near p99 or p99.9, the
-    added tail is mostly noise and a bound below it cannot be judged."""
+    request faster than no proxy, so that side is the instrument's own noise; where it
+    comes near p99 or p99.9, the added tail is mostly noise and a bound below it cannot
+    be judged. It is a lower bound of that noise: stalls of the load side during the
+    proxy's run (its loop lags more there) land on the added side and have no mirror."""
     s = lat_summary(diffs)
     flipped = sorted(-d for d in diffs)
     s["mirror_p99"] = percentile(flipped, 0.99)
