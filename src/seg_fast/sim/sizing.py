@@ -1528,6 +1528,11 @@ def cli(argv: list[str]) -> int:
                 nursery.cancel_scope.cancel()
                 return out
 
+    if opts.load_cpu != opts.gateway_cpu and pinned(opts.gateway_cpu):     # (taskset pins what it starts)
+        # The harness (its /proc sampling each second, the workers' stats it reads, ss) is
+        # part of the instrument: on the load core, never on the core it measures. Left to
+        # the scheduler it ran wherever it woke, the gateway's core included.
+        os.sched_setaffinity(0, {opts.load_cpu})
     report = trio.run(interruptible)
     if report is None:
         return 130
