@@ -1,7 +1,10 @@
 """Process limits the gateway and the simulator both need lifted."""
 from __future__ import annotations
 
+import ctypes
+import os
 import resource
+import struct
 
 
 def raise_nofile_limit() -> int:
@@ -34,3 +37,30 @@ def workers_for(devices_per_core: int, cores: int, nofile: int, idle_pool: int =
     per_worker = device_connections_within(nofile, idle_pool)
     per_core = max(1, -(-devices_per_core // per_worker)) if devices_per_core > 0 else 1
     return cores * per_core
+
+
+# sched_setattr(2): no wrapper in Python's os module
+_SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
+_SCHED_ATTR = struct.Struct("IIQiIQQQII")          # struct sched_attr, version 1 (56 bytes)
+
+
+def set_sched_slice(tid: int, slice_us: int) -> str:
+    """Ask the kernel (EEVDF, Linux 6.12+) for a ``slice_us`` time slice for thread ``tid``
+    (0: the caller), keeping its policy (SCHED_OTHER) and niceness. A task with a short
+    slice gets an earlier deadline when it wakes, so it preempts one that is running a long
+    batch instead of queueing behind it: what an event loop holding thousands of waiting
+    connections wants. Returns "" or why it was not set (an older kernel, another arch)."""
+    nr = _SYS_SCHED_SETATTR.get(os.uname().machine)
+    if nr is None:
+        return f"no sched_setattr number for {os.uname().machine}"
+    try:
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError as exc:
+        return str(exc)
+    attr = ctypes.create_string_buffer(_SCHED_ATTR.pack(
+        _SCHED_ATTR.size, 0, 0, nice, 0, slice_us * 1000, 0, 0, 0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(nr, tid, attr, 0) != 0:
+        err = ctypes.get_errno()
+        return f"sched_setattr: {os.strerror(err)}"
+    return ""

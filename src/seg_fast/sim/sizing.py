@@ -47,6 +47,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from seg_fast.oslimits import set_sched_slice
 from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import Go, ShardSpec, open_fds
 from seg_fast.sim.latency import OTHER, added_latency, lat_summary
@@ -96,6 +97,9 @@ class Options(msgspec.Struct, kw_only=True):
     # cgroup (seg_fast.sim.cgroup); N devices at f stand for N/f per core
     cgroup_fraction: float = 0.0
     cgroup_period_us: int = PERIOD_US     # its CFS period (benchmarks/cfs_period.py measures others)
+    # > 0: every process of the run (gateway, nginx, shards: they inherit it from the
+    # harness) runs with this EEVDF time slice, µs (oslimits.set_sched_slice)
+    slice_us: int = 0
 
 
 # -- /proc sampling -------------------------------------------------------------------
@@ -1482,6 +1486,8 @@ def cli(argv: list[str]) -> int:
                     help=f"cross-check: N at F core and 2N at 2F core (cgroup; F {CROSSCHECK_FRACTION:g} "
                          "when not given, 2F <= 1); the N/F per-core claim needs both to meet the service "
                          f"level and their CPU per device-hour to agree within {100 * CROSSCHECK_TOLERANCE:.0f}%%")
+    ap.add_argument("--slice-us", type=int, default=0,
+                    help="every process's scheduler time slice, µs (Linux 6.12+; 0: the kernel's)")
     ap.add_argument("--rate-scale", type=float, default=1.0, help="development only: compress time")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -1507,7 +1513,7 @@ def cli(argv: list[str]) -> int:
                    paths=[p for p in a.paths.split(",") if p], security=a.security,
                    shard_size=a.shard_size, repeat=a.repeat, tls=a.tls,
                    rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, nice=a.nice,
-                   cgroup_fraction=a.cgroup_fraction,
+                   cgroup_fraction=a.cgroup_fraction, slice_us=a.slice_us,
                    gateway_cpu=0, load_cpu=1 if (os.cpu_count() or 1) > 1 else 0)
 
     def say(msg: str) -> None:
@@ -1533,6 +1539,11 @@ def cli(argv: list[str]) -> int:
         # part of the instrument: on the load core, never on the core it measures. Left to
         # the scheduler it ran wherever it woke, the gateway's core included.
         os.sched_setaffinity(0, {opts.load_cpu})
+    if opts.slice_us:
+        why = set_sched_slice(0, opts.slice_us)    # inherited by every process started from here
+        if why:
+            print(f"seg-fast bench sizing: --slice-us {opts.slice_us}: {why}", file=sys.stderr)
+            return 2
     report = trio.run(interruptible)
     if report is None:
         return 130
