@@ -60,9 +60,12 @@ def summarise(rows, pids: set[int], cpu: int, over_ms: float) -> dict:
                 during["idle" if task == "<idle>" else "gateway workers" if task in workers
                        else re.sub(r"\[.*", "", task)] += overlap
     total = sum(during.values()) or 1.0
+    by_task = collections.defaultdict(list)
+    for r in rows:
+        by_task[r[2]].append(r)
     per_task = {}
     for task in sorted({r[2] for r in on_cpu}):
-        mine = [r for r in rows if r[2] == task]
+        mine = by_task[task]
         runs = sorted(r[4] for r in mine)
         delays = sorted(r[3] for r in mine)
         per_task[task] = {"cpu_share": round(sum(runs) / 1e3 / span, 4), "switches": len(mine),

@@ -22,7 +22,7 @@ def test_slice_set_and_nice_kept():
     if not os.path.exists("/proc/self/sched"):
         pytest.skip("no /proc/self/sched on this kernel")
     # a child process: the test runner's own scheduling stays as it was
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True).stdout.splitlines()
     why, rest = out[0], out[1:]
     if why != "''":
         pytest.skip(f"the kernel refuses a custom slice here: {why}")

@@ -1,4 +1,4 @@
-"""Process limits the gateway and the simulator both need lifted."""
+"""Process limits the gateway and the simulator both need lifted, and the sizing run's scheduler slice."""
 from __future__ import annotations
 
 import ctypes
@@ -47,9 +47,10 @@ _SCHED_ATTR = struct.Struct("IIQiIQQQII")          # struct sched_attr, version 
 def set_sched_slice(tid: int, slice_us: int) -> str:
     """Ask the kernel (EEVDF, Linux 6.12+) for a ``slice_us`` time slice for thread ``tid``
     (0: the caller), keeping its policy (SCHED_OTHER) and niceness. A task with a short
-    slice gets an earlier deadline when it wakes, so it preempts one that is running a long
-    batch instead of queueing behind it: what an event loop holding thousands of waiting
-    connections wants. Returns "" or why it was not set (an older kernel, another arch)."""
+    slice gets an earlier deadline when it wakes, so it preempts one running a long batch;
+    measured for the gateway's workers at 250 us it cost CPU and doubled the tail
+    (benchmarks/README.md), so only `bench sizing --slice-us` uses it. Returns "" or why
+    it was not set (an older kernel, another arch)."""
     nr = _SYS_SCHED_SETATTR.get(os.uname().machine)
     if nr is None:
         return f"no sched_setattr number for {os.uname().machine}"
