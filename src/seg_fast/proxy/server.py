@@ -27,12 +27,9 @@ from seg_fast import logsetup, stats
 from seg_fast.config import load_config, unknown_env_vars
 from seg_fast.errors import ConfigError, StartupError
 from seg_fast.proxy.worker import ENV_CONTROL_PID
+from seg_fast.proxy.console import say
 
 WORKER_FLAG = "--worker"
-
-
-def _say(text: str) -> None:
-    print(f"seg-fast[{os.getpid()}]: {text}", file=sys.stderr, flush=True)
 
 
 def cli(argv: list[str]) -> int:
@@ -49,11 +46,11 @@ def cli(argv: list[str]) -> int:
     if args.worker:
         return run_worker(config, args.config)
     for var in unknown_env_vars():
-        _say(f"warning: environment variable {var} names no setting; ignored")
+        say(f"warning: environment variable {var} names no setting; ignored")
     if args.config:
-        _say(f"config: {args.config}")
+        say(f"config: {args.config}")
     else:
-        _say(f"config: none given, the embedded defaults (listener {config.listener.host}:{config.listener.port} "
+        say(f"config: none given, the embedded defaults (listener {config.listener.host}:{config.listener.port} "
              f"plain HTTP, mail server {config.upstream.url}, state in {config.state_dir}); "
              "use --config FILE (examples/gateway.toml)")
     _warn_without_policies(config)
@@ -71,7 +68,7 @@ def _warn_without_policies(config) -> None:
 
     for finding in trio.run(check_store, config):
         if not finding.ok:
-            _say(f"WARNING: {finding.text}")
+            say(f"WARNING: {finding.text}")
 
 
 # -- worker -----------------------------------------------------------------
@@ -108,7 +105,7 @@ def run_worker(config, config_path: str | None) -> int:
                     nursery.cancel_scope.cancel()
 
                 await nursery.start(serve_then_stop)
-                _say(f"worker listening on {config.listener.host}:{gw.port}")
+                say(f"worker listening on {config.listener.host}:{gw.port}")
                 # Start-up is done: no full GC pass over what it built, nor over long-lived connections.
                 gcpause.tune()
                 nursery.start_soon(gcpause.refreeze_on_ramp, gw)
@@ -121,7 +118,7 @@ def run_worker(config, config_path: str | None) -> int:
 
     trio.run(main)
     stats.remove_snapshot(stats.stats_dir(config), os.getpid())
-    _say("worker stopped")
+    say("worker stopped")
     return 0
 
 
@@ -137,11 +134,11 @@ async def _worker_signals(gw, signals, config_path) -> None:
             except (ConfigError, OSError, ssl.SSLError) as exc:
                 # A certificate that does not load (a rotated PFX with another password, a PEM
                 # key that does not match) keeps the running one: the worker must not die of it.
-                _say(f"reload refused, keeping the running config: {exc}")
+                say(f"reload refused, keeping the running config: {exc}")
                 continue
-            _say("config reloaded")
+            say("config reloaded")
         else:
-            _say("draining")
+            say("draining")
             gw.drain()
 
 
@@ -173,7 +170,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
         port = _free_port(host)
         env["SEG_FAST_LISTENER_PORT"] = str(port)
     for warning in exposure_warnings(config.state_dir):
-        _say(f"warning: {warning}")
+        say(f"warning: {warning}")
     from seg_fast.checkconfig import startup_problem
     problem = startup_problem(config)         # would crash every worker: refuse before any starts
     if problem is not None:
@@ -194,7 +191,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
         print(f"seg-fast: {config_path or '(defaults)'}: {exc}", file=sys.stderr, flush=True)
         return 1
     if lock_fd < 0:
-        _say(f"warning: state_dir {config.state_dir} is read-only: no listener lock for {host}:{port}")
+        say(f"warning: state_dir {config.state_dir} is read-only: no listener lock for {host}:{port}")
     stats.clear(stats.stats_dir(config))          # an earlier run's workers' counters
     cmd = [sys.executable, "-m", "seg_fast.proxy.worker"]
     if config_path:
@@ -244,13 +241,13 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                         state["failed"] = str(exc)
                         nursery.cancel_scope.cancel()
                         return
-                    _say(f"health checks on http://{config.health.host}:{port}/healthz and /readyz")
+                    say(f"health checks on http://{config.health.host}:{port}/healthz and /readyz")
                 if config.policy.store == "redis":
                     from seg_fast.policy.store import keep_local_copy
                     nursery.start_soon(keep_local_copy, config.policy)
                 for _ in range(workers):
                     procs.append(spawn())
-                _say(f"control process: {workers} worker(s)")
+                say(f"control process: {workers} worker(s)")
                 nursery.start_soon(hub.run)
                 nursery.start_soon(keeper.run)
                 nursery.start_soon(_control_signals, signals, procs, state, config_path)
@@ -271,7 +268,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                                     if other.poll() is None:
                                         other.send_signal(signal.SIGTERM)
                                 break
-                            _say(f"worker {proc.pid} exited with {proc.returncode}; starting another")
+                            say(f"worker {proc.pid} exited with {proc.returncode}; starting another")
                             stats.remove_snapshot(stats.stats_dir(config), proc.pid)
                             hub.gone(proc.pid)
                             procs[i] = spawn()
@@ -289,7 +286,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
     if state["failed"]:
         print(f"seg-fast: {config_path or '(defaults)'}: {state['failed']}", file=sys.stderr, flush=True)
         return 1
-    _say("stopped")
+    say("stopped")
     return 0
 
 
@@ -310,7 +307,7 @@ async def _admin(admin, config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 raise
             raise StartupError(f"admin API: {type(exc).__name__}: {exc}") from None
         # Once up, the admin API failing must not take the gateway down.
-        _say(f"admin API stopped: {type(exc).__name__}: {exc}")
+        say(f"admin API stopped: {type(exc).__name__}: {exc}")
 
 
 async def _pull(config) -> None:
@@ -319,7 +316,7 @@ async def _pull(config) -> None:
     try:
         await run_pull(config.policy)
     except Exception as exc:          # like the admin API: never takes the gateway down
-        _say(f"policy API pull stopped: {type(exc).__name__}: {exc}")
+        say(f"policy API pull stopped: {type(exc).__name__}: {exc}")
 
 
 def _reload_problem(config) -> str | None:
@@ -345,7 +342,7 @@ async def _control_signals(signals, procs, state, config_path) -> None:
             except ConfigError as exc:
                 problem = str(exc)
             if problem:
-                _say(f"reload refused: {problem}")
+                say(f"reload refused: {problem}")
                 continue
             state["tickets"].rotation = new.listener.tls_ticket_key_rotation     # from the next rotation
             for proc in procs:

@@ -38,6 +38,7 @@ import time
 import trio
 
 from seg_fast import openssl
+from seg_fast.proxy.console import say
 from seg_fast.sim.tlssession import _CTX_AT, _word
 
 KEY_BYTES = 80
@@ -234,7 +235,7 @@ def metrics(now: float | None = None) -> dict[str, float]:
 def _say_once(text: str) -> None:
     if text not in _state.setdefault("said", set()):
         _state["said"].add(text)
-        print(f"seg-fast[{os.getpid()}]: {text}", file=sys.stderr, flush=True)
+        say(text)
 
 
 def received(message: bytes) -> None:

@@ -29,8 +29,8 @@ def die_with_parent() -> bool:
 
 if __name__ == "__main__":
     if not die_with_parent():
-        print(f"seg-fast[{os.getpid()}]: control process gone before the worker started; exiting",
-              file=sys.stderr, flush=True)
+        from seg_fast.proxy.console import say
+        say("control process gone before the worker started; exiting")
         sys.exit(1)
     from seg_fast.proxy.server import worker_cli
 
