@@ -65,3 +65,40 @@ def set_sched_slice(tid: int, slice_us: int) -> str:
         err = ctypes.get_errno()
         return f"sched_setattr: {os.strerror(err)}"
     return ""
+
+
+# The scheduler's autogroups (CONFIG_SCHED_AUTOGROUP): every session is one group, weighed
+# as a whole against the other sessions and the kernel's threads. A process's niceness ranks it
+# only inside its group, so a run that wants the core ahead of the machine's other work sets
+# its session's group nice as well.
+_AUTOGROUP_SWITCH = "/proc/sys/kernel/sched_autogroup_enabled"
+
+
+def autogroup_enabled() -> bool:
+    try:
+        with open(_AUTOGROUP_SWITCH) as f:
+            return f.read().strip() == "1" and os.path.exists("/proc/self/autogroup")
+    except OSError:
+        return False
+
+
+def autogroup_of(pid: int = 0) -> str:
+    """``/autogroup-N nice K`` for the process (0: the caller); "" without autogroups."""
+    try:
+        with open(f"/proc/{pid or 'self'}/autogroup") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def set_autogroup_nice(nice: int, pid: int = 0) -> str:
+    """Set the nice of the autogroup (the session) ``pid`` belongs to (0: the caller's);
+    every process of that session, present and future, is weighed by it. Returns "" or why
+    not (no autogroups, a negative value without CAP_SYS_NICE)."""
+    path = f"/proc/{pid or 'self'}/autogroup"
+    try:
+        with open(path, "w") as f:
+            f.write(str(nice))
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    return ""
