@@ -109,3 +109,14 @@ def test_gateway_memory_with_its_sockets_and_loop_lag_reported(report):
     assert m["kib_per_device_with_kernel"] > m["kib_per_device"]
     assert m["loop_lag_max_ms"] == lag["max_ms_window"]
     assert isinstance(m["gc_gen2_in_window"], int)
+
+
+def test_fetches_split_by_the_size_each_one_fetched(report):
+    (point,) = report["points"]
+    added = point["verdict"]["added_latency_ms"]
+    if "gateway" not in added:
+        pytest.skip("no gateway in this tree")
+    split = added["gateway"]["ItemOperations_by_size"]
+    # every paired fetch lands in one of the profile's sizes
+    assert split and set(split) <= {"50 KiB", "300 KiB", "2 MiB", "10 MiB"}, split
+    assert sum(s["n"] for s in split.values()) == added["gateway"]["commands"]["ItemOperations"]["n"]

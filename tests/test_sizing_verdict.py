@@ -136,3 +136,22 @@ def test_the_mirrored_tail_is_read_at_the_same_rank_from_the_other_end():
     out = added_latency(raw_g, raw_d, pool_min=1)
     assert out["classes"]["Sync"]["mirror_p999"] == 30.0
     assert out["commands"]["Sync"]["mirror_p999"] == 30.0
+
+
+def test_itemoperations_tail_split_by_the_size_fetched():
+    """The verdict judges ItemOperations whole; beside it, the paired added latency by the size
+    each request fetched says which fetches make the tail (here the 10 MiB ones)."""
+    keys = [str(i) for i in range(1200)]
+    sizes = {k: (10 << 20 if i % 100 == 0 else 50 << 10) for i, k in enumerate(keys)}
+    direct = {"ItemOperations": {k: 5.0 for k in keys}, "Sync": {k: 1.0 for k in keys}}
+    gateway = {"ItemOperations": {k: (5.0 + (150.0 if sizes[k] > 1 << 20 else 2.0)) for k in keys},
+               "Sync": {k: 2.0 for k in keys}}
+    gw = _path("gateway", gateway) | {"fetch_sizes": sizes}
+    opts = sizing.Options(devices=100, hold=120.0, repeat=1)
+    v = sizing.judge({"devices": 100, "paths": {"direct": _path("direct", direct), "gateway": gw}}, opts)
+    split = v["added_latency_ms"]["gateway"]["ItemOperations_by_size"]
+    assert list(split) == ["50 KiB", "10 MiB"]
+    assert split["50 KiB"]["n"] == 1188 and split["50 KiB"]["max"] == 2.0
+    assert split["10 MiB"]["n"] == 12 and split["10 MiB"]["p50"] == 150.0
+    # the whole command is what breaks the bound
+    assert any("ItemOperations" in b for b in v["broke"])

@@ -144,6 +144,7 @@ class Stats:
         self.ready = 0
         self.conn_errors = 0
         self.fetch_skipped = 0
+        self.fetch_sizes: dict[str, int] = {}   # ItemOperations key -> attachment size (the tail by size)
         self.transformed = 0         # bodies/attachments whose size the gateway changed
         self.checked_bodies = 0      # security on: bodies compared under the link oracle
         self.tls_handshakes = 0
@@ -1185,6 +1186,7 @@ class Fleet:
             "requests": dict(st.requests), "failures": dict(st.failures),
             "failure_samples": st.failure_samples,
             "latency_ms": {k: v for k, v in st.lat.items()},
+            "fetch_sizes": {k: st.fetch_sizes[k] for k, _ in st.lat.get("ItemOperations", ()) if k in st.fetch_sizes},
             "lag_p99": lag[int(0.99 * (len(lag) - 1))] if lag else 0.0,
             "lag_max": lag[-1] if lag else 0.0,
             "events_in_window": len(lag),

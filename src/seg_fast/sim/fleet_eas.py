@@ -368,6 +368,7 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
         dev.fetched += 1
     else:
         ref, size = dev.attachments[zlib.crc32(key.encode()) % len(dev.attachments)]
+    st.fetch_sizes[key] = size
     body = encode(E("ItemOperations:ItemOperations", E(
         "ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"),
         E("AirSyncBase:FileReference", ref))))

@@ -77,6 +77,22 @@ def judged_classes(diffs: dict[str, list[float]], pool_min: int = POOL_MIN) -> d
     return classes
 
 
+def size_label(size: int) -> str:
+    return f"{size // (1024 * 1024)} MiB" if size >= 1024 * 1024 else f"{size // 1024} KiB"
+
+
+def added_by_size(path_raw: dict[str, float], direct_raw: dict[str, float], sizes: dict[str, int]) -> dict:
+    """Paired added latency of one command split by the size each request fetched (``sizes``:
+    key -> bytes), smallest first: where a command's tail comes from. For reading only; the
+    verdict judges the command whole."""
+    split: dict[int, list[float]] = {}
+    for k in path_raw.keys() & direct_raw.keys():
+        if k in sizes:
+            split.setdefault(sizes[k], []).append(path_raw[k] - direct_raw[k])
+    r = lambda s: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
+    return {size_label(size): r(diff_summary(split[size])) for size in sorted(split)}
+
+
 def added_latency(path_raw: dict[str, dict[str, float]], direct_raw: dict[str, dict[str, float]],
                   pool_min: int = POOL_MIN) -> dict:
     """``{"commands": {cmd: stats}, "classes": {class: stats}, "pooled": [cmds]}``,
