@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+from seg_fast.sim.corpus import ATTACHMENT_SIZES
+
 POOL_MIN = 1000
 OTHER = "other"
 NOT_JUDGED = ("Ping",)          # a parked Ping's duration is the heartbeat, not latency
@@ -78,19 +80,21 @@ def judged_classes(diffs: dict[str, list[float]], pool_min: int = POOL_MIN) -> d
 
 
 def size_label(size: int) -> str:
-    return f"{size // (1024 * 1024)} MiB" if size >= 1024 * 1024 else f"{size // 1024} KiB"
+    """The profile's attachment size nearest to ``size`` (by ratio): "~50 KiB" ... "~10 MiB"."""
+    near = min((s for s, _ in ATTACHMENT_SIZES), key=lambda s: abs(math.log(max(size, 1) / s)))
+    return f"~{near >> 20} MiB" if near >= 1 << 20 else f"~{near >> 10} KiB"
 
 
 def added_by_size(path_raw: dict[str, float], direct_raw: dict[str, float], sizes: dict[str, int]) -> dict:
     """Paired added latency of one command split by the size each request fetched (``sizes``:
     key -> bytes), smallest first: where a command's tail comes from. For reading only; the
     verdict judges the command whole."""
-    split: dict[int, list[float]] = {}
+    split: dict[str, list[float]] = {size_label(s): [] for s, _ in ATTACHMENT_SIZES}
     for k in path_raw.keys() & direct_raw.keys():
         if k in sizes:
-            split.setdefault(sizes[k], []).append(path_raw[k] - direct_raw[k])
+            split[size_label(sizes[k])].append(path_raw[k] - direct_raw[k])
     r = lambda s: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
-    return {size_label(size): r(diff_summary(split[size])) for size in sorted(split)}
+    return {label: r(diff_summary(d)) for label, d in split.items() if d}
 
 
 def added_latency(path_raw: dict[str, dict[str, float]], direct_raw: dict[str, dict[str, float]],
