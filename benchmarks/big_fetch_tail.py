@@ -2,6 +2,7 @@
 
     python benchmarks/big_fetch_tail.py [--parked 3000] [--fetches 12] [--size 10485760]
         [--body x|pdf] [--security off|on] [--base TREE] [--rounds 3] [--json PATH] [--key KEY]
+        [--load K] [--contend SHARE]
 
 A stand-in mail server (plain HTTP, pinned to CPU 1) holds every Ping unanswered, answers
 ItemOperations with ``--size`` bytes and anything else with a few bytes. The gateway
@@ -14,6 +15,8 @@ time to last byte (median, max), the probe's p99 and max during the fetches, the
 worker's CPU per fetch, and from its slow-step log (SEG_FAST_SLOW_STEP_MS=5) the steps
 and batches over 5 ms of CPU. ``--base TREE``: another checkout (built) run alternately.
 Claims nothing about devices per core: it isolates what one big answer costs the loop.
+``--contend 0.4``: six neighbour processes on core 0 take 40% of it in bursts (mean 2 ms, up
+to 30 ms), as the other workers of the 50,000-device run do: the fetch shares the core.
 
 ``--body pdf``: the answer is what a device's fetch of a PDF of ``--size`` bytes gets (one
 ItemOperations Data string of its base64, ~1.33 x the size), not ``--size`` bytes of "x".
@@ -112,6 +115,22 @@ async def main():
     await trio.serve_listeners(conn, listeners)
 trio.run(main)
 '''
+
+
+# --contend: a neighbour process on core 0, standing for the gateway's other workers there (the
+# 50,000-device sizing run: 6 more workers, together ~40% of the core, uninterrupted runs up to ~30 ms).
+# Busy bursts of exponential length (mean 2 ms, at most 30), paused so that it uses SHARE of the core.
+NEIGHBOUR = r'''
+import random, sys, time
+share, rng = float(sys.argv[1]), random.Random(int(sys.argv[2]))
+while True:
+    burst = min(rng.expovariate(500.0), 0.030)
+    end = time.perf_counter() + burst
+    while time.perf_counter() < end:
+        pass
+    time.sleep(burst * (1.0 - share) / share)
+'''
+NEIGHBOURS = 6
 
 
 def tls_files(prefix: str) -> tuple[trustme.CA, Path]:
@@ -307,6 +326,9 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int 
                                      os.devnull, str(args.load_gap_ms)], preexec_fn=lambda: os.sched_setaffinity(0, {1}))
                    for _ in range(args.load)]
         spawned += loaders + ([probe] if probe is not None else [])
+        spawned += [subprocess.Popen([sys.executable, "-c", NEIGHBOUR, str(args.contend / NEIGHBOURS), str(i)],
+                                     preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+                    for i in range(NEIGHBOURS if args.contend > 0 else 0)]
         time.sleep(1.0 + (2.0 if loaders else 0.0))     # (their imports take ~1-2 s)
         ttlb, direct, direct_tls = [], [], []
         lag_seconds: dict[int, float] = {}
@@ -456,6 +478,9 @@ def main(argv=None) -> int:
                     help="no probe device (the worker's CPU is then the fetches' and the parked Pings' alone)")
     ap.add_argument("--load", type=int, default=0, help="devices sending small Syncs beside the fetches (unmeasured)")
     ap.add_argument("--load-gap-ms", type=float, default=2.0, help="each --load device's pause between Syncs")
+    ap.add_argument("--contend", type=float, default=0.0,
+                    help=f"share of core 0 that {NEIGHBOURS} neighbour processes use beside the gateway (0.4: "
+                         "the 50,000-device run's other workers)")
     ap.add_argument("--slow-steps", action="store_true", help="log the worker's steps over 5 ms (costs CPU)")
     ap.add_argument("--body", choices=("x", "pdf"), default="x",
                     help="the answer: --size bytes of x, or a device's fetch of a PDF of --size bytes")
@@ -500,7 +525,7 @@ def main(argv=None) -> int:
                                    "serve_faults_per_fetch", "steps_over", "step_max_cpu_ms",
                                    "batches_over", "batch_max_cpu_ms")}
     out = {"parked": args.parked, "fetches": args.fetches, "size": args.size, "body": args.body,
-           "security": args.security, "medians": summary, "runs": runs}
+           "security": args.security, "contend": args.contend, "load": args.load, "medians": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     if args.json:
         write_keyed(args.json, args.key, out)
