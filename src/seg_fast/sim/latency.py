@@ -79,6 +79,11 @@ def judged_classes(diffs: dict[str, list[float]], pool_min: int = POOL_MIN) -> d
     return classes
 
 
+def _summary_ms(diffs: list[float]) -> dict:
+    """diff_summary to the microsecond (what the JSON keeps)."""
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in diff_summary(diffs).items()}
+
+
 def size_label(size: int) -> str:
     """The profile's attachment size nearest to ``size`` (by ratio): "~50 KiB" ... "~10 MiB"."""
     near = min((s for s, _ in ATTACHMENT_SIZES), key=lambda s: abs(math.log(max(size, 1) / s)))
@@ -93,8 +98,7 @@ def added_by_size(path_raw: dict[str, float], direct_raw: dict[str, float], size
     for k in path_raw.keys() & direct_raw.keys():
         if k in sizes:
             split[size_label(sizes[k])].append(path_raw[k] - direct_raw[k])
-    r = lambda s: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
-    return {label: r(diff_summary(d)) for label, d in split.items() if d}
+    return {label: _summary_ms(d) for label, d in split.items() if d}
 
 
 def added_latency(path_raw: dict[str, dict[str, float]], direct_raw: dict[str, dict[str, float]],
@@ -103,7 +107,6 @@ def added_latency(path_raw: dict[str, dict[str, float]], direct_raw: dict[str, d
     stats of the paired differences (n, p50, p99, p999, max and their mirrors, ms)."""
     diffs = paired_differences(path_raw, direct_raw)
     classes = judged_classes(diffs, pool_min)
-    r = lambda s: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
-    return {"commands": {c: r(diff_summary(d)) for c, d in sorted(diffs.items())},
-            "classes": {c: r(diff_summary(d)) for c, d in classes.items()},
+    return {"commands": {c: _summary_ms(d) for c, d in sorted(diffs.items())},
+            "classes": {c: _summary_ms(d) for c, d in classes.items()},
             "pooled": sorted(c for c in diffs if c not in classes and diffs[c])}
