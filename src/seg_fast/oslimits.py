@@ -83,7 +83,9 @@ def autogroup_enabled() -> bool:
 
 
 def autogroup_of(pid: int = 0) -> str:
-    """``/autogroup-N nice K`` for the process (0: the caller); "" without autogroups."""
+    """``/autogroup-N nice K`` for the process (0: the caller); "" without autogroups, or
+    when the process is in none: the kernel prints nothing for the root group (a session
+    that never called setsid since boot, as a CI runner's can be) or a cpu cgroup."""
     try:
         with open(f"/proc/{pid or 'self'}/autogroup") as f:
             return f.read().strip()
