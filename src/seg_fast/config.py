@@ -124,9 +124,6 @@ class LimitSettings(_Section):
     # slowest readers are cut first (0: no limit).
     max_unsent_bytes: int = 256 * 1024 * 1024
     max_ping_body: int = 64 * 1024   # a Ping body is read whole to find its HeartbeatInterval
-    # A worker that has run this long without sleeping lets a sibling worker on its core go
-    # first (sched_yield between two task steps, proxy/coreshare.py); 0: never.
-    max_run_ms: float = 2.0
 
 
 class AdminSettings(_Section):
@@ -187,7 +184,7 @@ def _key_of(message: str) -> str:
 ENV_PREFIX = "SEG_FAST_"
 
 
-def env_overrides(env) -> dict[str, tuple[str, str, str]]:
+def _env_overrides(env) -> dict[str, tuple[str, str, str]]:
     """SEG_FAST_<SECTION>_<KEY>=value (or SEG_FAST_<KEY> for top-level keys).
 
     Returns {dotted key: (section, key, env var name)} for every variable that names a setting.
@@ -218,7 +215,7 @@ OTHER_ENV_VARS = {"SEG_FAST_HYPOTHESIS", "SEG_FAST_SLOW", "SEG_FAST_VENV", "SEG_
 def unknown_env_vars(env=None) -> list[str]:
     """SEG_FAST_* variables that name no setting (a misspelt one would be ignored silently)."""
     env = os.environ if env is None else env
-    known = {var for _, _, var in env_overrides(env).values()} | OTHER_ENV_VARS
+    known = {var for _, _, var in _env_overrides(env).values()} | OTHER_ENV_VARS
     return sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in known)
 
 
@@ -249,7 +246,7 @@ def load_config(path: str | os.PathLike | None, env=None) -> Config:
             raw = msgspec.toml.decode(data)
         except msgspec.DecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    overrides = env_overrides(env)
+    overrides = _env_overrides(env)
     if overrides:
         info = {f.name: f.type for f in msgspec.inspect.type_info(Config).fields}
         for dotted, (section, key, var) in overrides.items():
@@ -292,8 +289,6 @@ def _check(config: Config, where: str, overrides) -> None:
         problems.append(("workers", "must be 0 (one per core) or more"))
     if config.devices_per_core < 0:
         problems.append(("devices_per_core", "must be 0 (one worker per core) or more"))
-    if not config.limits.max_run_ms >= 0:
-        problems.append(("limits.max_run_ms", "must be 0 (never yield) or more"))
     if not config.state_dir:
         problems.append(("state_dir", "must name a directory"))
     if config.health.check_interval <= 0:

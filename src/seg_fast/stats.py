@@ -189,9 +189,6 @@ def _gauges(snap: WorkerSnapshot, gw, stats: Stats, now: float) -> None:
         # run) gets the exact maximum of any window without the whole series
         s["max_per_second"] = s["max_per_second"][-10:]
         snap.loop_lag = s
-    share = getattr(gw, "coreshare", None)
-    if share is not None:             # times the worker let a sibling on its core go first
-        snap.loop_lag = {**snap.loop_lag, "core_yields": share.yields}
     keeper = getattr(gw, "gatekeeper", None)
     engine = getattr(keeper, "engine", None)
     if engine is not None:

@@ -144,10 +144,6 @@ def _emit(out: _Out, prefix: str, s: WorkerSnapshot, base: dict) -> None:
 
 def _loop_lag(out: _Out, s: WorkerSnapshot, base: dict) -> None:
     lag = s.loop_lag or {}
-    if "core_yields" in lag:
-        out.family("seg_fast_worker_core_yields_total", "counter",
-                   "Times the worker, after limits.max_run_ms without sleeping, let a sibling on its core go first")
-        out.sample("seg_fast_worker_core_yields_total", base, lag["core_yields"])
     hist = lag.get("histogram_ms") or {}
     if not hist:
         return

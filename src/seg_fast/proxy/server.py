@@ -80,7 +80,7 @@ def worker_cli(argv: list[str]) -> int:
 
 def run_worker(config, config_path: str | None) -> int:
     from seg_fast import refshare
-    from seg_fast.proxy import channel, coreshare, gcpause, slowsteps, tickets
+    from seg_fast.proxy import channel, gcpause, slowsteps, tickets
     from seg_fast.proxy.gateway import Gateway
     from seg_fast.proxy.worker import die_with_parent
 
@@ -97,7 +97,6 @@ def run_worker(config, config_path: str | None) -> int:
 
     async def main():
         slowsteps.install_from_env()     # debug: log task steps over SEG_FAST_SLOW_STEP_MS
-        gw.coreshare = coreshare.install(config.limits.max_run_ms)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
 

@@ -47,7 +47,6 @@ from pathlib import Path
 import msgspec
 import trio
 
-from seg_fast.config import env_overrides
 from seg_fast.oslimits import autogroup_enabled, autogroup_of, set_autogroup_nice, set_sched_slice
 from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import Go, ShardSpec, open_fds
@@ -303,10 +302,6 @@ def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: 
         snaps = before[-1] if before else {}
         return {pid: (lag.get("gc") or {}).get("collections", [0, 0, 0])[2] for pid, lag in snaps.items()}
 
-    def yields(t: float) -> int:
-        before = [snaps for rt, snaps in reads if rt <= t]
-        return sum(lag.get("core_yields", 0) for lag in (before[-1] if before else {}).values())
-
     g0, g1 = gen2(w0), gen2(w1)
     gc_max = [(lag.get("gc") or {}).get("max_ms", [0, 0, 0])[2] for lag in reads[-1][1].values()]
     return {"workers": len(reads[-1][1]),
@@ -315,9 +310,7 @@ def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: 
             "notable_seconds": [[round(sec - w0), ms] for sec, ms in sorted(notable.items())],
             "max_ms_run": round(run_max, 3),
             "gc_gen2_in_window": sum(n - g0.get(pid, 0) for pid, n in g1.items()) if g1 else None,
-            "gc_gen2_max_ms_run": max(gc_max, default=None),
-            # times a worker let a sibling on its core go first (limits.max_run_ms)
-            "core_yields_in_window": yields(w1) - yields(w0)}
+            "gc_gen2_max_ms_run": max(gc_max, default=None)}
 
 
 def core_busy(cpu: int) -> float:
@@ -1167,14 +1160,7 @@ def machine() -> dict:
     return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0],
             "commit": git("describe", "--always", "--dirty"), "commit_full": git("rev-parse", "HEAD"),
             "kernel": os.uname().release, "autogroup": autogroup_of(),
-            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            # settings the gateway took from the environment over its config (an A/B's knob)
-            "settings_from_env": settings_from_env()}
-
-
-def settings_from_env() -> dict[str, str]:
-    found = env_overrides(os.environ)
-    return {dotted: os.environ[var] for dotted, (_s, _k, var) in sorted(found.items()) if dotted != "state_dir"}
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
 def headline(points: list[dict], security: str) -> dict:
