@@ -139,3 +139,13 @@ def test_a_workers_stats_file_carries_its_last_seconds_of_loop_lag(tmp_path):
     # and the window's maximum follows from it exactly
     summary = sizing.loop_lag_summary([(1030.5, {1: got})], 1021.0, 1030.0)
     assert summary["max_ms_window"] == 29.0 and summary["max_ms_run"] == 250.0
+
+
+def test_the_run_records_settings_the_gateway_took_from_the_environment(monkeypatch):
+    # an A/B of a gateway setting runs the same command with SEG_FAST_<SECTION>_<KEY> set:
+    # the JSON must say which arm it is
+    monkeypatch.setenv("SEG_FAST_LIMITS_MAX_PING_BODY", "4096")
+    monkeypatch.setenv("SEG_FAST_STATE_DIR", "/tmp/x")          # the run's own, not a knob
+    monkeypatch.setenv("SEG_FAST_SLOW", "1")                    # not a setting
+    assert sizing.settings_from_env() == {"limits.max_ping_body": "4096"}
+    assert sizing.machine()["settings_from_env"] == {"limits.max_ping_body": "4096"}

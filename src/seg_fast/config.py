@@ -184,7 +184,7 @@ def _key_of(message: str) -> str:
 ENV_PREFIX = "SEG_FAST_"
 
 
-def _env_overrides(env) -> dict[str, tuple[str, str, str]]:
+def env_overrides(env) -> dict[str, tuple[str, str, str]]:
     """SEG_FAST_<SECTION>_<KEY>=value (or SEG_FAST_<KEY> for top-level keys).
 
     Returns {dotted key: (section, key, env var name)} for every variable that names a setting.
@@ -215,7 +215,7 @@ OTHER_ENV_VARS = {"SEG_FAST_HYPOTHESIS", "SEG_FAST_SLOW", "SEG_FAST_VENV", "SEG_
 def unknown_env_vars(env=None) -> list[str]:
     """SEG_FAST_* variables that name no setting (a misspelt one would be ignored silently)."""
     env = os.environ if env is None else env
-    known = {var for _, _, var in _env_overrides(env).values()} | OTHER_ENV_VARS
+    known = {var for _, _, var in env_overrides(env).values()} | OTHER_ENV_VARS
     return sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in known)
 
 
@@ -246,7 +246,7 @@ def load_config(path: str | os.PathLike | None, env=None) -> Config:
             raw = msgspec.toml.decode(data)
         except msgspec.DecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    overrides = _env_overrides(env)
+    overrides = env_overrides(env)
     if overrides:
         info = {f.name: f.type for f in msgspec.inspect.type_info(Config).fields}
         for dotted, (section, key, var) in overrides.items():

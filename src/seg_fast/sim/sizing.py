@@ -47,6 +47,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from seg_fast.config import env_overrides
 from seg_fast.oslimits import autogroup_enabled, autogroup_of, set_autogroup_nice, set_sched_slice
 from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import Go, ShardSpec, open_fds
@@ -1160,7 +1161,14 @@ def machine() -> dict:
     return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0],
             "commit": git("describe", "--always", "--dirty"), "commit_full": git("rev-parse", "HEAD"),
             "kernel": os.uname().release, "autogroup": autogroup_of(),
-            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            # settings the gateway took from the environment over its config (an A/B's knob)
+            "settings_from_env": settings_from_env()}
+
+
+def settings_from_env() -> dict[str, str]:
+    found = env_overrides(os.environ)
+    return {dotted: os.environ[var] for dotted, (_s, _k, var) in sorted(found.items()) if dotted != "state_dir"}
 
 
 def headline(points: list[dict], security: str) -> dict:
