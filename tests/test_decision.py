@@ -182,7 +182,7 @@ def test_device_update_invalidates_only_that_device():
     assert a.allowed and b.allowed
     e.put_device(managed(device_id="dev1", compromised=True), 2)   # MDM uses another case
     assert e.decide(req()).reason == "blocked.device_compromised"
-    assert e.decide(req(device_id="dev2")) is b
+    assert e.decide(req(device_id="dev2")) is b and "dev2" in e._cache
     e.remove_device("DEV1", 3)
     assert e.decide(req()).reason == "allowed.compliant"   # now unknown, unmanaged allowed
     e.set_document(PolicyDocument(general=GA(managed_device_only=True)), 4)
@@ -225,6 +225,70 @@ def test_blocked_has_no_transforms():
     e = Engine(transforms_for=lambda *a, **k: ("T",), clock=lambda: NOW)
     e.load(PolicyDocument(), [managed(override="blacklist")], 1)
     assert e.decide(req()).transforms == ()
+
+
+def test_a_device_cached_under_several_spellings_is_forgotten_under_all():
+    doc = PolicyDocument(managed=MD(compromised=True))
+    e = engine(doc, managed())
+    for spelling in ("DEV1", "dev1", "Dev1"):
+        assert e.decide(req(device_id=spelling)).reason == "allowed.compliant"
+    assert {"DEV1", "dev1", "Dev1"} <= set(e._cache)
+    e.put_device(managed(device_id="dEV1", compromised=True), 2)
+    assert not {"DEV1", "dev1", "Dev1"} & set(e._cache)
+    for spelling in ("DEV1", "dev1", "Dev1"):
+        assert e.decide(req(device_id=spelling)).reason == "blocked.device_compromised"
+
+
+def test_repeated_strings_are_one_object_per_worker():
+    # Every worker holds every record and an entry per device it has seen: a fleet's
+    # platform, model and mail client are stored once, not once per device.
+    records = [managed(device_id=f"dev{i}", platform="Apple"[:], model="".join(["iPhone", " 15"]),
+                       os="".join(["17", ".4"])) for i in range(3)]
+    assert records[0].model is not records[1].model          # as decoded: one object each
+    e = engine(PolicyDocument(), *records)
+    got = [e.devices[f"dev{i}"] for i in range(3)]
+    assert got[0].model is got[1].model is got[2].model and got[0].os is got[2].os
+    assert got[1] == records[1]                               # the same record
+    assert next(k for k in e.devices if k == "dev1") is got[1].device_id   # no second copy of the id
+    e.put_device(managed(device_id="dev9", model="".join(["iPhone", " 15"])), 2)
+    assert e.devices["dev9"].model is got[0].model
+    ua = "".join(["Apple-iPhone15C2/", "2104.100"])
+    for i in range(3):
+        e.decide(req(device_id=f"D{i}", user_agent=ua[:5] + ua[5:], device_type="".join(["iP", "hone"])))
+    entries = [e._cache[f"D{i}"] for i in range(3)]
+    assert entries[0][2] is entries[1][2] is entries[2][2] and entries[0][1] is entries[2][1]
+
+
+def test_shared_strings_are_bounded_and_short(monkeypatch):
+    monkeypatch.setattr(E, "MAX_SHARED_STRINGS", 10)
+    e = engine(PolicyDocument())
+    for i in range(100):                      # devices sending a new mail client each time
+        e.decide(req(device_id=f"D{i}", user_agent=f"client-{i}"))
+    assert len(e._shared._seen) == 10
+    long = "x" * (E.MAX_SHARED_LENGTH + 1)
+    assert E.Shared()(long) is long and not E.Shared()._seen
+    e2 = engine(PolicyDocument())
+    e2.decide(req(device_id="L", user_agent=long))
+    assert long not in e2._shared._seen and e2._cache["L"][2] == long
+
+
+def test_devices_without_transforms_share_a_decision():
+    e = engine(PolicyDocument(), managed(), managed(device_id="DEV2"))
+    a, b = e.decide(req()), e.decide(req(device_id="DEV2"))
+    assert a is b and a.allowed and a.reason == "allowed.compliant" and a.transforms == ()
+    e.set_document(PolicyDocument(), 2)
+    c = e.decide(req())
+    assert c == a and c is e.decide(req(device_id="DEV2"))
+    # with transforms, each device its own (they carry the device's facts)
+    t = Engine(transforms_for=lambda pol, *, managed, device_id, user: (device_id,), clock=lambda: NOW)
+    t.load(PolicyDocument(), [managed(), managed(device_id="DEV2")], 1)
+    assert t.decide(req()).transforms == ("DEV1",) and t.decide(req(device_id="DEV2")).transforms == ("DEV2",)
+
+
+def test_device_records_are_not_tracked_by_the_collector():
+    import gc
+
+    assert not gc.is_tracked(managed())
 
 
 def test_cache_is_bounded():

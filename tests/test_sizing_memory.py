@@ -95,8 +95,10 @@ def test_loop_lag_maximum_is_the_windows_not_the_runs():
     assert sizing.loop_lag_summary([], 0.0, 1.0) is None
 
 
-def test_judge_reports_memory_with_the_kernel_and_the_loop_lag_per_device():
+def test_judge_reports_memory_with_the_kernel_and_the_loop_lag_per_device(monkeypatch):
     from tests.test_fleet_failures import _path
+
+    monkeypatch.setattr(sizing, "shard_limit", lambda: 20_000)     # (whatever this machine's descriptors allow)
 
     opts = sizing.Options(devices=100, hold=120.0, repeat=1)
     gw = _path("gateway", {})
@@ -111,6 +113,10 @@ def test_judge_reports_memory_with_the_kernel_and_the_loop_lag_per_device():
     assert m["kib_per_device_with_kernel"] == 108.0
     assert m["kib_per_device_marginal_with_kernel"] == 68.0
     assert (m["loop_lag_max_ms"], m["loop_lag_max_ms_run"], m["gc_gen2_in_window"]) == (12.5, 300.0, 0)
+    # 2 GiB reached with the workers more devices need: one idle worker per shard's worth
+    # (here 4,000 KiB idle for 1 worker of 8,000 devices: 0.5 KiB per device beside 60)
+    assert m["idle_kib_per_worker"] == 4000
+    assert m["projected_devices_at_2GiB"] == int(2 * 1024 * 1024 / (60 + 4000 / 8000))
     # nothing measured (nginx has no loop to read; ss missing): None, not a made-up zero
     v = sizing.judge({"devices": 100, "paths": {"direct": _path("direct", {}), "gateway": _path("gateway", {})}},
                      opts)

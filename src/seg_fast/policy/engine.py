@@ -13,6 +13,8 @@ import re
 import time
 from typing import Callable, Iterable
 
+import msgspec
+
 from seg_fast.eas.credentials import NONE as NO_CREDENTIAL_USER
 from seg_fast.hooks import Decision
 from seg_fast.policy.model import (
@@ -45,6 +47,50 @@ REASONS = (NO_POLICIES_BLOCKED, NO_POLICIES_ALLOWED, COMMAND_DISABLED, BLACKLIST
 
 FOREVER = float("inf")
 DAY = 86400.0
+# Distinct strings shared by the cache (device types, mail clients, MDM platforms and
+# models): a fleet has a few hundred; past this many a new one is kept as it came, so
+# devices sending random values cannot grow the table.
+MAX_SHARED_STRINGS = 4096
+MAX_SHARED_LENGTH = 128       # longer values are not shared (the table stays under ~1 MB)
+
+
+class Shared:
+    """One object per distinct string, for values many devices repeat.
+
+    Every worker keeps the whole device snapshot and an entry per device it has seen,
+    once per worker (several per core): a record's "Apple" and "iPhone 15", a request's
+    "Apple-iPhone15C2/2104.100", each its own object, cost ~55 bytes per device apiece.
+    """
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, value):
+        if value is None or len(value) > MAX_SHARED_LENGTH:
+            return value
+        seen = self._seen
+        got = seen.get(value)
+        if got is not None:
+            return got
+        if len(seen) < MAX_SHARED_STRINGS:
+            seen[value] = value
+        return value
+
+
+def compact_record(rec: DeviceRecord, shared: Shared) -> DeviceRecord:
+    """``rec`` with its repeated strings (platform, model, OS, key id) shared."""
+    p, m, o, k = shared(rec.platform), shared(rec.model), shared(rec.os), shared(rec.key_id)
+    if p is rec.platform and m is rec.model and o is rec.os and k is rec.key_id:
+        return rec
+    return msgspec.structs.replace(rec, platform=p, model=m, os=o, key_id=k)
+
+
+def record_key(device_id: str) -> str:
+    """device_key(device_id), the id itself when it is already in that form (no second copy)."""
+    key = device_key(device_id)
+    return device_id if key == device_id else key
 
 
 def user_forms(user: str | None) -> tuple[str, ...]:
@@ -234,12 +280,16 @@ class Engine:
         self.policies: CompiledPolicies | None = None
         self.devices: dict[str, DeviceRecord] = {}
         self._cache: dict[str, tuple] = {}
-        self._aliases: dict[str, set[str]] = {}
+        # device_key -> the raw id (or a set of them) its cache entries are under, for ids
+        # not already in key form; a raw id equal to its key is its own entry.
+        self._aliases: dict[str, str | set[str]] = {}
+        self._shared = Shared()
         self._rebuild()
 
     # -- snapshot updates -------------------------------------------------------
     def load(self, doc: PolicyDocument | None, devices: Iterable[DeviceRecord], version: int) -> None:
-        self.devices = {device_key(d.device_id): d for d in devices}
+        shared = self._shared
+        self.devices = {record_key(d.device_id): compact_record(d, shared) for d in devices}
         self.set_document(doc, version)
 
     def set_document(self, doc: PolicyDocument | None, version: int) -> None:
@@ -248,8 +298,8 @@ class Engine:
         self._rebuild()
 
     def put_device(self, rec: DeviceRecord, version: int | None = None) -> None:
-        key = device_key(rec.device_id)
-        self.devices[key] = rec
+        key = record_key(rec.device_id)
+        self.devices[key] = compact_record(rec, self._shared)
         self._forget(key)
         if version is not None:
             self.version = version
@@ -270,12 +320,17 @@ class Engine:
         return self.config_test_mode or (self.policies is not None and self.policies.test_mode)
 
     def _forget(self, key: str) -> None:
-        for raw in self._aliases.pop(key, ()):
+        self._cache.pop(key, None)
+        raws = self._aliases.pop(key, ())
+        for raw in ((raws,) if type(raws) is str else raws):
             self._cache.pop(raw, None)
 
     def _rebuild(self) -> None:
         self._cache = {}
         self._aliases = {}
+        # One Decision per (reason, test mode) for devices whose transforms are none: with
+        # no email security, every allowed device's (one object, not one per device).
+        self._plain: dict[tuple[str, bool], Decision] = {}
         pol = self.policies
         tm = self.test_mode
         self._blocked = {r: self._make(False, r, (), tm) for r in REASONS if r.startswith("blocked.")}
@@ -334,14 +389,30 @@ class Engine:
                 # Allowed (or let through by test mode): this device's own transforms.
                 content = self._transforms_for(pol.doc.security, managed=managed,
                                                device_id=raw or "", user=req.user or "")
-                decision = Decision(allowed=True, reason=reason, transforms=self._sync + tuple(content),
-                                    test_mode=decision is not None)
+                transforms = self._sync + tuple(content)
+                tm = decision is not None
+                if transforms:
+                    decision = Decision(allowed=True, reason=reason, transforms=transforms, test_mode=tm)
+                else:
+                    decision = self._plain.get((reason, tm))
+                    if decision is None:
+                        decision = self._plain[(reason, tm)] = Decision(allowed=True, reason=reason, test_mode=tm)
         if raw is not None:
             if len(self._cache) >= self.MAX_CACHED:
                 self._cache.clear()
                 self._aliases.clear()
-            self._cache[raw] = (req.user, req.device_type, req.user_agent, decision, until, req.identity)
-            self._aliases.setdefault(key, set()).add(raw)
+            shared = self._shared
+            self._cache[raw] = (req.user, shared(req.device_type), shared(req.user_agent), decision, until,
+                                req.identity)
+            if raw != key:
+                had = self._aliases.get(key)
+                if had is None:
+                    self._aliases[key] = raw
+                elif type(had) is str:
+                    if had != raw:
+                        self._aliases[key] = {had, raw}
+                else:
+                    had.add(raw)
         return decision
 
     def _unverified(self, req, record: DeviceRecord | None, pol: CompiledPolicies) -> bool:

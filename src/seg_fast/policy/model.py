@@ -112,11 +112,12 @@ class PolicyDocument(msgspec.Struct, **_STRICT):
 Override = Literal["default", "whitelist", "blacklist"]
 
 
-class DeviceRecord(msgspec.Struct, **_STRICT):
+class DeviceRecord(msgspec.Struct, **_STRICT, gc=False):
     """What the MDM reports about one device, keyed by EAS DeviceId.
 
     ``None`` means "not reported": the compromised and encryption policies only
-    act on devices that reported (as the guide says).
+    act on devices that reported (as the guide says). Scalars only, so never in a
+    reference cycle: not tracked by the collector (every worker holds every record).
     """
     device_id: str
     user: str = ""                     # empty: any user; else the enrolled user

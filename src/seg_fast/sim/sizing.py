@@ -1051,9 +1051,14 @@ def judge(point: dict, opts: Options) -> dict:
             "projected_devices_at_80pct": int(n * 0.8 / ld["cpu_share"]) if ld["cpu_share"] else None}
     if "gateway" in metrics and metrics["gateway"]["cpu_share"]:
         metrics["gateway"]["projected_devices_at_80pct_cpu"] = int(n * SLO_CPU_SHARE / metrics["gateway"]["cpu_share"])
-        metrics["gateway"]["projected_devices_at_2GiB"] = (
-            int((SLO_RSS_KIB - paths["gateway"]["server"]["rss_kib_idle"]) / metrics["gateway"]["kib_per_device_marginal"])
-            if metrics["gateway"]["kib_per_device_marginal"] > 0 else None)
+        # Each device's share, and the idle worker each shard's worth of devices adds (one
+        # per shard, as plan_shards cuts them): more devices need more workers. Still a
+        # straight line: a worker's device snapshot and cache grow with the fleet.
+        size = min(opts.shard_size, shard_limit())
+        idle_per_worker = paths["gateway"]["server"]["rss_kib_idle"] / math.ceil(n / size)
+        per_device = metrics["gateway"]["kib_per_device_marginal"] + idle_per_worker / size
+        metrics["gateway"]["idle_kib_per_worker"] = round(idle_per_worker)
+        metrics["gateway"]["projected_devices_at_2GiB"] = int(SLO_RSS_KIB / per_device) if per_device > 0 else None
     if ("gateway" in metrics and metrics.get("load", {}).get("gateway", {}).get("cpu_s_per_device_hour")
             and metrics["gateway"]["cpu_s_per_device_hour"]):
         metrics["load_cpu_vs_gateway"] = round(metrics["load"]["gateway"]["cpu_s_per_device_hour"]
