@@ -112,6 +112,10 @@ def main() -> int:
                            env=env, capture_output=True, text=True, check=True)
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
         res = results[name]
+        git = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no", "src"],
+                               capture_output=True, text=True)
+        res["commit"] = git.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") or None
         print(f"{name} ({tree}): {res['bytes_per_record']:.0f} B per device record "
               f"({res['device_records']} records), {res['bytes_per_device_seen']:.0f} B per device seen "
               f"({res['seen']} devices)")
