@@ -43,3 +43,39 @@ def test_fleet_over_tls_every_answer_checked():
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx not installed")
 def test_nginx_over_tls():
     _check(["nginx"])
+
+
+def test_nginx_keeps_tls_sessions_as_long_as_the_gateway(tmp_path):
+    """nginx's own default (5 minutes) turned devices' later connections into full handshakes
+    through nginx only: its session lifetime is set to what the gateway's context has."""
+    import ctypes
+    import subprocess
+
+    import trustme
+
+    from seg_fast import openssl
+    from seg_fast.proxy import tickets
+    from seg_fast.proxy.gateway import server_tls_context
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("eas.example")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "server.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "server.key")
+    ptr = tickets.ssl_ctx_of(server_tls_context(str(tmp_path / "server.pem"), str(tmp_path / "server.key")))
+    assert ptr, "the gateway context's SSL_CTX could not be read"
+    get_timeout = openssl.libssl().SSL_CTX_get_timeout
+    get_timeout.restype, get_timeout.argtypes = ctypes.c_long, [ctypes.c_void_p]
+    assert get_timeout(ptr) == sizing.TLS_SESSION_LIFETIME_S
+
+    proxy = object.__new__(sizing.Proxy)
+    proxy.opts = sizing.Options(devices=13_000, tls=True)
+    proxy.dir = tmp_path
+    proxy.sims, proxy.listen = [("127.11.0.1", 9001), ("127.11.0.2", 9002)], [("127.12.0.1", 9443), ("127.12.0.2", 9444)]
+    conf = proxy.nginx_conf()
+    assert f"ssl_session_timeout {sizing.TLS_SESSION_LIFETIME_S}s;" in conf
+    assert "worker_processes 3;" in conf and conf.count("proxy_pass") == 2
+    if shutil.which("nginx"):            # nginx itself accepts it (syntax, certificate and key)
+        (tmp_path / "nginx.conf").write_text(conf)
+        got = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                             capture_output=True, text=True)
+        assert got.returncode == 0, got.stderr

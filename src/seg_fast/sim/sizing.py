@@ -468,6 +468,16 @@ class Proxy:
                                                stderr=open(self.dir / f"gateway{k}.err", "wb")))
 
     def _start_nginx(self) -> None:
+        conf = self.dir / "nginx.conf"
+        conf.write_text(self.nginx_conf())
+        cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
+        self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                           stderr=open(self.dir / "nginx.stderr", "wb")))
+
+    def nginx_conf(self) -> str:
+        """nginx in its strongest form here: a worker per 6,000 devices, upstream keep-alive, no
+        buffering, an access log as the gateway keeps its transaction log, and TLS sessions kept
+        as long as the gateway keeps them (TLS_SESSION_LIFETIME_S)."""
         per_worker = 6000     # devices: 2 descriptors each, well under 20,000 per process
         n = self.opts.devices
         workers = max(1, math.ceil(n / per_worker))
@@ -477,8 +487,7 @@ class Proxy:
             servers.append(
                 f"  server {{ listen {lh}:{lp} reuseport{' ssl' if self.opts.tls else ''};"
                 f" location / {{ proxy_pass http://sim{k}; }} }}\n")
-        conf = self.dir / "nginx.conf"
-        conf.write_text(
+        return (
             f"worker_processes {workers};\nworker_rlimit_nofile 19500;\ndaemon off;\n"
             f"pid {self.dir}/nginx.pid;\nerror_log {self.dir}/nginx.err warn;\n"
             "events { worker_connections 19000; use epoll; }\n"
@@ -491,11 +500,9 @@ class Proxy:
             "  proxy_buffering off; proxy_request_buffering off;\n"
             + (f"  ssl_certificate {self.dir}/server.pem; ssl_certificate_key {self.dir}/server.key;\n"
                "  ssl_protocols TLSv1.3; ssl_session_cache shared:SSL:64m; ssl_session_tickets on;\n"
+               f"  ssl_session_timeout {TLS_SESSION_LIFETIME_S}s;\n"
                if self.opts.tls else "")
             + "".join(ups) + "".join(servers) + "}\n")
-        cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
-        self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                                           stderr=open(self.dir / "nginx.stderr", "wb")))
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
@@ -531,6 +538,13 @@ class Shard:
             self.buf += data
         raw, self.buf = self.buf.split(b"\n", 1)
         return msgspec.json.decode(raw)
+
+
+# How long a TLS session (ticket) stays resumable: OpenSSL's default for a server, which the
+# gateway and the simulator keep. nginx's own default is 5 minutes: a device back after that
+# (a foreground request comes ~6 times an hour) got a full handshake through nginx alone (at
+# 50,000 devices 24,123 of 91,082 handshakes resumed through nginx, 41,082 through the gateway).
+TLS_SESSION_LIFETIME_S = 7200
 
 
 def shard_limit() -> int:
