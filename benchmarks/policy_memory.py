@@ -9,9 +9,9 @@ first sighting. With several workers per core (one per ~8,300 devices under a
 twelve times. This measures them with tracemalloc (bytes Python allocated, the same on
 every run of the same tree), through the worker's own code: the sizing run's records
 (`sizing.policy_file`: half the fleet enrolled) written to a SQLite store and read back
-by `Store.snapshot` into `Engine.load`; then ``--seen`` devices' requests (the fleet's
-URL, headers and Basic credential, parsed by `parse_request`) decided by the
-gatekeeper, recorded and flushed into sightings as its flush does.
+by the gatekeeper's own start (`Store.snapshot` into `Engine.load`); then ``--seen``
+devices' requests (the fleet's URL, headers and Basic credential, parsed by
+`parse_request`) decided, recorded and flushed into sightings by the gatekeeper.
 
 ``--base TREE``: the same measurement run with another checkout's `src` (side by side).
 Prints bytes per record and per device seen; ``--json`` writes them.
@@ -39,6 +39,7 @@ def measure(records: int, seen: int) -> dict:
     from seg_fast.policy.gate import PolicyGatekeeper
     from seg_fast.policy.model import PolicyFile
     from seg_fast.policy.settings import PolicySettings
+    from seg_fast.policy.store import SqliteStore
     from seg_fast.sim.fleet import device_identity
     from seg_fast.sim.sizing import policy_file
 
@@ -49,14 +50,15 @@ def measure(records: int, seen: int) -> dict:
         settings = PolicySettings(sqlite_path=str(Path(tmp) / "policy.db"))
 
         async def run():
+            loader = SqliteStore(settings.sqlite_path)     # what `seg-fast policy load` writes
+            await loader.open()
+            await loader.replace_all(pf.policies, pf.devices)
+            await loader.aclose()
             gk = PolicyGatekeeper(settings, node="bench/1")
-            await gk.store.open()
-            await gk.store.replace_all(pf.policies, pf.devices)
             tracemalloc.start()
             before = tracemalloc.get_traced_memory()[0]
-            snap = await gk.store.snapshot()
-            gk.engine.load(snap.document, snap.devices, snap.version)
-            del snap
+            await gk._open_and_load()                      # the worker's start: open, snapshot, load
+            assert gk.store_ok and len(gk.engine.devices) == records
             # trio keeps a finished thread call's result (the store's rows) until the task
             # next resumes: let it, as the worker's gatekeeper task does
             await trio.sleep(0)
@@ -70,23 +72,16 @@ def measure(records: int, seen: int) -> dict:
                             "&DeviceType=iPhone",
                     [("Authorization", auth), ("MS-ASProtocolVersion", "14.1"),
                      ("User-Agent", "Apple-iPhone15C2/2104.100")], client_ip=f"127.14.0.{i % 250 + 1}")
-                d = gk.decide(req)
-                gk.record(req, d, 200)
+                gk.record(req, gk.decide(req), 200)
                 if len(gk._pending) >= 1000:
-                    _flush(gk)
-            _flush(gk)
+                    await gk.flush()
+            await gk.flush()
             await trio.sleep(0)
             after = tracemalloc.get_traced_memory()[0]
             tracemalloc.stop()
             out["bytes_per_device_seen"] = round((after - loaded) / max(1, seen), 1)
             out["device_records"] = len(gk.engine.devices)
             await gk.store.aclose()
-
-        def _flush(gk):
-            # what the flush keeps: the first sightings; the sightings themselves go to the store
-            for raw, (req, d, status, when) in gk._pending.items():
-                gk._sighting(raw, req, d, status, when)
-            gk._pending.clear()
 
         trio.run(run)
     return out

@@ -558,6 +558,16 @@ def shard_limit() -> int:
     return max(100, int((hard - 1500) / 2.2))
 
 
+def shard_size(opts: Options) -> int:
+    """Devices per shard and per gateway worker: --shard-size, within the descriptor limit."""
+    return min(opts.shard_size, shard_limit())
+
+
+def shards_for(devices: float, opts: Options) -> int:
+    """Shards (fleet processes, gateway workers) ``devices`` are cut into."""
+    return max(1, math.ceil(devices / shard_size(opts)))
+
+
 def source_hosts(k: int, devices: int) -> list[str]:
     """Shard k's local addresses for device connections: one per DEVICES_PER_SOURCE
     devices, spread over 127.14-127.29, so no (source, destination) pair needs more
@@ -567,8 +577,7 @@ def source_hosts(k: int, devices: int) -> list[str]:
 
 
 def plan_shards(opts: Options, workdir: Path, tag: str) -> list[ShardSpec]:
-    n, size = opts.devices, min(opts.shard_size, shard_limit())
-    count = max(1, math.ceil(n / size))
+    n, count = opts.devices, shards_for(opts.devices, opts)
     ramp = opts.ramp or max(10.0, n / RAMP_RATE)
     # the ramp's tail (late set-ups, the first Syncs) must settle before measuring
     settle = opts.settle if opts.settle >= 0 else max(5.0, min(60.0, ramp / 8))
@@ -1000,8 +1009,7 @@ def judge(point: dict, opts: Options) -> dict:
             # each device's share N/F times over, and the idle workers N/F devices need
             # (one per shard, as plan_shards cuts them)
             idle = gw["server"]["rss_kib_idle"]
-            size = min(opts.shard_size, shard_limit())
-            workers_now, workers_then = math.ceil(n / size), math.ceil(n / held / size)
+            workers_now, workers_then = shards_for(n, opts), shards_for(n / held, opts)
             at_per_core = idle / workers_now * workers_then + (rss - idle) / held
             if at_per_core > SLO_RSS_KIB:
                 broke.append(f"gateway RSS {at_per_core / 1024:.0f} MiB projected to {round(n / held)} devices "
@@ -1068,9 +1076,8 @@ def judge(point: dict, opts: Options) -> dict:
         # Each device's share, and the idle worker each shard's worth of devices adds (one
         # per shard, as plan_shards cuts them): more devices need more workers. Still a
         # straight line: a worker's device snapshot and cache grow with the fleet.
-        size = min(opts.shard_size, shard_limit())
-        idle_per_worker = paths["gateway"]["server"]["rss_kib_idle"] / math.ceil(n / size)
-        per_device = metrics["gateway"]["kib_per_device_marginal"] + idle_per_worker / size
+        idle_per_worker = paths["gateway"]["server"]["rss_kib_idle"] / shards_for(n, opts)
+        per_device = metrics["gateway"]["kib_per_device_marginal"] + idle_per_worker / shard_size(opts)
         metrics["gateway"]["idle_kib_per_worker"] = round(idle_per_worker)
         metrics["gateway"]["projected_devices_at_2GiB"] = int(SLO_RSS_KIB / per_device) if per_device > 0 else None
     if ("gateway" in metrics and metrics.get("load", {}).get("gateway", {}).get("cpu_s_per_device_hour")
