@@ -45,16 +45,17 @@ def test_nginx_over_tls():
     _check(["nginx"])
 
 
-def test_nginx_keeps_tls_sessions_as_long_as_the_gateway(tmp_path):
-    """nginx's own default (5 minutes) turned devices' later connections into full handshakes
-    through nginx only: its session lifetime is set to what the gateway's context has."""
+def test_nginx_keeps_tls_sessions_and_reads_as_the_gateway(tmp_path):
+    """nginx's own defaults flattered the gateway: a 5-minute session lifetime turned devices'
+    later connections into full handshakes through nginx only, and unbuffered reads of a page
+    cut answers into page-sized TLS records. Both are set to what the gateway does."""
     import ctypes
     import subprocess
 
     import trustme
 
     from seg_fast import openssl
-    from seg_fast.proxy import tickets
+    from seg_fast.proxy import tickets, upstream
     from seg_fast.proxy.gateway import server_tls_context
 
     ca = trustme.CA()
@@ -73,6 +74,9 @@ def test_nginx_keeps_tls_sessions_as_long_as_the_gateway(tmp_path):
     proxy.sims, proxy.listen = [("127.11.0.1", 9001), ("127.11.0.2", 9002)], [("127.12.0.1", 9443), ("127.12.0.2", 9444)]
     conf = proxy.nginx_conf()
     assert f"ssl_session_timeout {sizing.TLS_SESSION_LIFETIME_S}s;" in conf
+    # nginx reads the mail server's answer in pieces as large as the gateway's
+    assert sizing.NGINX_BUFFER_KIB * 1024 == upstream.RECEIVE_SIZE
+    assert f"proxy_buffer_size {sizing.NGINX_BUFFER_KIB}k;" in conf and "proxy_buffering off;" in conf
     assert "worker_processes 3;" in conf and conf.count("proxy_pass") == 2
     if shutil.which("nginx"):            # nginx itself accepts it (syntax, certificate and key)
         (tmp_path / "nginx.conf").write_text(conf)
