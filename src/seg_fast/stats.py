@@ -24,6 +24,7 @@ from time import perf_counter
 import msgspec
 import trio
 
+from seg_fast import ticker
 from seg_fast.content import pipeline as content_pipeline
 from seg_fast.dx import DX_DIR, Dx
 from seg_fast.proxy import tickets
@@ -284,7 +285,7 @@ async def write_loop(gw, directory: Path, *, interval: float = WRITE_INTERVAL,
         while True:
             gw.stats.dx.refresh()
             _write(gw, directory)
-            await trio.sleep(interval)
+            await ticker.sleep(interval)
     finally:
         _write(gw, directory)
 

@@ -15,6 +15,7 @@ import time
 import msgspec
 import trio
 
+from seg_fast import ticker
 from seg_fast.errors import PolicyError
 from seg_fast.hooks import Decision, Gatekeeper, Headers
 from seg_fast.policy.engine import Engine
@@ -243,12 +244,12 @@ class PolicyGatekeeper:
 
     async def _tick_loop(self) -> None:
         while True:
-            await trio.sleep(TICK)
+            await ticker.sleep(TICK)
             self.engine.tick()
 
     async def _flush_loop(self) -> None:
         while True:
-            await trio.sleep(FLUSH_INTERVAL)
+            await ticker.sleep(FLUSH_INTERVAL)
             await self.flush()
 
     async def flush(self) -> None:

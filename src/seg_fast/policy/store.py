@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit
 import msgspec
 import trio
 
+from seg_fast import ticker
 from seg_fast.errors import PolicyError, SegFastError
 from seg_fast.policy.model import DeviceRecord, DeviceSighting, PolicyDocument, device_key
 from seg_fast.policy.resp import RedisConnection, RedisError
@@ -452,7 +453,7 @@ class SqliteStore(Store):
         version = await self.version() if since is None else since
         seen, last_read = None, trio.current_time()
         while True:
-            await trio.sleep(self.poll_interval)
+            await ticker.sleep(self.poll_interval)
             stamp = self._disk_stamp()          # before the read: a write after it shows next time
             if stamp == seen and trio.current_time() - last_read < self.recheck_every:
                 continue

@@ -7,6 +7,7 @@ import ssl
 
 import trio
 
+from seg_fast import ticker
 from seg_fast.content import pipeline as content_pipeline
 from seg_fast.kcd import clientcert, delegation
 from seg_fast.ldapcerts import CertLookup
@@ -310,7 +311,7 @@ class Gateway:
 
     async def _flush_log(self) -> None:
         while True:
-            await trio.sleep(1.0)
+            await ticker.sleep(1.0)
             self.log.flush()
 
     def drain(self) -> None:

@@ -13,6 +13,7 @@ import time
 
 import trio
 
+from seg_fast import ticker
 from seg_fast.proxy.gcpause import GCWatch
 
 # Histogram bucket upper bounds, in ms (the last bucket is everything above).
@@ -20,7 +21,8 @@ BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 class LoopLag:
-    """Sleeps ``interval`` again and again; the wake-up's delay is the loop's lag."""
+    """Sleeps ``interval`` again and again (on the worker's ticker, so the sample costs no
+    wake-up of its own); the wake-up's delay is the loop's lag."""
 
     def __init__(self, incidents=None, *, interval: float = 0.1, log_over_ms: float = 50.0,
                  keep_seconds: int = 300):
@@ -57,9 +59,7 @@ class LoopLag:
             task_status.started()
             interval = self.interval
             while True:
-                t0 = trio.current_time()
-                await trio.sleep(interval)
-                self.record((trio.current_time() - t0 - interval) * 1000.0)
+                self.record(await ticker.sleep(interval) * 1000.0)
         finally:
             self.gc.stop()
 
