@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from big_answer_cpu import wait_accepting  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -60,17 +62,8 @@ def one_round(tree: Path, workers: int, seconds: float, settle: float) -> list[d
                                       env=env, cwd=work, stdout=subprocess.DEVNULL,
                                       stderr=open(work / f"g{k}.err", "wb")))
     try:
-        for port in ports:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.5).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"a worker of {tree} did not listen: "
-                                           + "".join(p.read_text()[-400:] for p in work.glob("*.err")))
-                    time.sleep(0.05)
+        for k, (port, proc) in enumerate(zip(ports, procs)):
+            wait_accepting(port, proc, f"a worker of {tree}", work / f"g{k}.err")
         time.sleep(settle)
         before = [_sample(p.pid) for p in procs]
         t0 = time.monotonic()
