@@ -47,7 +47,7 @@ def test_a_gone_process_is_reported_not_raised():
 CHILD = """
 import os, signal, sys
 # (os.write: a SIGTERM landing inside the print below must not re-enter its buffered writer)
-signal.signal(signal.SIGTERM, lambda *_: (os.write(1, b"got TERM\n"), os._exit(5)))
+signal.signal(signal.SIGTERM, lambda *_: (os.write(1, b"got TERM\\n"), os._exit(5)))
 print(os.getsid(0) == os.getpid(), os.getsid(0), sys.argv[1:], flush=True)
 signal.pause()
 """
