@@ -5,7 +5,6 @@ import math
 
 import pytest
 import trio
-import trio.testing
 
 from seg_fast import ticker
 
