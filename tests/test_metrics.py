@@ -24,7 +24,8 @@ from seg_fast.policy.store import SqliteStore
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.mailbox import MailboxSimulator
 from seg_fast.sim.tree import E, text
-from seg_fast.stats import Stats, read_snapshots, write_snapshot
+from seg_fast.stats import Stats, WorkerSnapshot, read_snapshots, remove_snapshot, write_snapshot
+from seg_fast.statedir import exchange
 from processes import start_serve, stop_process
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -93,6 +94,43 @@ def test_snapshot_file_and_render_parse(tmp_path):
     assert samples(fams, "seg_fast_transformed_answers", "_total", command="Sync") == 2
     assert samples(fams, "seg_fast_transform_bytes_in", "_total") == 2 * 1500
     assert samples(fams, "seg_fast_worker_transform_bytes_out", "_total", worker=str(os.getpid())) == 1500
+
+
+def test_rewritten_snapshot_is_whole_and_the_spare_holds_the_one_before(tmp_path):
+    """Each rewrite goes over the spare file and the names are exchanged: the worker's file
+    is always one whole snapshot (a shorter one keeps nothing of a longer one's tail), the
+    spare the one before it, and both go when the worker does."""
+    import msgspec
+
+    stats = Stats()
+    big = stats.snapshot()
+    big.decisions = {f"allowed.rule{i}": i for i in range(300)}
+    small = stats.snapshot()
+    small.ts = big.ts + 1
+    path = write_snapshot(tmp_path, big)
+    spare = tmp_path / f".worker-{big.pid}.tmp"
+    for newest, before in ((small, big), (big, small), (small, big)):
+        write_snapshot(tmp_path, newest)
+        assert msgspec.json.decode(path.read_bytes(), type=WorkerSnapshot) == newest
+        assert msgspec.json.decode(spare.read_bytes(), type=WorkerSnapshot) == before
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert [s.ts for s in read_snapshots(tmp_path)] == [newest.ts]      # the spare is not a worker
+    remove_snapshot(tmp_path, big.pid)
+    assert os.listdir(tmp_path) == []
+
+
+def test_exchange_swaps_names_and_refuses_a_missing_file(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second")
+    inode_a = os.stat(a).st_ino
+    if not exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this file system")
+    assert (a.read_bytes(), b.read_bytes()) == (b"second", b"first")
+    assert os.stat(b).st_ino == inode_a
+    with pytest.raises(FileNotFoundError):
+        exchange(a, tmp_path / "missing")
+    assert a.read_bytes() == b"second"
 
 
 def test_stale_snapshot_is_ignored(tmp_path):

