@@ -119,7 +119,7 @@ async def test_a_big_flush_builds_and_writes_its_sightings_a_chunk_per_step(tmp_
     gate.store_ok = True
     written: list[list[str]] = []
 
-    async def put_sightings(sightings):
+    async def put_sightings(sightings, new=None):
         written.append([s.device_id for s in sightings])
 
     monkeypatch.setattr(gate.store, "put_sightings", put_sightings)
@@ -143,4 +143,35 @@ async def test_a_big_flush_builds_and_writes_its_sightings_a_chunk_per_step(tmp_
     assert [len(w) for w in written] == [7, 7, 7, 7, 2]
     assert sorted(d for w in written for d in w) == sorted(f"D{i}" for i in range(30))
     assert most[0] == 7
+    await gate.store.aclose()
+
+
+async def test_first_seen_is_offered_once_per_device_and_worker(tmp_path, monkeypatch):
+    """A device's first_seen goes to the store with the flush that first sees it, not with
+    every later one (the store keeps the earliest anyway: the repeats were wasted rows)."""
+    from seg_fast.policy.model import device_key
+
+    gate = PolicyGatekeeper(PolicySettings(sqlite_path=str(tmp_path / "p.db")))
+    await gate.store.open()
+    gate.store_ok = True
+    offered: list[set] = []
+    real = gate.store.put_sightings
+
+    async def put_sightings(sightings, new=None):
+        offered.append(set(new))
+        await real(sightings, new)
+
+    monkeypatch.setattr(gate.store, "put_sightings", put_sightings)
+    req = EasRequest(method="POST", path="/", device_id="Dev1")
+    gate.record(req, Decision(True, "allowed.x"), 200)
+    await gate.flush()
+    first = (await gate.store.sightings())[0].first_seen
+    gate.engine.now += 60
+    gate.record(req, Decision(True, "allowed.x"), 200)
+    gate.record(EasRequest(method="POST", path="/", device_id="Dev2"), Decision(True, "allowed.x"), 200)
+    await gate.flush()
+    assert offered == [{device_key("Dev1")}, {device_key("Dev2")}]
+    seen = {s.device_id: s for s in await gate.store.sightings()}
+    assert seen["Dev1"].first_seen == first and seen["Dev1"].last_seen == first + 60
+    assert seen["Dev2"].first_seen == first + 60
     await gate.store.aclose()

@@ -80,6 +80,21 @@ async def test_round_trip(make_store):
     await s.aclose()
 
 
+async def test_put_sightings_offers_first_seen_only_for_the_new_keys(make_store):
+    """``new`` names the devices whose first_seen the caller has not offered before: only
+    theirs is written; a first_seen already kept stays the earliest either way."""
+    s = await opened(make_store)
+    await s.put_sightings([DeviceSighting(device_id="A", first_seen=5.0, last_seen=5.0)])
+    await s.put_sightings([DeviceSighting(device_id="A", first_seen=1.0, last_seen=30.0),
+                           DeviceSighting(device_id="B", first_seen=30.0, last_seen=30.0),
+                           DeviceSighting(device_id="C", first_seen=30.0, last_seen=30.0)], new={"b"})
+    assert sorted(await s.get_entries("first_seen")) == ["a", "b"]      # C's was not offered
+    seen = {x.device_id: x for x in await s.sightings()}
+    assert {k: (v.first_seen, v.last_seen) for k, v in seen.items()} == \
+        {"A": (5.0, 30.0), "B": (30.0, 30.0), "C": (30.0, 30.0)}          # C's from its own sighting
+    await s.aclose()
+
+
 async def test_survives_reopen(make_store):
     s = await opened(make_store)
     await s.replace_all(DOC, [DeviceRecord(device_id="A", managed=True)])

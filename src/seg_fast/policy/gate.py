@@ -130,8 +130,7 @@ class PolicyGatekeeper:
         if user_key in self._pending_redirects or len(self._pending_redirects) < MAX_PENDING_SIGHTINGS:
             self._pending_redirects[user_key] = location
 
-    def _sighting(self, raw: str, req, decision: Decision, status: int, when: float) -> DeviceSighting:
-        key = device_key(raw)
+    def _sighting(self, key: str, raw: str, req, decision: Decision, status: int, when: float) -> DeviceSighting:
         first = self._first_seen.setdefault(key, when)
         return DeviceSighting(
             device_id=raw, user=req.user or "", device_type=req.device_type or "",
@@ -275,12 +274,14 @@ class PolicyGatekeeper:
             for at in range(0, len(items), FLUSH_CHUNK):
                 if at:
                     await trio.sleep(0)              # the next chunk in a step of its own
-                batch = {}
+                batch, new = {}, set()
                 for raw, (req, decision, status, when) in items[at:at + FLUSH_CHUNK]:
-                    sighting = self._sighting(raw, req, decision, status, when)
-                    batch[device_key(raw)] = sighting    # one row per device, whatever the id's case
+                    key = device_key(raw)
+                    if key not in self._first_seen:
+                        new.add(key)                     # its first_seen goes to the store too
+                    batch[key] = self._sighting(key, raw, req, decision, status, when)   # one row per device
                 try:
-                    await self.store.put_sightings(list(batch.values()))
+                    await self.store.put_sightings(list(batch.values()), new)
                 except StoreError as exc:
                     log.warning("device sightings not saved: %s", exc)
                     break                            # observations: the next requests make them again

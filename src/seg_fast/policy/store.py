@@ -44,6 +44,19 @@ log = logging.getLogger("seg_fast.policy.cache")
 NAMESPACES = ("devices", "sightings", "first_seen", "folders", "redirects", "nodes")
 
 _enc = msgspec.json.Encoder()
+
+
+def _sighting_entries(sightings) -> dict[str, bytes]:
+    return {device_key(s.device_id): _enc.encode(s) for s in sightings}
+
+
+def _first_seen_entries(sightings, new: set[str] | None) -> dict[str, bytes]:
+    out = {}
+    for s in sightings:
+        key = device_key(s.device_id)
+        if new is None or key in new:
+            out[key] = repr(s.first_seen).encode()
+    return out
 _dec_doc = msgspec.json.Decoder(PolicyDocument)
 _dec_dev = msgspec.json.Decoder(DeviceRecord)
 _dec_sight = msgspec.json.Decoder(DeviceSighting)
@@ -123,11 +136,15 @@ class Store:
         return {}
 
     # -- conveniences on top of the namespaces ----------------------------------
-    async def put_sightings(self, sightings: list[DeviceSighting]) -> None:
+    async def put_sightings(self, sightings: list[DeviceSighting], new: set[str] | None = None) -> None:
+        """Each device's latest sighting, and its first_seen where none is kept yet. ``new``:
+        the keys (device_key) the caller sees for the first time, the only ones whose
+        first_seen can be missing (None: every one is offered)."""
         if sightings:
-            await self.put_entries("sightings", {device_key(s.device_id): _enc.encode(s) for s in sightings})
-            await self.add_new_entries("first_seen", {device_key(s.device_id): repr(s.first_seen).encode()
-                                                      for s in sightings})
+            await self.put_entries("sightings", _sighting_entries(sightings))
+            firsts = _first_seen_entries(sightings, new)
+            if firsts:
+                await self.add_new_entries("first_seen", firsts)
 
     async def all_sightings(self) -> list[DeviceSighting]:
         """Every sighting, for the console's list view (stores read them in bulk)."""
@@ -367,6 +384,21 @@ class SqliteStore(Store):
         await self._run(lambda db: db.executemany(
             "INSERT OR IGNORE INTO entries(ns, key, body) VALUES (?, ?, ?)", [(ns, k, v) for k, v in entries.items()]),
             write=True)
+
+    async def put_sightings(self, sightings, new=None):
+        # Both tables in one transaction and one trip to the store's thread (a worker's
+        # flush, once a second).
+        if not sightings:
+            return
+        latest = [("sightings", k, v) for k, v in _sighting_entries(sightings).items()]
+        firsts = [("first_seen", k, v) for k, v in _first_seen_entries(sightings, new).items()]
+
+        def body(db):
+            db.executemany("INSERT OR REPLACE INTO entries(ns, key, body) VALUES (?, ?, ?)", latest)
+            if firsts:
+                db.executemany("INSERT OR IGNORE INTO entries(ns, key, body) VALUES (?, ?, ?)", firsts)
+            return []
+        await self._run(lambda db: self._tx(db, body), write=True)
 
     async def put_entries(self, ns, entries, *, notify=False) -> int:
         if ns not in NAMESPACES:
