@@ -718,6 +718,38 @@ async def test_sockio_many_deadlines_expire_in_order(autojump_clock):
     assert all(0.1 * (i + 1) <= ended[i] - t0 <= 0.1 * (i + 1) + sockio._Wheel.TICK for i in ended)
 
 
+async def test_sockio_waits_that_end_early_do_not_wake_the_wheel(autojump_clock):
+    """Waits answered before their deadlines leave no slot behind: the wheel sleeps through
+    their times (it woke at every slot a wait had ever used, a Cancelled through trio each),
+    and still ends the one wait whose deadline passes, once."""
+    wheel = sockio._the_wheel()
+    pairs = [await _socket_pair() for _ in range(8)]
+    t0 = trio.current_time()
+    before = wheel.wakeups
+
+    async def answered(i, left, right):
+        async def later():
+            await trio.sleep(0.01 * (i + 1))
+            await left.send_all(b"x")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(later)
+            # deadlines in eight different slots, each answered long before it
+            assert await sockio.receive(right, sockio.plain_socket(right), 10, t0 + 1 + 0.2 * i) == b"x"
+
+    async with trio.open_nursery() as nursery:
+        for i, (left, right) in enumerate(pairs[:-1]):
+            nursery.start_soon(answered, i, left, right)
+    assert not any(wheel.slots.values())
+    await trio.sleep(3)                  # past every deadline those waits had
+    assert wheel.wakeups == before
+    _, right = pairs[-1]
+    assert await sockio.receive(right, sockio.plain_socket(right), 10, trio.current_time() + 0.5) is None
+    assert wheel.wakeups == before + 1
+    for pair in pairs:
+        for s in pair:
+            await s.aclose()
+
+
 async def test_sockio_idle_wait_is_ended_by_cancel():
     left, right = await _socket_pair()
     sock = sockio.plain_socket(right)
