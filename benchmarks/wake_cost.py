@@ -29,16 +29,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from tls_tickets_bench import threads_cpu_ns  # noqa: E402
 VARIANTS = ("io_bare", "io_trio", "timer_bare", "timer_trio")
 GAP = 0.01
 
 
 def _cpu_ns() -> int:
-    total = 0
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/schedstat") as f:
-            total += int(f.read().split()[0])
-    return total
+    return threads_cpu_ns([os.getpid()])     # every thread's schedstat
 
 
 def _child(variant: str, wakes: int) -> float:

@@ -10,7 +10,7 @@ from seg_fast.hooks import Decision
 from seg_fast.policy.gate import PolicyGatekeeper
 from seg_fast.policy.model import DeviceRecord, PolicyDocument
 from seg_fast.policy.settings import PolicySettings
-from seg_fast.policy.store import RedisStore
+from seg_fast.policy.store import RedisStore, StoreError
 
 REQ = EasRequest(method="POST", path="/", command="Sync", user="jdoe", device_id="D1", device_type="iPhone",
                  protocol_version="16.1", user_agent="UA", client_ip="192.0.2.7")
@@ -148,7 +148,8 @@ async def test_a_big_flush_builds_and_writes_its_sightings_a_chunk_per_step(tmp_
 
 async def test_first_seen_is_offered_once_per_device_and_worker(tmp_path, monkeypatch):
     """A device's first_seen goes to the store with the flush that first sees it, not with
-    every later one (the store keeps the earliest anyway: the repeats were wasted rows)."""
+    every later one (the store keeps the earliest anyway: the repeats were wasted rows); a
+    flush the store refused offers it again with the device's next sighting."""
     from seg_fast.policy.model import device_key
 
     gate = PolicyGatekeeper(PolicySettings(sqlite_path=str(tmp_path / "p.db")))
@@ -156,21 +157,30 @@ async def test_first_seen_is_offered_once_per_device_and_worker(tmp_path, monkey
     gate.store_ok = True
     offered: list[set] = []
     real = gate.store.put_sightings
+    fail = [True]
 
     async def put_sightings(sightings, new=None):
         offered.append(set(new))
+        if fail[0]:
+            fail[0] = False
+            raise StoreError("disk full")        # the first flush is lost: its first_seen is offered again
         await real(sightings, new)
 
     monkeypatch.setattr(gate.store, "put_sightings", put_sightings)
     req = EasRequest(method="POST", path="/", device_id="Dev1")
     gate.record(req, Decision(True, "allowed.x"), 200)
+    first = gate.engine.now
     await gate.flush()
-    first = (await gate.store.sightings())[0].first_seen
-    gate.engine.now += 60
+    assert await gate.store.sightings() == []
+    gate.engine.now += 30
+    gate.record(req, Decision(True, "allowed.x"), 200)
+    await gate.flush()
+    gate.engine.now += 30
     gate.record(req, Decision(True, "allowed.x"), 200)
     gate.record(EasRequest(method="POST", path="/", device_id="Dev2"), Decision(True, "allowed.x"), 200)
     await gate.flush()
-    assert offered == [{device_key("Dev1")}, {device_key("Dev2")}]
+    assert offered == [{device_key("Dev1")}, {device_key("Dev1")}, {device_key("Dev2")}]
+    assert sorted(await gate.store.get_entries("first_seen")) == [device_key("Dev1"), device_key("Dev2")]
     seen = {s.device_id: s for s in await gate.store.sightings()}
     assert seen["Dev1"].first_seen == first and seen["Dev1"].last_seen == first + 60
     assert seen["Dev2"].first_seen == first + 60

@@ -95,6 +95,7 @@ class PolicyGatekeeper:
         # DeviceId -> (request, decision, status, time) since the last flush.
         self._pending: dict[str, tuple] = {}
         self._first_seen: dict[str, float] = {}
+        self._first_unsaved: set[str] = set()   # ... whose first_seen a failed flush did not store
         self.loaded = trio.Event()
         self.store_ok = False
         self.store_version = 0       # the last store change this worker has taken in (stats snapshot)
@@ -277,16 +278,18 @@ class PolicyGatekeeper:
                 batch, new = {}, set()
                 for raw, (req, decision, status, when) in items[at:at + FLUSH_CHUNK]:
                     key = device_key(raw)
-                    if key not in self._first_seen:
+                    if key not in self._first_seen or key in self._first_unsaved:
                         new.add(key)                     # its first_seen goes to the store too
                     batch[key] = self._sighting(key, raw, req, decision, status, when)   # one row per device
                 try:
                     await self.store.put_sightings(list(batch.values()), new)
+                    self._first_unsaved -= new
                 except StoreError as exc:
                     log.warning("device sightings not saved: %s", exc)
+                    self._first_unsaved |= new       # offered again with the device's next sighting
                     break                            # observations: the next requests make them again
             if len(self._first_seen) > MAX_PENDING_SIGHTINGS:
-                self._first_seen = {}                # the store keeps the earliest anyway
+                self._first_seen, self._first_unsaved = {}, set()    # the store keeps the earliest anyway
         if self._pending_redirects:
             pending, self._pending_redirects = self._pending_redirects, {}
             try:

@@ -44,6 +44,9 @@ log = logging.getLogger("seg_fast.policy.cache")
 NAMESPACES = ("devices", "sightings", "first_seen", "folders", "redirects", "nodes")
 
 _enc = msgspec.json.Encoder()
+_dec_doc = msgspec.json.Decoder(PolicyDocument)
+_dec_dev = msgspec.json.Decoder(DeviceRecord)
+_dec_sight = msgspec.json.Decoder(DeviceSighting)
 
 
 def _sighting_entries(sightings) -> dict[str, bytes]:
@@ -57,9 +60,6 @@ def _first_seen_entries(sightings, new: set[str] | None) -> dict[str, bytes]:
         if new is None or key in new:
             out[key] = repr(s.first_seen).encode()
     return out
-_dec_doc = msgspec.json.Decoder(PolicyDocument)
-_dec_dev = msgspec.json.Decoder(DeviceRecord)
-_dec_sight = msgspec.json.Decoder(DeviceSighting)
 
 
 class StoreError(SegFastError):
