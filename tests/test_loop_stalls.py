@@ -274,7 +274,7 @@ async def test_young_collection_interval_adapts_to_their_length(monkeypatch):
         clock[0] += costs[len(collected) - 1] / 1000.0
 
     monkeypatch.setattr(gcpause.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(gcpause.ticker, "sleep", sleep)
+    monkeypatch.setattr(gcpause.ticker, "every", sleep)
     monkeypatch.setattr(gcpause.gc, "collect", collect)
     try:
         with trio.CancelScope():

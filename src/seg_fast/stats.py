@@ -301,7 +301,7 @@ async def write_loop(gw, directory: Path, *, interval: float = WRITE_INTERVAL,
         while True:
             gw.stats.dx.refresh()
             _write(gw, directory)
-            await ticker.sleep(interval)
+            await ticker.every(interval)
     finally:
         _write(gw, directory)
 

@@ -149,7 +149,7 @@ def _loop_lag(out: _Out, s: WorkerSnapshot, base: dict) -> None:
         return
     bounds = [float(k[3:]) for k in hist if k.startswith("le_")]
     buckets = [hist[k] for k in hist if k.startswith("le_")] + [hist.get("inf", 0)]
-    _histogram(out, "seg_fast_worker_loop_lag_seconds", "How late the event loop woke a 0.1 s sleep", base,
+    _histogram(out, "seg_fast_worker_loop_lag_seconds", "How late the event loop woke the worker's 0.2 s housekeeping wait", base,
                [b / 1000 for b in bounds], buckets, lag.get("samples"))
     out.family("seg_fast_worker_loop_lag_max_seconds", "gauge", "Largest event-loop lag since the worker started")
     out.sample("seg_fast_worker_loop_lag_max_seconds", base, round(lag.get("max_ms", 0.0) / 1000, 6))

@@ -485,7 +485,7 @@ class SqliteStore(Store):
         version = await self.version() if since is None else since
         seen, last_read = None, trio.current_time()
         while True:
-            await ticker.sleep(self.poll_interval)
+            await ticker.every(self.poll_interval)
             stamp = self._disk_stamp()          # before the read: a write after it shows next time
             if stamp == seen and trio.current_time() - last_read < self.recheck_every:
                 continue

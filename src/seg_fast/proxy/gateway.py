@@ -311,7 +311,7 @@ class Gateway:
 
     async def _flush_log(self) -> None:
         while True:
-            await ticker.sleep(1.0)
+            await ticker.every(1.0)
             self.log.flush()
 
     def drain(self) -> None:

@@ -61,7 +61,7 @@ async def refreeze_on_ramp(gw, *, every: float = 1.0, min_interval: float = 5.0,
     global refreezes
     last_count, last_at = 0, time.monotonic()
     while True:
-        await ticker.sleep(every)
+        await ticker.every(every)
         now, count = time.monotonic(), gw.active
         if count >= max(min_connections, 2 * last_count) and now - last_at >= min_interval:
             gc.collect(1)             # young garbage goes now, not frozen with the rest
@@ -91,7 +91,7 @@ async def collect_young(*, target_ms: float = YOUNG_TARGET_MS, every: tuple = YO
     gc.disable()
     try:
         while True:
-            await ticker.sleep(interval)     # (under TICK, on a deadline of its own)
+            await ticker.every(interval)     # (under TICK, on a deadline of its own)
             t0 = time.perf_counter()
             gc.collect(1)
             ms = (time.perf_counter() - t0) * 1000.0
