@@ -22,7 +22,7 @@ PUSH = "pushtoken"
 
 
 def config(tmp_path, **policy) -> Config:
-    return Config(admin=AdminSettings(port=0, token=TOKEN),
+    return Config(state_dir=str(tmp_path), admin=AdminSettings(port=0, token=TOKEN),
                   policy=PolicySettings(sqlite_path=str(tmp_path / "p.db"), push_token=PUSH, **policy))
 
 
@@ -185,7 +185,7 @@ async def test_openapi_document(admin):
 
 
 def test_generated_token_is_private(tmp_path):
-    cfg = Config(policy=PolicySettings(sqlite_path=str(tmp_path / "p.db")))
+    cfg = Config(state_dir=str(tmp_path), policy=PolicySettings(sqlite_path=str(tmp_path / "p.db")))
     t1 = admin_token(cfg)
     assert len(t1) > 30 and admin_token(cfg) == t1
     assert (token_path(cfg).stat().st_mode & 0o777) == 0o600
@@ -230,7 +230,7 @@ async def test_run_pulls_the_policy_api_and_serves_push_over_tls(tmp_path, nurse
                                                       "devices": [{"device_id": "API1"}]}).encode())})
     api_port = await nursery.start(api.serve)
     push_port = free_port()
-    cfg = Config(admin=AdminSettings(port=0, token=TOKEN),
+    cfg = Config(state_dir=str(tmp_path), admin=AdminSettings(port=0, token=TOKEN),
                  listener=ListenerSettings(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")),
                  policy=PolicySettings(sqlite_path=str(tmp_path / "p.db"), push_token=PUSH, push_port=push_port,
                                        push_host="127.0.0.1", api_url=f"http://127.0.0.1:{api_port}"))

@@ -6,6 +6,7 @@ import pytest
 from seg_fast.eas.request import EasRequest
 from seg_fast.errors import PolicyError
 from seg_fast.policy import engine as E
+from seg_fast.policy import records
 from seg_fast.policy.engine import Engine, NameMatcher, user_forms
 from seg_fast.policy.model import (
     DeviceRecord, GatewayPolicy, GeneralAccess, InactivityPolicy, ListPolicy, ManagedDevicePolicies,
@@ -240,18 +241,18 @@ def test_a_device_cached_under_several_spellings_is_forgotten_under_all():
 
 
 def test_repeated_strings_are_one_object_per_worker():
-    # Every worker holds every record and an entry per device it has seen: a fleet's
-    # platform, model and mail client are stored once, not once per device.
+    # Every worker holds an entry per device it has seen and the records changed since its
+    # snapshot: a fleet's platform, model and mail client are stored once, not once per device.
+    # (The snapshot's records are one shared table, no object per record: test_policy_records.)
     records = [managed(device_id=f"dev{i}", platform="Apple"[:], model="".join(["iPhone", " 15"]),
                        os="".join(["17", ".4"])) for i in range(3)]
     assert records[0].model is not records[1].model          # as decoded: one object each
     e = engine(PolicyDocument(), *records)
-    got = [e.devices[f"dev{i}"] for i in range(3)]
+    assert [e.devices[f"dev{i}"] for i in range(3)] == records   # the same records, from the table
+    for i in (7, 8, 9):
+        e.put_device(managed(device_id=f"dev{i}", model="".join(["iPhone", " 15"]), os="".join(["17", ".4"])), i)
+    got = [e.devices[f"dev{i}"] for i in (7, 8, 9)]
     assert got[0].model is got[1].model is got[2].model and got[0].os is got[2].os
-    assert got[1] == records[1]                               # the same record
-    assert next(k for k in e.devices if k == "dev1") is got[1].device_id   # no second copy of the id
-    e.put_device(managed(device_id="dev9", model="".join(["iPhone", " 15"])), 2)
-    assert e.devices["dev9"].model is got[0].model
     ua = "".join(["Apple-iPhone15C2/", "2104.100"])
     for i in range(3):
         e.decide(req(device_id=f"D{i}", user_agent=ua[:5] + ua[5:], device_type="".join(["iP", "hone"])))
@@ -260,13 +261,13 @@ def test_repeated_strings_are_one_object_per_worker():
 
 
 def test_shared_strings_are_bounded_and_short(monkeypatch):
-    monkeypatch.setattr(E, "MAX_SHARED_STRINGS", 10)
+    monkeypatch.setattr(records, "MAX_SHARED_STRINGS", 10)
     e = engine(PolicyDocument())
     for i in range(100):                      # devices sending a new mail client each time
         e.decide(req(device_id=f"D{i}", user_agent=f"client-{i}"))
     assert len(e._shared._seen) == 10
-    long = "x" * (E.MAX_SHARED_LENGTH + 1)
-    assert E.Shared()(long) is long and not E.Shared()._seen
+    long = "x" * (records.MAX_SHARED_LENGTH + 1)
+    assert records.Shared()(long) is long and not records.Shared()._seen
     e2 = engine(PolicyDocument())
     e2.decide(req(device_id="L", user_agent=long))
     assert long not in e2._shared._seen and e2._cache["L"][2] == long

@@ -3,6 +3,7 @@ on one SQLite store. A push to the admin API reaches every worker within a secon
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import trio
 
@@ -32,6 +33,16 @@ async def fresh_connection_status(port: int) -> str:
         return text(r.doc, "FolderHierarchy:Status")
     finally:
         await c.aclose()
+
+
+def worker_pids(parent: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+
+
+def mapped_tables(pid: int) -> set[Path]:
+    """The record tables a process maps (their paths from /proc/PID/maps)."""
+    return {Path(line.split(maxsplit=5)[5].strip()) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if len(line.split(maxsplit=5)) == 6 and "/policy-records/records-" in line}
 
 
 async def test_push_reaches_every_worker_within_a_second(tmp_path):
@@ -64,6 +75,17 @@ async def test_push_reaches_every_worker_within_a_second(tmp_path):
                     await trio.sleep(0.1)
             # both workers serve it (connections spread over them): allowed everywhere
             assert [await fresh_connection_status(gw_port) for _ in range(8)] == ["1"] * 8
+            # ... from one record table in the state directory, mapped by both (seg_fast.policy.records;
+            # the kernel may have sent every connection to one worker while the other was starting)
+            with trio.fail_after(20):
+                while True:
+                    tables = {pid: mapped_tables(pid) for pid in worker_pids(proc.pid)}
+                    if len(tables) == 2 and all(len(t) == 1 for t in tables.values()):
+                        break
+                    await trio.sleep(0.05)
+            (table,) = {next(iter(t)) for t in tables.values()}
+            assert table.parent == tmp_path / "state" / "policy-records"
+            assert table.stat().st_mode & 0o777 == 0o600
             status, _, body = await request(admin_port, "POST", "/seg/push", token="push",
                                             body=b'{"devices": [{"device_id": "PHONE", "managed": true, '
                                                  b'"compromised": true}]}')

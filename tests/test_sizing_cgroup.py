@@ -295,6 +295,18 @@ def test_memory_at_a_fraction_is_judged_at_the_devices_it_stands_for(monkeypatch
                                      "> 2 GiB"]
     assert not any("RSS" in b for b in judged(1.0)["broke"])
     assert not any("RSS" in b for b in judged(0.5)["broke"])        # 1,220 + 150 MiB at 40,000
+    # where the run read the workers' PSS (shared pages once), that is what is judged: 500 MiB
+    # (60 idle) at a quarter core is 440 / 0.25 + 10 x 20 = 1,960 MiB at 80,000, within 2 GiB
+    gw = _path("gateway", {})
+    gw["server"].update(rss_kib_max=700 * 1024, rss_kib_idle=90 * 1024, pss_kib_max=500 * 1024,
+                        pss_kib_idle=60 * 1024, cgroup={"fraction": 0.25})
+    opts = sizing.Options(devices=20_000, hold=120.0, repeat=1, cgroup_fraction=0.25, shard_size=8000)
+    v = sizing.judge({"devices": 20_000, "paths": {"direct": _path("direct", {}), "gateway": gw}}, opts)
+    assert not any("MiB" in b for b in v["broke"]), v["broke"]
+    gw["server"]["pss_kib_max"] = 540 * 1024        # 480 / 0.25 + 200 = 2,120 MiB
+    v = sizing.judge({"devices": 20_000, "paths": {"direct": _path("direct", {}), "gateway": gw}}, opts)
+    assert [b for b in v["broke"] if "MiB" in b] == [
+        "gateway memory (PSS) 2120 MiB projected to 80000 devices (540 MiB measured at 20000) > 2 GiB"]
 
 
 def test_headline_divides_by_the_fraction():

@@ -117,6 +117,15 @@ def test_judge_reports_memory_with_the_kernel_and_the_loop_lag_per_device(monkey
     # (here 4,000 KiB idle for 1 worker of 8,000 devices: 0.5 KiB per device beside 60)
     assert m["idle_kib_per_worker"] == 4000
     assert m["projected_devices_at_2GiB"] == int(2 * 1024 * 1024 / (60 + 4000 / 8000))
+    assert m["pss_mib"] is None and m["pss_kib_per_device"] is None     # (a run before PSS was read)
+    # with the workers' PSS read (shared pages counted once), the projection is made on it
+    gw["server"].update(pss_kib_max=7_000, pss_kib_idle=2_000)
+    v = sizing.judge({"devices": 100, "paths": {"direct": _path("direct", {}), "gateway": gw}}, opts)
+    m = v["metrics"]["gateway"]
+    assert m["kib_per_device"] == 100.0 and m["pss_kib_per_device"] == 70.0
+    assert m["pss_kib_per_device_with_kernel"] == 78.0
+    assert m["idle_kib_per_worker"] == 2000
+    assert m["projected_devices_at_2GiB"] == int(2 * 1024 * 1024 / (50 + 2000 / 8000))
     # nothing measured (nginx has no loop to read; ss missing): None, not a made-up zero
     v = sizing.judge({"devices": 100, "paths": {"direct": _path("direct", {}), "gateway": _path("gateway", {})}},
                      opts)

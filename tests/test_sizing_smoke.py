@@ -107,6 +107,9 @@ def test_gateway_memory_with_its_sockets_and_loop_lag_reported(report):
     assert m["kib_per_device_with_kernel"] == pytest.approx(
         (server["rss_kib_max"] + ks["kib"]) / DEVICES, abs=0.01)
     assert m["kib_per_device_with_kernel"] > m["kib_per_device"]
+    # the workers' memory with shared pages once: read, and never more than their summed RSS
+    assert 0 < server["pss_kib_max"] <= server["rss_kib_max"]
+    assert m["pss_kib_per_device"] == pytest.approx(server["pss_kib_max"] / DEVICES, abs=0.01)
     assert m["loop_lag_max_ms"] == lag["max_ms_window"]
     assert isinstance(m["gc_gen2_in_window"], int)
 

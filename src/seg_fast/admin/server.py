@@ -24,7 +24,7 @@ import trio
 from seg_fast.admin.api import CALLER, JSON, QUERY, AdminApi, HttpError
 from seg_fast.admin.console import query_params
 from seg_fast.errors import SegFastError, StartupError
-from seg_fast.policy.gate import PolicyGatekeeper
+from seg_fast.policy.gate import RECORDS_DIR, PolicyGatekeeper
 from seg_fast.policy.source import PolicySource
 from seg_fast.proxy.headers import reason_phrase
 from seg_fast.statedir import ensure_parent, resolve
@@ -176,7 +176,8 @@ def _loopback(addr: str) -> bool:
 class AdminServer:
     def __init__(self, config, *, gate: PolicyGatekeeper | None = None, push_only: bool = False):
         self.config = config
-        self.gate = gate or PolicyGatekeeper(config.policy, node=f"admin/{os.getpid()}")
+        self.gate = gate or PolicyGatekeeper(config.policy, node=f"admin/{os.getpid()}",
+                                             records_dir=resolve(RECORDS_DIR, config.state_dir))
         self.source = PolicySource(config.policy, self.gate.store) if config.policy.api_url else None
         self.api = AdminApi(config, self.gate, source=self.source, started=time.time())
         self.token = admin_token(config).encode()

@@ -20,6 +20,7 @@ from seg_fast.hooks import Decision
 from seg_fast.policy.model import (
     FOLDER_CLASSES, DeviceRecord, ListPolicy, PlatformSets, PolicyDocument, device_key,
 )
+from seg_fast.policy.records import RecordTable, Records, Shared, record_key
 
 # Stable reason codes (a dashboard shows them; the OpenAPI document lists them).
 NO_POLICIES_BLOCKED = "blocked.no_policies"
@@ -47,52 +48,6 @@ REASONS = (NO_POLICIES_BLOCKED, NO_POLICIES_ALLOWED, COMMAND_DISABLED, BLACKLIST
 
 FOREVER = float("inf")
 DAY = 86400.0
-# Distinct strings shared by the cache (device types, mail clients, MDM platforms and
-# models): a fleet has a few hundred; past this many a new one is kept as it came, so
-# devices sending random values cannot grow the table.
-MAX_SHARED_STRINGS = 4096
-MAX_SHARED_LENGTH = 128       # longer values are not shared (the table stays under ~1 MB)
-
-
-class Shared:
-    """One object per distinct string, for values many devices repeat.
-
-    Every worker keeps the whole device snapshot and an entry per device it has seen,
-    once per worker (several per core): a record's "Apple" and "iPhone 15", a request's
-    "Apple-iPhone15C2/2104.100", each its own object, cost ~55 bytes per device apiece.
-    """
-
-    __slots__ = ("_seen",)
-
-    def __init__(self) -> None:
-        self._seen: dict[str, str] = {}
-
-    def __call__(self, value):
-        if value is None or len(value) > MAX_SHARED_LENGTH:
-            return value
-        seen = self._seen
-        got = seen.get(value)
-        if got is not None:
-            return got
-        if len(seen) < MAX_SHARED_STRINGS:
-            seen[value] = value
-        return value
-
-
-def compact_record(rec: DeviceRecord, shared: Shared) -> DeviceRecord:
-    """``rec`` with its repeated strings (platform, model, OS, key id) shared."""
-    p, m, o, k = shared(rec.platform), shared(rec.model), shared(rec.os), shared(rec.key_id)
-    if p is rec.platform and m is rec.model and o is rec.os and k is rec.key_id:
-        return rec
-    return msgspec.structs.replace(rec, platform=p, model=m, os=o, key_id=k)
-
-
-def record_key(device_id: str) -> str:
-    """device_key(device_id), the id itself when it is already in that form (no second copy)."""
-    key = device_key(device_id)
-    return device_id if key == device_id else key
-
-
 def user_forms(user: str | None) -> tuple[str, ...]:
     """The names a user list entry may match: full, without DOMAIN\\, without @domain."""
     u = (user or "").lower()
@@ -278,18 +233,18 @@ class Engine:
         self.now = clock()
         self.version = 0
         self.policies: CompiledPolicies | None = None
-        self.devices: dict[str, DeviceRecord] = {}
+        self._shared = Shared()
+        self.devices = Records(RecordTable.of(()), self._shared)
         self._cache: dict[str, tuple] = {}
         # device_key -> the raw id (or a set of them) its cache entries are under, for ids
         # not already in key form; a raw id equal to its key is its own entry.
         self._aliases: dict[str, str | set[str]] = {}
-        self._shared = Shared()
         self._rebuild()
 
     # -- snapshot updates -------------------------------------------------------
-    def load(self, doc: PolicyDocument | None, devices: Iterable[DeviceRecord], version: int) -> None:
-        shared = self._shared
-        self.devices = {record_key(d.device_id): compact_record(d, shared) for d in devices}
+    def load(self, doc: PolicyDocument | None, devices: RecordTable | Iterable[DeviceRecord], version: int) -> None:
+        table = devices if isinstance(devices, RecordTable) else RecordTable.of(devices)
+        self.devices = Records(table, self._shared)
         self.set_document(doc, version)
 
     def set_document(self, doc: PolicyDocument | None, version: int) -> None:
@@ -299,14 +254,14 @@ class Engine:
 
     def put_device(self, rec: DeviceRecord, version: int | None = None) -> None:
         key = record_key(rec.device_id)
-        self.devices[key] = compact_record(rec, self._shared)
+        self.devices.put(key, rec)
         self._forget(key)
         if version is not None:
             self.version = version
 
     def remove_device(self, device_id: str, version: int | None = None) -> None:
         key = device_key(device_id)
-        self.devices.pop(key, None)
+        self.devices.remove(key)
         self._forget(key)
         if version is not None:
             self.version = version

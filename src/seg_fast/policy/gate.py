@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 
 import msgspec
 import trio
@@ -18,10 +19,13 @@ import trio
 from seg_fast import ticker
 from seg_fast.errors import PolicyError
 from seg_fast.hooks import Decision, Gatekeeper, Headers
+from seg_fast.malloc import give_back
+from seg_fast.policy import records
 from seg_fast.policy.engine import Engine
 from seg_fast.policy.model import DeviceSighting, device_key
 from seg_fast.policy.settings import PolicySettings
 from seg_fast.policy.store import Change, Store, StoreError, decode_document_bytes, open_store
+from seg_fast.statedir import resolve
 
 log = logging.getLogger("seg_fast.policy.cache")
 
@@ -50,6 +54,10 @@ FLUSH_INTERVAL = 1.0
 NODE_HEARTBEAT = 10.0      # seconds between a worker's cluster heartbeats
 TICK = 0.4          # resolution of time-dependent decisions (MDM inactivity); on the 0.2 s grid
 MAX_PENDING_SIGHTINGS = 200_000
+# Device records changed since the snapshot, kept per worker beside the shared table; past
+# this many (or an eighth of the table) the worker loads a snapshot again, into a new table.
+OVERLAY_MAX = 4096
+RECORDS_DIR = "policy-records"     # in the state directory
 # Sightings built and written per step of a flush: when thousands of devices leave
 # together (each leaves a record), one step built them all (11-25 ms of CPU at
 # 3,000-7,500 devices: benchmarks/park_leave.py); ~3 us each makes this ~3 ms.
@@ -77,11 +85,12 @@ def node_name(settings: PolicySettings) -> str:
 
 class PolicyGatekeeper:
     def __init__(self, settings: PolicySettings, *, store: Store | None = None, node: str | None = None,
-                 transforms_for=None, clock=time.time):
+                 transforms_for=None, clock=time.time, records_dir: Path | None = None):
         from seg_fast.policy.syncsettings import FolderRegistry, sync_settings_transforms
 
         self.settings = settings
         self.store = store if store is not None else open_store(settings)
+        self.records_dir = records_dir       # where the node's workers share record tables (None: not shared)
         self.node = node or f"{node_name(settings)}/{os.getpid()}"
         self._last_heartbeat = 0.0
         self.folders = FolderRegistry()
@@ -175,9 +184,13 @@ class PolicyGatekeeper:
         await self._follow()
 
     async def reload(self) -> None:
-        snap = await self.store.snapshot()
-        self.engine.load(snap.document, snap.devices, snap.version)
-        self.store_version = max(self.store_version, snap.version)
+        version, document, bodies = await self.store.snapshot_bodies()
+        # (built off the loop: decoding 100,000 records once to check them takes ~0.3 s)
+        table = await trio.to_thread.run_sync(records.shared_table, bodies, self.records_dir)
+        bodies.clear()        # (the thread's call may sit in a cycle until a full collection)
+        self.engine.load(document, table, version)     # (the old table's records go here)
+        give_back()                                     # the rows' pages, not kept for the worker's life
+        self.store_version = max(self.store_version, version)
         self.folders.load(await self.store.get_entries("folders"))
         redirects = {k: v.decode("utf-8", "replace") for k, v in (await self.store.get_entries("redirects")).items()
                      if v}
@@ -186,7 +199,8 @@ class PolicyGatekeeper:
         self.redirects.update(redirects)
         await self._apply_meta()
         self.loaded.set()
-        log.info("policy snapshot %d loaded: %d devices", snap.version, len(snap.devices))
+        log.info("policy snapshot %d loaded: %d devices%s", version, table.count,
+                 f" (shared: {table.path.name})" if table.path else "")
 
     async def _apply_meta(self) -> None:
         tm = await self.store.get_meta(META_TEST_MODE)
@@ -195,14 +209,14 @@ class PolicyGatekeeper:
 
     async def apply(self, ch: Change) -> None:
         """Bring the engine up to date with one change from the store."""
-        if ch.kind == "device":
-            rec = await self.store.get_device(ch.key)
+        if ch.kind in ("device", "device_removed"):
+            rec = await self.store.get_device(ch.key) if ch.kind == "device" else None
             if rec is None:
                 self.engine.remove_device(ch.key, ch.version)
             else:
                 self.engine.put_device(rec, ch.version)
-        elif ch.kind == "device_removed":
-            self.engine.remove_device(ch.key, ch.version)
+            if len(self.engine.devices.overlay) > max(OVERLAY_MAX, self.engine.devices.table.count // 8):
+                await self.reload()          # the changes into a new shared table
         elif ch.kind == "document":
             self.engine.set_document(await self.store.get_document(), ch.version)
         elif ch.kind == "folders":
@@ -306,4 +320,4 @@ class PolicyGatekeeper:
 
 def build(config) -> Gatekeeper:
     """The gatekeeper for one worker process, from the gateway config."""
-    return PolicyGatekeeper(config.policy)
+    return PolicyGatekeeper(config.policy, records_dir=resolve(RECORDS_DIR, config.state_dir))

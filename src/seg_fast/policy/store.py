@@ -32,6 +32,7 @@ import trio
 from seg_fast import ticker
 from seg_fast.errors import PolicyError, SegFastError
 from seg_fast.policy.model import DeviceRecord, DeviceSighting, PolicyDocument, device_key
+from seg_fast.policy.records import decode_device_bytes
 from seg_fast.policy.resp import RedisConnection, RedisError
 from seg_fast.statedir import create_private, ensure_parent, resolve
 
@@ -45,7 +46,6 @@ NAMESPACES = ("devices", "sightings", "first_seen", "folders", "redirects", "nod
 
 _enc = msgspec.json.Encoder()
 _dec_doc = msgspec.json.Decoder(PolicyDocument)
-_dec_dev = msgspec.json.Decoder(DeviceRecord)
 _dec_sight = msgspec.json.Decoder(DeviceSighting)
 
 
@@ -87,12 +87,6 @@ def decode_document_bytes(raw: bytes) -> PolicyDocument:
         raise PolicyError(f"stored policy document is damaged: {exc}") from None
 
 
-def decode_device_bytes(raw: bytes) -> DeviceRecord:
-    try:
-        return _dec_dev.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise PolicyError(f"stored device record is damaged: {exc}") from None
-
 
 class Store:
     """The interface both engines implement (async: the I/O shell calls it)."""
@@ -102,7 +96,15 @@ class Store:
     async def open(self) -> None: ...
     async def aclose(self) -> None: ...
 
-    async def snapshot(self) -> Snapshot: ...
+    async def snapshot_bodies(self) -> tuple[int, PolicyDocument | None, list[bytes]]:
+        """The version, the document and every device record as stored (encoded), read at
+        one moment: what a worker's record table is built from, with no record decoded here."""
+        raise NotImplementedError
+
+    async def snapshot(self) -> Snapshot:
+        version, document, bodies = await self.snapshot_bodies()
+        return Snapshot(version=version, document=document, devices=[decode_device_bytes(b) for b in bodies])
+
     async def version(self) -> int: ...
     async def replace_all(self, document: PolicyDocument | None, devices: list[DeviceRecord]) -> int:
         """Full snapshot: the document and exactly these device records."""
@@ -325,19 +327,18 @@ class SqliteStore(Store):
     async def version(self) -> int:
         return await self._run(lambda db: db.execute("SELECT COALESCE(MAX(id), 0) FROM changes").fetchone()[0])
 
-    async def snapshot(self) -> Snapshot:
+    async def snapshot_bodies(self):
         def read(db):
             db.execute("BEGIN")
             try:
                 version = db.execute("SELECT COALESCE(MAX(id), 0) FROM changes").fetchone()[0]
                 row = db.execute("SELECT body FROM document WHERE id = 1").fetchone()
-                devs = db.execute("SELECT body FROM entries WHERE ns = 'devices'").fetchall()
+                devs = [r[0] for r in db.execute("SELECT body FROM entries WHERE ns = 'devices'")]
             finally:
                 db.execute("COMMIT")
             return version, row, devs
         version, row, devs = await self._run(read)
-        doc = decode_document_bytes(row[0]) if row else None
-        return Snapshot(version=version, document=doc, devices=[decode_device_bytes(r[0]) for r in devs])
+        return version, decode_document_bytes(row[0]) if row else None, devs
 
     async def replace_all(self, document, devices) -> int:
         def body(db):
@@ -644,17 +645,14 @@ class RedisStore(Store):
         v = await self._pipe([("GET", self.k("version"))])
         return int(v[0] or 0)
 
-    async def snapshot(self) -> Snapshot:
+    async def snapshot_bodies(self):
         if (copy := self.serving_copy) is not None:
-            snap = await copy.snapshot()
-            snap.version = int(self._copy_meta.get("version", 0))
-            return snap
+            _, doc, devs = await copy.snapshot_bodies()
+            return int(self._copy_meta.get("version", 0)), doc, devs
         replies = await self._pipe([
             ("MULTI",), ("GET", self.k("version")), ("GET", self.k("doc")), ("HVALS", self.k("devices")), ("EXEC",)])
         version, doc, devs = replies[-1]
-        return Snapshot(version=int(version or 0),
-                        document=decode_document_bytes(doc) if doc else None,
-                        devices=[decode_device_bytes(v) for v in devs])
+        return int(version or 0), decode_document_bytes(doc) if doc else None, devs
 
     async def replace_all(self, document, devices) -> int:
         cmds = [("DEL", self.k("devices"))]

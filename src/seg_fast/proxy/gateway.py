@@ -18,7 +18,7 @@ from seg_fast.proxy import sockio
 from seg_fast.proxy.downstream import resume_parked, serve_device
 from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.incidents import Incidents
-from seg_fast.proxy.malloc import return_big_buffers
+from seg_fast.malloc import return_big_buffers
 from seg_fast.proxy.looplag import LoopLag, in_slices
 from seg_fast.proxy.parking import PingPark
 from seg_fast.proxy.passthrough import Passthrough

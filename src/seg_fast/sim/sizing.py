@@ -62,7 +62,8 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 SLO_ADDED_P99_MS = 50.0
 SLO_ADDED_P999_MS = 100.0
 SLO_CPU_SHARE = 0.80
-SLO_RSS_KIB = 2 * 1024 * 1024
+SLO_RSS_KIB = 2 * 1024 * 1024       # the proxy's memory, judged as PSS (``resident``)
+PSS_EVERY = 5.0                      # s between reads of the proxy's PSS
 # When the load side stops measuring the gateway
 LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
 LAG_P99_LIMIT = 1.0            # seconds behind the schedule
@@ -128,6 +129,23 @@ def tree(roots: list[int]) -> list[int]:
         out.append(pid)
         todo.extend(kids.get(pid, ()))
     return out
+
+
+def proc_pss_kib(pids: list[int]) -> int:
+    """The memory ``pids`` hold together: their proportional set sizes summed (a page k
+    processes share counts 1/k in each, so once in the sum; summed RSS counts it k times:
+    the workers' shared libraries and the policy record table they all map)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def proc_usage(pids: list[int], seen: dict | None = None) -> tuple[float, int, float]:
@@ -688,14 +706,18 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
                 sh.last = msg
 
         async def sample() -> None:
-            last_say = 0.0
+            last_say = last_pss = 0.0
+            spss = 0
             while True:
                 spids, lpids = tree(server_roots), tree(load_roots)
                 server_fds[0] = max(server_fds[0], max_fds(spids))
                 scpu, srss, swait = proc_usage(spids, server_seen)
                 lcpu, lrss, lwait = proc_usage(lpids, load_seen)
+                if time.time() - last_pss >= PSS_EVERY or not samples:
+                    # (smaps_rollup walks each process's page tables: every few seconds)
+                    spss, last_pss = proc_pss_kib(spids), time.time()
                 samples.append((time.time(), scpu, srss, lcpu,
-                                core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait))
+                                core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait, spss))
                 now = time.time()
                 if path == "gateway":
                     worker_reads.append((now, read_loop_lag(workdir / "stats")))
@@ -756,6 +778,14 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     summary["server"]["loop_lag"] = loop_lag_summary(worker_reads, w0, w1)
     summary["server"]["cgroup"] = cgroup_info
     return summary
+
+
+def resident(server: dict) -> tuple[int, int, str]:
+    """(most in the window, idle, its name): the memory a path's proxy held, as the memory
+    bound judges it. PSS where the run read it (since 2026-12-01), else summed RSS."""
+    if server.get("pss_kib_max"):
+        return server["pss_kib_max"], server["pss_kib_idle"], "memory (PSS)"
+    return server["rss_kib_max"], server["rss_kib_idle"], "RSS"
 
 
 def _at(samples, t: float):
@@ -823,6 +853,8 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
             "cpu_share": round((b[1] - a[1]) / dt, 4),
             "rss_kib_max": max(s[2] for s in in_window),
             "rss_kib_idle": samples[0][2],      # before the first device connected
+            "pss_kib_max": max(s[8] for s in in_window),
+            "pss_kib_idle": samples[0][8],
             "runqueue_wait": round((b[6] - a[6]) / dt, 4),
             "died": server_died,
         },
@@ -1013,19 +1045,18 @@ def judge(point: dict, opts: Options) -> dict:
         if gw["server"]["cpu_share"] > SLO_CPU_SHARE * held:
             broke.append(f"gateway CPU {100 * gw['server']['cpu_share']:.0f}% of a core > 80% of the "
                          f"{held:g} core it was held to")
-        rss = gw["server"]["rss_kib_max"]
+        mem, idle, what = resident(gw["server"])
         if held < 1.0:
             # N devices at F stand for N/F on a whole core, and so must their memory:
             # each device's share N/F times over, and the idle workers N/F devices need
             # (one per shard, as plan_shards cuts them)
-            idle = gw["server"]["rss_kib_idle"]
             workers_now, workers_then = shards_for(n, opts), shards_for(n / held, opts)
-            at_per_core = idle / workers_now * workers_then + (rss - idle) / held
+            at_per_core = idle / workers_now * workers_then + (mem - idle) / held
             if at_per_core > SLO_RSS_KIB:
-                broke.append(f"gateway RSS {at_per_core / 1024:.0f} MiB projected to {round(n / held)} devices "
-                             f"({rss / 1024:.0f} MiB measured at {n}) > 2 GiB")
-        elif rss > SLO_RSS_KIB:
-            broke.append(f"gateway RSS {rss / 1024:.0f} MiB > 2 GiB")
+                broke.append(f"gateway {what} {at_per_core / 1024:.0f} MiB projected to {round(n / held)} devices "
+                             f"({mem / 1024:.0f} MiB measured at {n}) > 2 GiB")
+        elif mem > SLO_RSS_KIB:
+            broke.append(f"gateway {what} {mem / 1024:.0f} MiB > 2 GiB")
     if gw and not direct:
         unmeasured.append("no direct path in this run: the added latency was not measured")
     if direct:
@@ -1067,6 +1098,13 @@ def judge(point: dict, opts: Options) -> dict:
                              "loop_lag_max_ms_run": lag.get("max_ms_run"),
                              "gc_gen2_in_window": lag.get("gc_gen2_in_window"),
                              "cpu_share": s["cpu_share"], "rss_mib": round(s["rss_kib_max"] / 1024, 1),
+                             # what the memory bound judges: the processes' memory, shared pages once
+                             "pss_mib": round(s["pss_kib_max"] / 1024, 1) if s.get("pss_kib_max") else None,
+                             "pss_kib_per_device": (round(s["pss_kib_max"] / n, 2) if s.get("pss_kib_max")
+                                                    else None),
+                             "pss_kib_per_device_with_kernel": (
+                                 round((s["pss_kib_max"] + kernel) / n, 2)
+                                 if s.get("pss_kib_max") and kernel is not None else None),
                              "held_to_cores": held, "devices_per_core": round(n / held),
                              "cgroup": s.get("cgroup")}
     for name, p in paths.items():
@@ -1086,8 +1124,9 @@ def judge(point: dict, opts: Options) -> dict:
         # Each device's share, and the idle worker each shard's worth of devices adds (one
         # per shard, as plan_shards cuts them): more devices need more workers. Still a
         # straight line: a worker's device snapshot and cache grow with the fleet.
-        idle_per_worker = paths["gateway"]["server"]["rss_kib_idle"] / shards_for(n, opts)
-        per_device = metrics["gateway"]["kib_per_device_marginal"] + idle_per_worker / shard_size(opts)
+        mem, idle, _ = resident(paths["gateway"]["server"])
+        idle_per_worker = idle / shards_for(n, opts)
+        per_device = (mem - idle) / n + idle_per_worker / shard_size(opts)
         metrics["gateway"]["idle_kib_per_worker"] = round(idle_per_worker)
         metrics["gateway"]["projected_devices_at_2GiB"] = int(SLO_RSS_KIB / per_device) if per_device > 0 else None
     if ("gateway" in metrics and metrics.get("load", {}).get("gateway", {}).get("cpu_s_per_device_hour")

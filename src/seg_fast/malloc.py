@@ -1,4 +1,4 @@
-"""Big answer buffers go back to the operating system when freed.
+"""Freed memory goes back to the operating system: big answer buffers, a snapshot's rows.
 
 glibc serves a large allocation with its own mmap, but raises that threshold each
 time such a block is freed (up to 32 MB): after the first few transformed answers,
@@ -11,16 +11,34 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 THRESHOLD = 1 << 20
 
 
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def return_big_buffers() -> bool:
     """Fix glibc's mmap threshold (and trim threshold) at 1 MB; False off glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+
+
+def give_back() -> bool:
+    """Return the free pages inside glibc's heaps (malloc_trim): after a burst of small
+    objects freed at once (a snapshot's 100,000 rows), most of them sit in pages below the
+    heap's top that the trim threshold never reaches; False off glibc."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
