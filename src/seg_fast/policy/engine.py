@@ -13,8 +13,6 @@ import re
 import time
 from typing import Callable, Iterable
 
-import msgspec
-
 from seg_fast.eas.credentials import NONE as NO_CREDENTIAL_USER
 from seg_fast.hooks import Decision
 from seg_fast.policy.model import (

@@ -37,7 +37,7 @@ log = logging.getLogger("seg_fast.policy")
 MAGIC = b"SEGREC01"
 _HEAD = struct.Struct("=8sQ")
 _KLEN = struct.Struct("=I")
-STALE_AFTER = 60.0          # s: another table older than this is no longer being mapped by a starting worker
+STALE_AFTER = 60.0          # s: another snapshot's table this old is removed (its mappings stay valid)
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(DeviceRecord)
 _MISSING = object()
@@ -46,7 +46,7 @@ _MISSING = object()
 # models): a fleet has a few hundred; past this many a new one is kept as it came, so
 # devices sending random values cannot grow the table.
 MAX_SHARED_STRINGS = 4096
-MAX_SHARED_LENGTH = 128       # longer values are not shared (the table stays under ~1 MB)
+MAX_SHARED_LENGTH = 128       # longer values are not shared (the strings stay under ~1 MB)
 
 
 class Shared:
@@ -87,7 +87,6 @@ def record_key(device_id: str) -> str:
     """device_key(device_id), the id itself when it is already in that form (no second copy)."""
     key = device_key(device_id)
     return device_id if key == device_id else key
-
 
 
 def decode_device_bytes(raw: bytes) -> DeviceRecord:
