@@ -23,6 +23,7 @@ import mmap
 import os
 import struct
 import time
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -104,23 +105,28 @@ def key_hash(key: str) -> int:
 def build(bodies: Iterable[bytes]) -> bytes:
     """The table's bytes for the store's encoded records. Each is decoded once here (a damaged
     one raises PolicyError, as a snapshot always did) and keyed as the engine keys it; for two
-    records of one key the later wins."""
+    records of one key the later wins. (No tuple per record: the last 2,000 freed stay in
+    CPython's free list, spread over the allocator's arenas, and kept ~12 MiB of them from
+    going back to the system after 50,000 records.)"""
     rows: dict[str, bytes] = {}
     for body in bodies:
-        rows[record_key(decode_device_bytes(body).device_id)] = bytes(body)
-    entries = sorted((key_hash(k), k.encode("utf-8", "surrogatepass"), b) for k, b in rows.items())
-    n = len(entries)
-    start = _HEAD.size + 8 * (2 * n + 1)
-    hashes, offsets, parts = [], [], []
-    at = start
-    for h, kb, b in entries:
-        hashes.append(h)
-        offsets.append(at)
-        parts += (_KLEN.pack(len(kb)), kb, b)
-        at += _KLEN.size + len(kb) + len(b)
-    offsets.append(at)
-    return b"".join([_HEAD.pack(MAGIC, n), struct.pack(f"={n}Q", *hashes),
-                     struct.pack(f"={n + 1}Q", *offsets), *parts])
+        rows[record_key(decode_device_bytes(body).device_id)] = body
+    keys = sorted(rows)                      # (ties of the hash below stay in key order)
+    hashes = array("Q", map(key_hash, keys))
+    order = sorted(range(len(keys)), key=hashes.__getitem__)
+    n = len(keys)
+    offsets = array("Q")
+    data = bytearray()
+    at = _HEAD.size + 8 * (2 * n + 1)
+    for i in order:
+        kb = keys[i].encode("utf-8", "surrogatepass")
+        offsets.append(at + len(data))
+        data += _KLEN.pack(len(kb))
+        data += kb
+        data += rows[keys[i]]
+    offsets.append(at + len(data))
+    return b"".join((_HEAD.pack(MAGIC, n), array("Q", map(hashes.__getitem__, order)).tobytes(),
+                     offsets.tobytes(), data))
 
 
 class RecordTable:
