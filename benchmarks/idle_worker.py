@@ -49,8 +49,8 @@ def _memory(pid: int) -> dict:
             "pss_kib": pss}
 
 
-def _policy_store(tree: Path, work: Path, cfg: Path, env: dict, devices: int) -> None:
-    """The sizing run's policy store for ``devices``, loaded by the tree's own `seg-fast policy load`."""
+def _policy_store(work: Path, cfg: Path, env: dict, devices: int) -> None:
+    """The sizing run's policy store for ``devices``, loaded by `seg-fast policy load` of the tree ``env`` names."""
     code = ("import sys, msgspec; from seg_fast.sim.sizing import policy_file; "
             f"sys.stdout.buffer.write(msgspec.json.encode(policy_file('off', {devices})))")
     doc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout
@@ -82,7 +82,7 @@ def one_round(tree: Path, workers: int, seconds: float, settle: float, devices: 
                        f'[policy]\nsqlite_path = "{work}/policy.db"\n'
                        f'[security]\nmaster_key_file = "{work}/master.key"\nkey_state_file = "{work}/keys.json"\n')
         if k == 0 and devices:
-            _policy_store(tree, work, cfg, env, devices)
+            _policy_store(work, cfg, env, devices)
         procs.append(subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--worker", "--config", str(cfg)],
                                       env=env, cwd=work, stdout=subprocess.DEVNULL,
                                       stderr=open(work / f"g{k}.err", "wb")))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import trio
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -2,6 +2,7 @@
 on one SQLite store. A push to the admin API reaches every worker within a second."""
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -22,9 +23,9 @@ FOLDERSYNC = E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0"))
 POLICY_KEY: list[str] = []
 
 
-async def fresh_connection_status(port: int) -> str:
+async def fresh_connection_status(port: int, device_id: str = "PHONE") -> str:
     """FolderSync Status over a new connection (so the kernel may pick either worker)."""
-    c = EasClient("127.0.0.1", port, "jdoe", "secret", "PHONE", version="14.1")
+    c = EasClient("127.0.0.1", port, "jdoe", "secret", device_id, version="14.1")
     if not POLICY_KEY:
         POLICY_KEY.append(await c.provision())
     c.policy_key = POLICY_KEY[0]
@@ -98,6 +99,19 @@ async def test_push_reaches_every_worker_within_a_second(tmp_path):
                 while [await fresh_connection_status(gw_port) for _ in range(12)] != ["129"] * 12:
                     await trio.sleep(0.05)
             print(f"push reached every worker in {trio.current_time() - t0:.2f} s")
+            # The pushed record sits over the shared table: the device's other spellings are
+            # blocked too, and ids no record has (oversized, NUL, bytes that are no UTF-8 or
+            # encode a lone surrogate) get an answer without ending a worker.
+            workers = worker_pids(proc.pid)
+            assert [await fresh_connection_status(gw_port, dev) for dev in ("phone", "pHoNe")] == ["129"] * 2
+            auth = [(b"authorization", b"Basic " + base64.b64encode(b"jdoe:secret")),
+                    (b"ms-asprotocolversion", b"14.1"), (b"content-type", b"application/vnd.ms-sync.wbxml")]
+            for dev in ("%ED%A0%80" * 8, "x%00y", "A" * 4000, "%FF%FE"):
+                status, _, _ = await request(gw_port, "POST", "/Microsoft-Server-ActiveSync?Cmd=FolderSync"
+                                             f"&User=jdoe&DeviceId={dev}&DeviceType=iPhone", b"", headers=auth)
+                assert 200 <= status < 500, (dev[:20], status)
+            assert worker_pids(proc.pid) == workers and proc.poll() is None
+            assert [await fresh_connection_status(gw_port) for _ in range(8)] == ["129"] * 8
             # and the admin API saw the workers' sightings (device discovery)
             with trio.fail_after(5):
                 while True:

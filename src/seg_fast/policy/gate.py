@@ -187,8 +187,8 @@ class PolicyGatekeeper:
         version, document, bodies = await self.store.snapshot_bodies()
         # (built off the loop: decoding 100,000 records once to check them takes ~0.3 s)
         table = await trio.to_thread.run_sync(records.shared_table, bodies, self.records_dir)
-        bodies.clear()        # (the thread's call may sit in a cycle until a full collection)
-        self.engine.load(document, table, version)     # (the old table's records go here)
+        del bodies
+        self.engine.load(document, table, version)     # (the old table goes here)
         give_back()                                     # the rows' pages, not kept for the worker's life
         self.store_version = max(self.store_version, version)
         self.folders.load(await self.store.get_entries("folders"))

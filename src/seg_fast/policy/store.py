@@ -87,7 +87,6 @@ def decode_document_bytes(raw: bytes) -> PolicyDocument:
         raise PolicyError(f"stored policy document is damaged: {exc}") from None
 
 
-
 class Store:
     """The interface both engines implement (async: the I/O shell calls it)."""
 
