@@ -257,11 +257,14 @@ async def test_metrics_after_real_traffic(tmp_path):
                     fams = families(body.decode())
                     total = samples(fams, "seg_fast_requests", "_total")
                     started = fams.get("seg_fast_worker_start_time_seconds")
-                    folder_syncs = sum(1 for r in recs if r.get("command") == "FolderSync")
+                    syncs = [r for r in recs if r.get("command") == "FolderSync"]
+                    blocked_syncs = sum(1 for r in syncs if r.get("decision", "").startswith("blocked"))
                     # Each worker writes its log and its stats on its own schedule: wait for every
-                    # FolderSync the devices made, and for the metrics to agree with the log.
-                    if (folder_syncs >= len(good) + len(bad) and total == len(recs)
-                            and started and len(started.samples) == 2):
+                    # FolderSync the devices made, counted by outcome (GOOD's provisioning retries
+                    # alone can reach a plain total while the other worker's BAD lines are unwritten),
+                    # and for the metrics to agree with the log.
+                    if (blocked_syncs >= len(bad) and len(syncs) - blocked_syncs >= len(good)
+                            and total == len(recs) and started and len(started.samples) == 2):
                         break                      # every request counted, both workers reporting
                     await trio.sleep(0.2)
             by_key: dict = {}
