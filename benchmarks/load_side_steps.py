@@ -99,7 +99,9 @@ def one_run(tree: Path, store: Path) -> dict:
     """The sizing command in ``tree`` (its own sources), kept; its files copied to ``store``."""
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
     t0 = time.strftime("%H:%M:%S", time.gmtime())
-    proc = subprocess.run([sys.executable, str(tree / "benchmarks" / "sizing.py"), *SIZING, "--keep",
+    # Since 2026-12-02 the shards time their steps only when asked (a tree before asks nothing).
+    steps = ["--load-steps"] if "--load-steps" in (tree / "src/seg_fast/sim/sizing.py").read_text() else []
+    proc = subprocess.run([sys.executable, str(tree / "benchmarks" / "sizing.py"), *SIZING, *steps, "--keep",
                            "--out", str(store)], cwd=tree, env=env, capture_output=True, text=True)
     kept = re.search(r"kept (/\S+)", proc.stdout + proc.stderr)
     if kept:
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
             store.mkdir(parents=True)
             return one_run(tree, store)
         runs = alternated(a.base, a.rounds, one)
-    out = {"command": "python benchmarks/sizing.py " + " ".join(SIZING) + " --keep", "note": a.note,
+    out = {"command": "python benchmarks/sizing.py " + " ".join(SIZING) + " --load-steps --keep", "note": a.note,
            "runs": runs}
     for name, rs in runs.items():
         for k in ("fleet_lag_max_ms", "hold_step_cpu_ms_max", "load_cpu_s_per_device_hour"):

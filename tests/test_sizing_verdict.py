@@ -155,3 +155,12 @@ def test_itemoperations_tail_split_by_the_size_fetched():
     assert split["~10 MiB"]["n"] == 12 and split["~10 MiB"]["p50"] == 150.0
     # the whole command is what breaks the bound
     assert any("ItemOperations" in b for b in v["broke"])
+
+
+def test_shards_time_their_steps_only_when_asked(tmp_path):
+    """--load-steps: the fleet shards' step timer (a trio Instrument, ~6% of their CPU) is a
+    diagnostic; a plain run's shards go without it."""
+    plain = sizing.plan_shards(sizing.Options(devices=20000, tls=False), tmp_path, "direct")
+    asked = sizing.plan_shards(sizing.Options(devices=20000, tls=False, load_steps=True), tmp_path, "direct")
+    assert len(plain) == len(asked) > 1
+    assert not any(s.slow_steps for s in plain) and all(s.slow_steps for s in asked)

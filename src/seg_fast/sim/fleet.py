@@ -109,6 +109,9 @@ class ShardSpec(msgspec.Struct, kw_only=True):
     #                              "facts" the simulator's record of some (fleet_eas.CROSSCHECK_EVERY)
     tls_cert: str = ""           # the simulator also serves TLS (for the direct path)
     tls_key: str = ""
+    # Time every loop step (steps.SlowSteps, a trio Instrument): the slow ones named in the
+    # result. Diagnostics only, off by default: ~6% of the shard's CPU at real rates.
+    slow_steps: bool = False
 
 
 class Go(msgspec.Struct, kw_only=True):
@@ -1080,11 +1083,12 @@ class Fleet:
         events = self.schedule()
         n = len(self.devices)
         end = self.window[1]
-        self.slow = steps.SlowSteps(self.phase).install()
+        self.slow = steps.SlowSteps(self.phase).install() if s.slow_steps else None
         try:
             await self._run(events, n, end)
         finally:
-            self.slow.uninstall()
+            if self.slow is not None:
+                self.slow.uninstall()
         await trio.to_thread.run_sync(self.checks.wait)
         return self.result()
 

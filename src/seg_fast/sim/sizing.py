@@ -91,6 +91,7 @@ class Options(msgspec.Struct, kw_only=True):
     rate_scale: float = 1.0
     quiet: bool = False
     keep: bool = False            # keep the work directory (configs, proxy logs)
+    load_steps: bool = False      # the shards time every loop step (sim/steps.py; costs them ~6%)
     nice: int = 0                 # niceness of every process of the run
     fault: str = ""               # tests only: a fault the shards inject ("corrupt")
     tls: bool = True              # devices speak TLS 1.3 to the gateway, nginx and (direct) the simulator
@@ -616,7 +617,7 @@ def plan_shards(opts: Options, workdir: Path, tag: str) -> list[ShardSpec]:
         specs.append(ShardSpec(
             shard=k, first_device=first, devices=last - first, seed=opts.seed,
             ramp=ramp, settle=settle, hold=opts.hold, drain=opts.drain,
-            rate_scale=opts.rate_scale, fault=opts.fault,
+            rate_scale=opts.rate_scale, fault=opts.fault, slow_steps=opts.load_steps,
             tls_cert=str(workdir / "server.pem") if opts.tls else "",
             tls_key=str(workdir / "server.key") if opts.tls else "",
             sim_host=f"127.11.{k // 250}.{k % 250 + 1}",
@@ -1604,6 +1605,8 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep configs and proxy logs")
+    ap.add_argument("--load-steps", action="store_true",
+                    help="the fleet shards name their slow loop steps in their results (costs them ~6%% of their CPU)")
     ap.add_argument("--upstream", choices=("sim", "sogo"), default="sim",
                     help="sogo: a correctness run against a real SOGo, not a capacity figure "
                          "(seg-fast bench sizing --upstream sogo --help)")
@@ -1632,7 +1635,8 @@ def cli(argv: list[str]) -> int:
     opts = Options(devices=a.devices, hold=a.hold, ramp=a.ramp, settle=a.settle, drain=a.drain,
                    paths=[p for p in a.paths.split(",") if p], security=a.security,
                    shard_size=a.shard_size, repeat=a.repeat, tls=a.tls,
-                   rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, nice=a.nice,
+                   rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, load_steps=a.load_steps,
+                   nice=a.nice,
                    cgroup_fraction=a.cgroup_fraction, slice_us=a.slice_us,
                    gateway_cpu=0, load_cpu=1 if (os.cpu_count() or 1) > 1 else 0)
 
