@@ -881,14 +881,15 @@ class Parker:
                 timer.arm(wake)
             await trio.lowlevel.wait_readable(ep.fileno())
             self.wakeups += 1
-            c0 = time.thread_time()
+            timed = steps.current is not None     # --load-steps: the note below is read
+            c0 = time.thread_time() if timed else 0.0
             ready = ep.poll(0)
             for fd, _events in ready:
                 if fd == tfd:
                     timer.clear()
                 else:
                     self._readable(fd)
-            c1 = time.thread_time()
+            c1 = time.thread_time() if timed else 0.0
             now = trio.current_time()
             expired = 0
             while heap and heap[0][0] <= now:
@@ -900,9 +901,9 @@ class Parker:
             ran = self.next_event
             if ran < len(self.events):
                 self._run_due()
-            # what this wake-up did, kept by steps.SlowSteps if the step was slow
-            steps.note((WAKE_NOTE, len(ready), 1000 * (c1 - c0), expired, self.next_event - ran,
-                        1000 * (time.thread_time() - c1)))
+            if timed:                 # what this wake-up did, kept by steps.SlowSteps if the step was slow
+                steps.note((WAKE_NOTE, len(ready), 1000 * (c1 - c0), expired, self.next_event - ran,
+                            1000 * (time.thread_time() - c1)))
 
     async def close(self) -> None:
         """The run is over: the Pings still parked are closed (their devices stay up)."""
