@@ -149,22 +149,25 @@ def proc_pss_kib(pids: list[int]) -> int:
     return total
 
 
-def proc_usage(pids: list[int], seen: dict | None = None) -> tuple[float, int, float]:
-    """(CPU seconds, resident KiB, seconds spent runnable but waiting for a CPU)
-    summed over the pids that still exist. The wait (schedstat) is what tells a
-    process starved by others from one that is merely busy. With ``seen`` (pid ->
-    (cpu, wait), kept across calls) the CPU and wait of processes that have exited
-    since stay counted, so the sums never go back (a short-lived child's exit made a
-    window's load CPU negative)."""
+def proc_usage(pids: list[int], seen: dict | None = None) -> tuple[float, int, float, int]:
+    """(CPU seconds, resident KiB, seconds spent runnable but waiting for a CPU, times
+    put on a CPU) summed over the pids that still exist. The wait (schedstat) is what
+    tells a process starved by others from one that is merely busy; the times put on a
+    CPU (schedstat's third field) count its wake-ups, which at real rates cost a worker
+    more than any one step of its own (benchmarks/README, "Results"). With ``seen``
+    (pid -> (cpu, wait, runs), kept across calls) the figures of processes that have
+    exited since stay counted, so the sums never go back (a short-lived child's exit
+    made a window's load CPU negative)."""
     if seen is not None:
         rss = 0
         for pid in pids:
-            c, r, w = proc_usage([pid])
+            c, r, w, k = proc_usage([pid])
             if r:                  # read and alive: a gone (or zombie) one keeps its last figures
-                seen[pid] = (c, w)
+                seen[pid] = (c, w, k)
             rss += r
-        return sum(c for c, _ in seen.values()), rss, sum(w for _, w in seen.values())
-    cpu, rss, wait = 0.0, 0, 0.0
+        return (sum(c for c, _, _ in seen.values()), rss, sum(w for _, w, _ in seen.values()),
+                sum(k for _, _, k in seen.values()))
+    cpu, rss, wait, runs = 0.0, 0, 0.0, 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -179,7 +182,8 @@ def proc_usage(pids: list[int], seen: dict | None = None) -> tuple[float, int, f
         cpu += (int(f[11]) + int(f[12])) / CLK_TCK
         rss += int(statm[1]) * PAGE_KIB
         wait += int(sched[1]) / 1e9
-    return cpu, rss, wait
+        runs += int(sched[2])
+    return cpu, rss, wait, runs
 
 
 def max_fds(pids: list[int]) -> int:
@@ -712,13 +716,13 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             while True:
                 spids, lpids = tree(server_roots), tree(load_roots)
                 server_fds[0] = max(server_fds[0], max_fds(spids))
-                scpu, srss, swait = proc_usage(spids, server_seen)
-                lcpu, lrss, lwait = proc_usage(lpids, load_seen)
+                scpu, srss, swait, sruns = proc_usage(spids, server_seen)
+                lcpu, lrss, lwait, _ = proc_usage(lpids, load_seen)
                 if time.time() - last_pss >= PSS_EVERY or not samples:
                     # (smaps_rollup walks each process's page tables: every few seconds)
                     spss, last_pss = proc_pss_kib(spids), time.time()
                 samples.append((time.time(), scpu, srss, lcpu,
-                                core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait, spss))
+                                core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait, spss, sruns))
                 now = time.time()
                 if path == "gateway":
                     worker_reads.append((now, read_loop_lag(workdir / "stats")))
@@ -857,6 +861,8 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
             "pss_kib_max": max(s[8] for s in in_window),
             "pss_kib_idle": samples[0][8],
             "runqueue_wait": round((b[6] - a[6]) / dt, 4),
+            # times the proxy's processes were put on a CPU in the window: their wake-ups
+            "runs_per_s": round((b[9] - a[9]) / dt, 1),
             "died": server_died,
         },
         "load": {
@@ -1085,6 +1091,10 @@ def judge(point: dict, opts: Options) -> dict:
             kernel = (s.get("kernel_sockets") or {}).get("kib")
             lag = s.get("loop_lag") or {}
             metrics[name] = {"cpu_s_per_device_hour": round(s["cpu_s"] / (n * hours), 6),
+                             # wake-ups (times put on a CPU) per device-hour: a count, not a
+                             # time, so machines of different speeds compare (None: older runs)
+                             "wakeups_per_device_hour": (round(s["runs_per_s"] * opts.hold / (n * hours), 2)
+                                                         if "runs_per_s" in s else None),
                              "kib_per_device": round(s["rss_kib_max"] / n, 2),
                              "kib_per_device_marginal": round((s["rss_kib_max"] - s["rss_kib_idle"]) / n, 2),
                              # resident memory and the kernel's for its sockets (BENCH-PROFILE)
@@ -1137,6 +1147,10 @@ def judge(point: dict, opts: Options) -> dict:
     if "gateway" in metrics and "nginx" in metrics and metrics["nginx"]["cpu_s_per_device_hour"]:
         metrics["gateway_cpu_vs_nginx"] = round(metrics["gateway"]["cpu_s_per_device_hour"]
                                                 / metrics["nginx"]["cpu_s_per_device_hour"], 2)
+    if "gateway" in metrics and "nginx" in metrics and metrics["nginx"]["wakeups_per_device_hour"] \
+            and metrics["gateway"]["wakeups_per_device_hour"] is not None:
+        metrics["gateway_wakeups_vs_nginx"] = round(metrics["gateway"]["wakeups_per_device_hour"]
+                                                    / metrics["nginx"]["wakeups_per_device_hour"], 2)
     invalid = undriven + unmeasured + claimless
     meets = bool(gw) and not broke and not invalid
     return {"devices": n, "held_to_cores": held, "meets": meets, "broke": broke, "invalid": invalid,
