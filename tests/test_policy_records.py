@@ -42,6 +42,7 @@ def test_a_table_answers_as_the_dict_it_replaces(rs, others):
     table = RecordTable(build(enc.encode(r) for r in rs))
     assert table.count == len(want)
     assert sorted(table.keys()) == sorted(want)
+    assert dict(table.items()) == want
     for key, rec in want.items():
         assert table.get(key) == rec
     for raw in others + [r.device_id for r in rs]:
@@ -84,6 +85,8 @@ def test_changes_over_the_table_read_as_the_dict_would(rs, changes):
         assert len(view) == len(want)
     assert sorted(view) == sorted(want)
     assert {k: view[k] for k in view} == want
+    assert dict(view.items()) == want and len(list(view.items())) == len(want)
+    assert sorted(map(record_key, (r.device_id for r in view.values()))) == sorted(want)
     for key in list(want) + ["absent"]:
         assert view.get(key) == want.get(key)
     assert "absent" not in view

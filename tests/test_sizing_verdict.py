@@ -158,7 +158,7 @@ def test_itemoperations_tail_split_by_the_size_fetched():
 
 
 def test_shards_time_their_steps_only_when_asked(tmp_path):
-    """--load-steps: the fleet shards' step timer (a trio Instrument, ~6% of their CPU) is a
+    """--load-steps: the fleet shards' step timer (a trio Instrument, ~10% of their CPU) is a
     diagnostic; a plain run's shards go without it."""
     plain = sizing.plan_shards(sizing.Options(devices=20000, tls=False), tmp_path, "direct")
     asked = sizing.plan_shards(sizing.Options(devices=20000, tls=False, load_steps=True), tmp_path, "direct")

@@ -155,7 +155,8 @@ class RecordTable:
         k0 = start + _KLEN.size
         return self._buf[k0:k0 + klen], k0 + klen, end
 
-    def get(self, key: str) -> DeviceRecord | None:
+    def _find(self, key: str) -> int:
+        """The entry's index, or -1."""
         h = key_hash(key)
         hashes = self._hashes
         i = bisect_left(hashes, h)
@@ -163,18 +164,31 @@ class RecordTable:
         while i < self.count and hashes[i] == h:
             if want is None:
                 want = key.encode("utf-8", "surrogatepass")
-            k, b0, b1 = self._entry(i)
-            if k == want:
-                return decode_device_bytes(self._buf[b0:b1])
+            if self._entry(i)[0] == want:
+                return i
             i += 1
-        return None
+        return -1
+
+    def _record(self, i: int) -> DeviceRecord:
+        _, b0, b1 = self._entry(i)
+        return decode_device_bytes(self._buf[b0:b1])
+
+    def get(self, key: str) -> DeviceRecord | None:
+        i = self._find(key)
+        return self._record(i) if i >= 0 else None
 
     def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
+        return self._find(key) >= 0          # (no record decoded)
 
     def keys(self) -> Iterator[str]:
         for i in range(self.count):
             yield self._entry(i)[0].decode("utf-8", "surrogatepass")
+
+    def items(self) -> Iterator[tuple[str, DeviceRecord]]:
+        """Every (key, record), in table order: each row decoded once, no look-up per key."""
+        for i in range(self.count):
+            k, b0, b1 = self._entry(i)
+            yield k.decode("utf-8", "surrogatepass"), decode_device_bytes(self._buf[b0:b1])
 
 
 class Records(Mapping):
@@ -210,6 +224,19 @@ class Records(Mapping):
         for k, rec in overlay.items():
             if rec is not None and k not in self.table:
                 yield k
+
+    def items(self) -> Iterator[tuple[str, DeviceRecord]]:
+        """Every (key, record) (a walk of the table, not a look-up per key as Mapping's)."""
+        overlay = self.overlay
+        for k, rec in self.table.items():
+            if k not in overlay:
+                yield k, rec
+        for k, rec in overlay.items():
+            if rec is not None:
+                yield k, rec
+
+    def values(self) -> Iterator[DeviceRecord]:
+        return (rec for _, rec in self.items())
 
     def __len__(self) -> int:
         n = self.table.count

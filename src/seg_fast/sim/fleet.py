@@ -110,7 +110,7 @@ class ShardSpec(msgspec.Struct, kw_only=True):
     tls_cert: str = ""           # the simulator also serves TLS (for the direct path)
     tls_key: str = ""
     # Time every loop step (steps.SlowSteps, a trio Instrument): the slow ones named in the
-    # result. Diagnostics only, off by default: ~6% of the shard's CPU at real rates.
+    # result. Diagnostics only, off by default: ~10% of the shard's CPU at real rates.
     slow_steps: bool = False
 
 

@@ -91,7 +91,7 @@ class Options(msgspec.Struct, kw_only=True):
     rate_scale: float = 1.0
     quiet: bool = False
     keep: bool = False            # keep the work directory (configs, proxy logs)
-    load_steps: bool = False      # the shards time every loop step (sim/steps.py; costs them ~6%)
+    load_steps: bool = False      # the shards time every loop step (sim/steps.py; costs them ~10%)
     nice: int = 0                 # niceness of every process of the run
     fault: str = ""               # tests only: a fault the shards inject ("corrupt")
     tls: bool = True              # devices speak TLS 1.3 to the gateway, nginx and (direct) the simulator
@@ -1093,7 +1093,7 @@ def judge(point: dict, opts: Options) -> dict:
             metrics[name] = {"cpu_s_per_device_hour": round(s["cpu_s"] / (n * hours), 6),
                              # wake-ups (times put on a CPU) per device-hour: a count, not a
                              # time, so machines of different speeds compare (None: older runs)
-                             "wakeups_per_device_hour": (round(s["runs_per_s"] * opts.hold / (n * hours), 2)
+                             "wakeups_per_device_hour": (round(s["runs_per_s"] * 3600 / (n * opts.rate_scale), 2)
                                                          if "runs_per_s" in s else None),
                              "kib_per_device": round(s["rss_kib_max"] / n, 2),
                              "kib_per_device_marginal": round((s["rss_kib_max"] - s["rss_kib_idle"]) / n, 2),
@@ -1620,7 +1620,7 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep configs and proxy logs")
     ap.add_argument("--load-steps", action="store_true",
-                    help="the fleet shards name their slow loop steps in their results (costs them ~6%% of their CPU)")
+                    help="the fleet shards name their slow loop steps in their results (costs them ~10%% of their CPU)")
     ap.add_argument("--upstream", choices=("sim", "sogo"), default="sim",
                     help="sogo: a correctness run against a real SOGo, not a capacity figure "
                          "(seg-fast bench sizing --upstream sogo --help)")
