@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -166,7 +167,8 @@ def main(argv=None) -> int:
                 thread.start()
         w = re.match(r"wrote (\S+\.json)", line)
         if w:
-            wrote.append(w.group(1))
+            wrote.append(str(Path(w.group(1)).resolve().relative_to(HERE)) if w.group(1).startswith(str(HERE))
+                         else w.group(1))
     proc.wait()
     if thread is not None:
         thread.join()
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
                                              if v / a.strace / per_s >= 0.05}
     commit = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip()
-    out = {"command": "python benchmarks/cpu_where.py " + " ".join(own + ["--", *sizing_args]), "commit": commit,
+    out = {"command": "python benchmarks/cpu_where.py " + shlex.join(own + ["--", *sizing_args]), "commit": commit,
            "note": a.note, "sizing_json": wrote[:1], "perf_data": str(work), **found}
     print(json.dumps({k: v for k, v in out.items() if k != "syscalls"}, indent=1))
     write_keyed(RESULTS, a.key, out)
