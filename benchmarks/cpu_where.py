@@ -13,10 +13,10 @@ so it comes after the profile). Per process: the share of CPU samples by library
 doing (socket writes with the loopback receive they run, reads, ``epoll_wait`` — the sleep
 and the wake-up —, ``epoll_ctl``, the context switch); the system calls per request.
 
-Why not py-spy for this: on this VM py-spy's ``--nonblocking`` mode counts a thread whose
-state reads "running" and in a worker at real rates that includes much of the time it is
-woken but not yet on the CPU: 38% of its samples sat in trio's ``epoll_wait`` where perf
-finds 4% of the CPU (2026-12-02, benchmarks/README.md "Results"). Python frames need
+Why not py-spy for this: on this VM py-spy's ``--nonblocking`` mode put 38% of a worker's
+samples at real rates inside trio's ``epoll_wait``, where perf finds 3% of the CPU (it
+judges "active" from the thread's state; a thread that sleeps ~170 times a second is most
+likely caught woken but not yet on the CPU) (2026-12-02, benchmarks/README.md "Results"). Python frames need
 py-spy; shares of CPU need perf.
 
 Writes results/cpu_where.json under ``--key`` (the date and time by default).
@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from big_fetch_tail import write_keyed  # noqa: E402
+from tls_tickets_bench import threads_cpu_ns  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 RESULTS = HERE / "benchmarks" / "results" / "cpu_where.json"
@@ -57,17 +58,6 @@ LIBRARIES = {"libpython": "interpreter", "libcrypto": "OpenSSL", "libssl": "Open
 def pids(pattern: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
     return sorted(int(p) for p in out)
-
-
-def sched_ns(pid: int) -> int:
-    """CPU time of every thread of ``pid`` (schedstat, ns)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError):
-            pass
-    return total
 
 
 def _report(data: Path, *args: str) -> list[tuple[float, str]]:
@@ -139,7 +129,7 @@ def main(argv=None) -> int:
         time.sleep(a.delay)
         targets = {name: (pids(pat) or [None])[0] for name, pat in TARGETS.items()}
         found["workers"] = len(pids(TARGETS["gateway_worker"]))
-        before = {n: sched_ns(p) for n, p in targets.items() if p}
+        before = {n: threads_cpu_ns([p]) for n, p in targets.items() if p}
         recs = [(n, p, subprocess.Popen(
             ["perf", "record", "-e", "cpu-clock", "-F", "997", "-g", "-p", str(p), "-o", str(work / f"{n}.data"),
              "--", "sleep", str(a.seconds)], stdout=open(work / f"{n}.log", "w"), stderr=subprocess.STDOUT))
@@ -147,7 +137,7 @@ def main(argv=None) -> int:
         for _, _, r in recs:
             r.wait()
         for n, p, _ in recs:
-            found[n] = summarise(work / f"{n}.data", (sched_ns(p) - before[n]) / 1e9, a.seconds)
+            found[n] = summarise(work / f"{n}.data", (threads_cpu_ns([p]) - before[n]) / 1e9, a.seconds)
             found[n]["pid"] = p
         if a.strace and targets.get("gateway_worker"):
             t0 = time.monotonic()

@@ -3,8 +3,8 @@
     python benchmarks/holdoff.py [--rates 300,1000] [--seconds 5] [--hold-ms 2] [--rounds 2]
 
 At real rates a gateway worker sleeps between events and every event is a wake-up from
-idle; in a sizing run's profile a third of a worker's CPU samples sit in trio's
-``epoll_wait``. The idea tried here: when the loop has nothing to run, look once more
+idle (a py-spy profile seemed to put a third of a worker's CPU in trio's ``epoll_wait``;
+perf later found 3%: benchmarks/cpu_where.py). The idea tried here: when the loop has nothing to run, look once more
 (``epoll_wait(0)``), then sleep ``--hold-ms`` before blocking, so that events arriving
 meanwhile are taken in one pass. A child pinned to CPU 0 serves 50 socketpairs (a trio
 task each: read 100 bytes, answer 100); a writer on CPU 1 pokes them at Poisson times at

@@ -153,8 +153,8 @@ def proc_usage(pids: list[int], seen: dict | None = None) -> tuple[float, int, f
     """(CPU seconds, resident KiB, seconds spent runnable but waiting for a CPU, times
     put on a CPU) summed over the pids that still exist. The wait (schedstat) is what
     tells a process starved by others from one that is merely busy; the times put on a
-    CPU (schedstat's third field) count its wake-ups, which at real rates cost a worker
-    more than any one step of its own (benchmarks/README, "Results"). With ``seen``
+    CPU (schedstat's third field) count its wake-ups (a count, so machines of different
+    speeds compare). With ``seen``
     (pid -> (cpu, wait, runs), kept across calls) the figures of processes that have
     exited since stay counted, so the sums never go back (a short-lived child's exit
     made a window's load CPU negative)."""
