@@ -11,6 +11,10 @@ socketpair, where TCP segmentation, which this measures too, does not exist.)
 each tree's sources alternately (PYTHONPATH=<tree>/src), the gateway process's CPU-s per
 device-hour from each run's JSON; medians.
 
+``--base-python``/``--new-python``: the interpreter each side runs (default: this one), for
+--sizing and --connections; with one tree for both sides this compares interpreters (e.g. a
+pyenv build against Debian's /usr/bin/python3, PGO and libpython linked in), the same code.
+
 ``--connections N``: per-connection cost, each tree's ``seg-fast serve --workers 1`` (pinned to CPU
 0, device-leg TLS, a trustme ECDSA certificate) taking N sequential TLS 1.3 connections that each
 resume the same session, send one request the gateway answers itself (a 404) and close, from a
@@ -102,13 +106,25 @@ def answers(sizes: list[int], exchanges: int, rounds: int, baseline: str) -> dic
     return out
 
 
-def sizing(trees: dict[str, str], rounds: int) -> dict:
+def interpreter(python: str) -> dict:
+    """What a side's interpreter is: version, and whether libpython is a shared library (-fPIC,
+    calls through the PLT) or linked into the executable, as Debian's is."""
+    code = ("import json, sys, sysconfig; print(json.dumps({'version': sys.version.split()[0], "
+            "'executable': sys.executable, 'shared_libpython': bool(sysconfig.get_config_var('Py_ENABLE_SHARED')), "
+            "'config_args': sysconfig.get_config_var('CONFIG_ARGS')}))")
+    info = json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
+    ldd = subprocess.run(["ldd", os.path.realpath(python)], capture_output=True, text=True).stdout
+    info["executable_links_libpython"] = "libpython" in ldd
+    return info
+
+
+def sizing(sides: dict[str, tuple[str, str]], rounds: int, args: list[str]) -> dict:
     runs: dict[str, list] = {}
     for _ in range(rounds):
-        for name, tree in trees.items():
+        for name, (tree, python) in sides.items():
             outdir = Path(tempfile.mkdtemp(prefix=f"gw-cpu-sizing-{name}-"))
             env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"))
-            subprocess.run([sys.executable, str(Path(tree) / "benchmarks" / "sizing.py"), *SIZING,
+            subprocess.run([python, str(Path(tree) / "benchmarks" / "sizing.py"), *args,
                             "--quiet", "--out", str(outdir)], env=env, check=True,
                            stdout=subprocess.DEVNULL)
             found = [p for p in outdir.glob("sizing-*.json") if not p.name.endswith(".raw.json")]
@@ -132,7 +148,7 @@ def sizing(trees: dict[str, str], rounds: int) -> dict:
             for name, rs in runs.items()}
 
 
-def connections(trees: dict[str, str], n: int, rounds: int) -> dict:
+def connections(sides: dict[str, tuple[str, str]], n: int, rounds: int) -> dict:
     import ssl
 
     import trustme
@@ -141,7 +157,7 @@ def connections(trees: dict[str, str], n: int, rounds: int) -> dict:
     from processes import stop_process
     from tls_tickets_bench import free_port, one, threads_cpu_ns
 
-    def run(tree: str, tmp: Path, ctx) -> dict:
+    def run(tree: str, python: str, tmp: Path, ctx) -> dict:
         tmp.mkdir(parents=True)
         port = free_port()
         (tmp / "gw.toml").write_text("\n".join([
@@ -152,7 +168,7 @@ def connections(trees: dict[str, str], n: int, rounds: int) -> dict:
             "allow_if_no_policies = true", f'sqlite_path = "{tmp / "policy.db"}"', "[security]",
             f'master_key_file = "{tmp / "master.key"}"', f'key_state_file = "{tmp / "keys.json"}"']) + "\n")
         env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"), SEG_FAST_STATE_DIR=str(tmp / "state"))
-        proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "seg_fast", "serve", "--config",
+        proc = subprocess.Popen(["taskset", "-c", "0", python, "-m", "seg_fast", "serve", "--config",
                                  str(tmp / "gw.toml")], env=env, cwd=tmp, stdout=subprocess.DEVNULL,
                                 stderr=open(tmp / "stderr.log", "w"))  # noqa: SIM115 - the child holds it
         try:
@@ -195,8 +211,8 @@ def connections(trees: dict[str, str], n: int, rounds: int) -> dict:
     runs: dict[str, list] = {}
     try:
         for r in range(rounds):
-            for name, tree in trees.items():
-                got = run(tree, workdir / f"{name}-{r}", ctx)
+            for name, (tree, python) in sides.items():
+                got = run(tree, python, workdir / f"{name}-{r}", ctx)
                 runs.setdefault(name, []).append(got)
                 print(name, got, flush=True)
     finally:
@@ -214,8 +230,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sizing", action="store_true")
     ap.add_argument("--connections", type=int, default=0, metavar="N",
                     help="per-connection CPU: N sequential resumed TLS connections per run (see above)")
-    ap.add_argument("--base-tree", help="--sizing: the base worktree (git worktree add <dir> <commit>)")
+    ap.add_argument("--base-tree", help="--sizing: the base worktree (git worktree add <dir> <commit>; default: the new tree)")
     ap.add_argument("--new-tree", default=str(HERE), help="--sizing: the changed tree (default: this one)")
+    ap.add_argument("--base-python", default=sys.executable, help="--sizing/--connections: the base's interpreter")
+    ap.add_argument("--new-python", default=sys.executable, help="--sizing/--connections: the new side's interpreter")
+    ap.add_argument("--sizing-args", default=" ".join(SIZING), help="--sizing: sizing.py's options")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--key", required=True, help="the key of results/gateway_cpu_ab.json to write")
     ap.add_argument("--note", default="")
@@ -227,12 +246,14 @@ def main(argv=None) -> int:
     if args.answers:
         result["answers"] = answers([int(s) for s in args.sizes.split(",")], args.exchanges,
                                     args.rounds, args.baseline)
+    sides = {"base": (args.base_tree or args.new_tree, args.base_python), "new": (args.new_tree, args.new_python)}
+    if args.sizing or args.connections:
+        result["interpreters"] = {name: interpreter(python) for name, (_, python) in sides.items()}
     if args.sizing:
-        result["sizing"] = sizing({"base": args.base_tree, "new": args.new_tree}, args.rounds)
-        result["sizing_command"] = "python benchmarks/sizing.py " + " ".join(SIZING)
+        result["sizing"] = sizing(sides, args.rounds, args.sizing_args.split())
+        result["sizing_command"] = "python benchmarks/sizing.py " + args.sizing_args
     if args.connections:
-        result["connections"] = connections({"base": args.base_tree, "new": args.new_tree}, args.connections,
-                                            args.rounds)
+        result["connections"] = connections(sides, args.connections, args.rounds)
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
     data[args.key] = result
     OUT.write_text(json.dumps(data, indent=1) + "\n")
