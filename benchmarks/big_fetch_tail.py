@@ -15,6 +15,11 @@ time to last byte (median, max), the probe's p99 and max during the fetches, the
 worker's CPU per fetch, and from its slow-step log (SEG_FAST_SLOW_STEP_MS=5) the steps
 and batches over 5 ms of CPU. ``--base TREE``: another checkout (built) run alternately.
 Claims nothing about devices per core: it isolates what one big answer costs the loop.
+``--reader-pause-ms P``: the fetching device (both paths) pauses P ms after each read of at most
+``--reader-chunk`` bytes, as a busy device does (a sizing run's fleet shard reads its answers
+between its other devices' work): the answer then waits in the sockets, and how often the
+gateway must be woken to refill the device's socket shows (``serve_wakeups_per_fetch``: the
+serve's voluntary context switches per fetch).
 ``--contend 0.4``: six neighbour processes on core 0 take 40% of it in bursts (mean 2 ms, up
 to 30 ms), as the other workers of the 50,000-device run do: the fetch shares the core.
 
@@ -152,10 +157,14 @@ def request(cmd: str, n: int, body: bytes = b"") -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+READER = {"pause": 0.0, "chunk": 1 << 20}     # --reader-pause-ms / --reader-chunk
+
+
 def read_answer(s, keep: bytearray | None = None) -> int:
     """Read one HTTP answer (Content-Length or chunked) from a blocking socket to its last
     byte; its body length (a chunked one's on the wire). ``keep``: a bytearray the body is
-    appended to (de-chunked), else nothing of it is kept."""
+    appended to (de-chunked), else nothing of it is kept. Each body read takes at most
+    READER["chunk"] bytes and is followed by a pause of READER["pause"] seconds."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         d = s.recv(65536)
@@ -173,8 +182,11 @@ def read_answer(s, keep: bytearray | None = None) -> int:
     raw = bytearray(rest) if keep is not None else None
     got = len(rest)
     last = bytes(rest[-7:])           # the end of a chunked answer: its last chunk, no trailers
-    scratch = memoryview(bytearray(1 << 20))
+    scratch = memoryview(bytearray(READER["chunk"]))
+    pause = READER["pause"]
     while (last != b"\r\n0\r\n\r\n") if chunked else got < n:
+        if pause:
+            time.sleep(pause)
         k = s.recv_into(scratch)
         if not k:
             raise ConnectionError("closed mid-answer")
@@ -342,7 +354,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int 
             return {}
 
         hist0 = lag_snapshot().get("histogram_ms", {})
-        t_wall0, c0, st0 = time.time(), tree_cpu(proc.pid), tree_stat(proc.pid)
+        t_wall0, c0, st0, w0 = time.time(), tree_cpu(proc.pid), tree_stat(proc.pid), wakeups(proc.pid)
         p0 = time.perf_counter()
         for i in range(args.fetches):
             if tls_port is not None and i % 2:      # the direct TLS fetch first every other time
@@ -361,6 +373,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int 
         p1 = time.perf_counter()
         cpu = tree_cpu(proc.pid) - c0
         st = [b - a for a, b in zip(st0, tree_stat(proc.pid))]
+        woken = wakeups(proc.pid) - w0
         t_wall1 = time.time()
         time.sleep(1.1)
         hist1 = lag_snapshot().get("histogram_ms", {})
@@ -390,6 +403,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int 
                 "serve_cpu_ms_per_fetch": round(cpu / args.fetches * 1000.0, 1),
                 "serve_sys_ms_per_fetch": round(st[1] / args.fetches * 1000.0, 1),
                 "serve_faults_per_fetch": round(st[2] / args.fetches),
+                "serve_wakeups_per_fetch": round(woken / args.fetches, 1),
                 **slow_counts(err, t_wall0, t_wall1)}
     finally:
         for child in spawned:
@@ -401,6 +415,25 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int 
         stop_process(proc, 30)
         if not args.slow_steps:
             shutil.rmtree(tmp, ignore_errors=True)    # (with --slow-steps the worker's log stays)
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of ``pid``'s and its children's threads: each is a sleep
+    the thread was woken from (a worker's loop: one per wait on its sockets or timers)."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if int(name) != pid and int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            for task in os.listdir(f"/proc/{name}/task"):
+                for line in Path(f"/proc/{name}/task/{task}/status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def timed_fetch(connect, device: int) -> float:
@@ -481,12 +514,16 @@ def main(argv=None) -> int:
     ap.add_argument("--contend", type=float, default=0.0,
                     help=f"share of core 0 that {NEIGHBOURS} neighbour processes use beside the gateway (0.4: "
                          "the 50,000-device run's other workers)")
+    ap.add_argument("--reader-pause-ms", type=float, default=0.0,
+                    help="the fetching device pauses this long after each read (a busy device)")
+    ap.add_argument("--reader-chunk", type=int, default=1 << 20, help="... of at most this many bytes")
     ap.add_argument("--slow-steps", action="store_true", help="log the worker's steps over 5 ms (costs CPU)")
     ap.add_argument("--body", choices=("x", "pdf"), default="x",
                     help="the answer: --size bytes of x, or a device's fetch of a PDF of --size bytes")
     ap.add_argument("--security", choices=("off", "on"), default="off",
                     help="on: the profile's policies, the fetching devices managed: the PDF sealed (implies --body pdf)")
     args = ap.parse_args(argv)
+    READER.update(pause=args.reader_pause_ms / 1000.0, chunk=args.reader_chunk)
     if args.security == "on":
         args.body = "pdf"
     on_load_core()
@@ -525,7 +562,8 @@ def main(argv=None) -> int:
                                    "serve_faults_per_fetch", "steps_over", "step_max_cpu_ms",
                                    "batches_over", "batch_max_cpu_ms")}
     out = {"parked": args.parked, "fetches": args.fetches, "size": args.size, "body": args.body,
-           "security": args.security, "contend": args.contend, "load": args.load, "medians": summary, "runs": runs}
+           "security": args.security, "contend": args.contend, "load": args.load,
+           "reader_pause_ms": args.reader_pause_ms, "reader_chunk": args.reader_chunk, "medians": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     if args.json:
         write_keyed(args.json, args.key, out)

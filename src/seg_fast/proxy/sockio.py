@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+import socket
 from typing import NamedTuple
 
 import trio
@@ -22,6 +23,7 @@ from seg_fast.proxy._http1 import read_nb
 
 FAIR_EVERY = 32
 _ready = 0
+NOTSENT_LOWAT = 1 << 20               # bytes a socket holds unsent past the peer's window (tcp_stream)
 
 
 class Plain:
@@ -33,6 +35,32 @@ class Plain:
     def __init__(self, sock):
         self.sock = sock              # the trio socket: what trio's waits and notify_closing take
         self.fileno = sock.fileno     # -1 once closed
+
+
+def tcp_stream(sock) -> trio.SocketStream:
+    """A trio SocketStream over a connected TCP socket, with NOTSENT_LOWAT's bound raised.
+
+    trio sets TCP_NOTSENT_LOWAT to 16 KiB: the kernel then takes at most 16 KiB beyond what
+    the peer's window admits and reports the socket writable only under 8 KiB, so an answer
+    larger than the window went out in 8-16 KiB steps as the device read, each a wake-up of
+    this worker (on a busy core, a wait for the core each) while the device waited for the
+    next step: a 2 MiB answer to a device reading 64 KiB a millisecond woke the worker ~30
+    times (benchmarks/big_fetch_tail.py --reader-pause-ms 1). NOTSENT_LOWAT (128 KiB) still
+    bounds what the kernel holds unsent for a device that stops reading (the worker's
+    max_unsent_bytes and the write deadline deal with that device), where the system's own
+    setting (unbounded) would let a socket's send buffer, several MB on a fast link, take
+    a whole attachment out of the worker's account."""
+    stream = trio.SocketStream(sock)
+    notsent_lowat(sock)
+    return stream
+
+
+def notsent_lowat(sock) -> None:
+    """TCP_NOTSENT_LOWAT = NOTSENT_LOWAT on a SocketStream's socket (see tcp_stream)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    except (OSError, AttributeError):     # not Linux/macOS: trio did not set it either
+        pass
 
 
 def plain_socket(stream) -> Plain | None:

@@ -353,7 +353,9 @@ async def open_tcp(host: str, port: int, deadline: float) -> trio.SocketStream:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
         with trio.fail_at(deadline):          # a name: trio resolves it and tries each address
-            return await trio.open_tcp_stream(host, port)
+            stream = await trio.open_tcp_stream(host, port)
+        sockio.notsent_lowat(stream.socket)
+        return stream
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -372,4 +374,4 @@ async def open_tcp(host: str, port: int, deadline: float) -> trio.SocketStream:
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return sockio.tcp_stream(trio.socket.from_stdlib_socket(sock))
