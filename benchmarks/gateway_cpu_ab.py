@@ -138,6 +138,7 @@ def sizing(sides: dict[str, tuple[str, str]], rounds: int, args: list[str]) -> d
             # window does not depend on that.
             runs.setdefault(name, []).append({
                 "cpu_s_per_device_hour": m["cpu_s_per_device_hour"], "cpu_share": m["cpu_share"],
+                "wakeups_per_device_hour": m.get("wakeups_per_device_hour"),
                 "hold_cpu_s": cpu, "hold_requests": n, "hold_cpu_us_per_request": round(cpu / n * 1e6, 1),
                 "failures": sum(g["failures"].values()), "invalid": point["verdict"]["invalid"]})
             print(name, runs[name][-1], flush=True)
