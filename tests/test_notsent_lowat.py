@@ -26,27 +26,21 @@ from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
 from seg_fast.proxy.sockio import NOTSENT_LOWAT
 from seg_fast.sim.sizing import policy_file
+from seg_fast.testing.rawhttp import requests
 
 ANSWER = 4 * 1024 * 1024              # more than NOTSENT_LOWAT and the device's window together
 SEGMENT = 128 * 1024                  # what one write may add past the check (a loopback skb, 64 KiB)
 
 
-def _mail_server() -> tuple[socket.socket, list[bytes]]:
+def _mail_server() -> tuple[socket.socket, list[dict]]:
     """Answers every request on its connection with ANSWER bytes (Content-Length)."""
     ls = socket.create_server(("127.0.0.1", 0))
-    heads: list[bytes] = []
+    heads: list[dict] = []
 
     def serve(conn):
         with conn:
-            buf = b""
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                heads.append(head)
+            for fields in requests(conn):
+                heads.append(fields)
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
                              b"Content-Length: %d\r\n\r\n" % ANSWER + b"x" * ANSWER)
 
