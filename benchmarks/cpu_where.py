@@ -51,8 +51,9 @@ KERNEL = {
     "context switch": ("finish_task_switch.isra.0", "finish_task_switch"),
     "softirq (network receive, all of it)": ("handle_softirqs",),
 }
-LIBRARIES = {"libpython": "interpreter", "libcrypto": "OpenSSL", "libssl": "OpenSSL", "libc.so": "libc",
-             "[kernel": "kernel"}
+# (Debian's python3 has the interpreter linked into the executable: its DSO is "python3.11")
+LIBRARIES = {"libpython": "interpreter", "python3": "interpreter", "libcrypto": "OpenSSL", "libssl": "OpenSSL",
+             "libc.so": "libc", "[kernel": "kernel"}
 
 
 def pids(pattern: str) -> list[int]:
