@@ -13,7 +13,7 @@ device-hour from each run's JSON; medians.
 
 ``--base-python``/``--new-python``: the interpreter each side runs (default: this one), for
 --sizing and --connections; with one tree for both sides this compares interpreters (e.g. a
-pyenv build against Debian's /usr/bin/python3, PGO and libpython linked in), the same code.
+pyenv build against Debian's /usr/bin/python3, libpython linked in), the same code.
 
 ``--connections N``: per-connection cost, each tree's ``seg-fast serve --workers 1`` (pinned to CPU
 0, device-leg TLS, a trustme ECDSA certificate) taking N sequential TLS 1.3 connections that each

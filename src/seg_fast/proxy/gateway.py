@@ -283,7 +283,7 @@ class Gateway:
     async def _connection(self, client, ip: str) -> None:
         parked = False
         try:
-            stream = sockio.tcp_stream(client)       # (TCP_NODELAY; NOTSENT_LOWAT 128 KiB)
+            stream = sockio.tcp_stream(client)       # (TCP_NODELAY; NOTSENT_LOWAT 1 MiB)
             if self.tls_context is not None:
                 stream = TLSStream(stream, self.tls_context)     # proxy/tlsio.py: lean, ragged EOF tolerated
                 try:

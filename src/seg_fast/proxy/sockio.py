@@ -45,8 +45,9 @@ def tcp_stream(sock) -> trio.SocketStream:
     larger than the window went out in 8-16 KiB steps as the device read, each a wake-up of
     this worker (on a busy core, a wait for the core each) while the device waited for the
     next step: a 2 MiB answer to a device reading 64 KiB a millisecond woke the worker ~30
-    times (benchmarks/big_fetch_tail.py --reader-pause-ms 1). NOTSENT_LOWAT (128 KiB) still
-    bounds what the kernel holds unsent for a device that stops reading (the worker's
+    times (benchmarks/big_fetch_tail.py --reader-pause-ms 1), ~12 times at 1 MiB (128 KiB
+    saved little: the worker wakes under half the bound). NOTSENT_LOWAT still bounds what the
+    kernel holds unsent for a device that stops reading (the worker's
     max_unsent_bytes and the write deadline deal with that device), where the system's own
     setting (unbounded) would let a socket's send buffer, several MB on a fast link, take
     a whole attachment out of the worker's account."""
