@@ -157,6 +157,30 @@ def test_itemoperations_tail_split_by_the_size_fetched():
     assert any("ItemOperations" in b for b in v["broke"])
 
 
+def test_added_latency_splits_at_the_answers_first_byte():
+    """Beside the verdict: each paired request's added latency split at the answer's head
+    (before it: through the proxy and back; after it: the body streaming), by size; and the
+    slowest 1% located in the schedule, so one stall that caught many shows as few seconds."""
+    keys = [str(i) for i in range(1000)]
+    sizes = {k: (2 << 20 if i % 10 == 0 else 50_000) for i, k in enumerate(keys)}
+    direct = {"ItemOperations": {k: 10.0 for k in keys}}
+    # the 2 MiB fetches stream 30 ms slower; ten small ones (sent in second 7) wait 80 ms for their head
+    slow_head = {str(i) for i in range(1, 100, 10)}
+    gateway = {"ItemOperations": {k: 10.0 + (30.0 if sizes[k] > 1 << 20 else 0.0) + (80.0 if k in slow_head else 0.0)
+                                  for k in keys}}
+    d_timing = {k: (float(i % 60), 2.0) for i, k in enumerate(keys)}
+    g_timing = {k: (7.5 if k in slow_head else float(i % 60), 2.0 + (80.0 if k in slow_head else 0.0))
+                for i, k in enumerate(keys)}
+    gw = _path("gateway", gateway) | {"fetch_sizes": sizes, "timing_raw": {"ItemOperations": g_timing}}
+    dr = _path("direct", direct) | {"timing_raw": {"ItemOperations": d_timing}}
+    opts = sizing.Options(devices=100, hold=120.0, repeat=1)
+    v = sizing.judge({"devices": 100, "paths": {"direct": dr, "gateway": gw}}, opts)
+    split = v["added_latency_ms"]["gateway"]["ItemOperations_split"]
+    assert split["~2 MiB"]["head"]["max"] == 0.0 and split["~2 MiB"]["body"]["p50"] == 30.0
+    assert split["~50 KiB"]["head"]["max"] == 80.0 and split["~50 KiB"]["body"]["max"] == 0.0
+    assert split["worst"] == {"n": 10, "seconds": 1, "most_in_one_second": 10, "added_ms_min": 80.0}
+
+
 def test_shards_time_their_steps_only_when_asked(tmp_path):
     """--load-steps: the fleet shards' step timer (a trio Instrument, ~10% of their CPU) is a
     diagnostic; a plain run's shards go without it."""

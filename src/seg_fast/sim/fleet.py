@@ -68,6 +68,7 @@ RATE_MISC = 1.0
 HEARTBEAT = round(300 * math.log(7))
 MIN_HEARTBEAT = 60             # MS-ASCMD: the server accepts 60..3540
 REQUEST_TIMEOUT = 120.0        # a non-Ping request slower than this is a failure
+TIMED = ("ItemOperations", "Sync")   # commands whose time to the answer's head is kept (Stats.timing)
 CONNECT_TIMEOUT = 30.0         # a connection (and TLS handshake) not made in this long: a failure
 PING_GRACE = 60                # a parked Ping unanswered this long after its heartbeat: a failure
 STATUS_EVERY = 2.0
@@ -148,6 +149,9 @@ class Stats:
         self.conn_errors = 0
         self.fetch_skipped = 0
         self.fetch_sizes: dict[str, int] = {}   # ItemOperations key -> attachment size (the tail by size)
+        # TIMED commands in the window: (key, shard time sent, ms to the answer's head), so the
+        # added latency splits into before the first byte and after it (sim/latency.added_split)
+        self.timing: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
         self.transformed = 0         # bodies/attachments whose size the gateway changed
         self.checked_bodies = 0      # security on: bodies compared under the link oracle
         self.tls_handshakes = 0
@@ -330,6 +334,8 @@ class Device:
         st.bytes_in += len(answer)
         if key is not None and f.in_window(t):
             st.lat[cmd].append((key, round(elapsed * 1000, 3)))
+            if cmd in TIMED and conn.head_at >= t:
+                st.timing[cmd].append((key, round(t - f.clock.base, 3), round((conn.head_at - t) * 1000, 3)))
         recorded = None
         if seq is not None:
             # byte for byte what the simulator sent for this very request
@@ -1192,6 +1198,7 @@ class Fleet:
             "failure_samples": st.failure_samples,
             "latency_ms": {k: v for k, v in st.lat.items()},
             "fetch_sizes": {k: st.fetch_sizes[k] for k, _ in st.lat.get("ItemOperations", ()) if k in st.fetch_sizes},
+            "timing": {k: v for k, v in st.timing.items()},
             "lag_p99": lag[int(0.99 * (len(lag) - 1))] if lag else 0.0,
             "lag_max": lag[-1] if lag else 0.0,
             "events_in_window": len(lag),

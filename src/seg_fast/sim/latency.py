@@ -101,6 +101,39 @@ def added_by_size(path_raw: dict[str, float], direct_raw: dict[str, float], size
     return {label: _summary_ms(d) for label, d in split.items() if d}
 
 
+def added_split(path_raw: dict[str, float], direct_raw: dict[str, float],
+                path_timing: dict[str, tuple[float, float]], direct_timing: dict[str, tuple[float, float]],
+                sizes: dict[str, int] | None = None) -> dict:
+    """Where one command's added latency forms, for reading only (the verdict judges the
+    whole): per request paired as the verdict pairs them, the part before the answer's
+    first byte (``head``: the request through the proxy and the mail server's answer
+    starting back) and the part after it (``body``: the answer streaming through), each
+    summarised like the whole; split by fetched size when ``sizes`` is given. ``worst``:
+    the slowest 1% of the added latencies, when they were sent (seconds of the shared
+    schedule): how many distinct seconds they fell in and the most in one second, so a
+    stall that caught many requests at once shows apart from a tail spread thin."""
+    keys = [k for k in path_raw.keys() & direct_raw.keys() if k in path_timing and k in direct_timing]
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        label = size_label(sizes[k]) if sizes is not None and k in sizes else "all"
+        groups.setdefault(label, []).append(k)
+    out: dict = {}
+    for label, ks in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0])):
+        head = [path_timing[k][1] - direct_timing[k][1] for k in ks]
+        body = [(path_raw[k] - path_timing[k][1]) - (direct_raw[k] - direct_timing[k][1]) for k in ks]
+        out[label] = {"head": _summary_ms(head), "body": _summary_ms(body)}
+    ranked = sorted(keys, key=lambda k: path_raw[k] - direct_raw[k], reverse=True)
+    worst = ranked[:max(1, len(ranked) // 100)] if ranked else []
+    per_second: dict[int, int] = {}
+    for k in worst:
+        sec = int(path_timing[k][0])
+        per_second[sec] = per_second.get(sec, 0) + 1
+    out["worst"] = {"n": len(worst), "seconds": len(per_second),
+                    "most_in_one_second": max(per_second.values(), default=0),
+                    "added_ms_min": round(path_raw[worst[-1]] - direct_raw[worst[-1]], 3) if worst else 0.0}
+    return out
+
+
 def added_latency(path_raw: dict[str, dict[str, float]], direct_raw: dict[str, dict[str, float]],
                   pool_min: int = POOL_MIN) -> dict:
     """``{"commands": {cmd: stats}, "classes": {class: stats}, "pooled": [cmds]}``,

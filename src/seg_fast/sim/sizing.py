@@ -51,7 +51,7 @@ from seg_fast.config import env_overrides
 from seg_fast.oslimits import autogroup_enabled, autogroup_of, set_autogroup_nice, set_sched_slice
 from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import Go, ShardSpec, open_fds
-from seg_fast.sim.latency import OTHER, added_by_size, added_latency, lat_summary
+from seg_fast.sim.latency import OTHER, added_by_size, added_latency, added_split, lat_summary
 
 REPO = Path(__file__).resolve().parents[3]
 RESULTS = REPO / "benchmarks" / "results"
@@ -852,6 +852,8 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
         "fetch_skipped": sum(r["fetch_skipped"] for r in results),
         "latency_ms": {cmd: lat_summary([ms for _, ms in pairs]) for cmd, pairs in lat.items()},
         "latency_raw": {cmd: dict(pairs) for cmd, pairs in lat.items()},
+        "timing_raw": {cmd: {k: (t, ttfb) for r in results for k, t, ttfb in r.get("timing", {}).get(cmd, ())}
+                       for cmd in {c for r in results for c in r.get("timing", {})}},
         "fetch_sizes": {k: v for r in results for k, v in r.get("fetch_sizes", {}).items()},
         "server": {
             "cpu_s": round(b[1] - a[1], 3),
@@ -1024,6 +1026,10 @@ def judge(point: dict, opts: Options) -> dict:
             if "ItemOperations" in p["latency_raw"] and "ItemOperations" in direct["latency_raw"]:
                 added[name]["ItemOperations_by_size"] = added_by_size(
                     p["latency_raw"]["ItemOperations"], direct["latency_raw"]["ItemOperations"], p.get("fetch_sizes", {}))
+            for cmd in sorted(p.get("timing_raw", {}).keys() & direct.get("timing_raw", {}).keys()):
+                added[name][f"{cmd}_split"] = added_split(
+                    p["latency_raw"].get(cmd, {}), direct["latency_raw"].get(cmd, {}), p["timing_raw"][cmd],
+                    direct["timing_raw"][cmd], p.get("fetch_sizes") if cmd == "ItemOperations" else None)
             # for reading only: the difference of the two runs' p99s (what the
             # verdict must not use: a slow direct run flatters it)
             for cmd, c in added[name]["commands"].items():
@@ -1332,7 +1338,7 @@ def plot(points: list[dict], png: Path) -> None:
 def strip_raw(point: dict) -> dict:
     """The JSON keeps summaries, not every request's latency."""
     out = dict(point)
-    out["paths"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("latency_raw", "fetch_sizes")}
+    out["paths"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("latency_raw", "fetch_sizes", "timing_raw")}
                     for k, v in point["paths"].items()}
     return out
 

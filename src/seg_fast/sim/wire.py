@@ -292,7 +292,7 @@ class HttpConn:
     """One client connection to a server, one request at a time (keep-alive while
     both sides allow it)."""
 
-    __slots__ = ("stream", "buf", "reusable", "want", "parts", "have", "facts", "unyielded")
+    __slots__ = ("stream", "buf", "reusable", "want", "parts", "have", "facts", "unyielded", "head_at")
 
     def __init__(self, stream) -> None:
         self.stream = stream
@@ -305,6 +305,7 @@ class HttpConn:
         self.have = 0
         self.facts = None
         self.unyielded = 0          # bytes _more read since the loop last ran (READ_SLICE)
+        self.head_at = 0.0          # trio time the last answer's head was read (time to first byte)
 
     @classmethod
     async def open(cls, host: str, port: int, local: str | None, tls=None, session=None,
@@ -418,6 +419,7 @@ class HttpConn:
             keep = b"close" not in headers.get(b"connection", b"").lower()
             self.facts = (head.status_code, headers, keep)
             self.want = int(cl)
+            self.head_at = trio.current_time()
             rest = self.buf[head.head_len:]
             self.buf = b""
             parts.append(rest)
@@ -472,6 +474,7 @@ class HttpConn:
             except HTTPProtocolError:
                 break
             if type(head) is http1.ResponseHead:
+                self.head_at = trio.current_time()
                 self.buf = buf[head.head_len:]
                 headers: dict[bytes, bytes] = {}
                 for _name, name, value in head.headers:
@@ -488,6 +491,7 @@ class HttpConn:
             if len(buf) > MAX_HEAD:
                 raise WireError("answer head too long")
             buf += await self._more()
+        self.head_at = trio.current_time()
         head, self.buf = buf[:end], buf[end + 4:]
         lines = head.split(b"\r\n")
         m = _STATUS.fullmatch(lines[0])
