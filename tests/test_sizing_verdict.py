@@ -181,6 +181,24 @@ def test_added_latency_splits_at_the_answers_first_byte():
     assert split["worst"] == {"n": 10, "seconds": 1, "most_in_one_second": 10, "added_ms_min": 80.0}
 
 
+def test_a_miss_inside_the_instruments_noise_gets_a_caveat_and_still_misses():
+    """A bound missed where the direct run is as often as much slower than the gateway (the
+    mirror at that rank) is named as near the instrument's noise; the verdict does not move."""
+    keys = [str(i) for i in range(2000)]
+    direct = {"Sync": {k: (70.0 if i % 50 == 1 else 10.0) for i, k in enumerate(keys)},
+              "SendMail": {k: 10.0 for k in keys}}
+    gateway = {"Sync": {k: (70.0 if i % 50 == 0 else 10.0) for i, k in enumerate(keys)},
+               "SendMail": {k: (70.0 if i % 50 == 0 else 10.0) for i, k in enumerate(keys)}}
+    opts = sizing.Options(devices=100, hold=120.0, repeat=1)
+    v = sizing.judge({"devices": 100, "paths": {"direct": _path("direct", direct),
+                                                "gateway": _path("gateway", gateway)}}, opts)
+    assert not v["meets"]
+    assert any(b.startswith("paired added p99 60.0 ms on Sync") for b in v["broke"])
+    assert any(b.startswith("paired added p99 60.0 ms on SendMail") for b in v["broke"])
+    noisy = [c for c in v["caveats"] if "mirror" in c]
+    assert len(noisy) == 1 and noisy[0].startswith("Sync: the direct run was itself 60.0 ms slower")
+
+
 def test_shards_time_their_steps_only_when_asked(tmp_path):
     """--load-steps: the fleet shards' step timer (a trio Instrument, ~10% of their CPU) is a
     diagnostic; a plain run's shards go without it."""

@@ -61,6 +61,10 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 # Service level (BENCH-PROFILE.md)
 SLO_ADDED_P99_MS = 50.0
 SLO_ADDED_P999_MS = 100.0
+# A missed latency bound whose mirror (the direct run slower than the proxy's, at the same
+# rank: the instrument's own noise) reaches this share of the bound gets a caveat: the miss
+# may be the load side's stalls, not the proxy's. The verdict stands (no claim from noise).
+NOISE_CAVEAT_SHARE = 0.8
 SLO_CPU_SHARE = 0.80
 SLO_RSS_KIB = 2 * 1024 * 1024       # the proxy's memory, judged as PSS (``resident``)
 PSS_EVERY = 5.0                      # s between reads of the proxy's PSS
@@ -1049,12 +1053,14 @@ def judge(point: dict, opts: Options) -> dict:
         pooled = added.get("gateway", {}).get("pooled", [])
         for cls, v in sorted(classes.items()):
             label = f"{cls} ({', '.join(pooled)}, pooled)" if cls == OTHER else cls
-            if v["p99"] > SLO_ADDED_P99_MS:
-                broke.append(f"paired added p99 {v['p99']:.1f} ms on {label}, n={v['n']} "
-                             f"> {SLO_ADDED_P99_MS:.0f} ms")
-            if v["p999"] > SLO_ADDED_P999_MS:
-                broke.append(f"paired added p99.9 {v['p999']:.1f} ms on {label}, n={v['n']} "
-                             f"> {SLO_ADDED_P999_MS:.0f} ms")
+            for q, name, bound in (("p99", "p99", SLO_ADDED_P99_MS), ("p999", "p99.9", SLO_ADDED_P999_MS)):
+                if v[q] > bound:
+                    broke.append(f"paired added {name} {v[q]:.1f} ms on {label}, n={v['n']} > {bound:.0f} ms")
+                    mirror = v.get(f"mirror_{q}")
+                    if mirror is not None and mirror >= NOISE_CAVEAT_SHARE * bound:
+                        caveats.append(f"{label}: the direct run was itself {mirror:.1f} ms slower than the "
+                                       f"gateway's at the {name} rank (mirror): the instrument's noise is near "
+                                       f"the {bound:.0f} ms bound there")
         if gw["server"]["cpu_share"] > SLO_CPU_SHARE * held:
             broke.append(f"gateway CPU {100 * gw['server']['cpu_share']:.0f}% of a core > 80% of the "
                          f"{held:g} core it was held to")

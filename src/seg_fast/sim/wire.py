@@ -23,6 +23,7 @@ import re
 import select
 import socket
 import ssl
+import time
 
 import trio
 
@@ -305,7 +306,7 @@ class HttpConn:
         self.have = 0
         self.facts = None
         self.unyielded = 0          # bytes _more read since the loop last ran (READ_SLICE)
-        self.head_at = 0.0          # trio time the last answer's head was read (time to first byte)
+        self.head_at = 0.0          # perf_counter() when the last answer's head was read (time to first byte)
 
     @classmethod
     async def open(cls, host: str, port: int, local: str | None, tls=None, session=None,
@@ -419,7 +420,7 @@ class HttpConn:
             keep = b"close" not in headers.get(b"connection", b"").lower()
             self.facts = (head.status_code, headers, keep)
             self.want = int(cl)
-            self.head_at = trio.current_time()
+            self.head_at = time.perf_counter()
             rest = self.buf[head.head_len:]
             self.buf = b""
             parts.append(rest)
@@ -474,7 +475,7 @@ class HttpConn:
             except HTTPProtocolError:
                 break
             if type(head) is http1.ResponseHead:
-                self.head_at = trio.current_time()
+                self.head_at = time.perf_counter()
                 self.buf = buf[head.head_len:]
                 headers: dict[bytes, bytes] = {}
                 for _name, name, value in head.headers:
@@ -491,7 +492,7 @@ class HttpConn:
             if len(buf) > MAX_HEAD:
                 raise WireError("answer head too long")
             buf += await self._more()
-        self.head_at = trio.current_time()
+        self.head_at = time.perf_counter()
         head, self.buf = buf[:end], buf[end + 4:]
         lines = head.split(b"\r\n")
         m = _STATUS.fullmatch(lines[0])
