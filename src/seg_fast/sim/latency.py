@@ -122,16 +122,27 @@ def added_split(path_raw: dict[str, float], direct_raw: dict[str, float],
         head = [path_timing[k][1] - direct_timing[k][1] for k in ks]
         body = [(path_raw[k] - path_timing[k][1]) - (direct_raw[k] - direct_timing[k][1]) for k in ks]
         out[label] = {"head": _summary_ms(head), "body": _summary_ms(body)}
-    ranked = sorted(keys, key=lambda k: path_raw[k] - direct_raw[k], reverse=True)
+    out["worst"] = _slowest_in_time(keys, lambda k: path_raw[k] - direct_raw[k], path_timing)
+    # the same for the direct run's own slow moments (the instrument's): bursts in both at the
+    # same seconds are the machine's, not the proxy's
+    out["mirror_worst"] = _slowest_in_time(keys, lambda k: direct_raw[k] - path_raw[k], path_timing)
+    return out
+
+
+def _slowest_in_time(keys: list[str], added, timing: dict[str, tuple[float, float]]) -> dict:
+    """The slowest 1% of ``keys`` by ``added(key)``: in how many seconds of the schedule they
+    were sent, the most in one, and the five busiest seconds ([second, count])."""
+    ranked = sorted(keys, key=added, reverse=True)
     worst = ranked[:max(1, len(ranked) // 100)] if ranked else []
     per_second: dict[int, int] = {}
     for k in worst:
-        sec = int(path_timing[k][0])
+        sec = int(timing[k][0])
         per_second[sec] = per_second.get(sec, 0) + 1
-    out["worst"] = {"n": len(worst), "seconds": len(per_second),
-                    "most_in_one_second": max(per_second.values(), default=0),
-                    "added_ms_min": round(path_raw[worst[-1]] - direct_raw[worst[-1]], 3) if worst else 0.0}
-    return out
+    busiest = sorted(per_second.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    return {"n": len(worst), "seconds": len(per_second),
+            "most_in_one_second": max(per_second.values(), default=0),
+            "added_ms_min": round(added(worst[-1]), 3) if worst else 0.0,
+            "busiest_seconds": [[sec, n] for sec, n in busiest]}
 
 
 def added_latency(path_raw: dict[str, dict[str, float]], direct_raw: dict[str, dict[str, float]],
