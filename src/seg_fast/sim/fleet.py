@@ -334,9 +334,10 @@ class Device:
         st.bytes_in += len(answer)
         if key is not None and f.in_window(t):
             st.lat[cmd].append((key, round(elapsed * 1000, 3)))
-            head_ago = time.perf_counter() - conn.head_at      # (wire's clock; a sync reader has no trio)
-            if cmd in TIMED and 0.0 <= head_ago <= elapsed:
-                st.timing[cmd].append((key, round(t - f.clock.base, 3), round((elapsed - head_ago) * 1000, 3)))
+            if cmd in TIMED:
+                head_ago = time.perf_counter() - conn.head_at      # (wire's clock; a sync reader has no trio)
+                if 0.0 <= head_ago <= elapsed:            # else the head was an earlier answer's
+                    st.timing[cmd].append((key, round(t - f.clock.base, 3), round((elapsed - head_ago) * 1000, 3)))
         recorded = None
         if seq is not None:
             # byte for byte what the simulator sent for this very request
