@@ -184,6 +184,57 @@ def test_added_latency_splits_at_the_answers_first_byte():
     assert split["mirror_worst"]["added_ms_min"] == 0.0
 
 
+def test_the_slowest_seconds_are_set_beside_what_the_machine_did_in_them():
+    """The split's slowest 1% located in time, with each run's own per-second machine figures:
+    here ten Syncs sent in second 7, where the hypervisor stole 40 ms of the gateway's core and
+    five workers lagged; the direct run's own slow seconds are read against the direct run's rows."""
+    keys = [str(i) for i in range(1000)]
+    slow = {str(i) for i in range(1, 100, 10)}
+    direct = {"Sync": {k: 10.0 + (5.0 if k == "2" else 0.0) for k in keys}}
+    gateway = {"Sync": {k: 10.0 + (80.0 if k in slow else 0.0) for k in keys}}
+    g_timing = {k: (7.2 if k in slow else float(i % 60), 2.0 + (80.0 if k in slow else 0.0))
+                for i, k in enumerate(keys)}
+    d_timing = {k: (float(i % 60), 2.0) for i, k in enumerate(keys)}
+    g_seconds = [{"sec": s, "steal_ms_gw": 40.0 if s == 7 else 2.0, "lag_max_ms": 45.0 if s == 7 else 3.0,
+                  "workers_lagging": 5 if s == 7 else 0} for s in range(60)]
+    d_seconds = [{"sec": s, "steal_ms_load": 1.0} for s in range(60)]
+    gw = _path("gateway", gateway) | {"timing_raw": {"Sync": g_timing}, "seconds": g_seconds}
+    dr = _path("direct", direct) | {"timing_raw": {"Sync": d_timing}, "seconds": d_seconds}
+    opts = sizing.Options(devices=100, hold=120.0, repeat=1)
+    split = sizing.judge({"devices": 100, "paths": {"direct": dr, "gateway": gw}}, opts)[
+        "added_latency_ms"]["gateway"]["Sync_split"]
+    machine = split["worst"]["machine"]
+    assert split["worst"]["busiest_seconds"] == [[7, 10]]
+    assert machine["busiest"] == [g_seconds[7]]
+    # where the slowest were sent against every second of the window (59 at 2.0, one at 40.0)
+    assert machine["mean_where_slowest_vs_all"]["steal_ms_gw"] == [40.0, round((59 * 2.0 + 40.0) / 60, 2)]
+    assert machine["mean_where_slowest_vs_all"]["workers_lagging"] == [5.0, round(5 / 60, 2)]
+    # the direct run's slowest 1% (ten, led by key "2": 5 ms slower there) against its own rows
+    mirror = split["mirror_worst"]["machine"]
+    assert set(mirror["mean_where_slowest_vs_all"]) == {"steal_ms_load"}
+    assert mirror["busiest"][0]["sec"] == split["mirror_worst"]["busiest_seconds"][0][0]
+
+
+def test_seconds_context_reads_the_samples_by_schedule_second():
+    """Once-a-second samples (time, cumulative counters) become per-second rates, each interval
+    given to the schedule second its middle falls in; the workers' lag is read by wall second."""
+    t0 = 1000.25
+    w0, w1 = t0 + 10, t0 + 13
+    # (time, proxy cpu, rss, load cpu, core0 busy, core1 busy, proxy wait s, load wait s, pss, runs)
+    samples = [(t0 + 9.5 + i, 0, 0, 0, 0, 0, 0.01 * i * i, 0.002 * i, 0, 0) for i in range(5)]
+    cores = [(t0 + 9.5 + i, {0: (0.05 * i, 0.01 * i), 1: (0.0, 0.0)}) for i in range(5)]
+    reads = [(0.0, {11: {"max_per_second": [[1010, 30.0], [1011, 4.0]]},
+                    12: {"max_per_second": [[1010, 25.0], [1011, 2.0]]}})]
+    rows = sizing.seconds_context(samples, cores, reads, t0, w0, w1, 0, 1)
+    assert [r["sec"] for r in rows] == [10, 11, 12]
+    assert rows[0]["steal_ms_gw"] == 50.0 and rows[0]["irq_ms_gw"] == 10.0 and rows[0]["steal_ms_load"] == 0.0
+    assert [r["server_wait_ms"] for r in rows] == [10.0, 30.0, 50.0]       # (i+1)^2 - i^2, x 10 ms
+    assert rows[0]["load_wait_ms"] == 2.0
+    # wall second 1010 is schedule second 10 (its middle, 1010.5, is 10.25 after t0)
+    assert rows[0]["lag_max_ms"] == 30.0 and rows[0]["workers_lagging"] == 2
+    assert rows[1]["lag_max_ms"] == 4.0 and rows[1]["workers_lagging"] == 0
+
+
 def test_a_miss_inside_the_instruments_noise_gets_a_caveat_and_still_misses():
     """A bound missed where the direct run is as often as much slower than the gateway (the
     mirror at that rank) is named as near the instrument's noise; the verdict does not move."""

@@ -103,7 +103,8 @@ def added_by_size(path_raw: dict[str, float], direct_raw: dict[str, float], size
 
 def added_split(path_raw: dict[str, float], direct_raw: dict[str, float],
                 path_timing: dict[str, tuple[float, float]], direct_timing: dict[str, tuple[float, float]],
-                sizes: dict[str, int] | None = None) -> dict:
+                sizes: dict[str, int] | None = None, path_seconds: dict[int, dict] | None = None,
+                direct_seconds: dict[int, dict] | None = None) -> dict:
     """Where one command's added latency forms, for reading only (the verdict judges the
     whole): per request paired as the verdict pairs them, the part before the answer's
     first byte (``head``: the request through the proxy and the mail server's answer
@@ -111,7 +112,9 @@ def added_split(path_raw: dict[str, float], direct_raw: dict[str, float],
     summarised like the whole; split by fetched size when ``sizes`` is given. ``worst``:
     the slowest 1% of the added latencies, when they were sent (seconds of the shared
     schedule): how many distinct seconds they fell in and the most in one second, so a
-    stall that caught many requests at once shows apart from a tail spread thin."""
+    stall that caught many requests at once shows apart from a tail spread thin. With
+    ``path_seconds``/``direct_seconds`` (schedule second -> what the machine did in it,
+    sizing.seconds_context), each run's slow seconds are set beside its own machine figures."""
     keys = [k for k in path_raw.keys() & direct_raw.keys() if k in path_timing and k in direct_timing]
     groups: dict[str, list[str]] = {}
     for k in keys:
@@ -122,16 +125,21 @@ def added_split(path_raw: dict[str, float], direct_raw: dict[str, float],
         head = [path_timing[k][1] - direct_timing[k][1] for k in ks]
         body = [(path_raw[k] - path_timing[k][1]) - (direct_raw[k] - direct_timing[k][1]) for k in ks]
         out[label] = {"head": _summary_ms(head), "body": _summary_ms(body)}
-    out["worst"] = _slowest_in_time(keys, lambda k: path_raw[k] - direct_raw[k], path_timing)
+    out["worst"] = _slowest_in_time(keys, lambda k: path_raw[k] - direct_raw[k], path_timing, path_seconds)
     # the same for the direct run's own slow moments (the instrument's): bursts in both at the
     # same seconds are the machine's, not the proxy's
-    out["mirror_worst"] = _slowest_in_time(keys, lambda k: direct_raw[k] - path_raw[k], path_timing)
+    out["mirror_worst"] = _slowest_in_time(keys, lambda k: direct_raw[k] - path_raw[k], path_timing,
+                                           direct_seconds)
     return out
 
 
-def _slowest_in_time(keys: list[str], added, timing: dict[str, tuple[float, float]]) -> dict:
+def _slowest_in_time(keys: list[str], added, timing: dict[str, tuple[float, float]],
+                     seconds: dict[int, dict] | None = None) -> dict:
     """The slowest 1% of ``keys`` by ``added(key)``: in how many seconds of the schedule they
-    were sent, the most in one, and the five busiest seconds ([second, count])."""
+    were sent, the most in one, and the five busiest seconds ([second, count]). With
+    ``seconds`` (second -> figures): ``machine``, each figure's mean over the seconds the
+    slowest were sent in (weighted by how many) beside its mean over every second, and the
+    busiest seconds' own rows: a stall of the machine's shows as a figure far above its mean."""
     ranked = sorted(keys, key=added, reverse=True)
     worst = ranked[:max(1, len(ranked) // 100)] if ranked else []
     per_second: dict[int, int] = {}
@@ -139,10 +147,28 @@ def _slowest_in_time(keys: list[str], added, timing: dict[str, tuple[float, floa
         sec = int(timing[k][0])
         per_second[sec] = per_second.get(sec, 0) + 1
     busiest = sorted(per_second.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-    return {"n": len(worst), "seconds": len(per_second),
-            "most_in_one_second": max(per_second.values(), default=0),
-            "added_ms_min": round(added(worst[-1]), 3) if worst else 0.0,
-            "busiest_seconds": [[sec, n] for sec, n in busiest]}
+    out = {"n": len(worst), "seconds": len(per_second),
+           "most_in_one_second": max(per_second.values(), default=0),
+           "added_ms_min": round(added(worst[-1]), 3) if worst else 0.0,
+           "busiest_seconds": [[sec, n] for sec, n in busiest]}
+    if seconds:
+        out["machine"] = _beside_the_machine(per_second, seconds, [sec for sec, _ in busiest])
+    return out
+
+
+def _beside_the_machine(per_second: dict[int, int], seconds: dict[int, dict], busiest: list[int]) -> dict:
+    """{figure: [mean where the slowest were sent, weighted by their count; mean of all
+    seconds]} and the busiest seconds' rows."""
+    figures = sorted({f for row in seconds.values() for f in row if f != "sec"})
+    means = {}
+    for f in figures:
+        every = [row[f] for row in seconds.values() if f in row]
+        hit = [(row[f], per_second[sec]) for sec, row in seconds.items() if sec in per_second and f in row]
+        if every and hit:
+            means[f] = [round(sum(v * n for v, n in hit) / sum(n for _, n in hit), 2),
+                        round(sum(every) / len(every), 2)]
+    return {"mean_where_slowest_vs_all": means,
+            "busiest": [seconds[sec] for sec in busiest if sec in seconds]}
 
 
 def added_latency(path_raw: dict[str, dict[str, float]], direct_raw: dict[str, dict[str, float]],

@@ -351,6 +351,61 @@ def core_busy(cpu: int) -> float:
     return 0.0
 
 
+def core_ticks(cpus: tuple[int, ...]) -> dict[int, tuple[float, float]]:
+    """Per core, seconds since boot taken by the hypervisor (steal: the vCPU was not
+    running at all) and by interrupts and softirqs (the kernel's packet work)."""
+    out = {}
+    with open("/proc/stat") as fh:
+        for line in fh:
+            name, _, rest = line.partition(" ")
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                v = [int(x) for x in rest.split()]
+                out[int(name[3:])] = (v[7] / CLK_TCK, (v[5] + v[6]) / CLK_TCK)
+    return out
+
+
+LAGGING_MS = 20.0
+
+
+def seconds_context(samples: list, cores: list[tuple[float, dict]], worker_reads: list,
+                    t0: float, w0: float, w1: float, gateway_cpu: int, load_cpu: int) -> list[dict]:
+    """What the machine did in each second of the window, by schedule second (seconds since
+    the fleet's t0, the clock the latency split's ``worst`` uses), to set beside the seconds
+    the slowest requests were sent in: per core the hypervisor's steal and the kernel's
+    interrupt work (ms per s), the proxy's and the load side's run-queue wait (ms per s), and
+    the gateway workers' largest event-loop lag and how many lagged >= LAGGING_MS. From the
+    once-a-second samples, each interval given to the schedule second its middle falls in."""
+    rows: dict[int, dict] = {}
+    for (ta, ca), (tb, cb) in zip(cores, cores[1:]):
+        mid = (ta + tb) / 2
+        if not (w0 <= mid < w1) or tb <= ta:
+            continue
+        k = 1000.0 / (tb - ta)
+        row = rows.setdefault(int(mid - t0), {})
+        for label, cpu in (("gw", gateway_cpu), ("load", load_cpu)):
+            if cpu in ca and cpu in cb:
+                row[f"steal_ms_{label}"] = round((cb[cpu][0] - ca[cpu][0]) * k, 1)
+                row[f"irq_ms_{label}"] = round((cb[cpu][1] - ca[cpu][1]) * k, 1)
+    for a, b in zip(samples, samples[1:]):
+        mid = (a[0] + b[0]) / 2
+        if int(mid - t0) in rows and b[0] > a[0]:
+            k = 1000.0 / (b[0] - a[0])
+            rows[int(mid - t0)].update(server_wait_ms=round((b[6] - a[6]) * k, 1),
+                                       load_wait_ms=round((b[7] - a[7]) * k, 1))
+    lag: dict[int, dict[int, float]] = {}
+    for _t, snaps in worker_reads:
+        for pid, snap in snaps.items():
+            for sec, ms in snap.get("max_per_second", []):
+                per = lag.setdefault(int(sec + 0.5 - t0), {})     # the wall second's middle
+                per[pid] = max(ms, per.get(pid, 0.0))
+    for sec, row in rows.items():
+        per = lag.get(sec) or {}
+        if per:
+            row["lag_max_ms"] = round(max(per.values()), 1)
+            row["workers_lagging"] = sum(ms >= LAGGING_MS for ms in per.values())
+    return [{"sec": sec, **row} for sec, row in sorted(rows.items())]
+
+
 def pinned(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() > 1 else []
 
@@ -663,6 +718,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     proxy = None
     cgroup = cgroup_info = None
     samples: list[tuple[float, float, int, float, float, float]] = []
+    cores: list[tuple[float, dict]] = []
     try:
         for spec in specs:
             cmd = prio(opts) + pinned(opts.load_cpu) + [sys.executable, "-m", "seg_fast.sim.fleet",
@@ -727,6 +783,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
                     spss, last_pss = proc_pss_kib(spids), time.time()
                 samples.append((time.time(), scpu, srss, lcpu,
                                 core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait, spss, sruns))
+                cores.append((time.time(), core_ticks((opts.gateway_cpu, opts.load_cpu))))
                 now = time.time()
                 if path == "gateway":
                     worker_reads.append((now, read_loop_lag(workdir / "stats")))
@@ -785,6 +842,8 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     summary["server"]["fds_max"] = server_fds[0]
     summary["server"]["kernel_sockets"] = kernel.get("sockets")
     summary["server"]["loop_lag"] = loop_lag_summary(worker_reads, w0, w1)
+    summary["seconds"] = seconds_context(samples, cores, worker_reads, t0, w0, w1,
+                                         opts.gateway_cpu, opts.load_cpu)
     summary["server"]["cgroup"] = cgroup_info
     return summary
 
@@ -1033,7 +1092,8 @@ def judge(point: dict, opts: Options) -> dict:
             for cmd in sorted(p.get("timing_raw", {}).keys() & direct.get("timing_raw", {}).keys()):
                 added[name][f"{cmd}_split"] = added_split(
                     p["latency_raw"].get(cmd, {}), direct["latency_raw"].get(cmd, {}), p["timing_raw"][cmd],
-                    direct["timing_raw"][cmd], p.get("fetch_sizes") if cmd == "ItemOperations" else None)
+                    direct["timing_raw"][cmd], p.get("fetch_sizes") if cmd == "ItemOperations" else None,
+                    {r["sec"]: r for r in p.get("seconds", [])}, {r["sec"]: r for r in direct.get("seconds", [])})
             # for reading only: the difference of the two runs' p99s (what the
             # verdict must not use: a slow direct run flatters it)
             for cmd, c in added[name]["commands"].items():
