@@ -221,7 +221,7 @@ def test_seconds_context_reads_the_samples_by_schedule_second():
     t0 = 1000.25
     w0, w1 = t0 + 10, t0 + 13
     # (time, proxy cpu, rss, load cpu, core0 busy, core1 busy, proxy wait s, load wait s, pss, runs)
-    samples = [(t0 + 9.5 + i, 0, 0, 0, 0, 0, 0.01 * i * i, 0.002 * i, 0, 0) for i in range(5)]
+    samples = [(t0 + 9.5 + i, 0.4 * i, 0, 0.3 * i, 0, 0, 0.01 * i * i, 0.002 * i, 0, 0) for i in range(5)]
     cores = [(t0 + 9.5 + i, {0: (0.05 * i, 0.01 * i), 1: (0.0, 0.0)}) for i in range(5)]
     reads = [(0.0, {11: {"max_per_second": [[1010, 30.0], [1011, 4.0]]},
                     12: {"max_per_second": [[1010, 25.0], [1011, 2.0]]}})]
@@ -230,6 +230,7 @@ def test_seconds_context_reads_the_samples_by_schedule_second():
     assert rows[0]["steal_ms_gw"] == 50.0 and rows[0]["irq_ms_gw"] == 10.0 and rows[0]["steal_ms_load"] == 0.0
     assert [r["server_wait_ms"] for r in rows] == [10.0, 30.0, 50.0]       # (i+1)^2 - i^2, x 10 ms
     assert rows[0]["load_wait_ms"] == 2.0
+    assert rows[2]["server_cpu_ms"] == 400.0 and rows[2]["load_cpu_ms"] == 300.0
     # wall second 1010 is schedule second 10 (its middle, 1010.5, is 10.25 after t0)
     assert rows[0]["lag_max_ms"] == 30.0 and rows[0]["workers_lagging"] == 2
     assert rows[1]["lag_max_ms"] == 4.0 and rows[1]["workers_lagging"] == 0

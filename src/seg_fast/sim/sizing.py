@@ -372,7 +372,9 @@ def seconds_context(samples: list, cores: list[tuple[float, dict]], worker_reads
     """What the machine did in each second of the window, by schedule second (seconds since
     the fleet's t0, the clock the latency split's ``worst`` uses), to set beside the seconds
     the slowest requests were sent in: per core the hypervisor's steal and the kernel's
-    interrupt work (ms per s), the proxy's and the load side's run-queue wait (ms per s), and
+    interrupt work (ms per s), the proxy's and the load side's CPU and run-queue wait (ms per
+    s: more CPU in a slow second is more work arriving, more wait at the same CPU is the core
+    taken by something else), and
     the gateway workers' largest event-loop lag and how many lagged >= LAGGING_MS. From the
     once-a-second samples, each interval given to the schedule second its middle falls in."""
     rows: dict[int, dict] = {}
@@ -390,7 +392,9 @@ def seconds_context(samples: list, cores: list[tuple[float, dict]], worker_reads
         mid = (a[0] + b[0]) / 2
         if int(mid - t0) in rows and b[0] > a[0]:
             k = 1000.0 / (b[0] - a[0])
-            rows[int(mid - t0)].update(server_wait_ms=round((b[6] - a[6]) * k, 1),
+            rows[int(mid - t0)].update(server_cpu_ms=round((b[1] - a[1]) * k, 1),
+                                       load_cpu_ms=round((b[3] - a[3]) * k, 1),
+                                       server_wait_ms=round((b[6] - a[6]) * k, 1),
                                        load_wait_ms=round((b[7] - a[7]) * k, 1))
     lag: dict[int, dict[int, float]] = {}
     for _t, snaps in worker_reads:
