@@ -50,6 +50,7 @@ import trio
 from seg_fast.config import env_overrides
 from seg_fast.oslimits import autogroup_enabled, autogroup_of, set_autogroup_nice, set_sched_slice
 from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
+from seg_fast.sim import speed
 from seg_fast.sim.fleet import Go, ShardSpec, open_fds
 from seg_fast.sim.latency import OTHER, added_by_size, added_latency, added_split, lat_summary
 
@@ -1547,6 +1548,10 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
     """One point (N = opts.devices driven), a search (``max_devices`` and opts.devices
     per core) or, with ``cgroup_check`` = F, the cross-check (N at F and 2N at 2F)."""
     points: list[dict] = []
+    # the cores' speed on a fixed piece of work, before and after: this shared machine's
+    # hour moves the CPU figures by tens of percent (sim/speed.py)
+    cores = sorted({opts.gateway_cpu, opts.load_cpu})
+    speed_before = await trio.to_thread.run_sync(speed.probe, cores)
 
     async def at(n: int, fraction: float | None = None) -> dict:
         o = msgspec.structs.replace(opts, devices=n)
@@ -1580,7 +1585,9 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
     else:
         stop = await search_walk(opts, max_devices, at, say)
     head = headline(points, opts.security)
-    report = {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
+    report = {"machine": machine() | {"speed": {"before": speed_before,
+                                                "after": await trio.to_thread.run_sync(speed.probe, cores)}},
+              "options": msgspec.to_builtins(opts), "when": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": head, "points": points}
     if cross is not None:
         # the cross-check claims only what both fractions agree on
