@@ -21,3 +21,11 @@ def test_the_probe_runs_the_whole_work_pinned_to_each_core():
 def test_a_core_that_cannot_be_probed_is_named():
     got = speed.probe([4095])            # no such CPU: the child cannot pin itself
     assert set(got["cpu4095"]) == {"error"}
+
+
+def test_drift_is_the_largest_change_of_a_cores_interpreter_time():
+    before = {"cpu0": {"python_ms": 80.0}, "cpu1": {"python_ms": 100.0}}
+    after = {"cpu0": {"python_ms": 140.0}, "cpu1": {"python_ms": 80.0}, "cpu2": {"python_ms": 1.0}}
+    assert speed.drift(before, after) == 0.75            # cpu0: 140 against 80
+    assert speed.drift(after, before) == 0.75            # the faster is the base either way
+    assert speed.drift(before, {"cpu0": {"error": "x"}}) is None

@@ -69,6 +69,7 @@ NOISE_CAVEAT_SHARE = 0.8
 SLO_CPU_SHARE = 0.80
 SLO_RSS_KIB = 2 * 1024 * 1024       # the proxy's memory, judged as PSS (``resident``)
 PSS_EVERY = 5.0                      # s between reads of the proxy's PSS
+SPEED_DRIFT_NOTED = 0.25             # the cores' interpreter speed moved this much over a run: said
 # When the load side stops measuring the gateway
 LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
 LAG_P99_LIMIT = 1.0            # seconds behind the schedule
@@ -1585,8 +1586,12 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
     else:
         stop = await search_walk(opts, max_devices, at, say)
     head = headline(points, opts.security)
-    report = {"machine": machine() | {"speed": {"before": speed_before,
-                                                "after": await trio.to_thread.run_sync(speed.probe, cores)}},
+    speed_after = await trio.to_thread.run_sync(speed.probe, cores)
+    moved = speed.drift(speed_before, speed_after)
+    if moved is not None and moved > SPEED_DRIFT_NOTED:
+        say(f"the cores' speed moved {100 * moved:.0f}% between the probes before and after the run "
+            "(machine.speed): its CPU figures are of a changing machine")
+    report = {"machine": machine() | {"speed": {"before": speed_before, "after": speed_after, "drift": moved}},
               "options": msgspec.to_builtins(opts), "when": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": head, "points": points}
     if cross is not None:

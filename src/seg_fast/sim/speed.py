@@ -71,5 +71,13 @@ def probe(cpus: list[int], timeout: float = 60.0) -> dict[str, dict]:
     return out
 
 
+def drift(before: dict[str, dict], after: dict[str, dict]) -> float | None:
+    """The largest relative change of a core's interpreter time between two probes, the
+    faster taken as the base (0.75: one took 75% longer than the other); None if none compare."""
+    moved = [max(a["python_ms"], b["python_ms"]) / min(a["python_ms"], b["python_ms"]) - 1.0
+             for cpu, b in before.items() if (a := after.get(cpu)) and "python_ms" in a and "python_ms" in b]
+    return round(max(moved), 3) if moved else None
+
+
 if __name__ == "__main__":
     print(json.dumps(probe([int(c) for c in sys.argv[1:]] or [0]), indent=1))
