@@ -1,31 +1,41 @@
-"""The sizing run's speed probe: the fixed work runs in full on the core asked for, and a
-core that cannot be probed is named, not fatal. (Its timings are recorded, never judged.)"""
+"""The sizing run's speed samples: the fixed loop runs pinned to the core asked for (and the
+thread's affinity is put back), medians per core, and the verdict names a path measured on
+a machine much slower or faster than the direct run's. (Timings are recorded, never judged.)"""
 from __future__ import annotations
 
 import os
 
-from seg_fast.sim import speed
+from seg_fast.sim import sizing, speed
 
 
-def test_the_probe_runs_the_whole_work_pinned_to_each_core():
-    cpu = sorted(os.sched_getaffinity(0))[0]
-    got = speed.probe([cpu])
-    assert set(got) == {f"cpu{cpu}"}
-    one = got[f"cpu{cpu}"]
-    # the child's results are the work's own, computed here independently
-    assert one["python_result"] == speed.python_work()
-    assert one["sha256_result"] == speed.hash_work() == "55c7e25571a69216"
-    assert one["python_ms"] > 0 and one["sha256_ms"] > 0
+def test_the_loop_is_timed_pinned_and_the_affinity_put_back():
+    mine = os.sched_getaffinity(0)
+    cpu = sorted(mine)[0]
+    ms = speed.timed_on(cpu)
+    assert ms is not None and ms > 0
+    assert os.sched_getaffinity(0) == mine
+    assert speed.timed_on(4095) is None          # no such CPU: nothing timed, nothing raised
+    assert os.sched_getaffinity(0) == mine
+    # the work is deterministic: the same checksum every time
+    assert speed.python_work() == speed.python_work()
 
 
-def test_a_core_that_cannot_be_probed_is_named():
-    got = speed.probe([4095])            # no such CPU: the child cannot pin itself
-    assert set(got["cpu4095"]) == {"error"}
+def test_medians_per_core():
+    got = speed.medians([{0: 80.0, 1: 90.0}, {0: 140.0}, {0: 100.0, 1: 70.0}])
+    assert got == {"cpu0": 100.0, "cpu1": 80.0}
+    assert speed.medians([]) == {}
 
 
-def test_drift_is_the_largest_change_of_a_cores_interpreter_time():
-    before = {"cpu0": {"python_ms": 80.0}, "cpu1": {"python_ms": 100.0}}
-    after = {"cpu0": {"python_ms": 140.0}, "cpu1": {"python_ms": 80.0}, "cpu2": {"python_ms": 1.0}}
-    assert speed.drift(before, after) == 0.75            # cpu0: 140 against 80
-    assert speed.drift(after, before) == 0.75            # the faster is the base either way
-    assert speed.drift(before, {"cpu0": {"error": "x"}}) is None
+def test_a_path_measured_on_a_slower_or_faster_machine_than_the_direct_one_is_named():
+    paths = {"direct": {"speed_ms": {"cpu0": 80.0, "cpu1": 90.0}},
+             "nginx": {"speed_ms": {"cpu0": 100.0, "cpu1": 130.0}},
+             "gateway": {"speed_ms": {"cpu0": 140.0, "cpu1": 150.0}}}
+    assert sizing.speed_caveats(paths) == [
+        "nginx: the cores ran sim/speed's loop 35% slower in its window (115.0 ms) than in the "
+        "direct run's (85.0 ms): the paired latency compares two machines",
+        "gateway: the cores ran sim/speed's loop 71% slower in its window (145.0 ms) than in the "
+        "direct run's (85.0 ms): the paired latency compares two machines"]
+    within = {"direct": {"speed_ms": {"cpu0": 80.0}}, "gateway": {"speed_ms": {"cpu0": 95.0}}}
+    assert sizing.speed_caveats(within) == []
+    # paths without samples (an older JSON, a window too short) say nothing
+    assert sizing.speed_caveats({"direct": {}, "gateway": {"speed_ms": {"cpu0": 200.0}}}) == []

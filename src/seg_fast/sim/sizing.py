@@ -69,7 +69,7 @@ NOISE_CAVEAT_SHARE = 0.8
 SLO_CPU_SHARE = 0.80
 SLO_RSS_KIB = 2 * 1024 * 1024       # the proxy's memory, judged as PSS (``resident``)
 PSS_EVERY = 5.0                      # s between reads of the proxy's PSS
-SPEED_DRIFT_NOTED = 0.25             # the cores' interpreter speed moved this much over a run: said
+SPEED_DRIFT_NOTED = 0.25             # a path's cores this much slower or faster than the direct run's: named
 # When the load side stops measuring the gateway
 LOAD_CPU_LIMIT = 0.90          # of the load core, by the shard processes
 LAG_P99_LIMIT = 1.0            # seconds behind the schedule
@@ -725,6 +725,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     cgroup = cgroup_info = None
     samples: list[tuple[float, float, int, float, float, float]] = []
     cores: list[tuple[float, dict]] = []
+    speeds: list[dict[int, float]] = []
     try:
         for spec in specs:
             cmd = prio(opts) + pinned(opts.load_cpu) + [sys.executable, "-m", "seg_fast.sim.fleet",
@@ -777,7 +778,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
                 sh.last = msg
 
         async def sample() -> None:
-            last_say = last_pss = 0.0
+            last_say = last_pss = last_speed = 0.0
             spss = 0
             while True:
                 spids, lpids = tree(server_roots), tree(load_roots)
@@ -790,6 +791,11 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
                 samples.append((time.time(), scpu, srss, lcpu,
                                 core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait, spss, sruns))
                 cores.append((time.time(), core_ticks((opts.gateway_cpu, opts.load_cpu))))
+                if w0 <= time.time() < w1 and time.time() - last_speed >= speed.EVERY:
+                    last_speed = time.time()
+                    timed = {cpu: await trio.to_thread.run_sync(speed.timed_on, cpu)
+                             for cpu in sorted({opts.gateway_cpu, opts.load_cpu})}
+                    speeds.append({cpu: ms for cpu, ms in timed.items() if ms is not None})
                 now = time.time()
                 if path == "gateway":
                     worker_reads.append((now, read_loop_lag(workdir / "stats")))
@@ -850,6 +856,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     summary["server"]["loop_lag"] = loop_lag_summary(worker_reads, w0, w1)
     summary["seconds"] = seconds_context(samples, cores, worker_reads, t0, w0, w1,
                                          opts.gateway_cpu, opts.load_cpu)
+    summary["speed_ms"] = speed.medians(speeds)
     summary["server"]["cgroup"] = cgroup_info
     return summary
 
@@ -1069,6 +1076,29 @@ def contention(p: dict) -> list[str]:
     return out
 
 
+def speed_caveats(paths: dict[str, dict]) -> list[str]:
+    """Each path's cores' speed in its window (``speed_ms``: the median time of sim/speed's
+    loop on each core, averaged over the cores) set against the direct path's: a path
+    measured on a machine that much slower or faster is paired with the direct run of
+    another machine. Named, the verdict unchanged."""
+    def ms(p: dict) -> float | None:
+        vals = list((p.get("speed_ms") or {}).values())
+        return sum(vals) / len(vals) if vals else None
+
+    base = ms(paths["direct"]) if "direct" in paths else None
+    out = []
+    for name, p in paths.items():
+        here = ms(p)
+        if name == "direct" or base is None or here is None:
+            continue
+        moved = max(here, base) / min(here, base) - 1.0
+        if moved > SPEED_DRIFT_NOTED:
+            out.append(f"{name}: the cores ran sim/speed's loop {100 * moved:.0f}% "
+                       f"{'slower' if here > base else 'faster'} in its window ({here:.1f} ms) than in "
+                       f"the direct run's ({base:.1f} ms): the paired latency compares two machines")
+    return out
+
+
 def judge(point: dict, opts: Options) -> dict:
     paths = point["paths"]
     direct, gw = paths.get("direct"), paths.get("gateway")
@@ -1087,6 +1117,7 @@ def judge(point: dict, opts: Options) -> dict:
     for name, p in paths.items():
         undriven += [f"{name}: {x}" for x in load_problems(p)]
         caveats += contention(p)
+    caveats += speed_caveats(paths)
     added = {}
     if direct and gw:
         for name in [n for n in ("gateway", "nginx") if n in paths]:
@@ -1229,6 +1260,9 @@ def judge(point: dict, opts: Options) -> dict:
             and metrics["gateway"]["wakeups_per_device_hour"] is not None:
         metrics["gateway_wakeups_vs_nginx"] = round(metrics["gateway"]["wakeups_per_device_hour"]
                                                     / metrics["nginx"]["wakeups_per_device_hour"], 2)
+    speeds = {name: p["speed_ms"] for name, p in paths.items() if p.get("speed_ms")}
+    if speeds:
+        metrics["speed_ms"] = speeds       # sim/speed's loop per core, median of the window
     invalid = undriven + unmeasured + claimless
     meets = bool(gw) and not broke and not invalid
     return {"devices": n, "held_to_cores": held, "meets": meets, "broke": broke, "invalid": invalid,
@@ -1549,10 +1583,6 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
     """One point (N = opts.devices driven), a search (``max_devices`` and opts.devices
     per core) or, with ``cgroup_check`` = F, the cross-check (N at F and 2N at 2F)."""
     points: list[dict] = []
-    # the cores' speed on a fixed piece of work, before and after: this shared machine's
-    # hour moves the CPU figures by tens of percent (sim/speed.py)
-    cores = sorted({opts.gateway_cpu, opts.load_cpu})
-    speed_before = await trio.to_thread.run_sync(speed.probe, cores)
 
     async def at(n: int, fraction: float | None = None) -> dict:
         o = msgspec.structs.replace(opts, devices=n)
@@ -1586,12 +1616,7 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
     else:
         stop = await search_walk(opts, max_devices, at, say)
     head = headline(points, opts.security)
-    speed_after = await trio.to_thread.run_sync(speed.probe, cores)
-    moved = speed.drift(speed_before, speed_after)
-    if moved is not None and moved > SPEED_DRIFT_NOTED:
-        say(f"the cores' speed moved {100 * moved:.0f}% between the probes before and after the run "
-            "(machine.speed): its CPU figures are of a changing machine")
-    report = {"machine": machine() | {"speed": {"before": speed_before, "after": speed_after, "drift": moved}},
+    report = {"machine": machine(),
               "options": msgspec.to_builtins(opts), "when": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": head, "points": points}
     if cross is not None:
