@@ -16,8 +16,6 @@ def test_the_loop_is_timed_pinned_and_the_affinity_put_back():
     assert os.sched_getaffinity(0) == mine
     assert speed.timed_on(4095) is None          # no such CPU: nothing timed, nothing raised
     assert os.sched_getaffinity(0) == mine
-    # the work is deterministic: the same checksum every time
-    assert speed.python_work() == speed.python_work()
 
 
 def test_medians_per_core():

@@ -222,7 +222,7 @@ def test_seconds_context_reads_the_samples_by_schedule_second():
     w0, w1 = t0 + 10, t0 + 13
     # (time, proxy cpu, rss, load cpu, core0 busy, core1 busy, proxy wait s, load wait s, pss, runs)
     samples = [(t0 + 9.5 + i, 0.4 * i, 0, 0.3 * i, 0, 0, 0.01 * i * i, 0.002 * i, 0, 0) for i in range(5)]
-    cores = [(t0 + 9.5 + i, {0: (0.05 * i, 0.01 * i), 1: (0.0, 0.0)}) for i in range(5)]
+    cores = [(t0 + 9.5 + i, {0: (0.5 * i, 0.05 * i, 0.01 * i), 1: (0.3 * i, 0.0, 0.0)}) for i in range(5)]
     reads = [(0.0, {11: {"max_per_second": [[1010, 30.0], [1011, 4.0]]},
                     12: {"max_per_second": [[1010, 25.0], [1011, 2.0]]}})]
     rows = sizing.seconds_context(samples, cores, reads, t0, w0, w1, 0, 1)

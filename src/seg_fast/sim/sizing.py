@@ -49,8 +49,8 @@ import trio
 
 from seg_fast.config import env_overrides
 from seg_fast.oslimits import autogroup_enabled, autogroup_of, set_autogroup_nice, set_sched_slice
-from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim import speed
+from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import Go, ShardSpec, open_fds
 from seg_fast.sim.latency import OTHER, added_by_size, added_latency, added_split, lat_summary
 
@@ -343,26 +343,18 @@ def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: 
             "gc_gen2_max_ms_run": max(gc_max, default=None)}
 
 
-def core_busy(cpu: int) -> float:
-    """Busy seconds of one core since boot."""
-    with open("/proc/stat") as fh:
-        for line in fh:
-            if line.startswith(f"cpu{cpu} "):
-                v = [int(x) for x in line.split()[1:]]
-                return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
-    return 0.0
-
-
-def core_ticks(cpus: tuple[int, ...]) -> dict[int, tuple[float, float]]:
-    """Per core, seconds since boot taken by the hypervisor (steal: the vCPU was not
-    running at all) and by interrupts and softirqs (the kernel's packet work)."""
+def core_times(cpus: tuple[int, ...]) -> dict[int, tuple[float, float, float]]:
+    """Per core, seconds since boot (one read of /proc/stat): busy, taken by the hypervisor
+    (steal: the vCPU was not running at all), and by interrupts and softirqs (the kernel's
+    packet work). A core not listed there is missing."""
     out = {}
     with open("/proc/stat") as fh:
         for line in fh:
             name, _, rest = line.partition(" ")
             if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
                 v = [int(x) for x in rest.split()]
-                out[int(name[3:])] = (v[7] / CLK_TCK, (v[5] + v[6]) / CLK_TCK)
+                out[int(name[3:])] = ((sum(v[:8]) - v[3] - v[4]) / CLK_TCK, v[7] / CLK_TCK,
+                                      (v[5] + v[6]) / CLK_TCK)
     return out
 
 
@@ -376,9 +368,9 @@ def seconds_context(samples: list, cores: list[tuple[float, dict]], worker_reads
     the slowest requests were sent in: per core the hypervisor's steal and the kernel's
     interrupt work (ms per s), the proxy's and the load side's CPU and run-queue wait (ms per
     s: more CPU in a slow second is more work arriving, more wait at the same CPU is the core
-    taken by something else), and
-    the gateway workers' largest event-loop lag and how many lagged >= LAGGING_MS. From the
-    once-a-second samples, each interval given to the schedule second its middle falls in."""
+    taken by something else), and the gateway workers' largest event-loop lag and how many
+    lagged >= LAGGING_MS. From the once-a-second samples, each interval given to the
+    schedule second its middle falls in."""
     rows: dict[int, dict] = {}
     for (ta, ca), (tb, cb) in zip(cores, cores[1:]):
         mid = (ta + tb) / 2
@@ -388,8 +380,8 @@ def seconds_context(samples: list, cores: list[tuple[float, dict]], worker_reads
         row = rows.setdefault(int(mid - t0), {})
         for label, cpu in (("gw", gateway_cpu), ("load", load_cpu)):
             if cpu in ca and cpu in cb:
-                row[f"steal_ms_{label}"] = round((cb[cpu][0] - ca[cpu][0]) * k, 1)
-                row[f"irq_ms_{label}"] = round((cb[cpu][1] - ca[cpu][1]) * k, 1)
+                row[f"steal_ms_{label}"] = round((cb[cpu][1] - ca[cpu][1]) * k, 1)
+                row[f"irq_ms_{label}"] = round((cb[cpu][2] - ca[cpu][2]) * k, 1)
     for a, b in zip(samples, samples[1:]):
         mid = (a[0] + b[0]) / 2
         if int(mid - t0) in rows and b[0] > a[0]:
@@ -788,11 +780,13 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
                 if time.time() - last_pss >= PSS_EVERY or not samples:
                     # (smaps_rollup walks each process's page tables: every few seconds)
                     spss, last_pss = proc_pss_kib(spids), time.time()
-                samples.append((time.time(), scpu, srss, lcpu,
-                                core_busy(opts.gateway_cpu), core_busy(opts.load_cpu), swait, lwait, spss, sruns))
-                cores.append((time.time(), core_ticks((opts.gateway_cpu, opts.load_cpu))))
-                if w0 <= time.time() < w1 and time.time() - last_speed >= speed.EVERY:
-                    last_speed = time.time()
+                now = time.time()
+                ticks = core_times((opts.gateway_cpu, opts.load_cpu))
+                samples.append((now, scpu, srss, lcpu, ticks.get(opts.gateway_cpu, (0.0,))[0],
+                                ticks.get(opts.load_cpu, (0.0,))[0], swait, lwait, spss, sruns))
+                cores.append((now, ticks))
+                if w0 <= now < w1 and now - last_speed >= speed.EVERY:
+                    last_speed = now
                     timed = {cpu: await trio.to_thread.run_sync(speed.timed_on, cpu)
                              for cpu in sorted({opts.gateway_cpu, opts.load_cpu})}
                     speeds.append({cpu: ms for cpu, ms in timed.items() if ms is not None})
@@ -1616,8 +1610,7 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
     else:
         stop = await search_walk(opts, max_devices, at, say)
     head = headline(points, opts.security)
-    report = {"machine": machine(),
-              "options": msgspec.to_builtins(opts), "when": time.strftime(
+    report = {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": head, "points": points}
     if cross is not None:
         # the cross-check claims only what both fractions agree on

@@ -3,10 +3,10 @@
 The same gateway code has cost 0.039 and 0.057 CPU-seconds per device-hour on this shared
 machine hours apart, and a fixed interpreter-bound loop has taken 80 ms at the start of a
 30-minute run and 140 ms at its end while SHA-256 kept its speed: what shares the host's
-cores slows the interpreter, which is most of the gateway's time. The loop also varies 2x
-from one second to the next, so one timing says little: the sizing run times it on each
-core every ``EVERY`` seconds of a path's window (a thread of the run's own process pinned
-to the core, ~20 ms of work) and keeps the median, and the verdict names a path whose
+cores slows the interpreter, which is most of the gateway's time. One timing says little
+(the loop's time differed 2x between two processes started a minute apart), so the sizing
+run times it on each core every ``EVERY`` seconds of a path's window (a thread of the run's
+own process pinned to the core, ~25 ms of work) and keeps the median, and the verdict names a path whose
 median differs from the direct path's by more than SPEED_DRIFT_NOTED (its paired latency
 then compares two machines).
 
