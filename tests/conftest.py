@@ -25,6 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 # (seg-fast serve, the CLI) inherit it.
 os.environ["SEG_FAST_STATE_DIR"] = tempfile.mkdtemp(prefix="seg-fast-test-state-")
 atexit.register(shutil.rmtree, os.environ["SEG_FAST_STATE_DIR"], True)
+# The load side's corpus pool, built once per seed for the whole session (sim/fleet.POOL_CACHE):
+# every sizing test's shards built it themselves, ~3.5 s each.
+os.environ["SEG_FAST_CORPUS_CACHE"] = tempfile.mkdtemp(prefix="seg-fast-test-corpus-")
+atexit.register(shutil.rmtree, os.environ["SEG_FAST_CORPUS_CACHE"], True)
 
 
 def _find_fixtures() -> Path:

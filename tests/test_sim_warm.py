@@ -96,3 +96,28 @@ def test_warm_without_splicing_is_a_no_op(corpus):
     sim = MailboxSimulator(seed=5, corpus=corpus, splice_answers=False)
     assert warm(sim, POOL, "secret") == 0
     assert sim.mailboxes == {}
+
+
+def test_a_kept_pool_loads_the_same_messages_and_is_named_by_what_made_it(tmp_path, monkeypatch):
+    # sizing.run_path keeps the pool once for the point's shards (fleet.POOL_CACHE); a shard
+    # loading it must see exactly the messages it would have built
+    monkeypatch.delenv("SEG_FAST_CORPUS_CACHE", raising=False)
+    built = PooledCorpus(9, pool=POOL)
+    built.warm()
+    assert built.cache_file() is None                   # no directory: nothing kept, nothing read
+    PooledCorpus(9, pool=POOL).keep(str(tmp_path))
+    (kept,) = tmp_path.iterdir()
+    monkeypatch.setenv("SEG_FAST_CORPUS_CACHE", str(tmp_path))
+    loaded = PooledCorpus(9, pool=POOL)
+    loaded.warm()
+    assert loaded._built is not None                    # read from the file, not built
+    for i in range(POOL):
+        a, b = built.message(i), loaded.message(i)
+        assert (a.index, a.subject, a.html, a.text, a.mime, a.attachments, a.links) == \
+               (b.index, b.subject, b.html, b.text, b.mime, b.attachments, b.links)
+    # another seed or pool is another file; the same one again is not rewritten
+    assert PooledCorpus(10, pool=POOL).cache_file() != kept
+    assert PooledCorpus(9, pool=POOL + 1).cache_file() != kept
+    mtime = kept.stat().st_mtime_ns
+    PooledCorpus(9, pool=POOL).keep(str(tmp_path))
+    assert kept.stat().st_mtime_ns == mtime and len(list(tmp_path.iterdir())) == 1

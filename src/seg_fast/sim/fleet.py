@@ -34,9 +34,11 @@ import base64
 import collections
 import functools
 import gc
+import hashlib
 import heapq
 import math
 import os
+import pickle
 import random
 import resource
 import select
@@ -45,6 +47,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import msgspec
 import trio
@@ -80,6 +83,10 @@ INITIAL_MESSAGES = 8
 # The pool holds BENCH-PROFILE's attachment mix exactly: 25% of the messages carry
 # one, 60% of those 50 KB, 30% 300 KB, 9% 2 MB, 1% 10 MB (1 in 100 needs 400).
 CORPUS_POOL = 400
+# A directory where a built pool is kept for the run's other processes (sizing.run_path
+# builds it once before the shards start; the test session shares one): each shard built
+# the same ~90 MB of mail itself, ~3.5 s on the load core before every path of every point.
+POOL_CACHE = "SEG_FAST_CORPUS_CACHE"
 GC_THRESHOLD = 20000          # allocations between young collections (default 700)
 FREEZE_BEFORE_WINDOW = 2.0    # the heap frozen after the ramp at the latest this long before the window
 
@@ -204,14 +211,52 @@ class PooledCorpus:
         random.Random(f"pool:{seed}").shuffle(chosen)
         self.indices = chosen
         self.pool = pool
+        self.seed = seed
+        self._built: list | None = None
 
     def message(self, i: int):
+        if self._built is not None:
+            return self._built[i % self.pool]
         return self.base.message(self.indices[i % self.pool])
 
     def warm(self) -> None:
+        """Every message of the pool built now, not mid-run: loaded from the POOL_CACHE
+        directory when an earlier process of the run kept it there (``keep``)."""
+        path = self.cache_file()
+        if path is not None and path.exists():
+            with open(path, "rb") as f:
+                self._built = pickle.load(f)
+            return
         for i in range(self.pool):
             m = self.message(i)
-            m.html, m.mime, m.attachments  # noqa: B018  (build them now, not mid-run)
+            m.html, m.mime, m.attachments  # noqa: B018
+
+    def keep(self, where: str) -> None:
+        """Build the pool and write it to the directory ``where`` (the run's POOL_CACHE) if
+        it is not there yet."""
+        path = self.cache_file(where)
+        if path.exists():
+            return
+        self.warm()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)     # pickles: the run's own
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump([self.message(i) for i in range(self.pool)], f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)           # whole or absent: a shard never loads half a pool
+
+    def cache_file(self, where: str | None = None) -> Path | None:
+        """The pool's file in ``where`` (default: the POOL_CACHE directory, None if unset),
+        named by what decides its bytes: the seed, the chosen messages and the source of
+        the corpus' generators."""
+        where = where or os.environ.get(POOL_CACHE)
+        if not where:
+            return None
+        from seg_fast.sim import corpus, smime
+
+        h = hashlib.sha256(repr((self.seed, self.indices)).encode())
+        for mod in (corpus, smime):
+            h.update(Path(mod.__file__).read_bytes())
+        return Path(where) / f"pool-{self.seed}-{self.pool}-{h.hexdigest()[:16]}.pickle"
 
 
 def _planned_size(seed: int, index: int) -> int | None:

@@ -51,7 +51,7 @@ from seg_fast.config import env_overrides
 from seg_fast.oslimits import autogroup_enabled, autogroup_of, set_autogroup_nice, set_sched_slice
 from seg_fast.sim import speed
 from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
-from seg_fast.sim.fleet import Go, ShardSpec, open_fds
+from seg_fast.sim.fleet import POOL_CACHE, Go, PooledCorpus, ShardSpec, open_fds
 from seg_fast.sim.latency import OTHER, added_by_size, added_latency, added_split, lat_summary
 
 REPO = Path(__file__).resolve().parents[3]
@@ -712,6 +712,9 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
         make_certificate(workdir)
     specs = plan_shards(opts, workdir, path)
     env = child_env()
+    # the corpus pool built once here for every shard of the point (unless a directory is set)
+    env.setdefault(POOL_CACHE, str(workdir / "corpus"))
+    await trio.to_thread.run_sync(PooledCorpus(opts.seed).keep, env[POOL_CACHE])
     shards: list[Shard] = []
     proxy = None
     cgroup = cgroup_info = None
