@@ -209,7 +209,7 @@ def env_overrides(env) -> dict[str, tuple[str, str, str]]:
 
 # SEG_FAST_* variables that are not settings (tests, benchmarks, scripts, the worker's start).
 OTHER_ENV_VARS = {"SEG_FAST_HYPOTHESIS", "SEG_FAST_SLOW", "SEG_FAST_VENV", "SEG_FAST_CONTROL_PID",
-                  "SEG_FAST_BENCH_GATEKEEPER", "SEG_FAST_TICKET_FD"}
+                  "SEG_FAST_BENCH_GATEKEEPER", "SEG_FAST_TICKET_FD", "SEG_FAST_CORPUS_CACHE"}
 
 
 def unknown_env_vars(env=None) -> list[str]:
