@@ -79,11 +79,14 @@ def serve(n: int, tickets: int | None) -> None:
 def counted(n: int, tickets: int | None, outdir: Path) -> dict:
     """callgrind's inclusive counts of the server process for N connections."""
     out = outdir / f"cg.{n}.{tickets}.%p"
-    run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                          __file__, "--serve", str(n)] + ([] if tickets is None else ["--tickets", str(tickets)]),
-                         capture_output=True, text=True, check=True)
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
-    server = min(outdir.glob(f"cg.{n}.{tickets}.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))  # the parent
+    run = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                            __file__, "--serve", str(n)] + ([] if tickets is None else ["--tickets", str(tickets)]),
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stdout, _ = run.communicate()
+    if run.returncode:
+        raise SystemExit(f"valgrind's run of {n} connections failed (exit {run.returncode})")
+    seen = json.loads(stdout.strip().splitlines()[-1])
+    server = outdir / f"cg.{n}.{tickets}.{run.pid}"      # valgrind runs python in its own pid: the server
     text = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(server)], capture_output=True,
                           text=True, check=True).stdout
     counts = {"total": int(re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", text).group(1).replace(",", ""))}

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ["SEG_FAST_STATE_DIR"] = tempfile.mkdtemp(prefix="seg-fast-test-state-")
 atexit.register(shutil.rmtree, os.environ["SEG_FAST_STATE_DIR"], True)
 # The load side's corpus pool, built once per seed for the whole session (sim/fleet.POOL_CACHE):
-# every sizing test's shards built it themselves, ~3.5 s each.
+# every sizing test's shards built it themselves, ~2.4 s each.
 os.environ["SEG_FAST_CORPUS_CACHE"] = tempfile.mkdtemp(prefix="seg-fast-test-corpus-")
 atexit.register(shutil.rmtree, os.environ["SEG_FAST_CORPUS_CACHE"], True)
 

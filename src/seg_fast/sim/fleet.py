@@ -85,7 +85,7 @@ INITIAL_MESSAGES = 8
 CORPUS_POOL = 400
 # A directory where a built pool is kept for the run's other processes (sizing.run_path
 # builds it once before the shards start; the test session shares one): each shard built
-# the same ~90 MB of mail itself, ~3.5 s on the load core before every path of every point.
+# the same ~90 MB of mail itself, ~2.4 s on the load core before every path of every point.
 POOL_CACHE = "SEG_FAST_CORPUS_CACHE"
 GC_THRESHOLD = 20000          # allocations between young collections (default 700)
 FREEZE_BEFORE_WINDOW = 2.0    # the heap frozen after the ramp at the latest this long before the window
@@ -229,7 +229,7 @@ class PooledCorpus:
             return
         for i in range(self.pool):
             m = self.message(i)
-            m.html, m.mime, m.attachments  # noqa: B018
+            m.html, m.mime, m.attachments  # noqa: B018  (build them now, not mid-run)
 
     def keep(self, where: str) -> None:
         """Build the pool and write it to the directory ``where`` (the run's POOL_CACHE) if

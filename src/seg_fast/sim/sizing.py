@@ -728,8 +728,9 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
                                                     stdout=subprocess.PIPE, env=env)
             shards.append(Shard(spec, proc))
-        # every shard builds its corpus pool and its answer templates (~3.3 s of CPU
-        # each, fleet.shard_main) on the one load core at once: the wait grows with them
+        # every shard loads the corpus pool kept above and builds its answer templates
+        # (~1.2 s of CPU each, fleet.shard_main) on the one load core at once: the wait
+        # grows with them
         start_limit = 60 + 5 * len(shards)
         for sh in shards:
             with trio.fail_after(start_limit):
