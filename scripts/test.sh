@@ -35,4 +35,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 source scripts/venv.sh test,bench,fuzz
-exec "$VPY" -m pytest -q "$@"
+# Two test processes (pytest-xdist): much of the suite waits on servers, subprocesses and
+# sockets, so two halve the wall time on two cores; more would crowd the sizing runs, which
+# pin their processes to cores 0 and 1 (tests/conftest.py keeps those runs on one process).
+# PYTEST_XDIST_AUTO_NUM_WORKERS overrides (1: one test process).
+workers=${PYTEST_XDIST_AUTO_NUM_WORKERS:-$(( $(nproc) < 2 ? $(nproc) : 2 ))}
+exec "$VPY" -m pytest -q -n "$workers" "$@"

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # The default run (CI's) is derandomized and keeps no example database: the same examples
@@ -44,3 +45,29 @@ REAL_SERVER = _find_fixtures()
 
 # One SOGo stack (tests/sogo_server.py) for every test_sogo_* module, started on first use.
 from sogo_server import sogo  # noqa: E402,F401
+
+# scripts/test.sh runs the suite on two processes (pytest-xdist). The modules that run the
+# whole pipeline share one of them: the SOGo stack is a session fixture, so spread over two
+# processes it would start twice, and two sizing runs at once would pin two gateways and two
+# fleets to the same two cores. (xdist's own xdist_group marks rename node ids, which
+# pytest 9.2 no longer lets a plugin do, so the grouping is a scheduler of ours.)
+WHOLE_RUNS = "whole-runs"
+_WHOLE_RUN_MODULES = {"test_sizing_smoke", "test_sizing_tls", "test_sizing_checks", "test_sizing_cgroup",
+                      "test_sizing_memory", "test_fleet_parker", "test_fleet_freeze",
+                      "test_sogo_fleet", "test_sogo_security", "test_sogo_session"}
+
+assert all((REPO / "tests" / f"{m}.py").exists() for m in _WHOLE_RUN_MODULES), "a whole-run module was renamed"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeRunsTogether(LoadScopeScheduling):
+        """xdist's load distribution, test by test, but the whole-run modules as one unit."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+            return WHOLE_RUNS if module in _WHOLE_RUN_MODULES else nodeid
+
+    return WholeRunsTogether(config, log)
