@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import h11
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from proxy_helpers import Client, MiniUpstream, fixture_answer
@@ -719,13 +720,13 @@ async def test_sockio_many_deadlines_expire_in_order(autojump_clock):
 
 
 async def test_sockio_waits_that_end_early_do_not_wake_the_wheel(autojump_clock):
-    """Waits answered before their deadlines leave no slot behind: the wheel sleeps through
-    their times (it woke at every slot a wait had ever used, a Cancelled through trio each),
-    and still ends the one wait whose deadline passes, once."""
+    """Waits answered before their deadlines leave no wait behind, never move the wheel's
+    sleep, and wake it at most once for the lot (it once woke at every slot a wait had ever
+    used, a Cancelled through trio each); the one wait whose deadline passes still ends, once."""
     wheel = sockio._the_wheel()
     pairs = [await _socket_pair() for _ in range(8)]
     t0 = trio.current_time()
-    before = wheel.wakeups
+    before, rearms = wheel.wakeups, wheel.rearms
 
     async def answered(i, left, right):
         async def later():
@@ -739,15 +740,45 @@ async def test_sockio_waits_that_end_early_do_not_wake_the_wheel(autojump_clock)
     async with trio.open_nursery() as nursery:
         for i, (left, right) in enumerate(pairs[:-1]):
             nursery.start_soon(answered, i, left, right)
+            await trio.testing.wait_all_tasks_blocked()      # filed in deadline order
     assert not any(wheel.slots.values())
+    assert wheel.rearms == rearms        # each was filed after the first: the sleep never moved
     await trio.sleep(3)                  # past every deadline those waits had
-    assert wheel.wakeups == before
+    assert wheel.wakeups <= before + 1 and not wheel.heap and not wheel.slots
     _, right = pairs[-1]
+    woken = wheel.wakeups
     assert await sockio.receive(right, sockio.plain_socket(right), 10, trio.current_time() + 0.5) is None
-    assert wheel.wakeups == before + 1
+    assert wheel.wakeups == woken + 1
     for pair in pairs:
         for s in pair:
             await s.aclose()
+
+
+async def test_sockio_a_wait_behind_an_emptied_slot_expires_on_time(autojump_clock):
+    """The wheel sleeps until the first wait's slot; that wait is answered and the sleep
+    stays. It wakes there, finds nothing due, and still ends the later wait on time."""
+    wheel = sockio._the_wheel()
+    (a_left, a_right), (_, b_right) = await _socket_pair(), await _socket_pair()
+    t0 = trio.current_time()
+    ended = {}
+
+    async def answered():
+        assert await sockio.receive(a_right, sockio.plain_socket(a_right), 10, t0 + 1) == b"x"
+
+    async def unanswered():
+        assert await sockio.receive(b_right, sockio.plain_socket(b_right), 10, t0 + 2) is None
+        ended["b"] = trio.current_time()
+
+    before = wheel.wakeups
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answered)
+        nursery.start_soon(unanswered)
+        await trio.sleep(0.1)
+        await a_left.send_all(b"x")
+    assert 2 <= ended["b"] - t0 <= 2 + sockio._Wheel.TICK
+    assert wheel.wakeups - before <= 2        # the emptied slot's time, then the wait's own
+    for s in (a_left, a_right, b_right):
+        await s.aclose()
 
 
 async def test_sockio_idle_wait_is_ended_by_cancel():
