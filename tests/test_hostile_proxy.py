@@ -385,6 +385,34 @@ def test_slowloris_head_has_one_deadline_for_the_whole_head(gw):
     _unharmed(gw)
 
 
+def test_a_slow_head_is_cut_among_devices_whose_waits_end_early(gw):
+    """sockio's timer wheel leaves its sleep at a slot whose waits all ended early, rather
+    than moving a trio deadline back each time: behind a stream of normal devices (their
+    waits filed and ended at once), heads that never end are still cut at their deadline."""
+    stop, served = threading.Event(), []
+
+    def devices():
+        while not stop.is_set():
+            _device_ok(gw.port)
+            served.append(1)
+
+    normal = threading.Thread(target=devices)
+    normal.start()
+    try:
+        socks = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(6)]
+        # 5 bytes a second of a 500-byte head: only the head's deadline (DEADLINE) ends it
+        # within the trickle's 20 s.
+        got = _trickle_until_closed(socks, b"POST /x HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"s" * 500)
+        for s in socks:
+            s.close()
+    finally:
+        stop.set()
+        normal.join()
+    assert all(_statuses(raw) == [408] for raw in got.values())
+    assert served, "no normal device was served meanwhile"
+    _unharmed(gw)
+
+
 def test_slow_request_bodies_are_cut_and_release_the_mail_server_connections(gw):
     # Bodies over 64 KB stream to the mail server as they come: each slow one holds a
     # pool connection (upstream.pool_size = 4 per worker) until its deadline.
