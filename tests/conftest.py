@@ -59,6 +59,17 @@ _WHOLE_RUN_MODULES = {"test_sizing_smoke", "test_sizing_tls", "test_sizing_check
 assert all((REPO / "tests" / f"{m}.py").exists() for m in _WHOLE_RUN_MODULES), "a whole-run module was renamed"
 
 
+@pytest.fixture(autouse=True)
+def _cpus_back():
+    """A test that runs sizing's CLI in-process leaves this process pinned to the load core
+    (the CLI pins its harness there); every later test in the process would run on one
+    CPU (tests/test_sim_tlssession.py's sessions then come out not resumable)."""
+    cpus = os.sched_getaffinity(0)
+    yield
+    if os.sched_getaffinity(0) != cpus:
+        os.sched_setaffinity(0, cpus)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
