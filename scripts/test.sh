@@ -35,9 +35,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 source scripts/venv.sh test,bench,fuzz
-# Two test processes (pytest-xdist): much of the suite waits on servers, subprocesses and
-# sockets, so two halve the wall time on two cores; more would crowd the sizing runs, which
-# pin their processes to cores 0 and 1 (tests/conftest.py keeps those runs on one process).
-# PYTEST_XDIST_AUTO_NUM_WORKERS overrides (1: one test process).
-workers=${PYTEST_XDIST_AUTO_NUM_WORKERS:-$(( $(nproc) < 2 ? $(nproc) : 2 ))}
-exec "$VPY" -m pytest -q -n "$workers" "$@"
+# PYTEST_XDIST_AUTO_NUM_WORKERS=2: two test processes (pytest-xdist; tests/conftest.py keeps
+# the whole-pipeline runs on one of them), about 40% less wall time on two cores. One process
+# stays the default until the timing races two processes exposed are all fixed (two found,
+# one fixed: tests/test_policy_gate.py's first write after Redis came up can miss).
+workers=${PYTEST_XDIST_AUTO_NUM_WORKERS:-1}
+if [ "$workers" -gt 1 ]; then
+    exec "$VPY" -m pytest -q -n "$workers" "$@"
+fi
+exec "$VPY" -m pytest -q "$@"
