@@ -37,8 +37,8 @@ fi
 source scripts/venv.sh test,bench,fuzz
 # PYTEST_XDIST_AUTO_NUM_WORKERS=2: two test processes (pytest-xdist; tests/conftest.py keeps
 # the whole-pipeline runs on one of them), about 40% less wall time on two cores. One process
-# stays the default until the timing races two processes exposed are all fixed (two found,
-# one fixed: tests/test_policy_gate.py's first write after Redis came up can miss).
+# stays the default until the timing races two processes exposed are fixed: of two found, one
+# is open (tests/test_policy_gate.py's first write after Redis came up can miss).
 workers=${PYTEST_XDIST_AUTO_NUM_WORKERS:-1}
 if [ "$workers" -gt 1 ]; then
     exec "$VPY" -m pytest -q -n "$workers" "$@"

@@ -46,7 +46,7 @@ REAL_SERVER = _find_fixtures()
 # One SOGo stack (tests/sogo_server.py) for every test_sogo_* module, started on first use.
 from sogo_server import sogo  # noqa: E402,F401
 
-# scripts/test.sh runs the suite on two processes (pytest-xdist). The modules that run the
+# PYTEST_XDIST_AUTO_NUM_WORKERS=2 scripts/test.sh runs the suite on two processes. The modules that run the
 # whole pipeline share one of them: the SOGo stack is a session fixture, so spread over two
 # processes it would start twice, and two sizing runs at once would pin two gateways and two
 # fleets to the same two cores. (xdist's own xdist_group marks rename node ids, which
@@ -57,17 +57,6 @@ _WHOLE_RUN_MODULES = {"test_sizing_smoke", "test_sizing_tls", "test_sizing_check
                       "test_sogo_fleet", "test_sogo_security", "test_sogo_session"}
 
 assert all((REPO / "tests" / f"{m}.py").exists() for m in _WHOLE_RUN_MODULES), "a whole-run module was renamed"
-
-
-@pytest.fixture(autouse=True)
-def _cpus_back():
-    """A test that runs sizing's CLI in-process leaves this process pinned to the load core
-    (the CLI pins its harness there); every later test in the process would run on one
-    CPU (tests/test_sim_tlssession.py's sessions then come out not resumable)."""
-    cpus = os.sched_getaffinity(0)
-    yield
-    if os.sched_getaffinity(0) != cpus:
-        os.sched_setaffinity(0, cpus)
 
 
 @pytest.hookimpl(optionalhook=True)

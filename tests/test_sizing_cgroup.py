@@ -272,8 +272,10 @@ def test_a_bare_cgroup_check_is_a_half(monkeypatch, tmp_path):
         return {"machine": {}, "options": {"security": "off"}, "when": "now", "headline": {}, "points": []}
     monkeypatch.setattr(sizing, "bench", bench)
     monkeypatch.setattr(sizing, "find_cpu_controller", lambda: ("v1", tmp_path))
+    cpus = os.sched_getaffinity(0)
     assert sizing.cli(["sizing", "--cgroup-check", "--out", str(tmp_path), "--quiet"]) == 0
     assert got["check"] == 0.5
+    assert os.sched_getaffinity(0) == cpus      # the CLI pinned its harness for the run only
     assert sizing.cli(["sizing", "--cgroup-check", "0.25", "--out", str(tmp_path), "--quiet"]) == 0
     assert got["check"] == 0.25
 

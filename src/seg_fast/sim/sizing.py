@@ -1785,17 +1785,23 @@ def cli(argv: list[str]) -> int:
                 nursery.cancel_scope.cancel()
                 return out
 
+    cpus = os.sched_getaffinity(0)
     if opts.load_cpu != opts.gateway_cpu and pinned(opts.gateway_cpu):     # (taskset pins what it starts)
         # The harness (its /proc sampling each second, the workers' stats it reads, ss) is
         # part of the instrument: on the load core, never on the core it measures. Left to
         # the scheduler it ran wherever it woke, the gateway's core included.
         os.sched_setaffinity(0, {opts.load_cpu})
-    if opts.slice_us:
-        why = set_sched_slice(0, opts.slice_us)    # inherited by every process started from here
-        if why:
-            print(f"seg-fast bench sizing: --slice-us {opts.slice_us}: {why}", file=sys.stderr)
-            return 2
-    report = trio.run(interruptible)
+    try:
+        if opts.slice_us:
+            why = set_sched_slice(0, opts.slice_us)    # inherited by every process started from here
+            if why:
+                print(f"seg-fast bench sizing: --slice-us {opts.slice_us}: {why}", file=sys.stderr)
+                return 2
+        report = trio.run(interruptible)
+    finally:
+        # a caller in this process (the tests run the CLI in-process) gets its CPUs back;
+        # left pinned, every later test ran on one CPU
+        os.sched_setaffinity(0, cpus)
     if report is None:
         return 130
     out = Path(a.out)
