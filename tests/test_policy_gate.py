@@ -3,6 +3,7 @@ record what it sees without waiting for I/O."""
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from redis_server import free_port, running_redis
 from seg_fast.eas.request import EasRequest
@@ -32,7 +33,9 @@ async def test_redis_down_at_start_fails_closed_then_recovers(tmp_path, nursery)
         await s.replace_all(PolicyDocument(), [DeviceRecord(device_id="D1", managed=True)])
         await s.aclose()
         with trio.fail_after(15):
-            while not gate.decide(REQ).allowed:
+            # The engine takes the snapshot in before the store counts as up (store_ok, set
+            # when the whole load is done): a flush in between keeps its sightings for later.
+            while not (gate.store_ok and gate.decide(REQ).allowed):
                 await trio.sleep(0.05)
         assert gate.decide(REQ).reason == "allowed.compliant"
         s = RedisStore(url)
@@ -46,6 +49,59 @@ async def test_redis_down_at_start_fails_closed_then_recovers(tmp_path, nursery)
                                                                                      "allowed", 200)
         await s.aclose()
         nursery.cancel_scope.cancel()
+
+
+class _SlowStore:
+    """Writes that take a while (trio's autojump clock makes them instant), as Redis's do."""
+    writable = True
+
+    def __init__(self):
+        self.sightings: dict[str, object] = {}
+
+    async def put_entries(self, ns, entries, *, notify=False):
+        await trio.sleep(1)
+
+    async def put_sightings(self, sightings, new=None):
+        await trio.sleep(2)
+        self.sightings.update((s.device_id, s) for s in sightings)
+
+
+def _gate_on(store) -> PolicyGatekeeper:
+    gate = PolicyGatekeeper(PolicySettings(store="sqlite", sqlite_path=":memory:"), node="n/1", store=store)
+    gate.store_ok = True
+    return gate
+
+
+async def test_a_flush_that_returns_has_written_what_was_recorded_before_it(autojump_clock, nursery):
+    # The loop's flush starts while a caller's waits on the store (its heartbeat): it must not
+    # take the caller's sightings away and leave the caller to return before they are written.
+    store = _SlowStore()
+    gate = _gate_on(store)
+    gate.record(REQ, gate.decide(REQ), 200)
+    done = trio.Event()
+
+    async def caller():
+        await gate.flush()
+        assert "D1" in store.sightings
+        done.set()
+
+    nursery.start_soon(caller)
+    await trio.testing.wait_all_tasks_blocked()      # the caller in its heartbeat write
+    nursery.start_soon(gate.flush)                   # the loop's tick
+    with trio.fail_after(60):
+        await done.wait()
+
+
+async def test_a_flush_cancelled_mid_write_leaves_its_sightings_to_the_last_one(autojump_clock):
+    store = _SlowStore()
+    gate = _gate_on(store)
+    gate._last_heartbeat = float("inf")              # straight to the sightings
+    gate.record(REQ, gate.decide(REQ), 200)
+    with trio.move_on_after(1):                      # mid put_sightings
+        await gate.flush()
+    assert not store.sightings
+    await gate.flush()                               # the shutdown's
+    assert store.sightings["D1"].ip == "192.0.2.7"
 
 
 async def test_record_is_bounded_and_test_mode_is_recorded(tmp_path, monkeypatch):

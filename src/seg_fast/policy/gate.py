@@ -113,6 +113,7 @@ class PolicyGatekeeper:
         # note_redirect. Updated in place: the proxy keeps a reference.
         self.redirects: dict[str, str] = {}
         self._pending_redirects: dict[str, str] = {}
+        self._flushing = trio.Lock()
 
     # -- Gatekeeper ---------------------------------------------------------------
     def blocked_answer(self, req, decision: Decision) -> tuple[int, Headers, bytes]:
@@ -267,6 +268,14 @@ class PolicyGatekeeper:
             await self.flush()
 
     async def flush(self) -> None:
+        """Write what was recorded before the call. One flush at a time: the loop's, a
+        caller's and the last one at shutdown take turns, so one that returns has written
+        (or logged why not) everything recorded before it began, not left it to another
+        flush still waiting on the store."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self.store_ok:
             return
         if not self.store.writable:
@@ -302,6 +311,13 @@ class PolicyGatekeeper:
                     log.warning("device sightings not saved: %s", exc)
                     self._first_unsaved |= new       # offered again with the device's next sighting
                     break                            # observations: the next requests make them again
+                except trio.Cancelled:
+                    # Shutting down mid-write: what this flush held goes back for the last one
+                    # (newer sightings of the same devices win).
+                    self._first_unsaved |= new
+                    for raw, seen in items[at:]:
+                        self._pending.setdefault(raw, seen)
+                    raise
             if len(self._first_seen) > MAX_PENDING_SIGHTINGS:
                 self._first_seen, self._first_unsaved = {}, set()    # the store keeps the earliest anyway
         if self._pending_redirects:
