@@ -35,11 +35,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 source scripts/venv.sh test,bench,fuzz
-# PYTEST_XDIST_AUTO_NUM_WORKERS=2: two test processes (pytest-xdist; tests/conftest.py keeps
-# the whole-pipeline runs on one of them), about 40% less wall time on two cores. One process
-# stays the default until the timing races two processes exposed are fixed: of two found, one
-# is open (tests/test_policy_gate.py's first write after Redis came up can miss).
-workers=${PYTEST_XDIST_AUTO_NUM_WORKERS:-1}
+# Two test processes (pytest-xdist; tests/conftest.py keeps the whole-pipeline runs on one of
+# them) where there are two cores: about 40% less wall time than one. PYTEST_XDIST_AUTO_NUM_WORKERS
+# chooses another number (1: the one-process order).
+cores=$(nproc)
+workers=${PYTEST_XDIST_AUTO_NUM_WORKERS:-$(( cores >= 2 ? 2 : 1 ))}
 if [ "$workers" -gt 1 ]; then
     exec "$VPY" -m pytest -q -n "$workers" "$@"
 fi

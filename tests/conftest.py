@@ -46,7 +46,7 @@ REAL_SERVER = _find_fixtures()
 # One SOGo stack (tests/sogo_server.py) for every test_sogo_* module, started on first use.
 from sogo_server import sogo  # noqa: E402,F401
 
-# PYTEST_XDIST_AUTO_NUM_WORKERS=2 scripts/test.sh runs the suite on two processes. The modules that run the
+# scripts/test.sh runs the suite on two processes (where there are two cores). The modules that run the
 # whole pipeline share one of them: the SOGo stack is a session fixture, so spread over two
 # processes it would start twice, and two sizing runs at once would pin two gateways and two
 # fleets to the same two cores. (xdist's own xdist_group marks rename node ids, which
