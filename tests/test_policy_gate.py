@@ -104,6 +104,31 @@ async def test_a_flush_cancelled_mid_write_leaves_its_sightings_to_the_last_one(
     assert store.sightings["D1"].ip == "192.0.2.7"
 
 
+async def test_a_flush_cancelled_between_chunks_leaves_the_rest_to_the_last_one(tmp_path, monkeypatch):
+    """Cancelled at its checkpoint between chunks (the first chunk written), the flush
+    gives back the chunks it had not reached."""
+    import seg_fast.policy.gate as g
+    monkeypatch.setattr(g, "FLUSH_CHUNK", 7)
+    gate = PolicyGatekeeper(PolicySettings(sqlite_path=str(tmp_path / "p.db")))
+    gate._last_heartbeat = float("inf")
+    for i in range(30):
+        gate.record(EasRequest(method="POST", path="/", device_id=f"D{i}"), Decision(True, "allowed.x"), 200)
+    await gate.store.open()
+    gate.store_ok = True
+    written: list[str] = []
+    with trio.CancelScope() as scope:
+        async def put_sightings(sightings, new=None):
+            written.extend(s.device_id for s in sightings)
+            scope.cancel()                           # lands on the flush's next checkpoint
+
+        monkeypatch.setattr(gate.store, "put_sightings", put_sightings)
+        await gate.flush()
+    assert scope.cancelled_caught and len(written) == 7
+    await gate.flush()                               # the shutdown's
+    assert sorted(written) == sorted(f"D{i}" for i in range(30))
+    await gate.store.aclose()
+
+
 async def test_record_is_bounded_and_test_mode_is_recorded(tmp_path, monkeypatch):
     import seg_fast.policy.gate as g
     monkeypatch.setattr(g, "MAX_PENDING_SIGHTINGS", 10)

@@ -275,6 +275,12 @@ class PolicyGatekeeper:
         async with self._flushing:
             await self._flush()
 
+    def _give_back(self, items) -> None:
+        """A cancelled flush's unwritten sightings, back for the last flush (newer ones of
+        the same devices win)."""
+        for raw, seen in items:
+            self._pending.setdefault(raw, seen)
+
     async def _flush(self) -> None:
         if not self.store_ok:
             return
@@ -297,7 +303,11 @@ class PolicyGatekeeper:
             del pending
             for at in range(0, len(items), FLUSH_CHUNK):
                 if at:
-                    await trio.sleep(0)              # the next chunk in a step of its own
+                    try:
+                        await trio.sleep(0)          # the next chunk in a step of its own
+                    except trio.Cancelled:
+                        self._give_back(items[at:])
+                        raise
                 batch, new = {}, set()
                 for raw, (req, decision, status, when) in items[at:at + FLUSH_CHUNK]:
                     key = device_key(raw)
@@ -315,8 +325,7 @@ class PolicyGatekeeper:
                     # Shutting down mid-write: what this flush held goes back for the last one
                     # (newer sightings of the same devices win).
                     self._first_unsaved |= new
-                    for raw, seen in items[at:]:
-                        self._pending.setdefault(raw, seen)
+                    self._give_back(items[at:])
                     raise
             if len(self._first_seen) > MAX_PENDING_SIGHTINGS:
                 self._first_seen, self._first_unsaved = {}, set()    # the store keeps the earliest anyway
