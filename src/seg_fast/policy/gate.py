@@ -275,12 +275,6 @@ class PolicyGatekeeper:
         async with self._flushing:
             await self._flush()
 
-    def _give_back(self, items) -> None:
-        """A cancelled flush's unwritten sightings, back for the last flush (newer ones of
-        the same devices win)."""
-        for raw, seen in items:
-            self._pending.setdefault(raw, seen)
-
     async def _flush(self) -> None:
         if not self.store_ok:
             return
@@ -302,19 +296,16 @@ class PolicyGatekeeper:
             items = list(pending.items())
             del pending
             for at in range(0, len(items), FLUSH_CHUNK):
-                if at:
-                    try:
-                        await trio.sleep(0)          # the next chunk in a step of its own
-                    except trio.Cancelled:
-                        self._give_back(items[at:])
-                        raise
-                batch, new = {}, set()
-                for raw, (req, decision, status, when) in items[at:at + FLUSH_CHUNK]:
-                    key = device_key(raw)
-                    if key not in self._first_seen or key in self._first_unsaved:
-                        new.add(key)                     # its first_seen goes to the store too
-                    batch[key] = self._sighting(key, raw, req, decision, status, when)   # one row per device
+                new: set = set()
                 try:
+                    if at:
+                        await trio.sleep(0)          # the next chunk in a step of its own
+                    batch = {}
+                    for raw, (req, decision, status, when) in items[at:at + FLUSH_CHUNK]:
+                        key = device_key(raw)
+                        if key not in self._first_seen or key in self._first_unsaved:
+                            new.add(key)                 # its first_seen goes to the store too
+                        batch[key] = self._sighting(key, raw, req, decision, status, when)   # one row per device
                     await self.store.put_sightings(list(batch.values()), new)
                     self._first_unsaved -= new
                 except StoreError as exc:
@@ -322,10 +313,11 @@ class PolicyGatekeeper:
                     self._first_unsaved |= new       # offered again with the device's next sighting
                     break                            # observations: the next requests make them again
                 except trio.Cancelled:
-                    # Shutting down mid-write: what this flush held goes back for the last one
-                    # (newer sightings of the same devices win).
+                    # Shutting down between chunks or mid-write: what this flush had not
+                    # written goes back for the last one (newer sightings of the same devices win).
                     self._first_unsaved |= new
-                    self._give_back(items[at:])
+                    for raw, seen in items[at:]:
+                        self._pending.setdefault(raw, seen)
                     raise
             if len(self._first_seen) > MAX_PENDING_SIGHTINGS:
                 self._first_seen, self._first_unsaved = {}, set()    # the store keeps the earliest anyway
