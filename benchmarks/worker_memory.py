@@ -1,0 +1,339 @@
+"""Where a gateway worker's memory goes, for the 2 GiB bound at 100,000 devices per core.
+
+    python benchmarks/worker_memory.py [--connections 2000] [--devices 1000] [--workers 6]
+
+Three measurements, each printed and written to benchmarks/results/worker_memory.json:
+
+1. ``tls``: the C heap (glibc ``mallinfo2``: bytes in use) an idle device-leg TLS 1.3
+   connection holds after its handshake and one small exchange, through the gateway's own
+   context (``gateway.server_tls_context``) and SSL object (``tlsio.socket_bio``), the
+   client in a forked process; per connection over N after 20 warm-up ones.
+2. ``python``: what Python allocated per parked TLS device in one running
+   ``seg-fast serve --workers 1`` worker (tracemalloc, started by a signal after 50 warm-up
+   devices and read after N more have each fetched a 228-byte answer and parked a Ping;
+   a ``sitecustomize`` written to a temporary directory installs the signal handler), the
+   largest allocation sites first. Beside it the worker's RSS growth per device (tracemalloc's
+   own bookkeeping included, so above benchmarks/tls_memory.py's figure).
+3. ``fork``: the proportional set size (PSS, what the sizing run's memory bound sums) of
+   ``seg-fast serve --workers W`` idle, the workers started as serve starts them (a new
+   interpreter each, importing everything again), against the same W workers forked from one
+   process that imported the worker's modules first and froze them (``gc.freeze``), so their
+   pages are shared copy-on-write. The forked workers run the worker's own entry
+   (``server.worker_cli``); nothing in the gateway starts them that way (yet).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import glob
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "src"))
+import proxy_bench
+import tls_memory
+import trustme
+import wrk_bench
+
+WARM_TLS = 20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def _heap_in_use() -> int:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    m = libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
+def tls_heap(n: int, key_type: str) -> dict:
+    """C heap per idle server-side TLS 1.3 connection (the gateway's context and SSL object)."""
+    from seg_fast.proxy.gateway import server_tls_context
+    from seg_fast.proxy.tlsio import socket_bio
+
+    d = Path(tempfile.mkdtemp())
+    ca = trustme.CA(key_type=getattr(trustme.KeyType, key_type))
+    cert = ca.issue_cert("gw.test")
+    cert.private_key_pem.write_to_path(d / "k.pem")
+    cert.cert_chain_pems[0].write_to_path(d / "c.pem")
+    ca.cert_pem.write_to_path(d / "ca.pem")
+    server = server_tls_context(str(d / "c.pem"), str(d / "k.pem"))
+    pairs = [socket.socketpair() for _ in range(n + WARM_TLS)]
+    pid = os.fork()
+    if pid == 0:                                   # the devices
+        try:
+            client = ssl.create_default_context(cafile=str(d / "ca.pem"))
+            client.minimum_version = ssl.TLSVersion.TLSv1_3
+            held = []
+            for a, b in pairs:
+                a.close()
+                s = client.wrap_socket(b, server_hostname="gw.test")
+                s.sendall(b"GET")
+                if s.recv(5) != b"hello":
+                    os._exit(2)
+                held.append(s)
+            signal.pause()
+        finally:
+            os._exit(0)
+    try:
+        for _, b in pairs:
+            b.close()
+        gc.collect()
+        objs = []
+
+        def one(sock):
+            o = socket_bio(server, sock, True)
+            o.do_handshake()
+            assert o.read(3) == b"GET"
+            o.write(b"hello")
+            return o
+
+        for a, _ in pairs[:WARM_TLS]:
+            objs.append(one(a))
+        before = _heap_in_use()
+        for a, _ in pairs[WARM_TLS:]:
+            objs.append(one(a))
+        grown = _heap_in_use() - before
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    r = {"key": key_type, "connections": n, "heap_bytes_per_connection": round(grown / n)}
+    print(f"tls     {key_type:5s}: {grown / n / 1024:.2f} KiB of C heap per idle TLS 1.3 connection "
+          f"(the gateway's context and SSL object; {n} connections)", flush=True)
+    return r
+
+
+_SITECUSTOMIZE = r'''
+import os, signal
+if os.environ.get("WM_DIR"):
+    import tracemalloc
+    def _tm(sig, frm):
+        d = os.environ["WM_DIR"]
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(8)
+            open(f"{d}/started-{os.getpid()}", "w").close()
+        else:
+            tracemalloc.take_snapshot().dump(f"{d}/snap.tmp")
+            os.rename(f"{d}/snap.tmp", f"{d}/snap-{os.getpid()}")
+    signal.signal(signal.SIGUSR2, _tm)
+'''
+
+
+def python_growth(n: int, top: int = 12) -> dict:
+    """Python's allocations per parked TLS device in one worker (tracemalloc)."""
+    import tracemalloc
+
+    work = Path(tempfile.mkdtemp())
+    (work / "site").mkdir()
+    (work / "site" / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(work / "c.pem")
+    cert.private_key_pem.write_to_path(work / "k.pem")
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    up_port, port = proxy_bench._free_port(), proxy_bench._free_port()
+    upstream = tls_memory.start_upstream(up_port, 228)
+    (work / "gw").mkdir()
+    gw = wrk_bench.start_seg_fast(work / "gw", port, up_port, tls=(work / "c.pem", work / "k.pem"),
+                                  env_extra={"PYTHONPATH": f"{work / 'site'}{os.pathsep}{REPO / 'src'}",
+                                             "WM_DIR": str(work)})
+    socks = []
+    try:
+        end = time.monotonic() + 30
+        while not (workers := proxy_bench._children(gw.pid)):
+            assert time.monotonic() < end, "no worker"
+            time.sleep(0.05)
+        pid = workers[0]
+
+        def signalled(name: str) -> Path:
+            os.kill(pid, signal.SIGUSR2)
+            f = work / name
+            end = time.monotonic() + 300
+            while not f.exists():
+                assert time.monotonic() < end, f"the worker did not write {name}"
+                time.sleep(0.1)
+            return f
+
+        for i in range(50):
+            socks.append(tls_memory.device(port, ctx, 900_000 + i, 228))
+        time.sleep(1.0)
+        signalled(f"started-{pid}")
+        rss0 = proxy_bench._rss_kb(pid)
+        for i in range(n):
+            socks.append(tls_memory.device(port, ctx, i, 228))
+        end = time.monotonic() + 120
+        while proxy_bench._count_established(up_port) < n + 50:
+            assert time.monotonic() < end, "the Pings did not all park"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        snap = tracemalloc.Snapshot.load(str(signalled(f"snap-{pid}")))
+        rss = proxy_bench._rss_kb(pid) - rss0
+    finally:
+        for s in socks:
+            s.close()
+        upstream.terminate()
+        wrk_bench.stop_all([gw])
+        upstream.wait(30)
+    stats = snap.statistics("traceback")
+    total = sum(s.size for s in stats)
+    sites = []
+    for s in stats[:top]:
+        frames = [f"{f.filename.split('site-packages/')[-1].split('src/')[-1]}:{f.lineno}"
+                  for f in list(s.traceback)[::-1][:3]]
+        sites.append({"bytes_per_device": round(s.size / n, 1), "objects_per_device": round(s.count / n, 2),
+                      "where": frames})
+    r = {"devices": n, "python_bytes_per_device": round(total / n), "rss_kib_per_device_traced": round(rss / n, 2),
+         "largest_sites": sites}
+    print(f"python  : {total / n / 1024:.2f} KiB allocated by Python per parked TLS device ({n} devices; "
+          f"RSS {rss / n:.1f} KiB with tracemalloc's own bookkeeping)", flush=True)
+    for s in sites[:6]:
+        print(f"          {s['bytes_per_device']:7.1f} B  {s['objects_per_device']:5.2f} objects  {s['where'][0]}",
+              flush=True)
+    return r
+
+
+_FORKED = r'''
+import gc, os, sys
+import seg_fast.proxy.server, seg_fast.proxy.gateway     # what a worker runs (~440 modules)
+from seg_fast.proxy.server import worker_cli
+gc.collect()
+gc.freeze()
+kids = []
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = worker_cli(["--config", sys.argv[2]])
+        finally:
+            os._exit(code or 0)
+    kids.append(pid)
+for k in kids:
+    os.waitpid(k, 0)
+'''
+
+
+def _tree(root: int) -> list[int]:
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for t in glob.glob(f"/proc/{p}/task/*/children"):
+            try:
+                todo += [int(x) for x in Path(t).read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def _pss_kib(pids: list[int]) -> dict:
+    tot = {"Pss": 0, "Pss_Anon": 0, "Pss_File": 0, "Rss": 0}
+    for p in pids:
+        try:
+            lines = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]
+        except OSError:                          # gone meanwhile (a helper serve ran and ended)
+            continue
+        for line in lines:
+            k, v = line.split(":", 1)
+            if k in tot:
+                tot[k] += int(v.split()[0])
+    return tot
+
+
+def forked_workers(workers: int) -> dict:
+    """PSS of W idle workers started as serve starts them, and forked from one that imported them."""
+    work = Path(tempfile.mkdtemp())
+    port, up = proxy_bench._free_port(), proxy_bench._free_port()
+    cfg = work / "gateway.toml"
+    cfg.write_text(f"""workers = {workers}
+[listener]
+host = "127.0.0.1"
+port = {port}
+[upstream]
+url = "http://127.0.0.1:{up}"
+[admin]
+enabled = false
+[log]
+transactions = ""
+[policy]
+allow_if_no_policies = true
+sqlite_path = "{work}/policy.db"
+[security]
+block_attachments_without_policy = false
+master_key_file = "{work}/master.key"
+key_state_file = "{work}/keys.json"
+""")
+    env = dict(os.environ, SEG_FAST_STATE_DIR=str(work / "state"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
+    out = {}
+    for how, cmd in (("exec", [sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)]),
+                     ("fork", [sys.executable, "-c", _FORKED, str(workers), str(cfg)])):
+        proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wrk_bench._wait_port(port)
+            end = time.monotonic() + 60
+            while len(pids := _tree(proc.pid)) < workers + 1:
+                assert time.monotonic() < end, f"{how}: {len(pids) - 1} of {workers} workers"
+                time.sleep(0.2)
+            time.sleep(3.0)                      # start-up done, idle
+            out[how] = {"processes": len(pids), **{k.lower() + "_mib": round(v / 1024, 1)
+                                                  for k, v in _pss_kib(pids).items()}}
+        finally:
+            for p in reversed(_tree(proc.pid)):
+                try:
+                    os.kill(p, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            proc.wait(30)
+        print(f"fork    {how}: {out[how]['pss_mib']:.1f} MiB PSS ({out[how]['pss_anon_mib']:.1f} anonymous) "
+              f"for {workers} idle workers and their parent", flush=True)
+    saved = (out["exec"]["pss_mib"] - out["fork"]["pss_mib"]) / workers
+    out["pss_mib_saved_per_worker"] = round(saved, 1)
+    print(f"fork    : {saved:.1f} MiB of PSS less per idle worker when forked", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--connections", type=int, default=2000)
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--out", default=str(HERE / "results" / "worker_memory.json"))
+    ap.add_argument("--only-tls", action="store_true",
+                    help="the TLS connections alone, nothing written (e.g. under valgrind --tool=massif)")
+    args = ap.parse_args(argv)
+    proxy_bench._raise_nofile()
+    if args.only_tls:
+        tls_heap(args.connections, "RSA")
+        return 0
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    r = {"commit": commit,
+         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "tls": [tls_heap(args.connections, "ECDSA"), tls_heap(args.connections, "RSA")],
+         "python": python_growth(args.devices),
+         "fork": forked_workers(args.workers)}
+    Path(args.out).write_text(json.dumps(r, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
