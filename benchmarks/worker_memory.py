@@ -1,6 +1,6 @@
 """Where a gateway worker's memory goes, for the 2 GiB bound at 100,000 devices per core.
 
-    python benchmarks/worker_memory.py [--connections 2000] [--devices 1000] [--workers 6]
+    python benchmarks/worker_memory.py [--connections 2000] [--devices 1000] [--workers 6] [--base TREE]
 
 Three measurements, each printed and written to benchmarks/results/worker_memory.json:
 
@@ -14,12 +14,10 @@ Three measurements, each printed and written to benchmarks/results/worker_memory
    a ``sitecustomize`` written to a temporary directory installs the signal handler), the
    largest allocation sites first. Beside it the worker's RSS growth per device (tracemalloc's
    own bookkeeping included, so above benchmarks/tls_memory.py's figure).
-3. ``fork``: the proportional set size (PSS, what the sizing run's memory bound sums) of
-   ``seg-fast serve --workers W`` idle, the workers started as serve starts them (a new
-   interpreter each, importing everything again), against the same W workers forked from one
-   process that imported the worker's modules first and froze them (``gc.freeze``), so their
-   pages are shared copy-on-write. The forked workers run the worker's own entry
-   (``server.worker_cli``); nothing in the gateway starts them that way (yet).
+3. ``fork`` (with ``--base``): the proportional set size (PSS, what the sizing run's memory
+   bound sums) of ``seg-fast serve --workers W`` idle, this tree's (its first workers forked from
+   the control process after it imported what they run, proxy/forked.py) against a checkout's
+   from before (each worker a new interpreter that imports everything again).
 """
 from __future__ import annotations
 
@@ -209,27 +207,6 @@ def python_growth(n: int, top: int = 12) -> dict:
     return r
 
 
-_FORKED = r'''
-import gc, os, sys
-import seg_fast.proxy.server, seg_fast.proxy.gateway     # what a worker runs (~440 modules)
-from seg_fast.proxy.server import worker_cli
-gc.collect()
-gc.freeze()
-kids = []
-for _ in range(int(sys.argv[1])):
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = worker_cli(["--config", sys.argv[2]])
-        finally:
-            os._exit(code or 0)
-    kids.append(pid)
-for k in kids:
-    os.waitpid(k, 0)
-'''
-
-
 def _tree(root: int) -> list[int]:
     out, todo = [], [root]
     while todo:
@@ -257,12 +234,16 @@ def _pss_kib(pids: list[int]) -> dict:
     return tot
 
 
-def forked_workers(workers: int) -> dict:
-    """PSS of W idle workers started as serve starts them, and forked from one that imported them."""
-    work = Path(tempfile.mkdtemp())
-    port, up = proxy_bench._free_port(), proxy_bench._free_port()
-    cfg = work / "gateway.toml"
-    cfg.write_text(f"""workers = {workers}
+def forked_workers(workers: int, base: str) -> dict:
+    """PSS of ``seg-fast serve --workers W`` idle, from this tree (its first workers forked from the
+    control process, proxy/forked.py) and from ``base`` (a checkout from before, whose workers
+    each start as a new interpreter), one after the other."""
+    out = {}
+    for how, tree in (("base", Path(base).resolve()), ("this tree", REPO)):
+        work = Path(tempfile.mkdtemp())
+        port, up = proxy_bench._free_port(), proxy_bench._free_port()
+        cfg = work / "gateway.toml"
+        cfg.write_text(f"""workers = {workers}
 [listener]
 host = "127.0.0.1"
 port = {port}
@@ -280,12 +261,9 @@ block_attachments_without_policy = false
 master_key_file = "{work}/master.key"
 key_state_file = "{work}/keys.json"
 """)
-    env = dict(os.environ, SEG_FAST_STATE_DIR=str(work / "state"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
-    out = {}
-    for how, cmd in (("exec", [sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)]),
-                     ("fork", [sys.executable, "-c", _FORKED, str(workers), str(cfg)])):
-        proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, SEG_FAST_STATE_DIR=str(work / "state"), PYTHONPATH=str(tree / "src"))
+        proc = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--config", str(cfg)], env=env,
+                                cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wrk_bench._wait_port(port)
             end = time.monotonic() + 60
@@ -293,20 +271,16 @@ key_state_file = "{work}/keys.json"
                 assert time.monotonic() < end, f"{how}: {len(pids) - 1} of {workers} workers"
                 time.sleep(0.2)
             time.sleep(3.0)                      # start-up done, idle
-            out[how] = {"processes": len(pids), **{k.lower() + "_mib": round(v / 1024, 1)
-                                                  for k, v in _pss_kib(pids).items()}}
+            out[how] = {"tree": str(tree), "processes": len(pids),
+                        **{k.lower() + "_mib": round(v / 1024, 1) for k, v in _pss_kib(pids).items()}}
         finally:
-            for p in reversed(_tree(proc.pid)):
-                try:
-                    os.kill(p, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            proc.send_signal(signal.SIGTERM)
             proc.wait(30)
         print(f"fork    {how}: {out[how]['pss_mib']:.1f} MiB PSS ({out[how]['pss_anon_mib']:.1f} anonymous) "
-              f"for {workers} idle workers and their parent", flush=True)
-    saved = (out["exec"]["pss_mib"] - out["fork"]["pss_mib"]) / workers
+              f"for serve's {workers} idle workers and its control process", flush=True)
+    saved = (out["base"]["pss_mib"] - out["this tree"]["pss_mib"]) / workers
     out["pss_mib_saved_per_worker"] = round(saved, 1)
-    print(f"fork    : {saved:.1f} MiB of PSS less per idle worker when forked", flush=True)
+    print(f"fork    : {saved:.1f} MiB of PSS less per idle worker", flush=True)
     return out
 
 
@@ -315,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--connections", type=int, default=2000)
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--base", help="a checkout whose serve starts each worker as a new interpreter "
+                                   "(e.g. a9409cb); without it the fork comparison is skipped")
     ap.add_argument("--out", default=str(HERE / "results" / "worker_memory.json"))
     ap.add_argument("--only-tls", action="store_true",
                     help="the TLS connections alone, nothing written (e.g. under valgrind --tool=massif)")
@@ -329,7 +305,7 @@ def main(argv=None) -> int:
          "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
          "tls": [tls_heap(args.connections, "ECDSA"), tls_heap(args.connections, "RSA")],
          "python": python_growth(args.devices),
-         "fork": forked_workers(args.workers)}
+         "fork": forked_workers(args.workers, args.base) if args.base else None}
     Path(args.out).write_text(json.dumps(r, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

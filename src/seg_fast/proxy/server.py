@@ -8,8 +8,10 @@ requests, exit), SIGHUP reloads the config file without dropping connections.
 
 Start-up refuses, with one line naming the key and the cause, rather than run half
 a gateway: a listener address another serve (or its orphaned workers) holds, an
-admin or push port that cannot be bound. Workers start through
-``seg_fast.proxy.worker``, which ties them to the control process first thing.
+admin or push port that cannot be bound. The first workers are forked before the
+control process enters trio and wait at a gate until its start-up has succeeded
+(proxy/forked.py: they share the modules' pages); a worker that dies is replaced
+through ``seg_fast.proxy.worker``, which ties it to the control process first thing.
 """
 from __future__ import annotations
 
@@ -53,7 +55,6 @@ def cli(argv: list[str]) -> int:
         say(f"config: none given, the embedded defaults (listener {config.listener.host}:{config.listener.port} "
              f"plain HTTP, mail server {config.upstream.url}, state in {config.state_dir}); "
              "use --config FILE (examples/gateway.toml)")
-    _warn_without_policies(config)
     workers = args.workers if args.workers is not None else config.workers
     if not workers:
         from seg_fast.oslimits import raise_nofile_limit, workers_for
@@ -196,13 +197,32 @@ def run_control(config, config_path: str | None, workers: int) -> int:
     cmd = [sys.executable, "-m", "seg_fast.proxy.worker"]
     if config_path:
         cmd += ["--config", str(config_path)]
-    procs: list[subprocess.Popen] = []
+    procs: list = []                 # subprocess.Popen, or forked.Forked with the same face
     # A socketpair per worker (proxy/channel.py): the session ticket keys every worker shares
     # (proxy/tickets.py), and attachment names one worker learnt passed to the others (refshare.py).
     hub = channel.Hub(relayed=frozenset({refshare.MAGIC}),
                       kept=refshare.Table(2 * config.security.file_reference_cache))     # names and kinds
     keeper = tickets.Keeper(config.listener.tls_ticket_key_rotation, hub)
     state = {"stopping": False, "grace": config.timeouts.shutdown_grace, "failed": "", "tickets": keeper}
+    # The first workers: forked now, before trio, each waiting at its gate (proxy/forked.py).
+    from seg_fast.proxy import forked
+
+    forked.preload()
+    gated: list[tuple[forked.Forked, socket.socket]] = []
+    for _ in range(workers):
+        ours, theirs = hub.pair(keeper.first())
+        inherited = [o for _, o in gated] + [g.gate for g, _ in gated] + [ours]
+        try:
+            child = forked.fork_worker({**env, channel.ENV_FD: str(theirs.fileno())}, cmd[3:], inherited)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        gated.append((child, ours))
+    # After the forks: the store check runs trio, whose worker threads a forked child would
+    # inherit as idle-but-absent (the child's first thread job would wait forever).
+    _warn_without_policies(config)
 
     def spawn() -> subprocess.Popen:
         # From the main thread only: PR_SET_PDEATHSIG fires when the *thread* that forked exits.
@@ -245,8 +265,11 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 if config.policy.store == "redis":
                     from seg_fast.policy.store import keep_local_copy
                     nursery.start_soon(keep_local_copy, config.policy)
-                for _ in range(workers):
-                    procs.append(spawn())
+                for child, ours in gated:
+                    child.release()
+                    hub.started(child.pid, ours)
+                    procs.append(child)
+                gated.clear()
                 say(f"control process: {workers} worker(s)")
                 nursery.start_soon(hub.run)
                 nursery.start_soon(keeper.run)
@@ -281,7 +304,12 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                                     proc.kill()
                 nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    finally:
+        for child, ours in gated:         # the start failed before their gates opened
+            child.abandon()
+            ours.close()
     hub.close()
     if state["failed"]:
         print(f"seg-fast: {config_path or '(defaults)'}: {state['failed']}", file=sys.stderr, flush=True)
