@@ -140,6 +140,15 @@ def device(port: int, ctx: ssl.SSLContext, i: int, size: int) -> ssl.SSLSocket:
     return s
 
 
+def stop(socks: list, upstream: subprocess.Popen, gw: subprocess.Popen) -> None:
+    """The devices' connections closed, the mail server and the gateway stopped."""
+    for s in socks:
+        s.close()
+    upstream.terminate()
+    wrk_bench.stop_all([gw])
+    upstream.wait(30)
+
+
 def sockstat_tcp_pages() -> int:
     m = re.search(r"TCP: .* mem (\d+)", Path("/proc/net/sockstat").read_text())
     return int(m.group(1)) if m else 0
@@ -179,11 +188,7 @@ def measure(name: str, workdir: Path, cert, key, ctx, baseline: str, size: int, 
         assert alive >= n + WARM, f"{name}: {alive} device connections established, expected {n + WARM}"
         assert upstream_alive >= n + WARM, f"{name}: {upstream_alive} upstream connections, expected {n + WARM}"
     finally:
-        for s in socks:
-            s.close()
-        upstream.terminate()
-        wrk_bench.stop_all([gw])
-        upstream.wait(30)
+        stop(socks, upstream, gw)
     r = {"name": name, "answer_bytes": size, "devices": n, "rss_growth_kb": grown,
          "kib_per_device": round(grown / n, 2), "socket_memory_growth_bytes": sk_grown,
          "socket_kib_per_device": round(sk_grown / n / 1024, 2),

@@ -184,11 +184,7 @@ def python_growth(n: int, top: int = 12) -> dict:
         snap = tracemalloc.Snapshot.load(str(signalled(f"snap-{pid}")))
         rss = proxy_bench._rss_kb(pid) - rss0
     finally:
-        for s in socks:
-            s.close()
-        upstream.terminate()
-        wrk_bench.stop_all([gw])
-        upstream.wait(30)
+        tls_memory.stop(socks, upstream, gw)
     stats = snap.statistics("traceback")
     total = sum(s.size for s in stats)
     sites = []
