@@ -141,3 +141,39 @@ def fork_worker(env: dict[str, str], argv: list[str], inherited: list) -> Forked
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m seg_fast.proxy.forked CONFIG...``: a worker per config file, forked from this
+    process as serve forks its first workers, with no control process. For the sizing benchmark,
+    whose shards each have a config of their own (their own mail-server shard): its memory then
+    counts the shared pages as serve's does. SIGTERM here is passed to every worker (they drain);
+    a worker that exits stops the others and this process, so whoever started it sees the end."""
+    preload()
+    children = [fork_worker({}, ["--config", cfg], []) for cfg in argv]
+    for child in children:
+        child.release()
+
+    def stop(signum, frame):
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes = []
+    while any(child.returncode is None for child in children):
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        for child in children:
+            if child.pid == pid and child.returncode is None:
+                child.returncode = os.waitstatus_to_exitcode(status)
+                codes.append(child.returncode)
+                if len(codes) == 1:
+                    stop(None, None)          # the first to end ends the rest
+    return next((code for code in codes if code), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -539,13 +539,13 @@ class Proxy:
                               capture_output=True, text=True)
         if load.returncode != 0:
             raise RuntimeError(f"seg-fast policy load failed: {load.stderr.strip()[-500:]}")
-        for k, cfg in enumerate(configs):
-            # Each instance is one gateway worker (`serve --worker`, what the control
-            # process starts per core), so K shards do not also pay K control processes.
-            cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + [
-                sys.executable, "-m", "seg_fast", "serve", "--worker", "--config", str(cfg)]
-            self.procs.append(subprocess.Popen(cmd, cwd=self.dir, env=env, stdout=subprocess.DEVNULL,
-                                               stderr=open(self.dir / f"gateway{k}.err", "wb")))
+        # A gateway worker per shard (its own config: its own mail-server shard), forked from one
+        # process that imported them, as serve forks its workers (proxy/forked.py); K shards do
+        # not also pay K control processes, and the workers share the modules' pages as serve's do.
+        cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + [
+            sys.executable, "-m", "seg_fast.proxy.forked", *map(str, configs)]
+        self.procs.append(subprocess.Popen(cmd, cwd=self.dir, env=env, stdout=subprocess.DEVNULL,
+                                           stderr=open(self.dir / "gateway.err", "wb")))
 
     def _start_nginx(self) -> None:
         conf = self.dir / "nginx.conf"
