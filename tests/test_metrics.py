@@ -263,8 +263,11 @@ async def test_metrics_after_real_traffic(tmp_path):
                     # FolderSync the devices made, counted by outcome (GOOD's provisioning retries
                     # alone can reach a plain total while the other worker's BAD lines are unwritten),
                     # and for the metrics to agree with the log.
+                    # The loop-lag sampler's first sample (0.2 s into a worker's life) can come after
+                    # the worker's first stats write: forked workers start fast enough to see it.
                     if (blocked_syncs >= len(bad) and len(syncs) - blocked_syncs >= len(good)
-                            and total == len(recs) and started and len(started.samples) == 2):
+                            and total == len(recs) and started and len(started.samples) == 2
+                            and samples(fams, "seg_fast_worker_loop_lag_seconds", "_count") > 0):
                         break                      # every request counted, both workers reporting
                     await trio.sleep(0.2)
             by_key: dict = {}
