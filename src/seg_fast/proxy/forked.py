@@ -160,19 +160,15 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    codes = []
-    while any(child.returncode is None for child in children):
+    by_pid = {child.pid: child for child in children}
+    while True:
         try:
-            pid, status = os.wait()
+            pid, status = os.wait()           # (one reaped by stop's poll is not seen here: done)
         except ChildProcessError:
-            break
-        for child in children:
-            if child.pid == pid and child.returncode is None:
-                child.returncode = os.waitstatus_to_exitcode(status)
-                codes.append(child.returncode)
-                if len(codes) == 1:
-                    stop(None, None)          # the first to end ends the rest
-    return next((code for code in codes if code), 0)
+            break                             # every worker reaped
+        by_pid[pid].returncode = os.waitstatus_to_exitcode(status)
+        stop(None, None)                      # the first to end ends the rest
+    return next((child.returncode for child in children if child.returncode), 0)
 
 
 if __name__ == "__main__":

@@ -194,9 +194,8 @@ def run_control(config, config_path: str | None, workers: int) -> int:
     if lock_fd < 0:
         say(f"warning: state_dir {config.state_dir} is read-only: no listener lock for {host}:{port}")
     stats.clear(stats.stats_dir(config))          # an earlier run's workers' counters
-    cmd = [sys.executable, "-m", "seg_fast.proxy.worker"]
-    if config_path:
-        cmd += ["--config", str(config_path)]
+    worker_argv = ["--config", str(config_path)] if config_path else []
+    cmd = [sys.executable, "-m", "seg_fast.proxy.worker", *worker_argv]
     procs: list = []                 # subprocess.Popen, or forked.Forked with the same face
     # A socketpair per worker (proxy/channel.py): the session ticket keys every worker shares
     # (proxy/tickets.py), and attachment names one worker learnt passed to the others (refshare.py).
@@ -204,25 +203,11 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                       kept=refshare.Table(2 * config.security.file_reference_cache))     # names and kinds
     keeper = tickets.Keeper(config.listener.tls_ticket_key_rotation, hub)
     state = {"stopping": False, "grace": config.timeouts.shutdown_grace, "failed": "", "tickets": keeper}
-    # The first workers: forked now, before trio, each waiting at its gate (proxy/forked.py).
+    # The first workers: forked below, before trio, each waiting at its gate (proxy/forked.py).
     from seg_fast.proxy import forked
 
     forked.preload()
     gated: list[tuple[forked.Forked, socket.socket]] = []
-    for _ in range(workers):
-        ours, theirs = hub.pair(keeper.first())
-        inherited = [o for _, o in gated] + [g.gate for g, _ in gated] + [ours]
-        try:
-            child = forked.fork_worker({**env, channel.ENV_FD: str(theirs.fileno())}, cmd[3:], inherited)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        gated.append((child, ours))
-    # After the forks: the store check runs trio, whose worker threads a forked child would
-    # inherit as idle-but-absent (the child's first thread job would wait forever).
-    _warn_without_policies(config)
 
     def spawn() -> subprocess.Popen:
         # From the main thread only: PR_SET_PDEATHSIG fires when the *thread* that forked exits.
@@ -305,6 +290,21 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 nursery.cancel_scope.cancel()
 
     try:
+        for _ in range(workers):
+            ours, theirs = hub.pair(keeper.first())
+            inherited = [o for _, o in gated] + [g.gate for g, _ in gated] + [ours]
+            try:
+                child = forked.fork_worker({**env, channel.ENV_FD: str(theirs.fileno())}, worker_argv,
+                                           inherited)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            gated.append((child, ours))
+        # After the forks: the store check runs trio, whose worker threads a forked child would
+        # inherit as idle-but-absent (the child's first thread job would wait forever).
+        _warn_without_policies(config)
         trio.run(main)
     finally:
         for child, ours in gated:         # the start failed before their gates opened
