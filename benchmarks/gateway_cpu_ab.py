@@ -158,6 +158,8 @@ def connections(sides: dict[str, tuple[str, str]], n: int, rounds: int) -> dict:
     from processes import stop_process
     from tls_tickets_bench import free_port, one, threads_cpu_ns
 
+    from seg_fast.proxy.forked import worker_pids
+
     def run(tree: str, python: str, tmp: Path, ctx) -> dict:
         tmp.mkdir(parents=True)
         port = free_port()
@@ -182,8 +184,7 @@ def connections(sides: dict[str, tuple[str, str]], n: int, rounds: int) -> dict:
                     if time.monotonic() > end or proc.poll() is not None:
                         raise RuntimeError((tmp / "stderr.log").read_text()) from None
                     time.sleep(0.2)
-            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-                worker = int(f.read().split()[0])
+            worker = worker_pids(proc.pid)[0]
             for _ in range(30):                   # warm-up
                 one(port, ctx).close()
             sock = one(port, ctx)

@@ -44,6 +44,7 @@ REPO = HERE.parent
 
 from seg_fast.config import load_config  # noqa: E402
 from seg_fast.oslimits import raise_nofile_limit  # noqa: E402
+from seg_fast.proxy.forked import worker_pids  # noqa: E402
 from seg_fast.sim.client import EasClient  # noqa: E402
 from seg_fast.sim.tree import E, encode, text  # noqa: E402
 
@@ -100,13 +101,6 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for f in Path(f"/proc/{pid}/task").glob("*/children"):
-        kids += [int(p) for p in f.read_text().split()]
-    return kids
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -290,7 +284,7 @@ def main() -> int:
         if not answer.startswith(b"HTTP/1.1 200") or len(answer) < 2_700_000:
             sys.exit(f"the fetch answer is not the 2.8 MB attachment: {answer[:200]!r} ({len(answer)} bytes)")
         print(f"slow readers ask for a {len(answer):,}-byte answer", flush=True)
-        workers = _children(gw.pid)
+        workers = worker_pids(gw.pid)
         assert len(workers) == 1, workers
         worker = workers[0]
         if args.nice:
@@ -304,7 +298,7 @@ def main() -> int:
             os.setpriority(os.PRIO_PROCESS, devices.pid, args.nice)
         result = trio.run(_run, args, port, worker, devices_out, stop_file)
         devices.join(30)
-        result["worker_restarted"] = _children(gw.pid) != [worker]
+        result["worker_restarted"] = worker_pids(gw.pid) != [worker]
         counts: dict[str, int] = {}
         lag_max = 0.0
         for line in log:

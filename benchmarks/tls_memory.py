@@ -53,6 +53,8 @@ from proxy_bench import (
     _socket_memory,
 )
 
+from seg_fast.proxy.forked import worker_pids
+
 WARM = 50
 
 # The mail server: a Ping is held (never answered), anything else gets an answer of `size` bytes.
@@ -97,7 +99,7 @@ def start_gateway(workdir: Path, name: str, upstream: int, cert: Path, key: Path
     port = proxy_bench._free_port()
     proc = tls_bench.start_seg_fast_tls(workdir, port, upstream, cert, key, name, baseline=baseline)
     end = time.monotonic() + 20
-    while not (workers := proxy_bench._children(proc.pid)):
+    while not (workers := worker_pids(proc.pid)):
         assert time.monotonic() < end, "no worker process"
         time.sleep(0.05)
     return proc, port, workers[0]

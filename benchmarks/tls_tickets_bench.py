@@ -70,11 +70,9 @@ class Serve:
             time.sleep(0.1)
 
     def workers(self) -> list[int]:
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                return [int(p) for p in f.read().split()]
-        except OSError:
-            return []
+        from seg_fast.proxy.forked import worker_pids
+
+        return worker_pids(self.proc.pid)
 
     def cpu_ns(self) -> int:
         return threads_cpu_ns(self.workers())

@@ -1,6 +1,7 @@
 """Where a gateway worker's memory goes, for the 2 GiB bound at 100,000 devices per core.
 
     python benchmarks/worker_memory.py [--connections 2000] [--devices 1000] [--workers 6] [--base TREE]
+    python benchmarks/worker_memory.py --only-fork --base TREE --replace 4   (added to the JSON)
 
 Three measurements, each printed and written to benchmarks/results/worker_memory.json:
 
@@ -15,9 +16,11 @@ Three measurements, each printed and written to benchmarks/results/worker_memory
    largest allocation sites first. Beside it the worker's RSS growth per device (tracemalloc's
    own bookkeeping included, so above benchmarks/tls_memory.py's figure).
 3. ``fork`` (with ``--base``): the proportional set size (PSS, what the sizing run's memory
-   bound sums) of ``seg-fast serve --workers W`` idle, this tree's (its first workers forked from
-   the control process after it imported what they run, proxy/forked.py) against a checkout's
-   from before (each worker a new interpreter that imports everything again).
+   bound sums) of ``seg-fast serve --workers W`` idle, this tree's (its workers forked from a
+   template that imported what they run, proxy/forked.py) against a checkout's from before
+   (a9409cb: each worker a new interpreter that imports everything again; 9642206: the first
+   workers forked, a replacement a new interpreter); with ``--replace K``, again after K
+   workers were killed (SIGKILL, one at a time) and replaced.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ import proxy_bench
 import tls_memory
 import trustme
 import wrk_bench
+
+from seg_fast.proxy.forked import worker_pids
 
 WARM_TLS = 20
 
@@ -155,7 +160,7 @@ def python_growth(n: int, top: int = 12) -> dict:
     socks = []
     try:
         end = time.monotonic() + 30
-        while not (workers := proxy_bench._children(gw.pid)):
+        while not (workers := worker_pids(gw.pid)):
             assert time.monotonic() < end, "no worker"
             time.sleep(0.05)
         pid = workers[0]
@@ -230,10 +235,10 @@ def _pss_kib(pids: list[int]) -> dict:
     return tot
 
 
-def forked_workers(workers: int, base: str) -> dict:
-    """PSS of ``seg-fast serve --workers W`` idle, from this tree (its first workers forked from the
-    control process, proxy/forked.py) and from ``base`` (a checkout from before, whose workers
-    each start as a new interpreter), one after the other."""
+def forked_workers(workers: int, base: str, replace: int = 0) -> dict:
+    """PSS of ``seg-fast serve --workers W`` idle, from this tree (its workers forked from a
+    template, proxy/forked.py) and from ``base`` (a checkout from before), one after the other;
+    with ``replace``, again once that many workers were killed and replaced."""
     out = {}
     for how, tree in (("base", Path(base).resolve()), ("this tree", REPO)):
         work = Path(tempfile.mkdtemp())
@@ -263,20 +268,44 @@ key_state_file = "{work}/keys.json"
         try:
             wrk_bench._wait_port(port)
             end = time.monotonic() + 60
-            while len(pids := _tree(proc.pid)) < workers + 1:
-                assert time.monotonic() < end, f"{how}: {len(pids) - 1} of {workers} workers"
+            while len(kids := worker_pids(proc.pid)) < workers:
+                assert time.monotonic() < end, f"{how}: {len(kids)} of {workers} workers"
                 time.sleep(0.2)
             time.sleep(3.0)                      # start-up done, idle
+            pids = _tree(proc.pid)               # the control, its workers and (if any) its template
             out[how] = {"tree": str(tree), "processes": len(pids),
                         **{k.lower() + "_mib": round(v / 1024, 1) for k, v in _pss_kib(pids).items()}}
+            print(f"fork    {how}: {out[how]['pss_mib']:.1f} MiB PSS ({out[how]['pss_anon_mib']:.1f} anonymous) "
+                  f"for serve's {workers} idle workers and its control process ({len(pids)} processes)",
+                  flush=True)
+            if replace:
+                # One at a time, each replacement listening before the next kill (the crash limit
+                # is 5 in 60 s, so at most 4).
+                for victim in kids[:replace]:
+                    os.kill(victim, signal.SIGKILL)
+                    end = time.monotonic() + 60
+                    while victim in (now := worker_pids(proc.pid)) or len(now) < workers:
+                        assert time.monotonic() < end and proc.poll() is None, f"{how}: no replacement"
+                        time.sleep(0.1)
+                    wrk_bench._wait_port(port)
+                time.sleep(3.0)
+                pids = _tree(proc.pid)
+                out[how]["replaced"] = {"workers": replace, "processes": len(pids),
+                                        **{k.lower() + "_mib": round(v / 1024, 1)
+                                           for k, v in _pss_kib(pids).items()}}
+                print(f"fork    {how}: {out[how]['replaced']['pss_mib']:.1f} MiB PSS after {replace} workers "
+                      f"were killed and replaced", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-        print(f"fork    {how}: {out[how]['pss_mib']:.1f} MiB PSS ({out[how]['pss_anon_mib']:.1f} anonymous) "
-              f"for serve's {workers} idle workers and its control process", flush=True)
     saved = (out["base"]["pss_mib"] - out["this tree"]["pss_mib"]) / workers
     out["pss_mib_saved_per_worker"] = round(saved, 1)
     print(f"fork    : {saved:.1f} MiB of PSS less per idle worker", flush=True)
+    if replace:
+        grown = {how: out[how]["replaced"]["pss_mib"] - out[how]["pss_mib"] for how in ("base", "this tree")}
+        out["pss_mib_grown_per_replaced_worker"] = {how: round(g / replace, 1) for how, g in grown.items()}
+        print(f"fork    : PSS grown per replaced worker: base {grown['base'] / replace:.1f} MiB, "
+              f"this tree {grown['this tree'] / replace:.1f} MiB", flush=True)
     return out
 
 
@@ -287,6 +316,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--base", help="a checkout whose serve starts each worker as a new interpreter "
                                    "(e.g. a9409cb); without it the fork comparison is skipped")
+    ap.add_argument("--replace", type=int, default=0, choices=range(5),
+                    help="with --base: also measure after K workers were killed and replaced (at most 4)")
+    ap.add_argument("--only-fork", action="store_true", help="with --base: the fork comparison alone")
     ap.add_argument("--out", default=str(HERE / "results" / "worker_memory.json"))
     ap.add_argument("--only-tls", action="store_true",
                     help="the TLS connections alone, nothing written (e.g. under valgrind --tool=massif)")
@@ -297,11 +329,19 @@ def main(argv=None) -> int:
         return 0
     commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    r = {"commit": commit,
-         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-         "tls": [tls_heap(args.connections, "ECDSA"), tls_heap(args.connections, "RSA")],
-         "python": python_growth(args.devices),
-         "fork": forked_workers(args.workers, args.base) if args.base else None}
+    r = {"commit": commit, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.only_fork:
+        if not args.base:
+            ap.error("--only-fork needs --base")
+        out = Path(args.out)
+        kept = json.loads(out.read_text()) if out.exists() else {}
+        kept["fork_" + Path(args.base).name] = {**r, **forked_workers(args.workers, args.base, args.replace)}
+        out.write_text(json.dumps(kept, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return 0
+    r.update({"tls": [tls_heap(args.connections, "ECDSA"), tls_heap(args.connections, "RSA")],
+              "python": python_growth(args.devices),
+              "fork": forked_workers(args.workers, args.base, args.replace) if args.base else None})
     Path(args.out).write_text(json.dumps(r, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -1,7 +1,8 @@
-"""The first workers are forked from the control process before it enters trio (proxy/forked.py):
-they share the imported modules' pages, start only once the control's start-up has succeeded,
-and a worker that dies is replaced by a new interpreter. Checked against running `seg-fast serve`
-processes, with what the kernel says (/proc), not what the gateway says."""
+"""Workers are forked from a template process the control forked before it entered trio
+(proxy/forked.py): the first ones and those that replace a worker alike, each the control's
+child and sharing the imported modules' pages; nothing is forked for a start that fails, and
+without its template a serve replaces workers with new interpreters. Checked against running
+`seg-fast serve` processes, with what the kernel says (/proc), not what the gateway says."""
 from __future__ import annotations
 
 import os
@@ -80,45 +81,91 @@ def _wait_workers(pid: int, n: int, bound: float = 60) -> list[int]:
     return kids
 
 
-def test_the_first_workers_share_the_modules_pages_and_a_replacement_is_a_new_interpreter(tmp_path, mail_server):
+def _shared_kib(pid: int) -> int:
+    # Anonymous pages it maps that other processes map too (the template's imports): an
+    # interpreter of its own would hold them all privately (Pss_Anon ~ Anonymous).
+    mem = _rollup(pid)
+    return mem["Anonymous"] - mem["Pss_Anon"]
+
+
+def _replacement(pid: int, before: list[int], bound: float = 60) -> int:
+    end = time.monotonic() + bound
+    while True:
+        kids = workers_of(pid)
+        new = [p for p in kids if p not in before]
+        if len(kids) == len(before) and new:
+            return new[0]
+        assert time.monotonic() < end, f"no replacement worker: {kids}"
+        time.sleep(0.05)
+
+
+def _replacement_listening(proc, bound: float = 60) -> None:
+    """The replacement said it listens (after the control said it started one)."""
+    end = time.monotonic() + bound
+    while b"worker listening" not in b"".join(_stderr_so_far(proc)).rpartition(b"starting another")[2]:
+        assert time.monotonic() < end, b"".join(_stderr_so_far(proc)).decode(errors="replace")
+        time.sleep(0.1)
+
+
+def _children_of(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_workers_are_forked_from_the_template_first_ones_and_replacements_alike(tmp_path, mail_server):
     port = free_port()
     proc = start_serve(_config(tmp_path, port, 2, mail_server), tmp_path)
     try:
         wait_listening(port, proc)
         first = _wait_workers(proc.pid, 2)
         control_cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        # The control's children: the two workers (adopted: the template's grandchildren) and
+        # the template, named so that worker_pids leaves it out.
+        others = [p for p in _children_of(proc.pid) if p not in first]
+        assert len(others) == 1
+        assert Path(f"/proc/{others[0]}/comm").read_bytes() == b"seg-fast-tmpl\n"
         for pid in first:
             assert Path(f"/proc/{pid}/cmdline").read_bytes() == control_cmdline      # forked, not exec'd
-            mem = _rollup(pid)
-            # Anonymous pages it maps that other processes map too (the control's imports): an
-            # interpreter of its own would hold them all privately (Pss_Anon ~ Anonymous).
-            shared = mem["Anonymous"] - mem["Pss_Anon"]
-            assert shared >= 4 * MIB, f"worker {pid}: only {shared} KiB of its anonymous pages shared"
+            assert Path(f"/proc/{pid}/comm").read_bytes() == Path(f"/proc/{proc.pid}/comm").read_bytes()
+            assert _shared_kib(pid) >= 4 * MIB, f"worker {pid}: only {_shared_kib(pid)} KiB shared"
         assert _options(port).startswith(b"HTTP/1.1 200")
-        # A worker that dies is replaced, by a new interpreter (the control is in its trio run now).
+        # A worker that dies is replaced the same way: forked, sharing the pages, the control's child.
         os.kill(first[0], signal.SIGKILL)
-        end = time.monotonic() + 60
-        while True:
-            kids = workers_of(proc.pid)
-            new = [p for p in kids if p not in first]
-            if len(kids) == 2 and new:
-                break
-            assert time.monotonic() < end, f"no replacement worker: {kids}"
-            time.sleep(0.05)
-        # (Popen's child shows the control's command line until its exec: polled)
-        while b"seg_fast.proxy.worker" not in Path(f"/proc/{new[0]}/cmdline").read_bytes().split(b"\0"):
-            assert time.monotonic() < end, Path(f"/proc/{new[0]}/cmdline").read_bytes()
-            time.sleep(0.05)
-        end = time.monotonic() + 60
-        while b"worker listening" not in b"".join(_stderr_so_far(proc)):
-            assert time.monotonic() < end
-            time.sleep(0.1)
+        new = _replacement(proc.pid, first)
+        assert new in _children_of(proc.pid)
+        assert Path(f"/proc/{new}/cmdline").read_bytes() == control_cmdline
+        _replacement_listening(proc)
+        assert _shared_kib(new) >= 4 * MIB, f"replacement {new}: only {_shared_kib(new)} KiB shared"
         for _ in range(6):                       # both workers answer (SO_REUSEPORT spreads them)
             assert _options(port).startswith(b"HTTP/1.1 200")
     finally:
         stop_process(proc)
     err = (b"".join(_seen.pop(proc.pid, [])) + proc.stderr.read()).decode()
     assert f"worker {first[0]} exited with -9; starting another" in err
+    assert "Traceback" not in err and "warning" not in err
+
+
+def test_without_its_template_a_serve_replaces_a_worker_with_a_new_interpreter(tmp_path, mail_server):
+    port = free_port()
+    proc = start_serve(_config(tmp_path, port, 2, mail_server), tmp_path)
+    try:
+        wait_listening(port, proc)
+        first = _wait_workers(proc.pid, 2)
+        template = [p for p in _children_of(proc.pid) if p not in first][0]
+        os.kill(template, signal.SIGKILL)
+        os.kill(first[0], signal.SIGKILL)
+        new = _replacement(proc.pid, first)
+        end = time.monotonic() + 60
+        # (Popen's child shows the control's command line until its exec: polled)
+        while b"seg_fast.proxy.worker" not in Path(f"/proc/{new}/cmdline").read_bytes().split(b"\0"):
+            assert time.monotonic() < end, Path(f"/proc/{new}/cmdline").read_bytes()
+            time.sleep(0.05)
+        _replacement_listening(proc)
+        for _ in range(6):
+            assert _options(port).startswith(b"HTTP/1.1 200")
+    finally:
+        stop_process(proc)
+    err = (b"".join(_seen.pop(proc.pid, [])) + proc.stderr.read()).decode()
+    assert "warning: the template process" in err and "workers start as new interpreters from now on" in err
     assert "Traceback" not in err
 
 
@@ -139,8 +186,8 @@ def _stderr_so_far(proc) -> list[bytes]:
 
 
 def test_a_start_that_fails_after_the_forks_leaves_no_worker(tmp_path):
-    # The admin port is bound in the control's trio run, after the workers were forked: taken,
-    # the start fails, the gates close unopened, and the forked children exit without listening.
+    # The admin port is bound in the control's trio run before any worker is forked: taken,
+    # the start fails, no worker is made, and the template (forked before the run) is reaped.
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()
@@ -176,21 +223,31 @@ def _run(script: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def test_the_gate_decides_whether_a_forked_worker_runs(tmp_path):
+def test_the_template_forks_workers_the_forking_process_adopts(tmp_path):
     # Run in a process of its own: pytest's has threads, which the fork refuses (next test).
     r = _run(f"""
+        import os, socket, trio
         from seg_fast.proxy import forked
-        bad = ["--config", "{tmp_path}/missing.toml"]      # worker_cli would fail: 2
-        shut = forked.fork_worker({{}}, bad, [])
-        shut.abandon()                                     # closed unopened: never ran
-        opened = forked.fork_worker({{}}, bad, [])
-        opened.release()
-        opened.abandon()
-        print(shut.returncode, opened.returncode)
+        bad = ["--config", "{tmp_path}/missing.toml"]      # worker_cli fails: 2
+        template = forked.Template.start({{}}, bad)
+
+        async def main():
+            a, b = socket.socketpair()
+            child = await template.fork(b.fileno())
+            b.close()
+            status = os.waitpid(child.pid, 0)[1]          # our child, though the template forked it
+            print(os.waitstatus_to_exitcode(status), os.getpid() != template.pid)
+
+        trio.run(main)
+        template.reap()                                    # its socket closed: it ends, and is reaped
+        try:
+            os.waitpid(template.pid, os.WNOHANG)
+        except ChildProcessError:
+            print("reaped")
         """)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["0", "2"]
-    assert "missing.toml" in r.stderr                      # the opened one ran worker_cli
+    assert r.stdout.split() == ["2", "True", "reaped"]
+    assert "missing.toml" in r.stderr                      # the worker ran worker_cli
 
 
 def test_a_fork_with_another_thread_running_is_refused():
@@ -199,11 +256,12 @@ def test_a_fork_with_another_thread_running_is_refused():
         from seg_fast.proxy import forked
         stop = threading.Event()
         threading.Thread(target=stop.wait, daemon=True).start()
-        try:
-            forked.fork_worker({}, [], [])
-        except RuntimeError as exc:
-            print("refused:", exc)
+        for fork in (lambda: forked.fork_worker([]), lambda: forked.Template.start({}, [])):
+            try:
+                fork()
+            except RuntimeError as exc:
+                print("refused:", exc)
         stop.set()
         """)
     assert r.returncode == 0, r.stderr
-    assert "refused: cannot fork a worker: 1 other thread(s) running" in r.stdout
+    assert r.stdout.count("refused: cannot fork a worker: 1 other thread(s) running") == 2

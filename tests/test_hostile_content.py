@@ -9,7 +9,6 @@ import base64
 import email
 import email.policy
 import hashlib
-import os
 import shutil
 import subprocess
 import time
@@ -32,6 +31,7 @@ from seg_fast.content.model import AttachmentPolicy, EmailSecurityPolicy, Hyperl
 from seg_fast.eas.wbxml import decode, encode, from_xml
 from seg_fast.policy.model import DeviceRecord, PolicyDocument
 from seg_fast.policy.store import SqliteStore
+from seg_fast.proxy import forked
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.tree import E, text
 
@@ -62,16 +62,7 @@ async def write_policy(state: Path, document: PolicyDocument, devices=()) -> Non
 
 
 def worker_pids(parent: int) -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                pids.add(int(entry))
-    return pids
+    return set(forked.worker_pids(parent))
 
 
 def serve_config(tmp_path: Path, upstream_port: int, **security) -> tuple[Path, int]:

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
+from seg_fast.proxy.forked import worker_pids
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.corpus import Corpus
 from seg_fast.sim.tree import E, encode, text
@@ -70,11 +71,8 @@ class Gw:
 
     def workers(self) -> set[int]:
         """The control process's live children (a dead worker not yet reaped is left out)."""
-        kids: set[int] = set()
-        for f in Path(f"/proc/{self.proc.pid}/task").glob("*/children"):
-            kids.update(int(p) for p in f.read_text().split())
         alive = set()
-        for pid in kids:
+        for pid in worker_pids(self.proc.pid):
             try:
                 state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:

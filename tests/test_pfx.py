@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from processes import start_serve, stop_process
 from redis_server import free_port
+from seg_fast.proxy.forked import worker_pids
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.mailbox import MailboxSimulator
 from seg_fast.sim.tree import E, text
@@ -68,10 +69,7 @@ def write_config(tmp_path: Path, port: int, sim_port: int, listener: str) -> Pat
 
 
 def workers_of(pid: int) -> set[int]:
-    kids: set[int] = set()
-    for f in Path(f"/proc/{pid}/task").glob("*/children"):
-        kids.update(int(p) for p in f.read_text().split())
-    return kids
+    return set(worker_pids(pid))
 
 
 async def until_serving(proc, port: int) -> None:

@@ -12,6 +12,7 @@ from http_client import request
 from redis_server import free_port
 from seg_fast.policy.model import DeviceRecord, ManagedDevicePolicies, PolicyDocument
 from seg_fast.policy.store import SqliteStore
+from seg_fast.proxy.forked import worker_pids
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.mailbox import MailboxSimulator
 from seg_fast.sim.tree import E, text
@@ -34,10 +35,6 @@ async def fresh_connection_status(port: int, device_id: str = "PHONE") -> str:
         return text(r.doc, "FolderHierarchy:Status")
     finally:
         await c.aclose()
-
-
-def worker_pids(parent: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
 
 
 def mapped_tables(pid: int) -> set[Path]:

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+from seg_fast.proxy.forked import worker_pids
 from processes import start_serve, stop_process
 from redis_server import free_port
 
@@ -46,11 +47,7 @@ def test_transaction_log_in_a_missing_directory_refused(tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        text = open(f"/proc/{pid}/task/{pid}/children").read()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
+    return worker_pids(pid)
 
 
 def test_workers_that_keep_dying_stop_the_gateway(tmp_path):

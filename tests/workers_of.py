@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import socket
 
+from seg_fast.proxy.forked import worker_pids
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -16,12 +18,8 @@ def free_port() -> int:
 
 
 def workers_of(control_pid: int) -> list[int]:
-    """The control process's children (its workers)."""
-    try:
-        with open(f"/proc/{control_pid}/task/{control_pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
+    """The control process's workers (its children but its template process)."""
+    return worker_pids(control_pid)
 
 
 def worker_holding(port: int, client_port: int, workers: list[int]) -> int | None:

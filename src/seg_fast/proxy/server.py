@@ -8,10 +8,11 @@ requests, exit), SIGHUP reloads the config file without dropping connections.
 
 Start-up refuses, with one line naming the key and the cause, rather than run half
 a gateway: a listener address another serve (or its orphaned workers) holds, an
-admin or push port that cannot be bound. The first workers are forked before the
-control process enters trio and wait at a gate until its start-up has succeeded
-(proxy/forked.py: they share the modules' pages); a worker that dies is replaced
-through ``seg_fast.proxy.worker``, which ties it to the control process first thing.
+admin or push port that cannot be bound. Workers are forked, once the start-up has
+succeeded, from a template process the control forked before it entered trio
+(proxy/forked.py: they share the modules' pages), the first ones and those that replace
+a worker that died alike; without the template, through ``seg_fast.proxy.worker``, which
+ties a new interpreter to the control process first thing.
 """
 from __future__ import annotations
 
@@ -196,25 +197,32 @@ def run_control(config, config_path: str | None, workers: int) -> int:
     stats.clear(stats.stats_dir(config))          # an earlier run's workers' counters
     worker_argv = ["--config", str(config_path)] if config_path else []
     cmd = [sys.executable, "-m", "seg_fast.proxy.worker", *worker_argv]
-    procs: list = []                 # subprocess.Popen, or forked.Forked with the same face
+    procs: list = []                 # forked.Forked, or subprocess.Popen with the same face
     # A socketpair per worker (proxy/channel.py): the session ticket keys every worker shares
     # (proxy/tickets.py), and attachment names one worker learnt passed to the others (refshare.py).
     hub = channel.Hub(relayed=frozenset({refshare.MAGIC}),
                       kept=refshare.Table(2 * config.security.file_reference_cache))     # names and kinds
     keeper = tickets.Keeper(config.listener.tls_ticket_key_rotation, hub)
     state = {"stopping": False, "grace": config.timeouts.shutdown_grace, "failed": "", "tickets": keeper}
-    # The first workers: forked below, before trio, each waiting at its gate (proxy/forked.py).
+    # Workers are forked from a template process, itself forked before trio (proxy/forked.py).
     from seg_fast.proxy import forked
 
     forked.preload()
-    gated: list[tuple[forked.Forked, socket.socket]] = []
+    template = forked.Template.start(env, worker_argv)
 
-    def spawn() -> subprocess.Popen:
+    async def spawn():
         # From the main thread only: PR_SET_PDEATHSIG fires when the *thread* that forked exits.
         ours, theirs = hub.pair(keeper.first())
         try:
-            proc = subprocess.Popen(cmd, env={**env, channel.ENV_FD: str(theirs.fileno())},
-                                    pass_fds=(theirs.fileno(), *((lock_fd,) if lock_fd >= 0 else ())))
+            proc = None
+            if template is not None and template.alive():
+                try:
+                    proc = await template.fork(theirs.fileno())
+                except OSError as exc:
+                    say(f"warning: {exc}; workers start as new interpreters from now on")
+            if proc is None:
+                proc = subprocess.Popen(cmd, env={**env, channel.ENV_FD: str(theirs.fileno())},
+                                        pass_fds=(theirs.fileno(), *((lock_fd,) if lock_fd >= 0 else ())))
         except BaseException:
             ours.close()
             raise
@@ -250,11 +258,8 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 if config.policy.store == "redis":
                     from seg_fast.policy.store import keep_local_copy
                     nursery.start_soon(keep_local_copy, config.policy)
-                for child, ours in gated:
-                    child.release()
-                    hub.started(child.pid, ours)
-                    procs.append(child)
-                gated.clear()
+                for _ in range(workers):
+                    procs.append(await spawn())
                 say(f"control process: {workers} worker(s)")
                 nursery.start_soon(hub.run)
                 nursery.start_soon(keeper.run)
@@ -279,7 +284,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                             say(f"worker {proc.pid} exited with {proc.returncode}; starting another")
                             stats.remove_snapshot(stats.stats_dir(config), proc.pid)
                             hub.gone(proc.pid)
-                            procs[i] = spawn()
+                            procs[i] = await spawn()
                     if state["stopping"]:
                         if all(p.poll() is not None for p in procs):
                             break
@@ -290,26 +295,17 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 nursery.cancel_scope.cancel()
 
     try:
-        for _ in range(workers):
-            ours, theirs = hub.pair(keeper.first())
-            inherited = [o for _, o in gated] + [g.gate for g, _ in gated] + [ours]
-            try:
-                child = forked.fork_worker({**env, channel.ENV_FD: str(theirs.fileno())}, worker_argv,
-                                           inherited)
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            gated.append((child, ours))
-        # After the forks: the store check runs trio, whose worker threads a forked child would
-        # inherit as idle-but-absent (the child's first thread job would wait forever).
+        # After the template's fork: the store check runs trio, whose worker threads a forked
+        # child would inherit as idle-but-absent (the child's first thread job would wait forever).
         _warn_without_policies(config)
         trio.run(main)
     finally:
-        for child, ours in gated:         # the start failed before their gates opened
-            child.abandon()
-            ours.close()
+        for proc in procs:                # none left but after an error out of the run
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if template is not None:
+            template.reap()
     hub.close()
     if state["failed"]:
         print(f"seg-fast: {config_path or '(defaults)'}: {state['failed']}", file=sys.stderr, flush=True)
