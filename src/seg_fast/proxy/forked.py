@@ -44,6 +44,10 @@ _PR_SET_CHILD_SUBREAPER = 36
 def preload() -> None:
     """Import what a worker runs, and keep the collector off those objects for good: a full
     collection in a worker writes every tracked object's header, which would copy the pages."""
+    import tomllib  # noqa: F401 - what a worker's start-up imports besides (the config, tickets)
+
+    import seg_fast.policy.syncsettings  # noqa: F401
+    import seg_fast.proxy._tickets  # noqa: F401
     import seg_fast.proxy.gateway  # noqa: F401
     import seg_fast.proxy.gcpause  # noqa: F401
     import seg_fast.proxy.server  # noqa: F401
