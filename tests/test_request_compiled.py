@@ -5,6 +5,8 @@ whenever the reference refuses the request."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 
 from hypothesis import example, given, settings, strategies as st
 
@@ -64,6 +66,40 @@ def test_the_common_request_is_identified_in_compiled_code():
     # No credential: User= is the claim; no query at all: nothing but the headers.
     assert _check("POST", target, WRK_HEADERS[:1] + WRK_HEADERS[2:]).identity == "none"
     assert _check("OPTIONS", PATH, WRK_HEADERS).command is None
+
+
+_SHARING = """
+from seg_fast.proxy._http1 import identify
+
+def ping(device, agent):
+    target = b"/Microsoft-Server-ActiveSync?Cmd=Ping&User=user1&DeviceId=DEV%06d&DeviceType=iPhone" % device
+    full = [(b"Authorization", b"authorization", b"Basic dXNlcjE6c2VjcmV0"),
+            (b"MS-ASProtocolVersion", b"ms-asprotocolversion", b"14.1"), (b"User-Agent", b"user-agent", agent)]
+    req = identify("POST", target, full, "10.0.0.9")
+    assert req is not None
+    return req
+
+# Two devices' requests share the path, command, type, protocol version and User-Agent objects.
+a, b = ping(1, b"Apple-iPhone9C1/1602.92"), ping(2, b"Apple-iPhone9C1/1602.92")
+for field in ("path", "command", "device_type", "protocol_version", "user_agent"):
+    assert getattr(a, field) is getattr(b, field), field
+assert a.device_id is not b.device_id
+# A long made-up value is never kept (two requests carrying it get two objects)...
+assert ping(3, b"X" * 129).user_agent is not ping(4, b"X" * 129).user_agent
+# ...and once 4,096 values are kept, a new one is not: the table stops growing.
+for i in range(4096):
+    ping(5, b"made-up/%d" % i)
+assert ping(6, b"Late-Agent/1.0").user_agent is not ping(7, b"Late-Agent/1.0").user_agent
+assert ping(8, b"Apple-iPhone9C1/1602.92").user_agent is a.user_agent     # the kept ones stay
+print("ok")
+"""
+
+
+def test_values_devices_send_alike_are_kept_once_and_made_up_ones_cannot_grow_the_table():
+    # A parked Ping keeps its request for minutes. In a process of its own: the table is the
+    # process's, and other tests' requests fill it.
+    r = subprocess.run([sys.executable, "-c", _SHARING], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_refusals_and_unusual_requests_are_left_to_the_reference():

@@ -883,6 +883,25 @@ cdef inline str _ascii_str(const unsigned char* p, Py_ssize_t n):
     return PyBytes_FromStringAndSize(<const char*>p, n).decode("ascii")
 
 
+# A parked Ping keeps its request for minutes: the values most devices send alike (the path,
+# the command, the device type, the protocol version, the User-Agent) are kept once. Bounded:
+# values a device makes up fill it (at most 4,096 of 128 characters) and are then not shared.
+cdef dict _SHARED = {}
+_SHARED_MAX = 4096
+_SHARED_LONGEST = 128
+
+
+cdef inline object _shared(object s):
+    if s is None:
+        return s
+    kept = _SHARED.get(s)
+    if kept is not None:
+        return kept
+    if len(_SHARED) < _SHARED_MAX and len(s) <= _SHARED_LONGEST:
+        _SHARED[s] = s
+    return s
+
+
 def identify(str method, bytes target, list full, str client_ip):
     """eas/request.py's ``parse_request`` for the common request, in one pass: a plain query
     of token bytes (``&``-separated, nothing to unquote), no credential or Basic, header values
@@ -1055,10 +1074,11 @@ def identify(str method, bytes target, list full, str client_ip):
         user = text
         auth_scheme = "basic"
         identity = _CREDENTIAL
-    return _EasRequest(method=method, path=_ascii_str(t, qa), command=command, user=user, device_id=device_id,
-                       device_type=device_type, protocol_version=protocol_version,
+    return _EasRequest(method=method, path=_shared(_ascii_str(t, qa)), command=_shared(command), user=user,
+                       device_id=device_id, device_type=_shared(device_type),
+                       protocol_version=_shared(protocol_version),
                        policy_key=None if policykey is None else _latin1(policykey),
-                       user_agent=None if agent is None else _latin1(agent), params=params,
+                       user_agent=None if agent is None else _shared(_latin1(agent)), params=params,
                        accept_multipart=accept_multipart, client_ip=client_ip, auth_scheme=auth_scheme,
                        identity=identity)
 
