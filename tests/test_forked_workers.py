@@ -111,62 +111,74 @@ def _children_of(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+class _Serve:
+    """A running `seg-fast serve --workers 2` in front of the mail server: its process, port and
+    first workers; ``err`` is all it wrote to stderr once stopped."""
+
+    def __init__(self, tmp_path, mail_server):
+        self.port = free_port()
+        self.proc = start_serve(_config(tmp_path, self.port, 2, mail_server), tmp_path)
+        self.err = ""
+
+    def __enter__(self):
+        try:
+            wait_listening(self.port, self.proc)
+            self.first = _wait_workers(self.proc.pid, 2)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        stop_process(self.proc)
+        self.err = (b"".join(_seen.pop(self.proc.pid, [])) + self.proc.stderr.read()).decode()
+
+    def answers(self) -> None:
+        for _ in range(6):                       # both workers answer (SO_REUSEPORT spreads them)
+            assert _options(self.port).startswith(b"HTTP/1.1 200")
+
+
 def test_workers_are_forked_from_the_template_first_ones_and_replacements_alike(tmp_path, mail_server):
-    port = free_port()
-    proc = start_serve(_config(tmp_path, port, 2, mail_server), tmp_path)
-    try:
-        wait_listening(port, proc)
-        first = _wait_workers(proc.pid, 2)
-        control_cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    with _Serve(tmp_path, mail_server) as gw:
+        pid, first = gw.proc.pid, gw.first
+        control_cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         # The control's children: the two workers (adopted: the template's grandchildren) and
         # the template, named so that worker_pids leaves it out.
-        others = [p for p in _children_of(proc.pid) if p not in first]
+        others = [p for p in _children_of(pid) if p not in first]
         assert len(others) == 1
         assert Path(f"/proc/{others[0]}/comm").read_bytes() == b"seg-fast-tmpl\n"
-        for pid in first:
-            assert Path(f"/proc/{pid}/cmdline").read_bytes() == control_cmdline      # forked, not exec'd
-            assert Path(f"/proc/{pid}/comm").read_bytes() == Path(f"/proc/{proc.pid}/comm").read_bytes()
-            assert _shared_kib(pid) >= 4 * MIB, f"worker {pid}: only {_shared_kib(pid)} KiB shared"
-        assert _options(port).startswith(b"HTTP/1.1 200")
+        for worker in first:
+            assert Path(f"/proc/{worker}/cmdline").read_bytes() == control_cmdline      # forked, not exec'd
+            assert Path(f"/proc/{worker}/comm").read_bytes() == Path(f"/proc/{pid}/comm").read_bytes()
+            assert _shared_kib(worker) >= 4 * MIB, f"worker {worker}: only {_shared_kib(worker)} KiB shared"
+        gw.answers()
         # A worker that dies is replaced the same way: forked, sharing the pages, the control's child.
         os.kill(first[0], signal.SIGKILL)
-        new = _replacement(proc.pid, first)
-        assert new in _children_of(proc.pid)
+        new = _replacement(pid, first)
+        assert new in _children_of(pid)
         assert Path(f"/proc/{new}/cmdline").read_bytes() == control_cmdline
-        _replacement_listening(proc)
+        _replacement_listening(gw.proc)
         assert _shared_kib(new) >= 4 * MIB, f"replacement {new}: only {_shared_kib(new)} KiB shared"
-        for _ in range(6):                       # both workers answer (SO_REUSEPORT spreads them)
-            assert _options(port).startswith(b"HTTP/1.1 200")
-    finally:
-        stop_process(proc)
-    err = (b"".join(_seen.pop(proc.pid, [])) + proc.stderr.read()).decode()
-    assert f"worker {first[0]} exited with -9; starting another" in err
-    assert "Traceback" not in err and "warning" not in err
+        gw.answers()
+    assert f"worker {first[0]} exited with -9; starting another" in gw.err
+    assert "Traceback" not in gw.err and "warning" not in gw.err
 
 
 def test_without_its_template_a_serve_replaces_a_worker_with_a_new_interpreter(tmp_path, mail_server):
-    port = free_port()
-    proc = start_serve(_config(tmp_path, port, 2, mail_server), tmp_path)
-    try:
-        wait_listening(port, proc)
-        first = _wait_workers(proc.pid, 2)
-        template = [p for p in _children_of(proc.pid) if p not in first][0]
+    with _Serve(tmp_path, mail_server) as gw:
+        template = [p for p in _children_of(gw.proc.pid) if p not in gw.first][0]
         os.kill(template, signal.SIGKILL)
-        os.kill(first[0], signal.SIGKILL)
-        new = _replacement(proc.pid, first)
+        os.kill(gw.first[0], signal.SIGKILL)
+        new = _replacement(gw.proc.pid, gw.first)
         end = time.monotonic() + 60
         # (Popen's child shows the control's command line until its exec: polled)
         while b"seg_fast.proxy.worker" not in Path(f"/proc/{new}/cmdline").read_bytes().split(b"\0"):
             assert time.monotonic() < end, Path(f"/proc/{new}/cmdline").read_bytes()
             time.sleep(0.05)
-        _replacement_listening(proc)
-        for _ in range(6):
-            assert _options(port).startswith(b"HTTP/1.1 200")
-    finally:
-        stop_process(proc)
-    err = (b"".join(_seen.pop(proc.pid, [])) + proc.stderr.read()).decode()
-    assert "warning: the template process" in err and "workers start as new interpreters from now on" in err
-    assert "Traceback" not in err
+        _replacement_listening(gw.proc)
+        gw.answers()
+    assert "warning: the template process" in gw.err and "workers start as new interpreters from now on" in gw.err
+    assert "Traceback" not in gw.err
 
 
 _seen: dict[int, list[bytes]] = {}
