@@ -6,6 +6,7 @@ without its template a serve replaces workers with new interpreters. Checked aga
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -178,6 +179,35 @@ def test_without_its_template_a_serve_replaces_a_worker_with_a_new_interpreter(t
         _replacement_listening(gw.proc)
         gw.answers()
     assert "warning: the template process" in gw.err and "workers start as new interpreters from now on" in gw.err
+    assert "Traceback" not in gw.err
+
+
+def test_a_worker_that_cannot_be_started_is_tried_again_and_the_serve_lives_on(tmp_path, mail_server):
+    # The control process may open no descriptor (its limit at 3, stdio): a replacement worker's
+    # channel cannot be made. The control says so once, keeps the other worker serving and
+    # starts the replacement as soon as it can (a start failing used to end the control).
+    with _Serve(tmp_path, mail_server) as gw:
+        pid = gw.proc.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
+        try:
+            os.kill(gw.first[0], signal.SIGKILL)
+            end = time.monotonic() + 60
+            while b"cannot start a worker" not in b"".join(_stderr_so_far(gw.proc)):
+                assert time.monotonic() < end and gw.proc.poll() is None
+                time.sleep(0.05)
+            assert workers_of(pid) == gw.first[1:]
+            gw.answers()                         # the other worker serves on
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        new = _replacement(pid, gw.first)
+        end = time.monotonic() + 60
+        while f"worker {new} started".encode() not in b"".join(_stderr_so_far(gw.proc)):
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        _replacement_listening(gw.proc)
+        gw.answers()
+    assert gw.err.count("cannot start a worker") == 1 and "Too many open files" in gw.err
     assert "Traceback" not in gw.err
 
 

@@ -258,17 +258,25 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 if config.policy.store == "redis":
                     from seg_fast.policy.store import keep_local_copy
                     nursery.start_soon(keep_local_copy, config.policy)
-                for _ in range(workers):
-                    procs.append(await spawn())
+                try:
+                    for _ in range(workers):
+                        procs.append(await spawn())
+                except OSError as exc:
+                    state["failed"] = f"cannot start a worker: {exc}"     # (those started: stopped below)
+                    nursery.cancel_scope.cancel()
+                    return
                 say(f"control process: {workers} worker(s)")
                 nursery.start_soon(hub.run)
                 nursery.start_soon(keeper.run)
                 nursery.start_soon(_control_signals, signals, procs, state, config_path)
                 crashes: list[float] = []
+                unstarted: dict[int, int] = {}     # a worker's place -> failed starts of its replacement
                 while True:
                     await trio.sleep(0.5)
                     for i, proc in enumerate(procs):
-                        if proc.poll() is not None and not state["stopping"]:
+                        if i in unstarted and not state["stopping"]:
+                            await _restart(spawn, procs, i, unstarted)
+                        elif proc.poll() is not None and not state["stopping"]:
                             now = trio.current_time()
                             crashes = [t for t in crashes if now - t < CRASH_WINDOW] + [now]
                             if len(crashes) >= CRASH_LIMIT:
@@ -284,7 +292,8 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                             say(f"worker {proc.pid} exited with {proc.returncode}; starting another")
                             stats.remove_snapshot(stats.stats_dir(config), proc.pid)
                             hub.gone(proc.pid)
-                            procs[i] = await spawn()
+                            unstarted[i] = 0
+                            await _restart(spawn, procs, i, unstarted)
                     if state["stopping"]:
                         if all(p.poll() is not None for p in procs):
                             break
@@ -312,6 +321,21 @@ def run_control(config, config_path: str | None, workers: int) -> int:
         return 1
     say("stopped")
     return 0
+
+
+async def _restart(spawn, procs: list, i: int, unstarted: dict[int, int]) -> None:
+    """Start the worker in place ``i``. A start that fails (descriptors or processes short, the
+    interpreter gone from disk) is said once and tried again at each turn of the control's loop;
+    the place's last worker stays there, exited, so health checks count one worker fewer."""
+    try:
+        procs[i] = await spawn()
+    except OSError as exc:
+        if not unstarted[i]:
+            say(f"cannot start a worker: {exc}; trying again every 0.5 s")
+        unstarted[i] += 1
+        return
+    if unstarted.pop(i):
+        say(f"worker {procs[i].pid} started")
 
 
 async def _admin(admin, config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
