@@ -229,6 +229,9 @@ def run_control(config, config_path: str | None, workers: int) -> int:
         finally:
             theirs.close()
         hub.started(proc.pid, ours)
+        if state["stopping"]:
+            # SIGTERM came while the template forked it: the others were told to drain without it.
+            proc.send_signal(signal.SIGTERM)
         return proc
 
     async def main():
