@@ -30,7 +30,7 @@ from redis_server import free_port
 from seg_fast.proxy.forked import worker_pids
 from seg_fast.sim.client import EasClient
 from seg_fast.sim.corpus import Corpus
-from seg_fast.sim.tree import E, encode, text
+from seg_fast.sim.tree import E, decode, encode, text
 
 SEED, BIG_MESSAGE = 1, 11             # Corpus(1).message(11) carries a 2 MB attachment
 PASSWORD = "secret"
@@ -594,3 +594,55 @@ def test_answers_the_gateway_makes_carry_a_reason_phrase(gw):
     """A 404 made by the gateway itself: a status line with its standard phrase."""
     raw = _exchange(gw.port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", bound=20)
     assert raw.startswith(b"HTTP/1.1 404 Not Found\r\n"), raw[:40]
+
+
+# -- made-up identifying values (proxy/_http1.pyx keeps repeated ones once, in a bounded table) --
+
+FOLDERSYNC_BODY = encode(E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0")))
+
+
+def _foldersyncs(port: int, agents: list[bytes]) -> list[str | None]:
+    """A FolderSync per User-Agent over one keep-alive connection: each answer's FolderSync
+    Status (None for an answer that is not a FolderSync document), read with h11."""
+    conn = h11.Connection(h11.CLIENT)
+    out: list[str | None] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        for agent in agents:
+            head = (f"POST {EAS}?Cmd=FolderSync&User=normal&DeviceId=MADEUP1&DeviceType=iPhone HTTP/1.1\r\n"
+                    f"Host: gw\r\nAuthorization: {_auth('normal')}\r\nMS-ASProtocolVersion: 14.1\r\n"
+                    f"Content-Type: application/vnd.ms-sync.wbxml\r\n"
+                    f"Content-Length: {len(FOLDERSYNC_BODY)}\r\nUser-Agent: ").encode()
+            s.sendall(head + agent + b"\r\n\r\n" + FOLDERSYNC_BODY)
+            conn.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
+            conn.send(h11.EndOfMessage())
+            status, body = None, b""
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    data = s.recv(65536)
+                    assert data, "the gateway closed the connection"
+                    conn.receive_data(data)
+                elif isinstance(ev, h11.Response):
+                    status = ev.status_code
+                elif isinstance(ev, h11.Data):
+                    body += ev.data
+                elif isinstance(ev, h11.EndOfMessage):
+                    break
+            assert status == 200, status
+            out.append(text(decode(body), "FolderHierarchy:Status") if body else None)
+            conn.start_next_cycle()
+    return out
+
+
+def test_made_up_user_agents_fill_no_table_and_get_past_no_policy(gw):
+    # The demo's policies allow only listed mail clients ("Apple-iPhone*", ...). 4,500 made-up
+    # User-Agents (more than the table of shared values holds, some longer than it keeps), then
+    # the listed one: each answered by the policy, the made-up ones blocked (Status 129), the
+    # listed one let through, before and after the flood; no worker ends.
+    listed = b"Apple-iPhone/1.0"
+    made_up = [b"made-up/%d" % i + (b"x" * 200 if i % 10 == 0 else b"") for i in range(4500)]
+    assert _foldersyncs(gw.port, [listed]) == ["1"]
+    for k in range(0, len(made_up), 1500):     # over a few connections: the kernel spreads them
+        assert set(_foldersyncs(gw.port, made_up[k:k + 1500])) == {"129"}
+    assert _foldersyncs(gw.port, [listed, b"made-up/17", listed]) == ["1", "129", "1"]
+    _unharmed(gw)
