@@ -12,13 +12,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import tempfile
 from pathlib import Path
 
 import msgspec
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st_
 
 from seg_fast.content.attachments import envelope_name, extension, open_envelope, seal
@@ -73,6 +74,48 @@ def test_links_oracle():
     over = good.replace("http://cpandl", "awb://cpandl")
     assert "unlisted domain rewritten" in oracle.links_ok(over, direct)
     assert "beyond link schemes" in oracle.links_ok(good.replace("x</a>", "y</a>"), direct)
+
+
+# The link scanner's reference: the pattern it replaced, tried at every character.
+_LINK = re.compile(r"\b(awbs|awb|https|http)://([A-Za-z0-9.-]+)")
+_PIECES = st_.sampled_from(["://", "http://", "https://", "http", "https", "awb", "awbs", "s", "x", "_", "ß", "²", " ", "/", ".",
+                            "-", ":", "a.com", "contoso.com", "é", "<a href=\"", "\"", "\n"])
+
+
+@given(st_.lists(_PIECES, max_size=40).map("".join))
+@example("http://https://a.com and xhttp://a.com, see http://contoso.com")   # a host that is a scheme
+def test_link_scanner_finds_what_the_pattern_finds(s):
+    assert list(oracle.links(s)) == [(m.start(), *m.groups()) for m in _LINK.finditer(s)]
+
+
+def test_link_scanner_on_corpus_bodies(pool):
+    bodies = [pool.message(i).html for i in range(60)]
+    assert sum(len(_LINK.findall(b)) for b in bodies) > 100      # bodies with links were tried
+    for b in bodies:
+        assert list(oracle.links(b)) == [(m.start(), *m.groups()) for m in _LINK.finditer(b)]
+        rewritten = b.replace("https://", "awbs://")
+        assert list(oracle.links(rewritten)) == [(m.start(), *m.groups()) for m in _LINK.finditer(rewritten)]
+
+
+def test_body_check_by_bytes_says_what_links_ok_says(pool):
+    htmls = [m.html for m in (pool.message(i) for i in range(pool.pool)) if m.body_type == 2][:40]
+    for direct in htmls:
+        want = oracle.expected_body(direct)
+        assert want is not None and want != direct.encode()      # every body has a listed link
+        assert oracle.links_ok(want.decode(), direct) is None
+        assert oracle.body_ok(want, direct) is None
+        # what the shortcut does not take gets the whole check and its reason
+        for got in (direct.encode(), want.replace(b"awb", b"http", 1), want.replace(b"</", b"<", 1),
+                    want.replace(b"https://", b"awbs://"), b"\xff" + want):
+            why = oracle.body_ok(got, direct)
+            assert why is not None
+            try:
+                assert why == oracle.links_ok(got.decode("utf-8"), direct)
+            except UnicodeDecodeError:
+                assert why == "HTML body is not UTF-8"
+    # a direct body no answer can satisfy (it holds a rewritten scheme itself): no shortcut
+    assert oracle.expected_body('<a href="awbs://contoso.com">') is None
+    assert oracle.body_ok(b'<a href="awbs://contoso.com">', '<a href="awbs://contoso.com">') is not None
 
 
 @pytest.mark.parametrize("managed,ext", [(True, "pdf"), (True, "zip"), (False, "png"), (False, "pdf")])
