@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings, strategies as st
 
 from seg_fast.content import attachments, fetchstream, pipeline
-from seg_fast.content._gcm import GcmStream
+from seg_fast.content import _gcm
+from seg_fast.content._gcm import GcmStream, TextSeal
 from seg_fast.content._mime import b64decode_lines
 from seg_fast.content.attachments import parse_header
 from seg_fast.content.keys import Keyring
@@ -196,6 +197,90 @@ def test_decoder_refuses_what_the_strict_decode_refuses(text, cuts):
     assert got == want
     if want is not None:        # and the standard library reads it the same
         assert want == binascii.a2b_base64(text.replace(b"\r\n", b"").replace(b"\n", b""), strict_mode=True)
+
+
+@pytest.fixture(scope="module", params=[8, 12, 65536], ids=["chunk8", "chunk12", "chunk64k"])
+def text_chunk(request):
+    """TextSeal's chunk small, so its edges fall everywhere, and as it runs."""
+    _gcm._set_text_chunk(request.param)
+    yield request.param
+    _gcm._set_text_chunk(65536)
+
+
+def _pieces(data: bytes, cuts) -> list:
+    at, out = 0, []
+    for c in sorted(set(c for c in cuts if 0 < c < len(data))) + [len(data)]:
+        out.append(data[at:c])
+        at = c
+    return out
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(raw=st.binary(max_size=300), head=st.binary(max_size=7), carry=st.integers(0, 3),
+       cuts=st.lists(st.integers(0, 420), max_size=8))
+def test_text_seal_is_decode_aesgcm_encode(text_chunk, raw, head, carry, cuts):
+    """What TextSeal makes of base64 text in any pieces, with any quad carried in, is the
+    base64 of ``head`` then the AES-GCM of the decoded bytes (cryptography's AESGCM)."""
+    key, nonce, aad = b"\x01" * 32, b"\x02" * 12, b"aad"
+    text = base64.b64encode(raw)
+    carry = min(carry, len(text))
+    seal = TextSeal(key, nonce, aad, text[:carry])
+    out = [seal.encode(head)] + [seal.text(p) for p in _pieces(text[carry:], cuts)] + [seal.finish()]
+    assert b"".join(out) == base64.b64encode(head + AESGCM(key).encrypt(nonce, raw, aad))
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(plain=st.binary(max_size=200), text=st.binary(max_size=60).map(base64.b64encode),
+       cuts=st.lists(st.integers(0, 300), max_size=5))
+def test_text_seal_mixes_decoded_and_text(text_chunk, plain, text, cuts):
+    """Bytes already decoded (``seal``) then text: one AES-GCM stream, one base64 stream."""
+    key, nonce = b"\x03" * 16, b"\x04" * 12
+    seal = TextSeal(key, nonce, b"")
+    out = [seal.seal(p) for p in _pieces(plain, cuts)] + [seal.text(t) for t in _pieces(text, cuts)]
+    want = base64.b64encode(AESGCM(key).encrypt(nonce, plain + base64.b64decode(text), b""))
+    assert b"".join(out) + seal.finish() == want
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(text=st.text(alphabet="AB/+=!-_ ", max_size=28).map(str.encode)
+       | st.binary(max_size=20).map(base64.b64encode),
+       padded=st.booleans(), cuts=st.lists(st.integers(0, 30), max_size=6))
+def test_text_seal_refuses_what_the_strict_decode_refuses(text_chunk, text, padded, cuts):
+    """Accepted exactly when the strict decode of the text joined accepts it (after a quad
+    with "=" when ``padded``: then nothing more may come)."""
+    joined = (b"AA==" if padded else b"") + text
+    try:
+        want = base64.b64decode(joined, validate=True)
+        want = want if len(joined) % 4 == 0 else None
+    except binascii.Error:
+        want = None
+    key, nonce = b"\x05" * 32, b"\x06" * 12
+    seal = TextSeal(key, nonce, b"", b"", padded)
+    try:
+        got = b"".join(seal.text(p) for p in _pieces(text, cuts)) + seal.finish()
+    except ValueError:
+        got = None
+    if want is None:
+        assert got is None
+    else:
+        assert got == base64.b64encode(AESGCM(key).encrypt(nonce, want[1 if padded else 0:], b""))
+
+
+def test_text_seal_is_done_after_an_error_or_finish():
+    seal = TextSeal(b"\x07" * 32, b"\x08" * 12, b"")
+    with pytest.raises(ValueError):
+        seal.text(b"AB!D")
+    with pytest.raises(ValueError):
+        seal.text(b"AAAA")                 # its state is part way: nothing more
+    seal = TextSeal(b"\x07" * 32, b"\x08" * 12, b"", b"AA")
+    with pytest.raises(ValueError, match="inside a quad"):
+        seal.finish()
+    seal = TextSeal(b"\x07" * 32, b"\x08" * 12, b"")
+    seal.finish()
+    with pytest.raises(ValueError):
+        seal.text(b"AAAA")
+    with pytest.raises(ValueError):
+        TextSeal(b"\x07" * 32, b"\x08" * 12, b"", b"AAAA")
 
 
 def test_gcm_stream_is_aesgcm():

@@ -773,17 +773,24 @@ cdef _b64enc_t _lib_encode = NULL
 cdef Py_ssize_t _B64_CHUNK = 1 << 16
 
 
-cdef void _load_libbase64():
-    global _lib_decode, _lib_encode
-    cdef size_t dec = 0, enc = 0
+def libbase64_addresses():
+    """(base64_decode, base64_encode): libbase64's one-shot functions in pybase64's
+    extension, as addresses; (0, 0) for a pybase64 built without the symbols."""
     try:
         import ctypes
         import pybase64._pybase64 as ext
         lib = ctypes.CDLL(ext.__file__)
-        dec = <size_t>ctypes.cast(lib.base64_decode, ctypes.c_void_p).value
-        enc = <size_t>ctypes.cast(lib.base64_encode, ctypes.c_void_p).value
-    except Exception:      # a pybase64 built without the symbols: the slower path below
-        return
+        dec = ctypes.cast(lib.base64_decode, ctypes.c_void_p).value or 0
+        enc = ctypes.cast(lib.base64_encode, ctypes.c_void_p).value or 0
+    except Exception:      # the slower path below
+        return 0, 0
+    return (dec, enc) if dec and enc else (0, 0)
+
+
+cdef void _load_libbase64():
+    global _lib_decode, _lib_encode
+    cdef size_t dec, enc
+    dec, enc = libbase64_addresses()
     if dec and enc:
         _lib_decode = <_b64dec_t>dec
         _lib_encode = <_b64enc_t>enc

@@ -7,9 +7,10 @@ Properties with ContentType and Data, nothing else) the same bytes can be made a
 time: ``layout`` finds where the Data string starts in the answer's first bytes, the
 pipeline decides from the first decoded bytes as the whole path would
 (``EmailSecurityTransform.stream_fetch``), and a ``FetchSeal`` then turns each arriving
-piece of base64 into its piece of the sealed envelope's base64: strict base64 decode
-(carrying up to 3 characters), AES-GCM (``_gcm.GcmStream``), base64 encode (carrying up to
-2 bytes). Anything else is the whole path's (``layout`` returns None).
+piece of base64 into its piece of the sealed envelope's base64 in one compiled pass
+(``_gcm.TextSeal``: strict base64 decode carrying up to 3 characters, AES-GCM, base64
+encode carrying up to 2 bytes; ``_Decoder`` takes line breaks out first). Anything else is
+the whole path's (``layout`` returns None).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import binascii
 
 import pybase64
 
-from seg_fast.content._gcm import GcmStream
+from seg_fast.content._gcm import TextSeal
 from seg_fast.content._mime import strip_breaks
 
 # The Data string must start within this many bytes of the answer, or the whole path reads it.
@@ -161,7 +162,8 @@ class _Decoder:
         self.cr = False               # the last piece ended with CR (a CRLF across pieces)
         self.padded = False           # a quad with "=" was decoded: nothing may follow
 
-    def feed(self, text) -> bytes:
+    def unbreak(self, text) -> bytes:
+        """``text`` without its line breaks (a CR it ends with held for the next piece)."""
         text = bytes(text)
         if self.cr:
             text = b"\r" + text
@@ -171,6 +173,10 @@ class _Decoder:
             self.cr = True
         if b"\n" in text or b"\r" in text:
             text = strip_breaks(text)
+        return text
+
+    def feed(self, text) -> bytes:
+        text = self.unbreak(text)
         if self.carry:
             text = self.carry + text
         whole = len(text) // 4 * 4
@@ -191,49 +197,28 @@ class _Decoder:
             raise ValueError("base64 text ends inside a quad" if self.carry else "base64 text ends with CR")
 
 
-class _Encoder:
-    """Base64 of a byte stream a piece at a time (one line, as the Data string carries it)."""
-
-    __slots__ = ("carry",)
-
-    def __init__(self):
-        self.carry = b""              # up to 2 bytes of an incomplete triple
-
-    def feed(self, data: bytes) -> bytes:
-        if self.carry:
-            data = self.carry + data
-        whole = len(data) // 3 * 3
-        self.carry = data[whole:]
-        return pybase64.b64encode(data[:whole] if whole != len(data) else data)
-
-    def finish(self) -> bytes:
-        out, self.carry = pybase64.b64encode(self.carry), b""
-        return out
-
-
 class FetchSeal:
     """The sealed answer's bytes as the answer's arrive. ``first`` (the new WBXML up to the
     Data string, the envelope header's base64 and that of the pieces decoded so far) goes
     out first; ``step(text)`` per piece of the Data string's base64; ``end(tail)`` with the
     answer's last bytes (the Data string's NUL and the ENDs), which must be Layout.tail."""
 
-    __slots__ = ("first", "user", "ref", "_dec", "_gcm", "_enc", "_tail_in", "_tail_out")
+    __slots__ = ("first", "user", "ref", "_dec", "_seal", "_tail_in", "_tail_out")
 
     def __init__(self, wbxml_head: bytes, wbxml_tail: bytes, tail_in: bytes, envelope_head: bytes, key: bytes,
                  decoder: _Decoder, plain: bytes, user: str = "", ref: str = ""):
         self.user, self.ref = user, ref   # whose FileReference was fetched
-        self._dec = decoder
-        self._gcm = GcmStream(key, envelope_head[14:26], envelope_head)
-        self._enc = _Encoder()
+        self._dec = decoder               # its line-break rules; TextSeal carries the quads from here
+        self._seal = TextSeal(key, envelope_head[14:26], envelope_head, decoder.carry, decoder.padded)
         self._tail_in, self._tail_out = tail_in, wbxml_tail
-        self.first = wbxml_head + self._enc.feed(envelope_head + self._gcm.update(plain))
+        self.first = wbxml_head + self._seal.encode(envelope_head) + self._seal.seal(plain)
 
     def step(self, text) -> bytes:
-        plain = self._dec.feed(text)
-        return self._enc.feed(self._gcm.update(plain)) if plain else b""
+        return self._seal.text(self._dec.unbreak(text))
 
     def end(self, tail) -> bytes:
         if bytes(tail) != self._tail_in:
             raise ValueError("the answer does not end right after its Data string")
-        self._dec.finish()
-        return self._enc.feed(self._gcm.final()) + self._enc.finish() + self._tail_out
+        if self._dec.cr:
+            raise ValueError("base64 text ends with CR")
+        return self._seal.finish() + self._tail_out

@@ -35,6 +35,7 @@ import h11
 
 from seg_fast import dx
 from seg_fast.content import fetchstream
+from seg_fast.content._gcm import HAVE_TEXT_SEAL, GcmStream
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy import http1, sockio
 from seg_fast.proxy.upstream import UpstreamError
@@ -62,6 +63,8 @@ def candidate(gw, dev, head, req, answer_tx) -> bool:
     limit = security.max_transform_bytes
     if not security.stream_seal or req.command not in _COMMANDS or len(answer_tx) != 1 or dx.PENDING:
         return False
+    if not HAVE_TEXT_SEAL:
+        return False                  # no libcrypto or libbase64 to be found: the whole path
     if not hasattr(answer_tx[0], "stream_fetch"):
         return False
     if head.framing != http1.FRAMING_LENGTH or not MIN_BYTES <= head.length <= limit:
@@ -273,7 +276,7 @@ async def _attachment(ex, gw, dev, up, head, req, status: int, headers, reason: 
     size_out = len(env_head) + length + 16
     out, conn = _device_head(dev, status, reason, new_headers, http1.FRAMING_LENGTH, size_out)
     rec.status = status
-    gcm = fetchstream.GcmStream(key, env_head[14:26], env_head)
+    gcm = GcmStream(key, env_head[14:26], env_head)
     pending = [out, env_head, gcm.update(buf)]
     at = len(buf)
     del buf
