@@ -413,6 +413,45 @@ def test_a_key_update_is_answered_and_the_connection_goes_on(gateway, certs):
     assert served(gateway, ca)
 
 
+def test_a_key_update_before_a_big_answer_goes_out_ahead_of_its_batched_records(tmp_path, upstreams, certs):
+    """The answer is big (16 MiB): its records are made a batch at a time in memory and
+    written as plain bytes (tlsio._write_batched). The device's KeyUpdate (update_requested)
+    comes just before its request: the gateway's own KeyUpdate must go out in its place among
+    the records, or s_client's decryption fails (bad record mac) before the last byte."""
+    ca, d = certs
+    (d / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    gw = Serve(tmp_path / "gw", f"http://127.0.0.1:{upstreams.big.port}", d)
+    msgs = tmp_path / "msgs.txt"
+    proc = subprocess.Popen(["openssl", "s_client", "-msg", "-msgfile", str(msgs), "-crlf",
+                             "-connect", f"127.0.0.1:{gw.port}", "-CAfile", str(d / "ca.pem"),
+                             "-servername", "localhost"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    text = bytearray()
+    threading.Thread(target=lambda: [text.extend(x) for x in iter(lambda: proc.stdout.read1(1 << 16), b"")],
+                     daemon=True).start()
+    try:
+        until(lambda: b"Verify return code: 0 (ok)" in text or proc.poll() is not None)
+        proc.stdin.write(b"K\n")                # s_client: a KeyUpdate asking for the peer's
+        proc.stdin.flush()
+        until(lambda: b"KEYUPDATE" in text and msgs.exists()
+              and ">>> TLS 1.3, Handshake [length 0005], KeyUpdate" in msgs.read_text())
+        proc.stdin.write(b"OPTIONS " + EAS + b" HTTP/1.1\nHost: localhost\nAuthorization: " + AUTH + b"\n\n")
+        proc.stdin.flush()
+        until(lambda: text.find(b"HTTP/1.1 200") >= 0 or proc.poll() is not None, why=lambda: bytes(text[-2000:]))
+        head = text.find(b"HTTP/1.1 200")
+        assert head >= 0, bytes(text[-2000:])
+        until(lambda: text.count(b"B", head) >= BIG or proc.poll() is not None, bound=60,
+              why=lambda: f"{text.count(b'B', head)} of {BIG} bytes")
+        assert text.count(b"B", head) == BIG and proc.poll() is None, bytes(text[-2000:])
+        log = msgs.read_text()
+        assert ">>> TLS 1.3, Handshake [length 0005], KeyUpdate" in log
+        assert "<<< TLS 1.3, Handshake [length 0005], KeyUpdate" in log   # the gateway's, in its place
+    finally:
+        proc.kill()
+        proc.wait()
+    assert gw.stop() == 0
+
+
 # -- hostile -------------------------------------------------------------------------------
 
 def test_a_stalled_handshake_is_cut_while_others_are_served(gateway, certs):

@@ -145,11 +145,13 @@ async def test_read_now_never_waits(pki):
     server.close()
 
 
-async def test_writes_retried_on_a_full_socket_arrive_intact(pki, monkeypatch):
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "record-by-record"])
+async def test_writes_retried_on_a_full_socket_arrive_intact(pki, monkeypatch, batched):
     """A device that takes its answer in small bites: the socket is full after almost every
-    record, OpenSSL holds the encrypted record and the write is retried with the same bytes
-    (its rule for non-blocking writes) until the device took it. 4 MiB of random bytes, a
-    head joined to the body's first record, arrive whole and in order."""
+    record, and the rest is retried until the device took it (record by record: OpenSSL
+    holds the encrypted record and the retry passes the same bytes, its rule for
+    non-blocking writes; batched: the batch's records wait in Python). 4 MiB of random
+    bytes, a head joined to the body's first record, arrive whole and in order."""
     waits = []
     real = tlsio.wait_writable
 
@@ -158,6 +160,8 @@ async def test_writes_retried_on_a_full_socket_arrive_intact(pki, monkeypatch):
         await real(fd)
 
     monkeypatch.setattr(tlsio, "wait_writable", counted)
+    if not batched:
+        monkeypatch.setattr(tlsio.tlsbatch, "ssl_of", lambda obj, fd: 0)
     server, client, raw = pair(pki)
     server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -171,9 +175,78 @@ async def test_writes_retried_on_a_full_socket_arrive_intact(pki, monkeypatch):
             got += await client.receive_some(1000)
     assert hashlib.sha256(got).digest() == hashlib.sha256(b"HEAD" + body + b"TAIL").digest()
     assert len(waits) > 50                          # it did wait on a full socket, many times
+    assert (server._ssl > 0) is batched
     assert pace.unsent.total == 0                   # what waited was counted, then released
     await client.send_all(b"after")                 # the stream is sound
     assert await server.receive_some(100) == b"after"
+    server.close()
+
+
+async def test_a_big_write_goes_out_a_batch_of_records_per_write(pki, monkeypatch):
+    """A 1 MiB answer to a device that reads: its records made 256 KiB of plaintext at a time
+    and written with one write(2) per batch (OpenSSL's socket BIO made one per 16 KiB record),
+    read back by the client's own TLS whole and in order, then small exchanges both ways on
+    the same stream (sequence numbers and keys went on as OpenSSL's own)."""
+    writes = []
+    real = tlsio.os.write
+
+    def counted(fd, data):
+        writes.append(len(data))
+        return real(fd, data)
+
+    monkeypatch.setattr(tlsio.os, "write", counted)
+    server, client, raw = pair(pki)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+    await handshake(server, client)
+    body = os.urandom(1024 * 1024)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.send_parts, [b"HEAD", body[:100], body[100:], b"TAIL"])
+        got = bytearray()
+        while len(got) < len(body) + 8:
+            got += await client.receive_some(65536)
+    assert bytes(got) == b"HEAD" + body + b"TAIL"
+    assert server._ssl > 0
+    assert 4 <= len(writes) <= 24 and sum(writes) > len(body)     # not 64 writes of a record
+    for i in range(3):
+        await server.send_parts([b"small %d" % i, b"x" * 20000])   # two records, batched
+        got = bytearray()
+        while len(got) < 20007:
+            got += await client.receive_some(65536)
+        assert bytes(got) == b"small %d" % i + b"x" * 20000
+        await client.send_all(b"ping %d" % i)
+        assert await server.receive_some(100) == b"ping %d" % i
+    await client.aclose()
+
+
+async def test_a_batch_for_another_socket_is_refused_and_a_failed_one_leaves_nothing(pki):
+    """_tlsrecords.seal proves the SSL object's socket first: the wrong descriptor is refused
+    before OpenSSL makes a record, and the stream goes on. A batch that fails part way (a
+    part that is not a buffer) leaves none of its records behind for the next stream's."""
+    from seg_fast.proxy import _tlsrecords
+    server, client, _ = pair(pki)
+    await handshake(server, client)
+    fd = server.plain.fileno()
+    ptr = tlsio.tlsbatch.ssl_of(server._obj, fd)
+    assert ptr
+    assert tlsio.tlsbatch.ssl_of(server._obj, fd + 1) == 0
+    with pytest.raises(ValueError):
+        _tlsrecords.seal(ptr, fd + 1, [b"x" * 100])
+    await server.send_parts([b"z" * 40000])
+    got = bytearray()
+    while len(got) < 40000:
+        got += await client.receive_some(65536)
+    assert bytes(got) == b"z" * 40000
+    with pytest.raises(TypeError):                  # a record of it was made, then dropped
+        _tlsrecords.seal(ptr, fd, [b"x" * 20000, 7])
+    server2, client2, _ = pair(pki)
+    await handshake(server2, client2)
+    await server2.send_parts([b"y" * 50000])
+    got = bytearray()
+    while len(got) < 50000:
+        got += await client2.receive_some(65536)
+    assert bytes(got) == b"y" * 50000
+    await client2.aclose()
     server.close()
 
 

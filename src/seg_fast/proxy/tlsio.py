@@ -19,8 +19,13 @@ lived (a parked Ping lives for hours). No ciphertext passes through Python eithe
 Reads take one record at a time: OpenSSL reads exactly a record's header, then its body
 (no read-ahead), so it never holds bytes the socket no longer shows as readable, except
 the plaintext a short read leaves (``pending()``), which the next read returns before any
-wait. Writes go one record's plaintext (16 KiB) at a time: while the socket is full,
-OpenSSL holds that one encrypted record, and the retried write passes the same bytes
+wait. A write of one record goes through OpenSSL to the socket. A bigger one goes out a
+batch of records at a time (tlsbatch.BATCH of plaintext): OpenSSL makes the batch's records
+in a memory BIO (_tlsrecords.pyx) and they are written as plain bytes, one write(2) where
+OpenSSL's socket BIO made one per record; what a full socket does not take waits in Python,
+counted against the worker's unsent bytes. Where the SSL object's pointer cannot be proven
+(tlsbatch.ssl_of), writes go one record's plaintext (16 KiB) at a time: while the socket is
+full, OpenSSL holds that one encrypted record, and the retried write passes the same bytes
 (OpenSSL's rule for non-blocking writes). Output a read makes (a KeyUpdate's answer,
 the no_renegotiation alert, a fatal alert) OpenSSL writes to the socket itself,
 the KeyUpdate's with the next write (after any record still half out).
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import socket
 import ssl
 import time
@@ -53,7 +59,8 @@ import time
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
-from seg_fast.proxy import sockio, tickets
+from seg_fast.proxy import sockio, tickets, tlsbatch
+from seg_fast.proxy import _tlsrecords
 from seg_fast.proxy._http1 import read_nb
 
 RECORD = 16 * 1024            # the most plaintext one TLS record holds: one read, one write
@@ -215,7 +222,7 @@ class TLSStream:
 
     fast_tls = True               # sockio's mark: receive_by/read_now/send_parts are here
 
-    __slots__ = ("transport_stream", "socket", "plain", "ssl_object", "_obj", "_want", "_sending",
+    __slots__ = ("transport_stream", "socket", "plain", "ssl_object", "_obj", "_ssl", "_want", "_sending",
                  "_handshook", "_closed", "_broken", "_eof", "handshake_started", "seg_client_cert",
                  "__weakref__")
 
@@ -227,6 +234,7 @@ class TLSStream:
             tickets.key(context)                  # the serve's shared ticket keys (a new or reloaded context)
         self.ssl_object = wrap_socket(context, self.socket._sock, True)
         self._obj = self.ssl_object._sslobj       # the C object: the calls below skip SSLObject's layer
+        self._ssl = -1                # its SSL * for batched writes (tlsbatch.ssl_of): -1 not yet asked, 0 none
         self._want = _TRY             # how the next read starts (see _TRY)
         self._sending = False         # a send is under way: no other may start
         self._handshook = False
@@ -399,7 +407,13 @@ class TLSStream:
                 # Not corked (TCP_CORK): a corked write that had to wait for a slow reader held
                 # its partial segments up to the kernel's 200 ms cork limit (10,000 devices with
                 # security on: 1 in 10 answers over 256 KB took 200-430 ms longer to write).
-                waited = await self._write_records(records(parts), total, pace)
+                ptr = self._ssl
+                if ptr < 0:
+                    ptr = self._ssl = tlsbatch.ssl_of(self._obj, self.plain.fileno())
+                if ptr:
+                    waited = await self._write_batched(ptr, parts, total, pace)
+                else:
+                    waited = await self._write_records(records(parts), total, pace)
         except ssl.SSLError as exc:
             self._broken = True
             raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
@@ -502,6 +516,58 @@ class TLSStream:
                 if _ready >= FAIR_EVERY:
                     _ready = 0
                     await checkpoint()    # (a cancel here breaks the stream, as one in a wait does)
+        finally:
+            if writer is not None:
+                pace.unsent.done(writer)
+        return waited
+
+    async def _write_batched(self, ptr: int, parts, total: int, pace: sockio.Pace | None) -> bool:
+        """``_write_records`` a batch of records at a time (tlsbatch.BATCH of plaintext, made by
+        _tlsrecords.seal, one write(2)), with the same waits, deadline, unsent-bytes count and
+        checkpoints (a batch counts its records as ready operations). OpenSSL counts a batch's
+        records as written once they are made: every byte of them goes out, in order, or the
+        stream is broken (the caller's except clauses)."""
+        global _ready
+        plain = self.plain
+        waited = False
+        blocked_at = 0.0
+        taken = done = 0
+        writer = None
+        try:
+            for batch, size in tlsbatch.batches(parts):
+                fd = plain.fileno()
+                if fd < 0:
+                    raise trio.ClosedResourceError("socket was closed")
+                view = memoryview(_tlsrecords.seal(ptr, fd, batch))
+                while view:
+                    try:
+                        n = os.write(fd, view)
+                    except BlockingIOError:
+                        n = 0
+                    if n:
+                        view = view[n:]
+                        if waited:
+                            taken += n
+                            if writer is not None:
+                                writer.taken = taken
+                        continue
+                    if not waited:
+                        waited = True
+                        blocked_at = trio.current_time()
+                        if pace is not None and pace.unsent is not None:
+                            writer = sockio._Writer(plain, None, total - done, blocked_at)
+                            pace.unsent.add(writer)
+                    deadline = math.inf if pace is None else pace.deadline(blocked_at, taken)
+                    if not await self._wait(deadline, True, writer):
+                        raise TimeoutError("peer did not read in time")
+                    fd = plain.fileno()
+                    if fd < 0:
+                        raise trio.ClosedResourceError("socket was closed")
+                done += size
+                _ready += (size + RECORD - 1) // RECORD
+                if _ready >= FAIR_EVERY:
+                    _ready = 0
+                    await checkpoint()
         finally:
             if writer is not None:
                 pace.unsent.done(writer)
