@@ -1,6 +1,6 @@
 """The email-security oracle's work on a large answer, off the shard's event loop.
 
-Opening a sealed 10 MB attachment (base64 of 13.6 MB, AES-GCM, two SHA-256) or parsing
+Opening a sealed 10 MB attachment (base64 of 13.6 MB, AES-GCM, a comparison) or parsing
 a sampled 13 MB MIME message with the ``email`` package takes the shard 50-300 ms of
 CPU. Done in the loop, it held every other device's answer unread that long, on the
 gateway path only (the direct path's answers are not sealed, so nothing is opened),

@@ -384,7 +384,7 @@ async def fetch(dev: "Device", conn: "HttpConn", key: str) -> bool:
         return False
     n = got.data_len
     if security:
-        # the attachment itself, for the oracle (sealed or passed, compared by SHA-256)
+        # the attachment itself, for the oracle (sealed or passed, compared byte for byte)
         d = find(root, "ItemOperations:Response", "ItemOperations:Fetch", "ItemOperations:Properties",
                  "ItemOperations:Data")
         found = find_attachment(dev.fleet.sim.mailbox(dev.user), dev.fleet.sim, ref)
