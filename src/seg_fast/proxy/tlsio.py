@@ -217,6 +217,44 @@ def _gate() -> HandshakeGate:
     return gate
 
 
+class _Blocked:
+    """A write's waits on a full socket, as on a plain socket (sockio): the pace's deadline runs
+    from the first wait, extended by what the device took after it, and from that wait on the
+    bytes not yet written count against the worker's unsent bytes."""
+
+    __slots__ = ("stream", "total", "pace", "waited", "since", "taken", "writer")
+
+    def __init__(self, stream, total: int, pace: sockio.Pace | None):
+        self.stream, self.total, self.pace = stream, total, pace
+        self.waited = False
+        self.since = 0.0
+        self.taken = 0
+        self.writer = None
+
+    async def wait(self, writable: bool, done: int) -> None:
+        """Until the socket is writable (readable); TimeoutError past the deadline."""
+        pace = self.pace
+        if not self.waited:
+            self.waited = True
+            self.since = trio.current_time()
+            if pace is not None and pace.unsent is not None:
+                self.writer = sockio._Writer(self.stream.plain, None, self.total - done, self.since)
+                pace.unsent.add(self.writer)
+        deadline = math.inf if pace is None else pace.deadline(self.since, self.taken)
+        if not await self.stream._wait(deadline, writable, self.writer):
+            raise TimeoutError("peer did not read in time")
+
+    def took(self, n: int) -> None:
+        if self.waited:
+            self.taken += n
+            if self.writer is not None:
+                self.writer.taken = self.taken
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.pace.unsent.done(self.writer)
+
+
 class TLSStream:
     """One device connection's TLS, server side (see the module's docstring)."""
 
@@ -471,8 +509,7 @@ class TLSStream:
 
     async def _write_records(self, chunks, total: int, pace: sockio.Pace | None) -> bool:
         """Write each chunk (at most a record) whole, waiting while the socket is full; True if
-        it waited. As on a plain socket, the pace's deadline runs from the first wait, extended
-        by what the device took after it, and a wait counts against the worker's unsent bytes.
+        it waited (the waits as _Blocked keeps them).
 
         Each record the socket takes at once is a ready operation (FAIR_EVERY of them, 512 KiB,
         then a checkpoint): a big answer to a device that reads fast went out whole in one task
@@ -482,10 +519,8 @@ class TLSStream:
         global _ready
         obj = self._obj
         plain = self.plain
-        waited = False
-        blocked_at = 0.0
-        taken = done = 0
-        writer = None
+        blocked = _Blocked(self, total, pace)
+        done = 0
         try:
             for chunk in chunks:
                 while True:
@@ -498,41 +533,27 @@ class TLSStream:
                         writable = True
                     except _WantRead:
                         writable = False
-                    if not waited:
-                        waited = True
-                        blocked_at = trio.current_time()
-                        if pace is not None and pace.unsent is not None:
-                            writer = sockio._Writer(plain, None, total - done, blocked_at)
-                            pace.unsent.add(writer)
-                    deadline = math.inf if pace is None else pace.deadline(blocked_at, taken)
-                    if not await self._wait(deadline, writable, writer):
-                        raise TimeoutError("peer did not read in time")
+                    await blocked.wait(writable, done)
                 done += len(chunk)
-                if waited:
-                    taken += len(chunk)
-                    if writer is not None:
-                        writer.taken = taken
+                blocked.took(len(chunk))
                 _ready += 1
                 if _ready >= FAIR_EVERY:
                     _ready = 0
                     await checkpoint()    # (a cancel here breaks the stream, as one in a wait does)
         finally:
-            if writer is not None:
-                pace.unsent.done(writer)
-        return waited
+            blocked.close()
+        return blocked.waited
 
     async def _write_batched(self, ptr: int, parts, total: int, pace: sockio.Pace | None) -> bool:
         """``_write_records`` a batch of records at a time (tlsbatch.BATCH of plaintext, made by
-        _tlsrecords.seal, one write(2)), with the same waits, deadline, unsent-bytes count and
-        checkpoints (a batch counts its records as ready operations). OpenSSL counts a batch's
-        records as written once they are made: every byte of them goes out, in order, or the
-        stream is broken (the caller's except clauses)."""
+        _tlsrecords.seal, one write(2)), with the same waits and checkpoints (a batch counts its
+        records as ready operations). OpenSSL counts a batch's records as written once they are
+        made: every byte of them goes out, in order, or the stream is broken (the caller's
+        except clauses)."""
         global _ready
         plain = self.plain
-        waited = False
-        blocked_at = 0.0
-        taken = done = 0
-        writer = None
+        blocked = _Blocked(self, total, pace)
+        done = 0
         try:
             for batch, size in tlsbatch.batches(parts):
                 fd = plain.fileno()
@@ -546,20 +567,9 @@ class TLSStream:
                         n = 0
                     if n:
                         view = view[n:]
-                        if waited:
-                            taken += n
-                            if writer is not None:
-                                writer.taken = taken
+                        blocked.took(n)
                         continue
-                    if not waited:
-                        waited = True
-                        blocked_at = trio.current_time()
-                        if pace is not None and pace.unsent is not None:
-                            writer = sockio._Writer(plain, None, total - done, blocked_at)
-                            pace.unsent.add(writer)
-                    deadline = math.inf if pace is None else pace.deadline(blocked_at, taken)
-                    if not await self._wait(deadline, True, writer):
-                        raise TimeoutError("peer did not read in time")
+                    await blocked.wait(True, done)
                     fd = plain.fileno()
                     if fd < 0:
                         raise trio.ClosedResourceError("socket was closed")
@@ -569,9 +579,8 @@ class TLSStream:
                     _ready = 0
                     await checkpoint()
         finally:
-            if writer is not None:
-                pace.unsent.done(writer)
-        return waited
+            blocked.close()
+        return blocked.waited
 
     async def _wait(self, deadline: float, writable: bool = False, writer=None) -> bool:
         """Wait until the socket is readable (writable) by ``deadline``; False if it passed
