@@ -7,6 +7,7 @@ are missing, a stream writes its records one by one as before (tlsio._write_reco
 """
 from __future__ import annotations
 
+import _ssl
 import sys
 
 from seg_fast import openssl
@@ -40,8 +41,9 @@ def _init() -> bool:
 
 
 def ssl_of(sslobj, fd: int) -> int:
-    """The ``SSL *`` of the ``_ssl._SSLSocket`` ``sslobj`` on descriptor ``fd``; 0 if unproven."""
-    if fd < 0 or not available():
+    """The ``SSL *`` of the ``_ssl._SSLSocket`` ``sslobj`` on descriptor ``fd``; 0 if unproven
+    (anything but that very type is never read: its memory could be anything)."""
+    if fd < 0 or type(sslobj) is not _ssl._SSLSocket or not available():
         return 0
     ptr = _word(sslobj, _SSL_AT)
     return ptr if ptr and _tlsrecords.fd_of(ptr) == fd else 0
