@@ -7,7 +7,7 @@ about 850 for a sealed 10 MiB fetch (14 MB of base64), each a loopback segment t
 the reader, each a Python-level call. py-spy put the device leg's writes at ~47% of a
 worker's busy time in such a fetch, the write(2)s ~21% (benchmarks/big_fetch_tail.py
 --security on). ``seal`` instead points the SSL object's write side at a memory BIO for
-one batch of plaintext (tlsio.BATCH), lets OpenSSL make the batch's records there
+one batch of plaintext (tlsbatch.BATCH), lets OpenSSL make the batch's records there
 (SSL_write_ex: the same records, sequence numbers and keys as written one by one), takes
 them out as one bytes object and puts the socket BIO back: the caller writes the
 ciphertext as a plain socket's bytes, one write(2) for up to 16 records. The read side is
