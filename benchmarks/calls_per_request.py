@@ -36,12 +36,16 @@ OUT = HERE / "benchmarks" / "results" / "calls_per_request.json"
 SIZING = ["--devices", "300", "--paths", "gateway", "--rate-scale", "10", "--ramp", "10", "--settle", "5",
           "--hold", "30", "--drain", "10", "--repeat", "1", "--seed", "3", "--tls"]
 
-# Installed into the gateway's worker processes only (their command line says serve --worker).
+# Installed into the processes that start gateway workers (serve, and the sizing run's
+# ``python -m seg_fast.proxy.forked``, both fork their workers: they inherit the hook) and
+# into a worker started as its own interpreter (serve --worker). Counts start afresh in
+# each forked child and are written only by a worker: a child that is not the template.
 SITECUSTOMIZE = r'''
 import os, sys
 _out = os.environ.get("SEG_FAST_CALLS_DIR")
-if _out and b"serve\x00--worker" in open("/proc/self/cmdline", "rb").read():
-    import atexit, collections, json, threading, time
+_cmd = open("/proc/self/cmdline", "rb").read() if _out else b""
+if _out and (b"serve" in _cmd or b"seg_fast.proxy.forked" in _cmd):
+    import collections, json, threading, time
     _py, _c = collections.Counter(), collections.Counter()
 
     def _hook(frame, event, arg, py=_py, c=_c):
@@ -51,22 +55,50 @@ if _out and b"serve\x00--worker" in open("/proc/self/cmdline", "rb").read():
         elif event == "c_call":
             c[getattr(arg, "__qualname__", None) or repr(arg)] += 1
 
+    def _is_worker():
+        if b"serve\x00--worker" in _cmd:
+            return True
+        with open("/proc/self/comm", "rb") as f:
+            return f.read().strip() != b"seg-fast-tmpl" and os.getpid() != _root
+    _root = os.getpid()
+
     def _dump():
+        if not _is_worker() or not _py:
+            return
         path = os.path.join(_out, f"worker-{os.getpid()}.json")
         data = {"py": [[f, n, name, k] for (f, n, name), k in _py.copy().items()],
                 "c": list(_c.copy().items())}
-        with open(path + ".tmp", "w") as fh:
+        tmp = f"{path}.{threading.get_ident()}.tmp"    # the writer thread and the exit may overlap
+        with open(tmp, "w") as fh:
             json.dump(data, fh)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
 
     def _every_2s():
         while True:
             time.sleep(2)
             _dump()
 
+    def _started():
+        # a forked child: its own counts, its own writer thread; a worker ends with
+        # os._exit (no atexit), so its counts are written on the way out too
+        _py.clear()
+        _c.clear()
+        threading.Thread(target=_every_2s, daemon=True).start()
+
+    _real_exit = os._exit
+
+    def _exit(code, _real_exit=_real_exit):
+        sys.setprofile(None)              # the dump's own calls are not the worker's
+        _dump()
+        _real_exit(code)
+
+    os._exit = _exit
+    os.register_at_fork(after_in_child=_started)
     sys.setprofile(_hook)
-    atexit.register(_dump)
-    threading.Thread(target=_every_2s, daemon=True).start()
+    if b"serve\x00--worker" in _cmd:
+        import atexit
+        atexit.register(_dump)
+        threading.Thread(target=_every_2s, daemon=True).start()
 '''
 
 

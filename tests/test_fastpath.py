@@ -366,6 +366,94 @@ def test_upstream_request_bytes_match_h11_for_every_framing():
         assert http1.write_request(method, EAS, full, framing, len(body)) + body == ref
 
 
+# -- answers the gateway makes itself (transformed, refused, errors): Device.answer ----------------
+
+@st.composite
+def gateway_answers(draw):
+    """(status, headers, body) as exchange._answer hands them to Device.answer: the body bytes
+    or a transform's parts; sometimes a stale Content-Length (replaced) or a Connection header
+    of the caller's own (h11 reads keep-alive from it: left to h11)."""
+    status = draw(st.sampled_from([200, 200, 400, 403, 404, 413, 449, 500, 503]))
+    headers = [(k.encode(), v.encode()) for k, v in draw(_extra_headers)]
+    if draw(st.booleans()):
+        headers.insert(draw(st.integers(0, len(headers))), (b"Content-Length", b"999"))
+    if draw(st.integers(0, 5)) == 0:
+        headers.append((b"Connection", draw(st.sampled_from([b"close", b"keep-alive"]))))
+    parts = draw(st.lists(st.binary(max_size=200), max_size=4))
+    return status, headers, parts if draw(st.booleans()) else b"".join(parts)
+
+
+def _answered(device_bytes: bytes, answer, *, compiled: bool, closing: bool, ask_h11: bool = False):
+    """Device.answer after the request was read the compiled way (head parsed, body taken) or
+    h11's way: the bytes written, the error, h11's states after the answer (``ask_h11``: asked
+    before the next cycle, so a compiled exchange is told to h11 first), whether h11 had been
+    told before that, and what the next cycle decides."""
+    status, headers, body = answer
+    gw = FakeGateway()
+    out = {}
+
+    async def main():
+        dev = downstream.Device(gw, FakeStream(), "192.0.2.1", b"http")
+        dev.closing = closing
+        if compiled:
+            _event(dev, await downstream._read_head(gw, dev, device_bytes))
+            assert dev.take_body() is not None
+        else:
+            dev.conn.receive_data(device_bytes)
+            while type(dev.conn.next_event()) is not h11.EndOfMessage:
+                pass
+        try:
+            await dev.answer(status, list(headers), list(body) if type(body) is list else body)
+            out["error"] = None
+        except (DeviceGone, h11.LocalProtocolError) as exc:
+            out["error"] = type(exc).__name__
+        out["written"] = bytes(dev.stream.written)
+        out["h11_untold"] = dev._head is not None
+        if ask_h11:
+            out["states"] = (dev.conn.our_state, dev.conn.their_state)
+        if out["error"] is None:
+            out["next_cycle"] = downstream._next_cycle(dev)
+            out["pending"] = dev.pending or dev.conn.trailing_data[0]
+
+    trio.run(main)
+    return out
+
+
+@FAST
+@given(device_requests(), gateway_answers(), st.booleans())
+def test_gateway_answers_are_h11s_bytes_on_the_compiled_path(request_case, answer, closing):
+    """Device.answer on a compiled exchange writes what h11 writes, byte for byte, leaves the
+    connection kept or closed as h11 does, and tells h11 (when asked) the states its own
+    writing would have left; a POST's answer goes out without h11."""
+    device_bytes, method, _, _ = request_case
+    ref = _answered(device_bytes, answer, compiled=False, closing=closing, ask_h11=True)
+    fast = _answered(device_bytes, answer, compiled=True, closing=closing)
+    told = _answered(device_bytes, answer, compiled=True, closing=closing, ask_h11=True)
+    assert fast["error"] == told["error"] == ref["error"]
+    assert fast["written"] == told["written"] == ref["written"]
+    assert fast.get("next_cycle") == told.get("next_cycle") == ref.get("next_cycle")
+    assert fast.get("pending") == told.get("pending") == ref.get("pending")
+    assert told["states"] == ref["states"]
+    has_connection = any(k.lower() == b"connection" for k, _ in answer[1])
+    if method != b"HEAD" and not has_connection:
+        assert fast["h11_untold"] and fast["error"] is None
+    event(f"{method.decode()}, compiled {fast['h11_untold']}, error {fast['error']}, kept {fast.get('next_cycle')}")
+
+
+def test_a_transformed_answer_on_a_kept_alive_compiled_exchange():
+    """The common case with email security on: a parts answer, h11 never told, kept alive;
+    on HTTP/1.0-style close or a draining worker, Connection: close and the cycle ends."""
+    device = b"POST " + EAS + b" HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\nabc"
+    answer = (200, [(b"Content-Type", b"application/vnd.ms-sync.wbxml")], [b"he", memoryview(b"llo")])
+    fast = _answered(device, answer, compiled=True, closing=False)
+    assert fast["h11_untold"] and fast["next_cycle"] is True
+    assert fast["written"] == (b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+                               b"Content-Length: 5\r\n\r\nhello")
+    closing = _answered(device, answer, compiled=True, closing=True)
+    assert closing["written"].endswith(b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")
+    assert closing["next_cycle"] is False
+
+
 # -- a pooled connection the server closed silently: resent once --------------------------------
 
 async def test_silently_closed_pooled_connection_is_resent_on_a_fresh_one(tmp_path, monkeypatch):

@@ -93,7 +93,7 @@ class ContentPlan:
         self.file_actions = {k.lower().lstrip("."): v for k, v in att.file_types.items()}
         self.default_action = att.default
         self.block_message = att.block_message or default_message
-        self.classification = _Classifier(policy.classification) if policy.classification.enabled else None
+        self.classification = _classifier(policy.classification) if policy.classification.enabled else None
         self.skip_smime = policy.skip_smime
         if keys is None:
             # No usable key: what should be encrypted is blocked instead (fail closed).
@@ -160,6 +160,21 @@ def _rewriter(hl: HyperlinkPolicy, attributes: tuple[str, ...]) -> LinkRewriter:
     rw = LinkRewriter(hl.scheme_map, hl.mode, hl.domains, attributes)
     _REWRITERS[key] = (hl, rw)
     return rw
+
+
+_CLASSIFIERS: dict[int, tuple[ClassificationPolicy, "_Classifier"]] = {}
+
+
+def _classifier(pol: ClassificationPolicy) -> "_Classifier":
+    """One per policy object, as _rewriter: a plan is made per request, and compiling the
+    tags' client patterns (fnmatch.translate) each time was most of what a plan cost."""
+    hit = _CLASSIFIERS.get(id(pol))
+    if hit is not None and hit[0] is pol:
+        return hit[1]
+    if len(_CLASSIFIERS) >= 8:
+        _CLASSIFIERS.clear()
+    c = _CLASSIFIERS[id(pol)] = (pol, _Classifier(pol))
+    return c[1]
 
 
 class _Classifier:

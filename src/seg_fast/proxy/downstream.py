@@ -208,11 +208,22 @@ class Device:
 
         ``body`` may be a list of parts (a transform's gather output: memoryviews into the
         mail server's answer for what it left unchanged): they go out in one writev."""
+        size = sum(map(len, body)) if type(body) is list else len(body)
+        if self.compiled_answer() and self._head.method != b"HEAD":
+            full = _compiled_answer_headers(headers, size, self.keeps_open())
+            if full is not None:
+                # The compiled path's exchange (head and whole body read, no answer yet): the
+                # answer h11 would write, written by write_response; h11 hears of it if asked.
+                reason = hdrs.reason_phrase(status)
+                out = http1.write_response(status, reason, full, http1.FRAMING_LENGTH, size, self.keeps_open())
+                self.answer_written(status, full, reason)
+                self.answer_done()
+                await self.send_parts([out, *body] if type(body) is list else [out, body] if body else [out])
+                return
         conn = self.conn
         if conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):      # IDLE: the head was malformed
             raise DeviceGone("answer already started")
         headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")]
-        size = sum(map(len, body)) if type(body) is list else len(body)
         headers.append((b"Content-Length", str(size).encode()))
         # Skip a request body that has already arrived, so the connection can be kept.
         while conn.their_state is h11.SEND_BODY:
@@ -233,6 +244,23 @@ class Device:
             parts += conn.send_with_data_passthrough(h11.Data(data=body))   # the body is not copied
         parts.append(conn.send(exchange.END))
         await self.send_parts(parts)
+
+
+def _compiled_answer_headers(headers, size: int, keep: bool) -> hdrs.Full | None:
+    """Device.answer's headers as triples, framed as h11 frames them (the caller's framing
+    dropped, Content-Length of ``size``, ``Connection: close`` unless ``keep``); None when
+    the caller sent a Connection header of its own (h11 reads keep-alive from it: its path)."""
+    full = []
+    for name, value in headers:
+        low = name.lower()
+        if low == b"connection":
+            return None
+        if low != b"content-length" and low != b"transfer-encoding":
+            full.append((name, low, value))
+    full.append((b"Content-Length", b"content-length", b"%d" % size))
+    if not keep:
+        full.append((b"Connection", b"connection", b"close"))
+    return full
 
 
 async def serve_device(gw, stream, client_ip: str, proto: bytes) -> bool:

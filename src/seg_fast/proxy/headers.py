@@ -7,6 +7,7 @@ them was validated by h11's parser or is one of ours, built well-formed here.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from http import HTTPStatus
 
@@ -218,6 +219,7 @@ def replace(raw: Headers, name: bytes, value: bytes) -> Headers:
     return [(k, v) for k, v in raw if k.lower() != name] + [(name, value)]
 
 
+@functools.cache                  # statuses are three digits: at most 900 entries
 def reason_phrase(status: int) -> bytes:
     """The standard reason phrase for an answer the gateway makes itself (h11 writes none)."""
     try:
