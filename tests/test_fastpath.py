@@ -162,28 +162,35 @@ def _event(dev, head):
 
 # -- the exchange, run on one path -----------------------------------------------------------
 
+async def _device_request(gw, device_bytes: bytes, *, compiled: bool, closing: bool):
+    """(device, request event, body) after the device's request was read the compiled way (head
+    parsed, body taken: None when it could not be) or h11's way (head and body, as before the
+    fast path)."""
+    dev = downstream.Device(gw, FakeStream(), "192.0.2.1", b"http")
+    dev.closing = closing
+    if compiled:
+        request = _event(dev, await downstream._read_head(gw, dev, device_bytes))
+        return dev, request, dev.take_body()
+    dev.conn.receive_data(device_bytes)
+    request = dev.conn.next_event()
+    body = bytearray()
+    while True:
+        event = dev.conn.next_event()
+        if type(event) is h11.EndOfMessage:
+            break
+        body += event.data
+    return dev, request, bytes(body)
+
+
 def _run(device_bytes: bytes, answer_pieces: list[bytes], *, fast: bool, closing: bool):
     """Everything observable of one proxied exchange (after the device's head arrived)."""
     gw = FakeGateway()
     out = {}
 
     async def main():
-        dev = downstream.Device(gw, FakeStream(), "192.0.2.1", b"http")
-        dev.closing = closing
+        dev, request, body = await _device_request(gw, device_bytes, compiled=fast, closing=closing)
         if fast:
-            request = _event(dev, await downstream._read_head(gw, dev, device_bytes))
-            body = dev.take_body()
             out["took_body"] = body is not None
-        else:
-            dev.conn.receive_data(device_bytes)      # h11 reads head and body, as before the fast path
-            request = dev.conn.next_event()
-            body = bytearray()
-            while True:
-                event = dev.conn.next_event()
-                if type(event) is h11.EndOfMessage:
-                    break
-                body += event.data
-            body = bytes(body)
         head = hdrs.upstream_request_headers(hdrs.items(request.headers), host=ORIGIN.host_header,
                                              client_ip="192.0.2.1", proto=b"http", behind_proxy=False,
                                              framing=hdrs.content_length(len(body)) if body or request.method
@@ -393,15 +400,8 @@ def _answered(device_bytes: bytes, answer, *, compiled: bool, closing: bool, ask
     out = {}
 
     async def main():
-        dev = downstream.Device(gw, FakeStream(), "192.0.2.1", b"http")
-        dev.closing = closing
-        if compiled:
-            _event(dev, await downstream._read_head(gw, dev, device_bytes))
-            assert dev.take_body() is not None
-        else:
-            dev.conn.receive_data(device_bytes)
-            while type(dev.conn.next_event()) is not h11.EndOfMessage:
-                pass
+        dev, _, body_read = await _device_request(gw, device_bytes, compiled=compiled, closing=closing)
+        assert body_read is not None
         try:
             await dev.answer(status, list(headers), list(body) if type(body) is list else body)
             out["error"] = None
