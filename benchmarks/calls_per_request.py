@@ -55,8 +55,10 @@ if _out and (b"serve" in _cmd or b"seg_fast.proxy.forked" in _cmd):
         elif event == "c_call":
             c[getattr(arg, "__qualname__", None) or repr(arg)] += 1
 
+    _own_worker = b"serve\x00--worker" in _cmd     # a worker started as its own interpreter
+
     def _is_worker():
-        if b"serve\x00--worker" in _cmd:
+        if _own_worker:
             return True
         with open("/proc/self/comm", "rb") as f:
             return f.read().strip() != b"seg-fast-tmpl" and os.getpid() != _root
@@ -95,7 +97,7 @@ if _out and (b"serve" in _cmd or b"seg_fast.proxy.forked" in _cmd):
     os._exit = _exit
     os.register_at_fork(after_in_child=_started)
     sys.setprofile(_hook)
-    if b"serve\x00--worker" in _cmd:
+    if _own_worker:
         import atexit
         atexit.register(_dump)
         threading.Thread(target=_every_2s, daemon=True).start()

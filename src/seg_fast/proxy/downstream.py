@@ -210,12 +210,13 @@ class Device:
         mail server's answer for what it left unchanged): they go out in one writev."""
         size = sum(map(len, body)) if type(body) is list else len(body)
         if self.compiled_answer() and self._head.method != b"HEAD":
-            full = _compiled_answer_headers(headers, size, self.keeps_open())
+            keep = self.keeps_open()
+            full = _compiled_answer_headers(headers, size, keep)
             if full is not None:
                 # The compiled path's exchange (head and whole body read, no answer yet): the
                 # answer h11 would write, written by write_response; h11 hears of it if asked.
                 reason = hdrs.reason_phrase(status)
-                out = http1.write_response(status, reason, full, http1.FRAMING_LENGTH, size, self.keeps_open())
+                out = http1.write_response(status, reason, full, http1.FRAMING_LENGTH, size, keep)
                 self.answer_written(status, full, reason)
                 self.answer_done()
                 await self.send_parts([out, *body] if type(body) is list else [out, body] if body else [out])
