@@ -16,8 +16,10 @@ nothing about time.
 
 Counted: Python function calls ("call" events) and calls of C functions from Python
 ("c_call"), over the whole run, the worker's start-up included (the same in every tree;
-``startup_calls`` counts the frames of the import machinery). Results go into a key of
-benchmarks/results/calls_per_request.json.
+``startup_calls`` counts the frames of the import machinery). Also counted: trio's waits
+(every wait and checkpoint ends in one of its two traps), each under the two seg_fast lines
+that awaited it, so a loop pass per request can be traced to the line that asked for it.
+Results go into a key of benchmarks/results/calls_per_request.json.
 """
 from __future__ import annotations
 
@@ -46,12 +48,32 @@ _out = os.environ.get("SEG_FAST_CALLS_DIR")
 _cmd = open("/proc/self/cmdline", "rb").read() if _out else b""
 if _out and (b"serve" in _cmd or b"seg_fast.proxy.forked" in _cmd):
     import collections, json, threading, time
-    _py, _c = collections.Counter(), collections.Counter()
+    _py, _c, _w = collections.Counter(), collections.Counter(), collections.Counter()
+    # trio's two traps every wait and checkpoint ends in: each counted under the trio
+    # function the caller entered and the gateway's lines that awaited it (the first two
+    # seg_fast frames up the stack), so a wait can be traced to its cause
+    _waits = {"wait_task_rescheduled", "cancel_shielded_checkpoint"}
+    # a coroutine's frame gets a "call" event at its start and at every resumption: a
+    # start is the smallest instruction offset its code is ever entered at (the first seen)
+    _starts = {}
 
-    def _hook(frame, event, arg, py=_py, c=_c):
+    def _hook(frame, event, arg, py=_py, c=_c, w=_w, waits=_waits, starts=_starts):
         if event == "call":
             code = frame.f_code
             py[(code.co_filename, code.co_firstlineno, code.co_name)] += 1
+            if code.co_name in waits and "/trio/" in code.co_filename \
+                    and frame.f_lasti == starts.setdefault(code, frame.f_lasti):
+                entered, f = code.co_name, frame.f_back
+                while f is not None and "/trio/" in f.f_code.co_filename:
+                    entered, f = f.f_code.co_name, f.f_back
+                where = []                # the first two seg_fast frames: the wait and its caller
+                while f is not None and len(where) < 2:
+                    name = f.f_code.co_filename
+                    if "/seg_fast/" in name:
+                        where.append(f"{name.split('/seg_fast/')[1]}:{f.f_lineno}")
+                    f = f.f_back
+                if where:
+                    w[(entered, " < ".join(where))] += 1
         elif event == "c_call":
             c[getattr(arg, "__qualname__", None) or repr(arg)] += 1
 
@@ -69,7 +91,8 @@ if _out and (b"serve" in _cmd or b"seg_fast.proxy.forked" in _cmd):
             return
         path = os.path.join(_out, f"worker-{os.getpid()}.json")
         data = {"py": [[f, n, name, k] for (f, n, name), k in _py.copy().items()],
-                "c": list(_c.copy().items())}
+                "c": list(_c.copy().items()),
+                "waits": [[name, where, k] for (name, where), k in _w.copy().items()]}
         tmp = f"{path}.{threading.get_ident()}.tmp"    # the writer thread and the exit may overlap
         with open(tmp, "w") as fh:
             json.dump(data, fh)
@@ -85,6 +108,7 @@ if _out and (b"serve" in _cmd or b"seg_fast.proxy.forked" in _cmd):
         # os._exit (no atexit), so its counts are written on the way out too
         _py.clear()
         _c.clear()
+        _w.clear()
         threading.Thread(target=_every_2s, daemon=True).start()
 
     _real_exit = os._exit
@@ -131,13 +155,15 @@ def measure(tree: Path, sizing_args: list[str]) -> dict:
         (point,) = raw["points"]
         (path_run,) = [r["paths"]["gateway"] for r in point["runs"]]
         requests, failures = path_run["requests_total"], sum(path_run["failures"].values())
-        py, c = collections.Counter(), collections.Counter()
+        py, c, waits = collections.Counter(), collections.Counter(), collections.Counter()
         for f in glob.glob(str(tmp / "counts" / "worker-*.json")):
             data = json.loads(Path(f).read_text())
             for filename, line, name, k in data["py"]:
                 py[(filename, line, name)] += k
             for name, k in data["c"]:
                 c[name] += k
+            for name, where, k in data.get("waits", []):
+                waits[(name, where)] += k
     if not py or not requests:
         raise SystemExit(f"nothing counted in {tree} (requests {requests}): was the worker's hook installed?")
     groups = collections.Counter()
@@ -156,6 +182,10 @@ def measure(tree: Path, sizing_args: list[str]) -> dict:
         "python_calls_per_request_by_group": {g: round(k / requests, 1) for g, k in groups.most_common(15)},
         "top_python_functions_per_request": top,
         "top_c_functions_per_request": [[n, round(k / requests, 2)] for n, k in c.most_common(15)],
+        # trio waits per request by the two seg_fast lines that awaited them (the wait < its caller)
+        "waits_per_request": round(sum(waits.values()) / requests, 2),
+        "waits_per_request_by_site": [[f"{name} {where}", round(k / requests, 3)]
+                                      for (name, where), k in waits.most_common(20)],
     }
 
 
@@ -174,6 +204,9 @@ def main() -> None:
               f"C calls per request ({r['requests']} requests, {r['failures']} failed)")
         for g, k in list(r["python_calls_per_request_by_group"].items())[:8]:
             print(f"    {k:8.1f}  {g}")
+        print(f"  trio waits per request {r['waits_per_request']}, by the lines that waited (the wait < its caller):")
+        for site, k in r["waits_per_request_by_site"][:12]:
+            print(f"    {k:8.3f}  {site}")
     doc = json.loads(OUT.read_text()) if OUT.exists() else {}
     doc[args.key] = {"sizing_args": sizing_args, "trees": results,
                      "command": "python benchmarks/calls_per_request.py " + " ".join(sys.argv[1:])}

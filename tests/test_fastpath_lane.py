@@ -159,3 +159,46 @@ async def test_the_fast_lane_writes_what_the_general_path_writes(tmp_path, monke
         for key in ("ts", "total_ms", "upstream_ms"):
             rec.pop(key, None)
     assert records[:CASES] == records[CASES:]
+
+
+async def test_after_an_answer_not_there_the_lane_waits_at_once_for_a_while(tmp_path):
+    """The lane yields once before reading the mail server's answer; a read that then finds
+    nothing makes the next YIELD_BACKOFF requests wait for theirs at once (no yield, no
+    read that would say EAGAIN), and the one after yields again. The mail server answers a
+    request only once the gateway has made that choice for it (``gw.yield_skips`` as
+    expected), so every read after a yield finds nothing, and the answers still arrive."""
+    from test_proxy import upstream
+
+    backoff = exchange.YIELD_BACKOFF
+    # what yield_skips holds once request i (from 1) has been sent up
+    expected = [backoff] + list(range(backoff - 1, -1, -1)) + [backoff]
+    state = {"i": 0, "gw": None}
+
+    async def handler(req, body):
+        want = expected[state["i"]]
+        with trio.fail_after(10):
+            while state["gw"].yield_skips != want:
+                await trio.sleep(0.001)
+        state["i"] += 1
+        body = b"answer %d" % state["i"]
+        return 200, [(b"Content-Type", b"application/vnd.ms-sync.wbxml"),
+                     (b"Content-Length", b"%d" % len(body))], body
+
+    async with upstream(handler) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path) as gw:
+        state["gw"] = gw
+        assert gw.yield_skips == 0
+        stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+        client = h11.Connection(h11.CLIENT)
+        for i in range(1, len(expected) + 1):
+            request = client.send(h11.Request(method=b"POST", target=EAS + QUERY, headers=[
+                (b"Host", b"gw.example"), (b"Authorization", AUTH), (b"MS-ASProtocolVersion", b"14.1"),
+                (b"Content-Type", b"application/vnd.ms-sync.wbxml"), (b"Content-Length", b"3")]))
+            await stream.send_all(request + client.send(h11.Data(data=b"abc")) + client.send(h11.EndOfMessage()))
+            with trio.fail_after(20):
+                answer = await _read_message(stream, client)
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"answer %d" % i), answer
+            assert gw.yield_skips == expected[i - 1]
+            client.start_next_cycle()
+        await stream.aclose()
+    assert state["i"] == len(expected)
+    assert len(up.requests) == len(expected)

@@ -82,6 +82,7 @@ class Gateway:
         self.idle_scopes: set = set()         # idle waits: CancelScopes or sockio.IdleWait (cancel())
         self.parked_scopes: set[trio.CancelScope] = set()
         self.active = 0                       # device connections, parked Pings included
+        self.yield_skips = 0                  # exchange.YIELD_BACKOFF: fast-lane requests left to not yield
         self.per_address: dict[str, int] = {}   # the same, by client address
         self.max_connections = 0              # limits.max_connections within the descriptor limit
         # Contained exceptions, deadlines, refused connections: counts for metrics, a rate-limited log.
