@@ -250,6 +250,9 @@ def _request_bytes(cmd: str, body_len: int, i: int) -> bytes:
     return head.encode() + body
 
 
+DRAIN_SECONDS = 30.0
+
+
 def run_load(port: int, conns: int, seconds: float, cpus: set[int], mix=None) -> dict:
     """Closed-loop keep-alive load in this process; returns counts per command."""
     os.sched_setaffinity(0, cpus)
@@ -280,7 +283,13 @@ def run_load(port: int, conns: int, seconds: float, cpus: set[int], mix=None) ->
     start = time.monotonic()
     deadline = start + seconds
     done = 0
-    while time.monotonic() < deadline:
+    # Past the deadline no new request is sent and the ones in flight are read to the end:
+    # a client closed mid-request leaves its answer's mail-server connection to the pool,
+    # which the next run's pooled-connection check would count as the proxy's.
+    outstanding = conns
+    while outstanding:
+        if time.monotonic() > deadline + DRAIN_SECONDS:
+            raise RuntimeError(f"{outstanding} answers still missing {DRAIN_SECONDS} s after the load stopped")
         for key, _ in sel.select(timeout=1.0):
             s = key.fileobj
             st = state[s]
@@ -305,7 +314,12 @@ def run_load(port: int, conns: int, seconds: float, cpus: set[int], mix=None) ->
                 st["need"] = None
                 counts[st["cmd"]] += 1
                 done += 1
-                send_next(s)
+                if time.monotonic() < deadline:
+                    send_next(s)
+                else:
+                    outstanding -= 1
+                    sel.unregister(s)     # its last answer: nothing more is read from it
+                    break
     elapsed = time.monotonic() - start
     for s in state:
         s.close()
