@@ -16,7 +16,7 @@ import trio
 
 from seg_fast.eas.request import encode_base64_query
 from seg_fast.proxy import exchange
-from test_proxy import gateway
+from test_proxy import gateway, upstream
 
 EAS = b"/Microsoft-Server-ActiveSync"
 QUERY = b"?Cmd=Sync&User=test&DeviceId=ABC123&DeviceType=SmartPhone"
@@ -167,8 +167,6 @@ async def test_after_an_answer_not_there_the_lane_waits_at_once_for_a_while(tmp_
     read that would say EAGAIN), and the one after yields again. The mail server answers a
     request only once the gateway has made that choice for it (``gw.yield_skips`` as
     expected), so every read after a yield finds nothing, and the answers still arrive."""
-    from test_proxy import upstream
-
     backoff = exchange.YIELD_BACKOFF
     # what yield_skips holds once request i (from 1) has been sent up
     expected = [backoff] + list(range(backoff - 1, -1, -1)) + [backoff]
