@@ -9,7 +9,9 @@ socketpair, where TCP segmentation, which this measures too, does not exist.)
 
 ``--sizing``: benchmarks/sizing.py (a short development run, TLS, the gateway path only) with
 each tree's sources alternately (PYTHONPATH=<tree>/src), the gateway process's CPU-s per
-device-hour from each run's JSON; medians.
+device-hour from each run's JSON; medians. ``--base-args``/``--new-args`` add options to one
+side's runs: with one tree for both, an A/B of a setting (e.g. the workers a core is cut into:
+``--base-args "--shard-size 500" --new-args "--shard-size 3000"``).
 
 ``--base-python``/``--new-python``: the interpreter each side runs (default: this one), for
 --sizing and --connections; with one tree for both sides this compares interpreters (e.g. a
@@ -118,13 +120,15 @@ def interpreter(python: str) -> dict:
     return info
 
 
-def sizing(sides: dict[str, tuple[str, str]], rounds: int, args: list[str]) -> dict:
+def sizing(sides: dict[str, tuple[str, str]], rounds: int, args: list[str],
+           extra: dict[str, list[str]] | None = None) -> dict:
     runs: dict[str, list] = {}
     for _ in range(rounds):
         for name, (tree, python) in sides.items():
             outdir = Path(tempfile.mkdtemp(prefix=f"gw-cpu-sizing-{name}-"))
             env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"))
             subprocess.run([python, str(Path(tree) / "benchmarks" / "sizing.py"), *args,
+                            *(extra or {}).get(name, []),
                             "--quiet", "--out", str(outdir)], env=env, check=True,
                            stdout=subprocess.DEVNULL)
             found = [p for p in outdir.glob("sizing-*.json") if not p.name.endswith(".raw.json")]
@@ -237,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base-python", default=sys.executable, help="--sizing/--connections: the base's interpreter")
     ap.add_argument("--new-python", default=sys.executable, help="--sizing/--connections: the new side's interpreter")
     ap.add_argument("--sizing-args", default=" ".join(SIZING), help="--sizing: sizing.py's options")
+    ap.add_argument("--base-args", default="", help="--sizing: options for the base side only (e.g. --shard-size 500)")
+    ap.add_argument("--new-args", default="", help="--sizing: options for the new side only")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--key", required=True, help="the key of results/gateway_cpu_ab.json to write")
     ap.add_argument("--note", default="")
@@ -252,8 +258,11 @@ def main(argv=None) -> int:
     if args.sizing or args.connections:
         result["interpreters"] = {name: interpreter(python) for name, (_, python) in sides.items()}
     if args.sizing:
-        result["sizing"] = sizing(sides, args.rounds, args.sizing_args.split())
+        extra = {"base": args.base_args.split(), "new": args.new_args.split()}
+        result["sizing"] = sizing(sides, args.rounds, args.sizing_args.split(), extra)
         result["sizing_command"] = "python benchmarks/sizing.py " + args.sizing_args
+        if args.base_args or args.new_args:
+            result["sizing_side_args"] = {"base": args.base_args, "new": args.new_args}
     if args.connections:
         result["connections"] = connections(sides, args.connections, args.rounds)
     data = json.loads(OUT.read_text()) if OUT.exists() else {}

@@ -189,23 +189,28 @@ def test_search_without_a_fraction_walks_driven_devices(monkeypatch):
     assert report["headline"]["search_stop"]["devices_per_core"] == 12_500
 
 
-def test_search_stops_where_the_load_side_cannot_drive_and_does_not_bisect_below(monkeypatch):
-    asked = _fake_measure(monkeypatch, lambda pc, n, f: "meets" if n < 20_000 else "undriven")
+def test_search_bisects_below_where_the_load_side_cannot_drive_and_says_it_stopped_it(monkeypatch):
+    # the load side drives up to 17,000 devices; the gateway would meet anything
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: "meets" if n <= 17_000 else "undriven")
     lines: list[str] = []
     report = _search(20_000, 200_000, 0.25, lines)
-    assert [n for n, _ in asked] == [5_000, 10_000, 20_000]
+    assert [n for n, _ in asked] == [5_000, 10_000, 20_000, 15_000, 17_500, 16_250]
     assert lines[2].startswith("[N=20000] (80000 per core at 0.25 core) was not driven: the load side's limit")
     stop = report["headline"]["search_stop"]
-    assert stop["by"] == "load side" and stop["devices_driven"] == 20_000
-    assert stop["said"].startswith("the load side could not drive 80000 devices per core")
+    # the lowest point above the largest met stopped it, and the load side stopped that one
+    assert stop["by"] == "load side" and stop["devices_driven"] == 17_500
+    assert stop["said"].startswith("the load side could not drive 70000 devices per core")
     assert "fell behind schedule" in stop["why"][0]
-    assert report["headline"]["best_devices_per_core"] == 40_000
-    # while bisecting too: the first undriven point ends it
+    assert stop["largest_met_per_core"] == 65_000
+    assert report["headline"]["best_devices_per_core"] == 65_000
+    # a miss below an undriven point: the gateway stopped it
     asked = _fake_measure(monkeypatch, lambda pc, n, f: ("meets" if pc <= 40_000 else
-                                                         "broke" if pc >= 80_000 else "undriven"))
+                                                         "broke" if pc <= 60_000 else "undriven"))
     report = _search(20_000, 200_000, 0.25)
-    assert [n for n, _ in asked] == [5_000, 10_000, 20_000, 15_000]
-    assert report["headline"]["search_stop"]["by"] == "load side"
+    assert [n for n, _ in asked] == [5_000, 10_000, 20_000, 15_000, 12_500, 11_250, 10_625]
+    stop = report["headline"]["search_stop"]
+    assert stop["by"] == "gateway" and stop["devices_per_core"] == 42_500
+    assert stop["largest_met_per_core"] == 40_000
 
 
 def test_search_stops_at_an_unmeasured_point_and_at_its_bound(monkeypatch):

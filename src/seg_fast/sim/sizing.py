@@ -1512,9 +1512,10 @@ VERDICT_SAID = {"meets": "MEETS the service level", "passes": "meets the service
 def search_step(v: dict) -> str:
     """What a point's verdict means to the search: "meets"; "passes" (it met the
     service level, but the run's options claim nothing: a development run walks on);
-    "broke" (the gateway missed it); "undriven" (the load side could not drive it) or
-    "unmeasured" (the measurement is missing or wrong): those two say nothing about
-    the gateway, so the search stops there rather than bisecting below."""
+    "broke" (the gateway missed it); "undriven" (the load side could not drive it: the
+    search bisects below it, as below a miss, for the largest point the load side can
+    drive, and says the load side stopped it) or "unmeasured" (the measurement is missing
+    or wrong: the search stops there, since nothing below it is known to measure better)."""
     if v["meets"]:
         return "meets"
     if v.get("undriven"):
@@ -1536,9 +1537,12 @@ def stop_reason(step: str, per_core: int, n: int, fraction: float, v: dict) -> d
 
 async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
     """The largest devices per core meeting the service level: from ``opts.devices``
-    per core, doubling up to ``max_per_core``, then bisecting to a tenth; every point
+    per core, doubling up to ``max_per_core``, then bisecting to a tenth below the first
+    point the gateway missed or the load side could not drive (issue 10 asks for the
+    largest N the instrument can drive, which may lie below that point); every point
     drives per_core * F devices (F: ``opts.cgroup_fraction``, 1 without a limit).
-    ``at(n)`` measures n driven devices. Returns where and why it stopped."""
+    ``at(n)`` measures n driven devices. Returns where and why it stopped: at the lowest
+    point above the largest met, by what stopped that point."""
     f = opts.cgroup_fraction or 1.0
     lo, hi, stop = 0, None, None
 
@@ -1555,7 +1559,7 @@ async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
             lo, pc = pc_done, pc * 2
         else:
             stop = why
-            hi = pc_done if kind == "broke" else lo     # not bisected below an undriven point
+            hi = pc_done if kind in ("broke", "undriven") else lo     # unmeasured: not bisected
     if hi is None:
         hi = max_per_core
         stop = {"by": "bound", "devices_per_core": max_per_core, "devices_driven": driven(max_per_core, f),
@@ -1565,7 +1569,7 @@ async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
         kind, pc_done, why = await step((lo + hi) // 2)
         if why is None:
             lo = pc_done
-        elif kind == "broke":
+        elif kind in ("broke", "undriven"):
             hi, stop = pc_done, why
         else:
             stop = why
