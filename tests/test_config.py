@@ -84,6 +84,7 @@ def test_env_overrides_file(tmp_path):
     ("[eas]\npaths = [\"nope\"]\n", "eas.paths"),
     ("workers = -1\n", "workers"),
     ("[admin]\nhost = \"0.0.0.0\"\n", "admin.host"),
+    ("[limits]\nmax_descriptors = 100\n", "limits.max_descriptors"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, key):
     f = tmp_path / "bad.toml"

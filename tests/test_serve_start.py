@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 from seg_fast.proxy.forked import worker_pids
@@ -97,6 +99,49 @@ def test_workers_per_core_follow_devices_and_the_descriptor_limit():
     assert workers_for(9_873, 2, 20_000) == 4
     assert workers_for(100_000, 2, 20_000) == 2 * 11         # 100,000 per core: 11 workers a core
     assert workers_for(100_000, 1, 1_048_576) == 1
+
+
+def test_max_descriptors_raises_the_limit_so_fewer_workers_carry_a_core(tmp_path):
+    # 12,000 devices per core: two workers under a 20,000 limit, one under 40,000. Raising the
+    # hard limit needs CAP_SYS_RESOURCE: as root serve raises it for itself and its workers;
+    # otherwise it says it could not and starts the workers the limit it has needs.
+    import resource
+
+    from seg_fast.oslimits import workers_for
+
+    cfg = write(tmp_path, "[limits]\nmax_descriptors = 40000\n")
+    cfg.write_text(cfg.read_text().replace("workers = 1\n", "workers = 0\ndevices_per_core = 12000\n"))
+    cores = os.cpu_count() or 1
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # whether a process here may raise its hard limit (root is not enough: a container may
+    # withhold CAP_SYS_RESOURCE, as this project's own machine does)
+    probe = subprocess.run([sys.executable, "-c", "import resource; "
+                            "resource.setrlimit(resource.RLIMIT_NOFILE, (40000, 40000))"], capture_output=True)
+    raises = probe.returncode == 0 and hard < 40_000
+    proc = start_serve(cfg, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        seen = b""
+        while b"worker(s)" not in seen and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+        if raises:
+            assert f"control process: {cores} worker(s)".encode() in seen, seen.decode()
+            assert b"max_descriptors" not in seen
+        elif hard < 40_000:
+            assert b"WARNING: limits.max_descriptors 40000: the descriptor limit stays" in seen, seen.decode()
+            assert f"control process: {workers_for(12_000, cores, hard, 256)} worker(s)".encode() in seen
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < cores and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in _children(proc.pid):
+            with open(f"/proc/{pid}/limits") as f:
+                line = next(x for x in f if x.startswith("Max open files"))
+            assert line.split()[3:5] == (["40000", "40000"] if raises else [str(hard), str(hard)]), line
+    finally:
+        stop_process(proc)
 
 
 def test_serve_starts_the_workers_devices_per_core_needs(tmp_path):

@@ -80,6 +80,12 @@ def test_nginx_keeps_tls_sessions_and_reads_as_the_gateway(tmp_path):
     assert sizing.NGINX_BUFFER_KIB * 1024 == upstream.RECEIVE_SIZE
     assert f"proxy_buffer_size {sizing.NGINX_BUFFER_KIB}k;" in conf and "proxy_buffering off;" in conf
     assert "worker_processes 3;" in conf and conf.count("proxy_pass") == 2
+    assert "worker_rlimit_nofile 19500;" in conf
+    # --nofile: nginx's workers get the run's limit and carry as many devices as the gateway's
+    proxy.opts = sizing.Options(devices=13_000, tls=True, nofile=60_000, shard_size=13_000)
+    raised = proxy.nginx_conf()
+    assert "worker_rlimit_nofile 60000;" in raised and "worker_connections 59500;" in raised
+    assert f"worker_processes {-(-13_000 // sizing.shard_size(proxy.opts))};" in raised
     if shutil.which("nginx"):            # nginx itself accepts it (syntax, certificate and key)
         (tmp_path / "nginx.conf").write_text(conf)
         got = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],

@@ -124,6 +124,12 @@ class LimitSettings(_Section):
     # slowest readers are cut first (0: no limit).
     max_unsent_bytes: int = 256 * 1024 * 1024
     max_ping_body: int = 64 * 1024   # a Ping body is read whole to find its HeartbeatInterval
+    # Descriptors each process may hold (RLIMIT_NOFILE), as nginx's worker_rlimit_nofile: 0
+    # keeps the limit serve is started with (systemd's LimitNOFILE); more raises it, which
+    # needs root (CAP_SYS_RESOURCE). A parked Ping holds two, so this decides how many
+    # devices one worker carries and so how many workers a core needs (devices_per_core):
+    # each worker costs ~20 MiB and its own wake-ups.
+    max_descriptors: int = 0
 
 
 class AdminSettings(_Section):
@@ -364,6 +370,8 @@ def _check(config: Config, where: str, overrides) -> None:
     for key in ("max_connections_per_address", "min_body_rate", "min_send_rate", "max_unsent_bytes"):
         if getattr(config.limits, key) < 0:
             problems.append((f"limits.{key}", "must be 0 (off) or more"))
+    if config.limits.max_descriptors and not 1024 <= config.limits.max_descriptors <= 1 << 30:
+        problems.append(("limits.max_descriptors", "must be 0 (the limit serve starts with) or 1024 to 2**30"))
     if problems:
         key, text = problems[0]
         if key in overrides:

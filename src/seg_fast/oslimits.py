@@ -7,10 +7,26 @@ import resource
 import struct
 
 
-def raise_nofile_limit() -> int:
+NR_OPEN = "/proc/sys/fs/nr_open"       # the kernel's ceiling for any process's RLIMIT_NOFILE
+
+
+def raise_nofile_limit(want: int = 0) -> int:
     """Lift the soft RLIMIT_NOFILE to the hard limit (a parked Ping holds a descriptor
-    on each leg); return the soft limit now in force."""
+    on each leg), or both to ``want`` when that is higher (limits.max_descriptors, as
+    nginx's worker_rlimit_nofile: raising the hard limit needs CAP_SYS_RESOURCE; the
+    kernel's fs.nr_open caps it); return the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > hard:
+        try:
+            with open(NR_OPEN) as f:
+                want = min(want, int(f.read()))
+        except (OSError, ValueError):
+            pass
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            pass        # not permitted: the hard limit as it is (the caller says so)
     if soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

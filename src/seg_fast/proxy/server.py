@@ -56,11 +56,17 @@ def cli(argv: list[str]) -> int:
         say(f"config: none given, the embedded defaults (listener {config.listener.host}:{config.listener.port} "
              f"plain HTTP, mail server {config.upstream.url}, state in {config.state_dir}); "
              "use --config FILE (examples/gateway.toml)")
+    from seg_fast.oslimits import raise_nofile_limit, workers_for
+    # Workers inherit this process's (raised) descriptor limit.
+    want = config.limits.max_descriptors
+    nofile = raise_nofile_limit(want)
+    if nofile < want:
+        say(f"WARNING: limits.max_descriptors {want}: the descriptor limit stays {nofile} (raising it "
+            "needs root, CAP_SYS_RESOURCE, or the kernel's fs.nr_open is lower); "
+            "more workers per core carry devices_per_core")
     workers = args.workers if args.workers is not None else config.workers
     if not workers:
-        from seg_fast.oslimits import raise_nofile_limit, workers_for
-        # Workers inherit this process's (raised) descriptor limit.
-        workers = workers_for(config.devices_per_core, os.cpu_count() or 1, raise_nofile_limit(),
+        workers = workers_for(config.devices_per_core, os.cpu_count() or 1, nofile,
                               config.upstream.idle_pool_size)
     return run_control(config, args.config, workers)
 

@@ -48,7 +48,8 @@ import msgspec
 import trio
 
 from seg_fast.config import env_overrides
-from seg_fast.oslimits import autogroup_enabled, autogroup_of, set_autogroup_nice, set_sched_slice
+from seg_fast.oslimits import (autogroup_enabled, autogroup_of, raise_nofile_limit, set_autogroup_nice,
+                               set_sched_slice)
 from seg_fast.sim import speed
 from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import POOL_CACHE, Go, PooledCorpus, ShardSpec, open_fds
@@ -109,6 +110,11 @@ class Options(msgspec.Struct, kw_only=True):
     # > 0: every process of the run (gateway, nginx, shards: they inherit it from the
     # harness) runs with this EEVDF time slice, µs (oslimits.set_sched_slice)
     slice_us: int = 0
+    # > 0: every process of the run may hold this many descriptors (the harness raises its
+    # own RLIMIT_NOFILE, which they inherit; nginx gets it as worker_rlimit_nofile), so
+    # --shard-size may put more of a core's devices in one gateway worker and one shard,
+    # as an administrator's LimitNOFILE or limits.max_descriptors would
+    nofile: int = 0
 
 
 # -- /proc sampling -------------------------------------------------------------------
@@ -559,7 +565,10 @@ class Proxy:
         buffering but reads as large as the gateway's (NGINX_BUFFER_KIB), an access log as the
         gateway keeps its transaction log, and TLS sessions kept as long as the gateway keeps
         them (TLS_SESSION_LIFETIME_S)."""
-        per_worker = 6000     # devices: 2 descriptors each, well under 20,000 per process
+        # devices: 2 descriptors each, well under 20,000 per process; with --nofile as many
+        # per worker as the gateway's workers carry
+        per_worker = shard_size(self.opts) if self.opts.nofile else 6000
+        nofile = self.opts.nofile or 19500
         n = self.opts.devices
         workers = max(1, math.ceil(n / per_worker))
         ups, servers = [], []
@@ -569,9 +578,9 @@ class Proxy:
                 f"  server {{ listen {lh}:{lp} reuseport{' ssl' if self.opts.tls else ''};"
                 f" location / {{ proxy_pass http://sim{k}; }} }}\n")
         return (
-            f"worker_processes {workers};\nworker_rlimit_nofile 19500;\ndaemon off;\n"
+            f"worker_processes {workers};\nworker_rlimit_nofile {nofile};\ndaemon off;\n"
             f"pid {self.dir}/nginx.pid;\nerror_log {self.dir}/nginx.err warn;\n"
-            "events { worker_connections 19000; use epoll; }\n"
+            f"events {{ worker_connections {nofile - 500}; use epoll; }}\n"
             "http {\n"
             f"  access_log {self.dir}/nginx-access.log;\n"
             f"  client_body_temp_path {self.dir}/nb; proxy_temp_path {self.dir}/np;\n"
@@ -1660,6 +1669,7 @@ def arg_errors(a: argparse.Namespace) -> list[str]:
                        "--cgroup-fraction or --search")
     if a.devices < 1:
         out.append(f"--devices {a.devices}: at least 1")
+
     if a.search and a.max_devices < a.devices:
         out.append(f"--max-devices {a.max_devices} is below --devices {a.devices} (both per core with --search)")
     return out
@@ -1714,6 +1724,9 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--security", choices=("off", "on"), default="off")
     ap.add_argument("--shard-size", type=int, default=8000,
                     help="devices per fleet process and per gateway worker (2 fds each)")
+    ap.add_argument("--nofile", type=int, default=0, metavar="N",
+                    help="descriptors per process for every process of the run (raised by the harness: "
+                         "needs root), so --shard-size can put more devices in one gateway worker")
     ap.add_argument("--nice", type=int, default=0,
                     help="niceness for all processes of the run, and for the run's scheduler autogroup: "
                          "the run leads a session of its own (e.g. -10 on a shared machine)")
@@ -1745,6 +1758,12 @@ def cli(argv: list[str]) -> int:
     for err in arg_errors(a):
         print(f"seg-fast bench sizing: {err}", file=sys.stderr)
         return 2
+    # every process the run starts inherits it
+    if a.nofile and raise_nofile_limit(a.nofile) < a.nofile:
+        print(f"seg-fast bench sizing: --nofile {a.nofile}: the descriptor limit cannot be raised that far "
+              f"(it is {resource.getrlimit(resource.RLIMIT_NOFILE)[1]}; raising it needs root, and "
+              "/proc/sys/fs/nr_open caps it)", file=sys.stderr)
+        return 2
     if a.security == "on" and not security_available():
         print("seg-fast bench sizing: --security on needs `seg-fast policy load`, "
               "which is not in this tree yet", file=sys.stderr)
@@ -1768,7 +1787,7 @@ def cli(argv: list[str]) -> int:
                    shard_size=a.shard_size, repeat=a.repeat, tls=a.tls,
                    rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, load_steps=a.load_steps,
                    nice=a.nice,
-                   cgroup_fraction=a.cgroup_fraction, slice_us=a.slice_us,
+                   cgroup_fraction=a.cgroup_fraction, slice_us=a.slice_us, nofile=a.nofile,
                    gateway_cpu=0, load_cpu=1 if (os.cpu_count() or 1) > 1 else 0)
 
     def say(msg: str) -> None:
