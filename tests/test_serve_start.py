@@ -101,6 +101,25 @@ def test_workers_per_core_follow_devices_and_the_descriptor_limit():
     assert workers_for(100_000, 1, 1_048_576) == 1
 
 
+def _log_until_workers(proc) -> bytes:
+    """serve's stderr up to its "N worker(s)" line (or 60 s)."""
+    deadline = time.monotonic() + 60
+    seen = b""
+    while b"worker(s)" not in seen and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    return seen
+
+
+def _workers_started(proc, expected: int) -> list[int]:
+    deadline = time.monotonic() + 60
+    while len(_children(proc.pid)) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _children(proc.pid)
+
+
 def test_max_descriptors_raises_the_limit_so_fewer_workers_carry_a_core(tmp_path):
     # 12,000 devices per core: two workers under a 20,000 limit, one under 40,000. Raising the
     # hard limit needs CAP_SYS_RESOURCE: as root serve raises it for itself and its workers;
@@ -118,25 +137,18 @@ def test_max_descriptors_raises_the_limit_so_fewer_workers_carry_a_core(tmp_path
     probe = subprocess.run([sys.executable, "-c", "import resource; "
                             "resource.setrlimit(resource.RLIMIT_NOFILE, (40000, 40000))"], capture_output=True)
     raises = probe.returncode == 0 and hard < 40_000
+    expected = cores if raises else workers_for(12_000, cores, hard, 256)
     proc = start_serve(cfg, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        seen = b""
-        while b"worker(s)" not in seen and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen += line
+        seen = _log_until_workers(proc)
+        assert f"control process: {expected} worker(s)".encode() in seen, seen.decode()
         if raises:
-            assert f"control process: {cores} worker(s)".encode() in seen, seen.decode()
             assert b"max_descriptors" not in seen
         elif hard < 40_000:
             assert b"WARNING: limits.max_descriptors 40000: the descriptor limit stays" in seen, seen.decode()
-            assert f"control process: {workers_for(12_000, cores, hard, 256)} worker(s)".encode() in seen
-        deadline = time.monotonic() + 60
-        while len(_children(proc.pid)) < cores and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in _children(proc.pid):
+        workers = _workers_started(proc, expected)
+        assert len(workers) == expected
+        for pid in workers:
             with open(f"/proc/{pid}/limits") as f:
                 line = next(x for x in f if x.startswith("Max open files"))
             assert line.split()[3:5] == (["40000", "40000"] if raises else [str(hard), str(hard)]), line
@@ -154,17 +166,8 @@ def test_serve_starts_the_workers_devices_per_core_needs(tmp_path):
     expected = workers_for(12_000, os.cpu_count() or 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     proc = start_serve(cfg, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        seen = b""
-        while b"worker(s)" not in seen and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen += line
+        seen = _log_until_workers(proc)
         assert f"control process: {expected} worker(s)".encode() in seen, seen.decode()
-        deadline = time.monotonic() + 60
-        while len(_children(proc.pid)) < expected and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(_children(proc.pid)) == expected
+        assert len(_workers_started(proc, expected)) == expected
     finally:
         stop_process(proc)
