@@ -85,6 +85,7 @@ def test_env_overrides_file(tmp_path):
     ("workers = -1\n", "workers"),
     ("[admin]\nhost = \"0.0.0.0\"\n", "admin.host"),
     ("[limits]\nmax_descriptors = 100\n", "limits.max_descriptors"),
+    ("[upstream]\nsource_addresses = [\"mail.example\"]\n", "upstream.source_addresses"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, key):
     f = tmp_path / "bad.toml"

@@ -152,8 +152,29 @@ def startup_problem(config) -> Finding | None:
     from seg_fast.kcd.check import startup_findings       # client certificates and KCD
 
     kcd = [Finding(*f) for f in startup_findings(config)]
-    return next((f for f in check_tls(config) + check_paths(config) + kcd
+    return next((f for f in check_tls(config) + check_paths(config) + check_sources(config) + kcd
                  if not f.ok and not (f.what == "state_dir" and Path(config.state_dir).is_dir())), None)
+
+
+def check_sources(config) -> list[Finding]:
+    """Each upstream.source_addresses entry must be an address of this host (bindable)."""
+    import ipaddress
+    import socket
+
+    from seg_fast.proxy.upstream import bind_source
+
+    out = []
+    for source in config.upstream.source_addresses:
+        family = socket.AF_INET6 if ipaddress.ip_address(source).version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                bind_source(sock, source)
+            except OSError as exc:
+                out.append(Finding(False, "upstream.source_addresses",
+                                   f"{source}: not an address of this host ({exc.strerror or exc})"))
+                continue
+        out.append(Finding(True, "upstream.source_addresses", f"{source}: an address of this host"))
+    return out
 
 
 def check_ports(config) -> list[Finding]:
@@ -275,7 +296,8 @@ async def check_connect(config) -> list[Finding]:
 
 
 async def run_checks(config, connect: bool) -> list[Finding]:
-    findings = check_tls(config) + check_paths(config) + check_state_mode(config) + check_ports(config)
+    findings = (check_tls(config) + check_paths(config) + check_state_mode(config) + check_ports(config)
+                + check_sources(config))
     findings += await check_store(config)
     if connect:
         findings += await check_connect(config)

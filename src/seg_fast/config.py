@@ -5,6 +5,7 @@ Each package owns its own section (policy.settings, content.settings).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -66,6 +67,11 @@ class UpstreamSettings(_Section):
     pool_size: int = 100_000
     idle_pool_size: int = 256        # idle keep-alive connections kept per mail server
     retry_after: int = 30            # seconds, in the 503 answer when the mail server is unreachable
+    # Local addresses connections to the mail server (or the outbound proxy) are made from, in
+    # turn. A parked Ping holds one, and from one address the kernel has only its ephemeral
+    # port range (~28,000 by default) toward one mail server address: more devices need more.
+    # Empty: the kernel picks the address.
+    source_addresses: list[str] = msgspec.field(default_factory=list)
 
 
 class EasSettings(_Section):
@@ -343,6 +349,11 @@ def _check(config: Config, where: str, overrides) -> None:
     up = urlsplit(config.upstream.url)
     if up.scheme not in ("http", "https") or not up.hostname:
         problems.append(("upstream.url", "must be an http:// or https:// URL with a host"))
+    for source in config.upstream.source_addresses:
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            problems.append(("upstream.source_addresses", f"{source!r} is not an IP address"))
     if config.upstream.proxy_url:
         px = urlsplit(config.upstream.proxy_url)
         if px.scheme not in ("http", "https") or not px.hostname:

@@ -55,6 +55,26 @@ def workers_for(devices_per_core: int, cores: int, nofile: int, idle_pool: int =
     return cores * per_core
 
 
+PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def ephemeral_ports() -> int:
+    """Ports the kernel picks from for an outgoing connection (net.ipv4.ip_local_port_range):
+    how many connections one local address can hold toward one remote address and port."""
+    try:
+        with open(PORT_RANGE) as f:
+            low, high = map(int, f.read().split())
+        return high - low + 1
+    except (OSError, ValueError):
+        return 28_232                    # Linux's default range, 32768-60999
+
+
+def source_ports_short(devices: int, sources: int, ports: int) -> bool:
+    """Whether ``devices`` parked Pings (one mail-server connection each) would need more
+    ports toward one mail server address than ``sources`` local addresses have."""
+    return devices > ports * max(1, sources)
+
+
 # sched_setattr(2): no wrapper in Python's os module
 _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
 _SCHED_ATTR = struct.Struct("IIQiIQQQII")          # struct sched_attr, version 1 (56 bytes)

@@ -164,6 +164,10 @@ class UpstreamPool:
         self.proxy = None
         self.proxy_auth = None
         self.proxy_tls = None         # an https:// proxy: TLS to the proxy, then CONNECT inside it
+        # upstream.source_addresses, taken in turn; one whose ports toward this server are all
+        # in use (EADDRNOTAVAIL) passes the connection to the next
+        self.sources: list[str | None] = list(getattr(settings, "source_addresses", ())) or [None]
+        self._source = 0
         if settings.proxy_url:
             px = urlsplit(settings.proxy_url)
             self.proxy = (px.hostname, px.port or (443 if px.scheme == "https" else 3128))
@@ -267,7 +271,7 @@ class UpstreamPool:
         deadline = trio.current_time() + self.connect_timeout
         try:
             host, port = (origin.host, origin.port) if self.proxy is None else self.proxy
-            stream = await open_tcp(host, port, deadline)
+            stream = await self._open_tcp(host, port, deadline)
             sock = stream.socket
             with trio.fail_at(deadline):
                 if self.proxy is not None:
@@ -293,6 +297,17 @@ class UpstreamPool:
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
             raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: {_reason(exc)}") from None
         return UpstreamConn(origin, stream, sock)
+
+    async def _open_tcp(self, host: str, port: int, deadline: float) -> trio.SocketStream:
+        last = len(self.sources) - 1
+        for attempt in range(last + 1):
+            source = self.sources[self._source]
+            self._source = (self._source + 1) % len(self.sources)
+            try:
+                return await open_tcp(host, port, deadline, source)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL or attempt == last:
+                    raise
 
     async def _tunnel(self, stream, origin: Origin) -> None:
         """HTTP CONNECT through the outbound proxy (RFC 9110 9.3.6)."""
@@ -344,21 +359,36 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__ + (f": {exc}" if str(exc) else "")
 
 
-async def open_tcp(host: str, port: int, deadline: float) -> trio.SocketStream:
-    """A TCP connection, timed out by the kernel's word rather than this worker's clock: a
-    handshake the kernel completed is used even when the loop lagged past ``deadline``
-    meanwhile (a long step, or a starved core: the soaks' "connect timed out" with no listen
-    overflow); only a socket still connecting at the deadline is TooSlowError."""
+# Linux: bind an address without a port; the port is picked at connect, per destination, so
+# each source address has the whole ephemeral range toward each mail server address.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+def bind_source(sock: socket.socket, source: str) -> None:
+    """Bind ``sock`` to the local address ``source`` (upstream.source_addresses), port left to connect."""
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock.bind((source, 0))
+
+
+async def open_tcp(host: str, port: int, deadline: float, source: str | None = None) -> trio.SocketStream:
+    """A TCP connection (from the local address ``source`` if given), timed out by the kernel's
+    word rather than this worker's clock: a handshake the kernel completed is used even when
+    the loop lagged past ``deadline`` meanwhile (a long step, or a starved core: the soaks'
+    "connect timed out" with no listen overflow); only a socket still connecting at the
+    deadline is TooSlowError."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
         with trio.fail_at(deadline):          # a name: trio resolves it and tries each address
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await trio.open_tcp_stream(host, port, local_address=source)
         sockio.notsent_lowat(stream.socket)
         return stream
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
+        if source is not None:
+            bind_source(sock, source)
         err = sock.connect_ex((host, port))
         if err in (errno.EINPROGRESS, errno.EAGAIN):
             with trio.move_on_at(deadline):
