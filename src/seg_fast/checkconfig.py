@@ -166,13 +166,13 @@ def check_sources(config) -> list[Finding]:
     out = []
     for source in config.upstream.source_addresses:
         family = socket.AF_INET6 if ipaddress.ip_address(source).version == 6 else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            try:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:     # (no IPv6 here: also refused)
                 bind_source(sock, source)
-            except OSError as exc:
-                out.append(Finding(False, "upstream.source_addresses",
-                                   f"{source}: not an address of this host ({exc.strerror or exc})"))
-                continue
+        except OSError as exc:
+            out.append(Finding(False, "upstream.source_addresses",
+                               f"{source}: not an address of this host ({exc.strerror or exc})"))
+            continue
         out.append(Finding(True, "upstream.source_addresses", f"{source}: an address of this host"))
     return out
 

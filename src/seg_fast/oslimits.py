@@ -19,12 +19,13 @@ def raise_nofile_limit(want: int = 0) -> int:
     if want > hard:
         try:
             with open(NR_OPEN) as f:
-                want = min(want, int(f.read()))
+                want = max(hard, min(want, int(f.read())))
         except (OSError, ValueError):
             pass
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-            return want
+            if want > hard:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+                return want
         except (ValueError, OSError):
             pass        # not permitted: the hard limit as it is (the caller says so)
     if soft < hard:

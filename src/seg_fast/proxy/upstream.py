@@ -366,8 +366,10 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 def bind_source(sock: socket.socket, source: str) -> None:
     """Bind ``sock`` to the local address ``source`` (upstream.source_addresses), port left to connect."""
-    if sock.family == socket.AF_INET:
-        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)     # IPv6 sockets too, on Linux
+    except OSError:
+        pass              # elsewhere the port is taken at bind: fewer connections per address
     sock.bind((source, 0))
 
 
