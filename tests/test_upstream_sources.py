@@ -155,3 +155,36 @@ def test_serve_warns_when_the_devices_need_more_ports_than_the_sources_have(tmp_
     assert (warned in seen) == short, seen.decode()
     if sources == "[]" and ephemeral_ports() < 30_000:
         assert short           # one address and the default range: ~28,000 ports for 30,000+ Pings
+
+
+def test_a_reload_changes_the_sources_and_refuses_one_not_of_this_host(tmp_path, mail_server):
+    import signal
+    import time
+
+    port = free_port()
+    cfg = _config(tmp_path, port, mail_server, '["127.0.0.2"]')
+    proc = start_serve(cfg, tmp_path)
+    lines: list[bytes] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, b"")), daemon=True).start()
+
+    def until(check, what: str) -> None:
+        end = time.monotonic() + 60
+        while not check():
+            assert time.monotonic() < end, f"{what}: {b''.join(lines).decode()[-2000:]}"
+            time.sleep(0.1)
+
+    try:
+        wait_listening(port, proc)
+        assert _options(port).startswith(b"HTTP/1.1 200") and _MailServer.peers[-1] == "127.0.0.2"
+        cfg.write_text(cfg.read_text().replace('["127.0.0.2"]', '["127.0.0.3"]'))
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: _options(port).startswith(b"HTTP/1.1 200") and _MailServer.peers[-1] == "127.0.0.3",
+              "the reloaded source")
+        # the control process checks a reloaded config as it checks one at start, and keeps the
+        # running one: the workers go on from 127.0.0.3
+        cfg.write_text(cfg.read_text().replace('["127.0.0.3"]', '["192.0.2.1"]'))
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: any(b"reload refused" in x and b"192.0.2.1" in x for x in lines), "the refusal")
+        assert _options(port).startswith(b"HTTP/1.1 200") and _MailServer.peers[-1] == "127.0.0.3"
+    finally:
+        stop_process(proc)
