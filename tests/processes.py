@@ -1,10 +1,12 @@
 """Child processes the end-to-end tests start: `seg-fast serve`, and a clean stop."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,3 +41,38 @@ def wait_listening(port: int, proc: subprocess.Popen, bound: float = 60) -> None
         except OSError:
             time.sleep(0.1)
     raise AssertionError("gateway did not start listening")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """Wait for ``proc`` to exit (stopping it after ``timeout``); its stderr."""
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    return proc.stderr.read().decode()
+
+
+def options_answer(port: int) -> bytes:
+    """One `OPTIONS` through the gateway at 127.0.0.1:``port`` on a connection of its own: the raw answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"OPTIONS /Microsoft-Server-ActiveSync HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+@contextlib.contextmanager
+def http_server(handler):
+    """A ThreadingHTTPServer with ``handler`` on 127.0.0.1 (a stand-in mail server): its port."""
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

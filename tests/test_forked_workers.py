@@ -12,14 +12,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
-from processes import REPO, start_serve, stop_process, wait_listening
+from processes import REPO, http_server, options_answer, start_serve, stop_process, wait_listening
 from workers_of import free_port, workers_of
 
 MIB = 1024
@@ -49,12 +48,8 @@ class _MailServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def mail_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _MailServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with http_server(_MailServer) as port:
+        yield port
 
 
 def _rollup(pid: int) -> dict[str, int]:
@@ -63,15 +58,6 @@ def _rollup(pid: int) -> dict[str, int]:
         key, value = line.split(":", 1)
         out[key] = int(value.split()[0])
     return out
-
-
-def _options(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"OPTIONS /Microsoft-Server-ActiveSync HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data
 
 
 def _wait_workers(pid: int, n: int, bound: float = 60) -> list[int]:
@@ -136,7 +122,7 @@ class _Serve:
 
     def answers(self) -> None:
         for _ in range(6):                       # both workers answer (SO_REUSEPORT spreads them)
-            assert _options(self.port).startswith(b"HTTP/1.1 200")
+            assert options_answer(self.port).startswith(b"HTTP/1.1 200")
 
 
 def test_workers_are_forked_from_the_template_first_ones_and_replacements_alike(tmp_path, mail_server):

@@ -9,7 +9,7 @@ import sys
 import time
 
 from seg_fast.proxy.forked import worker_pids
-from processes import start_serve, stop_process
+from processes import finish, start_serve, stop_process
 from redis_server import free_port
 
 
@@ -18,15 +18,6 @@ def write(tmp_path, extra: str = "") -> object:
     cfg.write_text(f'workers = 1\n[listener]\nhost = "127.0.0.1"\nport = {free_port()}\n'
                    f'[admin]\nenabled = false\n{extra}')
     return cfg
-
-
-def finish(proc, timeout: float = 60) -> str:
-    try:
-        proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            stop_process(proc)
-    return proc.stderr.read().decode()
 
 
 def test_missing_certificate_refused_before_any_worker(tmp_path):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import errno
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import trio
 
-from processes import start_serve, stop_process, wait_listening
+from processes import finish, http_server, options_answer, start_serve, stop_process, wait_listening
 from redis_server import free_port
 from seg_fast.proxy import upstream
 
@@ -38,12 +38,8 @@ class _MailServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def mail_server():
     _MailServer.peers = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _MailServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with http_server(_MailServer) as port:
+        yield port
 
 
 def _config(tmp_path, port: int, mail_port: int, sources: str):
@@ -54,21 +50,12 @@ def _config(tmp_path, port: int, mail_port: int, sources: str):
     return cfg
 
 
-def _options(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"OPTIONS /Microsoft-Server-ActiveSync HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data
-
-
 def test_mail_server_connections_come_from_the_source_addresses_in_turn(tmp_path, mail_server):
     port = free_port()
     proc = start_serve(_config(tmp_path, port, mail_server, '["127.0.0.2", "127.0.0.3"]'), tmp_path)
     try:
         wait_listening(port, proc)
-        answers = [_options(port) for _ in range(6)]
+        answers = [options_answer(port) for _ in range(6)]
     finally:
         stop_process(proc)
     assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
@@ -79,12 +66,7 @@ def test_mail_server_connections_come_from_the_source_addresses_in_turn(tmp_path
 def test_a_source_address_not_of_this_host_is_refused_before_any_worker(tmp_path, mail_server):
     cfg = _config(tmp_path, free_port(), mail_server, '["127.0.0.2", "192.0.2.1"]')
     proc = start_serve(cfg, tmp_path)
-    try:
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            stop_process(proc)
-    err = proc.stderr.read().decode()
+    err = finish(proc)
     assert proc.returncode == 1
     assert "gw.toml" in err and "key upstream.source_addresses: 192.0.2.1: not an address of this host" in err
     assert "Traceback" not in err and "worker" not in err
@@ -175,16 +157,16 @@ def test_a_reload_changes_the_sources_and_refuses_one_not_of_this_host(tmp_path,
 
     try:
         wait_listening(port, proc)
-        assert _options(port).startswith(b"HTTP/1.1 200") and _MailServer.peers[-1] == "127.0.0.2"
+        assert options_answer(port).startswith(b"HTTP/1.1 200") and _MailServer.peers[-1] == "127.0.0.2"
         cfg.write_text(cfg.read_text().replace('["127.0.0.2"]', '["127.0.0.3"]'))
         proc.send_signal(signal.SIGHUP)
-        until(lambda: _options(port).startswith(b"HTTP/1.1 200") and _MailServer.peers[-1] == "127.0.0.3",
+        until(lambda: options_answer(port).startswith(b"HTTP/1.1 200") and _MailServer.peers[-1] == "127.0.0.3",
               "the reloaded source")
         # the control process checks a reloaded config as it checks one at start, and keeps the
         # running one: the workers go on from 127.0.0.3
         cfg.write_text(cfg.read_text().replace('["127.0.0.3"]', '["192.0.2.1"]'))
         proc.send_signal(signal.SIGHUP)
         until(lambda: any(b"reload refused" in x and b"192.0.2.1" in x for x in lines), "the refusal")
-        assert _options(port).startswith(b"HTTP/1.1 200") and _MailServer.peers[-1] == "127.0.0.3"
+        assert options_answer(port).startswith(b"HTTP/1.1 200") and _MailServer.peers[-1] == "127.0.0.3"
     finally:
         stop_process(proc)
