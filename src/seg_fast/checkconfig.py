@@ -158,16 +158,14 @@ def startup_problem(config) -> Finding | None:
 
 def check_sources(config) -> list[Finding]:
     """Each upstream.source_addresses entry must be an address of this host (bindable)."""
-    import ipaddress
     import socket
 
-    from seg_fast.proxy.upstream import bind_source
+    from seg_fast.proxy.upstream import bind_source, family_of
 
     out = []
     for source in config.upstream.source_addresses:
-        family = socket.AF_INET6 if ipaddress.ip_address(source).version == 6 else socket.AF_INET
         try:
-            with socket.socket(family, socket.SOCK_STREAM) as sock:     # (no IPv6 here: also refused)
+            with socket.socket(family_of(source), socket.SOCK_STREAM) as sock:     # (no IPv6 here: also refused)
                 bind_source(sock, source)
         except OSError as exc:
             out.append(Finding(False, "upstream.source_addresses",

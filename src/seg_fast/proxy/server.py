@@ -64,16 +64,17 @@ def cli(argv: list[str]) -> int:
         say(f"WARNING: limits.max_descriptors {want}: the descriptor limit stays {nofile} (raising it "
             "needs root, CAP_SYS_RESOURCE, or the kernel's fs.nr_open is lower); "
             "more workers per core carry devices_per_core")
-    node_devices = config.devices_per_core * (os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    node_devices = config.devices_per_core * cores
     sources, ports = len(config.upstream.source_addresses), ephemeral_ports()
     if source_ports_short(node_devices, sources, ports):
-        say(f"WARNING: devices_per_core {config.devices_per_core} on {os.cpu_count() or 1} core(s): "
+        say(f"WARNING: devices_per_core {config.devices_per_core} on {cores} core(s): "
             f"{node_devices} parked Pings hold as many mail-server connections, and "
             f"{max(1, sources)} source address(es) have {ports} ports each toward one mail server "
             "address (net.ipv4.ip_local_port_range); list more in upstream.source_addresses")
     workers = args.workers if args.workers is not None else config.workers
     if not workers:
-        workers = workers_for(config.devices_per_core, os.cpu_count() or 1, nofile,
+        workers = workers_for(config.devices_per_core, cores, nofile,
                               config.upstream.idle_pool_size)
     return run_control(config, args.config, workers)
 

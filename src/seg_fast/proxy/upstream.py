@@ -364,6 +364,11 @@ def _reason(exc: BaseException) -> str:
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
+def family_of(address: str) -> int:
+    """AF_INET or AF_INET6 for an IP address literal; ValueError for anything else (a name)."""
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
 def bind_source(sock: socket.socket, source: str) -> None:
     """Bind ``sock`` to the local address ``source`` (upstream.source_addresses), port left to connect."""
     try:
@@ -380,7 +385,7 @@ async def open_tcp(host: str, port: int, deadline: float, source: str | None = N
     "connect timed out" with no listen overflow); only a socket still connecting at the
     deadline is TooSlowError."""
     try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        family = family_of(host)
     except ValueError:
         with trio.fail_at(deadline):          # a name: trio resolves it and tries each address
             stream = await trio.open_tcp_stream(host, port, local_address=source)

@@ -1669,7 +1669,6 @@ def arg_errors(a: argparse.Namespace) -> list[str]:
                        "--cgroup-fraction or --search")
     if a.devices < 1:
         out.append(f"--devices {a.devices}: at least 1")
-
     if a.search and a.max_devices < a.devices:
         out.append(f"--max-devices {a.max_devices} is below --devices {a.devices} (both per core with --search)")
     return out
