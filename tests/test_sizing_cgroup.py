@@ -9,6 +9,7 @@ of the machine, not a missing install.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -272,14 +273,20 @@ def test_bad_fractions_and_bounds_are_refused_before_anything_runs(args, error, 
 def test_a_bare_cgroup_check_is_a_half(monkeypatch, tmp_path):
     got = {}
 
-    async def bench(opts, search, max_devices, say, cgroup_check=0.0):
+    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None):
         got["check"] = cgroup_check
-        return {"machine": {}, "options": {"security": "off"}, "when": "now", "headline": {}, "points": []}
+        report = {"machine": {}, "options": {"security": "off"}, "when": "now", "headline": {}, "points": []}
+        on_point(report)
+        got["partial"] = [p.name for p in tmp_path.glob("*.partial.raw.json")]
+        return report
     monkeypatch.setattr(sizing, "bench", bench)
     monkeypatch.setattr(sizing, "find_cpu_controller", lambda: ("v1", tmp_path))
     cpus = os.sched_getaffinity(0)
     assert sizing.cli(["sizing", "--cgroup-check", "--out", str(tmp_path), "--quiet"]) == 0
     assert got["check"] == 0.5
+    # the report so far was on disk during the run, and gave way to the whole one
+    assert len(got["partial"]) == 1 and got["partial"][0].startswith("sizing-off-")
+    assert not list(tmp_path.glob("*.partial.raw.json")) and list(tmp_path.glob("sizing-off-*.raw.json"))
     assert os.sched_getaffinity(0) == cpus      # the CLI pinned its harness for the run only
     assert sizing.cli(["sizing", "--cgroup-check", "0.25", "--out", str(tmp_path), "--quiet"]) == 0
     assert got["check"] == 0.25
@@ -340,3 +347,23 @@ def test_gateway_runs_inside_the_limit():
     assert v["held_to_cores"] == 0.5
     assert v["metrics"]["gateway"]["devices_per_core"] == 120
     assert not v["meets"]                        # time compressed: claims nothing
+
+
+def test_a_search_hands_over_what_it_measured_after_each_point(monkeypatch, tmp_path):
+    # a search runs for hours: after each point the report so far is written, so an
+    # interrupted search keeps every point it measured
+    _fake_measure(monkeypatch, lambda pc, n, f: "meets" if pc <= 12_000 else "broke")
+    path = tmp_path / "sizing-off-x.partial.raw.json"
+    seen = []
+
+    def on_point(report):
+        sizing.write_partial(report, path)
+        seen.append(json.loads(path.read_text()))
+
+    opts = sizing.Options(devices=5_000)
+    final = trio.run(lambda: sizing.bench(opts, True, 200_000, lambda _m: None, on_point=on_point))
+    assert [len(r["points"]) for r in seen] == list(range(1, 8))
+    assert [p["devices"] for p in seen[2]["points"]] == [5_000, 10_000, 20_000]
+    assert seen[1]["headline"]["best_devices_per_core"] == 10_000
+    assert seen[-1]["points"] == json.loads(json.dumps(final["points"]))
+    assert not path.with_name(path.name + ".tmp").exists()

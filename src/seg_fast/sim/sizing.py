@@ -1590,10 +1590,17 @@ async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
     return stop
 
 
-async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check: float = 0.0) -> dict:
+async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check: float = 0.0,
+                on_point=None) -> dict:
     """One point (N = opts.devices driven), a search (``max_devices`` and opts.devices
-    per core) or, with ``cgroup_check`` = F, the cross-check (N at F and 2N at 2F)."""
+    per core) or, with ``cgroup_check`` = F, the cross-check (N at F and 2N at 2F).
+    ``on_point(report)`` is given the report so far after each point (a search runs for
+    hours: what it measured survives an interruption)."""
     points: list[dict] = []
+
+    def report_so_far() -> dict:
+        return {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": headline(points, opts.security), "points": points}
 
     async def at(n: int, fraction: float | None = None) -> dict:
         o = msgspec.structs.replace(opts, devices=n)
@@ -1608,6 +1615,8 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
             + "".join(f"\n    not a measurement: {x}" for x in v["invalid"])
             + "".join(f"\n    caveat: {x}" for x in v["caveats"]))
         points.append(p)
+        if on_point is not None:
+            on_point(report_so_far())
         return p
 
     cross = stop = None
@@ -1626,9 +1635,8 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
         await at(opts.devices)
     else:
         stop = await search_walk(opts, max_devices, at, say)
-    head = headline(points, opts.security)
-    report = {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": head, "points": points}
+    report = report_so_far()
+    head = report["headline"]
     if cross is not None:
         # the cross-check claims only what both fractions agree on
         head["best_devices_per_core"] = cross["devices_per_core"]
@@ -1803,10 +1811,14 @@ def cli(argv: list[str]) -> int:
                         nursery.cancel_scope.cancel()
                         return
                 nursery.start_soon(watch)
-                out = await bench(opts, a.search, a.max_devices, say, cgroup_check=a.cgroup_check)
+                out = await bench(opts, a.search, a.max_devices, say, cgroup_check=a.cgroup_check,
+                                  on_point=lambda r: write_partial(r, partial))
                 nursery.cancel_scope.cancel()
                 return out
 
+    # every point measured so far, rewritten after each (gitignored: *.raw.json); removed
+    # once the whole report is written
+    partial = Path(a.out) / f"sizing-{a.security}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.partial.raw.json"
     cpus = os.sched_getaffinity(0)
     if opts.load_cpu != opts.gateway_cpu and pinned(opts.gateway_cpu):     # (taskset pins what it starts)
         # The harness (its /proc sampling each second, the workers' stats it reads, ss) is
@@ -1829,6 +1841,7 @@ def cli(argv: list[str]) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     written = write_results(report, out)
+    partial.unlink(missing_ok=True)
     try:
         plot([p for p in report["points"]], written[0].with_suffix(".png"))
     except Exception as exc:  # the numbers matter more than the picture
@@ -1844,6 +1857,14 @@ def summary(report: dict) -> dict:
     point's verdict (both runs' outcome, the worse run's figures); no timelines."""
     return {k: report[k] for k in ("machine", "options", "when", "headline", "crosscheck") if k in report} | {
         "points": [{"devices": p["devices"], "verdict": p["verdict"]} for p in report["points"]]}
+
+
+def write_partial(report: dict, path: Path) -> None:
+    """The report so far, replaced whole (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(report)))
+    os.replace(tmp, path)
 
 
 def write_results(report: dict, out: Path) -> list[Path]:
