@@ -144,11 +144,14 @@ def sizing(sides: dict[str, tuple[str, str]], rounds: int, args: list[str],
                 "cpu_s_per_device_hour": m["cpu_s_per_device_hour"], "cpu_share": m["cpu_share"],
                 "wakeups_per_device_hour": m.get("wakeups_per_device_hour"),
                 "hold_cpu_s": cpu, "hold_requests": n, "hold_cpu_us_per_request": round(cpu / n * 1e6, 1),
-                "failures": sum(g["failures"].values()), "invalid": point["verdict"]["invalid"]})
+                "failures": sum(g["failures"].values()), "invalid": point["verdict"]["invalid"],
+                # the load side (fleet and simulator shards, the other core): a change to them shows here
+                "load_cpu_share": g["load"]["cpu_share"], "load_cpu_vs_gateway": point["verdict"]["metrics"].get("load_cpu_vs_gateway")})
             print(name, runs[name][-1], flush=True)
             shutil.rmtree(outdir, ignore_errors=True)
     return {name: {"cpu_s_per_device_hour_median": statistics.median(r["cpu_s_per_device_hour"] for r in rs),
                    "hold_cpu_us_per_request_median": statistics.median(r["hold_cpu_us_per_request"] for r in rs),
+                   "load_cpu_share_median": statistics.median(r["load_cpu_share"] for r in rs),
                    "runs": rs}
             for name, rs in runs.items()}
 

@@ -42,3 +42,12 @@ def give_back() -> bool:
         return False
     trim(0)
     return True
+
+
+def huge_arenas() -> bool:
+    """pymalloc's arenas on transparent huge pages (``_hugearena``), once per process and
+    before the bulk of its objects exist (a forked worker inherits it); False where the
+    region cannot be reserved (the arenas stay where pymalloc puts them)."""
+    from seg_fast import _hugearena
+
+    return _hugearena.install()

@@ -41,9 +41,15 @@ _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def preload() -> None:
+def preload(huge_pages: bool = True) -> None:
     """Import what a worker runs, and keep the collector off those objects for good: a full
-    collection in a worker writes every tracked object's header, which would copy the pages."""
+    collection in a worker writes every tracked object's header, which would copy the pages.
+    With ``huge_pages`` (limits.huge_pages), pymalloc's arenas go on huge pages first, so
+    every worker forked from here has them."""
+    if huge_pages:
+        from seg_fast.malloc import huge_arenas
+
+        huge_arenas()
     import tomllib  # noqa: F401 - what a worker's start-up imports besides (the config, tickets)
 
     import seg_fast.policy.syncsettings  # noqa: F401
@@ -331,7 +337,9 @@ def main(argv: list[str]) -> int:
     memory then counts the shared pages as serve's does. SIGTERM here is passed to every worker
     (they drain); a worker that exits stops the others and this process, so whoever started it
     sees the end."""
-    preload()
+    from seg_fast.config import load_config
+
+    preload(load_config(argv[0]).limits.huge_pages if argv else True)
     children = [fork_worker(["--config", cfg]) for cfg in argv]
 
     def stop(signum, frame):

@@ -18,7 +18,7 @@ from seg_fast.proxy import sockio
 from seg_fast.proxy.downstream import resume_parked, serve_device
 from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.incidents import Incidents
-from seg_fast.malloc import return_big_buffers
+from seg_fast.malloc import huge_arenas, return_big_buffers
 from seg_fast.proxy.looplag import LoopLag, in_slices
 from seg_fast.proxy.parking import PingPark
 from seg_fast.proxy.passthrough import Passthrough
@@ -151,6 +151,8 @@ class Gateway:
         """Bind, accept and serve until drained (then finish in-flight work and return)."""
         self._nofile = raise_nofile_limit()
         return_big_buffers()
+        if self.config.limits.huge_pages:
+            huge_arenas()         # (a worker started as a new interpreter; forked ones have it)
         cfg = self.config.listener
         sock = listening_socket(cfg.host, cfg.port, cfg.backlog)
         await sock.bind((cfg.host, cfg.port))

@@ -221,7 +221,7 @@ def run_control(config, config_path: str | None, workers: int) -> int:
     # Workers are forked from a template process, itself forked before trio (proxy/forked.py).
     from seg_fast.proxy import forked
 
-    forked.preload()
+    forked.preload(config.limits.huge_pages)
     template = forked.Template.start(env, worker_argv)
 
     async def spawn():

@@ -52,6 +52,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from seg_fast.malloc import huge_arenas
 from seg_fast.proxy import gcpause
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim.checks import Checks
@@ -1330,6 +1331,7 @@ async def shard_main(spec: ShardSpec) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    huge_arenas()                   # the shard's devices' state on huge pages, as a worker's
     spec = msgspec.json.decode(argv[0].encode(), type=ShardSpec)
     prof_dir = os.environ.get("SEG_FAST_FLEET_PROFILE")    # where the load side's CPU goes
     if prof_dir:
