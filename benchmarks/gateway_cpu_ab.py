@@ -11,7 +11,8 @@ socketpair, where TCP segmentation, which this measures too, does not exist.)
 each tree's sources alternately (PYTHONPATH=<tree>/src), the gateway process's CPU-s per
 device-hour from each run's JSON; medians. ``--base-args``/``--new-args`` add options to one
 side's runs: with one tree for both, an A/B of a setting (e.g. the workers a core is cut into:
-``--base-args "--shard-size 500" --new-args "--shard-size 3000"``).
+``--base-args "--shard-size 500" --new-args "--shard-size 3000"``); ``--base-env``/``--new-env`` give
+one side's runs an environment variable (a config override: ``--base-env SEG_FAST_LIMITS_HUGE_PAGES=false``).
 
 ``--base-python``/``--new-python``: the interpreter each side runs (default: this one), for
 --sizing and --connections; with one tree for both sides this compares interpreters (e.g. a
@@ -121,12 +122,12 @@ def interpreter(python: str) -> dict:
 
 
 def sizing(sides: dict[str, tuple[str, str]], rounds: int, args: list[str],
-           extra: dict[str, list[str]] | None = None) -> dict:
+           extra: dict[str, list[str]] | None = None, side_env: dict[str, dict] | None = None) -> dict:
     runs: dict[str, list] = {}
     for _ in range(rounds):
         for name, (tree, python) in sides.items():
             outdir = Path(tempfile.mkdtemp(prefix=f"gw-cpu-sizing-{name}-"))
-            env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"))
+            env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"), **(side_env or {}).get(name, {}))
             subprocess.run([python, str(Path(tree) / "benchmarks" / "sizing.py"), *args,
                             *(extra or {}).get(name, []),
                             "--quiet", "--out", str(outdir)], env=env, check=True,
@@ -246,6 +247,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sizing-args", default=" ".join(SIZING), help="--sizing: sizing.py's options")
     ap.add_argument("--base-args", default="", help="--sizing: options for the base side only (e.g. --shard-size 500)")
     ap.add_argument("--new-args", default="", help="--sizing: options for the new side only")
+    ap.add_argument("--base-env", action="append", default=[], metavar="K=V",
+                    help="--sizing: an environment variable for the base side's run only (a config "
+                         "override the gateway reads, e.g. SEG_FAST_LIMITS_HUGE_PAGES=false)")
+    ap.add_argument("--new-env", action="append", default=[], metavar="K=V", help="--sizing: the same for the new side")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--key", required=True, help="the key of results/gateway_cpu_ab.json to write")
     ap.add_argument("--note", default="")
@@ -262,7 +267,11 @@ def main(argv=None) -> int:
         result["interpreters"] = {name: interpreter(python) for name, (_, python) in sides.items()}
     if args.sizing:
         extra = {"base": args.base_args.split(), "new": args.new_args.split()}
-        result["sizing"] = sizing(sides, args.rounds, args.sizing_args.split(), extra)
+        side_env = {"base": dict(kv.split("=", 1) for kv in args.base_env),
+                    "new": dict(kv.split("=", 1) for kv in args.new_env)}
+        result["sizing"] = sizing(sides, args.rounds, args.sizing_args.split(), extra, side_env)
+        if args.base_env or args.new_env:
+            result["sizing_side_env"] = side_env
         result["sizing_command"] = "python benchmarks/sizing.py " + args.sizing_args
         if args.base_args or args.new_args:
             result["sizing_side_args"] = {"base": args.base_args, "new": args.new_args}

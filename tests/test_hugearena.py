@@ -126,7 +126,7 @@ def test_arenas_come_from_the_region_survive_churn_and_go_back_whole():
         assert out["again_kb"]["AnonHugePages"] >= 40 * 1024
 
 
-@pytest.mark.parametrize("setting", ["", "huge_pages = false\n"])
+@pytest.mark.parametrize("setting", ["huge_pages = true\n", ""])
 def test_a_running_serve_worker_keeps_its_objects_on_huge_pages(tmp_path, setting):
     port = free_port()
     cfg = tmp_path / "gw.toml"
@@ -141,8 +141,8 @@ def test_a_running_serve_worker_keeps_its_objects_on_huge_pages(tmp_path, settin
         workers = workers_of(proc.pid)
         assert len(workers) == 1
         regions = [(pid, m) for pid in workers for m in region_mappings(pid)]
-        if setting:
-            assert regions == []          # limits.huge_pages = false: pymalloc's own arenas
+        if not setting:
+            assert regions == []          # limits.huge_pages off by default: pymalloc's own arenas
             return
         assert regions, "no worker has a MADV_HUGEPAGE region"
         assert all(m["Size"] >= 8 << 20 for _, m in regions)   # 8 GiB reserved, in kB

@@ -41,7 +41,7 @@ _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def preload(huge_pages: bool = True) -> None:
+def preload(huge_pages: bool = False) -> None:
     """Import what a worker runs, and keep the collector off those objects for good: a full
     collection in a worker writes every tracked object's header, which would copy the pages.
     With ``huge_pages`` (limits.huge_pages), pymalloc's arenas go on huge pages first, so
@@ -339,7 +339,7 @@ def main(argv: list[str]) -> int:
     sees the end."""
     from seg_fast.config import load_config
 
-    preload(load_config(argv[0]).limits.huge_pages if argv else True)
+    preload(load_config(argv[0]).limits.huge_pages if argv else False)
     children = [fork_worker(["--config", cfg]) for cfg in argv]
 
     def stop(signum, frame):
