@@ -1331,7 +1331,7 @@ async def shard_main(spec: ShardSpec) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    huge_arenas()                   # the shard's devices' state on huge pages, as a worker's
+    huge_arenas()      # the devices' state on huge pages: the load side -9% side by side (benchmarks/README.md)
     spec = msgspec.json.decode(argv[0].encode(), type=ShardSpec)
     prof_dir = os.environ.get("SEG_FAST_FLEET_PROFILE")    # where the load side's CPU goes
     if prof_dir:
