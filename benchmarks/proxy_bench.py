@@ -162,7 +162,7 @@ def start_proxy_nginx(workdir: Path, port: int, upstream_port: int, nofile: int)
     body = f"""
     upstream mail {{ server 127.0.0.1:{upstream_port}; keepalive 1024; }}
     server {{
-        listen 127.0.0.1:{port} reuseport;
+        listen 127.0.0.1:{port} reuseport deferred;
         location {EAS} {{
             proxy_pass http://mail;
             proxy_http_version 1.1;

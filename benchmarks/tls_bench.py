@@ -66,7 +66,7 @@ def start_nginx_tls(workdir: Path, port: int, upstream: int, cert: Path, key: Pa
     upstream mail {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
     log_format reused "$ssl_protocol $ssl_session_reused";
     server {{
-        listen 127.0.0.1:{port} ssl;
+        listen 127.0.0.1:{port} deferred ssl;
         {tls}
         location {EAS} {{
             proxy_pass http://mail;

@@ -117,7 +117,7 @@ def start_nginx_proxy(workdir: Path, port: int, upstream: int) -> subprocess.Pop
     proc = _nginx(workdir, "proxy", 0, f"""
     upstream mail {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port} deferred;
         location {EAS} {{
             proxy_pass http://mail;
             proxy_http_version 1.1;

@@ -646,3 +646,68 @@ def test_made_up_user_agents_fill_no_table_and_get_past_no_policy(gw):
         assert set(_foldersyncs(gw.port, made_up[k:k + 1500])) == {"129"}
     assert _foldersyncs(gw.port, [listed, b"made-up/17", listed]) == ["1", "129", "1"]
     _unharmed(gw)
+
+
+def _one_answer(raw: bytes) -> tuple[int, bytes]:
+    """The status and body of the one answer in ``raw`` (h11, whatever its framing)."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(raw)
+    conn.receive_data(b"")
+    status, body = None, b""
+    while True:
+        ev = conn.next_event()
+        if isinstance(ev, h11.Response):
+            status = ev.status_code
+        elif isinstance(ev, h11.Data):
+            body += ev.data
+        elif isinstance(ev, h11.EndOfMessage):
+            return status, body
+        else:
+            raise AssertionError(f"no whole answer: {ev!r} after {raw[:200]!r}")
+
+
+# -- connections that say nothing -----------------------------------------------------------
+
+def test_a_connection_is_the_kernels_until_its_first_byte_and_is_served_when_it_speaks(gw):
+    # The listener defers accept (TCP_DEFER_ACCEPT, sockio.defer_accept): a connection that
+    # has sent nothing is a request socket in the kernel (SYN_RECV on the gateway's side,
+    # 03 in /proc/net/tcp), not a descriptor and a wake-up of a worker; the client's side is
+    # established all the same. After DEFER_ACCEPT_S the kernel hands it over anyway.
+    silent, checked = [], 0
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+        t0 = time.monotonic()
+        state = _server_side(gw.port, {s.getsockname()[1]}).get(s.getsockname()[1], ("gone", 0))[0]
+        if time.monotonic() - t0 < 0.5:      # looked well within the deferral: the state is the listener's doing
+            checked += 1
+            assert state == "03", f"accepted before its first byte (state {state})"
+        silent.append(s)
+    assert checked >= 10
+    # Each speaks now (some past the deferral): every one is answered, nothing is lost.
+    head = (f"POST {EAS}?Cmd=FolderSync&User=normal&DeviceId=SILENT1&DeviceType=iPhone HTTP/1.1\r\n"
+            f"Host: gw\r\nAuthorization: {_auth('normal')}\r\nMS-ASProtocolVersion: 14.1\r\n"
+            f"User-Agent: Apple-iPhone/1.0\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+            f"Content-Length: {len(FOLDERSYNC_BODY)}\r\nConnection: close\r\n\r\n").encode()
+    for s in silent:                  # one at a time: this gateway has two mail-server connections a worker
+        s.sendall(head + FOLDERSYNC_BODY)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+        s.close()
+        status, body = _one_answer(raw)
+        assert status == 200
+        assert text(decode(body), "FolderHierarchy:Status") == "1"
+    # One that never speaks is handed to a worker once the deferral is over (its idle
+    # deadline, or TLS's handshake deadline, takes over from there).
+    mute = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    try:
+        port = mute.getsockname()[1]
+        end = time.monotonic() + 30
+        while _server_side(gw.port, {port}).get(port, ("gone", 0))[0] != "01" and time.monotonic() < end:
+            time.sleep(0.05)
+        assert _server_side(gw.port, {port})[port][0] == "01"
+    finally:
+        mute.close()
+    _unharmed(gw)

@@ -65,6 +65,7 @@ def listening_socket(host: str, port: int, backlog: int) -> trio.socket.SocketTy
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if hasattr(socket, "SO_REUSEPORT"):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sockio.defer_accept(sock)
     return sock
 
 

@@ -24,6 +24,7 @@ from seg_fast.proxy._http1 import read_nb
 FAIR_EVERY = 32
 _ready = 0
 NOTSENT_LOWAT = 1 << 20               # bytes a socket holds unsent past the peer's window (tcp_stream)
+DEFER_ACCEPT_S = 1                    # seconds a silent connection waits in the kernel (defer_accept)
 
 
 class Plain:
@@ -61,6 +62,20 @@ def notsent_lowat(sock) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
     except (OSError, AttributeError):     # not Linux/macOS: trio did not set it either
+        pass
+
+
+def defer_accept(sock) -> None:
+    """Report a listener's connection only once its first bytes are in (TCP_DEFER_ACCEPT,
+    nginx's ``listen ... deferred``): the accept and the ClientHello's read are one wake-up
+    of the worker, not two (a device's ClientHello comes after its connect() returns, and
+    the worker woken for the connection alone found nothing to read and slept again). A
+    connection that sends nothing (a port scan, a load balancer's TCP check) waits in the
+    kernel, without a descriptor, and is accepted after DEFER_ACCEPT_S anyway, when the
+    TLS handshake deadline takes over; one closed without a byte is reported at once."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
+    except (OSError, AttributeError):     # not Linux
         pass
 
 

@@ -32,7 +32,7 @@ import trio
 
 from seg_fast.errors import HTTPProtocolError
 from seg_fast.oslimits import raise_nofile_limit
-from seg_fast.proxy import http1
+from seg_fast.proxy import http1, sockio
 from seg_fast.proxy.tlsio import socket_bio
 from seg_fast.sim import commands as C, steps
 from seg_fast.sim.mailbox import LEAN_METHODS, MAX_HEAD, REASONS, SERVER_TRIPLE, _Park, _seq_of
@@ -93,6 +93,7 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
     try:
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind((host, port))
+        sockio.defer_accept(ls)       # a connection's accept and its first read: one wake-up
         ls.listen(BACKLOG)
         ls.setblocking(False)
         bound = ls.getsockname()[1]

@@ -575,7 +575,7 @@ class Proxy:
         for k, ((sh, sp), (lh, lp)) in enumerate(zip(self.sims, self.listen)):
             ups.append(f"  upstream sim{k} {{ server {sh}:{sp}; keepalive 256; }}\n")
             servers.append(
-                f"  server {{ listen {lh}:{lp} reuseport{' ssl' if self.opts.tls else ''};"
+                f"  server {{ listen {lh}:{lp} reuseport deferred{' ssl' if self.opts.tls else ''};"
                 f" location / {{ proxy_pass http://sim{k}; }} }}\n")
         return (
             f"worker_processes {workers};\nworker_rlimit_nofile {nofile};\ndaemon off;\n"
