@@ -1,0 +1,284 @@
+"""Gateway CPU per request when every request wakes an idle worker: a base tree beside this one.
+
+    python benchmarks/cold_request.py --base-tree DIR [--new-tree DIR] [--rounds 5] \
+        [--requests 1500] [--gap-ms 10] [--conns 50] [--pollute-mib 32] [--key K]
+
+At real rates a worker sleeps between events, and what a request costs is mostly what its
+wake-ups cost: the interpreter's, trio's and the gateway's code and data read back into
+caches that the core's other processes (five more workers at 50,000 devices) and the
+hypervisor's other guests have emptied. wrk measures a saturated worker (its caches warm:
+~150 µs per request); the sizing run measures the real thing but its rounds spread ~25%
+(two processes per core, a fleet, a simulator), too much to see a change of a few per cent.
+This is the part between them, alone:
+
+- ``seg-fast serve --worker`` of each tree (one worker, plain HTTP, the policy engine with
+  an allow-all policy, transaction log on), both at once, pinned to CPU 0;
+- a polluter on CPU 0 at SCHED_IDLE walking ``--pollute-mib`` MiB (it runs only while the
+  worker sleeps, and stands for the core's other workers; 0 for none);
+- a fixed-answer mail server and the client on CPU 1: ``--conns`` keep-alive device
+  connections to each worker, one 103-byte Sync every ``--gap-ms``, to the two workers in
+  turn (one at a time, each answer read whole and checked 200), so each request finds its
+  worker asleep, and both workers see the same moments of the host.
+
+The figure is the worker's CPU (every thread's schedstat) per request over the measured
+requests (the first 200 warm up), and its runs onto the CPU (wake-ups) per request; which
+tree's worker starts first and is asked first alternates by round; medians of ``--rounds``. Writes a key of results/cold_request.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+OUT = HERE / "benchmarks" / "results" / "cold_request.json"
+WARMUP = 200
+
+MAIL = r'''
+import os, select, socket, sys
+BODY = bytes.fromhex("03016a00000d45470331000101")
+ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: %d\r\n\r\n"
+          % len(BODY) + BODY)
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", 0)); ls.listen(1024); ls.setblocking(False)
+print(ls.getsockname()[1], flush=True)
+ep = select.epoll(); ep.register(ls.fileno(), select.EPOLLIN)
+conns, bufs = {}, {}
+while True:
+    for fd, _ in ep.poll():
+        if fd == ls.fileno():
+            c, _ = ls.accept(); c.setblocking(False)
+            conns[c.fileno()] = c; bufs[c.fileno()] = b""; ep.register(c.fileno(), select.EPOLLIN)
+            continue
+        c = conns[fd]
+        try:
+            data = c.recv(65536)
+        except BlockingIOError:
+            continue
+        if not data:
+            ep.unregister(fd); c.close(); del conns[fd], bufs[fd]; continue
+        buf = bufs[fd] + data
+        while b"\r\n\r\n" in buf:      # a head, then its Content-Length body
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            m = [l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")]
+            n = int(m[0].split(b":")[1]) if m else 0
+            if len(rest) < n:
+                break
+            buf = rest[n:]
+            c.sendall(ANSWER)
+        bufs[fd] = buf
+'''
+
+CLIENT = r'''
+import base64, socket, sys, time
+ports = [int(p) for p in sys.argv[1].split(",")]
+conns, total, gap = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]) / 1000
+BODY = b"x" * 103
+socks, reqs = [], []
+for i in range(conns):                 # connection i of every gateway: k = i * len(ports) + g
+    auth = base64.b64encode(b"user%d:secret" % i)
+    req = (b"POST /Microsoft-Server-ActiveSync?Cmd=Sync&User=user%d&DeviceId=DEV%08d&DeviceType=iPhone HTTP/1.1\r\n"
+           b"Host: gw\r\nAuthorization: Basic %s\r\nMS-ASProtocolVersion: 14.1\r\n"
+           b"User-Agent: Apple-iPhone9C1/1602.92\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (i, i, auth, len(BODY), BODY))
+    for port in ports:
+        reqs.append(req)
+        socks.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+bufs = [b""] * len(socks)
+def one(k):
+    s = socks[k]
+    s.sendall(reqs[k])
+    buf = bufs[k]
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise SystemExit("the gateway closed a connection")
+        buf += chunk
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise SystemExit("not 200: %r" % head[:200])
+    n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0].split(b":")[1])
+    while len(buf) < n:
+        buf += s.recv(65536)
+    bufs[k] = buf[n:]
+print("ready", flush=True)
+sys.stdin.readline()
+nxt = time.perf_counter()
+for i in range(total):
+    if i == int(sys.argv[5]):
+        print("mark", flush=True)
+        sys.stdin.readline()
+        nxt = time.perf_counter()
+    nxt += gap
+    pause = nxt - time.perf_counter()
+    if pause > 0:
+        time.sleep(pause)
+    one(i % len(socks))               # the gateways in turn, each its connections in turn
+print("done", flush=True)
+'''
+
+POLLUTE = r'''
+import os, sys
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+buf = bytearray(int(sys.argv[1]) << 20)
+mv = memoryview(buf)
+while True:
+    for off in range(0, len(buf), 4096):
+        mv[off] = (mv[off] + 1) & 255       # one write per page: every page's lines, in turn
+    bytes(buf)                              # and a read of all of it
+'''
+
+
+def cpu_and_runs(pid: int) -> tuple[int, int]:
+    """CPU ns and runs onto a CPU of every thread of ``pid`` so far (schedstat)."""
+    ns = runs = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                a = f.read().split()
+        except OSError:
+            continue
+        ns += int(a[0])
+        runs += int(a[2])
+    return ns, runs
+
+
+def _config(work: Path, mail_port: int) -> Path:
+    (work / "state").mkdir()
+    cfg = work / "gw.toml"
+    cfg.write_text(f'state_dir = "{work}/state"\n[listener]\nhost = "127.0.0.1"\nport = 0\n'
+                   f'[upstream]\nurl = "http://127.0.0.1:{mail_port}"\n[admin]\nenabled = false\n'
+                   f'[log]\ntransactions = "{work}/tx.log"\nlevel = "warn"\n'
+                   f'[policy]\nsqlite_path = "{work}/state/policy.db"\n'
+                   f'[security]\nmaster_key_file = "{work}/state/master.key"\n'
+                   f'key_state_file = "{work}/state/keys.json"\n')
+    (work / "policies.json").write_text(json.dumps(
+        {"policies": {"general": {"mail_client": {"enabled": True, "mode": "allow", "values": ["*"]}}},
+         "devices": []}))
+    return cfg
+
+
+def _start_serve(tree: str, mail_port: int) -> tuple[subprocess.Popen, int]:
+    work = Path(tempfile.mkdtemp(prefix="cold-request-"))
+    cfg = _config(work, mail_port)
+    env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"), SEG_FAST_STATE_DIR=str(work / "state"))
+    subprocess.run([sys.executable, "-m", "seg_fast", "policy", "load", str(work / "policies.json"),
+                    "--config", str(cfg)], env=env, cwd=work, check=True, capture_output=True)
+    serve = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "seg_fast", "serve", "--worker",
+                              "--config", str(cfg)], env=env, cwd=work, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    while True:
+        line = serve.stderr.readline()
+        if not line:
+            raise RuntimeError("serve exited")
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            return serve, int(m.group(1))
+
+
+def one_round(trees: dict[str, str], order: tuple[str, str], mail_port: int, args) -> dict:
+    """Both trees' workers at once, the client's requests alternating between them: the two
+    sides share every moment of the host (its speed moves by tens of per cent within minutes)."""
+    serves: dict[str, tuple[subprocess.Popen, int]] = {}
+    polluter = client = None
+    try:
+        for side in order:
+            serves[side] = _start_serve(trees[side], mail_port)
+        if args.pollute_mib:
+            polluter = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", POLLUTE,
+                                         str(args.pollute_mib)])
+        ports = ",".join(str(serves[side][1]) for side in order)
+        client = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", CLIENT, ports, str(args.conns),
+                                   str(2 * (WARMUP + args.requests)), str(args.gap_ms), str(2 * WARMUP)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def expect(word: str) -> None:
+            line = client.stdout.readline().strip()
+            if line != word:
+                client.wait(30)
+                raise RuntimeError(f"client: expected {word!r}, got {line!r} (exit {client.returncode})")
+
+        def go() -> None:
+            client.stdin.write("\n")
+            client.stdin.flush()
+
+        expect("ready")
+        go()
+        expect("mark")                 # the warm-up is over
+        before = {side: cpu_and_runs(p.pid) for side, (p, _) in serves.items()}
+        t0 = time.perf_counter()
+        go()
+        expect("done")
+        after = {side: cpu_and_runs(p.pid) for side, (p, _) in serves.items()}
+        wall = time.perf_counter() - t0
+        client.wait(30)
+    finally:
+        for p in (client, polluter):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        for p, _ in serves.values():
+            p.terminate()
+            p.wait(30)
+    n = args.requests
+    return {side: {"requests": n, "cpu_us_per_request": round((after[side][0] - before[side][0]) / n / 1000, 1),
+                   "runs_per_request": round((after[side][1] - before[side][1]) / n, 2), "wall_s": round(wall, 2)}
+            for side in order}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-tree", required=True)
+    ap.add_argument("--new-tree", default=str(HERE))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--gap-ms", type=float, default=10.0)
+    ap.add_argument("--conns", type=int, default=50)
+    ap.add_argument("--pollute-mib", type=int, default=32)
+    ap.add_argument("--key", default=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    mail = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", MAIL], stdout=subprocess.PIPE, text=True)
+    runs: dict[str, list[dict]] = {"base": [], "new": []}
+    trees = {"base": args.base_tree, "new": args.new_tree}
+    try:
+        mail_port = int(mail.stdout.readline())
+        for r in range(args.rounds):
+            res = one_round(trees, ("base", "new") if r % 2 == 0 else ("new", "base"), mail_port, args)
+            for side in ("base", "new"):
+                runs[side].append(res[side])
+                print(f"round {r + 1} {side}: {res[side]}", flush=True)
+    finally:
+        mail.kill()
+        mail.wait()
+    med = {side: statistics.median(x["cpu_us_per_request"] for x in v) for side, v in runs.items()}
+    summary = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg(),
+        "note": args.note, "argv": sys.argv[1:] if argv is None else argv,
+        "trees": {"base": args.base_tree, "new": args.new_tree},
+        "cpu_us_per_request_median": med,
+        "runs_per_request_median": {side: statistics.median(x["runs_per_request"] for x in v)
+                                    for side, v in runs.items()},
+        "new_vs_base": round(med["new"] / med["base"], 3),
+        "rounds_new_vs_base": [round(n["cpu_us_per_request"] / b["cpu_us_per_request"], 3)
+                               for b, n in zip(runs["base"], runs["new"])],
+        "runs": runs,
+    }
+    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data[args.key] = summary
+    OUT.write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps({k: summary[k] for k in ("cpu_us_per_request_median", "runs_per_request_median",
+                                              "new_vs_base", "rounds_new_vs_base")}))
+    print(f"wrote {OUT} [{args.key}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
