@@ -29,15 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE / "benchmarks"))
+from ping_resume_bench import start_worker  # noqa: E402  (the same worker and mail-server set-up)
 OUT = HERE / "benchmarks" / "results" / "cold_request.json"
 WARMUP = 200
 
@@ -150,39 +150,6 @@ def cpu_and_runs(pid: int) -> tuple[int, int]:
     return ns, runs
 
 
-def _config(work: Path, mail_port: int) -> Path:
-    (work / "state").mkdir()
-    cfg = work / "gw.toml"
-    cfg.write_text(f'state_dir = "{work}/state"\n[listener]\nhost = "127.0.0.1"\nport = 0\n'
-                   f'[upstream]\nurl = "http://127.0.0.1:{mail_port}"\n[admin]\nenabled = false\n'
-                   f'[log]\ntransactions = "{work}/tx.log"\nlevel = "warn"\n'
-                   f'[policy]\nsqlite_path = "{work}/state/policy.db"\n'
-                   f'[security]\nmaster_key_file = "{work}/state/master.key"\n'
-                   f'key_state_file = "{work}/state/keys.json"\n')
-    (work / "policies.json").write_text(json.dumps(
-        {"policies": {"general": {"mail_client": {"enabled": True, "mode": "allow", "values": ["*"]}}},
-         "devices": []}))
-    return cfg
-
-
-def _start_serve(tree: str, mail_port: int) -> tuple[subprocess.Popen, int]:
-    work = Path(tempfile.mkdtemp(prefix="cold-request-"))
-    cfg = _config(work, mail_port)
-    env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"), SEG_FAST_STATE_DIR=str(work / "state"))
-    subprocess.run([sys.executable, "-m", "seg_fast", "policy", "load", str(work / "policies.json"),
-                    "--config", str(cfg)], env=env, cwd=work, check=True, capture_output=True)
-    serve = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-m", "seg_fast", "serve", "--worker",
-                              "--config", str(cfg)], env=env, cwd=work, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    while True:
-        line = serve.stderr.readline()
-        if not line:
-            raise RuntimeError("serve exited")
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if m:
-            return serve, int(m.group(1))
-
-
 def one_round(trees: dict[str, str], order: tuple[str, str], mail_port: int, args) -> dict:
     """Both trees' workers at once, the client's requests alternating between them: the two
     sides share every moment of the host (its speed moves by tens of per cent within minutes)."""
@@ -190,7 +157,7 @@ def one_round(trees: dict[str, str], order: tuple[str, str], mail_port: int, arg
     polluter = client = None
     try:
         for side in order:
-            serves[side] = _start_serve(trees[side], mail_port)
+            serves[side] = start_worker(trees[side], mail_port, cpu=0, prefix="cold-request-")
         if args.pollute_mib:
             polluter = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", POLLUTE,
                                          str(args.pollute_mib)])

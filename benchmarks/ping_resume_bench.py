@@ -130,8 +130,13 @@ def cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def one_run(tree: str, mail_port: int, args) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="ping-bench-"))
+def start_worker(tree: str, mail_port: int, *, cpu: int | None = None,
+                 prefix: str = "ping-bench-", hook_dir: str | None = None) -> tuple[subprocess.Popen, int]:
+    """``seg-fast serve --worker`` of ``tree`` (plain HTTP, an allow-all policy, transaction
+    log on) in front of the mail server at ``mail_port``, pinned to ``cpu`` if given, with
+    ``hook_dir`` (a ``sitecustomize``) first on its path if given; the process and its port
+    once it listens."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     (work / "state").mkdir()
     cfg = work / "gw.toml"
     cfg.write_text(f'state_dir = "{work}/state"\n[listener]\nhost = "127.0.0.1"\nport = 0\n'
@@ -143,19 +148,26 @@ def one_run(tree: str, mail_port: int, args) -> dict:
     (work / "policies.json").write_text(json.dumps(
         {"policies": {"general": {"mail_client": {"enabled": True, "mode": "allow", "values": ["*"]}}},
          "devices": []}))
-    env = dict(os.environ, PYTHONPATH=str(Path(tree) / "src"), SEG_FAST_STATE_DIR=str(work / "state"))
+    path = [hook_dir] if hook_dir else []
+    env = dict(os.environ, PYTHONPATH=":".join(path + [str(Path(tree) / "src")]),
+               SEG_FAST_STATE_DIR=str(work / "state"))
     subprocess.run([sys.executable, "-m", "seg_fast", "policy", "load", str(work / "policies.json"),
                     "--config", str(cfg)], env=env, cwd=work, check=True, capture_output=True)
-    serve = subprocess.Popen([sys.executable, "-m", "seg_fast", "serve", "--worker", "--config", str(cfg)],
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    serve = subprocess.Popen(pin + [sys.executable, "-m", "seg_fast", "serve", "--worker", "--config", str(cfg)],
                              env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while True:
+        line = serve.stderr.readline()
+        if not line:
+            raise RuntimeError("serve exited")
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            return serve, int(m.group(1))
+
+
+def one_run(tree: str, mail_port: int, args) -> dict:
+    serve, port = start_worker(tree, mail_port)
     try:
-        port = None
-        while port is None:
-            line = serve.stderr.readline()
-            if not line:
-                raise RuntimeError("serve exited")
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
         c0 = cpu_of(serve.pid)
         done = subprocess.run([sys.executable, "-c", DEVICES, str(port), str(args.conns), str(args.seconds)],
                               capture_output=True, text=True)
