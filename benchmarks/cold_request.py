@@ -23,6 +23,17 @@ This is the part between them, alone:
 The figure is the worker's CPU (every thread's schedstat) per request over the measured
 requests (the first 200 warm up), and its runs onto the CPU (wake-ups) per request; which
 tree's worker starts first and is asked first alternates by round; medians of ``--rounds``. Writes a key of results/cold_request.json.
+
+``--floors`` adds two more sides, asked in the same turn: the least a proxy can do here, in
+Python, scheduled two ways. Each forwards a request whole once its Content-Length is in, over
+an upstream connection of its own per device connection, and the answer back the same way; no
+policy, no log, no parsing past the framing. ``floor_trio`` waits as the gateway does (a trio
+task per connection on ``wait_readable`` of a raw socket); ``floor_epoll`` has one level-
+triggered epoll set, each socket registered once, and a plain loop. The gateway against
+``floor_trio`` is what the gateway's own code costs a request; ``floor_trio`` against
+``floor_epoll`` is what trio's scheduling costs one on a cold core. The compiled floor is a
+third side, ``nginx`` as wrk_bench.py runs it (one worker, upstream keep-alive, no log, deferred
+accept; master and worker counted).
 """
 from __future__ import annotations
 
@@ -32,12 +43,14 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE / "benchmarks"))
 from ping_resume_bench import start_worker  # noqa: E402  (the same worker and mail-server set-up)
+from wrk_bench import _free_port, start_nginx_proxy  # noqa: E402  (nginx as wrk_bench runs it)
 OUT = HERE / "benchmarks" / "results" / "cold_request.json"
 WARMUP = 200
 
@@ -135,35 +148,141 @@ while True:
     bytes(buf)                              # and a read of all of it
 '''
 
+# The floors' framing (the client and MAIL write ``Content-Length`` in that case): one whole
+# message's length at the start of buf, or 0.
+FRAME = r'''
+import socket, sys
+def frame(buf):
+    i = buf.find(b"\r\n\r\n")
+    if i < 0:
+        return 0
+    j = buf.find(b"Content-Length:", 0, i)
+    n = i + 4 + (int(buf[j + 15:buf.find(b"\r\n", j)]) if j >= 0 else 0)
+    return n if len(buf) >= n else 0
+def upstream():
+    up = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    up.setblocking(False)
+    return up
+def listener():
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1024)
+    ls.setblocking(False)
+    print(ls.getsockname()[1], flush=True)
+    return ls
+'''
+
+FLOOR_TRIO = FRAME + r'''
+import trio
+from trio.lowlevel import wait_readable
+async def serve(dev):
+    up, dbuf, ubuf = upstream(), b"", b""
+    while True:
+        while not (n := frame(dbuf)):
+            await wait_readable(dev)
+            data = dev.recv(65536)
+            if not data:
+                dev.close(); up.close(); return
+            dbuf += data
+        up.send(dbuf[:n]); dbuf = dbuf[n:]
+        while not (n := frame(ubuf)):
+            await wait_readable(up)
+            ubuf += up.recv(65536)
+        dev.send(ubuf[:n]); ubuf = ubuf[n:]
+async def main():
+    ls = listener()
+    async with trio.open_nursery() as nursery:
+        while True:
+            await wait_readable(ls)
+            dev, _ = ls.accept()
+            dev.setblocking(False)
+            nursery.start_soon(serve, dev)
+trio.run(main)
+'''
+
+FLOOR_EPOLL = FRAME + r'''
+import select
+ls, ep, pairs = listener(), select.epoll(), {}
+ep.register(ls.fileno(), select.EPOLLIN)
+while True:
+    for fd, _ in ep.poll():
+        if fd == ls.fileno():
+            dev, _ = ls.accept()
+            dev.setblocking(False)
+            pair = [dev, upstream(), b"", b""]
+            for sock in pair[:2]:
+                pairs[sock.fileno()] = pair
+                ep.register(sock.fileno(), select.EPOLLIN)
+            continue
+        pair = pairs[fd]
+        dev, up = pair[0], pair[1]
+        if fd == dev.fileno():
+            data = dev.recv(65536)
+            if not data:
+                for sock in (dev, up):
+                    del pairs[sock.fileno()]
+                    sock.close()
+                continue
+            pair[2] += data
+            if n := frame(pair[2]):
+                up.send(pair[2][:n]); pair[2] = pair[2][n:]
+        else:
+            pair[3] += up.recv(65536)
+            if n := frame(pair[3]):
+                dev.send(pair[3][:n]); pair[3] = pair[3][n:]
+'''
+FLOORS = {"floor_trio": FLOOR_TRIO, "floor_epoll": FLOOR_EPOLL, "nginx": None}
+
+
+def start_floor(name: str, mail_port: int) -> tuple[subprocess.Popen, int]:
+    """A floor proxy pinned to CPU 0 in front of the mail server; the process and its port."""
+    if name == "nginx":
+        port = _free_port()
+        work = Path(tempfile.mkdtemp(prefix="cold-request-nginx-"))
+        return start_nginx_proxy(work, port, mail_port), port
+    proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", FLOORS[name], str(mail_port)],
+                            stdout=subprocess.PIPE, text=True)
+    return proc, int(proc.stdout.readline())
+
 
 def cpu_and_runs(pid: int) -> tuple[int, int]:
-    """CPU ns and runs onto a CPU of every thread of ``pid`` so far (schedstat)."""
+    """CPU ns and runs onto a CPU of every thread of ``pid`` and of its children so far
+    (schedstat; nginx's master and worker). (No user/kernel split: this kernel's stime is
+    charged by whole ticks to whoever a tick finds, noise at these rates.)"""
     ns = runs = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                a = f.read().split()
-        except OSError:
-            continue
-        ns += int(a[0])
-        runs += int(a[2])
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids = [pid, *map(int, f.read().split())]
+    except OSError:
+        pids = [pid]
+    for p in pids:
+        for tid in os.listdir(f"/proc/{p}/task"):
+            try:
+                with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                    a = f.read().split()
+            except OSError:
+                continue
+            ns += int(a[0])
+            runs += int(a[2])
     return ns, runs
 
 
-def one_round(trees: dict[str, str], order: tuple[str, str], mail_port: int, args) -> dict:
-    """Both trees' workers at once, the client's requests alternating between them: the two
-    sides share every moment of the host (its speed moves by tens of per cent within minutes)."""
+def one_round(sides: dict[str, str], order: tuple[str, ...], mail_port: int, args) -> dict:
+    """Every side's proxy at once, the client's requests to them in turn: the sides share
+    every moment of the host (its speed moves by tens of per cent within minutes)."""
     serves: dict[str, tuple[subprocess.Popen, int]] = {}
     polluter = client = None
     try:
         for side in order:
-            serves[side] = start_worker(trees[side], mail_port, cpu=0, prefix="cold-request-")
+            serves[side] = (start_floor(side, mail_port) if side in FLOORS else
+                            start_worker(sides[side], mail_port, cpu=0, prefix="cold-request-"))
         if args.pollute_mib:
             polluter = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", POLLUTE,
                                          str(args.pollute_mib)])
         ports = ",".join(str(serves[side][1]) for side in order)
         client = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", CLIENT, ports, str(args.conns),
-                                   str(2 * (WARMUP + args.requests)), str(args.gap_ms), str(2 * WARMUP)],
+                                   str(len(order) * (WARMUP + args.requests)), str(args.gap_ms),
+                                   str(len(order) * WARMUP)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
         def expect(word: str) -> None:
@@ -210,16 +329,21 @@ def main(argv=None) -> int:
     ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--pollute-mib", type=int, default=32)
     ap.add_argument("--key", default=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    ap.add_argument("--floors", action="store_true", help="add the floor_trio, floor_epoll and nginx sides")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     mail = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", MAIL], stdout=subprocess.PIPE, text=True)
-    runs: dict[str, list[dict]] = {"base": [], "new": []}
-    trees = {"base": args.base_tree, "new": args.new_tree}
+    sides = {"base": args.base_tree, "new": args.new_tree}
+    if args.floors:
+        sides.update((name, "") for name in FLOORS)
+    names = tuple(sides)
+    runs: dict[str, list[dict]] = {side: [] for side in names}
     try:
         mail_port = int(mail.stdout.readline())
         for r in range(args.rounds):
-            res = one_round(trees, ("base", "new") if r % 2 == 0 else ("new", "base"), mail_port, args)
-            for side in ("base", "new"):
+            order = names[r % len(names):] + names[:r % len(names)]     # who starts and is asked first rotates
+            res = one_round(sides, order, mail_port, args)
+            for side in names:
                 runs[side].append(res[side])
                 print(f"round {r + 1} {side}: {res[side]}", flush=True)
     finally:
@@ -233,16 +357,16 @@ def main(argv=None) -> int:
         "cpu_us_per_request_median": med,
         "runs_per_request_median": {side: statistics.median(x["runs_per_request"] for x in v)
                                     for side, v in runs.items()},
-        "new_vs_base": round(med["new"] / med["base"], 3),
-        "rounds_new_vs_base": [round(n["cpu_us_per_request"] / b["cpu_us_per_request"], 3)
-                               for b, n in zip(runs["base"], runs["new"])],
+        **{f"{side}_vs_base": round(med[side] / med["base"], 3) for side in names[1:]},
+        **{f"rounds_{side}_vs_base": [round(o["cpu_us_per_request"] / b["cpu_us_per_request"], 3)
+                                      for b, o in zip(runs["base"], runs[side])] for side in names[1:]},
         "runs": runs,
     }
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
     data[args.key] = summary
     OUT.write_text(json.dumps(data, indent=1) + "\n")
-    print(json.dumps({k: summary[k] for k in ("cpu_us_per_request_median", "runs_per_request_median",
-                                              "new_vs_base", "rounds_new_vs_base")}))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("when", "load_average", "note", "argv",
+                                                                    "trees", "runs")}))
     print(f"wrote {OUT} [{args.key}]")
     return 0
 
