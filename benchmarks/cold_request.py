@@ -33,7 +33,11 @@ triggered epoll set, each socket registered once, and a plain loop. The gateway 
 ``floor_trio`` is what the gateway's own code costs a request; ``floor_trio`` against
 ``floor_epoll`` is what trio's scheduling costs one on a cold core. The compiled floor is a
 third side, ``nginx`` as wrk_bench.py runs it (one worker, upstream keep-alive, no log, deferred
-accept; master and worker counted).
+accept; master and worker counted). ``floor_compiled`` is ``floor_epoll`` with the compiled steps
+of the gateway's fast lane (``proxy/_http1.pyx`` of the base tree: the request head parsed, the EAS
+request identified, the head for the mail server and the answer's written as the gateway writes
+them): what a loop of the gateway's own would cost before its policy decision, pool, deadlines
+and log.
 """
 from __future__ import annotations
 
@@ -231,17 +235,68 @@ while True:
             if n := frame(pair[3]):
                 dev.send(pair[3][:n]); pair[3] = pair[3][n:]
 '''
-FLOORS = {"floor_trio": FLOOR_TRIO, "floor_epoll": FLOOR_EPOLL, "nginx": None}
+# floor_epoll's loop with the gateway's compiled steps of its fast lane (proxy/_http1.pyx, imported
+# from the base tree): the request head parsed, the EAS request identified, the head for the mail
+# server rewritten, the answer head parsed and rewritten. What a loop of the gateway's own would
+# cost before the policy decision, the pool, the deadlines and the log.
+FLOOR_COMPILED = FRAME + r'''
+import select
+from seg_fast.proxy._http1 import (FRAMING_LENGTH, RequestHead, ResponseHead, identify, parse_request,
+                                   parse_response, write_answer, write_upstream)
+HOST = b"127.0.0.1:" + sys.argv[1].encode()
+ls, ep, pairs = listener(), select.epoll(), {}
+ep.register(ls.fileno(), select.EPOLLIN)
+while True:
+    for fd, _ in ep.poll():
+        if fd == ls.fileno():
+            dev, _ = ls.accept()
+            dev.setblocking(False)
+            pair = [dev, upstream(), b"", b""]
+            for sock in pair[:2]:
+                pairs[sock.fileno()] = pair
+                ep.register(sock.fileno(), select.EPOLLIN)
+            continue
+        pair = pairs[fd]
+        dev, up = pair[0], pair[1]
+        if fd == dev.fileno():
+            data = dev.recv(65536)
+            if not data:
+                for sock in (dev, up):
+                    del pairs[sock.fileno()]
+                    sock.close()
+                continue
+            buf = pair[2] = pair[2] + data
+            head = parse_request(buf, 65536)
+            if type(head) is not RequestHead or len(buf) < head.head_len + head.length:
+                continue
+            end = head.head_len + head.length
+            if identify("POST", head.target, head.headers, "127.0.0.1") is None:
+                raise SystemExit("not identified")
+            up.send(write_upstream(b"POST", head.target, head.headers, HOST, b"127.0.0.1", b"http", head.length)
+                    + buf[head.head_len:end])
+            pair[2] = buf[end:]
+        else:
+            buf = pair[3] = pair[3] + up.recv(65536)
+            answer = parse_response(buf, b"POST", 65536)
+            if type(answer) is not ResponseHead or len(buf) < answer.head_len + answer.length:
+                continue
+            end = answer.head_len + answer.length
+            dev.send(write_answer(answer.status_code, answer.reason, answer.headers, FRAMING_LENGTH,
+                                  answer.length, True) + buf[answer.head_len:end])
+            pair[3] = buf[end:]
+'''
+FLOORS = {"floor_trio": FLOOR_TRIO, "floor_epoll": FLOOR_EPOLL, "nginx": None, "floor_compiled": FLOOR_COMPILED}
 
 
-def start_floor(name: str, mail_port: int) -> tuple[subprocess.Popen, int]:
-    """A floor proxy pinned to CPU 0 in front of the mail server; the process and its port."""
+def start_floor(name: str, mail_port: int, tree: str) -> tuple[subprocess.Popen, int]:
+    """A floor proxy pinned to CPU 0 in front of the mail server (``tree``: whose seg_fast
+    floor_compiled imports); the process and its port."""
     if name == "nginx":
         port = _free_port()
         work = Path(tempfile.mkdtemp(prefix="cold-request-nginx-"))
         return start_nginx_proxy(work, port, mail_port), port
     proc = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", FLOORS[name], str(mail_port)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(Path(tree) / "src")))
     return proc, int(proc.stdout.readline())
 
 
@@ -274,7 +329,7 @@ def one_round(sides: dict[str, str], order: tuple[str, ...], mail_port: int, arg
     polluter = client = None
     try:
         for side in order:
-            serves[side] = (start_floor(side, mail_port) if side in FLOORS else
+            serves[side] = (start_floor(side, mail_port, sides["base"]) if side in FLOORS else
                             start_worker(sides[side], mail_port, cpu=0, prefix="cold-request-"))
         if args.pollute_mib:
             polluter = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", POLLUTE,
@@ -329,7 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--pollute-mib", type=int, default=32)
     ap.add_argument("--key", default=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    ap.add_argument("--floors", action="store_true", help="add the floor_trio, floor_epoll and nginx sides")
+    ap.add_argument("--floors", action="store_true",
+                    help="add the floor_trio, floor_epoll, nginx and floor_compiled sides")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     mail = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", MAIL], stdout=subprocess.PIPE, text=True)
