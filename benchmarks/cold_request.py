@@ -204,7 +204,9 @@ async def main():
 trio.run(main)
 '''
 
-FLOOR_EPOLL = FRAME + r'''
+# One level-triggered epoll set, each socket registered once; ``forward(buf, up)`` and
+# ``back(buf, dev)`` (each floor's own) send what is whole in buf and return the rest.
+EPOLL_LOOP = r'''
 import select
 ls, ep, pairs = listener(), select.epoll(), {}
 ep.register(ls.fileno(), select.EPOLLIN)
@@ -227,64 +229,47 @@ while True:
                     del pairs[sock.fileno()]
                     sock.close()
                 continue
-            pair[2] += data
-            if n := frame(pair[2]):
-                up.send(pair[2][:n]); pair[2] = pair[2][n:]
+            pair[2] = forward(pair[2] + data, up)
         else:
-            pair[3] += up.recv(65536)
-            if n := frame(pair[3]):
-                dev.send(pair[3][:n]); pair[3] = pair[3][n:]
+            pair[3] = back(pair[3] + up.recv(65536), dev)
 '''
+
+FLOOR_EPOLL = FRAME + r'''
+def forward(buf, to):
+    n = frame(buf)
+    if n:
+        to.send(buf[:n])
+    return buf[n:]
+back = forward
+''' + EPOLL_LOOP
+
 # floor_epoll's loop with the gateway's compiled steps of its fast lane (proxy/_http1.pyx, imported
 # from the base tree): the request head parsed, the EAS request identified, the head for the mail
 # server rewritten, the answer head parsed and rewritten. What a loop of the gateway's own would
 # cost before the policy decision, the pool, the deadlines and the log.
 FLOOR_COMPILED = FRAME + r'''
-import select
 from seg_fast.proxy._http1 import (FRAMING_LENGTH, RequestHead, ResponseHead, identify, parse_request,
                                    parse_response, write_answer, write_upstream)
 HOST = b"127.0.0.1:" + sys.argv[1].encode()
-ls, ep, pairs = listener(), select.epoll(), {}
-ep.register(ls.fileno(), select.EPOLLIN)
-while True:
-    for fd, _ in ep.poll():
-        if fd == ls.fileno():
-            dev, _ = ls.accept()
-            dev.setblocking(False)
-            pair = [dev, upstream(), b"", b""]
-            for sock in pair[:2]:
-                pairs[sock.fileno()] = pair
-                ep.register(sock.fileno(), select.EPOLLIN)
-            continue
-        pair = pairs[fd]
-        dev, up = pair[0], pair[1]
-        if fd == dev.fileno():
-            data = dev.recv(65536)
-            if not data:
-                for sock in (dev, up):
-                    del pairs[sock.fileno()]
-                    sock.close()
-                continue
-            buf = pair[2] = pair[2] + data
-            head = parse_request(buf, 65536)
-            if type(head) is not RequestHead or len(buf) < head.head_len + head.length:
-                continue
-            end = head.head_len + head.length
-            if identify("POST", head.target, head.headers, "127.0.0.1") is None:
-                raise SystemExit("not identified")
-            up.send(write_upstream(b"POST", head.target, head.headers, HOST, b"127.0.0.1", b"http", head.length)
-                    + buf[head.head_len:end])
-            pair[2] = buf[end:]
-        else:
-            buf = pair[3] = pair[3] + up.recv(65536)
-            answer = parse_response(buf, b"POST", 65536)
-            if type(answer) is not ResponseHead or len(buf) < answer.head_len + answer.length:
-                continue
-            end = answer.head_len + answer.length
-            dev.send(write_answer(answer.status_code, answer.reason, answer.headers, FRAMING_LENGTH,
-                                  answer.length, True) + buf[answer.head_len:end])
-            pair[3] = buf[end:]
-'''
+def forward(buf, up):
+    head = parse_request(buf, 65536)
+    if type(head) is not RequestHead or len(buf) < head.head_len + head.length:
+        return buf
+    end = head.head_len + head.length
+    if identify("POST", head.target, head.headers, "127.0.0.1") is None:
+        raise SystemExit("not identified")
+    up.send(write_upstream(b"POST", head.target, head.headers, HOST, b"127.0.0.1", b"http", head.length)
+            + buf[head.head_len:end])
+    return buf[end:]
+def back(buf, dev):
+    answer = parse_response(buf, b"POST", 65536)
+    if type(answer) is not ResponseHead or len(buf) < answer.head_len + answer.length:
+        return buf
+    end = answer.head_len + answer.length
+    dev.send(write_answer(answer.status_code, answer.reason, answer.headers, FRAMING_LENGTH,
+                          answer.length, True) + buf[answer.head_len:end])
+    return buf[end:]
+''' + EPOLL_LOOP
 FLOORS = {"floor_trio": FLOOR_TRIO, "floor_epoll": FLOOR_EPOLL, "nginx": None, "floor_compiled": FLOOR_COMPILED}
 
 
