@@ -24,16 +24,16 @@ The figure is the worker's CPU (every thread's schedstat) per request over the m
 requests (the first 200 warm up), and its runs onto the CPU (wake-ups) per request; which
 tree's worker starts first and is asked first alternates by round; medians of ``--rounds``. Writes a key of results/cold_request.json.
 
-``--floors`` adds two more sides, asked in the same turn: the least a proxy can do here, in
-Python, scheduled two ways. Each forwards a request whole once its Content-Length is in, over
+``--floors`` adds four more sides, asked in the same turn. Two are the least a proxy can do
+here, in Python, scheduled two ways. Each forwards a request whole once its Content-Length is in, over
 an upstream connection of its own per device connection, and the answer back the same way; no
 policy, no log, no parsing past the framing. ``floor_trio`` waits as the gateway does (a trio
 task per connection on ``wait_readable`` of a raw socket); ``floor_epoll`` has one level-
 triggered epoll set, each socket registered once, and a plain loop. The gateway against
 ``floor_trio`` is what the gateway's own code costs a request; ``floor_trio`` against
-``floor_epoll`` is what trio's scheduling costs one on a cold core. The compiled floor is a
-third side, ``nginx`` as wrk_bench.py runs it (one worker, upstream keep-alive, no log, deferred
-accept; master and worker counted). ``floor_compiled`` is ``floor_epoll`` with the compiled steps
+``floor_epoll`` is what trio's scheduling costs one on a cold core. The third is the compiled
+peer, ``nginx`` as wrk_bench.py runs it (one worker, upstream keep-alive, no log, deferred
+accept; master and worker counted). The fourth, ``floor_compiled``, is ``floor_epoll`` with the compiled steps
 of the gateway's fast lane (``proxy/_http1.pyx`` of the base tree: the request head parsed, the EAS
 request identified, the head for the mail server and the answer's written as the gateway writes
 them): what a loop of the gateway's own would cost before its policy decision, pool, deadlines

@@ -67,6 +67,7 @@ if OUT and "--worker" in sys.argv:
                         _dump()
                 elif not st["done"] and os.path.exists(OUT + ".go"):
                     st["armed"] = True
+                    open(OUT + ".armed", "w").close()
                 _cur.clear()
             _cur.add(("C", name))
 
@@ -82,6 +83,15 @@ def group(filename: str) -> str:
     if "/seg_fast/" in filename:
         return "seg_fast." + filename.split("/seg_fast/", 1)[1].removesuffix(".py").replace("/", ".")
     return "other"
+
+
+def wait_for(path: Path, bound: float = 30.0) -> None:
+    """Poll for the hook's file (it writes it at the worker's next epoll.poll)."""
+    end = time.monotonic() + bound
+    while not path.exists():
+        if time.monotonic() > end:
+            raise RuntimeError(f"the worker's hook did not write {path.name} within {bound:.0f} s")
+        time.sleep(0.01)
 
 
 def measure(tree: str, requests: int) -> dict:
@@ -112,13 +122,11 @@ def measure(tree: str, requests: int) -> dict:
         go()
         expect("mark")
         out.with_name(out.name + ".go").touch()
-        time.sleep(0.3)               # (armed at its next poll: the ticker wakes it 5 times a second)
+        wait_for(out.with_name(out.name + ".armed"))     # at its next poll: the ticker wakes it 5 times a second
         go()
         expect("done")
         out.with_name(out.name + ".stop").touch()
-        end = time.monotonic() + 30
-        while not out.exists() and time.monotonic() < end:
-            time.sleep(0.1)
+        wait_for(out)
         data = json.loads(out.read_text())
     finally:
         for p in (client, serve, mail):
