@@ -15,7 +15,7 @@ import h11
 import trio
 
 from seg_fast.eas.request import encode_base64_query
-from seg_fast.proxy import exchange
+from seg_fast.proxy import downstream, exchange
 from test_proxy import gateway, upstream
 
 EAS = b"/Microsoft-Server-ActiveSync"
@@ -161,12 +161,14 @@ async def test_the_fast_lane_writes_what_the_general_path_writes(tmp_path, monke
     assert records[:CASES] == records[CASES:]
 
 
-async def test_after_an_answer_not_there_the_lane_waits_at_once_for_a_while(tmp_path):
+async def test_after_an_answer_not_there_the_lane_waits_at_once_for_a_while(tmp_path, monkeypatch):
     """The lane yields once before reading the mail server's answer; a read that then finds
     nothing makes the next YIELD_BACKOFF requests wait for theirs at once (no yield, no
     read that would say EAGAIN), and the one after yields again. The mail server answers a
     request only once the gateway has made that choice for it (``gw.yield_skips`` as
     expected), so every read after a yield finds nothing, and the answers still arrive."""
+    # The task's mechanism: held to the task (the keep-alive lane reads no answer after a yield).
+    monkeypatch.setattr(downstream, "LANE", False)
     backoff = exchange.YIELD_BACKOFF
     # what yield_skips holds once request i (from 1) has been sent up
     expected = [backoff] + list(range(backoff - 1, -1, -1)) + [backoff]

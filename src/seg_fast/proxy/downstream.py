@@ -16,7 +16,7 @@ import h11
 import trio
 
 from seg_fast.errors import HTTPProtocolError
-from seg_fast.proxy import exchange, http1, sockio
+from seg_fast.proxy import exchange, http1, parking, sockio
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy.exchange import DeviceGone, DeviceTimeout
 from seg_fast.proxy.parking import socket_of
@@ -297,6 +297,69 @@ async def resume_parked(gw, p, why: str) -> None:
             gw.connection_closed(p.client_ip)
 
 
+async def carry_on(gw, dev: Device, head=None, step=None, *args) -> None:
+    """A connection the keep-alive lane (proxy/lane.py) hands back to a task where its exchange
+    stands: ``step(gw, dev, *args)`` finishes the exchange (PARKED: a Ping parked; False: the
+    connection closes after it), then the connection is served as serve_device serves it,
+    from the request ``head`` if one was read."""
+    parked = False
+    try:
+        if step is not None:
+            result = await step(gw, dev, *args)
+            if result is exchange.PARKED:
+                parked = True
+                return
+            if result is False or not _next_cycle(dev):
+                return
+        parked = await _loop(gw, dev, head)
+    except Exception as exc:          # noqa: BLE001 - the containment line, as serve_device's
+        await contain(gw, dev, exc)
+    finally:
+        if not parked:
+            await _close(dev.stream)
+            gw.connection_closed(dev.client_ip)
+
+
+async def contained(gw, dev: Device, exc: Exception) -> None:
+    """What the lane could not finish (an exception in its step): contained, then closed."""
+    try:
+        await contain(gw, dev, exc)
+    finally:
+        await _close(dev.stream)
+        gw.connection_closed(dev.client_ip)
+
+
+def can_idle(gw, dev: Device) -> bool:
+    """The connection may wait for its next request in the parking lot (proxy/lane.py): the
+    lane is on, nothing of a next request is buffered, and its socket turning readable is
+    what to wait for."""
+    if not LANE or gw.parking is None or gw.draining or dev.leftover or dev.pending or dev._head is not None:
+        return False
+    conn = dev._conn
+    if conn.our_state is not h11.IDLE or conn.their_state is not h11.IDLE or conn.trailing_data[0]:
+        return False
+    return dev.sock is not None or (dev.tls and dev.stream.waits_readable())
+
+
+def idle(gw, dev: Device) -> None:
+    """Hand the connection to the lot until its next request or its idle deadline."""
+    gw.parking.hold(parking.Idle(dev, trio.current_time() + gw.config.timeouts.idle_keepalive),
+                    parking.fileno(socket_of(dev.stream)))
+
+
+def close_now(gw, dev: Device) -> None:
+    """Close a connection the lot held (its idle deadline, a drain, EOF) and count it closed."""
+    stream = dev.stream
+    if type(stream) is trio.SocketStream:
+        try:
+            stream.socket.close()
+        except OSError:
+            pass
+    else:
+        stream.close()                # tlsio.TLSStream: never waits, never raises
+    gw.connection_closed(dev.client_ip)
+
+
 async def contain(gw, dev: Device, exc: Exception) -> None:
     """Log what ended this connection; answer it if an answer can still start. Never raises."""
     if isinstance(exc, DeviceTimeout):
@@ -376,10 +439,18 @@ def _framing_repaired(request: h11.Request) -> bool:
     return te and (cl or request.http_version != b"1.1")
 
 
-async def _loop(gw, dev: Device) -> bool:
-    conn = dev.conn
+# The keep-alive lane (proxy/lane.py): tests turn it off to hold connections to their tasks.
+LANE = True
+
+
+async def _loop(gw, dev: Device, head=None) -> bool:
+    """Serve requests until the connection closes (False) or is handed on (True: a parked
+    Ping, or an idle connection the lot holds); ``head``: a request head already read."""
+    conn = dev._conn if head is not None else dev.conn
     while True:
-        if dev.pending:
+        if head is not None:
+            event, head = head, None
+        elif dev.pending:
             # A pipelined request's first bytes came with the last one (compiled path).
             first, dev.pending = dev.pending, b""
             dev.fresh = False
@@ -398,6 +469,9 @@ async def _loop(gw, dev: Device) -> bool:
                 sock = dev.sock
                 data = sockio.read_now(sock, size) if sock is not None else \
                     (dev.stream.read_now(size) if dev.tls else None)
+                if data is None and can_idle(gw, dev):
+                    idle(gw, dev)     # the task ends; the lot has the connection (proxy/lane.py)
+                    return True
                 if data is None:
                     deadline = trio.current_time() + gw.config.timeouts.idle_keepalive
                     if sock is not None or dev.tls:

@@ -71,6 +71,20 @@ FAST_LANE = True        # tests turn it off to hold the lane to the general path
 _POST = b"POST"
 
 
+class Plan:
+    """A request the fast lane carries (fast_plan): what its steps need, decided once."""
+
+    __slots__ = ("head", "req", "decision", "body", "rec", "t0")
+
+    def __init__(self, head, req, decision, body, rec, t0):
+        self.head = head              # http1.RequestHead (its target and headers go up)
+        self.req = req
+        self.decision = decision
+        self.body = body
+        self.rec = rec
+        self.t0 = t0
+
+
 async def fast(gw, dev, head: http1.RequestHead):
     """The common exchange in one frame (handle() minus what it does not need): a POST to an
     EAS path whose whole small body came with its head, identified by the compiled code, an
@@ -80,6 +94,15 @@ async def fast(gw, dev, head: http1.RequestHead):
     that brought its head (Content-Length, no redirect), goes to the device in one write;
     anything else continues on the general path's own steps (_finish). Returns NOT_FAST,
     having done nothing, for any other request: handle() then takes it whole."""
+    plan = fast_plan(gw, dev, head)
+    if plan is NOT_FAST:
+        return NOT_FAST
+    return await fast_run(gw, dev, plan)
+
+
+def fast_plan(gw, dev, head: http1.RequestHead):
+    """fast()'s choice, made without waiting: the exchange's Plan (its body taken from the
+    device's read), or NOT_FAST having done nothing. proxy/lane.py carries a Plan itself."""
     if not FAST_LANE or head.method != _POST or head.framing != http1.FRAMING_LENGTH or dev.behind_proxy \
             or PINS.by_stream.data or gw.stats.dx.active or dx.PENDING \
             or getattr(gw, "certauth", None) is not None or getattr(gw, "kcd", None) is not None:
@@ -115,40 +138,77 @@ async def fast(gw, dev, head: http1.RequestHead):
     rec = Transaction(ts=0.0, method="POST", client_ip=req.client_ip, command=command, user=req.user,
                       device_id=req.device_id, device_type=req.device_type,
                       protocol_version=req.protocol_version, decision=decision.reason, bytes_in=n)
+    return Plan(head, req, decision, body, rec, t0)
+
+
+async def fast_run(gw, dev, plan: Plan):
+    """A planned exchange, from its request's write: PARKED (a Ping), or None once answered."""
     result = None
     try:
-        if command == "Ping":
-            result = await _fast_park(gw, dev, head, full, req, decision, body, rec, t0)
+        if plan.req.command == "Ping":
+            result = await _fast_park(gw, dev, plan)
             return result
-        await _fast_forward(gw, dev, target, full, req, body, rec, t0)
+        await _fast_forward(gw, dev, plan)
     finally:
         if result is not PARKED:      # a parked Ping's transaction is resume()'s to finish
-            if rec.status:
-                gatekeeper.record(req, decision, rec.status)
-            _log(gw, rec, t0)
+            finish_log(gw, plan)
 
 
-def _fast_upstream_parts(dev, target: bytes, full, origin, body: bytes) -> list:
+def finish_log(gw, plan: Plan) -> None:
+    """The exchange's end: its status counted for the device's record, its line logged."""
+    rec = plan.rec
+    if rec.status:
+        gw.gatekeeper.record(plan.req, plan.decision, rec.status)
+    _log(gw, rec, plan.t0)
+
+
+def read_timeout(gw, plan: Plan) -> float:
+    """How long the mail server may take to answer: a Ping's heartbeat (plus margin), a Sync
+    long-poll's Wait, or timeouts.upstream_read."""
+    req, body = plan.req, plan.body
+    if req.command == "Ping":
+        return ping.upstream_deadline(gw, req, body)
+    timeouts = gw.config.timeouts
+    timeout = timeouts.upstream_read
+    if req.command == "Sync" and (b"\x64" in body or b"\x69" in body):
+        wait = sync_wait(body)
+        if wait is not None:          # a Sync long-poll: the mail server may hold it this long
+            timeout = max(timeout, wait + timeouts.ping_margin)
+    return timeout
+
+
+def upstream_parts(dev, plan: Plan, origin) -> list:
     """The fast lane's request to the mail server: the compiled writer's head (headers.py's
     rules when a Connection header names headers to drop), then the body."""
+    body = plan.body
     n = len(body)
-    out = http1.write_upstream(_POST, target, full, origin.host_header, dev.client_ip.encode(), dev.proto, n)
+    head = plan.head
+    out = http1.write_upstream(_POST, head.target, head.headers, origin.host_header, dev.client_ip.encode(),
+                               dev.proto, n)
     if out is None:
-        head = hdrs.upstream_request_headers(full, host=origin.host_header, client_ip=dev.client_ip,
+        full = hdrs.upstream_request_headers(head.headers, host=origin.host_header, client_ip=dev.client_ip,
                                              proto=dev.proto, behind_proxy=False, framing=hdrs.content_length(n))
-        out = http1.write_request(_POST, target, head, http1.FRAMING_LENGTH, n)
+        out = http1.write_request(_POST, head.target, full, http1.FRAMING_LENGTH, n)
     return [out, body] if body else [out]
 
 
-async def _fast_park(gw, dev, head: http1.RequestHead, full, req: EasRequest, decision, body: bytes,
-                     rec: Transaction, t0: float):
+def parked(dev, plan: Plan, up: UpstreamConn, deadline: float, t_up: float) -> Parked:
+    """The record of a Ping whose request went up, for the parking lot."""
+    head = plan.head
+    _, host, _ = hdrs.facts(head.headers)
+    up.h11, up.sent = None, None
+    return Parked(dev.stream, dev.client_ip, dev.proto, dev.closing or not head.keep_alive, up, plan.req,
+                  plan.decision, plan.rec, host or b"", deadline, t_up, plan.t0)
+
+
+async def _fast_park(gw, dev, plan: Plan):
     """A Ping on the fast lane: written up in one piece (the compiled writer), then parked as
     _forward parks one (PARKED); or answered 503 if the mail server cannot be reached."""
-    origin = gw.redirects.origin_for(req.user)
+    rec = plan.rec
+    origin = gw.redirects.origin_for(plan.req.user)
     rec.upstream = origin.name
-    target = head.target
-    read_timeout = ping.upstream_deadline(gw, req, body)
-    parts = _fast_upstream_parts(dev, target, full, origin, body)
+    timeout = read_timeout(gw, plan)
+    parts = upstream_parts(dev, plan, origin)
     t_up = time.perf_counter()
     for attempt in (0, 1):
         try:
@@ -167,26 +227,20 @@ async def _fast_park(gw, dev, head: http1.RequestHead, full, req: EasRequest, de
         except BaseException:
             gw.pool.discard(up)
             raise
-    _, host, _ = hdrs.facts(full)
-    up.h11, up.sent = None, None
-    gw.parking.park(Parked(dev.stream, dev.client_ip, dev.proto, dev.closing or not head.keep_alive, up,
-                           req, decision, rec, host or b"", trio.current_time() + read_timeout, t_up, t0))
+    gw.parking.park(parked(dev, plan, up, trio.current_time() + timeout, t_up))
     return PARKED
 
 
-async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: bytes, rec: Transaction,
-                        t0: float) -> None:
+async def _fast_forward(gw, dev, plan: Plan) -> None:
     # The steps of _forward and _finish for this one case, inline: each await of a helper
     # coroutine is a frame made and resumed through on every wakeup.
-    config = gw.config
-    read_timeout = config.timeouts.upstream_read
-    if req.command == "Sync" and (b"\x64" in body or b"\x69" in body):
-        wait = sync_wait(body)
-        if wait is not None:          # a Sync long-poll: the mail server may hold it this long
-            read_timeout = max(read_timeout, wait + config.timeouts.ping_margin)
-    origin = gw.redirects.origin_for(req.user)
+    rec = plan.rec
+    timeout = read_timeout(gw, plan)
+    origin = gw.redirects.origin_for(plan.req.user)
     rec.upstream = origin.name
-    parts = _fast_upstream_parts(dev, target, full, origin, body)
+    target = plan.head.target
+    body = plan.body
+    parts = upstream_parts(dev, plan, origin)
     t_up = time.perf_counter()
     pool = gw.pool
     for attempt in (0, 1):
@@ -215,18 +269,9 @@ async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: byt
                         raise UpstreamError(f"mail server connection broke: {type(exc).__name__}") from None
                     if not first:
                         gw.yield_skips = YIELD_BACKOFF
-            answer = None
-            if first:
-                try:
-                    answer = http1.parse_response(first, _POST, MAX_ANSWER_HEAD)
-                except HTTPProtocolError as exc:
-                    raise UpstreamError(f"mail server sent a malformed answer: {exc}") from None
-                if type(answer) is http1.ResponseHead and not answer.informational:
-                    up.rest = first[answer.head_len:]
-                else:
-                    answer = None     # more to read, 1xx, or h11's: _fast_answer_head's loop
+            answer = answer_in(up, first) if first else None
             if answer is None:
-                answer = await _fast_answer_head(up, read_timeout, first)
+                answer = await _fast_answer_head(up, timeout, first)
             break
         except UpstreamError as exc:
             pool.discard(up)
@@ -239,37 +284,124 @@ async def _fast_forward(gw, dev, target: bytes, full, req: EasRequest, body: byt
             pool.discard(up)
             raise
     rec.upstream_ms = round((time.perf_counter() - t_up) * 1000, 3)
-    if type(answer) is http1.ResponseHead and answer.framing == http1.FRAMING_LENGTH \
-            and len(up.rest) >= answer.length and not is_redirect(answer.status_code):
-        status = answer.status_code
-        data = up.rest
-        length = answer.length
+    await deliver(gw, dev, up, answer, plan, b"")
+
+
+def answer_in(up: UpstreamConn, data: bytes) -> http1.ResponseHead | None:
+    """The compiled head of the answer ``data`` starts (what follows it in ``up.rest``); None
+    for more to read, a 1xx, or what h11 must read (_fast_answer_head's loop)."""
+    try:
+        answer = http1.parse_response(data, _POST, MAX_ANSWER_HEAD)
+    except HTTPProtocolError as exc:
+        raise UpstreamError(f"mail server sent a malformed answer: {exc}") from None
+    if type(answer) is http1.ResponseHead and not answer.informational:
+        up.rest = data[answer.head_len:]
+        return answer
+    return None
+
+
+async def answer_inflight(gw, dev, f, why: str, first: bytes | None) -> bool:
+    """Finish, on a task, an exchange proxy/lane.py sent up (``f``, a parking.Inflight): the
+    answer whose first bytes the lane read (``first``; b"": the mail server closed), or the
+    device gone, the deadline passed, the worker draining. True if the device connection can
+    serve another request."""
+    plan, up = f.plan, f.up
+    rec, command = plan.rec, plan.req.command
+    try:
+        if why == parking.DEVICE_GONE:
+            gw.pool.discard(up)
+            rec.status = 499
+            rec.error = f"device closed the connection while its {command} was with the mail server"
+            return False
+        if why == parking.TIMEOUT:
+            gw.pool.discard(up)
+            # (the words of the task's paths: resume() for a Ping, _up_read otherwise)
+            await _unavailable(gw, dev, rec, "mail server did not answer the Ping within heartbeat + margin"
+                               if command == "Ping" else
+                               f"mail server did not answer within {f.timeout:g} s ({up.facts()})")
+            return True
+        if gw.draining:
+            dev.closing = True
+        if why == parking.DRAIN and command == "Ping":
+            gw.pool.discard(up)       # as resume(): the device pings again elsewhere
+            rec.decision += ".drained"
+            await _answer(dev, rec, 200, ping.HEARTBEAT_EXPIRED_HEADERS, ping.HEARTBEAT_EXPIRED)
+            return True
+        if first == b"" and up.reused and command != "Ping":
+            # A kept-alive connection the server closed as the request went up: resend once,
+            # on another (_fast_forward's rule; a Ping's connection was probed, as acquire does).
+            gw.pool.discard(up)
+            await _fast_forward(gw, dev, plan)
+            return True
         try:
-            out = http1.write_answer(status, answer.reason, answer.headers, http1.FRAMING_LENGTH, length,
-                                     dev.keeps_open())
+            answer = await _fast_answer_head(up, max(f.deadline - trio.current_time(), 0.001), first or b"")
+        except UpstreamError as exc:
+            gw.pool.discard(up)
+            await _unavailable(gw, dev, rec, f"{exc} ({up.facts()})")
+            return True
         except BaseException:
-            pool.discard(up)          # as _finish does: the connection is neither pooled nor leaked
+            gw.pool.discard(up)
             raise
-        if out is not None:
-            # The whole answer is here: the mail-server connection goes back before the device
-            # write (a slow device must not hold it); bytes after the answer make it unusable.
-            up.reusable = answer.keep_alive and len(data) == length
-            up.rest = b""
-            pool.release(up)
-            if len(data) > length:
-                data = data[:length]
-            rec.status = status
-            rec.bytes_out = length
-            dev.answer_written(status, answer.headers, answer.reason, raw=True)
-            dev.answer_done()
+        rec.upstream_ms = round((time.perf_counter() - f.t_up) * 1000, 3)
+        host = b""
+        if command == "Ping":         # as a parked Ping's (resume): redirects name the device's Host
+            host = hdrs.facts(plan.head.headers)[1] or b""
+        await deliver(gw, dev, up, answer, plan, host)
+        return True
+    finally:
+        finish_log(gw, plan)
+
+
+def whole_answer(answer, rest: bytes) -> bool:
+    """The answer is all in hand and can go to the device as read: a compiled head with a
+    Content-Length body all in ``rest``, not a redirect (those are rewritten)."""
+    return type(answer) is http1.ResponseHead and answer.framing == http1.FRAMING_LENGTH \
+        and len(rest) >= answer.length and not is_redirect(answer.status_code)
+
+
+def whole_parts(gw, dev, up: UpstreamConn, answer: http1.ResponseHead, rec: Transaction) -> list | None:
+    """A whole answer's write to the device (whole_answer), the exchange recorded and the
+    mail-server connection back in the pool; None if the compiled writer leaves it to _finish."""
+    pool = gw.pool
+    status = answer.status_code
+    data = up.rest
+    length = answer.length
+    try:
+        out = http1.write_answer(status, answer.reason, answer.headers, http1.FRAMING_LENGTH, length,
+                                 dev.keeps_open())
+    except BaseException:
+        pool.discard(up)              # as _finish does: the connection is neither pooled nor leaked
+        raise
+    if out is None:
+        return None
+    # The whole answer is here: the mail-server connection goes back before the device
+    # write (a slow device must not hold it); bytes after the answer make it unusable.
+    up.reusable = answer.keep_alive and len(data) == length
+    up.rest = b""
+    pool.release(up)
+    if len(data) > length:
+        data = data[:length]
+    rec.status = status
+    rec.bytes_out = length
+    dev.answer_written(status, answer.headers, answer.reason, raw=True)
+    dev.answer_done()
+    return [out, data] if length else [out]
+
+
+async def deliver(gw, dev, up: UpstreamConn, answer, plan: Plan, host: bytes) -> None:
+    """The fast lane's answer to the device: in one write when it is whole (whole_answer),
+    else through _finish."""
+    if whole_answer(answer, up.rest):
+        parts = whole_parts(gw, dev, up, answer, plan.rec)
+        if parts is not None:
             try:                      # Device.send_parts, inline
-                await sockio.send_parts(dev.stream, dev.sock, [out, data] if length else [out], gw.device_pace)
+                await sockio.send_parts(dev.stream, dev.sock, parts, gw.device_pace)
             except TimeoutError as exc:
                 dev._write_timeout(exc)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise DeviceGone(type(exc).__name__) from None
             return
-    await _finish(gw, dev, up, req, answer, (), rec, b"")
+    await _finish(gw, dev, up, plan.req, answer, (), plan.rec, host)
 
 
 def _log(gw, rec: Transaction, t0: float) -> None:

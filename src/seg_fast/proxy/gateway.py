@@ -14,13 +14,13 @@ from seg_fast.ldapcerts import CertLookup
 from seg_fast.observe import TransactionLog
 from seg_fast.oslimits import device_connections_within, raise_nofile_limit
 from seg_fast.policy import gate
-from seg_fast.proxy import sockio
+from seg_fast.proxy import lane, sockio
 from seg_fast.proxy.downstream import resume_parked, serve_device
 from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.incidents import Incidents
 from seg_fast.malloc import huge_arenas, return_big_buffers
 from seg_fast.proxy.looplag import LoopLag, in_slices
-from seg_fast.proxy.parking import PingPark
+from seg_fast.proxy.parking import Parked, PingPark
 from seg_fast.proxy.passthrough import Passthrough
 from seg_fast.proxy.redirects import RedirectMap
 from seg_fast.proxy.tlsio import TLSStream
@@ -282,7 +282,10 @@ class Gateway:
             self.per_address.pop(ip, None)
 
     def _resume(self, parked, why: str) -> None:
-        self._conns.start_soon(resume_parked, self, parked, why)
+        if type(parked) is Parked:
+            self._conns.start_soon(resume_parked, self, parked, why)
+        else:
+            lane.fire(self, parked, why)      # the keep-alive lane's: carried in the lot's step
 
     async def _connection(self, client, ip: str) -> None:
         parked = False

@@ -9,6 +9,10 @@ epoll descriptor holding every parked upstream socket (readable: the answer is
 coming) and device socket (EPOLLRDHUP: the device went away), plus the nearest
 deadline; whatever fires gets a fresh task that rebuilds the h11 state and
 finishes the transaction (``exchange.resume``).
+
+The same set holds the keep-alive lane's connections (proxy/lane.py): an ``Idle`` device
+connection waiting for its next request, an ``Inflight`` exchange waiting for its answer.
+Those the lot hands to lane.fire, which carries the common case in this task's step.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ POLL_AT_ONCE = 1024
 
 
 class Parked:
+    ping = True                   # counted as a parked Ping (metrics: parked_pings)
     __slots__ = ("dev_stream", "client_ip", "proto", "dev_close", "up", "req", "decision", "rec",
                  "host", "deadline", "t_up", "t0", "fds", "seq", "done")
 
@@ -51,6 +56,58 @@ class Parked:
         self.fds = (-1, -1)
         self.seq = 0                  # its heap entry's (PingPark.park)
         self.done = False
+
+    def close(self) -> None:
+        for sock in (self.up.sock, socket_of(self.dev_stream)):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class Idle:
+    """A keep-alive device connection between requests, its Device kept (proxy/lane.py)."""
+
+    ping = False
+    __slots__ = ("dev", "deadline", "fds", "seq", "done")
+
+    def __init__(self, dev, deadline: float):
+        self.dev = dev
+        self.deadline = deadline      # the idle keep-alive deadline (trio clock)
+        self.fds = (-1,)
+        self.seq = 0
+        self.done = False
+
+    def close(self) -> None:
+        try:
+            socket_of(self.dev.stream).close()
+        except OSError:
+            pass
+
+
+class Inflight:
+    """An exchange the lane sent up, waiting for its answer (proxy/lane.py)."""
+
+    __slots__ = ("dev", "up", "plan", "timeout", "deadline", "t_up", "ping", "fds", "seq", "done")
+
+    def __init__(self, dev, up, plan, timeout: float, deadline: float, t_up: float):
+        self.dev = dev
+        self.up = up                  # UpstreamConn, ``sent`` set as the fast lane sets it
+        self.plan = plan              # exchange.Plan
+        self.timeout = timeout        # seconds the mail server may take (exchange.read_timeout)
+        self.deadline = deadline      # trio clock
+        self.t_up = t_up
+        self.ping = plan.req.command == "Ping"
+        self.fds = (-1,)
+        self.seq = 0
+        self.done = False
+
+    def close(self) -> None:
+        for sock in (self.up.sock, socket_of(self.dev.stream)):
+            try:
+                sock.close()
+            except OSError:
+                pass
 
 
 def socket_of(stream):
@@ -82,23 +139,32 @@ class PingPark:
         self._dead = 0
         self._scope: trio.CancelScope | None = None
         self.count = 0
+        self.carried = 0              # exchanges the keep-alive lane answered in this task's step
+        self.handed = 0               # lane connections it handed to a task (downstream.carry_on)
 
     def park(self, p: Parked) -> None:
-        up_fd = fileno(p.up.sock)
-        dev_fd = fileno(socket_of(p.dev_stream))
-        p.fds = (up_fd, dev_fd)
-        self._epoll.register(up_fd, select.EPOLLIN)
-        try:
-            self._epoll.register(dev_fd, select.EPOLLRDHUP)
-        except OSError:
-            self._epoll.unregister(up_fd)
-            raise
-        self._by_fd[up_fd] = p
-        self._by_fd[dev_fd] = p
+        self.hold(p, fileno(p.up.sock), fileno(socket_of(p.dev_stream)))
+
+    def hold(self, p, fd: int, dev_fd: int = -1) -> None:
+        """Watch ``fd`` (readable: ANSWER) and, if given, ``dev_fd`` (the device hung up:
+        DEVICE_GONE) for ``p`` until ``p.deadline`` (TIMEOUT)."""
+        self._epoll.register(fd, select.EPOLLIN)
+        if dev_fd >= 0:
+            try:
+                self._epoll.register(dev_fd, select.EPOLLRDHUP)
+            except OSError:
+                self._epoll.unregister(fd)
+                raise
+            p.fds = (fd, dev_fd)
+            self._by_fd[dev_fd] = p
+        else:
+            p.fds = (fd,)
+        self._by_fd[fd] = p
         self._seq += 1
         p.seq = self._seq
-        heapq.heappush(self._heap, (p.deadline, p.seq, up_fd))
-        self.count += 1
+        heapq.heappush(self._heap, (p.deadline, p.seq, fd))
+        if p.ping:
+            self.count += 1
         if self._scope is not None and p.deadline < self._scope.deadline:
             self._scope.deadline = p.deadline
 
@@ -106,7 +172,8 @@ class PingPark:
         if p.done:
             return
         p.done = True
-        self.count -= 1
+        if p.ping:
+            self.count -= 1
         self._dead += 1
         for fd in p.fds:
             self._by_fd.pop(fd, None)
@@ -118,12 +185,8 @@ class PingPark:
             self._spawn(p, why)
         except Exception as exc:      # noqa: BLE001 - one Ping must not stop the lot: drop its connections
             if self._incidents is not None:
-                self._incidents.exception("contained_exception", exc, p.client_ip)
-            for sock in (p.up.sock, socket_of(p.dev_stream)):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
+                self._incidents.exception("contained_exception", exc, p.client_ip if type(p) is Parked else p.dev.client_ip)
+            p.close()
 
     def _live(self, entry) -> Parked | None:
         """The parked Ping a heap entry names, or None if it left (its descriptor since reused

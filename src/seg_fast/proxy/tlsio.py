@@ -388,6 +388,26 @@ class TLSStream:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None               # the awaited path says so
 
+    def waits_readable(self) -> bool:
+        """The last read found nothing and nothing else is pending: the socket turning readable
+        is the next thing to wait for (the keep-alive lane then holds the connection)."""
+        return self._want == _READ and self._handshook and not self._closed and not self._broken
+
+    def write_now(self, data) -> bool:
+        """One record's plaintext (at most RECORD), written if the socket takes it now: True.
+        False if it must wait: send_parts must then be given the same bytes (OpenSSL may hold
+        a record of them; its rule for a retried write)."""
+        if self._closed or self._broken or self._sending or not self._handshook or self.plain.fileno() < 0:
+            return False              # send_parts raises or waits, as it should
+        try:
+            self._obj.write(data)
+        except (_WantWrite, _WantRead):
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            self._broken = True
+            raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
+        return True
+
     async def receive_by(self, size: int, deadline: float = math.inf) -> bytes | None:
         """Decrypted bytes (b"" at EOF); None if ``deadline`` (trio clock) passed first, after
         which the stream must be closed. Without a deadline the caller's scope bounds it."""

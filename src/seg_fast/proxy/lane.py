@@ -1,0 +1,235 @@
+"""The keep-alive lane: a device's common exchange carried by the parking lot's task.
+
+A request that wakes an idle worker cost ~890 µs of CPU through a task per connection, and
+the same compiled steps in one epoll loop ~300 (benchmarks/cold_request.py --floors): the
+difference is trio resuming a task and re-arming its descriptor at every wait, the deadline
+wheel's entries and the coroutine frames around the steps. So a keep-alive connection has no
+task between requests. Its Device waits in the lot's epoll set (parking.Idle, with the idle
+deadline). When its next request is whole in one read and the fast lane takes it
+(exchange.fast_plan), the lot's task writes it up to a pooled connection at once and holds
+that connection (parking.Inflight, with the answer's deadline). When the answer is whole in
+one read, the same task writes it to the device and the connection waits as Idle again. A
+wake-up of the worker runs one task step for everything that was ready.
+
+Anything else goes back to a task where the exchange stands (downstream.carry_on): a head or
+body in pieces, a request the fast lane does not take, no pooled connection or a TLS one, a
+socket that does not take the whole write, an answer in pieces, a 1xx, a redirect, chunked, the
+mail server gone, the device gone, a deadline, a drain. Nothing here waits: each step is one
+read and at most one write of each socket, and the deadlines are the lot's.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import trio
+
+from seg_fast.errors import HTTPProtocolError
+from seg_fast.proxy import downstream, exchange, http1, parking, sockio
+from seg_fast.proxy.downstream import Device, carry_on, close_now
+from seg_fast.proxy.tlsio import RECORD
+from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamError
+
+_POST = b"POST"
+
+
+def fire(gw, p, why: str) -> None:
+    """What the lot found for a lane record (readable, the device gone, its deadline, a drain).
+    Never raises: an exception is its connection's alone (contained on a task)."""
+    dev = p.dev
+    try:
+        if type(p) is parking.Idle:
+            _ready(gw, dev, why)
+        else:
+            _answered(gw, p, why)
+    except Exception as exc:          # noqa: BLE001 - the containment line, as serve_device's
+        up = getattr(p, "up", None)
+        if up is not None and up.pool is not None and up.sock.fileno() >= 0 and up.sent is not None:
+            gw.pool.discard(up)       # taken for this exchange and not handed on
+        gw._conns.start_soon(downstream.contained, gw, dev, exc)
+
+
+def _spawn(gw, dev: Device, head=None, step=None, *args) -> None:
+    gw.parking.handed += 1
+    gw._conns.start_soon(carry_on, gw, dev, head, step, *args)
+
+
+def _ready(gw, dev: Device, why: str) -> None:
+    if why != parking.ANSWER:
+        close_now(gw, dev)            # the idle deadline or a drain: closed, as _loop closes it
+        return
+    size = min(RECEIVE_SIZE, dev.max_head)
+    try:
+        data = sockio.read_now(dev.sock, size) if dev.sock is not None else dev.stream.read_now(size)
+    except OSError:
+        data = b""
+    if data is None:
+        _spawn(gw, dev)               # readable yet nothing to read (a TLS record in pieces): its task waits
+    elif not data:
+        close_now(gw, dev)            # EOF between requests
+    else:
+        request(gw, dev, data)
+
+
+def request(gw, dev: Device, data: bytes) -> None:
+    """A request's first read: carried here if the fast lane takes it whole, else by a task."""
+    try:
+        head = http1.parse_request(data, dev.max_head)
+    except HTTPProtocolError:
+        head = None                   # h11 rejects the same bytes, with its own status (_read_head)
+    if type(head) is not http1.RequestHead:
+        dev.pending = data
+        _spawn(gw, dev)
+        return
+    dev._head = head                  # as _read_head leaves a compiled head
+    dev._rest = data[head.head_len:]
+    dev.fresh = False
+    if gw.draining:
+        dev.closing = True
+    plan = exchange.fast_plan(gw, dev, head)
+    if plan is exchange.NOT_FAST:
+        _spawn(gw, dev, head)         # _loop goes on from the head, as if it had read it
+        return
+    origin = gw.redirects.origin_for(plan.req.user)
+    pool = gw.pool
+    up = pool.take(origin)
+    ping = plan.req.command == "Ping"
+    if up is not None and (up.plain is None or (ping and not up.looks_alive())):
+        # A TLS mail server's connection is the task's to use; a Ping is parked right after its
+        # write, where nothing resends it, so its connection is probed first (acquire's rule).
+        if up.plain is None:
+            up.reusable = True
+            pool.release(up)
+        else:
+            pool.discard(up)
+        up = None
+    if up is None:
+        _spawn(gw, dev, None, exchange.fast_run, plan)       # acquire, connect, resend: all there
+        return
+    plan.rec.upstream = origin.name
+    try:
+        parts = exchange.upstream_parts(dev, plan, origin)
+    except BaseException:
+        pool.discard(up)
+        raise
+    up.sent = (_POST, head.target, len(plan.body))
+    fd = up.plain.fileno()
+    total = 0
+    for part in parts:
+        total += len(part)
+    t_up = time.perf_counter()
+    try:
+        sent = os.writev(fd, parts)
+    except OSError:                   # (BlockingIOError too: a pooled connection's buffer is empty)
+        sent = -1
+    if sent != total:
+        # At most part of the request went: closing the connection tells the mail server it
+        # will not get the rest, and the task sends it whole on another.
+        pool.discard(up)
+        _spawn(gw, dev, None, exchange.fast_run, plan)
+        return
+    timeout = exchange.read_timeout(gw, plan)
+    f = parking.Inflight(dev, up, plan, timeout, trio.current_time() + timeout, t_up)
+    # A Ping waits minutes: its device leaving is watched (EPOLLRDHUP), as a parked Ping's is.
+    gw.parking.hold(f, fd, parking.fileno(parking.socket_of(dev.stream)) if ping else -1)
+
+
+def _answered(gw, f: parking.Inflight, why: str) -> None:
+    dev, up, plan = f.dev, f.up, f.plan
+    if why != parking.ANSWER:
+        _spawn(gw, dev, None, exchange.answer_inflight, f, why, None)
+        return
+    try:
+        data = sockio.read_now(up.plain, RECEIVE_SIZE)
+    except OSError:
+        data = b""
+    answer = None
+    if data:
+        try:
+            answer = exchange.answer_in(up, data)
+        except UpstreamError:
+            answer = None             # the task parses it again and answers 502/503 (answer_inflight)
+    if answer is None or not exchange.whole_answer(answer, up.rest):
+        _spawn(gw, dev, None, exchange.answer_inflight, f, why, data)
+        return
+    rec = plan.rec
+    rec.upstream_ms = round((time.perf_counter() - f.t_up) * 1000, 3)
+    parts = exchange.whole_parts(gw, dev, up, answer, rec)
+    if parts is None:
+        _spawn(gw, dev, None, exchange.answer_inflight, f, why, data)
+        return
+    try:
+        rest = _write_now(dev, parts)
+    except (OSError, trio.BrokenResourceError):
+        exchange.finish_log(gw, plan)
+        close_now(gw, dev)            # the device left: nothing more to say to it
+        return
+    if rest:
+        _spawn(gw, dev, None, _send_rest, plan, rest)
+        return
+    gw.parking.carried += 1
+    exchange.finish_log(gw, plan)
+    _next(gw, dev)
+
+
+def _write_now(dev: Device, parts: list) -> list:
+    """Write what the device's socket takes now; what it did not take (the same bytes again
+    for TLS: OpenSSL's rule), or [] once all of it went."""
+    if dev.sock is not None:
+        fd = dev.sock.fileno()
+        if fd < 0:
+            raise OSError("socket was closed")
+        try:
+            sent = os.writev(fd, parts)
+        except BlockingIOError:
+            sent = 0
+        rest = []
+        for part in parts:
+            n = len(part)
+            if sent >= n:
+                sent -= n
+            else:
+                rest.append(memoryview(part)[sent:] if sent else part)
+                sent = 0
+        return rest
+    total = 0
+    for part in parts:
+        total += len(part)
+    if total > RECORD:
+        return parts                  # several records: tlsio's batched write, on the task
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    return [] if dev.stream.write_now(data) else [data]
+
+
+async def _send_rest(gw, dev: Device, plan, rest: list) -> bool:
+    try:
+        await dev.send_parts(rest)    # the write's deadline and pace, as every device write
+    finally:
+        exchange.finish_log(gw, plan)
+    return True
+
+
+def _next(gw, dev: Device) -> None:
+    """After an answer the lane wrote whole: the connection's next request, here or on a task."""
+    if not downstream._next_cycle(dev):
+        close_now(gw, dev)
+        return
+    if dev.pending:
+        _spawn(gw, dev)               # a pipelined request came with this one
+        return
+    if dev.tls:
+        # OpenSSL may hold decrypted bytes the socket no longer shows: read before waiting.
+        try:
+            data = dev.stream.read_now(min(RECEIVE_SIZE, dev.max_head))
+        except OSError:
+            data = b""
+        if data:
+            request(gw, dev, data)
+            return
+        if data is not None:
+            close_now(gw, dev)
+            return
+    if downstream.can_idle(gw, dev):
+        downstream.idle(gw, dev)
+    else:
+        _spawn(gw, dev)
