@@ -711,3 +711,72 @@ def test_a_connection_is_the_kernels_until_its_first_byte_and_is_served_when_it_
     finally:
         mute.close()
     _unharmed(gw)
+
+
+# -- the keep-alive lane (proxy/lane.py) ------------------------------------------------------
+
+FOLDER_SYNC = encode(E("FolderHierarchy:FolderSync", E("FolderHierarchy:SyncKey", "0")))
+
+
+def _kept_alive(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that each had a FolderSync answered (Status 1) and stay open: each
+    then waits in its worker's parking lot for its next request, without a task."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.settimeout(30)
+        s.sendall(_eas_head("FolderSync", "normal", f"Content-Length: {len(FOLDER_SYNC)}\r\n\r\n") + FOLDER_SYNC)
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
+        conn.send(h11.EndOfMessage())
+        body = b""
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                conn.receive_data(s.recv(65536))
+            elif isinstance(ev, h11.Response):
+                assert ev.status_code == 200, ev
+            elif isinstance(ev, h11.Data):
+                body += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                break
+        assert text(decode(body), "FolderHierarchy:Status") == "1"
+        socks.append(s)
+    return socks
+
+
+def test_kept_alive_connections_in_the_lot_are_held_to_every_deadline(gw):
+    """Connections the parking lot holds between requests are attacked: a head trickled a
+    byte at a time (408 at request_head, one deadline for the whole head), garbage (400), an
+    oversized head (431), a hang-up; and one asks again and is answered on the same
+    connection. No worker is harmed."""
+    slow = _kept_alive(gw.port, 10)
+    got = _trickle_until_closed(slow, b"POST " + EAS.encode() + b"?Cmd=Sync HTTP/1.1\r\nX-Slow: " + b"s" * 500)
+    assert all(_statuses(raw) == [408] for raw in got.values())
+    for s in slow:
+        s.close()
+    garbage, huge, leaving, again = _kept_alive(gw.port, 4)
+    leaving.close()
+    for s, data, status in ((garbage, b"\x16\x03\x01\x02\x00 not http\r\n\r\n", 400),
+                            (huge, _head_of(65536 + 1), 431)):
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass                      # the gateway may close before it read everything
+        raw = b""
+        try:
+            while chunk := s.recv(65536):
+                raw += chunk
+        except ConnectionResetError:
+            pass                      # the close over the head's unread byte (as _exchange reads it)
+        assert _statuses(raw) == [status], raw[:200]
+        s.close()
+    again.sendall(_eas_head("FolderSync", "normal", f"Content-Length: {len(FOLDER_SYNC)}\r\n\r\n") + FOLDER_SYNC)
+    again.shutdown(socket.SHUT_WR)
+    raw = b""
+    while chunk := again.recv(65536):
+        raw += chunk
+    again.close()
+    assert _statuses(raw) == [200]
+    _unharmed(gw)

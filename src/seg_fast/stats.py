@@ -54,6 +54,8 @@ class WorkerSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Gauges, read from the Gateway at write time.
     connections: int = 0
     parked_pings: int = 0
+    lane_carried: int = 0                            # exchanges the keep-alive lane answered itself
+    lane_handed: int = 0                             # ... and handed to a task (proxy/lane.py)
     upstream_open: int = 0
     upstream_idle: int = 0
     unsent_bytes: int = 0
@@ -176,6 +178,8 @@ def _gauges(snap: WorkerSnapshot, gw, stats: Stats, now: float) -> None:
     snap.connections = gw.active
     parking = getattr(gw, "parking", None)
     snap.parked_pings = parking.count if parking is not None else 0
+    if parking is not None:
+        snap.lane_carried, snap.lane_handed = parking.carried, parking.handed
     pool = gw.pool
     if pool is not None:
         snap.upstream_open = pool.open
@@ -338,6 +342,7 @@ def total(snaps: list[WorkerSnapshot]) -> WorkerSnapshot:
         for k, n in s.tls_tickets.items():      # counters summed; the key's age: the oldest worker's
             t.tls_tickets[k] = max(t.tls_tickets.get(k, 0), n) if k == "key_age_s" else t.tls_tickets.get(k, 0) + n
         for attr in ("bytes_in", "bytes_out", "upstream_ms_sum", "tx_ms_sum", "connections", "parked_pings",
+                     "lane_carried", "lane_handed",
                      "upstream_open", "upstream_idle", "unsent_bytes", "dx_targets",
                      "transform_bytes_in", "transform_bytes_out", "links_rewritten"):
             setattr(t, attr, getattr(t, attr) + getattr(s, attr))

@@ -84,6 +84,9 @@ def _emit(out: _Out, prefix: str, s: WorkerSnapshot, base: dict) -> None:
     for name, value, help_ in (
             ("connections", s.connections, "Open device connections (parked Pings included)"),
             ("parked_pings", s.parked_pings, "Pings waiting in the parking lot for the mail server"),
+            ("lane_carried", s.lane_carried, "Exchanges the keep-alive lane answered in the lot's step, "
+                                             "since the workers started"),
+            ("lane_handed", s.lane_handed, "Kept-alive connections the lane handed to a task, since the workers started"),
             ("upstream_connections_open", s.upstream_open, "Mail-server connections open (busy or idle)"),
             ("upstream_connections_idle", s.upstream_idle, "Idle keep-alive mail-server connections"),
             ("unsent_bytes", s.unsent_bytes, "Answer bytes held for devices that have not read them"),
