@@ -343,8 +343,8 @@ def can_idle(gw, dev: Device) -> bool:
 
 def idle(gw, dev: Device) -> None:
     """Hand the connection to the lot until its next request or its idle deadline."""
-    gw.parking.hold(parking.Idle(dev, trio.current_time() + gw.config.timeouts.idle_keepalive),
-                    parking.fileno(socket_of(dev.stream)))
+    lot = gw.parking
+    lot.hold(parking.Idle(dev, lot.now() + gw.config.timeouts.idle_keepalive), parking.fileno(socket_of(dev.stream)))
 
 
 def close_now(gw, dev: Device) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import socket
 import ssl
 
@@ -20,7 +21,7 @@ from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.incidents import Incidents
 from seg_fast.malloc import huge_arenas, return_big_buffers
 from seg_fast.proxy.looplag import LoopLag, in_slices
-from seg_fast.proxy.parking import Parked, PingPark
+from seg_fast.proxy.parking import PingPark
 from seg_fast.proxy.passthrough import Passthrough
 from seg_fast.proxy.redirects import RedirectMap
 from seg_fast.proxy.tlsio import TLSStream
@@ -169,7 +170,7 @@ class Gateway:
                 with self._conns_scope:
                     async with trio.open_nursery() as conns:
                         self._conns = conns
-                        self.parking = PingPark(self._resume, self.incidents)
+                        self.parking = PingPark(self._resume, self.incidents, functools.partial(lane.fire, self))
                         await nursery.start(self.parking.run)
                         task_status.started(self.port)
                         with self._accept_scope:
@@ -282,10 +283,7 @@ class Gateway:
             self.per_address.pop(ip, None)
 
     def _resume(self, parked, why: str) -> None:
-        if type(parked) is Parked:
-            self._conns.start_soon(resume_parked, self, parked, why)
-        else:
-            lane.fire(self, parked, why)      # the keep-alive lane's: carried in the lot's step
+        self._conns.start_soon(resume_parked, self, parked, why)
 
     async def _connection(self, client, ip: str) -> None:
         parked = False

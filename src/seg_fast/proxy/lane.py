@@ -129,9 +129,10 @@ def request(gw, dev: Device, data: bytes) -> None:
         _spawn(gw, dev, None, exchange.fast_run, plan)
         return
     timeout = exchange.read_timeout(gw, plan)
-    f = parking.Inflight(dev, up, plan, timeout, trio.current_time() + timeout, t_up)
+    lot = gw.parking
+    f = parking.Inflight(dev, up, plan, timeout, lot.now() + timeout, t_up)
     # A Ping waits minutes: its device leaving is watched (EPOLLRDHUP), as a parked Ping's is.
-    gw.parking.hold(f, fd, parking.fileno(parking.socket_of(dev.stream)) if ping else -1)
+    lot.hold(f, fd, parking.fileno(parking.socket_of(dev.stream)) if ping else -1)
 
 
 def _answered(gw, f: parking.Inflight, why: str) -> None:
@@ -229,7 +230,8 @@ def _next(gw, dev: Device) -> None:
         if data is not None:
             close_now(gw, dev)
             return
-    if downstream.can_idle(gw, dev):
-        downstream.idle(gw, dev)
-    else:
-        _spawn(gw, dev)
+        if not dev.stream.waits_readable():
+            _spawn(gw, dev)           # (OpenSSL's output waits for the socket: the task's wait)
+            return
+    # A compiled exchange, whole: h11 was never told, nothing of a next request is here.
+    downstream.idle(gw, dev)

@@ -23,6 +23,7 @@ import select
 import trio
 
 from seg_fast.proxy.looplag import in_slices
+from seg_fast.timerfd import Timer
 
 ANSWER, DEVICE_GONE, TIMEOUT, DRAIN = "answer", "device_gone", "timeout", "drain"
 # Released in the step that found them up to this many; more go a slice per loop step.
@@ -32,6 +33,47 @@ RELEASE_AT_ONCE = 16
 # first slice. The epoll set is level-triggered: the rest are ready again at the next wake-up,
 # a loop pass later; heap entries left due make the next wake-up's deadline already past.
 POLL_AT_ONCE = 1024
+
+
+# The lot's task puts the worker to sleep itself when trio has nothing to run: one epoll
+# set holds the lot's descriptors, its timer and trio's own epoll descriptor, and the wait
+# is bounded by trio's next deadline. A request carried by the keep-alive lane then wakes
+# the worker into this loop directly; through trio's scheduler each wake-up ran ~34 of its
+# functions first (benchmarks/wake_footprint.py), ~135 µs on a cold core. Whatever trio has
+# to do (its I/O turning ready, a deadline, a task made runnable) gets the loop back at once
+# (a checkpoint). Tests turn it off to hold the lot to trio's wait.
+SLEEP_HERE = True
+
+
+class _Batch(trio.abc.Instrument):
+    """Whether the scheduler's batch is the lot's alone: after each I/O wait trio wakes the
+    tasks whose deadlines passed, then takes its whole run queue and runs those tasks one by
+    one. The lot may sleep only in a batch of its own; in a bigger one the tasks after it
+    would wait for its sleep."""
+
+    def __init__(self, runq, deadlines, now):
+        self._runq = runq
+        self._deadlines = deadlines
+        self._now = now
+        self.alone = False
+
+    def after_io_wait(self, timeout) -> None:
+        # (called before the deadlines expire: a deadline due now adds a task to the batch)
+        self.alone = len(self._runq) == 1 and self._deadlines.next_deadline() > self._now()
+
+
+def _trio_loop():
+    """(trio's run queue, its deadlines, its tests' idle waiters, its epoll descriptor, the
+    batch instrument), or None where this trio keeps them elsewhere (then the lot waits
+    through trio: wait_readable)."""
+    try:
+        runner = trio._core._run.GLOBAL_RUN_CONTEXT.runner
+        loop = (runner.runq, runner.deadlines, runner.waiting_for_idle, runner.io_manager._epoll.fileno())
+    except AttributeError:
+        return None
+    batch = _Batch(runner.runq, runner.deadlines, runner.clock.current_time)
+    trio.lowlevel.add_instrument(batch)
+    return loop + (batch,)
 
 
 class Parked:
@@ -125,10 +167,16 @@ def fileno(sock) -> int:
 
 
 class PingPark:
-    def __init__(self, spawn, incidents=None):
+    def __init__(self, spawn, incidents=None, lane=None):
         self._spawn = spawn           # spawn(parked, why): start the task that finishes it
+        self._lane = lane             # lane(record, why): the keep-alive lane's records (lane.fire)
         self._incidents = incidents   # where a failure to hand one back is reported
         self._epoll = select.epoll()
+        # The nearest deadline as a descriptor in the set: a CancelScope per wait was ~20 of
+        # trio's functions at every wake-up (benchmarks/wake_footprint.py), and with the
+        # keep-alive lane every request's wake-ups are this task's.
+        self._timer = Timer()
+        self._epoll.register(self._timer.fd, select.EPOLLIN)
         self._by_fd: dict[int, Parked] = {}
         # (deadline, seq, upstream fd): an entry names its Ping without holding it, so a
         # released Ping's record is freed by the task that finished it, one at a time. Held
@@ -137,8 +185,8 @@ class PingPark:
         self._heap: list[tuple[float, int, int]] = []
         self._seq = 0
         self._dead = 0
-        self._scope: trio.CancelScope | None = None
         self.count = 0
+        self.now = trio.current_time  # the run's clock itself once it runs (one call, not three)
         self.carried = 0              # exchanges the keep-alive lane answered in this task's step
         self.handed = 0               # lane connections it handed to a task (downstream.carry_on)
 
@@ -147,17 +195,23 @@ class PingPark:
 
     def hold(self, p, fd: int, dev_fd: int = -1) -> None:
         """Watch ``fd`` (readable: ANSWER) and, if given, ``dev_fd`` (the device hung up:
-        DEVICE_GONE) for ``p`` until ``p.deadline`` (TIMEOUT)."""
-        self._epoll.register(fd, select.EPOLLIN)
+        DEVICE_GONE) for ``p`` until ``p.deadline`` (TIMEOUT).
+
+        One descriptor is watched one-shot: its event disarms it, so the keep-alive lane's
+        records (a connection idle, an exchange in flight) cost one epoll_ctl each, not a
+        register and an unregister; the registration stays, disarmed, until the socket closes.
+        A pair (a parked Ping) is registered and unregistered, so that neither fires alone."""
         if dev_fd >= 0:
+            self._watch(fd, select.EPOLLIN)
             try:
-                self._epoll.register(dev_fd, select.EPOLLRDHUP)
+                self._watch(dev_fd, select.EPOLLRDHUP)
             except OSError:
                 self._epoll.unregister(fd)
                 raise
             p.fds = (fd, dev_fd)
             self._by_fd[dev_fd] = p
         else:
+            self._watch(fd, select.EPOLLIN | select.EPOLLONESHOT)
             p.fds = (fd,)
         self._by_fd[fd] = p
         self._seq += 1
@@ -165,8 +219,14 @@ class PingPark:
         heapq.heappush(self._heap, (p.deadline, p.seq, fd))
         if p.ping:
             self.count += 1
-        if self._scope is not None and p.deadline < self._scope.deadline:
-            self._scope.deadline = p.deadline
+        if p.deadline < self._timer.armed:
+            self._timer.arm(p.deadline)
+
+    def _watch(self, fd: int, mask: int) -> None:
+        try:
+            self._epoll.modify(fd, mask)          # registered before (one-shot, disarmed)
+        except FileNotFoundError:
+            self._epoll.register(fd, mask)
 
     def _release(self, p: Parked, why: str) -> None:
         if p.done:
@@ -175,14 +235,23 @@ class PingPark:
         if p.ping:
             self.count -= 1
         self._dead += 1
-        for fd in p.fds:
-            self._by_fd.pop(fd, None)
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
+        fds = p.fds
+        if len(fds) == 1:
+            # One-shot: disarmed by its event; after a deadline or a drain its socket is closed
+            # (or handed to a task: at most one event then, for no record, ignored).
+            self._by_fd.pop(fds[0], None)
+        else:
+            for fd in fds:
+                self._by_fd.pop(fd, None)
+                try:
+                    self._epoll.unregister(fd)
+                except (OSError, ValueError):
+                    pass
         try:
-            self._spawn(p, why)
+            if type(p) is Parked:
+                self._spawn(p, why)
+            else:
+                self._lane(p, why)
         except Exception as exc:      # noqa: BLE001 - one Ping must not stop the lot: drop its connections
             if self._incidents is not None:
                 self._incidents.exception("contained_exception", exc, p.client_ip if type(p) is Parked else p.dev.client_ip)
@@ -205,20 +274,62 @@ class PingPark:
             parked = list({id(p): p for p in self._by_fd.values()}.values())
             await in_slices(parked, lambda p: self._release(p, DRAIN))     # a no-op for one answered meanwhile
 
+    def _arm(self) -> None:
+        """The timer at the nearest live deadline (entries of records gone dropped first)."""
+        heap = self._heap
+        while heap and self._live(heap[0]) is None:
+            heapq.heappop(heap)
+            self._dead -= 1
+        deadline = heap[0][0] if heap else math.inf
+        if deadline != self._timer.armed:
+            self._timer.arm(deadline)
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.now = trio.lowlevel.current_clock().current_time
         task_status.started()
+        timer_fd = self._timer.fd
+        loop = _trio_loop() if SLEEP_HERE else None
+        if loop is not None:
+            runq, deadlines, idle_waiters, trio_fd, batch = loop
+            self._epoll.register(trio_fd, select.EPOLLIN)
+        fired = True
         try:
             while True:
-                deadline = self._heap[0][0] if self._heap else math.inf
-                with trio.CancelScope(deadline=deadline) as self._scope:
+                if fired:
+                    # Re-armed only once it fired (or at the start): a later deadline set by
+                    # hold() waits behind an earlier one, and the timer firing for a record
+                    # gone costs one pass, where re-arming at every change cost a syscall a request.
+                    self._arm()
+                    fired = False
+                to_trio = False
+                if loop is None:
                     await trio.lowlevel.wait_readable(self._epoll)
-                self._scope = None
+                    events = self._epoll.poll(0, POLL_AT_ONCE)
+                elif runq or not batch.alone or idle_waiters:
+                    # trio has tasks to run (or may: this batch's others): they run, then this
+                    # task looks again. (A cancel of this task can only come from one of them,
+                    # and a checkpoint delivers it: a batch of its own has nobody to send one.)
+                    await trio.lowlevel.checkpoint()
+                    events = self._epoll.poll(0, POLL_AT_ONCE)
+                else:
+                    # Nothing else to run: the worker sleeps here (see SLEEP_HERE) until one of
+                    # the lot's descriptors, trio's own I/O or trio's next deadline.
+                    timeout = deadlines.next_deadline() - self.now()
+                    events = self._epoll.poll(min(timeout, 60.0) if timeout > 0 else 0, POLL_AT_ONCE)
+                    to_trio = not events      # trio's deadline came
                 due = []
-                for fd, mask in self._epoll.poll(0, POLL_AT_ONCE):
+                for fd, mask in events:
+                    if fd == timer_fd:
+                        self._timer.clear()
+                        fired = True
+                        continue
+                    if loop is not None and fd == trio_fd:
+                        to_trio = True
+                        continue
                     p = self._by_fd.get(fd)
                     if p is not None:
                         due.append((p, ANSWER if fd == p.fds[0] else DEVICE_GONE))
-                now = trio.current_time()
+                now = self.now()
                 heap = self._heap
                 popped = 0
                 while heap and popped < POLL_AT_ONCE:
@@ -247,5 +358,10 @@ class PingPark:
                     self._heap = [e for e in heap if self._live(e) is not None]
                     heapq.heapify(self._heap)
                     self._dead = 0
+                if to_trio:
+                    await trio.lowlevel.checkpoint()      # trio's I/O and timers (and a cancel)
         finally:
+            if loop is not None:
+                trio.lowlevel.remove_instrument(batch)
             self._epoll.close()
+            self._timer.close()

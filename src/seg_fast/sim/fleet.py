@@ -58,7 +58,7 @@ from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim.checks import Checks
 from seg_fast.sim import lean_serve, steps
 from seg_fast.sim.oracle import Opener
-from seg_fast.sim.timerfd import Timer
+from seg_fast.timerfd import Timer
 from seg_fast.sim.warm import warm as warm_templates
 from seg_fast.sim.wire import FALLBACK, HttpConn, RawStream, TlsStream, WireError, request_head
 

@@ -1,10 +1,11 @@
 """A Linux timerfd (CLOCK_MONOTONIC, trio's clock): a deadline as a readable descriptor.
 
-The fleet's poller (fleet.Parker) sleeps on one epoll set; with its timer in the same
-set it wakes for a deadline the way it wakes for a socket, instead of from a trio
-cancel scope's deadline (a CancelScope entered and left per pass, and for a timer
-that fires a Cancelled raised through the task: at real rates, where each request is
-a loop pass of its own, that machinery cost more than the wake-up). Python 3.11 has
+The gateway's parking lot (proxy/parking.py) and the fleet's poller (sim/fleet.Parker) each
+sleep on one epoll set; with a timer in the same set they wake for a deadline the way they
+wake for a socket, instead of from a trio cancel scope's deadline (a CancelScope entered and
+left per pass, ~20 of trio's functions at every wake-up, and for a timer that fires a
+Cancelled raised through the task: at real rates, where each request is a loop pass of its
+own, that machinery cost more than the wake-up). Python 3.11 has
 no os.timerfd_create (3.13 does), hence ctypes.
 """
 from __future__ import annotations
