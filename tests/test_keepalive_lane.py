@@ -332,3 +332,81 @@ async def test_a_drain_closes_held_connections_and_answers_held_pings(tmp_path):
         with trio.fail_after(10):
             assert await idle.receive_some(10) == b""
         await _until(lambda: gw.active == 0)
+
+
+def _tls_pair():
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return ctx, client_ctx
+
+
+async def _slow_reader(port: int, client_ctx):
+    """A TLS device whose receive window is small: a big answer does not fit the socket."""
+    import socket as _socket
+    sock = trio.socket.socket()
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SSLStream(trio.SocketStream(sock), client_ctx, server_hostname="localhost")
+    await stream.do_handshake()
+    return stream
+
+
+async def _fill_until_handed(gw, stream, sizes) -> int:
+    """Ask for 60 KB answers on a held connection without reading them, each once the last one
+    was written in the lot's step (the connection held again), until one does not fit the
+    socket and goes to a task: how many were asked."""
+    lot = gw.parking
+    handed = lot.handed
+    for n in range(1, 200):
+        sizes[b"x%d" % n] = 60_000
+        carried = lot.carried
+        await stream.send_all(_sync(b"x%d" % n))
+        await _until(lambda: lot.handed > handed or lot.carried > carried)
+        if lot.handed > handed:
+            return n
+    raise AssertionError("the socket took every answer")
+
+
+async def test_tls_answers_of_several_records_go_out_in_the_lots_step_and_a_task_writes_what_waits(tmp_path):
+    """60 KB answers (several TLS records, one read of the mail server's) on a held TLS
+    connection whose device reads nothing: each is sealed in one batch and written in the
+    lot's step while the socket takes them whole; the first it does not take goes on from a
+    task (the rest of its records, with the write's pace). Then the device reads: every
+    answer whole, in order, and the connection is kept."""
+    ctx, client_ctx = _tls_pair()
+    sizes = {}
+    async with upstream(_answers(sizes)) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path, tls=ctx) as gw:
+        stream = await _slow_reader(gw.port, client_ctx)
+        answers = Answers(stream)
+        await stream.send_all(_sync(b"warm"))
+        assert (await answers.next())[0].status_code == 200
+        await _until(lambda: len(_held(gw, parking.Idle)) == 1)
+        carried = gw.parking.carried
+        asked = await _fill_until_handed(gw, stream, sizes)
+        assert gw.parking.carried - carried == asked - 1 >= 2
+        for n in range(1, asked + 1):
+            resp, body = await answers.next()
+            key = b"x%d" % n
+            assert resp.status_code == 200 and body == (key * 60_000)[:60_000], n
+        await stream.send_all(_sync(b"after"))
+        assert (await answers.next())[1] == b"after"
+        await stream.aclose()
+        await _until(lambda: gw.active == 0)
+
+
+async def test_a_device_that_stops_reading_is_cut_at_the_write_deadline(tmp_path):
+    ctx, client_ctx = _tls_pair()
+    sizes = {}
+    async with upstream(_answers(sizes)) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path, tls=ctx,
+                                                        timeouts_device_write="0.5") as gw:
+        stream = await _slow_reader(gw.port, client_ctx)
+        await stream.send_all(_sync(b"warm"))
+        assert (await _answer(stream))[0].status_code == 200
+        await _until(lambda: len(_held(gw, parking.Idle)) == 1)
+        await _fill_until_handed(gw, stream, sizes)             # and never read
+        await _until(lambda: gw.active == 0)
+        assert gw.incidents.counts.get("device_write_timeout", 0) >= 1
+        await trio.aclose_forcefully(stream)

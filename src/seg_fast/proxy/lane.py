@@ -25,8 +25,9 @@ import time
 import trio
 
 from seg_fast.errors import HTTPProtocolError
-from seg_fast.proxy import downstream, exchange, http1, parking, sockio
+from seg_fast.proxy import downstream, exchange, http1, parking, sockio, tlsbatch
 from seg_fast.proxy.downstream import Device, carry_on, close_now
+from seg_fast.proxy.exchange import DeviceGone
 from seg_fast.proxy.tlsio import RECORD
 from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamError
 
@@ -166,16 +167,17 @@ def _answered(gw, f: parking.Inflight, why: str) -> None:
         close_now(gw, dev)            # the device left: nothing more to say to it
         return
     if rest:
-        _spawn(gw, dev, None, _send_rest, plan, rest)
+        _spawn(gw, dev, None, _send_sealed if type(rest) is memoryview else _send_rest, plan, rest)
         return
     gw.parking.carried += 1
     exchange.finish_log(gw, plan)
     _next(gw, dev)
 
 
-def _write_now(dev: Device, parts: list) -> list:
-    """Write what the device's socket takes now; what it did not take (the same bytes again
-    for TLS: OpenSSL's rule), or [] once all of it went."""
+def _write_now(dev: Device, parts: list):
+    """Write what the device's socket takes now; what it did not take: parts (for TLS the
+    same bytes again: OpenSSL's rule), or a memoryview of TLS records already made (tlsio's
+    seal_now: send_sealed writes them); empty once all of it went."""
     if dev.sock is not None:
         fd = dev.sock.fileno()
         if fd < 0:
@@ -197,7 +199,9 @@ def _write_now(dev: Device, parts: list) -> list:
     for part in parts:
         total += len(part)
     if total > RECORD:
-        return parts                  # several records: tlsio's batched write, on the task
+        # Several records: made in one batch and written at once, as far as the socket takes them.
+        rest = dev.stream.seal_now(parts) if total <= tlsbatch.BATCH else None
+        return parts if rest is None else rest
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     return [] if dev.stream.write_now(data) else [data]
 
@@ -205,6 +209,18 @@ def _write_now(dev: Device, parts: list) -> list:
 async def _send_rest(gw, dev: Device, plan, rest: list) -> bool:
     try:
         await dev.send_parts(rest)    # the write's deadline and pace, as every device write
+    finally:
+        exchange.finish_log(gw, plan)
+    return True
+
+
+async def _send_sealed(gw, dev: Device, plan, rest: memoryview) -> bool:
+    try:
+        await dev.stream.send_sealed(rest, gw.device_pace)
+    except TimeoutError as exc:
+        dev._write_timeout(exc)       # (raises DeviceGone, as Device.send_parts does)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise DeviceGone(type(exc).__name__) from None
     finally:
         exchange.finish_log(gw, plan)
     return True

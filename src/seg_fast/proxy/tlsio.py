@@ -408,6 +408,64 @@ class TLSStream:
             raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
         return True
 
+    def seal_now(self, parts: list):
+        """The records of ``parts`` (at most tlsbatch.BATCH of plaintext, more than one record),
+        made by OpenSSL in one batch and written as far as the socket takes them now: what it
+        did not take (ciphertext, for send_sealed; empty once all went). None where records are
+        not batched here (the SSL object unproven, a write under way): send_parts then."""
+        if self._closed or self._broken or self._sending or not self._handshook:
+            return None
+        fd = self.plain.fileno()
+        if fd < 0:
+            return None
+        ptr = self._ssl
+        if ptr < 0:
+            ptr = self._ssl = tlsbatch.ssl_of(self._obj, fd)
+        if not ptr:
+            return None
+        try:
+            sealed = _tlsrecords.seal(ptr, fd, parts)     # OpenSSL counts these records as sent
+            try:
+                n = os.write(fd, sealed)
+            except BlockingIOError:
+                n = 0
+        except (ssl.SSLError, OSError) as exc:
+            self._broken = True
+            raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
+        return memoryview(sealed)[n:]
+
+    async def send_sealed(self, view, pace: sockio.Pace | None = None) -> None:
+        """The rest of seal_now's records, as the socket takes them, within ``pace`` (as
+        _write_batched waits: TimeoutError past its deadline, the stream then broken)."""
+        self._sending = True
+        blocked = _Blocked(self, len(view), pace)
+        try:
+            while view:
+                fd = self.plain.fileno()
+                if fd < 0:
+                    raise trio.ClosedResourceError("socket was closed")
+                try:
+                    n = os.write(fd, view)
+                except BlockingIOError:
+                    n = 0
+                if n:
+                    view = view[n:]
+                    blocked.took(n)
+                    continue
+                await blocked.wait(True, 0)
+        except TimeoutError:
+            self._broken = True       # the pace's deadline (or Evicted): the caller resets it
+            raise
+        except OSError as exc:
+            self._broken = True
+            raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
+        except BaseException:
+            self._broken = True       # part of a record may be out: nothing else may follow
+            raise
+        finally:
+            blocked.close()
+            self._sending = False
+
     async def receive_by(self, size: int, deadline: float = math.inf) -> bytes | None:
         """Decrypted bytes (b"" at EOF); None if ``deadline`` (trio clock) passed first, after
         which the stream must be closed. Without a deadline the caller's scope bounds it."""
