@@ -67,6 +67,42 @@ def _answer_case(rnd: random.Random) -> tuple[list[bytes], bool]:
     return ([head, payload] if split else [head + payload]), closes
 
 
+def case_server(cases, received: dict, mode: dict):
+    """A mail server for generated cases: it records the bytes of each request it got (by its
+    X-Case header and ``mode["lane"]``) and answers with the case's pieces (the body in a later
+    read when there are two), closing after it when the case says so."""
+    async def server(stream):
+        conn = h11.Connection(h11.SERVER)
+        raw = b""
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    raw += data
+                    conn.receive_data(data)
+                    continue
+                if type(event) is h11.Request:
+                    case = int(dict(event.headers)[b"x-case"])
+                elif type(event) is h11.EndOfMessage:
+                    used = len(raw) - len(conn.trailing_data[0])
+                    received[(case, mode["lane"])] = raw[:used]
+                    raw = raw[used:]
+                    pieces, closes = cases[case][1], cases[case][2]
+                    for piece in pieces:
+                        await stream.send_all(piece)
+                        if len(pieces) > 1:
+                            await trio.sleep(0.005)     # the body in a later read than the head
+                    if closes:
+                        return
+                    conn = h11.Connection(h11.SERVER)   # a fresh cycle: our answers are raw bytes
+        finally:
+            await trio.aclose_forcefully(stream)
+    return server
+
+
 async def _read_message(stream, client: h11.Connection) -> bytes:
     """Raw bytes of one whole answer (h11 finds its end)."""
     raw = b""
@@ -98,35 +134,7 @@ async def test_the_fast_lane_writes_what_the_general_path_writes(tmp_path, monke
     monkeypatch.setattr(exchange, "fast", counting_fast)
     mode = {"lane": True}
 
-    async def server(stream):
-        conn = h11.Connection(h11.SERVER)
-        raw = b""
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    raw += data
-                    conn.receive_data(data)
-                    continue
-                if type(event) is h11.Request:
-                    case = int(dict(event.headers)[b"x-case"])
-                elif type(event) is h11.EndOfMessage:
-                    used = len(raw) - len(conn.trailing_data[0])
-                    received[(case, mode["lane"])] = raw[:used]
-                    raw = raw[used:]
-                    pieces, closes = cases[case][1], cases[case][2]
-                    for piece in pieces:
-                        await stream.send_all(piece)
-                        if len(pieces) > 1:
-                            await trio.sleep(0.005)     # the body in a later read than the head
-                    if closes:
-                        return
-                    conn = h11.Connection(h11.SERVER)   # a fresh cycle: our answers are raw bytes
-        finally:
-            await trio.aclose_forcefully(stream)
+    server = case_server(cases, received, mode)
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, server, 0)

@@ -20,7 +20,7 @@ import trustme
 
 from proxy_helpers import Client
 from seg_fast.proxy import downstream, parking
-from test_fastpath_lane import EAS, QUERY, AUTH, _answer_case, _read_message, _request_case
+from test_fastpath_lane import EAS, QUERY, AUTH, _answer_case, _read_message, _request_case, case_server
 from test_proxy import gateway, upstream
 
 CASES = 40
@@ -86,35 +86,7 @@ async def test_the_lot_carries_what_a_task_would_and_says_the_same(tmp_path, mon
     received: dict[tuple[int, bool], bytes] = {}
     mode = {"lane": True}
 
-    async def server(stream):
-        conn = h11.Connection(h11.SERVER)
-        raw = b""
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    raw += data
-                    conn.receive_data(data)
-                    continue
-                if type(event) is h11.Request:
-                    case = int(dict(event.headers)[b"x-case"])
-                elif type(event) is h11.EndOfMessage:
-                    used = len(raw) - len(conn.trailing_data[0])
-                    received[(case, mode["lane"])] = raw[:used]
-                    raw = raw[used:]
-                    pieces, closes = cases[case][1], cases[case][2]
-                    for piece in pieces:
-                        await stream.send_all(piece)
-                        if len(pieces) > 1:
-                            await trio.sleep(0.005)     # the body in a later read than the head
-                    if closes:
-                        return
-                    conn = h11.Connection(h11.SERVER)
-        finally:
-            await trio.aclose_forcefully(stream)
+    server = case_server(cases, received, mode)
 
     device, counts = {}, {}
     log = tmp_path / "tx.jsonl"

@@ -440,19 +440,7 @@ class TLSStream:
         self._sending = True
         blocked = _Blocked(self, len(view), pace)
         try:
-            while view:
-                fd = self.plain.fileno()
-                if fd < 0:
-                    raise trio.ClosedResourceError("socket was closed")
-                try:
-                    n = os.write(fd, view)
-                except BlockingIOError:
-                    n = 0
-                if n:
-                    view = view[n:]
-                    blocked.took(n)
-                    continue
-                await blocked.wait(True, 0)
+            await self._write_sealed(view, blocked, 0)
         except TimeoutError:
             self._broken = True       # the pace's deadline (or Evicted): the caller resets it
             raise
@@ -637,20 +625,7 @@ class TLSStream:
                 fd = plain.fileno()
                 if fd < 0:
                     raise trio.ClosedResourceError("socket was closed")
-                view = memoryview(_tlsrecords.seal(ptr, fd, batch))
-                while view:
-                    try:
-                        n = os.write(fd, view)
-                    except BlockingIOError:
-                        n = 0
-                    if n:
-                        view = view[n:]
-                        blocked.took(n)
-                        continue
-                    await blocked.wait(True, done)
-                    fd = plain.fileno()
-                    if fd < 0:
-                        raise trio.ClosedResourceError("socket was closed")
+                await self._write_sealed(memoryview(_tlsrecords.seal(ptr, fd, batch)), blocked, done)
                 done += size
                 _ready += (size + RECORD - 1) // RECORD
                 if _ready >= FAIR_EVERY:
@@ -659,6 +634,23 @@ class TLSStream:
         finally:
             blocked.close()
         return blocked.waited
+
+    async def _write_sealed(self, view, blocked: _Blocked, done: int) -> None:
+        """Records already made (ciphertext) written as the socket takes them, waiting (``blocked``'s
+        pace) while it is full; ``done``: plaintext bytes of the write before them."""
+        while view:
+            fd = self.plain.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was closed")
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                n = 0
+            if n:
+                view = view[n:]
+                blocked.took(n)
+                continue
+            await blocked.wait(True, done)
 
     async def _wait(self, deadline: float, writable: bool = False, writer=None) -> bool:
         """Wait until the socket is readable (writable) by ``deadline``; False if it passed
