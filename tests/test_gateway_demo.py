@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.request
 import signal
 import ssl
 import subprocess
@@ -58,6 +59,16 @@ async def test_demo_prints_a_working_device_url_and_applies_demo_policies():
             assert lines[-1], "banner cut short"
         out = "".join(lines)
         assert "demo / secret" in out and "curl -k -i -X OPTIONS" in out   # the account and the curl lines
+        # The admin API's /metrics counts the demo's traffic (the worker's counters are written
+        # as serve's workers write them).
+        admin = re.search(r"admin API\s+(http://127\.0\.0\.1:\d+)/", out).group(1)
+        metrics = {}
+        with trio.fail_after(20):
+            while metrics.get("seg_fast_answer_bytes_total", 0) <= 0:
+                await trio.sleep(0.2)
+                page = await trio.to_thread.run_sync(lambda: urllib.request.urlopen(admin + "/metrics").read())
+                metrics = {k: float(v) for k, v in (ln.split(" ", 1) for ln in page.decode().splitlines()
+                                                    if ln.startswith("seg_fast_") and " " in ln and "{" not in ln)}
     finally:
         if proc.poll() is None:
             proc.kill()

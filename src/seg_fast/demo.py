@@ -137,6 +137,9 @@ async def _run(args, state: str, signals) -> None:
         admin_port = await _start_admin(nursery, config)
         gw = Gateway(config)
         await nursery.start(gw.serve)
+        # The worker's counters, as serve's workers write them: what the console and /metrics show.
+        from seg_fast import stats
+        await nursery.start(stats.write_loop, gw, stats.stats_dir(config))
         scheme = "http" if args.no_tls else "https"
         k = "" if args.no_tls else "-k "
         url = f"{scheme}://{args.host}:{gw.port}/Microsoft-Server-ActiveSync"
