@@ -103,6 +103,16 @@ def case_server(cases, received: dict, mode: dict):
     return server
 
 
+async def case_answer(stream, request: bytes) -> bytes:
+    """Send a case's request; the raw bytes of its whole answer."""
+    await stream.send_all(request)
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"x"), (b"Content-Length", b"0")]))
+    client.send(h11.EndOfMessage())
+    with trio.fail_after(20):
+        return await _read_message(stream, client)
+
+
 async def _read_message(stream, client: h11.Connection) -> bytes:
     """Raw bytes of one whole answer (h11 finds its end)."""
     raw = b""
@@ -147,13 +157,7 @@ async def test_the_fast_lane_writes_what_the_general_path_writes(tmp_path, monke
                 monkeypatch.setattr(exchange, "FAST_LANE", lane_on)
                 for i, (request, _, _) in enumerate(cases):
                     stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
-                    await stream.send_all(request)
-                    client = h11.Connection(h11.CLIENT)
-                    client.send(h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"x"),
-                                                                                  (b"Content-Length", b"0")]))
-                    client.send(h11.EndOfMessage())
-                    with trio.fail_after(20):
-                        device[(i, lane_on)] = await _read_message(stream, client)
+                    device[(i, lane_on)] = await case_answer(stream, request)
                     await stream.aclose()
                 gw.log.flush()
         nursery.cancel_scope.cancel()

@@ -20,7 +20,7 @@ import trustme
 
 from proxy_helpers import Client
 from seg_fast.proxy import downstream, parking
-from test_fastpath_lane import EAS, QUERY, AUTH, _answer_case, _read_message, _request_case, case_server
+from test_fastpath_lane import EAS, QUERY, AUTH, _answer_case, _request_case, case_answer, case_server
 from test_proxy import gateway, upstream
 
 CASES = 40
@@ -104,13 +104,7 @@ async def test_the_lot_carries_what_a_task_would_and_says_the_same(tmp_path, mon
                     assert (await _answer(stream))[0].status_code == 404
                     if lane_on:
                         await _until(lambda: len(_held(gw, parking.Idle)) == 1)
-                    await stream.send_all(request)
-                    client = h11.Connection(h11.CLIENT)
-                    client.send(h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"x"),
-                                                                                  (b"Content-Length", b"0")]))
-                    client.send(h11.EndOfMessage())
-                    with trio.fail_after(20):
-                        device[(i, lane_on)] = await _read_message(stream, client)
+                    device[(i, lane_on)] = await case_answer(stream, request)
                     await stream.aclose()
                     await _until(lambda: gw.active == 0)
                 counts[lane_on] = (gw.parking.carried - before[0], gw.parking.handed - before[1])
