@@ -348,15 +348,9 @@ def idle(gw, dev: Device) -> None:
 
 
 def close_now(gw, dev: Device) -> None:
-    """Close a connection the lot held (its idle deadline, a drain, EOF) and count it closed."""
-    stream = dev.stream
-    if type(stream) is trio.SocketStream:
-        try:
-            stream.socket.close()
-        except OSError:
-            pass
-    else:
-        stream.close()                # tlsio.TLSStream: never waits, never raises
+    """Close a connection the lot held (its idle deadline, a drain, EOF) and count it closed
+    (the lot holds plain and tlsio streams only: _closed_now closes those)."""
+    _closed_now(dev.stream)
     gw.connection_closed(dev.client_ip)
 
 
@@ -391,7 +385,8 @@ _TEXT = {400: b"malformed HTTP request\n", 408: b"request took too long\n", 431:
          500: b"internal error\n", 502: b"mail server answer unusable\n"}
 
 
-async def _close(stream) -> None:
+def _closed_now(stream) -> bool:
+    """Close a plain or tlsio stream without waiting (True); False for any other stream."""
     if type(stream) is trio.SocketStream:
         # What SocketStream.aclose does, less its checkpoint and aclose_forcefully's cancel
         # scopes (a fifth of a Connection: close request's cost): trio's socket close tells
@@ -400,12 +395,18 @@ async def _close(stream) -> None:
             stream.socket.close()
         except OSError:
             pass
-        return
+        return True
     if type(stream) is TLSStream:
         # tlsio's close never waits (close_notify only if the socket takes it now) and never
         # raises: no shielded scope, no aclose_forcefully, no checkpoint (they were two
         # thirds of a TLS connection's close in a real-rate sizing run's profile).
         stream.close()
+        return True
+    return False
+
+
+async def _close(stream) -> None:
+    if _closed_now(stream):
         return
     with trio.CancelScope(shield=True):
         try:

@@ -1,11 +1,14 @@
 """The keep-alive lane: a device's common exchange carried by the parking lot's task.
 
-A request that wakes an idle worker cost ~890 µs of CPU through a task per connection, and
-the same compiled steps in one epoll loop ~300 (benchmarks/cold_request.py --floors): the
-difference is trio resuming a task and re-arming its descriptor at every wait, the deadline
-wheel's entries and the coroutine frames around the steps. So a keep-alive connection has no
-task between requests. Its Device waits in the lot's epoll set (parking.Idle, with the idle
-deadline). When its next request is whole in one read and the fast lane takes it
+A request that wakes an idle worker went through trio's scheduler at each of its wake-ups
+(~34 of trio's functions each, ~135 µs of a cold request: benchmarks/wake_footprint.py), then
+resumed a task per connection, its descriptor re-armed at every wait. So a keep-alive
+connection has no task between requests, and the lot's task sleeps for the worker when
+trio has nothing to run (parking.SLEEP_HERE): 0.845 of the CPU per cold request before it
+(benchmarks/README.md, "The keep-alive lane").
+
+Between requests the connection's Device waits in the lot's epoll set (parking.Idle, with
+the idle deadline). When its next request is whole in one read and the fast lane takes it
 (exchange.fast_plan), the lot's task writes it up to a pooled connection at once and holds
 that connection (parking.Inflight, with the answer's deadline). When the answer is whole in
 one read, the same task writes it to the device and the connection waits as Idle again. A

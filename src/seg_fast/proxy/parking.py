@@ -100,11 +100,7 @@ class Parked:
         self.done = False
 
     def close(self) -> None:
-        for sock in (self.up.sock, socket_of(self.dev_stream)):
-            try:
-                sock.close()
-            except OSError:
-                pass
+        _close_sockets(self.up.sock, socket_of(self.dev_stream))
 
 
 class Idle:
@@ -121,10 +117,7 @@ class Idle:
         self.done = False
 
     def close(self) -> None:
-        try:
-            socket_of(self.dev.stream).close()
-        except OSError:
-            pass
+        _close_sockets(socket_of(self.dev.stream))
 
 
 class Inflight:
@@ -145,11 +138,16 @@ class Inflight:
         self.done = False
 
     def close(self) -> None:
-        for sock in (self.up.sock, socket_of(self.dev.stream)):
-            try:
-                sock.close()
-            except OSError:
-                pass
+        _close_sockets(self.up.sock, socket_of(self.dev.stream))
+
+
+def _close_sockets(*socks) -> None:
+    """What a record holds, closed when handing it back failed (_release)."""
+    for sock in socks:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 def socket_of(stream):

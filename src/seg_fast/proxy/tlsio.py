@@ -418,9 +418,7 @@ class TLSStream:
         fd = self.plain.fileno()
         if fd < 0:
             return None
-        ptr = self._ssl
-        if ptr < 0:
-            ptr = self._ssl = tlsbatch.ssl_of(self._obj, fd)
+        ptr = self._ssl_ptr()
         if not ptr:
             return None
         try:
@@ -511,9 +509,7 @@ class TLSStream:
                 # Not corked (TCP_CORK): a corked write that had to wait for a slow reader held
                 # its partial segments up to the kernel's 200 ms cork limit (10,000 devices with
                 # security on: 1 in 10 answers over 256 KB took 200-430 ms longer to write).
-                ptr = self._ssl
-                if ptr < 0:
-                    ptr = self._ssl = tlsbatch.ssl_of(self._obj, self.plain.fileno())
+                ptr = self._ssl_ptr()
                 if ptr:
                     waited = await self._write_batched(ptr, parts, total, pace)
                 else:
@@ -539,6 +535,13 @@ class TLSStream:
                 await checkpoint()
 
     # -- inside ------------------------------------------------------------------------------
+
+    def _ssl_ptr(self) -> int:
+        """The SSL object's pointer for batched writes (tlsbatch.ssl_of, asked once); 0 if none."""
+        ptr = self._ssl
+        if ptr < 0:
+            ptr = self._ssl = tlsbatch.ssl_of(self._obj, self.plain.fileno())
+        return ptr
 
     def _check(self) -> None:
         if self._closed:
