@@ -24,11 +24,11 @@ from seg_fast.proxy import downstream, exchange, http1
 from seg_fast.proxy import headers as hdrs
 from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.exchange import DeviceGone
-from seg_fast.proxy.upstream import Origin, UpstreamConn, UpstreamError, UpstreamPool
+from seg_fast.proxy.upstream import UpstreamConn, UpstreamError, UpstreamPool, origin_of
 
 FAST = settings(derandomize=True, max_examples=120, deadline=None)
 EAS = b"/Microsoft-Server-ActiveSync?Cmd=Sync&User=u&DeviceId=D1&DeviceType=T"
-ORIGIN = Origin("http", "mail.example", 80)
+ORIGIN = origin_of("http://mail.example")
 
 
 # -- fakes: streams that replay bytes and record writes; a gateway with what _finish uses -----

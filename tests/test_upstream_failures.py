@@ -464,7 +464,7 @@ async def test_a_connect_the_kernel_made_is_not_timed_out_by_the_workers_own_lag
     import msgspec
 
     from seg_fast.config import load_config
-    from seg_fast.proxy.upstream import Origin, UpstreamError, UpstreamPool
+    from seg_fast.proxy.upstream import UpstreamError, UpstreamPool, origin_of
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -475,7 +475,7 @@ async def test_a_connect_the_kernel_made_is_not_timed_out_by_the_workers_own_lag
 
     async def connect():
         try:
-            got["conn"] = await pool.connect(Origin("http", "127.0.0.1", listener.getsockname()[1]))
+            got["conn"] = await pool.connect(origin_of(f"http://127.0.0.1:{listener.getsockname()[1]}"))
         except UpstreamError as exc:
             got["error"] = str(exc)
 

@@ -36,7 +36,7 @@ class Device:
 
     __slots__ = ("gw", "stream", "sock", "_conn", "client_ip", "proto", "closing", "max_head", "leftover",
                  "_head", "_event", "_rest", "_taken", "_answer", "_answered", "pending", "fresh",
-                 "behind_proxy", "tls")
+                 "behind_proxy", "tls", "fd")
 
     def __init__(self, gw, stream, client_ip: str, proto: bytes):
         self.gw = gw
@@ -59,6 +59,7 @@ class Device:
         self._answered = False        # ... and its body
         self.pending = b""            # a pipelined next request's first bytes, read with this one
         self.fresh = False            # h11 untouched since its last cycle: it holds no bytes
+        self.fd = -1                  # its socket's descriptor, once the lot watches it (idle)
 
     @property
     def conn(self) -> h11.Connection:
@@ -344,7 +345,10 @@ def can_idle(gw, dev: Device) -> bool:
 def idle(gw, dev: Device) -> None:
     """Hand the connection to the lot until its next request or its idle deadline."""
     lot = gw.parking
-    lot.hold(parking.Idle(dev, lot.now() + gw.config.timeouts.idle_keepalive), parking.fileno(socket_of(dev.stream)))
+    fd = dev.fd
+    if fd < 0:
+        fd = dev.fd = parking.fileno(socket_of(dev.stream))
+    lot.hold(parking.Idle(dev, lot.now() + gw.config.timeouts.idle_keepalive), fd)
 
 
 def close_now(gw, dev: Device) -> None:

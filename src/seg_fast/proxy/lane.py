@@ -134,9 +134,9 @@ def request(gw, dev: Device, data: bytes) -> None:
         return
     timeout = exchange.read_timeout(gw, plan)
     lot = gw.parking
-    f = parking.Inflight(dev, up, plan, timeout, lot.now() + timeout, t_up)
+    f = parking.Inflight(dev, up, plan, timeout, lot.now() + timeout, t_up, ping)
     # A Ping waits minutes: its device leaving is watched (EPOLLRDHUP), as a parked Ping's is.
-    lot.hold(f, fd, parking.fileno(parking.socket_of(dev.stream)) if ping else -1)
+    lot.hold(f, fd, dev.fd if ping else -1)      # (dev.fd: set when it idled, before this request)
 
 
 def _answered(gw, f: parking.Inflight, why: str) -> None:
@@ -231,7 +231,7 @@ async def _send_sealed(gw, dev: Device, plan, rest: memoryview) -> bool:
 
 def _next(gw, dev: Device) -> None:
     """After an answer the lane wrote whole: the connection's next request, here or on a task."""
-    if not downstream._next_cycle(dev):
+    if not dev.next_cycle():          # (a compiled exchange, whole: never None, _next_cycle's case)
         close_now(gw, dev)
         return
     if dev.pending:

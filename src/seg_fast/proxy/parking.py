@@ -19,10 +19,13 @@ from __future__ import annotations
 import heapq
 import math
 import select
+from typing import ClassVar
 
+import msgspec
 import trio
 
 from seg_fast.proxy.looplag import in_slices
+from seg_fast.proxy.upstream import run_clock
 from seg_fast.timerfd import Timer
 
 ANSWER, DEVICE_GONE, TIMEOUT, DRAIN = "answer", "device_gone", "timeout", "drain"
@@ -33,6 +36,7 @@ RELEASE_AT_ONCE = 16
 # first slice. The epoll set is level-triggered: the rest are ready again at the next wake-up,
 # a loop pass later; heap entries left due make the next wake-up's deadline already past.
 POLL_AT_ONCE = 1024
+_IN_ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
 
 
 # The lot's task puts the worker to sleep itself when trio has nothing to run: one epoll
@@ -103,39 +107,35 @@ class Parked:
         _close_sockets(self.up.sock, socket_of(self.dev_stream))
 
 
-class Idle:
+# The lane's records are Structs, made by C where a class's __init__ is a Python frame (once or
+# twice per request); eq=False: compared and hashed as objects are.
+class Idle(msgspec.Struct, eq=False):
     """A keep-alive device connection between requests, its Device kept (proxy/lane.py)."""
 
-    ping = False
-    __slots__ = ("dev", "deadline", "fds", "seq", "done")
-
-    def __init__(self, dev, deadline: float):
-        self.dev = dev
-        self.deadline = deadline      # the idle keep-alive deadline (trio clock)
-        self.fds = (-1,)
-        self.seq = 0
-        self.done = False
+    ping: ClassVar[bool] = False
+    dev: object
+    deadline: float                   # the idle keep-alive deadline (trio clock)
+    fds: tuple = (-1,)
+    seq: int = 0
+    done: bool = False
 
     def close(self) -> None:
         _close_sockets(socket_of(self.dev.stream))
 
 
-class Inflight:
+class Inflight(msgspec.Struct, eq=False):
     """An exchange the lane sent up, waiting for its answer (proxy/lane.py)."""
 
-    __slots__ = ("dev", "up", "plan", "timeout", "deadline", "t_up", "ping", "fds", "seq", "done")
-
-    def __init__(self, dev, up, plan, timeout: float, deadline: float, t_up: float):
-        self.dev = dev
-        self.up = up                  # UpstreamConn, ``sent`` set as the fast lane sets it
-        self.plan = plan              # exchange.Plan
-        self.timeout = timeout        # seconds the mail server may take (exchange.read_timeout)
-        self.deadline = deadline      # trio clock
-        self.t_up = t_up
-        self.ping = plan.req.command == "Ping"
-        self.fds = (-1,)
-        self.seq = 0
-        self.done = False
+    dev: object
+    up: object                        # UpstreamConn, ``sent`` set as the fast lane sets it
+    plan: object                      # exchange.Plan
+    timeout: float                    # seconds the mail server may take (exchange.read_timeout)
+    deadline: float                   # trio clock
+    t_up: float
+    ping: bool                        # a Ping: counted as parked
+    fds: tuple = (-1,)
+    seq: int = 0
+    done: bool = False
 
     def close(self) -> None:
         _close_sockets(self.up.sock, socket_of(self.dev.stream))
@@ -209,7 +209,10 @@ class PingPark:
             p.fds = (fd, dev_fd)
             self._by_fd[dev_fd] = p
         else:
-            self._watch(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            try:                      # (_watch, inline: once per lane request)
+                self._epoll.modify(fd, _IN_ONESHOT)
+            except FileNotFoundError:
+                self._epoll.register(fd, _IN_ONESHOT)
             p.fds = (fd,)
         self._by_fd[fd] = p
         self._seq += 1
@@ -283,7 +286,7 @@ class PingPark:
             self._timer.arm(deadline)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.now = trio.lowlevel.current_clock().current_time
+        self.now = run_clock()
         task_status.started()
         timer_fd = self._timer.fd
         loop = _trio_loop() if SLEEP_HERE else None
@@ -330,10 +333,14 @@ class PingPark:
                 now = self.now()
                 heap = self._heap
                 popped = 0
+                by_fd = self._by_fd
                 while heap and popped < POLL_AT_ONCE:
                     popped += 1
-                    p = self._live(heap[0])
-                    if p is not None and heap[0][0] > now:
+                    entry = heap[0]
+                    p = by_fd.get(entry[2])   # (_live, inline: once per wake-up)
+                    if p is not None and p.seq != entry[1]:
+                        p = None
+                    if p is not None and entry[0] > now:
                         break
                     heapq.heappop(heap)
                     if p is not None:

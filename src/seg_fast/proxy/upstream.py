@@ -31,29 +31,13 @@ class UpstreamError(SegFastError):
 
 
 class Origin(NamedTuple):
-    scheme: str     # "http" | "https"
+    """A mail server (origin_of makes them). The last two fields follow from the first three,
+    made once: every request reads them."""
+    scheme: str         # "http" | "https"
     host: str
     port: int
-
-    @property
-    def host_header(self) -> bytes:
-        value = _HOST_HEADERS.get(self)
-        if value is None:
-            default = 443 if self.scheme == "https" else 80
-            host = f"[{self.host}]" if ":" in self.host else self.host
-            value = (host if self.port == default else f"{host}:{self.port}").encode()
-            if len(_HOST_HEADERS) >= 1024:
-                _HOST_HEADERS.clear()
-            _HOST_HEADERS[self] = value
-        return value
-
-    @property
-    def name(self) -> str:
-        """"host:port", as the transaction record names the mail server."""
-        return f"{self.host}:{self.port}"
-
-
-_HOST_HEADERS: dict[Origin, bytes] = {}     # per request otherwise (a few origins: redirects add some)
+    host_header: bytes  # the Host header for it
+    name: str           # "host:port", as the transaction record names the mail server
 
 
 def origin_of(url: str) -> Origin:
@@ -64,7 +48,18 @@ def origin_of(url: str) -> Origin:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise UpstreamError(f"bad port in URL: {url[:200]!r}") from None
-    return Origin(parts.scheme, parts.hostname, port)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    host_header = host if port == (443 if parts.scheme == "https" else 80) else f"{host}:{port}"
+    return Origin(parts.scheme, parts.hostname, port, host_header.encode(), f"{parts.hostname}:{port}")
+
+
+def run_clock():
+    """trio's clock as one call: the current run's own ``current_time`` (``trio.current_time``
+    is three Python functions deep), or ``trio.current_time`` outside a run."""
+    try:
+        return trio.lowlevel.current_clock().current_time
+    except RuntimeError:
+        return trio.current_time
 
 
 def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
@@ -168,6 +163,7 @@ class UpstreamPool:
         # in use (EADDRNOTAVAIL) passes the connection to the next
         self.sources: list[str | None] = list(getattr(settings, "source_addresses", ())) or [None]
         self._source = 0
+        self.now = self._bind_clock   # the pool is made before the run starts
         if settings.proxy_url:
             px = urlsplit(settings.proxy_url)
             self.proxy = (px.hostname, px.port or (443 if px.scheme == "https" else 3128))
@@ -176,6 +172,11 @@ class UpstreamPool:
             if px.username is not None:
                 creds = f"{unquote(px.username)}:{unquote(px.password or '')}".encode()
                 self.proxy_auth = b"Basic " + base64.b64encode(creds)
+
+    def _bind_clock(self) -> float:
+        # take() and release() run per request: trio.current_time is three functions deep
+        self.now = run_clock()
+        return self.now()
 
     def _tls(self) -> ssl.SSLContext:
         if self.tls is None:
@@ -196,7 +197,7 @@ class UpstreamPool:
         (parked right after the write, where nothing resends) are always probed."""
         idle = self.idle.get(origin)
         if idle:
-            now = trio.current_time()
+            now = self.now()
             while idle:
                 conn = idle.pop()
                 if (resendable and now - conn.idle_since < TRUST_IDLE) or conn.looks_alive():
@@ -220,7 +221,7 @@ class UpstreamPool:
         idle = self.idle.get(origin)
         if idle:
             conn = idle[-1]
-            now = trio.current_time()
+            now = self.now()
             if now - conn.idle_since < TRUST_IDLE:
                 idle.pop()
                 conn.reused = True
@@ -246,7 +247,7 @@ class UpstreamPool:
             idle = self.idle.setdefault(conn.origin, [])
             if len(idle) < self.max_idle:
                 conn._h11 = None      # the next request starts on the fast path
-                conn.idle_since = trio.current_time()
+                conn.idle_since = self.now()
                 idle.append(conn)
                 return True
         self._forget(conn)
