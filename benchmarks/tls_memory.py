@@ -132,12 +132,15 @@ def read_answer(s: ssl.SSLSocket) -> tuple[int, int]:
     return int(head[9:12]), got
 
 
-def device(port: int, ctx: ssl.SSLContext, i: int, size: int) -> ssl.SSLSocket:
+def device(port: int, ctx: ssl.SSLContext, i: int, size: int, pause: float = 0.0) -> ssl.SSLSocket:
+    """A TLS device that fetches ``size`` bytes, then (``pause`` seconds later) parks a Ping."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=60)
     s = ctx.wrap_socket(raw, server_hostname="localhost")
     s.sendall(_request_bytes("ItemOperations", 120, i))
     status, got = read_answer(s)
     assert status == 200 and got == size, (status, got, size)
+    if pause:
+        time.sleep(pause)     # the device thinks: its connection idles first (the lane holds its Ping)
     s.sendall(_request_bytes("Ping", 0, i))     # parks: the mail server holds it
     return s
 

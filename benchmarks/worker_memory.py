@@ -2,6 +2,7 @@
 
     python benchmarks/worker_memory.py [--connections 2000] [--devices 1000] [--workers 6] [--base TREE]
     python benchmarks/worker_memory.py --only-fork --base TREE --replace 4   (added to the JSON)
+    python benchmarks/worker_memory.py --only-python --ping-after-ms 10 --out FILE   (Pings the lane holds)
 
 Three measurements, each printed and written to benchmarks/results/worker_memory.json:
 
@@ -138,8 +139,9 @@ if os.environ.get("WM_DIR"):
 '''
 
 
-def python_growth(n: int, top: int = 12) -> dict:
-    """Python's allocations per parked TLS device in one worker (tracemalloc)."""
+def python_growth(n: int, top: int = 12, pause: float = 0.0) -> dict:
+    """Python's allocations per parked TLS device in one worker (tracemalloc); with ``pause``
+    each device's Ping follows its fetch that much later, so the keep-alive lane holds it."""
     import tracemalloc
 
     work = Path(tempfile.mkdtemp())
@@ -175,12 +177,12 @@ def python_growth(n: int, top: int = 12) -> dict:
             return f
 
         for i in range(50):
-            socks.append(tls_memory.device(port, ctx, 900_000 + i, 228))
+            socks.append(tls_memory.device(port, ctx, 900_000 + i, 228, pause))
         time.sleep(1.0)
         signalled(f"started-{pid}")
         rss0 = proxy_bench._rss_kb(pid)
         for i in range(n):
-            socks.append(tls_memory.device(port, ctx, i, 228))
+            socks.append(tls_memory.device(port, ctx, i, 228, pause))
         end = time.monotonic() + 120
         while proxy_bench._count_established(up_port) < n + 50:
             assert time.monotonic() < end, "the Pings did not all park"
@@ -198,7 +200,7 @@ def python_growth(n: int, top: int = 12) -> dict:
                   for f in list(s.traceback)[::-1][:3]]
         sites.append({"bytes_per_device": round(s.size / n, 1), "objects_per_device": round(s.count / n, 2),
                       "where": frames})
-    r = {"devices": n, "python_bytes_per_device": round(total / n), "rss_kib_per_device_traced": round(rss / n, 2),
+    r = {"devices": n, "ping_after_s": pause, "python_bytes_per_device": round(total / n), "rss_kib_per_device_traced": round(rss / n, 2),
          "largest_sites": sites}
     print(f"python  : {total / n / 1024:.2f} KiB allocated by Python per parked TLS device ({n} devices; "
           f"RSS {rss / n:.1f} KiB with tracemalloc's own bookkeeping)", flush=True)
@@ -318,6 +320,9 @@ def main(argv=None) -> int:
                                    "(e.g. a9409cb); without it the fork comparison is skipped")
     ap.add_argument("--replace", type=int, default=0, choices=range(5),
                     help="with --base: also measure after K workers were killed and replaced (at most 4)")
+    ap.add_argument("--ping-after-ms", type=float, default=0.0,
+                    help="each device's Ping this long after its fetch: held by the keep-alive lane, not parked by its task")
+    ap.add_argument("--only-python", action="store_true", help="the Python measurement alone")
     ap.add_argument("--only-fork", action="store_true", help="with --base: the fork comparison alone")
     ap.add_argument("--out", default=str(HERE / "results" / "worker_memory.json"))
     ap.add_argument("--only-tls", action="store_true",
@@ -326,6 +331,11 @@ def main(argv=None) -> int:
     proxy_bench._raise_nofile()
     if args.only_tls:
         tls_heap(args.connections, "RSA")
+        return 0
+    if args.only_python:
+        r = python_growth(args.devices, pause=args.ping_after_ms / 1000)
+        Path(args.out).write_text(json.dumps(r, indent=1) + "\n")
+        print(f"wrote {args.out}")
         return 0
     commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()

@@ -235,6 +235,49 @@ async def test_a_device_leaving_with_its_ping_in_flight_frees_the_mail_server_co
     assert [r["status"] for r in records] == [200, 499]
 
 
+@pytest.mark.parametrize("close", [False, True])
+async def test_a_held_ping_keeps_what_a_parked_one_keeps_and_is_answered_whole(tmp_path, close):
+    """While the lot holds a Ping (minutes, for every device at once) it keeps neither the
+    parsed head nor h11's state nor the body, as a parked Ping keeps none (exchange.shed,
+    Device._h11), only its Host for a redirect; its answer still comes whole, with the
+    device's keep-alive."""
+    release = trio.Event()
+
+    async def handler(req, body):
+        if b"Cmd=Ping" in req.target:
+            await release.wait()
+            return 200, _framed(b"pong"), b"pong"
+        return 200, _framed(b"ok"), b"ok"
+
+    async with upstream(handler) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path,
+                                                timeouts_ping_default_heartbeat="60") as gw:
+        stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+        await stream.send_all(_sync(b"warm"))
+        assert (await _answer(stream))[0].status_code == 200
+        await _until(lambda: len(_held(gw, parking.Idle)) == 1)
+        (held,) = _held(gw, parking.Idle)
+        assert held.dev._conn is None                  # an idle connection: no h11 state
+        extra = b"Connection: close\r\n" if close else b""
+        await stream.send_all(_sync(b"\x03\x01j\x00", extra=extra, cmd=b"Ping"))
+        await _until(lambda: len(_held(gw, parking.Inflight)) == 1)
+        (f,) = _held(gw, parking.Inflight)
+        assert f.dev._conn is None and f.plan.body == b"" and f.plan.host == b"gw.example"
+        assert f.plan.head is f.dev._head and len(f.plan.head.headers) <= 2     # the shared head
+        release.set()
+        resp, body = await _answer(stream)
+        assert (resp.status_code, body) == (200, b"pong")
+        assert ((b"connection", b"close") in list(resp.headers)) is close
+        if close:
+            with trio.fail_after(10):
+                assert await stream.receive_some(10) == b""
+        else:
+            await stream.send_all(_sync(b"again"))
+            assert (await _answer(stream))[0].status_code == 200
+        await stream.aclose()
+        await _until(lambda: gw.active == 0)
+        assert gw.parking.carried >= 1                 # the Ping's answer went out in the lot's step
+
+
 async def test_a_kept_alive_mail_server_connection_closed_under_the_lane_is_resent_once(tmp_path):
     """The mail server closes its kept-alive connection as the lane's request arrives: the
     request goes again on a new connection and the device gets its answer."""

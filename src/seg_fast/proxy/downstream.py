@@ -44,7 +44,9 @@ class Device:
         self.sock = sockio.plain_socket(stream)      # None under TLS
         self.tls = getattr(stream, "fast_tls", False)   # proxy/tlsio.TLSStream: sockio's calls, decrypted
         self.max_head = gw.config.limits.max_header_bytes
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+        # h11's state, made when something first needs it (_h11): an exchange the compiled path
+        # carries never does, and a connection the lot holds drops it (idle), ~0.8 KiB each.
+        self._conn = None
         self.client_ip = client_ip
         self.proto = proto
         self.behind_proxy = client_ip in gw.trusted_proxies     # its forwarding headers are believed
@@ -58,7 +60,7 @@ class Device:
         self._answer = None           # (status, headers, reason) of the answer head written (_stream_fast)
         self._answered = False        # ... and its body
         self.pending = b""            # a pipelined next request's first bytes, read with this one
-        self.fresh = False            # h11 untouched since its last cycle: it holds no bytes
+        self.fresh = True             # h11 untouched since its last cycle: it holds no bytes
         self.fd = -1                  # its socket's descriptor, once the lot watches it (idle)
 
     @property
@@ -70,10 +72,16 @@ class Device:
         be in had it carried the exchange itself (tests/test_fastpath.py)."""
         if self._head is not None:
             self._tell_h11()
-        return self._conn
+        return self._h11()
+
+    def _h11(self) -> h11.Connection:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+        return conn
 
     def _tell_h11(self) -> None:
-        conn, head, rest = self._conn, self._head, self._rest
+        conn, head, rest = self._h11(), self._head, self._rest
         self._head, self._rest = None, b""
         self.fresh = False
         if not self._taken:
@@ -146,7 +154,8 @@ class Device:
         """Bytes of a next request arrived with this one."""
         if self._head is not None:
             return bool(self._rest) if self._taken else True
-        return bool(self._conn.trailing_data[0])
+        conn = self._conn
+        return conn is not None and bool(conn.trailing_data[0])
 
     def next_cycle(self) -> bool | None:
         """After a whole compiled exchange: ready for the next request (True), or the
@@ -337,7 +346,8 @@ def can_idle(gw, dev: Device) -> bool:
     if not LANE or gw.parking is None or gw.draining or dev.leftover or dev.pending or dev._head is not None:
         return False
     conn = dev._conn
-    if conn.our_state is not h11.IDLE or conn.their_state is not h11.IDLE or conn.trailing_data[0]:
+    if conn is not None and (conn.our_state is not h11.IDLE or conn.their_state is not h11.IDLE
+                             or conn.trailing_data[0]):
         return False
     return dev.sock is not None or (dev.tls and dev.stream.waits_readable())
 
@@ -348,6 +358,10 @@ def idle(gw, dev: Device) -> None:
     fd = dev.fd
     if fd < 0:
         fd = dev.fd = parking.fileno(socket_of(dev.stream))
+    # Nothing of a next request is here (can_idle, or a compiled exchange whole): h11 at IDLE
+    # holds nothing a new one would not, and the lot may hold the connection for minutes.
+    dev._conn = None
+    dev.fresh = True
     lot.hold(parking.Idle(dev, lot.now() + gw.config.timeouts.idle_keepalive), fd)
 
 
@@ -451,7 +465,6 @@ LANE = True
 async def _loop(gw, dev: Device, head=None) -> bool:
     """Serve requests until the connection closes (False) or is handed on (True: a parked
     Ping, or an idle connection the lot holds); ``head``: a request head already read."""
-    conn = dev._conn if head is not None else dev.conn
     while True:
         if head is not None:
             event, head = head, None
@@ -464,7 +477,7 @@ async def _loop(gw, dev: Device, head=None) -> bool:
             event = h11.NEED_DATA     # h11 holds nothing: what its next_event would say
             dev.fresh = False
         else:
-            event = conn.next_event()
+            event = dev.conn.next_event()
         if event is h11.NEED_DATA:
             if gw.draining:
                 return False
@@ -525,7 +538,6 @@ async def _loop(gw, dev: Device, head=None) -> bool:
 async def _read_head(gw, dev: Device, first: bytes) -> h11.Request:
     """The rest of a request head whose first bytes came in: one deadline for all of it
     (from its first byte), and never more than limits.max_header_bytes of it read."""
-    conn = dev.conn
     if not dev.leftover:
         # The common case in compiled code (proxy/_http1.pyx): a whole head in the first read,
         # exactly the Request h11 would make (tests/test_http1.py), handed to h11's state
@@ -541,6 +553,7 @@ async def _read_head(gw, dev: Device, first: bytes) -> h11.Request:
             dev._head = head
             dev._rest = first[head.head_len:]
             return head
+    conn = dev.conn
     deadline = trio.current_time() + gw.config.timeouts.request_head
     fed = dev.leftover + len(first)
     conn.receive_data(first)

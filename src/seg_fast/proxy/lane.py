@@ -134,6 +134,8 @@ def request(gw, dev: Device, data: bytes) -> None:
         return
     timeout = exchange.read_timeout(gw, plan)
     lot = gw.parking
+    if ping:
+        exchange.shed(dev, plan, up)
     f = parking.Inflight(dev, up, plan, timeout, lot.now() + timeout, t_up, ping)
     # A Ping waits minutes: its device leaving is watched (EPOLLRDHUP), as a parked Ping's is.
     lot.hold(f, fd, dev.fd if ping else -1)      # (dev.fd: set when it idled, before this request)
