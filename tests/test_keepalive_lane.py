@@ -208,6 +208,15 @@ async def test_deadlines_hold_on_connections_the_lot_holds(tmp_path):
         assert not gw.parking._by_fd
 
 
+async def _held_connection(gw):
+    """A device connection whose first exchange was answered, now held idle by the lot."""
+    stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+    await stream.send_all(_sync(b"warm"))
+    assert (await _answer(stream))[0].status_code == 200
+    await _until(lambda: len(_held(gw, parking.Idle)) == 1)
+    return stream
+
+
 async def test_a_device_leaving_with_its_ping_in_flight_frees_the_mail_server_connection(tmp_path):
     """A Ping the lot sent up and holds: the device hangs up, the gateway closes the mail-server
     connection (it is never pooled with an answer still owed), logs 499 and counts the
@@ -219,10 +228,7 @@ async def test_a_device_leaving_with_its_ping_in_flight_frees_the_mail_server_co
 
     async with upstream(handler) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path,
                                                 timeouts_ping_default_heartbeat="60") as gw:
-        stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
-        await stream.send_all(_sync(b"warm"))
-        assert (await _answer(stream))[0].status_code == 200
-        await _until(lambda: len(_held(gw, parking.Idle)) == 1)
+        stream = await _held_connection(gw)
         await stream.send_all(_sync(b"", cmd=b"Ping"))
         await _until(lambda: len(_held(gw, parking.Inflight)) == 1)
         assert gw.parking.count == 1                  # counted as a parked Ping
@@ -251,10 +257,7 @@ async def test_a_held_ping_keeps_what_a_parked_one_keeps_and_is_answered_whole(t
 
     async with upstream(handler) as up, gateway(f"http://127.0.0.1:{up.port}", tmp_path,
                                                 timeouts_ping_default_heartbeat="60") as gw:
-        stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
-        await stream.send_all(_sync(b"warm"))
-        assert (await _answer(stream))[0].status_code == 200
-        await _until(lambda: len(_held(gw, parking.Idle)) == 1)
+        stream = await _held_connection(gw)
         (held,) = _held(gw, parking.Idle)
         assert held.dev._conn is None                  # an idle connection: no h11 state
         extra = b"Connection: close\r\n" if close else b""
