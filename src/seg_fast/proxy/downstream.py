@@ -213,24 +213,33 @@ class Device:
             pass
         raise DeviceGone("device did not read its answer in time") from None
 
+    def answer_parts(self, status: int, headers, body: bytes | list) -> list | None:
+        """``answer``'s write for the compiled path's exchange (head and whole body read, no
+        answer yet): the answer h11 would write, by write_response, recorded as written (h11
+        hears of it if asked); None, having done nothing, where h11 writes it."""
+        if not self.compiled_answer() or self._head.method == b"HEAD":
+            return None
+        size = sum(map(len, body)) if type(body) is list else len(body)
+        keep = self.keeps_open()
+        full = _compiled_answer_headers(headers, size, keep)
+        if full is None:
+            return None
+        reason = hdrs.reason_phrase(status)
+        out = http1.write_response(status, reason, full, http1.FRAMING_LENGTH, size, keep)
+        self.answer_written(status, full, reason)
+        self.answer_done()
+        return [out, *body] if type(body) is list else [out, body] if body else [out]
+
     async def answer(self, status: int, headers, body: bytes | list = b"") -> None:
         """A whole answer the gateway makes itself (errors, blocked devices, transformed answers).
 
         ``body`` may be a list of parts (a transform's gather output: memoryviews into the
         mail server's answer for what it left unchanged): they go out in one writev."""
+        parts = self.answer_parts(status, headers, body)
+        if parts is not None:
+            await self.send_parts(parts)
+            return
         size = sum(map(len, body)) if type(body) is list else len(body)
-        if self.compiled_answer() and self._head.method != b"HEAD":
-            keep = self.keeps_open()
-            full = _compiled_answer_headers(headers, size, keep)
-            if full is not None:
-                # The compiled path's exchange (head and whole body read, no answer yet): the
-                # answer h11 would write, written by write_response; h11 hears of it if asked.
-                reason = hdrs.reason_phrase(status)
-                out = http1.write_response(status, reason, full, http1.FRAMING_LENGTH, size, keep)
-                self.answer_written(status, full, reason)
-                self.answer_done()
-                await self.send_parts([out, *body] if type(body) is list else [out, body] if body else [out])
-                return
         conn = self.conn
         if conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):      # IDLE: the head was malformed
             raise DeviceGone("answer already started")

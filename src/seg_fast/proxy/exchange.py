@@ -83,16 +83,18 @@ class Plan(msgspec.Struct, eq=False):
     rec: Transaction
     t0: float
     host: bytes = b""                 # a held Ping's Host header, for a redirect (shed())
+    answer_tx: object = ()            # the answer's transforms (email security): a list, or none
 
 
 async def fast(gw, dev, head: http1.RequestHead):
     """The common exchange in one frame (handle() minus what it does not need): a POST to an
     EAS path whose whole small body came with its head, identified by the compiled code, an
-    allowed decision without transforms, not a Ping, no passthrough, pinned connection, client
-    certificate, delegation or Dx. The request head goes up rewritten by the compiled writer,
-    the answer comes back through the compiled parser and, when its body is whole in the read
-    that brought its head (Content-Length, no redirect), goes to the device in one write;
-    anything else continues on the general path's own steps (_finish). Returns NOT_FAST,
+    allowed decision with no transforms but the answer's, not a Ping, no passthrough, pinned
+    connection, client certificate, delegation or Dx. The request head goes up rewritten by the
+    compiled writer, the answer comes back through the compiled parser and, when its body is
+    whole in the read that brought its head (Content-Length, no redirect) and nothing transforms
+    it, goes to the device in one write; anything else continues on the general path's own
+    steps (_finish, the answer's transforms included). Returns NOT_FAST,
     having done nothing, for any other request: handle() then takes it whole."""
     plan = fast_plan(gw, dev, head)
     if plan is NOT_FAST:
@@ -131,14 +133,24 @@ def fast_plan(gw, dev, head: http1.RequestHead):
         return NOT_FAST
     gatekeeper = gw.gatekeeper
     decision = gatekeeper.decide(req)
-    if not decision.allowed or (decision.transforms and _transforms_for(decision, command) != ([], [])):
+    if not decision.allowed:
         return NOT_FAST
+    answer_tx = ()
+    if decision.transforms:
+        answer_tx, request_tx = _transforms_for(decision, command)
+        # The answer's transforms run where the general path runs them (_finish; the lane's step
+        # for a small whole answer: transformed_parts). A request's transforms, one that waits
+        # (LDAP), a Ping's (then never parked) and a worker already holding max_unsent_bytes
+        # (refused before the mail server works) are the general path's.
+        if request_tx or (answer_tx and (command == "Ping" or gw.unsent.full() or any(
+                getattr(t, "transform_answer_async", None) is not None for t in answer_tx))):
+            return NOT_FAST
     # From here the exchange is this lane's.
     body = dev.take_body()
     rec = Transaction(ts=0.0, method="POST", client_ip=req.client_ip, command=command, user=req.user,
                       device_id=req.device_id, device_type=req.device_type,
                       protocol_version=req.protocol_version, decision=decision.reason, bytes_in=n)
-    return Plan(head, req, decision, body, rec, t0)
+    return Plan(head, req, decision, body, rec, t0, answer_tx=answer_tx or ())
 
 
 async def fast_run(gw, dev, plan: Plan):
@@ -388,10 +400,43 @@ def whole_parts(gw, dev, up: UpstreamConn, answer: http1.ResponseHead, rec: Tran
     return [out, data] if length else [out]
 
 
+def transformed_parts(gw, dev, up: UpstreamConn, answer: http1.ResponseHead, plan: Plan) -> list | None:
+    """whole_parts for an answer the email-security transforms change (proxy/lane.py): a whole
+    200 answer small enough to be transformed on the loop (THREAD_TRANSFORM_BYTES), transformed
+    and framed as _finish and Device.answer make it, the mail-server connection back in the
+    pool. None, having changed nothing, for anything else: the task's _finish takes the answer
+    as read (a transform's ContentError too: it answers 500 there)."""
+    length = answer.length
+    if answer.status_code != 200 or length >= THREAD_TRANSFORM_BYTES or dev.closing:
+        return None
+    data = up.rest
+    body = data[:length] if len(data) > length else data
+    req = plan.req
+    headers = hdrs.pairs(hdrs.answer_headers(answer.headers))
+    try:
+        for t in plan.answer_tx:
+            headers, body = _apply(t, req, 200, headers, body)
+    except ContentError:
+        return None
+    size_out = sum(map(len, body)) if type(body) is list else len(body)
+    parts = dev.answer_parts(200, headers, body)
+    if parts is None:
+        return None
+    up.reusable = answer.keep_alive and len(data) == length
+    up.rest = b""
+    gw.pool.release(up)
+    rec = plan.rec
+    rec.status = 200
+    rec.bytes_out = size_out
+    gw.stats.transform(req.command, length, size_out)
+    return parts
+
+
 async def deliver(gw, dev, up: UpstreamConn, answer, plan: Plan, host: bytes) -> None:
-    """The fast lane's answer to the device: in one write when it is whole (whole_answer),
-    else through _finish."""
-    if whole_answer(answer, up.rest):
+    """The fast lane's answer to the device: in one write when it is whole (whole_answer)
+    and nothing transforms it, else through _finish."""
+    answer_tx = plan.answer_tx
+    if not answer_tx and whole_answer(answer, up.rest):
         parts = whole_parts(gw, dev, up, answer, plan.rec)
         if parts is not None:
             try:                      # Device.send_parts, inline
@@ -401,7 +446,7 @@ async def deliver(gw, dev, up: UpstreamConn, answer, plan: Plan, host: bytes) ->
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise DeviceGone(type(exc).__name__) from None
             return
-    await _finish(gw, dev, up, plan.req, answer, (), plan.rec, host)
+    await _finish(gw, dev, up, plan.req, answer, answer_tx, plan.rec, host)
 
 
 def _log(gw, rec: Transaction, t0: float) -> None:

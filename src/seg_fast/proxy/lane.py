@@ -11,13 +11,17 @@ Between requests the connection's Device waits in the lot's epoll set (parking.I
 the idle deadline). When its next request is whole in one read and the fast lane takes it
 (exchange.fast_plan), the lot's task writes it up to a pooled connection at once and holds
 that connection (parking.Inflight, with the answer's deadline). When the answer is whole in
-one read, the same task writes it to the device and the connection waits as Idle again. A
-wake-up of the worker runs one task step for everything that was ready.
+one read, the same task writes it to the device and the connection waits as Idle again. An
+answer the email-security policies transform is transformed there too when it is a small
+whole 200 (exchange.transformed_parts: under THREAD_TRANSFORM_BYTES, the size the general
+path also transforms on the loop). A wake-up of the worker runs one task step for everything
+that was ready.
 
 Anything else goes back to a task where the exchange stands (downstream.carry_on): a head or
 body in pieces, a request the fast lane does not take, no pooled connection or a TLS one, a
 socket that does not take the whole write, an answer in pieces, a 1xx, a redirect, chunked, the
-mail server gone, the device gone, a deadline, a drain. Nothing here waits: each step is one
+mail server gone, the device gone, a deadline, a drain, an answer to transform that is large or
+that a transform refuses. Nothing here waits: each step is one
 read and at most one write of each socket, and the deadlines are the lot's.
 """
 from __future__ import annotations
@@ -161,7 +165,10 @@ def _answered(gw, f: parking.Inflight, why: str) -> None:
         return
     rec = plan.rec
     rec.upstream_ms = round((time.perf_counter() - f.t_up) * 1000, 3)
-    parts = exchange.whole_parts(gw, dev, up, answer, rec)
+    if plan.answer_tx:
+        parts = exchange.transformed_parts(gw, dev, up, answer, plan)
+    else:
+        parts = exchange.whole_parts(gw, dev, up, answer, rec)
     if parts is None:
         _spawn(gw, dev, None, exchange.answer_inflight, f, why, data)
         return
