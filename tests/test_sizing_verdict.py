@@ -69,6 +69,27 @@ def test_a_claim_needs_two_runs_and_quotes_the_worse():
     assert not second_misses["meets"] and second_misses["broke"] == ["run 2: paired added p99 too high"]
 
 
+def test_the_summary_keeps_each_runs_own_figures():
+    # the combined verdict quotes the worse run; each_run keeps both, with the
+    # requests, failures and host speed of each path, and survives summary()
+    first, second = _run(True, 10.0, 0.2), _run(True, 30.0, 0.1)
+    first["paths"] = {"gateway": {"requests_total": 500, "failures": {"503": 2}, "speed_ms": 6.3,
+                                  "window_s": 120.0, "latency_raw": {"Sync": {"a": 1.0}}}}
+    both = sizing.combine([first, second], repeat=2)
+    runs = both["each_run"]
+    assert [r["run"] for r in runs] == [1, 2]
+    assert runs[0]["added_latency_ms"]["gateway"]["classes"]["Sync"]["p99"] == 10.0
+    assert runs[1]["added_latency_ms"]["gateway"]["classes"]["Sync"]["p99"] == 30.0
+    assert runs[0]["metrics"]["gateway"]["cpu_share"] == 0.2
+    assert runs[1]["metrics"]["gateway"]["cpu_share"] == 0.1
+    assert runs[0]["paths"] == {"gateway": {"requests": 500, "failures": 2, "speed_ms": 6.3, "window_s": 120.0}}
+    assert runs[1]["paths"] == {}
+    report = {"machine": {}, "options": {}, "when": "", "headline": {},
+              "points": [{"devices": 100, "verdict": both, "runs": [first, second]}]}
+    kept = sizing.summary(report)["points"][0]["verdict"]["each_run"]
+    assert [r["metrics"]["gateway"]["cpu_share"] for r in kept] == [0.2, 0.1]
+
+
 def _path(name: str, raw: dict) -> dict:
     return {"path": name, "devices": 100, "ready": 100, "ready_late_s": 0.0, "failures": {},
             "failure_samples": [], "latency_raw": raw,

@@ -1310,10 +1310,22 @@ def _worse(a, b, key: str = ""):
     return a if a is not None else b
 
 
+def run_record(i: int, run: dict) -> dict:
+    """One run's own verdict with what a reader checks it against (requests,
+    failures, the host's speed per path), so the summary keeps every run, not
+    only the worse one's figures."""
+    paths = run.get("paths", {})
+    return {"run": i + 1} | run["verdict"] | {
+        "paths": {name: {"requests": p.get("requests_total"), "failures": sum(p.get("failures", {}).values()),
+                         "speed_ms": p.get("speed_ms"), "window_s": p.get("window_s")}
+                  for name, p in paths.items()}}
+
+
 def combine(runs: list[dict], repeat: int) -> dict:
     """One point's verdict over its runs (repeatability): it meets only if ``repeat``
     runs were made and every one met the service level; figures are the worse of
-    the runs (the README quotes the lower capacity)."""
+    the runs (the README quotes the lower capacity), and ``each_run`` keeps every
+    run's own."""
     verdicts = [r["verdict"] for r in runs]
     tag = (lambda i: f"run {i + 1}: ") if len(runs) > 1 else (lambda i: "")
     tagged = lambda key: [tag(i) + x for i, v in enumerate(verdicts) for x in v.get(key, [])]
@@ -1333,7 +1345,8 @@ def combine(runs: list[dict], repeat: int) -> dict:
             "broke": broke, "invalid": invalid, "undriven": undriven, "unmeasured": unmeasured,
             "claimless": claimless, "caveats": caveats,
             "runs_meet": [v["meets"] for v in verdicts],
-            "added_latency_ms": added, "metrics": metrics}
+            "added_latency_ms": added, "metrics": metrics,
+            "each_run": [run_record(i, r) for i, r in enumerate(runs)]}
 
 
 async def measure(opts: Options, say) -> dict:
@@ -1854,7 +1867,7 @@ def cli(argv: list[str]) -> int:
 
 def summary(report: dict) -> dict:
     """The small record kept in git: machine, commit, options, headline and every
-    point's verdict (both runs' outcome, the worse run's figures); no timelines."""
+    point's verdict (the worse run's figures and each run's own); no timelines."""
     return {k: report[k] for k in ("machine", "options", "when", "headline", "crosscheck") if k in report} | {
         "points": [{"devices": p["devices"], "verdict": p["verdict"]} for p in report["points"]]}
 
