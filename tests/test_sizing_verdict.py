@@ -51,7 +51,7 @@ def test_thin_commands_are_pooled_into_other():
 
 
 def _run(meets: bool, p99: float, cpu: float) -> dict:
-    return {"devices": 100, "verdict": {
+    return {"devices": 100, "paths": {}, "verdict": {
         "meets": meets, "broke": [] if meets else ["paired added p99 too high"], "invalid": [],
         "caveats": [], "added_latency_ms": {"gateway": {"classes": {"Sync": {"p99": p99, "n": 5000}}}},
         "metrics": {"gateway": {"cpu_share": cpu, "projected_devices_at_80pct_cpu": int(80 / cpu)}}}}

@@ -1314,11 +1314,10 @@ def run_record(i: int, run: dict) -> dict:
     """One run's own verdict with what a reader checks it against (requests,
     failures, the host's speed per path), so the summary keeps every run, not
     only the worse one's figures."""
-    paths = run.get("paths", {})
     return {"run": i + 1} | run["verdict"] | {
-        "paths": {name: {"requests": p.get("requests_total"), "failures": sum(p.get("failures", {}).values()),
-                         "speed_ms": p.get("speed_ms"), "window_s": p.get("window_s")}
-                  for name, p in paths.items()}}
+        "paths": {name: {"requests": p["requests_total"], "failures": sum(p["failures"].values()),
+                         "speed_ms": p["speed_ms"], "window_s": p["window_s"]}
+                  for name, p in run["paths"].items()}}
 
 
 def combine(runs: list[dict], repeat: int) -> dict:
