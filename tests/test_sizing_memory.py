@@ -95,6 +95,21 @@ def test_loop_lag_maximum_is_the_windows_not_the_runs():
     assert sizing.loop_lag_summary([], 0.0, 1.0) is None
 
 
+def test_loop_lag_window_ends_before_the_fleets_stop():
+    # The hold ends 0.4 s into wall second 110; the rest of that second is the fleet's stop
+    # (every parked Ping closed at once: 300 ms here). Only whole seconds inside count.
+    reads = [
+        (105.5, {1: _snap(1, 40.0, [[104, 40.0], [105, 2.0]], 3)}),
+        (111.5, {1: _snap(1, 300.0, [[109, 12.0], [110, 300.0], [111, 1.0]], 3)}),
+    ]
+    got = sizing.loop_lag_summary(reads, 100.0, 110.4)
+    assert got["max_ms_window"] == 40.0
+    assert got["seconds_in_window"] == 3            # 104, 105, 109 (110 is cut by the stop)
+    assert got["notable_seconds"] == []
+    assert got["max_ms_run"] == 300.0               # the stop still shows in the run's maximum
+    assert sizing.loop_lag_summary(reads, 100.0, 111.0)["max_ms_window"] == 300.0
+
+
 def test_judge_reports_memory_with_the_kernel_and_the_loop_lag_per_device(monkeypatch):
     from tests.test_fleet_failures import _path
 

@@ -315,7 +315,11 @@ def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: 
     """The gateway workers' event-loop lag and full collections, from their stats files
     read once a second: the exact largest lag of any second in the window (each file
     carries its last seconds' maxima), the largest since start, and how many gen-2
-    collections ran in the window."""
+    collections ran in the window.
+
+    A second counts only if it lies wholly inside the window: the window ends at a
+    fraction of a wall second, and the rest of that second is the fleet's stop (every
+    parked Ping closed at once), whose stall belongs to the run's maximum, not the hold's."""
     if not reads:
         return None
     per_second: dict[tuple[int, int], float] = {}
@@ -325,12 +329,13 @@ def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: 
             run_max = max(run_max, lag.get("max_ms", 0.0))
             for sec, ms in lag.get("max_per_second", []):
                 per_second[(pid, sec)] = max(ms, per_second.get((pid, sec), 0.0))
-    in_window = [ms for (_pid, sec), ms in per_second.items() if w0 <= sec < w1]
+    inside = lambda sec: w0 <= sec and sec + 1 <= w1
+    in_window = [ms for (_pid, sec), ms in per_second.items() if inside(sec)]
     # the window's seconds whose worst lag passed LAG_NOTABLE_MS (seconds into the window):
     # when the stalls came, to set beside the timeline
     notable: dict[int, float] = {}
     for (_pid, sec), ms in per_second.items():
-        if w0 <= sec < w1 and ms >= LAG_NOTABLE_MS:
+        if inside(sec) and ms >= LAG_NOTABLE_MS:
             notable[sec] = max(ms, notable.get(sec, 0.0))
 
     def gen2(t: float) -> dict[int, int]:
@@ -342,7 +347,7 @@ def loop_lag_summary(reads: list[tuple[float, dict[int, dict]]], w0: float, w1: 
     gc_max = [(lag.get("gc") or {}).get("max_ms", [0, 0, 0])[2] for lag in reads[-1][1].values()]
     return {"workers": len(reads[-1][1]),
             "max_ms_window": max(in_window) if in_window else None,
-            "seconds_in_window": len({sec for (_pid, sec) in per_second if w0 <= sec < w1}),
+            "seconds_in_window": len({sec for (_pid, sec) in per_second if inside(sec)}),
             "notable_seconds": [[round(sec - w0), ms] for sec, ms in sorted(notable.items())],
             "max_ms_run": round(run_max, 3),
             "gc_gen2_in_window": sum(n - g0.get(pid, 0) for pid, n in g1.items()) if g1 else None,
