@@ -97,8 +97,8 @@ async def _estimate_behind_an_abandoned_sync(corpus, abandon: str) -> tuple[Flee
         scope = trio.CancelScope()
         tap = sim.answer_tap
 
-        def abandoning_tap(seq, answer):
-            out = tap(seq, answer)
+        def abandoning_tap(seq, answer, late=0.0):
+            out = tap(seq, answer, late)
             if seq.startswith(b"Sync."):
                 if abandon == "stop":
                     fleet.stopping = True

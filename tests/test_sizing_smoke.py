@@ -123,3 +123,23 @@ def test_fetches_split_by_the_size_each_one_fetched(report):
     # every paired fetch lands in one of the profile's sizes
     assert split and set(split) <= {"~50 KiB", "~300 KiB", "~2 MiB", "~10 MiB"}, split
     assert sum(s["n"] for s in split.values()) == added["gateway"]["commands"]["ItemOperations"]["n"]
+
+
+def test_the_load_sides_own_read_delay_measured_and_taken_out_for_reading(report):
+    # sim/stamps.py: per request, how long its bytes sat in a load-side socket unread
+    (point,) = report["points"]
+    for name, p in point["runs"][0]["paths"].items():
+        late, lat = p["load_side_late_ms"], p["latency_ms"]
+        assert set(late) == set(lat), name              # every timed command has its delays
+        for cmd, s in late.items():
+            assert s["n"] == lat[cmd]["n"], (name, cmd)
+            assert 0.0 <= s["max"] <= lat[cmd]["max"], (name, cmd, s, lat[cmd])
+        # the kernel stamped what the load side read: delays were measured, not all 0.0
+        assert late["Sync"]["max"] > 0.0, (name, late["Sync"])
+    added = point["verdict"]["added_latency_ms"]
+    if "gateway" not in added:
+        pytest.skip("no gateway in this tree")
+    net = added["gateway"]["net_of_load_side"]
+    assert set(net["classes"]) == set(added["gateway"]["classes"])
+    for cls, s in net["classes"].items():
+        assert s["n"] == added["gateway"]["classes"][cls]["n"], cls

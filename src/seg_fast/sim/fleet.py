@@ -141,6 +141,9 @@ class Stats:
 
     def __init__(self) -> None:
         self.lat: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        # (key, ms) of the same requests: what of that latency was the load side's own
+        # delay in reading what had arrived (stamps.py; sim/latency.net_of_load_side)
+        self.late: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self.requests: dict[str, int] = defaultdict(int)
         self.failures: dict[str, int] = defaultdict(int)
         self.failure_samples: list[str] = []
@@ -378,7 +381,12 @@ class Device:
             self.tls_session = conn.stream.session     # TLS 1.3: the ticket came with the answer
         st.bytes_out += body_len
         st.bytes_in += len(answer)
-        if key is not None and f.in_window(t):
+        # the load side's own delay in this span: the answer's bytes waiting for this
+        # process to read them, and the request's waiting for its simulator (below)
+        late = conn.late
+        conn.late = 0.0
+        in_window = key is not None and f.in_window(t)
+        if in_window:
             st.lat[cmd].append((key, round(elapsed * 1000, 3)))
             if cmd in TIMED:
                 head_ago = time.perf_counter() - conn.head_at      # (wire's clock; a sync reader has no trio)
@@ -397,7 +405,10 @@ class Device:
                                             f"{sent[0]}, {len(sent[1])} bytes the mail server sent")
                     return None
                 recorded = sent[2]
+                late += sent[3]
             st.byte_checked += 1
+        if in_window:
+            st.late[cmd].append((key, round(min(late, elapsed) * 1000, 3)))
         return status, headers, answer, recorded
 
     def check_http(self, cmd: str, res, expect_body: bool = True) -> bytes | None:
@@ -985,8 +996,9 @@ class Fleet:
         self.go: Go | None = None
         self.clock: Clock | None = None
         self.devices = [Device(spec.first_device + i, self) for i in range(spec.devices)]
-        # X-Fleet-Seq -> the simulator's answer: (status, body, its facts or None)
-        self.sent: dict[bytes, tuple[int, bytes, object]] = {}
+        # X-Fleet-Seq -> the simulator's answer: (status, body, its facts or None, s the
+        # request waited to be read)
+        self.sent: dict[bytes, tuple[int, bytes, object, float]] = {}
         self.n_seq = 0
         self.n_corrupt = 0
         self.n_facts = 0
@@ -1001,8 +1013,9 @@ class Fleet:
                            b"Content-Type: application/vnd.ms-sync.wbxml\r\n")
         self.window = (spec.ramp + spec.settle, spec.ramp + spec.settle + spec.hold)
 
-    def tap(self, seq: bytes, answer):
-        """The simulator's answer to a fleet request, recorded before it is sent."""
+    def tap(self, seq: bytes, answer, late: float = 0.0):
+        """The simulator's answer to a fleet request, recorded before it is sent, with
+        how long the request's bytes waited for the simulator to read them (stamps.py)."""
         recorded = answer.facts
         if self.spec.fault == "facts" and recorded is not None and getattr(recorded, "adds", None):
             # test only: every 10th Sync answer with items recorded with one item's
@@ -1013,7 +1026,7 @@ class Fleet:
                 (sid, item), *rest = recorded.adds
                 item = item._replace(estimated=str(int(item.estimated or 0) + 1))
                 recorded = recorded._replace(adds=((sid, item), *rest))
-        self.sent[seq] = (answer.status, answer.body, recorded)
+        self.sent[seq] = (answer.status, answer.body, recorded, late)
         if self.spec.fault == "corrupt" and seq.startswith(b"Sync.") and len(answer.body) > 1000:
             # test only: every 10th non-empty Sync answer gets one byte changed on
             # the way, as a proxy that damaged it would (inside a body: it still decodes)
@@ -1245,6 +1258,7 @@ class Fleet:
             "requests": dict(st.requests), "failures": dict(st.failures),
             "failure_samples": st.failure_samples,
             "latency_ms": {k: v for k, v in st.lat.items()},
+            "late_ms": {k: v for k, v in st.late.items()},
             "fetch_sizes": {k: st.fetch_sizes[k] for k, _ in st.lat.get("ItemOperations", ()) if k in st.fetch_sizes},
             "timing": {k: v for k, v in st.timing.items()},
             "lag_p99": lag[int(0.99 * (len(lag) - 1))] if lag else 0.0,

@@ -34,7 +34,7 @@ from seg_fast.errors import HTTPProtocolError
 from seg_fast.oslimits import raise_nofile_limit
 from seg_fast.proxy import http1, sockio
 from seg_fast.proxy.tlsio import socket_bio
-from seg_fast.sim import commands as C, steps
+from seg_fast.sim import commands as C, stamps, steps
 from seg_fast.sim.mailbox import LEAN_METHODS, MAX_HEAD, REASONS, SERVER_TRIPLE, _Park, _seq_of
 from seg_fast.sim.wire import TLS_EOF, TLS_STUCK, RawStream, TlsStream, read_tls
 
@@ -94,6 +94,7 @@ async def serve(sim, host: str = "127.0.0.1", port: int = 0, *, ssl_context=None
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind((host, port))
         sockio.defer_accept(ls)       # a connection's accept and its first read: one wake-up
+        stamps.enable(ls)             # (inherited by what it accepts)
         ls.listen(BACKLOG)
         ls.setblocking(False)
         bound = ls.getsockname()[1]
@@ -116,7 +117,7 @@ class _Conn:
     under TLS its SSL object (``tls``) and whether a read wanted the socket writable
     (``blocked``)."""
     __slots__ = ("sock", "fd", "buf", "out", "park", "due", "seq", "keep", "eof", "reactor", "tls",
-                 "blocked")
+                 "blocked", "late")
 
     def __init__(self, sock: socket.socket, reactor: "Reactor", tls=None) -> None:
         self.sock = sock
@@ -131,6 +132,7 @@ class _Conn:
         self.reactor = reactor
         self.tls = tls
         self.blocked = False
+        self.late = 0.0                     # s the request's bytes sat unread (stamps.py)
 
     def ping_woken(self, park: _Park) -> None:
         """MailboxSimulator._wake: the Ping parked here is answered (from whichever
@@ -244,6 +246,9 @@ class Reactor:
         self._serve(c)
 
     def _read(self, c: _Conn) -> None:
+        if not c.buf and (c.tls is None or not c.tls.pending()):
+            # a request's first bytes: how long they waited for us is the load side's delay
+            c.late = stamps.late(c.sock) or 0.0
         if c.tls is not None:
             return self._read_tls(c)
         sock = c.sock
@@ -346,7 +351,7 @@ class Reactor:
     def _respond(self, c: _Conn, answer) -> None:
         sim = self.sim
         if c.seq is not None:
-            answer = sim.answer_tap(c.seq, answer)
+            answer = sim.answer_tap(c.seq, answer, c.late)
         body = answer.body
         out = http1.write_response(answer.status, REASONS.get(answer.status, b""),
                                    [SERVER_TRIPLE, *[(n, n, v) for n, v in answer.headers]],

@@ -53,7 +53,8 @@ from seg_fast.oslimits import (autogroup_enabled, autogroup_of, raise_nofile_lim
 from seg_fast.sim import speed
 from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import POOL_CACHE, Go, PooledCorpus, ShardSpec, open_fds
-from seg_fast.sim.latency import OTHER, added_by_size, added_latency, added_split, lat_summary
+from seg_fast.sim.latency import (OTHER, added_by_size, added_latency, added_split, lat_summary,
+                                  net_of_load_side, percentile)
 
 REPO = Path(__file__).resolve().parents[3]
 RESULTS = REPO / "benchmarks" / "results"
@@ -891,9 +892,12 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
     dt = max(1e-6, b[0] - a[0])
     in_window = [s for s in samples if w0 <= s[0] <= w1] or [b]
     lat: dict[str, list] = {}
+    late: dict[str, list] = {}
     for r in results:
         for cmd, pairs in r["latency_ms"].items():
             lat.setdefault(cmd, []).extend(pairs)
+        for cmd, pairs in r.get("late_ms", {}).items():
+            late.setdefault(cmd, []).extend(pairs)
     failures: dict[str, int] = {}
     for r in results:
         for k, v in r["failures"].items():
@@ -940,6 +944,9 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
         "fetch_skipped": sum(r["fetch_skipped"] for r in results),
         "latency_ms": {cmd: lat_summary([ms for _, ms in pairs]) for cmd, pairs in lat.items()},
         "latency_raw": {cmd: dict(pairs) for cmd, pairs in lat.items()},
+        # of each request's latency, the load side's own delay in reading what had arrived
+        "load_side_late_ms": {cmd: lat_summary([ms for _, ms in pairs]) for cmd, pairs in late.items()},
+        "late_raw": {cmd: dict(pairs) for cmd, pairs in late.items()},
         "timing_raw": {cmd: {k: (t, ttfb) for r in results for k, t, ttfb in r.get("timing", {}).get(cmd, ())}
                        for cmd in {c for r in results for c in r.get("timing", {})}},
         "fetch_sizes": {k: v for r in results for k, v in r.get("fetch_sizes", {}).items()},
@@ -1135,6 +1142,11 @@ def judge(point: dict, opts: Options) -> dict:
         for name in [n for n in ("gateway", "nginx") if n in paths]:
             p = paths[name]
             added[name] = added_latency(p["latency_raw"], direct["latency_raw"])
+            # for reading: the same pairs with the load side's own read delays taken out of
+            # each request on both paths (latency.net_of_load_side); the verdict uses the above
+            net = added_latency(net_of_load_side(p["latency_raw"], p.get("late_raw", {})),
+                                net_of_load_side(direct["latency_raw"], direct.get("late_raw", {})))
+            added[name]["net_of_load_side"] = {"classes": net["classes"], "commands": net["commands"]}
             if "ItemOperations" in p["latency_raw"] and "ItemOperations" in direct["latency_raw"]:
                 added[name]["ItemOperations_by_size"] = added_by_size(
                     p["latency_raw"]["ItemOperations"], direct["latency_raw"]["ItemOperations"], p.get("fetch_sizes", {}))
@@ -1294,12 +1306,20 @@ async def run_point(opts: Options, say) -> dict:
                 f"{sum(p['failures'].values())} failures, server cpu "
                 f"{100 * p['server']['cpu_share']:.1f}%, rss {p['server']['rss_kib_max'] / 1024:.0f} MiB, "
                 f"load cpu {100 * p['load']['cpu_share']:.0f}%")
+            late = sorted(ms for d in p.get("late_raw", {}).values() for ms in d.values())
+            say(f"[N={opts.devices}] {path}: the load side's own read delay in the window's requests: "
+                f"p99 {percentile(late, 0.99):.1f} ms, p99.9 {percentile(late, 0.999):.1f} ms")
     finally:
         if opts.keep:
             say(f"[N={opts.devices}] kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     point["verdict"] = judge(point, opts)
+    for name, a in point["verdict"].get("added_latency_ms", {}).items():
+        net = a.get("net_of_load_side", {}).get("classes", {})
+        say(f"[N={opts.devices}] {name}: added p99 / p99.9 ms, as judged (net of the load side's read delays): "
+            + ", ".join(f"{c} {v['p99']:.1f} / {v['p999']:.1f} ({net[c]['p99']:.1f} / {net[c]['p999']:.1f})"
+                        for c, v in a["classes"].items() if c in net))
     return point
 
 
@@ -1468,8 +1488,8 @@ def plot(points: list[dict], png: Path) -> None:
 def strip_raw(point: dict) -> dict:
     """The JSON keeps summaries, not every request's latency."""
     out = dict(point)
-    out["paths"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("latency_raw", "fetch_sizes", "timing_raw")}
-                    for k, v in point["paths"].items()}
+    raw = ("latency_raw", "fetch_sizes", "timing_raw", "late_raw")
+    out["paths"] = {k: {kk: vv for kk, vv in v.items() if kk not in raw} for k, v in point["paths"].items()}
     return out
 
 

@@ -30,7 +30,7 @@ import trio
 from seg_fast.errors import HTTPProtocolError
 from seg_fast.proxy import http1
 from seg_fast.proxy.tlsio import socket_bio
-from seg_fast.sim import tlssession
+from seg_fast.sim import stamps, tlssession
 
 MAX_HEAD = 64 * 1024
 SERVER_NAME = "mail.seg-fast.test"    # the name on the benchmark's certificate
@@ -269,6 +269,7 @@ async def connect(host: str, port: int, local: str | None) -> RawStream:
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stamps.enable(sock)
         if local is not None:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((local, 0))
@@ -293,7 +294,8 @@ class HttpConn:
     """One client connection to a server, one request at a time (keep-alive while
     both sides allow it)."""
 
-    __slots__ = ("stream", "buf", "reusable", "want", "parts", "have", "facts", "unyielded", "head_at")
+    __slots__ = ("stream", "buf", "reusable", "want", "parts", "have", "facts", "unyielded", "head_at",
+                 "late", "fresh")
 
     def __init__(self, stream) -> None:
         self.stream = stream
@@ -307,6 +309,8 @@ class HttpConn:
         self.facts = None
         self.unyielded = 0          # bytes _more read since the loop last ran (READ_SLICE)
         self.head_at = 0.0          # perf_counter() when the last answer's head was read (time to first byte)
+        self.late = 0.0             # s the answer's first bytes sat in the socket before we read them (stamps.py)
+        self.fresh = True           # no answer read yet (under TLS the session tickets come first)
 
     @classmethod
     async def open(cls, host: str, port: int, local: str | None, tls=None, session=None,
@@ -374,6 +378,8 @@ class HttpConn:
         stream = self.stream
         parts = self.parts
         eof = stuck = False
+        if self.want < 0 and not self.buf and not parts:
+            self.late = self._arrived() or 0.0
         if type(stream) is RawStream:
             sock = stream.socket
             n = 0
@@ -446,6 +452,27 @@ class HttpConn:
         self.reusable = keep
         return status, headers, body
 
+    def _arrived(self) -> float | None:
+        """stamps.late of a new answer's first bytes; None: nothing has come yet. 0.0
+        (not measured) on a TLS connection's first answer, which the server's session
+        tickets precede, or with bytes already decrypted in the SSL object."""
+        stream = self.stream
+        kind = type(stream)
+        if kind is TlsStream:
+            if self.fresh or stream.ssl.pending():
+                self.fresh = False
+                return 0.0
+        elif kind is not RawStream:       # (a test's stream: no socket to ask)
+            return 0.0
+        return stamps.late(stream.socket)
+
+    async def _arrival(self) -> float:
+        while True:
+            late = self._arrived()
+            if late is not None:
+                return late
+            await trio.lowlevel.wait_readable(self.stream.socket)
+
     async def answer(self) -> tuple[int, dict[bytes, bytes], bytes]:
         if self.want >= 0:                # poll_answer read the head: the body's rest
             while self.have < self.want:
@@ -453,6 +480,8 @@ class HttpConn:
                 self.parts.append(data)
                 self.have += len(data)
             return self._polled()
+        # how long the answer's first bytes wait for us is the load side's delay
+        self.late = await self._arrival() if not self.buf else 0.0
         while True:
             status, version, headers = await self._head()
             if status >= 200:
