@@ -14,6 +14,8 @@ consuming them and reports the stamp of the last one it walked. ``late(sock)`` i
 the time since that segment arrived: for a message that came in one segment, how
 long it waited to be read. For one that came in several, it is measured from the
 latest, so it can only understate the wait (the correction never flatters a path).
+Stamping, once a socket asks for it, is on for every socket of the machine (the
+proxy's too: one clock read per received segment in the kernel).
 """
 from __future__ import annotations
 
