@@ -9,7 +9,8 @@ socketpair, where TCP segmentation, which this measures too, does not exist.)
 
 ``--sizing``: benchmarks/sizing.py (a short development run, TLS, the gateway path only) with
 each tree's sources alternately (PYTHONPATH=<tree>/src), the gateway process's CPU-s per
-device-hour from each run's JSON; medians. ``--base-args``/``--new-args`` add options to one
+device-hour from each run's JSON, and the load side's CPU per request in the hold (the fleet
+and simulator shards: a change to them is compared the same way); medians. ``--base-args``/``--new-args`` add options to one
 side's runs: with one tree for both, an A/B of a setting (e.g. the workers a core is cut into:
 ``--base-args "--shard-size 500" --new-args "--shard-size 3000"``); ``--base-env``/``--new-env`` give
 one side's runs an environment variable (a config override: ``--base-env SEG_FAST_LIMITS_HUGE_PAGES=false``).
@@ -147,12 +148,14 @@ def sizing(sides: dict[str, tuple[str, str]], rounds: int, args: list[str],
                 "hold_cpu_s": cpu, "hold_requests": n, "hold_cpu_us_per_request": round(cpu / n * 1e6, 1),
                 "failures": sum(g["failures"].values()), "invalid": point["verdict"]["invalid"],
                 # the load side (fleet and simulator shards, the other core): a change to them shows here
-                "load_cpu_share": g["load"]["cpu_share"], "load_cpu_vs_gateway": point["verdict"]["metrics"].get("load_cpu_vs_gateway")})
+                "load_cpu_share": g["load"]["cpu_share"], "load_cpu_vs_gateway": point["verdict"]["metrics"].get("load_cpu_vs_gateway"),
+                "load_hold_cpu_us_per_request": round(g["load"]["cpu_share"] * g["window_s"] / n * 1e6, 1)})
             print(name, runs[name][-1], flush=True)
             shutil.rmtree(outdir, ignore_errors=True)
     return {name: {"cpu_s_per_device_hour_median": statistics.median(r["cpu_s_per_device_hour"] for r in rs),
                    "hold_cpu_us_per_request_median": statistics.median(r["hold_cpu_us_per_request"] for r in rs),
                    "load_cpu_share_median": statistics.median(r["load_cpu_share"] for r in rs),
+                   "load_hold_cpu_us_per_request_median": statistics.median(r["load_hold_cpu_us_per_request"] for r in rs),
                    "runs": rs}
             for name, rs in runs.items()}
 

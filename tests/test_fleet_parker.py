@@ -285,3 +285,46 @@ async def test_misbehaving_tls_peer_is_a_recorded_failure(tls, bad):
     assert not dev.alive and fleet.stats.parked == 0 and fleet.parker.by_fd == {}
     expected = {"garbage": "SSLError", "cut": "WireError", "no-http": "WireError"}[bad]
     assert expected in fleet.stats.failure_samples[0], fleet.stats.failure_samples
+
+
+async def test_simulator_port_answered_in_the_pollers_step(corpus, monkeypatch):
+    # a shard's simulator port (lean_serve.Reactor) joins the Parker's epoll set while the
+    # fleet runs: its requests are answered in the poller's step, never by its own task
+    # meanwhile; once the fleet stops the port is its own task's again and still answers
+    from seg_fast.sim.mailbox import MailboxSimulator
+
+    where: list[tuple[str, bool]] = []
+    step = lean_serve.Reactor.step
+
+    def counted(self):
+        where.append((trio.lowlevel.current_task().name.rsplit(".", 2)[-2], self.hooked is not None))
+        return step(self)
+
+    monkeypatch.setattr(lean_serve.Reactor, "step", counted)
+    devices = 40
+    spec = ShardSpec(devices=devices, seed=11, ramp=1.0, settle=1.0, hold=4.0, drain=20.0,
+                     rate_scale=30.0, source_hosts=["127.0.0.1"])
+    sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
+                           initial_messages=fleet_mod.INITIAL_MESSAGES)
+    fleet = Fleet(spec, sim)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lean_serve.serve, sim, "127.0.0.1", 0)
+        reactor, = sim.lean_reactors
+        t0 = time.time() + 0.2
+        result = await fleet.run(Go(host="127.0.0.1", port=port, t0=t0))
+        assert result["failures"] == {}, result["failure_samples"]
+        assert result["ready"] == devices and result["received"] == result["delivered"] > 0
+        in_poller = [hooked for task, hooked in where if task == "Parker"]
+        assert len(in_poller) > devices and all(in_poller)
+        assert not [1 for task, hooked in where if task != "Parker" and hooked]
+        # let go: the port's own task serves it again
+        assert reactor.hooked is None and not fleet.parker.attached
+        before = len(where)
+        with trio.fail_after(30):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"OPTIONS /Microsoft-Server-ActiveSync HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 ")
+            await stream.aclose()
+        assert [task for task, _ in where[before:]] and "Parker" not in [task for task, _ in where[before:]]
+        nursery.cancel_scope.cancel()
+    assert sim.lean_reactors == []

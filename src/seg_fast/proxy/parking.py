@@ -24,6 +24,7 @@ from typing import ClassVar
 import msgspec
 import trio
 
+from seg_fast.ownepoll import OwnEpoll
 from seg_fast.proxy.looplag import in_slices
 from seg_fast.proxy.upstream import run_clock
 from seg_fast.timerfd import Timer
@@ -39,45 +40,12 @@ POLL_AT_ONCE = 1024
 _IN_ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
 
 
-# The lot's task puts the worker to sleep itself when trio has nothing to run: one epoll
-# set holds the lot's descriptors, its timer and trio's own epoll descriptor, and the wait
-# is bounded by trio's next deadline. A request carried by the keep-alive lane then wakes
-# the worker into this loop directly; through trio's scheduler each wake-up ran ~34 of its
-# functions first (benchmarks/wake_footprint.py), ~135 µs on a cold core. Whatever trio has
-# to do (its I/O turning ready, a deadline, a task made runnable) gets the loop back at once
-# (a checkpoint). Tests turn it off to hold the lot to trio's wait.
+# The lot's task puts the worker to sleep itself when trio has nothing to run (ownepoll.py):
+# a request carried by the keep-alive lane then wakes the worker into this loop directly;
+# through trio's scheduler each wake-up ran ~34 of its functions first
+# (benchmarks/wake_footprint.py), ~135 µs on a cold core. Tests turn it off to hold the lot
+# to trio's wait.
 SLEEP_HERE = True
-
-
-class _Batch(trio.abc.Instrument):
-    """Whether the scheduler's batch is the lot's alone: after each I/O wait trio wakes the
-    tasks whose deadlines passed, then takes its whole run queue and runs those tasks one by
-    one. The lot may sleep only in a batch of its own; in a bigger one the tasks after it
-    would wait for its sleep."""
-
-    def __init__(self, runq, deadlines, now):
-        self._runq = runq
-        self._deadlines = deadlines
-        self._now = now
-        self.alone = False
-
-    def after_io_wait(self, timeout) -> None:
-        # (called before the deadlines expire: a deadline due now adds a task to the batch)
-        self.alone = len(self._runq) == 1 and self._deadlines.next_deadline() > self._now()
-
-
-def _trio_loop():
-    """(trio's run queue, its deadlines, its tests' idle waiters, its epoll descriptor, the
-    batch instrument), or None where this trio keeps them elsewhere (then the lot waits
-    through trio: wait_readable)."""
-    try:
-        runner = trio._core._run.GLOBAL_RUN_CONTEXT.runner
-        loop = (runner.runq, runner.deadlines, runner.waiting_for_idle, runner.io_manager._epoll.fileno())
-    except AttributeError:
-        return None
-    batch = _Batch(runner.runq, runner.deadlines, runner.clock.current_time)
-    trio.lowlevel.add_instrument(batch)
-    return loop + (batch,)
 
 
 class Parked:
@@ -289,10 +257,8 @@ class PingPark:
         self.now = run_clock()
         task_status.started()
         timer_fd = self._timer.fd
-        loop = _trio_loop() if SLEEP_HERE else None
-        if loop is not None:
-            runq, deadlines, idle_waiters, trio_fd, batch = loop
-            self._epoll.register(trio_fd, select.EPOLLIN)
+        sleep = OwnEpoll(self._epoll, SLEEP_HERE)
+        trio_fd = sleep.fd
         fired = True
         try:
             while True:
@@ -302,29 +268,14 @@ class PingPark:
                     # gone costs one pass, where re-arming at every change cost a syscall a request.
                     self._arm()
                     fired = False
-                to_trio = False
-                if loop is None:
-                    await trio.lowlevel.wait_readable(self._epoll)
-                    events = self._epoll.poll(0, POLL_AT_ONCE)
-                elif runq or not batch.alone or idle_waiters:
-                    # trio has tasks to run (or may: this batch's others): they run, then this
-                    # task looks again. (A cancel of this task can only come from one of them,
-                    # and a checkpoint delivers it: a batch of its own has nobody to send one.)
-                    await trio.lowlevel.checkpoint()
-                    events = self._epoll.poll(0, POLL_AT_ONCE)
-                else:
-                    # Nothing else to run: the worker sleeps here (see SLEEP_HERE) until one of
-                    # the lot's descriptors, trio's own I/O or trio's next deadline.
-                    timeout = deadlines.next_deadline() - self.now()
-                    events = self._epoll.poll(min(timeout, 60.0) if timeout > 0 else 0, POLL_AT_ONCE)
-                    to_trio = not events      # trio's deadline came
+                events, to_trio = await sleep.poll(POLL_AT_ONCE)
                 due = []
                 for fd, mask in events:
                     if fd == timer_fd:
                         self._timer.clear()
                         fired = True
                         continue
-                    if loop is not None and fd == trio_fd:
+                    if fd == trio_fd:
                         to_trio = True
                         continue
                     p = self._by_fd.get(fd)
@@ -366,7 +317,6 @@ class PingPark:
                 if to_trio:
                     await trio.lowlevel.checkpoint()      # trio's I/O and timers (and a cancel)
         finally:
-            if loop is not None:
-                trio.lowlevel.remove_instrument(batch)
+            sleep.close()
             self._epoll.close()
             self._timer.close()

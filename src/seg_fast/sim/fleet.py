@@ -53,6 +53,7 @@ import msgspec
 import trio
 
 from seg_fast.malloc import huge_arenas
+from seg_fast.ownepoll import OwnEpoll
 from seg_fast.proxy import gcpause
 from seg_fast.sim import fleet_eas as eas
 from seg_fast.sim.checks import Checks
@@ -74,6 +75,9 @@ MIN_HEARTBEAT = 60             # MS-ASCMD: the server accepts 60..3540
 REQUEST_TIMEOUT = 120.0        # a non-Ping request slower than this is a failure
 TIMED = ("ItemOperations", "Sync")   # commands whose time to the answer's head is kept (Stats.timing)
 CONNECT_TIMEOUT = 30.0         # a connection (and TLS handshake) not made in this long: a failure
+# The poller sleeps in its own epoll set when trio has nothing else to run (ownepoll.py);
+# tests may turn it off to hold it to trio's wait.
+SLEEP_HERE = True
 PING_GRACE = 60                # a parked Ping unanswered this long after its heartbeat: a failure
 STATUS_EVERY = 2.0
 # Each mailbox starts with this many messages, synced (bodies truncated) at set-up,
@@ -835,7 +839,10 @@ class Parker:
     was a loop pass of its own, ~1 per request). The poller also runs the shard's
     schedule (``schedule``: deliveries, foreground requests started); it wakes for
     the next deadline or event through a timerfd in its epoll set (timerfd.py), not
-    a cancel scope per pass and a Cancelled per timer."""
+    a cancel scope per pass and a Cancelled per timer. The shard's simulator ports
+    (lean_serve.Reactor) join the set (``attach``): their requests are answered in
+    this task's step too, and when trio has nothing else to run the shard sleeps in
+    this set itself (ownepoll.py), not in trio's scheduler."""
 
     def __init__(self) -> None:
         self.ep = select.epoll()
@@ -855,7 +862,15 @@ class Parker:
         self.events_done = trio.Event()
         self.polled = 0             # answers read by the poller (the rest: by a waiting task)
         self.polled_pings = 0       # of which Pings' answers
-        self.wakeups = 0            # the poller's passes (readable sockets or a deadline)
+        self.wakeups = 0            # the poller's passes for its own set (readable sockets or its timer)
+        # attached epoll sets (a simulator port's): descriptor -> (step, let_go)
+        self.attached: dict[int, tuple] = {}
+
+    def attach(self, fd: int, step, let_go) -> None:
+        """Another epoll set ``fd`` watched in this one: readable, ``step()`` runs in this
+        task's step; ``let_go()`` when this task stops (its owner waits on it again)."""
+        self.ep.register(fd, select.EPOLLIN)
+        self.attached[fd] = (step, let_go)
 
     def add(self, p: Parked) -> None:
         if p.conn.buffered():         # the answer is here already: no wait
@@ -931,44 +946,64 @@ class Parker:
         self.nursery = nursery
         ep, heap, timer = self.ep, self.heap, self.timer
         tfd = timer.fd
+        # (not with --load-steps: its steps are timed, and would then include the sleep)
+        sleep = OwnEpoll(ep, SLEEP_HERE and steps.current is None)
+        trio_fd = sleep.fd
+        attached = self.attached
         task_status.started()
         by_fd = self.by_fd
         events = self.events
-        while True:
-            # answered (or handed to a task) since: not a deadline to wake for
-            while heap and by_fd.get(heap[0][2].fd) is not heap[0][2]:
-                heapq.heappop(heap)
-            events = self.events
-            wake = heap[0][0] if heap else math.inf
-            if self.next_event < len(events):
-                wake = min(wake, self.base + events[self.next_event][0])
-            if wake != timer.armed:
-                timer.arm(wake)
-            await trio.lowlevel.wait_readable(ep.fileno())
-            self.wakeups += 1
-            timed = steps.current is not None     # --load-steps: the note below is read
-            c0 = time.thread_time() if timed else 0.0
-            ready = ep.poll(0)
-            for fd, _events in ready:
-                if fd == tfd:
-                    timer.clear()
-                else:
-                    self._readable(fd)
-            c1 = time.thread_time() if timed else 0.0
-            now = trio.current_time()
-            expired = 0
-            while heap and heap[0][0] <= now:
-                p = heapq.heappop(heap)[2]
-                if p.conn is not None and self.by_fd.get(p.fd) is p:
-                    self._take(p.fd)
-                    nursery.start_soon(p.dev.resume, p, True)
-                    expired += 1
-            ran = self.next_event
-            if ran < len(self.events):
-                self._run_due()
-            if timed:                 # what this wake-up did, kept by steps.SlowSteps if the step was slow
-                steps.note((WAKE_NOTE, len(ready), 1000 * (c1 - c0), expired, self.next_event - ran,
-                            1000 * (time.thread_time() - c1)))
+        try:
+            while True:
+                # answered (or handed to a task) since: not a deadline to wake for
+                while heap and by_fd.get(heap[0][2].fd) is not heap[0][2]:
+                    heapq.heappop(heap)
+                events = self.events
+                wake = heap[0][0] if heap else math.inf
+                if self.next_event < len(events):
+                    wake = min(wake, self.base + events[self.next_event][0])
+                if wake != timer.armed:
+                    timer.arm(wake)
+                ready, to_trio = await sleep.poll()
+                if ready and (len(ready) > 1 or ready[0][0] != trio_fd):
+                    self.wakeups += 1     # (a pass for trio's descriptor or deadline alone is trio's)
+                timed = steps.current is not None     # --load-steps: the note below is read
+                c0 = time.thread_time() if timed else 0.0
+                for fd, _events in ready:
+                    if fd == tfd:
+                        timer.clear()
+                    elif fd == trio_fd:
+                        to_trio = True
+                    elif fd in attached:
+                        attached[fd][0]()
+                    else:
+                        self._readable(fd)
+                c1 = time.thread_time() if timed else 0.0
+                now = trio.current_time()
+                expired = 0
+                while heap and heap[0][0] <= now:
+                    p = heapq.heappop(heap)[2]
+                    if p.conn is not None and self.by_fd.get(p.fd) is p:
+                        self._take(p.fd)
+                        nursery.start_soon(p.dev.resume, p, True)
+                        expired += 1
+                ran = self.next_event
+                if ran < len(self.events):
+                    self._run_due()
+                if timed:             # what this wake-up did, kept by steps.SlowSteps if the step was slow
+                    steps.note((WAKE_NOTE, len(ready), 1000 * (c1 - c0), expired, self.next_event - ran,
+                                1000 * (time.thread_time() - c1)))
+                if to_trio:
+                    await trio.lowlevel.checkpoint()      # trio's I/O and timers (and a cancel)
+        finally:
+            sleep.close()
+            for fd, (_step, let_go) in list(attached.items()):
+                del attached[fd]
+                try:
+                    ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+                let_go()
 
     async def close(self) -> None:
         """The run is over: the Pings still parked are closed (their devices stay up)."""
@@ -1179,6 +1214,9 @@ class Fleet:
                 outer.start_soon(self._profile_window)
             async with trio.open_nursery() as fg:
                 async with trio.open_nursery() as pings:
+                    # the simulator's ports, answered in the poller's step (Parker.attach)
+                    for reactor in getattr(self.sim, "lean_reactors", ()):
+                        reactor.hook(self.parker)
                     await pings.start(self.parker.run, pings)
                     for i, dev in enumerate(self.devices):
                         pings.start_soon(dev.run, s.ramp * i / max(1, n))

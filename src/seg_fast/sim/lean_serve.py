@@ -151,34 +151,60 @@ class Reactor:
         self.nursery = nursery
         self.ep = select.epoll()
         self.conns: dict[int, _Conn] = {}
+        # set while a shard's poller steps this reactor from its own set (hook): a trio.Event
+        # set when it lets go
+        self.hooked: trio.Event | None = None
 
     async def run(self) -> None:
-        ep, conns = self.ep, self.conns
-        lfd = self.ls.fileno()
-        ep.register(lfd, select.EPOLLIN)
+        ep = self.ep
+        ep.register(self.ls.fileno(), select.EPOLLIN)
+        reactors = self.sim.__dict__.setdefault("lean_reactors", [])
+        reactors.append(self)
         try:
             while True:
+                if self.hooked is not None:
+                    await self.hooked.wait()
+                    continue
                 await trio.lowlevel.wait_readable(ep.fileno())
-                ready = ep.poll(0)
-                steps.note(("{} ready", len(ready)))     # kept if this step is slow
-                for fd, ev in ready:
-                    if fd == lfd:
-                        self._accept()
-                        continue
-                    c = conns.get(fd)
-                    if c is None:
-                        continue
-                    try:
-                        self._event(c, ev)
-                    except OSError:
-                        self._close(c)
-                    except Exception as exc:     # a simulator bug: drop this connection, keep serving
-                        print(f"seg-fast sim: connection error {type(exc).__name__}: {exc}", file=sys.stderr)
-                        self._close(c)
+                if self.hooked is None:
+                    self.step()
         finally:
-            for c in list(conns.values()):
+            reactors.remove(self)
+            for c in list(self.conns.values()):
                 self._close(c)
             ep.close()
+
+    def hook(self, poller) -> None:
+        """Served from now on in ``poller``'s step (fleet.Parker.attach), which sleeps in its
+        own epoll set for both: one wake-up per request, not one through trio for each set."""
+        if self.hooked is None:
+            self.hooked = trio.Event()
+            poller.attach(self.ep.fileno(), self.step, self._let_go)
+
+    def _let_go(self) -> None:
+        hooked, self.hooked = self.hooked, None
+        hooked.set()
+
+    def step(self) -> None:
+        """Accept, read and answer whatever is ready."""
+        conns = self.conns
+        lfd = self.ls.fileno()
+        ready = self.ep.poll(0)
+        steps.note(("{} ready", len(ready)))     # kept if this step is slow
+        for fd, ev in ready:
+            if fd == lfd:
+                self._accept()
+                continue
+            c = conns.get(fd)
+            if c is None:
+                continue
+            try:
+                self._event(c, ev)
+            except OSError:
+                self._close(c)
+            except Exception as exc:     # a simulator bug: drop this connection, keep serving
+                print(f"seg-fast sim: connection error {type(exc).__name__}: {exc}", file=sys.stderr)
+                self._close(c)
 
     def _accept(self) -> None:
         sim = self.sim
