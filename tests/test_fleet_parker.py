@@ -97,14 +97,19 @@ def corpus():
 DEVICES = 150
 
 
-async def test_parked_devices_hold_no_task(corpus):
+def _shard(corpus, devices: int, hold: float):
+    """A fleet shard's simulator and devices in this process, time compressed 30x."""
     from seg_fast.sim.mailbox import MailboxSimulator
 
-    spec = ShardSpec(devices=DEVICES, seed=11, ramp=1.0, settle=1.0, hold=8.0, drain=20.0,
+    spec = ShardSpec(devices=devices, seed=11, ramp=1.0, settle=1.0, hold=hold, drain=20.0,
                      rate_scale=30.0, source_hosts=["127.0.0.1"])
     sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
                            initial_messages=fleet_mod.INITIAL_MESSAGES)
-    fleet = Fleet(spec, sim)
+    return sim, Fleet(spec, sim)
+
+
+async def test_parked_devices_hold_no_task(corpus):
+    sim, fleet = _shard(corpus, DEVICES, 8.0)
     census: list[tuple[int, int]] = []
 
     def tasks() -> int:
@@ -205,14 +210,8 @@ async def test_parker_reads_tls_answers_and_their_failures():
 
 async def test_tls_shard_cycle_in_the_poller(corpus, tls):
     # the direct path's TLS: devices speak TLS 1.3 to the shard's simulator port
-    from seg_fast.sim.mailbox import MailboxSimulator
-
     devices = 60
-    spec = ShardSpec(devices=devices, seed=11, ramp=1.0, settle=1.0, hold=6.0, drain=20.0,
-                     rate_scale=30.0, source_hosts=["127.0.0.1"])
-    sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
-                           initial_messages=fleet_mod.INITIAL_MESSAGES)
-    fleet = Fleet(spec, sim)
+    sim, fleet = _shard(corpus, devices, 6.0)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(functools.partial(lean_serve.serve, sim, "127.0.0.1", 0,
                                                      ssl_context=tls[0]))
@@ -291,8 +290,6 @@ async def test_simulator_port_answered_in_the_pollers_step(corpus, monkeypatch):
     # a shard's simulator port (lean_serve.Reactor) joins the Parker's epoll set while the
     # fleet runs: its requests are answered in the poller's step, never by its own task
     # meanwhile; once the fleet stops the port is its own task's again and still answers
-    from seg_fast.sim.mailbox import MailboxSimulator
-
     where: list[tuple[str, bool]] = []
     step = lean_serve.Reactor.step
 
@@ -302,11 +299,7 @@ async def test_simulator_port_answered_in_the_pollers_step(corpus, monkeypatch):
 
     monkeypatch.setattr(lean_serve.Reactor, "step", counted)
     devices = 40
-    spec = ShardSpec(devices=devices, seed=11, ramp=1.0, settle=1.0, hold=4.0, drain=20.0,
-                     rate_scale=30.0, source_hosts=["127.0.0.1"])
-    sim = MailboxSimulator(password=spec.password, seed=spec.seed, corpus=corpus,
-                           initial_messages=fleet_mod.INITIAL_MESSAGES)
-    fleet = Fleet(spec, sim)
+    sim, fleet = _shard(corpus, devices, 4.0)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(lean_serve.serve, sim, "127.0.0.1", 0)
         reactor, = sim.lean_reactors
