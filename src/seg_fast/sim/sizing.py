@@ -116,6 +116,9 @@ class Options(msgspec.Struct, kw_only=True):
     # --shard-size may put more of a core's devices in one gateway worker and one shard,
     # as an administrator's LimitNOFILE or limits.max_descriptors would
     nofile: int = 0
+    # sides whose processes run under the real-time FIFO policy ("gateway", "load"): each
+    # runs until it waits, never preempted by a peer, a kernel thread or another session
+    fifo: list[str] = msgspec.field(default_factory=list)
 
 
 # -- /proc sampling -------------------------------------------------------------------
@@ -420,9 +423,11 @@ def pinned(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() > 1 else []
 
 
-def prio(opts: "Options") -> list[str]:
-    """`nice -n N` for every process of the run (negative: ahead of a busy machine)."""
-    return ["nice", "-n", str(opts.nice)] if opts.nice else []
+def prio(opts: "Options", side: str) -> list[str]:
+    """`nice -n N` for every process of the run (negative: ahead of a busy machine), and
+    `chrt --fifo 1` for a side in ``opts.fifo``."""
+    return ((["chrt", "--fifo", "1"] if side in opts.fifo else [])
+            + (["nice", "-n", str(opts.nice)] if opts.nice else []))
 
 
 def child_env() -> dict[str, str]:
@@ -554,7 +559,7 @@ class Proxy:
         # A gateway worker per shard (its own config: its own mail-server shard), forked from one
         # process that imported them, as serve forks its workers (proxy/forked.py); K shards do
         # not also pay K control processes, and the workers share the modules' pages as serve's do.
-        cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + [
+        cmd = self.wrap + prio(self.opts, "gateway") + pinned(self.opts.gateway_cpu) + [
             sys.executable, "-m", "seg_fast.proxy.forked", *map(str, configs)]
         self.procs.append(subprocess.Popen(cmd, cwd=self.dir, env=env, stdout=subprocess.DEVNULL,
                                            stderr=open(self.dir / "gateway.err", "wb")))
@@ -562,7 +567,7 @@ class Proxy:
     def _start_nginx(self) -> None:
         conf = self.dir / "nginx.conf"
         conf.write_text(self.nginx_conf())
-        cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
+        cmd = self.wrap + prio(self.opts, "gateway") + pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
         self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                            stderr=open(self.dir / "nginx.stderr", "wb")))
 
@@ -738,7 +743,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     speeds: list[dict[int, float]] = []
     try:
         for spec in specs:
-            cmd = prio(opts) + pinned(opts.load_cpu) + [sys.executable, "-m", "seg_fast.sim.fleet",
+            cmd = prio(opts, "load") + pinned(opts.load_cpu) + [sys.executable, "-m", "seg_fast.sim.fleet",
                                            msgspec.json.encode(spec).decode()]
             proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
                                                     stdout=subprocess.PIPE, env=env)
@@ -1716,6 +1721,12 @@ def arg_errors(a: argparse.Namespace) -> list[str]:
         out.append(f"--devices {a.devices}: at least 1")
     if a.search and a.max_devices < a.devices:
         out.append(f"--max-devices {a.max_devices} is below --devices {a.devices} (both per core with --search)")
+    wrong = [side for side in a.fifo.split(",") if side and side not in ("gateway", "load")]
+    if wrong:
+        out.append(f"--fifo {a.fifo}: {', '.join(wrong)} is not a side (gateway, load)")
+    if "gateway" in a.fifo.split(",") and (a.cgroup_fraction or a.cgroup_check):
+        # cpu.max is CFS bandwidth: it does not hold real-time tasks to a fraction
+        out.append("--fifo gateway: a cgroup's CPU limit does not apply to real-time processes")
     return out
 
 
@@ -1788,6 +1799,9 @@ def cli(argv: list[str]) -> int:
                          f"level and their CPU per device-hour to agree within {100 * CROSSCHECK_TOLERANCE:.0f}%%")
     ap.add_argument("--slice-us", type=int, default=0,
                     help="every process's scheduler time slice, µs (Linux 6.12+; 0: the kernel's)")
+    ap.add_argument("--fifo", default="", metavar="SIDES",
+                    help="gateway, load or both (comma-separated): that side's processes run under the "
+                         "real-time FIFO policy at priority 1 (needs CAP_SYS_NICE)")
     ap.add_argument("--rate-scale", type=float, default=1.0, help="development only: compress time")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -1832,6 +1846,7 @@ def cli(argv: list[str]) -> int:
                    rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, load_steps=a.load_steps,
                    nice=a.nice,
                    cgroup_fraction=a.cgroup_fraction, slice_us=a.slice_us, nofile=a.nofile,
+                   fifo=[s for s in a.fifo.split(",") if s],
                    gateway_cpu=0, load_cpu=1 if (os.cpu_count() or 1) > 1 else 0)
 
     def say(msg: str) -> None:
