@@ -85,6 +85,8 @@ def test_env_overrides_file(tmp_path):
     ("workers = -1\n", "workers"),
     ("[admin]\nhost = \"0.0.0.0\"\n", "admin.host"),
     ("[limits]\nmax_descriptors = 100\n", "limits.max_descriptors"),
+    ("[limits]\nrealtime_priority = 100\n", "limits.realtime_priority"),
+    ("[limits]\nrealtime_priority = -1\n", "limits.realtime_priority"),
     ("[upstream]\nsource_addresses = [\"mail.example\"]\n", "upstream.source_addresses"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, key):

@@ -162,3 +162,46 @@ def test_serve_starts_the_workers_devices_per_core_needs(tmp_path):
         assert len(_workers_started(proc, expected)) == expected
     finally:
         stop_process(proc)
+
+
+def _policy(tid: int) -> tuple[int, int]:
+    return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority
+
+
+def test_realtime_priority_runs_each_worker_and_its_threads_under_sched_rr(tmp_path):
+    # limits.realtime_priority: every worker, with every thread it starts (trio's, the content
+    # pipeline's), runs SCHED_RR at that priority and serves; the control process stays
+    # time-shared. Where the policy is not permitted, serve says so and the workers serve
+    # time-shared.
+    import socket
+
+    probe = subprocess.run([sys.executable, "-c", "import os; "
+                            "os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(3))"], capture_output=True)
+    permitted = probe.returncode == 0
+    cfg = write(tmp_path, "[limits]\nrealtime_priority = 3\n")
+    port = int(cfg.read_text().split("port = ")[1].split()[0])
+    proc = start_serve(cfg, tmp_path)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"worker listening" not in seen and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+        assert b"worker listening" in seen, seen.decode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"OPTIONS /Microsoft-Server-ActiveSync HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 "), "the worker did not answer"
+        (worker,) = _children(proc.pid)
+        tasks = [int(t) for t in os.listdir(f"/proc/{worker}/task")]
+        assert len(tasks) >= 1
+        want = (os.SCHED_RR, 3) if permitted else (os.SCHED_OTHER, 0)
+        assert {tid: _policy(tid) for tid in tasks} == {tid: want for tid in tasks}
+        assert _policy(proc.pid) == (os.SCHED_OTHER, 0)
+        if not permitted:
+            assert b"WARNING: limits.realtime_priority 3: SCHED_RR 3:" in seen, seen.decode()
+        else:
+            assert b"WARNING: limits.realtime_priority" not in seen, seen.decode()
+    finally:
+        stop_process(proc)

@@ -261,6 +261,8 @@ def test_cgroup_check_at_a_fraction_runs_n_at_f_and_2n_at_2f(monkeypatch):
     (["--cgroup-check", "--search"], "--cgroup-check picks its own fractions"),
     (["--cgroup-check", "0.25", "--cgroup-fraction", "0.25"], "--cgroup-check picks its own fractions"),
     (["--search", "--devices", "20000", "--max-devices", "10000"], "--max-devices 10000 is below --devices 20000"),
+    (["--realtime", "gateway,nginx"], "--realtime gateway,nginx: nginx is not a side"),
+    (["--realtime", "gateway", "--cgroup-fraction", "0.5"], "a cgroup's CPU limit does not apply"),
 ])
 def test_bad_fractions_and_bounds_are_refused_before_anything_runs(args, error, capsys, monkeypatch):
     async def no_bench(*_a, **_k):
@@ -347,6 +349,32 @@ def test_gateway_runs_inside_the_limit():
     assert v["held_to_cores"] == 0.5
     assert v["metrics"]["gateway"]["devices_per_core"] == 120
     assert not v["meets"]                        # time compressed: claims nothing
+
+
+def test_realtime_sides_run_round_robin_and_answer_everything():
+    # --realtime gateway,load: the gateway's workers by their own limits.realtime_priority,
+    # the shards by chrt; the summary says which policy each side's processes ran under
+    import os
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", "import os; "
+                            "os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no CAP_SYS_NICE here: real-time policies are refused")
+    opts = sizing.Options(devices=60, ramp=2.0, settle=1.0, hold=4.0, drain=10.0, paths=["gateway"],
+                          shard_size=100, rate_scale=40.0, seed=5, repeat=1, tls=False,
+                          realtime=["gateway", "load"])
+    report = trio.run(sizing.bench, opts, False, 60, lambda _msg: None)
+    (point,) = report["points"]
+    gw = point["runs"][0]["paths"]["gateway"]
+    assert gw["failures"] == {}, gw["failure_samples"]
+    policies = gw["sched_policies"]
+    # the gateway's worker (one for 60 devices) round-robin, the process it was forked from
+    # (as serve's control process) time-shared; every shard round-robin
+    assert policies["server"] == {"SCHED_RR": 1, "SCHED_OTHER": 1}, policies
+    assert set(policies["load"]) == {"SCHED_RR"}, policies
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER       # the harness itself stays time-shared
 
 
 def test_a_search_hands_over_what_it_measured_after_each_point(monkeypatch, tmp_path):

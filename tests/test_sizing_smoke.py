@@ -58,6 +58,13 @@ def test_every_request_answered_correctly(report):
         assert p["latency_ms"]["Sync"]["n"] > 0, name
 
 
+def test_every_process_time_shared_without_realtime(report):
+    for path, p in report["points"][0]["runs"][0]["paths"].items():
+        pol = p["sched_policies"]
+        assert set(pol["load"]) == {"SCHED_OTHER"}, (path, pol)
+        assert set(pol["server"]) <= {"SCHED_OTHER"}, (path, pol)     # (direct: no proxy)
+
+
 def test_same_schedule_on_every_path(report):
     (point,) = report["points"]
     paths = list(point["runs"][0]["paths"].values())

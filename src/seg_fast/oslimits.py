@@ -104,6 +104,19 @@ def set_sched_slice(tid: int, slice_us: int) -> str:
     return ""
 
 
+def set_realtime(priority: int) -> str:
+    """Run the calling thread, and every thread or process it starts from now on, under
+    SCHED_RR at ``priority`` (limits.realtime_priority): it runs until it waits, ahead of
+    every time-shared task, and only a peer of its priority takes turns with it, after
+    the kernel's round-robin slice (kernel.sched_rr_timeslice_ms). Returns "" or why not
+    (no CAP_SYS_NICE, an RLIMIT_RTPRIO below it, a kernel without the policy)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(priority))
+    except (OSError, AttributeError) as exc:
+        return f"SCHED_RR {priority}: {getattr(exc, 'strerror', None) or exc}"
+    return ""
+
+
 # The scheduler's autogroups (CONFIG_SCHED_AUTOGROUP): every session is one group, weighed
 # as a whole against the other sessions and the kernel's threads. A process's niceness ranks it
 # only inside its group, so a run that wants the core ahead of the machine's other work sets

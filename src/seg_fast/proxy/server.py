@@ -102,6 +102,14 @@ def run_worker(config, config_path: str | None) -> int:
 
     die_with_parent()     # again for `serve --worker` started by hand or a benchmark (idempotent)
     logsetup.configure(config)
+    if config.limits.realtime_priority:
+        from seg_fast.oslimits import set_realtime
+
+        # before trio's run: the threads it starts inherit the policy
+        why = set_realtime(config.limits.realtime_priority)
+        if why:
+            say(f"WARNING: limits.realtime_priority {config.limits.realtime_priority}: {why} "
+                "(needs root or CAP_SYS_NICE); this worker runs time-shared")
     # The control process's line (proxy/channel.py): the session ticket keys (the first ring is
     # already waiting in it) before the gateway's TLS context exists; attachment names other
     # workers learnt (refshare.py) once the gateway has set up the content pipeline's cache.

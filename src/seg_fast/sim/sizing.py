@@ -116,9 +116,10 @@ class Options(msgspec.Struct, kw_only=True):
     # --shard-size may put more of a core's devices in one gateway worker and one shard,
     # as an administrator's LimitNOFILE or limits.max_descriptors would
     nofile: int = 0
-    # sides whose processes run under the real-time FIFO policy ("gateway", "load"): each
-    # runs until it waits, never preempted by a peer, a kernel thread or another session
-    fifo: list[str] = msgspec.field(default_factory=list)
+    # sides whose processes run under the real-time round-robin policy ("gateway", "load"):
+    # each runs until it waits (or the kernel's RR slice ends), never preempted by a
+    # kernel thread or another session
+    realtime: list[str] = msgspec.field(default_factory=list)
 
 
 # -- /proc sampling -------------------------------------------------------------------
@@ -240,6 +241,21 @@ def socket_inodes(pids: list[int]) -> set[int]:
                 continue
             if link.startswith("socket:["):
                 out.add(int(link[8:-1]))
+    return out
+
+
+_POLICIES = {getattr(os, n, -1): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")}
+
+
+def sched_policies(pids: list[int]) -> dict[str, int]:
+    """How many of ``pids`` run under each scheduling policy (what --realtime did)."""
+    out: dict[str, int] = {}
+    for pid in pids:
+        try:
+            name = _POLICIES.get(os.sched_getscheduler(pid), "other")
+        except OSError:
+            continue                  # gone meanwhile
+        out[name] = out.get(name, 0) + 1
     return out
 
 
@@ -423,10 +439,11 @@ def pinned(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() > 1 else []
 
 
-def prio(opts: "Options", side: str) -> list[str]:
+def prio(opts: "Options", realtime: bool = False) -> list[str]:
     """`nice -n N` for every process of the run (negative: ahead of a busy machine), and
-    `chrt --fifo 1` for a side in ``opts.fifo``."""
-    return ((["chrt", "--fifo", "1"] if side in opts.fifo else [])
+    `chrt --rr 1` with ``realtime`` (the load side's shards and nginx under --realtime; the
+    gateway's workers set it themselves, limits.realtime_priority)."""
+    return ((["chrt", "--rr", "1"] if realtime else [])
             + (["nice", "-n", str(opts.nice)] if opts.nice else []))
 
 
@@ -546,7 +563,9 @@ class Proxy:
                 # every worker shares one policy store, loaded below
                 f'[policy]\nsqlite_path = "{self.dir}/policy.db"\n'
                 f'[security]\nmaster_key_file = "{self.dir}/master.key"\n'
-                f'key_state_file = "{self.dir}/keys.json"\n')
+                f'key_state_file = "{self.dir}/keys.json"\n'
+                # the product's own setting, as an administrator would set it
+                + ("[limits]\nrealtime_priority = 1\n" if "gateway" in self.opts.realtime else ""))
         pfile = self.dir / "policies.json"
         pfile.write_bytes(msgspec.json.encode(policy_file(self.opts.security, self.opts.devices)))
         # SEG_FAST_* variables override the config file: the run's state_dir in both
@@ -559,7 +578,7 @@ class Proxy:
         # A gateway worker per shard (its own config: its own mail-server shard), forked from one
         # process that imported them, as serve forks its workers (proxy/forked.py); K shards do
         # not also pay K control processes, and the workers share the modules' pages as serve's do.
-        cmd = self.wrap + prio(self.opts, "gateway") + pinned(self.opts.gateway_cpu) + [
+        cmd = self.wrap + prio(self.opts) + pinned(self.opts.gateway_cpu) + [
             sys.executable, "-m", "seg_fast.proxy.forked", *map(str, configs)]
         self.procs.append(subprocess.Popen(cmd, cwd=self.dir, env=env, stdout=subprocess.DEVNULL,
                                            stderr=open(self.dir / "gateway.err", "wb")))
@@ -567,7 +586,7 @@ class Proxy:
     def _start_nginx(self) -> None:
         conf = self.dir / "nginx.conf"
         conf.write_text(self.nginx_conf())
-        cmd = self.wrap + prio(self.opts, "gateway") + pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
+        cmd = self.wrap + prio(self.opts, "gateway" in self.opts.realtime) + pinned(self.opts.gateway_cpu) + ["nginx", "-c", str(conf), "-p", str(self.dir)]
         self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                            stderr=open(self.dir / "nginx.stderr", "wb")))
 
@@ -743,7 +762,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     speeds: list[dict[int, float]] = []
     try:
         for spec in specs:
-            cmd = prio(opts, "load") + pinned(opts.load_cpu) + [sys.executable, "-m", "seg_fast.sim.fleet",
+            cmd = prio(opts, "load" in opts.realtime) + pinned(opts.load_cpu) + [sys.executable, "-m", "seg_fast.sim.fleet",
                                            msgspec.json.encode(spec).decode()]
             proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
                                                     stdout=subprocess.PIPE, env=env)
@@ -823,7 +842,10 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
                 # ran late: near the window's end as before (a drain ends at once).
                 settled = (now >= w0 - min(KERNEL_SAMPLE_BEFORE, spec0.settle / 2)
                            and sum(s.last.get("ready", 0) for s in shards) >= opts.devices)
-                if spids and "at" not in kernel and (settled or now >= w1 - min(5.0, (w1 - w0) / 4)):
+                late = settled or now >= w1 - min(5.0, (w1 - w0) / 4)
+                if late and "sched" not in kernel:
+                    kernel["sched"] = {"server": sched_policies(spids), "load": sched_policies(lpids)}
+                if spids and "at" not in kernel and late:
                     kernel["at"] = now
                     kernel["sockets"] = await trio.to_thread.run_sync(kernel_sockets, spids, PROXY_SOCKETS)
                 if now - last_say >= 5 and len(samples) > 1:
@@ -872,6 +894,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
     summary["server"]["fds_max"] = server_fds[0]
     summary["server"]["kernel_sockets"] = kernel.get("sockets")
     summary["server"]["loop_lag"] = loop_lag_summary(worker_reads, w0, w1)
+    summary["sched_policies"] = kernel.get("sched")
     summary["seconds"] = seconds_context(samples, cores, worker_reads, t0, w0, w1,
                                          opts.gateway_cpu, opts.load_cpu)
     summary["speed_ms"] = speed.medians(speeds)
@@ -1721,12 +1744,12 @@ def arg_errors(a: argparse.Namespace) -> list[str]:
         out.append(f"--devices {a.devices}: at least 1")
     if a.search and a.max_devices < a.devices:
         out.append(f"--max-devices {a.max_devices} is below --devices {a.devices} (both per core with --search)")
-    wrong = [side for side in a.fifo.split(",") if side and side not in ("gateway", "load")]
+    wrong = [side for side in a.realtime.split(",") if side and side not in ("gateway", "load")]
     if wrong:
-        out.append(f"--fifo {a.fifo}: {', '.join(wrong)} is not a side (gateway, load)")
-    if "gateway" in a.fifo.split(",") and (a.cgroup_fraction or a.cgroup_check):
+        out.append(f"--realtime {a.realtime}: {', '.join(wrong)} is not a side (gateway, load)")
+    if "gateway" in a.realtime.split(",") and (a.cgroup_fraction or a.cgroup_check):
         # cpu.max is CFS bandwidth: it does not hold real-time tasks to a fraction
-        out.append("--fifo gateway: a cgroup's CPU limit does not apply to real-time processes")
+        out.append("--realtime gateway: a cgroup's CPU limit does not apply to real-time processes")
     return out
 
 
@@ -1799,9 +1822,10 @@ def cli(argv: list[str]) -> int:
                          f"level and their CPU per device-hour to agree within {100 * CROSSCHECK_TOLERANCE:.0f}%%")
     ap.add_argument("--slice-us", type=int, default=0,
                     help="every process's scheduler time slice, µs (Linux 6.12+; 0: the kernel's)")
-    ap.add_argument("--fifo", default="", metavar="SIDES",
+    ap.add_argument("--realtime", default="", metavar="SIDES",
                     help="gateway, load or both (comma-separated): that side's processes run under the "
-                         "real-time FIFO policy at priority 1 (needs CAP_SYS_NICE)")
+                         "real-time round-robin policy at priority 1 (the gateway by its own "
+                         "limits.realtime_priority; needs CAP_SYS_NICE)")
     ap.add_argument("--rate-scale", type=float, default=1.0, help="development only: compress time")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -1846,7 +1870,7 @@ def cli(argv: list[str]) -> int:
                    rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, load_steps=a.load_steps,
                    nice=a.nice,
                    cgroup_fraction=a.cgroup_fraction, slice_us=a.slice_us, nofile=a.nofile,
-                   fifo=[s for s in a.fifo.split(",") if s],
+                   realtime=[s for s in a.realtime.split(",") if s],
                    gateway_cpu=0, load_cpu=1 if (os.cpu_count() or 1) > 1 else 0)
 
     def say(msg: str) -> None:
