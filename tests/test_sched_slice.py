@@ -28,7 +28,7 @@ def test_slice_set_and_nice_kept():
         pytest.skip(f"the kernel refuses a custom slice here: {why}")
     slice_ns, nice = rest
     assert slice_ns == "300000"
-    assert nice == "3"
+    assert nice == str(min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3))    # (19 caps a niced runner)
 
 
 def test_unknown_thread_is_reported_not_raised():
