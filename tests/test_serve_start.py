@@ -68,13 +68,7 @@ def test_serve_says_which_config_and_warns_without_policies(tmp_path):
     cfg = write(tmp_path)
     proc = start_serve(cfg, tmp_path)
     try:
-        seen = b""
-        deadline = time.monotonic() + 60
-        while b"every device is blocked" not in seen and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break                     # exited: the asserts below say what was missing
-            seen += line
+        seen = _log_until(proc, b"every device is blocked")
     finally:
         stop_process(proc)
     text = seen.decode()
@@ -92,11 +86,12 @@ def test_workers_per_core_follow_devices_and_the_descriptor_limit():
     assert workers_for(100_000, 1, 1_048_576) == 1
 
 
-def _log_until_workers(proc) -> bytes:
-    """serve's stderr up to its "N worker(s)" line (or 60 s)."""
+def _log_until(proc, marker: bytes = b"worker(s)") -> bytes:
+    """serve's stderr up to the line with ``marker`` (or 60 s, or its exit: the caller's
+    asserts say what was missing); by default its "N worker(s)" line."""
     deadline = time.monotonic() + 60
     seen = b""
-    while b"worker(s)" not in seen and time.monotonic() < deadline:
+    while marker not in seen and time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
             break
@@ -131,7 +126,7 @@ def test_max_descriptors_raises_the_limit_so_fewer_workers_carry_a_core(tmp_path
     expected = cores if raises else workers_for(12_000, cores, hard, 256)
     proc = start_serve(cfg, tmp_path)
     try:
-        seen = _log_until_workers(proc)
+        seen = _log_until(proc)
         assert f"control process: {expected} worker(s)".encode() in seen, seen.decode()
         if raises:
             assert b"max_descriptors" not in seen
@@ -157,7 +152,7 @@ def test_serve_starts_the_workers_devices_per_core_needs(tmp_path):
     expected = workers_for(12_000, os.cpu_count() or 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     proc = start_serve(cfg, tmp_path)
     try:
-        seen = _log_until_workers(proc)
+        seen = _log_until(proc)
         assert f"control process: {expected} worker(s)".encode() in seen, seen.decode()
         assert len(_workers_started(proc, expected)) == expected
     finally:
@@ -182,13 +177,7 @@ def test_realtime_priority_runs_each_worker_and_its_threads_under_sched_rr(tmp_p
     port = int(cfg.read_text().split("port = ")[1].split()[0])
     proc = start_serve(cfg, tmp_path)
     try:
-        seen = b""
-        deadline = time.monotonic() + 60
-        while b"worker listening" not in seen and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen += line
+        seen = _log_until(proc, b"worker listening")
         assert b"worker listening" in seen, seen.decode()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(b"OPTIONS /Microsoft-Server-ActiveSync HTTP/1.1\r\nHost: x\r\n\r\n")
