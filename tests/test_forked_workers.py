@@ -182,6 +182,9 @@ def test_a_worker_that_cannot_be_started_is_tried_again_and_the_serve_lives_on(t
             while b"cannot start a worker" not in b"".join(_stderr_so_far(gw.proc)):
                 assert time.monotonic() < end and gw.proc.poll() is None
                 time.sleep(0.05)
+            # (the killed worker may still be listed until the control has reaped it)
+            while workers_of(pid) != gw.first[1:] and time.monotonic() < end:
+                time.sleep(0.05)
             assert workers_of(pid) == gw.first[1:]
             gw.answers()                         # the other worker serves on
         finally:
