@@ -263,6 +263,8 @@ def test_cgroup_check_at_a_fraction_runs_n_at_f_and_2n_at_2f(monkeypatch):
     (["--search", "--devices", "20000", "--max-devices", "10000"], "--max-devices 10000 is below --devices 20000"),
     (["--realtime", "gateway,nginx"], "--realtime gateway,nginx: nginx is not a side"),
     (["--realtime", "gateway", "--cgroup-fraction", "0.5"], "a cgroup's CPU limit does not apply"),
+    (["--rr-timeslice-ms", "10"], "--rr-timeslice-ms 10: the slice is the real-time policy's; it needs --realtime"),
+    (["--realtime", "gateway", "--rr-timeslice-ms", "1001"], "--rr-timeslice-ms 1001: 1 to 1000"),
 ])
 def test_bad_fractions_and_bounds_are_refused_before_anything_runs(args, error, capsys, monkeypatch):
     async def no_bench(*_a, **_k):
@@ -375,6 +377,30 @@ def test_realtime_sides_run_round_robin_and_answer_everything():
     assert policies["server"] == {"SCHED_RR": 1, "SCHED_OTHER": 1}, policies
     assert set(policies["load"]) == {"SCHED_RR"}, policies
     assert os.sched_getscheduler(0) == os.SCHED_OTHER       # the harness itself stays time-shared
+
+
+def test_rr_timeslice_holds_for_the_run_is_recorded_and_put_back(monkeypatch, tmp_path):
+    # --rr-timeslice-ms is machine-wide: set while the run measures, in the report's machine
+    # record, and the kernel's own value back afterwards
+    from seg_fast import oslimits
+    before = oslimits.rr_timeslice_ms()
+    if not before or oslimits.set_rr_timeslice_ms(before):
+        pytest.skip("kernel.sched_rr_timeslice_ms cannot be written here (not root)")
+    want = 7 if before != 7 else 9
+    seen = {}
+
+    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None):
+        seen["during"] = oslimits.rr_timeslice_ms()
+        return {"machine": sizing.machine(), "options": {"security": "off"}, "when": "now",
+                "headline": {}, "points": []}
+    monkeypatch.setattr(sizing, "bench", bench)
+    monkeypatch.setattr(sizing, "plot", lambda *_a: None)
+    assert sizing.cli(["sizing", "--realtime", "gateway,load", "--rr-timeslice-ms", str(want),
+                       "--out", str(tmp_path), "--quiet"]) == 0
+    assert seen["during"] == want
+    assert oslimits.rr_timeslice_ms() == before
+    (summary,) = [p for p in tmp_path.glob("sizing-off-*.json") if ".raw." not in p.name]
+    assert json.loads(summary.read_text())["machine"]["sched_rr_timeslice_ms"] == want
 
 
 def test_a_search_hands_over_what_it_measured_after_each_point(monkeypatch, tmp_path):

@@ -117,6 +117,30 @@ def set_realtime(priority: int) -> str:
     return ""
 
 
+_RR_TIMESLICE = "/proc/sys/kernel/sched_rr_timeslice_ms"
+
+
+def rr_timeslice_ms() -> int:
+    """The kernel's round-robin slice (0 where it cannot be read)."""
+    try:
+        with open(_RR_TIMESLICE) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def set_rr_timeslice_ms(ms: int) -> str:
+    """Set the round-robin slice for the whole machine (kernel.sched_rr_timeslice_ms): how
+    long a SCHED_RR task runs before a peer of its priority that is ready gets the core.
+    Returns "" or why not (not root, no such file)."""
+    try:
+        with open(_RR_TIMESLICE, "w") as f:
+            f.write(f"{ms}\n")
+    except OSError as exc:
+        return f"kernel.sched_rr_timeslice_ms {ms}: {exc.strerror or exc}"
+    return ""
+
+
 # The scheduler's autogroups (CONFIG_SCHED_AUTOGROUP): every session is one group, weighed
 # as a whole against the other sessions and the kernel's threads. A process's niceness ranks it
 # only inside its group, so a run that wants the core ahead of the machine's other work sets

@@ -48,8 +48,8 @@ import msgspec
 import trio
 
 from seg_fast.config import env_overrides
-from seg_fast.oslimits import (autogroup_enabled, autogroup_of, raise_nofile_limit, set_autogroup_nice,
-                               set_sched_slice)
+from seg_fast.oslimits import (autogroup_enabled, autogroup_of, raise_nofile_limit, rr_timeslice_ms,
+                               set_autogroup_nice, set_rr_timeslice_ms, set_sched_slice)
 from seg_fast.sim import speed
 from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_controller
 from seg_fast.sim.fleet import POOL_CACHE, Go, PooledCorpus, ShardSpec, open_fds
@@ -111,6 +111,7 @@ class Options(msgspec.Struct, kw_only=True):
     # > 0: every process of the run (gateway, nginx, shards: they inherit it from the
     # harness) runs with this EEVDF time slice, µs (oslimits.set_sched_slice)
     slice_us: int = 0
+    rr_timeslice_ms: int = 0
     # > 0: every process of the run may hold this many descriptors (the harness raises its
     # own RLIMIT_NOFILE, which they inherit; nginx gets it as worker_rlimit_nofile), so
     # --shard-size may put more of a core's devices in one gateway worker and one shard,
@@ -1438,6 +1439,8 @@ def machine() -> dict:
             "python_executable": os.path.realpath(sys.executable),
             "commit": git("describe", "--always", "--dirty"), "commit_full": git("rev-parse", "HEAD"),
             "kernel": os.uname().release, "autogroup": autogroup_of(),
+            # how long a real-time worker runs before a ready peer gets the core (--realtime)
+            "sched_rr_timeslice_ms": rr_timeslice_ms(),
             "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             # settings the gateway took from the environment over its config (an A/B's knob)
             "settings_from_env": settings_from_env()}
@@ -1750,6 +1753,10 @@ def arg_errors(a: argparse.Namespace) -> list[str]:
     if "gateway" in a.realtime.split(",") and (a.cgroup_fraction or a.cgroup_check):
         # cpu.max is CFS bandwidth: it does not hold real-time tasks to a fraction
         out.append("--realtime gateway: a cgroup's CPU limit does not apply to real-time processes")
+    if a.rr_timeslice_ms and not a.realtime:
+        out.append(f"--rr-timeslice-ms {a.rr_timeslice_ms}: the slice is the real-time policy's; it needs --realtime")
+    if not 0 <= a.rr_timeslice_ms <= 1000:
+        out.append(f"--rr-timeslice-ms {a.rr_timeslice_ms}: 1 to 1000 (0: leave the kernel's)")
     return out
 
 
@@ -1826,6 +1833,9 @@ def cli(argv: list[str]) -> int:
                     help="gateway, load or both (comma-separated): that side's processes run under the "
                          "real-time round-robin policy at priority 1 (the gateway by its own "
                          "limits.realtime_priority; needs CAP_SYS_NICE)")
+    ap.add_argument("--rr-timeslice-ms", type=int, default=0, metavar="MS",
+                    help="with --realtime: the kernel's round-robin slice for the run "
+                         "(kernel.sched_rr_timeslice_ms, machine-wide, put back after; needs root)")
     ap.add_argument("--rate-scale", type=float, default=1.0, help="development only: compress time")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -1870,7 +1880,7 @@ def cli(argv: list[str]) -> int:
                    rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, load_steps=a.load_steps,
                    nice=a.nice,
                    cgroup_fraction=a.cgroup_fraction, slice_us=a.slice_us, nofile=a.nofile,
-                   realtime=[s for s in a.realtime.split(",") if s],
+                   realtime=[s for s in a.realtime.split(",") if s], rr_timeslice_ms=a.rr_timeslice_ms,
                    gateway_cpu=0, load_cpu=1 if (os.cpu_count() or 1) > 1 else 0)
 
     def say(msg: str) -> None:
@@ -1901,7 +1911,13 @@ def cli(argv: list[str]) -> int:
         # part of the instrument: on the load core, never on the core it measures. Left to
         # the scheduler it ran wherever it woke, the gateway's core included.
         os.sched_setaffinity(0, {opts.load_cpu})
+    rr_slice_before = rr_timeslice_ms()
     try:
+        if opts.rr_timeslice_ms:
+            why = set_rr_timeslice_ms(opts.rr_timeslice_ms)
+            if why:
+                print(f"seg-fast bench sizing: --rr-timeslice-ms: {why}", file=sys.stderr)
+                return 2
         if opts.slice_us:
             why = set_sched_slice(0, opts.slice_us)    # inherited by every process started from here
             if why:
@@ -1912,6 +1928,8 @@ def cli(argv: list[str]) -> int:
         # a caller in this process (the tests run the CLI in-process) gets its CPUs back;
         # left pinned, every later test ran on one CPU
         os.sched_setaffinity(0, cpus)
+        if opts.rr_timeslice_ms and rr_slice_before and rr_timeslice_ms() != rr_slice_before:
+            set_rr_timeslice_ms(rr_slice_before)    # machine-wide: the next run finds the kernel's own
     if report is None:
         return 130
     out = Path(a.out)
