@@ -29,7 +29,7 @@ def _example_keys(text: str) -> dict[str, set[str]]:
             section = m.group(1)
             keys.setdefault(section, set())
             continue
-        m = re.match(r"\s*#?\s*([a-z_]+)\s*=", line)
+        m = re.match(r"\s*#?\s*([a-z0-9_]+)\s*=", line)
         if m:
             keys[section].add(m.group(1))
     return keys

@@ -545,6 +545,40 @@ def test_a_record_over_the_limit_ends_the_connection(gateway, certs):
     assert not gateway.incidents("contained_exception")
 
 
+@pytest.mark.parametrize("bad", ["tampered", "handshake message", "unprotected change_cipher_spec"])
+def test_a_forged_record_after_the_handshake_ends_that_connection_with_its_alert(gateway, certs, tmp_path, bad):
+    """After a TLS 1.3 handshake the worker reads the device's records with its own record
+    layer (proxy/tls13.py, OpenSSL's object freed). A record the test seals itself (keys from
+    the client's keylog, ``cryptography``'s AEAD) is served like the client's own; then one
+    forged record: the gateway sends its fatal alert, sealed so the client's OpenSSL reads it,
+    closes that connection, and the worker goes on serving others."""
+    from tls13_device import Device, keylog_secret
+    ca, _ = certs
+    keylog = tmp_path / "keys.log"
+    s = connect(gateway.port, client_context(ca, keylog_filename=str(keylog)))
+    assert s.version() == "TLSv1.3"
+    s.sendall(options_request())                   # the client's record 0
+    assert read_answer(s)[0] == 200
+    dev = Device(s.cipher()[0], keylog_secret(keylog, "CLIENT_TRAFFIC_SECRET_0"))
+    dev.seq = 1
+    raw = socket.socket(fileno=os.dup(s.fileno()))
+    try:
+        raw.sendall(dev.record(options_request() + b"\x17"))    # record 1, the test's own
+        assert read_answer(s)[0] == 200                         # read by the client's OpenSSL
+        raw.sendall({"tampered": lambda: dev.record(options_request() + b"\x17", tamper=True),
+                     "handshake message": lambda: dev.record(bytes([4, 0, 0, 4]) + b"tick" + b"\x16"),
+                     "unprotected change_cipher_spec": lambda: b"\x14\x03\x03\x00\x01\x01"}[bad]())
+        with pytest.raises(ssl.SSLError) as err:
+            s.recv(100)
+        assert {"tampered": "BAD_RECORD_MAC"}.get(bad, "UNEXPECTED_MESSAGE") in str(err.value)
+        assert closed_by_peer(raw) == b""
+    finally:
+        raw.close()
+        s.close()
+    assert served(gateway, ca)
+    assert not gateway.incidents("contained_exception")
+
+
 def test_a_big_answer_arrives_whole_and_a_device_that_never_reads_it_is_cut(tmp_path, upstreams, certs):
     ca, d = certs
     gw = Serve(tmp_path / "gw", f"http://127.0.0.1:{upstreams.big.port}", d, device_write=1.0)

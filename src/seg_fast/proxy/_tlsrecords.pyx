@@ -75,6 +75,57 @@ def init(tuple libssl_funcs, tuple libcrypto_funcs):
     return _mem != NULL
 
 
+ctypedef int (*ssl_fn)(void* s) noexcept nogil
+cdef ssl_fn _new_ticket = NULL
+cdef ssl_fn _do_handshake = NULL
+
+
+def init_tickets(uintptr_t new_session_ticket, uintptr_t do_handshake):
+    """Addresses of SSL_new_session_ticket (OpenSSL 3) and SSL_do_handshake."""
+    global _new_ticket, _do_handshake
+    if not new_session_ticket or not do_handshake:
+        return False
+    _new_ticket = <ssl_fn>new_session_ticket
+    _do_handshake = <ssl_fn>do_handshake
+    return True
+
+
+def tickets(uintptr_t ssl_ptr, int fd, int count):
+    """``count`` TLS 1.3 session tickets made now, after the handshake, and returned as their
+    records (OpenSSL counts them as written: the caller writes every byte, in order, before
+    anything else; proxy/tls13.py counts them, and the records after them go on from there)."""
+    cdef void* s = <void*>ssl_ptr
+    cdef void* sock
+    cdef int i, ok = 1
+    cdef long pending
+    if _mem == NULL or _new_ticket == NULL or not ssl_ptr:
+        raise ValueError("TLS tickets are not set up")
+    if _get_fd(s) != fd or fd < 0:
+        raise ValueError("not this socket's SSL object")
+    sock = _get_wbio(s)
+    if sock == NULL or _bio_up_ref(sock) != 1:
+        raise ValueError("no socket BIO")
+    _bio_up_ref(_mem)
+    _set0_wbio(s, _mem)
+    with nogil:
+        for i in range(count):
+            if _new_ticket(s) != 1:
+                ok = 0
+        if ok and _do_handshake(s) != 1:
+            ok = 0
+    _set0_wbio(s, sock)
+    if not ok:
+        _err_clear()
+        _bio_ctrl(_mem, BIO_CTRL_RESET, 0, NULL)
+        raise ssl.SSLError("TLS session tickets could not be made")
+    pending = _bio_ctrl(_mem, BIO_CTRL_PENDING, 0, NULL)
+    out = PyBytes_FromStringAndSize(NULL, pending)
+    if pending and _bio_read(_mem, PyBytes_AS_STRING(out), <int>pending) != pending:
+        _bio_ctrl(_mem, BIO_CTRL_RESET, 0, NULL)
+        raise ssl.SSLError("TLS records could not be read back")
+    return out
+
+
 def ready():
     return _mem != NULL and _write_ex != NULL
 

@@ -15,7 +15,7 @@ from seg_fast.ldapcerts import CertLookup
 from seg_fast.observe import TransactionLog
 from seg_fast.oslimits import device_connections_within, raise_nofile_limit
 from seg_fast.policy import gate
-from seg_fast.proxy import lane, sockio
+from seg_fast.proxy import lane, sockio, tls13
 from seg_fast.proxy.downstream import resume_parked, serve_device
 from seg_fast.proxy.headers import TrustedProxies
 from seg_fast.proxy.incidents import Incidents
@@ -32,9 +32,10 @@ from seg_fast.stats import Stats
 ACCEPT_BATCH = 32
 
 
-def server_tls_context(cert: str, key: str, pfx=None) -> ssl.SSLContext:
+def server_tls_context(cert: str, key: str, pfx=None, records: bool = True) -> ssl.SSLContext:
     """TLS for the device leg: TLS 1.2 and later only. ``pfx``: listener settings whose
-    tls_pfx (PKCS#12) holds key and chain instead of the PEM files."""
+    tls_pfx (PKCS#12) holds key and chain instead of the PEM files. ``records``: a TLS 1.3
+    connection goes on without OpenSSL's object after its handshake (proxy/tls13.py)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # A renegotiation the device starts costs a handshake each time and gains nothing (TLS 1.3
@@ -47,15 +48,17 @@ def server_tls_context(cert: str, key: str, pfx=None) -> ssl.SSLContext:
         pkcs12.load_into(ctx, pkcs12.pem_of(pkcs12.load_pfx(pfx)))
     else:
         ctx.load_cert_chain(cert, key)
+    if records:
+        tls13.prepare(ctx)
     return ctx
 
 
 def listener_tls_context(listener) -> ssl.SSLContext | None:
     """The device listener's context from its settings (PEM or PFX); None for plain HTTP."""
     if listener.tls_pfx:
-        return server_tls_context("", "", pfx=listener)
+        return server_tls_context("", "", pfx=listener, records=listener.tls13_records)
     if listener.tls_cert:
-        return server_tls_context(listener.tls_cert, listener.tls_key)
+        return server_tls_context(listener.tls_cert, listener.tls_key, records=listener.tls13_records)
     return None
 
 

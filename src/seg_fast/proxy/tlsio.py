@@ -55,12 +55,13 @@ import os
 import socket
 import ssl
 import time
+from functools import partial
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
-from seg_fast.proxy import sockio, tickets, tlsbatch
-from seg_fast.proxy import _tlsrecords
+from seg_fast.proxy import sockio, tickets, tls13, tlsbatch
+from seg_fast.proxy import _tls13, _tlsrecords
 from seg_fast.proxy._http1 import read_nb
 
 RECORD = 16 * 1024            # the most plaintext one TLS record holds: one read, one write
@@ -332,8 +333,13 @@ class TLSStream:
         except BaseException:
             self._broken = True       # cancelled half-way, or the socket closed under it
             raise
+        finally:
+            if self._broken and self.plain.fileno() >= 0:
+                tls13.forget(self._ssl_ptr())     # the secrets of a handshake that did not finish
         gate.spent(cpu)
         self._handshook = True
+        if tls13.prepared(self.ssl_object.context):
+            self._hand_over()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Decrypted bytes (up to ``max_bytes``); b"" at EOF, with or without close_notify."""
@@ -418,11 +424,11 @@ class TLSStream:
         fd = self.plain.fileno()
         if fd < 0:
             return None
-        ptr = self._ssl_ptr()
-        if not ptr:
+        seal = self._sealer()
+        if seal is None:
             return None
         try:
-            sealed = _tlsrecords.seal(ptr, fd, parts)     # OpenSSL counts these records as sent
+            sealed = seal(fd, parts)  # OpenSSL (or Records) counts these records as sent
             try:
                 n = os.write(fd, sealed)
             except BlockingIOError:
@@ -509,9 +515,9 @@ class TLSStream:
                 # Not corked (TCP_CORK): a corked write that had to wait for a slow reader held
                 # its partial segments up to the kernel's 200 ms cork limit (10,000 devices with
                 # security on: 1 in 10 answers over 256 KB took 200-430 ms longer to write).
-                ptr = self._ssl_ptr()
-                if ptr:
-                    waited = await self._write_batched(ptr, parts, total, pace)
+                seal = self._sealer()
+                if seal is not None:
+                    waited = await self._write_batched(seal, parts, total, pace)
                 else:
                     waited = await self._write_records(records(parts), total, pace)
         except ssl.SSLError as exc:
@@ -535,6 +541,40 @@ class TLSStream:
                 await checkpoint()
 
     # -- inside ------------------------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        """TLS 1.3 on a prepared context: the connection goes on with a ``Records`` and
+        OpenSSL's object is freed (tls13.py); the session tickets are its first bytes out."""
+        face = self.ssl_object
+        fd = self.plain.fileno()
+        ptr = self._ssl_ptr()
+        if not ptr:
+            return
+        try:
+            records = tls13.shed(face, ptr, fd)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self._broken = True
+            raise trio.BrokenResourceError(f"TLS session tickets failed: {exc}") from None
+        if records is None:
+            return
+        self.ssl_object = tls13.Shed(face, records)
+        self._obj = records
+        self._ssl = 0
+        try:
+            records.write(b"")        # the tickets, if the socket takes them now
+        except _WantWrite:
+            pass                      # they go out before the next record
+        except OSError as exc:
+            self._broken = True
+            raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
+
+    def _sealer(self):
+        """``seal(fd, parts)`` making a batch of records at once, or None (one by one)."""
+        obj = self._obj
+        if type(obj) is _tls13.Records:
+            return obj.seal
+        ptr = self._ssl_ptr()
+        return partial(_tlsrecords.seal, ptr) if ptr else None
 
     def _ssl_ptr(self) -> int:
         """The SSL object's pointer for batched writes (tlsbatch.ssl_of, asked once); 0 if none."""
@@ -613,7 +653,7 @@ class TLSStream:
             blocked.close()
         return blocked.waited
 
-    async def _write_batched(self, ptr: int, parts, total: int, pace: sockio.Pace | None) -> bool:
+    async def _write_batched(self, seal, parts, total: int, pace: sockio.Pace | None) -> bool:
         """``_write_records`` a batch of records at a time (tlsbatch.BATCH of plaintext, made by
         _tlsrecords.seal, one write(2)), with the same waits and checkpoints (a batch counts its
         records as ready operations). OpenSSL counts a batch's records as written once they are
@@ -628,7 +668,7 @@ class TLSStream:
                 fd = plain.fileno()
                 if fd < 0:
                     raise trio.ClosedResourceError("socket was closed")
-                await self._write_sealed(memoryview(_tlsrecords.seal(ptr, fd, batch)), blocked, done)
+                await self._write_sealed(memoryview(seal(fd, batch)), blocked, done)
                 done += size
                 _ready += (size + RECORD - 1) // RECORD
                 if _ready >= FAIR_EVERY:

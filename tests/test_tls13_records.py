@@ -1,0 +1,322 @@
+"""A device's TLS 1.3 connection carried on by tls13's Records once OpenSSL's object is freed.
+
+The client is OpenSSL through Python's ssl (another implementation of the record layer);
+records the test makes itself (tls13_device.py) are sealed with the ``cryptography`` package's
+AEADs under keys derived from the client's keylog: so what Records reads and writes is checked
+against two implementations that are not its own.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import os
+import socket
+import ssl
+import weakref
+from functools import partial
+
+import pytest
+import trio
+import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tls13_device import SUITES, Device, keylog_secret
+
+from seg_fast import openssl
+from seg_fast.proxy import _tls13, tickets, tls13
+from seg_fast.proxy.gateway import server_tls_context
+from seg_fast.proxy.tlsio import TLSStream
+from seg_fast.sim.tlssession import _SSL_AT, _word
+
+pytestmark = pytest.mark.skipif(not tls13.available(), reason="TLS 1.3 records need CPython's ssl on OpenSSL 3")
+
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost")
+    d = tmp_path_factory.mktemp("tls13")
+    server.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    server.private_key_pem.write_to_path(str(d / "key.pem"))
+    return ca, d
+
+
+def _libssl():
+    lib = openssl.libssl()
+    for name, args in (("SSL_CTX_set_ciphersuites", [ctypes.c_void_p, ctypes.c_char_p]),
+                       ("SSL_key_update", [ctypes.c_void_p, ctypes.c_int])):
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+def client_context(pki, suite=None, keylog=None, tls12=False):
+    ca, _ = pki
+    cctx = ssl.create_default_context()
+    ca.configure_trust(cctx)
+    if tls12:
+        cctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if suite is not None:
+        ptr = tickets.ssl_ctx_of(cctx)
+        assert ptr and _libssl().SSL_CTX_set_ciphersuites(ptr, suite.encode()) == 1
+    if keylog is not None:
+        cctx.keylog_filename = str(keylog)
+    return cctx
+
+
+def pair(pki, cctx, sctx=None, session=None):
+    """(server TLSStream, client trio.SSLStream, the client's raw socket)."""
+    _, d = pki
+    sctx = sctx or server_tls_context(str(d / "cert.pem"), str(d / "key.pem"))
+    a, b = trio.socket.socketpair()
+    server = TLSStream(trio.SocketStream(a), sctx)
+    client = trio.SSLStream(trio.SocketStream(b), cctx, server_hostname="localhost")
+    if session is not None:
+        client._ssl_object.session = session
+    return server, client, b
+
+
+async def handshake(server, client):
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+
+
+async def both(send, stream, n):
+    """``send()`` while ``n`` bytes are read from ``stream`` (a socket's buffer holds less)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        return await read_exactly(stream, n)
+
+
+async def read_exactly(stream, n):
+    got = bytearray()
+    with trio.fail_after(20):
+        while len(got) < n:
+            chunk = await stream.receive_some(65536)
+            assert chunk, "EOF before the bytes"
+            got += chunk
+    return bytes(got)
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+async def test_each_suite_carries_bytes_both_ways_once_openssl_is_gone(pki, suite):
+    server, client, _ = pair(pki, client_context(pki, suite))
+    face = weakref.ref(server.ssl_object)
+    await handshake(server, client)
+    gc.disable()
+    try:
+        assert face() is None                       # OpenSSL's object freed at the hand-over
+    finally:
+        gc.enable()
+    assert type(server._obj) is _tls13.Records
+    assert server.cipher()[0] == suite and server.version() == "TLSv1.3"
+    body = os.urandom(300_000)
+    for size in (0, 1, 16383, 16384, 16385, 100_000):
+        got = await both(partial(client.send_all, b"<" + body[:size] + b">"), server, size + 2)
+        assert got == b"<" + body[:size] + b">"
+    # small writes, a batched big one (several records per write(2)), and a mixed one
+    await server.send_all(b"small")
+    assert await read_exactly(client, 5) == b"small"
+    got = await both(partial(server.send_parts, [b"HEAD", memoryview(body), b"TAIL"]), client, len(body) + 8)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(b"HEAD" + body + b"TAIL").digest()
+    await client.send_all(b"bye")
+    assert await read_exactly(server, 3) == b"bye"
+    server.close()                                  # close_notify: the client sees a clean EOF
+    with trio.fail_after(10):
+        assert await client.receive_some(100) == b""
+
+
+async def test_a_tls12_connection_keeps_openssl(pki):
+    server, client, _ = pair(pki, client_context(pki, tls12=True))
+    await handshake(server, client)
+    assert server.version() == "TLSv1.2" and type(server._obj) is not _tls13.Records
+    await client.send_all(b"ping")
+    assert await read_exactly(server, 4) == b"ping"
+    await server.send_all(b"pong")
+    assert await read_exactly(client, 4) == b"pong"
+    server.close()
+
+
+async def test_the_tickets_made_after_the_handshake_resume_the_next_connection(pki):
+    _, d = pki
+    sctx = server_tls_context(str(d / "cert.pem"), str(d / "key.pem"))
+    cctx = client_context(pki)
+    server, client, _ = pair(pki, cctx, sctx)
+    await handshake(server, client)
+    await server.send_all(b"answer")                # the tickets went out before it
+    assert await read_exactly(client, 6) == b"answer"
+    session = client._ssl_object.session
+    assert session is not None and session.has_ticket
+    server.close()
+    server2, client2, _ = pair(pki, cctx, sctx, session=session)
+    await handshake(server2, client2)
+    assert client2._ssl_object.session_reused and server2.session_reused
+    assert type(server2._obj) is _tls13.Records
+    await client2.send_all(b"again")
+    assert await read_exactly(server2, 5) == b"again"
+    server2.close()
+
+
+async def test_key_updates_from_the_device_and_from_the_gateway(pki):
+    server, client, _ = pair(pki, client_context(pki))
+    await handshake(server, client)
+    lib = _libssl()
+    ptr = _word(client._ssl_object._sslobj, _SSL_AT)
+    assert ptr
+    for requested in (0, 1, 1, 0):
+        # the device moves its key on (and, asked, the gateway must answer with its own)
+        assert lib.SSL_key_update(ptr, requested) == 1
+        await client.send_all(b"after update %d" % requested)
+        assert await read_exactly(server, 14) == b"after update %d" % requested
+        await server.send_all(b"answer %d" % requested)
+        assert await read_exactly(client, 8) == b"answer %d" % requested
+    # the gateway's own, asking the device for one: both directions move on and still agree
+    server._obj.key_update(True)
+    await server.send_all(b"new keys")
+    assert await read_exactly(client, 8) == b"new keys"
+    await client.send_all(b"and back")             # OpenSSL answered with its KeyUpdate first
+    assert await read_exactly(server, 8) == b"and back"
+    server.close()
+
+
+# -- records the test makes itself -----------------------------------------------------------
+
+async def crafted_pair(pki, tmp_path, suite="TLS_AES_128_GCM_SHA256"):
+    keylog = tmp_path / f"keys-{os.urandom(4).hex()}.log"
+    server, client, raw = pair(pki, client_context(pki, suite, keylog=keylog))
+    await handshake(server, client)
+    assert type(server._obj) is _tls13.Records
+    return server, client, raw, Device(suite, keylog_secret(keylog, "CLIENT_TRAFFIC_SECRET_0"))
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+async def test_records_the_test_seals_are_read_padding_and_key_updates_included(pki, tmp_path, suite):
+    server, client, raw, dev = await crafted_pair(pki, tmp_path, suite)
+    raw._sock.send(dev.record(b"plain" + b"\x17"))
+    raw._sock.send(dev.record(b"padded" + b"\x17" + bytes(300)))       # zero padding after the type
+    raw._sock.send(dev.record(b"\x17"))                                   # empty application data
+    assert await read_exactly(server, 11) == b"plainpadded"
+    raw._sock.send(dev.record(bytes([24, 0, 0, 1, 1]) + b"\x16"))        # KeyUpdate, update requested
+    dev.update()
+    raw._sock.send(dev.record(b"after" + b"\x17"))
+    assert await read_exactly(server, 5) == b"after"
+    await server.send_all(b"answer")       # the gateway's KeyUpdate, then data under its new key:
+    #                                        read by the client's OpenSSL (its read side is intact)
+    assert await read_exactly(client, 6) == b"answer"
+    whole = dev.record(b"byte by byte" + b"\x17")
+    for i in range(len(whole)):            # a record arriving in pieces is read once it is whole
+        raw._sock.send(whole[i:i + 1])
+        if i < len(whole) - 1:
+            assert server.read_now(100) is None
+    assert await read_exactly(server, 12) == b"byte by byte"
+    raw._sock.send(dev.record(bytes([1, 0]) + b"\x15"))                  # close_notify
+    with trio.fail_after(10):
+        assert await server.receive_some(100) == b""
+    server.close()
+
+
+@pytest.mark.parametrize("case, alert", [
+    ("tampered", "bad record mac"),
+    ("another handshake message", "unexpected message"),
+    ("unknown content type", "unexpected message"),
+    ("only padding", "unexpected message"),
+    ("plaintext over 16 KiB", "record overflow"),
+    ("ciphertext over the limit", "record overflow"),
+    ("an unprotected handshake record", "unexpected message"),
+    ("a change_cipher_spec", "unexpected message"),
+    ("a malformed KeyUpdate", "decode error"),
+    ("a KeyUpdate split", "unexpected message"),
+    ("a protected record too short", "decode error"),
+])
+async def test_a_hostile_record_ends_the_connection_with_its_alert(pki, tmp_path, case, alert):
+    server, client, raw, dev = await crafted_pair(pki, tmp_path)
+    raw._sock.send(dev.record(b"fine\x17"))
+    assert await read_exactly(server, 4) == b"fine"
+    bad = {
+        "tampered": lambda: dev.record(b"evil\x17", tamper=True),
+        "another handshake message": lambda: dev.record(bytes([4, 0, 0, 4]) + b"abcd" + b"\x16"),
+        "unknown content type": lambda: dev.record(b"what\x63"),
+        "only padding": lambda: dev.record(bytes(20)),
+        "plaintext over 16 KiB": lambda: dev.record(bytes(16385) + b"\x17"),
+        "ciphertext over the limit": lambda: bytes([23, 3, 3]) + (16384 + 257).to_bytes(2, "big") + bytes(16641),
+        "an unprotected handshake record": lambda: bytes([22, 3, 3, 0, 4, 24, 0, 0, 1]) + b"\x00",
+        "a change_cipher_spec": lambda: bytes([20, 3, 3, 0, 1, 1]),
+        "a malformed KeyUpdate": lambda: dev.record(bytes([24, 0, 0, 1, 2]) + b"\x16"),
+        "a KeyUpdate split": lambda: dev.record(bytes([24, 0, 0]) + b"\x16"),
+        "a protected record too short": lambda: bytes([23, 3, 3, 0, 8]) + bytes(8),
+    }[case]()
+    raw._sock.send(bad)
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+        await server.receive_some(100)
+    with pytest.raises(trio.BrokenResourceError):   # and it stays broken
+        await server.send_all(b"more")
+    # the client's OpenSSL reads our fatal alert, sealed under the gateway's key
+    with trio.fail_after(10), pytest.raises((ssl.SSLError, trio.BrokenResourceError)) as err:
+        await client.receive_some(100)
+    assert alert in str(err.value).lower().replace("_", " ") or alert in str(err.value.__cause__).lower().replace("_", " ")
+    server.close()
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(0, 16384), min_size=1, max_size=6),
+       pads=st.lists(st.integers(0, 200), min_size=6, max_size=6),
+       cuts=st.lists(st.integers(1, 40000), max_size=8))
+def test_any_records_in_any_pieces_read_back_whole(pki, tmp_path, sizes, pads, cuts):
+    async def main():
+        server, client, raw, dev = await crafted_pair(pki, tmp_path)
+        data = os.urandom(sum(sizes))
+        wire = bytearray()
+        at = 0
+        for size, pad in zip(sizes, pads):
+            wire += dev.record(data[at:at + size] + b"\x17" + bytes(pad))
+            at += size
+        async with trio.open_nursery() as nursery:
+            async def send():
+                rest = memoryview(bytes(wire))
+                for cut in cuts:
+                    await trio.lowlevel.wait_writable(raw)
+                    rest = rest[raw._sock.send(rest[:cut]):]
+                    await trio.sleep(0)
+                while rest:
+                    await trio.lowlevel.wait_writable(raw)
+                    rest = rest[raw._sock.send(rest):]
+            nursery.start_soon(send)
+            got = await read_exactly(server, len(data)) if data else b""
+        assert got == data
+        server.close()
+        await client.aclose()
+    trio.run(main)
+
+
+def test_records_refuse_a_batch_for_another_socket():
+    a, b = socket.socketpair()
+    try:
+        rec = _tls13.Records(a.fileno(), 0, bytes(32), bytes(32))
+        with pytest.raises(ValueError):
+            rec.seal(b.fileno(), [b"x"])
+        assert len(rec.seal(a.fileno(), [b"x" * 20000])) == 20000 + 2 * (5 + 1 + 16)   # two records
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_with_the_setting_off_openssl_keeps_the_connection_and_its_tickets(pki):
+    # listener.tls13_records = false: the context is not prepared, OpenSSL sends its own tickets
+    _, d = pki
+    sctx = server_tls_context(str(d / "cert.pem"), str(d / "key.pem"), records=False)
+    assert not tls13.prepared(sctx) and sctx.num_tickets == 2
+    cctx = client_context(pki)
+    server, client, _ = pair(pki, cctx, sctx)
+    await handshake(server, client)
+    assert type(server._obj) is not _tls13.Records and server.version() == "TLSv1.3"
+    await server.send_all(b"answer")
+    assert await read_exactly(client, 6) == b"answer"
+    session = client._ssl_object.session
+    server.close()
+    server2, client2, _ = pair(pki, cctx, sctx, session=session)
+    await handshake(server2, client2)
+    assert server2.session_reused
+    server2.close()
