@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from tls13_device import SUITES, Device, keylog_secret
 
 from seg_fast import openssl
-from seg_fast.proxy import _tls13, tickets, tls13
+from seg_fast.proxy import _tls13, tls13
 from seg_fast.proxy.gateway import server_tls_context
 from seg_fast.proxy.tlsio import TLSStream
 from seg_fast.sim.tlssession import _SSL_AT, _word
@@ -59,7 +59,7 @@ def client_context(pki, suite=None, keylog=None, tls12=False):
     if tls12:
         cctx.maximum_version = ssl.TLSVersion.TLSv1_2
     if suite is not None:
-        ptr = tickets.ssl_ctx_of(cctx)
+        ptr = tls13.ctx_of(cctx)
         assert ptr and _libssl().SSL_CTX_set_ciphersuites(ptr, suite.encode()) == 1
     if keylog is not None:
         cctx.keylog_filename = str(keylog)

@@ -20,11 +20,13 @@ pointers or the secrets are missing nothing is prepared and every connection kee
 """
 from __future__ import annotations
 
+import ctypes
 import ssl
 import sys
 
 from seg_fast import openssl
-from seg_fast.proxy import _tls13, _tlsrecords, tickets, tlsbatch
+from seg_fast.proxy import _tls13, _tlsrecords, tlsbatch
+from seg_fast.sim.tlssession import _CTX_AT, _word
 
 TICKETS = 2                   # per full or resumed handshake (CPython's default num_tickets)
 _state: dict = {}
@@ -47,6 +49,9 @@ def _init() -> bool:
         return False
     if not _tlsrecords.init_tickets(*openssl.addresses(libssl, ("SSL_new_session_ticket", "SSL_do_handshake"))):
         return False
+    options = libssl.SSL_CTX_get_options
+    options.restype, options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+    _state["options"] = options
     return bool(_tls13.init(tuple(openssl.addresses(libcrypto, _CRYPTO))
                             + (openssl.address(libssl, "SSL_CTX_set_keylog_callback"),)))
 
@@ -56,13 +61,22 @@ def prepare(context: ssl.SSLContext) -> bool:
     (listener.tls13_records); False (nothing changed) where that cannot be done here."""
     ok = False
     if available() and context.maximum_version in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_3):
-        ptr = tickets.ssl_ctx_of(context)
+        ptr = ctx_of(context)
         if ptr:
             _tls13.watch(ptr)
             context.num_tickets = 0
             ok = True
     context._seg_tls13 = ok
     return ok
+
+
+def ctx_of(context: ssl.SSLContext) -> int:
+    """The context's SSL_CTX address, read from CPython's object and proven against the
+    options the context reports (0: not proven; never used then)."""
+    if not available() or type(context) is not ssl.SSLContext:
+        return 0
+    ptr = _word(context, _CTX_AT)
+    return ptr if ptr and _state["options"](ptr) == int(context.options) else 0
 
 
 def prepared(context: ssl.SSLContext) -> bool:
