@@ -28,6 +28,7 @@ from seg_fast import openssl
 from seg_fast.proxy import _tls13, _tlsrecords, tlsbatch
 from seg_fast.sim.tlssession import _CTX_AT, _word
 
+_CIPHERS: dict = {}           # the few cipher() tuples, one object each for every connection
 TICKETS = 2                   # per full or resumed handshake (CPython's default num_tickets)
 _state: dict = {}
 _CRYPTO = ("EVP_CIPHER_CTX_new", "EVP_CipherInit_ex", "EVP_CipherUpdate", "EVP_CipherFinal_ex",
@@ -140,7 +141,8 @@ class Shed:
 
     def __init__(self, sslobj, records):
         self.context = sslobj.context
-        self._cipher = sslobj.cipher()
+        cipher = sslobj.cipher()
+        self._cipher = _CIPHERS.setdefault(cipher, cipher) if len(_CIPHERS) < 64 else cipher
         self._alpn = sslobj.selected_alpn_protocol()
         der = sslobj.getpeercert(binary_form=True)
         self._cert_der = der
