@@ -35,11 +35,11 @@ pytestmark = pytest.mark.skipif(not tls13.available(), reason="TLS 1.3 records n
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    ca = trustme.CA()
-    server = ca.issue_cert("localhost")
     d = tmp_path_factory.mktemp("tls13")
-    server.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    server.private_key_pem.write_to_path(str(d / "key.pem"))
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost")
+    for blob, name in ((issued.cert_chain_pems[0], "cert.pem"), (issued.private_key_pem, "key.pem")):
+        blob.write_to_path(str(d / name))
     return ca, d
 
 

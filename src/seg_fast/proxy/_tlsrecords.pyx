@@ -97,16 +97,9 @@ def tickets(uintptr_t ssl_ptr, int fd, int count):
     cdef void* s = <void*>ssl_ptr
     cdef void* sock
     cdef int i, ok = 1
-    cdef long pending
     if _mem == NULL or _new_ticket == NULL or not ssl_ptr:
         raise ValueError("TLS tickets are not set up")
-    if _get_fd(s) != fd or fd < 0:
-        raise ValueError("not this socket's SSL object")
-    sock = _get_wbio(s)
-    if sock == NULL or _bio_up_ref(sock) != 1:
-        raise ValueError("no socket BIO")
-    _bio_up_ref(_mem)
-    _set0_wbio(s, _mem)
+    sock = _to_memory(s, fd)
     with nogil:
         for i in range(count):
             if _new_ticket(s) != 1:
@@ -118,7 +111,26 @@ def tickets(uintptr_t ssl_ptr, int fd, int count):
         _err_clear()
         _bio_ctrl(_mem, BIO_CTRL_RESET, 0, NULL)
         raise ssl.SSLError("TLS session tickets could not be made")
-    pending = _bio_ctrl(_mem, BIO_CTRL_PENDING, 0, NULL)
+    return _made()
+
+
+cdef void* _to_memory(void* s, int fd) except NULL:
+    """Point the SSL object's write side at the memory BIO; its socket BIO is returned (with
+    a reference of ours, which SSL_set0_wbio takes back on the swap back)."""
+    cdef void* sock
+    if _get_fd(s) != fd or fd < 0:
+        raise ValueError("not this socket's SSL object")
+    sock = _get_wbio(s)
+    if sock == NULL or _bio_up_ref(sock) != 1:
+        raise ValueError("no socket BIO")
+    _bio_up_ref(_mem)                 # SSL_set0_wbio takes a reference, and frees it on the swap back
+    _set0_wbio(s, _mem)
+    return sock
+
+
+cdef bytes _made():
+    """What OpenSSL wrote into the memory BIO, taken out as one bytes object."""
+    cdef long pending = _bio_ctrl(_mem, BIO_CTRL_PENDING, 0, NULL)
     out = PyBytes_FromStringAndSize(NULL, pending)
     if pending and _bio_read(_mem, PyBytes_AS_STRING(out), <int>pending) != pending:
         _bio_ctrl(_mem, BIO_CTRL_RESET, 0, NULL)
@@ -154,16 +166,9 @@ def seal(uintptr_t ssl_ptr, int fd, list parts):
     cdef void* s = <void*>ssl_ptr
     cdef void* sock
     cdef int err = 0
-    cdef long pending
     if _mem == NULL or not ssl_ptr:
         raise ValueError("TLS record batching is not set up")
-    if _get_fd(s) != fd or fd < 0:
-        raise ValueError("not this socket's SSL object")
-    sock = _get_wbio(s)
-    if sock == NULL or _bio_up_ref(sock) != 1:
-        raise ValueError("no socket BIO")
-    _bio_up_ref(_mem)                 # SSL_set0_wbio takes a reference, and frees it on the swap back
-    _set0_wbio(s, _mem)
+    sock = _to_memory(s, fd)
     try:
         _records(s, parts, &err)
     except BaseException:
@@ -176,12 +181,7 @@ def seal(uintptr_t ssl_ptr, int fd, list parts):
             _bio_ctrl(_mem, BIO_CTRL_RESET, 0, NULL)
     if err:
         raise ssl.SSLError(f"TLS write failed (SSL_get_error {err})")
-    pending = _bio_ctrl(_mem, BIO_CTRL_PENDING, 0, NULL)
-    out = PyBytes_FromStringAndSize(NULL, pending)
-    if pending and _bio_read(_mem, PyBytes_AS_STRING(out), <int>pending) != pending:
-        _bio_ctrl(_mem, BIO_CTRL_RESET, 0, NULL)
-        raise ssl.SSLError("TLS records could not be read back")
-    return out
+    return _made()
 
 
 cdef int _records(void* s, list parts, int* err) except -1:
