@@ -21,6 +21,7 @@ pointers or the secrets are missing nothing is prepared and every connection kee
 from __future__ import annotations
 
 import ctypes
+import os
 import ssl
 import sys
 
@@ -118,7 +119,6 @@ def count_records(data: bytes) -> int:
 def _write_all(fd: int, data: bytes) -> None:
     # A connection that stays OpenSSL's: its tickets, right after the handshake (a few
     # hundred bytes into an empty socket buffer; one that does not take them is broken).
-    import os
     n = os.write(fd, data)
     if n != len(data):
         raise BlockingIOError("the device's socket did not take the session tickets")
