@@ -562,6 +562,7 @@ def test_a_forged_record_after_the_handshake_ends_that_connection_with_its_alert
     dev = Device(s.cipher()[0], keylog_secret(keylog, "CLIENT_TRAFFIC_SECRET_0"))
     dev.seq = 1
     raw = socket.socket(fileno=os.dup(s.fileno()))
+    raw.settimeout(20)                              # the descriptor is non-blocking (s has a timeout)
     try:
         raw.sendall(dev.record(options_request() + b"\x17"))    # record 1, the test's own
         assert read_answer(s)[0] == 200                         # read by the client's OpenSSL
