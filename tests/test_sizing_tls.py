@@ -55,7 +55,7 @@ def test_nginx_keeps_tls_sessions_and_reads_as_the_gateway(tmp_path):
     import trustme
 
     from seg_fast import openssl
-    from seg_fast.proxy import tickets, upstream
+    from seg_fast.proxy import upstream
     from seg_fast.proxy.gateway import server_tls_context
 
     ca = trustme.CA()
@@ -64,7 +64,7 @@ def test_nginx_keeps_tls_sessions_and_reads_as_the_gateway(tmp_path):
     cert.private_key_pem.write_to_path(tmp_path / "server.key")
     # (the context held while its SSL_CTX is read: a temporary's was freed, and read after)
     ctx = server_tls_context(str(tmp_path / "server.pem"), str(tmp_path / "server.key"))
-    ptr = tickets.ssl_ctx_of(ctx)
+    ptr = openssl.ssl_ctx_of(ctx)
     assert ptr, "the gateway context's SSL_CTX could not be read"
     get_timeout = openssl.libssl().SSL_CTX_get_timeout
     get_timeout.restype, get_timeout.argtypes = ctypes.c_long, [ctypes.c_void_p]

@@ -228,7 +228,7 @@ def test_ring_framing_and_refusals(shared):
 
 def test_ssl_ctx_of_is_proven_per_context(shared, cert):
     a, b = server_context(cert), server_context(cert)
-    pa, pb = tickets.ssl_ctx_of(a), tickets.ssl_ctx_of(b)
+    pa, pb = openssl.ssl_ctx_of(a), openssl.ssl_ctx_of(b)
     assert pa and pb and pa != pb
 
 

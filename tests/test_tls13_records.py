@@ -59,7 +59,7 @@ def client_context(pki, suite=None, keylog=None, tls12=False):
     if tls12:
         cctx.maximum_version = ssl.TLSVersion.TLSv1_2
     if suite is not None:
-        ptr = tls13.ctx_of(cctx)
+        ptr = openssl.ssl_ctx_of(cctx)
         assert ptr and _libssl().SSL_CTX_set_ciphersuites(ptr, suite.encode()) == 1
     if keylog is not None:
         cctx.keylog_filename = str(keylog)
@@ -320,3 +320,24 @@ async def test_with_the_setting_off_openssl_keeps_the_connection_and_its_tickets
     await handshake(server2, client2)
     assert server2.session_reused
     server2.close()
+
+
+def test_the_context_pointer_is_proven_whatever_the_ticket_keys_state(pki, monkeypatch):
+    # One proof (openssl.ssl_ctx_of) for the record layer and the ticket keys: a process whose
+    # shared ticket keys could not be bound still prepares its contexts.
+    from seg_fast.proxy import tickets
+    _, d = pki
+    monkeypatch.setitem(tickets._state, "lib", "the compiled module is not built")
+    sctx = server_tls_context(str(d / "cert.pem"), str(d / "key.pem"))
+    assert tls13.prepared(sctx) and sctx.num_tickets == 0
+    ptr = openssl.ssl_ctx_of(sctx)
+    assert ptr and ptr != openssl.ssl_ctx_of(server_tls_context(str(d / "cert.pem"), str(d / "key.pem")))
+
+    class Other(ssl.SSLContext):
+        pass
+    # a subclass may lay its object out differently: not read, so not proven
+    assert openssl.ssl_ctx_of(Other(ssl.PROTOCOL_TLS_SERVER)) == 0
+    # the proof reads the context's settings back from OpenSSL at that address: a change made
+    # through Python is seen there, and the pointer stays proven
+    sctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    assert openssl.ssl_ctx_of(sctx) == ptr

@@ -10,6 +10,7 @@ loaded library returns that library): a caller's ``argtypes`` stay its own.
 from __future__ import annotations
 
 import ctypes
+import ssl
 
 
 def loaded(name: str) -> str | None:
@@ -56,3 +57,30 @@ def address(lib: ctypes.CDLL, name: str) -> int:
 
 def addresses(lib: ctypes.CDLL, names) -> list[int]:
     return [address(lib, name) for name in names]
+
+
+_ctx_fns: list = []           # SSL_CTX_get_options, SSL_CTX_ctrl of _ssl's libssl (bound once)
+
+
+def ssl_ctx_of(context: ssl.SSLContext) -> int:
+    """``context``'s SSL_CTX address, read from CPython's object (the layout
+    sim/tlssession.py reads) and proven against what the context itself reports, its options
+    and minimum protocol version: 0 when not proven, and then never used. The one proof for
+    every module that hands the pointer to OpenSSL (proxy/tickets.py, proxy/tls13.py)."""
+    from seg_fast.sim.tlssession import _CTX_AT, _word
+    if type(context) is not ssl.SSLContext:
+        return 0
+    if not _ctx_fns:
+        lib = libssl()
+        if lib is None:
+            return 0
+        options, ctrl = lib.SSL_CTX_get_options, lib.SSL_CTX_ctrl
+        options.restype, options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+        ctrl.restype, ctrl.argtypes = ctypes.c_long, [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        _ctx_fns[:] = [options, ctrl]
+    options, ctrl = _ctx_fns
+    ptr = _word(context, _CTX_AT)
+    if not ptr or options(ptr) != int(context.options):
+        return 0
+    minimum = ctrl(ptr, 130, 0, None)        # SSL_CTRL_GET_MIN_PROTO_VERSION
+    return ptr if minimum == max(context.minimum_version.value, 0) else 0

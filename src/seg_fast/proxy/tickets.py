@@ -21,8 +21,7 @@ The keys travel over the worker's channel (proxy/channel.py: a Unix socketpair p
 one message per ring), made by the control process before the worker starts: the first ring
 waits in it, so the worker has its keys before its first handshake; later rings come as they
 are made. They are never written to a file or a log, nor passed in the environment. Python's ssl has no call for ticket keys: the SSL_CTX pointer is
-read from the SSLContext object (the layout ``sim/tlssession.py`` reads, proven here
-against what the context itself reports before it is used) and the callback set with
+read from the SSLContext object and proven before it is used (``openssl.ssl_ctx_of``) and the callback set with
 SSL_CTX_set_tlsext_ticket_key_evp_cb (OpenSSL 1.1: SSL_CTX_set_tlsext_ticket_key_cb).
 Where that cannot be done, the worker says so once and keeps OpenSSL's own keys.
 """
@@ -39,7 +38,6 @@ import trio
 
 from seg_fast import openssl
 from seg_fast.proxy.console import say
-from seg_fast.sim.tlssession import _CTX_AT, _word
 
 KEY_BYTES = 80
 # A ring message: MAGIC, when current became current (a big-endian double, Unix time), then
@@ -130,11 +128,6 @@ def _bind_now():
     if libssl is None or libcrypto is None:
         return "libssl/libcrypto not found in this process"
     addr = openssl.address
-    for lib, name, res, args in ((libssl, "SSL_CTX_get_options", ctypes.c_uint64, [ctypes.c_void_p]),
-                                 (libssl, "SSL_CTX_ctrl", ctypes.c_long,
-                                  [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p])):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
     legacy = not addr(libssl, "SSL_CTX_set_tlsext_ticket_key_evp_cb")
     cipher = 0
     if not legacy:
@@ -162,22 +155,6 @@ def _bind_now():
     return _tickets
 
 
-def ssl_ctx_of(context: ssl.SSLContext) -> int:
-    """The context's SSL_CTX address, proven against what the context reports (0: not proven)."""
-    lib = _bind()
-    if isinstance(lib, str):
-        return 0
-    libssl = _state["libssl"]
-    ptr = _word(context, _CTX_AT)
-    if not ptr:
-        return 0
-    minimum = libssl.SSL_CTX_ctrl(ptr, 130, 0, None)      # SSL_CTRL_GET_MIN_PROTO_VERSION
-    wanted = context.minimum_version.value
-    if libssl.SSL_CTX_get_options(ptr) != int(context.options) or minimum != max(wanted, 0):
-        return 0
-    return ptr
-
-
 def use(message: bytes) -> None:
     """Take a ring (a Keeper's message): every context keyed, before or after, uses it."""
     lib = _bind()
@@ -199,7 +176,7 @@ def key(context: ssl.SSLContext) -> None:
     if isinstance(lib, str) or not lib.key_count():
         keyed = context               # nothing to install: not asked again per connection (use() resets)
         return
-    ptr = ssl_ctx_of(context)
+    ptr = openssl.ssl_ctx_of(context)
     if not ptr:
         _say_once("session tickets: this Python's SSLContext layout is not the expected one; "
                   "each worker keeps OpenSSL's own ticket keys")

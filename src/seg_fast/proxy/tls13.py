@@ -20,14 +20,12 @@ pointers or the secrets are missing nothing is prepared and every connection kee
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import ssl
 import sys
 
 from seg_fast import openssl
 from seg_fast.proxy import _tls13, _tlsrecords, tlsbatch
-from seg_fast.sim.tlssession import _CTX_AT, _word
 
 _CIPHERS: dict = {}           # the few cipher() tuples, one object each for every connection
 TICKETS = 2                   # per full or resumed handshake (CPython's default num_tickets)
@@ -51,9 +49,6 @@ def _init() -> bool:
         return False
     if not _tlsrecords.init_tickets(*openssl.addresses(libssl, ("SSL_new_session_ticket", "SSL_do_handshake"))):
         return False
-    options = libssl.SSL_CTX_get_options
-    options.restype, options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
-    _state["options"] = options
     return bool(_tls13.init(tuple(openssl.addresses(libcrypto, _CRYPTO))
                             + (openssl.address(libssl, "SSL_CTX_set_keylog_callback"),)))
 
@@ -63,22 +58,13 @@ def prepare(context: ssl.SSLContext) -> bool:
     (listener.tls13_records); False (nothing changed) where that cannot be done here."""
     ok = False
     if available() and context.maximum_version in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_3):
-        ptr = ctx_of(context)
+        ptr = openssl.ssl_ctx_of(context)
         if ptr:
             _tls13.watch(ptr)
             context.num_tickets = 0
             ok = True
     context._seg_tls13 = ok
     return ok
-
-
-def ctx_of(context: ssl.SSLContext) -> int:
-    """The context's SSL_CTX address, read from CPython's object and proven against the
-    options the context reports (0: not proven; never used then)."""
-    if not available() or type(context) is not ssl.SSLContext:
-        return 0
-    ptr = _word(context, _CTX_AT)
-    return ptr if ptr and _state["options"](ptr) == int(context.options) else 0
 
 
 def prepared(context: ssl.SSLContext) -> bool:
