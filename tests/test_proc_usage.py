@@ -46,3 +46,33 @@ def test_the_times_a_process_was_put_on_a_cpu_count_its_wake_ups():
         child.wait(timeout=20)
     assert proc_usage([child.pid])[3] == 0                 # gone: nothing to read
     assert proc_usage([child.pid], seen)[3] == runs     # its last reading stays counted
+
+
+SYSCALLS = ("import os, time\nfd = os.open('/dev/zero', os.O_RDONLY)\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.3: os.read(fd, 1 << 20)\nprint('ok', flush=True)\ninput()")
+
+# (BURN asks the kernel for its CPU time on every turn: a system call each; this does not)
+SPIN = ("import resource\nwhile resource.getrusage(resource.RUSAGE_SELF).ru_utime < 0.3:\n"
+        "    for _ in range(100000): pass\nprint('ok', flush=True)\ninput()")
+
+
+def test_the_kernel_part_of_a_process_cpu_is_counted_apart():
+    """The fifth figure is the kernel's part of the first (system time): a child copying
+    /dev/zero in 1 MiB reads spends most of its CPU there, a busy loop almost none."""
+    kernel = subprocess.Popen([sys.executable, "-c", SYSCALLS], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    user = subprocess.Popen([sys.executable, "-c", SPIN], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    seen: dict = {}
+    try:
+        assert kernel.stdout.readline().strip() == b"ok" and user.stdout.readline().strip() == b"ok"
+        cpu, _, _, _, system = proc_usage([kernel.pid])
+        assert cpu >= 0.25 and system > cpu / 2
+        cpu, _, _, _, system = proc_usage([user.pid])
+        assert cpu >= 0.25 and system < cpu / 2
+        both = proc_usage([kernel.pid, user.pid], seen)
+        assert both[4] <= both[0]
+    finally:
+        for child in (kernel, user):
+            child.stdin.close()
+            child.wait(timeout=20)
+    # exited: their figures stay in the ``seen`` sum, the kernel's part with them
+    assert proc_usage([kernel.pid, user.pid], seen)[4] == both[4]

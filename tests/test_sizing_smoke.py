@@ -92,9 +92,15 @@ def test_load_side_cost_reported_beside_the_gateways(report):
         want = p["load"]["cpu_share"] * p["window_s"] / (report["options"]["devices"] * hours)
         assert load["cpu_s_per_device_hour"] == pytest.approx(want, rel=1e-3) and want > 0
         assert load["us_per_request_whole_run"] == round(1e6 * p["load"]["cpu_s_total"] / p["requests_total"])
+        # the kernel's part of each side's CPU: part of it, never more
+        assert 0 <= load["kernel_cpu_share"] <= load["cpu_share"] and p["load"]["kernel_cpu_share"] > 0
     if "gateway" in m:
         assert m["load_cpu_vs_gateway"] == pytest.approx(
             m["load"]["gateway"]["cpu_s_per_device_hour"] / m["gateway"]["cpu_s_per_device_hour"], rel=1e-2)
+        g = m["gateway"]
+        assert 0 < g["kernel_cpu_share"] <= g["cpu_share"]
+        assert m["load_kernel_cpu_vs_gateway"] == pytest.approx(
+            m["load"]["gateway"]["kernel_cpu_share"] / g["cpu_share"], abs=1e-3)
 
 
 def test_gateway_memory_with_its_sockets_and_loop_lag_reported(report):

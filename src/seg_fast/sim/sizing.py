@@ -167,25 +167,27 @@ def proc_pss_kib(pids: list[int]) -> int:
     return total
 
 
-def proc_usage(pids: list[int], seen: dict | None = None) -> tuple[float, int, float, int]:
+def proc_usage(pids: list[int], seen: dict | None = None) -> tuple[float, int, float, int, float]:
     """(CPU seconds, resident KiB, seconds spent runnable but waiting for a CPU, times
-    put on a CPU) summed over the pids that still exist. The wait (schedstat) is what
+    put on a CPU, the CPU seconds of those spent in the kernel) summed over the pids that
+    still exist. The kernel's part is what no user-space work on that side can take away:
+    on loopback the sender's CPU also carries the receiving end's TCP path. The wait (schedstat) is what
     tells a process starved by others from one that is merely busy; the times put on a
     CPU (schedstat's third field) count its wake-ups (a count, so machines of different
     speeds compare). With ``seen``
-    (pid -> (cpu, wait, runs), kept across calls) the figures of processes that have
+    (pid -> (cpu, wait, runs, kernel CPU), kept across calls) the figures of processes that have
     exited since stay counted, so the sums never go back (a short-lived child's exit
     made a window's load CPU negative)."""
     if seen is not None:
         rss = 0
         for pid in pids:
-            c, r, w, k = proc_usage([pid])
+            c, r, w, k, y = proc_usage([pid])
             if r:                  # read and alive: a gone (or zombie) one keeps its last figures
-                seen[pid] = (c, w, k)
+                seen[pid] = (c, w, k, y)
             rss += r
-        return (sum(c for c, _, _ in seen.values()), rss, sum(w for _, w, _ in seen.values()),
-                sum(k for _, _, k in seen.values()))
-    cpu, rss, wait, runs = 0.0, 0, 0.0, 0
+        cpu, wait, runs, system = (sum(col) for col in zip(*seen.values())) if seen else (0.0, 0.0, 0, 0.0)
+        return cpu, rss, wait, runs, system
+    cpu, rss, wait, runs, system = 0.0, 0, 0.0, 0, 0.0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -198,10 +200,11 @@ def proc_usage(pids: list[int], seen: dict | None = None) -> tuple[float, int, f
             continue
         f = raw[raw.rindex(b")") + 2:].split()
         cpu += (int(f[11]) + int(f[12])) / CLK_TCK
+        system += int(f[12]) / CLK_TCK
         rss += int(statm[1]) * PAGE_KIB
         wait += int(sched[1]) / 1e9
         runs += int(sched[2])
-    return cpu, rss, wait, runs
+    return cpu, rss, wait, runs, system
 
 
 def max_fds(pids: list[int]) -> int:
@@ -819,15 +822,15 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
             while True:
                 spids, lpids = tree(server_roots), tree(load_roots)
                 server_fds[0] = max(server_fds[0], max_fds(spids))
-                scpu, srss, swait, sruns = proc_usage(spids, server_seen)
-                lcpu, lrss, lwait, _ = proc_usage(lpids, load_seen)
+                scpu, srss, swait, sruns, ssys = proc_usage(spids, server_seen)
+                lcpu, lrss, lwait, _, lsys = proc_usage(lpids, load_seen)
                 if time.time() - last_pss >= PSS_EVERY or not samples:
                     # (smaps_rollup walks each process's page tables: every few seconds)
                     spss, last_pss = proc_pss_kib(spids), time.time()
                 now = time.time()
                 ticks = core_times((opts.gateway_cpu, opts.load_cpu))
                 samples.append((now, scpu, srss, lcpu, ticks.get(opts.gateway_cpu, (0.0,))[0],
-                                ticks.get(opts.load_cpu, (0.0,))[0], swait, lwait, spss, sruns))
+                                ticks.get(opts.load_cpu, (0.0,))[0], swait, lwait, spss, sruns, ssys, lsys))
                 cores.append((now, ticks))
                 if w0 <= now < w1 and now - last_speed >= speed.EVERY:
                     last_speed = now
@@ -989,10 +992,13 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
             "runqueue_wait": round((b[6] - a[6]) / dt, 4),
             # times the proxy's processes were put on a CPU in the window: their wake-ups
             "runs_per_s": round((b[9] - a[9]) / dt, 1),
+            # of cpu_share, the part spent in the kernel (system time)
+            "kernel_cpu_share": round((b[10] - a[10]) / dt, 4),
             "died": server_died,
         },
         "load": {
             "cpu_share": round((b[3] - a[3]) / dt, 4),
+            "kernel_cpu_share": round((b[11] - a[11]) / dt, 4),
             "cpu_s_total": round(load_cpu_s, 2),
             "core_busy": round((b[5] - a[5]) / dt, 4),
             "runqueue_wait": round((b[7] - a[7]) / dt, 4),
@@ -1270,7 +1276,8 @@ def judge(point: dict, opts: Options) -> dict:
                              "loop_lag_max_ms": lag.get("max_ms_window"),
                              "loop_lag_max_ms_run": lag.get("max_ms_run"),
                              "gc_gen2_in_window": lag.get("gc_gen2_in_window"),
-                             "cpu_share": s["cpu_share"], "rss_mib": round(s["rss_kib_max"] / 1024, 1),
+                             "cpu_share": s["cpu_share"], "kernel_cpu_share": s.get("kernel_cpu_share"),
+                             "rss_mib": round(s["rss_kib_max"] / 1024, 1),
                              # what the memory bound judges: the processes' memory, shared pages once
                              "pss_mib": round(s["pss_kib_max"] / 1024, 1) if s.get("pss_kib_max") else None,
                              "pss_kib_per_device": (round(s["pss_kib_max"] / n, 2) if s.get("pss_kib_max")
@@ -1283,7 +1290,7 @@ def judge(point: dict, opts: Options) -> dict:
     for name, p in paths.items():
         ld = p["load"]
         metrics.setdefault("load", {})[name] = {
-            "cpu_share": ld["cpu_share"],
+            "cpu_share": ld["cpu_share"], "kernel_cpu_share": ld.get("kernel_cpu_share"),
             # the fleet and simulator shards' own cost, counted as the gateway's is
             # (window CPU over simulated device-hours); issue 11 wants it <= 1/3 of the gateway's
             "cpu_s_per_device_hour": (round(ld["cpu_share"] * p["window_s"] / (n * hours), 6)
@@ -1306,6 +1313,12 @@ def judge(point: dict, opts: Options) -> dict:
             and metrics["gateway"]["cpu_s_per_device_hour"]):
         metrics["load_cpu_vs_gateway"] = round(metrics["load"]["gateway"]["cpu_s_per_device_hour"]
                                                / metrics["gateway"]["cpu_s_per_device_hour"], 3)
+        # The floor under that ratio: the load side's kernel time alone (its sockets' system
+        # calls, and on loopback the receiving end's TCP path its sends carry), which no
+        # user-space work on the load side can take away.
+        lk, gs = metrics["load"]["gateway"].get("kernel_cpu_share"), metrics["gateway"]["cpu_share"]
+        if lk is not None and gs:
+            metrics["load_kernel_cpu_vs_gateway"] = round(lk / gs, 3)
     if "gateway" in metrics and "nginx" in metrics and metrics["nginx"]["cpu_s_per_device_hour"]:
         metrics["gateway_cpu_vs_nginx"] = round(metrics["gateway"]["cpu_s_per_device_hour"]
                                                 / metrics["nginx"]["cpu_s_per_device_hour"], 2)
