@@ -132,6 +132,7 @@ def _verdict(devices: int, held: float, kind: str) -> dict:
         v["broke"] = ["paired added p99.9 120.0 ms on ItemOperations, n=1500 > 100 ms"]
     elif kind == "undriven":
         v["undriven"] = ["gateway: load side fell behind schedule (p99 1.40s, max 3.00s)"]
+        v["metrics"].update(load_cpu_vs_gateway=1.12, load_kernel_cpu_vs_gateway=0.41)
     elif kind == "unmeasured":
         v["unmeasured"] = ["gateway: the cgroup CPU limit was not applied"]
     elif kind == "passes":
@@ -202,6 +203,8 @@ def test_search_bisects_below_where_the_load_side_cannot_drive_and_says_it_stopp
     assert stop["by"] == "load side" and stop["devices_driven"] == 17_500
     assert stop["said"].startswith("the load side could not drive 70000 devices per core")
     assert "fell behind schedule" in stop["why"][0]
+    # with what the load side cost there, and its kernel's part alone
+    assert stop["load_cpu_vs_gateway"] == 1.12 and stop["load_kernel_cpu_vs_gateway"] == 0.41
     assert stop["largest_met_per_core"] == 65_000
     assert report["headline"]["best_devices_per_core"] == 65_000
     # a miss below an undriven point: the gateway stopped it
@@ -381,12 +384,14 @@ def test_realtime_sides_run_round_robin_and_answer_everything():
 
 def test_rr_timeslice_holds_for_the_run_is_recorded_and_put_back(monkeypatch, tmp_path):
     # --rr-timeslice-ms is machine-wide: set while the run measures, in the report's machine
-    # record, and the kernel's own value back afterwards
+    # record, and the kernel's own value back afterwards. The test writes a file of its own in
+    # the sysctl's place: a test must not change the machine's scheduler under a sizing run
+    # measuring beside it.
     from seg_fast import oslimits
-    before = oslimits.rr_timeslice_ms()
-    if not before or oslimits.set_rr_timeslice_ms(before):
-        pytest.skip("kernel.sched_rr_timeslice_ms cannot be written here (not root)")
-    want = 7 if before != 7 else 9
+    sysctl = tmp_path / "sched_rr_timeslice_ms"
+    sysctl.write_text("100\n")
+    monkeypatch.setattr(oslimits, "_RR_TIMESLICE", str(sysctl))
+    before, want = 100, 7
     seen = {}
 
     async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None):
@@ -398,7 +403,7 @@ def test_rr_timeslice_holds_for_the_run_is_recorded_and_put_back(monkeypatch, tm
     assert sizing.cli(["sizing", "--realtime", "gateway,load", "--rr-timeslice-ms", str(want),
                        "--out", str(tmp_path), "--quiet"]) == 0
     assert seen["during"] == want
-    assert oslimits.rr_timeslice_ms() == before
+    assert oslimits.rr_timeslice_ms() == before and sysctl.read_text() == "100\n"
     (summary,) = [p for p in tmp_path.glob("sizing-off-*.json") if ".raw." not in p.name]
     assert json.loads(summary.read_text())["machine"]["sched_rr_timeslice_ms"] == want
 

@@ -1621,8 +1621,16 @@ def stop_reason(step: str, per_core: int, n: int, fraction: float, v: dict) -> d
     why = {"broke": ("gateway", f"the gateway missed the service level at {at}", v.get("broke", [])),
            "undriven": ("load side", f"the load side could not drive {at}", v.get("undriven", [])),
            "unmeasured": ("measurement", f"{at} was not measured", v.get("unmeasured", []))}[step]
-    return {"by": why[0], "devices_per_core": per_core, "devices_driven": n, "held_to_cores": fraction,
+    stop = {"by": why[0], "devices_per_core": per_core, "devices_driven": n, "held_to_cores": fraction,
             "said": why[1], "why": why[2]}
+    if step == "undriven":
+        # what the load side cost against the gateway there, and the part of it no user-space
+        # work on the load side can remove (its kernel time): how far a cheaper load side
+        # could carry the search on this machine
+        m = v.get("metrics") or {}
+        stop["load_cpu_vs_gateway"] = m.get("load_cpu_vs_gateway")
+        stop["load_kernel_cpu_vs_gateway"] = m.get("load_kernel_cpu_vs_gateway")
+    return stop
 
 
 async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
