@@ -1346,8 +1346,9 @@ async def run_point(opts: Options, say) -> dict:
             p = point["paths"][path]
             say(f"[N={opts.devices}] {path}: {p['requests_total']} requests, "
                 f"{sum(p['failures'].values())} failures, server cpu "
-                f"{100 * p['server']['cpu_share']:.1f}%, rss {p['server']['rss_kib_max'] / 1024:.0f} MiB, "
-                f"load cpu {100 * p['load']['cpu_share']:.0f}%")
+                f"{100 * p['server']['cpu_share']:.1f}% (kernel {100 * p['server']['kernel_cpu_share']:.1f}%), "
+                f"rss {p['server']['rss_kib_max'] / 1024:.0f} MiB, load cpu {100 * p['load']['cpu_share']:.0f}% "
+                f"(kernel {100 * p['load']['kernel_cpu_share']:.0f}%)")
             late = sorted(ms for d in p.get("late_raw", {}).values() for ms in d.values())
             say(f"[N={opts.devices}] {path}: the load side's own read delay in the window's requests: "
                 f"p99 {percentile(late, 0.99):.1f} ms, p99.9 {percentile(late, 0.999):.1f} ms")
