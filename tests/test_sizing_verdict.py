@@ -120,6 +120,20 @@ def test_judge_uses_paired_classes_and_names_the_pooled_commands():
     assert v["invalid"] == [] and not v["meets"]
 
 
+def test_nginx_gets_its_paired_figures_without_the_gateway_in_the_run():
+    # --paths direct,nginx: the peer's added latency is paired with the direct run as the
+    # gateway's would be (it was left out when the gateway did not run)
+    keys = [str(i) for i in range(1500)]
+    direct = {"Sync": {k: 10.0 for k in keys}}
+    nginx = {"Sync": {k: (10.0 + (30.0 if i < 3 else 2.0)) for i, k in enumerate(keys)}}
+    opts = sizing.Options(devices=100, hold=120.0, repeat=1)
+    v = sizing.judge({"devices": 100, "paths": {"direct": _path("direct", direct),
+                                                 "nginx": _path("nginx", nginx)}}, opts)
+    sync = v["added_latency_ms"]["nginx"]["classes"]["Sync"]
+    assert sync["n"] == 1500 and sync["p99"] == 2.0 and sync["p999"] == 30.0
+    assert "gateway" not in v["added_latency_ms"]
+
+
 def test_results_keep_a_small_summary_per_claim_with_the_commit(tmp_path):
     met = {"devices": 5000, "verdict": {"meets": True, "broke": [], "invalid": [], "runs_meet": [True, True]},
            "runs": [{"paths": {"gateway": {"timeline": [[0, 1, 2, 3]] * 500}}}] * 2}

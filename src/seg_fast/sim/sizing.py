@@ -1173,7 +1173,7 @@ def judge(point: dict, opts: Options) -> dict:
         caveats += contention(p)
     caveats += speed_caveats(paths)
     added = {}
-    if direct and gw:
+    if direct:                        # nginx's paired figures too when it runs without the gateway
         for name in [n for n in ("gateway", "nginx") if n in paths]:
             p = paths[name]
             added[name] = added_latency(p["latency_raw"], direct["latency_raw"])
