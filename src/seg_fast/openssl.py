@@ -67,7 +67,7 @@ def ssl_ctx_of(context: ssl.SSLContext) -> int:
     sim/tlssession.py reads) and proven against what the context itself reports, its options
     and minimum protocol version: 0 when not proven, and then never used. The one proof for
     every module that hands the pointer to OpenSSL (proxy/tickets.py, proxy/tls13.py)."""
-    from seg_fast.sim.tlssession import _CTX_AT, _word
+    from seg_fast.sim.tlssession import _CTX_AT, _word      # (here: tlssession imports this module)
     if type(context) is not ssl.SSLContext:
         return 0
     if not _ctx_fns:
