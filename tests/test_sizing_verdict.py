@@ -296,3 +296,38 @@ def test_shards_time_their_steps_only_when_asked(tmp_path):
     asked = sizing.plan_shards(sizing.Options(devices=20000, tls=False, load_steps=True), tmp_path, "direct")
     assert len(plain) == len(asked) > 1
     assert not any(s.slow_steps for s in plain) and all(s.slow_steps for s in asked)
+
+
+def _burst_run(load_wait_at_7: float, server_wait_at_7: float) -> dict:
+    """A gateway run whose ten slow Syncs (150 ms added: p99.9 misses) were all sent in second 7, with
+    the two sides' run-queue waits in that second given (every other second: 100 and 100)."""
+    keys = [str(i) for i in range(1000)]
+    slow = {str(i) for i in range(1, 100, 10)}
+    direct = {"Sync": {k: 10.0 for k in keys}}
+    gateway = {"Sync": {k: 10.0 + (150.0 if k in slow else 0.0) for k in keys}}
+    g_timing = {k: (7.2 if k in slow else float(i % 60), 2.0) for i, k in enumerate(keys)}
+    d_timing = {k: (float(i % 60), 2.0) for i, k in enumerate(keys)}
+    g_seconds = [{"sec": s, "load_wait_ms": load_wait_at_7 if s == 7 else 100.0,
+                  "server_wait_ms": server_wait_at_7 if s == 7 else 100.0} for s in range(60)]
+    gw = _path("gateway", gateway) | {"timing_raw": {"Sync": g_timing}, "seconds": g_seconds}
+    dr = _path("direct", direct) | {"timing_raw": {"Sync": d_timing}}
+    return sizing.judge({"devices": 100, "paths": {"direct": dr, "gateway": gw}},
+                        sizing.Options(devices=100, hold=120.0, repeat=1))
+
+
+def test_a_miss_sent_in_the_load_sides_busiest_seconds_gets_a_caveat_and_still_misses():
+    """A missed class whose slowest 1% were sent when the load side waited for its core far
+    longer than on average, and far more so than the gateway's workers, names the load side's
+    bursts; the same wait on both sides (the machine's) or a small one names nothing."""
+    def burst(v):
+        return [c for c in v["caveats"] if "load side's shards waited" in c]
+
+    v = _burst_run(load_wait_at_7=700.0, server_wait_at_7=160.0)
+    assert not v["meets"] and any(b.startswith("paired added p99.9 150.0 ms on Sync") for b in v["broke"])
+    # 700 in second 7 against (59 x 100 + 700) / 60 = 110 on average: 6.4x; the workers 1.6x
+    assert burst(v) == ["Sync: its slowest 1% were sent in seconds when the load side's shards waited for "
+                        "their core 6.4x as long as on average (the gateway's workers 1.6x): the load side's "
+                        "own bursts are in that tail"]
+    assert burst(_burst_run(load_wait_at_7=700.0, server_wait_at_7=700.0)) == []    # both sides: the machine
+    assert burst(_burst_run(load_wait_at_7=140.0, server_wait_at_7=100.0)) == []    # 1.4x: not a burst
+    assert not _burst_run(load_wait_at_7=700.0, server_wait_at_7=160.0)["meets"]

@@ -68,6 +68,12 @@ SLO_ADDED_P999_MS = 100.0
 # rank: the instrument's own noise) reaches this share of the bound gets a caveat: the miss
 # may be the load side's stalls, not the proxy's. The verdict stands (no claim from noise).
 NOISE_CAVEAT_SHARE = 0.8
+# A missed class whose slowest 1% were sent in seconds when the load side's shards waited for
+# their core this many times their average wait, and that ratio this many times the gateway's
+# workers' own, gets a caveat: the load side's bursts are in that tail, beyond the read delays
+# its stamps take out. The verdict stands.
+LOAD_BURST_CAVEAT = 1.5
+LOAD_BURST_OVER_GATEWAY = 1.25
 SLO_CPU_SHARE = 0.80
 SLO_RSS_KIB = 2 * 1024 * 1024       # the proxy's memory, judged as PSS (``resident``)
 PSS_EVERY = 5.0                      # s between reads of the proxy's PSS
@@ -1153,6 +1159,24 @@ def speed_caveats(paths: dict[str, dict]) -> list[str]:
     return out
 
 
+def load_burst_caveat(cmd: str, split: dict | None) -> list[str]:
+    """A caveat when ``cmd``'s slowest 1% (added_split's ``worst``) were sent in seconds when
+    the load side waited for its core LOAD_BURST_CAVEAT times its average, and that ratio is
+    LOAD_BURST_OVER_GATEWAY times the gateway's workers' own (each side's mean run-queue wait in
+    those seconds against every second's): a tail the load side's bursts are in, not only the
+    machine's. [] otherwise or unmeasured."""
+    means = ((split or {}).get("worst", {}).get("machine") or {}).get("mean_where_slowest_vs_all", {})
+    load, server = means.get("load_wait_ms"), means.get("server_wait_ms")
+    if not load or not server or not load[1] or not server[1]:
+        return []
+    ratio, own = load[0] / load[1], server[0] / server[1]
+    if ratio < LOAD_BURST_CAVEAT or ratio < LOAD_BURST_OVER_GATEWAY * own:
+        return []
+    return [f"{cmd}: its slowest 1% were sent in seconds when the load side's shards waited for their core "
+            f"{ratio:.1f}x as long as on average (the gateway's workers {own:.1f}x): the load side's own "
+            f"bursts are in that tail"]
+
+
 def judge(point: dict, opts: Options) -> dict:
     paths = point["paths"]
     direct, gw = paths.get("direct"), paths.get("gateway")
@@ -1217,6 +1241,9 @@ def judge(point: dict, opts: Options) -> dict:
                         caveats.append(f"{label}: the direct run was itself {mirror:.1f} ms slower than the "
                                        f"gateway's at the {rank} rank (mirror): the instrument's noise is near "
                                        f"the {bound:.0f} ms bound there")
+            if any(v[q] > bound for q, bound in (("p99", SLO_ADDED_P99_MS), ("p999", SLO_ADDED_P999_MS))):
+                for cmd in (pooled if cls == OTHER else [cls]):
+                    caveats += load_burst_caveat(cmd, added["gateway"].get(f"{cmd}_split"))
         if gw["server"]["cpu_share"] > SLO_CPU_SHARE * held:
             broke.append(f"gateway CPU {100 * gw['server']['cpu_share']:.0f}% of a core > 80% of the "
                          f"{held:g} core it was held to")
