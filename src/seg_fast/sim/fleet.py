@@ -1311,6 +1311,7 @@ class Fleet:
             "transformed": st.transformed,
             "checked_bodies": st.checked_bodies, "envelopes_opened": st.envelopes_opened,
             "checks_offloaded": self.checks.offloaded,
+            "checks_in_loop": self.checks.in_loop,
             "byte_checked": st.byte_checked, "polled": self.parker.polled,
             "facts_checked": st.facts_checked, "facts_crosschecked": st.facts_crosschecked,
             "tls_handshakes": st.tls_handshakes, "tls_resumed": st.tls_resumed,

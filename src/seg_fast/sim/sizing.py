@@ -979,6 +979,7 @@ def summarize_path(path, opts, results, samples, w0, w1, server_died) -> dict:
         "facts_crosschecked": sum(r.get("facts_crosschecked", 0) for r in results),
         "envelopes_opened": sum(r.get("envelopes_opened", 0) for r in results),
         "checks_offloaded": sum(r.get("checks_offloaded", 0) for r in results),
+        "checks_in_loop": sum(r.get("checks_in_loop", 0) for r in results),
         "fetch_skipped": sum(r["fetch_skipped"] for r in results),
         "latency_ms": {cmd: lat_summary([ms for _, ms in pairs]) for cmd, pairs in lat.items()},
         "latency_raw": {cmd: dict(pairs) for cmd, pairs in lat.items()},
