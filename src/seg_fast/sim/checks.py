@@ -15,11 +15,10 @@ holds it for its length: so base64 is decoded by pybase64 (libbase64's SIMD deco
 ~1 ms for 13 MB, about 35x binascii) where it is canonical, and otherwise in slices
 (``b64decode``), never 13 MB in one binascii call (it holds the GIL ~60-90 ms for that,
 and the loop with it).
-The thread runs below the loop (``_below_the_loop``): time-shared at nice 19, and not
-under the real-time policy the shards get with ``--realtime load`` (a sampled 13 MB MIME
-parse took 10 ms round-robin turns among the shards' loops, so every device of the core
-waited behind it, on the gateway path only). It gets the core when the loops leave
-it, and a backlog of ``MAX_PENDING`` brings the work back into the loop.
+The thread keeps the shard's scheduling policy. Run below the loop (nice 19, out of
+``--realtime load``'s SCHED_RR) it starved whenever the shards' loops filled the core, as
+in a security-on ramp: at 80,000 devices 392 checks overflowed into the loops and the
+load side fell 2.4 s behind its schedule (benchmarks/README.md, 2026-12-06).
 Every check still happens and a failure is counted as before; the run waits for
 the last one before it reports (``wait``). Past ``MAX_PENDING`` checks in flight
 (each holds its answer) the next one runs in the loop: bounded memory.
@@ -29,7 +28,6 @@ from __future__ import annotations
 import binascii
 import os
 import sys
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pybase64
@@ -79,17 +77,6 @@ def b64decode(s: str | bytes, step: int = 0) -> bytes:
     return b"".join(out)
 
 
-def _below_the_loop() -> None:
-    """The calling thread yields the core to the shard's loop: out of a real-time policy
-    (Linux's sched_* calls with pid 0 act on the calling thread) and at nice 19."""
-    try:
-        if os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:
-        pass                # lowering one's own priority is always allowed; a sandbox may not say so
-
-
 class Checks:
     def __init__(self, stats) -> None:
         self.stats = stats
@@ -109,7 +96,7 @@ class Checks:
         if self._pool is None:
             self._switch = sys.getswitchinterval()
             sys.setswitchinterval(SWITCH_S)
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="oracle", initializer=_below_the_loop)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="oracle")
         self.offloaded += 1
         self._pending.append(self._pool.submit(self._one, kind, device_id, check, args))
 
