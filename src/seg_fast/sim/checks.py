@@ -16,9 +16,9 @@ holds it for its length: so base64 is decoded by pybase64 (libbase64's SIMD deco
 (``b64decode``), never 13 MB in one binascii call (it holds the GIL ~60-90 ms for that,
 and the loop with it).
 The thread keeps the shard's scheduling policy. Run below the loop (nice 19, out of
-``--realtime load``'s SCHED_RR) it starved whenever the shards' loops filled the core, as
-in a security-on ramp: at 80,000 devices 392 checks overflowed into the loops and the
-load side fell 2.4 s behind its schedule (benchmarks/README.md, 2026-12-06).
+``--realtime load``'s SCHED_RR) it held the GIL while the other shards' real-time loops
+held the core, and its own loop waited for the lock as long: at 80,000 devices the load
+side stalled 2.4 s and 392 checks overflowed into the loops (benchmarks/README.md, 2026-12-06).
 Every check still happens and a failure is counted as before; the run waits for
 the last one before it reports (``wait``). Past ``MAX_PENDING`` checks in flight
 (each holds its answer) the next one runs in the loop: bounded memory.
