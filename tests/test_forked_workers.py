@@ -296,3 +296,23 @@ def test_a_fork_with_another_thread_running_is_refused():
         """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("refused: cannot fork a worker: 1 other thread(s) running") == 2
+
+
+def test_an_exited_child_waiting_to_be_reaped_is_not_counted_a_worker():
+    # A worker's own child is adopted by the control (the subreaper) when the worker dies
+    # first; if it has exited too, it lingers as a zombie and is no worker.
+    from seg_fast.proxy.forked import worker_pids
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        end = time.monotonic() + 30
+        while Path(f"/proc/{dead.pid}/stat").read_bytes().rpartition(b")")[2].split()[0] != b"Z":
+            assert time.monotonic() < end, "the child never exited"
+            time.sleep(0.02)
+        pids = worker_pids(os.getpid())
+        assert live.pid in pids and dead.pid not in pids, (pids, live.pid, dead.pid)
+    finally:
+        live.kill()
+        live.wait()
+        dead.wait()

@@ -74,7 +74,9 @@ def _prctl(option: int, value) -> bool:
 
 
 def worker_pids(control_pid: int) -> list[int]:
-    """The control process's workers: its children but its template (the name tells them apart)."""
+    """The control process's workers: its children but its template (the name tells them apart)
+    and any that has exited and waits to be reaped (a zombie: a worker's own child, say,
+    adopted by the control, the subreaper, when the worker died first)."""
     kids: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{control_pid}/task")
@@ -91,6 +93,9 @@ def worker_pids(control_pid: int) -> list[int]:
         try:
             with open(f"/proc/{pid}/comm", "rb") as f:
                 if f.read().rstrip(b"\n") == TEMPLATE_NAME:
+                    continue
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rpartition(b")")[2].split()[0] == b"Z":
                     continue
         except OSError:
             continue                  # gone already
