@@ -91,14 +91,13 @@ def worker_pids(control_pid: int) -> list[int]:
     out = []
     for pid in kids:
         try:
-            with open(f"/proc/{pid}/comm", "rb") as f:
-                if f.read().rstrip(b"\n") == TEMPLATE_NAME:
-                    continue
             with open(f"/proc/{pid}/stat", "rb") as f:
-                if f.read().rpartition(b")")[2].split()[0] == b"Z":
-                    continue
+                stat = f.read()       # "pid (comm) state ...": the name and the state in one read
         except OSError:
             continue                  # gone already
+        head, _, tail = stat.rpartition(b")")
+        if head.partition(b"(")[2] == TEMPLATE_NAME or tail.split()[0] == b"Z":
+            continue
         out.append(pid)
     return out
 
