@@ -316,3 +316,26 @@ def test_an_exited_child_waiting_to_be_reaped_is_not_counted_a_worker():
         live.kill()
         live.wait()
         dead.wait()
+
+
+def test_the_control_reaps_an_adopted_child_and_leaves_a_workers_status_to_poll():
+    # What a subreaper adopts (a dead worker's own child) nothing else waits for; a worker's
+    # exit status is the control's supervision loop's to read (``Forked.poll``).
+    from seg_fast.proxy.forked import reap_adopted
+
+    def state(pid: int) -> bytes:
+        return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
+
+    before = {int(p) for t in os.listdir(f"/proc/{os.getpid()}/task")
+              for p in Path(f"/proc/{os.getpid()}/task/{t}/children").read_text().split()}
+    worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    adopted = subprocess.Popen([sys.executable, "-c", "pass"])
+    end = time.monotonic() + 30
+    while state(worker.pid) != b"Z" or state(adopted.pid) != b"Z":
+        assert time.monotonic() < end, "the children never exited"
+        time.sleep(0.02)
+    assert reap_adopted(before | {worker.pid}) == [adopted.pid]
+    assert not Path(f"/proc/{adopted.pid}").exists()
+    assert state(worker.pid) == b"Z" and worker.wait() == 3      # its status kept for its owner
+    assert reap_adopted(before) == []
+    adopted.wait()

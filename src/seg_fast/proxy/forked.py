@@ -73,15 +73,13 @@ def _prctl(option: int, value) -> bool:
         return False                  # not Linux
 
 
-def worker_pids(control_pid: int) -> list[int]:
-    """The control process's workers: its children but its template (the name tells them apart)
-    and any that has exited and waits to be reaped (a zombie: a worker's own child, say,
-    adopted by the control, the subreaper, when the worker died first)."""
+def _children(control_pid: int) -> list[tuple[int, bytes, bytes]]:
+    """The control's children: (pid, name, state) of each, from one read of /proc/PID/stat."""
     kids: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{control_pid}/task")
     except OSError:
-        return kids
+        return []
     for task in tasks:
         try:
             with open(f"/proc/{control_pid}/task/{task}/children") as f:
@@ -96,10 +94,31 @@ def worker_pids(control_pid: int) -> list[int]:
         except OSError:
             continue                  # gone already
         head, _, tail = stat.rpartition(b")")
-        if head.partition(b"(")[2] == TEMPLATE_NAME or tail.split()[0] == b"Z":
-            continue
-        out.append(pid)
+        out.append((pid, head.partition(b"(")[2], tail.split()[0]))
     return out
+
+
+def worker_pids(control_pid: int) -> list[int]:
+    """The control process's workers: its children but its template (the name tells them apart)
+    and any that has exited and waits to be reaped (a zombie: a worker's own child, say,
+    adopted by the control, the subreaper, when the worker died first)."""
+    return [pid for pid, name, state in _children(control_pid) if name != TEMPLATE_NAME and state != b"Z"]
+
+
+def reap_adopted(known: set[int]) -> list[int]:
+    """Reap this process's exited children that are not in ``known`` (its workers and its
+    template): as a subreaper it adopts a dead worker's own children, which nothing else
+    waits for; each would stay a zombie, and hold its pid, until the control exits. Reaped
+    by pid, never ``waitpid(-1)``, which would take a worker's exit status from ``poll``."""
+    reaped = []
+    for pid, _name, state in _children(os.getpid()):
+        if state == b"Z" and pid not in known:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    reaped.append(pid)
+            except ChildProcessError:
+                pass                  # reaped meanwhile
+    return reaped
 
 
 class Forked:

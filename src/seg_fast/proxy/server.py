@@ -298,6 +298,8 @@ def run_control(config, config_path: str | None, workers: int) -> int:
                 unstarted: dict[int, int] = {}     # a worker's place -> failed starts of its replacement
                 while True:
                     await trio.sleep(0.5)
+                    if template is not None:         # a subreaper: what it adopted is its to reap
+                        forked.reap_adopted({template.pid, *(p.pid for p in procs)})
                     for i, proc in enumerate(procs):
                         if i in unstarted and not state["stopping"]:
                             await _restart(spawn, procs, i, unstarted)
