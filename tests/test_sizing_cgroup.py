@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import msgspec
 import pytest
 import trio
 
@@ -280,11 +281,11 @@ def test_bad_fractions_and_bounds_are_refused_before_anything_runs(args, error, 
 def test_a_bare_cgroup_check_is_a_half(monkeypatch, tmp_path):
     got = {}
 
-    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None):
+    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None, earlier=None):
         got["check"] = cgroup_check
         report = {"machine": {}, "options": {"security": "off"}, "when": "now", "headline": {}, "points": []}
         on_point(report)
-        got["partial"] = [p.name for p in tmp_path.glob("*.partial.raw.json")]
+        got["partial"] = sorted(p.name for p in tmp_path.glob("*.partial*.json"))
         return report
     monkeypatch.setattr(sizing, "bench", bench)
     monkeypatch.setattr(sizing, "find_cpu_controller", lambda: ("v1", tmp_path))
@@ -292,8 +293,9 @@ def test_a_bare_cgroup_check_is_a_half(monkeypatch, tmp_path):
     assert sizing.cli(["sizing", "--cgroup-check", "--out", str(tmp_path), "--quiet"]) == 0
     assert got["check"] == 0.5
     # the report so far was on disk during the run, and gave way to the whole one
-    assert len(got["partial"]) == 1 and got["partial"][0].startswith("sizing-off-")
-    assert not list(tmp_path.glob("*.partial.raw.json")) and list(tmp_path.glob("sizing-off-*.raw.json"))
+    assert len(got["partial"]) == 2 and got["partial"][0].startswith("sizing-off-")
+    assert got["partial"][1] == got["partial"][0].replace(".partial.json", ".partial.raw.json")
+    assert not list(tmp_path.glob("*.partial*.json")) and list(tmp_path.glob("sizing-off-*.raw.json"))
     assert os.sched_getaffinity(0) == cpus      # the CLI pinned its harness for the run only
     assert sizing.cli(["sizing", "--cgroup-check", "0.25", "--out", str(tmp_path), "--quiet"]) == 0
     assert got["check"] == 0.25
@@ -394,7 +396,7 @@ def test_rr_timeslice_holds_for_the_run_is_recorded_and_put_back(monkeypatch, tm
     before, want = 100, 7
     seen = {}
 
-    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None):
+    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None, earlier=None):
         seen["during"] = oslimits.rr_timeslice_ms()
         return {"machine": sizing.machine(), "options": {"security": "off"}, "when": "now",
                 "headline": {}, "points": []}
@@ -426,3 +428,65 @@ def test_a_search_hands_over_what_it_measured_after_each_point(monkeypatch, tmp_
     assert seen[1]["headline"]["best_devices_per_core"] == 10_000
     assert seen[-1]["points"] == json.loads(json.dumps(final["points"]))
     assert not path.with_name(path.name + ".tmp").exists()
+    # and its summary beside it, each point with the tree that measured it
+    small = json.loads(sizing.partial_summary(path).read_text())
+    assert [p["devices"] for p in small["points"]] == [p["devices"] for p in final["points"]]
+    assert all(p["measured"]["commit"] and p["measured"]["when"] for p in small["points"])
+
+
+def test_a_resumed_search_measures_only_what_the_interrupted_one_had_not(monkeypatch, tmp_path):
+    # the whole walk, uninterrupted, and the report after its third point
+    kind = lambda pc, n, f: "meets" if pc <= 130_000 else "broke"
+    asked = _fake_measure(monkeypatch, kind)
+    raw = tmp_path / "sizing-off-x.partial.raw.json"
+
+    def on_point(report):
+        if len(report["points"]) == 3:
+            sizing.write_partial(report, raw)
+    whole = trio.run(lambda: sizing.bench(sizing.Options(devices=40_000, cgroup_fraction=0.5), True, 160_000,
+                                          lambda _m: None, on_point=on_point))
+    walk = list(asked)
+    assert walk == [(20_000, 0.5), (40_000, 0.5), (80_000, 0.5), (60_000, 0.5), (70_000, 0.5), (65_000, 0.5)]
+    # the small summary beside the raw report (what a session commits) is enough to go on
+    path = sizing.partial_summary(raw)
+    assert path.name == "sizing-off-x.partial.json" and "runs" not in json.loads(path.read_text())["points"][0]
+    # a new session goes on from it: the three are not measured again, the rest are
+    earlier = sizing.resumable(path, sizing.Options(devices=40_000, cgroup_fraction=0.5, quiet=True))
+    assert [p["devices"] for p in earlier] == [20_000, 40_000, 80_000]
+    assert all(p["measured"]["when"] for p in earlier)
+    asked = _fake_measure(monkeypatch, kind)
+    lines: list[str] = []
+    resumed = trio.run(lambda: sizing.bench(sizing.Options(devices=40_000, cgroup_fraction=0.5), True, 160_000,
+                                            lines.append, earlier=earlier))
+    assert asked == walk[3:]
+    assert resumed["headline"] == whole["headline"]
+    assert [p["devices"] for p in resumed["points"]] == [n for n, _ in walk]
+    assert lines[0].startswith("[N=20000] (40000 per core at 0.5 core) MEETS the service level (measured earlier: ")
+    assert "measured earlier" not in lines[3]
+
+
+def test_a_search_is_resumed_only_with_the_options_it_measured_with(tmp_path, capsys):
+    report = {"machine": {"commit": "abc1234"}, "when": "2026-12-06T03:00:00Z",
+              "options": msgspec.to_builtins(sizing.Options(devices=40_000, cgroup_fraction=0.5)),
+              "points": [{"devices": 20_000, "verdict": _verdict(20_000, 0.5, "meets")}]}
+    path = tmp_path / "earlier.json"
+    path.write_bytes(msgspec.json.encode(report))
+    # the start, the bound and the output may differ; a point measured elsewise may not
+    same = sizing.resumable(path, sizing.Options(devices=80_000, cgroup_fraction=0.5, keep=True))
+    assert same[0]["measured"] == {"commit": "abc1234", "when": "2026-12-06T03:00:00Z"}   # the report's own
+    other = sizing.resumable(path, sizing.Options(devices=40_000, cgroup_fraction=0.25, security="on"))
+    assert other == (f"--resume {path}: its points were measured with cgroup_fraction=0.5, security='off'; "
+                     "this search has cgroup_fraction=0.25, security='on'")
+    # an option the report predates is taken at its default
+    del report["options"]["rr_timeslice_ms"]
+    path.write_bytes(msgspec.json.encode(report))
+    assert isinstance(sizing.resumable(path, sizing.Options(devices=40_000, cgroup_fraction=0.5)), list)
+    assert "rr_timeslice_ms=0; this search has rr_timeslice_ms=10" in sizing.resumable(
+        path, sizing.Options(devices=40_000, cgroup_fraction=0.5, rr_timeslice_ms=10))
+    path.write_text("{not json")
+    assert sizing.resumable(path, sizing.Options()).startswith(f"--resume {path}: not a sizing report (")
+    # from the command line: refused before anything runs, naming the file
+    assert sizing.cli(["sizing", "--search", "--resume", str(path), "--out", str(tmp_path)]) == 2
+    assert f"--resume {path}: not a sizing report" in capsys.readouterr().err
+    assert sizing.cli(["sizing", "--resume", str(path)]) == 2
+    assert "only a search goes on from an earlier one (--search)" in capsys.readouterr().err

@@ -1461,6 +1461,20 @@ async def measure(opts: Options, say) -> dict:
             "runs": [strip_raw(r) for r in runs]}
 
 
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def measured_now() -> dict:
+    """Which tree measured a point, and when: a resumed search's points span sessions."""
+    return {"commit": _git("describe", "--always", "--dirty"),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def machine() -> dict:
     model = ""
     try:
@@ -1470,18 +1484,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
     # the commit measured; "-dirty" when the tree had uncommitted changes
     # the interpreter's build matters, not only its version: on Debian's python3 (the README's
     # venv on Debian) the gateway took 7-14% less CPU per connection than on a --enable-shared build
     return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0],
             "python_executable": os.path.realpath(sys.executable),
-            "commit": git("describe", "--always", "--dirty"), "commit_full": git("rev-parse", "HEAD"),
+            "commit": _git("describe", "--always", "--dirty"), "commit_full": _git("rev-parse", "HEAD"),
             "kernel": os.uname().release, "autogroup": autogroup_of(),
             # how long a real-time worker runs before a ready peer gets the core (--realtime)
             "sched_rr_timeslice_ms": rr_timeslice_ms(),
@@ -1711,12 +1719,15 @@ async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
 
 
 async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check: float = 0.0,
-                on_point=None) -> dict:
+                on_point=None, earlier: list[dict] | None = None) -> dict:
     """One point (N = opts.devices driven), a search (``max_devices`` and opts.devices
     per core) or, with ``cgroup_check`` = F, the cross-check (N at F and 2N at 2F).
     ``on_point(report)`` is given the report so far after each point (a search runs for
-    hours: what it measured survives an interruption)."""
+    hours: what it measured survives an interruption). ``earlier``: points an interrupted
+    run of the same options measured (``resumable``); the walk, which depends only on the
+    verdicts, takes each again where it comes to it instead of measuring it."""
     points: list[dict] = []
+    known = {(p["devices"], p["verdict"].get("held_to_cores", 1.0)): p for p in earlier or []}
 
     def report_so_far() -> dict:
         return {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
@@ -1726,11 +1737,17 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
         o = msgspec.structs.replace(opts, devices=n)
         if fraction is not None:
             o = msgspec.structs.replace(o, cgroup_fraction=fraction)
-        p = await measure(o, say)
-        v = p["verdict"]
         held = o.cgroup_fraction or 1.0
+        p = known.pop((n, held), None)
+        if p is None:
+            p = await measure(o, say)
+            p["measured"] = measured_now()
+            earlier_said = ""
+        else:
+            earlier_said = f" (measured earlier: {p['measured']['commit']}, {p['measured']['when']})"
+        v = p["verdict"]
         per_core = f" ({round(n / held)} per core at {held:g} core)" if held != 1.0 else ""
-        say(f"[N={n}]{per_core} {VERDICT_SAID[search_step(v)]}"
+        say(f"[N={n}]{per_core} {VERDICT_SAID[search_step(v)]}{earlier_said}"
             + "".join(f"\n    broke: {b}" for b in v["broke"])
             + "".join(f"\n    not a measurement: {x}" for x in v["invalid"])
             + "".join(f"\n    caveat: {x}" for x in v["caveats"]))
@@ -1797,6 +1814,8 @@ def arg_errors(a: argparse.Namespace) -> list[str]:
                        "--cgroup-fraction or --search")
     if a.devices < 1:
         out.append(f"--devices {a.devices}: at least 1")
+    if a.resume and not a.search:
+        out.append(f"--resume {a.resume}: only a search goes on from an earlier one (--search)")
     if a.search and a.max_devices < a.devices:
         out.append(f"--max-devices {a.max_devices} is below --devices {a.devices} (both per core with --search)")
     wrong = [side for side in a.realtime.split(",") if side and side not in ("gateway", "load")]
@@ -1853,6 +1872,9 @@ def cli(argv: list[str]) -> int:
                     help="find the largest devices per core meeting the service level (with "
                          "--cgroup-fraction F each point drives per-core x F devices)")
     ap.add_argument("--max-devices", type=int, default=200_000, help="--search's bound, devices per core")
+    ap.add_argument("--resume", metavar="REPORT", default="",
+                    help="--search: go on from the points an interrupted search of the same options "
+                         "measured (its ...partial.json, summary or report); they are not measured again")
     ap.add_argument("--hold", type=float, default=120.0, help="measured steady state, s (>=120 for a claim)")
     ap.add_argument("--ramp", type=float, default=0.0, help=f"ramp-up, s (0: N/{RAMP_RATE:.0f})")
     ap.add_argument("--settle", type=float, default=-1.0, help="s between ramp and hold (<0: ramp/8, 5..60)")
@@ -1939,6 +1961,11 @@ def cli(argv: list[str]) -> int:
         if not a.quiet:
             print(msg, flush=True)
 
+    earlier = resumable(Path(a.resume), opts) if a.resume else None
+    if isinstance(earlier, str):
+        print(f"seg-fast bench sizing: {earlier}", file=sys.stderr)
+        return 2
+
     async def interruptible():
         # SIGINT/SIGTERM stop the run and still stop every process it started
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -1950,12 +1977,13 @@ def cli(argv: list[str]) -> int:
                         return
                 nursery.start_soon(watch)
                 out = await bench(opts, a.search, a.max_devices, say, cgroup_check=a.cgroup_check,
-                                  on_point=lambda r: write_partial(r, partial))
+                                  on_point=lambda r: write_partial(r, partial), earlier=earlier)
                 nursery.cancel_scope.cancel()
                 return out
 
-    # every point measured so far, rewritten after each (gitignored: *.raw.json); removed
-    # once the whole report is written
+    # every point measured so far, rewritten after each (gitignored: *.raw.json; its summary,
+    # *.partial.json, is what --resume reads in a later session); removed once the whole
+    # report is written
     partial = Path(a.out) / f"sizing-{a.security}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.partial.raw.json"
     cpus = os.sched_getaffinity(0)
     if opts.load_cpu != opts.gateway_cpu and pinned(opts.gateway_cpu):     # (taskset pins what it starts)
@@ -1988,6 +2016,7 @@ def cli(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = write_results(report, out)
     partial.unlink(missing_ok=True)
+    partial_summary(partial).unlink(missing_ok=True)
     try:
         plot([p for p in report["points"]], written[0].with_suffix(".png"))
     except Exception as exc:  # the numbers matter more than the picture
@@ -2002,15 +2031,53 @@ def summary(report: dict) -> dict:
     """The small record kept in git: machine, commit, options, headline and every
     point's verdict (the worse run's figures and each run's own); no timelines."""
     return {k: report[k] for k in ("machine", "options", "when", "headline", "crosscheck") if k in report} | {
-        "points": [{"devices": p["devices"], "verdict": p["verdict"]} for p in report["points"]]}
+        "points": [{k: p[k] for k in ("devices", "measured", "verdict") if k in p} for p in report["points"]]}
 
 
 def write_partial(report: dict, path: Path) -> None:
-    """The report so far, replaced whole (a reader never sees half a file)."""
+    """The report so far, replaced whole (a reader never sees half a file): ``path``
+    (``...partial.raw.json``, everything) and its summary beside it (``...partial.json``,
+    small enough to commit: what ``--resume`` needs to go on in another session)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(report)))
-    os.replace(tmp, path)
+    for target, obj in ((path, report), (partial_summary(path), summary(report))):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(msgspec.json.format(msgspec.json.encode(obj)))
+        os.replace(tmp, target)
+
+
+def partial_summary(raw: Path) -> Path:
+    return raw.with_name(raw.name.removesuffix(".raw.json") + ".json")
+
+
+# Options that make no difference to what a point measures: a resumed search may change them.
+NOT_MEASURED = frozenset({"devices", "quiet", "keep"})
+
+
+def resumable(path: Path, opts: Options) -> list[dict] | str:
+    """The points an earlier search (a report, its summary or a partial one) measured,
+    each with its ``measured`` commit and time; or what forbids resuming it: a point
+    measured with other options would not be this search's."""
+    try:
+        report = msgspec.json.decode(path.read_bytes())
+        before, points = report["options"], report["points"]
+        assert isinstance(before, dict) and isinstance(points, list)
+    except (OSError, msgspec.DecodeError, KeyError, TypeError, AssertionError) as exc:
+        return f"--resume {path}: not a sizing report ({type(exc).__name__}: {exc})"
+    now = msgspec.to_builtins(opts)
+    before = msgspec.to_builtins(Options()) | before      # an option it predates: its default then
+    differ = sorted(k for k in now if k not in NOT_MEASURED and before[k] != now[k])
+    if differ:
+        return (f"--resume {path}: its points were measured with "
+                + ", ".join(f"{k}={before.get(k)!r}" for k in differ) + "; this search has "
+                + ", ".join(f"{k}={now.get(k)!r}" for k in differ))
+    out = []
+    for p in points:
+        if not isinstance(p, dict) or not isinstance(p.get("verdict"), dict) or "devices" not in p:
+            return f"--resume {path}: a point without its devices and verdict"
+        m = p.get("measured") or {"commit": report.get("machine", {}).get("commit", "?"),
+                                  "when": report.get("when", "?")}
+        out.append(p | {"measured": m})
+    return out
 
 
 def write_results(report: dict, out: Path) -> list[Path]:
