@@ -490,3 +490,25 @@ def test_a_search_is_resumed_only_with_the_options_it_measured_with(tmp_path, ca
     assert f"--resume {path}: not a sizing report" in capsys.readouterr().err
     assert sizing.cli(["sizing", "--resume", str(path)]) == 2
     assert "only a search goes on from an earlier one (--search)" in capsys.readouterr().err
+
+
+def test_a_search_whose_start_misses_halves_until_a_point_meets(monkeypatch):
+    # started above what the gateway meets at half a core: it goes down, then bisects up
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: "meets" if pc <= 30_000 else "broke")
+    lines: list[str] = []
+    report = _search(100_000, 150_000, 0.5, lines)
+    per_core = [round(n / f) for n, f in asked]
+    assert per_core[:3] == [100_000, 50_000, 25_000]
+    h = report["headline"]
+    assert 27_000 <= h["best_devices_per_core"] <= 30_000
+    stop = h["search_stop"]
+    assert stop["by"] == "gateway" and stop["largest_met_per_core"] == h["best_devices_per_core"]
+    assert stop["devices_per_core"] - stop["largest_met_per_core"] <= max(500, stop["largest_met_per_core"] // 10)
+    # nothing meets: it gives up after HALVINGS halvings and says so
+    asked = _fake_measure(monkeypatch, lambda pc, n, f: "broke")
+    lines = []
+    report = _search(64_000, 150_000, 1.0, lines)
+    assert [n for n, _ in asked] == [64_000, 32_000, 16_000, 8_000, 4_000, 2_000, 1_000]
+    assert report["headline"]["best_devices_per_core"] is None
+    assert report["headline"]["search_stop"]["devices_per_core"] == 1_000
+    assert lines[-1].endswith("no point met the service level")

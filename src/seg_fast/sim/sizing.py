@@ -1672,10 +1672,16 @@ def stop_reason(step: str, per_core: int, n: int, fraction: float, v: dict) -> d
     return stop
 
 
+# how far below its start a search whose first point missed goes looking for one that meets
+# (halving: to 1/64 of the start)
+HALVINGS = 6
+
+
 async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
     """The largest devices per core meeting the service level: from ``opts.devices``
-    per core, doubling up to ``max_per_core``, then bisecting to a tenth below the first
-    point the gateway missed or the load side could not drive (issue 10 asks for the
+    per core, doubling up to ``max_per_core`` (or, when the start itself misses, halving
+    until a point meets, at most ``HALVINGS`` times), then bisecting to a tenth below the
+    first point the gateway missed or the load side could not drive (issue 10 asks for the
     largest N the instrument can drive, which may lie below that point); every point
     drives per_core * F devices (F: ``opts.cgroup_fraction``, 1 without a limit).
     ``at(n)`` measures n driven devices. Returns where and why it stopped: at the lowest
@@ -1697,6 +1703,17 @@ async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
         else:
             stop = why
             hi = pc_done if kind in ("broke", "undriven") else lo     # unmeasured: not bisected
+    for _ in range(HALVINGS):
+        if lo or not hi or driven(hi // 2, f) < 1 or hi // 2 < 1:
+            break
+        kind, pc_done, why = await step(hi // 2)
+        if why is None:
+            lo = pc_done
+        elif kind in ("broke", "undriven"):
+            hi, stop = pc_done, why
+        else:
+            stop = why
+            break
     if hi is None:
         hi = max_per_core
         stop = {"by": "bound", "devices_per_core": max_per_core, "devices_driven": driven(max_per_core, f),
