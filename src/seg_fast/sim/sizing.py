@@ -1695,6 +1695,19 @@ async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
         kind = search_step(v)
         return kind, round(n / f), (None if kind in ("meets", "passes") else stop_reason(kind, round(n / f), n, f, v))
 
+    async def narrow(per_core: int) -> bool:
+        """A point below ``hi``: it raises ``lo`` or lowers ``hi``; False when it ends the walk."""
+        nonlocal lo, hi, stop
+        kind, pc_done, why = await step(per_core)
+        if why is None:
+            lo = pc_done
+        elif kind in ("broke", "undriven"):
+            hi, stop = pc_done, why
+        else:
+            stop = why                  # unmeasured: nothing below it is known to measure better
+            return False
+        return True
+
     pc = opts.devices
     while hi is None and pc <= max_per_core:
         kind, pc_done, why = await step(pc)
@@ -1704,15 +1717,7 @@ async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
             stop = why
             hi = pc_done if kind in ("broke", "undriven") else lo     # unmeasured: not bisected
     for _ in range(HALVINGS):
-        if lo or not hi or driven(hi // 2, f) < 1 or hi // 2 < 1:
-            break
-        kind, pc_done, why = await step(hi // 2)
-        if why is None:
-            lo = pc_done
-        elif kind in ("broke", "undriven"):
-            hi, stop = pc_done, why
-        else:
-            stop = why
+        if lo or not hi or hi // 2 < 1 or not await narrow(hi // 2):
             break
     if hi is None:
         hi = max_per_core
@@ -1720,13 +1725,7 @@ async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
                 "held_to_cores": f, "said": f"the search's bound, --max-devices {max_per_core} per core",
                 "why": []}
     while lo and hi - lo > max(500, lo // 10):
-        kind, pc_done, why = await step((lo + hi) // 2)
-        if why is None:
-            lo = pc_done
-        elif kind in ("broke", "undriven"):
-            hi, stop = pc_done, why
-        else:
-            stop = why
+        if not await narrow((lo + hi) // 2):
             break
     stop["largest_met_per_core"] = lo or None
     say(f"search stopped: {stop['said']}" + "".join(f"\n    {w}" for w in stop["why"])
