@@ -2084,8 +2084,8 @@ def resumable(path: Path, opts: Options) -> list[dict] | str:
     differ = sorted(k for k in now if k not in NOT_MEASURED and before[k] != now[k])
     if differ:
         return (f"--resume {path}: its points were measured with "
-                + ", ".join(f"{k}={before.get(k)!r}" for k in differ) + "; this search has "
-                + ", ".join(f"{k}={now.get(k)!r}" for k in differ))
+                + ", ".join(f"{k}={before[k]!r}" for k in differ) + "; this search has "
+                + ", ".join(f"{k}={now[k]!r}" for k in differ))
     out = []
     for p in points:
         if not isinstance(p, dict) or not isinstance(p.get("verdict"), dict) or "devices" not in p:
