@@ -147,7 +147,7 @@ def _fake_measure(monkeypatch, kind_at):
     the (driven, fraction) of every point measured, in order."""
     asked = []
 
-    async def measure(o, say):
+    async def measure(o, say, done=(), on_run=None):
         f = o.cgroup_fraction or 1.0
         asked.append((o.devices, o.cgroup_fraction))
         return {"devices": o.devices, "verdict": _verdict(o.devices, f, kind_at(round(o.devices / f), o.devices, f)),
@@ -281,7 +281,7 @@ def test_bad_fractions_and_bounds_are_refused_before_anything_runs(args, error, 
 def test_a_bare_cgroup_check_is_a_half(monkeypatch, tmp_path):
     got = {}
 
-    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None, earlier=None):
+    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None, earlier=None, pending=None):
         got["check"] = cgroup_check
         report = {"machine": {}, "options": {"security": "off"}, "when": "now", "headline": {}, "points": []}
         on_point(report)
@@ -396,7 +396,7 @@ def test_rr_timeslice_holds_for_the_run_is_recorded_and_put_back(monkeypatch, tm
     before, want = 100, 7
     seen = {}
 
-    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None, earlier=None):
+    async def bench(opts, search, max_devices, say, cgroup_check=0.0, on_point=None, earlier=None, pending=None):
         seen["during"] = oslimits.rr_timeslice_ms()
         return {"machine": sizing.machine(), "options": {"security": "off"}, "when": "now",
                 "headline": {}, "points": []}
@@ -451,8 +451,8 @@ def test_a_resumed_search_measures_only_what_the_interrupted_one_had_not(monkeyp
     path = sizing.partial_summary(raw)
     assert path.name == "sizing-off-x.partial.json" and "runs" not in json.loads(path.read_text())["points"][0]
     # a new session goes on from it: the three are not measured again, the rest are
-    earlier = sizing.resumable(path, sizing.Options(devices=40_000, cgroup_fraction=0.5, quiet=True))
-    assert [p["devices"] for p in earlier] == [20_000, 40_000, 80_000]
+    earlier, pending = sizing.resumable(path, sizing.Options(devices=40_000, cgroup_fraction=0.5, quiet=True))
+    assert [p["devices"] for p in earlier] == [20_000, 40_000, 80_000] and pending is None
     assert all(p["measured"]["when"] for p in earlier)
     asked = _fake_measure(monkeypatch, kind)
     lines: list[str] = []
@@ -472,7 +472,7 @@ def test_a_search_is_resumed_only_with_the_options_it_measured_with(tmp_path, ca
     path = tmp_path / "earlier.json"
     path.write_bytes(msgspec.json.encode(report))
     # the start, the bound and the output may differ; a point measured elsewise may not
-    same = sizing.resumable(path, sizing.Options(devices=80_000, cgroup_fraction=0.5, keep=True))
+    same, _ = sizing.resumable(path, sizing.Options(devices=80_000, cgroup_fraction=0.5, keep=True))
     assert same[0]["measured"] == {"commit": "abc1234", "when": "2026-12-06T03:00:00Z"}   # the report's own
     other = sizing.resumable(path, sizing.Options(devices=40_000, cgroup_fraction=0.25, security="on"))
     assert other == (f"--resume {path}: its points were measured with cgroup_fraction=0.5, security='off'; "
@@ -480,9 +480,14 @@ def test_a_search_is_resumed_only_with_the_options_it_measured_with(tmp_path, ca
     # an option the report predates is taken at its default
     del report["options"]["rr_timeslice_ms"]
     path.write_bytes(msgspec.json.encode(report))
-    assert isinstance(sizing.resumable(path, sizing.Options(devices=40_000, cgroup_fraction=0.5)), list)
+    assert isinstance(sizing.resumable(path, sizing.Options(devices=40_000, cgroup_fraction=0.5)), tuple)
     assert "rr_timeslice_ms=0; this search has rr_timeslice_ms=10" in sizing.resumable(
         path, sizing.Options(devices=40_000, cgroup_fraction=0.5, rr_timeslice_ms=10))
+    # a half-measured point must be one: its runs met and each says what measured it
+    report["pending"] = {"devices": 40_000, "held_to_cores": 0.5, "runs": [{"verdict": {"meets": False}}]}
+    path.write_bytes(msgspec.json.encode(report))
+    assert sizing.resumable(path, sizing.Options(devices=40_000, cgroup_fraction=0.5)) == (
+        f"--resume {path}: its half-measured point is not one (devices, held_to_cores, met runs)")
     path.write_text("{not json")
     assert sizing.resumable(path, sizing.Options()).startswith(f"--resume {path}: not a sizing report (")
     # from the command line: refused before anything runs, naming the file
@@ -512,3 +517,69 @@ def test_a_search_whose_start_misses_halves_until_a_point_meets(monkeypatch):
     assert report["headline"]["best_devices_per_core"] is None
     assert report["headline"]["search_stop"]["devices_per_core"] == 1_000
     assert lines[-1].endswith("no point met the service level")
+
+
+class _SessionEnded(Exception):
+    pass
+
+
+def _fake_run_point(monkeypatch, meets_at, end_at=None):
+    """sizing.run_point replaced by one run meeting when ``meets_at(devices)``; raises
+    _SessionEnded at the ``end_at``-th run. Returns (devices, run index) of every run made."""
+    made = []
+
+    async def run_point(o, say):
+        made.append(o.devices)
+        if len(made) == end_at:
+            raise _SessionEnded
+        v = _verdict(o.devices, o.cgroup_fraction or 1.0, "meets" if meets_at(o.devices) else "broke")
+        v["added_latency_ms"] = {"gateway": {"classes": {"Sync": {"p99": float(len(made)), "n": 2000}}}}
+        return {"devices": o.devices, "verdict": v, "paths": {"gateway": {
+            "requests_total": 1000 + len(made), "failures": {}, "speed_ms": 6.0, "window_s": 120.0,
+            "latency_raw": {"Sync": {"1": 1.0}}}}}
+    monkeypatch.setattr(sizing, "run_point", run_point)
+    return made
+
+
+def test_a_point_left_half_measured_is_finished_with_only_the_runs_it_lacks(monkeypatch, tmp_path):
+    # a session ends in the second run of the second point: the first run is kept...
+    made = _fake_run_point(monkeypatch, lambda n: n <= 40_000, end_at=4)
+    raw = tmp_path / "sizing-off-x.partial.raw.json"
+    opts = sizing.Options(devices=20_000, repeat=2)
+    with pytest.raises(_SessionEnded):
+        trio.run(lambda: sizing.bench(opts, True, 100_000, lambda _m: None,
+                                      on_point=lambda r: sizing.write_partial(r, raw)))
+    assert made == [20_000, 20_000, 40_000, 40_000]
+    small = json.loads(sizing.partial_summary(raw).read_text())
+    assert [p["devices"] for p in small["points"]] == [20_000]
+    pending = small["pending"]
+    assert (pending["devices"], pending["held_to_cores"], len(pending["runs"])) == (40_000, 1.0, 1)
+    first = pending["runs"][0]
+    assert first["verdict"]["meets"] and first["measured"]["commit"] and first["measured"]["when"]
+    assert first["paths"] == {"gateway": {"requests_total": 1003, "failures": {}, "speed_ms": 6.0,
+                                          "window_s": 120.0}}                      # no timelines
+    # ... and the next session makes only the second run there, then walks on
+    earlier, pending = sizing.resumable(sizing.partial_summary(raw), sizing.Options(devices=20_000, repeat=2))
+    made = _fake_run_point(monkeypatch, lambda n: n <= 30_000)
+    lines: list[str] = []
+    resumed = trio.run(lambda: sizing.bench(opts, True, 100_000, lines.append, earlier=earlier, pending=pending))
+    assert made == [40_000, 30_000, 30_000, 35_000, 32_500]        # 40,000's second run, then the walk
+    assert "[N=40000] run 1 met (measured earlier: " in "\n".join(lines)
+    assert "[N=40000] run 2 of 2" in lines and "[N=40000] run 1 of 2" not in lines
+    p40 = next(p for p in resumed["points"] if p["devices"] == 40_000)
+    runs = p40["verdict"]["each_run"]
+    assert [r["paths"]["gateway"]["requests"] for r in runs] == [1003, 1001]     # the kept run, then the new
+    assert runs[0]["measured"] == first["measured"] and runs[1]["measured"]["when"]
+    assert p40["verdict"]["runs"] == 2 and not p40["verdict"]["meets"]            # its second run missed
+    assert resumed["headline"]["best_devices_per_core"] == 30_000
+    assert "pending" not in resumed
+
+
+def test_a_run_that_finishes_its_point_leaves_nothing_pending(monkeypatch, tmp_path):
+    made = _fake_run_point(monkeypatch, lambda n: True)
+    seen = []
+    trio.run(lambda: sizing.bench(sizing.Options(devices=10_000, repeat=2), False, 0, lambda _m: None,
+                                  on_point=lambda r: seen.append(r.get("pending"))))
+    # after run 1 the point is pending with one run; after run 2 it is a point
+    assert made == [10_000, 10_000]
+    assert [None if x is None else len(x["runs"]) for x in seen] == [1, None]

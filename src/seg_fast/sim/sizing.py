@@ -1410,12 +1410,11 @@ def _worse(a, b, key: str = ""):
 
 def run_record(i: int, run: dict) -> dict:
     """One run's own verdict with what a reader checks it against (requests,
-    failures, the host's speed per path), so the summary keeps every run, not
-    only the worse one's figures."""
-    return {"run": i + 1} | run["verdict"] | {
-        "paths": {name: {"requests": p["requests_total"], "failures": sum(p["failures"].values()),
-                         "speed_ms": p["speed_ms"], "window_s": p["window_s"]}
-                  for name, p in run["paths"].items()}}
+    failures, the host's speed per path; the tree and time that measured it), so the
+    summary keeps every run, not only the worse one's figures."""
+    paths = {name: {"requests": p["requests_total"], "failures": sum(p["failures"].values()),
+                    "speed_ms": p["speed_ms"], "window_s": p["window_s"]} for name, p in run["paths"].items()}
+    return {"run": i + 1} | run["verdict"] | {"paths": paths} | {k: run[k] for k in ("measured",) if k in run}
 
 
 def combine(runs: list[dict], repeat: int) -> dict:
@@ -1446,17 +1445,28 @@ def combine(runs: list[dict], repeat: int) -> dict:
             "each_run": [run_record(i, r) for i, r in enumerate(runs)]}
 
 
-async def measure(opts: Options, say) -> dict:
+def run_kept(run: dict) -> dict:
+    """What another session needs of a finished run to finish its point (``combine``,
+    ``run_record``): its verdict, per path the counts a reader checks it against, and
+    the tree and time that measured it."""
+    return {"devices": run["devices"], "verdict": run["verdict"], "measured": run["measured"],
+            "paths": {name: {k: p[k] for k in ("requests_total", "failures", "speed_ms", "window_s")}
+                      for name, p in run["paths"].items()}}
+
+
+async def measure(opts: Options, say, done: list[dict] = (), on_run=None) -> dict:
     """One point: up to ``opts.repeat`` runs at N; a run that misses ends it early
-    (the claim is lost either way)."""
-    runs = []
-    for i in range(max(1, opts.repeat)):
+    (the claim is lost either way). ``done``: runs an interrupted session finished at
+    this point (``run_kept``), taken as they are; ``on_run(kept)`` is given every run
+    finished so far while the point still needs another (a run is half an hour at
+    60,000 devices: a session that ends in the second keeps the first)."""
+    runs = list(done)
+    while len(runs) < max(1, opts.repeat) and (not runs or runs[-1]["verdict"]["meets"]):
         if opts.repeat > 1:
-            say(f"[N={opts.devices}] run {i + 1} of {opts.repeat}")
-        run = await run_point(opts, say)
-        runs.append(run)
-        if not run["verdict"]["meets"]:
-            break
+            say(f"[N={opts.devices}] run {len(runs) + 1} of {opts.repeat}")
+        runs.append(await run_point(opts, say) | {"measured": measured_now()})
+        if on_run is not None and runs[-1]["verdict"]["meets"] and len(runs) < opts.repeat:
+            on_run([run_kept(r) for r in runs])
     return {"devices": opts.devices, "verdict": combine(runs, opts.repeat),
             "runs": [strip_raw(r) for r in runs]}
 
@@ -1735,19 +1745,29 @@ async def search_walk(opts: Options, max_per_core: int, at, say) -> dict:
 
 
 async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check: float = 0.0,
-                on_point=None, earlier: list[dict] | None = None) -> dict:
+                on_point=None, earlier: list[dict] | None = None, pending: dict | None = None) -> dict:
     """One point (N = opts.devices driven), a search (``max_devices`` and opts.devices
     per core) or, with ``cgroup_check`` = F, the cross-check (N at F and 2N at 2F).
     ``on_point(report)`` is given the report so far after each point (a search runs for
     hours: what it measured survives an interruption). ``earlier``: points an interrupted
     run of the same options measured (``resumable``); the walk, which depends only on the
-    verdicts, takes each again where it comes to it instead of measuring it."""
+    verdicts, takes each again where it comes to it instead of measuring it. ``pending``:
+    the point it was measuring, with the runs it had finished there (``on_point`` is also
+    given the report after each such run, under "pending"); that point takes them and
+    makes only the runs it lacks."""
     points: list[dict] = []
     known = {(p["devices"], p["verdict"].get("held_to_cores", 1.0)): p for p in earlier or []}
+    now: dict = {"pending": None}
 
     def report_so_far() -> dict:
         return {"machine": machine(), "options": msgspec.to_builtins(opts), "when": time.strftime(
-            "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": headline(points, opts.security), "points": points}
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "headline": headline(points, opts.security), "points": points} | (
+            {"pending": now["pending"]} if now["pending"] else {})
+
+    def on_run(n: int, held: float, kept: list[dict]) -> None:
+        now["pending"] = {"devices": n, "held_to_cores": held, "runs": kept}
+        if on_point is not None:
+            on_point(report_so_far())
 
     async def at(n: int, fraction: float | None = None) -> dict:
         o = msgspec.structs.replace(opts, devices=n)
@@ -1756,8 +1776,14 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
         held = o.cgroup_fraction or 1.0
         p = known.pop((n, held), None)
         if p is None:
-            p = await measure(o, say)
+            done = []
+            if pending and (pending["devices"], pending["held_to_cores"]) == (n, held):
+                done = pending["runs"]
+                say(f"[N={n}] " + ", ".join(f"run {i + 1} met (measured earlier: {r['measured']['commit']}, "
+                                            f"{r['measured']['when']})" for i, r in enumerate(done)))
+            p = await measure(o, say, done=done, on_run=lambda kept: on_run(n, held, kept))
             p["measured"] = measured_now()
+            now["pending"] = None
             earlier_said = ""
         else:
             earlier_said = f" (measured earlier: {p['measured']['commit']}, {p['measured']['when']})"
@@ -1890,7 +1916,8 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--max-devices", type=int, default=200_000, help="--search's bound, devices per core")
     ap.add_argument("--resume", metavar="REPORT", default="",
                     help="--search: go on from the points an interrupted search of the same options "
-                         "measured (its ...partial.json, summary or report); they are not measured again")
+                         "measured (its ...partial.json, summary or report); they are not measured again, nor the "
+                         "finished runs of the point it was measuring")
     ap.add_argument("--hold", type=float, default=120.0, help="measured steady state, s (>=120 for a claim)")
     ap.add_argument("--ramp", type=float, default=0.0, help=f"ramp-up, s (0: N/{RAMP_RATE:.0f})")
     ap.add_argument("--settle", type=float, default=-1.0, help="s between ramp and hold (<0: ramp/8, 5..60)")
@@ -1977,9 +2004,9 @@ def cli(argv: list[str]) -> int:
         if not a.quiet:
             print(msg, flush=True)
 
-    earlier = resumable(Path(a.resume), opts) if a.resume else None
-    if isinstance(earlier, str):
-        print(f"seg-fast bench sizing: {earlier}", file=sys.stderr)
+    resumed = resumable(Path(a.resume), opts) if a.resume else ([], None)
+    if isinstance(resumed, str):
+        print(f"seg-fast bench sizing: {resumed}", file=sys.stderr)
         return 2
 
     async def interruptible():
@@ -1993,7 +2020,8 @@ def cli(argv: list[str]) -> int:
                         return
                 nursery.start_soon(watch)
                 out = await bench(opts, a.search, a.max_devices, say, cgroup_check=a.cgroup_check,
-                                  on_point=lambda r: write_partial(r, partial), earlier=earlier)
+                                  on_point=lambda r: write_partial(r, partial), earlier=resumed[0],
+                                  pending=resumed[1])
                 nursery.cancel_scope.cancel()
                 return out
 
@@ -2046,7 +2074,8 @@ def cli(argv: list[str]) -> int:
 def summary(report: dict) -> dict:
     """The small record kept in git: machine, commit, options, headline and every
     point's verdict (the worse run's figures and each run's own); no timelines."""
-    return {k: report[k] for k in ("machine", "options", "when", "headline", "crosscheck") if k in report} | {
+    return {k: report[k] for k in ("machine", "options", "when", "headline", "crosscheck", "pending")
+            if k in report} | {
         "points": [{k: p[k] for k in ("devices", "measured", "verdict") if k in p} for p in report["points"]]}
 
 
@@ -2069,10 +2098,11 @@ def partial_summary(raw: Path) -> Path:
 NOT_MEASURED = frozenset({"devices", "quiet", "keep"})
 
 
-def resumable(path: Path, opts: Options) -> list[dict] | str:
+def resumable(path: Path, opts: Options) -> tuple[list[dict], dict | None] | str:
     """The points an earlier search (a report, its summary or a partial one) measured,
-    each with its ``measured`` commit and time; or what forbids resuming it: a point
-    measured with other options would not be this search's."""
+    each with its ``measured`` commit and time, and the point it left half measured
+    (its finished runs) or None; or what forbids resuming it: a point measured with
+    other options would not be this search's."""
     try:
         report = msgspec.json.decode(path.read_bytes())
         before, points = report["options"], report["points"]
@@ -2093,7 +2123,15 @@ def resumable(path: Path, opts: Options) -> list[dict] | str:
         m = p.get("measured") or {"commit": report.get("machine", {}).get("commit", "?"),
                                   "when": report.get("when", "?")}
         out.append(p | {"measured": m})
-    return out
+    pending = report.get("pending")
+    if pending is not None:
+        try:
+            assert isinstance(pending["devices"], int) and isinstance(pending["held_to_cores"], (int, float))
+            assert pending["runs"] and all(r["verdict"]["meets"] and isinstance(r["paths"], dict)
+                                           and r["measured"]["commit"] for r in pending["runs"])
+        except (KeyError, TypeError, AssertionError):
+            return f"--resume {path}: its half-measured point is not one (devices, held_to_cores, met runs)"
+    return out, pending
 
 
 def write_results(report: dict, out: Path) -> list[Path]:
