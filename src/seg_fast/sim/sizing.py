@@ -2073,7 +2073,8 @@ def cli(argv: list[str]) -> int:
 
 def summary(report: dict) -> dict:
     """The small record kept in git: machine, commit, options, headline and every
-    point's verdict (the worse run's figures and each run's own); no timelines."""
+    point's verdict (the worse run's figures and each run's own), and the point still
+    being measured with its finished runs (``pending``, in a partial one); no timelines."""
     return {k: report[k] for k in ("machine", "options", "when", "headline", "crosscheck", "pending")
             if k in report} | {
         "points": [{k: p[k] for k in ("devices", "measured", "verdict") if k in p} for p in report["points"]]}

@@ -1,0 +1,77 @@
+"""A sizing summary's runs as the markdown table benchmarks/README.md quotes.
+
+    python benchmarks/sizing_table.py benchmarks/results/sizing-off-20261206-060918.json
+
+One row per run of every point, in the order measured (a search's walk), then the runs a
+partial summary's pending point has finished; the columns are the verdict's own figures,
+so a table in the README can be checked against (and remade from) the committed JSON.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import msgspec
+
+HEAD = ("| per core (driven), run | verdict | worst paired added p99 / p99.9, ms | "
+        "gateway CPU of the core; CPU-s per device-hour | periods throttled over the gateway path | "
+        "workers' loop lag max in the window, ms | PSS; KiB per device with kernel sockets | "
+        "load side against the gateway | measured at |")
+
+
+def worst(run: dict) -> str:
+    """The class that decided the run: one over the bounds if any, else the highest p99.9."""
+    classes = run.get("added_latency_ms", {}).get("gateway", {}).get("classes", {})
+    if not classes:
+        return "-"
+    name = max(classes, key=lambda c: (classes[c]["p999"] > 100 or classes[c]["p99"] > 50, classes[c]["p999"]))
+    return f"{name} {classes[name]['p99']:.1f} / {classes[name]['p999']:.1f}"
+
+
+def row(devices: int, held: float, run: dict, number: int, measured: dict | None, note: str = "") -> str:
+    g = run.get("metrics", {}).get("gateway", {})
+    share = g.get("cpu_share")
+    cpu = "-" if share is None else f"{100 * share:.1f}%" + (
+        f" ({100 * share / held:.1f}% of its {held:g})" if held != 1.0 else "")
+    if g.get("cpu_s_per_device_hour") is not None:
+        cpu += f"; {g['cpu_s_per_device_hour']:.4f}"
+    cg = g.get("cgroup") or {}
+    throttled = (f"{cg['nr_throttled']:,} of {cg['nr_periods']:,} ({cg['throttled_s']:.0f} s)"
+                 if "nr_throttled" in cg else "-")
+    lag = g.get("loop_lag_max_ms")
+    pss = g.get("pss_mib")
+    memory = "-" if pss is None else f"{pss:.0f} MiB; {g.get('pss_kib_per_device_with_kernel', 0):.1f}"
+    load = run.get("metrics", {}).get("load_cpu_vs_gateway")
+    at = (run.get("measured") or measured or {}).get("commit", "?")
+    return (f"| {round(devices / held):,} ({devices:,}), run {number} | {'meets' if run.get('meets') else 'misses'}{note} "
+            f"| {worst(run)} | {cpu} | {throttled} | {'-' if lag is None else f'{lag:.1f}'} | {memory} "
+            f"| {'-' if load is None else f'{load:.3f}'} | {at} |")
+
+
+def runs_table(summary: dict) -> str:
+    """The markdown table of every run ``summary`` (a sizing summary, whole or partial) holds."""
+    rows = [HEAD, "|" + " --- |" * (HEAD.count("|") - 1)]
+    for p in summary.get("points", []):
+        v = p["verdict"]
+        held = v.get("held_to_cores", 1.0)
+        for r in v.get("each_run", []):
+            rows.append(row(p["devices"], held, r, r["run"], p.get("measured")))
+    pending = summary.get("pending")
+    if pending:
+        for i, r in enumerate(pending["runs"]):
+            rows.append(row(pending["devices"], pending["held_to_cores"], r["verdict"] | {"measured": r["measured"]},
+                            i + 1, None, " (its point unfinished)"))
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python benchmarks/sizing_table.py SUMMARY.json", file=sys.stderr)
+        return 2
+    try:
+        summary = msgspec.json.decode(Path(argv[0]).read_bytes())
+        print(runs_table(summary))
+    except (OSError, msgspec.DecodeError, KeyError, TypeError) as exc:
+        print(f"sizing_table: {argv[0]}: not a sizing summary ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    return 0
