@@ -13,6 +13,8 @@ from pathlib import Path
 
 import msgspec
 
+from seg_fast.sim.sizing import SLO_ADDED_P99_MS, SLO_ADDED_P999_MS
+
 HEAD = ("| per core (driven), run | verdict | worst paired added p99 / p99.9, ms | "
         "gateway CPU of the core; CPU-s per device-hour | periods throttled over the gateway path | "
         "workers' loop lag max in the window, ms | PSS; KiB per device with kernel sockets | "
@@ -24,7 +26,8 @@ def worst(run: dict) -> str:
     classes = run.get("added_latency_ms", {}).get("gateway", {}).get("classes", {})
     if not classes:
         return "-"
-    name = max(classes, key=lambda c: (classes[c]["p999"] > 100 or classes[c]["p99"] > 50, classes[c]["p999"]))
+    over = lambda c: classes[c]["p999"] > SLO_ADDED_P999_MS or classes[c]["p99"] > SLO_ADDED_P99_MS
+    name = max(classes, key=lambda c: (over(c), classes[c]["p999"]))
     return f"{name} {classes[name]['p99']:.1f} / {classes[name]['p999']:.1f}"
 
 
@@ -43,8 +46,9 @@ def row(devices: int, held: float, run: dict, number: int, measured: dict | None
     memory = "-" if pss is None else f"{pss:.0f} MiB; {g.get('pss_kib_per_device_with_kernel', 0):.1f}"
     load = run.get("metrics", {}).get("load_cpu_vs_gateway")
     at = (run.get("measured") or measured or {}).get("commit", "?")
-    return (f"| {round(devices / held):,} ({devices:,}), run {number} | {'meets' if run.get('meets') else 'misses'}{note} "
-            f"| {worst(run)} | {cpu} | {throttled} | {'-' if lag is None else f'{lag:.1f}'} | {memory} "
+    verdict = ("meets" if run.get("meets") else "misses") + note
+    return (f"| {round(devices / held):,} ({devices:,}), run {number} | {verdict} | {worst(run)} | {cpu} "
+            f"| {throttled} | {'-' if lag is None else f'{lag:.1f}'} | {memory} "
             f"| {'-' if load is None else f'{load:.3f}'} | {at} |")
 
 
@@ -59,8 +63,8 @@ def runs_table(summary: dict) -> str:
     pending = summary.get("pending")
     if pending:
         for i, r in enumerate(pending["runs"]):
-            rows.append(row(pending["devices"], pending["held_to_cores"], r["verdict"] | {"measured": r["measured"]},
-                            i + 1, None, " (its point unfinished)"))
+            rows.append(row(pending["devices"], pending["held_to_cores"], r["verdict"], i + 1, r["measured"],
+                            " (its point unfinished)"))
     return "\n".join(rows)
 
 
