@@ -523,9 +523,10 @@ class _SessionEnded(Exception):
     pass
 
 
-def _fake_run_point(monkeypatch, meets_at, end_at=None):
-    """sizing.run_point replaced by one run meeting when ``meets_at(devices)``; raises
-    _SessionEnded at the ``end_at``-th run. Returns (devices, run index) of every run made."""
+def _fake_run_point(monkeypatch, meets_at, end_at=None, speed_ms=lambda n: 6.0):
+    """sizing.run_point replaced by one run meeting when ``meets_at(devices)``, its host's
+    loop timed at ``speed_ms(devices)`` on both cores; raises _SessionEnded at the
+    ``end_at``-th run. Returns the devices of every run made."""
     made = []
 
     async def run_point(o, say):
@@ -535,7 +536,8 @@ def _fake_run_point(monkeypatch, meets_at, end_at=None):
         v = _verdict(o.devices, o.cgroup_fraction or 1.0, "meets" if meets_at(o.devices) else "broke")
         v["added_latency_ms"] = {"gateway": {"classes": {"Sync": {"p99": float(len(made)), "n": 2000}}}}
         return {"devices": o.devices, "verdict": v, "paths": {"gateway": {
-            "requests_total": 1000 + len(made), "failures": {}, "speed_ms": 6.0, "window_s": 120.0,
+            "requests_total": 1000 + len(made), "failures": {},
+            "speed_ms": {"cpu0": speed_ms(o.devices), "cpu1": speed_ms(o.devices)}, "window_s": 120.0,
             "latency_raw": {"Sync": {"1": 1.0}}}}}
     monkeypatch.setattr(sizing, "run_point", run_point)
     return made
@@ -556,8 +558,8 @@ def test_a_point_left_half_measured_is_finished_with_only_the_runs_it_lacks(monk
     assert (pending["devices"], pending["held_to_cores"], len(pending["runs"])) == (40_000, 1.0, 1)
     first = pending["runs"][0]
     assert first["verdict"]["meets"] and first["measured"]["commit"] and first["measured"]["when"]
-    assert first["paths"] == {"gateway": {"requests_total": 1003, "failures": {}, "speed_ms": 6.0,
-                                          "window_s": 120.0}}                      # no timelines
+    assert first["paths"] == {"gateway": {"requests_total": 1003, "failures": {},
+                                          "speed_ms": {"cpu0": 6.0, "cpu1": 6.0}, "window_s": 120.0}}  # no timelines
     # ... and the next session makes only the second run there, then walks on
     earlier, pending = sizing.resumable(sizing.partial_summary(raw), sizing.Options(devices=20_000, repeat=2))
     made = _fake_run_point(monkeypatch, lambda n: n <= 30_000)
@@ -583,3 +585,31 @@ def test_a_run_that_finishes_its_point_leaves_nothing_pending(monkeypatch, tmp_p
     # after run 1 the point is pending with one run; after run 2 it is a point
     assert made == [10_000, 10_000]
     assert [None if x is None else len(x["runs"]) for x in seen] == [1, None]
+
+
+def test_a_walk_names_a_point_measured_on_a_slower_host_and_a_bound_from_another_machine(monkeypatch):
+    # the walk's last point ran the host's loop twice as slow as the points before it (as
+    # 2026-12-06's security-on search did when it was resumed on another machine)
+    _fake_run_point(monkeypatch, lambda n: n <= 30_000, speed_ms=lambda n: 14.0 if n == 32_500 else 7.0)
+    lines: list[str] = []
+    report = trio.run(lambda: sizing.bench(sizing.Options(devices=20_000), True, 100_000, lines.append))
+    by_n = {p["devices"]: p["verdict"] for p in report["points"]}
+    assert list(by_n) == [20_000, 40_000, 30_000, 35_000, 32_500]
+    slow = [c for c in by_n[32_500]["caveats"] if c.startswith("host: ")]
+    assert slow == ["host: the cores ran sim/speed's loop 100% slower over this point's runs (14.0 ms) than "
+                    "over the earlier points' (7.0 ms, median): the walk compares points measured on different "
+                    "machines"]
+    assert not [c for n, v in by_n.items() if n != 32_500 for c in v["caveats"]]
+    assert f"    caveat: {slow[0]}" in "\n".join(lines)
+    stop = report["headline"]["search_stop"]
+    assert (stop["largest_met_per_core"], stop["devices_per_core"]) == (30_000, 32_500)
+    assert stop["host_ms"] == {"largest_met": 7.0, "stopped_at": 14.0}
+    assert stop["caveat"].startswith("the point that stopped the search ran sim/speed's loop in 14.0 ms, "
+                                     "the largest met in 7.0 ms (100% apart)")
+    assert lines[-1] == f"    caveat: {stop['caveat']}"
+    # one host throughout: no caveat, the speeds still recorded
+    _fake_run_point(monkeypatch, lambda n: n <= 30_000, speed_ms=lambda n: 7.0)
+    same = trio.run(lambda: sizing.bench(sizing.Options(devices=20_000), True, 100_000, lambda _m: None))
+    assert "caveat" not in same["headline"]["search_stop"]
+    assert same["headline"]["search_stop"]["host_ms"] == {"largest_met": 7.0, "stopped_at": 7.0}
+    assert not [c for p in same["points"] for c in p["verdict"]["caveats"]]

@@ -38,6 +38,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1160,6 +1161,35 @@ def speed_caveats(paths: dict[str, dict]) -> list[str]:
     return out
 
 
+def host_ms(runs: list[dict]) -> float | None:
+    """How fast the host ran interpreter work over ``runs`` (run records: ``each_run``, or
+    one run's): sim/speed's loop, ms, averaged over every path's window and core."""
+    vals = [ms for r in runs for p in (r.get("paths") or {}).values() for ms in (p.get("speed_ms") or {}).values()]
+    return round(sum(vals) / len(vals), 2) if vals else None
+
+
+def host_moved(here: float, base: float) -> float:
+    return max(here, base) / min(here, base) - 1.0
+
+
+def host_caveat(point: dict, earlier: list[dict]) -> str | None:
+    """A point of a walk measured on a host that much slower or faster than the points
+    before it (the median of theirs; a resumed search may run on another machine, and a
+    shared one changes speed by the hour): its verdict is set against theirs across
+    machines. Named, the verdict unchanged."""
+    here = host_ms(point["verdict"].get("each_run", []))
+    base = [ms for p in earlier if (ms := host_ms(p["verdict"].get("each_run", []))) is not None]
+    if here is None or not base:
+        return None
+    ref = statistics.median(base)
+    moved = host_moved(here, ref)
+    if moved <= SPEED_DRIFT_NOTED:
+        return None
+    return (f"host: the cores ran sim/speed's loop {100 * moved:.0f}% {'slower' if here > ref else 'faster'} "
+            f"over this point's runs ({here:.1f} ms) than over the earlier points' ({ref:.1f} ms, median): "
+            "the walk compares points measured on different machines")
+
+
 def load_burst_caveat(cmd: str, split: dict | None) -> list[str]:
     """A caveat when ``cmd``'s slowest 1% (added_split's ``worst``) were sent in seconds when
     the load side waited for its core LOAD_BURST_CAVEAT times its average, and that ratio is
@@ -1784,6 +1814,8 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
             p = await measure(o, say, done=done, on_run=lambda kept: on_run(n, held, kept))
             p["measured"] = measured_now()
             now["pending"] = None
+            if (moved := host_caveat(p, points)) is not None:
+                p["verdict"]["caveats"].append(moved)
             earlier_said = ""
         else:
             earlier_said = f" (measured earlier: {p['measured']['commit']}, {p['measured']['when']})"
@@ -1825,8 +1857,29 @@ async def bench(opts: Options, search: bool, max_devices: int, say, cgroup_check
                                      ("fractions", "devices_driven", "agree", "cpu_spread", "why_not")}
         report["crosscheck"] = cross
     if stop is not None:
-        head["search_stop"] = stop
+        head["search_stop"] = stop | bracket_hosts(points, stop)
+        if "caveat" in head["search_stop"]:
+            say(f"    caveat: {head['search_stop']['caveat']}")
     return report
+
+
+def bracket_hosts(points: list[dict], stop: dict) -> dict:
+    """The host's speed at the two points that bound a search's answer (the largest met and
+    the one that stopped it), and a caveat when they differ: a bracket measured on two
+    machines says less about the gateway than about the host."""
+    def at(per_core: int | None) -> float | None:
+        for p in reversed(points):
+            if per_core and round(p["devices"] / p["verdict"].get("held_to_cores", 1.0)) == per_core:
+                return host_ms(p["verdict"].get("each_run", []))
+        return None
+
+    met, stopped = at(stop.get("largest_met_per_core")), at(stop.get("devices_per_core"))
+    out: dict = {"host_ms": {"largest_met": met, "stopped_at": stopped}}
+    if met is not None and stopped is not None and host_moved(stopped, met) > SPEED_DRIFT_NOTED:
+        out["caveat"] = (f"the point that stopped the search ran sim/speed's loop in {stopped:.1f} ms, the largest "
+                         f"met in {met:.1f} ms ({100 * host_moved(stopped, met):.0f}% apart): its bound was "
+                         "measured on another machine than its answer")
+    return out
 
 
 def security_available() -> bool:

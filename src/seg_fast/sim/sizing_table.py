@@ -13,12 +13,12 @@ from pathlib import Path
 
 import msgspec
 
-from seg_fast.sim.sizing import SLO_ADDED_P99_MS, SLO_ADDED_P999_MS
+from seg_fast.sim.sizing import SLO_ADDED_P99_MS, SLO_ADDED_P999_MS, host_ms
 
 HEAD = ("| per core (driven), run | verdict | worst paired added p99 / p99.9, ms | "
         "gateway CPU of the core; CPU-s per device-hour | periods throttled over the gateway path | "
         "workers' loop lag max in the window, ms | PSS; KiB per device with kernel sockets | "
-        "load side against the gateway | measured at |")
+        "load side against the gateway | host: sim/speed's loop, ms | measured at |")
 
 
 def worst(run: dict) -> str:
@@ -31,7 +31,8 @@ def worst(run: dict) -> str:
     return f"{name} {classes[name]['p99']:.1f} / {classes[name]['p999']:.1f}"
 
 
-def row(devices: int, held: float, run: dict, number: int, measured: dict | None, note: str = "") -> str:
+def row(devices: int, held: float, run: dict, paths: dict, number: int, measured: dict | None,
+        note: str = "") -> str:
     g = run.get("metrics", {}).get("gateway", {})
     share = g.get("cpu_share")
     cpu = "-" if share is None else f"{100 * share:.1f}%" + (
@@ -47,9 +48,10 @@ def row(devices: int, held: float, run: dict, number: int, measured: dict | None
     load = run.get("metrics", {}).get("load_cpu_vs_gateway")
     at = (run.get("measured") or measured or {}).get("commit", "?")
     verdict = ("meets" if run.get("meets") else "misses") + note
+    host = host_ms([{"paths": paths}])      # runs on different machines show here
     return (f"| {round(devices / held):,} ({devices:,}), run {number} | {verdict} | {worst(run)} | {cpu} "
             f"| {throttled} | {'-' if lag is None else f'{lag:.1f}'} | {memory} "
-            f"| {'-' if load is None else f'{load:.3f}'} | {at} |")
+            f"| {'-' if load is None else f'{load:.3f}'} | {'-' if host is None else f'{host:.1f}'} | {at} |")
 
 
 def runs_table(summary: dict) -> str:
@@ -59,12 +61,12 @@ def runs_table(summary: dict) -> str:
         v = p["verdict"]
         held = v.get("held_to_cores", 1.0)
         for r in v.get("each_run", []):
-            rows.append(row(p["devices"], held, r, r["run"], p.get("measured")))
+            rows.append(row(p["devices"], held, r, r.get("paths", {}), r["run"], p.get("measured")))
     pending = summary.get("pending")
     if pending:
         for i, r in enumerate(pending["runs"]):
-            rows.append(row(pending["devices"], pending["held_to_cores"], r["verdict"], i + 1, r["measured"],
-                            " (its point unfinished)"))
+            rows.append(row(pending["devices"], pending["held_to_cores"], r["verdict"], r.get("paths", {}), i + 1,
+                            r["measured"], " (its point unfinished)"))
     return "\n".join(rows)
 
 
