@@ -1153,7 +1153,7 @@ def speed_caveats(paths: dict[str, dict]) -> list[str]:
         here = ms(p)
         if name == "direct" or base is None or here is None:
             continue
-        moved = max(here, base) / min(here, base) - 1.0
+        moved = host_moved(here, base)
         if moved > SPEED_DRIFT_NOTED:
             out.append(f"{name}: the cores ran sim/speed's loop {100 * moved:.0f}% "
                        f"{'slower' if here > base else 'faster'} in its window ({here:.1f} ms) than in "
@@ -1169,6 +1169,7 @@ def host_ms(runs: list[dict]) -> float | None:
 
 
 def host_moved(here: float, base: float) -> float:
+    """How far apart two timings of the host's loop are, as a fraction of the faster."""
     return max(here, base) / min(here, base) - 1.0
 
 
