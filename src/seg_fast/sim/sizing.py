@@ -1143,14 +1143,10 @@ def speed_caveats(paths: dict[str, dict]) -> list[str]:
     loop on each core, averaged over the cores) set against the direct path's: a path
     measured on a machine that much slower or faster is paired with the direct run of
     another machine. Named, the verdict unchanged."""
-    def ms(p: dict) -> float | None:
-        vals = list((p.get("speed_ms") or {}).values())
-        return sum(vals) / len(vals) if vals else None
-
-    base = ms(paths["direct"]) if "direct" in paths else None
+    base = host_ms([paths["direct"]]) if "direct" in paths else None
     out = []
     for name, p in paths.items():
-        here = ms(p)
+        here = host_ms([p])
         if name == "direct" or base is None or here is None:
             continue
         moved = host_moved(here, base)
@@ -1161,11 +1157,16 @@ def speed_caveats(paths: dict[str, dict]) -> list[str]:
     return out
 
 
-def host_ms(runs: list[dict]) -> float | None:
-    """How fast the host ran interpreter work over ``runs`` (run records: ``each_run``, or
-    one run's): sim/speed's loop, ms, averaged over every path's window and core."""
-    vals = [ms for r in runs for p in (r.get("paths") or {}).values() for ms in (p.get("speed_ms") or {}).values()]
-    return round(sum(vals) / len(vals), 2) if vals else None
+def host_ms(paths) -> float | None:
+    """How fast the host ran interpreter work in the windows of ``paths`` (path records with
+    ``speed_ms``): sim/speed's loop, ms, averaged over the windows and their cores."""
+    vals = [ms for p in paths for ms in (p.get("speed_ms") or {}).values()]
+    return sum(vals) / len(vals) if vals else None
+
+
+def point_host_ms(verdict: dict) -> float | None:
+    """host_ms over every run of a point (its ``each_run`` records)."""
+    return host_ms([p for r in verdict.get("each_run", []) for p in (r.get("paths") or {}).values()])
 
 
 def host_moved(here: float, base: float) -> float:
@@ -1178,8 +1179,8 @@ def host_caveat(point: dict, earlier: list[dict]) -> str | None:
     before it (the median of theirs; a resumed search may run on another machine, and a
     shared one changes speed by the hour): its verdict is set against theirs across
     machines. Named, the verdict unchanged."""
-    here = host_ms(point["verdict"].get("each_run", []))
-    base = [ms for p in earlier if (ms := host_ms(p["verdict"].get("each_run", []))) is not None]
+    here = point_host_ms(point["verdict"])
+    base = [ms for p in earlier if (ms := point_host_ms(p["verdict"])) is not None]
     if here is None or not base:
         return None
     ref = statistics.median(base)
@@ -1871,11 +1872,11 @@ def bracket_hosts(points: list[dict], stop: dict) -> dict:
     def at(per_core: int | None) -> float | None:
         for p in reversed(points):
             if per_core and round(p["devices"] / p["verdict"].get("held_to_cores", 1.0)) == per_core:
-                return host_ms(p["verdict"].get("each_run", []))
+                return point_host_ms(p["verdict"])
         return None
 
     met, stopped = at(stop.get("largest_met_per_core")), at(stop.get("devices_per_core"))
-    out: dict = {"host_ms": {"largest_met": met, "stopped_at": stopped}}
+    out: dict = {"host_ms": {"largest_met": met and round(met, 2), "stopped_at": stopped and round(stopped, 2)}}
     if met is not None and stopped is not None and host_moved(stopped, met) > SPEED_DRIFT_NOTED:
         out["caveat"] = (f"the point that stopped the search ran sim/speed's loop in {stopped:.1f} ms, the largest "
                          f"met in {met:.1f} ms ({100 * host_moved(stopped, met):.0f}% apart): its bound was "

@@ -48,7 +48,7 @@ def row(devices: int, held: float, run: dict, paths: dict, number: int, measured
     load = run.get("metrics", {}).get("load_cpu_vs_gateway")
     at = (run.get("measured") or measured or {}).get("commit", "?")
     verdict = ("meets" if run.get("meets") else "misses") + note
-    host = host_ms([{"paths": paths}])      # runs on different machines show here
+    host = host_ms(paths.values())      # runs on different machines show here
     return (f"| {round(devices / held):,} ({devices:,}), run {number} | {verdict} | {worst(run)} | {cpu} "
             f"| {throttled} | {'-' if lag is None else f'{lag:.1f}'} | {memory} "
             f"| {'-' if load is None else f'{load:.3f}'} | {'-' if host is None else f'{host:.1f}'} | {at} |")
