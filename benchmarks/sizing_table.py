@@ -1,6 +1,7 @@
 """A sizing summary's runs as the markdown table benchmarks/README.md quotes.
 
     python benchmarks/sizing_table.py benchmarks/results/sizing-off-20261206-060918.json
+    python benchmarks/sizing_table.py --tails benchmarks/results/sizing-off-20261205-194106.json
 """
 import sys
 

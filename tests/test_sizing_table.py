@@ -43,3 +43,23 @@ def test_a_pending_points_finished_runs_are_listed_as_such(tmp_path, capsys):
     path.write_text("{}x")
     assert sizing_table.main([str(path)]) == 2
     assert "not a sizing summary" in capsys.readouterr().err
+
+
+def test_the_tails_table_gives_each_path_its_added_p999_beside_its_mirror_and_net_of_the_load_side(capsys):
+    # the 100,000-device claim pair: the gateway alone beside the direct path, every class of its own
+    assert sizing_table.main(["--tails", str(RESULTS / "sizing-off-20261205-194106.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| per core (driven), run, path | Sync | SendMail | ItemOperations | FolderSync "
+                        "| GetItemEstimate | Settings |")
+    assert [r.split(" | ")[:2] for r in lines[2:]] == [
+        ["| 100,000 (100,000), run 1, gateway", "25.1 / 18.6 (20.3 / 14.8)"],
+        ["| 100,000 (100,000), run 2, gateway", "33.4 / 17.8 (25.9 / 14.1)"]]
+    # ItemOperations' mirror above its added p99.9: the direct run alone varied that much
+    assert lines[2].split(" | ")[3] == "32.2 / 44.4 (27.4 / 44.3)"
+    # the side-by-side run at half a core: nginx's row under the gateway's, the pooled class last
+    summary = json.loads((RESULTS / "sizing-off-20261206-101005.json").read_text())
+    lines = sizing_table.tails_table(summary).splitlines()
+    assert lines[0] == "| per core (driven), run, path | Sync | SendMail | ItemOperations | other |"
+    assert [r.split(" | ")[0] for r in lines[2:]] == ["| 60,000 (30,000), run 1, gateway", "| 60,000 (30,000), run 1, nginx"]
+    assert lines[3].split(" | ")[3] == "64.6 / 34.0 (64.7 / 34.0)"
+    assert sizing_table.main(["--tails"]) == 2

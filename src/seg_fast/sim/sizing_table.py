@@ -5,6 +5,13 @@
 One row per run of every point, in the order measured (a search's walk), then the runs a
 partial summary's pending point has finished; the columns are the verdict's own figures,
 so a table in the README can be checked against (and remade from) the committed JSON.
+
+    python benchmarks/sizing_table.py --tails SUMMARY.json
+
+The same runs, a column per command class: the paired added p99.9 beside its mirror (how
+much slower the direct run was at that rank: the pairing's own noise), then both net of
+the load side's read delays (the kernel's receive stamps). Issue 10's 20 ms bound is read
+against these: a class whose mirror reaches the bound cannot show it met.
 """
 from __future__ import annotations
 
@@ -70,13 +77,49 @@ def runs_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+# the classes in the order the README's tables give them; others (none today) follow by name
+CLASS_ORDER = ("Sync", "SendMail", "ItemOperations", "FolderSync", "GetItemEstimate", "Settings", "other")
+
+
+def _tail(c: dict | None) -> str:
+    if not c or c.get("p999") is None:
+        return "-"
+    mirror = c.get("mirror_p999")
+    return f"{c['p999']:.1f} / {'-' if mirror is None else f'{mirror:.1f}'}"
+
+
+def tails_table(summary: dict) -> str:
+    """Per run of every point and per proxy path in it (the gateway, nginx when it ran), per
+    class: paired added p99.9 / its mirror, ms, then the same net of the load side's read
+    delays (in brackets; "-" where the run had none)."""
+    rows = []
+    for p in summary.get("points", []):
+        held = p["verdict"].get("held_to_cores", 1.0)
+        for r in p["verdict"].get("each_run", []):
+            for path in ("gateway", "nginx"):
+                added = r.get("added_latency_ms", {}).get(path)
+                if added:
+                    rows.append((f"{round(p['devices'] / held):,} ({p['devices']:,}), run {r['run']}, {path}", added))
+    seen = {c for _, added in rows for c in added.get("classes", {})}
+    names = [c for c in CLASS_ORDER if c in seen] + sorted(seen - set(CLASS_ORDER))
+    lines = ["| per core (driven), run, path | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
+    for label, added in rows:
+        net = added.get("net_of_load_side", {}).get("classes", {})
+        cells = [f"{_tail(added.get('classes', {}).get(c))} ({_tail(net.get(c))})" for c in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
+    tails = argv[:1] == ["--tails"]
+    if tails:
+        argv = argv[1:]
     if len(argv) != 1:
-        print("usage: python benchmarks/sizing_table.py SUMMARY.json", file=sys.stderr)
+        print("usage: python benchmarks/sizing_table.py [--tails] SUMMARY.json", file=sys.stderr)
         return 2
     try:
         summary = msgspec.json.decode(Path(argv[0]).read_bytes())
-        print(runs_table(summary))
+        print(tails_table(summary) if tails else runs_table(summary))
     except (OSError, msgspec.DecodeError, KeyError, TypeError) as exc:
         print(f"sizing_table: {argv[0]}: not a sizing summary ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
