@@ -10,6 +10,7 @@ connections the lot holds. Nothing waits a fixed time: the lot is polled, with a
 from __future__ import annotations
 
 import json
+from functools import partial
 import random
 import ssl
 
@@ -19,7 +20,7 @@ import trio
 import trustme
 
 from proxy_helpers import Client
-from seg_fast.proxy import downstream, parking
+from seg_fast.proxy import _tls13, downstream, parking
 from test_fastpath_lane import EAS, QUERY, AUTH, _answer_case, _request_case, case_answer, case_server
 from test_proxy import gateway, upstream
 
@@ -422,3 +423,60 @@ async def test_a_device_that_stops_reading_is_cut_at_the_write_deadline(tmp_path
         await _until(lambda: gw.active == 0)
         assert gw.incidents.counts.get("device_write_timeout", 0) >= 1
         await trio.aclose_forcefully(stream)
+
+
+async def test_the_lane_carries_exchanges_to_an_https_mail_server_and_a_broken_one_is_not_answered_from(tmp_path):
+    """An https:// mail server (as Exchange or Office 365 is reached): its kept-alive
+    connection is tlsio's, carried on by the record layer, and the lot writes the request and
+    reads the answer there as it does a plain one. The mail server then answers with bytes
+    that are not TLS records: that exchange is not answered from them (the request goes once
+    more, on a new connection, as for a kept-alive connection closed under it)."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(sctx)       # (its two session tickets follow the handshake)
+    state = {"conns": 0, "requests": 0}
+
+    async def server(stream):
+        state["conns"] += 1
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                conn.receive_data(data)
+            elif type(event) is h11.EndOfMessage:
+                state["requests"] += 1
+                if state["requests"] == 6:
+                    await stream.transport_stream.send_all(b"HTTP/1.1 200 OK\r\n\r\nnot a TLS record")
+                    break
+                body = b"ok%d" % state["requests"]
+                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                    (b"Content-Length", str(len(body)).encode())])) + conn.send(h11.Data(data=body))
+                    + conn.send(h11.EndOfMessage()))
+                conn.start_next_cycle()
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, server, 0, sctx, host="127.0.0.1"))
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        async with gateway(f"https://localhost:{port}", tmp_path, upstream_ca_file=str(ca_file)) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            for i in range(1, 6):
+                await _until(lambda: len(_held(gw, parking.Idle)) == 1 or i == 1)
+                await stream.send_all(_sync(b"x"))
+                resp, body = await _answer(stream)
+                assert (resp.status_code, body) == (200, b"ok%d" % i)
+            assert gw.parking.carried == 4, (gw.parking.carried, gw.parking.handed)   # all but the first
+            (up,) = [c for conns in gw.pool.idle.values() for c in conns]
+            assert type(up.tls._obj) is _tls13.Records and up.tls._obj.client     # OpenSSL's object gone
+            assert state["conns"] == 1
+            await _until(lambda: len(_held(gw, parking.Idle)) == 1)
+            await stream.send_all(_sync(b"x"))
+            resp, body = await _answer(stream)
+            assert (resp.status_code, body) == (200, b"ok7") and state["conns"] == 2
+            await stream.aclose()
+        nursery.cancel_scope.cancel()

@@ -1,6 +1,6 @@
 # cython: language_level=3
-"""TLS 1.3's record layer after the handshake (compiled): what a device connection keeps
-once OpenSSL has made its keys.
+"""TLS 1.3's record layer after the handshake (compiled): what a device connection, or a
+connection to an https:// mail server, keeps once OpenSSL has made its keys.
 
 OpenSSL 3.0's connection costs ~14 KiB for as long as it lives (the ``SSL`` object alone
 7.4 KiB, fixed by its layout; benchmarks/README.md, "Where a worker's memory goes"): at
@@ -13,14 +13,16 @@ the same exceptions). Records are sealed and opened with libcrypto's AEAD throug
 cipher context per suite and direction for the whole worker (the key is set per record:
 a worker is one thread, and these calls keep the GIL).
 
-What a device may send after the handshake and what happens (RFC 8446):
+What the peer may send after the handshake and what happens (RFC 8446):
 - application data: returned (empty records skipped);
 - close_notify: EOF (SSLZeroReturnError); any other alert: SSLError, the stream is over;
-- KeyUpdate (a whole message in its record): the read key moves on; asked for, our own
-  KeyUpdate goes out before the next data and the write key moves on too;
-- anything else (another handshake message, a change_cipher_spec, an unknown type, a
-  record too long or too short, a tag that does not verify): a fatal alert sent (best
-  effort) and SSLError.
+- KeyUpdate (a whole message): the read key moves on; asked for, our own KeyUpdate goes
+  out before the next data and the write key moves on too;
+- to a client (``client=True``, the mail-server leg), NewSessionTicket messages: passed
+  over (the gateway keeps its connections to a mail server open, it does not resume them);
+- anything else (another handshake message, one split across records, a
+  change_cipher_spec, an unknown type, a record too long or too short, a tag that does
+  not verify): a fatal alert sent (best effort) and SSLError.
 
 Nothing is linked at build time: ``init`` takes the libcrypto addresses (proxy/tls13.py
 finds them in the library ``_ssl`` already loaded), as _tickets.pyx and _tlsrecords.pyx do.
@@ -56,6 +58,7 @@ cdef enum:
     CT_ALERT = 21
     CT_HANDSHAKE = 22
     CT_APP = 23
+    HS_NEW_SESSION_TICKET = 4
     HS_KEY_UPDATE = 24
     CTRL_GET_TAG = 0x10
     CTRL_SET_TAG = 0x11
@@ -237,6 +240,7 @@ cdef class Records:
     without it, SSLError for anything fatal."""
 
     cdef readonly int fd
+    cdef readonly bint client         # the mail-server leg: we wrote the ClientHello
     cdef int suite
     cdef Dir rd, wr
     cdef object _in                   # part of a record, read before the rest came (None: none)
@@ -248,13 +252,14 @@ cdef class Records:
     cdef bint _failed
 
     def __cinit__(self, int fd, int suite, bytes client_secret, bytes server_secret,
-                  uint64_t write_seq=0, bytes out=b""):
+                  uint64_t write_seq=0, bytes out=b"", bint client=False):
         if suite < 0 or suite > 2:
             raise ValueError("unknown TLS 1.3 suite")
         self.fd = fd
+        self.client = client
         self.suite = suite
-        _keys(&self.rd, client_secret, suite)
-        _keys(&self.wr, server_secret, suite)
+        _keys(&self.rd, server_secret if client else client_secret, suite)
+        _keys(&self.wr, client_secret if client else server_secret, suite)
         self.wr.seq = write_seq
         self._out = memoryview(out) if out else None
 
@@ -435,21 +440,31 @@ cdef class Records:
             self._eof = True
             raise ssl.SSLZeroReturnError("TLS/SSL connection has been closed (EOF)")
         self._failed = True
-        raise ssl.SSLError(1, f"the device sent TLS alert {p[1]}")
+        raise ssl.SSLError(1, f"the {'mail server' if self.client else 'device'} sent TLS alert {p[1]}")
 
     cdef int _handshake(self, Py_ssize_t n) except -1:
-        # Only a KeyUpdate may come after the handshake, whole, and last in its record.
-        cdef Py_ssize_t length
-        if n < 4:
-            self._fatal(A_UNEXPECTED, "a handshake message split across records")
-        length = (_plainbuf[1] << 16) | (_plainbuf[2] << 8) | _plainbuf[3]
-        if _plainbuf[0] != HS_KEY_UPDATE:
-            self._fatal(A_UNEXPECTED, f"handshake message {_plainbuf[0]} after the handshake")
-        if length != 1 or n != 5 or _plainbuf[4] > 1:
-            self._fatal(A_DECODE, "a malformed KeyUpdate")
-        _next(&self.rd, self.suite)
-        if _plainbuf[4] == 1:
-            self._key_update(False)
+        # After the handshake: a KeyUpdate, whole and last in its record; to a client, also
+        # NewSessionTickets (a server may put several in one record), each whole.
+        cdef Py_ssize_t at = 0, length
+        cdef int kind
+        while at < n:
+            if n - at < 4:
+                self._fatal(A_UNEXPECTED, "a handshake message split across records")
+            kind = _plainbuf[at]
+            length = (_plainbuf[at + 1] << 16) | (_plainbuf[at + 2] << 8) | _plainbuf[at + 3]
+            if kind == HS_NEW_SESSION_TICKET and self.client:
+                if at + 4 + length > n:
+                    self._fatal(A_UNEXPECTED, "a handshake message split across records")
+                at += 4 + length
+                continue
+            if kind != HS_KEY_UPDATE:
+                self._fatal(A_UNEXPECTED, f"handshake message {kind} after the handshake")
+            if length != 1 or n - at != 5 or _plainbuf[at + 4] > 1:
+                self._fatal(A_DECODE, "a malformed KeyUpdate")
+            _next(&self.rd, self.suite)
+            if _plainbuf[at + 4] == 1:
+                self._key_update(False)
+            return 0
         return 0
 
     cdef int _key_update(self, bint request) except -1:

@@ -17,12 +17,17 @@ whole 200 (exchange.transformed_parts: under THREAD_TRANSFORM_BYTES, the size th
 path also transforms on the loop). A wake-up of the worker runs one task step for everything
 that was ready.
 
+A pooled connection to an https:// mail server that tlsio carries (upstream.UpstreamConn.tls)
+is written and read here as a plain one is: the request sealed and written at once, the
+answer's records read as far as they are whole.
+
 Anything else goes back to a task where the exchange stands (downstream.carry_on): a head or
-body in pieces, a request the fast lane does not take, no pooled connection or a TLS one, a
-socket that does not take the whole write, an answer in pieces, a 1xx, a redirect, chunked, the
-mail server gone, the device gone, a deadline, a drain, an answer to transform that is large or
-that a transform refuses. Nothing here waits: each step is one
-read and at most one write of each socket, and the deadlines are the lot's.
+body in pieces, a request the fast lane does not take, no pooled connection or one through an
+outbound proxy, a socket that does not take the whole write, an answer in pieces, a 1xx, a
+redirect, chunked, the mail server gone, the device gone, a deadline, a drain, an answer to
+transform that is large or that a transform refuses. Nothing here waits: each step is one
+read (over TLS, of the records there are) and at most one write of each socket, and the
+deadlines are the lot's.
 """
 from __future__ import annotations
 
@@ -102,10 +107,11 @@ def request(gw, dev: Device, data: bytes) -> None:
     pool = gw.pool
     up = pool.take(origin)
     ping = plan.req.command == "Ping"
-    if up is not None and (up.plain is None or (ping and not up.looks_alive())):
-        # A TLS mail server's connection is the task's to use; a Ping is parked right after its
-        # write, where nothing resends it, so its connection is probed first (acquire's rule).
-        if up.plain is None:
+    if up is not None and ((up.plain is None and up.tls is None) or (ping and not up.looks_alive())):
+        # A connection through an outbound proxy is the task's to use; a Ping is parked right
+        # after its write, where nothing resends it, so its connection is probed first
+        # (acquire's rule).
+        if up.plain is None and up.tls is None:
             up.reusable = True
             pool.release(up)
         else:
@@ -121,15 +127,18 @@ def request(gw, dev: Device, data: bytes) -> None:
         pool.discard(up)
         raise
     up.sent = (_POST, head.target, len(plan.body))
-    fd = up.plain.fileno()
+    fd = up.sock.fileno()
     total = 0
     for part in parts:
         total += len(part)
     t_up = time.perf_counter()
-    try:
-        sent = os.writev(fd, parts)
-    except OSError:                   # (BlockingIOError too: a pooled connection's buffer is empty)
-        sent = -1
+    if up.plain is not None:
+        try:
+            sent = os.writev(fd, parts)
+        except OSError:               # (BlockingIOError too: a pooled connection's buffer is empty)
+            sent = -1
+    else:
+        sent = total if _write_tls_now(up.tls, parts, total) else -1
     if sent != total:
         # At most part of the request went: closing the connection tells the mail server it
         # will not get the rest, and the task sends it whole on another.
@@ -151,7 +160,7 @@ def _answered(gw, f: parking.Inflight, why: str) -> None:
         _spawn(gw, dev, None, exchange.answer_inflight, f, why, None)
         return
     try:
-        data = sockio.read_now(up.plain, RECEIVE_SIZE)
+        data = sockio.read_now(up.plain, RECEIVE_SIZE) if up.plain is not None else _read_tls_now(up.tls)
     except OSError:
         data = b""
     answer = None
@@ -184,6 +193,39 @@ def _answered(gw, f: parking.Inflight, why: str) -> None:
     gw.parking.carried += 1
     exchange.finish_log(gw, plan)
     _next(gw, dev)
+
+
+def _write_tls_now(tls, parts: list, total: int) -> bool:
+    """A request's records written to a mail server's TLS connection at once; False if the
+    socket did not take them all (the connection is then discarded, as a plain one's is)."""
+    try:
+        if total <= RECORD:
+            return tls.write_now(parts[0] if len(parts) == 1 else b"".join(parts))
+        rest = tls.seal_now(parts) if total <= tlsbatch.BATCH else None
+    except trio.BrokenResourceError:
+        return False
+    return rest is not None and not rest
+
+
+def _read_tls_now(tls) -> bytes | None:
+    """What a mail server's TLS connection holds decrypted now, up to RECEIVE_SIZE: the
+    records that are whole (None if none is: part of one, or only a session ticket; b"" at
+    EOF, and when TLS failed before any of the answer came, which answer_inflight treats as
+    the close of a kept-alive connection: the request goes again, once, on a new one)."""
+    data = tls.read_now(RECORD)
+    if data is None:
+        return b"" if tls.failed else None
+    if not data:
+        return data
+    parts = [data]
+    n = len(data)
+    while n < RECEIVE_SIZE:
+        more = tls.read_now(RECORD)
+        if not more:
+            break                     # (an EOF after data: the next read says it again)
+        parts.append(more)
+        n += len(more)
+    return data if len(parts) == 1 else b"".join(parts)
 
 
 def _write_now(dev: Device, parts: list):

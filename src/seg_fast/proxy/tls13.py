@@ -1,4 +1,5 @@
-"""A device's TLS 1.3 connection without OpenSSL's object once the handshake is done.
+"""A TLS 1.3 connection without OpenSSL's object once the handshake is done: a device's,
+and the gateway's own to an https:// mail server.
 
 OpenSSL keeps ~14 KiB per connection for as long as it lives; a parked Ping lives for
 hours, and at 100,000 devices per core that was two thirds of the gateway's memory. After
@@ -17,6 +18,13 @@ counted: ``TICKETS`` of them, as CPython's default gave devices before.
 TLS 1.2 connections, and TLS 1.3 with a suite ``Records`` does not know, keep OpenSSL's
 object as before (tickets for the latter are made the same way). Where the functions, the
 pointers or the secrets are missing nothing is prepared and every connection keeps OpenSSL.
+
+The mail-server leg (``prepare_client``, ``shed_client``): a parked Ping holds a connection
+to the mail server as long as the device's, so with an https:// mail server each parked
+device held two OpenSSL objects (benchmarks/upstream_tls.py). Our ClientHello's Finished is
+the last handshake record we write, and OpenSSL as a client reads nothing after the
+server's Finished, so both counters start at zero; the server's NewSessionTickets come
+after, under its traffic keys, and ``Records(client=True)`` passes over them.
 """
 from __future__ import annotations
 
@@ -67,8 +75,31 @@ def prepare(context: ssl.SSLContext) -> bool:
     return ok
 
 
+def prepare_client(context: ssl.SSLContext) -> bool:
+    """Have a client ``context``'s handshakes report their secrets (upstream.tls13_records);
+    False (nothing changed) where that cannot be done here."""
+    ok = False
+    if available() and context.maximum_version in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_3):
+        ptr = openssl.ssl_ctx_of(context)
+        if ptr:
+            _tls13.watch(ptr)
+            ok = True
+    context._seg_tls13 = ok
+    return ok
+
+
 def prepared(context: ssl.SSLContext) -> bool:
     return getattr(context, "_seg_tls13", False)
+
+
+def shed_client(sslobj, ssl_ptr: int, fd: int):
+    """After a client handshake on a prepared context: a ``Records`` that carries the
+    connection on, or None where it stays OpenSSL's (TLS 1.2, another suite, no secrets)."""
+    secrets = _tls13.take(ssl_ptr)
+    suite = _tls13.SUITES.get((sslobj.cipher() or ("",))[0])
+    if sslobj.version() != "TLSv1.3" or secrets is None or suite is None:
+        return None
+    return _tls13.Records(fd, suite, secrets[0], secrets[1], client=True)
 
 
 def shed(sslobj, ssl_ptr: int, fd: int):
@@ -120,13 +151,14 @@ class Shed:
     """What the connection's ``ssl_object`` answered, kept once OpenSSL's object is gone
     (the SSLObject queries tlsio forwards)."""
 
-    __slots__ = ("context", "_cipher", "_alpn", "_cert", "_cert_der", "session_reused", "_records", "__weakref__")
-    server_side = True
-    server_hostname = None
+    __slots__ = ("context", "server_side", "server_hostname", "_cipher", "_alpn", "_cert", "_cert_der",
+                 "session_reused", "_records", "__weakref__")
     session = None
 
     def __init__(self, sslobj, records):
         self.context = sslobj.context
+        self.server_side = sslobj.server_side
+        self.server_hostname = sslobj.server_hostname
         cipher = sslobj.cipher()
         self._cipher = _CIPHERS.setdefault(cipher, cipher) if len(_CIPHERS) < 64 else cipher
         self._alpn = sslobj.selected_alpn_protocol()

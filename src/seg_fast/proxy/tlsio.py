@@ -257,21 +257,26 @@ class _Blocked:
 
 
 class TLSStream:
-    """One device connection's TLS, server side (see the module's docstring)."""
+    """One device connection's TLS, server side (see the module's docstring); with
+    ``server_hostname``, the client side of a connection to an https:// mail server
+    (proxy/upstream.py), which starts the handshake and is carried on the same way."""
 
     fast_tls = True               # sockio's mark: receive_by/read_now/send_parts are here
 
     __slots__ = ("transport_stream", "socket", "plain", "ssl_object", "_obj", "_ssl", "_want", "_sending",
-                 "_handshook", "_closed", "_broken", "_eof", "handshake_started", "seg_client_cert",
+                 "_handshook", "_closed", "_broken", "_eof", "handshake_started", "seg_client_cert", "_peer",
                  "__weakref__")
 
-    def __init__(self, transport_stream: trio.SocketStream, context: ssl.SSLContext):
+    def __init__(self, transport_stream: trio.SocketStream, context: ssl.SSLContext,
+                 server_hostname: str | None = None):
         self.transport_stream = transport_stream
         self.socket = transport_stream.socket     # parking.socket_of finds it here
         self.plain = sockio.Plain(self.socket)    # what sockio's waits and timer wheel take
-        if context is not tickets.keyed:
+        client = server_hostname is not None
+        self._peer = "mail server" if client else "device"       # (for the errors' words)
+        if not client and context is not tickets.keyed:
             tickets.key(context)                  # the serve's shared ticket keys (a new or reloaded context)
-        self.ssl_object = wrap_socket(context, self.socket._sock, True)
+        self.ssl_object = wrap_socket(context, self.socket._sock, not client, server_hostname)
         self._obj = self.ssl_object._sslobj       # the C object: the calls below skip SSLObject's layer
         self._ssl = -1                # its SSL * for batched writes (tlsbatch.ssl_of): -1 not yet asked, 0 none
         self._want = _TRY             # how the next read starts (see _TRY)
@@ -297,12 +302,14 @@ class TLSStream:
             await checkpoint()
             return
         obj = self._obj
-        gate = _gate()
+        server = self.ssl_object.server_side
+        gate = _gate() if server else None    # (a client's handshake is the server's cost)
         cpu = 0.0
         try:
-            if not self.handshake_started:
-                await self._first_byte(deadline)
-            await gate.admit()        # the ClientHello is here: its answer is the costly step
+            if server:
+                if not self.handshake_started:
+                    await self._first_byte(deadline)
+                await gate.admit()    # the ClientHello is here: its answer is the costly step
             while True:
                 if self.plain.fileno() < 0:
                     raise trio.ClosedResourceError("socket was closed")
@@ -320,7 +327,7 @@ class TLSStream:
                     raise TimeoutError
         except _EOFS:
             self._broken = True
-            raise trio.BrokenResourceError("device closed the connection during the TLS handshake") from None
+            raise trio.BrokenResourceError(f"{self._peer} closed the connection during the TLS handshake") from None
         except ssl.SSLError as exc:
             self._broken = True       # OpenSSL wrote its alert, if any, to the socket itself
             raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from None
@@ -336,10 +343,11 @@ class TLSStream:
         finally:
             if self._broken and self.plain.fileno() >= 0:
                 tls13.forget(self._ssl_ptr())     # the secrets of a handshake that did not finish
-        gate.spent(cpu)
+        if gate is not None:
+            gate.spent(cpu)
         self._handshook = True
         if tls13.prepared(self.ssl_object.context):
-            self._hand_over()
+            self._hand_over(server)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Decrypted bytes (up to ``max_bytes``); b"" at EOF, with or without close_notify."""
@@ -393,6 +401,11 @@ class TLSStream:
             return self._read(size if size < RECORD else RECORD)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None               # the awaited path says so
+
+    @property
+    def failed(self) -> bool:
+        """Closed, or broken (TLS or the socket failed): nothing more comes from it."""
+        return self._closed or self._broken
 
     def waits_readable(self) -> bool:
         """The last read found nothing and nothing else is pending: the socket turning readable
@@ -450,7 +463,7 @@ class TLSStream:
             raise
         except OSError as exc:
             self._broken = True
-            raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
+            raise trio.BrokenResourceError(f"{self._peer} socket failed: {exc}") from None
         except BaseException:
             self._broken = True       # part of a record may be out: nothing else may follow
             raise
@@ -528,7 +541,7 @@ class TLSStream:
             raise
         except OSError as exc:
             self._broken = True
-            raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
+            raise trio.BrokenResourceError(f"{self._peer} socket failed: {exc}") from None
         except BaseException:
             self._broken = True       # a cancel, or the socket closed: part of a record may be out
             raise
@@ -542,13 +555,20 @@ class TLSStream:
 
     # -- inside ------------------------------------------------------------------------------
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, server: bool) -> None:
         """TLS 1.3 on a prepared context: the connection goes on with a ``Records`` and
-        OpenSSL's object is freed (tls13.py); the session tickets are its first bytes out."""
+        OpenSSL's object is freed (tls13.py); a server's session tickets are its first bytes out."""
         face = self.ssl_object
         fd = self.plain.fileno()
         ptr = self._ssl_ptr()
         if not ptr:
+            return
+        if not server:
+            records = tls13.shed_client(face, ptr, fd)
+            if records is not None:
+                self.ssl_object = tls13.Shed(face, records)
+                self._obj = records
+                self._ssl = 0
             return
         try:
             records = tls13.shed(face, ptr, fd)
@@ -566,7 +586,7 @@ class TLSStream:
             pass                      # they go out before the next record
         except OSError as exc:
             self._broken = True
-            raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
+            raise trio.BrokenResourceError(f"{self._peer} socket failed: {exc}") from None
 
     def _sealer(self):
         """``seal(fd, parts)`` making a batch of records at once, or None (one by one)."""
@@ -612,7 +632,7 @@ class TLSStream:
             raise trio.BrokenResourceError(f"TLS failed: {exc}") from None
         except OSError as exc:
             self._broken = True
-            raise trio.BrokenResourceError(f"device socket failed: {exc}") from None
+            raise trio.BrokenResourceError(f"{self._peer} socket failed: {exc}") from None
         self._want = _TRY
         return data
 

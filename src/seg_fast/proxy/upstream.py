@@ -19,7 +19,7 @@ import h11
 import trio
 
 from seg_fast.errors import SegFastError
-from seg_fast.proxy import sockio
+from seg_fast.proxy import sockio, tls13, tlsio
 
 RECEIVE_SIZE = 64 * 1024
 # A pooled connection back this recently is reused unprobed when the request can be resent (acquire()).
@@ -91,7 +91,7 @@ class UpstreamConn:
     on first use, for the exchanges h11 still carries (streamed or unusual ones).
     """
 
-    __slots__ = ("origin", "stream", "_h11", "sock", "plain", "reused", "pool", "sent", "rest",
+    __slots__ = ("origin", "stream", "_h11", "sock", "plain", "tls", "reused", "pool", "sent", "rest",
                  "reusable", "idle_since", "idle", "opened", "uses")
 
     def __init__(self, origin: Origin, stream, sock):
@@ -99,6 +99,9 @@ class UpstreamConn:
         self.stream = stream
         self.sock = sock              # the trio socket under any TLS, for liveness checks
         self.plain = sockio.plain_socket(stream)    # sockio's fast path (None under TLS)
+        # tlsio's TLS on the socket itself (an https:// mail server without an outbound proxy):
+        # its read_now/write_now/seal_now carry the keep-alive lane as the plain socket's do
+        self.tls = stream if type(stream) is tlsio.TLSStream else None
         self._h11 = None
         self.reused = False
         self.pool = None              # the pool it counts against (a reload may replace gw.pool)
@@ -131,10 +134,15 @@ class UpstreamConn:
                 f"{now - self.opened:.0f} s old")
 
     def looks_alive(self) -> bool:
-        # An idle keep-alive connection the server closed reads EOF (or junk) at once.
+        # An idle keep-alive connection the server closed reads EOF (or junk) at once. Over
+        # TLS a readable socket may hold records that carry no data (session tickets, a
+        # KeyUpdate): those are read, and only data or an EOF mean the connection is done.
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
-        return not poller.poll(0)
+        if not poller.poll(0):
+            return True
+        tls = self.tls
+        return tls is not None and tls.read_now(tlsio.RECORD) is None and tls.waits_readable()
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
@@ -181,6 +189,8 @@ class UpstreamPool:
     def _tls(self) -> ssl.SSLContext:
         if self.tls is None:
             self.tls = client_tls_context(self.settings.verify_tls, self.settings.ca_file)
+            if self.settings.tls13_records:
+                tls13.prepare_client(self.tls)
         return self.tls
 
     async def acquire(self, origin: Origin, resendable: bool = False) -> UpstreamConn:
@@ -286,8 +296,13 @@ class UpstreamPool:
                         await trio.aclose_forcefully(stream)
                         raise
                 if origin.scheme == "https":
-                    stream = trio.SSLStream(stream, self._tls(), server_hostname=origin.host,
-                                            https_compatible=True)
+                    if self.proxy is None:
+                        # On the socket itself (tlsio), as the device leg: reads and writes the
+                        # fast way, and after a TLS 1.3 handshake no OpenSSL object kept.
+                        stream = tlsio.TLSStream(stream, self._tls(), server_hostname=origin.host)
+                    else:
+                        stream = trio.SSLStream(stream, self._tls(), server_hostname=origin.host,
+                                                https_compatible=True)
                     try:
                         await stream.do_handshake()
                     except BaseException:
