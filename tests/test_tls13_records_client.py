@@ -104,6 +104,18 @@ async def test_each_suite_carries_bytes_both_ways_past_the_servers_tickets(pki, 
         assert await server.receive_some(100) == b""
 
 
+async def test_connections_to_one_mail_server_share_its_certificate(pki):
+    sctx = mail_context(pki)
+    pairs = [pair(pki, sctx) for _ in range(2)]
+    for client, server, _ in pairs:
+        await handshake(client, server)
+    (a, _, _), (b, _, _) = pairs
+    assert a.getpeercert()["subject"] and a.getpeercert() is b.getpeercert()
+    assert a.getpeercert(binary_form=True) is b.getpeercert(binary_form=True)
+    for client, _, _ in pairs:
+        client.close()
+
+
 async def test_a_tls12_mail_server_keeps_openssl(pki):
     client, server, _ = pair(pki, mail_context(pki, tls12=True))
     await handshake(client, server)

@@ -36,6 +36,9 @@ from seg_fast import openssl
 from seg_fast.proxy import _tls13, _tlsrecords, tlsbatch
 
 _CIPHERS: dict = {}           # the few cipher() tuples, one object each for every connection
+# the peer certificates (DER -> (DER, getpeercert())): a mail server's one certificate, not one
+# copy per connection (~2.5 KiB each; every parked Ping holds a mail-server connection)
+_CERTS: dict = {}
 TICKETS = 2                   # per full or resumed handshake (CPython's default num_tickets)
 _state: dict = {}
 _CRYPTO = ("EVP_CIPHER_CTX_new", "EVP_CipherInit_ex", "EVP_CipherUpdate", "EVP_CipherFinal_ex",
@@ -163,8 +166,16 @@ class Shed:
         self._cipher = _CIPHERS.setdefault(cipher, cipher) if len(_CIPHERS) < 64 else cipher
         self._alpn = sslobj.selected_alpn_protocol()
         der = sslobj.getpeercert(binary_form=True)
+        if der:
+            kept = _CERTS.get(der)
+            if kept is None:
+                kept = (der, sslobj.getpeercert())
+                if len(_CERTS) < 64:
+                    _CERTS[der] = kept
+            der, self._cert = kept
+        else:
+            self._cert = None
         self._cert_der = der
-        self._cert = sslobj.getpeercert() if der else None
         self.session_reused = sslobj.session_reused
         self._records = records
 
