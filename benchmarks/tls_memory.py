@@ -58,16 +58,24 @@ from seg_fast.proxy.forked import worker_pids
 WARM = 50
 
 # The mail server: a Ping is held (never answered), anything else gets an answer of `size` bytes.
+# Arguments: port, size, the CPU it runs on, and (https://) a certificate and key.
 UPSTREAM_MAIN = r"""
-import os, random, re, sys, resource, trio
+import os, random, re, ssl, sys, resource, trio
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-os.sched_setaffinity(0, {1})
-port, size = int(sys.argv[1]), int(sys.argv[2])
+port, size, cpu = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+os.sched_setaffinity(0, {cpu})
+ctx = None
+if len(sys.argv) > 4:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(sys.argv[4], sys.argv[5])
 answer = (f"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
           f"Content-Length: {size}\r\n\r\n").encode() + random.Random(1).randbytes(size)
 
 async def serve(stream):
+    if ctx is not None:
+        stream = trio.SSLStream(stream, ctx, server_side=True)
     buf = bytearray()
     try:
         async for data in stream:
@@ -81,7 +89,7 @@ async def serve(stream):
                 del buf[:need]
                 if not held:
                     await stream.send_all(answer)
-    except trio.BrokenResourceError:
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
 
 async def main():
@@ -105,9 +113,10 @@ def start_gateway(workdir: Path, name: str, upstream: int, cert: Path, key: Path
     return proc, port, workers[0]
 
 
-def start_upstream(port: int, size: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_MAIN, str(port), str(size)],
-                            stdout=subprocess.PIPE, text=True)
+def start_upstream(port: int, size: int, cpu: int = 1, tls: tuple[Path, Path] | None = None) -> subprocess.Popen:
+    """The mail server on ``cpu``; with ``tls`` (certificate, key), at https://."""
+    args = [str(port), str(size), str(cpu)] + ([str(p) for p in tls] if tls else [])
+    proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_MAIN, *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     return proc
 

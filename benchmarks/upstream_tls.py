@@ -55,58 +55,6 @@ ANSWER = 228
 KEEPALIVE = 20
 WARM = 200
 
-# The mail server: a Ping is held (never answered), anything else answered with ANSWER bytes;
-# over TLS when given a certificate and key.
-MAIL = r"""
-import os, random, re, ssl, sys, resource, trio
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-os.sched_setaffinity(0, {int(sys.argv[1])})
-port, size = int(sys.argv[2]), int(sys.argv[3])
-ctx = None
-if len(sys.argv) > 4:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(sys.argv[4], sys.argv[5])
-answer = (f"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\n"
-          f"Content-Length: {size}\r\n\r\n").encode() + random.Random(1).randbytes(size)
-
-async def serve(stream):
-    if ctx is not None:
-        stream = trio.SSLStream(stream, ctx, server_side=True)
-    buf = bytearray()
-    try:
-        async for data in stream:
-            buf += data
-            while (end := buf.find(b"\r\n\r\n")) >= 0:
-                length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", bytes(buf[:end]))
-                need = end + 4 + (int(length.group(1)) if length else 0)
-                if len(buf) < need:
-                    break
-                held = b"Cmd=Ping" in bytes(buf[:buf.find(b"\r\n")])
-                del buf[:need]
-                if not held:
-                    await stream.send_all(answer)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-
-async def main():
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: trio.serve_tcp(serve, port, host="127.0.0.1", backlog=65535,
-                                                               task_status=task_status))
-        print("ready", flush=True)
-
-trio.run(main)
-"""
-
-
-def start_mail(cpu: int, port: int, tls: tuple[Path, Path] | None) -> subprocess.Popen:
-    args = [sys.executable, "-c", MAIL, str(cpu), str(port), str(ANSWER)] + ([str(p) for p in tls] if tls else [])
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
-
-
 def start_gateway(workdir: Path, name: str, mail_port: int, cert: Path, key: Path, ca: Path | None, cpu: int,
                   tree: str = ""):
     """``seg-fast serve --workers 1`` (wrk_bench's, device leg TLS) with its mail server at
@@ -143,7 +91,7 @@ def _exchange(s: ssl.SSLSocket, i: int) -> None:
 def measure(mode: str, workdir: Path, certs: dict, ctx: ssl.SSLContext, args, rnd: int) -> dict:
     mail_port = proxy_bench._free_port()
     tls = certs["mail"] if mode.startswith("https") else None
-    mail = start_mail(args.cpu, mail_port, tls)
+    mail = tls_memory.start_upstream(mail_port, ANSWER, args.cpu, tls)
     gw, port, pid = start_gateway(workdir, f"{mode}-{rnd}", mail_port, *certs["gateway"],
                                   certs["ca"] if tls else None, args.cpu, args.base_tree if mode == "https-base" else "")
     socks = []

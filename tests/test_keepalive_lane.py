@@ -282,6 +282,31 @@ async def test_a_held_ping_keeps_what_a_parked_one_keeps_and_is_answered_whole(t
         assert gw.parking.carried >= 1                 # the Ping's answer went out in the lot's step
 
 
+async def _serve_h11(stream, answer) -> None:
+    """One mail-server connection: each request answered 200 with the body ``await answer(n)``
+    gives (n: its number on this connection, from 1); None closes the connection unanswered
+    (``answer`` may have written last bytes of its own)."""
+    conn = h11.Connection(h11.SERVER)
+    n = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            conn.receive_data(data)
+        elif type(event) is h11.EndOfMessage:
+            n += 1
+            body = await answer(n)
+            if body is None:
+                break
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                (b"Content-Length", str(len(body)).encode())])) + conn.send(h11.Data(data=body))
+                + conn.send(h11.EndOfMessage()))
+            conn.start_next_cycle()
+    await trio.aclose_forcefully(stream)
+
+
 async def test_a_kept_alive_mail_server_connection_closed_under_the_lane_is_resent_once(tmp_path):
     """The mail server closes its kept-alive connection as the lane's request arrives: the
     request goes again on a new connection and the device gets its answer."""
@@ -290,23 +315,11 @@ async def test_a_kept_alive_mail_server_connection_closed_under_the_lane_is_rese
     async def server(stream):
         state["n"] += 1
         first = state["n"] == 1
-        conn = h11.Connection(h11.SERVER)
-        served = 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                conn.receive_data(data)
-            elif type(event) is h11.EndOfMessage:
-                if first and served == 1:
-                    break             # the second request on the first connection: closed unanswered
-                served += 1
-                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[(b"Content-Length", b"2")]))
-                                      + conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage()))
-                conn.start_next_cycle()
-        await trio.aclose_forcefully(stream)
+
+        async def answer(n):
+            # the second request on the first connection: closed unanswered
+            return None if first and n == 2 else b"ok"
+        await _serve_h11(stream, answer)
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, server, 0)
@@ -440,25 +453,14 @@ async def test_the_lane_carries_exchanges_to_an_https_mail_server_and_a_broken_o
 
     async def server(stream):
         state["conns"] += 1
-        conn = h11.Connection(h11.SERVER)
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                conn.receive_data(data)
-            elif type(event) is h11.EndOfMessage:
-                state["requests"] += 1
-                if state["requests"] == 6:
-                    await stream.transport_stream.send_all(b"HTTP/1.1 200 OK\r\n\r\nnot a TLS record")
-                    break
-                body = b"ok%d" % state["requests"]
-                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
-                    (b"Content-Length", str(len(body)).encode())])) + conn.send(h11.Data(data=body))
-                    + conn.send(h11.EndOfMessage()))
-                conn.start_next_cycle()
-        await trio.aclose_forcefully(stream)
+
+        async def answer(n):
+            state["requests"] += 1
+            if state["requests"] == 6:
+                await stream.transport_stream.send_all(b"HTTP/1.1 200 OK\r\n\r\nnot a TLS record")
+                return None
+            return b"ok%d" % state["requests"]
+        await _serve_h11(stream, answer)
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, server, 0, sctx, host="127.0.0.1"))

@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 
 import h11
-import pytest
 import trio
 from processes import REPO, start_serve, stop_process, wait_listening
 from redis_server import free_port
@@ -103,14 +102,20 @@ class Device:
         await trio.aclose_forcefully(self.stream)
 
 
+BIG_ANSWER = bytes(range(256)) * 1172          # ~300 KB: past one read and many TLS records
+
+
 class FakeMailServer:
     """A mail server in this process whose behaviour per request is ``plan(conn, n, request)``:
-    "answer" (200, keep-alive), "answer_close" (200, then close as an idle timeout would, no
-    Connection: close), "drop" (read it, close without a word), "hold" (never answer).
-    ``accepting`` False: listen, but take no connection (a process out of descriptors)."""
+    "answer" (200, keep-alive), "big" (the same, BIG_ANSWER after the words), "answer_close"
+    (200, then close as an idle timeout would, no Connection: close), "drop" (read it, close
+    without a word), "hold" (never answer), "garbage" (bytes that are not the protocol, then
+    close). ``accepting`` False: listen, but take no connection (a process out of
+    descriptors). ``tls``: a server context, for an https:// mail server."""
 
-    def __init__(self, plan, accepting: bool = True):
+    def __init__(self, plan, accepting: bool = True, tls=None):
         self.plan = plan
+        self.tls = tls
         self.sock = trio.socket.socket()
         self.port = 0
         self.accepting = trio.Event()
@@ -137,7 +142,10 @@ class FakeMailServer:
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await self.sock.accept()
-                nursery.start_soon(self._connection, trio.SocketStream(conn))
+                stream = trio.SocketStream(conn)
+                if self.tls is not None:
+                    stream = trio.SSLStream(stream, self.tls, server_side=True)
+                nursery.start_soon(self._connection, stream)
 
     async def _connection(self, stream) -> None:
         record = {"requests": [], "eof": False, "closed_by_us": False}
@@ -168,7 +176,12 @@ class FakeMailServer:
                     if what == "drop":
                         record["closed_by_us"] = True
                         return
-                    answer = b"answer:" + command
+                    if what == "garbage":
+                        raw = stream.transport_stream if self.tls is not None else stream
+                        await raw.send_all(b"\x00\x01not HTTP, nor a TLS record\r\n\r\n")
+                        record["closed_by_us"] = True
+                        return
+                    answer = b"answer:" + command + (BIG_ANSWER if what == "big" else b"")
                     await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
                         (b"Content-Type", b"application/vnd.ms-sync.wbxml"),
                         (b"Content-Length", str(len(answer)).encode())]))

@@ -9,90 +9,16 @@ from __future__ import annotations
 
 import ssl
 
-import h11
 import pytest
 import trio
 import trustme
 from processes import start_serve, stop_process, wait_listening
 from redis_server import free_port
-from test_upstream_failures import BOUND, FOLDERSYNC, PING, Device
+from test_upstream_failures import BIG_ANSWER, FOLDERSYNC, PING, Device, FakeMailServer
 
 from seg_fast.proxy import tls13
 
 pytestmark = pytest.mark.skipif(not tls13.available(), reason="TLS 1.3 records need CPython's ssl on OpenSSL 3")
-
-BIG = 300_000                         # an answer past one read (upstream.RECEIVE_SIZE) and many records
-
-
-class TLSMailServer:
-    """``plan(command, n)`` per request: "answer" (200 with b"answer:<command>" and a
-    ``BIG``-byte body for Settings), "hold" (a Ping: never answered), "garbage" (bytes
-    that are not TLS records, then close)."""
-
-    def __init__(self, plan, context: ssl.SSLContext):
-        self.plan, self.context = plan, context
-        self.sock = trio.socket.socket()
-        self.port = 0
-        self.connections = 0
-        self.requests: list[str] = []
-        self.changed = trio.Event()
-
-    async def until(self, cond) -> None:
-        with trio.fail_after(BOUND):
-            while not cond():
-                await self.changed.wait()
-
-    def _note(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await self.sock.accept()
-                nursery.start_soon(self._connection, trio.SSLStream(trio.SocketStream(conn), self.context,
-                                                                    server_side=True))
-
-    async def _connection(self, stream) -> None:
-        self.connections += 1
-        self._note()
-        conn = h11.Connection(h11.SERVER)
-        request = None
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif type(event) is h11.Request:
-                    request = event
-                elif type(event) is h11.EndOfMessage:
-                    command = dict(x.split(b"=", 1) for x in request.target.split(b"?", 1)[1].split(b"&"))[b"Cmd"].decode()
-                    self.requests.append(command)
-                    self._note()
-                    what = self.plan(command, len(self.requests))
-                    if what == "hold":
-                        await trio.sleep_forever()
-                    if what == "garbage":
-                        await stream.transport_stream.send_all(b"HTTP/1.1 200 OK\r\n\r\nnot a TLS record")
-                        return
-                    body = b"answer:" + command.encode() + (bytes(range(256)) * (BIG // 256) if command == "Settings" else b"")
-                    await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
-                        (b"Content-Type", b"application/vnd.ms-sync.wbxml"),
-                        (b"Content-Length", str(len(body)).encode())])) + conn.send(h11.Data(data=body))
-                        + conn.send(h11.EndOfMessage()))
-                    conn.start_next_cycle()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
-            self._note()
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +43,15 @@ def _config(tmp, mail_port: int, port: int, ca, records: bool = True):
     return cfg
 
 
+def _requests(mail) -> list[str]:
+    return [r for c in mail.connections for r in c["requests"]]
+
+
 @pytest.mark.parametrize("records", [True, False], ids=["records", "openssl"])
 async def test_an_https_mail_server_carries_kept_alive_requests_parked_pings_and_big_answers(tmp_path, mail_pki, records):
     ca, sctx = mail_pki
-    mail = TLSMailServer(lambda command, n: "hold" if command == "Ping" else "answer", sctx)
+    plan = {"Ping": "hold", "Settings": "big"}
+    mail = FakeMailServer(lambda conn, n, command: plan.get(command, "answer"), tls=sctx)
     async with trio.open_nursery() as nursery:
         await nursery.start(mail.serve)
         port = free_port()
@@ -131,17 +62,17 @@ async def test_an_https_mail_server_carries_kept_alive_requests_parked_pings_and
             for _ in range(30):       # kept alive on both legs: the lane's exchanges after the first
                 status, _, body = await dev.request("FolderSync", FOLDERSYNC)
                 assert (status, body) == (200, b"answer:FolderSync")
-            assert mail.requests.count("FolderSync") == 30 and mail.connections == 1
+            assert _requests(mail) == ["FolderSync"] * 30 and len(mail.connections) == 1
             status, _, body = await dev.request("Settings", FOLDERSYNC)
-            assert status == 200 and body == b"answer:Settings" + bytes(range(256)) * (BIG // 256)
+            assert status == 200 and body == b"answer:Settings" + BIG_ANSWER
             pinger = await Device.connect(port)
             await pinger.send("Ping", PING, device="PINGER1")
-            await mail.until(lambda: "Ping" in mail.requests)
-            # while the Ping is held by the mail server, the other device's exchanges go on
+            await mail.until(lambda: "Ping" in _requests(mail))
+            # while the mail server holds the Ping, the other device's exchanges go on
             for _ in range(5):
                 status, _, body = await dev.request("FolderSync", FOLDERSYNC)
                 assert (status, body) == (200, b"answer:FolderSync")
-            assert mail.connections == 2  # the Ping holds one connection, the lane keeps the other
+            assert len(mail.connections) == 2     # the Ping holds one connection, the other is kept
             await pinger.aclose()
             await dev.aclose()
         finally:
@@ -152,7 +83,7 @@ async def test_an_https_mail_server_carries_kept_alive_requests_parked_pings_and
 async def test_a_mail_server_sending_no_tls_on_a_kept_connection_is_not_answered_from_and_the_worker_serves_on(
         tmp_path, mail_pki):
     ca, sctx = mail_pki
-    mail = TLSMailServer(lambda command, n: "garbage" if n == 2 else "answer", sctx)
+    mail = FakeMailServer(lambda conn, n, command: "garbage" if (conn, n) == (0, 2) else "answer", tls=sctx)
     async with trio.open_nursery() as nursery:
         await nursery.start(mail.serve)
         port = free_port()
@@ -166,7 +97,7 @@ async def test_a_mail_server_sending_no_tls_on_a_kept_connection_is_not_answered
             # not an answer; the request goes again on a new connection (the kept-alive rule)
             status, _, body = await dev.request("FolderSync", FOLDERSYNC)
             assert (status, body) == (200, b"answer:FolderSync")
-            assert mail.requests == ["FolderSync"] * 3 and mail.connections == 2
+            assert _requests(mail) == ["FolderSync"] * 3 and len(mail.connections) == 2
             again = await Device.connect(port)
             status, _, body = await again.request("FolderSync", FOLDERSYNC)
             assert (status, body) == (200, b"answer:FolderSync")
