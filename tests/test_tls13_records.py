@@ -160,25 +160,31 @@ async def test_the_tickets_made_after_the_handshake_resume_the_next_connection(p
     server2.close()
 
 
+async def key_updates(ours: TLSStream, theirs: trio.SSLStream) -> None:
+    """KeyUpdates from OpenSSL's side of the connection (``theirs``), asked for and not, then
+    our own asking for theirs: data goes both ways under every new key."""
+    lib = _libssl()
+    ptr = _word(theirs._ssl_object._sslobj, _SSL_AT)
+    assert ptr
+    for requested in (0, 1, 1, 0):
+        # OpenSSL moves its key on (and, asked, ours must answer with its own)
+        assert lib.SSL_key_update(ptr, requested) == 1
+        await theirs.send_all(b"after update %d" % requested)
+        assert await read_exactly(ours, 14) == b"after update %d" % requested
+        await ours.send_all(b"answer %d" % requested)
+        assert await read_exactly(theirs, 8) == b"answer %d" % requested
+    # our own, asking OpenSSL for one: both directions move on and still agree
+    ours._obj.key_update(True)
+    await ours.send_all(b"new keys")
+    assert await read_exactly(theirs, 8) == b"new keys"
+    await theirs.send_all(b"and back")             # OpenSSL answered with its KeyUpdate first
+    assert await read_exactly(ours, 8) == b"and back"
+
+
 async def test_key_updates_from_the_device_and_from_the_gateway(pki):
     server, client, _ = pair(pki, client_context(pki))
     await handshake(server, client)
-    lib = _libssl()
-    ptr = _word(client._ssl_object._sslobj, _SSL_AT)
-    assert ptr
-    for requested in (0, 1, 1, 0):
-        # the device moves its key on (and, asked, the gateway must answer with its own)
-        assert lib.SSL_key_update(ptr, requested) == 1
-        await client.send_all(b"after update %d" % requested)
-        assert await read_exactly(server, 14) == b"after update %d" % requested
-        await server.send_all(b"answer %d" % requested)
-        assert await read_exactly(client, 8) == b"answer %d" % requested
-    # the gateway's own, asking the device for one: both directions move on and still agree
-    server._obj.key_update(True)
-    await server.send_all(b"new keys")
-    assert await read_exactly(client, 8) == b"new keys"
-    await client.send_all(b"and back")             # OpenSSL answered with its KeyUpdate first
-    assert await read_exactly(server, 8) == b"and back"
+    await key_updates(server, client)
     server.close()
 
 

@@ -23,21 +23,24 @@ from seg_fast import openssl
 from seg_fast.proxy import _tls13, tls13
 from seg_fast.proxy.tlsio import TLSStream
 from seg_fast.proxy.upstream import client_tls_context
-from seg_fast.sim.tlssession import _SSL_AT, _word
-from test_tls13_records import _libssl, both, read_exactly
+from test_tls13_records import _libssl, both, key_updates, read_exactly
 
 pytestmark = pytest.mark.skipif(not tls13.available(), reason="TLS 1.3 records need CPython's ssl on OpenSSL 3")
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls13c")
+def write_pki(d):
+    """A CA (ca.pem) and the mail server's certificate for "localhost" (cert.pem, key.pem) in ``d``."""
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(d / "ca.pem"))
     issued = ca.issue_cert("localhost")
     for blob, name in ((issued.cert_chain_pems[0], "cert.pem"), (issued.private_key_pem, "key.pem")):
         blob.write_to_path(str(d / name))
     return d
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return write_pki(tmp_path_factory.mktemp("tls13c"))
 
 
 def mail_context(pki, suite=None, keylog=None, tls12=False, tickets=2):
@@ -139,21 +142,7 @@ async def test_with_the_setting_off_openssl_keeps_the_mail_server_connection(pki
 async def test_key_updates_from_the_mail_server_and_from_the_gateway(pki):
     client, server, _ = pair(pki, mail_context(pki))
     await handshake(client, server)
-    lib = _libssl()
-    ptr = _word(server._ssl_object._sslobj, _SSL_AT)
-    assert ptr
-    for requested in (0, 1, 1, 0):
-        # the mail server moves its key on (and, asked, the gateway answers with its own)
-        assert lib.SSL_key_update(ptr, requested) == 1
-        await server.send_all(b"after update %d" % requested)
-        assert await read_exactly(client, 14) == b"after update %d" % requested
-        await client.send_all(b"request %d" % requested)
-        assert await read_exactly(server, 9) == b"request %d" % requested
-    client._obj.key_update(True)                   # the gateway's own, asking for the server's
-    await client.send_all(b"new keys")
-    assert await read_exactly(server, 8) == b"new keys"
-    await server.send_all(b"and back")
-    assert await read_exactly(client, 8) == b"and back"
+    await key_updates(client, server)
     client.close()
 
 

@@ -7,13 +7,11 @@ after the handshake) with a trustme certificate the gateway verifies through ups
 """
 from __future__ import annotations
 
-import ssl
-
 import pytest
 import trio
-import trustme
 from processes import start_serve, stop_process, wait_listening
 from redis_server import free_port
+from test_tls13_records_client import mail_context, write_pki
 from test_upstream_failures import BIG_ANSWER, FOLDERSYNC, PING, Device, FakeMailServer
 
 from seg_fast.proxy import tls13
@@ -23,12 +21,8 @@ pytestmark = pytest.mark.skipif(not tls13.available(), reason="TLS 1.3 records n
 
 @pytest.fixture(scope="module")
 def mail_pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mailpki")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("localhost").configure_cert(sctx)
-    return d / "ca.pem", sctx
+    d = write_pki(tmp_path_factory.mktemp("mailpki"))
+    return d / "ca.pem", mail_context(d)
 
 
 def _config(tmp, mail_port: int, port: int, ca, records: bool = True):
