@@ -19,12 +19,14 @@ import contextlib
 import http.client
 import json
 import random
+import ssl
 import time
 
 import pytest
 
 import test_whole_body
 from processes import start_serve, stop_process, wait_listening
+from test_tls13_records_client import mail_context, write_pki
 from test_transform_offload import FETCH_REQUEST, WB, POLICY, UA, _free_port, _headers, _path, _store
 from seg_fast.content import pipeline
 from seg_fast.content.keys import Keyring, load_master_key
@@ -82,6 +84,23 @@ class _FetchServer(test_whole_body._MailServer):
         return False                  # "close": mid-Data
 
 
+class _TLSFetchServer(_FetchServer):
+    """The same at https:// (TLS 1.3, its session tickets after the handshake): ``ca`` the
+    file of the CA its certificate for "localhost" chains to."""
+
+    def __init__(self, tmp_path):
+        d = write_pki(tmp_path)
+        self.ca, self.ctx = d / "ca.pem", mail_context(d)
+        super().__init__()
+
+    def _serve(self, conn, n):
+        try:
+            conn = self.ctx.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        super()._serve(conn, n)
+
+
 @pytest.fixture
 def mail_server():
     server = _FetchServer()
@@ -95,7 +114,11 @@ def _gateway(tmp_path, mail_server, stream_seal: bool = True):
     _store(tmp_path)
     port = _free_port()
     cfg = test_whole_body._config(tmp_path, port, mail_server.port, 64 << 20)
-    cfg.write_text(cfg.read_text() + f"stream_seal = {'true' if stream_seal else 'false'}\n"
+    text = cfg.read_text()
+    if isinstance(mail_server, _TLSFetchServer):
+        text = text.replace(f'url = "http://127.0.0.1:{mail_server.port}"',
+                            f'url = "https://localhost:{mail_server.port}"\nca_file = "{mail_server.ca}"')
+    cfg.write_text(text + f"stream_seal = {'true' if stream_seal else 'false'}\n"
                    f'[log]\ntransactions = "{tmp_path}/tx.log"\n')
     proc = start_serve(cfg, tmp_path)
     try:
@@ -204,6 +227,25 @@ def test_fetch_sealed_as_it_streams_through_serve(tmp_path, mail_server):
         status, headers, got = _fetch_from(port, "pieces")
         assert status == 200
         _same(got, _whole_path(tmp_path, GOOD), opener, PDF)
+
+
+def test_fetch_sealed_as_it_streams_from_an_https_mail_server(tmp_path):
+    """The mail server at https://: its answer's records read as they come (several per pass
+    where they are whole), sealed and streamed as from a plain one."""
+    (tmp_path / "pki").mkdir()
+    server = _TLSFetchServer(tmp_path / "pki")
+    try:
+        with _gateway(tmp_path, server) as (port, opener):
+            for _ in range(2):        # twice, on one kept-alive mail-server connection
+                status, headers, got = _fetch_from(port, "pieces")
+                assert status == 200 and headers.get("transfer-encoding") == "chunked"
+                _same(got, _whole_path(tmp_path, GOOD), opener, PDF)
+            assert server.connections == 1
+            status, headers, got = _fetch_from(port, "close")
+            assert status == 200 and isinstance(got, http.client.IncompleteRead)
+            assert "mail server closed the connection mid-answer" in _errors(tmp_path, 1)[0]
+    finally:
+        server.close()
 
 
 def test_stream_seal_off_in_the_config(tmp_path, mail_server):

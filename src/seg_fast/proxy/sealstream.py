@@ -238,8 +238,9 @@ def _ready_after(up, piece: bytes, left: int) -> list:
     some 60 of their batches (benchmarks/big_fetch_tail.py --security on --load 3)."""
     pieces = [piece]
     room = min(left, READ_BYTES) - len(piece)
+    tls = up.tls if up.plain is None else None     # (an https:// mail server: its whole records)
     while room > 0:
-        more = sockio.read_now(up.plain, room)
+        more = sockio.read_now(up.plain, room) if tls is None else tls.read_now(room)
         if not more:
             break                     # nothing yet (or the EOF, which the next read reports)
         pieces.append(more)
