@@ -15,10 +15,12 @@ from seg_fast.sim import sizing
 DEVICES = 40
 
 
-def _check(paths: list[str]) -> None:
+def _check(paths: list[str], **options) -> list[str]:
+    """A tiny run of ``paths``; what it said."""
     opts = sizing.Options(devices=DEVICES, ramp=2.0, settle=1.0, hold=5.0, drain=15.0, paths=paths,
-                          shard_size=200, rate_scale=40.0, seed=11, repeat=1, tls=True)
-    report = trio.run(sizing.bench, opts, False, DEVICES, lambda _msg: None)
+                          shard_size=200, rate_scale=40.0, seed=11, repeat=1, tls=True, **options)
+    said = []
+    report = trio.run(sizing.bench, opts, False, DEVICES, said.append)
     (run,) = report["points"][0]["runs"]
     assert set(run["paths"]) == set(paths)
     for name, p in run["paths"].items():
@@ -29,6 +31,7 @@ def _check(paths: list[str]) -> None:
         assert p["tls"]["handshakes"] >= DEVICES, (name, p["tls"])
         assert p["tls"]["resumed"] > 0, (name, p["tls"])
     assert not any("plain HTTP" in x for x in report["points"][0]["verdict"]["invalid"])
+    return said
 
 
 def test_fleet_over_tls_every_answer_checked():
@@ -36,6 +39,25 @@ def test_fleet_over_tls_every_answer_checked():
     if importlib.util.find_spec("seg_fast.proxy.server") is not None:
         paths.append("gateway")
     _check(paths)
+
+
+def test_the_gateway_reaches_the_simulator_at_https_with_upstream_tls():
+    """--upstream-tls: the gateway's mail server is the simulator's TLS listener, its
+    certificate (naming the shards' addresses) verified; every answer still byte-checked."""
+    from pathlib import Path
+
+    from cryptography import x509
+
+    said = _check(["gateway"], upstream_tls=True, keep=True)
+    (kept,) = [Path(m.rsplit(" kept ", 1)[1]) for m in said if " kept " in m]
+    try:
+        cfg = (kept / "gateway0.toml").read_text()
+        assert 'url = "https://127.11.0.1:' in cfg and f'ca_file = "{kept}/ca.pem"' in cfg
+        cert = x509.load_pem_x509_certificate((kept / "server.pem").read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"127.11.0.1"}
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -62,6 +84,7 @@ def test_nginx_keeps_tls_sessions_and_reads_as_the_gateway(tmp_path):
     cert = ca.issue_cert("eas.example")
     cert.cert_chain_pems[0].write_to_path(tmp_path / "server.pem")
     cert.private_key_pem.write_to_path(tmp_path / "server.key")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")        # (--upstream-tls: the simulator's CA)
     # (the context held while its SSL_CTX is read: a temporary's was freed, and read after)
     ctx = server_tls_context(str(tmp_path / "server.pem"), str(tmp_path / "server.key"))
     ptr = openssl.ssl_ctx_of(ctx)
@@ -76,6 +99,13 @@ def test_nginx_keeps_tls_sessions_and_reads_as_the_gateway(tmp_path):
     proxy.sims, proxy.listen = [("127.11.0.1", 9001), ("127.11.0.2", 9002)], [("127.12.0.1", 9443), ("127.12.0.2", 9444)]
     conf = proxy.nginx_conf()
     assert f"ssl_session_timeout {sizing.TLS_SESSION_LIFETIME_S}s;" in conf
+    assert "proxy_pass http://sim1;" in conf and "proxy_ssl" not in conf
+    # --upstream-tls: nginx reaches the simulator at https://, verifying it as the gateway does
+    proxy.opts = sizing.Options(devices=13_000, tls=True, upstream_tls=True)
+    conf = proxy.nginx_conf()
+    assert "proxy_pass https://sim1;" in conf and "proxy_ssl_verify on;" in conf
+    assert f"proxy_ssl_trusted_certificate {tmp_path}/ca.pem;" in conf
+    assert f"proxy_ssl_name {sizing.SERVER_NAME};" in conf and "proxy_ssl_session_reuse on;" in conf
     # nginx reads the mail server's answer in pieces as large as the gateway's
     assert sizing.NGINX_BUFFER_KIB * 1024 == upstream.RECEIVE_SIZE
     assert f"proxy_buffer_size {sizing.NGINX_BUFFER_KIB}k;" in conf and "proxy_buffering off;" in conf
@@ -86,7 +116,7 @@ def test_nginx_keeps_tls_sessions_and_reads_as_the_gateway(tmp_path):
     raised = proxy.nginx_conf()
     assert "worker_rlimit_nofile 60000;" in raised and "worker_connections 59500;" in raised
     assert f"worker_processes {-(-13_000 // sizing.shard_size(proxy.opts))};" in raised
-    if shutil.which("nginx"):            # nginx itself accepts it (syntax, certificate and key)
+    if shutil.which("nginx"):            # nginx itself accepts it (syntax, certificate and key, with --upstream-tls)
         (tmp_path / "nginx.conf").write_text(conf)
         got = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
                              capture_output=True, text=True)

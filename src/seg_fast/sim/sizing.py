@@ -56,6 +56,7 @@ from seg_fast.sim.cgroup import MIN_QUOTA_US, PERIOD_US, CpuLimit, find_cpu_cont
 from seg_fast.sim.fleet import POOL_CACHE, Go, PooledCorpus, ShardSpec, open_fds
 from seg_fast.sim.latency import (OTHER, added_by_size, added_latency, added_split, lat_summary,
                                   net_of_load_side, percentile)
+from seg_fast.sim.wire import SERVER_NAME
 
 REPO = Path(__file__).resolve().parents[3]
 RESULTS = REPO / "benchmarks" / "results"
@@ -110,6 +111,9 @@ class Options(msgspec.Struct, kw_only=True):
     nice: int = 0                 # niceness of every process of the run
     fault: str = ""               # tests only: a fault the shards inject ("corrupt")
     tls: bool = True              # devices speak TLS 1.3 to the gateway, nginx and (direct) the simulator
+    # the gateway and nginx reach the simulator at https:// (its TLS port, the run's certificate
+    # verified), as Exchange and Office 365 are reached; off: at http:// (every claim before 2026-12-06)
+    upstream_tls: bool = False
     repeat: int = 2               # runs per point; a claim needs two that both meet
     # > 0: the proxy's processes are also held to this fraction of their core by a
     # cgroup (seg_fast.sim.cgroup); N devices at f stand for N/f per core
@@ -567,8 +571,9 @@ class Proxy:
                 f'state_dir = "{self.dir}"\n'
                 f'[listener]\nhost = "{lh}"\nport = {lp}\n'
                 + (f'tls_cert = "{self.dir}/server.pem"\ntls_key = "{self.dir}/server.key"\n'
-                   if self.opts.tls else "") +
-                f'[upstream]\nurl = "http://{sh}:{sp}"\n'
+                   if self.opts.tls else "")
+                + (f'[upstream]\nurl = "https://{sh}:{sp}"\nca_file = "{self.dir}/ca.pem"\n'
+                   if self.opts.upstream_tls else f'[upstream]\nurl = "http://{sh}:{sp}"\n') +
                 "[admin]\nenabled = false\n"
                 f'[log]\ntransactions = "{self.dir}/gateway{k}.log"\nlevel = "warn"\n'
                 # every worker shares one policy store, loaded below
@@ -617,7 +622,7 @@ class Proxy:
             ups.append(f"  upstream sim{k} {{ server {sh}:{sp}; keepalive 256; }}\n")
             servers.append(
                 f"  server {{ listen {lh}:{lp} reuseport deferred{' ssl' if self.opts.tls else ''};"
-                f" location / {{ proxy_pass http://sim{k}; }} }}\n")
+                f" location / {{ proxy_pass http{'s' if self.opts.upstream_tls else ''}://sim{k}; }} }}\n")
         return (
             f"worker_processes {workers};\nworker_rlimit_nofile {nofile};\ndaemon off;\n"
             f"pid {self.dir}/nginx.pid;\nerror_log {self.dir}/nginx.err warn;\n"
@@ -638,6 +643,12 @@ class Proxy:
                "  ssl_protocols TLSv1.3; ssl_session_cache shared:SSL:64m; ssl_session_tickets on;\n"
                f"  ssl_session_timeout {TLS_SESSION_LIFETIME_S}s;\n"
                if self.opts.tls else "")
+            # the mail server at https://, verified as the gateway verifies it; sessions reused
+            # (the name on the certificate: an upstream block's name is nginx's default)
+            + (f"  proxy_ssl_trusted_certificate {self.dir}/ca.pem; proxy_ssl_verify on;\n"
+               f"  proxy_ssl_name {SERVER_NAME}; proxy_ssl_server_name on;\n"
+               "  proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on;\n"
+               if self.opts.upstream_tls else "")
             + "".join(ups) + "".join(servers) + "}\n")
 
     def alive(self) -> bool:
@@ -737,15 +748,14 @@ def plan_shards(opts: Options, workdir: Path, tag: str) -> list[ShardSpec]:
     return specs
 
 
-def make_certificate(workdir: Path) -> None:
+def make_certificate(workdir: Path, hosts: list[str] = ()) -> None:
     """ca.pem, and server.pem/server.key for the name devices ask for (the simulator,
-    the gateway and nginx all present it)."""
+    the gateway and nginx all present it); ``hosts``: addresses it names too (the shards'
+    simulators, which the gateway reaches by address with --upstream-tls)."""
     import trustme
 
-    from seg_fast.sim.wire import SERVER_NAME
-
     ca = trustme.CA()
-    cert = ca.issue_cert(SERVER_NAME)
+    cert = ca.issue_cert(SERVER_NAME, *hosts)
     ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
     cert.private_key_pem.write_to_path(str(workdir / "server.key"))
     (workdir / "server.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
@@ -758,9 +768,9 @@ def checks_for(path: str, opts: Options) -> str:
 
 
 async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
-    if opts.tls and not (workdir / "server.pem").exists():
-        make_certificate(workdir)
     specs = plan_shards(opts, workdir, path)
+    if opts.tls and not (workdir / "server.pem").exists():
+        make_certificate(workdir, [sp.sim_host for sp in specs] if opts.upstream_tls else [])
     env = child_env()
     # the corpus pool built once here for every shard of the point (unless a directory is set)
     env.setdefault(POOL_CACHE, str(workdir / "corpus"))
@@ -793,7 +803,7 @@ async def run_path(path: str, opts: Options, workdir: Path, say) -> dict:
         if path in ("gateway", "nginx"):
             if opts.cgroup_fraction > 0:
                 cgroup = CpuLimit(opts.cgroup_fraction, period_us=opts.cgroup_period_us).__enter__()
-            proxy = Proxy(path, opts, workdir, [sh.sim for sh in shards], cgroup)   # plain upstream
+            proxy = Proxy(path, opts, workdir, [sh.sim_tls if opts.upstream_tls else sh.sim for sh in shards], cgroup)
             await proxy.start()
             targets = proxy.listen
         t0 = time.time() + 1.0
@@ -1989,6 +1999,8 @@ def cli(argv: list[str]) -> int:
                          "the run leads a session of its own (e.g. -10 on a shared machine)")
     ap.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True,
                     help="devices speak TLS 1.3 to the gateway, nginx and the direct simulator")
+    ap.add_argument("--upstream-tls", action=argparse.BooleanOptionalAction, default=False,
+                    help="the gateway and nginx reach the simulator at https:// (verified), as a real mail server")
     ap.add_argument("--repeat", type=int, default=2,
                     help="runs per point; a claim needs two that both meet the service level")
     ap.add_argument("--cgroup-fraction", type=float, default=0.0,
@@ -2041,6 +2053,9 @@ def cli(argv: list[str]) -> int:
         if why:
             print(f"seg-fast bench sizing: --nice {a.nice}: the run's autogroup: {why}", file=sys.stderr)
             return 2
+    if a.upstream_tls and not a.tls:
+        print("seg-fast bench sizing: --upstream-tls needs --tls (the simulator's TLS listener)", file=sys.stderr)
+        return 2
     if a.cgroup_fraction or a.cgroup_check:
         found = find_cpu_controller()
         if isinstance(found, str):
@@ -2048,7 +2063,7 @@ def cli(argv: list[str]) -> int:
             return 2
     opts = Options(devices=a.devices, hold=a.hold, ramp=a.ramp, settle=a.settle, drain=a.drain,
                    paths=[p for p in a.paths.split(",") if p], security=a.security,
-                   shard_size=a.shard_size, repeat=a.repeat, tls=a.tls,
+                   shard_size=a.shard_size, repeat=a.repeat, tls=a.tls, upstream_tls=a.upstream_tls,
                    rate_scale=a.rate_scale, seed=a.seed, quiet=a.quiet, keep=a.keep, load_steps=a.load_steps,
                    nice=a.nice,
                    cgroup_fraction=a.cgroup_fraction, slice_us=a.slice_us, nofile=a.nofile,
