@@ -57,7 +57,7 @@ def _carry(body: bytes, ready: bool, monkeypatch) -> tuple[bytes, _Device]:
     monkeypatch.setattr(exchange, "_up_read", up_read)
     monkeypatch.setattr(sockio, "read_now", lambda _sock, size: (next_piece(size) or None) if ready else None)
     dev = _Device()
-    up = types.SimpleNamespace(rest=b"", plain=None, reusable=False, looks_alive=lambda: True)
+    up = types.SimpleNamespace(rest=b"", plain=None, tls=None, reusable=False, looks_alive=lambda: True)
     gw = types.SimpleNamespace(
         config=types.SimpleNamespace(timeouts=types.SimpleNamespace(upstream_read=5.0)),
         stats=types.SimpleNamespace(transform=lambda *_a: None),
