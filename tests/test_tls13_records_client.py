@@ -203,3 +203,16 @@ async def test_a_hostile_mail_server_record_ends_the_connection_with_its_alert(p
         await server.receive_some(100)
     assert alert in str(err.value).lower().replace("_", " ") or alert in str(err.value.__cause__).lower().replace("_", " ")
     client.close()
+
+
+async def test_a_flood_of_records_without_data_is_passed_over_a_bounded_number_at_a_time(pki, tmp_path):
+    # A peer sending only tickets (or empty records, or KeyUpdates) cannot hold a worker in one
+    # read: after _tls13.SKIP_PER_READ of them the read yields, the socket still readable.
+    client, server, raw, srv = await crafted_pair(pki, tmp_path)
+    raw._sock.send(b"".join(srv.record(ticket(16) + b"\x16") for _ in range(150)) + srv.record(b"data\x17"))
+    assert client.read_now(100) is None and client.read_now(100) is None     # 64, then 128 passed over
+    assert await read_exactly(client, 4) == b"data"
+    raw._sock.send(b"".join(srv.record(b"\x17") for _ in range(100)) + srv.record(b"more\x17"))  # empty records
+    assert client.read_now(100) is None
+    assert await read_exactly(client, 4) == b"more"
+    client.close()

@@ -14,7 +14,8 @@ cipher context per suite and direction for the whole worker (the key is set per 
 a worker is one thread, and these calls keep the GIL).
 
 What the peer may send after the handshake and what happens (RFC 8446):
-- application data: returned (empty records skipped);
+- application data: returned (empty records skipped; a read passes over at most
+  SKIP_PER_READ records without data, then yields as if the socket were empty);
 - close_notify: EOF (SSLZeroReturnError); any other alert: SSLError, the stream is over;
 - KeyUpdate (a whole message): the read key moves on; asked for, our own KeyUpdate goes
   out before the next data and the write key moves on too;
@@ -68,6 +69,10 @@ cdef enum:
     A_BAD_MAC = 20
     A_OVERFLOW = 22
     A_DECODE = 50
+    # records without data (empty ones, tickets, KeyUpdates) one read passes over before it
+    # yields (SSLWantReadError, the socket still readable): a peer sending nothing else cannot
+    # keep a worker in one step
+    SKIP_PER_READ = 64
 
 # the suites: TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256
 SUITES = {"TLS_AES_128_GCM_SHA256": 0, "TLS_AES_256_GCM_SHA384": 1, "TLS_CHACHA20_POLY1305_SHA256": 2}
@@ -271,7 +276,7 @@ cdef class Records:
     def read(self, Py_ssize_t size):
         """Plaintext, at most ``size`` bytes of one record."""
         cdef Py_ssize_t plen, got
-        cdef int ctype
+        cdef int ctype, skipped = 0
         if self._failed:
             raise ssl.SSLError(1, "TLS stream failed")
         if self._plain is not None:
@@ -281,6 +286,8 @@ cdef class Records:
         if self._out is not None:
             self._flush()             # a KeyUpdate of ours waits for the socket
         while True:
+            if skipped == SKIP_PER_READ:
+                raise ssl.SSLWantReadError("The operation did not complete (read)")
             plen = self._record()     # raises SSLWantReadError / EOF / SSLError
             ctype = 0
             while plen > 0:
@@ -290,6 +297,7 @@ cdef class Records:
                     break
             if ctype == CT_APP:
                 if plen == 0:
+                    skipped += 1
                     continue          # an empty record: allowed, nothing to hand on
                 if plen > RECORD:
                     self._fatal(A_OVERFLOW, "a record longer than 16 KiB")
@@ -303,6 +311,7 @@ cdef class Records:
                 self._alert(_plainbuf, plen)
             elif ctype == CT_HANDSHAKE:
                 self._handshake(plen)
+                skipped += 1
             else:
                 self._fatal(A_UNEXPECTED, f"record of content type {ctype}")
 
