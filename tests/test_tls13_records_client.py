@@ -23,7 +23,7 @@ from seg_fast import openssl
 from seg_fast.proxy import _tls13, tls13
 from seg_fast.proxy.tlsio import TLSStream
 from seg_fast.proxy.upstream import client_tls_context
-from test_tls13_records import _libssl, both, key_updates, read_exactly
+from test_tls13_records import _libssl, both, key_updates, ping_pong, read_exactly
 
 pytestmark = pytest.mark.skipif(not tls13.available(), reason="TLS 1.3 records need CPython's ssl on OpenSSL 3")
 
@@ -123,10 +123,7 @@ async def test_a_tls12_mail_server_keeps_openssl(pki):
     client, server, _ = pair(pki, mail_context(pki, tls12=True))
     await handshake(client, server)
     assert client.version() == "TLSv1.2" and type(client._obj) is not _tls13.Records
-    await client.send_all(b"ping")
-    assert await read_exactly(server, 4) == b"ping"
-    await server.send_all(b"pong")
-    assert await read_exactly(client, 4) == b"pong"
+    await ping_pong(client, server)
     client.close()
 
 
