@@ -61,7 +61,7 @@ def mail_context(pki, suite=None, keylog=None, tls12=False, tickets=2):
 def gateway_context(pki, records=True):
     cctx = client_tls_context(True, str(pki / "ca.pem"))       # verified, as upstream.ca_file makes it
     if records:
-        assert tls13.prepare_client(cctx)
+        assert tls13.prepare(cctx)
     return cctx
 
 

@@ -19,12 +19,12 @@ TLS 1.2 connections, and TLS 1.3 with a suite ``Records`` does not know, keep Op
 object as before (tickets for the latter are made the same way). Where the functions, the
 pointers or the secrets are missing nothing is prepared and every connection keeps OpenSSL.
 
-The mail-server leg (``prepare_client``, ``shed_client``): a parked Ping holds a connection
-to the mail server as long as the device's, so with an https:// mail server each parked
-device held two OpenSSL objects (benchmarks/upstream_tls.py). Our ClientHello's Finished is
-the last handshake record we write, and OpenSSL as a client reads nothing after the
-server's Finished, so both counters start at zero; the server's NewSessionTickets come
-after, under its traffic keys, and ``Records(client=True)`` passes over them.
+The mail-server leg (a client context, ``upstream.tls13_records``): a parked Ping holds a
+connection to the mail server as long as the device's, so with an https:// mail server each
+parked device held two OpenSSL objects (benchmarks/upstream_tls.py). Our Finished is the
+last handshake record we write, and OpenSSL as a client reads nothing after the server's
+Finished, so both counters start at zero; the server's NewSessionTickets come after, under
+its traffic keys, and ``Records(client=True)`` passes over them. A client makes no tickets.
 """
 from __future__ import annotations
 
@@ -65,27 +65,16 @@ def _init() -> bool:
 
 
 def prepare(context: ssl.SSLContext) -> bool:
-    """Have ``context``'s handshakes report their secrets and leave the tickets to ``shed``
-    (listener.tls13_records); False (nothing changed) where that cannot be done here."""
+    """Have ``context``'s handshakes report their secrets and, a server's, leave the tickets
+    to ``shed`` (listener.tls13_records; a client's: upstream.tls13_records); False (nothing
+    changed) where that cannot be done here."""
     ok = False
     if available() and context.maximum_version in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_3):
         ptr = openssl.ssl_ctx_of(context)
         if ptr:
             _tls13.watch(ptr)
-            context.num_tickets = 0
-            ok = True
-    context._seg_tls13 = ok
-    return ok
-
-
-def prepare_client(context: ssl.SSLContext) -> bool:
-    """Have a client ``context``'s handshakes report their secrets (upstream.tls13_records);
-    False (nothing changed) where that cannot be done here."""
-    ok = False
-    if available() and context.maximum_version in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_3):
-        ptr = openssl.ssl_ctx_of(context)
-        if ptr:
-            _tls13.watch(ptr)
+            if context.protocol != ssl.PROTOCOL_TLS_CLIENT:
+                context.num_tickets = 0
             ok = True
     context._seg_tls13 = ok
     return ok
@@ -95,32 +84,23 @@ def prepared(context: ssl.SSLContext) -> bool:
     return getattr(context, "_seg_tls13", False)
 
 
-def shed_client(sslobj, ssl_ptr: int, fd: int):
-    """After a client handshake on a prepared context: a ``Records`` that carries the
-    connection on, or None where it stays OpenSSL's (TLS 1.2, another suite, no secrets)."""
-    secrets = _tls13.take(ssl_ptr)
-    suite = _tls13.SUITES.get((sslobj.cipher() or ("",))[0])
-    if sslobj.version() != "TLSv1.3" or secrets is None or suite is None:
-        return None
-    return _tls13.Records(fd, suite, secrets[0], secrets[1], client=True)
-
-
 def shed(sslobj, ssl_ptr: int, fd: int):
-    """After ``sslobj``'s handshake on a prepared context: its session tickets made, and a
-    ``Records`` that carries the connection on (the tickets its first bytes out), or None
-    where the connection stays OpenSSL's (TLS 1.2, another suite; its tickets then go out
-    through OpenSSL). ``ssl_ptr`` is its proven ``SSL *`` (tlsbatch.ssl_of)."""
+    """After ``sslobj``'s handshake on a prepared context: a server's session tickets made,
+    and a ``Records`` that carries the connection on (the tickets its first bytes out), or
+    None where the connection stays OpenSSL's (TLS 1.2, another suite; a server's tickets
+    then go out through OpenSSL). ``ssl_ptr`` is its proven ``SSL *`` (tlsbatch.ssl_of)."""
     secrets = _tls13.take(ssl_ptr)
     suite = _tls13.SUITES.get((sslobj.cipher() or ("",))[0])
     if sslobj.version() != "TLSv1.3":
         return None                   # TLS 1.2 sends its ticket in the handshake
+    client = not sslobj.server_side
     # as OpenSSL's own: two after a full handshake, one after a resumption
-    made = _tlsrecords.tickets(ssl_ptr, fd, 1 if sslobj.session_reused else TICKETS)
+    made = b"" if client else _tlsrecords.tickets(ssl_ptr, fd, 1 if sslobj.session_reused else TICKETS)
     if secrets is None or suite is None:
         if made:
             _write_all(fd, made)      # OpenSSL counted them as written: they must go out
         return None
-    return _tls13.Records(fd, suite, secrets[0], secrets[1], count_records(made), made)
+    return _tls13.Records(fd, suite, secrets[0], secrets[1], count_records(made), made, client=client)
 
 
 def count_records(data: bytes) -> int:

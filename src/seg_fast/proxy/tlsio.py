@@ -347,7 +347,7 @@ class TLSStream:
             gate.spent(cpu)
         self._handshook = True
         if tls13.prepared(self.ssl_object.context):
-            self._hand_over(server)
+            self._hand_over()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Decrypted bytes (up to ``max_bytes``); b"" at EOF, with or without close_notify."""
@@ -555,20 +555,13 @@ class TLSStream:
 
     # -- inside ------------------------------------------------------------------------------
 
-    def _hand_over(self, server: bool) -> None:
+    def _hand_over(self) -> None:
         """TLS 1.3 on a prepared context: the connection goes on with a ``Records`` and
         OpenSSL's object is freed (tls13.py); a server's session tickets are its first bytes out."""
         face = self.ssl_object
         fd = self.plain.fileno()
         ptr = self._ssl_ptr()
         if not ptr:
-            return
-        if not server:
-            records = tls13.shed_client(face, ptr, fd)
-            if records is not None:
-                self.ssl_object = tls13.Shed(face, records)
-                self._obj = records
-                self._ssl = 0
             return
         try:
             records = tls13.shed(face, ptr, fd)

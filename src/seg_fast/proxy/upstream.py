@@ -190,7 +190,7 @@ class UpstreamPool:
         if self.tls is None:
             self.tls = client_tls_context(self.settings.verify_tls, self.settings.ca_file)
             if self.settings.tls13_records:
-                tls13.prepare_client(self.tls)
+                tls13.prepare(self.tls)
         return self.tls
 
     async def acquire(self, origin: Origin, resendable: bool = False) -> UpstreamConn:
