@@ -13,7 +13,7 @@ from processes import start_serve, stop_process
 from redis_server import free_port
 from seg_fast.sim.mailbox import MailboxSimulator
 from test_ews_passthrough import request, subscribe_body
-from test_outbound_proxy import TlsConnectProxy, until_serving
+from test_outbound_proxy import ConnectProxy, until_serving
 
 PASSWORD = "secret"
 
@@ -22,7 +22,7 @@ async def test_ews_and_webmail_reach_the_mail_server_through_the_proxy_and_its_t
     proxy_ca, mail_ca = trustme.CA(), trustme.CA()
     proxy_ca.cert_pem.write_to_path(str(tmp_path / "proxy-ca.pem"))
     mail_ca.cert_pem.write_to_path(str(tmp_path / "mail-ca.pem"))
-    proxy = TlsConnectProxy(proxy_ca, credentials=b"px:pw")
+    proxy = ConnectProxy(proxy_ca, credentials=b"px:pw")
     sim_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     mail_ca.issue_cert("127.0.0.1").configure_cert(sim_ctx)     # not "localhost": that name must fail
     sim = MailboxSimulator(password=PASSWORD, require_provisioning=False)

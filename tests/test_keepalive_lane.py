@@ -23,6 +23,7 @@ from proxy_helpers import Client
 from seg_fast.proxy import _tls13, downstream, parking
 from test_fastpath_lane import EAS, QUERY, AUTH, _answer_case, _request_case, case_answer, case_server
 from test_proxy import gateway, upstream
+from test_outbound_proxy import ConnectProxy
 
 CASES = 40
 WARM = b"GET /nowhere HTTP/1.1\r\nHost: gw.example\r\n\r\n"     # the gateway's own 404: nothing goes up
@@ -438,12 +439,15 @@ async def test_a_device_that_stops_reading_is_cut_at_the_write_deadline(tmp_path
         await trio.aclose_forcefully(stream)
 
 
-async def test_the_lane_carries_exchanges_to_an_https_mail_server_and_a_broken_one_is_not_answered_from(tmp_path):
-    """An https:// mail server (as Exchange or Office 365 is reached): its kept-alive
-    connection is tlsio's, carried on by the record layer, and the lot writes the request and
-    reads the answer there as it does a plain one. The mail server then answers with bytes
-    that are not TLS records: that exchange is not answered from them (the request goes once
-    more, on a new connection, as for a kept-alive connection closed under it)."""
+@pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "http-proxy"])
+async def test_the_lane_carries_exchanges_to_an_https_mail_server_and_a_broken_one_is_not_answered_from(
+        tmp_path, through_proxy):
+    """An https:// mail server (as Exchange or Office 365 is reached), directly or through an
+    http:// outbound proxy's CONNECT tunnel: its kept-alive connection is tlsio's, carried on
+    by the record layer, and the lot writes the request and reads the answer there as it does
+    a plain one. The mail server then answers with bytes that are not TLS records: that
+    exchange is not answered from them (the request goes once more, on a new connection, as
+    for a kept-alive connection closed under it)."""
     ca = trustme.CA()
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
@@ -462,10 +466,15 @@ async def test_the_lane_carries_exchanges_to_an_https_mail_server_and_a_broken_o
             return b"ok%d" % state["requests"]
         await _serve_h11(stream, answer)
 
+    proxy = ConnectProxy(None)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, server, 0, sctx, host="127.0.0.1"))
         port = listeners[0].transport_listener.socket.getsockname()[1]
-        async with gateway(f"https://localhost:{port}", tmp_path, upstream_ca_file=str(ca_file)) as gw:
+        extra = {}
+        if through_proxy:
+            await nursery.start(proxy.serve)
+            extra["upstream_proxy_url"] = f"http://127.0.0.1:{proxy.port}"
+        async with gateway(f"https://localhost:{port}", tmp_path, upstream_ca_file=str(ca_file), **extra) as gw:
             stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
             for i in range(1, 6):
                 await _until(lambda: len(_held(gw, parking.Idle)) == 1 or i == 1)
@@ -480,5 +489,8 @@ async def test_the_lane_carries_exchanges_to_an_https_mail_server_and_a_broken_o
             await stream.send_all(_sync(b"x"))
             resp, body = await _answer(stream)
             assert (resp.status_code, body) == (200, b"ok7") and state["conns"] == 2
+            # through the proxy: a tunnel per connection, a ClientHello the first bytes of each
+            assert proxy.targets == ([f"localhost:{port}"] * 2 if through_proxy else [])
+            assert len(proxy.first_bytes) == len(proxy.targets) and all(b[:1] == b"\x16" for b in proxy.first_bytes)
             await stream.aclose()
         nursery.cancel_scope.cancel()

@@ -1,10 +1,11 @@
-"""https:// outbound proxies, end to end through `seg-fast serve`: TLS to the proxy, then
-CONNECT inside it, for the mail-server leg and for the policy API.
+"""Outbound proxies, end to end through `seg-fast serve`: TLS to an https:// proxy, then
+CONNECT inside it, for the mail-server leg and for the policy API; CONNECT in the clear to
+an http:// one.
 
-The proxy is the test's own (trio + h11, a trustme certificate): it records every
-CONNECT target, whether it was asked over TLS, and the first bytes the gateway sent
-through each tunnel (a TLS ClientHello when the mail server is https://: TLS inside
-TLS). Refusals (wrong credentials, an untrusted proxy certificate, a proxy that
+The proxy is the test's own (trio + h11, a trustme certificate when it speaks TLS): it
+records every CONNECT target, how many TLS handshakes it made, and the first bytes the
+gateway sent through each tunnel (a TLS ClientHello when the mail server is https://: TLS
+inside TLS through an https:// proxy). Refusals (wrong credentials, an untrusted proxy certificate, a proxy that
 stalls or talks before the tunnel is used) must reach the device as 503, with the
 worker alive.
 """
@@ -30,14 +31,16 @@ from seg_fast.sim.tree import E, text
 PASSWORD = "secret"
 
 
-class TlsConnectProxy:
-    """A TLS CONNECT proxy; ``mode``: "ok", "stall" (never answers CONNECT), "eager" (sends
+class ConnectProxy:
+    """A CONNECT proxy, over TLS when given a CA to issue its certificate; ``mode``: "ok", "stall" (never answers CONNECT), "eager" (sends
     data right after its 200, before the client spoke: a confused or hostile proxy), "bloat"
     (an answer head without end), "garbage" (not HTTP)."""
 
-    def __init__(self, ca: trustme.CA, credentials: bytes | None = None):
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("localhost", "127.0.0.1").configure_cert(self.ctx)
+    def __init__(self, ca: trustme.CA | None, credentials: bytes | None = None):
+        self.ctx = None
+        if ca is not None:
+            self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("localhost", "127.0.0.1").configure_cert(self.ctx)
         self.credentials = credentials
         self.mode = "ok"
         self.targets: list[str] = []
@@ -58,10 +61,11 @@ class TlsConnectProxy:
         await trio.serve_listeners(self._conn, listeners, task_status=task_status)
 
     async def _conn(self, raw):
-        stream = trio.SSLStream(raw, self.ctx, server_side=True)
+        stream = raw if self.ctx is None else trio.SSLStream(raw, self.ctx, server_side=True)
         try:
-            await stream.do_handshake()
-            self.handshakes += 1
+            if self.ctx is not None:
+                await stream.do_handshake()
+                self.handshakes += 1
             conn = h11.Connection(h11.SERVER)
             req = None
             while req is None:
@@ -168,12 +172,13 @@ def ca(tmp_path):
     return ca
 
 
+@pytest.mark.parametrize("proxy_tls", [True, False], ids=["https-proxy", "http-proxy"])
 @pytest.mark.parametrize("mail_tls", [False, True], ids=["http-mail-server", "https-mail-server"])
-async def test_mail_server_through_an_https_proxy(tmp_path, ca, mail_tls):
+async def test_mail_server_through_a_proxy(tmp_path, ca, mail_tls, proxy_tls):
     # The proxy's certificate from another CA than the mail server's: each trust is its own setting.
     proxy_ca = trustme.CA()
     proxy_ca.cert_pem.write_to_path(str(tmp_path / "proxy-ca.pem"))
-    proxy = TlsConnectProxy(proxy_ca, credentials=b"px:p@ss w")
+    proxy = ConnectProxy(proxy_ca if proxy_tls else None, credentials=b"px:p@ss w")
     sim = MailboxSimulator(password=PASSWORD, initial_messages=1, require_provisioning=False)
     sim_ctx = None
     if mail_tls:
@@ -186,15 +191,15 @@ async def test_mail_server_through_an_https_proxy(tmp_path, ca, mail_tls):
         scheme, host = ("https", "localhost") if mail_tls else ("http", "127.0.0.1")
         # Credentials with characters that must be percent-encoded in the URL.
         cfg = write_config(tmp_path, port, f'url = "{scheme}://{host}:{sim.port}"\nca_file = "{tmp_path}/ca.pem"\n'
-                                           f'proxy_url = "https://px:p%40ss%20w@localhost:{proxy.port}"\n'
+                                           f'proxy_url = "{"https" if proxy_tls else "http"}://px:p%40ss%20w@localhost:{proxy.port}"\n'
                                            f'proxy_ca_file = "{tmp_path}/proxy-ca.pem"\n')
         proc = start_serve(cfg, tmp_path)
         try:
             await until_serving(proc, port)
             assert await folder_sync(port) == (200, "1")
             assert proxy.targets and set(proxy.targets) == {f"{host}:{sim.port}"}
-            assert proxy.handshakes >= 1 and proxy.refused == 0
-            # What crossed the tunnel: a TLS record (ClientHello) inside TLS, or the plain request.
+            assert (proxy.handshakes >= 1) is proxy_tls and proxy.refused == 0
+            # What crossed the tunnel: a TLS record (ClientHello), or the plain request.
             assert proxy.first_bytes[0][:1] == (b"\x16" if mail_tls else b"P"), proxy.first_bytes
             # check-config --connect takes the same way (the guide's Test Connection).
             from seg_fast.checkconfig import check_connect
@@ -211,7 +216,7 @@ async def test_mail_server_through_an_https_proxy(tmp_path, ca, mail_tls):
 
 async def test_proxy_refusals_reach_the_device_as_503(tmp_path, ca):
     """One gateway, the proxy misbehaving a different way for each request."""
-    proxy = TlsConnectProxy(ca, credentials=b"px:pw")
+    proxy = ConnectProxy(ca, credentials=b"px:pw")
     sim = MailboxSimulator(password=PASSWORD, initial_messages=1, require_provisioning=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
@@ -257,7 +262,7 @@ SNAPSHOT = {"token": "t1", "policies": {"managed": {"compromised": True}},
 
 
 async def test_policy_api_through_an_https_proxy(tmp_path, ca):
-    proxy = TlsConnectProxy(ca, credentials=b"api:pw")
+    proxy = ConnectProxy(ca, credentials=b"api:pw")
     api = JsonServer({"/api/snapshot": (200, json.dumps(SNAPSHOT).encode()),
                       "/api/changes": (200, b'{"token": "t1"}')})
     sim = MailboxSimulator(password=PASSWORD, initial_messages=1, require_provisioning=False)

@@ -68,7 +68,7 @@ class UpstreamSettings(_Section):
     # Outbound proxy (CONNECT), e.g. http://user:pw@proxy:3128; https:// speaks TLS to the proxy first.
     proxy_url: str = ""
     proxy_ca_file: str = ""          # extra trust for an https:// proxy's certificate
-    # A TLS 1.3 connection to an https:// mail server (without an outbound proxy) is carried on
+    # A TLS 1.3 connection to an https:// mail server (not inside an https:// proxy) is carried on
     # by the gateway's own record layer once OpenSSL has made its keys, as listener.tls13_records
     # does for devices: a parked Ping's mail-server connection keeps ~0.3 KiB of TLS state, not
     # OpenSSL's ~14 KiB. Off: OpenSSL keeps every mail-server connection.

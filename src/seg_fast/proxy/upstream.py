@@ -296,11 +296,12 @@ class UpstreamPool:
                         await trio.aclose_forcefully(stream)
                         raise
                 if origin.scheme == "https":
-                    if self.proxy is None:
+                    if self.proxy_tls is None:
                         # On the socket itself (tlsio), as the device leg: reads and writes the
-                        # fast way, and after a TLS 1.3 handshake no OpenSSL object kept.
+                        # fast way, and after a TLS 1.3 handshake no OpenSSL object kept. An
+                        # http:// proxy's tunnel is that socket too, past the CONNECT answer.
                         stream = tlsio.TLSStream(stream, self._tls(), server_hostname=origin.host)
-                    else:
+                    else:             # TLS inside the https:// proxy's TLS
                         stream = trio.SSLStream(stream, self._tls(), server_hostname=origin.host,
                                                 https_compatible=True)
                     try:
