@@ -22,8 +22,8 @@ is written and read here as a plain one is: the request sealed and written at on
 answer's records read as far as they are whole.
 
 Anything else goes back to a task where the exchange stands (downstream.carry_on): a head or
-body in pieces, a request the fast lane does not take, no pooled connection or one through an
-outbound proxy, a socket that does not take the whole write, an answer in pieces, a 1xx, a
+body in pieces, a request the fast lane does not take, no pooled connection or one inside an
+https:// outbound proxy's TLS, a socket that does not take the whole write, an answer in pieces, a 1xx, a
 redirect, chunked, the mail server gone, the device gone, a deadline, a drain, an answer to
 transform that is large or that a transform refuses. Nothing here waits: each step is one
 read (over TLS, of the records there are) and at most one write of each socket, and the
@@ -108,7 +108,7 @@ def request(gw, dev: Device, data: bytes) -> None:
     up = pool.take(origin)
     ping = plan.req.command == "Ping"
     if up is not None and ((up.plain is None and up.tls is None) or (ping and not up.looks_alive())):
-        # A connection through an outbound proxy is the task's to use; a Ping is parked right
+        # A connection inside an https:// proxy's TLS is the task's to use; a Ping is parked right
         # after its write, where nothing resends it, so its connection is probed first
         # (acquire's rule).
         if up.plain is None and up.tls is None:
