@@ -215,17 +215,7 @@ def _read_tls_now(tls) -> bytes | None:
     data = tls.read_now(RECORD)
     if data is None:
         return b"" if tls.failed else None
-    if not data:
-        return data
-    parts = [data]
-    n = len(data)
-    while n < RECEIVE_SIZE:
-        more = tls.read_now(RECORD)
-        if not more:
-            break                     # (an EOF after data: the next read says it again)
-        parts.append(more)
-        n += len(more)
-    return data if len(parts) == 1 else b"".join(parts)
+    return tls.read_more(data, RECEIVE_SIZE)
 
 
 def _write_now(dev: Device, parts: list):

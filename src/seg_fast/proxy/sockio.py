@@ -255,7 +255,9 @@ async def receive(stream, sock, size: int, deadline: float = math.inf, ready: bo
     elif getattr(stream, "fast_tls", False):      # proxy/tlsio.TLSStream: the same calls, decrypted
         data = stream.read_now(size) if ready else None
         if data is None:
-            return await stream.receive_by(size, deadline)
+            data = await stream.receive_by(size, deadline)
+            return data and stream.read_more(data, size)
+        data = stream.read_more(data, size)
     else:
         return await wait_receive(stream, sock, size, trio.CancelScope(deadline=deadline))
     _ready += 1

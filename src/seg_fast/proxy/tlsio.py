@@ -402,6 +402,24 @@ class TLSStream:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None               # the awaited path says so
 
+    def read_more(self, data: bytes, size: int) -> bytes:
+        """``data`` (what a read just gave) with the records already whole after it, up to
+        ``size`` bytes in all, without waiting: a relay's pass takes what a plain socket's
+        read would (64 KiB), not one 16 KiB record (an https:// mail server's big answer went
+        in four times as many passes and device writes). An EOF after data is said again by
+        the next read."""
+        n = len(data)
+        if not data or n >= size:
+            return data
+        parts = [data]
+        while n < size:
+            more = self.read_now(size - n)
+            if not more:
+                break
+            parts.append(more)
+            n += len(more)
+        return data if len(parts) == 1 else b"".join(parts)
+
     @property
     def failed(self) -> bool:
         """Closed, or broken (TLS or the socket failed): nothing more comes from it."""
