@@ -23,9 +23,9 @@ answer's records read as far as they are whole.
 
 Anything else goes back to a task where the exchange stands (downstream.carry_on): a head or
 body in pieces, a request the fast lane does not take, no pooled connection or one inside an
-https:// outbound proxy's TLS, a socket that does not take the whole write, an answer in pieces, a 1xx, a
-redirect, chunked, the mail server gone, the device gone, a deadline, a drain, an answer to
-transform that is large or that a transform refuses. Nothing here waits: each step is one
+https:// outbound proxy's TLS, a socket that does not take the whole write, an answer in
+pieces, a 1xx, a redirect, chunked, the mail server gone, the device gone, a deadline, a drain,
+an answer to transform that is large or that a transform refuses. Nothing here waits: each step is one
 read (over TLS, of the records there are) and at most one write of each socket, and the
 deadlines are the lot's.
 """
