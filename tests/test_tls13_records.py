@@ -352,3 +352,25 @@ def test_the_context_pointer_is_proven_whatever_the_ticket_keys_state(pki, monke
     # through Python is seen there, and the pointer stays proven
     sctx.minimum_version = ssl.TLSVersion.TLSv1_3
     assert openssl.ssl_ctx_of(sctx) == ptr
+
+
+async def test_a_read_gathers_whole_records_but_a_bounded_number_of_them(pki):
+    """A relay's read takes the records already whole after the first (tlsio.read_more,
+    through sockio.receive), but at most GATHER_RECORDS more: a device sending one-byte
+    records cannot have one read walk 64 Ki of them in one step. Every byte comes back."""
+    from seg_fast.proxy import sockio, tlsio
+    server, client, _ = pair(pki, client_context(pki))
+    await handshake(server, client)
+    for i in range(200):              # each send_all one record of one byte
+        await client.send_all(bytes([i]))
+    got, sizes = bytearray(), []
+    with trio.fail_after(20):
+        while len(got) < 200:
+            data = await sockio.receive(server, None, 65536)
+            assert data
+            sizes.append(len(data))
+            got += data
+    assert bytes(got) == bytes(range(200))
+    assert max(sizes) == 1 + tlsio.GATHER_RECORDS and len(sizes) < 200 // tlsio.GATHER_RECORDS + 3, sizes
+    server.close()
+    await client.aclose()

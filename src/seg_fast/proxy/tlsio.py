@@ -65,6 +65,7 @@ from seg_fast.proxy import _tls13, _tlsrecords
 from seg_fast.proxy._http1 import read_nb
 
 RECORD = 16 * 1024            # the most plaintext one TLS record holds: one read, one write
+GATHER_RECORDS = 16           # records one read_more adds at most (64 KiB of 4 KiB ones)
 DISCARD = 64 * 1024           # unread bytes a close takes first (see close)
 FAIR_EVERY = 32               # ready operations between checkpoints (as sockio)
 _ready = 0
@@ -404,15 +405,16 @@ class TLSStream:
 
     def read_more(self, data: bytes, size: int) -> bytes:
         """``data`` (what a read just gave) with the records already whole after it, up to
-        ``size`` bytes in all, without waiting: a relay's pass takes what a plain socket's
-        read would (64 KiB), not one 16 KiB record (an https:// mail server's big answer went
-        in four times as many passes and device writes). An EOF after data is said again by
-        the next read."""
+        ``size`` bytes in all and GATHER_RECORDS more records, without waiting: a relay's pass
+        takes what a plain socket's read would (64 KiB), not one 16 KiB record (an https://
+        mail server's big answer went in four times as many passes and device writes). The
+        record bound keeps a peer sending one-byte records from holding the worker for 64 Ki
+        of them in one step. An EOF after data is said again by the next read."""
         n = len(data)
         if not data or n >= size:
             return data
         parts = [data]
-        while n < size:
+        while n < size and len(parts) <= GATHER_RECORDS:
             more = self.read_now(size - n)
             if not more:
                 break
