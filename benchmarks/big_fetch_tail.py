@@ -1,6 +1,7 @@
 """A 10 MB fetch through `seg-fast serve --workers 1` beside N parked TLS Pings.
 
     python benchmarks/big_fetch_tail.py [--parked 3000] [--fetches 12] [--size 10485760]
+        [--upstream-tls] [--syscalls]
         [--body x|pdf] [--security off|on] [--base TREE] [--rounds 3] [--json PATH] [--key KEY]
         [--load K] [--contend SHARE]
 
@@ -20,6 +21,10 @@ Claims nothing about devices per core: it isolates what one big answer costs the
 between its other devices' work): the answer then waits in the sockets, and how often the
 gateway must be woken to refill the device's socket shows (``serve_wakeups_per_fetch``: the
 serve's voluntary context switches per fetch).
+``--upstream-tls``: the gateway reaches the stand-in at https:// (TLS 1.3, verified against
+the test CA), as Exchange and Office 365 are reached. ``--syscalls``: the workers' read(2),
+write(2), writev(2) and epoll_wait(2) calls per fetch, counted by ``perf stat`` on the kernel's
+tracepoints (a count: it does not move with the machine's speed).
 ``--contend 0.4``: six neighbour processes on core 0 take 40% of it in bursts (mean 2 ms, up
 to 30 ms), as the other workers of the 50,000-device run do: the fetch shares the core.
 
@@ -72,7 +77,8 @@ POLICY_GENERAL = {"mail_client": {"enabled": True, "mode": "allow", "values": ["
 # The stand-in mail server (plain HTTP; argv[1] the fetch answer's size). BIG_FETCH_BODY (env):
 # a file holding the answer instead of "x"s; BIG_FETCH_TLS (env): a directory with cert.pem and
 # key.pem, for a second, TLS listener answering the same (a thread, blocking ssl: the direct
-# path), its port printed on a second line.
+# path), its port printed on a second line, and a third, the mail server at https:// (the
+# same answers as the first; --upstream-tls), its port on a third line.
 MAIL = r'''
 import os, socket, ssl, sys, threading, trio
 from seg_fast.testing.rawhttp import requests, stream_requests
@@ -90,6 +96,49 @@ def tls_direct(cert_dir):
             s = ctx.wrap_socket(conn, server_side=True)
             for fields in requests(s):
                 s.sendall(HEAD % SIZE + BIG)
+    def accept():
+        while True:
+            conn, _ = lsock.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return lsock.getsockname()[1]
+def tls_upstream(cert_dir):
+    # --upstream-tls: the mail server's own TLS listener (blocking ssl, a thread per connection,
+    # as the direct path's): Pings held, ItemOperations the big answer, anything else SMALL
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_dir + "/cert.pem", cert_dir + "/key.pem")
+    lsock = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    def serve(conn):
+        with conn:
+            try:
+                s = ctx.wrap_socket(conn, server_side=True)
+                buf = b""
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        more = s.recv(65536)
+                        if not more:
+                            return
+                        buf += more
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    first, _, rest = head.partition(b"\r\n")
+                    n = 0
+                    for line in rest.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            n = int(line.split(b":")[1])
+                    while len(buf) < n:
+                        more = s.recv(65536)
+                        if not more:
+                            return
+                        buf += more
+                    buf = buf[n:]
+                    if b"Cmd=Ping" in first:
+                        while s.recv(65536):
+                            pass
+                        return
+                    s.sendall(HEAD % SIZE + BIG if b"Cmd=ItemOperations" in first else SMALL)
+            except (OSError, ValueError):
+                pass
     def accept():
         while True:
             conn, _ = lsock.accept()
@@ -117,6 +166,7 @@ async def main():
     print(listeners[0].socket.getsockname()[1], flush=True)
     if os.environ.get("BIG_FETCH_TLS"):
         print(tls_direct(os.environ["BIG_FETCH_TLS"]), flush=True)
+        print(tls_upstream(os.environ["BIG_FETCH_TLS"]), flush=True)
     await trio.serve_listeners(conn, listeners)
 trio.run(main)
 '''
@@ -237,7 +287,7 @@ def slow_counts(log: Path, t0: float, t1: float, over_cpu: float = 5.0) -> dict:
             "batches_over": len(batches), "batch_max_cpu_ms": max(batches, default=0.0)}
 
 
-def start_serve(tree: Path, tmp: Path, mail_port: int, cert_dir: Path, slow_steps: bool, security: str = "off",
+def start_serve(tree: Path, tmp: Path, mail_url: str, cert_dir: Path, slow_steps: bool, security: str = "off",
                 managed: tuple[str, ...] = ()):
     """One TLS worker of ``tree`` pinned to core 0, its state in ``tmp``, the sizing run's general
     policies loaded (security off; ``security`` "on": the profile's policies, the devices
@@ -248,7 +298,7 @@ def start_serve(tree: Path, tmp: Path, mail_port: int, cert_dir: Path, slow_step
     cfg = tmp / "gateway.toml"
     cfg.write_text(f'workers = 1\nstate_dir = "{tmp}"\n[listener]\nhost = "127.0.0.1"\nport = {port}\n'
                    f'tls_cert = "{cert_dir}/cert.pem"\ntls_key = "{cert_dir}/key.pem"\n'
-                   f'[upstream]\nurl = "http://127.0.0.1:{mail_port}"\n[admin]\nenabled = false\n'
+                   f'[upstream]\nurl = "{mail_url}"\nca_file = "{cert_dir}/ca.pem"\n[admin]\nenabled = false\n'
                    f'[log]\nlevel = "warn"\n[limits]\nmax_connections_per_address = 0\n'
                    f'[policy]\nsqlite_path = "{tmp}/policy.db"\n'
                    f'[security]\nmaster_key_file = "{tmp}/master.key"\nkey_state_file = "{tmp}/keys.json"\n')
@@ -300,7 +350,8 @@ def check_fetch(tls, args, tmp: Path, expect: dict) -> None:
 def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int | None = None,
             expect: dict | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="seg-bigfetch-"))
-    port, proc, err = start_serve(tree, tmp, mail_port, cert_dir, args.slow_steps, args.security,
+    mail_url = f"https://127.0.0.1:{args.upstream_tls}" if args.upstream_tls else f"http://127.0.0.1:{mail_port}"
+    port, proc, err = start_serve(tree, tmp, mail_url, cert_dir, args.slow_steps, args.security,
                                   tuple(f"DEV{FETCH_DEV + i}" for i in range(args.fetches)))
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
@@ -354,6 +405,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int 
             return {}
 
         hist0 = lag_snapshot().get("histogram_ms", {})
+        counter = count_syscalls(proc.pid) if args.syscalls else None
         t_wall0, c0, st0, w0 = time.time(), tree_cpu(proc.pid), tree_stat(proc.pid), wakeups(proc.pid)
         p0 = time.perf_counter()
         for i in range(args.fetches):
@@ -374,6 +426,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int 
         cpu = tree_cpu(proc.pid) - c0
         st = [b - a for a, b in zip(st0, tree_stat(proc.pid))]
         woken = wakeups(proc.pid) - w0
+        calls = counted(counter, args.fetches) if counter is not None else {}
         t_wall1 = time.time()
         time.sleep(1.1)
         hist1 = lag_snapshot().get("histogram_ms", {})
@@ -403,7 +456,7 @@ def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int 
                 "serve_cpu_ms_per_fetch": round(cpu / args.fetches * 1000.0, 1),
                 "serve_sys_ms_per_fetch": round(st[1] / args.fetches * 1000.0, 1),
                 "serve_faults_per_fetch": round(st[2] / args.fetches),
-                "serve_wakeups_per_fetch": round(woken / args.fetches, 1),
+                "serve_wakeups_per_fetch": round(woken / args.fetches, 1), **calls,
                 **slow_counts(err, t_wall0, t_wall1)}
     finally:
         for child in spawned:
@@ -434,6 +487,40 @@ def wakeups(pid: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+SYSCALLS = ("read", "write", "writev", "epoll_wait")
+
+
+def count_syscalls(pid: int) -> subprocess.Popen:
+    """``perf stat`` counting SYSCALLS (kernel tracepoints: a count, whatever the machine's
+    speed) in ``pid``'s children (the serve's workers), until counted() stops it."""
+    kids = [name for name in os.listdir("/proc") if name.isdigit() and _parent(name) == pid]
+    events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+    perf = subprocess.Popen(["perf", "stat", "-x", ",", "-e", events, "-p", ",".join(kids)],
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)                   # (its start-up; the fetches have not begun)
+    return perf
+
+
+def counted(perf: subprocess.Popen, fetches: int) -> dict:
+    perf.send_signal(signal.SIGINT)
+    _, err = perf.communicate(timeout=30)
+    out = {}
+    for line in err.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_") and fields[0].isdigit():
+            out[f"serve_{fields[2].removeprefix('syscalls:sys_enter_')}_per_fetch"] = round(int(fields[0]) / fetches, 1)
+    if not out:
+        raise SystemExit(f"perf stat counted nothing: {err.strip()[-300:]}")
+    return out
+
+
+def _parent(name: str) -> int:
+    try:
+        return int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def timed_fetch(connect, device: int) -> float:
@@ -522,6 +609,10 @@ def main(argv=None) -> int:
                     help="the answer: --size bytes of x, or a device's fetch of a PDF of --size bytes")
     ap.add_argument("--security", choices=("off", "on"), default="off",
                     help="on: the profile's policies, the fetching devices managed: the PDF sealed (implies --body pdf)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count the workers' read/write/writev/epoll_wait calls per fetch (perf stat; Linux's perf)")
+    ap.add_argument("--upstream-tls", action="store_true",
+                    help="the gateway reaches the mail server at https:// (TLS 1.3, its certificate verified)")
     args = ap.parse_args(argv)
     READER.update(pause=args.reader_pause_ms / 1000.0, chunk=args.reader_chunk)
     if args.security == "on":
@@ -545,6 +636,7 @@ def main(argv=None) -> int:
                             preexec_fn=lambda: os.sched_setaffinity(0, {1}))
     mail_port = int(mail.stdout.readline())
     tls_port = int(mail.stdout.readline())
+    args.upstream_tls = int(mail.stdout.readline()) if args.upstream_tls else 0
     try:
         runs = alternated(args.base, args.rounds,
                           lambda tree: one_run(tree, args, mail_port, ca, cert_dir, tls_port, expect))
@@ -559,9 +651,11 @@ def main(argv=None) -> int:
                                    "direct_plain_ms_median", "direct_tls_ms_median", "added_ms_median", "added_ms_p90",
                                    "added_ms_max", "probe_p99_ms",
                                    "probe_max_ms", "serve_cpu_ms_per_fetch", "serve_sys_ms_per_fetch",
-                                   "serve_faults_per_fetch", "steps_over", "step_max_cpu_ms",
+                                   "serve_faults_per_fetch", *(f"serve_{c}_per_fetch" for c in SYSCALLS if args.syscalls),
+                                   "steps_over", "step_max_cpu_ms",
                                    "batches_over", "batch_max_cpu_ms")}
     out = {"parked": args.parked, "fetches": args.fetches, "size": args.size, "body": args.body,
+           "upstream": "https" if args.upstream_tls else "http",
            "security": args.security, "contend": args.contend, "load": args.load,
            "reader_pause_ms": args.reader_pause_ms, "reader_chunk": args.reader_chunk, "medians": summary, "runs": runs}
     print(json.dumps(summary, indent=1))

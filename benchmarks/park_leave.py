@@ -137,7 +137,7 @@ def leave(child: subprocess.Popen) -> None:
 def one_run(tree: Path, args, mail_port: int, mail_open: Path, cert_dir: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="seg-parkleave-"))
     state = tmp / "state"
-    port, proc, err = start_serve(tree, tmp, mail_port, cert_dir, slow_steps=True)
+    port, proc, err = start_serve(tree, tmp, f"http://127.0.0.1:{mail_port}", cert_dir, slow_steps=True)
     children = []
     try:
         wait_accepting(port, proc, f"serve of {tree}", err)

@@ -374,3 +374,97 @@ async def test_a_read_gathers_whole_records_but_a_bounded_number_of_them(pki):
     assert max(sizes) == 1 + tlsio.GATHER_RECORDS and len(sizes) < 200 // tlsio.GATHER_RECORDS + 3, sizes
     server.close()
     await client.aclose()
+
+
+def _unread(sock) -> int:
+    """Bytes the kernel holds for ``sock`` (FIONREAD)."""
+    import fcntl
+    import termios
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    return int.from_bytes(buf, "little")
+
+
+async def test_a_record_is_read_with_the_next_header_and_nothing_past_it(pki, tmp_path):
+    """A stream of records costs one read(2) each: a record's body comes with the next
+    record's header, and nothing more leaves the socket, so a read that says "wait for the
+    socket" holds nothing but part of a record (what the lane's and the pool's waits rely on)."""
+    server, client, raw, dev = await crafted_pair(pki, tmp_path)
+    recs = [dev.record(m + b"\x17") for m in (b"one", b"two", b"three")]
+    raw._sock.send(b"".join(recs))
+    with trio.fail_after(10):
+        await trio.lowlevel.wait_readable(server.plain)
+    assert server.read_now(100) == b"one"
+    assert _unread(server.plain) == len(recs[1]) + len(recs[2]) - 5      # the next header came along
+    assert server.read_now(100) == b"two"
+    assert _unread(server.plain) == len(recs[2]) - 5
+    assert server.read_now(100) == b"three"
+    assert server.read_now(100) is None and server.waits_readable()
+    four = dev.record(b"four\x17")
+    raw._sock.send(four[:5])          # a header alone: part of a record, the socket waited for
+    with trio.fail_after(10):
+        await trio.lowlevel.wait_readable(server.plain)
+    assert server.read_now(100) is None and server.waits_readable() and _unread(server.plain) == 0
+    raw._sock.send(four[5:])
+    with trio.fail_after(10):
+        assert await read_exactly(server, 4) == b"four"
+    # a header that came along and is bad (an alert of no length): the next read says so, not a wait
+    raw._sock.send(dev.record(b"last\x17") + bytes([21, 3, 3, 0, 0]))
+    with trio.fail_after(10):
+        assert await read_exactly(server, 4) == b"last"
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+        await server.receive_some(100)
+    server.close()
+    await client.aclose()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(0, 16384), min_size=1, max_size=8),
+       size=st.one_of(st.integers(512, 70000), st.sampled_from([16384, 16385, 65536])),
+       end=st.sampled_from(["open", "close_notify", "bad record", "key update"]))
+def test_a_gathering_read_returns_every_byte_in_order_and_leaves_the_end_to_the_next_read(pki, tmp_path, sizes,
+                                                                                          size, end):
+    """A relay's read (sockio.receive: Records.gather after the first record) over records of
+    any size, empty ones and a KeyUpdate among them: every byte once, in order, no read over its
+    size; what ends the stream (close_notify, a record that does not verify) is said by the read
+    after the data, never lost and never instead of it."""
+    from seg_fast.proxy import sockio
+
+    async def main():
+        server, client, raw, dev = await crafted_pair(pki, tmp_path)
+        data = os.urandom(sum(sizes))
+        wire, at = bytearray(), 0
+        for i, n in enumerate(sizes):
+            if end == "key update" and i == len(sizes) // 2:
+                wire += dev.record(bytes([24, 0, 0, 1, 0]) + b"\x16")
+                dev.update()
+            wire += dev.record(data[at:at + n] + b"\x17")
+            at += n
+        wire += {"close_notify": lambda: dev.record(bytes([1, 0]) + b"\x15"),
+                 "bad record": lambda: dev.record(b"evil\x17", tamper=True)}.get(end, lambda: b"")()
+        got = bytearray()
+
+        async def send():
+            rest = memoryview(bytes(wire))
+            while rest:
+                await trio.lowlevel.wait_writable(raw)
+                rest = rest[raw._sock.send(rest):]
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                while len(got) < len(data):
+                    chunk = await sockio.receive(server, None, size)
+                    assert chunk and len(chunk) <= size
+                    got += chunk
+            assert bytes(got) == data
+            if end == "close_notify":
+                assert await server.receive_some(100) == b""
+            elif end == "bad record":
+                with pytest.raises(trio.BrokenResourceError):
+                    await server.receive_some(100)
+            else:
+                assert server.read_now(100) is None and server.waits_readable()
+        server.close()
+        await client.aclose()
+    trio.run(main)

@@ -55,6 +55,7 @@ cdef enum:
     RECORD = 16384                    # the most plaintext one record holds
     MAX_BODY = RECORD + 256           # the longest protected record (RFC 8446 5.2)
     MAX_WIRE = HEAD + MAX_BODY
+    GATHER_MAX = 256 * 1024           # the most one gather returns
     CT_CCS = 20
     CT_ALERT = 21
     CT_HANDSHAKE = 22
@@ -84,8 +85,9 @@ cdef final_fn _final = NULL
 cdef ctrl_fn _ctrl = NULL
 cdef set_keylog_fn _set_keylog = NULL
 cdef void* _ctx[3][2]                 # per suite: [open, seal]
-cdef unsigned char _scratch[MAX_WIRE]  # the record being read
+cdef unsigned char _scratch[MAX_WIRE + HEAD]  # the record being read, and the next header
 cdef unsigned char _plainbuf[MAX_BODY]
+cdef unsigned char _gatherbuf[GATHER_MAX + MAX_BODY]   # a gather's plaintext (and room for a whole record)
 
 _secrets = {}                         # SSL * -> [client, server] traffic secrets (keylog lines)
 KEPT = 65536                          # handshakes whose secrets wait at most (abandoned ones)
@@ -276,7 +278,7 @@ cdef class Records:
     def read(self, Py_ssize_t size):
         """Plaintext, at most ``size`` bytes of one record."""
         cdef Py_ssize_t plen, got
-        cdef int ctype, skipped = 0
+        cdef int budget = SKIP_PER_READ
         if self._failed:
             raise ssl.SSLError(1, "TLS stream failed")
         if self._plain is not None:
@@ -285,35 +287,76 @@ cdef class Records:
             raise ssl.SSLZeroReturnError("TLS/SSL connection has been closed (EOF)")
         if self._out is not None:
             self._flush()             # a KeyUpdate of ours waits for the socket
+        plen = self._app(_plainbuf, &budget)    # raises SSLWantReadError / EOF / SSLError
+        got = plen if plen < size else size
+        data = PyBytes_FromStringAndSize(<char*>_plainbuf, got)
+        if got < plen:
+            self._keep(_plainbuf + got, plen - got)
+        return data
+
+    def gather(self, bytes data, Py_ssize_t size, int records):
+        """``data`` (what a read just gave) and the plaintext of the records already whole
+        after it, up to ``size`` bytes in all (the rest of the last record kept for the next
+        read) and ``records`` more records, without waiting: one call, each record opened
+        straight into the bytes returned. Whatever ends it (nothing more whole, the EOF, a
+        failure) is said by the next read, as the stream's state keeps it."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), start = PyBytes_GET_SIZE(data), plen
+        cdef int budget = records
+        if size > GATHER_MAX:
+            size = GATHER_MAX
+        if n >= size or records <= 0 or self._failed or self._eof or self._plain is not None \
+                or self._out is not None:
+            return data
+        memcpy(_gatherbuf, PyBytes_AS_STRING(data), n)
+        try:
+            while n < size and budget > 0:
+                budget -= 1
+                plen = self._app(_gatherbuf + n, &budget)
+                if n + plen > size:
+                    self._keep(_gatherbuf + size, n + plen - size)
+                    plen = size - n
+                n += plen
+        except OSError:               # (the SSL errors too) _eof / _failed make the next read say it
+            pass
+        if n == start:
+            return data
+        return PyBytes_FromStringAndSize(<char*>_gatherbuf, n)
+
+    cdef int _keep(self, const unsigned char* p, Py_ssize_t n) except -1:
+        # the part of a record a short read did not take, returned by the next read
+        self._plain = PyBytes_FromStringAndSize(<char*>p, n)
+        self._plain_at = 0
+        return 0
+
+    cdef Py_ssize_t _app(self, unsigned char* out, int* budget) except -1:
+        """The next record of application data opened into ``out`` (room for MAX_BODY): its
+        length. Records without data (empty ones, handshake messages) are passed over while
+        ``budget`` lasts, each taking one from it; then SSLWantReadError as if the socket were
+        empty."""
+        cdef Py_ssize_t plen
+        cdef int ctype
         while True:
-            if skipped == SKIP_PER_READ:
-                raise ssl.SSLWantReadError("The operation did not complete (read)")
-            plen = self._record()     # raises SSLWantReadError / EOF / SSLError
+            plen = self._record(out)  # raises SSLWantReadError / EOF / SSLError
             ctype = 0
             while plen > 0:
                 plen -= 1
-                if _plainbuf[plen]:
-                    ctype = _plainbuf[plen]
+                if out[plen]:
+                    ctype = out[plen]
                     break
             if ctype == CT_APP:
-                if plen == 0:
-                    skipped += 1
-                    continue          # an empty record: allowed, nothing to hand on
                 if plen > RECORD:
                     self._fatal(A_OVERFLOW, "a record longer than 16 KiB")
-                got = plen if plen < size else size
-                data = PyBytes_FromStringAndSize(<char*>_plainbuf, got)
-                if got < plen:
-                    self._plain = PyBytes_FromStringAndSize(<char*>_plainbuf + got, plen - got)
-                    self._plain_at = 0
-                return data
-            if ctype == CT_ALERT:
-                self._alert(_plainbuf, plen)
+                if plen:
+                    return plen       # (an empty record: allowed, nothing to hand on)
+            elif ctype == CT_ALERT:
+                self._alert(out, plen)
             elif ctype == CT_HANDSHAKE:
-                self._handshake(plen)
-                skipped += 1
+                self._handshake(out, plen)
             else:
                 self._fatal(A_UNEXPECTED, f"record of content type {ctype}")
+            budget[0] -= 1
+            if budget[0] <= 0:
+                raise ssl.SSLWantReadError("The operation did not complete (read)")
 
     def write(self, data):
         """Seal ``data`` and write its records; SSLWantWriteError if the socket did not take
@@ -396,11 +439,13 @@ cdef class Records:
         self._plain_at += size
         return data
 
-    cdef Py_ssize_t _record(self) except -1:
-        """Read one whole record into _scratch (its header, then exactly its body, as OpenSSL
-        reads: nothing past it is taken from the socket, so a socket that shows nothing
-        readable holds nothing here but part of a record) and open it into _plainbuf: the
-        plaintext's length (type byte and padding included)."""
+    cdef Py_ssize_t _record(self, unsigned char* out) except -1:
+        """Read one whole record into _scratch and open it into ``out``: the plaintext's
+        length (type byte and padding included). Its body is read together with the next
+        record's header (one read(2) per record of a stream, where OpenSSL makes two), kept in
+        _in; never more: a header alone is never a whole record (the shortest, an unprotected
+        alert, has 2 bytes of body), so a socket that shows nothing readable still holds
+        nothing here but part of a record."""
         cdef Py_ssize_t have = 0, body = 0, want, n
         cdef int outer
         if self._in is not None:
@@ -417,14 +462,16 @@ cdef class Records:
                     self._fatal(A_OVERFLOW, "a record longer than the protocol allows")
                 if outer == CT_APP and body < TAG + 1:
                     self._fatal(A_DECODE, "a record too short to be protected")
-                if have == HEAD + body:
+                if have >= HEAD + body:
+                    if have > HEAD + body:      # the next record's header (or part of it)
+                        self._in = PyBytes_FromStringAndSize(<char*>_scratch + HEAD + body, have - HEAD - body)
                     if outer == CT_ALERT:
                         self._alert(_scratch + HEAD, body)      # unprotected: a peer without our keys
-                    n = _open(self.suite, &self.rd, _scratch, body, _plainbuf)
+                    n = _open(self.suite, &self.rd, _scratch, body, out)
                     if n < 0:
                         self._fatal(A_BAD_MAC, "a record that does not verify (bad_record_mac)")
                     return n
-                want = HEAD + body - have
+                want = HEAD + body - have + HEAD    # and the next header
             else:
                 want = HEAD - have
             n = read(self.fd, _scratch + have, want)
@@ -440,6 +487,7 @@ cdef class Records:
                 if have:
                     self._in = PyBytes_FromStringAndSize(<char*>_scratch, have)
                 raise ssl.SSLWantReadError("The operation did not complete (read)")
+            self._failed = True       # (a reset: the next read says so too)
             raise OSError(errno, os.strerror(errno))
 
     cdef int _alert(self, const unsigned char* p, Py_ssize_t n) except -1:
@@ -451,7 +499,7 @@ cdef class Records:
         self._failed = True
         raise ssl.SSLError(1, f"the {'mail server' if self.client else 'device'} sent TLS alert {p[1]}")
 
-    cdef int _handshake(self, Py_ssize_t n) except -1:
+    cdef int _handshake(self, const unsigned char* p, Py_ssize_t n) except -1:
         # After the handshake: a KeyUpdate, whole and last in its record; to a client, also
         # NewSessionTickets (a server may put several in one record), each whole.
         cdef Py_ssize_t at = 0, length
@@ -459,8 +507,8 @@ cdef class Records:
         while at < n:
             if n - at < 4:
                 self._fatal(A_UNEXPECTED, "a handshake message split across records")
-            kind = _plainbuf[at]
-            length = (_plainbuf[at + 1] << 16) | (_plainbuf[at + 2] << 8) | _plainbuf[at + 3]
+            kind = p[at]
+            length = (p[at + 1] << 16) | (p[at + 2] << 8) | p[at + 3]
             if kind == HS_NEW_SESSION_TICKET and self.client:
                 if at + 4 + length > n:
                     self._fatal(A_UNEXPECTED, "a handshake message split across records")
@@ -468,10 +516,10 @@ cdef class Records:
                 continue
             if kind != HS_KEY_UPDATE:
                 self._fatal(A_UNEXPECTED, f"handshake message {kind} after the handshake")
-            if length != 1 or n - at != 5 or _plainbuf[at + 4] > 1:
+            if length != 1 or n - at != 5 or p[at + 4] > 1:
                 self._fatal(A_DECODE, "a malformed KeyUpdate")
             _next(&self.rd, self.suite)
-            if _plainbuf[at + 4] == 1:
+            if p[at + 4] == 1:
                 self._key_update(False)
             return 0
         return 0

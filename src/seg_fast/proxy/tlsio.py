@@ -17,9 +17,10 @@ small exchange, 64+ KiB in each BIO after one big answer, for as long as the con
 lived (a parked Ping lives for hours). No ciphertext passes through Python either.
 
 Reads take one record at a time: OpenSSL reads exactly a record's header, then its body
-(no read-ahead), so it never holds bytes the socket no longer shows as readable, except
-the plaintext a short read leaves (``pending()``), which the next read returns before any
-wait. A write of one record goes through OpenSSL to the socket. A bigger one goes out a
+(no read-ahead; _tls13.Records reads the body with the next record's header, never more),
+so a read that says to wait holds nothing the socket no longer shows as readable but part
+of a record, and the plaintext a short read leaves (``pending()``) is returned by the next
+read before any wait. A write of one record goes through OpenSSL to the socket. A bigger one goes out a
 batch of records at a time (tlsbatch.BATCH of plaintext): OpenSSL makes the batch's records
 in a memory BIO (_tlsrecords.pyx) and they are written as plain bytes, one write(2) where
 OpenSSL's socket BIO made one per record; what a full socket does not take waits in Python,
@@ -413,6 +414,11 @@ class TLSStream:
         n = len(data)
         if not data or n >= size:
             return data
+        obj = self._obj
+        if type(obj) is _tls13.Records:           # the same, in one compiled call
+            if self._closed or self._broken or self.plain.fileno() < 0:
+                return data
+            return obj.gather(data, size, GATHER_RECORDS)
         parts = [data]
         while n < size and len(parts) <= GATHER_RECORDS:
             more = self.read_now(size - n)
