@@ -81,31 +81,15 @@ POLICY_GENERAL = {"mail_client": {"enabled": True, "mode": "allow", "values": ["
 # same answers as the first; --upstream-tls), its port on a third line.
 MAIL = r'''
 import os, socket, ssl, sys, threading, trio
-from seg_fast.testing.rawhttp import requests, stream_requests
+from seg_fast.testing.rawhttp import heads, stream_requests
 SIZE = int(sys.argv[1])
 BIG = open(os.environ["BIG_FETCH_BODY"], "rb").read() if os.environ.get("BIG_FETCH_BODY") else b"x" * SIZE
 SIZE = len(BIG)
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: %d\r\n\r\n"
 SMALL = HEAD % 13 + bytes.fromhex("03016a00000d45470331000101")
-def tls_direct(cert_dir):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert_dir + "/cert.pem", cert_dir + "/key.pem")
-    lsock = socket.create_server(("127.0.0.1", 0))
-    def serve(conn):
-        with conn:
-            s = ctx.wrap_socket(conn, server_side=True)
-            for fields in requests(s):
-                s.sendall(HEAD % SIZE + BIG)
-    def accept():
-        while True:
-            conn, _ = lsock.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-    threading.Thread(target=accept, daemon=True).start()
-    return lsock.getsockname()[1]
-def tls_upstream(cert_dir):
-    # --upstream-tls: the mail server's own TLS listener (blocking ssl, a thread per connection,
-    # as the direct path's): Pings held, ItemOperations the big answer, anything else SMALL
+def tls_listener(cert_dir, answer):
+    # a TLS listener (blocking ssl, a thread per connection): answer(request line) -> bytes, or
+    # None to hold the connection (read to the peer's close)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert_dir + "/cert.pem", cert_dir + "/key.pem")
     lsock = socket.create_server(("127.0.0.1", 0), backlog=4096)
@@ -113,30 +97,13 @@ def tls_upstream(cert_dir):
         with conn:
             try:
                 s = ctx.wrap_socket(conn, server_side=True)
-                buf = b""
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        more = s.recv(65536)
-                        if not more:
-                            return
-                        buf += more
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    first, _, rest = head.partition(b"\r\n")
-                    n = 0
-                    for line in rest.split(b"\r\n"):
-                        if line.lower().startswith(b"content-length:"):
-                            n = int(line.split(b":")[1])
-                    while len(buf) < n:
-                        more = s.recv(65536)
-                        if not more:
-                            return
-                        buf += more
-                    buf = buf[n:]
-                    if b"Cmd=Ping" in first:
+                for line, _fields in heads(s):
+                    out = answer(line)
+                    if out is None:
                         while s.recv(65536):
                             pass
                         return
-                    s.sendall(HEAD % SIZE + BIG if b"Cmd=ItemOperations" in first else SMALL)
+                    s.sendall(out)
             except (OSError, ValueError):
                 pass
     def accept():
@@ -146,6 +113,11 @@ def tls_upstream(cert_dir):
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
     threading.Thread(target=accept, daemon=True).start()
     return lsock.getsockname()[1]
+def upstream_answer(line):
+    # --upstream-tls: the mail server's own TLS listener answers as the plain one
+    if b"Cmd=Ping" in line:
+        return None
+    return HEAD % SIZE + BIG if b"Cmd=ItemOperations" in line else SMALL
 async def conn(stream):
     try:
         async for head, _body in stream_requests(stream):
@@ -165,8 +137,8 @@ async def main():
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     print(listeners[0].socket.getsockname()[1], flush=True)
     if os.environ.get("BIG_FETCH_TLS"):
-        print(tls_direct(os.environ["BIG_FETCH_TLS"]), flush=True)
-        print(tls_upstream(os.environ["BIG_FETCH_TLS"]), flush=True)
+        print(tls_listener(os.environ["BIG_FETCH_TLS"], lambda line: HEAD % SIZE + BIG), flush=True)
+        print(tls_listener(os.environ["BIG_FETCH_TLS"], upstream_answer), flush=True)
     await trio.serve_listeners(conn, listeners)
 trio.run(main)
 '''

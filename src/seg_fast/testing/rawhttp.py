@@ -10,6 +10,12 @@ from collections.abc import AsyncIterator, Iterator
 def requests(conn: socket.socket) -> Iterator[dict[bytes, bytes]]:
     """Each request's header fields (names lower-cased), once its Content-Length body is
     read; ends when the peer closes. Answer before asking for the next one."""
+    for _line, fields in heads(conn):
+        yield fields
+
+
+def heads(conn: socket.socket) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
+    """Each request as (its request line, its header fields), as ``requests``."""
     buf = b""
     while True:
         while b"\r\n\r\n" not in buf:
@@ -29,7 +35,7 @@ def requests(conn: socket.socket) -> Iterator[dict[bytes, bytes]]:
                 return
             buf += more
         buf = buf[length:]
-        yield fields
+        yield head.split(b"\r\n", 1)[0], fields
 
 
 async def stream_requests(stream) -> AsyncIterator[tuple[bytes, bytes]]:
