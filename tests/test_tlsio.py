@@ -580,6 +580,36 @@ def test_a_forged_record_after_the_handshake_ends_that_connection_with_its_alert
     assert not gateway.incidents("contained_exception")
 
 
+def test_a_bad_header_right_behind_a_request_ends_that_connection_after_its_answer(gateway, certs, tmp_path):
+    """The record layer reads a record's body with the next record's header (one read(2) per
+    record): a header no record can have (an alert of no length) in the same write as a
+    request's record is not lost in the read that took it. The request is answered, then the
+    connection ends with decode_error; the worker goes on serving others."""
+    from tls13_device import Device, keylog_secret
+    ca, _ = certs
+    keylog = tmp_path / "keys.log"
+    s = connect(gateway.port, client_context(ca, keylog_filename=str(keylog)))
+    assert s.version() == "TLSv1.3"
+    s.sendall(options_request())                   # the client's record 0
+    assert read_answer(s)[0] == 200
+    dev = Device(s.cipher()[0], keylog_secret(keylog, "CLIENT_TRAFFIC_SECRET_0"))
+    dev.seq = 1
+    raw = socket.socket(fileno=os.dup(s.fileno()))
+    raw.settimeout(20)
+    try:
+        raw.sendall(dev.record(options_request() + b"\x17") + b"\x15\x03\x03\x00\x00")
+        assert read_answer(s)[0] == 200
+        with pytest.raises(ssl.SSLError) as err:
+            s.recv(100)
+        assert "DECODE_ERROR" in str(err.value)
+        assert closed_by_peer(raw) == b""
+    finally:
+        raw.close()
+        s.close()
+    assert served(gateway, ca)
+    assert not gateway.incidents("contained_exception")
+
+
 def test_a_big_answer_arrives_whole_and_a_device_that_never_reads_it_is_cut(tmp_path, upstreams, certs):
     ca, d = certs
     gw = Serve(tmp_path / "gw", f"http://127.0.0.1:{upstreams.big.port}", d, device_write=1.0)
