@@ -30,6 +30,12 @@ from seg_fast.proxy.pinning import PINS
 from seg_fast.proxy.redirects import is_redirect
 from seg_fast.proxy.upstream import RECEIVE_SIZE, UpstreamConn, UpstreamError
 
+# A Content-Length answer's body goes on in passes of up to this much. A plain socket's read
+# gives at most 64 KiB (read_nb); an https:// mail server's gathers what is whole, up to 16
+# records (tlsio.read_more): 256 KiB passes halve a big answer's device writes and loop passes
+# (benchmarks/README.md, "Relay passes of 256 KiB").
+RELAY_SIZE = 4 * RECEIVE_SIZE
+
 # Request bodies up to this size are read whole before going upstream.
 SMALL_BODY = 64 * 1024
 # The fast lane yields once before reading the mail server's answer: on a busy worker the
@@ -1149,7 +1155,7 @@ async def _stream_fast(gw, dev, up: UpstreamConn, head: http1.ResponseHead, stat
                 break
             await dev.send_parts(out)
             out = []
-            buf = await _up_body_read(up, timeout, min(left, RECEIVE_SIZE))
+            buf = await _up_body_read(up, timeout, min(left, RELAY_SIZE))
     else:
         decoder = http1.ChunkedDecoder()
         while True:
