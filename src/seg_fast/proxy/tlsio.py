@@ -20,10 +20,10 @@ Reads take one record at a time: OpenSSL reads exactly a record's header, then i
 (no read-ahead; _tls13.Records reads the body with the next record's header, never more),
 so a read that says to wait holds nothing the socket no longer shows as readable but part
 of a record, and the plaintext a short read leaves (``pending()``) is returned by the next
-read before any wait. A write of one record goes through OpenSSL to the socket. A bigger one goes out a
-batch of records at a time (tlsbatch.BATCH of plaintext): OpenSSL makes the batch's records
-in a memory BIO (_tlsrecords.pyx) and they are written as plain bytes, one write(2) where
-OpenSSL's socket BIO made one per record; what a full socket does not take waits in Python,
+read before any wait. A write of one record goes through OpenSSL to the socket. A bigger
+one goes out a batch of records at a time (tlsbatch.BATCH of plaintext): OpenSSL makes the
+batch's records in a memory BIO (_tlsrecords.pyx) and they are written as plain bytes, one
+write(2) where OpenSSL's socket BIO made one per record; what a full socket does not take waits in Python,
 counted against the worker's unsent bytes. Where the SSL object's pointer cannot be proven
 (tlsbatch.ssl_of), writes go one record's plaintext (16 KiB) at a time: while the socket is
 full, OpenSSL holds that one encrypted record, and the retried write passes the same bytes
