@@ -319,10 +319,9 @@ def check_fetch(tls, args, tmp: Path, expect: dict) -> None:
         raise SystemExit("a sealed answer did not open to the PDF")
 
 
-def one_run(tree: Path, args, mail_port: int, ca, cert_dir: Path, tls_port: int | None = None,
+def one_run(tree: Path, args, mail_port: int, mail_url: str, ca, cert_dir: Path, tls_port: int | None = None,
             expect: dict | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="seg-bigfetch-"))
-    mail_url = f"https://127.0.0.1:{args.upstream_tls}" if args.upstream_tls else f"http://127.0.0.1:{mail_port}"
     port, proc, err = start_serve(tree, tmp, mail_url, cert_dir, args.slow_steps, args.security,
                                   tuple(f"DEV{FETCH_DEV + i}" for i in range(args.fetches)))
     ctx = ssl.create_default_context()
@@ -608,10 +607,11 @@ def main(argv=None) -> int:
                             preexec_fn=lambda: os.sched_setaffinity(0, {1}))
     mail_port = int(mail.stdout.readline())
     tls_port = int(mail.stdout.readline())
-    args.upstream_tls = int(mail.stdout.readline()) if args.upstream_tls else 0
+    https_port = int(mail.stdout.readline())     # the mail server's own TLS listener
+    mail_url = f"https://127.0.0.1:{https_port}" if args.upstream_tls else f"http://127.0.0.1:{mail_port}"
     try:
         runs = alternated(args.base, args.rounds,
-                          lambda tree: one_run(tree, args, mail_port, ca, cert_dir, tls_port, expect))
+                          lambda tree: one_run(tree, args, mail_port, mail_url, ca, cert_dir, tls_port, expect))
     finally:
         mail.kill()
         shutil.rmtree(cert_dir, ignore_errors=True)

@@ -8,11 +8,13 @@ against two implementations that are not its own.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
 import hashlib
 import os
 import socket
 import ssl
+import termios
 import weakref
 from functools import partial
 
@@ -378,8 +380,6 @@ async def test_a_read_gathers_whole_records_but_a_bounded_number_of_them(pki):
 
 def _unread(sock) -> int:
     """Bytes the kernel holds for ``sock`` (FIONREAD)."""
-    import fcntl
-    import termios
     buf = bytearray(4)
     fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
     return int.from_bytes(buf, "little")

@@ -23,8 +23,8 @@ of a record, and the plaintext a short read leaves (``pending()``) is returned b
 read before any wait. A write of one record goes through OpenSSL to the socket. A bigger
 one goes out a batch of records at a time (tlsbatch.BATCH of plaintext): OpenSSL makes the
 batch's records in a memory BIO (_tlsrecords.pyx) and they are written as plain bytes, one
-write(2) where OpenSSL's socket BIO made one per record; what a full socket does not take waits in Python,
-counted against the worker's unsent bytes. Where the SSL object's pointer cannot be proven
+write(2) where OpenSSL's socket BIO made one per record; what a full socket does not take
+waits in Python, counted against the worker's unsent bytes. Where the SSL object's pointer cannot be proven
 (tlsbatch.ssl_of), writes go one record's plaintext (16 KiB) at a time: while the socket is
 full, OpenSSL holds that one encrypted record, and the retried write passes the same bytes
 (OpenSSL's rule for non-blocking writes). Output a read makes (a KeyUpdate's answer,
@@ -66,7 +66,7 @@ from seg_fast.proxy import _tls13, _tlsrecords
 from seg_fast.proxy._http1 import read_nb
 
 RECORD = 16 * 1024            # the most plaintext one TLS record holds: one read, one write
-GATHER_RECORDS = 16           # records one read_more adds at most (64 KiB of 4 KiB ones)
+GATHER_RECORDS = 16           # records one read_more adds at most (256 KiB of full ones)
 DISCARD = 64 * 1024           # unread bytes a close takes first (see close)
 FAIR_EVERY = 32               # ready operations between checkpoints (as sockio)
 _ready = 0
@@ -407,10 +407,10 @@ class TLSStream:
     def read_more(self, data: bytes, size: int) -> bytes:
         """``data`` (what a read just gave) with the records already whole after it, up to
         ``size`` bytes in all and GATHER_RECORDS more records, without waiting: a relay's pass
-        takes what a plain socket's read would (64 KiB), not one 16 KiB record (an https://
-        mail server's big answer went in four times as many passes and device writes). The
-        record bound keeps a peer sending one-byte records from holding the worker for 64 Ki
-        of them in one step. An EOF after data is said again by the next read."""
+        takes what is there up to its size, not one 16 KiB record (an https:// mail server's
+        big answer went in four times as many passes and device writes). The record bound
+        keeps a peer sending one-byte records from holding the worker for 64 Ki of them in
+        one step. An EOF or failure after data is said by the next read."""
         n = len(data)
         if not data or n >= size:
             return data
